@@ -1,0 +1,19 @@
+"""fused_lora: LoRA linear layers whose frozen base GEMM and low-rank update
+run as one fused Triton kernel, forward and backward.
+
+The math is in :mod:`fused_lora.ops`; the kernels in :mod:`fused_lora.kernels`.
+"""
+
+from . import _triton, dispatch, reference
+from .dropout import dropout_mask
+from .ops import LoRALinearFunction, lora_linear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRALinearFunction",
+    "dispatch",
+    "dropout_mask",
+    "lora_linear",
+    "reference",
+]

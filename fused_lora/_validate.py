@@ -1,0 +1,86 @@
+"""Argument checks for every entry point: typed errors that name the argument
+and the shapes, raised before anything is launched."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .dropout import check_dropout_p, check_seed
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _is_tensor(name: str, t, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_scaling(scaling) -> float:
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+    scaling = float(scaling)
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling}")
+    return scaling
+
+
+def check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
+    """Validate the arguments of ``lora_linear``; returns
+    ``(scaling, dropout_p, seed)`` normalised to float, float, int-or-None."""
+    _is_tensor("x", x)
+    _is_tensor("weight", weight)
+    _is_tensor("lora_A", lora_A)
+    _is_tensor("lora_B", lora_B)
+    _is_tensor("bias", bias, optional=True)
+
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.dim() < 1:
+        raise ValueError("x must have shape (..., in_features), got a 0-d tensor")
+    if x.shape[-1] != k:
+        raise ValueError(f"x must have shape (..., in_features={k}) to match weight {tuple(weight.shape)}, "
+                         f"got x of shape {tuple(x.shape)}")
+    if lora_A.dim() != 2:
+        raise ValueError(f"lora_A must be 2-D (r, in_features), got shape {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"the rank r must be >= 1, got lora_A of shape {tuple(lora_A.shape)}")
+    if lora_A.shape[1] != k:
+        raise ValueError(f"lora_A must have shape (r, in_features={k}) to match weight {tuple(weight.shape)}, "
+                         f"got {tuple(lora_A.shape)}")
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (n, r):
+        raise ValueError(f"lora_B must have shape (out_features={n}, r={r}) to match weight "
+                         f"{tuple(weight.shape)} and lora_A {tuple(lora_A.shape)}, got {tuple(lora_B.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
+        raise ValueError(f"bias must have shape (out_features={n},) to match weight {tuple(weight.shape)}, "
+                         f"got {tuple(bias.shape)}")
+
+    named = [("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
+    if bias is not None:
+        named.append(("bias", bias))
+    for name, t in named[1:]:
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}: all tensors must share one dtype "
+                            f"(cast x or the layer, e.g. layer.to({x.dtype}))")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must be on one device")
+
+    scaling = check_scaling(scaling)
+    dropout_p = check_dropout_p(dropout_p)
+    if seed is not None:
+        seed = check_seed(seed)
+    return scaling, dropout_p, seed
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend

@@ -1,0 +1,100 @@
+"""The dropout keep-mask, in PyTorch, bit for bit the one the kernels draw.
+
+The kernels call ``tl.rand(seed, row * K + col) > p`` (Triton's Philox4x32-10,
+see :func:`fused_lora.kernels.common.keep_mask`); this module implements the
+same generator on integer tensors so that the reference (and anyone else) can
+reproduce a fused dropout forward and backward exactly, on any device, without
+Triton. The stream is a pure function of ``(seed, shape, p)``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+_U32 = 0xFFFFFFFF
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_ROUNDS = 10
+#: Triton's uint32 -> [0, 1) scale: the largest float with MAX_INT32 * scale < 1.
+_UNIFORM_SCALE = 4.6566127342e-10
+#: Seeds are drawn below 2**31 so that they are the same number in an int32
+#: and an int64 kernel argument.
+SEED_BOUND = 2**31 - 1
+
+
+def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of ``a * b`` for uint32 values held in int64 (exact:
+    the product is split in 16-bit halves so nothing overflows 63 bits)."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    hi_part, lo_part = a_hi * b, a_lo * b  # each < 2**48
+    hi = (hi_part + (lo_part >> 16)) >> 16
+    lo = (((hi_part & 0xFFFF) << 16) + lo_part) & _U32
+    return hi, lo
+
+
+def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """``tl.rand(seed, offsets)`` in PyTorch: float32 uniforms in [0, 1).
+
+    ``offsets`` are non-negative int64 counters; ``seed`` a non-negative int.
+    """
+    c0 = offsets & _U32
+    c1 = (offsets >> 32) & _U32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    for _ in range(_PHILOX_ROUNDS):
+        hi_b, lo_b = _mul_hi_lo(c2, _PHILOX_ROUND_B)
+        hi_a, lo_a = _mul_hi_lo(c0, _PHILOX_ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _U32
+        k1 = (k1 + _PHILOX_KEY_B) & _U32
+    # uint32 -> int32 bitcast, negatives folded with ~x, then scaled in float32.
+    folded = torch.where(c0 >= 2**31, _U32 - c0, c0)
+    return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=folded.device)
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(seed).__name__}")
+    seed = int(seed)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"{name} must be in [0, 2**63), got {seed}")
+    return seed
+
+
+def check_dropout_p(p, name: str = "dropout_p") -> float:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(p).__name__}")
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {p}")
+    return p
+
+
+def draw_seed() -> int:
+    """A fresh seed from torch's default (CPU) generator: ``torch.manual_seed``
+    makes the draws, and so the dropout masks, reproducible. No device sync."""
+    return int(torch.randint(SEED_BOUND, (), dtype=torch.int64).item())
+
+
+def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
+    """The boolean keep-mask of shape ``(M, K)`` that the fused kernels use for
+    ``seed`` and dropout probability ``p``: element ``(m, k)`` is kept when
+    ``rand(seed, m * K + k) > p``. With ``p == 0`` everything is kept (the
+    kernels then draw nothing). For an x of shape ``(..., K)``, ``M`` is the
+    product of the leading dimensions (x flattened row-major).
+    """
+    seed = check_seed(seed)
+    p = check_dropout_p(p, "p")
+    shape = tuple(shape)
+    if len(shape) != 2 or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 0 for d in shape):
+        raise ValueError(f"shape must be (M, K) with non-negative ints, got {shape}")
+    m, k = (int(d) for d in shape)
+    if p == 0.0:
+        return torch.ones((m, k), dtype=torch.bool, device=device)
+    offsets = torch.arange(m * k, dtype=torch.int64, device=device).view(m, k)
+    return philox_uniform(seed, offsets) > torch.tensor(p, dtype=torch.float32, device=device)

@@ -1,0 +1,272 @@
+r"""The fused LoRA linear: the math, the PyTorch ops and the autograd Function.
+
+The math (PEFT's conventions; every kernel refers here)
+========================================================
+
+Shapes: ``x (..., K)`` flattened row-major to ``(M, K)``; frozen ``W (N, K)``;
+bias ``b (N)``; ``A (r, K)`` (``lora_A``); ``B (N, r)`` (``lora_B``); scaling
+``s`` (``alpha/r``, or ``alpha/sqrt(r)`` with rsLoRA); dropout probability
+``p`` on the LoRA path only, with keep-mask ``mask (M, K)`` drawn from a seed::
+
+    drop(x) = x ⊙ mask / (1 - p)                                         (M, K)
+
+    forward   xa = drop(x) Aᵀ                                             (M, r)   tiny, kept for backward
+              y  = x Wᵀ + b + s · xa Bᵀ                                   (M, N)
+
+    backward  g  = s · dy B                                               (M, r)
+              dx = dy W + (g A) ⊙ mask / (1 - p)                          (M, K)   the forward GEMM, roles swapped
+              dA = gᵀ drop(x)                                             (r, K)
+              dB = s · dyᵀ xa                                             (N, r)
+              dW = dyᵀ x,   db = Σ_m dy                                   only when the base is trainable
+
+How it runs (Triton backend)
+============================
+
+* forward: ``y`` is one GEMM whose fp32 accumulator also receives ``s·xa·Bᵀ``
+  and ``b``; ``xa`` comes from a second dot inside the K loop (``in_loop``) or
+  from the skinny pass over x, which draws the dropout mask once (``split``).
+  See :mod:`fused_lora.dispatch`.
+* backward: the *dy pass* reads dy once for ``g``, ``dB`` (and ``db``); the dx
+  GEMM is the forward kernel with (x, Wᵀ, xa, Bᵀ) replaced by (dy, W, g, A) and
+  the mask regenerated in its epilogue; the *dA pass* reads x once,
+  regenerating the mask. ``drop(x)`` and the mask are never stored; nothing of
+  size (M, K) or (M, N) is saved beyond x itself. Reductions over M use split
+  partials summed in a fixed order: no atomics, bitwise reproducible.
+
+Two PyTorch ops carry the kernels, ``fused_lora::lora_linear_fwd`` and
+``fused_lora::lora_linear_bwd`` (custom ops with fake implementations, so
+``torch.compile`` traces through them); the forward op has its autograd
+registered, and :class:`LoRALinearFunction` exposes the same pair as a
+``torch.autograd.Function``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _triton, dispatch
+from ._validate import check_backend, check_lora_args
+from .dropout import SEED_BOUND
+from .reference import lora_linear as _reference_lora_linear
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------
+# The Triton backend: forward and backward passes
+# ----------------------------------------------------------------------------
+
+def _flatten(t: Tensor, cols: int) -> Tensor:
+    """(..., cols) -> (M, cols): a view whenever the leading dims allow one."""
+    return t.reshape(t.shape[:-1].numel(), cols)
+
+
+def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                   scaling: float, dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+    """``(y, xa)`` of the math above, with the Triton kernels."""
+    k_ = _triton.kernels
+    n, k = weight.shape
+    r = lora_A.shape[0]
+    x2 = _flatten(x, k)
+    m = x2.shape[0]
+    plan = dispatch.plan(m, n, k, r, x.dtype, dropout_p)
+    if plan.strategy == "in_loop":
+        y2, xa = k_.lora_gemm(x2, weight.t(), bias=bias, shrink=lora_A.t(), v=lora_B.t(), lr_scale=scaling,
+                              config=plan.fwd_gemm, out_dtype=x.dtype, input_precision=plan.input_precision)
+    else:
+        xa, _, _ = k_.skinny_pass(x2, shrink=lora_A.t(), sh_scale=1.0 / (1.0 - dropout_p), dropout_p=dropout_p,
+                                  seed=seed, config=plan.skinny, target_programs=plan.skinny_programs,
+                                  input_precision=plan.input_precision)
+        y2, _ = k_.lora_gemm(x2, weight.t(), bias=bias, u=xa, v=lora_B.t(), lr_scale=scaling,
+                             config=plan.fwd_gemm, out_dtype=x.dtype, input_precision=plan.input_precision)
+    return y2.view(*x.shape[:-1], n), xa.view(*x.shape[:-1], r)
+
+
+def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
+                    scaling: float, dropout_p: float, seed: int,
+                    need_x: bool, need_weight: bool, need_bias: bool, need_A: bool, need_B: bool):
+    """``(dx, dW, db, dA, dB)`` of the math above; None where not needed."""
+    k_ = _triton.kernels
+    n, k = weight.shape
+    r = lora_A.shape[0]
+    x2, dy2, xa2 = _flatten(x, k), _flatten(dy, n), _flatten(xa, r)
+    m = x2.shape[0]
+    plan = dispatch.plan(m, n, k, r, x.dtype, dropout_p)
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    need_g = need_x or need_A
+
+    g = d_b = d_bias = None
+    if need_g or need_B or need_bias:
+        # The dy pass: g = s·dy·B, dB = s·dyᵀ·xa, db = Σ dy from one read of dy.
+        g, d_b, d_bias = k_.skinny_pass(
+            dy2, shrink=lora_B if need_g else None, sh_scale=scaling,
+            tn_left=xa2 if need_B else None, tn_scale=scaling, tn_transposed=True, tn_dtype=lora_B.dtype,
+            colsum=need_bias, colsum_dtype=x.dtype,
+            config=plan.skinny, target_programs=plan.skinny_programs, input_precision=plan.input_precision)
+    dx = d_a = d_w = None
+    if need_x:
+        dx2, _ = k_.lora_gemm(dy2, weight, u=g, v=lora_A, lr_scale=inv_keep, dropout_p=dropout_p, seed=seed,
+                              config=plan.dx_gemm, out_dtype=x.dtype, input_precision=plan.input_precision)
+        dx = dx2.view(x.shape)
+    if need_A:
+        _, d_a, _ = k_.skinny_pass(x2, tn_left=g, tn_scale=inv_keep, dropout_p=dropout_p, seed=seed,
+                                   tn_dtype=lora_A.dtype, config=plan.skinny,
+                                   target_programs=plan.skinny_programs, input_precision=plan.input_precision)
+    if need_weight:
+        d_w, _ = k_.lora_gemm(dy2.t(), x2, config=plan.dw_gemm, out_dtype=weight.dtype,
+                              input_precision=plan.input_precision)
+    return dx, d_w, d_bias, d_a, d_b
+
+
+# ----------------------------------------------------------------------------
+# PyTorch ops (torch.library) and their autograd
+# ----------------------------------------------------------------------------
+
+@torch.library.custom_op("fused_lora::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                    scaling: float, dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
+    """``(y, xa)``: y (..., N) in x's dtype; xa = drop(x)·Aᵀ (..., r) in fp32.
+    ``seed`` is a 0-d int64 CPU tensor (a tensor, so that drawing it stays
+    inside a compiled graph)."""
+    return forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])),
+            x.new_empty((*x.shape[:-1], lora_A.shape[0]), dtype=torch.float32))
+
+
+@torch.library.custom_op("fused_lora::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
+                    scaling: float, dropout_p: float, seed: Tensor, need_x: bool, need_weight: bool,
+                    need_bias: bool, need_A: bool, need_B: bool) -> list[Tensor]:
+    """``[dx, dW, db, dA, dB]``; a gradient nobody needs is an empty tensor."""
+    grads = backward_triton(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, int(seed),
+                            need_x, need_weight, need_bias, need_A, need_B)
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@lora_linear_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_x, need_weight, need_bias, need_A, need_B):
+    shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
+    needs = (need_x, need_weight, need_bias, need_A, need_B)
+    return [x.new_empty(s) if need else x.new_empty(0) for s, need in zip(shapes, needs)]
+
+
+def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed):
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+    ctx.scaling = scaling
+    ctx.dropout_p = dropout_p
+    ctx.has_bias = bias is not None
+
+
+def _gradients(ctx, dy):
+    """(dx, dW, db, dA, dB) for ctx.needs_input_grad's first five inputs,
+    which are (x, weight, bias, lora_A, lora_B) in both entry points."""
+    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    need = list(ctx.needs_input_grad[:5])
+    need[2] = need[2] and ctx.has_bias
+    if not any(need):
+        return (None,) * 5
+    grads = torch.ops.fused_lora.lora_linear_bwd(dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p,
+                                                 seed, *need)
+    return tuple(g if n else None for g, n in zip(grads, need))
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    _y, xa = output
+    ctx.mark_non_differentiable(xa)
+    _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed)
+
+
+def _op_backward(ctx, dy, _dxa):
+    return (*_gradients(ctx, dy), None, None, None)
+
+
+torch.library.register_autograd("fused_lora::lora_linear_fwd", _op_backward, setup_context=_op_setup_context)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with the Triton kernels.
+
+    ``LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling,
+    dropout_p, seed)`` with ``seed`` a 0-d int64 CPU tensor. Saves only x, the
+    weights and the tiny fp32 ``xa`` (M, r); computes only the gradients that
+    ``needs_input_grad`` asks for. Arguments are not validated here: use
+    :func:`lora_linear`, which checks them first.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        y, xa = torch.ops.fused_lora.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return (*_gradients(ctx, dy), None, None, None)
+
+
+# ----------------------------------------------------------------------------
+# The functional entry point
+# ----------------------------------------------------------------------------
+
+def resolve_backend(backend: str, x: Tensor) -> str:
+    """``"triton"`` or ``"torch"`` for a call on ``x``; raises ValueError when
+    ``"triton"`` is asked for where it cannot run."""
+    check_backend(backend)
+    if backend == "torch":
+        return "torch"
+    reason = _triton.why_not(x.device, x.dtype)
+    if backend == "triton" and reason:
+        raise ValueError(f'backend="triton" cannot run here: {reason}')
+    return "torch" if reason else "triton"
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    bias: Tensor | None = None,
+    *,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """``y = x Wᵀ + b + scaling · (drop(x) Aᵀ) Bᵀ`` (math in :mod:`fused_lora.ops`).
+
+    Args:
+        x: (..., in_features), any strides, fp16/bf16/fp32 (fp64 runs on the
+            torch backend).
+        weight: (out_features, in_features), the frozen base weight.
+        lora_A: (r, in_features). lora_B: (out_features, r).
+        bias: (out_features,) or None.
+        scaling: the LoRA scale s, a runtime value (changing it compiles nothing).
+        dropout_p: dropout probability on the LoRA path, in [0, 1). Applied
+            whenever > 0 (use :class:`fused_lora.LoRALinear` for train/eval).
+        seed: Philox seed of the dropout mask; None draws one from torch's
+            default generator (so ``torch.manual_seed`` reproduces a run). The
+            mask is :func:`fused_lora.dropout_mask` of (seed, (M, K), p).
+        backend: ``"triton"`` (CUDA tensors, or CPU tensors under
+            ``TRITON_INTERPRET=1``), ``"torch"`` (the reference), or ``"auto"``
+            (Triton where it can run, else torch).
+
+    Returns:
+        (..., out_features) in x's dtype. Gradients flow to x, lora_A, lora_B,
+        and to weight and bias when they require grad.
+    """
+    scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    if resolve_backend(backend, x) == "torch":
+        return _reference_lora_linear(x, weight, lora_A, lora_B, bias, scaling=scaling, dropout_p=dropout_p,
+                                      seed=seed)
+    if dropout_p == 0.0:
+        seed_t = torch.zeros((), dtype=torch.int64)
+    elif seed is None:
+        seed_t = torch.randint(SEED_BOUND, (), dtype=torch.int64)
+    else:
+        seed_t = torch.tensor(seed, dtype=torch.int64)
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)

@@ -1,0 +1,43 @@
+"""The reference LoRA linear: plain PyTorch, written to be read.
+
+It is the test oracle (run in float64 it is the ground truth every kernel is
+compared with) and the CPU fallback of :func:`fused_lora.lora_linear`
+(``backend="torch"``). Its gradients come from autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._validate import check_lora_args
+from .dropout import draw_seed, dropout_mask
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """``y = x Wᵀ + b + scaling · (drop(x) Aᵀ) Bᵀ``.
+
+    Same arguments as :func:`fused_lora.lora_linear` (less ``backend``). With
+    ``dropout_p > 0`` the mask is :func:`fused_lora.dropout_mask` for ``seed``
+    (drawn from torch's default generator when None, exactly as the fused op
+    draws it), so fused and reference drop the same elements.
+    """
+    scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    dropped = x
+    if dropout_p > 0.0:
+        if seed is None:
+            seed = draw_seed()
+        rows = x.shape[:-1].numel()  # x flattened to (M, K), row-major
+        keep = dropout_mask(seed, (rows, x.shape[-1]), dropout_p, device=x.device).view(x.shape)
+        dropped = x * keep / (1.0 - dropout_p)
+    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(dropped, lora_A), lora_B)

@@ -1,0 +1,29 @@
+"""Triton kernels of fused_lora (installed as ``fused_lora.kernels``).
+
+* :mod:`.gemm` — the fused GEMM (forward, dx and dW are one body with roles swapped);
+* :mod:`.skinny` — the memory-bound pass over one wide operand (shrink, the dy
+  pass of the backward, dA) and the deterministic reduction of its partials;
+* :mod:`.configs` — every launch configuration;
+* :mod:`.common` — the dropout keep-mask and the interpreter switches.
+
+The math is written once, in :mod:`fused_lora.ops`.
+"""
+
+from . import configs
+from .common import is_interpreted
+from .gemm import lora_gemm, lora_gemm_kernel
+from .skinny import lora_skinny_kernel, reduce_partials, reduce_partials_kernel, skinny_pass
+
+#: True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
+INTERPRETER = is_interpreted(lora_gemm_kernel)
+
+__all__ = [
+    "INTERPRETER",
+    "configs",
+    "lora_gemm",
+    "lora_gemm_kernel",
+    "lora_skinny_kernel",
+    "reduce_partials",
+    "reduce_partials_kernel",
+    "skinny_pass",
+]

@@ -1,0 +1,179 @@
+"""Every launch configuration of the fused_lora kernels, in one place.
+
+A configuration is chosen from the problem's size bucket, never from its exact
+size, so a training run with varying sequence lengths compiles a handful of
+kernels, not one per batch. The buckets:
+
+* ``M`` (tokens): next power of two, capped at 8192 (above that the GEMM is
+  compute bound and the tile choice no longer changes).
+* ``r``: padded to ``block_r = max(16, next_pow2(r))`` because ``tl.dot``
+  needs an inner dimension of at least 16 (fp32 too, on Triton 3.6).
+
+Candidates are pruned by an estimate of their shared memory, which must stay
+under :data:`SMEM_LIMIT_SM90` on Hopper; ``python -m fused_lora.compile_report``
+compiles every shipped configuration for sm_90 and reports the real figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Opt-in shared memory per block on H100/H200 (sm_90): 227 KiB.
+SMEM_LIMIT_SM90 = 232_448
+#: Streaming multiprocessors on an H200 / H100 SXM; the skinny kernels aim for
+#: about two programs per SM so that every SM has a second one to switch to.
+NUM_SMS_SM90 = 132
+#: Largest rank handled as one tile by the kernels. Larger ranks are walked in
+#: chunks of this size (the GEMM loops over them; the skinny pass is launched
+#: once per chunk), which keeps registers bounded for any r.
+MAX_BLOCK_R = 128
+#: The skinny backward pass keeps one fp32 (C, r) partial per row block. Past
+#: this many bytes of partials the rows are processed in chunks, each reduced
+#: into a running fp32 sum, so the temporary stays bounded at any M.
+SKINNY_PARTIAL_BYTES = 64 * 2**20
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def block_r_for(r: int) -> int:
+    """The padded rank tile: at least 16 (``tl.dot``), at most MAX_BLOCK_R."""
+    return min(max(16, next_pow2(r)), MAX_BLOCK_R)
+
+
+def m_bucket(m: int) -> int:
+    return min(next_pow2(max(m, 1)), 8192)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tiles of :func:`fused_lora.kernels.gemm.lora_gemm_kernel`."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def smem_bytes(self, elt: int, block_r: int, shrink_in_loop: bool) -> int:
+        """Estimated shared memory: the pipelined operand tiles (plus the
+        shrink factor's tile when the shrink runs in the K loop) and the
+        low-rank epilogue's two operand tiles."""
+        per_stage = (self.block_m * self.block_k + self.block_k * self.block_n) * elt
+        if shrink_in_loop:
+            per_stage += self.block_k * block_r * elt
+        epilogue = (self.block_m * block_r + block_r * self.block_n) * elt
+        return self.num_stages * per_stage + epilogue
+
+    def launch_kwargs(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                    GROUP_M=self.group_m, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    """Tiles of :func:`fused_lora.kernels.skinny.lora_skinny_kernel`, the
+    memory-bound pass over one wide (M, C) operand."""
+
+    block_m: int
+    block_c: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def launch_kwargs(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_C=self.block_c,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+#: Reduction of split partials: one program sums this many elements over all
+#: splits, in split order (deterministic).
+REDUCE_BLOCK = 1024
+
+# --- The interpreter ---------------------------------------------------------
+# Its cost is per program and per loop trip, not per FLOP, so blocks are as
+# large as the test shapes allow while still leaving several tiles (and a
+# ragged tail) at the awkward sizes the tests use (17, 123, ...).
+INTERPRETER_GEMM = GemmConfig(block_m=32, block_n=32, block_k=32, group_m=4, num_warps=4, num_stages=1)
+INTERPRETER_SKINNY = SkinnyConfig(block_m=32, block_c=32, num_warps=4, num_stages=1)
+
+# --- CUDA --------------------------------------------------------------------
+# Hopper leads from ../shared/design/KERNELS.md: BM=128, BN=256 (r <= 16) or
+# 128, BK=64, 3 stages, 8 warps, GROUP_M=8. Small M is memory bound: a narrow
+# BM wastes nothing and more programs cover the SMs.
+_GEMM_CANDIDATES_16BIT = (
+    GemmConfig(128, 256, 64, 8, 8, 3),
+    GemmConfig(128, 128, 64, 8, 8, 4),
+    GemmConfig(128, 128, 64, 8, 8, 3),
+    GemmConfig(128, 64, 64, 8, 4, 4),
+    GemmConfig(64, 128, 64, 8, 4, 4),
+    GemmConfig(64, 64, 64, 8, 4, 4),
+    GemmConfig(32, 128, 128, 8, 4, 4),
+    GemmConfig(16, 128, 128, 8, 4, 4),
+)
+_GEMM_CANDIDATES_FP32 = (
+    GemmConfig(128, 128, 32, 8, 8, 3),
+    GemmConfig(64, 128, 32, 8, 4, 3),
+    GemmConfig(32, 64, 32, 8, 4, 3),
+    GemmConfig(16, 64, 32, 8, 4, 3),
+)
+
+SKINNY_16BIT = SkinnyConfig(block_m=64, block_c=128, num_warps=4, num_stages=3)
+SKINNY_FP32 = SkinnyConfig(block_m=64, block_c=64, num_warps=4, num_stages=3)
+
+
+def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool,
+                    smem_limit: int = SMEM_LIMIT_SM90) -> list[GemmConfig]:
+    """The shipped GEMM configurations for an element size, pruned to those
+    whose shared memory fits ``smem_limit``."""
+    pool = _GEMM_CANDIDATES_FP32 if elt == 4 else _GEMM_CANDIDATES_16BIT
+    return [c for c in pool if c.smem_bytes(elt, block_r, shrink_in_loop) <= smem_limit]
+
+
+def gemm_config(m: int, n: int, k: int, r: int, elt: int, shrink_in_loop: bool,
+                interpreter: bool) -> GemmConfig:
+    """The GEMM tiles for an (m, k) x (k, n) product with a rank-r term.
+
+    Heuristic by M bucket: the widest tile that fits at large M (compute
+    bound), narrowing BM as M shrinks so that small batches neither pad a
+    128-row tile nor leave SMs idle.
+    """
+    if interpreter:
+        return INTERPRETER_GEMM
+    block_r = block_r_for(r)
+    cands = gemm_candidates(elt, block_r, shrink_in_loop)
+    mb = m_bucket(m)
+    fitting_m = [c for c in cands if c.block_m <= max(16, mb)]
+    pool = fitting_m or cands
+    if mb >= 4096 and n >= 256:
+        return pool[0]
+    # Fewer rows: prefer the config that gives at least one tile per SM.
+    for c in pool:
+        tiles = -(-m // c.block_m) * -(-n // c.block_n)
+        if tiles >= NUM_SMS_SM90:
+            return c
+    return pool[-1]
+
+
+def skinny_config(elt: int, interpreter: bool) -> SkinnyConfig:
+    if interpreter:
+        return INTERPRETER_SKINNY
+    return SKINNY_FP32 if elt == 4 else SKINNY_16BIT
+
+
+def skinny_target_programs(interpreter: bool) -> int:
+    """How many programs a skinny pass aims for: two per SM on the GPU; on the
+    interpreter, where every program costs time, as few as possible while
+    still exercising the split-and-reduce path on the test shapes."""
+    return 4 if interpreter else 2 * NUM_SMS_SM90
+
+
+def shipped_configs() -> dict[str, list]:
+    """Every configuration a launcher can choose on CUDA, for the compile report."""
+    return {
+        "gemm_16bit": list(_GEMM_CANDIDATES_16BIT),
+        "gemm_fp32": list(_GEMM_CANDIDATES_FP32),
+        "skinny_16bit": [SKINNY_16BIT],
+        "skinny_fp32": [SKINNY_FP32],
+    }

@@ -1,0 +1,226 @@
+"""The fused GEMM: a frozen base product with the low-rank term added to its
+fp32 accumulator, one kernel body for every GEMM-shaped pass.
+
+The same body runs with its operands' roles swapped (see :mod:`fused_lora.ops`
+for the math):
+
+=========  ===============  ================  ===========================  =====================
+pass       A (M, K)         B (K, N)          low-rank term                epilogue mask
+=========  ===============  ================  ===========================  =====================
+forward    x                Wᵀ (strides)      s · xa · Bᵀ                  none
+dx         dy               W                 (g · A) / (1-p)              keep(x) (dropout)
+dW         dyᵀ (strides)    x                 none                         none
+=========  ===============  ================  ===========================  =====================
+
+The low-rank left factor (xa or g, fp32, (M, r)) is either read from memory
+(``LOW_RANK == 1``, produced by the skinny pass) or accumulated inside the K
+loop from the same A tiles (``LOW_RANK == 2``, "shrink in loop"; the program
+with ``pid_n == 0`` stores it for the backward pass). Nothing of size (M, N) is
+materialised for the low-rank term.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import is_interpreted, keep_mask, load_operand
+from .configs import GemmConfig, block_r_for
+
+LOW_RANK_NONE = 0
+LOW_RANK_PRECOMPUTED = 1
+LOW_RANK_IN_LOOP = 2
+
+
+@triton.jit(do_not_specialize=["seed"])
+def lora_gemm_kernel(
+    # pointers
+    a_ptr,  # (M, K)  left operand
+    b_ptr,  # (K, N)  right operand (the frozen weight, or x for dW)
+    bias_ptr,  # (N,)    added to every row when HAS_BIAS
+    u_ptr,  # (M, R)  fp32 low-rank left factor when LOW_RANK == 1
+    s_ptr,  # (K, R)  shrink factor when LOW_RANK == 2 (forward: Aᵀ)
+    v_ptr,  # (R, N)  low-rank right factor (forward: Bᵀ, dx: A)
+    c_ptr,  # (M, N)  output
+    xa_ptr,  # (M, R)  fp32: the in-loop shrink A·S, stored when LOW_RANK == 2
+    # sizes
+    M, N, K, R,
+    # strides
+    stride_am, stride_ak,
+    stride_bk, stride_bn,
+    stride_bias,
+    stride_um, stride_ur,
+    stride_sk, stride_sr,
+    stride_vr, stride_vn,
+    stride_cm, stride_cn,
+    stride_xam, stride_xar,
+    # scalars (runtime: changing them never recompiles)
+    lr_scale,  # the low-rank term is lr_scale · (U · V)
+    p,  # dropout probability of the epilogue mask (LR_DROPOUT)
+    seed,  # Philox seed of that mask
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    LOW_RANK: tl.constexpr,  # 0: none, 1: U read from u_ptr, 2: U = A·S in the K loop
+    LR_DROPOUT: tl.constexpr,  # multiply the low-rank term by keep(m, n)
+    OFFSET_INT64: tl.constexpr,  # M·N can reach 2**31 (mask offsets)
+    UPCAST: tl.constexpr,  # interpreter + bf16: compute on fp32 tiles
+    INPUT_PRECISION: tl.constexpr,  # fp32 dots: "ieee" or "tf32"
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C = A·B + bias + lr_scale·(U·V) [⊙ keep], U = u or A·S; fp32 accumulation.
+
+    Shapes as in the pointer comments. With ``LOW_RANK == 2`` the whole rank
+    must fit one ``BLOCK_R`` tile; with ``LOW_RANK == 1`` the rank is walked in
+    ``BLOCK_R`` chunks, so any r works.
+    """
+    # Grouped ordering: GROUP_M row-tiles share each B column-tile in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # Loads wrap out-of-range rows/columns onto valid ones (their results are
+    # never stored), so only the K tail needs a mask in the loop. Row and
+    # column offsets are int64 before they meet a stride: M·stride can pass 2**31.
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if LOW_RANK == 2:
+        s_ptrs = s_ptr + offs_k[:, None] * stride_sk + offs_r[None, :] * stride_sr
+        xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_in = offs_k < K - k0
+        a = load_operand(a_ptrs, k_in[None, :], UPCAST)
+        b = load_operand(b_ptrs, k_in[:, None], UPCAST)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if LOW_RANK == 2:
+            s = load_operand(s_ptrs, k_in[:, None] & (offs_r < R)[None, :], UPCAST)
+            xa = tl.dot(a, s, xa, input_precision=INPUT_PRECISION)
+            s_ptrs += BLOCK_K * stride_sk
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if LOW_RANK != 0:
+        lr = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if LOW_RANK == 2:
+            if pid_n == 0:
+                xa_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + offs_r[None, :] * stride_xar
+                tl.store(xa_ptrs, xa, mask=mask_m[:, None] & (offs_r < R)[None, :])
+            v = load_operand(v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn,
+                             (offs_r < R)[:, None], UPCAST)
+            lr = tl.dot((xa * lr_scale).to(v.dtype), v, lr, input_precision=INPUT_PRECISION)
+        else:
+            for r0 in range(0, R, BLOCK_R):
+                r_in = offs_r < R - r0
+                u = tl.load(u_ptr + rows[:, None] * stride_um + (r0 + offs_r)[None, :] * stride_ur,
+                            mask=r_in[None, :], other=0.0)
+                v = load_operand(v_ptr + (r0 + offs_r)[:, None] * stride_vr + cols[None, :] * stride_vn,
+                                 r_in[:, None], UPCAST)
+                lr = tl.dot((u * lr_scale).to(v.dtype), v, lr, input_precision=INPUT_PRECISION)
+        if LR_DROPOUT:
+            # Multiply (not select) so that NaN/Inf propagate as in x * mask.
+            lr = lr * keep_mask(seed, offs_m, offs_n, N, p, OFFSET_INT64).to(tl.float32)
+        acc += lr
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols * stride_bias).to(tl.float32)
+        acc += bias[None, :]
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def lora_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    config: GemmConfig,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+    u: torch.Tensor | None = None,
+    shrink: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    lr_scale: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    input_precision: str = "ieee",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``C = a @ b + bias + lr_scale * (U @ v)``, ``U = u`` or ``a @ shrink``.
+
+    a (M, K), b (K, N), bias (N,), u (M, r) fp32, shrink (K, r), v (r, N); any
+    strides. With ``dropout_p > 0`` the low-rank term is multiplied by the
+    keep-mask of the (M, N) output. Returns ``(C, xa)`` where ``xa = a @ shrink``
+    (fp32, (M, r)) when ``shrink`` is given, else None.
+    """
+    # 1. constraints (the public API validated the user's arguments; these
+    #    guard the launcher's own contract)
+    M, K = a.shape
+    K2, N = b.shape
+    if K2 != K:
+        raise ValueError(f"lora_gemm: a is {tuple(a.shape)} but b is {tuple(b.shape)}")
+    if u is not None and shrink is not None:
+        raise ValueError("lora_gemm: pass u (precomputed) or shrink (in loop), not both")
+    low_rank = LOW_RANK_NONE if v is None else (LOW_RANK_IN_LOOP if shrink is not None else LOW_RANK_PRECOMPUTED)
+    r = 0 if v is None else v.shape[0]
+    if low_rank != LOW_RANK_NONE:
+        if v.shape[1] != N:
+            raise ValueError(f"lora_gemm: v is {tuple(v.shape)}, expected ({r}, {N})")
+        left = u if u is not None else shrink
+        if left is None or left.shape != ((M, r) if u is not None else (K, r)):
+            raise ValueError("lora_gemm: the low-rank left factor does not match a and v")
+        if u is not None and u.dtype != torch.float32:
+            raise ValueError("lora_gemm: u must be float32")
+    block_r = block_r_for(max(r, 1))
+    if low_rank == LOW_RANK_IN_LOOP and r > block_r:
+        raise ValueError(f"lora_gemm: the in-loop shrink holds the whole rank in one tile (r <= {block_r})")
+
+    # 2. allocate
+    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    xa = torch.empty((M, r), device=a.device, dtype=torch.float32) if low_rank == LOW_RANK_IN_LOOP else None
+    if M == 0 or N == 0:
+        return c, xa
+
+    # 3. launch
+    dummy = c
+    u_ = u if u is not None else dummy
+    s_ = shrink if shrink is not None else dummy
+    v_ = v if v is not None else dummy
+    xa_ = xa if xa is not None else dummy
+    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n),)
+    lora_gemm_kernel[grid](
+        a, b, bias if bias is not None else dummy, u_, s_, v_, c, xa_,
+        M, N, K, r,
+        a.stride(0), a.stride(1),
+        b.stride(0), b.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        u_.stride(0) if u is not None else 0, u_.stride(1) if u is not None else 0,
+        s_.stride(0) if shrink is not None else 0, s_.stride(1) if shrink is not None else 0,
+        v_.stride(0) if v is not None else 0, v_.stride(1) if v is not None else 0,
+        c.stride(0), c.stride(1),
+        xa_.stride(0) if xa is not None else 0, xa_.stride(1) if xa is not None else 0,
+        float(lr_scale), float(dropout_p), int(seed),
+        HAS_BIAS=bias is not None,
+        LOW_RANK=low_rank,
+        LR_DROPOUT=low_rank != LOW_RANK_NONE and dropout_p > 0.0,
+        OFFSET_INT64=M * N >= 2**31,
+        UPCAST=is_interpreted(lora_gemm_kernel) and a.dtype == torch.bfloat16,
+        INPUT_PRECISION=input_precision,
+        BLOCK_R=block_r,
+        **config.launch_kwargs(),
+    )
+    return c, xa

@@ -1,0 +1,308 @@
+"""The skinny pass: one memory-bound read of a wide (M, C) operand T that
+produces every rank-r product the LoRA passes need from it, plus the
+deterministic reduction of its split partials.
+
+=============  ==========  ===========================  ==========================  ============
+pass           T (M, C)    SHRINK: T·S (M, r)           TN: Lᵀ·T (r, C)             COLSUM
+=============  ==========  ===========================  ==========================  ============
+forward        drop(x)     xa = drop(x)·Aᵀ              -                           -
+backward dy    dy          g = s·dy·B                   dBᵀ = s·xaᵀ·dy              db = Σ dy
+backward dA    drop(x)     -                            dA = gᵀ·drop(x)             -
+=============  ==========  ===========================  ==========================  ============
+
+``drop(x)`` is never stored: the keep-mask is regenerated from the seed as the
+x tiles are loaded (see :func:`fused_lora.kernels.common.keep_mask`).
+
+A program covers ``rows_per_prog`` rows and ``cols_per_prog`` columns of T,
+walking column tiles outermost and row tiles innermost, so that the TN and
+COLSUM partials of its column tile stay in registers. The SHRINK product needs
+all columns of a row, so with SHRINK on a program covers exactly one row tile.
+Partials are written per program (never accumulated with atomics) and summed
+in a fixed order by :func:`reduce_partials_kernel`: results are bitwise
+reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import is_interpreted, keep_mask, load_operand
+from .configs import (
+    MAX_BLOCK_R,
+    REDUCE_BLOCK,
+    SKINNY_PARTIAL_BYTES,
+    SkinnyConfig,
+    block_r_for,
+)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def lora_skinny_kernel(
+    # pointers
+    t_ptr,  # (M, C)  the wide operand, read once
+    s_ptr,  # (C, R)  SHRINK right factor (forward: Aᵀ, backward: B)
+    l_ptr,  # (M, R)  fp32 TN left factor (xa for dB, g for dA)
+    sh_ptr,  # (SPLIT_C, M, R) fp32 SHRINK partials, one per column split
+    tn_ptr,  # (SPLIT_M, ...) fp32 TN partials, one per row split; element (c, r) via strides
+    cs_ptr,  # (SPLIT_M, C) fp32 COLSUM partials
+    # sizes
+    M, C, R,
+    m_start, m_end,  # the rows of this launch (global indices: the mask and SHRINK use them)
+    rows_per_prog, cols_per_prog,
+    # strides
+    stride_tm, stride_tc,
+    stride_sc, stride_sr,
+    stride_lm, stride_lr,
+    stride_shp, stride_shm, stride_shr,
+    stride_tnp, stride_tnc, stride_tnr,
+    stride_csp,
+    # scalars
+    sh_scale,  # multiplies the SHRINK partial
+    tn_scale,  # multiplies the TN partial
+    p, seed,  # dropout of T's elements (DROPOUT): keep(m, c) = rand(seed, m·C + c) > p
+    # meta-parameters
+    SHRINK: tl.constexpr, TN: tl.constexpr, COLSUM: tl.constexpr,
+    DROPOUT: tl.constexpr, OFFSET_INT64: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Partials of T·S, Lᵀ·T and Σ_m T over this program's rows and columns,
+    with T = T ⊙ keep when DROPOUT (the 1/(1-p) is folded into the scales)."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    m_lo = m_start + pid_m * rows_per_prog
+    m_hi = min(m_lo + rows_per_prog, m_end)
+    c_lo = pid_c * cols_per_prog
+    c_hi = min(c_lo + cols_per_prog, C)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_in = offs_r < R
+
+    if SHRINK:
+        # One row tile per program (the launcher guarantees rows_per_prog == BLOCK_M).
+        sh_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_in = offs_c < c_hi
+        if TN:
+            tn_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        if COLSUM:
+            cs_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        if SHRINK:
+            s = load_operand(s_ptr + offs_c[:, None].to(tl.int64) * stride_sc + offs_r[None, :] * stride_sr,
+                             c_in[:, None] & r_in[None, :], UPCAST)
+        for m0 in range(m_lo, m_hi, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_in = offs_m < m_hi
+            t = load_operand(t_ptr + offs_m[:, None].to(tl.int64) * stride_tm
+                             + offs_c[None, :].to(tl.int64) * stride_tc,
+                             m_in[:, None] & c_in[None, :], UPCAST)
+            if DROPOUT:
+                # Multiply (not select) so that NaN/Inf propagate as in x * mask.
+                t = t * keep_mask(seed, offs_m, offs_c, C, p, OFFSET_INT64).to(t.dtype)
+            if SHRINK:
+                sh_acc = tl.dot(t, s, sh_acc, input_precision=INPUT_PRECISION)
+            if TN:
+                lt = tl.load(l_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
+                             mask=m_in[:, None] & r_in[None, :], other=0.0)
+                tn_acc = tl.dot(tl.trans(lt.to(t.dtype)), t, tn_acc, input_precision=INPUT_PRECISION)
+            if COLSUM:
+                cs_acc += tl.sum(t.to(tl.float32), axis=0)
+        if TN:
+            tn_ptrs = (tn_ptr + pid_m * stride_tnp + offs_c[None, :].to(tl.int64) * stride_tnc
+                       + offs_r[:, None] * stride_tnr)
+            tl.store(tn_ptrs, tn_acc * tn_scale, mask=r_in[:, None] & c_in[None, :])
+        if COLSUM:
+            tl.store(cs_ptr + pid_m * stride_csp + offs_c, cs_acc, mask=c_in)
+    if SHRINK:
+        offs_m = m_lo + tl.arange(0, BLOCK_M)
+        sh_ptrs = (sh_ptr + pid_c * stride_shp + offs_m[:, None].to(tl.int64) * stride_shm
+                   + offs_r[None, :] * stride_shr)
+        tl.store(sh_ptrs, sh_acc * sh_scale, mask=(offs_m < m_hi)[:, None] & r_in[None, :])
+
+
+@triton.jit
+def reduce_partials_kernel(
+    part_ptr,  # (P, numel) fp32, contiguous rows
+    acc_ptr,  # (numel,) fp32 running sum to add to when HAS_ACC
+    out_ptr,  # (numel,) output, any float dtype
+    P, numel,
+    HAS_ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """out = acc + Σ_p part[p], summed in order p = 0, 1, ... (deterministic)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    if HAS_ACC:
+        total = tl.load(acc_ptr + offs, mask=mask, other=0.0)
+    else:
+        total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, P):
+        total += tl.load(part_ptr + i * numel + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def reduce_partials(parts: torch.Tensor, out: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[...] = acc + parts.sum(0)`` in a fixed order; ``parts`` is a
+    contiguous fp32 (P, *out.shape), ``out`` contiguous."""
+    if not (parts.is_contiguous() and out.is_contiguous()) or parts.shape[1:] != out.shape:
+        raise ValueError(f"reduce_partials: parts {tuple(parts.shape)} do not match out {tuple(out.shape)}")
+    numel = out.numel()
+    if numel == 0:
+        return out
+    grid = (triton.cdiv(numel, REDUCE_BLOCK),)
+    reduce_partials_kernel[grid](parts, acc if acc is not None else parts, out, parts.shape[0], numel,
+                                 HAS_ACC=acc is not None, BLOCK=REDUCE_BLOCK)
+    return out
+
+
+def _launch(t, s, l, sh, tn, cs, m_start, m_end, rows_per_prog, cols_per_prog, grid, *, sh_scale,
+            tn_scale, dropout_p, seed, config, input_precision):
+    M, C = t.shape
+    r = (s if s is not None else l).shape[1]
+    dummy = t
+    lora_skinny_kernel[grid](
+        t, s if s is not None else dummy, l if l is not None else dummy,
+        sh if sh is not None else dummy, tn if tn is not None else dummy, cs if cs is not None else dummy,
+        M, C, r, m_start, m_end, rows_per_prog, cols_per_prog,
+        t.stride(0), t.stride(1),
+        *(s.stride() if s is not None else (0, 0)),
+        *(l.stride() if l is not None else (0, 0)),
+        *(sh.stride() if sh is not None else (0, 0, 0)),
+        *(tn.stride() if tn is not None else (0, 0, 0)),
+        cs.stride(0) if cs is not None else 0,
+        float(sh_scale), float(tn_scale), float(dropout_p), int(seed),
+        SHRINK=s is not None, TN=l is not None, COLSUM=cs is not None,
+        DROPOUT=dropout_p > 0.0,
+        OFFSET_INT64=M * C >= 2**31,
+        UPCAST=is_interpreted(lora_skinny_kernel) and t.dtype == torch.bfloat16,
+        INPUT_PRECISION=input_precision,
+        BLOCK_R=block_r_for(r),
+        **config.launch_kwargs(),
+    )
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def skinny_pass(
+    t: torch.Tensor,
+    *,
+    config: SkinnyConfig,
+    target_programs: int,
+    shrink: torch.Tensor | None = None,
+    tn_left: torch.Tensor | None = None,
+    colsum: bool = False,
+    sh_scale: float = 1.0,
+    tn_scale: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    tn_transposed: bool = False,
+    tn_dtype: torch.dtype | None = None,
+    colsum_dtype: torch.dtype | None = None,
+    input_precision: str = "ieee",
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """One read of ``t`` (M, C); returns ``(sh, tn, cs)``:
+
+    * ``sh = sh_scale * drop(t) @ shrink`` — fp32 (M, r), when ``shrink`` (C, r) is given;
+    * ``tn = tn_scale * tn_left.T @ drop(t)`` — (r, C), or its transpose (C, r)
+      with ``tn_transposed``, in ``tn_dtype``, when ``tn_left`` (M, r) fp32 is given;
+    * ``cs = drop(t).sum(0)`` — (C,) in ``colsum_dtype``, when ``colsum``.
+
+    ``drop(t) = t ⊙ keep(seed, p)`` (the caller folds 1/(1-p) into the scales).
+    """
+    M, C = t.shape
+    dev = t.device
+    r = shrink.shape[1] if shrink is not None else (tn_left.shape[1] if tn_left is not None else 0)
+    tn_dtype = tn_dtype or torch.float32
+    colsum_dtype = colsum_dtype or torch.float32
+    sh_out = torch.empty((M, r), device=dev, dtype=torch.float32) if shrink is not None else None
+    tn_out = None
+    if tn_left is not None:
+        tn_out = torch.empty((C, r) if tn_transposed else (r, C), device=dev, dtype=tn_dtype)
+    cs_out = torch.empty((C,), device=dev, dtype=colsum_dtype) if colsum else None
+
+    if M == 0 or C == 0:
+        for o in (sh_out, tn_out, cs_out):
+            if o is not None:
+                o.zero_()
+        return sh_out, tn_out, cs_out
+
+    # Ranks above MAX_BLOCK_R: one launch per rank chunk (each reads t again).
+    if r > MAX_BLOCK_R:
+        for r0 in range(0, r, MAX_BLOCK_R):
+            r1 = min(r, r0 + MAX_BLOCK_R)
+            sh_c, tn_c, cs_c = skinny_pass(
+                t, config=config, target_programs=target_programs,
+                shrink=shrink[:, r0:r1] if shrink is not None else None,
+                tn_left=tn_left[:, r0:r1] if tn_left is not None else None,
+                colsum=colsum and r0 == 0, sh_scale=sh_scale, tn_scale=tn_scale,
+                dropout_p=dropout_p, seed=seed, tn_transposed=tn_transposed, tn_dtype=tn_dtype,
+                colsum_dtype=colsum_dtype, input_precision=input_precision)
+            if sh_c is not None:
+                sh_out[:, r0:r1] = sh_c
+            if tn_c is not None:
+                if tn_transposed:
+                    tn_out[:, r0:r1] = tn_c
+                else:
+                    tn_out[r0:r1] = tn_c
+            if cs_c is not None:
+                cs_out.copy_(cs_c)
+        return sh_out, tn_out, cs_out
+
+    bm, bc = config.block_m, config.block_c
+    m_tiles, c_tiles = _cdiv(M, bm), _cdiv(C, bc)
+    if shrink is not None:
+        # One row tile per program; split the columns until the grid is full.
+        rows_per_prog = bm
+        split_m = m_tiles
+        split_c = max(1, min(c_tiles, _cdiv(target_programs, m_tiles)))
+    else:
+        # One column tile per program; split the rows until the grid is full.
+        split_c = c_tiles
+        split_m = max(1, min(m_tiles, _cdiv(target_programs, c_tiles)))
+        rows_per_prog = _cdiv(m_tiles, split_m) * bm
+        split_m = _cdiv(M, rows_per_prog)
+    cols_per_prog = _cdiv(c_tiles, split_c) * bc
+    split_c = _cdiv(C, cols_per_prog)
+
+    need_rows = tn_left is not None or colsum
+    # Bound the row-split partials: process the rows in chunks when needed.
+    per_split = (C * r * 4 if tn_left is not None else 0) + (C * 4 if colsum else 0)
+    max_splits = max(1, SKINNY_PARTIAL_BYTES // max(per_split, 1))
+    splits_per_chunk = split_m if not need_rows else min(split_m, max_splits)
+    chunk_rows = splits_per_chunk * rows_per_prog
+
+    sh_parts = None
+    if shrink is not None:
+        sh_parts = sh_out.unsqueeze(0) if split_c == 1 else torch.empty((split_c, M, r), device=dev,
+                                                                        dtype=torch.float32)
+    tn_acc = cs_acc = None
+    for m0 in range(0, M, chunk_rows):
+        m1 = min(M, m0 + chunk_rows)
+        n_splits = _cdiv(m1 - m0, rows_per_prog)
+        tn_parts = cs_parts = None
+        if tn_left is not None:
+            # Partials in the final layout, so that the reduction is a flat sum.
+            tn_parts = torch.empty((n_splits,) + tuple(tn_out.shape), device=dev, dtype=torch.float32)
+            tn_view = tn_parts if tn_transposed else tn_parts.transpose(1, 2)  # element (p, c, r)
+        if colsum:
+            cs_parts = torch.empty((n_splits, C), device=dev, dtype=torch.float32)
+        _launch(t, shrink, tn_left, sh_parts, tn_view if tn_left is not None else None, cs_parts,
+                m0, m1, rows_per_prog, cols_per_prog, (n_splits, split_c),
+                sh_scale=sh_scale, tn_scale=tn_scale, dropout_p=dropout_p, seed=seed,
+                config=config, input_precision=input_precision)
+        last = m1 == M
+        if tn_parts is not None:
+            tn_target = tn_out if last else torch.empty(tn_out.shape, device=dev, dtype=torch.float32)
+            reduce_partials(tn_parts, tn_target, tn_acc)
+            tn_acc = None if last else tn_target
+        if cs_parts is not None:
+            cs_target = cs_out if last else torch.empty((C,), device=dev, dtype=torch.float32)
+            reduce_partials(cs_parts, cs_target, cs_acc)
+            cs_acc = None if last else cs_target
+    if sh_parts is not None and split_c > 1:
+        reduce_partials(sh_parts, sh_out)
+    return sh_out, tn_out, cs_out
