@@ -6,11 +6,13 @@ The math is in :mod:`fused_lora.ops`; the kernels in :mod:`fused_lora.kernels`.
 
 from . import _triton, dispatch, reference
 from .dropout import dropout_mask
+from .layer import LoRALinear
 from .ops import LoRALinearFunction, lora_linear
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoRALinear",
     "LoRALinearFunction",
     "dispatch",
     "dropout_mask",

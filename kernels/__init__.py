@@ -10,7 +10,7 @@ The math is written once, in :mod:`fused_lora.ops`.
 """
 
 from . import configs
-from .common import is_interpreted
+from .common import is_interpreted, poison_outputs
 from .gemm import lora_gemm, lora_gemm_kernel
 from .skinny import lora_skinny_kernel, reduce_partials, reduce_partials_kernel, skinny_pass
 
@@ -23,6 +23,7 @@ __all__ = [
     "lora_gemm",
     "lora_gemm_kernel",
     "lora_skinny_kernel",
+    "poison_outputs",
     "reduce_partials",
     "reduce_partials_kernel",
     "skinny_pass",

@@ -5,9 +5,35 @@ The math the kernels implement is written once, in the docstring of
 :mod:`fused_lora.ops`.
 """
 
+import contextlib
+
+import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+_poison = False
+
+
+@contextlib.contextmanager
+def poison_outputs():
+    """Inside the block, every buffer a launcher allocates for a kernel to write
+    starts as NaN instead of uninitialised memory, so that an element a kernel
+    fails to write shows up in the result (tests turn this on)."""
+    global _poison
+    previous, _poison = _poison, True
+    try:
+        yield
+    finally:
+        _poison = previous
+
+
+def alloc(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs (NaN-filled under :func:`poison_outputs`)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _poison and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
 
 
 @triton.jit

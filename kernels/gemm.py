@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import is_interpreted, keep_mask, load_operand
+from .common import alloc, is_interpreted, keep_mask, load_operand
 from .configs import GemmConfig, block_r_for
 
 LOW_RANK_NONE = 0
@@ -190,8 +190,8 @@ def lora_gemm(
         raise ValueError(f"lora_gemm: the in-loop shrink holds the whole rank in one tile (r <= {block_r})")
 
     # 2. allocate
-    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
-    xa = torch.empty((M, r), device=a.device, dtype=torch.float32) if low_rank == LOW_RANK_IN_LOOP else None
+    c = alloc((M, N), out_dtype, a.device)
+    xa = alloc((M, r), torch.float32, a.device) if low_rank == LOW_RANK_IN_LOOP else None
     if M == 0 or N == 0:
         return c, xa
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import is_interpreted, keep_mask, load_operand
+from .common import alloc, is_interpreted, keep_mask, load_operand
 from .configs import (
     MAX_BLOCK_R,
     REDUCE_BLOCK,
@@ -218,11 +218,11 @@ def skinny_pass(
     r = shrink.shape[1] if shrink is not None else (tn_left.shape[1] if tn_left is not None else 0)
     tn_dtype = tn_dtype or torch.float32
     colsum_dtype = colsum_dtype or torch.float32
-    sh_out = torch.empty((M, r), device=dev, dtype=torch.float32) if shrink is not None else None
+    sh_out = alloc((M, r), torch.float32, dev) if shrink is not None else None
     tn_out = None
     if tn_left is not None:
-        tn_out = torch.empty((C, r) if tn_transposed else (r, C), device=dev, dtype=tn_dtype)
-    cs_out = torch.empty((C,), device=dev, dtype=colsum_dtype) if colsum else None
+        tn_out = alloc((C, r) if tn_transposed else (r, C), tn_dtype, dev)
+    cs_out = alloc((C,), colsum_dtype, dev) if colsum else None
 
     if M == 0 or C == 0:
         for o in (sh_out, tn_out, cs_out):
@@ -277,8 +277,7 @@ def skinny_pass(
 
     sh_parts = None
     if shrink is not None:
-        sh_parts = sh_out.unsqueeze(0) if split_c == 1 else torch.empty((split_c, M, r), device=dev,
-                                                                        dtype=torch.float32)
+        sh_parts = sh_out.unsqueeze(0) if split_c == 1 else alloc((split_c, M, r), torch.float32, dev)
     tn_acc = cs_acc = None
     for m0 in range(0, M, chunk_rows):
         m1 = min(M, m0 + chunk_rows)
@@ -286,21 +285,21 @@ def skinny_pass(
         tn_parts = cs_parts = None
         if tn_left is not None:
             # Partials in the final layout, so that the reduction is a flat sum.
-            tn_parts = torch.empty((n_splits,) + tuple(tn_out.shape), device=dev, dtype=torch.float32)
+            tn_parts = alloc((n_splits,) + tuple(tn_out.shape), torch.float32, dev)
             tn_view = tn_parts if tn_transposed else tn_parts.transpose(1, 2)  # element (p, c, r)
         if colsum:
-            cs_parts = torch.empty((n_splits, C), device=dev, dtype=torch.float32)
+            cs_parts = alloc((n_splits, C), torch.float32, dev)
         _launch(t, shrink, tn_left, sh_parts, tn_view if tn_left is not None else None, cs_parts,
                 m0, m1, rows_per_prog, cols_per_prog, (n_splits, split_c),
                 sh_scale=sh_scale, tn_scale=tn_scale, dropout_p=dropout_p, seed=seed,
                 config=config, input_precision=input_precision)
         last = m1 == M
         if tn_parts is not None:
-            tn_target = tn_out if last else torch.empty(tn_out.shape, device=dev, dtype=torch.float32)
+            tn_target = tn_out if last else alloc(tn_out.shape, torch.float32, dev)
             reduce_partials(tn_parts, tn_target, tn_acc)
             tn_acc = None if last else tn_target
         if cs_parts is not None:
-            cs_target = cs_out if last else torch.empty((C,), device=dev, dtype=torch.float32)
+            cs_target = cs_out if last else alloc((C,), torch.float32, dev)
             reduce_partials(cs_parts, cs_target, cs_acc)
             cs_acc = None if last else cs_target
     if sh_parts is not None and split_c > 1:

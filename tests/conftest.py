@@ -1,0 +1,45 @@
+"""Test configuration.
+
+Without a CUDA GPU the kernels run on Triton's CPU interpreter: this sets
+``TRITON_INTERPRET=1`` (unless the caller set it) before fused_lora is
+imported, because Triton reads it when the kernels are decorated. With a GPU
+the same tests run on CUDA.
+"""
+
+import os
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fused_lora  # noqa: E402  (after the interpreter switch)
+import triton  # noqa: E402
+
+
+def pytest_report_header(config):
+    if torch.cuda.is_available():
+        where = f"CUDA ({torch.cuda.get_device_name()})"
+    elif fused_lora._triton.interpreter():
+        where = "Triton CPU interpreter (TRITON_INTERPRET=1)"
+    else:
+        where = "CPU, Triton kernels unavailable: " + (fused_lora._triton.UNAVAILABLE_REASON or "not interpreted")
+    return [f"fused_lora kernels on: {where}; torch {torch.__version__}, triton {triton.__version__}"]
+
+
+@pytest.fixture(autouse=True)
+def _poison_kernel_outputs():
+    """Every buffer a kernel is meant to write starts as NaN."""
+    if fused_lora._triton.available():
+        with fused_lora._triton.kernels.poison_outputs():
+            yield
+    else:
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """A different but reproducible torch seed per test."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
