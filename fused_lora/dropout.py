@@ -36,24 +36,30 @@ def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """``tl.rand(seed, offsets)`` in PyTorch: float32 uniforms in [0, 1).
-
-    ``offsets`` are non-negative int64 counters; ``seed`` a non-negative int.
-    """
-    c0 = offsets & _U32
-    c1 = (offsets >> 32) & _U32
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
-    k0, k1 = seed & _U32, (seed >> 32) & _U32
+def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,
+               k0: int, k1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32-10 (Salmon et al., SC'11) on uint32 counters held in int64
+    tensors, with Triton's round order; returns the four output words."""
     for _ in range(_PHILOX_ROUNDS):
         hi_b, lo_b = _mul_hi_lo(c2, _PHILOX_ROUND_B)
         hi_a, lo_a = _mul_hi_lo(c0, _PHILOX_ROUND_A)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _U32
         k1 = (k1 + _PHILOX_KEY_B) & _U32
+    return c0, c1, c2, c3
+
+
+def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """``tl.rand(seed, offsets)`` in PyTorch: float32 uniforms in [0, 1).
+
+    ``offsets`` are non-negative int64 counters; ``seed`` a non-negative int.
+    The counter is (offset low word, offset high word, 0, 0), the key (seed low
+    word, seed high word), and the first output word becomes the float.
+    """
+    zero = torch.zeros_like(offsets)
+    word, _, _, _ = philox4x32(offsets & _U32, (offsets >> 32) & _U32, zero, zero, seed & _U32, (seed >> 32) & _U32)
     # uint32 -> int32 bitcast, negatives folded with ~x, then scaled in float32.
-    folded = torch.where(c0 >= 2**31, _U32 - c0, c0)
+    folded = torch.where(word >= 2**31, _U32 - word, word)
     return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=folded.device)
 
 

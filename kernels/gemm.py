@@ -119,6 +119,9 @@ def lora_gemm_kernel(
     if LOW_RANK != 0:
         lr = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if LOW_RANK == 2:
+            # Clear the padded rank columns: x·0 is NaN where x is ±Inf, and
+            # that NaN must not reach the real columns through the next dot.
+            xa = tl.where((offs_r < R)[None, :], xa, 0.0)
             if pid_n == 0:
                 xa_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + offs_r[None, :] * stride_xar
                 tl.store(xa_ptrs, xa, mask=mask_m[:, None] & (offs_r < R)[None, :])

@@ -75,3 +75,23 @@ def test_functional_matches_reference(case):
     for name, g in zip(wanted, grads):
         assert g.shape == inputs[name].shape and g.dtype == dtype, name
         assert_close(g, g64[name], dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("r", [1, 3, 8, 16, 64, 128])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
+@pytest.mark.parametrize("strategy, p", [("in_loop", 0.0), ("split", 0.0), ("split", 0.15)])
+def test_rank_sweep(r, dtype, strategy, p):
+    """Every rank class in every dtype and path, at an awkward shape (3-D x,
+    no dimension a multiple of a block)."""
+    x = make_x((3, 19, 53), dtype).requires_grad_()
+    w, b, a, bb = make_params(53, 41, r, dtype, True)
+    a.requires_grad_()
+    bb.requires_grad_()
+    with fused_lora.dispatch.force_strategy(strategy):
+        y = fused_lora.lora_linear(x, w, a, bb, b, scaling=16 / r, dropout_p=p, seed=r, backend="triton")
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, a, bb), dy)
+    y64, g64 = reference64(x, w, b, a, bb, dy, scaling=16 / r, dropout_p=p, seed=r, grads=("x", "lora_A", "lora_B"))
+    assert_close(y, y64, dtype, "y")
+    for name, g in zip(("x", "lora_A", "lora_B"), grads):
+        assert_close(g, g64[name], dtype, f"d{name}")

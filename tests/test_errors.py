@@ -1,0 +1,122 @@
+"""Bad input raises a typed error naming the argument and the shapes, before
+any kernel runs; NaN/Inf propagate as in the reference; backend selection."""
+
+import math
+
+import pytest
+import torch
+
+import fused_lora
+from fused_lora import _triton
+from lora_testing import DEVICE, make_params, reference64
+
+
+@pytest.fixture
+def args():
+    x = torch.randn(6, 16, device=DEVICE)
+    w, b, a, bb = make_params(16, 12, 4, torch.float32, True)
+    return dict(x=x, weight=w, lora_A=a, lora_B=bb, bias=b)
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Any kernel launch fails the test: errors must come first."""
+    def boom(*a, **k):
+        raise AssertionError("a kernel was launched before the arguments were rejected")
+    monkeypatch.setattr(_triton.kernels, "lora_gemm", boom)
+    monkeypatch.setattr(_triton.kernels, "skinny_pass", boom)
+
+
+def _with(args, **changes):
+    out = dict(args)
+    out.update(changes)
+    return out
+
+
+BAD = [
+    # (change, error type, words the message must contain)
+    (lambda a: dict(x=torch.randn(6, 15, device=DEVICE)), ValueError, ["x", "(6, 15)", "in_features=16"]),
+    (lambda a: dict(x=torch.tensor(1.0, device=DEVICE)), ValueError, ["x", "0-d"]),
+    (lambda a: dict(weight=torch.randn(12, device=DEVICE)), ValueError, ["weight", "2-D", "(12,)"]),
+    (lambda a: dict(weight=torch.tensor(1.0, device=DEVICE)), ValueError, ["weight", "2-D", "()"]),
+    (lambda a: dict(lora_A=torch.randn(0, 16, device=DEVICE), lora_B=torch.randn(12, 0, device=DEVICE)),
+     ValueError, ["rank", "(0, 16)"]),
+    (lambda a: dict(lora_A=torch.randn(4, 15, device=DEVICE)), ValueError, ["lora_A", "(4, 15)", "in_features=16"]),
+    (lambda a: dict(lora_A=torch.randn(4, 16, 1, device=DEVICE)), ValueError, ["lora_A", "2-D"]),
+    (lambda a: dict(lora_B=torch.randn(12, 5, device=DEVICE)), ValueError, ["lora_B", "(12, 5)", "r=4"]),
+    (lambda a: dict(lora_B=torch.randn(11, 4, device=DEVICE)), ValueError, ["lora_B", "out_features=12"]),
+    (lambda a: dict(bias=torch.randn(11, device=DEVICE)), ValueError, ["bias", "(11,)", "out_features=12"]),
+    (lambda a: dict(x=a["x"].half()), TypeError, ["weight", "float32", "float16"]),
+    (lambda a: dict(lora_B=a["lora_B"].double()), TypeError, ["lora_B", "float64"]),
+    (lambda a: dict(x=torch.ones(6, 16, dtype=torch.int64, device=DEVICE)), TypeError, ["x", "int64"]),
+    (lambda a: dict(lora_A=torch.ones(4, 16, dtype=torch.int32, device=DEVICE)), TypeError, ["lora_A", "int32"]),
+    (lambda a: dict(weight=[[1.0]]), TypeError, ["weight", "Tensor", "list"]),
+    (lambda a: dict(scaling=float("nan")), ValueError, ["scaling", "finite"]),
+    (lambda a: dict(scaling=float("inf")), ValueError, ["scaling", "finite"]),
+    (lambda a: dict(scaling="2"), TypeError, ["scaling"]),
+    (lambda a: dict(dropout_p=1.0), ValueError, ["dropout_p", "[0, 1)"]),
+    (lambda a: dict(dropout_p=-0.1), ValueError, ["dropout_p"]),
+    (lambda a: dict(seed=-3, dropout_p=0.1), ValueError, ["seed"]),
+    (lambda a: dict(seed=2.0, dropout_p=0.1), TypeError, ["seed"]),
+    (lambda a: dict(backend="cuda"), ValueError, ["backend", "'cuda'"]),
+]
+
+
+@pytest.mark.parametrize("change, err, words", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
+def test_bad_input_is_rejected_before_any_launch(args, no_launch, change, err, words):
+    kwargs = _with(args, **change(args))
+    with pytest.raises(err) as info:
+        fused_lora.lora_linear(**kwargs)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in: {info.value}"
+    if "backend" not in kwargs:
+        with pytest.raises(err):  # the reference validates the same way
+            fused_lora.reference.lora_linear(**kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type")
+def test_device_mismatch(args, no_launch):
+    with pytest.raises(ValueError, match="lora_A is on cpu"):
+        fused_lora.lora_linear(**_with(args, lora_A=args["lora_A"].cpu()))
+
+
+def test_triton_backend_where_it_cannot_run(args, monkeypatch):
+    with pytest.raises(ValueError, match='backend="triton" cannot run here.*float64'):
+        fused_lora.lora_linear(**{k: v.double() for k, v in args.items()}, backend="triton")
+    # float64 under "auto" runs on the torch backend
+    y = fused_lora.lora_linear(**{k: v.double() for k, v in args.items()})
+    assert y.dtype == torch.float64
+    monkeypatch.setattr(_triton, "kernels", None)
+    monkeypatch.setattr(_triton, "UNAVAILABLE_REASON", "the Triton kernels cannot be imported (test)")
+    with pytest.raises(ValueError, match="cannot be imported"):
+        fused_lora.lora_linear(**args, backend="triton")
+    y_auto = fused_lora.lora_linear(**args)  # falls back to the reference
+    torch.testing.assert_close(y_auto, fused_lora.reference.lora_linear(**args))
+
+
+def test_cpu_without_interpreter_is_explained(monkeypatch):
+    fake = type("K", (), {"INTERPRETER": False})()
+    monkeypatch.setattr(_triton, "kernels", fake)
+    reason = _triton.why_not(torch.device("cpu"), torch.float32)
+    assert "TRITON_INTERPRET=1" in reason
+    fake.INTERPRETER = True
+    assert _triton.why_not(torch.device("cpu"), torch.float32) == ""
+    assert "CPU tensors only" in _triton.why_not(torch.device("cuda"), torch.float32)
+
+
+@pytest.mark.parametrize("where", ["x", "weight", "bias", "lora_A", "lora_B"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_nan_and_inf_propagate_like_the_reference(args, where, value, p):
+    poisoned = dict(args)
+    t = poisoned[where].clone()
+    t.view(-1)[3] = value
+    poisoned[where] = t
+    y = fused_lora.lora_linear(**poisoned, scaling=1.5, dropout_p=p, seed=11, backend="triton")
+    y64, _ = reference64(poisoned["x"], poisoned["weight"], poisoned["bias"], poisoned["lora_A"],
+                         poisoned["lora_B"], torch.zeros(6, 12, device=DEVICE), scaling=1.5, dropout_p=p, seed=11,
+                         grads=())
+    assert torch.equal(torch.isnan(y), torch.isnan(y64))
+    assert torch.equal(torch.isinf(y), torch.isinf(y64))
+    finite = torch.isfinite(y64)
+    torch.testing.assert_close(y[finite].double(), y64[finite], rtol=1e-4, atol=1e-4)

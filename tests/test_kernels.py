@@ -1,0 +1,157 @@
+"""The launchers' own contracts: the skinny pass in every split shape
+(including row chunks with dropout), the deterministic reduction, the GEMM's
+guard rails, and degenerate sizes through the public op."""
+
+import pytest
+import torch
+
+import fused_lora
+from fused_lora import _triton
+from fused_lora.kernels import configs, gemm, skinny
+from lora_testing import DEVICE, assert_close, make_params
+
+K_ = _triton.kernels
+
+
+def _skinny_reference(t, keep, inv_keep, s, l, sh_scale, tn_scale):
+    td = t.double() * keep.double() * 1.0
+    sh = sh_scale * inv_keep * td @ s.double() if s is not None else None
+    tn = tn_scale * inv_keep * l.double().t() @ td if l is not None else None
+    return sh, tn, td.sum(0)
+
+
+@pytest.mark.parametrize("target_programs", [1, 3, 64])
+@pytest.mark.parametrize("p", [0.0, 0.35])
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_skinny_pass_every_split(monkeypatch, target_programs, p, chunk_bytes, dtype):
+    if chunk_bytes is not None:  # one row split per chunk: many chunks, each reduced into a running sum
+        monkeypatch.setattr(skinny, "SKINNY_PARTIAL_BYTES", chunk_bytes)
+    m, c, r = 150, 70, 5
+    t = torch.randn(m, c, device=DEVICE, dtype=dtype)
+    s = torch.randn(c, r, device=DEVICE, dtype=dtype) / c ** 0.5
+    l = torch.randn(m, r, device=DEVICE, dtype=torch.float32) / m ** 0.5
+    keep = fused_lora.dropout_mask(9, (m, c), p, device=DEVICE)
+    inv = 1 / (1 - p)
+    cfg = configs.skinny_config(t.element_size(), _triton.interpreter())
+    # TN + COLSUM (row splits, chunked)
+    _, tn, cs = skinny.skinny_pass(t, config=cfg, target_programs=target_programs, tn_left=l, colsum=True,
+                                   tn_scale=0.5 * inv, dropout_p=p, seed=9, tn_dtype=dtype, colsum_dtype=torch.float32)
+    _, tn64, cs64 = _skinny_reference(t, keep, inv, None, l, 1.0, 0.5)
+    assert_close(tn, tn64, dtype, "tn")
+    assert_close(cs, cs64, dtype, "colsum")
+    # SHRINK + TN transposed (column splits)
+    sh, tn_t, _ = skinny.skinny_pass(t, config=cfg, target_programs=target_programs, shrink=s, tn_left=l,
+                                     sh_scale=2.0 * inv, tn_scale=inv, tn_transposed=True, dropout_p=p, seed=9,
+                                     tn_dtype=torch.float32)
+    sh64, tn64, _ = _skinny_reference(t, keep, inv, s, l, 2.0, 1.0)
+    assert sh.dtype == torch.float32 and tn_t.shape == (c, r)
+    assert_close(sh, sh64, dtype, "shrink")
+    assert_close(tn_t, tn64.t(), dtype, "tn transposed")
+
+
+def test_skinny_pass_ranks_above_one_tile():
+    m, c, r = 40, 33, configs.MAX_BLOCK_R + 37
+    t = torch.randn(m, c, device=DEVICE)
+    s = torch.randn(c, r, device=DEVICE)
+    l = torch.randn(m, r, device=DEVICE)
+    cfg = configs.skinny_config(4, _triton.interpreter())
+    sh, tn, cs = skinny.skinny_pass(t, config=cfg, target_programs=4, shrink=s, tn_left=l, colsum=True)
+    assert_close(sh, t.double() @ s.double(), torch.float32, "shrink")
+    assert_close(tn, l.double().t() @ t.double(), torch.float32, "tn")
+    assert_close(cs, t.double().sum(0), torch.float32, "colsum")
+
+
+def test_reduce_partials_is_ordered_and_accumulates():
+    parts = torch.randn(7, 3, 1500, device=DEVICE)
+    out = torch.empty(3, 1500, device=DEVICE, dtype=torch.float16)
+    skinny.reduce_partials(parts, out)
+    expected = parts[0].clone()
+    for i in range(1, 7):  # the kernel's order: p = 0, 1, 2, ...
+        expected += parts[i]
+    assert torch.equal(out, expected.half())
+    acc = torch.randn(3, 1500, device=DEVICE)
+    out32 = torch.empty(3, 1500, device=DEVICE)
+    skinny.reduce_partials(parts, out32, acc)
+    torch.testing.assert_close(out32, acc + parts.sum(0), rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="do not match"):
+        skinny.reduce_partials(parts, torch.empty(2, 1500, device=DEVICE))
+
+
+def test_gemm_contract():
+    a = torch.randn(8, 16, device=DEVICE)
+    b = torch.randn(16, 12, device=DEVICE)
+    cfg = configs.gemm_config(8, 12, 16, 4, 4, False, _triton.interpreter())
+    with pytest.raises(ValueError, match="a is"):
+        gemm.lora_gemm(a, b[:15], config=cfg, out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="not both"):
+        gemm.lora_gemm(a, b, config=cfg, out_dtype=torch.float32, u=torch.zeros(8, 2, device=DEVICE),
+                       shrink=torch.zeros(16, 2, device=DEVICE), v=torch.zeros(2, 12, device=DEVICE))
+    big = configs.MAX_BLOCK_R + 1
+    with pytest.raises(ValueError, match="whole rank"):
+        gemm.lora_gemm(a, b, config=cfg, out_dtype=torch.float32, shrink=torch.zeros(16, big, device=DEVICE),
+                       v=torch.zeros(big, 12, device=DEVICE))
+    c, xa = gemm.lora_gemm(a, b, config=cfg, out_dtype=torch.float32)
+    assert xa is None
+    assert_close(c, a.double() @ b.double(), torch.float32, "plain gemm")
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0)])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_zero_tokens(lead, p):
+    w, b, a, bb = make_params(16, 12, 4, torch.float32, True)
+    for t in (w, b, a, bb):
+        t.requires_grad_()
+    x = torch.randn(*lead, 16, device=DEVICE, requires_grad=True)
+    y = fused_lora.lora_linear(x, w, a, bb, b, dropout_p=p, backend="triton")
+    assert y.shape == (*lead, 12)
+    grads = torch.autograd.grad(y.sum(), (x, w, b, a, bb))
+    assert grads[0].shape == x.shape
+    for g in grads[1:]:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_zero_in_features():
+    w, b, a, bb = make_params(0, 6, 3, torch.float32, True)
+    bb.requires_grad_()
+    x = torch.randn(5, 0, device=DEVICE)
+    y = fused_lora.lora_linear(x, w, a, bb, b, backend="triton")
+    assert torch.equal(y, b.expand(5, 6))
+    (g,) = torch.autograd.grad(y.sum(), (bb,))
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("strategy", ["in_loop", "split"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_bitwise_reproducible_without_dropout(strategy, dtype):
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        x = torch.randn(70, 48, device=DEVICE, dtype=dtype, requires_grad=True)
+        w, b, a, bb = make_params(48, 40, 8, dtype, True)
+        for t in (w, b, a, bb):
+            t.requires_grad_()
+        with fused_lora.dispatch.force_strategy(strategy):
+            y = fused_lora.lora_linear(x, w, a, bb, b, scaling=0.5, backend="triton")
+            runs.append((y, *torch.autograd.grad(y, (x, w, b, a, bb), torch.ones_like(y))))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_only_the_needed_gradients_run(monkeypatch):
+    """needs_input_grad decides the passes: no dx GEMM when x needs none,
+    no dW GEMM for a frozen base."""
+    calls = []
+    real_gemm, real_skinny = K_.lora_gemm, K_.skinny_pass
+    monkeypatch.setattr(K_, "lora_gemm", lambda *a, **k: calls.append("gemm") or real_gemm(*a, **k))
+    monkeypatch.setattr(K_, "skinny_pass", lambda *a, **k: calls.append("skinny") or real_skinny(*a, **k))
+    w, b, a, bb = make_params(20, 10, 2, torch.float32, True)
+    a.requires_grad_()
+    bb.requires_grad_()
+    x = torch.randn(9, 20, device=DEVICE)
+    with fused_lora.dispatch.force_strategy("in_loop"):
+        y = fused_lora.lora_linear(x, w, a, bb, b, backend="triton")
+    assert calls == ["gemm"]
+    calls.clear()
+    y.sum().backward()
+    assert calls == ["skinny", "skinny"]  # the dy pass (g, dB) and the dA pass; no dx, no dW

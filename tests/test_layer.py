@@ -1,0 +1,164 @@
+"""LoRALinear: init, from_linear, merge/unmerge, state_dict, dtype moves,
+train/eval dropout, and parity of the layer with the reference."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fused_lora
+from fused_lora import LoRALinear
+from lora_testing import DEVICE, DTYPES, assert_close, make_x, reference64
+
+
+def _randomise_adapter(layer):
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 1 / math.sqrt(layer.r))
+
+
+def test_init_follows_peft_and_freezes_base():
+    layer = LoRALinear(48, 40, r=8, alpha=16, device=DEVICE)
+    assert layer.weight.shape == (40, 48) and layer.bias.shape == (40,)
+    assert layer.lora_A.shape == (8, 48) and layer.lora_B.shape == (40, 8)
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    assert torch.count_nonzero(layer.lora_B) == 0
+    bound = 1 / math.sqrt(48)  # kaiming_uniform(a=√5) bound = sqrt(6 / (6 · fan_in))
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.std() > 0.4 * bound
+    assert layer.scaling == 2.0
+    assert LoRALinear(48, 40, r=16, alpha=8, use_rslora=True).scaling == pytest.approx(8 / 4)
+    assert LoRALinear(8, 4, bias=False).bias is None
+
+
+def test_fresh_adapter_is_the_base_linear():
+    layer = LoRALinear(33, 21, r=4, device=DEVICE)
+    x = torch.randn(5, 7, 33, device=DEVICE)
+    base = nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+    assert_close(layer(x), base, torch.float32, "fresh adapter")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_layer_matches_reference_in_train_mode(dtype, dropout):
+    layer = LoRALinear(45, 30, r=6, alpha=12, dropout=dropout, device=DEVICE, dtype=dtype).train()
+    _randomise_adapter(layer)
+    x = make_x((3, 17, 45), dtype).requires_grad_()
+    torch.manual_seed(99)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), dy)
+    torch.manual_seed(99)  # the reference draws the same seed
+    y64, g64 = reference64(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, dy, scaling=layer.scaling,
+                           dropout_p=dropout, seed=None, grads=("x", "lora_A", "lora_B"))
+    assert_close(y, y64, dtype, "y")
+    for name, g in zip(("x", "lora_A", "lora_B"), grads):
+        assert_close(g, g64[name], dtype, f"d{name}")
+
+
+def test_dropout_only_in_train_mode():
+    layer = LoRALinear(32, 24, r=4, dropout=0.5, device=DEVICE)
+    _randomise_adapter(layer)
+    x = torch.randn(10, 32, device=DEVICE)
+    layer.eval()
+    ev1, ev2 = layer(x), layer(x)
+    assert torch.equal(ev1, ev2)
+    no_dropout = fused_lora.lora_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.bias,
+                                        scaling=layer.scaling)
+    assert torch.equal(ev1, no_dropout)
+    layer.train()
+    tr1, tr2 = layer(x), layer(x)
+    assert not torch.equal(tr1, ev1) and not torch.equal(tr1, tr2)
+
+
+def test_from_linear_shares_weight_and_bias():
+    linear = nn.Linear(40, 24, device=DEVICE)
+    layer = LoRALinear.from_linear(linear, r=4, alpha=8, dropout=0.1, use_rslora=True)
+    assert layer.weight is linear.weight and layer.bias is linear.bias
+    assert layer.weight.data_ptr() == linear.weight.data_ptr()
+    assert not linear.weight.requires_grad
+    assert layer.lora_A.device == linear.weight.device and layer.lora_A.dtype == linear.weight.dtype
+    assert (layer.r, layer.alpha, layer.dropout, layer.use_rslora) == (4, 8.0, 0.1, True)
+    assert torch.count_nonzero(layer.lora_B) == 0
+    x = torch.randn(6, 40, device=DEVICE)
+    assert_close(layer.eval()(x), linear(x).double(), torch.float32, "from_linear")
+    half = LoRALinear.from_linear(nn.Linear(16, 8, bias=False, dtype=torch.float16, device=DEVICE), r=2)
+    assert half.lora_A.dtype == torch.float16 and half.bias is None
+    with pytest.raises(TypeError, match="nn.Linear"):
+        LoRALinear.from_linear(nn.Conv1d(3, 3, 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_unmerge_is_exact(dtype):
+    layer = LoRALinear(40, 28, r=8, alpha=16, device=DEVICE, dtype=dtype).eval()
+    _randomise_adapter(layer)
+    original = layer.weight.detach().clone()
+    weight_param = layer.weight
+    x = torch.randn(9, 40, device=DEVICE, dtype=dtype)
+    y = layer(x)
+    layer.merge()
+    assert layer.merged and layer.weight is weight_param
+    assert not torch.equal(layer.weight, original)
+    y_merged = layer(x)
+    expected = nn.functional.linear(x.double(), original.double(), layer.bias.double()) \
+        + layer.scaling * x.double() @ layer.lora_A.double().t() @ layer.lora_B.double().t()
+    assert_close(y_merged, expected, dtype, "merged forward")
+    assert_close(y, expected, dtype, "unmerged forward")
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    assert not layer.merged and torch.equal(layer.weight, original)
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
+
+
+def test_state_dict_round_trip_and_merged_state_dict_is_unmerged():
+    src = LoRALinear(24, 16, r=4, alpha=4, device=DEVICE)
+    _randomise_adapter(src)
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    assert set(sd) == {"weight", "bias", "lora_A", "lora_B"}
+    dst = LoRALinear(24, 16, r=4, alpha=4, device=DEVICE)
+    dst.load_state_dict(sd)
+    x = torch.randn(3, 24, device=DEVICE)
+    assert torch.equal(src(x), dst(x))
+    src.merge()
+    assert torch.equal(src.state_dict()["weight"], sd["weight"])
+    dst.merge()
+    dst.load_state_dict(sd)  # loading into a merged layer keeps it merged, over the loaded weights
+    assert dst.merged
+    dst.unmerge()
+    assert torch.equal(dst.weight, sd["weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_to_dtype(dtype):
+    layer = LoRALinear(32, 16, r=4, device=DEVICE)
+    _randomise_adapter(layer)
+    layer.merge()
+    layer.to(dtype)
+    assert all(p.dtype == dtype for p in layer.parameters())
+    layer.unmerge()
+    x = torch.randn(4, 32, device=DEVICE, dtype=dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    with pytest.raises(TypeError, match="dtype"):
+        layer(x.float())
+
+
+def test_extra_repr():
+    text = repr(LoRALinear(8, 4, r=2, alpha=4, dropout=0.1, use_rslora=True))
+    for part in ("in_features=8", "out_features=4", "r=2", "alpha=4", "dropout=0.1", "use_rslora=True",
+                 "merged=False", "bias=True"):
+        assert part in text
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(r=0), ValueError, "r must be >= 1"),
+    (dict(r=2.5), TypeError, "r must be an int"),
+    (dict(dropout=1.0), ValueError, "dropout"),
+    (dict(alpha=float("nan")), ValueError, "alpha"),
+    (dict(backend="cuda"), ValueError, "backend"),
+])
+def test_bad_constructor_arguments(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        LoRALinear(8, 4, **kwargs)
