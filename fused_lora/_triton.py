@@ -5,67 +5,91 @@ repository's top-level ``kernels/``). In a source checkout run with
 ``PYTHONPATH=.`` that subpackage does not exist on disk, so it is loaded from
 ``kernels/`` under its installed name; no top-level ``kernels`` module is ever
 imported. Without Triton the package still works with ``backend="torch"``.
+
+The kernels are imported on first use: Triton decides at that moment whether
+they are compiled or interpreted (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.util
 import sys
 from pathlib import Path
 
 _NAME = "fused_lora.kernels"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_SOURCE_KERNELS = _PACKAGE_DIR.parent / "kernels"
+
+
+class _SourceCheckoutKernels(importlib.abc.MetaPathFinder):
+    """Resolves ``fused_lora.kernels`` to the checkout's ``kernels/`` (only that
+    name: nothing else of the checkout becomes part of the package)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != _NAME:
+            return None
+        return importlib.util.spec_from_file_location(
+            _NAME, _SOURCE_KERNELS / "__init__.py", submodule_search_locations=[str(_SOURCE_KERNELS)])
+
+
+if not (_PACKAGE_DIR / "kernels").is_dir() and (_SOURCE_KERNELS / "__init__.py").is_file() \
+        and importlib.util.find_spec(_NAME) is None:
+    sys.meta_path.append(_SourceCheckoutKernels())
 
 
 def _import_kernels():
-    try:
-        return importlib.import_module(_NAME)
-    except ModuleNotFoundError as err:
-        if err.name != _NAME:
-            raise
-    init = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
-    if not init.is_file():
-        raise ModuleNotFoundError(f"{_NAME} is neither installed nor next to the source checkout", name=_NAME)
-    spec = importlib.util.spec_from_file_location(_NAME, init, submodule_search_locations=[str(init.parent)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[_NAME] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[_NAME]
-        raise
-    return module
+    return importlib.import_module(_NAME)
 
 
-try:
-    kernels = _import_kernels()
-    UNAVAILABLE_REASON = ""
-except ImportError as err:  # no triton (or a broken install): the torch backend still works
-    kernels = None
-    UNAVAILABLE_REASON = f"the Triton kernels cannot be imported ({err})"
+def _load() -> None:
+    """Import the kernels on first use (not at ``import fused_lora``), so that a
+    program can still choose the interpreter after importing the package."""
+    global kernels, UNAVAILABLE_REASON
+    try:
+        kernels, UNAVAILABLE_REASON = _import_kernels(), ""
+    except ImportError as err:  # no triton (or a broken install): the torch backend still works
+        kernels, UNAVAILABLE_REASON = None, f"the Triton kernels cannot be imported ({err})"
+
+
+def __getattr__(name):
+    if name in ("kernels", "UNAVAILABLE_REASON"):
+        _load()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _kernels():
+    if "kernels" not in globals():
+        _load()
+    return globals()["kernels"]
 
 
 def available() -> bool:
-    return kernels is not None
+    return _kernels() is not None
 
 
 def interpreter() -> bool:
     """True when the kernels run on Triton's CPU interpreter."""
-    return kernels is not None and kernels.INTERPRETER
+    k = _kernels()
+    return k is not None and k.INTERPRETER
 
 
 def configs():
-    if kernels is None:
-        raise RuntimeError(UNAVAILABLE_REASON)
-    return kernels.configs
+    k = _kernels()
+    if k is None:
+        raise RuntimeError(globals()["UNAVAILABLE_REASON"])
+    return k.configs
 
 
 def why_not(device: "torch.device", dtype: "torch.dtype") -> str:  # noqa: F821
     """Why the Triton backend cannot run on ``device``/``dtype`` ('' if it can)."""
     import torch
 
+    kernels = _kernels()
     if kernels is None:
-        return UNAVAILABLE_REASON
+        return globals()["UNAVAILABLE_REASON"]
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"the Triton kernels take float16, bfloat16 or float32 tensors, not {dtype}"
     if device.type == "cuda":

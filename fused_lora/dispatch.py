@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -75,8 +76,22 @@ def input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float) -> Plan:
-    """The strategy and configurations for ``x (m, k) · Wᵀ (k, n)`` with rank ``r``."""
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def device_arch(device: torch.device) -> int:
+    """Compute capability x10 of a CUDA device; 90 (the tuning target) otherwise."""
+    if device.type != "cuda":
+        return 90
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, arch: int = 90) -> Plan:
+    """The strategy and configurations for ``x (m, k) · Wᵀ (k, n)`` with rank ``r``
+    on a GPU of compute capability ``arch`` (x10)."""
     cfg = _triton.configs()
     interp = _triton.interpreter()
     elt = torch.empty((), dtype=dtype).element_size()
@@ -98,9 +113,9 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float) -
     return Plan(
         strategy=strategy,
         reason=reason,
-        fwd_gemm=cfg.gemm_config(m, n, k, r, elt, strategy == "in_loop", interp),
-        dx_gemm=cfg.gemm_config(m, k, n, r, elt, False, interp),
-        dw_gemm=cfg.gemm_config(n, k, m, 1, elt, False, interp),
+        fwd_gemm=cfg.gemm_config(m, n, k, r, elt, strategy == "in_loop", interp, arch=arch),
+        dx_gemm=cfg.gemm_config(m, k, n, r, elt, False, interp, epilogue_mask=dropout_p > 0.0, arch=arch),
+        dw_gemm=cfg.gemm_config(n, k, m, 1, elt, False, interp, arch=arch),
         skinny=cfg.skinny_config(elt, interp),
         skinny_programs=cfg.skinny_target_programs(interp),
         input_precision=input_precision(dtype),

@@ -69,7 +69,7 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     r = lora_A.shape[0]
     x2 = _flatten(x, k)
     m = x2.shape[0]
-    plan = dispatch.plan(m, n, k, r, x.dtype, dropout_p)
+    plan = dispatch.plan(m, n, k, r, x.dtype, dropout_p, dispatch.device_arch(x.device))
     if plan.strategy == "in_loop":
         y2, xa = k_.lora_gemm(x2, weight.t(), bias=bias, shrink=lora_A.t(), v=lora_B.t(), lr_scale=scaling,
                               config=plan.fwd_gemm, out_dtype=x.dtype, input_precision=plan.input_precision)
@@ -91,7 +91,7 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     r = lora_A.shape[0]
     x2, dy2, xa2 = _flatten(x, k), _flatten(dy, n), _flatten(xa, r)
     m = x2.shape[0]
-    plan = dispatch.plan(m, n, k, r, x.dtype, dropout_p)
+    plan = dispatch.plan(m, n, k, r, x.dtype, dropout_p, dispatch.device_arch(x.device))
     inv_keep = 1.0 / (1.0 - dropout_p)
     need_g = need_x or need_A
 

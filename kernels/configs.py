@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: FMA contraction, pinned: Triton 3.9 warns when it is left unset and 3.10
+#: flips the default. The tolerance table assumes it (it matches cuBLAS).
+FP_FUSION = True
 #: Opt-in shared memory per block on H100/H200 (sm_90): 227 KiB.
 SMEM_LIMIT_SM90 = 232_448
 #: Streaming multiprocessors on an H200 / H100 SXM; the skinny kernels aim for
@@ -37,9 +40,15 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def block_r_for(r: int) -> int:
-    """The padded rank tile: at least 16 (``tl.dot``), at most MAX_BLOCK_R."""
-    return min(max(16, next_pow2(r)), MAX_BLOCK_R)
+#: Rank chunk of the GEMM's precomputed low-rank term, by element size: the
+#: (BLOCK_M, r) and (r, BLOCK_N) operand tiles must not push the accumulator
+#: tile into spills (measured with the compile report: r=128 chunks spill).
+GEMM_LR_MAX_BLOCK_R = {2: 64, 4: 32}
+
+
+def block_r_for(r: int, cap: int = MAX_BLOCK_R) -> int:
+    """The padded rank tile: at least 16 (``tl.dot``), at most ``cap``."""
+    return min(max(16, next_pow2(r)), cap)
 
 
 def m_bucket(m: int) -> int:
@@ -67,9 +76,12 @@ class GemmConfig:
         epilogue = (self.block_m * block_r + block_r * self.block_n) * elt
         return self.num_stages * per_stage + epilogue
 
+    def elems_per_thread(self) -> int:
+        return self.block_m * self.block_n // (32 * self.num_warps)
+
     def launch_kwargs(self) -> dict:
-        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-                    GROUP_M=self.group_m, num_warps=self.num_warps, num_stages=self.num_stages)
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m,
+                    num_warps=self.num_warps, num_stages=self.num_stages, enable_fp_fusion=FP_FUSION)
 
 
 @dataclass(frozen=True)
@@ -81,10 +93,12 @@ class SkinnyConfig:
     block_c: int
     num_warps: int = 4
     num_stages: int = 2
+    #: Ranks above this run as several launches of this many columns each.
+    max_block_r: int = 64
 
     def launch_kwargs(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_C=self.block_c,
-                    num_warps=self.num_warps, num_stages=self.num_stages)
+                    num_warps=self.num_warps, num_stages=self.num_stages, enable_fp_fusion=FP_FUSION)
 
 
 #: Reduction of split partials: one program sums this many elements over all
@@ -102,6 +116,8 @@ INTERPRETER_SKINNY = SkinnyConfig(block_m=32, block_c=32, num_warps=4, num_stage
 # Hopper leads from ../shared/design/KERNELS.md: BM=128, BN=256 (r <= 16) or
 # 128, BK=64, 3 stages, 8 warps, GROUP_M=8. Small M is memory bound: a narrow
 # BM wastes nothing and more programs cover the SMs.
+# BLOCK_M >= 64: one warpgroup's wgmma covers 64 rows, narrower tiles fall
+# back to mma.sync (the compile report checks this).
 _GEMM_CANDIDATES_16BIT = (
     GemmConfig(128, 256, 64, 8, 8, 3),
     GemmConfig(128, 128, 64, 8, 8, 4),
@@ -109,9 +125,9 @@ _GEMM_CANDIDATES_16BIT = (
     GemmConfig(128, 64, 64, 8, 4, 4),
     GemmConfig(64, 128, 64, 8, 4, 4),
     GemmConfig(64, 64, 64, 8, 4, 4),
-    GemmConfig(32, 128, 128, 8, 4, 4),
-    GemmConfig(16, 128, 128, 8, 4, 4),
+    GemmConfig(64, 64, 128, 8, 4, 3),
 )
+# fp32 with exact ("ieee") dots runs on FMA units, not tensor cores.
 _GEMM_CANDIDATES_FP32 = (
     GemmConfig(128, 128, 32, 8, 8, 3),
     GemmConfig(64, 128, 32, 8, 4, 3),
@@ -119,20 +135,39 @@ _GEMM_CANDIDATES_FP32 = (
     GemmConfig(16, 64, 32, 8, 4, 3),
 )
 
-SKINNY_16BIT = SkinnyConfig(block_m=64, block_c=128, num_warps=4, num_stages=3)
-SKINNY_FP32 = SkinnyConfig(block_m=64, block_c=64, num_warps=4, num_stages=3)
+# Measured with the compile report on sm_90: no spills at every pass and rank
+# tile (8 warps so that each thread draws fewer Philox numbers).
+SKINNY_16BIT = SkinnyConfig(block_m=64, block_c=128, num_warps=8, num_stages=2, max_block_r=64)
+SKINNY_FP32 = SkinnyConfig(block_m=32, block_c=64, num_warps=4, num_stages=2, max_block_r=32)
 
 
-def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool,
-                    smem_limit: int = SMEM_LIMIT_SM90) -> list[GemmConfig]:
+#: A dropout mask in the GEMM epilogue (the dx pass) draws one Philox number
+#: per output element; past this many per thread the registers spill (compile
+#: report, sm_90: 128x256 tiles on 8 warps spill 19 KB, 128x128 do not).
+EPILOGUE_MASK_MAX_ELEMS_PER_THREAD = {2: 64, 4: 32}
+
+
+#: Before Hopper (mma.sync) a 128x256 accumulator on 8 warps spills (compile
+#: report, sm_80): tiles are capped at this many accumulator elements per thread.
+PRE_HOPPER_MAX_ELEMS_PER_THREAD = 64
+
+
+def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask: bool = False,
+                    smem_limit: int = SMEM_LIMIT_SM90, arch: int = 90) -> list[GemmConfig]:
     """The shipped GEMM configurations for an element size, pruned to those
-    whose shared memory fits ``smem_limit``."""
+    whose shared memory fits ``smem_limit`` (and, with an epilogue mask or
+    before Hopper, whose tile leaves few enough elements per thread)."""
     pool = _GEMM_CANDIDATES_FP32 if elt == 4 else _GEMM_CANDIDATES_16BIT
-    return [c for c in pool if c.smem_bytes(elt, block_r, shrink_in_loop) <= smem_limit]
+    cap = PRE_HOPPER_MAX_ELEMS_PER_THREAD if arch < 90 else None
+    if epilogue_mask:
+        cap = min(cap or 1 << 30, EPILOGUE_MASK_MAX_ELEMS_PER_THREAD[elt])
+    return [c for c in pool
+            if c.smem_bytes(elt, block_r, shrink_in_loop) <= smem_limit
+            and (cap is None or c.elems_per_thread() <= cap)]
 
 
 def gemm_config(m: int, n: int, k: int, r: int, elt: int, shrink_in_loop: bool,
-                interpreter: bool) -> GemmConfig:
+                interpreter: bool, epilogue_mask: bool = False, arch: int = 90) -> GemmConfig:
     """The GEMM tiles for an (m, k) x (k, n) product with a rank-r term.
 
     Heuristic by M bucket: the widest tile that fits at large M (compute
@@ -141,8 +176,8 @@ def gemm_config(m: int, n: int, k: int, r: int, elt: int, shrink_in_loop: bool,
     """
     if interpreter:
         return INTERPRETER_GEMM
-    block_r = block_r_for(r)
-    cands = gemm_candidates(elt, block_r, shrink_in_loop)
+    block_r = block_r_for(r) if shrink_in_loop else block_r_for(r, GEMM_LR_MAX_BLOCK_R[elt])
+    cands = gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, arch=arch)
     mb = m_bucket(m)
     fitting_m = [c for c in cands if c.block_m <= max(16, mb)]
     pool = fitting_m or cands

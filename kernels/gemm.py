@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .common import alloc, is_interpreted, keep_mask, load_operand
-from .configs import GemmConfig, block_r_for
+from .configs import GEMM_LR_MAX_BLOCK_R, GemmConfig, block_r_for
 
 LOW_RANK_NONE = 0
 LOW_RANK_PRECOMPUTED = 1
@@ -71,9 +71,11 @@ def lora_gemm_kernel(
 ):
     """C = A·B + bias + lr_scale·(U·V) [⊙ keep], U = u or A·S; fp32 accumulation.
 
-    Shapes as in the pointer comments. With ``LOW_RANK == 2`` the whole rank
-    must fit one ``BLOCK_R`` tile; with ``LOW_RANK == 1`` the rank is walked in
-    ``BLOCK_R`` chunks, so any r works.
+    Shapes as in the pointer comments. With ``LOW_RANK == 1`` the low-rank term
+    (and its mask) is the accumulator's initial value and the rank is walked in
+    ``BLOCK_R`` chunks, so any r works; with ``LOW_RANK == 2`` the shrink runs
+    in the K loop, the whole rank must fit one ``BLOCK_R`` tile, and the term
+    is added after the loop.
     """
     # Grouped ordering: GROUP_M row-tiles share each B column-tile in L2.
     pid = tl.program_id(0)
@@ -98,9 +100,25 @@ def lora_gemm_kernel(
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
 
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if LOW_RANK == 1:
+        # Precomputed U: the low-rank term (masked) initialises the
+        # accumulator, so no second (BLOCK_M, BLOCK_N) fp32 tile is ever live.
+        for r0 in range(0, R, BLOCK_R):
+            r_in = offs_r < R - r0
+            u = tl.load(u_ptr + rows[:, None] * stride_um + (r0 + offs_r)[None, :] * stride_ur,
+                        mask=r_in[None, :], other=0.0)
+            v = load_operand(v_ptr + (r0 + offs_r)[:, None] * stride_vr + cols[None, :] * stride_vn,
+                             r_in[:, None], UPCAST)
+            acc = tl.dot((u * lr_scale).to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        if LR_DROPOUT:
+            # Multiply (not select) so that NaN/Inf propagate as in x * mask.
+            acc = acc * keep_mask(seed, offs_m, offs_n, N, p, OFFSET_INT64).to(tl.float32)
+    else:
+        tl.static_assert(not LR_DROPOUT, "the epilogue mask needs a precomputed low-rank factor")
+
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if LOW_RANK == 2:
         s_ptrs = s_ptr + offs_k[:, None] * stride_sk + offs_r[None, :] * stride_sr
         xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -116,30 +134,16 @@ def lora_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    if LOW_RANK != 0:
-        lr = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if LOW_RANK == 2:
-            # Clear the padded rank columns: x·0 is NaN where x is ±Inf, and
-            # that NaN must not reach the real columns through the next dot.
-            xa = tl.where((offs_r < R)[None, :], xa, 0.0)
-            if pid_n == 0:
-                xa_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + offs_r[None, :] * stride_xar
-                tl.store(xa_ptrs, xa, mask=mask_m[:, None] & (offs_r < R)[None, :])
-            v = load_operand(v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn,
-                             (offs_r < R)[:, None], UPCAST)
-            lr = tl.dot((xa * lr_scale).to(v.dtype), v, lr, input_precision=INPUT_PRECISION)
-        else:
-            for r0 in range(0, R, BLOCK_R):
-                r_in = offs_r < R - r0
-                u = tl.load(u_ptr + rows[:, None] * stride_um + (r0 + offs_r)[None, :] * stride_ur,
-                            mask=r_in[None, :], other=0.0)
-                v = load_operand(v_ptr + (r0 + offs_r)[:, None] * stride_vr + cols[None, :] * stride_vn,
-                                 r_in[:, None], UPCAST)
-                lr = tl.dot((u * lr_scale).to(v.dtype), v, lr, input_precision=INPUT_PRECISION)
-        if LR_DROPOUT:
-            # Multiply (not select) so that NaN/Inf propagate as in x * mask.
-            lr = lr * keep_mask(seed, offs_m, offs_n, N, p, OFFSET_INT64).to(tl.float32)
-        acc += lr
+    if LOW_RANK == 2:
+        # Clear the padded rank columns: x·0 is NaN where x is ±Inf, and
+        # that NaN must not reach the real columns through the next dot.
+        xa = tl.where((offs_r < R)[None, :], xa, 0.0)
+        if pid_n == 0:
+            xa_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + offs_r[None, :] * stride_xar
+            tl.store(xa_ptrs, xa, mask=mask_m[:, None] & (offs_r < R)[None, :])
+        v = load_operand(v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn,
+                         (offs_r < R)[:, None], UPCAST)
+        acc = tl.dot((xa * lr_scale).to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols * stride_bias).to(tl.float32)
@@ -188,7 +192,10 @@ def lora_gemm(
             raise ValueError("lora_gemm: the low-rank left factor does not match a and v")
         if u is not None and u.dtype != torch.float32:
             raise ValueError("lora_gemm: u must be float32")
-    block_r = block_r_for(max(r, 1))
+    if low_rank == LOW_RANK_PRECOMPUTED:
+        block_r = block_r_for(r, GEMM_LR_MAX_BLOCK_R[v.element_size()])
+    else:
+        block_r = block_r_for(max(r, 1))
     if low_rank == LOW_RANK_IN_LOOP and r > block_r:
         raise ValueError(f"lora_gemm: the in-loop shrink holds the whole rank in one tile (r <= {block_r})")
 

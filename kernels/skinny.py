@@ -30,7 +30,6 @@ import triton.language as tl
 
 from .common import alloc, is_interpreted, keep_mask, load_operand
 from .configs import (
-    MAX_BLOCK_R,
     REDUCE_BLOCK,
     SKINNY_PARTIAL_BYTES,
     SkinnyConfig,
@@ -178,7 +177,7 @@ def _launch(t, s, l, sh, tn, cs, m_start, m_end, rows_per_prog, cols_per_prog, g
         OFFSET_INT64=M * C >= 2**31,
         UPCAST=is_interpreted(lora_skinny_kernel) and t.dtype == torch.bfloat16,
         INPUT_PRECISION=input_precision,
-        BLOCK_R=block_r_for(r),
+        BLOCK_R=block_r_for(r, config.max_block_r),
         **config.launch_kwargs(),
     )
 
@@ -230,10 +229,10 @@ def skinny_pass(
                 o.zero_()
         return sh_out, tn_out, cs_out
 
-    # Ranks above MAX_BLOCK_R: one launch per rank chunk (each reads t again).
-    if r > MAX_BLOCK_R:
-        for r0 in range(0, r, MAX_BLOCK_R):
-            r1 = min(r, r0 + MAX_BLOCK_R)
+    # Ranks above one rank tile: one launch per rank chunk (each reads t again).
+    if r > config.max_block_r:
+        for r0 in range(0, r, config.max_block_r):
+            r1 = min(r, r0 + config.max_block_r)
             sh_c, tn_c, cs_c = skinny_pass(
                 t, config=config, target_programs=target_programs,
                 shrink=shrink[:, r0:r1] if shrink is not None else None,

@@ -1,83 +1,13 @@
-"""Shared test helpers: the device, the tolerance table, input factories and the
-float64 oracle. Imported by the test modules (tests/ is on sys.path)."""
+"""The test modules' helpers: those of fused_lora.testing (one tolerance
+table for the suite and for ``fused-lora check``)."""
 
-from __future__ import annotations
-
-import math
-
-import torch
-
-import fused_lora
-from fused_lora import reference
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-INTERPRETER = fused_lora._triton.interpreter()
-
-#: Tolerance by dtype, relative to the largest magnitude of the float64
-#: reference (atol = tol * max|ref|, rtol = tol). Inputs are scaled so that
-#: every output and gradient is O(1); a wrong index, a missing term or a
-#: wrong scale moves the result by O(max|ref|), hundreds of tolerances away.
-#: fp32: fp32 accumulation over K <= a few hundred; fp16/bf16: the rounding of
-#: the inputs to the dot and of the result (2**-11 and 2**-8 relative).
-TOLERANCE = {
-    torch.float32: 2e-5,
-    torch.float16: 4e-3,
-    torch.bfloat16: 2.5e-2,
-    torch.float64: 1e-12,
-}
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
-    """``actual`` (any dtype) against the float64 ``expected``, at ``TOLERANCE[dtype]``."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    tol = TOLERANCE[dtype]
-    finite = expected[torch.isfinite(expected)]
-    scale = finite.abs().max().item() if finite.numel() else 1.0
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol * max(scale, 1e-30),
-                               equal_nan=True, msg=lambda m: f"{what} ({dtype}): {m}")
-
-
-def make_x(shape, dtype, layout: str = "contiguous", device=DEVICE) -> torch.Tensor:
-    """x of logical ``shape`` (..., K) in a given memory layout:
-
-    * ``contiguous``;
-    * ``strided``: every other column of a wider buffer (stride 2 along K);
-    * ``transposed``: 2-D, column-major (stride 1 along M);
-    * ``permuted``: 3-D whose leading dims cannot merge (reshape must copy).
-    """
-    if layout == "contiguous":
-        return torch.randn(shape, dtype=dtype, device=device)
-    if layout == "strided":
-        wide = torch.randn((*shape[:-1], 2 * shape[-1]), dtype=dtype, device=device)
-        return wide[..., ::2]
-    if layout == "transposed":
-        assert len(shape) == 2
-        return torch.randn(shape[::-1], dtype=dtype, device=device).t()
-    if layout == "permuted":
-        assert len(shape) == 3
-        return torch.randn((shape[1], shape[0], shape[2]), dtype=dtype, device=device).transpose(0, 1)
-    raise ValueError(layout)
-
-
-def make_params(k: int, n: int, r: int, dtype, bias: bool, device=DEVICE):
-    """W, b, A, B scaled so that x·Wᵀ, s·xa·Bᵀ and all gradients are O(1).
-    B is random (not PEFT's zeros) so that the low-rank term is exercised."""
-    w = torch.randn(n, k, dtype=dtype, device=device) / math.sqrt(k)
-    b = torch.randn(n, dtype=dtype, device=device) if bias else None
-    a = torch.randn(r, k, dtype=dtype, device=device) / math.sqrt(k)
-    bb = torch.randn(n, r, dtype=dtype, device=device) / math.sqrt(r)
-    return w, b, a, bb
-
-
-def reference64(x, w, b, a, bb, dy, *, scaling, dropout_p, seed, grads=("x", "weight", "bias", "lora_A", "lora_B")):
-    """The float64 oracle: output and the requested gradients of the reference."""
-    named = {"x": x, "weight": w, "bias": b, "lora_A": a, "lora_B": bb}
-    leaves = {k: (v.detach().double().requires_grad_(k in grads) if v is not None else None)
-              for k, v in named.items()}
-    y = reference.lora_linear(leaves["x"], leaves["weight"], leaves["lora_A"], leaves["lora_B"], leaves["bias"],
-                              scaling=scaling, dropout_p=dropout_p, seed=seed)
-    wanted = [k for k in grads if leaves[k] is not None]
-    gs = torch.autograd.grad(y, [leaves[k] for k in wanted], dy.double()) if wanted else ()
-    return y.detach(), dict(zip(wanted, gs))
+from fused_lora.testing import (  # noqa: F401
+    DEVICE,
+    DTYPES,
+    TOLERANCE,
+    assert_close,
+    make_params,
+    make_x,
+    normalized_error,
+    reference64,
+)

@@ -1,0 +1,282 @@
+"""Compile every shipped kernel configuration for a GPU target, without a GPU.
+
+    python -m fused_lora.compile_report            # sm_90 and sm_80, a table
+    python -m fused_lora.compile_report --json     # the same, for machines
+    python -m fused_lora.compile_report --arch 90 --jobs 2
+
+For each configuration of :mod:`fused_lora.kernels.configs` and each pass that
+uses it, the kernel is compiled with ``triton.compile(..., target=GPUTarget(
+"cuda", arch, 32))`` at a representative large shape (M = N = K = 4096,
+contiguous, 16-byte aligned: the specialisation the runtime would make), and
+the report gives the shared memory, the registers and spills (from the
+``ptxas`` that Triton bundles, ``-v``), and whether the PTX issues ``wgmma``
+(Hopper's tensor-core instruction; ``mma.sync`` is the pre-Hopper path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+# Compiling never uses the interpreter, whatever the caller's environment says.
+os.environ.pop("TRITON_INTERPRET", None)
+
+SHAPE = 4096  # M = N = K of the representative problem
+
+
+@dataclass(frozen=True)
+class Job:
+    kernel: str  # "gemm" | "skinny" | "reduce"
+    pass_name: str  # which pass this variant serves
+    dtype: str  # "bf16" | "fp16" | "fp32"
+    config: dict
+    arch: int
+    block_r: int = 16
+
+
+@dataclass
+class Result:
+    kernel: str
+    pass_name: str
+    dtype: str
+    arch: int
+    config: dict
+    block_r: int
+    shared: int | None = None
+    registers: int | None = None
+    spill_bytes: int | None = None
+    wgmma: bool | None = None
+    mma_sync: bool | None = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+_TORCH_OF = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _gemm_args(dtype: str, cfg, variant: str, block_r: int) -> dict:
+    """Argument values of lora_gemm_kernel for one pass, as the launcher passes them."""
+    s = SHAPE
+    low_rank = {"forward_in_loop": 2, "forward_split": 1, "dx": 1, "dx_dropout": 1, "dw": 0}[variant]
+    return dict(
+        a_ptr=f"*{dtype}", b_ptr=f"*{dtype}", bias_ptr=f"*{dtype}", u_ptr="*fp32", s_ptr=f"*{dtype}",
+        v_ptr=f"*{dtype}", c_ptr=f"*{dtype}", xa_ptr="*fp32",
+        M=s, N=s, K=s, R=block_r,
+        # forward: x (M,K) row-major; b = Wᵀ (strides 1, K); s = Aᵀ; v = Bᵀ
+        stride_am=s, stride_ak=1,
+        stride_bk=1 if variant.startswith("forward") else s, stride_bn=s if variant.startswith("forward") else 1,
+        stride_bias=1, stride_um=block_r, stride_ur=1, stride_sk=1, stride_sr=s,
+        stride_vr=1 if variant.startswith("forward") else s, stride_vn=block_r if variant.startswith("forward") else 1,
+        stride_cm=s, stride_cn=1, stride_xam=block_r, stride_xar=1,
+        lr_scale=1.0, p=0.1, seed=12345,
+        HAS_BIAS=variant.startswith("forward"), LOW_RANK=low_rank, LR_DROPOUT=variant == "dx_dropout",
+        OFFSET_INT64=False, UPCAST=False, INPUT_PRECISION="ieee",
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m,
+    )
+
+
+def _skinny_args(dtype: str, cfg, variant: str, block_r: int) -> dict:
+    s = SHAPE
+    shrink = variant in ("forward_shrink", "dy_pass")
+    tn = variant in ("dy_pass", "dA_pass")
+    return dict(
+        t_ptr=f"*{dtype}", s_ptr=f"*{dtype}", l_ptr="*fp32", sh_ptr="*fp32", tn_ptr="*fp32", cs_ptr="*fp32",
+        M=s, C=s, R=block_r, m_start=0, m_end=s, rows_per_prog=cfg.block_m, cols_per_prog=s // 2,
+        stride_tm=s, stride_tc=1, stride_sc=1, stride_sr=s, stride_lm=block_r, stride_lr=1,
+        stride_shp=s * block_r, stride_shm=block_r, stride_shr=1,
+        stride_tnp=s * block_r, stride_tnc=block_r, stride_tnr=1, stride_csp=s,
+        sh_scale=1.0, tn_scale=1.0, p=0.1, seed=12345,
+        SHRINK=shrink, TN=tn, COLSUM=variant == "dy_pass", DROPOUT=variant != "dy_pass",
+        OFFSET_INT64=False, UPCAST=False, INPUT_PRECISION="ieee",
+        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_R=block_r,
+    )
+
+
+def _reduce_args(dtype: str, cfg, variant: str, block_r: int) -> dict:
+    from fused_lora.kernels import configs
+    return dict(part_ptr="*fp32", acc_ptr="*fp32", out_ptr=f"*{dtype}", P=64, numel=SHAPE * 16,
+                HAS_ACC=variant == "accumulate", BLOCK=configs.REDUCE_BLOCK)
+
+
+def _ast_source(fn, values: dict):
+    """An ASTSource with the runtime's specialisation: pointers and ints that
+    are multiples of 16 carry ``tt.divisibility=16``; ints equal to 1 and every
+    meta-parameter are constants."""
+    from triton.compiler import ASTSource
+
+    signature, constants, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        value = values[name]
+        if isinstance(value, str) and value.startswith("*"):
+            signature[name] = value
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name.isupper() or isinstance(value, bool) or (isinstance(value, int) and value == 1):
+            signature[name] = "constexpr"
+            constants[name] = value
+        elif isinstance(value, int):
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{name}={value!r}")
+    return ASTSource(fn, signature, constants, attrs)
+
+
+def _ptxas_path() -> str:
+    from triton import knobs
+
+    tool = getattr(knobs.nvidia, "ptxas_blackwell", None) or knobs.nvidia.ptxas
+    return tool.path
+
+
+def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers, spill store + load bytes) from ``ptxas -v``."""
+    sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([_ptxas_path(), "-v", f"--gpu-name={sm}", src, "-o", os.path.join(tmp, "k.o")],
+                              capture_output=True, text=True, check=True)
+    log = proc.stdout + proc.stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return regs, spills
+
+
+def compile_job(job: Job) -> Result:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from fused_lora.kernels import configs, gemm, skinny
+
+    res = Result(job.kernel, job.pass_name, job.dtype, job.arch, job.config, job.block_r)
+    try:
+        if job.kernel == "gemm":
+            cfg = configs.GemmConfig(**job.config)
+            fn, values = gemm.lora_gemm_kernel, _gemm_args(job.dtype, cfg, job.pass_name, job.block_r)
+        elif job.kernel == "skinny":
+            cfg = configs.SkinnyConfig(**job.config)
+            fn, values = skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r)
+        else:
+            cfg = None
+            fn, values = skinny.reduce_partials_kernel, _reduce_args(job.dtype, cfg, job.pass_name, job.block_r)
+        options = {"num_warps": job.config.get("num_warps", 4), "num_stages": job.config.get("num_stages", 2),
+                   "enable_fp_fusion": True}
+        compiled = triton.compile(_ast_source(fn, values), target=GPUTarget("cuda", job.arch, 32), options=options)
+        ptx = compiled.asm["ptx"]
+        res.shared = int(compiled.metadata.shared)
+        res.wgmma = "wgmma" in ptx
+        res.mma_sync = "mma.sync" in ptx
+        res.registers, res.spill_bytes = _ptxas_stats(ptx, job.arch)
+    except Exception as err:  # reported, not raised: the report lists every failure
+        res.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    return res
+
+
+def jobs_for(arch: int) -> list[Job]:
+    """Every shipped configuration, with each pass (and rank tile) it serves."""
+    from fused_lora.kernels import configs
+
+    jobs = []
+    shipped = configs.shipped_configs()
+    for dtype in ("bf16", "fp16", "fp32"):
+        elt = 4 if dtype == "fp32" else 2
+        pool = shipped["gemm_fp32" if elt == 4 else "gemm_16bit"]
+        lr_r = configs.GEMM_LR_MAX_BLOCK_R[elt]
+        for cfg in pool:
+            for pass_name, block_r, in_loop, mask in (
+                    ("forward_in_loop", 16, True, False), ("forward_split", lr_r, False, False),
+                    ("dx", lr_r, False, False), ("dx_dropout", lr_r, False, True), ("dw", 16, False, False)):
+                if cfg not in configs.gemm_candidates(elt, block_r, in_loop, mask, arch=arch):
+                    continue  # pruned: the launcher never picks it for this pass
+                jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r))
+        for cfg in shipped["skinny_fp32" if elt == 4 else "skinny_16bit"]:
+            for pass_name in ("forward_shrink", "dy_pass", "dA_pass"):
+                for block_r in sorted({16, cfg.max_block_r}):
+                    jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, block_r))
+        for pass_name in ("reduce", "accumulate"):
+            jobs.append(Job("reduce", pass_name, dtype, {"num_warps": 4, "num_stages": 1}, arch))
+    return jobs
+
+
+def run(archs=(90, 80), jobs: int = 1) -> list[Result]:
+    work = [j for a in archs for j in jobs_for(a)]
+    if jobs <= 1:
+        return [compile_job(j) for j in work]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(compile_job, work))
+
+
+def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
+    """What a CI check rejects: a compile error (any arch); on sm_90, the
+    target, also shared memory over the limit, a spill, or a 16-bit GEMM
+    without wgmma. Other archs' spills are in the table, not rejected."""
+    from fused_lora.kernels import configs
+
+    limit = smem_limit or configs.SMEM_LIMIT_SM90
+    out = []
+    for r in results:
+        tag = f"{r.kernel}/{r.pass_name}/{r.dtype}/sm_{r.arch}/{r.config}/r{r.block_r}"
+        if r.error:
+            out.append(f"{tag}: {r.error}")
+            continue
+        if r.arch != 90:
+            continue
+        if r.shared > limit:
+            out.append(f"{tag}: shared memory {r.shared} > {limit}")
+        if r.spill_bytes:
+            out.append(f"{tag}: spills {r.spill_bytes} bytes")
+        if r.kernel == "gemm" and r.arch >= 90 and r.dtype != "fp32" and not r.wgmma:
+            out.append(f"{tag}: no wgmma on sm_{r.arch}")
+    return out
+
+
+def _table(results: list[Result]) -> str:
+    head = "| arch | kernel | pass | dtype | tiles (M,N|C,K) w/s | r tile | shared B | regs | spill B | wgmma |"
+    lines = [head, "|" + "---|" * 10]
+    for r in results:
+        c = r.config
+        tiles = "/".join(str(c[k]) for k in ("block_m", "block_n", "block_c", "block_k") if k in c)
+        ws = f"{c.get('num_warps', '')}/{c.get('num_stages', '')}"
+        if r.error:
+            lines.append(f"| sm_{r.arch} | {r.kernel} | {r.pass_name} | {r.dtype} | {tiles} {ws} | {r.block_r} | "
+                         f"ERROR: {r.error} | | | |")
+        else:
+            lines.append(f"| sm_{r.arch} | {r.kernel} | {r.pass_name} | {r.dtype} | {tiles} {ws} | {r.block_r} | "
+                         f"{r.shared} | {r.registers} | {r.spill_bytes} | {'yes' if r.wgmma else 'no'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fused_lora.compile_report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default: 90 and 80)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    args = parser.parse_args(argv)
+    results = run(tuple(args.arch or (90, 80)), jobs=args.jobs)
+    bad = problems(results)
+    if args.json:
+        print(json.dumps({"results": [asdict(r) for r in results], "problems": bad}, indent=1))
+    else:
+        print(_table(results))
+        print(f"\n{len(results)} kernels compiled, {len(bad)} problem(s)")
+        for line in bad:
+            print("  PROBLEM", line)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
