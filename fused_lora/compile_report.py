@@ -25,9 +25,6 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
-# Compiling never uses the interpreter, whatever the caller's environment says.
-os.environ.pop("TRITON_INTERPRET", None)
-
 SHAPE = 4096  # M = N = K of the representative problem
 
 
@@ -188,7 +185,7 @@ def compile_job(job: Job) -> Result:
 
 def jobs_for(arch: int) -> list[Job]:
     """Every shipped configuration, with each pass (and rank tile) it serves."""
-    from fused_lora.kernels import configs
+    from fused_lora.kernels import configs  # (configs only: no kernel is decorated here)
 
     jobs = []
     shipped = configs.shipped_configs()
@@ -212,11 +209,20 @@ def jobs_for(arch: int) -> list[Job]:
     return jobs
 
 
+def _compiling_worker() -> None:
+    # Compiling needs the real (JIT) kernels, whatever the caller runs on:
+    # the workers are fresh processes that import the kernels without the
+    # interpreter switch, so the caller's own kernels are left as they are.
+    os.environ.pop("TRITON_INTERPRET", None)
+
+
 def run(archs=(90, 80), jobs: int = 1) -> list[Result]:
+    import multiprocessing
+
     work = [j for a in archs for j in jobs_for(a)]
-    if jobs <= 1:
-        return [compile_job(j) for j in work]
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx,
+                                                initializer=_compiling_worker) as pool:
         return list(pool.map(compile_job, work))
 
 

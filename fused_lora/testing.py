@@ -91,3 +91,30 @@ def reference64(x, w, b, a, bb, dy, *, scaling, dropout_p, seed, grads=("x", "we
     wanted = [k for k in grads if leaves[k] is not None]
     gs = torch.autograd.grad(y, [leaves[k] for k in wanted], dy.double()) if wanted else ()
     return y.detach(), dict(zip(wanted, gs))
+
+
+def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=False, layout="contiguous",
+                scaling=1.5, seed=1234, device=DEVICE) -> dict[str, float]:
+    """Run the fused op once (forward and every gradient) and return each
+    output's normalized error against the float64 reference."""
+    import fused_lora
+
+    x = make_x((*lead, k), dtype, layout, device=device).requires_grad_()
+    w, b, a, bb = make_params(k, n, r, dtype, bias, device=device)
+    a.requires_grad_()
+    bb.requires_grad_()
+    wanted = ["x", "lora_A", "lora_B"]
+    if train_base:
+        w.requires_grad_()
+        wanted.append("weight")
+        if b is not None:
+            b.requires_grad_()
+            wanted.append("bias")
+    inputs = {"x": x, "weight": w, "bias": b, "lora_A": a, "lora_B": bb}
+    y = fused_lora.lora_linear(x, w, a, bb, b, scaling=scaling, dropout_p=dropout_p, seed=seed, backend="triton")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [inputs[g] for g in wanted], dy)
+    y64, g64 = reference64(x, w, b, a, bb, dy, scaling=scaling, dropout_p=dropout_p, seed=seed, grads=wanted)
+    errors = {"y": normalized_error(y, y64)}
+    errors.update({f"d{name}": normalized_error(g, g64[name]) for name, g in zip(wanted, grads)})
+    return errors

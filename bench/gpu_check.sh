@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The one command for a machine with a CUDA GPU (no network needed): the test
+# suite on CUDA first (correctness before speed), then the benchmark.
+#
+#   bash bench/gpu_check.sh            # writes bench/results/<date>-<gpu>/
+#   OUT=/some/dir bash bench/gpu_check.sh
+#
+# Runs from a plain checkout (PYTHONPATH=., nothing installed). Writes into one
+# folder: gpu_check.log (everything printed), results.json (every raw number,
+# GPU name, torch/Triton versions), results.md (the table), speedup.png.
+# Time boxes keep it under 7 minutes on an H200: tests <= 200 s, benchmark
+# <= 200 s (cases not started after 140 s are listed as skipped).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+unset TRITON_INTERPRET
+
+if ! gpu=$("$PY" -c 'import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name())' 2>/dev/null); then
+    echo "bench/gpu_check.sh: no CUDA GPU visible to $PY (torch.cuda.is_available() is False)" >&2
+    exit 2
+fi
+OUT=${OUT:-bench/results/$(date -u +%Y-%m-%d)-${gpu// /-}}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+
+echo "== environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
+"$PY" - <<'PY'
+import platform, torch, triton
+print(f"python {platform.python_version()} | torch {torch.__version__} (CUDA {torch.version.cuda}) | triton {triton.__version__}")
+print(f"GPU {torch.cuda.get_device_name()} | capability {torch.cuda.get_device_capability()} | "
+      f"{torch.cuda.get_device_properties(0).multi_processor_count} SMs")
+PY
+
+echo "== tests on CUDA"
+xdist=()
+if "$PY" -c 'import xdist' 2>/dev/null; then xdist=(-n 8); fi
+# The compile report compiles for sm_90 on CPUs; CI covers it, the GPU's time is for GPU tests.
+timeout 200 "$PY" -m pytest tests -q -p no:cacheprovider "${xdist[@]}" \
+    --deselect tests/test_compile_report.py -o addopts="-ra"
+rc_tests=$?
+[ $rc_tests -eq 124 ] && echo "tests: TIMED OUT after 200 s"
+
+echo "== benchmark (preset gpu-check)"
+timeout 200 "$PY" -m fused_lora.cli bench --preset gpu-check --time-budget 140 --out "$OUT"
+rc_bench=$?
+[ $rc_bench -eq 124 ] && echo "benchmark: TIMED OUT after 200 s (partial results are in $OUT)"
+
+echo "== summary"
+echo "tests: exit $rc_tests | benchmark: exit $rc_bench | results in $OUT"
+if [ -f "$OUT/results.md" ]; then
+    grep -E '^\| (case \| mode|M=(8192|16) 4096->4096 r=16)' "$OUT/results.md" | head -13 || true
+fi
+[ $rc_tests -eq 0 ] && [ $rc_bench -eq 0 ]

@@ -1,0 +1,524 @@
+"""Benchmark harness: fused LoRA against naive LoRA and the bare base layer.
+
+Providers (all compute ``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with W frozen):
+
+``fused``           this package (Triton kernels, forward and backward)
+``naive``           PEFT's eager composition: linear, dropout, A, B, scale, add
+``unsloth_style``   cuBLAS ``addmm`` + ``addmm_(alpha=s)`` (no dropout: N/A when p > 0)
+``naive_compiled``  ``torch.compile`` of ``naive``
+``base``            bare ``F.linear``: the floor, no adapter at all
+
+Modes: ``forward``, ``backward`` (the backward of one recorded forward, timed
+alone), ``forward+backward``. On a GPU each number is the median of
+``triton.testing.do_bench`` (which flushes L2 before every run, so repeated
+inputs are not served from cache), after warm-up (Triton compiles on the first
+call); small M is timed through a CUDA graph. Peak memory is the extra
+``torch.cuda.max_memory_allocated`` of one forward+backward.
+
+Without a GPU the harness runs its *smoke* preset: tiny shapes through
+Triton's CPU interpreter, checking that every provider runs and agrees; its
+times are wall-clock seconds of an interpreter, **not speed measurements**.
+The roofline model (bytes and FLOPs of naive vs fused per shape) is printed
+beside, labelled as a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+PROVIDERS = ("fused", "naive", "unsloth_style", "naive_compiled", "base")
+MODES = ("forward", "backward", "forward+backward")
+#: H200 roofline used by the model (measured on our machine: bf16 matmul
+#: ~790 TFLOP/s; device copy ~4.3 TB/s; KERNELS.md plans with 4.0).
+PEAK_FLOPS = 790e12
+PEAK_BYTES_PER_S = 4.0e12
+#: Per-kernel launch cost in the model (eager PyTorch dispatch + launch, a few µs).
+LAUNCH_S = 3e-6
+#: Below this many tokens the GPU timer uses CUDA graphs (launch-bound regime).
+CUDA_GRAPH_MAX_M = 256
+
+
+@dataclass(frozen=True)
+class Case:
+    """One problem: x (m, k) -> (m, n), rank r, dtype, dropout p."""
+
+    m: int
+    k: int
+    n: int
+    r: int
+    dtype: str = "bfloat16"
+    dropout: float = 0.0
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def label(self) -> str:
+        return f"M={self.m} {self.k}->{self.n} r={self.r} {self.dtype} p={self.dropout:g}"
+
+
+@dataclass
+class Measurement:
+    case: Case
+    provider: str
+    mode: str
+    median_ms: float | None = None
+    p20_ms: float | None = None
+    p80_ms: float | None = None
+    timer: str = ""
+    peak_mem_bytes: int | None = None
+    max_error: float | None = None  # |provider - naive| / max|naive| at p = 0, forward
+    note: str = ""
+
+
+@dataclass
+class Preset:
+    name: str
+    cases: list
+    providers: tuple = PROVIDERS
+    modes: tuple = MODES
+    #: providers timed only on these cases (compilation is slow)
+    compiled_cases: tuple | None = None
+
+
+def _grid(ms, shapes, ranks, dropouts, dtypes):
+    return [Case(m, k, n, r, dt, p) for dt in dtypes for (k, n) in shapes for m in ms for r in ranks for p in dropouts]
+
+
+def presets() -> dict[str, Preset]:
+    headline = Case(8192, 4096, 4096, 16, "bfloat16", 0.0)
+    return {
+        # CPU interpreter: every provider and mode on tiny shapes.
+        "smoke": Preset("smoke", _grid([16, 48], [(64, 48)], [8], [0.0, 0.1], ["float32", "float16"]),
+                        providers=("fused", "naive", "unsloth_style", "base"), compiled_cases=()),
+        # The issue-2 check: the headline shape, both dropout settings.
+        "headline": Preset("headline", [headline, dataclasses.replace(headline, dropout=0.1)],
+                           compiled_cases=(headline,)),
+        # What bench/gpu_check.sh runs: the headline first, then a representative
+        # subset (small to large M, a wide output, a large rank), ~2-3 minutes.
+        "gpu-check": Preset(
+            "gpu-check",
+            [headline, dataclasses.replace(headline, dropout=0.1)]
+            + _grid([16, 256, 4096, 16384], [(4096, 4096)], [16], [0.0, 0.1], ["bfloat16"])
+            + _grid([4096], [(4096, 14336)], [16], [0.0, 0.1], ["bfloat16"])
+            + _grid([4096], [(4096, 4096)], [64], [0.1], ["bfloat16"]),
+            compiled_cases=(headline,)),
+        # Issue 3's full grid (longer than one device call: run it in parts with --m).
+        "full": Preset("full", _grid([16, 256, 4096, 16384], [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)],
+                                     [8, 16, 64], [0.0, 0.1], ["bfloat16", "float16"])),
+    }
+
+
+# ----------------------------------------------------------------------------
+# Providers
+# ----------------------------------------------------------------------------
+
+@dataclass
+class Inputs:
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+    dropout: float
+
+    @classmethod
+    def make(cls, case: Case, device) -> "Inputs":
+        g = torch.Generator(device="cpu").manual_seed(0)
+        dt = case.torch_dtype
+
+        def rand(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt)
+
+        return cls(
+            x=rand(case.m, case.k).requires_grad_(),
+            weight=rand(case.n, case.k, scale=case.k ** -0.5),
+            bias=rand(case.n),
+            lora_A=rand(case.r, case.k, scale=case.k ** -0.5).requires_grad_(),
+            lora_B=rand(case.n, case.r, scale=case.r ** -0.5).requires_grad_(),
+            scaling=2.0,
+            dropout=case.dropout,
+        )
+
+    def leaves(self, provider: str) -> list[torch.Tensor]:
+        return [self.x] if provider == "base" else [self.x, self.lora_A, self.lora_B]
+
+
+def naive_lora(x, weight, bias, lora_A, lora_B, scaling, dropout):
+    """PEFT's ``Linear.forward``: base, then lora_B(lora_A(dropout(x))) * scaling."""
+    result = F.linear(x, weight, bias)
+    dropped = F.dropout(x, dropout, training=True) if dropout > 0 else x
+    return result + F.linear(F.linear(dropped, lora_A), lora_B) * scaling
+
+
+def unsloth_style_lora(x, weight, bias, lora_A, lora_B, scaling, dropout):
+    """cuBLAS composition without dropout: addmm(b, x, Wᵀ).addmm_(x·Aᵀ, Bᵀ, alpha=s)."""
+    if dropout > 0:
+        raise NotImplementedError("unsloth_style has no dropout")
+    return torch.addmm(bias, x, weight.t()).addmm_(x @ lora_A.t(), lora_B.t(), alpha=scaling)
+
+
+def make_forward(provider: str, inp: Inputs):
+    import fused_lora
+
+    args = (inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling, inp.dropout)
+    if provider == "fused":
+        return lambda: fused_lora.lora_linear(inp.x, inp.weight, inp.lora_A, inp.lora_B, inp.bias,
+                                              scaling=inp.scaling, dropout_p=inp.dropout, backend="triton")
+    if provider == "naive":
+        return lambda: naive_lora(*args)
+    if provider == "unsloth_style":
+        if inp.dropout > 0:
+            return None
+        return lambda: unsloth_style_lora(*args)
+    if provider == "naive_compiled":
+        compiled = torch.compile(naive_lora, dynamic=False)
+        return lambda: compiled(*args)
+    if provider == "base":
+        return lambda: F.linear(inp.x, inp.weight, inp.bias)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def make_step(mode: str, forward, leaves, dy):
+    """A zero-argument callable that runs one ``mode`` step."""
+    if mode == "forward":
+        return forward
+    if mode == "forward+backward":
+        return lambda: torch.autograd.grad(forward(), leaves, dy)
+    y = forward()
+    return lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True)
+
+
+# ----------------------------------------------------------------------------
+# Timers
+# ----------------------------------------------------------------------------
+
+def time_cuda(step, m: int, warmup_ms: int = 25, rep_ms: int = 100) -> tuple[list[float], str]:
+    """(p50, p20, p80) in ms and the timer used."""
+    import triton.testing
+
+    step()  # compile, autotune, allocate
+    torch.cuda.synchronize()
+    if m <= CUDA_GRAPH_MAX_M:
+        try:
+            q = triton.testing.do_bench_cudagraph(step, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+            return list(q), "cuda-graph"
+        except Exception as err:  # fall back, and say so
+            torch.cuda.synchronize()
+            note = f"do_bench (graph capture failed: {type(err).__name__})"
+    else:
+        note = "do_bench"
+    q = triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    return list(q), note
+
+
+def time_cpu(step, reps: int = 3) -> tuple[list[float], str]:
+    step()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return [statistics.median(times), times[0], times[-1]], "cpu wall clock (interpreter: not a speed measurement)"
+
+
+def peak_memory(step) -> int | None:
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+# ----------------------------------------------------------------------------
+# The roofline model (not a measurement)
+# ----------------------------------------------------------------------------
+
+def model(case: Case) -> dict:
+    """Ideal bytes, FLOPs and time of naive vs fused, forward and backward, at
+    the H200 roofline (each kernel costs max(FLOPs/peak, bytes/bandwidth) + a launch).
+
+    Naive forward kernels: base GEMM; [dropout: read x, write x' and mask];
+    shrink; expand; scale; add. Naive backward: dB, g, dA, d(dropout), dx
+    (base), dx (lora) and their adds. Fused: one GEMM forward (+ one read of x
+    for the split shrink); backward: the dy pass, the dx GEMM, the dA pass.
+    """
+    m, k, n, r = case.m, case.k, case.n, case.r
+    e = torch.empty((), dtype=case.torch_dtype).element_size()
+    drop = case.dropout > 0
+    # (FLOPs, bytes) per kernel
+    naive_fwd = [(2 * m * n * k, e * (m * k + n * k + m * n)),  # base GEMM
+                 (2 * m * k * r, e * (m * k + r * k + m * r)),  # shrink
+                 (2 * m * n * r, e * (m * r + n * r + m * n)),  # expand
+                 (m * n, 2 * e * m * n),  # scale
+                 (m * n, 3 * e * m * n)]  # add
+    if drop:
+        naive_fwd.append((m * k, 2 * e * m * k + m * k))  # dropout: read x, write x' and the mask
+    naive_bwd = [(2 * m * n * k, e * (m * n + n * k + m * k)),  # dx of the base
+                 (m * n, 2 * e * m * n),  # grad of the scale
+                 (2 * m * n * r, e * (m * n + n * r + m * r)),  # g = dy B
+                 (2 * m * n * r, e * (m * n + m * r + n * r)),  # dB
+                 (2 * m * k * r, e * (m * r + r * k + m * k)),  # dx of the adapter
+                 (2 * m * k * r, e * (m * r + m * k + r * k)),  # dA
+                 (m * k, 3 * e * m * k)]  # dx add
+    if drop:
+        naive_bwd.append((m * k, 2 * e * m * k + m * k))  # grad of the dropout
+    fused_fwd = [(2 * m * n * k + 2 * m * n * r + 2 * m * k * r, e * (m * k + n * k + m * n))]
+    if drop or r > 16:
+        fused_fwd.append((2 * m * k * r, e * m * k))  # split strategy: the skinny pass over x
+    fused_bwd = [(4 * m * n * r, e * m * n),  # dy pass: g and dB
+                 (2 * m * n * k + 2 * m * k * r, e * (m * n + n * k + m * k)),  # dx GEMM
+                 (2 * m * k * r, e * m * k)]  # dA pass
+
+    def seconds(kernels):
+        return sum(max(f / PEAK_FLOPS, b / PEAK_BYTES_PER_S) + LAUNCH_S for f, b in kernels)
+
+    out = {}
+    for name, kernels in (("naive_forward", naive_fwd), ("naive_backward", naive_bwd),
+                          ("fused_forward", fused_fwd), ("fused_backward", fused_bwd)):
+        out[f"{name}_s"] = seconds(kernels)
+        out[f"{name}_flops"] = sum(f for f, _ in kernels)
+        out[f"{name}_bytes"] = sum(b for _, b in kernels)
+        out[f"{name}_kernels"] = len(kernels)
+    out["speedup_forward"] = out["naive_forward_s"] / out["fused_forward_s"]
+    out["speedup_backward"] = out["naive_backward_s"] / out["fused_backward_s"]
+    out["speedup_forward+backward"] = ((out["naive_forward_s"] + out["naive_backward_s"])
+                                       / (out["fused_forward_s"] + out["fused_backward_s"]))
+    return out
+
+
+def model_table(cases) -> str:
+    lines = ["## Roofline model (a model, not a measurement)", "",
+             f"H200 at {PEAK_FLOPS / 1e12:.0f} TFLOP/s and {PEAK_BYTES_PER_S / 1e12:.1f} TB/s; each kernel costs "
+             f"max(FLOPs/peak, bytes/bandwidth) + {LAUNCH_S * 1e6:.0f} µs launch.", "",
+             "| case | naive fwd GB | fused fwd GB | naive fwd µs | fused fwd µs | naive bwd GB | fused bwd GB "
+             "| model ×fwd | model ×bwd | model ×fwd+bwd |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for case in cases:
+        mo = model(case)
+        lines.append(f"| {case.label()} | {mo['naive_forward_bytes'] / 1e9:.3f} | {mo['fused_forward_bytes'] / 1e9:.3f} "
+                     f"| {mo['naive_forward_s'] * 1e6:.1f} | {mo['fused_forward_s'] * 1e6:.1f} "
+                     f"| {mo['naive_backward_bytes'] / 1e9:.3f} | {mo['fused_backward_bytes'] / 1e9:.3f} "
+                     f"| {mo['speedup_forward']:.2f} | {mo['speedup_backward']:.2f} "
+                     f"| {mo['speedup_forward+backward']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------
+
+def environment() -> dict:
+    import triton
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+           "platform": platform.platform(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=p.name, gpu_sms=p.multi_processor_count, gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                   cuda=torch.version.cuda)
+    else:
+        import fused_lora
+        env.update(gpu=None, kernels="triton-interpreter" if fused_lora._triton.interpreter() else "unavailable")
+    return env
+
+
+def _max_error(case: Case, inp: Inputs, provider: str) -> float | None:
+    """Forward agreement with naive at dropout 0 (a sanity check, not the parity suite)."""
+    if case.dropout > 0 or provider in ("naive", "base"):
+        return None
+    fwd = make_forward(provider, inp)
+    if fwd is None:
+        return None
+    with torch.no_grad():
+        ref = naive_lora(inp.x.double(), inp.weight.double(), inp.bias.double(), inp.lora_A.double(),
+                         inp.lora_B.double(), inp.scaling, 0.0)
+        y = fwd().double()
+    return ((y - ref).abs().max() / ref.abs().max()).item()
+
+
+def run_preset(preset: Preset, device, progress=None, deadline: float | None = None,
+               on_case_done=None) -> list[Measurement]:
+    """Measure every (case, provider, mode) of ``preset``. Cases not started
+    before ``deadline`` (a ``time.monotonic()`` value) are recorded as skipped;
+    ``on_case_done(results)`` runs after each case (to write partial results)."""
+    on_gpu = device.type == "cuda"
+    results = []
+    total = len(preset.cases) * len(preset.providers) * len(preset.modes)
+    bar = progress(total=total, desc=f"bench {preset.name}", unit="run") if progress else None
+    for case in preset.cases:
+        if deadline is not None and time.monotonic() > deadline:
+            results += [Measurement(case, p, mo, note="skipped: time budget spent")
+                        for p in preset.providers for mo in preset.modes]
+            continue
+        inp = Inputs.make(case, device)
+        dy = torch.randn(case.m, case.n, device=device, dtype=case.torch_dtype)
+        for provider in preset.providers:
+            skip = ""
+            if provider == "naive_compiled" and preset.compiled_cases is not None and case not in preset.compiled_cases:
+                skip = "not in this preset's compiled cases (compilation time)"
+            if provider == "unsloth_style" and case.dropout > 0:
+                skip = "N/A: no dropout in this composition"
+            err = None
+            if not skip:
+                try:
+                    err = _max_error(case, inp, provider)
+                except Exception as exc:
+                    skip = f"failed: {type(exc).__name__}: {exc}"
+            for mode in preset.modes:
+                meas = Measurement(case, provider, mode, max_error=err, note=skip)
+                if not skip:
+                    try:
+                        fwd = make_forward(provider, inp)
+                        step = make_step(mode, fwd, inp.leaves(provider), dy)
+                        q, timer = time_cuda(step, case.m) if on_gpu else time_cpu(step)
+                        meas.median_ms, meas.p20_ms, meas.p80_ms = q
+                        meas.timer = timer
+                        if mode == "forward+backward":
+                            meas.peak_mem_bytes = peak_memory(step)
+                    except Exception as exc:
+                        meas.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                results.append(meas)
+                if bar:
+                    bar.update(1)
+        del inp, dy
+        if on_gpu:
+            torch.cuda.empty_cache()
+        if on_case_done is not None:
+            on_case_done(results)
+    if bar:
+        bar.close()
+    return results
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def summarize(results: list[Measurement]) -> list[dict]:
+    """One row per (case, mode): every provider's median and the ratios."""
+    rows = {}
+    for m in results:
+        key = (m.case, m.mode)
+        row = rows.setdefault(key, {"case": m.case, "mode": m.mode})
+        row[m.provider] = m.median_ms
+        if m.peak_mem_bytes is not None:
+            row[f"{m.provider}_mem"] = m.peak_mem_bytes
+    out = []
+    for row in rows.values():
+        row["speedup_vs_naive"] = _ratio(row.get("naive"), row.get("fused"))
+        row["fused_over_base"] = _ratio(row.get("fused"), row.get("base"))
+        row["speedup_vs_unsloth_style"] = _ratio(row.get("unsloth_style"), row.get("fused"))
+        out.append(row)
+    return out
+
+
+def _fmt(v, spec=".3f"):
+    return "—" if v is None else format(v, spec)
+
+
+def markdown(results: list[Measurement], env: dict, preset: Preset) -> str:
+    on_gpu = env.get("gpu") is not None
+    lines = [f"# fused_lora benchmark — preset `{preset.name}`", ""]
+    lines.append(f"{env.get('gpu') or 'no GPU (Triton interpreter)'}; torch {env['torch']}, triton {env['triton']}, "
+                 f"{env['date'][:19]}Z")
+    lines.append("")
+    if not on_gpu:
+        lines += ["**Interpreter run: the times below are wall-clock seconds of Triton's CPU interpreter "
+                  "and say nothing about GPU speed.**", ""]
+    lines.append("Median ms per call; ratios from the same run. `fused/base` is the cost of the adapter over the "
+                 "bare frozen layer (1.00 = free); `×naive` is the speed-up over PEFT-style eager LoRA.")
+    lines.append("")
+    lines.append("| case | mode | fused | naive | unsloth_style | naive_compiled | base | ×naive | fused/base "
+                 "| ×unsloth | peak MB fused / naive |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in summarize(results):
+        mem = ""
+        if row.get("fused_mem") is not None and row.get("naive_mem") is not None:
+            mem = f"{row['fused_mem'] / 2**20:.0f} / {row['naive_mem'] / 2**20:.0f}"
+        lines.append(
+            f"| {row['case'].label()} | {row['mode']} | {_fmt(row.get('fused'))} | {_fmt(row.get('naive'))} | "
+            f"{_fmt(row.get('unsloth_style'))} | {_fmt(row.get('naive_compiled'))} | {_fmt(row.get('base'))} | "
+            f"{_fmt(row['speedup_vs_naive'], '.2f')} | {_fmt(row['fused_over_base'], '.2f')} | "
+            f"{_fmt(row['speedup_vs_unsloth_style'], '.2f')} | {mem} |")
+    notes = sorted({f"{m.provider} @ {m.case.label()}: {m.note}" for m in results
+                    if m.note and not m.note.startswith(("N/A", "not in"))})
+    if notes:
+        lines += ["", "Failed or skipped:", ""] + [f"- {n}" for n in notes]
+    # The model is for GPU-sized problems: without a GPU it is printed for the
+    # gpu-check preset's shapes, not for the interpreter's tiny ones.
+    model_cases = (list(dict.fromkeys(m.case for m in results)) if on_gpu
+                   else presets()["gpu-check"].cases)
+    return "\n".join(lines) + "\n\n" + model_table(model_cases)
+
+
+def plot(results: list[Measurement], path: Path, env: dict) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in summarize(results) if r["speedup_vs_naive"]]
+    if not rows:
+        return False
+    fig, axes = plt.subplots(1, len(MODES), figsize=(6 * len(MODES), 0.35 * len(rows) / len(MODES) + 2.5),
+                             squeeze=False)
+    for ax, mode in zip(axes[0], MODES):
+        sel = [r for r in rows if r["mode"] == mode]
+        ax.barh([r["case"].label() for r in sel], [r["speedup_vs_naive"] for r in sel], color="tab:blue")
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.bar_label(ax.containers[0], fmt="%.2f", fontsize=7)
+        ax.set_title(f"{mode}: speed-up of fused over naive")
+        ax.tick_params(axis="y", labelsize=7)
+    title = env.get("gpu") or "Triton interpreter on CPU (not a speed measurement)"
+    fig.suptitle(f"fused_lora — {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(results: list[Measurement], env: dict, preset: Preset, out_dir: Path) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "environment": env,
+        "preset": preset.name,
+        "measurements": [dict(dataclasses.asdict(m), case=dataclasses.asdict(m.case)) for m in results],
+        "model": [dict(case=dataclasses.asdict(c), **model(c)) for c in dict.fromkeys(m.case for m in results)],
+    }
+    files = {"json": out_dir / "results.json", "markdown": out_dir / "results.md", "plot": out_dir / "speedup.png"}
+    files["json"].write_text(json.dumps(payload, indent=1))
+    files["markdown"].write_text(markdown(results, env, preset))
+    if not plot(results, files["plot"], env):
+        del files["plot"]
+    return {k: str(v) for k, v in files.items()}
+
+
+def default_out_dir(env: dict) -> Path:
+    gpu = (env.get("gpu") or "cpu-interpreter").replace(" ", "-").replace("/", "-")
+    return Path("bench") / "results" / f"{datetime.date.today().isoformat()}-{gpu}"
+
+
+def filter_cases(preset: Preset, ms=None) -> Preset:
+    if not ms:
+        return preset
+    return dataclasses.replace(preset, cases=[c for c in preset.cases if c.m in set(ms)])

@@ -1,0 +1,196 @@
+"""The ``fused-lora`` command.
+
+    fused-lora check [--json]                 parity of every kernel path against the float64 reference
+    fused-lora bench [--preset P] [--out D]   the benchmark harness (smoke preset on a machine without a GPU)
+    fused-lora demo  [--steps N] [--out D]    fine-tune a small character-level model, fused vs naive LoRA
+
+Without a CUDA GPU every subcommand still runs: the Triton kernels run on
+Triton's CPU interpreter (``TRITON_INTERPRET=1`` is set before they are
+imported), and the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _where() -> str:
+    """Prepare the kernels for this machine and describe where they run."""
+    import torch
+
+    if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
+    from . import _triton
+
+    if torch.cuda.is_available() and not _triton.interpreter() and _triton.available():
+        return f"CUDA GPU: {torch.cuda.get_device_name()} (Triton kernels compiled)"
+    if _triton.interpreter():
+        return "no CUDA GPU: Triton kernels on the CPU interpreter (correctness only, not speed)"
+    return f"Triton kernels unavailable ({_triton.UNAVAILABLE_REASON}): torch reference only"
+
+
+def progress(**kwargs):
+    """tqdm when installed and the terminal is interactive; otherwise a quiet stub."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        return tqdm(file=sys.stderr, disable=None, **kwargs)
+
+    class _Quiet:
+        def update(self, n=1):
+            pass
+
+        def close(self):
+            pass
+
+        def set_postfix_str(self, s):
+            pass
+
+    return _Quiet()
+
+
+# ----------------------------------------------------------------------------
+# check
+# ----------------------------------------------------------------------------
+
+def check_cases(on_gpu: bool) -> list[dict]:
+    """Every kernel path, each dtype, dropout on and off, frozen and trainable
+    base, awkward sizes. GPU shapes are larger (several tiles of the real configs)."""
+    import torch
+
+    if on_gpu:
+        shapes = [((4, 257), 1000, 777), ((3000,), 4096, 1024)]
+    else:
+        shapes = [((3, 19), 53, 41), ((123,), 70, 45)]
+    cases = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for lead, k, n in shapes:
+            for strategy, p, r in (("in_loop", 0.0, 8), ("split", 0.0, 64), ("split", 0.1, 16)):
+                cases.append(dict(lead=lead, k=k, n=n, r=r, dtype=dtype, strategy=strategy, dropout_p=p,
+                                  train_base=strategy == "split" and p == 0.0))
+    return cases
+
+
+def cmd_check(args) -> int:
+    where = _where()
+    import torch
+
+    from . import _triton, dispatch
+    from .testing import TOLERANCE, parity_case
+
+    if not _triton.available() or not (torch.cuda.is_available() or _triton.interpreter()):
+        print(f"fused-lora check: {where}; nothing to check.", file=sys.stderr)
+        return 1
+    device = torch.device("cuda" if torch.cuda.is_available() and not _triton.interpreter() else "cpu")
+    rows = []
+    bar = progress(total=len(check_cases(device.type == "cuda")), desc="check", unit="case")
+    for case in check_cases(device.type == "cuda"):
+        torch.manual_seed(len(rows))
+        with dispatch.force_strategy(case["strategy"]):
+            try:
+                errors = parity_case(case["lead"], case["k"], case["n"], case["r"], case["dtype"],
+                                     dropout_p=case["dropout_p"], train_base=case["train_base"], device=device)
+                failure = ""
+            except Exception as exc:  # a crash is a failed row, not a traceback
+                errors, failure = {}, f"{type(exc).__name__}: {exc}"
+        tol = TOLERANCE[case["dtype"]]
+        worst = max(errors.values()) if errors else float("inf")
+        rows.append(dict(path=f"{case['strategy']}{' +dropout' if case['dropout_p'] else ''}"
+                              f"{' +train-base' if case['train_base'] else ''}",
+                         shape=f"{'x'.join(map(str, case['lead']))}x{case['k']}->{case['n']}", r=case["r"],
+                         dtype=str(case["dtype"]).replace("torch.", ""), tolerance=tol, errors=errors,
+                         worst=worst, passed=bool(errors) and worst <= tol, failure=failure))
+        bar.update(1)
+    bar.close()
+    ok = all(r["passed"] for r in rows)
+    if args.json:
+        print(json.dumps({"where": where, "passed": ok, "rows": rows}, indent=1, default=str))
+    else:
+        print(f"fused-lora check — {where}")
+        print("max |fused - reference| / max |reference| per output; reference = float64 PyTorch\n")
+        head = f"{'path':<26}{'shape':<20}{'r':>4}  {'dtype':<9}{'y':>9}{'dx':>9}{'dA':>9}{'dB':>9}{'dW':>9}" \
+               f"{'db':>9}{'tol':>9}  result"
+        print(head)
+        print("-" * len(head))
+        for r in rows:
+            e = r["errors"]
+            keys = ("y", "dx", "dlora_A", "dlora_B", "dweight", "dbias")
+            cells = "".join(f"{e[k]:9.1e}" if k in e else f"{'—':>9}" for k in keys)
+            print(f"{r['path']:<26}{r['shape']:<20}{r['r']:>4}  {r['dtype']:<9}{cells}{r['tolerance']:9.1e}  "
+                  f"{'PASS' if r['passed'] else 'FAIL ' + r['failure']}")
+        print(f"\n{sum(r['passed'] for r in rows)}/{len(rows)} passed")
+    return 0 if ok else 1
+
+
+# ----------------------------------------------------------------------------
+# bench
+# ----------------------------------------------------------------------------
+
+def cmd_bench(args) -> int:
+    where = _where()
+    from pathlib import Path
+
+    import torch
+
+    from . import benchmark
+
+    on_gpu = torch.cuda.is_available() and "interpreter" not in where
+    name = args.preset or ("gpu-check" if on_gpu else "smoke")
+    presets = benchmark.presets()
+    if name not in presets:
+        print(f"unknown preset {name!r}; choose from {sorted(presets)}", file=sys.stderr)
+        return 2
+    if not on_gpu and name != "smoke":
+        print(f"preset {name!r} needs a CUDA GPU ({where}); use --preset smoke", file=sys.stderr)
+        return 2
+    preset = benchmark.filter_cases(presets[name], args.m)
+    env = benchmark.environment()
+    out_dir = Path(args.out) if args.out else benchmark.default_out_dir(env)
+    print(f"fused-lora bench — preset {name}, {len(preset.cases)} cases — {where}", file=sys.stderr)
+    device = torch.device("cuda" if on_gpu else "cpu")
+    deadline = time.monotonic() + args.time_budget if args.time_budget else None
+    results = benchmark.run_preset(preset, device, progress=progress, deadline=deadline,
+                                   on_case_done=lambda partial: benchmark.write_outputs(partial, env, preset, out_dir))
+    files = benchmark.write_outputs(results, env, preset, out_dir)
+    failures = [m for m in results if m.note.startswith("failed")]
+    if args.json:
+        print(Path(files["json"]).read_text())
+    else:
+        print(Path(files["markdown"]).read_text())
+        print("written: " + ", ".join(files.values()))
+    return 1 if failures else 0
+
+
+# ----------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fused-lora", description="Fused LoRA kernels: check, benchmark, demo.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check", help="parity of every kernel path against the float64 reference")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("bench", help="benchmark fused vs naive LoRA vs the bare base layer")
+    p.add_argument("--preset", help="smoke (CPU), headline, gpu-check (default on GPU), full")
+    p.add_argument("--m", type=int, action="append", help="only the cases with this many tokens (repeatable)")
+    p.add_argument("--out", help="output folder (default bench/results/<date>-<gpu>)")
+    p.add_argument("--time-budget", type=float, help="seconds; cases not started by then are skipped (and said so)")
+    p.add_argument("--json", action="store_true", help="print the JSON results instead of the table")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

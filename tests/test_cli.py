@@ -1,0 +1,77 @@
+"""The ``fused-lora`` command's check and bench subcommands (smoke mode
+without a GPU), run in-process."""
+
+import json
+
+import pytest
+import torch
+
+from fused_lora import benchmark, cli
+
+
+def test_check_passes_and_reports_json(capsys):
+    assert cli.main(["check", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] is True
+    assert len(report["rows"]) >= 18
+    paths = {row["path"] for row in report["rows"]}
+    assert {"in_loop", "split +train-base", "split +dropout"} <= paths
+    for row in report["rows"]:
+        assert row["passed"] and 0 <= row["worst"] <= row["tolerance"]
+        assert {"y", "dx", "dlora_A", "dlora_B"} <= set(row["errors"])
+
+
+def test_check_fails_loudly_when_a_kernel_is_wrong(monkeypatch, capsys):
+    from fused_lora import _triton
+
+    real = _triton.kernels.lora_gemm
+
+    def off_by_bias(*args, **kwargs):
+        c, xa = real(*args, **kwargs)
+        return c + 0.5, xa
+
+    monkeypatch.setattr(_triton.kernels, "lora_gemm", off_by_bias)
+    assert cli.main(["check"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke preset is the no-GPU path")
+def test_bench_smoke_writes_results(tmp_path, capsys):
+    assert cli.main(["bench", "--preset", "smoke", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "not a speed measurement" in out.lower() or "say nothing about GPU speed" in out
+    assert "Roofline model (a model, not a measurement)" in out
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["environment"]["gpu"] is None
+    measured = [m for m in data["measurements"] if m["median_ms"] is not None]
+    providers = {m["provider"] for m in measured}
+    assert providers == {"fused", "naive", "unsloth_style", "base"}
+    assert {m["mode"] for m in measured} == set(benchmark.MODES)
+    assert not [m for m in data["measurements"] if m["note"].startswith("failed")]
+    # fused agrees with naive wherever the harness checks it
+    errors = [m["max_error"] for m in measured if m["provider"] == "fused" and m["max_error"] is not None]
+    assert errors and max(errors) < 1e-2
+    assert (tmp_path / "results.md").read_text().startswith("# fused_lora benchmark")
+    assert (tmp_path / "speedup.png").stat().st_size > 1000
+
+
+def test_bench_time_budget_skips_and_says_so(tmp_path):
+    preset = benchmark.presets()["smoke"]
+    results = benchmark.run_preset(preset, torch.device("cpu"), deadline=0.0)
+    assert all(m.note == "skipped: time budget spent" and m.median_ms is None for m in results)
+    md = benchmark.markdown(results, benchmark.environment(), preset)
+    assert "skipped: time budget spent" in md
+
+
+def test_gpu_presets_refused_without_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    assert cli.main(["bench", "--preset", "gpu-check"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_roofline_model_matches_the_design_notes():
+    """KERNELS.md: ideal fused/naive forward ≈ 1.39x at K=N=4096, M=4k-16k with dropout."""
+    mo = benchmark.model(benchmark.Case(8192, 4096, 4096, 16, "bfloat16", 0.1))
+    assert 1.3 < mo["speedup_forward"] < 1.5
+    assert mo["naive_forward_bytes"] > 3 * mo["fused_forward_bytes"]

@@ -1,0 +1,42 @@
+"""Every shipped kernel configuration compiles for Hopper (sm_90) without a
+GPU, fits its shared memory, does not spill, and the 16-bit GEMMs use wgmma."""
+
+import pytest
+
+from fused_lora import compile_report
+from fused_lora.kernels import configs
+
+
+@pytest.fixture(scope="module")
+def sm90():
+    return compile_report.run(archs=(90,), jobs=2)
+
+
+def test_every_config_compiles_for_sm90_cleanly(sm90):
+    assert compile_report.problems(sm90) == []
+
+
+def test_report_covers_every_shipped_config(sm90):
+    shipped = configs.shipped_configs()
+    gemm_seen = {(r.dtype, tuple(sorted(r.config.items()))) for r in sm90 if r.kernel == "gemm"}
+    for dtype, pool in (("bf16", shipped["gemm_16bit"]), ("fp16", shipped["gemm_16bit"]),
+                        ("fp32", shipped["gemm_fp32"])):
+        for cfg in pool:
+            assert (dtype, tuple(sorted(vars(cfg).items()))) in gemm_seen, (dtype, cfg)
+    passes = {(r.kernel, r.pass_name) for r in sm90}
+    assert {("gemm", p) for p in ("forward_in_loop", "forward_split", "dx", "dx_dropout", "dw")} <= passes
+    assert {("skinny", p) for p in ("forward_shrink", "dy_pass", "dA_pass")} <= passes
+    for r in sm90:
+        assert r.shared is not None and r.shared <= configs.SMEM_LIMIT_SM90
+        if r.kernel == "gemm" and r.dtype != "fp32":
+            assert r.wgmma and not r.mma_sync
+
+
+def test_problems_catches_what_it_should():
+    bad = compile_report.Result("gemm", "dx", "bf16", 90, {}, 16, shared=300_000, registers=255, spill_bytes=64,
+                                wgmma=False)
+    found = compile_report.problems([bad])
+    assert any("shared memory" in p for p in found)
+    assert any("spills" in p for p in found)
+    assert any("wgmma" in p for p in found)
+    assert compile_report.problems([compile_report.Result("gemm", "dx", "bf16", 90, {}, 16, error="boom")])
