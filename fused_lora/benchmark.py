@@ -514,8 +514,12 @@ def write_outputs(results: list[Measurement], env: dict, preset: Preset, out_dir
 
 
 def default_out_dir(env: dict) -> Path:
-    gpu = (env.get("gpu") or "cpu-interpreter").replace(" ", "-").replace("/", "-")
-    return Path("bench") / "results" / f"{datetime.date.today().isoformat()}-{gpu}"
+    """GPU runs go to bench/results/<date>-<gpu> (committed: the only speed
+    numbers the project states); interpreter runs to out/ (ignored by git)."""
+    today = datetime.date.today().isoformat()
+    if env.get("gpu"):
+        return Path("bench") / "results" / f"{today}-{env['gpu'].replace(' ', '-').replace('/', '-')}"
+    return Path("out") / f"bench-{today}-cpu-interpreter"
 
 
 def filter_cases(preset: Preset, ms=None) -> Preset:

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark fused vs naive LoRA vs the bare base layer")
     p.add_argument("--preset", help="smoke (CPU), headline, gpu-check (default on GPU), full")
     p.add_argument("--m", type=int, action="append", help="only the cases with this many tokens (repeatable)")
-    p.add_argument("--out", help="output folder (default bench/results/<date>-<gpu>)")
+    p.add_argument("--out", help="output folder (default: bench/results/<date>-<gpu> on a GPU, out/ without)")
     p.add_argument("--time-budget", type=float, help="seconds; cases not started by then are skipped (and said so)")
     p.add_argument("--json", action="store_true", help="print the JSON results instead of the table")
     p.set_defaults(func=cmd_bench)

@@ -104,6 +104,7 @@ def test_cpu_without_interpreter_is_explained(monkeypatch):
     assert "CPU tensors only" in _triton.why_not(torch.device("cuda"), torch.float32)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
 @pytest.mark.parametrize("where", ["x", "weight", "bias", "lora_A", "lora_B"])
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 @pytest.mark.parametrize("p", [0.0, 0.5])

@@ -155,3 +155,29 @@ def test_only_the_needed_gradients_run(monkeypatch):
     calls.clear()
     y.sum().backward()
     assert calls == ["skinny", "skinny"]  # the dy pass (g, dB) and the dA pass; no dx, no dW
+
+
+def test_scaling_and_dropout_are_runtime_arguments():
+    """Changing scaling, p or the seed never compiles a new kernel: they are
+    plain runtime arguments (floats and a non-specialised int), not constexprs."""
+    import inspect
+
+    import triton.language as tl
+
+    for kernel, names in ((gemm.lora_gemm_kernel, ("lr_scale", "p", "seed")),
+                          (skinny.lora_skinny_kernel, ("sh_scale", "tn_scale", "p", "seed"))):
+        fn = getattr(kernel, "fn", kernel)
+        params = inspect.signature(fn).parameters
+        for name in names:
+            assert params[name].annotation is inspect.Parameter.empty or params[name].annotation != tl.constexpr
+    if torch.cuda.is_available():
+        w, b, a, bb = make_params(64, 48, 8, torch.float16, True)
+        x = torch.randn(40, 64, device=DEVICE, dtype=torch.float16)
+        fused_lora.lora_linear(x, w, a, bb, b, scaling=1.0, dropout_p=0.1, seed=1, backend="triton")
+        before = sum(len(c[0]) for c in gemm.lora_gemm_kernel.device_caches.values()) \
+            if hasattr(gemm.lora_gemm_kernel, "device_caches") else None
+        for s, p, seed in ((2.5, 0.2, 17), (-3.0, 0.3, 2**31 - 5), (1e-3, 0.05, 48)):
+            fused_lora.lora_linear(x, w, a, bb, b, scaling=s, dropout_p=p, seed=seed, backend="triton")
+        if before is not None:
+            after = sum(len(c[0]) for c in gemm.lora_gemm_kernel.device_caches.values())
+            assert after == before
