@@ -6,16 +6,32 @@ The math is in :mod:`fused_lora.ops`; the kernels in :mod:`fused_lora.kernels`.
 
 from . import _triton, dispatch, reference
 from .dropout import dropout_mask
+from .integration import (
+    AdapterFileError,
+    ConversionReport,
+    from_peft,
+    inject,
+    load_adapter,
+    save_adapter,
+    to_peft,
+)
 from .layer import LoRALinear
 from .ops import LoRALinearFunction, lora_linear
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterFileError",
+    "ConversionReport",
     "LoRALinear",
     "LoRALinearFunction",
     "dispatch",
     "dropout_mask",
+    "from_peft",
+    "inject",
+    "load_adapter",
     "lora_linear",
     "reference",
+    "save_adapter",
+    "to_peft",
 ]

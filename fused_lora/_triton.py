@@ -18,6 +18,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import torch
+
 _NAME = "fused_lora.kernels"
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _SOURCE_KERNELS = _PACKAGE_DIR.parent / "kernels"
@@ -43,6 +45,11 @@ def _import_kernels():
     return importlib.import_module(_NAME)
 
 
+_UNLOADED = object()
+kernels = _UNLOADED  # the fused_lora.kernels module once loaded, None if it cannot be
+UNAVAILABLE_REASON = ""
+
+
 def _load() -> None:
     """Import the kernels on first use (not at ``import fused_lora``), so that a
     program can still choose the interpreter after importing the package."""
@@ -53,43 +60,37 @@ def _load() -> None:
         kernels, UNAVAILABLE_REASON = None, f"the Triton kernels cannot be imported ({err})"
 
 
-def __getattr__(name):
-    if name in ("kernels", "UNAVAILABLE_REASON"):
+def get():
+    """The kernels module (imported on first call), or None without Triton."""
+    if kernels is _UNLOADED:
         _load()
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _kernels():
-    if "kernels" not in globals():
-        _load()
-    return globals()["kernels"]
+    return kernels
 
 
 def available() -> bool:
-    return _kernels() is not None
+    return get() is not None
 
 
 def interpreter() -> bool:
     """True when the kernels run on Triton's CPU interpreter."""
-    k = _kernels()
+    k = get()
     return k is not None and k.INTERPRETER
 
 
 def configs():
-    k = _kernels()
+    k = get()
     if k is None:
-        raise RuntimeError(globals()["UNAVAILABLE_REASON"])
+        raise RuntimeError(UNAVAILABLE_REASON)
     return k.configs
 
 
-def why_not(device: "torch.device", dtype: "torch.dtype") -> str:  # noqa: F821
-    """Why the Triton backend cannot run on ``device``/``dtype`` ('' if it can)."""
-    import torch
-
-    kernels = _kernels()
+@torch.compiler.assume_constant_result
+def why_not(device: torch.device, dtype: torch.dtype) -> str:
+    """Why the Triton backend cannot run on ``device``/``dtype`` ('' if it can).
+    A constant for torch.compile: evaluated once while tracing, not traced."""
+    kernels = get()
     if kernels is None:
-        return globals()["UNAVAILABLE_REASON"]
+        return UNAVAILABLE_REASON
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"the Triton kernels take float16, bfloat16 or float32 tensors, not {dtype}"
     if device.type == "cuda":

@@ -26,7 +26,7 @@ def check_scaling(scaling) -> float:
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
     scaling = float(scaling)
-    if not math.isfinite(scaling):
+    if not -math.inf < scaling < math.inf:  # (NaN fails both comparisons; traceable by torch.compile)
         raise ValueError(f"scaling must be finite, got {scaling}")
     return scaling
 

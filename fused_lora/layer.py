@@ -40,10 +40,17 @@ class LoRALinear(nn.Module):
     linear); ``unmerge()`` restores the original weight bit for bit (the
     original is kept aside while merged, so merging costs one weight of memory).
     ``state_dict()`` always holds the unmerged weight.
+
+    ``fan_in_fan_out=True`` stores ``weight`` as (in, out), as GPT-2's
+    ``Conv1D`` does. The adapter may be kept in another dtype than the base
+    (e.g. fp32 adapters on a bf16 model, PEFT's default): it is cast to the
+    base's dtype for the fused kernel, and its gradients come back in its own.
+    Under ``torch.autocast`` everything computes in the autocast dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                 bias: bool = True, use_rslora: bool = False, device=None, dtype=None, *, backend: str = "auto"):
+                 bias: bool = True, use_rslora: bool = False, device=None, dtype=None, *, backend: str = "auto",
+                 fan_in_fan_out: bool = False):
         super().__init__()
         self.in_features = _check_int("in_features", in_features, 0)
         self.out_features = _check_int("out_features", out_features, 0)
@@ -54,8 +61,10 @@ class LoRALinear(nn.Module):
         self.dropout = check_dropout_p(dropout, "dropout")
         self.use_rslora = bool(use_rslora)
         self.backend = check_backend(backend)
+        self.fan_in_fan_out = bool(fan_in_fan_out)
         factory = dict(device=device, dtype=dtype)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        shape = (in_features, out_features) if self.fan_in_fan_out else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
         else:
@@ -68,7 +77,7 @@ class LoRALinear(nn.Module):
     # -- construction ---------------------------------------------------------
     def reset_parameters(self) -> None:
         """Base as ``nn.Linear.reset_parameters``; adapter as PEFT."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.base_weight(), a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
@@ -80,24 +89,47 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                    use_rslora: bool = False, *, backend: str = "auto") -> "LoRALinear":
+                    use_rslora: bool = False, *, backend: str = "auto",
+                    adapter_dtype: torch.dtype | None = None) -> "LoRALinear":
         """Wrap ``linear``: the new layer's ``weight`` and ``bias`` *are*
         ``linear``'s parameters (no copy; frozen here), the adapter is fresh,
-        on the same device and in the same dtype."""
+        on the same device and in the same dtype (or ``adapter_dtype``)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
-        with torch.device("meta"):
-            layer = cls(linear.in_features, linear.out_features, r=r, alpha=alpha, dropout=dropout,
-                        bias=linear.bias is not None, use_rslora=use_rslora, dtype=w.dtype, backend=backend)
-        layer.weight = linear.weight
-        layer.bias = linear.bias
+        a = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=adapter_dtype or w.dtype))
+        b = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=adapter_dtype or w.dtype))
+        layer = cls.from_parameters(linear.weight, linear.bias, a, b, alpha=alpha, dropout=dropout,
+                                    use_rslora=use_rslora, backend=backend)
         layer.weight.requires_grad_(False)
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
-        layer.lora_A = nn.Parameter(torch.empty(layer.r, linear.in_features, device=w.device, dtype=w.dtype))
-        layer.lora_B = nn.Parameter(torch.empty(linear.out_features, layer.r, device=w.device, dtype=w.dtype))
         layer.reset_lora_parameters()
+        return layer
+
+    @classmethod
+    def from_parameters(cls, weight: nn.Parameter, bias: nn.Parameter | None, lora_A: nn.Parameter,
+                        lora_B: nn.Parameter, *, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                        fan_in_fan_out: bool = False, backend: str = "auto") -> "LoRALinear":
+        """A layer whose parameters *are* the given ones (shared, not copied;
+        ``requires_grad`` untouched). ``weight`` is (out, in), or (in, out)
+        with ``fan_in_fan_out``; ``lora_A`` (r, in); ``lora_B`` (out, r)."""
+        for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+            if not isinstance(t, nn.Parameter) or t.dim() != 2:
+                raise TypeError(f"{name} must be a 2-D nn.Parameter, got {type(t).__name__} "
+                                f"of shape {tuple(getattr(t, 'shape', ()))}")
+        in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
+        r = lora_A.shape[0]
+        if tuple(lora_A.shape) != (r, in_f) or tuple(lora_B.shape) != (out_f, r):
+            raise ValueError(f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} do not fit a "
+                             f"{in_f} -> {out_f} weight of shape {tuple(weight.shape)} "
+                             f"(fan_in_fan_out={fan_in_fan_out})")
+        if bias is not None and tuple(bias.shape) != (out_f,):
+            raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
+        with torch.device("meta"):
+            layer = cls(in_f, out_f, r=r, alpha=alpha, dropout=dropout, bias=bias is not None,
+                        use_rslora=use_rslora, dtype=weight.dtype, backend=backend, fan_in_fan_out=fan_in_fan_out)
+        layer.weight, layer.bias, layer.lora_A, layer.lora_B = weight, bias, lora_A, lora_B
         return layer
 
     # -- the forward ----------------------------------------------------------
@@ -109,10 +141,18 @@ class LoRALinear(nn.Module):
     def merged(self) -> bool:
         return self._unmerged_weight is not None
 
+    def base_weight(self) -> torch.Tensor:
+        """The weight as (out, in): a transposed view when ``fan_in_fan_out``."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.base_weight()
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
-        return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.bias, scaling=self.scaling,
+            return F.linear(x, weight, self.bias)
+        lora_A, lora_B = self.lora_A, self.lora_B
+        if lora_A.dtype != weight.dtype:  # e.g. fp32 adapter on a bf16 base: compute in the base's dtype
+            lora_A, lora_B = lora_A.to(weight.dtype), lora_B.to(weight.dtype)
+        return lora_linear(x, weight, lora_A, lora_B, self.bias, scaling=self.scaling,
                            dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
 
     # -- merging ----------------------------------------------------------------
@@ -129,7 +169,10 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("LoRALinear.merge(): the adapter is already merged")
         original = self.weight.detach().clone()
-        self.weight.copy_((self.weight.detach().float() + self._delta_fp32()).to(self.weight.dtype))
+        delta = self._delta_fp32()
+        if self.fan_in_fan_out:
+            delta = delta.t()
+        self.weight.copy_((self.weight.detach().float() + delta).to(self.weight.dtype))
         self._unmerged_weight = original
 
     @torch.no_grad()
@@ -159,4 +202,5 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha:g}, scaling={self.scaling:.4g}, dropout={self.dropout:g}, "
-                f"bias={self.bias is not None}, use_rslora={self.use_rslora}, merged={self.merged}")
+                f"bias={self.bias is not None}, use_rslora={self.use_rslora}, merged={self.merged}"
+                + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))

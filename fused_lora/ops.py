@@ -64,7 +64,7 @@ def _flatten(t: Tensor, cols: int) -> Tensor:
 def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                    scaling: float, dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
     """``(y, xa)`` of the math above, with the Triton kernels."""
-    k_ = _triton.kernels
+    k_ = _triton.get()
     n, k = weight.shape
     r = lora_A.shape[0]
     x2 = _flatten(x, k)
@@ -86,7 +86,7 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
                     scaling: float, dropout_p: float, seed: int,
                     need_x: bool, need_weight: bool, need_bias: bool, need_A: bool, need_B: bool):
     """``(dx, dW, db, dA, dB)`` of the math above; None where not needed."""
-    k_ = _triton.kernels
+    k_ = _triton.get()
     n, k = weight.shape
     r = lora_A.shape[0]
     x2, dy2, xa2 = _flatten(x, k), _flatten(dy, n), _flatten(xa, r)
@@ -213,6 +213,16 @@ class LoRALinearFunction(torch.autograd.Function):
 # The functional entry point
 # ----------------------------------------------------------------------------
 
+def _autocast(device_type: str, *tensors):
+    """What autocast does to ``F.linear``'s inputs: float16/bfloat16/float32
+    tensors are cast to the autocast dtype (differentiably: gradients reach the
+    originals in their own dtype); float64 is left alone."""
+    dtype = torch.get_autocast_dtype(device_type)
+    eligible = (torch.float16, torch.bfloat16, torch.float32)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in eligible and t.dtype != dtype else t
+                 for t in tensors)
+
+
 def resolve_backend(backend: str, x: Tensor) -> str:
     """``"triton"`` or ``"torch"`` for a call on ``x``; raises ValueError when
     ``"triton"`` is asked for where it cannot run."""
@@ -255,10 +265,15 @@ def lora_linear(
             ``TRITON_INTERPRET=1``), ``"torch"`` (the reference), or ``"auto"``
             (Triton where it can run, else torch).
 
+    Under ``torch.autocast`` the tensors are first cast to the autocast dtype,
+    as for ``F.linear``.
+
     Returns:
         (..., out_features) in x's dtype. Gradients flow to x, lora_A, lora_B,
         and to weight and bias when they require grad.
     """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        x, weight, lora_A, lora_B, bias = _autocast(x.device.type, x, weight, lora_A, lora_B, bias)
     scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
     if resolve_backend(backend, x) == "torch":
         return _reference_lora_linear(x, weight, lora_A, lora_B, bias, scaling=scaling, dropout_p=dropout_p,

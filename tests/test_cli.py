@@ -24,13 +24,13 @@ def test_check_passes_and_reports_json(capsys):
 def test_check_fails_loudly_when_a_kernel_is_wrong(monkeypatch, capsys):
     from fused_lora import _triton
 
-    real = _triton.kernels.lora_gemm
+    real = _triton.get().lora_gemm
 
     def off_by_bias(*args, **kwargs):
         c, xa = real(*args, **kwargs)
         return c + 0.5, xa
 
-    monkeypatch.setattr(_triton.kernels, "lora_gemm", off_by_bias)
+    monkeypatch.setattr(_triton.get(), "lora_gemm", off_by_bias)
     assert cli.main(["check"]) == 1
     assert "FAIL" in capsys.readouterr().out
 

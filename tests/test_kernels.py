@@ -10,7 +10,7 @@ from fused_lora import _triton
 from fused_lora.kernels import configs, gemm, skinny
 from lora_testing import DEVICE, assert_close, make_params
 
-K_ = _triton.kernels
+K_ = _triton.get()
 
 
 def _skinny_reference(t, keep, inv_keep, s, l, sh_scale, tn_scale):

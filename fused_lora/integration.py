@@ -1,0 +1,546 @@
+"""Fused LoRA in real models: model-wide injection, PEFT interop, and PEFT's
+adapter file format.
+
+* :func:`inject` swaps matching linear layers of any ``nn.Module`` for
+  :class:`~fused_lora.LoRALinear` and freezes everything else.
+* :func:`from_peft` converts the LoRA layers of a PEFT model in place into
+  fused layers that *share* PEFT's parameter tensors (an optimizer built
+  before the swap keeps working); :func:`to_peft` goes back.
+* :func:`save_adapter` / :func:`load_adapter` write and read PEFT's format
+  (``adapter_model.safetensors`` + ``adapter_config.json``), so
+  ``peft.PeftModel.from_pretrained`` loads what this package saves and vice versa.
+
+Target selection follows PEFT: a string is a regular expression that must
+match the whole module name; a list matches a name exactly or as a
+``.``-separated suffix; ``"all-linear"`` is every linear layer but the output
+layer.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .layer import LoRALinear, lora_scaling
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+CONFIG_NAME = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<which>[AB])\.weight$")
+
+
+# ----------------------------------------------------------------------------
+# Finding layers
+# ----------------------------------------------------------------------------
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional
+        return None
+    return Conv1D
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    conv1d = _conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Names of the model's linear layers (``nn.Linear``, transformers' ``Conv1D``,
+    and layers already fused)."""
+    return [n for n, m in model.named_modules() if n and (_is_linear_like(m) or isinstance(m, LoRALinear))]
+
+
+def _matches(name: str, targets) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _check_targets(arg: str, targets):
+    if targets is None:
+        return None
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as err:
+            raise ValueError(f"{arg}={targets!r} is not a valid regular expression: {err}") from None
+        return targets
+    if isinstance(targets, (list, tuple, set, frozenset)) and all(isinstance(t, str) for t in targets):
+        return list(targets)
+    raise TypeError(f"{arg} must be a string (regex or 'all-linear') or a list of module names, got {targets!r}")
+
+
+def _output_layer(model: nn.Module):
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _fused_layer_for(module: nn.Module, r, alpha, dropout, use_rslora, adapter_dtype, backend) -> LoRALinear:
+    if isinstance(module, nn.Linear):
+        return LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                      backend=backend, adapter_dtype=adapter_dtype)
+    # transformers' Conv1D: weight (in, out), y = x @ W + b
+    w = module.weight
+    in_f, out_f = w.shape
+    dt = adapter_dtype or w.dtype
+    a = nn.Parameter(torch.empty(r, in_f, device=w.device, dtype=dt))
+    b = nn.Parameter(torch.empty(out_f, r, device=w.device, dtype=dt))
+    layer = LoRALinear.from_parameters(module.weight, module.bias, a, b, alpha=alpha, dropout=dropout,
+                                       use_rslora=use_rslora, fan_in_fan_out=True, backend=backend)
+    layer.weight.requires_grad_(False)
+    if layer.bias is not None:
+        layer.bias.requires_grad_(False)
+    layer.reset_lora_parameters()
+    return layer
+
+
+def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropout: float = 0.0,
+           use_rslora: bool = False, exclude_modules=None, *, adapter_dtype: torch.dtype | None = None,
+           backend: str = "auto") -> list[str]:
+    """Replace the matching linear layers of ``model`` with :class:`LoRALinear`
+    in place, sharing their weights; freeze every parameter but the adapters.
+
+    Args:
+        target_modules: a regex (full match), a list of names or name
+            suffixes (``["q_proj", "v_proj"]``), or ``"all-linear"``.
+        exclude_modules: the same forms; matching layers are left alone.
+        adapter_dtype: dtype of the new adapter parameters (default: the base's).
+
+    Returns:
+        The names of the replaced layers, in model order.
+
+    Raises:
+        ValueError: when nothing matches (the message lists the linear layers),
+            or when a match already carries an adapter.
+    """
+    all_linear = target_modules == "all-linear"
+    targets = None if all_linear else _check_targets("target_modules", target_modules)
+    excluded = _check_targets("exclude_modules", exclude_modules)
+    names = linear_layer_names(model)
+    output_layer = _output_layer(model) if all_linear else None
+    chosen = []
+    for name in names:
+        module = model.get_submodule(name)
+        if all_linear:
+            if module is output_layer:
+                continue
+        elif not _matches(name, targets):
+            continue
+        if excluded is not None and _matches(name, excluded):
+            continue
+        chosen.append(name)
+    if not chosen:
+        raise ValueError(f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matched none "
+                         f"of the model's linear layers: {names}")
+    already = [n for n in chosen if isinstance(model.get_submodule(n), LoRALinear)]
+    if already:
+        raise ValueError(f"these layers already carry a fused adapter: {already}")
+
+    fused_by_id = {}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in chosen:
+        module = model.get_submodule(name)
+        if id(module) not in fused_by_id:  # a module reachable under two names gets one adapter
+            fused_by_id[id(module)] = _fused_layer_for(module, r, alpha, dropout, use_rslora, adapter_dtype, backend)
+        _set_submodule(model, name, fused_by_id[id(module)])
+    return chosen
+
+
+def fused_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+# ----------------------------------------------------------------------------
+# PEFT interop
+# ----------------------------------------------------------------------------
+
+@dataclass
+class ConversionReport:
+    """What :func:`from_peft` converted, and what it left alone and why."""
+
+    converted: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} PEFT LoRA layer(s) to fused layers"]
+        if self.skipped:
+            lines.append(f"left {len(self.skipped)} layer(s) as they were:")
+            lines += [f"  {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+_ORIGINALS = "_fused_lora_peft_layers"
+
+
+def _peft_lora_linear():
+    try:
+        from peft.tuners.lora.layer import LoraLayer
+        from peft.tuners.lora.layer import Linear as PeftLinear
+    except ImportError as err:
+        raise ImportError("from_peft/to_peft need the `peft` package (pip install peft)") from err
+    return LoraLayer, PeftLinear
+
+
+def _why_unsupported(module, PeftLinear) -> str | None:
+    """Why a PEFT LoRA layer cannot be reproduced exactly by LoRALinear (None if it can)."""
+    if type(module) is not PeftLinear:
+        return f"{type(module).__module__}.{type(module).__name__} is not a plain LoRA Linear layer"
+    base = module.get_base_layer()
+    if not _is_linear_like(base):
+        return f"base layer {type(base).__name__} is not nn.Linear/Conv1D (quantized or custom base)"
+    adapters = list(module.lora_A.keys())
+    if len(adapters) != 1:
+        return f"several adapters loaded ({adapters}); fused layers hold one"
+    (name,) = adapters
+    active = list(module.active_adapters)
+    if active != [name]:
+        return f"active adapters are {active}, not exactly [{name!r}]"
+    if module.disable_adapters:
+        return "adapters are disabled"
+    if module.merged:
+        return f"adapter merged into the base ({module.merged_adapters}): unmerge first"
+    if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name):
+        return "a LoRA variant (DoRA or another) is not fused yet"
+    if getattr(module, "lora_bias", {}).get(name) or module.lora_B[name].bias is not None:
+        return "lora_bias (a bias on lora_B) is not fused"
+    drop = module.lora_dropout[name]
+    if not isinstance(drop, (nn.Dropout, nn.Identity)):
+        return f"dropout module {type(drop).__name__} is not nn.Dropout"
+    r, alpha = module.r[name], module.lora_alpha[name]
+    rslora = bool(getattr(module, "use_rslora", {}).get(name, False))
+    if lora_scaling(r, alpha, rslora) != module.scaling[name]:
+        return (f"scaling {module.scaling[name]} differs from lora_alpha/r{'**0.5' if rslora else ''} "
+                f"(changed with set_scale?)")
+    if base.weight.dtype != module.lora_A[name].weight.dtype and \
+            module.lora_A[name].weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"adapter dtype {module.lora_A[name].weight.dtype} is not supported"
+    return None
+
+
+def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionReport:
+    """Convert the LoRA ``Linear`` layers of a PEFT model into fused layers, in
+    place. The fused layers share PEFT's tensors (base weight and bias,
+    ``lora_A``/``lora_B`` weights), so optimizers and state keep working.
+    Base bias, dropout, rsLoRA, ``fan_in_fan_out`` and per-layer rank/alpha
+    (``rank_pattern``/``alpha_pattern``) convert; anything that cannot be
+    reproduced exactly (DoRA and other variants, several adapters, lora_bias,
+    merged or disabled adapters, quantized or non-linear bases) is left as it
+    was and listed in the report.
+    """
+    LoraLayer, PeftLinear = _peft_lora_linear()
+    report = ConversionReport()
+    originals = getattr(peft_model, _ORIGINALS, None) or {}
+    for name, module in list(peft_model.named_modules()):
+        if not isinstance(module, LoraLayer):
+            continue
+        reason = _why_unsupported(module, PeftLinear)
+        if reason:
+            report.skipped[name] = reason
+            continue
+        (adapter,) = module.lora_A.keys()
+        base = module.get_base_layer()
+        drop = module.lora_dropout[adapter]
+        layer = LoRALinear.from_parameters(
+            base.weight, base.bias, module.lora_A[adapter].weight, module.lora_B[adapter].weight,
+            alpha=module.lora_alpha[adapter], dropout=drop.p if isinstance(drop, nn.Dropout) else 0.0,
+            use_rslora=bool(getattr(module, "use_rslora", {}).get(adapter, False)),
+            fan_in_fan_out=bool(module.fan_in_fan_out), backend=backend)
+        layer.train(module.training)
+        _set_submodule(peft_model, name, layer)
+        originals[name] = module
+        report.converted.append(name)
+    object.__setattr__(peft_model, _ORIGINALS, originals)  # not a submodule: no duplicate parameters
+    return report
+
+
+def to_peft(model: nn.Module, *, adapter_name: str = "default"):
+    """Go back to PEFT.
+
+    * A model converted by :func:`from_peft`: its original PEFT layers are put
+      back (merged fused layers are unmerged first) and the model is returned.
+    * A model with :func:`inject`-ed layers: the fused layers become plain
+      linears again and ``peft.get_peft_model`` wraps the model with a
+      ``LoraConfig`` that reproduces them; PEFT's adapter parameters *are* the
+      fused layers' (shared). Returns the ``PeftModel``.
+    """
+    _peft_lora_linear()
+    originals = getattr(model, _ORIGINALS, None)
+    layers = fused_layers(model)
+    if originals:
+        for name, layer in layers.items():
+            if name in originals:
+                if layer.merged:
+                    layer.unmerge()
+                _set_submodule(model, name, originals.pop(name))
+        return model
+
+    import peft
+
+    if not layers:
+        raise ValueError("the model has no fused LoRA layers to convert")
+    config = _lora_config_dict(layers)
+    for name, layer in layers.items():
+        if layer.merged:
+            layer.unmerge()
+        _set_submodule(model, name, _plain_linear(layer))
+    lora_config = peft.LoraConfig(**{k: v for k, v in config.items() if k not in ("peft_type", "task_type",
+                                                                                  "base_model_name_or_path")})
+    peft_model = peft.get_peft_model(model, lora_config, adapter_name=adapter_name, autocast_adapter_dtype=False)
+    for name, layer in layers.items():
+        peft_layer = peft_model.base_model.model.get_submodule(name)
+        peft_layer.lora_A[adapter_name].weight = layer.lora_A
+        peft_layer.lora_B[adapter_name].weight = layer.lora_B
+        if layer.dropout > 0:
+            peft_layer.lora_dropout[adapter_name] = nn.Dropout(layer.dropout)
+    return peft_model
+
+
+def _plain_linear(layer: LoRALinear) -> nn.Module:
+    if layer.fan_in_fan_out:
+        conv1d = _conv1d_class()
+        if conv1d is None:
+            raise ImportError("a fan_in_fan_out layer goes back to transformers' Conv1D: install transformers")
+        with torch.device("meta"):
+            plain = conv1d(layer.out_features, layer.in_features)
+    else:
+        with torch.device("meta"):
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    plain.weight = layer.weight
+    plain.bias = layer.bias
+    return plain
+
+
+# ----------------------------------------------------------------------------
+# PEFT's adapter format
+# ----------------------------------------------------------------------------
+
+def _strip(name: str) -> str:
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+def _lora_config_dict(layers: dict[str, LoRALinear]) -> dict:
+    """adapter_config.json for these layers: the most common r/alpha, with
+    rank_pattern/alpha_pattern for the layers that differ."""
+    names = {_strip(n): layer for n, layer in layers.items()}
+
+    def uniform(attr, what):
+        values = {getattr(layer, attr) for layer in names.values()}
+        if len(values) > 1:
+            raise ValueError(f"PEFT's format has one {what} per adapter, but the layers differ: "
+                             + ", ".join(f"{n}={getattr(layer, attr)}" for n, layer in names.items()))
+        return values.pop()
+
+    r = collections.Counter(layer.r for layer in names.values()).most_common(1)[0][0]
+    alpha = collections.Counter(layer.alpha for layer in names.values()).most_common(1)[0][0]
+    alpha_out = int(alpha) if float(alpha).is_integer() else alpha
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "r": r,
+        "lora_alpha": alpha_out,
+        "lora_dropout": uniform("dropout", "lora_dropout"),
+        "use_rslora": uniform("use_rslora", "use_rslora"),
+        "fan_in_fan_out": uniform("fan_in_fan_out", "fan_in_fan_out"),
+        "target_modules": sorted(names),
+        "rank_pattern": {n: layer.r for n, layer in names.items() if layer.r != r},
+        "alpha_pattern": {n: (int(layer.alpha) if float(layer.alpha).is_integer() else layer.alpha)
+                          for n, layer in names.items() if layer.alpha != alpha},
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": False,
+        "modules_to_save": None,
+        "use_dora": False,
+    }
+
+
+def save_adapter(model: nn.Module, directory) -> Path:
+    """Write the model's fused adapters in PEFT's format: ``adapter_model.safetensors``
+    (keys ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight``) and
+    ``adapter_config.json``. ``peft.PeftModel.from_pretrained(base, directory)``
+    then reproduces the model's outputs. Files are written atomically."""
+    from safetensors.torch import save_file
+
+    layers = fused_layers(model)
+    if not layers:
+        raise ValueError("the model has no fused LoRA layers to save")
+    config = _lora_config_dict(layers)
+    tensors = {}
+    for name, layer in layers.items():
+        path = _strip(name)
+        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A.detach().to("cpu").contiguous()
+        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B.detach().to("cpu").contiguous()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for fname, write in ((WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
+                         (CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))):
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{fname}.")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, directory / fname)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return directory
+
+
+def _pattern_value(pattern: dict, path: str, default):
+    """PEFT's rank/alpha pattern lookup: a key matches a module name whole or
+    as a suffix, or as a regex over the name."""
+    for key, value in (pattern or {}).items():
+        if path == key or path.endswith("." + key) or re.fullmatch(rf"(.*\.)?{key}", path):
+            return value
+    return default
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory that cannot be loaded: missing, corrupt, truncated,
+    unsupported, or not matching the model."""
+
+
+def _read_adapter(directory: Path) -> tuple[dict, dict]:
+    cfg_path = directory / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise AdapterFileError(f"{cfg_path} does not exist")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{cfg_path} is not valid JSON (corrupt or truncated): {err}") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{cfg_path} must hold a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterFileError(f"{cfg_path}: peft_type {config.get('peft_type')!r} is not LORA")
+    for key, bad in (("use_dora", True), ("lora_bias", True)):
+        if config.get(key) == bad:
+            raise AdapterFileError(f"{cfg_path}: {key}={bad} is not supported by fused layers")
+    if config.get("bias", "none") != "none":
+        raise AdapterFileError(f"{cfg_path}: bias={config['bias']!r} (trained base biases) is not supported")
+    if config.get("modules_to_save"):
+        raise AdapterFileError(f"{cfg_path}: modules_to_save={config['modules_to_save']} is not supported")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
+            raise AdapterFileError(f"{cfg_path}: {key} must be a number, got {config.get(key)!r}")
+
+    st, legacy = directory / WEIGHTS_NAME, directory / LEGACY_WEIGHTS_NAME
+    try:
+        if st.is_file():
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(st))
+        elif legacy.is_file():
+            tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+        else:
+            raise AdapterFileError(f"{directory} has neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}")
+    except AdapterFileError:
+        raise
+    except Exception as err:  # safetensors / pickle errors on corrupt or truncated files
+        raise AdapterFileError(f"cannot read the adapter weights in {directory} (corrupt or truncated?): "
+                               f"{type(err).__name__}: {err}") from None
+    return config, tensors
+
+
+def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[str]:
+    """Load a PEFT-format LoRA adapter (as written by PEFT or :func:`save_adapter`)
+    into ``model``. Layers that are still plain linears are fused first, with
+    the adapter's r/alpha/dropout/rsLoRA; fused layers get the adapter's
+    weights and scaling. Everything is checked before anything changes: a
+    missing, corrupt, truncated or mismatched file raises
+    :class:`AdapterFileError` (a ``ValueError``) and leaves the model as it was.
+
+    Returns the names of the layers loaded.
+    """
+    directory = Path(directory)
+    config, tensors = _read_adapter(directory)
+    by_path: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
+    for key, value in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise AdapterFileError(f"{directory}: unexpected tensor {key!r} (only lora_A/lora_B weights are "
+                                   "supported: no embeddings, DoRA magnitudes or saved modules)")
+        by_path[_strip(m["path"])][m["which"]] = value
+    prefix = PEFT_PREFIX if isinstance(getattr(model, _ORIGINALS, None), dict) or _has_prefix(model) else ""
+    plan = []
+    for path, pair in sorted(by_path.items()):
+        if set(pair) != {"A", "B"}:
+            raise AdapterFileError(f"{directory}: {path} has lora_{''.join(sorted(pair))} but not both (truncated?)")
+        a, b = pair["A"], pair["B"]
+        try:
+            module = model.get_submodule(prefix + path)
+        except AttributeError:
+            raise AdapterFileError(f"{directory}: the model has no module {prefix + path!r}") from None
+        r_default, alpha_default = config["r"], config["lora_alpha"]
+        r = _pattern_value(config.get("rank_pattern"), path, r_default)
+        alpha = _pattern_value(config.get("alpha_pattern"), path, alpha_default)
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise AdapterFileError(f"{directory}: {path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} "
+                                   f"do not have rank r={r} from the config")
+        if isinstance(module, LoRALinear):
+            in_f, out_f, cur_r = module.in_features, module.out_features, module.r
+        elif _is_linear_like(module):
+            w = module.weight
+            in_f, out_f = (w.shape if not isinstance(module, nn.Linear) else w.shape[::-1])
+            cur_r = r
+        else:
+            raise AdapterFileError(f"{directory}: {path} is a {type(module).__name__}, not a linear layer")
+        if tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):
+            raise AdapterFileError(f"{directory}: {path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
+                                   f"fit the model's {in_f} -> {out_f} layer")
+        if cur_r != r:
+            raise AdapterFileError(f"{directory}: {path}: the model's fused layer has r={cur_r}, the adapter r={r}")
+        if not all(torch.isfinite(t).all() for t in (a, b)):
+            raise AdapterFileError(f"{directory}: {path}: the adapter weights contain NaN or Inf")
+        plan.append((path, module, a, b, r, alpha))
+
+    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    use_rslora = bool(config.get("use_rslora", False))
+    loaded = []
+    with torch.no_grad():
+        for path, module, a, b, r, alpha in plan:
+            if not isinstance(module, LoRALinear):
+                module = _fused_layer_for(module, r, alpha, dropout, use_rslora, None, backend)
+                module.train(model.training)
+                _set_submodule(model, prefix + path, module)
+            module.alpha, module.use_rslora, module.dropout = float(alpha), use_rslora, dropout
+            if module.merged:
+                module.unmerge()
+                module.lora_A.copy_(a.to(module.lora_A.dtype))
+                module.lora_B.copy_(b.to(module.lora_B.dtype))
+                module.merge()
+            else:
+                module.lora_A.copy_(a.to(module.lora_A.dtype))
+                module.lora_B.copy_(b.to(module.lora_B.dtype))
+            module.lora_A.requires_grad_(True)
+            module.lora_B.requires_grad_(True)
+            loaded.append(prefix + path)
+    return loaded
+
+
+def _has_prefix(model: nn.Module) -> bool:
+    try:
+        model.get_submodule(PEFT_PREFIX.rstrip("."))
+        return True
+    except AttributeError:
+        return False
+

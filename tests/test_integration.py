@@ -1,0 +1,374 @@
+"""Fused LoRA in real models: inject, PEFT conversion both ways, PEFT's file
+format both ways, with real PEFT and transformers models built from small
+configs (no download)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import fused_lora
+from fused_lora import AdapterFileError, LoRALinear
+from lora_testing import DEVICE
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 61
+
+
+def tiny_llama(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   **overrides)
+    return transformers.LlamaForCausalLM(cfg).to(DEVICE)
+
+
+def tiny_gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).to(DEVICE)
+
+
+def batch(seed=1, b=2, t=13):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (b, t), generator=g).to(DEVICE)
+
+
+def peft_pair(make_base, config, seed=0):
+    """Two identical PEFT models (non-zero B so the adapters matter)."""
+    first = peft.get_peft_model(make_base(seed), copy.deepcopy(config))
+    second = peft.get_peft_model(make_base(seed), copy.deepcopy(config))
+    second.load_state_dict(first.state_dict())
+    return first, second
+
+
+def trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_outputs_close(a, b, rtol=1e-5):
+    scale = b.abs().max().item()
+    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale)
+
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ----------------------------------------------------------------------------
+# inject
+# ----------------------------------------------------------------------------
+
+def test_inject_by_suffix_freezes_and_shares():
+    model = tiny_llama()
+    q_weight = model.model.layers[0].self_attn.q_proj.weight
+    names = fused_lora.inject(model, ["q_proj", "v_proj"], r=4, alpha=8)
+    assert names == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoRALinear) and layer.weight is q_weight
+    assert set(trainable(model)) == {f"{n}.lora_{w}" for n in names for w in "AB"}
+    assert isinstance(model.model.layers[0].self_attn.k_proj, nn.Linear)
+    logits = model(input_ids=batch()).logits
+    assert logits.shape == (2, 13, VOCAB)
+
+
+def test_inject_regex_all_linear_and_exclude():
+    model = tiny_llama()
+    names = fused_lora.inject(model, r"model\.layers\.1\.mlp\.(gate|up)_proj")
+    assert names == ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+    model = tiny_llama()
+    names = fused_lora.inject(model, "all-linear", exclude_modules=["down_proj"])
+    assert "lm_head" not in names and not any(n.endswith("down_proj") for n in names)
+    assert len(names) == 2 * 6
+
+
+def test_inject_errors():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"matched none.*model.layers.0.self_attn.q_proj"):
+        fused_lora.inject(model, ["qkv"])
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        fused_lora.inject(model, "q_proj(")
+    with pytest.raises(TypeError, match="target_modules"):
+        fused_lora.inject(model, 3)
+    fused_lora.inject(model, ["q_proj"])
+    with pytest.raises(ValueError, match="already carry"):
+        fused_lora.inject(model, ["q_proj"])
+
+
+def test_inject_gpt2_conv1d():
+    model = tiny_gpt2()
+    ids = batch()
+    base_logits = model(input_ids=ids).logits
+    names = fused_lora.inject(model, ["c_attn", "c_fc"], r=4, alpha=4)
+    assert len(names) == 4
+    layer = model.transformer.h[0].attn.c_attn
+    assert layer.fan_in_fan_out and layer.in_features == 32 and layer.out_features == 96
+    assert_outputs_close(model(input_ids=ids).logits, base_logits)  # B = 0: a fresh adapter changes nothing
+
+
+# ----------------------------------------------------------------------------
+# from_peft / to_peft
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["plain", "rslora-patterns-bias", "dropout"])
+def test_from_peft_matches_peft(variant):
+    kwargs = dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, init_lora_weights=False)
+    overrides = {}
+    if variant == "rslora-patterns-bias":
+        kwargs.update(use_rslora=True, rank_pattern={"down_proj": 6, "layers.1.self_attn.q_proj": 2},
+                      alpha_pattern={"v_proj": 3})
+        overrides = dict(attention_bias=True, mlp_bias=True)
+    if variant == "dropout":
+        kwargs.update(lora_dropout=0.2)
+    ref, fused = peft_pair(lambda s: tiny_llama(s, **overrides), peft.LoraConfig(**kwargs))
+    report = fused_lora.from_peft(fused)
+    assert len(report.converted) == 14 and not report.skipped
+    layer = fused.base_model.model.model.layers[1].self_attn.q_proj
+    assert isinstance(layer, LoRALinear)
+    if variant == "rslora-patterns-bias":
+        assert layer.r == 2 and layer.use_rslora and layer.bias is not None
+        assert fused.base_model.model.model.layers[0].mlp.down_proj.r == 6
+        assert fused.base_model.model.model.layers[0].self_attn.v_proj.alpha == 3
+    if variant == "dropout":
+        assert layer.dropout == 0.2
+        ref.eval()
+        fused.eval()  # dropout masks differ between PEFT and the kernels: compare without them
+    ids = batch()
+    out_ref, out_fused = ref(input_ids=ids, labels=ids), fused(input_ids=ids, labels=ids)
+    assert_outputs_close(out_fused.logits, out_ref.logits)
+    out_ref.loss.backward()
+    out_fused.loss.backward()
+    g_ref, g_fused = trainable(ref), trainable(fused)
+    assert len(g_ref) == len(g_fused) == 28
+    for (n_ref, p_ref), (n_fused, p_fused) in zip(g_ref.items(), g_fused.items()):
+        assert n_ref.startswith(n_fused)  # ...lora_A.default.weight vs ...lora_A: the same tensor
+        assert_outputs_close(p_fused.grad, p_ref.grad, rtol=1e-4)
+    if variant == "dropout":
+        fused.train()
+        torch.manual_seed(0)
+        a = fused(input_ids=ids).logits
+        assert not torch.allclose(a, out_fused.logits)  # dropout is active in train mode
+
+
+def test_training_steps_match_and_old_optimizer_keeps_working():
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, init_lora_weights=False)
+    ref, fused = peft_pair(tiny_llama, config)
+    opt_ref = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    opt_fused = torch.optim.AdamW([p for p in fused.parameters() if p.requires_grad], lr=1e-2)  # built before
+    fused_lora.from_peft(fused)
+    losses = []
+    for _ in range(3):
+        ids = batch(seed=10)  # the same batch: the loss must go down
+        for model, opt in ((ref, opt_ref), (fused, opt_fused)):
+            opt.zero_grad()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    ref_losses, fused_losses = losses[0::2], losses[1::2]
+    assert ref_losses[-1] < ref_losses[0]
+    for a, b in zip(ref_losses, fused_losses):
+        assert abs(a - b) < 1e-4 * abs(a)
+
+
+def test_from_peft_gpt2_fan_in_fan_out():
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                             init_lora_weights=False)
+    ref, fused = peft_pair(tiny_gpt2, config)
+    report = fused_lora.from_peft(fused)
+    assert len(report.converted) == 6 and not report.skipped  # attn.c_attn, attn.c_proj, mlp.c_proj per block
+    assert all(fused.get_submodule(n).fan_in_fan_out for n in report.converted)
+    ids = batch()
+    a, b = ref(input_ids=ids, labels=ids), fused(input_ids=ids, labels=ids)
+    assert_outputs_close(b.logits, a.logits)
+    a.loss.backward()
+    b.loss.backward()
+    for p_ref, p_fused in zip(trainable(ref).values(), trainable(fused).values()):
+        assert_outputs_close(p_fused.grad, p_ref.grad, rtol=1e-4)
+
+
+@pytest.mark.parametrize("feature, reason", [
+    ("dora", "variant"),
+    ("lora_bias", "lora_bias"),
+    ("two_adapters", "several adapters"),
+    ("merged", "merged"),
+])
+def test_unsupported_features_are_left_and_reported(feature, reason):
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    if feature == "dora":
+        kwargs["use_dora"] = True
+    if feature == "lora_bias":
+        kwargs["lora_bias"] = True
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**kwargs))
+    if feature == "two_adapters":
+        model.add_adapter("other", peft.LoraConfig(**kwargs))
+    if feature == "merged":
+        model.merge_adapter()
+    ids = batch()
+    before = model(input_ids=ids).logits.detach()
+    report = fused_lora.from_peft(model)
+    assert report.converted == [] and len(report.skipped) == 4
+    assert all(reason in why for why in report.skipped.values()), report.skipped
+    assert reason in str(report)
+    torch.testing.assert_close(model(input_ids=ids).logits, before)
+
+
+def test_to_peft_restores_the_original_layers():
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(tiny_llama(), config)
+    originals = {n: m for n, m in model.named_modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A")}
+    ids = batch()
+    expected = model(input_ids=ids).logits.detach()
+    fused_lora.from_peft(model)
+    model.get_submodule(next(iter(originals))).merge()  # merged fused layers are unmerged on the way back
+    back = fused_lora.to_peft(model)
+    assert back is model
+    for name, module in originals.items():
+        assert model.get_submodule(name) is module
+    torch.testing.assert_close(model(input_ids=ids).logits, expected)
+
+
+def test_inject_to_peft_builds_an_equivalent_peft_model():
+    model = tiny_llama()
+    fused_lora.inject(model, ["q_proj", "down_proj"], r=4, alpha=8)
+    with torch.no_grad():
+        for layer in fused_lora.integration.fused_layers(model).values():
+            layer.lora_B.normal_()
+    ids = batch()
+    expected = model(input_ids=ids).logits.detach()
+    shared = model.model.layers[0].self_attn.q_proj.lora_A
+    peft_model = fused_lora.to_peft(model)
+    assert isinstance(peft_model, peft.PeftModel)
+    assert peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight is shared
+    assert_outputs_close(peft_model(input_ids=ids).logits, expected)
+
+
+# ----------------------------------------------------------------------------
+# PEFT's file format
+# ----------------------------------------------------------------------------
+
+def _randomised_fused_llama(**inject_kwargs):
+    model = tiny_llama()
+    fused_lora.inject(model, **inject_kwargs)
+    with torch.no_grad():
+        for layer in fused_lora.integration.fused_layers(model).values():
+            layer.lora_B.normal_(0, 0.5)
+    return model
+
+
+def test_save_adapter_loads_in_peft(tmp_path):
+    model = _randomised_fused_llama(target_modules=LLAMA_TARGETS, r=4, alpha=8, use_rslora=True)
+    model.model.layers[1].mlp.up_proj.alpha = 5.0  # a per-layer alpha -> alpha_pattern
+    ids = batch()
+    expected = model(input_ids=ids).logits.detach()
+    fused_lora.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_rslora"] is True
+    assert config["alpha_pattern"] == {"model.layers.1.mlp.up_proj": 5}
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert_outputs_close(loaded(input_ids=ids).logits, expected)
+
+
+def test_load_adapter_written_by_peft(tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"],
+                             rank_pattern={"up_proj": 8}, init_lora_weights=False)
+    ref = peft.get_peft_model(tiny_llama(), config)
+    ref.save_pretrained(tmp_path)
+    ids = batch()
+    expected = ref(input_ids=ids).logits.detach()
+    # into a plain model: the layers are fused on the way in
+    plain = tiny_llama()
+    names = fused_lora.load_adapter(plain, tmp_path)
+    assert len(names) == 6 and plain.model.layers[0].mlp.up_proj.r == 8
+    assert_outputs_close(plain(input_ids=ids).logits, expected)
+    # into a model already fused (same ranks): weights and scaling replaced
+    fused = tiny_llama()
+    fused_lora.inject(fused, ["q_proj", "v_proj"], r=4, alpha=1)
+    fused_lora.inject(fused, ["up_proj"], r=8, alpha=1)
+    fused_lora.load_adapter(fused, tmp_path)
+    assert fused.model.layers[0].self_attn.q_proj.alpha == 16
+    assert_outputs_close(fused(input_ids=ids).logits, expected)
+    # round trip back through our writer
+    fused_lora.save_adapter(fused, tmp_path / "again")
+    again = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "again")
+    assert_outputs_close(again(input_ids=ids).logits, expected)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, \
+        {n: type(m).__name__ for n, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("config_json", "not valid JSON"),
+    ("config_missing", "does not exist"),
+    ("weights_truncated", "corrupt or truncated"),
+    ("weights_missing", "neither"),
+    ("drop_lora_B", "but not both"),
+    ("wrong_rank", "rank r="),
+    ("wrong_shape", "do not fit"),
+    ("unknown_module", "no module"),
+    ("unknown_key", "unexpected tensor"),
+    ("dora", "use_dora"),
+    ("nan", "NaN"),
+])
+def test_bad_adapter_files_raise_and_leave_the_model_unchanged(tmp_path, damage, message):
+    from safetensors.torch import load_file, save_file
+
+    src = _randomised_fused_llama(target_modules=["q_proj", "v_proj"], r=4, alpha=8)
+    fused_lora.save_adapter(src, tmp_path)
+    cfg_path, w_path = tmp_path / "adapter_config.json", tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(w_path))
+    cfg = json.loads(cfg_path.read_text())
+    key_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    key_b = key_a.replace("lora_A", "lora_B")
+    if damage == "config_json":
+        cfg_path.write_text(cfg_path.read_text()[:40])
+    elif damage == "config_missing":
+        cfg_path.unlink()
+    elif damage == "weights_truncated":
+        w_path.write_bytes(w_path.read_bytes()[:-100])
+    elif damage == "weights_missing":
+        w_path.unlink()
+    elif damage == "drop_lora_B":
+        del tensors[key_b]
+    elif damage == "wrong_rank":
+        cfg["r"] = 8
+    elif damage == "wrong_shape":
+        tensors[key_a] = torch.randn(4, 31)
+    elif damage == "unknown_module":
+        tensors[key_a.replace("q_proj", "qq_proj")] = tensors.pop(key_a)
+        tensors[key_b.replace("q_proj", "qq_proj")] = tensors.pop(key_b)
+    elif damage == "unknown_key":
+        tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.randn(4, VOCAB)
+    elif damage == "dora":
+        cfg["use_dora"] = True
+    elif damage == "nan":
+        tensors[key_b][0, 0] = float("nan")
+    if damage in ("drop_lora_B", "wrong_shape", "unknown_module", "unknown_key", "nan"):
+        save_file(tensors, str(w_path))
+    if damage in ("wrong_rank", "dora"):
+        cfg_path.write_text(json.dumps(cfg))
+
+    for target in (tiny_llama(seed=5), _randomised_fused_llama(target_modules=["q_proj", "v_proj"], r=4, alpha=8)):
+        before_state, before_types = _state(target)
+        with pytest.raises(AdapterFileError, match=message):
+            fused_lora.load_adapter(target, tmp_path)
+        after_state, after_types = _state(target)
+        assert after_types == before_types
+        assert after_state.keys() == before_state.keys()
+        assert all(torch.equal(after_state[k], before_state[k]) for k in before_state)
+
+
+def test_save_adapter_refuses_what_peft_cannot_hold(tmp_path):
+    model = tiny_llama()
+    fused_lora.inject(model, ["q_proj"], dropout=0.1)
+    model.model.layers[1].self_attn.q_proj.dropout = 0.2
+    with pytest.raises(ValueError, match="one lora_dropout per adapter"):
+        fused_lora.save_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match="no fused LoRA layers"):
+        fused_lora.save_adapter(tiny_llama(), tmp_path)

@@ -1,0 +1,151 @@
+"""The op as a PyTorch citizen: torch.library opcheck, torch.compile with
+fullgraph (one frame), autocast, activation checkpointing, gradient
+accumulation, mixed adapter/base dtypes."""
+
+import pytest
+import torch
+import torch._dynamo.testing
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import fused_lora
+from fused_lora import LoRALinear
+from lora_testing import DEVICE, assert_close, make_params, reference64
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_opcheck_forward_and_backward_ops(p):
+    x = torch.randn(3, 5, 24, device=DEVICE, requires_grad=True)
+    w, b, a, bb = make_params(24, 16, 4, torch.float32, True)
+    a.requires_grad_()
+    bb.requires_grad_()
+    seed = torch.tensor(7)
+    torch.library.opcheck(torch.ops.fused_lora.lora_linear_fwd.default, (x, w, b, a, bb, 1.5, p, seed))
+    y, xa = torch.ops.fused_lora.lora_linear_fwd(x, w, b, a, bb, 1.5, p, seed)
+    dy = torch.randn_like(y)
+    for needs in ((True, False, True, True, True), (False, True, False, True, False)):
+        torch.library.opcheck(torch.ops.fused_lora.lora_linear_bwd.default,
+                              (dy, x.detach(), w, a.detach(), bb.detach(), xa.detach(), 1.5, p, seed, *needs))
+
+
+def test_the_forward_op_is_differentiable_on_its_own():
+    """The op's registered autograd (used by torch.compile) gives the reference's gradients."""
+    x = torch.randn(7, 24, device=DEVICE, requires_grad=True)
+    w, b, a, bb = make_params(24, 16, 4, torch.float32, True)
+    a.requires_grad_()
+    bb.requires_grad_()
+    y, _ = torch.ops.fused_lora.lora_linear_fwd(x, w, b, a, bb, 1.5, 0.3, torch.tensor(11))
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, bb), dy)
+    _, g64 = reference64(x, w, b, a, bb, dy, scaling=1.5, dropout_p=0.3, seed=11, grads=("x", "lora_A", "lora_B"))
+    for g, name in zip(grads, ("x", "lora_A", "lora_B")):
+        assert_close(g, g64[name], torch.float32, name)
+
+
+class TwoLayer(nn.Module):
+    def __init__(self, dropout=0.1):
+        super().__init__()
+        self.l1 = LoRALinear(24, 32, r=4, dropout=dropout, device=DEVICE)
+        self.l2 = LoRALinear(32, 8, r=4, device=DEVICE)
+        for layer in (self.l1, self.l2):
+            nn.init.normal_(layer.lora_B)
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l1(x)))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_training_step_is_one_frame(backend):
+    model = TwoLayer()
+    x = torch.randn(4, 6, 24, device=DEVICE)
+    target = torch.randint(0, 8, (4, 6), device=DEVICE)
+    counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+
+    def loss_fn(x, target):
+        return F.cross_entropy(model(x).flatten(0, 1), target.flatten())
+
+    compiled = torch.compile(loss_fn, backend=counter, fullgraph=True)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    torch.manual_seed(1)
+    # Inductor draws random numbers its own way unless told to use eager's
+    # generator; with it, the dropout seed (and so the mask) equals eager's.
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch(fallback_random=True):
+        loss = compiled(x, target)
+    loss.backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    assert counter.frame_count == 1
+    opt.zero_grad()
+    torch.manual_seed(1)  # same dropout seed
+    eager = loss_fn(x, target)
+    eager.backward()
+    assert torch.allclose(loss, eager, rtol=1e-6, atol=1e-6)
+    for g, p in zip(compiled_grads, [p for p in model.parameters() if p.requires_grad]):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
+    opt.step()
+    with inductor_config.patch(fallback_random=True):
+        compiled(x, target).backward()  # a second step reuses the graph
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16] + ([torch.float16] if torch.cuda.is_available() else []))
+def test_autocast(dtype):
+    layer = LoRALinear(40, 24, r=4, alpha=8, device=DEVICE)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 9, 40, device=DEVICE, requires_grad=True)
+    with torch.autocast(DEVICE.type, dtype=dtype):
+        y = layer(x)
+    assert y.dtype == dtype
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), dy)
+    assert [g.dtype for g in grads] == [torch.float32] * 3
+    cast = [t.to(dtype) for t in (x, layer.weight, layer.bias, layer.lora_A, layer.lora_B)]
+    y64, g64 = reference64(*cast, dy, scaling=layer.scaling, dropout_p=0.0, seed=None,
+                           grads=("x", "lora_A", "lora_B"))
+    assert_close(y, y64, dtype, "y")
+    for g, name in zip(grads, ("x", "lora_A", "lora_B")):
+        assert_close(g, g64[name], dtype, name)
+
+
+def test_activation_checkpointing_regenerates_the_same_dropout():
+    model = TwoLayer(dropout=0.4)
+    x = torch.randn(5, 24, device=DEVICE, requires_grad=True)
+    params = [x] + [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(3)
+    plain = torch.autograd.grad(model(x).square().sum(), params)
+    torch.manual_seed(3)
+    ckpt = torch.autograd.grad(checkpoint(model, x, use_reentrant=False).square().sum(), params)
+    for a, b in zip(plain, ckpt):
+        assert torch.equal(a, b)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    model = TwoLayer(dropout=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = torch.randn(10, 24, device=DEVICE)
+    for half in (x[:4], x[4:]):
+        model(half).square().sum().backward()
+    accumulated = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    model(x).square().sum().backward()
+    for a, p in zip(accumulated, params):
+        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_adapter_on_a_low_precision_base():
+    base = nn.Linear(32, 16, device=DEVICE, dtype=torch.bfloat16)
+    layer = LoRALinear.from_linear(base, r=4, alpha=8, adapter_dtype=torch.float32)
+    nn.init.normal_(layer.lora_B)
+    assert layer.lora_A.dtype == torch.float32 and layer.weight.dtype == torch.bfloat16
+    x = torch.randn(6, 32, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    gx, ga, gb = torch.autograd.grad(y.float().sum(), (x, layer.lora_A, layer.lora_B))
+    assert gx.dtype == torch.bfloat16 and ga.dtype == gb.dtype == torch.float32
+    lo = [t.to(torch.bfloat16) for t in (layer.lora_A, layer.lora_B)]
+    y64, g64 = reference64(x, layer.weight, layer.bias, *lo, torch.ones_like(y), scaling=layer.scaling,
+                           dropout_p=0.0, seed=None, grads=("lora_A", "lora_B"))
+    assert_close(y, y64, torch.bfloat16, "y")
+    assert_close(ga, g64["lora_A"], torch.bfloat16, "dA")
