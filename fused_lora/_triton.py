@@ -6,8 +6,10 @@ repository's top-level ``kernels/``). In a source checkout run with
 ``kernels/`` under its installed name; no top-level ``kernels`` module is ever
 imported. Without Triton the package still works with ``backend="torch"``.
 
-The kernels are imported on first use: Triton decides at that moment whether
-they are compiled or interpreted (``TRITON_INTERPRET=1``).
+The kernels are imported with the package. Triton decides when
+``triton.language`` is first imported whether kernels are compiled or run on
+its CPU interpreter (``TRITON_INTERPRET=1``): set it before importing torch's
+compiler, Triton or fused_lora.
 """
 
 from __future__ import annotations
@@ -51,17 +53,27 @@ UNAVAILABLE_REASON = ""
 
 
 def _load() -> None:
-    """Import the kernels on first use (not at ``import fused_lora``), so that a
-    program can still choose the interpreter after importing the package."""
     global kernels, UNAVAILABLE_REASON
     try:
-        kernels, UNAVAILABLE_REASON = _import_kernels(), ""
+        module = _import_kernels()
     except ImportError as err:  # no triton (or a broken install): the torch backend still works
         kernels, UNAVAILABLE_REASON = None, f"the Triton kernels cannot be imported ({err})"
+        return
+    # Triton's own jit helpers (tl.cdiv, ...) were decorated when triton.language
+    # was first imported: if that was before TRITON_INTERPRET=1, interpreted
+    # kernels cannot call them. Say so instead of failing inside a kernel.
+    from triton.language import standard
+
+    if module.INTERPRETER and not module.is_interpreted(standard.cdiv):
+        kernels, UNAVAILABLE_REASON = None, (
+            "TRITON_INTERPRET=1 was set after Triton was imported (by torch.compile/torch._dynamo or "
+            "another package): set it before importing them, e.g. in the shell")
+        return
+    kernels, UNAVAILABLE_REASON = module, ""
 
 
 def get():
-    """The kernels module (imported on first call), or None without Triton."""
+    """The kernels module, or None when they cannot run (see UNAVAILABLE_REASON)."""
     if kernels is _UNLOADED:
         _load()
     return kernels
@@ -84,10 +96,9 @@ def configs():
     return k.configs
 
 
-@torch.compiler.assume_constant_result
 def why_not(device: torch.device, dtype: torch.dtype) -> str:
     """Why the Triton backend cannot run on ``device``/``dtype`` ('' if it can).
-    A constant for torch.compile: evaluated once while tracing, not traced."""
+    Plain reads of module state, so torch.compile traces it to a constant."""
     kernels = get()
     if kernels is None:
         return UNAVAILABLE_REASON
@@ -103,3 +114,6 @@ def why_not(device: torch.device, dtype: torch.dtype) -> str:
         return ("the tensors are on the CPU and the kernels were not built for Triton's interpreter "
                 "(set TRITON_INTERPRET=1 before importing fused_lora to run them on the CPU)")
     return f"there are no Triton kernels for device type {device.type!r}"
+
+
+_load()

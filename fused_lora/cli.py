@@ -5,8 +5,9 @@
     fused-lora demo  [--steps N] [--out D]    fine-tune a small character-level model, fused vs naive LoRA
 
 Without a CUDA GPU every subcommand still runs: the Triton kernels run on
-Triton's CPU interpreter (``TRITON_INTERPRET=1`` is set before they are
-imported), and the output says so.
+Triton's CPU interpreter, and the output says so. (Triton fixes the
+interpreter switch when it is first imported, so the command re-executes
+itself once with ``TRITON_INTERPRET=1`` set.)
 """
 
 from __future__ import annotations
@@ -18,12 +19,23 @@ import sys
 import time
 
 
-def _where() -> str:
-    """Prepare the kernels for this machine and describe where they run."""
+def _reexec_with_interpreter(argv: list[str]) -> None:
+    """No GPU and no interpreter requested: run again with TRITON_INTERPRET=1,
+    which must be set before Triton is imported (importing fused_lora did)."""
     import torch
 
-    if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
+    if torch.cuda.is_available() or "TRITON_INTERPRET" in os.environ:
+        return
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "fused_lora.cli", *argv], env)
+
+
+def _where() -> str:
+    """Describe where the kernels run on this machine."""
+    import torch
+
     from . import _triton
 
     if torch.cuda.is_available() and not _triton.interpreter() and _triton.available():
@@ -168,6 +180,38 @@ def cmd_bench(args) -> int:
 
 
 # ----------------------------------------------------------------------------
+# demo
+# ----------------------------------------------------------------------------
+
+def cmd_demo(args) -> int:
+    where = _where()
+    from pathlib import Path
+
+    import torch
+
+    from . import _triton, demo
+
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:
+        print(f"fused-lora demo needs peft and transformers ({err}); pip install 'fused-lora[demo]'", file=sys.stderr)
+        return 2
+    on_gpu = torch.cuda.is_available() and not _triton.interpreter()
+    steps = args.steps or (200 if on_gpu else 30)
+    print(f"fused-lora demo — {steps} steps — {where}", file=sys.stderr)
+    result = demo.run(steps, Path(args.out), torch.device("cuda" if on_gpu else "cpu"), r=args.r,
+                      alpha=args.alpha, dropout=args.dropout, progress=progress, where=where)
+    if args.json:
+        print(json.dumps(demo.asdict(result), indent=1))
+    else:
+        print(demo.report(result))
+    # With dropout the two runs draw different masks; without, the curves must agree.
+    tolerance = 1e-3 if args.dropout == 0 else float("inf")
+    return 0 if result.max_loss_diff <= tolerance and result.reload_max_logit_diff <= 1e-3 else 1
+
+
+# ----------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------
 
@@ -184,11 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, help="seconds; cases not started by then are skipped (and said so)")
     p.add_argument("--json", action="store_true", help="print the JSON results instead of the table")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("demo", help="fine-tune a small character-level LM: fused vs PEFT LoRA side by side")
+    p.add_argument("--steps", type=int, help="training steps (default 30 on CPU, 200 on a GPU)")
+    p.add_argument("--r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=16, help="LoRA alpha")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="LoRA dropout (> 0: the two runs draw different masks, so the curves differ)")
+    p.add_argument("--out", default="out/demo", help="output folder (adapter, loss plot, demo.json)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)  # (--help and usage errors need no re-execution)
+    _reexec_with_interpreter(argv)
     return args.func(args)
 
 

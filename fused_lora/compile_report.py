@@ -209,21 +209,21 @@ def jobs_for(arch: int) -> list[Job]:
     return jobs
 
 
-def _compiling_worker() -> None:
-    # Compiling needs the real (JIT) kernels, whatever the caller runs on:
-    # the workers are fresh processes that import the kernels without the
-    # interpreter switch, so the caller's own kernels are left as they are.
-    os.environ.pop("TRITON_INTERPRET", None)
-
-
 def run(archs=(90, 80), jobs: int = 1) -> list[Result]:
+    """Compile every job, in fresh worker processes. Compiling needs the real
+    (JIT) kernels whatever the caller runs on, so the workers start without
+    TRITON_INTERPRET; the caller's own kernels are left as they are."""
     import multiprocessing
 
     work = [j for a in archs for j in jobs_for(a)]
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx,
-                                                initializer=_compiling_worker) as pool:
-        return list(pool.map(compile_job, work))
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, jobs),
+                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(compile_job, work))
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:

@@ -116,7 +116,7 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
         fwd_gemm=cfg.gemm_config(m, n, k, r, elt, strategy == "in_loop", interp, arch=arch),
         dx_gemm=cfg.gemm_config(m, k, n, r, elt, False, interp, epilogue_mask=dropout_p > 0.0, arch=arch),
         dw_gemm=cfg.gemm_config(n, k, m, 1, elt, False, interp, arch=arch),
-        skinny=cfg.skinny_config(elt, interp),
+        skinny=cfg.skinny_config(elt, interp, m),
         skinny_programs=cfg.skinny_target_programs(interp),
         input_precision=input_precision(dtype),
         interpreter=interp,

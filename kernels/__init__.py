@@ -9,22 +9,29 @@
 The math is written once, in :mod:`fused_lora.ops`.
 """
 
-from . import configs
-from .common import is_interpreted, poison_outputs
-from .gemm import lora_gemm, lora_gemm_kernel
-from .skinny import lora_skinny_kernel, reduce_partials, reduce_partials_kernel, skinny_pass
+if __name__ == "kernels":
+    # Imported as a top-level ``kernels`` (a checkout's root on sys.path, and a
+    # probe for the unrelated ``kernels`` package on PyPI, as transformers
+    # makes): stay an empty shell with no version, so the probe finds nothing
+    # usable and no second copy of the kernels is built.
+    __all__ = []
+else:
+    from . import configs
+    from .common import is_interpreted, poison_outputs
+    from .gemm import lora_gemm, lora_gemm_kernel
+    from .skinny import lora_skinny_kernel, reduce_partials, reduce_partials_kernel, skinny_pass
 
-#: True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
-INTERPRETER = is_interpreted(lora_gemm_kernel)
+    #: True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
+    INTERPRETER = is_interpreted(lora_gemm_kernel)
 
-__all__ = [
-    "INTERPRETER",
-    "configs",
-    "lora_gemm",
-    "lora_gemm_kernel",
-    "lora_skinny_kernel",
-    "poison_outputs",
-    "reduce_partials",
-    "reduce_partials_kernel",
-    "skinny_pass",
-]
+    __all__ = [
+        "INTERPRETER",
+        "configs",
+        "lora_gemm",
+        "lora_gemm_kernel",
+        "lora_skinny_kernel",
+        "poison_outputs",
+        "reduce_partials",
+        "reduce_partials_kernel",
+        "skinny_pass",
+    ]

@@ -109,8 +109,13 @@ REDUCE_BLOCK = 1024
 # Its cost is per program and per loop trip, not per FLOP, so blocks are as
 # large as the test shapes allow while still leaving several tiles (and a
 # ragged tail) at the awkward sizes the tests use (17, 123, ...).
+# Above a few tiles' worth of rows (a training batch rather than a test
+# shape) the row tile grows to 128: 4x fewer programs, same code paths.
 INTERPRETER_GEMM = GemmConfig(block_m=32, block_n=32, block_k=32, group_m=4, num_warps=4, num_stages=1)
+INTERPRETER_GEMM_WIDE = GemmConfig(block_m=128, block_n=64, block_k=64, group_m=4, num_warps=4, num_stages=1)
 INTERPRETER_SKINNY = SkinnyConfig(block_m=32, block_c=32, num_warps=4, num_stages=1)
+INTERPRETER_SKINNY_WIDE = SkinnyConfig(block_m=128, block_c=64, num_warps=4, num_stages=1)
+INTERPRETER_WIDE_FROM_M = 256
 
 # --- CUDA --------------------------------------------------------------------
 # Hopper leads from ../shared/design/KERNELS.md: BM=128, BN=256 (r <= 16) or
@@ -175,7 +180,7 @@ def gemm_config(m: int, n: int, k: int, r: int, elt: int, shrink_in_loop: bool,
     128-row tile nor leave SMs idle.
     """
     if interpreter:
-        return INTERPRETER_GEMM
+        return INTERPRETER_GEMM_WIDE if m >= INTERPRETER_WIDE_FROM_M else INTERPRETER_GEMM
     block_r = block_r_for(r) if shrink_in_loop else block_r_for(r, GEMM_LR_MAX_BLOCK_R[elt])
     cands = gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, arch=arch)
     mb = m_bucket(m)
@@ -191,9 +196,9 @@ def gemm_config(m: int, n: int, k: int, r: int, elt: int, shrink_in_loop: bool,
     return pool[-1]
 
 
-def skinny_config(elt: int, interpreter: bool) -> SkinnyConfig:
+def skinny_config(elt: int, interpreter: bool, m: int = 0) -> SkinnyConfig:
     if interpreter:
-        return INTERPRETER_SKINNY
+        return INTERPRETER_SKINNY_WIDE if m >= INTERPRETER_WIDE_FROM_M else INTERPRETER_SKINNY
     return SKINNY_FP32 if elt == 4 else SKINNY_16BIT
 
 

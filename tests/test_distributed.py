@@ -72,6 +72,8 @@ def _worker(rank, mode, init_file, out_file):
         grads = _grads(model)
         if rank == 0:
             torch.save(grads, out_file)
+        del wrapped
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -40,6 +40,9 @@ CASES = [
     ((4, 9),      64,  40,  16,  BF16, False, 0.0,  "in_loop", "strided",    False),
     ((3, 11),     50,  70,  64,  BF16, True,  0.4,  "split",   "permuted",   False),
     ((20,),       40,  30,  3,   BF16, True,  0.0,  "split",   "transposed", True),
+    # M >= 256: the interpreter's wide tiles (what training batches use)
+    ((2, 150),    96,  80,  16,  F32,  True,  0.2,  "split",   "contiguous", True),
+    ((300,),      70,  130, 8,   F16,  False, 0.0,  "in_loop", "strided",    False),
 ]
 
 

@@ -1,0 +1,33 @@
+"""``fused-lora demo`` end to end, shortened: PEFT and fused LoRA on a real
+transformers Llama give the same losses; the saved adapter reloads in PEFT."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from fused_lora import demo  # noqa: E402
+
+
+def test_demo_runs_and_curves_match(tmp_path):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = demo.run(4, tmp_path, device, pretrain_steps=5, sample_chars=8, where="test")
+    assert result.converted == 14 and not result.skipped
+    assert len(result.naive_losses) == len(result.fused_losses) == 4
+    assert result.max_loss_diff < 1e-4
+    assert result.reload_max_logit_diff < 1e-4
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "demo.json").read_text())["steps"] == 4
+    assert result.sample.startswith("Four score and ")
+    assert "max |loss difference|" in demo.report(result)
+
+
+def test_the_shipped_text():
+    sonnets, address = demo.load_text()
+    assert sonnets.startswith("SONNET 18") and address.startswith("THE GETTYSBURG ADDRESS")
+    assert len(sonnets) > 5000 and len(address) > 1000
