@@ -5,6 +5,7 @@ The math is in :mod:`fused_lora.ops`; the kernels in :mod:`fused_lora.kernels`.
 """
 
 from . import _triton, dispatch, reference
+from .dispatch import explain
 from .dropout import dropout_mask
 from .integration import (
     AdapterFileError,
@@ -27,6 +28,7 @@ __all__ = [
     "LoRALinearFunction",
     "dispatch",
     "dropout_mask",
+    "explain",
     "from_peft",
     "inject",
     "load_adapter",

@@ -5,18 +5,32 @@ Forward strategies (the math is in :mod:`fused_lora.ops`):
 ``in_loop``
     One kernel: the shrink ``xa = x·Aᵀ`` is a second ``tl.dot`` on the x tiles
     already loaded for the base GEMM; ``s·xa·Bᵀ`` is added to the accumulator
-    after the K loop. Recomputes xa once per N tile (+r/BLOCK_N FLOPs) and, with
-    dropout, would regenerate the mask once per N tile, so it only runs with
-    ``dropout_p == 0``.
+    after the K loop. Recomputes xa once per N tile (+r/BLOCK_N FLOPs) and,
+    with dropout, would regenerate the mask once per N tile, so it only runs
+    with ``dropout_p == 0``.
 ``split``
     The skinny pass (dropout + shrink, one read of x, the mask drawn once)
-    writes the tiny fp32 ``xa`` (M, r); the GEMM then adds ``s·xa·Bᵀ`` to its
-    accumulator.
+    writes the tiny fp32 ``xa`` (M, r); the GEMM then starts its accumulator
+    from ``s·xa·Bᵀ`` (+ bias) and runs the base K loop.
+``hybrid``
+    The skinny pass, then the same GEMM kernel with an empty K loop writes
+    ``C = s·xa·Bᵀ + b``, and cuBLAS adds the base in place
+    (``C.addmm_(x, Wᵀ)``). The safety net where Triton's GEMM loses to cuBLAS:
+    the default for float32 on CUDA (exact fp32 dots run on FMA units, where
+    cuBLAS is far ahead); forced elsewhere with :func:`force_strategy`.
 
-The backward is always: the dy pass (g, dB and db from one read of dy), the dx
-GEMM (the forward kernel with roles swapped, mask regenerated in its
+Small M (at most :data:`SMALL_M` tokens: decode, small batches) is memory
+bound: the extra FLOPs of the in-loop shrink are free there, so without
+dropout it runs as one launch at any rank up to one rank tile, on the
+narrowest tiles (more programs for the bandwidth).
+
+The backward is: the dy pass (g, dB and db from one read of dy), the dx GEMM
+(the forward kernel with roles swapped, the mask regenerated in its
 epilogue), the dA pass over x (mask regenerated), and the dW GEMM when the
-base is trainable.
+base is trainable. Under ``hybrid`` the dx GEMM writes only the masked
+low-rank term and cuBLAS adds ``dy·W``; dW is a cuBLAS GEMM.
+
+:func:`explain` says what would run for a shape, and why.
 """
 
 from __future__ import annotations
@@ -30,11 +44,14 @@ import torch
 
 from . import _triton
 
-STRATEGIES = ("in_loop", "split")
+STRATEGIES = ("in_loop", "split", "hybrid")
 #: Ranks up to this use the in-loop shrink when there is no dropout
 #: (KERNELS.md: its extra FLOPs are r/BLOCK_N, +6% at r=16, BN=256; the split
 #: costs one more read of x, ~5% at N=4096: expected crossover near r=32).
 IN_LOOP_MAX_R = 16
+#: At or below this many tokens the problem is memory bound (KERNELS.md):
+#: fewest launches first.
+SMALL_M = 256
 
 _forced_strategy: contextvars.ContextVar[str | None] = contextvars.ContextVar("fused_lora_strategy", default=None)
 
@@ -67,6 +84,11 @@ class Plan:
     input_precision: str
     interpreter: bool
 
+    @property
+    def cublas_base(self) -> bool:
+        """The base GEMMs (forward, dx, dW) run on cuBLAS."""
+        return self.strategy == "hybrid"
+
 
 def input_precision(dtype: torch.dtype) -> str:
     """fp32 dots follow torch's own matmul setting: exact ("ieee") unless the
@@ -89,27 +111,36 @@ def device_arch(device: torch.device) -> int:
     return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, arch: int = 90) -> Plan:
-    """The strategy and configurations for ``x (m, k) · Wᵀ (k, n)`` with rank ``r``
-    on a GPU of compute capability ``arch`` (x10)."""
-    cfg = _triton.configs()
-    interp = _triton.interpreter()
-    elt = torch.empty((), dtype=dtype).element_size()
-    in_loop_ok = dropout_p == 0.0 and r <= cfg.MAX_BLOCK_R
+def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, max_block_r: int):
+    in_loop_ok = dropout_p == 0.0 and r <= max_block_r
     forced = _forced_strategy.get()
     if forced is not None:
-        strategy = forced if (forced != "in_loop" or in_loop_ok) else "split"
-        reason = f"forced {forced!r}" + ("" if strategy == forced else " (cannot run here: split)")
-    elif not in_loop_ok:
-        strategy = "split"
-        reason = ("dropout > 0: the skinny pass draws the mask once instead of once per N tile"
-                  if dropout_p > 0.0 else f"r={r} exceeds one rank tile ({cfg.MAX_BLOCK_R})")
-    elif r <= IN_LOOP_MAX_R:
-        strategy = "in_loop"
-        reason = f"no dropout and r={r} <= {IN_LOOP_MAX_R}: the in-loop shrink costs r/BLOCK_N extra FLOPs"
-    else:
-        strategy = "split"
-        reason = f"r={r} > {IN_LOOP_MAX_R}: recomputing xa per N tile would cost more than one read of x"
+        if forced == "in_loop" and not in_loop_ok:
+            return "split", f"forced 'in_loop', which cannot run here ({'dropout' if dropout_p else 'rank'}): split"
+        return forced, f"forced {forced!r}"
+    if dtype == torch.float32 and not interp:
+        return "hybrid", ("float32 on CUDA: exact fp32 dots run on FMA units, where cuBLAS is far ahead; "
+                          "the fused low-rank term is cuBLAS's C operand")
+    if not in_loop_ok:
+        if dropout_p > 0.0:
+            return "split", "dropout > 0: the skinny pass draws the mask once instead of once per N tile"
+        return "split", f"r={r} exceeds one rank tile ({max_block_r})"
+    if m <= SMALL_M:
+        return "in_loop", (f"small M ({m} <= {SMALL_M}) is memory bound: one launch; the in-loop shrink's "
+                           "extra FLOPs are free")
+    if r <= IN_LOOP_MAX_R:
+        return "in_loop", f"no dropout and r={r} <= {IN_LOOP_MAX_R}: the in-loop shrink costs r/BLOCK_N extra FLOPs"
+    return "split", f"r={r} > {IN_LOOP_MAX_R}: recomputing xa per N tile would cost more than one read of x"
+
+
+def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, arch: int = 90,
+         interpreter: bool | None = None) -> Plan:
+    """The strategy and configurations for ``x (m, k) · Wᵀ (k, n)`` with rank ``r``
+    on a GPU of compute capability ``arch`` (x10), or on the interpreter."""
+    cfg = _triton.configs()
+    interp = _triton.interpreter() if interpreter is None else interpreter
+    elt = torch.empty((), dtype=dtype).element_size()
+    strategy, reason = _choose(m, r, dtype, dropout_p, interp, cfg.MAX_BLOCK_R)
     return Plan(
         strategy=strategy,
         reason=reason,
@@ -121,3 +152,84 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
         input_precision=input_precision(dtype),
         interpreter=interp,
     )
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What :func:`explain` returns: the plan and a readable account of it."""
+
+    m: int
+    n: int
+    k: int
+    r: int
+    dtype: torch.dtype
+    dropout_p: float
+    target: str
+    plan: Plan
+
+    def passes(self) -> list[tuple[str, str]]:
+        p = self.plan
+
+        def tiles(c):
+            return (f"BLOCK_M={c.block_m} BLOCK_N={c.block_n} BLOCK_K={c.block_k} GROUP_M={c.group_m} "
+                    f"warps={c.num_warps} stages={c.num_stages}")
+
+        skinny = (f"skinny pass BLOCK_M={p.skinny.block_m} BLOCK_C={p.skinny.block_c} warps={p.skinny.num_warps} "
+                  f"stages={p.skinny.num_stages}, ~{p.skinny_programs} programs")
+        out = []
+        if p.strategy == "in_loop":
+            out.append(("forward", f"one GEMM with the shrink in its K loop; {tiles(p.fwd_gemm)}"))
+        else:
+            out.append(("forward: shrink", f"{skinny} (dropout mask drawn once)" if self.dropout_p else skinny))
+            if p.strategy == "split":
+                out.append(("forward: GEMM", f"accumulator starts from s·xa·Bᵀ + b; {tiles(p.fwd_gemm)}"))
+            else:
+                out.append(("forward: GEMM", f"low-rank term + bias as C ({tiles(p.fwd_gemm)}, empty K loop), "
+                                             "then cuBLAS C.addmm_(x, Wᵀ)"))
+        out.append(("backward: dy pass", f"g = s·dy·B, dB = s·dyᵀ·xa (and db) from one read of dy; {skinny}"))
+        dx = f"{tiles(p.dx_gemm)}" + (", mask regenerated in the epilogue" if self.dropout_p else "")
+        if p.cublas_base:
+            out.append(("backward: dx", f"masked (g·A)/(1-p) written by the fused kernel ({dx}), "
+                                        "then cuBLAS addmm_(dy, W)"))
+            out.append(("backward: dW", "cuBLAS dyᵀ·x, only when the base requires grad"))
+        else:
+            out.append(("backward: dx", f"the forward GEMM with roles swapped; {dx}"))
+            out.append(("backward: dW", f"the same GEMM (dyᵀ, x), only when the base requires grad; "
+                                        f"{tiles(p.dw_gemm)}"))
+        out.append(("backward: dA", f"gᵀ·drop(x) from one read of x" + (", mask regenerated" if self.dropout_p else "")
+                    + f"; {skinny}"))
+        return out
+
+    def __str__(self) -> str:
+        head = (f"x ({self.m}, {self.k}) -> ({self.m}, {self.n}), r={self.r}, {str(self.dtype).replace('torch.', '')},"
+                f" dropout={self.dropout_p:g} on {self.target}")
+        lines = [head, f"strategy: {self.plan.strategy} — {self.plan.reason}"]
+        lines += [f"  {name:<18} {what}" for name, what in self.passes()]
+        return "\n".join(lines)
+
+
+def explain(x_shape, weight_shape, r: int, dtype: torch.dtype = torch.bfloat16, dropout_p: float = 0.0,
+            target: str = "sm_90") -> Explanation:
+    """Which strategy and configuration would run for ``x`` of ``x_shape``
+    (..., in) and a weight of ``weight_shape`` (out, in), rank ``r``, and why.
+
+    ``target``: ``"sm_90"`` (Hopper, the default, whatever this machine has),
+    ``"sm_80"``, another ``"sm_XY"``, or ``"interpreter"``. ``print()`` it.
+    """
+    x_shape, weight_shape = tuple(x_shape), tuple(weight_shape)
+    if len(weight_shape) != 2 or not x_shape or x_shape[-1] != weight_shape[1]:
+        raise ValueError(f"x_shape (..., in) and weight_shape (out, in) do not fit: {x_shape}, {weight_shape}")
+    if r < 1:
+        raise ValueError(f"r must be >= 1, got {r}")
+    if target == "interpreter":
+        arch, interp = 90, True
+    elif target.startswith("sm_") and target[3:].isdigit():
+        arch, interp = int(target[3:]), False
+    else:
+        raise ValueError(f"target must be 'sm_XY' or 'interpreter', got {target!r}")
+    m = 1
+    for d in x_shape[:-1]:
+        m *= d
+    n, k = weight_shape
+    return Explanation(m, n, k, r, dtype, float(dropout_p), target,
+                       plan(m, n, k, r, dtype, dropout_p, arch=arch, interpreter=interp))

@@ -25,7 +25,8 @@ How it runs (Triton backend)
 * forward: ``y`` is one GEMM whose fp32 accumulator also receives ``s·xa·Bᵀ``
   and ``b``; ``xa`` comes from a second dot inside the K loop (``in_loop``) or
   from the skinny pass over x, which draws the dropout mask once (``split``).
-  See :mod:`fused_lora.dispatch`.
+  Where cuBLAS is the better base GEMM (``hybrid``), the kernel writes the
+  low-rank term and cuBLAS adds ``x·Wᵀ`` onto it. See :mod:`fused_lora.dispatch`.
 * backward: the *dy pass* reads dy once for ``g``, ``dB`` (and ``db``); the dx
   GEMM is the forward kernel with (x, Wᵀ, xa, Bᵀ) replaced by (dy, W, g, A) and
   the mask regenerated in its epilogue; the *dA pass* reads x once,
@@ -77,8 +78,12 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
         xa, _, _ = k_.skinny_pass(x2, shrink=lora_A.t(), sh_scale=1.0 / (1.0 - dropout_p), dropout_p=dropout_p,
                                   seed=seed, config=plan.skinny, target_programs=plan.skinny_programs,
                                   input_precision=plan.input_precision)
-        y2, _ = k_.lora_gemm(x2, weight.t(), bias=bias, u=xa, v=lora_B.t(), lr_scale=scaling,
+        # hybrid: an empty K loop (the kernel writes C = s·xa·Bᵀ + b), then cuBLAS adds x·Wᵀ in place
+        a, b = (x2[:, :0], weight.t()[:0]) if plan.cublas_base else (x2, weight.t())
+        y2, _ = k_.lora_gemm(a, b, bias=bias, u=xa, v=lora_B.t(), lr_scale=scaling,
                              config=plan.fwd_gemm, out_dtype=x.dtype, input_precision=plan.input_precision)
+        if plan.cublas_base:
+            y2.addmm_(x2, weight.t())
     return y2.view(*x.shape[:-1], n), xa.view(*x.shape[:-1], r)
 
 
@@ -105,16 +110,22 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
             config=plan.skinny, target_programs=plan.skinny_programs, input_precision=plan.input_precision)
     dx = d_a = d_w = None
     if need_x:
-        dx2, _ = k_.lora_gemm(dy2, weight, u=g, v=lora_A, lr_scale=inv_keep, dropout_p=dropout_p, seed=seed,
+        a, b = (dy2[:, :0], weight[:0]) if plan.cublas_base else (dy2, weight)
+        dx2, _ = k_.lora_gemm(a, b, u=g, v=lora_A, lr_scale=inv_keep, dropout_p=dropout_p, seed=seed,
                               config=plan.dx_gemm, out_dtype=x.dtype, input_precision=plan.input_precision)
+        if plan.cublas_base:
+            dx2.addmm_(dy2, weight)
         dx = dx2.view(x.shape)
     if need_A:
         _, d_a, _ = k_.skinny_pass(x2, tn_left=g, tn_scale=inv_keep, dropout_p=dropout_p, seed=seed,
                                    tn_dtype=lora_A.dtype, config=plan.skinny,
                                    target_programs=plan.skinny_programs, input_precision=plan.input_precision)
     if need_weight:
-        d_w, _ = k_.lora_gemm(dy2.t(), x2, config=plan.dw_gemm, out_dtype=weight.dtype,
-                              input_precision=plan.input_precision)
+        if plan.cublas_base:
+            d_w = torch.mm(dy2.t(), x2)
+        else:
+            d_w, _ = k_.lora_gemm(dy2.t(), x2, config=plan.dw_gemm, out_dtype=weight.dtype,
+                                  input_precision=plan.input_precision)
     return dx, d_w, d_bias, d_a, d_b
 
 

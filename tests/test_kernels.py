@@ -181,3 +181,27 @@ def test_scaling_and_dropout_are_runtime_arguments():
         if before is not None:
             after = sum(len(c[0]) for c in gemm.lora_gemm_kernel.device_caches.values())
             assert after == before
+
+
+def test_explain_says_what_runs_and_why():
+    text = str(fused_lora.explain((8192, 4096), (4096, 4096), 16))
+    assert "strategy: in_loop" in text and "sm_90" in text and "BLOCK_M=128" in text
+    e = fused_lora.explain((4, 2048, 4096), (14336, 4096), 64, dropout_p=0.1)
+    assert e.plan.strategy == "split" and "dropout" in e.plan.reason and e.m == 8192 and e.n == 14336
+    assert "mask regenerated" in str(e)
+    small = fused_lora.explain((16, 4096), (4096, 4096), 64)
+    assert small.plan.strategy == "in_loop" and "small M" in small.plan.reason
+    fp32 = fused_lora.explain((4096, 1024), (1024, 1024), 16, dtype=torch.float32)
+    assert fp32.plan.strategy == "hybrid" and "cuBLAS" in str(fp32)
+    assert fused_lora.explain((4096, 1024), (1024, 1024), 16, dtype=torch.float32,
+                              target="interpreter").plan.strategy == "in_loop"
+    with fused_lora.dispatch.force_strategy("in_loop"):
+        forced = fused_lora.explain((64, 32), (32, 32), 4, dropout_p=0.2)
+    assert forced.plan.strategy == "split" and "cannot run" in forced.plan.reason
+    for bad in (dict(x_shape=(4, 3), weight_shape=(5, 4), r=2), dict(x_shape=(4, 4), weight_shape=(5, 4), r=0),
+                dict(x_shape=(4, 4), weight_shape=(5, 4), r=2, target="gpu")):
+        with pytest.raises(ValueError):
+            fused_lora.explain(**bad)
+    with pytest.raises(ValueError, match="strategy"):
+        with fused_lora.dispatch.force_strategy("fastest"):
+            pass

@@ -4,7 +4,7 @@ Each case is (lead shape, K, N, r, dtype, bias, dropout p, strategy, x layout,
 trainable base). The list covers each axis on purpose: awkward sizes (1, 17,
 45, 123: none a multiple of a block), every rank class (1, 3, 8, 16, 64, 128,
 and 200 above one rank tile), 2-D, 3-D, strided, transposed and permuted x,
-all three dtypes, both forward strategies, dropout on and off, frozen and
+all three dtypes, every forward strategy, dropout on and off, frozen and
 trainable base.
 """
 
@@ -40,6 +40,10 @@ CASES = [
     ((4, 9),      64,  40,  16,  BF16, False, 0.0,  "in_loop", "strided",    False),
     ((3, 11),     50,  70,  64,  BF16, True,  0.4,  "split",   "permuted",   False),
     ((20,),       40,  30,  3,   BF16, True,  0.0,  "split",   "transposed", True),
+    # hybrid: the fused low-rank term as C, the base GEMM from torch (cuBLAS on a GPU)
+    ((17,),       45,  77,  8,   F32,  True,  0.25, "hybrid",  "strided",    True),
+    ((3, 11),     64,  48,  64,  F16,  False, 0.0,  "hybrid",  "permuted",   True),
+    ((123,),      33,  50,  3,   BF16, True,  0.1,  "hybrid",  "transposed", False),
     # M >= 256: the interpreter's wide tiles (what training batches use)
     ((2, 150),    96,  80,  16,  F32,  True,  0.2,  "split",   "contiguous", True),
     ((300,),      70,  130, 8,   F16,  False, 0.0,  "in_loop", "strided",    False),
@@ -82,7 +86,7 @@ def test_functional_matches_reference(case):
 
 @pytest.mark.parametrize("r", [1, 3, 8, 16, 64, 128])
 @pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
-@pytest.mark.parametrize("strategy, p", [("in_loop", 0.0), ("split", 0.0), ("split", 0.15)])
+@pytest.mark.parametrize("strategy, p", [("in_loop", 0.0), ("split", 0.0), ("split", 0.15), ("hybrid", 0.15)])
 def test_rank_sweep(r, dtype, strategy, p):
     """Every rank class in every dtype and path, at an awkward shape (3-D x,
     no dimension a multiple of a block)."""
