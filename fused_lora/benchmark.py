@@ -10,10 +10,12 @@ Providers (all compute ``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with W frozen
 
 Modes: ``forward``, ``backward`` (the backward of one recorded forward, timed
 alone), ``forward+backward``. On a GPU each number is the median of
-``triton.testing.do_bench`` (which flushes L2 before every run, so repeated
-inputs are not served from cache), after warm-up (Triton compiles on the first
-call); small M is timed through a CUDA graph. Peak memory is the extra
-``torch.cuda.max_memory_allocated`` of one forward+backward.
+``triton.testing.do_bench`` after warm-up (Triton compiles on the first call);
+small M is timed through a CUDA graph. Inputs are rotated: each timed round
+runs the step on several independent copies of x and the weights, together
+more than twice the L2 cache, and reports the time per step, so small problems
+are not served from cache (do_bench also flushes L2 between rounds). Peak
+memory is the extra ``torch.cuda.max_memory_allocated`` of one forward+backward.
 
 Without a GPU the harness runs its *smoke* preset: tiny shapes through
 Triton's CPU interpreter, checking that every provider runs and agrees; its
@@ -137,8 +139,8 @@ class Inputs:
     dropout: float
 
     @classmethod
-    def make(cls, case: Case, device) -> "Inputs":
-        g = torch.Generator(device="cpu").manual_seed(0)
+    def make(cls, case: Case, device, seed: int = 0) -> "Inputs":
+        g = torch.Generator(device="cpu").manual_seed(seed)
         dt = case.torch_dtype
 
         def rand(*shape, scale=1.0):
@@ -206,6 +208,15 @@ def make_step(mode: str, forward, leaves, dy):
 # ----------------------------------------------------------------------------
 # Timers
 # ----------------------------------------------------------------------------
+
+def input_copies(case: Case, max_copies: int = 8) -> int:
+    """How many independent input sets make one timed round exceed twice the
+    GPU's L2 cache (so that small problems are not timed from cache)."""
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or 60 * 2**20
+    e = torch.empty((), dtype=case.torch_dtype).element_size()
+    per_copy = e * (case.m * case.k + case.n * case.k + case.n + case.r * (case.k + case.n))
+    return max(1, min(max_copies, math.ceil(2 * l2 / per_copy)))
+
 
 def time_cuda(step, m: int, warmup_ms: int = 25, rep_ms: int = 100) -> tuple[list[float], str]:
     """(p50, p20, p80) in ms and the timer used."""
@@ -369,7 +380,9 @@ def run_preset(preset: Preset, device, progress=None, deadline: float | None = N
             results += [Measurement(case, p, mo, note="skipped: time budget spent")
                         for p in preset.providers for mo in preset.modes]
             continue
-        inp = Inputs.make(case, device)
+        copies = input_copies(case) if on_gpu else 1
+        inputs = [Inputs.make(case, device, seed=i) for i in range(copies)]
+        inp = inputs[0]
         dy = torch.randn(case.m, case.n, device=device, dtype=case.torch_dtype)
         for provider in preset.providers:
             skip = ""
@@ -387,19 +400,26 @@ def run_preset(preset: Preset, device, progress=None, deadline: float | None = N
                 meas = Measurement(case, provider, mode, max_error=err, note=skip)
                 if not skip:
                     try:
-                        fwd = make_forward(provider, inp)
-                        step = make_step(mode, fwd, inp.leaves(provider), dy)
-                        q, timer = time_cuda(step, case.m) if on_gpu else time_cpu(step)
-                        meas.median_ms, meas.p20_ms, meas.p80_ms = q
-                        meas.timer = timer
+                        # One step per input copy, run back to back and timed together: the copies
+                        # together exceed L2, so no step reads its weights from cache.
+                        steps = [make_step(mode, make_forward(provider, i), i.leaves(provider), dy)
+                                 for i in inputs]
+
+                        def run_all(steps=steps):
+                            for step in steps:
+                                step()
+
+                        q, timer = time_cuda(run_all, case.m) if on_gpu else time_cpu(run_all)
+                        meas.median_ms, meas.p20_ms, meas.p80_ms = (t / copies for t in q)
+                        meas.timer = timer + (f", {copies} rotated input copies" if copies > 1 else "")
                         if mode == "forward+backward":
-                            meas.peak_mem_bytes = peak_memory(step)
+                            meas.peak_mem_bytes = peak_memory(steps[0])
                     except Exception as exc:
                         meas.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 results.append(meas)
                 if bar:
                     bar.update(1)
-        del inp, dy
+        del inp, inputs, dy
         if on_gpu:
             torch.cuda.empty_cache()
         if on_case_done is not None:
@@ -526,3 +546,66 @@ def filter_cases(preset: Preset, ms=None) -> Preset:
     if not ms:
         return preset
     return dataclasses.replace(preset, cases=[c for c in preset.cases if c.m in set(ms)])
+
+
+# ----------------------------------------------------------------------------
+# The README's performance section: generated from committed GPU results only
+# ----------------------------------------------------------------------------
+
+README_BEGIN = "<!-- performance:begin — generated by `fused-lora bench --update-readme` from bench/results/ -->"
+README_END = "<!-- performance:end -->"
+
+
+def gpu_runs(results_root: Path) -> list[tuple[Path, dict]]:
+    """Every committed GPU run (a results.json with a GPU name), oldest first."""
+    runs = []
+    for path in sorted(Path(results_root).glob("*/results.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if data.get("environment", {}).get("gpu"):
+            runs.append((path, data))
+    runs.sort(key=lambda item: item[1]["environment"].get("date", ""))
+    return runs
+
+
+def performance_section(results_root: Path) -> str:
+    runs = gpu_runs(results_root)
+    if not runs:
+        return ("No GPU measurement has been committed yet, so this README claims no speed-up. Numbers appear "
+                "here only from files under [`bench/results/`](bench/results), written by `bench/gpu_check.sh` "
+                "on a GPU. What the roofline model *predicts* (a model, not a measurement) is printed by "
+                "`fused-lora bench`.")
+    path, data = runs[-1]
+    env = data["environment"]
+    results = []
+    for m in data["measurements"]:
+        case = Case(**m.pop("case"))
+        results.append(Measurement(case=case, **{k: v for k, v in m.items() if k in Measurement.__dataclass_fields__}))
+    folder = path.parent.as_posix()
+    lines = [f"Measured on **{env['gpu']}** ({env['date'][:10]}; torch {env['torch']}, Triton {env['triton']}), "
+             f"from [`{folder}/`]({folder}) — median ms per call, ratios from the same run:", "",
+             "| case | mode | fused | naive | base | ×naive | fused/base |", "|---|---|---|---|---|---|---|"]
+    for row in summarize(results):
+        if row.get("fused") is None:
+            continue
+        lines.append(f"| {row['case'].label()} | {row['mode']} | {_fmt(row.get('fused'))} | {_fmt(row.get('naive'))} "
+                     f"| {_fmt(row.get('base'))} | {_fmt(row['speedup_vs_naive'], '.2f')} "
+                     f"| {_fmt(row['fused_over_base'], '.2f')} |")
+    lines += ["", f"All providers, peak memory and the roofline model: [`{folder}/results.md`]({folder}/results.md)."]
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, results_root: Path) -> bool:
+    """Rewrite the text between the README's performance markers; True if it changed."""
+    text = Path(readme).read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme} has no performance markers ({README_BEGIN!r} ... {README_END!r})")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    new = f"{head}{README_BEGIN}\n{performance_section(results_root)}\n{README_END}{tail}"
+    if new != text:
+        Path(readme).write_text(new)
+    return new != text
+

@@ -145,12 +145,19 @@ def cmd_check(args) -> int:
 # ----------------------------------------------------------------------------
 
 def cmd_bench(args) -> int:
-    where = _where()
     from pathlib import Path
 
-    import torch
-
     from . import benchmark
+
+    if args.update_readme:
+        root = Path(args.results_root)
+        changed = benchmark.update_readme(root.parent.parent / "README.md" if args.readme is None
+                                          else Path(args.readme), root)
+        print("README performance section " + ("updated" if changed else "already up to date")
+              + f" from {root}", file=sys.stderr)
+        return 0
+    where = _where()
+    import torch
 
     on_gpu = torch.cuda.is_available() and "interpreter" not in where
     name = args.preset or ("gpu-check" if on_gpu else "smoke")
@@ -226,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m", type=int, action="append", help="only the cases with this many tokens (repeatable)")
     p.add_argument("--out", help="output folder (default: bench/results/<date>-<gpu> on a GPU, out/ without)")
     p.add_argument("--time-budget", type=float, help="seconds; cases not started by then are skipped (and said so)")
+    p.add_argument("--update-readme", action="store_true",
+                   help="run nothing: regenerate README.md's performance section from the committed GPU results")
+    p.add_argument("--results-root", default="bench/results", help="with --update-readme: the results folder")
+    p.add_argument("--readme", help="with --update-readme: the README (default: two levels above the results)")
     p.add_argument("--json", action="store_true", help="print the JSON results instead of the table")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("demo", help="fine-tune a small character-level LM: fused vs PEFT LoRA side by side")

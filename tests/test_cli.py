@@ -75,3 +75,30 @@ def test_roofline_model_matches_the_design_notes():
     mo = benchmark.model(benchmark.Case(8192, 4096, 4096, 16, "bfloat16", 0.1))
     assert 1.3 < mo["speedup_forward"] < 1.5
     assert mo["naive_forward_bytes"] > 3 * mo["fused_forward_bytes"]
+
+
+def test_readme_performance_section_is_generated_from_committed_results():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    begin, end = benchmark.README_BEGIN, benchmark.README_END
+    assert begin in readme and end in readme
+    section = readme.split(begin, 1)[1].split(end, 1)[0].strip()
+    assert section == benchmark.performance_section(root / "bench" / "results").strip(), \
+        "README is stale: run `fused-lora bench --update-readme`"
+
+
+def test_performance_section_renders_a_gpu_run(tmp_path):
+    preset = benchmark.presets()["smoke"]
+    results = benchmark.run_preset(benchmark.Preset("t", preset.cases[:1], providers=("fused", "naive", "base"),
+                                                    modes=("forward",)), torch.device("cpu"))
+    env = dict(benchmark.environment(), gpu="NVIDIA H200")
+    benchmark.write_outputs(results, env, preset, tmp_path / "runs" / "2026-11-28-NVIDIA-H200")
+    section = benchmark.performance_section(tmp_path / "runs")
+    assert "Measured on **NVIDIA H200**" in section and "| M=16 64->48 r=8 float32 p=0 | forward |" in section
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{benchmark.README_BEGIN}\nold\n{benchmark.README_END}\nrest\n")
+    assert benchmark.update_readme(readme, tmp_path / "runs") is True
+    assert "old" not in readme.read_text() and readme.read_text().endswith("rest\n")
+    assert benchmark.update_readme(readme, tmp_path / "runs") is False
