@@ -31,6 +31,11 @@ base is trainable. Under ``hybrid`` the dx GEMM writes only the masked
 low-rank term and cuBLAS adds ``dy·W``; dW is a cuBLAS GEMM.
 
 :func:`explain` says what would run for a shape, and why.
+
+Configurations come from the heuristics of :mod:`fused_lora.kernels.configs`.
+With autotuning on (``FUSED_LORA_AUTOTUNE=1``, or :func:`set_autotune`), the
+first GEMM of each size bucket on a GPU times every shipped candidate that
+fits and keeps the fastest for that bucket (in this process).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -233,3 +239,54 @@ def explain(x_shape, weight_shape, r: int, dtype: torch.dtype = torch.bfloat16, 
     n, k = weight_shape
     return Explanation(m, n, k, r, dtype, float(dropout_p), target,
                        plan(m, n, k, r, dtype, dropout_p, arch=arch, interpreter=interp))
+
+
+# ----------------------------------------------------------------------------
+# Opt-in autotuning of the GEMM configurations, per size bucket
+# ----------------------------------------------------------------------------
+
+_autotune = os.environ.get("FUSED_LORA_AUTOTUNE", "0") == "1"
+_tuned: dict[tuple, object] = {}
+
+
+def set_autotune(enabled: bool) -> None:
+    """Turn autotuning on or off (forgets what was tuned)."""
+    global _autotune
+    _autotune = bool(enabled)
+    _tuned.clear()
+
+
+def tuned_configs() -> dict[tuple, object]:
+    """What autotuning chose so far: key -> GemmConfig."""
+    return dict(_tuned)
+
+
+def _time_ms(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=5, rep=25))
+
+
+def gemm_config_for(pass_name: str, default, launch, *, m: int, n: int, k: int, r: int, dtype: torch.dtype,
+                    shrink_in_loop: bool, epilogue_mask: bool, device: torch.device):
+    """The configuration for one GEMM launch: ``default`` (the heuristic),
+    unless autotuning is on, on a GPU, in which case the fastest candidate for
+    this size bucket, timed once with ``launch(config)``."""
+    if not _autotune or device.type != "cuda":
+        return default
+    cfg = _triton.configs()
+    arch = device_arch(device)
+    elt = torch.empty((), dtype=dtype).element_size()
+    block_r = cfg.block_r_for(r) if shrink_in_loop else cfg.block_r_for(r, cfg.GEMM_LR_MAX_BLOCK_R[elt])
+    key = (pass_name, cfg.m_bucket(m), n, k, block_r, dtype, shrink_in_loop, epilogue_mask, arch)
+    if key not in _tuned:
+        candidates = cfg.gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, arch=arch) or [default]
+        timings = []
+        for candidate in candidates:
+            try:
+                timings.append((_time_ms(lambda c=candidate: launch(c)), candidate))
+            except Exception:  # a candidate that cannot run here (resources) is skipped
+                continue
+        _tuned[key] = min(timings, key=lambda t: t[0])[1] if timings else default
+    return _tuned[key]
+

@@ -71,17 +71,26 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     x2 = _flatten(x, k)
     m = x2.shape[0]
     plan = dispatch.plan(m, n, k, r, x.dtype, dropout_p, dispatch.device_arch(x.device))
+    tune = dict(m=m, n=n, r=r, dtype=x.dtype, epilogue_mask=False, device=x.device)
     if plan.strategy == "in_loop":
-        y2, xa = k_.lora_gemm(x2, weight.t(), bias=bias, shrink=lora_A.t(), v=lora_B.t(), lr_scale=scaling,
-                              config=plan.fwd_gemm, out_dtype=x.dtype, input_precision=plan.input_precision)
+        def launch(config):
+            return k_.lora_gemm(x2, weight.t(), bias=bias, shrink=lora_A.t(), v=lora_B.t(), lr_scale=scaling,
+                                config=config, out_dtype=x.dtype, input_precision=plan.input_precision)
+
+        y2, xa = launch(dispatch.gemm_config_for("forward", plan.fwd_gemm, launch, k=k, shrink_in_loop=True, **tune))
     else:
         xa, _, _ = k_.skinny_pass(x2, shrink=lora_A.t(), sh_scale=1.0 / (1.0 - dropout_p), dropout_p=dropout_p,
                                   seed=seed, config=plan.skinny, target_programs=plan.skinny_programs,
                                   input_precision=plan.input_precision)
         # hybrid: an empty K loop (the kernel writes C = s·xa·Bᵀ + b), then cuBLAS adds x·Wᵀ in place
         a, b = (x2[:, :0], weight.t()[:0]) if plan.cublas_base else (x2, weight.t())
-        y2, _ = k_.lora_gemm(a, b, bias=bias, u=xa, v=lora_B.t(), lr_scale=scaling,
-                             config=plan.fwd_gemm, out_dtype=x.dtype, input_precision=plan.input_precision)
+
+        def launch(config):
+            return k_.lora_gemm(a, b, bias=bias, u=xa, v=lora_B.t(), lr_scale=scaling, config=config,
+                                out_dtype=x.dtype, input_precision=plan.input_precision)
+
+        y2, _ = launch(dispatch.gemm_config_for("forward", plan.fwd_gemm, launch, k=a.shape[1],
+                                                shrink_in_loop=False, **tune))
         if plan.cublas_base:
             y2.addmm_(x2, weight.t())
     return y2.view(*x.shape[:-1], n), xa.view(*x.shape[:-1], r)
@@ -111,8 +120,14 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     dx = d_a = d_w = None
     if need_x:
         a, b = (dy2[:, :0], weight[:0]) if plan.cublas_base else (dy2, weight)
-        dx2, _ = k_.lora_gemm(a, b, u=g, v=lora_A, lr_scale=inv_keep, dropout_p=dropout_p, seed=seed,
-                              config=plan.dx_gemm, out_dtype=x.dtype, input_precision=plan.input_precision)
+
+        def launch_dx(config):
+            return k_.lora_gemm(a, b, u=g, v=lora_A, lr_scale=inv_keep, dropout_p=dropout_p, seed=seed,
+                                config=config, out_dtype=x.dtype, input_precision=plan.input_precision)
+
+        dx2, _ = launch_dx(dispatch.gemm_config_for(
+            "dx", plan.dx_gemm, launch_dx, m=m, n=k, k=a.shape[1], r=r, dtype=x.dtype, shrink_in_loop=False,
+            epilogue_mask=dropout_p > 0.0, device=x.device))
         if plan.cublas_base:
             dx2.addmm_(dy2, weight)
         dx = dx2.view(x.shape)
@@ -124,8 +139,13 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
         if plan.cublas_base:
             d_w = torch.mm(dy2.t(), x2)
         else:
-            d_w, _ = k_.lora_gemm(dy2.t(), x2, config=plan.dw_gemm, out_dtype=weight.dtype,
-                                  input_precision=plan.input_precision)
+            def launch_dw(config):
+                return k_.lora_gemm(dy2.t(), x2, config=config, out_dtype=weight.dtype,
+                                    input_precision=plan.input_precision)
+
+            d_w, _ = launch_dw(dispatch.gemm_config_for(
+                "dw", plan.dw_gemm, launch_dw, m=n, n=k, k=m, r=1, dtype=x.dtype, shrink_in_loop=False,
+                epilogue_mask=False, device=x.device))
     return dx, d_w, d_bias, d_a, d_b
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fused_lora import benchmark, cli
+from lora_testing import DEVICE
 
 
 def test_check_passes_and_reports_json(capsys):
@@ -92,7 +93,7 @@ def test_readme_performance_section_is_generated_from_committed_results():
 def test_performance_section_renders_a_gpu_run(tmp_path):
     preset = benchmark.presets()["smoke"]
     results = benchmark.run_preset(benchmark.Preset("t", preset.cases[:1], providers=("fused", "naive", "base"),
-                                                    modes=("forward",)), torch.device("cpu"))
+                                                    modes=("forward",)), DEVICE)
     env = dict(benchmark.environment(), gpu="NVIDIA H200")
     benchmark.write_outputs(results, env, preset, tmp_path / "runs" / "2026-11-28-NVIDIA-H200")
     section = benchmark.performance_section(tmp_path / "runs")

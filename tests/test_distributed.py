@@ -45,9 +45,6 @@ def _grads(model):
 
 
 def _worker(rank, mode, init_file, out_file):
-    # gloo on CPU: the workers run the kernels on Triton's interpreter (the
-    # kernels are imported on first use, so this still takes effect here).
-    os.environ["TRITON_INTERPRET"] = "1"
     sys.path.insert(0, os.path.dirname(__file__))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -85,8 +82,11 @@ def _worker(rank, mode, init_file, out_file):
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_two_processes_match_one(tmp_path, mode):
+def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     out_file = tmp_path / "grads.pt"
+    # gloo on CPU: the workers run the kernels on Triton's interpreter, which
+    # must be chosen before they import Triton, so it is in their environment.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     mp.start_processes(_worker, args=(mode, str(tmp_path / "init"), str(out_file)), nprocs=WORLD,
                        start_method="spawn", join=True)
     distributed = torch.load(out_file)

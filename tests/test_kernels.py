@@ -205,3 +205,37 @@ def test_explain_says_what_runs_and_why():
     with pytest.raises(ValueError, match="strategy"):
         with fused_lora.dispatch.force_strategy("fastest"):
             pass
+
+
+def test_autotune_picks_the_fastest_candidate_per_bucket_and_remembers(monkeypatch):
+    from fused_lora import dispatch
+
+    cands = configs.gemm_candidates(2, 16, True, False)
+    assert len(cands) >= 3
+    fastest = cands[2]
+    timed = []
+    monkeypatch.setattr(dispatch, "device_arch", lambda device: 90)
+    monkeypatch.setattr(dispatch, "_time_ms", lambda fn: fn())
+    dispatch.set_autotune(True)
+    try:
+        def launch(config):
+            timed.append(config)
+            if config is cands[0]:
+                raise RuntimeError("out of resources")  # skipped, not fatal
+            return 1.0 if config is fastest else 2.0
+
+        kw = dict(m=5000, n=4096, k=4096, r=16, dtype=torch.bfloat16, shrink_in_loop=True, epilogue_mask=False,
+                  device=torch.device("cuda"))
+        default = configs.gemm_config(5000, 4096, 4096, 16, 2, True, False)
+        assert dispatch.gemm_config_for("forward", default, launch, **kw) is fastest
+        assert len(timed) == len(cands)
+        # same bucket (M 5000 and 7000 both round up to 8192): no new timing
+        assert dispatch.gemm_config_for("forward", default, launch, **dict(kw, m=7000)) is fastest
+        assert len(timed) == len(cands)
+        assert list(dispatch.tuned_configs().values()) == [fastest]
+        # the interpreter / CPU never tunes
+        assert dispatch.gemm_config_for("forward", default, launch, **dict(kw, device=torch.device("cpu"))) is default
+    finally:
+        dispatch.set_autotune(False)
+    assert dispatch.tuned_configs() == {}
+    assert dispatch.gemm_config_for("forward", default, launch, **kw) is default
