@@ -209,19 +209,27 @@ def jobs_for(arch: int) -> list[Job]:
     return jobs
 
 
-def run(archs=(90, 80), jobs: int = 1) -> list[Result]:
+def run(archs=(90, 80), jobs: int = 1, progress=None) -> list[Result]:
     """Compile every job, in fresh worker processes. Compiling needs the real
     (JIT) kernels whatever the caller runs on, so the workers start without
     TRITON_INTERPRET; the caller's own kernels are left as they are."""
     import multiprocessing
 
     work = [j for a in archs for j in jobs_for(a)]
+    bar = progress(total=len(work), desc="compile", unit="kernel") if progress else None
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
         with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, jobs),
                                                     mp_context=multiprocessing.get_context("spawn")) as pool:
-            return list(pool.map(compile_job, work))
+            results = []
+            for result in pool.map(compile_job, work):
+                results.append(result)
+                if bar:
+                    bar.update(1)
+            return results
     finally:
+        if bar:
+            bar.close()
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
 
@@ -272,7 +280,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     args = parser.parse_args(argv)
-    results = run(tuple(args.arch or (90, 80)), jobs=args.jobs)
+    from .cli import progress
+
+    results = run(tuple(args.arch or (90, 80)), jobs=args.jobs, progress=progress)
     bad = problems(results)
     if args.json:
         print(json.dumps({"results": [asdict(r) for r in results], "problems": bad}, indent=1))
