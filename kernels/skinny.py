@@ -109,14 +109,14 @@ def lora_skinny_kernel(
             if COLSUM:
                 cs_acc += tl.sum(t.to(tl.float32), axis=0)
         if TN:
-            tn_ptrs = (tn_ptr + pid_m * stride_tnp + offs_c[None, :].to(tl.int64) * stride_tnc
+            tn_ptrs = (tn_ptr + pid_m.to(tl.int64) * stride_tnp + offs_c[None, :].to(tl.int64) * stride_tnc
                        + offs_r[:, None] * stride_tnr)
             tl.store(tn_ptrs, tn_acc * tn_scale, mask=r_in[:, None] & c_in[None, :])
         if COLSUM:
-            tl.store(cs_ptr + pid_m * stride_csp + offs_c, cs_acc, mask=c_in)
+            tl.store(cs_ptr + pid_m.to(tl.int64) * stride_csp + offs_c, cs_acc, mask=c_in)
     if SHRINK:
         offs_m = m_lo + tl.arange(0, BLOCK_M)
-        sh_ptrs = (sh_ptr + pid_c * stride_shp + offs_m[:, None].to(tl.int64) * stride_shm
+        sh_ptrs = (sh_ptr + pid_c.to(tl.int64) * stride_shp + offs_m[:, None].to(tl.int64) * stride_shm
                    + offs_r[None, :] * stride_shr)
         tl.store(sh_ptrs, sh_acc * sh_scale, mask=(offs_m < m_hi)[:, None] & r_in[None, :])
 
@@ -137,8 +137,10 @@ def reduce_partials_kernel(
         total = tl.load(acc_ptr + offs, mask=mask, other=0.0)
     else:
         total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(0, P):
-        total += tl.load(part_ptr + i * numel + offs, mask=mask, other=0.0)
+    ptrs = part_ptr + offs
+    for _ in range(0, P):
+        total += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += numel  # pointer arithmetic: 64-bit, whatever P * numel is
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
