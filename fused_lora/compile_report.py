@@ -36,6 +36,7 @@ class Job:
     config: dict
     arch: int
     block_r: int = 16
+    even_k: bool = True  # K a multiple of BLOCK_K (the common case); False compiles the masked K tail
 
 
 @dataclass
@@ -61,7 +62,7 @@ class Result:
 _TORCH_OF = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def _gemm_args(dtype: str, cfg, variant: str, block_r: int) -> dict:
+def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True) -> dict:
     """Argument values of lora_gemm_kernel for one pass, as the launcher passes them."""
     s = SHAPE
     low_rank = {"forward_in_loop": 2, "forward_split": 1, "dx": 1, "dx_dropout": 1, "dw": 0}[variant]
@@ -77,7 +78,7 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int) -> dict:
         stride_cm=s, stride_cn=1, stride_xam=block_r, stride_xar=1,
         lr_scale=1.0, p=0.1, seed=12345,
         HAS_BIAS=variant.startswith("forward"), LOW_RANK=low_rank, LR_DROPOUT=variant == "dx_dropout",
-        OFFSET_INT64=False, UPCAST=False, INPUT_PRECISION="ieee",
+        OFFSET_INT64=False, UPCAST=False, INPUT_PRECISION="ieee", EVEN_K=even_k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m,
     )
 
@@ -108,16 +109,22 @@ def _reduce_args(dtype: str, cfg, variant: str, block_r: int) -> dict:
 def _ast_source(fn, values: dict):
     """An ASTSource with the runtime's specialisation: pointers and ints that
     are multiples of 16 carry ``tt.divisibility=16``; ints equal to 1 and every
-    meta-parameter are constants."""
+    meta-parameter are constants; ``do_not_specialize`` ints are plain i32."""
     from triton.compiler import ASTSource
 
+    plain = {fn.arg_names[i] if isinstance(i, int) else i for i in getattr(fn, "do_not_specialize", ())}
     signature, constants, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         value = values[name]
         if isinstance(value, str) and value.startswith("*"):
             signature[name] = value
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name.isupper() or isinstance(value, bool) or (isinstance(value, int) and value == 1):
+        elif name.isupper() or isinstance(value, bool):
+            signature[name] = "constexpr"
+            constants[name] = value
+        elif isinstance(value, int) and (name in plain or i in plain):
+            signature[name] = "i32"
+        elif isinstance(value, int) and value == 1:
             signature[name] = "constexpr"
             constants[name] = value
         elif isinstance(value, int):
@@ -159,11 +166,12 @@ def compile_job(job: Job) -> Result:
 
     from fused_lora.kernels import configs, gemm, skinny
 
-    res = Result(job.kernel, job.pass_name, job.dtype, job.arch, job.config, job.block_r)
+    res = Result(job.kernel, job.pass_name + ("" if job.even_k else "+k_tail"), job.dtype, job.arch, job.config,
+                 job.block_r)
     try:
         if job.kernel == "gemm":
             cfg = configs.GemmConfig(**job.config)
-            fn, values = gemm.lora_gemm_kernel, _gemm_args(job.dtype, cfg, job.pass_name, job.block_r)
+            fn, values = gemm.lora_gemm_kernel, _gemm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k)
         elif job.kernel == "skinny":
             cfg = configs.SkinnyConfig(**job.config)
             fn, values = skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r)
@@ -200,6 +208,10 @@ def jobs_for(arch: int) -> list[Job]:
                 if cfg not in configs.gemm_candidates(elt, block_r, in_loop, mask, arch=arch):
                     continue  # pruned: the launcher never picks it for this pass
                 jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r))
+                if cfg is pool[0] or (mask and cfg is configs.gemm_candidates(elt, block_r, in_loop, mask,
+                                                                              arch=arch)[0]):
+                    # the masked K tail (K not a multiple of BLOCK_K), on the largest tile of each pass
+                    jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, even_k=False))
         for cfg in shipped["skinny_fp32" if elt == 4 else "skinny_16bit"]:
             for pass_name in ("forward_shrink", "dy_pass", "dA_pass"):
                 for block_r in sorted({16, cfg.max_block_r}):

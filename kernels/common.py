@@ -56,10 +56,13 @@ def keep_mask(seed, rows, cols, n_cols, p, OFFSET_INT64: tl.constexpr):
 
 @triton.jit
 def load_operand(ptrs, mask, UPCAST: tl.constexpr):
-    """Masked tile load with zeros outside ``mask``. ``UPCAST`` widens the tile
-    to float32 at once: the interpreter computes bf16 dots and sums wrongly
-    (triton issues 11584/11585), so bf16 is upcast there and only there."""
-    tile = tl.load(ptrs, mask=mask, other=0.0)
+    """Tile load, with zeros outside ``mask`` (``None``: unmasked). ``UPCAST``
+    widens the tile to float32 at once: the interpreter computes bf16 dots and
+    sums wrongly (triton issues 11584/11585), so bf16 is upcast there and only there."""
+    if mask is None:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=mask, other=0.0)
     if UPCAST:
         tile = tile.to(tl.float32)
     return tile

@@ -33,7 +33,9 @@ LOW_RANK_PRECOMPUTED = 1
 LOW_RANK_IN_LOOP = 2
 
 
-@triton.jit(do_not_specialize=["seed"])
+# Sizes and the seed are not specialised (no recompilation when the token
+# count changes between batches); strides are, for vectorised loads.
+@triton.jit(do_not_specialize=["M", "N", "K", "R", "seed"])
 def lora_gemm_kernel(
     # pointers
     a_ptr,  # (M, K)  left operand
@@ -66,6 +68,7 @@ def lora_gemm_kernel(
     OFFSET_INT64: tl.constexpr,  # M·N can reach 2**31 (mask offsets)
     UPCAST: tl.constexpr,  # interpreter + bf16: compute on fp32 tiles
     INPUT_PRECISION: tl.constexpr,  # fp32 dots: "ieee" or "tf32"
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masked tail in the K loop
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -123,12 +126,19 @@ def lora_gemm_kernel(
         s_ptrs = s_ptr + offs_k[:, None] * stride_sk + offs_r[None, :] * stride_sr
         xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_in = offs_k < K - k0
-        a = load_operand(a_ptrs, k_in[None, :], UPCAST)
-        b = load_operand(b_ptrs, k_in[:, None], UPCAST)
+        if EVEN_K:  # no K tail: unmasked loads (the common case, K a multiple of BLOCK_K)
+            a = load_operand(a_ptrs, None, UPCAST)
+            b = load_operand(b_ptrs, None, UPCAST)
+        else:
+            k_in = offs_k < K - k0
+            a = load_operand(a_ptrs, k_in[None, :], UPCAST)
+            b = load_operand(b_ptrs, k_in[:, None], UPCAST)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if LOW_RANK == 2:
-            s = load_operand(s_ptrs, k_in[:, None] & (offs_r < R)[None, :], UPCAST)
+            s_mask = (offs_r < R)[None, :]
+            if not EVEN_K:
+                s_mask = s_mask & k_in[:, None]
+            s = load_operand(s_ptrs, s_mask, UPCAST)
             xa = tl.dot(a, s, xa, input_precision=INPUT_PRECISION)
             s_ptrs += BLOCK_K * stride_sk
         a_ptrs += BLOCK_K * stride_ak
@@ -230,6 +240,7 @@ def lora_gemm(
         OFFSET_INT64=M * N >= 2**31,
         UPCAST=is_interpreted(lora_gemm_kernel) and a.dtype == torch.bfloat16,
         INPUT_PRECISION=input_precision,
+        EVEN_K=K % config.block_k == 0,
         BLOCK_R=block_r,
         **config.launch_kwargs(),
     )

@@ -37,7 +37,7 @@ from .configs import (
 )
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["M", "C", "R", "m_start", "m_end", "rows_per_prog", "cols_per_prog", "seed"])
 def lora_skinny_kernel(
     # pointers
     t_ptr,  # (M, C)  the wide operand, read once
@@ -121,7 +121,7 @@ def lora_skinny_kernel(
         tl.store(sh_ptrs, sh_acc * sh_scale, mask=(offs_m < m_hi)[:, None] & r_in[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "numel"])
 def reduce_partials_kernel(
     part_ptr,  # (P, numel) fp32, contiguous rows
     acc_ptr,  # (numel,) fp32 running sum to add to when HAS_ACC
