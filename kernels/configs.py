@@ -143,7 +143,7 @@ _GEMM_CANDIDATES_FP32 = (
 # Measured with the compile report on sm_90: no spills at every pass and rank
 # tile (8 warps so that each thread draws fewer Philox numbers).
 SKINNY_16BIT = SkinnyConfig(block_m=64, block_c=128, num_warps=8, num_stages=2, max_block_r=64)
-SKINNY_FP32 = SkinnyConfig(block_m=32, block_c=64, num_warps=4, num_stages=2, max_block_r=32)
+SKINNY_FP32 = SkinnyConfig(block_m=32, block_c=64, num_warps=8, num_stages=2, max_block_r=32)
 
 
 #: A dropout mask in the GEMM epilogue (the dx pass) draws one Philox number
