@@ -96,9 +96,11 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _fused_layer_for(module: nn.Module, r, alpha, dropout, use_rslora, adapter_dtype, backend) -> LoRALinear:
+    """A fused layer sharing ``module``'s weight and bias, in its train/eval mode."""
     if isinstance(module, nn.Linear):
-        return LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                                      backend=backend, adapter_dtype=adapter_dtype)
+        layer = LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                       backend=backend, adapter_dtype=adapter_dtype)
+        return layer.train(module.training)
     # transformers' Conv1D: weight (in, out), y = x @ W + b
     w = module.weight
     in_f, out_f = w.shape
@@ -111,7 +113,7 @@ def _fused_layer_for(module: nn.Module, r, alpha, dropout, use_rslora, adapter_d
     if layer.bias is not None:
         layer.bias.requires_grad_(False)
     layer.reset_lora_parameters()
-    return layer
+    return layer.train(module.training)
 
 
 def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropout: float = 0.0,
@@ -520,7 +522,6 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
         for path, module, a, b, r, alpha in plan:
             if not isinstance(module, LoRALinear):
                 module = _fused_layer_for(module, r, alpha, dropout, use_rslora, None, backend)
-                module.train(model.training)
                 _set_submodule(model, prefix + path, module)
             module.alpha, module.use_rslora, module.dropout = float(alpha), use_rslora, dropout
             if module.merged:

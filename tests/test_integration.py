@@ -76,6 +76,14 @@ def test_inject_by_suffix_freezes_and_shares():
     assert logits.shape == (2, 13, VOCAB)
 
 
+def test_inject_keeps_train_and_eval_modes():
+    model = tiny_llama().eval()
+    fused_lora.inject(model, ["q_proj"], dropout=0.5)
+    assert not model.model.layers[0].self_attn.q_proj.training  # no dropout in an eval model
+    model.train()
+    assert model.model.layers[0].self_attn.q_proj.training
+
+
 def test_inject_regex_all_linear_and_exclude():
     model = tiny_llama()
     names = fused_lora.inject(model, r"model\.layers\.1\.mlp\.(gate|up)_proj")
