@@ -142,10 +142,17 @@ def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, 
 def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, arch: int = 90,
          interpreter: bool | None = None) -> Plan:
     """The strategy and configurations for ``x (m, k) · Wᵀ (k, n)`` with rank ``r``
-    on a GPU of compute capability ``arch`` (x10), or on the interpreter."""
-    cfg = _triton.configs()
+    on a GPU of compute capability ``arch`` (x10), or on the interpreter.
+    Cached per problem: at small M the host's time per call matters."""
     interp = _triton.interpreter() if interpreter is None else interpreter
-    elt = torch.empty((), dtype=dtype).element_size()
+    return _plan(m, n, k, r, dtype, dropout_p > 0.0, arch, interp, _forced_strategy.get(), input_precision(dtype))
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(m, n, k, r, dtype, dropout, arch, interp, _forced, precision) -> Plan:
+    cfg = _triton.configs()
+    elt = dtype.itemsize
+    dropout_p = 0.5 if dropout else 0.0  # only "is there dropout" shapes the plan
     strategy, reason = _choose(m, r, dtype, dropout_p, interp, cfg.MAX_BLOCK_R)
     return Plan(
         strategy=strategy,
@@ -155,7 +162,7 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
         dw_gemm=cfg.gemm_config(n, k, m, 1, elt, False, interp, arch=arch),
         skinny=cfg.skinny_config(elt, interp, m),
         skinny_programs=cfg.skinny_target_programs(interp),
-        input_precision=input_precision(dtype),
+        input_precision=precision,
         interpreter=interp,
     )
 
@@ -276,7 +283,7 @@ def gemm_config_for(pass_name: str, default, launch, *, m: int, n: int, k: int, 
         return default
     cfg = _triton.configs()
     arch = device_arch(device)
-    elt = torch.empty((), dtype=dtype).element_size()
+    elt = dtype.itemsize
     block_r = cfg.block_r_for(r) if shrink_in_loop else cfg.block_r_for(r, cfg.GEMM_LR_MAX_BLOCK_R[elt])
     key = (pass_name, cfg.m_bucket(m), n, k, block_r, dtype, shrink_in_loop, epilogue_mask, arch)
     if key not in _tuned:
