@@ -504,6 +504,9 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
             w = module.weight
             in_f, out_f = (w.shape if not isinstance(module, nn.Linear) else w.shape[::-1])
             cur_r = r
+        elif hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            raise AdapterFileError(f"{directory}: {path} is a PEFT LoRA layer: load with PEFT "
+                                   "(load_adapter/from_pretrained), or convert the model with from_peft first")
         else:
             raise AdapterFileError(f"{directory}: {path} is a {type(module).__name__}, not a linear layer")
         if tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):

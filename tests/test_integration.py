@@ -255,6 +255,20 @@ def test_inject_to_peft_builds_an_equivalent_peft_model():
     assert_outputs_close(peft_model(input_ids=ids).logits, expected)
 
 
+def test_inject_gpt2_to_peft_goes_back_to_conv1d():
+    model = tiny_gpt2()
+    fused_lora.inject(model, ["c_attn"], r=4, alpha=8)
+    with torch.no_grad():
+        for layer in fused_lora.integration.fused_layers(model).values():
+            layer.lora_B.normal_()
+    ids = batch()
+    expected = model(input_ids=ids).logits.detach()
+    peft_model = fused_lora.to_peft(model)
+    layer = peft_model.base_model.model.transformer.h[0].attn.c_attn
+    assert type(layer.get_base_layer()).__name__ == "Conv1D" and layer.fan_in_fan_out
+    assert_outputs_close(peft_model(input_ids=ids).logits, expected)
+
+
 # ----------------------------------------------------------------------------
 # PEFT's file format
 # ----------------------------------------------------------------------------
