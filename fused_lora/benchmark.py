@@ -213,7 +213,7 @@ def input_copies(case: Case, max_copies: int = 8) -> int:
     """How many independent input sets make one timed round exceed twice the
     GPU's L2 cache (so that small problems are not timed from cache)."""
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or 60 * 2**20
-    e = torch.empty((), dtype=case.torch_dtype).element_size()
+    e = case.torch_dtype.itemsize
     per_copy = e * (case.m * case.k + case.n * case.k + case.n + case.r * (case.k + case.n))
     return max(1, min(max_copies, math.ceil(2 * l2 / per_copy)))
 
@@ -273,7 +273,7 @@ def model(case: Case) -> dict:
     for the split shrink); backward: the dy pass, the dx GEMM, the dA pass.
     """
     m, k, n, r = case.m, case.k, case.n, case.r
-    e = torch.empty((), dtype=case.torch_dtype).element_size()
+    e = case.torch_dtype.itemsize
     drop = case.dropout > 0
     # (FLOPs, bytes) per kernel
     naive_fwd = [(2 * m * n * k, e * (m * k + n * k + m * n)),  # base GEMM

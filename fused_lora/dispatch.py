@@ -88,7 +88,6 @@ class Plan:
     skinny: object
     skinny_programs: int
     input_precision: str
-    interpreter: bool
 
     @property
     def cublas_base(self) -> bool:
@@ -163,7 +162,6 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, _forced, precision) -> Plan:
         skinny=cfg.skinny_config(elt, interp, m),
         skinny_programs=cfg.skinny_target_programs(interp),
         input_precision=precision,
-        interpreter=interp,
     )
 
 

@@ -103,6 +103,9 @@ def test_merge_unmerge_is_exact(dtype):
     expected = nn.functional.linear(x.double(), original.double(), layer.bias.double()) \
         + layer.scaling * x.double() @ layer.lora_A.double().t() @ layer.lora_B.double().t()
     assert_close(y_merged, expected, dtype, "merged forward")
+    delta64 = layer.scaling * layer.lora_B.double() @ layer.lora_A.double()
+    assert layer.delta_weight().dtype == dtype
+    assert_close(layer.delta_weight(), delta64, dtype, "delta_weight")
     assert_close(y, expected, dtype, "unmerged forward")
     with pytest.raises(RuntimeError, match="already merged"):
         layer.merge()
