@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import os
 import re
@@ -37,6 +38,7 @@ class Job:
     arch: int
     block_r: int = 16
     even_k: bool = True  # K a multiple of BLOCK_K (the common case); False compiles the masked K tail
+    split_k: bool = False  # a split-K partial: fp32 output into the (S, M, N) workspace
 
 
 @dataclass
@@ -62,20 +64,20 @@ class Result:
 _TORCH_OF = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True) -> dict:
+def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True, split_k: bool = False) -> dict:
     """Argument values of lora_gemm_kernel for one pass, as the launcher passes them."""
     s = SHAPE
     low_rank = {"forward_in_loop": 2, "forward_split": 1, "dx": 1, "dx_dropout": 1, "dw": 0}[variant]
     return dict(
         a_ptr=f"*{dtype}", b_ptr=f"*{dtype}", bias_ptr=f"*{dtype}", u_ptr="*fp32", s_ptr=f"*{dtype}",
-        v_ptr=f"*{dtype}", c_ptr=f"*{dtype}", xa_ptr="*fp32",
-        M=s, N=s, K=s, R=block_r,
+        v_ptr=f"*{dtype}", c_ptr="*fp32" if split_k else f"*{dtype}", xa_ptr="*fp32",
+        M=s, N=s, K=s, R=block_r, k_blocks_per_split=s // 4 // cfg.block_k if split_k else s // cfg.block_k,
         # forward: x (M,K) row-major; b = Wᵀ (strides 1, K); s = Aᵀ; v = Bᵀ
         stride_am=s, stride_ak=1,
         stride_bk=1 if variant.startswith("forward") else s, stride_bn=s if variant.startswith("forward") else 1,
         stride_bias=1, stride_um=block_r, stride_ur=1, stride_sk=1, stride_sr=s,
         stride_vr=1 if variant.startswith("forward") else s, stride_vn=block_r if variant.startswith("forward") else 1,
-        stride_cm=s, stride_cn=1, stride_xam=block_r, stride_xar=1,
+        stride_cm=s, stride_cn=1, stride_cs16=s * s // 16 if split_k else 0, stride_xam=block_r, stride_xar=1,
         lr_scale=1.0, p=0.1, seed=12345,
         HAS_BIAS=variant.startswith("forward"), LOW_RANK=low_rank, LR_DROPOUT=variant == "dx_dropout",
         OFFSET_INT64=False, UPCAST=False, INPUT_PRECISION="ieee", EVEN_K=even_k,
@@ -102,7 +104,7 @@ def _skinny_args(dtype: str, cfg, variant: str, block_r: int) -> dict:
 
 def _reduce_args(dtype: str, cfg, variant: str, block_r: int) -> dict:
     from fused_lora.kernels import configs
-    return dict(part_ptr="*fp32", acc_ptr="*fp32", out_ptr=f"*{dtype}", P=64, numel=SHAPE * 16,
+    return dict(part_ptr="*fp32", acc_ptr="*fp32", out_ptr=f"*{dtype}", P=64, numel=SHAPE * 16, stride_p=SHAPE * 16,
                 HAS_ACC=variant == "accumulate", BLOCK=configs.REDUCE_BLOCK)
 
 
@@ -166,12 +168,13 @@ def compile_job(job: Job) -> Result:
 
     from fused_lora.kernels import configs, gemm, skinny
 
-    res = Result(job.kernel, job.pass_name + ("" if job.even_k else "+k_tail"), job.dtype, job.arch, job.config,
-                 job.block_r)
+    res = Result(job.kernel, job.pass_name + ("" if job.even_k else "+k_tail") + ("+split_k" if job.split_k else ""),
+                 job.dtype, job.arch, job.config, job.block_r)
     try:
         if job.kernel == "gemm":
             cfg = configs.GemmConfig(**job.config)
-            fn, values = gemm.lora_gemm_kernel, _gemm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k)
+            fn, values = gemm.lora_gemm_kernel, _gemm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
+                                                           job.split_k)
         elif job.kernel == "skinny":
             cfg = configs.SkinnyConfig(**job.config)
             fn, values = skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r)
@@ -212,6 +215,12 @@ def jobs_for(arch: int) -> list[Job]:
                                                                               arch=arch)[0]):
                     # the masked K tail (K not a multiple of BLOCK_K), on the largest tile of each pass
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, even_k=False))
+        # Split-K partials (fp32 stores into the workspace), on the tiles the
+        # heuristic picks where it splits: small M, forward and masked dx.
+        for pass_name, in_loop, mask in (("forward_split", False, False), ("dx_dropout", False, True)):
+            cfg = configs.gemm_config(16, SHAPE, SHAPE, lr_r, elt, in_loop, False, epilogue_mask=mask, arch=arch)
+            cfg = dataclasses.replace(cfg, split_k=1)  # (the kernel's code does not depend on the count)
+            jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, lr_r, split_k=True))
         for cfg in shipped["skinny_fp32" if elt == 4 else "skinny_16bit"]:
             for pass_name in ("forward_shrink", "dy_pass", "dA_pass"):
                 for block_r in sorted({16, cfg.max_block_r}):

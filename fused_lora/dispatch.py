@@ -22,7 +22,11 @@ Forward strategies (the math is in :mod:`fused_lora.ops`):
 Small M (at most :data:`SMALL_M` tokens: decode, small batches) is memory
 bound: the extra FLOPs of the in-loop shrink are free there, so without
 dropout it runs as one launch at any rank up to one rank tile, on the
-narrowest tiles (more programs for the bandwidth).
+narrowest tiles (more programs for the bandwidth). Every GEMM that does not
+shrink in its loop (split forward, dx, dW) is split along K when its output
+has fewer tiles than the GPU has SMs: fp32 partials per split, summed in
+split order by one more launch (deterministic; see
+:func:`fused_lora.kernels.configs.split_k_for`).
 
 The backward is: the dy pass (g, dB and db from one read of dy), the dx GEMM
 (the forward kernel with roles swapped, the mask regenerated in its
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -182,8 +187,10 @@ class Explanation:
         p = self.plan
 
         def tiles(c):
+            split = (f" split_k={c.split_k} (fp32 partials, summed in split order by one more launch)"
+                     if c.split_k > 1 else "")
             return (f"BLOCK_M={c.block_m} BLOCK_N={c.block_n} BLOCK_K={c.block_k} GROUP_M={c.group_m} "
-                    f"warps={c.num_warps} stages={c.num_stages}")
+                    f"warps={c.num_warps} stages={c.num_stages}{split}")
 
         skinny = (f"skinny pass BLOCK_M={p.skinny.block_m} BLOCK_C={p.skinny.block_c} warps={p.skinny.num_warps} "
                   f"stages={p.skinny.num_stages}, ~{p.skinny_programs} programs")
@@ -286,6 +293,8 @@ def gemm_config_for(pass_name: str, default, launch, *, m: int, n: int, k: int, 
     key = (pass_name, cfg.m_bucket(m), n, k, block_r, dtype, shrink_in_loop, epilogue_mask, arch)
     if key not in _tuned:
         candidates = cfg.gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, arch=arch) or [default]
+        if not shrink_in_loop:  # each tile shape with its own split-K
+            candidates = [dataclasses.replace(c, split_k=cfg.split_k_for(c, m, n, k, False)) for c in candidates]
         timings = []
         for candidate in candidates:
             try:

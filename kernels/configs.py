@@ -16,7 +16,7 @@ compiles every shipped configuration for sm_90 and reports the real figure.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 #: FMA contraction, pinned: Triton 3.9 warns when it is left unset and 3.10
 #: flips the default. The tolerance table assumes it (it matches cuBLAS).
@@ -65,6 +65,9 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 3
+    #: Programs per output tile along K (split-K; 1 = none). Not a kernel
+    #: meta-parameter: the launcher sizes the grid and the fp32 workspace.
+    split_k: int = 1
 
     def smem_bytes(self, elt: int, block_r: int, shrink_in_loop: bool) -> int:
         """Estimated shared memory: the pipelined operand tiles (plus the
@@ -100,6 +103,17 @@ class SkinnyConfig:
         return dict(BLOCK_M=self.block_m, BLOCK_C=self.block_c,
                     num_warps=self.num_warps, num_stages=self.num_stages, enable_fp_fusion=FP_FUSION)
 
+
+#: Split-K (a grid with fewer output tiles than SMs: small M, or a small
+#: output with a long reduction such as dW): each split walks at least this
+#: many K blocks (a pipeline worth filling), at most SPLIT_K_MAX splits, and
+#: the fp32 partials stay under SPLIT_K_MAX_WORKSPACE_BYTES.
+SPLIT_K_MIN_BLOCKS = 4
+SPLIT_K_MAX = 16
+SPLIT_K_MAX_WORKSPACE_BYTES = 128 * 2**20
+#: The interpreter's stand-in for the SM count when deciding split-K (as few
+#: programs as possible, while the small test shapes still take the path).
+INTERPRETER_TARGET_PROGRAMS = 4
 
 #: Reduction of split partials: one program sums this many elements over all
 #: splits, in split order (deterministic).
@@ -171,14 +185,42 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
             and (cap is None or c.elems_per_thread() <= cap)]
 
 
+def split_k_for(config: GemmConfig, m: int, n: int, k: int, interpreter: bool) -> int:
+    """How many programs share each output tile's K range: enough for the grid
+    to cover every SM when the output alone gives fewer tiles than SMs (small
+    M; or dW, whose K is the token count), bounded so that each split still
+    runs a pipeline of several K blocks and the workspace stays small. The
+    size bucket of M decides, like the tiles (``m`` may be exact)."""
+    target = INTERPRETER_TARGET_PROGRAMS if interpreter else NUM_SMS_SM90
+    min_blocks = 1 if interpreter else SPLIT_K_MIN_BLOCKS
+    mb = m_bucket(m)
+    tiles = -(-mb // config.block_m) * -(-n // config.block_n)
+    if tiles == 0 or tiles >= target:
+        return 1
+    k_blocks = -(-k // config.block_k)
+    split = min(-(-target // tiles), k_blocks // min_blocks, SPLIT_K_MAX,
+                SPLIT_K_MAX_WORKSPACE_BYTES // max(1, 4 * mb * n))
+    return max(1, split)
+
+
 def gemm_config(m: int, n: int, k: int, r: int, elt: int, shrink_in_loop: bool,
                 interpreter: bool, epilogue_mask: bool = False, arch: int = 90) -> GemmConfig:
-    """The GEMM tiles for an (m, k) x (k, n) product with a rank-r term.
+    """The GEMM tiles (and split-K) for an (m, k) x (k, n) product with a
+    rank-r term.
 
     Heuristic by M bucket: the widest tile that fits at large M (compute
     bound), narrowing BM as M shrinks so that small batches neither pad a
-    128-row tile nor leave SMs idle.
+    128-row tile nor leave SMs idle; split-K where even the narrowest tiles
+    leave SMs idle (never with the in-loop shrink, which needs all of K).
     """
+    tiles = _gemm_tiles(m, n, r, elt, shrink_in_loop, interpreter, epilogue_mask, arch)
+    if shrink_in_loop:
+        return tiles
+    return replace(tiles, split_k=split_k_for(tiles, m, n, k, interpreter))
+
+
+def _gemm_tiles(m: int, n: int, r: int, elt: int, shrink_in_loop: bool, interpreter: bool,
+                epilogue_mask: bool, arch: int) -> GemmConfig:
     if interpreter:
         return INTERPRETER_GEMM_WIDE if m >= INTERPRETER_WIDE_FROM_M else INTERPRETER_GEMM
     block_r = block_r_for(r) if shrink_in_loop else block_r_for(r, GEMM_LR_MAX_BLOCK_R[elt])
@@ -190,7 +232,7 @@ def gemm_config(m: int, n: int, k: int, r: int, elt: int, shrink_in_loop: bool,
         return pool[0]
     # Fewer rows: prefer the config that gives at least one tile per SM.
     for c in pool:
-        tiles = -(-m // c.block_m) * -(-n // c.block_n)
+        tiles = -(-mb // c.block_m) * -(-n // c.block_n)
         if tiles >= NUM_SMS_SM90:
             return c
     return pool[-1]

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from .common import alloc, is_interpreted, keep_mask, load_operand
 from .configs import GEMM_LR_MAX_BLOCK_R, GemmConfig, block_r_for
+from .skinny import reduce_partials
 
 LOW_RANK_NONE = 0
 LOW_RANK_PRECOMPUTED = 1
@@ -35,7 +36,7 @@ LOW_RANK_IN_LOOP = 2
 
 # Sizes and the seed are not specialised (no recompilation when the token
 # count changes between batches); strides are, for vectorised loads.
-@triton.jit(do_not_specialize=["M", "N", "K", "R", "seed"])
+@triton.jit(do_not_specialize=["M", "N", "K", "R", "k_blocks_per_split", "stride_cs16", "seed"])
 def lora_gemm_kernel(
     # pointers
     a_ptr,  # (M, K)  left operand
@@ -48,6 +49,7 @@ def lora_gemm_kernel(
     xa_ptr,  # (M, R)  fp32: the in-loop shrink A·S, stored when LOW_RANK == 2
     # sizes
     M, N, K, R,
+    k_blocks_per_split,  # split-K: program (·, s) walks BLOCK_K blocks [s·this, (s+1)·this) of K
     # strides
     stride_am, stride_ak,
     stride_bk, stride_bn,
@@ -56,6 +58,7 @@ def lora_gemm_kernel(
     stride_sk, stride_sr,
     stride_vr, stride_vn,
     stride_cm, stride_cn,
+    stride_cs16,  # split-K: C is the fp32 workspace of S partials, this many 16-element units apart
     stride_xam, stride_xar,
     # scalars (runtime: changing them never recompiles)
     lr_scale,  # the low-rank term is lr_scale · (U · V)
@@ -79,9 +82,15 @@ def lora_gemm_kernel(
     ``BLOCK_R`` chunks, so any r works; with ``LOW_RANK == 2`` the shrink runs
     in the K loop, the whole rank must fit one ``BLOCK_R`` tile, and the term
     is added after the loop.
+
+    Split-K (grid axis 1 of size S > 1): program (t, s) computes tile t over
+    its own K range and stores the fp32 partial at ``C[s]``; split 0 also
+    carries the low-rank term and the bias. The launcher sums the S partials
+    in split order (deterministic, no atomics).
     """
     # Grouped ordering: GROUP_M row-tiles share each B column-tile in L2.
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -107,7 +116,9 @@ def lora_gemm_kernel(
     if LOW_RANK == 1:
         # Precomputed U: the low-rank term (masked) initialises the
         # accumulator, so no second (BLOCK_M, BLOCK_N) fp32 tile is ever live.
-        for r0 in range(0, R, BLOCK_R):
+        # Under split-K only split 0 carries it (pid_k == 0 otherwise an empty range).
+        lr_end = tl.where(pid_k == 0, R, 0)
+        for r0 in range(0, lr_end, BLOCK_R):
             r_in = offs_r < R - r0
             u = tl.load(u_ptr + rows[:, None] * stride_um + (r0 + offs_r)[None, :] * stride_ur,
                         mask=r_in[None, :], other=0.0)
@@ -115,22 +126,26 @@ def lora_gemm_kernel(
                              r_in[:, None], UPCAST)
             acc = tl.dot((u * lr_scale).to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         if LR_DROPOUT:
-            # Multiply (not select) so that NaN/Inf propagate as in x * mask.
+            # Multiply (not select) so that NaN/Inf propagate as in x * mask;
+            # acc is still zero on the other splits.
             acc = acc * keep_mask(seed, offs_m, offs_n, N, p, OFFSET_INT64).to(tl.float32)
     else:
         tl.static_assert(not LR_DROPOUT, "the epilogue mask needs a precomputed low-rank factor")
 
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
-    if LOW_RANK == 2:
+    # In whole blocks, so that the compiler knows k_lo's alignment (vector loads, pipelining).
+    k_lo = pid_k * k_blocks_per_split * BLOCK_K
+    k_len = min(K - k_lo, k_blocks_per_split * BLOCK_K)
+    a_ptrs = a_ptr + k_lo.to(tl.int64) * stride_ak + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + k_lo.to(tl.int64) * stride_bk + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+    if LOW_RANK == 2:  # (never split: the launcher runs the in-loop shrink with S = 1)
         s_ptrs = s_ptr + offs_k[:, None] * stride_sk + offs_r[None, :] * stride_sr
         xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, k_len, BLOCK_K):
         if EVEN_K:  # no K tail: unmasked loads (the common case, K a multiple of BLOCK_K)
             a = load_operand(a_ptrs, None, UPCAST)
             b = load_operand(b_ptrs, None, UPCAST)
         else:
-            k_in = offs_k < K - k0
+            k_in = offs_k < k_len - k0
             a = load_operand(a_ptrs, k_in[None, :], UPCAST)
             b = load_operand(b_ptrs, k_in[:, None], UPCAST)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -157,7 +172,10 @@ def lora_gemm_kernel(
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols * stride_bias).to(tl.float32)
-        acc += bias[None, :]
+        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
+    # This split's partial (split-K; else C itself). The slab stride is a
+    # multiple of 16 elements so that the stores stay vectorised.
+    c_ptr += pid_k.to(tl.int64) * stride_cs16 * 16
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -182,7 +200,9 @@ def lora_gemm(
     a (M, K), b (K, N), bias (N,), u (M, r) fp32, shrink (K, r), v (r, N); any
     strides. With ``dropout_p > 0`` the low-rank term is multiplied by the
     keep-mask of the (M, N) output. Returns ``(C, xa)`` where ``xa = a @ shrink``
-    (fp32, (M, r)) when ``shrink`` is given, else None.
+    (fp32, (M, r)) when ``shrink`` is given, else None. ``config.split_k > 1``
+    splits K over that many programs per tile (fp32 partials, then one ordered
+    reduction launch); not with ``shrink``.
     """
     # 1. constraints (the public API validated the user's arguments; these
     #    guard the launcher's own contract)
@@ -209,29 +229,42 @@ def lora_gemm(
     if low_rank == LOW_RANK_IN_LOOP and r > block_r:
         raise ValueError(f"lora_gemm: the in-loop shrink holds the whole rank in one tile (r <= {block_r})")
 
-    # 2. allocate
+    # 2. split-K: S programs per output tile, each over its own run of whole
+    #    K blocks (no empty split), partials summed in order by the reduction
+    k_blocks = triton.cdiv(K, config.block_k)
+    split_k = max(1, min(config.split_k, k_blocks))
+    if split_k > 1 and low_rank == LOW_RANK_IN_LOOP:
+        raise ValueError("lora_gemm: the in-loop shrink needs the whole K range in one program (split_k = 1)")
+    blocks_per_split = triton.cdiv(k_blocks, split_k)
+    if split_k > 1:
+        split_k = triton.cdiv(k_blocks, blocks_per_split)
+
+    # 3. allocate (NaN-poisoned: every element must be written)
     c = alloc((M, N), out_dtype, a.device)
     xa = alloc((M, r), torch.float32, a.device) if low_rank == LOW_RANK_IN_LOOP else None
     if M == 0 or N == 0:
         return c, xa
+    slab = triton.cdiv(M * N, 16) * 16  # one partial, padded to 16 elements (aligned stores)
+    workspace = None if split_k == 1 else alloc((split_k, slab), torch.float32, a.device)
+    target = c if workspace is None else workspace[:, :M * N].view(split_k, M, N)
 
-    # 3. launch
+    # 4. launch
     dummy = c
     u_ = u if u is not None else dummy
     s_ = shrink if shrink is not None else dummy
     v_ = v if v is not None else dummy
     xa_ = xa if xa is not None else dummy
-    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n),)
+    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n), split_k)
     lora_gemm_kernel[grid](
-        a, b, bias if bias is not None else dummy, u_, s_, v_, c, xa_,
-        M, N, K, r,
+        a, b, bias if bias is not None else dummy, u_, s_, v_, target, xa_,
+        M, N, K, r, blocks_per_split,
         a.stride(0), a.stride(1),
         b.stride(0), b.stride(1),
         bias.stride(0) if bias is not None else 0,
         u_.stride(0) if u is not None else 0, u_.stride(1) if u is not None else 0,
         s_.stride(0) if shrink is not None else 0, s_.stride(1) if shrink is not None else 0,
         v_.stride(0) if v is not None else 0, v_.stride(1) if v is not None else 0,
-        c.stride(0), c.stride(1),
+        target.stride(-2), target.stride(-1), slab // 16 if split_k > 1 else 0,
         xa_.stride(0) if xa is not None else 0, xa_.stride(1) if xa is not None else 0,
         float(lr_scale), float(dropout_p), int(seed),
         HAS_BIAS=bias is not None,
@@ -244,4 +277,6 @@ def lora_gemm(
         BLOCK_R=block_r,
         **config.launch_kwargs(),
     )
+    if split_k > 1:
+        reduce_partials(target, c)
     return c, xa

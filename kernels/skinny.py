@@ -121,12 +121,12 @@ def lora_skinny_kernel(
         tl.store(sh_ptrs, sh_acc * sh_scale, mask=(offs_m < m_hi)[:, None] & r_in[None, :])
 
 
-@triton.jit(do_not_specialize=["P", "numel"])
+@triton.jit(do_not_specialize=["P", "numel", "stride_p"])
 def reduce_partials_kernel(
-    part_ptr,  # (P, numel) fp32, contiguous rows
+    part_ptr,  # (P, numel) fp32, contiguous rows, stride_p elements apart
     acc_ptr,  # (numel,) fp32 running sum to add to when HAS_ACC
     out_ptr,  # (numel,) output, any float dtype
-    P, numel,
+    P, numel, stride_p,
     HAS_ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -140,20 +140,23 @@ def reduce_partials_kernel(
     ptrs = part_ptr + offs
     for _ in range(0, P):
         total += tl.load(ptrs, mask=mask, other=0.0)
-        ptrs += numel  # pointer arithmetic: 64-bit, whatever P * numel is
+        ptrs += stride_p  # pointer arithmetic: 64-bit, whatever P * numel is
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def reduce_partials(parts: torch.Tensor, out: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
-    """``out[...] = acc + parts.sum(0)`` in a fixed order; ``parts`` is a
-    contiguous fp32 (P, *out.shape), ``out`` contiguous."""
-    if not (parts.is_contiguous() and out.is_contiguous()) or parts.shape[1:] != out.shape:
+    """``out[...] = acc + parts.sum(0)`` in a fixed order; ``parts`` is fp32
+    (P, *out.shape), each ``parts[p]`` contiguous (the partials may be
+    further apart than their size); ``out`` contiguous."""
+    if (parts.shape[1:] != out.shape or not out.is_contiguous() or parts.dtype != torch.float32
+            or (parts.shape[0] and not parts[0].is_contiguous())):
         raise ValueError(f"reduce_partials: parts {tuple(parts.shape)} do not match out {tuple(out.shape)}")
     numel = out.numel()
     if numel == 0:
         return out
     grid = (triton.cdiv(numel, REDUCE_BLOCK),)
     reduce_partials_kernel[grid](parts, acc if acc is not None else parts, out, parts.shape[0], numel,
+                                 parts.stride(0),
                                  HAS_ACC=acc is not None, BLOCK=REDUCE_BLOCK)
     return out
 

@@ -2,6 +2,8 @@
 (including row chunks with dropout), the deterministic reduction, the GEMM's
 guard rails, and degenerate sizes through the public op."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -94,6 +96,59 @@ def test_gemm_contract():
     c, xa = gemm.lora_gemm(a, b, config=cfg, out_dtype=torch.float32)
     assert xa is None
     assert_close(c, a.double() @ b.double(), torch.float32, "plain gemm")
+
+
+@pytest.mark.parametrize("split_k", [2, 3, 7])
+@pytest.mark.parametrize("k", [96, 75])  # whole K blocks, and a ragged K tail in the last split
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemm_split_k(split_k, k, dtype):
+    """Split-K: the low-rank term (and its mask) and the bias are added once,
+    every K block is counted once, the fp32 partials are summed in split order
+    (bitwise reproducible), and a config asking for more splits than K has
+    blocks runs with fewer, never an empty one."""
+    m, n, r, p, seed, scale = 37, 45, 5, 0.3, 77, 1.5
+    a = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, k, device=DEVICE, dtype=dtype).t()  # strided, as Wᵀ is in the forward
+    bias = torch.randn(n, device=DEVICE, dtype=dtype)
+    u = torch.randn(m, r, device=DEVICE)
+    v = torch.randn(r, n, device=DEVICE, dtype=dtype)
+    base = configs.gemm_config(m, n, k, r, a.element_size(), False, _triton.interpreter())
+    cfg = dataclasses.replace(base, split_k=split_k)
+    keep = fused_lora.dropout_mask(seed, (m, n), p, device=DEVICE).double()
+    want = a.double() @ b.double() + bias.double() + scale * (u.double() @ v.double()) * keep
+    run = lambda: gemm.lora_gemm(a, b, bias=bias, u=u, v=v, lr_scale=scale, dropout_p=p, seed=seed, config=cfg,
+                                 out_dtype=dtype)[0]
+    c = run()
+    assert_close(c, want, dtype, f"split_k={split_k}")
+    assert torch.equal(run(), c)
+    # the plain product (dW's form), and an empty K (hybrid's form: only the low-rank term and bias)
+    c0, _ = gemm.lora_gemm(a, b, config=cfg, out_dtype=dtype)
+    assert_close(c0, a.double() @ b.double(), dtype, "no low-rank term")
+    ce, _ = gemm.lora_gemm(a[:, :0], b[:0], bias=bias, u=u, v=v, lr_scale=scale, config=cfg, out_dtype=dtype)
+    assert_close(ce, bias.double() + scale * (u.double() @ v.double()), dtype, "empty K")
+
+
+def test_gemm_split_k_refuses_the_in_loop_shrink():
+    a, b = torch.randn(8, 64, device=DEVICE), torch.randn(64, 12, device=DEVICE)
+    cfg = dataclasses.replace(configs.gemm_config(8, 12, 64, 2, 4, True, _triton.interpreter()), split_k=2)
+    with pytest.raises(ValueError, match="split_k"):
+        gemm.lora_gemm(a, b, config=cfg, out_dtype=torch.float32, shrink=torch.randn(64, 2, device=DEVICE),
+                       v=torch.randn(2, 12, device=DEVICE))
+
+
+def test_split_k_heuristic():
+    """Split-K only where the output tiles leave SMs idle, bounded by the
+    pipeline depth per split, the split cap and the workspace cap."""
+    big = configs.gemm_config(8192, 4096, 4096, 16, 2, False, False)
+    assert big.split_k == 1
+    small = configs.gemm_config(16, 4096, 4096, 16, 2, False, False)
+    tiles = -(-16 // small.block_m) * -(-4096 // small.block_n)
+    assert small.split_k > 1 and tiles * small.split_k >= configs.NUM_SMS_SM90
+    assert 4096 // small.block_k // small.split_k >= configs.SPLIT_K_MIN_BLOCKS
+    assert configs.gemm_config(16, 4096, 256, 16, 2, False, False).split_k == 1  # K too short to split
+    assert configs.gemm_config(16, 4096, 4096, 16, 2, True, False).split_k == 1  # in-loop shrink: never
+    # dW of a small layer over many tokens: the token axis is split
+    assert configs.gemm_config(256, 256, 65536, 1, 2, False, False).split_k > 1
 
 
 @pytest.mark.parametrize("lead", [(0,), (2, 0)])
@@ -191,6 +246,8 @@ def test_explain_says_what_runs_and_why():
     assert "mask regenerated" in str(e)
     small = fused_lora.explain((16, 4096), (4096, 4096), 64)
     assert small.plan.strategy == "in_loop" and "small M" in small.plan.reason
+    assert small.plan.fwd_gemm.split_k == 1 and small.plan.dx_gemm.split_k > 1  # the in-loop shrink needs all of K
+    assert "split_k=" in str(fused_lora.explain((16, 4096), (4096, 4096), 16, dropout_p=0.1))
     fp32 = fused_lora.explain((4096, 1024), (1024, 1024), 16, dtype=torch.float32)
     assert fp32.plan.strategy == "hybrid" and "cuBLAS" in str(fp32)
     assert fused_lora.explain((4096, 1024), (1024, 1024), 16, dtype=torch.float32,
