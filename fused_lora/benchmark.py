@@ -8,6 +8,10 @@ Providers (all compute ``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with W frozen
 ``naive_compiled``  ``torch.compile`` of ``naive``
 ``base``            bare ``F.linear``: the floor, no adapter at all
 
+and, on a preset's ``strategy_cases``, ``fused:in_loop``, ``fused:split`` and
+``fused:hybrid`` (``fused`` with that forward strategy forced; forward and
+forward+backward): the data behind the dispatch rules.
+
 Modes: ``forward``, ``backward`` (the backward of one recorded forward, timed
 alone), ``forward+backward``. On a GPU each number is the median of
 ``triton.testing.do_bench`` after warm-up (Triton compiles on the first call);
@@ -42,6 +46,10 @@ import torch
 import torch.nn.functional as F
 
 PROVIDERS = ("fused", "naive", "unsloth_style", "naive_compiled", "base")
+#: ``fused`` with its forward strategy forced (see :mod:`fused_lora.dispatch`):
+#: the data that tunes the dispatch rules. Run on a preset's ``strategy_cases``.
+STRATEGY_PROVIDERS = ("fused:in_loop", "fused:split", "fused:hybrid")
+STRATEGY_MODES = ("forward", "forward+backward")
 MODES = ("forward", "backward", "forward+backward")
 #: H200 roofline used by the model (measured on our machine: bf16 matmul
 #: ~790 TFLOP/s; device copy ~4.3 TB/s; KERNELS.md plans with 4.0).
@@ -94,6 +102,8 @@ class Preset:
     modes: tuple = MODES
     #: providers timed only on these cases (compilation is slow)
     compiled_cases: tuple | None = None
+    #: cases on which every forced strategy (STRATEGY_PROVIDERS) is timed too
+    strategy_cases: tuple = ()
 
 
 def _grid(ms, shapes, ranks, dropouts, dtypes):
@@ -105,19 +115,25 @@ def presets() -> dict[str, Preset]:
     return {
         # CPU interpreter: every provider and mode on tiny shapes.
         "smoke": Preset("smoke", _grid([16, 48], [(64, 48)], [8], [0.0, 0.1], ["float32", "float16"]),
-                        providers=("fused", "naive", "unsloth_style", "base"), compiled_cases=()),
+                        providers=("fused", "naive", "unsloth_style", "base"), compiled_cases=(),
+                        strategy_cases=(Case(48, 64, 48, 8, "float16"), Case(48, 64, 48, 8, "float16", 0.1))),
         # The issue-2 check: the headline shape, both dropout settings.
         "headline": Preset("headline", [headline, dataclasses.replace(headline, dropout=0.1)],
                            compiled_cases=(headline,)),
         # What bench/gpu_check.sh runs: the headline first, then a representative
         # subset (small to large M, a wide output, a large rank), ~2-3 minutes.
+        # Every forced strategy runs on a few of them: small and large M, a wide
+        # output, a large rank (the data for the dispatch rules).
         "gpu-check": Preset(
             "gpu-check",
             [headline, dataclasses.replace(headline, dropout=0.1)]
             + _grid([16, 256, 4096, 16384], [(4096, 4096)], [16], [0.0, 0.1], ["bfloat16"])
             + _grid([4096], [(4096, 14336)], [16], [0.0, 0.1], ["bfloat16"])
-            + _grid([4096], [(4096, 4096)], [64], [0.1], ["bfloat16"]),
-            compiled_cases=(headline,)),
+            + _grid([4096], [(4096, 4096)], [64], [0.0, 0.1], ["bfloat16"]),
+            compiled_cases=(headline,),
+            strategy_cases=(headline, dataclasses.replace(headline, dropout=0.1), Case(16, 4096, 4096, 16),
+                            Case(16, 4096, 4096, 16, dropout=0.1), Case(4096, 4096, 14336, 16),
+                            Case(4096, 4096, 4096, 64))),
         # Issue 3's full grid (longer than one device call: run it in parts with --m).
         "full": Preset("full", _grid([16, 256, 4096, 16384], [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)],
                                      [8, 16, 64], [0.0, 0.1], ["bfloat16", "float16"])),
@@ -181,6 +197,18 @@ def make_forward(provider: str, inp: Inputs):
     if provider == "fused":
         return lambda: fused_lora.lora_linear(inp.x, inp.weight, inp.lora_A, inp.lora_B, inp.bias,
                                               scaling=inp.scaling, dropout_p=inp.dropout, backend="triton")
+    if provider in STRATEGY_PROVIDERS:
+        strategy = provider.split(":")[1]
+        if strategy == "in_loop" and inp.dropout > 0:
+            return None  # (forcing it would run split)
+
+        def forced():
+            # The strategy is read when the forward runs: the backward follows the
+            # forward's plan through the saved tensors' shapes, under the same force.
+            with fused_lora.dispatch.force_strategy(strategy):
+                return fused_lora.lora_linear(inp.x, inp.weight, inp.lora_A, inp.lora_B, inp.bias,
+                                              scaling=inp.scaling, dropout_p=inp.dropout, backend="triton")
+        return forced
     if provider == "naive":
         return lambda: naive_lora(*args)
     if provider == "unsloth_style":
@@ -345,7 +373,7 @@ def environment() -> dict:
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         env.update(gpu=p.name, gpu_sms=p.multi_processor_count, gpu_memory_gib=round(p.total_memory / 2**30, 1),
-                   cuda=torch.version.cuda)
+                   cuda=torch.version.cuda, gpu_arch=f"sm_{p.major}{p.minor}")
     else:
         import fused_lora
         env.update(gpu=None, kernels="triton-interpreter" if fused_lora._triton.interpreter() else "unavailable")
@@ -366,6 +394,15 @@ def _max_error(case: Case, inp: Inputs, provider: str) -> float | None:
     return ((y - ref).abs().max() / ref.abs().max()).item()
 
 
+def runs_of(preset: Preset, case: Case) -> list[tuple[str, str]]:
+    """The (provider, mode) pairs measured for ``case``: every provider in
+    every mode, plus the forced strategies on the preset's strategy cases."""
+    runs = [(p, mo) for p in preset.providers for mo in preset.modes]
+    if case in preset.strategy_cases:
+        runs += [(p, mo) for p in STRATEGY_PROVIDERS for mo in preset.modes if mo in STRATEGY_MODES]
+    return runs
+
+
 def run_preset(preset: Preset, device, progress=None, deadline: float | None = None,
                on_case_done=None) -> list[Measurement]:
     """Measure every (case, provider, mode) of ``preset``. Cases not started
@@ -373,30 +410,31 @@ def run_preset(preset: Preset, device, progress=None, deadline: float | None = N
     ``on_case_done(results)`` runs after each case (to write partial results)."""
     on_gpu = device.type == "cuda"
     results = []
-    total = len(preset.cases) * len(preset.providers) * len(preset.modes)
+    total = sum(len(runs_of(preset, case)) for case in preset.cases)
     bar = progress(total=total, desc=f"bench {preset.name}", unit="run") if progress else None
     for case in preset.cases:
         if deadline is not None and time.monotonic() > deadline:
-            results += [Measurement(case, p, mo, note="skipped: time budget spent")
-                        for p in preset.providers for mo in preset.modes]
+            results += [Measurement(case, p, mo, note="skipped: time budget spent") for p, mo in runs_of(preset, case)]
             continue
         copies = input_copies(case) if on_gpu else 1
         inputs = [Inputs.make(case, device, seed=i) for i in range(copies)]
         inp = inputs[0]
         dy = torch.randn(case.m, case.n, device=device, dtype=case.torch_dtype)
-        for provider in preset.providers:
+        for provider in dict.fromkeys(p for p, _ in runs_of(preset, case)):
             skip = ""
             if provider == "naive_compiled" and preset.compiled_cases is not None and case not in preset.compiled_cases:
                 skip = "not in this preset's compiled cases (compilation time)"
             if provider == "unsloth_style" and case.dropout > 0:
                 skip = "N/A: no dropout in this composition"
+            if provider == "fused:in_loop" and case.dropout > 0:
+                skip = "N/A: the in-loop shrink runs without dropout only"
             err = None
             if not skip:
                 try:
                     err = _max_error(case, inp, provider)
                 except Exception as exc:
                     skip = f"failed: {type(exc).__name__}: {exc}"
-            for mode in preset.modes:
+            for mode in (mo for p, mo in runs_of(preset, case) if p == provider):
                 meas = Measurement(case, provider, mode, max_error=err, note=skip)
                 if not skip:
                     try:
@@ -479,6 +517,7 @@ def markdown(results: list[Measurement], env: dict, preset: Preset) -> str:
             f"{_fmt(row.get('unsloth_style'))} | {_fmt(row.get('naive_compiled'))} | {_fmt(row.get('base'))} | "
             f"{_fmt(row['speedup_vs_naive'], '.2f')} | {_fmt(row['fused_over_base'], '.2f')} | "
             f"{_fmt(row['speedup_vs_unsloth_style'], '.2f')} | {mem} |")
+    lines += strategy_table(results, env.get("gpu_arch", "sm_90") if on_gpu else "interpreter")
     notes = sorted({f"{m.provider} @ {m.case.label()}: {m.note}" for m in results
                     if m.note and not m.note.startswith(("N/A", "not in"))})
     if notes:
@@ -488,6 +527,36 @@ def markdown(results: list[Measurement], env: dict, preset: Preset) -> str:
     model_cases = (list(dict.fromkeys(m.case for m in results)) if on_gpu
                    else presets()["gpu-check"].cases)
     return "\n".join(lines) + "\n\n" + model_table(model_cases)
+
+
+def default_strategy(case: Case, target: str) -> str:
+    """The strategy ``fused`` runs for ``case`` on ``target`` (what explain says)."""
+    import fused_lora
+
+    return fused_lora.explain((case.m, case.k), (case.n, case.k), case.r, case.torch_dtype, case.dropout,
+                              target=target).plan.strategy
+
+
+def strategy_table(results: list[Measurement], target: str) -> list[str]:
+    """Markdown lines: each forced strategy beside the default choice, on the
+    cases where they were measured (empty if none were)."""
+    rows = [r for r in summarize(results) if any(r.get(p) is not None for p in STRATEGY_PROVIDERS)]
+    if not rows:
+        return []
+    names = [p.split(":")[1] for p in STRATEGY_PROVIDERS]
+    lines = ["", "### Forward strategies, forced (the data behind the dispatch rules)", "",
+             "Median ms per call of `fused` with each strategy forced (forward and its backward); `default` is what "
+             "the dispatch chose. `best` names the fastest measured.", "",
+             "| case | mode | default | " + " | ".join(names) + " | best | default/best |",
+             "|---|---|---|" + "---|" * len(names) + "---|---|"]
+    for row in rows:
+        timed = {n: row.get(p) for n, p in zip(names, STRATEGY_PROVIDERS) if row.get(p) is not None}
+        best = min(timed, key=timed.get) if timed else None
+        default = default_strategy(row["case"], target)
+        lines.append(f"| {row['case'].label()} | {row['mode']} | {default} ({_fmt(row.get('fused'))}) | "
+                     + " | ".join(_fmt(row.get(p)) for p in STRATEGY_PROVIDERS)
+                     + f" | {best or '—'} | {_fmt(_ratio(row.get('fused'), timed.get(best)), '.2f')} |")
+    return lines
 
 
 def plot(results: list[Measurement], path: Path, env: dict) -> bool:

@@ -81,6 +81,15 @@ def force_strategy(strategy: str):
         _forced_strategy.reset(token)
 
 
+def forced_strategy() -> str | None:
+    """The strategy forced by an enclosing :func:`force_strategy`, or None.
+    (None while torch.compile traces: dynamo cannot read a ContextVar; the
+    kernels inside the op still see the force.)"""
+    if torch.compiler.is_compiling():
+        return None
+    return _forced_strategy.get()
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything the Triton backend decides for one (shape, dtype, dropout)."""
@@ -121,9 +130,9 @@ def device_arch(device: torch.device) -> int:
     return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, max_block_r: int):
+def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, max_block_r: int,
+            forced: str | None):
     in_loop_ok = dropout_p == 0.0 and r <= max_block_r
-    forced = _forced_strategy.get()
     if forced is not None:
         if forced == "in_loop" and not in_loop_ok:
             return "split", f"forced 'in_loop', which cannot run here ({'dropout' if dropout_p else 'rank'}): split"
@@ -144,20 +153,25 @@ def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, 
 
 
 def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, arch: int = 90,
-         interpreter: bool | None = None) -> Plan:
+         interpreter: bool | None = None, strategy: str | None = None) -> Plan:
     """The strategy and configurations for ``x (m, k) · Wᵀ (k, n)`` with rank ``r``
     on a GPU of compute capability ``arch`` (x10), or on the interpreter.
-    Cached per problem: at small M the host's time per call matters."""
+    ``strategy`` forces one (as :func:`force_strategy` does; default: the
+    enclosing force, if any). Cached per problem: at small M the host's time
+    per call matters."""
     interp = _triton.interpreter() if interpreter is None else interpreter
-    return _plan(m, n, k, r, dtype, dropout_p > 0.0, arch, interp, _forced_strategy.get(), input_precision(dtype))
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    forced = strategy if strategy is not None else _forced_strategy.get()
+    return _plan(m, n, k, r, dtype, dropout_p > 0.0, arch, interp, forced, input_precision(dtype))
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(m, n, k, r, dtype, dropout, arch, interp, _forced, precision) -> Plan:
+def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision) -> Plan:
     cfg = _triton.configs()
     elt = dtype.itemsize
     dropout_p = 0.5 if dropout else 0.0  # only "is there dropout" shapes the plan
-    strategy, reason = _choose(m, r, dtype, dropout_p, interp, cfg.MAX_BLOCK_R)
+    strategy, reason = _choose(m, r, dtype, dropout_p, interp, cfg.MAX_BLOCK_R, forced)
     return Plan(
         strategy=strategy,
         reason=reason,

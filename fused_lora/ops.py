@@ -98,14 +98,17 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
 
 def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
                     scaling: float, dropout_p: float, seed: int,
-                    need_x: bool, need_weight: bool, need_bias: bool, need_A: bool, need_B: bool):
-    """``(dx, dW, db, dA, dB)`` of the math above; None where not needed."""
+                    need_x: bool, need_weight: bool, need_bias: bool, need_A: bool, need_B: bool,
+                    strategy: str = ""):
+    """``(dx, dW, db, dA, dB)`` of the math above; None where not needed.
+    ``strategy``: the one the forward was forced to run (``""``: none), so
+    that the backward follows it whatever thread autograd runs it on."""
     k_ = _triton.get()
     n, k = weight.shape
     r = lora_A.shape[0]
     x2, dy2, xa2 = _flatten(x, k), _flatten(dy, n), _flatten(xa, r)
     m = x2.shape[0]
-    plan = dispatch.plan(m, n, k, r, x.dtype, dropout_p, dispatch.device_arch(x.device))
+    plan = dispatch.plan(m, n, k, r, x.dtype, dropout_p, dispatch.device_arch(x.device), strategy=strategy or None)
     inv_keep = 1.0 / (1.0 - dropout_p)
     need_g = need_x or need_A
 
@@ -171,15 +174,17 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 @torch.library.custom_op("fused_lora::lora_linear_bwd", mutates_args=())
 def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
                     scaling: float, dropout_p: float, seed: Tensor, need_x: bool, need_weight: bool,
-                    need_bias: bool, need_A: bool, need_B: bool) -> list[Tensor]:
-    """``[dx, dW, db, dA, dB]``; a gradient nobody needs is an empty tensor."""
+                    need_bias: bool, need_A: bool, need_B: bool, strategy: str = "") -> list[Tensor]:
+    """``[dx, dW, db, dA, dB]``; a gradient nobody needs is an empty tensor.
+    ``strategy``: the forward's forced strategy, ``""`` when none."""
     grads = backward_triton(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, int(seed),
-                            need_x, need_weight, need_bias, need_A, need_B)
+                            need_x, need_weight, need_bias, need_A, need_B, strategy)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @lora_linear_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_x, need_weight, need_bias, need_A, need_B):
+def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_x, need_weight, need_bias, need_A, need_B,
+      strategy=""):
     shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
     needs = (need_x, need_weight, need_bias, need_A, need_B)
     return [x.new_empty(s) if need else x.new_empty(0) for s, need in zip(shapes, needs)]
@@ -190,6 +195,9 @@ def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropou
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
     ctx.has_bias = bias is not None
+    # A strategy forced around the forward (dispatch.force_strategy) holds for
+    # its backward too, which autograd may run on another thread.
+    ctx.strategy = dispatch.forced_strategy() or ""
 
 
 def _gradients(ctx, dy):
@@ -201,7 +209,7 @@ def _gradients(ctx, dy):
     if not any(need):
         return (None,) * 5
     grads = torch.ops.fused_lora.lora_linear_bwd(dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p,
-                                                 seed, *need)
+                                                 seed, *need, ctx.strategy)
     return tuple(g if n else None for g, n in zip(grads, need))
 
 

@@ -10,7 +10,7 @@ import torch
 import fused_lora
 from fused_lora import _triton
 from fused_lora.kernels import configs, gemm, skinny
-from lora_testing import DEVICE, assert_close, make_params
+from lora_testing import DEVICE, assert_close, make_params, reference64
 
 K_ = _triton.get()
 
@@ -210,6 +210,39 @@ def test_only_the_needed_gradients_run(monkeypatch):
     calls.clear()
     y.sum().backward()
     assert calls == ["skinny", "skinny"]  # the dy pass (g, dB) and the dA pass; no dx, no dW
+
+
+def test_backward_follows_the_forced_forward_strategy(monkeypatch):
+    """A strategy forced around the forward holds for its backward, even when
+    the backward runs after the block, on another thread (as autograd's device
+    threads do), where the force itself is not visible."""
+    import threading
+
+    seen = []
+    real_plan = fused_lora.dispatch.plan
+
+    def spy(*args, **kwargs):
+        chosen = real_plan(*args, **kwargs)
+        seen.append(chosen.strategy)
+        return chosen
+
+    monkeypatch.setattr(fused_lora.dispatch, "plan", spy)
+    w, b, a, bb = make_params(24, 18, 3, torch.float32, True)
+    a.requires_grad_()
+    x = torch.randn(11, 24, device=DEVICE, requires_grad=True)
+    with fused_lora.dispatch.force_strategy("hybrid"):
+        y = fused_lora.lora_linear(x, w, a, bb, b, dropout_p=0.2, seed=5, backend="triton")
+    dy = torch.randn_like(y)
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(g=torch.autograd.grad(y, (x, a), dy)))
+    worker.start()
+    worker.join()
+    assert seen == ["hybrid", "hybrid"]
+    _, g64 = reference64(x, w, b, a, bb, dy, scaling=1.0, dropout_p=0.2, seed=5, grads=("x", "lora_A"))
+    assert_close(out["g"][0], g64["x"], torch.float32, "dx")
+    assert_close(out["g"][1], g64["lora_A"], torch.float32, "dA")
+    with pytest.raises(ValueError, match="strategy"):
+        real_plan(4, 4, 4, 1, torch.float32, 0.0, strategy="fastest")
 
 
 def test_scaling_and_dropout_are_runtime_arguments():
