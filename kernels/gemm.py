@@ -116,18 +116,19 @@ def lora_gemm_kernel(
     if LOW_RANK == 1:
         # Precomputed U: the low-rank term (masked) initialises the
         # accumulator, so no second (BLOCK_M, BLOCK_N) fp32 tile is ever live.
-        # Under split-K only split 0 carries it (pid_k == 0 otherwise an empty range).
-        lr_end = tl.where(pid_k == 0, R, 0)
-        for r0 in range(0, lr_end, BLOCK_R):
-            r_in = offs_r < R - r0
-            u = tl.load(u_ptr + rows[:, None] * stride_um + (r0 + offs_r)[None, :] * stride_ur,
-                        mask=r_in[None, :], other=0.0)
-            v = load_operand(v_ptr + (r0 + offs_r)[:, None] * stride_vr + cols[None, :] * stride_vn,
-                             r_in[:, None], UPCAST)
-            acc = tl.dot((u * lr_scale).to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        # Under split-K only split 0 carries it (the other splits' zeros go
+        # through the mask too: keeping the mask outside this branch is what
+        # keeps the 128x128 dropout epilogue from spilling, compile report).
+        if pid_k == 0:
+            for r0 in range(0, R, BLOCK_R):
+                r_in = offs_r < R - r0
+                u = tl.load(u_ptr + rows[:, None] * stride_um + (r0 + offs_r)[None, :] * stride_ur,
+                            mask=r_in[None, :], other=0.0)
+                v = load_operand(v_ptr + (r0 + offs_r)[:, None] * stride_vr + cols[None, :] * stride_vn,
+                                 r_in[:, None], UPCAST)
+                acc = tl.dot((u * lr_scale).to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         if LR_DROPOUT:
-            # Multiply (not select) so that NaN/Inf propagate as in x * mask;
-            # acc is still zero on the other splits.
+            # Multiply (not select) so that NaN/Inf propagate as in x * mask.
             acc = acc * keep_mask(seed, offs_m, offs_n, N, p, OFFSET_INT64).to(tl.float32)
     else:
         tl.static_assert(not LR_DROPOUT, "the epilogue mask needs a precomputed low-rank factor")
