@@ -111,3 +111,17 @@ def test_performance_section_renders_a_gpu_run(tmp_path):
     assert benchmark.update_readme(readme, tmp_path / "runs") is True
     assert "old" not in readme.read_text() and readme.read_text().endswith("rest\n")
     assert benchmark.update_readme(readme, tmp_path / "runs") is False
+
+
+def test_gpu_check_runs_every_test_file_but_the_compile_report():
+    """bench/gpu_check.sh lists the test files in priority order (kernels
+    first); a new test file must join the list, or it would never run on a GPU."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = (root / "bench" / "gpu_check.sh").read_text()
+    listed = re.findall(r"tests/(test_\w+\.py)", script.split("== tests on CUDA", 1)[1].split("== benchmark", 1)[0])
+    on_disk = {p.name for p in (root / "tests").glob("test_*.py")} - {"test_compile_report.py"}
+    assert sorted(listed) == sorted(on_disk) and len(listed) == len(set(listed))
+    assert listed[0] == "test_parity.py"
