@@ -8,9 +8,10 @@ Providers (all compute ``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with W frozen
 ``naive_compiled``  ``torch.compile`` of ``naive``
 ``base``            bare ``F.linear``: the floor, no adapter at all
 
-and, on a preset's ``strategy_cases``, ``fused:in_loop``, ``fused:split`` and
-``fused:hybrid`` (``fused`` with that forward strategy forced; forward and
-forward+backward): the data behind the dispatch rules.
+and, on a preset's ``variant_cases``, ``fused:in_loop``, ``fused:split`` and
+``fused:hybrid`` (``fused`` with that forward strategy forced) and
+``fused:tma`` (``fused`` with TMA tile loads), forward and forward+backward:
+the data behind the dispatch rules.
 
 Modes: ``forward``, ``backward`` (the backward of one recorded forward, timed
 alone), ``forward+backward``. On a GPU each number is the median of
@@ -46,10 +47,11 @@ import torch
 import torch.nn.functional as F
 
 PROVIDERS = ("fused", "naive", "unsloth_style", "naive_compiled", "base")
-#: ``fused`` with its forward strategy forced (see :mod:`fused_lora.dispatch`):
-#: the data that tunes the dispatch rules. Run on a preset's ``strategy_cases``.
-STRATEGY_PROVIDERS = ("fused:in_loop", "fused:split", "fused:hybrid")
-STRATEGY_MODES = ("forward", "forward+backward")
+#: ``fused`` with its forward strategy forced (see :mod:`fused_lora.dispatch`),
+#: and ``fused`` with TMA tensor-descriptor loads: the data that tunes the
+#: dispatch rules and the TMA default. Run on a preset's ``variant_cases``.
+VARIANT_PROVIDERS = ("fused:in_loop", "fused:split", "fused:hybrid", "fused:tma")
+VARIANT_MODES = ("forward", "forward+backward")
 MODES = ("forward", "backward", "forward+backward")
 #: H200 roofline used by the model (measured on our machine: bf16 matmul
 #: ~790 TFLOP/s; device copy ~4.3 TB/s; KERNELS.md plans with 4.0).
@@ -102,8 +104,8 @@ class Preset:
     modes: tuple = MODES
     #: providers timed only on these cases (compilation is slow)
     compiled_cases: tuple | None = None
-    #: cases on which every forced strategy (STRATEGY_PROVIDERS) is timed too
-    strategy_cases: tuple = ()
+    #: cases on which every forced strategy (VARIANT_PROVIDERS) is timed too
+    variant_cases: tuple = ()
 
 
 def _grid(ms, shapes, ranks, dropouts, dtypes):
@@ -116,7 +118,7 @@ def presets() -> dict[str, Preset]:
         # CPU interpreter: every provider and mode on tiny shapes.
         "smoke": Preset("smoke", _grid([16, 48], [(64, 48)], [8], [0.0, 0.1], ["float32", "float16"]),
                         providers=("fused", "naive", "unsloth_style", "base"), compiled_cases=(),
-                        strategy_cases=(Case(48, 64, 48, 8, "float16"), Case(48, 64, 48, 8, "float16", 0.1))),
+                        variant_cases=(Case(48, 64, 48, 8, "float16"), Case(48, 64, 48, 8, "float16", 0.1))),
         # The issue-2 check: the headline shape, both dropout settings.
         "headline": Preset("headline", [headline, dataclasses.replace(headline, dropout=0.1)],
                            compiled_cases=(headline,)),
@@ -131,7 +133,7 @@ def presets() -> dict[str, Preset]:
             + _grid([4096], [(4096, 14336)], [16], [0.0, 0.1], ["bfloat16"])
             + _grid([4096], [(4096, 4096)], [64], [0.0, 0.1], ["bfloat16"]),
             compiled_cases=(headline,),
-            strategy_cases=(headline, dataclasses.replace(headline, dropout=0.1), Case(16, 4096, 4096, 16),
+            variant_cases=(headline, dataclasses.replace(headline, dropout=0.1), Case(16, 4096, 4096, 16),
                             Case(16, 4096, 4096, 16, dropout=0.1), Case(4096, 4096, 14336, 16),
                             Case(4096, 4096, 4096, 64))),
         # Issue 3's full grid (longer than one device call: run it in parts with --m).
@@ -197,7 +199,9 @@ def make_forward(provider: str, inp: Inputs):
     if provider == "fused":
         return lambda: fused_lora.lora_linear(inp.x, inp.weight, inp.lora_A, inp.lora_B, inp.bias,
                                               scaling=inp.scaling, dropout_p=inp.dropout, backend="triton")
-    if provider in STRATEGY_PROVIDERS:
+    if provider == "fused:tma":  # (TMA is switched on around the step: see variant_context)
+        return make_forward("fused", inp)
+    if provider in VARIANT_PROVIDERS:
         strategy = provider.split(":")[1]
         if strategy == "in_loop" and inp.dropout > 0:
             return None  # (forcing it would run split)
@@ -221,6 +225,16 @@ def make_forward(provider: str, inp: Inputs):
     if provider == "base":
         return lambda: F.linear(inp.x, inp.weight, inp.bias)
     raise ValueError(f"unknown provider {provider!r}")
+
+
+def variant_context(provider: str):
+    """What must hold while ``provider`` builds and runs its steps (forward and
+    backward alike, whatever thread autograd uses): TMA loads for ``fused:tma``."""
+    import contextlib
+
+    import fused_lora
+
+    return fused_lora.dispatch.use_tma(True) if provider == "fused:tma" else contextlib.nullcontext()
 
 
 def make_step(mode: str, forward, leaves, dy):
@@ -398,8 +412,8 @@ def runs_of(preset: Preset, case: Case) -> list[tuple[str, str]]:
     """The (provider, mode) pairs measured for ``case``: every provider in
     every mode, plus the forced strategies on the preset's strategy cases."""
     runs = [(p, mo) for p in preset.providers for mo in preset.modes]
-    if case in preset.strategy_cases:
-        runs += [(p, mo) for p in STRATEGY_PROVIDERS for mo in preset.modes if mo in STRATEGY_MODES]
+    if case in preset.variant_cases:
+        runs += [(p, mo) for p in VARIANT_PROVIDERS for mo in preset.modes if mo in VARIANT_MODES]
     return runs
 
 
@@ -431,7 +445,8 @@ def run_preset(preset: Preset, device, progress=None, deadline: float | None = N
             err = None
             if not skip:
                 try:
-                    err = _max_error(case, inp, provider)
+                    with variant_context(provider):
+                        err = _max_error(case, inp, provider)
                 except Exception as exc:
                     skip = f"failed: {type(exc).__name__}: {exc}"
             for mode in (mo for p, mo in runs_of(preset, case) if p == provider):
@@ -440,18 +455,21 @@ def run_preset(preset: Preset, device, progress=None, deadline: float | None = N
                     try:
                         # One step per input copy, run back to back and timed together: the copies
                         # together exceed L2, so no step reads its weights from cache.
-                        steps = [make_step(mode, make_forward(provider, i), i.leaves(provider), dy)
-                                 for i in inputs]
+                        with variant_context(provider):
+                            steps = [make_step(mode, make_forward(provider, i), i.leaves(provider), dy)
+                                     for i in inputs]
 
-                        def run_all(steps=steps):
-                            for step in steps:
-                                step()
+                        def run_all(steps=steps, provider=provider):
+                            with variant_context(provider):
+                                for step in steps:
+                                    step()
 
                         q, timer = time_cuda(run_all, case.m) if on_gpu else time_cpu(run_all)
                         meas.median_ms, meas.p20_ms, meas.p80_ms = (t / copies for t in q)
                         meas.timer = timer + (f", {copies} rotated input copies" if copies > 1 else "")
                         if mode == "forward+backward":
-                            meas.peak_mem_bytes = peak_memory(steps[0])
+                            with variant_context(provider):
+                                meas.peak_mem_bytes = peak_memory(steps[0])
                     except Exception as exc:
                         meas.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 results.append(meas)
@@ -540,21 +558,22 @@ def default_strategy(case: Case, target: str) -> str:
 def strategy_table(results: list[Measurement], target: str) -> list[str]:
     """Markdown lines: each forced strategy beside the default choice, on the
     cases where they were measured (empty if none were)."""
-    rows = [r for r in summarize(results) if any(r.get(p) is not None for p in STRATEGY_PROVIDERS)]
+    rows = [r for r in summarize(results) if any(r.get(p) is not None for p in VARIANT_PROVIDERS)]
     if not rows:
         return []
-    names = [p.split(":")[1] for p in STRATEGY_PROVIDERS]
-    lines = ["", "### Forward strategies, forced (the data behind the dispatch rules)", "",
-             "Median ms per call of `fused` with each strategy forced (forward and its backward); `default` is what "
-             "the dispatch chose. `best` names the fastest measured.", "",
+    names = [p.split(":")[1] for p in VARIANT_PROVIDERS]
+    lines = ["", "### Forward strategies, forced, and TMA loads (the data behind the dispatch rules)", "",
+             "Median ms per call of `fused` with each strategy forced (forward and its backward), and of `fused` "
+             "with TMA tensor-descriptor loads (`tma`: default strategy); `default` is what the dispatch chose. "
+             "`best` names the fastest measured.", "",
              "| case | mode | default | " + " | ".join(names) + " | best | default/best |",
              "|---|---|---|" + "---|" * len(names) + "---|---|"]
     for row in rows:
-        timed = {n: row.get(p) for n, p in zip(names, STRATEGY_PROVIDERS) if row.get(p) is not None}
+        timed = {n: row.get(p) for n, p in zip(names, VARIANT_PROVIDERS) if row.get(p) is not None}
         best = min(timed, key=timed.get) if timed else None
         default = default_strategy(row["case"], target)
         lines.append(f"| {row['case'].label()} | {row['mode']} | {default} ({_fmt(row.get('fused'))}) | "
-                     + " | ".join(_fmt(row.get(p)) for p in STRATEGY_PROVIDERS)
+                     + " | ".join(_fmt(row.get(p)) for p in VARIANT_PROVIDERS)
                      + f" | {best or '—'} | {_fmt(_ratio(row.get('fused'), timed.get(best)), '.2f')} |")
     return lines
 

@@ -39,6 +39,7 @@ class Job:
     block_r: int = 16
     even_k: bool = True  # K a multiple of BLOCK_K (the common case); False compiles the masked K tail
     split_k: bool = False  # a split-K partial: fp32 output into the (S, M, N) workspace
+    tma: bool = False  # A and B tiles through tensor descriptors (TMA)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Result:
     spill_bytes: int | None = None
     wgmma: bool | None = None
     mma_sync: bool | None = None
+    tma: bool | None = None  # the PTX issues TMA copies (cp.async.bulk.tensor)
     error: str = ""
 
     @property
@@ -64,12 +66,19 @@ class Result:
 _TORCH_OF = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True, split_k: bool = False) -> dict:
+def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True, split_k: bool = False,
+               tma: bool = False) -> dict:
     """Argument values of lora_gemm_kernel for one pass, as the launcher passes them."""
     s = SHAPE
     low_rank = {"forward_in_loop": 2, "forward_split": 1, "dx": 1, "dx_dropout": 1, "dw": 0}[variant]
+    # With TMA: forward reads Wᵀ through W's descriptor (B_T), dW reads dyᵀ through dy's (A_T).
+    a_t, b_t = tma and variant == "dw", tma and variant.startswith("forward")
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     return dict(
-        a_ptr=f"*{dtype}", b_ptr=f"*{dtype}", bias_ptr=f"*{dtype}", u_ptr="*fp32", s_ptr=f"*{dtype}",
+        a_ptr=f"*{dtype}", b_ptr=f"*{dtype}",
+        a_desc=f"tensordesc<{dtype}[{', '.join(map(str, [bk, bm] if a_t else [bm, bk]))}]>" if tma else None,
+        b_desc=f"tensordesc<{dtype}[{', '.join(map(str, [bn, bk] if b_t else [bk, bn]))}]>" if tma else None,
+        bias_ptr=f"*{dtype}", u_ptr="*fp32", s_ptr=f"*{dtype}",
         v_ptr=f"*{dtype}", c_ptr="*fp32" if split_k else f"*{dtype}", xa_ptr="*fp32",
         M=s, N=s, K=s, R=block_r, k_blocks_per_split=s // 4 // cfg.block_k if split_k else s // cfg.block_k,
         # forward: x (M,K) row-major; b = Wᵀ (strides 1, K); s = Aᵀ; v = Bᵀ
@@ -80,7 +89,7 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         stride_cm=s, stride_cn=1, stride_cs16=s * s // 16 if split_k else 0, stride_xam=block_r, stride_xar=1,
         lr_scale=1.0, p=0.1, seed=12345,
         HAS_BIAS=variant.startswith("forward"), LOW_RANK=low_rank, LR_DROPOUT=variant == "dx_dropout",
-        OFFSET_INT64=False, UPCAST=False, INPUT_PRECISION="ieee", EVEN_K=even_k,
+        OFFSET_INT64=False, UPCAST=False, INPUT_PRECISION="ieee", EVEN_K=even_k, TMA=tma, A_T=a_t, B_T=b_t,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m,
     )
 
@@ -121,6 +130,11 @@ def _ast_source(fn, values: dict):
         if isinstance(value, str) and value.startswith("*"):
             signature[name] = value
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, str) and value.startswith("tensordesc"):
+            signature[name] = value
+        elif value is None:  # an unused optional argument: a None constant
+            signature[name] = "constexpr"
+            constants[name] = None
         elif name.isupper() or isinstance(value, bool):
             signature[name] = "constexpr"
             constants[name] = value
@@ -168,13 +182,13 @@ def compile_job(job: Job) -> Result:
 
     from fused_lora.kernels import configs, gemm, skinny
 
-    res = Result(job.kernel, job.pass_name + ("" if job.even_k else "+k_tail") + ("+split_k" if job.split_k else ""),
-                 job.dtype, job.arch, job.config, job.block_r)
+    res = Result(job.kernel, job.pass_name + ("" if job.even_k else "+k_tail") + ("+split_k" if job.split_k else "")
+                 + ("+tma" if job.tma else ""), job.dtype, job.arch, job.config, job.block_r)
     try:
         if job.kernel == "gemm":
             cfg = configs.GemmConfig(**job.config)
             fn, values = gemm.lora_gemm_kernel, _gemm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
-                                                           job.split_k)
+                                                           job.split_k, job.tma)
         elif job.kernel == "skinny":
             cfg = configs.SkinnyConfig(**job.config)
             fn, values = skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r)
@@ -188,6 +202,7 @@ def compile_job(job: Job) -> Result:
         res.shared = int(compiled.metadata.shared)
         res.wgmma = "wgmma" in ptx
         res.mma_sync = "mma.sync" in ptx
+        res.tma = "cp.async.bulk.tensor" in ptx
         res.registers, res.spill_bytes = _ptxas_stats(ptx, job.arch)
     except Exception as err:  # reported, not raised: the report lists every failure
         res.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
@@ -221,6 +236,18 @@ def jobs_for(arch: int) -> list[Job]:
             cfg = configs.gemm_config(16, SHAPE, SHAPE, lr_r, elt, in_loop, False, epilogue_mask=mask, arch=arch)
             cfg = dataclasses.replace(cfg, split_k=1)  # (the kernel's code does not depend on the count)
             jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, lr_r, split_k=True))
+        # TMA (16-bit, Hopper): every pass that uses it on every shipped tile, with a K tail
+        # on the largest. Not the masked dx: its Philox epilogue spills beside TMA's pipeline.
+        if elt == 2 and arch >= 90:
+            for cfg in pool:
+                for pass_name, block_r, in_loop, mask in (
+                        ("forward_in_loop", 16, True, False), ("forward_split", lr_r, False, False),
+                        ("dx", lr_r, False, False), ("dw", 16, False, False)):
+                    if cfg in configs.gemm_candidates(elt, block_r, in_loop, mask, arch=arch):
+                        jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=True))
+                        if cfg is pool[0]:
+                            jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, even_k=False,
+                                            tma=True))
         for cfg in shipped["skinny_fp32" if elt == 4 else "skinny_16bit"]:
             for pass_name in ("forward_shrink", "dy_pass", "dA_pass"):
                 for block_r in sorted({16, cfg.max_block_r}):
@@ -258,7 +285,7 @@ def run(archs=(90, 80), jobs: int = 1, progress=None) -> list[Result]:
 def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
     """What a CI check rejects: a compile error (any arch); on sm_90, the
     target, also shared memory over the limit, a spill, or a 16-bit GEMM
-    without wgmma. Other archs' spills are in the table, not rejected."""
+    without wgmma, or a TMA variant without TMA copies. Other archs' spills are in the table, not rejected."""
     from fused_lora.kernels import configs
 
     limit = smem_limit or configs.SMEM_LIMIT_SM90
@@ -276,6 +303,8 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
             out.append(f"{tag}: spills {r.spill_bytes} bytes")
         if r.kernel == "gemm" and r.arch >= 90 and r.dtype != "fp32" and not r.wgmma:
             out.append(f"{tag}: no wgmma on sm_{r.arch}")
+        if r.kernel == "gemm" and r.pass_name.endswith("+tma") and not r.tma:
+            out.append(f"{tag}: a TMA variant without TMA copies")
     return out
 
 

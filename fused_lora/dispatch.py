@@ -34,6 +34,11 @@ epilogue), the dA pass over x (mask regenerated), and the dW GEMM when the
 base is trainable. Under ``hybrid`` the dx GEMM writes only the masked
 low-rank term and cuBLAS adds ``dy·W``; dW is a cuBLAS GEMM.
 
+TMA: with :func:`set_tma` (or ``FUSED_LORA_TMA=1``) the 16-bit Triton GEMMs
+read their A and B tiles through tensor descriptors (the copy engine
+zero-fills outside the operands) where both operands allow one; off by
+default until measured.
+
 :func:`explain` says what would run for a shape, and why.
 
 Configurations come from the heuristics of :mod:`fused_lora.kernels.configs`.
@@ -63,6 +68,34 @@ IN_LOOP_MAX_R = 16
 #: At or below this many tokens the problem is memory bound (KERNELS.md):
 #: fewest launches first.
 SMALL_M = 256
+
+#: TMA tensor descriptors for the GEMM tiles (16-bit, Hopper and the
+#: interpreter): off until measured on an H200 (bench/gpu_check.sh times it as
+#: ``fused:tma``); ``FUSED_LORA_TMA=1`` or :func:`set_tma` turns it on.
+_tma = os.environ.get("FUSED_LORA_TMA", "0") == "1"
+
+
+def set_tma(enabled: bool) -> None:
+    """Read the GEMM tiles through TMA tensor descriptors (True) or pointers."""
+    global _tma
+    _tma = bool(enabled)
+
+
+def tma_enabled() -> bool:
+    return _tma
+
+
+@contextlib.contextmanager
+def use_tma(enabled: bool = True):
+    """:func:`set_tma` inside the block, restored after it. A process-wide
+    setting (not per thread): autograd's backward threads see it too."""
+    previous = _tma
+    set_tma(enabled)
+    try:
+        yield
+    finally:
+        set_tma(previous)
+
 
 _forced_strategy: contextvars.ContextVar[str | None] = contextvars.ContextVar("fused_lora_strategy", default=None)
 
@@ -102,6 +135,9 @@ class Plan:
     skinny: object
     skinny_programs: int
     input_precision: str
+    #: The Triton GEMMs read their A and B tiles through TMA tensor
+    #: descriptors (where the operands allow; not the dropout-masked dx pass).
+    tma: bool = False
 
     @property
     def cublas_base(self) -> bool:
@@ -163,11 +199,11 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     forced = strategy if strategy is not None else _forced_strategy.get()
-    return _plan(m, n, k, r, dtype, dropout_p > 0.0, arch, interp, forced, input_precision(dtype))
+    return _plan(m, n, k, r, dtype, dropout_p > 0.0, arch, interp, forced, input_precision(dtype), _tma)
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision) -> Plan:
+def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma) -> Plan:
     cfg = _triton.configs()
     elt = dtype.itemsize
     dropout_p = 0.5 if dropout else 0.0  # only "is there dropout" shapes the plan
@@ -181,6 +217,7 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision) -> Plan:
         skinny=cfg.skinny_config(elt, interp, m),
         skinny_programs=cfg.skinny_target_programs(interp),
         input_precision=precision,
+        tma=tma and elt == 2 and (interp or arch >= 90) and strategy != "hybrid" and _triton.get().tma_available(),
     )
 
 
@@ -230,6 +267,9 @@ class Explanation:
                                         f"{tiles(p.dw_gemm)}"))
         out.append(("backward: dA", f"gᵀ·drop(x) from one read of x" + (", mask regenerated" if self.dropout_p else "")
                     + f"; {skinny}"))
+        if p.tma:
+            out.append(("loads", "A and B tiles through TMA tensor descriptors where the operands allow"
+                                 + (" (not the masked dx: pointers)" if self.dropout_p else "")))
         return out
 
     def __str__(self) -> str:

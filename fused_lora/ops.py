@@ -75,7 +75,8 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     if plan.strategy == "in_loop":
         def launch(config):
             return k_.lora_gemm(x2, weight.t(), bias=bias, shrink=lora_A.t(), v=lora_B.t(), lr_scale=scaling,
-                                config=config, out_dtype=x.dtype, input_precision=plan.input_precision)
+                                config=config, out_dtype=x.dtype, input_precision=plan.input_precision,
+                                tma=plan.tma)
 
         y2, xa = launch(dispatch.gemm_config_for("forward", plan.fwd_gemm, launch, k=k, shrink_in_loop=True, **tune))
     else:
@@ -87,7 +88,7 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
 
         def launch(config):
             return k_.lora_gemm(a, b, bias=bias, u=xa, v=lora_B.t(), lr_scale=scaling, config=config,
-                                out_dtype=x.dtype, input_precision=plan.input_precision)
+                                out_dtype=x.dtype, input_precision=plan.input_precision, tma=plan.tma)
 
         y2, _ = launch(dispatch.gemm_config_for("forward", plan.fwd_gemm, launch, k=a.shape[1],
                                                 shrink_in_loop=False, **tune))
@@ -125,8 +126,10 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
         a, b = (dy2[:, :0], weight[:0]) if plan.cublas_base else (dy2, weight)
 
         def launch_dx(config):
+            # (TMA not under the dropout mask: its Philox epilogue spills beside TMA's pipeline)
             return k_.lora_gemm(a, b, u=g, v=lora_A, lr_scale=inv_keep, dropout_p=dropout_p, seed=seed,
-                                config=config, out_dtype=x.dtype, input_precision=plan.input_precision)
+                                config=config, out_dtype=x.dtype, input_precision=plan.input_precision,
+                                tma=plan.tma and dropout_p == 0.0)
 
         dx2, _ = launch_dx(dispatch.gemm_config_for(
             "dx", plan.dx_gemm, launch_dx, m=m, n=k, k=a.shape[1], r=r, dtype=x.dtype, shrink_in_loop=False,
@@ -144,7 +147,7 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
         else:
             def launch_dw(config):
                 return k_.lora_gemm(dy2.t(), x2, config=config, out_dtype=weight.dtype,
-                                    input_precision=plan.input_precision)
+                                    input_precision=plan.input_precision, tma=plan.tma)
 
             d_w, _ = launch_dw(dispatch.gemm_config_for(
                 "dw", plan.dw_gemm, launch_dw, m=n, n=k, k=m, r=1, dtype=x.dtype, shrink_in_loop=False,

@@ -18,7 +18,7 @@ if __name__ == "kernels":
 else:
     from . import configs
     from .common import is_interpreted, poison_outputs
-    from .gemm import lora_gemm, lora_gemm_kernel
+    from .gemm import lora_gemm, lora_gemm_kernel, tma_available
     from .skinny import lora_skinny_kernel, reduce_partials, reduce_partials_kernel, skinny_pass
 
     #: True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
@@ -34,4 +34,5 @@ else:
         "reduce_partials",
         "reduce_partials_kernel",
         "skinny_pass",
+        "tma_available",
     ]

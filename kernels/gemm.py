@@ -34,6 +34,20 @@ LOW_RANK_PRECOMPUTED = 1
 LOW_RANK_IN_LOOP = 2
 
 
+@triton.jit
+def load_tile(desc, i, j, TRANS: tl.constexpr, UPCAST: tl.constexpr):
+    """Tile ``[i:i+BI, j:j+BJ]`` of an operand through its tensor descriptor;
+    with ``TRANS`` the descriptor describes the operand's transpose (stored
+    the other way round), loaded as ``[j, i]`` and transposed in registers."""
+    if TRANS:
+        tile = desc.load([j, i]).T
+    else:
+        tile = desc.load([i, j])
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
 # Sizes and the seed are not specialised (no recompilation when the token
 # count changes between batches); strides are, for vectorised loads.
 @triton.jit(do_not_specialize=["M", "N", "K", "R", "k_blocks_per_split", "stride_cs16", "seed"])
@@ -41,6 +55,8 @@ def lora_gemm_kernel(
     # pointers
     a_ptr,  # (M, K)  left operand
     b_ptr,  # (K, N)  right operand (the frozen weight, or x for dW)
+    a_desc,  # TMA descriptor of A (or of Aᵀ when A_T) when TMA, else None
+    b_desc,  # TMA descriptor of B (or of Bᵀ when B_T) when TMA, else None
     bias_ptr,  # (N,)    added to every row when HAS_BIAS
     u_ptr,  # (M, R)  fp32 low-rank left factor when LOW_RANK == 1
     s_ptr,  # (K, R)  shrink factor when LOW_RANK == 2 (forward: Aᵀ)
@@ -72,6 +88,8 @@ def lora_gemm_kernel(
     UPCAST: tl.constexpr,  # interpreter + bf16: compute on fp32 tiles
     INPUT_PRECISION: tl.constexpr,  # fp32 dots: "ieee" or "tf32"
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masked tail in the K loop
+    TMA: tl.constexpr,  # A and B tiles through tensor descriptors (Hopper TMA; zero fill outside)
+    A_T: tl.constexpr, B_T: tl.constexpr,  # the descriptor describes the transposed operand
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -142,11 +160,15 @@ def lora_gemm_kernel(
         s_ptrs = s_ptr + offs_k[:, None] * stride_sk + offs_r[None, :] * stride_sr
         xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, k_len, BLOCK_K):
-        if EVEN_K:  # no K tail: unmasked loads (the common case, K a multiple of BLOCK_K)
+        if not EVEN_K:
+            k_in = offs_k < k_len - k0
+        if TMA:  # the copy engine zero-fills rows, columns and the K tail outside the operands
+            a = load_tile(a_desc, pid_m * BLOCK_M, k_lo + k0, A_T, UPCAST)
+            b = load_tile(b_desc, k_lo + k0, pid_n * BLOCK_N, B_T, UPCAST)
+        elif EVEN_K:  # no K tail: unmasked loads (the common case, K a multiple of BLOCK_K)
             a = load_operand(a_ptrs, None, UPCAST)
             b = load_operand(b_ptrs, None, UPCAST)
         else:
-            k_in = offs_k < k_len - k0
             a = load_operand(a_ptrs, k_in[None, :], UPCAST)
             b = load_operand(b_ptrs, k_in[:, None], UPCAST)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -195,6 +217,7 @@ def lora_gemm(
     dropout_p: float = 0.0,
     seed: int = 0,
     input_precision: str = "ieee",
+    tma: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``C = a @ b + bias + lr_scale * (U @ v)``, ``U = u`` or ``a @ shrink``.
 
@@ -203,7 +226,8 @@ def lora_gemm(
     keep-mask of the (M, N) output. Returns ``(C, xa)`` where ``xa = a @ shrink``
     (fp32, (M, r)) when ``shrink`` is given, else None. ``config.split_k > 1``
     splits K over that many programs per tile (fp32 partials, then one ordered
-    reduction launch); not with ``shrink``.
+    reduction launch); not with ``shrink``. ``tma``: load the a and b tiles
+    through tensor descriptors where both operands allow one (else pointers).
     """
     # 1. constraints (the public API validated the user's arguments; these
     #    guard the launcher's own contract)
@@ -256,8 +280,10 @@ def lora_gemm(
     v_ = v if v is not None else dummy
     xa_ = xa if xa is not None else dummy
     grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n), split_k)
+    descs = tma_descriptors(a, b, config) if tma and K else None
+    a_desc, a_t, b_desc, b_t = descs if descs is not None else (None, False, None, False)
     lora_gemm_kernel[grid](
-        a, b, bias if bias is not None else dummy, u_, s_, v_, target, xa_,
+        a, b, a_desc, b_desc, bias if bias is not None else dummy, u_, s_, v_, target, xa_,
         M, N, K, r, blocks_per_split,
         a.stride(0), a.stride(1),
         b.stride(0), b.stride(1),
@@ -275,9 +301,49 @@ def lora_gemm(
         UPCAST=is_interpreted(lora_gemm_kernel) and a.dtype == torch.bfloat16,
         INPUT_PRECISION=input_precision,
         EVEN_K=K % config.block_k == 0,
+        TMA=descs is not None, A_T=a_t, B_T=b_t,
         BLOCK_R=block_r,
         **config.launch_kwargs(),
     )
     if split_k > 1:
         reduce_partials(target, c)
     return c, xa
+
+
+def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int):
+    """``(descriptor, transposed)`` for the 2-D operand ``t`` read in
+    (block_rows, block_cols) tiles, or None where TMA cannot read it: the base
+    must be 16-byte aligned, one stride 1 and the other a multiple of 16 bytes.
+    A column-major ``t`` is described through ``t.T`` (row-major)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    e = t.element_size()
+    if t.data_ptr() % 16:
+        return None
+    for view, block, trans in ((t, [block_rows, block_cols], False), (t.t(), [block_cols, block_rows], True)):
+        rows, cols = view.shape
+        if view.stride(1) == 1 and (view.stride(0) * e) % 16 == 0 and view.stride(0) >= cols:
+            # (positional: the fields both Triton 3.6 and 3.9 have)
+            return TensorDescriptor(view, [rows, cols], [view.stride(0), 1], block), trans
+    return None
+
+
+def tma_descriptors(a: torch.Tensor, b: torch.Tensor, config: GemmConfig):
+    """``(a_desc, a_transposed, b_desc, b_transposed)`` when both operands can
+    be read through TMA, else None (the kernel then uses pointers for both)."""
+    if not tma_available():
+        return None
+    da = _descriptor(a, config.block_m, config.block_k)
+    db = _descriptor(b, config.block_k, config.block_n) if da is not None else None
+    if da is None or db is None:
+        return None
+    return (*da, *db)
+
+
+def tma_available() -> bool:
+    """Host-side tensor descriptors exist in this Triton (3.4 and later)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -46,16 +46,16 @@ def test_bench_smoke_writes_results(tmp_path, capsys):
     assert data["environment"]["gpu"] is None
     measured = [m for m in data["measurements"] if m["median_ms"] is not None]
     providers = {m["provider"] for m in measured}
-    assert providers == {"fused", "naive", "unsloth_style", "base", *benchmark.STRATEGY_PROVIDERS}
+    assert providers == {"fused", "naive", "unsloth_style", "base", *benchmark.VARIANT_PROVIDERS}
     assert {m["mode"] for m in measured} == set(benchmark.MODES)
     # the forced strategies: only on the strategy cases, only where they can run, each agreeing with naive
-    forced = [m for m in data["measurements"] if m["provider"] in benchmark.STRATEGY_PROVIDERS]
-    assert {m["mode"] for m in forced} == set(benchmark.STRATEGY_MODES)
-    assert {benchmark.Case(**m["case"]) for m in forced} == set(benchmark.presets()["smoke"].strategy_cases)
+    forced = [m for m in data["measurements"] if m["provider"] in benchmark.VARIANT_PROVIDERS]
+    assert {m["mode"] for m in forced} == set(benchmark.VARIANT_MODES)
+    assert {benchmark.Case(**m["case"]) for m in forced} == set(benchmark.presets()["smoke"].variant_cases)
     assert all(m["note"].startswith("N/A") == (m["provider"] == "fused:in_loop" and m["case"]["dropout"] > 0)
                for m in forced)
     assert all(m["max_error"] < 1e-2 for m in forced if m["case"]["dropout"] == 0)
-    assert "### Forward strategies, forced" in (tmp_path / "results.md").read_text()
+    assert "### Forward strategies, forced, and TMA loads" in (tmp_path / "results.md").read_text()
     assert not [m for m in data["measurements"] if m["note"].startswith("failed")]
     # fused agrees with naive wherever the harness checks it
     errors = [m["max_error"] for m in measured if m["provider"] == "fused" and m["max_error"] is not None]

@@ -26,10 +26,18 @@ def test_report_covers_every_shipped_config(sm90):
     passes = {(r.kernel, r.pass_name) for r in sm90}
     assert {("gemm", p) for p in ("forward_in_loop", "forward_split", "dx", "dx_dropout", "dw")} <= passes
     assert {("skinny", p) for p in ("forward_shrink", "dy_pass", "dA_pass")} <= passes
+    # split-K partials and TMA loads (every 16-bit tile, each pass that uses it)
+    assert {("gemm", p + "+split_k") for p in ("forward_split", "dx_dropout")} <= passes
+    tma = {(r.pass_name, r.dtype, tuple(sorted(r.config.items()))) for r in sm90 if r.pass_name.endswith("+tma")}
+    for dtype in ("bf16", "fp16"):
+        for cfg in shipped["gemm_16bit"]:
+            assert ("dw+tma", dtype, tuple(sorted(vars(cfg).items()))) in tma
+        assert {p for p, d, _ in tma if d == dtype} >= {"forward_in_loop+tma", "forward_split+tma", "dx+tma"}
     for r in sm90:
         assert r.shared is not None and r.shared <= configs.SMEM_LIMIT_SM90
         if r.kernel == "gemm" and r.dtype != "fp32":
             assert r.wgmma and not r.mma_sync
+        assert r.tma == r.pass_name.endswith("+tma"), r.pass_name  # TMA copies exactly where asked for
 
 
 def test_problems_catches_what_it_should():
@@ -39,4 +47,7 @@ def test_problems_catches_what_it_should():
     assert any("shared memory" in p for p in found)
     assert any("spills" in p for p in found)
     assert any("wgmma" in p for p in found)
+    no_tma = compile_report.Result("gemm", "dw+tma", "bf16", 90, {}, 16, shared=1000, registers=100, spill_bytes=0,
+                                   wgmma=True, tma=False)
+    assert any("TMA" in p for p in compile_report.problems([no_tma]))
     assert compile_report.problems([compile_report.Result("gemm", "dx", "bf16", 90, {}, 16, error="boom")])

@@ -136,6 +136,59 @@ def test_gemm_split_k_refuses_the_in_loop_shrink():
                        v=torch.randn(2, 12, device=DEVICE))
 
 
+@pytest.fixture
+def tma_on():
+    with fused_lora.dispatch.use_tma(True):
+        yield
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("strategy, p", [("in_loop", 0.0), ("split", 0.0), ("split", 0.2)])
+def test_tma_loads_match_the_reference(tma_on, monkeypatch, dtype, strategy, p):
+    """With TMA on, every GEMM pass whose operands allow it reads its tiles
+    through tensor descriptors (forward: Wᵀ through W's, transposed; dx: W;
+    dW: dyᵀ through dy's, transposed), the copy engine's zero fill replacing
+    the masks at ragged M, N and K edges, and split-K too."""
+    used = []
+    real = gemm.tma_descriptors
+    monkeypatch.setattr(gemm, "tma_descriptors", lambda *a: used.append(real(*a)) or used[-1])
+    x = torch.randn(2, 13, 72, device=DEVICE, dtype=dtype).requires_grad_()  # M = 26, K = 72 (ragged)
+    w, b, a, bb = make_params(72, 40, 5, dtype, True)
+    for t in (w, b, a, bb):
+        t.requires_grad_()
+    with fused_lora.dispatch.force_strategy(strategy):
+        plan = fused_lora.dispatch.plan(26, 40, 72, 5, dtype, p)
+        assert plan.tma and plan.dx_gemm.split_k > 1  # (the interpreter's split-K at this size)
+        y = fused_lora.lora_linear(x, w, a, bb, b, scaling=1.25, dropout_p=p, seed=3, backend="triton")
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, w, b, a, bb), dy)
+    # forward, dx (not under a dropout mask) and dW, each through descriptors
+    assert len(used) == (3 if p == 0 else 2) and all(d is not None for d in used)
+    assert [d[1] for d in used] == ([False, False, True] if p == 0 else [False, True])  # A transposed: dW only
+    assert [d[3] for d in used] == ([True, False, False] if p == 0 else [True, False])  # B transposed: forward
+    names = ("x", "weight", "bias", "lora_A", "lora_B")
+    y64, g64 = reference64(x, w, b, a, bb, dy, scaling=1.25, dropout_p=p, seed=3, grads=names)
+    assert_close(y, y64, dtype, "y")
+    for name, g in zip(names, grads):
+        assert_close(g, g64[name], dtype, f"d{name}")
+
+
+def test_tma_descriptors_only_where_the_copy_engine_can_read():
+    cfg = configs.GemmConfig(32, 32, 32)
+    a = torch.randn(40, 64, device=DEVICE, dtype=torch.float16)
+    w = torch.randn(48, 64, device=DEVICE, dtype=torch.float16)
+    a_desc, a_t, b_desc, b_t = gemm.tma_descriptors(a, w.t(), cfg)
+    assert not a_t and b_t and b_desc.base.shape == (48, 64) and b_desc.block_shape == [32, 32]
+    assert gemm.tma_descriptors(a[:, 1:], w.t()[1:], cfg) is None  # base not 16-byte aligned
+    odd = torch.randn(40, 63, device=DEVICE, dtype=torch.float16)
+    assert gemm.tma_descriptors(odd, torch.randn(63, 48, device=DEVICE, dtype=torch.float16), cfg) is None  # stride
+    strided = torch.randn(40, 128, device=DEVICE, dtype=torch.float16)[:, ::2]
+    assert gemm.tma_descriptors(strided, w.t(), cfg) is None  # no unit stride
+    # where it cannot, the pointer path runs: same numbers either way
+    c_ptr, _ = gemm.lora_gemm(odd, odd.t()[:, :40].t().contiguous().t()[:63], config=cfg, out_dtype=torch.float32)
+    assert_close(c_ptr, odd.double() @ odd.double().t(), torch.float16, "pointer fallback")
+
+
 def test_split_k_heuristic():
     """Split-K only where the output tiles leave SMs idle, bounded by the
     pipeline depth per split, the split cap and the workspace cap."""
