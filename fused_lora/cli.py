@@ -72,20 +72,30 @@ def progress(**kwargs):
 # ----------------------------------------------------------------------------
 
 def check_cases(on_gpu: bool) -> list[dict]:
-    """Every kernel path, each dtype, dropout on and off, frozen and trainable
-    base, awkward sizes. GPU shapes are larger (several tiles of the real configs)."""
+    """Every kernel path (each strategy, TMA loads for 16-bit), each dtype,
+    dropout on and off, frozen and trainable base, awkward sizes. GPU shapes
+    are larger (several tiles of the real configs)."""
     import torch
 
     if on_gpu:
         shapes = [((4, 257), 1000, 777), ((3000,), 4096, 1024)]
+        aligned = ((4, 257), 1024, 776)  # TMA: rows 16-byte aligned (M, N ragged)
     else:
         shapes = [((3, 19), 53, 41), ((123,), 70, 45)]
+        aligned = ((2, 13), 72, 40)
     cases = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for lead, k, n in shapes:
             for strategy, p, r in (("in_loop", 0.0, 8), ("split", 0.0, 64), ("split", 0.1, 16)):
                 cases.append(dict(lead=lead, k=k, n=n, r=r, dtype=dtype, strategy=strategy, dropout_p=p,
-                                  train_base=strategy == "split" and p == 0.0))
+                                  train_base=strategy == "split" and p == 0.0, tma=False))
+        lead, k, n = shapes[0]
+        cases.append(dict(lead=lead, k=k, n=n, r=16, dtype=dtype, strategy="hybrid", dropout_p=0.1, train_base=True,
+                          tma=False))
+        if dtype != torch.float32:  # TMA loads (16-bit): forward, dx and dW through tensor descriptors
+            lead, k, n = aligned
+            cases.append(dict(lead=lead, k=k, n=n, r=16, dtype=dtype, strategy="split", dropout_p=0.0,
+                              train_base=True, tma=True))
     return cases
 
 
@@ -104,7 +114,7 @@ def cmd_check(args) -> int:
     bar = progress(total=len(check_cases(device.type == "cuda")), desc="check", unit="case")
     for case in check_cases(device.type == "cuda"):
         torch.manual_seed(len(rows))
-        with dispatch.force_strategy(case["strategy"]):
+        with dispatch.force_strategy(case["strategy"]), dispatch.use_tma(case["tma"]):
             try:
                 errors = parity_case(case["lead"], case["k"], case["n"], case["r"], case["dtype"],
                                      dropout_p=case["dropout_p"], train_base=case["train_base"], device=device)
@@ -114,7 +124,7 @@ def cmd_check(args) -> int:
         tol = TOLERANCE[case["dtype"]]
         worst = max(errors.values()) if errors else float("inf")
         rows.append(dict(path=f"{case['strategy']}{' +dropout' if case['dropout_p'] else ''}"
-                              f"{' +train-base' if case['train_base'] else ''}",
+                              f"{' +train-base' if case['train_base'] else ''}{' +tma' if case['tma'] else ''}",
                          shape=f"{'x'.join(map(str, case['lead']))}x{case['k']}->{case['n']}", r=case["r"],
                          dtype=str(case["dtype"]).replace("torch.", ""), tolerance=tol, errors=errors,
                          worst=worst, passed=bool(errors) and worst <= tol, failure=failure))
@@ -126,7 +136,7 @@ def cmd_check(args) -> int:
     else:
         print(f"fused-lora check — {where}")
         print("max |fused - reference| / max |reference| per output; reference = float64 PyTorch\n")
-        head = f"{'path':<26}{'shape':<20}{'r':>4}  {'dtype':<9}{'y':>9}{'dx':>9}{'dA':>9}{'dB':>9}{'dW':>9}" \
+        head = f"{'path':<30}{'shape':<20}{'r':>4}  {'dtype':<9}{'y':>9}{'dx':>9}{'dA':>9}{'dB':>9}{'dW':>9}" \
                f"{'db':>9}{'tol':>9}  result"
         print(head)
         print("-" * len(head))
@@ -134,7 +144,7 @@ def cmd_check(args) -> int:
             e = r["errors"]
             keys = ("y", "dx", "dlora_A", "dlora_B", "dweight", "dbias")
             cells = "".join(f"{e[k]:9.1e}" if k in e else f"{'—':>9}" for k in keys)
-            print(f"{r['path']:<26}{r['shape']:<20}{r['r']:>4}  {r['dtype']:<9}{cells}{r['tolerance']:9.1e}  "
+            print(f"{r['path']:<30}{r['shape']:<20}{r['r']:>4}  {r['dtype']:<9}{cells}{r['tolerance']:9.1e}  "
                   f"{'PASS' if r['passed'] else 'FAIL ' + r['failure']}")
         print(f"\n{sum(r['passed'] for r in rows)}/{len(rows)} passed")
     return 0 if ok else 1

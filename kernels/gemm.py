@@ -105,6 +105,11 @@ def lora_gemm_kernel(
     its own K range and stores the fp32 partial at ``C[s]``; split 0 also
     carries the low-rank term and the bias. The launcher sums the S partials
     in split order (deterministic, no atomics).
+
+    ``TMA``: the A and B tiles of the K loop come through tensor descriptors
+    (Hopper's copy engine, which zero-fills outside the operand, so no masks);
+    a column-major operand is described through its transpose (``A_T``,
+    ``B_T``). Everything else is unchanged.
     """
     # Grouped ordering: GROUP_M row-tiles share each B column-tile in L2.
     pid = tl.program_id(0)

@@ -14,9 +14,10 @@ def test_check_passes_and_reports_json(capsys):
     assert cli.main(["check", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] is True
-    assert len(report["rows"]) >= 18
+    assert len(report["rows"]) >= 23
     paths = {row["path"] for row in report["rows"]}
-    assert {"in_loop", "split +train-base", "split +dropout"} <= paths
+    assert {"in_loop", "split +train-base", "split +dropout", "hybrid +dropout +train-base",
+            "split +train-base +tma"} <= paths
     for row in report["rows"]:
         assert row["passed"] and 0 <= row["worst"] <= row["tolerance"]
         assert {"y", "dx", "dlora_A", "dlora_B"} <= set(row["errors"])
