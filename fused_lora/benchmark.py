@@ -408,33 +408,37 @@ def _max_error(case: Case, inp: Inputs, provider: str) -> float | None:
     return ((y - ref).abs().max() / ref.abs().max()).item()
 
 
-def runs_of(preset: Preset, case: Case) -> list[tuple[str, str]]:
-    """The (provider, mode) pairs measured for ``case``: every provider in
-    every mode, plus the forced strategies on the preset's strategy cases."""
-    runs = [(p, mo) for p in preset.providers for mo in preset.modes]
-    if case in preset.variant_cases:
-        runs += [(p, mo) for p in VARIANT_PROVIDERS for mo in preset.modes if mo in VARIANT_MODES]
-    return runs
+def work_list(preset: Preset) -> list[tuple[Case, list[tuple[str, str]]]]:
+    """What :func:`run_preset` measures, in order: every case with every
+    provider in every mode first (the targets), then the variant providers on
+    the variant cases (the tuning data), so that a time budget spent early
+    cuts the tuning data, not the targets."""
+    work = [(case, [(p, mo) for p in preset.providers for mo in preset.modes]) for case in preset.cases]
+    work += [(case, [(p, mo) for p in VARIANT_PROVIDERS for mo in preset.modes if mo in VARIANT_MODES])
+             for case in preset.variant_cases]
+    return work
 
 
 def run_preset(preset: Preset, device, progress=None, deadline: float | None = None,
                on_case_done=None) -> list[Measurement]:
-    """Measure every (case, provider, mode) of ``preset``. Cases not started
-    before ``deadline`` (a ``time.monotonic()`` value) are recorded as skipped;
-    ``on_case_done(results)`` runs after each case (to write partial results)."""
+    """Measure every (case, provider, mode) of :func:`work_list`. Cases not
+    started before ``deadline`` (a ``time.monotonic()`` value) are recorded as
+    skipped; ``on_case_done(results)`` runs after each case (to write partial
+    results)."""
     on_gpu = device.type == "cuda"
     results = []
-    total = sum(len(runs_of(preset, case)) for case in preset.cases)
-    bar = progress(total=total, desc=f"bench {preset.name}", unit="run") if progress else None
-    for case in preset.cases:
+    work = work_list(preset)
+    bar = progress(total=sum(len(runs) for _, runs in work), desc=f"bench {preset.name}", unit="run") \
+        if progress else None
+    for case, runs in work:
         if deadline is not None and time.monotonic() > deadline:
-            results += [Measurement(case, p, mo, note="skipped: time budget spent") for p, mo in runs_of(preset, case)]
+            results += [Measurement(case, p, mo, note="skipped: time budget spent") for p, mo in runs]
             continue
         copies = input_copies(case) if on_gpu else 1
         inputs = [Inputs.make(case, device, seed=i) for i in range(copies)]
         inp = inputs[0]
         dy = torch.randn(case.m, case.n, device=device, dtype=case.torch_dtype)
-        for provider in dict.fromkeys(p for p, _ in runs_of(preset, case)):
+        for provider in dict.fromkeys(p for p, _ in runs):
             skip = ""
             if provider == "naive_compiled" and preset.compiled_cases is not None and case not in preset.compiled_cases:
                 skip = "not in this preset's compiled cases (compilation time)"
@@ -449,7 +453,7 @@ def run_preset(preset: Preset, device, progress=None, deadline: float | None = N
                         err = _max_error(case, inp, provider)
                 except Exception as exc:
                     skip = f"failed: {type(exc).__name__}: {exc}"
-            for mode in (mo for p, mo in runs_of(preset, case) if p == provider):
+            for mode in (mo for p, mo in runs if p == provider):
                 meas = Measurement(case, provider, mode, max_error=err, note=skip)
                 if not skip:
                     try:
@@ -633,7 +637,8 @@ def default_out_dir(env: dict) -> Path:
 def filter_cases(preset: Preset, ms=None) -> Preset:
     if not ms:
         return preset
-    return dataclasses.replace(preset, cases=[c for c in preset.cases if c.m in set(ms)])
+    return dataclasses.replace(preset, cases=[c for c in preset.cases if c.m in set(ms)],
+                               variant_cases=tuple(c for c in preset.variant_cases if c.m in set(ms)))
 
 
 # ----------------------------------------------------------------------------

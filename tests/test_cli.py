@@ -126,3 +126,16 @@ def test_gpu_check_runs_every_test_file_but_the_compile_report():
     on_disk = {p.name for p in (root / "tests").glob("test_*.py")} - {"test_compile_report.py"}
     assert sorted(listed) == sorted(on_disk) and len(listed) == len(set(listed))
     assert listed[0] == "test_parity.py"
+
+
+def test_bench_measures_the_targets_before_the_tuning_variants():
+    """A time budget spent early cuts the forced-strategy/TMA variants, not
+    the provider comparisons the targets are read from."""
+    preset = benchmark.presets()["gpu-check"]
+    work = benchmark.work_list(preset)
+    kinds = [all(p in benchmark.VARIANT_PROVIDERS for p, _ in runs) for _, runs in work]
+    assert kinds == [False] * len(preset.cases) + [True] * len(preset.variant_cases)
+    assert [case for case, _ in work] == list(preset.cases) + list(preset.variant_cases)
+    assert set(preset.variant_cases) <= set(preset.cases)
+    only = benchmark.filter_cases(preset, [16])
+    assert {c.m for c in only.cases} == {c.m for c in only.variant_cases} == {16}
