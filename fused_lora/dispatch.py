@@ -81,10 +81,6 @@ def set_tma(enabled: bool) -> None:
     _tma = bool(enabled)
 
 
-def tma_enabled() -> bool:
-    return _tma
-
-
 @contextlib.contextmanager
 def use_tma(enabled: bool = True):
     """:func:`set_tma` inside the block, restored after it. A process-wide

@@ -29,6 +29,11 @@ from .common import alloc, is_interpreted, keep_mask, load_operand
 from .configs import GEMM_LR_MAX_BLOCK_R, GemmConfig, block_r_for
 from .skinny import reduce_partials
 
+try:  # host-side tensor descriptors (TMA): Triton 3.4 and later
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+
 LOW_RANK_NONE = 0
 LOW_RANK_PRECOMPUTED = 1
 LOW_RANK_IN_LOOP = 2
@@ -320,8 +325,6 @@ def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int):
     (block_rows, block_cols) tiles, or None where TMA cannot read it: the base
     must be 16-byte aligned, one stride 1 and the other a multiple of 16 bytes.
     A column-major ``t`` is described through ``t.T`` (row-major)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     e = t.element_size()
     if t.data_ptr() % 16:
         return None
@@ -347,8 +350,4 @@ def tma_descriptors(a: torch.Tensor, b: torch.Tensor, config: GemmConfig):
 
 def tma_available() -> bool:
     """Host-side tensor descriptors exist in this Triton (3.4 and later)."""
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return TensorDescriptor is not None
