@@ -37,7 +37,8 @@ PY
 echo "== tests on CUDA"
 xdist=()
 if "$PY" -c 'import xdist' 2>/dev/null; then xdist=(-n 8); fi
-# The compile report compiles for sm_90 on CPUs; CI covers it, the GPU's time is for GPU tests.
+# The compile checks (sm_90 code built on CPUs, test_compile_report/test_gpu_triton) are CI's;
+# the GPU's time is for GPU tests.
 # Most of this time is Triton compiling kernel variants, so the kernel tests go
 # first: if the time box ends the run, what ran is the part that matters most.
 timeout 200 "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" -o addopts="-ra" \

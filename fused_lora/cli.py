@@ -131,10 +131,13 @@ def cmd_check(args) -> int:
         bar.update(1)
     bar.close()
     ok = all(r["passed"] for r in rows)
+    import triton
+
+    versions = {"torch": torch.__version__, "triton": triton.__version__}
     if args.json:
-        print(json.dumps({"where": where, "passed": ok, "rows": rows}, indent=1, default=str))
+        print(json.dumps({"where": where, "versions": versions, "passed": ok, "rows": rows}, indent=1, default=str))
     else:
-        print(f"fused-lora check — {where}")
+        print(f"fused-lora check — {where}; torch {versions['torch']}, Triton {versions['triton']}")
         print("max |fused - reference| / max |reference| per output; reference = float64 PyTorch\n")
         head = f"{'path':<30}{'shape':<20}{'r':>4}  {'dtype':<9}{'y':>9}{'dx':>9}{'dA':>9}{'dB':>9}{'dW':>9}" \
                f"{'db':>9}{'tol':>9}  result"

@@ -154,11 +154,16 @@ def _ast_source(fn, values: dict):
     return ASTSource(fn, signature, constants, attrs)
 
 
-def _ptxas_path() -> str:
-    from triton import knobs
-
-    tool = getattr(knobs.nvidia, "ptxas_blackwell", None) or knobs.nvidia.ptxas
-    return tool.path
+def _ptxas_path(arch: int) -> str:
+    """The ptxas the runtime itself runs for ``arch``: the Triton releases
+    bundle two (Triton 3.6 assembles sm_90 with its CUDA 12.8 ptxas, 3.9 with
+    its newest), and their register allocations differ."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError:  # pragma: no cover - a Triton without the per-arch choice
+        from triton import knobs
+        return knobs.nvidia.ptxas.path
+    return get_ptxas(arch).path
 
 
 def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int]:
@@ -168,7 +173,7 @@ def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int]:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        proc = subprocess.run([_ptxas_path(), "-v", f"--gpu-name={sm}", src, "-o", os.path.join(tmp, "k.o")],
+        proc = subprocess.run([_ptxas_path(arch), "-v", f"--gpu-name={sm}", src, "-o", os.path.join(tmp, "k.o")],
                               capture_output=True, text=True, check=True)
     log = proc.stdout + proc.stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
@@ -332,13 +337,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from .cli import progress
 
+    import triton
+
     results = run(tuple(args.arch or (90, 80)), jobs=args.jobs, progress=progress)
     bad = problems(results)
     if args.json:
-        print(json.dumps({"results": [asdict(r) for r in results], "problems": bad}, indent=1))
+        print(json.dumps({"triton": triton.__version__, "results": [asdict(r) for r in results], "problems": bad},
+                         indent=1))
     else:
         print(_table(results))
-        print(f"\n{len(results)} kernels compiled, {len(bad)} problem(s)")
+        print(f"\n{len(results)} kernels compiled with Triton {triton.__version__}, {len(bad)} problem(s)")
         for line in bad:
             print("  PROBLEM", line)
     return 1 if bad else 0

@@ -147,6 +147,11 @@ def lora_gemm_kernel(
         # Under split-K only split 0 carries it (the other splits' zeros go
         # through the mask too: keeping the mask outside this branch is what
         # keeps the 128x128 dropout epilogue from spilling, compile report).
+        # The mask is drawn before the low-rank dot, while no accumulator is
+        # live: drawn after it, Triton 3.6's code for the 128x128 tile holds
+        # the accumulator beside the Philox state and spills 1.7 KB (3.9's does not).
+        if LR_DROPOUT:
+            keep = keep_mask(seed, offs_m, offs_n, N, p, OFFSET_INT64)
         if pid_k == 0:
             for r0 in range(0, R, BLOCK_R):
                 r_in = offs_r < R - r0
@@ -157,7 +162,7 @@ def lora_gemm_kernel(
                 acc = tl.dot((u * lr_scale).to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         if LR_DROPOUT:
             # Multiply (not select) so that NaN/Inf propagate as in x * mask.
-            acc = acc * keep_mask(seed, offs_m, offs_n, N, p, OFFSET_INT64).to(tl.float32)
+            acc = acc * keep.to(tl.float32)
     else:
         tl.static_assert(not LR_DROPOUT, "the epilogue mask needs a precomputed low-rank factor")
 

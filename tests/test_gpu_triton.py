@@ -1,0 +1,70 @@
+"""The kernels on the GPU test machine's Triton as well as on this one's.
+
+Our H200 machine runs Triton 3.6 (``../shared/design/GPU.md``); this machine
+and CI get the newest Triton. The two compile the same kernel source to
+different code (3.6's dropout epilogue once spilled 1.7 KB where 3.9's did
+not), so `make test` installs the GPU machine's Triton beside the newest one
+(``FUSED_LORA_GPU_TRITON``: a ``pip --target`` folder put first on the path)
+and these tests run, in subprocesses with that Triton:
+
+* the compile report for sm_90: every shipped configuration compiles, fits
+  shared memory, does not spill, and the 16-bit GEMMs use wgmma;
+* ``fused-lora check`` under the interpreter: every kernel path (the three
+  strategies, dropout, trainable base, TMA) against the float64 reference.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+GPU_MACHINE_TRITON = "3.6"
+TRITON_DIR = os.environ.get("FUSED_LORA_GPU_TRITON")
+
+if not TRITON_DIR:
+    reason = "FUSED_LORA_GPU_TRITON is not set (`make test` installs Triton 3.6 there and sets it)"
+    if os.environ.get("CI"):
+        raise RuntimeError(f"CI must run these tests: {reason}")
+    pytest.skip(reason, allow_module_level=True)
+
+
+def _python(args: list[str], interpret: bool, timeout: int) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([TRITON_DIR] + [p for p in [env.get("PYTHONPATH")] if p])
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_gpu_machines_triton_is_the_one_imported():
+    proc = _python(["-c", "import triton, numpy; print(triton.__version__, triton.__file__)"], False, 120)
+    assert proc.returncode == 0, proc.stderr
+    version, path = proc.stdout.split()
+    assert version.startswith(GPU_MACHINE_TRITON + "."), proc.stdout
+    assert os.path.realpath(path).startswith(os.path.realpath(TRITON_DIR)), path
+
+
+def test_every_config_compiles_for_sm90_cleanly_on_the_gpu_machines_triton():
+    proc = _python(["-m", "fused_lora.compile_report", "--arch", "90", "--json", "--jobs", "2"], False, 1200)
+    report = json.loads(proc.stdout)
+    assert report["triton"].startswith(GPU_MACHINE_TRITON + "."), report["triton"]
+    assert len(report["results"]) > 100
+    assert report["problems"] == [], "\n".join(report["problems"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all(r["spill_bytes"] == 0 for r in report["results"])
+    assert any(r["pass_name"] == "dx_dropout" and r["config"]["block_m"] == 128 and r["config"]["block_n"] == 128
+               for r in report["results"])  # the tile that spilled before the mask moved
+
+
+def test_every_kernel_path_passes_parity_on_the_gpu_machines_triton():
+    proc = _python(["-m", "fused_lora.cli", "check", "--json"], True, 600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["versions"]["triton"].startswith(GPU_MACHINE_TRITON + ".")
+    assert result["passed"] and len(result["rows"]) >= 20
+    failed = [r for r in result["rows"] if not r["passed"]]
+    assert failed == []
+    assert {r["path"].split()[0] for r in result["rows"]} == {"in_loop", "split", "hybrid"}
+    assert any("+tma" in r["path"] for r in result["rows"]) and any("+dropout" in r["path"] for r in result["rows"])
