@@ -92,10 +92,11 @@ def check_cases(on_gpu: bool) -> list[dict]:
         lead, k, n = shapes[0]
         cases.append(dict(lead=lead, k=k, n=n, r=16, dtype=dtype, strategy="hybrid", dropout_p=0.1, train_base=True,
                           tma=False))
-        if dtype != torch.float32:  # TMA loads (16-bit): forward, dx and dW through tensor descriptors
+        if dtype != torch.float32:  # TMA loads (16-bit): forward, dx (masked or not) and dW through descriptors
             lead, k, n = aligned
-            cases.append(dict(lead=lead, k=k, n=n, r=16, dtype=dtype, strategy="split", dropout_p=0.0,
-                              train_base=True, tma=True))
+            for p, train_base in ((0.0, True), (0.1, False)):
+                cases.append(dict(lead=lead, k=k, n=n, r=16, dtype=dtype, strategy="split", dropout_p=p,
+                                  train_base=train_base, tma=True))
     return cases
 
 

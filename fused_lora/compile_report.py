@@ -240,19 +240,19 @@ def jobs_for(arch: int) -> list[Job]:
         for pass_name, in_loop, mask in (("forward_split", False, False), ("dx_dropout", False, True)):
             cfg = configs.gemm_config(16, SHAPE, SHAPE, lr_r, elt, in_loop, False, epilogue_mask=mask, arch=arch)
             cfg = dataclasses.replace(cfg, split_k=1)  # (the kernel's code does not depend on the count)
-            jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, lr_r, split_k=True))
-        # TMA (16-bit, Hopper): every pass that uses it on every shipped tile, with a K tail
-        # on the largest. Not the masked dx: its Philox epilogue spills beside TMA's pipeline.
+            for tma in (False, True) if elt == 2 and arch >= 90 else (False,):
+                jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, lr_r, split_k=True, tma=tma))
+        # TMA (16-bit, Hopper): every pass on every shipped tile it may run on, with a K tail
+        # on the largest tile of each pass.
         if elt == 2 and arch >= 90:
-            for cfg in pool:
-                for pass_name, block_r, in_loop, mask in (
-                        ("forward_in_loop", 16, True, False), ("forward_split", lr_r, False, False),
-                        ("dx", lr_r, False, False), ("dw", 16, False, False)):
-                    if cfg in configs.gemm_candidates(elt, block_r, in_loop, mask, arch=arch):
-                        jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=True))
-                        if cfg is pool[0]:
-                            jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, even_k=False,
-                                            tma=True))
+            for pass_name, block_r, in_loop, mask in (
+                    ("forward_in_loop", 16, True, False), ("forward_split", lr_r, False, False),
+                    ("dx", lr_r, False, False), ("dx_dropout", lr_r, False, True), ("dw", 16, False, False)):
+                fitting = configs.gemm_candidates(elt, block_r, in_loop, mask, arch=arch)
+                for cfg in fitting:
+                    jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=True))
+                    if cfg is fitting[0]:
+                        jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, even_k=False, tma=True))
         for cfg in shipped["skinny_fp32" if elt == 4 else "skinny_16bit"]:
             for pass_name in ("forward_shrink", "dy_pass", "dA_pass"):
                 for block_r in sorted({16, cfg.max_block_r}):

@@ -132,7 +132,7 @@ class Plan:
     skinny_programs: int
     input_precision: str
     #: The Triton GEMMs read their A and B tiles through TMA tensor
-    #: descriptors (where the operands allow; not the dropout-masked dx pass).
+    #: descriptors (where the operands allow).
     tma: bool = False
 
     @property
@@ -264,8 +264,7 @@ class Explanation:
         out.append(("backward: dA", f"gᵀ·drop(x) from one read of x" + (", mask regenerated" if self.dropout_p else "")
                     + f"; {skinny}"))
         if p.tma:
-            out.append(("loads", "A and B tiles through TMA tensor descriptors where the operands allow"
-                                 + (" (not the masked dx: pointers)" if self.dropout_p else "")))
+            out.append(("loads", "A and B tiles through TMA tensor descriptors where the operands allow"))
         return out
 
     def __str__(self) -> str:

@@ -1,10 +1,13 @@
 """The dropout keep-mask, in PyTorch, bit for bit the one the kernels draw.
 
-The kernels call ``tl.rand(seed, row * K + col) > p`` (Triton's Philox4x32-10,
-see :func:`fused_lora.kernels.common.keep_mask`); this module implements the
-same generator on integer tensors so that the reference (and anyone else) can
-reproduce a fused dropout forward and backward exactly, on any device, without
-Triton. The stream is a pure function of ``(seed, shape, p)``.
+The kernels (:func:`fused_lora.kernels.common.keep_mask`) draw Triton's
+Philox4x32-10 once per four consecutive columns of a row, and keep element
+``(m, k)`` of an ``(M, K)`` matrix when word ``k % 4`` of
+``philox(seed, m * cdiv(K, 4) + k // 4)``, as Triton's uniform float, is
+``> p``. This module implements the same generator on integer tensors so that
+the reference (and anyone else) can reproduce a fused dropout forward and
+backward exactly, on any device, without Triton. The stream is a pure function
+of ``(seed, shape, p)``.
 """
 
 from __future__ import annotations
@@ -49,18 +52,27 @@ def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.T
     return c0, c1, c2, c3
 
 
-def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """``tl.rand(seed, offsets)`` in PyTorch: float32 uniforms in [0, 1).
-
-    ``offsets`` are non-negative int64 counters; ``seed`` a non-negative int.
-    The counter is (offset low word, offset high word, 0, 0), the key (seed low
-    word, seed high word), and the first output word becomes the float.
-    """
+def philox_randint4x(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tl.randint4x(seed, offsets)`` in PyTorch: the four uint32 words (in
+    int64 tensors). ``offsets`` are non-negative int64 counters; ``seed`` a
+    non-negative int. The counter is (offset low word, offset high word, 0, 0),
+    the key (seed low word, seed high word)."""
     zero = torch.zeros_like(offsets)
-    word, _, _, _ = philox4x32(offsets & _U32, (offsets >> 32) & _U32, zero, zero, seed & _U32, (seed >> 32) & _U32)
-    # uint32 -> int32 bitcast, negatives folded with ~x, then scaled in float32.
+    return philox4x32(offsets & _U32, (offsets >> 32) & _U32, zero, zero, seed & _U32, (seed >> 32) & _U32)
+
+
+def uint_to_uniform(word: torch.Tensor) -> torch.Tensor:
+    """``tl.uint_to_uniform_float`` in PyTorch: uint32 words (held in int64) to
+    float32 uniforms in [0, 1) (an int32 bitcast, negatives folded with ~x,
+    then scaled in float32)."""
     folded = torch.where(word >= 2**31, _U32 - word, word)
     return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=folded.device)
+
+
+def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """``tl.rand(seed, offsets)`` in PyTorch: the first word of each counter's
+    Philox output as a float32 uniform in [0, 1)."""
+    return uint_to_uniform(philox_randint4x(seed, offsets)[0])
 
 
 def check_seed(seed, name: str = "seed") -> int:
@@ -90,9 +102,11 @@ def draw_seed() -> int:
 def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
     """The boolean keep-mask of shape ``(M, K)`` that the fused kernels use for
     ``seed`` and dropout probability ``p``: element ``(m, k)`` is kept when
-    ``rand(seed, m * K + k) > p``. With ``p == 0`` everything is kept (the
-    kernels then draw nothing). For an x of shape ``(..., K)``, ``M`` is the
-    product of the leading dimensions (x flattened row-major).
+    word ``k % 4`` of ``philox(seed, m * cdiv(K, 4) + k // 4)``, as a uniform
+    float, is ``> p`` (one Philox call per four columns). With ``p == 0``
+    everything is kept (the kernels then draw nothing). For an x of shape
+    ``(..., K)``, ``M`` is the product of the leading dimensions (x flattened
+    row-major).
     """
     seed = check_seed(seed)
     p = check_dropout_p(p, "p")
@@ -102,5 +116,7 @@ def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
     m, k = (int(d) for d in shape)
     if p == 0.0:
         return torch.ones((m, k), dtype=torch.bool, device=device)
-    offsets = torch.arange(m * k, dtype=torch.int64, device=device).view(m, k)
-    return philox_uniform(seed, offsets) > torch.tensor(p, dtype=torch.float32, device=device)
+    groups = -(-k // 4)
+    counters = torch.arange(m * groups, dtype=torch.int64, device=device).view(m, groups)
+    words = torch.stack(philox_randint4x(seed, counters), dim=-1).view(m, 4 * groups)[:, :k]
+    return uint_to_uniform(words) > torch.tensor(p, dtype=torch.float32, device=device)

@@ -126,10 +126,9 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
         a, b = (dy2[:, :0], weight[:0]) if plan.cublas_base else (dy2, weight)
 
         def launch_dx(config):
-            # (TMA not under the dropout mask: its Philox epilogue spills beside TMA's pipeline)
             return k_.lora_gemm(a, b, u=g, v=lora_A, lr_scale=inv_keep, dropout_p=dropout_p, seed=seed,
                                 config=config, out_dtype=x.dtype, input_precision=plan.input_precision,
-                                tma=plan.tma and dropout_p == 0.0)
+                                tma=plan.tma)
 
         dx2, _ = launch_dx(dispatch.gemm_config_for(
             "dx", plan.dx_gemm, launch_dx, m=m, n=k, k=a.shape[1], r=r, dtype=x.dtype, shrink_in_loop=False,

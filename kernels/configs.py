@@ -156,15 +156,18 @@ _GEMM_CANDIDATES_FP32 = (
 
 # Measured with the compile report on sm_90, with Triton 3.6 and 3.9: no
 # spills at every pass and rank tile (8 warps so that each thread draws fewer
-# Philox numbers). fp32 rows come 16 at a time: with 32, Triton 3.6's code
-# spills 16-36 bytes in three of the six pass/rank variants.
+# Philox numbers). fp32 (rare on a GPU, where it defaults to the hybrid
+# strategy) takes 16 rows and 16 rank columns at a time: of ten tilings
+# surveyed, none with a 32-column rank tile or 32 rows was spill-free on both
+# Triton versions (8-80 bytes in some pass).
 SKINNY_16BIT = SkinnyConfig(block_m=64, block_c=128, num_warps=8, num_stages=2, max_block_r=64)
-SKINNY_FP32 = SkinnyConfig(block_m=16, block_c=64, num_warps=8, num_stages=2, max_block_r=32)
+SKINNY_FP32 = SkinnyConfig(block_m=16, block_c=64, num_warps=8, num_stages=2, max_block_r=16)
 
 
-#: A dropout mask in the GEMM epilogue (the dx pass) draws one Philox number
-#: per output element; past this many per thread the registers spill (compile
-#: report, sm_90: 128x256 tiles on 8 warps spill 19 KB, 128x128 do not).
+#: A dropout mask in the GEMM epilogue (the dx pass) draws Philox numbers for
+#: every output element; past this many per thread the registers spill
+#: (compile report, sm_90, Triton 3.6 and 3.9: 128x256 tiles on 8 warps spill
+#: 100-300 bytes, 128x128 do not).
 EPILOGUE_MASK_MAX_ELEMS_PER_THREAD = {2: 64, 4: 32}
 
 

@@ -151,7 +151,7 @@ def lora_gemm_kernel(
         # live: drawn after it, Triton 3.6's code for the 128x128 tile holds
         # the accumulator beside the Philox state and spills 1.7 KB (3.9's does not).
         if LR_DROPOUT:
-            keep = keep_mask(seed, offs_m, offs_n, N, p, OFFSET_INT64)
+            keep = keep_mask(seed, offs_m, pid_n * BLOCK_N, N, p, BLOCK_N, OFFSET_INT64)
         if pid_k == 0:
             for r0 in range(0, R, BLOCK_R):
                 r_in = offs_r < R - r0

@@ -60,7 +60,7 @@ def lora_skinny_kernel(
     # scalars
     sh_scale,  # multiplies the SHRINK partial
     tn_scale,  # multiplies the TN partial
-    p, seed,  # dropout of T's elements (DROPOUT): keep(m, c) = rand(seed, m·C + c) > p
+    p, seed,  # dropout of T's elements (DROPOUT): keep(seed, m, c, C, p), see common.keep_mask
     # meta-parameters
     SHRINK: tl.constexpr, TN: tl.constexpr, COLSUM: tl.constexpr,
     DROPOUT: tl.constexpr, OFFSET_INT64: tl.constexpr, UPCAST: tl.constexpr,
@@ -99,7 +99,7 @@ def lora_skinny_kernel(
                              m_in[:, None] & c_in[None, :], UPCAST)
             if DROPOUT:
                 # Multiply (not select) so that NaN/Inf propagate as in x * mask.
-                t = t * keep_mask(seed, offs_m, offs_c, C, p, OFFSET_INT64).to(t.dtype)
+                t = t * keep_mask(seed, offs_m, c0, C, p, BLOCK_C, OFFSET_INT64).to(t.dtype)
             if SHRINK:
                 sh_acc = tl.dot(t, s, sh_acc, input_precision=INPUT_PRECISION)
             if TN:

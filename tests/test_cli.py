@@ -14,10 +14,10 @@ def test_check_passes_and_reports_json(capsys):
     assert cli.main(["check", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] is True
-    assert len(report["rows"]) >= 23
+    assert len(report["rows"]) >= 25
     paths = {row["path"] for row in report["rows"]}
     assert {"in_loop", "split +train-base", "split +dropout", "hybrid +dropout +train-base",
-            "split +train-base +tma"} <= paths
+            "split +train-base +tma", "split +dropout +tma"} <= paths
     for row in report["rows"]:
         assert row["passed"] and 0 <= row["worst"] <= row["tolerance"]
         assert {"y", "dx", "dlora_A", "dlora_B"} <= set(row["errors"])

@@ -32,7 +32,9 @@ def test_report_covers_every_shipped_config(sm90):
     for dtype in ("bf16", "fp16"):
         for cfg in shipped["gemm_16bit"]:
             assert ("dw+tma", dtype, tuple(sorted(vars(cfg).items()))) in tma
-        assert {p for p, d, _ in tma if d == dtype} >= {"forward_in_loop+tma", "forward_split+tma", "dx+tma"}
+        assert {p for p, d, _ in tma if d == dtype} >= {"forward_in_loop+tma", "forward_split+tma", "dx+tma",
+                                                        "dx_dropout+tma", "forward_split+split_k+tma",
+                                                        "dx_dropout+split_k+tma"}
     for r in sm90:
         assert r.shared is not None and r.shared <= configs.SMEM_LIMIT_SM90
         if r.kernel == "gemm" and r.dtype != "fp32":

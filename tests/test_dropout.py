@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 import fused_lora
-from fused_lora.dropout import philox4x32, philox_uniform
+from fused_lora.dropout import philox4x32, philox_randint4x, philox_uniform, uint_to_uniform
 from fused_lora.kernels.common import keep_mask
 from lora_testing import DEVICE, make_params
 
@@ -29,31 +29,58 @@ def test_philox_known_answers(counter, key, expected):
 
 
 @triton.jit
-def _rand_kernel(u_ptr, keep_ptr, seed, row0, n_cols, p,
+def _rand_kernel(u_ptr, keep_ptr, seed, row0, col0, n_cols, p,
                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_INT64: tl.constexpr):
     rows = row0 + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
     out = tl.arange(0, BLOCK_M)[:, None] * BLOCK_C + cols[None, :]
     offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
     tl.store(u_ptr + out, tl.rand(seed, offsets))
-    tl.store(keep_ptr + out, keep_mask(seed, rows, cols, n_cols, p, OFFSET_INT64).to(tl.int8))
+    tl.store(keep_ptr + out, keep_mask(seed, rows, col0, n_cols, p, BLOCK_C, OFFSET_INT64).to(tl.int8))
+
+
+def _keep_by_definition(seed, rows, cols, n_cols, p):
+    """keep(m, c) = uniform(word c % 4 of philox(seed, m * cdiv(n_cols, 4) + c // 4)) > p, element by element."""
+    counters = rows[:, None] * (-(-n_cols // 4)) + cols[None, :] // 4
+    words = torch.stack(philox_randint4x(seed, counters), dim=-1)
+    word = words.gather(-1, (cols % 4).expand_as(counters)[..., None]).squeeze(-1)
+    return uint_to_uniform(word) > p
 
 
 @pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 - 2, 2**40 + 7])
-@pytest.mark.parametrize("row0, offset_int64", [(0, False), (0, True), (3_000_000_000 // 64, True)])
-def test_torch_philox_is_the_kernels_stream(seed, row0, offset_int64):
+@pytest.mark.parametrize("row0, offset_int64", [(0, False), (0, True), (3_000_000_000 // 16, True)])
+@pytest.mark.parametrize("n_cols, col0", [(64, 0), (61, 0), (130, 64), (130, 128)])
+def test_torch_philox_is_the_kernels_stream(seed, row0, offset_int64, n_cols, col0):
     """tl.rand and keep_mask (as the kernels call them) against the PyTorch
-    implementation, bit for bit, including offsets past 2**31."""
-    bm, bc, n_cols, p = 16, 64, 64, 0.3
-    u = torch.empty((bm, bc), dtype=torch.float32, device=DEVICE)
-    keep = torch.empty((bm, bc), dtype=torch.int8, device=DEVICE)
-    _rand_kernel[(1,)](u, keep, seed, row0, n_cols, p, BLOCK_M=bm, BLOCK_C=bc, OFFSET_INT64=offset_int64)
-    offsets = (row0 + torch.arange(bm, device=DEVICE))[:, None] * n_cols + torch.arange(bc, device=DEVICE)[None, :]
-    expected = philox_uniform(seed, offsets)
-    assert torch.equal(u, expected)
-    assert torch.equal(keep.bool(), expected > p)
+    implementation, bit for bit, at a ragged row length (groups of four
+    columns straddling its end), a later column tile, and counters past 2**31."""
+    bm, bc, p = 16, 64, 0.3
+    u = torch.empty((bm, bc), dtype=torch.float32, device=DEVICE).fill_(float("nan"))
+    keep = torch.full((bm, bc), -1, dtype=torch.int8, device=DEVICE)
+    _rand_kernel[(1,)](u, keep, seed, row0, col0, n_cols, p, BLOCK_M=bm, BLOCK_C=bc, OFFSET_INT64=offset_int64)
+    rows = row0 + torch.arange(bm, device=DEVICE)
+    offsets = rows[:, None] * n_cols + torch.arange(bc, device=DEVICE)[None, :]
+    assert torch.equal(u, philox_uniform(seed, offsets))
+    cols = col0 + torch.arange(bc, device=DEVICE)
+    valid = cols < n_cols  # the kernels never use the columns past the row's end
+    assert valid.any()
+    assert torch.equal(keep.bool()[:, valid], _keep_by_definition(seed, rows, cols, n_cols, p)[:, valid])
     if row0 == 0:
-        assert torch.equal(keep.bool(), fused_lora.dropout_mask(seed, (bm, n_cols), p, device=DEVICE))
+        mask = fused_lora.dropout_mask(seed, (bm, n_cols), p, device=DEVICE)
+        assert torch.equal(keep.bool()[:, valid], mask[:, cols[valid]])
+
+
+def test_four_columns_share_a_philox_call_but_not_a_word():
+    """The four words of one call are four different numbers (word k % 4 of
+    the call, not the first word four times), and neighbouring rows and calls differ."""
+    seed, n_cols = 7, 13
+    mask_u = uint_to_uniform(torch.stack(philox_randint4x(seed, torch.arange(8)), dim=-1)).view(2, 16)[:, :n_cols]
+    counters = torch.arange(2)[:, None] * 4 + torch.arange(n_cols)[None, :] // 4
+    first_words = uint_to_uniform(philox_randint4x(seed, counters)[0])
+    assert not torch.equal(mask_u, first_words)
+    assert len(set(mask_u.flatten().tolist())) == mask_u.numel()
+    for p in (0.1, 0.5, 0.9):
+        assert torch.equal(fused_lora.dropout_mask(seed, (2, n_cols), p), mask_u > p)
 
 
 def test_dropout_mask_statistics_and_reproducibility():

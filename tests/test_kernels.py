@@ -165,10 +165,10 @@ def test_tma_loads_match_the_reference(tma_on, monkeypatch, dtype, strategy, p):
         y = fused_lora.lora_linear(x, w, a, bb, b, scaling=1.25, dropout_p=p, seed=3, backend="triton")
         dy = torch.randn_like(y)
         grads = torch.autograd.grad(y, (x, w, b, a, bb), dy)
-    # forward, dx (not under a dropout mask) and dW, each through descriptors
-    assert len(used) == (3 if p == 0 else 2) and all(d is not None for d in used)
-    assert [d[1] for d in used] == ([False, False, True] if p == 0 else [False, True])  # A transposed: dW only
-    assert [d[3] for d in used] == ([True, False, False] if p == 0 else [True, False])  # B transposed: forward
+    # forward, dx (under the dropout mask too) and dW, each through descriptors
+    assert len(used) == 3 and all(d is not None for d in used)
+    assert [d[1] for d in used] == [False, False, True]  # A transposed: dW only
+    assert [d[3] for d in used] == [True, False, False]  # B transposed: forward
     names = ("x", "weight", "bias", "lora_A", "lora_B")
     y64, g64 = reference64(x, w, b, a, bb, dy, scaling=1.25, dropout_p=p, seed=3, grads=names)
     assert_close(y, y64, dtype, "y")
