@@ -59,6 +59,15 @@ PEAK_FLOPS = 790e12
 PEAK_BYTES_PER_S = 4.0e12
 #: Per-kernel launch cost in the model (eager PyTorch dispatch + launch, a few µs).
 LAUNCH_S = 3e-6
+#: Integer throughput for drawing dropout masks: Hopper retires 64 32-bit
+#: integer multiply/logic results per clock per SM (132 SMs at 1.98 GHz).
+PEAK_INT_OPS_PER_S = 132 * 64 * 1.98e9
+#: Integer instructions per element of a drawn mask (Philox4x32-10 shared by
+#: four elements, the uniform conversion, the compare and the multiply): the
+#: sm_90 SASS of the fused forward shrink grows by about this much per element
+#: with dropout on. PyTorch's dropout kernel also shares a Philox call among
+#: four elements; the model charges it the same.
+MASK_INT_OPS_PER_ELEMENT = 28
 #: Below this many tokens the GPU timer uses CUDA graphs (launch-bound regime).
 CUDA_GRAPH_MAX_M = 256
 
@@ -313,6 +322,12 @@ def model(case: Case) -> dict:
     shrink; expand; scale; add. Naive backward: dB, g, dA, d(dropout), dx
     (base), dx (lora) and their adds. Fused: one GEMM forward (+ one read of x
     for the split shrink); backward: the dy pass, the dx GEMM, the dA pass.
+
+    Drawing a dropout mask costs integer instructions (a third roofline,
+    :data:`MASK_INT_OPS_PER_ELEMENT` at :data:`PEAK_INT_OPS_PER_S`): naive
+    draws it once and stores it; fused draws it three times (the forward
+    shrink, the dx epilogue, the dA pass). The dx GEMM draws its mask before
+    its K loop, so there it adds to the GEMM's time rather than hiding under it.
     """
     m, k, n, r = case.m, case.k, case.n, case.r
     e = case.torch_dtype.itemsize
@@ -323,8 +338,9 @@ def model(case: Case) -> dict:
                  (2 * m * n * r, e * (m * r + n * r + m * n)),  # expand
                  (m * n, 2 * e * m * n),  # scale
                  (m * n, 3 * e * m * n)]  # add
+    mask = MASK_INT_OPS_PER_ELEMENT * m * k if drop else 0  # integer ops of one drawn (m, k) mask
     if drop:
-        naive_fwd.append((m * k, 2 * e * m * k + m * k))  # dropout: read x, write x' and the mask
+        naive_fwd.append((m * k, 2 * e * m * k + m * k, mask))  # dropout: read x, write x' and the mask
     naive_bwd = [(2 * m * n * k, e * (m * n + n * k + m * k)),  # dx of the base
                  (m * n, 2 * e * m * n),  # grad of the scale
                  (2 * m * n * r, e * (m * n + n * r + m * r)),  # g = dy B
@@ -336,20 +352,26 @@ def model(case: Case) -> dict:
         naive_bwd.append((m * k, 2 * e * m * k + m * k))  # grad of the dropout
     fused_fwd = [(2 * m * n * k + 2 * m * n * r + 2 * m * k * r, e * (m * k + n * k + m * n))]
     if drop or r > 16:
-        fused_fwd.append((2 * m * k * r, e * m * k))  # split strategy: the skinny pass over x
+        fused_fwd.append((2 * m * k * r, e * m * k, mask))  # split strategy: the skinny pass over x
     fused_bwd = [(4 * m * n * r, e * m * n),  # dy pass: g and dB
-                 (2 * m * n * k + 2 * m * k * r, e * (m * n + n * k + m * k)),  # dx GEMM
-                 (2 * m * k * r, e * m * k)]  # dA pass
+                 (2 * m * n * k + 2 * m * k * r, e * (m * n + n * k + m * k), 0, mask),  # dx GEMM: mask, then K loop
+                 (2 * m * k * r, e * m * k, mask)]  # dA pass
 
     def seconds(kernels):
-        return sum(max(f / PEAK_FLOPS, b / PEAK_BYTES_PER_S) + LAUNCH_S for f, b in kernels)
+        # (FLOPs, bytes[, integer ops overlapping them[, integer ops before them]])
+        total = 0.0
+        for flops, nbytes, *ints in kernels:
+            overlapped, serial = (list(ints) + [0, 0])[:2]
+            total += max(flops / PEAK_FLOPS, nbytes / PEAK_BYTES_PER_S, overlapped / PEAK_INT_OPS_PER_S)
+            total += serial / PEAK_INT_OPS_PER_S + LAUNCH_S
+        return total
 
     out = {}
     for name, kernels in (("naive_forward", naive_fwd), ("naive_backward", naive_bwd),
                           ("fused_forward", fused_fwd), ("fused_backward", fused_bwd)):
         out[f"{name}_s"] = seconds(kernels)
-        out[f"{name}_flops"] = sum(f for f, _ in kernels)
-        out[f"{name}_bytes"] = sum(b for _, b in kernels)
+        out[f"{name}_flops"] = sum(kern[0] for kern in kernels)
+        out[f"{name}_bytes"] = sum(kern[1] for kern in kernels)
         out[f"{name}_kernels"] = len(kernels)
     out["speedup_forward"] = out["naive_forward_s"] / out["fused_forward_s"]
     out["speedup_backward"] = out["naive_backward_s"] / out["fused_backward_s"]
@@ -361,7 +383,10 @@ def model(case: Case) -> dict:
 def model_table(cases) -> str:
     lines = ["## Roofline model (a model, not a measurement)", "",
              f"H200 at {PEAK_FLOPS / 1e12:.0f} TFLOP/s and {PEAK_BYTES_PER_S / 1e12:.1f} TB/s; each kernel costs "
-             f"max(FLOPs/peak, bytes/bandwidth) + {LAUNCH_S * 1e6:.0f} µs launch.", "",
+             f"max(FLOPs/peak, bytes/bandwidth, mask integer ops/{PEAK_INT_OPS_PER_S / 1e12:.1f} T/s) "
+             f"+ {LAUNCH_S * 1e6:.0f} µs launch ({MASK_INT_OPS_PER_ELEMENT} integer ops per element of a drawn "
+             "dropout mask: naive draws it once, fused three times; the fused dx GEMM draws it before its K loop, "
+             "so there it adds to the GEMM's time).", "",
              "| case | naive fwd GB | fused fwd GB | naive fwd µs | fused fwd µs | naive bwd GB | fused bwd GB "
              "| model ×fwd | model ×bwd | model ×fwd+bwd |",
              "|---|---|---|---|---|---|---|---|---|---|"]
