@@ -45,9 +45,9 @@ def keep_mask(seed, rows, col0, n_cols, p, BLOCK_COLS: tl.constexpr, OFFSET_INT6
     ``(m, c)`` is kept when word ``c % 4`` of ``philox(seed, m * G + c // 4)``,
     ``G = cdiv(n_cols, 4)``, as Triton's uniform float, is ``> p``. A call per
     element (``tl.rand``) would throw three of its four words away: Philox is
-    about 50 integer instructions a call, so on a GPU the mask, not memory,
-    would bound the dropout passes (sm_90 SASS of the forward shrink: +54
-    instructions per element with ``tl.rand``).
+    about 50 integer instructions a call, and the dropout passes would be
+    bound by it rather than by memory (sm_90 SASS of the forward shrink with
+    dropout on: +54 instructions per element with ``tl.rand``, +28 with this).
 
     This is the one definition of the mask; :func:`fused_lora.dropout_mask`
     reproduces it bit for bit in PyTorch. ``OFFSET_INT64`` must be set when
