@@ -335,9 +335,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     args = parser.parse_args(argv)
-    from .cli import progress
-
     import triton
+
+    from .cli import progress
 
     results = run(tuple(args.arch or (90, 80)), jobs=args.jobs, progress=progress)
     bad = problems(results)
