@@ -37,7 +37,7 @@ class Job:
     config: dict
     arch: int
     block_r: int = 16
-    even_k: bool = True  # K a multiple of BLOCK_K (the common case); False compiles the masked K tail
+    even_k: bool = True  # K (gemm) or C (skinny) a multiple of its block; False compiles the masked tail
     split_k: bool = False  # a split-K partial: fp32 output into the (S, M, N) workspace
     tma: bool = False  # A and B tiles through tensor descriptors (TMA)
 
@@ -56,6 +56,7 @@ class Result:
     wgmma: bool | None = None
     mma_sync: bool | None = None
     tma: bool | None = None  # the PTX issues TMA copies (cp.async.bulk.tensor)
+    load_bytes: int | None = None  # the widest global load (ld.global or cp.async) in the PTX, in bytes
     error: str = ""
 
     @property
@@ -94,19 +95,19 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
     )
 
 
-def _skinny_args(dtype: str, cfg, variant: str, block_r: int) -> dict:
+def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = True) -> dict:
     s = SHAPE
     shrink = variant in ("forward_shrink", "dy_pass")
     tn = variant in ("dy_pass", "dA_pass")
     return dict(
         t_ptr=f"*{dtype}", s_ptr=f"*{dtype}", l_ptr="*fp32", sh_ptr="*fp32", tn_ptr="*fp32", cs_ptr="*fp32",
-        M=s, C=s, R=block_r, m_start=0, m_end=s, rows_per_prog=cfg.block_m, cols_per_prog=s // 2,
+        M=s, C=s, R=block_r, m_start=0, m_end=s, rows_per_prog=cfg.block_m, c_tiles_per_prog=s // 2 // cfg.block_c,
         stride_tm=s, stride_tc=1, stride_sc=1, stride_sr=s, stride_lm=block_r, stride_lr=1,
         stride_shp=s * block_r, stride_shm=block_r, stride_shr=1,
         stride_tnp=s * block_r, stride_tnc=block_r, stride_tnr=1, stride_csp=s,
         sh_scale=1.0, tn_scale=1.0, p=0.1, seed=12345,
         SHRINK=shrink, TN=tn, COLSUM=variant == "dy_pass", DROPOUT=variant != "dy_pass",
-        OFFSET_INT64=False, UPCAST=False, INPUT_PRECISION="ieee",
+        OFFSET_INT64=False, UPCAST=False, EVEN_C=even_c, INPUT_PRECISION="ieee",
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_R=block_r,
     )
 
@@ -187,7 +188,8 @@ def compile_job(job: Job) -> Result:
 
     from fused_lora.kernels import configs, gemm, skinny
 
-    res = Result(job.kernel, job.pass_name + ("" if job.even_k else "+k_tail") + ("+split_k" if job.split_k else "")
+    tail = "+k_tail" if job.kernel == "gemm" else "+c_tail"
+    res = Result(job.kernel, job.pass_name + ("" if job.even_k else tail) + ("+split_k" if job.split_k else "")
                  + ("+tma" if job.tma else ""), job.dtype, job.arch, job.config, job.block_r)
     try:
         if job.kernel == "gemm":
@@ -196,7 +198,8 @@ def compile_job(job: Job) -> Result:
                                                            job.split_k, job.tma)
         elif job.kernel == "skinny":
             cfg = configs.SkinnyConfig(**job.config)
-            fn, values = skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r)
+            fn, values = skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r,
+                                                                 job.even_k)
         else:
             cfg = None
             fn, values = skinny.reduce_partials_kernel, _reduce_args(job.dtype, cfg, job.pass_name, job.block_r)
@@ -208,10 +211,23 @@ def compile_job(job: Job) -> Result:
         res.wgmma = "wgmma" in ptx
         res.mma_sync = "mma.sync" in ptx
         res.tma = "cp.async.bulk.tensor" in ptx
+        res.load_bytes = widest_load(ptx)
         res.registers, res.spill_bytes = _ptxas_stats(ptx, job.arch)
     except Exception as err:  # reported, not raised: the report lists every failure
         res.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
     return res
+
+
+_LD_GLOBAL = re.compile(r"\bld\.global[\w.]*?(?:\.v(\d))?\.[bufs](\d+)\s")
+_CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
+
+
+def widest_load(ptx: str) -> int:
+    """The widest global load in ``ptx`` in bytes: ``ld.global[.vN].bB``
+    (N·B/8) or ``cp.async`` into shared memory (its copy size); 0 if none."""
+    widths = [int(v or 1) * int(b) // 8 for v, b in _LD_GLOBAL.findall(ptx)]
+    widths += [int(n, 0) for n in _CP_ASYNC.findall(ptx)]
+    return max(widths, default=0)
 
 
 def jobs_for(arch: int) -> list[Job]:
@@ -257,6 +273,8 @@ def jobs_for(arch: int) -> list[Job]:
             for pass_name in ("forward_shrink", "dy_pass", "dA_pass"):
                 for block_r in sorted({16, cfg.max_block_r}):
                     jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, block_r))
+                # the masked column tail (C not a multiple of BLOCK_C)
+                jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, 16, even_k=False))
         for pass_name in ("reduce", "accumulate"):
             jobs.append(Job("reduce", pass_name, dtype, {"num_warps": 4, "num_stages": 1}, arch))
     return jobs
@@ -289,8 +307,10 @@ def run(archs=(90, 80), jobs: int = 1, progress=None) -> list[Result]:
 
 def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
     """What a CI check rejects: a compile error (any arch); on sm_90, the
-    target, also shared memory over the limit, a spill, or a 16-bit GEMM
-    without wgmma, or a TMA variant without TMA copies. Other archs' spills are in the table, not rejected."""
+    target, also shared memory over the limit, a spill, a 16-bit GEMM
+    without wgmma, a TMA variant without TMA copies, or a skinny pass (no
+    column tail) without 16-byte loads. Other archs' spills are in the table,
+    not rejected."""
     from fused_lora.kernels import configs
 
     limit = smem_limit or configs.SMEM_LIMIT_SM90
@@ -310,22 +330,26 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
             out.append(f"{tag}: no wgmma on sm_{r.arch}")
         if r.kernel == "gemm" and r.pass_name.endswith("+tma") and not r.tma:
             out.append(f"{tag}: a TMA variant without TMA copies")
+        if r.kernel == "skinny" and not r.pass_name.endswith("_tail") and (r.load_bytes or 0) < 16:
+            # the memory-bound passes must stream their wide operand in 16-byte vectors
+            out.append(f"{tag}: widest global load {r.load_bytes} bytes, expected 16-byte vectors")
     return out
 
 
 def _table(results: list[Result]) -> str:
-    head = "| arch | kernel | pass | dtype | tiles (M,N|C,K) w/s | r tile | shared B | regs | spill B | wgmma |"
-    lines = [head, "|" + "---|" * 10]
+    head = ("| arch | kernel | pass | dtype | tiles (M,N|C,K) w/s | r tile | shared B | regs | spill B | wgmma "
+            "| widest load B |")
+    lines = [head, "|" + "---|" * 11]
     for r in results:
         c = r.config
         tiles = "/".join(str(c[k]) for k in ("block_m", "block_n", "block_c", "block_k") if k in c)
         ws = f"{c.get('num_warps', '')}/{c.get('num_stages', '')}"
         if r.error:
             lines.append(f"| sm_{r.arch} | {r.kernel} | {r.pass_name} | {r.dtype} | {tiles} {ws} | {r.block_r} | "
-                         f"ERROR: {r.error} | | | |")
+                         f"ERROR: {r.error} | | | | |")
         else:
             lines.append(f"| sm_{r.arch} | {r.kernel} | {r.pass_name} | {r.dtype} | {tiles} {ws} | {r.block_r} | "
-                         f"{r.shared} | {r.registers} | {r.spill_bytes} | {'yes' if r.wgmma else 'no'} |")
+                         f"{r.shared} | {r.registers} | {r.spill_bytes} | {'yes' if r.wgmma else 'no'} | {r.load_bytes} |")
     return "\n".join(lines)
 
 

@@ -13,8 +13,9 @@ backward dA    drop(x)     -                            dA = gᵀ·drop(x)      
 ``drop(x)`` is never stored: the keep-mask is regenerated from the seed as the
 x tiles are loaded (see :func:`fused_lora.kernels.common.keep_mask`).
 
-A program covers ``rows_per_prog`` rows and ``cols_per_prog`` columns of T,
-walking column tiles outermost and row tiles innermost, so that the TN and
+A program covers ``rows_per_prog`` rows and ``c_tiles_per_prog`` column tiles
+of T (whole ``BLOCK_C`` tiles, so that the loads stay 16-byte vectors), walking
+column tiles outermost and row tiles innermost, so that the TN and
 COLSUM partials of its column tile stay in registers. The SHRINK product needs
 all columns of a row, so with SHRINK on a program covers exactly one row tile.
 Partials are written per program (never accumulated with atomics) and summed
@@ -37,7 +38,7 @@ from .configs import (
 )
 
 
-@triton.jit(do_not_specialize=["M", "C", "R", "m_start", "m_end", "rows_per_prog", "cols_per_prog", "seed"])
+@triton.jit(do_not_specialize=["M", "C", "R", "m_start", "m_end", "rows_per_prog", "c_tiles_per_prog", "seed"])
 def lora_skinny_kernel(
     # pointers
     t_ptr,  # (M, C)  the wide operand, read once
@@ -49,7 +50,8 @@ def lora_skinny_kernel(
     # sizes
     M, C, R,
     m_start, m_end,  # the rows of this launch (global indices: the mask and SHRINK use them)
-    rows_per_prog, cols_per_prog,
+    rows_per_prog,
+    c_tiles_per_prog,  # a program covers this many BLOCK_C column tiles
     # strides
     stride_tm, stride_tc,
     stride_sc, stride_sr,
@@ -64,6 +66,7 @@ def lora_skinny_kernel(
     # meta-parameters
     SHRINK: tl.constexpr, TN: tl.constexpr, COLSUM: tl.constexpr,
     DROPOUT: tl.constexpr, OFFSET_INT64: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_C: tl.constexpr,  # C % BLOCK_C == 0: no column mask (vector loads)
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -73,8 +76,12 @@ def lora_skinny_kernel(
     pid_c = tl.program_id(1)
     m_lo = m_start + pid_m * rows_per_prog
     m_hi = min(m_lo + rows_per_prog, m_end)
-    c_lo = pid_c * cols_per_prog
-    c_hi = min(c_lo + cols_per_prog, C)
+    # In whole tiles, so that the compiler knows c_lo's alignment: with EVEN_C
+    # (no column mask) the T loads are then 16-byte vectors. (With an
+    # unspecialised column count here, or a column mask of unknown
+    # granularity, every element was its own 2-byte load: sm_90 SASS.)
+    c_lo = pid_c * (c_tiles_per_prog * BLOCK_C)
+    c_hi = min(c_lo + c_tiles_per_prog * BLOCK_C, C)
     offs_r = tl.arange(0, BLOCK_R)
     r_in = offs_r < R
 
@@ -83,7 +90,10 @@ def lora_skinny_kernel(
         sh_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for c0 in range(c_lo, c_hi, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        c_in = offs_c < c_hi
+        if EVEN_C:
+            c_in = tl.full((BLOCK_C,), True, tl.int1)
+        else:
+            c_in = offs_c < c_hi
         if TN:
             tn_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         if COLSUM:
@@ -169,7 +179,7 @@ def _launch(t, s, l, sh, tn, cs, m_start, m_end, rows_per_prog, cols_per_prog, g
     lora_skinny_kernel[grid](
         t, s if s is not None else dummy, l if l is not None else dummy,
         sh if sh is not None else dummy, tn if tn is not None else dummy, cs if cs is not None else dummy,
-        M, C, r, m_start, m_end, rows_per_prog, cols_per_prog,
+        M, C, r, m_start, m_end, rows_per_prog, cols_per_prog // config.block_c,
         t.stride(0), t.stride(1),
         *(s.stride() if s is not None else (0, 0)),
         *(l.stride() if l is not None else (0, 0)),
@@ -181,6 +191,7 @@ def _launch(t, s, l, sh, tn, cs, m_start, m_end, rows_per_prog, cols_per_prog, g
         DROPOUT=dropout_p > 0.0,
         OFFSET_INT64=M * C >= 2**31,
         UPCAST=is_interpreted(lora_skinny_kernel) and t.dtype == torch.bfloat16,
+        EVEN_C=C % config.block_c == 0,
         INPUT_PRECISION=input_precision,
         BLOCK_R=block_r_for(r, config.max_block_r),
         **config.launch_kwargs(),

@@ -1,5 +1,6 @@
 """Every shipped kernel configuration compiles for Hopper (sm_90) without a
-GPU, fits its shared memory, does not spill, and the 16-bit GEMMs use wgmma."""
+GPU, fits its shared memory, does not spill, the 16-bit GEMMs use wgmma, and
+the memory-bound skinny passes load 16-byte vectors."""
 
 import pytest
 
@@ -53,3 +54,21 @@ def test_problems_catches_what_it_should():
                                    wgmma=True, tma=False)
     assert any("TMA" in p for p in compile_report.problems([no_tma]))
     assert compile_report.problems([compile_report.Result("gemm", "dx", "bf16", 90, {}, 16, error="boom")])
+    narrow = compile_report.Result("skinny", "dA_pass", "bf16", 90, {}, 16, shared=1000, registers=100,
+                                   spill_bytes=0, load_bytes=2)
+    assert any("16-byte" in p for p in compile_report.problems([narrow]))
+    tail = compile_report.Result("skinny", "dA_pass+c_tail", "bf16", 90, {}, 16, shared=1000, registers=100,
+                                 spill_bytes=0, load_bytes=2)
+    assert compile_report.problems([tail]) == []  # a masked column tail may load narrower
+
+
+def test_widest_load_reads_the_ptx():
+    ptx = """
+	ld.global.b16 { %rs1 }, [ %rd1 + 0 ];
+	@%p1 ld.global.v2.b32 { %r1, %r2 }, [ %rd2 + 0 ];
+	cp.async.ca.shared.global [ %r3 + 0 ], [ %rd3 + 0 ], 0x4, %r4;
+"""
+    assert compile_report.widest_load(ptx) == 8
+    assert compile_report.widest_load(ptx + "\tcp.async.cg.shared.global [ %r5 + 0 ], [ %rd5 + 0 ], 0x10, %r6;\n") == 16
+    assert compile_report.widest_load(ptx + "\tld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd6 + 0 ];\n") == 16
+    assert compile_report.widest_load("") == 0
