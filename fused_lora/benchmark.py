@@ -62,12 +62,18 @@ LAUNCH_S = 3e-6
 #: Integer throughput for drawing dropout masks: Hopper retires 64 32-bit
 #: integer multiply/logic results per clock per SM (132 SMs at 1.98 GHz).
 PEAK_INT_OPS_PER_S = 132 * 64 * 1.98e9
-#: Integer instructions per element of a drawn mask (Philox4x32-10 shared by
-#: four elements, the uniform conversion, the compare and the multiply): the
-#: sm_90 SASS of the fused forward shrink grows by about this much per element
-#: with dropout on. PyTorch's dropout kernel also shares a Philox call among
-#: four elements; the model charges it the same.
-MASK_INT_OPS_PER_ELEMENT = 28
+#: Integer instructions per element of a drawn mask, naive: PyTorch's dropout
+#: kernel shares a Philox4x32-10 call among four elements (a 32-bit uniform
+#: each), then converts, compares and multiplies. Our kernels drew their mask
+#: that way before, and their sm_90 SASS grew by about this much per element
+#: with dropout on; the model charges PyTorch the same.
+NAIVE_MASK_INT_OPS_PER_ELEMENT = 28
+#: The same for the fused kernels (one Philox call per eight elements, 16-bit
+#: thresholds: :func:`fused_lora.kernels.common.keep_mask`), measured in the
+#: sm_90 SASS of each kernel with and without dropout (Triton 3.9): the
+#: skinny passes (forward shrink, dA) and the dx GEMM's epilogue, where the
+#: mask is drawn in one layout and multiplied in the accumulator's.
+FUSED_MASK_INT_OPS_PER_ELEMENT = {"skinny": 13.5, "dx": 17.4}
 #: Below this many tokens the GPU timer uses CUDA graphs (launch-bound regime).
 CUDA_GRAPH_MAX_M = 256
 
@@ -323,11 +329,12 @@ def model(case: Case) -> dict:
     (base), dx (lora) and their adds. Fused: one GEMM forward (+ one read of x
     for the split shrink); backward: the dy pass, the dx GEMM, the dA pass.
 
-    Drawing a dropout mask costs integer instructions (a third roofline,
-    :data:`MASK_INT_OPS_PER_ELEMENT` at :data:`PEAK_INT_OPS_PER_S`): naive
-    draws it once and stores it; fused draws it three times (the forward
-    shrink, the dx epilogue, the dA pass). The dx GEMM draws its mask before
-    its K loop, so there it adds to the GEMM's time rather than hiding under it.
+    Drawing a dropout mask costs integer instructions (a third roofline, at
+    :data:`PEAK_INT_OPS_PER_S`; :data:`NAIVE_MASK_INT_OPS_PER_ELEMENT` and
+    :data:`FUSED_MASK_INT_OPS_PER_ELEMENT`): naive draws it once and stores
+    it; fused draws it three times (the forward shrink, the dx epilogue, the
+    dA pass). The dx GEMM draws its mask before its K loop, so there it adds
+    to the GEMM's time rather than hiding under it.
     """
     m, k, n, r = case.m, case.k, case.n, case.r
     e = case.torch_dtype.itemsize
@@ -338,9 +345,12 @@ def model(case: Case) -> dict:
                  (2 * m * n * r, e * (m * r + n * r + m * n)),  # expand
                  (m * n, 2 * e * m * n),  # scale
                  (m * n, 3 * e * m * n)]  # add
-    mask = MASK_INT_OPS_PER_ELEMENT * m * k if drop else 0  # integer ops of one drawn (m, k) mask
+    # integer ops of one drawn (m, k) mask: by PyTorch, by a skinny pass, in the dx epilogue
+    naive_mask, skinny_mask, dx_mask = (ops * m * k if drop else 0 for ops in (
+        NAIVE_MASK_INT_OPS_PER_ELEMENT, FUSED_MASK_INT_OPS_PER_ELEMENT["skinny"],
+        FUSED_MASK_INT_OPS_PER_ELEMENT["dx"]))
     if drop:
-        naive_fwd.append((m * k, 2 * e * m * k + m * k, mask))  # dropout: read x, write x' and the mask
+        naive_fwd.append((m * k, 2 * e * m * k + m * k, naive_mask))  # dropout: read x, write x' and the mask
     naive_bwd = [(2 * m * n * k, e * (m * n + n * k + m * k)),  # dx of the base
                  (m * n, 2 * e * m * n),  # grad of the scale
                  (2 * m * n * r, e * (m * n + n * r + m * r)),  # g = dy B
@@ -352,10 +362,10 @@ def model(case: Case) -> dict:
         naive_bwd.append((m * k, 2 * e * m * k + m * k))  # grad of the dropout
     fused_fwd = [(2 * m * n * k + 2 * m * n * r + 2 * m * k * r, e * (m * k + n * k + m * n))]
     if drop or r > 16:
-        fused_fwd.append((2 * m * k * r, e * m * k, mask))  # split strategy: the skinny pass over x
+        fused_fwd.append((2 * m * k * r, e * m * k, skinny_mask))  # split strategy: the skinny pass over x
     fused_bwd = [(4 * m * n * r, e * m * n),  # dy pass: g and dB
-                 (2 * m * n * k + 2 * m * k * r, e * (m * n + n * k + m * k), 0, mask),  # dx GEMM: mask, then K loop
-                 (2 * m * k * r, e * m * k, mask)]  # dA pass
+                 (2 * m * n * k + 2 * m * k * r, e * (m * n + n * k + m * k), 0, dx_mask),  # dx: mask, then K loop
+                 (2 * m * k * r, e * m * k, skinny_mask)]  # dA pass
 
     def seconds(kernels):
         # (FLOPs, bytes[, integer ops overlapping them[, integer ops before them]])
@@ -384,9 +394,11 @@ def model_table(cases) -> str:
     lines = ["## Roofline model (a model, not a measurement)", "",
              f"H200 at {PEAK_FLOPS / 1e12:.0f} TFLOP/s and {PEAK_BYTES_PER_S / 1e12:.1f} TB/s; each kernel costs "
              f"max(FLOPs/peak, bytes/bandwidth, mask integer ops/{PEAK_INT_OPS_PER_S / 1e12:.1f} T/s) "
-             f"+ {LAUNCH_S * 1e6:.0f} µs launch ({MASK_INT_OPS_PER_ELEMENT} integer ops per element of a drawn "
-             "dropout mask: naive draws it once, fused three times; the fused dx GEMM draws it before its K loop, "
-             "so there it adds to the GEMM's time).", "",
+             f"+ {LAUNCH_S * 1e6:.0f} µs launch (integer ops per element of a drawn dropout mask: "
+             f"{NAIVE_MASK_INT_OPS_PER_ELEMENT} in PyTorch's dropout, which naive runs once; fused draws it three "
+             f"times, {FUSED_MASK_INT_OPS_PER_ELEMENT['skinny']} in each skinny pass and "
+             f"{FUSED_MASK_INT_OPS_PER_ELEMENT['dx']} in the dx GEMM, which draws it before its K loop, so there it "
+             "adds to the GEMM's time).", "",
              "| case | naive fwd GB | fused fwd GB | naive fwd µs | fused fwd µs | naive bwd GB | fused bwd GB "
              "| model ×fwd | model ×bwd | model ×fwd+bwd |",
              "|---|---|---|---|---|---|---|---|---|---|"]

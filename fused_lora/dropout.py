@@ -1,10 +1,11 @@
 """The dropout keep-mask, in PyTorch, bit for bit the one the kernels draw.
 
 The kernels (:func:`fused_lora.kernels.common.keep_mask`) draw Triton's
-Philox4x32-10 once per four consecutive columns of a row, and keep element
-``(m, k)`` of an ``(M, K)`` matrix when word ``k % 4`` of
-``philox(seed, m * cdiv(K, 4) + k // 4)``, as Triton's uniform float, is
-``> p``. This module implements the same generator on integer tensors so that
+Philox4x32-10 once per eight consecutive columns of a row and read its 128
+bits as eight 16-bit numbers: element ``(m, k)`` of an ``(M, K)`` matrix is
+kept when 16-bit number ``k % 8`` of ``philox(seed, m * cdiv(K, 8) + k // 8)``
+(the low, then the high half of each word in turn), over ``2**16``, is
+``>= p``. This module implements the same generator on integer tensors so that
 the reference (and anyone else) can reproduce a fused dropout forward and
 backward exactly, on any device, without Triton. The stream is a pure function
 of ``(seed, shape, p)``.
@@ -12,6 +13,7 @@ of ``(seed, shape, p)``.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -22,8 +24,6 @@ _PHILOX_KEY_B = 0xBB67AE85
 _PHILOX_ROUND_A = 0xD2511F53
 _PHILOX_ROUND_B = 0xCD9E8D57
 _PHILOX_ROUNDS = 10
-#: Triton's uint32 -> [0, 1) scale: the largest float with MAX_INT32 * scale < 1.
-_UNIFORM_SCALE = 4.6566127342e-10
 #: Seeds are drawn below 2**31 so that they are the same number in an int32
 #: and an int64 kernel argument.
 SEED_BOUND = 2**31 - 1
@@ -61,18 +61,18 @@ def philox_randint4x(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ..
     return philox4x32(offsets & _U32, (offsets >> 32) & _U32, zero, zero, seed & _U32, (seed >> 32) & _U32)
 
 
-def uint_to_uniform(word: torch.Tensor) -> torch.Tensor:
-    """``tl.uint_to_uniform_float`` in PyTorch: uint32 words (held in int64) to
-    float32 uniforms in [0, 1) (an int32 bitcast, negatives folded with ~x,
-    then scaled in float32)."""
-    folded = torch.where(word >= 2**31, _U32 - word, word)
-    return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=folded.device)
+def keep_threshold(p: float) -> int:
+    """The 16-bit threshold of the mask: ``ceil(p * 2**16)`` with ``p`` rounded
+    to float32 first (the kernels receive it as float32); a 16-bit number
+    ``h`` keeps its element when ``h >= keep_threshold(p)``."""
+    return math.ceil(float(torch.tensor(p, dtype=torch.float32)) * 65536.0)
 
 
-def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """``tl.rand(seed, offsets)`` in PyTorch: the first word of each counter's
-    Philox output as a float32 uniform in [0, 1)."""
-    return uint_to_uniform(philox_randint4x(seed, offsets)[0])
+def halves16(words) -> torch.Tensor:
+    """Philox's four uint32 words (int64 tensors of one shape S) as the eight
+    16-bit numbers the mask reads, shape ``S + (8,)``: the low then the high
+    half of word 0, then of word 1, 2, 3."""
+    return torch.stack([h for w in words for h in (w & 0xFFFF, w >> 16)], dim=-1)
 
 
 def check_seed(seed, name: str = "seed") -> int:
@@ -102,11 +102,12 @@ def draw_seed() -> int:
 def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
     """The boolean keep-mask of shape ``(M, K)`` that the fused kernels use for
     ``seed`` and dropout probability ``p``: element ``(m, k)`` is kept when
-    word ``k % 4`` of ``philox(seed, m * cdiv(K, 4) + k // 4)``, as a uniform
-    float, is ``> p`` (one Philox call per four columns). With ``p == 0``
-    everything is kept (the kernels then draw nothing). For an x of shape
-    ``(..., K)``, ``M`` is the product of the leading dimensions (x flattened
-    row-major).
+    16-bit number ``k % 8`` of ``philox(seed, m * cdiv(K, 8) + k // 8)`` is at
+    least ``ceil(p * 2**16)`` (one Philox call per eight columns, see
+    :func:`halves16`), so an element is kept with probability ``1 - p`` to
+    within ``2**-16``. With ``p == 0`` everything is kept (the kernels then
+    draw nothing). For an x of shape ``(..., K)``, ``M`` is the product of the
+    leading dimensions (x flattened row-major).
     """
     seed = check_seed(seed)
     p = check_dropout_p(p, "p")
@@ -116,7 +117,7 @@ def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
     m, k = (int(d) for d in shape)
     if p == 0.0:
         return torch.ones((m, k), dtype=torch.bool, device=device)
-    groups = -(-k // 4)
+    groups = -(-k // 8)
     counters = torch.arange(m * groups, dtype=torch.int64, device=device).view(m, groups)
-    words = torch.stack(philox_randint4x(seed, counters), dim=-1).view(m, 4 * groups)[:, :k]
-    return uint_to_uniform(words) > torch.tensor(p, dtype=torch.float32, device=device)
+    halves = halves16(philox_randint4x(seed, counters)).view(m, 8 * groups)[:, :k]
+    return halves >= keep_threshold(p)

@@ -90,7 +90,8 @@ def test_roofline_model_matches_the_design_notes(monkeypatch):
     assert 1.25 < mo["speedup_forward"] < 1.45
     assert mo["naive_forward_bytes"] > 3 * mo["fused_forward_bytes"]
     with monkeypatch.context() as patch:
-        patch.setattr(benchmark, "MASK_INT_OPS_PER_ELEMENT", 0)
+        patch.setattr(benchmark, "NAIVE_MASK_INT_OPS_PER_ELEMENT", 0)
+        patch.setattr(benchmark, "FUSED_MASK_INT_OPS_PER_ELEMENT", {"skinny": 0, "dx": 0})
         unpriced = benchmark.model(case)
     assert 1.3 < unpriced["speedup_forward"] < 1.5
     assert mo["speedup_forward+backward"] < unpriced["speedup_forward+backward"]

@@ -1,13 +1,15 @@
 """The dropout mask: one stream shared by the kernels and the PyTorch helper,
 reproducible from the seed, with the right statistics."""
 
+import math
+
 import pytest
 import torch
 import triton
 import triton.language as tl
 
 import fused_lora
-from fused_lora.dropout import philox4x32, philox_randint4x, philox_uniform, uint_to_uniform
+from fused_lora.dropout import halves16, keep_threshold, philox4x32, philox_randint4x
 from fused_lora.kernels.common import keep_mask
 from lora_testing import DEVICE, make_params
 
@@ -29,58 +31,101 @@ def test_philox_known_answers(counter, key, expected):
 
 
 @triton.jit
-def _rand_kernel(u_ptr, keep_ptr, seed, row0, col0, n_cols, p,
+def _rand_kernel(words_ptr, keep_ptr, seed, row0, col0, n_cols, p,
                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_INT64: tl.constexpr):
     rows = row0 + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
     out = tl.arange(0, BLOCK_M)[:, None] * BLOCK_C + cols[None, :]
     offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    tl.store(u_ptr + out, tl.rand(seed, offsets))
+    w0, w1, w2, w3 = tl.randint4x(seed, offsets)
+    n = BLOCK_M * BLOCK_C
+    tl.store(words_ptr + out, w0.to(tl.int64, bitcast=False) & 0xFFFFFFFF)
+    tl.store(words_ptr + n + out, w1.to(tl.int64, bitcast=False) & 0xFFFFFFFF)
+    tl.store(words_ptr + 2 * n + out, w2.to(tl.int64, bitcast=False) & 0xFFFFFFFF)
+    tl.store(words_ptr + 3 * n + out, w3.to(tl.int64, bitcast=False) & 0xFFFFFFFF)
     tl.store(keep_ptr + out, keep_mask(seed, rows, col0, n_cols, p, BLOCK_C, OFFSET_INT64).to(tl.int8))
 
 
 def _keep_by_definition(seed, rows, cols, n_cols, p):
-    """keep(m, c) = uniform(word c % 4 of philox(seed, m * cdiv(n_cols, 4) + c // 4)) > p, element by element."""
-    counters = rows[:, None] * (-(-n_cols // 4)) + cols[None, :] // 4
-    words = torch.stack(philox_randint4x(seed, counters), dim=-1)
-    word = words.gather(-1, (cols % 4).expand_as(counters)[..., None]).squeeze(-1)
-    return uint_to_uniform(word) > p
+    """keep(m, c) = (16-bit number c % 8 of philox(seed, m * cdiv(n_cols, 8) + c // 8)) >= ceil(p * 2**16),
+    the numbers being the low then the high half of each word in turn; element by element."""
+    counters = rows[:, None] * (-(-n_cols // 8)) + cols[None, :] // 8
+    words = philox_randint4x(seed, counters)
+    word = torch.stack(words, dim=-1).gather(-1, (cols // 2 % 4).expand_as(counters)[..., None]).squeeze(-1)
+    half = torch.where((cols % 2 == 0).expand_as(counters), word & 0xFFFF, word >> 16)
+    return half >= math.ceil(float(torch.tensor(p, dtype=torch.float32)) * 2**16)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 - 2, 2**40 + 7])
 @pytest.mark.parametrize("row0, offset_int64", [(0, False), (0, True), (3_000_000_000 // 16, True)])
 @pytest.mark.parametrize("n_cols, col0", [(64, 0), (61, 0), (130, 64), (130, 128)])
-def test_torch_philox_is_the_kernels_stream(seed, row0, offset_int64, n_cols, col0):
-    """tl.rand and keep_mask (as the kernels call them) against the PyTorch
-    implementation, bit for bit, at a ragged row length (groups of four
-    columns straddling its end), a later column tile, and counters past 2**31."""
-    bm, bc, p = 16, 64, 0.3
-    u = torch.empty((bm, bc), dtype=torch.float32, device=DEVICE).fill_(float("nan"))
+@pytest.mark.parametrize("p", [0.3, 0.25, 1 - 2**-17])
+def test_torch_philox_is_the_kernels_stream(seed, row0, offset_int64, n_cols, col0, p):
+    """tl.randint4x and keep_mask (as the kernels call them) against the
+    PyTorch implementation, bit for bit, at a ragged row length (groups of
+    eight columns straddling its end), a later column tile, counters past
+    2**31, and a threshold past the last 16-bit number (nothing kept)."""
+    bm, bc = 16, 64
+    words = torch.full((4, bm, bc), -1, dtype=torch.int64, device=DEVICE)
     keep = torch.full((bm, bc), -1, dtype=torch.int8, device=DEVICE)
-    _rand_kernel[(1,)](u, keep, seed, row0, col0, n_cols, p, BLOCK_M=bm, BLOCK_C=bc, OFFSET_INT64=offset_int64)
+    _rand_kernel[(1,)](words, keep, seed, row0, col0, n_cols, p, BLOCK_M=bm, BLOCK_C=bc, OFFSET_INT64=offset_int64)
     rows = row0 + torch.arange(bm, device=DEVICE)
     offsets = rows[:, None] * n_cols + torch.arange(bc, device=DEVICE)[None, :]
-    assert torch.equal(u, philox_uniform(seed, offsets))
+    for got, want in zip(words, philox_randint4x(seed, offsets)):
+        assert torch.equal(got, want)
     cols = col0 + torch.arange(bc, device=DEVICE)
     valid = cols < n_cols  # the kernels never use the columns past the row's end
     assert valid.any()
-    assert torch.equal(keep.bool()[:, valid], _keep_by_definition(seed, rows, cols, n_cols, p)[:, valid])
+    expected = _keep_by_definition(seed, rows, cols, n_cols, p)[:, valid]
+    assert torch.equal(keep.bool()[:, valid], expected)
+    assert not expected.all() and (expected.any() or p > 0.5)
     if row0 == 0:
         mask = fused_lora.dropout_mask(seed, (bm, n_cols), p, device=DEVICE)
         assert torch.equal(keep.bool()[:, valid], mask[:, cols[valid]])
 
 
-def test_four_columns_share_a_philox_call_but_not_a_word():
-    """The four words of one call are four different numbers (word k % 4 of
-    the call, not the first word four times), and neighbouring rows and calls differ."""
-    seed, n_cols = 7, 13
-    mask_u = uint_to_uniform(torch.stack(philox_randint4x(seed, torch.arange(8)), dim=-1)).view(2, 16)[:, :n_cols]
-    counters = torch.arange(2)[:, None] * 4 + torch.arange(n_cols)[None, :] // 4
-    first_words = uint_to_uniform(philox_randint4x(seed, counters)[0])
-    assert not torch.equal(mask_u, first_words)
-    assert len(set(mask_u.flatten().tolist())) == mask_u.numel()
+@pytest.mark.parametrize("offset, kept", [
+    (0.0, True),  # h / 2**16 >= p with equality: kept
+    (2**-40, True),  # p is float32 in the kernel: this rounds away, still kept
+    (2**-20, False),  # past h / 2**16 in float32: dropped
+])
+def test_kernel_threshold_at_the_boundary(offset, kept):
+    """keep_mask compares the 16-bit numbers with ceil(p * 2**16), p in
+    float32, exactly where a number of the stream sits on the threshold."""
+    seed, bm, bc = 5, 16, 64
+    rows = torch.arange(bm, device=DEVICE)
+    halves = halves16(philox_randint4x(seed, rows[:, None] * (bc // 8) + torch.arange(bc // 8)[None, :]))
+    halves = halves.view(bm, bc)
+    h0 = int(halves[3, 11])
+    p = h0 / 2**16 + offset
+    keep = torch.full((bm, bc), -1, dtype=torch.int8, device=DEVICE)
+    words = torch.empty((4, bm, bc), dtype=torch.int64, device=DEVICE)
+    _rand_kernel[(1,)](words, keep, seed, 0, 0, bc, p, BLOCK_M=bm, BLOCK_C=bc, OFFSET_INT64=False)
+    assert bool(keep[3, 11]) == kept
+    assert torch.equal(keep.bool(), halves >= keep_threshold(p))
+
+
+def test_keep_threshold():
+    assert keep_threshold(0.25) == 16384  # on a multiple of 2**-16: keep probability exactly 0.75
+    assert keep_threshold(0.1) == 6554  # ceil(6553.6...)
+    assert keep_threshold(0.25 + 1e-12) == 16384  # rounded to float32 first, as the kernels see it
+    assert keep_threshold(0.25 + 2**-20) == 16385
+    assert keep_threshold(1 - 2**-17) == 65536  # no 16-bit number reaches it: nothing kept
+    assert not fused_lora.dropout_mask(3, (4, 40), 1 - 2**-17).any()
+    assert keep_threshold(0.0) == 0
+
+
+def test_eight_columns_share_a_philox_call_but_not_a_number():
+    """The eight 16-bit numbers of one call are eight different numbers (the
+    low then high half of each of the four words, not one word eight times),
+    and neighbouring rows and calls differ."""
+    seed, n_cols = 7, 21
+    halves = halves16(philox_randint4x(seed, torch.arange(6))).view(2, 24)[:, :n_cols]
+    assert torch.equal(halves[0, :8], torch.stack([h for w in philox_randint4x(seed, torch.tensor([0]))
+                                                    for h in (w & 0xFFFF, w >> 16)]).flatten())
+    assert len(set(halves.flatten().tolist())) == halves.numel()
     for p in (0.1, 0.5, 0.9):
-        assert torch.equal(fused_lora.dropout_mask(seed, (2, n_cols), p), mask_u > p)
+        assert torch.equal(fused_lora.dropout_mask(seed, (2, n_cols), p), halves >= keep_threshold(p))
 
 
 def test_dropout_mask_statistics_and_reproducibility():
