@@ -40,6 +40,7 @@ class Job:
     even_k: bool = True  # K (gemm) or C (skinny) a multiple of its block; False compiles the masked tail
     split_k: bool = False  # a split-K partial: fp32 output into the (S, M, N) workspace
     tma: bool = False  # A and B tiles through tensor descriptors (TMA)
+    even_r: bool = True  # r a multiple of the rank tile; False compiles the masked rank (r = half the tile)
 
 
 @dataclass
@@ -68,9 +69,11 @@ _TORCH_OF = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True, split_k: bool = False,
-               tma: bool = False) -> dict:
-    """Argument values of lora_gemm_kernel for one pass, as the launcher passes them."""
+               tma: bool = False, even_r: bool = True) -> dict:
+    """Argument values of lora_gemm_kernel for one pass, as the launcher passes them
+    (``even_r=False``: a rank of half the rank tile, e.g. r = 8 in a 16 tile)."""
     s = SHAPE
+    r = block_r if even_r else block_r // 2
     low_rank = {"forward_in_loop": 2, "forward_split": 1, "dx": 1, "dx_dropout": 1, "dw": 0}[variant]
     # With TMA: forward reads Wᵀ through W's descriptor (B_T), dW reads dyᵀ through dy's (A_T).
     a_t, b_t = tma and variant == "dw", tma and variant.startswith("forward")
@@ -81,33 +84,38 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         b_desc=f"tensordesc<{dtype}[{', '.join(map(str, [bn, bk] if b_t else [bk, bn]))}]>" if tma else None,
         bias_ptr=f"*{dtype}", u_ptr="*fp32", s_ptr=f"*{dtype}",
         v_ptr=f"*{dtype}", c_ptr="*fp32" if split_k else f"*{dtype}", xa_ptr="*fp32",
-        M=s, N=s, K=s, R=block_r, k_blocks_per_split=s // 4 // cfg.block_k if split_k else s // cfg.block_k,
+        M=s, N=s, K=s, R=r, k_blocks_per_split=s // 4 // cfg.block_k if split_k else s // cfg.block_k,
         # forward: x (M,K) row-major; b = Wᵀ (strides 1, K); s = Aᵀ; v = Bᵀ
         stride_am=s, stride_ak=1,
         stride_bk=1 if variant.startswith("forward") else s, stride_bn=s if variant.startswith("forward") else 1,
-        stride_bias=1, stride_um=block_r, stride_ur=1, stride_sk=1, stride_sr=s,
-        stride_vr=1 if variant.startswith("forward") else s, stride_vn=block_r if variant.startswith("forward") else 1,
-        stride_cm=s, stride_cn=1, stride_cs16=s * s // 16 if split_k else 0, stride_xam=block_r, stride_xar=1,
+        stride_bias=1, stride_um=r, stride_ur=1, stride_sk=1, stride_sr=s,
+        stride_vr=1 if variant.startswith("forward") else s, stride_vn=r if variant.startswith("forward") else 1,
+        stride_cm=s, stride_cn=1, stride_cs16=s * s // 16 if split_k else 0, stride_xam=r, stride_xar=1,
         lr_scale=1.0, p=0.1, seed=12345,
         HAS_BIAS=variant.startswith("forward"), LOW_RANK=low_rank, LR_DROPOUT=variant == "dx_dropout",
-        OFFSET_INT64=False, UPCAST=False, INPUT_PRECISION="ieee", EVEN_K=even_k, TMA=tma, A_T=a_t, B_T=b_t,
+        OFFSET_INT64=False, UPCAST=False, INPUT_PRECISION="ieee", EVEN_K=even_k, EVEN_R=even_r and low_rank != 2, TMA=tma,
+        A_T=a_t, B_T=b_t,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m,
     )
 
 
-def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = True) -> dict:
+def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = True, even_r: bool = True) -> dict:
+    """Argument values of lora_skinny_kernel for one pass, as the launcher passes them."""
     s = SHAPE
+    r = block_r if even_r else block_r // 2
     shrink = variant in ("forward_shrink", "dy_pass")
     tn = variant in ("dy_pass", "dA_pass")
     return dict(
         t_ptr=f"*{dtype}", s_ptr=f"*{dtype}", l_ptr="*fp32", sh_ptr="*fp32", tn_ptr="*fp32", cs_ptr="*fp32",
-        M=s, C=s, R=block_r, m_start=0, m_end=s, rows_per_prog=cfg.block_m, c_tiles_per_prog=s // 2 // cfg.block_c,
-        stride_tm=s, stride_tc=1, stride_sc=1, stride_sr=s, stride_lm=block_r, stride_lr=1,
-        stride_shp=s * block_r, stride_shm=block_r, stride_shr=1,
-        stride_tnp=s * block_r, stride_tnc=block_r, stride_tnr=1, stride_csp=s,
+        M=s, C=s, R=r, m_start=0, m_end=s, rows_per_prog=cfg.block_m, c_tiles_per_prog=s // 2 // cfg.block_c,
+        # S: forward Aᵀ (strides 1, K), dy pass B (strides r, 1)
+        stride_tm=s, stride_tc=1, stride_sc=r if variant == "dy_pass" else 1,
+        stride_sr=1 if variant == "dy_pass" else s, stride_lm=r, stride_lr=1,
+        stride_shp=s * r, stride_shm=r, stride_shr=1,
+        stride_tnp=s * r, stride_tnc=r, stride_tnr=1, stride_csp=s,
         sh_scale=1.0, tn_scale=1.0, p=0.1, seed=12345,
         SHRINK=shrink, TN=tn, COLSUM=variant == "dy_pass", DROPOUT=variant != "dy_pass",
-        OFFSET_INT64=False, UPCAST=False, EVEN_C=even_c, INPUT_PRECISION="ieee",
+        OFFSET_INT64=False, UPCAST=False, EVEN_C=even_c, EVEN_R=even_r, INPUT_PRECISION="ieee",
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_R=block_r,
     )
 
@@ -189,17 +197,18 @@ def compile_job(job: Job) -> Result:
     from fused_lora.kernels import configs, gemm, skinny
 
     tail = "+k_tail" if job.kernel == "gemm" else "+c_tail"
-    res = Result(job.kernel, job.pass_name + ("" if job.even_k else tail) + ("+split_k" if job.split_k else "")
-                 + ("+tma" if job.tma else ""), job.dtype, job.arch, job.config, job.block_r)
+    res = Result(job.kernel, job.pass_name + ("" if job.even_k else tail) + ("" if job.even_r else "+r_tail")
+                 + ("+split_k" if job.split_k else "") + ("+tma" if job.tma else ""),
+                 job.dtype, job.arch, job.config, job.block_r)
     try:
         if job.kernel == "gemm":
             cfg = configs.GemmConfig(**job.config)
             fn, values = gemm.lora_gemm_kernel, _gemm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
-                                                           job.split_k, job.tma)
+                                                           job.split_k, job.tma, job.even_r)
         elif job.kernel == "skinny":
             cfg = configs.SkinnyConfig(**job.config)
             fn, values = skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r,
-                                                                 job.even_k)
+                                                                 job.even_k, job.even_r)
         else:
             cfg = None
             fn, values = skinny.reduce_partials_kernel, _reduce_args(job.dtype, cfg, job.pass_name, job.block_r)
@@ -249,8 +258,10 @@ def jobs_for(arch: int) -> list[Job]:
                 jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r))
                 if cfg is pool[0] or (mask and cfg is configs.gemm_candidates(elt, block_r, in_loop, mask,
                                                                               arch=arch)[0]):
-                    # the masked K tail (K not a multiple of BLOCK_K), on the largest tile of each pass
+                    # the masked K tail (K not a multiple of BLOCK_K), and a rank below its tile
+                    # (r = 8 in a 16 tile), on the largest tile of each pass
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, even_k=False))
+                    jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, even_r=False))
         # Split-K partials (fp32 stores into the workspace), on the tiles the
         # heuristic picks where it splits: small M, forward and masked dx.
         for pass_name, in_loop, mask in (("forward_split", False, False), ("dx_dropout", False, True)):
@@ -273,8 +284,9 @@ def jobs_for(arch: int) -> list[Job]:
             for pass_name in ("forward_shrink", "dy_pass", "dA_pass"):
                 for block_r in sorted({16, cfg.max_block_r}):
                     jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, block_r))
-                # the masked column tail (C not a multiple of BLOCK_C)
+                # the masked column tail (C not a multiple of BLOCK_C), a rank below its tile
                 jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, 16, even_k=False))
+                jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, even_r=False))
         for pass_name in ("reduce", "accumulate"):
             jobs.append(Job("reduce", pass_name, dtype, {"num_warps": 4, "num_stages": 1}, arch))
     return jobs
@@ -330,7 +342,7 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
             out.append(f"{tag}: no wgmma on sm_{r.arch}")
         if r.kernel == "gemm" and r.pass_name.endswith("+tma") and not r.tma:
             out.append(f"{tag}: a TMA variant without TMA copies")
-        if r.kernel == "skinny" and not r.pass_name.endswith("_tail") and (r.load_bytes or 0) < 16:
+        if r.kernel == "skinny" and "_tail" not in r.pass_name and (r.load_bytes or 0) < 16:
             # the memory-bound passes must stream their wide operand in 16-byte vectors
             out.append(f"{tag}: widest global load {r.load_bytes} bytes, expected 16-byte vectors")
     return out

@@ -81,6 +81,17 @@ def keep_mask(seed, rows, col0, n_cols, p, BLOCK_COLS: tl.constexpr, OFFSET_INT6
 
 
 @triton.jit
+def in_bounds(offs, limit, EVEN: tl.constexpr):
+    """``offs < limit``, or all True when ``EVEN`` (the launcher knows the
+    bound is a whole number of blocks). A mask of unknown granularity along a
+    contiguous dimension makes the compiler load element by element; a
+    constant one keeps the loads 16-byte vectors."""
+    if EVEN:
+        return tl.full(offs.shape, True, tl.int1)
+    return offs < limit
+
+
+@triton.jit
 def load_operand(ptrs, mask, UPCAST: tl.constexpr):
     """Tile load, with zeros outside ``mask`` (``None``: unmasked). ``UPCAST``
     widens the tile to float32 at once: the interpreter computes bf16 dots and

@@ -155,15 +155,15 @@ _GEMM_CANDIDATES_FP32 = (
 )
 
 # Measured with the compile report on sm_90, with Triton 3.6 and 3.9: no
-# spills at every pass, rank tile and column tail (8 warps so that each thread
-# draws fewer Philox numbers). fp32 (rare on a GPU, where it defaults to the
-# hybrid strategy): of 24 tilings surveyed (16/32/64 rows, 64/128 columns, 4/8
-# warps, rank tile 16/32), 16 x 128 on 8 warps is spill-free at both rank
-# tiles on both versions (at most 167 registers); 16 x 64, the previous
-# choice, spills 8-24 bytes in the dA pass since the mask draws eight columns
-# a call.
+# spills at every pass, rank tile and column or rank tail (8 warps so that
+# each thread draws fewer Philox numbers). fp32 (rare on a GPU, where it
+# defaults to the hybrid strategy): of ten tilings surveyed (16/32/64 rows,
+# 64/128 columns, 4/8 warps, rank tile 16/32; the dy pass reading B (N, r)),
+# 16 x 128 on 8 warps with a 16-column rank tile and 16 x 64 on 4 warps are
+# spill-free everywhere on both versions; the rest spill 12-180 bytes in
+# some pass.
 SKINNY_16BIT = SkinnyConfig(block_m=64, block_c=128, num_warps=8, num_stages=2, max_block_r=64)
-SKINNY_FP32 = SkinnyConfig(block_m=16, block_c=128, num_warps=8, num_stages=2, max_block_r=32)
+SKINNY_FP32 = SkinnyConfig(block_m=16, block_c=128, num_warps=8, num_stages=2, max_block_r=16)
 
 
 #: A dropout mask in the GEMM epilogue (the dx pass) draws Philox numbers for

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import alloc, is_interpreted, keep_mask, load_operand
+from .common import alloc, in_bounds, is_interpreted, keep_mask, load_operand
 from .configs import GEMM_LR_MAX_BLOCK_R, GemmConfig, block_r_for
 from .skinny import reduce_partials
 
@@ -93,6 +93,7 @@ def lora_gemm_kernel(
     UPCAST: tl.constexpr,  # interpreter + bf16: compute on fp32 tiles
     INPUT_PRECISION: tl.constexpr,  # fp32 dots: "ieee" or "tf32"
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masked tail in the K loop
+    EVEN_R: tl.constexpr,  # R % BLOCK_R == 0: no rank mask (vector loads of the low-rank factors)
     TMA: tl.constexpr,  # A and B tiles through tensor descriptors (Hopper TMA; zero fill outside)
     A_T: tl.constexpr, B_T: tl.constexpr,  # the descriptor describes the transposed operand
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -155,7 +156,7 @@ def lora_gemm_kernel(
             keep = keep_mask(seed, offs_m, pid_n * BLOCK_N, N, p, BLOCK_N, OFFSET_INT64)
         if pid_k == 0:
             for r0 in range(0, R, BLOCK_R):
-                r_in = offs_r < R - r0
+                r_in = in_bounds(offs_r, R - r0, EVEN_R)
                 u = tl.load(u_ptr + rows[:, None] * stride_um + (r0 + offs_r)[None, :] * stride_ur,
                             mask=r_in[None, :], other=0.0)
                 v = load_operand(v_ptr + (r0 + offs_r)[:, None] * stride_vr + cols[None, :] * stride_vn,
@@ -175,6 +176,7 @@ def lora_gemm_kernel(
     if LOW_RANK == 2:  # (never split: the launcher runs the in-loop shrink with S = 1)
         s_ptrs = s_ptr + offs_k[:, None] * stride_sk + offs_r[None, :] * stride_sr
         xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        r_in = in_bounds(offs_r, R, EVEN_R)
     for k0 in range(0, k_len, BLOCK_K):
         if not EVEN_K:
             k_in = offs_k < k_len - k0
@@ -189,7 +191,7 @@ def lora_gemm_kernel(
             b = load_operand(b_ptrs, k_in[:, None], UPCAST)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if LOW_RANK == 2:
-            s_mask = (offs_r < R)[None, :]
+            s_mask = r_in[None, :]
             if not EVEN_K:
                 s_mask = s_mask & k_in[:, None]
             s = load_operand(s_ptrs, s_mask, UPCAST)
@@ -201,12 +203,12 @@ def lora_gemm_kernel(
     if LOW_RANK == 2:
         # Clear the padded rank columns: x·0 is NaN where x is ±Inf, and
         # that NaN must not reach the real columns through the next dot.
-        xa = tl.where((offs_r < R)[None, :], xa, 0.0)
+        xa = tl.where(r_in[None, :], xa, 0.0)
         if pid_n == 0:
             xa_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + offs_r[None, :] * stride_xar
-            tl.store(xa_ptrs, xa, mask=mask_m[:, None] & (offs_r < R)[None, :])
+            tl.store(xa_ptrs, xa, mask=mask_m[:, None] & r_in[None, :])
         v = load_operand(v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn,
-                         (offs_r < R)[:, None], UPCAST)
+                         r_in[:, None], UPCAST)
         acc = tl.dot((xa * lr_scale).to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
@@ -317,6 +319,10 @@ def lora_gemm(
         UPCAST=is_interpreted(lora_gemm_kernel) and a.dtype == torch.bfloat16,
         INPUT_PRECISION=input_precision,
         EVEN_K=K % config.block_k == 0,
+        # (The in-loop shrink reads its rank factor along K, where the rank
+        # mask costs no vector width; Triton 3.9 spilled 8 B on the 16x64 fp32
+        # tile with the flag on: compile report.)
+        EVEN_R=r % block_r == 0 and low_rank != LOW_RANK_IN_LOOP,
         TMA=descs is not None, A_T=a_t, B_T=b_t,
         BLOCK_R=block_r,
         **config.launch_kwargs(),

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import alloc, is_interpreted, keep_mask, load_operand
+from .common import alloc, in_bounds, is_interpreted, keep_mask, load_operand
 from .configs import (
     REDUCE_BLOCK,
     SKINNY_PARTIAL_BYTES,
@@ -67,6 +67,7 @@ def lora_skinny_kernel(
     SHRINK: tl.constexpr, TN: tl.constexpr, COLSUM: tl.constexpr,
     DROPOUT: tl.constexpr, OFFSET_INT64: tl.constexpr, UPCAST: tl.constexpr,
     EVEN_C: tl.constexpr,  # C % BLOCK_C == 0: no column mask (vector loads)
+    EVEN_R: tl.constexpr,  # R % BLOCK_R == 0: no rank mask (vector loads of S and L)
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -83,17 +84,14 @@ def lora_skinny_kernel(
     c_lo = pid_c * (c_tiles_per_prog * BLOCK_C)
     c_hi = min(c_lo + c_tiles_per_prog * BLOCK_C, C)
     offs_r = tl.arange(0, BLOCK_R)
-    r_in = offs_r < R
+    r_in = in_bounds(offs_r, R, EVEN_R)
 
     if SHRINK:
         # One row tile per program (the launcher guarantees rows_per_prog == BLOCK_M).
         sh_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for c0 in range(c_lo, c_hi, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        if EVEN_C:
-            c_in = tl.full((BLOCK_C,), True, tl.int1)
-        else:
-            c_in = offs_c < c_hi
+        c_in = in_bounds(offs_c, c_hi, EVEN_C)
         if TN:
             tn_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         if COLSUM:
@@ -175,6 +173,7 @@ def _launch(t, s, l, sh, tn, cs, m_start, m_end, rows_per_prog, cols_per_prog, g
             tn_scale, dropout_p, seed, config, input_precision):
     M, C = t.shape
     r = (s if s is not None else l).shape[1]
+    block_r = block_r_for(r, config.max_block_r)
     dummy = t
     lora_skinny_kernel[grid](
         t, s if s is not None else dummy, l if l is not None else dummy,
@@ -192,8 +191,9 @@ def _launch(t, s, l, sh, tn, cs, m_start, m_end, rows_per_prog, cols_per_prog, g
         OFFSET_INT64=M * C >= 2**31,
         UPCAST=is_interpreted(lora_skinny_kernel) and t.dtype == torch.bfloat16,
         EVEN_C=C % config.block_c == 0,
+        EVEN_R=r % block_r == 0,
         INPUT_PRECISION=input_precision,
-        BLOCK_R=block_r_for(r, config.max_block_r),
+        BLOCK_R=block_r,
         **config.launch_kwargs(),
     )
 

@@ -27,6 +27,11 @@ def test_report_covers_every_shipped_config(sm90):
     passes = {(r.kernel, r.pass_name) for r in sm90}
     assert {("gemm", p) for p in ("forward_in_loop", "forward_split", "dx", "dx_dropout", "dw")} <= passes
     assert {("skinny", p) for p in ("forward_shrink", "dy_pass", "dA_pass")} <= passes
+    # masked tails: K (GEMM), columns (skinny), a rank below its tile (both)
+    assert {("gemm", p + tail) for p in ("forward_split", "dx", "dx_dropout", "dw")
+            for tail in ("+k_tail", "+r_tail")} <= passes
+    assert {("skinny", p + tail) for p in ("forward_shrink", "dy_pass", "dA_pass")
+            for tail in ("+c_tail", "+r_tail")} <= passes
     # split-K partials and TMA loads (every 16-bit tile, each pass that uses it)
     assert {("gemm", p + "+split_k") for p in ("forward_split", "dx_dropout")} <= passes
     tma = {(r.pass_name, r.dtype, tuple(sorted(r.config.items()))) for r in sm90 if r.pass_name.endswith("+tma")}
