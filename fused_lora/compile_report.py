@@ -122,8 +122,9 @@ def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = Tru
 
 def _reduce_args(dtype: str, cfg, variant: str, block_r: int) -> dict:
     from fused_lora.kernels import configs
-    return dict(part_ptr="*fp32", acc_ptr="*fp32", out_ptr=f"*{dtype}", P=64, numel=SHAPE * 16, stride_p=SHAPE * 16,
-                HAS_ACC=variant == "accumulate", BLOCK=configs.REDUCE_BLOCK)
+    even = not variant.endswith("_tail")
+    return dict(part_ptr="*fp32", acc_ptr="*fp32", out_ptr=f"*{dtype}", P=64, numel=SHAPE * 16 if even else SHAPE * 15,
+                stride_p=SHAPE * 16, HAS_ACC=variant.startswith("accumulate"), EVEN=even, BLOCK=configs.REDUCE_BLOCK)
 
 
 def _ast_source(fn, values: dict):
@@ -287,7 +288,7 @@ def jobs_for(arch: int) -> list[Job]:
                 # the masked column tail (C not a multiple of BLOCK_C), a rank below its tile
                 jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, 16, even_k=False))
                 jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, even_r=False))
-        for pass_name in ("reduce", "accumulate"):
+        for pass_name in ("reduce", "accumulate", "reduce+n_tail", "accumulate+n_tail"):
             jobs.append(Job("reduce", pass_name, dtype, {"num_warps": 4, "num_stages": 1}, arch))
     return jobs
 
@@ -320,8 +321,8 @@ def run(archs=(90, 80), jobs: int = 1, progress=None) -> list[Result]:
 def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
     """What a CI check rejects: a compile error (any arch); on sm_90, the
     target, also shared memory over the limit, a spill, a 16-bit GEMM
-    without wgmma, a TMA variant without TMA copies, or a skinny pass (no
-    column tail) without 16-byte loads. Other archs' spills are in the table,
+    without wgmma, a TMA variant without TMA copies, or a skinny pass or
+    reduction (no tail) without 16-byte loads. Other archs' spills are in the table,
     not rejected."""
     from fused_lora.kernels import configs
 
@@ -342,7 +343,7 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
             out.append(f"{tag}: no wgmma on sm_{r.arch}")
         if r.kernel == "gemm" and r.pass_name.endswith("+tma") and not r.tma:
             out.append(f"{tag}: a TMA variant without TMA copies")
-        if r.kernel == "skinny" and "_tail" not in r.pass_name and (r.load_bytes or 0) < 16:
+        if r.kernel in ("skinny", "reduce") and "_tail" not in r.pass_name and (r.load_bytes or 0) < 16:
             # the memory-bound passes must stream their wide operand in 16-byte vectors
             out.append(f"{tag}: widest global load {r.load_bytes} bytes, expected 16-byte vectors")
     return out

@@ -129,25 +129,28 @@ def lora_skinny_kernel(
         tl.store(sh_ptrs, sh_acc * sh_scale, mask=(offs_m < m_hi)[:, None] & r_in[None, :])
 
 
-@triton.jit(do_not_specialize=["P", "numel", "stride_p"])
+# stride_p is specialised (its divisibility by 16 lets the partial loads be
+# 16-byte vectors; the split-K workspace pads every partial to 16 elements).
+@triton.jit(do_not_specialize=["P", "numel"])
 def reduce_partials_kernel(
     part_ptr,  # (P, numel) fp32, contiguous rows, stride_p elements apart
     acc_ptr,  # (numel,) fp32 running sum to add to when HAS_ACC
     out_ptr,  # (numel,) output, any float dtype
     P, numel, stride_p,
     HAS_ACC: tl.constexpr,
+    EVEN: tl.constexpr,  # numel % BLOCK == 0: no mask (vector loads and stores)
     BLOCK: tl.constexpr,
 ):
     """out = acc + Σ_p part[p], summed in order p = 0, 1, ... (deterministic)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
+    mask = None if EVEN else offs < numel
     if HAS_ACC:
-        total = tl.load(acc_ptr + offs, mask=mask, other=0.0)
+        total = load_operand(acc_ptr + offs, mask, False)
     else:
         total = tl.zeros((BLOCK,), dtype=tl.float32)
     ptrs = part_ptr + offs
     for _ in range(0, P):
-        total += tl.load(ptrs, mask=mask, other=0.0)
+        total += load_operand(ptrs, mask, False)
         ptrs += stride_p  # pointer arithmetic: 64-bit, whatever P * numel is
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -165,7 +168,7 @@ def reduce_partials(parts: torch.Tensor, out: torch.Tensor, acc: torch.Tensor | 
     grid = (triton.cdiv(numel, REDUCE_BLOCK),)
     reduce_partials_kernel[grid](parts, acc if acc is not None else parts, out, parts.shape[0], numel,
                                  parts.stride(0),
-                                 HAS_ACC=acc is not None, BLOCK=REDUCE_BLOCK)
+                                 HAS_ACC=acc is not None, EVEN=numel % REDUCE_BLOCK == 0, BLOCK=REDUCE_BLOCK)
     return out
 
 

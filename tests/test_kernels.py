@@ -67,20 +67,27 @@ def test_skinny_pass_ranks_above_one_tile():
     assert_close(cs, t.double().sum(0), torch.float32, "colsum")
 
 
-def test_reduce_partials_is_ordered_and_accumulates():
-    parts = torch.randn(7, 3, 1500, device=DEVICE)
-    out = torch.empty(3, 1500, device=DEVICE, dtype=torch.float16)
+@pytest.mark.parametrize("n, gap", [(1500, 0), (1024, 0), (1024, 16)])  # a tail; whole blocks; spaced partials
+def test_reduce_partials_is_ordered_and_accumulates(n, gap):
+    """Whole blocks take the unmasked (vector) path: 3 x 1024 is three of them."""
+    assert ((3 * n) % configs.REDUCE_BLOCK == 0) == (n == 1024)
+    slab = torch.randn(7, 3 * n + gap, device=DEVICE)
+    parts = slab[:, :3 * n].view(7, 3, n)  # partials gap elements further apart than their size
+    out = torch.full((3, n), float("nan"), device=DEVICE, dtype=torch.float16)
     skinny.reduce_partials(parts, out)
     expected = parts[0].clone()
     for i in range(1, 7):  # the kernel's order: p = 0, 1, 2, ...
         expected += parts[i]
     assert torch.equal(out, expected.half())
-    acc = torch.randn(3, 1500, device=DEVICE)
-    out32 = torch.empty(3, 1500, device=DEVICE)
+    acc = torch.randn(3, n, device=DEVICE)
+    out32 = torch.full((3, n), float("nan"), device=DEVICE)
     skinny.reduce_partials(parts, out32, acc)
-    torch.testing.assert_close(out32, acc + parts.sum(0), rtol=1e-6, atol=1e-5)
+    expected = acc.clone()
+    for i in range(7):
+        expected += parts[i]
+    assert torch.equal(out32, expected)
     with pytest.raises(ValueError, match="do not match"):
-        skinny.reduce_partials(parts, torch.empty(2, 1500, device=DEVICE))
+        skinny.reduce_partials(parts, torch.empty(2, n, device=DEVICE))
 
 
 def test_gemm_contract():
