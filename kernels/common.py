@@ -54,9 +54,10 @@ def keep_mask(seed, rows, col0, n_cols, p, BLOCK_COLS: tl.constexpr, OFFSET_INT6
     bound by it rather than by memory: a call per element (``tl.rand``) throws
     7/8 of its bits away. Measured in sm_90 SASS (Triton 3.9, compile report
     shapes) over the same kernel without dropout, per element: the forward
-    shrink +54 instructions with ``tl.rand``, +22 with a 32-bit uniform per
-    word (four columns a call), +13.5 with this; the dx GEMM's epilogue +21.4
-    with four columns a call, +17.4 with this.
+    shrink +22 instructions with a 32-bit uniform per word (four columns a
+    call), +13.5 with this; the dx GEMM's epilogue +21.4 with four columns a
+    call, +17.4 with this. (``tl.rand`` cost +54 in an earlier build of the
+    forward shrink.)
 
     This is the one definition of the mask; :func:`fused_lora.dropout_mask`
     reproduces it bit for bit in PyTorch. ``OFFSET_INT64`` must be set when
