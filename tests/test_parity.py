@@ -47,6 +47,10 @@ CASES = [
     # M >= 256: the interpreter's wide tiles (what training batches use)
     ((2, 150),    96,  80,  16,  F32,  True,  0.2,  "split",   "contiguous", True),
     ((300,),      70,  130, 8,   F16,  False, 0.0,  "in_loop", "strided",    False),
+    # every dimension a whole number of the CUDA tiles (128 columns, BLOCK_K 64, rank tile 16/64):
+    # the unmasked vector-load paths (EVEN_C, EVEN_K, EVEN_R) that real model shapes take on a GPU
+    ((2, 136),    256, 384, 16,  BF16, True,  0.1,  "split",   "contiguous", True),
+    ((256,),      128, 256, 64,  F16,  False, 0.15, "split",   "contiguous", False),
 ]
 
 
