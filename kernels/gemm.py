@@ -149,9 +149,10 @@ def lora_gemm_kernel(
         # through the mask too: keeping the mask outside this branch is what
         # keeps the 128x128 dropout epilogue from spilling, compile report).
         # The mask is drawn before the low-rank dot, while no accumulator is
-        # live (compile report, 128x128 on 8 warps: 168 registers, against
-        # about 195 when drawn after it; with a Philox call per element, drawn
-        # after it, Triton 3.6's code spilled 1.7 KB).
+        # live (compile report, 128x128 on 8 warps, four columns a Philox
+        # call: 168 registers, against about 195 when drawn after it; with a
+        # call per element, drawn after it, Triton 3.6's code spilled 1.7 KB.
+        # Eight columns a call: 184 on Triton 3.6 and 3.9, no spill).
         if LR_DROPOUT:
             keep = keep_mask(seed, offs_m, pid_n * BLOCK_N, N, p, BLOCK_N, OFFSET_INT64)
         if pid_k == 0:
