@@ -21,6 +21,9 @@ runs the step on several independent copies of x and the weights, together
 more than twice the L2 cache, and reports the time per step, so small problems
 are not served from cache (do_bench also flushes L2 between rounds). Peak
 memory is the extra ``torch.cuda.max_memory_allocated`` of one forward+backward.
+On a preset's ``profile_cases`` the ``fused`` forward+backward step is also
+profiled once, kernel by kernel (torch.profiler's device times, launch order):
+where the time goes, pass by pass, beside the roofline model's guess.
 
 Without a GPU the harness runs its *smoke* preset: tiny shapes through
 Triton's CPU interpreter, checking that every provider runs and agrees; its
@@ -109,6 +112,8 @@ class Measurement:
     peak_mem_bytes: int | None = None
     max_error: float | None = None  # |provider - naive| / max|naive| at p = 0, forward
     note: str = ""
+    #: GPU kernels of one step in launch order, [name, µs] (``fused``, forward+backward, profile cases)
+    kernels: list | None = None
 
 
 @dataclass
@@ -121,6 +126,8 @@ class Preset:
     compiled_cases: tuple | None = None
     #: cases on which every forced strategy (VARIANT_PROVIDERS) is timed too
     variant_cases: tuple = ()
+    #: cases whose ``fused`` forward+backward step is also profiled kernel by kernel (GPU only)
+    profile_cases: tuple = ()
 
 
 def _grid(ms, shapes, ranks, dropouts, dtypes):
@@ -148,6 +155,7 @@ def presets() -> dict[str, Preset]:
             + _grid([4096], [(4096, 14336)], [16], [0.0, 0.1], ["bfloat16"])
             + _grid([4096], [(4096, 4096)], [64], [0.0, 0.1], ["bfloat16"]),
             compiled_cases=(headline,),
+            profile_cases=(headline, dataclasses.replace(headline, dropout=0.1), Case(16, 4096, 4096, 16)),
             variant_cases=(headline, dataclasses.replace(headline, dropout=0.1), Case(16, 4096, 4096, 16),
                             Case(16, 4096, 4096, 16, dropout=0.1), Case(4096, 4096, 14336, 16),
                             Case(4096, 4096, 4096, 64))),
@@ -303,6 +311,26 @@ def time_cpu(step, reps: int = 3) -> tuple[list[float], str]:
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return [statistics.median(times), times[0], times[-1]], "cpu wall clock (interpreter: not a speed measurement)"
+
+
+def kernel_timeline(step) -> list | None:
+    """The GPU kernels (and device memsets/copies) one call of ``step``
+    launches, in launch order, as ``[name, µs]`` pairs from torch.profiler's
+    CUDA activity: where a step's time goes, pass by pass. None without CUDA
+    or when the profiler reports no device events."""
+    if not torch.cuda.is_available():
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    step()  # compiled and warm before the profiled call
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if getattr(e, "device_type", None) == DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    return [[e.name[:80], round(e.time_range.elapsed_us(), 2)] for e in events] or None
 
 
 def peak_memory(step) -> int | None:
@@ -511,6 +539,12 @@ def run_preset(preset: Preset, device, progress=None, deadline: float | None = N
                         if mode == "forward+backward":
                             with variant_context(provider):
                                 meas.peak_mem_bytes = peak_memory(steps[0])
+                        if on_gpu and provider == "fused" and mode == "forward+backward" \
+                                and case in preset.profile_cases:
+                            try:
+                                meas.kernels = kernel_timeline(steps[0])
+                            except Exception as exc:  # the timing stands; say why the breakdown is missing
+                                meas.note = f"profile failed: {type(exc).__name__}: {exc}"
                     except Exception as exc:
                         meas.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 results.append(meas)
@@ -577,6 +611,7 @@ def markdown(results: list[Measurement], env: dict, preset: Preset) -> str:
             f"{_fmt(row['speedup_vs_naive'], '.2f')} | {_fmt(row['fused_over_base'], '.2f')} | "
             f"{_fmt(row['speedup_vs_unsloth_style'], '.2f')} | {mem} |")
     lines += strategy_table(results, env.get("gpu_arch", "sm_90") if on_gpu else "interpreter")
+    lines += kernel_table(results, env.get("gpu_arch", "sm_90") if on_gpu else "interpreter")
     notes = sorted({f"{m.provider} @ {m.case.label()}: {m.note}" for m in results
                     if m.note and not m.note.startswith(("N/A", "not in"))})
     if notes:
@@ -616,6 +651,25 @@ def strategy_table(results: list[Measurement], target: str) -> list[str]:
         lines.append(f"| {row['case'].label()} | {row['mode']} | {default} ({_fmt(row.get('fused'))}) | "
                      + " | ".join(_fmt(row.get(p)) for p in VARIANT_PROVIDERS)
                      + f" | {best or '—'} | {_fmt(_ratio(row.get('fused'), timed.get(best)), '.2f')} |")
+    return lines
+
+
+def kernel_table(results: list[Measurement], target: str) -> list[str]:
+    """Markdown lines: each profiled step's kernels in launch order, with their
+    share of the kernel time (empty if nothing was profiled)."""
+    profiled = [m for m in results if m.kernels]
+    if not profiled:
+        return []
+    lines = ["", "### Where the time goes: `fused` forward+backward, kernel by kernel", "",
+             "One step after warm-up, device times from torch.profiler (launch order; the passes are in "
+             "`fused_lora.explain`). `kernel total` below the step's median time is host and launch time "
+             "the GPU spends idle."]
+    for m in profiled:
+        total = sum(us for _, us in m.kernels)
+        lines += ["", f"**{m.case.label()}** — strategy `{default_strategy(m.case, target)}`; kernel total "
+                      f"{total / 1e3:.3f} ms, step median {_fmt(m.median_ms)} ms", "",
+                  "| # | kernel | µs | share |", "|---|---|---|---|"]
+        lines += [f"| {i} | `{name}` | {us:.1f} | {us / total:.0%} |" for i, (name, us) in enumerate(m.kernels, 1)]
     return lines
 
 

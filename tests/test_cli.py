@@ -1,13 +1,16 @@
 """The ``fused-lora`` command's check and bench subcommands (smoke mode
 without a GPU), run in-process."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+import fused_lora
 from fused_lora import benchmark, cli
-from lora_testing import DEVICE
+from lora_testing import DEVICE, make_params
 
 
 def test_check_passes_and_reports_json(capsys):
@@ -154,3 +157,32 @@ def test_bench_measures_the_targets_before_the_tuning_variants():
     assert set(preset.variant_cases) <= set(preset.cases)
     only = benchmark.filter_cases(preset, [16])
     assert {c.m for c in only.cases} == {c.m for c in only.variant_cases} == {16}
+
+
+def test_kernel_breakdown_is_profiled_and_rendered(tmp_path):
+    """The gpu-check preset profiles its headline steps kernel by kernel; the
+    table lists each kernel in launch order with its share of the step's
+    kernel time, and the raw [name, µs] pairs go to results.json."""
+    preset = benchmark.presets()["gpu-check"]
+    assert preset.profile_cases and set(preset.profile_cases) <= set(preset.cases)
+    if torch.cuda.is_available():
+        w, b, a, bb = make_params(64, 48, 8, torch.float16, True)
+        x = torch.randn(40, 64, device=DEVICE, dtype=torch.float16)
+        kernels = benchmark.kernel_timeline(
+            lambda: fused_lora.lora_linear(x, w, a, bb, b, dropout_p=0.1, seed=1, backend="triton"))
+        assert kernels and any(name.startswith("lora_") for name, _ in kernels)
+    else:
+        assert benchmark.kernel_timeline(lambda: None) is None
+    case = benchmark.Case(8192, 4096, 4096, 16, "bfloat16", 0.1)
+    meas = benchmark.Measurement(case, "fused", "forward+backward", median_ms=1.25,
+                                 kernels=[["lora_skinny_kernel", 40.0], ["lora_gemm_kernel", 360.0],
+                                          ["lora_skinny_kernel", 100.0]])
+    env = dict(benchmark.environment(), gpu="NVIDIA H200")
+    files = benchmark.write_outputs([meas], env, preset, tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "### Where the time goes" in md and "kernel total 0.500 ms, step median 1.250 ms" in md
+    assert "| 1 | `lora_skinny_kernel` | 40.0 | 8% |" in md and "| 2 | `lora_gemm_kernel` | 360.0 | 72% |" in md
+    assert "strategy `split`" in md
+    data = json.loads(Path(files["json"]).read_text())
+    assert data["measurements"][0]["kernels"][1] == ["lora_gemm_kernel", 360.0]
+    assert benchmark.kernel_table([dataclasses.replace(meas, kernels=None)], "sm_90") == []
