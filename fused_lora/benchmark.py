@@ -669,7 +669,8 @@ def kernel_table(results: list[Measurement], target: str) -> list[str]:
         lines += ["", f"**{m.case.label()}** — strategy `{default_strategy(m.case, target)}`; kernel total "
                       f"{total / 1e3:.3f} ms, step median {_fmt(m.median_ms)} ms", "",
                   "| # | kernel | µs | share |", "|---|---|---|---|"]
-        lines += [f"| {i} | `{name}` | {us:.1f} | {us / total:.0%} |" for i, (name, us) in enumerate(m.kernels, 1)]
+        lines += [f"| {i} | `{name}` | {us:.1f} | {_fmt(_ratio(us, total), '.0%')} |"
+                  for i, (name, us) in enumerate(m.kernels, 1)]
     return lines
 
 
