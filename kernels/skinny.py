@@ -111,9 +111,11 @@ def lora_skinny_kernel(
             if SHRINK:
                 sh_acc = tl.dot(t, s, sh_acc, input_precision=INPUT_PRECISION)
             if TN:
-                lt = tl.load(l_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
-                             mask=m_in[:, None] & r_in[None, :], other=0.0)
-                tn_acc = tl.dot(tl.trans(lt.to(t.dtype)), t, tn_acc, input_precision=INPUT_PRECISION)
+                # Lᵀ's tile loaded as (BLOCK_R, BLOCK_M) through transposed pointers: staged that way, the
+                # copies are 16 bytes (loading L's tile and transposing it in registers made them 4).
+                lt = tl.load(l_ptr + offs_m[None, :].to(tl.int64) * stride_lm + offs_r[:, None] * stride_lr,
+                             mask=r_in[:, None] & m_in[None, :], other=0.0)
+                tn_acc = tl.dot(lt.to(t.dtype), t, tn_acc, input_precision=INPUT_PRECISION)
             if COLSUM:
                 cs_acc += tl.sum(t.to(tl.float32), axis=0)
         if TN:
