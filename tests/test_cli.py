@@ -186,3 +186,35 @@ def test_kernel_breakdown_is_profiled_and_rendered(tmp_path):
     data = json.loads(Path(files["json"]).read_text())
     assert data["measurements"][0]["kernels"][1] == ["lora_gemm_kernel", 360.0]
     assert benchmark.kernel_table([dataclasses.replace(meas, kernels=None)], "sm_90") == []
+
+
+def test_profile_steps_profiles_only_the_timed_fused_steps_of_profile_cases(monkeypatch):
+    """After all timing, one fused forward+backward step of each profile case
+    is run under the profiler and its kernels attached to that measurement."""
+    calls = []
+
+    def fake_timeline(step):
+        calls.append([t.shape for t in step()])  # the real step runs (gradients of x, A, B)
+        return [["lora_gemm_kernel", 1.5]]
+
+    monkeypatch.setattr(benchmark, "kernel_timeline", fake_timeline)
+    small = benchmark.Case(16, 64, 48, 8, "float32", 0.1)
+    other = benchmark.Case(48, 64, 48, 8, "float32", 0.0)
+    preset = benchmark.Preset("p", [small, other], profile_cases=(small,))
+    results = [benchmark.Measurement(small, "fused", "forward+backward", median_ms=1.0),
+               benchmark.Measurement(small, "naive", "forward+backward", median_ms=1.0),
+               benchmark.Measurement(small, "fused", "forward", median_ms=1.0),
+               benchmark.Measurement(other, "fused", "forward+backward", median_ms=1.0),
+               benchmark.Measurement(small, "fused", "forward+backward", note="failed: x")]
+    benchmark.profile_steps(preset, results, DEVICE)
+    assert results[0].kernels == [["lora_gemm_kernel", 1.5]]
+    assert all(m.kernels is None for m in results[1:])
+    assert calls == [[(16, 64), (8, 64), (48, 8)]]
+
+    def broken(step):
+        raise RuntimeError("no CUPTI")
+
+    monkeypatch.setattr(benchmark, "kernel_timeline", broken)
+    again = [benchmark.Measurement(small, "fused", "forward+backward", median_ms=1.0)]
+    benchmark.profile_steps(preset, again, DEVICE)
+    assert again[0].median_ms == 1.0 and again[0].note == "profile failed: RuntimeError: no CUPTI"
