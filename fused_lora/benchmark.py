@@ -38,12 +38,10 @@ import dataclasses
 import datetime
 import json
 import math
-import os
 import platform
 import statistics
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

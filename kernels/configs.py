@@ -168,8 +168,8 @@ SKINNY_FP32 = SkinnyConfig(block_m=16, block_c=128, num_warps=8, num_stages=2, m
 
 #: A dropout mask in the GEMM epilogue (the dx pass) draws Philox numbers for
 #: every output element; past this many per thread the registers spill
-#: (compile report, sm_90, Triton 3.6 and 3.9: 128x256 tiles on 8 warps spill
-#: 100-300 bytes, 128x128 do not).
+#: (compile report, sm_90, Triton 3.6 and 3.9, eight columns a Philox call:
+#: 128x256 tiles on 8 warps spill 200-640 bytes, 128x128 do not).
 EPILOGUE_MASK_MAX_ELEMS_PER_THREAD = {2: 64, 4: 32}
 
 

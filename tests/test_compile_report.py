@@ -2,6 +2,8 @@
 GPU, fits its shared memory, does not spill, the 16-bit GEMMs use wgmma, and
 the memory-bound skinny passes load 16-byte vectors."""
 
+import dataclasses
+
 import pytest
 
 from fused_lora import compile_report
@@ -60,20 +62,27 @@ def test_problems_catches_what_it_should():
     assert any("TMA" in p for p in compile_report.problems([no_tma]))
     assert compile_report.problems([compile_report.Result("gemm", "dx", "bf16", 90, {}, 16, error="boom")])
     narrow = compile_report.Result("skinny", "dA_pass", "bf16", 90, {}, 16, shared=1000, registers=100,
-                                   spill_bytes=0, load_bytes=2)
+                                   spill_bytes=0, load_widths=[4, 16])  # one operand's loads not vectors
     assert any("16-byte" in p for p in compile_report.problems([narrow]))
-    tail = compile_report.Result("skinny", "dA_pass+c_tail", "bf16", 90, {}, 16, shared=1000, registers=100,
-                                 spill_bytes=0, load_bytes=2)
+    rank_tail = dataclasses.replace(narrow, pass_name="dA_pass+r_tail")  # a rank tail keeps x in vectors
+    assert any("16-byte" in p for p in compile_report.problems([rank_tail]))
+    tail = dataclasses.replace(narrow, pass_name="dA_pass+c_tail", load_widths=[2])
     assert compile_report.problems([tail]) == []  # a masked column tail may load narrower
+    reduce = compile_report.Result("reduce", "reduce", "fp32", 90, {}, 16, shared=0, registers=40, spill_bytes=0,
+                                   load_widths=[4])
+    assert any("16-byte" in p for p in compile_report.problems([reduce]))
+    fp32 = dataclasses.replace(narrow, dtype="fp32")  # fp32: the wide operand in vectors is enough...
+    assert compile_report.problems([fp32]) == []
+    assert compile_report.problems([dataclasses.replace(fp32, load_widths=[4])])  # ...but it must be
 
 
-def test_widest_load_reads_the_ptx():
+def test_load_widths_read_the_ptx():
     ptx = """
-	ld.global.b16 { %rs1 }, [ %rd1 + 0 ];
-	@%p1 ld.global.v2.b32 { %r1, %r2 }, [ %rd2 + 0 ];
-	cp.async.ca.shared.global [ %r3 + 0 ], [ %rd3 + 0 ], 0x4, %r4;
+\tld.global.b16 { %rs1 }, [ %rd1 + 0 ];
+\t@%p1 ld.global.v2.b32 { %r1, %r2 }, [ %rd2 + 0 ];
+\tcp.async.ca.shared.global [ %r3 + 0 ], [ %rd3 + 0 ], 0x4, %r4;
+\tcp.async.cg.shared.global [ %r5 + 0 ], [ %rd5 + 0 ], 0x10, %r6;
+\tld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd6 + 0 ];
 """
-    assert compile_report.widest_load(ptx) == 8
-    assert compile_report.widest_load(ptx + "\tcp.async.cg.shared.global [ %r5 + 0 ], [ %rd5 + 0 ], 0x10, %r6;\n") == 16
-    assert compile_report.widest_load(ptx + "\tld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd6 + 0 ];\n") == 16
-    assert compile_report.widest_load("") == 0
+    assert compile_report.load_widths(ptx) == [2, 4, 8, 16]
+    assert compile_report.load_widths("") == []
