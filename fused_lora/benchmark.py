@@ -483,11 +483,17 @@ def work_list(preset: Preset) -> list[tuple[Case, list[tuple[str, str]]]]:
 
 
 def run_preset(preset: Preset, device, progress=None, deadline: float | None = None,
-               on_case_done=None) -> list[Measurement]:
+               on_case_done=None, compile_only: bool = False) -> list[Measurement]:
     """Measure every (case, provider, mode) of :func:`work_list`. Cases not
     started before ``deadline`` (a ``time.monotonic()`` value) are recorded as
     skipped; ``on_case_done(results)`` runs after each case (to write partial
-    results)."""
+    results).
+
+    ``compile_only``: run each step once, untimed (note ``"compiled"``), with
+    the same kernels, shapes and strides as a timed run: Triton's and
+    inductor's on-disk caches then hold every kernel the timed run needs
+    (``bench/gpu_check.sh`` does this beside the tests, so that the time budget
+    goes to timing, not to compiling)."""
     on_gpu = device.type == "cuda"
     results = []
     work = work_list(preset)
@@ -497,7 +503,7 @@ def run_preset(preset: Preset, device, progress=None, deadline: float | None = N
         if deadline is not None and time.monotonic() > deadline:
             results += [Measurement(case, p, mo, note="skipped: time budget spent") for p, mo in runs]
             continue
-        copies = input_copies(case) if on_gpu else 1
+        copies = input_copies(case) if on_gpu and not compile_only else 1
         inputs = [Inputs.make(case, device, seed=i) for i in range(copies)]
         inp = inputs[0]
         dy = torch.randn(case.m, case.n, device=device, dtype=case.torch_dtype)
@@ -531,12 +537,18 @@ def run_preset(preset: Preset, device, progress=None, deadline: float | None = N
                                 for step in steps:
                                     step()
 
-                        q, timer = time_cuda(run_all, case.m) if on_gpu else time_cpu(run_all)
-                        meas.median_ms, meas.p20_ms, meas.p80_ms = (t / copies for t in q)
-                        meas.timer = timer + (f", {copies} rotated input copies" if copies > 1 else "")
-                        if mode == "forward+backward":
-                            with variant_context(provider):
-                                meas.peak_mem_bytes = peak_memory(steps[0])
+                        if compile_only:
+                            run_all()
+                            if on_gpu:
+                                torch.cuda.synchronize()
+                            meas.note = "compiled"
+                        else:
+                            q, timer = time_cuda(run_all, case.m) if on_gpu else time_cpu(run_all)
+                            meas.median_ms, meas.p20_ms, meas.p80_ms = (t / copies for t in q)
+                            meas.timer = timer + (f", {copies} rotated input copies" if copies > 1 else "")
+                            if mode == "forward+backward":
+                                with variant_context(provider):
+                                    meas.peak_mem_bytes = peak_memory(steps[0])
                     except Exception as exc:
                         meas.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 results.append(meas)
@@ -549,7 +561,7 @@ def run_preset(preset: Preset, device, progress=None, deadline: float | None = N
             on_case_done(results)
     if bar:
         bar.close()
-    if on_gpu:
+    if on_gpu and not compile_only:
         profile_steps(preset, results, device)
         if on_case_done is not None:
             on_case_done(results)

@@ -183,11 +183,13 @@ def cmd_bench(args) -> int:
         print(f"preset {name!r} needs a CUDA GPU ({where}); use --preset smoke", file=sys.stderr)
         return 2
     preset = benchmark.filter_cases(presets[name], args.m)
+    device = torch.device("cuda" if on_gpu else "cpu")
+    deadline = time.monotonic() + args.time_budget if args.time_budget else None
+    if args.compile_only:
+        return _compile_only(benchmark, preset, device, deadline, where)
     env = benchmark.environment()
     out_dir = Path(args.out) if args.out else benchmark.default_out_dir(env)
     print(f"fused-lora bench — preset {name}, {len(preset.cases)} cases — {where}", file=sys.stderr)
-    device = torch.device("cuda" if on_gpu else "cpu")
-    deadline = time.monotonic() + args.time_budget if args.time_budget else None
     results = benchmark.run_preset(preset, device, progress=progress, deadline=deadline,
                                    on_case_done=lambda partial: benchmark.write_outputs(partial, env, preset, out_dir))
     files = benchmark.write_outputs(results, env, preset, out_dir)
@@ -197,6 +199,24 @@ def cmd_bench(args) -> int:
     else:
         print(Path(files["markdown"]).read_text())
         print("written: " + ", ".join(files.values()))
+    return 1 if failures else 0
+
+
+def _compile_only(benchmark, preset, device, deadline, where) -> int:
+    """``bench --compile-only``: every step of the preset once, untimed,
+    nothing written; what failed is printed (and the exit status is 1)."""
+    print(f"fused-lora bench --compile-only — preset {preset.name} — {where}", file=sys.stderr)
+    t0 = time.monotonic()
+    results = benchmark.run_preset(preset, device, progress=progress, deadline=deadline, compile_only=True)
+    done = sum(m.note == "compiled" for m in results)
+    failures = [m for m in results if m.note.startswith("failed")]
+    for m in failures:
+        print(f"{m.case.label()} {m.provider} {m.mode}: {m.note}")
+    skipped = len(results) - done - len(failures)
+    cached = ("kernels compiled into the on-disk caches" if device.type == "cuda"
+              else "interpreter: nothing is compiled or cached")
+    print(f"ran {done} of {len(results)} benchmark steps once, untimed, in {time.monotonic() - t0:.0f} s "
+          f"({cached}); {len(failures)} failed, {skipped} skipped")
     return 1 if failures else 0
 
 
@@ -247,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m", type=int, action="append", help="only the cases with this many tokens (repeatable)")
     p.add_argument("--out", help="output folder (default: bench/results/<date>-<gpu> on a GPU, out/ without)")
     p.add_argument("--time-budget", type=float, help="seconds; cases not started by then are skipped (and said so)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="run every step of the preset once, untimed, writing nothing: fills the kernel caches "
+                        "(bench/gpu_check.sh runs it beside the tests)")
     p.add_argument("--update-readme", action="store_true",
                    help="run nothing: regenerate README.md's performance section from the committed GPU results")
     p.add_argument("--results-root", default="bench/results", help="with --update-readme: the results folder")

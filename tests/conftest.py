@@ -17,6 +17,34 @@ if not torch.cuda.is_available():
 
 import fused_lora  # noqa: E402  (after the interpreter switch)
 import triton  # noqa: E402
+from lora_testing import parse_shard  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--shard", metavar="i/n", default=None,
+                     help="run only every n-th collected test, starting at the i-th (counted from 0): "
+                          "bench/gpu_check.sh runs n shards at once, because on a GPU most of the suite's "
+                          "time is Triton compiling kernels, one core per process")
+
+
+def pytest_configure(config):
+    spec = config.getoption("--shard")
+    if spec is not None:
+        try:
+            parse_shard(spec)
+        except ValueError as err:
+            raise pytest.UsageError(str(err)) from None
+
+
+def pytest_collection_modifyitems(config, items):
+    spec = config.getoption("--shard")
+    if spec is None:
+        return
+    i, n = parse_shard(spec)
+    # Interleaved, not in blocks: each shard gets its share of every test file.
+    deselected = [item for j, item in enumerate(items) if j % n != i]
+    items[:] = items[i::n]
+    config.hook.pytest_deselected(items=deselected)
 
 
 def pytest_report_header(config):
@@ -26,7 +54,10 @@ def pytest_report_header(config):
         where = "Triton CPU interpreter (TRITON_INTERPRET=1)"
     else:
         where = "CPU, Triton kernels unavailable: " + (fused_lora._triton.UNAVAILABLE_REASON or "not interpreted")
-    return [f"fused_lora kernels on: {where}; torch {torch.__version__}, triton {triton.__version__}"]
+    lines = [f"fused_lora kernels on: {where}; torch {torch.__version__}, triton {triton.__version__}"]
+    if config.getoption("--shard"):
+        lines.append(f"shard {config.getoption('--shard')}: every n-th test only")
+    return lines
 
 
 @pytest.fixture(autouse=True)

@@ -11,3 +11,14 @@ from fused_lora.testing import (  # noqa: F401
     normalized_error,
     reference64,
 )
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"i/n"`` (``--shard``: shard i of n, counted from 0) as ``(i, n)``."""
+    try:
+        i, n = (int(part) for part in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must be 'i/n' with integers 0 <= i < n, got {spec!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard must be 'i/n' with integers 0 <= i < n, got {spec!r}")
+    return i, n

@@ -146,6 +146,61 @@ def test_gpu_check_runs_every_test_file_but_the_compile_checks():
     assert listed[0] == "test_parity.py"
 
 
+def test_gpu_check_runs_the_suite_as_interleaved_shards():
+    """On a GPU most of the suite's time is Triton compiling kernels, one core
+    per process: bench/gpu_check.sh runs ``--shard i/n`` for every i at once.
+    Together the shards are the whole suite, each test exactly once; a bad
+    spec is a usage error, not a silently empty run."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+
+    def collect(*extra):
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
+                               "tests/test_reference.py", "tests/test_errors.py", *extra],
+                              cwd=root, capture_output=True, text=True, timeout=300)
+        return proc, [line for line in proc.stdout.splitlines() if "::" in line]
+
+    proc, whole = collect()
+    assert proc.returncode == 0 and len(whole) > 10, proc.stdout + proc.stderr
+    shards = [collect("--shard", f"{i}/3")[1] for i in range(3)]
+    assert [len(s) for s in shards] == [len(whole[i::3]) for i in range(3)]
+    assert sorted(sum(shards, [])) == sorted(whole)
+    assert shards[1] == whole[1::3]  # interleaved: every file's tests are spread over the shards
+    proc, _ = collect("--shard", "3/3")
+    assert proc.returncode == 4 and "--shard must be 'i/n'" in proc.stdout + proc.stderr
+    script = (root / "bench" / "gpu_check.sh").read_text()
+    assert '--shard "$i/$SHARDS"' in script and "--compile-only" in script
+
+
+def test_bench_compile_only_runs_every_step_once_untimed_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """``bench --compile-only`` (run by gpu_check.sh beside the tests) runs the
+    same steps as the timed run, each once, so that the kernels they need are
+    compiled before the time budget starts; it times and writes nothing."""
+    def no_timing(*args, **kwargs):
+        raise AssertionError("--compile-only must not time anything")
+
+    monkeypatch.setattr(benchmark, "time_cpu", no_timing)
+    monkeypatch.setattr(benchmark, "time_cuda", no_timing)
+    calls = []
+    real = fused_lora.lora_linear
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_lora, "lora_linear", counted)
+    assert cli.main(["bench", "--preset", "smoke", "--compile-only", "--m", "16", "--out", str(tmp_path / "o")]) == 0
+    assert not (tmp_path / "o").exists()
+    preset = benchmark.filter_cases(benchmark.presets()["smoke"], [16])
+    runs = [(case, p, mo) for case, rs in benchmark.work_list(preset) for p, mo in rs]
+    fused_runs = [r for r in runs if r[1] == "fused" or r[1] in benchmark.VARIANT_PROVIDERS]
+    assert len(calls) >= len(fused_runs) > 0 and {shape[0] for shape in calls} == {16}
+    out = capsys.readouterr().out
+    assert f"of {len(runs)} benchmark steps once, untimed" in out and "0 failed" in out
+
+
 def test_bench_measures_the_targets_before_the_tuning_variants():
     """A time budget spent early cuts the forced-strategy/TMA variants, not
     the provider comparisons the targets are read from."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fused_lora
-from lora_testing import DEVICE, assert_close, make_params, make_x, reference64
+from lora_testing import assert_close, make_params, make_x, reference64
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import fused_lora
+import fused_lora  # noqa: F401  (registers the torch.ops.fused_lora ops)
 from fused_lora import LoRALinear
 from lora_testing import DEVICE, assert_close, make_params, reference64
 
