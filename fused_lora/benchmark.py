@@ -9,9 +9,10 @@ Providers (all compute ``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with W frozen
 ``base``            bare ``F.linear``: the floor, no adapter at all
 
 and, on a preset's ``variant_cases``, ``fused:in_loop``, ``fused:split`` and
-``fused:hybrid`` (``fused`` with that forward strategy forced) and
-``fused:tma`` (``fused`` with TMA tile loads), forward and forward+backward:
-the data behind the dispatch rules.
+``fused:hybrid`` (``fused`` with that forward strategy forced), ``fused:tma``
+(``fused`` with TMA tile loads), ``fused:persistent`` (its GEMMs on a
+persistent grid) and ``fused:tma+persistent`` (both), forward and
+forward+backward: the data behind the dispatch rules and the switches.
 
 Modes: ``forward``, ``backward`` (the backward of one recorded forward, timed
 alone), ``forward+backward``. On a GPU each number is the median of
@@ -49,9 +50,13 @@ import torch.nn.functional as F
 
 PROVIDERS = ("fused", "naive", "unsloth_style", "naive_compiled", "base")
 #: ``fused`` with its forward strategy forced (see :mod:`fused_lora.dispatch`),
-#: and ``fused`` with TMA tensor-descriptor loads: the data that tunes the
-#: dispatch rules and the TMA default. Run on a preset's ``variant_cases``.
-VARIANT_PROVIDERS = ("fused:in_loop", "fused:split", "fused:hybrid", "fused:tma")
+#: and ``fused`` with the switches of :mod:`fused_lora.dispatch` on (TMA
+#: tensor-descriptor loads, the persistent grid, both): the data that tunes
+#: the dispatch rules and the switches' defaults. Run on a preset's
+#: ``variant_cases``.
+STRATEGY_PROVIDERS = ("fused:in_loop", "fused:split", "fused:hybrid")
+SWITCH_PROVIDERS = ("fused:tma", "fused:persistent", "fused:tma+persistent")
+VARIANT_PROVIDERS = STRATEGY_PROVIDERS + SWITCH_PROVIDERS
 VARIANT_MODES = ("forward", "forward+backward")
 MODES = ("forward", "backward", "forward+backward")
 #: H200 roofline used by the model (measured on our machine: bf16 matmul
@@ -220,9 +225,9 @@ def make_forward(provider: str, inp: Inputs):
     if provider == "fused":
         return lambda: fused_lora.lora_linear(inp.x, inp.weight, inp.lora_A, inp.lora_B, inp.bias,
                                               scaling=inp.scaling, dropout_p=inp.dropout, backend="triton")
-    if provider == "fused:tma":  # (TMA is switched on around the step: see variant_context)
+    if provider in SWITCH_PROVIDERS:  # (the switches are on around the step: see variant_context)
         return make_forward("fused", inp)
-    if provider in VARIANT_PROVIDERS:
+    if provider in STRATEGY_PROVIDERS:
         strategy = provider.split(":")[1]
         if strategy == "in_loop" and inp.dropout > 0:
             return None  # (forcing it would run split)
@@ -250,12 +255,18 @@ def make_forward(provider: str, inp: Inputs):
 
 def variant_context(provider: str):
     """What must hold while ``provider`` builds and runs its steps (forward and
-    backward alike, whatever thread autograd uses): TMA loads for ``fused:tma``."""
+    backward alike, whatever thread autograd uses): for ``fused:tma``,
+    ``fused:persistent`` and ``fused:tma+persistent``, those switches on."""
     import contextlib
 
     import fused_lora
 
-    return fused_lora.dispatch.use_tma(True) if provider == "fused:tma" else contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    if provider in SWITCH_PROVIDERS:
+        switches = {"tma": fused_lora.dispatch.use_tma, "persistent": fused_lora.dispatch.use_persistent}
+        for name in provider.split(":")[1].split("+"):
+            stack.enter_context(switches[name](True))
+    return stack
 
 
 def make_step(mode: str, forward, leaves, dy):
@@ -665,10 +676,12 @@ def strategy_table(results: list[Measurement], target: str) -> list[str]:
     if not rows:
         return []
     names = [p.split(":")[1] for p in VARIANT_PROVIDERS]
-    lines = ["", "### Forward strategies, forced, and TMA loads (the data behind the dispatch rules)", "",
+    lines = ["", "### Forward strategies, forced, TMA loads and the persistent grid (the data behind the "
+                 "dispatch rules)", "",
              "Median ms per call of `fused` with each strategy forced (forward and its backward), and of `fused` "
-             "with TMA tensor-descriptor loads (`tma`: default strategy); `default` is what the dispatch chose. "
-             "`best` names the fastest measured.", "",
+             "(default strategy) with TMA tensor-descriptor loads (`tma`), with its GEMMs on a persistent grid "
+             "(`persistent`), and with both; `default` is what the dispatch chose. `best` names the fastest "
+             "measured.", "",
              "| case | mode | default | " + " | ".join(names) + " | best | default/best |",
              "|---|---|---|" + "---|" * len(names) + "---|---|"]
     for row in rows:

@@ -80,23 +80,31 @@ def check_cases(on_gpu: bool) -> list[dict]:
     if on_gpu:
         shapes = [((4, 257), 1000, 777), ((3000,), 4096, 1024)]
         aligned = ((4, 257), 1024, 776)  # TMA: rows 16-byte aligned (M, N ragged)
+        many_tiles = ((4, 1000), 2048, 2048)  # persistent: more tiles than the GPU runs at once (forward, dx)
     else:
         shapes = [((3, 19), 53, 41), ((123,), 70, 45)]
         aligned = ((2, 13), 72, 40)
+        many_tiles = ((128,), 72, 40)  # more tiles than the interpreter's 3 persistent programs (and aligned)
     cases = []
+
+    def case(shape, r, dtype, strategy, p, train_base, tma=False, persistent=False):
+        lead, k, n = shape
+        cases.append(dict(lead=lead, k=k, n=n, r=r, dtype=dtype, strategy=strategy, dropout_p=p,
+                          train_base=train_base, tma=tma, persistent=persistent))
+
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for lead, k, n in shapes:
+        for shape in shapes:
             for strategy, p, r in (("in_loop", 0.0, 8), ("split", 0.0, 64), ("split", 0.1, 16)):
-                cases.append(dict(lead=lead, k=k, n=n, r=r, dtype=dtype, strategy=strategy, dropout_p=p,
-                                  train_base=strategy == "split" and p == 0.0, tma=False))
-        lead, k, n = shapes[0]
-        cases.append(dict(lead=lead, k=k, n=n, r=16, dtype=dtype, strategy="hybrid", dropout_p=0.1, train_base=True,
-                          tma=False))
-        if dtype != torch.float32:  # TMA loads (16-bit): forward, dx (masked or not) and dW through descriptors
-            lead, k, n = aligned
+                case(shape, r, dtype, strategy, p, train_base=strategy == "split" and p == 0.0)
+        case(shapes[0], 16, dtype, "hybrid", 0.1, train_base=True)
+        if dtype != torch.float32:
+            # TMA loads (16-bit): forward, dx (masked or not) and dW through descriptors
             for p, train_base in ((0.0, True), (0.1, False)):
-                cases.append(dict(lead=lead, k=k, n=n, r=16, dtype=dtype, strategy="split", dropout_p=p,
-                                  train_base=train_base, tma=True))
+                case(aligned, 16, dtype, "split", p, train_base, tma=True)
+            # the persistent grid (16-bit): each GEMM pass, with pointers and with TMA loads
+            case(many_tiles, 8, dtype, "in_loop", 0.0, train_base=True, persistent=True)
+            case(many_tiles, 16, dtype, "split", 0.1, train_base=False, persistent=True)
+            case(many_tiles, 16, dtype, "split", 0.0, train_base=True, tma=True, persistent=True)
     return cases
 
 
@@ -115,7 +123,8 @@ def cmd_check(args) -> int:
     bar = progress(total=len(check_cases(device.type == "cuda")), desc="check", unit="case")
     for case in check_cases(device.type == "cuda"):
         torch.manual_seed(len(rows))
-        with dispatch.force_strategy(case["strategy"]), dispatch.use_tma(case["tma"]):
+        with (dispatch.force_strategy(case["strategy"]), dispatch.use_tma(case["tma"]),
+              dispatch.use_persistent(case["persistent"])):
             try:
                 errors = parity_case(case["lead"], case["k"], case["n"], case["r"], case["dtype"],
                                      dropout_p=case["dropout_p"], train_base=case["train_base"], device=device)
@@ -125,7 +134,8 @@ def cmd_check(args) -> int:
         tol = TOLERANCE[case["dtype"]]
         worst = max(errors.values()) if errors else float("inf")
         rows.append(dict(path=f"{case['strategy']}{' +dropout' if case['dropout_p'] else ''}"
-                              f"{' +train-base' if case['train_base'] else ''}{' +tma' if case['tma'] else ''}",
+                              f"{' +train-base' if case['train_base'] else ''}{' +tma' if case['tma'] else ''}"
+                              f"{' +persistent' if case['persistent'] else ''}",
                          shape=f"{'x'.join(map(str, case['lead']))}x{case['k']}->{case['n']}", r=case["r"],
                          dtype=str(case["dtype"]).replace("torch.", ""), tolerance=tol, errors=errors,
                          worst=worst, passed=bool(errors) and worst <= tol, failure=failure))
@@ -140,7 +150,7 @@ def cmd_check(args) -> int:
     else:
         print(f"fused-lora check — {where}; torch {versions['torch']}, Triton {versions['triton']}")
         print("max |fused - reference| / max |reference| per output; reference = float64 PyTorch\n")
-        head = f"{'path':<30}{'shape':<20}{'r':>4}  {'dtype':<9}{'y':>9}{'dx':>9}{'dA':>9}{'dB':>9}{'dW':>9}" \
+        head = f"{'path':<37}{'shape':<20}{'r':>4}  {'dtype':<9}{'y':>9}{'dx':>9}{'dA':>9}{'dB':>9}{'dW':>9}" \
                f"{'db':>9}{'tol':>9}  result"
         print(head)
         print("-" * len(head))
@@ -148,7 +158,7 @@ def cmd_check(args) -> int:
             e = r["errors"]
             keys = ("y", "dx", "dlora_A", "dlora_B", "dweight", "dbias")
             cells = "".join(f"{e[k]:9.1e}" if k in e else f"{'—':>9}" for k in keys)
-            print(f"{r['path']:<30}{r['shape']:<20}{r['r']:>4}  {r['dtype']:<9}{cells}{r['tolerance']:9.1e}  "
+            print(f"{r['path']:<37}{r['shape']:<20}{r['r']:>4}  {r['dtype']:<9}{cells}{r['tolerance']:9.1e}  "
                   f"{'PASS' if r['passed'] else 'FAIL ' + r['failure']}")
         print(f"\n{sum(r['passed'] for r in rows)}/{len(rows)} passed")
     return 0 if ok else 1

@@ -41,6 +41,7 @@ class Job:
     split_k: bool = False  # a split-K partial: fp32 output into the (S, M, N) workspace
     tma: bool = False  # A and B tiles through tensor descriptors (TMA)
     even_r: bool = True  # r a multiple of the rank tile; False compiles the masked rank (r = half the tile)
+    persistent: bool = False  # a persistent grid (each program loops over tiles)
 
 
 @dataclass
@@ -69,7 +70,7 @@ _TORCH_OF = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True, split_k: bool = False,
-               tma: bool = False, even_r: bool = True) -> dict:
+               tma: bool = False, even_r: bool = True, persistent: bool = False) -> dict:
     """Argument values of lora_gemm_kernel for one pass, as the launcher passes them
     (``even_r=False``: a rank of half the rank tile, e.g. r = 8 in a 16 tile)."""
     s = SHAPE
@@ -94,7 +95,7 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         lr_scale=1.0, p=0.1, seed=12345,
         HAS_BIAS=variant.startswith("forward"), LOW_RANK=low_rank, LR_DROPOUT=variant == "dx_dropout",
         OFFSET_INT64=False, UPCAST=False, INPUT_PRECISION="ieee", EVEN_K=even_k, EVEN_R=even_r and low_rank != 2, TMA=tma,
-        A_T=a_t, B_T=b_t,
+        A_T=a_t, B_T=b_t, PERSISTENT=persistent,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m,
     )
 
@@ -199,13 +200,14 @@ def compile_job(job: Job) -> Result:
 
     tail = "+k_tail" if job.kernel == "gemm" else "+c_tail"
     res = Result(job.kernel, job.pass_name + ("" if job.even_k else tail) + ("" if job.even_r else "+r_tail")
-                 + ("+split_k" if job.split_k else "") + ("+tma" if job.tma else ""),
+                 + ("+split_k" if job.split_k else "") + ("+tma" if job.tma else "")
+                 + ("+persistent" if job.persistent else ""),
                  job.dtype, job.arch, job.config, job.block_r)
     try:
         if job.kernel == "gemm":
             cfg = configs.GemmConfig(**job.config)
             fn, values = gemm.lora_gemm_kernel, _gemm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
-                                                           job.split_k, job.tma, job.even_r)
+                                                           job.split_k, job.tma, job.even_r, job.persistent)
         elif job.kernel == "skinny":
             cfg = configs.SkinnyConfig(**job.config)
             fn, values = skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r,
@@ -272,7 +274,7 @@ def jobs_for(arch: int) -> list[Job]:
             for tma in (False, True) if elt == 2 and arch >= 90 else (False,):
                 jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, lr_r, split_k=True, tma=tma))
         # TMA (16-bit, Hopper): every pass on every shipped tile it may run on, with a K tail
-        # on the largest tile of each pass.
+        # on the largest tile of each pass; the persistent grid likewise.
         if elt == 2 and arch >= 90:
             for pass_name, block_r, in_loop, mask in (
                     ("forward_in_loop", 16, True, False), ("forward_split", lr_r, False, False),
@@ -282,6 +284,11 @@ def jobs_for(arch: int) -> list[Job]:
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=True))
                     if cfg is fitting[0]:
                         jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, even_k=False, tma=True))
+                # the persistent grid (16-bit, Hopper; its own, narrower tiles), with pointers and with TMA
+                for cfg in configs.gemm_candidates(elt, block_r, in_loop, mask, arch=arch, persistent=True):
+                    for tma in (False, True):
+                        jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=tma,
+                                        persistent=True))
         for cfg in shipped["skinny_fp32" if elt == 4 else "skinny_16bit"]:
             for pass_name in ("forward_shrink", "dy_pass", "dA_pass"):
                 for block_r in sorted({16, cfg.max_block_r}):
@@ -342,7 +349,7 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
             out.append(f"{tag}: spills {r.spill_bytes} bytes")
         if r.kernel == "gemm" and r.arch >= 90 and r.dtype != "fp32" and not r.wgmma:
             out.append(f"{tag}: no wgmma on sm_{r.arch}")
-        if r.kernel == "gemm" and r.pass_name.endswith("+tma") and not r.tma:
+        if r.kernel == "gemm" and "+tma" in r.pass_name and not r.tma:
             out.append(f"{tag}: a TMA variant without TMA copies")
         if r.kernel in ("skinny", "reduce") and not r.pass_name.endswith(("+c_tail", "+n_tail")):
             # The memory-bound passes stream their operands in 16-byte vectors: every load

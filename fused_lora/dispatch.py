@@ -36,8 +36,10 @@ low-rank term and cuBLAS adds ``dy·W``; dW is a cuBLAS GEMM.
 
 TMA: with :func:`set_tma` (or ``FUSED_LORA_TMA=1``) the 16-bit Triton GEMMs
 read their A and B tiles through tensor descriptors (the copy engine
-zero-fills outside the operands) where both operands allow one; off by
-default until measured.
+zero-fills outside the operands) where both operands allow one. Persistent:
+with :func:`set_persistent` (or ``FUSED_LORA_PERSISTENT=1``) they run on a
+grid of about one program per SM, each walking output tiles (not with
+split-K). Both off by default until measured.
 
 :func:`explain` says what would run for a shape, and why.
 
@@ -69,28 +71,45 @@ IN_LOOP_MAX_R = 16
 #: fewest launches first.
 SMALL_M = 256
 
-#: TMA tensor descriptors for the GEMM tiles (16-bit, Hopper and the
-#: interpreter): off until measured on an H200 (bench/gpu_check.sh times it as
-#: ``fused:tma``); ``FUSED_LORA_TMA=1`` or :func:`set_tma` turns it on.
-_tma = os.environ.get("FUSED_LORA_TMA", "0") == "1"
+#: Two switches for the 16-bit Triton GEMMs (Hopper and the interpreter), off
+#: until measured on an H200 (bench/gpu_check.sh times each: ``fused:tma``,
+#: ``fused:persistent``): TMA tensor descriptors for the A and B tiles
+#: (``FUSED_LORA_TMA=1`` or :func:`set_tma`), and a persistent grid, about
+#: one program per SM walking the output tiles (``FUSED_LORA_PERSISTENT=1``
+#: or :func:`set_persistent`). Process-wide, not per thread: autograd's
+#: backward threads see them too.
+_switches = {"tma": os.environ.get("FUSED_LORA_TMA", "0") == "1",
+             "persistent": os.environ.get("FUSED_LORA_PERSISTENT", "0") == "1"}
 
 
 def set_tma(enabled: bool) -> None:
     """Read the GEMM tiles through TMA tensor descriptors (True) or pointers."""
-    global _tma
-    _tma = bool(enabled)
+    _switches["tma"] = bool(enabled)
+
+
+def set_persistent(enabled: bool) -> None:
+    """Run the GEMMs on a persistent grid (True) or one program per tile."""
+    _switches["persistent"] = bool(enabled)
 
 
 @contextlib.contextmanager
-def use_tma(enabled: bool = True):
-    """:func:`set_tma` inside the block, restored after it. A process-wide
-    setting (not per thread): autograd's backward threads see it too."""
-    previous = _tma
-    set_tma(enabled)
+def _switched(name: str, enabled: bool):
+    previous = _switches[name]
+    _switches[name] = bool(enabled)
     try:
         yield
     finally:
-        set_tma(previous)
+        _switches[name] = previous
+
+
+def use_tma(enabled: bool = True):
+    """:func:`set_tma` inside a ``with`` block, restored after it."""
+    return _switched("tma", enabled)
+
+
+def use_persistent(enabled: bool = True):
+    """:func:`set_persistent` inside a ``with`` block, restored after it."""
+    return _switched("persistent", enabled)
 
 
 _forced_strategy: contextvars.ContextVar[str | None] = contextvars.ContextVar("fused_lora_strategy", default=None)
@@ -134,6 +153,8 @@ class Plan:
     #: The Triton GEMMs read their A and B tiles through TMA tensor
     #: descriptors (where the operands allow).
     tma: bool = False
+    #: The Triton GEMMs without split-K run on a persistent grid.
+    persistent: bool = False
 
     @property
     def cublas_base(self) -> bool:
@@ -195,25 +216,31 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     forced = strategy if strategy is not None else _forced_strategy.get()
-    return _plan(m, n, k, r, dtype, dropout_p > 0.0, arch, interp, forced, input_precision(dtype), _tma)
+    return _plan(m, n, k, r, dtype, dropout_p > 0.0, arch, interp, forced, input_precision(dtype),
+                 _switches["tma"], _switches["persistent"])
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma) -> Plan:
+def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, persistent) -> Plan:
     cfg = _triton.configs()
     elt = dtype.itemsize
     dropout_p = 0.5 if dropout else 0.0  # only "is there dropout" shapes the plan
     strategy, reason = _choose(m, r, dtype, dropout_p, interp, cfg.MAX_BLOCK_R, forced)
+    # (under hybrid the Triton GEMMs have no K loop: neither switch applies)
+    hopper_16bit = elt == 2 and (interp or arch >= 90) and strategy != "hybrid"
+    persistent = persistent and hopper_16bit
     return Plan(
         strategy=strategy,
         reason=reason,
-        fwd_gemm=cfg.gemm_config(m, n, k, r, elt, strategy == "in_loop", interp, arch=arch),
-        dx_gemm=cfg.gemm_config(m, k, n, r, elt, False, interp, epilogue_mask=dropout_p > 0.0, arch=arch),
-        dw_gemm=cfg.gemm_config(n, k, m, 1, elt, False, interp, arch=arch),
+        fwd_gemm=cfg.gemm_config(m, n, k, r, elt, strategy == "in_loop", interp, arch=arch, persistent=persistent),
+        dx_gemm=cfg.gemm_config(m, k, n, r, elt, False, interp, epilogue_mask=dropout_p > 0.0, arch=arch,
+                                persistent=persistent),
+        dw_gemm=cfg.gemm_config(n, k, m, 1, elt, False, interp, arch=arch, persistent=persistent),
         skinny=cfg.skinny_config(elt, interp, m),
         skinny_programs=cfg.skinny_target_programs(interp),
         input_precision=precision,
-        tma=tma and elt == 2 and (interp or arch >= 90) and strategy != "hybrid" and _triton.get().tma_available(),
+        tma=tma and hopper_16bit and _triton.get().tma_available(),
+        persistent=persistent,
     )
 
 
@@ -265,6 +292,9 @@ class Explanation:
                     + f"; {skinny}"))
         if p.tma:
             out.append(("loads", "A and B tiles through TMA tensor descriptors where the operands allow"))
+        if p.persistent:
+            out.append(("grid", "persistent: about one program per SM walks the output tiles (GEMMs without "
+                                "split-K)"))
         return out
 
     def __str__(self) -> str:
@@ -329,7 +359,7 @@ def _time_ms(fn) -> float:
 
 
 def gemm_config_for(pass_name: str, default, launch, *, m: int, n: int, k: int, r: int, dtype: torch.dtype,
-                    shrink_in_loop: bool, epilogue_mask: bool, device: torch.device):
+                    shrink_in_loop: bool, epilogue_mask: bool, device: torch.device, persistent: bool = False):
     """The configuration for one GEMM launch: ``default`` (the heuristic),
     unless autotuning is on, on a GPU, in which case the fastest candidate for
     this size bucket, timed once with ``launch(config)``."""
@@ -339,9 +369,10 @@ def gemm_config_for(pass_name: str, default, launch, *, m: int, n: int, k: int, 
     arch = device_arch(device)
     elt = dtype.itemsize
     block_r = cfg.block_r_for(r) if shrink_in_loop else cfg.block_r_for(r, cfg.GEMM_LR_MAX_BLOCK_R[elt])
-    key = (pass_name, cfg.m_bucket(m), n, k, block_r, dtype, shrink_in_loop, epilogue_mask, arch)
+    key = (pass_name, cfg.m_bucket(m), n, k, block_r, dtype, shrink_in_loop, epilogue_mask, arch, persistent)
     if key not in _tuned:
-        candidates = cfg.gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, arch=arch) or [default]
+        candidates = cfg.gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, arch=arch,
+                                         persistent=persistent) or [default]
         if not shrink_in_loop:  # each tile shape with its own split-K
             candidates = [dataclasses.replace(c, split_k=cfg.split_k_for(c, m, n, k, False)) for c in candidates]
         timings = []

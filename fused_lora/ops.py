@@ -71,12 +71,12 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     x2 = _flatten(x, k)
     m = x2.shape[0]
     plan = dispatch.plan(m, n, k, r, x.dtype, dropout_p, dispatch.device_arch(x.device))
-    tune = dict(m=m, n=n, r=r, dtype=x.dtype, epilogue_mask=False, device=x.device)
+    tune = dict(m=m, n=n, r=r, dtype=x.dtype, epilogue_mask=False, device=x.device, persistent=plan.persistent)
     if plan.strategy == "in_loop":
         def launch(config):
             return k_.lora_gemm(x2, weight.t(), bias=bias, shrink=lora_A.t(), v=lora_B.t(), lr_scale=scaling,
                                 config=config, out_dtype=x.dtype, input_precision=plan.input_precision,
-                                tma=plan.tma)
+                                tma=plan.tma, persistent=plan.persistent)
 
         y2, xa = launch(dispatch.gemm_config_for("forward", plan.fwd_gemm, launch, k=k, shrink_in_loop=True, **tune))
     else:
@@ -88,7 +88,8 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
 
         def launch(config):
             return k_.lora_gemm(a, b, bias=bias, u=xa, v=lora_B.t(), lr_scale=scaling, config=config,
-                                out_dtype=x.dtype, input_precision=plan.input_precision, tma=plan.tma)
+                                out_dtype=x.dtype, input_precision=plan.input_precision, tma=plan.tma,
+                                persistent=plan.persistent)
 
         y2, _ = launch(dispatch.gemm_config_for("forward", plan.fwd_gemm, launch, k=a.shape[1],
                                                 shrink_in_loop=False, **tune))
@@ -128,11 +129,11 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
         def launch_dx(config):
             return k_.lora_gemm(a, b, u=g, v=lora_A, lr_scale=inv_keep, dropout_p=dropout_p, seed=seed,
                                 config=config, out_dtype=x.dtype, input_precision=plan.input_precision,
-                                tma=plan.tma)
+                                tma=plan.tma, persistent=plan.persistent)
 
         dx2, _ = launch_dx(dispatch.gemm_config_for(
             "dx", plan.dx_gemm, launch_dx, m=m, n=k, k=a.shape[1], r=r, dtype=x.dtype, shrink_in_loop=False,
-            epilogue_mask=dropout_p > 0.0, device=x.device))
+            epilogue_mask=dropout_p > 0.0, device=x.device, persistent=plan.persistent))
         if plan.cublas_base:
             dx2.addmm_(dy2, weight)
         dx = dx2.view(x.shape)
@@ -146,11 +147,12 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
         else:
             def launch_dw(config):
                 return k_.lora_gemm(dy2.t(), x2, config=config, out_dtype=weight.dtype,
-                                    input_precision=plan.input_precision, tma=plan.tma)
+                                    input_precision=plan.input_precision, tma=plan.tma,
+                                    persistent=plan.persistent)
 
             d_w, _ = launch_dw(dispatch.gemm_config_for(
                 "dw", plan.dw_gemm, launch_dw, m=n, n=k, k=m, r=1, dtype=x.dtype, shrink_in_loop=False,
-                epilogue_mask=False, device=x.device))
+                epilogue_mask=False, device=x.device, persistent=plan.persistent))
     return dx, d_w, d_bias, d_a, d_b
 
 

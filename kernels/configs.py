@@ -176,17 +176,25 @@ EPILOGUE_MASK_MAX_ELEMS_PER_THREAD = {2: 64, 4: 32}
 #: Before Hopper (mma.sync) a 128x256 accumulator on 8 warps spills (compile
 #: report, sm_80): tiles are capped at this many accumulator elements per thread.
 PRE_HOPPER_MAX_ELEMS_PER_THREAD = 64
+#: The persistent grid's flattened tile loop keeps the next tile's state live
+#: beside the accumulator: on 128x256 tiles (8 warps) Triton 3.6's code spills
+#: 16-92 bytes (forward and dx, pointer loads; compile report, sm_90), so its
+#: tiles are capped at this many accumulator elements per thread.
+PERSISTENT_MAX_ELEMS_PER_THREAD = 64
 
 
 def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask: bool = False,
-                    smem_limit: int = SMEM_LIMIT_SM90, arch: int = 90) -> list[GemmConfig]:
+                    smem_limit: int = SMEM_LIMIT_SM90, arch: int = 90, persistent: bool = False) -> list[GemmConfig]:
     """The shipped GEMM configurations for an element size, pruned to those
-    whose shared memory fits ``smem_limit`` (and, with an epilogue mask or
-    before Hopper, whose tile leaves few enough elements per thread)."""
+    whose shared memory fits ``smem_limit`` (and, with an epilogue mask, on
+    the persistent grid or before Hopper, whose tile leaves few enough
+    elements per thread)."""
     pool = _GEMM_CANDIDATES_FP32 if elt == 4 else _GEMM_CANDIDATES_16BIT
     cap = PRE_HOPPER_MAX_ELEMS_PER_THREAD if arch < 90 else None
     if epilogue_mask:
         cap = min(cap or 1 << 30, EPILOGUE_MASK_MAX_ELEMS_PER_THREAD[elt])
+    if persistent:
+        cap = min(cap or 1 << 30, PERSISTENT_MAX_ELEMS_PER_THREAD)
     return [c for c in pool
             if c.smem_bytes(elt, block_r, shrink_in_loop) <= smem_limit
             and (cap is None or c.elems_per_thread() <= cap)]
@@ -211,7 +219,8 @@ def split_k_for(config: GemmConfig, m: int, n: int, k: int, interpreter: bool) -
 
 
 def gemm_config(m: int, n: int, k: int, r: int, elt: int, shrink_in_loop: bool,
-                interpreter: bool, epilogue_mask: bool = False, arch: int = 90) -> GemmConfig:
+                interpreter: bool, epilogue_mask: bool = False, arch: int = 90,
+                persistent: bool = False) -> GemmConfig:
     """The GEMM tiles (and split-K) for an (m, k) x (k, n) product with a
     rank-r term.
 
@@ -220,18 +229,18 @@ def gemm_config(m: int, n: int, k: int, r: int, elt: int, shrink_in_loop: bool,
     128-row tile nor leave SMs idle; split-K where even the narrowest tiles
     leave SMs idle (never with the in-loop shrink, which needs all of K).
     """
-    tiles = _gemm_tiles(m, n, r, elt, shrink_in_loop, interpreter, epilogue_mask, arch)
+    tiles = _gemm_tiles(m, n, r, elt, shrink_in_loop, interpreter, epilogue_mask, arch, persistent)
     if shrink_in_loop:
         return tiles
     return replace(tiles, split_k=split_k_for(tiles, m, n, k, interpreter))
 
 
 def _gemm_tiles(m: int, n: int, r: int, elt: int, shrink_in_loop: bool, interpreter: bool,
-                epilogue_mask: bool, arch: int) -> GemmConfig:
+                epilogue_mask: bool, arch: int, persistent: bool) -> GemmConfig:
     if interpreter:
         return INTERPRETER_GEMM_WIDE if m >= INTERPRETER_WIDE_FROM_M else INTERPRETER_GEMM
     block_r = block_r_for(r) if shrink_in_loop else block_r_for(r, GEMM_LR_MAX_BLOCK_R[elt])
-    cands = gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, arch=arch)
+    cands = gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, arch=arch, persistent=persistent)
     mb = m_bucket(m)
     fitting_m = [c for c in cands if c.block_m <= max(16, mb)]
     pool = fitting_m or cands
@@ -243,6 +252,26 @@ def _gemm_tiles(m: int, n: int, r: int, elt: int, shrink_in_loop: bool, interpre
         if tiles >= NUM_SMS_SM90:
             return c
     return pool[-1]
+
+
+#: A persistent GEMM (opt-in, :func:`fused_lora.dispatch.set_persistent`)
+#: runs as many programs per SM as fit at once: by shared memory (the
+#: estimate above) and by registers (at most 255 a thread, 64 K a SM).
+REGISTERS_PER_SM = 65_536
+MAX_REGISTERS_PER_THREAD = 255
+#: The interpreter's persistent grid: few programs, an uneven number, so that
+#: the test shapes give each program several tiles and some one more than others.
+INTERPRETER_PERSISTENT_PROGRAMS = 3
+
+
+def persistent_programs(config: GemmConfig, elt: int, block_r: int, shrink_in_loop: bool, interpreter: bool,
+                        num_sms: int = NUM_SMS_SM90) -> int:
+    """How many programs a persistent GEMM launches: every SM full, no more."""
+    if interpreter:
+        return INTERPRETER_PERSISTENT_PROGRAMS
+    by_smem = SMEM_LIMIT_SM90 // max(1, config.smem_bytes(elt, block_r, shrink_in_loop))
+    by_registers = REGISTERS_PER_SM // (config.num_warps * 32 * MAX_REGISTERS_PER_THREAD)
+    return num_sms * max(1, min(by_smem, by_registers))
 
 
 def skinny_config(elt: int, interpreter: bool, m: int = 0) -> SkinnyConfig:

@@ -21,12 +21,14 @@ materialised for the low-rank term.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .common import alloc, in_bounds, is_interpreted, keep_mask, load_operand
-from .configs import GEMM_LR_MAX_BLOCK_R, GemmConfig, block_r_for
+from .configs import GEMM_LR_MAX_BLOCK_R, NUM_SMS_SM90, GemmConfig, block_r_for, persistent_programs
 from .skinny import reduce_partials
 
 try:  # host-side tensor descriptors (TMA): Triton 3.4 and later
@@ -96,6 +98,7 @@ def lora_gemm_kernel(
     EVEN_R: tl.constexpr,  # R % BLOCK_R == 0: no rank mask (vector loads of the low-rank factors)
     TMA: tl.constexpr,  # A and B tiles through tensor descriptors (Hopper TMA; zero fill outside)
     A_T: tl.constexpr, B_T: tl.constexpr,  # the descriptor describes the transposed operand
+    PERSISTENT: tl.constexpr,  # about one program per SM, each walking output tiles in a loop (no split-K)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -112,114 +115,129 @@ def lora_gemm_kernel(
     carries the low-rank term and the bias. The launcher sums the S partials
     in split order (deterministic, no atomics).
 
+    ``PERSISTENT`` (no split-K): P programs, about one per SM, program p
+    computing tiles p, p + P, ... in turn; the tile loop is marked for
+    flattening with the K loop, where the compiler can (it then prefetches the
+    next tile's operands during this tile's epilogue).
+
     ``TMA``: the A and B tiles of the K loop come through tensor descriptors
     (Hopper's copy engine, which zero-fills outside the operand, so no masks);
     a column-major operand is described through its transpose (``A_T``,
     ``B_T``). Everything else is unchanged.
     """
-    # Grouped ordering: GROUP_M row-tiles share each B column-tile in L2.
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    # Loads wrap out-of-range rows/columns onto valid ones (their results are
-    # never stored), so only the K tail needs a mask in the loop. Row and
-    # column offsets are int64 before they meet a stride: M·stride can pass 2**31.
-    rows = (offs_m % M).to(tl.int64)
-    cols = (offs_n % N).to(tl.int64)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if LOW_RANK == 1:
-        # Precomputed U: the low-rank term (masked) initialises the
-        # accumulator, so no second (BLOCK_M, BLOCK_N) fp32 tile is ever live.
-        # Under split-K only split 0 carries it (the other splits' zeros go
-        # through the mask too: keeping the mask outside this branch is what
-        # keeps the 128x128 dropout epilogue from spilling, compile report).
-        # The mask is drawn before the low-rank dot, while no accumulator is
-        # live (compile report, 128x128 on 8 warps, four columns a Philox
-        # call: 168 registers, against about 195 when drawn after it; with a
-        # call per element, drawn after it, Triton 3.6's code spilled 1.7 KB.
-        # Eight columns a call: 184 on Triton 3.6 and 3.9, no spill).
-        if LR_DROPOUT:
-            keep = keep_mask(seed, offs_m, pid_n * BLOCK_N, N, p, BLOCK_N, OFFSET_INT64)
-        if pid_k == 0:
-            for r0 in range(0, R, BLOCK_R):
-                r_in = in_bounds(offs_r, R - r0, EVEN_R)
-                u = tl.load(u_ptr + rows[:, None] * stride_um + (r0 + offs_r)[None, :] * stride_ur,
-                            mask=r_in[None, :], other=0.0)
-                v = load_operand(v_ptr + (r0 + offs_r)[:, None] * stride_vr + cols[None, :] * stride_vn,
-                                 r_in[:, None], UPCAST)
-                acc = tl.dot((u * lr_scale).to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-        if LR_DROPOUT:
-            # Multiply (not select) so that NaN/Inf propagate as in x * mask.
-            acc = acc * keep.to(tl.float32)
-    else:
-        tl.static_assert(not LR_DROPOUT, "the epilogue mask needs a precomputed low-rank factor")
-
-    # In whole blocks, so that the compiler knows k_lo's alignment (vector loads, pipelining).
-    k_lo = pid_k * k_blocks_per_split * BLOCK_K
-    k_len = min(K - k_lo, k_blocks_per_split * BLOCK_K)
-    a_ptrs = a_ptr + k_lo.to(tl.int64) * stride_ak + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + k_lo.to(tl.int64) * stride_bk + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
-    if LOW_RANK == 2:  # (never split: the launcher runs the in-loop shrink with S = 1)
-        s_ptrs = s_ptr + offs_k[:, None] * stride_sk + offs_r[None, :] * stride_sr
-        xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        r_in = in_bounds(offs_r, R, EVEN_R)
-    for k0 in range(0, k_len, BLOCK_K):
-        if not EVEN_K:
-            k_in = offs_k < k_len - k0
-        if TMA:  # the copy engine zero-fills rows, columns and the K tail outside the operands
-            a = load_tile(a_desc, pid_m * BLOCK_M, k_lo + k0, A_T, UPCAST)
-            b = load_tile(b_desc, k_lo + k0, pid_n * BLOCK_N, B_T, UPCAST)
-        elif EVEN_K:  # no K tail: unmasked loads (the common case, K a multiple of BLOCK_K)
-            a = load_operand(a_ptrs, None, UPCAST)
-            b = load_operand(b_ptrs, None, UPCAST)
+    num_tiles = num_pid_m * num_pid_n
+    if PERSISTENT:
+        num_my_tiles = tl.cdiv(num_tiles - tl.program_id(0), tl.num_programs(0))
+    else:  # this program's tile only: a constant trip count of 1 compiles to no loop
+        num_my_tiles: tl.constexpr = 1
+    for i in tl.range(0, num_my_tiles, flatten=PERSISTENT):
+        if PERSISTENT:
+            pid = tl.program_id(0) + i * tl.num_programs(0)
+            pid_k = tl.full([], 0, tl.int32)  # (a constant: the K loop's bounds do not depend on the tile)
         else:
-            a = load_operand(a_ptrs, k_in[None, :], UPCAST)
-            b = load_operand(b_ptrs, k_in[:, None], UPCAST)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        if LOW_RANK == 2:
-            s_mask = r_in[None, :]
+            pid = tl.program_id(0)
+            pid_k = tl.program_id(1)
+        # Grouped ordering: GROUP_M row-tiles share each B column-tile in L2.
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        # Loads wrap out-of-range rows/columns onto valid ones (their results are
+        # never stored), so only the K tail needs a mask in the loop. Row and
+        # column offsets are int64 before they meet a stride: M·stride can pass 2**31.
+        rows = (offs_m % M).to(tl.int64)
+        cols = (offs_n % N).to(tl.int64)
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if LOW_RANK == 1:
+            # Precomputed U: the low-rank term (masked) initialises the
+            # accumulator, so no second (BLOCK_M, BLOCK_N) fp32 tile is ever live.
+            # Under split-K only split 0 carries it (the other splits' zeros go
+            # through the mask too: keeping the mask outside this branch is what
+            # keeps the 128x128 dropout epilogue from spilling, compile report).
+            # The mask is drawn before the low-rank dot, while no accumulator is
+            # live (compile report, 128x128 on 8 warps, four columns a Philox
+            # call: 168 registers, against about 195 when drawn after it; with a
+            # call per element, drawn after it, Triton 3.6's code spilled 1.7 KB.
+            # Eight columns a call: 184 on Triton 3.6 and 3.9, no spill).
+            if LR_DROPOUT:
+                keep = keep_mask(seed, offs_m, pid_n * BLOCK_N, N, p, BLOCK_N, OFFSET_INT64)
+            if pid_k == 0:
+                for r0 in range(0, R, BLOCK_R):
+                    r_in = in_bounds(offs_r, R - r0, EVEN_R)
+                    u = tl.load(u_ptr + rows[:, None] * stride_um + (r0 + offs_r)[None, :] * stride_ur,
+                                mask=r_in[None, :], other=0.0)
+                    v = load_operand(v_ptr + (r0 + offs_r)[:, None] * stride_vr + cols[None, :] * stride_vn,
+                                     r_in[:, None], UPCAST)
+                    acc = tl.dot((u * lr_scale).to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+            if LR_DROPOUT:
+                # Multiply (not select) so that NaN/Inf propagate as in x * mask.
+                acc = acc * keep.to(tl.float32)
+        else:
+            tl.static_assert(not LR_DROPOUT, "the epilogue mask needs a precomputed low-rank factor")
+
+        # In whole blocks, so that the compiler knows k_lo's alignment (vector loads, pipelining).
+        k_lo = pid_k * k_blocks_per_split * BLOCK_K
+        k_len = min(K - k_lo, k_blocks_per_split * BLOCK_K)
+        a_ptrs = a_ptr + k_lo.to(tl.int64) * stride_ak + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + k_lo.to(tl.int64) * stride_bk + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+        if LOW_RANK == 2:  # (never split: the launcher runs the in-loop shrink with S = 1)
+            s_ptrs = s_ptr + offs_k[:, None] * stride_sk + offs_r[None, :] * stride_sr
+            xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            r_in = in_bounds(offs_r, R, EVEN_R)
+        for k0 in range(0, k_len, BLOCK_K):
             if not EVEN_K:
-                s_mask = s_mask & k_in[:, None]
-            s = load_operand(s_ptrs, s_mask, UPCAST)
-            xa = tl.dot(a, s, xa, input_precision=INPUT_PRECISION)
-            s_ptrs += BLOCK_K * stride_sk
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+                k_in = offs_k < k_len - k0
+            if TMA:  # the copy engine zero-fills rows, columns and the K tail outside the operands
+                a = load_tile(a_desc, pid_m * BLOCK_M, k_lo + k0, A_T, UPCAST)
+                b = load_tile(b_desc, k_lo + k0, pid_n * BLOCK_N, B_T, UPCAST)
+            elif EVEN_K:  # no K tail: unmasked loads (the common case, K a multiple of BLOCK_K)
+                a = load_operand(a_ptrs, None, UPCAST)
+                b = load_operand(b_ptrs, None, UPCAST)
+            else:
+                a = load_operand(a_ptrs, k_in[None, :], UPCAST)
+                b = load_operand(b_ptrs, k_in[:, None], UPCAST)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            if LOW_RANK == 2:
+                s_mask = r_in[None, :]
+                if not EVEN_K:
+                    s_mask = s_mask & k_in[:, None]
+                s = load_operand(s_ptrs, s_mask, UPCAST)
+                xa = tl.dot(a, s, xa, input_precision=INPUT_PRECISION)
+                s_ptrs += BLOCK_K * stride_sk
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
 
-    if LOW_RANK == 2:
-        # Clear the padded rank columns: x·0 is NaN where x is ±Inf, and
-        # that NaN must not reach the real columns through the next dot.
-        xa = tl.where(r_in[None, :], xa, 0.0)
-        if pid_n == 0:
-            xa_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + offs_r[None, :] * stride_xar
-            tl.store(xa_ptrs, xa, mask=mask_m[:, None] & r_in[None, :])
-        v = load_operand(v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn,
-                         r_in[:, None], UPCAST)
-        acc = tl.dot((xa * lr_scale).to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        if LOW_RANK == 2:
+            # Clear the padded rank columns: x·0 is NaN where x is ±Inf, and
+            # that NaN must not reach the real columns through the next dot.
+            xa = tl.where(r_in[None, :], xa, 0.0)
+            if pid_n == 0:
+                xa_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + offs_r[None, :] * stride_xar
+                tl.store(xa_ptrs, xa, mask=mask_m[:, None] & r_in[None, :])
+            v = load_operand(v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn,
+                             r_in[:, None], UPCAST)
+            acc = tl.dot((xa * lr_scale).to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
 
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols * stride_bias).to(tl.float32)
-        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
-    # This split's partial (split-K; else C itself). The slab stride is a
-    # multiple of 16 elements so that the stores stay vectorised.
-    c_ptr += pid_k.to(tl.int64) * stride_cs16 * 16
-    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols * stride_bias).to(tl.float32)
+            acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
+        # This split's partial (split-K; else C itself). The slab stride is a
+        # multiple of 16 elements so that the stores stay vectorised.
+        c_split = c_ptr + pid_k.to(tl.int64) * stride_cs16 * 16
+        c_ptrs = c_split + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def lora_gemm(
@@ -237,6 +255,7 @@ def lora_gemm(
     seed: int = 0,
     input_precision: str = "ieee",
     tma: bool = False,
+    persistent: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``C = a @ b + bias + lr_scale * (U @ v)``, ``U = u`` or ``a @ shrink``.
 
@@ -247,6 +266,10 @@ def lora_gemm(
     splits K over that many programs per tile (fp32 partials, then one ordered
     reduction launch); not with ``shrink``. ``tma``: load the a and b tiles
     through tensor descriptors where both operands allow one (else pointers).
+    ``persistent``: without split-K, and with more output tiles than the GPU
+    runs programs at once, a persistent grid of that many programs walks the
+    tiles (else one program per tile and split; the results are the same bit
+    for bit).
     """
     # 1. constraints (the public API validated the user's arguments; these
     #    guard the launcher's own contract)
@@ -298,7 +321,12 @@ def lora_gemm(
     s_ = shrink if shrink is not None else dummy
     v_ = v if v is not None else dummy
     xa_ = xa if xa is not None else dummy
-    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n), split_k)
+    tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
+    interpreted = is_interpreted(lora_gemm_kernel)
+    programs = persistent_programs(config, a.element_size(), block_r, low_rank == LOW_RANK_IN_LOOP, interpreted,
+                                   num_sms(a.device)) if persistent else 0
+    persistent = split_k == 1 and 0 < programs < tiles
+    grid = (programs,) if persistent else (tiles, split_k)
     descs = tma_descriptors(a, b, config) if tma and K else None
     a_desc, a_t, b_desc, b_t = descs if descs is not None else (None, False, None, False)
     lora_gemm_kernel[grid](
@@ -317,7 +345,7 @@ def lora_gemm(
         LOW_RANK=low_rank,
         LR_DROPOUT=low_rank != LOW_RANK_NONE and dropout_p > 0.0,
         OFFSET_INT64=M * N >= 2**31,
-        UPCAST=is_interpreted(lora_gemm_kernel) and a.dtype == torch.bfloat16,
+        UPCAST=interpreted and a.dtype == torch.bfloat16,
         INPUT_PRECISION=input_precision,
         EVEN_K=K % config.block_k == 0,
         # (The in-loop shrink reads its rank factor along K, where the rank
@@ -325,12 +353,25 @@ def lora_gemm(
         # tile with the flag on: compile report.)
         EVEN_R=r % block_r == 0 and low_rank != LOW_RANK_IN_LOOP,
         TMA=descs is not None, A_T=a_t, B_T=b_t,
+        PERSISTENT=persistent,
         BLOCK_R=block_r,
         **config.launch_kwargs(),
     )
     if split_k > 1:
         reduce_partials(target, c)
     return c, xa
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (Hopper's count elsewhere)."""
+    if device.type != "cuda":
+        return NUM_SMS_SM90
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int):

@@ -20,7 +20,8 @@ def test_check_passes_and_reports_json(capsys):
     assert len(report["rows"]) >= 25
     paths = {row["path"] for row in report["rows"]}
     assert {"in_loop", "split +train-base", "split +dropout", "hybrid +dropout +train-base",
-            "split +train-base +tma", "split +dropout +tma"} <= paths
+            "split +train-base +tma", "split +dropout +tma", "in_loop +train-base +persistent",
+            "split +dropout +persistent", "split +train-base +tma +persistent"} <= paths
     for row in report["rows"]:
         assert row["passed"] and 0 <= row["worst"] <= row["tolerance"]
         assert {"y", "dx", "dlora_A", "dlora_B"} <= set(row["errors"])
@@ -59,7 +60,8 @@ def test_bench_smoke_writes_results(tmp_path, capsys):
     assert all(m["note"].startswith("N/A") == (m["provider"] == "fused:in_loop" and m["case"]["dropout"] > 0)
                for m in forced)
     assert all(m["max_error"] < 1e-2 for m in forced if m["case"]["dropout"] == 0)
-    assert "### Forward strategies, forced, and TMA loads" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "### Forward strategies, forced, TMA loads and the persistent grid" in md
     assert not [m for m in data["measurements"] if m["note"].startswith("failed")]
     # fused agrees with naive wherever the harness checks it
     errors = [m["max_error"] for m in measured if m["provider"] == "fused" and m["max_error"] is not None]

@@ -43,11 +43,21 @@ def test_report_covers_every_shipped_config(sm90):
         assert {p for p, d, _ in tma if d == dtype} >= {"forward_in_loop+tma", "forward_split+tma", "dx+tma",
                                                         "dx_dropout+tma", "forward_split+split_k+tma",
                                                         "dx_dropout+split_k+tma"}
+    # the persistent grid: every 16-bit tile it may run, each GEMM pass, with pointers and with TMA loads
+    persistent = {(r.pass_name, r.dtype, tuple(sorted(r.config.items()))) for r in sm90
+                  if r.pass_name.endswith("+persistent")}
+    for dtype in ("bf16", "fp16"):
+        for cfg in configs.gemm_candidates(2, 16, False, persistent=True):
+            for loads in ("", "+tma"):
+                assert (f"dw{loads}+persistent", dtype, tuple(sorted(vars(cfg).items()))) in persistent
+        assert {p for p, d, _ in persistent if d == dtype} == {
+            f"{p}{loads}+persistent" for p in ("forward_in_loop", "forward_split", "dx", "dx_dropout", "dw")
+            for loads in ("", "+tma")}
     for r in sm90:
         assert r.shared is not None and r.shared <= configs.SMEM_LIMIT_SM90
         if r.kernel == "gemm" and r.dtype != "fp32":
             assert r.wgmma and not r.mma_sync
-        assert r.tma == r.pass_name.endswith("+tma"), r.pass_name  # TMA copies exactly where asked for
+        assert r.tma == ("+tma" in r.pass_name), r.pass_name  # TMA copies exactly where asked for
 
 
 def test_problems_catches_what_it_should():

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+import triton
 
 import fused_lora
 from fused_lora import _triton
@@ -187,6 +188,88 @@ def test_tma_loads_match_the_reference(tma_on, monkeypatch, dtype, strategy, p):
         assert_close(g, g64[name], dtype, f"d{name}")
 
 
+@pytest.fixture
+def three_programs(monkeypatch):
+    """A persistent grid of three programs, on the GPU as under the
+    interpreter, so that the test shapes give every program several tiles
+    and some one more than others. Returns the counts the launcher asked for."""
+    asked = []
+
+    def three(*args, **kwargs):
+        asked.append(configs.persistent_programs(*args, **kwargs))
+        return 3
+
+    monkeypatch.setattr(gemm, "persistent_programs", three)
+    return asked
+
+
+@pytest.mark.parametrize("dtype, tma", [(torch.float32, False), (torch.float16, False), (torch.float16, True)],
+                         ids=["fp32", "fp16", "fp16-tma"])
+@pytest.mark.parametrize("low_rank, p", [("none", 0.0), ("in_loop", 0.0), ("precomputed", 0.0), ("precomputed", 0.3)])
+def test_persistent_grid_computes_every_tile_as_one_program_per_tile(three_programs, dtype, tma, low_rank, p):
+    """Three programs walking all the output tiles (ragged M, N and K) write
+    the same bits as one program per tile: the same tile code in the same
+    order; nothing skipped (the output starts as NaN), nothing written twice."""
+    m, n, k, r, scale, seed = 123, 75, 72, 5, 1.5, 9
+    a = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, k, device=DEVICE, dtype=dtype).t()
+    bias = torch.randn(n, device=DEVICE, dtype=dtype)
+    v = torch.randn(r, n, device=DEVICE, dtype=dtype)
+    lr = {"none": {}, "in_loop": dict(shrink=torch.randn(k, r, device=DEVICE, dtype=dtype) / k ** 0.5, v=v),
+          "precomputed": dict(u=torch.randn(m, r, device=DEVICE), v=v)}[low_rank]
+    cfg = dataclasses.replace(configs.gemm_config(m, n, k, r, a.element_size(), low_rank == "in_loop",
+                                                  _triton.interpreter()), split_k=1)
+    assert triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n) > 3 * 2  # two tiles a program, or more
+
+    def run(persistent):
+        return gemm.lora_gemm(a, b, bias=bias, lr_scale=scale, dropout_p=p, seed=seed, config=cfg, out_dtype=dtype,
+                              tma=tma, persistent=persistent, **lr)
+
+    c1, xa1 = run(True)
+    assert len(three_programs) == 1 and three_programs[0] >= 1
+    c0, xa0 = run(False)
+    assert len(three_programs) == 1  # (one program per tile: not asked)
+    assert torch.equal(c1, c0)
+    if low_rank == "in_loop":
+        assert torch.equal(xa1, xa0)
+    want = a.double() @ b.double() + bias.double()
+    if low_rank != "none":
+        left = lr["u"].double() if low_rank == "precomputed" else a.double() @ lr["shrink"].double()
+        keep = fused_lora.dropout_mask(seed, (m, n), p, device=DEVICE).double() if p else 1.0
+        want = want + scale * (left @ v.double()) * keep
+    assert_close(c1, want, dtype, "persistent")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("strategy, p", [("in_loop", 0.0), ("split", 0.0), ("split", 0.2)])
+def test_persistent_switch_runs_every_gemm_pass_persistent(three_programs, dtype, strategy, p):
+    """With the persistent switch on, the forward, dx and dW GEMMs (those
+    without split-K) run on the persistent grid, and the whole step gives the
+    same bits as without it."""
+    x = torch.randn(3, 47, 72, device=DEVICE, dtype=dtype).requires_grad_()  # M = 141
+    w, b, a, bb = make_params(72, 90, 6, dtype, True)
+    leaves = (x, w, b, a, bb)
+    for t in leaves[1:]:
+        t.requires_grad_()
+    dy = torch.randn(3, 47, 90, device=DEVICE, dtype=dtype)
+
+    def step():
+        with fused_lora.dispatch.force_strategy(strategy):
+            y = fused_lora.lora_linear(x, w, a, bb, b, scaling=1.25, dropout_p=p, seed=3, backend="triton")
+            return (y, *torch.autograd.grad(y, leaves, dy))
+
+    with fused_lora.dispatch.use_persistent(True):
+        plan = fused_lora.dispatch.plan(141, 90, 72, 6, dtype, p, fused_lora.dispatch.device_arch(x.device),
+                                        strategy=strategy)
+        if not plan.persistent:
+            pytest.skip("the persistent grid is for Hopper (sm_90) or the interpreter")
+        got = step()
+    unsplit = sum(c.split_k == 1 for c in (plan.fwd_gemm, plan.dx_gemm, plan.dw_gemm))
+    assert len(three_programs) == unsplit > 0
+    for g, want in zip(got, step()):
+        assert torch.equal(g, want)
+
+
 def test_tma_descriptors_only_where_the_copy_engine_can_read():
     cfg = configs.GemmConfig(32, 32, 32)
     a = torch.randn(40, 64, device=DEVICE, dtype=torch.float16)
@@ -337,6 +420,39 @@ def test_scaling_and_dropout_are_runtime_arguments():
         if before is not None:
             after = sum(len(c[0]) for c in gemm.lora_gemm_kernel.device_caches.values())
             assert after == before
+
+
+def test_switches_apply_where_they_can_and_are_restored():
+    """TMA loads and the persistent grid are off by default, for 16-bit
+    Triton GEMMs on Hopper (or the interpreter) only, and each ``use_*``
+    block restores the previous setting; explain says what is on."""
+    d = fused_lora.dispatch
+    x_shape, w_shape = (8192, 4096), (4096, 4096)
+    off = fused_lora.explain(x_shape, w_shape, 16).plan
+    assert not off.persistent and not off.tma
+    with d.use_persistent(True):
+        e = fused_lora.explain(x_shape, w_shape, 16)
+        assert e.plan.persistent and "persistent" in str(e)
+        assert not fused_lora.explain(x_shape, w_shape, 16, dtype=torch.float32).plan.persistent  # hybrid
+        assert not fused_lora.explain(x_shape, w_shape, 16, target="sm_80").plan.persistent
+        assert fused_lora.explain(x_shape, w_shape, 16, target="interpreter").plan.persistent
+        with d.use_persistent(False):
+            assert not fused_lora.explain(x_shape, w_shape, 16).plan.persistent
+        assert fused_lora.explain(x_shape, w_shape, 16).plan.persistent
+        with d.use_tma(True):
+            both = fused_lora.explain(x_shape, w_shape, 16).plan
+            assert both.persistent and both.tma == _triton.get().tma_available()
+    assert fused_lora.explain(x_shape, w_shape, 16).plan == off
+
+
+def test_persistent_programs_fill_every_sm_once():
+    """One program per SM for the 8-warp tiles (registers), more where the
+    shared memory and registers of several fit (narrow 4-warp tiles)."""
+    wide = configs.GemmConfig(128, 256, 64, 8, 8, 3)
+    assert configs.persistent_programs(wide, 2, 16, True, False, num_sms=132) == 132
+    narrow = configs.GemmConfig(64, 64, 64, 8, 4, 4)
+    assert configs.persistent_programs(narrow, 2, 16, False, False, num_sms=132) == 2 * 132
+    assert configs.persistent_programs(wide, 2, 16, True, True) == configs.INTERPRETER_PERSISTENT_PROGRAMS
 
 
 def test_explain_says_what_runs_and_why():
