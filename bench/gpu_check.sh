@@ -83,6 +83,7 @@ rc_bench=$?
 
 echo "== summary"
 printf '%s\n' "${summary[@]}"
+echo "benchmark kernels compiled ahead: exit $rc_compile | $(grep -E 'benchmark steps once' "$logs/compile.log" | tail -1)"
 echo "tests: exit $rc_tests | benchmark: exit $rc_bench | results in $OUT"
 if [ -f "$OUT/results.md" ]; then
     grep -E '^\| (case \| mode|M=(8192|16) 4096->4096 r=16)' "$OUT/results.md" | head -13 || true
