@@ -40,20 +40,24 @@ echo "== tests on CUDA"
 # Most of the suite's time on a GPU is Triton compiling kernel variants (over
 # 500 of them), one core per process. So the suite runs as SHARDS interleaved
 # shards at once (tests/conftest.py --shard i/n), sharing the on-disk kernel
-# cache, and beside them one more process compiles every kernel of the
-# benchmark (bench --compile-only), so that the benchmark's time budget goes to
-# timing. The compile checks (sm_90 code built on CPUs, test_compile_report/
+# cache, and beside them COMPILERS more processes compile every kernel of the
+# benchmark (bench --compile-only --shard j/COMPILERS), so that the benchmark's
+# time budget goes to timing. The compile checks (sm_90 code built on CPUs, test_compile_report/
 # test_gpu_triton) are CI's: the GPU's time is for GPU tests.
 tests=(tests/test_parity.py tests/test_kernels.py tests/test_dropout.py tests/test_layer.py
        tests/test_torch_integration.py tests/test_errors.py tests/test_reference.py tests/test_integration.py
        tests/test_cli.py tests/test_demo.py tests/test_distributed.py tests/test_packaging.py)
 ncpu=$(nproc 2>/dev/null || echo 2)
 SHARDS=${SHARDS:-$(( ncpu / 2 > 8 ? 8 : (ncpu / 2 < 1 ? 1 : ncpu / 2) ))}
+COMPILERS=2  # processes compiling the benchmark's kernels, each every other case
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
-timeout 200 "$PY" -m fused_lora.cli bench --preset gpu-check --compile-only --time-budget 180 \
-    > "$logs/compile.log" 2>&1 &
-compile_pid=$!
+compile_pids=()
+for j in $(seq 0 $((COMPILERS - 1))); do
+    timeout 200 "$PY" -m fused_lora.cli bench --preset gpu-check --compile-only --shard "$j/$COMPILERS" \
+        --time-budget 180 > "$logs/compile$j.log" 2>&1 &
+    compile_pids+=($!)
+done
 pids=()
 for i in $(seq 0 $((SHARDS - 1))); do
     timeout 200 "$PY" -m pytest -q -p no:cacheprovider -o addopts="-ra" --shard "$i/$SHARDS" \
@@ -71,10 +75,15 @@ for i in "${!pids[@]}"; do
     [ $rc -ne 0 ] && [ $rc_tests -eq 0 ] && rc_tests=$rc
     summary+=("shard $i/$SHARDS: exit $rc | $(grep -E '[0-9]+ (passed|failed|errors?)' "$logs/shard$i.log" | tail -1)")
 done
-wait $compile_pid
-rc_compile=$?
-echo "-- benchmark kernels compiled ahead (exit $rc_compile)"
-tail -20 "$logs/compile.log"
+rc_compile=0
+for j in "${!compile_pids[@]}"; do
+    wait "${compile_pids[$j]}"
+    rc=$?
+    echo "-- benchmark kernels compiled ahead, part $j/$COMPILERS (exit $rc)"
+    tail -20 "$logs/compile$j.log"
+    [ $rc -ne 0 ] && [ $rc_compile -eq 0 ] && rc_compile=$rc
+    summary+=("benchmark kernels compiled ahead, part $j/$COMPILERS: exit $rc | $(grep -E 'benchmark steps once' "$logs/compile$j.log" | tail -1)")
+done
 
 echo "== benchmark (preset gpu-check)"
 timeout 200 "$PY" -m fused_lora.cli bench --preset gpu-check --time-budget 140 --out "$OUT"
@@ -83,7 +92,6 @@ rc_bench=$?
 
 echo "== summary"
 printf '%s\n' "${summary[@]}"
-echo "benchmark kernels compiled ahead: exit $rc_compile | $(grep -E 'benchmark steps once' "$logs/compile.log" | tail -1)"
 echo "tests: exit $rc_tests | benchmark: exit $rc_bench | results in $OUT"
 if [ -f "$OUT/results.md" ]; then
     grep -E '^\| (case \| mode|M=(8192|16) 4096->4096 r=16)' "$OUT/results.md" | head -13 || true

@@ -766,6 +766,13 @@ def default_out_dir(env: dict) -> Path:
     return Path("out") / f"bench-{today}-cpu-interpreter"
 
 
+def shard_cases(preset: Preset, index: int, count: int) -> Preset:
+    """Every ``count``-th case and variant case from the ``index``-th
+    (``bench --compile-only --shard i/n``: compiling in parallel processes)."""
+    return dataclasses.replace(preset, cases=preset.cases[index::count],
+                               variant_cases=tuple(preset.variant_cases[index::count]))
+
+
 def filter_cases(preset: Preset, ms=None) -> Preset:
     if not ms:
         return preset

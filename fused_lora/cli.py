@@ -195,6 +195,18 @@ def cmd_bench(args) -> int:
     preset = benchmark.filter_cases(presets[name], args.m)
     device = torch.device("cuda" if on_gpu else "cpu")
     deadline = time.monotonic() + args.time_budget if args.time_budget else None
+    if args.shard is not None:
+        from .testing import parse_shard
+
+        if not args.compile_only:
+            print("--shard splits --compile-only's work over processes; timings run one process at a time",
+                  file=sys.stderr)
+            return 2
+        try:
+            preset = benchmark.shard_cases(preset, *parse_shard(args.shard))
+        except ValueError as err:
+            print(err, file=sys.stderr)
+            return 2
     if args.compile_only:
         return _compile_only(benchmark, preset, device, deadline, where)
     env = benchmark.environment()
@@ -280,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-only", action="store_true",
                    help="run every step of the preset once, untimed, writing nothing: fills the kernel caches "
                         "(bench/gpu_check.sh runs it beside the tests)")
+    p.add_argument("--shard", metavar="i/n", help="with --compile-only: every n-th case from the i-th")
     p.add_argument("--update-readme", action="store_true",
                    help="run nothing: regenerate README.md's performance section from the committed GPU results")
     p.add_argument("--results-root", default="bench/results", help="with --update-readme: the results folder")

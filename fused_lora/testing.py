@@ -118,3 +118,15 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
     errors = {"y": normalized_error(y, y64)}
     errors.update({f"d{name}": normalized_error(g, g64[name]) for name, g in zip(wanted, grads)})
     return errors
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"i/n"`` (``--shard`` of pytest and of ``fused-lora bench --compile-only``:
+    shard i of n, counted from 0) as ``(i, n)``."""
+    try:
+        i, n = (int(part) for part in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must be 'i/n' with integers 0 <= i < n, got {spec!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard must be 'i/n' with integers 0 <= i < n, got {spec!r}")
+    return i, n

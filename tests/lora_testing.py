@@ -9,16 +9,7 @@ from fused_lora.testing import (  # noqa: F401
     make_params,
     make_x,
     normalized_error,
+    parse_shard,
     reference64,
 )
 
-
-def parse_shard(spec: str) -> tuple[int, int]:
-    """``"i/n"`` (``--shard``: shard i of n, counted from 0) as ``(i, n)``."""
-    try:
-        i, n = (int(part) for part in spec.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard must be 'i/n' with integers 0 <= i < n, got {spec!r}") from None
-    if not 0 <= i < n:
-        raise ValueError(f"--shard must be 'i/n' with integers 0 <= i < n, got {spec!r}")
-    return i, n

@@ -201,6 +201,14 @@ def test_bench_compile_only_runs_every_step_once_untimed_and_writes_nothing(tmp_
     assert len(calls) >= len(fused_runs) > 0 and {shape[0] for shape in calls} == {16}
     out = capsys.readouterr().out
     assert f"of {len(runs)} benchmark steps once, untimed" in out and "0 failed" in out
+    # --shard i/n: parallel processes each run every n-th case; together, all of them
+    parts = []
+    for i in range(2):
+        assert cli.main(["bench", "--preset", "smoke", "--compile-only", "--m", "16", "--shard", f"{i}/2"]) == 0
+        parts.append(int(capsys.readouterr().out.split(" of ")[1].split()[0]))
+    assert sum(parts) == len(runs) and min(parts) > 0
+    assert cli.main(["bench", "--preset", "smoke", "--compile-only", "--shard", "2/2"]) == 2
+    assert cli.main(["bench", "--preset", "smoke", "--shard", "0/2"]) == 2  # timings: one process at a time
 
 
 def test_bench_measures_the_targets_before_the_tuning_variants():
