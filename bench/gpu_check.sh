@@ -42,8 +42,8 @@ echo "== tests on CUDA"
 # shards at once (tests/conftest.py --shard i/n), sharing the on-disk kernel
 # cache, and beside them COMPILERS more processes compile every kernel of the
 # benchmark (bench --compile-only --shard j/COMPILERS), so that the benchmark's
-# time budget goes to timing. The compile checks (sm_90 code built on CPUs, test_compile_report/
-# test_gpu_triton) are CI's: the GPU's time is for GPU tests.
+# time budget goes to timing. The compile checks (sm_90 code built on CPUs,
+# test_compile_report/test_gpu_triton) are CI's: the GPU's time is for GPU tests.
 tests=(tests/test_parity.py tests/test_kernels.py tests/test_dropout.py tests/test_layer.py
        tests/test_torch_integration.py tests/test_errors.py tests/test_reference.py tests/test_integration.py
        tests/test_cli.py tests/test_demo.py tests/test_distributed.py tests/test_packaging.py)
@@ -60,8 +60,9 @@ for j in $(seq 0 $((COMPILERS - 1))); do
 done
 pids=()
 for i in $(seq 0 $((SHARDS - 1))); do
-    timeout 200 "$PY" -m pytest -q -p no:cacheprovider -o addopts="-ra" --shard "$i/$SHARDS" \
-        --basetemp "$logs/tmp$i" "${tests[@]}" > "$logs/shard$i.log" 2>&1 &
+    # (one inductor compile worker a shard: the shards are the parallelism, not 16 pools of 16)
+    TORCHINDUCTOR_COMPILE_THREADS=1 timeout 200 "$PY" -m pytest -q -p no:cacheprovider -o addopts="-ra" \
+        --shard "$i/$SHARDS" --basetemp "$logs/tmp$i" "${tests[@]}" > "$logs/shard$i.log" 2>&1 &
     pids+=($!)
 done
 rc_tests=0
