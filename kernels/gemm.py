@@ -324,8 +324,8 @@ def lora_gemm(
     tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
     interpreted = is_interpreted(lora_gemm_kernel)
     programs = persistent_programs(config, a.element_size(), block_r, low_rank == LOW_RANK_IN_LOOP, interpreted,
-                                   num_sms(a.device)) if persistent else 0
-    persistent = split_k == 1 and 0 < programs < tiles
+                                   num_sms(a.device)) if persistent and split_k == 1 else 0
+    persistent = 0 < programs < tiles
     grid = (programs,) if persistent else (tiles, split_k)
     descs = tma_descriptors(a, b, config) if tma and K else None
     a_desc, a_t, b_desc, b_t = descs if descs is not None else (None, False, None, False)

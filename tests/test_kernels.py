@@ -238,6 +238,12 @@ def test_persistent_grid_computes_every_tile_as_one_program_per_tile(three_progr
         keep = fused_lora.dropout_mask(seed, (m, n), p, device=DEVICE).double() if p else 1.0
         want = want + scale * (left @ v.double()) * keep
     assert_close(c1, want, dtype, "persistent")
+    if low_rank != "in_loop":  # split-K keeps one program per (tile, split): the switch does not apply
+        split = dataclasses.replace(cfg, split_k=2)
+        c2, _ = gemm.lora_gemm(a, b, bias=bias, lr_scale=scale, dropout_p=p, seed=seed, config=split,
+                               out_dtype=dtype, tma=tma, persistent=True, **lr)
+        assert len(three_programs) == 1
+        assert_close(c2, want, dtype, "persistent switch under split-K")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
