@@ -52,7 +52,6 @@ fits and keeps the fastest for that bucket (in this process).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import functools
 import os
@@ -71,15 +70,18 @@ IN_LOOP_MAX_R = 16
 #: fewest launches first.
 SMALL_M = 256
 
-#: Two switches for the 16-bit Triton GEMMs (Hopper and the interpreter), off
-#: until measured on an H200 (bench/gpu_check.sh times each: ``fused:tma``,
-#: ``fused:persistent``): TMA tensor descriptors for the A and B tiles
-#: (``FUSED_LORA_TMA=1`` or :func:`set_tma`), and a persistent grid, about
-#: one program per SM walking the output tiles (``FUSED_LORA_PERSISTENT=1``
-#: or :func:`set_persistent`). Process-wide, not per thread: autograd's
-#: backward threads see them too.
+#: Process-wide dispatch state, not per thread, so that autograd's backward
+#: threads see it too, and torch.compile reads it while tracing (guarding on
+#: it: a change recompiles). Two switches for the 16-bit Triton GEMMs (Hopper
+#: and the interpreter), off until measured on an H200 (bench/gpu_check.sh
+#: times each: ``fused:tma``, ``fused:persistent``): TMA tensor descriptors
+#: for the A and B tiles (``FUSED_LORA_TMA=1`` or :func:`set_tma`), and a
+#: persistent grid, about one program per SM walking the output tiles
+#: (``FUSED_LORA_PERSISTENT=1`` or :func:`set_persistent`). And the strategy
+#: forced by :func:`force_strategy` (None: chosen per shape).
 _switches = {"tma": os.environ.get("FUSED_LORA_TMA", "0") == "1",
-             "persistent": os.environ.get("FUSED_LORA_PERSISTENT", "0") == "1"}
+             "persistent": os.environ.get("FUSED_LORA_PERSISTENT", "0") == "1",
+             "strategy": None}
 
 
 def set_tma(enabled: bool) -> None:
@@ -93,9 +95,9 @@ def set_persistent(enabled: bool) -> None:
 
 
 @contextlib.contextmanager
-def _switched(name: str, enabled: bool):
+def _switched(name: str, value):
     previous = _switches[name]
-    _switches[name] = bool(enabled)
+    _switches[name] = value
     try:
         yield
     finally:
@@ -104,38 +106,27 @@ def _switched(name: str, enabled: bool):
 
 def use_tma(enabled: bool = True):
     """:func:`set_tma` inside a ``with`` block, restored after it."""
-    return _switched("tma", enabled)
+    return _switched("tma", bool(enabled))
 
 
 def use_persistent(enabled: bool = True):
     """:func:`set_persistent` inside a ``with`` block, restored after it."""
-    return _switched("persistent", enabled)
+    return _switched("persistent", bool(enabled))
 
 
-_forced_strategy: contextvars.ContextVar[str | None] = contextvars.ContextVar("fused_lora_strategy", default=None)
-
-
-@contextlib.contextmanager
 def force_strategy(strategy: str):
-    """Run the forward with ``strategy`` inside the block (tests and
-    benchmarks use it to cover every path). ``in_loop`` still falls back to
-    ``split`` where it cannot run (dropout, or r above one rank tile)."""
+    """Run the forward with ``strategy`` inside the ``with`` block (tests and
+    benchmarks use it to cover every path), and its backward too, wherever
+    and whenever autograd runs it. ``in_loop`` still falls back to ``split``
+    where it cannot run (dropout, or r above one rank tile). Process-wide."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    token = _forced_strategy.set(strategy)
-    try:
-        yield
-    finally:
-        _forced_strategy.reset(token)
+    return _switched("strategy", strategy)
 
 
 def forced_strategy() -> str | None:
-    """The strategy forced by an enclosing :func:`force_strategy`, or None.
-    (None while torch.compile traces: dynamo cannot read a ContextVar; the
-    kernels inside the op still see the force.)"""
-    if torch.compiler.is_compiling():
-        return None
-    return _forced_strategy.get()
+    """The strategy forced by an enclosing :func:`force_strategy`, or None."""
+    return _switches["strategy"]
 
 
 @dataclass(frozen=True)
@@ -215,7 +206,7 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
     interp = _triton.interpreter() if interpreter is None else interpreter
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    forced = strategy if strategy is not None else _forced_strategy.get()
+    forced = strategy if strategy is not None else _switches["strategy"]
     return _plan(m, n, k, r, dtype, dropout_p > 0.0, arch, interp, forced, input_precision(dtype),
                  _switches["tma"], _switches["persistent"])
 

@@ -63,14 +63,15 @@ def _flatten(t: Tensor, cols: int) -> Tensor:
 
 
 def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                   scaling: float, dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
-    """``(y, xa)`` of the math above, with the Triton kernels."""
+                   scaling: float, dropout_p: float, seed: int, strategy: str = "") -> tuple[Tensor, Tensor]:
+    """``(y, xa)`` of the math above, with the Triton kernels. ``strategy``:
+    a forced one (:func:`fused_lora.dispatch.force_strategy`), ``""``: none."""
     k_ = _triton.get()
     n, k = weight.shape
     r = lora_A.shape[0]
     x2 = _flatten(x, k)
     m = x2.shape[0]
-    plan = dispatch.plan(m, n, k, r, x.dtype, dropout_p, dispatch.device_arch(x.device))
+    plan = dispatch.plan(m, n, k, r, x.dtype, dropout_p, dispatch.device_arch(x.device), strategy=strategy or None)
     tune = dict(m=m, n=n, r=r, dtype=x.dtype, epilogue_mask=False, device=x.device, persistent=plan.persistent)
     if plan.strategy == "in_loop":
         def launch(config):
@@ -162,15 +163,17 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
 
 @torch.library.custom_op("fused_lora::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                    scaling: float, dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
+                    scaling: float, dropout_p: float, seed: Tensor, strategy: str = "") -> tuple[Tensor, Tensor]:
     """``(y, xa)``: y (..., N) in x's dtype; xa = drop(x)·Aᵀ (..., r) in fp32.
     ``seed`` is a 0-d int64 CPU tensor (a tensor, so that drawing it stays
-    inside a compiled graph)."""
-    return forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
+    inside a compiled graph). ``strategy``: a forced one, ``""`` when none
+    (then an enclosing :func:`fused_lora.dispatch.force_strategy` still
+    applies); the backward follows it."""
+    return forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed), strategy)
 
 
 @lora_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, strategy=""):
     return (x.new_empty((*x.shape[:-1], weight.shape[0])),
             x.new_empty((*x.shape[:-1], lora_A.shape[0]), dtype=torch.float32))
 
@@ -194,14 +197,14 @@ def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_x, need_
     return [x.new_empty(s) if need else x.new_empty(0) for s, need in zip(shapes, needs)]
 
 
-def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed):
+def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, strategy):
     ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
     ctx.has_bias = bias is not None
-    # A strategy forced around the forward (dispatch.force_strategy) holds for
-    # its backward too, which autograd may run on another thread.
-    ctx.strategy = dispatch.forced_strategy() or ""
+    # The forward's forced strategy holds for its backward too, which autograd
+    # may run later, outside the force, on another thread.
+    ctx.strategy = strategy
 
 
 def _gradients(ctx, dy):
@@ -218,14 +221,19 @@ def _gradients(ctx, dy):
 
 
 def _op_setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *strategy = inputs
     _y, xa = output
     ctx.mark_non_differentiable(xa)
-    _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed)
+    # Called without a strategy, the op ran under the force of the moment;
+    # while torch.compile traces, that moment is later: the backward op will
+    # read the force of its own moment.
+    forced = (strategy[0] if strategy else "") or (
+        "" if torch.compiler.is_compiling() else dispatch.forced_strategy() or "")
+    _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, forced)
 
 
 def _op_backward(ctx, dy, _dxa):
-    return (*_gradients(ctx, dy), None, None, None)
+    return (*_gradients(ctx, dy), None, None, None, None)
 
 
 torch.library.register_autograd("fused_lora::lora_linear_fwd", _op_backward, setup_context=_op_setup_context)
@@ -243,8 +251,11 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        y, xa = torch.ops.fused_lora.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed)
+        # (read here, where torch.compile traces it and guards on it)
+        strategy = dispatch.forced_strategy() or ""
+        y, xa = torch.ops.fused_lora.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
+                                                     strategy)
+        _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, strategy)
         return y
 
     @staticmethod

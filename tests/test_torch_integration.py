@@ -2,6 +2,8 @@
 fullgraph (one frame), autocast, activation checkpointing, gradient
 accumulation, mixed adapter/base dtypes."""
 
+import contextlib
+
 import pytest
 import torch
 import torch._dynamo.testing
@@ -149,3 +151,54 @@ def test_fp32_adapter_on_a_low_precision_base():
                            dropout_p=0.0, seed=None, grads=("lora_A", "lora_B"))
     assert_close(y, y64, torch.bfloat16, "y")
     assert_close(ga, g64["lora_A"], torch.bfloat16, "dA")
+
+
+def test_compiled_backward_follows_the_forced_strategy(monkeypatch):
+    """Under torch.compile too, a strategy forced around the forward holds for
+    its backward, run after the block on another thread; another force
+    recompiles (the force is a guard), and the raw op takes one explicitly."""
+    import threading
+
+    from fused_lora import dispatch
+
+    seen = []
+    real_plan = dispatch.plan
+
+    def spy(*args, **kwargs):
+        chosen = real_plan(*args, **kwargs)
+        seen.append(chosen.strategy)
+        return chosen
+
+    monkeypatch.setattr(dispatch, "plan", spy)
+    layer = LoRALinear(32, 24, r=4, device=DEVICE)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 9, 32, device=DEVICE, requires_grad=True)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    step = torch.compile(lambda x: layer(x).square().sum(), backend=counter, fullgraph=True)
+
+    def backward_elsewhere(loss, inputs):
+        worker = threading.Thread(target=lambda: out.update(g=torch.autograd.grad(loss, inputs)))
+        worker.start()
+        worker.join()
+        return out.pop("g")
+
+    out = {}
+    expected = torch.autograd.grad(layer(x).square().sum(), (x, layer.lora_A))
+    for strategy, frames in [("split", 1), ("hybrid", 2), ("split", 2), (None, 3)]:  # "split" again: cached
+        seen.clear()
+        with dispatch.force_strategy(strategy) if strategy else contextlib.nullcontext():
+            loss = step(x)
+        grads = backward_elsewhere(loss, (x, layer.lora_A))
+        assert seen == [strategy or "in_loop"] * 2, (strategy, seen)
+        assert counter.frame_count == frames
+        for g, e in zip(grads, expected):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+    # the raw op, compiled, with the strategy as an argument
+    w, b, a, bb = make_params(32, 24, 4, torch.float32, True)
+    a.requires_grad_()
+    op = torch.compile(lambda x: torch.ops.fused_lora.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, torch.tensor(0),
+                                                                      "hybrid")[0].sum(), backend="aot_eager")
+    seen.clear()
+    backward_elsewhere(op(x), (x, a))
+    assert seen == ["hybrid", "hybrid"]
