@@ -92,6 +92,7 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         stride_bias=1, stride_um=r, stride_ur=1, stride_sk=1, stride_sr=s,
         stride_vr=1 if variant.startswith("forward") else s, stride_vn=r if variant.startswith("forward") else 1,
         stride_cm=s, stride_cn=1, stride_cs16=s * s // 16 if split_k else 0, stride_xam=r, stride_xar=1,
+        stride_xas16=s * r // 16 if split_k else 0,
         lr_scale=1.0, p=0.1, seed=12345,
         HAS_BIAS=variant.startswith("forward"), LOW_RANK=low_rank, LR_DROPOUT=variant == "dx_dropout",
         OFFSET_INT64=False, UPCAST=False, INPUT_PRECISION="ieee", EVEN_K=even_k, EVEN_R=even_r and low_rank != 2, TMA=tma,
@@ -123,9 +124,17 @@ def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = Tru
 
 def _reduce_args(dtype: str, cfg, variant: str, block_r: int) -> dict:
     from fused_lora.kernels import configs
+    # "+second": a second reduction in the same launch (fp32 out: the in-loop
+    # shrink's xa, or a skinny pass's other product), masked with "+n_tail"
     even = not variant.endswith("_tail")
-    return dict(part_ptr="*fp32", acc_ptr="*fp32", out_ptr=f"*{dtype}", P=64, numel=SHAPE * 16 if even else SHAPE * 15,
-                stride_p=SHAPE * 16, HAS_ACC=variant.startswith("accumulate"), EVEN=even, BLOCK=configs.REDUCE_BLOCK)
+    second = "+second" in variant
+    acc = variant.startswith("accumulate")
+    return dict(part_ptr="*fp32", acc_ptr="*fp32", out_ptr=f"*{dtype}", P=64,
+                numel=SHAPE * 16 if even or second else SHAPE * 15, stride_p=SHAPE * 16,
+                part2_ptr="*fp32", acc2_ptr="*fp32", out2_ptr="*fp32", P2=64,
+                numel2=SHAPE * 16 if even else SHAPE * 15, stride_p2=SHAPE * 16, blocks=SHAPE * 16 // 1024,
+                HAS_ACC=acc, EVEN=even or second, HAS_ACC2=acc and second, EVEN2=even, SECOND=second,
+                BLOCK=configs.REDUCE_BLOCK)
 
 
 def _ast_source(fn, values: dict):
@@ -267,12 +276,14 @@ def jobs_for(arch: int) -> list[Job]:
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, even_k=False))
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, even_r=False))
         # Split-K partials (fp32 stores into the workspace), on the tiles the
-        # heuristic picks where it splits: small M, forward and masked dx.
-        for pass_name, in_loop, mask in (("forward_split", False, False), ("dx_dropout", False, True)):
-            cfg = configs.gemm_config(16, SHAPE, SHAPE, lr_r, elt, in_loop, False, epilogue_mask=mask, arch=arch)
+        # heuristic picks where it splits: small M, the forward (both kinds) and masked dx.
+        for pass_name, block_r, in_loop, mask in (("forward_in_loop", 16, True, False),
+                                                  ("forward_split", lr_r, False, False),
+                                                  ("dx_dropout", lr_r, False, True)):
+            cfg = configs.gemm_config(16, SHAPE, SHAPE, block_r, elt, in_loop, False, epilogue_mask=mask, arch=arch)
             cfg = dataclasses.replace(cfg, split_k=1)  # (the kernel's code does not depend on the count)
             for tma in (False, True) if elt == 2 and arch >= 90 else (False,):
-                jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, lr_r, split_k=True, tma=tma))
+                jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, split_k=True, tma=tma))
         # TMA (16-bit, Hopper): every pass on every shipped tile it may run on, with a K tail
         # on the largest tile of each pass; the persistent grid likewise.
         if elt == 2 and arch >= 90:
@@ -296,7 +307,8 @@ def jobs_for(arch: int) -> list[Job]:
                 # the masked column tail (C not a multiple of BLOCK_C), a rank below its tile
                 jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, 16, even_k=False))
                 jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, even_r=False))
-        for pass_name in ("reduce", "accumulate", "reduce+n_tail", "accumulate+n_tail"):
+        for pass_name in ("reduce", "accumulate", "reduce+n_tail", "accumulate+n_tail", "reduce+second",
+                          "accumulate+second", "reduce+second+n_tail"):
             jobs.append(Job("reduce", pass_name, dtype, {"num_warps": 4, "num_stages": 1}, arch))
     return jobs
 

@@ -21,11 +21,11 @@ Forward strategies (the math is in :mod:`fused_lora.ops`):
 
 Small M (at most :data:`SMALL_M` tokens: decode, small batches) is memory
 bound: the extra FLOPs of the in-loop shrink are free there, so without
-dropout it runs as one launch at any rank up to one rank tile, on the
-narrowest tiles (more programs for the bandwidth). Every GEMM that does not
-shrink in its loop (split forward, dx, dW) is split along K when its output
-has fewer tiles than the GPU has SMs: fp32 partials per split, summed in
-split order by one more launch (deterministic; see
+dropout it runs as one GEMM at any rank up to one rank tile, on the
+narrowest tiles (more programs for the bandwidth). Every GEMM (forward, dx,
+dW) is split along K when its output has fewer tiles than the GPU has SMs:
+fp32 partials per split (of the in-loop shrink's xa too), summed in split
+order by one more launch (deterministic; see
 :func:`fused_lora.kernels.configs.split_k_for`).
 
 The backward is: the dy pass (g, dB and db from one read of dy), the dx GEMM
@@ -189,7 +189,7 @@ def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, 
             return "split", "dropout > 0: the skinny pass draws the mask once instead of once per N tile"
         return "split", f"r={r} exceeds one rank tile ({max_block_r})"
     if m <= SMALL_M:
-        return "in_loop", (f"small M ({m} <= {SMALL_M}) is memory bound: one launch; the in-loop shrink's "
+        return "in_loop", (f"small M ({m} <= {SMALL_M}) is memory bound: one GEMM; the in-loop shrink's "
                            "extra FLOPs are free")
     if r <= IN_LOOP_MAX_R:
         return "in_loop", f"no dropout and r={r} <= {IN_LOOP_MAX_R}: the in-loop shrink costs r/BLOCK_N extra FLOPs"
@@ -364,8 +364,8 @@ def gemm_config_for(pass_name: str, default, launch, *, m: int, n: int, k: int, 
     if key not in _tuned:
         candidates = cfg.gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, arch=arch,
                                          persistent=persistent) or [default]
-        if not shrink_in_loop:  # each tile shape with its own split-K
-            candidates = [dataclasses.replace(c, split_k=cfg.split_k_for(c, m, n, k, False)) for c in candidates]
+        # each tile shape with its own split-K
+        candidates = [dataclasses.replace(c, split_k=cfg.split_k_for(c, m, n, k, False)) for c in candidates]
         timings = []
         for candidate in candidates:
             try:

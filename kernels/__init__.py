@@ -19,7 +19,7 @@ else:
     from . import configs
     from .common import is_interpreted, poison_outputs
     from .gemm import lora_gemm, lora_gemm_kernel, tma_available
-    from .skinny import lora_skinny_kernel, reduce_partials, reduce_partials_kernel, skinny_pass
+    from .skinny import lora_skinny_kernel, reduce_all, reduce_partials, reduce_partials_kernel, skinny_pass
 
     #: True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
     INTERPRETER = is_interpreted(lora_gemm_kernel)
@@ -31,6 +31,7 @@ else:
         "lora_gemm_kernel",
         "lora_skinny_kernel",
         "poison_outputs",
+        "reduce_all",
         "reduce_partials",
         "reduce_partials_kernel",
         "skinny_pass",

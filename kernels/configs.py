@@ -227,11 +227,9 @@ def gemm_config(m: int, n: int, k: int, r: int, elt: int, shrink_in_loop: bool,
     Heuristic by M bucket: the widest tile that fits at large M (compute
     bound), narrowing BM as M shrinks so that small batches neither pad a
     128-row tile nor leave SMs idle; split-K where even the narrowest tiles
-    leave SMs idle (never with the in-loop shrink, which needs all of K).
+    leave SMs idle.
     """
     tiles = _gemm_tiles(m, n, r, elt, shrink_in_loop, interpreter, epilogue_mask, arch, persistent)
-    if shrink_in_loop:
-        return tiles
     return replace(tiles, split_k=split_k_for(tiles, m, n, k, interpreter))
 
 

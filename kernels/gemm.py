@@ -16,7 +16,8 @@ The low-rank left factor (xa or g, fp32, (M, r)) is either read from memory
 (``LOW_RANK == 1``, produced by the skinny pass) or accumulated inside the K
 loop from the same A tiles (``LOW_RANK == 2``, "shrink in loop"; the program
 with ``pid_n == 0`` stores it for the backward pass). Nothing of size (M, N) is
-materialised for the low-rank term.
+materialised for the low-rank term. Both split along K (small M): the term is
+linear in the left factor, so each split adds its own part.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import triton.language as tl
 
 from .common import alloc, in_bounds, is_interpreted, keep_mask, load_operand
 from .configs import GEMM_LR_MAX_BLOCK_R, NUM_SMS_SM90, GemmConfig, block_r_for, persistent_programs
-from .skinny import reduce_partials
+from .skinny import reduce_all
 
 try:  # host-side tensor descriptors (TMA): Triton 3.4 and later
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -57,7 +58,7 @@ def load_tile(desc, i, j, TRANS: tl.constexpr, UPCAST: tl.constexpr):
 
 # Sizes and the seed are not specialised (no recompilation when the token
 # count changes between batches); strides are, for vectorised loads.
-@triton.jit(do_not_specialize=["M", "N", "K", "R", "k_blocks_per_split", "stride_cs16", "seed"])
+@triton.jit(do_not_specialize=["M", "N", "K", "R", "k_blocks_per_split", "stride_cs16", "stride_xas16", "seed"])
 def lora_gemm_kernel(
     # pointers
     a_ptr,  # (M, K)  left operand
@@ -69,7 +70,7 @@ def lora_gemm_kernel(
     s_ptr,  # (K, R)  shrink factor when LOW_RANK == 2 (forward: Aᵀ)
     v_ptr,  # (R, N)  low-rank right factor (forward: Bᵀ, dx: A)
     c_ptr,  # (M, N)  output
-    xa_ptr,  # (M, R)  fp32: the in-loop shrink A·S, stored when LOW_RANK == 2
+    xa_ptr,  # (M, R)  fp32: the in-loop shrink A·S, stored when LOW_RANK == 2 (split-K: (S, M, R) partials)
     # sizes
     M, N, K, R,
     k_blocks_per_split,  # split-K: program (·, s) walks BLOCK_K blocks [s·this, (s+1)·this) of K
@@ -83,6 +84,7 @@ def lora_gemm_kernel(
     stride_cm, stride_cn,
     stride_cs16,  # split-K: C is the fp32 workspace of S partials, this many 16-element units apart
     stride_xam, stride_xar,
+    stride_xas16,  # split-K: the xa partials, this many 16-element units apart
     # scalars (runtime: changing them never recompiles)
     lr_scale,  # the low-rank term is lr_scale · (U · V)
     p,  # dropout probability of the epilogue mask (LR_DROPOUT)
@@ -112,8 +114,11 @@ def lora_gemm_kernel(
 
     Split-K (grid axis 1 of size S > 1): program (t, s) computes tile t over
     its own K range and stores the fp32 partial at ``C[s]``; split 0 also
-    carries the low-rank term and the bias. The launcher sums the S partials
-    in split order (deterministic, no atomics).
+    carries the bias, and the precomputed low-rank term. The in-loop shrink
+    is split too: split s adds ``lr_scale·(A·S)_s·V`` over its K range only
+    (the term is linear in A·S) and stores its xa partial at ``xa[s]``. The
+    launcher sums the S partials of each in split order (deterministic, no
+    atomics).
 
     ``PERSISTENT`` (no split-K): P programs, about one per SM, program p
     computing tiles p, p + P, ... in turn; the tile loop is marked for
@@ -192,7 +197,10 @@ def lora_gemm_kernel(
         k_len = min(K - k_lo, k_blocks_per_split * BLOCK_K)
         a_ptrs = a_ptr + k_lo.to(tl.int64) * stride_ak + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
         b_ptrs = b_ptr + k_lo.to(tl.int64) * stride_bk + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
-        if LOW_RANK == 2:  # (never split: the launcher runs the in-loop shrink with S = 1)
+        if LOW_RANK == 2:
+            # S's rows are indexed from this split's K offset at each step (a
+            # pointer started at k_lo and advanced, as A's and B's are, made
+            # Triton 3.6's code for the fp32 32x64 tile spill 16 bytes).
             s_ptrs = s_ptr + offs_k[:, None] * stride_sk + offs_r[None, :] * stride_sr
             xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             r_in = in_bounds(offs_r, R, EVEN_R)
@@ -213,9 +221,8 @@ def lora_gemm_kernel(
                 s_mask = r_in[None, :]
                 if not EVEN_K:
                     s_mask = s_mask & k_in[:, None]
-                s = load_operand(s_ptrs, s_mask, UPCAST)
+                s = load_operand(s_ptrs + (k_lo + k0) * stride_sk, s_mask, UPCAST)
                 xa = tl.dot(a, s, xa, input_precision=INPUT_PRECISION)
-                s_ptrs += BLOCK_K * stride_sk
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
 
@@ -224,7 +231,8 @@ def lora_gemm_kernel(
             # that NaN must not reach the real columns through the next dot.
             xa = tl.where(r_in[None, :], xa, 0.0)
             if pid_n == 0:
-                xa_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + offs_r[None, :] * stride_xar
+                xa_ptrs = (xa_ptr + pid_k.to(tl.int64) * stride_xas16 * 16
+                           + offs_m[:, None].to(tl.int64) * stride_xam + offs_r[None, :] * stride_xar)
                 tl.store(xa_ptrs, xa, mask=mask_m[:, None] & r_in[None, :])
             v = load_operand(v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn,
                              r_in[:, None], UPCAST)
@@ -263,8 +271,8 @@ def lora_gemm(
     strides. With ``dropout_p > 0`` the low-rank term is multiplied by the
     keep-mask of the (M, N) output. Returns ``(C, xa)`` where ``xa = a @ shrink``
     (fp32, (M, r)) when ``shrink`` is given, else None. ``config.split_k > 1``
-    splits K over that many programs per tile (fp32 partials, then one ordered
-    reduction launch); not with ``shrink``. ``tma``: load the a and b tiles
+    splits K over that many programs per tile (fp32 partials of C, and of xa,
+    then one ordered reduction launch for both). ``tma``: load the a and b tiles
     through tensor descriptors where both operands allow one (else pointers).
     ``persistent``: without split-K, and with more output tiles than the GPU
     runs programs at once, a persistent grid of that many programs walks the
@@ -295,13 +303,13 @@ def lora_gemm(
         block_r = block_r_for(max(r, 1))
     if low_rank == LOW_RANK_IN_LOOP and r > block_r:
         raise ValueError(f"lora_gemm: the in-loop shrink holds the whole rank in one tile (r <= {block_r})")
+    if shrink is not None and K * abs(shrink.stride(0)) >= 2**31:
+        shrink = shrink.contiguous()  # (the kernel indexes its rows in 32 bits: k · stride)
 
     # 2. split-K: S programs per output tile, each over its own run of whole
     #    K blocks (no empty split), partials summed in order by the reduction
     k_blocks = triton.cdiv(K, config.block_k)
     split_k = max(1, min(config.split_k, k_blocks))
-    if split_k > 1 and low_rank == LOW_RANK_IN_LOOP:
-        raise ValueError("lora_gemm: the in-loop shrink needs the whole K range in one program (split_k = 1)")
     blocks_per_split = triton.cdiv(k_blocks, split_k)
     if split_k > 1:
         split_k = triton.cdiv(k_blocks, blocks_per_split)
@@ -314,13 +322,17 @@ def lora_gemm(
     slab = triton.cdiv(M * N, 16) * 16  # one partial, padded to 16 elements (aligned stores)
     workspace = None if split_k == 1 else alloc((split_k, slab), torch.float32, a.device)
     target = c if workspace is None else workspace[:, :M * N].view(split_k, M, N)
+    xa_slab = triton.cdiv(M * r, 16) * 16
+    xa_target = xa
+    if xa is not None and split_k > 1:
+        xa_target = alloc((split_k, xa_slab), torch.float32, a.device)[:, :M * r].view(split_k, M, r)
 
     # 4. launch
     dummy = c
     u_ = u if u is not None else dummy
     s_ = shrink if shrink is not None else dummy
     v_ = v if v is not None else dummy
-    xa_ = xa if xa is not None else dummy
+    xa_ = xa_target if xa is not None else dummy
     tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
     interpreted = is_interpreted(lora_gemm_kernel)
     programs = persistent_programs(config, a.element_size(), block_r, low_rank == LOW_RANK_IN_LOOP, interpreted,
@@ -339,7 +351,8 @@ def lora_gemm(
         s_.stride(0) if shrink is not None else 0, s_.stride(1) if shrink is not None else 0,
         v_.stride(0) if v is not None else 0, v_.stride(1) if v is not None else 0,
         target.stride(-2), target.stride(-1), slab // 16 if split_k > 1 else 0,
-        xa_.stride(0) if xa is not None else 0, xa_.stride(1) if xa is not None else 0,
+        xa_.stride(-2) if xa is not None else 0, xa_.stride(-1) if xa is not None else 0,
+        xa_slab // 16 if xa is not None and split_k > 1 else 0,
         float(lr_scale), float(dropout_p), int(seed),
         HAS_BIAS=bias is not None,
         LOW_RANK=low_rank,
@@ -358,7 +371,7 @@ def lora_gemm(
         **config.launch_kwargs(),
     )
     if split_k > 1:
-        reduce_partials(target, c)
+        reduce_all([(target, c, None)] + ([(xa_target, xa, None)] if xa is not None else []))
     return c, xa
 
 

@@ -131,20 +131,11 @@ def lora_skinny_kernel(
         tl.store(sh_ptrs, sh_acc * sh_scale, mask=(offs_m < m_hi)[:, None] & r_in[None, :])
 
 
-# stride_p is specialised (its divisibility by 16 lets the partial loads be
-# 16-byte vectors; the split-K workspace pads every partial to 16 elements).
-@triton.jit(do_not_specialize=["P", "numel"])
-def reduce_partials_kernel(
-    part_ptr,  # (P, numel) fp32, contiguous rows, stride_p elements apart
-    acc_ptr,  # (numel,) fp32 running sum to add to when HAS_ACC
-    out_ptr,  # (numel,) output, any float dtype
-    P, numel, stride_p,
-    HAS_ACC: tl.constexpr,
-    EVEN: tl.constexpr,  # numel % BLOCK == 0: no mask (vector loads and stores)
-    BLOCK: tl.constexpr,
-):
-    """out = acc + Σ_p part[p], summed in order p = 0, 1, ... (deterministic)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+@triton.jit
+def ordered_sum(part_ptr, acc_ptr, out_ptr, block, P, numel, stride_p,
+                HAS_ACC: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr):
+    """Block ``block`` of out = acc + Σ_p part[p], summed in order p = 0, 1, ..."""
+    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = None if EVEN else offs < numel
     if HAS_ACC:
         total = load_operand(acc_ptr + offs, mask, False)
@@ -157,21 +148,71 @@ def reduce_partials_kernel(
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# The strides between partials are specialised (their divisibility by 16 lets
+# the loads be 16-byte vectors; the split-K workspace pads every partial to 16
+# elements).
+@triton.jit(do_not_specialize=["P", "numel", "P2", "numel2", "blocks"])
+def reduce_partials_kernel(
+    part_ptr,  # (P, numel) fp32, contiguous rows, stride_p elements apart
+    acc_ptr,  # (numel,) fp32 running sum to add to when HAS_ACC
+    out_ptr,  # (numel,) output, any float dtype
+    P, numel, stride_p,
+    part2_ptr, acc2_ptr, out2_ptr,  # a second, independent reduction (SECOND), as above
+    P2, numel2, stride_p2,
+    blocks,  # programs of the first reduction; the rest do the second
+    HAS_ACC: tl.constexpr,
+    EVEN: tl.constexpr,  # numel % BLOCK == 0: no mask (vector loads and stores)
+    HAS_ACC2: tl.constexpr, EVEN2: tl.constexpr,
+    SECOND: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """out = acc + Σ_p part[p], summed in order p = 0, 1, ... (deterministic);
+    with SECOND, out2 likewise in the same launch (one launch fewer)."""
+    pid = tl.program_id(0)
+    if SECOND:
+        if pid < blocks:
+            ordered_sum(part_ptr, acc_ptr, out_ptr, pid, P, numel, stride_p, HAS_ACC, EVEN, BLOCK)
+        else:
+            ordered_sum(part2_ptr, acc2_ptr, out2_ptr, pid - blocks, P2, numel2, stride_p2, HAS_ACC2, EVEN2,
+                        BLOCK)
+    else:
+        ordered_sum(part_ptr, acc_ptr, out_ptr, pid, P, numel, stride_p, HAS_ACC, EVEN, BLOCK)
+
+
+def _check_partials(parts: torch.Tensor, out: torch.Tensor) -> None:
+    if (parts.shape[1:] != out.shape or not out.is_contiguous() or parts.dtype != torch.float32
+            or (parts.shape[0] and not parts[0].is_contiguous())):
+        raise ValueError(f"reduce_partials: parts {tuple(parts.shape)} do not match out {tuple(out.shape)}")
+
+
 def reduce_partials(parts: torch.Tensor, out: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
     """``out[...] = acc + parts.sum(0)`` in a fixed order; ``parts`` is fp32
     (P, *out.shape), each ``parts[p]`` contiguous (the partials may be
     further apart than their size); ``out`` contiguous."""
-    if (parts.shape[1:] != out.shape or not out.is_contiguous() or parts.dtype != torch.float32
-            or (parts.shape[0] and not parts[0].is_contiguous())):
-        raise ValueError(f"reduce_partials: parts {tuple(parts.shape)} do not match out {tuple(out.shape)}")
-    numel = out.numel()
-    if numel == 0:
-        return out
-    grid = (triton.cdiv(numel, REDUCE_BLOCK),)
-    reduce_partials_kernel[grid](parts, acc if acc is not None else parts, out, parts.shape[0], numel,
-                                 parts.stride(0),
-                                 HAS_ACC=acc is not None, EVEN=numel % REDUCE_BLOCK == 0, BLOCK=REDUCE_BLOCK)
+    reduce_all([(parts, out, acc)])
     return out
+
+
+def reduce_all(jobs) -> None:
+    """:func:`reduce_partials` of each ``(parts, out, acc)`` job (``acc`` may
+    be None), two jobs a launch."""
+    jobs = list(jobs)
+    for parts, out, _ in jobs:
+        _check_partials(parts, out)
+    jobs = [job for job in jobs if job[1].numel()]
+    for i in range(0, len(jobs), 2):
+        (parts, out, acc), second = jobs[i], jobs[i + 1] if i + 1 < len(jobs) else None
+        numel = out.numel()
+        blocks = triton.cdiv(numel, REDUCE_BLOCK)
+        parts2, out2, acc2 = second if second is not None else (parts, out, None)
+        numel2 = out2.numel() if second is not None else 0
+        reduce_partials_kernel[(blocks + triton.cdiv(numel2, REDUCE_BLOCK),)](
+            parts, acc if acc is not None else parts, out, parts.shape[0], numel, parts.stride(0),
+            parts2, acc2 if acc2 is not None else parts2, out2, parts2.shape[0], numel2, parts2.stride(0),
+            blocks,
+            HAS_ACC=acc is not None, EVEN=numel % REDUCE_BLOCK == 0,
+            HAS_ACC2=acc2 is not None, EVEN2=numel2 % REDUCE_BLOCK == 0,
+            SECOND=second is not None, BLOCK=REDUCE_BLOCK)
 
 
 def _launch(t, s, l, sh, tn, cs, m_start, m_end, rows_per_prog, cols_per_prog, grid, *, sh_scale,
@@ -314,14 +355,16 @@ def skinny_pass(
                 sh_scale=sh_scale, tn_scale=tn_scale, dropout_p=dropout_p, seed=seed,
                 config=config, input_precision=input_precision)
         last = m1 == M
+        jobs = []  # this chunk's reductions (two a launch; the last chunk's with SHRINK's)
         if tn_parts is not None:
             tn_target = tn_out if last else alloc(tn_out.shape, torch.float32, dev)
-            reduce_partials(tn_parts, tn_target, tn_acc)
+            jobs.append((tn_parts, tn_target, tn_acc))
             tn_acc = None if last else tn_target
         if cs_parts is not None:
             cs_target = cs_out if last else alloc((C,), torch.float32, dev)
-            reduce_partials(cs_parts, cs_target, cs_acc)
+            jobs.append((cs_parts, cs_target, cs_acc))
             cs_acc = None if last else cs_target
-    if sh_parts is not None and split_c > 1:
-        reduce_partials(sh_parts, sh_out)
+        if last and sh_parts is not None and split_c > 1:
+            jobs.append((sh_parts, sh_out, None))
+        reduce_all(jobs)
     return sh_out, tn_out, cs_out

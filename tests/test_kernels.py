@@ -69,6 +69,21 @@ def test_skinny_pass_ranks_above_one_tile():
     assert_close(cs, t.double().sum(0), torch.float32, "colsum")
 
 
+@pytest.fixture
+def reduce_launches(monkeypatch):
+    """The grids of the reduction kernel's launches, in order."""
+    grids = []
+    real = skinny.reduce_partials_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(skinny, "reduce_partials_kernel", Counting())
+    return grids
+
+
 @pytest.mark.parametrize("n, gap", [(1500, 0), (1024, 0), (1024, 16)])  # a tail; whole blocks; spaced partials
 def test_reduce_partials_is_ordered_and_accumulates(n, gap):
     """Whole blocks take the unmasked (vector) path: 3 x 1024 is three of them."""
@@ -90,6 +105,26 @@ def test_reduce_partials_is_ordered_and_accumulates(n, gap):
     assert torch.equal(out32, expected)
     with pytest.raises(ValueError, match="do not match"):
         skinny.reduce_partials(parts, torch.empty(2, n, device=DEVICE))
+
+
+def test_reduce_all_sums_two_jobs_a_launch(reduce_launches):
+    """Independent reductions share launches, two at a time, each summed in
+    split order as if alone: any sizes, partial counts, dtypes, running sums."""
+    jobs, expected = [], []
+    for p, shape, dtype, with_acc in ((3, (5, 7), torch.float16, False), (6, (2048,), torch.float32, True),
+                                      (1, (4, 300), torch.float16, True), (2, (0, 3), torch.float32, False),
+                                      (4, (1030,), torch.float32, False)):
+        parts = torch.randn(p, *shape, device=DEVICE)
+        acc = torch.randn(shape, device=DEVICE) if with_acc else None
+        total = acc.clone() if with_acc else torch.zeros(shape, device=DEVICE)
+        for i in range(p):
+            total += parts[i]
+        jobs.append((parts, torch.full(shape, float("nan"), device=DEVICE, dtype=dtype), acc))
+        expected.append(total.to(dtype))
+    skinny.reduce_all(jobs)
+    assert len(reduce_launches) == 2  # the empty job launches nothing: 4 jobs, 2 launches
+    for (_, out, _), want in zip(jobs, expected):
+        assert torch.equal(out, want)
 
 
 def test_gemm_contract():
@@ -140,12 +175,35 @@ def test_gemm_split_k(split_k, k, dtype):
     assert_close(ce, bias.double() + scale * (u.double() @ v.double()), dtype, "empty K")
 
 
-def test_gemm_split_k_refuses_the_in_loop_shrink():
-    a, b = torch.randn(8, 64, device=DEVICE), torch.randn(64, 12, device=DEVICE)
-    cfg = dataclasses.replace(configs.gemm_config(8, 12, 64, 2, 4, True, _triton.interpreter()), split_k=2)
-    with pytest.raises(ValueError, match="split_k"):
-        gemm.lora_gemm(a, b, config=cfg, out_dtype=torch.float32, shrink=torch.randn(64, 2, device=DEVICE),
-                       v=torch.randn(2, 12, device=DEVICE))
+@pytest.mark.parametrize("split_k", [2, 3, 7])
+@pytest.mark.parametrize("k, r", [(96, 16), (75, 5)])  # whole K blocks and rank tile; a K tail and a rank tail
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemm_split_k_with_the_in_loop_shrink(split_k, k, r, dtype, reduce_launches):
+    """The in-loop shrink split along K (small M): each split adds its own
+    part of s·(a·S)·V and stores its xa partial; one launch sums both sets
+    of partials in split order (bitwise reproducible); xa is a·S whole."""
+    m, n, scale = 37, 45, 0.7
+    a = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, k, device=DEVICE, dtype=dtype).t()
+    bias = torch.randn(n, device=DEVICE, dtype=dtype)
+    shrink = torch.randn(r, k, device=DEVICE, dtype=dtype).t() / k ** 0.5  # strided, as Aᵀ is
+    v = torch.randn(n, r, device=DEVICE, dtype=dtype).t()
+    base = configs.gemm_config(m, n, k, r, a.element_size(), True, _triton.interpreter())
+    cfg = dataclasses.replace(base, split_k=split_k)
+    xa64 = a.double() @ shrink.double()
+    want = a.double() @ b.double() + bias.double() + scale * (xa64 @ v.double())
+    run = lambda: gemm.lora_gemm(a, b, bias=bias, shrink=shrink, v=v, lr_scale=scale, config=cfg, out_dtype=dtype)
+    c, xa = run()
+    assert len(reduce_launches) == 1  # C's partials and xa's, in one launch
+    assert_close(c, want, dtype, f"split_k={split_k}")
+    assert_close(xa, xa64, dtype, "xa")
+    again = run()
+    assert torch.equal(again[0], c) and torch.equal(again[1], xa)
+    unsplit = gemm.lora_gemm(a, b, bias=bias, shrink=shrink, v=v, lr_scale=scale,
+                             config=dataclasses.replace(base, split_k=1), out_dtype=dtype)
+    assert_close(unsplit[0], want, dtype, "split_k=1")
+    # (the same sum in another order: equal to rounding, not bitwise)
+    torch.testing.assert_close(unsplit[1], xa, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture
@@ -303,7 +361,8 @@ def test_split_k_heuristic():
     assert small.split_k > 1 and tiles * small.split_k >= configs.NUM_SMS_SM90
     assert 4096 // small.block_k // small.split_k >= configs.SPLIT_K_MIN_BLOCKS
     assert configs.gemm_config(16, 4096, 256, 16, 2, False, False).split_k == 1  # K too short to split
-    assert configs.gemm_config(16, 4096, 4096, 16, 2, True, False).split_k == 1  # in-loop shrink: never
+    in_loop = configs.gemm_config(16, 4096, 4096, 16, 2, True, False)  # the in-loop shrink splits too
+    assert in_loop.split_k > 1 and -(-4096 // in_loop.block_n) * in_loop.split_k >= configs.NUM_SMS_SM90
     # dW of a small layer over many tokens: the token axis is split
     assert configs.gemm_config(256, 256, 65536, 1, 2, False, False).split_k > 1
 
@@ -469,7 +528,8 @@ def test_explain_says_what_runs_and_why():
     assert "mask regenerated" in str(e)
     small = fused_lora.explain((16, 4096), (4096, 4096), 64)
     assert small.plan.strategy == "in_loop" and "small M" in small.plan.reason
-    assert small.plan.fwd_gemm.split_k == 1 and small.plan.dx_gemm.split_k > 1  # the in-loop shrink needs all of K
+    assert small.plan.fwd_gemm.split_k > 1 and small.plan.dx_gemm.split_k > 1  # 64 tiles of 64x64: SMs idle
+    assert "split_k=" in str(small)
     assert "split_k=" in str(fused_lora.explain((16, 4096), (4096, 4096), 16, dropout_p=0.1))
     fp32 = fused_lora.explain((4096, 1024), (1024, 1024), 16, dtype=torch.float32)
     assert fp32.plan.strategy == "hybrid" and "cuBLAS" in str(fp32)
@@ -500,17 +560,17 @@ def test_autotune_picks_the_fastest_candidate_per_bucket_and_remembers(monkeypat
     try:
         def launch(config):
             timed.append(config)
-            if config is cands[0]:
+            if config == cands[0]:
                 raise RuntimeError("out of resources")  # skipped, not fatal
-            return 1.0 if config is fastest else 2.0
+            return 1.0 if config == fastest else 2.0
 
         kw = dict(m=5000, n=4096, k=4096, r=16, dtype=torch.bfloat16, shrink_in_loop=True, epilogue_mask=False,
                   device=torch.device("cuda"))
         default = configs.gemm_config(5000, 4096, 4096, 16, 2, True, False)
-        assert dispatch.gemm_config_for("forward", default, launch, **kw) is fastest
+        assert dispatch.gemm_config_for("forward", default, launch, **kw) == fastest  # (split_k=1 at this M)
         assert len(timed) == len(cands)
         # same bucket (M 5000 and 7000 both round up to 8192): no new timing
-        assert dispatch.gemm_config_for("forward", default, launch, **dict(kw, m=7000)) is fastest
+        assert dispatch.gemm_config_for("forward", default, launch, **dict(kw, m=7000)) == fastest
         assert len(timed) == len(cands)
         assert list(dispatch.tuned_configs().values()) == [fastest]
         # the interpreter / CPU never tunes
