@@ -102,13 +102,17 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
 
 
 def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = True, even_r: bool = True) -> dict:
-    """Argument values of lora_skinny_kernel for one pass, as the launcher passes them."""
+    """Argument values of lora_skinny_kernel for one pass, as the launcher passes them
+    (``+direct``: one row split, whose TN and COLSUM sums are stored as the outputs, in their dtype)."""
     s = SHAPE
     r = block_r if even_r else block_r // 2
+    direct = variant.endswith("+direct")
+    variant = variant.removesuffix("+direct")
     shrink = variant in ("forward_shrink", "dy_pass")
     tn = variant in ("dy_pass", "dA_pass")
+    out = f"*{dtype}" if direct else "*fp32"
     return dict(
-        t_ptr=f"*{dtype}", s_ptr=f"*{dtype}", l_ptr="*fp32", sh_ptr="*fp32", tn_ptr="*fp32", cs_ptr="*fp32",
+        t_ptr=f"*{dtype}", s_ptr=f"*{dtype}", l_ptr="*fp32", sh_ptr="*fp32", tn_ptr=out, cs_ptr=out,
         M=s, C=s, R=r, m_start=0, m_end=s, rows_per_prog=cfg.block_m, c_tiles_per_prog=s // 2 // cfg.block_c,
         # S: forward Aᵀ (strides 1, K), dy pass B (strides r, 1)
         stride_tm=s, stride_tc=1, stride_sc=r if variant == "dy_pass" else 1,
@@ -307,6 +311,8 @@ def jobs_for(arch: int) -> list[Job]:
                 # the masked column tail (C not a multiple of BLOCK_C), a rank below its tile
                 jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, 16, even_k=False))
                 jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, even_r=False))
+                if pass_name != "forward_shrink" and dtype != "fp32":  # (fp32: the same stores as the partials')
+                    jobs.append(Job("skinny", pass_name + "+direct", dtype, asdict(cfg), arch, 16))
         for pass_name in ("reduce", "accumulate", "reduce+n_tail", "accumulate+n_tail", "reduce+second",
                           "accumulate+second", "reduce+second+n_tail"):
             jobs.append(Job("reduce", pass_name, dtype, {"num_warps": 4, "num_stages": 1}, arch))

@@ -19,8 +19,9 @@ column tiles outermost and row tiles innermost, so that the TN and
 COLSUM partials of its column tile stay in registers. The SHRINK product needs
 all columns of a row, so with SHRINK on a program covers exactly one row tile.
 Partials are written per program (never accumulated with atomics) and summed
-in a fixed order by :func:`reduce_partials_kernel`: results are bitwise
-reproducible.
+in a fixed order by :func:`reduce_partials_kernel`, two sums a launch: results
+are bitwise reproducible. Where one row split covers all rows (small M), its
+TN and COLSUM partials are the sums: stored as the outputs, no reduction.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def lora_skinny_kernel(
     l_ptr,  # (M, R)  fp32 TN left factor (xa for dB, g for dA)
     sh_ptr,  # (SPLIT_C, M, R) fp32 SHRINK partials, one per column split
     tn_ptr,  # (SPLIT_M, ...) fp32 TN partials, one per row split; element (c, r) via strides
-    cs_ptr,  # (SPLIT_M, C) fp32 COLSUM partials
+    cs_ptr,  # (SPLIT_M, C) fp32 COLSUM partials (with one row split, TN's and COLSUM's outputs themselves)
     # sizes
     M, C, R,
     m_start, m_end,  # the rows of this launch (global indices: the mask and SHRINK use them)
@@ -121,9 +122,10 @@ def lora_skinny_kernel(
         if TN:
             tn_ptrs = (tn_ptr + pid_m.to(tl.int64) * stride_tnp + offs_c[None, :].to(tl.int64) * stride_tnc
                        + offs_r[:, None] * stride_tnr)
-            tl.store(tn_ptrs, tn_acc * tn_scale, mask=r_in[:, None] & c_in[None, :])
+            tl.store(tn_ptrs, (tn_acc * tn_scale).to(tn_ptr.dtype.element_ty), mask=r_in[:, None] & c_in[None, :])
         if COLSUM:
-            tl.store(cs_ptr + pid_m.to(tl.int64) * stride_csp + offs_c, cs_acc, mask=c_in)
+            tl.store(cs_ptr + pid_m.to(tl.int64) * stride_csp + offs_c, cs_acc.to(cs_ptr.dtype.element_ty),
+                     mask=c_in)
     if SHRINK:
         offs_m = m_lo + tl.arange(0, BLOCK_M)
         sh_ptrs = (sh_ptr + pid_c.to(tl.int64) * stride_shp + offs_m[:, None].to(tl.int64) * stride_shm
@@ -343,24 +345,26 @@ def skinny_pass(
     for m0 in range(0, M, chunk_rows):
         m1 = min(M, m0 + chunk_rows)
         n_splits = _cdiv(m1 - m0, rows_per_prog)
+        # One row split over all the rows: its partials are the sums, stored as the outputs (no reduction).
+        direct = n_splits == 1 and m0 == 0 and m1 == M
         tn_parts = cs_parts = None
         if tn_left is not None:
             # Partials in the final layout, so that the reduction is a flat sum.
-            tn_parts = alloc((n_splits,) + tuple(tn_out.shape), torch.float32, dev)
+            tn_parts = tn_out.unsqueeze(0) if direct else alloc((n_splits,) + tuple(tn_out.shape), torch.float32, dev)
             tn_view = tn_parts if tn_transposed else tn_parts.transpose(1, 2)  # element (p, c, r)
         if colsum:
-            cs_parts = alloc((n_splits, C), torch.float32, dev)
+            cs_parts = cs_out.unsqueeze(0) if direct else alloc((n_splits, C), torch.float32, dev)
         _launch(t, shrink, tn_left, sh_parts, tn_view if tn_left is not None else None, cs_parts,
                 m0, m1, rows_per_prog, cols_per_prog, (n_splits, split_c),
                 sh_scale=sh_scale, tn_scale=tn_scale, dropout_p=dropout_p, seed=seed,
                 config=config, input_precision=input_precision)
         last = m1 == M
         jobs = []  # this chunk's reductions (two a launch; the last chunk's with SHRINK's)
-        if tn_parts is not None:
+        if tn_parts is not None and not direct:
             tn_target = tn_out if last else alloc(tn_out.shape, torch.float32, dev)
             jobs.append((tn_parts, tn_target, tn_acc))
             tn_acc = None if last else tn_target
-        if cs_parts is not None:
+        if cs_parts is not None and not direct:
             cs_target = cs_out if last else alloc((C,), torch.float32, dev)
             jobs.append((cs_parts, cs_target, cs_acc))
             cs_acc = None if last else cs_target

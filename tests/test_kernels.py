@@ -57,6 +57,32 @@ def test_skinny_pass_every_split(monkeypatch, target_programs, p, chunk_bytes, d
     assert_close(tn_t, tn64.t(), dtype, "tn transposed")
 
 
+@pytest.mark.parametrize("m", [1, 17])
+def test_skinny_pass_with_one_row_split_stores_its_sums(m, reduce_launches):
+    """Small M: one row split covers every row, so its TN and COLSUM partials
+    are the sums, stored as the outputs in their dtype: the dA pass launches no
+    reduction, the dy pass one (SHRINK's column splits) instead of three."""
+    c, r = 70, 6
+    cfg = configs.skinny_config(2, _triton.interpreter())
+    assert m <= cfg.block_m
+    t = torch.randn(m, c, device=DEVICE, dtype=torch.float16)
+    s = torch.randn(c, r, device=DEVICE, dtype=torch.float16) / c ** 0.5
+    l = torch.randn(m, r, device=DEVICE) / m ** 0.5
+    keep = fused_lora.dropout_mask(4, (m, c), 0.3, device=DEVICE)
+    _, tn, _ = skinny.skinny_pass(t, config=cfg, target_programs=4, tn_left=l, tn_scale=1 / 0.7, dropout_p=0.3,
+                                  seed=4, tn_dtype=torch.float16)
+    assert reduce_launches == []
+    _, tn64, _ = _skinny_reference(t, keep, 1 / 0.7, None, l, 1.0, 1.0)
+    assert tn.dtype == torch.float16
+    assert_close(tn, tn64, torch.float16, "tn")
+    sh, tn_t, cs = skinny.skinny_pass(t, config=cfg, target_programs=4, shrink=s, tn_left=l, colsum=True,
+                                      tn_transposed=True, tn_dtype=torch.float16, colsum_dtype=torch.float16)
+    assert len(reduce_launches) == 1  # the column splits of SHRINK (4 programs over 3 column tiles)
+    sh64, tn64, cs64 = _skinny_reference(t, torch.ones_like(t), 1.0, s, l, 1.0, 1.0)
+    for got, want, name in ((sh, sh64, "shrink"), (tn_t, tn64.t(), "tn transposed"), (cs, cs64, "colsum")):
+        assert_close(got, want, torch.float16, name)
+
+
 def test_skinny_pass_ranks_above_one_tile():
     m, c, r = 40, 33, configs.MAX_BLOCK_R + 37
     t = torch.randn(m, c, device=DEVICE)
