@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -72,19 +73,22 @@ def progress(**kwargs):
 # ----------------------------------------------------------------------------
 
 def check_cases(on_gpu: bool) -> list[dict]:
-    """Every kernel path (each strategy, TMA loads for 16-bit), each dtype,
-    dropout on and off, frozen and trainable base, awkward sizes. GPU shapes
-    are larger (several tiles of the real configs)."""
+    """Every kernel path (each strategy, TMA loads and the persistent grid for
+    16-bit, split-K at small M), each dtype, dropout on and off, frozen and
+    trainable base, awkward sizes. GPU shapes are larger (several tiles of the
+    real configs)."""
     import torch
 
     if on_gpu:
         shapes = [((4, 257), 1000, 777), ((3000,), 4096, 1024)]
         aligned = ((4, 257), 1024, 776)  # TMA: rows 16-byte aligned (M, N ragged)
         many_tiles = ((4, 1000), 2048, 2048)  # persistent: more tiles than the GPU runs at once (forward, dx)
+        small_m = ((16,), 4096, 4096)  # decode-sized: fewer output tiles than SMs, so the GEMMs split K
     else:
         shapes = [((3, 19), 53, 41), ((123,), 70, 45)]
         aligned = ((2, 13), 72, 40)
         many_tiles = ((128,), 72, 40)  # more tiles than the interpreter's 3 persistent programs (and aligned)
+        small_m = ((5,), 70, 45)  # fewer output tiles than the interpreter's 4 programs: split-K
     cases = []
 
     def case(shape, r, dtype, strategy, p, train_base, tma=False, persistent=False):
@@ -97,6 +101,9 @@ def check_cases(on_gpu: bool) -> list[dict]:
             for strategy, p, r in (("in_loop", 0.0, 8), ("split", 0.0, 64), ("split", 0.1, 16)):
                 case(shape, r, dtype, strategy, p, train_base=strategy == "split" and p == 0.0)
         case(shapes[0], 16, dtype, "hybrid", 0.1, train_base=True)
+        # small M: the in-loop shrink split along K (xa's partials summed too); the split forward and dx
+        case(small_m, 16, dtype, "in_loop", 0.0, train_base=False)
+        case(small_m, 16, dtype, "split", 0.1, train_base=True)
         if dtype != torch.float32:
             # TMA loads (16-bit): forward, dx (masked or not) and dW through descriptors
             for p, train_base in ((0.0, True), (0.1, False)):
@@ -125,6 +132,9 @@ def cmd_check(args) -> int:
         torch.manual_seed(len(rows))
         with (dispatch.force_strategy(case["strategy"]), dispatch.use_tma(case["tma"]),
               dispatch.use_persistent(case["persistent"])):
+            m = math.prod(case["lead"])
+            fwd = dispatch.plan(m, case["n"], case["k"], case["r"], case["dtype"], case["dropout_p"],
+                                dispatch.device_arch(device)).fwd_gemm
             try:
                 errors = parity_case(case["lead"], case["k"], case["n"], case["r"], case["dtype"],
                                      dropout_p=case["dropout_p"], train_base=case["train_base"], device=device)
@@ -135,7 +145,8 @@ def cmd_check(args) -> int:
         worst = max(errors.values()) if errors else float("inf")
         rows.append(dict(path=f"{case['strategy']}{' +dropout' if case['dropout_p'] else ''}"
                               f"{' +train-base' if case['train_base'] else ''}{' +tma' if case['tma'] else ''}"
-                              f"{' +persistent' if case['persistent'] else ''}",
+                              f"{' +persistent' if case['persistent'] else ''}"
+                              f"{' +split-k' if fwd.split_k > 1 else ''}",
                          shape=f"{'x'.join(map(str, case['lead']))}x{case['k']}->{case['n']}", r=case["r"],
                          dtype=str(case["dtype"]).replace("torch.", ""), tolerance=tol, errors=errors,
                          worst=worst, passed=bool(errors) and worst <= tol, failure=failure))
@@ -150,7 +161,7 @@ def cmd_check(args) -> int:
     else:
         print(f"fused-lora check — {where}; torch {versions['torch']}, Triton {versions['triton']}")
         print("max |fused - reference| / max |reference| per output; reference = float64 PyTorch\n")
-        head = f"{'path':<37}{'shape':<20}{'r':>4}  {'dtype':<9}{'y':>9}{'dx':>9}{'dA':>9}{'dB':>9}{'dW':>9}" \
+        head = f"{'path':<40}{'shape':<20}{'r':>4}  {'dtype':<9}{'y':>9}{'dx':>9}{'dA':>9}{'dB':>9}{'dW':>9}" \
                f"{'db':>9}{'tol':>9}  result"
         print(head)
         print("-" * len(head))
@@ -158,7 +169,7 @@ def cmd_check(args) -> int:
             e = r["errors"]
             keys = ("y", "dx", "dlora_A", "dlora_B", "dweight", "dbias")
             cells = "".join(f"{e[k]:9.1e}" if k in e else f"{'—':>9}" for k in keys)
-            print(f"{r['path']:<37}{r['shape']:<20}{r['r']:>4}  {r['dtype']:<9}{cells}{r['tolerance']:9.1e}  "
+            print(f"{r['path']:<40}{r['shape']:<20}{r['r']:>4}  {r['dtype']:<9}{cells}{r['tolerance']:9.1e}  "
                   f"{'PASS' if r['passed'] else 'FAIL ' + r['failure']}")
         print(f"\n{sum(r['passed'] for r in rows)}/{len(rows)} passed")
     return 0 if ok else 1
