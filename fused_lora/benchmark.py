@@ -363,8 +363,11 @@ def model(case: Case) -> dict:
 
     Naive forward kernels: base GEMM; [dropout: read x, write x' and mask];
     shrink; expand; scale; add. Naive backward: dB, g, dA, d(dropout), dx
-    (base), dx (lora) and their adds. Fused: one GEMM forward (+ one read of x
-    for the split shrink); backward: the dy pass, the dx GEMM, the dA pass.
+    (base), dx (lora) and their adds. Fused: the kernels that the dispatch
+    runs for the shape on sm_90 (``fused_lora.explain``): the forward GEMM
+    (after the skinny pass over x, for ``split``); backward, the dy pass, the
+    dx GEMM and the dA pass; each GEMM split along K with its fp32 partials
+    and the launch that sums them, each skinny pass with its reductions.
 
     Drawing a dropout mask costs integer instructions (a third roofline, at
     :data:`PEAK_INT_OPS_PER_S`; :data:`NAIVE_MASK_INT_OPS_PER_ELEMENT` and
@@ -397,12 +400,40 @@ def model(case: Case) -> dict:
                  (m * k, 3 * e * m * k)]  # dx add
     if drop:
         naive_bwd.append((m * k, 2 * e * m * k + m * k))  # grad of the dropout
-    fused_fwd = [(2 * m * n * k + 2 * m * n * r + 2 * m * k * r, e * (m * k + n * k + m * n))]
-    if drop or r > 16:
-        fused_fwd.append((2 * m * k * r, e * m * k, skinny_mask))  # split strategy: the skinny pass over x
-    fused_bwd = [(4 * m * n * r, e * m * n),  # dy pass: g and dB
-                 (2 * m * n * k + 2 * m * k * r, e * (m * n + n * k + m * k), 0, dx_mask),  # dx: mask, then K loop
-                 (2 * m * k * r, e * m * k, skinny_mask)]  # dA pass
+    from . import dispatch
+    from .kernels import skinny
+
+    plan = dispatch.plan(m, n, k, r, case.torch_dtype, case.dropout, arch=90, interpreter=False)
+
+    def gemm(flops, nbytes, out_elems, split, *ints):
+        if split <= 1:
+            return [(flops, nbytes, *ints)]
+        partials = 4 * split * out_elems  # fp32, written by the GEMM, read by the sum
+        return [(flops, nbytes - e * out_elems + partials, *ints), (0, partials + e * out_elems)]
+
+    def skinny_pass(flops, rows, cols, shrink, tn, *ints):
+        grid = skinny.skinny_grid(rows, cols, r, plan.skinny, plan.skinny_programs, shrink=shrink, tn=tn,
+                                  colsum=False)
+        passes = -(-rows // grid.chunk_rows)  # (a launch a chunk of rows, each a share of the work)
+        share = [v / passes for v in (flops, e * rows * cols, *ints)]
+        return [tuple(share)] * passes + [(0, 0)] * (grid.launches() - passes)
+
+    shrink_x = skinny_pass(2 * m * k * r, m, k, True, False, skinny_mask)  # the forward's pass over x
+    if plan.strategy == "in_loop":
+        fused_fwd = gemm(2 * m * n * k + 2 * m * n * r + 2 * m * k * r, e * (m * k + n * k + m * n), m * n,
+                         plan.fwd_gemm.split_k)
+    elif plan.strategy == "split":
+        fused_fwd = shrink_x + gemm(2 * m * n * k + 2 * m * n * r, e * (m * k + n * k + m * n), m * n,
+                                    plan.fwd_gemm.split_k)
+    else:  # hybrid: the low-rank term written as C, then cuBLAS's addmm reads it
+        fused_fwd = shrink_x + [(2 * m * n * r, e * m * n), (2 * m * n * k, e * (m * k + n * k + 2 * m * n))]
+    fused_bwd = skinny_pass(4 * m * n * r, m, n, True, True)  # the dy pass: g and dB
+    if plan.cublas_base:  # the masked low-rank term by the fused kernel, then cuBLAS adds dy·W
+        fused_bwd += [(2 * m * k * r, e * m * k, 0, dx_mask), (2 * m * n * k, e * (m * n + n * k + 2 * m * k))]
+    else:  # dx: the mask, then the K loop
+        fused_bwd += gemm(2 * m * n * k + 2 * m * k * r, e * (m * n + n * k + m * k), m * k, plan.dx_gemm.split_k,
+                          0, dx_mask)
+    fused_bwd += skinny_pass(2 * m * k * r, m, k, False, True, skinny_mask)  # the dA pass
 
     def seconds(kernels):
         # (FLOPs, bytes[, integer ops overlapping them[, integer ops before them]])

@@ -26,6 +26,8 @@ TN and COLSUM partials are the sums: stored as the outputs, no reduction.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -250,6 +252,63 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@dataclass(frozen=True)
+class SkinnyGrid:
+    """How :func:`skinny_pass` splits an (M, C) operand over its programs."""
+
+    M: int
+    rows_per_prog: int
+    cols_per_prog: int
+    split_c: int  # column splits (SHRINK's partials)
+    chunk_rows: int  # rows a launch (all of M unless the TN/COLSUM partials would pass SKINNY_PARTIAL_BYTES)
+    shrink: bool
+    row_sums: int  # TN and COLSUM: sums over the rows
+
+    @property
+    def direct(self) -> bool:
+        """One row split covers every row: its TN and COLSUM partials are the
+        sums, stored as the outputs (no reduction)."""
+        return self.rows_per_prog >= self.M
+
+    def launches(self) -> int:
+        """Kernel launches of the pass (a rank within one rank tile): one a
+        chunk of rows, plus its reductions (two sums a launch; SHRINK's with
+        the last chunk's)."""
+        if self.M == 0:
+            return 0
+        chunks = _cdiv(self.M, self.chunk_rows)
+        row_sums = 0 if self.direct else self.row_sums
+        last = row_sums + (self.shrink and self.split_c > 1)
+        return chunks + (chunks - 1) * _cdiv(row_sums, 2) + _cdiv(last, 2)
+
+
+def skinny_grid(M: int, C: int, r: int, config: SkinnyConfig, target_programs: int, *, shrink: bool, tn: bool,
+                colsum: bool) -> SkinnyGrid:
+    """The split of one skinny pass (rank r within one rank tile) over about
+    ``target_programs`` programs."""
+    bm, bc = config.block_m, config.block_c
+    m_tiles, c_tiles = max(1, _cdiv(M, bm)), max(1, _cdiv(C, bc))
+    if shrink:
+        # One row tile per program; split the columns until the grid is full.
+        rows_per_prog = bm
+        split_m = m_tiles
+        split_c = max(1, min(c_tiles, _cdiv(target_programs, m_tiles)))
+    else:
+        # One column tile per program; split the rows until the grid is full.
+        split_c = c_tiles
+        split_m = max(1, min(m_tiles, _cdiv(target_programs, c_tiles)))
+        rows_per_prog = _cdiv(m_tiles, split_m) * bm
+        split_m = _cdiv(M, rows_per_prog)
+    cols_per_prog = _cdiv(c_tiles, split_c) * bc
+    split_c = _cdiv(C, cols_per_prog)
+    # Bound the row-split partials: process the rows in chunks when needed.
+    per_split = (C * r * 4 if tn else 0) + (C * 4 if colsum else 0)
+    max_splits = max(1, SKINNY_PARTIAL_BYTES // max(per_split, 1))
+    splits_per_chunk = split_m if not (tn or colsum) else min(split_m, max_splits)
+    return SkinnyGrid(M, rows_per_prog, cols_per_prog, split_c, max(1, splits_per_chunk * rows_per_prog), shrink,
+                      int(tn) + int(colsum))
+
+
 def skinny_pass(
     t: torch.Tensor,
     *,
@@ -315,38 +374,19 @@ def skinny_pass(
                 cs_out.copy_(cs_c)
         return sh_out, tn_out, cs_out
 
-    bm, bc = config.block_m, config.block_c
-    m_tiles, c_tiles = _cdiv(M, bm), _cdiv(C, bc)
-    if shrink is not None:
-        # One row tile per program; split the columns until the grid is full.
-        rows_per_prog = bm
-        split_m = m_tiles
-        split_c = max(1, min(c_tiles, _cdiv(target_programs, m_tiles)))
-    else:
-        # One column tile per program; split the rows until the grid is full.
-        split_c = c_tiles
-        split_m = max(1, min(m_tiles, _cdiv(target_programs, c_tiles)))
-        rows_per_prog = _cdiv(m_tiles, split_m) * bm
-        split_m = _cdiv(M, rows_per_prog)
-    cols_per_prog = _cdiv(c_tiles, split_c) * bc
-    split_c = _cdiv(C, cols_per_prog)
-
-    need_rows = tn_left is not None or colsum
-    # Bound the row-split partials: process the rows in chunks when needed.
-    per_split = (C * r * 4 if tn_left is not None else 0) + (C * 4 if colsum else 0)
-    max_splits = max(1, SKINNY_PARTIAL_BYTES // max(per_split, 1))
-    splits_per_chunk = split_m if not need_rows else min(split_m, max_splits)
-    chunk_rows = splits_per_chunk * rows_per_prog
+    grid = skinny_grid(M, C, r, config, target_programs, shrink=shrink is not None, tn=tn_left is not None,
+                       colsum=colsum)
+    rows_per_prog, cols_per_prog, split_c, chunk_rows = (grid.rows_per_prog, grid.cols_per_prog, grid.split_c,
+                                                         grid.chunk_rows)
 
     sh_parts = None
     if shrink is not None:
         sh_parts = sh_out.unsqueeze(0) if split_c == 1 else alloc((split_c, M, r), torch.float32, dev)
+    direct = grid.direct  # (one row split over all the rows: its partials are the sums)
     tn_acc = cs_acc = None
     for m0 in range(0, M, chunk_rows):
         m1 = min(M, m0 + chunk_rows)
         n_splits = _cdiv(m1 - m0, rows_per_prog)
-        # One row split over all the rows: its partials are the sums, stored as the outputs (no reduction).
-        direct = n_splits == 1 and m0 == 0 and m1 == M
         tn_parts = cs_parts = None
         if tn_left is not None:
             # Partials in the final layout, so that the reduction is a flat sum.

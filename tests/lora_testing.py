@@ -13,3 +13,17 @@ from fused_lora.testing import (  # noqa: F401
     reference64,
 )
 
+
+
+def count_launches(monkeypatch, module, kernel: str) -> list:
+    """The grids of ``module.kernel``'s launches from now on, in order."""
+    grids = []
+    real = getattr(module, kernel)
+
+    class Counting:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(module, kernel, Counting())
+    return grids

@@ -10,7 +10,7 @@ import torch
 
 import fused_lora
 from fused_lora import benchmark, cli
-from lora_testing import DEVICE, make_params
+from lora_testing import DEVICE, count_launches, make_params
 
 
 def test_check_passes_and_reports_json(capsys):
@@ -106,6 +106,33 @@ def test_roofline_model_matches_the_design_notes(monkeypatch):
     assert mo["fused_backward_s"] > unpriced["fused_backward_s"]  # the dx epilogue's and dA pass's draws
     no_dropout = benchmark.Case(8192, 4096, 4096, 16, "bfloat16", 0.0)
     assert benchmark.model(no_dropout)["fused_forward_s"] < mo["fused_forward_s"]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_roofline_model_counts_the_kernels_the_fused_step_launches(monkeypatch, p):
+    """The model prices the kernels that the sm_90 plan launches (each split-K
+    sum, each skinny reduction): counted here by running that plan's
+    launches on the interpreter, at a decode-sized M where they all split."""
+    from fused_lora import _triton, dispatch
+    from fused_lora.kernels import gemm, skinny
+
+    if not _triton.interpreter():
+        pytest.skip("runs the sm_90 plan on the interpreter")
+    m, k, n, r = 16, 1024, 1024, 16
+    real_plan = dispatch.plan
+    monkeypatch.setattr(dispatch, "plan", lambda *a, **kw: real_plan(*a, **dict(kw, interpreter=False)))
+    launches = [count_launches(monkeypatch, mod, name) for mod, name in (
+        (gemm, "lora_gemm_kernel"), (skinny, "lora_skinny_kernel"), (skinny, "reduce_partials_kernel"))]
+    x = torch.randn(m, k, dtype=torch.float16, requires_grad=True)
+    a = (torch.randn(r, k, dtype=torch.float16) / k ** 0.5).requires_grad_()
+    b = torch.randn(n, r, dtype=torch.float16, requires_grad=True)
+    y = fused_lora.lora_linear(x, torch.randn(n, k, dtype=torch.float16) / k ** 0.5, a, b, dropout_p=p, seed=3,
+                               backend="triton")
+    forward = sum(map(len, launches))
+    y.backward(torch.randn_like(y))
+    mo = benchmark.model(benchmark.Case(m, k, n, r, "float16", p))
+    assert (mo["fused_forward_kernels"], mo["fused_backward_kernels"]) == (forward, sum(map(len, launches)) - forward)
+    assert len(launches[0][0]) == 2 and launches[0][0][1] > 1  # the forward GEMM split along K
 
 
 def test_readme_performance_section_is_generated_from_committed_results():

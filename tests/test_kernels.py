@@ -11,7 +11,7 @@ import triton
 import fused_lora
 from fused_lora import _triton
 from fused_lora.kernels import configs, gemm, skinny
-from lora_testing import DEVICE, assert_close, make_params, reference64
+from lora_testing import DEVICE, assert_close, count_launches, make_params, reference64
 
 K_ = _triton.get()
 
@@ -83,6 +83,27 @@ def test_skinny_pass_with_one_row_split_stores_its_sums(m, reduce_launches):
         assert_close(got, want, torch.float16, name)
 
 
+@pytest.mark.parametrize("m", [1, 17, 150])
+@pytest.mark.parametrize("target_programs", [1, 4, 64])
+@pytest.mark.parametrize("form", ["forward", "dy", "dy+colsum", "dA"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_skinny_grid_counts_the_launches_the_pass_makes(monkeypatch, m, target_programs, form, chunked,
+                                                        reduce_launches):
+    """What the benchmark's model counts is what the pass launches."""
+    if chunked:  # one row split a chunk
+        monkeypatch.setattr(skinny, "SKINNY_PARTIAL_BYTES", 1)
+    c, r = 70, 5
+    cfg = configs.skinny_config(4, _triton.interpreter())
+    shrink, tn, colsum = form in ("forward", "dy", "dy+colsum"), form != "forward", form == "dy+colsum"
+    passes = count_launches(monkeypatch, skinny, "lora_skinny_kernel")
+    t = torch.randn(m, c, device=DEVICE)
+    skinny.skinny_pass(t, config=cfg, target_programs=target_programs,
+                       shrink=torch.randn(c, r, device=DEVICE) if shrink else None,
+                       tn_left=torch.randn(m, r, device=DEVICE) if tn else None, colsum=colsum)
+    grid = skinny.skinny_grid(m, c, r, cfg, target_programs, shrink=shrink, tn=tn, colsum=colsum)
+    assert grid.launches() == len(passes) + len(reduce_launches)
+
+
 def test_skinny_pass_ranks_above_one_tile():
     m, c, r = 40, 33, configs.MAX_BLOCK_R + 37
     t = torch.randn(m, c, device=DEVICE)
@@ -98,16 +119,7 @@ def test_skinny_pass_ranks_above_one_tile():
 @pytest.fixture
 def reduce_launches(monkeypatch):
     """The grids of the reduction kernel's launches, in order."""
-    grids = []
-    real = skinny.reduce_partials_kernel
-
-    class Counting:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(skinny, "reduce_partials_kernel", Counting())
-    return grids
+    return count_launches(monkeypatch, skinny, "reduce_partials_kernel")
 
 
 @pytest.mark.parametrize("n, gap", [(1500, 0), (1024, 0), (1024, 16)])  # a tail; whole blocks; spaced partials
