@@ -269,7 +269,8 @@ def test_tma_loads_match_the_reference(tma_on, monkeypatch, dtype, strategy, p):
         if not plan.tma:
             pytest.skip("TMA needs Hopper (sm_90) or the interpreter")
         if _triton.interpreter():
-            assert plan.dx_gemm.split_k > 1  # (the interpreter splits K at this size: TMA under split-K)
+            # (the interpreter splits K at this size: TMA under split-K, the in-loop shrink's too)
+            assert plan.dx_gemm.split_k > 1 and plan.fwd_gemm.split_k > 1
         y = fused_lora.lora_linear(x, w, a, bb, b, scaling=1.25, dropout_p=p, seed=3, backend="triton")
         dy = torch.randn_like(y)
         grads = torch.autograd.grad(y, (x, w, b, a, bb), dy)
@@ -334,12 +335,14 @@ def test_persistent_grid_computes_every_tile_as_one_program_per_tile(three_progr
         keep = fused_lora.dropout_mask(seed, (m, n), p, device=DEVICE).double() if p else 1.0
         want = want + scale * (left @ v.double()) * keep
     assert_close(c1, want, dtype, "persistent")
-    if low_rank != "in_loop":  # split-K keeps one program per (tile, split): the switch does not apply
-        split = dataclasses.replace(cfg, split_k=2)
-        c2, _ = gemm.lora_gemm(a, b, bias=bias, lr_scale=scale, dropout_p=p, seed=seed, config=split,
-                               out_dtype=dtype, tma=tma, persistent=True, **lr)
-        assert len(three_programs) == 1
-        assert_close(c2, want, dtype, "persistent switch under split-K")
+    # split-K keeps one program per (tile, split): the switch does not apply
+    split = dataclasses.replace(cfg, split_k=2)
+    c2, xa2 = gemm.lora_gemm(a, b, bias=bias, lr_scale=scale, dropout_p=p, seed=seed, config=split,
+                             out_dtype=dtype, tma=tma, persistent=True, **lr)
+    assert len(three_programs) == 1
+    assert_close(c2, want, dtype, "persistent switch under split-K")
+    if low_rank == "in_loop":
+        assert_close(xa2, a.double() @ lr["shrink"].double(), dtype, "xa under split-K")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
