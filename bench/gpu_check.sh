@@ -11,7 +11,8 @@
 # Time boxes keep it under 7 minutes on an H200: tests <= 200 s (in parallel
 # shards, while the benchmark's kernels compile), benchmark <= 200 s (cases not
 # started after 140 s are listed as skipped). SHARDS=n overrides the number of
-# test processes (default: half the CPU cores, at most 8).
+# test processes (default: the CPU cores less four, two of them for the
+# benchmark's compile processes; at most 12).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -37,8 +38,8 @@ print(f"GPU {torch.cuda.get_device_name()} | capability {torch.cuda.get_device_c
 PY
 
 echo "== tests on CUDA"
-# Most of the suite's time on a GPU is Triton compiling kernel variants (over
-# 500 of them), one core per process. So the suite runs as SHARDS interleaved
+# Most of the suite's time on a GPU is Triton compiling kernel variants
+# (hundreds of them), one core per process. So the suite runs as SHARDS interleaved
 # shards at once (tests/conftest.py --shard i/n), sharing the on-disk kernel
 # cache, and beside them COMPILERS more processes compile every kernel of the
 # benchmark (bench --compile-only --shard j/COMPILERS), so that the benchmark's
@@ -48,8 +49,11 @@ tests=(tests/test_parity.py tests/test_kernels.py tests/test_dropout.py tests/te
        tests/test_torch_integration.py tests/test_errors.py tests/test_reference.py tests/test_integration.py
        tests/test_cli.py tests/test_demo.py tests/test_distributed.py tests/test_packaging.py)
 ncpu=$(nproc 2>/dev/null || echo 2)
-SHARDS=${SHARDS:-$(( ncpu / 2 > 8 ? 8 : (ncpu / 2 < 1 ? 1 : ncpu / 2) ))}
 COMPILERS=2  # processes compiling the benchmark's kernels, each every other case
+# (about 760 specialisations in all by an interpreter count, at most ~270 in any
+# of 12 interleaved shards, ~330 of 8: about half a second each to compile)
+free=$(( ncpu - COMPILERS - 2 ))
+SHARDS=${SHARDS:-$(( free > 12 ? 12 : (free < 1 ? 1 : free) ))}
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 compile_pids=()

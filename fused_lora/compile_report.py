@@ -129,15 +129,16 @@ def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = Tru
 def _reduce_args(dtype: str, cfg, variant: str, block_r: int) -> dict:
     from fused_lora.kernels import configs
     # "+second": a second reduction in the same launch (fp32 out: the in-loop
-    # shrink's xa, or a skinny pass's other product), masked with "+n_tail"
+    # shrink's xa, or a skinny pass's other product; always masked), the first
+    # masked too with "+n_tail"
     even = not variant.endswith("_tail")
     second = "+second" in variant
     acc = variant.startswith("accumulate")
     return dict(part_ptr="*fp32", acc_ptr="*fp32", out_ptr=f"*{dtype}", P=64,
-                numel=SHAPE * 16 if even or second else SHAPE * 15, stride_p=SHAPE * 16,
+                numel=SHAPE * 16 if even else SHAPE * 15, stride_p=SHAPE * 16,
                 part2_ptr="*fp32", acc2_ptr="*fp32", out2_ptr="*fp32", P2=64,
                 numel2=SHAPE * 16 if even else SHAPE * 15, stride_p2=SHAPE * 16, blocks=SHAPE * 16 // 1024,
-                HAS_ACC=acc, EVEN=even or second, HAS_ACC2=acc and second, EVEN2=even, SECOND=second,
+                HAS_ACC=acc, EVEN=even, HAS_ACC2=acc and second, SECOND=second,
                 BLOCK=configs.REDUCE_BLOCK)
 
 
@@ -372,9 +373,11 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
         if r.kernel in ("skinny", "reduce") and not r.pass_name.endswith(("+c_tail", "+n_tail")):
             # The memory-bound passes stream their operands in 16-byte vectors: every load
             # (16-bit skinny passes, reductions); fp32 skinny passes read the small
-            # rank factor narrower, their wide operand still in vectors.
+            # rank factor narrower, their wide operand still in vectors; a reduction's
+            # second (smaller, masked) sum is read narrower, its first still in vectors.
             widths = r.load_widths or [0]
-            narrow = widths[-1] < 16 if (r.kernel == "skinny" and r.dtype == "fp32") else widths[0] < 16
+            some = (r.kernel == "skinny" and r.dtype == "fp32") or "+second" in r.pass_name
+            narrow = widths[-1] < 16 if some else widths[0] < 16
             if narrow:
                 out.append(f"{tag}: global loads of {widths} bytes, expected 16-byte vectors")
     return out

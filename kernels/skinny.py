@@ -152,21 +152,23 @@ def ordered_sum(part_ptr, acc_ptr, out_ptr, block, P, numel, stride_p,
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# The strides between partials are specialised (their divisibility by 16 lets
-# the loads be 16-byte vectors; the split-K workspace pads every partial to 16
-# elements).
-@triton.jit(do_not_specialize=["P", "numel", "P2", "numel2", "blocks"])
+# The first reduction's stride between partials is specialised (its
+# divisibility by 16 lets the loads be 16-byte vectors; the split-K workspace
+# pads every partial to 16 elements). The second is the smaller one, always
+# masked (scalar loads): nothing of it is specialised, so pairs of any sizes
+# share a handful of compiled variants.
+@triton.jit(do_not_specialize=["P", "numel", "P2", "numel2", "stride_p2", "blocks"])
 def reduce_partials_kernel(
     part_ptr,  # (P, numel) fp32, contiguous rows, stride_p elements apart
     acc_ptr,  # (numel,) fp32 running sum to add to when HAS_ACC
     out_ptr,  # (numel,) output, any float dtype
     P, numel, stride_p,
-    part2_ptr, acc2_ptr, out2_ptr,  # a second, independent reduction (SECOND), as above
+    part2_ptr, acc2_ptr, out2_ptr,  # a second, independent reduction (SECOND), as above, always masked
     P2, numel2, stride_p2,
     blocks,  # programs of the first reduction; the rest do the second
     HAS_ACC: tl.constexpr,
     EVEN: tl.constexpr,  # numel % BLOCK == 0: no mask (vector loads and stores)
-    HAS_ACC2: tl.constexpr, EVEN2: tl.constexpr,
+    HAS_ACC2: tl.constexpr,
     SECOND: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -177,7 +179,7 @@ def reduce_partials_kernel(
         if pid < blocks:
             ordered_sum(part_ptr, acc_ptr, out_ptr, pid, P, numel, stride_p, HAS_ACC, EVEN, BLOCK)
         else:
-            ordered_sum(part2_ptr, acc2_ptr, out2_ptr, pid - blocks, P2, numel2, stride_p2, HAS_ACC2, EVEN2,
+            ordered_sum(part2_ptr, acc2_ptr, out2_ptr, pid - blocks, P2, numel2, stride_p2, HAS_ACC2, False,
                         BLOCK)
     else:
         ordered_sum(part_ptr, acc_ptr, out_ptr, pid, P, numel, stride_p, HAS_ACC, EVEN, BLOCK)
@@ -199,11 +201,12 @@ def reduce_partials(parts: torch.Tensor, out: torch.Tensor, acc: torch.Tensor | 
 
 def reduce_all(jobs) -> None:
     """:func:`reduce_partials` of each ``(parts, out, acc)`` job (``acc`` may
-    be None), two jobs a launch."""
+    be None), two jobs a launch, the larger first (the first's loads are
+    vectors when its size is a whole number of blocks)."""
     jobs = list(jobs)
     for parts, out, _ in jobs:
         _check_partials(parts, out)
-    jobs = [job for job in jobs if job[1].numel()]
+    jobs = sorted((job for job in jobs if job[1].numel()), key=lambda job: -job[0].numel())
     for i in range(0, len(jobs), 2):
         (parts, out, acc), second = jobs[i], jobs[i + 1] if i + 1 < len(jobs) else None
         numel = out.numel()
@@ -215,7 +218,7 @@ def reduce_all(jobs) -> None:
             parts2, acc2 if acc2 is not None else parts2, out2, parts2.shape[0], numel2, parts2.stride(0),
             blocks,
             HAS_ACC=acc is not None, EVEN=numel % REDUCE_BLOCK == 0,
-            HAS_ACC2=acc2 is not None, EVEN2=numel2 % REDUCE_BLOCK == 0,
+            HAS_ACC2=acc2 is not None,
             SECOND=second is not None, BLOCK=REDUCE_BLOCK)
 
 

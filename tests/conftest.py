@@ -22,9 +22,10 @@ from lora_testing import parse_shard  # noqa: E402
 
 def pytest_addoption(parser):
     parser.addoption("--shard", metavar="i/n", default=None,
-                     help="run only every n-th collected test, starting at the i-th (counted from 0): "
-                          "bench/gpu_check.sh runs n shards at once, because on a GPU most of the suite's "
-                          "time is Triton compiling kernels, one core per process")
+                     help="run only every n-th collected test, starting at the i-th (counted from 0; "
+                          "tests marked own_shard make up shard 0 alone, the rest interleave over the "
+                          "others): bench/gpu_check.sh runs n shards at once, because on a GPU most of "
+                          "the suite's time is Triton compiling kernels, one core per process")
 
 
 def pytest_configure(config):
@@ -41,10 +42,18 @@ def pytest_collection_modifyitems(config, items):
     if spec is None:
         return
     i, n = parse_shard(spec)
-    # Interleaved, not in blocks: each shard gets its share of every test file.
-    deselected = [item for j, item in enumerate(items) if j % n != i]
-    items[:] = items[i::n]
-    config.hook.pytest_deselected(items=deselected)
+    # Tests marked own_shard (the heaviest compilers) make up shard 0 alone;
+    # the rest are interleaved over the other shards (not in blocks: each
+    # shard gets its share of every test file).
+    alone = [item for item in items if item.get_closest_marker("own_shard")] if n > 1 else []
+    if alone:
+        rest = [item for item in items if not item.get_closest_marker("own_shard")]
+        mine = alone if i == 0 else rest[i - 1::n - 1]
+    else:
+        mine = items[i::n]
+    chosen = {id(item) for item in mine}
+    config.hook.pytest_deselected(items=[item for item in items if id(item) not in chosen])
+    items[:] = mine
 
 
 def pytest_report_header(config):

@@ -13,6 +13,7 @@ from fused_lora import benchmark, cli
 from lora_testing import DEVICE, count_launches, make_params
 
 
+@pytest.mark.own_shard  # (every check row: more kernel variants to compile on a GPU than any other test)
 def test_check_passes_and_reports_json(capsys):
     assert cli.main(["check", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -40,6 +41,8 @@ def test_check_fails_loudly_when_a_kernel_is_wrong(monkeypatch, capsys):
         return c + 0.5, xa
 
     monkeypatch.setattr(_triton.get(), "lora_gemm", off_by_bias)
+    real_cases = cli.check_cases
+    monkeypatch.setattr(cli, "check_cases", lambda on_gpu: real_cases(on_gpu)[:3])  # (a few rows suffice)
     assert cli.main(["check"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
@@ -182,7 +185,8 @@ def test_gpu_check_runs_the_suite_as_interleaved_shards():
     """On a GPU most of the suite's time is Triton compiling kernels, one core
     per process: bench/gpu_check.sh runs ``--shard i/n`` for every i at once.
     Together the shards are the whole suite, each test exactly once; a bad
-    spec is a usage error, not a silently empty run."""
+    spec is a usage error, not a silently empty run; the heaviest test has a
+    shard of its own."""
     import subprocess
     import sys
 
@@ -202,6 +206,13 @@ def test_gpu_check_runs_the_suite_as_interleaved_shards():
     assert shards[1] == whole[1::3]  # interleaved: every file's tests are spread over the shards
     proc, _ = collect("--shard", "3/3")
     assert proc.returncode == 4 and "--shard must be 'i/n'" in proc.stdout + proc.stderr
+    # a test marked own_shard (the check, the heaviest compiler) is shard 0, alone; the rest interleave
+    heavy = "tests/test_cli.py::test_check_passes_and_reports_json"
+    proc, whole = collect(heavy)
+    assert proc.returncode == 0 and heavy in whole
+    rest = [t for t in whole if t != heavy]
+    shards = [collect(heavy, "--shard", f"{i}/3")[1] for i in range(3)]
+    assert shards == [[heavy], rest[0::2], rest[1::2]]
     script = (root / "bench" / "gpu_check.sh").read_text()
     assert '--shard "$i/$SHARDS"' in script and "--compile-only" in script
 
