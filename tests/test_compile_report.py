@@ -81,6 +81,10 @@ def test_problems_catches_what_it_should():
     reduce = compile_report.Result("reduce", "reduce", "fp32", 90, {}, 16, shared=0, registers=40, spill_bytes=0,
                                    load_widths=[4])
     assert any("16-byte" in p for p in compile_report.problems([reduce]))
+    # two sums in one launch: the second (masked) is read narrower, the first must still be vectors
+    paired = dataclasses.replace(reduce, pass_name="reduce+second", load_widths=[4, 16])
+    assert compile_report.problems([paired]) == []
+    assert any("16-byte" in p for p in compile_report.problems([dataclasses.replace(paired, load_widths=[4])]))
     fp32 = dataclasses.replace(narrow, dtype="fp32")  # fp32: the wide operand in vectors is enough...
     assert compile_report.problems([fp32]) == []
     assert compile_report.problems([dataclasses.replace(fp32, load_widths=[4])])  # ...but it must be
