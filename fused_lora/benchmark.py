@@ -365,8 +365,9 @@ def model(case: Case) -> dict:
     shrink; expand; scale; add. Naive backward: dB, g, dA, d(dropout), dx
     (base), dx (lora) and their adds. Fused: the kernels that the dispatch
     runs for the shape on sm_90 (``fused_lora.explain``): the forward GEMM
-    (after the skinny pass over x, for ``split``); backward, the dy pass, the
-    dx GEMM and the dA pass; each GEMM split along K with its fp32 partials
+    (after the skinny pass over x, for ``split``); backward, the dy pass (g
+    and dB, or dB alone where the dx GEMM computes g in its K loop), the dx
+    GEMM and the dA pass; each GEMM split along K with its fp32 partials
     and the launch that sums them, each skinny pass with its reductions.
 
     Drawing a dropout mask costs integer instructions (a third roofline, at
@@ -427,12 +428,17 @@ def model(case: Case) -> dict:
                                     plan.fwd_gemm.split_k)
     else:  # hybrid: the low-rank term written as C, then cuBLAS's addmm reads it
         fused_fwd = shrink_x + [(2 * m * n * r, e * m * n), (2 * m * n * k, e * (m * k + n * k + 2 * m * n))]
-    fused_bwd = skinny_pass(4 * m * n * r, m, n, True, True)  # the dy pass: g and dB
-    if plan.cublas_base:  # the masked low-rank term by the fused kernel, then cuBLAS adds dy·W
-        fused_bwd += [(2 * m * k * r, e * m * k, 0, dx_mask), (2 * m * n * k, e * (m * n + n * k + 2 * m * k))]
-    else:  # dx: the mask, then the K loop
-        fused_bwd += gemm(2 * m * n * k + 2 * m * k * r, e * (m * n + n * k + m * k), m * k, plan.dx_gemm.split_k,
-                          0, dx_mask)
+    if plan.dx_in_loop:  # the dy pass: dB; dx: g = dy·B in its K loop
+        fused_bwd = skinny_pass(2 * m * n * r, m, n, False, True)
+        fused_bwd += gemm(2 * m * n * k + 2 * m * k * r + 2 * m * n * r, e * (m * n + n * k + m * k), m * k,
+                          plan.dx_gemm.split_k)
+    else:
+        fused_bwd = skinny_pass(4 * m * n * r, m, n, True, True)  # the dy pass: g and dB
+        if plan.cublas_base:  # the masked low-rank term by the fused kernel, then cuBLAS adds dy·W
+            fused_bwd += [(2 * m * k * r, e * m * k, 0, dx_mask), (2 * m * n * k, e * (m * n + n * k + 2 * m * k))]
+        else:  # dx: the mask, then the K loop
+            fused_bwd += gemm(2 * m * n * k + 2 * m * k * r, e * (m * n + n * k + m * k), m * k,
+                              plan.dx_gemm.split_k, 0, dx_mask)
     fused_bwd += skinny_pass(2 * m * k * r, m, k, False, True, skinny_mask)  # the dA pass
 
     def seconds(kernels):

@@ -75,9 +75,10 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
     (``even_r=False``: a rank of half the rank tile, e.g. r = 8 in a 16 tile)."""
     s = SHAPE
     r = block_r if even_r else block_r // 2
-    low_rank = {"forward_in_loop": 2, "forward_split": 1, "dx": 1, "dx_dropout": 1, "dw": 0}[variant]
+    low_rank = {"forward_in_loop": 2, "forward_split": 1, "dx_in_loop": 2, "dx": 1, "dx_dropout": 1, "dw": 0}[variant]
+    fwd = variant.startswith("forward")
     # With TMA: forward reads Wᵀ through W's descriptor (B_T), dW reads dyᵀ through dy's (A_T).
-    a_t, b_t = tma and variant == "dw", tma and variant.startswith("forward")
+    a_t, b_t = tma and variant == "dw", tma and fwd
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     return dict(
         a_ptr=f"*{dtype}", b_ptr=f"*{dtype}",
@@ -86,15 +87,16 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         bias_ptr=f"*{dtype}", u_ptr="*fp32", s_ptr=f"*{dtype}",
         v_ptr=f"*{dtype}", c_ptr="*fp32" if split_k else f"*{dtype}", xa_ptr="*fp32",
         M=s, N=s, K=s, R=r, k_blocks_per_split=s // 4 // cfg.block_k if split_k else s // cfg.block_k,
-        # forward: x (M,K) row-major; b = Wᵀ (strides 1, K); s = Aᵀ; v = Bᵀ
+        # forward: x (M,K) row-major; b = Wᵀ (strides 1, K); s = Aᵀ (strides 1, K); v = Bᵀ (strides 1, r)
+        # dx: dy; b = W (strides K, 1); s = B (strides r, 1); v = A (strides K, 1)
         stride_am=s, stride_ak=1,
-        stride_bk=1 if variant.startswith("forward") else s, stride_bn=s if variant.startswith("forward") else 1,
-        stride_bias=1, stride_um=r, stride_ur=1, stride_sk=1, stride_sr=s,
-        stride_vr=1 if variant.startswith("forward") else s, stride_vn=r if variant.startswith("forward") else 1,
+        stride_bk=1 if fwd else s, stride_bn=s if fwd else 1,
+        stride_bias=1, stride_um=r, stride_ur=1, stride_sk=1 if fwd else r, stride_sr=s if fwd else 1,
+        stride_vr=1 if fwd else s, stride_vn=r if fwd else 1,
         stride_cm=s, stride_cn=1, stride_cs16=s * s // 16 if split_k else 0, stride_xam=r, stride_xar=1,
         stride_xas16=s * r // 16 if split_k else 0,
         lr_scale=1.0, p=0.1, seed=12345,
-        HAS_BIAS=variant.startswith("forward"), LOW_RANK=low_rank, LR_DROPOUT=variant == "dx_dropout",
+        HAS_BIAS=fwd, LOW_RANK=low_rank, LR_DROPOUT=variant == "dx_dropout",
         OFFSET_INT64=False, UPCAST=False, INPUT_PRECISION="ieee", EVEN_K=even_k, EVEN_R=even_r and low_rank != 2, TMA=tma,
         A_T=a_t, B_T=b_t, PERSISTENT=persistent,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m,
@@ -257,6 +259,10 @@ def load_widths(ptx: str) -> list[int]:
     return sorted(widths)
 
 
+#: The rank tiles of the in-loop shrink (``configs.block_r_for``: powers of two from 16).
+IN_LOOP_RANK_TILES = (16, 32, 64, 128)
+
+
 def jobs_for(arch: int) -> list[Job]:
     """Every shipped configuration, with each pass (and rank tile) it serves."""
     from fused_lora.kernels import configs  # (configs only: no kernel is decorated here)
@@ -265,26 +271,26 @@ def jobs_for(arch: int) -> list[Job]:
     shipped = configs.shipped_configs()
     for dtype in ("bf16", "fp16", "fp32"):
         elt = 4 if dtype == "fp32" else 2
-        pool = shipped["gemm_fp32" if elt == 4 else "gemm_16bit"]
         lr_r = configs.GEMM_LR_MAX_BLOCK_R[elt]
-        for cfg in pool:
-            for pass_name, block_r, in_loop, mask in (
-                    ("forward_in_loop", 16, True, False), ("forward_split", lr_r, False, False),
-                    ("dx", lr_r, False, False), ("dx_dropout", lr_r, False, True), ("dw", 16, False, False)):
-                if cfg not in configs.gemm_candidates(elt, block_r, in_loop, mask, arch=arch):
-                    continue  # pruned: the launcher never picks it for this pass
+        # (pass, rank tile, in-loop shrink, epilogue mask): the in-loop passes (the forward, and dx at
+        # small M) hold the whole rank in one tile, so each rank tile they can run with is its own kernel
+        passes = [(pass_name, block_r, True, False) for pass_name in ("forward_in_loop", "dx_in_loop")
+                  for block_r in IN_LOOP_RANK_TILES if block_r <= configs.in_loop_max_block_r(elt)]
+        passes += [("forward_split", lr_r, False, False), ("dx", lr_r, False, False), ("dx_dropout", lr_r, False, True),
+                   ("dw", 16, False, False)]
+        for pass_name, block_r, in_loop, mask in passes:
+            fitting = configs.gemm_candidates(elt, block_r, in_loop, mask, arch=arch)
+            for cfg in fitting:  # (a tile pruned for the pass is one the launcher never picks for it)
                 jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r))
-                if cfg is pool[0] or (mask and cfg is configs.gemm_candidates(elt, block_r, in_loop, mask,
-                                                                              arch=arch)[0]):
-                    # the masked K tail (K not a multiple of BLOCK_K), and a rank below its tile
-                    # (r = 8 in a 16 tile), on the largest tile of each pass
-                    jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, even_k=False))
-                    jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, even_r=False))
+            # the masked K tail (K not a multiple of BLOCK_K), and a rank below its tile
+            # (r = 8 in a 16 tile), on the largest tile of each pass
+            jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, even_k=False))
+            jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, even_r=False))
         # Split-K partials (fp32 stores into the workspace), on the tiles the
-        # heuristic picks where it splits: small M, the forward (both kinds) and masked dx.
-        for pass_name, block_r, in_loop, mask in (("forward_in_loop", 16, True, False),
-                                                  ("forward_split", lr_r, False, False),
-                                                  ("dx_dropout", lr_r, False, True)):
+        # heuristic picks where it splits: small M, the forward (both kinds) and dx (both kinds).
+        for pass_name, block_r, in_loop, mask in passes:
+            if pass_name in ("dx", "dw"):
+                continue  # (dx without a mask at small M runs in loop; dW splits only its own K, the tokens)
             cfg = configs.gemm_config(16, SHAPE, SHAPE, block_r, elt, in_loop, False, epilogue_mask=mask, arch=arch)
             cfg = dataclasses.replace(cfg, split_k=1)  # (the kernel's code does not depend on the count)
             for tma in (False, True) if elt == 2 and arch >= 90 else (False,):
@@ -292,9 +298,7 @@ def jobs_for(arch: int) -> list[Job]:
         # TMA (16-bit, Hopper): every pass on every shipped tile it may run on, with a K tail
         # on the largest tile of each pass; the persistent grid likewise.
         if elt == 2 and arch >= 90:
-            for pass_name, block_r, in_loop, mask in (
-                    ("forward_in_loop", 16, True, False), ("forward_split", lr_r, False, False),
-                    ("dx", lr_r, False, False), ("dx_dropout", lr_r, False, True), ("dw", 16, False, False)):
+            for pass_name, block_r, in_loop, mask in passes:
                 fitting = configs.gemm_candidates(elt, block_r, in_loop, mask, arch=arch)
                 for cfg in fitting:
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=True))

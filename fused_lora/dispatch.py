@@ -21,8 +21,9 @@ Forward strategies (the math is in :mod:`fused_lora.ops`):
 
 Small M (at most :data:`SMALL_M` tokens: decode, small batches) is memory
 bound: the extra FLOPs of the in-loop shrink are free there, so without
-dropout it runs as one GEMM at any rank up to one rank tile, on the
-narrowest tiles (more programs for the bandwidth). Every GEMM (forward, dx,
+dropout it runs as one GEMM at any rank the in-loop shrink holds in one
+tile (up to 128 in 16 bits, 32 in fp32:
+:func:`fused_lora.kernels.configs.in_loop_max_block_r`), on the narrowest tiles (more programs for the bandwidth). Every GEMM (forward, dx,
 dW) is split along K when its output has fewer tiles than the GPU has SMs:
 fp32 partials per split (of the in-loop shrink's xa too), summed in split
 order by one more launch (deterministic; see
@@ -32,14 +33,23 @@ The backward is: the dy pass (g, dB and db from one read of dy), the dx GEMM
 (the forward kernel with roles swapped, the mask regenerated in its
 epilogue), the dA pass over x (mask regenerated), and the dW GEMM when the
 base is trainable. Under ``hybrid`` the dx GEMM writes only the masked
-low-rank term and cuBLAS adds ``dy·W``; dW is a cuBLAS GEMM.
+low-rank term and cuBLAS adds ``dy·W``; dW is a cuBLAS GEMM. Where the
+forward runs ``in_loop`` at small M (or ``in_loop`` is forced), the dx GEMM
+is the in-loop forward with roles swapped too: ``g`` is a second dot on the
+dy tiles of its K loop, and the dy pass keeps only dB and db: one reduction
+launch fewer (at most :data:`SMALL_M` tokens, the split-K dx GEMM sums its
+``g`` partials in the launch that sums dx's; the dy pass then needs none
+where one row split covers every row). At larger M the dy pass computes
+``g`` for free beside dB (it reads dy anyway), while the K loop would pay
+``r/BLOCK_N`` more tensor-core work.
 
 TMA: with :func:`set_tma` (or ``FUSED_LORA_TMA=1``) the 16-bit Triton GEMMs
 read their A and B tiles through tensor descriptors (the copy engine
 zero-fills outside the operands) where both operands allow one. Persistent:
 with :func:`set_persistent` (or ``FUSED_LORA_PERSISTENT=1``) they run on a
 grid of about one program per SM, each walking output tiles (not with
-split-K). Both off by default until measured.
+split-K, nor with an in-loop rank tile above 32, which spills there). Both
+off by default until measured.
 
 :func:`explain` says what would run for a shape, and why.
 
@@ -118,7 +128,7 @@ def force_strategy(strategy: str):
     """Run the forward with ``strategy`` inside the ``with`` block (tests and
     benchmarks use it to cover every path), and its backward too, wherever
     and whenever autograd runs it. ``in_loop`` still falls back to ``split``
-    where it cannot run (dropout, or r above one rank tile). Process-wide."""
+    where it cannot run (dropout, or r above its rank tile). Process-wide."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     return _switched("strategy", strategy)
@@ -146,6 +156,9 @@ class Plan:
     tma: bool = False
     #: The Triton GEMMs without split-K run on a persistent grid.
     persistent: bool = False
+    #: The dx GEMM computes g = dy·B in its K loop (the in-loop forward with
+    #: roles swapped) instead of reading it from the dy pass.
+    dx_in_loop: bool = False
 
     @property
     def cublas_base(self) -> bool:
@@ -176,10 +189,12 @@ def device_arch(device: torch.device) -> int:
 
 def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, max_block_r: int,
             forced: str | None):
+    """(strategy, reason); ``max_block_r``: the in-loop shrink's largest rank tile."""
     in_loop_ok = dropout_p == 0.0 and r <= max_block_r
     if forced is not None:
         if forced == "in_loop" and not in_loop_ok:
-            return "split", f"forced 'in_loop', which cannot run here ({'dropout' if dropout_p else 'rank'}): split"
+            why = "dropout" if dropout_p else f"r={r} exceeds the in-loop shrink's rank tile ({max_block_r})"
+            return "split", f"forced 'in_loop', which cannot run here ({why}): split"
         return forced, f"forced {forced!r}"
     if dtype == torch.float32 and not interp:
         return "hybrid", ("float32 on CUDA: exact fp32 dots run on FMA units, where cuBLAS is far ahead; "
@@ -187,7 +202,7 @@ def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, 
     if not in_loop_ok:
         if dropout_p > 0.0:
             return "split", "dropout > 0: the skinny pass draws the mask once instead of once per N tile"
-        return "split", f"r={r} exceeds one rank tile ({max_block_r})"
+        return "split", f"r={r} exceeds the in-loop shrink's rank tile ({max_block_r})"
     if m <= SMALL_M:
         return "in_loop", (f"small M ({m} <= {SMALL_M}) is memory bound: one GEMM; the in-loop shrink's "
                            "extra FLOPs are free")
@@ -216,15 +231,18 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
     cfg = _triton.configs()
     elt = dtype.itemsize
     dropout_p = 0.5 if dropout else 0.0  # only "is there dropout" shapes the plan
-    strategy, reason = _choose(m, r, dtype, dropout_p, interp, cfg.MAX_BLOCK_R, forced)
+    strategy, reason = _choose(m, r, dtype, dropout_p, interp, cfg.in_loop_max_block_r(elt), forced)
     # (under hybrid the Triton GEMMs have no K loop: neither switch applies)
     hopper_16bit = elt == 2 and (interp or arch >= 90) and strategy != "hybrid"
-    persistent = persistent and hopper_16bit
+    # (the persistent grid holds a narrower in-loop rank tile: above it, every GEMM runs one program a tile)
+    persistent = persistent and hopper_16bit and not (
+        strategy == "in_loop" and cfg.block_r_for(r) > cfg.in_loop_max_block_r(elt, persistent=True))
+    dx_in_loop = strategy == "in_loop" and (m <= SMALL_M or forced == "in_loop")
     return Plan(
         strategy=strategy,
         reason=reason,
         fwd_gemm=cfg.gemm_config(m, n, k, r, elt, strategy == "in_loop", interp, arch=arch, persistent=persistent),
-        dx_gemm=cfg.gemm_config(m, k, n, r, elt, False, interp, epilogue_mask=dropout_p > 0.0, arch=arch,
+        dx_gemm=cfg.gemm_config(m, k, n, r, elt, dx_in_loop, interp, epilogue_mask=dropout_p > 0.0, arch=arch,
                                 persistent=persistent),
         dw_gemm=cfg.gemm_config(n, k, m, 1, elt, False, interp, arch=arch, persistent=persistent),
         skinny=cfg.skinny_config(elt, interp, m),
@@ -232,6 +250,7 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
         input_precision=precision,
         tma=tma and hopper_16bit and _triton.get().tma_available(),
         persistent=persistent,
+        dx_in_loop=dx_in_loop,
     )
 
 
@@ -269,9 +288,17 @@ class Explanation:
             else:
                 out.append(("forward: GEMM", f"low-rank term + bias as C ({tiles(p.fwd_gemm)}, empty K loop), "
                                              "then cuBLAS C.addmm_(x, Wᵀ)"))
-        out.append(("backward: dy pass", f"g = s·dy·B, dB = s·dyᵀ·xa (and db) from one read of dy; {skinny}"))
+        if p.dx_in_loop:
+            out.append(("backward: dy pass", f"dB = s·dyᵀ·xa (and db) from one read of dy; {skinny}"))
+        else:
+            out.append(("backward: dy pass", f"g = s·dy·B, dB = s·dyᵀ·xa (and db) from one read of dy; {skinny}"))
         dx = f"{tiles(p.dx_gemm)}" + (", mask regenerated in the epilogue" if self.dropout_p else "")
-        if p.cublas_base:
+        if p.dx_in_loop:
+            out.append(("backward: dx", f"the in-loop forward GEMM with roles swapped: g = dy·B in its K loop "
+                                        f"(for dA too); {dx}"))
+            out.append(("backward: dW", f"the same GEMM (dyᵀ, x), only when the base requires grad; "
+                                        f"{tiles(p.dw_gemm)}"))
+        elif p.cublas_base:
             out.append(("backward: dx", f"masked (g·A)/(1-p) written by the fused kernel ({dx}), "
                                         "then cuBLAS addmm_(dy, W)"))
             out.append(("backward: dW", "cuBLAS dyᵀ·x, only when the base requires grad"))

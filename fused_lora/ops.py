@@ -29,7 +29,9 @@ How it runs (Triton backend)
   low-rank term and cuBLAS adds ``x·Wᵀ`` onto it. See :mod:`fused_lora.dispatch`.
 * backward: the *dy pass* reads dy once for ``g``, ``dB`` (and ``db``); the dx
   GEMM is the forward kernel with (x, Wᵀ, xa, Bᵀ) replaced by (dy, W, g, A) and
-  the mask regenerated in its epilogue; the *dA pass* reads x once,
+  the mask regenerated in its epilogue (at small M, where the forward runs
+  ``in_loop``, it also runs like it: ``dy·B`` accumulated in its K loop, and
+  the dy pass keeps only dB and db); the *dA pass* reads x once,
   regenerating the mask. ``drop(x)`` and the mask are never stored; nothing of
   size (M, K) or (M, N) is saved beyond x itself. Reductions over M use split
   partials summed in a fixed order: no atomics, bitwise reproducible.
@@ -113,33 +115,42 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     m = x2.shape[0]
     plan = dispatch.plan(m, n, k, r, x.dtype, dropout_p, dispatch.device_arch(x.device), strategy=strategy or None)
     inv_keep = 1.0 / (1.0 - dropout_p)
-    need_g = need_x or need_A
+    # g = g_scale · (what the variable g holds): the dy pass scales it, the dx GEMM's K loop does not.
+    g_in_dx = need_x and plan.dx_in_loop
+    need_g_pass = (need_x or need_A) and not g_in_dx
+    g_scale = scaling if g_in_dx else 1.0
 
     g = d_b = d_bias = None
-    if need_g or need_B or need_bias:
-        # The dy pass: g = s·dy·B, dB = s·dyᵀ·xa, db = Σ dy from one read of dy.
+    if need_g_pass or need_B or need_bias:
+        # The dy pass: g = s·dy·B (unless the dx GEMM computes it), dB = s·dyᵀ·xa, db = Σ dy from one read of dy.
         g, d_b, d_bias = k_.skinny_pass(
-            dy2, shrink=lora_B if need_g else None, sh_scale=scaling,
+            dy2, shrink=lora_B if need_g_pass else None, sh_scale=scaling,
             tn_left=xa2 if need_B else None, tn_scale=scaling, tn_transposed=True, tn_dtype=lora_B.dtype,
             colsum=need_bias, colsum_dtype=x.dtype,
             config=plan.skinny, target_programs=plan.skinny_programs, input_precision=plan.input_precision)
     dx = d_a = d_w = None
     if need_x:
         a, b = (dy2[:, :0], weight[:0]) if plan.cublas_base else (dy2, weight)
+        # dx = dy·W + (g·A)⊙mask/(1-p): the forward GEMM with (x, Wᵀ, Aᵀ, Bᵀ) -> (dy, W, B, A), its
+        # low-rank left factor g read from the dy pass, or (g_in_dx) accumulated in the K loop as dy·B.
+        low_rank = dict(shrink=lora_B, v=lora_A, lr_scale=scaling * inv_keep) if g_in_dx else dict(
+            u=g, v=lora_A, lr_scale=inv_keep)
 
         def launch_dx(config):
-            return k_.lora_gemm(a, b, u=g, v=lora_A, lr_scale=inv_keep, dropout_p=dropout_p, seed=seed,
+            return k_.lora_gemm(a, b, **low_rank, dropout_p=dropout_p, seed=seed,
                                 config=config, out_dtype=x.dtype, input_precision=plan.input_precision,
                                 tma=plan.tma, persistent=plan.persistent)
 
-        dx2, _ = launch_dx(dispatch.gemm_config_for(
-            "dx", plan.dx_gemm, launch_dx, m=m, n=k, k=a.shape[1], r=r, dtype=x.dtype, shrink_in_loop=False,
+        dx2, dy_b = launch_dx(dispatch.gemm_config_for(
+            "dx", plan.dx_gemm, launch_dx, m=m, n=k, k=a.shape[1], r=r, dtype=x.dtype, shrink_in_loop=g_in_dx,
             epilogue_mask=dropout_p > 0.0, device=x.device, persistent=plan.persistent))
+        if g_in_dx:
+            g = dy_b
         if plan.cublas_base:
             dx2.addmm_(dy2, weight)
         dx = dx2.view(x.shape)
     if need_A:
-        _, d_a, _ = k_.skinny_pass(x2, tn_left=g, tn_scale=inv_keep, dropout_p=dropout_p, seed=seed,
+        _, d_a, _ = k_.skinny_pass(x2, tn_left=g, tn_scale=g_scale * inv_keep, dropout_p=dropout_p, seed=seed,
                                    tn_dtype=lora_A.dtype, config=plan.skinny,
                                    target_programs=plan.skinny_programs, input_precision=plan.input_precision)
     if need_weight:

@@ -183,12 +183,42 @@ PRE_HOPPER_MAX_ELEMS_PER_THREAD = 64
 PERSISTENT_MAX_ELEMS_PER_THREAD = 64
 
 
+#: The in-loop shrink keeps its fp32 xa (BLOCK_M, BLOCK_R) beside the
+#: accumulator for the whole K loop. Measured with the compile report (sm_90,
+#: Triton 3.6 and 3.9, forward and dx, every shipped tile and rank tile):
+#:
+#: * the largest rank tile it runs with, by element size: fp32's FMA dots
+#:   spill from a 64-wide one (6 KB on 64x128), 16-bit ones run up to 128;
+#: * on the persistent grid (the next tile's state is live too) 64-wide rank
+#:   tiles spill (8-530 B on 128x64 and 64x128, 4 warps): at most 32 there;
+#: * accumulator plus xa, fp32 elements per thread, at most this many, by
+#:   element size: 16-bit, 128x64 on 4 warps with a 128 rank tile (192)
+#:   spills 450-630 B, 128x256 on 8 warps with a 64 one (160) does not; fp32
+#:   (FMA dots, whose operands are in registers too), 64x128 on 4 warps with
+#:   a 16 rank tile (72) spills 24 B in dx on Triton 3.6, and 128x128 on 8
+#:   warps (72-80) reaches 254 registers: the 32x64 and 16x64 tiles (at most
+#:   24) stay under 120.
+IN_LOOP_MAX_BLOCK_R = {2: 128, 4: 32}
+PERSISTENT_IN_LOOP_MAX_BLOCK_R = 32
+IN_LOOP_MAX_ELEMS_PER_THREAD = {2: 160, 4: 64}
+
+
+def in_loop_max_block_r(elt: int, persistent: bool = False) -> int:
+    """The largest rank tile of the in-loop shrink (so the largest rank it
+    runs with: a rank tile is r's next power of two, at least 16)."""
+    cap = IN_LOOP_MAX_BLOCK_R[elt]
+    return min(cap, PERSISTENT_IN_LOOP_MAX_BLOCK_R) if persistent else cap
+
+
 def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask: bool = False,
                     smem_limit: int = SMEM_LIMIT_SM90, arch: int = 90, persistent: bool = False) -> list[GemmConfig]:
     """The shipped GEMM configurations for an element size, pruned to those
     whose shared memory fits ``smem_limit`` (and, with an epilogue mask, on
     the persistent grid or before Hopper, whose tile leaves few enough
-    elements per thread)."""
+    elements per thread; with the in-loop shrink, whose accumulator and xa
+    do). None where the in-loop shrink cannot hold the rank tile."""
+    if shrink_in_loop and block_r > in_loop_max_block_r(elt, persistent):
+        return []
     pool = _GEMM_CANDIDATES_FP32 if elt == 4 else _GEMM_CANDIDATES_16BIT
     cap = PRE_HOPPER_MAX_ELEMS_PER_THREAD if arch < 90 else None
     if epilogue_mask:
@@ -197,7 +227,9 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
         cap = min(cap or 1 << 30, PERSISTENT_MAX_ELEMS_PER_THREAD)
     return [c for c in pool
             if c.smem_bytes(elt, block_r, shrink_in_loop) <= smem_limit
-            and (cap is None or c.elems_per_thread() <= cap)]
+            and (cap is None or c.elems_per_thread() <= cap)
+            and (not shrink_in_loop
+                 or c.block_m * (c.block_n + block_r) // (32 * c.num_warps) <= IN_LOOP_MAX_ELEMS_PER_THREAD[elt])]
 
 
 def split_k_for(config: GemmConfig, m: int, n: int, k: int, interpreter: bool) -> int:
@@ -239,6 +271,9 @@ def _gemm_tiles(m: int, n: int, r: int, elt: int, shrink_in_loop: bool, interpre
         return INTERPRETER_GEMM_WIDE if m >= INTERPRETER_WIDE_FROM_M else INTERPRETER_GEMM
     block_r = block_r_for(r) if shrink_in_loop else block_r_for(r, GEMM_LR_MAX_BLOCK_R[elt])
     cands = gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, arch=arch, persistent=persistent)
+    if not cands:
+        raise ValueError(f"no GEMM configuration holds the in-loop shrink's rank tile {block_r} "
+                         f"({elt}-byte elements{', persistent' if persistent else ''})")
     mb = m_bucket(m)
     fitting_m = [c for c in cands if c.block_m <= max(16, mb)]
     pool = fitting_m or cands

@@ -408,6 +408,41 @@ def test_split_k_heuristic():
     assert configs.gemm_config(256, 256, 65536, 1, 2, False, False).split_k > 1
 
 
+def test_the_in_loop_shrink_runs_only_with_rank_tiles_that_fit():
+    """The in-loop shrink holds its whole rank tile beside the accumulator:
+    the configurations and the dispatch keep it where it does not spill
+    (compile report): fp32 up to a 32 tile, 16-bit up to 128 on tiles whose
+    accumulator and xa fit, the persistent grid up to 32. Beyond, the dispatch
+    runs split (and a persistent request runs one program a tile)."""
+    d = fused_lora.dispatch
+    assert configs.gemm_candidates(4, 32, True) and configs.gemm_candidates(4, 64, True) == []
+    assert configs.gemm_candidates(2, 256, True) == []
+    assert configs.gemm_candidates(2, 32, True, persistent=True)
+    assert configs.gemm_candidates(2, 64, True, persistent=True) == []
+    wide = configs.gemm_candidates(2, 128, True)
+    assert wide and configs.GemmConfig(128, 64, 64, 8, 4, 4) not in wide  # the tile that spilled 450-630 B
+    assert configs.GemmConfig(128, 64, 64, 8, 4, 4) in configs.gemm_candidates(2, 64, True)
+    for c in wide:
+        assert c.block_m * (c.block_n + 128) // (32 * c.num_warps) <= configs.IN_LOOP_MAX_ELEMS_PER_THREAD[2]
+    fp32 = configs.gemm_candidates(4, 16, True)  # (FMA dots: only the narrow tiles)
+    assert fp32 and configs.GemmConfig(64, 128, 32, 8, 4, 3) not in fp32
+    with pytest.raises(ValueError, match="rank tile 64"):
+        configs.gemm_config(16, 4096, 4096, 64, 4, True, False)
+    for dtype, fits, too_big in ((torch.float32, 32, 33), (torch.bfloat16, 128, 129)):
+        for target in ("sm_90", "interpreter"):
+            assert fused_lora.explain((16, 256), (256, 256), fits, dtype, target=target).plan.strategy in (
+                "in_loop", "hybrid")  # (fp32 on CUDA: hybrid)
+            with d.force_strategy("in_loop"):
+                assert fused_lora.explain((16, 256), (256, 256), fits, dtype, target=target).plan.strategy == "in_loop"
+                big = fused_lora.explain((16, 256), (256, 256), too_big, dtype, target=target).plan
+            assert big.strategy == "split" and f"rank tile ({fits})" in big.reason
+    with d.use_persistent(True):
+        assert fused_lora.explain((256, 4096), (4096, 4096), 32).plan.persistent
+        narrow = fused_lora.explain((256, 4096), (4096, 4096), 64).plan
+        assert narrow.strategy == "in_loop" and narrow.dx_in_loop and not narrow.persistent
+        assert fused_lora.explain((8192, 4096), (4096, 4096), 64).plan.persistent  # split: no in-loop shrink
+
+
 @pytest.mark.parametrize("lead", [(0,), (2, 0)])
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_zero_tokens(lead, p):
@@ -452,21 +487,118 @@ def test_bitwise_reproducible_without_dropout(strategy, dtype):
 
 def test_only_the_needed_gradients_run(monkeypatch):
     """needs_input_grad decides the passes: no dx GEMM when x needs none,
-    no dW GEMM for a frozen base."""
+    no dW GEMM for a frozen base, no dy pass when neither dB nor db is
+    needed and the dx GEMM computes g."""
     calls = []
     real_gemm, real_skinny = K_.lora_gemm, K_.skinny_pass
-    monkeypatch.setattr(K_, "lora_gemm", lambda *a, **k: calls.append("gemm") or real_gemm(*a, **k))
-    monkeypatch.setattr(K_, "skinny_pass", lambda *a, **k: calls.append("skinny") or real_skinny(*a, **k))
+
+    def gemm_spy(*a, **k):
+        calls.append("gemm+g" if k.get("shrink") is not None else "gemm")
+        return real_gemm(*a, **k)
+
+    def skinny_spy(*a, **k):
+        calls.append("skinny+g" if k.get("shrink") is not None else "skinny")
+        return real_skinny(*a, **k)
+
+    monkeypatch.setattr(K_, "lora_gemm", gemm_spy)
+    monkeypatch.setattr(K_, "skinny_pass", skinny_spy)
     w, b, a, bb = make_params(20, 10, 2, torch.float32, True)
     a.requires_grad_()
     bb.requires_grad_()
     x = torch.randn(9, 20, device=DEVICE)
     with fused_lora.dispatch.force_strategy("in_loop"):
         y = fused_lora.lora_linear(x, w, a, bb, b, backend="triton")
-    assert calls == ["gemm"]
+        assert calls == ["gemm+g"]
+        calls.clear()
+        y.sum().backward()
+        assert calls == ["skinny+g", "skinny"]  # the dy pass (g, dB) and the dA pass; no dx, no dW
+        calls.clear()
+        x.requires_grad_()
+        y = fused_lora.lora_linear(x, w, a, bb, b, backend="triton")
+        calls.clear()
+        y.sum().backward()
+        assert calls == ["skinny", "gemm+g", "skinny"]  # dB; dx with g in its K loop; dA from that g
+        calls.clear()
+        bb.requires_grad_(False)
+        y = fused_lora.lora_linear(x, w, a, bb, b, backend="triton")
+        calls.clear()
+        y.sum().backward()
+        assert calls == ["gemm+g", "skinny"]  # nothing left for a dy pass to do
     calls.clear()
-    y.sum().backward()
-    assert calls == ["skinny", "skinny"]  # the dy pass (g, dB) and the dA pass; no dx, no dW
+    with fused_lora.dispatch.force_strategy("split"):
+        y = fused_lora.lora_linear(x, w, a, bb, b, backend="triton")
+        calls.clear()
+        y.sum().backward()
+    assert calls == ["skinny+g", "gemm", "skinny"]
+
+
+@pytest.mark.parametrize("m, in_loop", [(1, True), (17, True), (fused_lora.dispatch.SMALL_M, True),
+                                        (fused_lora.dispatch.SMALL_M + 1, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_m_dx_gemm_accumulates_g_in_its_k_loop(monkeypatch, m, in_loop, dtype):
+    """Where the forward runs in_loop at small M, so does the dx GEMM (the
+    forward with roles swapped): g = dy·B comes from its K loop, the dy pass
+    computes only dB and db, and dA is computed from that g. Above SMALL_M the
+    dy pass computes g. Every gradient against float64 either way; with the
+    CUDA plan (split-K over dy's columns) too."""
+    shrinks = []
+    real_gemm, real_skinny = K_.lora_gemm, K_.skinny_pass
+
+    def gemm_spy(*a, **k):
+        shrinks.append(("gemm", k.get("shrink") is not None))
+        return real_gemm(*a, **k)
+
+    def skinny_spy(*a, **k):
+        shrinks.append(("skinny", k.get("shrink") is not None))
+        return real_skinny(*a, **k)
+
+    monkeypatch.setattr(K_, "lora_gemm", gemm_spy)
+    monkeypatch.setattr(K_, "skinny_pass", skinny_spy)
+    k, n, r = 48, 70, 5
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype, requires_grad=True)
+    w, b, a, bb = make_params(k, n, r, dtype, True)
+    for t in (w, b, a, bb):
+        t.requires_grad_()
+    plan = fused_lora.dispatch.plan(m, n, k, r, dtype, 0.0)
+    assert plan.strategy == "in_loop" and plan.dx_in_loop == in_loop
+    y = fused_lora.lora_linear(x, w, a, bb, b, scaling=0.75, backend="triton")
+    dy = torch.randn_like(y)
+    shrinks.clear()
+    grads = torch.autograd.grad(y, (x, w, b, a, bb), dy)
+    # the dy pass, dx, dA, dW, in that order
+    assert shrinks == [("skinny", not in_loop), ("gemm", in_loop), ("skinny", False), ("gemm", False)]
+    _, g64 = reference64(x, w, b, a, bb, dy, scaling=0.75, dropout_p=0.0, seed=None)
+    for name, g in zip(("x", "weight", "bias", "lora_A", "lora_B"), grads):
+        assert_close(g, g64[name], dtype, f"d{name}")
+
+
+def test_small_m_backward_on_the_cuda_plan_has_one_reduction(monkeypatch, reduce_launches):
+    """The CUDA (sm_90) plan of a decode-sized step, run on the interpreter:
+    the dx GEMM splits its K (dy's 1100 columns) and sums dx and g in one
+    reduction launch; one row split covers the 17 rows, so the dy pass (dB,
+    db) and the dA pass store their sums directly. One reduction launch in
+    the whole backward; every gradient against float64."""
+    real_plan = fused_lora.dispatch.plan
+    monkeypatch.setattr(fused_lora.dispatch, "plan", lambda *a, **kw: real_plan(*a, **dict(kw, interpreter=False)))
+    m, k, n, r, dtype = 17, 80, 1100, 5, torch.float16
+    plan = fused_lora.dispatch.plan(m, n, k, r, dtype, 0.0)
+    assert plan.dx_in_loop and plan.dx_gemm.split_k > 1
+    gemm_grids = count_launches(monkeypatch, gemm, "lora_gemm_kernel")
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype, requires_grad=True)
+    w, b, a, bb = make_params(k, n, r, dtype, True)
+    for t in (b, a, bb):
+        t.requires_grad_()
+    y = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, backend="triton")
+    dy = torch.randn_like(y)
+    gemm_grids.clear()
+    reduce_launches.clear()
+    grads = torch.autograd.grad(y, (x, b, a, bb), dy)
+    assert len(gemm_grids) == 1 and gemm_grids[0][1] > 1  # dx, split along K
+    assert len(reduce_launches) == 1
+    _, g64 = reference64(x, w, b, a, bb, dy, scaling=2.0, dropout_p=0.0, seed=None,
+                         grads=("x", "bias", "lora_A", "lora_B"))
+    for name, g in zip(("x", "bias", "lora_A", "lora_B"), grads):
+        assert_close(g, g64[name], dtype, f"d{name}")
 
 
 def test_backward_follows_the_forced_forward_strategy(monkeypatch):
