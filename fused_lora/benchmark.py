@@ -428,10 +428,10 @@ def model(case: Case) -> dict:
                                     plan.fwd_gemm.split_k)
     else:  # hybrid: the low-rank term written as C, then cuBLAS's addmm reads it
         fused_fwd = shrink_x + [(2 * m * n * r, e * m * n), (2 * m * n * k, e * (m * k + n * k + 2 * m * n))]
-    if plan.dx_in_loop:  # the dy pass: dB; dx: g = dy·B in its K loop
+    if plan.dx_in_loop:  # the dy pass: dB; dx: g = dy·B in its K loop, the mask in its epilogue
         fused_bwd = skinny_pass(2 * m * n * r, m, n, False, True)
         fused_bwd += gemm(2 * m * n * k + 2 * m * k * r + 2 * m * n * r, e * (m * n + n * k + m * k), m * k,
-                          plan.dx_gemm.split_k)
+                          plan.dx_gemm.split_k, 0, dx_mask)
     else:
         fused_bwd = skinny_pass(4 * m * n * r, m, n, True, True)  # the dy pass: g and dB
         if plan.cublas_base:  # the masked low-rank term by the fused kernel, then cuBLAS adds dy·W

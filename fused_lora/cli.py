@@ -101,9 +101,11 @@ def check_cases(on_gpu: bool) -> list[dict]:
             for strategy, p, r in (("in_loop", 0.0, 8), ("split", 0.0, 64), ("split", 0.1, 16)):
                 case(shape, r, dtype, strategy, p, train_base=strategy == "split" and p == 0.0)
         case(shapes[0], 16, dtype, "hybrid", 0.1, train_base=True)
-        # small M: the in-loop shrink split along K (xa's partials summed too); the split forward and dx
+        # small M: the in-loop shrink split along K (xa's and g's partials summed too); the split
+        # forward and dx; with dropout by default the split forward and the in-loop dx
         case(small_m, 16, dtype, "in_loop", 0.0, train_base=False)
         case(small_m, 16, dtype, "split", 0.1, train_base=True)
+        case(small_m, 16, dtype, "in_loop", 0.1, train_base=False)
         if dtype != torch.float32:
             # TMA loads (16-bit): forward, dx (masked or not) and dW through descriptors
             for p, train_base in ((0.0, True), (0.1, False)):
@@ -133,8 +135,8 @@ def cmd_check(args) -> int:
         with (dispatch.force_strategy(case["strategy"]), dispatch.use_tma(case["tma"]),
               dispatch.use_persistent(case["persistent"])):
             m = math.prod(case["lead"])
-            fwd = dispatch.plan(m, case["n"], case["k"], case["r"], case["dtype"], case["dropout_p"],
-                                dispatch.device_arch(device)).fwd_gemm
+            plan = dispatch.plan(m, case["n"], case["k"], case["r"], case["dtype"], case["dropout_p"],
+                                 dispatch.device_arch(device))
             try:
                 errors = parity_case(case["lead"], case["k"], case["n"], case["r"], case["dtype"],
                                      dropout_p=case["dropout_p"], train_base=case["train_base"], device=device)
@@ -143,10 +145,12 @@ def cmd_check(args) -> int:
                 errors, failure = {}, f"{type(exc).__name__}: {exc}"
         tol = TOLERANCE[case["dtype"]]
         worst = max(errors.values()) if errors else float("inf")
-        rows.append(dict(path=f"{case['strategy']}{' +dropout' if case['dropout_p'] else ''}"
+        # (the strategy that ran: a forced in_loop falls back to split with dropout, its dx still in loop)
+        rows.append(dict(path=f"{plan.strategy}{' +dropout' if case['dropout_p'] else ''}"
                               f"{' +train-base' if case['train_base'] else ''}{' +tma' if case['tma'] else ''}"
                               f"{' +persistent' if case['persistent'] else ''}"
-                              f"{' +split-k' if fwd.split_k > 1 else ''}",
+                              f"{' +dx-in-loop' if plan.dx_in_loop and plan.strategy != 'in_loop' else ''}"
+                              f"{' +split-k' if plan.fwd_gemm.split_k > 1 else ''}",
                          shape=f"{'x'.join(map(str, case['lead']))}x{case['k']}->{case['n']}", r=case["r"],
                          dtype=str(case["dtype"]).replace("torch.", ""), tolerance=tol, errors=errors,
                          worst=worst, passed=bool(errors) and worst <= tol, failure=failure))

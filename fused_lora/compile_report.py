@@ -75,7 +75,8 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
     (``even_r=False``: a rank of half the rank tile, e.g. r = 8 in a 16 tile)."""
     s = SHAPE
     r = block_r if even_r else block_r // 2
-    low_rank = {"forward_in_loop": 2, "forward_split": 1, "dx_in_loop": 2, "dx": 1, "dx_dropout": 1, "dw": 0}[variant]
+    low_rank = {"forward_in_loop": 2, "forward_split": 1, "dx_in_loop": 2, "dx_in_loop_dropout": 2, "dx": 1,
+                "dx_dropout": 1, "dw": 0}[variant]
     fwd = variant.startswith("forward")
     # With TMA: forward reads Wᵀ through W's descriptor (B_T), dW reads dyᵀ through dy's (A_T).
     a_t, b_t = tma and variant == "dw", tma and fwd
@@ -96,7 +97,7 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         stride_cm=s, stride_cn=1, stride_cs16=s * s // 16 if split_k else 0, stride_xam=r, stride_xar=1,
         stride_xas16=s * r // 16 if split_k else 0,
         lr_scale=1.0, p=0.1, seed=12345,
-        HAS_BIAS=fwd, LOW_RANK=low_rank, LR_DROPOUT=variant == "dx_dropout",
+        HAS_BIAS=fwd, LOW_RANK=low_rank, LR_DROPOUT=variant.endswith("_dropout"),
         OFFSET_INT64=False, UPCAST=False, INPUT_PRECISION="ieee", EVEN_K=even_k, EVEN_R=even_r and low_rank != 2, TMA=tma,
         A_T=a_t, B_T=b_t, PERSISTENT=persistent,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m,
@@ -274,7 +275,8 @@ def jobs_for(arch: int) -> list[Job]:
         lr_r = configs.GEMM_LR_MAX_BLOCK_R[elt]
         # (pass, rank tile, in-loop shrink, epilogue mask): the in-loop passes (the forward, and dx at
         # small M) hold the whole rank in one tile, so each rank tile they can run with is its own kernel
-        passes = [(pass_name, block_r, True, False) for pass_name in ("forward_in_loop", "dx_in_loop")
+        passes = [(pass_name, block_r, True, mask) for pass_name, mask in (
+                      ("forward_in_loop", False), ("dx_in_loop", False), ("dx_in_loop_dropout", True))
                   for block_r in IN_LOOP_RANK_TILES if block_r <= configs.in_loop_max_block_r(elt)]
         passes += [("forward_split", lr_r, False, False), ("dx", lr_r, False, False), ("dx_dropout", lr_r, False, True),
                    ("dw", 16, False, False)]

@@ -33,23 +33,24 @@ The backward is: the dy pass (g, dB and db from one read of dy), the dx GEMM
 (the forward kernel with roles swapped, the mask regenerated in its
 epilogue), the dA pass over x (mask regenerated), and the dW GEMM when the
 base is trainable. Under ``hybrid`` the dx GEMM writes only the masked
-low-rank term and cuBLAS adds ``dy·W``; dW is a cuBLAS GEMM. Where the
-forward runs ``in_loop`` at small M (or ``in_loop`` is forced), the dx GEMM
-is the in-loop forward with roles swapped too: ``g`` is a second dot on the
-dy tiles of its K loop, and the dy pass keeps only dB and db: one reduction
-launch fewer (at most :data:`SMALL_M` tokens, the split-K dx GEMM sums its
-``g`` partials in the launch that sums dx's; the dy pass then needs none
-where one row split covers every row). At larger M the dy pass computes
-``g`` for free beside dB (it reads dy anyway), while the K loop would pay
-``r/BLOCK_N`` more tensor-core work.
+low-rank term and cuBLAS adds ``dy·W``; dW is a cuBLAS GEMM. At small M
+(or where ``in_loop`` is forced), with or without dropout, the dx GEMM is the
+in-loop forward with roles swapped: ``g`` is a second dot on the dy tiles of
+its K loop (the mask, drawn in the epilogue either way, multiplies the
+low-rank term in a tile of its own), and the dy pass keeps only dB and db:
+one reduction launch fewer (at most :data:`SMALL_M` tokens, the split-K dx
+GEMM sums its ``g`` partials in the launch that sums dx's; the dy pass then
+needs none where one row split covers every row). At larger M the dy pass
+computes ``g`` for free beside dB (it reads dy anyway), while the K loop
+would pay ``r/BLOCK_N`` more tensor-core work.
 
 TMA: with :func:`set_tma` (or ``FUSED_LORA_TMA=1``) the 16-bit Triton GEMMs
 read their A and B tiles through tensor descriptors (the copy engine
 zero-fills outside the operands) where both operands allow one. Persistent:
 with :func:`set_persistent` (or ``FUSED_LORA_PERSISTENT=1``) they run on a
 grid of about one program per SM, each walking output tiles (not with
-split-K, nor with an in-loop rank tile above 32, which spills there). Both
-off by default until measured.
+split-K, nor with an in-loop rank tile above 32, nor with the in-loop dx
+under dropout: they spill there). Both off by default until measured.
 
 :func:`explain` says what would run for a shape, and why.
 
@@ -234,10 +235,16 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
     strategy, reason = _choose(m, r, dtype, dropout_p, interp, cfg.in_loop_max_block_r(elt), forced)
     # (under hybrid the Triton GEMMs have no K loop: neither switch applies)
     hopper_16bit = elt == 2 and (interp or arch >= 90) and strategy != "hybrid"
-    # (the persistent grid holds a narrower in-loop rank tile: above it, every GEMM runs one program a tile)
+    # dx computes g in its K loop at small M (or where in_loop is forced, even if the forward
+    # fell back to split): dropout or not, its mask is drawn in the epilogue either way
+    dx_in_loop = (strategy != "hybrid" and r <= cfg.in_loop_max_block_r(elt)
+                  and (forced == "in_loop" if forced is not None else m <= SMALL_M))
+    # (the persistent grid holds a narrower in-loop rank tile, none with dx's mask: above it, every GEMM
+    # runs one program a tile)
+    block_r = cfg.block_r_for(r)
     persistent = persistent and hopper_16bit and not (
-        strategy == "in_loop" and cfg.block_r_for(r) > cfg.in_loop_max_block_r(elt, persistent=True))
-    dx_in_loop = strategy == "in_loop" and (m <= SMALL_M or forced == "in_loop")
+        (strategy == "in_loop" and block_r > cfg.in_loop_max_block_r(elt, persistent=True))
+        or (dx_in_loop and block_r > cfg.in_loop_max_block_r(elt, persistent=True, epilogue_mask=dropout)))
     return Plan(
         strategy=strategy,
         reason=reason,

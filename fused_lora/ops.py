@@ -29,9 +29,9 @@ How it runs (Triton backend)
   low-rank term and cuBLAS adds ``x·Wᵀ`` onto it. See :mod:`fused_lora.dispatch`.
 * backward: the *dy pass* reads dy once for ``g``, ``dB`` (and ``db``); the dx
   GEMM is the forward kernel with (x, Wᵀ, xa, Bᵀ) replaced by (dy, W, g, A) and
-  the mask regenerated in its epilogue (at small M, where the forward runs
-  ``in_loop``, it also runs like it: ``dy·B`` accumulated in its K loop, and
-  the dy pass keeps only dB and db); the *dA pass* reads x once,
+  the mask regenerated in its epilogue (at small M it runs like the in-loop
+  forward: ``dy·B`` accumulated in its K loop, and the dy pass keeps only dB
+  and db); the *dA pass* reads x once,
   regenerating the mask. ``drop(x)`` and the mask are never stored; nothing of
   size (M, K) or (M, N) is saved beyond x itself. Reductions over M use split
   partials summed in a fixed order: no atomics, bitwise reproducible.

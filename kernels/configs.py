@@ -190,7 +190,9 @@ PERSISTENT_MAX_ELEMS_PER_THREAD = 64
 #: * the largest rank tile it runs with, by element size: fp32's FMA dots
 #:   spill from a 64-wide one (6 KB on 64x128), 16-bit ones run up to 128;
 #: * on the persistent grid (the next tile's state is live too) 64-wide rank
-#:   tiles spill (8-530 B on 128x64 and 64x128, 4 warps): at most 32 there;
+#:   tiles spill (8-530 B on 128x64 and 64x128, 4 warps): at most 32 there,
+#:   and none with an epilogue mask (dx with dropout: its masked term needs a
+#:   tile of its own; 16-880 B on every persistent tile at 16 and 32);
 #: * accumulator plus xa, fp32 elements per thread, at most this many, by
 #:   element size: 16-bit, 128x64 on 4 warps with a 128 rank tile (192)
 #:   spills 450-630 B, 128x256 on 8 warps with a 64 one (160) does not; fp32
@@ -203,11 +205,12 @@ PERSISTENT_IN_LOOP_MAX_BLOCK_R = 32
 IN_LOOP_MAX_ELEMS_PER_THREAD = {2: 160, 4: 64}
 
 
-def in_loop_max_block_r(elt: int, persistent: bool = False) -> int:
+def in_loop_max_block_r(elt: int, persistent: bool = False, epilogue_mask: bool = False) -> int:
     """The largest rank tile of the in-loop shrink (so the largest rank it
-    runs with: a rank tile is r's next power of two, at least 16)."""
-    cap = IN_LOOP_MAX_BLOCK_R[elt]
-    return min(cap, PERSISTENT_IN_LOOP_MAX_BLOCK_R) if persistent else cap
+    runs with: a rank tile is r's next power of two, at least 16); 0: none."""
+    if not persistent:
+        return IN_LOOP_MAX_BLOCK_R[elt]
+    return 0 if epilogue_mask else min(IN_LOOP_MAX_BLOCK_R[elt], PERSISTENT_IN_LOOP_MAX_BLOCK_R)
 
 
 def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask: bool = False,
@@ -217,7 +220,7 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
     the persistent grid or before Hopper, whose tile leaves few enough
     elements per thread; with the in-loop shrink, whose accumulator and xa
     do). None where the in-loop shrink cannot hold the rank tile."""
-    if shrink_in_loop and block_r > in_loop_max_block_r(elt, persistent):
+    if shrink_in_loop and block_r > in_loop_max_block_r(elt, persistent, epilogue_mask):
         return []
     pool = _GEMM_CANDIDATES_FP32 if elt == 4 else _GEMM_CANDIDATES_16BIT
     cap = PRE_HOPPER_MAX_ELEMS_PER_THREAD if arch < 90 else None

@@ -16,8 +16,8 @@ The low-rank left factor (xa or g, fp32, (M, r)) is either read from memory
 (``LOW_RANK == 1``, produced by the skinny pass) or accumulated inside the K
 loop from the same A tiles (``LOW_RANK == 2``, "shrink in loop"; the program
 with ``pid_n == 0`` stores it for the backward pass). The dx pass runs either
-way: at small M without dropout it accumulates dy·B (S = B) in its K loop, and
-the dA pass reads it from there. Nothing of size (M, N) is
+way: at small M it accumulates dy·B (S = B) in its K loop, and the dA pass
+reads it from there. Nothing of size (M, N) is
 materialised for the low-rank term. Both split along K (small M): the term is
 linear in the left factor, so each split adds its own part.
 """
@@ -112,7 +112,7 @@ def lora_gemm_kernel(
     (and its mask) is the accumulator's initial value and the rank is walked in
     ``BLOCK_R`` chunks, so any r works; with ``LOW_RANK == 2`` the shrink runs
     in the K loop, the whole rank must fit one ``BLOCK_R`` tile, and the term
-    is added after the loop.
+    (masked, with ``LR_DROPOUT``) is added after the loop.
 
     Split-K (grid axis 1 of size S > 1): program (t, s) computes tile t over
     its own K range and stores the fp32 partial at ``C[s]``; split 0 also
@@ -191,8 +191,6 @@ def lora_gemm_kernel(
             if LR_DROPOUT:
                 # Multiply (not select) so that NaN/Inf propagate as in x * mask.
                 acc = acc * keep.to(tl.float32)
-        else:
-            tl.static_assert(not LR_DROPOUT, "the epilogue mask needs a precomputed low-rank factor")
 
         # In whole blocks, so that the compiler knows k_lo's alignment (vector loads, pipelining).
         k_lo = pid_k * k_blocks_per_split * BLOCK_K
@@ -238,7 +236,14 @@ def lora_gemm_kernel(
                 tl.store(xa_ptrs, xa, mask=mask_m[:, None] & r_in[None, :])
             v = load_operand(v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn,
                              r_in[:, None], UPCAST)
-            acc = tl.dot((xa * lr_scale).to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+            if LR_DROPOUT:
+                # (dx at small M: the term is masked, so it needs a tile of its own; the
+                # configurations keep these tiles small enough for two, compile report)
+                keep = keep_mask(seed, offs_m, pid_n * BLOCK_N, N, p, BLOCK_N, OFFSET_INT64)
+                lr = tl.dot((xa * lr_scale).to(v.dtype), v, input_precision=INPUT_PRECISION)
+                acc += lr * keep.to(tl.float32)
+            else:
+                acc = tl.dot((xa * lr_scale).to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
 
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols * stride_bias).to(tl.float32)

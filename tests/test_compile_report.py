@@ -27,7 +27,7 @@ def test_report_covers_every_shipped_config(sm90):
         for cfg in pool:
             assert (dtype, tuple(sorted(vars(cfg).items()))) in gemm_seen, (dtype, cfg)
     passes = {(r.kernel, r.pass_name) for r in sm90}
-    gemm_passes = ("forward_in_loop", "forward_split", "dx_in_loop", "dx", "dx_dropout", "dw")
+    gemm_passes = ("forward_in_loop", "forward_split", "dx_in_loop", "dx_in_loop_dropout", "dx", "dx_dropout", "dw")
     assert {("gemm", p) for p in gemm_passes} <= passes
     assert {("skinny", p) for p in ("forward_shrink", "dy_pass", "dA_pass")} <= passes
     # masked tails: K (GEMM), columns (skinny), a rank below its tile (both)
@@ -35,15 +35,15 @@ def test_report_covers_every_shipped_config(sm90):
     assert {("skinny", p + tail) for p in ("forward_shrink", "dy_pass", "dA_pass")
             for tail in ("+c_tail", "+r_tail")} <= passes
     # split-K partials and TMA loads (every 16-bit tile, each pass that uses it)
-    assert {("gemm", p + "+split_k") for p in ("forward_in_loop", "forward_split", "dx_in_loop", "dx_dropout")} <= passes
+    assert {("gemm", p + "+split_k") for p in gemm_passes if p not in ("dx", "dw")} <= passes
     # the in-loop passes: every rank tile the shrink can hold (it is the kernel's BLOCK_R), on every tile it fits
     in_loop = {(r.pass_name, r.dtype, r.block_r, tuple(sorted(r.config.items()))) for r in sm90}
     for dtype, elt in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
         tiles = [t for t in compile_report.IN_LOOP_RANK_TILES if t <= configs.in_loop_max_block_r(elt)]
         assert tiles[-1] == configs.in_loop_max_block_r(elt) and tiles[0] == configs.block_r_for(1)
-        for p in ("forward_in_loop", "dx_in_loop"):
+        for p, mask in (("forward_in_loop", False), ("dx_in_loop", False), ("dx_in_loop_dropout", True)):
             for block_r in tiles:
-                fitting = configs.gemm_candidates(elt, block_r, True)
+                fitting = configs.gemm_candidates(elt, block_r, True, mask)
                 assert fitting
                 for cfg in fitting:
                     assert (p, dtype, block_r, tuple(sorted(vars(cfg).items()))) in in_loop, (p, dtype, block_r, cfg)
@@ -62,8 +62,10 @@ def test_report_covers_every_shipped_config(sm90):
         for cfg in configs.gemm_candidates(2, 16, False, persistent=True):
             for loads in ("", "+tma"):
                 assert (f"dw{loads}+persistent", dtype, tuple(sorted(vars(cfg).items()))) in persistent
+        # (not dx in loop with its mask: it spills there, so the dispatch never runs it persistent)
+        assert configs.gemm_candidates(2, 16, True, True, persistent=True) == []
         assert {p for p, d, _ in persistent if d == dtype} == {
-            f"{p}{loads}+persistent" for p in gemm_passes for loads in ("", "+tma")}
+            f"{p}{loads}+persistent" for p in gemm_passes if p != "dx_in_loop_dropout" for loads in ("", "+tma")}
     for r in sm90:
         assert r.shared is not None and r.shared <= configs.SMEM_LIMIT_SM90
         if r.kernel == "gemm" and r.dtype != "fp32":

@@ -216,28 +216,32 @@ def test_gemm_split_k(split_k, k, dtype):
 @pytest.mark.parametrize("split_k", [2, 3, 7])
 @pytest.mark.parametrize("k, r", [(96, 16), (75, 5)])  # whole K blocks and rank tile; a K tail and a rank tail
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gemm_split_k_with_the_in_loop_shrink(split_k, k, r, dtype, reduce_launches):
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gemm_split_k_with_the_in_loop_shrink(split_k, k, r, dtype, p, reduce_launches):
     """The in-loop shrink split along K (small M): each split adds its own
-    part of s·(a·S)·V and stores its xa partial; one launch sums both sets
-    of partials in split order (bitwise reproducible); xa is a·S whole."""
-    m, n, scale = 37, 45, 0.7
+    part of s·(a·S)·V (masked, as dx's is with dropout) and stores its xa
+    partial; one launch sums both sets of partials in split order (bitwise
+    reproducible); xa is a·S whole."""
+    m, n, scale, seed = 37, 45, 0.7, 91
     a = torch.randn(m, k, device=DEVICE, dtype=dtype)
     b = torch.randn(n, k, device=DEVICE, dtype=dtype).t()
     bias = torch.randn(n, device=DEVICE, dtype=dtype)
     shrink = torch.randn(r, k, device=DEVICE, dtype=dtype).t() / k ** 0.5  # strided, as Aᵀ is
     v = torch.randn(n, r, device=DEVICE, dtype=dtype).t()
-    base = configs.gemm_config(m, n, k, r, a.element_size(), True, _triton.interpreter())
+    base = configs.gemm_config(m, n, k, r, a.element_size(), True, _triton.interpreter(), epilogue_mask=p > 0)
     cfg = dataclasses.replace(base, split_k=split_k)
     xa64 = a.double() @ shrink.double()
-    want = a.double() @ b.double() + bias.double() + scale * (xa64 @ v.double())
-    run = lambda: gemm.lora_gemm(a, b, bias=bias, shrink=shrink, v=v, lr_scale=scale, config=cfg, out_dtype=dtype)
+    keep = fused_lora.dropout_mask(seed, (m, n), p, device=DEVICE).double()
+    want = a.double() @ b.double() + bias.double() + scale * (xa64 @ v.double()) * keep
+    run = lambda: gemm.lora_gemm(a, b, bias=bias, shrink=shrink, v=v, lr_scale=scale, dropout_p=p, seed=seed,
+                                 config=cfg, out_dtype=dtype)
     c, xa = run()
     assert len(reduce_launches) == 1  # C's partials and xa's, in one launch
     assert_close(c, want, dtype, f"split_k={split_k}")
     assert_close(xa, xa64, dtype, "xa")
     again = run()
     assert torch.equal(again[0], c) and torch.equal(again[1], xa)
-    unsplit = gemm.lora_gemm(a, b, bias=bias, shrink=shrink, v=v, lr_scale=scale,
+    unsplit = gemm.lora_gemm(a, b, bias=bias, shrink=shrink, v=v, lr_scale=scale, dropout_p=p, seed=seed,
                              config=dataclasses.replace(base, split_k=1), out_dtype=dtype)
     assert_close(unsplit[0], want, dtype, "split_k=1")
     # (the same sum in another order: equal to rounding, not bitwise)
@@ -251,7 +255,8 @@ def tma_on():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("strategy, p", [("in_loop", 0.0), ("split", 0.0), ("split", 0.2)])
+# (in_loop with dropout: the split forward, dx with g in its K loop and the mask in its epilogue)
+@pytest.mark.parametrize("strategy, p", [("in_loop", 0.0), ("in_loop", 0.2), ("split", 0.0), ("split", 0.2)])
 def test_tma_loads_match_the_reference(tma_on, monkeypatch, dtype, strategy, p):
     """With TMA on, every GEMM pass whose operands allow it reads its tiles
     through tensor descriptors (forward: Wᵀ through W's, transposed; dx: W;
@@ -441,6 +446,11 @@ def test_the_in_loop_shrink_runs_only_with_rank_tiles_that_fit():
         narrow = fused_lora.explain((256, 4096), (4096, 4096), 64).plan
         assert narrow.strategy == "in_loop" and narrow.dx_in_loop and not narrow.persistent
         assert fused_lora.explain((8192, 4096), (4096, 4096), 64).plan.persistent  # split: no in-loop shrink
+        # dx in loop with dropout (small M): not on the persistent grid at any rank tile
+        assert configs.gemm_candidates(2, 16, True, True, persistent=True) == []
+        masked = fused_lora.explain((256, 4096), (4096, 4096), 16, dropout_p=0.1).plan
+        assert masked.strategy == "split" and masked.dx_in_loop and not masked.persistent
+        assert fused_lora.explain((8192, 4096), (4096, 4096), 16, dropout_p=0.1).plan.persistent
 
 
 @pytest.mark.parametrize("lead", [(0,), (2, 0)])
@@ -524,6 +534,12 @@ def test_only_the_needed_gradients_run(monkeypatch):
         calls.clear()
         y.sum().backward()
         assert calls == ["gemm+g", "skinny"]  # nothing left for a dy pass to do
+        calls.clear()
+        y = fused_lora.lora_linear(x, w, a, bb, b, dropout_p=0.2, backend="triton")  # (the forward falls back)
+        assert calls == ["skinny+g", "gemm"]
+        calls.clear()
+        y.sum().backward()
+        assert calls == ["gemm+g", "skinny"]
     calls.clear()
     with fused_lora.dispatch.force_strategy("split"):
         y = fused_lora.lora_linear(x, w, a, bb, b, backend="triton")
@@ -535,12 +551,13 @@ def test_only_the_needed_gradients_run(monkeypatch):
 @pytest.mark.parametrize("m, in_loop", [(1, True), (17, True), (fused_lora.dispatch.SMALL_M, True),
                                         (fused_lora.dispatch.SMALL_M + 1, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_small_m_dx_gemm_accumulates_g_in_its_k_loop(monkeypatch, m, in_loop, dtype):
-    """Where the forward runs in_loop at small M, so does the dx GEMM (the
-    forward with roles swapped): g = dy·B comes from its K loop, the dy pass
-    computes only dB and db, and dA is computed from that g. Above SMALL_M the
-    dy pass computes g. Every gradient against float64 either way; with the
-    CUDA plan (split-K over dy's columns) too."""
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_small_m_dx_gemm_accumulates_g_in_its_k_loop(monkeypatch, m, in_loop, dtype, p):
+    """At small M the dx GEMM runs as the in-loop forward with roles swapped
+    (with dropout too, where the forward runs split): g = dy·B comes from its
+    K loop, the dy pass computes only dB and db, and dA is computed from that
+    g. Above SMALL_M the dy pass computes g. Every gradient against float64
+    either way."""
     shrinks = []
     real_gemm, real_skinny = K_.lora_gemm, K_.skinny_pass
 
@@ -559,43 +576,44 @@ def test_small_m_dx_gemm_accumulates_g_in_its_k_loop(monkeypatch, m, in_loop, dt
     w, b, a, bb = make_params(k, n, r, dtype, True)
     for t in (w, b, a, bb):
         t.requires_grad_()
-    plan = fused_lora.dispatch.plan(m, n, k, r, dtype, 0.0)
-    assert plan.strategy == "in_loop" and plan.dx_in_loop == in_loop
-    y = fused_lora.lora_linear(x, w, a, bb, b, scaling=0.75, backend="triton")
+    plan = fused_lora.dispatch.plan(m, n, k, r, dtype, p)
+    assert plan.strategy == ("split" if p else "in_loop") and plan.dx_in_loop == in_loop
+    y = fused_lora.lora_linear(x, w, a, bb, b, scaling=0.75, dropout_p=p, seed=8, backend="triton")
     dy = torch.randn_like(y)
     shrinks.clear()
     grads = torch.autograd.grad(y, (x, w, b, a, bb), dy)
     # the dy pass, dx, dA, dW, in that order
     assert shrinks == [("skinny", not in_loop), ("gemm", in_loop), ("skinny", False), ("gemm", False)]
-    _, g64 = reference64(x, w, b, a, bb, dy, scaling=0.75, dropout_p=0.0, seed=None)
+    _, g64 = reference64(x, w, b, a, bb, dy, scaling=0.75, dropout_p=p, seed=8)
     for name, g in zip(("x", "weight", "bias", "lora_A", "lora_B"), grads):
         assert_close(g, g64[name], dtype, f"d{name}")
 
 
-def test_small_m_backward_on_the_cuda_plan_has_one_reduction(monkeypatch, reduce_launches):
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_small_m_backward_on_the_cuda_plan_has_one_reduction(monkeypatch, reduce_launches, p):
     """The CUDA (sm_90) plan of a decode-sized step, run on the interpreter:
     the dx GEMM splits its K (dy's 1100 columns) and sums dx and g in one
     reduction launch; one row split covers the 17 rows, so the dy pass (dB,
     db) and the dA pass store their sums directly. One reduction launch in
-    the whole backward; every gradient against float64."""
+    the whole backward, with dropout too; every gradient against float64."""
     real_plan = fused_lora.dispatch.plan
     monkeypatch.setattr(fused_lora.dispatch, "plan", lambda *a, **kw: real_plan(*a, **dict(kw, interpreter=False)))
     m, k, n, r, dtype = 17, 80, 1100, 5, torch.float16
-    plan = fused_lora.dispatch.plan(m, n, k, r, dtype, 0.0)
+    plan = fused_lora.dispatch.plan(m, n, k, r, dtype, p)
     assert plan.dx_in_loop and plan.dx_gemm.split_k > 1
     gemm_grids = count_launches(monkeypatch, gemm, "lora_gemm_kernel")
     x = torch.randn(m, k, device=DEVICE, dtype=dtype, requires_grad=True)
     w, b, a, bb = make_params(k, n, r, dtype, True)
     for t in (b, a, bb):
         t.requires_grad_()
-    y = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, backend="triton")
+    y = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, dropout_p=p, seed=12, backend="triton")
     dy = torch.randn_like(y)
     gemm_grids.clear()
     reduce_launches.clear()
     grads = torch.autograd.grad(y, (x, b, a, bb), dy)
     assert len(gemm_grids) == 1 and gemm_grids[0][1] > 1  # dx, split along K
     assert len(reduce_launches) == 1
-    _, g64 = reference64(x, w, b, a, bb, dy, scaling=2.0, dropout_p=0.0, seed=None,
+    _, g64 = reference64(x, w, b, a, bb, dy, scaling=2.0, dropout_p=p, seed=12,
                          grads=("x", "bias", "lora_A", "lora_B"))
     for name, g in zip(("x", "bias", "lora_A", "lora_B"), grads):
         assert_close(g, g64[name], dtype, f"d{name}")

@@ -21,6 +21,8 @@ CASES = [
     ((1,),        17,  33,  1,   F32,  True,  0.0,  "in_loop", "contiguous", False),
     ((17,),       64,  48,  3,   F32,  False, 0.0,  "split",   "contiguous", False),
     ((123,),      45,  77,  8,   F32,  True,  0.25, "split",   "contiguous", False),
+    # in_loop forced with dropout: the forward falls back to split, dx computes g in its K loop
+    ((123,),      45,  77,  8,   F32,  True,  0.25, "in_loop", "strided",    True),
     ((5, 13),     40,  29,  16,  F32,  True,  0.0,  "in_loop", "contiguous", True),
     ((5, 13),     40,  29,  16,  F32,  True,  0.1,  "split",   "permuted",   True),
     ((33,),       96,  40,  64,  F32,  False, 0.0,  "in_loop", "strided",    False),
@@ -31,12 +33,14 @@ CASES = [
     ((40,),       37,  1,   4,   F32,  True,  0.0,  "in_loop", "contiguous", True),
     ((1,),        17,  33,  1,   F16,  True,  0.0,  "in_loop", "contiguous", False),
     ((123,),      45,  77,  8,   F16,  True,  0.25, "split",   "strided",    True),
+    ((5, 10),     33,  66,  64,  F16,  True,  0.1,  "in_loop", "permuted",   False),
     ((3, 11),     64,  48,  16,  F16,  False, 0.0,  "in_loop", "permuted",   False),
     ((3, 11),     64,  48,  16,  F16,  False, 0.0,  "split",   "contiguous", False),
     ((50,),       33,  66,  64,  F16,  True,  0.1,  "split",   "transposed", False),
     ((17,),       70,  35,  128, F16,  True,  0.0,  "split",   "contiguous", False),
     ((1,),        17,  33,  1,   BF16, True,  0.0,  "in_loop", "contiguous", False),
     ((123,),      45,  77,  8,   BF16, True,  0.25, "split",   "contiguous", True),
+    ((33,),       50,  70,  128, BF16, True,  0.4,  "in_loop", "transposed", False),
     ((4, 9),      64,  40,  16,  BF16, False, 0.0,  "in_loop", "strided",    False),
     ((3, 11),     50,  70,  64,  BF16, True,  0.4,  "split",   "permuted",   False),
     ((20,),       40,  30,  3,   BF16, True,  0.0,  "split",   "transposed", True),
@@ -90,7 +94,8 @@ def test_functional_matches_reference(case):
 
 @pytest.mark.parametrize("r", [1, 3, 8, 16, 64, 128])
 @pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
-@pytest.mark.parametrize("strategy, p", [("in_loop", 0.0), ("split", 0.0), ("split", 0.15), ("hybrid", 0.15)])
+@pytest.mark.parametrize("strategy, p", [("in_loop", 0.0), ("in_loop", 0.15), ("split", 0.0), ("split", 0.15),
+                                         ("hybrid", 0.15)])
 def test_rank_sweep(r, dtype, strategy, p):
     """Every rank class in every dtype and path, at an awkward shape (3-D x,
     no dimension a multiple of a block)."""
