@@ -17,9 +17,9 @@ The low-rank left factor (xa or g, fp32, (M, r)) is either read from memory
 loop from the same A tiles (``LOW_RANK == 2``, "shrink in loop"; the program
 with ``pid_n == 0`` stores it for the backward pass). The dx pass runs either
 way: at small M it accumulates dy·B (S = B) in its K loop, and the dA pass
-reads it from there. Nothing of size (M, N) is
-materialised for the low-rank term. Both split along K (small M): the term is
-linear in the left factor, so each split adds its own part.
+reads it from there. Nothing of size (M, N) is materialised for the low-rank
+term. Both split along K (small M): the term is linear in the left factor, so
+each split adds its own part.
 """
 
 from __future__ import annotations
