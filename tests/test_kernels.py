@@ -550,7 +550,7 @@ def test_only_the_needed_gradients_run(monkeypatch):
 
 @pytest.mark.parametrize("m, in_loop", [(1, True), (17, True), (fused_lora.dispatch.SMALL_M, True),
                                         (fused_lora.dispatch.SMALL_M + 1, False)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])  # (fp32 on CUDA runs hybrid)
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_small_m_dx_gemm_accumulates_g_in_its_k_loop(monkeypatch, m, in_loop, dtype, p):
     """At small M the dx GEMM runs as the in-loop forward with roles swapped
