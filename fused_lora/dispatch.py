@@ -35,15 +35,16 @@ The backward is: the dy pass (g, dB and db from one read of dy), the dx GEMM
 epilogue), the dA pass over x (mask regenerated), and the dW GEMM when the
 base is trainable. Under ``hybrid`` the dx GEMM writes only the masked
 low-rank term and cuBLAS adds ``dy·W``; dW is a cuBLAS GEMM. At small M
-(or where ``in_loop`` is forced), with or without dropout, the dx GEMM is the
-in-loop forward with roles swapped: ``g`` is a second dot on the dy tiles of
-its K loop (the mask, drawn in the epilogue either way, multiplies the
-low-rank term in a tile of its own), and the dy pass keeps only dB and db:
-one reduction launch fewer (at most :data:`SMALL_M` tokens, the split-K dx
-GEMM sums its ``g`` partials in the launch that sums dx's; the dy pass then
-needs none where one row split covers every row). At larger M the dy pass
-computes ``g`` for free beside dB (it reads dy anyway), while the K loop
-would pay ``r/BLOCK_N`` more tensor-core work.
+where it spares a launch (or where ``in_loop`` is forced), with or without
+dropout, the dx GEMM is the in-loop forward with roles swapped: ``g`` is a
+second dot on the dy tiles of its K loop (the mask, drawn in the epilogue
+either way, multiplies the low-rank term in a tile of its own), and the dy
+pass keeps only dB and db. The split-K dx GEMM sums its ``g`` partials in the
+launch that sums dx's, and the dy pass needs no reduction where one row
+split covers every row (up to 64 tokens on CUDA's tiles): one launch fewer.
+Where the dy pass needs its reductions anyway, it computes ``g`` for free
+beside dB (it reads dy anyway, and pairs the sums two a launch), while the
+K loop would pay ``r/BLOCK_N`` more tensor-core work.
 
 TMA: with :func:`set_tma` (or ``FUSED_LORA_TMA=1``) the 16-bit Triton GEMMs
 read their A and B tiles through tensor descriptors (the copy engine
@@ -236,10 +237,19 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
     strategy, reason = _choose(m, r, dtype, dropout_p, interp, cfg.in_loop_max_block_r(elt), forced)
     # (under hybrid the Triton GEMMs have no K loop: neither switch applies)
     hopper_16bit = elt == 2 and (interp or arch >= 90) and strategy != "hybrid"
-    # dx computes g in its K loop at small M (or where in_loop is forced, even if the forward
-    # fell back to split): dropout or not, its mask is drawn in the epilogue either way
-    dx_in_loop = (strategy != "hybrid" and r <= cfg.in_loop_max_block_r(elt)
-                  and (forced == "in_loop" if forced is not None else m <= SMALL_M))
+    skinny = cfg.skinny_config(elt, interp, m)
+    skinny_programs = cfg.skinny_target_programs(interp)
+    # dx computes g in its K loop at small M where that spares the dy pass a launch (or where in_loop
+    # is forced, even if the forward fell back to split): dropout or not, its mask is drawn in the
+    # epilogue either way
+    if forced is not None:
+        dx_in_loop = forced == "in_loop"
+    else:
+        def dy_pass_launches(with_g):
+            return _triton.get().skinny.skinny_grid(m, n, min(r, skinny.max_block_r), skinny, skinny_programs,
+                                                    shrink=with_g, tn=True, colsum=False).launches()
+        dx_in_loop = m <= SMALL_M and dy_pass_launches(False) < dy_pass_launches(True)
+    dx_in_loop = dx_in_loop and strategy != "hybrid" and r <= cfg.in_loop_max_block_r(elt)
     # (the persistent grid holds a narrower in-loop rank tile, none with dx's mask: above it, every GEMM
     # runs one program a tile)
     block_r = cfg.block_r_for(r)
@@ -253,8 +263,8 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
         dx_gemm=cfg.gemm_config(m, k, n, r, elt, dx_in_loop, interp, epilogue_mask=dropout_p > 0.0, arch=arch,
                                 persistent=persistent),
         dw_gemm=cfg.gemm_config(n, k, m, 1, elt, False, interp, arch=arch, persistent=persistent),
-        skinny=cfg.skinny_config(elt, interp, m),
-        skinny_programs=cfg.skinny_target_programs(interp),
+        skinny=skinny,
+        skinny_programs=skinny_programs,
         input_precision=precision,
         tma=tma and hopper_16bit and _triton.get().tma_available(),
         persistent=persistent,

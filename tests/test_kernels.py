@@ -444,11 +444,11 @@ def test_the_in_loop_shrink_runs_only_with_rank_tiles_that_fit():
     with d.use_persistent(True):
         assert fused_lora.explain((256, 4096), (4096, 4096), 32).plan.persistent
         narrow = fused_lora.explain((256, 4096), (4096, 4096), 64).plan
-        assert narrow.strategy == "in_loop" and narrow.dx_in_loop and not narrow.persistent
+        assert narrow.strategy == "in_loop" and not narrow.persistent
         assert fused_lora.explain((8192, 4096), (4096, 4096), 64).plan.persistent  # split: no in-loop shrink
         # dx in loop with dropout (small M): not on the persistent grid at any rank tile
         assert configs.gemm_candidates(2, 16, True, True, persistent=True) == []
-        masked = fused_lora.explain((256, 4096), (4096, 4096), 16, dropout_p=0.1).plan
+        masked = fused_lora.explain((64, 4096), (4096, 4096), 16, dropout_p=0.1).plan
         assert masked.strategy == "split" and masked.dx_in_loop and not masked.persistent
         assert fused_lora.explain((8192, 4096), (4096, 4096), 16, dropout_p=0.1).plan.persistent
 
@@ -548,7 +548,7 @@ def test_only_the_needed_gradients_run(monkeypatch):
     assert calls == ["skinny+g", "gemm", "skinny"]
 
 
-@pytest.mark.parametrize("m, in_loop", [(1, True), (17, True), (fused_lora.dispatch.SMALL_M, True),
+@pytest.mark.parametrize("m, in_loop", [(1, True), (17, True), (fused_lora.dispatch.SMALL_M, False),
                                         (fused_lora.dispatch.SMALL_M + 1, False)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])  # (fp32 on CUDA runs hybrid)
 @pytest.mark.parametrize("p", [0.0, 0.2])
@@ -556,8 +556,9 @@ def test_small_m_dx_gemm_accumulates_g_in_its_k_loop(monkeypatch, m, in_loop, dt
     """At small M the dx GEMM runs as the in-loop forward with roles swapped
     (with dropout too, where the forward runs split): g = dy·B comes from its
     K loop, the dy pass computes only dB and db, and dA is computed from that
-    g. Above SMALL_M the dy pass computes g. Every gradient against float64
-    either way."""
+    g. Where the dy pass needs its reductions anyway (256 rows: several row
+    splits, on the interpreter's tiles as on CUDA's), and above SMALL_M, the
+    dy pass computes g. Every gradient against float64 either way."""
     shrinks = []
     real_gemm, real_skinny = K_.lora_gemm, K_.skinny_pass
 
@@ -578,6 +579,11 @@ def test_small_m_dx_gemm_accumulates_g_in_its_k_loop(monkeypatch, m, in_loop, dt
         t.requires_grad_()
     plan = fused_lora.dispatch.plan(m, n, k, r, dtype, p)
     assert plan.strategy == ("split" if p else "in_loop") and plan.dx_in_loop == in_loop
+    # the rule, on CUDA's tiles: in loop exactly where the dy pass then stores its sums directly (one
+    # row split: up to 64 rows), sparing the launch that sums g's column splits
+    for rows, spared in ((1, True), (64, True), (65, False), (256, False)):
+        cuda = fused_lora.dispatch.plan(rows, 4096, 4096, 16, dtype, p, interpreter=False)
+        assert cuda.dx_in_loop == spared, rows
     y = fused_lora.lora_linear(x, w, a, bb, b, scaling=0.75, dropout_p=p, seed=8, backend="triton")
     dy = torch.randn_like(y)
     shrinks.clear()
