@@ -289,11 +289,12 @@ def jobs_for(arch: int) -> list[Job]:
             jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, even_k=False))
             jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, even_r=False))
         # Split-K partials (fp32 stores into the workspace), on the tiles the
-        # heuristic picks where it splits: small M, the forward (both kinds) and dx (both kinds).
+        # heuristic picks where it splits: every pass at small M; dW (whose K is
+        # the tokens) where its output is small: a 256x256 layer over 64 K tokens.
         for pass_name, block_r, in_loop, mask in passes:
-            if pass_name in ("dx", "dw"):
-                continue  # (dx without a mask at small M runs in loop; dW splits only its own K, the tokens)
-            cfg = configs.gemm_config(16, SHAPE, SHAPE, block_r, elt, in_loop, False, epilogue_mask=mask, arch=arch)
+            m, n, k = (256, 256, 65536) if pass_name == "dw" else (16, SHAPE, SHAPE)
+            cfg = configs.gemm_config(m, n, k, block_r, elt, in_loop, False, epilogue_mask=mask, arch=arch)
+            assert cfg.split_k > 1, (pass_name, cfg)
             cfg = dataclasses.replace(cfg, split_k=1)  # (the kernel's code does not depend on the count)
             for tma in (False, True) if elt == 2 and arch >= 90 else (False,):
                 jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, split_k=True, tma=tma))

@@ -14,7 +14,6 @@ from fused_lora.testing import (  # noqa: F401
 )
 
 
-
 def count_launches(monkeypatch, module, kernel: str) -> list:
     """The grids of ``module.kernel``'s launches from now on, in order."""
     grids = []

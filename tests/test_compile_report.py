@@ -35,7 +35,7 @@ def test_report_covers_every_shipped_config(sm90):
     assert {("skinny", p + tail) for p in ("forward_shrink", "dy_pass", "dA_pass")
             for tail in ("+c_tail", "+r_tail")} <= passes
     # split-K partials and TMA loads (every 16-bit tile, each pass that uses it)
-    assert {("gemm", p + "+split_k") for p in gemm_passes if p not in ("dx", "dw")} <= passes
+    assert {("gemm", p + "+split_k") for p in gemm_passes} <= passes
     # the in-loop passes: every rank tile the shrink can hold (it is the kernel's BLOCK_R), on every tile it fits
     in_loop = {(r.pass_name, r.dtype, r.block_r, tuple(sorted(r.config.items()))) for r in sm90}
     for dtype, elt in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
@@ -53,8 +53,8 @@ def test_report_covers_every_shipped_config(sm90):
     for dtype in ("bf16", "fp16"):
         for cfg in shipped["gemm_16bit"]:
             assert ("dw+tma", dtype, tuple(sorted(vars(cfg).items()))) in tma
-        assert {p for p, d, _ in tma if d == dtype} >= {f"{p}{split}+tma" for p in gemm_passes if p not in ("dx", "dw")
-                                                        for split in ("", "+split_k")} | {"dx+tma", "dw+tma"}
+        assert {p for p, d, _ in tma if d == dtype} >= {f"{p}{split}+tma" for p in gemm_passes
+                                                        for split in ("", "+split_k")}
     # the persistent grid: every 16-bit tile it may run, each GEMM pass, with pointers and with TMA loads
     persistent = {(r.pass_name, r.dtype, tuple(sorted(r.config.items()))) for r in sm90
                   if r.pass_name.endswith("+persistent")}

@@ -572,13 +572,17 @@ def test_small_m_dx_gemm_accumulates_g_in_its_k_loop(monkeypatch, m, in_loop, dt
 
     monkeypatch.setattr(K_, "lora_gemm", gemm_spy)
     monkeypatch.setattr(K_, "skinny_pass", skinny_spy)
-    k, n, r = 48, 70, 5
+    # (150 columns: more than one column tile of the skinny pass on CUDA's tiles as on the
+    # interpreter's, so that g's column splits need a sum on both)
+    k, n, r = 48, 150, 5
     x = torch.randn(m, k, device=DEVICE, dtype=dtype, requires_grad=True)
     w, b, a, bb = make_params(k, n, r, dtype, True)
     for t in (w, b, a, bb):
         t.requires_grad_()
     plan = fused_lora.dispatch.plan(m, n, k, r, dtype, p)
     assert plan.strategy == ("split" if p else "in_loop") and plan.dx_in_loop == in_loop
+    for interpreter in (True, False):  # (the same choice on both: this test runs on a GPU too)
+        assert fused_lora.dispatch.plan(m, n, k, r, dtype, p, interpreter=interpreter).dx_in_loop == in_loop
     # the rule, on CUDA's tiles: in loop exactly where the dy pass then stores its sums directly (one
     # row split: up to 64 rows), sparing the launch that sums g's column splits
     for rows, spared in ((1, True), (64, True), (65, False), (256, False)):
