@@ -17,7 +17,9 @@ forward+backward: the data behind the dispatch rules and the switches.
 Modes: ``forward``, ``backward`` (the backward of one recorded forward, timed
 alone), ``forward+backward``. On a GPU each number is the median of
 ``triton.testing.do_bench`` after warm-up (Triton compiles on the first call);
-small M is timed through a CUDA graph. Inputs are rotated: each timed round
+small M is timed through a CUDA graph, and, for the main providers, also in
+eager mode, steps back to back (host time included: what a training loop
+without graphs sees). Inputs are rotated: each timed round
 runs the step on several independent copies of x and the weights, together
 more than twice the L2 cache, and reports the time per step, so small problems
 are not served from cache (do_bench also flushes L2 between rounds). Peak
@@ -117,6 +119,9 @@ class Measurement:
     note: str = ""
     #: GPU kernels of one step in launch order, [name, µs] (``fused``, forward+backward, profile cases)
     kernels: list | None = None
+    #: Small M on a GPU: ms per step run back to back in eager mode, no CUDA
+    #: graph (what a training loop without graphs sees: host time included)
+    eager_ms: float | None = None
 
 
 @dataclass
@@ -309,6 +314,28 @@ def time_cuda(step, m: int, warmup_ms: int = 25, rep_ms: int = 100) -> tuple[lis
         note = "do_bench"
     q = triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
     return list(q), note
+
+
+def time_eager(step, target_ms: float = 10.0, rounds: int = 5) -> float:
+    """Median ms per call of ``step`` called back to back in eager mode, with
+    one synchronisation a round: the throughput of a training loop without
+    CUDA graphs, bound by whichever of the host (Python, dispatch, launches)
+    and the GPU is slower. (do_bench's per-call events would hide part of the
+    host's time behind its L2 flush.)"""
+    step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    calls = max(1, min(1000, int(target_ms / max((time.perf_counter() - t0) * 1e3, 1e-3))))
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3 / calls)
+    return statistics.median(times)
 
 
 def time_cpu(step, reps: int = 3) -> tuple[list[float], str]:
@@ -594,6 +621,8 @@ def run_preset(preset: Preset, device, progress=None, deadline: float | None = N
                             q, timer = time_cuda(run_all, case.m) if on_gpu else time_cpu(run_all)
                             meas.median_ms, meas.p20_ms, meas.p80_ms = (t / copies for t in q)
                             meas.timer = timer + (f", {copies} rotated input copies" if copies > 1 else "")
+                            if on_gpu and case.m <= CUDA_GRAPH_MAX_M and provider in PROVIDERS:
+                                meas.eager_ms = time_eager(run_all) / copies
                             if mode == "forward+backward":
                                 with variant_context(provider):
                                     meas.peak_mem_bytes = peak_memory(steps[0])
@@ -685,6 +714,7 @@ def markdown(results: list[Measurement], env: dict, preset: Preset) -> str:
             f"{_fmt(row.get('unsloth_style'))} | {_fmt(row.get('naive_compiled'))} | {_fmt(row.get('base'))} | "
             f"{_fmt(row['speedup_vs_naive'], '.2f')} | {_fmt(row['fused_over_base'], '.2f')} | "
             f"{_fmt(row['speedup_vs_unsloth_style'], '.2f')} | {mem} |")
+    lines += eager_table(results)
     lines += strategy_table(results, env.get("gpu_arch", "sm_90") if on_gpu else "interpreter")
     lines += kernel_table(results, env.get("gpu_arch", "sm_90") if on_gpu else "interpreter")
     notes = sorted({f"{m.provider} @ {m.case.label()}: {m.note}" for m in results
@@ -696,6 +726,28 @@ def markdown(results: list[Measurement], env: dict, preset: Preset) -> str:
     model_cases = (list(dict.fromkeys(m.case for m in results)) if on_gpu
                    else presets()["gpu-check"].cases)
     return "\n".join(lines) + "\n\n" + model_table(model_cases)
+
+
+def eager_table(results: list[Measurement]) -> list[str]:
+    """Markdown lines: the small-M cases timed without CUDA graphs, beside the
+    graph times of the main table (empty if none were)."""
+    rows = {}
+    for m in results:
+        if m.eager_ms is not None:
+            rows.setdefault((m.case, m.mode), {})[m.provider] = (m.eager_ms, m.median_ms)
+    if not rows:
+        return []
+    lines = ["", "### Small M without CUDA graphs (eager: host time included)", "",
+             "ms per step run back to back in eager mode, one synchronisation per round: what a training "
+             "loop without CUDA graphs sees, bound by the host (Python, dispatch, launches) or the GPU, "
+             "whichever is slower. In brackets: the CUDA-graph time of the main table.", "",
+             "| case | mode | fused | naive | unsloth_style | base | ×naive |", "|---|---|---|---|---|---|---|"]
+    for (case, mode), by in rows.items():
+        cells = [f"{_fmt(by[p][0])} ({_fmt(by[p][1])})" if p in by else "—"
+                 for p in ("fused", "naive", "unsloth_style", "base")]
+        speedup = _ratio(by.get("naive", (None,))[0], by.get("fused", (None,))[0])
+        lines.append(f"| {case.label()} | {mode} | " + " | ".join(cells) + f" | {_fmt(speedup, '.2f')} |")
+    return lines
 
 
 def default_strategy(case: Case, target: str) -> str:

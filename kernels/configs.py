@@ -40,6 +40,13 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host integers. (``triton.cdiv`` is a constexpr
+    function in Triton 3.6 and 3.9: 2 µs of host time a call, and a launcher
+    makes several.)"""
+    return -(-a // b)
+
+
 #: Rank chunk of the GEMM's precomputed low-rank term, by element size: the
 #: (BLOCK_M, r) and (r, BLOCK_N) operand tiles must not push the accumulator
 #: tile into spills (measured with the compile report: r=128 chunks spill).

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .common import alloc, in_bounds, is_interpreted, keep_mask, load_operand
-from .configs import GEMM_LR_MAX_BLOCK_R, NUM_SMS_SM90, GemmConfig, block_r_for, persistent_programs
+from .configs import GEMM_LR_MAX_BLOCK_R, NUM_SMS_SM90, GemmConfig, block_r_for, cdiv, persistent_programs
 from .skinny import reduce_all
 
 try:  # host-side tensor descriptors (TMA): Triton 3.4 and later
@@ -315,21 +315,21 @@ def lora_gemm(
 
     # 2. split-K: S programs per output tile, each over its own run of whole
     #    K blocks (no empty split), partials summed in order by the reduction
-    k_blocks = triton.cdiv(K, config.block_k)
+    k_blocks = cdiv(K, config.block_k)
     split_k = max(1, min(config.split_k, k_blocks))
-    blocks_per_split = triton.cdiv(k_blocks, split_k)
+    blocks_per_split = cdiv(k_blocks, split_k)
     if split_k > 1:
-        split_k = triton.cdiv(k_blocks, blocks_per_split)
+        split_k = cdiv(k_blocks, blocks_per_split)
 
     # 3. allocate (NaN-poisoned: every element must be written)
     c = alloc((M, N), out_dtype, a.device)
     xa = alloc((M, r), torch.float32, a.device) if low_rank == LOW_RANK_IN_LOOP else None
     if M == 0 or N == 0:
         return c, xa
-    slab = triton.cdiv(M * N, 16) * 16  # one partial, padded to 16 elements (aligned stores)
+    slab = cdiv(M * N, 16) * 16  # one partial, padded to 16 elements (aligned stores)
     workspace = None if split_k == 1 else alloc((split_k, slab), torch.float32, a.device)
     target = c if workspace is None else workspace[:, :M * N].view(split_k, M, N)
-    xa_slab = triton.cdiv(M * r, 16) * 16
+    xa_slab = cdiv(M * r, 16) * 16
     xa_target = xa
     if xa is not None and split_k > 1:
         xa_target = alloc((split_k, xa_slab), torch.float32, a.device)[:, :M * r].view(split_k, M, r)
@@ -340,7 +340,7 @@ def lora_gemm(
     s_ = shrink if shrink is not None else dummy
     v_ = v if v is not None else dummy
     xa_ = xa_target if xa is not None else dummy
-    tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
+    tiles = cdiv(M, config.block_m) * cdiv(N, config.block_n)
     interpreted = is_interpreted(lora_gemm_kernel)
     programs = persistent_programs(config, a.element_size(), block_r, low_rank == LOW_RANK_IN_LOOP, interpreted,
                                    num_sms(a.device)) if persistent and split_k == 1 else 0

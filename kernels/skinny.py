@@ -26,6 +26,7 @@ TN and COLSUM partials are the sums: stored as the outputs, no reduction.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ from .configs import (
     SKINNY_PARTIAL_BYTES,
     SkinnyConfig,
     block_r_for,
+    cdiv,
 )
 
 
@@ -210,10 +212,10 @@ def reduce_all(jobs) -> None:
     for i in range(0, len(jobs), 2):
         (parts, out, acc), second = jobs[i], jobs[i + 1] if i + 1 < len(jobs) else None
         numel = out.numel()
-        blocks = triton.cdiv(numel, REDUCE_BLOCK)
+        blocks = cdiv(numel, REDUCE_BLOCK)
         parts2, out2, acc2 = second if second is not None else (parts, out, None)
         numel2 = out2.numel() if second is not None else 0
-        reduce_partials_kernel[(blocks + triton.cdiv(numel2, REDUCE_BLOCK),)](
+        reduce_partials_kernel[(blocks + cdiv(numel2, REDUCE_BLOCK),)](
             parts, acc if acc is not None else parts, out, parts.shape[0], numel, parts.stride(0),
             parts2, acc2 if acc2 is not None else parts2, out2, parts2.shape[0], numel2, parts2.stride(0),
             blocks,
@@ -251,10 +253,6 @@ def _launch(t, s, l, sh, tn, cs, m_start, m_end, rows_per_prog, cols_per_prog, g
     )
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 @dataclass(frozen=True)
 class SkinnyGrid:
     """How :func:`skinny_pass` splits an (M, C) operand over its programs."""
@@ -279,31 +277,32 @@ class SkinnyGrid:
         the last chunk's)."""
         if self.M == 0:
             return 0
-        chunks = _cdiv(self.M, self.chunk_rows)
+        chunks = cdiv(self.M, self.chunk_rows)
         row_sums = 0 if self.direct else self.row_sums
         last = row_sums + (self.shrink and self.split_c > 1)
-        return chunks + (chunks - 1) * _cdiv(row_sums, 2) + _cdiv(last, 2)
+        return chunks + (chunks - 1) * cdiv(row_sums, 2) + cdiv(last, 2)
 
 
+@functools.lru_cache(maxsize=4096)  # (host time per call: the same shapes come back every step)
 def skinny_grid(M: int, C: int, r: int, config: SkinnyConfig, target_programs: int, *, shrink: bool, tn: bool,
                 colsum: bool) -> SkinnyGrid:
     """The split of one skinny pass (rank r within one rank tile) over about
     ``target_programs`` programs."""
     bm, bc = config.block_m, config.block_c
-    m_tiles, c_tiles = max(1, _cdiv(M, bm)), max(1, _cdiv(C, bc))
+    m_tiles, c_tiles = max(1, cdiv(M, bm)), max(1, cdiv(C, bc))
     if shrink:
         # One row tile per program; split the columns until the grid is full.
         rows_per_prog = bm
         split_m = m_tiles
-        split_c = max(1, min(c_tiles, _cdiv(target_programs, m_tiles)))
+        split_c = max(1, min(c_tiles, cdiv(target_programs, m_tiles)))
     else:
         # One column tile per program; split the rows until the grid is full.
         split_c = c_tiles
-        split_m = max(1, min(m_tiles, _cdiv(target_programs, c_tiles)))
-        rows_per_prog = _cdiv(m_tiles, split_m) * bm
-        split_m = _cdiv(M, rows_per_prog)
-    cols_per_prog = _cdiv(c_tiles, split_c) * bc
-    split_c = _cdiv(C, cols_per_prog)
+        split_m = max(1, min(m_tiles, cdiv(target_programs, c_tiles)))
+        rows_per_prog = cdiv(m_tiles, split_m) * bm
+        split_m = cdiv(M, rows_per_prog)
+    cols_per_prog = cdiv(c_tiles, split_c) * bc
+    split_c = cdiv(C, cols_per_prog)
     # Bound the row-split partials: process the rows in chunks when needed.
     per_split = (C * r * 4 if tn else 0) + (C * 4 if colsum else 0)
     max_splits = max(1, SKINNY_PARTIAL_BYTES // max(per_split, 1))
@@ -389,7 +388,7 @@ def skinny_pass(
     tn_acc = cs_acc = None
     for m0 in range(0, M, chunk_rows):
         m1 = min(M, m0 + chunk_rows)
-        n_splits = _cdiv(m1 - m0, rows_per_prog)
+        n_splits = cdiv(m1 - m0, rows_per_prog)
         tn_parts = cs_parts = None
         if tn_left is not None:
             # Partials in the final layout, so that the reduction is a flat sum.

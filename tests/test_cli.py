@@ -294,6 +294,51 @@ def test_kernel_breakdown_is_profiled_and_rendered(tmp_path):
     assert benchmark.kernel_table([dataclasses.replace(meas, kernels=None)], "sm_90") == []
 
 
+def test_small_m_eager_times_get_a_table_of_their_own(tmp_path):
+    """At small M the GPU timer uses CUDA graphs, which hide the host's time;
+    the eager times (steps back to back) are set beside them in a table of
+    their own, and go to results.json."""
+    small = benchmark.Case(16, 4096, 4096, 16, "bfloat16", 0.0)
+    large = benchmark.Case(8192, 4096, 4096, 16, "bfloat16", 0.0)
+    results = [benchmark.Measurement(small, "fused", "forward+backward", median_ms=0.02, eager_ms=0.15),
+               benchmark.Measurement(small, "naive", "forward+backward", median_ms=0.04, eager_ms=0.10),
+               benchmark.Measurement(large, "fused", "forward+backward", median_ms=1.0)]
+    env = dict(benchmark.environment(), gpu="NVIDIA H200")
+    files = benchmark.write_outputs(results, env, benchmark.presets()["gpu-check"], tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "### Small M without CUDA graphs (eager: host time included)" in md
+    assert ("| M=16 4096->4096 r=16 bfloat16 p=0 | forward+backward | 0.150 (0.020) | 0.100 (0.040) | — | — "
+            "| 0.67 |") in md
+    assert "M=8192 4096->4096 r=16 bfloat16 p=0 | forward+backward | 1.000 (" not in md
+    data = json.loads(Path(files["json"]).read_text())
+    assert [m["eager_ms"] for m in data["measurements"]] == [0.15, 0.10, None]
+    assert benchmark.eager_table(results[2:]) == []
+    if torch.cuda.is_available():
+        t = torch.randn(1024, device="cuda")
+        assert 0 < benchmark.time_eager(lambda: t.sum()) < 100
+
+
+def test_the_host_overhead_script_times_every_row_and_restores_the_kernels():
+    """bench/host_overhead.py stubs the kernels out while it times the host's
+    share of a call, and puts them back."""
+    import importlib.util
+
+    from fused_lora.kernels import gemm, skinny
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "host_overhead.py"
+    spec = importlib.util.spec_from_file_location("host_overhead", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    kernels = gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel
+    threads = torch.get_num_threads()
+    res = script.measure(reps=3)
+    assert sorted(res) == sorted((f"{who} {mode}", p) for who in ("fused", "naive")
+                                 for mode in ("forward", "forward+backward") for p in (0.0, 0.1))
+    assert all(0 < us < 1e6 for us in res.values())
+    assert (gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel) == kernels
+    assert torch.get_num_threads() == threads
+
+
 def test_profile_steps_profiles_only_the_timed_fused_steps_of_profile_cases(monkeypatch):
     """After all timing, one fused forward+backward step of each profile case
     is run under the profiler and its kernels attached to that measurement."""

@@ -9,10 +9,12 @@ import torch
 import torch._dynamo.testing
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import fused_lora  # noqa: F401  (registers the torch.ops.fused_lora ops)
-from fused_lora import LoRALinear
+from fused_lora import LoRALinear, ops
 from lora_testing import DEVICE, assert_close, make_params, reference64
 
 
@@ -202,3 +204,75 @@ def test_compiled_backward_follows_the_forced_strategy(monkeypatch):
     seen.clear()
     backward_elsewhere(op(x), (x, a))
     assert seen == ["hybrid", "hybrid"]
+
+
+class _RecordOps(TorchDispatchMode):
+    """A pass-through dispatch mode that records the ops it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_eager_calls_skip_the_op_dispatcher_and_dispatch_modes_see_the_ops(p):
+    """Plain eager calls run the Triton passes without the ops' dispatcher
+    (host time at small M); under a dispatch mode the ops run, and see the
+    same results bit for bit."""
+    x = torch.randn(2, 9, 40, device=DEVICE, requires_grad=True)
+    w, b, a, bb = make_params(40, 24, 8, torch.float32, True)
+    a.requires_grad_()
+    bb.requires_grad_()
+    dy = torch.randn(2, 9, 24, device=DEVICE)
+
+    def step():
+        y = fused_lora.lora_linear(x, w, a, bb, b, scaling=1.5, dropout_p=p, seed=123, backend="triton")
+        return (y, *torch.autograd.grad(y, (x, a, bb), dy))
+
+    assert ops.direct_call(x, w, b, a, bb, None)
+    eager = step()
+    with _RecordOps() as mode:
+        assert not ops.direct_call(x, w, b, a, bb)
+        through_ops = step()
+    assert "fused_lora.lora_linear_fwd.default" in mode.ops
+    assert "fused_lora.lora_linear_bwd.default" in mode.ops
+    for name, e, o in zip(("y", "dx", "dA", "dB"), eager, through_ops):
+        assert torch.equal(e, o), name
+    _, g64 = reference64(x, w, b, a, bb, dy, scaling=1.5, dropout_p=p, seed=123, grads=("x",))
+    assert_close(eager[1], g64["x"], torch.float32, "dx")
+
+
+def test_fake_tensors_subclasses_and_the_profiler_take_the_ops():
+    """Where the ops' dispatcher matters, calls go through it: fake tensors
+    get the ops' fake implementations (no kernel runs), a tensor subclass keeps
+    its type, and the profiler's trace names the ops."""
+    with FakeTensorMode():
+        x = torch.randn(5, 24, device=DEVICE, requires_grad=True)
+        w, a, bb = torch.randn(16, 24, device=DEVICE), torch.randn(4, 24, device=DEVICE), torch.randn(16, 4, device=DEVICE)
+        a.requires_grad_()
+        assert not ops.direct_call(x, w, a, bb)
+        y = fused_lora.lora_linear(x, w, a, bb, scaling=2.0, dropout_p=0.1, seed=3, backend="triton")
+        dx, da = torch.autograd.grad(y.sum(), (x, a))
+    assert isinstance(y, FakeTensor) and y.shape == (5, 16)
+    assert dx.shape == (5, 24) and da.shape == (4, 24)
+
+    class Tagged(torch.Tensor):
+        pass
+
+    w, b, a, bb = make_params(24, 16, 4, torch.float32, True)
+    x = torch.randn(5, 24, device=DEVICE)
+    tagged = x.as_subclass(Tagged)
+    assert not ops.direct_call(tagged)
+    y = fused_lora.lora_linear(tagged, w, a, bb, b, scaling=2.0, backend="triton")
+    assert type(y) is Tagged
+    assert torch.equal(y.as_subclass(torch.Tensor), fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, backend="triton"))
+
+    x.requires_grad_()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, backend="triton").sum().backward()
+    names = {e.name for e in prof.events()}
+    assert {"fused_lora::lora_linear_fwd", "fused_lora::lora_linear_bwd"} <= names
