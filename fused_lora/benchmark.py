@@ -392,7 +392,8 @@ def model(case: Case) -> dict:
     shrink; expand; scale; add. Naive backward: dB, g, dA, d(dropout), dx
     (base), dx (lora) and their adds. Fused: the kernels that the dispatch
     runs for the shape on sm_90 (``fused_lora.explain``): the forward GEMM
-    (after the skinny pass over x, for ``split``); backward, the dy pass (g
+    (after the skinny pass over x, for ``split``, and with dropout the draw of
+    the seed on the GPU before it); backward, the dy pass (g
     and dB, or dB alone where the dx GEMM computes g in its K loop), the dx
     GEMM and the dA pass; each GEMM split along K with its fp32 partials
     and the launch that sums them, each skinny pass with its reductions.
@@ -446,7 +447,8 @@ def model(case: Case) -> dict:
         share = [v / passes for v in (flops, e * rows * cols, *ints)]
         return [tuple(share)] * passes + [(0, 0)] * (grid.launches() - passes)
 
-    shrink_x = skinny_pass(2 * m * k * r, m, k, True, False, skinny_mask)  # the forward's pass over x
+    # the forward's pass over x; with dropout, after the seed's draw on the GPU (seed=None: a kernel of its own)
+    shrink_x = ([(0, 4)] if drop else []) + skinny_pass(2 * m * k * r, m, k, True, False, skinny_mask)
     if plan.strategy == "in_loop":
         fused_fwd = gemm(2 * m * n * k + 2 * m * n * r + 2 * m * k * r, e * (m * k + n * k + m * n), m * n,
                          plan.fwd_gemm.split_k)

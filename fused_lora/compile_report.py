@@ -11,6 +11,9 @@ contiguous, 16-byte aligned: the specialisation the runtime would make), and
 the report gives the shared memory, the registers and spills (from the
 ``ptxas`` that Triton bundles, ``-v``), and whether the PTX issues ``wgmma``
 (Hopper's tensor-core instruction; ``mma.sync`` is the pre-Hopper path).
+The passes that draw a dropout mask are compiled as ``seed=None`` runs them,
+reading a seed drawn on the GPU from memory, and, on the largest tile of
+each, with the seed as a value (an explicit seed: ``+seed_value``).
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ class Job:
     tma: bool = False  # A and B tiles through tensor descriptors (TMA)
     even_r: bool = True  # r a multiple of the rank tile; False compiles the masked rank (r = half the tile)
     persistent: bool = False  # a persistent grid (each program loops over tiles)
+    # The dropout passes read their seed from device memory (seed=None: drawn on
+    # the GPU, common.load_seed); True compiles them with the seed as a value
+    # (an explicit seed) instead
+    seed_value: bool = False
 
 
 @dataclass
@@ -70,7 +77,7 @@ _TORCH_OF = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True, split_k: bool = False,
-               tma: bool = False, even_r: bool = True, persistent: bool = False) -> dict:
+               tma: bool = False, even_r: bool = True, persistent: bool = False, seed_value: bool = False) -> dict:
     """Argument values of lora_gemm_kernel for one pass, as the launcher passes them
     (``even_r=False``: a rank of half the rank tile, e.g. r = 8 in a 16 tile)."""
     s = SHAPE
@@ -96,7 +103,7 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         stride_vr=1 if fwd else s, stride_vn=r if fwd else 1,
         stride_cm=s, stride_cn=1, stride_cs16=s * s // 16 if split_k else 0, stride_xam=r, stride_xar=1,
         stride_xas16=s * r // 16 if split_k else 0,
-        lr_scale=1.0, p=0.1, seed=12345,
+        lr_scale=1.0, p=0.1, seed=_seed(variant.endswith("_dropout"), seed_value),
         HAS_BIAS=fwd, LOW_RANK=low_rank, LR_DROPOUT=variant.endswith("_dropout"),
         OFFSET_INT64=False, UPCAST=False, INPUT_PRECISION="ieee", EVEN_K=even_k, EVEN_R=even_r and low_rank != 2, TMA=tma,
         A_T=a_t, B_T=b_t, PERSISTENT=persistent,
@@ -104,7 +111,14 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
     )
 
 
-def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = True, even_r: bool = True) -> dict:
+def _seed(dropout: bool, seed_value: bool):
+    """The kernel's seed argument: a pointer to an int32 where the pass draws
+    a mask from a seed drawn on the device, else a value."""
+    return "*i32" if dropout and not seed_value else 12345
+
+
+def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = True, even_r: bool = True,
+                 seed_value: bool = False) -> dict:
     """Argument values of lora_skinny_kernel for one pass, as the launcher passes them
     (``+direct``: one row split, whose TN and COLSUM sums are stored as the outputs, in their dtype)."""
     s = SHAPE
@@ -122,7 +136,7 @@ def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = Tru
         stride_sr=1 if variant == "dy_pass" else s, stride_lm=r, stride_lr=1,
         stride_shp=s * r, stride_shm=r, stride_shr=1,
         stride_tnp=s * r, stride_tnc=r, stride_tnr=1, stride_csp=s,
-        sh_scale=1.0, tn_scale=1.0, p=0.1, seed=12345,
+        sh_scale=1.0, tn_scale=1.0, p=0.1, seed=_seed(variant != "dy_pass", seed_value),
         SHRINK=shrink, TN=tn, COLSUM=variant == "dy_pass", DROPOUT=variant != "dy_pass",
         OFFSET_INT64=False, UPCAST=False, EVEN_C=even_c, EVEN_R=even_r, INPUT_PRECISION="ieee",
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_R=block_r,
@@ -157,7 +171,8 @@ def _ast_source(fn, values: dict):
         value = values[name]
         if isinstance(value, str) and value.startswith("*"):
             signature[name] = value
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            if name not in plain and i not in plain:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, str) and value.startswith("tensordesc"):
             signature[name] = value
         elif value is None:  # an unused optional argument: a None constant
@@ -218,29 +233,37 @@ def compile_job(job: Job) -> Result:
     tail = "+k_tail" if job.kernel == "gemm" else "+c_tail"
     res = Result(job.kernel, job.pass_name + ("" if job.even_k else tail) + ("" if job.even_r else "+r_tail")
                  + ("+split_k" if job.split_k else "") + ("+tma" if job.tma else "")
-                 + ("+persistent" if job.persistent else ""),
+                 + ("+persistent" if job.persistent else "") + ("+seed_value" if job.seed_value else ""),
                  job.dtype, job.arch, job.config, job.block_r)
     try:
         if job.kernel == "gemm":
             cfg = configs.GemmConfig(**job.config)
             fn, values = gemm.lora_gemm_kernel, _gemm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
-                                                           job.split_k, job.tma, job.even_r, job.persistent)
+                                                           job.split_k, job.tma, job.even_r, job.persistent,
+                                                           job.seed_value)
         elif job.kernel == "skinny":
             cfg = configs.SkinnyConfig(**job.config)
             fn, values = skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r,
-                                                                 job.even_k, job.even_r)
+                                                                 job.even_k, job.even_r, job.seed_value)
         else:
             cfg = None
             fn, values = skinny.reduce_partials_kernel, _reduce_args(job.dtype, cfg, job.pass_name, job.block_r)
         options = {"num_warps": job.config.get("num_warps", 4), "num_stages": job.config.get("num_stages", 2),
                    "enable_fp_fusion": True}
-        compiled = triton.compile(_ast_source(fn, values), target=GPUTarget("cuda", job.arch, 32), options=options)
+        src = _ast_source(fn, values)
+        compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=options)
         ptx = compiled.asm["ptx"]
         res.shared = int(compiled.metadata.shared)
         res.wgmma = "wgmma" in ptx
         res.mma_sync = "mma.sync" in ptx
         res.tma = "cp.async.bulk.tensor" in ptx
-        res.load_widths = load_widths(ptx)
+        if job.kernel == "skinny" and values.get("seed") == "*i32":
+            # (the seed's one 4-byte load is not a load of the wide operand, which the widths are about)
+            params = [name for name, kind in src.signature.items() if kind != "constexpr"]  # (the PTX's, in order)
+            ptx_loads = without_seed_load(ptx, params.index("seed"))
+        else:
+            ptx_loads = ptx
+        res.load_widths = load_widths(ptx_loads)
         res.registers, res.spill_bytes = _ptxas_stats(ptx, job.arch)
     except Exception as err:  # reported, not raised: the report lists every failure
         res.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
@@ -249,6 +272,20 @@ def compile_job(job: Job) -> Result:
 
 _LD_GLOBAL = re.compile(r"\bld\.global[\w.]*?(?:\.v(\d))?\.[bufs](\d+)\s")
 _CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
+
+
+def without_seed_load(ptx: str, param: int) -> str:
+    """``ptx`` less the load of the dropout seed through its pointer (the
+    kernel's parameter number ``param``): one 4-byte scalar by design."""
+    regs = re.findall(rf"ld\.param\.[bu]64\s+(%rd\d+),\s*\[\w+_param_{param}\];", ptx)
+    if len(regs) != 1:
+        raise ValueError(f"the seed pointer (parameter {param}) is not loaded once in the PTX: {regs}")
+    load = re.compile(rf"\bld\.global\.[bu]32\s+\{{?\s*%r\d+\s*\}}?,\s*\[\s*{re.escape(regs[0])}(\s*\+\s*0)?\s*\];")
+    lines = ptx.splitlines()
+    kept = [line for line in lines if not load.search(line)]
+    if len(kept) != len(lines) - 1:
+        raise ValueError(f"expected one 4-byte load of the seed through {regs[0]}, found {len(lines) - len(kept)}")
+    return "\n".join(kept)
 
 
 def load_widths(ptx: str) -> list[int]:
@@ -288,6 +325,8 @@ def jobs_for(arch: int) -> list[Job]:
             # (r = 8 in a 16 tile), on the largest tile of each pass
             jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, even_k=False))
             jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, even_r=False))
+            if mask:  # an explicit seed: passed as a value
+                jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, seed_value=True))
         # Split-K partials (fp32 stores into the workspace), on the tiles the
         # heuristic picks where it splits: every pass at small M; dW (whose K is
         # the tokens) where its output is small: a 256x256 layer over 64 K tokens.
@@ -321,6 +360,8 @@ def jobs_for(arch: int) -> list[Job]:
                 jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, even_r=False))
                 if pass_name != "forward_shrink" and dtype != "fp32":  # (fp32: the same stores as the partials')
                     jobs.append(Job("skinny", pass_name + "+direct", dtype, asdict(cfg), arch, 16))
+                if pass_name != "dy_pass":  # an explicit seed: passed as a value
+                    jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, seed_value=True))
         for pass_name in ("reduce", "accumulate", "reduce+n_tail", "accumulate+n_tail", "reduce+second",
                           "accumulate+second", "reduce+second+n_tail"):
             jobs.append(Job("reduce", pass_name, dtype, {"num_warps": 4, "num_stages": 1}, arch))

@@ -93,10 +93,19 @@ def check_dropout_p(p, name: str = "dropout_p") -> float:
     return p
 
 
-def draw_seed() -> int:
-    """A fresh seed from torch's default (CPU) generator: ``torch.manual_seed``
-    makes the draws, and so the dropout masks, reproducible. No device sync."""
-    return int(torch.randint(SEED_BOUND, (), dtype=torch.int64).item())
+def draw_seed_tensor(device) -> torch.Tensor:
+    """A fresh seed drawn on ``device`` by its default generator, as a 0-d
+    int32 tensor there: what the fused op passes its kernels for ``seed=None``
+    (they read it from memory). ``torch.manual_seed`` makes the draws, and so
+    the masks, reproducible; inside a captured CUDA graph each replay draws a
+    new one."""
+    return torch.randint(SEED_BOUND, (), dtype=torch.int32, device=device)
+
+
+def draw_seed(device=None) -> int:
+    """The same draw as an int (on a GPU, a device sync): the reference's seed
+    for ``seed=None``, so that fused and reference drop the same elements."""
+    return int(draw_seed_tensor(device if device is not None else "cpu").item())
 
 
 def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:

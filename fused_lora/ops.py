@@ -52,7 +52,7 @@ import torch
 
 from . import _triton, dispatch
 from ._validate import check_backend, check_lora_args
-from .dropout import SEED_BOUND
+from .dropout import draw_seed_tensor
 from .reference import lora_linear as _reference_lora_linear
 
 Tensor = torch.Tensor
@@ -68,7 +68,8 @@ def _flatten(t: Tensor, cols: int) -> Tensor:
 
 
 def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                   scaling: float, dropout_p: float, seed: int, strategy: str = "") -> tuple[Tensor, Tensor]:
+                   scaling: float, dropout_p: float, seed: int | Tensor,
+                   strategy: str = "") -> tuple[Tensor, Tensor]:
     """``(y, xa)`` of the math above, with the Triton kernels. ``strategy``:
     a forced one (:func:`fused_lora.dispatch.force_strategy`), ``""``: none."""
     k_ = _triton.get()
@@ -105,7 +106,7 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
 
 
 def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
-                    scaling: float, dropout_p: float, seed: int,
+                    scaling: float, dropout_p: float, seed: int | Tensor,
                     need_x: bool, need_weight: bool, need_bias: bool, need_A: bool, need_B: bool,
                     strategy: str = ""):
     """``(dx, dW, db, dA, dB)`` of the math above; None where not needed.
@@ -197,15 +198,24 @@ def direct_call(*tensors) -> bool:
     return all(t is None or type(t) is Tensor for t in tensors)
 
 
+def _kernel_seed(seed: Tensor):
+    """The kernels' seed from the ops' ``seed`` tensor: a 0-d int64 CPU tensor
+    holds the value (passed to the kernels as an argument); a 0-d int32 tensor
+    on x's device, drawn there, is read by the kernels (so that a captured CUDA
+    graph draws a new seed at each replay; see ``kernels.common.load_seed``)."""
+    return seed if seed.dtype == torch.int32 else int(seed)
+
+
 @torch.library.custom_op("fused_lora::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                     scaling: float, dropout_p: float, seed: Tensor, strategy: str = "") -> tuple[Tensor, Tensor]:
     """``(y, xa)``: y (..., N) in x's dtype; xa = drop(x)·Aᵀ (..., r) in fp32.
-    ``seed`` is a 0-d int64 CPU tensor (a tensor, so that drawing it stays
-    inside a compiled graph). ``strategy``: a forced one, ``""`` when none
+    ``seed``: a 0-d int64 CPU tensor holding the seed, or a 0-d int32 tensor
+    on x's device that the kernels read (a tensor either way, so that drawing
+    it stays inside a compiled graph). ``strategy``: a forced one, ``""`` when none
     (then an enclosing :func:`fused_lora.dispatch.force_strategy` still
     applies); the backward follows it."""
-    return forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed), strategy)
+    return forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _kernel_seed(seed), strategy)
 
 
 @lora_linear_fwd.register_fake
@@ -220,7 +230,7 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
                     need_bias: bool, need_A: bool, need_B: bool, strategy: str = "") -> list[Tensor]:
     """``[dx, dW, db, dA, dB]``; a gradient nobody needs is an empty tensor.
     ``strategy``: the forward's forced strategy, ``""`` when none."""
-    grads = backward_triton(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, int(seed),
+    grads = backward_triton(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, _kernel_seed(seed),
                             need_x, need_weight, need_bias, need_A, need_B, strategy)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
@@ -252,7 +262,7 @@ def _gradients(ctx, dy):
     if not any(need):
         return (None,) * 5
     if direct_call(dy, x, weight, lora_A, lora_B, xa):
-        return backward_triton(dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, int(seed), *need,
+        return backward_triton(dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, _kernel_seed(seed), *need,
                                ctx.strategy)
     grads = torch.ops.fused_lora.lora_linear_bwd(dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p,
                                                  seed, *need, ctx.strategy)
@@ -282,7 +292,8 @@ class LoRALinearFunction(torch.autograd.Function):
     """``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with the Triton kernels.
 
     ``LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling,
-    dropout_p, seed)`` with ``seed`` a 0-d int64 CPU tensor. Saves only x, the
+    dropout_p, seed)`` with ``seed`` a 0-d int64 CPU tensor holding the seed,
+    or a 0-d int32 tensor on x's device that the kernels read. Saves only x, the
     weights and the tiny fp32 ``xa`` (M, r); computes only the gradients that
     ``needs_input_grad`` asks for. Arguments are not validated here: use
     :func:`lora_linear`, which checks them first.
@@ -293,7 +304,7 @@ class LoRALinearFunction(torch.autograd.Function):
         # (read here, where torch.compile traces it and guards on it)
         strategy = dispatch.forced_strategy() or ""
         if direct_call(x, weight, bias, lora_A, lora_B):
-            y, xa = forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed), strategy)
+            y, xa = forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _kernel_seed(seed), strategy)
         else:
             y, xa = torch.ops.fused_lora.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
                                                          strategy)
@@ -354,9 +365,11 @@ def lora_linear(
         scaling: the LoRA scale s, a runtime value (changing it compiles nothing).
         dropout_p: dropout probability on the LoRA path, in [0, 1). Applied
             whenever > 0 (use :class:`fused_lora.LoRALinear` for train/eval).
-        seed: Philox seed of the dropout mask; None draws one from torch's
-            default generator (so ``torch.manual_seed`` reproduces a run). The
-            mask is :func:`fused_lora.dropout_mask` of (seed, (M, K), p).
+        seed: Philox seed of the dropout mask; None draws one from the
+            default generator of x's device, on the device (so
+            ``torch.manual_seed`` reproduces a run, and a captured CUDA graph
+            draws a new mask at each replay). The mask is
+            :func:`fused_lora.dropout_mask` of (seed, (M, K), p).
         backend: ``"triton"`` (CUDA tensors, or CPU tensors under
             ``TRITON_INTERPRET=1``), ``"torch"`` (the reference), or ``"auto"``
             (Triton where it can run, else torch).
@@ -377,7 +390,11 @@ def lora_linear(
     if dropout_p == 0.0:
         seed_t = torch.zeros((), dtype=torch.int64)
     elif seed is None:
-        seed_t = torch.randint(SEED_BOUND, (), dtype=torch.int64)
+        # Drawn on x's device by its generator, and read there by the kernels:
+        # inside a captured CUDA graph each replay then draws a new seed (a
+        # value drawn on the host would be frozen into the graph: one mask for
+        # every replay). torch.manual_seed seeds it; checkpointing restores it.
+        seed_t = draw_seed_tensor(x.device)
     else:
         seed_t = torch.tensor(seed, dtype=torch.int64)
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)

@@ -29,14 +29,14 @@ def lora_linear(
 
     Same arguments as :func:`fused_lora.lora_linear` (less ``backend``). With
     ``dropout_p > 0`` the mask is :func:`fused_lora.dropout_mask` for ``seed``
-    (drawn from torch's default generator when None, exactly as the fused op
-    draws it), so fused and reference drop the same elements.
+    (drawn by the default generator of x's device when None, exactly as the
+    fused op draws it), so fused and reference drop the same elements.
     """
     scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
     dropped = x
     if dropout_p > 0.0:
         if seed is None:
-            seed = draw_seed()
+            seed = draw_seed(x.device)
         rows = x.shape[:-1].numel()  # x flattened to (M, K), row-major
         keep = dropout_mask(seed, (rows, x.shape[-1]), dropout_p, device=x.device).view(x.shape)
         dropped = x * keep / (1.0 - dropout_p)

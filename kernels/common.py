@@ -36,6 +36,30 @@ def alloc(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return out
 
 
+def seed_arg(seed, device: torch.device):
+    """A launcher's ``seed`` as the kernel takes it: an int, or a one-element
+    int32 tensor on the operands' device, passed as a pointer (see
+    :func:`load_seed`)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int32 or seed.numel() != 1 or seed.device != device:
+            raise ValueError(f"a seed tensor must be one int32 on {device}, got {seed.dtype} "
+                             f"{tuple(seed.shape)} on {seed.device}")
+        return seed
+    return int(seed)
+
+
+@triton.jit
+def load_seed(seed):
+    """The Philox seed of the dropout mask from a kernel's ``seed`` argument:
+    the value itself, or, where the launcher passed a one-element int32 tensor
+    (a pointer here), the value read from it. A seed drawn on the GPU that way
+    is part of a captured CUDA graph, so that each replay draws a new mask; a
+    scalar argument would be frozen into the graph."""
+    if seed.dtype.is_ptr():
+        seed = tl.load(seed)
+    return seed
+
+
 @triton.jit
 def keep_mask(seed, rows, col0, n_cols, p, BLOCK_COLS: tl.constexpr, OFFSET_INT64: tl.constexpr):
     """Dropout keep-mask of the elements ``(rows[:, None], col0 + arange(BLOCK_COLS)[None, :])``

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import alloc, in_bounds, is_interpreted, keep_mask, load_operand
+from .common import alloc, in_bounds, is_interpreted, keep_mask, load_operand, load_seed, seed_arg
 from .configs import GEMM_LR_MAX_BLOCK_R, NUM_SMS_SM90, GemmConfig, block_r_for, cdiv, persistent_programs
 from .skinny import reduce_all
 
@@ -90,7 +90,7 @@ def lora_gemm_kernel(
     # scalars (runtime: changing them never recompiles)
     lr_scale,  # the low-rank term is lr_scale · (U · V)
     p,  # dropout probability of the epilogue mask (LR_DROPOUT)
-    seed,  # Philox seed of that mask
+    seed,  # Philox seed of that mask (the value, or a one-element int32 tensor: common.load_seed)
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     LOW_RANK: tl.constexpr,  # 0: none, 1: U read from u_ptr, 2: U = A·S in the K loop
@@ -179,7 +179,7 @@ def lora_gemm_kernel(
             # call per element, drawn after it, Triton 3.6's code spilled 1.7 KB.
             # Eight columns a call: 184 on Triton 3.6 and 3.9, no spill).
             if LR_DROPOUT:
-                keep = keep_mask(seed, offs_m, pid_n * BLOCK_N, N, p, BLOCK_N, OFFSET_INT64)
+                keep = keep_mask(load_seed(seed), offs_m, pid_n * BLOCK_N, N, p, BLOCK_N, OFFSET_INT64)
             if pid_k == 0:
                 for r0 in range(0, R, BLOCK_R):
                     r_in = in_bounds(offs_r, R - r0, EVEN_R)
@@ -239,7 +239,7 @@ def lora_gemm_kernel(
             if LR_DROPOUT:
                 # (dx at small M: the term is masked, so it needs a tile of its own; the
                 # configurations keep these tiles small enough for two, compile report)
-                keep = keep_mask(seed, offs_m, pid_n * BLOCK_N, N, p, BLOCK_N, OFFSET_INT64)
+                keep = keep_mask(load_seed(seed), offs_m, pid_n * BLOCK_N, N, p, BLOCK_N, OFFSET_INT64)
                 lr = tl.dot((xa * lr_scale).to(v.dtype), v, input_precision=INPUT_PRECISION)
                 acc += lr * keep.to(tl.float32)
             else:
@@ -267,7 +267,7 @@ def lora_gemm(
     v: torch.Tensor | None = None,
     lr_scale: float = 1.0,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: int | torch.Tensor = 0,
     input_precision: str = "ieee",
     tma: bool = False,
     persistent: bool = False,
@@ -360,7 +360,7 @@ def lora_gemm(
         target.stride(-2), target.stride(-1), slab // 16 if split_k > 1 else 0,
         xa_.stride(-2) if xa is not None else 0, xa_.stride(-1) if xa is not None else 0,
         xa_slab // 16 if xa is not None and split_k > 1 else 0,
-        float(lr_scale), float(dropout_p), int(seed),
+        float(lr_scale), float(dropout_p), seed_arg(seed, a.device),
         HAS_BIAS=bias is not None,
         LOW_RANK=low_rank,
         LR_DROPOUT=low_rank != LOW_RANK_NONE and dropout_p > 0.0,

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import alloc, in_bounds, is_interpreted, keep_mask, load_operand
+from .common import alloc, in_bounds, is_interpreted, keep_mask, load_operand, load_seed, seed_arg
 from .configs import (
     REDUCE_BLOCK,
     SKINNY_PARTIAL_BYTES,
@@ -68,6 +68,7 @@ def lora_skinny_kernel(
     sh_scale,  # multiplies the SHRINK partial
     tn_scale,  # multiplies the TN partial
     p, seed,  # dropout of T's elements (DROPOUT): keep(seed, m, c, C, p), see common.keep_mask
+    # (seed: the value, or a one-element int32 tensor holding it, see common.load_seed)
     # meta-parameters
     SHRINK: tl.constexpr, TN: tl.constexpr, COLSUM: tl.constexpr,
     DROPOUT: tl.constexpr, OFFSET_INT64: tl.constexpr, UPCAST: tl.constexpr,
@@ -80,6 +81,8 @@ def lora_skinny_kernel(
     with T = T ⊙ keep when DROPOUT (the 1/(1-p) is folded into the scales)."""
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
+    if DROPOUT:
+        seed = load_seed(seed)
     m_lo = m_start + pid_m * rows_per_prog
     m_hi = min(m_lo + rows_per_prog, m_end)
     # In whole tiles, so that the compiler knows c_lo's alignment: with EVEN_C
@@ -240,7 +243,7 @@ def _launch(t, s, l, sh, tn, cs, m_start, m_end, rows_per_prog, cols_per_prog, g
         *(sh.stride() if sh is not None else (0, 0, 0)),
         *(tn.stride() if tn is not None else (0, 0, 0)),
         cs.stride(0) if cs is not None else 0,
-        float(sh_scale), float(tn_scale), float(dropout_p), int(seed),
+        float(sh_scale), float(tn_scale), float(dropout_p), seed_arg(seed, t.device),
         SHRINK=s is not None, TN=l is not None, COLSUM=cs is not None,
         DROPOUT=dropout_p > 0.0,
         OFFSET_INT64=M * C >= 2**31,
@@ -322,7 +325,7 @@ def skinny_pass(
     sh_scale: float = 1.0,
     tn_scale: float = 1.0,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: int | torch.Tensor = 0,
     tn_transposed: bool = False,
     tn_dtype: torch.dtype | None = None,
     colsum_dtype: torch.dtype | None = None,

@@ -129,12 +129,14 @@ def test_roofline_model_counts_the_kernels_the_fused_step_launches(monkeypatch, 
     x = torch.randn(m, k, dtype=torch.float16, requires_grad=True)
     a = (torch.randn(r, k, dtype=torch.float16) / k ** 0.5).requires_grad_()
     b = torch.randn(n, r, dtype=torch.float16, requires_grad=True)
-    y = fused_lora.lora_linear(x, torch.randn(n, k, dtype=torch.float16) / k ** 0.5, a, b, dropout_p=p, seed=3,
+    y = fused_lora.lora_linear(x, torch.randn(n, k, dtype=torch.float16) / k ** 0.5, a, b, dropout_p=p,
                                backend="triton")
     forward = sum(map(len, launches))
     y.backward(torch.randn_like(y))
     mo = benchmark.model(benchmark.Case(m, k, n, r, "float16", p))
-    assert (mo["fused_forward_kernels"], mo["fused_backward_kernels"]) == (forward, sum(map(len, launches)) - forward)
+    seed = int(p > 0)  # (with dropout the seed is drawn on the device first: one torch kernel)
+    assert (mo["fused_forward_kernels"], mo["fused_backward_kernels"]) == (
+        forward + seed, sum(map(len, launches)) - forward)
     assert len(launches[0][0]) == 2 and launches[0][0][1] > 1  # the forward GEMM split along K
 
 

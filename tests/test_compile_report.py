@@ -34,6 +34,9 @@ def test_report_covers_every_shipped_config(sm90):
     assert {("gemm", p + tail) for p in gemm_passes for tail in ("+k_tail", "+r_tail")} <= passes
     assert {("skinny", p + tail) for p in ("forward_shrink", "dy_pass", "dA_pass")
             for tail in ("+c_tail", "+r_tail")} <= passes
+    # the dropout passes read a seed drawn on the device (seed=None); an explicit seed is a value
+    assert ({("gemm", p + "+seed_value") for p in ("dx_dropout", "dx_in_loop_dropout")}
+            | {("skinny", p + "+seed_value") for p in ("forward_shrink", "dA_pass")}) <= passes
     # split-K partials and TMA loads (every 16-bit tile, each pass that uses it)
     assert {("gemm", p + "+split_k") for p in gemm_passes} <= passes
     # the in-loop passes: every rank tile the shrink can hold (it is the kernel's BLOCK_R), on every tile it fits
@@ -113,3 +116,20 @@ def test_load_widths_read_the_ptx():
 """
     assert compile_report.load_widths(ptx) == [2, 4, 8, 16]
     assert compile_report.load_widths("") == []
+
+
+def test_the_seed_load_is_left_out_of_the_load_widths():
+    """A skinny pass reads its dropout seed, drawn on the device, in one
+    4-byte load: not a load of the wide operand, whose widths are checked."""
+    ptx = """
+\tld.param.b64 \t%rd13, [lora_skinny_kernel_param_21];
+\tld.param.b64 \t%rd2, [lora_skinny_kernel_param_0];
+\tld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd2 + 0 ];
+\tld.global.b32 { %r53 }, [ %rd13 + 0 ];
+"""
+    assert compile_report.load_widths(ptx) == [4, 16]
+    assert compile_report.load_widths(compile_report.without_seed_load(ptx, 21)) == [16]
+    with pytest.raises(ValueError, match="not loaded once"):
+        compile_report.without_seed_load(ptx, 5)
+    with pytest.raises(ValueError, match="expected one 4-byte load"):
+        compile_report.without_seed_load(ptx, 0)  # (param 0's pointer feeds a vector load, not a seed)

@@ -1,6 +1,7 @@
 """The dropout mask: one stream shared by the kernels and the PyTorch helper,
 reproducible from the seed, with the right statistics."""
 
+import contextlib
 import math
 
 import pytest
@@ -10,8 +11,9 @@ import triton.language as tl
 
 import fused_lora
 from fused_lora.dropout import halves16, keep_threshold, philox4x32, philox_randint4x
-from fused_lora.kernels.common import keep_mask
-from lora_testing import DEVICE, make_params
+from fused_lora.kernels import gemm, skinny
+from fused_lora.kernels.common import keep_mask, seed_arg
+from lora_testing import DEVICE, make_params, make_x
 
 
 def _u32(v):
@@ -193,3 +195,90 @@ def test_seed_none_follows_torch_manual_seed():
     torch.testing.assert_close(outs[0], outs[2], rtol=1e-5, atol=1e-5)  # same mask: fused vs reference
     torch.manual_seed(2025)
     assert not torch.equal(outs[0], fused_lora.lora_linear(x, w, a, bb, b, dropout_p=0.5, backend="triton"))
+
+
+@pytest.mark.parametrize("strategy", [None, "in_loop", "hybrid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_drawn_seed_stays_on_the_device_and_drops_what_its_value_drops(strategy, dtype, monkeypatch):
+    """seed=None: the seed is drawn on x's device and every kernel that draws
+    the mask reads it from there (forced ``in_loop``: dx accumulates g in its K
+    loop, with the mask in its epilogue); the results are bit for bit those of
+    the same seed passed as a value."""
+    passed = []  # what each launch hands its kernel as the seed
+    for module in (gemm, skinny):
+        def spy(seed, device, real=module.seed_arg):
+            passed.append(real(seed, device))
+            return passed[-1]
+        monkeypatch.setattr(module, "seed_arg", spy)
+    x = make_x((3, 11, 50), dtype).requires_grad_()
+    w, b, a, bb = make_params(50, 30, 8, dtype, True)
+    a.requires_grad_()
+    bb.requires_grad_()
+    dy = torch.randn(3, 11, 30, device=DEVICE, dtype=dtype)
+
+    def run(seed):
+        with fused_lora.dispatch.force_strategy(strategy) if strategy else contextlib.nullcontext():
+            y = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, dropout_p=0.3, seed=seed, backend="triton")
+            seed_t = y.grad_fn.saved_tensors[-1]
+            return seed_t, (y, *torch.autograd.grad(y, (x, a, bb), dy))
+
+    drawn, outs = run(None)
+    assert drawn.dtype == torch.int32 and drawn.shape == () and drawn.device == x.device
+    # the forward's shrink, dx and dA (the dy pass and dx's split-K sum draw no mask)
+    assert sum(s is drawn for s in passed) == 3 and all(s is drawn or s == 0 for s in passed)
+    passed.clear()
+    given, again = run(int(drawn))
+    assert given.dtype == torch.int64 and given.device.type == "cpu"  # (a value: passed as an argument)
+    assert sum(s == int(drawn) for s in passed) == 3 and not any(isinstance(s, torch.Tensor) for s in passed)
+    for name, o, e in zip(("y", "dx", "dA", "dB"), outs, again):
+        assert torch.equal(o, e), name
+    _, other = run(int(drawn) + 1)
+    assert not torch.equal(outs[2], other[2])  # (dA sees the mask)
+
+
+def test_a_seed_tensor_must_be_one_int32_on_the_operands_device():
+    for bad in (torch.tensor(5), torch.tensor([5, 6], dtype=torch.int32),
+                torch.tensor(5, dtype=torch.int32, device="meta")):
+        with pytest.raises(ValueError, match="a seed tensor must be one int32 on"):
+            seed_arg(bad, DEVICE)
+    assert seed_arg(7, DEVICE) == 7
+    good = torch.tensor(5, dtype=torch.int32, device=DEVICE)
+    assert seed_arg(good, DEVICE) is good
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_a_captured_cuda_graph_draws_a_new_mask_at_each_replay():
+    """A training step captured in a CUDA graph with seed=None: each replay
+    draws a new seed on the GPU, and its outputs and gradients are bit for bit
+    those of an eager step with that seed."""
+    x = torch.randn(64, 96, device="cuda", dtype=torch.float16, requires_grad=True)
+    w, b, a, bb = make_params(96, 80, 8, torch.float16, True, device="cuda")
+    a.requires_grad_()
+    bb.requires_grad_()
+    dy = torch.randn(64, 80, device="cuda", dtype=torch.float16)
+
+    def step(seed=None):
+        y = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, dropout_p=0.3, seed=seed, backend="triton")
+        seed_t = y.grad_fn.saved_tensors[-1]
+        return (seed_t, y, *torch.autograd.grad(y, (x, a, bb), dy))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: every kernel compiled before the capture
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    replays = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        replays.append([t.clone() for t in static])
+    seeds = [int(r[0]) for r in replays]
+    assert len(set(seeds)) == 3, seeds
+    for seed, (_, *outs) in zip(seeds, replays):
+        _, *eager = step(seed)
+        for name, o, e in zip(("y", "dx", "dA", "dB"), outs, eager):
+            assert torch.equal(o, e), (name, seed)

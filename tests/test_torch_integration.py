@@ -18,13 +18,14 @@ from fused_lora import LoRALinear, ops
 from lora_testing import DEVICE, assert_close, make_params, reference64
 
 
-@pytest.mark.parametrize("p", [0.0, 0.25])
-def test_opcheck_forward_and_backward_ops(p):
+@pytest.mark.parametrize("p, seed_on_device", [(0.0, False), (0.25, False), (0.25, True)])
+def test_opcheck_forward_and_backward_ops(p, seed_on_device):
+    """(seed: a CPU int64 holding the value, or an int32 on x's device that the kernels read)"""
     x = torch.randn(3, 5, 24, device=DEVICE, requires_grad=True)
     w, b, a, bb = make_params(24, 16, 4, torch.float32, True)
     a.requires_grad_()
     bb.requires_grad_()
-    seed = torch.tensor(7)
+    seed = torch.tensor(7, dtype=torch.int32, device=DEVICE) if seed_on_device else torch.tensor(7)
     torch.library.opcheck(torch.ops.fused_lora.lora_linear_fwd.default, (x, w, b, a, bb, 1.5, p, seed))
     y, xa = torch.ops.fused_lora.lora_linear_fwd(x, w, b, a, bb, 1.5, p, seed)
     dy = torch.randn_like(y)
