@@ -253,7 +253,7 @@ def test_fake_tensors_subclasses_and_the_profiler_take_the_ops():
     its type, and the profiler's trace names the ops."""
     with FakeTensorMode():
         x = torch.randn(5, 24, device=DEVICE, requires_grad=True)
-        w, a, bb = torch.randn(16, 24, device=DEVICE), torch.randn(4, 24, device=DEVICE), torch.randn(16, 4, device=DEVICE)
+        w, a, bb = (torch.randn(*shape, device=DEVICE) for shape in ((16, 24), (4, 24), (16, 4)))
         a.requires_grad_()
         assert not ops.direct_call(x, w, a, bb)
         y = fused_lora.lora_linear(x, w, a, bb, scaling=2.0, dropout_p=0.1, seed=3, backend="triton")
@@ -270,7 +270,8 @@ def test_fake_tensors_subclasses_and_the_profiler_take_the_ops():
     assert not ops.direct_call(tagged)
     y = fused_lora.lora_linear(tagged, w, a, bb, b, scaling=2.0, backend="triton")
     assert type(y) is Tagged
-    assert torch.equal(y.as_subclass(torch.Tensor), fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, backend="triton"))
+    plain = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, backend="triton")
+    assert torch.equal(y.as_subclass(torch.Tensor), plain)
 
     x.requires_grad_()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
