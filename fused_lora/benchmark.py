@@ -624,7 +624,11 @@ def run_preset(preset: Preset, device, progress=None, deadline: float | None = N
                             meas.median_ms, meas.p20_ms, meas.p80_ms = (t / copies for t in q)
                             meas.timer = timer + (f", {copies} rotated input copies" if copies > 1 else "")
                             if on_gpu and case.m <= CUDA_GRAPH_MAX_M and provider in PROVIDERS:
-                                meas.eager_ms = time_eager(run_all) / copies
+                                try:  # (the graph time stands if this fails)
+                                    meas.eager_ms = time_eager(run_all) / copies
+                                except Exception as exc:
+                                    torch.cuda.synchronize()
+                                    meas.note = f"eager timing failed: {type(exc).__name__}: {exc}"
                             if mode == "forward+backward":
                                 with variant_context(provider):
                                     meas.peak_mem_bytes = peak_memory(steps[0])
