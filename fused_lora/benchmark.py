@@ -431,6 +431,7 @@ def model(case: Case) -> dict:
         naive_bwd.append((m * k, 2 * e * m * k + m * k))  # grad of the dropout
     from . import dispatch
     from .kernels import skinny
+    from .kernels.configs import cdiv
 
     plan = dispatch.plan(m, n, k, r, case.torch_dtype, case.dropout, arch=90, interpreter=False)
 
@@ -443,7 +444,7 @@ def model(case: Case) -> dict:
     def skinny_pass(flops, rows, cols, shrink, tn, *ints):
         grid = skinny.skinny_grid(rows, cols, r, plan.skinny, plan.skinny_programs, shrink=shrink, tn=tn,
                                   colsum=False)
-        passes = -(-rows // grid.chunk_rows)  # (a launch a chunk of rows, each a share of the work)
+        passes = cdiv(rows, grid.chunk_rows)  # (a launch a chunk of rows, each a share of the work)
         share = [v / passes for v in (flops, e * rows * cols, *ints)]
         return [tuple(share)] * passes + [(0, 0)] * (grid.launches() - passes)
 

@@ -102,10 +102,10 @@ def draw_seed_tensor(device) -> torch.Tensor:
     return torch.randint(SEED_BOUND, (), dtype=torch.int32, device=device)
 
 
-def draw_seed(device=None) -> int:
+def draw_seed(device) -> int:
     """The same draw as an int (on a GPU, a device sync): the reference's seed
     for ``seed=None``, so that fused and reference drop the same elements."""
-    return int(draw_seed_tensor(device if device is not None else "cpu").item())
+    return int(draw_seed_tensor(device).item())
 
 
 def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:

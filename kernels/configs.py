@@ -251,11 +251,11 @@ def split_k_for(config: GemmConfig, m: int, n: int, k: int, interpreter: bool) -
     target = INTERPRETER_TARGET_PROGRAMS if interpreter else NUM_SMS_SM90
     min_blocks = 1 if interpreter else SPLIT_K_MIN_BLOCKS
     mb = m_bucket(m)
-    tiles = -(-mb // config.block_m) * -(-n // config.block_n)
+    tiles = cdiv(mb, config.block_m) * cdiv(n, config.block_n)
     if tiles == 0 or tiles >= target:
         return 1
-    k_blocks = -(-k // config.block_k)
-    split = min(-(-target // tiles), k_blocks // min_blocks, SPLIT_K_MAX,
+    k_blocks = cdiv(k, config.block_k)
+    split = min(cdiv(target, tiles), k_blocks // min_blocks, SPLIT_K_MAX,
                 SPLIT_K_MAX_WORKSPACE_BYTES // max(1, 4 * mb * n))
     return max(1, split)
 
@@ -291,7 +291,7 @@ def _gemm_tiles(m: int, n: int, r: int, elt: int, shrink_in_loop: bool, interpre
         return pool[0]
     # Fewer rows: prefer the config that gives at least one tile per SM.
     for c in pool:
-        tiles = -(-mb // c.block_m) * -(-n // c.block_n)
+        tiles = cdiv(mb, c.block_m) * cdiv(n, c.block_n)
         if tiles >= NUM_SMS_SM90:
             return c
     return pool[-1]
