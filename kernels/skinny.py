@@ -230,7 +230,7 @@ def reduce_all(jobs) -> None:
 def _launch(t, s, l, sh, tn, cs, m_start, m_end, rows_per_prog, cols_per_prog, grid, *, sh_scale,
             tn_scale, dropout_p, seed, config, input_precision):
     M, C = t.shape
-    r = (s if s is not None else l).shape[1]
+    r = s.shape[1] if s is not None else l.shape[1] if l is not None else 0  # (0: a column sum alone)
     block_r = block_r_for(r, config.max_block_r)
     dummy = t
     lora_skinny_kernel[grid](
