@@ -4,10 +4,14 @@
     python -m fused_lora.compile_report --json     # the same, for machines
     python -m fused_lora.compile_report --arch 90 --jobs 2
 
-For each configuration of :mod:`fused_lora.kernels.configs` and each pass that
-uses it, the kernel is compiled with ``triton.compile(..., target=GPUTarget(
-"cuda", arch, 32))`` at a representative large shape (M = N = K = 4096,
-contiguous, 16-byte aligned: the specialisation the runtime would make), and
+For each configuration of :mod:`fused_lora.kernels.configs`, each pass that
+uses it and each rank tile the pass runs with (each is its own kernel; the
+skinny passes also by the outputs they compute; TMA, the persistent grid and
+TF32 as variants where they apply), the kernel is compiled with
+``triton.compile(..., target=GPUTarget("cuda", arch, 32))`` at a
+representative large shape (M = N = K = 4096, contiguous, 16-byte aligned:
+the specialisation the runtime would make; masked tails, and a rank below its
+tile, on one tile of each pass), and
 the report gives the shared memory, the registers and spills (from the
 ``ptxas`` that Triton bundles, ``-v``), and whether the PTX issues ``wgmma``
 (Hopper's tensor-core instruction; ``mma.sync`` is the pre-Hopper path).
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -49,6 +54,7 @@ class Job:
     # the GPU, common.load_seed); True compiles them with the seed as a value
     # (an explicit seed) instead
     seed_value: bool = False
+    tf32: bool = False  # fp32 dots in TF32 (torch.set_float32_matmul_precision("high")), else exact
 
 
 @dataclass
@@ -77,7 +83,8 @@ _TORCH_OF = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True, split_k: bool = False,
-               tma: bool = False, even_r: bool = True, persistent: bool = False, seed_value: bool = False) -> dict:
+               tma: bool = False, even_r: bool = True, persistent: bool = False, seed_value: bool = False,
+               precision: str = "ieee") -> dict:
     """Argument values of lora_gemm_kernel for one pass, as the launcher passes them
     (``even_r=False``: a rank of half the rank tile, e.g. r = 8 in a 16 tile)."""
     s = SHAPE
@@ -105,7 +112,8 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         stride_xas16=s * r // 16 if split_k else 0,
         lr_scale=1.0, p=0.1, seed=_seed(variant.endswith("_dropout"), seed_value),
         HAS_BIAS=fwd, LOW_RANK=low_rank, LR_DROPOUT=variant.endswith("_dropout"),
-        OFFSET_INT64=False, UPCAST=False, INPUT_PRECISION="ieee", EVEN_K=even_k, EVEN_R=even_r and low_rank != 2, TMA=tma,
+        OFFSET_INT64=False, UPCAST=False, INPUT_PRECISION=precision, EVEN_K=even_k, EVEN_R=even_r and low_rank != 2,
+        TMA=tma,
         A_T=a_t, B_T=b_t, PERSISTENT=persistent,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m,
     )
@@ -117,45 +125,78 @@ def _seed(dropout: bool, seed_value: bool):
     return "*i32" if dropout and not seed_value else 12345
 
 
+#: The skinny kernel's passes, each with the outputs it computes: (SHRINK,
+#: TN, COLSUM, DROPOUT). The dy pass computes g, dB and db, less those not
+#: asked for ("-g": the dx GEMM computes g; "-dB", "-db": B or the bias
+#: frozen, or no bias); "+no_dropout": the pass without a mask.
+SKINNY_PASSES = {
+    "forward_shrink": (True, False, False, True),
+    "forward_shrink+no_dropout": (True, False, False, False),
+    "dy_pass": (True, True, True, False),
+    "dy_pass-db": (True, True, False, False),
+    "dy_pass-g": (False, True, True, False),
+    "dy_pass-g-db": (False, True, False, False),
+    "dy_pass-dB": (True, False, True, False),
+    "dy_pass-dB-db": (True, False, False, False),
+    "dy_pass-g-dB": (False, False, True, False),
+    "dA_pass": (False, True, False, True),
+    "dA_pass+no_dropout": (False, True, False, False),
+}
+
+
 def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = True, even_r: bool = True,
-                 seed_value: bool = False) -> dict:
-    """Argument values of lora_skinny_kernel for one pass, as the launcher passes them
-    (``+direct``: one row split, whose TN and COLSUM sums are stored as the outputs, in their dtype)."""
+                 seed_value: bool = False, precision: str = "ieee") -> dict:
+    """Argument values of lora_skinny_kernel for one pass of :data:`SKINNY_PASSES`, as the launcher
+    passes them (``+direct``: one row split, whose TN and COLSUM sums are stored as the outputs, in
+    their dtype)."""
     s = SHAPE
     r = block_r if even_r else block_r // 2
     direct = variant.endswith("+direct")
     variant = variant.removesuffix("+direct")
-    shrink = variant in ("forward_shrink", "dy_pass")
-    tn = variant in ("dy_pass", "dA_pass")
+    shrink, tn, colsum, dropout = SKINNY_PASSES[variant]
+    dy_pass = variant.startswith("dy_pass")
     out = f"*{dtype}" if direct else "*fp32"
     return dict(
         t_ptr=f"*{dtype}", s_ptr=f"*{dtype}", l_ptr="*fp32", sh_ptr="*fp32", tn_ptr=out, cs_ptr=out,
         M=s, C=s, R=r, m_start=0, m_end=s, rows_per_prog=cfg.block_m, c_tiles_per_prog=s // 2 // cfg.block_c,
         # S: forward Aᵀ (strides 1, K), dy pass B (strides r, 1)
-        stride_tm=s, stride_tc=1, stride_sc=r if variant == "dy_pass" else 1,
-        stride_sr=1 if variant == "dy_pass" else s, stride_lm=r, stride_lr=1,
+        # TN: the dy pass writes dB (C, r) = (N, r), the dA pass dA (r, C) = (r, K), both as (p, C, r) views
+        stride_tm=s, stride_tc=1, stride_sc=r if dy_pass else 1,
+        stride_sr=1 if dy_pass else s, stride_lm=r, stride_lr=1,
         stride_shp=s * r, stride_shm=r, stride_shr=1,
-        stride_tnp=s * r, stride_tnc=r, stride_tnr=1, stride_csp=s,
-        sh_scale=1.0, tn_scale=1.0, p=0.1, seed=_seed(variant != "dy_pass", seed_value),
-        SHRINK=shrink, TN=tn, COLSUM=variant == "dy_pass", DROPOUT=variant != "dy_pass",
-        OFFSET_INT64=False, UPCAST=False, EVEN_C=even_c, EVEN_R=even_r, INPUT_PRECISION="ieee",
+        stride_tnp=s * r, stride_tnc=r if dy_pass else 1, stride_tnr=1 if dy_pass else s, stride_csp=s,
+        sh_scale=1.0, tn_scale=1.0, p=0.1, seed=_seed(dropout, seed_value),
+        SHRINK=shrink, TN=tn, COLSUM=colsum, DROPOUT=dropout,
+        OFFSET_INT64=False, UPCAST=False, EVEN_C=even_c, EVEN_R=even_r, INPUT_PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_R=block_r,
     )
 
 
+def reduce_name(has_acc: bool, even: bool, second: bool, has_acc2: bool = False, out2: str = "fp32") -> str:
+    """The report's name of one reduction kernel (``reduce_partials_kernel``'s
+    meta-parameters): ``reduce``, or ``accumulate`` onto a running sum;
+    ``+second``: a second reduction in the same launch (always masked), itself
+    ``_accumulate`` and/or into an ``out2`` other than fp32 (``_bf16``...);
+    ``+n_tail``: the first masked too (its size not a whole number of blocks)."""
+    name = "accumulate" if has_acc else "reduce"
+    if second:
+        name += "+second" + ("_accumulate" if has_acc2 else "") + ("" if out2 == "fp32" else f"_{out2}")
+    return name + ("" if even else "+n_tail")
+
+
+_REDUCE_NAME = re.compile(r"(reduce|accumulate)(\+second(_accumulate)?(?:_(bf16|fp16))?)?(\+n_tail)?")
+
+
 def _reduce_args(dtype: str, cfg, variant: str, block_r: int) -> dict:
     from fused_lora.kernels import configs
-    # "+second": a second reduction in the same launch (fp32 out: the in-loop
-    # shrink's xa, or a skinny pass's other product; always masked), the first
-    # masked too with "+n_tail"
-    even = not variant.endswith("_tail")
-    second = "+second" in variant
-    acc = variant.startswith("accumulate")
+
+    acc, second, acc2, out2, tail = _REDUCE_NAME.fullmatch(variant).groups()
+    even = tail is None
     return dict(part_ptr="*fp32", acc_ptr="*fp32", out_ptr=f"*{dtype}", P=64,
                 numel=SHAPE * 16 if even else SHAPE * 15, stride_p=SHAPE * 16,
-                part2_ptr="*fp32", acc2_ptr="*fp32", out2_ptr="*fp32", P2=64,
+                part2_ptr="*fp32", acc2_ptr="*fp32", out2_ptr=f"*{out2 or 'fp32'}", P2=64,
                 numel2=SHAPE * 16 if even else SHAPE * 15, stride_p2=SHAPE * 16, blocks=SHAPE * 16 // 1024,
-                HAS_ACC=acc, EVEN=even, HAS_ACC2=acc and second, SECOND=second,
+                HAS_ACC=acc == "accumulate", EVEN=even, HAS_ACC2=acc2 is not None, SECOND=second is not None,
                 BLOCK=configs.REDUCE_BLOCK)
 
 
@@ -233,18 +274,20 @@ def compile_job(job: Job) -> Result:
     tail = "+k_tail" if job.kernel == "gemm" else "+c_tail"
     res = Result(job.kernel, job.pass_name + ("" if job.even_k else tail) + ("" if job.even_r else "+r_tail")
                  + ("+split_k" if job.split_k else "") + ("+tma" if job.tma else "")
-                 + ("+persistent" if job.persistent else "") + ("+seed_value" if job.seed_value else ""),
+                 + ("+persistent" if job.persistent else "") + ("+seed_value" if job.seed_value else "")
+                 + ("+tf32" if job.tf32 else ""),
                  job.dtype, job.arch, job.config, job.block_r)
+    precision = "tf32" if job.tf32 else "ieee"
     try:
         if job.kernel == "gemm":
             cfg = configs.GemmConfig(**job.config)
             fn, values = gemm.lora_gemm_kernel, _gemm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
                                                            job.split_k, job.tma, job.even_r, job.persistent,
-                                                           job.seed_value)
+                                                           job.seed_value, precision)
         elif job.kernel == "skinny":
             cfg = configs.SkinnyConfig(**job.config)
             fn, values = skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r,
-                                                                 job.even_k, job.even_r, job.seed_value)
+                                                                 job.even_k, job.even_r, job.seed_value, precision)
         else:
             cfg = None
             fn, values = skinny.reduce_partials_kernel, _reduce_args(job.dtype, cfg, job.pass_name, job.block_r)
@@ -297,10 +340,6 @@ def load_widths(ptx: str) -> list[int]:
     return sorted(widths)
 
 
-#: The rank tiles of the in-loop shrink (``configs.block_r_for``: powers of two from 16).
-IN_LOOP_RANK_TILES = (16, 32, 64, 128)
-
-
 def jobs_for(arch: int) -> list[Job]:
     """Every shipped configuration, with each pass (and rank tile) it serves."""
     from fused_lora.kernels import configs  # (configs only: no kernel is decorated here)
@@ -309,18 +348,21 @@ def jobs_for(arch: int) -> list[Job]:
     shipped = configs.shipped_configs()
     for dtype in ("bf16", "fp16", "fp32"):
         elt = 4 if dtype == "fp32" else 2
-        lr_r = configs.GEMM_LR_MAX_BLOCK_R[elt]
-        # (pass, rank tile, in-loop shrink, epilogue mask): the in-loop passes (the forward, and dx at
-        # small M) hold the whole rank in one tile, so each rank tile they can run with is its own kernel
+        # (pass, rank tile, in-loop shrink, epilogue mask), at every rank tile the pass runs with (each
+        # is its own kernel): the in-loop passes (the forward, and dx at small M) hold the whole rank in
+        # one tile; the others add the precomputed low-rank term in chunks of at most GEMM_LR_MAX_BLOCK_R
         passes = [(pass_name, block_r, True, mask) for pass_name, mask in (
                       ("forward_in_loop", False), ("dx_in_loop", False), ("dx_in_loop_dropout", True))
-                  for block_r in IN_LOOP_RANK_TILES if block_r <= configs.in_loop_max_block_r(elt)]
-        passes += [("forward_split", lr_r, False, False), ("dx", lr_r, False, False), ("dx_dropout", lr_r, False, True),
-                   ("dw", 16, False, False)]
+                  for block_r in configs.rank_tiles(configs.in_loop_max_block_r(elt))]
+        passes += [(pass_name, block_r, False, mask) for pass_name, mask in (
+                       ("forward_split", False), ("dx", False), ("dx_dropout", True))
+                   for block_r in configs.rank_tiles(configs.GEMM_LR_MAX_BLOCK_R[elt])]
+        passes += [("dw", configs.block_r_for(1), False, False)]  # (no low-rank term: the smallest tile)
         for pass_name, block_r, in_loop, mask in passes:
             fitting = configs.gemm_candidates(elt, block_r, in_loop, mask, arch=arch)
             for cfg in fitting:  # (a tile pruned for the pass is one the launcher never picks for it)
-                jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r))
+                for tf32 in (False, True) if elt == 4 else (False,):
+                    jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tf32=tf32))
             # the masked K tail (K not a multiple of BLOCK_K), and a rank below its tile
             # (r = 8 in a 16 tile), on the largest tile of each pass
             jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, even_k=False))
@@ -335,8 +377,10 @@ def jobs_for(arch: int) -> list[Job]:
             cfg = configs.gemm_config(m, n, k, block_r, elt, in_loop, False, epilogue_mask=mask, arch=arch)
             assert cfg.split_k > 1, (pass_name, cfg)
             cfg = dataclasses.replace(cfg, split_k=1)  # (the kernel's code does not depend on the count)
-            for tma in (False, True) if elt == 2 and arch >= 90 else (False,):
-                jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, split_k=True, tma=tma))
+            for tma, tf32 in ([(False, False), (True, False)] if elt == 2 and arch >= 90
+                              else [(False, False), (False, True)] if elt == 4 else [(False, False)]):
+                jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, split_k=True, tma=tma,
+                                tf32=tf32))
         # TMA (16-bit, Hopper): every pass on every shipped tile it may run on, with a K tail
         # on the largest tile of each pass; the persistent grid likewise.
         if elt == 2 and arch >= 90:
@@ -352,19 +396,24 @@ def jobs_for(arch: int) -> list[Job]:
                         jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=tma,
                                         persistent=True))
         for cfg in shipped["skinny_fp32" if elt == 4 else "skinny_16bit"]:
-            for pass_name in ("forward_shrink", "dy_pass", "dA_pass"):
-                for block_r in sorted({16, cfg.max_block_r}):
-                    jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, block_r))
+            for pass_name, (_shrink, tn, colsum, dropout) in SKINNY_PASSES.items():
+                for block_r in configs.rank_tiles(cfg.max_block_r):
+                    for tf32 in (False, True) if elt == 4 else (False,):
+                        jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, block_r, tf32=tf32))
                 # the masked column tail (C not a multiple of BLOCK_C), a rank below its tile
                 jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, 16, even_k=False))
                 jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, even_r=False))
-                if pass_name != "forward_shrink" and dtype != "fp32":  # (fp32: the same stores as the partials')
+                if (tn or colsum) and dtype != "fp32":  # (fp32: the same stores as the partials')
                     jobs.append(Job("skinny", pass_name + "+direct", dtype, asdict(cfg), arch, 16))
-                if pass_name != "dy_pass":  # an explicit seed: passed as a value
+                if dropout:  # an explicit seed: passed as a value
                     jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, seed_value=True))
-        for pass_name in ("reduce", "accumulate", "reduce+n_tail", "accumulate+n_tail", "reduce+second",
-                          "accumulate+second", "reduce+second+n_tail"):
-            jobs.append(Job("reduce", pass_name, dtype, {"num_warps": 4, "num_stages": 1}, arch))
+        # the reductions: every combination of the kernel's meta-parameters, a second output in fp32
+        # or in the operands' dtype (the first being either)
+        seconds = ("fp32", dtype) if elt == 2 else ("fp32", "bf16", "fp16")
+        for has_acc, even, second in itertools.product((False, True), repeat=3):
+            for has_acc2, out2 in itertools.product((False, True), seconds) if second else [(False, "fp32")]:
+                jobs.append(Job("reduce", reduce_name(has_acc, even, second, has_acc2, out2), dtype,
+                                dict(configs.REDUCE_LAUNCH), arch))
     return jobs
 
 
@@ -418,7 +467,7 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
             out.append(f"{tag}: no wgmma on sm_{r.arch}")
         if r.kernel == "gemm" and "+tma" in r.pass_name and not r.tma:
             out.append(f"{tag}: a TMA variant without TMA copies")
-        if r.kernel in ("skinny", "reduce") and not r.pass_name.endswith(("+c_tail", "+n_tail")):
+        if r.kernel in ("skinny", "reduce") and not any(tail in r.pass_name for tail in ("+c_tail", "+n_tail")):
             # The memory-bound passes stream their operands in 16-byte vectors: every load
             # (16-bit skinny passes, reductions); fp32 skinny passes read the small
             # rank factor narrower, their wide operand still in vectors; a reduction's

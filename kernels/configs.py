@@ -58,6 +58,12 @@ def block_r_for(r: int, cap: int = MAX_BLOCK_R) -> int:
     return min(max(16, next_pow2(r)), cap)
 
 
+def rank_tiles(cap: int = MAX_BLOCK_R) -> tuple[int, ...]:
+    """Every rank tile :func:`block_r_for` gives under ``cap``, ascending
+    (each is its own kernel: the compile report compiles them all)."""
+    return tuple(sorted({block_r_for(r, cap) for r in range(1, cap + 1)}))
+
+
 def m_bucket(m: int) -> int:
     return min(next_pow2(max(m, 1)), 8192)
 
@@ -125,6 +131,9 @@ INTERPRETER_TARGET_PROGRAMS = 4
 #: Reduction of split partials: one program sums this many elements over all
 #: splits, in split order (deterministic).
 REDUCE_BLOCK = 1024
+#: Its launch: Triton's CUDA defaults, which it ran with before they were
+#: written here (the loop over the splits is software-pipelined).
+REDUCE_LAUNCH = dict(num_warps=4, num_stages=3)
 
 # --- The interpreter ---------------------------------------------------------
 # Its cost is per program and per loop trip, not per FLOP, so blocks are as

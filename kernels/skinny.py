@@ -36,6 +36,7 @@ import triton.language as tl
 from .common import alloc, in_bounds, is_interpreted, keep_mask, load_operand, load_seed, seed_arg
 from .configs import (
     REDUCE_BLOCK,
+    REDUCE_LAUNCH,
     SKINNY_PARTIAL_BYTES,
     SkinnyConfig,
     block_r_for,
@@ -224,7 +225,7 @@ def reduce_all(jobs) -> None:
             blocks,
             HAS_ACC=acc is not None, EVEN=numel % REDUCE_BLOCK == 0,
             HAS_ACC2=acc2 is not None,
-            SECOND=second is not None, BLOCK=REDUCE_BLOCK)
+            SECOND=second is not None, BLOCK=REDUCE_BLOCK, **REDUCE_LAUNCH)
 
 
 def _launch(t, s, l, sh, tn, cs, m_start, m_end, rows_per_prog, cols_per_prog, grid, *, sh_scale,

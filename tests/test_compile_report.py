@@ -3,8 +3,10 @@ GPU, fits its shared memory, does not spill, the 16-bit GEMMs use wgmma, and
 the memory-bound skinny passes load 16-byte vectors."""
 
 import dataclasses
+import itertools
 
 import pytest
+import torch
 
 from fused_lora import compile_report
 from fused_lora.kernels import configs
@@ -29,7 +31,12 @@ def test_report_covers_every_shipped_config(sm90):
     passes = {(r.kernel, r.pass_name) for r in sm90}
     gemm_passes = ("forward_in_loop", "forward_split", "dx_in_loop", "dx_in_loop_dropout", "dx", "dx_dropout", "dw")
     assert {("gemm", p) for p in gemm_passes} <= passes
-    assert {("skinny", p) for p in ("forward_shrink", "dy_pass", "dA_pass")} <= passes
+    # the skinny passes: each set of outputs, at every rank tile
+    skinny_seen = {(r.pass_name, r.dtype, r.block_r) for r in sm90 if r.kernel == "skinny"}
+    for dtype, cfg in (("bf16", configs.SKINNY_16BIT), ("fp16", configs.SKINNY_16BIT), ("fp32", configs.SKINNY_FP32)):
+        for p in compile_report.SKINNY_PASSES:
+            for block_r in configs.rank_tiles(cfg.max_block_r):
+                assert (p, dtype, block_r) in skinny_seen, (p, dtype, block_r)
     # masked tails: K (GEMM), columns (skinny), a rank below its tile (both)
     assert {("gemm", p + tail) for p in gemm_passes for tail in ("+k_tail", "+r_tail")} <= passes
     assert {("skinny", p + tail) for p in ("forward_shrink", "dy_pass", "dA_pass")
@@ -39,19 +46,26 @@ def test_report_covers_every_shipped_config(sm90):
             | {("skinny", p + "+seed_value") for p in ("forward_shrink", "dA_pass")}) <= passes
     # split-K partials and TMA loads (every 16-bit tile, each pass that uses it)
     assert {("gemm", p + "+split_k") for p in gemm_passes} <= passes
-    # the in-loop passes: every rank tile the shrink can hold (it is the kernel's BLOCK_R), on every tile it fits
-    in_loop = {(r.pass_name, r.dtype, r.block_r, tuple(sorted(r.config.items()))) for r in sm90}
+    # every pass with a low-rank term at every rank tile it runs with (the kernel's BLOCK_R), on every
+    # tile that fits it (autotuning may pick any: the heuristics' picks are checked below)
+    by_rank = {(r.pass_name, r.dtype, r.block_r, tuple(sorted(r.config.items()))) for r in sm90}
     for dtype, elt in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
-        tiles = [t for t in compile_report.IN_LOOP_RANK_TILES if t <= configs.in_loop_max_block_r(elt)]
-        assert tiles[-1] == configs.in_loop_max_block_r(elt) and tiles[0] == configs.block_r_for(1)
-        for p, mask in (("forward_in_loop", False), ("dx_in_loop", False), ("dx_in_loop_dropout", True)):
-            for block_r in tiles:
-                fitting = configs.gemm_candidates(elt, block_r, True, mask)
+        in_loop = configs.rank_tiles(configs.in_loop_max_block_r(elt))
+        precomputed = configs.rank_tiles(configs.GEMM_LR_MAX_BLOCK_R[elt])
+        assert in_loop[0] == precomputed[0] == configs.block_r_for(1)
+        assert in_loop[-1] == configs.in_loop_max_block_r(elt) and len(precomputed) >= 2
+        for p, shrink_in_loop, mask in (("forward_in_loop", True, False), ("dx_in_loop", True, False),
+                                        ("dx_in_loop_dropout", True, True), ("forward_split", False, False),
+                                        ("dx", False, False), ("dx_dropout", False, True)):
+            for block_r in in_loop if shrink_in_loop else precomputed:
+                fitting = configs.gemm_candidates(elt, block_r, shrink_in_loop, mask)
                 assert fitting
                 for cfg in fitting:
-                    assert (p, dtype, block_r, tuple(sorted(vars(cfg).items()))) in in_loop, (p, dtype, block_r, cfg)
+                    assert (p, dtype, block_r, tuple(sorted(vars(cfg).items()))) in by_rank, (p, dtype, block_r, cfg)
                     if elt == 2:
-                        assert (p + "+tma", dtype, block_r, tuple(sorted(vars(cfg).items()))) in in_loop
+                        assert (p + "+tma", dtype, block_r, tuple(sorted(vars(cfg).items()))) in by_rank
+                    else:
+                        assert (p + "+tf32", dtype, block_r, tuple(sorted(vars(cfg).items()))) in by_rank
     tma = {(r.pass_name, r.dtype, tuple(sorted(r.config.items()))) for r in sm90 if r.pass_name.endswith("+tma")}
     for dtype in ("bf16", "fp16"):
         for cfg in shipped["gemm_16bit"]:
@@ -133,3 +147,176 @@ def test_the_seed_load_is_left_out_of_the_load_widths():
         compile_report.without_seed_load(ptx, 5)
     with pytest.raises(ValueError, match="expected one 4-byte load"):
         compile_report.without_seed_load(ptx, 0)  # (param 0's pointer feeds a vector load, not a seed)
+
+
+# ----------------------------------------------------------------------------
+# The report compiles every kernel the CUDA dispatch launches
+# ----------------------------------------------------------------------------
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _dispatched_kernels(monkeypatch, cases) -> dict:
+    """``{kernel key or variant: first case}`` (:func:`_launch_key`) of the
+    kernels the Triton backend launches on an sm_90 GPU for each case ``(m, n,
+    k, r, dtype, dropout_p, needs, tma, persistent, strategy, tf32, seed)``
+    (``seed`` None: drawn on the device): the real forward and backward passes run on
+    meta tensors (nothing computes, nothing is compiled), the plan made for
+    CUDA rather than the interpreter, every kernel replaced by a recorder of
+    its launches. ``needs``: the gradients asked for (x, W, b, A, B)."""
+    from fused_lora import _triton, dispatch, ops
+    from fused_lora.kernels import gemm, skinny
+
+    k_ = _triton.get()
+    names = {kind: kernel.arg_names for kind, kernel in (
+        ("gemm", gemm.lora_gemm_kernel), ("skinny", skinny.lora_skinny_kernel),
+        ("reduce", skinny.reduce_partials_kernel))}
+    state = {}
+    found = {}
+
+    class Recorder:
+        def __init__(self, kind):
+            self.kind = kind
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                key, variants = _launch_key(self.kind, state["pass"], grid, dict(zip(names[self.kind], args)), meta)
+                for what in (key, *variants):
+                    found.setdefault(what, state["case"])
+            return launch
+
+    def marked(fn, which):
+        def call(*args, **kwargs):
+            state["pass"] = which(kwargs)
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(_triton, "interpreter", lambda: False)
+    for kind, module, attr in (("gemm", gemm, "lora_gemm_kernel"), ("skinny", skinny, "lora_skinny_kernel"),
+                               ("reduce", skinny, "reduce_partials_kernel")):
+        monkeypatch.setattr(module, attr, Recorder(kind))
+    monkeypatch.setattr(k_, "lora_gemm", marked(k_.lora_gemm, lambda kw: state["phase"]))
+    monkeypatch.setattr(k_, "skinny_pass", marked(k_.skinny_pass, lambda kw: (
+        "forward_shrink" if state["phase"] == "forward" else "dy_pass" if kw.get("tn_transposed") else "dA_pass")))
+    meta = torch.device("meta")
+    try:
+        for case in cases:
+            m, n, k, r, dtype, p, needs, tma, persistent, strategy, tf32, seed = case
+            state["case"] = case
+            x = torch.empty(m, k, device=meta, dtype=dtype)
+            w, b = torch.empty(n, k, device=meta, dtype=dtype), torch.empty(n, device=meta, dtype=dtype)
+            a, bb = torch.empty(r, k, device=meta, dtype=dtype), torch.empty(n, r, device=meta, dtype=dtype)
+            if seed is None:  # (drawn on the device)
+                seed = torch.empty((), device=meta, dtype=torch.int32)
+            torch.set_float32_matmul_precision("high" if tf32 else "highest")
+            with dispatch.use_tma(tma), dispatch.use_persistent(persistent):
+                state["phase"] = "forward"
+                _, xa = ops.forward_triton(x, w, b, a, bb, 2.0, p, seed, strategy)
+                state["phase"] = "backward"
+                ops.backward_triton(torch.empty(m, n, device=meta, dtype=dtype), x, w, a, bb, xa, 2.0, p, seed,
+                                    *needs, strategy)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    return found
+
+
+def _launch_key(kind: str, pass_family: str, grid, args: dict, meta: dict) -> tuple:
+    """``(key, variants)`` of a launch: what makes it its own compiled kernel,
+    less the specialisations of its loads and stores that the report compiles
+    on one tile of each pass (masked tails, bias, 64-bit offsets, an explicit
+    seed, split-K's fp32 partials, sums stored directly), and those of the
+    latter it has: ``{(kernel, pass, dtype)}`` with the report's names."""
+    launch = (meta.get("num_warps", 4), meta.get("num_stages", 3))  # (Triton's defaults on CUDA)
+    precision = meta.get("INPUT_PRECISION", "ieee")
+    if kind == "gemm":
+        low_rank, dropout = meta["LOW_RANK"], meta["LR_DROPOUT"]
+        if pass_family == "forward":
+            name = {2: "forward_in_loop", 1: "forward_split"}[low_rank]
+        else:
+            name = {2: "dx_in_loop", 1: "dx", 0: "dw"}[low_rank] + ("_dropout" if dropout else "")
+        tiles = (meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], meta["GROUP_M"]) + launch
+        dtype = _DTYPE_NAMES[args["a_ptr"].dtype]
+        variants = set()
+        if len(grid) == 2 and grid[1] > 1:
+            variants.add((kind, name + "+split_k" + ("+tma" if meta["TMA"] else "") + ("+tf32" if precision == "tf32"
+                                                                                     else ""), dtype))
+        if dropout and not isinstance(args["seed"], torch.Tensor):
+            variants.add((kind, name + "+seed_value", dtype))
+        return (kind, name, dtype, tiles, meta["BLOCK_R"], meta["TMA"], meta["PERSISTENT"], precision), variants
+    if kind == "skinny":
+        if pass_family == "dy_pass":
+            name = "dy_pass" + "".join(f"-{out}" for out, flag in (("g", "SHRINK"), ("dB", "TN"), ("db", "COLSUM"))
+                                       if not meta[flag])
+        else:
+            name = pass_family + ("" if meta["DROPOUT"] else "+no_dropout")
+        dtype = _DTYPE_NAMES[args["t_ptr"].dtype]
+        variants = set()
+        sums = [args[ptr] for ptr, flag in (("tn_ptr", "TN"), ("cs_ptr", "COLSUM")) if meta[flag]]
+        if any(t.dtype != torch.float32 for t in sums):
+            variants.add((kind, name + "+direct", dtype))  # (one row split: the sums stored as the outputs)
+        if meta["DROPOUT"] and not isinstance(args["seed"], torch.Tensor):
+            variants.add((kind, name + "+seed_value", dtype))
+        tiles = (meta["BLOCK_M"], meta["BLOCK_C"]) + launch
+        return (kind, name, dtype, tiles, meta["BLOCK_R"], False, False, precision), variants
+    name = compile_report.reduce_name(meta["HAS_ACC"], meta["EVEN"], meta["SECOND"], meta["HAS_ACC2"],
+                                      _DTYPE_NAMES[args["out2_ptr"].dtype] if meta["SECOND"] else "")
+    return (kind, name, _DTYPE_NAMES[args["out_ptr"].dtype], launch, 0, False, False, "ieee"), set()
+
+
+def _job_keys(job: compile_report.Job) -> tuple:
+    """``(key, variant)``: the job's key as :func:`_launch_key` makes it
+    (a variant's job compiles its pass's kernel on that tile too), and its
+    variant's name."""
+    c = job.config
+    launch = (c["num_warps"], c["num_stages"])
+    name = job.pass_name.removesuffix("+direct")
+    variant = (job.kernel, job.pass_name + ("+split_k" if job.split_k else "") + ("+tma" if job.tma else "")
+               + ("+tf32" if job.tf32 else "") + ("+seed_value" if job.seed_value else ""), job.dtype)
+    if job.kernel == "gemm":
+        tiles = (c["block_m"], c["block_n"], c["block_k"], c["group_m"]) + launch
+    elif job.kernel == "skinny":
+        tiles = (c["block_m"], c["block_c"]) + launch
+    else:
+        return (job.kernel, name, job.dtype, launch, 0, False, False, "ieee"), variant
+    return (job.kernel, name, job.dtype, tiles, job.block_r, job.tma, job.persistent,
+            "tf32" if job.tf32 else "ieee"), variant
+
+
+def test_the_report_compiles_every_kernel_the_dispatch_launches(monkeypatch):
+    """Every kernel the Triton backend launches on an sm_90 GPU, by the
+    default heuristics, with TMA or the persistent grid switched on, with a
+    forced strategy, with TF32 allowed, for every rank tile, M bucket and set
+    of gradients asked for, is one the report compiles (so the CI checks on
+    spills, shared memory, wgmma and load widths hold for what runs). Found by
+    running the real passes with the kernels replaced by recorders."""
+    every = (True,) * 5
+    cases = []
+    ranks = (1, 8, 16, 17, 32, 33, 64, 65, 128)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        switches = [(False, False, False)]
+        if dtype == torch.float32:
+            switches.append((False, False, True))
+        else:
+            switches += [(True, False, False), (False, True, False), (True, True, False)]
+        for m in (1, 16, 64, 65, 256, 257, 1024, 4096, 16384, 65536):
+            # (small layers too: few output tiles, so dW over many tokens splits its K)
+            for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (256, 256), (64, 1024)):
+                for r in ranks:
+                    for p in (0.0, 0.1):
+                        for tma, persistent, tf32 in switches:
+                            for strategy in ("", "in_loop", "split", "hybrid"):
+                                cases.append((m, n, k, r, dtype, p, every, tma, persistent, strategy, tf32,
+                                              None if p else 0))
+        # the gradients asked for shape the skinny passes: every combination, at small and large M,
+        # with the seed drawn on the device or given
+        for needs in itertools.product((False, True), repeat=5):
+            for m in (16, 4096):
+                for r in ranks:
+                    for p, seed in ((0.0, 0), (0.1, None), (0.1, 1234)):
+                        for tf32 in (False, True) if dtype == torch.float32 else (False,):
+                            cases.append((m, 4096, 4096, r, dtype, p, needs, False, False, "", tf32, seed))
+    launched = _dispatched_kernels(monkeypatch, cases)
+    compiled = {what for job in compile_report.jobs_for(90) for what in _job_keys(job)}
+    missing = {key: case for key, case in launched.items() if key not in compiled}
+    assert not missing, "\n".join(f"{key} (first launched by {case})" for key, case in list(missing.items())[:20])
+    assert len(launched) > 500  # (the recorders saw the launches)
