@@ -43,7 +43,9 @@ registered, and :class:`LoRALinearFunction` exposes the same pair as a
 ``torch.autograd.Function``. In plain eager mode that Function runs the two
 passes without the ops' dispatcher, which would only add host time; while
 torch.compile traces, under dispatch modes (fake tensors...), tensor
-subclasses or the profiler it calls the ops (:func:`direct_call`).
+subclasses or the profiler it calls the ops (:func:`direct_call`). Where
+nothing is to be differentiated (``torch.no_grad``, inference), plain eager
+calls run the forward pass without the Function at all.
 """
 
 from __future__ import annotations
@@ -388,13 +390,18 @@ def lora_linear(
         return _reference_lora_linear(x, weight, lora_A, lora_B, bias, scaling=scaling, dropout_p=dropout_p,
                                       seed=seed)
     if dropout_p == 0.0:
-        seed_t = torch.zeros((), dtype=torch.int64)
+        seed = 0
     elif seed is None:
         # Drawn on x's device by its generator, and read there by the kernels:
         # inside a captured CUDA graph each replay then draws a new seed (a
         # value drawn on the host would be frozen into the graph: one mask for
         # every replay). torch.manual_seed seeds it; checkpointing restores it.
-        seed_t = draw_seed_tensor(x.device)
-    else:
-        seed_t = torch.tensor(seed, dtype=torch.int64)
+        seed = draw_seed_tensor(x.device)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
+            ) and direct_call(x, weight, bias, lora_A, lora_B):
+        # Nothing to differentiate (inference, torch.no_grad): the forward
+        # alone, without the autograd Function's host time
+        return forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
+                              dispatch.forced_strategy() or "")[0]
+    seed_t = seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int64)
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)

@@ -247,6 +247,42 @@ def test_eager_calls_skip_the_op_dispatcher_and_dispatch_modes_see_the_ops(p):
     assert_close(eager[1], g64["x"], torch.float32, "dx")
 
 
+@pytest.mark.parametrize("p, seed", [(0.0, None), (0.3, 123), (0.3, None)])
+def test_without_gradients_the_forward_runs_without_the_autograd_function(monkeypatch, p, seed):
+    """Where nothing is differentiated (torch.no_grad, inference_mode, or no
+    input requiring grad) the forward runs without the autograd Function
+    (host time at small M), and gives the same output bit for bit; where a
+    gradient is wanted the Function runs."""
+    functions = []
+    real_apply = ops.LoRALinearFunction.apply
+    monkeypatch.setattr(ops.LoRALinearFunction, "apply", lambda *args: functions.append(1) or real_apply(*args))
+    x = torch.randn(2, 9, 40, device=DEVICE)
+    w, b, a, bb = make_params(40, 24, 8, torch.float32, True)
+
+    def run():
+        torch.manual_seed(7)  # (seed=None draws the same seed each time)
+        return fused_lora.lora_linear(x, w, a, bb, b, scaling=1.5, dropout_p=p, seed=seed, backend="triton")
+
+    a.requires_grad_()
+    with_grad = run()
+    assert functions == [1] and with_grad.requires_grad
+    functions.clear()
+    outputs = []
+    with torch.no_grad():
+        outputs.append(run())
+    with torch.inference_mode():
+        outputs.append(run())
+    a.requires_grad_(False)
+    outputs.append(run())
+    assert functions == []
+    for y in outputs:
+        assert not y.requires_grad and y.grad_fn is None
+        assert torch.equal(y, with_grad.detach())
+    if seed is not None or p == 0.0:  # (with a drawn seed, the Function's output is the one checked elsewhere)
+        y64, _ = reference64(x, w, b, a, bb, with_grad, scaling=1.5, dropout_p=p, seed=seed or 0, grads=())
+        assert_close(outputs[0], y64, torch.float32, "y")
+
+
 def test_fake_tensors_subclasses_and_the_profiler_take_the_ops():
     """Where the ops' dispatcher matters, calls go through it: fake tensors
     get the ops' fake implementations (no kernel runs), a tensor subclass keeps
