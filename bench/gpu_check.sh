@@ -50,7 +50,7 @@ tests=(tests/test_parity.py tests/test_kernels.py tests/test_dropout.py tests/te
        tests/test_cli.py tests/test_demo.py tests/test_distributed.py tests/test_packaging.py)
 ncpu=$(nproc 2>/dev/null || echo 2)
 COMPILERS=2  # processes compiling the benchmark's kernels, each every other case
-# (about 1180 specialisations in all by an interpreter count, keyed on kernel,
+# (about 1220 specialisations in all by an interpreter count, keyed on kernel,
 # constexprs, pointer dtypes and alignment, ints ==1 / %16, warps and stages;
 # with the full `fused-lora check` test alone in shard 0 (marker own_shard), at
 # most ~210 in any of 12 shards: about half a second each to compile)
