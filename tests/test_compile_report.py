@@ -199,6 +199,7 @@ def _dispatched_kernels(monkeypatch, cases) -> dict:
     monkeypatch.setattr(k_, "skinny_pass", marked(k_.skinny_pass, lambda kw: (
         "forward_shrink" if state["phase"] == "forward" else "dy_pass" if kw.get("tn_transposed") else "dA_pass")))
     meta = torch.device("meta")
+    precision = torch.get_float32_matmul_precision()
     try:
         for case in cases:
             m, n, k, r, dtype, p, needs, tma, persistent, strategy, tf32, seed = case
@@ -216,7 +217,7 @@ def _dispatched_kernels(monkeypatch, cases) -> dict:
                 ops.backward_triton(torch.empty(m, n, device=meta, dtype=dtype), x, w, a, bb, xa, 2.0, p, seed,
                                     *needs, strategy)
     finally:
-        torch.set_float32_matmul_precision("highest")
+        torch.set_float32_matmul_precision(precision)
     return found
 
 
