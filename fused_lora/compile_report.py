@@ -10,8 +10,8 @@ skinny passes also by the outputs they compute; TMA, the persistent grid and
 TF32 as variants where they apply), the kernel is compiled with
 ``triton.compile(..., target=GPUTarget("cuda", arch, 32))`` at a
 representative large shape (M = N = K = 4096, contiguous, 16-byte aligned:
-the specialisation the runtime would make; masked tails, and a rank below its
-tile, on one tile of each pass), and
+the specialisation the runtime would make; masked tails, a rank below its
+tile and a forward without a bias on one tile of each pass), and
 the report gives the shared memory, the registers and spills (from the
 ``ptxas`` that Triton bundles, ``-v``), and whether the PTX issues ``wgmma``
 (Hopper's tensor-core instruction; ``mma.sync`` is the pre-Hopper path).
@@ -55,6 +55,7 @@ class Job:
     # (an explicit seed) instead
     seed_value: bool = False
     tf32: bool = False  # fp32 dots in TF32 (torch.set_float32_matmul_precision("high")), else exact
+    bias: bool = True  # the forward adds a bias (False: a layer without one, as Llama's)
 
 
 @dataclass
@@ -84,7 +85,7 @@ _TORCH_OF = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True, split_k: bool = False,
                tma: bool = False, even_r: bool = True, persistent: bool = False, seed_value: bool = False,
-               precision: str = "ieee") -> dict:
+               precision: str = "ieee", bias: bool = True) -> dict:
     """Argument values of lora_gemm_kernel for one pass, as the launcher passes them
     (``even_r=False``: a rank of half the rank tile, e.g. r = 8 in a 16 tile)."""
     s = SHAPE
@@ -111,7 +112,7 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         stride_cm=s, stride_cn=1, stride_cs16=s * s // 16 if split_k else 0, stride_xam=r, stride_xar=1,
         stride_xas16=s * r // 16 if split_k else 0,
         lr_scale=1.0, p=0.1, seed=_seed(variant.endswith("_dropout"), seed_value),
-        HAS_BIAS=fwd, LOW_RANK=low_rank, LR_DROPOUT=variant.endswith("_dropout"),
+        HAS_BIAS=fwd and bias, LOW_RANK=low_rank, LR_DROPOUT=variant.endswith("_dropout"),
         OFFSET_INT64=False, UPCAST=False, INPUT_PRECISION=precision, EVEN_K=even_k, EVEN_R=even_r and low_rank != 2,
         TMA=tma,
         A_T=a_t, B_T=b_t, PERSISTENT=persistent,
@@ -275,7 +276,7 @@ def compile_job(job: Job) -> Result:
     res = Result(job.kernel, job.pass_name + ("" if job.even_k else tail) + ("" if job.even_r else "+r_tail")
                  + ("+split_k" if job.split_k else "") + ("+tma" if job.tma else "")
                  + ("+persistent" if job.persistent else "") + ("+seed_value" if job.seed_value else "")
-                 + ("+tf32" if job.tf32 else ""),
+                 + ("+tf32" if job.tf32 else "") + ("" if job.bias else "+no_bias"),
                  job.dtype, job.arch, job.config, job.block_r)
     precision = "tf32" if job.tf32 else "ieee"
     try:
@@ -283,7 +284,7 @@ def compile_job(job: Job) -> Result:
             cfg = configs.GemmConfig(**job.config)
             fn, values = gemm.lora_gemm_kernel, _gemm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
                                                            job.split_k, job.tma, job.even_r, job.persistent,
-                                                           job.seed_value, precision)
+                                                           job.seed_value, precision, job.bias)
         elif job.kernel == "skinny":
             cfg = configs.SkinnyConfig(**job.config)
             fn, values = skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r,
@@ -367,6 +368,8 @@ def jobs_for(arch: int) -> list[Job]:
             # (r = 8 in a 16 tile), on the largest tile of each pass
             jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, even_k=False))
             jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, even_r=False))
+            if pass_name.startswith("forward"):  # a layer without a bias
+                jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, bias=False))
             if mask:  # an explicit seed: passed as a value
                 jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, seed_value=True))
         # Split-K partials (fp32 stores into the workspace), on the tiles the

@@ -159,8 +159,9 @@ _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
 def _dispatched_kernels(monkeypatch, cases) -> dict:
     """``{kernel key or variant: first case}`` (:func:`_launch_key`) of the
     kernels the Triton backend launches on an sm_90 GPU for each case ``(m, n,
-    k, r, dtype, dropout_p, needs, tma, persistent, strategy, tf32, seed)``
-    (``seed`` None: drawn on the device): the real forward and backward passes run on
+    k, r, dtype, dropout_p, needs, tma, persistent, strategy, tf32, seed,
+    bias)`` (``seed`` None: drawn on the device; ``bias``: the layer has one):
+    the real forward and backward passes run on
     meta tensors (nothing computes, nothing is compiled), the plan made for
     CUDA rather than the interpreter, every kernel replaced by a recorder of
     its launches. ``needs``: the gradients asked for (x, W, b, A, B)."""
@@ -202,10 +203,11 @@ def _dispatched_kernels(monkeypatch, cases) -> dict:
     precision = torch.get_float32_matmul_precision()
     try:
         for case in cases:
-            m, n, k, r, dtype, p, needs, tma, persistent, strategy, tf32, seed = case
+            m, n, k, r, dtype, p, needs, tma, persistent, strategy, tf32, seed, bias = case
             state["case"] = case
             x = torch.empty(m, k, device=meta, dtype=dtype)
-            w, b = torch.empty(n, k, device=meta, dtype=dtype), torch.empty(n, device=meta, dtype=dtype)
+            w = torch.empty(n, k, device=meta, dtype=dtype)
+            b = torch.empty(n, device=meta, dtype=dtype) if bias else None
             a, bb = torch.empty(r, k, device=meta, dtype=dtype), torch.empty(n, r, device=meta, dtype=dtype)
             if seed is None:  # (drawn on the device)
                 seed = torch.empty((), device=meta, dtype=torch.int32)
@@ -224,9 +226,10 @@ def _dispatched_kernels(monkeypatch, cases) -> dict:
 def _launch_key(kind: str, pass_family: str, grid, args: dict, meta: dict) -> tuple:
     """``(key, variants)`` of a launch: what makes it its own compiled kernel,
     less the specialisations of its loads and stores that the report compiles
-    on one tile of each pass (masked tails, bias, 64-bit offsets, an explicit
-    seed, split-K's fp32 partials, sums stored directly), and those of the
-    latter it has: ``{(kernel, pass, dtype)}`` with the report's names."""
+    on one tile of each pass (masked tails, 64-bit offsets, a forward without
+    a bias, an explicit seed, split-K's fp32 partials, sums stored directly),
+    and those of the last four it has: ``{(kernel, pass, dtype)}`` with the
+    report's names."""
     launch = (meta.get("num_warps", 4), meta.get("num_stages", 3))  # (Triton's defaults on CUDA)
     precision = meta.get("INPUT_PRECISION", "ieee")
     if kind == "gemm":
@@ -243,6 +246,8 @@ def _launch_key(kind: str, pass_family: str, grid, args: dict, meta: dict) -> tu
                                                                                      else ""), dtype))
         if dropout and not isinstance(args["seed"], torch.Tensor):
             variants.add((kind, name + "+seed_value", dtype))
+        if pass_family == "forward" and not meta["HAS_BIAS"]:
+            variants.add((kind, name + "+no_bias", dtype))
         return (kind, name, dtype, tiles, meta["BLOCK_R"], meta["TMA"], meta["PERSISTENT"], precision), variants
     if kind == "skinny":
         if pass_family == "dy_pass":
@@ -272,7 +277,8 @@ def _job_keys(job: compile_report.Job) -> tuple:
     launch = (c["num_warps"], c["num_stages"])
     name = job.pass_name.removesuffix("+direct")
     variant = (job.kernel, job.pass_name + ("+split_k" if job.split_k else "") + ("+tma" if job.tma else "")
-               + ("+tf32" if job.tf32 else "") + ("+seed_value" if job.seed_value else ""), job.dtype)
+               + ("+tf32" if job.tf32 else "") + ("+seed_value" if job.seed_value else "")
+               + ("" if job.bias else "+no_bias"), job.dtype)
     if job.kernel == "gemm":
         tiles = (c["block_m"], c["block_n"], c["block_k"], c["group_m"]) + launch
     elif job.kernel == "skinny":
@@ -307,15 +313,17 @@ def test_the_report_compiles_every_kernel_the_dispatch_launches(monkeypatch):
                         for tma, persistent, tf32 in switches:
                             for strategy in ("", "in_loop", "split", "hybrid"):
                                 cases.append((m, n, k, r, dtype, p, every, tma, persistent, strategy, tf32,
-                                              None if p else 0))
+                                              None if p else 0, True))
         # the gradients asked for shape the skinny passes: every combination, at small and large M,
-        # with the seed drawn on the device or given
+        # with the seed drawn on the device or given, and layers without a bias
         for needs in itertools.product((False, True), repeat=5):
             for m in (16, 4096):
                 for r in ranks:
                     for p, seed in ((0.0, 0), (0.1, None), (0.1, 1234)):
                         for tf32 in (False, True) if dtype == torch.float32 else (False,):
-                            cases.append((m, 4096, 4096, r, dtype, p, needs, False, False, "", tf32, seed))
+                            for bias in (True,) if needs[2] else (True, False):
+                                cases.append((m, 4096, 4096, r, dtype, p, needs, False, False, "", tf32, seed,
+                                              bias))
     launched = _dispatched_kernels(monkeypatch, cases)
     compiled = {what for job in compile_report.jobs_for(90) for what in _job_keys(job)}
     missing = {key: case for key, case in launched.items() if key not in compiled}
