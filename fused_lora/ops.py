@@ -397,8 +397,9 @@ def lora_linear(
         # value drawn on the host would be frozen into the graph: one mask for
         # every replay). torch.manual_seed seeds it; checkpointing restores it.
         seed = draw_seed_tensor(x.device)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
-            ) and direct_call(x, weight, bias, lora_A, lora_B):
+    differentiated = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
+    if not differentiated and direct_call(x, weight, bias, lora_A, lora_B):
         # Nothing to differentiate (inference, torch.no_grad): the forward
         # alone, without the autograd Function's host time
         return forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
