@@ -17,7 +17,9 @@ the report gives the shared memory, the registers and spills (from the
 (Hopper's tensor-core instruction; ``mma.sync`` is the pre-Hopper path).
 The passes that draw a dropout mask are compiled as ``seed=None`` runs them,
 reading a seed drawn on the GPU from memory, and, on the largest tile of
-each, with the seed as a value (an explicit seed: ``+seed_value``).
+each, with the seed as a value (an explicit seed: ``+seed_value``) and with
+the mask's counters in 64 bits (a masked matrix of 2**31 elements or more:
+``+offset_int64``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ class Job:
     seed_value: bool = False
     tf32: bool = False  # fp32 dots in TF32 (torch.set_float32_matmul_precision("high")), else exact
     bias: bool = True  # the forward adds a bias (False: a layer without one, as Llama's)
+    # The dropout mask's Philox counters in 64 bits, as the launchers set them
+    # where the masked matrix has 2**31 elements or more (M·K, e.g. 524,288
+    # tokens of a 4096-wide layer); the other passes ignore the switch
+    offset_int64: bool = False
 
 
 @dataclass
@@ -85,7 +91,7 @@ _TORCH_OF = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True, split_k: bool = False,
                tma: bool = False, even_r: bool = True, persistent: bool = False, seed_value: bool = False,
-               precision: str = "ieee", bias: bool = True) -> dict:
+               precision: str = "ieee", bias: bool = True, offset_int64: bool = False) -> dict:
     """Argument values of lora_gemm_kernel for one pass, as the launcher passes them
     (``even_r=False``: a rank of half the rank tile, e.g. r = 8 in a 16 tile)."""
     s = SHAPE
@@ -113,7 +119,8 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         stride_xas16=s * r // 16 if split_k else 0,
         lr_scale=1.0, p=0.1, seed=_seed(variant.endswith("_dropout"), seed_value),
         HAS_BIAS=fwd and bias, LOW_RANK=low_rank, LR_DROPOUT=variant.endswith("_dropout"),
-        OFFSET_INT64=False, UPCAST=False, INPUT_PRECISION=precision, EVEN_K=even_k, EVEN_R=even_r and low_rank != 2,
+        OFFSET_INT64=offset_int64, UPCAST=False, INPUT_PRECISION=precision, EVEN_K=even_k,
+        EVEN_R=even_r and low_rank != 2,
         TMA=tma,
         A_T=a_t, B_T=b_t, PERSISTENT=persistent,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m,
@@ -146,7 +153,7 @@ SKINNY_PASSES = {
 
 
 def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = True, even_r: bool = True,
-                 seed_value: bool = False, precision: str = "ieee") -> dict:
+                 seed_value: bool = False, precision: str = "ieee", offset_int64: bool = False) -> dict:
     """Argument values of lora_skinny_kernel for one pass of :data:`SKINNY_PASSES`, as the launcher
     passes them (``+direct``: one row split, whose TN and COLSUM sums are stored as the outputs, in
     their dtype)."""
@@ -168,7 +175,7 @@ def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = Tru
         stride_tnp=s * r, stride_tnc=r if dy_pass else 1, stride_tnr=1 if dy_pass else s, stride_csp=s,
         sh_scale=1.0, tn_scale=1.0, p=0.1, seed=_seed(dropout, seed_value),
         SHRINK=shrink, TN=tn, COLSUM=colsum, DROPOUT=dropout,
-        OFFSET_INT64=False, UPCAST=False, EVEN_C=even_c, EVEN_R=even_r, INPUT_PRECISION=precision,
+        OFFSET_INT64=offset_int64, UPCAST=False, EVEN_C=even_c, EVEN_R=even_r, INPUT_PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_R=block_r,
     )
 
@@ -276,7 +283,8 @@ def compile_job(job: Job) -> Result:
     res = Result(job.kernel, job.pass_name + ("" if job.even_k else tail) + ("" if job.even_r else "+r_tail")
                  + ("+split_k" if job.split_k else "") + ("+tma" if job.tma else "")
                  + ("+persistent" if job.persistent else "") + ("+seed_value" if job.seed_value else "")
-                 + ("+tf32" if job.tf32 else "") + ("" if job.bias else "+no_bias"),
+                 + ("+tf32" if job.tf32 else "") + ("" if job.bias else "+no_bias")
+                 + ("+offset_int64" if job.offset_int64 else ""),
                  job.dtype, job.arch, job.config, job.block_r)
     precision = "tf32" if job.tf32 else "ieee"
     try:
@@ -284,11 +292,12 @@ def compile_job(job: Job) -> Result:
             cfg = configs.GemmConfig(**job.config)
             fn, values = gemm.lora_gemm_kernel, _gemm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
                                                            job.split_k, job.tma, job.even_r, job.persistent,
-                                                           job.seed_value, precision, job.bias)
+                                                           job.seed_value, precision, job.bias, job.offset_int64)
         elif job.kernel == "skinny":
             cfg = configs.SkinnyConfig(**job.config)
             fn, values = skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r,
-                                                                 job.even_k, job.even_r, job.seed_value, precision)
+                                                                 job.even_k, job.even_r, job.seed_value, precision,
+                                                                 job.offset_int64)
         else:
             cfg = None
             fn, values = skinny.reduce_partials_kernel, _reduce_args(job.dtype, cfg, job.pass_name, job.block_r)
@@ -370,8 +379,9 @@ def jobs_for(arch: int) -> list[Job]:
             jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, even_r=False))
             if pass_name.startswith("forward"):  # a layer without a bias
                 jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, bias=False))
-            if mask:  # an explicit seed: passed as a value
+            if mask:  # an explicit seed: passed as a value; a mask over 2**31 elements or more
                 jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, seed_value=True))
+                jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, offset_int64=True))
         # Split-K partials (fp32 stores into the workspace), on the tiles the
         # heuristic picks where it splits: every pass at small M; dW (whose K is
         # the tokens) where its output is small: a 256x256 layer over 64 K tokens.
@@ -408,8 +418,10 @@ def jobs_for(arch: int) -> list[Job]:
                 jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, even_r=False))
                 if (tn or colsum) and dtype != "fp32":  # (fp32: the same stores as the partials')
                     jobs.append(Job("skinny", pass_name + "+direct", dtype, asdict(cfg), arch, 16))
-                if dropout:  # an explicit seed: passed as a value
+                if dropout:  # an explicit seed: passed as a value; a mask over 2**31 elements or more
                     jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, seed_value=True))
+                    jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r,
+                                    offset_int64=True))
         # the reductions: every combination of the kernel's meta-parameters, a second output in fp32
         # or in the operands' dtype (the first being either)
         seconds = ("fp32", dtype) if elt == 2 else ("fp32", "bf16", "fp16")

@@ -60,6 +60,19 @@ def load_seed(seed):
     return seed
 
 
+#: The size (rows x columns) of a masked matrix from which :func:`keep_mask`
+#: computes its Philox counters in 64 bits (``OFFSET_INT64``). The counters
+#: reach about ``rows * columns / 8`` (plus a tile's overhang), so 2**31
+#: elements leave a margin of eight; the 64-bit counters cost a few integer
+#: instructions per eight elements and draw the same mask.
+MASK_INT64_NUMEL = 2**31
+
+
+def mask_counters_int64(rows: int, cols: int) -> bool:
+    """``keep_mask``'s ``OFFSET_INT64`` for a mask over a ``(rows, cols)`` matrix."""
+    return rows * cols >= MASK_INT64_NUMEL
+
+
 @triton.jit
 def keep_mask(seed, rows, col0, n_cols, p, BLOCK_COLS: tl.constexpr, OFFSET_INT64: tl.constexpr):
     """Dropout keep-mask of the elements ``(rows[:, None], col0 + arange(BLOCK_COLS)[None, :])``
@@ -85,7 +98,8 @@ def keep_mask(seed, rows, col0, n_cols, p, BLOCK_COLS: tl.constexpr, OFFSET_INT6
 
     This is the one definition of the mask; :func:`fused_lora.dropout_mask`
     reproduces it bit for bit in PyTorch. ``OFFSET_INT64`` must be set when
-    ``M * G`` can reach 2**31; for smaller matrices the int32 and int64
+    ``M * G`` can reach 2**31 (the launchers ask :func:`mask_counters_int64`,
+    with a margin); for smaller matrices the int32 and int64
     counters give the same stream, because Philox only sees the high word when
     it is non-zero.
     """

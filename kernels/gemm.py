@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import alloc, in_bounds, is_interpreted, keep_mask, load_operand, load_seed, seed_arg
+from .common import (alloc, in_bounds, is_interpreted, keep_mask, load_operand, load_seed, mask_counters_int64,
+                     seed_arg)
 from .configs import GEMM_LR_MAX_BLOCK_R, NUM_SMS_SM90, GemmConfig, block_r_for, cdiv, persistent_programs
 from .skinny import reduce_all
 
@@ -95,7 +96,7 @@ def lora_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     LOW_RANK: tl.constexpr,  # 0: none, 1: U read from u_ptr, 2: U = A·S in the K loop
     LR_DROPOUT: tl.constexpr,  # multiply the low-rank term by keep(m, n)
-    OFFSET_INT64: tl.constexpr,  # M·N can reach 2**31 (mask offsets)
+    OFFSET_INT64: tl.constexpr,  # the mask's counters in 64 bits (common.mask_counters_int64)
     UPCAST: tl.constexpr,  # interpreter + bf16: compute on fp32 tiles
     INPUT_PRECISION: tl.constexpr,  # fp32 dots: "ieee" or "tf32"
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masked tail in the K loop
@@ -364,7 +365,7 @@ def lora_gemm(
         HAS_BIAS=bias is not None,
         LOW_RANK=low_rank,
         LR_DROPOUT=low_rank != LOW_RANK_NONE and dropout_p > 0.0,
-        OFFSET_INT64=M * N >= 2**31,
+        OFFSET_INT64=mask_counters_int64(M, N),
         UPCAST=interpreted and a.dtype == torch.bfloat16,
         INPUT_PRECISION=input_precision,
         EVEN_K=K % config.block_k == 0,

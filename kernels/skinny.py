@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import alloc, in_bounds, is_interpreted, keep_mask, load_operand, load_seed, seed_arg
+from .common import (alloc, in_bounds, is_interpreted, keep_mask, load_operand, load_seed, mask_counters_int64,
+                     seed_arg)
 from .configs import (
     REDUCE_BLOCK,
     REDUCE_LAUNCH,
@@ -247,7 +248,7 @@ def _launch(t, s, l, sh, tn, cs, m_start, m_end, rows_per_prog, cols_per_prog, g
         float(sh_scale), float(tn_scale), float(dropout_p), seed_arg(seed, t.device),
         SHRINK=s is not None, TN=l is not None, COLSUM=cs is not None,
         DROPOUT=dropout_p > 0.0,
-        OFFSET_INT64=M * C >= 2**31,
+        OFFSET_INT64=mask_counters_int64(M, C),
         UPCAST=is_interpreted(lora_skinny_kernel) and t.dtype == torch.bfloat16,
         EVEN_C=C % config.block_c == 0,
         EVEN_R=r % block_r == 0,

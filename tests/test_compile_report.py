@@ -41,9 +41,11 @@ def test_report_covers_every_shipped_config(sm90):
     assert {("gemm", p + tail) for p in gemm_passes for tail in ("+k_tail", "+r_tail")} <= passes
     assert {("skinny", p + tail) for p in ("forward_shrink", "dy_pass", "dA_pass")
             for tail in ("+c_tail", "+r_tail")} <= passes
-    # the dropout passes read a seed drawn on the device (seed=None); an explicit seed is a value
-    assert ({("gemm", p + "+seed_value") for p in ("dx_dropout", "dx_in_loop_dropout")}
-            | {("skinny", p + "+seed_value") for p in ("forward_shrink", "dA_pass")}) <= passes
+    # the dropout passes read a seed drawn on the device (seed=None); an explicit seed is a value;
+    # a mask over 2**31 elements or more counts in 64 bits
+    for variant in ("+seed_value", "+offset_int64"):
+        assert ({("gemm", p + variant) for p in ("dx_dropout", "dx_in_loop_dropout")}
+                | {("skinny", p + variant) for p in ("forward_shrink", "dA_pass")}) <= passes
     # split-K partials and TMA loads (every 16-bit tile, each pass that uses it)
     assert {("gemm", p + "+split_k") for p in gemm_passes} <= passes
     # every pass with a low-rank term at every rank tile it runs with (the kernel's BLOCK_R), on every
@@ -226,9 +228,9 @@ def _dispatched_kernels(monkeypatch, cases) -> dict:
 def _launch_key(kind: str, pass_family: str, grid, args: dict, meta: dict) -> tuple:
     """``(key, variants)`` of a launch: what makes it its own compiled kernel,
     less the specialisations of its loads and stores that the report compiles
-    on one tile of each pass (masked tails, 64-bit offsets, a forward without
-    a bias, an explicit seed, split-K's fp32 partials, sums stored directly),
-    and those of the last four it has: ``{(kernel, pass, dtype)}`` with the
+    on one tile of each pass (masked tails, a forward without a bias, an
+    explicit seed, a mask's 64-bit counters, split-K's fp32 partials, sums
+    stored directly), and those of the last five it has: ``{(kernel, pass, dtype)}`` with the
     report's names."""
     launch = (meta.get("num_warps", 4), meta.get("num_stages", 3))  # (Triton's defaults on CUDA)
     precision = meta.get("INPUT_PRECISION", "ieee")
@@ -248,6 +250,8 @@ def _launch_key(kind: str, pass_family: str, grid, args: dict, meta: dict) -> tu
             variants.add((kind, name + "+seed_value", dtype))
         if pass_family == "forward" and not meta["HAS_BIAS"]:
             variants.add((kind, name + "+no_bias", dtype))
+        if dropout and meta["OFFSET_INT64"]:  # (the passes without a mask ignore the switch)
+            variants.add((kind, name + "+offset_int64", dtype))
         return (kind, name, dtype, tiles, meta["BLOCK_R"], meta["TMA"], meta["PERSISTENT"], precision), variants
     if kind == "skinny":
         if pass_family == "dy_pass":
@@ -262,6 +266,8 @@ def _launch_key(kind: str, pass_family: str, grid, args: dict, meta: dict) -> tu
             variants.add((kind, name + "+direct", dtype))  # (one row split: the sums stored as the outputs)
         if meta["DROPOUT"] and not isinstance(args["seed"], torch.Tensor):
             variants.add((kind, name + "+seed_value", dtype))
+        if meta["DROPOUT"] and meta["OFFSET_INT64"]:
+            variants.add((kind, name + "+offset_int64", dtype))
         tiles = (meta["BLOCK_M"], meta["BLOCK_C"]) + launch
         return (kind, name, dtype, tiles, meta["BLOCK_R"], False, False, precision), variants
     name = compile_report.reduce_name(meta["HAS_ACC"], meta["EVEN"], meta["SECOND"], meta["HAS_ACC2"],
@@ -278,7 +284,7 @@ def _job_keys(job: compile_report.Job) -> tuple:
     name = job.pass_name.removesuffix("+direct")
     variant = (job.kernel, job.pass_name + ("+split_k" if job.split_k else "") + ("+tma" if job.tma else "")
                + ("+tf32" if job.tf32 else "") + ("+seed_value" if job.seed_value else "")
-               + ("" if job.bias else "+no_bias"), job.dtype)
+               + ("" if job.bias else "+no_bias") + ("+offset_int64" if job.offset_int64 else ""), job.dtype)
     if job.kernel == "gemm":
         tiles = (c["block_m"], c["block_n"], c["block_k"], c["group_m"]) + launch
     elif job.kernel == "skinny":
@@ -314,6 +320,12 @@ def test_the_report_compiles_every_kernel_the_dispatch_launches(monkeypatch):
                             for strategy in ("", "in_loop", "split", "hybrid"):
                                 cases.append((m, n, k, r, dtype, p, every, tma, persistent, strategy, tf32,
                                               None if p else 0, True))
+        # a mask over 2**31 elements or more (M·K: 524,288 tokens of a 4096-wide layer) counts in 64 bits
+        for r in ranks:
+            for tma, persistent, tf32 in switches:
+                for strategy in ("", "in_loop", "split", "hybrid"):
+                    cases.append((1 << 19, 4096, 4096, r, dtype, 0.1, every, tma, persistent, strategy, tf32, None,
+                                  True))
         # the gradients asked for shape the skinny passes: every combination, at small and large M,
         # with the seed drawn on the device or given, and layers without a bias
         for needs in itertools.product((False, True), repeat=5):
@@ -328,4 +340,6 @@ def test_the_report_compiles_every_kernel_the_dispatch_launches(monkeypatch):
     compiled = {what for job in compile_report.jobs_for(90) for what in _job_keys(job)}
     missing = {key: case for key, case in launched.items() if key not in compiled}
     assert not missing, "\n".join(f"{key} (first launched by {case})" for key, case in list(missing.items())[:20])
-    assert len(launched) > 500  # (the recorders saw the launches)
+    assert len(launched) > 500  # (the recorders saw the launches, and every kind of variant)
+    for variant in ("+split_k", "+seed_value", "+no_bias", "+offset_int64", "+direct"):
+        assert any(key[1].endswith(variant) for key in launched), variant

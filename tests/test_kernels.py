@@ -479,6 +479,52 @@ def test_zero_in_features():
     assert torch.equal(g, torch.zeros_like(g))
 
 
+@pytest.mark.parametrize("strategy", ["in_loop", "split", "hybrid"])
+def test_64_bit_mask_counters_draw_the_same_mask(monkeypatch, strategy):
+    """A mask over 2**31 elements or more (524,288 tokens of a 4096-wide
+    layer: too big for this test) draws with 64-bit Philox counters. Switched
+    on here at a small size, every pass that draws it (the forward shrink,
+    dx's epilogue or, in_loop forced, dx's in-loop g, and the dA pass) gives
+    bitwise the output and gradients of the 32-bit counters, as
+    ``keep_mask`` promises below 2**31; they match float64 too."""
+    from fused_lora.kernels import common
+
+    drawn = []  # (kernel, OFFSET_INT64) of each launch that draws the mask
+    for module, name, flag in ((gemm, "lora_gemm_kernel", "LR_DROPOUT"), (skinny, "lora_skinny_kernel", "DROPOUT")):
+        real = getattr(module, name)
+
+        class Recording:
+            def __getitem__(self, grid, real=real, name=name, flag=flag):
+                def launch(*args, **meta):
+                    if meta[flag]:
+                        drawn.append((name, meta["OFFSET_INT64"]))
+                    return real[grid](*args, **meta)
+                return launch
+
+        monkeypatch.setattr(module, name, Recording())
+    m, k, n, r, p = 37, 40, 72, 5, 0.3
+    x = torch.randn(m, k, device=DEVICE, requires_grad=True)
+    w, b, a, bb = make_params(k, n, r, torch.float32, True)
+    for t in (b, a, bb):
+        t.requires_grad_()
+    dy = torch.randn(m, n, device=DEVICE)
+    runs = []
+    for numel in (common.MASK_INT64_NUMEL, 0):  # (0: every mask counts in 64 bits)
+        monkeypatch.setattr(common, "MASK_INT64_NUMEL", numel)
+        drawn.clear()
+        with fused_lora.dispatch.force_strategy(strategy):
+            y = fused_lora.lora_linear(x, w, a, bb, b, scaling=1.5, dropout_p=p, seed=91, backend="triton")
+            runs.append((y, *torch.autograd.grad(y, (x, b, a, bb), dy)))
+        # the forward shrink, dx and the dA pass, each with the switch as set
+        assert [kernel for kernel, _ in drawn] == ["lora_skinny_kernel", "lora_gemm_kernel", "lora_skinny_kernel"]
+        assert {wide for _, wide in drawn} == {numel == 0}
+    for int32, int64 in zip(*runs):
+        assert torch.equal(int32, int64)
+    _, g64 = reference64(x, w, b, a, bb, dy, scaling=1.5, dropout_p=p, seed=91, grads=("x", "bias", "lora_A", "lora_B"))
+    for name, g in zip(("x", "bias", "lora_A", "lora_B"), runs[1][1:]):
+        assert_close(g, g64[name], torch.float32, f"d{name}")
+
+
 @pytest.mark.parametrize("strategy", ["in_loop", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_bitwise_reproducible_without_dropout(strategy, dtype):
