@@ -65,7 +65,7 @@ def keep_threshold(p: float) -> int:
     """The 16-bit threshold of the mask: ``ceil(p * 2**16)`` with ``p`` rounded
     to float32 first (the kernels receive it as float32); a 16-bit number
     ``h`` keeps its element when ``h >= keep_threshold(p)``."""
-    return math.ceil(float(torch.tensor(p, dtype=torch.float32)) * 65536.0)
+    return math.ceil(float(torch.tensor(p, dtype=torch.float32, device="cpu")) * 65536.0)
 
 
 def halves16(words) -> torch.Tensor:

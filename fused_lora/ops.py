@@ -404,5 +404,7 @@ def lora_linear(
         # alone, without the autograd Function's host time
         return forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
                               dispatch.forced_strategy() or "")[0]
-    seed_t = seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int64)
+    # (on the CPU whatever the default device: a value the kernels take as an argument, never read back
+    # from a GPU, which would sync the host and break a CUDA graph's capture)
+    seed_t = seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int64, device="cpu")
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)

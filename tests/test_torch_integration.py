@@ -1,6 +1,6 @@
 """The op as a PyTorch citizen: torch.library opcheck, torch.compile with
 fullgraph (one frame), autocast, activation checkpointing, gradient
-accumulation, mixed adapter/base dtypes."""
+accumulation, mixed adapter/base dtypes, a default device."""
 
 import contextlib
 
@@ -284,6 +284,41 @@ def test_without_gradients_the_forward_runs_without_the_autograd_function(monkey
         seed = draw_seed(DEVICE)
     y64, _ = reference64(x, w, b, a, bb, with_grad, scaling=1.5, dropout_p=p, seed=seed, grads=())
     assert_close(outputs[0], y64, torch.float32, "y")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("p, seed", [(0.0, None), (0.3, 123), (0.3, None)])
+def test_a_default_device_changes_nothing(backend, p, seed):
+    """Under a default device (``with torch.device(...)``,
+    ``torch.set_default_device``) the op makes no tensor of its own there:
+    the same output and gradients, bit for bit, and the same dropout mask.
+    (It once made its int64 seed on the default device: a crash on meta;
+    under cuda, a read back to the host each call, which also breaks CUDA
+    graph capture. Meta as the default catches any such tensor: nothing can
+    be read from it.)"""
+    x = torch.randn(2, 9, 40, device=DEVICE)
+    w, b, a, bb = make_params(40, 24, 8, torch.float32, True)
+    dy = torch.randn(2, 9, 24, device=DEVICE)
+    runs = []
+    for default in (None, "meta"):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, a, bb)]
+        torch.manual_seed(11)  # (seed=None draws the same seed each time)
+        with torch.device(default) if default else contextlib.nullcontext():
+            y = fused_lora.lora_linear(leaves[0], w, leaves[1], leaves[2], b, scaling=1.5, dropout_p=p, seed=seed,
+                                       backend=backend)
+            grads = torch.autograd.grad(y, leaves, dy)
+            mask = fused_lora.dropout_mask(5, (9, 40), 0.3, device=DEVICE)
+        runs.append((y, *grads, mask))
+    assert runs[1][0].device == x.device
+    for name, first, second in zip(("y", "dx", "dA", "dB", "mask"), *runs):
+        assert torch.equal(first, second), name
+    if seed is None:
+        torch.manual_seed(11)
+        seed = draw_seed(DEVICE)
+    y64, g64 = reference64(x, w, b, a, bb, dy, scaling=1.5, dropout_p=p, seed=seed, grads=("x", "lora_A", "lora_B"))
+    assert_close(runs[1][0], y64, torch.float32, "y")
+    for name, g in zip(("x", "lora_A", "lora_B"), runs[1][1:4]):
+        assert_close(g, g64[name], torch.float32, f"d{name}")
 
 
 def test_fake_tensors_subclasses_and_the_profiler_take_the_ops():
