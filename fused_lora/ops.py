@@ -35,6 +35,9 @@ How it runs (Triton backend)
   regenerating the mask. ``drop(x)`` and the mask are never stored; nothing of
   size (M, K) or (M, N) is saved beyond x itself. Reductions over M use split
   partials summed in a fixed order: no atomics, bitwise reproducible.
+* ``create_graph=True`` (gradients to differentiate again): the backward
+  above in PyTorch ops instead of the kernels, so that autograd can
+  differentiate the gradients with respect to dy and every input.
 
 Two PyTorch ops carry the kernels, ``fused_lora::lora_linear_fwd`` and
 ``fused_lora::lora_linear_bwd`` (custom ops with fake implementations, so
@@ -54,7 +57,7 @@ import torch
 
 from . import _triton, dispatch
 from ._validate import check_backend, check_lora_args
-from .dropout import draw_seed_tensor
+from .dropout import draw_seed_tensor, dropout_mask
 from .reference import lora_linear as _reference_lora_linear
 
 Tensor = torch.Tensor
@@ -263,12 +266,42 @@ def _gradients(ctx, dy):
     need[2] = need[2] and ctx.has_bias
     if not any(need):
         return (None,) * 5
+    if torch.is_grad_enabled():  # create_graph=True: gradients to differentiate again
+        return _differentiable_gradients(dy, x, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, need)
     if direct_call(dy, x, weight, lora_A, lora_B, xa):
         return backward_triton(dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, _kernel_seed(seed), *need,
                                ctx.strategy)
     grads = torch.ops.fused_lora.lora_linear_bwd(dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p,
                                                  seed, *need, ctx.strategy)
     return tuple(g if n else None for g, n in zip(grads, need))
+
+
+def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p, seed, need):
+    """The backward of the math above in PyTorch ops, for ``create_graph=True``
+    (a gradient penalty, meta-learning): gradients that autograd can
+    differentiate again, with respect to dy and to every input. The kernels'
+    gradients cannot be: this path is plain PyTorch, at its speed, with the
+    mask regenerated from the seed (a drawn seed is read back from the device)."""
+    k, n = x.shape[-1], weight.shape[0]
+    x2, dy2 = _flatten(x, k), _flatten(dy, n)
+    dropped = x2
+    if dropout_p > 0.0:
+        keep = dropout_mask(int(seed), tuple(x2.shape), dropout_p, device=x.device)
+        dropped = x2 * keep / (1.0 - dropout_p)
+    g = scaling * (dy2 @ lora_B)  # (M, r)
+    dx = dW = db = dA = dB = None
+    if need[0]:
+        lr = g @ lora_A
+        dx = (dy2 @ weight + (lr * keep / (1.0 - dropout_p) if dropout_p > 0.0 else lr)).reshape(x.shape)
+    if need[1]:
+        dW = dy2.t() @ x2
+    if need[2]:
+        db = dy2.sum(0)
+    if need[3]:
+        dA = g.t() @ dropped
+    if need[4]:
+        dB = scaling * (dy2.t() @ (dropped @ lora_A.t()))
+    return dx, dW, db, dA, dB
 
 
 def _op_setup_context(ctx, inputs, output):
@@ -297,7 +330,8 @@ class LoRALinearFunction(torch.autograd.Function):
     dropout_p, seed)`` with ``seed`` a 0-d int64 CPU tensor holding the seed,
     or a 0-d int32 tensor on x's device that the kernels read. Saves only x, the
     weights and the tiny fp32 ``xa`` (M, r); computes only the gradients that
-    ``needs_input_grad`` asks for. Arguments are not validated here: use
+    ``needs_input_grad`` asks for (twice differentiable: with
+    ``create_graph=True`` in PyTorch ops). Arguments are not validated here: use
     :func:`lora_linear`, which checks them first.
     """
 

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fused_lora  # noqa: F401  (registers the torch.ops.fused_lora ops)
 from fused_lora import LoRALinear, ops
-from fused_lora.dropout import draw_seed
+from fused_lora.dropout import draw_seed, draw_seed_tensor
 from lora_testing import DEVICE, assert_close, make_params, reference64
 
 
@@ -284,6 +284,50 @@ def test_without_gradients_the_forward_runs_without_the_autograd_function(monkey
         seed = draw_seed(DEVICE)
     y64, _ = reference64(x, w, b, a, bb, with_grad, scaling=1.5, dropout_p=p, seed=seed, grads=())
     assert_close(outputs[0], y64, torch.float32, "y")
+
+
+@pytest.mark.parametrize("entry", ["function", "op"])
+@pytest.mark.parametrize("p, seed", [(0.0, None), (0.3, 123), (0.3, None)])
+def test_double_backward_matches_the_reference(entry, p, seed):
+    """With ``create_graph=True`` the gradients are differentiable again
+    (a gradient penalty, meta-learning): a penalty on all five gradients,
+    differentiated with respect to all five inputs, matches the float64
+    reference, as do the gradients themselves, through the autograd Function
+    and through the forward op's registered autograd. (They were once the
+    kernels' gradients, constants to autograd: the penalty's gradient was
+    silently zero, or an error.)"""
+    names = ("x", "weight", "bias", "lora_A", "lora_B")
+    x = torch.randn(2, 7, 24, device=DEVICE)
+    w, b, a, bb = make_params(24, 16, 3, torch.float32, True)
+    dy = torch.randn(2, 7, 16, device=DEVICE)
+
+    def penalised(inputs, run):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        torch.manual_seed(4)  # (seed=None draws the same seed each time)
+        grads = torch.autograd.grad(run(*leaves), leaves, dy.to(leaves[0].dtype), create_graph=True)
+        penalty = sum((i + 1) * g.double().square().sum() for i, g in enumerate(grads))
+        again = torch.autograd.grad(penalty, leaves, allow_unused=True, materialize_grads=True)
+        return [g.detach() for g in grads], again
+
+    def fused(x, w, b, a, bb):
+        if entry == "function":
+            return fused_lora.lora_linear(x, w, a, bb, b, scaling=1.5, dropout_p=p, seed=seed, backend="triton")
+        drawn = draw_seed_tensor(DEVICE) if seed is None else torch.tensor(seed)  # (as lora_linear draws it)
+        return torch.ops.fused_lora.lora_linear_fwd(x, w, b, a, bb, 1.5, p, drawn, "")[0]
+
+    if seed is None:
+        torch.manual_seed(4)
+        seed64 = draw_seed(DEVICE)
+    else:
+        seed64 = seed
+    grads, again = penalised((x, w, b, a, bb), fused)
+    grads64, again64 = penalised([t.double() for t in (x, w, b, a, bb)], lambda x, w, b, a, bb: (
+        fused_lora.reference.lora_linear(x, w, a, bb, b, scaling=1.5, dropout_p=p, seed=seed64)))
+    for name, g, g64 in zip(names, grads, grads64):
+        assert_close(g, g64, torch.float32, f"d{name}")
+    for name, h, h64 in zip(names, again, again64):
+        assert_close(h, h64, torch.float32, f"d(penalty)/d{name}")
+    assert again64[0].abs().max() > 0 and again64[3].abs().max() > 0  # (the check has something to compare)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
