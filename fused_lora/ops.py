@@ -373,6 +373,9 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     if backend == "torch":
         return "torch"
     reason = _triton.why_not(x.device, x.dtype)
+    if not reason and _functorch_active is not None and _functorch_active():
+        reason = ("a torch.func transform (vmap, grad, jacrev...) is active, and the kernels have no batching "
+                  "rule; the torch backend runs under it")
     if backend == "triton" and reason:
         raise ValueError(f'backend="triton" cannot run here: {reason}')
     return "torch" if reason else "triton"
@@ -408,7 +411,8 @@ def lora_linear(
             :func:`fused_lora.dropout_mask` of (seed, (M, K), p).
         backend: ``"triton"`` (CUDA tensors, or CPU tensors under
             ``TRITON_INTERPRET=1``), ``"torch"`` (the reference), or ``"auto"``
-            (Triton where it can run, else torch).
+            (Triton where it can run, else torch: also under torch.func
+            transforms such as vmap and grad, which the kernels do not support).
 
     Under ``torch.autocast`` the tensors are first cast to the autocast dtype,
     as for ``F.linear``.

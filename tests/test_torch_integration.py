@@ -1,6 +1,7 @@
 """The op as a PyTorch citizen: torch.library opcheck, torch.compile with
 fullgraph (one frame), autocast, activation checkpointing, gradient
-accumulation, mixed adapter/base dtypes, a default device."""
+accumulation, mixed adapter/base dtypes, double backward, torch.func transforms, a
+default device."""
 
 import contextlib
 
@@ -284,6 +285,40 @@ def test_without_gradients_the_forward_runs_without_the_autograd_function(monkey
         seed = draw_seed(DEVICE)
     y64, _ = reference64(x, w, b, a, bb, with_grad, scaling=1.5, dropout_p=p, seed=seed, grads=())
     assert_close(outputs[0], y64, torch.float32, "y")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_torch_func_transforms_run_the_torch_backend(monkeypatch, p):
+    """Under torch.func transforms (vmap, grad, jacrev...) the kernels cannot
+    run (no batching rule): ``backend="auto"`` runs the torch backend there,
+    so vmap of the op and per-sample gradients (vmap of grad) match the
+    float64 reference sample by sample; ``backend="triton"`` says why it
+    cannot run. Outside a transform, "auto" runs the kernels as before.
+    (Every transform once failed inside the autograd Function.)"""
+    calls = []
+    real = ops.forward_triton
+    monkeypatch.setattr(ops, "forward_triton", lambda *args: calls.append(1) or real(*args))
+    x = torch.randn(4, 5, 24, device=DEVICE)
+    w, b, a, bb = make_params(24, 16, 3, torch.float32, True)
+
+    def layer(xi, a, bb, backend="auto"):
+        return fused_lora.lora_linear(xi, w, a, bb, b, scaling=1.5, dropout_p=p, seed=7, backend=backend)
+
+    ys = torch.vmap(layer, in_dims=(0, None, None))(x, a, bb)
+    per_sample = torch.vmap(torch.func.grad(lambda a, bb, xi: layer(xi, a, bb).square().sum(), argnums=(0, 1)),
+                            in_dims=(None, None, 0))(a, bb, x)
+    assert calls == []
+    for i in range(x.shape[0]):
+        leaves = [t.double().requires_grad_() for t in (a, bb)]
+        y64 = fused_lora.reference.lora_linear(x[i].double(), w.double(), *leaves, b.double(), scaling=1.5,
+                                               dropout_p=p, seed=7)
+        assert_close(ys[i], y64, torch.float32, f"y[{i}]")
+        for name, g, g64 in zip(("dA", "dB"), per_sample, torch.autograd.grad(y64.square().sum(), leaves)):
+            assert_close(g[i], g64, torch.float32, f"{name}[{i}]")
+    with pytest.raises(ValueError, match=r'backend="triton" cannot run here: a torch.func transform'):
+        torch.vmap(lambda xi: layer(xi, a, bb, "triton"))(x)
+    layer(x, a, bb)
+    assert calls == [1]  # (outside a transform: the kernels)
 
 
 @pytest.mark.parametrize("entry", ["function", "op"])
