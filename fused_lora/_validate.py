@@ -20,6 +20,9 @@ def _is_tensor(name: str, t, optional: bool = False) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.is_nested or t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got "
+                        + ("a nested tensor" if t.is_nested else f"layout {t.layout}"))
 
 
 def check_scaling(scaling) -> float:
