@@ -94,6 +94,42 @@ def test_inject_regex_all_linear_and_exclude():
     assert len(names) == 2 * 6
 
 
+def test_inject_on_a_model_built_on_meta():
+    """The large-model recipe: build on the meta device, inject, materialise
+    with ``to_empty``, load the base weights, initialise the adapters (as the
+    README says). The result is the model injected after loading: a fresh
+    adapter changes nothing, and with the same adapter the outputs and the
+    adapters' gradients are the same."""
+    base = tiny_llama()
+    expected = copy.deepcopy(base)
+    names = fused_lora.inject(expected, LLAMA_TARGETS, r=4, alpha=8)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(base.config)
+    assert fused_lora.inject(model, LLAMA_TARGETS, r=4, alpha=8) == names
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    model.to_empty(device=DEVICE)
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    assert unexpected == [] and set(missing) == {f"{n}.lora_{w}" for n in names for w in "AB"}
+    for name, buffer in base.named_buffers():  # (transformers' non-persistent buffers: rotary frequencies)
+        model.get_buffer(name).copy_(buffer)
+    for layer in fused_lora.integration.fused_layers(model).values():
+        layer.reset_lora_parameters()
+        assert torch.isfinite(layer.lora_A).all() and layer.lora_A.abs().max() > 0 and not layer.lora_B.any()
+    ids = batch()
+    assert_outputs_close(model(input_ids=ids).logits, base(input_ids=ids).logits)
+    for layer in fused_lora.integration.fused_layers(expected).values():
+        nn.init.normal_(layer.lora_B, std=0.1)
+    model.load_state_dict(expected.state_dict())
+    grads = []
+    for m in (model, expected):
+        m(input_ids=ids).logits.square().mean().backward()
+        grads.append({n: p.grad for n, p in trainable(m).items()})
+        assert len(grads[-1]) == 2 * len(names)
+    assert_outputs_close(model(input_ids=ids).logits, expected(input_ids=ids).logits)
+    for n, g in grads[1].items():
+        assert_outputs_close(grads[0][n], g)
+
+
 def test_inject_errors():
     model = tiny_llama()
     with pytest.raises(ValueError, match=r"matched none.*model.layers.0.self_attn.q_proj"):
