@@ -35,9 +35,10 @@ How it runs (Triton backend)
   regenerating the mask. ``drop(x)`` and the mask are never stored; nothing of
   size (M, K) or (M, N) is saved beyond x itself. Reductions over M use split
   partials summed in a fixed order: no atomics, bitwise reproducible.
-* ``create_graph=True`` (gradients to differentiate again): the backward
-  above in PyTorch ops instead of the kernels, so that autograd can
-  differentiate the gradients with respect to dy and every input.
+* ``create_graph=True`` (gradients to differentiate again): autograd's
+  backward of the reference (:mod:`fused_lora.reference`) instead of the
+  kernels, so that the gradients can be differentiated with respect to dy
+  and every input.
 
 Two PyTorch ops carry the kernels, ``fused_lora::lora_linear_fwd`` and
 ``fused_lora::lora_linear_bwd`` (custom ops with fake implementations, so
@@ -57,7 +58,7 @@ import torch
 
 from . import _triton, dispatch
 from ._validate import check_backend, check_lora_args
-from .dropout import draw_seed_tensor, dropout_mask
+from .dropout import draw_seed_tensor
 from .reference import lora_linear as _reference_lora_linear
 
 Tensor = torch.Tensor
@@ -277,31 +278,23 @@ def _gradients(ctx, dy):
 
 
 def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p, seed, need):
-    """The backward of the math above in PyTorch ops, for ``create_graph=True``
-    (a gradient penalty, meta-learning): gradients that autograd can
-    differentiate again, with respect to dy and to every input. The kernels'
-    gradients cannot be: this path is plain PyTorch, at its speed, with the
-    mask regenerated from the seed (a drawn seed is read back from the device)."""
-    k, n = x.shape[-1], weight.shape[0]
-    x2, dy2 = _flatten(x, k), _flatten(dy, n)
-    dropped = x2
-    if dropout_p > 0.0:
-        keep = dropout_mask(int(seed), tuple(x2.shape), dropout_p, device=x.device)
-        dropped = x2 * keep / (1.0 - dropout_p)
-    g = scaling * (dy2 @ lora_B)  # (M, r)
-    dx = dW = db = dA = dB = None
-    if need[0]:
-        lr = g @ lora_A
-        dx = (dy2 @ weight + (lr * keep / (1.0 - dropout_p) if dropout_p > 0.0 else lr)).reshape(x.shape)
-    if need[1]:
-        dW = dy2.t() @ x2
+    """The gradients for ``create_graph=True`` (a gradient penalty,
+    meta-learning), which autograd can differentiate again with respect to
+    dy and every input: autograd's own, through the reference (the math above
+    in PyTorch ops, the mask regenerated from the seed; a drawn seed is read
+    back from the device). The kernels' gradients cannot be differentiated."""
+    inputs = (x, weight, None, lora_A, lora_B)  # (the bias's gradient does not need the recomputation)
+    wanted = [i for i in (0, 1, 3, 4) if need[i]]
+    out = [None] * 5
+    if wanted:
+        y = _reference_lora_linear(x, weight, lora_A, lora_B, None, scaling=scaling, dropout_p=dropout_p,
+                                   seed=int(seed) if dropout_p > 0.0 else None)
+        grads = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=True)
+        for i, g in zip(wanted, grads):
+            out[i] = g
     if need[2]:
-        db = dy2.sum(0)
-    if need[3]:
-        dA = g.t() @ dropped
-    if need[4]:
-        dB = scaling * (dy2.t() @ (dropped @ lora_A.t()))
-    return dx, dW, db, dA, dB
+        out[2] = _flatten(dy, dy.shape[-1]).sum(0)
+    return tuple(out)
 
 
 def _op_setup_context(ctx, inputs, output):

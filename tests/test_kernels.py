@@ -520,7 +520,9 @@ def test_64_bit_mask_counters_draw_the_same_mask(monkeypatch, strategy):
         assert {wide for _, wide in drawn} == {numel == 0}
     for int32, int64 in zip(*runs):
         assert torch.equal(int32, int64)
-    _, g64 = reference64(x, w, b, a, bb, dy, scaling=1.5, dropout_p=p, seed=91, grads=("x", "bias", "lora_A", "lora_B"))
+    y64, g64 = reference64(x, w, b, a, bb, dy, scaling=1.5, dropout_p=p, seed=91, grads=("x", "bias", "lora_A",
+                                                                                         "lora_B"))
+    assert_close(runs[1][0], y64, torch.float32, "y")
     for name, g in zip(("x", "bias", "lora_A", "lora_B"), runs[1][1:]):
         assert_close(g, g64[name], torch.float32, f"d{name}")
 
