@@ -234,8 +234,6 @@ def make_forward(provider: str, inp: Inputs):
         return make_forward("fused", inp)
     if provider in STRATEGY_PROVIDERS:
         strategy = provider.split(":")[1]
-        if strategy == "in_loop" and inp.dropout > 0:
-            return None  # (forcing it would run split)
 
         def forced():
             # The strategy is read when the forward runs: the backward follows the
@@ -402,7 +400,8 @@ def model(case: Case) -> dict:
     :data:`PEAK_INT_OPS_PER_S`; :data:`NAIVE_MASK_INT_OPS_PER_ELEMENT` and
     :data:`FUSED_MASK_INT_OPS_PER_ELEMENT`): naive draws it once and stores
     it; fused draws it three times (the forward shrink, the dx epilogue, the
-    dA pass). The dx GEMM draws its mask before its K loop, so there it adds
+    dA pass; a forced ``in_loop`` forward draws it once per N tile, in its K
+    loop). The dx GEMM draws its mask before its K loop, so there it adds
     to the GEMM's time rather than hiding under it.
     """
     m, k, n, r = case.m, case.k, case.n, case.r
@@ -450,9 +449,11 @@ def model(case: Case) -> dict:
 
     # the forward's pass over x; with dropout, after the seed's draw on the GPU (seed=None: a kernel of its own)
     shrink_x = ([(0, 4)] if drop else []) + skinny_pass(2 * m * k * r, m, k, True, False, skinny_mask)
-    if plan.strategy == "in_loop":
-        fused_fwd = gemm(2 * m * n * k + 2 * m * n * r + 2 * m * k * r, e * (m * k + n * k + m * n), m * n,
-                         plan.fwd_gemm.split_k)
+    if plan.strategy == "in_loop":  # (with dropout, forced only: each N tile draws the mask of its x tiles)
+        tiles_n = cdiv(n, plan.fwd_gemm.block_n)
+        fused_fwd = ([(0, 4)] if drop else []) + gemm(
+            2 * m * n * k + 2 * m * n * r + 2 * m * k * r, e * (m * k + n * k + m * n), m * n,
+            plan.fwd_gemm.split_k, skinny_mask * tiles_n)
     elif plan.strategy == "split":
         fused_fwd = shrink_x + gemm(2 * m * n * k + 2 * m * n * r, e * (m * k + n * k + m * n), m * n,
                                     plan.fwd_gemm.split_k)
@@ -591,8 +592,6 @@ def run_preset(preset: Preset, device, progress=None, deadline: float | None = N
                 skip = "not in this preset's compiled cases (compilation time)"
             if provider == "unsloth_style" and case.dropout > 0:
                 skip = "N/A: no dropout in this composition"
-            if provider == "fused:in_loop" and case.dropout > 0:
-                skip = "N/A: the in-loop shrink runs without dropout only"
             err = None
             if not skip:
                 try:

@@ -102,7 +102,7 @@ def check_cases(on_gpu: bool) -> list[dict]:
                 case(shape, r, dtype, strategy, p, train_base=strategy == "split" and p == 0.0)
         case(shapes[0], 16, dtype, "hybrid", 0.1, train_base=True)
         # small M: the in-loop shrink split along K (xa's and g's partials summed too); the split
-        # forward and dx; with dropout by default the split forward and the in-loop dx
+        # forward and dx; with dropout, forced in_loop: x's tiles masked in the forward's K loop
         case(small_m, 16, dtype, "in_loop", 0.0, train_base=False)
         case(small_m, 16, dtype, "split", 0.1, train_base=True)
         case(small_m, 16, dtype, "in_loop", 0.1, train_base=False)
@@ -145,7 +145,8 @@ def cmd_check(args) -> int:
                 errors, failure = {}, f"{type(exc).__name__}: {exc}"
         tol = TOLERANCE[case["dtype"]]
         worst = max(errors.values()) if errors else float("inf")
-        # (the strategy that ran: a forced in_loop falls back to split with dropout, its dx still in loop)
+        # (the strategy that ran: a forced in_loop falls back to split above its rank tile, its dx maybe still
+        # in loop)
         rows.append(dict(path=f"{plan.strategy}{' +dropout' if case['dropout_p'] else ''}"
                               f"{' +train-base' if case['train_base'] else ''}{' +tma' if case['tma'] else ''}"
                               f"{' +persistent' if case['persistent'] else ''}"

@@ -96,9 +96,10 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
     (``even_r=False``: a rank of half the rank tile, e.g. r = 8 in a 16 tile)."""
     s = SHAPE
     r = block_r if even_r else block_r // 2
-    low_rank = {"forward_in_loop": 2, "forward_split": 1, "dx_in_loop": 2, "dx_in_loop_dropout": 2, "dx": 1,
-                "dx_dropout": 1, "dw": 0}[variant]
+    low_rank = {"forward_in_loop": 2, "forward_in_loop_dropout": 2, "forward_split": 1, "dx_in_loop": 2,
+                "dx_in_loop_dropout": 2, "dx": 1, "dx_dropout": 1, "dw": 0}[variant]
     fwd = variant.startswith("forward")
+    dropout = variant.endswith("_dropout")  # (the forward's mask is on the in-loop shrink's input, dx's on its term)
     # With TMA: forward reads Wᵀ through W's descriptor (B_T), dW reads dyᵀ through dy's (A_T).
     a_t, b_t = tma and variant == "dw", tma and fwd
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
@@ -117,8 +118,8 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         stride_vr=1 if fwd else s, stride_vn=r if fwd else 1,
         stride_cm=s, stride_cn=1, stride_cs16=s * s // 16 if split_k else 0, stride_xam=r, stride_xar=1,
         stride_xas16=s * r // 16 if split_k else 0,
-        lr_scale=1.0, p=0.1, seed=_seed(variant.endswith("_dropout"), seed_value),
-        HAS_BIAS=fwd and bias, LOW_RANK=low_rank, LR_DROPOUT=variant.endswith("_dropout"),
+        lr_scale=1.0, sh_scale=1.0 / 0.9, p=0.1, seed=_seed(dropout, seed_value),
+        HAS_BIAS=fwd and bias, LOW_RANK=low_rank, LR_DROPOUT=dropout and not fwd, SHRINK_DROPOUT=dropout and fwd,
         OFFSET_INT64=offset_int64, UPCAST=False, INPUT_PRECISION=precision, EVEN_K=even_k,
         EVEN_R=even_r and low_rank != 2,
         TMA=tma,
@@ -350,6 +351,15 @@ def load_widths(ptx: str) -> list[int]:
     return sorted(widths)
 
 
+def _gemm_pruning(pass_name: str) -> dict:
+    """How a GEMM pass's dropout mask prunes its tiles (``configs.gemm_candidates``):
+    dx's masks its low-rank term (``epilogue_mask``), the in-loop forward's the
+    shrink's input (``shrink_mask``)."""
+    dropout = pass_name.endswith("_dropout")
+    forward = pass_name.startswith("forward")
+    return dict(epilogue_mask=dropout and not forward, shrink_mask=dropout and forward)
+
+
 def jobs_for(arch: int) -> list[Job]:
     """Every shipped configuration, with each pass (and rank tile) it serves."""
     from fused_lora.kernels import configs  # (configs only: no kernel is decorated here)
@@ -358,18 +368,20 @@ def jobs_for(arch: int) -> list[Job]:
     shipped = configs.shipped_configs()
     for dtype in ("bf16", "fp16", "fp32"):
         elt = 4 if dtype == "fp32" else 2
-        # (pass, rank tile, in-loop shrink, epilogue mask), at every rank tile the pass runs with (each
+        # (pass, rank tile, in-loop shrink, dropout mask), at every rank tile the pass runs with (each
         # is its own kernel): the in-loop passes (the forward, and dx at small M) hold the whole rank in
-        # one tile; the others add the precomputed low-rank term in chunks of at most GEMM_LR_MAX_BLOCK_R
+        # one tile; the others add the precomputed low-rank term in chunks of at most GEMM_LR_MAX_BLOCK_R.
+        # (The forward's mask is on its in-loop shrink's input, dx's on its low-rank term: _gemm_pruning.)
         passes = [(pass_name, block_r, True, mask) for pass_name, mask in (
-                      ("forward_in_loop", False), ("dx_in_loop", False), ("dx_in_loop_dropout", True))
-                  for block_r in configs.rank_tiles(configs.in_loop_max_block_r(elt))]
+                      ("forward_in_loop", False), ("forward_in_loop_dropout", True), ("dx_in_loop", False),
+                      ("dx_in_loop_dropout", True))
+                  for block_r in configs.rank_tiles(configs.in_loop_max_block_r(elt, **_gemm_pruning(pass_name)))]
         passes += [(pass_name, block_r, False, mask) for pass_name, mask in (
                        ("forward_split", False), ("dx", False), ("dx_dropout", True))
                    for block_r in configs.rank_tiles(configs.GEMM_LR_MAX_BLOCK_R[elt])]
         passes += [("dw", configs.block_r_for(1), False, False)]  # (no low-rank term: the smallest tile)
         for pass_name, block_r, in_loop, mask in passes:
-            fitting = configs.gemm_candidates(elt, block_r, in_loop, mask, arch=arch)
+            fitting = configs.gemm_candidates(elt, block_r, in_loop, arch=arch, **_gemm_pruning(pass_name))
             for cfg in fitting:  # (a tile pruned for the pass is one the launcher never picks for it)
                 for tf32 in (False, True) if elt == 4 else (False,):
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tf32=tf32))
@@ -387,7 +399,7 @@ def jobs_for(arch: int) -> list[Job]:
         # the tokens) where its output is small: a 256x256 layer over 64 K tokens.
         for pass_name, block_r, in_loop, mask in passes:
             m, n, k = (256, 256, 65536) if pass_name == "dw" else (16, SHAPE, SHAPE)
-            cfg = configs.gemm_config(m, n, k, block_r, elt, in_loop, False, epilogue_mask=mask, arch=arch)
+            cfg = configs.gemm_config(m, n, k, block_r, elt, in_loop, False, arch=arch, **_gemm_pruning(pass_name))
             assert cfg.split_k > 1, (pass_name, cfg)
             cfg = dataclasses.replace(cfg, split_k=1)  # (the kernel's code does not depend on the count)
             for tma, tf32 in ([(False, False), (True, False)] if elt == 2 and arch >= 90
@@ -398,13 +410,14 @@ def jobs_for(arch: int) -> list[Job]:
         # on the largest tile of each pass; the persistent grid likewise.
         if elt == 2 and arch >= 90:
             for pass_name, block_r, in_loop, mask in passes:
-                fitting = configs.gemm_candidates(elt, block_r, in_loop, mask, arch=arch)
+                fitting = configs.gemm_candidates(elt, block_r, in_loop, arch=arch, **_gemm_pruning(pass_name))
                 for cfg in fitting:
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=True))
                     if cfg is fitting[0]:
                         jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, even_k=False, tma=True))
                 # the persistent grid (16-bit, Hopper; its own, narrower tiles), with pointers and with TMA
-                for cfg in configs.gemm_candidates(elt, block_r, in_loop, mask, arch=arch, persistent=True):
+                for cfg in configs.gemm_candidates(elt, block_r, in_loop, arch=arch, persistent=True,
+                                                   **_gemm_pruning(pass_name)):
                     for tma in (False, True):
                         jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=tma,
                                         persistent=True))

@@ -5,9 +5,13 @@ Forward strategies (the math is in :mod:`fused_lora.ops`):
 ``in_loop``
     One kernel: the shrink ``xa = x·Aᵀ`` is a second ``tl.dot`` on the x tiles
     already loaded for the base GEMM; ``s·xa·Bᵀ`` is added to the accumulator
-    after the K loop. Recomputes xa once per N tile (+r/BLOCK_N FLOPs) and,
-    with dropout, would regenerate the mask once per N tile, so it only runs
-    with ``dropout_p == 0``.
+    after the K loop. Recomputes xa once per N tile (+r/BLOCK_N FLOPs). With
+    dropout each N tile multiplies its x tiles by their keep-mask for that dot
+    (``drop(x)``; the base dot reads them as loaded), so the mask is drawn
+    once per N tile rather than once: chosen only without dropout until
+    measured, and run with dropout where forced (:func:`force_strategy`; one
+    launch fewer than ``split``; ``bench/gpu_check.sh`` times it as
+    ``fused:in_loop`` at p = 0.1).
 ``split``
     The skinny pass (dropout + shrink, one read of x, the mask drawn once)
     writes the tiny fp32 ``xa`` (M, r); the GEMM then starts its accumulator
@@ -131,7 +135,8 @@ def force_strategy(strategy: str):
     """Run the forward with ``strategy`` inside the ``with`` block (tests and
     benchmarks use it to cover every path), and its backward too, wherever
     and whenever autograd runs it. ``in_loop`` still falls back to ``split``
-    where it cannot run (dropout, or r above its rank tile). Process-wide."""
+    where it cannot run (r above its rank tile, which is narrower with
+    dropout in fp32). Process-wide."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     return _switched("strategy", strategy)
@@ -192,12 +197,16 @@ def device_arch(device: torch.device) -> int:
 
 def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, max_block_r: int,
             forced: str | None):
-    """(strategy, reason); ``max_block_r``: the in-loop shrink's largest rank tile."""
+    """(strategy, reason); ``max_block_r``: the in-loop shrink's largest rank
+    tile (with this dropout: a masked shrink input holds a narrower one in fp32)."""
     in_loop_ok = dropout_p == 0.0 and r <= max_block_r
     if forced is not None:
-        if forced == "in_loop" and not in_loop_ok:
-            why = "dropout" if dropout_p else f"r={r} exceeds the in-loop shrink's rank tile ({max_block_r})"
-            return "split", f"forced 'in_loop', which cannot run here ({why}): split"
+        if forced == "in_loop" and r > max_block_r:
+            masked = " with dropout" if dropout_p else ""
+            return "split", (f"forced 'in_loop', which cannot run here (r={r} exceeds the in-loop shrink's "
+                             f"rank tile{masked} ({max_block_r})): split")
+        if forced == "in_loop" and dropout_p:
+            return forced, "forced 'in_loop': with dropout, each N tile draws the mask of its x tiles for the shrink"
         return forced, f"forced {forced!r}"
     if dtype == torch.float32 and not interp:
         return "hybrid", ("float32 on CUDA: exact fp32 dots run on FMA units, where cuBLAS is far ahead; "
@@ -234,7 +243,8 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
     cfg = _triton.configs()
     elt = dtype.itemsize
     dropout_p = 0.5 if dropout else 0.0  # only "is there dropout" shapes the plan
-    strategy, reason = _choose(m, r, dtype, dropout_p, interp, cfg.in_loop_max_block_r(elt), forced)
+    strategy, reason = _choose(m, r, dtype, dropout_p, interp, cfg.in_loop_max_block_r(elt, shrink_mask=dropout),
+                               forced)
     # (under hybrid the Triton GEMMs have no K loop: neither switch applies)
     hopper_16bit = elt == 2 and (interp or arch >= 90) and strategy != "hybrid"
     skinny = cfg.skinny_config(elt, interp, m)
@@ -254,12 +264,13 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
     # runs one program a tile)
     block_r = cfg.block_r_for(r)
     persistent = persistent and hopper_16bit and not (
-        (strategy == "in_loop" and block_r > cfg.in_loop_max_block_r(elt, persistent=True))
+        (strategy == "in_loop" and block_r > cfg.in_loop_max_block_r(elt, persistent=True, shrink_mask=dropout))
         or (dx_in_loop and block_r > cfg.in_loop_max_block_r(elt, persistent=True, epilogue_mask=dropout)))
     return Plan(
         strategy=strategy,
         reason=reason,
-        fwd_gemm=cfg.gemm_config(m, n, k, r, elt, strategy == "in_loop", interp, arch=arch, persistent=persistent),
+        fwd_gemm=cfg.gemm_config(m, n, k, r, elt, strategy == "in_loop", interp, arch=arch, persistent=persistent,
+                                 shrink_mask=dropout and strategy == "in_loop"),
         dx_gemm=cfg.gemm_config(m, k, n, r, elt, dx_in_loop, interp, epilogue_mask=dropout_p > 0.0, arch=arch,
                                 persistent=persistent),
         dw_gemm=cfg.gemm_config(n, k, m, 1, elt, False, interp, arch=arch, persistent=persistent),
@@ -298,7 +309,8 @@ class Explanation:
                   f"stages={p.skinny.num_stages}, ~{p.skinny_programs} programs")
         out = []
         if p.strategy == "in_loop":
-            out.append(("forward", f"one GEMM with the shrink in its K loop; {tiles(p.fwd_gemm)}"))
+            masked = " (x's tiles masked for it: the dropout mask drawn once per N tile)" if self.dropout_p else ""
+            out.append(("forward", f"one GEMM with the shrink in its K loop{masked}; {tiles(p.fwd_gemm)}"))
         else:
             out.append(("forward: shrink", f"{skinny} (dropout mask drawn once)" if self.dropout_p else skinny))
             if p.strategy == "split":
@@ -395,7 +407,8 @@ def _time_ms(fn) -> float:
 
 
 def gemm_config_for(pass_name: str, default, launch, *, m: int, n: int, k: int, r: int, dtype: torch.dtype,
-                    shrink_in_loop: bool, epilogue_mask: bool, device: torch.device, persistent: bool = False):
+                    shrink_in_loop: bool, epilogue_mask: bool, device: torch.device, persistent: bool = False,
+                    shrink_mask: bool = False):
     """The configuration for one GEMM launch: ``default`` (the heuristic),
     unless autotuning is on, on a GPU, in which case the fastest candidate for
     this size bucket, timed once with ``launch(config)``."""
@@ -405,10 +418,11 @@ def gemm_config_for(pass_name: str, default, launch, *, m: int, n: int, k: int, 
     arch = device_arch(device)
     elt = dtype.itemsize
     block_r = cfg.block_r_for(r) if shrink_in_loop else cfg.block_r_for(r, cfg.GEMM_LR_MAX_BLOCK_R[elt])
-    key = (pass_name, cfg.m_bucket(m), n, k, block_r, dtype, shrink_in_loop, epilogue_mask, arch, persistent)
+    key = (pass_name, cfg.m_bucket(m), n, k, block_r, dtype, shrink_in_loop, epilogue_mask, arch, persistent,
+           shrink_mask)
     if key not in _tuned:
         candidates = cfg.gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, arch=arch,
-                                         persistent=persistent) or [default]
+                                         persistent=persistent, shrink_mask=shrink_mask) or [default]
         # each tile shape with its own split-K
         candidates = [dataclasses.replace(c, split_k=cfg.split_k_for(c, m, n, k, False)) for c in candidates]
         timings = []

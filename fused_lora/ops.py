@@ -23,8 +23,9 @@ How it runs (Triton backend)
 ============================
 
 * forward: ``y`` is one GEMM whose fp32 accumulator also receives ``s·xa·Bᵀ``
-  and ``b``; ``xa`` comes from a second dot inside the K loop (``in_loop``) or
-  from the skinny pass over x, which draws the dropout mask once (``split``).
+  and ``b``; ``xa`` comes from a second dot inside the K loop (``in_loop``;
+  with dropout each N tile masks its x tiles for that dot) or from the skinny
+  pass over x, which draws the dropout mask once (``split``).
   Where cuBLAS is the better base GEMM (``hybrid``), the kernel writes the
   low-rank term and cuBLAS adds ``x·Wᵀ`` onto it. See :mod:`fused_lora.dispatch`.
 * backward: the *dy pass* reads dy once for ``g``, ``dB`` (and ``db``); the dx
@@ -86,12 +87,15 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     plan = dispatch.plan(m, n, k, r, x.dtype, dropout_p, dispatch.device_arch(x.device), strategy=strategy or None)
     tune = dict(m=m, n=n, r=r, dtype=x.dtype, epilogue_mask=False, device=x.device, persistent=plan.persistent)
     if plan.strategy == "in_loop":
+        # (with dropout: xa = drop(x)·Aᵀ, each N tile masking its x tiles for the shrink's dot)
         def launch(config):
             return k_.lora_gemm(x2, weight.t(), bias=bias, shrink=lora_A.t(), v=lora_B.t(), lr_scale=scaling,
+                                dropout_p=dropout_p, seed=seed, shrink_dropout=True,
                                 config=config, out_dtype=x.dtype, input_precision=plan.input_precision,
                                 tma=plan.tma, persistent=plan.persistent)
 
-        y2, xa = launch(dispatch.gemm_config_for("forward", plan.fwd_gemm, launch, k=k, shrink_in_loop=True, **tune))
+        y2, xa = launch(dispatch.gemm_config_for("forward", plan.fwd_gemm, launch, k=k, shrink_in_loop=True,
+                                                 shrink_mask=dropout_p > 0.0, **tune))
     else:
         xa, _, _ = k_.skinny_pass(x2, shrink=lora_A.t(), sh_scale=1.0 / (1.0 - dropout_p), dropout_p=dropout_p,
                                   seed=seed, config=plan.skinny, target_programs=plan.skinny_programs,

@@ -221,23 +221,41 @@ IN_LOOP_MAX_BLOCK_R = {2: 128, 4: 32}
 PERSISTENT_IN_LOOP_MAX_BLOCK_R = 32
 IN_LOOP_MAX_ELEMS_PER_THREAD = {2: 160, 4: 64}
 
+#: The in-loop forward with dropout (forced ``in_loop``) masks each A tile
+#: for the shrink's dot: the (BLOCK_M, BLOCK_K) tile, its mask and their
+#: Philox words live beside the accumulator and xa. Measured with the
+#: compile report (sm_90, Triton 3.6 and 3.9, every shipped tile and rank
+#: tile, with pointers, TMA and the persistent grid): the two 4-warp tiles
+#: with 64 masked elements a thread (BMxBNxBK 128x64x64 and 64x64x128) reach
+#: 255 registers and spill 24-212 B in some variant; the tiles with 32 or
+#: fewer do not (at most 252 registers: 128x256x64 with a 64 rank tile, 3.6).
+#: fp32's 16x64 tile spills 8 B with a 32-wide rank tile on Triton 3.9.
+SHRINK_MASK_MAX_ELEMS_PER_THREAD = 32
+SHRINK_MASK_MAX_BLOCK_R = {2: 128, 4: 16}
 
-def in_loop_max_block_r(elt: int, persistent: bool = False, epilogue_mask: bool = False) -> int:
+
+def in_loop_max_block_r(elt: int, persistent: bool = False, epilogue_mask: bool = False,
+                        shrink_mask: bool = False) -> int:
     """The largest rank tile of the in-loop shrink (so the largest rank it
-    runs with: a rank tile is r's next power of two, at least 16); 0: none."""
+    runs with: a rank tile is r's next power of two, at least 16); 0: none.
+    ``epilogue_mask``: dx's masked term; ``shrink_mask``: the forward's
+    masked shrink input."""
+    cap = min(IN_LOOP_MAX_BLOCK_R[elt], SHRINK_MASK_MAX_BLOCK_R[elt]) if shrink_mask else IN_LOOP_MAX_BLOCK_R[elt]
     if not persistent:
-        return IN_LOOP_MAX_BLOCK_R[elt]
-    return 0 if epilogue_mask else min(IN_LOOP_MAX_BLOCK_R[elt], PERSISTENT_IN_LOOP_MAX_BLOCK_R)
+        return cap
+    return 0 if epilogue_mask else min(cap, PERSISTENT_IN_LOOP_MAX_BLOCK_R)
 
 
 def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask: bool = False,
-                    smem_limit: int = SMEM_LIMIT_SM90, arch: int = 90, persistent: bool = False) -> list[GemmConfig]:
+                    smem_limit: int = SMEM_LIMIT_SM90, arch: int = 90, persistent: bool = False,
+                    shrink_mask: bool = False) -> list[GemmConfig]:
     """The shipped GEMM configurations for an element size, pruned to those
     whose shared memory fits ``smem_limit`` (and, with an epilogue mask, on
     the persistent grid or before Hopper, whose tile leaves few enough
     elements per thread; with the in-loop shrink, whose accumulator and xa
-    do). None where the in-loop shrink cannot hold the rank tile."""
-    if shrink_in_loop and block_r > in_loop_max_block_r(elt, persistent, epilogue_mask):
+    do; with its input masked, whose A tile does). None where the in-loop
+    shrink cannot hold the rank tile."""
+    if shrink_in_loop and block_r > in_loop_max_block_r(elt, persistent, epilogue_mask, shrink_mask):
         return []
     pool = _GEMM_CANDIDATES_FP32 if elt == 4 else _GEMM_CANDIDATES_16BIT
     cap = PRE_HOPPER_MAX_ELEMS_PER_THREAD if arch < 90 else None
@@ -249,7 +267,9 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
             if c.smem_bytes(elt, block_r, shrink_in_loop) <= smem_limit
             and (cap is None or c.elems_per_thread() <= cap)
             and (not shrink_in_loop
-                 or c.block_m * (c.block_n + block_r) // (32 * c.num_warps) <= IN_LOOP_MAX_ELEMS_PER_THREAD[elt])]
+                 or c.block_m * (c.block_n + block_r) // (32 * c.num_warps) <= IN_LOOP_MAX_ELEMS_PER_THREAD[elt])
+            and (not (shrink_in_loop and shrink_mask)
+                 or c.block_m * c.block_k // (32 * c.num_warps) <= SHRINK_MASK_MAX_ELEMS_PER_THREAD)]
 
 
 def split_k_for(config: GemmConfig, m: int, n: int, k: int, interpreter: bool) -> int:
@@ -272,7 +292,7 @@ def split_k_for(config: GemmConfig, m: int, n: int, k: int, interpreter: bool) -
 
 def gemm_config(m: int, n: int, k: int, r: int, elt: int, shrink_in_loop: bool,
                 interpreter: bool, epilogue_mask: bool = False, arch: int = 90,
-                persistent: bool = False) -> GemmConfig:
+                persistent: bool = False, shrink_mask: bool = False) -> GemmConfig:
     """The GEMM tiles (and split-K) for an (m, k) x (k, n) product with a
     rank-r term.
 
@@ -281,16 +301,17 @@ def gemm_config(m: int, n: int, k: int, r: int, elt: int, shrink_in_loop: bool,
     128-row tile nor leave SMs idle; split-K where even the narrowest tiles
     leave SMs idle.
     """
-    tiles = _gemm_tiles(m, n, r, elt, shrink_in_loop, interpreter, epilogue_mask, arch, persistent)
+    tiles = _gemm_tiles(m, n, r, elt, shrink_in_loop, interpreter, epilogue_mask, arch, persistent, shrink_mask)
     return replace(tiles, split_k=split_k_for(tiles, m, n, k, interpreter))
 
 
 def _gemm_tiles(m: int, n: int, r: int, elt: int, shrink_in_loop: bool, interpreter: bool,
-                epilogue_mask: bool, arch: int, persistent: bool) -> GemmConfig:
+                epilogue_mask: bool, arch: int, persistent: bool, shrink_mask: bool) -> GemmConfig:
     if interpreter:
         return INTERPRETER_GEMM_WIDE if m >= INTERPRETER_WIDE_FROM_M else INTERPRETER_GEMM
     block_r = block_r_for(r) if shrink_in_loop else block_r_for(r, GEMM_LR_MAX_BLOCK_R[elt])
-    cands = gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, arch=arch, persistent=persistent)
+    cands = gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, arch=arch, persistent=persistent,
+                            shrink_mask=shrink_mask)
     if not cands:
         raise ValueError(f"no GEMM configuration holds the in-loop shrink's rank tile {block_r} "
                          f"({elt}-byte elements{', persistent' if persistent else ''})")

@@ -5,10 +5,12 @@ The same body runs with its operands' roles swapped (see :mod:`fused_lora.ops`
 for the math):
 
 =========  ===============  ================  ===========================  =====================
-pass       A (M, K)         B (K, N)          low-rank term                epilogue mask
+pass       A (M, K)         B (K, N)          low-rank term                dropout mask
 =========  ===============  ================  ===========================  =====================
-forward    x                Wᵀ (strides)      s · xa · Bᵀ                  none
-dx         dy               W                 (g · A) / (1-p)              keep(x) (dropout)
+forward    x                Wᵀ (strides)      s · xa · Bᵀ                  in-loop shrink: keep(x)
+                                                                           on A's tiles (the dot
+                                                                           with S only)
+dx         dy               W                 (g · A) / (1-p)              keep(x) on the term
 dW         dyᵀ (strides)    x                 none                         none
 =========  ===============  ================  ===========================  =====================
 
@@ -17,7 +19,10 @@ The low-rank left factor (xa or g, fp32, (M, r)) is either read from memory
 loop from the same A tiles (``LOW_RANK == 2``, "shrink in loop"; the program
 with ``pid_n == 0`` stores it for the backward pass). The dx pass runs either
 way: at small M it accumulates dy·B (S = B) in its K loop, and the dA pass
-reads it from there. Nothing of size (M, N) is materialised for the low-rank
+reads it from there. The in-loop forward with dropout multiplies each A tile
+by its (M, K) keep-mask for the shrink's dot only (``SHRINK_DROPOUT``: the base
+dot reads the tile as loaded), so every N tile draws the mask of its rows
+again. Nothing of size (M, N) is materialised for the low-rank
 term. Both split along K (small M): the term is linear in the left factor, so
 each split adds its own part.
 """
@@ -90,12 +95,14 @@ def lora_gemm_kernel(
     stride_xas16,  # split-K: the xa partials, this many 16-element units apart
     # scalars (runtime: changing them never recompiles)
     lr_scale,  # the low-rank term is lr_scale · (U · V)
-    p,  # dropout probability of the epilogue mask (LR_DROPOUT)
+    sh_scale,  # SHRINK_DROPOUT: U = sh_scale · (A ⊙ keep) · S (the launcher passes 1/(1-p))
+    p,  # dropout probability of the mask (LR_DROPOUT or SHRINK_DROPOUT)
     seed,  # Philox seed of that mask (the value, or a one-element int32 tensor: common.load_seed)
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     LOW_RANK: tl.constexpr,  # 0: none, 1: U read from u_ptr, 2: U = A·S in the K loop
-    LR_DROPOUT: tl.constexpr,  # multiply the low-rank term by keep(m, n)
+    LR_DROPOUT: tl.constexpr,  # multiply the low-rank term by keep(m, n), the mask of C (M, N)
+    SHRINK_DROPOUT: tl.constexpr,  # LOW_RANK == 2: the shrink's dot reads A ⊙ keep(m, k), the mask of A (M, K)
     OFFSET_INT64: tl.constexpr,  # the mask's counters in 64 bits (common.mask_counters_int64)
     UPCAST: tl.constexpr,  # interpreter + bf16: compute on fp32 tiles
     INPUT_PRECISION: tl.constexpr,  # fp32 dots: "ieee" or "tf32"
@@ -107,13 +114,16 @@ def lora_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """C = A·B + bias + lr_scale·(U·V) [⊙ keep], U = u or A·S; fp32 accumulation.
+    """C = A·B + bias + lr_scale·(U·V) [⊙ keep], U = u or sh_scale·(A [⊙ keep])·S; fp32 accumulation.
 
     Shapes as in the pointer comments. With ``LOW_RANK == 1`` the low-rank term
     (and its mask) is the accumulator's initial value and the rank is walked in
     ``BLOCK_R`` chunks, so any r works; with ``LOW_RANK == 2`` the shrink runs
     in the K loop, the whole rank must fit one ``BLOCK_R`` tile, and the term
-    (masked, with ``LR_DROPOUT``) is added after the loop.
+    (masked, with ``LR_DROPOUT``) is added after the loop. ``SHRINK_DROPOUT``
+    (the forward with dropout) masks the A tile of the shrink's dot instead:
+    ``U = sh_scale·(A ⊙ keep)·S``, the mask of A's elements (keep(m, k) of the
+    (M, K) matrix, the skinny pass's mask), drawn again by every N tile.
 
     Split-K (grid axis 1 of size S > 1): program (t, s) computes tile t over
     its own K range and stores the fp32 partial at ``C[s]``; split 0 also
@@ -205,6 +215,8 @@ def lora_gemm_kernel(
             s_ptrs = s_ptr + offs_k[:, None] * stride_sk + offs_r[None, :] * stride_sr
             xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             r_in = in_bounds(offs_r, R, EVEN_R)
+            if SHRINK_DROPOUT:
+                shrink_seed = load_seed(seed)
         for k0 in range(0, k_len, BLOCK_K):
             if not EVEN_K:
                 k_in = offs_k < k_len - k0
@@ -223,13 +235,21 @@ def lora_gemm_kernel(
                 if not EVEN_K:
                     s_mask = s_mask & k_in[:, None]
                 s = load_operand(s_ptrs + (k_lo + k0) * stride_sk, s_mask, UPCAST)
-                xa = tl.dot(a, s, xa, input_precision=INPUT_PRECISION)
+                if SHRINK_DROPOUT:
+                    # drop(A) for this dot only; multiply (not select): NaN/Inf propagate as in x * mask.
+                    # (The K tail's columns past K are zeros, whatever their mask.)
+                    keep_a = keep_mask(shrink_seed, offs_m, k_lo + k0, K, p, BLOCK_K, OFFSET_INT64)
+                    xa = tl.dot(a * keep_a.to(a.dtype), s, xa, input_precision=INPUT_PRECISION)
+                else:
+                    xa = tl.dot(a, s, xa, input_precision=INPUT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
 
         if LOW_RANK == 2:
             # Clear the padded rank columns: x·0 is NaN where x is ±Inf, and
             # that NaN must not reach the real columns through the next dot.
+            if SHRINK_DROPOUT:
+                xa = xa * sh_scale
             xa = tl.where(r_in[None, :], xa, 0.0)
             if pid_n == 0:
                 xa_ptrs = (xa_ptr + pid_k.to(tl.int64) * stride_xas16 * 16
@@ -269,6 +289,7 @@ def lora_gemm(
     lr_scale: float = 1.0,
     dropout_p: float = 0.0,
     seed: int | torch.Tensor = 0,
+    shrink_dropout: bool = False,
     input_precision: str = "ieee",
     tma: bool = False,
     persistent: bool = False,
@@ -277,8 +298,10 @@ def lora_gemm(
 
     a (M, K), b (K, N), bias (N,), u (M, r) fp32, shrink (K, r), v (r, N); any
     strides. With ``dropout_p > 0`` the low-rank term is multiplied by the
-    keep-mask of the (M, N) output. Returns ``(C, xa)`` where ``xa = a @ shrink``
-    (fp32, (M, r)) when ``shrink`` is given, else None. ``config.split_k > 1``
+    keep-mask of the (M, N) output; or, with ``shrink_dropout`` (the in-loop
+    forward), the shrink reads ``drop(a) = a ⊙ keep / (1 - p)``, the keep-mask
+    of a (M, K), the one the skinny pass draws. Returns ``(C, xa)`` where
+    ``xa = [drop](a) @ shrink`` (fp32, (M, r)) when ``shrink`` is given, else None. ``config.split_k > 1``
     splits K over that many programs per tile (fp32 partials of C, and of xa,
     then one ordered reduction launch for both). ``tma``: load the a and b tiles
     through tensor descriptors where both operands allow one (else pointers).
@@ -305,6 +328,9 @@ def lora_gemm(
             raise ValueError("lora_gemm: the low-rank left factor does not match a and v")
         if u is not None and u.dtype != torch.float32:
             raise ValueError("lora_gemm: u must be float32")
+    if shrink_dropout and shrink is None:
+        raise ValueError("lora_gemm: shrink_dropout masks the in-loop shrink's input: pass shrink")
+    shrink_dropout = shrink_dropout and dropout_p > 0.0
     if low_rank == LOW_RANK_PRECOMPUTED:
         block_r = block_r_for(r, GEMM_LR_MAX_BLOCK_R[v.element_size()])
     else:
@@ -361,11 +387,13 @@ def lora_gemm(
         target.stride(-2), target.stride(-1), slab // 16 if split_k > 1 else 0,
         xa_.stride(-2) if xa is not None else 0, xa_.stride(-1) if xa is not None else 0,
         xa_slab // 16 if xa is not None and split_k > 1 else 0,
-        float(lr_scale), float(dropout_p), seed_arg(seed, a.device),
+        float(lr_scale), 1.0 / (1.0 - dropout_p) if shrink_dropout else 1.0, float(dropout_p),
+        seed_arg(seed, a.device),
         HAS_BIAS=bias is not None,
         LOW_RANK=low_rank,
-        LR_DROPOUT=low_rank != LOW_RANK_NONE and dropout_p > 0.0,
-        OFFSET_INT64=mask_counters_int64(M, N),
+        LR_DROPOUT=low_rank != LOW_RANK_NONE and dropout_p > 0.0 and not shrink_dropout,
+        SHRINK_DROPOUT=shrink_dropout,
+        OFFSET_INT64=mask_counters_int64(M, K if shrink_dropout else N),
         UPCAST=interpreted and a.dtype == torch.bfloat16,
         INPUT_PRECISION=input_precision,
         EVEN_K=K % config.block_k == 0,

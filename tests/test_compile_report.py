@@ -29,7 +29,8 @@ def test_report_covers_every_shipped_config(sm90):
         for cfg in pool:
             assert (dtype, tuple(sorted(vars(cfg).items()))) in gemm_seen, (dtype, cfg)
     passes = {(r.kernel, r.pass_name) for r in sm90}
-    gemm_passes = ("forward_in_loop", "forward_split", "dx_in_loop", "dx_in_loop_dropout", "dx", "dx_dropout", "dw")
+    gemm_passes = ("forward_in_loop", "forward_in_loop_dropout", "forward_split", "dx_in_loop", "dx_in_loop_dropout",
+                   "dx", "dx_dropout", "dw")
     assert {("gemm", p) for p in gemm_passes} <= passes
     # the skinny passes: each set of outputs, at every rank tile
     skinny_seen = {(r.pass_name, r.dtype, r.block_r) for r in sm90 if r.kernel == "skinny"}
@@ -44,7 +45,7 @@ def test_report_covers_every_shipped_config(sm90):
     # the dropout passes read a seed drawn on the device (seed=None); an explicit seed is a value;
     # a mask over 2**31 elements or more counts in 64 bits
     for variant in ("+seed_value", "+offset_int64"):
-        assert ({("gemm", p + variant) for p in ("dx_dropout", "dx_in_loop_dropout")}
+        assert ({("gemm", p + variant) for p in ("forward_in_loop_dropout", "dx_dropout", "dx_in_loop_dropout")}
                 | {("skinny", p + variant) for p in ("forward_shrink", "dA_pass")}) <= passes
     # split-K partials and TMA loads (every 16-bit tile, each pass that uses it)
     assert {("gemm", p + "+split_k") for p in gemm_passes} <= passes
@@ -56,11 +57,16 @@ def test_report_covers_every_shipped_config(sm90):
         precomputed = configs.rank_tiles(configs.GEMM_LR_MAX_BLOCK_R[elt])
         assert in_loop[0] == precomputed[0] == configs.block_r_for(1)
         assert in_loop[-1] == configs.in_loop_max_block_r(elt) and len(precomputed) >= 2
-        for p, shrink_in_loop, mask in (("forward_in_loop", True, False), ("dx_in_loop", True, False),
-                                        ("dx_in_loop_dropout", True, True), ("forward_split", False, False),
-                                        ("dx", False, False), ("dx_dropout", False, True)):
-            for block_r in in_loop if shrink_in_loop else precomputed:
-                fitting = configs.gemm_candidates(elt, block_r, shrink_in_loop, mask)
+        masked_input = configs.rank_tiles(configs.in_loop_max_block_r(elt, shrink_mask=True))
+        assert masked_input[-1] == (128 if elt == 2 else 16)
+        for p, shrink_in_loop, mask in (("forward_in_loop", True, False), ("forward_in_loop_dropout", True, True),
+                                        ("dx_in_loop", True, False), ("dx_in_loop_dropout", True, True),
+                                        ("forward_split", False, False), ("dx", False, False),
+                                        ("dx_dropout", False, True)):
+            pruning = dict(epilogue_mask=mask and p.startswith("dx"), shrink_mask=mask and p.startswith("forward"))
+            tiles = masked_input if pruning["shrink_mask"] else in_loop if shrink_in_loop else precomputed
+            for block_r in tiles:
+                fitting = configs.gemm_candidates(elt, block_r, shrink_in_loop, **pruning)
                 assert fitting
                 for cfg in fitting:
                     assert (p, dtype, block_r, tuple(sorted(vars(cfg).items()))) in by_rank, (p, dtype, block_r, cfg)
@@ -235,10 +241,12 @@ def _launch_key(kind: str, pass_family: str, grid, args: dict, meta: dict) -> tu
     launch = (meta.get("num_warps", 4), meta.get("num_stages", 3))  # (Triton's defaults on CUDA)
     precision = meta.get("INPUT_PRECISION", "ieee")
     if kind == "gemm":
-        low_rank, dropout = meta["LOW_RANK"], meta["LR_DROPOUT"]
+        low_rank, dropout = meta["LOW_RANK"], meta["LR_DROPOUT"] or meta["SHRINK_DROPOUT"]
         if pass_family == "forward":
-            name = {2: "forward_in_loop", 1: "forward_split"}[low_rank]
+            assert not meta["LR_DROPOUT"] and (low_rank == 2 or not meta["SHRINK_DROPOUT"])
+            name = {2: "forward_in_loop", 1: "forward_split"}[low_rank] + ("_dropout" if dropout else "")
         else:
+            assert not meta["SHRINK_DROPOUT"]
             name = {2: "dx_in_loop", 1: "dx", 0: "dw"}[low_rank] + ("_dropout" if dropout else "")
         tiles = (meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], meta["GROUP_M"]) + launch
         dtype = _DTYPE_NAMES[args["a_ptr"].dtype]
@@ -326,6 +334,9 @@ def test_the_report_compiles_every_kernel_the_dispatch_launches(monkeypatch):
                 for strategy in ("", "in_loop", "split", "hybrid"):
                     cases.append((1 << 19, 4096, 4096, r, dtype, 0.1, every, tma, persistent, strategy, tf32, None,
                                   True))
+        # an explicit seed (a value, not a pointer) in the forced in-loop forward with dropout
+        for r in ranks:
+            cases.append((16, 4096, 4096, r, dtype, 0.1, every, False, False, "in_loop", False, 1234, True))
         # the gradients asked for shape the skinny passes: every combination, at small and large M,
         # with the seed drawn on the device or given, and layers without a bias
         for needs in itertools.product((False, True), repeat=5):
@@ -343,3 +354,7 @@ def test_the_report_compiles_every_kernel_the_dispatch_launches(monkeypatch):
     assert len(launched) > 500  # (the recorders saw the launches, and every kind of variant)
     for variant in ("+split_k", "+seed_value", "+no_bias", "+offset_int64", "+direct"):
         assert any(key[1].endswith(variant) for key in launched), variant
+    # the forced in-loop forward with dropout, and its variants
+    assert {("gemm", "forward_in_loop_dropout" + variant, dtype) for variant in ("+split_k", "+seed_value",
+                                                                                "+offset_int64")
+            for dtype in ("bf16", "fp16", "fp32")} <= set(launched)

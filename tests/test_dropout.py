@@ -201,9 +201,10 @@ def test_seed_none_follows_torch_manual_seed():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_a_drawn_seed_stays_on_the_device_and_drops_what_its_value_drops(strategy, dtype, monkeypatch):
     """seed=None: the seed is drawn on x's device and every kernel that draws
-    the mask reads it from there (forced ``in_loop``: dx accumulates g in its K
-    loop, with the mask in its epilogue); the results are bit for bit those of
-    the same seed passed as a value."""
+    the mask reads it from there (forced ``in_loop``: the forward's K loop masks
+    x's tiles for its shrink, and dx accumulates g in its K loop, with the mask
+    in its epilogue); the results are bit for bit those of the same seed passed
+    as a value."""
     passed = []  # what each launch hands its kernel as the seed
     for module in (gemm, skinny):
         def spy(seed, device, real=module.seed_arg):

@@ -217,25 +217,32 @@ def test_gemm_split_k(split_k, k, dtype):
 @pytest.mark.parametrize("split_k", [2, 3, 7])
 @pytest.mark.parametrize("k, r", [(96, 16), (75, 5)])  # whole K blocks and rank tile; a K tail and a rank tail
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("p", [0.0, 0.3])
-def test_gemm_split_k_with_the_in_loop_shrink(split_k, k, r, dtype, p, reduce_launches):
+# dropout's mask on the low-rank term (dx) or on the shrink's input (the forward)
+@pytest.mark.parametrize("p, masked", [(0.0, None), (0.3, "term"), (0.3, "input")])
+def test_gemm_split_k_with_the_in_loop_shrink(split_k, k, r, dtype, p, masked, reduce_launches):
     """The in-loop shrink split along K (small M): each split adds its own
-    part of s·(a·S)·V (masked, as dx's is with dropout) and stores its xa
-    partial; one launch sums both sets of partials in split order (bitwise
-    reproducible); xa is a·S whole."""
+    part of s·(a·S)·V (masked, as dx's is with dropout; or with a·S replaced
+    by drop(a)·S, as the forward's is) and stores its xa partial; one launch
+    sums both sets of partials in split order (bitwise reproducible); xa is
+    a·S (drop(a)·S) whole."""
     m, n, scale, seed = 37, 45, 0.7, 91
     a = torch.randn(m, k, device=DEVICE, dtype=dtype)
     b = torch.randn(n, k, device=DEVICE, dtype=dtype).t()
     bias = torch.randn(n, device=DEVICE, dtype=dtype)
     shrink = torch.randn(r, k, device=DEVICE, dtype=dtype).t() / k ** 0.5  # strided, as Aᵀ is
     v = torch.randn(n, r, device=DEVICE, dtype=dtype).t()
-    base = configs.gemm_config(m, n, k, r, a.element_size(), True, _triton.interpreter(), epilogue_mask=p > 0)
+    base = configs.gemm_config(m, n, k, r, a.element_size(), True, _triton.interpreter(),
+                               epilogue_mask=masked == "term", shrink_mask=masked == "input")
     cfg = dataclasses.replace(base, split_k=split_k)
-    xa64 = a.double() @ shrink.double()
-    keep = fused_lora.dropout_mask(seed, (m, n), p, device=DEVICE).double()
+    if masked == "input":  # (the mask of a (m, k), as the skinny pass draws it)
+        dropped = a.double() * fused_lora.dropout_mask(seed, (m, k), p, device=DEVICE).double() / (1 - p)
+        xa64, keep = dropped @ shrink.double(), 1.0
+    else:
+        xa64 = a.double() @ shrink.double()
+        keep = fused_lora.dropout_mask(seed, (m, n), p, device=DEVICE).double()
     want = a.double() @ b.double() + bias.double() + scale * (xa64 @ v.double()) * keep
     run = lambda: gemm.lora_gemm(a, b, bias=bias, shrink=shrink, v=v, lr_scale=scale, dropout_p=p, seed=seed,
-                                 config=cfg, out_dtype=dtype)
+                                 shrink_dropout=masked == "input", config=cfg, out_dtype=dtype)
     c, xa = run()
     assert len(reduce_launches) == 1  # C's partials and xa's, in one launch
     assert_close(c, want, dtype, f"split_k={split_k}")
@@ -243,7 +250,8 @@ def test_gemm_split_k_with_the_in_loop_shrink(split_k, k, r, dtype, p, reduce_la
     again = run()
     assert torch.equal(again[0], c) and torch.equal(again[1], xa)
     unsplit = gemm.lora_gemm(a, b, bias=bias, shrink=shrink, v=v, lr_scale=scale, dropout_p=p, seed=seed,
-                             config=dataclasses.replace(base, split_k=1), out_dtype=dtype)
+                             shrink_dropout=masked == "input", config=dataclasses.replace(base, split_k=1),
+                             out_dtype=dtype)
     assert_close(unsplit[0], want, dtype, "split_k=1")
     # (the same sum in another order: equal to rounding, not bitwise)
     torch.testing.assert_close(unsplit[1], xa, rtol=1e-5, atol=1e-5)
@@ -256,7 +264,7 @@ def tma_on():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-# (in_loop with dropout: the split forward, dx with g in its K loop and the mask in its epilogue)
+# (in_loop with dropout: the forward masks x's tiles for its shrink; dx, g in its K loop, its term in its epilogue)
 @pytest.mark.parametrize("strategy, p", [("in_loop", 0.0), ("in_loop", 0.2), ("split", 0.0), ("split", 0.2)])
 def test_tma_loads_match_the_reference(tma_on, monkeypatch, dtype, strategy, p):
     """With TMA on, every GEMM pass whose operands allow it reads its tiles
@@ -308,7 +316,9 @@ def three_programs(monkeypatch):
 
 @pytest.mark.parametrize("dtype, tma", [(torch.float32, False), (torch.float16, False), (torch.float16, True)],
                          ids=["fp32", "fp16", "fp16-tma"])
-@pytest.mark.parametrize("low_rank, p", [("none", 0.0), ("in_loop", 0.0), ("precomputed", 0.0), ("precomputed", 0.3)])
+# (in_loop with dropout: the forward's, the mask on the shrink's input)
+@pytest.mark.parametrize("low_rank, p", [("none", 0.0), ("in_loop", 0.0), ("in_loop", 0.3), ("precomputed", 0.0),
+                                         ("precomputed", 0.3)])
 def test_persistent_grid_computes_every_tile_as_one_program_per_tile(three_programs, dtype, tma, low_rank, p):
     """Three programs walking all the output tiles (ragged M, N and K) write
     the same bits as one program per tile: the same tile code in the same
@@ -318,10 +328,12 @@ def test_persistent_grid_computes_every_tile_as_one_program_per_tile(three_progr
     b = torch.randn(n, k, device=DEVICE, dtype=dtype).t()
     bias = torch.randn(n, device=DEVICE, dtype=dtype)
     v = torch.randn(r, n, device=DEVICE, dtype=dtype)
-    lr = {"none": {}, "in_loop": dict(shrink=torch.randn(k, r, device=DEVICE, dtype=dtype) / k ** 0.5, v=v),
+    lr = {"none": {}, "in_loop": dict(shrink=torch.randn(k, r, device=DEVICE, dtype=dtype) / k ** 0.5, v=v,
+                                      shrink_dropout=True),
           "precomputed": dict(u=torch.randn(m, r, device=DEVICE), v=v)}[low_rank]
     cfg = dataclasses.replace(configs.gemm_config(m, n, k, r, a.element_size(), low_rank == "in_loop",
-                                                  _triton.interpreter()), split_k=1)
+                                                  _triton.interpreter(), shrink_mask=low_rank == "in_loop" and p > 0),
+                              split_k=1)
     assert triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n) > 3 * 2  # two tiles a program, or more
 
     def run(persistent):
@@ -336,10 +348,12 @@ def test_persistent_grid_computes_every_tile_as_one_program_per_tile(three_progr
     if low_rank == "in_loop":
         assert torch.equal(xa1, xa0)
     want = a.double() @ b.double() + bias.double()
-    if low_rank != "none":
-        left = lr["u"].double() if low_rank == "precomputed" else a.double() @ lr["shrink"].double()
+    if low_rank == "in_loop":
+        dropped = a.double() * fused_lora.dropout_mask(seed, (m, k), p, device=DEVICE).double() / (1 - p)
+        want = want + scale * (dropped @ lr["shrink"].double() @ v.double())
+    elif low_rank == "precomputed":
         keep = fused_lora.dropout_mask(seed, (m, n), p, device=DEVICE).double() if p else 1.0
-        want = want + scale * (left @ v.double()) * keep
+        want = want + scale * (lr["u"].double() @ v.double()) * keep
     assert_close(c1, want, dtype, "persistent")
     # split-K keeps one program per (tile, split): the switch does not apply
     split = dataclasses.replace(cfg, split_k=2)
@@ -348,7 +362,8 @@ def test_persistent_grid_computes_every_tile_as_one_program_per_tile(three_progr
     assert len(three_programs) == 1
     assert_close(c2, want, dtype, "persistent switch under split-K")
     if low_rank == "in_loop":
-        assert_close(xa2, a.double() @ lr["shrink"].double(), dtype, "xa under split-K")
+        assert_close(xa1, dropped @ lr["shrink"].double(), dtype, "xa")
+        assert_close(xa2, dropped @ lr["shrink"].double(), dtype, "xa under split-K")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -454,6 +469,39 @@ def test_the_in_loop_shrink_runs_only_with_rank_tiles_that_fit():
         assert fused_lora.explain((8192, 4096), (4096, 4096), 16, dropout_p=0.1).plan.persistent
 
 
+def test_the_masked_in_loop_shrink_runs_only_on_tiles_that_hold_its_mask():
+    """The in-loop forward with dropout (forced) also holds its masked x
+    tile: the configurations drop the two 4-warp tiles with 64 masked
+    elements a thread (they spill, compile report), and fp32 runs it up to a
+    16-wide rank tile; beyond, a forced ``in_loop`` runs split. Without the
+    force, dropout runs split."""
+    d = fused_lora.dispatch
+    spilled = (configs.GemmConfig(128, 64, 64, 8, 4, 4), configs.GemmConfig(64, 64, 128, 8, 4, 3))
+    for block_r in (16, 32, 64):
+        plain = configs.gemm_candidates(2, block_r, True)
+        masked = configs.gemm_candidates(2, block_r, True, shrink_mask=True)
+        assert set(spilled) <= set(plain) and set(masked) == set(plain) - set(spilled), block_r
+        for c in masked:
+            assert c.block_m * c.block_k // (32 * c.num_warps) <= configs.SHRINK_MASK_MAX_ELEMS_PER_THREAD
+    assert configs.gemm_candidates(2, 128, True, shrink_mask=True)
+    assert configs.gemm_candidates(4, 16, True, shrink_mask=True)
+    assert configs.gemm_candidates(4, 32, True) and configs.gemm_candidates(4, 32, True, shrink_mask=True) == []
+    assert configs.in_loop_max_block_r(2, persistent=True, shrink_mask=True) == 32
+    for m in (16, 4096):  # the CUDA heuristic's pick, at small and large M
+        cfg = configs.gemm_config(m, 4096, 4096, 64, 2, True, False, shrink_mask=True)
+        assert dataclasses.replace(cfg, split_k=1) in configs.gemm_candidates(2, 64, True, shrink_mask=True)
+    for dtype, fits, too_big in ((torch.float32, 16, 17), (torch.bfloat16, 128, 129)):
+        for target in ("sm_90", "interpreter"):
+            auto = fused_lora.explain((16, 256), (256, 256), fits, dtype, dropout_p=0.1, target=target).plan
+            assert auto.strategy in ("split", "hybrid")
+            with d.force_strategy("in_loop"):
+                forced = fused_lora.explain((16, 256), (256, 256), fits, dtype, dropout_p=0.1, target=target)
+                big = fused_lora.explain((16, 256), (256, 256), too_big, dtype, dropout_p=0.1, target=target).plan
+            assert forced.plan.strategy == "in_loop" and "each N tile draws the mask" in forced.plan.reason
+            assert "mask drawn once per N tile" in str(forced)
+            assert big.strategy == "split" and f"rank tile with dropout ({fits})" in big.reason
+
+
 @pytest.mark.parametrize("lead", [(0,), (2, 0)])
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_zero_tokens(lead, p):
@@ -484,19 +532,22 @@ def test_64_bit_mask_counters_draw_the_same_mask(monkeypatch, strategy):
     """A mask over 2**31 elements or more (524,288 tokens of a 4096-wide
     layer: too big for this test) draws with 64-bit Philox counters. Switched
     on here at a small size, every pass that draws it (the forward shrink,
-    dx's epilogue or, in_loop forced, dx's in-loop g, and the dA pass) gives
-    bitwise the output and gradients of the 32-bit counters, as
-    ``keep_mask`` promises below 2**31; they match float64 too."""
+    dx's epilogue or, in_loop forced, the forward's in-loop shrink and dx's
+    in-loop g, and the dA pass) gives bitwise the output and gradients of
+    the 32-bit counters, as ``keep_mask`` promises below 2**31; they match
+    float64 too. Every mask is x's (M, K): the switch follows M·K, whatever
+    the GEMM's own output (the forward's is (M, N), N > K here)."""
     from fused_lora.kernels import common
 
     drawn = []  # (kernel, OFFSET_INT64) of each launch that draws the mask
-    for module, name, flag in ((gemm, "lora_gemm_kernel", "LR_DROPOUT"), (skinny, "lora_skinny_kernel", "DROPOUT")):
+    for module, name, flags in ((gemm, "lora_gemm_kernel", ("LR_DROPOUT", "SHRINK_DROPOUT")),
+                                (skinny, "lora_skinny_kernel", ("DROPOUT",))):
         real = getattr(module, name)
 
         class Recording:
-            def __getitem__(self, grid, real=real, name=name, flag=flag):
+            def __getitem__(self, grid, real=real, name=name, flags=flags):
                 def launch(*args, **meta):
-                    if meta[flag]:
+                    if any(meta[flag] for flag in flags):
                         drawn.append((name, meta["OFFSET_INT64"]))
                     return real[grid](*args, **meta)
                 return launch
@@ -509,15 +560,16 @@ def test_64_bit_mask_counters_draw_the_same_mask(monkeypatch, strategy):
         t.requires_grad_()
     dy = torch.randn(m, n, device=DEVICE)
     runs = []
-    for numel in (common.MASK_INT64_NUMEL, 0):  # (0: every mask counts in 64 bits)
+    for numel in (m * k + 1, m * k):  # (the threshold just above x's size, then at it: 32, then 64 bits)
         monkeypatch.setattr(common, "MASK_INT64_NUMEL", numel)
         drawn.clear()
         with fused_lora.dispatch.force_strategy(strategy):
             y = fused_lora.lora_linear(x, w, a, bb, b, scaling=1.5, dropout_p=p, seed=91, backend="triton")
             runs.append((y, *torch.autograd.grad(y, (x, b, a, bb), dy)))
-        # the forward shrink, dx and the dA pass, each with the switch as set
-        assert [kernel for kernel, _ in drawn] == ["lora_skinny_kernel", "lora_gemm_kernel", "lora_skinny_kernel"]
-        assert {wide for _, wide in drawn} == {numel == 0}
+        # the forward shrink (in the forward GEMM under in_loop), dx and the dA pass, each with the switch as set
+        forward = "lora_gemm_kernel" if strategy == "in_loop" else "lora_skinny_kernel"
+        assert [kernel for kernel, _ in drawn] == [forward, "lora_gemm_kernel", "lora_skinny_kernel"]
+        assert {wide for _, wide in drawn} == {numel == m * k}
     for int32, int64 in zip(*runs):
         assert torch.equal(int32, int64)
     y64, g64 = reference64(x, w, b, a, bb, dy, scaling=1.5, dropout_p=p, seed=91, grads=("x", "bias", "lora_A",
@@ -584,8 +636,8 @@ def test_only_the_needed_gradients_run(monkeypatch):
         y.sum().backward()
         assert calls == ["gemm+g", "skinny"]  # nothing left for a dy pass to do
         calls.clear()
-        y = fused_lora.lora_linear(x, w, a, bb, b, dropout_p=0.2, backend="triton")  # (the forward falls back)
-        assert calls == ["skinny+g", "gemm"]
+        y = fused_lora.lora_linear(x, w, a, bb, b, dropout_p=0.2, backend="triton")  # (x's tiles masked for xa)
+        assert calls == ["gemm+g"]
         calls.clear()
         y.sum().backward()
         assert calls == ["gemm+g", "skinny"]
@@ -815,7 +867,9 @@ def test_explain_says_what_runs_and_why():
                               target="interpreter").plan.strategy == "in_loop"
     with fused_lora.dispatch.force_strategy("in_loop"):
         forced = fused_lora.explain((64, 32), (32, 32), 4, dropout_p=0.2)
-    assert forced.plan.strategy == "split" and "cannot run" in forced.plan.reason
+        too_wide = fused_lora.explain((64, 32), (32, 32), 20, dtype=torch.float32, dropout_p=0.2)
+    assert forced.plan.strategy == "in_loop" and "forced" in forced.plan.reason
+    assert too_wide.plan.strategy == "split" and "cannot run" in too_wide.plan.reason
     for bad in (dict(x_shape=(4, 3), weight_shape=(5, 4), r=2), dict(x_shape=(4, 4), weight_shape=(5, 4), r=0),
                 dict(x_shape=(4, 4), weight_shape=(5, 4), r=2, target="gpu")):
         with pytest.raises(ValueError):

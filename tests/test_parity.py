@@ -21,8 +21,10 @@ CASES = [
     ((1,),        17,  33,  1,   F32,  True,  0.0,  "in_loop", "contiguous", False),
     ((17,),       64,  48,  3,   F32,  False, 0.0,  "split",   "contiguous", False),
     ((123,),      45,  77,  8,   F32,  True,  0.25, "split",   "contiguous", False),
-    # in_loop forced with dropout: the forward falls back to split, dx computes g in its K loop
+    # in_loop forced with dropout: the forward masks x's tiles for its in-loop shrink, dx computes g in its
+    # K loop; above the masked shrink's rank tile (fp32: 16) the forward falls back to split, dx still in loop
     ((123,),      45,  77,  8,   F32,  True,  0.25, "in_loop", "strided",    True),
+    ((7, 3),      33,  50,  20,  F32,  True,  0.3,  "in_loop", "permuted",   False),
     ((5, 13),     40,  29,  16,  F32,  True,  0.0,  "in_loop", "contiguous", True),
     ((5, 13),     40,  29,  16,  F32,  True,  0.1,  "split",   "permuted",   True),
     ((33,),       96,  40,  64,  F32,  False, 0.0,  "in_loop", "strided",    False),
@@ -51,6 +53,7 @@ CASES = [
     # M >= 256: the interpreter's wide tiles (what training batches use)
     ((2, 150),    96,  80,  16,  F32,  True,  0.2,  "split",   "contiguous", True),
     ((300,),      70,  130, 8,   F16,  False, 0.0,  "in_loop", "strided",    False),
+    ((2, 150),    96,  80,  16,  BF16, True,  0.2,  "in_loop", "strided",    True),
     # every dimension a whole number of the CUDA tiles (128 columns, BLOCK_K 64, rank tile 16/64):
     # the unmasked vector-load paths (EVEN_C, EVEN_K, EVEN_R) that real model shapes take on a GPU
     ((2, 136),    256, 384, 16,  BF16, True,  0.1,  "split",   "contiguous", True),
