@@ -246,10 +246,10 @@ def lora_gemm_kernel(
             b_ptrs += BLOCK_K * stride_bk
 
         if LOW_RANK == 2:
+            if SHRINK_DROPOUT:
+                xa = xa * sh_scale  # drop(A) = A ⊙ keep / (1 - p)
             # Clear the padded rank columns: x·0 is NaN where x is ±Inf, and
             # that NaN must not reach the real columns through the next dot.
-            if SHRINK_DROPOUT:
-                xa = xa * sh_scale
             xa = tl.where(r_in[None, :], xa, 0.0)
             if pid_n == 0:
                 xa_ptrs = (xa_ptr + pid_k.to(tl.int64) * stride_xas16 * 16
@@ -301,8 +301,8 @@ def lora_gemm(
     keep-mask of the (M, N) output; or, with ``shrink_dropout`` (the in-loop
     forward), the shrink reads ``drop(a) = a ⊙ keep / (1 - p)``, the keep-mask
     of a (M, K), the one the skinny pass draws. Returns ``(C, xa)`` where
-    ``xa = [drop](a) @ shrink`` (fp32, (M, r)) when ``shrink`` is given, else None. ``config.split_k > 1``
-    splits K over that many programs per tile (fp32 partials of C, and of xa,
+    ``xa = [drop](a) @ shrink`` (fp32, (M, r)) when ``shrink`` is given, else
+    None. ``config.split_k > 1`` splits K over that many programs per tile (fp32 partials of C, and of xa,
     then one ordered reduction launch for both). ``tma``: load the a and b tiles
     through tensor descriptors where both operands allow one (else pointers).
     ``persistent``: without split-K, and with more output tiles than the GPU
