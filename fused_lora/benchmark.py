@@ -447,11 +447,12 @@ def model(case: Case) -> dict:
         share = [v / passes for v in (flops, e * rows * cols, *ints)]
         return [tuple(share)] * passes + [(0, 0)] * (grid.launches() - passes)
 
-    # the forward's pass over x; with dropout, after the seed's draw on the GPU (seed=None: a kernel of its own)
-    shrink_x = ([(0, 4)] if drop else []) + skinny_pass(2 * m * k * r, m, k, True, False, skinny_mask)
+    # with dropout, the forward's first kernel draws the seed on the GPU (seed=None: a kernel of its own)
+    draw_seed = [(0, 4)] if drop else []
+    shrink_x = draw_seed + skinny_pass(2 * m * k * r, m, k, True, False, skinny_mask)  # the forward's pass over x
     if plan.strategy == "in_loop":  # (with dropout, forced only: each N tile draws the mask of its x tiles)
         tiles_n = cdiv(n, plan.fwd_gemm.block_n)
-        fused_fwd = ([(0, 4)] if drop else []) + gemm(
+        fused_fwd = draw_seed + gemm(
             2 * m * n * k + 2 * m * n * r + 2 * m * k * r, e * (m * k + n * k + m * n), m * n,
             plan.fwd_gemm.split_k, skinny_mask * tiles_n)
     elif plan.strategy == "split":
