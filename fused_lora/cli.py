@@ -56,6 +56,8 @@ def progress(**kwargs):
         return tqdm(file=sys.stderr, disable=None, **kwargs)
 
     class _Quiet:
+        total = 0
+
         def update(self, n=1):
             pass
 

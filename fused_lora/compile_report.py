@@ -12,14 +12,16 @@ TF32 as variants where they apply), the kernel is compiled with
 representative large shape (M = N = K = 4096, contiguous, 16-byte aligned:
 the specialisation the runtime would make; masked tails, a rank below its
 tile and a forward without a bias on one tile of each pass), and
-the report gives the shared memory, the registers and spills (from the
-``ptxas`` that Triton bundles, ``-v``), and whether the PTX issues ``wgmma``
+the report gives the shared memory, the registers and spills (from the log
+of the ``ptxas -v`` that Triton itself runs to assemble the kernel: its own
+ptxas, with its own flags), and whether the PTX issues ``wgmma``
 (Hopper's tensor-core instruction; ``mma.sync`` is the pre-Hopper path).
 The passes that draw a dropout mask are compiled as ``seed=None`` runs them,
 reading a seed drawn on the GPU from memory, and, on the largest tile of
 each, with the seed as a value (an explicit seed: ``+seed_value``) and with
 the mask's counters in 64 bits (a masked matrix of 2**31 elements or more:
-``+offset_int64``).
+``+offset_int64``). fp16's TMA and persistent-grid variants are compiled
+where they can differ from bf16's (:data:`FP16_TWIN_REGISTER_MARGIN`).
 """
 
 from __future__ import annotations
@@ -31,9 +33,7 @@ import itertools
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 
 SHAPE = 4096  # M = N = K of the representative problem
@@ -247,37 +247,41 @@ def _ast_source(fn, values: dict):
     return ASTSource(fn, signature, constants, attrs)
 
 
-def _ptxas_path(arch: int) -> str:
-    """The ptxas the runtime itself runs for ``arch``: the Triton releases
-    bundle two (Triton 3.6 assembles sm_90 with its CUDA 12.8 ptxas, 3.9 with
-    its newest), and their register allocations differ."""
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-    except ImportError:  # pragma: no cover - a Triton without the per-arch choice
-        from triton import knobs
-        return knobs.nvidia.ptxas.path
-    return get_ptxas(arch).path
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes spill (?:stores|loads)")
 
 
-def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int]:
-    """(registers, spill store + load bytes) from ``ptxas -v``."""
-    sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        proc = subprocess.run([_ptxas_path(arch), "-v", f"--gpu-name={sm}", src, "-o", os.path.join(tmp, "k.o")],
-                              capture_output=True, text=True, check=True)
-    log = proc.stdout + proc.stderr
-    regs = int(re.search(r"Used (\d+) registers", log).group(1))
-    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
-    return regs, spills
+def ptxas_stats(log: str) -> tuple[int, int]:
+    """(registers, spill store + load bytes) from the ``ptxas -v`` log of one
+    kernel."""
+    used = _PTXAS_USED.findall(log)
+    if len(used) != 1:
+        raise ValueError(f"expected one kernel's register count in the ptxas log, found {len(used)}: {log[-500:]!r}")
+    return int(used[0]), sum(int(n) for n in _PTXAS_SPILLS.findall(log))
+
+
+def _compile(src, arch: int, options: dict):
+    """``triton.compile`` for ``arch``, always compiling (no cache hit), and the
+    log of the ``ptxas -v`` that Triton itself runs to assemble the kernel: its
+    own ptxas (Triton 3.6 bundles CUDA 12.8's for sm_90, 3.9 its newest) with
+    its own flags (3.9 adds ``--regAllocOptLevel=2``), so the registers and
+    spills are those of the kernel the runtime loads."""
+    import contextlib
+    import io
+
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    out = io.StringIO()
+    with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(out):
+        knobs.compilation.always_compile = True
+        knobs.nvidia.dump_ptxas_log = True  # (make_cubin prints the log)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return compiled, out.getvalue()
 
 
 def compile_job(job: Job) -> Result:
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from fused_lora.kernels import configs, gemm, skinny
 
     tail = "+k_tail" if job.kernel == "gemm" else "+c_tail"
@@ -305,7 +309,7 @@ def compile_job(job: Job) -> Result:
         options = {"num_warps": job.config.get("num_warps", 4), "num_stages": job.config.get("num_stages", 2),
                    "enable_fp_fusion": True}
         src = _ast_source(fn, values)
-        compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=options)
+        compiled, ptxas_log = _compile(src, job.arch, options)
         ptx = compiled.asm["ptx"]
         res.shared = int(compiled.metadata.shared)
         res.wgmma = "wgmma" in ptx
@@ -318,7 +322,7 @@ def compile_job(job: Job) -> Result:
         else:
             ptx_loads = ptx
         res.load_widths = load_widths(ptx_loads)
-        res.registers, res.spill_bytes = _ptxas_stats(ptx, job.arch)
+        res.registers, res.spill_bytes = ptxas_stats(ptxas_log)
     except Exception as err:  # reported, not raised: the report lists every failure
         res.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
     return res
@@ -360,8 +364,21 @@ def _gemm_pruning(pass_name: str) -> dict:
     return dict(epilogue_mask=dropout and not forward, shrink_mask=dropout and forward)
 
 
-def jobs_for(arch: int) -> list[Job]:
-    """Every shipped configuration, with each pass (and rank tile) it serves."""
+#: fp16's TMA and persistent-grid kernels are bf16's with the other 16-bit
+#: type. Over every such pair the report compiled (Triton 3.6 and 3.9, sm_90),
+#: the shared memory, wgmma, TMA copies, load widths and whether it spills were
+#: the same, and the registers within 6. So fp16's copies of these variants
+#: are compiled on the largest tile of each pass and rank tile (every
+#: kernel specialisation once), and on every tile where the bf16 twin comes
+#: within this many registers of the limit, spills or fails
+#: (:func:`fp16_twins`); ``every_fp16_tile`` (``--every-fp16-tile``)
+#: compiles them all. fp16's pointer kernels are compiled on every tile.
+FP16_TWIN_REGISTER_MARGIN = 24
+
+
+def jobs_for(arch: int, every_fp16_tile: bool = False) -> list[Job]:
+    """Every shipped configuration, with each pass (and rank tile) it serves
+    (fp16's TMA and persistent variants: :data:`FP16_TWIN_REGISTER_MARGIN`)."""
     from fused_lora.kernels import configs  # (configs only: no kernel is decorated here)
 
     jobs = []
@@ -407,17 +424,20 @@ def jobs_for(arch: int) -> list[Job]:
                 jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, split_k=True, tma=tma,
                                 tf32=tf32))
         # TMA (16-bit, Hopper): every pass on every shipped tile it may run on, with a K tail
-        # on the largest tile of each pass; the persistent grid likewise.
+        # on the largest tile of each pass; the persistent grid likewise. (fp16: the largest
+        # tile, the rest as their bf16 twins require: FP16_TWIN_REGISTER_MARGIN.)
         if elt == 2 and arch >= 90:
+            every_tile = dtype == "bf16" or every_fp16_tile
             for pass_name, block_r, in_loop, mask in passes:
                 fitting = configs.gemm_candidates(elt, block_r, in_loop, arch=arch, **_gemm_pruning(pass_name))
-                for cfg in fitting:
+                for cfg in fitting if every_tile else fitting[:1]:
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=True))
                     if cfg is fitting[0]:
                         jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, even_k=False, tma=True))
                 # the persistent grid (16-bit, Hopper; its own, narrower tiles), with pointers and with TMA
-                for cfg in configs.gemm_candidates(elt, block_r, in_loop, arch=arch, persistent=True,
-                                                   **_gemm_pruning(pass_name)):
+                persistent = configs.gemm_candidates(elt, block_r, in_loop, arch=arch, persistent=True,
+                                                     **_gemm_pruning(pass_name))
+                for cfg in persistent if every_tile else persistent[:1]:
                     for tma in (False, True):
                         jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=tma,
                                         persistent=True))
@@ -445,23 +465,50 @@ def jobs_for(arch: int) -> list[Job]:
     return jobs
 
 
-def run(archs=(90, 80), jobs: int = 1, progress=None) -> list[Result]:
-    """Compile every job, in fresh worker processes. Compiling needs the real
-    (JIT) kernels whatever the caller runs on, so the workers start without
-    TRITON_INTERPRET; the caller's own kernels are left as they are."""
+def _job_id(job: Job) -> str:
+    return json.dumps(asdict(job), sort_keys=True)
+
+
+def fp16_twins(jobs: list[Job], results: list[Result]) -> list[Job]:
+    """The fp16 copies, not among ``jobs``, of the bf16 TMA and persistent-grid
+    jobs whose ``results`` come within :data:`FP16_TWIN_REGISTER_MARGIN`
+    registers of the limit, spill or fail: they are compiled too."""
+    from fused_lora.kernels import configs
+
+    have = {_job_id(j) for j in jobs}
+    out = []
+    for job, res in zip(jobs, results):
+        twin = dataclasses.replace(job, dtype="fp16")
+        if job.dtype != "bf16" or not (job.tma or job.persistent) or _job_id(twin) in have:
+            continue
+        if (res.error or res.spill_bytes
+                or res.registers >= configs.MAX_REGISTERS_PER_THREAD - FP16_TWIN_REGISTER_MARGIN):
+            out.append(twin)
+    return out
+
+
+def run(archs=(90, 80), jobs: int = 1, progress=None, every_fp16_tile: bool = False) -> list[Result]:
+    """Compile every job (and then :func:`fp16_twins`), in fresh worker
+    processes. Compiling needs the real (JIT) kernels whatever the caller runs
+    on, so the workers start without TRITON_INTERPRET; the caller's own
+    kernels are left as they are."""
     import multiprocessing
 
-    work = [j for a in archs for j in jobs_for(a)]
+    work = [j for a in archs for j in jobs_for(a, every_fp16_tile)]
     bar = progress(total=len(work), desc="compile", unit="kernel") if progress else None
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
         with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, jobs),
                                                     mp_context=multiprocessing.get_context("spawn")) as pool:
             results = []
-            for result in pool.map(compile_job, work):
-                results.append(result)
-                if bar:
-                    bar.update(1)
+            while work:
+                for result in pool.map(compile_job, work):
+                    results.append(result)
+                    if bar:
+                        bar.update(1)
+                work = fp16_twins(work, results[-len(work):])
+                if bar and work:
+                    bar.total += len(work)
             return results
     finally:
         if bar:
@@ -530,12 +577,16 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default: 90 and 80)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    parser.add_argument("--every-fp16-tile", action="store_true",
+                        help="compile fp16's TMA and persistent variants on every tile, not only where their "
+                             "bf16 twins come near the register limit (and on the largest tile)")
     args = parser.parse_args(argv)
     import triton
 
     from .cli import progress
 
-    results = run(tuple(args.arch or (90, 80)), jobs=args.jobs, progress=progress)
+    results = run(tuple(args.arch or (90, 80)), jobs=args.jobs, progress=progress,
+                  every_fp16_tile=args.every_fp16_tile)
     bad = problems(results)
     if args.json:
         print(json.dumps({"triton": triton.__version__, "results": [asdict(r) for r in results], "problems": bad},

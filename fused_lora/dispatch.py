@@ -26,7 +26,7 @@ Forward strategies (the math is in :mod:`fused_lora.ops`):
 Small M (at most :data:`SMALL_M` tokens: decode, small batches) is memory
 bound: the extra FLOPs of the in-loop shrink are free there, so without
 dropout it runs as one GEMM at any rank the in-loop shrink holds in one
-tile (up to 128 in 16 bits, 32 in fp32:
+tile (up to 128 in 16 bits, 16 in fp32:
 :func:`fused_lora.kernels.configs.in_loop_max_block_r`), on the narrowest
 tiles (more programs for the bandwidth). Every GEMM (forward, dx, dW) is
 split along K when its output has fewer tiles than the GPU has SMs:

@@ -174,13 +174,15 @@ _GEMM_CANDIDATES_FP32 = (
 # Measured with the compile report on sm_90, with Triton 3.6 and 3.9: no
 # spills at every pass, rank tile and column or rank tail (8 warps so that
 # each thread draws fewer Philox numbers). fp32 (rare on a GPU, where it
-# defaults to the hybrid strategy): of ten tilings surveyed (16/32/64 rows,
-# 64/128 columns, 4/8 warps, rank tile 16/32; the dy pass reading B (N, r)),
-# 16 x 128 on 8 warps with a 16-column rank tile and 16 x 64 on 4 warps are
-# spill-free everywhere on both versions; the rest spill 12-180 bytes in
-# some pass.
+# defaults to the hybrid strategy): of sixteen tilings surveyed (8-32 rows,
+# 32-256 columns, 2-8 warps, 1-3 stages, a 16-column rank tile; the dy pass
+# reading B (N, r)), only 32 x 32 on 4 warps with 2 stages is spill-free in
+# every pass and variant on both versions (at most 167 registers); the rest
+# spill 8-60 bytes somewhere, often far below the register limit (Triton
+# 3.9 assembles with ``--regAllocOptLevel=2``), 16 x 128 on 8 warps, the
+# tile before, 12-24 bytes on 3.9.
 SKINNY_16BIT = SkinnyConfig(block_m=64, block_c=128, num_warps=8, num_stages=2, max_block_r=64)
-SKINNY_FP32 = SkinnyConfig(block_m=16, block_c=128, num_warps=8, num_stages=2, max_block_r=16)
+SKINNY_FP32 = SkinnyConfig(block_m=32, block_c=32, num_warps=4, num_stages=2, max_block_r=16)
 
 
 #: A dropout mask in the GEMM epilogue (the dx pass) draws Philox numbers for
@@ -198,6 +200,14 @@ PRE_HOPPER_MAX_ELEMS_PER_THREAD = 64
 #: 16-92 bytes (forward and dx, pointer loads; compile report, sm_90), so its
 #: tiles are capped at this many accumulator elements per thread.
 PERSISTENT_MAX_ELEMS_PER_THREAD = 64
+#: And dx's masked epilogue on the persistent grid with a rank tile above
+#: PERSISTENT_EPILOGUE_MASK_MAX_BLOCK_R (the 64-wide chunk of the precomputed
+#: term) spills 48-76 bytes on the 4-warp tiles with 64 accumulator elements a
+#: thread (128x64, 64x128; Triton 3.9, pointers and TMA; 3.6 reaches 255
+#: registers there) and reaches 255 on 128x128 (8 warps): above it the tiles
+#: are capped at this many elements a thread (the 64x64 tiles, at most 176).
+PERSISTENT_EPILOGUE_MASK_MAX_BLOCK_R = 32
+PERSISTENT_EPILOGUE_MASK_WIDE_RANK_MAX_ELEMS_PER_THREAD = 32
 
 
 #: The in-loop shrink keeps its fp32 xa (BLOCK_M, BLOCK_R) beside the
@@ -205,7 +215,10 @@ PERSISTENT_MAX_ELEMS_PER_THREAD = 64
 #: Triton 3.6 and 3.9, forward and dx, every shipped tile and rank tile):
 #:
 #: * the largest rank tile it runs with, by element size: fp32's FMA dots
-#:   spill from a 64-wide one (6 KB on 64x128), 16-bit ones run up to 128;
+#:   spill from a 64-wide one (6 KB on 64x128), and with a 32-wide one in
+#:   the K tail on Triton 3.9 (52 B on 32x64, 8 B on 16x64, at 96 registers
+#:   or fewer: 3.9 assembles with ``--regAllocOptLevel=2``), so fp32 runs it
+#:   up to a 16-wide one; 16-bit ones run up to 128;
 #: * on the persistent grid (the next tile's state is live too) 64-wide rank
 #:   tiles spill (8-530 B on 128x64 and 64x128, 4 warps): at most 32 there,
 #:   and none with an epilogue mask (dx with dropout: its masked term needs a
@@ -216,8 +229,8 @@ PERSISTENT_MAX_ELEMS_PER_THREAD = 64
 #:   (FMA dots, whose operands are in registers too), 64x128 on 4 warps with
 #:   a 16 rank tile (72) spills 24 B in dx on Triton 3.6, and 128x128 on 8
 #:   warps (72-80) reaches 254 registers: the 32x64 and 16x64 tiles (at most
-#:   24) stay under 120.
-IN_LOOP_MAX_BLOCK_R = {2: 128, 4: 32}
+#:   20) stay at or under 168 registers.
+IN_LOOP_MAX_BLOCK_R = {2: 128, 4: 16}
 PERSISTENT_IN_LOOP_MAX_BLOCK_R = 32
 IN_LOOP_MAX_ELEMS_PER_THREAD = {2: 160, 4: 64}
 
@@ -263,6 +276,8 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
         cap = min(cap or 1 << 30, EPILOGUE_MASK_MAX_ELEMS_PER_THREAD[elt])
     if persistent:
         cap = min(cap or 1 << 30, PERSISTENT_MAX_ELEMS_PER_THREAD)
+    if persistent and epilogue_mask and block_r > PERSISTENT_EPILOGUE_MASK_MAX_BLOCK_R:
+        cap = min(cap, PERSISTENT_EPILOGUE_MASK_WIDE_RANK_MAX_ELEMS_PER_THREAD)
     return [c for c in pool
             if c.smem_bytes(elt, block_r, shrink_in_loop) <= smem_limit
             and (cap is None or c.elems_per_thread() <= cap)

@@ -2,8 +2,11 @@
 GPU, fits its shared memory, does not spill, the 16-bit GEMMs use wgmma, and
 the memory-bound skinny passes load 16-byte vectors."""
 
+import concurrent.futures
 import dataclasses
 import itertools
+import multiprocessing
+import os
 
 import pytest
 import torch
@@ -70,32 +73,69 @@ def test_report_covers_every_shipped_config(sm90):
                 assert fitting
                 for cfg in fitting:
                     assert (p, dtype, block_r, tuple(sorted(vars(cfg).items()))) in by_rank, (p, dtype, block_r, cfg)
-                    if elt == 2:
-                        assert (p + "+tma", dtype, block_r, tuple(sorted(vars(cfg).items()))) in by_rank
+                    if elt == 2:  # (fp16's TMA copies: the largest tile, the rest where bf16's need them, below)
+                        tma_dtype = "bf16" if dtype == "fp16" and cfg is not fitting[0] else dtype
+                        assert (p + "+tma", tma_dtype, block_r, tuple(sorted(vars(cfg).items()))) in by_rank
                     else:
                         assert (p + "+tf32", dtype, block_r, tuple(sorted(vars(cfg).items()))) in by_rank
     tma = {(r.pass_name, r.dtype, tuple(sorted(r.config.items()))) for r in sm90 if r.pass_name.endswith("+tma")}
+    for cfg in shipped["gemm_16bit"]:
+        assert ("dw+tma", "bf16", tuple(sorted(vars(cfg).items()))) in tma
+    assert ("dw+tma", "fp16", tuple(sorted(vars(configs.gemm_candidates(2, 16, False)[0]).items()))) in tma
     for dtype in ("bf16", "fp16"):
-        for cfg in shipped["gemm_16bit"]:
-            assert ("dw+tma", dtype, tuple(sorted(vars(cfg).items()))) in tma
         assert {p for p, d, _ in tma if d == dtype} >= {f"{p}{split}+tma" for p in gemm_passes
                                                         for split in ("", "+split_k")}
     # the persistent grid: every 16-bit tile it may run, each GEMM pass, with pointers and with TMA loads
     persistent = {(r.pass_name, r.dtype, tuple(sorted(r.config.items()))) for r in sm90
                   if r.pass_name.endswith("+persistent")}
     for dtype in ("bf16", "fp16"):
-        for cfg in configs.gemm_candidates(2, 16, False, persistent=True):
+        tiles = configs.gemm_candidates(2, 16, False, persistent=True)
+        for cfg in tiles if dtype == "bf16" else tiles[:1]:
             for loads in ("", "+tma"):
                 assert (f"dw{loads}+persistent", dtype, tuple(sorted(vars(cfg).items()))) in persistent
         # (not dx in loop with its mask: it spills there, so the dispatch never runs it persistent)
         assert configs.gemm_candidates(2, 16, True, True, persistent=True) == []
         assert {p for p, d, _ in persistent if d == dtype} == {
             f"{p}{loads}+persistent" for p in gemm_passes if p != "dx_in_loop_dropout" for loads in ("", "+tma")}
+    # fp16's TMA and persistent copies wherever their bf16 twin comes near the register limit
+    gemms = {(r.pass_name, r.dtype, r.block_r, tuple(sorted(r.config.items()))): r for r in sm90
+             if r.kernel == "gemm"}
+    near = [(p, b, c) for (p, d, b, c), r in gemms.items() if d == "bf16" and ("+tma" in p or "+persistent" in p)
+            and r.registers >= configs.MAX_REGISTERS_PER_THREAD - compile_report.FP16_TWIN_REGISTER_MARGIN]
+    assert near  # (some do: the check is not empty)
+    assert [k for k in near if (k[0], "fp16", *k[1:]) not in gemms] == []
     for r in sm90:
         assert r.shared is not None and r.shared <= configs.SMEM_LIMIT_SM90
         if r.kernel == "gemm" and r.dtype != "fp32":
             assert r.wgmma and not r.mma_sync
         assert r.tma == ("+tma" in r.pass_name), r.pass_name  # TMA copies exactly where asked for
+
+
+def test_fp16_twins_follow_the_bf16_variants_near_the_limit():
+    jobs = compile_report.jobs_for(90)
+    tma = next(j for j in jobs if j.dtype == "bf16" and j.tma and not j.persistent
+               and dataclasses.replace(j, dtype="fp16") not in jobs)
+    persistent = next(j for j in jobs if j.dtype == "bf16" and j.persistent
+                      and dataclasses.replace(j, dtype="fp16") not in jobs)
+    pointers = next(j for j in jobs if j.dtype == "bf16" and j.kernel == "gemm" and not (j.tma or j.persistent))
+    largest = next(j for j in jobs if j.dtype == "bf16" and j.tma and dataclasses.replace(j, dtype="fp16") in jobs)
+    limit = configs.MAX_REGISTERS_PER_THREAD - compile_report.FP16_TWIN_REGISTER_MARGIN
+
+    def result(job, registers=100, spills=0, error=""):
+        return compile_report.Result(job.kernel, job.pass_name, job.dtype, 90, job.config, job.block_r,
+                                     registers=registers, spill_bytes=spills, error=error)
+
+    five = [tma, persistent, pointers, largest, dataclasses.replace(largest, dtype="fp16")]
+    assert compile_report.fp16_twins(five, [result(j) for j in five]) == []
+    assert compile_report.fp16_twins(five, [result(j, limit - 1) for j in five]) == []
+    twins = compile_report.fp16_twins(five, [result(j, limit) for j in five])
+    # (not the pointer kernel, compiled in fp16 on every tile; not one already there)
+    assert twins == [dataclasses.replace(tma, dtype="fp16"), dataclasses.replace(persistent, dtype="fp16")]
+    assert compile_report.fp16_twins([tma], [result(tma, spills=8)]) == twins[:1]
+    assert compile_report.fp16_twins([tma], [result(tma, None, None, "boom")]) == twins[:1]
+    assert compile_report.fp16_twins(twins, [result(j, 255) for j in twins]) == []  # (fp16's own: none)
+    everything = compile_report.jobs_for(90, every_fp16_tile=True)
+    assert dataclasses.replace(tma, dtype="fp16") in everything and len(everything) > len(jobs)
 
 
 def test_problems_catches_what_it_should():
@@ -126,6 +166,35 @@ def test_problems_catches_what_it_should():
     fp32 = dataclasses.replace(narrow, dtype="fp32")  # fp32: the wide operand in vectors is enough...
     assert compile_report.problems([fp32]) == []
     assert compile_report.problems([dataclasses.replace(fp32, load_widths=[4])])  # ...but it must be
+
+
+def test_ptxas_stats_read_the_log_of_one_kernel():
+    log = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'lora_gemm_kernel' for 'sm_90a'
+ptxas info    : Function properties for lora_gemm_kernel
+    0 bytes stack frame, 24 bytes spill stores, 16 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 464 bytes cmem[0]
+"""
+    assert compile_report.ptxas_stats(log) == (255, 40)
+    assert compile_report.ptxas_stats(log.replace("24 bytes", "0 bytes").replace("16 bytes", "0 bytes")) == (255, 0)
+    with pytest.raises(ValueError, match="found 0"):  # (a cached kernel: Triton ran no ptxas, printed no log)
+        compile_report.ptxas_stats("")
+    with pytest.raises(ValueError, match="found 2"):
+        compile_report.ptxas_stats(log + log)
+
+
+def test_the_report_reads_the_ptxas_log_of_a_fresh_compile_even_when_cached(tmp_path, monkeypatch):
+    """The registers come from the ptxas run Triton makes itself; a kernel
+    already in Triton's cache is compiled again, so there is a log to read."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (the worker compiles the JIT kernels)
+    job = next(j for j in compile_report.jobs_for(90) if j.kernel == "reduce")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        first, again = pool.map(compile_report.compile_job, [job, job])  # (the second finds it cached)
+    assert os.listdir(tmp_path)
+    assert first.ok and again.ok, (first.error, again.error)
+    assert first.registers > 0 and first.spill_bytes == 0
+    assert (again.registers, again.spill_bytes, again.shared) == (first.registers, first.spill_bytes, first.shared)
 
 
 def test_load_widths_read_the_ptx():
@@ -349,7 +418,11 @@ def test_the_report_compiles_every_kernel_the_dispatch_launches(monkeypatch):
                                               bias))
     launched = _dispatched_kernels(monkeypatch, cases)
     compiled = {what for job in compile_report.jobs_for(90) for what in _job_keys(job)}
-    missing = {key: case for key, case in launched.items() if key not in compiled}
+    # (fp16's TMA and persistent kernels: their bf16 twin, and fp16's own where that comes near the register
+    # limit, as test_report_covers_every_shipped_config checks)
+    missing = {key: case for key, case in launched.items()
+               if key not in compiled and not (len(key) > 3 and key[2] == "fp16" and (key[5] or key[6])
+                                               and (key[:2] + ("bf16",) + key[3:]) in compiled)}
     assert not missing, "\n".join(f"{key} (first launched by {case})" for key, case in list(missing.items())[:20])
     assert len(launched) > 500  # (the recorders saw the launches, and every kind of variant)
     for variant in ("+split_k", "+seed_value", "+no_bias", "+offset_int64", "+direct"):

@@ -432,11 +432,11 @@ def test_split_k_heuristic():
 def test_the_in_loop_shrink_runs_only_with_rank_tiles_that_fit():
     """The in-loop shrink holds its whole rank tile beside the accumulator:
     the configurations and the dispatch keep it where it does not spill
-    (compile report): fp32 up to a 32 tile, 16-bit up to 128 on tiles whose
+    (compile report): fp32 up to a 16 tile, 16-bit up to 128 on tiles whose
     accumulator and xa fit, the persistent grid up to 32. Beyond, the dispatch
     runs split (and a persistent request runs one program a tile)."""
     d = fused_lora.dispatch
-    assert configs.gemm_candidates(4, 32, True) and configs.gemm_candidates(4, 64, True) == []
+    assert configs.gemm_candidates(4, 16, True) and configs.gemm_candidates(4, 32, True) == []
     assert configs.gemm_candidates(2, 256, True) == []
     assert configs.gemm_candidates(2, 32, True, persistent=True)
     assert configs.gemm_candidates(2, 64, True, persistent=True) == []
@@ -447,9 +447,9 @@ def test_the_in_loop_shrink_runs_only_with_rank_tiles_that_fit():
         assert c.block_m * (c.block_n + 128) // (32 * c.num_warps) <= configs.IN_LOOP_MAX_ELEMS_PER_THREAD[2]
     fp32 = configs.gemm_candidates(4, 16, True)  # (FMA dots: only the narrow tiles)
     assert fp32 and configs.GemmConfig(64, 128, 32, 8, 4, 3) not in fp32
-    with pytest.raises(ValueError, match="rank tile 64"):
-        configs.gemm_config(16, 4096, 4096, 64, 4, True, False)
-    for dtype, fits, too_big in ((torch.float32, 32, 33), (torch.bfloat16, 128, 129)):
+    with pytest.raises(ValueError, match="rank tile 32"):
+        configs.gemm_config(16, 4096, 4096, 32, 4, True, False)
+    for dtype, fits, too_big in ((torch.float32, 16, 17), (torch.bfloat16, 128, 129)):
         for target in ("sm_90", "interpreter"):
             assert fused_lora.explain((16, 256), (256, 256), fits, dtype, target=target).plan.strategy in (
                 "in_loop", "hybrid")  # (fp32 on CUDA: hybrid)
@@ -464,6 +464,12 @@ def test_the_in_loop_shrink_runs_only_with_rank_tiles_that_fit():
         assert fused_lora.explain((8192, 4096), (4096, 4096), 64).plan.persistent  # split: no in-loop shrink
         # dx in loop with dropout (small M): not on the persistent grid at any rank tile
         assert configs.gemm_candidates(2, 16, True, True, persistent=True) == []
+        # dx's masked epilogue on the persistent grid: a 64-wide rank chunk only on the 64x64 tiles
+        chunk64 = configs.gemm_candidates(2, 64, False, True, persistent=True)
+        assert chunk64 and {(c.block_m, c.block_n) for c in chunk64} == {(64, 64)}
+        assert configs.GemmConfig(128, 128, 64, 8, 8, 4) in configs.gemm_candidates(2, 32, False, True,
+                                                                                     persistent=True)
+        assert configs.GemmConfig(128, 128, 64, 8, 8, 4) in configs.gemm_candidates(2, 64, False, persistent=True)
         masked = fused_lora.explain((64, 4096), (4096, 4096), 16, dropout_p=0.1).plan
         assert masked.strategy == "split" and masked.dx_in_loop and not masked.persistent
         assert fused_lora.explain((8192, 4096), (4096, 4096), 16, dropout_p=0.1).plan.persistent
@@ -485,7 +491,7 @@ def test_the_masked_in_loop_shrink_runs_only_on_tiles_that_hold_its_mask():
             assert c.block_m * c.block_k // (32 * c.num_warps) <= configs.SHRINK_MASK_MAX_ELEMS_PER_THREAD
     assert configs.gemm_candidates(2, 128, True, shrink_mask=True)
     assert configs.gemm_candidates(4, 16, True, shrink_mask=True)
-    assert configs.gemm_candidates(4, 32, True) and configs.gemm_candidates(4, 32, True, shrink_mask=True) == []
+    assert configs.gemm_candidates(4, 32, True, shrink_mask=True) == []  # (nor without the mask, at fp32)
     assert configs.in_loop_max_block_r(2, persistent=True, shrink_mask=True) == 32
     for m in (16, 4096):  # the CUDA heuristic's pick, at small and large M
         cfg = configs.gemm_config(m, 4096, 4096, 64, 2, True, False, shrink_mask=True)
