@@ -243,8 +243,7 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
     cfg = _triton.configs()
     elt = dtype.itemsize
     dropout_p = 0.5 if dropout else 0.0  # only "is there dropout" shapes the plan
-    strategy, reason = _choose(m, r, dtype, dropout_p, interp, cfg.in_loop_max_block_r(elt, shrink_mask=dropout),
-                               forced)
+    strategy, reason = _choose(m, r, dtype, dropout_p, interp, cfg.in_loop_max_block_r(elt), forced)
     # (under hybrid the Triton GEMMs have no K loop: neither switch applies)
     hopper_16bit = elt == 2 and (interp or arch >= 90) and strategy != "hybrid"
     skinny = cfg.skinny_config(elt, interp, m)
@@ -264,7 +263,7 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
     # runs one program a tile)
     block_r = cfg.block_r_for(r)
     persistent = persistent and hopper_16bit and not (
-        (strategy == "in_loop" and block_r > cfg.in_loop_max_block_r(elt, persistent=True, shrink_mask=dropout))
+        (strategy == "in_loop" and block_r > cfg.in_loop_max_block_r(elt, persistent=True))
         or (dx_in_loop and block_r > cfg.in_loop_max_block_r(elt, persistent=True, epilogue_mask=dropout)))
     return Plan(
         strategy=strategy,

@@ -242,21 +242,19 @@ IN_LOOP_MAX_ELEMS_PER_THREAD = {2: 160, 4: 64}
 #: with 64 masked elements a thread (BMxBNxBK 128x64x64 and 64x64x128) reach
 #: 255 registers and spill 24-212 B in some variant; the tiles with 32 or
 #: fewer do not (at most 252 registers: 128x256x64 with a 64 rank tile, 3.6).
-#: fp32's 16x64 tile spills 8 B with a 32-wide rank tile on Triton 3.9.
+#: (Its rank tiles are the in-loop shrink's own: :data:`IN_LOOP_MAX_BLOCK_R`;
+#: fp32's 16x64 tile, masked, spilled 8 B at 32 on Triton 3.9 as well.)
 SHRINK_MASK_MAX_ELEMS_PER_THREAD = 32
-SHRINK_MASK_MAX_BLOCK_R = {2: 128, 4: 16}
 
 
-def in_loop_max_block_r(elt: int, persistent: bool = False, epilogue_mask: bool = False,
-                        shrink_mask: bool = False) -> int:
+def in_loop_max_block_r(elt: int, persistent: bool = False, epilogue_mask: bool = False) -> int:
     """The largest rank tile of the in-loop shrink (so the largest rank it
     runs with: a rank tile is r's next power of two, at least 16); 0: none.
-    ``epilogue_mask``: dx's masked term; ``shrink_mask``: the forward's
-    masked shrink input."""
-    cap = min(IN_LOOP_MAX_BLOCK_R[elt], SHRINK_MASK_MAX_BLOCK_R[elt]) if shrink_mask else IN_LOOP_MAX_BLOCK_R[elt]
+    ``epilogue_mask``: dx's masked term (the forward's masked shrink input
+    prunes tiles, not rank tiles: :data:`SHRINK_MASK_MAX_ELEMS_PER_THREAD`)."""
     if not persistent:
-        return cap
-    return 0 if epilogue_mask else min(cap, PERSISTENT_IN_LOOP_MAX_BLOCK_R)
+        return IN_LOOP_MAX_BLOCK_R[elt]
+    return 0 if epilogue_mask else min(IN_LOOP_MAX_BLOCK_R[elt], PERSISTENT_IN_LOOP_MAX_BLOCK_R)
 
 
 def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask: bool = False,
@@ -268,7 +266,7 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
     elements per thread; with the in-loop shrink, whose accumulator and xa
     do; with its input masked, whose A tile does). None where the in-loop
     shrink cannot hold the rank tile."""
-    if shrink_in_loop and block_r > in_loop_max_block_r(elt, persistent, epilogue_mask, shrink_mask):
+    if shrink_in_loop and block_r > in_loop_max_block_r(elt, persistent, epilogue_mask):
         return []
     pool = _GEMM_CANDIDATES_FP32 if elt == 4 else _GEMM_CANDIDATES_16BIT
     cap = PRE_HOPPER_MAX_ELEMS_PER_THREAD if arch < 90 else None

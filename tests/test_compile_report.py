@@ -27,8 +27,8 @@ def test_every_config_compiles_for_sm90_cleanly(sm90):
 def test_report_covers_every_shipped_config(sm90):
     shipped = configs.shipped_configs()
     gemm_seen = {(r.dtype, tuple(sorted(r.config.items()))) for r in sm90 if r.kernel == "gemm"}
-    for dtype, pool in (("bf16", shipped["gemm_16bit"]), ("fp16", shipped["gemm_16bit"]),
-                        ("fp32", shipped["gemm_fp32"])):
+    # (fp16's GEMMs: the largest tile of each pass, the rest where bf16's need them, below)
+    for dtype, pool in (("bf16", shipped["gemm_16bit"]), ("fp32", shipped["gemm_fp32"])):
         for cfg in pool:
             assert (dtype, tuple(sorted(vars(cfg).items()))) in gemm_seen, (dtype, cfg)
     passes = {(r.kernel, r.pass_name) for r in sm90}
@@ -60,22 +60,22 @@ def test_report_covers_every_shipped_config(sm90):
         precomputed = configs.rank_tiles(configs.GEMM_LR_MAX_BLOCK_R[elt])
         assert in_loop[0] == precomputed[0] == configs.block_r_for(1)
         assert in_loop[-1] == configs.in_loop_max_block_r(elt) and len(precomputed) >= 2
-        masked_input = configs.rank_tiles(configs.in_loop_max_block_r(elt, shrink_mask=True))
-        assert masked_input[-1] == (128 if elt == 2 else 16)
+        assert in_loop[-1] == (128 if elt == 2 else 16)
         for p, shrink_in_loop, mask in (("forward_in_loop", True, False), ("forward_in_loop_dropout", True, True),
                                         ("dx_in_loop", True, False), ("dx_in_loop_dropout", True, True),
                                         ("forward_split", False, False), ("dx", False, False),
                                         ("dx_dropout", False, True)):
             pruning = dict(epilogue_mask=mask and p.startswith("dx"), shrink_mask=mask and p.startswith("forward"))
-            tiles = masked_input if pruning["shrink_mask"] else in_loop if shrink_in_loop else precomputed
+            tiles = in_loop if shrink_in_loop else precomputed
             for block_r in tiles:
                 fitting = configs.gemm_candidates(elt, block_r, shrink_in_loop, **pruning)
                 assert fitting
                 for cfg in fitting:
-                    assert (p, dtype, block_r, tuple(sorted(vars(cfg).items()))) in by_rank, (p, dtype, block_r, cfg)
-                    if elt == 2:  # (fp16's TMA copies: the largest tile, the rest where bf16's need them, below)
-                        tma_dtype = "bf16" if dtype == "fp16" and cfg is not fitting[0] else dtype
-                        assert (p + "+tma", tma_dtype, block_r, tuple(sorted(vars(cfg).items()))) in by_rank
+                    # (fp16's: the largest tile, the rest where bf16's need them, below)
+                    twin = "bf16" if dtype == "fp16" and cfg is not fitting[0] else dtype
+                    assert (p, twin, block_r, tuple(sorted(vars(cfg).items()))) in by_rank, (p, dtype, block_r, cfg)
+                    if elt == 2:
+                        assert (p + "+tma", twin, block_r, tuple(sorted(vars(cfg).items()))) in by_rank
                     else:
                         assert (p + "+tf32", dtype, block_r, tuple(sorted(vars(cfg).items()))) in by_rank
     tma = {(r.pass_name, r.dtype, tuple(sorted(r.config.items()))) for r in sm90 if r.pass_name.endswith("+tma")}
@@ -97,13 +97,15 @@ def test_report_covers_every_shipped_config(sm90):
         assert configs.gemm_candidates(2, 16, True, True, persistent=True) == []
         assert {p for p, d, _ in persistent if d == dtype} == {
             f"{p}{loads}+persistent" for p in gemm_passes if p != "dx_in_loop_dropout" for loads in ("", "+tma")}
-    # fp16's TMA and persistent copies wherever their bf16 twin comes near the register limit
+    # fp16's GEMMs wherever their bf16 twin comes near the register limit: with pointers, TMA, persistent
     gemms = {(r.pass_name, r.dtype, r.block_r, tuple(sorted(r.config.items()))): r for r in sm90
              if r.kernel == "gemm"}
-    near = [(p, b, c) for (p, d, b, c), r in gemms.items() if d == "bf16" and ("+tma" in p or "+persistent" in p)
-            and r.registers >= configs.MAX_REGISTERS_PER_THREAD - compile_report.FP16_TWIN_REGISTER_MARGIN]
-    assert near  # (some do: the check is not empty)
+    near = [(p, b, c) for (p, d, b, c), r in gemms.items()
+            if d == "bf16" and r.registers >= configs.MAX_REGISTERS_PER_THREAD - compile_report.FP16_TWIN_REGISTER_MARGIN]
+    assert {("+tma" in p, "+persistent" in p) for p, _, _ in near} == {(False, False), (True, False), (False, True),
+                                                                       (True, True)}  # (the check is not empty)
     assert [k for k in near if (k[0], "fp16", *k[1:]) not in gemms] == []
+    assert len({k for k in gemms if k[1] == "fp16"}) < len({k for k in gemms if k[1] == "bf16"})
     for r in sm90:
         assert r.shared is not None and r.shared <= configs.SMEM_LIMIT_SM90
         if r.kernel == "gemm" and r.dtype != "fp32":
@@ -117,7 +119,8 @@ def test_fp16_twins_follow_the_bf16_variants_near_the_limit():
                and dataclasses.replace(j, dtype="fp16") not in jobs)
     persistent = next(j for j in jobs if j.dtype == "bf16" and j.persistent
                       and dataclasses.replace(j, dtype="fp16") not in jobs)
-    pointers = next(j for j in jobs if j.dtype == "bf16" and j.kernel == "gemm" and not (j.tma or j.persistent))
+    pointers = next(j for j in jobs if j.dtype == "bf16" and j.kernel == "gemm" and not (j.tma or j.persistent)
+                    and dataclasses.replace(j, dtype="fp16") not in jobs)
     largest = next(j for j in jobs if j.dtype == "bf16" and j.tma and dataclasses.replace(j, dtype="fp16") in jobs)
     limit = configs.MAX_REGISTERS_PER_THREAD - compile_report.FP16_TWIN_REGISTER_MARGIN
 
@@ -129,8 +132,8 @@ def test_fp16_twins_follow_the_bf16_variants_near_the_limit():
     assert compile_report.fp16_twins(five, [result(j) for j in five]) == []
     assert compile_report.fp16_twins(five, [result(j, limit - 1) for j in five]) == []
     twins = compile_report.fp16_twins(five, [result(j, limit) for j in five])
-    # (not the pointer kernel, compiled in fp16 on every tile; not one already there)
-    assert twins == [dataclasses.replace(tma, dtype="fp16"), dataclasses.replace(persistent, dtype="fp16")]
+    # (not one already there: the largest tile's, compiled in fp16 in any case)
+    assert twins == [dataclasses.replace(j, dtype="fp16") for j in (tma, persistent, pointers)]
     assert compile_report.fp16_twins([tma], [result(tma, spills=8)]) == twins[:1]
     assert compile_report.fp16_twins([tma], [result(tma, None, None, "boom")]) == twins[:1]
     assert compile_report.fp16_twins(twins, [result(j, 255) for j in twins]) == []  # (fp16's own: none)
@@ -418,10 +421,10 @@ def test_the_report_compiles_every_kernel_the_dispatch_launches(monkeypatch):
                                               bias))
     launched = _dispatched_kernels(monkeypatch, cases)
     compiled = {what for job in compile_report.jobs_for(90) for what in _job_keys(job)}
-    # (fp16's TMA and persistent kernels: their bf16 twin, and fp16's own where that comes near the register
-    # limit, as test_report_covers_every_shipped_config checks)
+    # (fp16's GEMMs: their bf16 twin, and fp16's own where that comes near the register limit, as
+    # test_report_covers_every_shipped_config checks)
     missing = {key: case for key, case in launched.items()
-               if key not in compiled and not (len(key) > 3 and key[2] == "fp16" and (key[5] or key[6])
+               if key not in compiled and not (len(key) > 3 and key[0] == "gemm" and key[2] == "fp16"
                                                and (key[:2] + ("bf16",) + key[3:]) in compiled)}
     assert not missing, "\n".join(f"{key} (first launched by {case})" for key, case in list(missing.items())[:20])
     assert len(launched) > 500  # (the recorders saw the launches, and every kind of variant)
