@@ -4,6 +4,11 @@ Without a CUDA GPU the kernels run on Triton's CPU interpreter: this sets
 ``TRITON_INTERPRET=1`` (unless the caller set it) before fused_lora is
 imported, because Triton reads it when the kernels are decorated. With a GPU
 the same tests run on CUDA.
+
+The sm_90 compile reports (``test_compile_report``, ``test_gpu_triton``)
+compile over a thousand kernels each on every core; they start in
+subprocesses when collection ends, the rest of the suite runs meanwhile on
+one core, and the tests that read them run last.
 """
 
 import os
@@ -17,7 +22,11 @@ if not torch.cuda.is_available():
 
 import fused_lora  # noqa: E402  (after the interpreter switch)
 import triton  # noqa: E402
-from lora_testing import parse_shard  # noqa: E402
+from lora_testing import BackgroundCompileReports, parse_shard  # noqa: E402
+
+#: The sm_90 compile reports, by the fixture that asks for each.
+COMPILE_REPORT_FIXTURES = {"sm90_report": "newest", "gpu_machine_sm90_report": "gpu_machine"}
+_reports = BackgroundCompileReports()
 
 
 def pytest_addoption(parser):
@@ -37,7 +46,13 @@ def pytest_configure(config):
             raise pytest.UsageError(str(err)) from None
 
 
+def _wants_report(item) -> bool:
+    return any(name in getattr(item, "fixturenames", ()) for name in COMPILE_REPORT_FIXTURES)
+
+
 def pytest_collection_modifyitems(config, items):
+    # The tests of the compile reports run last: the reports run beside the rest (pytest_collection_finish).
+    items[:] = [item for item in items if not _wants_report(item)] + [item for item in items if _wants_report(item)]
     spec = config.getoption("--shard")
     if spec is None:
         return
@@ -54,6 +69,33 @@ def pytest_collection_modifyitems(config, items):
     chosen = {id(item) for item in mine}
     config.hook.pytest_deselected(items=[item for item in items if id(item) not in chosen])
     items[:] = mine
+
+
+def pytest_collection_finish(session):
+    """Start the compile reports the selected tests need, in subprocesses:
+    compiling hundreds of kernels for sm_90 takes every core for minutes,
+    while the rest of the suite runs on one."""
+    if session.config.option.collectonly:
+        return
+    for fixture, name in COMPILE_REPORT_FIXTURES.items():
+        if any(fixture in getattr(item, "fixturenames", ()) for item in session.items):
+            _reports.start(name)
+
+
+def pytest_unconfigure(config):
+    _reports.stop()
+
+
+@pytest.fixture(scope="session")
+def sm90_report():
+    """The sm_90 compile report with this Triton: the finished subprocess."""
+    return _reports.result("newest")
+
+
+@pytest.fixture(scope="session")
+def gpu_machine_sm90_report():
+    """The sm_90 compile report with the GPU machine's Triton (``FUSED_LORA_GPU_TRITON``)."""
+    return _reports.result("gpu_machine")
 
 
 def pytest_report_header(config):

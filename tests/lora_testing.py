@@ -26,3 +26,72 @@ def count_launches(monkeypatch, module, kernel: str) -> list:
 
     monkeypatch.setattr(module, kernel, Counting())
     return grids
+
+
+class BackgroundCompileReports:
+    """The sm_90 compile reports (``python -m fused_lora.compile_report --arch
+    90 --json``), each in a subprocess, one after the other, started when
+    collection ends (``tests/conftest.py``): they keep every core busy while
+    the rest of the suite runs on one, and their tests, run last, wait for
+    them. ``name``: "newest" (this Triton) or "gpu_machine" (Triton 3.6 from
+    ``FUSED_LORA_GPU_TRITON``)."""
+
+    TIMEOUT_S = 2400
+    COMMAND = ("-m", "fused_lora.compile_report", "--arch", "90", "--json", "--jobs", "2")
+
+    def __init__(self):
+        import concurrent.futures
+
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile-report")
+        self._futures = {}
+        self._running = []
+
+    @staticmethod
+    def environment(name: str, interpret: bool = False) -> dict:
+        """The subprocess environment: compiling needs the real (JIT) kernels,
+        so no TRITON_INTERPRET unless asked; the GPU machine's Triton first on
+        the path."""
+        import os
+
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        if name == "gpu_machine":
+            triton_dir = os.environ["FUSED_LORA_GPU_TRITON"]
+            env["PYTHONPATH"] = os.pathsep.join([triton_dir] + [p for p in [env.get("PYTHONPATH")] if p])
+        if interpret:
+            env["TRITON_INTERPRET"] = "1"
+        return env
+
+    def start(self, name: str) -> None:
+        if name not in self._futures:
+            self._futures[name] = self._pool.submit(self._run, name)
+
+    def result(self, name: str):
+        """The finished report's ``subprocess.CompletedProcess`` (started now if not yet)."""
+        self.start(name)
+        return self._futures[name].result()
+
+    def _run(self, name: str):
+        import subprocess
+        import sys
+
+        cmd = [sys.executable, *self.COMMAND]
+        with subprocess.Popen(cmd, env=self.environment(name), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) as proc:
+            self._running.append(proc)
+            try:
+                out, err = proc.communicate(timeout=self.TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+                err += f"\n(killed after {self.TIMEOUT_S} s)"
+            finally:
+                self._running.remove(proc)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    def stop(self) -> None:
+        """At the session's end: kill what still runs (an interrupted session)."""
+        for future in self._futures.values():
+            future.cancel()
+        for proc in list(self._running):
+            proc.kill()
+        self._pool.shutdown(wait=False, cancel_futures=True)

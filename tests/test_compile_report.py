@@ -5,19 +5,29 @@ the memory-bound skinny passes load 16-byte vectors."""
 import concurrent.futures
 import dataclasses
 import itertools
+import json
 import multiprocessing
 import os
 
 import pytest
 import torch
+import triton
 
 from fused_lora import compile_report
 from fused_lora.kernels import configs
 
 
 @pytest.fixture(scope="module")
-def sm90():
-    return compile_report.run(archs=(90,), jobs=2)
+def sm90(sm90_report):
+    """Every result of ``python -m fused_lora.compile_report --arch 90 --json``
+    with this Triton (run in the background from the session's start: conftest)."""
+    assert sm90_report.stdout.strip(), sm90_report.stderr[-2000:]  # (a crash prints no report)
+    report = json.loads(sm90_report.stdout)
+    assert report["triton"] == triton.__version__
+    results = [compile_report.Result(**r) for r in report["results"]]
+    assert report["problems"] == compile_report.problems(results)
+    assert sm90_report.returncode == (1 if report["problems"] else 0), sm90_report.stderr[-2000:]
+    return results
 
 
 def test_every_config_compiles_for_sm90_cleanly(sm90):

@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 import pytest
+from lora_testing import BackgroundCompileReports
 
 GPU_MACHINE_TRITON = "3.6"
 TRITON_DIR = os.environ.get("FUSED_LORA_GPU_TRITON")
@@ -31,10 +32,7 @@ if not TRITON_DIR:
 
 
 def _python(args: list[str], interpret: bool, timeout: int) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([TRITON_DIR] + [p for p in [env.get("PYTHONPATH")] if p])
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
+    env = BackgroundCompileReports.environment("gpu_machine", interpret)
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -46,8 +44,8 @@ def test_the_gpu_machines_triton_is_the_one_imported():
     assert os.path.realpath(path).startswith(os.path.realpath(TRITON_DIR)), path
 
 
-def test_every_config_compiles_for_sm90_cleanly_on_the_gpu_machines_triton():
-    proc = _python(["-m", "fused_lora.compile_report", "--arch", "90", "--json", "--jobs", "2"], False, 1200)
+def test_every_config_compiles_for_sm90_cleanly_on_the_gpu_machines_triton(gpu_machine_sm90_report):
+    proc = gpu_machine_sm90_report  # (`compile_report --arch 90 --json`, run from the session's start: conftest)
     assert proc.stdout.strip(), proc.stderr[-2000:]  # (a crash prints no report)
     report = json.loads(proc.stdout)
     assert report["triton"].startswith(GPU_MACHINE_TRITON + "."), report["triton"]
