@@ -1,5 +1,6 @@
 """The test modules' helpers: those of fused_lora.testing (one tolerance
-table for the suite and for ``fused-lora check``)."""
+table for the suite and for ``fused-lora check``), a launch counter, and the
+sm_90 compile reports run in the background (:class:`BackgroundCompileReports`)."""
 
 from fused_lora.testing import (  # noqa: F401
     DEVICE,
