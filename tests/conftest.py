@@ -52,7 +52,7 @@ def _wants_report(item) -> bool:
 
 def pytest_collection_modifyitems(config, items):
     # The tests of the compile reports run last: the reports run beside the rest (pytest_collection_finish).
-    items[:] = [item for item in items if not _wants_report(item)] + [item for item in items if _wants_report(item)]
+    items.sort(key=_wants_report)  # (stable: each part keeps its order)
     spec = config.getoption("--shard")
     if spec is None:
         return
@@ -77,8 +77,9 @@ def pytest_collection_finish(session):
     while the rest of the suite runs on one."""
     if session.config.option.collectonly:
         return
-    for fixture, name in COMPILE_REPORT_FIXTURES.items():
-        if any(fixture in getattr(item, "fixturenames", ()) for item in session.items):
+    wanted = {fixture for item in session.items for fixture in getattr(item, "fixturenames", ())}
+    for fixture, name in COMPILE_REPORT_FIXTURES.items():  # (the newest Triton's first)
+        if fixture in wanted:
             _reports.start(name)
 
 

@@ -492,7 +492,9 @@ def test_the_masked_in_loop_shrink_runs_only_on_tiles_that_hold_its_mask():
     assert configs.gemm_candidates(2, 128, True, shrink_mask=True)
     assert configs.gemm_candidates(4, 16, True, shrink_mask=True)
     assert configs.gemm_candidates(4, 32, True, shrink_mask=True) == []  # (nor without the mask, at fp32)
-    assert configs.in_loop_max_block_r(2, persistent=True) == 32
+    # on the persistent grid: up to its in-loop rank tile, 32, as without the mask
+    assert configs.gemm_candidates(2, 32, True, persistent=True, shrink_mask=True)
+    assert configs.gemm_candidates(2, 64, True, persistent=True, shrink_mask=True) == []
     for m in (16, 4096):  # the CUDA heuristic's pick, at small and large M
         cfg = configs.gemm_config(m, 4096, 4096, 64, 2, True, False, shrink_mask=True)
         assert dataclasses.replace(cfg, split_k=1) in configs.gemm_candidates(2, 64, True, shrink_mask=True)
