@@ -96,6 +96,32 @@ def configs():
     return k.configs
 
 
+#: (compute capability x10, shared memory one program may use) of each CUDA
+#: device used so far, by index: read from the device once, then a dict read
+#: (which torch.compile traces).
+_cuda_targets: dict[int, tuple[int, int]] = {}
+
+
+def cuda_target(device: torch.device) -> tuple[int, int]:
+    """(compute capability x10, bytes of shared memory per block, opt-in) of
+    the CUDA device ``device`` (an index-less one: the current device). The
+    limit is the device's own where torch reports it, else
+    :func:`fused_lora.kernels.configs.smem_limit_for`'s."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    target = _cuda_targets.get(index)
+    if target is None:
+        props = torch.cuda.get_device_properties(index)
+        arch = 10 * props.major + props.minor
+        smem = getattr(props, "shared_memory_per_block_optin", 0)
+        if not smem:
+            try:
+                smem = configs().smem_limit_for(arch)
+            except ValueError:  # (below the kernels' minimum, which why_not reports; or unknown: the least)
+                smem = min(configs().SMEM_LIMIT_BY_ARCH.values())
+        target = _cuda_targets[index] = (arch, int(smem))
+    return target
+
+
 def why_not(device: torch.device, dtype: torch.dtype) -> str:
     """Why the Triton backend cannot run on ``device``/``dtype`` ('' if it can).
     Plain reads of module state, so torch.compile traces it to a constant."""
@@ -107,6 +133,10 @@ def why_not(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cuda":
         if kernels.INTERPRETER:
             return "TRITON_INTERPRET=1 was set when fused_lora was imported: the kernels run on CPU tensors only"
+        arch = cuda_target(device)[0]
+        if arch < kernels.configs.MIN_ARCH:
+            return (f"the GPU is sm_{arch}, and the kernels need sm_{kernels.configs.MIN_ARCH} or newer (below it "
+                    "Triton has no tensor-core dots)")
         return ""
     if device.type == "cpu":
         if kernels.INTERPRETER:

@@ -138,7 +138,7 @@ def cmd_check(args) -> int:
               dispatch.use_persistent(case["persistent"])):
             m = math.prod(case["lead"])
             plan = dispatch.plan(m, case["n"], case["k"], case["r"], case["dtype"], case["dropout_p"],
-                                 dispatch.device_arch(device))
+                                 dispatch.device_arch(device), smem_limit=dispatch.device_smem_limit(device))
             try:
                 errors = parity_case(case["lead"], case["k"], case["n"], case["r"], case["dtype"],
                                      dropout_p=case["dropout_p"], train_base=case["train_base"], device=device)

@@ -21,7 +21,11 @@ reading a seed drawn on the GPU from memory, and, on the largest tile of
 each, with the seed as a value (an explicit seed: ``+seed_value``) and with
 the mask's counters in 64 bits (a masked matrix of 2**31 elements or more:
 ``+offset_int64``). fp16's GEMMs are compiled where they can differ from
-bf16's (:data:`FP16_TWIN_REGISTER_MARGIN`).
+bf16's (:data:`FP16_TWIN_REGISTER_MARGIN`). The tiles are those the dispatch
+runs on that arch, pruned to its shared memory
+(:func:`fused_lora.kernels.configs.smem_limit_for`: ``--arch 86`` compiles
+what a 99 KiB GeForce/RTX/L4 part runs); on every arch a kernel over that
+limit, or a GEMM over the estimate that prunes its tiles, is a problem.
 """
 
 from __future__ import annotations
@@ -388,6 +392,7 @@ def jobs_for(arch: int, every_fp16_tile: bool = False) -> list[Job]:
 
     jobs = []
     shipped = configs.shipped_configs()
+    smem = configs.smem_limit_for(arch)  # (below Hopper's, tiles that do not fit run with fewer stages)
     for dtype in ("bf16", "fp16", "fp32"):
         elt = 4 if dtype == "fp32" else 2
         # (fp16's GEMMs for sm_90, where the twins were measured: the largest tile, and bf16's twins)
@@ -405,7 +410,8 @@ def jobs_for(arch: int, every_fp16_tile: bool = False) -> list[Job]:
                    for block_r in configs.rank_tiles(configs.GEMM_LR_MAX_BLOCK_R[elt])]
         passes += [("dw", configs.block_r_for(1), False, False)]  # (no low-rank term: the smallest tile)
         for pass_name, block_r, in_loop, mask in passes:
-            fitting = configs.gemm_candidates(elt, block_r, in_loop, arch=arch, **_gemm_pruning(pass_name))
+            fitting = configs.gemm_candidates(elt, block_r, in_loop, arch=arch, smem_limit=smem,
+                                              **_gemm_pruning(pass_name))
             for cfg in fitting if every_tile else fitting[:1]:  # (a tile pruned: one never launched for it)
                 for tf32 in (False, True) if elt == 4 else (False,):
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tf32=tf32))
@@ -423,7 +429,8 @@ def jobs_for(arch: int, every_fp16_tile: bool = False) -> list[Job]:
         # the tokens) where its output is small: a 256x256 layer over 64 K tokens.
         for pass_name, block_r, in_loop, mask in passes:
             m, n, k = (256, 256, 65536) if pass_name == "dw" else (16, SHAPE, SHAPE)
-            cfg = configs.gemm_config(m, n, k, block_r, elt, in_loop, False, arch=arch, **_gemm_pruning(pass_name))
+            cfg = configs.gemm_config(m, n, k, block_r, elt, in_loop, False, arch=arch, smem_limit=smem,
+                                      **_gemm_pruning(pass_name))
             assert cfg.split_k > 1, (pass_name, cfg)
             cfg = dataclasses.replace(cfg, split_k=1)  # (the kernel's code does not depend on the count)
             for tma, tf32 in ([(False, False), (True, False)] if elt == 2 and arch >= 90
@@ -434,14 +441,15 @@ def jobs_for(arch: int, every_fp16_tile: bool = False) -> list[Job]:
         # on the largest tile of each pass; the persistent grid likewise.
         if elt == 2 and arch >= 90:
             for pass_name, block_r, in_loop, mask in passes:
-                fitting = configs.gemm_candidates(elt, block_r, in_loop, arch=arch, **_gemm_pruning(pass_name))
+                fitting = configs.gemm_candidates(elt, block_r, in_loop, arch=arch, smem_limit=smem,
+                                                  **_gemm_pruning(pass_name))
                 for cfg in fitting if every_tile else fitting[:1]:
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=True))
                     if cfg is fitting[0]:
                         jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, even_k=False, tma=True))
                 # the persistent grid (16-bit, Hopper; its own, narrower tiles), with pointers and with TMA
                 persistent = configs.gemm_candidates(elt, block_r, in_loop, arch=arch, persistent=True,
-                                                     **_gemm_pruning(pass_name))
+                                                     smem_limit=smem, **_gemm_pruning(pass_name))
                 for cfg in persistent if every_tile else persistent[:1]:
                     for tma in (False, True):
                         jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=tma,
@@ -526,24 +534,33 @@ def run(archs=(90, 80), jobs: int = 1, progress=None, every_fp16_tile: bool = Fa
 
 
 def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
-    """What a CI check rejects: a compile error (any arch); on sm_90, the
-    target, also shared memory over the limit, a spill, a 16-bit GEMM
-    without wgmma, a TMA variant without TMA copies, or a skinny pass or
-    reduction (no column tail) with loads narrower than 16-byte vectors. Other archs' spills are in the table,
-    not rejected."""
+    """What a CI check rejects: a compile error, shared memory over the
+    arch's limit (``smem_limit``, default :func:`~fused_lora.kernels.configs.smem_limit_for`:
+    the kernel could not launch) or a GEMM's over the estimate that prunes its
+    tiles (:meth:`~fused_lora.kernels.configs.GemmConfig.smem_bytes`: the
+    dispatch could pick one that does not fit), on any arch; on sm_90, the
+    target, also a
+    spill, a 16-bit GEMM without wgmma, a TMA variant without TMA copies, or
+    a skinny pass or reduction (no column tail) with loads narrower than
+    16-byte vectors. Other archs' spills are in the table, not rejected."""
     from fused_lora.kernels import configs
 
-    limit = smem_limit or configs.SMEM_LIMIT_SM90
     out = []
     for r in results:
         tag = f"{r.kernel}/{r.pass_name}/{r.dtype}/sm_{r.arch}/{r.config}/r{r.block_r}"
         if r.error:
             out.append(f"{tag}: {r.error}")
             continue
-        if r.arch != 90:
-            continue
+        limit = smem_limit or configs.smem_limit_for(r.arch)
         if r.shared > limit:
             out.append(f"{tag}: shared memory {r.shared} > {limit}")
+        if r.kernel == "gemm":
+            estimate = configs.GemmConfig(**r.config).smem_bytes(4 if r.dtype == "fp32" else 2, r.block_r,
+                                                                 "_in_loop" in r.pass_name)
+            if r.shared > estimate:
+                out.append(f"{tag}: shared memory {r.shared} > the estimate {estimate} that prunes the tiles")
+        if r.arch != 90:
+            continue
         if r.spill_bytes:
             out.append(f"{tag}: spills {r.spill_bytes} bytes")
         if r.kernel == "gemm" and r.arch >= 90 and r.dtype != "fp32" and not r.wgmma:
@@ -589,6 +606,13 @@ def main(argv=None) -> int:
                         help="compile fp16's sm_90 GEMMs on every tile, not only where their bf16 twins come "
                              "near the register limit (and on the largest tile)")
     args = parser.parse_args(argv)
+    from fused_lora.kernels import configs
+
+    for arch in args.arch or ():
+        try:
+            configs.smem_limit_for(arch)
+        except ValueError as err:
+            parser.error(f"--arch {arch}: {err}")
     import triton
 
     from .cli import progress

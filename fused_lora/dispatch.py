@@ -182,17 +182,19 @@ def input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_arch(index: int) -> int:
-    major, minor = torch.cuda.get_device_capability(index)
-    return 10 * major + minor
-
-
 def device_arch(device: torch.device) -> int:
     """Compute capability x10 of a CUDA device; 90 (the tuning target) otherwise."""
     if device.type != "cuda":
         return 90
-    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+    return _triton.cuda_target(device)[0]
+
+
+def device_smem_limit(device: torch.device) -> int:
+    """The shared memory one program may use on a CUDA device (its opt-in
+    limit per block); Hopper's (the tuning target) otherwise."""
+    if device.type != "cuda":
+        return _triton.configs().SMEM_LIMIT_SM90
+    return _triton.cuda_target(device)[1]
 
 
 def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, max_block_r: int,
@@ -224,22 +226,27 @@ def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, 
 
 
 def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, arch: int = 90,
-         interpreter: bool | None = None, strategy: str | None = None) -> Plan:
+         interpreter: bool | None = None, strategy: str | None = None, smem_limit: int | None = None) -> Plan:
     """The strategy and configurations for ``x (m, k) · Wᵀ (k, n)`` with rank ``r``
-    on a GPU of compute capability ``arch`` (x10), or on the interpreter.
-    ``strategy`` forces one (as :func:`force_strategy` does; default: the
-    enclosing force, if any). Cached per problem: at small M the host's time
-    per call matters."""
+    on a GPU of compute capability ``arch`` (x10) with ``smem_limit`` bytes of
+    shared memory per program (default: the arch's, from
+    :data:`~fused_lora.kernels.configs.SMEM_LIMIT_BY_ARCH`; a ValueError for
+    one below the kernels' minimum), or on the interpreter. ``strategy``
+    forces one (as :func:`force_strategy` does; default: the enclosing force,
+    if any). Cached per problem: at small M the host's time per call matters."""
     interp = _triton.interpreter() if interpreter is None else interpreter
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     forced = strategy if strategy is not None else _switches["strategy"]
+    if smem_limit is None:
+        cfg = _triton.configs()
+        smem_limit = cfg.SMEM_LIMIT_SM90 if interp else cfg.smem_limit_for(arch)
     return _plan(m, n, k, r, dtype, dropout_p > 0.0, arch, interp, forced, input_precision(dtype),
-                 _switches["tma"], _switches["persistent"])
+                 _switches["tma"], _switches["persistent"], smem_limit)
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, persistent) -> Plan:
+def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, persistent, smem_limit) -> Plan:
     cfg = _triton.configs()
     elt = dtype.itemsize
     dropout_p = 0.5 if dropout else 0.0  # only "is there dropout" shapes the plan
@@ -269,10 +276,11 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
         strategy=strategy,
         reason=reason,
         fwd_gemm=cfg.gemm_config(m, n, k, r, elt, strategy == "in_loop", interp, arch=arch, persistent=persistent,
-                                 shrink_mask=dropout and strategy == "in_loop"),
+                                 shrink_mask=dropout and strategy == "in_loop", smem_limit=smem_limit),
         dx_gemm=cfg.gemm_config(m, k, n, r, elt, dx_in_loop, interp, epilogue_mask=dropout_p > 0.0, arch=arch,
-                                persistent=persistent),
-        dw_gemm=cfg.gemm_config(n, k, m, 1, elt, False, interp, arch=arch, persistent=persistent),
+                                persistent=persistent, smem_limit=smem_limit),
+        dw_gemm=cfg.gemm_config(n, k, m, 1, elt, False, interp, arch=arch, persistent=persistent,
+                                smem_limit=smem_limit),
         skinny=skinny,
         skinny_programs=skinny_programs,
         input_precision=precision,
@@ -414,14 +422,14 @@ def gemm_config_for(pass_name: str, default, launch, *, m: int, n: int, k: int, 
     if not _autotune or device.type != "cuda":
         return default
     cfg = _triton.configs()
-    arch = device_arch(device)
+    arch, smem_limit = device_arch(device), device_smem_limit(device)
     elt = dtype.itemsize
     block_r = cfg.block_r_for(r) if shrink_in_loop else cfg.block_r_for(r, cfg.GEMM_LR_MAX_BLOCK_R[elt])
-    key = (pass_name, cfg.m_bucket(m), n, k, block_r, dtype, shrink_in_loop, epilogue_mask, arch, persistent,
-           shrink_mask)
+    key = (pass_name, cfg.m_bucket(m), n, k, block_r, dtype, shrink_in_loop, epilogue_mask, arch, smem_limit,
+           persistent, shrink_mask)
     if key not in _tuned:
-        candidates = cfg.gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, arch=arch,
-                                         persistent=persistent, shrink_mask=shrink_mask) or [default]
+        candidates = cfg.gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, smem_limit=smem_limit,
+                                         arch=arch, persistent=persistent, shrink_mask=shrink_mask) or [default]
         # each tile shape with its own split-K
         candidates = [dataclasses.replace(c, split_k=cfg.split_k_for(c, m, n, k, False)) for c in candidates]
         timings = []

@@ -10,8 +10,10 @@ kernels, not one per batch. The buckets:
   needs an inner dimension of at least 16 (fp32 too, on Triton 3.6).
 
 Candidates are pruned by an estimate of their shared memory, which must stay
-under :data:`SMEM_LIMIT_SM90` on Hopper; ``python -m fused_lora.compile_report``
-compiles every shipped configuration for sm_90 and reports the real figure.
+under the device's limit (:data:`SMEM_LIMIT_SM90` on Hopper, the tuning
+target; :data:`SMEM_LIMIT_BY_ARCH` elsewhere); ``python -m
+fused_lora.compile_report`` compiles every shipped configuration for a target
+and reports the real figure (never above the estimate).
 """
 
 from __future__ import annotations
@@ -23,6 +25,17 @@ from dataclasses import dataclass, replace
 FP_FUSION = True
 #: Opt-in shared memory per block on H100/H200 (sm_90): 227 KiB.
 SMEM_LIMIT_SM90 = 232_448
+#: The same limit by compute capability (x10), from the CUDA C++ Programming
+#: Guide's technical specifications: A100 and Orin 163 KiB; the GeForce,
+#: RTX and L4/L40/A10 parts (sm_86, sm_89, sm_120) 99 KiB. On a device the
+#: dispatch reads its own limit (:func:`fused_lora.dispatch.device_smem_limit`);
+#: this table serves a target named without one (``explain``, the compile report).
+SMEM_LIMIT_BY_ARCH = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90: SMEM_LIMIT_SM90,
+                      100: SMEM_LIMIT_SM90, 103: SMEM_LIMIT_SM90, 120: 101_376, 121: 101_376}
+#: The kernels need tensor cores that Triton drives (mma.sync from sm_80):
+#: below it Triton lowers the 16-bit dots to FMA loops that spill 10-20 KB
+#: (compile report, sm_75 and sm_70, Triton 3.9), and the torch backend runs.
+MIN_ARCH = 80
 #: Streaming multiprocessors on an H200 / H100 SXM; the skinny kernels aim for
 #: about two programs per SM so that every SM has a second one to switch to.
 NUM_SMS_SM90 = 132
@@ -195,6 +208,24 @@ EPILOGUE_MASK_MAX_ELEMS_PER_THREAD = {2: 64, 4: 32}
 #: Before Hopper (mma.sync) a 128x256 accumulator on 8 warps spills (compile
 #: report, sm_80): tiles are capped at this many accumulator elements per thread.
 PRE_HOPPER_MAX_ELEMS_PER_THREAD = 64
+#: And the in-loop shrink (whose mma.sync operands are in registers too),
+#: above a 32-wide rank tile (16 with dx's epilogue mask), spills on the
+#: tiles with 64 accumulator elements a thread (compile report, sm_80,
+#: Triton 3.6 and 3.9, bf16 and fp16: dx 8-216 B at a 64 rank tile, 16-64 B
+#: at 32 with the mask, 128x128x64 at a 128 rank tile up to 24 KB in the
+#: forward's K tail); the 64x64 tiles (32 a thread) do not, up to 128.
+PRE_HOPPER_IN_LOOP_NARROW_BLOCK_R = {False: 32, True: 16}
+PRE_HOPPER_IN_LOOP_WIDE_RANK_MAX_ELEMS_PER_THREAD = 32
+#: (With both rules: sm_80's spills went from 72-73 kernels, up to 24.6 KB,
+#: to 10-17 of at most 72 B, Triton 3.9 and 3.6: skinny passes and fp32, at
+#: 64-128 registers, where ptxas caps them for occupancy.)
+#: The stage counts are Hopper's: on a device with less shared memory a tile
+#: whose stages do not fit runs with as many as do, down to this (one tile
+#: loading while the other is read). sm_86 (99 KiB), compile report, Triton
+#: 3.6 and 3.9: 774 kernels, all within 69,632 bytes, 13-21 spilling at most
+#: 72 B (the same skinny and fp32 kernels, and 128x128's masked in-loop dx at
+#: a rank below its 16 tile, 12-28 B at 255 registers).
+MIN_STAGES_SMALL_SMEM = 2
 #: The persistent grid's flattened tile loop keeps the next tile's state live
 #: beside the accumulator: on 128x256 tiles (8 warps) Triton 3.6's code spills
 #: 16-92 bytes (forward and dx, pointer loads; compile report, sm_90), so its
@@ -257,19 +288,56 @@ def in_loop_max_block_r(elt: int, persistent: bool = False, epilogue_mask: bool 
     return 0 if epilogue_mask else min(IN_LOOP_MAX_BLOCK_R[elt], PERSISTENT_IN_LOOP_MAX_BLOCK_R)
 
 
+def smem_limit_for(arch: int) -> int:
+    """The shared memory one program may use on compute capability ``arch``
+    (x10): :data:`SMEM_LIMIT_BY_ARCH`, else that of the nearest listed
+    capability below it of the same major version."""
+    if arch < MIN_ARCH:
+        raise ValueError(f"the kernels need sm_{MIN_ARCH} or newer, got sm_{arch}")
+    known = [a for a in SMEM_LIMIT_BY_ARCH if a <= arch and a // 10 == arch // 10]
+    if not known:
+        raise ValueError(f"no shared-memory limit is known for sm_{arch} (known: "
+                         f"{', '.join(f'sm_{a}' for a in SMEM_LIMIT_BY_ARCH)} and their minor versions)")
+    return SMEM_LIMIT_BY_ARCH[max(known)]
+
+
+def _stages_that_fit(pool, fits) -> list[GemmConfig]:
+    """Each tile of ``pool`` with its own stage count, or where that does not
+    ``fits``, the most stages that do (at least two), each tile once."""
+    out = []
+    for config in pool:
+        for stages in range(config.num_stages, MIN_STAGES_SMALL_SMEM - 1, -1):
+            fewer = replace(config, num_stages=stages)
+            if fits(fewer):
+                if fewer not in out:
+                    out.append(fewer)
+                break
+    return out
+
+
 def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask: bool = False,
                     smem_limit: int = SMEM_LIMIT_SM90, arch: int = 90, persistent: bool = False,
                     shrink_mask: bool = False) -> list[GemmConfig]:
     """The shipped GEMM configurations for an element size, pruned to those
-    whose shared memory fits ``smem_limit`` (and, with an epilogue mask, on
-    the persistent grid or before Hopper, whose tile leaves few enough
-    elements per thread; with the in-loop shrink, whose accumulator and xa
-    do; with its input masked, whose A tile does). None where the in-loop
-    shrink cannot hold the rank tile."""
+    whose shared memory fits ``smem_limit`` (below Hopper's, with fewer
+    stages where theirs do not fit; and, with an epilogue mask, on the
+    persistent grid or before Hopper, whose tile leaves few enough elements
+    per thread; with the in-loop shrink, whose accumulator and xa do, and
+    before Hopper, above its narrow rank tiles, whose accumulator does; with
+    its input masked, whose A tile does). None where the in-loop shrink
+    cannot hold the rank tile."""
     if shrink_in_loop and block_r > in_loop_max_block_r(elt, persistent, epilogue_mask):
         return []
     pool = _GEMM_CANDIDATES_FP32 if elt == 4 else _GEMM_CANDIDATES_16BIT
+
+    def fits(c: GemmConfig) -> bool:
+        return c.smem_bytes(elt, block_r, shrink_in_loop) <= smem_limit
+
+    if smem_limit < SMEM_LIMIT_SM90:
+        pool = _stages_that_fit(pool, fits)
     cap = PRE_HOPPER_MAX_ELEMS_PER_THREAD if arch < 90 else None
+    if arch < 90 and shrink_in_loop and block_r > PRE_HOPPER_IN_LOOP_NARROW_BLOCK_R[epilogue_mask]:
+        cap = min(cap, PRE_HOPPER_IN_LOOP_WIDE_RANK_MAX_ELEMS_PER_THREAD)
     if epilogue_mask:
         cap = min(cap or 1 << 30, EPILOGUE_MASK_MAX_ELEMS_PER_THREAD[elt])
     if persistent:
@@ -277,7 +345,7 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
     if persistent and epilogue_mask and block_r > PERSISTENT_EPILOGUE_MASK_MAX_BLOCK_R:
         cap = min(cap, PERSISTENT_EPILOGUE_MASK_WIDE_RANK_MAX_ELEMS_PER_THREAD)
     return [c for c in pool
-            if c.smem_bytes(elt, block_r, shrink_in_loop) <= smem_limit
+            if fits(c)
             and (cap is None or c.elems_per_thread() <= cap)
             and (not shrink_in_loop
                  or c.block_m * (c.block_n + block_r) // (32 * c.num_warps) <= IN_LOOP_MAX_ELEMS_PER_THREAD[elt])
@@ -305,7 +373,8 @@ def split_k_for(config: GemmConfig, m: int, n: int, k: int, interpreter: bool) -
 
 def gemm_config(m: int, n: int, k: int, r: int, elt: int, shrink_in_loop: bool,
                 interpreter: bool, epilogue_mask: bool = False, arch: int = 90,
-                persistent: bool = False, shrink_mask: bool = False) -> GemmConfig:
+                persistent: bool = False, shrink_mask: bool = False,
+                smem_limit: int = SMEM_LIMIT_SM90) -> GemmConfig:
     """The GEMM tiles (and split-K) for an (m, k) x (k, n) product with a
     rank-r term.
 
@@ -314,20 +383,23 @@ def gemm_config(m: int, n: int, k: int, r: int, elt: int, shrink_in_loop: bool,
     128-row tile nor leave SMs idle; split-K where even the narrowest tiles
     leave SMs idle.
     """
-    tiles = _gemm_tiles(m, n, r, elt, shrink_in_loop, interpreter, epilogue_mask, arch, persistent, shrink_mask)
+    tiles = _gemm_tiles(m, n, r, elt, shrink_in_loop, interpreter, epilogue_mask, arch, persistent, shrink_mask,
+                        smem_limit)
     return replace(tiles, split_k=split_k_for(tiles, m, n, k, interpreter))
 
 
 def _gemm_tiles(m: int, n: int, r: int, elt: int, shrink_in_loop: bool, interpreter: bool,
-                epilogue_mask: bool, arch: int, persistent: bool, shrink_mask: bool) -> GemmConfig:
+                epilogue_mask: bool, arch: int, persistent: bool, shrink_mask: bool,
+                smem_limit: int) -> GemmConfig:
     if interpreter:
         return INTERPRETER_GEMM_WIDE if m >= INTERPRETER_WIDE_FROM_M else INTERPRETER_GEMM
     block_r = block_r_for(r) if shrink_in_loop else block_r_for(r, GEMM_LR_MAX_BLOCK_R[elt])
-    cands = gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, arch=arch, persistent=persistent,
-                            shrink_mask=shrink_mask)
+    cands = gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, smem_limit=smem_limit, arch=arch,
+                            persistent=persistent, shrink_mask=shrink_mask)
     if not cands:
-        raise ValueError(f"no GEMM configuration holds the in-loop shrink's rank tile {block_r} "
-                         f"({elt}-byte elements{', persistent' if persistent else ''})")
+        raise ValueError(f"no GEMM configuration holds the {'in-loop shrink' if shrink_in_loop else 'low-rank term'}"
+                         f"'s rank tile {block_r} ({elt}-byte elements, sm_{arch}, {smem_limit} bytes of shared "
+                         f"memory{', persistent' if persistent else ''})")
     mb = m_bucket(m)
     fitting_m = [c for c in cands if c.block_m <= max(16, mb)]
     pool = fitting_m or cands

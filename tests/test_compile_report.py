@@ -152,14 +152,15 @@ def test_fp16_twins_follow_the_bf16_variants_near_the_limit():
 
 
 def test_problems_catches_what_it_should():
-    bad = compile_report.Result("gemm", "dx", "bf16", 90, {}, 16, shared=300_000, registers=255, spill_bytes=64,
+    wide = dataclasses.asdict(configs.GemmConfig(128, 256, 64, 8, 8, 3))
+    bad = compile_report.Result("gemm", "dx", "bf16", 90, wide, 16, shared=300_000, registers=255, spill_bytes=64,
                                 wgmma=False)
     found = compile_report.problems([bad])
-    assert any("shared memory" in p for p in found)
+    assert any("shared memory 300000 > 232448" in p for p in found)
     assert any("spills" in p for p in found)
     assert any("wgmma" in p for p in found)
-    no_tma = compile_report.Result("gemm", "dw+tma", "bf16", 90, {}, 16, shared=1000, registers=100, spill_bytes=0,
-                                   wgmma=True, tma=False)
+    no_tma = compile_report.Result("gemm", "dw+tma", "bf16", 90, wide, 16, shared=1000, registers=100,
+                                   spill_bytes=0, wgmma=True, tma=False)
     assert any("TMA" in p for p in compile_report.problems([no_tma]))
     assert compile_report.problems([compile_report.Result("gemm", "dx", "bf16", 90, {}, 16, error="boom")])
     narrow = compile_report.Result("skinny", "dA_pass", "bf16", 90, {}, 16, shared=1000, registers=100,
@@ -179,6 +180,29 @@ def test_problems_catches_what_it_should():
     fp32 = dataclasses.replace(narrow, dtype="fp32")  # fp32: the wide operand in vectors is enough...
     assert compile_report.problems([fp32]) == []
     assert compile_report.problems([dataclasses.replace(fp32, load_widths=[4])])  # ...but it must be
+    # shared memory on any arch: over its limit (the kernel could not launch), or a GEMM's over the
+    # estimate that prunes the tiles (the dispatch could pick one that does not fit)
+    cfg = configs.GemmConfig(128, 128, 64, 8, 8, 4)
+    estimate = cfg.smem_bytes(2, 16, False)
+    sm86 = compile_report.Result("gemm", "dx", "bf16", 86, dataclasses.asdict(cfg), 16, shared=estimate,
+                                 registers=255, spill_bytes=64, wgmma=False)
+    assert estimate > configs.smem_limit_for(86)
+    assert compile_report.problems([sm86]) == [f"gemm/dx/bf16/sm_86/{sm86.config}/r16: shared memory {estimate} > "
+                                               f"{configs.smem_limit_for(86)}"]  # (spills: listed, off sm_90)
+    assert compile_report.problems([dataclasses.replace(sm86, arch=80)]) == []  # (A100: 163 KiB)
+    over = compile_report.problems([dataclasses.replace(sm86, arch=80, shared=estimate + 1)])
+    assert len(over) == 1 and f"the estimate {estimate}" in over[0]
+    in_loop = cfg.smem_bytes(2, 16, True)  # (the in-loop shrink's factor tile counts too)
+    assert in_loop > estimate
+    assert compile_report.problems([dataclasses.replace(sm86, arch=80, pass_name="dx_in_loop+k_tail",
+                                                        shared=in_loop)]) == []
+
+
+
+def test_the_report_refuses_a_gpu_the_kernels_do_not_run_on(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        compile_report.main(["--arch", "75"])
+    assert exit_.value.code == 2 and "--arch 75: the kernels need sm_80 or newer" in capsys.readouterr().err
 
 
 def test_ptxas_stats_read_the_log_of_one_kernel():
@@ -385,6 +409,18 @@ def _job_keys(job: compile_report.Job) -> tuple:
             "tf32" if job.tf32 else "ieee"), variant
 
 
+def _assert_compiled(launched: dict, arch: int) -> None:
+    """Every kernel of ``launched`` (:func:`_dispatched_kernels`) is one
+    ``compile_report --arch arch`` compiles (fp16's GEMMs on sm_90 and newer:
+    their bf16 twin, and fp16's own where that comes near the register limit,
+    as test_report_covers_every_shipped_config checks)."""
+    compiled = {what for job in compile_report.jobs_for(arch) for what in _job_keys(job)}
+    missing = {key: case for key, case in launched.items()
+               if key not in compiled and not (len(key) > 3 and key[0] == "gemm" and key[2] == "fp16"
+                                               and (key[:2] + ("bf16",) + key[3:]) in compiled)}
+    assert not missing, "\n".join(f"{key} (first launched by {case})" for key, case in list(missing.items())[:20])
+
+
 def test_the_report_compiles_every_kernel_the_dispatch_launches(monkeypatch):
     """Every kernel the Triton backend launches on an sm_90 GPU, by the
     default heuristics, with TMA or the persistent grid switched on, with a
@@ -430,13 +466,7 @@ def test_the_report_compiles_every_kernel_the_dispatch_launches(monkeypatch):
                                 cases.append((m, 4096, 4096, r, dtype, p, needs, False, False, "", tf32, seed,
                                               bias))
     launched = _dispatched_kernels(monkeypatch, cases)
-    compiled = {what for job in compile_report.jobs_for(90) for what in _job_keys(job)}
-    # (fp16's GEMMs: their bf16 twin, and fp16's own where that comes near the register limit, as
-    # test_report_covers_every_shipped_config checks)
-    missing = {key: case for key, case in launched.items()
-               if key not in compiled and not (len(key) > 3 and key[0] == "gemm" and key[2] == "fp16"
-                                               and (key[:2] + ("bf16",) + key[3:]) in compiled)}
-    assert not missing, "\n".join(f"{key} (first launched by {case})" for key, case in list(missing.items())[:20])
+    _assert_compiled(launched, 90)
     assert len(launched) > 500  # (the recorders saw the launches, and every kind of variant)
     for variant in ("+split_k", "+seed_value", "+no_bias", "+offset_int64", "+direct"):
         assert any(key[1].endswith(variant) for key in launched), variant
@@ -444,3 +474,36 @@ def test_the_report_compiles_every_kernel_the_dispatch_launches(monkeypatch):
     assert {("gemm", "forward_in_loop_dropout" + variant, dtype) for variant in ("+split_k", "+seed_value",
                                                                                 "+offset_int64")
             for dtype in ("bf16", "fp16", "fp32")} <= set(launched)
+
+
+@pytest.mark.parametrize("arch", [80, 86, 120])
+def test_on_other_gpus_the_dispatch_launches_only_what_fits_and_the_report_compiles(monkeypatch, arch):
+    """On an A100 (sm_80, 163 KiB of shared memory a program) and the 99 KiB
+    parts (sm_86 and sm_89; sm_120 with TMA and the persistent grid too),
+    every kernel the dispatch launches, by default, with a forced strategy or
+    switch, is one ``compile_report --arch`` compiles for that GPU, and every
+    GEMM fits its shared memory by the estimate (which the report checks
+    bounds the real figure: ``problems``)."""
+    from fused_lora import dispatch
+
+    limit = configs.smem_limit_for(arch)
+    monkeypatch.setattr(dispatch, "device_arch", lambda device: arch)
+    monkeypatch.setattr(dispatch, "device_smem_limit", lambda device: limit)
+    every = (True,) * 5
+    cases = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        switches = [(False, False, False)]
+        switches += ([(False, False, True)] if dtype == torch.float32
+                     else [(True, False, False), (False, True, False), (True, True, False)])
+        for m, (n, k), r, p, (tma, persistent, tf32), strategy in itertools.product(
+                (1, 16, 256, 4096, 65536), ((4096, 4096), (256, 256)), (1, 16, 17, 33, 64, 65, 128), (0.0, 0.1),
+                switches, ("", "in_loop", "split", "hybrid")):
+            cases.append((m, n, k, r, dtype, p, every, tma, persistent, strategy, tf32, None if p else 0, True))
+    launched = _dispatched_kernels(monkeypatch, cases)
+    _assert_compiled(launched, arch)
+    gemms = [key for key in launched if key[0] == "gemm" and len(key) > 3]
+    assert len(gemms) > 50 and any(key[6] for key in gemms) == (arch >= 90)  # (the persistent grid: Hopper on)
+    for key in gemms:
+        _, name, dtype, (bm, bn, bk, group_m, warps, stages), block_r = key[:5]
+        cfg = configs.GemmConfig(bm, bn, bk, group_m, warps, stages)
+        assert cfg.smem_bytes(4 if dtype == "fp32" else 2, block_r, "_in_loop" in name) <= limit, (key, launched[key])

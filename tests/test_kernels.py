@@ -510,6 +510,72 @@ def test_the_masked_in_loop_shrink_runs_only_on_tiles_that_hold_its_mask():
             assert big.strategy == "split" and f"rank tile with dropout ({fits})" in big.reason
 
 
+def test_every_gpu_gets_tiles_that_fit_its_shared_memory():
+    """The stage counts are Hopper's (227 KiB a program): on a GPU with less
+    (A100 163 KiB; the GeForce, RTX and L4/L40 parts 99) a tile whose stages
+    do not fit runs with as many as do, at least two, and the dispatch plans
+    every GEMM of every strategy, rank and M bucket within the limit."""
+    d = fused_lora.dispatch
+    shipped = configs.shipped_configs()
+    for elt, pool in ((2, shipped["gemm_16bit"]), (4, shipped["gemm_fp32"])):  # (Hopper: as shipped)
+        for block_r in (16, 64):
+            assert set(configs.gemm_candidates(elt, block_r, False)) <= set(pool)
+    small = configs.gemm_candidates(2, 16, False, smem_limit=101_376, arch=86)
+    assert configs.GemmConfig(128, 128, 64, 8, 8, 2) in small  # (shipped with 3 and 4 stages: once)
+    assert len(small) == len(set(small)) and all(c.num_stages >= 2 for c in small)
+    # the in-loop shrink's widest rank tile still has a tile, on the narrowest one
+    assert configs.gemm_candidates(2, 128, True, smem_limit=101_376, arch=86) == [
+        configs.GemmConfig(64, 64, 64, 8, 4, 2)]
+    assert configs.smem_limit_for(89) == configs.smem_limit_for(86) == 101_376
+    assert configs.smem_limit_for(121) == configs.smem_limit_for(122) == 101_376  # (a newer minor: its major's)
+    assert configs.smem_limit_for(80) == 166_912 and configs.smem_limit_for(90) == configs.SMEM_LIMIT_SM90
+    with pytest.raises(ValueError, match="sm_80 or newer, got sm_75"):
+        configs.smem_limit_for(75)
+    with pytest.raises(ValueError, match="no shared-memory limit is known for sm_130"):
+        configs.smem_limit_for(130)
+    targets = [(arch, None) for arch in configs.SMEM_LIMIT_BY_ARCH] + [(90, 101_376)]  # (a limit read from a device)
+    for (arch, device_limit), dtype, p, strategy, persistent in itertools.product(
+            targets, (torch.bfloat16, torch.float32), (0.0, 0.1), (None, "in_loop", "split", "hybrid"),
+            (False, True)):
+        elt = dtype.itemsize
+        limit = device_limit or configs.smem_limit_for(arch)
+        for m, r in itertools.product((1, 16, 256, 4096, 16384), (1, 16, 17, 33, 64, 128)):
+            with d.use_persistent(persistent):
+                plan = d.plan(m, 4096, 4096, r, dtype, p, arch=arch, interpreter=False, strategy=strategy,
+                              smem_limit=device_limit)
+            for cfg, in_loop in ((plan.fwd_gemm, plan.strategy == "in_loop"), (plan.dx_gemm, plan.dx_in_loop),
+                                 (plan.dw_gemm, False)):
+                block_r = configs.block_r_for(r) if in_loop else configs.block_r_for(r, configs.GEMM_LR_MAX_BLOCK_R[elt])
+                if cfg is plan.dw_gemm:
+                    block_r = configs.block_r_for(1)
+                assert cfg.smem_bytes(elt, block_r, in_loop) <= limit, (arch, limit, dtype, p, strategy, m, r, cfg)
+    with pytest.raises(ValueError, match="sm_80 or newer"):
+        fused_lora.explain((16, 64), (64, 64), 8, target="sm_75")
+
+
+def test_before_hopper_the_in_loop_wide_ranks_run_on_the_narrow_tiles():
+    """mma.sync keeps its operands in registers: above a 32-wide rank tile
+    (16 with dx's masked epilogue) the in-loop shrink runs on the tiles with
+    32 accumulator elements a thread (the others spill, compile report,
+    sm_80); Hopper's tiles are unchanged, and so is the dispatch's choice at
+    small M (already the narrow tiles)."""
+    a100 = dict(arch=80, smem_limit=configs.smem_limit_for(80))
+    cap = configs.PRE_HOPPER_IN_LOOP_WIDE_RANK_MAX_ELEMS_PER_THREAD
+    wide = configs.GemmConfig(128, 128, 64, 8, 8, 4)
+    for epilogue_mask, narrow in configs.PRE_HOPPER_IN_LOOP_NARROW_BLOCK_R.items():
+        for block_r in configs.rank_tiles(128):
+            cands = configs.gemm_candidates(2, block_r, True, epilogue_mask, **a100)
+            assert cands, (epilogue_mask, block_r)
+            if block_r > narrow:
+                assert all(c.elems_per_thread() <= cap for c in cands), (epilogue_mask, block_r)
+            else:
+                assert wide in cands, (epilogue_mask, block_r)
+            assert wide in configs.gemm_candidates(2, block_r, True, epilogue_mask) or block_r > 64
+    assert wide in configs.gemm_candidates(2, 64, False, True, **a100)  # (the split dx: its own rule)
+    for r in (64, 128):
+        assert fused_lora.explain((16, 4096), (4096, 4096), r, target="sm_80").plan.strategy == "in_loop"
+
+
 @pytest.mark.parametrize("lead", [(0,), (2, 0)])
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_zero_tokens(lead, p):
@@ -895,6 +961,7 @@ def test_autotune_picks_the_fastest_candidate_per_bucket_and_remembers(monkeypat
     fastest = cands[2]
     timed = []
     monkeypatch.setattr(dispatch, "device_arch", lambda device: 90)
+    monkeypatch.setattr(dispatch, "device_smem_limit", lambda device: configs.SMEM_LIMIT_SM90)
     monkeypatch.setattr(dispatch, "_time_ms", lambda fn: fn())
     dispatch.set_autotune(True)
     try:
