@@ -380,8 +380,8 @@ def _gemm_pruning(pass_name: str) -> dict:
 #: within this many registers of the limit, spills or fails
 #: (:func:`fp16_twins`); ``every_fp16_tile`` (``--every-fp16-tile``)
 #: compiles them all. (The skinny passes and the reductions, one tile each,
-#: are compiled in fp16 at every rank tile and variant; for sm_80, where
-#: this was not measured, fp16's GEMMs are compiled on every tile.)
+#: are compiled in fp16 at every rank tile and variant; for the other
+#: archs, where this was not measured, fp16's GEMMs on every tile.)
 FP16_TWIN_REGISTER_MARGIN = 24
 
 
@@ -396,7 +396,7 @@ def jobs_for(arch: int, every_fp16_tile: bool = False) -> list[Job]:
     for dtype in ("bf16", "fp16", "fp32"):
         elt = 4 if dtype == "fp32" else 2
         # (fp16's GEMMs for sm_90, where the twins were measured: the largest tile, and bf16's twins)
-        every_tile = dtype != "fp16" or every_fp16_tile or arch < 90
+        every_tile = dtype != "fp16" or every_fp16_tile or arch != 90
         # (pass, rank tile, in-loop shrink, dropout mask), at every rank tile the pass runs with (each
         # is its own kernel): the in-loop passes (the forward, and dx at small M) hold the whole rank in
         # one tile; the others add the precomputed low-rank term in chunks of at most GEMM_LR_MAX_BLOCK_R.
@@ -447,9 +447,11 @@ def jobs_for(arch: int, every_fp16_tile: bool = False) -> list[Job]:
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=True))
                     if cfg is fitting[0]:
                         jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, even_k=False, tma=True))
-                # the persistent grid (16-bit, Hopper; its own, narrower tiles), with pointers and with TMA
+                # the persistent grid (16-bit, Hopper's shared memory; its own, narrower tiles), with
+                # pointers and with TMA
                 persistent = configs.gemm_candidates(elt, block_r, in_loop, arch=arch, persistent=True,
-                                                     smem_limit=smem, **_gemm_pruning(pass_name))
+                                                     smem_limit=smem, **_gemm_pruning(pass_name)) \
+                    if configs.persistent_grid_fits(smem) else []
                 for cfg in persistent if every_tile else persistent[:1]:
                     for tma in (False, True):
                         jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=tma,
@@ -538,7 +540,8 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
     arch's limit (``smem_limit``, default :func:`~fused_lora.kernels.configs.smem_limit_for`:
     the kernel could not launch) or a GEMM's over the estimate that prunes its
     tiles (:meth:`~fused_lora.kernels.configs.GemmConfig.smem_bytes`: the
-    dispatch could pick one that does not fit), on any arch; on sm_90, the
+    dispatch could pick one that does not fit; the persistent grid, which
+    buffers more, runs only with Hopper's), on any arch; on sm_90, the
     target, also a
     spill, a 16-bit GEMM without wgmma, a TMA variant without TMA copies, or
     a skinny pass or reduction (no column tail) with loads narrower than
@@ -554,7 +557,7 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
         limit = smem_limit or configs.smem_limit_for(r.arch)
         if r.shared > limit:
             out.append(f"{tag}: shared memory {r.shared} > {limit}")
-        if r.kernel == "gemm":
+        if r.kernel == "gemm" and "+persistent" not in r.pass_name:  # (configs.persistent_grid_fits)
             estimate = configs.GemmConfig(**r.config).smem_bytes(4 if r.dtype == "fp32" else 2, r.block_r,
                                                                  "_in_loop" in r.pass_name)
             if r.shared > estimate:

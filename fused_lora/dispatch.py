@@ -269,7 +269,7 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
     # (the persistent grid holds a narrower in-loop rank tile, none with dx's mask: above it, every GEMM
     # runs one program a tile)
     block_r = cfg.block_r_for(r)
-    persistent = persistent and hopper_16bit and not (
+    persistent = persistent and hopper_16bit and cfg.persistent_grid_fits(smem_limit) and not (
         (strategy == "in_loop" and block_r > cfg.in_loop_max_block_r(elt, persistent=True))
         or (dx_in_loop and block_r > cfg.in_loop_max_block_r(elt, persistent=True, epilogue_mask=dropout)))
     return Plan(

@@ -278,6 +278,17 @@ IN_LOOP_MAX_ELEMS_PER_THREAD = {2: 160, 4: 64}
 SHRINK_MASK_MAX_ELEMS_PER_THREAD = 32
 
 
+def persistent_grid_fits(smem_limit: int) -> bool:
+    """Whether the persistent grid may run with ``smem_limit`` bytes of shared
+    memory a program: only with Hopper's. Its flattened tile loop buffers one
+    or two stages more than :meth:`GemmConfig.smem_bytes` counts (compile
+    report, sm_90, Triton 3.6 and 3.9: 128x128x64 on 4 stages takes 163,840
+    to 196,608 bytes where the estimate says 139,264 to 163,840), so the
+    estimate cannot prune its tiles for a smaller limit; with Hopper's the
+    report checks the real figure of every tile against it."""
+    return smem_limit >= SMEM_LIMIT_SM90
+
+
 def in_loop_max_block_r(elt: int, persistent: bool = False, epilogue_mask: bool = False) -> int:
     """The largest rank tile of the in-loop shrink (so the largest rank it
     runs with: a rank tile is r's next power of two, at least 16); 0: none.

@@ -551,6 +551,12 @@ def test_every_gpu_gets_tiles_that_fit_its_shared_memory():
                 assert cfg.smem_bytes(elt, block_r, in_loop) <= limit, (arch, limit, dtype, p, strategy, m, r, cfg)
     with pytest.raises(ValueError, match="sm_80 or newer"):
         fused_lora.explain((16, 64), (64, 64), 8, target="sm_75")
+    # the persistent grid buffers more than the estimate counts: with Hopper's shared memory only
+    with d.use_persistent(True), d.use_tma(True):
+        for arch, device_limit, runs in ((90, None, True), (100, None, True), (120, None, False), (90, 101_376, False)):
+            plan = d.plan(8192, 4096, 4096, 16, torch.bfloat16, 0.0, arch=arch, interpreter=False,
+                          smem_limit=device_limit)
+            assert plan.persistent == runs and plan.tma == (arch >= 90), (arch, device_limit)
 
 
 def test_before_hopper_the_in_loop_wide_ranks_run_on_the_narrow_tiles():
