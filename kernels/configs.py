@@ -205,20 +205,31 @@ SKINNY_FP32 = SkinnyConfig(block_m=32, block_c=32, num_warps=4, num_stages=2, ma
 EPILOGUE_MASK_MAX_ELEMS_PER_THREAD = {2: 64, 4: 32}
 
 
-#: Before Hopper (mma.sync) a 128x256 accumulator on 8 warps spills (compile
-#: report, sm_80): tiles are capped at this many accumulator elements per thread.
-PRE_HOPPER_MAX_ELEMS_PER_THREAD = 64
+def uses_mma_sync(arch: int) -> bool:
+    """Whether Triton's 16-bit dots on compute capability ``arch`` are
+    mma.sync, whose operands and accumulator live in registers: Ampere and
+    Ada (sm_8x) and the GeForce/RTX Blackwell parts (sm_12x; every 16-bit
+    GEMM of the sm_120 report). Hopper's are wgmma, sm_10x's tcgen05."""
+    return arch < 90 or arch >= 120
+
+
+#: With mma.sync a 128x256 accumulator on 8 warps spills (compile report,
+#: sm_80): tiles are capped at this many accumulator elements per thread.
+MMA_SYNC_MAX_ELEMS_PER_THREAD = 64
 #: And the in-loop shrink (whose mma.sync operands are in registers too),
 #: above a 32-wide rank tile (16 with dx's epilogue mask), spills on the
-#: tiles with 64 accumulator elements a thread (compile report, sm_80,
-#: Triton 3.6 and 3.9, bf16 and fp16: dx 8-216 B at a 64 rank tile, 16-64 B
-#: at 32 with the mask, 128x128x64 at a 128 rank tile up to 24 KB in the
-#: forward's K tail); the 64x64 tiles (32 a thread) do not, up to 128.
-PRE_HOPPER_IN_LOOP_NARROW_BLOCK_R = {False: 32, True: 16}
-PRE_HOPPER_IN_LOOP_WIDE_RANK_MAX_ELEMS_PER_THREAD = 32
-#: (With both rules: sm_80's spills went from 72-73 kernels, up to 24.6 KB,
-#: to 10-17 of at most 72 B, Triton 3.9 and 3.6: skinny passes and fp32, at
-#: 64-128 registers, where ptxas caps them for occupancy.)
+#: tiles with 64 accumulator elements a thread (compile report, Triton 3.6
+#: and 3.9, bf16 and fp16: sm_80, dx 8-216 B at a 64 rank tile, 16-64 B at
+#: 32 with the mask, 128x128x64 at a 128 rank tile up to 24 KB in the
+#: forward's K tail; sm_120, 16-232 B in the same places); the 64x64 tiles
+#: (32 a thread) do not, up to 128.
+MMA_SYNC_IN_LOOP_NARROW_BLOCK_R = {False: 32, True: 16}
+MMA_SYNC_IN_LOOP_WIDE_RANK_MAX_ELEMS_PER_THREAD = 32
+#: (With both rules, Triton 3.9 and 3.6: sm_80's spilling kernels went from
+#: 72-73, up to 24.6 KB, to 10-17 of at most 72 B; sm_120's (99 KiB, fewer
+#: stages too) from 52, up to 232 B, to 14-20 of at most 72 B: skinny passes,
+#: fp32 and a few 16-bit tiles, at 64-128 registers, where ptxas caps them
+#: for occupancy.)
 #: The stage counts are Hopper's: on a device with less shared memory a tile
 #: whose stages do not fit runs with as many as do, down to this (one tile
 #: loading while the other is read). sm_86 (99 KiB), compile report, Triton
@@ -332,9 +343,10 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
     """The shipped GEMM configurations for an element size, pruned to those
     whose shared memory fits ``smem_limit`` (below Hopper's, with fewer
     stages where theirs do not fit; and, with an epilogue mask, on the
-    persistent grid or before Hopper, whose tile leaves few enough elements
-    per thread; with the in-loop shrink, whose accumulator and xa do, and
-    before Hopper, above its narrow rank tiles, whose accumulator does; with
+    persistent grid or with mma.sync (:func:`uses_mma_sync`), whose tile
+    leaves few enough elements per thread; with the in-loop shrink, whose
+    accumulator and xa do, and with mma.sync, above its narrow rank tiles,
+    whose accumulator does; with
     its input masked, whose A tile does). None where the in-loop shrink
     cannot hold the rank tile."""
     if shrink_in_loop and block_r > in_loop_max_block_r(elt, persistent, epilogue_mask):
@@ -346,9 +358,10 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
 
     if smem_limit < SMEM_LIMIT_SM90:
         pool = _stages_that_fit(pool, fits)
-    cap = PRE_HOPPER_MAX_ELEMS_PER_THREAD if arch < 90 else None
-    if arch < 90 and shrink_in_loop and block_r > PRE_HOPPER_IN_LOOP_NARROW_BLOCK_R[epilogue_mask]:
-        cap = min(cap, PRE_HOPPER_IN_LOOP_WIDE_RANK_MAX_ELEMS_PER_THREAD)
+    mma_sync = uses_mma_sync(arch)
+    cap = MMA_SYNC_MAX_ELEMS_PER_THREAD if mma_sync else None
+    if mma_sync and shrink_in_loop and block_r > MMA_SYNC_IN_LOOP_NARROW_BLOCK_R[epilogue_mask]:
+        cap = min(cap, MMA_SYNC_IN_LOOP_WIDE_RANK_MAX_ELEMS_PER_THREAD)
     if epilogue_mask:
         cap = min(cap or 1 << 30, EPILOGUE_MASK_MAX_ELEMS_PER_THREAD[elt])
     if persistent:

@@ -545,9 +545,8 @@ def test_every_gpu_gets_tiles_that_fit_its_shared_memory():
                               smem_limit=device_limit)
             for cfg, in_loop in ((plan.fwd_gemm, plan.strategy == "in_loop"), (plan.dx_gemm, plan.dx_in_loop),
                                  (plan.dw_gemm, False)):
-                block_r = configs.block_r_for(r) if in_loop else configs.block_r_for(r, configs.GEMM_LR_MAX_BLOCK_R[elt])
-                if cfg is plan.dw_gemm:
-                    block_r = configs.block_r_for(1)
+                block_r = configs.block_r_for(1 if cfg is plan.dw_gemm else r,
+                                              configs.MAX_BLOCK_R if in_loop else configs.GEMM_LR_MAX_BLOCK_R[elt])
                 assert cfg.smem_bytes(elt, block_r, in_loop) <= limit, (arch, limit, dtype, p, strategy, m, r, cfg)
     with pytest.raises(ValueError, match="sm_80 or newer"):
         fused_lora.explain((16, 64), (64, 64), 8, target="sm_75")
@@ -559,27 +558,33 @@ def test_every_gpu_gets_tiles_that_fit_its_shared_memory():
             assert plan.persistent == runs and plan.tma == (arch >= 90), (arch, device_limit)
 
 
-def test_before_hopper_the_in_loop_wide_ranks_run_on_the_narrow_tiles():
-    """mma.sync keeps its operands in registers: above a 32-wide rank tile
-    (16 with dx's masked epilogue) the in-loop shrink runs on the tiles with
-    32 accumulator elements a thread (the others spill, compile report,
-    sm_80); Hopper's tiles are unchanged, and so is the dispatch's choice at
-    small M (already the narrow tiles)."""
-    a100 = dict(arch=80, smem_limit=configs.smem_limit_for(80))
-    cap = configs.PRE_HOPPER_IN_LOOP_WIDE_RANK_MAX_ELEMS_PER_THREAD
-    wide = configs.GemmConfig(128, 128, 64, 8, 8, 4)
-    for epilogue_mask, narrow in configs.PRE_HOPPER_IN_LOOP_NARROW_BLOCK_R.items():
-        for block_r in configs.rank_tiles(128):
-            cands = configs.gemm_candidates(2, block_r, True, epilogue_mask, **a100)
-            assert cands, (epilogue_mask, block_r)
-            if block_r > narrow:
-                assert all(c.elems_per_thread() <= cap for c in cands), (epilogue_mask, block_r)
-            else:
-                assert wide in cands, (epilogue_mask, block_r)
-            assert wide in configs.gemm_candidates(2, block_r, True, epilogue_mask) or block_r > 64
-    assert wide in configs.gemm_candidates(2, 64, False, True, **a100)  # (the split dx: its own rule)
-    for r in (64, 128):
-        assert fused_lora.explain((16, 4096), (4096, 4096), r, target="sm_80").plan.strategy == "in_loop"
+def test_with_mma_sync_the_in_loop_wide_ranks_run_on_the_narrow_tiles():
+    """mma.sync (sm_8x, sm_12x) keeps its operands in registers: above a
+    32-wide rank tile (16 with dx's masked epilogue) the in-loop shrink runs
+    on the tiles with 32 accumulator elements a thread (the others spill,
+    compile report, sm_80 and sm_120); Hopper's and sm_10x's tiles are
+    unchanged, and so is the dispatch's choice at small M (already the
+    narrow tiles)."""
+    assert [configs.uses_mma_sync(a) for a in (80, 86, 89, 90, 100, 103, 120, 121)] == [True] * 3 + [False] * 3 + [
+        True] * 2
+    cap = configs.MMA_SYNC_IN_LOOP_WIDE_RANK_MAX_ELEMS_PER_THREAD
+    # (the widest 8-warp tile, with the stages that fit: A100 163 KiB, sm_120 99)
+    for arch, stages in ((80, 4), (120, 2)):
+        wide = configs.GemmConfig(128, 128, 64, 8, 8, stages)
+        target = dict(arch=arch, smem_limit=configs.smem_limit_for(arch))
+        for epilogue_mask, narrow in configs.MMA_SYNC_IN_LOOP_NARROW_BLOCK_R.items():
+            for block_r in configs.rank_tiles(128):
+                cands = configs.gemm_candidates(2, block_r, True, epilogue_mask, **target)
+                assert cands, (arch, epilogue_mask, block_r)
+                if block_r > narrow:
+                    assert all(c.elems_per_thread() <= cap for c in cands), (arch, epilogue_mask, block_r)
+                else:
+                    assert wide in cands, (arch, epilogue_mask, block_r)
+        assert wide in configs.gemm_candidates(2, 64, False, True, **target)  # (the split dx: its own rule)
+        for r in (64, 128):
+            assert fused_lora.explain((16, 4096), (4096, 4096), r, target=f"sm_{arch}").plan.strategy == "in_loop"
+    for arch in (90, 100):
+        assert configs.GemmConfig(128, 128, 64, 8, 8, 4) in configs.gemm_candidates(2, 64, True, arch=arch)
 
 
 @pytest.mark.parametrize("lead", [(0,), (2, 0)])
