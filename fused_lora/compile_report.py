@@ -542,10 +542,10 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
     tiles (:meth:`~fused_lora.kernels.configs.GemmConfig.smem_bytes`: the
     dispatch could pick one that does not fit; the persistent grid, which
     buffers more, runs only with Hopper's), on any arch; on sm_90, the
-    target, also a
-    spill, a 16-bit GEMM without wgmma, a TMA variant without TMA copies, or
-    a skinny pass or reduction (no column tail) with loads narrower than
-    16-byte vectors. Other archs' spills are in the table, not rejected."""
+    target, also a spill, a 16-bit GEMM without wgmma, a TMA variant without
+    TMA copies, or a skinny pass or reduction (no column tail) with loads
+    narrower than 16-byte vectors. Other archs' spills are in the table, not
+    rejected."""
     from fused_lora.kernels import configs
 
     out = []
