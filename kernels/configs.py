@@ -225,11 +225,12 @@ MMA_SYNC_MAX_ELEMS_PER_THREAD = 64
 #: (32 a thread) do not, up to 128.
 MMA_SYNC_IN_LOOP_NARROW_BLOCK_R = {False: 32, True: 16}
 MMA_SYNC_IN_LOOP_WIDE_RANK_MAX_ELEMS_PER_THREAD = 32
-#: (With both rules, Triton 3.9 and 3.6: sm_80's spilling kernels went from
-#: 72-73, up to 24.6 KB, to 10-17 of at most 72 B; sm_120's (99 KiB, fewer
-#: stages too) from 52, up to 232 B, to 14-20 of at most 72 B: skinny passes,
-#: fp32 and a few 16-bit tiles, at 64-128 registers, where ptxas caps them
-#: for occupancy.)
+# (With both rules, Triton 3.9 and 3.6: sm_80's spilling kernels went from
+# 72-73, up to 24.6 KB, to 10-17 of at most 72 B; sm_120's (99 KiB, fewer
+# stages too) from 52, up to 232 B, to 14-20 of at most 72 B: skinny passes,
+# fp32 and a few 16-bit tiles, at 64-128 registers, where ptxas appears to
+# cap them for occupancy.)
+
 #: The stage counts are Hopper's: on a device with less shared memory a tile
 #: whose stages do not fit runs with as many as do, down to this (one tile
 #: loading while the other is read). sm_86 (99 KiB), compile report, Triton
@@ -346,9 +347,8 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
     persistent grid or with mma.sync (:func:`uses_mma_sync`), whose tile
     leaves few enough elements per thread; with the in-loop shrink, whose
     accumulator and xa do, and with mma.sync, above its narrow rank tiles,
-    whose accumulator does; with
-    its input masked, whose A tile does). None where the in-loop shrink
-    cannot hold the rank tile."""
+    whose accumulator does; with its input masked, whose A tile does). None
+    where the in-loop shrink cannot hold the rank tile."""
     if shrink_in_loop and block_r > in_loop_max_block_r(elt, persistent, epilogue_mask):
         return []
     pool = _GEMM_CANDIDATES_FP32 if elt == 4 else _GEMM_CANDIDATES_16BIT
