@@ -19,6 +19,7 @@ import importlib.abc
 import importlib.util
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -96,16 +97,26 @@ def configs():
     return k.configs
 
 
-#: (compute capability x10, shared memory one program may use) of each CUDA
-#: device used so far, by index: read from the device once, then a dict read
-#: (which torch.compile traces).
-_cuda_targets: dict[int, tuple[int, int]] = {}
+class CudaTarget(NamedTuple):
+    """What the dispatch tunes for on one CUDA device."""
+
+    #: Compute capability x10 (90: H100/H200).
+    arch: int
+    #: Bytes of shared memory one program may use (the opt-in limit per block).
+    smem_limit: int
+    #: Streaming multiprocessors: the grids aim to cover every one.
+    num_sms: int
 
 
-def cuda_target(device: torch.device) -> tuple[int, int]:
-    """(compute capability x10, bytes of shared memory per block, opt-in) of
-    the CUDA device ``device`` (an index-less one: the current device). The
-    limit is the device's own where torch reports it, else
+#: The :class:`CudaTarget` of each CUDA device used so far, by index: read
+#: from the device once, then a dict read (which torch.compile traces).
+_cuda_targets: dict[int, CudaTarget] = {}
+
+
+def cuda_target(device: torch.device) -> CudaTarget:
+    """The :class:`CudaTarget` of the CUDA device ``device`` (an index-less
+    one: the current device). The shared-memory limit is the device's own
+    where torch reports it, else
     :func:`fused_lora.kernels.configs.smem_limit_for`'s."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     target = _cuda_targets.get(index)
@@ -118,7 +129,7 @@ def cuda_target(device: torch.device) -> tuple[int, int]:
                 smem = configs().smem_limit_for(arch)
             except ValueError:  # (below the kernels' minimum, which why_not reports; or unknown: the least)
                 smem = min(configs().SMEM_LIMIT_BY_ARCH.values())
-        target = _cuda_targets[index] = (arch, int(smem))
+        target = _cuda_targets[index] = CudaTarget(arch, int(smem), int(props.multi_processor_count))
     return target
 
 
@@ -133,7 +144,7 @@ def why_not(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cuda":
         if kernels.INTERPRETER:
             return "TRITON_INTERPRET=1 was set when fused_lora was imported: the kernels run on CPU tensors only"
-        arch = cuda_target(device)[0]
+        arch = cuda_target(device).arch
         if arch < kernels.configs.MIN_ARCH:
             return (f"the GPU is sm_{arch}, and the kernels need sm_{kernels.configs.MIN_ARCH} or newer (below it "
                     "Triton has no tensor-core dots)")

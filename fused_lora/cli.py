@@ -137,8 +137,9 @@ def cmd_check(args) -> int:
         with (dispatch.force_strategy(case["strategy"]), dispatch.use_tma(case["tma"]),
               dispatch.use_persistent(case["persistent"])):
             m = math.prod(case["lead"])
-            plan = dispatch.plan(m, case["n"], case["k"], case["r"], case["dtype"], case["dropout_p"],
-                                 dispatch.device_arch(device), smem_limit=dispatch.device_smem_limit(device))
+            target = dispatch.device_target(device)
+            plan = dispatch.plan(m, case["n"], case["k"], case["r"], case["dtype"], case["dropout_p"], target.arch,
+                                 smem_limit=target.smem_limit, num_sms=target.num_sms)
             try:
                 errors = parity_case(case["lead"], case["k"], case["n"], case["r"], case["dtype"],
                                      dropout_p=case["dropout_p"], train_base=case["train_base"], device=device)

@@ -182,19 +182,19 @@ def input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def device_target(device: torch.device) -> _triton.CudaTarget:
+    """What the dispatch tunes for on ``device``: a CUDA device's own compute
+    capability, shared memory per program (its opt-in limit per block) and
+    SM count; Hopper's (the tuning target) for any other device."""
+    if device.type != "cuda":
+        cfg = _triton.configs()
+        return _triton.CudaTarget(90, cfg.SMEM_LIMIT_SM90, cfg.NUM_SMS_SM90)
+    return _triton.cuda_target(device)
+
+
 def device_arch(device: torch.device) -> int:
     """Compute capability x10 of a CUDA device; 90 (the tuning target) otherwise."""
-    if device.type != "cuda":
-        return 90
-    return _triton.cuda_target(device)[0]
-
-
-def device_smem_limit(device: torch.device) -> int:
-    """The shared memory one program may use on a CUDA device (its opt-in
-    limit per block); Hopper's (the tuning target) otherwise."""
-    if device.type != "cuda":
-        return _triton.configs().SMEM_LIMIT_SM90
-    return _triton.cuda_target(device)[1]
+    return device_target(device).arch
 
 
 def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, max_block_r: int,
@@ -226,12 +226,15 @@ def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, 
 
 
 def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, arch: int = 90,
-         interpreter: bool | None = None, strategy: str | None = None, smem_limit: int | None = None) -> Plan:
+         interpreter: bool | None = None, strategy: str | None = None, smem_limit: int | None = None,
+         num_sms: int | None = None) -> Plan:
     """The strategy and configurations for ``x (m, k) · Wᵀ (k, n)`` with rank ``r``
     on a GPU of compute capability ``arch`` (x10) with ``smem_limit`` bytes of
     shared memory per program (default: the arch's, from
     :data:`~fused_lora.kernels.configs.SMEM_LIMIT_BY_ARCH`; a ValueError for
-    one below the kernels' minimum), or on the interpreter. ``strategy``
+    one below the kernels' minimum) and ``num_sms`` SMs (default: an H200's,
+    :data:`~fused_lora.kernels.configs.NUM_SMS_SM90`), or on the interpreter
+    (which ignores both). ``strategy``
     forces one (as :func:`force_strategy` does; default: the enclosing force,
     if any). Cached per problem: at small M the host's time per call matters."""
     interp = _triton.interpreter() if interpreter is None else interpreter
@@ -241,12 +244,17 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
     if smem_limit is None:
         cfg = _triton.configs()
         smem_limit = cfg.SMEM_LIMIT_SM90 if interp else cfg.smem_limit_for(arch)
+    if num_sms is None:
+        num_sms = _triton.configs().NUM_SMS_SM90
+    elif num_sms < 1:
+        raise ValueError(f"num_sms must be >= 1, got {num_sms}")
     return _plan(m, n, k, r, dtype, dropout_p > 0.0, arch, interp, forced, input_precision(dtype),
-                 _switches["tma"], _switches["persistent"], smem_limit)
+                 _switches["tma"], _switches["persistent"], smem_limit, num_sms)
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, persistent, smem_limit) -> Plan:
+def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, persistent, smem_limit,
+          num_sms) -> Plan:
     cfg = _triton.configs()
     elt = dtype.itemsize
     dropout_p = 0.5 if dropout else 0.0  # only "is there dropout" shapes the plan
@@ -254,7 +262,7 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
     # (under hybrid the Triton GEMMs have no K loop: neither switch applies)
     hopper_16bit = elt == 2 and (interp or arch >= 90) and strategy != "hybrid"
     skinny = cfg.skinny_config(elt, interp, m)
-    skinny_programs = cfg.skinny_target_programs(interp)
+    skinny_programs = cfg.skinny_target_programs(interp, num_sms)
     # dx computes g in its K loop at small M where that spares the dy pass a launch (or where in_loop
     # is forced, even if the forward fell back to split): dropout or not, its mask is drawn in the
     # epilogue either way
@@ -276,11 +284,12 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
         strategy=strategy,
         reason=reason,
         fwd_gemm=cfg.gemm_config(m, n, k, r, elt, strategy == "in_loop", interp, arch=arch, persistent=persistent,
-                                 shrink_mask=dropout and strategy == "in_loop", smem_limit=smem_limit),
+                                 shrink_mask=dropout and strategy == "in_loop", smem_limit=smem_limit,
+                                 num_sms=num_sms),
         dx_gemm=cfg.gemm_config(m, k, n, r, elt, dx_in_loop, interp, epilogue_mask=dropout_p > 0.0, arch=arch,
-                                persistent=persistent, smem_limit=smem_limit),
+                                persistent=persistent, smem_limit=smem_limit, num_sms=num_sms),
         dw_gemm=cfg.gemm_config(n, k, m, 1, elt, False, interp, arch=arch, persistent=persistent,
-                                smem_limit=smem_limit),
+                                smem_limit=smem_limit, num_sms=num_sms),
         skinny=skinny,
         skinny_programs=skinny_programs,
         input_precision=precision,
@@ -302,6 +311,8 @@ class Explanation:
     dropout_p: float
     target: str
     plan: Plan
+    #: The GPU's SM count the plan was made for (None on the interpreter).
+    num_sms: int | None = None
 
     def passes(self) -> list[tuple[str, str]]:
         p = self.plan
@@ -354,19 +365,21 @@ class Explanation:
 
     def __str__(self) -> str:
         head = (f"x ({self.m}, {self.k}) -> ({self.m}, {self.n}), r={self.r}, {str(self.dtype).replace('torch.', '')},"
-                f" dropout={self.dropout_p:g} on {self.target}")
+                f" dropout={self.dropout_p:g} on {self.target}" + (f" ({self.num_sms} SMs)" if self.num_sms else ""))
         lines = [head, f"strategy: {self.plan.strategy} — {self.plan.reason}"]
         lines += [f"  {name:<18} {what}" for name, what in self.passes()]
         return "\n".join(lines)
 
 
 def explain(x_shape, weight_shape, r: int, dtype: torch.dtype = torch.bfloat16, dropout_p: float = 0.0,
-            target: str = "sm_90") -> Explanation:
+            target: str = "sm_90", num_sms: int | None = None) -> Explanation:
     """Which strategy and configuration would run for ``x`` of ``x_shape``
     (..., in) and a weight of ``weight_shape`` (out, in), rank ``r``, and why.
 
     ``target``: ``"sm_90"`` (Hopper, the default, whatever this machine has),
-    ``"sm_80"``, another ``"sm_XY"``, or ``"interpreter"``. ``print()`` it.
+    ``"sm_80"``, another ``"sm_XY"``, or ``"interpreter"``; ``num_sms``: the
+    GPU's SM count (default: an H200's 132; the grids aim to cover every SM,
+    so it moves the tiles at small M and split-K). ``print()`` it.
     """
     x_shape, weight_shape = tuple(x_shape), tuple(weight_shape)
     if len(weight_shape) != 2 or not x_shape or x_shape[-1] != weight_shape[1]:
@@ -379,12 +392,15 @@ def explain(x_shape, weight_shape, r: int, dtype: torch.dtype = torch.bfloat16, 
         arch, interp = int(target[3:]), False
     else:
         raise ValueError(f"target must be 'sm_XY' or 'interpreter', got {target!r}")
+    if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int)):
+        raise TypeError(f"num_sms must be an int, got {type(num_sms).__name__}")
     m = 1
     for d in x_shape[:-1]:
         m *= d
     n, k = weight_shape
+    num_sms = None if interp else num_sms or _triton.configs().NUM_SMS_SM90
     return Explanation(m, n, k, r, dtype, float(dropout_p), target,
-                       plan(m, n, k, r, dtype, dropout_p, arch=arch, interpreter=interp))
+                       plan(m, n, k, r, dtype, dropout_p, arch=arch, interpreter=interp, num_sms=num_sms), num_sms)
 
 
 # ----------------------------------------------------------------------------
@@ -422,16 +438,17 @@ def gemm_config_for(pass_name: str, default, launch, *, m: int, n: int, k: int, 
     if not _autotune or device.type != "cuda":
         return default
     cfg = _triton.configs()
-    arch, smem_limit = device_arch(device), device_smem_limit(device)
+    arch, smem_limit, num_sms = device_target(device)
     elt = dtype.itemsize
     block_r = cfg.block_r_for(r) if shrink_in_loop else cfg.block_r_for(r, cfg.GEMM_LR_MAX_BLOCK_R[elt])
     key = (pass_name, cfg.m_bucket(m), n, k, block_r, dtype, shrink_in_loop, epilogue_mask, arch, smem_limit,
-           persistent, shrink_mask)
+           num_sms, persistent, shrink_mask)
     if key not in _tuned:
         candidates = cfg.gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, smem_limit=smem_limit,
                                          arch=arch, persistent=persistent, shrink_mask=shrink_mask) or [default]
         # each tile shape with its own split-K
-        candidates = [dataclasses.replace(c, split_k=cfg.split_k_for(c, m, n, k, False)) for c in candidates]
+        candidates = [dataclasses.replace(c, split_k=cfg.split_k_for(c, m, n, k, False, num_sms))
+                      for c in candidates]
         timings = []
         for candidate in candidates:
             try:

@@ -28,7 +28,7 @@ SMEM_LIMIT_SM90 = 232_448
 #: The same limit by compute capability (x10), from the CUDA C++ Programming
 #: Guide's technical specifications: A100 and Orin 163 KiB; the GeForce,
 #: RTX and L4/L40/A10 parts (sm_86, sm_89, sm_120) 99 KiB. On a device the
-#: dispatch reads its own limit (:func:`fused_lora.dispatch.device_smem_limit`);
+#: dispatch reads its own limit (:func:`fused_lora.dispatch.device_target`);
 #: this table serves a target named without one (``explain``, the compile report).
 SMEM_LIMIT_BY_ARCH = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90: SMEM_LIMIT_SM90,
                       100: SMEM_LIMIT_SM90, 103: SMEM_LIMIT_SM90, 120: 101_376, 121: 101_376}
@@ -36,7 +36,10 @@ SMEM_LIMIT_BY_ARCH = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90: SM
 #: below it Triton lowers the 16-bit dots to FMA loops that spill 10-20 KB
 #: (compile report, sm_75 and sm_70, Triton 3.9), and the torch backend runs.
 MIN_ARCH = 80
-#: Streaming multiprocessors on an H200 / H100 SXM; the skinny kernels aim for
+#: Streaming multiprocessors on an H200 / H100 SXM: the grid heuristics' count
+#: for a target named without a device (``explain``, the compile report). On a
+#: device the dispatch reads its own (:func:`fused_lora.dispatch.device_target`):
+#: split-K and the tile choice aim to cover every SM, the skinny kernels at
 #: about two programs per SM so that every SM has a second one to switch to.
 NUM_SMS_SM90 = 132
 #: Largest rank handled as one tile by the kernels. Larger ranks are walked in
@@ -377,13 +380,15 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
                  or c.block_m * c.block_k // (32 * c.num_warps) <= SHRINK_MASK_MAX_ELEMS_PER_THREAD)]
 
 
-def split_k_for(config: GemmConfig, m: int, n: int, k: int, interpreter: bool) -> int:
+def split_k_for(config: GemmConfig, m: int, n: int, k: int, interpreter: bool,
+                num_sms: int = NUM_SMS_SM90) -> int:
     """How many programs share each output tile's K range: enough for the grid
-    to cover every SM when the output alone gives fewer tiles than SMs (small
-    M; or dW, whose K is the token count), bounded so that each split still
-    runs a pipeline of several K blocks and the workspace stays small. The
-    size bucket of M decides, like the tiles (``m`` may be exact)."""
-    target = INTERPRETER_TARGET_PROGRAMS if interpreter else NUM_SMS_SM90
+    to cover every one of the ``num_sms`` SMs when the output alone gives
+    fewer tiles than SMs (small M; or dW, whose K is the token count), bounded
+    so that each split still runs a pipeline of several K blocks and the
+    workspace stays small. The size bucket of M decides, like the tiles
+    (``m`` may be exact)."""
+    target = INTERPRETER_TARGET_PROGRAMS if interpreter else num_sms
     min_blocks = 1 if interpreter else SPLIT_K_MIN_BLOCKS
     mb = m_bucket(m)
     tiles = cdiv(mb, config.block_m) * cdiv(n, config.block_n)
@@ -398,9 +403,9 @@ def split_k_for(config: GemmConfig, m: int, n: int, k: int, interpreter: bool) -
 def gemm_config(m: int, n: int, k: int, r: int, elt: int, shrink_in_loop: bool,
                 interpreter: bool, epilogue_mask: bool = False, arch: int = 90,
                 persistent: bool = False, shrink_mask: bool = False,
-                smem_limit: int = SMEM_LIMIT_SM90) -> GemmConfig:
+                smem_limit: int = SMEM_LIMIT_SM90, num_sms: int = NUM_SMS_SM90) -> GemmConfig:
     """The GEMM tiles (and split-K) for an (m, k) x (k, n) product with a
-    rank-r term.
+    rank-r term, on a GPU with ``num_sms`` SMs.
 
     Heuristic by M bucket: the widest tile that fits at large M (compute
     bound), narrowing BM as M shrinks so that small batches neither pad a
@@ -408,13 +413,13 @@ def gemm_config(m: int, n: int, k: int, r: int, elt: int, shrink_in_loop: bool,
     leave SMs idle.
     """
     tiles = _gemm_tiles(m, n, r, elt, shrink_in_loop, interpreter, epilogue_mask, arch, persistent, shrink_mask,
-                        smem_limit)
-    return replace(tiles, split_k=split_k_for(tiles, m, n, k, interpreter))
+                        smem_limit, num_sms)
+    return replace(tiles, split_k=split_k_for(tiles, m, n, k, interpreter, num_sms))
 
 
 def _gemm_tiles(m: int, n: int, r: int, elt: int, shrink_in_loop: bool, interpreter: bool,
                 epilogue_mask: bool, arch: int, persistent: bool, shrink_mask: bool,
-                smem_limit: int) -> GemmConfig:
+                smem_limit: int, num_sms: int) -> GemmConfig:
     if interpreter:
         return INTERPRETER_GEMM_WIDE if m >= INTERPRETER_WIDE_FROM_M else INTERPRETER_GEMM
     block_r = block_r_for(r) if shrink_in_loop else block_r_for(r, GEMM_LR_MAX_BLOCK_R[elt])
@@ -425,14 +430,16 @@ def _gemm_tiles(m: int, n: int, r: int, elt: int, shrink_in_loop: bool, interpre
                          f"'s rank tile {block_r} ({elt}-byte elements, sm_{arch}, {smem_limit} bytes of shared "
                          f"memory{', persistent' if persistent else ''})")
     mb = m_bucket(m)
-    fitting_m = [c for c in cands if c.block_m <= max(16, mb)]
-    pool = fitting_m or cands
+    # (rows: the tiles no taller than the bucket; below the shortest tile, the shortest ones, so that
+    # 16 tokens never pad a 128-row tile where a 64-row one covers as many SMs)
+    shortest = min(c.block_m for c in cands)
+    pool = [c for c in cands if c.block_m <= max(shortest, mb)]
     if mb >= 4096 and n >= 256:
         return pool[0]
     # Fewer rows: prefer the config that gives at least one tile per SM.
     for c in pool:
         tiles = cdiv(mb, c.block_m) * cdiv(n, c.block_n)
-        if tiles >= NUM_SMS_SM90:
+        if tiles >= num_sms:
             return c
     return pool[-1]
 
@@ -463,11 +470,12 @@ def skinny_config(elt: int, interpreter: bool, m: int = 0) -> SkinnyConfig:
     return SKINNY_FP32 if elt == 4 else SKINNY_16BIT
 
 
-def skinny_target_programs(interpreter: bool) -> int:
-    """How many programs a skinny pass aims for: two per SM on the GPU; on the
-    interpreter, where every program costs time, as few as possible while
-    still exercising the split-and-reduce path on the test shapes."""
-    return 4 if interpreter else 2 * NUM_SMS_SM90
+def skinny_target_programs(interpreter: bool, num_sms: int = NUM_SMS_SM90) -> int:
+    """How many programs a skinny pass aims for: two per SM on a GPU with
+    ``num_sms``; on the interpreter, where every program costs time, as few as
+    possible while still exercising the split-and-reduce path on the test
+    shapes."""
+    return 4 if interpreter else 2 * num_sms
 
 
 def shipped_configs() -> dict[str, list]:

@@ -481,19 +481,19 @@ def test_the_report_compiles_every_kernel_the_dispatch_launches(monkeypatch):
             for dtype in ("bf16", "fp16", "fp32")} <= set(launched)
 
 
-@pytest.mark.parametrize("arch", [80, 86, 120])
-def test_on_other_gpus_the_dispatch_launches_only_what_fits_and_the_report_compiles(monkeypatch, arch):
-    """On an A100 (sm_80, 163 KiB of shared memory a program) and the 99 KiB
-    parts (sm_86 and sm_89; sm_120 with TMA too, not the persistent grid),
-    every kernel the dispatch launches, by default, with a forced strategy or
-    switch, is one ``compile_report --arch`` compiles for that GPU, and every
-    GEMM fits its shared memory by the estimate (which the report checks
-    bounds the real figure: ``problems``)."""
-    from fused_lora import dispatch
+@pytest.mark.parametrize("arch, num_sms", [(80, 108), (86, 82), (89, 58), (120, 170)])
+def test_on_other_gpus_the_dispatch_launches_only_what_fits_and_the_report_compiles(monkeypatch, arch, num_sms):
+    """On an A100 (sm_80, 163 KiB of shared memory a program, 108 SMs) and
+    the 99 KiB parts (RTX 3090, L4, RTX 5090: sm_120 with TMA too, not the
+    persistent grid), each with its own SM count (which moves the tile choice
+    and split-K), every kernel the dispatch launches, by default, with a
+    forced strategy or switch, is one ``compile_report --arch`` compiles for
+    that GPU, and every GEMM fits its shared memory by the estimate (which the
+    report checks bounds the real figure: ``problems``)."""
+    from fused_lora import _triton, dispatch
 
     limit = configs.smem_limit_for(arch)
-    monkeypatch.setattr(dispatch, "device_arch", lambda device: arch)
-    monkeypatch.setattr(dispatch, "device_smem_limit", lambda device: limit)
+    monkeypatch.setattr(dispatch, "device_target", lambda device: _triton.CudaTarget(arch, limit, num_sms))
     every = (True,) * 5
     cases = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):

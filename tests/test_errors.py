@@ -115,16 +115,18 @@ def test_gpus_below_sm80_run_the_torch_backend(monkeypatch):
 
     fake = type("K", (), {"INTERPRETER": False, "configs": configs})()
     monkeypatch.setattr(_triton, "kernels", fake)
-    monkeypatch.setattr(_triton, "_cuda_targets", {0: (75, 65_536), 1: (86, 101_376)})
+    monkeypatch.setattr(_triton, "_cuda_targets", {0: _triton.CudaTarget(75, 65_536, 40),
+                                                    1: _triton.CudaTarget(86, 101_376, 82)})
     reason = _triton.why_not(torch.device("cuda", 0), torch.float16)
     assert "sm_75" in reason and "sm_80 or newer" in reason
     assert _triton.why_not(torch.device("cuda", 1), torch.float16) == ""
 
 
 def test_the_device_target_is_read_once_per_device(monkeypatch):
-    """The compute capability and the shared memory a program may use come
-    from the device (once per device); a torch that does not report the
-    limit gets the table's for the capability."""
+    """The compute capability, the shared memory a program may use and the
+    SM count come from the device (once per device); a torch that does not
+    report the limit gets the table's for the capability. Off CUDA: an
+    H200's."""
     from types import SimpleNamespace
 
     from fused_lora import dispatch
@@ -134,18 +136,19 @@ def test_the_device_target_is_read_once_per_device(monkeypatch):
 
     def properties(index):
         read.append(index)
-        return SimpleNamespace(major=8, minor=6, shared_memory_per_block_optin=99_000)
+        return SimpleNamespace(major=8, minor=6, shared_memory_per_block_optin=99_000, multi_processor_count=82)
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(_triton, "_cuda_targets", {})
-    assert dispatch.device_arch(torch.device("cuda")) == 86
-    assert dispatch.device_smem_limit(torch.device("cuda", 0)) == 99_000  # (the device's own figure)
-    assert dispatch.device_arch(torch.device("cuda", 1)) == 86 and read == [0, 1]
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(major=12, minor=0))
-    assert dispatch.device_smem_limit(torch.device("cuda", 2)) == configs.SMEM_LIMIT_BY_ARCH[120]
-    assert dispatch.device_arch(torch.device("cpu")) == 90
-    assert dispatch.device_smem_limit(torch.device("cpu")) == configs.SMEM_LIMIT_SM90
+    assert dispatch.device_target(torch.device("cuda")) == (86, 99_000, 82)  # (the device's own figures)
+    assert dispatch.device_arch(torch.device("cuda", 0)) == 86 and read == [0]
+    assert dispatch.device_target(torch.device("cuda", 1)).num_sms == 82 and read == [0, 1]
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: SimpleNamespace(major=12, minor=0, multi_processor_count=170))
+    assert dispatch.device_target(torch.device("cuda", 2)) == (120, configs.SMEM_LIMIT_BY_ARCH[120], 170)
+    hopper = (90, configs.SMEM_LIMIT_SM90, configs.NUM_SMS_SM90)
+    assert dispatch.device_target(torch.device("cpu")) == hopper and dispatch.device_arch(torch.device("cpu")) == 90
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter

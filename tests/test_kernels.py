@@ -429,6 +429,56 @@ def test_split_k_heuristic():
     assert configs.gemm_config(256, 256, 65536, 1, 2, False, False).split_k > 1
 
 
+@pytest.mark.parametrize("arch, num_sms", [(90, 132), (90, 114), (80, 108), (89, 58), (120, 170), (86, 28)])
+def test_the_grids_aim_at_the_gpus_own_sm_count(arch, num_sms):
+    """The tile choice, split-K and the skinny passes' grids follow the SM
+    count of the GPU at hand (an H100 PCIe has 114, an L4 58, an RTX 5090
+    170): below a full wave of output tiles, split-K brings the grid to at
+    least one program per SM where K allows and not far past it (one split
+    fewer would leave SMs idle); with enough tiles there is no split; the
+    rows of a tile never exceed the shortest tile's or M's bucket; the
+    skinny passes aim at two programs per SM."""
+    from fused_lora import dispatch
+
+    smem = configs.smem_limit_for(arch)
+    for m, n, k, r, elt, in_loop in itertools.product((1, 16, 64, 256, 1024, 4096), (256, 4096, 14336),
+                                                      (4096, 65536), (8, 64), (2, 4), (False, True)):
+        if in_loop and r > configs.in_loop_max_block_r(elt):
+            continue
+        cfg = configs.gemm_config(m, n, k, r, elt, in_loop, False, arch=arch, smem_limit=smem, num_sms=num_sms)
+        cands = configs.gemm_candidates(elt, configs.block_r_for(r) if in_loop else
+                                        configs.block_r_for(r, configs.GEMM_LR_MAX_BLOCK_R[elt]), in_loop,
+                                        smem_limit=smem, arch=arch)
+        mb = configs.m_bucket(m)
+        assert cfg.block_m <= max(min(c.block_m for c in cands), mb), (m, n, cfg)
+        tiles = -(-mb // cfg.block_m) * -(-n // cfg.block_n)
+        # (split-K's caps: a pipeline of SPLIT_K_MIN_BLOCKS K blocks a split, SPLIT_K_MAX, the workspace)
+        cap = min(-(-k // cfg.block_k) // configs.SPLIT_K_MIN_BLOCKS, configs.SPLIT_K_MAX,
+                  configs.SPLIT_K_MAX_WORKSPACE_BYTES // (4 * mb * n))
+        if tiles >= num_sms:
+            assert cfg.split_k == 1, (m, n, k, cfg)
+        else:  # as many splits as it takes to give every SM a program, unless a cap stops it first
+            assert cfg.split_k == max(1, min(cap, -(-num_sms // tiles))), (m, n, k, cfg)
+            assert cfg.split_k == 1 or tiles * (cfg.split_k - 1) < num_sms
+    p = dispatch.plan(16, 4096, 4096, 16, torch.bfloat16, 0.0, arch, interpreter=False, smem_limit=smem,
+                      num_sms=num_sms)
+    assert p.skinny_programs == 2 * num_sms
+    assert p.fwd_gemm == configs.gemm_config(16, 4096, 4096, 16, 2, True, False, arch=arch, smem_limit=smem,
+                                             num_sms=num_sms)
+    with pytest.raises(ValueError, match="num_sms"):
+        dispatch.plan(16, 4096, 4096, 16, torch.bfloat16, 0.0, arch, interpreter=False, num_sms=0)
+
+
+def test_fewer_sms_never_split_more():
+    """The same problem on a GPU with fewer SMs is split no further (and
+    with as many output tiles as SMs, not at all)."""
+    for m, n, k in itertools.product((1, 16, 64, 256), (256, 4096, 14336), (4096, 65536)):
+        splits = [configs.gemm_config(m, n, k, 16, 2, False, False, num_sms=sms).split_k for sms in (28, 58, 132, 170)]
+        assert splits == sorted(splits), (m, n, k, splits)
+        cfg = configs.gemm_config(m, n, k, 16, 2, False, False, num_sms=1)
+        assert cfg.split_k == 1, (m, n, k, cfg)
+
+
 def test_the_in_loop_shrink_runs_only_with_rank_tiles_that_fit():
     """The in-loop shrink holds its whole rank tile beside the accumulator:
     the configurations and the dispatch keep it where it does not spill
@@ -971,8 +1021,8 @@ def test_autotune_picks_the_fastest_candidate_per_bucket_and_remembers(monkeypat
     assert len(cands) >= 3
     fastest = cands[2]
     timed = []
-    monkeypatch.setattr(dispatch, "device_arch", lambda device: 90)
-    monkeypatch.setattr(dispatch, "device_smem_limit", lambda device: configs.SMEM_LIMIT_SM90)
+    monkeypatch.setattr(dispatch, "device_target",
+                        lambda device: _triton.CudaTarget(90, configs.SMEM_LIMIT_SM90, configs.NUM_SMS_SM90))
     monkeypatch.setattr(dispatch, "_time_ms", lambda fn: fn())
     dispatch.set_autotune(True)
     try:
