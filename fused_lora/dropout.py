@@ -40,9 +40,10 @@ def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,
-               k0: int, k1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               k0, k1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Philox4x32-10 (Salmon et al., SC'11) on uint32 counters held in int64
-    tensors, with Triton's round order; returns the four output words."""
+    tensors, with Triton's round order; returns the four output words. The
+    key words ``k0, k1``: uint32 ints, or 0-d int64 tensors holding them."""
     for _ in range(_PHILOX_ROUNDS):
         hi_b, lo_b = _mul_hi_lo(c2, _PHILOX_ROUND_B)
         hi_a, lo_a = _mul_hi_lo(c0, _PHILOX_ROUND_A)
@@ -52,11 +53,12 @@ def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.T
     return c0, c1, c2, c3
 
 
-def philox_randint4x(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def philox_randint4x(seed, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``tl.randint4x(seed, offsets)`` in PyTorch: the four uint32 words (in
     int64 tensors). ``offsets`` are non-negative int64 counters; ``seed`` a
-    non-negative int. The counter is (offset low word, offset high word, 0, 0),
-    the key (seed low word, seed high word)."""
+    non-negative int (or a 0-d int64 tensor holding one). The counter is
+    (offset low word, offset high word, 0, 0), the key (seed low word, seed
+    high word)."""
     zero = torch.zeros_like(offsets)
     return philox4x32(offsets & _U32, (offsets >> 32) & _U32, zero, zero, seed & _U32, (seed >> 32) & _U32)
 
@@ -103,12 +105,23 @@ def draw_seed_tensor(device) -> torch.Tensor:
 
 
 def draw_seed(device) -> int:
-    """The same draw as an int (on a GPU, a device sync): the reference's seed
-    for ``seed=None``, so that fused and reference drop the same elements."""
+    """The same draw as an int (on a GPU, a device sync): for a caller that
+    needs the value, such as a test predicting the mask of ``seed=None``."""
     return int(draw_seed_tensor(device).item())
 
 
-def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
+def check_seed_tensor(seed: torch.Tensor, name: str = "seed") -> torch.Tensor:
+    """A seed held in a 0-d int32 or int64 tensor (such as
+    :func:`draw_seed_tensor`'s), as int64 on its device. Its value is not
+    read: on a GPU that would sync the host (and fail inside a CUDA graph's
+    capture)."""
+    if seed.dim() != 0 or seed.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int or a 0-d int32/int64 tensor, got a {seed.dtype} tensor "
+                        f"of shape {tuple(seed.shape)}")
+    return seed.to(torch.int64)
+
+
+def dropout_mask(seed, shape, p: float, device=None) -> torch.Tensor:
     """The boolean keep-mask of shape ``(M, K)`` that the fused kernels use for
     ``seed`` and dropout probability ``p``: element ``(m, k)`` is kept when
     16-bit number ``k % 8`` of ``philox(seed, m * cdiv(K, 8) + k // 8)`` is at
@@ -117,8 +130,19 @@ def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
     within ``2**-16``. With ``p == 0`` everything is kept (the kernels then
     draw nothing). For an x of shape ``(..., K)``, ``M`` is the product of the
     leading dimensions (x flattened row-major).
+
+    ``seed``: an int in ``[0, 2**63)``, or a 0-d int32/int64 tensor holding
+    one (its value never read back to the host: the seed the fused op draws
+    on a GPU for ``seed=None`` gives its mask without a sync). ``device``:
+    where the mask is made (default: a tensor seed's device, else the CPU).
     """
-    seed = check_seed(seed)
+    if isinstance(seed, torch.Tensor):
+        seed = check_seed_tensor(seed)
+        device = seed.device if device is None else torch.device(device)
+        if seed.device != device and seed.device.type != "cpu":
+            seed = seed.to(device)  # (a CPU seed is a scalar operand on any device: no copy)
+    else:
+        seed = check_seed(seed)
     p = check_dropout_p(p, "p")
     shape = tuple(shape)
     if len(shape) != 2 or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 0 for d in shape):

@@ -61,6 +61,7 @@ from . import _triton, dispatch
 from ._validate import check_backend, check_lora_args
 from .dropout import draw_seed_tensor
 from .reference import lora_linear as _reference_lora_linear
+from .reference import lora_linear_checked
 
 Tensor = torch.Tensor
 
@@ -289,14 +290,13 @@ def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p,
     """The gradients for ``create_graph=True`` (a gradient penalty,
     meta-learning), which autograd can differentiate again with respect to
     dy and every input: autograd's own, through the reference (the math above
-    in PyTorch ops, the mask regenerated from the seed; a drawn seed is read
-    back from the device). The kernels' gradients cannot be differentiated."""
+    in PyTorch ops, the mask regenerated from the seed, on the device a drawn
+    one is on). The kernels' gradients cannot be differentiated."""
     inputs = (x, weight, None, lora_A, lora_B)  # (the bias's gradient does not need the recomputation)
     wanted = [i for i in (0, 1, 3, 4) if need[i]]
     out = [None] * 5
     if wanted:
-        y = _reference_lora_linear(x, weight, lora_A, lora_B, None, scaling=scaling, dropout_p=dropout_p,
-                                   seed=int(seed) if dropout_p > 0.0 else None)
+        y = lora_linear_checked(x, weight, lora_A, lora_B, None, scaling, dropout_p, seed)
         grads = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=True)
         for i, g in zip(wanted, grads):
             out[i] = g

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ._validate import check_lora_args
-from .dropout import draw_seed, dropout_mask
+from .dropout import draw_seed_tensor, dropout_mask
 
 
 def lora_linear(
@@ -30,13 +30,20 @@ def lora_linear(
     Same arguments as :func:`fused_lora.lora_linear` (less ``backend``). With
     ``dropout_p > 0`` the mask is :func:`fused_lora.dropout_mask` for ``seed``
     (drawn by the default generator of x's device when None, exactly as the
-    fused op draws it), so fused and reference drop the same elements.
+    fused op draws it, and kept there: never read back to the host), so fused
+    and reference drop the same elements.
     """
     scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    if dropout_p > 0.0 and seed is None:
+        seed = draw_seed_tensor(x.device)
+    return lora_linear_checked(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+
+
+def lora_linear_checked(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float, seed) -> torch.Tensor:
+    """:func:`lora_linear` on checked arguments, ``seed`` an int or a 0-d
+    integer tensor (such as the fused op's, drawn on the device)."""
     dropped = x
     if dropout_p > 0.0:
-        if seed is None:
-            seed = draw_seed(x.device)
         rows = x.shape[:-1].numel()  # x flattened to (M, K), row-major
         keep = dropout_mask(seed, (rows, x.shape[-1]), dropout_p, device=x.device).view(x.shape)
         dropped = x * keep / (1.0 - dropout_p)

@@ -147,7 +147,27 @@ def test_dropout_mask_statistics_and_reproducibility():
     assert fused_lora.dropout_mask(42, (0, k), 0.5).shape == (0, k)
 
 
+def test_a_seed_held_in_a_tensor_gives_the_same_mask():
+    """A 0-d int32/int64 tensor seed (the fused op's drawn seed, which lives
+    on x's device) gives the int's mask, on the tensor's device by default,
+    without reading the value back: on meta tensors, where nothing can be
+    read, the mask is still made."""
+    for seed in (0, 5, 2**31 - 2, 2**32 + 7, 2**63 - 1):
+        expected = fused_lora.dropout_mask(seed, (7, 45), 0.3, device=DEVICE)
+        dtypes = (torch.int32, torch.int64) if seed < 2**31 else (torch.int64,)
+        for dtype in dtypes:
+            held = torch.tensor(seed, dtype=dtype, device=DEVICE)
+            got = fused_lora.dropout_mask(held, (7, 45), 0.3)
+            assert got.device == DEVICE and torch.equal(got, expected), (seed, dtype)
+            # (a CPU seed for a mask elsewhere: a scalar operand)
+            assert torch.equal(fused_lora.dropout_mask(held.cpu(), (7, 45), 0.3, device=DEVICE), expected)
+    meta = fused_lora.dropout_mask(torch.tensor(3, device="meta"), (7, 45), 0.3)
+    assert meta.device.type == "meta" and meta.shape == (7, 45) and meta.dtype == torch.bool
+
+
 @pytest.mark.parametrize("kwargs, err", [
+    (dict(seed=torch.tensor([1, 2]), shape=(2, 3), p=0.1), TypeError),
+    (dict(seed=torch.tensor(1.0), shape=(2, 3), p=0.1), TypeError),
     (dict(seed=-1, shape=(2, 3), p=0.1), ValueError),
     (dict(seed=1.5, shape=(2, 3), p=0.1), TypeError),
     (dict(seed=1, shape=(2, 3), p=1.0), ValueError),
