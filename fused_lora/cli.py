@@ -130,6 +130,7 @@ def cmd_check(args) -> int:
         print(f"fused-lora check: {where}; nothing to check.", file=sys.stderr)
         return 1
     device = torch.device("cuda" if torch.cuda.is_available() and not _triton.interpreter() else "cpu")
+    target = dispatch.device_target(device)
     rows = []
     bar = progress(total=len(check_cases(device.type == "cuda")), desc="check", unit="case")
     for case in check_cases(device.type == "cuda"):
@@ -137,7 +138,6 @@ def cmd_check(args) -> int:
         with (dispatch.force_strategy(case["strategy"]), dispatch.use_tma(case["tma"]),
               dispatch.use_persistent(case["persistent"])):
             m = math.prod(case["lead"])
-            target = dispatch.device_target(device)
             plan = dispatch.plan(m, case["n"], case["k"], case["r"], case["dtype"], case["dropout_p"], target.arch,
                                  smem_limit=target.smem_limit, num_sms=target.num_sms)
             try:

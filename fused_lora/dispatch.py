@@ -159,6 +159,8 @@ class Plan:
     skinny: object
     skinny_programs: int
     input_precision: str
+    #: The GPU's SMs the grids were sized for (the persistent grid's too).
+    num_sms: int
     #: The Triton GEMMs read their A and B tiles through TMA tensor
     #: descriptors (where the operands allow).
     tma: bool = False
@@ -190,11 +192,6 @@ def device_target(device: torch.device) -> _triton.CudaTarget:
         cfg = _triton.configs()
         return _triton.CudaTarget(90, cfg.SMEM_LIMIT_SM90, cfg.NUM_SMS_SM90)
     return _triton.cuda_target(device)
-
-
-def device_arch(device: torch.device) -> int:
-    """Compute capability x10 of a CUDA device; 90 (the tuning target) otherwise."""
-    return device_target(device).arch
 
 
 def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, max_block_r: int,
@@ -296,6 +293,7 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
         tma=tma and hopper_16bit and _triton.get().tma_available(),
         persistent=persistent,
         dx_in_loop=dx_in_loop,
+        num_sms=num_sms,
     )
 
 
@@ -398,7 +396,8 @@ def explain(x_shape, weight_shape, r: int, dtype: torch.dtype = torch.bfloat16, 
     for d in x_shape[:-1]:
         m *= d
     n, k = weight_shape
-    num_sms = None if interp else num_sms or _triton.configs().NUM_SMS_SM90
+    if num_sms is None and not interp:
+        num_sms = _triton.configs().NUM_SMS_SM90
     return Explanation(m, n, k, r, dtype, float(dropout_p), target,
                        plan(m, n, k, r, dtype, dropout_p, arch=arch, interpreter=interp, num_sms=num_sms), num_sms)
 

@@ -29,7 +29,6 @@ each split adds its own part.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
@@ -293,6 +292,7 @@ def lora_gemm(
     input_precision: str = "ieee",
     tma: bool = False,
     persistent: bool = False,
+    num_sms: int = NUM_SMS_SM90,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``C = a @ b + bias + lr_scale * (U @ v)``, ``U = u`` or ``a @ shrink``.
 
@@ -308,7 +308,8 @@ def lora_gemm(
     ``persistent``: without split-K, and with more output tiles than the GPU
     runs programs at once, a persistent grid of that many programs walks the
     tiles (else one program per tile and split; the results are the same bit
-    for bit).
+    for bit); ``num_sms``: the GPU's SMs, which size that grid (the dispatch's
+    :func:`fused_lora.dispatch.device_target`).
     """
     # 1. constraints (the public API validated the user's arguments; these
     #    guard the launcher's own contract)
@@ -370,7 +371,7 @@ def lora_gemm(
     tiles = cdiv(M, config.block_m) * cdiv(N, config.block_n)
     interpreted = is_interpreted(lora_gemm_kernel)
     programs = persistent_programs(config, a.element_size(), block_r, low_rank == LOW_RANK_IN_LOOP, interpreted,
-                                   num_sms(a.device)) if persistent and split_k == 1 else 0
+                                   num_sms) if persistent and split_k == 1 else 0
     persistent = 0 < programs < tiles
     grid = (programs,) if persistent else (tiles, split_k)
     descs = tma_descriptors(a, b, config) if tma and K else None
@@ -409,18 +410,6 @@ def lora_gemm(
     if split_k > 1:
         reduce_all([(target, c, None)] + ([(xa_target, xa, None)] if xa is not None else []))
     return c, xa
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (Hopper's count elsewhere)."""
-    if device.type != "cuda":
-        return NUM_SMS_SM90
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int):

@@ -203,7 +203,6 @@ def test_problems_catches_what_it_should():
     assert compile_report.problems([persistent]) == []
 
 
-
 def test_the_report_refuses_a_gpu_the_kernels_do_not_run_on(capsys):
     with pytest.raises(SystemExit) as exit_:
         compile_report.main(["--arch", "75"])
@@ -277,13 +276,14 @@ _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
 
 def _dispatched_kernels(monkeypatch, cases) -> dict:
     """``{kernel key or variant: first case}`` (:func:`_launch_key`) of the
-    kernels the Triton backend launches on an sm_90 GPU for each case ``(m, n,
-    k, r, dtype, dropout_p, needs, tma, persistent, strategy, tf32, seed,
-    bias)`` (``seed`` None: drawn on the device; ``bias``: the layer has one):
-    the real forward and backward passes run on
-    meta tensors (nothing computes, nothing is compiled), the plan made for
-    CUDA rather than the interpreter, every kernel replaced by a recorder of
-    its launches. ``needs``: the gradients asked for (x, W, b, A, B)."""
+    kernels the Triton backend launches for each case ``(m, n, k, r, dtype,
+    dropout_p, needs, tma, persistent, strategy, tf32, seed, bias)`` (``seed``
+    None: drawn on the device; ``bias``: the layer has one) on the GPU
+    ``dispatch.device_target`` reports (an H200 for meta tensors, unless a
+    test patches it): the real forward and backward passes run on meta
+    tensors (nothing computes, nothing is compiled), the plan made for CUDA
+    rather than the interpreter, every kernel replaced by a recorder of its
+    launches. ``needs``: the gradients asked for (x, W, b, A, B)."""
     from fused_lora import _triton, dispatch, ops
     from fused_lora.kernels import gemm, skinny
 

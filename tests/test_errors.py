@@ -142,13 +142,13 @@ def test_the_device_target_is_read_once_per_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(_triton, "_cuda_targets", {})
     assert dispatch.device_target(torch.device("cuda")) == (86, 99_000, 82)  # (the device's own figures)
-    assert dispatch.device_arch(torch.device("cuda", 0)) == 86 and read == [0]
+    assert dispatch.device_target(torch.device("cuda", 0)).arch == 86 and read == [0]
     assert dispatch.device_target(torch.device("cuda", 1)).num_sms == 82 and read == [0, 1]
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda index: SimpleNamespace(major=12, minor=0, multi_processor_count=170))
     assert dispatch.device_target(torch.device("cuda", 2)) == (120, configs.SMEM_LIMIT_BY_ARCH[120], 170)
     hopper = (90, configs.SMEM_LIMIT_SM90, configs.NUM_SMS_SM90)
-    assert dispatch.device_target(torch.device("cpu")) == hopper and dispatch.device_arch(torch.device("cpu")) == 90
+    assert dispatch.device_target(torch.device("cpu")) == hopper
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter

@@ -279,7 +279,7 @@ def test_tma_loads_match_the_reference(tma_on, monkeypatch, dtype, strategy, p):
     for t in (w, b, a, bb):
         t.requires_grad_()
     with fused_lora.dispatch.force_strategy(strategy):
-        plan = fused_lora.dispatch.plan(26, 40, 72, 5, dtype, p, fused_lora.dispatch.device_arch(x.device))
+        plan = fused_lora.dispatch.plan(26, 40, 72, 5, dtype, p, fused_lora.dispatch.device_target(x.device).arch)
         if not plan.tma:
             pytest.skip("TMA needs Hopper (sm_90) or the interpreter")
         if _triton.interpreter():
@@ -385,7 +385,7 @@ def test_persistent_switch_runs_every_gemm_pass_persistent(three_programs, dtype
             return (y, *torch.autograd.grad(y, leaves, dy))
 
     with fused_lora.dispatch.use_persistent(True):
-        plan = fused_lora.dispatch.plan(141, 90, 72, 6, dtype, p, fused_lora.dispatch.device_arch(x.device),
+        plan = fused_lora.dispatch.plan(141, 90, 72, 6, dtype, p, fused_lora.dispatch.device_target(x.device).arch,
                                         strategy=strategy)
         if not plan.persistent:
             pytest.skip("the persistent grid is for Hopper (sm_90) or the interpreter")
@@ -987,7 +987,14 @@ def test_persistent_programs_fill_every_sm_once():
 
 def test_explain_says_what_runs_and_why():
     text = str(fused_lora.explain((8192, 4096), (4096, 4096), 16))
-    assert "strategy: in_loop" in text and "sm_90" in text and "BLOCK_M=128" in text
+    assert "strategy: in_loop" in text and "sm_90 (132 SMs)" in text and "BLOCK_M=128" in text
+    l4 = fused_lora.explain((16, 4096), (4096, 4096), 16, target="sm_89", num_sms=58)
+    assert l4.plan.num_sms == 58 and l4.plan.skinny_programs == 2 * 58 and "sm_89 (58 SMs)" in str(l4)
+    assert "SMs" not in str(fused_lora.explain((16, 64), (64, 64), 8, target="interpreter"))
+    with pytest.raises(ValueError, match="num_sms must be >= 1, got 0"):
+        fused_lora.explain((16, 4096), (4096, 4096), 16, num_sms=0)
+    with pytest.raises(TypeError, match="num_sms must be an int"):
+        fused_lora.explain((16, 4096), (4096, 4096), 16, num_sms=1.5)
     e = fused_lora.explain((4, 2048, 4096), (14336, 4096), 64, dropout_p=0.1)
     assert e.plan.strategy == "split" and "dropout" in e.plan.reason and e.m == 8192 and e.n == 14336
     assert "mask regenerated" in str(e)
