@@ -6,6 +6,11 @@
 #   make test    install into .venv with the test extras (and Triton 3.6, our GPU machine's,
 #                in .venv/gpu-triton for the compile checks), then run the test suite
 #   make demo    fine-tune a small character-level model, fused vs PEFT LoRA side by side
+#   make test-gpu-stack
+#                the suite (less the compile checks) under the interpreter with our GPU
+#                machine's torch and Triton (torch 2.11, Triton 3.6): what bench/gpu_check.sh
+#                will import there, checked on a CPU; optional (torch 2.11 from PyPI is a
+#                CUDA build, about 4.6 GB in .venv-gpu-stack/)
 #
 # Torch is installed first, pinned (TORCH=...), so that the package's `torch>=2.4`
 # is already met and pip never swaps in another build.
@@ -22,7 +27,7 @@ GPU_TRITON     ?= triton==3.6.0
 GPU_TRITON_DIR := $(VENV)/gpu-triton
 GPU_STAMP      := $(GPU_TRITON_DIR)/.installed
 
-.PHONY: check test demo install clean
+.PHONY: check test demo install clean test-gpu-stack
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -46,5 +51,20 @@ test: $(STAMP) $(GPU_STAMP)
 demo: $(STAMP)
 	$(BIN)/fused-lora demo
 
+# Our H200 machine's versions (../shared/design/GPU.md); its Python is 3.12, this one's whatever $(PYTHON) is.
+GPU_STACK_VENV  ?= .venv-gpu-stack
+GPU_STACK_TORCH ?= torch==2.11.0
+GPU_STACK_STAMP := $(GPU_STACK_VENV)/.installed
+
+$(GPU_STACK_STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(GPU_STACK_VENV)
+	$(GPU_STACK_VENV)/bin/python -m pip install --quiet "$(GPU_STACK_TORCH)" "$(GPU_TRITON)" "numpy<2.4"
+	$(GPU_STACK_VENV)/bin/python -m pip install --quiet -e ".[test]" "$(GPU_TRITON)" "numpy<2.4"
+	touch $@
+
+test-gpu-stack: $(GPU_STACK_STAMP)
+	$(GPU_STACK_VENV)/bin/python -c 'import torch, triton; print("torch", torch.__version__, "| triton", triton.__version__)'
+	TRITON_INTERPRET=1 $(GPU_STACK_VENV)/bin/python -m pytest --ignore=tests/test_compile_report.py --ignore=tests/test_gpu_triton.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(GPU_STACK_VENV) build *.egg-info
