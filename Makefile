@@ -8,7 +8,7 @@
 #   make demo    fine-tune a small character-level model, fused vs PEFT LoRA side by side
 #   make test-gpu-stack
 #                the suite (less the compile checks) under the interpreter with our GPU
-#                machine's torch and Triton (torch 2.11, Triton 3.6): what bench/gpu_check.sh
+#                machine's Python, torch and Triton (3.12, 2.11, 3.6): what bench/gpu_check.sh
 #                will import there, checked on a CPU; optional (torch 2.11 from PyPI is a
 #                CUDA build, about 4.6 GB in .venv-gpu-stack/)
 #
@@ -51,19 +51,21 @@ test: $(STAMP) $(GPU_STAMP)
 demo: $(STAMP)
 	$(BIN)/fused-lora demo
 
-# Our H200 machine's versions (../shared/design/GPU.md); its Python is 3.12, this one's whatever $(PYTHON) is.
-GPU_STACK_VENV  ?= .venv-gpu-stack
-GPU_STACK_TORCH ?= torch==2.11.0
-GPU_STACK_STAMP := $(GPU_STACK_VENV)/.installed
+# Our H200 machine's versions (../shared/design/GPU.md): Python 3.12 where a working python3.12
+# is on the PATH (else $(PYTHON); GPU_STACK_PYTHON=... to choose), torch 2.11, Triton 3.6.
+GPU_STACK_PYTHON ?= $(shell python3.12 -c '' >/dev/null 2>&1 && echo python3.12 || echo $(PYTHON))
+GPU_STACK_VENV   ?= .venv-gpu-stack
+GPU_STACK_TORCH  ?= torch==2.11.0
+GPU_STACK_STAMP  := $(GPU_STACK_VENV)/.installed
 
 $(GPU_STACK_STAMP): pyproject.toml setup.py
-	$(PYTHON) -m venv $(GPU_STACK_VENV)
+	$(GPU_STACK_PYTHON) -m venv $(GPU_STACK_VENV)
 	$(GPU_STACK_VENV)/bin/python -m pip install --quiet "$(GPU_STACK_TORCH)" "$(GPU_TRITON)" "numpy<2.4"
 	$(GPU_STACK_VENV)/bin/python -m pip install --quiet -e ".[test]" "$(GPU_TRITON)" "numpy<2.4"
 	touch $@
 
 test-gpu-stack: $(GPU_STACK_STAMP)
-	$(GPU_STACK_VENV)/bin/python -c 'import torch, triton; print("torch", torch.__version__, "| triton", triton.__version__)'
+	$(GPU_STACK_VENV)/bin/python -c 'import platform, torch, triton; print("python", platform.python_version(), "| torch", torch.__version__, "| triton", triton.__version__)'
 	TRITON_INTERPRET=1 $(GPU_STACK_VENV)/bin/python -m pytest --ignore=tests/test_compile_report.py --ignore=tests/test_gpu_triton.py
 
 clean:
