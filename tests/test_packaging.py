@@ -1,7 +1,9 @@
 """The distribution ships the kernels inside the package (fused_lora.kernels)
 and never installs a top-level module named ``kernels``."""
 
+import importlib.metadata
 import importlib.util
+import re
 import subprocess
 import sys
 import zipfile
@@ -33,8 +35,10 @@ def _can_build_wheel_offline() -> bool:
     ``wheel`` package's before (a Python 3.11 venv starts with setuptools 65)."""
     if importlib.util.find_spec("setuptools") is None:
         return False
-    return (importlib.util.find_spec("wheel") is not None
-            or importlib.util.find_spec("setuptools.command.bdist_wheel") is not None)
+    if importlib.util.find_spec("wheel") is not None:
+        return True
+    release = re.match(r"(\d+)\.(\d+)", importlib.metadata.version("setuptools"))
+    return release is not None and (int(release[1]), int(release[2])) >= (70, 1)
 
 
 @pytest.mark.skipif(not _can_build_wheel_offline(),
