@@ -130,7 +130,6 @@ def cmd_check(args) -> int:
         print(f"fused-lora check: {where}; nothing to check.", file=sys.stderr)
         return 1
     device = torch.device("cuda" if torch.cuda.is_available() and not _triton.interpreter() else "cpu")
-    target = dispatch.device_target(device)
     rows = []
     bar = progress(total=len(check_cases(device.type == "cuda")), desc="check", unit="case")
     for case in check_cases(device.type == "cuda"):
@@ -138,8 +137,8 @@ def cmd_check(args) -> int:
         with (dispatch.force_strategy(case["strategy"]), dispatch.use_tma(case["tma"]),
               dispatch.use_persistent(case["persistent"])):
             m = math.prod(case["lead"])
-            plan = dispatch.plan(m, case["n"], case["k"], case["r"], case["dtype"], case["dropout_p"], target.arch,
-                                 smem_limit=target.smem_limit, num_sms=target.num_sms)
+            plan = dispatch.device_plan(device, m, case["n"], case["k"], case["r"], case["dtype"],
+                                        case["dropout_p"])
             try:
                 errors = parity_case(case["lead"], case["k"], case["n"], case["r"], case["dtype"],
                                      dropout_p=case["dropout_p"], train_base=case["train_base"], device=device)

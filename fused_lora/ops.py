@@ -85,9 +85,7 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     r = lora_A.shape[0]
     x2 = _flatten(x, k)
     m = x2.shape[0]
-    target = dispatch.device_target(x.device)
-    plan = dispatch.plan(m, n, k, r, x.dtype, dropout_p, target.arch, strategy=strategy or None,
-                         smem_limit=target.smem_limit, num_sms=target.num_sms)
+    plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None)
     tune = dict(m=m, n=n, r=r, dtype=x.dtype, epilogue_mask=False, device=x.device, persistent=plan.persistent)
     if plan.strategy == "in_loop":
         # (with dropout: xa = drop(x)·Aᵀ, each N tile masking its x tiles for the shrink's dot)
@@ -130,9 +128,7 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     r = lora_A.shape[0]
     x2, dy2, xa2 = _flatten(x, k), _flatten(dy, n), _flatten(xa, r)
     m = x2.shape[0]
-    target = dispatch.device_target(x.device)
-    plan = dispatch.plan(m, n, k, r, x.dtype, dropout_p, target.arch, strategy=strategy or None,
-                         smem_limit=target.smem_limit, num_sms=target.num_sms)
+    plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None)
     inv_keep = 1.0 / (1.0 - dropout_p)
     # g = g_scale · (what the variable g holds): the dy pass scales it, the dx GEMM's K loop does not.
     g_in_dx = need_x and plan.dx_in_loop

@@ -29,7 +29,6 @@ each split adds its own part.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
