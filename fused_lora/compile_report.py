@@ -11,7 +11,8 @@ TF32 as variants where they apply), the kernel is compiled with
 ``triton.compile(..., target=GPUTarget("cuda", arch, 32))`` at a
 representative large shape (M = N = K = 4096, contiguous, 16-byte aligned:
 the specialisation the runtime would make; masked tails, a rank below its
-tile and a forward without a bias on one tile of each pass), and
+tile and a forward without a bias on one tile of each pass, or with
+``--every-variant`` on every GEMM compiled), and
 the report gives the shared memory, the registers and spills (from the log
 of the ``ptxas -v`` that Triton itself runs to assemble the kernel: its own
 ptxas, with its own flags), and whether the PTX issues ``wgmma``
@@ -385,9 +386,10 @@ def _gemm_pruning(pass_name: str) -> dict:
 FP16_TWIN_REGISTER_MARGIN = 24
 
 
-def jobs_for(arch: int, every_fp16_tile: bool = False) -> list[Job]:
+def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = False) -> list[Job]:
     """Every shipped configuration, with each pass (and rank tile) it serves
-    (fp16's GEMMs: :data:`FP16_TWIN_REGISTER_MARGIN`)."""
+    (fp16's GEMMs: :data:`FP16_TWIN_REGISTER_MARGIN`); with
+    ``every_variant``, :func:`with_every_variant` of those."""
     from fused_lora.kernels import configs  # (configs only: no kernel is decorated here)
 
     jobs = []
@@ -477,7 +479,38 @@ def jobs_for(arch: int, every_fp16_tile: bool = False) -> list[Job]:
             for has_acc2, out2 in itertools.product((False, True), seconds) if second else [(False, "fp32")]:
                 jobs.append(Job("reduce", reduce_name(has_acc, even, second, has_acc2, out2), dtype,
                                 dict(configs.REDUCE_LAUNCH), arch))
-    return jobs
+    return with_every_variant(jobs) if every_variant else jobs
+
+
+def with_every_variant(jobs: list[Job]) -> list[Job]:
+    """``jobs`` and, for each GEMM among them without a variant of its loads
+    and stores, its copy with each one that applies: a masked K tail, a
+    rank below its tile, no bias (the forward), the seed as a value and
+    64-bit mask counters (the passes with a mask), split-K's fp32 partials
+    (not on the persistent grid), each on its own. The default report
+    compiles these on one tile of each pass; this compiles them on every
+    GEMM it compiles, with pointers, TMA, the persistent grid and TF32
+    alike (some are combinations the dispatch never launches: a problem
+    there is one only where it does)."""
+    out = list(jobs)
+    have = {_job_id(j) for j in jobs}
+    for job in jobs:
+        if job.kernel != "gemm" or not (job.even_k and job.even_r and job.bias and not job.seed_value
+                                         and not job.offset_int64 and not job.split_k):
+            continue
+        variants = [dict(even_k=False), dict(even_r=False)]
+        if job.pass_name.startswith("forward"):
+            variants.append(dict(bias=False))
+        if job.pass_name.endswith("_dropout"):
+            variants += [dict(seed_value=True), dict(offset_int64=True)]
+        if not job.persistent:
+            variants.append(dict(split_k=True))
+        for variant in variants:
+            copy = dataclasses.replace(job, **variant)
+            if _job_id(copy) not in have:
+                have.add(_job_id(copy))
+                out.append(copy)
+    return out
 
 
 def _job_id(job: Job) -> str:
@@ -502,14 +535,15 @@ def fp16_twins(jobs: list[Job], results: list[Result]) -> list[Job]:
     return out
 
 
-def run(archs=(90, 80), jobs: int = 1, progress=None, every_fp16_tile: bool = False) -> list[Result]:
+def run(archs=(90, 80), jobs: int = 1, progress=None, every_fp16_tile: bool = False,
+        every_variant: bool = False) -> list[Result]:
     """Compile every job (and then :func:`fp16_twins`), in fresh worker
     processes. Compiling needs the real (JIT) kernels whatever the caller runs
     on, so the workers start without TRITON_INTERPRET; the caller's own
     kernels are left as they are."""
     import multiprocessing
 
-    work = [j for a in archs for j in jobs_for(a, every_fp16_tile)]
+    work = [j for a in archs for j in jobs_for(a, every_fp16_tile, every_variant)]
     bar = progress(total=len(work), desc="compile", unit="kernel") if progress else None
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
@@ -608,6 +642,9 @@ def main(argv=None) -> int:
     parser.add_argument("--every-fp16-tile", action="store_true",
                         help="compile fp16's sm_90 GEMMs on every tile, not only where their bf16 twins come "
                              "near the register limit (and on the largest tile)")
+    parser.add_argument("--every-variant", action="store_true",
+                        help="compile the GEMMs' variants (K and rank tails, no bias, the seed as a value, 64-bit "
+                             "mask counters, split-K) on every GEMM compiled, not on one tile of each pass")
     args = parser.parse_args(argv)
     from fused_lora.kernels import configs
 
@@ -621,7 +658,7 @@ def main(argv=None) -> int:
     from .cli import progress
 
     results = run(tuple(args.arch or (90, 80)), jobs=args.jobs, progress=progress,
-                  every_fp16_tile=args.every_fp16_tile)
+                  every_fp16_tile=args.every_fp16_tile, every_variant=args.every_variant)
     bad = problems(results)
     if args.json:
         print(json.dumps({"triton": triton.__version__, "results": [asdict(r) for r in results], "problems": bad},

@@ -151,6 +151,34 @@ def test_fp16_twins_follow_the_bf16_variants_near_the_limit():
     assert dataclasses.replace(tma, dtype="fp16") in everything and len(everything) > len(jobs)
 
 
+def test_every_variant_compiles_each_variant_on_every_gemm():
+    """``--every-variant`` adds, to every GEMM the report compiles (every
+    tile, with pointers, TMA, the persistent grid, TF32), its copy with each
+    variant that applies, one at a time (by default they are compiled on one
+    tile of each pass), and keeps every default job."""
+    variants = ("even_k", "even_r", "bias", "seed_value", "offset_int64", "split_k")
+    for arch in (90, 80):
+        default, every = compile_report.jobs_for(arch), compile_report.jobs_for(arch, every_variant=True)
+        ids = [compile_report._job_id(j) for j in every]
+        compiled = set(ids)
+        assert len(compiled) == len(ids) and {compile_report._job_id(j) for j in default} <= compiled
+        assert [j for j in every if j.kernel != "gemm"] == [j for j in default if j.kernel != "gemm"]
+        flags = {f: getattr(compile_report.Job("gemm", "", "", {}, arch), f) for f in variants}
+        plain = [j for j in default if j.kernel == "gemm" and all(getattr(j, f) == v for f, v in flags.items())]
+        for job in plain:
+            expected = {"even_k": True, "even_r": True, "split_k": not job.persistent,
+                        "bias": job.pass_name.startswith("forward"),
+                        "seed_value": job.pass_name.endswith("_dropout"),
+                        "offset_int64": job.pass_name.endswith("_dropout")}
+            for f in variants:
+                copy = dataclasses.replace(job, **{f: not flags[f]})
+                assert (compile_report._job_id(copy) in compiled) == expected[f], (job, f)
+        for f in variants:  # (by default only some of them)
+            with_f = [j for j in default if getattr(j, f) != flags[f]]
+            assert 0 < len(with_f) < len([j for j in every if getattr(j, f) != flags[f]]), (arch, f)
+        assert all(sum(getattr(j, f) != flags[f] for f in variants) <= 1 for j in every if j not in default)
+
+
 def test_problems_catches_what_it_should():
     wide = dataclasses.asdict(configs.GemmConfig(128, 256, 64, 8, 8, 3))
     bad = compile_report.Result("gemm", "dx", "bf16", 90, wide, 16, shared=300_000, registers=255, spill_bytes=64,
