@@ -180,6 +180,11 @@ _GEMM_CANDIDATES_16BIT = (
     GemmConfig(64, 64, 128, 8, 4, 3),
 )
 # fp32 with exact ("ieee") dots runs on FMA units, not tensor cores.
+# (Compiled with every variant on every tile, sm_90: the 32x64 and 16x64
+# tiles spill 8-28 B in the forward's K or rank tail, or without a bias, at
+# 72-96 registers, far below the limit: ptxas's own choice, as in the fp32
+# skinny passes below; three kernels on each of Triton 3.6 and 3.9, none
+# the same on both. Left: fp32 is rare on a GPU, where it runs hybrid.)
 _GEMM_CANDIDATES_FP32 = (
     GemmConfig(128, 128, 32, 8, 8, 3),
     GemmConfig(64, 128, 32, 8, 4, 3),
@@ -292,6 +297,23 @@ IN_LOOP_MAX_ELEMS_PER_THREAD = {2: 160, 4: 64}
 #: fp32's 16x64 tile, masked, spilled 8 B at 32 on Triton 3.9 as well.)
 SHRINK_MASK_MAX_ELEMS_PER_THREAD = 32
 
+#: The in-loop dx with dropout keeps xa beside the accumulator through the K
+#: loop, then masks its low-rank term in a tile of its own. Measured with the
+#: compile report's ``--every-variant`` (sm_90, Triton 3.6 and 3.9, bf16 and
+#: fp16, every tile with every variant: a masked K or rank tail, the seed as
+#: a value, 64-bit mask counters, split-K's fp32 partials, TMA): on a 4-warp
+#: tile of 128 rows (128x64x64, one warpgroup holding 128 rows of xa and of
+#: the mask) the seed as a value spills 8-16 B at a 32 rank tile and split-K
+#: 16-304 B at 16 to 64; with accumulator plus xa above 96 fp32 elements a
+#: thread (128x128 on 8 warps and 64x128 on 4 at a 128 rank tile: 128)
+#: split-K spills 8-56 B. The tiles at most 64 rows a warpgroup and at most
+#: this many elements stay at or under 253 registers without a spill (64x128
+#: and 128x128 up to a 64 rank tile, 64x64 up to 128). With these rules every
+#: 16-bit GEMM of the report compiles with every variant without a spill
+#: (about 1,870 more kernels than the default report, on either version).
+IN_LOOP_EPILOGUE_MASK_MAX_ELEMS_PER_THREAD = {2: 96, 4: 64}
+IN_LOOP_EPILOGUE_MASK_MAX_ROWS_PER_WARPGROUP = 64
+
 
 def persistent_grid_fits(smem_limit: int) -> bool:
     """Whether the persistent grid may run with ``smem_limit`` bytes of shared
@@ -350,8 +372,9 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
     persistent grid or with mma.sync (:func:`uses_mma_sync`), whose tile
     leaves few enough elements per thread; with the in-loop shrink, whose
     accumulator and xa do, and with mma.sync, above its narrow rank tiles,
-    whose accumulator does; with its input masked, whose A tile does). None
-    where the in-loop shrink cannot hold the rank tile."""
+    whose accumulator does; with its input masked, whose A tile does; with
+    dx's epilogue mask, whose accumulator and xa do, on at most 64 rows a
+    warpgroup). None where the in-loop shrink cannot hold the rank tile."""
     if shrink_in_loop and block_r > in_loop_max_block_r(elt, persistent, epilogue_mask):
         return []
     pool = _GEMM_CANDIDATES_FP32 if elt == 4 else _GEMM_CANDIDATES_16BIT
@@ -377,7 +400,11 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
             and (not shrink_in_loop
                  or c.block_m * (c.block_n + block_r) // (32 * c.num_warps) <= IN_LOOP_MAX_ELEMS_PER_THREAD[elt])
             and (not (shrink_in_loop and shrink_mask)
-                 or c.block_m * c.block_k // (32 * c.num_warps) <= SHRINK_MASK_MAX_ELEMS_PER_THREAD)]
+                 or c.block_m * c.block_k // (32 * c.num_warps) <= SHRINK_MASK_MAX_ELEMS_PER_THREAD)
+            and (not (shrink_in_loop and epilogue_mask)
+                 or (c.block_m * (c.block_n + block_r) // (32 * c.num_warps)
+                     <= IN_LOOP_EPILOGUE_MASK_MAX_ELEMS_PER_THREAD[elt]
+                     and c.block_m * 4 <= IN_LOOP_EPILOGUE_MASK_MAX_ROWS_PER_WARPGROUP * c.num_warps))]
 
 
 def split_k_for(config: GemmConfig, m: int, n: int, k: int, interpreter: bool,
