@@ -194,7 +194,6 @@ def device_target(device: torch.device) -> _triton.CudaTarget:
     return _triton.cuda_target(device)
 
 
-
 def device_plan(device: torch.device, m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float,
                 strategy: str | None = None) -> Plan:
     """:func:`plan` for a problem on ``device``, with that device's own
@@ -202,6 +201,7 @@ def device_plan(device: torch.device, m: int, n: int, k: int, r: int, dtype: tor
     target = device_target(device)
     return plan(m, n, k, r, dtype, dropout_p, target.arch, strategy=strategy, smem_limit=target.smem_limit,
                 num_sms=target.num_sms)
+
 
 def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, max_block_r: int,
             forced: str | None):
