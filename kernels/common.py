@@ -28,9 +28,13 @@ def poison_outputs():
         _poison = previous
 
 
-def alloc(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """``torch.empty`` for kernel outputs (NaN-filled under :func:`poison_outputs`)."""
-    out = torch.empty(shape, dtype=dtype, device=device)
+def alloc(shape, dtype: torch.dtype, device, strides=None) -> torch.Tensor:
+    """``torch.empty`` (``torch.empty_strided`` with ``strides``) for kernel
+    outputs (NaN-filled under :func:`poison_outputs`)."""
+    if strides is None:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    else:
+        out = torch.empty_strided(shape, strides, dtype=dtype, device=device)
     if _poison and out.is_floating_point():
         out.fill_(float("nan"))
     return out

@@ -36,7 +36,7 @@ import triton.language as tl
 from .common import (alloc, in_bounds, is_interpreted, keep_mask, load_operand, load_seed, mask_counters_int64,
                      seed_arg)
 from .configs import GEMM_LR_MAX_BLOCK_R, NUM_SMS_SM90, GemmConfig, block_r_for, cdiv, persistent_programs
-from .skinny import reduce_all
+from .skinny import launch_reductions
 
 try:  # host-side tensor descriptors (TMA): Triton 3.4 and later
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -354,12 +354,11 @@ def lora_gemm(
     if M == 0 or N == 0:
         return c, xa
     slab = cdiv(M * N, 16) * 16  # one partial, padded to 16 elements (aligned stores)
-    workspace = None if split_k == 1 else alloc((split_k, slab), torch.float32, a.device)
-    target = c if workspace is None else workspace[:, :M * N].view(split_k, M, N)
+    target = c if split_k == 1 else alloc((split_k, M, N), torch.float32, a.device, strides=(slab, N, 1))
     xa_slab = cdiv(M * r, 16) * 16
     xa_target = xa
     if xa is not None and split_k > 1:
-        xa_target = alloc((split_k, xa_slab), torch.float32, a.device)[:, :M * r].view(split_k, M, r)
+        xa_target = alloc((split_k, M, r), torch.float32, a.device, strides=(xa_slab, r, 1))
 
     # 4. launch
     dummy = c
@@ -407,7 +406,7 @@ def lora_gemm(
         **config.launch_kwargs(),
     )
     if split_k > 1:
-        reduce_all([(target, c, None)] + ([(xa_target, xa, None)] if xa is not None else []))
+        launch_reductions([(target, c, None)] + ([(xa_target, xa, None)] if xa is not None else []))
     return c, xa
 
 

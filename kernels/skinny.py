@@ -213,6 +213,12 @@ def reduce_all(jobs) -> None:
     jobs = list(jobs)
     for parts, out, _ in jobs:
         _check_partials(parts, out)
+    launch_reductions(jobs)
+
+
+def launch_reductions(jobs) -> None:
+    """:func:`reduce_all` without its checks, for the launchers' own partials
+    (allocated to fit: the checks would only add host time to every call)."""
     jobs = sorted((job for job in jobs if job[1].numel()), key=lambda job: -job[0].numel())
     for i in range(0, len(jobs), 2):
         (parts, out, acc), second = jobs[i], jobs[i + 1] if i + 1 < len(jobs) else None
@@ -417,5 +423,5 @@ def skinny_pass(
             cs_acc = None if last else cs_target
         if last and sh_parts is not None and split_c > 1:
             jobs.append((sh_parts, sh_out, None))
-        reduce_all(jobs)
+        launch_reductions(jobs)
     return sh_out, tn_out, cs_out

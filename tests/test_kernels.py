@@ -457,9 +457,12 @@ def test_the_grids_aim_at_the_gpus_own_sm_count(arch, num_sms):
                   configs.SPLIT_K_MAX_WORKSPACE_BYTES // (4 * mb * n))
         if tiles >= num_sms:
             assert cfg.split_k == 1, (m, n, k, cfg)
-        else:  # as many splits as it takes to give every SM a program, unless a cap stops it first
-            assert cfg.split_k == max(1, min(cap, -(-num_sms // tiles))), (m, n, k, cfg)
-            assert cfg.split_k == 1 or tiles * (cfg.split_k - 1) < num_sms
+        else:
+            assert 1 <= cfg.split_k <= max(cap, 1), (m, n, k, cfg)
+            # every SM gets a program, unless a cap stopped the splitting first
+            assert tiles * cfg.split_k >= num_sms or cfg.split_k == max(cap, 1), (m, n, k, cfg)
+            # and one split fewer would leave SMs idle
+            assert cfg.split_k == 1 or tiles * (cfg.split_k - 1) < num_sms, (m, n, k, cfg)
     p = dispatch.plan(16, 4096, 4096, 16, torch.bfloat16, 0.0, arch, interpreter=False, smem_limit=smem,
                       num_sms=num_sms)
     assert p.skinny_programs == 2 * num_sms
