@@ -39,9 +39,21 @@ class _SourceCheckoutKernels(importlib.abc.MetaPathFinder):
             _NAME, _SOURCE_KERNELS / "__init__.py", submodule_search_locations=[str(_SOURCE_KERNELS)])
 
 
-if not (_PACKAGE_DIR / "kernels").is_dir() and (_SOURCE_KERNELS / "__init__.py").is_file() \
-        and importlib.util.find_spec(_NAME) is None:
-    sys.meta_path.append(_SourceCheckoutKernels())
+def _in_source_checkout() -> bool:
+    """This package is a checkout's ``fused_lora/``: no ``kernels/`` inside,
+    the checkout's ``kernels/`` and ``pyproject.toml`` beside it (an install
+    in site-packages has no ``pyproject.toml`` there, so never takes another
+    distribution's top-level ``kernels``)."""
+    root = _PACKAGE_DIR.parent
+    return (not (_PACKAGE_DIR / "kernels").is_dir() and (_SOURCE_KERNELS / "__init__.py").is_file()
+            and (root / "pyproject.toml").is_file())
+
+
+if _in_source_checkout():
+    # First on the meta path: an editable install of fused_lora from another
+    # checkout adds a finder that maps this name to *its* kernels/, and this
+    # checkout's Python must not run with another checkout's kernels.
+    sys.meta_path.insert(0, _SourceCheckoutKernels())
 
 
 def _import_kernels():

@@ -3,6 +3,7 @@ and never installs a top-level module named ``kernels``."""
 
 import importlib.metadata
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -27,6 +28,40 @@ def test_kernels_are_a_subpackage():
     shadow = sys.modules.get("kernels")
     if shadow is not None:
         assert not hasattr(shadow, "lora_gemm") and getattr(shadow, "__version__", None) is None
+
+
+def test_a_checkout_imports_its_own_kernels_beside_another_checkouts_editable_install(tmp_path):
+    """Run from a checkout (``PYTHONPATH=.``), fused_lora takes the kernels
+    from that checkout's ``kernels/`` even when an editable install of another
+    checkout is on the path: setuptools then adds a finder that maps
+    ``fused_lora.kernels`` to the other checkout's ``kernels/``, which would
+    pair this checkout's Python with that one's kernels."""
+    other = tmp_path / "other_checkout" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("OTHER_CHECKOUT = True\n")
+    script = f"""
+import importlib.abc, importlib.util, sys
+
+class OtherCheckoutsEditableFinder(importlib.abc.MetaPathFinder):  # as setuptools' editable finder
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "fused_lora.kernels":
+            return importlib.util.spec_from_file_location(
+                fullname, {str(other / "__init__.py")!r}, submodule_search_locations=[{str(other)!r}])
+
+sys.meta_path.append(OtherCheckoutsEditableFinder())
+import fused_lora, fused_lora.kernels
+print(fused_lora.__file__)
+print(fused_lora.kernels.__file__)
+print(fused_lora.kernels.gemm.__file__)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    package, kernels, gemm = (Path(line) for line in run.stdout.split())
+    assert package == ROOT / "fused_lora" / "__init__.py"
+    assert kernels == ROOT / "kernels" / "__init__.py", kernels
+    assert gemm == ROOT / "kernels" / "gemm.py", gemm
 
 
 def _can_build_wheel_offline() -> bool:

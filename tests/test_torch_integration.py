@@ -96,6 +96,47 @@ def test_compile_fullgraph_training_step_is_one_frame(backend):
     assert counter.frame_count == 1
 
 
+def test_compile_reduce_overhead_draws_a_new_mask_each_step():
+    """``torch.compile(mode="reduce-overhead")``: on a GPU the steps run as
+    CUDA graphs (warm-up, capture, then replays), on a CPU as inductor alone.
+    Each step's loss and gradients equal an eager step's from the same
+    generator state (the seed is drawn on the device, so a replay draws a new
+    one rather than a value frozen at capture), and without reseeding,
+    successive steps use different masks."""
+    import torch._inductor.config as inductor_config
+
+    model = TwoLayer(dropout=0.3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = torch.randn(4, 6, 24, device=DEVICE)
+    target = torch.randint(0, 8, (4, 6), device=DEVICE)
+
+    def loss_fn(x, target):
+        return F.cross_entropy(model(x).flatten(0, 1), target.flatten())
+
+    compiled = torch.compile(loss_fn, mode="reduce-overhead", fullgraph=True)
+
+    def step(fn):
+        # (clones at once: a CUDA graph's next replay overwrites its outputs)
+        torch.compiler.cudagraph_mark_step_begin()
+        loss = fn(x, target)
+        loss.backward()
+        out = [loss.detach().clone()] + [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return out
+
+    with inductor_config.patch(fallback_random=True):  # eager's generator: its masks
+        for i in range(4):
+            torch.manual_seed(100 + i)
+            got = step(compiled)
+            torch.manual_seed(100 + i)
+            want = step(loss_fn)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        free_running = [step(compiled)[0] for _ in range(3)]
+    assert len({float(loss) for loss in free_running}) == 3, free_running
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16] + ([torch.float16] if torch.cuda.is_available() else []))
 def test_autocast(dtype):
     layer = LoRALinear(40, 24, r=4, alpha=8, device=DEVICE)
