@@ -223,8 +223,22 @@ def unsloth_style_lora(x, weight, bias, lora_A, lora_B, scaling, dropout):
     return torch.addmm(bias, x, weight.t()).addmm_(x @ lora_A.t(), lora_B.t(), alpha=scaling)
 
 
+def not_applicable(provider: str, dropout: float) -> str:
+    """Why ``provider`` has no step at this dropout probability (``""`` where
+    it has one): the one rule behind the harness's N/A cells, ``make_forward``'s
+    None and the cases the pytest-benchmark suite collects."""
+    if provider == "unsloth_style" and dropout > 0:
+        return "N/A: no dropout in this composition"
+    return ""
+
+
 def make_forward(provider: str, inp: Inputs):
+    """A zero-argument forward of ``provider`` on ``inp``; None where the
+    provider does not apply (:func:`not_applicable`)."""
     import fused_lora
+
+    if not_applicable(provider, inp.dropout):
+        return None
 
     args = (inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling, inp.dropout)
     if provider == "fused":
@@ -236,8 +250,8 @@ def make_forward(provider: str, inp: Inputs):
         strategy = provider.split(":")[1]
 
         def forced():
-            # The strategy is read when the forward runs: the backward follows the
-            # forward's plan through the saved tensors' shapes, under the same force.
+            # The strategy is read when the forward runs; its backward follows the
+            # strategy that forward saved, whenever autograd runs it.
             with fused_lora.dispatch.force_strategy(strategy):
                 return fused_lora.lora_linear(inp.x, inp.weight, inp.lora_A, inp.lora_B, inp.bias,
                                               scaling=inp.scaling, dropout_p=inp.dropout, backend="triton")
@@ -245,8 +259,6 @@ def make_forward(provider: str, inp: Inputs):
     if provider == "naive":
         return lambda: naive_lora(*args)
     if provider == "unsloth_style":
-        if inp.dropout > 0:
-            return None
         return lambda: unsloth_style_lora(*args)
     if provider == "naive_compiled":
         compiled = torch.compile(naive_lora, dynamic=False)
@@ -591,8 +603,7 @@ def run_preset(preset: Preset, device, progress=None, deadline: float | None = N
             skip = ""
             if provider == "naive_compiled" and preset.compiled_cases is not None and case not in preset.compiled_cases:
                 skip = "not in this preset's compiled cases (compilation time)"
-            if provider == "unsloth_style" and case.dropout > 0:
-                skip = "N/A: no dropout in this composition"
+            skip = not_applicable(provider, case.dropout) or skip
             err = None
             if not skip:
                 try:

@@ -59,6 +59,11 @@ def test_bench_smoke_writes_results(tmp_path, capsys):
     providers = {m["provider"] for m in measured}
     assert providers == {"fused", "naive", "unsloth_style", "base", *benchmark.VARIANT_PROVIDERS}
     assert {m["mode"] for m in measured} == set(benchmark.MODES)
+    # unsloth_style (no dropout): N/A, unmeasured, exactly where the case has dropout
+    unsloth = [m for m in data["measurements"] if m["provider"] == "unsloth_style"]
+    assert {m["case"]["dropout"] > 0 for m in unsloth} == {False, True}
+    assert all((m["median_ms"] is None and m["note"].startswith("N/A")) == (m["case"]["dropout"] > 0)
+               for m in unsloth)
     # the forced strategies: only on the strategy cases, only where they can run, each agreeing with naive
     forced = [m for m in data["measurements"] if m["provider"] in benchmark.VARIANT_PROVIDERS]
     assert {m["mode"] for m in forced} == set(benchmark.VARIANT_MODES)
