@@ -1,5 +1,5 @@
 """The op as a PyTorch citizen: torch.library opcheck, torch.compile with
-fullgraph (one frame), autocast, activation checkpointing, gradient
+fullgraph (one frame) and dynamic shapes, autocast, activation checkpointing, gradient
 accumulation, mixed adapter/base dtypes, double backward, torch.func transforms, a
 default device."""
 
@@ -94,6 +94,38 @@ def test_compile_fullgraph_training_step_is_one_frame(backend):
     with inductor_config.patch(fallback_random=True):
         compiled(x, target).backward()  # a second step reuses the graph
     assert counter.frame_count == 1
+
+
+def test_compile_dynamic_shapes_one_graph_for_every_sequence_length():
+    """Training on batches of varying length under ``torch.compile(dynamic=True)``:
+    the ops' fake implementations take symbolic shapes, so one graph serves
+    every token count (no recompilation per length), and each step gives
+    eager's loss and gradients from the same generator state (same mask)."""
+    import torch._inductor.config as inductor_config
+
+    model = TwoLayer()
+    params = [p for p in model.parameters() if p.requires_grad]
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+
+    def loss_fn(x):
+        return model(x).square().mean()
+
+    compiled = torch.compile(loss_fn, backend=counter, fullgraph=True, dynamic=True)
+    frames = []
+    for tokens in (5, 17, 33):
+        x = torch.randn(2, tokens, 24, device=DEVICE, requires_grad=True)
+        torch.manual_seed(tokens)
+        with inductor_config.patch(fallback_random=True):
+            loss = compiled(x)
+        grads = torch.autograd.grad(loss, [x, *params])
+        frames.append(counter.frame_count)
+        torch.manual_seed(tokens)
+        eager = loss_fn(x)
+        eager_grads = torch.autograd.grad(eager, [x, *params])
+        torch.testing.assert_close(loss, eager, rtol=1e-5, atol=0)
+        for g, e in zip(grads, eager_grads):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert frames[0] >= 1 and frames == [frames[0]] * 3, frames
 
 
 def test_compile_reduce_overhead_draws_a_new_mask_each_step():
