@@ -1,5 +1,5 @@
 """The op as a PyTorch citizen: torch.library opcheck, torch.compile with
-fullgraph (one frame) and dynamic shapes, autocast, activation checkpointing, gradient
+fullgraph (one frame) and dynamic shapes, torch.export, autocast, activation checkpointing, gradient
 accumulation, mixed adapter/base dtypes, double backward, torch.func transforms, a
 default device."""
 
@@ -126,6 +126,26 @@ def test_compile_dynamic_shapes_one_graph_for_every_sequence_length():
         for g, e in zip(grads, eager_grads):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
     assert frames[0] >= 1 and frames == [frames[0]] * 3, frames
+
+
+def test_torch_export_with_dynamic_shapes_saves_and_loads(tmp_path):
+    """An inference model exported with ``torch.export`` (batch and token
+    dims dynamic) keeps the fused op in its graph, and the program, saved and
+    loaded again, gives eager's output at other shapes."""
+    model = TwoLayer().eval()
+    x = torch.randn(3, 7, 24, device=DEVICE)
+    dims = {"x": {0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens")}}
+    program = torch.export.export(model, (x,), dynamic_shapes=dims)
+    targets = [node.target for node in program.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.fused_lora.lora_linear_fwd.default) == 2, targets
+    torch.export.save(program, tmp_path / "model.pt2")
+    loaded = torch.export.load(tmp_path / "model.pt2").module()
+    for shape in ((3, 7, 24), (5, 11, 24), (2, 1, 24)):
+        x = torch.randn(shape, device=DEVICE)
+        with torch.no_grad():
+            expected = model(x)
+        torch.testing.assert_close(program.module()(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
 
 
 def test_compile_reduce_overhead_draws_a_new_mask_each_step():
