@@ -154,6 +154,44 @@ def test_inject_gpt2_conv1d():
     assert_outputs_close(model(input_ids=ids).logits, base_logits)  # B = 0: a fresh adapter changes nothing
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_transformers_activation_checkpointing_gives_the_same_gradients(reentrant):
+    """A transformers model's own activation checkpointing over fused layers
+    with dropout: the recomputed forward draws the same masks (the seed comes
+    from the generator whose state checkpointing restores), so the loss and
+    every adapter gradient equal those of the run without it, bit for bit."""
+
+    def step(checkpointed):
+        model = tiny_llama(seed=3)
+        fused_lora.inject(model, ["q_proj", "v_proj", "down_proj"], r=4, alpha=8, dropout=0.1)
+        for layer in model.modules():
+            if isinstance(layer, LoRALinear):
+                nn.init.normal_(layer.lora_B)
+        model.train()
+        if checkpointed:
+            # (transformers 5.x's name, and the older one)
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            if reentrant:  # (reentrant checkpointing passes gradients only through inputs that require them)
+                model.enable_input_require_grads()
+        ids = batch(seed=4)
+        torch.manual_seed(5)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss, {n: p.grad for n, p in trainable(model).items()}
+
+    loss, grads = step(False)
+    loss_ckpt, grads_ckpt = step(True)
+    assert torch.equal(loss, loss_ckpt)
+    assert grads.keys() == grads_ckpt.keys() and len(grads) == 12
+    for name, g in grads.items():
+        assert g is not None and g.abs().sum() > 0, name
+        assert torch.equal(g, grads_ckpt[name]), name
+
+
 # ----------------------------------------------------------------------------
 # from_peft / to_peft
 # ----------------------------------------------------------------------------
