@@ -25,6 +25,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # (CPU tensors reach the launche
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 import fused_lora  # noqa: E402
 from fused_lora.kernels import gemm, skinny  # noqa: E402
@@ -64,10 +65,12 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000)
     gemm.lora_gemm_kernel = skinny.lora_skinny_kernel = skinny.reduce_partials_kernel = _NoLaunch()
     try:
         dev, dt = DEVICE, DTYPE
+        # (the weights as a layer holds them: nn.Parameters, the base frozen)
         x = torch.randn(m, k, device=dev, dtype=dt, requires_grad=True)
-        w, b = torch.randn(n, k, device=dev, dtype=dt), torch.randn(n, device=dev, dtype=dt)
-        a = torch.randn(r, k, device=dev, dtype=dt, requires_grad=True)
-        bb = torch.randn(n, r, device=dev, dtype=dt, requires_grad=True)
+        w = nn.Parameter(torch.randn(n, k, device=dev, dtype=dt), requires_grad=False)
+        b = nn.Parameter(torch.randn(n, device=dev, dtype=dt), requires_grad=False)
+        a = nn.Parameter(torch.randn(r, k, device=dev, dtype=dt))
+        bb = nn.Parameter(torch.randn(n, r, device=dev, dtype=dt))
         dy = torch.randn(m, n, device=dev, dtype=dt)
         out = {}
         for p in (0.0, 0.1):

@@ -191,6 +191,8 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _profiling = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", None)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+#: The types :func:`direct_call` takes as plain tensors.
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def direct_call(*tensors) -> bool:
@@ -201,12 +203,16 @@ def direct_call(*tensors) -> bool:
     torch.compile traces, nor under a dispatch mode (fake tensors,
     FlopCounterMode, selective activation checkpointing...), a tensor subclass
     (DTensor, FakeTensor...), a functorch transform or the profiler (whose
-    trace then labels the ops). Either way the same functions run."""
+    trace then labels the ops). Either way the same functions run.
+    ``nn.Parameter`` counts as plain: a layer's weights are Parameters, and one
+    of a plain tensor has exactly that type and no dispatch or function
+    override of its own (a Parameter of a subclass, such as FSDP2's sharded
+    DTensor, has the subclass's type)."""
     if _dispatch_modes is None or _profiling is None or _functorch_active is None:
         return False
     if torch.compiler.is_compiling() or _dispatch_modes() or _profiling() or _functorch_active():
         return False
-    return all(t is None or type(t) is Tensor for t in tensors)
+    return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
 def _kernel_seed(seed: Tensor):

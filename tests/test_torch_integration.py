@@ -4,6 +4,7 @@ accumulation, mixed adapter/base dtypes, double backward, torch.func transforms,
 default device."""
 
 import contextlib
+import sys
 
 import pytest
 import torch
@@ -340,6 +341,33 @@ def test_eager_calls_skip_the_op_dispatcher_and_dispatch_modes_see_the_ops(p):
         assert torch.equal(e, o), name
     _, g64 = reference64(x, w, b, a, bb, dy, scaling=1.5, dropout_p=p, seed=123, grads=("x",))
     assert_close(eager[1], g64["x"], torch.float32, "dx")
+
+
+def test_a_layer_in_eager_mode_skips_the_op_dispatcher(monkeypatch):
+    """A LoRALinear's weights are nn.Parameters, which count as plain tensors:
+    its eager calls run the Triton passes directly too (training: forward and
+    backward; inference: the forward alone), not through the ops."""
+    callers = []
+    for name in ("forward_triton", "backward_triton"):
+        def record(*args, _real=getattr(ops, name), **kwargs):
+            callers.append(sys._getframe(1).f_code.co_name)  # (the ops' functions, or the direct callers)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, record)
+    layer = LoRALinear(24, 16, r=4, dropout=0.1, device=DEVICE)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 5, 24, device=DEVICE, requires_grad=True)
+    layer(x).sum().backward()
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    assert callers == ["forward", "_gradients", "lora_linear"]
+    # a Parameter of a tensor subclass has the subclass's type, and goes through the ops
+    class Tagged(torch.Tensor):
+        pass
+
+    assert ops.direct_call(layer.weight, layer.lora_A)
+    assert not ops.direct_call(nn.Parameter(torch.randn(3, device=DEVICE).as_subclass(Tagged)))
 
 
 @pytest.mark.parametrize("p, seed", [(0.0, None), (0.3, 123), (0.3, None)])
