@@ -75,6 +75,17 @@ def _flatten(t: Tensor, cols: int) -> Tensor:
     return t.reshape(t.shape[:-1].numel(), cols)
 
 
+def _unflatten_output(y2: Tensor, like: Tensor) -> Tensor:
+    """The kernels' (M, N) output as ``(*like.shape[:-1], N)``, and not a view:
+    a caller may change a layer's output in place (``y += residual``), as
+    nn.Linear's, and autograd refuses that on an autograd Function's output
+    that is a view. (``aten._unsafe_view``: the same memory, without the view
+    relation; it is what ``torch.matmul`` returns its folded results with.)"""
+    if like.dim() == 2:
+        return y2
+    return torch.ops.aten._unsafe_view(y2, (*like.shape[:-1], y2.shape[1]))
+
+
 def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                    scaling: float, dropout_p: float, seed: int | Tensor,
                    strategy: str = "") -> tuple[Tensor, Tensor]:
@@ -113,7 +124,7 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
                                                 shrink_in_loop=False, **tune))
         if plan.cublas_base:
             y2.addmm_(x2, weight.t())
-    return y2.view(*x.shape[:-1], n), xa.view(*x.shape[:-1], r)
+    return _unflatten_output(y2, x), xa.view(*x.shape[:-1], r)
 
 
 def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,

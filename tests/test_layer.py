@@ -56,6 +56,31 @@ def test_layer_matches_reference_in_train_mode(dtype, dropout):
         assert_close(g, g64[name], dtype, f"d{name}")
 
 
+@pytest.mark.parametrize("lead", [(7,), (3, 5)])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_output_can_be_changed_in_place(lead, backend):
+    """As with nn.Linear, a caller may work on the output in place
+    (``y.mul_(2).add_(residual)``) in training: the output is no view of the
+    kernels' buffer (autograd refuses in-place changes to an autograd
+    Function's output that is a view), and the gradients take the change in."""
+    layer = LoRALinear(24, 16, r=4, alpha=8, dropout=0.3, device=DEVICE, backend=backend).train()
+    _randomise_adapter(layer)
+    x = torch.randn(*lead, 24, device=DEVICE, requires_grad=True)
+    residual = torch.randn(*lead, 16, device=DEVICE)
+    torch.manual_seed(5)
+    y = layer(x)
+    assert not y._is_view()
+    y.mul_(2.0).add_(residual)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), dy)
+    torch.manual_seed(5)
+    y64, g64 = reference64(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, 2.0 * dy,
+                           scaling=layer.scaling, dropout_p=0.3, seed=None, grads=("x", "lora_A", "lora_B"))
+    assert_close(y, 2.0 * y64 + residual.double(), torch.float32, "y")
+    for name, g in zip(("x", "lora_A", "lora_B"), grads):
+        assert_close(g, g64[name], torch.float32, f"d{name}")
+
+
 def test_dropout_only_in_train_mode():
     layer = LoRALinear(32, 24, r=4, dropout=0.5, device=DEVICE)
     _randomise_adapter(layer)
