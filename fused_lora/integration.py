@@ -13,7 +13,23 @@ adapter file format.
 Target selection follows PEFT: a string is a regular expression that must
 match the whole module name; a list matches a name exactly or as a
 ``.``-separated suffix; ``"all-linear"`` is every linear layer but the output
-layer.
+layer (and but those no adapter can reach, below).
+
+Two of torch's modules read their linear children's weights instead of
+calling them, which would leave an adapter there without effect, silently
+(PEFT's too):
+
+* ``nn.MultiheadAttention`` never calls its ``out_proj``
+  (``F.multi_head_attention_forward`` reads ``out_proj.weight`` and
+  ``.bias``): no fused layer goes there (:func:`inject` refuses it when named
+  and leaves it out of ``"all-linear"``, :func:`load_adapter` refuses it,
+  :func:`from_peft` reports it).
+* ``nn.TransformerEncoderLayer``'s inference fast path (eval mode, no
+  gradient needed for its input or weights) runs one native op on the weights of
+  ``linear1``, ``linear2`` and ``self_attn.out_proj``, and
+  ``nn.TransformerEncoder``'s converts a padded batch to a nested tensor for
+  it. :func:`guard_fast_paths` turns both off where fused layers sit inside
+  them (the functions here that place fused layers call it).
 """
 
 from __future__ import annotations
@@ -23,6 +39,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,9 +106,72 @@ def _output_layer(model: nn.Module):
         return None
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def _parent_and_child(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _never_called(model: nn.Module, name: str) -> str | None:
+    """Why the layer ``name`` of ``model`` is never called by its parent, so that
+    an adapter on it would have no effect (None when it is called)."""
+    parent, child = _parent_and_child(model, name)
+    if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
+        return ("nn.MultiheadAttention never calls its out_proj (it reads out_proj.weight and .bias), "
+                "so an adapter there would have no effect")
+    return None
+
+
+def _calls_its_layers(module: nn.Module, args) -> None:
+    """A forward pre-hook that does nothing: from torch 2.5 on,
+    nn.TransformerEncoderLayer takes its inference fast path, which reads its
+    linears' weights instead of calling them, only where no module inside it
+    has hooks."""
+    return None
+
+
+def guard_fast_paths(model: nn.Module) -> list[str]:
+    """Turn off torch's inference fast paths that would bypass the fused layers
+    of ``model``, and return the names of the modules changed.
+
+    In eval mode, unless a gradient is needed for its input or its weights,
+    an ``nn.TransformerEncoderLayer`` runs one native op on the weights of
+    ``linear1``, ``linear2`` and ``self_attn.out_proj`` without calling them:
+    fused layers there would be skipped, their adapters without effect. Each
+    encoder layer holding a fused layer gets a forward pre-hook that does
+    nothing (from torch 2.5 on, the fast path is off where hooks are
+    attached) and its ``activation_relu_or_gelu`` flag cleared (read only by
+    that path's checks, and by torch 2.4's too; ``activation`` is the
+    function the layer calls); each ``nn.TransformerEncoder`` holding one
+    stops converting padded batches to nested tensors for that path
+    (``use_nested_tensor = False``, as ``enable_nested_tensor=False`` would
+    have made it). Either of the layer's two guards turns its fast path off;
+    both, so that one that a torch version drops leaves the other. Idempotent;
+    :func:`inject`, :func:`from_peft` and :func:`load_adapter` call it. Call it
+    yourself after placing a :class:`~fused_lora.LoRALinear` in such a module
+    by hand. (The guard stays after :func:`to_peft`: PEFT's layers there are
+    bypassed the same way.)
+    """
+    changed = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
+            continue
+        if not any(isinstance(m, LoRALinear) for m in module.modules()):
+            continue
+        if isinstance(module, nn.TransformerEncoderLayer):
+            hooked = _calls_its_layers in module._forward_pre_hooks.values()
+            if not hooked:
+                module.register_forward_pre_hook(_calls_its_layers)
+            if not hooked or getattr(module, "activation_relu_or_gelu", 0):
+                module.activation_relu_or_gelu = 0
+                changed.append(name)
+        elif getattr(module, "use_nested_tensor", False):
+            module.use_nested_tensor = False
+            changed.append(name)
+    return changed
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, child = _parent_and_child(model, name)
     setattr(parent, child, module)
 
 
@@ -124,7 +204,10 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
 
     Args:
         target_modules: a regex (full match), a list of names or name
-            suffixes (``["q_proj", "v_proj"]``), or ``"all-linear"``.
+            suffixes (``["q_proj", "v_proj"]``), or ``"all-linear"``: every
+            linear layer but the output layer and those their parent never
+            calls (``nn.MultiheadAttention``'s ``out_proj``; a warning names
+            them).
         exclude_modules: the same forms; matching layers are left alone.
         adapter_dtype: dtype of the new adapter parameters (default: the base's).
 
@@ -133,14 +216,16 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
 
     Raises:
         ValueError: when nothing matches (the message lists the linear layers),
-            or when a match already carries an adapter.
+            when a match already carries an adapter, or when a named target
+            is never called by its parent (an adapter there would have no
+            effect).
     """
     all_linear = target_modules == "all-linear"
     targets = None if all_linear else _check_targets("target_modules", target_modules)
     excluded = _check_targets("exclude_modules", exclude_modules)
     names = linear_layer_names(model)
     output_layer = _output_layer(model) if all_linear else None
-    chosen = []
+    chosen, uncalled = [], {}
     for name in names:
         module = model.get_submodule(name)
         if all_linear:
@@ -150,7 +235,18 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
             continue
         if excluded is not None and _matches(name, excluded):
             continue
+        reason = _never_called(model, name)
+        if reason:
+            uncalled[name] = reason
+            continue
         chosen.append(name)
+    if uncalled and not all_linear:
+        raise ValueError(f"target_modules={target_modules!r} matches layers no adapter can reach: "
+                         + "; ".join(f"{n}: {why}" for n, why in uncalled.items())
+                         + " (leave them out with exclude_modules)")
+    if uncalled:
+        warnings.warn(f"inject: 'all-linear' leaves out {sorted(uncalled)}: "
+                      + "; ".join(sorted(set(uncalled.values()))), stacklevel=2)
     if not chosen:
         raise ValueError(f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matched none "
                          f"of the model's linear layers: {names}")
@@ -166,6 +262,7 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
         if id(module) not in fused_by_id:  # a module reachable under two names gets one adapter
             fused_by_id[id(module)] = _fused_layer_for(module, r, alpha, dropout, use_rslora, adapter_dtype, backend)
         _set_submodule(model, name, fused_by_id[id(module)])
+    guard_fast_paths(model)
     return chosen
 
 
@@ -256,7 +353,7 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     for name, module in list(peft_model.named_modules()):
         if not isinstance(module, LoraLayer):
             continue
-        reason = _why_unsupported(module, PeftLinear)
+        reason = _never_called(peft_model, name) or _why_unsupported(module, PeftLinear)
         if reason:
             report.skipped[name] = reason
             continue
@@ -273,6 +370,7 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
         originals[name] = module
         report.converted.append(name)
     object.__setattr__(peft_model, _ORIGINALS, originals)  # not a submodule: no duplicate parameters
+    guard_fast_paths(peft_model)
     return report
 
 
@@ -509,6 +607,9 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
                                    "(load_adapter/from_pretrained), or convert the model with from_peft first")
         else:
             raise AdapterFileError(f"{directory}: {path} is a {type(module).__name__}, not a linear layer")
+        reason = _never_called(model, prefix + path)
+        if reason:
+            raise AdapterFileError(f"{directory}: {path}: {reason}")
         if tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):
             raise AdapterFileError(f"{directory}: {path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
                                    f"fit the model's {in_f} -> {out_f} layer")
@@ -538,6 +639,7 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
             module.lora_A.requires_grad_(True)
             module.lora_B.requires_grad_(True)
             loaded.append(prefix + path)
+    guard_fast_paths(model)
     return loaded
 
 

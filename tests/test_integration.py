@@ -508,3 +508,171 @@ def test_save_adapter_refuses_what_peft_cannot_hold(tmp_path):
         fused_lora.save_adapter(model, tmp_path)
     with pytest.raises(ValueError, match="no fused LoRA layers"):
         fused_lora.save_adapter(tiny_llama(), tmp_path)
+
+
+# ----------------------------------------------------------------------------
+# torch's transformer modules, which read some linears' weights instead of calling them
+# ----------------------------------------------------------------------------
+
+class _Encoder(nn.Module):
+    """A model built from torch's own transformer modules (batch_first, an
+    even head count, no dropout: eligible for their inference fast paths)."""
+
+    def __init__(self, seed=0, layers=2):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 48, dropout=0.0, batch_first=True),
+                                             layers)
+        self.to(DEVICE)
+
+    def forward(self, x, src_key_padding_mask=None):
+        return self.encoder(x, src_key_padding_mask=src_key_padding_mask)
+
+
+def _encoder_inputs(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 7, 32, generator=g).to(DEVICE)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, 5:], pad[2, 2:] = True, True  # (left-aligned, as the nested-tensor path requires)
+    return x, pad.to(DEVICE)
+
+
+def _without_fast_paths(model, *args, **kwargs):
+    """torch's own switch for its transformer fast paths: off, every layer is called."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        return model(*args, **kwargs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def _randomise_adapters(model):
+    with torch.no_grad():
+        for layer in fused_lora.integration.fused_layers(model).values():
+            layer.lora_B.normal_(0, 0.5)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")  # (the unguarded base's fast path)
+@pytest.mark.parametrize("grad", [False, True])
+def test_fused_layers_inside_torch_transformer_encoder_run_in_eval(grad):
+    """In eval mode nn.TransformerEncoderLayer runs one native op on its
+    linears' weights (and nn.TransformerEncoder first packs a padded batch
+    into a nested tensor for it), which would skip the fused layers and their
+    adapters, silently. inject guards both: eval outputs, with and without a
+    padding mask, with grad mode on or off, are those of torch's slow path
+    (every layer called), and the adapters change them."""
+    model = _Encoder()
+    base = copy.deepcopy(model).eval()
+    with pytest.warns(UserWarning, match=r"leaves out \['encoder.layers.0.self_attn.out_proj', "
+                                         r"'encoder.layers.1.self_attn.out_proj'\]"):
+        names = fused_lora.inject(model, "all-linear", r=4, alpha=8)
+    assert names == [f"encoder.layers.{i}.linear{j}" for i in range(2) for j in (1, 2)]
+    _randomise_adapters(model)
+    model.eval()
+    x, pad = _encoder_inputs()
+    with torch.set_grad_enabled(grad):
+        for mask in (None, pad):
+            got = model(x, src_key_padding_mask=mask)
+            expected = _without_fast_paths(model, x, src_key_padding_mask=mask)
+            keep = ~pad[..., None] if mask is not None else torch.ones_like(x, dtype=torch.bool)
+            # (the fast path writes zeros at padded positions, the slow path computes them)
+            assert not torch.isnan(got).any()
+            assert_outputs_close(got * keep, expected * keep)
+            assert ((got - base(x, src_key_padding_mask=mask)) * keep).abs().max() > 0.1  # the adapters count
+    # the guard travels with the model: a deep copy and a pickled round trip keep it
+    for copied in (copy.deepcopy(model), _pickled(model)):
+        assert_outputs_close(copied(x), _without_fast_paths(model, x))
+
+
+def _pickled(model):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def test_guard_fast_paths_is_idempotent_and_for_hand_placed_layers():
+    model = _Encoder(layers=1).eval()
+    layer = model.encoder.layers[0]
+    layer.linear2 = LoRALinear.from_linear(layer.linear2, r=2)  # placed by hand: unguarded until asked
+    _randomise_adapters(model)
+    x, _ = _encoder_inputs()
+    with torch.no_grad():
+        assert (model(x) - _without_fast_paths(model, x)).abs().max() > 0.1  # (what the guard is for)
+        assert fused_lora.integration.guard_fast_paths(model) == ["encoder", "encoder.layers.0"]
+        assert fused_lora.integration.guard_fast_paths(model) == []
+        assert len(layer._forward_pre_hooks) == 1 and model.encoder.use_nested_tensor is False
+        assert_outputs_close(model(x), _without_fast_paths(model, x))
+        # each of the layer's two guards is enough on its own (this torch's checks read both)
+        layer._forward_pre_hooks.clear()
+        assert_outputs_close(model(x), _without_fast_paths(model, x))
+        layer.register_forward_pre_hook(fused_lora.integration._calls_its_layers)
+        layer.activation_relu_or_gelu = 1
+        assert_outputs_close(model(x), _without_fast_paths(model, x))
+        assert fused_lora.integration.guard_fast_paths(model) == ["encoder.layers.0"]  # (restored)
+        assert layer.activation_relu_or_gelu == 0 and len(layer._forward_pre_hooks) == 1
+
+
+def test_multihead_attention_out_proj_is_refused():
+    """nn.MultiheadAttention reads out_proj's weight and never calls it: an
+    adapter there would have no effect, so naming it is an error."""
+    model = _Encoder(layers=1)
+    for targets in (["out_proj"], r".*proj", ["out_proj", "linear1"]):
+        with pytest.raises(ValueError, match=r"encoder.layers.0.self_attn.out_proj: nn.MultiheadAttention never "
+                                             r"calls its out_proj.*exclude_modules"):
+            fused_lora.inject(model, targets)
+        assert not fused_lora.integration.fused_layers(model)
+    assert fused_lora.inject(model, ["out_proj", "linear1"], exclude_modules=["out_proj"]) == [
+        "encoder.layers.0.linear1"]
+
+
+def test_from_peft_reports_out_proj_and_guards_the_encoder():
+    """PEFT adapts MultiheadAttention's out_proj without effect, and its
+    layers in an encoder are skipped by the eval fast path: from_peft reports
+    the first and guards against the second, so the converted model computes
+    what PEFT's layers mean (torch's slow path), in train and eval mode."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    model = peft.get_peft_model(_Encoder(), config)
+    x, pad = _encoder_inputs()
+    with torch.no_grad():
+        expected_train = model(x)
+        model.eval()
+        expected_eval = _without_fast_paths(model, x, src_key_padding_mask=pad)
+        model.train()
+    report = fused_lora.from_peft(model)
+    prefix = "base_model.model.encoder.layers"
+    assert report.converted == [f"{prefix}.{i}.linear{j}" for i in range(2) for j in (1, 2)]
+    assert set(report.skipped) == {f"{prefix}.{i}.self_attn.out_proj" for i in range(2)}
+    assert all("never calls its out_proj" in why for why in report.skipped.values())
+    with torch.no_grad():
+        assert_outputs_close(model(x), expected_train)
+        model.eval()
+        keep = ~pad[..., None]
+        assert_outputs_close(model(x, src_key_padding_mask=pad) * keep, expected_eval * keep)
+
+
+def test_load_adapter_into_an_encoder(tmp_path):
+    """A PEFT adapter of linear1/linear2 loads into a plain encoder (fused and
+    guarded: eval runs the adapters); one that targets out_proj is refused,
+    and the model is left as it was."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["linear1", "linear2"], init_lora_weights=False)
+    ref = peft.get_peft_model(_Encoder(), config)
+    ref.save_pretrained(tmp_path / "ffn")
+    x, _ = _encoder_inputs()
+    with torch.no_grad():
+        expected = ref(x)  # (train mode: every layer called)
+        model = _Encoder().eval()
+        assert len(fused_lora.load_adapter(model, tmp_path / "ffn")) == 4
+        assert_outputs_close(model(x), expected)
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["out_proj"], init_lora_weights=False)
+    peft.get_peft_model(_Encoder(), config).save_pretrained(tmp_path / "out_proj")
+    model = _Encoder()
+    before = _state(model)
+    with pytest.raises(AdapterFileError, match="never calls its out_proj"):
+        fused_lora.load_adapter(model, tmp_path / "out_proj")
+    after = _state(model)
+    assert after[1] == before[1] and all(torch.equal(after[0][k], v) for k, v in before[0].items())
