@@ -236,6 +236,46 @@ def test_a_transformers_model_compiles_in_one_graph():
 # from_peft / to_peft
 # ----------------------------------------------------------------------------
 
+class _TokenDataset(torch.utils.data.Dataset):
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        ids = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}
+
+
+def test_transformers_trainer_checkpoints_and_resumes_bitwise(tmp_path):
+    """transformers' Trainer over an injected model (every linear fused,
+    dropout, gradient checkpointing): it trains, its checkpoint holds the
+    adapters and their optimizer state, and a run resumed from the first
+    step's checkpoint ends with the adapters of the uninterrupted run, bit for
+    bit (the dropout masks follow the generator state the checkpoint restores)."""
+    def run(resume_from=None):
+        model = tiny_llama(seed=0 if resume_from is None else 7)  # (resuming loads every weight)
+        fused_lora.inject(model, "all-linear", r=4, alpha=8, dropout=0.1)
+        args = transformers.TrainingArguments(
+            str(tmp_path), max_steps=2, save_steps=1, per_device_train_batch_size=4, learning_rate=1e-2,
+            use_cpu=DEVICE.type == "cpu", report_to=[], disable_tqdm=True, gradient_checkpointing=True,
+            logging_steps=1)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=_TokenDataset())
+        trainer.train(resume_from_checkpoint=resume_from)
+        return model, [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+    model, losses = run()
+    adapters = {n: p.detach().clone() for n, p in trainable(model).items()}
+    assert len(adapters) == 2 * 14 and all(torch.isfinite(p).all() for p in adapters.values())
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "checkpoint-1" / "model.safetensors"))
+    assert {n for n in adapters} <= set(saved)
+    assert len(torch.load(tmp_path / "checkpoint-1" / "optimizer.pt", weights_only=False)["state"]) == len(adapters)
+    resumed, resumed_losses = run(resume_from=str(tmp_path / "checkpoint-1"))
+    assert len(losses) == 2 and resumed_losses == losses  # (the first from the checkpoint's log, the second rerun)
+    for n, p in trainable(resumed).items():
+        assert torch.equal(p, adapters[n]), n
+
+
 @pytest.mark.parametrize("variant", ["plain", "rslora-patterns-bias", "dropout"])
 def test_from_peft_matches_peft(variant):
     kwargs = dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, init_lora_weights=False)
