@@ -13,8 +13,10 @@ from .integration import (
     from_peft,
     inject,
     load_adapter,
+    merge_and_unload,
     save_adapter,
     to_peft,
+    unload,
 )
 from .layer import LoRALinear
 from .ops import LoRALinearFunction, lora_linear
@@ -33,7 +35,9 @@ __all__ = [
     "inject",
     "load_adapter",
     "lora_linear",
+    "merge_and_unload",
     "reference",
     "save_adapter",
     "to_peft",
+    "unload",
 ]

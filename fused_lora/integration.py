@@ -129,6 +129,11 @@ def _calls_its_layers(module: nn.Module, args) -> None:
     return None
 
 
+#: On a module :func:`guard_fast_paths` changed: its attributes' values from
+#: before, which :func:`unload` puts back once no fused layer is inside.
+_GUARDED = "_fused_lora_unguarded"
+
+
 def guard_fast_paths(model: nn.Module) -> list[str]:
     """Turn off torch's inference fast paths that would bypass the fused layers
     of ``model``, and return the names of the modules changed.
@@ -146,10 +151,11 @@ def guard_fast_paths(model: nn.Module) -> list[str]:
     (``use_nested_tensor = False``, as ``enable_nested_tensor=False`` would
     have made it). Either of the layer's two guards turns its fast path off;
     both, so that one that a torch version drops leaves the other. Idempotent;
-    :func:`inject`, :func:`from_peft` and :func:`load_adapter` call it. Call it
-    yourself after placing a :class:`~fused_lora.LoRALinear` in such a module
-    by hand. (The guard stays after :func:`to_peft`: PEFT's layers there are
-    bypassed the same way.)
+    :func:`inject`, :func:`from_peft` and :func:`load_adapter` call it, and
+    :func:`unload` / :func:`merge_and_unload` undo it. Call it yourself after
+    placing a :class:`~fused_lora.LoRALinear` in such a module by hand. (The
+    guard stays after :func:`to_peft`: PEFT's layers there are bypassed the
+    same way.)
     """
     changed = []
     for name, module in model.named_modules():
@@ -157,17 +163,36 @@ def guard_fast_paths(model: nn.Module) -> list[str]:
             continue
         if not any(isinstance(m, LoRALinear) for m in module.modules()):
             continue
+        before = getattr(module, _GUARDED, None) or {}
         if isinstance(module, nn.TransformerEncoderLayer):
             hooked = _calls_its_layers in module._forward_pre_hooks.values()
             if not hooked:
                 module.register_forward_pre_hook(_calls_its_layers)
-            if not hooked or getattr(module, "activation_relu_or_gelu", 0):
+            flag = getattr(module, "activation_relu_or_gelu", 0)
+            if not hooked or flag:
+                before.setdefault("activation_relu_or_gelu", flag)
                 module.activation_relu_or_gelu = 0
                 changed.append(name)
         elif getattr(module, "use_nested_tensor", False):
+            before.setdefault("use_nested_tensor", True)
             module.use_nested_tensor = False
             changed.append(name)
+        if before:
+            setattr(module, _GUARDED, before)
     return changed
+
+
+def _unguard_fast_paths(model: nn.Module) -> None:
+    """Undo :func:`guard_fast_paths` where no fused layer is left inside."""
+    for module in model.modules():
+        before = getattr(module, _GUARDED, None)
+        if before is None or any(isinstance(m, LoRALinear) for m in module.modules()):
+            continue
+        for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _calls_its_layers]:
+            del module._forward_pre_hooks[key]
+        for attr, value in before.items():
+            setattr(module, attr, value)
+        delattr(module, _GUARDED)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -414,6 +439,53 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
         if layer.dropout > 0:
             peft_layer.lora_dropout[adapter_name] = nn.Dropout(layer.dropout)
     return peft_model
+
+
+def _unload(model: nn.Module, merge: bool) -> list[str]:
+    if isinstance(getattr(model, _ORIGINALS, None), dict) and getattr(model, _ORIGINALS):
+        raise ValueError("this model was converted from PEFT by from_peft: go back with fused_lora.to_peft(model), "
+                         "then use PEFT's merge_and_unload() or unload()")
+    layers = fused_layers(model)
+    if not layers:
+        raise ValueError("the model has no fused LoRA layers to unload")
+    plain_by_id = {}
+    for name, layer in layers.items():
+        if id(layer) not in plain_by_id:  # (a layer reachable under two names becomes one plain layer)
+            if merge and not layer.merged:
+                layer.merge()
+            elif not merge and layer.merged:
+                layer.unmerge()
+            plain_by_id[id(layer)] = _plain_linear(layer).train(layer.training)
+        _set_submodule(model, name, plain_by_id[id(layer)])
+    _unguard_fast_paths(model)
+    return list(layers)
+
+
+def merge_and_unload(model: nn.Module) -> list[str]:
+    """Fold each fused layer's adapter into its base weight (``W + s·B·A``,
+    computed in fp32 and rounded once to W's dtype, as
+    :meth:`LoRALinear.merge`) and put a plain layer back in its place: an
+    ``nn.Linear`` (transformers' ``Conv1D`` for a ``fan_in_fan_out`` layer)
+    holding the same weight and bias Parameters, now merged. The model is the
+    base architecture again, with no adapter and no fused_lora in it: its
+    ``state_dict`` loads into a fresh copy of the base model (``strict=True``)
+    and computes what the fused model computed in eval mode. Base parameters
+    keep the ``requires_grad`` that :func:`inject` gave them (frozen); torch's
+    transformer fast paths are given back (:func:`guard_fast_paths`).
+
+    Returns the names of the replaced layers. Raises ValueError on a model
+    without fused layers, or one converted by :func:`from_peft` (go back with
+    :func:`to_peft` and use PEFT's ``merge_and_unload``).
+    """
+    return _unload(model, merge=True)
+
+
+def unload(model: nn.Module) -> list[str]:
+    """Put plain layers back in place of the fused ones, their adapters
+    dropped: the base model as it was before :func:`inject` (merged layers are
+    unmerged first, restoring their weights bit for bit). Otherwise as
+    :func:`merge_and_unload`."""
+    return _unload(model, merge=False)
 
 
 def _plain_linear(layer: LoRALinear) -> nn.Module:

@@ -716,3 +716,92 @@ def test_load_adapter_into_an_encoder(tmp_path):
         fused_lora.load_adapter(model, tmp_path / "out_proj")
     after = _state(model)
     assert after[1] == before[1] and all(torch.equal(after[0][k], v) for k, v in before[0].items())
+
+
+# ----------------------------------------------------------------------------
+# merge_and_unload / unload
+# ----------------------------------------------------------------------------
+
+def test_merge_and_unload_gives_the_base_architecture_with_the_adapters_folded_in():
+    """The model to deploy: plain nn.Linear layers whose weights hold
+    W + s·B·A, no fused_lora left, a state_dict that a fresh base model loads
+    strictly, and the fused model's eval logits."""
+    model = _randomised_fused_llama(target_modules="all-linear", r=4, alpha=8, dropout=0.1)
+    model.model.layers[0].mlp.up_proj.merge()  # (a merged layer is kept as merged)
+    model.eval()
+    ids = batch()
+    expected = model(input_ids=ids).logits.detach()
+    q_weight = model.model.layers[1].self_attn.q_proj.weight
+    names = fused_lora.merge_and_unload(model)
+    assert len(names) == 2 * 7 and not fused_lora.integration.fused_layers(model)
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in names)
+    assert model.model.layers[1].self_attn.q_proj.weight is q_weight  # (the same Parameter, merged in place)
+    assert not model.training and not model.model.layers[1].self_attn.q_proj.training
+    assert_outputs_close(model(input_ids=ids).logits, expected)
+    fresh = tiny_llama(seed=9)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert_outputs_close(fresh.eval()(input_ids=ids).logits, expected)
+    with pytest.raises(ValueError, match="no fused LoRA layers"):
+        fused_lora.merge_and_unload(model)
+
+
+def test_unload_gives_back_the_base_model_bit_for_bit():
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    fused_lora.inject(model, LLAMA_TARGETS, r=4, alpha=8)
+    _randomise_adapters(model)
+    model.model.layers[1].self_attn.v_proj.merge()  # unmerged on the way out, bit for bit
+    ids = batch()
+    assert (model(input_ids=ids).logits - base(input_ids=ids).logits).abs().max() > 1e-3
+    assert len(fused_lora.unload(model)) == 14
+    assert model.state_dict().keys() == base.state_dict().keys()
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_merge_and_unload_gpt2_goes_back_to_conv1d():
+    model = tiny_gpt2()
+    fused_lora.inject(model, ["c_attn", "c_fc"], r=4, alpha=4)
+    _randomise_adapters(model)
+    model.eval()
+    ids = batch()
+    expected = model(input_ids=ids).logits.detach()
+    fused_lora.merge_and_unload(model)
+    layer = model.transformer.h[0].attn.c_attn
+    assert type(layer).__name__ == "Conv1D" and tuple(layer.weight.shape) == (32, 96)
+    assert_outputs_close(model(input_ids=ids).logits, expected)
+
+
+def test_unload_gives_torch_its_fast_paths_back():
+    """The guard goes with the last fused layer inside: the encoder takes its
+    fast paths again, and (merged) computes what the fused model did."""
+    model = _Encoder()
+    pristine = _Encoder()
+    with pytest.warns(UserWarning, match="out_proj"):
+        fused_lora.inject(model, "all-linear", r=4)
+    _randomise_adapters(model)
+    model.eval()
+    x, pad = _encoder_inputs()
+    with torch.no_grad():
+        expected = model(x)
+        fused_lora.merge_and_unload(model)
+        for guarded, fresh in zip(model.modules(), pristine.modules()):
+            assert not hasattr(guarded, "_fused_lora_unguarded") and not guarded._forward_pre_hooks
+            for attr in ("activation_relu_or_gelu", "use_nested_tensor"):
+                assert getattr(guarded, attr, None) == getattr(fresh, attr, None)
+        assert_outputs_close(model(x), expected)
+        # (the fast path: padded positions come out as zeros from the nested tensor, the slow path computes them)
+        padded = model(x, src_key_padding_mask=pad)
+        assert torch.all(padded[pad] == 0) and not torch.all(_without_fast_paths(model, x, src_key_padding_mask=pad)[pad] == 0)
+
+
+def test_unload_refuses_a_model_converted_from_peft():
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(tiny_llama(), config)
+    fused_lora.from_peft(model)
+    for unload in (fused_lora.unload, fused_lora.merge_and_unload):
+        with pytest.raises(ValueError, match="to_peft"):
+            unload(model)
+    fused_lora.to_peft(model)
+    merged = model.merge_and_unload()  # PEFT's own, after going back
+    assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
