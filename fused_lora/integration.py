@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .layer import LoRALinear, lora_scaling
+from .layer import LoRALinear, check_adapter_dtype, check_int, lora_scaling
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -106,6 +106,12 @@ def _output_layer(model: nn.Module):
         return None
 
 
+def _check_model(model, arg: str = "model") -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{arg} must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
 def _parent_and_child(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
@@ -157,6 +163,7 @@ def guard_fast_paths(model: nn.Module) -> list[str]:
     guard stays after :func:`to_peft`: PEFT's layers there are bypassed the
     same way.)
     """
+    _check_model(model)
     changed = []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
@@ -245,6 +252,9 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
             is never called by its parent (an adapter there would have no
             effect).
     """
+    _check_model(model)
+    r = check_int("r", r, 1)
+    adapter_dtype = check_adapter_dtype(adapter_dtype)
     all_linear = target_modules == "all-linear"
     targets = None if all_linear else _check_targets("target_modules", target_modules)
     excluded = _check_targets("exclude_modules", exclude_modules)
@@ -372,6 +382,7 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     merged or disabled adapters, quantized or non-linear bases) is left as it
     was and listed in the report.
     """
+    _check_model(peft_model, "peft_model")
     LoraLayer, PeftLinear = _peft_lora_linear()
     report = ConversionReport()
     originals = getattr(peft_model, _ORIGINALS, None) or {}
@@ -409,6 +420,7 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
       ``LoraConfig`` that reproduces them; PEFT's adapter parameters *are* the
       fused layers' (shared). Returns the ``PeftModel``.
     """
+    _check_model(model, "model")
     _peft_lora_linear()
     originals = getattr(model, _ORIGINALS, None)
     layers = fused_layers(model)
@@ -442,6 +454,7 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
 
 
 def _unload(model: nn.Module, merge: bool) -> list[str]:
+    _check_model(model)
     if isinstance(getattr(model, _ORIGINALS, None), dict) and getattr(model, _ORIGINALS):
         raise ValueError("this model was converted from PEFT by from_peft: go back with fused_lora.to_peft(model), "
                          "then use PEFT's merge_and_unload() or unload()")
@@ -554,7 +567,7 @@ def save_adapter(model: nn.Module, directory) -> Path:
     then reproduces the model's outputs. Files are written atomically."""
     from safetensors.torch import save_file
 
-    layers = fused_layers(model)
+    layers = fused_layers(_check_model(model))
     if not layers:
         raise ValueError("the model has no fused LoRA layers to save")
     config = _lora_config_dict(layers)
@@ -643,6 +656,7 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
 
     Returns the names of the layers loaded.
     """
+    _check_model(model)
     directory = Path(directory)
     config, tensors = _read_adapter(directory)
     by_path: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)

@@ -14,12 +14,19 @@ from .dropout import check_dropout_p
 from .ops import lora_linear
 
 
-def _check_int(name: str, value, minimum: int) -> int:
+def check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def check_adapter_dtype(dtype) -> torch.dtype | None:
+    """``adapter_dtype``: None (the base's) or a floating-point torch.dtype."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"adapter_dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+    return dtype
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -52,9 +59,9 @@ class LoRALinear(nn.Module):
                  bias: bool = True, use_rslora: bool = False, device=None, dtype=None, *, backend: str = "auto",
                  fan_in_fan_out: bool = False):
         super().__init__()
-        self.in_features = _check_int("in_features", in_features, 0)
-        self.out_features = _check_int("out_features", out_features, 0)
-        self.r = _check_int("r", r, 1)
+        self.in_features = check_int("in_features", in_features, 0)
+        self.out_features = check_int("out_features", out_features, 0)
+        self.r = check_int("r", r, 1)
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite real number, got {alpha!r}")
         self.alpha = float(alpha)
@@ -96,6 +103,8 @@ class LoRALinear(nn.Module):
         on the same device and in the same dtype (or ``adapter_dtype``)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        r = check_int("r", r, 1)
+        adapter_dtype = check_adapter_dtype(adapter_dtype)
         w = linear.weight
         a = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=adapter_dtype or w.dtype))
         b = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=adapter_dtype or w.dtype))

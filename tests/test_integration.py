@@ -141,6 +141,20 @@ def test_inject_errors():
     fused_lora.inject(model, ["q_proj"])
     with pytest.raises(ValueError, match="already carry"):
         fused_lora.inject(model, ["q_proj"])
+    gpt2 = tiny_gpt2()  # (its Conv1D layers take another path to their adapters)
+    for kwargs, err, words in [(dict(r=2.5), TypeError, "r must be an int, got float"),
+                               (dict(r=0), ValueError, "r must be >= 1"),
+                               (dict(adapter_dtype="float32"), TypeError, "adapter_dtype must be a floating-point")]:
+        for m in (tiny_llama(), gpt2):
+            with pytest.raises(err, match=words):
+                fused_lora.inject(m, "all-linear", **kwargs)
+            assert not fused_lora.integration.fused_layers(m)
+    for call in (lambda: fused_lora.inject("model", ["q_proj"]), lambda: fused_lora.from_peft(None),
+                 lambda: fused_lora.to_peft([]), lambda: fused_lora.save_adapter({}, "x"),
+                 lambda: fused_lora.load_adapter(3, "x"), lambda: fused_lora.merge_and_unload("m"),
+                 lambda: fused_lora.unload(None), lambda: fused_lora.integration.guard_fast_paths(1)):
+        with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got"):
+            call()
 
 
 def test_inject_gpt2_conv1d():

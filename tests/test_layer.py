@@ -111,6 +111,12 @@ def test_from_linear_shares_weight_and_bias():
     assert half.lora_A.dtype == torch.float16 and half.bias is None
     with pytest.raises(TypeError, match="nn.Linear"):
         LoRALinear.from_linear(nn.Conv1d(3, 3, 1))
+    with pytest.raises(TypeError, match="r must be an int, got float"):
+        LoRALinear.from_linear(nn.Linear(3, 3), r=2.5)
+    with pytest.raises(ValueError, match="r must be >= 1, got 0"):
+        LoRALinear.from_linear(nn.Linear(3, 3), r=0)
+    with pytest.raises(TypeError, match="adapter_dtype must be a floating-point torch.dtype or None, got torch.int8"):
+        LoRALinear.from_linear(nn.Linear(3, 3), adapter_dtype=torch.int8)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
