@@ -279,6 +279,8 @@ def test_transformers_trainer_checkpoints_and_resumes_bitwise(tmp_path):
     model, losses = run()
     adapters = {n: p.detach().clone() for n, p in trainable(model).items()}
     assert len(adapters) == 2 * 14 and all(torch.isfinite(p).all() for p in adapters.values())
+    # every adapter trained (B starts at zero; checkpointed layers reach their gradients too)
+    assert all(p.abs().max() > 0 for n, p in adapters.items() if n.endswith("lora_B")), adapters.keys()
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "checkpoint-1" / "model.safetensors"))
