@@ -418,7 +418,10 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
     * A model with :func:`inject`-ed layers: the fused layers become plain
       linears again and ``peft.get_peft_model`` wraps the model with a
       ``LoraConfig`` that reproduces them; PEFT's adapter parameters *are* the
-      fused layers' (shared). Returns the ``PeftModel``.
+      fused layers' (shared). Modules trained beside the adapters (a head
+      unfrozen by hand) become PEFT's ``modules_to_save``: PEFT trains and
+      saves a copy of each, made here with their current values. Returns the
+      ``PeftModel``.
     """
     _check_model(model, "model")
     _peft_lora_linear()
@@ -436,7 +439,7 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
 
     if not layers:
         raise ValueError("the model has no fused LoRA layers to convert")
-    config = _lora_config_dict(layers)
+    config = _lora_config_dict(layers, _modules_to_save(model, layers))
     for name, layer in layers.items():
         if layer.merged:
             layer.unmerge()
@@ -524,7 +527,57 @@ def _strip(name: str) -> str:
     return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
 
 
-def _lora_config_dict(layers: dict[str, LoRALinear]) -> dict:
+def _active_copy(module: nn.Module, name: str) -> nn.Module | None:
+    """The trained copy inside PEFT's ``ModulesToSaveWrapper`` (its active
+    adapter's), or None when ``module`` is not one. Raises ValueError for
+    PEFT's other auxiliary wrappers (trainable tokens), which PEFT's LoRA file
+    format holds differently."""
+    if not hasattr(module, "original_module"):
+        return None
+    copies = getattr(module, "modules_to_save", None)
+    if not isinstance(copies, nn.ModuleDict):
+        raise ValueError(f"{name}: PEFT's {type(module).__name__} (e.g. trainable_token_indices) is not supported")
+    active = module.active_adapter
+    active = active if isinstance(active, str) else (active[0] if len(active) == 1 else None)
+    if active not in copies:
+        raise ValueError(f"{name}: PEFT's modules_to_save wrapper has no single active copy "
+                         f"(active {module.active_adapter!r}, copies {list(copies)})")
+    return copies[active]
+
+
+def _modules_to_save(model: nn.Module, layers: dict[str, LoRALinear]) -> dict[str, nn.Module]:
+    """What PEFT's format keeps whole beside the adapters (``modules_to_save``),
+    by name in ``model``: the trained copy in each of PEFT's
+    ``ModulesToSaveWrapper`` (a model converted by :func:`from_peft`, e.g. a
+    classification head PEFT made trainable), and the module owning each
+    other trainable parameter (e.g. a head unfrozen by hand after
+    :func:`inject`; the outermost such module where they nest). Raises
+    ValueError for trainable parameters the format cannot hold: a fused
+    layer's base weight or bias, or the root model's own."""
+    adapters = {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
+    saved, covered = {}, set()
+    for name, module in model.named_modules():
+        copy = _active_copy(module, name)
+        if copy is not None:
+            saved[name] = copy
+            covered |= {id(p) for p in module.parameters()}
+    unsupported = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in adapters or id(p) in covered:
+            continue
+        owner_name = name.rpartition(".")[0]
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if not owner_name or isinstance(owner, LoRALinear):
+            unsupported.append(name)
+        elif not any(owner_name.startswith(s + ".") for s in saved):  # (parents come first)
+            saved[owner_name] = owner
+    if unsupported:
+        raise ValueError(f"PEFT's format cannot hold these trainable parameters: {unsupported} (a fused layer's "
+                         "base weight or bias, or the model's own): freeze them, or save them yourself")
+    return saved
+
+
+def _lora_config_dict(layers: dict[str, LoRALinear], modules_to_save=None) -> dict:
     """adapter_config.json for these layers: the most common r/alpha, with
     rank_pattern/alpha_pattern for the layers that differ."""
     names = {_strip(n): layer for n, layer in layers.items()}
@@ -555,7 +608,7 @@ def _lora_config_dict(layers: dict[str, LoRALinear]) -> dict:
         "bias": "none",
         "init_lora_weights": True,
         "inference_mode": False,
-        "modules_to_save": None,
+        "modules_to_save": sorted(_strip(n) for n in modules_to_save) if modules_to_save else None,
         "use_dora": False,
     }
 
@@ -563,19 +616,29 @@ def _lora_config_dict(layers: dict[str, LoRALinear]) -> dict:
 def save_adapter(model: nn.Module, directory) -> Path:
     """Write the model's fused adapters in PEFT's format: ``adapter_model.safetensors``
     (keys ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight``) and
-    ``adapter_config.json``. ``peft.PeftModel.from_pretrained(base, directory)``
-    then reproduces the model's outputs. Files are written atomically."""
+    ``adapter_config.json``. Trained modules beside the adapters go in too, as
+    PEFT's ``modules_to_save`` (keys ``base_model.model.<path>.<state key>``):
+    those PEFT made trainable in a model converted by :func:`from_peft` (a
+    classification head), and any module with a trainable parameter outside
+    the adapters (a head unfrozen by hand). ``peft.PeftModel.from_pretrained(base,
+    directory)`` then reproduces the model's outputs. Files are written
+    atomically. Raises ValueError when the model has no fused layers, or
+    trainable parameters the format cannot hold (a fused layer's base weight)."""
     from safetensors.torch import save_file
 
     layers = fused_layers(_check_model(model))
     if not layers:
         raise ValueError("the model has no fused LoRA layers to save")
-    config = _lora_config_dict(layers)
+    extra = _modules_to_save(model, layers)
+    config = _lora_config_dict(layers, extra)
     tensors = {}
     for name, layer in layers.items():
         path = _strip(name)
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A.detach().to("cpu").contiguous()
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B.detach().to("cpu").contiguous()
+    for name, module in extra.items():
+        for key, value in module.state_dict().items():  # (copies: safetensors refuses shared memory)
+            tensors[f"{PEFT_PREFIX}{_strip(name)}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for fname, write in ((WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
@@ -622,8 +685,9 @@ def _read_adapter(directory: Path) -> tuple[dict, dict]:
             raise AdapterFileError(f"{cfg_path}: {key}={bad} is not supported by fused layers")
     if config.get("bias", "none") != "none":
         raise AdapterFileError(f"{cfg_path}: bias={config['bias']!r} (trained base biases) is not supported")
-    if config.get("modules_to_save"):
-        raise AdapterFileError(f"{cfg_path}: modules_to_save={config['modules_to_save']} is not supported")
+    saved = config.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(n, str) for n in saved)):
+        raise AdapterFileError(f"{cfg_path}: modules_to_save must be a list of module names, got {saved!r}")
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
             raise AdapterFileError(f"{cfg_path}: {key} must be a number, got {config.get(key)!r}")
@@ -650,23 +714,38 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
     """Load a PEFT-format LoRA adapter (as written by PEFT or :func:`save_adapter`)
     into ``model``. Layers that are still plain linears are fused first, with
     the adapter's r/alpha/dropout/rsLoRA; fused layers get the adapter's
-    weights and scaling. Everything is checked before anything changes: a
-    missing, corrupt, truncated or mismatched file raises
-    :class:`AdapterFileError` (a ``ValueError``) and leaves the model as it was.
+    weights and scaling. The modules the file keeps whole (PEFT's
+    ``modules_to_save``, e.g. a classification head) are loaded into the
+    model's modules of those names (into PEFT's trained copy where the model
+    has PEFT's wrapper) and made trainable, as PEFT does. Everything is
+    checked before anything changes: a missing, corrupt, truncated or
+    mismatched file raises :class:`AdapterFileError` (a ``ValueError``) and
+    leaves the model as it was.
 
-    Returns the names of the layers loaded.
+    Returns the names of the layers loaded, then those of the saved modules.
     """
     _check_model(model)
     directory = Path(directory)
     config, tensors = _read_adapter(directory)
+    prefix = PEFT_PREFIX if isinstance(getattr(model, _ORIGINALS, None), dict) or _has_prefix(model) else ""
     by_path: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
+    saved: dict[str, tuple[nn.Module, dict[str, torch.Tensor]]] = {}
     for key, value in tensors.items():
         m = _KEY.match(key)
-        if m is None:
-            raise AdapterFileError(f"{directory}: unexpected tensor {key!r} (only lora_A/lora_B weights are "
-                                   "supported: no embeddings, DoRA magnitudes or saved modules)")
-        by_path[_strip(m["path"])][m["which"]] = value
-    prefix = PEFT_PREFIX if isinstance(getattr(model, _ORIGINALS, None), dict) or _has_prefix(model) else ""
+        if m is not None:
+            by_path[_strip(m["path"])][m["which"]] = value
+            continue
+        found = _saved_module_tensor(model, prefix, _strip(key), config.get("modules_to_save") or [])
+        if found is None:
+            raise AdapterFileError(f"{directory}: unexpected tensor {key!r} (only lora_A/lora_B weights and the "
+                                   "modules named in modules_to_save are supported: no embedding adapters or DoRA "
+                                   "magnitudes)")
+        path, module, state_key = found
+        target = module.state_dict()[state_key]
+        if value.shape != target.shape or not value.is_floating_point() or not torch.isfinite(value).all():
+            raise AdapterFileError(f"{directory}: {key}: {value.dtype} {tuple(value.shape)} cannot replace the "
+                                   f"model's {target.dtype} {tuple(target.shape)} (or holds NaN/Inf)")
+        saved.setdefault(path, (module, {}))[1][state_key] = value
     plan = []
     for path, pair in sorted(by_path.items()):
         if set(pair) != {"A", "B"}:
@@ -725,8 +804,35 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
             module.lora_A.requires_grad_(True)
             module.lora_B.requires_grad_(True)
             loaded.append(prefix + path)
+        for path, (module, values) in saved.items():
+            state = module.state_dict()
+            for key, value in values.items():
+                state[key].copy_(value)
+            for p in module.parameters():
+                p.requires_grad_(True)
+            loaded.append(path)
     guard_fast_paths(model)
     return loaded
+
+
+def _saved_module_tensor(model: nn.Module, prefix: str, key: str, names: list[str]):
+    """``(path, module, state key)`` for a tensor of a module kept whole
+    (``key`` without PEFT's prefix: ``<path>.<state key>``, the path matching
+    one of ``names`` whole or as a suffix), the module being the model's (or
+    PEFT's trained copy in its wrapper); None when there is no such module."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        path, state_key = ".".join(parts[:i]), ".".join(parts[i:])
+        if not _matches(path, names):
+            continue
+        try:
+            module = model.get_submodule(prefix + path)
+        except AttributeError:
+            continue
+        module = _active_copy(module, prefix + path) or module
+        if state_key in module.state_dict():
+            return prefix + path, module, state_key
+    return None
 
 
 def _has_prefix(model: nn.Module) -> bool:

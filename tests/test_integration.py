@@ -821,3 +821,102 @@ def test_unload_refuses_a_model_converted_from_peft():
     fused_lora.to_peft(model)
     merged = model.merge_and_unload()  # PEFT's own, after going back
     assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
+
+
+# ----------------------------------------------------------------------------
+# modules kept whole beside the adapters (PEFT's modules_to_save)
+# ----------------------------------------------------------------------------
+
+def tiny_llama_classifier(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   num_labels=3, pad_token_id=0)
+    return transformers.LlamaForSequenceClassification(cfg).to(DEVICE)
+
+
+def _perturb(params):
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p))
+
+
+def test_a_trained_head_from_peft_is_saved_and_loaded(tmp_path):
+    """PEFT's sequence classification trains the head whole (modules_to_save):
+    after from_peft, save_adapter writes it beside the adapters, PEFT reloads
+    the model's outputs from the file, and load_adapter puts the head back
+    into a plain model (trainable, as PEFT makes it)."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS",
+                             init_lora_weights=False)
+    model = peft.get_peft_model(tiny_llama_classifier(), config)
+    _perturb(p for n, p in model.named_parameters() if "modules_to_save" in n)  # (the head "trained")
+    ids = batch()
+    expected = model(input_ids=ids).logits.detach()
+    fused_lora.from_peft(model)
+    fused_lora.save_adapter(model, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]
+    assert saved == ["score"]
+    reloaded = peft.PeftModel.from_pretrained(tiny_llama_classifier(), tmp_path)  # (the head as initialised)
+    assert_outputs_close(reloaded(input_ids=ids).logits, expected)
+    plain = tiny_llama_classifier()
+    names = fused_lora.load_adapter(plain, tmp_path)
+    assert names[-1] == "score" and plain.score.weight.requires_grad
+    assert_outputs_close(plain(input_ids=ids).logits, expected)
+
+
+def test_a_head_unfrozen_after_inject_goes_with_the_adapter(tmp_path):
+    """inject freezes everything but the adapters; a head the user unfreezes
+    and trains is written as PEFT's modules_to_save (not dropped), and
+    to_peft keeps it trainable; a trainable base weight of a fused layer,
+    which PEFT's format cannot hold, is an error rather than a loss."""
+    model = tiny_llama_classifier()
+    fused_lora.inject(model, LLAMA_TARGETS, r=4, alpha=8)
+    _randomise_adapters(model)
+    model.score.requires_grad_(True)
+    model.model.norm.requires_grad_(True)
+    _perturb([model.score.weight, model.model.norm.weight])
+    ids = batch()
+    expected = model(input_ids=ids).logits.detach()
+    fused_lora.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["model.norm", "score"]
+    assert_outputs_close(peft.PeftModel.from_pretrained(tiny_llama_classifier(), tmp_path)(input_ids=ids).logits,
+                         expected)
+    fresh = tiny_llama_classifier()
+    assert fused_lora.load_adapter(fresh, tmp_path)[-2:] == ["model.norm", "score"]
+    assert_outputs_close(fresh(input_ids=ids).logits, expected)
+
+    peft_model = fused_lora.to_peft(model)
+    assert_outputs_close(peft_model(input_ids=ids).logits, expected)
+    assert any("score.modules_to_save" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+
+    model = tiny_llama_classifier()
+    fused_lora.inject(model, ["q_proj"])
+    model.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"cannot hold.*model.layers.0.self_attn.q_proj.weight"):
+        fused_lora.save_adapter(model, tmp_path / "no")
+    assert not (tmp_path / "no").exists()
+
+
+def test_a_damaged_saved_module_is_refused_and_changes_nothing(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama_classifier()
+    fused_lora.inject(model, ["q_proj"], r=4)
+    model.score.requires_grad_(True)
+    fused_lora.save_adapter(model, tmp_path)
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    for damage, message in [("shape", "cannot replace"), ("nan", "NaN"), ("unnamed", "unexpected tensor")]:
+        bad = dict(tensors)
+        if damage == "shape":
+            bad["base_model.model.score.weight"] = torch.randn(4, 32)
+        elif damage == "nan":
+            bad["base_model.model.score.weight"] = torch.full((3, 32), float("nan"))
+        else:
+            bad["base_model.model.model.norm.weight"] = torch.randn(32)  # (not in modules_to_save)
+        save_file(bad, str(tmp_path / "adapter_model.safetensors"))
+        target = tiny_llama_classifier(seed=5)
+        before_state, before_types = _state(target)
+        with pytest.raises(AdapterFileError, match=message):
+            fused_lora.load_adapter(target, tmp_path)
+        after_state, after_types = _state(target)
+        assert after_types == before_types and all(torch.equal(after_state[k], v) for k, v in before_state.items())
