@@ -553,8 +553,15 @@ def _modules_to_save(model: nn.Module, layers: dict[str, LoRALinear]) -> dict[st
     other trainable parameter (e.g. a head unfrozen by hand after
     :func:`inject`; the outermost such module where they nest). Raises
     ValueError for trainable parameters the format cannot hold: a fused
-    layer's base weight or bias, or the root model's own."""
+    layer's base weight or bias, or the root model's own; and where PEFT's
+    own LoRA layers are left (:func:`from_peft`'s report), which this
+    package does not write."""
     adapters = {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
+    peft_layers = [n for n, m in model.named_modules()
+                   if hasattr(m, "base_layer") and isinstance(getattr(m, "lora_A", None), nn.ModuleDict)]
+    if peft_layers:
+        raise ValueError(f"PEFT LoRA layers that from_peft left as they were ({peft_layers}) are not fused: save "
+                         "with PEFT (fused_lora.to_peft(model), then save_pretrained)")
     saved, covered = {}, set()
     for name, module in model.named_modules():
         copy = _active_copy(module, name)

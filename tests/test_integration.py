@@ -897,6 +897,18 @@ def test_a_head_unfrozen_after_inject_goes_with_the_adapter(tmp_path):
     assert not (tmp_path / "no").exists()
 
 
+def test_save_adapter_refuses_a_model_with_peft_layers_left(tmp_path):
+    """A layer from_peft left as PEFT's would be missing from the file."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(tiny_llama(), config)
+    left = "base_model.model.model.layers.0.self_attn.q_proj"
+    model.get_submodule(left).merge()
+    assert list(fused_lora.from_peft(model).skipped) == [left]
+    with pytest.raises(ValueError, match=rf"\(\['{left}'\]\) are not fused.*to_peft"):
+        fused_lora.save_adapter(model, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_damaged_saved_module_is_refused_and_changes_nothing(tmp_path):
     from safetensors.torch import load_file, save_file
 
