@@ -862,6 +862,11 @@ def test_a_trained_head_from_peft_is_saved_and_loaded(tmp_path):
     names = fused_lora.load_adapter(plain, tmp_path)
     assert names[-1] == "score" and plain.score.weight.requires_grad
     assert_outputs_close(plain(input_ids=ids).logits, expected)
+    # into another converted PEFT model: the head goes into PEFT's trained copy
+    other = peft.get_peft_model(tiny_llama_classifier(), config)
+    fused_lora.from_peft(other)
+    assert fused_lora.load_adapter(other, tmp_path)[-1] == "base_model.model.score"
+    assert_outputs_close(other(input_ids=ids).logits, expected)
 
 
 def test_a_head_unfrozen_after_inject_goes_with_the_adapter(tmp_path):
