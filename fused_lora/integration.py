@@ -207,6 +207,32 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _is_sharded(t) -> bool:
+    """``t`` is a DTensor (FSDP2's sharded parameters)."""
+    return hasattr(t, "full_tensor") and hasattr(t, "device_mesh")
+
+
+def _check_not_sharded(model: nn.Module, names, what: str) -> None:
+    """Fused layers are made from unsharded linears: FSDP2 (``fully_shard``)
+    swaps the Parameters a module owns, and a fused layer made afterwards
+    would not own them."""
+    sharded = [n for n in names if any(_is_sharded(p) for p in model.get_submodule(n).parameters())]
+    if sharded:
+        raise ValueError(f"{what}: {sharded} are sharded by FSDP2 (fully_shard): fuse the layers first (inject, "
+                         "from_peft or load_adapter), then shard the model")
+
+
+def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target.copy_(value)`` for a full ``value``, where ``target`` may be a
+    DTensor shard (FSDP2): each rank keeps its own part."""
+    value = value.to(target.dtype)
+    if _is_sharded(target):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(target.device), target.device_mesh, target.placements)
+    target.copy_(value)
+
+
 def _fused_layer_for(module: nn.Module, r, alpha, dropout, use_rslora, adapter_dtype, backend) -> LoRALinear:
     """A fused layer sharing ``module``'s weight and bias, in its train/eval mode."""
     if isinstance(module, nn.Linear):
@@ -288,6 +314,7 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
     already = [n for n in chosen if isinstance(model.get_submodule(n), LoRALinear)]
     if already:
         raise ValueError(f"these layers already carry a fused adapter: {already}")
+    _check_not_sharded(model, chosen, "inject")
 
     fused_by_id = {}
     for p in model.parameters():
@@ -386,6 +413,8 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     LoraLayer, PeftLinear = _peft_lora_linear()
     report = ConversionReport()
     originals = getattr(peft_model, _ORIGINALS, None) or {}
+    _check_not_sharded(peft_model, [n for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)],
+                       "from_peft")
     for name, module in list(peft_model.named_modules()):
         if not isinstance(module, LoraLayer):
             continue
@@ -629,24 +658,45 @@ def save_adapter(model: nn.Module, directory) -> Path:
     classification head), and any module with a trainable parameter outside
     the adapters (a head unfrozen by hand). ``peft.PeftModel.from_pretrained(base,
     directory)`` then reproduces the model's outputs. Files are written
-    atomically. Raises ValueError when the model has no fused layers, or
-    trainable parameters the format cannot hold (a fused layer's base weight)."""
-    from safetensors.torch import save_file
-
+    atomically. A model sharded by FSDP2 (``fully_shard``): call it on every
+    rank; the full tensors are gathered (a collective), rank 0 writes, and
+    every rank returns once the files exist. Raises ValueError when the model
+    has no fused layers, or trainable parameters the format cannot hold (a
+    fused layer's base weight)."""
     layers = fused_layers(_check_model(model))
     if not layers:
         raise ValueError("the model has no fused LoRA layers to save")
     extra = _modules_to_save(model, layers)
     config = _lora_config_dict(layers, extra)
+    gathered = []
+
+    def on_host(t: torch.Tensor) -> torch.Tensor:  # (a copy: safetensors refuses shared memory)
+        if _is_sharded(t):
+            gathered.append(t)
+            t = t.full_tensor()  # (a collective: every rank calls save_adapter)
+        return t.detach().to("cpu", copy=True).contiguous()
+
     tensors = {}
     for name, layer in layers.items():
         path = _strip(name)
-        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A.detach().to("cpu").contiguous()
-        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B.detach().to("cpu").contiguous()
+        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = on_host(layer.lora_A)
+        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = on_host(layer.lora_B)
     for name, module in extra.items():
-        for key, value in module.state_dict().items():  # (copies: safetensors refuses shared memory)
-            tensors[f"{PEFT_PREFIX}{_strip(name)}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+        for key, value in module.state_dict().items():
+            tensors[f"{PEFT_PREFIX}{_strip(name)}.{key}"] = on_host(value)
     directory = Path(directory)
+    if gathered and torch.distributed.is_initialized():
+        if torch.distributed.get_rank() == 0:
+            _write_adapter(directory, tensors, config)
+        torch.distributed.barrier()  # (the files exist on every rank's return)
+    else:
+        _write_adapter(directory, tensors, config)
+    return directory
+
+
+def _write_adapter(directory: Path, tensors: dict, config: dict) -> None:
+    from safetensors.torch import save_file
+
     directory.mkdir(parents=True, exist_ok=True)
     for fname, write in ((WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
                          (CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))):
@@ -658,7 +708,6 @@ def save_adapter(model: nn.Module, directory) -> Path:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-    return directory
 
 
 def _pattern_value(pattern: dict, path: str, default):
@@ -721,7 +770,8 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
     """Load a PEFT-format LoRA adapter (as written by PEFT or :func:`save_adapter`)
     into ``model``. Layers that are still plain linears are fused first, with
     the adapter's r/alpha/dropout/rsLoRA; fused layers get the adapter's
-    weights and scaling. The modules the file keeps whole (PEFT's
+    weights and scaling (into each rank's shard where FSDP2 sharded them;
+    plain linears are fused before sharding, not after). The modules the file keeps whole (PEFT's
     ``modules_to_save``, e.g. a classification head) are loaded into the
     model's modules of those names (into PEFT's trained copy where the model
     has PEFT's wrapper) and made trainable, as PEFT does. Everything is
@@ -771,6 +821,7 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
         if isinstance(module, LoRALinear):
             in_f, out_f, cur_r = module.in_features, module.out_features, module.r
         elif _is_linear_like(module):
+            _check_not_sharded(model, [prefix + path], "load_adapter")
             w = module.weight
             in_f, out_f = (w.shape if not isinstance(module, nn.Linear) else w.shape[::-1])
             cur_r = r
@@ -800,21 +851,20 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
                 module = _fused_layer_for(module, r, alpha, dropout, use_rslora, None, backend)
                 _set_submodule(model, prefix + path, module)
             module.alpha, module.use_rslora, module.dropout = float(alpha), use_rslora, dropout
-            if module.merged:
+            merged = module.merged
+            if merged:
                 module.unmerge()
-                module.lora_A.copy_(a.to(module.lora_A.dtype))
-                module.lora_B.copy_(b.to(module.lora_B.dtype))
+            _copy_into(module.lora_A, a)
+            _copy_into(module.lora_B, b)
+            if merged:
                 module.merge()
-            else:
-                module.lora_A.copy_(a.to(module.lora_A.dtype))
-                module.lora_B.copy_(b.to(module.lora_B.dtype))
             module.lora_A.requires_grad_(True)
             module.lora_B.requires_grad_(True)
             loaded.append(prefix + path)
         for path, (module, values) in saved.items():
             state = module.state_dict()
             for key, value in values.items():
-                state[key].copy_(value)
+                _copy_into(state[key], value)
             for p in module.parameters():
                 p.requires_grad_(True)
             loaded.append(path)

@@ -1,6 +1,7 @@
 """Distributed training through PyTorch's own engines: DDP and FSDP2
 (``fully_shard``) over 2 processes with the gloo backend give the gradients
-of one process on the whole batch."""
+of one process on the whole batch; under FSDP2, save_adapter and
+load_adapter work on the sharded adapters."""
 
 import os
 import sys
@@ -66,9 +67,11 @@ def _worker(rank, mode, init_file, out_file):
             wrapped = fully_shard(model, mesh=mesh)
         loss = nn.functional.cross_entropy(wrapped(x[shard]), y[shard])
         loss.backward()
-        grads = _grads(model)
+        result = {"grads": _grads(model)}
+        if mode == "fsdp2":
+            result.update(_save_and_load_sharded(model, os.path.join(os.path.dirname(out_file), "adapter"), mesh))
         if rank == 0:
-            torch.save(grads, out_file)
+            torch.save(result, out_file)
         del wrapped
         dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
@@ -81,6 +84,31 @@ def _worker(rank, mode, init_file, out_file):
     os._exit(0)
 
 
+def _save_and_load_sharded(model, directory, mesh):
+    """Under FSDP2, on every rank: save_adapter gathers the shards and rank 0
+    writes; load_adapter puts each rank's part back; fusing a sharded linear
+    is refused. Returns what the test checks."""
+    fused_lora.save_adapter(model, directory)
+    written = sorted(os.listdir(directory))  # (every rank: the files exist when save_adapter returns)
+    layers = fused_lora.integration.fused_layers(model)
+    before = {n: layer.lora_B.full_tensor().clone() for n, layer in layers.items()}
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.zero_()
+    fused_lora.load_adapter(model, directory)
+    reloaded = {n: layer.lora_B.full_tensor() for n, layer in layers.items()}
+    from torch.distributed.fsdp import fully_shard
+
+    plain = fully_shard(nn.Sequential(nn.Linear(8, 8)), mesh=mesh)
+    try:
+        fused_lora.inject(plain, ["0"])  # (a sharded linear: it must be fused before sharding)
+        refusal = ""
+    except ValueError as err:
+        refusal = str(err)
+    return {"written": written, "reloaded_equal": all(torch.equal(reloaded[n], before[n]) for n in before),
+            "reloaded_nonzero": all(t.abs().max() > 0 for t in reloaded.values()), "refusal": refusal}
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     out_file = tmp_path / "grads.pt"
@@ -89,7 +117,8 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     mp.start_processes(_worker, args=(mode, str(tmp_path / "init"), str(out_file)), nprocs=WORLD,
                        start_method="spawn", join=True)
-    distributed = torch.load(out_file)
+    result = torch.load(out_file)
+    distributed = result["grads"]
     model = _model(torch.device("cpu"))
     x, y = _data(torch.device("cpu"))
     nn.functional.cross_entropy(model(x), y).backward()  # the mean over 12 = the mean of the two shard means
@@ -97,3 +126,16 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     assert set(distributed) == set(single) and len(single) == 6
     for name, g in single.items():
         torch.testing.assert_close(distributed[name], g, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    if mode == "fsdp2":
+        # the file holds the whole adapters (those of the unsharded model), in PEFT's keys
+        from safetensors.torch import load_file
+
+        assert result["written"] == ["adapter_config.json", "adapter_model.safetensors"]
+        saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+        assert len(saved) == 6
+        for name, layer in fused_lora.integration.fused_layers(model).items():
+            for which in "AB":
+                assert torch.equal(saved[f"base_model.model.{name}.lora_{which}.weight"],
+                                   getattr(layer, f"lora_{which}").detach())
+        assert result["reloaded_equal"] and result["reloaded_nonzero"]
+        assert "['0'] are sharded by FSDP2" in result["refusal"], result["refusal"]
