@@ -8,12 +8,18 @@ adapter file format.
   before the swap keeps working); :func:`to_peft` goes back.
 * :func:`save_adapter` / :func:`load_adapter` write and read PEFT's format
   (``adapter_model.safetensors`` + ``adapter_config.json``), so
-  ``peft.PeftModel.from_pretrained`` loads what this package saves and vice versa.
+  ``peft.PeftModel.from_pretrained`` loads what this package saves and vice
+  versa, modules trained whole beside the adapters (``modules_to_save``)
+  included; under FSDP2 on every rank.
+* :func:`merge_and_unload` folds the adapters into the base weights and puts
+  plain linears back (the model to deploy); :func:`unload` drops them.
+* :func:`guard_fast_paths` keeps torch's transformer fast paths from
+  bypassing fused layers (the functions above that place them call it).
 
 Target selection follows PEFT: a string is a regular expression that must
 match the whole module name; a list matches a name exactly or as a
-``.``-separated suffix; ``"all-linear"`` is every linear layer but the output
-layer (and but those no adapter can reach, below).
+``.``-separated suffix; ``"all-linear"`` is every linear layer except the
+output layer and those no adapter can reach (below).
 
 Two of torch's modules read their linear children's weights instead of
 calling them, which would leave an adapter there without effect, silently
