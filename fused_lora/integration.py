@@ -14,7 +14,9 @@ adapter file format.
 * :func:`merge_and_unload` folds the adapters into the base weights and puts
   plain linears back (the model to deploy); :func:`unload` drops them.
 * :func:`guard_fast_paths` keeps torch's transformer fast paths from
-  bypassing fused layers (the functions above that place them call it).
+  bypassing fused layers (the functions above that place them call it);
+  :func:`uncalled_layers` finds, with one forward, fused layers a model
+  never calls (it reads their weights instead).
 
 Target selection follows PEFT: a string is a regular expression that must
 match the whole module name; a list matches a name exactly or as a
@@ -206,6 +208,28 @@ def _unguard_fast_paths(model: nn.Module) -> None:
         for attr, value in before.items():
             setattr(module, attr, value)
         delattr(module, _GUARDED)
+
+
+def uncalled_layers(model: nn.Module, *args, **kwargs) -> list[str]:
+    """The fused layers of ``model`` that one forward, ``model(*args,
+    **kwargs)``, never calls: their adapters have no effect there. Some
+    modules read their linears' weights instead of calling them (transformers'
+    WavLM attention passes ``q_proj.weight`` ... to
+    ``F.multi_head_attention_forward``; torch's own two cases are handled,
+    see :func:`guard_fast_paths`), and nothing short of a forward shows it:
+    run this once on a batch after :func:`inject` on an unfamiliar model. The
+    forward runs under ``torch.no_grad()`` in the model's current mode."""
+    layers = fused_layers(_check_model(model))
+    called = set()
+    handles = [layer.register_forward_pre_hook(lambda module, inputs: called.add(id(module)))
+               for layer in {id(layer): layer for layer in layers.values()}.values()]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [name for name, layer in layers.items() if id(layer) not in called]
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -937,3 +937,25 @@ def test_a_damaged_saved_module_is_refused_and_changes_nothing(tmp_path):
             fused_lora.load_adapter(target, tmp_path)
         after_state, after_types = _state(target)
         assert after_types == before_types and all(torch.equal(after_state[k], v) for k, v in before_state.items())
+
+
+def test_uncalled_layers_finds_adapters_a_model_never_runs():
+    """transformers' WavLM attention hands q/k/v/out_proj's weights to
+    F.multi_head_attention_forward instead of calling them: adapters there
+    have no effect (no gradient, PEFT's neither). uncalled_layers finds them
+    with one forward, and leaves no hook behind."""
+    torch.manual_seed(0)
+    cfg = transformers.WavLMConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=40,
+                                   conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                                   num_conv_pos_embedding_groups=2, num_buckets=16, max_bucket_distance=20,
+                                   layerdrop=0.0, apply_spec_augment=False)
+    model = transformers.WavLMModel(cfg).to(DEVICE)
+    fused_lora.inject(model, "all-linear", r=2)
+    audio = torch.randn(2, 400, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    uncalled = fused_lora.integration.uncalled_layers(model, audio)
+    assert uncalled == [f"encoder.layers.0.attention.{p}_proj" for p in ("k", "v", "q", "out")]
+    layers = fused_lora.integration.fused_layers(model)
+    assert len(layers) == 8 and not any(layer._forward_pre_hooks for layer in layers.values())
+    model(audio).last_hidden_state.square().mean().backward()
+    for name, layer in layers.items():
+        assert (layer.lora_B.grad is None) == (name in uncalled), name
