@@ -482,7 +482,7 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
       saves a copy of each, made here with their current values. Returns the
       ``PeftModel``.
     """
-    _check_model(model, "model")
+    _check_model(model)
     _peft_lora_linear()
     originals = getattr(model, _ORIGINALS, None)
     layers = fused_layers(model)
@@ -517,7 +517,7 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
 
 def _unload(model: nn.Module, merge: bool) -> list[str]:
     _check_model(model)
-    if isinstance(getattr(model, _ORIGINALS, None), dict) and getattr(model, _ORIGINALS):
+    if getattr(model, _ORIGINALS, None):  # (from_peft's layers not yet given back)
         raise ValueError("this model was converted from PEFT by from_peft: go back with fused_lora.to_peft(model), "
                          "then use PEFT's merge_and_unload() or unload()")
     layers = fused_layers(model)

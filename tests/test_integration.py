@@ -443,12 +443,17 @@ def test_inject_gpt2_to_peft_goes_back_to_conv1d():
 # PEFT's file format
 # ----------------------------------------------------------------------------
 
-def _randomised_fused_llama(**inject_kwargs):
-    model = tiny_llama()
-    fused_lora.inject(model, **inject_kwargs)
+def _randomise_adapters(model):
+    """Non-zero B in every fused layer, so that the adapters matter."""
     with torch.no_grad():
         for layer in fused_lora.integration.fused_layers(model).values():
             layer.lora_B.normal_(0, 0.5)
+
+
+def _randomised_fused_llama(**inject_kwargs):
+    model = tiny_llama()
+    fused_lora.inject(model, **inject_kwargs)
+    _randomise_adapters(model)
     return model
 
 
@@ -601,12 +606,6 @@ def _without_fast_paths(model, *args, **kwargs):
         return model(*args, **kwargs)
     finally:
         torch.backends.mha.set_fastpath_enabled(enabled)
-
-
-def _randomise_adapters(model):
-    with torch.no_grad():
-        for layer in fused_lora.integration.fused_layers(model).values():
-            layer.lora_B.normal_(0, 0.5)
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")  # (the unguarded base's fast path)
