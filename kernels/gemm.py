@@ -29,6 +29,10 @@ each split adds its own part.
 
 from __future__ import annotations
 
+import functools
+import types
+from typing import Mapping, NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -331,34 +335,27 @@ def lora_gemm(
     if shrink_dropout and shrink is None:
         raise ValueError("lora_gemm: shrink_dropout masks the in-loop shrink's input: pass shrink")
     shrink_dropout = shrink_dropout and dropout_p > 0.0
-    if low_rank == LOW_RANK_PRECOMPUTED:
-        block_r = block_r_for(r, GEMM_LR_MAX_BLOCK_R[v.element_size()])
-    else:
-        block_r = block_r_for(max(r, 1))
+
+    # 2. what the sizes and flags decide (the rank tile, split-K, the constexprs), cached
+    interpreted = is_interpreted(lora_gemm_kernel)
+    shape = _launch_shape(M, N, K, r, low_rank, v.element_size() if v is not None else 0, bias is not None,
+                          shrink_dropout, dropout_p > 0.0, interpreted and a.dtype == torch.bfloat16,
+                          input_precision, config)
+    block_r, split_k = shape.block_r, shape.split_k
     if low_rank == LOW_RANK_IN_LOOP and r > block_r:
         raise ValueError(f"lora_gemm: the in-loop shrink holds the whole rank in one tile (r <= {block_r})")
     if shrink is not None and K * abs(shrink.stride(0)) >= 2**31:
         shrink = shrink.contiguous()  # (the kernel indexes its rows in 32 bits: k · stride)
-
-    # 2. split-K: S programs per output tile, each over its own run of whole
-    #    K blocks (no empty split), partials summed in order by the reduction
-    k_blocks = cdiv(K, config.block_k)
-    split_k = max(1, min(config.split_k, k_blocks))
-    blocks_per_split = cdiv(k_blocks, split_k)
-    if split_k > 1:
-        split_k = cdiv(k_blocks, blocks_per_split)
 
     # 3. allocate (NaN-poisoned: every element must be written)
     c = alloc((M, N), out_dtype, a.device)
     xa = alloc((M, r), torch.float32, a.device) if low_rank == LOW_RANK_IN_LOOP else None
     if M == 0 or N == 0:
         return c, xa
-    slab = cdiv(M * N, 16) * 16  # one partial, padded to 16 elements (aligned stores)
-    target = c if split_k == 1 else alloc((split_k, M, N), torch.float32, a.device, strides=(slab, N, 1))
-    xa_slab = cdiv(M * r, 16) * 16
+    target = c if split_k == 1 else alloc((split_k, M, N), torch.float32, a.device, strides=(shape.slab, N, 1))
     xa_target = xa
     if xa is not None and split_k > 1:
-        xa_target = alloc((split_k, M, r), torch.float32, a.device, strides=(xa_slab, r, 1))
+        xa_target = alloc((split_k, M, r), torch.float32, a.device, strides=(shape.xa_slab, r, 1))
 
     # 4. launch
     dummy = c
@@ -366,49 +363,79 @@ def lora_gemm(
     s_ = shrink if shrink is not None else dummy
     v_ = v if v is not None else dummy
     xa_ = xa_target if xa is not None else dummy
-    tiles = cdiv(M, config.block_m) * cdiv(N, config.block_n)
-    interpreted = is_interpreted(lora_gemm_kernel)
     programs = persistent_programs(config, a.element_size(), block_r, low_rank == LOW_RANK_IN_LOOP, interpreted,
                                    num_sms) if persistent and split_k == 1 else 0
-    persistent = 0 < programs < tiles
-    grid = (programs,) if persistent else (tiles, split_k)
+    persistent = 0 < programs < shape.tiles
+    grid = (programs,) if persistent else (shape.tiles, split_k)
     descs = tma_descriptors(a, b, config) if tma and K else None
     a_desc, a_t, b_desc, b_t = descs if descs is not None else (None, False, None, False)
     lora_gemm_kernel[grid](
         a, b, a_desc, b_desc, bias if bias is not None else dummy, u_, s_, v_, target, xa_,
-        M, N, K, r, blocks_per_split,
-        a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1),
+        M, N, K, r, shape.blocks_per_split,
+        *a.stride(), *b.stride(),
         bias.stride(0) if bias is not None else 0,
-        u_.stride(0) if u is not None else 0, u_.stride(1) if u is not None else 0,
-        s_.stride(0) if shrink is not None else 0, s_.stride(1) if shrink is not None else 0,
-        v_.stride(0) if v is not None else 0, v_.stride(1) if v is not None else 0,
-        target.stride(-2), target.stride(-1), slab // 16 if split_k > 1 else 0,
-        xa_.stride(-2) if xa is not None else 0, xa_.stride(-1) if xa is not None else 0,
-        xa_slab // 16 if xa is not None and split_k > 1 else 0,
+        *(u_.stride() if u is not None else (0, 0)),
+        *(s_.stride() if shrink is not None else (0, 0)),
+        *(v_.stride() if v is not None else (0, 0)),
+        target.stride(-2), target.stride(-1), shape.slab // 16 if split_k > 1 else 0,
+        *(xa_.stride()[-2:] if xa is not None else (0, 0)),
+        shape.xa_slab // 16 if xa is not None and split_k > 1 else 0,
         float(lr_scale), 1.0 / (1.0 - dropout_p) if shrink_dropout else 1.0, float(dropout_p),
         seed_arg(seed, a.device),
-        HAS_BIAS=bias is not None,
-        LOW_RANK=low_rank,
-        LR_DROPOUT=low_rank != LOW_RANK_NONE and dropout_p > 0.0 and not shrink_dropout,
-        SHRINK_DROPOUT=shrink_dropout,
         OFFSET_INT64=mask_counters_int64(M, K if shrink_dropout else N),
-        UPCAST=interpreted and a.dtype == torch.bfloat16,
+        TMA=descs is not None, A_T=a_t, B_T=b_t,
+        PERSISTENT=persistent,
+        **shape.constexprs,
+    )
+    if split_k > 1:
+        launch_reductions([(target, c, None)] + ([(xa_target, xa, None)] if xa is not None else []))
+    return c, xa
+
+
+
+class _LaunchShape(NamedTuple):
+    """What :func:`lora_gemm` derives from the problem's sizes and flags alone."""
+
+    block_r: int
+    split_k: int
+    blocks_per_split: int
+    slab: int  # elements between split-K partials of C (a multiple of 16: aligned stores)
+    xa_slab: int  # likewise for xa's
+    tiles: int
+    constexprs: Mapping[str, object]
+
+
+@functools.lru_cache(maxsize=4096)  # (host time per call: the same shapes come back every step)
+def _launch_shape(M: int, N: int, K: int, r: int, low_rank: int, v_elt: int, has_bias: bool, shrink_dropout: bool,
+                  dropout: bool, upcast: bool, input_precision: str, config: GemmConfig) -> _LaunchShape:
+    if low_rank == LOW_RANK_PRECOMPUTED:
+        block_r = block_r_for(r, GEMM_LR_MAX_BLOCK_R[v_elt])
+    else:
+        block_r = block_r_for(max(r, 1))
+    # split-K: S programs per output tile, each over its own run of whole K
+    # blocks (no empty split), partials summed in order by the reduction
+    k_blocks = cdiv(K, config.block_k)
+    split_k = max(1, min(config.split_k, k_blocks))
+    blocks_per_split = cdiv(k_blocks, split_k)
+    if split_k > 1:
+        split_k = cdiv(k_blocks, blocks_per_split)
+    constexprs = types.MappingProxyType(dict(
+        HAS_BIAS=has_bias,
+        LOW_RANK=low_rank,
+        LR_DROPOUT=low_rank != LOW_RANK_NONE and dropout and not shrink_dropout,
+        SHRINK_DROPOUT=shrink_dropout,
+        UPCAST=upcast,
         INPUT_PRECISION=input_precision,
         EVEN_K=K % config.block_k == 0,
         # (The in-loop shrink reads its rank factor along K, where the rank
         # mask costs no vector width; Triton 3.9 spilled 8 B on the 16x64 fp32
         # tile with the flag on: compile report.)
         EVEN_R=r % block_r == 0 and low_rank != LOW_RANK_IN_LOOP,
-        TMA=descs is not None, A_T=a_t, B_T=b_t,
-        PERSISTENT=persistent,
         BLOCK_R=block_r,
         **config.launch_kwargs(),
-    )
-    if split_k > 1:
-        launch_reductions([(target, c, None)] + ([(xa_target, xa, None)] if xa is not None else []))
-    return c, xa
-
+    ))
+    return _LaunchShape(block_r, split_k, blocks_per_split, cdiv(M * N, 16) * 16, cdiv(M * r, 16) * 16,
+                        cdiv(M, config.block_m) * cdiv(N, config.block_n), constexprs)
 
 def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int):
     """``(descriptor, transposed)`` for the 2-D operand ``t`` read in

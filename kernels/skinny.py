@@ -27,6 +27,7 @@ TN and COLSUM partials are the sums: stored as the outputs, no reduction.
 from __future__ import annotations
 
 import functools
+import types
 from dataclasses import dataclass
 
 import torch
@@ -219,49 +220,70 @@ def reduce_all(jobs) -> None:
 def launch_reductions(jobs) -> None:
     """:func:`reduce_all` without its checks, for the launchers' own partials
     (allocated to fit: the checks would only add host time to every call)."""
-    jobs = sorted((job for job in jobs if job[1].numel()), key=lambda job: -job[0].numel())
+    if len(jobs) > 1:
+        jobs = sorted((job for job in jobs if job[1].numel()), key=lambda job: -job[0].numel())
+    elif jobs and not jobs[0][1].numel():
+        return
     for i in range(0, len(jobs), 2):
         (parts, out, acc), second = jobs[i], jobs[i + 1] if i + 1 < len(jobs) else None
-        numel = out.numel()
-        blocks = cdiv(numel, REDUCE_BLOCK)
         parts2, out2, acc2 = second if second is not None else (parts, out, None)
-        numel2 = out2.numel() if second is not None else 0
-        reduce_partials_kernel[(blocks + cdiv(numel2, REDUCE_BLOCK),)](
+        numel, numel2 = out.numel(), (out2.numel() if second is not None else 0)
+        grid, blocks, constexprs = _reduction_shape(numel, numel2, acc is not None, acc2 is not None,
+                                                    second is not None)
+        reduce_partials_kernel[grid](
             parts, acc if acc is not None else parts, out, parts.shape[0], numel, parts.stride(0),
             parts2, acc2 if acc2 is not None else parts2, out2, parts2.shape[0], numel2, parts2.stride(0),
-            blocks,
-            HAS_ACC=acc is not None, EVEN=numel % REDUCE_BLOCK == 0,
-            HAS_ACC2=acc2 is not None,
-            SECOND=second is not None, BLOCK=REDUCE_BLOCK, **REDUCE_LAUNCH)
+            blocks, **constexprs)
+
+
+@functools.lru_cache(maxsize=4096)  # (host time per call: the same shapes come back every step)
+def _reduction_shape(numel: int, numel2: int, has_acc: bool, has_acc2: bool, second: bool):
+    """``(grid, blocks, constexprs)`` of one reduction launch (``blocks``:
+    the first reduction's programs)."""
+    blocks = cdiv(numel, REDUCE_BLOCK)
+    constexprs = types.MappingProxyType(dict(
+        HAS_ACC=has_acc, EVEN=numel % REDUCE_BLOCK == 0, HAS_ACC2=has_acc2, SECOND=second, BLOCK=REDUCE_BLOCK,
+        **REDUCE_LAUNCH))
+    return (blocks + cdiv(numel2, REDUCE_BLOCK),), blocks, constexprs
 
 
 def _launch(t, s, l, sh, tn, cs, m_start, m_end, rows_per_prog, cols_per_prog, grid, *, sh_scale,
             tn_scale, dropout_p, seed, config, input_precision):
     M, C = t.shape
     r = s.shape[1] if s is not None else l.shape[1] if l is not None else 0  # (0: a column sum alone)
-    block_r = block_r_for(r, config.max_block_r)
     dummy = t
     lora_skinny_kernel[grid](
         t, s if s is not None else dummy, l if l is not None else dummy,
         sh if sh is not None else dummy, tn if tn is not None else dummy, cs if cs is not None else dummy,
         M, C, r, m_start, m_end, rows_per_prog, cols_per_prog // config.block_c,
-        t.stride(0), t.stride(1),
+        *t.stride(),
         *(s.stride() if s is not None else (0, 0)),
         *(l.stride() if l is not None else (0, 0)),
         *(sh.stride() if sh is not None else (0, 0, 0)),
         *(tn.stride() if tn is not None else (0, 0, 0)),
         cs.stride(0) if cs is not None else 0,
         float(sh_scale), float(tn_scale), float(dropout_p), seed_arg(seed, t.device),
-        SHRINK=s is not None, TN=l is not None, COLSUM=cs is not None,
-        DROPOUT=dropout_p > 0.0,
         OFFSET_INT64=mask_counters_int64(M, C),
-        UPCAST=is_interpreted(lora_skinny_kernel) and t.dtype == torch.bfloat16,
+        **_launch_constexprs(C, r, s is not None, l is not None, cs is not None, dropout_p > 0.0,
+                             is_interpreted(lora_skinny_kernel) and t.dtype == torch.bfloat16, input_precision,
+                             config),
+    )
+
+
+@functools.lru_cache(maxsize=4096)  # (host time per call: the same shapes come back every step)
+def _launch_constexprs(C: int, r: int, shrink: bool, tn: bool, colsum: bool, dropout: bool, upcast: bool,
+                       input_precision: str, config: SkinnyConfig):
+    block_r = block_r_for(r, config.max_block_r)
+    return types.MappingProxyType(dict(
+        SHRINK=shrink, TN=tn, COLSUM=colsum,
+        DROPOUT=dropout,
+        UPCAST=upcast,
         EVEN_C=C % config.block_c == 0,
         EVEN_R=r % block_r == 0,
         INPUT_PRECISION=input_precision,
         BLOCK_R=block_r,
         **config.launch_kwargs(),
-    )
+    ))
 
 
 @dataclass(frozen=True)
@@ -294,11 +316,17 @@ class SkinnyGrid:
         return chunks + (chunks - 1) * cdiv(row_sums, 2) + cdiv(last, 2)
 
 
-@functools.lru_cache(maxsize=4096)  # (host time per call: the same shapes come back every step)
 def skinny_grid(M: int, C: int, r: int, config: SkinnyConfig, target_programs: int, *, shrink: bool, tn: bool,
                 colsum: bool) -> SkinnyGrid:
     """The split of one skinny pass (rank r within one rank tile) over about
     ``target_programs`` programs."""
+    # (the bound read here, not frozen into the cache: tests lower it)
+    return _skinny_grid(M, C, r, config, target_programs, shrink, tn, colsum, SKINNY_PARTIAL_BYTES)
+
+
+@functools.lru_cache(maxsize=4096)  # (host time per call: the same shapes come back every step)
+def _skinny_grid(M: int, C: int, r: int, config: SkinnyConfig, target_programs: int, shrink: bool, tn: bool,
+                 colsum: bool, partial_bytes: int) -> SkinnyGrid:
     bm, bc = config.block_m, config.block_c
     m_tiles, c_tiles = max(1, cdiv(M, bm)), max(1, cdiv(C, bc))
     if shrink:
@@ -316,7 +344,7 @@ def skinny_grid(M: int, C: int, r: int, config: SkinnyConfig, target_programs: i
     split_c = cdiv(C, cols_per_prog)
     # Bound the row-split partials: process the rows in chunks when needed.
     per_split = (C * r * 4 if tn else 0) + (C * 4 if colsum else 0)
-    max_splits = max(1, SKINNY_PARTIAL_BYTES // max(per_split, 1))
+    max_splits = max(1, partial_bytes // max(per_split, 1))
     splits_per_chunk = split_m if not (tn or colsum) else min(split_m, max_splits)
     return SkinnyGrid(M, rows_per_prog, cols_per_prog, split_c, max(1, splits_per_chunk * rows_per_prog), shrink,
                       int(tn) + int(colsum))
