@@ -46,6 +46,7 @@ import collections
 import json
 import os
 import re
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -133,6 +134,75 @@ def _never_called(model: nn.Module, name: str) -> str | None:
         return ("nn.MultiheadAttention never calls its out_proj (it reads out_proj.weight and .bias), "
                 "so an adapter there would have no effect")
     return None
+
+
+#: Modules that wrap a whole model (or a block) under one attribute, as
+#: (defining module, class, attribute). A layer's name in PEFT's format, and
+#: the one targets match, leaves that attribute out: the layers of
+#: ``torch.compile(model)`` are ``model``'s. (Looked up in ``sys.modules``: a
+#: class whose module was never imported has no instances to find.)
+_WRAPPERS = (
+    ("torch._dynamo.eval_frame", "OptimizedModule", "_orig_mod"),  # torch.compile
+    ("torch.nn.parallel.distributed", "DistributedDataParallel", "module"),
+    ("torch.nn.parallel.data_parallel", "DataParallel", "module"),
+    ("torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "ActivationWrapper",
+     "_checkpoint_wrapped_module"),  # checkpoint_wrapper, offload_wrapper
+    ("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel", "_fsdp_wrapped_module"),
+)
+#: Of those, the ones that take their model's parameters when they are built:
+#: a parameter added inside them later is not theirs (DDP would not average
+#: its gradient over the ranks: each rank would train its own adapter).
+_BUILT_ON_PARAMETERS = ("DistributedDataParallel", "FullyShardedDataParallel")
+
+
+def _wrapper(module: nn.Module) -> tuple[str, str] | None:
+    """``(class name, attribute)`` where ``module`` is one of :data:`_WRAPPERS`, else None."""
+    for where, cls_name, attr in _WRAPPERS:
+        cls = getattr(sys.modules.get(where), cls_name, None)
+        if cls is not None and isinstance(module, cls):
+            return cls_name, attr
+    return None
+
+
+def _public_names(model: nn.Module) -> dict[str, str]:
+    """Each name of ``model.named_modules()`` -> the module's name without the
+    wrappers' attributes (:data:`_WRAPPERS`): the name PEFT's format and the
+    targets use. A wrapper and what it wraps share one public name."""
+    modules, public = {}, {}
+    for name, module in model.named_modules():
+        modules[name] = module
+        if not name:
+            public[name] = ""
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent_public = public[parent_name]
+        wrapper = _wrapper(modules[parent_name])
+        if wrapper is not None and child == wrapper[1]:
+            public[name] = parent_public
+        else:
+            public[name] = f"{parent_public}.{child}" if parent_public else child
+    return public
+
+
+def _model_names(model: nn.Module) -> dict[str, str]:
+    """Public name -> the name in ``model`` (the innermost module where a
+    wrapper and what it wraps share one)."""
+    return {pub: name for name, pub in _public_names(model).items()}
+
+
+def _check_can_add_parameters(model: nn.Module, names, what: str) -> None:
+    """A fused layer brings new parameters (the adapters) and takes over the
+    linear's: refused where a wrapper built on the old ones would not see them
+    (DDP, FSDP1) and where FSDP2 sharded the linear."""
+    for name in names:
+        parts = name.split(".")
+        for i in range(len(parts)):
+            wrapper = _wrapper(model.get_submodule(".".join(parts[:i])))
+            if wrapper is not None and wrapper[0] in _BUILT_ON_PARAMETERS:
+                raise ValueError(f"{what}: {name} is inside a {wrapper[0]}, which took the model's parameters when "
+                                 "it was built and would not see the adapters (their gradients would not be "
+                                 f"averaged over the ranks): {what} on the model first, then wrap it")
+    _check_not_sharded(model, names, what)
 
 
 def _calls_its_layers(module: nn.Module, args) -> None:
@@ -299,14 +369,20 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
         exclude_modules: the same forms; matching layers are left alone.
         adapter_dtype: dtype of the new adapter parameters (default: the base's).
 
+    Both forms match names without the attributes of torch.compile's, DDP's
+    and torch's checkpoint wrappers (``_orig_mod``, ``module``,
+    ``_checkpoint_wrapped_module``), as :func:`save_adapter` writes them.
+
     Returns:
-        The names of the replaced layers, in model order.
+        The names of the replaced layers in ``model`` (wrappers' attributes
+        included), in model order.
 
     Raises:
         ValueError: when nothing matches (the message lists the linear layers),
-            when a match already carries an adapter, or when a named target
+            when a match already carries an adapter, when a named target
             is never called by its parent (an adapter there would have no
-            effect).
+            effect), or when it is inside DDP (inject first, then wrap) or
+            sharded by FSDP2.
     """
     _check_model(model)
     r = check_int("r", r, 1)
@@ -315,6 +391,7 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
     targets = None if all_linear else _check_targets("target_modules", target_modules)
     excluded = _check_targets("exclude_modules", exclude_modules)
     names = linear_layer_names(model)
+    public = _public_names(model)
     output_layer = _output_layer(model) if all_linear else None
     chosen, uncalled = [], {}
     for name in names:
@@ -322,9 +399,9 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
         if all_linear:
             if module is output_layer:
                 continue
-        elif not _matches(name, targets):
+        elif not _matches(public[name], targets):
             continue
-        if excluded is not None and _matches(name, excluded):
+        if excluded is not None and _matches(public[name], excluded):
             continue
         reason = _never_called(model, name)
         if reason:
@@ -340,11 +417,11 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
                       + "; ".join(sorted(set(uncalled.values()))), stacklevel=2)
     if not chosen:
         raise ValueError(f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matched none "
-                         f"of the model's linear layers: {names}")
+                         f"of the model's linear layers: {[public[n] for n in names]}")
     already = [n for n in chosen if isinstance(model.get_submodule(n), LoRALinear)]
     if already:
         raise ValueError(f"these layers already carry a fused adapter: {already}")
-    _check_not_sharded(model, chosen, "inject")
+    _check_can_add_parameters(model, chosen, "inject")
 
     fused_by_id = {}
     for p in model.parameters():
@@ -498,6 +575,10 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
 
     if not layers:
         raise ValueError("the model has no fused LoRA layers to convert")
+    wrapper = _wrapper(model)
+    if wrapper is not None:  # (PEFT would wrap the wrapper: its names, and its files' keys, would hold the attribute)
+        raise ValueError(f"to_peft: the model is a {wrapper[0]}: convert the model it wraps "
+                         f"(model.{wrapper[1]}), then wrap PEFT's model again")
     config = _lora_config_dict(layers, _modules_to_save(model, layers))
     for name, layer in layers.items():
         if layer.merged:
@@ -690,13 +771,18 @@ def save_adapter(model: nn.Module, directory) -> Path:
     directory)`` then reproduces the model's outputs. Files are written
     atomically. A model sharded by FSDP2 (``fully_shard``): call it on every
     rank; the full tensors are gathered (a collective), rank 0 writes, and
-    every rank returns once the files exist. Raises ValueError when the model
-    has no fused layers, or trainable parameters the format cannot hold (a
-    fused layer's base weight)."""
+    every rank returns once the files exist. The names in the files are
+    those of the model inside any wrapper (without torch.compile's
+    ``_orig_mod``, DDP's ``module``, torch's checkpoint wrapper's), as in
+    PEFT's own files. Raises ValueError when the model has no fused layers,
+    or trainable parameters the format cannot hold (a fused layer's base
+    weight)."""
     layers = fused_layers(_check_model(model))
     if not layers:
         raise ValueError("the model has no fused LoRA layers to save")
-    extra = _modules_to_save(model, layers)
+    public = _public_names(model)  # (torch.compile's, DDP's... wrappers left out of the names)
+    extra = {public[n]: m for n, m in _modules_to_save(model, layers).items()}
+    layers = {public[n]: layer for n, layer in layers.items()}
     config = _lora_config_dict(layers, extra)
     gathered = []
 
@@ -799,9 +885,14 @@ def _read_adapter(directory: Path) -> tuple[dict, dict]:
 def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[str]:
     """Load a PEFT-format LoRA adapter (as written by PEFT or :func:`save_adapter`)
     into ``model``. Layers that are still plain linears are fused first, with
-    the adapter's r/alpha/dropout/rsLoRA; fused layers get the adapter's
-    weights and scaling (into each rank's shard where FSDP2 sharded them;
-    plain linears are fused before sharding, not after). The modules the file keeps whole (PEFT's
+    the adapter's r/alpha/dropout/rsLoRA, and the model's other parameters are
+    frozen, as :func:`inject` and PEFT's ``from_pretrained(...,
+    is_trainable=True)`` leave a model (where every layer was fused already,
+    the other parameters keep their ``requires_grad``). Fused layers get the
+    adapter's weights and scaling (into each rank's shard where FSDP2 sharded
+    them; plain linears are fused before sharding or wrapping in DDP, not
+    after). Layer names are those of the model inside torch.compile's, DDP's
+    or torch's checkpoint wrappers, as in :func:`save_adapter`'s files. The modules the file keeps whole (PEFT's
     ``modules_to_save``, e.g. a classification head) are loaded into the
     model's modules of those names (into PEFT's trained copy where the model
     has PEFT's wrapper) and made trainable, as PEFT does. Everything is
@@ -814,7 +905,8 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
     _check_model(model)
     directory = Path(directory)
     config, tensors = _read_adapter(directory)
-    prefix = PEFT_PREFIX if isinstance(getattr(model, _ORIGINALS, None), dict) or _has_prefix(model) else ""
+    names = _model_names(model)  # (public name -> the model's, for models in torch.compile's, DDP's... wrappers)
+    prefix = PEFT_PREFIX if isinstance(getattr(model, _ORIGINALS, None), dict) or PEFT_PREFIX[:-1] in names else ""
     by_path: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
     saved: dict[str, tuple[nn.Module, dict[str, torch.Tensor]]] = {}
     for key, value in tensors.items():
@@ -822,7 +914,7 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
         if m is not None:
             by_path[_strip(m["path"])][m["which"]] = value
             continue
-        found = _saved_module_tensor(model, prefix, _strip(key), config.get("modules_to_save") or [])
+        found = _saved_module_tensor(model, names, prefix, _strip(key), config.get("modules_to_save") or [])
         if found is None:
             raise AdapterFileError(f"{directory}: unexpected tensor {key!r} (only lora_A/lora_B weights and the "
                                    "modules named in modules_to_save are supported: no embedding adapters or DoRA "
@@ -838,10 +930,10 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
         if set(pair) != {"A", "B"}:
             raise AdapterFileError(f"{directory}: {path} has lora_{''.join(sorted(pair))} but not both (truncated?)")
         a, b = pair["A"], pair["B"]
-        try:
-            module = model.get_submodule(prefix + path)
-        except AttributeError:
-            raise AdapterFileError(f"{directory}: the model has no module {prefix + path!r}") from None
+        name = names.get(prefix + path)
+        if name is None:
+            raise AdapterFileError(f"{directory}: the model has no module {prefix + path!r}")
+        module = model.get_submodule(name)
         r_default, alpha_default = config["r"], config["lora_alpha"]
         r = _pattern_value(config.get("rank_pattern"), path, r_default)
         alpha = _pattern_value(config.get("alpha_pattern"), path, alpha_default)
@@ -851,7 +943,7 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
         if isinstance(module, LoRALinear):
             in_f, out_f, cur_r = module.in_features, module.out_features, module.r
         elif _is_linear_like(module):
-            _check_not_sharded(model, [prefix + path], "load_adapter")
+            _check_can_add_parameters(model, [name], "load_adapter")
             w = module.weight
             in_f, out_f = (w.shape if not isinstance(module, nn.Linear) else w.shape[::-1])
             cur_r = r
@@ -860,7 +952,7 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
                                    "(load_adapter/from_pretrained), or convert the model with from_peft first")
         else:
             raise AdapterFileError(f"{directory}: {path} is a {type(module).__name__}, not a linear layer")
-        reason = _never_called(model, prefix + path)
+        reason = _never_called(model, name)
         if reason:
             raise AdapterFileError(f"{directory}: {path}: {reason}")
         if tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):
@@ -870,16 +962,21 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
             raise AdapterFileError(f"{directory}: {path}: the model's fused layer has r={cur_r}, the adapter r={r}")
         if not all(torch.isfinite(t).all() for t in (a, b)):
             raise AdapterFileError(f"{directory}: {path}: the adapter weights contain NaN or Inf")
-        plan.append((path, module, a, b, r, alpha))
+        plan.append((name, module, a, b, r, alpha))
 
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     use_rslora = bool(config.get("use_rslora", False))
     loaded = []
     with torch.no_grad():
-        for path, module, a, b, r, alpha in plan:
+        if any(not isinstance(module, LoRALinear) for _, module, *_ in plan):
+            # Fusing plain linears makes a LoRA model out of a plain one: frozen
+            # but for the adapters (and the saved modules), as inject leaves it.
+            for p in model.parameters():
+                p.requires_grad_(False)
+        for name, module, a, b, r, alpha in plan:
             if not isinstance(module, LoRALinear):
                 module = _fused_layer_for(module, r, alpha, dropout, use_rslora, None, backend)
-                _set_submodule(model, prefix + path, module)
+                _set_submodule(model, name, module)
             module.alpha, module.use_rslora, module.dropout = float(alpha), use_rslora, dropout
             merged = module.merged
             if merged:
@@ -890,42 +987,32 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
                 module.merge()
             module.lora_A.requires_grad_(True)
             module.lora_B.requires_grad_(True)
-            loaded.append(prefix + path)
-        for path, (module, values) in saved.items():
+            loaded.append(name)
+        for name, (module, values) in saved.items():
             state = module.state_dict()
             for key, value in values.items():
                 _copy_into(state[key], value)
             for p in module.parameters():
                 p.requires_grad_(True)
-            loaded.append(path)
+            loaded.append(name)
     guard_fast_paths(model)
     return loaded
 
 
-def _saved_module_tensor(model: nn.Module, prefix: str, key: str, names: list[str]):
-    """``(path, module, state key)`` for a tensor of a module kept whole
+def _saved_module_tensor(model: nn.Module, names: dict[str, str], prefix: str, key: str, modules: list[str]):
+    """``(name, module, state key)`` for a tensor of a module kept whole
     (``key`` without PEFT's prefix: ``<path>.<state key>``, the path matching
-    one of ``names`` whole or as a suffix), the module being the model's (or
-    PEFT's trained copy in its wrapper); None when there is no such module."""
+    one of ``modules`` whole or as a suffix), the module being the model's (or
+    PEFT's trained copy in its wrapper) and ``name`` its name in the model
+    (``names``: :func:`_model_names`); None when there is no such module."""
     parts = key.split(".")
     for i in range(len(parts) - 1, 0, -1):
         path, state_key = ".".join(parts[:i]), ".".join(parts[i:])
-        if not _matches(path, names):
+        if not _matches(path, modules) or prefix + path not in names:
             continue
-        try:
-            module = model.get_submodule(prefix + path)
-        except AttributeError:
-            continue
-        module = _active_copy(module, prefix + path) or module
+        name = names[prefix + path]
+        module = model.get_submodule(name)
+        module = _active_copy(module, name) or module
         if state_key in module.state_dict():
-            return prefix + path, module, state_key
+            return name, module, state_key
     return None
-
-
-def _has_prefix(model: nn.Module) -> bool:
-    try:
-        model.get_submodule(PEFT_PREFIX.rstrip("."))
-        return True
-    except AttributeError:
-        return False
-

@@ -481,6 +481,8 @@ def test_load_adapter_written_by_peft(tmp_path):
     plain = tiny_llama()
     names = fused_lora.load_adapter(plain, tmp_path)
     assert len(names) == 6 and plain.model.layers[0].mlp.up_proj.r == 8
+    # frozen but for the adapters, as inject and PEFT's from_pretrained(is_trainable=True) leave it
+    assert sorted(trainable(plain)) == sorted(f"{n}.lora_{w}" for n in names for w in "AB")
     assert_outputs_close(plain(input_ids=ids).logits, expected)
     # into a model already fused (same ranks): weights and scaling replaced
     fused = tiny_llama()
@@ -569,6 +571,89 @@ def test_save_adapter_refuses_what_peft_cannot_hold(tmp_path):
         fused_lora.save_adapter(model, tmp_path)
     with pytest.raises(ValueError, match="no fused LoRA layers"):
         fused_lora.save_adapter(tiny_llama(), tmp_path)
+
+
+def _saved_keys(directory):
+    from safetensors.torch import load_file
+
+    return sorted(load_file(str(directory / "adapter_model.safetensors")))
+
+
+def test_wrapped_models_match_save_and_load_under_the_names_of_the_model_inside(tmp_path):
+    """torch.compile(model) and torch's checkpoint_wrapper put an attribute
+    (``_orig_mod``, ``_checkpoint_wrapped_module``) into their layers' names.
+    Targets match, and PEFT's files hold, the names without it (as PEFT's own
+    files do), so that an adapter saved from a compiled model loads in PEFT and
+    in the plain model, and one saved from the plain model into a compiled one."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    ids = batch()
+    model = tiny_llama()
+    model.model.layers[1] = checkpoint_wrapper(model.model.layers[1])
+    compiled = torch.compile(model, backend="eager")  # (never called: the names are the point)
+    names = fused_lora.inject(compiled, r"model\.layers\.\d+\.self_attn\.(q|v)_proj", r=4)
+    assert names == ["_orig_mod.model.layers.0.self_attn.q_proj", "_orig_mod.model.layers.0.self_attn.v_proj",
+                     "_orig_mod.model.layers.1._checkpoint_wrapped_module.self_attn.q_proj",
+                     "_orig_mod.model.layers.1._checkpoint_wrapped_module.self_attn.v_proj"]
+    _randomise_adapters(compiled)
+    model.model.layers[1].self_attn.v_proj.alpha = 5.0  # (a per-layer alpha: alpha_pattern's key)
+    expected = model(input_ids=ids).logits.detach()
+    fused_lora.save_adapter(compiled, tmp_path / "compiled")
+    assert _saved_keys(tmp_path / "compiled") == [f"base_model.model.model.layers.{i}.self_attn.{p}.lora_{w}.weight"
+                                                  for i in range(2) for p in ("q_proj", "v_proj") for w in "AB"]
+    config = json.loads((tmp_path / "compiled" / "adapter_config.json").read_text())
+    assert config["alpha_pattern"] == {"model.layers.1.self_attn.v_proj": 5}
+    in_peft = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "compiled")
+    assert_outputs_close(in_peft(input_ids=ids).logits, expected)
+    plain = tiny_llama()
+    fused_lora.load_adapter(plain, tmp_path / "compiled")
+    assert_outputs_close(plain(input_ids=ids).logits, expected)
+    # the other way: saved from the plain model, loaded into a compiled one
+    fused_lora.save_adapter(plain, tmp_path / "plain")
+    again = torch.compile(tiny_llama(), backend="eager")
+    loaded = fused_lora.load_adapter(again, tmp_path / "plain")
+    assert loaded == [f"_orig_mod.model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    assert_outputs_close(again._orig_mod(input_ids=ids).logits, expected)
+    # PEFT would wrap the wrapper (its names and files holding _orig_mod): refused, the model it wraps converts
+    with pytest.raises(ValueError, match=r"OptimizedModule: convert the model it wraps \(model._orig_mod\)"):
+        fused_lora.to_peft(compiled)
+    assert_outputs_close(fused_lora.to_peft(compiled._orig_mod)(input_ids=ids).logits, expected)
+
+
+def test_layers_inside_distributed_data_parallel_are_not_fused(tmp_path):
+    """DistributedDataParallel takes its model's parameters when it is built:
+    an adapter fused inside it afterwards would train on each rank alone (its
+    gradients never averaged), so inject and load_adapter refuse it. A model
+    fused first, then wrapped, saves under the names of the model inside and
+    loads into its fused layers."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = batch().cpu()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapped_plain = DDP(tiny_llama().cpu())
+        with pytest.raises(ValueError, match="inside a DistributedDataParallel.*inject on the model first"):
+            fused_lora.inject(wrapped_plain, ["q_proj"])
+        assert not fused_lora.integration.fused_layers(wrapped_plain)
+
+        model = tiny_llama().cpu()
+        fused_lora.inject(model, ["q_proj"], r=4)
+        _randomise_adapters(model)
+        expected = model(input_ids=ids).logits.detach()
+        fused_lora.save_adapter(DDP(model), tmp_path / "a")
+        assert _saved_keys(tmp_path / "a") == [f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{w}.weight"
+                                               for i in range(2) for w in "AB"]
+        with pytest.raises(ValueError, match="inside a DistributedDataParallel.*load_adapter on the model first"):
+            fused_lora.load_adapter(wrapped_plain, tmp_path / "a")
+        assert not fused_lora.integration.fused_layers(wrapped_plain)
+        fresh = tiny_llama().cpu()
+        fused_lora.inject(fresh, ["q_proj"], r=4)
+        assert fused_lora.load_adapter(DDP(fresh), tmp_path / "a") == [
+            f"module.model.layers.{i}.self_attn.q_proj" for i in range(2)]
+        assert_outputs_close(fresh(input_ids=ids).logits, expected)
+    finally:
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------
