@@ -885,7 +885,8 @@ def _read_adapter(directory: Path) -> tuple[dict, dict]:
 def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[str]:
     """Load a PEFT-format LoRA adapter (as written by PEFT or :func:`save_adapter`)
     into ``model``. Layers that are still plain linears are fused first, with
-    the adapter's r/alpha/dropout/rsLoRA, and the model's other parameters are
+    the adapter's r/alpha/dropout/rsLoRA and its weights' dtype (PEFT keeps
+    fp32 adapters on a bf16 base: they stay fp32), and the model's other parameters are
     frozen, as :func:`inject` and PEFT's ``from_pretrained(...,
     is_trainable=True)`` leave a model (where every layer was fused already,
     the other parameters keep their ``requires_grad``). Fused layers get the
@@ -960,6 +961,9 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
                                    f"fit the model's {in_f} -> {out_f} layer")
         if cur_r != r:
             raise AdapterFileError(f"{directory}: {path}: the model's fused layer has r={cur_r}, the adapter r={r}")
+        if not (a.is_floating_point() and b.is_floating_point() and a.dtype == b.dtype):
+            raise AdapterFileError(f"{directory}: {path}: lora_A is {a.dtype} and lora_B {b.dtype}: the adapter "
+                                   "weights must be floating point, of one dtype")
         if not all(torch.isfinite(t).all() for t in (a, b)):
             raise AdapterFileError(f"{directory}: {path}: the adapter weights contain NaN or Inf")
         plan.append((name, module, a, b, r, alpha))
@@ -975,7 +979,8 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
                 p.requires_grad_(False)
         for name, module, a, b, r, alpha in plan:
             if not isinstance(module, LoRALinear):
-                module = _fused_layer_for(module, r, alpha, dropout, use_rslora, None, backend)
+                # (in the file's dtype: fp32 adapters on a bf16 base, PEFT's default, load as they were saved)
+                module = _fused_layer_for(module, r, alpha, dropout, use_rslora, a.dtype, backend)
                 _set_submodule(model, name, module)
             module.alpha, module.use_rslora, module.dropout = float(alpha), use_rslora, dropout
             merged = module.merged

@@ -497,6 +497,23 @@ def test_load_adapter_written_by_peft(tmp_path):
     assert_outputs_close(again(input_ids=ids).logits, expected)
 
 
+def test_load_adapter_keeps_the_dtype_the_adapter_was_saved_in(tmp_path):
+    """PEFT keeps fp32 adapters on a bf16 base (``autocast_adapter_dtype``):
+    fusing a bf16 model's linears, load_adapter keeps them fp32, bit for bit as
+    saved, instead of rounding them to the base's bf16."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    ref = peft.get_peft_model(tiny_llama().to(torch.bfloat16), config)
+    ref.save_pretrained(tmp_path)
+    model = tiny_llama().to(torch.bfloat16)
+    fused_lora.load_adapter(model, tmp_path)
+    for i in range(2):
+        layer, want = model.model.layers[i].self_attn.q_proj, ref.base_model.model.model.layers[i].self_attn.q_proj
+        assert layer.weight.dtype == torch.bfloat16
+        for got, saved in ((layer.lora_A, want.lora_A["default"].weight), (layer.lora_B, want.lora_B["default"].weight)):
+            assert got.dtype == saved.dtype == torch.float32
+            assert torch.equal(got, saved)
+
+
 def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, \
         {n: type(m).__name__ for n, m in model.named_modules()}
@@ -514,6 +531,7 @@ def _state(model):
     ("unknown_key", "unexpected tensor"),
     ("dora", "use_dora"),
     ("nan", "NaN"),
+    ("integer_weights", "must be floating point"),
 ])
 def test_bad_adapter_files_raise_and_leave_the_model_unchanged(tmp_path, damage, message):
     from safetensors.torch import load_file, save_file
@@ -548,7 +566,9 @@ def test_bad_adapter_files_raise_and_leave_the_model_unchanged(tmp_path, damage,
         cfg["use_dora"] = True
     elif damage == "nan":
         tensors[key_b][0, 0] = float("nan")
-    if damage in ("drop_lora_B", "wrong_shape", "unknown_module", "unknown_key", "nan"):
+    elif damage == "integer_weights":
+        tensors[key_a] = (tensors[key_a] * 100).to(torch.int32)
+    if damage in ("drop_lora_B", "wrong_shape", "unknown_module", "unknown_key", "nan", "integer_weights"):
         save_file(tensors, str(w_path))
     if damage in ("wrong_rank", "dora"):
         cfg_path.write_text(json.dumps(cfg))
