@@ -604,6 +604,13 @@ def _unload(model: nn.Module, merge: bool) -> list[str]:
     layers = fused_layers(model)
     if not layers:
         raise ValueError("the model has no fused LoRA layers to unload")
+    tied = _shared_weights(model, [(n, layer) for n, layer in layers.items() if not layer.merged]) if merge else {}
+    if tied:
+        raise ValueError("merging would change base weights that other modules share (tied weights, e.g. an "
+                         "output layer tied to the input embedding), and so those modules too: "
+                         + "; ".join(f"{n}.weight is also {', '.join(others)}" for n, others in tied.items())
+                         + ". Untie them first (layer.weight = nn.Parameter(layer.weight.detach().clone()); a "
+                         "transformers model: tie_word_embeddings=False), or drop the adapters with unload(model)")
     plain_by_id = {}
     for name, layer in layers.items():
         if id(layer) not in plain_by_id:  # (a layer reachable under two names becomes one plain layer)
@@ -615,6 +622,21 @@ def _unload(model: nn.Module, merge: bool) -> list[str]:
         _set_submodule(model, name, plain_by_id[id(layer)])
     _unguard_fast_paths(model)
     return list(layers)
+
+
+def _shared_weights(model: nn.Module, layers) -> dict[str, list[str]]:
+    """For each ``(name, layer)`` whose base weight other modules of ``model``
+    hold too (tied weights): the other parameters' names."""
+    holders = collections.defaultdict(list)
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, p in module.named_parameters(recurse=False):
+            holders[id(p)].append((module, f"{module_name}.{param_name}" if module_name else param_name))
+    shared = {}
+    for name, layer in layers:
+        others = sorted({n for m, n in holders[id(layer.weight)] if m is not layer})
+        if others:
+            shared[name] = others
+    return shared
 
 
 def merge_and_unload(model: nn.Module) -> list[str]:
@@ -629,9 +651,13 @@ def merge_and_unload(model: nn.Module) -> list[str]:
     keep the ``requires_grad`` that :func:`inject` gave them (frozen); torch's
     transformer fast paths are given back (:func:`guard_fast_paths`).
 
-    Returns the names of the replaced layers. Raises ValueError on a model
-    without fused layers, or one converted by :func:`from_peft` (go back with
-    :func:`to_peft` and use PEFT's ``merge_and_unload``).
+    Returns the names of the replaced layers. Raises ValueError, changing
+    nothing, on a model without fused layers, one converted by
+    :func:`from_peft` (go back with :func:`to_peft` and use PEFT's
+    ``merge_and_unload``), or one where a base weight to merge into is
+    shared with another module (tied weights: an output layer tied to the
+    input embedding, whose merge would change the embedding too; PEFT merges
+    it, with a warning).
     """
     return _unload(model, merge=True)
 

@@ -174,7 +174,9 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into ``weight`` in place (same Parameter object)."""
+        """Fold the adapter into ``weight`` in place (same Parameter object;
+        where other modules share it, tied weights, they change too:
+        :func:`fused_lora.merge_and_unload` refuses that)."""
         if self.merged:
             raise RuntimeError("LoRALinear.merge(): the adapter is already merged")
         original = self.weight.detach().clone()

@@ -915,6 +915,36 @@ def test_unload_gives_torch_its_fast_paths_back():
         assert torch.all(padded[pad] == 0) and not torch.all(_without_fast_paths(model, x, src_key_padding_mask=pad)[pad] == 0)
 
 
+def test_merge_and_unload_refuses_tied_weights_and_merges_once_untied():
+    """An adapter on an output layer tied to the input embedding: merging it
+    would change the embedding too (the logits of the merged model were off by
+    3x their scale). Refused, changing nothing; unload still gives the base
+    model back; untied by hand, the merge computes what the fused model did."""
+    ids = batch()
+    model = tiny_llama(tie_word_embeddings=True).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    fused_lora.inject(model, ["lm_head", "q_proj"], r=4)
+    _randomise_adapters(model)
+    expected = model(input_ids=ids).logits.detach()
+    before_state, before_types = _state(model)
+    with pytest.raises(ValueError, match=r"lm_head.weight is also model.embed_tokens.weight\. Untie them first"):
+        fused_lora.merge_and_unload(model)
+    after_state, after_types = _state(model)
+    assert after_types == before_types
+    assert not any(layer.merged for layer in fused_lora.integration.fused_layers(model).values())
+    assert all(torch.equal(after_state[k], before_state[k]) for k in before_state)
+    # untied: the merged model computes what the fused one did
+    untied = copy.deepcopy(model)
+    untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach().clone(), requires_grad=False)
+    fused_lora.merge_and_unload(untied)
+    assert type(untied.lm_head) is nn.Linear
+    assert_outputs_close(untied(input_ids=ids).logits, expected)
+    # unload drops the adapters and leaves the tie alone
+    fused_lora.unload(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert_outputs_close(model(input_ids=ids).logits, tiny_llama(tie_word_embeddings=True).eval()(input_ids=ids).logits)
+
+
 def test_unload_refuses_a_model_converted_from_peft():
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
     model = peft.get_peft_model(tiny_llama(), config)
