@@ -358,7 +358,9 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
            use_rslora: bool = False, exclude_modules=None, *, adapter_dtype: torch.dtype | None = None,
            backend: str = "auto") -> list[str]:
     """Replace the matching linear layers of ``model`` with :class:`LoRALinear`
-    in place, sharing their weights; freeze every parameter but the adapters.
+    in place, sharing their weights; freeze every parameter but the adapters
+    (those of layers fused before keep their ``requires_grad``: inject once
+    per rank, e.g. r=8 on attention and r=16 on the MLP).
 
     Args:
         target_modules: a regex (full match), a list of names or name
@@ -424,8 +426,7 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
     _check_can_add_parameters(model, chosen, "inject")
 
     fused_by_id = {}
-    for p in model.parameters():
-        p.requires_grad_(False)
+    _freeze_all_but_adapters(model)
     for name in chosen:
         module = model.get_submodule(name)
         if id(module) not in fused_by_id:  # a module reachable under two names gets one adapter
@@ -433,6 +434,16 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
         _set_submodule(model, name, fused_by_id[id(module)])
     guard_fast_paths(model)
     return chosen
+
+
+def _freeze_all_but_adapters(model: nn.Module) -> None:
+    """Freeze every parameter of ``model`` but the fused layers' adapters,
+    which keep their ``requires_grad`` (a second :func:`inject`, with another
+    rank for other layers, leaves the first one's adapters training)."""
+    adapters = {id(p) for layer in fused_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
+    for p in model.parameters():
+        if id(p) not in adapters:
+            p.requires_grad_(False)
 
 
 def fused_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -1001,8 +1012,7 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
         if any(not isinstance(module, LoRALinear) for _, module, *_ in plan):
             # Fusing plain linears makes a LoRA model out of a plain one: frozen
             # but for the adapters (and the saved modules), as inject leaves it.
-            for p in model.parameters():
-                p.requires_grad_(False)
+            _freeze_all_but_adapters(model)
         for name, module, a, b, r, alpha in plan:
             if not isinstance(module, LoRALinear):
                 # (in the file's dtype: fp32 adapters on a bf16 base, PEFT's default, load as they were saved)
