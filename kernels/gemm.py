@@ -392,7 +392,6 @@ def lora_gemm(
     return c, xa
 
 
-
 class _LaunchShape(NamedTuple):
     """What :func:`lora_gemm` derives from the problem's sizes and flags alone."""
 
@@ -436,6 +435,7 @@ def _launch_shape(M: int, N: int, K: int, r: int, low_rank: int, v_elt: int, has
     ))
     return _LaunchShape(block_r, split_k, blocks_per_split, cdiv(M * N, 16) * 16, cdiv(M * r, 16) * 16,
                         cdiv(M, config.block_m) * cdiv(N, config.block_n), constexprs)
+
 
 def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int):
     """``(descriptor, transposed)`` for the 2-D operand ``t`` read in

@@ -220,10 +220,7 @@ def reduce_all(jobs) -> None:
 def launch_reductions(jobs) -> None:
     """:func:`reduce_all` without its checks, for the launchers' own partials
     (allocated to fit: the checks would only add host time to every call)."""
-    if len(jobs) > 1:
-        jobs = sorted((job for job in jobs if job[1].numel()), key=lambda job: -job[0].numel())
-    elif jobs and not jobs[0][1].numel():
-        return
+    jobs = sorted((job for job in jobs if job[1].numel()), key=lambda job: -job[0].numel())
     for i in range(0, len(jobs), 2):
         (parts, out, acc), second = jobs[i], jobs[i + 1] if i + 1 < len(jobs) else None
         parts2, out2, acc2 = second if second is not None else (parts, out, None)
