@@ -358,9 +358,10 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
            use_rslora: bool = False, exclude_modules=None, *, adapter_dtype: torch.dtype | None = None,
            backend: str = "auto") -> list[str]:
     """Replace the matching linear layers of ``model`` with :class:`LoRALinear`
-    in place, sharing their weights; freeze every parameter but the adapters
-    (those of layers fused before keep their ``requires_grad``: inject once
-    per rank, e.g. r=8 on attention and r=16 on the MLP).
+    in place, sharing their weights. A model without fused layers is frozen
+    first, but for the new adapters; on a model fused already (a second call,
+    e.g. another rank for the MLP) the parameters there keep their
+    ``requires_grad``, the earlier adapters training on.
 
     Args:
         target_modules: a regex (full match), a list of names or name
@@ -426,7 +427,7 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
     _check_can_add_parameters(model, chosen, "inject")
 
     fused_by_id = {}
-    _freeze_all_but_adapters(model)
+    _freeze_a_plain_model(model)
     for name in chosen:
         module = model.get_submodule(name)
         if id(module) not in fused_by_id:  # a module reachable under two names gets one adapter
@@ -436,13 +437,14 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
     return chosen
 
 
-def _freeze_all_but_adapters(model: nn.Module) -> None:
-    """Freeze every parameter of ``model`` but the fused layers' adapters,
-    which keep their ``requires_grad`` (a second :func:`inject`, with another
-    rank for other layers, leaves the first one's adapters training)."""
-    adapters = {id(p) for layer in fused_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
-    for p in model.parameters():
-        if id(p) not in adapters:
+def _freeze_a_plain_model(model: nn.Module) -> None:
+    """Freeze every parameter of ``model`` if it has no fused layer yet (the
+    base model becoming a LoRA model). A model already fused keeps what
+    trains: a second :func:`inject` (another rank for other layers) leaves the
+    first one's adapters, and a head unfrozen by hand, training. (The new
+    layers' base weights are frozen either way.)"""
+    if not fused_layers(model):
+        for p in model.parameters():
             p.requires_grad_(False)
 
 
@@ -923,10 +925,10 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
     """Load a PEFT-format LoRA adapter (as written by PEFT or :func:`save_adapter`)
     into ``model``. Layers that are still plain linears are fused first, with
     the adapter's r/alpha/dropout/rsLoRA and its weights' dtype (PEFT keeps
-    fp32 adapters on a bf16 base: they stay fp32), and the model's other parameters are
-    frozen, as :func:`inject` and PEFT's ``from_pretrained(...,
-    is_trainable=True)`` leave a model (where every layer was fused already,
-    the other parameters keep their ``requires_grad``). Fused layers get the
+    fp32 adapters on a bf16 base: they stay fp32); a model without fused
+    layers is frozen first but for the adapters, as :func:`inject` and PEFT's
+    ``from_pretrained(..., is_trainable=True)`` leave a model (in a model
+    fused already, the parameters keep their ``requires_grad``). Fused layers get the
     adapter's weights and scaling (into each rank's shard where FSDP2 sharded
     them; plain linears are fused before sharding or wrapping in DDP, not
     after). Layer names are those of the model inside torch.compile's, DDP's
@@ -1009,10 +1011,7 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
     use_rslora = bool(config.get("use_rslora", False))
     loaded = []
     with torch.no_grad():
-        if any(not isinstance(module, LoRALinear) for _, module, *_ in plan):
-            # Fusing plain linears makes a LoRA model out of a plain one: frozen
-            # but for the adapters (and the saved modules), as inject leaves it.
-            _freeze_all_but_adapters(model)
+        _freeze_a_plain_model(model)  # (a plain model becomes a LoRA model, as inject leaves it)
         for name, module, a, b, r, alpha in plan:
             if not isinstance(module, LoRALinear):
                 # (in the file's dtype: fp32 adapters on a bf16 base, PEFT's default, load as they were saved)
