@@ -2,7 +2,8 @@
 adapter file format.
 
 * :func:`inject` swaps matching linear layers of any ``nn.Module`` for
-  :class:`~fused_lora.LoRALinear` and freezes everything else.
+  :class:`~fused_lora.LoRALinear` and, on a model not fused yet, freezes
+  everything else.
 * :func:`from_peft` converts the LoRA layers of a PEFT model in place into
   fused layers that *share* PEFT's parameter tensors (an optimizer built
   before the swap keeps working); :func:`to_peft` goes back.
