@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .layer import LoRALinear, check_adapter_dtype, check_int, lora_scaling
+from .layer import LoRALinear, check_adapter_dtype, check_int, lora_scaling, unfusable_base
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -426,6 +426,7 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
     if already:
         raise ValueError(f"these layers already carry a fused adapter: {already}")
     _check_can_add_parameters(model, chosen, "inject")
+    _check_fusable(model, chosen, "inject")
 
     fused_by_id = {}
     _freeze_a_plain_model(model)
@@ -436,6 +437,17 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
         _set_submodule(model, name, fused_by_id[id(module)])
     guard_fast_paths(model)
     return chosen
+
+
+def _check_fusable(model: nn.Module, names, what: str, error=TypeError) -> None:
+    """Refuse, before anything changes, plain linears whose weights the kernels cannot read (quantized)."""
+    modules = {n: model.get_submodule(n) for n in names}
+    unfusable = {n: why for n, m in modules.items() if (why := unfusable_base(m.weight, m.bias))}
+    if unfusable:
+        raise error(f"{what}: these layers cannot be fused: "
+                    + "; ".join(f"{n}: {why}" for n, why in unfusable.items())
+                    + ". Fused layers need a plain floating-point base: quantized bases are not supported yet "
+                    "(PEFT's LoRA layers handle torchao and bitsandbytes ones)")
 
 
 def _freeze_a_plain_model(model: nn.Module) -> None:
@@ -491,6 +503,9 @@ def _why_unsupported(module, PeftLinear) -> str | None:
     base = module.get_base_layer()
     if not _is_linear_like(base):
         return f"base layer {type(base).__name__} is not nn.Linear/Conv1D (quantized or custom base)"
+    why = unfusable_base(base.weight, base.bias)
+    if why:
+        return f"base layer: {why}"
     adapters = list(module.lora_A.keys())
     if len(adapters) != 1:
         return f"several adapters loaded ({adapters}); fused layers hold one"
@@ -985,6 +1000,7 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
             in_f, out_f, cur_r = module.in_features, module.out_features, module.r
         elif _is_linear_like(module):
             _check_can_add_parameters(model, [name], "load_adapter")
+            _check_fusable(model, [name], f"load_adapter({str(directory)!r})", AdapterFileError)
             w = module.weight
             in_f, out_f = (w.shape if not isinstance(module, nn.Linear) else w.shape[::-1])
             cur_r = r

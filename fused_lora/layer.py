@@ -8,6 +8,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ._validate import check_backend
 from .dropout import check_dropout_p
@@ -22,11 +23,38 @@ def check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def check_adapter_dtype(dtype) -> torch.dtype | None:
-    """``adapter_dtype``: None (the base's) or a floating-point torch.dtype."""
+def check_adapter_dtype(dtype, name: str = "adapter_dtype") -> torch.dtype | None:
+    """``adapter_dtype`` (or ``name``): None (the default) or a floating-point torch.dtype."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"adapter_dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+        raise TypeError(f"{name} must be a floating-point torch.dtype or None, got {dtype!r}")
     return dtype
+
+
+_BASE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def unfusable_base(weight: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:
+    """Why a fused layer cannot take this weight and bias as its base (None
+    when it can): the kernels read plain fp16/bf16/fp32 (or, on the torch
+    backend, fp64) tensors. A quantized weight is not one: torchao's tensor
+    subclasses (which report a float dtype), bitsandbytes' packed int8/uint8
+    parameters; nor is a sharded DTensor (fuse before sharding)."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if is_traceable_wrapper_subclass(t):
+            return (f"its {name} is a {type(t).__module__}.{type(t).__name__}, a tensor subclass (a quantized "
+                    f"weight, or a sharded DTensor), not a plain tensor")
+        if t.dtype not in _BASE_DTYPES:
+            return f"its {name} has dtype {t.dtype} (a quantized weight?), not one of {[str(d) for d in _BASE_DTYPES]}"
+    return None
+
+
+def _check_base(weight, bias) -> None:
+    why = unfusable_base(weight, bias)
+    if why:
+        raise TypeError(f"the base: {why}. Fused layers need a plain floating-point base: quantized bases are not "
+                        f"supported yet (PEFT's LoRA layers handle torchao and bitsandbytes ones)")
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -69,6 +97,7 @@ class LoRALinear(nn.Module):
         self.use_rslora = bool(use_rslora)
         self.backend = check_backend(backend)
         self.fan_in_fan_out = bool(fan_in_fan_out)
+        check_adapter_dtype(dtype, "dtype")
         factory = dict(device=device, dtype=dtype)
         shape = (in_features, out_features) if self.fan_in_fan_out else (out_features, in_features)
         self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
@@ -105,6 +134,7 @@ class LoRALinear(nn.Module):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         r = check_int("r", r, 1)
         adapter_dtype = check_adapter_dtype(adapter_dtype)
+        _check_base(linear.weight, linear.bias)
         w = linear.weight
         a = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=adapter_dtype or w.dtype))
         b = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=adapter_dtype or w.dtype))
@@ -127,6 +157,7 @@ class LoRALinear(nn.Module):
             if not isinstance(t, nn.Parameter) or t.dim() != 2:
                 raise TypeError(f"{name} must be a 2-D nn.Parameter, got {type(t).__name__} "
                                 f"of shape {tuple(getattr(t, 'shape', ()))}")
+        _check_base(weight, bias)
         in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
         r = lora_A.shape[0]
         if tuple(lora_A.shape) != (r, in_f) or tuple(lora_B.shape) != (out_f, r):

@@ -4,6 +4,7 @@ configs (no download)."""
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -1118,3 +1119,60 @@ def test_uncalled_layers_finds_adapters_a_model_never_runs():
     model(audio).last_hidden_state.square().mean().backward()
     for name, layer in layers.items():
         assert (layer.lora_B.grad is None) == (name in uncalled), name
+
+
+def _quantize(model, kind):
+    """Quantize the model's q_proj layers as a quantization library leaves them: a
+    plain int8 parameter (bitsandbytes' Int8Params), a tensor subclass reporting
+    a float dtype (torch's TwoTensor), or torchao's own weight-only int8."""
+    names = [n for n, m in model.named_modules() if n.endswith("q_proj")]
+    if kind == "torchao":
+        torchao = pytest.importorskip("torchao")
+        torchao.quantization.quantize_(model, torchao.quantization.Int8WeightOnlyConfig(),
+                                       filter_fn=lambda m, fqn: fqn.endswith("q_proj"))
+    for name in names:
+        linear = model.get_submodule(name)
+        if kind == "int8":
+            linear.weight = nn.Parameter(torch.randint(-100, 100, linear.weight.shape, dtype=torch.int8,
+                                                       device=DEVICE), requires_grad=False)
+        elif kind == "subclass":
+            from torch.testing._internal.two_tensor import TwoTensor
+
+            w = linear.weight.detach()
+            linear.weight = nn.Parameter(TwoTensor(w, w.clone()), requires_grad=False)
+    return names
+
+
+@pytest.mark.parametrize("kind, words", [("int8", "dtype torch.int8"), ("subclass", "TwoTensor, a tensor subclass"),
+                                         ("torchao", "Int8Tensor, a tensor subclass")])
+def test_quantized_bases_are_refused_before_anything_changes(tmp_path, kind, words):
+    """A quantized weight, which the kernels cannot read, is refused by name
+    where a fused layer would take it: inject, load_adapter, the layer's
+    constructors; from_peft leaves it to PEFT. Nothing changes first."""
+    source = tiny_llama()
+    fused_lora.inject(source, ["q_proj", "v_proj"], r=4)
+    fused_lora.save_adapter(source, tmp_path)
+    model = tiny_llama()
+    quantized = _quantize(model, kind)
+
+    def snapshot():
+        return ({n: (type(m).__name__, id(m)) for n, m in model.named_modules()},
+                {n: (id(p), p.requires_grad) for n, p in model.named_parameters()})
+
+    before = snapshot()
+    with pytest.raises(TypeError, match=f"inject: these layers cannot be fused: {quantized[0]}: its weight.*{words}"):
+        fused_lora.inject(model, ["q_proj", "v_proj"], r=4)
+    with pytest.raises(TypeError, match="cannot be fused"):
+        fused_lora.inject(model, "all-linear", r=4)
+    with pytest.raises(AdapterFileError, match=f"{quantized[0]}: its weight.*{words}"):
+        fused_lora.load_adapter(model, tmp_path)
+    assert snapshot() == before
+    with pytest.raises(TypeError, match=f"weight.*{words}"):
+        LoRALinear.from_linear(model.get_submodule(quantized[0]), r=4)
+    if kind != "int8":  # (PEFT cannot wrap an int8 nn.Linear either)
+        peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        report = fused_lora.from_peft(peft_model)
+        assert sorted(report.skipped) == sorted("base_model.model." + n for n in quantized)
+        reason = "TorchaoLoraLinear is not a plain LoRA Linear" if kind == "torchao" else f"base layer: its weight.*{words}"
+        assert all(re.search(reason, why) for why in report.skipped.values()), report.skipped
+        assert len(report.converted) == len(quantized)  # (the v_proj layers)

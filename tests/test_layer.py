@@ -192,6 +192,7 @@ def test_extra_repr():
     (dict(dropout=1.0), ValueError, "dropout"),
     (dict(alpha=float("nan")), ValueError, "alpha"),
     (dict(backend="cuda"), ValueError, "backend"),
+    (dict(dtype=torch.int8), TypeError, "dtype must be a floating-point"),
 ])
 def test_bad_constructor_arguments(kwargs, err, match):
     with pytest.raises(err, match=match):
