@@ -895,6 +895,38 @@ class AdapterFileError(ValueError):
     unsupported, or not matching the model."""
 
 
+# PEFT's LoRA variants, as its adapter_config.json names them: a forward or a
+# training rule of their own (aLoRA adapts only the tokens after its
+# invocation tokens; MiCA freezes lora_B; DoRA, VeLoRA, BD-LoRA, KaSA,
+# MonteCLoRA, Arrow, QALoRA, lora_bias), or layers the base model does not
+# have (layer_replication). Where PEFT is installed its LoraConfig's field
+# metadata adds those of newer versions.
+_VARIANT_FIELDS = ("use_dora", "lora_bias", "use_qalora", "alora_invocation_tokens", "velora_config",
+                   "monteclora_config", "use_bdlora", "arrow_config", "kasa_config", "layer_replication")
+_VARIANT_INITS = ("mica",)
+
+
+def _lora_variants(config: dict) -> dict:
+    """The LoRA variants ``config`` (an adapter_config.json) asks for, by field."""
+    fields, inits = set(_VARIANT_FIELDS), set(_VARIANT_INITS)
+    try:
+        import dataclasses
+
+        from peft import LoraConfig
+    except ImportError:
+        pass
+    else:
+        for f in dataclasses.fields(LoraConfig):
+            if f.metadata.get("is_lora_variant"):
+                fields.add(f.name)
+            if f.name == "init_lora_weights":
+                inits.update(f.metadata.get("lora_variants", ()))
+    found = {k: config[k] for k in sorted(fields) if config.get(k)}
+    if isinstance(config.get("init_lora_weights"), str) and config["init_lora_weights"] in inits:
+        found["init_lora_weights"] = config["init_lora_weights"]
+    return found
+
+
 def _read_adapter(directory: Path) -> tuple[dict, dict]:
     cfg_path = directory / CONFIG_NAME
     if not cfg_path.is_file():
@@ -907,9 +939,11 @@ def _read_adapter(directory: Path) -> tuple[dict, dict]:
         raise AdapterFileError(f"{cfg_path} must hold a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterFileError(f"{cfg_path}: peft_type {config.get('peft_type')!r} is not LORA")
-    for key, bad in (("use_dora", True), ("lora_bias", True)):
-        if config.get(key) == bad:
-            raise AdapterFileError(f"{cfg_path}: {key}={bad} is not supported by fused layers")
+    variants = _lora_variants(config)
+    if variants:
+        raise AdapterFileError(f"{cfg_path}: " + ", ".join(f"{k}={v!r}" for k, v in variants.items())
+                               + ": a LoRA variant, whose forward or training differs from plain LoRA's, is not "
+                               "fused (load it with PEFT)")
     if config.get("bias", "none") != "none":
         raise AdapterFileError(f"{cfg_path}: bias={config['bias']!r} (trained base biases) is not supported")
     saved = config.get("modules_to_save")
@@ -953,8 +987,9 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
     model's modules of those names (into PEFT's trained copy where the model
     has PEFT's wrapper) and made trainable, as PEFT does. Everything is
     checked before anything changes: a missing, corrupt, truncated or
-    mismatched file raises :class:`AdapterFileError` (a ``ValueError``) and
-    leaves the model as it was.
+    mismatched file, or one of PEFT's LoRA variants (aLoRA, DoRA, MiCA...:
+    ``_VARIANT_FIELDS``), raises :class:`AdapterFileError` (a ``ValueError``)
+    and leaves the model as it was; so does a quantized layer to fuse.
 
     Returns the names of the layers loaded, then those of the saved modules.
     """

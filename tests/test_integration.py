@@ -3,6 +3,7 @@ format both ways, with real PEFT and transformers models built from small
 configs (no download)."""
 
 import copy
+import importlib
 import json
 import re
 
@@ -1176,3 +1177,43 @@ def test_quantized_bases_are_refused_before_anything_changes(tmp_path, kind, wor
         reason = "TorchaoLoraLinear is not a plain LoRA Linear" if kind == "torchao" else f"base layer: its weight.*{words}"
         assert all(re.search(reason, why) for why in report.skipped.values()), report.skipped
         assert len(report.converted) == len(quantized)  # (the v_proj layers)
+
+
+def _variant_config(variant):
+    cfg = importlib.import_module("peft.tuners.lora.config")
+    if variant == "alora":
+        return dict(alora_invocation_tokens=[5, 6], task_type="CAUSAL_LM")
+    if variant == "mica":
+        return dict(init_lora_weights="mica")
+    if variant == "bdlora":
+        return dict(use_bdlora=cfg.BdLoraConfig(target_modules_bd_a=["q_proj"], target_modules_bd_b=["v_proj"],
+                                                nblocks=2))
+    return {f"{variant}_config": getattr(cfg, variant.capitalize() + "Config")()}
+
+
+@pytest.mark.parametrize("variant, field", [("alora", "alora_invocation_tokens"), ("mica", "init_lora_weights='mica'"),
+                                            ("bdlora", "use_bdlora"), ("velora", "velora_config"),
+                                            ("kasa", "kasa_config"), ("layer_replication", "layer_replication"),
+                                            ("use_qalora", "use_qalora")])
+def test_adapters_of_lora_variants_are_refused(tmp_path, variant, field):
+    """PEFT's LoRA variants save lora_A/lora_B weights too, but compute
+    otherwise: an aLoRA adapter (only the tokens after its invocation tokens)
+    or a MiCA one (lora_B frozen) loaded as plain LoRA would be silently
+    wrong. load_adapter names the variant and changes nothing."""
+    if variant in ("layer_replication", "use_qalora"):  # (written by hand: PEFT builds these on other bases)
+        fused_lora.save_adapter(_randomised_fused_llama(target_modules=["q_proj", "v_proj"], r=4, alpha=8), tmp_path)
+        cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+        cfg[variant] = [[0, 2], [1, 2]] if variant == "layer_replication" else True
+        (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    else:
+        try:
+            config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **_variant_config(variant))
+        except (AttributeError, TypeError, ValueError) as err:
+            pytest.skip(f"this PEFT has no {variant}: {err}")
+        peft.get_peft_model(tiny_llama(), config).save_pretrained(tmp_path)
+    target = tiny_llama(seed=5)
+    before_state, before_types = _state(target)
+    with pytest.raises(AdapterFileError, match=re.escape(field) + ".*a LoRA variant"):
+        fused_lora.load_adapter(target, tmp_path)
+    after_state, after_types = _state(target)
+    assert after_types == before_types and all(torch.equal(after_state[k], v) for k, v in before_state.items())
