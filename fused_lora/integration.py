@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import re
 import sys
@@ -881,11 +882,18 @@ def _write_adapter(directory: Path, tensors: dict, config: dict) -> None:
                 os.remove(tmp)
 
 
-def _pattern_value(pattern: dict, path: str, default):
-    """PEFT's rank/alpha pattern lookup: a key matches a module name whole or
-    as a suffix, or as a regex over the name."""
+def _pattern_value(pattern: dict, path: str, default, what: str):
+    """PEFT's rank/alpha pattern lookup (its ``get_pattern_key``): the value
+    of the first key that, as a regular expression, matches the whole module
+    name or its end after a ``.`` (``q_proj|v_proj`` is one key for both)."""
+    if pattern is not None and not isinstance(pattern, dict):
+        raise AdapterFileError(f"{what} must be a JSON object of module name patterns, got {pattern!r}")
     for key, value in (pattern or {}).items():
-        if path == key or path.endswith("." + key) or re.fullmatch(rf"(.*\.)?{key}", path):
+        try:
+            found = re.match(rf"(.*\.)?({key})$", path)
+        except re.error as err:
+            raise AdapterFileError(f"{what}: {key!r} is not a valid regular expression: {err}") from None
+        if found:
             return value
     return default
 
@@ -1026,8 +1034,10 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
             raise AdapterFileError(f"{directory}: the model has no module {prefix + path!r}")
         module = model.get_submodule(name)
         r_default, alpha_default = config["r"], config["lora_alpha"]
-        r = _pattern_value(config.get("rank_pattern"), path, r_default)
-        alpha = _pattern_value(config.get("alpha_pattern"), path, alpha_default)
+        r = _pattern_value(config.get("rank_pattern"), path, r_default, f"{directory}: rank_pattern")
+        alpha = _pattern_value(config.get("alpha_pattern"), path, alpha_default, f"{directory}: alpha_pattern")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise AdapterFileError(f"{directory}: {path}: lora_alpha {alpha!r} (from the config) is not a finite number")
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
             raise AdapterFileError(f"{directory}: {path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} "
                                    f"do not have rank r={r} from the config")

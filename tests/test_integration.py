@@ -524,6 +524,33 @@ def test_load_adapter_written_by_peft(tmp_path):
     assert_outputs_close(again(input_ids=ids).logits, expected)
 
 
+def test_rank_and_alpha_patterns_match_as_in_peft(tmp_path):
+    """PEFT reads each rank_pattern/alpha_pattern key as a regular expression
+    for the end of a module name (its first match wins): an alternation such
+    as ``q_proj|up_proj`` is one key for both. Each fused layer gets the r
+    and alpha PEFT's layer of that name has, and the same outputs."""
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"],
+                             rank_pattern={r"layers\.1\.self_attn\.(q|v)_proj": 6, "up_proj": 8},
+                             alpha_pattern={"q_proj|up_proj": 24, "v_proj": 5}, init_lora_weights=False)
+    ref = peft.get_peft_model(tiny_llama(), config)
+    ref.save_pretrained(tmp_path)
+    expected = {n: (m.r["default"], m.lora_alpha["default"]) for n, m in ref.base_model.model.named_modules()
+                if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert len(set(expected.values())) == 5  # (every pattern matters)
+    plain = tiny_llama()
+    fused_lora.load_adapter(plain, tmp_path)
+    got = {n: (m.r, m.alpha) for n, m in fused_lora.integration.fused_layers(plain).items()}
+    assert got == expected
+    ids = batch()
+    assert_outputs_close(plain(input_ids=ids).logits, ref(input_ids=ids).logits.detach())
+
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["alpha_pattern"] = {"q_proj(": 3}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterFileError, match="alpha_pattern: 'q_proj\\(' is not a valid regular expression"):
+        fused_lora.load_adapter(tiny_llama(), tmp_path)
+
+
 def test_load_adapter_keeps_the_dtype_the_adapter_was_saved_in(tmp_path):
     """PEFT keeps fp32 adapters on a bf16 base (``autocast_adapter_dtype``):
     fusing a bf16 model's linears, load_adapter keeps them fp32, bit for bit as
