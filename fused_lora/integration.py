@@ -399,6 +399,7 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
     public = _public_names(model)
     output_layer = _output_layer(model) if all_linear else None
     chosen, uncalled = [], {}
+    unused = set(targets) if isinstance(targets, list) else set()  # (list entries that match no linear layer)
     for name in names:
         module = model.get_submodule(name)
         if all_linear:
@@ -406,6 +407,7 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
                 continue
         elif not _matches(public[name], targets):
             continue
+        unused -= {t for t in unused if _matches(public[name], [t])}
         if excluded is not None and _matches(public[name], excluded):
             continue
         reason = _never_called(model, name)
@@ -428,6 +430,9 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
         raise ValueError(f"these layers already carry a fused adapter: {already}")
     _check_can_add_parameters(model, chosen, "inject")
     _check_fusable(model, chosen, "inject")
+    if unused:  # (a typo would otherwise leave layers without adapters, silently)
+        warnings.warn(f"inject: target_modules entries {sorted(unused)} match none of the model's linear layers "
+                      f"(layers fused: {len(chosen)})", stacklevel=2)
 
     fused_by_id = {}
     _freeze_a_plain_model(model)

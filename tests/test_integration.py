@@ -6,6 +6,7 @@ import copy
 import importlib
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -165,9 +166,14 @@ def test_inject_errors():
         fused_lora.inject(model, "q_proj(")
     with pytest.raises(TypeError, match="target_modules"):
         fused_lora.inject(model, 3)
-    fused_lora.inject(model, ["q_proj"])
+    with pytest.warns(UserWarning, match=r"entries \['v_prj'\] match none of the model's linear layers"):
+        fused_lora.inject(model, ["q_proj", "v_prj"])  # (a typo: the q_proj layers are fused, and it is named)
+    assert len(fused_lora.integration.fused_layers(model)) == 2
     with pytest.raises(ValueError, match="already carry"):
         fused_lora.inject(model, ["q_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (every entry matches a layer, or one excluded: no warning)
+        fused_lora.inject(model, ["v_proj", "k_proj"], exclude_modules=["k_proj"])
     gpt2 = tiny_gpt2()  # (its Conv1D layers take another path to their adapters)
     for kwargs, err, words in [(dict(r=2.5), TypeError, "r must be an int, got float"),
                                (dict(r=0), ValueError, "r must be >= 1"),
