@@ -388,6 +388,9 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
             is never called by its parent (an adapter there would have no
             effect), or when it is inside DDP (inject first, then wrap) or
             sharded by FSDP2.
+        TypeError: when a match's weight is quantized (nothing is fused).
+
+    Warns (``UserWarning``) of list entries that match no linear layer.
     """
     _check_model(model)
     r = check_int("r", r, 1)
