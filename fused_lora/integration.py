@@ -205,6 +205,7 @@ def _check_can_add_parameters(model: nn.Module, names, what: str) -> None:
                                  "it was built and would not see the adapters (their gradients would not be "
                                  f"averaged over the ranks): {what} on the model first, then wrap it")
     _check_not_sharded(model, names, what)
+    _check_not_dispatched(model, names, what)
 
 
 def _calls_its_layers(module: nn.Module, args) -> None:
@@ -307,6 +308,61 @@ def uncalled_layers(model: nn.Module, *args, **kwargs) -> list[str]:
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, child = _parent_and_child(model, name)
     setattr(parent, child, module)
+
+
+#: A module's forward and backward hooks, by attribute.
+_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+          "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _hand_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Move the forward and backward hooks registered on ``old`` to ``new``:
+    the same dicts where ``new`` has none (so the handles held for them still
+    remove them), ``old`` left without."""
+    if old is new:
+        return
+    if getattr(old, "_backward_hooks", None):
+        new._is_full_backward_hook = old._is_full_backward_hook
+    for attr in _HOOKS:
+        hooks = getattr(old, attr, None)
+        if not hooks:  # (none, or handed already: a module reachable under two names)
+            continue
+        if getattr(new, attr):
+            getattr(new, attr).update(hooks)
+        else:
+            setattr(new, attr, hooks)
+        setattr(old, attr, type(hooks)())
+
+
+def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in the place of the one named ``name``, which hands it
+    its hooks: a hook registered on ``q_proj`` stays on ``q_proj`` (plain or
+    fused), seeing its input and whole output."""
+    _hand_hooks(model.get_submodule(name), module)
+    _set_submodule(model, name, module)
+
+
+def _dispatched(model: nn.Module, name: str) -> bool:
+    """``name`` carries an accelerate hook (a ``device_map`` or offload
+    dispatch, which replaces its forward), or has its weight offloaded (on the
+    meta device under an accelerate hook higher up)."""
+    module = model.get_submodule(name)
+    if hasattr(module, "_hf_hook"):
+        return True
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.device.type != "meta":
+        return False
+    parts = name.split(".")
+    return any(hasattr(model.get_submodule(".".join(parts[:i])), "_hf_hook") for i in range(len(parts)))
+
+
+def _check_not_dispatched(model: nn.Module, names, what: str, error=ValueError) -> None:
+    dispatched = [n for n in names if _dispatched(model, n)]
+    if dispatched:
+        raise error(f"{what}: {dispatched} are dispatched by accelerate (a device_map with offloading, or hooks "
+                    "on the layers themselves), which moves their weights at each call and would not move the "
+                    f"layers that replace them: {what} on the model before dispatching it (accelerate's "
+                    "dispatch_model / cpu_offload), or load it without offloading")
 
 
 def _is_sharded(t) -> bool:
@@ -443,7 +499,7 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
         module = model.get_submodule(name)
         if id(module) not in fused_by_id:  # a module reachable under two names gets one adapter
             fused_by_id[id(module)] = _fused_layer_for(module, r, alpha, dropout, use_rslora, adapter_dtype, backend)
-        _set_submodule(model, name, fused_by_id[id(module)])
+        _replace_module(model, name, fused_by_id[id(module)])
     guard_fast_paths(model)
     return chosen
 
@@ -544,6 +600,20 @@ def _why_unsupported(module, PeftLinear) -> str | None:
     return None
 
 
+def _why_not_movable(model: nn.Module, name: str, module) -> str | None:
+    """Why the PEFT layer ``name`` cannot hand its place to a fused layer
+    (None when it can): an accelerate dispatch, or hooks on its base layer,
+    which see the base layer's output alone (a fused layer has no such call)."""
+    base_name = name + "." + next(n for n, m in module.named_modules() if m is module.get_base_layer())
+    if _dispatched(model, name) or _dispatched(model, base_name):
+        return "dispatched by accelerate (device_map with offloading, or hooks on the layer): convert before dispatching"
+    hooks = [attr for attr in _HOOKS if getattr(module.get_base_layer(), attr, None)]
+    if hooks:
+        return (f"its base layer has hooks ({', '.join(hooks)}) that see the base layer's output alone, which a fused "
+                "layer does not compute apart: remove them, or register them on the LoRA layer")
+    return None
+
+
 def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionReport:
     """Convert the LoRA ``Linear`` layers of a PEFT model into fused layers, in
     place. The fused layers share PEFT's tensors (base weight and bias,
@@ -563,7 +633,8 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     for name, module in list(peft_model.named_modules()):
         if not isinstance(module, LoraLayer):
             continue
-        reason = _never_called(peft_model, name) or _why_unsupported(module, PeftLinear)
+        reason = _never_called(peft_model, name) or _why_unsupported(module, PeftLinear) or _why_not_movable(
+            peft_model, name, module)
         if reason:
             report.skipped[name] = reason
             continue
@@ -576,7 +647,7 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
             use_rslora=bool(getattr(module, "use_rslora", {}).get(adapter, False)),
             fan_in_fan_out=bool(module.fan_in_fan_out), backend=backend)
         layer.train(module.training)
-        _set_submodule(peft_model, name, layer)
+        _replace_module(peft_model, name, layer)
         originals[name] = module
         report.converted.append(name)
     object.__setattr__(peft_model, _ORIGINALS, originals)  # not a submodule: no duplicate parameters
@@ -601,12 +672,13 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
     _peft_lora_linear()
     originals = getattr(model, _ORIGINALS, None)
     layers = fused_layers(model)
+    _check_not_dispatched(model, list(layers), "to_peft")
     if originals:
         for name, layer in layers.items():
             if name in originals:
                 if layer.merged:
                     layer.unmerge()
-                _set_submodule(model, name, originals.pop(name))
+                _replace_module(model, name, originals.pop(name))
         return model
 
     import peft
@@ -621,12 +693,13 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
     for name, layer in layers.items():
         if layer.merged:
             layer.unmerge()
-        _set_submodule(model, name, _plain_linear(layer))
+        _replace_module(model, name, _plain_linear(layer))
     lora_config = peft.LoraConfig(**{k: v for k, v in config.items() if k not in ("peft_type", "task_type",
                                                                                   "base_model_name_or_path")})
     peft_model = peft.get_peft_model(model, lora_config, adapter_name=adapter_name, autocast_adapter_dtype=False)
     for name, layer in layers.items():
         peft_layer = peft_model.base_model.model.get_submodule(name)
+        _hand_hooks(peft_layer.get_base_layer(), peft_layer)  # (q_proj's hooks stay q_proj's: the PEFT layer's)
         peft_layer.lora_A[adapter_name].weight = layer.lora_A
         peft_layer.lora_B[adapter_name].weight = layer.lora_B
         if layer.dropout > 0:
@@ -642,6 +715,7 @@ def _unload(model: nn.Module, merge: bool) -> list[str]:
     layers = fused_layers(model)
     if not layers:
         raise ValueError("the model has no fused LoRA layers to unload")
+    _check_not_dispatched(model, list(layers), "merge_and_unload" if merge else "unload")
     tied = _shared_weights(model, [(n, layer) for n, layer in layers.items() if not layer.merged]) if merge else {}
     if tied:
         raise ValueError("merging would change base weights that other modules share (tied weights, e.g. an "
@@ -657,7 +731,7 @@ def _unload(model: nn.Module, merge: bool) -> list[str]:
             elif not merge and layer.merged:
                 layer.unmerge()
             plain_by_id[id(layer)] = _plain_linear(layer).train(layer.training)
-        _set_submodule(model, name, plain_by_id[id(layer)])
+        _replace_module(model, name, plain_by_id[id(layer)])
     _unguard_fast_paths(model)
     return list(layers)
 
@@ -906,6 +980,10 @@ def _pattern_value(pattern: dict, path: str, default, what: str):
     return default
 
 
+_META = ("the model's tensor there is on the meta device, where a load keeps nothing: materialise the model "
+         "first (to_empty, then load its weights), then load the adapter")
+
+
 class AdapterFileError(ValueError):
     """An adapter directory that cannot be loaded: missing, corrupt, truncated,
     unsupported, or not matching the model."""
@@ -1028,6 +1106,8 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
                                    "magnitudes)")
         path, module, state_key = found
         target = module.state_dict()[state_key]
+        if target.device.type == "meta":
+            raise AdapterFileError(f"{directory}: {key}: {_META}")
         if value.shape != target.shape or not value.is_floating_point() or not torch.isfinite(value).all():
             raise AdapterFileError(f"{directory}: {key}: {value.dtype} {tuple(value.shape)} cannot replace the "
                                    f"model's {target.dtype} {tuple(target.shape)} (or holds NaN/Inf)")
@@ -1062,6 +1142,9 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
                                    "(load_adapter/from_pretrained), or convert the model with from_peft first")
         else:
             raise AdapterFileError(f"{directory}: {path} is a {type(module).__name__}, not a linear layer")
+        held = module.lora_A if isinstance(module, LoRALinear) else module.weight
+        if held.device.type == "meta":
+            raise AdapterFileError(f"{directory}: {path}: {_META}")
         reason = _never_called(model, name)
         if reason:
             raise AdapterFileError(f"{directory}: {path}: {reason}")
@@ -1086,7 +1169,7 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
             if not isinstance(module, LoRALinear):
                 # (in the file's dtype: fp32 adapters on a bf16 base, PEFT's default, load as they were saved)
                 module = _fused_layer_for(module, r, alpha, dropout, use_rslora, a.dtype, backend)
-                _set_submodule(model, name, module)
+                _replace_module(model, name, module)
             module.alpha, module.use_rslora, module.dropout = float(alpha), use_rslora, dropout
             merged = module.merged
             if merged:

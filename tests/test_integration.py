@@ -1250,3 +1250,102 @@ def test_adapters_of_lora_variants_are_refused(tmp_path, variant, field):
         fused_lora.load_adapter(target, tmp_path)
     after_state, after_types = _state(target)
     assert after_types == before_types and all(torch.equal(after_state[k], v) for k, v in before_state.items())
+
+
+def test_hooks_on_a_layer_stay_on_it_fused_or_plain(tmp_path):
+    """Forward and backward hooks registered on a linear stay at that place
+    in the model when a fused layer replaces it (inject, load_adapter,
+    from_peft) and when a plain or PEFT layer comes back (unload, to_peft):
+    they see the fused layer's input and whole output, and the handles
+    still remove them. Hooks on a PEFT layer's base layer (the base output
+    alone) keep from_peft off that layer."""
+    name = "model.layers.0.self_attn.q_proj"
+    seen = []
+
+    def hooked(model):
+        def forward_hook(module, args, output):
+            seen.append(("forward", module, args[0], output))
+
+        def backward_hook(module, grad_input, grad_output):
+            seen.append(("backward", module))
+
+        layer = model.get_submodule(name)
+        return [layer.register_forward_hook(forward_hook), layer.register_full_backward_hook(backward_hook)]
+
+    def run(model):
+        seen.clear()
+        model(input_ids=batch()).logits.square().mean().backward()
+        inner = model.base_model.model if isinstance(model, peft.PeftModel) else model
+        layer = inner.get_submodule(name)
+        assert [(s[0], s[1]) for s in seen] == [("forward", layer), ("backward", layer)]
+        return layer
+
+    model = tiny_llama()
+    handles = hooked(model)
+    fused_lora.inject(model, ["q_proj"], r=4)
+    _randomise_adapters(model)
+    layer = run(model)
+    assert isinstance(layer, LoRALinear) and torch.equal(seen[0][3], layer(seen[0][2]))  # (adapter included)
+    fused_lora.save_adapter(model, tmp_path)
+    fused_lora.unload(model)
+    model.get_submodule(name).weight.requires_grad_(True)  # (all frozen after unload: for a backward)
+    assert type(run(model)) is nn.Linear
+    for handle in handles:
+        handle.remove()
+    seen.clear()
+    model(input_ids=batch())
+    assert seen == []
+
+    model = tiny_llama()
+    hooked(model)
+    fused_lora.load_adapter(model, tmp_path)
+    assert isinstance(run(model), LoRALinear)
+    peft_model = fused_lora.to_peft(model)  # (on PEFT's layer for q_proj, not on its base layer)
+    assert isinstance(run(peft_model), peft.tuners.lora.Linear)
+    fused_lora.from_peft(peft_model)
+    assert isinstance(run(peft_model), LoRALinear)
+    fused_lora.to_peft(peft_model)
+    assert isinstance(run(peft_model), peft.tuners.lora.Linear)
+
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    peft_model.base_model.model.get_submodule(name).base_layer.register_forward_hook(lambda *args: None)
+    report = fused_lora.from_peft(peft_model)
+    assert "its base layer has hooks (_forward_hooks)" in report.skipped["base_model.model." + name]
+    assert len(report.converted) == 1
+
+
+def test_models_dispatched_by_accelerate_or_on_meta_are_refused(tmp_path):
+    """accelerate's offloading moves a layer's weights in at each call, by
+    hooks that would not move a fused layer's; loading into meta tensors
+    keeps nothing. Both are refused, naming the layers, before anything
+    changes; fusing first, then offloading, gives the model's outputs."""
+    accelerate = pytest.importorskip("accelerate")
+    source = tiny_llama()
+    fused_lora.inject(source, ["q_proj", "v_proj"], r=4)
+    _randomise_adapters(source)
+    fused_lora.save_adapter(source, tmp_path)
+    ids = batch()
+    expected = source(input_ids=ids).logits.detach()
+
+    offloaded = accelerate.cpu_offload(tiny_llama(), execution_device=DEVICE)
+    before = {n: type(m) for n, m in offloaded.named_modules()}
+    for call in (lambda: fused_lora.inject(offloaded, ["q_proj"]), lambda: fused_lora.load_adapter(offloaded, tmp_path)):
+        with pytest.raises(ValueError, match=r"\['model.layers.0.self_attn.q_proj'.*dispatched by accelerate"):
+            call()
+    assert {n: type(m) for n, m in offloaded.named_modules()} == before
+
+    with torch.device("meta"):
+        on_meta = transformers.LlamaForCausalLM(source.config)
+    with pytest.raises(AdapterFileError, match="model.layers.0.self_attn.q_proj: the model's tensor there is on the meta"):
+        fused_lora.load_adapter(on_meta, tmp_path)
+    fused_lora.inject(on_meta, ["q_proj", "v_proj"], r=4)  # (inject is fine there: nothing to keep yet)
+    with pytest.raises(AdapterFileError, match="on the meta device"):
+        fused_lora.load_adapter(on_meta, tmp_path)
+
+    model = tiny_llama()
+    fused_lora.load_adapter(model, tmp_path)
+    accelerate.cpu_offload(model, execution_device=DEVICE)
+    assert_outputs_close(model(input_ids=ids).logits, expected)
+    for call in (fused_lora.unload, fused_lora.merge_and_unload, fused_lora.to_peft):
+        with pytest.raises(ValueError, match="dispatched by accelerate"):
+            call(model)
