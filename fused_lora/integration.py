@@ -922,6 +922,12 @@ def save_adapter(model: nn.Module, directory) -> Path:
     extra = {public[n]: m for n, m in _modules_to_save(model, layers).items()}
     layers = {public[n]: layer for n, layer in layers.items()}
     config = _lora_config_dict(layers, extra)
+    on_meta = [f"{n}.{w}" for n, layer in layers.items() for w in ("lora_A", "lora_B")
+               if getattr(layer, w).device.type == "meta"]
+    on_meta += [f"{n}.{k}" for n, m in extra.items() for k, v in m.state_dict().items() if v.device.type == "meta"]
+    if on_meta:
+        raise ValueError(f"save_adapter: {on_meta} are on the meta device, without values (offloaded by accelerate, "
+                         "or never materialised): save before dispatching the model, or from a model loaded whole")
     gathered = []
 
     def on_host(t: torch.Tensor) -> torch.Tensor:  # (a copy: safetensors refuses shared memory)

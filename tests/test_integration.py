@@ -1349,3 +1349,6 @@ def test_models_dispatched_by_accelerate_or_on_meta_are_refused(tmp_path):
     for call in (fused_lora.unload, fused_lora.merge_and_unload, fused_lora.to_peft):
         with pytest.raises(ValueError, match="dispatched by accelerate"):
             call(model)
+    with pytest.raises(ValueError, match=r"save_adapter: \['model.layers.0.self_attn.q_proj.lora_A'.* meta device"):
+        fused_lora.save_adapter(model, tmp_path / "offloaded")
+    assert not (tmp_path / "offloaded").exists()
