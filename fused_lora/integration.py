@@ -1091,6 +1091,9 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
     ``_VARIANT_FIELDS``), raises :class:`AdapterFileError` (a ``ValueError``)
     and leaves the model as it was; so does a quantized layer to fuse.
 
+    Warns (``UserWarning``, as PEFT warns of missing keys) when fused layers
+    of the model get no adapter from the file: they keep theirs.
+
     Returns the names of the layers loaded, then those of the saved modules.
     """
     _check_model(model)
@@ -1166,6 +1169,9 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
             raise AdapterFileError(f"{directory}: {path}: the adapter weights contain NaN or Inf")
         plan.append((name, module, a, b, r, alpha))
 
+    planned = {id(module) for _, module, *_ in plan}
+    public = _public_names(model)
+    untouched = sorted({public[n] for n, layer in fused_layers(model).items() if id(layer) not in planned})
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     use_rslora = bool(config.get("use_rslora", False))
     loaded = []
@@ -1195,6 +1201,9 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
                 p.requires_grad_(True)
             loaded.append(name)
     guard_fast_paths(model)
+    if untouched:  # (as PEFT warns of missing keys: the model is not the file's adapter alone)
+        warnings.warn(f"load_adapter: {directory} holds no adapter for the fused layers {untouched}: they keep the "
+                      "adapters they had (unload them first for the file's adapter alone)", stacklevel=2)
     return loaded
 
 

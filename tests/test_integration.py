@@ -528,6 +528,15 @@ def test_load_adapter_written_by_peft(tmp_path):
     fused_lora.save_adapter(fused, tmp_path / "again")
     again = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "again")
     assert_outputs_close(again(input_ids=ids).logits, expected)
+    # into a model with more fused layers than the file has: they keep theirs, and a warning names them
+    fused_lora.inject(fused, ["down_proj"], r=2)
+    _randomise_adapters(fused)
+    kept = {n: (m.lora_A.clone(), m.lora_B.clone()) for n, m in fused.named_modules() if n.endswith("down_proj")}
+    with pytest.warns(UserWarning, match=r"no adapter for the fused layers \['model.layers.0.mlp.down_proj', "
+                                         r"'model.layers.1.mlp.down_proj'\]: they keep"):
+        fused_lora.load_adapter(fused, tmp_path)
+    assert all(torch.equal(fused.get_submodule(n).lora_A, a) and torch.equal(fused.get_submodule(n).lora_B, b)
+               for n, (a, b) in kept.items())
 
 
 def test_rank_and_alpha_patterns_match_as_in_peft(tmp_path):
