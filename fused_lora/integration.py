@@ -11,7 +11,8 @@ adapter file format.
   (``adapter_model.safetensors`` + ``adapter_config.json``), so
   ``peft.PeftModel.from_pretrained`` loads what this package saves and vice
   versa, modules trained whole beside the adapters (``modules_to_save``)
-  included; under FSDP2 on every rank.
+  and trained biases (PEFT's ``bias="lora_only"``/``"all"``) included; under
+  FSDP2 on every rank.
 * :func:`merge_and_unload` folds the adapters into the base weights and puts
   plain linears back (the model to deploy); :func:`unload` drops them.
 * :func:`guard_fast_paths` keeps torch's transformer fast paths from
@@ -665,8 +666,9 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
       ``LoraConfig`` that reproduces them; PEFT's adapter parameters *are* the
       fused layers' (shared). Modules trained beside the adapters (a head
       unfrozen by hand) become PEFT's ``modules_to_save``: PEFT trains and
-      saves a copy of each, made here with their current values. Returns the
-      ``PeftModel``.
+      saves a copy of each, made here with their current values; trained
+      biases, PEFT's ``bias`` option (PEFT then trains every bias that option
+      names). Returns the ``PeftModel``.
     """
     _check_model(model)
     _peft_lora_linear()
@@ -689,7 +691,8 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
     if wrapper is not None:  # (PEFT would wrap the wrapper: its names, and its files' keys, would hold the attribute)
         raise ValueError(f"to_peft: the model is a {wrapper[0]}: convert the model it wraps "
                          f"(model.{wrapper[1]}), then wrap PEFT's model again")
-    config = _lora_config_dict(layers, _modules_to_save(model, layers))
+    saved, bias, _ = _beside_adapters(model, layers)
+    config = _lora_config_dict(layers, saved, bias)
     for name, layer in layers.items():
         if layer.merged:
             layer.unmerge()
@@ -823,17 +826,28 @@ def _active_copy(module: nn.Module, name: str) -> nn.Module | None:
     return copies[active]
 
 
-def _modules_to_save(model: nn.Module, layers: dict[str, LoRALinear]) -> dict[str, nn.Module]:
-    """What PEFT's format keeps whole beside the adapters (``modules_to_save``),
-    by name in ``model``: the trained copy in each of PEFT's
-    ``ModulesToSaveWrapper`` (a model converted by :func:`from_peft`, e.g. a
-    classification head PEFT made trainable), and the module owning each
-    other trainable parameter (e.g. a head unfrozen by hand after
-    :func:`inject`; the outermost such module where they nest). Raises
-    ValueError for trainable parameters the format cannot hold: a fused
-    layer's base weight or bias, or the root model's own; and where PEFT's
-    own LoRA layers are left (:func:`from_peft`'s report), which this
-    package does not write."""
+def _beside_adapters(model: nn.Module, layers: dict[str, LoRALinear]) \
+        -> tuple[dict[str, nn.Module], str, dict[str, nn.Parameter]]:
+    """What PEFT's format keeps beside the adapters: ``(modules_to_save, bias,
+    other biases)``.
+
+    * ``modules_to_save``, by name in ``model``: the trained copy in each of
+      PEFT's ``ModulesToSaveWrapper`` (a model converted by
+      :func:`from_peft`, e.g. a classification head PEFT made trainable), and
+      the module owning each other trainable parameter but a bias (e.g. a
+      head unfrozen by hand after :func:`inject`; the outermost such module
+      where they nest).
+    * PEFT's ``bias`` option, for trainable biases outside those modules:
+      ``"lora_only"`` where they are fused layers' (the file then holds every
+      fused layer's bias), ``"all"`` where others train too (the file then
+      holds every bias of the model, as PEFT writes it), else ``"none"``;
+      with ``"all"`` the biases of the modules that are not fused layers, by
+      owner name.
+
+    Raises ValueError for trainable parameters the format cannot hold: a
+    fused layer's base weight, or the root model's own; and where PEFT's own
+    LoRA layers are left (:func:`from_peft`'s report), which this package
+    does not write."""
     adapters = {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
     peft_layers = [n for n, m in model.named_modules()
                    if hasattr(m, "base_layer") and isinstance(getattr(m, "lora_A", None), nn.ModuleDict)]
@@ -846,23 +860,36 @@ def _modules_to_save(model: nn.Module, layers: dict[str, LoRALinear]) -> dict[st
         if copy is not None:
             saved[name] = copy
             covered |= {id(p) for p in module.parameters()}
-    unsupported = []
+    unsupported, trained_biases = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in adapters or id(p) in covered:
             continue
-        owner_name = name.rpartition(".")[0]
+        owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
-        if not owner_name or isinstance(owner, LoRALinear):
+        if owner_name and attr == "bias":
+            trained_biases.append((owner_name, owner))
+        elif not owner_name or isinstance(owner, LoRALinear):
             unsupported.append(name)
         elif not any(owner_name.startswith(s + ".") for s in saved):  # (parents come first)
             saved[owner_name] = owner
     if unsupported:
         raise ValueError(f"PEFT's format cannot hold these trainable parameters: {unsupported} (a fused layer's "
-                         "base weight or bias, or the model's own): freeze them, or save them yourself")
-    return saved
+                         "base weight, or the model's own): freeze them, or save them yourself")
+
+    def beside(owner_name):  # (in a module kept whole, or in one of PEFT's wrappers)
+        return any(owner_name == s or owner_name.startswith(s + ".") for s in saved)
+
+    trained_biases = [(n, m) for n, m in trained_biases if not beside(n)]
+    if not trained_biases:
+        return saved, "none", {}
+    if all(isinstance(m, LoRALinear) for _, m in trained_biases):
+        return saved, "lora_only", {}
+    others = {n: m.bias for n, m in model.named_modules() if n and not isinstance(m, LoRALinear) and not beside(n)
+              and isinstance(m._parameters.get("bias"), nn.Parameter) and id(m.bias) not in covered}
+    return saved, "all", others
 
 
-def _lora_config_dict(layers: dict[str, LoRALinear], modules_to_save=None) -> dict:
+def _lora_config_dict(layers: dict[str, LoRALinear], modules_to_save=None, bias: str = "none") -> dict:
     """adapter_config.json for these layers: the most common r/alpha, with
     rank_pattern/alpha_pattern for the layers that differ."""
     names = {_strip(n): layer for n, layer in layers.items()}
@@ -890,7 +917,7 @@ def _lora_config_dict(layers: dict[str, LoRALinear], modules_to_save=None) -> di
         "rank_pattern": {n: layer.r for n, layer in names.items() if layer.r != r},
         "alpha_pattern": {n: (int(layer.alpha) if float(layer.alpha).is_integer() else layer.alpha)
                           for n, layer in names.items() if layer.alpha != alpha},
-        "bias": "none",
+        "bias": bias,
         "init_lora_weights": True,
         "inference_mode": False,
         "modules_to_save": sorted(_strip(n) for n in modules_to_save) if modules_to_save else None,
@@ -905,8 +932,10 @@ def save_adapter(model: nn.Module, directory) -> Path:
     PEFT's ``modules_to_save`` (keys ``base_model.model.<path>.<state key>``):
     those PEFT made trainable in a model converted by :func:`from_peft` (a
     classification head), and any module with a trainable parameter outside
-    the adapters (a head unfrozen by hand). ``peft.PeftModel.from_pretrained(base,
-    directory)`` then reproduces the model's outputs. Files are written
+    the adapters other than a bias (a head unfrozen by hand); trained biases, as PEFT's ``bias``
+    option (``"lora_only"``, ``"all"``: :func:`_beside_adapters`).
+    ``peft.PeftModel.from_pretrained(base, directory)`` then reproduces the
+    model's outputs. Files are written
     atomically. A model sharded by FSDP2 (``fully_shard``): call it on every
     rank; the full tensors are gathered (a collective), rank 0 writes, and
     every rank returns once the files exist. The names in the files are
@@ -919,12 +948,18 @@ def save_adapter(model: nn.Module, directory) -> Path:
     if not layers:
         raise ValueError("the model has no fused LoRA layers to save")
     public = _public_names(model)  # (torch.compile's, DDP's... wrappers left out of the names)
-    extra = {public[n]: m for n, m in _modules_to_save(model, layers).items()}
+    saved, bias, other_biases = _beside_adapters(model, layers)
+    extra = {public[n]: m for n, m in saved.items()}
     layers = {public[n]: layer for n, layer in layers.items()}
-    config = _lora_config_dict(layers, extra)
+    config = _lora_config_dict(layers, extra, bias)
+    biases = {}  # (PEFT's keys for its bias option: <LoRA layer>.base_layer.bias, <other module>.bias)
+    if bias != "none":
+        biases = {f"{_strip(n)}.base_layer.bias": layer.bias for n, layer in layers.items() if layer.bias is not None}
+        biases.update({f"{_strip(public[n])}.bias": b for n, b in other_biases.items()})
     on_meta = [f"{n}.{w}" for n, layer in layers.items() for w in ("lora_A", "lora_B")
                if getattr(layer, w).device.type == "meta"]
     on_meta += [f"{n}.{k}" for n, m in extra.items() for k, v in m.state_dict().items() if v.device.type == "meta"]
+    on_meta += [k for k, b in biases.items() if b.device.type == "meta"]
     if on_meta:
         raise ValueError(f"save_adapter: {on_meta} are on the meta device, without values (offloaded by accelerate, "
                          "or never materialised): save before dispatching the model, or from a model loaded whole")
@@ -944,6 +979,8 @@ def save_adapter(model: nn.Module, directory) -> Path:
     for name, module in extra.items():
         for key, value in module.state_dict().items():
             tensors[f"{PEFT_PREFIX}{_strip(name)}.{key}"] = on_host(value)
+    for key, value in biases.items():
+        tensors[PEFT_PREFIX + key] = on_host(value)
     directory = Path(directory)
     if gathered and torch.distributed.is_initialized():
         if torch.distributed.get_rank() == 0:
@@ -984,6 +1021,15 @@ def _pattern_value(pattern: dict, path: str, default, what: str):
         if found:
             return value
     return default
+
+
+def _check_replacement(directory: Path, key: str, value: torch.Tensor, target: torch.Tensor) -> None:
+    """A tensor of the file (a saved module's, a bias) can replace the model's ``target``."""
+    if target.device.type == "meta":
+        raise AdapterFileError(f"{directory}: {key}: {_META}")
+    if value.shape != target.shape or not value.is_floating_point() or not torch.isfinite(value).all():
+        raise AdapterFileError(f"{directory}: {key}: {value.dtype} {tuple(value.shape)} cannot replace the "
+                               f"model's {target.dtype} {tuple(target.shape)} (or holds NaN/Inf)")
 
 
 _META = ("the model's tensor there is on the meta device, where a load keeps nothing: materialise the model "
@@ -1044,8 +1090,8 @@ def _read_adapter(directory: Path) -> tuple[dict, dict]:
         raise AdapterFileError(f"{cfg_path}: " + ", ".join(f"{k}={v!r}" for k, v in variants.items())
                                + ": a LoRA variant, whose forward or training differs from plain LoRA's, is not "
                                "fused (load it with PEFT)")
-    if config.get("bias", "none") != "none":
-        raise AdapterFileError(f"{cfg_path}: bias={config['bias']!r} (trained base biases) is not supported")
+    if config.get("bias", "none") not in ("none", "lora_only", "all"):
+        raise AdapterFileError(f"{cfg_path}: bias={config['bias']!r} is not one of PEFT's 'none', 'lora_only', 'all'")
     saved = config.get("modules_to_save")
     if saved is not None and not (isinstance(saved, list) and all(isinstance(n, str) for n in saved)):
         raise AdapterFileError(f"{cfg_path}: modules_to_save must be a list of module names, got {saved!r}")
@@ -1085,7 +1131,9 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
     or torch's checkpoint wrappers, as in :func:`save_adapter`'s files. The modules the file keeps whole (PEFT's
     ``modules_to_save``, e.g. a classification head) are loaded into the
     model's modules of those names (into PEFT's trained copy where the model
-    has PEFT's wrapper) and made trainable, as PEFT does. Everything is
+    has PEFT's wrapper) and made trainable, as PEFT does; so are the biases
+    of PEFT's ``bias="lora_only"`` (the LoRA layers') and ``"all"`` (every
+    bias of the model trains). Everything is
     checked before anything changes: a missing, corrupt, truncated or
     mismatched file, or one of PEFT's LoRA variants (aLoRA, DoRA, MiCA...:
     ``_VARIANT_FIELDS``), raises :class:`AdapterFileError` (a ``ValueError``)
@@ -1103,23 +1151,33 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
     prefix = PEFT_PREFIX if isinstance(getattr(model, _ORIGINALS, None), dict) or PEFT_PREFIX[:-1] in names else ""
     by_path: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
     saved: dict[str, tuple[nn.Module, dict[str, torch.Tensor]]] = {}
+    bias_mode = config.get("bias", "none")  # (PEFT's trained biases: of its LoRA layers, or all the model's)
+    lora_biases: dict[str, torch.Tensor] = {}  # LoRA layer path -> its bias
+    other_biases: dict[str, torch.Tensor] = {}  # the model's name of another module -> its bias
     for key, value in tensors.items():
         m = _KEY.match(key)
         if m is not None:
             by_path[_strip(m["path"])][m["which"]] = value
             continue
+        if bias_mode != "none" and key.endswith(".base_layer.bias"):
+            lora_biases[_strip(key)[:-len(".base_layer.bias")]] = value
+            continue
         found = _saved_module_tensor(model, names, prefix, _strip(key), config.get("modules_to_save") or [])
+        if found is None and bias_mode == "all" and key.endswith(".bias"):
+            path = _strip(key)[:-len(".bias")]
+            name = names.get(prefix + path)
+            owner = model.get_submodule(name) if name is not None else None
+            if owner is None or not isinstance(owner._parameters.get("bias"), nn.Parameter):
+                raise AdapterFileError(f"{directory}: {key}: the model has no module {prefix + path!r} with a bias")
+            _check_replacement(directory, key, value, owner.bias)
+            other_biases[name] = value
+            continue
         if found is None:
             raise AdapterFileError(f"{directory}: unexpected tensor {key!r} (only lora_A/lora_B weights and the "
                                    "modules named in modules_to_save are supported: no embedding adapters or DoRA "
                                    "magnitudes)")
         path, module, state_key = found
-        target = module.state_dict()[state_key]
-        if target.device.type == "meta":
-            raise AdapterFileError(f"{directory}: {key}: {_META}")
-        if value.shape != target.shape or not value.is_floating_point() or not torch.isfinite(value).all():
-            raise AdapterFileError(f"{directory}: {key}: {value.dtype} {tuple(value.shape)} cannot replace the "
-                                   f"model's {target.dtype} {tuple(target.shape)} (or holds NaN/Inf)")
+        _check_replacement(directory, key, value, module.state_dict()[state_key])
         saved.setdefault(path, (module, {}))[1][state_key] = value
     plan = []
     for path, pair in sorted(by_path.items()):
@@ -1167,7 +1225,15 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
                                    "weights must be floating point, of one dtype")
         if not all(torch.isfinite(t).all() for t in (a, b)):
             raise AdapterFileError(f"{directory}: {path}: the adapter weights contain NaN or Inf")
-        plan.append((name, module, a, b, r, alpha))
+        bias = lora_biases.pop(path, None)
+        if bias is not None:
+            if module.bias is None:
+                raise AdapterFileError(f"{directory}: {path}: the file has a trained bias for the layer "
+                                       f"(bias={bias_mode!r}), the model's layer has none")
+            _check_replacement(directory, f"{path}.base_layer.bias", bias, module.bias)
+        plan.append((name, module, a, b, r, alpha, bias))
+    if lora_biases:
+        raise AdapterFileError(f"{directory}: biases for layers without lora_A/lora_B weights: {sorted(lora_biases)}")
 
     planned = {id(module) for _, module, *_ in plan}
     public = _public_names(model)
@@ -1177,7 +1243,7 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
     loaded = []
     with torch.no_grad():
         _freeze_a_plain_model(model)  # (a plain model becomes a LoRA model, as inject leaves it)
-        for name, module, a, b, r, alpha in plan:
+        for name, module, a, b, r, alpha, bias in plan:
             if not isinstance(module, LoRALinear):
                 # (in the file's dtype: fp32 adapters on a bf16 base, PEFT's default, load as they were saved)
                 module = _fused_layer_for(module, r, alpha, dropout, use_rslora, a.dtype, backend)
@@ -1192,7 +1258,17 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
                 module.merge()
             module.lora_A.requires_grad_(True)
             module.lora_B.requires_grad_(True)
+            if bias is not None:
+                _copy_into(module.bias, bias)
+            if bias_mode != "none" and module.bias is not None:
+                module.bias.requires_grad_(True)  # (PEFT's bias="lora_only"/"all": the LoRA layers' biases train)
             loaded.append(name)
+        for name, bias in other_biases.items():
+            _copy_into(model.get_submodule(name).bias, bias)
+        if bias_mode == "all":  # (every bias of the model trains, as PEFT's bias="all" leaves it)
+            for name, p in model.named_parameters():
+                if name.rpartition(".")[2] == "bias":
+                    p.requires_grad_(True)
         for name, (module, values) in saved.items():
             state = module.state_dict()
             for key, value in values.items():

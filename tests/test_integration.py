@@ -601,6 +601,9 @@ def _state(model):
     ("dora", "use_dora"),
     ("nan", "NaN"),
     ("integer_weights", "must be floating point"),
+    ("bias_option", "bias='some' is not one of PEFT's"),
+    ("bias_of_no_bias", "q_proj: the file has a trained bias for the layer .bias='lora_only'., the model's layer has none"),
+    ("bias_alone", r"biases for layers without lora_A/lora_B weights: \['model.layers.0.self_attn.k_proj'\]"),
 ])
 def test_bad_adapter_files_raise_and_leave_the_model_unchanged(tmp_path, damage, message):
     from safetensors.torch import load_file, save_file
@@ -637,9 +640,16 @@ def test_bad_adapter_files_raise_and_leave_the_model_unchanged(tmp_path, damage,
         tensors[key_b][0, 0] = float("nan")
     elif damage == "integer_weights":
         tensors[key_a] = (tensors[key_a] * 100).to(torch.int32)
-    if damage in ("drop_lora_B", "wrong_shape", "unknown_module", "unknown_key", "nan", "integer_weights"):
+    elif damage == "bias_option":
+        cfg["bias"] = "some"
+    elif damage in ("bias_of_no_bias", "bias_alone"):  # (the tiny Llama's linears have no bias)
+        cfg["bias"] = "lora_only"
+        layer = "q_proj" if damage == "bias_of_no_bias" else "k_proj"
+        tensors[key_a.replace("q_proj.lora_A.weight", f"{layer}.base_layer.bias")] = torch.randn(32)
+    if damage in ("drop_lora_B", "wrong_shape", "unknown_module", "unknown_key", "nan", "integer_weights",
+                  "bias_of_no_bias", "bias_alone"):
         save_file(tensors, str(w_path))
-    if damage in ("wrong_rank", "dora"):
+    if damage in ("wrong_rank", "dora", "bias_option", "bias_of_no_bias", "bias_alone"):
         cfg_path.write_text(json.dumps(cfg))
 
     for target in (tiny_llama(seed=5), _randomised_fused_llama(target_modules=["q_proj", "v_proj"], r=4, alpha=8)):
@@ -1361,3 +1371,56 @@ def test_models_dispatched_by_accelerate_or_on_meta_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"save_adapter: \['model.layers.0.self_attn.q_proj.lora_A'.* meta device"):
         fused_lora.save_adapter(model, tmp_path / "offloaded")
     assert not (tmp_path / "offloaded").exists()
+
+
+def _peft_name(name):
+    """A PEFT model's parameter name as the fused model's."""
+    name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+    return name.replace(".lora_A.default.weight", ".lora_A").replace(".lora_B.default.weight", ".lora_B")
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_peft_bias_option_loads_saves_and_converts(tmp_path, bias):
+    """PEFT's ``bias="lora_only"`` trains the LoRA layers' biases and
+    ``"all"`` every bias of the model; its files hold them. load_adapter sets
+    those biases and trains what PEFT trains; save_adapter and to_peft write
+    the same option and keys (once from_peft, once by hand)."""
+    from safetensors.torch import load_file
+
+    def make():
+        return tiny_llama(attention_bias=True, mlp_bias=True)
+
+    ref = peft.get_peft_model(make(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], bias=bias,
+                                                      init_lora_weights=False))
+    _perturb([p for n, p in ref.named_parameters() if p.requires_grad and n.endswith("bias")])
+    ref.save_pretrained(tmp_path / "peft")
+    keys = sorted(load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
+    ids = batch()
+    expected = ref(input_ids=ids).logits.detach()
+
+    model = make()
+    fused_lora.load_adapter(model, tmp_path / "peft")
+    assert_outputs_close(model(input_ids=ids).logits, expected)
+    assert sorted(trainable(model)) == sorted(_peft_name(n) for n in trainable(ref))
+    fused_lora.save_adapter(model, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["bias"] == bias
+    assert _saved_keys(tmp_path / "ours") == keys
+    again = peft.PeftModel.from_pretrained(make(), tmp_path / "ours")
+    assert_outputs_close(again(input_ids=ids).logits, expected)
+    peft_model = fused_lora.to_peft(model)
+    assert peft_model.peft_config["default"].bias == bias
+    assert_outputs_close(peft_model(input_ids=ids).logits, expected)
+
+    fused_lora.from_peft(ref)  # (its biases train: save_adapter writes them)
+    fused_lora.save_adapter(ref, tmp_path / "converted")
+    assert _saved_keys(tmp_path / "converted") == keys
+
+    model = make()  # (by hand: a fused layer's bias, then another module's, unfrozen after inject)
+    fused_lora.inject(model, ["q_proj", "v_proj"], r=4)
+    model.model.layers[0].self_attn.q_proj.bias.requires_grad_(True)
+    if bias == "all":
+        model.model.layers[1].mlp.down_proj.bias.requires_grad_(True)
+    fused_lora.save_adapter(model, tmp_path / "by_hand")
+    config = json.loads((tmp_path / "by_hand" / "adapter_config.json").read_text())
+    assert config["bias"] == bias and config["modules_to_save"] is None
+    assert _saved_keys(tmp_path / "by_hand") == keys
