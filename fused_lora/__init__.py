@@ -10,6 +10,7 @@ from .dropout import dropout_mask
 from .integration import (
     AdapterFileError,
     ConversionReport,
+    disable_adapters,
     from_peft,
     inject,
     load_adapter,
@@ -28,6 +29,7 @@ __all__ = [
     "ConversionReport",
     "LoRALinear",
     "LoRALinearFunction",
+    "disable_adapters",
     "dispatch",
     "dropout_mask",
     "explain",

@@ -45,6 +45,8 @@ calling them, which would leave an adapter there without effect, silently
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import json
 import math
 import os
@@ -652,6 +654,9 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
         originals[name] = module
         report.converted.append(name)
     object.__setattr__(peft_model, _ORIGINALS, originals)  # not a submodule: no duplicate parameters
+    if report.converted and callable(getattr(type(peft_model), "disable_adapter", None)):
+        # (PEFT's own would leave the fused layers on: DPO's reference outputs would be the policy's)
+        peft_model.disable_adapter = functools.partial(disable_adapters, peft_model)
     guard_fast_paths(peft_model)
     return report
 
@@ -681,6 +686,8 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
                 if layer.merged:
                     layer.unmerge()
                 _replace_module(model, name, originals.pop(name))
+        if not fused_layers(model):
+            model.__dict__.pop("disable_adapter", None)  # (PEFT's own again)
         return model
 
     import peft
@@ -708,6 +715,47 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
         if layer.dropout > 0:
             peft_layer.lora_dropout[adapter_name] = nn.Dropout(layer.dropout)
     return peft_model
+
+
+def _peft_adapter_modules(model: nn.Module) -> list[nn.Module]:
+    """PEFT's tuner layers and auxiliary wrappers (modules_to_save) in ``model``: those its ``disable_adapter`` turns off."""
+    utils = sys.modules.get("peft.tuners.tuners_utils")
+    other = sys.modules.get("peft.utils.other")
+    kinds = tuple(k for k in (getattr(utils, "BaseTunerLayer", None), getattr(other, "AuxiliaryTrainingWrapper", None))
+                  if k is not None)
+    return [m for m in model.modules() if kinds and isinstance(m, kinds)]
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Run ``model`` as its base model inside the block: every fused layer
+    computes ``x Wᵀ + b`` alone (merged ones too), as do PEFT's LoRA layers
+    and ``modules_to_save`` wrappers where :func:`from_peft` left some; each
+    is put back as it was on exit, exceptions included. The reference
+    model of DPO-style training without a copy (what PEFT's
+    ``disable_adapter()`` is for: on a model converted by :func:`from_peft`,
+    that method is this). Modules trained whole after :func:`inject` (a head
+    unfrozen by hand) have no base version kept: they stay as trained.
+    Raises ValueError when the model has no adapters."""
+    _check_model(model)
+    layers = list({id(layer): layer for layer in fused_layers(model).values()}.values())
+    peft_modules = _peft_adapter_modules(model)
+    if not layers and not peft_modules:
+        raise ValueError("the model has no adapters to disable")
+    enabled = [layer.adapter_enabled for layer in layers]
+    peft_enabled = [not m.disable_adapters for m in peft_modules]
+    try:
+        for layer in layers:
+            layer.adapter_enabled = False
+        for m in peft_modules:
+            m.enable_adapters(False)
+        yield model
+    finally:
+        for layer, was in zip(layers, enabled):
+            layer.adapter_enabled = was
+        for m, was in zip(peft_modules, peft_enabled):
+            if was:
+                m.enable_adapters(True)
 
 
 def _unload(model: nn.Module, merge: bool) -> list[str]:

@@ -185,8 +185,17 @@ class LoRALinear(nn.Module):
         """The weight as (out, in): a transposed view when ``fan_in_fan_out``."""
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
+    #: False: the layer computes its base alone (``x Wᵀ + b``, the weight from
+    #: before ``merge()`` where merged), as inside
+    #: :func:`fused_lora.disable_adapters`. Not saved.
+    adapter_enabled: bool = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.base_weight()
+        if not self.adapter_enabled:
+            if self.merged:
+                weight = self._unmerged_weight.t() if self.fan_in_fan_out else self._unmerged_weight
+            return F.linear(x, weight, self.bias)
         if self.merged:
             return F.linear(x, weight, self.bias)
         lora_A, lora_B = self.lora_A, self.lora_B
@@ -245,4 +254,5 @@ class LoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha:g}, scaling={self.scaling:.4g}, dropout={self.dropout:g}, "
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}, merged={self.merged}"
-                + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
+                + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
+                + ("" if self.adapter_enabled else ", adapter_enabled=False"))

@@ -1424,3 +1424,52 @@ def test_peft_bias_option_loads_saves_and_converts(tmp_path, bias):
     config = json.loads((tmp_path / "by_hand" / "adapter_config.json").read_text())
     assert config["bias"] == bias and config["modules_to_save"] is None
     assert _saved_keys(tmp_path / "by_hand") == keys
+
+
+def test_disable_adapters_runs_the_base_model():
+    """Inside fused_lora.disable_adapters(model) the model is its base model,
+    bit for bit (merged layers too), and as it was after the block, an
+    exception included; on a model from from_peft, PEFT's disable_adapter()
+    is that context (PEFT's own left the fused layers on), turning off
+    PEFT's layers left and its modules_to_save wrappers too."""
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    fused_lora.inject(model, LLAMA_TARGETS, r=4)
+    _randomise_adapters(model)
+    model.model.layers[1].mlp.up_proj.merge()
+    ids = batch()
+    expected, tuned = base(input_ids=ids).logits, model(input_ids=ids).logits
+    assert not torch.allclose(expected, tuned)
+    with fused_lora.disable_adapters(model):
+        assert torch.equal(model(input_ids=ids).logits, expected)
+    assert torch.equal(model(input_ids=ids).logits, tuned)
+    with pytest.raises(KeyError):
+        with fused_lora.disable_adapters(model):
+            raise KeyError("inside")
+    assert torch.equal(model(input_ids=ids).logits, tuned)
+    with pytest.raises(ValueError, match="no adapters to disable"):
+        with fused_lora.disable_adapters(tiny_llama()):
+            pass
+
+    twins = []
+    for _ in range(2):
+        twin = peft.get_peft_model(tiny_llama_classifier(), peft.LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["score"], init_lora_weights=False))
+        twin.base_model.model.model.layers[0].self_attn.q_proj.set_scale("default", 0.5)  # (left as PEFT's)
+        twins.append(twin)
+    twins[1].load_state_dict(twins[0].state_dict())
+    _perturb([twins[0].base_model.model.score.modules_to_save["default"].weight])
+    twins[1].load_state_dict(twins[0].state_dict())
+    peft_model, reference = twins
+    with reference.disable_adapter():
+        expected = reference(input_ids=ids).logits
+    assert torch.equal(expected, tiny_llama_classifier()(input_ids=ids).logits)
+    report = fused_lora.from_peft(peft_model)
+    assert len(report.converted) == 3 and len(report.skipped) == 1
+    with peft_model.disable_adapter():
+        assert torch.equal(peft_model(input_ids=ids).logits, expected)
+    assert_outputs_close(peft_model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    fused_lora.to_peft(peft_model)
+    assert "disable_adapter" not in vars(peft_model)
+    with peft_model.disable_adapter():
+        assert torch.equal(peft_model(input_ids=ids).logits, expected)

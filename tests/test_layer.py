@@ -197,3 +197,23 @@ def test_extra_repr():
 def test_bad_constructor_arguments(kwargs, err, match):
     with pytest.raises(err, match=match):
         LoRALinear(8, 4, **kwargs)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_a_disabled_adapter_leaves_the_base_alone_merged_or_not(fan_in_fan_out):
+    layer = LoRALinear(24, 17, r=4, dropout=0.1, device=DEVICE, fan_in_fan_out=fan_in_fan_out)
+    _randomise_adapter(layer)
+    x = make_x((3, 5, 24), torch.float32)
+    base = torch.nn.functional.linear(x, layer.base_weight(), layer.bias)
+    with_adapter = layer(x)
+    assert not torch.allclose(with_adapter, base)
+    layer.adapter_enabled = False
+    assert "adapter_enabled=False" in repr(layer)
+    assert torch.equal(layer(x), base)
+    layer.merge()
+    assert torch.equal(layer(x), base)  # (the weight from before merge())
+    layer.adapter_enabled = True
+    layer.unmerge()
+    layer.eval()
+    expected = base + layer.scaling * (x @ layer.lora_A.t() @ layer.lora_B.t())
+    torch.testing.assert_close(layer(x), expected.detach(), rtol=1e-5, atol=1e-5)
