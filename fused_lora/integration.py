@@ -654,11 +654,102 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
         originals[name] = module
         report.converted.append(name)
     object.__setattr__(peft_model, _ORIGINALS, originals)  # not a submodule: no duplicate parameters
-    if report.converted and callable(getattr(type(peft_model), "disable_adapter", None)):
-        # (PEFT's own would leave the fused layers on: DPO's reference outputs would be the policy's)
-        peft_model.disable_adapter = functools.partial(disable_adapters, peft_model)
+    if report.converted:
+        _patch_peft_model(peft_model)
     guard_fast_paths(peft_model)
     return report
+
+
+#: The PeftModel methods that visit PEFT's LoRA layers only, and would skip
+#: the fused ones silently: on a model from :func:`from_peft` they are
+#: replaced (instance attributes, dropped by :func:`to_peft`) by versions
+#: that take the fused layers too (:func:`_patch_peft_model`).
+_PEFT_METHODS = ("disable_adapter", "save_pretrained", "merge_adapter", "unmerge_adapter", "merge_and_unload",
+                 "unload")
+
+
+def _patch_peft_model(peft_model: nn.Module) -> None:
+    """Where :func:`from_peft` converted layers of a ``peft.PeftModel``, make
+    its methods that visit PEFT's layers only (:data:`_PEFT_METHODS`) take
+    the fused ones too, as users and trainers call them (transformers'
+    ``Trainer`` saves a checkpoint with ``save_pretrained``; TRL's DPO takes
+    its reference outputs inside ``disable_adapter()``, its GRPO hands vLLM
+    the weights ``merge_adapter()`` merged):
+
+    * ``disable_adapter()``: :func:`disable_adapters`;
+    * ``save_pretrained(...)``: PEFT's, with PEFT's layers put back for the
+      call (a ``state_dict`` passed in is renamed to match);
+    * ``merge_adapter()`` / ``unmerge_adapter()``: the fused layers' merge
+      and unmerge, and PEFT's on the layers left PEFT's;
+    * ``merge_and_unload(...)`` / ``unload(...)``: :func:`to_peft`, then PEFT's.
+    """
+    if not callable(getattr(type(peft_model), "disable_adapter", None)):  # (not a PeftModel)
+        return
+
+    def save_pretrained(*args, **kwargs):
+        if kwargs.get("state_dict") is not None:
+            kwargs["state_dict"] = _peft_state_dict_names(peft_model, kwargs["state_dict"])
+        with _peft_layers_back(peft_model):
+            return type(peft_model).save_pretrained(peft_model, *args, **kwargs)
+
+    def merge(merging: bool):
+        def call(*args, **kwargs):
+            for layer in {id(m): m for m in fused_layers(peft_model).values()}.values():
+                if layer.merged != merging:
+                    layer.merge() if merging else layer.unmerge()
+            if any(isinstance(m, _peft_lora_linear()[0]) for m in peft_model.modules()):
+                getattr(peft_model.base_model, "merge_adapter" if merging else "unmerge_adapter")(*args, **kwargs)
+        return call
+
+    def back_to_peft(method):
+        def call(*args, **kwargs):
+            to_peft(peft_model)
+            return getattr(peft_model.base_model, method)(*args, **kwargs)  # (PEFT's LoraModel's)
+        return call
+
+    patches = {"disable_adapter": functools.partial(disable_adapters, peft_model), "save_pretrained": save_pretrained,
+               "merge_adapter": merge(True), "unmerge_adapter": merge(False),
+               "merge_and_unload": back_to_peft("merge_and_unload"), "unload": back_to_peft("unload")}
+    assert set(patches) == set(_PEFT_METHODS)
+    for name, method in patches.items():
+        peft_model.__dict__[name] = functools.update_wrapper(method, getattr(peft_model, name))
+
+
+@contextlib.contextmanager
+def _peft_layers_back(peft_model: nn.Module):
+    """PEFT's original layers in the place of the fused ones inside the block
+    (unmerged; the fused layers back, as they were, on exit)."""
+    originals = getattr(peft_model, _ORIGINALS, None) or {}
+    swapped = []
+    try:
+        for name, original in originals.items():
+            layer = peft_model.get_submodule(name)
+            if isinstance(layer, LoRALinear):
+                merged = layer.merged
+                if merged:
+                    layer.unmerge()
+                _replace_module(peft_model, name, original)
+                swapped.append((name, layer, merged))
+        yield
+    finally:
+        for name, layer, merged in swapped:
+            _replace_module(peft_model, name, layer)
+            if merged:
+                layer.merge()
+
+
+def _peft_state_dict_names(peft_model: nn.Module, state_dict: dict) -> dict:
+    """A state dict of the model with fused layers, under the names it has
+    with PEFT's layers (``q_proj.lora_A`` -> ``q_proj.lora_A.<adapter>.weight``,
+    ``q_proj.weight`` -> ``q_proj.base_layer.weight``)."""
+    renamed = {}
+    for name, original in (getattr(peft_model, _ORIGINALS, None) or {}).items():
+        (adapter,) = original.lora_A.keys()
+        base = next(n for n, m in original.named_modules() if m is original.get_base_layer())
+        renamed.update({f"{name}.lora_A": f"{name}.lora_A.{adapter}.weight",
+                        f"{name}.lora_B": f"{name}.lora_B.{adapter}.weight",
+                        f"{name}.weight": f"{name}.{base}.weight", f"{name}.bias": f"{name}.{base}.bias"})
+    return {renamed.get(k, k): v for k, v in state_dict.items()}
 
 
 def to_peft(model: nn.Module, *, adapter_name: str = "default"):
@@ -687,7 +778,8 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
                     layer.unmerge()
                 _replace_module(model, name, originals.pop(name))
         if not fused_layers(model):
-            model.__dict__.pop("disable_adapter", None)  # (PEFT's own again)
+            for method in _PEFT_METHODS:  # (PEFT's own again)
+                model.__dict__.pop(method, None)
         return model
 
     import peft

@@ -1473,3 +1473,61 @@ def test_disable_adapters_runs_the_base_model():
     assert "disable_adapter" not in vars(peft_model)
     with peft_model.disable_adapter():
         assert torch.equal(peft_model(input_ids=ids).logits, expected)
+
+
+def test_peft_model_methods_take_the_fused_layers_after_from_peft(tmp_path):
+    """PeftModel methods that visit PEFT's layers only would skip the fused
+    ones, silently (a checkpoint without their adapters, a merge that merges
+    nothing, a base model with fused layers left): after from_peft,
+    save_pretrained (as transformers' Trainer calls it, a state_dict passed
+    in or not), merge_adapter/unmerge_adapter, merge_and_unload and unload
+    do what they do on the PEFT model."""
+    from safetensors.torch import load_file
+
+    def twin():
+        model = peft.get_peft_model(tiny_llama_classifier(), peft.LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["score"], init_lora_weights=False))
+        model.base_model.model.model.layers[0].self_attn.q_proj.set_scale("default", 0.5)  # (left as PEFT's)
+        return model
+
+    reference, model = twin(), twin()
+    _perturb([reference.base_model.model.score.modules_to_save["default"].weight])
+    model.load_state_dict(reference.state_dict())
+    ids = batch()
+    expected = reference(input_ids=ids).logits.detach()
+    assert len(fused_lora.from_peft(model).converted) == 3
+
+    reference.save_pretrained(tmp_path / "reference")
+    model.save_pretrained(tmp_path / "fused")
+    model.save_pretrained(tmp_path / "passed", state_dict=model.state_dict())
+    want = load_file(str(tmp_path / "reference" / "adapter_model.safetensors"))
+    for name in ("fused", "passed"):
+        got = load_file(str(tmp_path / name / "adapter_model.safetensors"))
+        assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want), name
+    assert len(fused_lora.integration.fused_layers(model)) == 3  # (the fused layers back after the call)
+    assert torch.equal(*(peft.PeftModel.from_pretrained(tiny_llama_classifier(), tmp_path / name)(input_ids=ids).logits
+                         for name in ("fused", "reference")))  # (set_scale is not in PEFT's file: not `expected`)
+
+    model.merge_adapter()
+    layers = fused_lora.integration.fused_layers(model).values()
+    assert all(layer.merged for layer in layers)
+    assert reference.base_model.model.model.layers[0].self_attn.q_proj.merged is False
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.merged  # (PEFT's layer left, merged by PEFT)
+    assert_outputs_close(model(input_ids=ids).logits, expected)
+    model.unmerge_adapter()
+    assert not any(layer.merged for layer in layers)
+    assert_outputs_close(model(input_ids=ids).logits, expected)
+
+    merged = model.merge_and_unload()
+    assert not fused_lora.integration.fused_layers(merged) and not _peft_adapter_layers(merged)
+    assert_outputs_close(merged(input_ids=ids).logits, expected)
+    again = twin()
+    again.load_state_dict(reference.state_dict())
+    fused_lora.from_peft(again)
+    base = again.unload()
+    assert not fused_lora.integration.fused_layers(base) and not _peft_adapter_layers(base)
+    assert torch.equal(base(input_ids=ids).logits, reference.unload()(input_ids=ids).logits)
+
+
+def _peft_adapter_layers(model):
+    return [n for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
