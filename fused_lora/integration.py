@@ -685,34 +685,33 @@ def _patch_peft_model(peft_model: nn.Module) -> None:
     """
     if not callable(getattr(type(peft_model), "disable_adapter", None)):  # (not a PeftModel)
         return
-
-    def save_pretrained(*args, **kwargs):
-        if kwargs.get("state_dict") is not None:
-            kwargs["state_dict"] = _peft_state_dict_names(peft_model, kwargs["state_dict"])
-        with _peft_layers_back(peft_model):
-            return type(peft_model).save_pretrained(peft_model, *args, **kwargs)
-
-    def merge(merging: bool):
-        def call(*args, **kwargs):
-            for layer in {id(m): m for m in fused_layers(peft_model).values()}.values():
-                if layer.merged != merging:
-                    layer.merge() if merging else layer.unmerge()
-            if any(isinstance(m, _peft_lora_linear()[0]) for m in peft_model.modules()):
-                getattr(peft_model.base_model, "merge_adapter" if merging else "unmerge_adapter")(*args, **kwargs)
-        return call
-
-    def back_to_peft(method):
-        def call(*args, **kwargs):
-            to_peft(peft_model)
-            return getattr(peft_model.base_model, method)(*args, **kwargs)  # (PEFT's LoraModel's)
-        return call
-
-    patches = {"disable_adapter": functools.partial(disable_adapters, peft_model), "save_pretrained": save_pretrained,
-               "merge_adapter": merge(True), "unmerge_adapter": merge(False),
-               "merge_and_unload": back_to_peft("merge_and_unload"), "unload": back_to_peft("unload")}
+    patches = {"disable_adapter": (disable_adapters,), "save_pretrained": (_peft_save_pretrained,),
+               "merge_adapter": (_peft_merge, True), "unmerge_adapter": (_peft_merge, False),
+               "merge_and_unload": (_peft_after_to_peft, "merge_and_unload"),
+               "unload": (_peft_after_to_peft, "unload")}
     assert set(patches) == set(_PEFT_METHODS)
-    for name, method in patches.items():
-        peft_model.__dict__[name] = functools.update_wrapper(method, getattr(peft_model, name))
+    for name, (function, *args) in patches.items():  # (partials: a deep copy or a pickle binds them to the copy)
+        peft_model.__dict__[name] = functools.partial(function, peft_model, *args)
+
+
+def _peft_save_pretrained(peft_model: nn.Module, *args, **kwargs):
+    if kwargs.get("state_dict") is not None:
+        kwargs["state_dict"] = _peft_state_dict_names(peft_model, kwargs["state_dict"])
+    with _peft_layers_back(peft_model):
+        return type(peft_model).save_pretrained(peft_model, *args, **kwargs)
+
+
+def _peft_merge(peft_model: nn.Module, merging: bool, *args, **kwargs) -> None:
+    for layer in {id(m): m for m in fused_layers(peft_model).values()}.values():
+        if layer.merged != merging:
+            layer.merge() if merging else layer.unmerge()
+    if any(isinstance(m, _peft_lora_linear()[0]) for m in peft_model.modules()):
+        getattr(peft_model.base_model, "merge_adapter" if merging else "unmerge_adapter")(*args, **kwargs)
+
+
+def _peft_after_to_peft(peft_model: nn.Module, method: str, *args, **kwargs):
+    to_peft(peft_model)
+    return getattr(peft_model.base_model, method)(*args, **kwargs)  # (PEFT's LoraModel's)
 
 
 @contextlib.contextmanager

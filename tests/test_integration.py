@@ -5,6 +5,7 @@ configs (no download)."""
 import copy
 import importlib
 import json
+import pickle
 import re
 import warnings
 
@@ -1500,8 +1501,11 @@ def test_peft_model_methods_take_the_fused_layers_after_from_peft(tmp_path):
     reference.save_pretrained(tmp_path / "reference")
     model.save_pretrained(tmp_path / "fused")
     model.save_pretrained(tmp_path / "passed", state_dict=model.state_dict())
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # (the methods are the clone's)
+        clone.save_pretrained(tmp_path / "clone")
+        assert clone.save_pretrained.args[0] is clone
     want = load_file(str(tmp_path / "reference" / "adapter_model.safetensors"))
-    for name in ("fused", "passed"):
+    for name in ("fused", "passed", "clone"):
         got = load_file(str(tmp_path / name / "adapter_model.safetensors"))
         assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want), name
     assert len(fused_lora.integration.fused_layers(model)) == 3  # (the fused layers back after the call)
