@@ -625,7 +625,9 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     (``rank_pattern``/``alpha_pattern``) convert; anything that cannot be
     reproduced exactly (DoRA and other variants, several adapters, lora_bias,
     merged or disabled adapters, quantized or non-linear bases) is left as it
-    was and listed in the report.
+    was and listed in the report. On a ``peft.PeftModel``, the methods that
+    visit PEFT's layers only (``save_pretrained``, ``disable_adapter``,
+    ``merge_adapter``...: :func:`_patch_peft_model`) take the fused ones too.
     """
     _check_model(peft_model, "peft_model")
     LoraLayer, PeftLinear = _peft_lora_linear()
@@ -755,7 +757,8 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
     """Go back to PEFT.
 
     * A model converted by :func:`from_peft`: its original PEFT layers are put
-      back (merged fused layers are unmerged first) and the model is returned.
+      back (merged fused layers are unmerged first), its methods are PEFT's
+      again, and the model is returned.
     * A model with :func:`inject`-ed layers: the fused layers become plain
       linears again and ``peft.get_peft_model`` wraps the model with a
       ``LoraConfig`` that reproduces them; PEFT's adapter parameters *are* the
