@@ -359,13 +359,13 @@ def _dispatched(model: nn.Module, name: str) -> bool:
     return any(hasattr(model.get_submodule(".".join(parts[:i])), "_hf_hook") for i in range(len(parts)))
 
 
-def _check_not_dispatched(model: nn.Module, names, what: str, error=ValueError) -> None:
+def _check_not_dispatched(model: nn.Module, names, what: str) -> None:
     dispatched = [n for n in names if _dispatched(model, n)]
     if dispatched:
-        raise error(f"{what}: {dispatched} are dispatched by accelerate (a device_map with offloading, or hooks "
-                    "on the layers themselves), which moves their weights at each call and would not move the "
-                    f"layers that replace them: {what} on the model before dispatching it (accelerate's "
-                    "dispatch_model / cpu_offload), or load it without offloading")
+        raise ValueError(f"{what}: {dispatched} are dispatched by accelerate (a device_map with offloading, or "
+                         "hooks on the layers themselves), which moves their weights at each call and would not "
+                         f"move the layers that replace them: {what} on the model before dispatching it "
+                         "(accelerate's dispatch_model / cpu_offload), or load it without offloading")
 
 
 def _is_sharded(t) -> bool:
@@ -609,7 +609,8 @@ def _why_not_movable(model: nn.Module, name: str, module) -> str | None:
     which see the base layer's output alone (a fused layer has no such call)."""
     base_name = name + "." + next(n for n, m in module.named_modules() if m is module.get_base_layer())
     if _dispatched(model, name) or _dispatched(model, base_name):
-        return "dispatched by accelerate (device_map with offloading, or hooks on the layer): convert before dispatching"
+        return ("dispatched by accelerate (device_map with offloading, or hooks on the layer): convert before "
+                "dispatching")
     hooks = [attr for attr in _HOOKS if getattr(module.get_base_layer(), attr, None)]
     if hooks:
         return (f"its base layer has hooks ({', '.join(hooks)}) that see the base layer's output alone, which a fused "
@@ -812,7 +813,8 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
 
 
 def _peft_adapter_modules(model: nn.Module) -> list[nn.Module]:
-    """PEFT's tuner layers and auxiliary wrappers (modules_to_save) in ``model``: those its ``disable_adapter`` turns off."""
+    """PEFT's tuner layers and auxiliary wrappers (modules_to_save) in
+    ``model``: those its ``disable_adapter`` turns off."""
     utils = sys.modules.get("peft.tuners.tuners_utils")
     other = sys.modules.get("peft.utils.other")
     kinds = tuple(k for k in (getattr(utils, "BaseTunerLayer", None), getattr(other, "AuxiliaryTrainingWrapper", None))
@@ -1334,7 +1336,8 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
         r = _pattern_value(config.get("rank_pattern"), path, r_default, f"{directory}: rank_pattern")
         alpha = _pattern_value(config.get("alpha_pattern"), path, alpha_default, f"{directory}: alpha_pattern")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise AdapterFileError(f"{directory}: {path}: lora_alpha {alpha!r} (from the config) is not a finite number")
+            raise AdapterFileError(f"{directory}: {path}: lora_alpha {alpha!r} (from the config) is not a finite "
+                                   "number")
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
             raise AdapterFileError(f"{directory}: {path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} "
                                    f"do not have rank r={r} from the config")

@@ -603,7 +603,8 @@ def _state(model):
     ("nan", "NaN"),
     ("integer_weights", "must be floating point"),
     ("bias_option", "bias='some' is not one of PEFT's"),
-    ("bias_of_no_bias", "q_proj: the file has a trained bias for the layer .bias='lora_only'., the model's layer has none"),
+    ("bias_of_no_bias", "q_proj: the file has a trained bias for the layer .bias='lora_only'., the model's layer "
+                        "has none"),
     ("bias_alone", r"biases for layers without lora_A/lora_B weights: \['model.layers.0.self_attn.k_proj'\]"),
 ])
 def test_bad_adapter_files_raise_and_leave_the_model_unchanged(tmp_path, damage, message):
