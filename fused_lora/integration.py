@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -1076,10 +1077,10 @@ def save_adapter(model: nn.Module, directory) -> Path:
     PEFT's ``modules_to_save`` (keys ``base_model.model.<path>.<state key>``):
     those PEFT made trainable in a model converted by :func:`from_peft` (a
     classification head), and any module with a trainable parameter outside
-    the adapters other than a bias (a head unfrozen by hand); trained biases, as PEFT's ``bias``
-    option (``"lora_only"``, ``"all"``: :func:`_beside_adapters`).
-    ``peft.PeftModel.from_pretrained(base, directory)`` then reproduces the
-    model's outputs. Files are written
+    the adapters other than a bias (a head unfrozen by hand); trained biases
+    go in as PEFT's ``bias`` option (``"lora_only"``, ``"all"``:
+    :func:`_beside_adapters`). ``peft.PeftModel.from_pretrained(base,
+    directory)`` then reproduces the model's outputs. Files are written
     atomically. A model sharded by FSDP2 (``fully_shard``): call it on every
     rank; the full tensors are gathered (a collective), rank 0 writes, and
     every rank returns once the files exist. The names in the files are
@@ -1200,17 +1201,14 @@ def _lora_variants(config: dict) -> dict:
     """The LoRA variants ``config`` (an adapter_config.json) asks for, by field."""
     fields, inits = set(_VARIANT_FIELDS), set(_VARIANT_INITS)
     try:
-        import dataclasses
-
         from peft import LoraConfig
-    except ImportError:
-        pass
-    else:
-        for f in dataclasses.fields(LoraConfig):
-            if f.metadata.get("is_lora_variant"):
-                fields.add(f.name)
-            if f.name == "init_lora_weights":
-                inits.update(f.metadata.get("lora_variants", ()))
+    except Exception:  # (no PEFT, or one that does not import: the variants above)
+        LoraConfig = None
+    for f in dataclasses.fields(LoraConfig) if LoraConfig is not None else ():
+        if f.metadata.get("is_lora_variant"):
+            fields.add(f.name)
+        if f.name == "init_lora_weights":
+            inits.update(f.metadata.get("lora_variants", ()))
     found = {k: config[k] for k in sorted(fields) if config.get(k)}
     if isinstance(config.get("init_lora_weights"), str) and config["init_lora_weights"] in inits:
         found["init_lora_weights"] = config["init_lora_weights"]
