@@ -1168,6 +1168,25 @@ def _pattern_value(pattern: dict, path: str, default, what: str):
     return default
 
 
+def _check_peft_original(model: nn.Module, name: str, r, alpha, config: dict, directory: Path) -> None:
+    """A fused layer from :func:`from_peft` keeps its PEFT layer for
+    :func:`to_peft` and ``save_pretrained``, which share the adapter weights
+    but hold their own scale and dropout: refused where the file's differ."""
+    original = (getattr(model, _ORIGINALS, None) or {}).get(name)
+    if original is None:
+        return
+    (adapter,) = original.lora_A.keys()
+    drop = original.lora_dropout[adapter]
+    theirs = (original.scaling[adapter], drop.p if isinstance(drop, nn.Dropout) else 0.0)
+    ours = (lora_scaling(r, alpha, bool(config.get("use_rslora", False))),
+            float(config.get("lora_dropout", 0.0) or 0.0))
+    if theirs != ours:
+        raise AdapterFileError(f"{directory}: {name} was converted from PEFT (from_peft) with scaling and dropout "
+                               f"{theirs}, the file has {ours}: PEFT's layer, which to_peft and save_pretrained "
+                               "give back, would keep the old ones. Load it with PEFT (to_peft, then PEFT's "
+                               "load_adapter), or into the model before from_peft")
+
+
 def _check_replacement(directory: Path, key: str, value: torch.Tensor, target: torch.Tensor) -> None:
     """A tensor of the file (a saved module's, a bias) can replace the model's ``target``."""
     if target.device.type == "meta":
@@ -1341,6 +1360,7 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
                                    f"do not have rank r={r} from the config")
         if isinstance(module, LoRALinear):
             in_f, out_f, cur_r = module.in_features, module.out_features, module.r
+            _check_peft_original(model, name, r, alpha, config, directory)
         elif _is_linear_like(module):
             _check_can_add_parameters(model, [name], "load_adapter")
             _check_fusable(model, [name], f"load_adapter({str(directory)!r})", AdapterFileError)

@@ -1536,3 +1536,26 @@ def test_peft_model_methods_take_the_fused_layers_after_from_peft(tmp_path):
 
 def _peft_adapter_layers(model):
     return [n for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+
+
+def test_load_adapter_into_a_model_from_peft_keeps_peft_layers_in_step(tmp_path):
+    """After from_peft, PEFT's layers kept for to_peft and save_pretrained
+    share the adapter weights but hold their own scale and dropout: a file
+    with the same loads (and PEFT's layers see its weights), one with others
+    is refused before anything changes."""
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(tiny_llama(), config)
+    fused_lora.from_peft(model)
+    for alpha in (16, 8):
+        source = tiny_llama(seed=alpha)
+        fused_lora.inject(source, ["q_proj", "v_proj"], r=4, alpha=alpha)
+        _randomise_adapters(source)
+        fused_lora.save_adapter(source, tmp_path / str(alpha))
+    ids = batch()
+    fused_lora.load_adapter(model, tmp_path / "16")
+    expected = model(input_ids=ids).logits.detach()
+    with pytest.raises(AdapterFileError, match=r"converted from PEFT \(from_peft\) with scaling and dropout "
+                                               r"\(4.0, 0.0\), the file has \(2.0, 0.0\)"):
+        fused_lora.load_adapter(model, tmp_path / "8")
+    assert torch.equal(model(input_ids=ids).logits, expected)
+    assert_outputs_close(fused_lora.to_peft(model)(input_ids=ids).logits, expected)
