@@ -668,8 +668,8 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
 #: the fused ones silently: on a model from :func:`from_peft` they are
 #: replaced (instance attributes, dropped by :func:`to_peft`) by versions
 #: that take the fused layers too (:func:`_patch_peft_model`).
-_PEFT_METHODS = ("disable_adapter", "save_pretrained", "merge_adapter", "unmerge_adapter", "merge_and_unload",
-                 "unload")
+_PEFT_METHODS = ("disable_adapter", "save_pretrained", "load_adapter", "merge_adapter", "unmerge_adapter",
+                 "merge_and_unload", "unload")
 
 
 def _patch_peft_model(peft_model: nn.Module) -> None:
@@ -683,6 +683,10 @@ def _patch_peft_model(peft_model: nn.Module) -> None:
     * ``disable_adapter()``: :func:`disable_adapters`;
     * ``save_pretrained(...)``: PEFT's, with PEFT's layers put back for the
       call (a ``state_dict`` passed in is renamed to match);
+    * ``load_adapter(path, name, ...)`` (the ``Trainer`` resuming from a
+      checkpoint): PEFT's likewise, into the fused layers' own parameters;
+      another adapter name than the converted one's is refused (fused layers
+      hold one);
     * ``merge_adapter()`` / ``unmerge_adapter()``: the fused layers' merge
       and unmerge, and PEFT's on the layers left PEFT's;
     * ``merge_and_unload(...)`` / ``unload(...)``: :func:`to_peft`, then PEFT's.
@@ -690,6 +694,7 @@ def _patch_peft_model(peft_model: nn.Module) -> None:
     if not callable(getattr(type(peft_model), "disable_adapter", None)):  # (not a PeftModel)
         return
     patches = {"disable_adapter": (disable_adapters,), "save_pretrained": (_peft_save_pretrained,),
+               "load_adapter": (_peft_load_adapter,),
                "merge_adapter": (_peft_merge, True), "unmerge_adapter": (_peft_merge, False),
                "merge_and_unload": (_peft_after_to_peft, "merge_and_unload"),
                "unload": (_peft_after_to_peft, "unload")}
@@ -703,6 +708,26 @@ def _peft_save_pretrained(peft_model: nn.Module, *args, **kwargs):
         kwargs["state_dict"] = _peft_state_dict_names(peft_model, kwargs["state_dict"])
     with _peft_layers_back(peft_model):
         return type(peft_model).save_pretrained(peft_model, *args, **kwargs)
+
+
+def _peft_load_adapter(peft_model: nn.Module, model_id, adapter_name: str = "default", *args, **kwargs):
+    converted = {n: o for n, o in (getattr(peft_model, _ORIGINALS, None) or {}).items()
+                 if isinstance(peft_model.get_submodule(n), LoRALinear)}
+    held = {name for o in converted.values() for name in o.lora_A.keys()}
+    if held and adapter_name not in held:
+        raise ValueError(f"load_adapter: the fused layers hold one adapter ({sorted(held)}), not {adapter_name!r} "
+                         "beside it: go back to PEFT first (fused_lora.to_peft(model)), then load it")
+    with _peft_layers_back(peft_model) as swapped:
+        result = type(peft_model).load_adapter(peft_model, model_id, adapter_name, *args, **kwargs)
+        for name, layer in swapped:  # (where PEFT put new tensors in, the fused layers' own take their values)
+            for which in ("lora_A", "lora_B"):
+                holder = getattr(converted[name], which)[adapter_name]
+                if holder.weight is not getattr(layer, which):
+                    with torch.no_grad():
+                        getattr(layer, which).copy_(holder.weight)
+                    getattr(layer, which).requires_grad_(holder.weight.requires_grad)
+                    holder.weight = getattr(layer, which)
+    return result
 
 
 def _peft_merge(peft_model: nn.Module, merging: bool, *args, **kwargs) -> None:
@@ -721,7 +746,8 @@ def _peft_after_to_peft(peft_model: nn.Module, method: str, *args, **kwargs):
 @contextlib.contextmanager
 def _peft_layers_back(peft_model: nn.Module):
     """PEFT's original layers in the place of the fused ones inside the block
-    (unmerged; the fused layers back, as they were, on exit)."""
+    (unmerged; the fused layers back, as they were, on exit). Yields the
+    ``(name, fused layer)`` pairs swapped out."""
     originals = getattr(peft_model, _ORIGINALS, None) or {}
     swapped = []
     try:
@@ -733,7 +759,7 @@ def _peft_layers_back(peft_model: nn.Module):
                     layer.unmerge()
                 _replace_module(peft_model, name, original)
                 swapped.append((name, layer, merged))
-        yield
+        yield [(name, layer) for name, layer, _ in swapped]
     finally:
         for name, layer, merged in swapped:
             _replace_module(peft_model, name, layer)

@@ -1482,8 +1482,8 @@ def test_peft_model_methods_take_the_fused_layers_after_from_peft(tmp_path):
     ones, silently (a checkpoint without their adapters, a merge that merges
     nothing, a base model with fused layers left): after from_peft,
     save_pretrained (as transformers' Trainer calls it, a state_dict passed
-    in or not), merge_adapter/unmerge_adapter, merge_and_unload and unload
-    do what they do on the PEFT model."""
+    in or not), load_adapter (as it resumes), merge_adapter/unmerge_adapter,
+    merge_and_unload and unload do what they do on the PEFT model."""
     from safetensors.torch import load_file
 
     def twin():
@@ -1510,6 +1510,14 @@ def test_peft_model_methods_take_the_fused_layers_after_from_peft(tmp_path):
         got = load_file(str(tmp_path / name / "adapter_model.safetensors"))
         assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want), name
     assert len(fused_lora.integration.fused_layers(model)) == 3  # (the fused layers back after the call)
+    saved = model(input_ids=ids).logits.detach()
+    adapters = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    _perturb(adapters.values())  # (training went on, then resumes from the checkpoint, as Trainer does:)
+    model.load_adapter(tmp_path / "fused", model.active_adapter, is_trainable=True)
+    assert torch.equal(model(input_ids=ids).logits, saved)
+    assert all(p is dict(model.named_parameters())[n] for n, p in adapters.items())  # (the optimizer's, still)
+    with pytest.raises(ValueError, match=r"the fused layers hold one adapter \(\['default'\]\), not 'other'"):
+        model.load_adapter(tmp_path / "fused", "other")
     assert torch.equal(*(peft.PeftModel.from_pretrained(tiny_llama_classifier(), tmp_path / name)(input_ids=ids).logits
                          for name in ("fused", "reference")))  # (set_scale is not in PEFT's file: not `expected`)
 
