@@ -326,6 +326,35 @@ def test_transformers_trainer_checkpoints_and_resumes_bitwise(tmp_path):
         assert torch.equal(p, adapters[n]), n
 
 
+def test_transformers_trainer_resumes_a_model_from_peft_bitwise(tmp_path):
+    """A PeftModel converted by from_peft under transformers' Trainer: its
+    checkpoint is PEFT's adapter file with every converted layer (the
+    Trainer calls save_pretrained), and a run resumed from it (the Trainer
+    calls load_adapter) ends with the uninterrupted run's adapters, bit for
+    bit, though it starts from other ones."""
+    def run(resume_from=None):
+        model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                                                                  target_modules=LLAMA_TARGETS))
+        assert len(fused_lora.from_peft(model).converted) == 14
+        if resume_from is not None:
+            _perturb([p for n, p in model.named_parameters() if "lora_" in n])
+        args = transformers.TrainingArguments(
+            str(tmp_path), max_steps=2, save_steps=1, per_device_train_batch_size=4, learning_rate=1e-2,
+            use_cpu=DEVICE.type == "cpu", report_to=[], disable_tqdm=True, logging_steps=1)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=_TokenDataset())
+        trainer.train(resume_from_checkpoint=resume_from)
+        return model, [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+    model, losses = run()
+    adapters = {n: p.detach().clone() for n, p in trainable(model).items()}
+    assert len(adapters) == 2 * 14
+    assert len(_saved_keys(tmp_path / "checkpoint-1")) == 2 * 14
+    resumed, resumed_losses = run(resume_from=str(tmp_path / "checkpoint-1"))
+    assert len(losses) == 2 and resumed_losses == losses
+    for n, p in trainable(resumed).items():
+        assert torch.equal(p, adapters[n]), n
+
+
 @pytest.mark.parametrize("variant", ["plain", "rslora-patterns-bias", "dropout"])
 def test_from_peft_matches_peft(variant):
     kwargs = dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, init_lora_weights=False)
