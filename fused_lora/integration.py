@@ -190,10 +190,10 @@ def _public_names(model: nn.Module) -> dict[str, str]:
     return public
 
 
-def _model_names(model: nn.Module) -> dict[str, str]:
-    """Public name -> the name in ``model`` (the innermost module where a
-    wrapper and what it wraps share one)."""
-    return {pub: name for name, pub in _public_names(model).items()}
+def _model_names(public: dict[str, str]) -> dict[str, str]:
+    """Public name -> the name in the model, from :func:`_public_names`'s
+    map (the innermost module where a wrapper and what it wraps share one)."""
+    return {pub: name for name, pub in public.items()}
 
 
 def _check_can_add_parameters(model: nn.Module, names, what: str) -> None:
@@ -732,8 +732,10 @@ def _peft_load_adapter(peft_model: nn.Module, model_id, adapter_name: str = "def
 
 def _peft_merge(peft_model: nn.Module, merging: bool, *args, **kwargs) -> None:
     for layer in {id(m): m for m in fused_layers(peft_model).values()}.values():
-        if layer.merged != merging:
-            layer.merge() if merging else layer.unmerge()
+        if merging and not layer.merged:
+            layer.merge()
+        elif not merging and layer.merged:
+            layer.unmerge()
     if any(isinstance(m, _peft_lora_linear()[0]) for m in peft_model.modules()):
         getattr(peft_model.base_model, "merge_adapter" if merging else "unmerge_adapter")(*args, **kwargs)
 
@@ -1334,7 +1336,8 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
     _check_model(model)
     directory = Path(directory)
     config, tensors = _read_adapter(directory)
-    names = _model_names(model)  # (public name -> the model's, for models in torch.compile's, DDP's... wrappers)
+    public = _public_names(model)  # (the model's name -> the public one: wrappers' attributes left out)
+    names = _model_names(public)  # (public name -> the model's, for models in torch.compile's, DDP's... wrappers)
     prefix = PEFT_PREFIX if isinstance(getattr(model, _ORIGINALS, None), dict) or PEFT_PREFIX[:-1] in names else ""
     by_path: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
     saved: dict[str, tuple[nn.Module, dict[str, torch.Tensor]]] = {}
@@ -1425,7 +1428,6 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
         raise AdapterFileError(f"{directory}: biases for layers without lora_A/lora_B weights: {sorted(lora_biases)}")
 
     planned = {id(module) for _, module, *_ in plan}
-    public = _public_names(model)
     untouched = sorted({public[n] for n, layer in fused_layers(model).items() if id(layer) not in planned})
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     use_rslora = bool(config.get("use_rslora", False))
