@@ -40,6 +40,13 @@ calling them, which would leave an adapter there without effect, silently
   ``nn.TransformerEncoder``'s converts a padded batch to a nested tensor for
   it. :func:`guard_fast_paths` turns both off where fused layers sit inside
   them (the functions here that place fused layers call it).
+
+Other models do the same on some code path (transformers' Mamba mixers,
+WavLM's attention, BLOOM with ``pretraining_tp > 1``...): :func:`inject` and
+:func:`load_adapter` warn of each layer whose parent's code uses
+``self.<layer>.weight`` as a tensor (:func:`_weight_use`), quoting the line,
+and :func:`uncalled_layers` tells, with one forward, which fused layers a
+model never calls.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import os
@@ -140,6 +148,68 @@ def _never_called(model: nn.Module, name: str) -> str | None:
         return ("nn.MultiheadAttention never calls its out_proj (it reads out_proj.weight and .bias), "
                 "so an adapter there would have no effect")
     return None
+
+
+#: ``self.<layer>.weight`` used as a tensor in a module's code: not where
+#: only its dtype, device or shape is read, in an ``isinstance`` test, an
+#: assignment (tying) or an initialisation through ``.data``.
+_WEIGHT_USE = (r"(?<![\w.])self\.{child}\.weight\b"
+               r"(?!\s*\.\s*(?:dtype|device|shape|size|ndim|dim|numel|is_\w+|requires_grad|data|data_ptr|"
+               r"element_size|nbytes|itemsize|layout|_\w+)\b)(?!\s*=[^=])(?!\s*(?:is|in|==|!=)\b)")
+#: Names of methods whose reads of a weight are not a forward's: construction,
+#: initialisation (``_init_weights``, ``init_mamba_weights``...), tying.
+_NOT_FORWARD = re.compile(r"(?:^|_)(?:init|initiali[sz]e|reset|tie)(?:_|$)")
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_use(cls: type, child: str) -> str | None:
+    """Where the code of ``cls`` (its own and its bases', torch's left out:
+    see :func:`_never_called` and :func:`guard_fast_paths`) uses
+    ``self.<child>.weight`` as a tensor outside construction, as
+    ``"Class.method: `line`"``; None where it does not, or where the source
+    cannot be read."""
+    pattern = re.compile(_WEIGHT_USE.format(child=re.escape(child)))
+    for klass in cls.__mro__:
+        if klass.__module__.partition(".")[0] in ("torch", "builtins"):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # (built in, defined in a REPL or made at run time)
+            continue
+        for m in pattern.finditer(source):
+            if re.search(r"\bisinstance\(\s*$", source[:m.start()]):
+                continue
+            defs = re.findall(r"^\s*(?:async\s+)?def\s+(\w+)", source[:m.start()], re.M)
+            method = defs[-1] if defs else "<class body>"
+            if _NOT_FORWARD.search(method):
+                continue
+            line = source[source.rfind("\n", 0, m.start()) + 1:source.find("\n", m.end())].strip()
+            return f"{klass.__qualname__}.{method}: `{line if len(line) <= 80 else line[:77] + '...'}`"
+    return None
+
+
+def _warn_weight_readers(model: nn.Module, names, what: str) -> None:
+    """Warn where a layer's parent module reads the layer's weight instead of
+    calling it, on some code path (found in its source by :func:`_weight_use`;
+    transformers' Mamba mixers multiply by ``dt_proj.weight`` on every path
+    and hand ``x_proj``'s and ``out_proj``'s to their fused CUDA kernel in
+    training, WavLM's attention hands ``q_proj``'s ... to
+    ``F.multi_head_attention_forward``, BLOOM's with ``pretraining_tp > 1``
+    slices ``dense``'s): a fused layer there is bypassed on that path, its
+    adapter without effect and without gradient, silently. Only a warning:
+    the path may be one the model never takes."""
+    found = {}
+    for name in names:
+        parent, child = _parent_and_child(model, name)
+        where = _weight_use(type(parent), child)
+        if where:
+            found[name] = where
+    if found:
+        warnings.warn(f"{what}: the modules holding these layers read the layer's weight instead of calling it, on "
+                      "some code path, where the adapter would have no effect and get no gradient: "
+                      + "; ".join(f"{n} ({w})" for n, w in found.items())
+                      + ". Check with fused_lora.integration.uncalled_layers(model, batch) on the device you train "
+                      "on; leave them out (exclude_modules) where they are bypassed", stacklevel=3)
 
 
 #: Modules that wrap a whole model (or a block) under one attribute, as
@@ -450,7 +520,10 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
             sharded by FSDP2.
         TypeError: when a match's weight is quantized (nothing is fused).
 
-    Warns (``UserWarning``) of list entries that match no linear layer.
+    Warns (``UserWarning``) of list entries that match no linear layer, and
+    of fused layers whose parent module's code reads their weight instead of
+    calling them on some path (the line is quoted; an adapter is bypassed
+    there: :func:`uncalled_layers` tells whether a forward calls them).
     """
     _check_model(model)
     r = check_int("r", r, 1)
@@ -496,6 +569,8 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
     if unused:  # (a typo would otherwise leave layers without adapters, silently)
         warnings.warn(f"inject: target_modules entries {sorted(unused)} match none of the model's linear layers "
                       f"(layers fused: {len(chosen)})", stacklevel=2)
+
+    _warn_weight_readers(model, chosen, "inject")
 
     fused_by_id = {}
     _freeze_a_plain_model(model)
@@ -1329,7 +1404,8 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
     and leaves the model as it was; so does a quantized layer to fuse.
 
     Warns (``UserWarning``, as PEFT warns of missing keys) when fused layers
-    of the model get no adapter from the file: they keep theirs.
+    of the model get no adapter from the file: they keep theirs; and, as
+    :func:`inject` does, of layers it fuses whose parent reads their weight.
 
     Returns the names of the layers loaded, then those of the saved modules.
     """
@@ -1468,6 +1544,8 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
                 p.requires_grad_(True)
             loaded.append(name)
     guard_fast_paths(model)
+    _warn_weight_readers(model, [name for name, module, *_ in plan if not isinstance(module, LoRALinear)],
+                         "load_adapter")
     if untouched:  # (as PEFT warns of missing keys: the model is not the file's adapter alone)
         warnings.warn(f"load_adapter: {directory} holds no adapter for the fused layers {untouched}: they keep the "
                       "adapters they had (unload them first for the file's adapter alone)", stacklevel=2)

@@ -1194,7 +1194,9 @@ def test_uncalled_layers_finds_adapters_a_model_never_runs():
                                    num_conv_pos_embedding_groups=2, num_buckets=16, max_bucket_distance=20,
                                    layerdrop=0.0, apply_spec_augment=False)
     model = transformers.WavLMModel(cfg).to(DEVICE)
-    fused_lora.inject(model, "all-linear", r=2)
+    with pytest.warns(UserWarning, match=r"encoder.layers.0.attention.q_proj \(WavLMAttention."
+                                         r"torch_multi_head_self_attention: `q_proj_weight=self.q_proj.weight,`\)"):
+        fused_lora.inject(model, "all-linear", r=2)
     audio = torch.randn(2, 400, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     uncalled = fused_lora.integration.uncalled_layers(model, audio)
     assert uncalled == [f"encoder.layers.0.attention.{p}_proj" for p in ("k", "v", "q", "out")]
@@ -1203,6 +1205,85 @@ def test_uncalled_layers_finds_adapters_a_model_never_runs():
     model(audio).last_hidden_state.square().mean().backward()
     for name, layer in layers.items():
         assert (layer.lora_B.grad is None) == (name in uncalled), name
+
+
+def tiny_mamba(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=4, num_hidden_layers=2,
+                                   intermediate_size=48, time_step_rank=4)
+    return transformers.MambaForCausalLM(cfg).to(DEVICE)
+
+
+def test_inject_warns_of_layers_whose_weight_the_model_reads():
+    """transformers' Mamba mixer multiplies by ``dt_proj.weight`` on every
+    path and hands ``x_proj``'s and ``out_proj``'s weights to its fused CUDA
+    kernel when training: adapters there do nothing, silently (PEFT refuses
+    out_proj alone). inject names each such layer and the line that reads
+    it; dt_proj's adapter indeed gets no gradient (x_proj's does on this
+    CPU path)."""
+    model = tiny_mamba()
+    with pytest.warns(UserWarning) as record:
+        fused_lora.inject(model, "all-linear", r=2)
+    (message,) = [str(w.message) for w in record if "read the layer's weight" in str(w.message)]
+    named = re.findall(r"(backbone\.layers\.\d\.mixer\.\w+) \(MambaMixer\.forward: `", message)
+    assert sorted(named) == sorted(f"backbone.layers.{i}.mixer.{p}" for i in range(2)
+                                   for p in ("x_proj", "dt_proj", "out_proj"))
+    assert "in_proj" not in message and "uncalled_layers" in message
+    ids = batch()
+    model(input_ids=ids, labels=ids).loss.backward()
+    layers = fused_lora.integration.fused_layers(model)
+    assert len(layers) == 8
+    for name, layer in layers.items():
+        assert (layer.lora_B.grad is None) == name.endswith("dt_proj"), name
+    assert fused_lora.integration.uncalled_layers(model, ids) == [f"backbone.layers.{i}.mixer.dt_proj"
+                                                                 for i in range(2)]
+    # a list naming such a layer warns too; one that leaves them out does not
+    with pytest.warns(UserWarning, match=r"backbone.layers.0.mixer.dt_proj \(MambaMixer"):
+        fused_lora.inject(tiny_mamba(), ["dt_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_lora.inject(tiny_mamba(), ["in_proj"])
+
+
+def test_load_adapter_warns_of_layers_whose_weight_the_model_reads(tmp_path):
+    """PEFT adapts Mamba's dt_proj (an adapter there does nothing): loading
+    that file fuses the layer and warns, as inject does."""
+    config = peft.LoraConfig(r=2, target_modules=["in_proj", "dt_proj"], init_lora_weights=False)
+    peft.get_peft_model(tiny_mamba(), config).save_pretrained(tmp_path)
+    model = tiny_mamba()
+    with pytest.warns(UserWarning, match=r"^load_adapter: .*backbone.layers.1.mixer.dt_proj \(MambaMixer") as record:
+        fused_lora.load_adapter(model, tmp_path)
+    assert "in_proj" not in str(record[0].message)
+    assert len(fused_lora.integration.fused_layers(model)) == 4
+
+
+class _ReadsItsWeight(nn.Module):
+    """A user's module that checks its linear's weight (dtype, isinstance),
+    calls it, and on one path multiplies by its weight directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+        self.exact = False
+
+    def forward(self, x):
+        assert isinstance(
+            self.head.weight, torch.Tensor) and self.head.weight.dtype == x.dtype and self.head.weight is not None
+        if self.exact:
+            return self.head(x @ self.proj.weight.t())
+        return self.head(self.proj(x))
+
+
+def test_weight_read_warning_spares_checks_of_a_weights_dtype_or_type():
+    with pytest.warns(UserWarning, match=r"proj \(_ReadsItsWeight.forward: `return self.head\(x @ self.proj.weight"
+                                         r".t\(\)\)`\)") as record:
+        fused_lora.inject(_ReadsItsWeight(), "all-linear")
+    assert re.findall(r"(\w+) \(_ReadsItsWeight", str(record[0].message)) == ["proj"]  # (not head)
+    for make in (tiny_llama, tiny_gpt2, _ReadsItsWeight):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fused_lora.inject(make(), ["head"] if make is _ReadsItsWeight else "all-linear")
 
 
 def _quantize(model, kind):
