@@ -280,6 +280,31 @@ def _check_can_add_parameters(model: nn.Module, names, what: str) -> None:
                                  f"averaged over the ranks): {what} on the model first, then wrap it")
     _check_not_sharded(model, names, what)
     _check_not_dispatched(model, names, what)
+    why = _peft_owned(model)
+    if why:
+        raise ValueError(f"{what}: the model is {why}. PEFT's own methods (save_pretrained, disable_adapter, merging) "
+                         f"would not see fused layers added to it, and {what} would freeze PEFT's adapters: add "
+                         f"{names[0] if len(names) == 1 else 'these layers'} to PEFT's LoraConfig (then from_peft), or "
+                         "fuse the model without PEFT")
+
+
+def _peft_owned(model: nn.Module) -> str | None:
+    """What makes ``model`` PEFT's (None where nothing does): a
+    ``peft.PeftModel``, a model :func:`from_peft` converted, PEFT's layers
+    inside, or transformers' own PEFT integration (``model.add_adapter`` /
+    ``model.load_adapter``)."""
+    peft_model = getattr(sys.modules.get("peft.peft_model"), "PeftModel", None)
+    if peft_model is not None and isinstance(model, peft_model):
+        return "a peft.PeftModel"
+    if isinstance(getattr(model, _ORIGINALS, None), dict):
+        return "converted from PEFT by from_peft"
+    if getattr(model, "_hf_peft_config_loaded", False):
+        return "holding transformers' PEFT adapters (model.add_adapter / model.load_adapter)"
+    kinds = _peft_adapter_kinds()
+    owned = [n for n, m in model.named_modules() if kinds and isinstance(m, kinds)]
+    if owned:
+        return f"holding PEFT's layers ({', '.join(owned[:3])}{', ...' if len(owned) > 3 else ''})"
+    return None
 
 
 def _calls_its_layers(module: nn.Module, args) -> None:
@@ -516,8 +541,11 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
         ValueError: when nothing matches (the message lists the linear layers),
             when a match already carries an adapter, when a named target
             is never called by its parent (an adapter there would have no
-            effect), or when it is inside DDP (inject first, then wrap) or
-            sharded by FSDP2.
+            effect), when it is inside DDP (inject first, then wrap) or
+            sharded by FSDP2, or when the model is PEFT's (a
+            ``peft.PeftModel``, converted by :func:`from_peft` or not, PEFT's
+            layers inside, transformers' ``add_adapter``): PEFT's methods
+            would not see the new layers.
         TypeError: when a match's weight is quantized (nothing is fused).
 
     Warns (``UserWarning``) of list entries that match no linear layer, and
@@ -705,9 +733,18 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     was and listed in the report. On a ``peft.PeftModel``, the methods that
     visit PEFT's layers only (``save_pretrained``, ``disable_adapter``,
     ``merge_adapter``...: :func:`_patch_peft_model`) take the fused ones too.
+    A model with transformers' own PEFT adapters (``model.add_adapter``) is
+    refused (``ValueError``): its adapter methods would break or skip the
+    fused layers.
     """
     _check_model(peft_model, "peft_model")
     LoraLayer, PeftLinear = _peft_lora_linear()
+    if getattr(peft_model, "_hf_peft_config_loaded", False) and _peft_owned(peft_model) != "a peft.PeftModel":
+        raise ValueError("from_peft: the model holds transformers' own PEFT adapters (model.add_adapter / "
+                         "model.load_adapter), whose methods (save_pretrained, disable_adapters, active_adapters...) "
+                         "look for PEFT's layers only: they would fail, or skip the fused layers silently. Load the "
+                         "adapter into the plain model with fused_lora.load_adapter(model, path) (the same files), or "
+                         "with peft.PeftModel.from_pretrained and convert that")
     report = ConversionReport()
     originals = getattr(peft_model, _ORIGINALS, None) or {}
     _check_not_sharded(peft_model, [n for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)],
@@ -916,13 +953,19 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
     return peft_model
 
 
+def _peft_adapter_kinds() -> tuple[type, ...]:
+    """PEFT's tuner-layer and auxiliary-wrapper (modules_to_save) classes,
+    where PEFT is imported (without it, no model holds them)."""
+    utils = sys.modules.get("peft.tuners.tuners_utils")
+    other = sys.modules.get("peft.utils.other")
+    return tuple(k for k in (getattr(utils, "BaseTunerLayer", None), getattr(other, "AuxiliaryTrainingWrapper", None))
+                 if k is not None)
+
+
 def _peft_adapter_modules(model: nn.Module) -> list[nn.Module]:
     """PEFT's tuner layers and auxiliary wrappers (modules_to_save) in
     ``model``: those its ``disable_adapter`` turns off."""
-    utils = sys.modules.get("peft.tuners.tuners_utils")
-    other = sys.modules.get("peft.utils.other")
-    kinds = tuple(k for k in (getattr(utils, "BaseTunerLayer", None), getattr(other, "AuxiliaryTrainingWrapper", None))
-                  if k is not None)
+    kinds = _peft_adapter_kinds()
     return [m for m in model.modules() if kinds and isinstance(m, kinds)]
 
 
@@ -1401,7 +1444,9 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
     checked before anything changes: a missing, corrupt, truncated or
     mismatched file, or one of PEFT's LoRA variants (aLoRA, DoRA, MiCA...:
     ``_VARIANT_FIELDS``), raises :class:`AdapterFileError` (a ``ValueError``)
-    and leaves the model as it was; so does a quantized layer to fuse.
+    and leaves the model as it was; so does a quantized layer to fuse. A plain
+    linear is not fused into a model that is PEFT's (``ValueError``, as from
+    :func:`inject`).
 
     Warns (``UserWarning``, as PEFT warns of missing keys) when fused layers
     of the model get no adapter from the file: they keep theirs; and, as

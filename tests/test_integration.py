@@ -473,6 +473,60 @@ def test_to_peft_restores_the_original_layers():
     torch.testing.assert_close(model(input_ids=ids).logits, expected)
 
 
+def _add_adapter_as_transformers_does(model, config):
+    """transformers' own PEFT integration (``model.add_adapter``): where this
+    transformers refuses the installed PEFT, what add_adapter does: PEFT's
+    ``inject_adapter_in_model`` on the model itself, and the flag its
+    adapter methods (save_pretrained, disable_adapters...) go by."""
+    try:
+        model.add_adapter(config)
+    except ValueError as err:
+        if "version of PEFT" not in str(err):
+            raise
+        peft.inject_adapter_in_model(config, model, "default")
+        model.peft_config = {"default": config}
+        model._hf_peft_config_loaded = True
+    assert model._hf_peft_config_loaded
+
+
+@pytest.mark.parametrize("kind", ["PeftModel", "from_peft", "peft layers", "transformers' add_adapter"])
+def test_fusing_more_layers_into_a_peft_model_is_refused(tmp_path, kind):
+    """Fused layers added beside PEFT's are unseen by PEFT's machinery: its
+    save_pretrained wrote a file without them, silently, its disable_adapter
+    left them on, and inject froze PEFT's adapters. inject, and load_adapter
+    where it would fuse plain linears, refuse a PEFT model, and leave it as
+    it was; from_peft refuses transformers' own PEFT integration, whose
+    methods would break or skip the fused layers."""
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    fused_lora.save_adapter(_randomised_fused_llama(target_modules=["k_proj"], r=2), tmp_path)
+    model = tiny_llama()
+    if kind == "transformers' add_adapter":
+        _add_adapter_as_transformers_does(model, config)
+        with pytest.raises(ValueError, match=r"from_peft: the model holds transformers' own PEFT adapters"):
+            fused_lora.from_peft(model)
+        why = r"holding transformers' PEFT adapters"
+    elif kind == "peft layers":
+        peft.inject_adapter_in_model(config, model)
+        why = r"holding PEFT's layers \(model.layers.0.self_attn.q_proj, model.layers.1.self_attn.q_proj\)"
+    else:
+        model = peft.get_peft_model(model, config)
+        why = "a peft.PeftModel"
+        if kind == "from_peft":
+            fused_lora.from_peft(model)
+    before_state, before_types = _state(model)
+    before_trainable = sorted(trainable(model))
+    assert before_trainable and all("q_proj.lora_" in n for n in before_trainable)
+    with pytest.raises(ValueError, match=rf"^inject: the model is {why}.*\. PEFT's own methods .* would not see fused "
+                                         r"layers .* add these layers to PEFT's LoraConfig"):
+        fused_lora.inject(model, ["k_proj"], r=2)
+    with pytest.raises(ValueError, match=rf"^load_adapter: the model is {why}.*\. .* add "
+                                         r"(base_model\.model\.)?model.layers.0.self_attn.k_proj to PEFT's LoraConfig"):
+        fused_lora.load_adapter(model, tmp_path)
+    after_state, after_types = _state(model)
+    assert after_types == before_types and sorted(trainable(model)) == before_trainable
+    assert all(torch.equal(after_state[k], v) for k, v in before_state.items())
+
+
 def test_inject_to_peft_builds_an_equivalent_peft_model():
     model = tiny_llama()
     fused_lora.inject(model, ["q_proj", "down_proj"], r=4, alpha=8)
