@@ -942,7 +942,9 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
         _replace_module(model, name, _plain_linear(layer))
     lora_config = peft.LoraConfig(**{k: v for k, v in config.items() if k not in ("peft_type", "task_type",
                                                                                   "base_model_name_or_path")})
-    peft_model = peft.get_peft_model(model, lora_config, adapter_name=adapter_name, autocast_adapter_dtype=False)
+    with warnings.catch_warnings():  # (PEFT sets fan_in_fan_out by each base's type, as the fused layers have it)
+        warnings.filterwarnings("ignore", r"fan_in_fan_out is set to (True|False) but the target module is")
+        peft_model = peft.get_peft_model(model, lora_config, adapter_name=adapter_name, autocast_adapter_dtype=False)
     for name, layer in layers.items():
         peft_layer = peft_model.base_model.model.get_submodule(name)
         _hand_hooks(peft_layer.get_base_layer(), peft_layer)  # (q_proj's hooks stay q_proj's: the PEFT layer's)
@@ -1182,7 +1184,11 @@ def _beside_adapters(model: nn.Module, layers: dict[str, LoRALinear]) \
 
 def _lora_config_dict(layers: dict[str, LoRALinear], modules_to_save=None, bias: str = "none") -> dict:
     """adapter_config.json for these layers: the most common r/alpha, with
-    rank_pattern/alpha_pattern for the layers that differ."""
+    rank_pattern/alpha_pattern for the layers that differ. ``fan_in_fan_out``
+    is the most common too: PEFT sets it per layer by the base's type
+    (``Conv1D`` True, ``nn.Linear`` False, whatever the config says), as
+    :func:`load_adapter` does, so GPT-2's Conv1D blocks and a linear head
+    share one file."""
     names = {_strip(n): layer for n, layer in layers.items()}
 
     def uniform(attr, what):
@@ -1192,8 +1198,10 @@ def _lora_config_dict(layers: dict[str, LoRALinear], modules_to_save=None, bias:
                              + ", ".join(f"{n}={getattr(layer, attr)}" for n, layer in names.items()))
         return values.pop()
 
-    r = collections.Counter(layer.r for layer in names.values()).most_common(1)[0][0]
-    alpha = collections.Counter(layer.alpha for layer in names.values()).most_common(1)[0][0]
+    def most_common(attr):
+        return collections.Counter(getattr(layer, attr) for layer in names.values()).most_common(1)[0][0]
+
+    r, alpha = most_common("r"), most_common("alpha")
     alpha_out = int(alpha) if float(alpha).is_integer() else alpha
     return {
         "peft_type": "LORA",
@@ -1203,7 +1211,7 @@ def _lora_config_dict(layers: dict[str, LoRALinear], modules_to_save=None, bias:
         "lora_alpha": alpha_out,
         "lora_dropout": uniform("dropout", "lora_dropout"),
         "use_rslora": uniform("use_rslora", "use_rslora"),
-        "fan_in_fan_out": uniform("fan_in_fan_out", "fan_in_fan_out"),
+        "fan_in_fan_out": most_common("fan_in_fan_out"),
         "target_modules": sorted(names),
         "rank_pattern": {n: layer.r for n, layer in names.items() if layer.r != r},
         "alpha_pattern": {n: (int(layer.alpha) if float(layer.alpha).is_integer() else layer.alpha)

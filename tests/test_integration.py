@@ -556,6 +556,42 @@ def test_inject_gpt2_to_peft_goes_back_to_conv1d():
     assert_outputs_close(peft_model(input_ids=ids).logits, expected)
 
 
+def test_gpt2_conv1d_blocks_and_a_linear_head_save_and_go_back_to_peft(tmp_path):
+    """GPT-2's blocks are Conv1D (fan_in_fan_out), its classification head an
+    nn.Linear: "all-linear" takes both, in PEFT as here. PEFT sets
+    fan_in_fan_out per layer by the base's type, so one file holds both;
+    save_adapter and to_peft refused the mix."""
+    def classifier():
+        torch.manual_seed(0)
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, num_labels=3, pad_token_id=0)
+        return transformers.GPT2ForSequenceClassification(cfg).to(DEVICE)
+
+    model = classifier()
+    names = fused_lora.inject(model, "all-linear", r=2)
+    peft_names = [n.removeprefix("base_model.model.") for n in _peft_adapter_layers(
+        peft.get_peft_model(classifier(), peft.LoraConfig(r=2, target_modules="all-linear")))]
+    assert names == peft_names and names[-1] == "score"
+    _randomise_adapters(model)
+    ids = batch()
+    expected = model(input_ids=ids).logits.detach()
+    fused_lora.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True  # (8 of 9)
+    with pytest.warns(UserWarning, match="fan_in_fan_out is set to True but the target module is `torch.nn.Linear`"):
+        loaded = peft.PeftModel.from_pretrained(classifier(), tmp_path)
+    assert_outputs_close(loaded(input_ids=ids).logits, expected)
+    plain = classifier()
+    fused_lora.load_adapter(plain, tmp_path)
+    assert plain.score.fan_in_fan_out is False and plain.transformer.h[0].attn.c_attn.fan_in_fan_out is True
+    assert_outputs_close(plain(input_ids=ids).logits, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # (PEFT's per-layer fan_in_fan_out notices: kept quiet)
+        peft_model = fused_lora.to_peft(model)
+    assert type(peft_model.base_model.model.score.get_base_layer()) is nn.Linear
+    assert not peft_model.base_model.model.score.fan_in_fan_out
+    assert_outputs_close(peft_model(input_ids=ids).logits, expected)
+
+
 # ----------------------------------------------------------------------------
 # PEFT's file format
 # ----------------------------------------------------------------------------
