@@ -174,7 +174,7 @@ def _weight_use(cls: type, child: str) -> str | None:
             continue
         try:
             source = inspect.getsource(klass)
-        except (OSError, TypeError):  # (built in, defined in a REPL or made at run time)
+        except Exception:  # (built in, defined in a REPL or made at run time, its file changed: a best effort)
             continue
         for m in pattern.finditer(source):
             if re.search(r"\bisinstance\(\s*$", source[:m.start()]):
