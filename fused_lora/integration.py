@@ -288,13 +288,17 @@ def _check_can_add_parameters(model: nn.Module, names, what: str) -> None:
                          "fuse the model without PEFT")
 
 
+def _is_peft_model(model: nn.Module) -> bool:
+    peft_model = getattr(sys.modules.get("peft.peft_model"), "PeftModel", None)
+    return peft_model is not None and isinstance(model, peft_model)
+
+
 def _peft_owned(model: nn.Module) -> str | None:
     """What makes ``model`` PEFT's (None where nothing does): a
     ``peft.PeftModel``, a model :func:`from_peft` converted, PEFT's layers
     inside, or transformers' own PEFT integration (``model.add_adapter`` /
     ``model.load_adapter``)."""
-    peft_model = getattr(sys.modules.get("peft.peft_model"), "PeftModel", None)
-    if peft_model is not None and isinstance(model, peft_model):
+    if _is_peft_model(model):
         return "a peft.PeftModel"
     if isinstance(getattr(model, _ORIGINALS, None), dict):
         return "converted from PEFT by from_peft"
@@ -739,7 +743,7 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     """
     _check_model(peft_model, "peft_model")
     LoraLayer, PeftLinear = _peft_lora_linear()
-    if getattr(peft_model, "_hf_peft_config_loaded", False) and _peft_owned(peft_model) != "a peft.PeftModel":
+    if getattr(peft_model, "_hf_peft_config_loaded", False) and not _is_peft_model(peft_model):
         raise ValueError("from_peft: the model holds transformers' own PEFT adapters (model.add_adapter / "
                          "model.load_adapter), whose methods (save_pretrained, disable_adapters, active_adapters...) "
                          "look for PEFT's layers only: they would fail, or skip the fused layers silently. Load the "
