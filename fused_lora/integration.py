@@ -295,9 +295,10 @@ def _is_peft_model(model: nn.Module) -> bool:
 
 def _peft_owned(model: nn.Module) -> str | None:
     """What makes ``model`` PEFT's (None where nothing does): a
-    ``peft.PeftModel``, a model :func:`from_peft` converted, PEFT's layers
-    inside, or transformers' own PEFT integration (``model.add_adapter`` /
-    ``model.load_adapter``)."""
+    ``peft.PeftModel``, a model :func:`from_peft` converted, PEFT's layers or
+    layers :func:`from_peft` converted inside (the model inside a
+    ``PeftModel``), or transformers' own PEFT integration
+    (``model.add_adapter`` / ``model.load_adapter``)."""
     if _is_peft_model(model):
         return "a peft.PeftModel"
     if isinstance(getattr(model, _ORIGINALS, None), dict):
@@ -305,9 +306,11 @@ def _peft_owned(model: nn.Module) -> str | None:
     if getattr(model, "_hf_peft_config_loaded", False):
         return "holding transformers' PEFT adapters (model.add_adapter / model.load_adapter)"
     kinds = _peft_adapter_kinds()
-    owned = [n for n, m in model.named_modules() if kinds and isinstance(m, kinds)]
-    if owned:
-        return f"holding PEFT's layers ({', '.join(owned[:3])}{', ...' if len(owned) > 3 else ''})"
+    for what, owned in (("PEFT's layers", [n for n, m in model.named_modules() if kinds and isinstance(m, kinds)]),
+                        ("layers from_peft converted", [n for n, m in model.named_modules()
+                                                        if getattr(m, _FROM_PEFT, False)])):
+        if owned:
+            return f"holding {what} ({', '.join(owned[:3])}{', ...' if len(owned) > 3 else ''})"
     return None
 
 
@@ -548,8 +551,9 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
             effect), when it is inside DDP (inject first, then wrap) or
             sharded by FSDP2, or when the model is PEFT's (a
             ``peft.PeftModel``, converted by :func:`from_peft` or not, PEFT's
-            layers inside, transformers' ``add_adapter``): PEFT's methods
-            would not see the new layers.
+            layers or layers :func:`from_peft` converted inside,
+            transformers' ``add_adapter``): PEFT's methods would not see the
+            new layers.
         TypeError: when a match's weight is quantized (nothing is fused).
 
     Warns (``UserWarning``) of list entries that match no linear layer, and
@@ -661,6 +665,9 @@ class ConversionReport:
 
 
 _ORIGINALS = "_fused_lora_peft_layers"
+#: Set on each fused layer :func:`from_peft` made: the model inside the
+#: ``PeftModel`` (which PEFT changed in place, and users keep) is PEFT's too.
+_FROM_PEFT = "_fused_lora_from_peft"
 
 
 def _peft_lora_linear():
@@ -771,6 +778,7 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
             fan_in_fan_out=bool(module.fan_in_fan_out), backend=backend)
         layer.train(module.training)
         _replace_module(peft_model, name, layer)
+        setattr(layer, _FROM_PEFT, True)
         originals[name] = module
         report.converted.append(name)
     object.__setattr__(peft_model, _ORIGINALS, originals)  # not a submodule: no duplicate parameters

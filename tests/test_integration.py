@@ -489,7 +489,8 @@ def _add_adapter_as_transformers_does(model, config):
     assert model._hf_peft_config_loaded
 
 
-@pytest.mark.parametrize("kind", ["PeftModel", "from_peft", "peft layers", "transformers' add_adapter"])
+@pytest.mark.parametrize("kind", ["PeftModel", "from_peft", "the model inside, after from_peft", "peft layers",
+                                  "transformers' add_adapter"])
 def test_fusing_more_layers_into_a_peft_model_is_refused(tmp_path, kind):
     """Fused layers added beside PEFT's are unseen by PEFT's machinery: its
     save_pretrained wrote a file without them, silently, its disable_adapter
@@ -508,6 +509,9 @@ def test_fusing_more_layers_into_a_peft_model_is_refused(tmp_path, kind):
     elif kind == "peft layers":
         peft.inject_adapter_in_model(config, model)
         why = r"holding PEFT's layers \(model.layers.0.self_attn.q_proj, model.layers.1.self_attn.q_proj\)"
+    elif kind == "the model inside, after from_peft":  # (PEFT changed it in place: users keep it)
+        fused_lora.from_peft(peft.get_peft_model(model, config))
+        why = r"holding layers from_peft converted \(model.layers.0.self_attn.q_proj, model.layers.1.self_attn.q_proj\)"
     else:
         model = peft.get_peft_model(model, config)
         why = "a peft.PeftModel"
