@@ -793,7 +793,8 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
 #: replaced (instance attributes, dropped by :func:`to_peft`) by versions
 #: that take the fused layers too (:func:`_patch_peft_model`).
 _PEFT_METHODS = ("disable_adapter", "save_pretrained", "load_adapter", "merge_adapter", "unmerge_adapter",
-                 "merge_and_unload", "unload")
+                 "merge_and_unload", "unload", "enable_adapter_layers", "disable_adapter_layers", "add_adapter",
+                 "delete_adapter")
 
 
 def _patch_peft_model(peft_model: nn.Module) -> None:
@@ -813,7 +814,14 @@ def _patch_peft_model(peft_model: nn.Module) -> None:
       hold one);
     * ``merge_adapter()`` / ``unmerge_adapter()``: the fused layers' merge
       and unmerge, and PEFT's on the layers left PEFT's;
-    * ``merge_and_unload(...)`` / ``unload(...)``: :func:`to_peft`, then PEFT's.
+    * ``merge_and_unload(...)`` / ``unload(...)``: :func:`to_peft`, then PEFT's;
+    * ``enable_adapter_layers()`` / ``disable_adapter_layers()`` (PEFT's
+      LoraModel's, which the PeftModel hands on): the fused layers'
+      ``adapter_enabled`` too, until the other is called;
+    * ``add_adapter(...)`` / ``delete_adapter(...)``: refused (PEFT's
+      ``add_adapter`` froze the fused adapters, its ``delete_adapter`` left
+      them on): fused layers hold one adapter, so go back with
+      :func:`to_peft` first.
     """
     if not callable(getattr(type(peft_model), "disable_adapter", None)):  # (not a PeftModel)
         return
@@ -821,7 +829,11 @@ def _patch_peft_model(peft_model: nn.Module) -> None:
                "load_adapter": (_peft_load_adapter,),
                "merge_adapter": (_peft_merge, True), "unmerge_adapter": (_peft_merge, False),
                "merge_and_unload": (_peft_after_to_peft, "merge_and_unload"),
-               "unload": (_peft_after_to_peft, "unload")}
+               "unload": (_peft_after_to_peft, "unload"),
+               "enable_adapter_layers": (_peft_adapter_layers_on, True),
+               "disable_adapter_layers": (_peft_adapter_layers_on, False),
+               "add_adapter": (_peft_one_adapter, "add_adapter"),
+               "delete_adapter": (_peft_one_adapter, "delete_adapter")}
     assert set(patches) == set(_PEFT_METHODS)
     for name, (function, *args) in patches.items():  # (partials: a deep copy or a pickle binds them to the copy)
         peft_model.__dict__[name] = functools.partial(function, peft_model, *args)
@@ -862,6 +874,21 @@ def _peft_merge(peft_model: nn.Module, merging: bool, *args, **kwargs) -> None:
             layer.unmerge()
     if any(isinstance(m, _peft_lora_linear()[0]) for m in peft_model.modules()):
         getattr(peft_model.base_model, "merge_adapter" if merging else "unmerge_adapter")(*args, **kwargs)
+
+
+def _peft_adapter_layers_on(peft_model: nn.Module, enabled: bool) -> None:
+    for layer in fused_layers(peft_model).values():
+        if enabled:
+            layer.__dict__.pop("adapter_enabled", None)  # (the class's True)
+        else:
+            layer.adapter_enabled = False
+    getattr(peft_model.base_model, "enable_adapter_layers" if enabled else "disable_adapter_layers")()
+
+
+def _peft_one_adapter(peft_model: nn.Module, method: str, *args, **kwargs):
+    raise ValueError(f"{method}: the layers from_peft converted hold one adapter, which PEFT's {method} would not "
+                     f"see ({'it would freeze them' if method == 'add_adapter' else 'it would stay on'}): go back to "
+                     f"PEFT first (fused_lora.to_peft(model)), {method} there, then from_peft again")
 
 
 def _peft_after_to_peft(peft_model: nn.Module, method: str, *args, **kwargs):

@@ -1750,6 +1750,47 @@ def _peft_adapter_layers(model):
     return [n for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
 
 
+def test_peft_adapter_layer_switches_and_adapter_changes_after_from_peft():
+    """After from_peft, PEFT's disable_adapter_layers() left the fused layers
+    on (the model was not the base model), its add_adapter froze the fused
+    adapters (training stopped, silently) and its delete_adapter left them
+    applied. The switches take the fused layers too (and PEFT's layer left);
+    add_adapter and delete_adapter are refused, nothing changed."""
+    def twin():
+        model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                  init_lora_weights=False))
+        model.base_model.model.model.layers[0].self_attn.q_proj.set_scale("default", 0.5)  # (left as PEFT's)
+        return model
+
+    reference, model = twin(), twin()
+    model.load_state_dict(reference.state_dict())
+    assert len(fused_lora.from_peft(model).converted) == 3
+    ids = batch()
+    expected = reference(input_ids=ids).logits.detach()
+    base = tiny_llama()(input_ids=ids).logits.detach()
+    model.disable_adapter_layers()
+    assert torch.equal(model(input_ids=ids).logits, base)
+    model.disable_adapter_layers()  # (twice: still off)
+    assert torch.equal(model(input_ids=ids).logits, base)
+    with fused_lora.disable_adapters(model):
+        pass
+    assert torch.equal(model(input_ids=ids).logits, base)  # (the block puts back what was: off)
+    model.enable_adapter_layers()
+    assert_outputs_close(model(input_ids=ids).logits, expected)
+
+    before = sorted(trainable(model))
+    with pytest.raises(ValueError, match=r"^add_adapter: the layers from_peft converted hold one adapter.*"
+                                         r"fused_lora.to_peft\(model\)"):
+        model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["k_proj"]))
+    with pytest.raises(ValueError, match=r"^delete_adapter: .*\(it would stay on\)"):
+        model.delete_adapter("default")
+    assert sorted(trainable(model)) == before and len(before) == 8 and list(model.peft_config) == ["default"]
+    assert_outputs_close(model(input_ids=ids).logits, expected)
+    fused_lora.to_peft(model)  # (PEFT's own methods again)
+    model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["k_proj"]))
+    assert sorted(model.peft_config) == ["default", "other"]
+
+
 def test_load_adapter_into_a_model_from_peft_keeps_peft_layers_in_step(tmp_path):
     """After from_peft, PEFT's layers kept for to_peft and save_pretrained
     share the adapter weights but hold their own scale and dropout: a file
