@@ -305,12 +305,17 @@ def _peft_owned(model: nn.Module) -> str | None:
         return "converted from PEFT by from_peft"
     if getattr(model, "_hf_peft_config_loaded", False):
         return "holding transformers' PEFT adapters (model.add_adapter / model.load_adapter)"
-    kinds = _peft_adapter_kinds()
-    for what, owned in (("PEFT's layers", [n for n, m in model.named_modules() if kinds and isinstance(m, kinds)]),
-                        ("layers from_peft converted", [n for n, m in model.named_modules()
-                                                        if getattr(m, _FROM_PEFT, False)])):
-        if owned:
-            return f"holding {what} ({', '.join(owned[:3])}{', ...' if len(owned) > 3 else ''})"
+    kinds = _peft_adapter_kinds() + (LoRALinear,)
+    owned = {"PEFT's layers": [], "layers from_peft converted": []}
+    for n, m in model.named_modules():
+        if isinstance(m, kinds):
+            if not isinstance(m, LoRALinear):
+                owned["PEFT's layers"].append(n)
+            elif getattr(m, _FROM_PEFT, False):
+                owned["layers from_peft converted"].append(n)
+    for what, names in owned.items():
+        if names:
+            return f"holding {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
     return None
 
 
