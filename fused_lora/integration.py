@@ -12,7 +12,7 @@ adapter file format.
   ``peft.PeftModel.from_pretrained`` loads what this package saves and vice
   versa, modules trained whole beside the adapters (``modules_to_save``)
   and trained biases (PEFT's ``bias="lora_only"``/``"all"``) included; under
-  FSDP2 on every rank.
+  FSDP1 and FSDP2 on every rank.
 * :func:`merge_and_unload` folds the adapters into the base weights and puts
   plain linears back (the model to deploy); :func:`unload` drops them.
 * :func:`guard_fast_paths` keeps torch's transformer fast paths from
@@ -212,6 +212,8 @@ def _warn_weight_readers(model: nn.Module, names, what: str) -> None:
                       "on; leave them out (exclude_modules) where they are bypassed", stacklevel=3)
 
 
+#: FSDP1's wrapper, as (defining module, class).
+_FSDP1 = ("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel")
 #: Modules that wrap a whole model (or a block) under one attribute, as
 #: (defining module, class, attribute). A layer's name in PEFT's format, and
 #: the one targets match, leaves that attribute out: the layers of
@@ -223,7 +225,7 @@ _WRAPPERS = (
     ("torch.nn.parallel.data_parallel", "DataParallel", "module"),
     ("torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "ActivationWrapper",
      "_checkpoint_wrapped_module"),  # checkpoint_wrapper, offload_wrapper
-    ("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel", "_fsdp_wrapped_module"),
+    (*_FSDP1, "_fsdp_wrapped_module"),
 )
 #: Of those, the ones that take their model's parameters when they are built:
 #: a parameter added inside them later is not theirs (DDP would not average
@@ -481,14 +483,85 @@ def _is_sharded(t) -> bool:
     return hasattr(t, "full_tensor") and hasattr(t, "device_mesh")
 
 
+def _fsdp1_flattened(t) -> bool:
+    """``t`` is held by FSDP1 (``FullyShardedDataParallel``): a
+    ``FlatParameter``, or (``use_orig_params=True``) an original parameter
+    whose data, outside forward, is this rank's flat piece of it (1-D,
+    maybe empty), not the tensor."""
+    return bool(getattr(t, "_fsdp_flattened", False))
+
+
+def _fsdp1_class():
+    return getattr(sys.modules.get(_FSDP1[0]), _FSDP1[1], None)
+
+
 def _check_not_sharded(model: nn.Module, names, what: str) -> None:
     """Fused layers are made from unsharded linears: FSDP2 (``fully_shard``)
-    swaps the Parameters a module owns, and a fused layer made afterwards
-    would not own them."""
-    sharded = [n for n in names if any(_is_sharded(p) for p in model.get_submodule(n).parameters())]
-    if sharded:
-        raise ValueError(f"{what}: {sharded} are sharded by FSDP2 (fully_shard): fuse the layers first (inject, "
-                         "from_peft or load_adapter), then shard the model")
+    swaps the Parameters a module owns, and FSDP1 flattens them into its
+    own; a fused layer made afterwards would not own them."""
+    for check, by in ((_is_sharded, "FSDP2 (fully_shard)"), (_fsdp1_flattened, "FSDP1 (FullyShardedDataParallel)")):
+        sharded = [n for n in names if any(check(p) for p in model.get_submodule(n).parameters())]
+        if sharded:
+            raise ValueError(f"{what}: {sharded} are sharded by {by}: fuse the layers first (inject, from_peft or "
+                             "load_adapter), then shard the model")
+
+
+def _check_can_replace(model: nn.Module, names, what: str) -> None:
+    """Putting other modules in place of fused layers (:func:`unload`,
+    :func:`merge_and_unload`, :func:`to_peft`) is refused where FSDP holds the
+    layers: FSDP1 and FSDP2 know each parameter by the module that owns it
+    (FSDP1's flat parameters are views into those modules; FSDP2 sets
+    each module's gathered weights before its forward), so a module put in
+    place of a layer would run on the shards, or on stale copies. Nothing
+    changes."""
+    fsdp1, fsdp2 = _fsdp1_class(), getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    public = _public_names(model)
+    held = collections.defaultdict(list)
+    for name in names:
+        parts = name.split(".")
+        owners = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) + 1)]
+        params = list(owners[-1].parameters())
+        if (fsdp1 is not None and any(isinstance(m, fsdp1) for m in owners)) or any(map(_fsdp1_flattened, params)):
+            held["FSDP1 (FullyShardedDataParallel)"].append(public[name])
+        elif (fsdp2 is not None and any(isinstance(m, fsdp2) for m in owners)) or any(map(_is_sharded, params)):
+            held["FSDP2 (fully_shard)"].append(public[name])
+    if held:
+        raise ValueError(f"{what}: " + "; ".join(f"{sorted(n)} are sharded by {by}" for by, n in held.items())
+                         + f", which knows each parameter by the module that holds it: after {what} the model would "
+                         "run on the shards. Save the adapters (save_adapter, on every rank) and load them into the "
+                         f"model unsharded (load_adapter), then {what} there")
+
+
+@contextlib.contextmanager
+def _fsdp1_full_params(model: nn.Module, what: str, writeback: bool):
+    """Inside the block, the parameters FSDP1 (``FullyShardedDataParallel``)
+    holds in ``model`` are whole, on every rank: its ``summon_full_params``
+    on each outermost FSDP1 module of ``model`` (a collective: every rank
+    calls ``what``); ``writeback``: what changes in them goes back to each
+    rank's shard on exit. Yields whether FSDP1 holds any (then rank 0 alone
+    writes files). Raises ValueError, before anything is gathered, where
+    FSDP1 wraps ``model`` from outside (its parameters cannot be gathered
+    from it)."""
+    flattened = [n for n, p in model.named_parameters() if _fsdp1_flattened(p)]
+    if not flattened:
+        yield False
+        return
+    fsdp1 = _fsdp1_class()
+    roots: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, fsdp1) and not any(not r or name.startswith(r + ".") for r in roots):
+            roots[name] = module
+    covered = {id(p) for root in roots.values() for p in root.parameters()}
+    outside = [n for n, p in model.named_parameters() if _fsdp1_flattened(p) and id(p) not in covered]
+    if outside:
+        raise ValueError(f"{what}: the model's parameters {outside[:4]}{'...' if len(outside) > 4 else ''} are "
+                         "sharded by a FullyShardedDataParallel (FSDP1) that wraps the model from outside, so "
+                         f"they cannot be gathered from it: call {what} with the FullyShardedDataParallel model, "
+                         "on every rank")
+    with contextlib.ExitStack() as stack:
+        for root in roots.values():
+            stack.enter_context(fsdp1.summon_full_params(root, writeback=writeback))
+        yield True
 
 
 def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
@@ -953,12 +1026,16 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
       saves a copy of each, made here with their current values; trained
       biases, PEFT's ``bias`` option (PEFT then trains every bias that option
       names). Returns the ``PeftModel``.
+
+    Raises ValueError, changing nothing, where FSDP1 or FSDP2 shards the
+    fused layers (:func:`_check_can_replace`).
     """
     _check_model(model)
     _peft_lora_linear()
     originals = getattr(model, _ORIGINALS, None)
     layers = fused_layers(model)
     _check_not_dispatched(model, list(layers), "to_peft")
+    _check_can_replace(model, list(layers), "to_peft")
     if originals:
         for name, layer in layers.items():
             if name in originals:
@@ -1056,6 +1133,7 @@ def _unload(model: nn.Module, merge: bool) -> list[str]:
     if not layers:
         raise ValueError("the model has no fused LoRA layers to unload")
     _check_not_dispatched(model, list(layers), "merge_and_unload" if merge else "unload")
+    _check_can_replace(model, list(layers), "merge_and_unload" if merge else "unload")
     tied = _shared_weights(model, [(n, layer) for n, layer in layers.items() if not layer.merged]) if merge else {}
     if tied:
         raise ValueError("merging would change base weights that other modules share (tied weights, e.g. an "
@@ -1109,7 +1187,9 @@ def merge_and_unload(model: nn.Module) -> list[str]:
     ``merge_and_unload``), or one where a base weight to merge into is
     shared with another module (tied weights: an output layer tied to the
     input embedding, whose merge would change the embedding too; PEFT merges
-    it, with a warning).
+    it, with a warning), or one whose fused layers FSDP1 or FSDP2 shards
+    (:func:`_check_can_replace`: merge in the model unsharded, loading the
+    adapters saved from the sharded one).
     """
     return _unload(model, merge=True)
 
@@ -1279,9 +1359,11 @@ def save_adapter(model: nn.Module, directory) -> Path:
     go in as PEFT's ``bias`` option (``"lora_only"``, ``"all"``:
     :func:`_beside_adapters`). ``peft.PeftModel.from_pretrained(base,
     directory)`` then reproduces the model's outputs. Files are written
-    atomically. A model sharded by FSDP2 (``fully_shard``): call it on every
-    rank; the full tensors are gathered (a collective), rank 0 writes, and
-    every rank returns once the files exist. The names in the files are
+    atomically. A model sharded by FSDP2 (``fully_shard``) or FSDP1 (the
+    ``FullyShardedDataParallel`` module, not the model inside: that one
+    cannot gather parameters sharded by a wrapper outside it, ValueError):
+    call it on every rank; the full tensors are gathered (a collective),
+    rank 0 writes, and every rank returns once the files exist. The names in the files are
     those of the model inside any wrapper (without torch.compile's
     ``_orig_mod``, DDP's ``module``, torch's checkpoint wrapper's), as in
     PEFT's own files. Raises ValueError when the model has no fused layers,
@@ -1290,6 +1372,22 @@ def save_adapter(model: nn.Module, directory) -> Path:
     layers = fused_layers(_check_model(model))
     if not layers:
         raise ValueError("the model has no fused LoRA layers to save")
+    with _fsdp1_full_params(model, "save_adapter", writeback=False) as fsdp1:  # (FSDP1: the whole tensors)
+        tensors, config, gathered = _adapter_tensors(model, layers)
+    directory = Path(directory)
+    if (gathered or fsdp1) and torch.distributed.is_initialized():
+        if torch.distributed.get_rank() == 0:
+            _write_adapter(directory, tensors, config)
+        torch.distributed.barrier()  # (the files exist on every rank's return)
+    else:
+        _write_adapter(directory, tensors, config)
+    return directory
+
+
+def _adapter_tensors(model: nn.Module, layers: dict[str, LoRALinear]) -> tuple[dict, dict, list]:
+    """For :func:`save_adapter`: ``(tensors, config, gathered)``: the file's
+    tensors under PEFT's keys (copies, on the host), its config, and the
+    DTensor shards gathered to make them (FSDP2)."""
     public = _public_names(model)  # (torch.compile's, DDP's... wrappers left out of the names)
     saved, bias, other_biases = _beside_adapters(model, layers)
     extra = {public[n]: m for n, m in saved.items()}
@@ -1324,14 +1422,7 @@ def save_adapter(model: nn.Module, directory) -> Path:
             tensors[f"{PEFT_PREFIX}{_strip(name)}.{key}"] = on_host(value)
     for key, value in biases.items():
         tensors[PEFT_PREFIX + key] = on_host(value)
-    directory = Path(directory)
-    if gathered and torch.distributed.is_initialized():
-        if torch.distributed.get_rank() == 0:
-            _write_adapter(directory, tensors, config)
-        torch.distributed.barrier()  # (the files exist on every rank's return)
-    else:
-        _write_adapter(directory, tensors, config)
-    return directory
+    return tensors, config, gathered
 
 
 def _write_adapter(directory: Path, tensors: dict, config: dict) -> None:
@@ -1484,9 +1575,10 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
     layers is frozen first but for the adapters, as :func:`inject` and PEFT's
     ``from_pretrained(..., is_trainable=True)`` leave a model (in a model
     fused already, the parameters keep their ``requires_grad``). Fused layers get the
-    adapter's weights and scaling (into each rank's shard where FSDP2 sharded
-    them; plain linears are fused before sharding or wrapping in DDP, not
-    after). Layer names are those of the model inside torch.compile's, DDP's
+    adapter's weights and scaling (into each rank's shard where FSDP2 or
+    FSDP1 sharded them: call it on every rank, with FSDP1's wrapper as for
+    :func:`save_adapter`; plain linears are fused before sharding or wrapping
+    in DDP, not after). Layer names are those of the model inside torch.compile's, DDP's
     or torch's checkpoint wrappers, as in :func:`save_adapter`'s files. The modules the file keeps whole (PEFT's
     ``modules_to_save``, e.g. a classification head) are loaded into the
     model's modules of those names (into PEFT's trained copy where the model
@@ -1509,6 +1601,20 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
     _check_model(model)
     directory = Path(directory)
     config, tensors = _read_adapter(directory)
+    with _fsdp1_full_params(model, "load_adapter", writeback=True):  # (FSDP1: into the whole tensors)
+        plan, loaded, untouched = _load_into(model, directory, config, tensors, backend)
+    guard_fast_paths(model)
+    _warn_weight_readers(model, [name for name, module, *_ in plan if not isinstance(module, LoRALinear)],
+                         "load_adapter")
+    if untouched:  # (as PEFT warns of missing keys: the model is not the file's adapter alone)
+        warnings.warn(f"load_adapter: {directory} holds no adapter for the fused layers {untouched}: they keep the "
+                      "adapters they had (unload them first for the file's adapter alone)", stacklevel=2)
+    return loaded
+
+
+def _load_into(model: nn.Module, directory: Path, config: dict, tensors: dict, backend: str):
+    """:func:`load_adapter`'s checks, then its changes: ``(plan, loaded,
+    untouched)``, what it loaded and the fused layers it left alone."""
     public = _public_names(model)  # (the model's name -> the public one: wrappers' attributes left out)
     names = _model_names(public)  # (public name -> the model's, for models in torch.compile's, DDP's... wrappers)
     prefix = PEFT_PREFIX if isinstance(getattr(model, _ORIGINALS, None), dict) or PEFT_PREFIX[:-1] in names else ""
@@ -1640,13 +1746,7 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
             for p in module.parameters():
                 p.requires_grad_(True)
             loaded.append(name)
-    guard_fast_paths(model)
-    _warn_weight_readers(model, [name for name, module, *_ in plan if not isinstance(module, LoRALinear)],
-                         "load_adapter")
-    if untouched:  # (as PEFT warns of missing keys: the model is not the file's adapter alone)
-        warnings.warn(f"load_adapter: {directory} holds no adapter for the fused layers {untouched}: they keep the "
-                      "adapters they had (unload them first for the file's adapter alone)", stacklevel=2)
-    return loaded
+    return plan, loaded, untouched
 
 
 def _saved_module_tensor(model: nn.Module, names: dict[str, str], prefix: str, key: str, modules: list[str]):

@@ -1,7 +1,8 @@
-"""Distributed training through PyTorch's own engines: DDP and FSDP2
-(``fully_shard``) over 2 processes with the gloo backend give the gradients
-of one process on the whole batch; under FSDP2, save_adapter and
-load_adapter work on the sharded adapters."""
+"""Distributed training through PyTorch's own engines: DDP, FSDP1
+(``FullyShardedDataParallel``) and FSDP2 (``fully_shard``) over 2 processes
+with the gloo backend give the gradients of one process on the whole batch;
+under FSDP1 and FSDP2, save_adapter and load_adapter work on the sharded
+adapters, and what would leave the model running on shards is refused."""
 
 import os
 import sys
@@ -34,14 +35,38 @@ def _data(device):
     return torch.randn(12, 24, generator=g).to(device), torch.randint(0, 8, (12,), generator=g).to(device)
 
 
-def _grads(model):
+def _plain_name(name):
+    """``name`` without the wrappers' attributes (DDP's, FSDP1's)."""
+    return ".".join(p for p in name.split(".") if p not in ("module", "_fsdp_wrapped_module"))
+
+
+def _grads(model, wrapped=None):
+    if wrapped is not None:  # FSDP1: each rank holds a flat piece of each gradient; the whole ones, gathered
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
+            return _grads(model)
     out = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             g = p.grad
             if hasattr(g, "full_tensor"):  # FSDP2: a sharded DTensor
                 g = g.full_tensor()
-            out[name.replace("_fsdp_wrapped_module.", "").replace("module.", "")] = g.detach().cpu()
+            out[_plain_name(name)] = g.detach().cpu().clone()
+    return out
+
+
+def _adapters(model, wrapped=None):
+    """The fused layers' whole lora_B, by name (FSDP1: gathered through ``wrapped``)."""
+    if wrapped is not None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(wrapped):
+            return _adapters(model)
+    out = {}
+    for n, layer in fused_lora.integration.fused_layers(model).items():
+        b = layer.lora_B
+        out[_plain_name(n)] = (b.full_tensor() if hasattr(b, "full_tensor") else b).clone()
     return out
 
 
@@ -57,6 +82,14 @@ def _worker(rank, mode, init_file, out_file):
             from torch.nn.parallel import DistributedDataParallel
 
             wrapped = DistributedDataParallel(model)
+        elif mode == "fsdp1":
+            from torch.distributed.fsdp import FullyShardedDataParallel
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+            # (each fused layer a unit of its own, the model the root; use_orig_params: FSDP1 flattens only
+            # parameters that all train or all are frozen otherwise, and a fused layer holds both)
+            wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({fused_lora.LoRALinear}),
+                                               use_orig_params=True, device_id=device)
         else:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
@@ -67,9 +100,10 @@ def _worker(rank, mode, init_file, out_file):
             wrapped = fully_shard(model, mesh=mesh)
         loss = nn.functional.cross_entropy(wrapped(x[shard]), y[shard])
         loss.backward()
-        result = {"grads": _grads(model)}
-        if mode == "fsdp2":
-            result.update(_save_and_load_sharded(model, os.path.join(os.path.dirname(out_file), "adapter"), mesh))
+        result = {"grads": _grads(model, wrapped if mode == "fsdp1" else None)}
+        if mode != "ddp":
+            directory = os.path.join(os.path.dirname(out_file), "adapter")
+            result.update(_save_and_load_sharded(model, wrapped if mode == "fsdp1" else model, directory, mode))
         if rank == 0:
             torch.save(result, out_file)
         del wrapped
@@ -84,32 +118,63 @@ def _worker(rank, mode, init_file, out_file):
     os._exit(0)
 
 
-def _save_and_load_sharded(model, directory, mesh):
-    """Under FSDP2, on every rank: save_adapter gathers the shards and rank 0
-    writes; load_adapter puts each rank's part back; fusing a sharded linear
-    is refused. Returns what the test checks."""
-    fused_lora.save_adapter(model, directory)
+def _save_and_load_sharded(model, target, directory, mode):
+    """Under FSDP1 and FSDP2, on every rank: save_adapter (called with
+    ``target``: the FSDP1 wrapper, or the model FSDP2 sharded in place)
+    gathers the shards and rank 0 writes; load_adapter puts each rank's part
+    back; fusing a sharded linear and unloading a sharded layer are refused,
+    changing nothing. Returns what the test checks."""
+    wrapped = target if mode == "fsdp1" else None
+    fused_lora.save_adapter(target, directory)
     written = sorted(os.listdir(directory))  # (every rank: the files exist when save_adapter returns)
-    layers = fused_lora.integration.fused_layers(model)
-    before = {n: layer.lora_B.full_tensor().clone() for n, layer in layers.items()}
+    before = _adapters(model, wrapped)
     with torch.no_grad():
-        for layer in layers.values():
-            layer.lora_B.zero_()
-    fused_lora.load_adapter(model, directory)
-    reloaded = {n: layer.lora_B.full_tensor() for n, layer in layers.items()}
-    from torch.distributed.fsdp import fully_shard
+        for layer in fused_lora.integration.fused_layers(model).values():
+            layer.lora_B.zero_()  # (each rank its part)
+    zeroed = _adapters(model, wrapped)
+    fused_lora.load_adapter(target, directory)
+    reloaded = _adapters(model, wrapped)
+    refusals = {}
+    for what, call in (("merge_and_unload", lambda: fused_lora.merge_and_unload(target)),
+                       ("unload", lambda: fused_lora.unload(target)),
+                       ("to_peft", lambda: fused_lora.to_peft(target))):
+        try:
+            call()
+            refusals[what] = ""
+        except ValueError as err:
+            refusals[what] = str(err)
+    if mode == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
 
-    plain = fully_shard(nn.Sequential(nn.Linear(8, 8)), mesh=mesh)
+        # the model inside the wrapper holds the layers' own FSDP1 units: save_adapter gathers them from it
+        fused_lora.save_adapter(model, directory + "-inner")
+        # a model wrapped whole from outside: its parameters cannot be gathered from the model inside
+        outside = _model(torch.device("cpu"), backend="triton")
+        FullyShardedDataParallel(outside, use_orig_params=True, device_id=torch.device("cpu"))
+        try:
+            fused_lora.save_adapter(outside, directory + "-outside")
+            refusals["save_adapter outside"] = ""
+        except ValueError as err:
+            refusals["save_adapter outside"] = str(err)
+        plain = nn.Sequential(nn.Linear(8, 8))
+        FullyShardedDataParallel(plain, use_orig_params=True, device_id=torch.device("cpu"))
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = next(p for p in model.parameters() if hasattr(p, "device_mesh")).device_mesh
+        plain = fully_shard(nn.Sequential(nn.Linear(8, 8)), mesh=mesh)
     try:
         fused_lora.inject(plain, ["0"])  # (a sharded linear: it must be fused before sharding)
-        refusal = ""
+        refusals["inject"] = ""
     except ValueError as err:
-        refusal = str(err)
+        refusals["inject"] = str(err)
     return {"written": written, "reloaded_equal": all(torch.equal(reloaded[n], before[n]) for n in before),
-            "reloaded_nonzero": all(t.abs().max() > 0 for t in reloaded.values()), "refusal": refusal}
+            "zeroed": all(t.abs().max() == 0 for t in zeroed.values()),
+            "reloaded_nonzero": all(t.abs().max() > 0 for t in reloaded.values()), "refusals": refusals,
+            "still_fused": sorted(map(_plain_name, fused_lora.integration.fused_layers(model)))}
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp1", "fsdp2"])
 def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     out_file = tmp_path / "grads.pt"
     # gloo on CPU: the workers run the kernels on Triton's interpreter, which
@@ -126,16 +191,29 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     assert set(distributed) == set(single) and len(single) == 6
     for name, g in single.items():
         torch.testing.assert_close(distributed[name], g, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    if mode == "fsdp2":
-        # the file holds the whole adapters (those of the unsharded model), in PEFT's keys
-        from safetensors.torch import load_file
+    if mode == "ddp":
+        return
+    # the file holds the whole adapters (those of the unsharded model), in PEFT's keys
+    from safetensors.torch import load_file
 
-        assert result["written"] == ["adapter_config.json", "adapter_model.safetensors"]
-        saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-        assert len(saved) == 6
-        for name, layer in fused_lora.integration.fused_layers(model).items():
-            for which in "AB":
-                assert torch.equal(saved[f"base_model.model.{name}.lora_{which}.weight"],
-                                   getattr(layer, f"lora_{which}").detach())
-        assert result["reloaded_equal"] and result["reloaded_nonzero"]
-        assert "['0'] are sharded by FSDP2" in result["refusal"], result["refusal"]
+    assert result["written"] == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert len(saved) == 6
+    for name, layer in fused_lora.integration.fused_layers(model).items():
+        for which in "AB":
+            assert torch.equal(saved[f"base_model.model.{name}.lora_{which}.weight"],
+                               getattr(layer, f"lora_{which}").detach())
+    assert result["zeroed"] and result["reloaded_equal"] and result["reloaded_nonzero"]
+    by = "FSDP1 (FullyShardedDataParallel)" if mode == "fsdp1" else "FSDP2 (fully_shard)"
+    refusals = result["refusals"]
+    for what in ("merge_and_unload", "unload", "to_peft"):
+        assert refusals[what].startswith(f"{what}: ['0', '2', '4'] are sharded by {by}"), refusals[what]
+    assert result["still_fused"] == ["0", "2", "4"]
+    assert f"['0'] are sharded by {by}" in refusals["inject"], refusals["inject"]
+    if mode == "fsdp1":
+        inner = load_file(str(tmp_path / "adapter-inner" / "adapter_model.safetensors"))
+        assert inner.keys() == saved.keys() and all(torch.equal(inner[k], saved[k]) for k in saved)
+        assert refusals["save_adapter outside"].startswith(
+            "save_adapter: the model's parameters ['0.weight', '0.bias', '0.lora_A', '0.lora_B']... are sharded by "
+            "a FullyShardedDataParallel (FSDP1) that wraps the model from outside"), refusals["save_adapter outside"]
+        assert not (tmp_path / "adapter-outside").exists()
