@@ -746,6 +746,19 @@ _ORIGINALS = "_fused_lora_peft_layers"
 #: Set on each fused layer :func:`from_peft` made: the model inside the
 #: ``PeftModel`` (which PEFT changed in place, and users keep) is PEFT's too.
 _FROM_PEFT = "_fused_lora_from_peft"
+#: On a fused layer from_peft made from an adapter whose init took its start
+#: out of the base weight (:func:`_residual_base_init`): that init, which
+#: save_adapter writes, so that PEFT makes the residual base again on load.
+_RESIDUAL_INIT = "_fused_lora_residual_init"
+
+
+def _residual_base_init(init) -> bool:
+    """PEFT's ``init_lora_weights`` values that take the adapter's start
+    (``s·B₀A₀``) out of the base weight (PiSSA, OLoRA, CorDA, LoftQ,
+    LoRA-GA): the trained adapter holds only on that residual base, which
+    PEFT makes again from the base model when it loads such a file."""
+    return isinstance(init, str) and (init.lower().startswith(("pissa", "corda"))
+                                      or init.lower() in ("olora", "loftq", "lora_ga"))
 
 
 def _peft_lora_linear():
@@ -836,6 +849,8 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
                          "with peft.PeftModel.from_pretrained and convert that")
     report = ConversionReport()
     originals = getattr(peft_model, _ORIGINALS, None) or {}
+    configs = getattr(peft_model, "peft_config", None)  # (a PeftModel's, a LoraModel's: adapter -> LoraConfig)
+    configs = configs if isinstance(configs, dict) else {}
     _check_not_sharded(peft_model, [n for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)],
                        "from_peft")
     for name, module in list(peft_model.named_modules()):
@@ -857,6 +872,9 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
         layer.train(module.training)
         _replace_module(peft_model, name, layer)
         setattr(layer, _FROM_PEFT, True)
+        init = getattr(configs.get(adapter), "init_lora_weights", True)
+        if _residual_base_init(init):
+            setattr(layer, _RESIDUAL_INIT, init)
         originals[name] = module
         report.converted.append(name)
     object.__setattr__(peft_model, _ORIGINALS, originals)  # not a submodule: no duplicate parameters
@@ -1315,11 +1333,11 @@ def _lora_config_dict(layers: dict[str, LoRALinear], modules_to_save=None, bias:
     share one file."""
     names = {_strip(n): layer for n, layer in layers.items()}
 
-    def uniform(attr, what):
-        values = {getattr(layer, attr) for layer in names.values()}
+    def uniform(attr, what, default=None):
+        values = {getattr(layer, attr, default) for layer in names.values()}
         if len(values) > 1:
             raise ValueError(f"PEFT's format has one {what} per adapter, but the layers differ: "
-                             + ", ".join(f"{n}={getattr(layer, attr)}" for n, layer in names.items()))
+                             + ", ".join(f"{n}={getattr(layer, attr, default)!r}" for n, layer in names.items()))
         return values.pop()
 
     def most_common(attr):
@@ -1341,7 +1359,8 @@ def _lora_config_dict(layers: dict[str, LoRALinear], modules_to_save=None, bias:
         "alpha_pattern": {n: (int(layer.alpha) if float(layer.alpha).is_integer() else layer.alpha)
                           for n, layer in names.items() if layer.alpha != alpha},
         "bias": bias,
-        "init_lora_weights": True,
+        # (from_peft's layers of a PiSSA/OLoRA... adapter: their base is the residual, which PEFT makes again)
+        "init_lora_weights": uniform(_RESIDUAL_INIT, "init_lora_weights", True),
         "inference_mode": False,
         "modules_to_save": sorted(_strip(n) for n in modules_to_save) if modules_to_save else None,
         "use_dora": False,
@@ -1540,6 +1559,13 @@ def _read_adapter(directory: Path) -> tuple[dict, dict]:
         raise AdapterFileError(f"{cfg_path}: " + ", ".join(f"{k}={v!r}" for k, v in variants.items())
                                + ": a LoRA variant, whose forward or training differs from plain LoRA's, is not "
                                "fused (load it with PEFT)")
+    if _residual_base_init(config.get("init_lora_weights")):
+        raise AdapterFileError(f"{cfg_path}: init_lora_weights={config['init_lora_weights']!r} took the adapter's "
+                               "start out of the base weights: its lora_A/lora_B hold on that residual base only, "
+                               "and on the model's own weights they compute something else. Load it with "
+                               "peft.PeftModel.from_pretrained (which makes the residual base again), then "
+                               "fused_lora.from_peft; or have PEFT convert it to a plain LoRA first "
+                               "(save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     if config.get("bias", "none") not in ("none", "lora_only", "all"):
         raise AdapterFileError(f"{cfg_path}: bias={config['bias']!r} is not one of PEFT's 'none', 'lora_only', 'all'")
     saved = config.get("modules_to_save")
@@ -1586,8 +1612,11 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
     of PEFT's ``bias="lora_only"`` (the LoRA layers') and ``"all"`` (every
     bias of the model trains). Everything is
     checked before anything changes: a missing, corrupt, truncated or
-    mismatched file, or one of PEFT's LoRA variants (aLoRA, DoRA, MiCA...:
-    ``_VARIANT_FIELDS``), raises :class:`AdapterFileError` (a ``ValueError``)
+    mismatched file, one of PEFT's LoRA variants (aLoRA, DoRA, MiCA...:
+    ``_VARIANT_FIELDS``), or an adapter whose init took its start out of the
+    base weights (PiSSA, OLoRA...: :func:`_residual_base_init`; PEFT makes
+    that residual base again when it loads one, then :func:`from_peft`
+    converts it), raises :class:`AdapterFileError` (a ``ValueError``)
     and leaves the model as it was; so does a quantized layer to fuse. A plain
     linear is not fused into a model that is PEFT's (``ValueError``, as from
     :func:`inject`).

@@ -1477,6 +1477,60 @@ def test_adapters_of_lora_variants_are_refused(tmp_path, variant, field):
     assert after_types == before_types and all(torch.equal(after_state[k], v) for k, v in before_state.items())
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_adapters_whose_init_took_their_start_out_of_the_base(tmp_path, init):
+    """PiSSA and OLoRA (and CorDA, LoftQ, LoRA-GA) subtract the adapter's
+    start from the base weights: a trained adapter holds on that residual
+    base only, which PEFT makes again from the base model when it loads the
+    file. load_adapter cannot (it would put the adapter on the model's own
+    weights, silently wrong): it refuses the file, changing nothing, and
+    names the two routes that work, checked here; and save_adapter, on a
+    model converted by from_peft, writes the init, so that PEFT loads it."""
+    targets = ["q_proj", "v_proj", "down_proj"]
+    trained = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                init_lora_weights=init))
+    initial = tmp_path / "initial"  # (PEFT's conversion to plain LoRA needs the adapter as it started)
+    trained.peft_config["default"].init_lora_weights = True
+    trained.save_pretrained(initial)
+    trained.peft_config["default"].init_lora_weights = init
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.05)  # (training)
+        expected = trained(input_ids=batch()).logits
+    trained.save_pretrained(tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["init_lora_weights"] == init
+
+    target = tiny_llama()
+    before_state, before_types = _state(target)
+    with pytest.raises(AdapterFileError, match=f"init_lora_weights='{init}' took the adapter's start out of the base"):
+        fused_lora.load_adapter(target, tmp_path / "peft")
+    after_state, after_types = _state(target)
+    assert after_types == before_types and all(torch.equal(after_state[k], v) for k, v in before_state.items())
+
+    # route 1: PEFT loads it (the residual base made again), from_peft converts it
+    model = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft")
+    report = fused_lora.from_peft(model)
+    assert len(report.converted) == 6 and not report.skipped
+    with torch.no_grad():
+        assert_outputs_close(model(input_ids=batch()).logits, expected)
+    # ... and save_adapter writes the init with the adapters, so that PEFT makes that base again
+    fused_lora.save_adapter(model, tmp_path / "fused")
+    assert json.loads((tmp_path / "fused" / "adapter_config.json").read_text())["init_lora_weights"] == init
+    with torch.no_grad():
+        assert_outputs_close(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "fused")(input_ids=batch()).logits,
+                             expected)
+
+    # route 2: PEFT converts it to a plain LoRA (rank 2r, on the model's own weights), which load_adapter takes
+    with warnings.catch_warnings():  # (PEFT's advice to do this conversion, given while it does it)
+        warnings.filterwarnings("ignore", r"(PiSSA|OLoRA) changes the base weights")
+        trained.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=str(initial))
+    fused_lora.load_adapter(target, tmp_path / "plain")
+    with torch.no_grad():
+        assert_outputs_close(target(input_ids=batch()).logits, expected)
+
+
 def test_hooks_on_a_layer_stay_on_it_fused_or_plain(tmp_path):
     """Forward and backward hooks registered on a linear stay at that place
     in the model when a fused layer replaces it (inject, load_adapter,
