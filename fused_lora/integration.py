@@ -271,7 +271,7 @@ def _model_names(public: dict[str, str]) -> dict[str, str]:
 def _check_can_add_parameters(model: nn.Module, names, what: str) -> None:
     """A fused layer brings new parameters (the adapters) and takes over the
     linear's: refused where a wrapper built on the old ones would not see them
-    (DDP, FSDP1) and where FSDP2 sharded the linear."""
+    (DDP, FSDP1) and where FSDP1 or FSDP2 sharded the linear."""
     for name in names:
         parts = name.split(".")
         for i in range(len(parts)):
@@ -626,8 +626,9 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
         ValueError: when nothing matches (the message lists the linear layers),
             when a match already carries an adapter, when a named target
             is never called by its parent (an adapter there would have no
-            effect), when it is inside DDP (inject first, then wrap) or
-            sharded by FSDP2, or when the model is PEFT's (a
+            effect), when it is inside DDP or FSDP1's wrapper (inject
+            first, then wrap) or sharded by FSDP1 or FSDP2, or when the
+            model is PEFT's (a
             ``peft.PeftModel``, converted by :func:`from_peft` or not, PEFT's
             layers or layers :func:`from_peft` converted inside,
             transformers' ``add_adapter``): PEFT's methods would not see the
