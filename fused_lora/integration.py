@@ -838,7 +838,11 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     ``merge_adapter``...: :func:`_patch_peft_model`) take the fused ones too.
     A model with transformers' own PEFT adapters (``model.add_adapter``) is
     refused (``ValueError``): its adapter methods would break or skip the
-    fused layers.
+    fused layers. An adapter whose init took its start out of the base
+    weights (PiSSA, OLoRA...: :func:`_residual_base_init`) converts as it is,
+    on its residual base, and :func:`save_adapter` writes that init, which
+    it reads from the ``PeftModel``'s config: convert the ``PeftModel``, not
+    the model inside it, which holds no config.
     """
     _check_model(peft_model, "peft_model")
     LoraLayer, PeftLinear = _peft_lora_linear()
