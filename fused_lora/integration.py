@@ -498,12 +498,32 @@ def _fsdp1_class():
 def _check_not_sharded(model: nn.Module, names, what: str) -> None:
     """Fused layers are made from unsharded linears: FSDP2 (``fully_shard``)
     swaps the Parameters a module owns, and FSDP1 flattens them into its
-    own; a fused layer made afterwards would not own them."""
-    for check, by in ((_is_sharded, "FSDP2 (fully_shard)"), (_fsdp1_flattened, "FSDP1 (FullyShardedDataParallel)")):
-        sharded = [n for n in names if any(check(p) for p in model.get_submodule(n).parameters())]
+    own; a fused layer made afterwards would not own them. DTensor
+    parameters outside FSDP2 are tensor parallelism's, whose styles
+    (``ColwiseParallel``...) take ``nn.Linear`` alone: not fused layers."""
+    fsdp2 = _fsdp2_class()
+    dtensors = [n for n in names if any(_is_sharded(p) for p in model.get_submodule(n).parameters())]
+    parallel = [n for n in dtensors if fsdp2 is None or not any(isinstance(m, fsdp2) for m in _owners(model, n))]
+    if parallel:
+        raise ValueError(f"{what}: {parallel} hold DTensor parameters that no FSDP2 module (fully_shard) of the "
+                         "model holds: tensor parallelism (parallelize_module), whose styles take nn.Linear layers "
+                         "only, is not supported by fused layers (and a model for FSDP2 is fused before sharding, "
+                         "from its root)")
+    flattened = [n for n in names if any(_fsdp1_flattened(p) for p in model.get_submodule(n).parameters())]
+    for sharded, by in ((dtensors, "FSDP2 (fully_shard)"), (flattened, "FSDP1 (FullyShardedDataParallel)")):
         if sharded:
             raise ValueError(f"{what}: {sharded} are sharded by {by}: fuse the layers first (inject, from_peft or "
                              "load_adapter), then shard the model")
+
+
+def _owners(model: nn.Module, name: str) -> list[nn.Module]:
+    """``model``, then each module on the way down to the one named ``name``, that one last."""
+    parts = name.split(".") if name else []
+    return [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) + 1)]
+
+
+def _fsdp2_class():
+    return getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
 
 
 def _check_can_replace(model: nn.Module, names, what: str) -> None:
@@ -514,12 +534,11 @@ def _check_can_replace(model: nn.Module, names, what: str) -> None:
     each module's gathered weights before its forward), so a module put in
     place of a layer would run on the shards, or on stale copies. Nothing
     changes."""
-    fsdp1, fsdp2 = _fsdp1_class(), getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    fsdp1, fsdp2 = _fsdp1_class(), _fsdp2_class()
     public = _public_names(model)
     held = collections.defaultdict(list)
     for name in names:
-        parts = name.split(".")
-        owners = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) + 1)]
+        owners = _owners(model, name)
         params = list(owners[-1].parameters())
         if (fsdp1 is not None and any(isinstance(m, fsdp1) for m in owners)) or any(map(_fsdp1_flattened, params)):
             held["FSDP1 (FullyShardedDataParallel)"].append(public[name])

@@ -168,6 +168,15 @@ def _save_and_load_sharded(model, target, directory, mode):
         refusals["inject"] = ""
     except ValueError as err:
         refusals["inject"] = str(err)
+    if mode == "fsdp2":  # (DTensors outside FSDP2: tensor parallelism, whose styles take nn.Linear only)
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+        parallel = parallelize_module(nn.Sequential(nn.Linear(8, 8)), mesh, {"0": ColwiseParallel()})
+        try:
+            fused_lora.inject(parallel, ["0"])
+            refusals["inject tensor parallel"] = ""
+        except ValueError as err:
+            refusals["inject tensor parallel"] = str(err)
     return {"written": written, "reloaded_equal": all(torch.equal(reloaded[n], before[n]) for n in before),
             "zeroed": all(t.abs().max() == 0 for t in zeroed.values()),
             "reloaded_nonzero": all(t.abs().max() > 0 for t in reloaded.values()), "refusals": refusals,
@@ -210,6 +219,10 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
         assert refusals[what].startswith(f"{what}: ['0', '2', '4'] are sharded by {by}"), refusals[what]
     assert result["still_fused"] == ["0", "2", "4"]
     assert f"['0'] are sharded by {by}" in refusals["inject"], refusals["inject"]
+    if mode == "fsdp2":
+        assert refusals["inject tensor parallel"].startswith(
+            "inject: ['0'] hold DTensor parameters that no FSDP2 module (fully_shard) of the model holds: tensor "
+            "parallelism"), refusals["inject tensor parallel"]
     if mode == "fsdp1":
         inner = load_file(str(tmp_path / "adapter-inner" / "adapter_model.safetensors"))
         assert inner.keys() == saved.keys() and all(torch.equal(inner[k], saved[k]) for k in saved)
