@@ -915,12 +915,18 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
 _PEFT_METHODS = ("disable_adapter", "save_pretrained", "load_adapter", "merge_adapter", "unmerge_adapter",
                  "merge_and_unload", "unload", "enable_adapter_layers", "disable_adapter_layers", "add_adapter",
                  "delete_adapter")
+#: Those of them that PEFT's tuner (``peft_model.base_model``, a
+#: ``LoraModel``) has too, which code also calls on it directly (a
+#: reference pass as ``model.base_model.disable_adapter_layers()``): patched
+#: there as well, with the same versions.
+_TUNER_METHODS = ("merge_adapter", "unmerge_adapter", "merge_and_unload", "unload", "enable_adapter_layers",
+                  "disable_adapter_layers", "delete_adapter")
 
 
 def _patch_peft_model(peft_model: nn.Module) -> None:
     """Where :func:`from_peft` converted layers of a ``peft.PeftModel``, make
-    its methods that visit PEFT's layers only (:data:`_PEFT_METHODS`) take
-    the fused ones too, as users and trainers call them (transformers'
+    its methods that visit PEFT's layers only (:data:`_PEFT_METHODS`, and
+    :data:`_TUNER_METHODS` on its ``base_model``) take the fused ones too, as users and trainers call them (transformers'
     ``Trainer`` saves a checkpoint with ``save_pretrained``; TRL's DPO takes
     its reference outputs inside ``disable_adapter()``, its GRPO hands vLLM
     the weights ``merge_adapter()`` merged):
@@ -954,9 +960,18 @@ def _patch_peft_model(peft_model: nn.Module) -> None:
                "disable_adapter_layers": (_peft_adapter_layers_on, False),
                "add_adapter": (_peft_one_adapter, "add_adapter"),
                "delete_adapter": (_peft_one_adapter, "delete_adapter")}
-    assert set(patches) == set(_PEFT_METHODS)
+    assert set(patches) == set(_PEFT_METHODS) and set(_TUNER_METHODS) <= set(patches)
+    tuner = peft_model.base_model
     for name, (function, *args) in patches.items():  # (partials: a deep copy or a pickle binds them to the copy)
         peft_model.__dict__[name] = functools.partial(function, peft_model, *args)
+        if name in _TUNER_METHODS and callable(getattr(type(tuner), name, None)):
+            tuner.__dict__[name] = peft_model.__dict__[name]
+
+
+def _peft_tuner_call(peft_model: nn.Module, method: str, *args, **kwargs):
+    """PEFT's own ``method`` of the PeftModel's tuner (its ``LoraModel``), past the patches."""
+    tuner = peft_model.base_model
+    return getattr(type(tuner), method)(tuner, *args, **kwargs)
 
 
 def _peft_save_pretrained(peft_model: nn.Module, *args, **kwargs):
@@ -993,7 +1008,7 @@ def _peft_merge(peft_model: nn.Module, merging: bool, *args, **kwargs) -> None:
         elif not merging and layer.merged:
             layer.unmerge()
     if any(isinstance(m, _peft_lora_linear()[0]) for m in peft_model.modules()):
-        getattr(peft_model.base_model, "merge_adapter" if merging else "unmerge_adapter")(*args, **kwargs)
+        _peft_tuner_call(peft_model, "merge_adapter" if merging else "unmerge_adapter", *args, **kwargs)
 
 
 def _peft_adapter_layers_on(peft_model: nn.Module, enabled: bool) -> None:
@@ -1002,7 +1017,7 @@ def _peft_adapter_layers_on(peft_model: nn.Module, enabled: bool) -> None:
             layer.__dict__.pop("adapter_enabled", None)  # (the class's True)
         else:
             layer.adapter_enabled = False
-    getattr(peft_model.base_model, "enable_adapter_layers" if enabled else "disable_adapter_layers")()
+    _peft_tuner_call(peft_model, "enable_adapter_layers" if enabled else "disable_adapter_layers")
 
 
 def _peft_one_adapter(peft_model: nn.Module, method: str, *args, **kwargs):
@@ -1013,7 +1028,7 @@ def _peft_one_adapter(peft_model: nn.Module, method: str, *args, **kwargs):
 
 def _peft_after_to_peft(peft_model: nn.Module, method: str, *args, **kwargs):
     to_peft(peft_model)
-    return getattr(peft_model.base_model, method)(*args, **kwargs)  # (PEFT's LoraModel's)
+    return _peft_tuner_call(peft_model, method, *args, **kwargs)  # (PEFT's LoraModel's)
 
 
 @contextlib.contextmanager
@@ -1085,8 +1100,10 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
                     layer.unmerge()
                 _replace_module(model, name, originals.pop(name))
         if not fused_layers(model):
-            for method in _PEFT_METHODS:  # (PEFT's own again)
+            for method in _PEFT_METHODS:  # (PEFT's own again, on its tuner too)
                 model.__dict__.pop(method, None)
+                if _is_peft_model(model):
+                    model.base_model.__dict__.pop(method, None)
         return model
 
     import peft

@@ -1809,7 +1809,10 @@ def test_peft_adapter_layer_switches_and_adapter_changes_after_from_peft():
     on (the model was not the base model), its add_adapter froze the fused
     adapters (training stopped, silently) and its delete_adapter left them
     applied. The switches take the fused layers too (and PEFT's layer left);
-    add_adapter and delete_adapter are refused, nothing changed."""
+    add_adapter and delete_adapter are refused, nothing changed. So on
+    PEFT's tuner (``model.base_model``), where disable_adapter_layers left
+    the fused layers on, merge_adapter left them unmerged and
+    merge_and_unload left them in."""
     def twin():
         model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                                   init_lora_weights=False))
@@ -1831,6 +1834,25 @@ def test_peft_adapter_layer_switches_and_adapter_changes_after_from_peft():
     assert torch.equal(model(input_ids=ids).logits, base)  # (the block puts back what was: off)
     model.enable_adapter_layers()
     assert_outputs_close(model(input_ids=ids).logits, expected)
+    # the same methods called on PEFT's tuner (model.base_model, a LoraModel), as reference passes do
+    model.base_model.disable_adapter_layers()
+    assert torch.equal(model(input_ids=ids).logits, base)
+    copied = copy.deepcopy(model)  # (the copy's methods are bound to the copy)
+    copied.base_model.enable_adapter_layers()
+    assert_outputs_close(copied(input_ids=ids).logits, expected)
+    assert torch.equal(model(input_ids=ids).logits, base)
+    model.base_model.enable_adapter_layers()
+    assert_outputs_close(model(input_ids=ids).logits, expected)
+    model.base_model.merge_adapter()
+    assert all(layer.merged for layer in fused_lora.integration.fused_layers(model).values())
+    assert_outputs_close(model(input_ids=ids).logits, expected)
+    model.base_model.unmerge_adapter()
+    assert not any(layer.merged for layer in fused_lora.integration.fused_layers(model).values())
+    with pytest.raises(ValueError, match=r"^delete_adapter: .*\(it would stay on\)"):
+        model.base_model.delete_adapter("default")
+    merged = copied.base_model.merge_and_unload()
+    assert not any(isinstance(m, (LoRALinear, peft.tuners.lora.LoraLayer)) for m in merged.modules())
+    assert_outputs_close(merged(input_ids=ids).logits, expected)
 
     before = sorted(trainable(model))
     with pytest.raises(ValueError, match=r"^add_adapter: the layers from_peft converted hold one adapter.*"
