@@ -1763,6 +1763,7 @@ def test_peft_model_methods_take_the_fused_layers_after_from_peft(tmp_path):
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # (the methods are the clone's)
         clone.save_pretrained(tmp_path / "clone")
         assert clone.save_pretrained.args[0] is clone
+        assert clone.base_model.disable_adapter_layers.args[0] is clone  # (PEFT's tuner's too)
     want = load_file(str(tmp_path / "reference" / "adapter_model.safetensors"))
     for name in ("fused", "passed", "clone"):
         got = load_file(str(tmp_path / name / "adapter_model.safetensors"))
