@@ -551,19 +551,26 @@ def _check_can_replace(model: nn.Module, names, what: str) -> None:
                          f"model unsharded (load_adapter), then {what} there")
 
 
+def _check_fsdp1_inside(what: str, outside: list[str]) -> None:
+    """Refuse the tensors named in ``outside``, which FSDP1 holds from outside the model given."""
+    if outside:
+        raise ValueError(f"{what}: {outside[:4]}{'...' if len(outside) > 4 else ''} are sharded by a "
+                         "FullyShardedDataParallel (FSDP1) that wraps the model from outside, so they cannot be "
+                         f"gathered from it: call {what} with the FullyShardedDataParallel model, on every rank")
+
+
 @contextlib.contextmanager
 def _fsdp1_full_params(model: nn.Module, what: str, writeback: bool):
     """Inside the block, the parameters FSDP1 (``FullyShardedDataParallel``)
     holds in ``model`` are whole, on every rank: its ``summon_full_params``
     on each outermost FSDP1 module of ``model`` (a collective: every rank
-    calls ``what``); ``writeback``: what changes in them goes back to each
-    rank's shard on exit. Yields whether FSDP1 holds any (then rank 0 alone
-    writes files). Raises ValueError, before anything is gathered, where
-    FSDP1 wraps ``model`` from outside (its parameters cannot be gathered
-    from it)."""
-    flattened = [n for n, p in model.named_parameters() if _fsdp1_flattened(p)]
-    if not flattened:
-        yield False
+    calls ``what``; the whole model at once, as :func:`load_adapter` checks
+    everything before it changes anything); ``writeback``: what changes in
+    them goes back to each rank's shard on exit. Raises ValueError, before
+    anything is gathered, where FSDP1 wraps ``model`` from outside (its
+    parameters cannot be gathered from it)."""
+    if not any(_fsdp1_flattened(p) for p in model.parameters()):
+        yield
         return
     fsdp1 = _fsdp1_class()
     roots: dict[str, nn.Module] = {}
@@ -571,16 +578,11 @@ def _fsdp1_full_params(model: nn.Module, what: str, writeback: bool):
         if isinstance(module, fsdp1) and not any(not r or name.startswith(r + ".") for r in roots):
             roots[name] = module
     covered = {id(p) for root in roots.values() for p in root.parameters()}
-    outside = [n for n, p in model.named_parameters() if _fsdp1_flattened(p) and id(p) not in covered]
-    if outside:
-        raise ValueError(f"{what}: the model's parameters {outside[:4]}{'...' if len(outside) > 4 else ''} are "
-                         "sharded by a FullyShardedDataParallel (FSDP1) that wraps the model from outside, so "
-                         f"they cannot be gathered from it: call {what} with the FullyShardedDataParallel model, "
-                         "on every rank")
+    _check_fsdp1_inside(what, [n for n, p in model.named_parameters() if _fsdp1_flattened(p) and id(p) not in covered])
     with contextlib.ExitStack() as stack:
         for root in roots.values():
             stack.enter_context(fsdp1.summon_full_params(root, writeback=writeback))
-        yield True
+        yield
 
 
 def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
@@ -1432,10 +1434,9 @@ def save_adapter(model: nn.Module, directory) -> Path:
     layers = fused_layers(_check_model(model))
     if not layers:
         raise ValueError("the model has no fused LoRA layers to save")
-    with _fsdp1_full_params(model, "save_adapter", writeback=False) as fsdp1:  # (FSDP1: the whole tensors)
-        tensors, config, gathered = _adapter_tensors(model, layers)
+    tensors, config, gathered = _adapter_tensors(model, layers)
     directory = Path(directory)
-    if (gathered or fsdp1) and torch.distributed.is_initialized():
+    if gathered and torch.distributed.is_initialized():
         if torch.distributed.get_rank() == 0:
             _write_adapter(directory, tensors, config)
         torch.distributed.barrier()  # (the files exist on every rank's return)
@@ -1444,10 +1445,10 @@ def save_adapter(model: nn.Module, directory) -> Path:
     return directory
 
 
-def _adapter_tensors(model: nn.Module, layers: dict[str, LoRALinear]) -> tuple[dict, dict, list]:
+def _adapter_tensors(model: nn.Module, layers: dict[str, LoRALinear]) -> tuple[dict, dict, bool]:
     """For :func:`save_adapter`: ``(tensors, config, gathered)``: the file's
-    tensors under PEFT's keys (copies, on the host), its config, and the
-    DTensor shards gathered to make them (FSDP2)."""
+    tensors under PEFT's keys (whole copies, on the host: :func:`_on_host`),
+    its config, and whether shards were gathered to make them."""
     public = _public_names(model)  # (torch.compile's, DDP's... wrappers left out of the names)
     saved, bias, other_biases = _beside_adapters(model, layers)
     extra = {public[n]: m for n, m in saved.items()}
@@ -1457,6 +1458,14 @@ def _adapter_tensors(model: nn.Module, layers: dict[str, LoRALinear]) -> tuple[d
     if bias != "none":
         biases = {f"{_strip(n)}.base_layer.bias": layer.bias for n, layer in layers.items() if layer.bias is not None}
         biases.update({f"{_strip(public[n])}.bias": b for n, b in other_biases.items()})
+    wanted = []  # (key, the tensor itself: a Parameter whose data FSDP1 swaps when it gathers)
+    for name, layer in layers.items():
+        path = _strip(name)
+        wanted += [(f"{PEFT_PREFIX}{path}.lora_A.weight", layer.lora_A), (f"{PEFT_PREFIX}{path}.lora_B.weight",
+                                                                          layer.lora_B)]
+    for name, module in extra.items():
+        wanted += [(f"{PEFT_PREFIX}{_strip(name)}.{k}", v) for k, v in module.state_dict(keep_vars=True).items()]
+    wanted += [(PEFT_PREFIX + key, value) for key, value in biases.items()]
     on_meta = [f"{n}.{w}" for n, layer in layers.items() for w in ("lora_A", "lora_B")
                if getattr(layer, w).device.type == "meta"]
     on_meta += [f"{n}.{k}" for n, m in extra.items() for k, v in m.state_dict().items() if v.device.type == "meta"]
@@ -1464,25 +1473,40 @@ def _adapter_tensors(model: nn.Module, layers: dict[str, LoRALinear]) -> tuple[d
     if on_meta:
         raise ValueError(f"save_adapter: {on_meta} are on the meta device, without values (offloaded by accelerate, "
                          "or never materialised): save before dispatching the model, or from a model loaded whole")
-    gathered = []
-
-    def on_host(t: torch.Tensor) -> torch.Tensor:  # (a copy: safetensors refuses shared memory)
-        if _is_sharded(t):
-            gathered.append(t)
-            t = t.full_tensor()  # (a collective: every rank calls save_adapter)
-        return t.detach().to("cpu", copy=True).contiguous()
-
-    tensors = {}
-    for name, layer in layers.items():
-        path = _strip(name)
-        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = on_host(layer.lora_A)
-        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = on_host(layer.lora_B)
-    for name, module in extra.items():
-        for key, value in module.state_dict().items():
-            tensors[f"{PEFT_PREFIX}{_strip(name)}.{key}"] = on_host(value)
-    for key, value in biases.items():
-        tensors[PEFT_PREFIX + key] = on_host(value)
+    tensors, gathered = _on_host(model, wanted, "save_adapter")
     return tensors, config, gathered
+
+
+def _on_host(model: nn.Module, wanted: list, what: str) -> tuple[dict, bool]:
+    """Whole host copies of the tensors of ``model`` in ``wanted`` (``(key,
+    tensor)`` pairs), by key (copies: safetensors refuses shared memory).
+    Sharded ones are gathered, a collective (every rank calls ``what``, in
+    the same order): a DTensor (FSDP2) whole; FSDP1's flat pieces one FSDP1
+    unit at a time, the innermost that holds them (``summon_full_params(unit,
+    recurse=False)``), so that no more than one unit is ever whole at once.
+    Returns the copies and whether any were gathered. Raises ValueError,
+    before any gathering, where FSDP1 holds them from outside ``model``."""
+    units = {}  # id(tensor) -> the innermost FSDP1 unit in the model that holds it
+    if any(_fsdp1_flattened(t) for _, t in wanted):
+        fsdp1 = _fsdp1_class()
+        for module in model.modules():  # (an outer unit before the inner ones, which then take their tensors)
+            if isinstance(module, fsdp1):
+                units.update((id(p), module) for p in module.parameters())
+        _check_fsdp1_inside(what, [k for k, t in wanted if _fsdp1_flattened(t) and id(t) not in units])
+    copies, by_unit, gathered = {}, {}, False
+    for key, t in wanted:
+        if id(t) in units:
+            by_unit.setdefault(id(units[id(t)]), (units[id(t)], []))[1].append((key, t))
+            continue
+        if _is_sharded(t):
+            t, gathered = t.full_tensor(), True
+        copies[key] = t.detach().to("cpu", copy=True).contiguous()
+    for unit, items in by_unit.values():
+        with _fsdp1_class().summon_full_params(unit, recurse=False, writeback=False):
+            for key, t in items:
+                copies[key] = t.detach().to("cpu", copy=True).contiguous()
+        gathered = True
+    return {key: copies[key] for key, _ in wanted}, gathered
 
 
 def _write_adapter(directory: Path, tensors: dict, config: dict) -> None:

@@ -125,7 +125,23 @@ def _save_and_load_sharded(model, target, directory, mode):
     back; fusing a sharded linear and unloading a sharded layer are refused,
     changing nothing. Returns what the test checks."""
     wrapped = target if mode == "fsdp1" else None
-    fused_lora.save_adapter(target, directory)
+    summoned = []
+    if mode == "fsdp1":  # (which FSDP1 units save_adapter makes whole, and how: one at a time, itself alone)
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        summon = FullyShardedDataParallel.summon_full_params
+
+        def recording(module, *args, **kwargs):
+            summoned.append((type(module.module).__name__, kwargs.get("recurse", True)))
+            return summon(module, *args, **kwargs)
+
+        FullyShardedDataParallel.summon_full_params = recording
+        try:
+            fused_lora.save_adapter(target, directory)
+        finally:
+            FullyShardedDataParallel.summon_full_params = summon
+    else:
+        fused_lora.save_adapter(target, directory)
     written = sorted(os.listdir(directory))  # (every rank: the files exist when save_adapter returns)
     before = _adapters(model, wrapped)
     with torch.no_grad():
@@ -180,6 +196,7 @@ def _save_and_load_sharded(model, target, directory, mode):
     return {"written": written, "reloaded_equal": all(torch.equal(reloaded[n], before[n]) for n in before),
             "zeroed": all(t.abs().max() == 0 for t in zeroed.values()),
             "reloaded_nonzero": all(t.abs().max() > 0 for t in reloaded.values()), "refusals": refusals,
+            "summoned": summoned,
             "still_fused": sorted(map(_plain_name, fused_lora.integration.fused_layers(model)))}
 
 
@@ -227,6 +244,9 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
         inner = load_file(str(tmp_path / "adapter-inner" / "adapter_model.safetensors"))
         assert inner.keys() == saved.keys() and all(torch.equal(inner[k], saved[k]) for k in saved)
         assert refusals["save_adapter outside"].startswith(
-            "save_adapter: the model's parameters ['0.weight', '0.bias', '0.lora_A', '0.lora_B']... are sharded by "
-            "a FullyShardedDataParallel (FSDP1) that wraps the model from outside"), refusals["save_adapter outside"]
+            "save_adapter: ['base_model.model.0.lora_A.weight', 'base_model.model.0.lora_B.weight', "
+            "'base_model.model.2.lora_A.weight', 'base_model.model.2.lora_B.weight']... are sharded by a "
+            "FullyShardedDataParallel (FSDP1) that wraps the model from outside"), refusals["save_adapter outside"]
+        # the units holding the adapters, each whole alone (never the root, and so never the whole model)
+        assert result["summoned"] == [("LoRALinear", False)] * 3, result["summoned"]
         assert not (tmp_path / "adapter-outside").exists()
