@@ -1424,8 +1424,9 @@ def save_adapter(model: nn.Module, directory) -> Path:
     atomically. A model sharded by FSDP2 (``fully_shard``) or FSDP1 (the
     ``FullyShardedDataParallel`` module, not the model inside: that one
     cannot gather parameters sharded by a wrapper outside it, ValueError):
-    call it on every rank; the full tensors are gathered (a collective),
-    rank 0 writes, and every rank returns once the files exist. The names in the files are
+    call it on every rank; the full tensors are gathered (a collective;
+    under FSDP1 one unit at a time), rank 0 writes, and every rank returns
+    once the files exist. The names in the files are
     those of the model inside any wrapper (without torch.compile's
     ``_orig_mod``, DDP's ``module``, torch's checkpoint wrapper's), as in
     PEFT's own files. Raises ValueError when the model has no fused layers,
@@ -1668,7 +1669,8 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
     fused already, the parameters keep their ``requires_grad``). Fused layers get the
     adapter's weights and scaling (into each rank's shard where FSDP2 or
     FSDP1 sharded them: call it on every rank, with FSDP1's wrapper as for
-    :func:`save_adapter`; plain linears are fused before sharding or wrapping
+    :func:`save_adapter`; under FSDP1 the whole model is unsharded for the
+    call, so load before wrapping a model that does not fit; plain linears are fused before sharding or wrapping
     in DDP, not after). Layer names are those of the model inside torch.compile's, DDP's
     or torch's checkpoint wrappers, as in :func:`save_adapter`'s files. The modules the file keeps whole (PEFT's
     ``modules_to_save``, e.g. a classification head) are loaded into the
