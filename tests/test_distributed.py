@@ -166,14 +166,14 @@ def _save_and_load_sharded(model, target, directory, mode):
         fused_lora.save_adapter(model, directory + "-inner")
         # a model wrapped whole from outside: its parameters cannot be gathered from the model inside
         outside = _model(torch.device("cpu"), backend="triton")
-        FullyShardedDataParallel(outside, use_orig_params=True, device_id=torch.device("cpu"))
+        wrappers = [FullyShardedDataParallel(outside, use_orig_params=True, device_id=torch.device("cpu"))]
         try:
             fused_lora.save_adapter(outside, directory + "-outside")
             refusals["save_adapter outside"] = ""
         except ValueError as err:
             refusals["save_adapter outside"] = str(err)
         plain = nn.Sequential(nn.Linear(8, 8))
-        FullyShardedDataParallel(plain, use_orig_params=True, device_id=torch.device("cpu"))
+        wrappers.append(FullyShardedDataParallel(plain, use_orig_params=True, device_id=torch.device("cpu")))
     else:
         from torch.distributed.fsdp import fully_shard
 
