@@ -551,37 +551,45 @@ def _check_can_replace(model: nn.Module, names, what: str) -> None:
                          f"model unsharded (load_adapter), then {what} there")
 
 
-def _check_fsdp1_inside(what: str, outside: list[str]) -> None:
-    """Refuse the tensors named in ``outside``, which FSDP1 holds from outside the model given."""
+def _fsdp1_units(model: nn.Module, tensors, what: str) -> dict[int, nn.Module]:
+    """``id(tensor) -> the innermost FSDP1 unit of model that holds it``, for
+    every tensor of ``model`` FSDP1 holds. Raises ValueError where FSDP1
+    holds some of ``tensors`` (``(name, tensor)`` pairs) from outside
+    ``model``, which cannot gather them."""
+    fsdp1, units = _fsdp1_class(), {}
+    for module in model.modules():  # (an outer unit before the inner ones, which then take their tensors)
+        if isinstance(module, fsdp1):
+            units.update((id(p), module) for p in module.parameters())
+    outside = [n for n, t in tensors if _fsdp1_flattened(t) and id(t) not in units]
     if outside:
         raise ValueError(f"{what}: {outside[:4]}{'...' if len(outside) > 4 else ''} are sharded by a "
                          "FullyShardedDataParallel (FSDP1) that wraps the model from outside, so they cannot be "
                          f"gathered from it: call {what} with the FullyShardedDataParallel model, on every rank")
+    return units
 
 
 @contextlib.contextmanager
-def _fsdp1_full_params(model: nn.Module, what: str, writeback: bool):
+def _fsdp1_full_params(model: nn.Module, what: str):
     """Inside the block, the parameters FSDP1 (``FullyShardedDataParallel``)
-    holds in ``model`` are whole, on every rank: its ``summon_full_params``
-    on each outermost FSDP1 module of ``model`` (a collective: every rank
-    calls ``what``; the whole model at once, as :func:`load_adapter` checks
-    everything before it changes anything); ``writeback``: what changes in
-    them goes back to each rank's shard on exit. Raises ValueError, before
-    anything is gathered, where FSDP1 wraps ``model`` from outside (its
-    parameters cannot be gathered from it)."""
+    holds in ``model`` are whole, on every rank, and what changes in them
+    goes back to each rank's shard on exit: ``summon_full_params`` on each
+    outermost FSDP1 module of ``model`` (a collective: every rank calls
+    ``what``; the whole model at once, as :func:`load_adapter` checks
+    everything before it changes anything). Raises ValueError, before
+    anything is gathered, where FSDP1 wraps ``model`` from outside
+    (:func:`_fsdp1_units`)."""
     if not any(_fsdp1_flattened(p) for p in model.parameters()):
         yield
         return
+    _fsdp1_units(model, list(model.named_parameters()), what)
     fsdp1 = _fsdp1_class()
     roots: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if isinstance(module, fsdp1) and not any(not r or name.startswith(r + ".") for r in roots):
             roots[name] = module
-    covered = {id(p) for root in roots.values() for p in root.parameters()}
-    _check_fsdp1_inside(what, [n for n, p in model.named_parameters() if _fsdp1_flattened(p) and id(p) not in covered])
     with contextlib.ExitStack() as stack:
         for root in roots.values():
-            stack.enter_context(fsdp1.summon_full_params(root, writeback=writeback))
+            stack.enter_context(fsdp1.summon_full_params(root, writeback=True))
         yield
 
 
@@ -928,10 +936,11 @@ _TUNER_METHODS = ("merge_adapter", "unmerge_adapter", "merge_and_unload", "unloa
 def _patch_peft_model(peft_model: nn.Module) -> None:
     """Where :func:`from_peft` converted layers of a ``peft.PeftModel``, make
     its methods that visit PEFT's layers only (:data:`_PEFT_METHODS`, and
-    :data:`_TUNER_METHODS` on its ``base_model``) take the fused ones too, as users and trainers call them (transformers'
-    ``Trainer`` saves a checkpoint with ``save_pretrained``; TRL's DPO takes
-    its reference outputs inside ``disable_adapter()``, its GRPO hands vLLM
-    the weights ``merge_adapter()`` merged):
+    :data:`_TUNER_METHODS` on its ``base_model``) take the fused ones too,
+    as users and trainers call them (transformers' ``Trainer`` saves a
+    checkpoint with ``save_pretrained``; TRL's DPO takes its reference
+    outputs inside ``disable_adapter()``, its GRPO hands vLLM the weights
+    ``merge_adapter()`` merged):
 
     * ``disable_adapter()``: :func:`disable_adapters`;
     * ``save_pretrained(...)``: PEFT's, with PEFT's layers put back for the
@@ -1487,13 +1496,7 @@ def _on_host(model: nn.Module, wanted: list, what: str) -> tuple[dict, bool]:
     recurse=False)``), so that no more than one unit is ever whole at once.
     Returns the copies and whether any were gathered. Raises ValueError,
     before any gathering, where FSDP1 holds them from outside ``model``."""
-    units = {}  # id(tensor) -> the innermost FSDP1 unit in the model that holds it
-    if any(_fsdp1_flattened(t) for _, t in wanted):
-        fsdp1 = _fsdp1_class()
-        for module in model.modules():  # (an outer unit before the inner ones, which then take their tensors)
-            if isinstance(module, fsdp1):
-                units.update((id(p), module) for p in module.parameters())
-        _check_fsdp1_inside(what, [k for k, t in wanted if _fsdp1_flattened(t) and id(t) not in units])
+    units = _fsdp1_units(model, wanted, what) if any(_fsdp1_flattened(t) for _, t in wanted) else {}
     copies, by_unit, gathered = {}, {}, False
     for key, t in wanted:
         if id(t) in units:
@@ -1670,10 +1673,11 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
     adapter's weights and scaling (into each rank's shard where FSDP2 or
     FSDP1 sharded them: call it on every rank, with FSDP1's wrapper as for
     :func:`save_adapter`; under FSDP1 the whole model is unsharded for the
-    call, so load before wrapping a model that does not fit; plain linears are fused before sharding or wrapping
-    in DDP, not after). Layer names are those of the model inside torch.compile's, DDP's
-    or torch's checkpoint wrappers, as in :func:`save_adapter`'s files. The modules the file keeps whole (PEFT's
-    ``modules_to_save``, e.g. a classification head) are loaded into the
+    call, so load before wrapping a model that does not fit; plain linears
+    are fused before sharding or wrapping in DDP, not after). Layer names
+    are those of the model inside torch.compile's, DDP's or torch's
+    checkpoint wrappers, as in :func:`save_adapter`'s files. The modules the
+    file keeps whole (PEFT's ``modules_to_save``, e.g. a classification head) are loaded into the
     model's modules of those names (into PEFT's trained copy where the model
     has PEFT's wrapper) and made trainable, as PEFT does; so are the biases
     of PEFT's ``bias="lora_only"`` (the LoRA layers') and ``"all"`` (every
@@ -1697,7 +1701,7 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
     _check_model(model)
     directory = Path(directory)
     config, tensors = _read_adapter(directory)
-    with _fsdp1_full_params(model, "load_adapter", writeback=True):  # (FSDP1: into the whole tensors)
+    with _fsdp1_full_params(model, "load_adapter"):  # (FSDP1: into the whole tensors)
         plan, loaded, untouched = _load_into(model, directory, config, tensors, backend)
     guard_fast_paths(model)
     _warn_weight_readers(model, [name for name, module, *_ in plan if not isinstance(module, LoRALinear)],
