@@ -11,6 +11,9 @@
 #                machine's Python, torch and Triton (3.12, 2.11, 3.6): what bench/gpu_check.sh
 #                will import there, checked on a CPU; optional (torch 2.11 from PyPI is a
 #                CUDA build, about 4.6 GB in .venv-gpu-stack/)
+#   make test-floor-stack
+#                the same with the oldest versions pyproject.toml allows (torch 2.8, Triton 3.4),
+#                in .venv-floor-stack/ (optional, about 7 GB)
 #
 # Torch is installed first, pinned (TORCH=...), so that the package's `torch>=2.4`
 # is already met and pip never swaps in another build.
@@ -27,7 +30,7 @@ GPU_TRITON     ?= triton==3.6.0
 GPU_TRITON_DIR := $(VENV)/gpu-triton
 GPU_STAMP      := $(GPU_TRITON_DIR)/.installed
 
-.PHONY: check test demo install clean test-gpu-stack
+.PHONY: check test demo install clean test-gpu-stack test-floor-stack
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -68,5 +71,13 @@ test-gpu-stack: $(GPU_STACK_STAMP)
 	$(GPU_STACK_VENV)/bin/python -c 'import platform, torch, triton; print("python", platform.python_version(), "| torch", torch.__version__, "| triton", triton.__version__)'
 	TRITON_INTERPRET=1 $(GPU_STACK_VENV)/bin/python -m pytest --ignore=tests/test_compile_report.py --ignore=tests/test_gpu_triton.py
 
+# The oldest versions pyproject.toml allows: torch>=2.8 (which brings Triton 3.4), triton>=3.4.
+FLOOR_TORCH  ?= torch==2.8.0
+FLOOR_TRITON ?= triton==3.4.0
+
+test-floor-stack:
+	$(MAKE) test-gpu-stack GPU_STACK_VENV=.venv-floor-stack GPU_STACK_PYTHON=$(PYTHON) \
+		GPU_STACK_TORCH=$(FLOOR_TORCH) GPU_TRITON=$(FLOOR_TRITON)
+
 clean:
-	rm -rf $(VENV) $(GPU_STACK_VENV) build *.egg-info
+	rm -rf $(VENV) $(GPU_STACK_VENV) .venv-floor-stack build *.egg-info

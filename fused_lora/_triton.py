@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -60,6 +61,24 @@ def _import_kernels():
     return importlib.import_module(_NAME)
 
 
+#: The oldest Triton the kernels run with: 3.3 compiles them but draws
+#: another dropout stream from 64-bit Philox counters (its ``randint4x`` runs
+#: Philox in 64-bit words instead of splitting the counter into two 32-bit
+#: ones), so its masks would not be :func:`fused_lora.dropout_mask`'s; 3.2
+#: lacks ``tl.range(..., flatten=)``. torch 2.8 brings 3.4. (pyproject.toml's
+#: ``triton>=`` says the same.)
+MIN_TRITON = (3, 4)
+
+
+def triton_too_old(version: str) -> str:
+    """Why Triton ``version`` cannot run the kernels ('' if it can)."""
+    parts = [int(n) for n in re.findall(r"\d+", version)[:2]]
+    if tuple(parts) >= MIN_TRITON:
+        return ""
+    return (f"Triton {version} is older than {MIN_TRITON[0]}.{MIN_TRITON[1]}, the oldest the kernels run with "
+            "(torch 2.8 and newer bring one)")
+
+
 _UNLOADED = object()
 kernels = _UNLOADED  # the fused_lora.kernels module once loaded, None if it cannot be
 UNAVAILABLE_REASON = ""
@@ -68,8 +87,17 @@ UNAVAILABLE_REASON = ""
 def _load() -> None:
     global kernels, UNAVAILABLE_REASON
     try:
-        module = _import_kernels()
+        import triton
     except ImportError as err:  # no triton (or a broken install): the torch backend still works
+        kernels, UNAVAILABLE_REASON = None, f"the Triton kernels cannot be imported ({err})"
+        return
+    too_old = triton_too_old(getattr(triton, "__version__", "0"))
+    if too_old:
+        kernels, UNAVAILABLE_REASON = None, too_old
+        return
+    try:
+        module = _import_kernels()
+    except ImportError as err:
         kernels, UNAVAILABLE_REASON = None, f"the Triton kernels cannot be imported ({err})"
         return
     # Triton's own jit helpers (tl.cdiv, ...) were decorated when triton.language

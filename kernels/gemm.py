@@ -30,6 +30,7 @@ each split adds its own part.
 from __future__ import annotations
 
 import functools
+import re
 import types
 from typing import Mapping, NamedTuple
 
@@ -46,6 +47,13 @@ try:  # host-side tensor descriptors (TMA): Triton 3.4 and later
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton
     TensorDescriptor = None
+
+#: Triton 3.4's and 3.5's interpreters check a descriptor's strides in
+#: elements (a multiple of 16) where the GPU, and the interpreter from 3.6 on,
+#: checks bytes (a multiple of 16 bytes): under those interpreters descriptors
+#: are made only where both hold (else pointers), so that the interpreted TMA
+#: path runs instead of failing that check.
+INTERPRETER_STRIDES_IN_ELEMENTS = tuple(int(n) for n in re.findall(r"\d+", triton.__version__)[:2]) < (3, 6)
 
 LOW_RANK_NONE = 0
 LOW_RANK_PRECOMPUTED = 1
@@ -437,17 +445,19 @@ def _launch_shape(M: int, N: int, K: int, r: int, low_rank: int, v_elt: int, has
                         cdiv(M, config.block_m) * cdiv(N, config.block_n), constexprs)
 
 
-def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int):
+def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int, stride_unit: int):
     """``(descriptor, transposed)`` for the 2-D operand ``t`` read in
     (block_rows, block_cols) tiles, or None where TMA cannot read it: the base
-    must be 16-byte aligned, one stride 1 and the other a multiple of 16 bytes.
+    must be 16-byte aligned, one stride 1 and the other a multiple of 16 bytes
+    (and of ``stride_unit`` elements: see INTERPRETER_STRIDES_IN_ELEMENTS).
     A column-major ``t`` is described through ``t.T`` (row-major)."""
     e = t.element_size()
     if t.data_ptr() % 16:
         return None
     for view, block, trans in ((t, [block_rows, block_cols], False), (t.t(), [block_cols, block_rows], True)):
         rows, cols = view.shape
-        if view.stride(1) == 1 and (view.stride(0) * e) % 16 == 0 and view.stride(0) >= cols:
+        if (view.stride(1) == 1 and (view.stride(0) * e) % 16 == 0 and view.stride(0) % stride_unit == 0
+                and view.stride(0) >= cols):
             # (positional: the fields both Triton 3.6 and 3.9 have)
             return TensorDescriptor(view, [rows, cols], [view.stride(0), 1], block), trans
     return None
@@ -458,8 +468,9 @@ def tma_descriptors(a: torch.Tensor, b: torch.Tensor, config: GemmConfig):
     be read through TMA, else None (the kernel then uses pointers for both)."""
     if not tma_available():
         return None
-    da = _descriptor(a, config.block_m, config.block_k)
-    db = _descriptor(b, config.block_k, config.block_n) if da is not None else None
+    unit = 16 if INTERPRETER_STRIDES_IN_ELEMENTS and is_interpreted(lora_gemm_kernel) else 1
+    da = _descriptor(a, config.block_m, config.block_k, unit)
+    db = _descriptor(b, config.block_k, config.block_n, unit) if da is not None else None
     if da is None or db is None:
         return None
     return (*da, *db)

@@ -70,6 +70,17 @@ def _adapters(model, wrapped=None):
     return out
 
 
+def _fsdp2_averages(mesh, rank) -> bool:
+    """Whether this torch's FSDP2 averages the ranks' gradients over gloo, as
+    it does over NCCL: on a plain nn.Linear, rank i's gradient is all i + 1,
+    the mean 1.5. (torch 2.8's sums them to 3: pytorch/pytorch#162338.)"""
+    from torch.distributed.fsdp import fully_shard
+
+    plain = fully_shard(nn.Linear(2, 2, bias=False), mesh=mesh)
+    plain(torch.full((1, 2), float(rank + 1))).sum().backward()
+    return bool((plain.weight.grad.full_tensor() == 1.5).all())
+
+
 def _worker(rank, mode, init_file, out_file):
     sys.path.insert(0, os.path.dirname(__file__))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -95,15 +106,19 @@ def _worker(rank, mode, init_file, out_file):
             from torch.distributed.fsdp import fully_shard
 
             mesh = init_device_mesh("cpu", (WORLD,))
-            for layer in fused_lora.integration.fused_layers(model).values():
-                fully_shard(layer, mesh=mesh)
-            wrapped = fully_shard(model, mesh=mesh)
-        loss = nn.functional.cross_entropy(wrapped(x[shard]), y[shard])
-        loss.backward()
-        result = {"grads": _grads(model, wrapped if mode == "fsdp1" else None)}
-        if mode != "ddp":
-            directory = os.path.join(os.path.dirname(out_file), "adapter")
-            result.update(_save_and_load_sharded(model, wrapped if mode == "fsdp1" else model, directory, mode))
+            if _fsdp2_averages(mesh, rank):
+                for layer in fused_lora.integration.fused_layers(model).values():
+                    fully_shard(layer, mesh=mesh)
+                wrapped = fully_shard(model, mesh=mesh)
+            else:  # (torch's own reduction is wrong: nothing of ours to check)
+                wrapped, result = None, {"torch_sums_fsdp2_gradients": True}
+        if wrapped is not None:
+            loss = nn.functional.cross_entropy(wrapped(x[shard]), y[shard])
+            loss.backward()
+            result = {"grads": _grads(model, wrapped if mode == "fsdp1" else None)}
+            if mode != "ddp":
+                directory = os.path.join(os.path.dirname(out_file), "adapter")
+                result.update(_save_and_load_sharded(model, wrapped if mode == "fsdp1" else model, directory, mode))
         if rank == 0:
             torch.save(result, out_file)
         del wrapped
@@ -209,6 +224,9 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     mp.start_processes(_worker, args=(mode, str(tmp_path / "init"), str(out_file)), nprocs=WORLD,
                        start_method="spawn", join=True)
     result = torch.load(out_file)
+    if result.get("torch_sums_fsdp2_gradients"):
+        pytest.skip(f"torch {torch.__version__}'s FSDP2 sums the ranks' gradients over gloo instead of averaging "
+                    "them, a plain nn.Linear's too (pytorch/pytorch#162338)")
     distributed = result["grads"]
     model = _model(torch.device("cpu"))
     x, y = _data(torch.device("cpu"))

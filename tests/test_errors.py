@@ -2,6 +2,8 @@
 any kernel runs; NaN/Inf propagate as in the reference; backend selection."""
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,6 +97,40 @@ def test_triton_backend_where_it_cannot_run(args, monkeypatch):
         fused_lora.lora_linear(**args, backend="triton")
     y_auto = fused_lora.lora_linear(**args)  # falls back to the reference
     torch.testing.assert_close(y_auto, fused_lora.reference.lora_linear(**args))
+
+
+@pytest.mark.parametrize("version, runs", [("3.2.0", False), ("3.3.1", False), ("3.4.0", True), ("3.6.0", True),
+                                           ("3.10.0+git5a1b2c", True), ("4.0.0", True)])
+def test_a_triton_older_than_the_kernels_need_is_refused(args, monkeypatch, version, runs):
+    """Triton 3.2 cannot compile the kernels (no ``tl.range(flatten=)``) and
+    3.3 draws another dropout stream from 64-bit counters (its Philox runs in
+    64-bit words): under either, the kernels are not loaded, "triton" says why
+    and "auto" runs the torch backend, instead of a compile error inside the
+    first launch or masks that are not ``dropout_mask``'s."""
+    import triton
+
+    monkeypatch.setattr(_triton, "kernels", _triton.kernels)  # (restored after the test, as is the reason)
+    monkeypatch.setattr(_triton, "UNAVAILABLE_REASON", _triton.UNAVAILABLE_REASON)
+    monkeypatch.setattr(triton, "__version__", version)
+    _triton._load()
+    if runs:
+        assert _triton.kernels is not None and _triton.UNAVAILABLE_REASON == ""
+        return
+    assert _triton.kernels is None
+    assert _triton.UNAVAILABLE_REASON == f"Triton {version} is older than 3.4, the oldest the kernels run with " \
+                                         "(torch 2.8 and newer bring one)"
+    with pytest.raises(ValueError, match=rf'backend="triton" cannot run here: Triton {re.escape(version)} is older'):
+        fused_lora.lora_linear(**args, backend="triton")
+    torch.testing.assert_close(fused_lora.lora_linear(**args), fused_lora.reference.lora_linear(**args))
+
+
+def test_the_triton_floor_is_the_packages():
+    """pyproject.toml's ``triton>=`` is the floor the loader enforces, and its
+    ``torch>=`` the torch that brings that Triton."""
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    floor = ".".join(map(str, _triton.MIN_TRITON))
+    assert f'"triton>={floor}"' in text
+    assert '"torch>=2.8"' in text
 
 
 def test_cpu_without_interpreter_is_explained(monkeypatch):

@@ -257,6 +257,14 @@ def test_gemm_split_k_with_the_in_loop_shrink(split_k, k, r, dtype, p, masked, r
     torch.testing.assert_close(unsplit[1], xa, rtol=1e-5, atol=1e-5)
 
 
+def _tma_k_n():
+    """(K, N) of the TMA tests: rows of 16 bytes but not 16 elements in fp16,
+    K and N ragged; (80, 48), rows of 16 elements, under the interpreters of
+    Triton 3.4 and 3.5, which take descriptors only there (the launcher's
+    gemm.INTERPRETER_STRIDES_IN_ELEMENTS)."""
+    return (80, 48) if _triton.interpreter() and gemm.INTERPRETER_STRIDES_IN_ELEMENTS else (72, 40)
+
+
 @pytest.fixture
 def tma_on():
     with fused_lora.dispatch.use_tma(True):
@@ -274,12 +282,13 @@ def test_tma_loads_match_the_reference(tma_on, monkeypatch, dtype, strategy, p):
     used = []
     real = gemm.tma_descriptors
     monkeypatch.setattr(gemm, "tma_descriptors", lambda *a: used.append(real(*a)) or used[-1])
-    x = torch.randn(2, 13, 72, device=DEVICE, dtype=dtype).requires_grad_()  # M = 26, K = 72 (ragged)
-    w, b, a, bb = make_params(72, 40, 5, dtype, True)
+    k, n = _tma_k_n()
+    x = torch.randn(2, 13, k, device=DEVICE, dtype=dtype).requires_grad_()  # M = 26, K ragged
+    w, b, a, bb = make_params(k, n, 5, dtype, True)
     for t in (w, b, a, bb):
         t.requires_grad_()
     with fused_lora.dispatch.force_strategy(strategy):
-        plan = fused_lora.dispatch.plan(26, 40, 72, 5, dtype, p, fused_lora.dispatch.device_target(x.device).arch)
+        plan = fused_lora.dispatch.plan(26, n, k, 5, dtype, p, fused_lora.dispatch.device_target(x.device).arch)
         if not plan.tma:
             pytest.skip("TMA needs Hopper (sm_90) or the interpreter")
         if _triton.interpreter():
@@ -323,7 +332,7 @@ def test_persistent_grid_computes_every_tile_as_one_program_per_tile(three_progr
     """Three programs walking all the output tiles (ragged M, N and K) write
     the same bits as one program per tile: the same tile code in the same
     order; nothing skipped (the output starts as NaN), nothing written twice."""
-    m, n, k, r, scale, seed = 123, 75, 72, 5, 1.5, 9
+    m, n, k, r, scale, seed = 123, 75, _tma_k_n()[0], 5, 1.5, 9
     a = torch.randn(m, k, device=DEVICE, dtype=dtype)
     b = torch.randn(n, k, device=DEVICE, dtype=dtype).t()
     bias = torch.randn(n, device=DEVICE, dtype=dtype)
@@ -407,6 +416,10 @@ def test_tma_descriptors_only_where_the_copy_engine_can_read():
     assert gemm.tma_descriptors(odd, torch.randn(63, 48, device=DEVICE, dtype=torch.float16), cfg) is None  # stride
     strided = torch.randn(40, 128, device=DEVICE, dtype=torch.float16)[:, ::2]
     assert gemm.tma_descriptors(strided, w.t(), cfg) is None  # no unit stride
+    # rows of 144 bytes (72 fp16): TMA reads them; Triton 3.4/3.5's interpreters only rows of 16 elements
+    rows72 = torch.randn(40, 72, device=DEVICE, dtype=torch.float16)
+    assert gemm._descriptor(rows72, 32, 32, 1) is not None and gemm._descriptor(rows72, 32, 32, 16) is None
+    assert gemm._descriptor(torch.randn(40, 80, device=DEVICE, dtype=torch.float16), 32, 32, 16) is not None
     # where it cannot, the pointer path runs
     w_odd = torch.randn(40, 63, device=DEVICE, dtype=torch.float16)
     c, _ = gemm.lora_gemm(odd, w_odd.t(), config=cfg, out_dtype=torch.float32, tma=True)
