@@ -59,25 +59,28 @@ demo: $(STAMP)
 GPU_STACK_PYTHON ?= $(shell python3.12 -c '' >/dev/null 2>&1 && echo python3.12 || echo $(PYTHON))
 GPU_STACK_VENV   ?= .venv-gpu-stack
 GPU_STACK_TORCH  ?= torch==2.11.0
+GPU_STACK_PINS   ?=
 GPU_STACK_STAMP  := $(GPU_STACK_VENV)/.installed
 
 $(GPU_STACK_STAMP): pyproject.toml setup.py
 	$(GPU_STACK_PYTHON) -m venv $(GPU_STACK_VENV)
-	$(GPU_STACK_VENV)/bin/python -m pip install --quiet "$(GPU_STACK_TORCH)" "$(GPU_TRITON)" "numpy<2.4"
-	$(GPU_STACK_VENV)/bin/python -m pip install --quiet -e ".[test]" "$(GPU_TRITON)" "numpy<2.4"
+	$(GPU_STACK_VENV)/bin/python -m pip install --quiet "$(GPU_STACK_TORCH)" "$(GPU_TRITON)" "numpy<2.4" $(GPU_STACK_PINS)
+	$(GPU_STACK_VENV)/bin/python -m pip install --quiet -e ".[test]" "$(GPU_TRITON)" "numpy<2.4" $(GPU_STACK_PINS)
 	touch $@
 
 test-gpu-stack: $(GPU_STACK_STAMP)
 	$(GPU_STACK_VENV)/bin/python -c 'import platform, torch, triton; print("python", platform.python_version(), "| torch", torch.__version__, "| triton", triton.__version__)'
 	TRITON_INTERPRET=1 $(GPU_STACK_VENV)/bin/python -m pytest --ignore=tests/test_compile_report.py --ignore=tests/test_gpu_triton.py
 
-# The oldest versions pyproject.toml allows: torch>=2.8 (which brings Triton 3.4), triton>=3.4.
+# The oldest versions pyproject.toml allows: torch>=2.8 (which brings Triton 3.4), triton>=3.4;
+# torchao pinned to one that imports on torch 2.8 (0.18 does not; transformers imports it) and that PEFT takes.
 FLOOR_TORCH  ?= torch==2.8.0
 FLOOR_TRITON ?= triton==3.4.0
+FLOOR_PINS   ?= torchao==0.17.0
 
 test-floor-stack:
 	$(MAKE) test-gpu-stack GPU_STACK_VENV=.venv-floor-stack GPU_STACK_PYTHON=$(PYTHON) \
-		GPU_STACK_TORCH=$(FLOOR_TORCH) GPU_TRITON=$(FLOOR_TRITON)
+		GPU_STACK_TORCH=$(FLOOR_TORCH) GPU_TRITON=$(FLOOR_TRITON) GPU_STACK_PINS=$(FLOOR_PINS)
 
 clean:
 	rm -rf $(VENV) $(GPU_STACK_VENV) .venv-floor-stack build *.egg-info

@@ -1420,7 +1420,7 @@ def _quantize(model, kind):
 
 
 @pytest.mark.parametrize("kind, words", [("int8", "dtype torch.int8"), ("subclass", "TwoTensor, a tensor subclass"),
-                                         ("torchao", "Int8Tensor, a tensor subclass")])
+                                         ("torchao", None)])
 def test_quantized_bases_are_refused_before_anything_changes(tmp_path, kind, words):
     """A quantized weight, which the kernels cannot read, is refused by name
     where a fused layer would take it: inject, load_adapter, the layer's
@@ -1430,6 +1430,10 @@ def test_quantized_bases_are_refused_before_anything_changes(tmp_path, kind, wor
     fused_lora.save_adapter(source, tmp_path)
     model = tiny_llama()
     quantized = _quantize(model, kind)
+    if kind == "torchao":  # (its class: Int8Tensor in torchao 0.18, AffineQuantizedTensor in 0.17)
+        weight_type = type(model.get_submodule(quantized[0]).weight)
+        assert weight_type.__module__.startswith("torchao.")
+        words = f"{weight_type.__name__}, a tensor subclass"
 
     def snapshot():
         return ({n: (type(m).__name__, id(m)) for n, m in model.named_modules()},
