@@ -654,7 +654,11 @@ def main(argv=None) -> int:
         except ValueError as err:
             parser.error(f"--arch {arch}: {err}")
     import triton
+    from triton import knobs
 
+    if not hasattr(knobs.nvidia, "dump_ptxas_log"):  # (else every kernel would fail for want of the log)
+        parser.error(f"Triton {triton.__version__} does not print the log of the ptxas it runs, from which the report "
+                     "reads registers and spills: run it with Triton 3.5 or newer")
     from .cli import progress
 
     results = run(tuple(args.arch or (90, 80)), jobs=args.jobs, progress=progress,

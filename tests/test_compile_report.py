@@ -240,6 +240,18 @@ def test_the_report_refuses_a_gpu_the_kernels_do_not_run_on(capsys):
     assert exit_.value.code == 2 and "--arch 75: the kernels need sm_80 or newer" in capsys.readouterr().err
 
 
+def test_the_report_refuses_a_triton_that_prints_no_ptxas_log(capsys, monkeypatch):
+    """Triton 3.4 runs ptxas without printing its log, where the registers and
+    spills come from: the report says so once, instead of failing every kernel."""
+    from triton import knobs
+
+    monkeypatch.setattr(knobs, "nvidia", object())
+    with pytest.raises(SystemExit) as exit_:
+        compile_report.main(["--arch", "90"])
+    assert exit_.value.code == 2
+    assert f"Triton {triton.__version__} does not print the log of the ptxas it runs" in capsys.readouterr().err
+
+
 def test_ptxas_stats_read_the_log_of_one_kernel():
     log = """ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function 'lora_gemm_kernel' for 'sm_90a'
