@@ -61,12 +61,12 @@ def _import_kernels():
     return importlib.import_module(_NAME)
 
 
-#: The oldest Triton the kernels run with: 3.3 compiles them but draws
-#: another dropout stream from 64-bit Philox counters (its ``randint4x`` runs
-#: Philox in 64-bit words instead of splitting the counter into two 32-bit
-#: ones), so its masks would not be :func:`fused_lora.dropout_mask`'s; 3.2
-#: lacks ``tl.range(..., flatten=)``. torch 2.8 brings 3.4. (pyproject.toml's
-#: ``triton>=`` says the same.)
+#: The oldest Triton the kernels run with. 3.3 compiles them, but where a
+#: mask needs 64-bit Philox counters (2**31 elements or more) its
+#: ``randint4x`` runs Philox in 64-bit words instead of splitting the counter
+#: into two 32-bit ones: another stream, not :func:`fused_lora.dropout_mask`'s.
+#: 3.2 lacks ``tl.range(..., flatten=)``. torch 2.8 brings 3.4.
+#: (pyproject.toml's ``triton>=`` says the same.)
 MIN_TRITON = (3, 4)
 
 
