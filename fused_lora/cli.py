@@ -88,11 +88,9 @@ def check_cases(on_gpu: bool) -> list[dict]:
         small_m = ((16,), 4096, 4096)  # decode-sized: fewer output tiles than SMs, so the GEMMs split K
     else:
         shapes = [((3, 19), 53, 41), ((123,), 70, 45)]
-        # (strides of 16 bytes, not of 16 elements, where the interpreter takes them: Triton 3.6 on)
-        from . import _triton
+        from .testing import interpreted_tma_k_n
 
-        kernels = _triton.get()
-        k, n = (80, 48) if kernels is not None and kernels.gemm.INTERPRETER_STRIDES_IN_ELEMENTS else (72, 40)
+        k, n = interpreted_tma_k_n()
         aligned = ((2, 13), k, n)
         many_tiles = ((128,), k, n)  # more tiles than the interpreter's 3 persistent programs (and aligned)
         small_m = ((5,), 70, 45)  # fewer output tiles than the interpreter's 4 programs: split-K

@@ -27,6 +27,19 @@ TOLERANCE = {
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def interpreted_tma_k_n() -> tuple[int, int]:
+    """(K, N) of the interpreter's TMA cases (``fused-lora check``, the kernel
+    tests), ragged for its tiles: (72, 40), rows of 16 bytes but not of 16
+    elements in fp16; (80, 48), rows of 16 elements, under the interpreters
+    of Triton 3.4 and 3.5, which take descriptors only there
+    (``kernels.gemm.INTERPRETER_STRIDES_IN_ELEMENTS``)."""
+    from . import _triton
+
+    kernels = _triton.get()
+    strict = kernels is not None and kernels.INTERPRETER and kernels.gemm.INTERPRETER_STRIDES_IN_ELEMENTS
+    return (80, 48) if strict else (72, 40)
+
+
 def normalized_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected| over the finite reference
     values; inf when the non-finite patterns differ."""

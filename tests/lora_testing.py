@@ -7,6 +7,7 @@ from fused_lora.testing import (  # noqa: F401
     DTYPES,
     TOLERANCE,
     assert_close,
+    interpreted_tma_k_n,
     make_params,
     make_x,
     normalized_error,

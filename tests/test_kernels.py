@@ -12,7 +12,7 @@ import triton
 import fused_lora
 from fused_lora import _triton
 from fused_lora.kernels import configs, gemm, skinny
-from lora_testing import DEVICE, assert_close, count_launches, make_params, reference64
+from lora_testing import DEVICE, assert_close, count_launches, interpreted_tma_k_n, make_params, reference64
 
 K_ = _triton.get()
 
@@ -257,14 +257,6 @@ def test_gemm_split_k_with_the_in_loop_shrink(split_k, k, r, dtype, p, masked, r
     torch.testing.assert_close(unsplit[1], xa, rtol=1e-5, atol=1e-5)
 
 
-def _tma_k_n():
-    """(K, N) of the TMA tests: rows of 16 bytes but not 16 elements in fp16,
-    K and N ragged; (80, 48), rows of 16 elements, under the interpreters of
-    Triton 3.4 and 3.5, which take descriptors only there (the launcher's
-    gemm.INTERPRETER_STRIDES_IN_ELEMENTS)."""
-    return (80, 48) if _triton.interpreter() and gemm.INTERPRETER_STRIDES_IN_ELEMENTS else (72, 40)
-
-
 @pytest.fixture
 def tma_on():
     with fused_lora.dispatch.use_tma(True):
@@ -282,7 +274,7 @@ def test_tma_loads_match_the_reference(tma_on, monkeypatch, dtype, strategy, p):
     used = []
     real = gemm.tma_descriptors
     monkeypatch.setattr(gemm, "tma_descriptors", lambda *a: used.append(real(*a)) or used[-1])
-    k, n = _tma_k_n()
+    k, n = interpreted_tma_k_n()
     x = torch.randn(2, 13, k, device=DEVICE, dtype=dtype).requires_grad_()  # M = 26, K ragged
     w, b, a, bb = make_params(k, n, 5, dtype, True)
     for t in (w, b, a, bb):
@@ -332,7 +324,7 @@ def test_persistent_grid_computes_every_tile_as_one_program_per_tile(three_progr
     """Three programs walking all the output tiles (ragged M, N and K) write
     the same bits as one program per tile: the same tile code in the same
     order; nothing skipped (the output starts as NaN), nothing written twice."""
-    m, n, k, r, scale, seed = 123, 75, _tma_k_n()[0], 5, 1.5, 9
+    m, n, k, r, scale, seed = 123, 75, interpreted_tma_k_n()[0], 5, 1.5, 9
     a = torch.randn(m, k, device=DEVICE, dtype=dtype)
     b = torch.randn(n, k, device=DEVICE, dtype=dtype).t()
     bias = torch.randn(n, device=DEVICE, dtype=dtype)
