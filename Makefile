@@ -15,7 +15,7 @@
 #                the same with the oldest versions pyproject.toml allows (torch 2.8, Triton 3.4),
 #                in .venv-floor-stack/ (optional, about 7 GB)
 #
-# Torch is installed first, pinned (TORCH=...), so that the package's `torch>=2.4`
+# Torch is installed first, pinned (TORCH=...), so that the package's `torch>=2.8`
 # is already met and pip never swaps in another build.
 
 PYTHON ?= python3
