@@ -14,6 +14,8 @@
 #   make test-floor-stack
 #                the same with the oldest versions pyproject.toml allows (torch 2.8, Triton 3.4),
 #                in .venv-floor-stack/ (optional, about 7 GB)
+#   make test-stack STACK_TORCH=2.9.1 STACK_TRITON=3.5.1
+#                the same with any other pair, in .venv-stack-<torch>/ (optional, about 7 GB each)
 #
 # Torch is installed first, pinned (TORCH=...), so that the package's `torch>=2.8`
 # is already met and pip never swaps in another build.
@@ -30,7 +32,7 @@ GPU_TRITON     ?= triton==3.6.0
 GPU_TRITON_DIR := $(VENV)/gpu-triton
 GPU_STAMP      := $(GPU_TRITON_DIR)/.installed
 
-.PHONY: check test demo install clean test-gpu-stack test-floor-stack
+.PHONY: check test demo install clean test-gpu-stack test-floor-stack test-stack
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -82,5 +84,16 @@ test-floor-stack:
 	$(MAKE) test-gpu-stack GPU_STACK_VENV=.venv-floor-stack GPU_STACK_PYTHON=$(PYTHON) \
 		GPU_STACK_TORCH=$(FLOOR_TORCH) GPU_TRITON=$(FLOOR_TRITON) GPU_STACK_PINS=$(FLOOR_PINS)
 
+# Any other pair the same way (those between the floor and the GPU machine's: torch 2.9.1 with
+# Triton 3.5.1, torch 2.10.0 with 3.6.0). torchao 0.17 imports on torch 2.8 to 2.10; 0.18 needs 2.10 or newer.
+STACK_TORCH  ?=
+STACK_TRITON ?=
+STACK_PINS   ?= torchao==0.17.0
+
+test-stack:
+	@test -n "$(STACK_TORCH)" -a -n "$(STACK_TRITON)" || { echo "make test-stack STACK_TORCH=<version> STACK_TRITON=<version>" >&2; exit 2; }
+	$(MAKE) test-gpu-stack GPU_STACK_VENV=.venv-stack-$(STACK_TORCH) GPU_STACK_PYTHON=$(PYTHON) \
+		GPU_STACK_TORCH=torch==$(STACK_TORCH) GPU_TRITON=triton==$(STACK_TRITON) GPU_STACK_PINS="$(STACK_PINS)"
+
 clean:
-	rm -rf $(VENV) $(GPU_STACK_VENV) .venv-floor-stack build *.egg-info
+	rm -rf $(VENV) $(GPU_STACK_VENV) .venv-floor-stack .venv-stack-* build *.egg-info
