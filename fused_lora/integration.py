@@ -867,7 +867,9 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     ``merge_adapter``...: :func:`_patch_peft_model`) take the fused ones too.
     A model with transformers' own PEFT adapters (``model.add_adapter``) is
     refused (``ValueError``): its adapter methods would break or skip the
-    fused layers. An adapter whose init took its start out of the base
+    fused layers; so is a PEFT model holding fused layers that PEFT did not
+    make (``peft.get_peft_model`` on a model after :func:`inject`), whose
+    adapters PEFT froze and its ``save_pretrained`` would leave out. An adapter whose init took its start out of the base
     weights (PiSSA, OLoRA...: :func:`_residual_base_init`) converts as it is,
     on its residual base, and :func:`save_adapter` writes that init, which
     it reads from the ``PeftModel``'s config: convert the ``PeftModel``, not
@@ -881,6 +883,15 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
                          "look for PEFT's layers only: they would fail, or skip the fused layers silently. Load the "
                          "adapter into the plain model with fused_lora.load_adapter(model, path) (the same files), or "
                          "with peft.PeftModel.from_pretrained and convert that")
+    foreign = [n for n, m in peft_model.named_modules()
+               if isinstance(m, LoRALinear) and not getattr(m, _FROM_PEFT, False)]
+    if foreign and (_is_peft_model(peft_model) or any(isinstance(m, LoraLayer) for m in peft_model.modules())):
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(f"from_peft: the model holds fused layers that PEFT did not make ({shown}: fused_lora.inject "
+                         "or load_adapter did, before PEFT wrapped the model). PEFT does not know them: "
+                         "peft.get_peft_model froze their adapters, and its save_pretrained leaves them out. Keep one "
+                         "model PEFT's or fused_lora's: give PEFT those layers first (fused_lora.to_peft(model) on the "
+                         "fused model returns a PeftModel holding its adapters), or fuse every layer with inject")
     report = ConversionReport()
     originals = getattr(peft_model, _ORIGINALS, None) or {}
     configs = getattr(peft_model, "peft_config", None)  # (a PeftModel's, a LoraModel's: adapter -> LoraConfig)

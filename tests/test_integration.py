@@ -548,6 +548,41 @@ def test_fusing_more_layers_into_a_peft_model_is_refused(tmp_path, kind):
     assert all(torch.equal(after_state[k], v) for k, v in before_state.items())
 
 
+def test_from_peft_refuses_fused_layers_that_peft_wrapped_without_knowing(tmp_path):
+    """peft.get_peft_model on a model after inject freezes the fused layers'
+    adapters and its save_pretrained leaves them out (PEFT does not know
+    them): from_peft, that flow's next step, refuses the PeftModel and the
+    model inside it, naming the layers, and changes nothing. The way its
+    message gives works: to_peft on the fused model, then from_peft."""
+    model = _randomised_fused_llama(target_modules=["k_proj"], r=2)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    # what PEFT did, silently (the reason for the refusal)
+    assert not any(p.requires_grad for n, p in peft_model.named_parameters() if "k_proj.lora_" in n)
+    peft_model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert saved and not any("k_proj" in k for k in saved)
+    for target, prefix in ((peft_model, r"base_model\.model\."), (peft_model.base_model.model, "")):
+        before_state, before_types = _state(target)
+        with pytest.raises(ValueError, match=rf"^from_peft: the model holds fused layers that PEFT did not make "
+                                             rf"\({prefix}model\.layers\.0\.self_attn\.k_proj, {prefix}model\.layers\.1"
+                                             r"\.self_attn\.k_proj: .*peft\.get_peft_model froze their adapters"):
+            fused_lora.from_peft(target)
+        after_state, after_types = _state(target)
+        assert after_types == before_types and all(torch.equal(after_state[k], v) for k, v in before_state.items())
+        assert getattr(target, fused_lora.integration._ORIGINALS, None) is None  # (nothing converted)
+    # the way out: PEFT takes the fused layers first, then adds its own beside them
+    fused = _randomised_fused_llama(target_modules=["k_proj"], r=2)
+    ids = torch.randint(0, VOCAB, (2, 7), device=DEVICE)
+    expected = fused(input_ids=ids).logits
+    back = fused_lora.to_peft(fused)
+    report = fused_lora.from_peft(back)
+    assert sorted(report.converted) == ["base_model.model.model.layers.0.self_attn.k_proj",
+                                        "base_model.model.model.layers.1.self_attn.k_proj"]
+    assert_outputs_close(back(input_ids=ids).logits, expected)
+
+
 def test_inject_to_peft_builds_an_equivalent_peft_model():
     model = tiny_llama()
     fused_lora.inject(model, ["q_proj", "down_proj"], r=4, alpha=8)
