@@ -935,7 +935,7 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
 #: that take the fused layers too (:func:`_patch_peft_model`).
 _PEFT_METHODS = ("disable_adapter", "save_pretrained", "load_adapter", "merge_adapter", "unmerge_adapter",
                  "merge_and_unload", "unload", "enable_adapter_layers", "disable_adapter_layers", "add_adapter",
-                 "delete_adapter")
+                 "delete_adapter", "get_layer_status", "get_model_status")
 #: Those of them that PEFT's tuner (``peft_model.base_model``, a
 #: ``LoraModel``) has too, which code also calls on it directly (a
 #: reference pass as ``model.base_model.disable_adapter_layers()``): patched
@@ -965,11 +965,14 @@ def _patch_peft_model(peft_model: nn.Module) -> None:
     * ``merge_and_unload(...)`` / ``unload(...)``: :func:`to_peft`, then PEFT's;
     * ``enable_adapter_layers()`` / ``disable_adapter_layers()`` (PEFT's
       LoraModel's, which the PeftModel hands on): the fused layers'
-      ``adapter_enabled`` too, until the other is called;
+      ``adapter_enabled`` too, until the other is called, and their
+      adapters' ``requires_grad`` as PEFT sets its own (off, then on);
     * ``add_adapter(...)`` / ``delete_adapter(...)``: refused (PEFT's
       ``add_adapter`` froze the fused adapters, its ``delete_adapter`` left
       them on): fused layers hold one adapter, so go back with
-      :func:`to_peft` first.
+      :func:`to_peft` first;
+    * ``get_layer_status()`` / ``get_model_status()`` (which found no adapter
+      layers): PEFT's, the fused layers counted (:func:`_peft_status`).
     """
     if not callable(getattr(type(peft_model), "disable_adapter", None)):  # (not a PeftModel)
         return
@@ -981,7 +984,9 @@ def _patch_peft_model(peft_model: nn.Module) -> None:
                "enable_adapter_layers": (_peft_adapter_layers_on, True),
                "disable_adapter_layers": (_peft_adapter_layers_on, False),
                "add_adapter": (_peft_one_adapter, "add_adapter"),
-               "delete_adapter": (_peft_one_adapter, "delete_adapter")}
+               "delete_adapter": (_peft_one_adapter, "delete_adapter"),
+               "get_layer_status": (_peft_status, "get_layer_status"),
+               "get_model_status": (_peft_status, "get_model_status")}
     assert set(patches) == set(_PEFT_METHODS) and set(_TUNER_METHODS) <= set(patches)
     tuner = peft_model.base_model
     for name, (function, *args) in patches.items():  # (partials: a deep copy or a pickle binds them to the copy)
@@ -1034,11 +1039,17 @@ def _peft_merge(peft_model: nn.Module, merging: bool, *args, **kwargs) -> None:
 
 
 def _peft_adapter_layers_on(peft_model: nn.Module, enabled: bool) -> None:
-    for layer in fused_layers(peft_model).values():
+    originals = getattr(peft_model, _ORIGINALS, None) or {}
+    for name, layer in fused_layers(peft_model).items():
         if enabled:
             layer.__dict__.pop("adapter_enabled", None)  # (the class's True)
         else:
             layer.adapter_enabled = False
+        if name in originals:
+            # PEFT's switch on the layer it converted, as PEFT's tuner switches its own: the flag, which
+            # to_peft brings back, and the adapters' requires_grad (off; on again with the layer), on the
+            # tensors the fused layer shares
+            originals[name].enable_adapters(enabled)
     _peft_tuner_call(peft_model, "enable_adapter_layers" if enabled else "disable_adapter_layers")
 
 
@@ -1048,23 +1059,49 @@ def _peft_one_adapter(peft_model: nn.Module, method: str, *args, **kwargs):
                      f"PEFT first (fused_lora.to_peft(model)), {method} there, then from_peft again")
 
 
+def _peft_status(peft_model: nn.Module, method: str):
+    """PEFT's ``get_layer_status()`` / ``get_model_status()``, which look for
+    PEFT's layers only: PEFT's layers back in the fused ones' place for the
+    call (the same tensors; merged weights left as they are), each given its
+    fused layer's state (enabled, merged) meanwhile. A converted layer's
+    status names the fused type (``fused_lora.LoRALinear``)."""
+    originals = getattr(peft_model, _ORIGINALS, None) or {}
+    with _peft_layers_back(peft_model, unmerge=False) as swapped:
+        states = [(originals[name], originals[name]._disable_adapters, originals[name].merged_adapters)
+                  for name, _ in swapped]
+        try:
+            for (name, layer), (original, _, _) in zip(swapped, states):
+                original._disable_adapters = not layer.adapter_enabled
+                original.merged_adapters = list(original.lora_A.keys()) if layer.merged else []
+            result = getattr(type(peft_model), method)(peft_model)
+        finally:
+            for original, disabled, merged in states:
+                original._disable_adapters, original.merged_adapters = disabled, merged
+    if method == "get_layer_status":  # (names from the tuner, peft_model.base_model)
+        fused = {name.removeprefix("base_model.") for name, _ in swapped}
+        fused_type = f"fused_lora.{LoRALinear.__name__}"
+        result = [dataclasses.replace(status, module_type=fused_type) if status.name in fused else status
+                  for status in result]
+    return result
+
+
 def _peft_after_to_peft(peft_model: nn.Module, method: str, *args, **kwargs):
     to_peft(peft_model)
     return _peft_tuner_call(peft_model, method, *args, **kwargs)  # (PEFT's LoraModel's)
 
 
 @contextlib.contextmanager
-def _peft_layers_back(peft_model: nn.Module):
+def _peft_layers_back(peft_model: nn.Module, unmerge: bool = True):
     """PEFT's original layers in the place of the fused ones inside the block
-    (unmerged; the fused layers back, as they were, on exit). Yields the
-    ``(name, fused layer)`` pairs swapped out."""
+    (unmerged, unless not ``unmerge``; the fused layers back, as they were,
+    on exit). Yields the ``(name, fused layer)`` pairs swapped out."""
     originals = getattr(peft_model, _ORIGINALS, None) or {}
     swapped = []
     try:
         for name, original in originals.items():
             layer = peft_model.get_submodule(name)
             if isinstance(layer, LoRALinear):
-                merged = layer.merged
+                merged = layer.merged and unmerge
                 if merged:
                     layer.unmerge()
                 _replace_module(peft_model, name, original)

@@ -3,6 +3,7 @@ format both ways, with real PEFT and transformers models built from small
 configs (no download)."""
 
 import copy
+import dataclasses
 import importlib
 import json
 import pickle
@@ -1855,6 +1856,67 @@ def test_peft_model_methods_take_the_fused_layers_after_from_peft(tmp_path):
     base = again.unload()
     assert not fused_lora.integration.fused_layers(base) and not _peft_adapter_layers(base)
     assert torch.equal(base(input_ids=ids).logits, reference.unload()(input_ids=ids).logits)
+
+
+def test_peft_status_methods_count_the_fused_layers_after_from_peft():
+    """After from_peft, PEFT's get_layer_status() and get_model_status()
+    raised "No adapter layers found". They report the fused layers as PEFT
+    reports its own in the same state (enabled or not, merged or not, frozen
+    or not; a layer left PEFT's beside them), a converted layer's type named
+    (fused_lora.LoRALinear), and leave the model as it was: fused layers in
+    place, merged weights bit for bit. disable_adapter_layers() also froze
+    PEFT's adapters (and enable_adapter_layers() unfroze them) but not the
+    fused ones, and to_peft brought PEFT's layers back enabled: both now as
+    PEFT does."""
+    def twin():
+        model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                  init_lora_weights=False))
+        model.base_model.model.model.layers[0].self_attn.q_proj.set_scale("default", 0.5)  # (left as PEFT's)
+        return model
+
+    reference, model = twin(), twin()
+    model.load_state_dict(reference.state_dict())
+    converted = fused_lora.from_peft(model).converted
+    assert len(converted) == 3
+    fused_names = {name.removeprefix("base_model.") for name in converted}
+
+    def check(step):
+        layers = model.get_layer_status()
+        expected = [dataclasses.replace(s, module_type="fused_lora.LoRALinear") if s.name in fused_names else s
+                    for s in reference.get_layer_status()]
+        assert layers == expected, step
+        assert {s.module_type for s in layers} == {"fused_lora.LoRALinear", "lora.Linear"}
+        assert model.get_model_status() == reference.get_model_status(), step
+        assert sorted(fused_lora.integration.fused_layers(model)) == sorted(converted)  # (back in place)
+
+    check("as converted")
+    for m in (model, reference):
+        m.disable_adapter_layers()
+    assert not any(s.enabled for s in model.get_layer_status())
+    check("disabled")
+    for m in (model, reference):
+        m.enable_adapter_layers()
+        m.merge_adapter()
+    merged = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert all(s.merged_adapters == ["default"] for s in model.get_layer_status())
+    check("merged")
+    assert all(torch.equal(p, merged[n]) for n, p in model.named_parameters())
+    for m in (model, reference):
+        m.unmerge_adapter()
+    model.base_model.model.model.layers[1].self_attn.v_proj.lora_A.requires_grad_(False)  # (the fused layer's)
+    reference.base_model.model.model.layers[1].self_attn.v_proj.lora_A["default"].weight.requires_grad_(False)
+    assert model.get_model_status().requires_grad == {"default": "irregular"}
+    check("one frozen lora_A")
+    for m in (model, reference):
+        m.enable_adapter_layers()  # (PEFT makes every active adapter train again)
+    assert model.get_model_status().requires_grad == {"default": True}
+    check("enabled again")
+    for m in (model, reference):
+        m.disable_adapter_layers()
+    fused_lora.to_peft(model)  # (PEFT's own methods again, its layers disabled as the fused ones were)
+    assert "get_layer_status" not in vars(model) and model.get_layer_status() == reference.get_layer_status()
+    # (the base's outputs; not bit for bit: PEFT's unmerge above rounded its own layers' weights)
+    assert_outputs_close(model(input_ids=batch()).logits, reference(input_ids=batch()).logits)
 
 
 def _peft_adapter_layers(model):
