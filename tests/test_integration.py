@@ -1858,16 +1858,10 @@ def test_peft_model_methods_take_the_fused_layers_after_from_peft(tmp_path):
     assert torch.equal(base(input_ids=ids).logits, reference.unload()(input_ids=ids).logits)
 
 
-def test_peft_status_methods_count_the_fused_layers_after_from_peft():
-    """After from_peft, PEFT's get_layer_status() and get_model_status()
-    raised "No adapter layers found". They report the fused layers as PEFT
-    reports its own in the same state (enabled or not, merged or not, frozen
-    or not; a layer left PEFT's beside them), a converted layer's type named
-    (fused_lora.LoRALinear), and leave the model as it was: fused layers in
-    place, merged weights bit for bit. disable_adapter_layers() also froze
-    PEFT's adapters (and enable_adapter_layers() unfroze them) but not the
-    fused ones, and to_peft brought PEFT's layers back enabled: both now as
-    PEFT does."""
+def _peft_twins_converted():
+    """``(reference, model, converted)``: two equal PeftModels (q_proj and
+    v_proj), the second converted by from_peft but for one layer left PEFT's
+    (a scale PEFT's ``set_scale`` changed), and the names it converted."""
     def twin():
         model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                                   init_lora_weights=False))
@@ -1878,6 +1872,20 @@ def test_peft_status_methods_count_the_fused_layers_after_from_peft():
     model.load_state_dict(reference.state_dict())
     converted = fused_lora.from_peft(model).converted
     assert len(converted) == 3
+    return reference, model, converted
+
+
+def test_peft_status_methods_count_the_fused_layers_after_from_peft():
+    """After from_peft, PEFT's get_layer_status() and get_model_status()
+    raised "No adapter layers found". They report the fused layers as PEFT
+    reports its own in the same state (enabled or not, merged or not, frozen
+    or not; a layer left PEFT's beside them), a converted layer's type named
+    (fused_lora.LoRALinear), and leave the model as it was: fused layers in
+    place, merged weights bit for bit. disable_adapter_layers() also froze
+    PEFT's adapters (and enable_adapter_layers() unfroze them) but not the
+    fused ones, and to_peft brought PEFT's layers back enabled: both now as
+    PEFT does."""
+    reference, model, converted = _peft_twins_converted()
     fused_names = {name.removeprefix("base_model.") for name in converted}
 
     def check(step):
@@ -1932,15 +1940,7 @@ def test_peft_adapter_layer_switches_and_adapter_changes_after_from_peft():
     PEFT's tuner (``model.base_model``), where disable_adapter_layers left
     the fused layers on, merge_adapter left them unmerged and
     merge_and_unload left them in."""
-    def twin():
-        model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                                  init_lora_weights=False))
-        model.base_model.model.model.layers[0].self_attn.q_proj.set_scale("default", 0.5)  # (left as PEFT's)
-        return model
-
-    reference, model = twin(), twin()
-    model.load_state_dict(reference.state_dict())
-    assert len(fused_lora.from_peft(model).converted) == 3
+    reference, model, _ = _peft_twins_converted()
     ids = batch()
     expected = reference(input_ids=ids).logits.detach()
     base = tiny_llama()(input_ids=ids).logits.detach()
