@@ -869,7 +869,8 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     refused (``ValueError``): its adapter methods would break or skip the
     fused layers; so is a PEFT model holding fused layers that PEFT did not
     make (``peft.get_peft_model`` on a model after :func:`inject`), whose
-    adapters PEFT froze and its ``save_pretrained`` would leave out. An adapter whose init took its start out of the base
+    adapters PEFT froze and its ``save_pretrained`` would leave out. An
+    adapter whose init took its start out of the base
     weights (PiSSA, OLoRA...: :func:`_residual_base_init`) converts as it is,
     on its residual base, and :func:`save_adapter` writes that init, which
     it reads from the ``PeftModel``'s config: convert the ``PeftModel``, not
