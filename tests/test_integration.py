@@ -573,7 +573,7 @@ def test_from_peft_refuses_fused_layers_that_peft_wrapped_without_knowing(tmp_pa
         after_state, after_types = _state(target)
         assert after_types == before_types and all(torch.equal(after_state[k], v) for k, v in before_state.items())
         assert getattr(target, fused_lora.integration._ORIGINALS, None) is None  # (nothing converted)
-    # the way out: PEFT takes the fused layers first, then adds its own beside them
+    # the way out the message gives: PEFT takes the fused layers first (to_peft), then from_peft again
     fused = _randomised_fused_llama(target_modules=["k_proj"], r=2)
     ids = torch.randint(0, VOCAB, (2, 7), device=DEVICE)
     expected = fused(input_ids=ids).logits
