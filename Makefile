@@ -11,11 +11,9 @@
 #                machine's Python, torch and Triton (3.12, 2.11, 3.6): what bench/gpu_check.sh
 #                will import there, checked on a CPU; optional (torch 2.11 from PyPI is a
 #                CUDA build, about 4.6 GB in .venv-gpu-stack/)
-#   make test-floor-stack
-#                the same with the oldest versions pyproject.toml allows (torch 2.8, Triton 3.4),
-#                in .venv-floor-stack/ (optional, about 7 GB)
 #   make test-stack STACK_TORCH=2.9.1 STACK_TRITON=3.5.1
-#                the same with any other pair, in .venv-stack-<torch>/ (optional, about 7 GB each)
+#                the same with any other torch/Triton pair, in .venv-stack-<torch>/ (optional,
+#                about 7 GB each); make test-floor-stack: the oldest pyproject.toml allows (2.8, 3.4)
 #
 # Torch is installed first, pinned (TORCH=...), so that the package's `torch>=2.8`
 # is already met and pip never swaps in another build.
@@ -74,18 +72,9 @@ test-gpu-stack: $(GPU_STACK_STAMP)
 	$(GPU_STACK_VENV)/bin/python -c 'import platform, torch, triton; print("python", platform.python_version(), "| torch", torch.__version__, "| triton", triton.__version__)'
 	TRITON_INTERPRET=1 $(GPU_STACK_VENV)/bin/python -m pytest --ignore=tests/test_compile_report.py --ignore=tests/test_gpu_triton.py
 
-# The oldest versions pyproject.toml allows: torch>=2.8 (which brings Triton 3.4), triton>=3.4;
-# torchao pinned to one that imports on torch 2.8 (0.18 does not; transformers imports it) and that PEFT takes.
-FLOOR_TORCH  ?= torch==2.8.0
-FLOOR_TRITON ?= triton==3.4.0
-FLOOR_PINS   ?= torchao==0.17.0
-
-test-floor-stack:
-	$(MAKE) test-gpu-stack GPU_STACK_VENV=.venv-floor-stack GPU_STACK_PYTHON=$(PYTHON) \
-		GPU_STACK_TORCH=$(FLOOR_TORCH) GPU_TRITON=$(FLOOR_TRITON) GPU_STACK_PINS=$(FLOOR_PINS)
-
-# Any other pair the same way (those between the floor and the GPU machine's: torch 2.9.1 with
-# Triton 3.5.1, torch 2.10.0 with 3.6.0). torchao 0.17 imports on torch 2.8 to 2.10; 0.18 needs 2.10 or newer.
+# Any torch/Triton pair, in .venv-stack-<torch>/ (those between the floor and the GPU machine's:
+# torch 2.9.1 with Triton 3.5.1, torch 2.10.0 with 3.6.0). torchao pinned to one that imports there
+# (transformers imports it) and that PEFT takes: 0.17 imports on torch 2.8 to 2.10; 0.18 needs 2.10 or newer.
 STACK_TORCH  ?=
 STACK_TRITON ?=
 STACK_PINS   ?= torchao==0.17.0
@@ -95,5 +84,9 @@ test-stack:
 	$(MAKE) test-gpu-stack GPU_STACK_VENV=.venv-stack-$(STACK_TORCH) GPU_STACK_PYTHON=$(PYTHON) \
 		GPU_STACK_TORCH=torch==$(STACK_TORCH) GPU_TRITON=triton==$(STACK_TRITON) GPU_STACK_PINS="$(STACK_PINS)"
 
+# The oldest versions pyproject.toml allows: torch>=2.8 (which brings Triton 3.4), triton>=3.4.
+test-floor-stack:
+	$(MAKE) test-stack STACK_TORCH=2.8.0 STACK_TRITON=3.4.0
+
 clean:
-	rm -rf $(VENV) $(GPU_STACK_VENV) .venv-floor-stack .venv-stack-* build *.egg-info
+	rm -rf $(VENV) $(GPU_STACK_VENV) .venv-stack-* build *.egg-info
