@@ -1197,11 +1197,14 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
 
 def _peft_adapter_kinds() -> tuple[type, ...]:
     """PEFT's tuner-layer and auxiliary-wrapper (modules_to_save) classes,
-    where PEFT is imported (without it, no model holds them)."""
+    where PEFT is imported (without it, no model holds them). PEFT 0.14 and
+    older have ``ModulesToSaveWrapper`` alone, with no base class for the
+    wrappers (later ones derive from ``AuxiliaryTrainingWrapper``)."""
     utils = sys.modules.get("peft.tuners.tuners_utils")
     other = sys.modules.get("peft.utils.other")
-    return tuple(k for k in (getattr(utils, "BaseTunerLayer", None), getattr(other, "AuxiliaryTrainingWrapper", None))
-                 if k is not None)
+    kinds = (getattr(utils, "BaseTunerLayer", None), getattr(other, "AuxiliaryTrainingWrapper", None),
+             getattr(other, "ModulesToSaveWrapper", None))
+    return tuple(k for k in kinds if k is not None)
 
 
 def _peft_adapter_modules(model: nn.Module) -> list[nn.Module]:
