@@ -869,7 +869,8 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     refused (``ValueError``): its adapter methods would break or skip the
     fused layers; so is a PEFT model holding fused layers that PEFT did not
     make (``peft.get_peft_model`` on a model after :func:`inject`), whose
-    adapters PEFT froze and its ``save_pretrained`` would leave out. An
+    adapters its ``save_pretrained`` would leave out (PEFT 0.21 also froze
+    them). An
     adapter whose init took its start out of the base
     weights (PiSSA, OLoRA...: :func:`_residual_base_init`) converts as it is,
     on its residual base, and :func:`save_adapter` writes that init, which
@@ -888,9 +889,13 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
                if isinstance(m, LoRALinear) and not getattr(m, _FROM_PEFT, False)]
     if foreign and (_is_peft_model(peft_model) or any(isinstance(m, LoraLayer) for m in peft_model.modules())):
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        # (PEFT 0.21 froze their adapters; older ones leave them training: their names hold "lora_")
+        frozen = not any(p.requires_grad for n in foreign
+                         for p in (peft_model.get_submodule(n).lora_A, peft_model.get_submodule(n).lora_B))
         raise ValueError(f"from_peft: the model holds fused layers that PEFT did not make ({shown}: fused_lora.inject "
                          "or load_adapter did, before PEFT wrapped the model). PEFT does not know them: "
-                         "peft.get_peft_model froze their adapters, and its save_pretrained leaves them out. Keep one "
+                         f"{'peft.get_peft_model froze their adapters, and ' if frozen else ''}its save_pretrained "
+                         "leaves them out. Keep one "
                          "model PEFT's or fused_lora's: give PEFT those layers first (fused_lora.to_peft(model) on the "
                          "fused model returns a PeftModel holding its adapters), or fuse every layer with inject")
     report = ConversionReport()

@@ -317,13 +317,19 @@ def test_transformers_trainer_checkpoints_and_resumes_bitwise(tmp_path):
     adapters and their optimizer state, and a run resumed from the first
     step's checkpoint ends with the adapters of the uninterrupted run, bit for
     bit (the dropout masks follow the generator state the checkpoint restores)."""
+    # transformers 5's checkpointing (non-reentrant, its default), named as this transformers names it: 4.x's
+    # default, reentrant, passes gradients only through inputs that require them (the loss of PEFT's models
+    # as of fused ones then has none, unless model.enable_input_require_grads() is called first)
+    prefix = "activation" if "activation_checkpointing" in {
+        f.name for f in dataclasses.fields(transformers.TrainingArguments)} else "gradient"
+    checkpointing = {f"{prefix}_checkpointing": True, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+
     def run(resume_from=None):
         model = tiny_llama(seed=0 if resume_from is None else 7)  # (resuming loads every weight)
         fused_lora.inject(model, "all-linear", r=4, alpha=8, dropout=0.1)
         args = transformers.TrainingArguments(
             str(tmp_path), max_steps=2, save_steps=1, per_device_train_batch_size=4, learning_rate=1e-2,
-            use_cpu=DEVICE.type == "cpu", report_to=[], disable_tqdm=True, gradient_checkpointing=True,
-            logging_steps=1)
+            use_cpu=DEVICE.type == "cpu", report_to=[], disable_tqdm=True, logging_steps=1, **checkpointing)
         trainer = transformers.Trainer(model=model, args=args, train_dataset=_TokenDataset())
         trainer.train(resume_from_checkpoint=resume_from)
         return model, [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -557,22 +563,30 @@ def test_from_peft_refuses_fused_layers_that_peft_wrapped_without_knowing(tmp_pa
     message gives works: to_peft on the fused model, then from_peft."""
     model = _randomised_fused_llama(target_modules=["k_proj"], r=2)
     peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
-    # what PEFT did, silently (the reason for the refusal)
-    assert not any(p.requires_grad for n, p in peft_model.named_parameters() if "k_proj.lora_" in n)
+    # what PEFT did, silently (the reason for the refusal): its file leaves them out; PEFT 0.21 also froze
+    # them (older ones leave them training: their names hold "lora_"), and the message says so where it did
+    fused_adapters = [p for n, p in peft_model.named_parameters() if "k_proj.lora_" in n]
+    assert len(fused_adapters) == 4
+    frozen = not any(p.requires_grad for p in fused_adapters)
+    assert frozen or all(p.requires_grad for p in fused_adapters)
     peft_model.save_pretrained(tmp_path)
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert saved and not any("k_proj" in k for k in saved)
     for target, prefix in ((peft_model, r"base_model\.model\."), (peft_model.base_model.model, "")):
-        before_state, before_types = _state(target)
-        with pytest.raises(ValueError, match=rf"^from_peft: the model holds fused layers that PEFT did not make "
-                                             rf"\({prefix}model\.layers\.0\.self_attn\.k_proj, {prefix}model\.layers\.1"
-                                             r"\.self_attn\.k_proj: .*peft\.get_peft_model froze their adapters"):
-            fused_lora.from_peft(target)
-        after_state, after_types = _state(target)
-        assert after_types == before_types and all(torch.equal(after_state[k], v) for k, v in before_state.items())
-        assert getattr(target, fused_lora.integration._ORIGINALS, None) is None  # (nothing converted)
+        for froze in (frozen, not frozen):
+            for p in fused_adapters:
+                p.requires_grad_(not froze)
+            before_state, before_types = _state(target)
+            said = "peft\\.get_peft_model froze their adapters, and its" if froze else "PEFT does not know them: its"
+            with pytest.raises(ValueError, match=rf"^from_peft: the model holds fused layers that PEFT did not make "
+                                                 rf"\({prefix}model\.layers\.0\.self_attn\.k_proj, {prefix}model\.layers"
+                                                 rf"\.1\.self_attn\.k_proj: .*{said} save_pretrained leaves them out"):
+                fused_lora.from_peft(target)
+            after_state, after_types = _state(target)
+            assert after_types == before_types and all(torch.equal(after_state[k], v) for k, v in before_state.items())
+            assert getattr(target, fused_lora.integration._ORIGINALS, None) is None  # (nothing converted)
     # the way out the message gives: PEFT takes the fused layers first (to_peft), then from_peft again
     fused = _randomised_fused_llama(target_modules=["k_proj"], r=2)
     ids = torch.randint(0, VOCAB, (2, 7), device=DEVICE)
@@ -1372,7 +1386,8 @@ def test_inject_warns_of_layers_whose_weight_the_model_reads():
     with pytest.warns(UserWarning) as record:
         fused_lora.inject(model, "all-linear", r=2)
     (message,) = [str(w.message) for w in record if "read the layer's weight" in str(w.message)]
-    named = re.findall(r"(backbone\.layers\.\d\.mixer\.\w+) \(MambaMixer\.forward: `", message)
+    # (the method reading them: forward in transformers 5, its slow_forward or cuda_kernels_forward in 4.x)
+    named = re.findall(r"(backbone\.layers\.\d\.mixer\.\w+) \(MambaMixer\.\w*forward: `", message)
     assert sorted(named) == sorted(f"backbone.layers.{i}.mixer.{p}" for i in range(2)
                                    for p in ("x_proj", "dt_proj", "out_proj"))
     assert "in_proj" not in message and "uncalled_layers" in message
@@ -1380,10 +1395,12 @@ def test_inject_warns_of_layers_whose_weight_the_model_reads():
     model(input_ids=ids, labels=ids).loss.backward()
     layers = fused_lora.integration.fused_layers(model)
     assert len(layers) == 8
+    # (on this CPU path transformers 5 multiplies by dt_proj.weight; 4.x's slow path calls dt_proj)
+    uncalled = fused_lora.integration.uncalled_layers(model, ids)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert uncalled == [f"backbone.layers.{i}.mixer.dt_proj" for i in range(2)]
     for name, layer in layers.items():
-        assert (layer.lora_B.grad is None) == name.endswith("dt_proj"), name
-    assert fused_lora.integration.uncalled_layers(model, ids) == [f"backbone.layers.{i}.mixer.dt_proj"
-                                                                 for i in range(2)]
+        assert (layer.lora_B.grad is None) == (name in uncalled), name
     # a list naming such a layer warns too; one that leaves them out does not
     with pytest.warns(UserWarning, match=r"backbone.layers.0.mixer.dt_proj \(MambaMixer"):
         fused_lora.inject(tiny_mamba(), ["dt_proj"])
@@ -1486,10 +1503,18 @@ def test_quantized_bases_are_refused_before_anything_changes(tmp_path, kind, wor
     with pytest.raises(TypeError, match=f"weight.*{words}"):
         LoRALinear.from_linear(model.get_submodule(quantized[0]), r=4)
     if kind != "int8":  # (PEFT cannot wrap an int8 nn.Linear either)
-        peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        try:
+            peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        except TypeError as err:  # (PEFT 0.19 and 0.20 with torchao 0.18: its torchao layer's constructor changed)
+            if kind != "torchao" or "TorchaoLoraLinear" not in str(err):
+                raise
+            pytest.skip(f"the refusals checked; PEFT {peft.__version__} cannot put LoRA on this torchao's weights "
+                        f"({err}), so from_peft has nothing to leave to it")
         report = fused_lora.from_peft(peft_model)
         assert sorted(report.skipped) == sorted("base_model.model." + n for n in quantized)
-        reason = "TorchaoLoraLinear is not a plain LoRA Linear" if kind == "torchao" else f"base layer: its weight.*{words}"
+        # (torchao: PEFT 0.21 wraps the base in a class of its own; older ones put a plain LoRA Linear on it)
+        reason = (r"TorchaoLoraLinear is not a plain LoRA Linear|base layer: its weight is a torchao\..*tensor subclass"
+                  if kind == "torchao" else f"base layer: its weight.*{words}")
         assert all(re.search(reason, why) for why in report.skipped.values()), report.skipped
         assert len(report.converted) == len(quantized)  # (the v_proj layers)
 
@@ -1525,7 +1550,13 @@ def test_adapters_of_lora_variants_are_refused(tmp_path, variant, field):
             config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **_variant_config(variant))
         except (AttributeError, TypeError, ValueError) as err:
             pytest.skip(f"this PEFT has no {variant}: {err}")
-        peft.get_peft_model(tiny_llama(), config).save_pretrained(tmp_path)
+        try:
+            model = peft.get_peft_model(tiny_llama(), config)
+        except ValueError as err:  # (an init its config takes and its layers do not: MiCA before PEFT 0.21)
+            if "Unknown initialization" not in str(err):
+                raise
+            pytest.skip(f"this PEFT has no {variant}: {err}")
+        model.save_pretrained(tmp_path)
     target = tiny_llama(seed=5)
     before_state, before_types = _state(target)
     with pytest.raises(AdapterFileError, match=re.escape(field) + ".*a LoRA variant"):
@@ -1712,6 +1743,9 @@ def test_peft_bias_option_loads_saves_and_converts(tmp_path, bias):
     _perturb([p for n, p in ref.named_parameters() if p.requires_grad and n.endswith("bias")])
     ref.save_pretrained(tmp_path / "peft")
     keys = sorted(load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
+    if not any(k.endswith(".bias") for k in keys):  # (its own from_pretrained then differs from the model saved)
+        pytest.skip(f"PEFT {peft.__version__}'s save_pretrained leaves the biases of bias={bias!r} out of its file "
+                    "(fixed in PEFT 0.21): there is nothing to match")
     ids = batch()
     expected = ref(input_ids=ids).logits.detach()
 
