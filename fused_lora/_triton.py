@@ -17,12 +17,13 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
-import re
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from ._validate import version_tuple
 
 _NAME = "fused_lora.kernels"
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -72,8 +73,7 @@ MIN_TRITON = (3, 4)
 
 def triton_too_old(version: str) -> str:
     """Why Triton ``version`` cannot run the kernels ('' if it can)."""
-    parts = [int(n) for n in re.findall(r"\d+", version)[:2]]
-    if tuple(parts) >= MIN_TRITON:
+    if version_tuple(version) >= MIN_TRITON:
         return ""
     return (f"Triton {version} is older than {MIN_TRITON[0]}.{MIN_TRITON[1]}, the oldest the kernels run with "
             "(torch 2.8 and newer bring one)")

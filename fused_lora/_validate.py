@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 
 import torch
 
 from .dropout import check_dropout_p, check_seed
 
 BACKENDS = ("auto", "triton", "torch")
+
+
+def version_tuple(version: str, parts: int = 2) -> tuple[int, ...]:
+    """The leading numbers of a package's version: ``"3.6.0+git9a1"`` -> ``(3, 6)``."""
+    return tuple(int(n) for n in re.findall(r"\d+", version)[:parts])
 
 
 def _is_tensor(name: str, t, optional: bool = False) -> None:

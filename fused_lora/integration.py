@@ -69,6 +69,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._validate import version_tuple
 from .layer import LoRALinear, check_adapter_dtype, check_int, lora_scaling, unfusable_base
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -791,12 +792,29 @@ def _residual_base_init(init) -> bool:
                                       or init.lower() in ("olora", "loftq", "lora_ga"))
 
 
+#: The oldest PEFT that :func:`from_peft` and :func:`to_peft` take: the oldest
+#: the test suite passes with (0.18.1 with transformers 4.57; 0.19.1, 0.20.0
+#: and 0.21.2 with transformers 5.24). 0.17 keeps no rsLoRA flag on its layers
+#: (an rsLoRA layer would be left unconverted, its scale taken for a
+#: ``set_scale``); 0.14 and older have another modules_to_save class.
+#: (pyproject.toml's ``peft>=`` says the same.)
+MIN_PEFT = (0, 18)
+
+
 def _peft_lora_linear():
+    """PEFT's ``(LoraLayer, Linear)``; ImportError without PEFT or where it is
+    older than :data:`MIN_PEFT`."""
     try:
+        import peft
         from peft.tuners.lora.layer import LoraLayer
         from peft.tuners.lora.layer import Linear as PeftLinear
     except ImportError as err:
         raise ImportError("from_peft/to_peft need the `peft` package (pip install peft)") from err
+    found = getattr(peft, "__version__", "0")
+    if version_tuple(found) < MIN_PEFT:
+        floor = ".".join(map(str, MIN_PEFT))
+        raise ImportError(f"from_peft/to_peft need peft>={floor}, the oldest they are tested with; found peft {found} "
+                          f"(pip install -U 'peft>={floor}')")
     return LoraLayer, PeftLinear
 
 
@@ -1153,11 +1171,11 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
     fused layers (:func:`_check_can_replace`).
     """
     _check_model(model)
-    _peft_lora_linear()
     originals = getattr(model, _ORIGINALS, None)
     layers = fused_layers(model)
     _check_not_dispatched(model, list(layers), "to_peft")
     _check_can_replace(model, list(layers), "to_peft")
+    _peft_lora_linear()  # (PEFT, and a version it works with)
     if originals:
         for name, layer in layers.items():
             if name in originals:

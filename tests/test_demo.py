@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("peft")
-pytest.importorskip("transformers")
+from fused_lora import demo
+from fused_lora.integration import MIN_PEFT
 
-from fused_lora import demo  # noqa: E402
+pytest.importorskip("peft", minversion=".".join(map(str, MIN_PEFT)))
+pytest.importorskip("transformers")
 
 
 def test_demo_runs_and_curves_match(tmp_path):

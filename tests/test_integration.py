@@ -18,7 +18,8 @@ import fused_lora
 from fused_lora import AdapterFileError, LoRALinear
 from lora_testing import DEVICE
 
-peft = pytest.importorskip("peft")
+# (a PEFT older than from_peft/to_peft take: their ImportError, not what these tests check)
+peft = pytest.importorskip("peft", minversion=".".join(map(str, fused_lora.integration.MIN_PEFT)))
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 61
@@ -553,6 +554,31 @@ def test_fusing_more_layers_into_a_peft_model_is_refused(tmp_path, kind):
     after_state, after_types = _state(model)
     assert after_types == before_types and sorted(trainable(model)) == before_trainable
     assert all(torch.equal(after_state[k], v) for k, v in before_state.items())
+
+
+def test_peft_older_than_the_floor_is_refused_by_name(monkeypatch):
+    """from_peft and to_peft refuse a PEFT older than the oldest they are
+    tested with (ImportError naming both versions), before changing
+    anything; pyproject.toml's extras ask for that PEFT."""
+    from pathlib import Path
+
+    floor = ".".join(map(str, fused_lora.integration.MIN_PEFT))
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert text.count(f'"peft>={floor}"') == 3 and text.count('"peft>=') == 3  # (the peft, demo and test extras)
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    fused = tiny_llama()
+    fused_lora.inject(fused, ["q_proj"], r=4)
+    states = [_state(peft_model), _state(fused)]
+    major, minor = fused_lora.integration.MIN_PEFT
+    monkeypatch.setattr(peft, "__version__", f"{major}.{minor - 1}.1")
+    for call in (lambda: fused_lora.from_peft(peft_model), lambda: fused_lora.to_peft(fused)):
+        with pytest.raises(ImportError, match=rf"need peft>={re.escape(floor)}, .*found peft {major}\.{minor - 1}\.1"):
+            call()
+    for (state, types), model in zip(states, (peft_model, fused)):
+        after_state, after_types = _state(model)
+        assert after_types == types and all(torch.equal(after_state[k], v) for k, v in state.items())
+    monkeypatch.setattr(peft, "__version__", f"{major}.{minor}.0")
+    assert len(fused_lora.from_peft(peft_model).converted) == 2
 
 
 def test_from_peft_refuses_fused_layers_that_peft_wrapped_without_knowing(tmp_path):
