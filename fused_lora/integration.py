@@ -887,9 +887,8 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     refused (``ValueError``): its adapter methods would break or skip the
     fused layers; so is a PEFT model holding fused layers that PEFT did not
     make (``peft.get_peft_model`` on a model after :func:`inject`), whose
-    adapters its ``save_pretrained`` would leave out (PEFT 0.21 also froze
-    them). An
-    adapter whose init took its start out of the base
+    adapters its ``save_pretrained`` would not save as adapters (PEFT 0.21
+    also froze them). An adapter whose init took its start out of the base
     weights (PiSSA, OLoRA...: :func:`_residual_base_init`) converts as it is,
     on its residual base, and :func:`save_adapter` writes that init, which
     it reads from the ``PeftModel``'s config: convert the ``PeftModel``, not
@@ -913,7 +912,8 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
         raise ValueError(f"from_peft: the model holds fused layers that PEFT did not make ({shown}: fused_lora.inject "
                          "or load_adapter did, before PEFT wrapped the model). PEFT does not know them: "
                          f"{'peft.get_peft_model froze their adapters, and ' if frozen else ''}its save_pretrained "
-                         "leaves them out. Keep one "
+                         "does not save them as adapters (PEFT 0.21 leaves them out; 0.20 writes their tensors under "
+                         "keys its from_pretrained does not load). Keep one "
                          "model PEFT's or fused_lora's: give PEFT those layers first (fused_lora.to_peft(model) on the "
                          "fused model returns a PeftModel holding its adapters), or fuse every layer with inject")
     report = ConversionReport()
