@@ -912,8 +912,8 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
         raise ValueError(f"from_peft: the model holds fused layers that PEFT did not make ({shown}: fused_lora.inject "
                          "or load_adapter did, before PEFT wrapped the model). PEFT does not know them: "
                          f"{'peft.get_peft_model froze their adapters, and ' if frozen else ''}its save_pretrained "
-                         "does not save them as adapters (PEFT 0.21 leaves them out; 0.20 writes their tensors under "
-                         "keys its from_pretrained does not load). Keep one "
+                         "does not save them as adapters (PEFT 0.18, 0.19 and 0.21 leave them out; 0.20 writes their "
+                         "tensors under keys its from_pretrained does not load). Keep one "
                          "model PEFT's or fused_lora's: give PEFT those layers first (fused_lora.to_peft(model) on the "
                          "fused model returns a PeftModel holding its adapters), or fuse every layer with inject")
     report = ConversionReport()

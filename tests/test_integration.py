@@ -599,7 +599,7 @@ def test_from_peft_refuses_fused_layers_that_peft_wrapped_without_knowing(tmp_pa
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
-    # (none of theirs as an adapter's weight; PEFT 0.21 writes nothing of them, 0.20 writes their tensors bare)
+    # (none of theirs as an adapter's weight; PEFT 0.20 writes their tensors bare, the others nothing of them)
     assert saved and not any(re.search(r"k_proj\.lora_[AB]\.(default\.)?weight$", k) for k in saved)
     assert any("q_proj.lora_A.weight" in k for k in saved)
     for target, prefix in ((peft_model, r"base_model\.model\."), (peft_model.base_model.model, "")):
