@@ -319,8 +319,8 @@ def test_transformers_trainer_checkpoints_and_resumes_bitwise(tmp_path):
     step's checkpoint ends with the adapters of the uninterrupted run, bit for
     bit (the dropout masks follow the generator state the checkpoint restores)."""
     # transformers 5's checkpointing (non-reentrant, its default), named as this transformers names it: 4.x's
-    # default, reentrant, passes gradients only through inputs that require them (the loss of PEFT's models
-    # as of fused ones then has none, unless model.enable_input_require_grads() is called first)
+    # default, reentrant, passes gradients only through inputs that require them (the loss of PEFT's models,
+    # like that of fused ones, then has none, unless model.enable_input_require_grads() is called first)
     prefix = "activation" if "activation_checkpointing" in {
         f.name for f in dataclasses.fields(transformers.TrainingArguments)} else "gradient"
     checkpointing = {f"{prefix}_checkpointing": True, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
@@ -584,9 +584,9 @@ def test_peft_older_than_the_floor_is_refused_by_name(monkeypatch):
 def test_from_peft_refuses_fused_layers_that_peft_wrapped_without_knowing(tmp_path):
     """peft.get_peft_model on a model after inject does not save the fused
     layers' adapters as adapters (PEFT does not know them; PEFT 0.21 also
-    freezes them): from_peft, that flow's next step, refuses the PeftModel and the
-    model inside it, naming the layers, and changes nothing. The way its
-    message gives works: to_peft on the fused model, then from_peft."""
+    freezes them): from_peft, that flow's next step, refuses the PeftModel
+    and the model inside it, naming the layers, and changes nothing. The way
+    its message gives works: to_peft on the fused model, then from_peft."""
     model = _randomised_fused_llama(target_modules=["k_proj"], r=2)
     peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
     # what PEFT did, silently (the reason for the refusal): its file holds no adapter of theirs; PEFT 0.21 froze
