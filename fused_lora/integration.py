@@ -902,13 +902,12 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
                          "look for PEFT's layers only: they would fail, or skip the fused layers silently. Load the "
                          "adapter into the plain model with fused_lora.load_adapter(model, path) (the same files), or "
                          "with peft.PeftModel.from_pretrained and convert that")
-    foreign = [n for n, m in peft_model.named_modules()
-               if isinstance(m, LoRALinear) and not getattr(m, _FROM_PEFT, False)]
+    foreign = {n: m for n, m in peft_model.named_modules()
+               if isinstance(m, LoRALinear) and not getattr(m, _FROM_PEFT, False)}
     if foreign and (_is_peft_model(peft_model) or any(isinstance(m, LoraLayer) for m in peft_model.modules())):
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        shown = ", ".join(list(foreign)[:3]) + (", ..." if len(foreign) > 3 else "")
         # (PEFT 0.21 froze their adapters; older ones leave them training: their names hold "lora_")
-        frozen = not any(p.requires_grad for n in foreign
-                         for p in (peft_model.get_submodule(n).lora_A, peft_model.get_submodule(n).lora_B))
+        frozen = not any(p.requires_grad for m in foreign.values() for p in (m.lora_A, m.lora_B))
         raise ValueError(f"from_peft: the model holds fused layers that PEFT did not make ({shown}: fused_lora.inject "
                          "or load_adapter did, before PEFT wrapped the model). PEFT does not know them: "
                          f"{'peft.get_peft_model froze their adapters, and ' if frozen else ''}its save_pretrained "
