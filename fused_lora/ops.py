@@ -55,6 +55,8 @@ calls run the forward pass without the Function at all.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _triton, dispatch
@@ -370,6 +372,22 @@ class LoRALinearFunction(torch.autograd.Function):
 # The functional entry point
 # ----------------------------------------------------------------------------
 
+def _autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False for a device type
+    autocast does not know (``meta``...), where torch's own query raises.
+    (While torch.compile traces, the query alone: the availability check is
+    not traceable on every torch (2.11 breaks the graph there), and the
+    devices it compiles for have autocast.)"""
+    if not torch.compiler.is_compiling() and not _autocast_available(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
+
+
+@functools.lru_cache(maxsize=None)
+def _autocast_available(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type)
+
+
 def _autocast(device_type: str, *tensors):
     """What autocast does to ``F.linear``'s inputs: float16/bfloat16/float32
     tensors are cast to the autocast dtype (differentiably: gradients reach the
@@ -435,7 +453,7 @@ def lora_linear(
         (..., out_features) in x's dtype. Gradients flow to x, lora_A, lora_B,
         and to weight and bias when they require grad.
     """
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, Tensor) and _autocast_enabled(x.device.type):
         x, weight, lora_A, lora_B, bias = _autocast(x.device.type, x, weight, lora_A, lora_B, bias)
     scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
     if resolve_backend(backend, x) == "torch":

@@ -126,11 +126,12 @@ def test_inject_regex_all_linear_and_exclude():
 
 
 def test_inject_on_a_model_built_on_meta():
-    """The large-model recipe: build on the meta device, inject, materialise
-    with ``to_empty``, load the base weights, initialise the adapters (as the
-    README says). The result is the model injected after loading: a fresh
-    adapter changes nothing, and with the same adapter the outputs and the
-    adapters' gradients are the same."""
+    """The large-model recipe: build on the meta device, inject (a forward
+    and backward there give meta tensors), materialise with ``to_empty``,
+    load the base weights, initialise the adapters (as the README says).
+    The result is the model injected after loading: a fresh adapter changes
+    nothing, and with the same adapter the outputs and the adapters'
+    gradients are the same."""
     base = tiny_llama()
     expected = copy.deepcopy(base)
     names = fused_lora.inject(expected, LLAMA_TARGETS, r=4, alpha=8)
@@ -138,6 +139,12 @@ def test_inject_on_a_model_built_on_meta():
         model = transformers.LlamaForCausalLM(base.config)
     assert fused_lora.inject(model, LLAMA_TARGETS, r=4, alpha=8) == names
     assert {p.device.type for p in model.parameters()} == {"meta"}
+    # (before materialising, a forward and backward on meta check the shapes, as on the plain model)
+    logits = model(input_ids=batch().to("meta")).logits
+    assert logits.device.type == "meta" and logits.shape == (2, 13, VOCAB)
+    logits.sum().backward()
+    assert {p.grad.device.type for p in trainable(model).values()} == {"meta"}
+    model.zero_grad(set_to_none=True)
     model.to_empty(device=DEVICE)
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     assert unexpected == [] and set(missing) == {f"{n}.lora_{w}" for n in names for w in "AB"}

@@ -186,6 +186,35 @@ def test_extra_repr():
         assert part in text
 
 
+def test_meta_device_takes_the_reference_then_materialises():
+    """A layer built under ``torch.device("meta")`` (empty init, shape
+    inference) runs as nn.Linear does there: forward and backward give meta
+    tensors of the right shapes, dropout and all, through the reference (no
+    kernel runs on meta; asked for by name, the Triton backend says so). Then
+    ``to_empty`` and ``reset_parameters`` give a working layer."""
+    with torch.device("meta"):
+        layer = LoRALinear(24, 20, r=4, alpha=8, dropout=0.25).train()
+    x = torch.empty(3, 7, 24, device="meta", requires_grad=True)
+    y = layer(x)
+    assert y.device.type == "meta" and y.shape == (3, 7, 20) and y.dtype == torch.float32
+    dx, d_a, d_b = torch.autograd.grad(y.sum(), (x, layer.lora_A, layer.lora_B))
+    assert (dx.shape, d_a.shape, d_b.shape) == ((3, 7, 24), (4, 24), (20, 4))
+    assert {t.device.type for t in (dx, d_a, d_b)} == {"meta"}
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (autocast has no meta: not a meta call's concern)
+        assert layer(x).dtype == torch.float32
+    with pytest.raises(ValueError, match="device type 'meta'"):
+        fused_lora.lora_linear(x, layer.weight, layer.lora_A, layer.lora_B, backend="triton")
+
+    layer.to_empty(device=DEVICE)
+    layer.reset_parameters()
+    _randomise_adapter(layer)
+    layer.eval()
+    x = make_x((5, 24), torch.float32)
+    y64, _ = reference64(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, torch.randn(5, 20, device=DEVICE),
+                         scaling=layer.scaling, dropout_p=0.0, seed=None, grads=())
+    assert_close(layer(x), y64, torch.float32, "materialised from meta")
+
+
 @pytest.mark.parametrize("kwargs, err, match", [
     (dict(r=0), ValueError, "r must be >= 1"),
     (dict(r=2.5), TypeError, "r must be an int"),
