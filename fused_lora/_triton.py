@@ -148,6 +148,9 @@ class CudaTarget(NamedTuple):
     num_sms: int
 
 
+#: The dtypes the kernels take (float64 runs on the torch backend).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 #: The :class:`CudaTarget` of each CUDA device used so far, by index: read
 #: from the device once, then a dict read (which torch.compile traces).
 _cuda_targets: dict[int, CudaTarget] = {}
@@ -179,7 +182,7 @@ def why_not(device: torch.device, dtype: torch.dtype) -> str:
     kernels = get()
     if kernels is None:
         return UNAVAILABLE_REASON
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if dtype not in KERNEL_DTYPES:
         return f"the Triton kernels take float16, bfloat16 or float32 tensors, not {dtype}"
     if device.type == "cuda":
         if kernels.INTERPRETER:

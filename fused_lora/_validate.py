@@ -31,6 +31,36 @@ def _is_tensor(name: str, t, optional: bool = False) -> None:
                         + ("a nested tensor" if t.is_nested else f"layout {t.layout}"))
 
 
+def check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_bool(name: str, value) -> bool:
+    """A flag: True or False (or 1 or 0), not any truthy object: ``"no"``
+    would read as True."""
+    if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_shape(name: str, shape, hint: str = "") -> tuple[int, ...]:
+    """A shape given as a sequence of ints >= 0 (``torch.Size``, tuple, list),
+    as a tuple; not a tensor (``hint`` says what to pass instead)."""
+    if isinstance(shape, torch.Tensor) or isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"{name} must be a shape (a sequence of ints), got {type(shape).__name__}"
+                        + (f"; {hint}" if hint else ""))
+    shape = tuple(shape)
+    if any(isinstance(d, bool) or not isinstance(d, numbers.Integral) for d in shape):
+        raise TypeError(f"{name} must be a sequence of ints, got {shape}")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{name} must not have negative sizes, got {shape}")
+    return tuple(int(d) for d in shape)
+
+
 def check_scaling(scaling) -> float:
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")

@@ -77,6 +77,8 @@ from dataclasses import dataclass
 import torch
 
 from . import _triton
+from ._validate import check_bool, check_int, check_shape
+from .dropout import check_dropout_p
 
 STRATEGIES = ("in_loop", "split", "hybrid")
 #: Ranks up to this use the in-loop shrink when there is no dropout
@@ -103,12 +105,12 @@ _switches = {"tma": os.environ.get("FUSED_LORA_TMA", "0") == "1",
 
 def set_tma(enabled: bool) -> None:
     """Read the GEMM tiles through TMA tensor descriptors (True) or pointers."""
-    _switches["tma"] = bool(enabled)
+    _switches["tma"] = check_bool("enabled", enabled)
 
 
 def set_persistent(enabled: bool) -> None:
     """Run the GEMMs on a persistent grid (True) or one program per tile."""
-    _switches["persistent"] = bool(enabled)
+    _switches["persistent"] = check_bool("enabled", enabled)
 
 
 @contextlib.contextmanager
@@ -123,12 +125,12 @@ def _switched(name: str, value):
 
 def use_tma(enabled: bool = True):
     """:func:`set_tma` inside a ``with`` block, restored after it."""
-    return _switched("tma", bool(enabled))
+    return _switched("tma", check_bool("enabled", enabled))
 
 
 def use_persistent(enabled: bool = True):
     """:func:`set_persistent` inside a ``with`` block, restored after it."""
-    return _switched("persistent", bool(enabled))
+    return _switched("persistent", check_bool("enabled", enabled))
 
 
 def force_strategy(strategy: str):
@@ -388,19 +390,25 @@ def explain(x_shape, weight_shape, r: int, dtype: torch.dtype = torch.bfloat16, 
     GPU's SM count (default: an H200's 132; the grids aim to cover every SM,
     so it moves the tiles at small M and split-K). ``print()`` it.
     """
-    x_shape, weight_shape = tuple(x_shape), tuple(weight_shape)
+    x_shape = check_shape("x_shape", x_shape, "pass x.shape")
+    weight_shape = check_shape("weight_shape", weight_shape, "pass weight.shape")
     if len(weight_shape) != 2 or not x_shape or x_shape[-1] != weight_shape[1]:
         raise ValueError(f"x_shape (..., in) and weight_shape (out, in) do not fit: {x_shape}, {weight_shape}")
-    if r < 1:
-        raise ValueError(f"r must be >= 1, got {r}")
+    r = check_int("r", r, 1)
+    if dtype not in _triton.KERNEL_DTYPES:
+        raise TypeError(f"dtype must be one of the kernels' {_triton.KERNEL_DTYPES}, got {dtype!r}"
+                        + (" (float64 runs on the torch backend, which has no plan)" if dtype == torch.float64 else ""))
+    dropout_p = check_dropout_p(dropout_p)
+    if not isinstance(target, str):
+        raise TypeError(f"target must be a str ('sm_XY' or 'interpreter'), got {type(target).__name__}")
     if target == "interpreter":
         arch, interp = 90, True
     elif target.startswith("sm_") and target[3:].isdigit():
         arch, interp = int(target[3:]), False
     else:
         raise ValueError(f"target must be 'sm_XY' or 'interpreter', got {target!r}")
-    if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int)):
-        raise TypeError(f"num_sms must be an int, got {type(num_sms).__name__}")
+    if num_sms is not None:
+        num_sms = check_int("num_sms", num_sms, 1)
     m = 1
     for d in x_shape[:-1]:
         m *= d
@@ -422,7 +430,7 @@ _tuned: dict[tuple, object] = {}
 def set_autotune(enabled: bool) -> None:
     """Turn autotuning on or off (forgets what was tuned)."""
     global _autotune
-    _autotune = bool(enabled)
+    _autotune = check_bool("enabled", enabled)
     _tuned.clear()
 
 

@@ -144,6 +144,8 @@ def dropout_mask(seed, shape, p: float, device=None) -> torch.Tensor:
     else:
         seed = check_seed(seed)
     p = check_dropout_p(p, "p")
+    if not hasattr(shape, "__iter__") or isinstance(shape, str):
+        raise TypeError(f"shape must be (M, K), a pair of ints, got {type(shape).__name__}")
     shape = tuple(shape)
     if len(shape) != 2 or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 0 for d in shape):
         raise ValueError(f"shape must be (M, K) with non-negative ints, got {shape}")

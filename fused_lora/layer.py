@@ -10,17 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from ._validate import check_backend
+from ._validate import check_backend, check_bool, check_int
 from .dropout import check_dropout_p
 from .ops import lora_linear
-
-
-def check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def check_adapter_dtype(dtype, name: str = "adapter_dtype") -> torch.dtype | None:
@@ -94,14 +86,14 @@ class LoRALinear(nn.Module):
             raise ValueError(f"alpha must be a finite real number, got {alpha!r}")
         self.alpha = float(alpha)
         self.dropout = check_dropout_p(dropout, "dropout")
-        self.use_rslora = bool(use_rslora)
+        self.use_rslora = check_bool("use_rslora", use_rslora)
         self.backend = check_backend(backend)
-        self.fan_in_fan_out = bool(fan_in_fan_out)
+        self.fan_in_fan_out = check_bool("fan_in_fan_out", fan_in_fan_out)
         check_adapter_dtype(dtype, "dtype")
         factory = dict(device=device, dtype=dtype)
         shape = (in_features, out_features) if self.fan_in_fan_out else (out_features, in_features)
         self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
-        if bias:
+        if check_bool("bias", bias):
             self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
         else:
             self.register_parameter("bias", None)
@@ -158,6 +150,7 @@ class LoRALinear(nn.Module):
                 raise TypeError(f"{name} must be a 2-D nn.Parameter, got {type(t).__name__} "
                                 f"of shape {tuple(getattr(t, 'shape', ()))}")
         _check_base(weight, bias)
+        fan_in_fan_out = check_bool("fan_in_fan_out", fan_in_fan_out)
         in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
         r = lora_A.shape[0]
         if tuple(lora_A.shape) != (r, in_f) or tuple(lora_B.shape) != (out_f, r):

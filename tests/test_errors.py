@@ -79,6 +79,50 @@ def test_bad_input_is_rejected_before_any_launch(args, no_launch, change, err, w
             fused_lora.reference.lora_linear(**kwargs)
 
 
+EXPLAIN = dict(x_shape=(16, 64), weight_shape=(48, 64), r=8, dtype=torch.bfloat16, dropout_p=0.1)
+
+
+@pytest.mark.parametrize("change, err, words", [
+    (dict(x_shape=torch.empty(16, 64)), TypeError, ["x_shape", "Tensor", "x.shape"]),
+    (dict(weight_shape=48), TypeError, ["weight_shape", "int"]),
+    (dict(x_shape=(16, 64.0)), TypeError, ["x_shape", "ints", "64.0"]),
+    (dict(x_shape=(-1, 64)), ValueError, ["x_shape", "negative", "(-1, 64)"]),
+    (dict(x_shape=(16, 63)), ValueError, ["x_shape", "(16, 63)", "(48, 64)"]),
+    (dict(r=0), ValueError, ["r", ">= 1"]),
+    (dict(r=2.5), TypeError, ["r", "int", "float"]),
+    (dict(dtype="bf16"), TypeError, ["dtype", "'bf16'"]),
+    (dict(dtype=torch.int8), TypeError, ["dtype", "torch.int8"]),
+    (dict(dtype=torch.float64), TypeError, ["dtype", "float64", "torch backend"]),
+    (dict(dropout_p=1.0), ValueError, ["dropout_p", "[0, 1)"]),
+    (dict(dropout_p="0.1"), TypeError, ["dropout_p", "str"]),
+    (dict(target=90), TypeError, ["target", "int"]),
+    (dict(target="hopper"), ValueError, ["target", "'hopper'"]),
+    (dict(num_sms=0), ValueError, ["num_sms", ">= 1"]),
+    (dict(num_sms=1.5), TypeError, ["num_sms", "float"]),
+], ids=lambda v: None)
+def test_explain_rejects_bad_input_by_name(change, err, words):
+    """explain takes shapes, not tensors, and the kernels' dtypes: anything
+    else is a typed error naming the argument, not a crash inside the plan."""
+    with pytest.raises(err) as info:
+        fused_lora.explain(**{**EXPLAIN, **change})
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in: {info.value}"
+    # the same call with the good value explains (torch.Size and lists are shapes too)
+    good = fused_lora.explain(**{**EXPLAIN, "x_shape": torch.Size([2, 8, 64]), "weight_shape": [48, 64]})
+    assert (good.m, good.n, good.k, good.r) == (16, 48, 64, 8)
+
+
+@pytest.mark.parametrize("switch", ["set_tma", "set_persistent", "use_tma", "use_persistent", "set_autotune"])
+def test_dispatch_switches_take_bools_only(switch):
+    """A switch given "no" or None is an error, not a truthy True."""
+    d = fused_lora.dispatch
+    before = (dict(d._switches), d._autotune)
+    for bad in ("no", None, 2):
+        with pytest.raises(TypeError, match="enabled must be a bool"):
+            getattr(d, switch)(bad)
+    assert (dict(d._switches), d._autotune) == before
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type")
 def test_device_mismatch(args, no_launch):
     with pytest.raises(ValueError, match="lora_A is on cpu"):

@@ -222,6 +222,9 @@ def test_meta_device_takes_the_reference_then_materialises():
     (dict(alpha=float("nan")), ValueError, "alpha"),
     (dict(backend="cuda"), ValueError, "backend"),
     (dict(dtype=torch.int8), TypeError, "dtype must be a floating-point"),
+    (dict(use_rslora="no"), TypeError, "use_rslora must be a bool, got 'no'"),  # (not a truthy True)
+    (dict(fan_in_fan_out=None), TypeError, "fan_in_fan_out must be a bool"),
+    (dict(bias=torch.zeros(4)), TypeError, "bias must be a bool"),
 ])
 def test_bad_constructor_arguments(kwargs, err, match):
     with pytest.raises(err, match=match):
