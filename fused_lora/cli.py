@@ -33,6 +33,33 @@ def _reexec_with_interpreter(argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "fused_lora.cli", *argv], env)
 
 
+def _number(kind, low: float = -math.inf, *, above: bool = False, below: float = math.inf):
+    """An argparse type: a finite ``kind`` (int or float) >= ``low`` (> with
+    ``above``) and < ``below``; anything else is a usage error naming it."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        bounds = ([f"> {low:g}" if above else f">= {low:g}"] if low > -math.inf else []) + (
+            [f"< {below:g}"] if below < math.inf else [])
+        if not math.isfinite(value) or value < low or (above and value == low) or value >= below:
+            must = ", ".join((["finite"] if kind is float else []) + ([" and ".join(bounds)] if bounds else []))
+            raise argparse.ArgumentTypeError(f"must be {must}, got {text}")
+        return value
+    return parse
+
+
+def _writable_dir(path) -> str:
+    """'' when the output folder ``path`` exists or was made, else why not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"cannot write the output folder {str(path)!r}: {err.strerror or err}"
+    return ""
+
+
 def _where() -> str:
     """Describe where the kernels run on this machine."""
     import torch
@@ -196,8 +223,17 @@ def cmd_bench(args) -> int:
 
     if args.update_readme:
         root = Path(args.results_root)
-        changed = benchmark.update_readme(root.parent.parent / "README.md" if args.readme is None
-                                          else Path(args.readme), root)
+        readme = root.resolve().parent.parent / "README.md" if args.readme is None else Path(args.readme)
+        # (a mistyped folder would read as "no GPU run committed" and wipe the section)
+        problem = (f"--results-root {str(root)!r} is not a folder" if not root.is_dir()
+                   else f"no README at {str(readme)!r} (pass --readme)" if not readme.is_file() else "")
+        try:
+            changed = not problem and benchmark.update_readme(readme, root)
+        except ValueError as err:  # (the README has no performance markers)
+            problem = str(err)
+        if problem:
+            print(f"fused-lora bench --update-readme: {problem}", file=sys.stderr)
+            return 2
         print("README performance section " + ("updated" if changed else "already up to date")
               + f" from {root}", file=sys.stderr)
         return 0
@@ -214,6 +250,10 @@ def cmd_bench(args) -> int:
         print(f"preset {name!r} needs a CUDA GPU ({where}); use --preset smoke", file=sys.stderr)
         return 2
     preset = benchmark.filter_cases(presets[name], args.m)
+    if not preset.cases:
+        print(f"--m {' '.join(map(str, args.m))} matches no case of preset {name!r} (its M: "
+              f"{sorted({c.m for c in presets[name].cases})})", file=sys.stderr)
+        return 2
     device = torch.device("cuda" if on_gpu else "cpu")
     deadline = time.monotonic() + args.time_budget if args.time_budget else None
     if args.shard is not None:
@@ -232,6 +272,10 @@ def cmd_bench(args) -> int:
         return _compile_only(benchmark, preset, device, deadline, where)
     env = benchmark.environment()
     out_dir = Path(args.out) if args.out else benchmark.default_out_dir(env)
+    problem = _writable_dir(out_dir)
+    if problem:
+        print(f"fused-lora bench: {problem}", file=sys.stderr)
+        return 2
     print(f"fused-lora bench — preset {name}, {len(preset.cases)} cases — {where}", file=sys.stderr)
     results = benchmark.run_preset(preset, device, progress=progress, deadline=deadline,
                                    on_case_done=lambda partial: benchmark.write_outputs(partial, env, preset, out_dir))
@@ -281,6 +325,10 @@ def cmd_demo(args) -> int:
     except ImportError as err:
         print(f"fused-lora demo needs peft and transformers ({err}); pip install 'fused-lora[demo]'", file=sys.stderr)
         return 2
+    problem = _writable_dir(Path(args.out))
+    if problem:
+        print(f"fused-lora demo: {problem}", file=sys.stderr)
+        return 2
     on_gpu = torch.cuda.is_available() and not _triton.interpreter()
     steps = args.steps or (200 if on_gpu else 30)
     print(f"fused-lora demo — {steps} steps — {where}", file=sys.stderr)
@@ -307,9 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("bench", help="benchmark fused vs naive LoRA vs the bare base layer")
     p.add_argument("--preset", help="smoke (CPU), headline, gpu-check (default on GPU), full")
-    p.add_argument("--m", type=int, action="append", help="only the cases with this many tokens (repeatable)")
+    p.add_argument("--m", type=_number(int, 1), action="append",
+                   help="only the cases with this many tokens (repeatable)")
     p.add_argument("--out", help="output folder (default: bench/results/<date>-<gpu> on a GPU, out/ without)")
-    p.add_argument("--time-budget", type=float, help="seconds; cases not started by then are skipped (and said so)")
+    p.add_argument("--time-budget", type=_number(float, 0, above=True),
+                   help="seconds; cases not started by then are skipped (and said so)")
     p.add_argument("--compile-only", action="store_true",
                    help="run every step of the preset once, untimed, writing nothing: fills the kernel caches "
                         "(bench/gpu_check.sh runs it beside the tests)")
@@ -321,10 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the JSON results instead of the table")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("demo", help="fine-tune a small character-level LM: fused vs PEFT LoRA side by side")
-    p.add_argument("--steps", type=int, help="training steps (default 30 on CPU, 200 on a GPU)")
-    p.add_argument("--r", type=int, default=8, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=16, help="LoRA alpha")
-    p.add_argument("--dropout", type=float, default=0.0,
+    p.add_argument("--steps", type=_number(int, 1), help="training steps (default 30 on CPU, 200 on a GPU)")
+    p.add_argument("--r", type=_number(int, 1), default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=_number(float), default=16, help="LoRA alpha")
+    p.add_argument("--dropout", type=_number(float, 0, below=1), default=0.0,
                    help="LoRA dropout (> 0: the two runs draw different masks, so the curves differ)")
     p.add_argument("--out", default="out/demo", help="output folder (adapter, loss plot, demo.json)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

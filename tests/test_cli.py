@@ -95,6 +95,63 @@ def test_gpu_presets_refused_without_gpu(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["bench", "--time-budget", "-5"], ["--time-budget", "> 0", "-5"]),
+    (["bench", "--time-budget", "nan"], ["--time-budget", "finite"]),
+    (["bench", "--m", "0"], ["--m", ">= 1"]),
+    (["bench", "--m", "16.5"], ["--m", "integer", "'16.5'"]),
+    (["demo", "--steps", "0"], ["--steps", ">= 1"]),
+    (["demo", "--r", "0"], ["--r", ">= 1"]),
+    (["demo", "--dropout", "1"], ["--dropout", "< 1"]),
+    (["demo", "--alpha", "inf"], ["--alpha", "finite"]),
+])
+def test_bad_numbers_are_usage_errors(argv, words, capsys):
+    """Out-of-range numbers stop at the command line (exit 2, the argument
+    named), not as a traceback from deep inside a run (``--steps -1`` was a
+    StatisticsError) nor as a run that does nothing (``--m 0``)."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, f"{word!r} not in: {err}"
+
+
+def test_bench_refuses_what_would_run_nothing_or_lose_output(tmp_path, capsys):
+    """An --m that matches no case, an output folder that cannot be written, a
+    results folder or README that is not there: each is exit 2 with the
+    reason, before anything runs; a mistyped results folder does not wipe the
+    README's section (it would read as "no GPU run committed")."""
+    assert cli.main(["bench", "--preset", "smoke", "--m", "3"]) == 2
+    assert "--m 3 matches no case of preset 'smoke'" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert cli.main(["bench", "--preset", "smoke", "--out", str(blocker / "out")]) == 2
+    assert "cannot write the output folder" in capsys.readouterr().err
+    assert cli.main(["demo", "--out", str(blocker / "demo")]) == 2
+    assert "cannot write the output folder" in capsys.readouterr().err or not _has_peft()
+
+    readme = tmp_path / "README.md"
+    text = f"intro\n{benchmark.README_BEGIN}\nmeasured on a GPU\n{benchmark.README_END}\n"
+    readme.write_text(text)
+    typo = str(tmp_path / "typo")
+    assert cli.main(["bench", "--update-readme", "--results-root", typo, "--readme", str(readme)]) == 2
+    assert "is not a folder" in capsys.readouterr().err and readme.read_text() == text
+    (tmp_path / "x" / "y" / "z").mkdir(parents=True)
+    assert cli.main(["bench", "--update-readme", "--results-root", str(tmp_path / "x" / "y" / "z")]) == 2
+    assert "no README at" in capsys.readouterr().err
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no markers\n")
+    assert cli.main(["bench", "--update-readme", "--results-root", str(tmp_path), "--readme", str(plain)]) == 2
+    assert "no performance markers" in capsys.readouterr().err and plain.read_text() == "no markers\n"
+
+
+def _has_peft() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("peft") is not None and importlib.util.find_spec("transformers") is not None
+
+
 def test_roofline_model_matches_the_design_notes(monkeypatch):
     """KERNELS.md: ideal fused/naive forward ≈ 1.39x at K=N=4096, M=4k-16k with
     dropout, from bytes and FLOPs; the model also charges the integer work of
