@@ -1717,6 +1717,12 @@ def _read_adapter(directory: Path) -> tuple[dict, dict]:
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
             raise AdapterFileError(f"{cfg_path}: {key} must be a number, got {config.get(key)!r}")
+    dropout = config.get("lora_dropout")
+    if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+                                or not 0 <= dropout < 1):
+        raise AdapterFileError(f"{cfg_path}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    if config.get("use_rslora") not in (None, True, False):
+        raise AdapterFileError(f"{cfg_path}: use_rslora must be true or false, got {config['use_rslora']!r}")
 
     st, legacy = directory / WEIGHTS_NAME, directory / LEGACY_WEIGHTS_NAME
     try:

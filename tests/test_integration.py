@@ -828,6 +828,8 @@ def _state(model):
     ("nan", "NaN"),
     ("integer_weights", "must be floating point"),
     ("bias_option", "bias='some' is not one of PEFT's"),
+    ("dropout_out_of_range", r"lora_dropout must be a number in \[0, 1\), got 2.0"),
+    ("rslora_not_a_bool", "use_rslora must be true or false, got 'yes'"),
     ("bias_of_no_bias", "q_proj: the file has a trained bias for the layer .bias='lora_only'., the model's layer "
                         "has none"),
     ("bias_alone", r"biases for layers without lora_A/lora_B weights: \['model.layers.0.self_attn.k_proj'\]"),
@@ -869,6 +871,10 @@ def test_bad_adapter_files_raise_and_leave_the_model_unchanged(tmp_path, damage,
         tensors[key_a] = (tensors[key_a] * 100).to(torch.int32)
     elif damage == "bias_option":
         cfg["bias"] = "some"
+    elif damage == "dropout_out_of_range":
+        cfg["lora_dropout"] = 2.0
+    elif damage == "rslora_not_a_bool":
+        cfg["use_rslora"] = "yes"
     elif damage in ("bias_of_no_bias", "bias_alone"):  # (the tiny Llama's linears have no bias)
         cfg["bias"] = "lora_only"
         layer = "q_proj" if damage == "bias_of_no_bias" else "k_proj"
@@ -876,15 +882,20 @@ def test_bad_adapter_files_raise_and_leave_the_model_unchanged(tmp_path, damage,
     if damage in ("drop_lora_B", "wrong_shape", "unknown_module", "unknown_key", "nan", "integer_weights",
                   "bias_of_no_bias", "bias_alone"):
         save_file(tensors, str(w_path))
-    if damage in ("wrong_rank", "dora", "bias_option", "bias_of_no_bias", "bias_alone"):
+    if damage in ("wrong_rank", "dora", "bias_option", "bias_of_no_bias", "bias_alone", "dropout_out_of_range",
+                  "rslora_not_a_bool"):
         cfg_path.write_text(json.dumps(cfg))
+
+    def hyper(model):  # (the fused layers' settings, which no state_dict holds)
+        return {n: (m.alpha, m.dropout, m.use_rslora) for n, m in fused_lora.integration.fused_layers(model).items()}
 
     for target in (tiny_llama(seed=5), _randomised_fused_llama(target_modules=["q_proj", "v_proj"], r=4, alpha=8)):
         before_state, before_types = _state(target)
+        before_hyper = hyper(target)
         with pytest.raises(AdapterFileError, match=message):
             fused_lora.load_adapter(target, tmp_path)
         after_state, after_types = _state(target)
-        assert after_types == before_types
+        assert after_types == before_types and hyper(target) == before_hyper
         assert after_state.keys() == before_state.keys()
         assert all(torch.equal(after_state[k], before_state[k]) for k in before_state)
 
