@@ -144,12 +144,12 @@ def dropout_mask(seed, shape, p: float, device=None) -> torch.Tensor:
     else:
         seed = check_seed(seed)
     p = check_dropout_p(p, "p")
-    if not hasattr(shape, "__iter__") or isinstance(shape, str):
-        raise TypeError(f"shape must be (M, K), a pair of ints, got {type(shape).__name__}")
-    shape = tuple(shape)
-    if len(shape) != 2 or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 0 for d in shape):
-        raise ValueError(f"shape must be (M, K) with non-negative ints, got {shape}")
-    m, k = (int(d) for d in shape)
+    from ._validate import check_shape  # (here: _validate imports this module)
+
+    shape = check_shape("shape", shape)
+    if len(shape) != 2:
+        raise ValueError(f"shape must be (M, K), got {shape}")
+    m, k = shape
     if p == 0.0:
         return torch.ones((m, k), dtype=torch.bool, device=device)
     groups = -(-k // 8)

@@ -69,8 +69,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._validate import version_tuple
-from .layer import LoRALinear, check_adapter_dtype, check_int, lora_scaling, unfusable_base
+from ._validate import check_int, version_tuple
+from .layer import LoRALinear, check_adapter_dtype, lora_scaling, unfusable_base
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"

@@ -175,6 +175,7 @@ def test_a_seed_held_in_a_tensor_gives_the_same_mask():
     (dict(seed=1, shape=(2, 3, 4), p=0.1), ValueError),
     (dict(seed=1, shape=(2, -3), p=0.1), ValueError),
     (dict(seed=1, shape=6, p=0.1), TypeError),
+    (dict(seed=1, shape=(2.0, 3), p=0.1), TypeError),
 ])
 def test_dropout_mask_bad_arguments(kwargs, err):
     with pytest.raises(err):
