@@ -121,7 +121,7 @@ def check_seed_tensor(seed: torch.Tensor, name: str = "seed") -> torch.Tensor:
     return seed.to(torch.int64)
 
 
-def dropout_mask(seed, shape, p: float, device=None) -> torch.Tensor:
+def dropout_mask(seed, shape, p: float, device=None, *, rows=None) -> torch.Tensor:
     """The boolean keep-mask of shape ``(M, K)`` that the fused kernels use for
     ``seed`` and dropout probability ``p``: element ``(m, k)`` is kept when
     16-bit number ``k % 8`` of ``philox(seed, m * cdiv(K, 8) + k // 8)`` is at
@@ -135,6 +135,9 @@ def dropout_mask(seed, shape, p: float, device=None) -> torch.Tensor:
     one (its value never read back to the host: the seed the fused op draws
     on a GPU for ``seed=None`` gives its mask without a sync). ``device``:
     where the mask is made (default: a tensor seed's device, else the CPU).
+    ``rows=(start, stop)``: only those rows of the ``(M, K)`` mask, shape
+    ``(stop - start, K)``, equal to ``dropout_mask(seed, shape, p)[start:stop]``
+    without making the rest (a mask too big to hold can be checked in slices).
     """
     if isinstance(seed, torch.Tensor):
         seed = check_seed_tensor(seed)
@@ -150,9 +153,22 @@ def dropout_mask(seed, shape, p: float, device=None) -> torch.Tensor:
     if len(shape) != 2:
         raise ValueError(f"shape must be (M, K), got {shape}")
     m, k = shape
+    start, stop = (0, m) if rows is None else _check_rows(rows, shape)
     if p == 0.0:
-        return torch.ones((m, k), dtype=torch.bool, device=device)
+        return torch.ones((stop - start, k), dtype=torch.bool, device=device)
     groups = -(-k // 8)
-    counters = torch.arange(m * groups, dtype=torch.int64, device=device).view(m, groups)
-    halves = halves16(philox_randint4x(seed, counters)).view(m, 8 * groups)[:, :k]
+    counters = torch.arange(start * groups, stop * groups, dtype=torch.int64, device=device).view(stop - start, groups)
+    halves = halves16(philox_randint4x(seed, counters)).view(stop - start, 8 * groups)[:, :k]
     return halves >= keep_threshold(p)
+
+
+def _check_rows(rows, shape) -> tuple[int, int]:
+    """``dropout_mask``'s ``rows``: a pair of ints ``0 <= start <= stop <= M``."""
+    if (not isinstance(rows, (tuple, list)) or len(rows) != 2
+            or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in rows)):
+        raise TypeError(f"rows must be a pair of ints (start, stop), got {rows!r}")
+    start, stop = (int(i) for i in rows)
+    if not 0 <= start <= stop <= shape[0]:
+        raise ValueError(f"rows must satisfy 0 <= start <= stop <= M = {shape[0]} for shape {shape}, "
+                         f"got ({start}, {stop})")
+    return start, stop

@@ -165,6 +165,29 @@ def test_a_seed_held_in_a_tensor_gives_the_same_mask():
     assert meta.device.type == "meta" and meta.shape == (7, 45) and meta.dtype == torch.bool
 
 
+def test_a_slice_of_rows_is_that_slice_of_the_mask():
+    """``rows=(start, stop)`` draws only those rows of the (M, K) mask (the
+    counters start at row ``start``): the same bits as the whole mask's slice,
+    with a tensor seed, at p = 0 and for an empty slice too."""
+    m, k, p = 41, 27, 0.3
+    whole = fused_lora.dropout_mask(7, (m, k), p, device=DEVICE)
+    for start, stop in ((0, m), (0, 1), (13, 29), (40, 41), (m, m), (5, 5)):
+        part = fused_lora.dropout_mask(7, (m, k), p, device=DEVICE, rows=(start, stop))
+        assert part.shape == (stop - start, k) and torch.equal(part, whole[start:stop]), (start, stop)
+    held = torch.tensor(7, dtype=torch.int32, device=DEVICE)
+    assert torch.equal(fused_lora.dropout_mask(held, (m, k), p, rows=[3, 11]), whole[3:11])
+    assert fused_lora.dropout_mask(7, (m, k), 0.0, rows=(2, 9)).shape == (7, k)
+
+
+@pytest.mark.parametrize("rows, err", [
+    ((1, 2, 3), TypeError), (3, TypeError), ((1.0, 2), TypeError), ((True, 2), TypeError),
+    ((-1, 2), ValueError), ((3, 2), ValueError), ((0, 42), ValueError),
+])
+def test_dropout_mask_bad_rows(rows, err):
+    with pytest.raises(err, match="rows must"):
+        fused_lora.dropout_mask(1, (41, 27), 0.3, rows=rows)
+
+
 @pytest.mark.parametrize("kwargs, err", [
     (dict(seed=torch.tensor([1, 2]), shape=(2, 3), p=0.1), TypeError),
     (dict(seed=torch.tensor(1.0), shape=(2, 3), p=0.1), TypeError),

@@ -745,6 +745,58 @@ def test_64_bit_mask_counters_draw_the_same_mask(monkeypatch, strategy):
         assert_close(g, g64[name], torch.float32, f"d{name}")
 
 
+@pytest.mark.parametrize("strategy", ["in_loop", "split", "hybrid"])
+def test_offsets_past_2_31_elements(monkeypatch, strategy):
+    """On a GPU, x, y, dy and dx of more than 2**31 elements (2**23 + 37 rows
+    of 256 features in bf16, 4.3 GB each): every pass (forward, dy pass, dx,
+    dA, dW) must index them with 64-bit offsets, and the dropout mask switches
+    to 64-bit counters, so the rows past 2**31 elements come out as right as
+    the first. Checked against float64 in row slices (the mask's too, with
+    ``dropout_mask(rows=...)``), so that no full-size float64 copy is made.
+    Without a GPU the same test runs at a size the interpreter can, the 64-bit
+    counters switched on by lowering their threshold: that checks the test
+    itself (its slicing and its reference); only a GPU reaches the offsets."""
+    from fused_lora.kernels import common
+
+    p, scaling, seed = 0.1, 1.5, 2024
+    if DEVICE.type == "cuda":
+        dtype, k, n, r, chunk = torch.bfloat16, 256, 256, 16, 2**16
+        m = 2**31 // k + 37
+    else:
+        dtype, k, n, r, chunk = torch.float32, 24, 40, 5, 64
+        m = 203
+        monkeypatch.setattr(common, "MASK_INT64_NUMEL", m * k)
+    assert common.mask_counters_int64(m, k) and m * n >= common.MASK_INT64_NUMEL
+    torch.manual_seed(0)
+    x = torch.randn(m, k, dtype=dtype, device=DEVICE, requires_grad=True)
+    w, b, a, bb = make_params(k, n, r, dtype, True)
+    for t in (w, b, a, bb):
+        t.requires_grad_()
+    with fused_lora.dispatch.force_strategy(strategy):
+        y = fused_lora.lora_linear(x, w, a, bb, b, scaling=scaling, dropout_p=p, seed=seed, backend="triton")
+    dy = torch.randn_like(y)
+    dx, dw, db, da, dbb = torch.autograd.grad(y, (x, w, b, a, bb), dy)
+    w64, b64, a64, bb64 = (t.detach().double() for t in (w, b, a, bb))
+    sums = dict(weight=0.0, bias=0.0, lora_A=0.0, lora_B=0.0)
+    for i in range(0, m, chunk):
+        j = min(i + chunk, m)
+        xs, dys = x[i:j].detach().double(), dy[i:j].double()
+        keep = fused_lora.dropout_mask(seed, (m, k), p, device=DEVICE, rows=(i, j)).double() / (1 - p)
+        xa = (xs * keep) @ a64.t()
+        g = scaling * dys @ bb64
+        assert_close(y[i:j], xs @ w64.t() + b64 + scaling * xa @ bb64.t(), dtype, f"y[{i}:{j}]")
+        assert_close(dx[i:j], dys @ w64 + (g @ a64) * keep, dtype, f"dx[{i}:{j}]")
+        sums["weight"] = sums["weight"] + dys.t() @ xs
+        sums["bias"] = sums["bias"] + dys.sum(0)
+        sums["lora_A"] = sums["lora_A"] + g.t() @ (xs * keep)
+        sums["lora_B"] = sums["lora_B"] + scaling * dys.t() @ xa
+    for name, got in zip(sums, (dw, db, da, dbb)):
+        assert_close(got, sums[name], dtype, f"d{name}")
+    del x, y, dy, dx
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()  # (the other shards of bench/gpu_check.sh share the GPU)
+
+
 @pytest.mark.parametrize("strategy", ["in_loop", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_bitwise_reproducible_without_dropout(strategy, dtype):
