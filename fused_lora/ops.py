@@ -88,6 +88,25 @@ def _unflatten_output(y2: Tensor, like: Tensor) -> Tensor:
     return torch.ops.aten._unsafe_view(y2, (*like.shape[:-1], y2.shape[1]))
 
 
+def _on_the_operands_device(pass_fn):
+    """Runs a Triton pass with its first operand's GPU as the current CUDA
+    device. Triton launches on the current device, not on the operands':
+    a layer on cuda:1 while cuda:0 is current (a model spread over GPUs by a
+    ``device_map``, pipeline stages) would launch there, and Triton would
+    refuse the pointers or, with peer access, read them from the wrong GPU
+    on that GPU's stream, unordered with the work that made them."""
+    @functools.wraps(pass_fn)
+    def run(t: Tensor, *args, **kwargs):
+        device = t.device
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                return pass_fn(t, *args, **kwargs)
+        return pass_fn(t, *args, **kwargs)
+
+    return run
+
+
+@_on_the_operands_device
 def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                    scaling: float, dropout_p: float, seed: int | Tensor,
                    strategy: str = "") -> tuple[Tensor, Tensor]:
@@ -129,6 +148,7 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     return _unflatten_output(y2, x), xa.view(*x.shape[:-1], r)
 
 
+@_on_the_operands_device
 def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
                     scaling: float, dropout_p: float, seed: int | Tensor,
                     need_x: bool, need_weight: bool, need_bias: bool, need_A: bool, need_B: bool,

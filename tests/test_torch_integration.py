@@ -521,6 +521,66 @@ def test_a_default_device_changes_nothing(backend, p, seed):
         assert_close(g, g64[name], torch.float32, f"d{name}")
 
 
+def test_the_passes_make_their_operands_gpu_current(monkeypatch):
+    """Triton launches on the current CUDA device, whatever the operands'. Both
+    Triton passes run with their first operand's GPU current: switched to it
+    when another is (a layer on cuda:1 under a device_map, cuda:0 current) and
+    back afterwards, left alone when it is current already or on the CPU.
+    (Torch's device switch is stood in for: this runs without two GPUs; the
+    next test runs the real thing where there are.)"""
+    current = [0]
+
+    class Switch:  # torch.cuda.device(d)
+        def __init__(self, device):
+            self.index = device.index
+
+        def __enter__(self):
+            current.append(self.index)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[-1])
+    monkeypatch.setattr(torch.cuda, "device", Switch)
+
+    class Operand:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+    ran_on = []
+    probe = ops._on_the_operands_device(lambda t, *args, **kwargs: ran_on.append((current[-1], args, kwargs)) or t)
+    for device, expected in (("cuda:1", 1), ("cuda:0", 0), ("cpu", 0)):
+        operand = Operand(device)
+        assert probe(operand, 2, three=3) is operand
+        assert ran_on.pop() == (expected, (2,), {"three": 3}) and current == [0], device
+    # (both passes are wrapped so, kernels and all: the wrapper's code, around the pass)
+    for pass_fn in (ops.forward_triton, ops.backward_triton):
+        assert pass_fn.__code__ is probe.__code__ and pass_fn.__wrapped__.__name__ == pass_fn.__name__
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("strategy", ["in_loop", "split", "hybrid"])
+def test_a_layer_on_another_gpu_than_the_current_one(strategy):
+    """x and the weights on cuda:1 while cuda:0 is current: every kernel runs
+    on cuda:1 (else Triton refuses the pointers, or reads them across GPUs),
+    with the right output and gradients, and cuda:0 is current afterwards."""
+    torch.cuda.set_device(0)
+    device, dtype = torch.device("cuda", 1), torch.bfloat16
+    x = torch.randn(3, 11, 96, device=device, dtype=dtype, requires_grad=True)
+    w, b, a, bb = make_params(96, 80, 8, dtype, True, device=device)
+    a.requires_grad_()
+    bb.requires_grad_()
+    with fused_lora.dispatch.force_strategy(strategy):
+        y = fused_lora.lora_linear(x, w, a, bb, b, scaling=1.5, dropout_p=0.2, seed=5, backend="triton")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, bb), dy)
+    assert torch.cuda.current_device() == 0 and y.device == device
+    y64, g64 = reference64(x, w, b, a, bb, dy, scaling=1.5, dropout_p=0.2, seed=5, grads=("x", "lora_A", "lora_B"))
+    assert_close(y, y64, dtype, "y")
+    for name, g in zip(("x", "lora_A", "lora_B"), grads):
+        assert_close(g, g64[name], dtype, f"d{name}")
+
+
 def test_fake_tensors_subclasses_and_the_profiler_take_the_ops():
     """Where the ops' dispatcher matters, calls go through it: fake tensors
     get the ops' fake implementations (no kernel runs), a tensor subclass keeps
