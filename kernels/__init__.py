@@ -6,7 +6,9 @@
 * :mod:`.configs` — every launch configuration;
 * :mod:`.common` — the dropout keep-mask and the interpreter switches.
 
-The math is written once, in :mod:`fused_lora.ops`.
+The math is written once, in :mod:`fused_lora.ops`. The launchers launch on
+the current CUDA device, as Triton does; :mod:`fused_lora.ops` makes the
+operands' GPU current first.
 """
 
 if __name__ == "kernels":
