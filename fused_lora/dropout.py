@@ -147,28 +147,22 @@ def dropout_mask(seed, shape, p: float, device=None, *, rows=None) -> torch.Tens
     else:
         seed = check_seed(seed)
     p = check_dropout_p(p, "p")
-    from ._validate import check_shape  # (here: _validate imports this module)
+    from ._validate import check_int, check_shape  # (here: _validate imports this module)
 
     shape = check_shape("shape", shape)
     if len(shape) != 2:
         raise ValueError(f"shape must be (M, K), got {shape}")
     m, k = shape
-    start, stop = (0, m) if rows is None else _check_rows(rows, shape)
+    start, stop = 0, m
+    if rows is not None:
+        if not isinstance(rows, (tuple, list)) or len(rows) != 2:
+            raise TypeError(f"rows must be a pair of ints (start, stop), got {rows!r}")
+        start, stop = (check_int(f"rows[{i}]", row, 0) for i, row in enumerate(rows))
+        if not start <= stop <= m:
+            raise ValueError(f"rows must satisfy start <= stop <= M = {m} for shape {shape}, got {tuple(rows)}")
     if p == 0.0:
         return torch.ones((stop - start, k), dtype=torch.bool, device=device)
     groups = -(-k // 8)
     counters = torch.arange(start * groups, stop * groups, dtype=torch.int64, device=device).view(stop - start, groups)
     halves = halves16(philox_randint4x(seed, counters)).view(stop - start, 8 * groups)[:, :k]
     return halves >= keep_threshold(p)
-
-
-def _check_rows(rows, shape) -> tuple[int, int]:
-    """``dropout_mask``'s ``rows``: a pair of ints ``0 <= start <= stop <= M``."""
-    if (not isinstance(rows, (tuple, list)) or len(rows) != 2
-            or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in rows)):
-        raise TypeError(f"rows must be a pair of ints (start, stop), got {rows!r}")
-    start, stop = (int(i) for i in rows)
-    if not 0 <= start <= stop <= shape[0]:
-        raise ValueError(f"rows must satisfy 0 <= start <= stop <= M = {shape[0]} for shape {shape}, "
-                         f"got ({start}, {stop})")
-    return start, stop
