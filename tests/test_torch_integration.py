@@ -231,8 +231,11 @@ def test_gradient_accumulation_equals_one_big_batch():
     for p in params:
         p.grad = None
     model(x).square().sum().backward()
+    # The same sums in another order: equal to fp32 rounding, relative to each
+    # gradient's largest element (here up to about 1.7e3: a fixed atol of 1e-5
+    # held or failed with the host's BLAS, whose kernels the interpreter's dots use).
     for a, p in zip(accumulated, params):
-        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-5)
+        assert_close(a, p.grad.double(), torch.float32, f"accumulated {tuple(p.shape)}")
 
 
 def test_fp32_adapter_on_a_low_precision_base():
