@@ -125,26 +125,22 @@ def test_inject_regex_all_linear_and_exclude():
     assert len(names) == 2 * 6
 
 
-def test_inject_on_a_model_built_on_meta():
-    """The large-model recipe: build on the meta device, inject (a forward
-    and backward there give meta tensors), materialise with ``to_empty``,
-    load the base weights, initialise the adapters (as the README says).
-    The result is the model injected after loading: a fresh adapter changes
-    nothing, and with the same adapter the outputs and the adapters'
-    gradients are the same."""
-    base = tiny_llama()
-    expected = copy.deepcopy(base)
-    names = fused_lora.inject(expected, LLAMA_TARGETS, r=4, alpha=8)
+def _why_a_plain_model_cannot_run_on_meta(config) -> str | None:
+    """Why transformers' own model (no adapter) cannot run a forward on the
+    meta device with this transformers and torch, or None when it can."""
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(base.config)
-    assert fused_lora.inject(model, LLAMA_TARGETS, r=4, alpha=8) == names
-    assert {p.device.type for p in model.parameters()} == {"meta"}
-    # (before materialising, a forward and backward on meta check the shapes, as on the plain model)
-    logits = model(input_ids=batch().to("meta")).logits
-    assert logits.device.type == "meta" and logits.shape == (2, 13, VOCAB)
-    logits.sum().backward()
-    assert {p.grad.device.type for p in trainable(model).values()} == {"meta"}
-    model.zero_grad(set_to_none=True)
+        plain = transformers.LlamaForCausalLM(config)
+    try:
+        plain(input_ids=batch().to("meta"))
+    except RuntimeError as err:  # transformers 4.57's rotary embedding under torch 2.13: torch.autocast("meta")
+        return (f"transformers {transformers.__version__}'s own Llama cannot run on meta with torch "
+                f"{torch.__version__}, with or without adapters ({err})")
+    return None
+
+
+def _materialise_as(model, base, names):
+    """The README's recipe after building on meta and injecting:
+    ``to_empty``, the base weights loaded, the adapters initialised."""
     model.to_empty(device=DEVICE)
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     assert unexpected == [] and set(missing) == {f"{n}.lora_{w}" for n in names for w in "AB"}
@@ -153,6 +149,22 @@ def test_inject_on_a_model_built_on_meta():
     for layer in fused_lora.integration.fused_layers(model).values():
         layer.reset_lora_parameters()
         assert torch.isfinite(layer.lora_A).all() and layer.lora_A.abs().max() > 0 and not layer.lora_B.any()
+
+
+def test_inject_on_a_model_built_on_meta():
+    """The large-model recipe: build on the meta device, inject, materialise
+    with ``to_empty``, load the base weights, initialise the adapters (as the
+    README says). The result is the model injected after loading: a fresh
+    adapter changes nothing, and with the same adapter the outputs and the
+    adapters' gradients are the same."""
+    base = tiny_llama()
+    expected = copy.deepcopy(base)
+    names = fused_lora.inject(expected, LLAMA_TARGETS, r=4, alpha=8)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(base.config)
+    assert fused_lora.inject(model, LLAMA_TARGETS, r=4, alpha=8) == names
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    _materialise_as(model, base, names)
     ids = batch()
     assert_outputs_close(model(input_ids=ids).logits, base(input_ids=ids).logits)
     for layer in fused_lora.integration.fused_layers(expected).values():
@@ -166,6 +178,28 @@ def test_inject_on_a_model_built_on_meta():
     assert_outputs_close(model(input_ids=ids).logits, expected(input_ids=ids).logits)
     for n, g in grads[1].items():
         assert_outputs_close(grads[0][n], g)
+
+
+def test_a_model_injected_on_meta_runs_on_meta_then_materialises():
+    """Before materialising, a forward and backward on meta give meta
+    tensors of the right shapes (as on the plain model: a shape check of a
+    large model without its memory), and the model then materialises as in
+    the recipe, its outputs the base model's."""
+    base = tiny_llama()
+    if reason := _why_a_plain_model_cannot_run_on_meta(base.config):
+        pytest.skip(reason)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(base.config)
+    names = fused_lora.inject(model, LLAMA_TARGETS, r=4, alpha=8)
+    logits = model(input_ids=batch().to("meta")).logits
+    assert logits.device.type == "meta" and logits.shape == (2, 13, VOCAB)
+    logits.sum().backward()
+    grads = trainable(model)
+    assert len(grads) == 2 * len(names) and {p.grad.device.type for p in grads.values()} == {"meta"}
+    model.zero_grad(set_to_none=True)
+    _materialise_as(model, base, names)
+    ids = batch()
+    assert_outputs_close(model(input_ids=ids).logits, base(input_ids=ids).logits)
 
 
 def test_inject_errors():
@@ -302,7 +336,7 @@ def test_a_transformers_model_compiles_in_one_graph():
         torch.testing.assert_close(loss, eager, rtol=1e-6, atol=0)
         assert len(grads) == 28
         for g, e in zip(grads, eager_grads):
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+            assert_outputs_close(g, e)
     assert counter.frame_count == 1
 
 
