@@ -194,8 +194,8 @@ def test_a_model_injected_on_meta_runs_on_meta_then_materialises():
     logits = model(input_ids=batch().to("meta")).logits
     assert logits.device.type == "meta" and logits.shape == (2, 13, VOCAB)
     logits.sum().backward()
-    grads = trainable(model)
-    assert len(grads) == 2 * len(names) and {p.grad.device.type for p in grads.values()} == {"meta"}
+    adapters = trainable(model)
+    assert len(adapters) == 2 * len(names) and {p.grad.device.type for p in adapters.values()} == {"meta"}
     model.zero_grad(set_to_none=True)
     _materialise_as(model, base, names)
     ids = batch()
