@@ -6,6 +6,10 @@
 #   make test    install into .venv with the test extras (and Triton 3.6, our GPU machine's,
 #                in .venv/gpu-triton for the compile checks), then run the test suite
 #   make demo    fine-tune a small character-level model, fused vs PEFT LoRA side by side
+#   make compile-report
+#                compile every kernel for sm_90 on every tile it may run with, with the newest
+#                Triton and with the GPU machine's (the tests compile each kernel once: less);
+#                about 20 and 11 minutes on two cores: run it when kernels/ changes
 #   make test-gpu-stack
 #                the suite (less the compile checks) under the interpreter with our GPU
 #                machine's Python, torch and Triton (3.12, 2.11, 3.6): what bench/gpu_check.sh
@@ -30,7 +34,7 @@ GPU_TRITON     ?= triton==3.6.0
 GPU_TRITON_DIR := $(VENV)/gpu-triton
 GPU_STAMP      := $(GPU_TRITON_DIR)/.installed
 
-.PHONY: check test demo install clean test-gpu-stack test-floor-stack test-stack
+.PHONY: check test demo install clean compile-report test-gpu-stack test-floor-stack test-stack
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +57,11 @@ test: $(STAMP) $(GPU_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/fused-lora demo
+
+# The sm_90 compile reports of every tile (--scope tiles), with each Triton; either's problems fail it.
+compile-report: $(STAMP) $(GPU_STAMP)
+	$(BIN)/python -m fused_lora.compile_report --arch 90 --scope tiles
+	PYTHONPATH=$(abspath $(GPU_TRITON_DIR)) $(BIN)/python -m fused_lora.compile_report --arch 90 --scope tiles
 
 # Our H200 machine's versions (../shared/design/GPU.md): Python 3.12 where a working python3.12
 # is on the PATH (else $(PYTHON); GPU_STACK_PYTHON=... to choose), torch 2.11, Triton 3.6.

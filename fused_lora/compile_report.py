@@ -3,6 +3,7 @@
     python -m fused_lora.compile_report            # sm_90 and sm_80, a table
     python -m fused_lora.compile_report --json     # the same, for machines
     python -m fused_lora.compile_report --arch 90 --jobs 2
+    python -m fused_lora.compile_report --arch 90 --scope kernels   # each kernel on one tile
 
 For each configuration of :mod:`fused_lora.kernels.configs`, each pass that
 uses it and each rank tile the pass runs with (each is its own kernel; the
@@ -27,6 +28,8 @@ runs on that arch, pruned to its shared memory
 (:func:`fused_lora.kernels.configs.smem_limit_for`: ``--arch 86`` compiles
 what a 99 KiB GeForce/RTX/L4 part runs); on every arch a kernel over that
 limit, or a GEMM over the estimate that prunes its tiles, is a problem.
+``--scope kernels`` compiles each kernel on one tile, ``--scope paths`` at
+one rank tile too (:data:`SCOPES`).
 """
 
 from __future__ import annotations
@@ -286,16 +289,22 @@ def _compile(src, arch: int, options: dict):
     return compiled, out.getvalue()
 
 
+def result_of(job: Job) -> Result:
+    """The (empty) result of ``job``, named as the report names it: its pass
+    and each variant (``+k_tail``, ``+tma``...)."""
+    tail = "+k_tail" if job.kernel == "gemm" else "+c_tail"
+    return Result(job.kernel, job.pass_name + ("" if job.even_k else tail) + ("" if job.even_r else "+r_tail")
+                  + ("+split_k" if job.split_k else "") + ("+tma" if job.tma else "")
+                  + ("+persistent" if job.persistent else "") + ("+seed_value" if job.seed_value else "")
+                  + ("+tf32" if job.tf32 else "") + ("" if job.bias else "+no_bias")
+                  + ("+offset_int64" if job.offset_int64 else ""),
+                  job.dtype, job.arch, job.config, job.block_r)
+
+
 def compile_job(job: Job) -> Result:
     from fused_lora.kernels import configs, gemm, skinny
 
-    tail = "+k_tail" if job.kernel == "gemm" else "+c_tail"
-    res = Result(job.kernel, job.pass_name + ("" if job.even_k else tail) + ("" if job.even_r else "+r_tail")
-                 + ("+split_k" if job.split_k else "") + ("+tma" if job.tma else "")
-                 + ("+persistent" if job.persistent else "") + ("+seed_value" if job.seed_value else "")
-                 + ("+tf32" if job.tf32 else "") + ("" if job.bias else "+no_bias")
-                 + ("+offset_int64" if job.offset_int64 else ""),
-                 job.dtype, job.arch, job.config, job.block_r)
+    res = result_of(job)
     precision = "tf32" if job.tf32 else "ieee"
     try:
         if job.kernel == "gemm":
@@ -312,7 +321,7 @@ def compile_job(job: Job) -> Result:
             cfg = None
             fn, values = skinny.reduce_partials_kernel, _reduce_args(job.dtype, cfg, job.pass_name, job.block_r)
         options = {"num_warps": job.config.get("num_warps", 4), "num_stages": job.config.get("num_stages", 2),
-                   "enable_fp_fusion": True}
+                   "enable_fp_fusion": configs.FP_FUSION}
         src = _ast_source(fn, values)
         compiled, ptxas_log = _compile(src, job.arch, options)
         ptx = compiled.asm["ptx"]
@@ -385,20 +394,47 @@ def _gemm_pruning(pass_name: str) -> dict:
 #: archs, where this was not measured, fp16's GEMMs on every tile.)
 FP16_TWIN_REGISTER_MARGIN = 24
 
+#: How much the report compiles (``--scope``; :func:`jobs_for`):
+#:
+#: * ``tiles`` (the default): every kernel on every tile the dispatch may run
+#:   it with (the tile it picks depends on M, N and the GPU's SM count, so
+#:   for some layer any tile that fits is picked), as above;
+#: * ``kernels``: every kernel specialisation once (each pass, rank tile,
+#:   variant and dtype, with pointers, TMA, the persistent grid, TF32), on
+#:   the tile the dispatch runs it with at large M (its pass's first
+#:   candidate; split-K's partials on the tile that splits at small M);
+#: * ``paths``: every code path once: ``kernels`` at one rank tile of each,
+#:   the largest it runs with (its most registers as a rule, not always: on
+#:   3.9 a smaller rank tile took up to 66 more). The rank tile, like the
+#:   tile, is a size: no code branches on it.
+#:
+#: The test suite compiles ``kernels`` with the GPU machine's Triton and
+#: ``paths`` with the newest (``tests/lora_testing.py``: on CI's two cores
+#: the two ``tiles`` reports took 31 of its 43 minutes); ``make
+#: compile-report`` compiles ``tiles`` with both.
+SCOPES = ("tiles", "kernels", "paths")
 
-def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = False) -> list[Job]:
+
+def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = False,
+             scope: str = "tiles") -> list[Job]:
     """Every shipped configuration, with each pass (and rank tile) it serves
     (fp16's GEMMs: :data:`FP16_TWIN_REGISTER_MARGIN`); with
-    ``every_variant``, :func:`with_every_variant` of those."""
+    ``every_variant``, :func:`with_every_variant` of those; ``scope``: how
+    many tiles and rank tiles (:data:`SCOPES`)."""
     from fused_lora.kernels import configs  # (configs only: no kernel is decorated here)
 
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if every_fp16_tile and scope != "tiles":
+        raise ValueError(f"every_fp16_tile compiles fp16's GEMMs on every tile: it needs scope='tiles', "
+                         f"got {scope!r}")
     jobs = []
     shipped = configs.shipped_configs()
     smem = configs.smem_limit_for(arch)  # (below Hopper's, tiles that do not fit run with fewer stages)
     for dtype in ("bf16", "fp16", "fp32"):
         elt = 4 if dtype == "fp32" else 2
         # (fp16's GEMMs for sm_90, where the twins were measured: the largest tile, and bf16's twins)
-        every_tile = dtype != "fp16" or every_fp16_tile or arch != 90
+        every_tile = scope == "tiles" and (dtype != "fp16" or every_fp16_tile or arch != 90)
         # (pass, rank tile, in-loop shrink, dropout mask), at every rank tile the pass runs with (each
         # is its own kernel): the in-loop passes (the forward, and dx at small M) hold the whole rank in
         # one tile; the others add the precomputed low-rank term in chunks of at most GEMM_LR_MAX_BLOCK_R.
@@ -479,7 +515,20 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
             for has_acc2, out2 in itertools.product((False, True), seconds) if second else [(False, "fp32")]:
                 jobs.append(Job("reduce", reduce_name(has_acc, even, second, has_acc2, out2), dtype,
                                 dict(configs.REDUCE_LAUNCH), arch))
-    return with_every_variant(jobs) if every_variant else jobs
+    jobs = with_every_variant(jobs) if every_variant else jobs
+    return largest_rank_tiles(jobs) if scope == "paths" else jobs
+
+
+def largest_rank_tiles(jobs: list[Job]) -> list[Job]:
+    """``jobs`` less those whose kernel (pass, variant, dtype, loads, grid)
+    is among them at a larger rank tile."""
+    def kernel(job: Job) -> str:
+        return _job_id(dataclasses.replace(job, block_r=0, config={}))
+
+    largest: dict[str, int] = {}
+    for job in jobs:
+        largest[kernel(job)] = max(largest.get(kernel(job), 0), job.block_r)
+    return [job for job in jobs if job.block_r == largest[kernel(job)]]
 
 
 def with_every_variant(jobs: list[Job]) -> list[Job]:
@@ -536,14 +585,14 @@ def fp16_twins(jobs: list[Job], results: list[Result]) -> list[Job]:
 
 
 def run(archs=(90, 80), jobs: int = 1, progress=None, every_fp16_tile: bool = False,
-        every_variant: bool = False) -> list[Result]:
+        every_variant: bool = False, scope: str = "tiles") -> list[Result]:
     """Compile every job (and then :func:`fp16_twins`), in fresh worker
     processes. Compiling needs the real (JIT) kernels whatever the caller runs
     on, so the workers start without TRITON_INTERPRET; the caller's own
     kernels are left as they are."""
     import multiprocessing
 
-    work = [j for a in archs for j in jobs_for(a, every_fp16_tile, every_variant)]
+    work = [j for a in archs for j in jobs_for(a, every_fp16_tile, every_variant, scope)]
     bar = progress(total=len(work), desc="compile", unit="kernel") if progress else None
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
@@ -645,7 +694,14 @@ def main(argv=None) -> int:
     parser.add_argument("--every-variant", action="store_true",
                         help="compile the GEMMs' variants (K and rank tails, no bias, the seed as a value, 64-bit "
                              "mask counters, split-K) on every GEMM compiled, not on one tile of each pass")
+    parser.add_argument("--scope", choices=SCOPES, default="tiles",
+                        help="tiles: every kernel on every tile the dispatch may run it with (the default); "
+                             "kernels: every kernel specialisation (pass, rank tile, variant, dtype) once, on the "
+                             "tile it runs with at large M; paths: that at the largest rank tile of each only")
     args = parser.parse_args(argv)
+    if args.every_fp16_tile and args.scope != "tiles":
+        parser.error(f"--every-fp16-tile compiles fp16's GEMMs on every tile: it needs --scope tiles, "
+                     f"not --scope {args.scope}")
     from fused_lora.kernels import configs
 
     for arch in args.arch or ():
@@ -662,14 +718,15 @@ def main(argv=None) -> int:
     from .cli import progress
 
     results = run(tuple(args.arch or (90, 80)), jobs=args.jobs, progress=progress,
-                  every_fp16_tile=args.every_fp16_tile, every_variant=args.every_variant)
+                  every_fp16_tile=args.every_fp16_tile, every_variant=args.every_variant, scope=args.scope)
     bad = problems(results)
     if args.json:
-        print(json.dumps({"triton": triton.__version__, "results": [asdict(r) for r in results], "problems": bad},
-                         indent=1))
+        print(json.dumps({"triton": triton.__version__, "scope": args.scope, "results": [asdict(r) for r in results],
+                          "problems": bad}, indent=1))
     else:
         print(_table(results))
-        print(f"\n{len(results)} kernels compiled with Triton {triton.__version__}, {len(bad)} problem(s)")
+        print(f"\n{len(results)} kernels compiled with Triton {triton.__version__} (--scope {args.scope}), "
+              f"{len(bad)} problem(s)")
         for line in bad:
             print("  PROBLEM", line)
     return 1 if bad else 0

@@ -36,10 +36,20 @@ class BackgroundCompileReports:
     collection ends (``tests/conftest.py``): they keep every core busy while
     the rest of the suite runs on one, and their tests, run last, wait for
     them. ``name``: "newest" (this Triton) or "gpu_machine" (Triton 3.6 from
-    ``FUSED_LORA_GPU_TRITON``)."""
+    ``FUSED_LORA_GPU_TRITON``).
+
+    How much each compiles (:data:`fused_lora.compile_report.SCOPES`): with
+    the GPU machine's Triton every kernel specialisation, each on the tile it
+    runs with at large M (``kernels``: 822 kernels); with the newest every code
+    path, at the largest rank tile of each too (``paths``: 421; the newest
+    Triton takes about 1.7 times as long a kernel). Every tile of both
+    (``tiles``: 1,260 each; ``make compile-report``) took 31 minutes of CI's
+    43 on its two cores (AMD EPYC, Triton 3.9: 20 minutes alone, 3.6: 11):
+    too long for each push."""
 
     TIMEOUT_S = 2400
     COMMAND = ("-m", "fused_lora.compile_report", "--arch", "90", "--json", "--jobs", "2")
+    SCOPES = {"newest": "paths", "gpu_machine": "kernels"}
 
     def __init__(self):
         import concurrent.futures
@@ -76,7 +86,7 @@ class BackgroundCompileReports:
         import subprocess
         import sys
 
-        cmd = [sys.executable, *self.COMMAND]
+        cmd = [sys.executable, *self.COMMAND, "--scope", self.SCOPES[name]]
         with subprocess.Popen(cmd, env=self.environment(name), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) as proc:
             self._running.append(proc)

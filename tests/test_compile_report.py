@@ -15,18 +15,29 @@ import triton
 
 from fused_lora import compile_report
 from fused_lora.kernels import configs
+from lora_testing import BackgroundCompileReports
+
+
+def _identity(r: compile_report.Result) -> tuple:
+    return r.kernel, r.pass_name, r.dtype, r.arch, json.dumps(r.config, sort_keys=True), r.block_r
 
 
 @pytest.fixture(scope="module")
 def sm90(sm90_report):
-    """Every result of ``python -m fused_lora.compile_report --arch 90 --json``
-    with this Triton (run in the background from the session's start: conftest)."""
+    """Every result of ``python -m fused_lora.compile_report --arch 90 --json
+    --scope paths`` with this Triton (run in the background from the
+    session's start: conftest): each kernel it plans, and the fp16 twins of
+    the bf16 ones near the register limit, each once."""
     assert sm90_report.stdout.strip(), sm90_report.stderr[-2000:]  # (a crash prints no report)
     report = json.loads(sm90_report.stdout)
     assert report["triton"] == triton.__version__
+    assert report["scope"] == BackgroundCompileReports.SCOPES["newest"] == "paths"
     results = [compile_report.Result(**r) for r in report["results"]]
     assert report["problems"] == compile_report.problems(results)
     assert sm90_report.returncode == (1 if report["problems"] else 0), sm90_report.stderr[-2000:]
+    jobs = compile_report.jobs_for(90, scope=report["scope"])
+    planned = jobs + compile_report.fp16_twins(jobs, results[:len(jobs)])
+    assert [_identity(r) for r in results] == [_identity(compile_report.result_of(j)) for j in planned]
     return results
 
 
@@ -34,7 +45,27 @@ def test_every_config_compiles_for_sm90_cleanly(sm90):
     assert compile_report.problems(sm90) == []
 
 
-def test_report_covers_every_shipped_config(sm90):
+def test_the_compiled_kernels_are_what_was_asked_for(sm90):
+    """wgmma in every 16-bit GEMM, TMA copies exactly where asked for, shared
+    memory within Hopper's; fp16's GEMM compiled wherever its bf16 twin comes
+    near the register limit (with pointers, TMA, the persistent grid)."""
+    gemms = {(r.pass_name, r.dtype, r.block_r, tuple(sorted(r.config.items()))): r for r in sm90
+             if r.kernel == "gemm"}
+    near = [(p, b, c) for (p, d, b, c), r in gemms.items()
+            if d == "bf16" and r.registers >= configs.MAX_REGISTERS_PER_THREAD - compile_report.FP16_TWIN_REGISTER_MARGIN]
+    assert near  # (the check is not empty: on Triton 3.9 with pointers and on the persistent grid)
+    assert [k for k in near if (k[0], "fp16", *k[1:]) not in gemms] == []
+    for r in sm90:
+        assert r.shared is not None and r.shared <= configs.SMEM_LIMIT_SM90
+        if r.kernel == "gemm" and r.dtype != "fp32":
+            assert r.wgmma and not r.mma_sync
+        assert r.tma == ("+tma" in r.pass_name), r.pass_name  # TMA copies exactly where asked for
+
+
+def test_the_report_covers_every_shipped_config():
+    """``compile_report`` (``--scope tiles``, the default) compiles every
+    shipped tile for each pass, rank tile and variant it serves."""
+    sm90 = [compile_report.result_of(job) for job in compile_report.jobs_for(90)]
     shipped = configs.shipped_configs()
     gemm_seen = {(r.dtype, tuple(sorted(r.config.items()))) for r in sm90 if r.kernel == "gemm"}
     # (fp16's GEMMs: the largest tile of each pass, the rest where bf16's need them, below)
@@ -107,20 +138,59 @@ def test_report_covers_every_shipped_config(sm90):
         assert configs.gemm_candidates(2, 16, True, True, persistent=True) == []
         assert {p for p, d, _ in persistent if d == dtype} == {
             f"{p}{loads}+persistent" for p in gemm_passes if p != "dx_in_loop_dropout" for loads in ("", "+tma")}
-    # fp16's GEMMs wherever their bf16 twin comes near the register limit: with pointers, TMA, persistent
-    gemms = {(r.pass_name, r.dtype, r.block_r, tuple(sorted(r.config.items()))): r for r in sm90
-             if r.kernel == "gemm"}
-    near = [(p, b, c) for (p, d, b, c), r in gemms.items()
-            if d == "bf16" and r.registers >= configs.MAX_REGISTERS_PER_THREAD - compile_report.FP16_TWIN_REGISTER_MARGIN]
-    assert {("+tma" in p, "+persistent" in p) for p, _, _ in near} == {(False, False), (True, False), (False, True),
-                                                                       (True, True)}  # (the check is not empty)
-    assert [k for k in near if (k[0], "fp16", *k[1:]) not in gemms] == []
+    # (fp16's GEMMs: the largest tile of each; the others are fp16_twins, where bf16's come near the limit)
+    gemms = {(r.pass_name, r.dtype, r.block_r, tuple(sorted(r.config.items()))) for r in sm90 if r.kernel == "gemm"}
     assert len({k for k in gemms if k[1] == "fp16"}) < len({k for k in gemms if k[1] == "bf16"})
-    for r in sm90:
-        assert r.shared is not None and r.shared <= configs.SMEM_LIMIT_SM90
-        if r.kernel == "gemm" and r.dtype != "fp32":
-            assert r.wgmma and not r.mma_sync
-        assert r.tma == ("+tma" in r.pass_name), r.pass_name  # TMA copies exactly where asked for
+
+
+def test_the_narrower_scopes_compile_each_kernel_and_each_code_path_once():
+    """``--scope kernels``: every kernel specialisation of ``tiles`` (its
+    jobs less their tile), each once, on the tile its pass runs with at large
+    M; ``--scope paths``: every one of those less its rank tile, each once,
+    at the largest rank tile it runs with."""
+    def less(job, *fields):
+        return compile_report._job_id(dataclasses.replace(job, **{f: {} if f == "config" else 0 for f in fields}))
+
+    for arch in (90, 80):
+        tiles, kernels, paths = (compile_report.jobs_for(arch, scope=s) for s in ("tiles", "kernels", "paths"))
+        assert compile_report.SCOPES == ("tiles", "kernels", "paths")
+        ids = {s: {compile_report._job_id(j) for j in jobs} for s, jobs in zip(compile_report.SCOPES,
+                                                                               (tiles, kernels, paths))}
+        assert ids["paths"] < ids["kernels"] < ids["tiles"] and len(ids["kernels"]) == len(kernels)
+        assert {less(j, "config") for j in tiles} == {less(j, "config") for j in kernels}
+        assert len({less(j, "config") for j in kernels}) == len(kernels)
+        assert {less(j, "config", "block_r") for j in kernels} == {less(j, "config", "block_r") for j in paths}
+        assert len({less(j, "config", "block_r") for j in paths}) == len(paths)
+        largest = {}  # (the largest rank tile of each kernel)
+        for k in kernels:
+            largest[less(k, "config", "block_r")] = max(largest.get(less(k, "config", "block_r"), 0), k.block_r)
+        assert all(job.block_r == largest[less(job, "config", "block_r")] for job in paths)
+        # the largest tile: the first candidate, which the dispatch picks at large M
+        smem = configs.smem_limit_for(arch)
+        for job in kernels:
+            if job.kernel == "gemm" and not job.split_k and job.pass_name != "dw":
+                fitting = configs.gemm_candidates(2 if job.dtype != "fp32" else 4, job.block_r,
+                                                  "_in_loop" in job.pass_name, arch=arch, smem_limit=smem,
+                                                  persistent=job.persistent,
+                                                  **compile_report._gemm_pruning(job.pass_name))
+                assert job.config == dataclasses.asdict(fitting[0]), job
+                cfg = configs.GemmConfig(**job.config)
+                assert configs.gemm_config(65536, 4096, 4096, job.block_r, 2 if job.dtype != "fp32" else 4,
+                                           "_in_loop" in job.pass_name, False, arch=arch, smem_limit=smem,
+                                           persistent=job.persistent,
+                                           **compile_report._gemm_pruning(job.pass_name)) == cfg, job
+    # (the persistent in-loop forward holds smaller rank tiles than the other: each at its own largest)
+    paths = compile_report.jobs_for(90, scope="paths")
+    top = {(j.pass_name, j.persistent): j.block_r for j in paths if j.kernel == "gemm" and j.dtype == "bf16"
+           and not (j.tma or j.split_k) and j.even_k and j.even_r}
+    assert top[("forward_in_loop", False)] == configs.in_loop_max_block_r(2) == 128
+    assert top[("forward_in_loop", True)] == configs.in_loop_max_block_r(2, persistent=True) < 128
+    assert top[("dx", False)] == configs.GEMM_LR_MAX_BLOCK_R[2]
+    assert ("dx_in_loop_dropout", True) not in top  # (never run persistent: gemm_candidates)
+    with pytest.raises(ValueError, match="scope must be one of tiles, kernels, paths, got 'every'"):
+        compile_report.jobs_for(90, scope="every")
+    with pytest.raises(ValueError, match="every_fp16_tile .* needs scope='tiles', got 'kernels'"):
+        compile_report.jobs_for(90, every_fp16_tile=True, scope="kernels")
 
 
 def test_fp16_twins_follow_the_bf16_variants_near_the_limit():
@@ -238,6 +308,17 @@ def test_the_report_refuses_a_gpu_the_kernels_do_not_run_on(capsys):
     with pytest.raises(SystemExit) as exit_:
         compile_report.main(["--arch", "75"])
     assert exit_.value.code == 2 and "--arch 75: the kernels need sm_80 or newer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scope", "every"], "argument --scope: invalid choice: 'every'"),
+    (["--scope", "paths", "--every-fp16-tile"], "--every-fp16-tile compiles fp16's GEMMs on every tile: it needs "
+                                                "--scope tiles, not --scope paths"),
+])
+def test_the_report_refuses_a_scope_it_cannot_compile(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        compile_report.main(["--arch", "90", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_the_report_refuses_a_triton_that_prints_no_ptxas_log(capsys, monkeypatch):
@@ -457,15 +538,22 @@ def _job_keys(job: compile_report.Job) -> tuple:
             "tf32" if job.tf32 else "ieee"), variant
 
 
-def _assert_compiled(launched: dict, arch: int) -> None:
+def _assert_compiled(launched: dict, arch: int, scope: str = "tiles") -> None:
     """Every kernel of ``launched`` (:func:`_dispatched_kernels`) is one
-    ``compile_report --arch arch`` compiles (fp16's GEMMs on sm_90:
-    their bf16 twin, and fp16's own where that comes near the register limit,
-    as test_report_covers_every_shipped_config checks)."""
-    compiled = {what for job in compile_report.jobs_for(arch) for what in _job_keys(job)}
+    ``compile_report --arch arch --scope scope`` compiles (fp16's GEMMs on
+    sm_90: their bf16 twin, and fp16's own where that comes near the register
+    limit, as test_the_report_covers_every_shipped_config checks); with
+    ``--scope kernels`` on another tile, with ``paths`` at another rank tile
+    too."""
+    def less(key: tuple) -> tuple:  # (a variant's key names no tile or rank tile)
+        if len(key) == 3 or scope == "tiles":
+            return key
+        return key[:3] + key[4 if scope == "kernels" else 5:]
+
+    compiled = {less(what) for job in compile_report.jobs_for(arch, scope=scope) for what in _job_keys(job)}
     missing = {key: case for key, case in launched.items()
-               if key not in compiled and not (len(key) > 3 and key[0] == "gemm" and key[2] == "fp16"
-                                               and (key[:2] + ("bf16",) + key[3:]) in compiled)}
+               if less(key) not in compiled and not (len(key) > 3 and key[0] == "gemm" and key[2] == "fp16"
+                                                     and less(key[:2] + ("bf16",) + key[3:]) in compiled)}
     assert not missing, "\n".join(f"{key} (first launched by {case})" for key, case in list(missing.items())[:20])
 
 
@@ -473,9 +561,10 @@ def test_the_report_compiles_every_kernel_the_dispatch_launches(monkeypatch):
     """Every kernel the Triton backend launches on an sm_90 GPU, by the
     default heuristics, with TMA or the persistent grid switched on, with a
     forced strategy, with TF32 allowed, for every rank tile, M bucket and set
-    of gradients asked for, is one the report compiles (so the CI checks on
-    spills, shared memory, wgmma and load widths hold for what runs). Found by
-    running the real passes with the kernels replaced by recorders."""
+    of gradients asked for, is one the report compiles (so its checks on
+    spills, shared memory, wgmma and load widths hold for what runs); with
+    ``--scope kernels`` its specialisation, with ``paths`` its code path.
+    Found by running the real passes with the kernels replaced by recorders."""
     every = (True,) * 5
     cases = []
     ranks = (1, 8, 16, 17, 32, 33, 64, 65, 128)
@@ -514,7 +603,8 @@ def test_the_report_compiles_every_kernel_the_dispatch_launches(monkeypatch):
                                 cases.append((m, 4096, 4096, r, dtype, p, needs, False, False, "", tf32, seed,
                                               bias))
     launched = _dispatched_kernels(monkeypatch, cases)
-    _assert_compiled(launched, 90)
+    for scope in compile_report.SCOPES:  # (CI's: BackgroundCompileReports.SCOPES)
+        _assert_compiled(launched, 90, scope)
     assert len(launched) > 500  # (the recorders saw the launches, and every kind of variant)
     for variant in ("+split_k", "+seed_value", "+no_bias", "+offset_int64", "+direct"):
         assert any(key[1].endswith(variant) for key in launched), variant

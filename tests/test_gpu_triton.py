@@ -7,8 +7,9 @@ not), so `make test` installs the GPU machine's Triton beside the newest one
 (``FUSED_LORA_GPU_TRITON``: a ``pip --target`` folder put first on the path)
 and these tests run, in subprocesses with that Triton:
 
-* the compile report for sm_90: every shipped configuration compiles, fits
-  shared memory, does not spill, and the 16-bit GEMMs use wgmma;
+* the compile report for sm_90 (``--scope kernels``): every kernel
+  specialisation compiles, fits shared memory, does not spill, and the
+  16-bit GEMMs use wgmma;
 * ``fused-lora check`` under the interpreter: every kernel path (the three
   strategies, dropout, trainable base, TMA) against the float64 reference.
 """
@@ -20,6 +21,8 @@ import sys
 
 import pytest
 from lora_testing import BackgroundCompileReports
+
+from fused_lora import compile_report
 
 GPU_MACHINE_TRITON = "3.6"
 TRITON_DIR = os.environ.get("FUSED_LORA_GPU_TRITON")
@@ -45,11 +48,18 @@ def test_the_gpu_machines_triton_is_the_one_imported():
 
 
 def test_every_config_compiles_for_sm90_cleanly_on_the_gpu_machines_triton(gpu_machine_sm90_report):
-    proc = gpu_machine_sm90_report  # (`compile_report --arch 90 --json`, run from the session's start: conftest)
+    # (`compile_report --arch 90 --json --scope kernels`, run from the session's start: conftest)
+    proc = gpu_machine_sm90_report
     assert proc.stdout.strip(), proc.stderr[-2000:]  # (a crash prints no report)
     report = json.loads(proc.stdout)
     assert report["triton"].startswith(GPU_MACHINE_TRITON + "."), report["triton"]
-    assert len(report["results"]) > 100
+    # every kernel specialisation once, on the tile it runs with at large M (and fp16's twins near the limit)
+    assert report["scope"] == BackgroundCompileReports.SCOPES["gpu_machine"] == "kernels"
+    jobs = compile_report.jobs_for(90, scope="kernels")
+    assert len(jobs) > 500 and len(report["results"]) >= len(jobs)
+    compiled = [(r["kernel"], r["pass_name"], r["dtype"], r["config"], r["block_r"]) for r in report["results"]]
+    assert compiled[:len(jobs)] == [(r.kernel, r.pass_name, r.dtype, r.config, r.block_r)
+                                    for r in map(compile_report.result_of, jobs)]
     assert report["problems"] == [], "\n".join(report["problems"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert any(r["pass_name"] == "dx_dropout" and r["config"]["block_m"] == 128 and r["config"]["block_n"] == 128
