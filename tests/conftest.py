@@ -6,9 +6,10 @@ imported, because Triton reads it when the kernels are decorated. With a GPU
 the same tests run on CUDA.
 
 The sm_90 compile reports (``test_compile_report``, ``test_gpu_triton``)
-compile hundreds of kernels each on every core (``lora_testing.BackgroundCompileReports``
-says how many); they start in subprocesses when collection ends, the rest of
-the suite runs meanwhile on one core, and the tests that read them run last.
+compile hundreds of kernels each (``lora_testing.BackgroundCompileReports``
+says how many); they start in subprocesses when collection ends and run,
+niced, on the cores the rest of the suite leaves; the tests that read them
+run last.
 """
 
 import os

@@ -33,9 +33,8 @@ def count_launches(monkeypatch, module, kernel: str) -> list:
 class BackgroundCompileReports:
     """The sm_90 compile reports (``python -m fused_lora.compile_report --arch
     90 --json``), each in a subprocess, one after the other, started when
-    collection ends (``tests/conftest.py``): they keep every core busy while
-    the rest of the suite runs on one, and their tests, run last, wait for
-    them. ``name``: "newest" (this Triton) or "gpu_machine" (Triton 3.6 from
+    collection ends (``tests/conftest.py``): they keep the cores the rest of
+    the suite leaves busy, and their tests, run last, wait for them. ``name``: "newest" (this Triton) or "gpu_machine" (Triton 3.6 from
     ``FUSED_LORA_GPU_TRITON``).
 
     How much each compiles (:data:`fused_lora.compile_report.SCOPES`): with

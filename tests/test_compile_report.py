@@ -65,19 +65,19 @@ def test_the_compiled_kernels_are_what_was_asked_for(sm90):
 def test_the_report_covers_every_shipped_config():
     """``compile_report`` (``--scope tiles``, the default) compiles every
     shipped tile for each pass, rank tile and variant it serves."""
-    sm90 = [compile_report.result_of(job) for job in compile_report.jobs_for(90)]
+    planned = [compile_report.result_of(job) for job in compile_report.jobs_for(90)]
     shipped = configs.shipped_configs()
-    gemm_seen = {(r.dtype, tuple(sorted(r.config.items()))) for r in sm90 if r.kernel == "gemm"}
+    gemm_seen = {(r.dtype, tuple(sorted(r.config.items()))) for r in planned if r.kernel == "gemm"}
     # (fp16's GEMMs: the largest tile of each pass, the rest where bf16's need them, below)
     for dtype, pool in (("bf16", shipped["gemm_16bit"]), ("fp32", shipped["gemm_fp32"])):
         for cfg in pool:
             assert (dtype, tuple(sorted(vars(cfg).items()))) in gemm_seen, (dtype, cfg)
-    passes = {(r.kernel, r.pass_name) for r in sm90}
+    passes = {(r.kernel, r.pass_name) for r in planned}
     gemm_passes = ("forward_in_loop", "forward_in_loop_dropout", "forward_split", "dx_in_loop", "dx_in_loop_dropout",
                    "dx", "dx_dropout", "dw")
     assert {("gemm", p) for p in gemm_passes} <= passes
     # the skinny passes: each set of outputs, at every rank tile
-    skinny_seen = {(r.pass_name, r.dtype, r.block_r) for r in sm90 if r.kernel == "skinny"}
+    skinny_seen = {(r.pass_name, r.dtype, r.block_r) for r in planned if r.kernel == "skinny"}
     for dtype, cfg in (("bf16", configs.SKINNY_16BIT), ("fp16", configs.SKINNY_16BIT), ("fp32", configs.SKINNY_FP32)):
         for p in compile_report.SKINNY_PASSES:
             for block_r in configs.rank_tiles(cfg.max_block_r):
@@ -95,7 +95,7 @@ def test_the_report_covers_every_shipped_config():
     assert {("gemm", p + "+split_k") for p in gemm_passes} <= passes
     # every pass with a low-rank term at every rank tile it runs with (the kernel's BLOCK_R), on every
     # tile that fits it (autotuning may pick any: the heuristics' picks are checked below)
-    by_rank = {(r.pass_name, r.dtype, r.block_r, tuple(sorted(r.config.items()))) for r in sm90}
+    by_rank = {(r.pass_name, r.dtype, r.block_r, tuple(sorted(r.config.items()))) for r in planned}
     for dtype, elt in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
         in_loop = configs.rank_tiles(configs.in_loop_max_block_r(elt))
         precomputed = configs.rank_tiles(configs.GEMM_LR_MAX_BLOCK_R[elt])
@@ -119,7 +119,7 @@ def test_the_report_covers_every_shipped_config():
                         assert (p + "+tma", twin, block_r, tuple(sorted(vars(cfg).items()))) in by_rank
                     else:
                         assert (p + "+tf32", dtype, block_r, tuple(sorted(vars(cfg).items()))) in by_rank
-    tma = {(r.pass_name, r.dtype, tuple(sorted(r.config.items()))) for r in sm90 if r.pass_name.endswith("+tma")}
+    tma = {(r.pass_name, r.dtype, tuple(sorted(r.config.items()))) for r in planned if r.pass_name.endswith("+tma")}
     for cfg in shipped["gemm_16bit"]:
         assert ("dw+tma", "bf16", tuple(sorted(vars(cfg).items()))) in tma
     assert ("dw+tma", "fp16", tuple(sorted(vars(configs.gemm_candidates(2, 16, False)[0]).items()))) in tma
@@ -127,7 +127,7 @@ def test_the_report_covers_every_shipped_config():
         assert {p for p, d, _ in tma if d == dtype} >= {f"{p}{split}+tma" for p in gemm_passes
                                                         for split in ("", "+split_k")}
     # the persistent grid: every 16-bit tile it may run, each GEMM pass, with pointers and with TMA loads
-    persistent = {(r.pass_name, r.dtype, tuple(sorted(r.config.items()))) for r in sm90
+    persistent = {(r.pass_name, r.dtype, tuple(sorted(r.config.items()))) for r in planned
                   if r.pass_name.endswith("+persistent")}
     for dtype in ("bf16", "fp16"):
         tiles = configs.gemm_candidates(2, 16, False, persistent=True)
@@ -139,7 +139,7 @@ def test_the_report_covers_every_shipped_config():
         assert {p for p, d, _ in persistent if d == dtype} == {
             f"{p}{loads}+persistent" for p in gemm_passes if p != "dx_in_loop_dropout" for loads in ("", "+tma")}
     # (fp16's GEMMs: the largest tile of each; the others are fp16_twins, where bf16's come near the limit)
-    gemms = {(r.pass_name, r.dtype, r.block_r, tuple(sorted(r.config.items()))) for r in sm90 if r.kernel == "gemm"}
+    gemms = {(r.pass_name, r.dtype, r.block_r, tuple(sorted(r.config.items()))) for r in planned if r.kernel == "gemm"}
     assert len({k for k in gemms if k[1] == "fp16"}) < len({k for k in gemms if k[1] == "bf16"})
 
 
