@@ -9,7 +9,7 @@
 #   make compile-report
 #                compile every kernel for sm_90 on every tile it may run with, with the newest
 #                Triton and with the GPU machine's (the tests compile each kernel once: less);
-#                about 20 and 11 minutes on two cores: run it when kernels/ changes
+#                about 37 minutes on two cores: run it when kernels/ changes
 #   make test-gpu-stack
 #                the suite (less the compile checks) under the interpreter with our GPU
 #                machine's Python, torch and Triton (3.12, 2.11, 3.6): what bench/gpu_check.sh
