@@ -51,7 +51,7 @@ class BackgroundCompileReports:
     #: suite keeps a core and the reports fill the rest, and every core once
     #: it ends. CI takes as long either way (1,565 s on two cores: the work is
     #: what it is), but the suite's durations are its own: run beside the
-    #: reports as equals, its slowest tests took up to 1.6 times as long.
+    #: reports as equals, its slowest tests took up to 1.7 times as long.
     NICENESS = 10
     COMMAND = ("-m", "fused_lora.compile_report", "--arch", "90", "--json", "--jobs", "2")
     SCOPES = {"newest": "paths", "gpu_machine": "kernels"}
