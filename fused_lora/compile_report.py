@@ -525,10 +525,11 @@ def largest_rank_tiles(jobs: list[Job]) -> list[Job]:
     def kernel(job: Job) -> str:
         return _job_id(dataclasses.replace(job, block_r=0, config={}))
 
+    keys = [kernel(job) for job in jobs]
     largest: dict[str, int] = {}
-    for job in jobs:
-        largest[kernel(job)] = max(largest.get(kernel(job), 0), job.block_r)
-    return [job for job in jobs if job.block_r == largest[kernel(job)]]
+    for key, job in zip(keys, jobs):
+        largest[key] = max(largest.get(key, 0), job.block_r)
+    return [job for key, job in zip(keys, jobs) if job.block_r == largest[key]]
 
 
 def with_every_variant(jobs: list[Job]) -> list[Job]:
