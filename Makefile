@@ -8,7 +8,8 @@
 #   make demo    fine-tune a small character-level model, fused vs PEFT LoRA side by side
 #   make compile-report
 #                compile every kernel for sm_90 on every tile it may run with, with the newest
-#                Triton and with the GPU machine's (the tests compile each kernel once: less);
+#                Triton and with the GPU machine's (the tests compile each code path once, at
+#                its largest rank tile: less);
 #                about 37 minutes on two cores: run it when kernels/ changes
 #   make test-gpu-stack
 #                the suite (less the compile checks) under the interpreter with our GPU

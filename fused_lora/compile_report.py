@@ -408,10 +408,10 @@ FP16_TWIN_REGISTER_MARGIN = 24
 #:   3.9 a smaller rank tile took up to 66 more). The rank tile, like the
 #:   tile, is a size: no code branches on it.
 #:
-#: The test suite compiles ``kernels`` with the GPU machine's Triton and
-#: ``paths`` with the newest (``tests/lora_testing.py``: on CI's two cores
-#: the two ``tiles`` reports took 31 of its 43 minutes); ``make
-#: compile-report`` compiles ``tiles`` with both.
+#: The test suite compiles ``paths`` with the GPU machine's Triton and with
+#: the newest (``tests/lora_testing.py``: on CI's two cores the two
+#: ``tiles`` reports took 31 of its 43 minutes); ``make compile-report``
+#: compiles ``tiles`` with both.
 SCOPES = ("tiles", "kernels", "paths")
 
 
