@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import sys
 
 import torch
 
@@ -40,9 +41,11 @@ def check_int(name: str, value, minimum: int) -> int:
 
 
 def check_bool(name: str, value) -> bool:
-    """A flag: True or False (or 1 or 0), not any truthy object: ``"no"``
-    would read as True."""
-    if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+    """A flag: True or False (numpy's too, or 1 or 0), not any truthy
+    object: ``"no"`` would read as True."""
+    numpy = sys.modules.get("numpy")  # (not imported: ``value`` cannot be one of its bools)
+    if (isinstance(value, bool) or (numpy is not None and isinstance(value, numpy.bool_))
+            or (isinstance(value, numbers.Integral) and value in (0, 1))):
         return bool(value)
     raise TypeError(f"{name} must be a bool, got {value!r}")
 

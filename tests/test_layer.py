@@ -231,6 +231,19 @@ def test_bad_constructor_arguments(kwargs, err, match):
         LoRALinear(8, 4, **kwargs)
 
 
+def test_flags_take_numpy_bools_and_0_or_1_and_nothing_else_truthy():
+    """A flag read from a numpy array (``np.True_``) is a bool; 2 or ``"no"`` is not."""
+    import numpy as np
+
+    for flag, want in [(np.True_, True), (np.False_, False), (1, True), (0, False), (np.int64(1), True)]:
+        layer = LoRALinear(8, 4, r=4, alpha=8, use_rslora=flag, fan_in_fan_out=flag, bias=flag)
+        assert (layer.use_rslora, layer.fan_in_fan_out, layer.bias is not None) == (want, want, want)
+        assert type(layer.use_rslora) is bool and layer.scaling == (8 / math.sqrt(4) if want else 8 / 4)
+    for bad in [2, np.int64(2), "no", np.array([True, False])]:
+        with pytest.raises(TypeError, match="use_rslora must be a bool"):
+            LoRALinear(8, 4, use_rslora=bad)
+
+
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 def test_a_disabled_adapter_leaves_the_base_alone_merged_or_not(fan_in_fan_out):
     layer = LoRALinear(24, 17, r=4, dropout=0.1, device=DEVICE, fan_in_fan_out=fan_in_fan_out)
