@@ -143,3 +143,18 @@ def parse_shard(spec: str) -> tuple[int, int]:
     if not 0 <= i < n:
         raise ValueError(f"--shard must be 'i/n' with integers 0 <= i < n, got {spec!r}")
     return i, n
+
+
+def shard(items: list, i: int, n: int, alone=lambda item: False) -> list:
+    """Shard ``i`` of ``n`` of ``items`` (pytest's ``--shard i/n``), in their
+    order: with ``n > 1`` the items ``alone`` marks (the heaviest) make up
+    shard 0 by themselves and the rest are interleaved over the other
+    shards, not cut in blocks, so that each shard gets its share of every
+    file; otherwise every n-th item, from the i-th. The shards of ``0..n-1``
+    hold each item exactly once."""
+    heavy = [item for item in items if alone(item)] if n > 1 else []
+    if not heavy:
+        return items[i::n]
+    if i == 0:
+        return heavy
+    return [item for item in items if not alone(item)][i - 1::n - 1]

@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 
 import fused_lora  # noqa: E402  (after the interpreter switch)
 import triton  # noqa: E402
-from lora_testing import BackgroundCompileReports, parse_shard  # noqa: E402
+from lora_testing import BackgroundCompileReports, parse_shard, shard  # noqa: E402
 
 #: The sm_90 compile reports, by the fixture that asks for each.
 COMPILE_REPORT_FIXTURES = {"sm90_report": "newest", "gpu_machine_sm90_report": "gpu_machine"}
@@ -57,16 +57,9 @@ def pytest_collection_modifyitems(config, items):
     spec = config.getoption("--shard")
     if spec is None:
         return
-    i, n = parse_shard(spec)
     # Tests marked own_shard (the heaviest compilers) make up shard 0 alone;
-    # the rest are interleaved over the other shards (not in blocks: each
-    # shard gets its share of every test file).
-    alone = [item for item in items if item.get_closest_marker("own_shard")] if n > 1 else []
-    if alone:
-        rest = [item for item in items if not item.get_closest_marker("own_shard")]
-        mine = alone if i == 0 else rest[i - 1::n - 1]
-    else:
-        mine = items[i::n]
+    # the rest are interleaved over the other shards.
+    mine = shard(items, *parse_shard(spec), alone=lambda item: item.get_closest_marker("own_shard") is not None)
     chosen = {id(item) for item in mine}
     config.hook.pytest_deselected(items=[item for item in items if id(item) not in chosen])
     items[:] = mine

@@ -13,6 +13,7 @@ from fused_lora.testing import (  # noqa: F401
     normalized_error,
     parse_shard,
     reference64,
+    shard,
 )
 
 

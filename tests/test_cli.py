@@ -247,35 +247,48 @@ def test_gpu_check_runs_every_test_file_but_the_compile_checks():
 def test_gpu_check_runs_the_suite_as_interleaved_shards():
     """On a GPU most of the suite's time is Triton compiling kernels, one core
     per process: bench/gpu_check.sh runs ``--shard i/n`` for every i at once.
-    Together the shards are the whole suite, each test exactly once; a bad
-    spec is a usage error, not a silently empty run; the heaviest test has a
-    shard of its own."""
+    Together the shards are the whole suite, each test exactly once,
+    interleaved (each shard gets its share of every file); the heaviest
+    tests (marked own_shard) have shard 0 to themselves; a bad spec is a
+    usage error, not a silently empty run. The split is
+    :func:`fused_lora.testing.shard`'s, checked here on lists; pytest's
+    ``--shard`` (conftest) is checked to be that split of what it collects."""
     import subprocess
     import sys
+
+    from lora_testing import shard
+
+    for size in (0, 1, 2, 7, 31):
+        items = list(range(size))
+        for heavy in (set(), {0}, {3, 5}, set(items)):
+            for n in (1, 2, 3, 5):
+                shards = [shard(items, i, n, alone=heavy.__contains__) for i in range(n)]
+                assert sorted(sum(shards, [])) == items  # (each exactly once)
+                assert all(s == sorted(s) for s in shards)  # (in the suite's order)
+                heavy_here = heavy & set(items)
+                if n > 1 and heavy_here:
+                    rest = [t for t in items if t not in heavy_here]
+                    assert shards == [sorted(heavy_here)] + [rest[i::n - 1] for i in range(n - 1)]
+                else:
+                    assert shards == [items[i::n] for i in range(n)]
 
     root = Path(__file__).resolve().parents[1]
 
     def collect(*extra):
         proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
-                               "tests/test_reference.py", "tests/test_errors.py", *extra],
+                               "tests/test_reference.py", "tests/test_errors.py", heavy, *extra],
                               cwd=root, capture_output=True, text=True, timeout=300)
         return proc, [line for line in proc.stdout.splitlines() if "::" in line]
 
+    heavy = "tests/test_cli.py::test_check_passes_and_reports_json"  # (marked own_shard: the heaviest compiler)
     proc, whole = collect()
-    assert proc.returncode == 0 and len(whole) > 10, proc.stdout + proc.stderr
-    shards = [collect("--shard", f"{i}/3")[1] for i in range(3)]
-    assert [len(s) for s in shards] == [len(whole[i::3]) for i in range(3)]
-    assert sorted(sum(shards, [])) == sorted(whole)
-    assert shards[1] == whole[1::3]  # interleaved: every file's tests are spread over the shards
+    assert proc.returncode == 0 and heavy in whole and len(whole) > 10, proc.stdout + proc.stderr
+    rest = [t for t in whole if t != heavy]
+    for spec, want in (("0/3", [heavy]), ("2/3", rest[1::2])):
+        proc, got = collect("--shard", spec)
+        assert proc.returncode == 0 and got == want, (spec, proc.stdout + proc.stderr)
     proc, _ = collect("--shard", "3/3")
     assert proc.returncode == 4 and "--shard must be 'i/n'" in proc.stdout + proc.stderr
-    # a test marked own_shard (the check, the heaviest compiler) is shard 0, alone; the rest interleave
-    heavy = "tests/test_cli.py::test_check_passes_and_reports_json"
-    proc, whole = collect(heavy)
-    assert proc.returncode == 0 and heavy in whole
-    rest = [t for t in whole if t != heavy]
-    shards = [collect(heavy, "--shard", f"{i}/3")[1] for i in range(3)]
-    assert shards == [[heavy], rest[0::2], rest[1::2]]
     script = (root / "bench" / "gpu_check.sh").read_text()
     assert '--shard "$i/$SHARDS"' in script and "--compile-only" in script
 
