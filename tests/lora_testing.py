@@ -2,6 +2,8 @@
 table for the suite and for ``fused-lora check``), a launch counter, and the
 sm_90 compile reports run in the background (:class:`BackgroundCompileReports`)."""
 
+import json
+
 from fused_lora.testing import (  # noqa: F401
     DEVICE,
     DTYPES,
@@ -35,7 +37,8 @@ class BackgroundCompileReports:
     """The sm_90 compile reports (``python -m fused_lora.compile_report --arch
     90 --json``), each in a subprocess, one after the other, started when
     collection ends (``tests/conftest.py``): they keep the cores the rest of
-    the suite leaves busy, and their tests, run last, wait for them. ``name``: "newest" (this Triton) or "gpu_machine" (Triton 3.6 from
+    the suite leaves busy, and their tests, run last, wait for them.
+    ``name``: "newest" (this Triton) or "gpu_machine" (Triton 3.6 from
     ``FUSED_LORA_GPU_TRITON``).
 
     How much each compiles (:data:`fused_lora.compile_report.SCOPES`): with
@@ -52,9 +55,10 @@ class BackgroundCompileReports:
     TIMEOUT_S = 3600
     #: The reports run at a lower priority than the suite (``nice``): the
     #: suite keeps a core and the reports fill the rest, and every core once
-    #: it ends. CI takes as long either way (1,565 s on two cores: the work is
-    #: what it is), but the suite's durations are its own: run beside the
-    #: reports as equals, its slowest tests took up to 1.7 times as long.
+    #: it ends. CI takes as long either way (measured when 3.6 compiled
+    #: ``kernels``: 1,565 s both ways on two cores; the work is what it is),
+    #: but the suite's durations are its own: run beside the reports as
+    #: equals, its slowest tests took up to 1.7 times as long.
     NICENESS = 10
     COMMAND = ("-m", "fused_lora.compile_report", "--arch", "90", "--json", "--jobs", "2")
     SCOPES = {"newest": "paths", "gpu_machine": "paths"}
@@ -118,3 +122,20 @@ class BackgroundCompileReports:
         for proc in list(self._running):
             proc.kill()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def compiled_as_planned(report: dict) -> list:
+    """The results of a compile report's JSON (``--arch 90 --json``), once
+    checked to be exactly what its scope plans, in order: each job of
+    ``jobs_for(90, scope)``, then the fp16 twins of the bf16 GEMMs near the
+    register limit, each once."""
+    from fused_lora import compile_report
+
+    def identity(r) -> tuple:
+        return r.kernel, r.pass_name, r.dtype, r.arch, json.dumps(r.config, sort_keys=True), r.block_r
+
+    results = [compile_report.Result(**r) for r in report["results"]]
+    jobs = compile_report.jobs_for(90, scope=report["scope"])
+    planned = jobs + compile_report.fp16_twins(jobs, results[:len(jobs)])
+    assert [identity(r) for r in results] == [identity(compile_report.result_of(j)) for j in planned]
+    return results
