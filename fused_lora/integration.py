@@ -882,7 +882,9 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     merged or disabled adapters, quantized or non-linear bases) is left as it
     was and listed in the report. On a ``peft.PeftModel``, the methods that
     visit PEFT's layers only (``save_pretrained``, ``disable_adapter``,
-    ``merge_adapter``...: :func:`_patch_peft_model`) take the fused ones too.
+    ``merge_adapter``...: :func:`_patch_peft_model`) take the fused ones too,
+    and the fused layers' ``load_state_dict`` takes PEFT's names for their
+    tensors (:func:`_peft_names_in`).
     A model with transformers' own PEFT adapters (``model.add_adapter``) is
     refused (``ValueError``): its adapter methods would break or skip the
     fused layers; so is a PEFT model holding fused layers that PEFT did not
@@ -938,6 +940,8 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
             use_rslora=bool(getattr(module, "use_rslora", {}).get(adapter, False)),
             fan_in_fan_out=bool(module.fan_in_fan_out), backend=backend)
         layer.train(module.training)
+        base_name = next(n for n, m in module.named_modules() if m is base)
+        layer.register_load_state_dict_pre_hook(functools.partial(_peft_names_in, adapter, base_name))
         _replace_module(peft_model, name, layer)
         setattr(layer, _FROM_PEFT, True)
         init = getattr(configs.get(adapter), "init_lora_weights", True)
@@ -958,13 +962,15 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
 #: that take the fused layers too (:func:`_patch_peft_model`).
 _PEFT_METHODS = ("disable_adapter", "save_pretrained", "load_adapter", "merge_adapter", "unmerge_adapter",
                  "merge_and_unload", "unload", "enable_adapter_layers", "disable_adapter_layers", "add_adapter",
-                 "delete_adapter", "get_layer_status", "get_model_status")
-#: Those of them that PEFT's tuner (``peft_model.base_model``, a
-#: ``LoraModel``) has too, which code also calls on it directly (a
-#: reference pass as ``model.base_model.disable_adapter_layers()``): patched
-#: there as well, with the same versions.
+                 "delete_adapter", "get_layer_status", "get_model_status", "set_adapter")
+#: The methods of PEFT's tuner (``peft_model.base_model``, a ``LoraModel``)
+#: patched likewise: those code also calls on it directly (a reference pass
+#: as ``model.base_model.disable_adapter_layers()``), and those the
+#: PeftModel hands on to it (its ``set_requires_grad`` calls the tuner's;
+#: it has no ``add_weighted_adapter``: its attribute lookup finds the tuner's).
 _TUNER_METHODS = ("merge_adapter", "unmerge_adapter", "merge_and_unload", "unload", "enable_adapter_layers",
-                  "disable_adapter_layers", "delete_adapter")
+                  "disable_adapter_layers", "delete_adapter", "set_adapter", "set_requires_grad",
+                  "add_weighted_adapter")
 
 
 def _patch_peft_model(peft_model: nn.Module) -> None:
@@ -990,32 +996,51 @@ def _patch_peft_model(peft_model: nn.Module) -> None:
       LoraModel's, which the PeftModel hands on): the fused layers'
       ``adapter_enabled`` too, until the other is called, and their
       adapters' ``requires_grad`` as PEFT sets its own (off, then on);
-    * ``add_adapter(...)`` / ``delete_adapter(...)``: refused (PEFT's
-      ``add_adapter`` froze the fused adapters, its ``delete_adapter`` left
-      them on): fused layers hold one adapter, so go back with
-      :func:`to_peft` first;
+    * ``set_requires_grad(names, requires_grad)`` (PEFT's tuner's, which the
+      PeftModel's calls): the fused adapters' ``requires_grad`` too, where
+      ``names`` holds theirs;
+    * ``set_adapter(name, ...)``: the adapter the fused layers hold made
+      active again as PEFT makes its own (trainable, or frozen with
+      ``inference_mode=True``); another refused (the fused layers would go on
+      running theirs);
+    * ``add_adapter(...)`` / ``delete_adapter(...)`` /
+      ``add_weighted_adapter(...)``: refused (PEFT's ``add_adapter`` froze
+      the fused adapters, its ``delete_adapter`` left them on, its
+      ``add_weighted_adapter`` failed at the first fused layer): fused layers
+      hold one adapter, so go back with :func:`to_peft` first;
     * ``get_layer_status()`` / ``get_model_status()`` (which found no adapter
       layers): PEFT's, the fused layers counted (:func:`_peft_status`).
     """
     if not callable(getattr(type(peft_model), "disable_adapter", None)):  # (not a PeftModel)
         return
-    patches = {"disable_adapter": (disable_adapters,), "save_pretrained": (_peft_save_pretrained,),
-               "load_adapter": (_peft_load_adapter,),
-               "merge_adapter": (_peft_merge, True), "unmerge_adapter": (_peft_merge, False),
-               "merge_and_unload": (_peft_after_to_peft, "merge_and_unload"),
-               "unload": (_peft_after_to_peft, "unload"),
-               "enable_adapter_layers": (_peft_adapter_layers_on, True),
-               "disable_adapter_layers": (_peft_adapter_layers_on, False),
-               "add_adapter": (_peft_one_adapter, "add_adapter"),
-               "delete_adapter": (_peft_one_adapter, "delete_adapter"),
-               "get_layer_status": (_peft_status, "get_layer_status"),
-               "get_model_status": (_peft_status, "get_model_status")}
-    assert set(patches) == set(_PEFT_METHODS) and set(_TUNER_METHODS) <= set(patches)
+    model_patches = {"disable_adapter": (disable_adapters,), "save_pretrained": (_peft_save_pretrained,),
+                     "load_adapter": (_peft_load_adapter,),
+                     "merge_adapter": (_peft_merge, True), "unmerge_adapter": (_peft_merge, False),
+                     "merge_and_unload": (_peft_after_to_peft, "merge_and_unload"),
+                     "unload": (_peft_after_to_peft, "unload"),
+                     "enable_adapter_layers": (_peft_adapter_layers_on, True),
+                     "disable_adapter_layers": (_peft_adapter_layers_on, False),
+                     "add_adapter": (_peft_one_adapter, "add_adapter"),
+                     "delete_adapter": (_peft_one_adapter, "delete_adapter"),
+                     "get_layer_status": (_peft_status, "get_layer_status"),
+                     "get_model_status": (_peft_status, "get_model_status"),
+                     "set_adapter": (_peft_set_adapter, False)}
+    tuner_patches = {name: model_patches[name] for name in _TUNER_METHODS if name in model_patches}
+    tuner_patches.update({"set_adapter": (_peft_set_adapter, True), "set_requires_grad": (_peft_set_requires_grad,),
+                          "add_weighted_adapter": (_peft_one_adapter, "add_weighted_adapter")})
+    assert set(model_patches) == set(_PEFT_METHODS) and set(tuner_patches) == set(_TUNER_METHODS)
     tuner = peft_model.base_model
-    for name, (function, *args) in patches.items():  # (partials: a deep copy or a pickle binds them to the copy)
-        peft_model.__dict__[name] = functools.partial(function, peft_model, *args)
-        if name in _TUNER_METHODS and callable(getattr(type(tuner), name, None)):
-            tuner.__dict__[name] = peft_model.__dict__[name]
+    for owner, patches in ((peft_model, model_patches), (tuner, tuner_patches)):
+        for name, (function, *args) in patches.items():  # (partials: a deep copy or a pickle binds them to the copy)
+            if owner is peft_model or callable(getattr(type(tuner), name, None)):
+                owner.__dict__[name] = functools.partial(function, peft_model, *args)
+
+
+def _converted(peft_model: nn.Module) -> dict[str, nn.Module]:
+    """PEFT's layers that :func:`from_peft` converted whose fused layers are in
+    place now (not put back by :func:`_peft_layers_back`), by name."""
+    return {n: o for n, o in (getattr(peft_model, _ORIGINALS, None) or {}).items()
+            if isinstance(peft_model.get_submodule(n), LoRALinear)}
 
 
 def _peft_tuner_call(peft_model: nn.Module, method: str, *args, **kwargs):
@@ -1032,8 +1057,7 @@ def _peft_save_pretrained(peft_model: nn.Module, *args, **kwargs):
 
 
 def _peft_load_adapter(peft_model: nn.Module, model_id, adapter_name: str = "default", *args, **kwargs):
-    converted = {n: o for n, o in (getattr(peft_model, _ORIGINALS, None) or {}).items()
-                 if isinstance(peft_model.get_submodule(n), LoRALinear)}
+    converted = _converted(peft_model)
     held = {name for o in converted.values() for name in o.lora_A.keys()}
     if held and adapter_name not in held:
         raise ValueError(f"load_adapter: the fused layers hold one adapter ({sorted(held)}), not {adapter_name!r} "
@@ -1076,10 +1100,46 @@ def _peft_adapter_layers_on(peft_model: nn.Module, enabled: bool) -> None:
     _peft_tuner_call(peft_model, "enable_adapter_layers" if enabled else "disable_adapter_layers")
 
 
+#: What PEFT's methods that change the adapters did to the fused layers.
+_ONE_ADAPTER = {"add_adapter": "it would freeze them", "delete_adapter": "it would stay on",
+                "add_weighted_adapter": "it fails at the first of them"}
+
+
 def _peft_one_adapter(peft_model: nn.Module, method: str, *args, **kwargs):
     raise ValueError(f"{method}: the layers from_peft converted hold one adapter, which PEFT's {method} would not "
-                     f"see ({'it would freeze them' if method == 'add_adapter' else 'it would stay on'}): go back to "
-                     f"PEFT first (fused_lora.to_peft(model)), {method} there, then from_peft again")
+                     f"see ({_ONE_ADAPTER[method]}): go back to PEFT first (fused_lora.to_peft(model)), {method} "
+                     "there, then from_peft again")
+
+
+def _peft_set_adapter(peft_model: nn.Module, on_tuner: bool, adapter_name, *args, **kwargs):
+    """PEFT's ``set_adapter`` (the PeftModel's, or its tuner's with
+    ``on_tuner``), which on a layer makes the named adapters active and
+    trainable (frozen with ``inference_mode=True``) and freezes the others:
+    on the PEFT layers :func:`from_peft` converted too (their tensors are the
+    fused layers'). Naming other adapters than the one the fused layers hold
+    is refused, nothing changed: they would go on running theirs."""
+    converted = _converted(peft_model)
+    held = {name for original in converted.values() for name in original.lora_A.keys()}
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    if held and set(names) != held:
+        raise ValueError(f"set_adapter: the layers from_peft converted hold adapter {sorted(held)} alone and would "
+                         f"go on running it, not {adapter_name!r}: go back to PEFT first (fused_lora.to_peft(model)), "
+                         "set_adapter there")
+    owner = peft_model.base_model if on_tuner else peft_model
+    result = getattr(type(owner), "set_adapter")(owner, adapter_name, *args, **kwargs)
+    for original in converted.values():  # (the PeftModel's called the tuner's, which did this already: the same)
+        original.set_adapter(names, *args, **kwargs)
+    return result
+
+
+def _peft_set_requires_grad(peft_model: nn.Module, *args, **kwargs):
+    """PEFT's tuner's ``set_requires_grad(adapter_names, requires_grad)`` on
+    the PEFT layers :func:`from_peft` converted too (their tensors are the
+    fused layers')."""
+    result = _peft_tuner_call(peft_model, "set_requires_grad", *args, **kwargs)
+    for original in _converted(peft_model).values():
+        original.set_requires_grad(*args, **kwargs)
+    return result
 
 
 def _peft_status(peft_model: nn.Module, method: str):
@@ -1113,6 +1173,35 @@ def _peft_after_to_peft(peft_model: nn.Module, method: str, *args, **kwargs):
     return _peft_tuner_call(peft_model, method, *args, **kwargs)  # (PEFT's LoraModel's)
 
 
+def _share_back(layer: LoRALinear, original: nn.Module) -> None:
+    """PEFT's layer ``original`` given the tensors its fused ``layer`` holds
+    now, before it goes back in the model: :func:`from_peft` made them shared,
+    but ``load_state_dict(..., assign=True)``, ``to_empty()`` or a parameter
+    set by hand since has put new ones in the fused layer alone (PEFT's
+    layer would have come back with the old values, its ``save_pretrained``
+    written them)."""
+    (adapter,) = original.lora_A.keys()
+    base = original.get_base_layer()
+    for owner, attr, tensor in ((base, "weight", layer.weight), (base, "bias", layer.bias),
+                                (original.lora_A[adapter], "weight", layer.lora_A),
+                                (original.lora_B[adapter], "weight", layer.lora_B)):
+        if getattr(owner, attr) is not tensor:
+            setattr(owner, attr, tensor)
+
+
+def _peft_names_in(adapter: str, base: str, module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """A ``load_state_dict`` pre-hook of each fused layer :func:`from_peft`
+    made: the names PEFT's layer gave its tensors (``lora_A.<adapter>.weight``,
+    ``<base>.weight``...: a state dict saved before the conversion), and in
+    PEFT's files (``lora_A.weight``: ``set_peft_model_state_dict``, which
+    PEFT 0.21 hands on so), read as the fused layer's own."""
+    for peft_name, name in ((f"lora_A.{adapter}.weight", "lora_A"), ("lora_A.weight", "lora_A"),
+                            (f"lora_B.{adapter}.weight", "lora_B"), ("lora_B.weight", "lora_B"),
+                            (f"{base}.weight", "weight"), (f"{base}.bias", "bias")):
+        if prefix + peft_name in state_dict and prefix + name not in state_dict:
+            state_dict[prefix + name] = state_dict.pop(prefix + peft_name)
+
+
 @contextlib.contextmanager
 def _peft_layers_back(peft_model: nn.Module, unmerge: bool = True):
     """PEFT's original layers in the place of the fused ones inside the block
@@ -1127,6 +1216,7 @@ def _peft_layers_back(peft_model: nn.Module, unmerge: bool = True):
                 merged = layer.merged and unmerge
                 if merged:
                     layer.unmerge()
+                _share_back(layer, original)
                 _replace_module(peft_model, name, original)
                 swapped.append((name, layer, merged))
         yield [(name, layer) for name, layer, _ in swapped]
@@ -1180,11 +1270,13 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
             if name in originals:
                 if layer.merged:
                     layer.unmerge()
+                _share_back(layer, originals[name])
                 _replace_module(model, name, originals.pop(name))
         if not fused_layers(model):
             for method in _PEFT_METHODS:  # (PEFT's own again, on its tuner too)
                 model.__dict__.pop(method, None)
-                if _is_peft_model(model):
+            if _is_peft_model(model):
+                for method in _TUNER_METHODS:
                     model.base_model.__dict__.pop(method, None)
         return model
 

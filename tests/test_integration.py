@@ -5,6 +5,7 @@ configs (no download)."""
 import copy
 import dataclasses
 import importlib
+import inspect
 import json
 import pickle
 import re
@@ -2100,6 +2101,61 @@ def test_peft_adapter_layer_switches_and_adapter_changes_after_from_peft():
     assert sorted(model.peft_config) == ["default", "other"]
 
 
+def test_peft_set_adapter_and_set_requires_grad_take_the_fused_layers_after_from_peft():
+    """After from_peft, PEFT's set_requires_grad(...) and set_adapter(...,
+    inference_mode=True) left the fused adapters training, silently (PEFT's
+    own layers froze), and its add_weighted_adapter failed at the first fused
+    layer with PEFT's "Target module ... is not supported". The first two take
+    the fused layers as PEFT takes its own (a layer left PEFT's beside them);
+    set_adapter naming another adapter, and add_weighted_adapter, are refused
+    by name, nothing changed."""
+    _, model, converted = _peft_twins_converted()
+    ids = batch()
+    expected = model(input_ids=ids).logits.detach()
+
+    def training():
+        flags = {n: p.requires_grad for n, p in model.named_parameters() if ".lora_" in n}
+        assert len(flags) == 8 and sum(n.endswith((".lora_A", ".lora_B")) for n in flags) == 6  # (3 fused, 1 PEFT's)
+        assert len(set(flags.values())) == 1, flags  # (all alike)
+        return next(iter(flags.values()))
+
+    assert training()
+    model.set_requires_grad("default", False)
+    assert not training()
+    model.set_requires_grad("another", True)  # (no adapter of that name anywhere: nothing changes, as in PEFT)
+    assert not training()
+    model.base_model.set_requires_grad(["default"], True)
+    assert training()
+    model.base_model.set_adapter("default", inference_mode=True)
+    assert not training()
+    model.set_adapter("default")  # (PEFT's: the active adapter trains)
+    assert training()
+    if "inference_mode" in inspect.signature(type(model).set_adapter).parameters:  # (PEFT 0.19 and later)
+        model.set_adapter("default", inference_mode=True)
+        assert not training()
+        model.base_model.set_adapter(["default"])
+        assert training()
+
+    with pytest.raises(ValueError, match=r"^set_adapter: the layers from_peft converted hold adapter \['default'\] "
+                                         r"alone and would go on running it, not 'other'.*fused_lora.to_peft"):
+        model.set_adapter("other")
+    with pytest.raises(ValueError, match=r"^set_adapter: .* not \['default', 'other'\]"):
+        model.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match=r"^add_weighted_adapter: the layers from_peft converted hold one adapter, "
+                                         r"which PEFT's add_weighted_adapter would not see \(it fails at the first of "
+                                         r"them\): go back to PEFT first \(fused_lora.to_peft\(model\)\)"):
+        model.add_weighted_adapter(["default"], [1.0], "weighted")
+    assert training() and model.active_adapter == "default" and list(model.peft_config) == ["default"]
+    assert torch.equal(model(input_ids=ids).logits, expected)
+    assert all(isinstance(model.get_submodule(n), LoRALinear) for n in converted)
+
+    fused_lora.to_peft(model)  # (PEFT's own methods again, on its tuner too)
+    assert not set(vars(model)) & set(fused_lora.integration._PEFT_METHODS)
+    assert not set(vars(model.base_model)) & set(fused_lora.integration._TUNER_METHODS)
+    model.add_weighted_adapter(["default"], [1.0], "weighted", combination_type="linear")
+    assert sorted(model.peft_config) == ["default", "weighted"]
+
+
 def test_load_adapter_into_a_model_from_peft_keeps_peft_layers_in_step(tmp_path):
     """After from_peft, PEFT's layers kept for to_peft and save_pretrained
     share the adapter weights but hold their own scale and dropout: a file
@@ -2121,3 +2177,43 @@ def test_load_adapter_into_a_model_from_peft_keeps_peft_layers_in_step(tmp_path)
         fused_lora.load_adapter(model, tmp_path / "8")
     assert torch.equal(model(input_ids=ids).logits, expected)
     assert_outputs_close(fused_lora.to_peft(model)(input_ids=ids).logits, expected)
+
+
+def test_a_model_from_peft_loads_peft_state_dicts_and_assigned_tensors_reach_peft_layers(tmp_path):
+    """After from_peft, a state dict of the PeftModel from before the
+    conversion (PEFT's names: ``q_proj.lora_A.default.weight``,
+    ``q_proj.base_layer.weight``) failed to load strictly, and PEFT's
+    set_peft_model_state_dict loaded nothing into the fused layers, silently
+    (their keys came back as unexpected). And load_state_dict(...,
+    assign=True) put new tensors in the fused layers alone: PEFT's layers,
+    which save_pretrained writes and to_peft brings back, kept the old
+    values. Both names load now, and PEFT's layers get what the fused ones
+    hold."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+    def peft_model(adapters_seed):
+        model = tiny_llama()
+        torch.manual_seed(adapters_seed)  # (init_lora_weights=False: A and B random)
+        return peft.get_peft_model(model, config)
+
+    source = peft_model(1)
+    ids = batch()
+    expected = source(input_ids=ids).logits.detach()
+    names = {n for n, m in source.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    for how in ("load_state_dict", "set_peft_model_state_dict", "load_state_dict(assign=True)"):
+        model = peft_model(2)
+        assert set(fused_lora.from_peft(model).converted) == names and len(names) == 4
+        assert (model(input_ids=ids).logits - expected).abs().max() > 1e-2  # (other adapters)
+        if how == "set_peft_model_state_dict":  # (PEFT's file names, without the adapter's)
+            result = peft.set_peft_model_state_dict(model, peft.get_peft_model_state_dict(source))
+            assert not result.unexpected_keys
+        else:
+            state = {k: v.clone() for k, v in source.state_dict().items()}
+            model.load_state_dict(state, assign=how.endswith("(assign=True)"))  # (strict)
+        assert_outputs_close(model(input_ids=ids).logits, expected)
+        model.save_pretrained(tmp_path / how)
+        reloaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / how)
+        assert_outputs_close(reloaded(input_ids=ids).logits, expected)
+        fused_lora.to_peft(model)
+        assert not fused_lora.integration.fused_layers(model)
+        assert_outputs_close(model(input_ids=ids).logits, expected)
