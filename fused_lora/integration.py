@@ -885,10 +885,11 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     ``merge_adapter``...: :func:`_patch_peft_model`) take the fused ones too,
     and the fused layers' ``load_state_dict`` takes PEFT's names for their
     tensors (:func:`_peft_names_in`).
-    A model with transformers' own PEFT adapters (``model.add_adapter``) is
-    refused (``ValueError``): its adapter methods would break or skip the
-    fused layers; so is a PEFT model holding fused layers that PEFT did not
-    make (``peft.get_peft_model`` on a model after :func:`inject`), whose
+    A model with no PEFT LoRA layer (and none converted before: a second
+    call converts nothing) is refused (``ValueError``), as is one with
+    transformers' own PEFT adapters (``model.add_adapter``): its adapter
+    methods would break or skip the fused layers; so is a PEFT model holding
+    fused layers that PEFT did not make (``peft.get_peft_model`` on a model after :func:`inject`), whose
     adapters its ``save_pretrained`` would not save as adapters (PEFT 0.21
     also froze them). An adapter whose init took its start out of the base
     weights (PiSSA, OLoRA...: :func:`_residual_base_init`) converts as it is,
@@ -919,6 +920,18 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
                          "fused model returns a PeftModel holding its adapters), or fuse every layer with inject")
     report = ConversionReport()
     originals = getattr(peft_model, _ORIGINALS, None) or {}
+    if not originals and not any(isinstance(m, LoraLayer) for m in peft_model.modules()):
+        fused = [m for m in peft_model.modules() if isinstance(m, LoRALinear)]
+        if any(getattr(m, _FROM_PEFT, False) for m in fused):
+            why = "its layers were converted already (from_peft on the PeftModel that holds this model)"
+        elif fused:
+            why = "its fused layers came from fused_lora.inject or load_adapter"
+        elif _is_peft_model(peft_model):
+            why = f"it is a PeftModel of another method ({type(peft_model.base_model).__name__}), not LoRA"
+        else:
+            why = ("make them with peft.get_peft_model(model, peft.LoraConfig(...)), or fuse the model's linears "
+                   "with fused_lora.inject")
+        raise ValueError(f"from_peft: the model holds no PEFT LoRA layers to convert: {why}")
     configs = getattr(peft_model, "peft_config", None)  # (a PeftModel's, a LoraModel's: adapter -> LoraConfig)
     configs = configs if isinstance(configs, dict) else {}
     _check_not_sharded(peft_model, [n for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)],

@@ -2217,3 +2217,30 @@ def test_a_model_from_peft_loads_peft_state_dicts_and_assigned_tensors_reach_pef
         fused_lora.to_peft(model)
         assert not fused_lora.integration.fused_layers(model)
         assert_outputs_close(model(input_ids=ids).logits, expected)
+
+
+def test_from_peft_refuses_a_model_without_peft_lora_layers():
+    """from_peft on a model with no PEFT LoRA layer (a plain model, one fused
+    by inject, a PeftModel of another method, the model inside a converted
+    PeftModel) returned an empty report, as if the model now ran fused
+    kernels: it is refused, saying why; a second call on a converted model
+    converts nothing, as before."""
+    plain = tiny_llama()
+    injected = tiny_llama()
+    fused_lora.inject(injected, ["q_proj"], r=2)
+    ia3 = peft.get_peft_model(tiny_llama(), peft.IA3Config(target_modules=["k_proj", "down_proj"],
+                                                           feedforward_modules=["down_proj"]))
+    converted = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert len(fused_lora.from_peft(converted).converted) == 2
+    for model, why in [(plain, r"make them with peft.get_peft_model\(model, peft.LoraConfig\(...\)\), or fuse the "
+                               r"model's linears with fused_lora.inject"),
+                       (injected, r"its fused layers came from fused_lora.inject or load_adapter"),
+                       (ia3, r"it is a PeftModel of another method \(IA3Model\), not LoRA"),
+                       (converted.base_model.model, r"its layers were converted already \(from_peft on the "
+                                                    r"PeftModel that holds this model\)")]:
+        before = {n: type(m) for n, m in model.named_modules()}
+        with pytest.raises(ValueError, match=r"^from_peft: the model holds no PEFT LoRA layers to convert: " + why):
+            fused_lora.from_peft(model)
+        assert {n: type(m) for n, m in model.named_modules()} == before
+    again = fused_lora.from_peft(converted)
+    assert again.converted == [] and again.skipped == {}
