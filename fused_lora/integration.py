@@ -980,10 +980,11 @@ _PEFT_METHODS = ("disable_adapter", "save_pretrained", "load_adapter", "merge_ad
 #: patched likewise: those code also calls on it directly (a reference pass
 #: as ``model.base_model.disable_adapter_layers()``), and those the
 #: PeftModel hands on to it (its ``set_requires_grad`` calls the tuner's;
-#: it has no ``add_weighted_adapter``: its attribute lookup finds the tuner's).
+#: it has no ``add_weighted_adapter``: its attribute lookup finds the tuner's;
+#: its ``forward`` and ``generate`` enter the tuner's ``_enable_peft_forward_hooks``).
 _TUNER_METHODS = ("merge_adapter", "unmerge_adapter", "merge_and_unload", "unload", "enable_adapter_layers",
                   "disable_adapter_layers", "delete_adapter", "set_adapter", "set_requires_grad",
-                  "add_weighted_adapter")
+                  "add_weighted_adapter", "_enable_peft_forward_hooks")
 
 
 def _patch_peft_model(peft_model: nn.Module) -> None:
@@ -1022,7 +1023,11 @@ def _patch_peft_model(peft_model: nn.Module) -> None:
       ``add_weighted_adapter`` failed at the first fused layer): fused layers
       hold one adapter, so go back with :func:`to_peft` first;
     * ``get_layer_status()`` / ``get_model_status()`` (which found no adapter
-      layers): PEFT's, the fused layers counted (:func:`_peft_status`).
+      layers): PEFT's, the fused layers counted (:func:`_peft_status`);
+    * a batch that mixes adapters (``model(..., adapter_names=[...])``,
+      ``generate`` too: the tuner's ``_enable_peft_forward_hooks``, which
+      hands the names to PEFT's layers alone): the fused layers get the
+      samples that name their adapter (:func:`_peft_forward_hooks`).
     """
     if not callable(getattr(type(peft_model), "disable_adapter", None)):  # (not a PeftModel)
         return
@@ -1040,7 +1045,8 @@ def _patch_peft_model(peft_model: nn.Module) -> None:
                      "set_adapter": (_peft_set_adapter, False)}
     tuner_patches = {name: model_patches[name] for name in _TUNER_METHODS if name in model_patches}
     tuner_patches.update({"set_adapter": (_peft_set_adapter, True), "set_requires_grad": (_peft_set_requires_grad,),
-                          "add_weighted_adapter": (_peft_one_adapter, "add_weighted_adapter")})
+                          "add_weighted_adapter": (_peft_one_adapter, "add_weighted_adapter"),
+                          "_enable_peft_forward_hooks": (_peft_forward_hooks,)})
     assert set(model_patches) == set(_PEFT_METHODS) and set(tuner_patches) == set(_TUNER_METHODS)
     tuner = peft_model.base_model
     for owner, patches in ((peft_model, model_patches), (tuner, tuner_patches)):
@@ -1153,6 +1159,92 @@ def _peft_set_requires_grad(peft_model: nn.Module, *args, **kwargs):
     for original in _converted(peft_model).values():
         original.set_requires_grad(*args, **kwargs)
     return result
+
+
+#: PEFT's name, in ``adapter_names``, for a sample that runs the base model alone.
+PEFT_BASE_NAME = "__base__"
+
+
+@contextlib.contextmanager
+def _peft_forward_hooks(peft_model: nn.Module, *args, **kwargs):
+    """PEFT's tuner's ``_enable_peft_forward_hooks``, which the PeftModel's
+    ``forward`` and ``generate`` enter: given ``adapter_names`` (a batch that
+    mixes adapters: an adapter's name, or ``"__base__"``, a sample), it hands
+    them to PEFT's layers alone, so that the fused layers ran their adapter on
+    every sample, silently (or, where no PEFT layer was left, PEFT refused
+    the names as "non-existing"). Where :func:`from_peft` converted layers,
+    each fused layer gets ``adapter_ids`` instead (0 on the samples that name
+    its adapter, -1 on the others: the base alone), and PEFT's layers and
+    ``modules_to_save`` wrappers the names, as PEFT hands them (repeated for
+    ``num_beams``, but not to an encoder's layers); merged fused layers take
+    them too. Names that no layer holds, or a model in training mode, are
+    refused as PEFT refuses them (``ValueError``)."""
+    names = kwargs.get("adapter_names")
+    converted = _converted(peft_model)
+    if names is None or not converted:
+        with _peft_tuner_call(peft_model, "_enable_peft_forward_hooks", *args, **kwargs):
+            yield
+        return
+    tuner = peft_model.base_model
+    if kwargs.get("alora_offsets") is not None:
+        raise ValueError("adapter_names with alora_offsets (aLoRA) on a model from_peft converted: go back to PEFT "
+                         "first (fused_lora.to_peft(model))")
+    if tuner.training:
+        raise ValueError("adapter_names (a batch that mixes adapters) is for inference: the model is in training "
+                         "mode (model.eval() first)")
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"adapter_names must be a list of adapter names (or {PEFT_BASE_NAME!r}), one a sample, "
+                        f"got {names!r}")
+    LoraLayer = _peft_lora_linear()[0]
+    held = {name: next(iter(original.lora_A.keys())) for name, original in converted.items()}
+    known = set(held.values())
+    for m in tuner.modules():
+        if isinstance(m, LoraLayer):
+            known |= set(m.lora_A.keys()) | set(getattr(m, "lora_embedding_A", {}).keys())
+    unknown = sorted({n for n in names if n != PEFT_BASE_NAME} - known)
+    if unknown:
+        raise ValueError(f"adapter_names: no layer holds adapter(s) {unknown} (the model's: {sorted(known)}, and "
+                         f"{PEFT_BASE_NAME!r} for the base model)")
+    beams = kwargs.get("num_beams")
+    per_sample = [n for n in names for _ in range(beams)] if isinstance(beams, int) and beams > 1 else list(names)
+    fused = {id(peft_model.get_submodule(name)): adapter for name, adapter in held.items()}
+    kinds = (LoraLayer, *(k for k in _peft_adapter_kinds() if not issubclass(LoraLayer, k)))  # (+ wrappers)
+    handles = []
+    try:
+        def hook_all(module: nn.Module, names: list) -> None:
+            for m in module.modules():
+                if id(m) in fused:
+                    hook = functools.partial(_adapter_ids_pre_forward_hook, fused[id(m)], names, {})
+                elif isinstance(m, kinds):
+                    hook = functools.partial(_adapter_names_pre_forward_hook, names)
+                else:
+                    continue
+                handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+
+        hook_all(tuner, per_sample)
+        encoder = tuner.model.get_encoder() if callable(getattr(tuner.model, "get_encoder", None)) else None
+        if per_sample != list(names) and encoder is not None and encoder is not tuner.model:
+            hook_all(encoder, list(names))  # (an encoder reads the samples before beam search repeats them)
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _adapter_ids_pre_forward_hook(adapter: str, names: list, on_device: dict, module, args, kwargs):
+    """A fused layer's forward pre-hook under :func:`_peft_forward_hooks`:
+    ``adapter_ids`` from the samples' adapter names (made once a device)."""
+    x = args[0] if args else kwargs["x"]
+    if x.device not in on_device:
+        on_device[x.device] = torch.tensor([0 if n == adapter else -1 for n in names], device=x.device)
+    kwargs["adapter_ids"] = on_device[x.device]
+    return args, kwargs
+
+
+def _adapter_names_pre_forward_hook(names: list, module, args, kwargs):
+    """A PEFT layer's forward pre-hook under :func:`_peft_forward_hooks`: the names, as PEFT hands them."""
+    kwargs["adapter_names"] = names
+    return args, kwargs
 
 
 def _peft_status(peft_model: nn.Module, method: str):

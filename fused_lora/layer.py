@@ -183,9 +183,43 @@ class LoRALinear(nn.Module):
     #: :func:`fused_lora.disable_adapters`. Not saved.
     adapter_enabled: bool = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``adapter_ids`` (optional): an integer tensor of shape ``(x.shape[0],)``,
+        an id for each row of a 2-D ``x`` (each sample of a batched one): 0
+        runs the adapter on it, -1 the base alone (a batch that mixes adapters,
+        as PEFT's ``adapter_names``, which :func:`fused_lora.from_peft`'s layers
+        take so; ids 0, 1... will name a layer's several adapters)."""
+        if adapter_ids is not None:
+            return self._forward_mixed(x, adapter_ids)
+        return self._forward(x, self.adapter_enabled)
+
+    def _forward_mixed(self, x: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dtype == torch.bool \
+                or adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex:
+            got = adapter_ids.dtype if isinstance(adapter_ids, torch.Tensor) else type(adapter_ids).__name__
+            raise TypeError(f"adapter_ids must be an integer tensor, got {got}")
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or tuple(adapter_ids.shape) != (x.shape[0],):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"adapter_ids must have shape (x.shape[0],): an id for each row (sample) of an x of 2 "
+                             f"or more dims; got adapter_ids {tuple(adapter_ids.shape)} for x {shape}")
+        if adapter_ids.numel():
+            low, high = (v.item() for v in torch.aminmax(adapter_ids))
+            if low < -1 or high > 0:
+                raise ValueError(f"adapter_ids must be 0 (the layer's adapter) or -1 (the base alone), the layer "
+                                 f"holding one adapter; got ids from {low} to {high}")
+        on = (adapter_ids == 0).to(x.device)
+        if not self.adapter_enabled or not bool(on.any()):
+            return self._forward(x, False)
+        if bool(on.all()):
+            return self._forward(x, True)
+        y_on, y_off = self._forward(x[on], True), self._forward(x[~on], False)
+        y = y_on.new_empty((x.shape[0], *y_on.shape[1:]))
+        y[on], y[~on] = y_on, y_off.to(y.dtype)
+        return y
+
+    def _forward(self, x: torch.Tensor, with_adapter: bool) -> torch.Tensor:
         weight = self.base_weight()
-        if not self.adapter_enabled:
+        if not with_adapter:
             if self.merged:
                 weight = self._unmerged_weight.t() if self.fan_in_fan_out else self._unmerged_weight
             return F.linear(x, weight, self.bias)

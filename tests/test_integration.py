@@ -2244,3 +2244,60 @@ def test_from_peft_refuses_a_model_without_peft_lora_layers():
         assert {n: type(m) for n, m in model.named_modules()} == before
     again = fused_lora.from_peft(converted)
     assert again.converted == [] and again.skipped == {}
+
+
+def test_a_batch_that_mixes_adapters_runs_as_peft_runs_it_after_from_peft():
+    """PEFT's batches that mix adapters (``model(..., adapter_names=[...])``,
+    ``generate`` too) after from_peft: PEFT's hooks handed the names to its
+    own layers alone, so the fused layers ran the adapter on every sample,
+    silently ("__base__" samples got it where a PEFT layer was left; with none
+    left PEFT refused the names as non-existing). Each sample now gets what
+    PEFT gives it, through fused layers, a layer left PEFT's and a trained
+    head (modules_to_save), in the forward and in a beam search, of a
+    decoder and of an encoder-decoder (whose encoder sees the samples before
+    the beams repeat them); unknown names and training mode are refused."""
+    def twins(make, targets, head):
+        config = dict(r=4, target_modules=targets, modules_to_save=[head], init_lora_weights=False)
+        reference, model = (peft.get_peft_model(make(), peft.LoraConfig(**config)) for _ in range(2))
+        _perturb(p for n, p in reference.named_parameters() if f"{head}.modules_to_save" in n)
+        first = next(m for m in reference.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+        first.set_scale("default", 0.5)  # (the layer stays PEFT's)
+        model.load_state_dict(reference.state_dict())
+        next(m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)).set_scale("default", 0.5)
+        report = fused_lora.from_peft(model)
+        assert len(report.converted) >= 3 and len(report.skipped) == 1
+        return reference.eval(), model.eval()
+
+    reference, model = twins(tiny_llama, ["q_proj", "v_proj"], "lm_head")
+    ids, names = batch(b=3), ["default", "__base__", "default"]
+    expected = reference(input_ids=ids, adapter_names=names).logits
+    with reference.disable_adapter():
+        base = reference(input_ids=ids).logits
+    assert torch.equal(expected[1], base[1]) and (expected[0] - base[0]).abs().max() > 1e-2
+    assert_outputs_close(model(input_ids=ids, adapter_names=names).logits, expected)
+    generate = dict(max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0, adapter_names=names)
+    prompt = ids[:, :6]
+    assert torch.equal(model.generate(input_ids=prompt, **generate), reference.generate(input_ids=prompt, **generate))
+
+    with pytest.raises(ValueError, match=r"^adapter_names: no layer holds adapter\(s\) \['other'\] \(the model's: "
+                                         r"\['default'\], and '__base__' for the base model\)"):
+        model(input_ids=ids, adapter_names=["other", "default", "__base__"])
+    with pytest.raises(TypeError, match=r"^adapter_names must be a list of adapter names"):
+        model(input_ids=ids, adapter_names="default")
+    model.train()
+    with pytest.raises(ValueError, match=r"^adapter_names \(a batch that mixes adapters\) is for inference"):
+        model(input_ids=ids, adapter_names=names)
+    model.eval()
+    assert not any(m._forward_pre_hooks for m in model.modules())  # (none left behind, refusals included)
+
+    def tiny_bart():
+        torch.manual_seed(0)
+        cfg = transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+                                      decoder_ffn_dim=48, max_position_embeddings=64)
+        return transformers.BartForConditionalGeneration(cfg).to(DEVICE)
+
+    reference, model = twins(tiny_bart, ["q_proj", "v_proj"], "lm_head")
+    assert torch.equal(model.generate(input_ids=prompt, **generate), reference.generate(input_ids=prompt, **generate))
+    expected = reference(input_ids=ids, decoder_input_ids=prompt, adapter_names=names).logits
+    assert_outputs_close(model(input_ids=ids, decoder_input_ids=prompt, adapter_names=names).logits, expected)

@@ -263,3 +263,63 @@ def test_a_disabled_adapter_leaves_the_base_alone_merged_or_not(fan_in_fan_out):
     w, b, lora_a, lora_b = (t.detach().double() for t in (layer.base_weight(), layer.bias, layer.lora_A, layer.lora_B))
     expected = x.double() @ w.t() + b + layer.scaling * (x.double() @ lora_a.t() @ lora_b.t())
     assert_close(layer(x), expected, torch.float32, "y")
+
+
+@pytest.mark.parametrize("lead", [(7,), (4, 5)])
+@pytest.mark.parametrize("merged", [False, True])
+def test_adapter_ids_run_the_adapter_on_their_rows_and_the_base_on_the_others(lead, merged):
+    """A batch that mixes adapters (PEFT's adapter_names, which from_peft's
+    layers take as adapter_ids): rows (samples) with id 0 run the adapter,
+    those with -1 the base alone, forward and backward, against float64;
+    ids all alike give the plain forward's output bit for bit; merged layers
+    too (their base rows: the weight from before merge())."""
+    layer = LoRALinear(24, 17, r=4, alpha=8, device=DEVICE).eval()
+    _randomise_adapter(layer)
+    w, b, lora_a, lora_b = layer.weight.detach().clone(), layer.bias, layer.lora_A, layer.lora_B
+    x = make_x((*lead, 24), torch.float32).requires_grad_()
+    ids = torch.tensor([0, -1, -1, 0, -1, 0, 0][:lead[0]], device=DEVICE)
+    on = ids == 0
+    plain, base = layer(x).detach(), torch.nn.functional.linear(x, w, b).detach()
+    if merged:
+        layer.merge()
+    y = layer(x, adapter_ids=ids)
+    dy = torch.randn_like(y)
+    y_on, g_on = reference64(x[on], w, b, lora_a, lora_b, dy[on], scaling=layer.scaling, dropout_p=0.0, seed=None,
+                             grads=("x", "lora_A", "lora_B"))
+    expected = (x.double() @ w.double().t() + b.double()).detach()
+    expected[on] = y_on
+    assert_close(y, expected, torch.float32, "y")
+    if not merged:  # (a merged layer's output has no gradient for the adapter, as PEFT's)
+        dx, da, db = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), dy)
+        dx64 = (dy.double() @ w.double()).detach()
+        dx64[on] = g_on["x"]
+        assert_close(dx, dx64, torch.float32, "dx")
+        assert_close(da, g_on["lora_A"], torch.float32, "dA")
+        assert_close(db, g_on["lora_B"], torch.float32, "dB")
+    n = lead[0]
+    all_on, all_off = torch.zeros(n, dtype=torch.int64, device=DEVICE), torch.full((n,), -1, device=DEVICE)
+    assert torch.equal(layer(x, adapter_ids=all_off), base)
+    if not merged:
+        assert torch.equal(layer(x, adapter_ids=all_on), plain)
+    layer.adapter_enabled = False  # (disabled: the base on every row)
+    assert torch.equal(layer(x, adapter_ids=ids), base)
+
+
+def test_bad_adapter_ids_are_refused_by_name():
+    layer = LoRALinear(8, 6, r=2, device=DEVICE)
+    x = torch.randn(3, 8, device=DEVICE)
+    ids = torch.tensor([0, -1, 0], device=DEVICE)
+    for bad, err, words in [(ids.float(), TypeError, r"adapter_ids must be an integer tensor, got torch.float32"),
+                            (ids == 0, TypeError, r"adapter_ids must be an integer tensor, got torch.bool"),
+                            ([0, -1, 0], TypeError, r"adapter_ids must be an integer tensor, got list"),
+                            (ids[:2], ValueError, r"adapter_ids must have shape \(x.shape\[0\],\).*got adapter_ids "
+                                                  r"\(2,\) for x \(3, 8\)"),
+                            (ids[None], ValueError, r"got adapter_ids \(1, 3\) for x \(3, 8\)"),
+                            (ids + 1, ValueError, r"adapter_ids must be 0 \(the layer's adapter\) or -1 \(the base "
+                                                  r"alone\), the layer holding one adapter; got ids from 0 to 1"),
+                            (ids - 1, ValueError, r"got ids from -2 to -1")]:
+        with pytest.raises(err, match=words):
+            layer(x, adapter_ids=bad)
+    with pytest.raises(ValueError, match=r"an x of 2 or more dims; got adapter_ids \(8,\) for x \(8,\)"):
+        layer(x[0], adapter_ids=torch.zeros(8, dtype=torch.int64, device=DEVICE))
+    assert layer(x[:0], adapter_ids=ids[:0]).shape == (0, 6)
