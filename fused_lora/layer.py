@@ -202,16 +202,17 @@ class LoRALinear(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"adapter_ids must have shape (x.shape[0],): an id for each row (sample) of an x of 2 "
                              f"or more dims; got adapter_ids {tuple(adapter_ids.shape)} for x {shape}")
-        if adapter_ids.numel():
+        on = adapter_ids == 0
+        n_on, n_off = torch.stack([on.sum(), (adapter_ids == -1).sum()]).tolist()  # (one sync, not three)
+        if n_on + n_off != adapter_ids.numel():
             low, high = (v.item() for v in torch.aminmax(adapter_ids))
-            if low < -1 or high > 0:
-                raise ValueError(f"adapter_ids must be 0 (the layer's adapter) or -1 (the base alone), the layer "
-                                 f"holding one adapter; got ids from {low} to {high}")
-        on = (adapter_ids == 0).to(x.device)
-        if not self.adapter_enabled or not bool(on.any()):
+            raise ValueError(f"adapter_ids must be 0 (the layer's adapter) or -1 (the base alone), the layer "
+                             f"holding one adapter; got ids from {low} to {high}")
+        if not self.adapter_enabled or n_on == 0:
             return self._forward(x, False)
-        if bool(on.all()):
+        if n_off == 0:
             return self._forward(x, True)
+        on = on.to(x.device)
         y_on, y_off = self._forward(x[on], True), self._forward(x[~on], False)
         y = y_on.new_empty((x.shape[0], *y_on.shape[1:]))
         y[on], y[~on] = y_on, y_off.to(y.dtype)
