@@ -889,9 +889,9 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     call converts nothing) is refused (``ValueError``), as is one with
     transformers' own PEFT adapters (``model.add_adapter``): its adapter
     methods would break or skip the fused layers; so is a PEFT model holding
-    fused layers that PEFT did not make (``peft.get_peft_model`` on a model after :func:`inject`), whose
-    adapters its ``save_pretrained`` would not save as adapters (PEFT 0.21
-    also froze them). An adapter whose init took its start out of the base
+    fused layers that PEFT did not make (``peft.get_peft_model`` on a model
+    after :func:`inject`), whose adapters its ``save_pretrained`` would not
+    save as adapters (PEFT 0.21 also froze them). An adapter whose init took its start out of the base
     weights (PiSSA, OLoRA...: :func:`_residual_base_init`) converts as it is,
     on its residual base, and :func:`save_adapter` writes that init, which
     it reads from the ``PeftModel``'s config: convert the ``PeftModel``, not
@@ -1062,6 +1062,11 @@ def _converted(peft_model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(peft_model.get_submodule(n), LoRALinear)}
 
 
+def _held(converted: dict[str, nn.Module]) -> set[str]:
+    """The names of the adapters the fused layers of :func:`_converted` hold."""
+    return {name for original in converted.values() for name in original.lora_A.keys()}
+
+
 def _peft_tuner_call(peft_model: nn.Module, method: str, *args, **kwargs):
     """PEFT's own ``method`` of the PeftModel's tuner (its ``LoraModel``), past the patches."""
     tuner = peft_model.base_model
@@ -1077,7 +1082,7 @@ def _peft_save_pretrained(peft_model: nn.Module, *args, **kwargs):
 
 def _peft_load_adapter(peft_model: nn.Module, model_id, adapter_name: str = "default", *args, **kwargs):
     converted = _converted(peft_model)
-    held = {name for o in converted.values() for name in o.lora_A.keys()}
+    held = _held(converted)
     if held and adapter_name not in held:
         raise ValueError(f"load_adapter: the fused layers hold one adapter ({sorted(held)}), not {adapter_name!r} "
                          "beside it: go back to PEFT first (fused_lora.to_peft(model)), then load it")
@@ -1138,7 +1143,7 @@ def _peft_set_adapter(peft_model: nn.Module, on_tuner: bool, adapter_name, *args
     fused layers'). Naming other adapters than the one the fused layers hold
     is refused, nothing changed: they would go on running theirs."""
     converted = _converted(peft_model)
-    held = {name for original in converted.values() for name in original.lora_A.keys()}
+    held = _held(converted)
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     if held and set(names) != held:
         raise ValueError(f"set_adapter: the layers from_peft converted hold adapter {sorted(held)} alone and would "
