@@ -122,6 +122,24 @@ def check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
     return scaling, dropout_p, seed
 
 
+def check_row_scale(x: torch.Tensor, row_scale):
+    """``row_scale`` of ``lora_linear``: None, or a floating-point tensor of x's
+    leading shape (one value per row of x flattened to (M, K)) on x's device,
+    not requiring grad (the kernels do not differentiate it)."""
+    if row_scale is None:
+        return None
+    _is_tensor("row_scale", row_scale)
+    if tuple(row_scale.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"row_scale must have x's leading shape {tuple(x.shape[:-1])} (one value per row of x), "
+                         f"got {tuple(row_scale.shape)} for x of shape {tuple(x.shape)}")
+    if row_scale.device != x.device:
+        raise ValueError(f"row_scale is on {row_scale.device} but x is on {x.device}: all tensors must be on "
+                         "one device")
+    if row_scale.requires_grad and torch.is_grad_enabled():
+        raise ValueError("row_scale requires grad, but no gradient flows to it: pass row_scale.detach()")
+    return row_scale
+
+
 def check_backend(backend) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -103,7 +103,7 @@ def progress(**kwargs):
 
 def check_cases(on_gpu: bool) -> list[dict]:
     """Every kernel path (each strategy, TMA loads and the persistent grid for
-    16-bit, split-K at small M), each dtype, dropout on and off, frozen and
+    16-bit, split-K at small M, a row scale), each dtype, dropout on and off, frozen and
     trainable base, awkward sizes. GPU shapes are larger (several tiles of the
     real configs)."""
     import torch
@@ -123,10 +123,10 @@ def check_cases(on_gpu: bool) -> list[dict]:
         small_m = ((5,), 70, 45)  # fewer output tiles than the interpreter's 4 programs: split-K
     cases = []
 
-    def case(shape, r, dtype, strategy, p, train_base, tma=False, persistent=False):
+    def case(shape, r, dtype, strategy, p, train_base, tma=False, persistent=False, row_scaled=False):
         lead, k, n = shape
         cases.append(dict(lead=lead, k=k, n=n, r=r, dtype=dtype, strategy=strategy, dropout_p=p,
-                          train_base=train_base, tma=tma, persistent=persistent))
+                          train_base=train_base, tma=tma, persistent=persistent, row_scaled=row_scaled))
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for shape in shapes:
@@ -138,6 +138,9 @@ def check_cases(on_gpu: bool) -> list[dict]:
         case(small_m, 16, dtype, "in_loop", 0.0, train_base=False)
         case(small_m, 16, dtype, "split", 0.1, train_base=True)
         case(small_m, 16, dtype, "in_loop", 0.1, train_base=False)
+        # a row scale (the mixed adapter/base batches): xa and g scaled between the passes; in_loop gives way
+        case(small_m, 16, dtype, "in_loop", 0.1, train_base=False, row_scaled=True)
+        case(shapes[1], 8, dtype, "split", 0.0, train_base=True, row_scaled=True)
         if dtype != torch.float32:
             # TMA loads (16-bit): forward, dx (masked or not) and dW through descriptors
             for p, train_base in ((0.0, True), (0.1, False)):
@@ -168,10 +171,11 @@ def cmd_check(args) -> int:
               dispatch.use_persistent(case["persistent"])):
             m = math.prod(case["lead"])
             plan = dispatch.device_plan(device, m, case["n"], case["k"], case["r"], case["dtype"],
-                                        case["dropout_p"])
+                                        case["dropout_p"], row_scaled=case["row_scaled"])
             try:
                 errors = parity_case(case["lead"], case["k"], case["n"], case["r"], case["dtype"],
-                                     dropout_p=case["dropout_p"], train_base=case["train_base"], device=device)
+                                     dropout_p=case["dropout_p"], train_base=case["train_base"],
+                                     row_scaled=case["row_scaled"], device=device)
                 failure = ""
             except Exception as exc:  # a crash is a failed row, not a traceback
                 errors, failure = {}, f"{type(exc).__name__}: {exc}"
@@ -182,6 +186,7 @@ def cmd_check(args) -> int:
         rows.append(dict(path=f"{plan.strategy}{' +dropout' if case['dropout_p'] else ''}"
                               f"{' +train-base' if case['train_base'] else ''}{' +tma' if case['tma'] else ''}"
                               f"{' +persistent' if case['persistent'] else ''}"
+                              f"{' +row-scale' if case['row_scaled'] else ''}"
                               f"{' +dx-in-loop' if plan.dx_in_loop and plan.strategy != 'in_loop' else ''}"
                               f"{' +split-k' if plan.fwd_gemm.split_k > 1 else ''}",
                          shape=f"{'x'.join(map(str, case['lead']))}x{case['k']}->{case['n']}", r=case["r"],

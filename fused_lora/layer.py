@@ -188,7 +188,12 @@ class LoRALinear(nn.Module):
         an id for each row of a 2-D ``x`` (each sample of a batched one): 0
         runs the adapter on it, -1 the base alone (a batch that mixes adapters,
         as PEFT's ``adapter_names``, which :func:`fused_lora.from_peft`'s layers
-        take so; ids 0, 1... will name a layer's several adapters)."""
+        take so; ids 0, 1... will name a layer's several adapters). The whole
+        batch runs in the fused passes, the adapter's term scaled by 0 on the
+        base rows (``lora_linear``'s ``row_scale``). Other ids raise a
+        ValueError (one host sync to check them), except while torch.compile
+        traces or a CUDA graph captures, where nothing can be checked without
+        a sync: there their rows' outputs are NaN."""
         if adapter_ids is not None:
             return self._forward_mixed(x, adapter_ids)
         return self._forward(x, self.adapter_enabled)
@@ -202,23 +207,33 @@ class LoRALinear(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"adapter_ids must have shape (x.shape[0],): an id for each row (sample) of an x of 2 "
                              f"or more dims; got adapter_ids {tuple(adapter_ids.shape)} for x {shape}")
-        on = adapter_ids == 0
-        n_on, n_off = torch.stack([on.sum(), (adapter_ids == -1).sum()]).tolist()  # (one sync, not three)
-        if n_on + n_off != adapter_ids.numel():
-            low, high = (v.item() for v in torch.aminmax(adapter_ids))
-            raise ValueError(f"adapter_ids must be 0 (the layer's adapter) or -1 (the base alone), the layer "
-                             f"holding one adapter; got ids from {low} to {high}")
-        if not self.adapter_enabled or n_on == 0:
+        ids = adapter_ids.to(x.device)
+        on = ids == 0
+        checked = not (torch.compiler.is_compiling()
+                       or (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
+        if checked:
+            n_on, n_off = torch.stack([on.sum(), (ids == -1).sum()]).tolist()  # (one sync, not three)
+            if n_on + n_off != ids.numel():
+                low, high = (v.item() for v in torch.aminmax(ids))
+                raise ValueError(f"adapter_ids must be 0 (the layer's adapter) or -1 (the base alone), the layer "
+                                 f"holding one adapter; got ids from {low} to {high}")
+            if n_on == 0:
+                return self._forward(x, False)
+            if n_off == 0:
+                return self._forward(x, self.adapter_enabled)
+        if not self.adapter_enabled:
             return self._forward(x, False)
-        if n_off == 0:
-            return self._forward(x, True)
-        on = on.to(x.device)
-        y_on, y_off = self._forward(x[on], True), self._forward(x[~on], False)
-        y = y_on.new_empty((x.shape[0], *y_on.shape[1:]))
-        y[on], y[~on] = y_on, y_off.to(y.dtype)
-        return y
+        if self.merged:  # (the base rows need the weight from before merge(): two GEMMs, by row group)
+            y_on, y_off = self._forward(x[on], True), self._forward(x[~on], False)
+            y = y_on.new_empty((x.shape[0], *y_on.shape[1:]))
+            y[on], y[~on] = y_on, y_off.to(y.dtype)
+            return y
+        row_scale = on.to(torch.float32)
+        if not checked:
+            row_scale = row_scale.masked_fill(~on & (ids != -1), math.nan)
+        return self._forward(x, True, row_scale.view(-1, *(1,) * (x.dim() - 2)).expand(x.shape[:-1]))
 
-    def _forward(self, x: torch.Tensor, with_adapter: bool) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, with_adapter: bool, row_scale: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.base_weight()
         if not with_adapter:
             if self.merged:
@@ -230,7 +245,8 @@ class LoRALinear(nn.Module):
         if lora_A.dtype != weight.dtype:  # e.g. fp32 adapter on a bf16 base: compute in the base's dtype
             lora_A, lora_B = lora_A.to(weight.dtype), lora_B.to(weight.dtype)
         return lora_linear(x, weight, lora_A, lora_B, self.bias, scaling=self.scaling,
-                           dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+                           dropout_p=self.dropout if self.training else 0.0, row_scale=row_scale,
+                           backend=self.backend)
 
     # -- merging ----------------------------------------------------------------
     def _delta_fp32(self) -> torch.Tensor:

@@ -10,14 +10,22 @@ bias ``b (N)``; ``A (r, K)`` (``lora_A``); ``B (N, r)`` (``lora_B``); scaling
 
     drop(x) = x ⊙ mask / (1 - p)                                         (M, K)
 
-    forward   xa = drop(x) Aᵀ                                             (M, r)   tiny, kept for backward
+    forward   xa = w ⊙ drop(x) Aᵀ                                         (M, r)   tiny, kept for backward
               y  = x Wᵀ + b + s · xa Bᵀ                                   (M, N)
 
-    backward  g  = s · dy B                                               (M, r)
+    backward  g  = s · w ⊙ dy B                                           (M, r)
               dx = dy W + (g A) ⊙ mask / (1 - p)                          (M, K)   the forward GEMM, roles swapped
               dA = gᵀ drop(x)                                             (r, K)
               dB = s · dyᵀ xa                                             (N, r)
               dW = dyᵀ x,   db = Σ_m dy                                   only when the base is trainable
+
+``w`` (M, 1) is an optional scale of each row's low-rank term (``row_scale``;
+1 when absent): 0 on a row runs the base alone there, which is how a batch
+mixing a layer's adapter with the bare base (PEFT's ``adapter_names``) runs
+as one batch. It multiplies ``xa`` and ``g`` between the passes, so a row
+scale takes the strategies that compute them in skinny passes. (Several
+adapters a layer will take the same form: their ranks side by side, each
+row's ``w`` 1 on its own adapter's columns, 0 on the others.)
 
 How it runs (Triton backend)
 ============================
@@ -60,7 +68,7 @@ import functools
 import torch
 
 from . import _triton, dispatch
-from ._validate import check_backend, check_lora_args
+from ._validate import check_backend, check_lora_args, check_row_scale
 from .dropout import draw_seed_tensor
 from .reference import lora_linear as _reference_lora_linear
 from .reference import lora_linear_checked
@@ -88,6 +96,11 @@ def _unflatten_output(y2: Tensor, like: Tensor) -> Tensor:
     return torch.ops.aten._unsafe_view(y2, (*like.shape[:-1], y2.shape[1]))
 
 
+def _row_column(row_scale: Tensor, m: int) -> Tensor:
+    """``w`` as the fp32 column (M, 1) that multiplies the rows of xa or g."""
+    return row_scale.reshape(m, 1).to(torch.float32)
+
+
 def _on_the_operands_device(pass_fn):
     """Runs a Triton pass with its first operand's GPU as the current CUDA
     device. Triton launches on the current device, not on the operands':
@@ -109,15 +122,17 @@ def _on_the_operands_device(pass_fn):
 @_on_the_operands_device
 def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                    scaling: float, dropout_p: float, seed: int | Tensor,
-                   strategy: str = "") -> tuple[Tensor, Tensor]:
+                   strategy: str = "", row_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(y, xa)`` of the math above, with the Triton kernels. ``strategy``:
-    a forced one (:func:`fused_lora.dispatch.force_strategy`), ``""``: none."""
+    a forced one (:func:`fused_lora.dispatch.force_strategy`), ``""``: none.
+    ``row_scale``: ``w``, of x's leading shape, or None."""
     k_ = _triton.get()
     n, k = weight.shape
     r = lora_A.shape[0]
     x2 = _flatten(x, k)
     m = x2.shape[0]
-    plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None)
+    plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None,
+                                row_scaled=row_scale is not None)
     tune = dict(m=m, n=n, r=r, dtype=x.dtype, epilogue_mask=False, device=x.device, persistent=plan.persistent)
     if plan.strategy == "in_loop":
         # (with dropout: xa = drop(x)·Aᵀ, each N tile masking its x tiles for the shrink's dot)
@@ -133,6 +148,8 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
         xa, _, _ = k_.skinny_pass(x2, shrink=lora_A.t(), sh_scale=1.0 / (1.0 - dropout_p), dropout_p=dropout_p,
                                   seed=seed, config=plan.skinny, target_programs=plan.skinny_programs,
                                   input_precision=plan.input_precision)
+        if row_scale is not None:
+            xa.mul_(_row_column(row_scale, m))
         # hybrid: an empty K loop (the kernel writes C = s·xa·Bᵀ + b), then cuBLAS adds x·Wᵀ in place
         a, b = (x2[:, :0], weight.t()[:0]) if plan.cublas_base else (x2, weight.t())
 
@@ -152,16 +169,18 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
 def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
                     scaling: float, dropout_p: float, seed: int | Tensor,
                     need_x: bool, need_weight: bool, need_bias: bool, need_A: bool, need_B: bool,
-                    strategy: str = ""):
+                    strategy: str = "", row_scale: Tensor | None = None):
     """``(dx, dW, db, dA, dB)`` of the math above; None where not needed.
     ``strategy``: the one the forward was forced to run (``""``: none), so
-    that the backward follows it whatever thread autograd runs it on."""
+    that the backward follows it whatever thread autograd runs it on.
+    ``row_scale``: the forward's (``xa`` holds it already)."""
     k_ = _triton.get()
     n, k = weight.shape
     r = lora_A.shape[0]
     x2, dy2, xa2 = _flatten(x, k), _flatten(dy, n), _flatten(xa, r)
     m = x2.shape[0]
-    plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None)
+    plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None,
+                                row_scaled=row_scale is not None)
     inv_keep = 1.0 / (1.0 - dropout_p)
     # g = g_scale · (what the variable g holds): the dy pass scales it, the dx GEMM's K loop does not.
     g_in_dx = need_x and plan.dx_in_loop
@@ -176,6 +195,8 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
             tn_left=xa2 if need_B else None, tn_scale=scaling, tn_transposed=True, tn_dtype=lora_B.dtype,
             colsum=need_bias, colsum_dtype=x.dtype,
             config=plan.skinny, target_programs=plan.skinny_programs, input_precision=plan.input_precision)
+        if g is not None and row_scale is not None:
+            g.mul_(_row_column(row_scale, m))
     dx = d_a = d_w = None
     if need_x:
         a, b = (dy2[:, :0], weight[:0]) if plan.cublas_base else (dy2, weight)
@@ -258,18 +279,21 @@ def _kernel_seed(seed: Tensor):
 
 @torch.library.custom_op("fused_lora::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                    scaling: float, dropout_p: float, seed: Tensor, strategy: str = "") -> tuple[Tensor, Tensor]:
-    """``(y, xa)``: y (..., N) in x's dtype; xa = drop(x)·Aᵀ (..., r) in fp32.
+                    scaling: float, dropout_p: float, seed: Tensor, strategy: str = "",
+                    row_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(y, xa)``: y (..., N) in x's dtype; xa = w ⊙ drop(x)·Aᵀ (..., r) in fp32
+    (``w``: ``row_scale``, of x's leading shape, or None).
     ``seed``: a 0-d int64 CPU tensor holding the seed, or a 0-d int32 tensor
     on x's device that the kernels read (a tensor either way, so that drawing
     it stays inside a compiled graph). ``strategy``: a forced one, ``""`` when none
     (then an enclosing :func:`fused_lora.dispatch.force_strategy` still
     applies); the backward follows it."""
-    return forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _kernel_seed(seed), strategy)
+    return forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _kernel_seed(seed), strategy,
+                          row_scale)
 
 
 @lora_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, strategy=""):
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, strategy="", row_scale=None):
     return (x.new_empty((*x.shape[:-1], weight.shape[0])),
             x.new_empty((*x.shape[:-1], lora_A.shape[0]), dtype=torch.float32))
 
@@ -277,24 +301,26 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, strategy=""):
 @torch.library.custom_op("fused_lora::lora_linear_bwd", mutates_args=())
 def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
                     scaling: float, dropout_p: float, seed: Tensor, need_x: bool, need_weight: bool,
-                    need_bias: bool, need_A: bool, need_B: bool, strategy: str = "") -> list[Tensor]:
+                    need_bias: bool, need_A: bool, need_B: bool, strategy: str = "",
+                    row_scale: Tensor | None = None) -> list[Tensor]:
     """``[dx, dW, db, dA, dB]``; a gradient nobody needs is an empty tensor.
-    ``strategy``: the forward's forced strategy, ``""`` when none."""
+    ``strategy``: the forward's forced strategy, ``""`` when none;
+    ``row_scale``: the forward's."""
     grads = backward_triton(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, _kernel_seed(seed),
-                            need_x, need_weight, need_bias, need_A, need_B, strategy)
+                            need_x, need_weight, need_bias, need_A, need_B, strategy, row_scale)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @lora_linear_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_x, need_weight, need_bias, need_A, need_B,
-      strategy=""):
+      strategy="", row_scale=None):
     shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
     needs = (need_x, need_weight, need_bias, need_A, need_B)
     return [x.new_empty(s) if need else x.new_empty(0) for s, need in zip(shapes, needs)]
 
 
-def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, strategy):
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, strategy, row_scale):
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, row_scale, seed)
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
     ctx.has_bias = bias is not None
@@ -306,22 +332,23 @@ def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropou
 def _gradients(ctx, dy):
     """(dx, dW, db, dA, dB) for ctx.needs_input_grad's first five inputs,
     which are (x, weight, bias, lora_A, lora_B) in both entry points."""
-    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    x, weight, lora_A, lora_B, xa, row_scale, seed = ctx.saved_tensors
     need = list(ctx.needs_input_grad[:5])
     need[2] = need[2] and ctx.has_bias
     if not any(need):
         return (None,) * 5
     if torch.is_grad_enabled():  # create_graph=True: gradients to differentiate again
-        return _differentiable_gradients(dy, x, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, need)
-    if direct_call(dy, x, weight, lora_A, lora_B, xa):
+        return _differentiable_gradients(dy, x, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, need,
+                                         row_scale)
+    if direct_call(dy, x, weight, lora_A, lora_B, xa, row_scale):
         return backward_triton(dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, _kernel_seed(seed), *need,
-                               ctx.strategy)
+                               ctx.strategy, row_scale)
     grads = torch.ops.fused_lora.lora_linear_bwd(dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p,
-                                                 seed, *need, ctx.strategy)
+                                                 seed, *need, ctx.strategy, row_scale)
     return tuple(g if n else None for g, n in zip(grads, need))
 
 
-def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p, seed, need):
+def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p, seed, need, row_scale):
     """The gradients for ``create_graph=True`` (a gradient penalty,
     meta-learning), which autograd can differentiate again with respect to
     dy and every input: autograd's own, through the reference (the math above
@@ -331,7 +358,7 @@ def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p,
     wanted = [i for i in (0, 1, 3, 4) if need[i]]
     out = [None] * 5
     if wanted:
-        y = lora_linear_checked(x, weight, lora_A, lora_B, None, scaling, dropout_p, seed)
+        y = lora_linear_checked(x, weight, lora_A, lora_B, None, scaling, dropout_p, seed, row_scale)
         grads = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=True)
         for i, g in zip(wanted, grads):
             out[i] = g
@@ -341,19 +368,20 @@ def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p,
 
 
 def _op_setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *strategy = inputs
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *rest = inputs
+    strategy = rest[0] if rest else ""
+    row_scale = rest[1] if len(rest) > 1 else None
     _y, xa = output
     ctx.mark_non_differentiable(xa)
     # Called without a strategy, the op ran under the force of the moment;
     # while torch.compile traces, that moment is later: the backward op will
     # read the force of its own moment.
-    forced = (strategy[0] if strategy else "") or (
-        "" if torch.compiler.is_compiling() else dispatch.forced_strategy() or "")
-    _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, forced)
+    forced = strategy or ("" if torch.compiler.is_compiling() else dispatch.forced_strategy() or "")
+    _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, forced, row_scale)
 
 
 def _op_backward(ctx, dy, _dxa):
-    return (*_gradients(ctx, dy), None, None, None, None)
+    return (*_gradients(ctx, dy), None, None, None, None, None)
 
 
 torch.library.register_autograd("fused_lora::lora_linear_fwd", _op_backward, setup_context=_op_setup_context)
@@ -363,8 +391,9 @@ class LoRALinearFunction(torch.autograd.Function):
     """``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with the Triton kernels.
 
     ``LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling,
-    dropout_p, seed)`` with ``seed`` a 0-d int64 CPU tensor holding the seed,
-    or a 0-d int32 tensor on x's device that the kernels read. Saves only x, the
+    dropout_p, seed[, row_scale])`` with ``seed`` a 0-d int64 CPU tensor holding the seed,
+    or a 0-d int32 tensor on x's device that the kernels read, and ``row_scale``
+    ``w`` of the math (x's leading shape; not differentiated). Saves only x, the
     weights and the tiny fp32 ``xa`` (M, r); computes only the gradients that
     ``needs_input_grad`` asks for (twice differentiable: with
     ``create_graph=True`` in PyTorch ops). Arguments are not validated here: use
@@ -372,20 +401,21 @@ class LoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, row_scale=None):
         # (read here, where torch.compile traces it and guards on it)
         strategy = dispatch.forced_strategy() or ""
-        if direct_call(x, weight, bias, lora_A, lora_B):
-            y, xa = forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _kernel_seed(seed), strategy)
+        if direct_call(x, weight, bias, lora_A, lora_B, row_scale):
+            y, xa = forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _kernel_seed(seed), strategy,
+                                   row_scale)
         else:
             y, xa = torch.ops.fused_lora.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-                                                         strategy)
-        _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, strategy)
+                                                         strategy, row_scale)
+        _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, strategy, row_scale)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        return (*_gradients(ctx, dy), None, None, None)
+        return (*_gradients(ctx, dy), None, None, None, None)
 
 
 # ----------------------------------------------------------------------------
@@ -443,9 +473,10 @@ def lora_linear(
     scaling: float = 1.0,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    row_scale: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """``y = x Wᵀ + b + scaling · (drop(x) Aᵀ) Bᵀ`` (math in :mod:`fused_lora.ops`).
+    """``y = x Wᵀ + b + scaling · (w ⊙ drop(x) Aᵀ) Bᵀ`` (math in :mod:`fused_lora.ops`).
 
     Args:
         x: (..., in_features), any strides, fp16/bf16/fp32 (fp64 runs on the
@@ -461,6 +492,12 @@ def lora_linear(
             ``torch.manual_seed`` reproduces a run, and a captured CUDA graph
             draws a new mask at each replay). The mask is
             :func:`fused_lora.dropout_mask` of (seed, (M, K), p).
+        row_scale: ``w``, a scale of each row's low-rank term: a
+            floating-point tensor of x's leading shape ``x.shape[:-1]`` (one
+            value per token) on x's device, or None (1 everywhere). 0 on a
+            row gives that row the base alone, in the same launches as the
+            others (a batch mixing the adapter and the bare base). Not
+            differentiated (a tensor requiring grad is refused).
         backend: ``"triton"`` (CUDA tensors, or CPU tensors under
             ``TRITON_INTERPRET=1``), ``"torch"`` (the reference), or ``"auto"``
             (Triton where it can run, else torch: also under torch.func
@@ -476,9 +513,10 @@ def lora_linear(
     if isinstance(x, Tensor) and _autocast_enabled(x.device.type):
         x, weight, lora_A, lora_B, bias = _autocast(x.device.type, x, weight, lora_A, lora_B, bias)
     scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    row_scale = check_row_scale(x, row_scale)
     if resolve_backend(backend, x) == "torch":
         return _reference_lora_linear(x, weight, lora_A, lora_B, bias, scaling=scaling, dropout_p=dropout_p,
-                                      seed=seed)
+                                      seed=seed, row_scale=row_scale)
     if dropout_p == 0.0:
         seed = 0
     elif seed is None:
@@ -489,12 +527,12 @@ def lora_linear(
         seed = draw_seed_tensor(x.device)
     differentiated = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
-    if not differentiated and direct_call(x, weight, bias, lora_A, lora_B):
+    if not differentiated and direct_call(x, weight, bias, lora_A, lora_B, row_scale):
         # Nothing to differentiate (inference, torch.no_grad): the forward
         # alone, without the autograd Function's host time
         return forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-                              dispatch.forced_strategy() or "")[0]
+                              dispatch.forced_strategy() or "", row_scale)[0]
     # (on the CPU whatever the default device: a value the kernels take as an argument, never read back
     # from a GPU, which would sync the host and break a CUDA graph's capture)
     seed_t = seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int64, device="cpu")
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t, row_scale)

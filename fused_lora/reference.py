@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._validate import check_lora_args
+from ._validate import check_lora_args, check_row_scale
 from .dropout import draw_seed_tensor, dropout_mask
 
 
@@ -24,8 +24,9 @@ def lora_linear(
     scaling: float = 1.0,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y = x Wᵀ + b + scaling · (drop(x) Aᵀ) Bᵀ``.
+    """``y = x Wᵀ + b + scaling · (w ⊙ drop(x) Aᵀ) Bᵀ`` (``w``: ``row_scale``, one per row; 1 when None).
 
     Same arguments as :func:`fused_lora.lora_linear` (less ``backend``). With
     ``dropout_p > 0`` the mask is :func:`fused_lora.dropout_mask` for ``seed``
@@ -34,12 +35,14 @@ def lora_linear(
     and reference drop the same elements.
     """
     scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    row_scale = check_row_scale(x, row_scale)
     if dropout_p > 0.0 and seed is None:
         seed = draw_seed_tensor(x.device)
-    return lora_linear_checked(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    return lora_linear_checked(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, row_scale)
 
 
-def lora_linear_checked(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float, seed) -> torch.Tensor:
+def lora_linear_checked(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float, seed,
+                        row_scale=None) -> torch.Tensor:
     """:func:`lora_linear` on checked arguments, ``seed`` an int or a 0-d
     integer tensor (such as the fused op's, drawn on the device)."""
     dropped = x
@@ -47,4 +50,7 @@ def lora_linear_checked(x, weight, lora_A, lora_B, bias, scaling: float, dropout
         rows = x.shape[:-1].numel()  # x flattened to (M, K), row-major
         keep = dropout_mask(seed, (rows, x.shape[-1]), dropout_p, device=x.device).view(x.shape)
         dropped = x * keep / (1.0 - dropout_p)
-    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(dropped, lora_A), lora_B)
+    xa = F.linear(dropped, lora_A)
+    if row_scale is not None:
+        xa = xa * row_scale.to(xa.dtype).unsqueeze(-1)
+    return F.linear(x, weight, bias) + scaling * F.linear(xa, lora_B)

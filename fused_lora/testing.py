@@ -94,22 +94,25 @@ def make_params(k: int, n: int, r: int, dtype, bias: bool, device=DEVICE):
     return w, b, a, bb
 
 
-def reference64(x, w, b, a, bb, dy, *, scaling, dropout_p, seed, grads=("x", "weight", "bias", "lora_A", "lora_B")):
+def reference64(x, w, b, a, bb, dy, *, scaling, dropout_p, seed, grads=("x", "weight", "bias", "lora_A", "lora_B"),
+                row_scale=None):
     """The float64 oracle: output and the requested gradients of the reference."""
     named = {"x": x, "weight": w, "bias": b, "lora_A": a, "lora_B": bb}
     leaves = {k: (v.detach().double().requires_grad_(k in grads) if v is not None else None)
               for k, v in named.items()}
     y = reference.lora_linear(leaves["x"], leaves["weight"], leaves["lora_A"], leaves["lora_B"], leaves["bias"],
-                              scaling=scaling, dropout_p=dropout_p, seed=seed)
+                              scaling=scaling, dropout_p=dropout_p, seed=seed,
+                              row_scale=None if row_scale is None else row_scale.double())
     wanted = [k for k in grads if leaves[k] is not None]
     gs = torch.autograd.grad(y, [leaves[k] for k in wanted], dy.double()) if wanted else ()
     return y.detach(), dict(zip(wanted, gs))
 
 
 def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=False, layout="contiguous",
-                scaling=1.5, seed=1234, device=DEVICE) -> dict[str, float]:
+                scaling=1.5, seed=1234, row_scaled=False, device=DEVICE) -> dict[str, float]:
     """Run the fused op once (forward and every gradient) and return each
-    output's normalized error against the float64 reference."""
+    output's normalized error against the float64 reference. ``row_scaled``:
+    with a random ``row_scale``, 0 on every third row."""
     import fused_lora
 
     x = make_x((*lead, k), dtype, layout, device=device).requires_grad_()
@@ -124,10 +127,16 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
             b.requires_grad_()
             wanted.append("bias")
     inputs = {"x": x, "weight": w, "bias": b, "lora_A": a, "lora_B": bb}
-    y = fused_lora.lora_linear(x, w, a, bb, b, scaling=scaling, dropout_p=dropout_p, seed=seed, backend="triton")
+    row_scale = None
+    if row_scaled:
+        row_scale = torch.rand(lead, device=device) + 0.5
+        row_scale.view(-1)[::3] = 0.0
+    y = fused_lora.lora_linear(x, w, a, bb, b, scaling=scaling, dropout_p=dropout_p, seed=seed, row_scale=row_scale,
+                               backend="triton")
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [inputs[g] for g in wanted], dy)
-    y64, g64 = reference64(x, w, b, a, bb, dy, scaling=scaling, dropout_p=dropout_p, seed=seed, grads=wanted)
+    y64, g64 = reference64(x, w, b, a, bb, dy, scaling=scaling, dropout_p=dropout_p, seed=seed, grads=wanted,
+                           row_scale=row_scale)
     errors = {"y": normalized_error(y, y64)}
     errors.update({f"d{name}": normalized_error(g, g64[name]) for name, g in zip(wanted, grads)})
     return errors

@@ -64,6 +64,12 @@ BAD = [
     (lambda a: dict(seed=-3, dropout_p=0.1), ValueError, ["seed"]),
     (lambda a: dict(seed=2.0, dropout_p=0.1), TypeError, ["seed"]),
     (lambda a: dict(backend="cuda"), ValueError, ["backend", "'cuda'"]),
+    (lambda a: dict(row_scale=torch.ones(5, device=DEVICE)), ValueError, ["row_scale", "(6,)", "got (5,)"]),
+    (lambda a: dict(row_scale=torch.ones(6, 1, device=DEVICE)), ValueError, ["row_scale", "(6, 1)", "(6, 16)"]),
+    (lambda a: dict(row_scale=torch.ones(6, dtype=torch.int64, device=DEVICE)), TypeError, ["row_scale", "int64"]),
+    (lambda a: dict(row_scale=[1.0] * 6), TypeError, ["row_scale", "Tensor", "list"]),
+    (lambda a: dict(row_scale=torch.ones(6, device=DEVICE, requires_grad=True)), ValueError,
+     ["row_scale", "requires grad", "detach()"]),
 ]
 
 
@@ -99,6 +105,7 @@ EXPLAIN = dict(x_shape=(16, 64), weight_shape=(48, 64), r=8, dtype=torch.bfloat1
     (dict(target="hopper"), ValueError, ["target", "'hopper'"]),
     (dict(num_sms=0), ValueError, ["num_sms", ">= 1"]),
     (dict(num_sms=1.5), TypeError, ["num_sms", "float"]),
+    (dict(row_scaled="yes"), TypeError, ["row_scaled", "'yes'"]),
 ], ids=lambda v: None)
 def test_explain_rejects_bad_input_by_name(change, err, words):
     """explain takes shapes, not tensors, and the kernels' dtypes: anything

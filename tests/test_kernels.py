@@ -1095,6 +1095,18 @@ def test_explain_says_what_runs_and_why():
         too_wide = fused_lora.explain((64, 32), (32, 32), 20, dtype=torch.float32, dropout_p=0.2)
     assert forced.plan.strategy == "in_loop" and "forced" in forced.plan.reason
     assert too_wide.plan.strategy == "split" and "cannot run" in too_wide.plan.reason
+    # a row scale: where xa or g would come from a K loop, split (the dx GEMM reading g from the dy pass)
+    for p, strategy in ((0.0, "in_loop"), (0.2, "split")):
+        plain = fused_lora.explain((16, 4096), (4096, 4096), 16, dropout_p=p).plan
+        row_scaled = fused_lora.explain((16, 4096), (4096, 4096), 16, dropout_p=p, row_scaled=True).plan
+        assert (plain.strategy, plain.dx_in_loop) == (strategy, True)
+        assert (row_scaled.strategy, row_scaled.dx_in_loop) == ("split", False)
+        assert row_scaled.reason.startswith("a row scale multiplies xa and g between the passes, where " + (
+            "the forward GEMM (in_loop) would compute xa and the dx GEMM g" if strategy == "in_loop"
+            else "the dx GEMM g") + " in its K loop")
+    large = dict(x_shape=(4096, 4096), weight_shape=(4096, 4096), r=64)  # (split without a row scale too)
+    assert fused_lora.explain(**large, row_scaled=True).plan == fused_lora.explain(**large).plan
+    assert fused_lora.explain((16, 64), (48, 64), 8, dtype=torch.float32, row_scaled=True).plan.strategy == "hybrid"
     for bad in (dict(x_shape=(4, 3), weight_shape=(5, 4), r=2), dict(x_shape=(4, 4), weight_shape=(5, 4), r=0),
                 dict(x_shape=(4, 4), weight_shape=(5, 4), r=2, target="gpu")):
         with pytest.raises(ValueError):

@@ -305,6 +305,34 @@ def test_adapter_ids_run_the_adapter_on_their_rows_and_the_base_on_the_others(le
     assert torch.equal(layer(x, adapter_ids=ids), base)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_a_mixed_batch_runs_as_one_batch(monkeypatch, training):
+    """Rows of the adapter and of the base run in the same launches (the
+    skinny pass, one GEMM; backward: the dy pass, the dx GEMM, the dA pass),
+    not once per row group; in training, the dropout mask of the adapter's
+    rows is the one the whole batch draws (``row_scale``: w = 1 on them)."""
+    k_ = fused_lora._triton.get()
+    calls = []
+    for name in ("lora_gemm", "skinny_pass"):
+        real = getattr(k_, name)
+        monkeypatch.setattr(k_, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+    layer = LoRALinear(24, 17, r=4, alpha=8, dropout=0.3, device=DEVICE).train(training)
+    _randomise_adapter(layer)
+    x = make_x((5, 3, 24), torch.float32).requires_grad_()
+    ids = torch.tensor([0, -1, 0, 0, -1], device=DEVICE)
+    torch.manual_seed(5)
+    y = layer(x, adapter_ids=ids)
+    assert calls == ["skinny_pass", "lora_gemm"]
+    y.backward(torch.randn_like(y))
+    assert calls[2:] == ["skinny_pass", "lora_gemm", "skinny_pass"]
+    torch.manual_seed(5)  # (the same seed: the same mask)
+    y_all = layer(x.detach(), adapter_ids=torch.zeros(5, dtype=torch.int64, device=DEVICE))
+    on = ids == 0
+    assert_close(y[on], y_all[on].double(), torch.float32, "the adapter's rows")
+    base = torch.nn.functional.linear(x.detach().double(), layer.weight.double(), layer.bias.double())
+    assert_close(y[~on], base[~on], torch.float32, "the base's rows")
+
+
 def test_bad_adapter_ids_are_refused_by_name():
     layer = LoRALinear(8, 6, r=2, device=DEVICE)
     x = torch.randn(3, 8, device=DEVICE)

@@ -21,20 +21,29 @@ from fused_lora.dropout import draw_seed, draw_seed_tensor
 from lora_testing import DEVICE, assert_close, make_params, reference64
 
 
-@pytest.mark.parametrize("p, seed_on_device", [(0.0, False), (0.25, False), (0.25, True)])
-def test_opcheck_forward_and_backward_ops(p, seed_on_device):
-    """(seed: a CPU int64 holding the value, or an int32 on x's device that the kernels read)"""
+@pytest.mark.parametrize("p, seed_on_device, row_scaled", [(0.0, False, False), (0.25, False, False),
+                                                            (0.25, True, False), (0.25, False, True)])
+def test_opcheck_forward_and_backward_ops(p, seed_on_device, row_scaled):
+    """(seed: a CPU int64 holding the value, or an int32 on x's device that the kernels read;
+    row_scale: the ops' last argument, after the strategy)"""
     x = torch.randn(3, 5, 24, device=DEVICE, requires_grad=True)
     w, b, a, bb = make_params(24, 16, 4, torch.float32, True)
     a.requires_grad_()
     bb.requires_grad_()
     seed = torch.tensor(7, dtype=torch.int32, device=DEVICE) if seed_on_device else torch.tensor(7)
-    torch.library.opcheck(torch.ops.fused_lora.lora_linear_fwd.default, (x, w, b, a, bb, 1.5, p, seed))
-    y, xa = torch.ops.fused_lora.lora_linear_fwd(x, w, b, a, bb, 1.5, p, seed)
+    extra = ("", torch.rand(3, 5, device=DEVICE)) if row_scaled else ()
+    torch.library.opcheck(torch.ops.fused_lora.lora_linear_fwd.default, (x, w, b, a, bb, 1.5, p, seed, *extra))
+    y, xa = torch.ops.fused_lora.lora_linear_fwd(x, w, b, a, bb, 1.5, p, seed, *extra)
     dy = torch.randn_like(y)
     for needs in ((True, False, True, True, True), (False, True, False, True, False)):
         torch.library.opcheck(torch.ops.fused_lora.lora_linear_bwd.default,
-                              (dy, x.detach(), w, a.detach(), bb.detach(), xa.detach(), 1.5, p, seed, *needs))
+                              (dy, x.detach(), w, a.detach(), bb.detach(), xa.detach(), 1.5, p, seed, *needs, *extra))
+    if row_scaled:  # (the op's own autograd takes the row scale as the Function does)
+        grads = torch.autograd.grad(y, (x, a, bb), dy)
+        _, g64 = reference64(x, w, b, a, bb, dy, scaling=1.5, dropout_p=p, seed=7, grads=("x", "lora_A", "lora_B"),
+                             row_scale=extra[1])
+        for g, name in zip(grads, ("x", "lora_A", "lora_B")):
+            assert_close(g, g64[name], torch.float32, name)
 
 
 def test_the_forward_op_is_differentiable_on_its_own():
@@ -95,6 +104,36 @@ def test_compile_fullgraph_training_step_is_one_frame(backend):
     with inductor_config.patch(fallback_random=True):
         compiled(x, target).backward()  # a second step reuses the graph
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_batch_mixing_adapters_compiles_in_one_graph(training):
+    """``adapter_ids`` under torch.compile: one graph (no host sync to check
+    the ids, nothing split by row group), the eager outputs and gradients;
+    an id that eager mode refuses gives NaN on its row there."""
+    layer = LoRALinear(24, 17, r=4, dropout=0.2, device=DEVICE).train(training)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 3, 24, device=DEVICE, requires_grad=True)
+    ids = torch.tensor([0, -1, 0, 0, -1], device=DEVICE)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda x, ids: layer(x, adapter_ids=ids), backend=counter, fullgraph=True)
+    dy = torch.randn(5, 3, 17, device=DEVICE)
+    torch.manual_seed(3)
+    y = compiled(x, ids)
+    grads = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), dy)
+    torch.manual_seed(3)
+    eager = layer(x, adapter_ids=ids)
+    eager_grads = torch.autograd.grad(eager, (x, layer.lora_A, layer.lora_B), dy)
+    assert counter.frame_count == 1
+    assert_close(y, eager.double(), torch.float32, "compiled vs eager")
+    for g, e in zip(grads, eager_grads):
+        assert_close(g, e.double(), torch.float32, "compiled vs eager gradients")
+    bad = torch.tensor([0, 3, -1, 0, -1], device=DEVICE)
+    with pytest.raises(ValueError, match="got ids from -1 to 3"):
+        layer(x, adapter_ids=bad)
+    with torch.no_grad():
+        y_bad = compiled(x, bad)
+    assert y_bad[1].isnan().all() and not y_bad[[0, 2, 3, 4]].isnan().any()
 
 
 def test_compile_dynamic_shapes_one_graph_for_every_sequence_length():
