@@ -2,7 +2,8 @@
 (``FullyShardedDataParallel``) and FSDP2 (``fully_shard``) over 2 processes
 with the gloo backend give the gradients of one process on the whole batch;
 under FSDP1 and FSDP2, save_adapter and load_adapter work on the sharded
-adapters, and what would leave the model running on shards is refused."""
+adapters, and what would leave the model running on shards is refused; a
+PeftModel converted by from_peft trains and saves under FSDP2 as PEFT's own."""
 
 import os
 import sys
@@ -28,6 +29,20 @@ def _model(device, backend="auto"):
     with torch.no_grad():
         for layer in fused_lora.integration.fused_layers(model).values():
             layer.lora_B.normal_(0, 0.3)
+    return model
+
+
+def _peft_model(device):
+    """``_model``'s network as a PeftModel of the same adapters (PEFT's names)."""
+    import peft
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 8)).to(device)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2", "4"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
     return model
 
 
@@ -87,7 +102,11 @@ def _worker(rank, mode, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         device = torch.device("cpu")
-        model = _model(device, backend="triton")
+        if mode == "fsdp2-from_peft":  # (a PeftModel whose layers from_peft fused, then sharded)
+            model = _peft_model(device)
+            fused_lora.from_peft(model)
+        else:
+            model = _model(device, backend="triton")
         x, y = _data(device)
         shard = slice(rank * 6, (rank + 1) * 6)
         if mode == "ddp":
@@ -117,7 +136,13 @@ def _worker(rank, mode, init_file, out_file):
             loss = nn.functional.cross_entropy(wrapped(x[shard]), y[shard])
             loss.backward()
             result = {"grads": _grads(model, wrapped if mode == "fsdp1" else None)}
-            if mode != "ddp":
+            if mode == "fsdp2-from_peft":
+                directory = os.path.join(os.path.dirname(out_file), "adapter")
+                fused_lora.save_adapter(model, directory)
+                result["written"] = sorted(os.listdir(directory))
+                result["fused"] = {n: type(m.lora_B).__name__ for n, m in fused_lora.integration.fused_layers(
+                    model).items()}
+            elif mode != "ddp":
                 directory = os.path.join(os.path.dirname(out_file), "adapter")
                 result.update(_save_and_load_sharded(model, wrapped if mode == "fsdp1" else model, directory, mode))
         if rank == 0:
@@ -216,7 +241,7 @@ def _save_and_load_sharded(model, target, directory, mode):
             "still_fused": sorted(map(_plain_name, fused_lora.integration.fused_layers(model)))}
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp1", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp1", "fsdp2", "fsdp2-from_peft"])
 def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     out_file = tmp_path / "grads.pt"
     # gloo on CPU: the workers run the kernels on Triton's interpreter, which
@@ -229,6 +254,9 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
         pytest.skip(f"torch {torch.__version__}'s FSDP2 sums the ranks' gradients over gloo instead of averaging "
                     "them, a plain nn.Linear's too (pytorch/pytorch#162338)")
     distributed = result["grads"]
+    if mode == "fsdp2-from_peft":
+        _check_from_peft(result, tmp_path)
+        return
     model = _model(torch.device("cpu"))
     x, y = _data(torch.device("cpu"))
     nn.functional.cross_entropy(model(x), y).backward()  # the mean over 12 = the mean of the two shard means
@@ -269,3 +297,26 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
         # the units holding the adapters, each whole alone (never the root, and so never the whole model)
         assert result["summoned"] == [("LoRALinear", False)] * 3, result["summoned"]
         assert not (tmp_path / "adapter-outside").exists()
+
+
+def _check_from_peft(result, tmp_path):
+    """FSDP2 over a PeftModel converted by from_peft: PEFT's unconverted model
+    on the whole batch gives the same gradients, and save_adapter writes its
+    adapters in PEFT's keys."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    model = _peft_model(torch.device("cpu"))
+    x, y = _data(torch.device("cpu"))
+    nn.functional.cross_entropy(model(x), y).backward()
+    single = {name.removesuffix(".default.weight"): p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert result["fused"] == {f"base_model.model.{i}": "DTensor" for i in (0, 2, 4)}  # (fused, then sharded)
+    assert set(result["grads"]) == set(single) and len(single) == 6
+    for name, g in single.items():
+        assert_close(result["grads"][name], g.double(), torch.float32, name)
+    assert result["written"] == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    expected = {name.replace(".default", ""): p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    assert saved.keys() == expected.keys()
+    for name, t in expected.items():
+        assert torch.equal(saved[name], t), name
