@@ -193,7 +193,8 @@ class LoRALinear(nn.Module):
         base rows (``lora_linear``'s ``row_scale``). Other ids raise a
         ValueError (one host sync to check them), except while torch.compile
         traces or a CUDA graph captures, where nothing can be checked without
-        a sync: there their rows' outputs are NaN."""
+        a sync: there their rows' outputs are NaN (and so, in training, the
+        adapter's gradients)."""
         if adapter_ids is not None:
             return self._forward_mixed(x, adapter_ids)
         return self._forward(x, self.adapter_enabled)
