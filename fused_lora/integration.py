@@ -70,7 +70,7 @@ import torch
 from torch import nn
 
 from ._validate import check_int, version_tuple
-from .layer import LoRALinear, check_adapter_dtype, lora_scaling, unfusable_base
+from .layer import LoRALinear, check_adapter_dtype, lora_scaling, note_checked_adapter_ids, unfusable_base
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -891,8 +891,9 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     methods would break or skip the fused layers; so is a PEFT model holding
     fused layers that PEFT did not make (``peft.get_peft_model`` on a model
     after :func:`inject`), whose adapters its ``save_pretrained`` would not
-    save as adapters (PEFT 0.21 also froze them). An adapter whose init took its start out of the base
-    weights (PiSSA, OLoRA...: :func:`_residual_base_init`) converts as it is,
+    save as adapters (PEFT 0.21 also froze them). An adapter whose init took
+    its start out of the base weights (PiSSA, OLoRA...:
+    :func:`_residual_base_init`) converts as it is,
     on its residual base, and :func:`save_adapter` writes that init, which
     it reads from the ``PeftModel``'s config: convert the ``PeftModel``, not
     the model inside it, which holds no config.
@@ -1241,7 +1242,9 @@ def _adapter_ids_pre_forward_hook(adapter: str, names: list, on_device: dict, mo
     ``adapter_ids`` from the samples' adapter names (made once a device)."""
     x = args[0] if args else kwargs["x"]
     if x.device not in on_device:
-        on_device[x.device] = torch.tensor([0 if n == adapter else -1 for n in names], device=x.device)
+        ids = [0 if n == adapter else -1 for n in names]
+        on_device[x.device] = torch.tensor(ids, device=x.device)
+        note_checked_adapter_ids(on_device[x.device], ids.count(0), ids.count(-1), own=True)  # (no sync)
     kwargs["adapter_ids"] = on_device[x.device]
     return args, kwargs
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._validate import check_backend, check_bool, check_int
 from .dropout import check_dropout_p
@@ -23,6 +24,29 @@ def check_adapter_dtype(dtype, name: str = "adapter_dtype") -> torch.dtype | Non
 
 
 _BASE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+#: ``adapter_ids`` tensors already checked: tensor -> (its version then, the
+#: counts of ids 0 and -1). A model's fused layers take the same tensor in one
+#: forward: its values are read (a host sync) by the first alone, and again
+#: only once changed in place (inference tensors, which keep no version, every
+#: time). :func:`fused_lora.from_peft`'s hooks, which make the ids from names
+#: on the host and hand them to no one else, note theirs without a version.
+_checked_ids = WeakIdKeyDictionary()
+
+
+def note_checked_adapter_ids(ids: torch.Tensor, n_on: int, n_off: int, own: bool = False) -> None:
+    """Record ``ids`` as checked, holding ``n_on`` zeros and ``n_off`` -1s
+    (``own``: made by fused_lora and never changed, whatever its version)."""
+    if own or not ids.is_inference():
+        _checked_ids[ids] = (None if own else ids._version, n_on, n_off)
+
+
+def _checked_counts(ids: torch.Tensor) -> tuple[int, int] | None:
+    """``(n_on, n_off)`` of ``ids`` if checked as it is now, else None."""
+    entry = _checked_ids.get(ids)
+    if entry is None or (entry[0] is not None and entry[0] != ids._version):
+        return None
+    return entry[1:]
 
 
 def unfusable_base(weight: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:
@@ -191,7 +215,8 @@ class LoRALinear(nn.Module):
         take so; ids 0, 1... will name a layer's several adapters). The whole
         batch runs in the fused passes, the adapter's term scaled by 0 on the
         base rows (``lora_linear``'s ``row_scale``). Other ids raise a
-        ValueError (one host sync to check them), except while torch.compile
+        ValueError (one host sync to check them, the first time a tensor of
+        ids comes: a model's layers take the same one), except while torch.compile
         traces or a CUDA graph captures, where nothing can be checked without
         a sync: there their rows' outputs are NaN (and so, in training, the
         adapter's gradients)."""
@@ -213,11 +238,15 @@ class LoRALinear(nn.Module):
         checked = not (torch.compiler.is_compiling()
                        or (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
         if checked:
-            n_on, n_off = torch.stack([on.sum(), (ids == -1).sum()]).tolist()  # (one sync, not three)
-            if n_on + n_off != ids.numel():
-                low, high = (v.item() for v in torch.aminmax(ids))
-                raise ValueError(f"adapter_ids must be 0 (the layer's adapter) or -1 (the base alone), the layer "
-                                 f"holding one adapter; got ids from {low} to {high}")
+            counts = _checked_counts(adapter_ids)
+            if counts is None:
+                counts = tuple(torch.stack([on.sum(), (ids == -1).sum()]).tolist())  # (one sync, not three)
+                if sum(counts) != ids.numel():
+                    low, high = (v.item() for v in torch.aminmax(ids))
+                    raise ValueError(f"adapter_ids must be 0 (the layer's adapter) or -1 (the base alone), the "
+                                     f"layer holding one adapter; got ids from {low} to {high}")
+                note_checked_adapter_ids(adapter_ids, *counts)
+            n_on, n_off = counts
             if n_on == 0:
                 return self._forward(x, False)
             if n_off == 0:

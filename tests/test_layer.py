@@ -333,6 +333,43 @@ def test_a_mixed_batch_runs_as_one_batch(monkeypatch, training):
     assert_close(y[~on], base[~on], torch.float32, "the base's rows")
 
 
+def test_a_tensor_of_adapter_ids_is_checked_once_for_all_the_layers(monkeypatch):
+    """Layers given the same ``adapter_ids`` read them back (a host sync) once,
+    the first layer; again once they change in place (bad values then still
+    refused). Inference tensors keep no version: read by every layer."""
+    import fused_lora.layer as layer_module
+
+    syncs = []
+    real = layer_module.note_checked_adapter_ids
+    monkeypatch.setattr(layer_module, "note_checked_adapter_ids", lambda *a, **k: syncs.append(a) or real(*a, **k))
+    layers = [LoRALinear(8, 8, r=2, device=DEVICE).eval() for _ in range(3)]
+    for layer in layers:
+        _randomise_adapter(layer)
+
+    def run(x, ids):
+        for layer in layers:
+            x = layer(x, adapter_ids=ids)
+        return x
+
+    x = torch.randn(4, 8, device=DEVICE)
+    ids = torch.tensor([0, -1, 0, -1], device=DEVICE)
+    y = run(x, ids)
+    assert len(syncs) == 1
+    assert torch.equal(run(x, ids), y) and len(syncs) == 1
+    ids[1] = 0
+    assert not torch.equal(run(x, ids)[1], y[1]) and len(syncs) == 2
+    ids[1] = 5
+    with pytest.raises(ValueError, match="got ids from -1 to 5"):
+        run(x, ids)
+    syncs.clear()
+    with torch.inference_mode():
+        ids = torch.tensor([0, -1, 0, -1], device=DEVICE)
+        assert torch.equal(run(x, ids), y) and len(syncs) == 3
+        ids[1] = 5
+        with pytest.raises(ValueError, match="got ids from -1 to 5"):
+            run(x, ids)
+
+
 def test_bad_adapter_ids_are_refused_by_name():
     layer = LoRALinear(8, 6, r=2, device=DEVICE)
     x = torch.randn(3, 8, device=DEVICE)
