@@ -138,8 +138,8 @@ def check_cases(on_gpu: bool) -> list[dict]:
         case(small_m, 16, dtype, "in_loop", 0.0, train_base=False)
         case(small_m, 16, dtype, "split", 0.1, train_base=True)
         case(small_m, 16, dtype, "in_loop", 0.1, train_base=False)
-        # a row scale (the mixed adapter/base batches): xa and g scaled between the passes; in_loop gives way.
-        # (The kernels of two rows above: nothing more to compile on a GPU.)
+        # a row scale (the mixed adapter/base batches): xa and g scaled where the kernels make them: after
+        # the K loops of the in-loop forward and dx (with their masks, split along K), in the skinny passes' store
         case(small_m, 16, dtype, "in_loop", 0.1, train_base=False, row_scaled=True)
         case(shapes[1], 64, dtype, "split", 0.0, train_base=True, row_scaled=True)
         if dtype != torch.float32:
@@ -172,7 +172,7 @@ def cmd_check(args) -> int:
               dispatch.use_persistent(case["persistent"])):
             m = math.prod(case["lead"])
             plan = dispatch.device_plan(device, m, case["n"], case["k"], case["r"], case["dtype"],
-                                        case["dropout_p"], row_scaled=case["row_scaled"])
+                                        case["dropout_p"])
             try:
                 errors = parity_case(case["lead"], case["k"], case["n"], case["r"], case["dtype"],
                                      dropout_p=case["dropout_p"], train_base=case["train_base"],

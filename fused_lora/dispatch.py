@@ -197,13 +197,12 @@ def device_target(device: torch.device) -> _triton.CudaTarget:
 
 
 def device_plan(device: torch.device, m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float,
-                strategy: str | None = None, row_scaled: bool = False) -> Plan:
+                strategy: str | None = None) -> Plan:
     """:func:`plan` for a problem on ``device``, with that device's own
-    compute capability, shared memory and SM count (:func:`device_target`).
-    ``row_scaled``: as :func:`plan`'s."""
+    compute capability, shared memory and SM count (:func:`device_target`)."""
     target = device_target(device)
     return plan(m, n, k, r, dtype, dropout_p, target.arch, strategy=strategy, smem_limit=target.smem_limit,
-                num_sms=target.num_sms, row_scaled=row_scaled)
+                num_sms=target.num_sms)
 
 
 def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, max_block_r: int,
@@ -236,7 +235,7 @@ def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, 
 
 def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, arch: int = 90,
          interpreter: bool | None = None, strategy: str | None = None, smem_limit: int | None = None,
-         num_sms: int | None = None, row_scaled: bool = False) -> Plan:
+         num_sms: int | None = None) -> Plan:
     """The strategy and configurations for ``x (m, k) · Wᵀ (k, n)`` with rank ``r``
     on a GPU of compute capability ``arch`` (x10) with ``smem_limit`` bytes of
     shared memory per program (default: the arch's, from
@@ -245,10 +244,8 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
     :data:`~fused_lora.kernels.configs.NUM_SMS_SM90`), or on the interpreter
     (which ignores both). ``strategy``
     forces one (as :func:`force_strategy` does; default: the enclosing force,
-    if any). ``row_scaled``: the call has a row scale (``lora_linear``'s
-    ``row_scale``), which multiplies ``xa`` and ``g`` between the passes, so
-    both must come from the skinny passes: where the plan would compute one
-    in a GEMM's K loop (``in_loop``, or the in-loop dx), ``split`` runs.
+    if any). (A row scale, ``lora_linear``'s ``row_scale``, runs on every
+    plan: the kernels apply it where they make ``xa`` and ``g``.)
     Cached per problem: at small M the host's time per call matters."""
     interp = _triton.interpreter() if interpreter is None else interpreter
     if strategy is not None and strategy not in STRATEGIES:
@@ -263,18 +260,7 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
         raise ValueError(f"num_sms must be >= 1, got {num_sms}")
     key = (m, n, k, r, dtype, dropout_p > 0.0, arch, interp)
     switches = (input_precision(dtype), _switches["tma"], _switches["persistent"], smem_limit, num_sms)
-    chosen = _plan(*key, forced, *switches)
-    if row_scaled and (chosen.strategy == "in_loop" or chosen.dx_in_loop):
-        return _row_scaled(chosen, _plan(*key, "split", *switches))
-    return chosen
-
-
-@functools.lru_cache(maxsize=256)
-def _row_scaled(chosen: Plan, split: Plan) -> Plan:
-    inside = (["the forward GEMM (in_loop) would compute xa"] if chosen.strategy == "in_loop" else []) + (
-        ["the dx GEMM g"] if chosen.dx_in_loop else [])
-    return dataclasses.replace(split, reason=(
-        f"a row scale multiplies xa and g between the passes, where {' and '.join(inside)} in its K loop: split"))
+    return _plan(*key, forced, *switches)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -398,15 +384,14 @@ class Explanation:
 
 
 def explain(x_shape, weight_shape, r: int, dtype: torch.dtype = torch.bfloat16, dropout_p: float = 0.0,
-            target: str = "sm_90", num_sms: int | None = None, row_scaled: bool = False) -> Explanation:
+            target: str = "sm_90", num_sms: int | None = None) -> Explanation:
     """Which strategy and configuration would run for ``x`` of ``x_shape``
     (..., in) and a weight of ``weight_shape`` (out, in), rank ``r``, and why.
 
     ``target``: ``"sm_90"`` (Hopper, the default, whatever this machine has),
     ``"sm_80"``, another ``"sm_XY"``, or ``"interpreter"``; ``num_sms``: the
     GPU's SM count (default: an H200's 132; the grids aim to cover every SM,
-    so it moves the tiles at small M and split-K); ``row_scaled``: with a
-    ``row_scale`` (a batch mixing the adapter and the base). ``print()`` it.
+    so it moves the tiles at small M and split-K). ``print()`` it.
     """
     x_shape = check_shape("x_shape", x_shape, "pass x.shape")
     weight_shape = check_shape("weight_shape", weight_shape, "pass weight.shape")
@@ -427,7 +412,6 @@ def explain(x_shape, weight_shape, r: int, dtype: torch.dtype = torch.bfloat16, 
         raise ValueError(f"target must be 'sm_XY' or 'interpreter', got {target!r}")
     if num_sms is not None:
         num_sms = check_int("num_sms", num_sms, 1)
-    row_scaled = check_bool("row_scaled", row_scaled)
     m = 1
     for d in x_shape[:-1]:
         m *= d
@@ -435,8 +419,7 @@ def explain(x_shape, weight_shape, r: int, dtype: torch.dtype = torch.bfloat16, 
     if num_sms is None and not interp:
         num_sms = _triton.configs().NUM_SMS_SM90
     return Explanation(m, n, k, r, dtype, float(dropout_p), target,
-                       plan(m, n, k, r, dtype, dropout_p, arch=arch, interpreter=interp, num_sms=num_sms,
-                            row_scaled=row_scaled), num_sms)
+                       plan(m, n, k, r, dtype, dropout_p, arch=arch, interpreter=interp, num_sms=num_sms), num_sms)
 
 
 # ----------------------------------------------------------------------------

@@ -22,10 +22,11 @@ bias ``b (N)``; ``A (r, K)`` (``lora_A``); ``B (N, r)`` (``lora_B``); scaling
 ``w`` (M, 1) is an optional scale of each row's low-rank term (``row_scale``;
 1 when absent): 0 on a row runs the base alone there, which is how a batch
 mixing a layer's adapter with the bare base (PEFT's ``adapter_names``) runs
-as one batch. It multiplies ``xa`` and ``g`` between the passes, so a row
-scale takes the strategies that compute them in skinny passes. (Several
-adapters a layer will take the same form: their ranks side by side, each
-row's ``w`` 1 on its own adapter's columns, 0 on the others.)
+as one batch. The kernels multiply ``xa`` and ``g`` by it where they make
+them (the skinny pass's store, or after the K loop of a GEMM that
+accumulates them), so every strategy takes a row scale. (Several adapters
+a layer will take the same form: their ranks side by side, each row's
+``w`` 1 on its own adapter's columns, 0 on the others.)
 
 How it runs (Triton backend)
 ============================
@@ -96,9 +97,13 @@ def _unflatten_output(y2: Tensor, like: Tensor) -> Tensor:
     return torch.ops.aten._unsafe_view(y2, (*like.shape[:-1], y2.shape[1]))
 
 
-def _row_column(row_scale: Tensor, m: int) -> Tensor:
-    """``w`` as the fp32 column (M, 1) that multiplies the rows of xa or g."""
-    return row_scale.reshape(m, 1).to(torch.float32)
+def _row_vector(row_scale: Tensor | None, m: int) -> Tensor | None:
+    """``w`` as the kernels read it: fp32 (M,), any stride (a view of the
+    caller's where its strides allow; one copy else)."""
+    if row_scale is None:
+        return None
+    w = row_scale.reshape(m)
+    return w if w.dtype == torch.float32 else w.to(torch.float32)
 
 
 def _on_the_operands_device(pass_fn):
@@ -131,25 +136,23 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     r = lora_A.shape[0]
     x2 = _flatten(x, k)
     m = x2.shape[0]
-    plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None,
-                                row_scaled=row_scale is not None)
+    plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None)
+    w = _row_vector(row_scale, m)
     tune = dict(m=m, n=n, r=r, dtype=x.dtype, epilogue_mask=False, device=x.device, persistent=plan.persistent)
     if plan.strategy == "in_loop":
         # (with dropout: xa = drop(x)·Aᵀ, each N tile masking its x tiles for the shrink's dot)
         def launch(config):
             return k_.lora_gemm(x2, weight.t(), bias=bias, shrink=lora_A.t(), v=lora_B.t(), lr_scale=scaling,
-                                dropout_p=dropout_p, seed=seed, shrink_dropout=True,
+                                dropout_p=dropout_p, seed=seed, shrink_dropout=True, row_scale=w,
                                 config=config, out_dtype=x.dtype, input_precision=plan.input_precision,
                                 tma=plan.tma, persistent=plan.persistent, num_sms=plan.num_sms)
 
         y2, xa = launch(dispatch.gemm_config_for("forward", plan.fwd_gemm, launch, k=k, shrink_in_loop=True,
                                                  shrink_mask=dropout_p > 0.0, **tune))
     else:
-        xa, _, _ = k_.skinny_pass(x2, shrink=lora_A.t(), sh_scale=1.0 / (1.0 - dropout_p), dropout_p=dropout_p,
-                                  seed=seed, config=plan.skinny, target_programs=plan.skinny_programs,
-                                  input_precision=plan.input_precision)
-        if row_scale is not None:
-            xa.mul_(_row_column(row_scale, m))
+        xa, _, _ = k_.skinny_pass(x2, shrink=lora_A.t(), sh_scale=1.0 / (1.0 - dropout_p), row_scale=w,
+                                  dropout_p=dropout_p, seed=seed, config=plan.skinny,
+                                  target_programs=plan.skinny_programs, input_precision=plan.input_precision)
         # hybrid: an empty K loop (the kernel writes C = s·xa·Bᵀ + b), then cuBLAS adds x·Wᵀ in place
         a, b = (x2[:, :0], weight.t()[:0]) if plan.cublas_base else (x2, weight.t())
 
@@ -179,8 +182,8 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     r = lora_A.shape[0]
     x2, dy2, xa2 = _flatten(x, k), _flatten(dy, n), _flatten(xa, r)
     m = x2.shape[0]
-    plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None,
-                                row_scaled=row_scale is not None)
+    plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None)
+    w = _row_vector(row_scale, m)
     inv_keep = 1.0 / (1.0 - dropout_p)
     # g = g_scale · (what the variable g holds): the dy pass scales it, the dx GEMM's K loop does not.
     g_in_dx = need_x and plan.dx_in_loop
@@ -189,20 +192,18 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
 
     g = d_b = d_bias = None
     if need_g_pass or need_B or need_bias:
-        # The dy pass: g = s·dy·B (unless the dx GEMM computes it), dB = s·dyᵀ·xa, db = Σ dy from one read of dy.
+        # The dy pass: g = s·w⊙dy·B (unless the dx GEMM computes it), dB = s·dyᵀ·xa, db = Σ dy, one read of dy.
         g, d_b, d_bias = k_.skinny_pass(
-            dy2, shrink=lora_B if need_g_pass else None, sh_scale=scaling,
+            dy2, shrink=lora_B if need_g_pass else None, sh_scale=scaling, row_scale=w if need_g_pass else None,
             tn_left=xa2 if need_B else None, tn_scale=scaling, tn_transposed=True, tn_dtype=lora_B.dtype,
             colsum=need_bias, colsum_dtype=x.dtype,
             config=plan.skinny, target_programs=plan.skinny_programs, input_precision=plan.input_precision)
-        if g is not None and row_scale is not None:
-            g.mul_(_row_column(row_scale, m))
     dx = d_a = d_w = None
     if need_x:
         a, b = (dy2[:, :0], weight[:0]) if plan.cublas_base else (dy2, weight)
         # dx = dy·W + (g·A)⊙mask/(1-p): the forward GEMM with (x, Wᵀ, Aᵀ, Bᵀ) -> (dy, W, B, A), its
         # low-rank left factor g read from the dy pass, or (g_in_dx) accumulated in the K loop as dy·B.
-        low_rank = dict(shrink=lora_B, v=lora_A, lr_scale=scaling * inv_keep) if g_in_dx else dict(
+        low_rank = dict(shrink=lora_B, v=lora_A, lr_scale=scaling * inv_keep, row_scale=w) if g_in_dx else dict(
             u=g, v=lora_A, lr_scale=inv_keep)
 
         def launch_dx(config):

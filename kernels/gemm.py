@@ -89,6 +89,7 @@ def lora_gemm_kernel(
     v_ptr,  # (R, N)  low-rank right factor (forward: Bᵀ, dx: A)
     c_ptr,  # (M, N)  output
     xa_ptr,  # (M, R)  fp32: the in-loop shrink A·S, stored when LOW_RANK == 2 (split-K: (S, M, R) partials)
+    w_ptr,  # (M,)    fp32 row scale of the in-loop shrink when ROW_SCALE
     # sizes
     M, N, K, R,
     k_blocks_per_split,  # split-K: program (·, s) walks BLOCK_K blocks [s·this, (s+1)·this) of K
@@ -103,6 +104,7 @@ def lora_gemm_kernel(
     stride_cs16,  # split-K: C is the fp32 workspace of S partials, this many 16-element units apart
     stride_xam, stride_xar,
     stride_xas16,  # split-K: the xa partials, this many 16-element units apart
+    stride_w,
     # scalars (runtime: changing them never recompiles)
     lr_scale,  # the low-rank term is lr_scale · (U · V)
     sh_scale,  # SHRINK_DROPOUT: U = sh_scale · (A ⊙ keep) · S (the launcher passes 1/(1-p))
@@ -113,6 +115,7 @@ def lora_gemm_kernel(
     LOW_RANK: tl.constexpr,  # 0: none, 1: U read from u_ptr, 2: U = A·S in the K loop
     LR_DROPOUT: tl.constexpr,  # multiply the low-rank term by keep(m, n), the mask of C (M, N)
     SHRINK_DROPOUT: tl.constexpr,  # LOW_RANK == 2: the shrink's dot reads A ⊙ keep(m, k), the mask of A (M, K)
+    ROW_SCALE: tl.constexpr,  # LOW_RANK == 2: U = w ⊙ (the shrink), row m times w[m]
     OFFSET_INT64: tl.constexpr,  # the mask's counters in 64 bits (common.mask_counters_int64)
     UPCAST: tl.constexpr,  # interpreter + bf16: compute on fp32 tiles
     INPUT_PRECISION: tl.constexpr,  # fp32 dots: "ieee" or "tf32"
@@ -124,7 +127,7 @@ def lora_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """C = A·B + bias + lr_scale·(U·V) [⊙ keep], U = u or sh_scale·(A [⊙ keep])·S; fp32 accumulation.
+    """C = A·B + bias + lr_scale·(U·V) [⊙ keep], U = u or [w ⊙] sh_scale·(A [⊙ keep])·S; fp32 accumulation.
 
     Shapes as in the pointer comments. With ``LOW_RANK == 1`` the low-rank term
     (and its mask) is the accumulator's initial value and the rank is walked in
@@ -134,6 +137,9 @@ def lora_gemm_kernel(
     (the forward with dropout) masks the A tile of the shrink's dot instead:
     ``U = sh_scale·(A ⊙ keep)·S``, the mask of A's elements (keep(m, k) of the
     (M, K) matrix, the skinny pass's mask), drawn again by every N tile.
+    ``ROW_SCALE`` multiplies the in-loop U's row m by ``w[m]`` after the loop,
+    before it is stored and expanded (the row scale of :mod:`fused_lora.ops`;
+    a precomputed U carries it already).
 
     Split-K (grid axis 1 of size S > 1): program (t, s) computes tile t over
     its own K range and stores the fp32 partial at ``C[s]``; split 0 also
@@ -258,6 +264,10 @@ def lora_gemm_kernel(
         if LOW_RANK == 2:
             if SHRINK_DROPOUT:
                 xa = xa * sh_scale  # drop(A) = A ⊙ keep / (1 - p)
+            if ROW_SCALE:  # (before the padded columns are cleared: w may be ±Inf or NaN too)
+                # (from offs_m, live for the stores: the int64 rows kept past the loop made Triton 3.6's
+                # fp32 32x64 in-loop forward spill, compile report)
+                xa = xa * tl.load(w_ptr + offs_m.to(tl.int64) * stride_w, mask=mask_m, other=0.0)[:, None]
             # Clear the padded rank columns: x·0 is NaN where x is ±Inf, and
             # that NaN must not reach the real columns through the next dot.
             xa = tl.where(r_in[None, :], xa, 0.0)
@@ -300,6 +310,7 @@ def lora_gemm(
     dropout_p: float = 0.0,
     seed: int | torch.Tensor = 0,
     shrink_dropout: bool = False,
+    row_scale: torch.Tensor | None = None,
     input_precision: str = "ieee",
     tma: bool = False,
     persistent: bool = False,
@@ -311,10 +322,12 @@ def lora_gemm(
     strides. With ``dropout_p > 0`` the low-rank term is multiplied by the
     keep-mask of the (M, N) output; or, with ``shrink_dropout`` (the in-loop
     forward), the shrink reads ``drop(a) = a ⊙ keep / (1 - p)``, the keep-mask
-    of a (M, K), the one the skinny pass draws. Returns ``(C, xa)`` where
-    ``xa = [drop](a) @ shrink`` (fp32, (M, r)) when ``shrink`` is given, else
-    None. ``config.split_k > 1`` splits K over that many programs per tile (fp32 partials of C, and of xa,
-    then one ordered reduction launch for both). ``tma``: load the a and b tiles
+    of a (M, K), the one the skinny pass draws. ``row_scale`` (M,) fp32, with
+    ``shrink``: the in-loop shrink's row m times ``row_scale[m]``. Returns
+    ``(C, xa)`` where ``xa = [row_scale ⊙] [drop](a) @ shrink`` (fp32, (M, r))
+    when ``shrink`` is given, else None. ``config.split_k > 1`` splits K over
+    that many programs per tile (fp32 partials of C, and of xa, then one
+    ordered reduction launch for both). ``tma``: load the a and b tiles
     through tensor descriptors where both operands allow one (else pointers).
     ``persistent``: without split-K, and with more output tiles than the GPU
     runs programs at once, a persistent grid of that many programs walks the
@@ -343,12 +356,15 @@ def lora_gemm(
     if shrink_dropout and shrink is None:
         raise ValueError("lora_gemm: shrink_dropout masks the in-loop shrink's input: pass shrink")
     shrink_dropout = shrink_dropout and dropout_p > 0.0
+    if row_scale is not None and (shrink is None or row_scale.shape != (M,) or row_scale.dtype != torch.float32):
+        raise ValueError(f"lora_gemm: row_scale scales the in-loop shrink's rows: pass shrink, and a float32 ({M},) "
+                         f"row_scale, got {tuple(row_scale.shape)} {row_scale.dtype}")
 
     # 2. what the sizes and flags decide (the rank tile, split-K, the constexprs), cached
     interpreted = is_interpreted(lora_gemm_kernel)
     shape = _launch_shape(M, N, K, r, low_rank, v.element_size() if v is not None else 0, bias is not None,
-                          shrink_dropout, dropout_p > 0.0, interpreted and a.dtype == torch.bfloat16,
-                          input_precision, config)
+                          shrink_dropout, row_scale is not None, dropout_p > 0.0,
+                          interpreted and a.dtype == torch.bfloat16, input_precision, config)
     block_r, split_k = shape.block_r, shape.split_k
     if low_rank == LOW_RANK_IN_LOOP and r > block_r:
         raise ValueError(f"lora_gemm: the in-loop shrink holds the whole rank in one tile (r <= {block_r})")
@@ -379,6 +395,7 @@ def lora_gemm(
     a_desc, a_t, b_desc, b_t = descs if descs is not None else (None, False, None, False)
     lora_gemm_kernel[grid](
         a, b, a_desc, b_desc, bias if bias is not None else dummy, u_, s_, v_, target, xa_,
+        row_scale if row_scale is not None else xa_,
         M, N, K, r, shape.blocks_per_split,
         *a.stride(), *b.stride(),
         bias.stride(0) if bias is not None else 0,
@@ -388,6 +405,7 @@ def lora_gemm(
         target.stride(-2), target.stride(-1), shape.slab // 16 if split_k > 1 else 0,
         *(xa_.stride()[-2:] if xa is not None else (0, 0)),
         shape.xa_slab // 16 if xa is not None and split_k > 1 else 0,
+        row_scale.stride(0) if row_scale is not None else 0,
         float(lr_scale), 1.0 / (1.0 - dropout_p) if shrink_dropout else 1.0, float(dropout_p),
         seed_arg(seed, a.device),
         OFFSET_INT64=mask_counters_int64(M, K if shrink_dropout else N),
@@ -414,7 +432,8 @@ class _LaunchShape(NamedTuple):
 
 @functools.lru_cache(maxsize=4096)  # (host time per call: the same shapes come back every step)
 def _launch_shape(M: int, N: int, K: int, r: int, low_rank: int, v_elt: int, has_bias: bool, shrink_dropout: bool,
-                  dropout: bool, upcast: bool, input_precision: str, config: GemmConfig) -> _LaunchShape:
+                  row_scale: bool, dropout: bool, upcast: bool, input_precision: str,
+                  config: GemmConfig) -> _LaunchShape:
     if low_rank == LOW_RANK_PRECOMPUTED:
         block_r = block_r_for(r, GEMM_LR_MAX_BLOCK_R[v_elt])
     else:
@@ -431,6 +450,7 @@ def _launch_shape(M: int, N: int, K: int, r: int, low_rank: int, v_elt: int, has
         LOW_RANK=low_rank,
         LR_DROPOUT=low_rank != LOW_RANK_NONE and dropout and not shrink_dropout,
         SHRINK_DROPOUT=shrink_dropout,
+        ROW_SCALE=row_scale,
         UPCAST=upcast,
         INPUT_PRECISION=input_precision,
         EVEN_K=K % config.block_k == 0,

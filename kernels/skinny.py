@@ -5,13 +5,15 @@ deterministic reduction of its split partials.
 =============  ==========  ===========================  ==========================  ============
 pass           T (M, C)    SHRINK: T·S (M, r)           TN: Lᵀ·T (r, C)             COLSUM
 =============  ==========  ===========================  ==========================  ============
-forward        drop(x)     xa = drop(x)·Aᵀ              -                           -
-backward dy    dy          g = s·dy·B                   dBᵀ = s·xaᵀ·dy              db = Σ dy
+forward        drop(x)     xa = w ⊙ drop(x)·Aᵀ          -                           -
+backward dy    dy          g = s·w ⊙ dy·B               dBᵀ = s·xaᵀ·dy              db = Σ dy
 backward dA    drop(x)     -                            dA = gᵀ·drop(x)             -
 =============  ==========  ===========================  ==========================  ============
 
 ``drop(x)`` is never stored: the keep-mask is regenerated from the seed as the
 x tiles are loaded (see :func:`fused_lora.kernels.common.keep_mask`).
+``w``: the optional row scale (``ROW_SCALE``), applied as SHRINK's product is
+stored.
 
 A program covers ``rows_per_prog`` rows and ``c_tiles_per_prog`` column tiles
 of T (whole ``BLOCK_C`` tiles, so that the loads stay 16-byte vectors), walking
@@ -55,6 +57,7 @@ def lora_skinny_kernel(
     sh_ptr,  # (SPLIT_C, M, R) fp32 SHRINK partials, one per column split
     tn_ptr,  # (SPLIT_M, ...) fp32 TN partials, one per row split; element (c, r) via strides
     cs_ptr,  # (SPLIT_M, C) fp32 COLSUM partials (with one row split, TN's and COLSUM's outputs themselves)
+    w_ptr,  # (M,)    fp32 row scale of the SHRINK product when ROW_SCALE
     # sizes
     M, C, R,
     m_start, m_end,  # the rows of this launch (global indices: the mask and SHRINK use them)
@@ -67,6 +70,7 @@ def lora_skinny_kernel(
     stride_shp, stride_shm, stride_shr,
     stride_tnp, stride_tnc, stride_tnr,
     stride_csp,
+    stride_w,
     # scalars
     sh_scale,  # multiplies the SHRINK partial
     tn_scale,  # multiplies the TN partial
@@ -74,13 +78,14 @@ def lora_skinny_kernel(
     # (seed: the value, or a one-element int32 tensor holding it, see common.load_seed)
     # meta-parameters
     SHRINK: tl.constexpr, TN: tl.constexpr, COLSUM: tl.constexpr,
+    ROW_SCALE: tl.constexpr,  # SHRINK's row m times w[m]
     DROPOUT: tl.constexpr, OFFSET_INT64: tl.constexpr, UPCAST: tl.constexpr,
     EVEN_C: tl.constexpr,  # C % BLOCK_C == 0: no column mask (vector loads)
     EVEN_R: tl.constexpr,  # R % BLOCK_R == 0: no rank mask (vector loads of S and L)
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Partials of T·S, Lᵀ·T and Σ_m T over this program's rows and columns,
+    """Partials of [w ⊙] T·S, Lᵀ·T and Σ_m T over this program's rows and columns,
     with T = T ⊙ keep when DROPOUT (the 1/(1-p) is folded into the scales)."""
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -138,9 +143,14 @@ def lora_skinny_kernel(
                      mask=c_in)
     if SHRINK:
         offs_m = m_lo + tl.arange(0, BLOCK_M)
+        m_in = offs_m < m_hi
+        sh_acc = sh_acc * sh_scale
+        if ROW_SCALE:
+            # (each column split scales its own partial: the sum of the splits is scaled alike)
+            sh_acc = sh_acc * tl.load(w_ptr + offs_m.to(tl.int64) * stride_w, mask=m_in, other=0.0)[:, None]
         sh_ptrs = (sh_ptr + pid_c.to(tl.int64) * stride_shp + offs_m[:, None].to(tl.int64) * stride_shm
                    + offs_r[None, :] * stride_shr)
-        tl.store(sh_ptrs, sh_acc * sh_scale, mask=(offs_m < m_hi)[:, None] & r_in[None, :])
+        tl.store(sh_ptrs, sh_acc, mask=m_in[:, None] & r_in[None, :])
 
 
 @triton.jit
@@ -244,7 +254,7 @@ def _reduction_shape(numel: int, numel2: int, has_acc: bool, has_acc2: bool, sec
     return (blocks + cdiv(numel2, REDUCE_BLOCK),), blocks, constexprs
 
 
-def _launch(t, s, l, sh, tn, cs, m_start, m_end, rows_per_prog, cols_per_prog, grid, *, sh_scale,
+def _launch(t, s, l, sh, tn, cs, w, m_start, m_end, rows_per_prog, cols_per_prog, grid, *, sh_scale,
             tn_scale, dropout_p, seed, config, input_precision):
     M, C = t.shape
     r = s.shape[1] if s is not None else l.shape[1] if l is not None else 0  # (0: a column sum alone)
@@ -252,6 +262,7 @@ def _launch(t, s, l, sh, tn, cs, m_start, m_end, rows_per_prog, cols_per_prog, g
     lora_skinny_kernel[grid](
         t, s if s is not None else dummy, l if l is not None else dummy,
         sh if sh is not None else dummy, tn if tn is not None else dummy, cs if cs is not None else dummy,
+        w if w is not None else dummy,
         M, C, r, m_start, m_end, rows_per_prog, cols_per_prog // config.block_c,
         *t.stride(),
         *(s.stride() if s is not None else (0, 0)),
@@ -259,20 +270,21 @@ def _launch(t, s, l, sh, tn, cs, m_start, m_end, rows_per_prog, cols_per_prog, g
         *(sh.stride() if sh is not None else (0, 0, 0)),
         *(tn.stride() if tn is not None else (0, 0, 0)),
         cs.stride(0) if cs is not None else 0,
+        w.stride(0) if w is not None else 0,
         float(sh_scale), float(tn_scale), float(dropout_p), seed_arg(seed, t.device),
         OFFSET_INT64=mask_counters_int64(M, C),
-        **_launch_constexprs(C, r, s is not None, l is not None, cs is not None, dropout_p > 0.0,
+        **_launch_constexprs(C, r, s is not None, l is not None, cs is not None, w is not None, dropout_p > 0.0,
                              is_interpreted(lora_skinny_kernel) and t.dtype == torch.bfloat16, input_precision,
                              config),
     )
 
 
 @functools.lru_cache(maxsize=4096)  # (host time per call: the same shapes come back every step)
-def _launch_constexprs(C: int, r: int, shrink: bool, tn: bool, colsum: bool, dropout: bool, upcast: bool,
-                       input_precision: str, config: SkinnyConfig):
+def _launch_constexprs(C: int, r: int, shrink: bool, tn: bool, colsum: bool, row_scale: bool, dropout: bool,
+                       upcast: bool, input_precision: str, config: SkinnyConfig):
     block_r = block_r_for(r, config.max_block_r)
     return types.MappingProxyType(dict(
-        SHRINK=shrink, TN=tn, COLSUM=colsum,
+        SHRINK=shrink, TN=tn, COLSUM=colsum, ROW_SCALE=row_scale,
         DROPOUT=dropout,
         UPCAST=upcast,
         EVEN_C=C % config.block_c == 0,
@@ -356,6 +368,7 @@ def skinny_pass(
     tn_left: torch.Tensor | None = None,
     colsum: bool = False,
     sh_scale: float = 1.0,
+    row_scale: torch.Tensor | None = None,
     tn_scale: float = 1.0,
     dropout_p: float = 0.0,
     seed: int | torch.Tensor = 0,
@@ -367,6 +380,7 @@ def skinny_pass(
     """One read of ``t`` (M, C); returns ``(sh, tn, cs)``:
 
     * ``sh = sh_scale * drop(t) @ shrink`` — fp32 (M, r), when ``shrink`` (C, r) is given;
+      with ``row_scale`` (M,) fp32, its row m times ``row_scale[m]``;
     * ``tn = tn_scale * tn_left.T @ drop(t)`` — (r, C), or its transpose (C, r)
       with ``tn_transposed``, in ``tn_dtype``, when ``tn_left`` (M, r) fp32 is given;
     * ``cs = drop(t).sum(0)`` — (C,) in ``colsum_dtype``, when ``colsum``.
@@ -375,6 +389,9 @@ def skinny_pass(
     """
     M, C = t.shape
     dev = t.device
+    if row_scale is not None and (shrink is None or row_scale.shape != (M,) or row_scale.dtype != torch.float32):
+        raise ValueError(f"skinny_pass: row_scale scales the SHRINK product's rows: pass shrink, and a float32 "
+                         f"({M},) row_scale, got {tuple(row_scale.shape)} {row_scale.dtype}")
     r = shrink.shape[1] if shrink is not None else (tn_left.shape[1] if tn_left is not None else 0)
     tn_dtype = tn_dtype or torch.float32
     colsum_dtype = colsum_dtype or torch.float32
@@ -398,7 +415,7 @@ def skinny_pass(
                 t, config=config, target_programs=target_programs,
                 shrink=shrink[:, r0:r1] if shrink is not None else None,
                 tn_left=tn_left[:, r0:r1] if tn_left is not None else None,
-                colsum=colsum and r0 == 0, sh_scale=sh_scale, tn_scale=tn_scale,
+                colsum=colsum and r0 == 0, sh_scale=sh_scale, row_scale=row_scale, tn_scale=tn_scale,
                 dropout_p=dropout_p, seed=seed, tn_transposed=tn_transposed, tn_dtype=tn_dtype,
                 colsum_dtype=colsum_dtype, input_precision=input_precision)
             if sh_c is not None:
@@ -432,7 +449,7 @@ def skinny_pass(
             tn_view = tn_parts if tn_transposed else tn_parts.transpose(1, 2)  # element (p, c, r)
         if colsum:
             cs_parts = cs_out.unsqueeze(0) if direct else alloc((n_splits, C), torch.float32, dev)
-        _launch(t, shrink, tn_left, sh_parts, tn_view if tn_left is not None else None, cs_parts,
+        _launch(t, shrink, tn_left, sh_parts, tn_view if tn_left is not None else None, cs_parts, row_scale,
                 m0, m1, rows_per_prog, cols_per_prog, (n_splits, split_c),
                 sh_scale=sh_scale, tn_scale=tn_scale, dropout_p=dropout_p, seed=seed,
                 config=config, input_precision=input_precision)

@@ -21,11 +21,12 @@ def test_check_passes_and_reports_json(capsys):
     assert len(report["rows"]) >= 25
     paths = {row["path"] for row in report["rows"]}
     # (whether a row's forward splits K depends on the device's tiles; the small-M rows always do)
-    assert {"in_loop +split-k", "split +dropout +train-base +split-k", "in_loop +dropout +split-k"} <= paths
+    assert {"in_loop +split-k", "split +dropout +train-base +split-k", "in_loop +dropout +split-k",
+            "in_loop +dropout +row-scale +split-k"} <= paths
     assert {"in_loop", "split +train-base", "split +dropout", "hybrid +dropout +train-base",
             "split +train-base +tma", "split +dropout +tma", "in_loop +train-base +persistent",
             "split +dropout +persistent", "split +train-base +tma +persistent",
-            "split +dropout +row-scale", "split +train-base +row-scale"} <= {
+            "in_loop +dropout +row-scale", "split +train-base +row-scale"} <= {
                 path.removesuffix(" +split-k") for path in paths}
     for row in report["rows"]:
         assert row["passed"] and 0 <= row["worst"] <= row["tolerance"]

@@ -105,7 +105,6 @@ EXPLAIN = dict(x_shape=(16, 64), weight_shape=(48, 64), r=8, dtype=torch.bfloat1
     (dict(target="hopper"), ValueError, ["target", "'hopper'"]),
     (dict(num_sms=0), ValueError, ["num_sms", ">= 1"]),
     (dict(num_sms=1.5), TypeError, ["num_sms", "float"]),
-    (dict(row_scaled="yes"), TypeError, ["row_scaled", "'yes'"]),
 ], ids=lambda v: None)
 def test_explain_rejects_bad_input_by_name(change, err, words):
     """explain takes shapes, not tensors, and the kernels' dtypes: anything

@@ -117,6 +117,88 @@ def test_skinny_pass_ranks_above_one_tile():
     assert_close(cs, t.double().sum(0), torch.float32, "colsum")
 
 
+def _row_scale(m: int) -> torch.Tensor:
+    """A row scale for the kernels: fp32 (m,), strided (every other element of
+    a buffer), 0 and 1 on some rows, random on the others."""
+    w = torch.randn(2 * m, device=DEVICE)[::2]
+    w[::3] = 0.0
+    w[1::3] = 1.0
+    return w
+
+
+@pytest.mark.parametrize("target_programs", [1, 64])  # one column split; several, summed by a reduction
+@pytest.mark.parametrize("r", [5, configs.MAX_BLOCK_R + 3])  # one rank tile; a launch a rank chunk
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_skinny_pass_scales_the_shrink_rows(target_programs, r, p):
+    """SHRINK's row m times ``row_scale[m]`` (the forward's xa, the dy pass's
+    g), in every column split and rank chunk; TN and COLSUM, from the same
+    read, unscaled."""
+    m, c = 37, 70
+    cfg = configs.skinny_config(2, _triton.interpreter())
+    t = torch.randn(m, c, device=DEVICE, dtype=torch.float16)
+    s = torch.randn(c, r, device=DEVICE, dtype=torch.float16) / c ** 0.5
+    l = torch.randn(m, r, device=DEVICE)
+    w = _row_scale(m)
+    keep = fused_lora.dropout_mask(4, (m, c), p, device=DEVICE)
+    sh, tn, cs = skinny.skinny_pass(t, config=cfg, target_programs=target_programs, shrink=s, sh_scale=1.5,
+                                    row_scale=w, tn_left=l, colsum=True, dropout_p=p, seed=4)
+    sh64, tn64, cs64 = _skinny_reference(t, keep, 1.0, s, l, 1.5, 1.0)
+    assert_close(sh, w.double()[:, None] * sh64, torch.float16, "row-scaled shrink")
+    assert torch.equal(sh[::3], torch.zeros_like(sh[::3]))
+    assert_close(tn, tn64, torch.float16, "tn")
+    assert_close(cs, cs64, torch.float16, "colsum")
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("masked", [None, "term", "input"])  # dropout's mask: none; dx's; the forward's
+def test_gemm_scales_the_in_loop_shrink_rows(split_k, masked, reduce_launches):
+    """The in-loop shrink's row m times ``row_scale[m]`` before it is stored
+    (xa, g for dA) and expanded (the low-rank term), in every K split; the
+    base product untouched."""
+    m, n, k, r, p, seed, scale = 37, 45, 75, 5, 0.3, 8, 0.7
+    a = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
+    b = torch.randn(n, k, device=DEVICE, dtype=torch.float16).t()
+    shrink = torch.randn(r, k, device=DEVICE, dtype=torch.float16).t() / k ** 0.5
+    v = torch.randn(n, r, device=DEVICE, dtype=torch.float16).t()
+    w = _row_scale(m)
+    base = configs.gemm_config(m, n, k, r, 2, True, _triton.interpreter(), epilogue_mask=masked == "term",
+                               shrink_mask=masked == "input")
+    cfg = dataclasses.replace(base, split_k=split_k)
+    p = 0.0 if masked is None else p
+    a64 = a.double()
+    if masked == "input":
+        a64 = a64 * fused_lora.dropout_mask(seed, (m, k), p, device=DEVICE).double() / (1 - p)
+    keep = fused_lora.dropout_mask(seed, (m, n), p, device=DEVICE).double() if masked == "term" else 1.0
+    xa64 = w.double()[:, None] * (a64 @ shrink.double())
+    c, xa = gemm.lora_gemm(a, b, shrink=shrink, v=v, lr_scale=scale, dropout_p=p, seed=seed,
+                           shrink_dropout=masked == "input", row_scale=w, config=cfg, out_dtype=torch.float16)
+    assert len(reduce_launches) == (split_k > 1)
+    assert_close(xa, xa64, torch.float16, "xa")
+    assert torch.equal(xa[::3], torch.zeros_like(xa[::3]))
+    assert_close(c, a.double() @ b.double() + scale * (xa64 @ v.double()) * keep, torch.float16, "c")
+
+
+def test_row_scale_contract():
+    """The launchers take a row scale only where they make a product it
+    scales (SHRINK, the in-loop shrink), as fp32 of one value per row."""
+    m, k, n, r = 8, 16, 12, 2
+    a, b = torch.randn(m, k, device=DEVICE), torch.randn(k, n, device=DEVICE)
+    s, v, u = torch.randn(k, r, device=DEVICE), torch.randn(r, n, device=DEVICE), torch.randn(m, r, device=DEVICE)
+    gcfg = configs.gemm_config(m, n, k, r, 4, True, _triton.interpreter())
+    scfg = configs.skinny_config(4, _triton.interpreter())
+    for w, what in ((torch.ones(m, device=DEVICE, dtype=torch.float16), "float16"),
+                    (torch.ones(m + 1, device=DEVICE), r"\(9,\)"), (torch.ones(m, 1, device=DEVICE), r"\(8, 1\)")):
+        with pytest.raises(ValueError, match=f"lora_gemm: row_scale .*got .*{what}"):
+            gemm.lora_gemm(a, b, shrink=s, v=v, row_scale=w, config=gcfg, out_dtype=torch.float32)
+        with pytest.raises(ValueError, match=f"skinny_pass: row_scale .*got .*{what}"):
+            skinny.skinny_pass(a, shrink=s, row_scale=w, config=scfg, target_programs=4)
+    w = torch.ones(m, device=DEVICE)
+    with pytest.raises(ValueError, match="lora_gemm: row_scale scales the in-loop shrink's rows: pass shrink"):
+        gemm.lora_gemm(a, b, u=u, v=v, row_scale=w, config=gcfg, out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="skinny_pass: row_scale scales the SHRINK product's rows: pass shrink"):
+        skinny.skinny_pass(a, tn_left=u, row_scale=w, config=scfg, target_programs=4)
+
+
 @pytest.fixture
 def reduce_launches(monkeypatch):
     """The grids of the reduction kernel's launches, in order."""
@@ -1095,18 +1177,6 @@ def test_explain_says_what_runs_and_why():
         too_wide = fused_lora.explain((64, 32), (32, 32), 20, dtype=torch.float32, dropout_p=0.2)
     assert forced.plan.strategy == "in_loop" and "forced" in forced.plan.reason
     assert too_wide.plan.strategy == "split" and "cannot run" in too_wide.plan.reason
-    # a row scale: where xa or g would come from a K loop, split (the dx GEMM reading g from the dy pass)
-    for p, strategy in ((0.0, "in_loop"), (0.2, "split")):
-        plain = fused_lora.explain((16, 4096), (4096, 4096), 16, dropout_p=p).plan
-        row_scaled = fused_lora.explain((16, 4096), (4096, 4096), 16, dropout_p=p, row_scaled=True).plan
-        assert (plain.strategy, plain.dx_in_loop) == (strategy, True)
-        assert (row_scaled.strategy, row_scaled.dx_in_loop) == ("split", False)
-        assert row_scaled.reason.startswith("a row scale multiplies xa and g between the passes, where " + (
-            "the forward GEMM (in_loop) would compute xa and the dx GEMM g" if strategy == "in_loop"
-            else "the dx GEMM g") + " in its K loop")
-    large = dict(x_shape=(4096, 4096), weight_shape=(4096, 4096), r=64)  # (split without a row scale too)
-    assert fused_lora.explain(**large, row_scaled=True).plan == fused_lora.explain(**large).plan
-    assert fused_lora.explain((16, 64), (48, 64), 8, dtype=torch.float32, row_scaled=True).plan.strategy == "hybrid"
     for bad in (dict(x_shape=(4, 3), weight_shape=(5, 4), r=2), dict(x_shape=(4, 4), weight_shape=(5, 4), r=0),
                 dict(x_shape=(4, 4), weight_shape=(5, 4), r=2, target="gpu")):
         with pytest.raises(ValueError):

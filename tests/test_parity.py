@@ -122,11 +122,11 @@ def test_rank_sweep(r, dtype, strategy, p):
 @pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("lead, layout", [((3, 19), "contiguous"), ((2, 150), "permuted")])
-def test_row_scale_matches_reference(strategy, dtype, p, lead, layout):
+def test_row_scale_matches_reference(monkeypatch, strategy, dtype, p, lead, layout):
     """``row_scale`` (w, one value per row: 0, 1 and others, on a strided
     tensor) scales each row's low-rank term, forward and every gradient,
-    whatever strategy is forced: those that compute xa or g inside a GEMM's
-    K loop, where w cannot reach it, give way to split."""
+    on every strategy: the kernels scale xa and g where they make them, the
+    in-loop forward and dx after their K loops (no skinny pass for xa)."""
     k, n, r = 45, 37, 6
     x = make_x((*lead, k), dtype, layout).requires_grad_()
     w, b, a, bb = make_params(k, n, r, dtype, True)
@@ -136,9 +136,15 @@ def test_row_scale_matches_reference(strategy, dtype, p, lead, layout):
     row_scale[0] = 0.0
     row_scale[1, ::2] = 1.0
     forced = fused_lora.dispatch.force_strategy(strategy) if strategy else contextlib.nullcontext()
+    skinny_passes = []
+    kernels = fused_lora._triton.get()
+    real = kernels.skinny_pass
+    monkeypatch.setattr(kernels, "skinny_pass", lambda *args, **kw: skinny_passes.append(1) or real(*args, **kw))
     with forced:
         y = fused_lora.lora_linear(x, w, a, bb, b, scaling=1.75, dropout_p=p, seed=99, row_scale=row_scale,
                                    backend="triton")
+        ran = fused_lora.dispatch.device_plan(x.device, x.shape[:-1].numel(), n, k, r, dtype, p).strategy
+        assert (len(skinny_passes) == 0) == (ran == "in_loop")  # (the forward: xa from its K loop or not)
         dy = torch.randn_like(y)
         grads = torch.autograd.grad(y, (x, w, b, a, bb), dy)
     wanted = ("x", "weight", "bias", "lora_A", "lora_B")
