@@ -214,7 +214,10 @@ class LoRALinear(nn.Module):
         as PEFT's ``adapter_names``, which :func:`fused_lora.from_peft`'s layers
         take so; ids 0, 1... will name a layer's several adapters). The whole
         batch runs in the fused passes, the adapter's term scaled by 0 on the
-        base rows (``lora_linear``'s ``row_scale``). Other ids raise a
+        base rows (``lora_linear``'s ``row_scale``); a merged layer's too, over
+        the weight from before merge() (by row group where that weight is
+        trainable and grad mode is on: the adapter's rows give the merged
+        weight its gradient, as its own forward does). Other ids raise a
         ValueError (one host sync to check them, the first time a tensor of
         ids comes: a model's layers take the same one), except while torch.compile
         traces or a CUDA graph captures, where nothing can be checked without
@@ -253,7 +256,9 @@ class LoRALinear(nn.Module):
                 return self._forward(x, self.adapter_enabled)
         if not self.adapter_enabled:
             return self._forward(x, False)
-        if self.merged:  # (the base rows need the weight from before merge(): two GEMMs, by row group)
+        if self.merged and torch.is_grad_enabled() and self.weight.requires_grad:
+            # (a trainable merged weight takes the gradient of the adapter's rows, as the merged forward
+            # gives it: the base rows need the weight from before merge(), so two GEMMs, by row group)
             y_on, y_off = self._forward(x[on], True), self._forward(x[~on], False)
             y = y_on.new_empty((x.shape[0], *y_on.shape[1:]))
             y[on], y[~on] = y_on, y_off.to(y.dtype)
@@ -264,19 +269,27 @@ class LoRALinear(nn.Module):
         return self._forward(x, True, row_scale.view(-1, *(1,) * (x.dim() - 2)).expand(x.shape[:-1]))
 
     def _forward(self, x: torch.Tensor, with_adapter: bool, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``x Wᵀ + b`` with the adapter's term or without; ``row_scale``: the
+        term scaled by row (a mixed batch). A merged layer computes its merged
+        weight alone, or, with a row scale, runs as unmerged over the weight
+        from before merge(), the term not differentiated (a merged layer's
+        output has no gradient for the adapter, as PEFT's) and without dropout
+        (which a merged forward does not draw): one batch, in any mode."""
         weight = self.base_weight()
+        if self.merged and (not with_adapter or row_scale is not None):
+            weight = self._unmerged_weight.t() if self.fan_in_fan_out else self._unmerged_weight
         if not with_adapter:
-            if self.merged:
-                weight = self._unmerged_weight.t() if self.fan_in_fan_out else self._unmerged_weight
             return F.linear(x, weight, self.bias)
-        if self.merged:
+        if self.merged and row_scale is None:
             return F.linear(x, weight, self.bias)
         lora_A, lora_B = self.lora_A, self.lora_B
+        if self.merged:
+            lora_A, lora_B = lora_A.detach(), lora_B.detach()
         if lora_A.dtype != weight.dtype:  # e.g. fp32 adapter on a bf16 base: compute in the base's dtype
             lora_A, lora_B = lora_A.to(weight.dtype), lora_B.to(weight.dtype)
         return lora_linear(x, weight, lora_A, lora_B, self.bias, scaling=self.scaling,
-                           dropout_p=self.dropout if self.training else 0.0, row_scale=row_scale,
-                           backend=self.backend)
+                           dropout_p=self.dropout if self.training and not self.merged else 0.0,
+                           row_scale=row_scale, backend=self.backend)
 
     # -- merging ----------------------------------------------------------------
     def _delta_fp32(self) -> torch.Tensor:

@@ -267,12 +267,13 @@ def test_a_disabled_adapter_leaves_the_base_alone_merged_or_not(fan_in_fan_out):
 
 @pytest.mark.parametrize("lead", [(7,), (4, 5)])
 @pytest.mark.parametrize("merged", [False, True])
-def test_adapter_ids_run_the_adapter_on_their_rows_and_the_base_on_the_others(lead, merged):
+def test_adapter_ids_run_the_adapter_on_their_rows_and_the_base_on_the_others(monkeypatch, lead, merged):
     """A batch that mixes adapters (PEFT's adapter_names, which from_peft's
     layers take as adapter_ids): rows (samples) with id 0 run the adapter,
     those with -1 the base alone, forward and backward, against float64;
     ids all alike give the plain forward's output bit for bit; merged layers
-    too (their base rows: the weight from before merge())."""
+    too, as one batch over the weight from before merge(), without a gradient
+    for the adapter (by row group where the merged weight is trainable)."""
     layer = LoRALinear(24, 17, r=4, alpha=8, device=DEVICE).eval()
     _randomise_adapter(layer)
     w, b, lora_a, lora_b = layer.weight.detach().clone(), layer.bias, layer.lora_A, layer.lora_B
@@ -282,7 +283,21 @@ def test_adapter_ids_run_the_adapter_on_their_rows_and_the_base_on_the_others(le
     plain, base = layer(x).detach(), torch.nn.functional.linear(x, w, b).detach()
     if merged:
         layer.merge()
+        k_ = fused_lora._triton.get()
+        gemms = []
+        real = k_.lora_gemm
+        monkeypatch.setattr(k_, "lora_gemm", lambda *a, **kw: gemms.append(1) or real(*a, **kw))
     y = layer(x, adapter_ids=ids)
+    if merged:
+        assert len(gemms) == 1  # (one batch)
+        assert torch.autograd.grad(y.sum(), (layer.lora_A, layer.lora_B), allow_unused=True) == (None, None)
+        layer.weight.requires_grad_(True)  # (a trainable merged weight: by row group, its gradient that of y)
+        y_groups = layer(x, adapter_ids=ids)
+        assert len(gemms) == 1
+        dw, = torch.autograd.grad(y_groups.sum(), layer.weight)
+        assert_close(y_groups, y.double(), torch.float32, "y by row group")
+        assert_close(dw, x.detach().double()[on].reshape(-1, 24).sum(0).expand(17, 24), torch.float32, "dW")
+        layer.weight.requires_grad_(False)
     dy = torch.randn_like(y)
     y_on, g_on = reference64(x[on], w, b, lora_a, lora_b, dy[on], scaling=layer.scaling, dropout_p=0.0, seed=None,
                              grads=("x", "lora_A", "lora_B"))

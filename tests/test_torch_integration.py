@@ -136,6 +136,25 @@ def test_a_batch_mixing_adapters_compiles_in_one_graph(training):
     assert y_bad[1].isnan().all() and not y_bad[[0, 2, 3, 4]].isnan().any()
 
 
+def test_a_merged_layer_takes_a_mixed_batch_in_one_graph():
+    """A merged layer runs a batch mixing its adapter and the base as an
+    unmerged one does (the weight from before merge(), the adapter in the
+    fused passes): eager, the unmerged layer's output bit for bit; under
+    torch.compile, one graph (no split by row group, which a full graph
+    cannot trace)."""
+    layer = LoRALinear(24, 17, r=4, device=DEVICE).eval()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 3, 24, device=DEVICE)
+    ids = torch.tensor([0, -1, 0, 0, -1], device=DEVICE)
+    unmerged = layer(x, adapter_ids=ids)
+    layer.merge()
+    assert torch.equal(layer(x, adapter_ids=ids), unmerged)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda x, ids: layer(x, adapter_ids=ids), backend=counter, fullgraph=True)
+    assert_close(compiled(x, ids), unmerged.double(), torch.float32, "compiled vs eager")
+    assert counter.frame_count == 1
+
+
 def test_compile_dynamic_shapes_one_graph_for_every_sequence_length():
     """Training on batches of varying length under ``torch.compile(dynamic=True)``:
     the ops' fake implementations take symbolic shapes, so one graph serves
