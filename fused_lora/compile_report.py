@@ -12,7 +12,8 @@ TF32 as variants where they apply), the kernel is compiled with
 ``triton.compile(..., target=GPUTarget("cuda", arch, 32))`` at a
 representative large shape (M = N = K = 4096, contiguous, 16-byte aligned:
 the specialisation the runtime would make; masked tails, a rank below its
-tile and a forward without a bias on one tile of each pass, or with
+tile, a forward without a bias and a row scale (``+row_scale``: a batch
+mixing the adapter and the base) on one tile of each pass, or with
 ``--every-variant`` on every GEMM compiled), and
 the report gives the shared memory, the registers and spills (from the log
 of the ``ptxas -v`` that Triton itself runs to assemble the kernel: its own
@@ -555,12 +556,11 @@ def with_every_variant(jobs: list[Job]) -> list[Job]:
     and stores, its copy with each one that applies: a masked K tail, a
     rank below its tile, no bias (the forward), the seed as a value and
     64-bit mask counters (the passes with a mask), a row scale (the in-loop
-    passes), split-K's fp32 partials
-    (not on the persistent grid), each on its own. The default report
-    compiles these on one tile of each pass; this compiles them on every
-    GEMM it compiles, with pointers, TMA, the persistent grid and TF32
-    alike (some are combinations the dispatch never launches: a problem
-    there is one only where it does)."""
+    passes), split-K's fp32 partials (not on the persistent grid), each on
+    its own. The default report compiles these on one tile of each pass;
+    this compiles them on every GEMM it compiles, with pointers, TMA, the
+    persistent grid and TF32 alike (some are combinations the dispatch never
+    launches: a problem there is one only where it does)."""
     out = list(jobs)
     have = {_job_id(j) for j in jobs}
     for job in jobs:
