@@ -20,16 +20,21 @@ from fused_lora.testing import (  # noqa: F401
 
 
 def count_launches(monkeypatch, module, kernel: str) -> list:
-    """The grids of ``module.kernel``'s launches from now on, in order."""
+    """The grids of ``module.kernel``'s launches from now on, in order. The
+    counter is of the kernel's own type, with its state: a launcher that asks
+    what it is (``kernels.common.is_interpreted``: the interpreter's bf16
+    upcast) gets the answer it would without the counter."""
     grids = []
     real = getattr(module, kernel)
 
-    class Counting:
+    class Counting(type(real)):
         def __getitem__(self, grid):
             grids.append(grid)
             return real[grid]
 
-    monkeypatch.setattr(module, kernel, Counting())
+    counting = object.__new__(Counting)
+    counting.__dict__.update(vars(real))
+    monkeypatch.setattr(module, kernel, counting)
     return grids
 
 
