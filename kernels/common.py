@@ -72,6 +72,16 @@ def load_seed(seed):
 MASK_INT64_NUMEL = 2**31
 
 
+def check_row_scale(launcher: str, row_scale, product, rows: int) -> None:
+    """A launcher's contract for its ``row_scale``: fp32 of one value a row
+    (``rows``), and a ``product`` (the rank product it scales) to scale."""
+    if row_scale is not None and (product is None or row_scale.shape != (rows,)
+                                  or row_scale.dtype != torch.float32):
+        raise ValueError(f"{launcher}: row_scale scales the rows of the rank product it makes: pass that product's "
+                         f"factor, and a float32 ({rows},) row_scale; got {tuple(row_scale.shape)} {row_scale.dtype}"
+                         f"{'' if product is not None else ' and no factor'}")
+
+
 def mask_counters_int64(rows: int, cols: int) -> bool:
     """``keep_mask``'s ``OFFSET_INT64`` for a mask over a ``(rows, cols)`` matrix."""
     return rows * cols >= MASK_INT64_NUMEL

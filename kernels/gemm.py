@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (alloc, in_bounds, is_interpreted, keep_mask, load_operand, load_seed, mask_counters_int64,
-                     seed_arg)
+from .common import (alloc, check_row_scale, in_bounds, is_interpreted, keep_mask, load_operand, load_seed,
+                     mask_counters_int64, seed_arg)
 from .configs import GEMM_LR_MAX_BLOCK_R, NUM_SMS_SM90, GemmConfig, block_r_for, cdiv, persistent_programs
 from .skinny import launch_reductions
 
@@ -356,9 +356,7 @@ def lora_gemm(
     if shrink_dropout and shrink is None:
         raise ValueError("lora_gemm: shrink_dropout masks the in-loop shrink's input: pass shrink")
     shrink_dropout = shrink_dropout and dropout_p > 0.0
-    if row_scale is not None and (shrink is None or row_scale.shape != (M,) or row_scale.dtype != torch.float32):
-        raise ValueError(f"lora_gemm: row_scale scales the in-loop shrink's rows: pass shrink, and a float32 ({M},) "
-                         f"row_scale, got {tuple(row_scale.shape)} {row_scale.dtype}")
+    check_row_scale("lora_gemm", row_scale, shrink, M)  # (the in-loop shrink's rows)
 
     # 2. what the sizes and flags decide (the rank tile, split-K, the constexprs), cached
     interpreted = is_interpreted(lora_gemm_kernel)

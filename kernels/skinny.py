@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (alloc, in_bounds, is_interpreted, keep_mask, load_operand, load_seed, mask_counters_int64,
-                     seed_arg)
+from .common import (alloc, check_row_scale, in_bounds, is_interpreted, keep_mask, load_operand, load_seed,
+                     mask_counters_int64, seed_arg)
 from .configs import (
     REDUCE_BLOCK,
     REDUCE_LAUNCH,
@@ -389,9 +389,7 @@ def skinny_pass(
     """
     M, C = t.shape
     dev = t.device
-    if row_scale is not None and (shrink is None or row_scale.shape != (M,) or row_scale.dtype != torch.float32):
-        raise ValueError(f"skinny_pass: row_scale scales the SHRINK product's rows: pass shrink, and a float32 "
-                         f"({M},) row_scale, got {tuple(row_scale.shape)} {row_scale.dtype}")
+    check_row_scale("skinny_pass", row_scale, shrink, M)  # (SHRINK's rows)
     r = shrink.shape[1] if shrink is not None else (tn_left.shape[1] if tn_left is not None else 0)
     tn_dtype = tn_dtype or torch.float32
     colsum_dtype = colsum_dtype or torch.float32

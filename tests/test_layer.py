@@ -288,6 +288,12 @@ def test_adapter_ids_run_the_adapter_on_their_rows_and_the_base_on_the_others(mo
         real = k_.lora_gemm
         monkeypatch.setattr(k_, "lora_gemm", lambda *a, **kw: gemms.append(1) or real(*a, **kw))
     y = layer(x, adapter_ids=ids)
+    dy = torch.randn_like(y)
+    y_on, g_on = reference64(x[on], w, b, lora_a, lora_b, dy[on], scaling=layer.scaling, dropout_p=0.0, seed=None,
+                             grads=("x", "lora_A", "lora_B"))
+    expected = (x.double() @ w.double().t() + b.double()).detach()
+    expected[on] = y_on
+    assert_close(y, expected, torch.float32, "y")
     if merged:
         assert len(gemms) == 1  # (one batch)
         assert torch.autograd.grad(y.sum(), (layer.lora_A, layer.lora_B), allow_unused=True) == (None, None)
@@ -295,15 +301,9 @@ def test_adapter_ids_run_the_adapter_on_their_rows_and_the_base_on_the_others(mo
         y_groups = layer(x, adapter_ids=ids)
         assert len(gemms) == 1
         dw, = torch.autograd.grad(y_groups.sum(), layer.weight)
-        assert_close(y_groups, y.double(), torch.float32, "y by row group")
+        assert_close(y_groups, expected, torch.float32, "y by row group")
         assert_close(dw, x.detach().double()[on].reshape(-1, 24).sum(0).expand(17, 24), torch.float32, "dW")
         layer.weight.requires_grad_(False)
-    dy = torch.randn_like(y)
-    y_on, g_on = reference64(x[on], w, b, lora_a, lora_b, dy[on], scaling=layer.scaling, dropout_p=0.0, seed=None,
-                             grads=("x", "lora_A", "lora_B"))
-    expected = (x.double() @ w.double().t() + b.double()).detach()
-    expected[on] = y_on
-    assert_close(y, expected, torch.float32, "y")
     if not merged:  # (a merged layer's output has no gradient for the adapter, as PEFT's)
         dx, da, db = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), dy)
         dx64 = (dy.double() @ w.double()).detach()
