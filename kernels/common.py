@@ -6,6 +6,7 @@ The math the kernels implement is written once, in the docstring of
 """
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 import triton
@@ -80,6 +81,53 @@ def check_row_scale(launcher: str, row_scale, product, rows: int) -> None:
         raise ValueError(f"{launcher}: row_scale scales the rows of the rank product it makes: pass that product's "
                          f"factor, and a float32 ({rows},) row_scale; got {tuple(row_scale.shape)} {row_scale.dtype}"
                          f"{'' if product is not None else ' and no factor'}")
+
+
+class AdapterColumns(NamedTuple):
+    """Several adapters side by side in one rank product (the adapters of
+    :mod:`fused_lora.ops`): row m belongs to adapter ``row_ids[m]``, rank
+    column j to adapter ``col_ids[j]``, and the product's element (m, j) is
+    kept, times ``col_scale[j]``, where the two match, 0 elsewhere (a row of
+    no adapter's, id -1, gets 0 everywhere: the base alone)."""
+
+    row_ids: torch.Tensor  # (M,) int32, any stride
+    col_ids: torch.Tensor  # (r,) int32, contiguous
+    col_scale: torch.Tensor  # (r,) fp32, contiguous
+
+    def columns(self, r0: int, r1: int) -> "AdapterColumns":
+        """The same, for rank columns ``r0:r1`` (a launch over a rank chunk)."""
+        return AdapterColumns(self.row_ids, self.col_ids[r0:r1], self.col_scale[r0:r1])
+
+
+def check_adapter_columns(launcher: str, adapters, product, rows: int) -> None:
+    """A launcher's contract for its ``adapters``: an :class:`AdapterColumns`
+    for ``rows`` rows and the rank of ``product`` (the (·, r) factor whose
+    product it masks), int32 ids, contiguous fp32 column scales."""
+    if adapters is None:
+        return
+    r = product.shape[1] if product is not None else None
+    row_ids, col_ids, col_scale = adapters
+    if (product is None or row_ids.shape != (rows,) or row_ids.dtype != torch.int32
+            or col_ids.shape != (r,) or col_ids.dtype != torch.int32 or col_ids.stride() != (1,)
+            or col_scale.shape != (r,) or col_scale.dtype != torch.float32 or col_scale.stride() != (1,)):
+        raise ValueError(f"{launcher}: adapters masks the rank product it makes: pass that product's factor, "
+                         f"int32 ({rows},) row ids, and contiguous int32 and float32 ({r},) column ids and "
+                         f"scales; got {tuple(row_ids.shape)} {row_ids.dtype}, {tuple(col_ids.shape)} "
+                         f"{col_ids.dtype}, {tuple(col_scale.shape)} {col_scale.dtype}"
+                         f"{'' if product is not None else ' and no factor'}")
+
+
+@triton.jit
+def adapter_columns(acc, ids_ptr, cid_ptr, csc_ptr, offs_m, m_in, offs_r, r_in, stride_ids):
+    """``acc`` (BLOCK_M, BLOCK_R), a rank product's tile, with element (m, j)
+    times ``csc[j]`` where ``ids[m] == cid[j]`` and 0 elsewhere
+    (:class:`AdapterColumns`). A select, not a product: a row's NaN or Inf
+    does not reach the other adapters' columns (nor, through them, their
+    gradients), as when each adapter runs on its own rows."""
+    row_id = tl.load(ids_ptr + offs_m.to(tl.int64) * stride_ids, mask=m_in, other=-1)
+    col_id = tl.load(cid_ptr + offs_r, mask=r_in, other=-1)
+    col_scale = tl.load(csc_ptr + offs_r, mask=r_in, other=0.0)
+    return tl.where(row_id[:, None] == col_id[None, :], acc * col_scale[None, :], 0.0)
 
 
 def mask_counters_int64(rows: int, cols: int) -> bool:

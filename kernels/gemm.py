@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (alloc, check_row_scale, in_bounds, is_interpreted, keep_mask, load_operand, load_seed,
-                     mask_counters_int64, seed_arg)
+from .common import (AdapterColumns, adapter_columns, alloc, check_adapter_columns, check_row_scale, in_bounds,
+                     is_interpreted, keep_mask, load_operand, load_seed, mask_counters_int64, seed_arg)
 from .configs import GEMM_LR_MAX_BLOCK_R, NUM_SMS_SM90, GemmConfig, block_r_for, cdiv, persistent_programs
 from .skinny import launch_reductions
 
@@ -90,6 +90,9 @@ def lora_gemm_kernel(
     c_ptr,  # (M, N)  output
     xa_ptr,  # (M, R)  fp32: the in-loop shrink A·S, stored when LOW_RANK == 2 (split-K: (S, M, R) partials)
     w_ptr,  # (M,)    fp32 row scale of the in-loop shrink when ROW_SCALE
+    ids_ptr,  # (M,)    int32 adapter of each row when ADAPTERS
+    cid_ptr,  # (R,)    int32 adapter of each rank column when ADAPTERS (contiguous)
+    csc_ptr,  # (R,)    fp32 scale of each rank column when ADAPTERS (contiguous)
     # sizes
     M, N, K, R,
     k_blocks_per_split,  # split-K: program (·, s) walks BLOCK_K blocks [s·this, (s+1)·this) of K
@@ -105,6 +108,7 @@ def lora_gemm_kernel(
     stride_xam, stride_xar,
     stride_xas16,  # split-K: the xa partials, this many 16-element units apart
     stride_w,
+    stride_ids,
     # scalars (runtime: changing them never recompiles)
     lr_scale,  # the low-rank term is lr_scale · (U · V)
     sh_scale,  # SHRINK_DROPOUT: U = sh_scale · (A ⊙ keep) · S (the launcher passes 1/(1-p))
@@ -116,6 +120,7 @@ def lora_gemm_kernel(
     LR_DROPOUT: tl.constexpr,  # multiply the low-rank term by keep(m, n), the mask of C (M, N)
     SHRINK_DROPOUT: tl.constexpr,  # LOW_RANK == 2: the shrink's dot reads A ⊙ keep(m, k), the mask of A (M, K)
     ROW_SCALE: tl.constexpr,  # LOW_RANK == 2: U = w ⊙ (the shrink), row m times w[m]
+    ADAPTERS: tl.constexpr,  # LOW_RANK == 2: U's (m, j) kept times csc[j] where ids[m] == cid[j], else 0
     OFFSET_INT64: tl.constexpr,  # the mask's counters in 64 bits (common.mask_counters_int64)
     UPCAST: tl.constexpr,  # interpreter + bf16: compute on fp32 tiles
     INPUT_PRECISION: tl.constexpr,  # fp32 dots: "ieee" or "tf32"
@@ -139,7 +144,10 @@ def lora_gemm_kernel(
     (M, K) matrix, the skinny pass's mask), drawn again by every N tile.
     ``ROW_SCALE`` multiplies the in-loop U's row m by ``w[m]`` after the loop,
     before it is stored and expanded (the row scale of :mod:`fused_lora.ops`;
-    a precomputed U carries it already).
+    a precomputed U carries it already). ``ADAPTERS`` (several adapters side
+    by side in the rank, :mod:`fused_lora.ops`): U's element (m, j) is kept,
+    times ``csc[j]``, where row m's adapter ``ids[m]`` is column j's
+    ``cid[j]``, and is 0 elsewhere.
 
     Split-K (grid axis 1 of size S > 1): program (t, s) computes tile t over
     its own K range and stores the fp32 partial at ``C[s]``; split 0 also
@@ -268,6 +276,8 @@ def lora_gemm_kernel(
                 # (from offs_m, live for the stores: the int64 rows kept past the loop made Triton 3.6's
                 # fp32 32x64 in-loop forward spill, compile report)
                 xa = xa * tl.load(w_ptr + offs_m.to(tl.int64) * stride_w, mask=mask_m, other=0.0)[:, None]
+            if ADAPTERS:
+                xa = adapter_columns(xa, ids_ptr, cid_ptr, csc_ptr, offs_m, mask_m, offs_r, r_in, stride_ids)
             # Clear the padded rank columns: x·0 is NaN where x is ±Inf, and
             # that NaN must not reach the real columns through the next dot.
             xa = tl.where(r_in[None, :], xa, 0.0)
@@ -311,6 +321,7 @@ def lora_gemm(
     seed: int | torch.Tensor = 0,
     shrink_dropout: bool = False,
     row_scale: torch.Tensor | None = None,
+    adapters: AdapterColumns | None = None,
     input_precision: str = "ieee",
     tma: bool = False,
     persistent: bool = False,
@@ -323,8 +334,10 @@ def lora_gemm(
     keep-mask of the (M, N) output; or, with ``shrink_dropout`` (the in-loop
     forward), the shrink reads ``drop(a) = a ⊙ keep / (1 - p)``, the keep-mask
     of a (M, K), the one the skinny pass draws. ``row_scale`` (M,) fp32, with
-    ``shrink``: the in-loop shrink's row m times ``row_scale[m]``. Returns
-    ``(C, xa)`` where ``xa = [row_scale ⊙] [drop](a) @ shrink`` (fp32, (M, r))
+    ``shrink``: the in-loop shrink's row m times ``row_scale[m]``; ``adapters``
+    (:class:`~fused_lora.kernels.common.AdapterColumns`), with ``shrink``: the
+    in-loop shrink's columns kept on the rows of their adapters. Returns
+    ``(C, xa)`` where ``xa = [w ⊙] [drop](a) @ shrink`` (fp32, (M, r))
     when ``shrink`` is given, else None. ``config.split_k > 1`` splits K over
     that many programs per tile (fp32 partials of C, and of xa, then one
     ordered reduction launch for both). ``tma``: load the a and b tiles
@@ -357,11 +370,12 @@ def lora_gemm(
         raise ValueError("lora_gemm: shrink_dropout masks the in-loop shrink's input: pass shrink")
     shrink_dropout = shrink_dropout and dropout_p > 0.0
     check_row_scale("lora_gemm", row_scale, shrink, M)  # (the in-loop shrink's rows)
+    check_adapter_columns("lora_gemm", adapters, shrink, M)
 
     # 2. what the sizes and flags decide (the rank tile, split-K, the constexprs), cached
     interpreted = is_interpreted(lora_gemm_kernel)
     shape = _launch_shape(M, N, K, r, low_rank, v.element_size() if v is not None else 0, bias is not None,
-                          shrink_dropout, row_scale is not None, dropout_p > 0.0,
+                          shrink_dropout, row_scale is not None, adapters is not None, dropout_p > 0.0,
                           interpreted and a.dtype == torch.bfloat16, input_precision, config)
     block_r, split_k = shape.block_r, shape.split_k
     if low_rank == LOW_RANK_IN_LOOP and r > block_r:
@@ -394,6 +408,7 @@ def lora_gemm(
     lora_gemm_kernel[grid](
         a, b, a_desc, b_desc, bias if bias is not None else dummy, u_, s_, v_, target, xa_,
         row_scale if row_scale is not None else xa_,
+        *(adapters[:3] if adapters is not None else (xa_, xa_, xa_)),
         M, N, K, r, shape.blocks_per_split,
         *a.stride(), *b.stride(),
         bias.stride(0) if bias is not None else 0,
@@ -404,6 +419,7 @@ def lora_gemm(
         *(xa_.stride()[-2:] if xa is not None else (0, 0)),
         shape.xa_slab // 16 if xa is not None and split_k > 1 else 0,
         row_scale.stride(0) if row_scale is not None else 0,
+        adapters.row_ids.stride(0) if adapters is not None else 0,
         float(lr_scale), 1.0 / (1.0 - dropout_p) if shrink_dropout else 1.0, float(dropout_p),
         seed_arg(seed, a.device),
         OFFSET_INT64=mask_counters_int64(M, K if shrink_dropout else N),
@@ -430,7 +446,7 @@ class _LaunchShape(NamedTuple):
 
 @functools.lru_cache(maxsize=4096)  # (host time per call: the same shapes come back every step)
 def _launch_shape(M: int, N: int, K: int, r: int, low_rank: int, v_elt: int, has_bias: bool, shrink_dropout: bool,
-                  row_scale: bool, dropout: bool, upcast: bool, input_precision: str,
+                  row_scale: bool, adapters: bool, dropout: bool, upcast: bool, input_precision: str,
                   config: GemmConfig) -> _LaunchShape:
     if low_rank == LOW_RANK_PRECOMPUTED:
         block_r = block_r_for(r, GEMM_LR_MAX_BLOCK_R[v_elt])
@@ -449,6 +465,7 @@ def _launch_shape(M: int, N: int, K: int, r: int, low_rank: int, v_elt: int, has
         LR_DROPOUT=low_rank != LOW_RANK_NONE and dropout and not shrink_dropout,
         SHRINK_DROPOUT=shrink_dropout,
         ROW_SCALE=row_scale,
+        ADAPTERS=adapters,
         UPCAST=upcast,
         INPUT_PRECISION=input_precision,
         EVEN_K=K % config.block_k == 0,

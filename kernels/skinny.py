@@ -12,8 +12,9 @@ backward dA    drop(x)     -                            dA = gᵀ·drop(x)      
 
 ``drop(x)`` is never stored: the keep-mask is regenerated from the seed as the
 x tiles are loaded (see :func:`fused_lora.kernels.common.keep_mask`).
-``w``: the optional row scale (``ROW_SCALE``), applied as SHRINK's product is
-stored.
+``w``: the optional row scale (``ROW_SCALE``) and adapters' columns
+(``ADAPTERS``: :class:`fused_lora.kernels.common.AdapterColumns`), applied as
+SHRINK's product is stored.
 
 A program covers ``rows_per_prog`` rows and ``c_tiles_per_prog`` column tiles
 of T (whole ``BLOCK_C`` tiles, so that the loads stay 16-byte vectors), walking
@@ -36,8 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (alloc, check_row_scale, in_bounds, is_interpreted, keep_mask, load_operand, load_seed,
-                     mask_counters_int64, seed_arg)
+from .common import (AdapterColumns, adapter_columns, alloc, check_adapter_columns, check_row_scale, in_bounds,
+                     is_interpreted, keep_mask, load_operand, load_seed, mask_counters_int64, seed_arg)
 from .configs import (
     REDUCE_BLOCK,
     REDUCE_LAUNCH,
@@ -58,6 +59,9 @@ def lora_skinny_kernel(
     tn_ptr,  # (SPLIT_M, ...) fp32 TN partials, one per row split; element (c, r) via strides
     cs_ptr,  # (SPLIT_M, C) fp32 COLSUM partials (with one row split, TN's and COLSUM's outputs themselves)
     w_ptr,  # (M,)    fp32 row scale of the SHRINK product when ROW_SCALE
+    ids_ptr,  # (M,)    int32 adapter of each row when ADAPTERS
+    cid_ptr,  # (R,)    int32 adapter of each rank column when ADAPTERS (contiguous)
+    csc_ptr,  # (R,)    fp32 scale of each rank column when ADAPTERS (contiguous)
     # sizes
     M, C, R,
     m_start, m_end,  # the rows of this launch (global indices: the mask and SHRINK use them)
@@ -71,6 +75,7 @@ def lora_skinny_kernel(
     stride_tnp, stride_tnc, stride_tnr,
     stride_csp,
     stride_w,
+    stride_ids,
     # scalars
     sh_scale,  # multiplies the SHRINK partial
     tn_scale,  # multiplies the TN partial
@@ -79,6 +84,7 @@ def lora_skinny_kernel(
     # meta-parameters
     SHRINK: tl.constexpr, TN: tl.constexpr, COLSUM: tl.constexpr,
     ROW_SCALE: tl.constexpr,  # SHRINK's row m times w[m]
+    ADAPTERS: tl.constexpr,  # SHRINK's (m, j) kept times csc[j] where ids[m] == cid[j], else 0
     DROPOUT: tl.constexpr, OFFSET_INT64: tl.constexpr, UPCAST: tl.constexpr,
     EVEN_C: tl.constexpr,  # C % BLOCK_C == 0: no column mask (vector loads)
     EVEN_R: tl.constexpr,  # R % BLOCK_R == 0: no rank mask (vector loads of S and L)
@@ -148,6 +154,8 @@ def lora_skinny_kernel(
         if ROW_SCALE:
             # (each column split scales its own partial: the sum of the splits is scaled alike)
             sh_acc = sh_acc * tl.load(w_ptr + offs_m.to(tl.int64) * stride_w, mask=m_in, other=0.0)[:, None]
+        if ADAPTERS:
+            sh_acc = adapter_columns(sh_acc, ids_ptr, cid_ptr, csc_ptr, offs_m, m_in, offs_r, r_in, stride_ids)
         sh_ptrs = (sh_ptr + pid_c.to(tl.int64) * stride_shp + offs_m[:, None].to(tl.int64) * stride_shm
                    + offs_r[None, :] * stride_shr)
         tl.store(sh_ptrs, sh_acc, mask=m_in[:, None] & r_in[None, :])
@@ -254,7 +262,7 @@ def _reduction_shape(numel: int, numel2: int, has_acc: bool, has_acc2: bool, sec
     return (blocks + cdiv(numel2, REDUCE_BLOCK),), blocks, constexprs
 
 
-def _launch(t, s, l, sh, tn, cs, w, m_start, m_end, rows_per_prog, cols_per_prog, grid, *, sh_scale,
+def _launch(t, s, l, sh, tn, cs, w, adapters, m_start, m_end, rows_per_prog, cols_per_prog, grid, *, sh_scale,
             tn_scale, dropout_p, seed, config, input_precision):
     M, C = t.shape
     r = s.shape[1] if s is not None else l.shape[1] if l is not None else 0  # (0: a column sum alone)
@@ -263,6 +271,7 @@ def _launch(t, s, l, sh, tn, cs, w, m_start, m_end, rows_per_prog, cols_per_prog
         t, s if s is not None else dummy, l if l is not None else dummy,
         sh if sh is not None else dummy, tn if tn is not None else dummy, cs if cs is not None else dummy,
         w if w is not None else dummy,
+        *(adapters if adapters is not None else (dummy, dummy, dummy)),
         M, C, r, m_start, m_end, rows_per_prog, cols_per_prog // config.block_c,
         *t.stride(),
         *(s.stride() if s is not None else (0, 0)),
@@ -271,20 +280,22 @@ def _launch(t, s, l, sh, tn, cs, w, m_start, m_end, rows_per_prog, cols_per_prog
         *(tn.stride() if tn is not None else (0, 0, 0)),
         cs.stride(0) if cs is not None else 0,
         w.stride(0) if w is not None else 0,
+        adapters.row_ids.stride(0) if adapters is not None else 0,
         float(sh_scale), float(tn_scale), float(dropout_p), seed_arg(seed, t.device),
         OFFSET_INT64=mask_counters_int64(M, C),
-        **_launch_constexprs(C, r, s is not None, l is not None, cs is not None, w is not None, dropout_p > 0.0,
+        **_launch_constexprs(C, r, s is not None, l is not None, cs is not None, w is not None,
+                             adapters is not None, dropout_p > 0.0,
                              is_interpreted(lora_skinny_kernel) and t.dtype == torch.bfloat16, input_precision,
                              config),
     )
 
 
 @functools.lru_cache(maxsize=4096)  # (host time per call: the same shapes come back every step)
-def _launch_constexprs(C: int, r: int, shrink: bool, tn: bool, colsum: bool, row_scale: bool, dropout: bool,
-                       upcast: bool, input_precision: str, config: SkinnyConfig):
+def _launch_constexprs(C: int, r: int, shrink: bool, tn: bool, colsum: bool, row_scale: bool, adapters: bool,
+                       dropout: bool, upcast: bool, input_precision: str, config: SkinnyConfig):
     block_r = block_r_for(r, config.max_block_r)
     return types.MappingProxyType(dict(
-        SHRINK=shrink, TN=tn, COLSUM=colsum, ROW_SCALE=row_scale,
+        SHRINK=shrink, TN=tn, COLSUM=colsum, ROW_SCALE=row_scale, ADAPTERS=adapters,
         DROPOUT=dropout,
         UPCAST=upcast,
         EVEN_C=C % config.block_c == 0,
@@ -369,6 +380,7 @@ def skinny_pass(
     colsum: bool = False,
     sh_scale: float = 1.0,
     row_scale: torch.Tensor | None = None,
+    adapters: AdapterColumns | None = None,
     tn_scale: float = 1.0,
     dropout_p: float = 0.0,
     seed: int | torch.Tensor = 0,
@@ -380,7 +392,9 @@ def skinny_pass(
     """One read of ``t`` (M, C); returns ``(sh, tn, cs)``:
 
     * ``sh = sh_scale * drop(t) @ shrink`` — fp32 (M, r), when ``shrink`` (C, r) is given;
-      with ``row_scale`` (M,) fp32, its row m times ``row_scale[m]``;
+      with ``row_scale`` (M,) fp32, its row m times ``row_scale[m]``; with
+      ``adapters`` (:class:`~fused_lora.kernels.common.AdapterColumns`), its
+      columns kept on the rows of their adapters;
     * ``tn = tn_scale * tn_left.T @ drop(t)`` — (r, C), or its transpose (C, r)
       with ``tn_transposed``, in ``tn_dtype``, when ``tn_left`` (M, r) fp32 is given;
     * ``cs = drop(t).sum(0)`` — (C,) in ``colsum_dtype``, when ``colsum``.
@@ -390,6 +404,7 @@ def skinny_pass(
     M, C = t.shape
     dev = t.device
     check_row_scale("skinny_pass", row_scale, shrink, M)  # (SHRINK's rows)
+    check_adapter_columns("skinny_pass", adapters, shrink, M)
     r = shrink.shape[1] if shrink is not None else (tn_left.shape[1] if tn_left is not None else 0)
     tn_dtype = tn_dtype or torch.float32
     colsum_dtype = colsum_dtype or torch.float32
@@ -413,7 +428,8 @@ def skinny_pass(
                 t, config=config, target_programs=target_programs,
                 shrink=shrink[:, r0:r1] if shrink is not None else None,
                 tn_left=tn_left[:, r0:r1] if tn_left is not None else None,
-                colsum=colsum and r0 == 0, sh_scale=sh_scale, row_scale=row_scale, tn_scale=tn_scale,
+                colsum=colsum and r0 == 0, sh_scale=sh_scale, row_scale=row_scale,
+                adapters=adapters.columns(r0, r1) if adapters is not None else None, tn_scale=tn_scale,
                 dropout_p=dropout_p, seed=seed, tn_transposed=tn_transposed, tn_dtype=tn_dtype,
                 colsum_dtype=colsum_dtype, input_precision=input_precision)
             if sh_c is not None:
@@ -448,7 +464,7 @@ def skinny_pass(
         if colsum:
             cs_parts = cs_out.unsqueeze(0) if direct else alloc((n_splits, C), torch.float32, dev)
         _launch(t, shrink, tn_left, sh_parts, tn_view if tn_left is not None else None, cs_parts, row_scale,
-                m0, m1, rows_per_prog, cols_per_prog, (n_splits, split_c),
+                adapters, m0, m1, rows_per_prog, cols_per_prog, (n_splits, split_c),
                 sh_scale=sh_scale, tn_scale=tn_scale, dropout_p=dropout_p, seed=seed,
                 config=config, input_precision=input_precision)
         last = m1 == M

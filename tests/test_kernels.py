@@ -11,7 +11,8 @@ import triton
 
 import fused_lora
 from fused_lora import _triton
-from fused_lora.kernels import configs, gemm, skinny
+from fused_lora.kernels import configs, gemm, poison_outputs, skinny
+from fused_lora.kernels.common import AdapterColumns
 from lora_testing import DEVICE, assert_close, count_launches, interpreted_tma_k_n, make_params, reference64
 
 K_ = _triton.get()
@@ -197,6 +198,116 @@ def test_row_scale_contract():
         gemm.lora_gemm(a, b, u=u, v=v, row_scale=w, config=gcfg, out_dtype=torch.float32)
     with pytest.raises(ValueError, match=r"skinny_pass: row_scale scales the rows .* and no factor"):
         skinny.skinny_pass(a, tn_left=u, row_scale=w, config=scfg, target_programs=4)
+
+
+def _adapter_columns(m: int, ranks) -> tuple:
+    """``(AdapterColumns, w64)``: adapters of ``ranks`` side by side, a row's
+    adapter drawn at random among them and -1 (no adapter), the row ids
+    strided int32 (every other element of a buffer), random column scales;
+    ``w64`` (m, r) the float64 factor they stand for."""
+    n = len(ranks)
+    row_ids = torch.randint(-1, n, (2 * m,), device=DEVICE, dtype=torch.int32)[::2]
+    row_ids[:n + 1] = torch.arange(-1, n, device=DEVICE, dtype=torch.int32)  # (every id among the rows)
+    col_ids = torch.repeat_interleave(torch.arange(n, device=DEVICE, dtype=torch.int32),
+                                      torch.tensor(ranks, device=DEVICE))
+    col_scale = torch.rand(sum(ranks), device=DEVICE) + 0.5
+    w64 = (row_ids[:, None] == col_ids[None, :]).double() * col_scale.double()
+    return AdapterColumns(row_ids, col_ids, col_scale), w64
+
+
+# a rank within one tile, several chunks (a chunk's columns its own adapters'), adapters of rank 1
+@pytest.mark.parametrize("ranks", [(2, 3), (1, configs.MAX_BLOCK_R, 36), (1, 1, 1, 1)])
+@pytest.mark.parametrize("target_programs", [1, 64])
+def test_skinny_pass_keeps_each_adapters_columns_on_its_rows(ranks, target_programs):
+    """SHRINK's element (m, j) kept, times column j's scale, where row m runs
+    column j's adapter, 0 elsewhere (a row of id -1 everywhere), with the row
+    scale on top; a row's Inf reaches its own adapter's columns alone. TN and
+    COLSUM, from the same read, untouched."""
+    m, c, r, p = 37, 70, sum(ranks), 0.3
+    cfg = configs.skinny_config(2, _triton.interpreter())
+    t = torch.randn(m, c, device=DEVICE, dtype=torch.float16)
+    t[5, 3] = float("inf")
+    s = torch.randn(c, r, device=DEVICE, dtype=torch.float16) / c ** 0.5
+    l = torch.randn(m, r, device=DEVICE)
+    adapters, w64 = _adapter_columns(m, ranks)
+    adapters.row_ids[5] = 0  # (the row with an Inf runs adapter 0)
+    w64[5] = (adapters.col_ids == 0).double() * adapters.col_scale.double()
+    w = _row_scale(m)
+    assert w[5] not in (0.0, 1.0)
+    keep = fused_lora.dropout_mask(4, (m, c), p, device=DEVICE)
+    with poison_outputs():
+        sh, tn, cs = skinny.skinny_pass(t, config=cfg, target_programs=target_programs, shrink=s, sh_scale=1.5,
+                                        row_scale=w, adapters=adapters, tn_left=l, colsum=True, dropout_p=p, seed=4)
+    sh64, tn64, cs64 = _skinny_reference(t, keep, 1.0, s, l, 1.5, 1.0)
+    want = torch.where(w64 != 0, w.double()[:, None] * w64 * sh64, 0.0)
+    finite = torch.isfinite(want)
+    assert not finite[5][w64[5] != 0].any() and finite[5][w64[5] == 0].all()
+    assert torch.equal(torch.isfinite(sh), finite)
+    assert_close(sh[finite], want[finite], torch.float16, "the adapters' shrink")
+    assert torch.equal(sh[w64 == 0], torch.zeros_like(sh[w64 == 0]))
+    assert_close(tn, tn64, torch.float16, "tn")
+    assert_close(cs, cs64, torch.float16, "colsum")
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("masked", [None, "term", "input"])
+def test_gemm_keeps_each_adapters_in_loop_columns_on_its_rows(split_k, masked, reduce_launches):
+    """The in-loop shrink's element (m, j) kept, times column j's scale, on
+    the rows of column j's adapter, before it is stored and expanded, in
+    every K split; the base product untouched."""
+    m, n, k, ranks, p, seed, scale = 37, 45, 75, (2, 1, 3), 0.3, 8, 0.7
+    r = sum(ranks)
+    a = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
+    b = torch.randn(n, k, device=DEVICE, dtype=torch.float16).t()
+    shrink = torch.randn(r, k, device=DEVICE, dtype=torch.float16).t() / k ** 0.5
+    v = torch.randn(n, r, device=DEVICE, dtype=torch.float16).t()
+    adapters, w64 = _adapter_columns(m, ranks)
+    base = configs.gemm_config(m, n, k, r, 2, True, _triton.interpreter(), epilogue_mask=masked == "term",
+                               shrink_mask=masked == "input")
+    cfg = dataclasses.replace(base, split_k=split_k)
+    p = 0.0 if masked is None else p
+    a64 = a.double()
+    if masked == "input":
+        a64 = a64 * fused_lora.dropout_mask(seed, (m, k), p, device=DEVICE).double() / (1 - p)
+    keep = fused_lora.dropout_mask(seed, (m, n), p, device=DEVICE).double() if masked == "term" else 1.0
+    xa64 = w64 * (a64 @ shrink.double())
+    with poison_outputs():
+        c, xa = gemm.lora_gemm(a, b, shrink=shrink, v=v, lr_scale=scale, dropout_p=p, seed=seed,
+                               shrink_dropout=masked == "input", adapters=adapters, config=cfg,
+                               out_dtype=torch.float16)
+    assert len(reduce_launches) == (split_k > 1)
+    assert_close(xa, xa64, torch.float16, "xa")
+    assert torch.equal(xa[w64 == 0], torch.zeros_like(xa[w64 == 0]))
+    assert_close(c, a.double() @ b.double() + scale * (xa64 @ v.double()) * keep, torch.float16, "c")
+
+
+def test_adapter_columns_contract():
+    """The launchers take adapters' columns only where they make the product
+    they mask, as int32 row and column ids and fp32 column scales of its
+    rows and rank."""
+    m, k, n, r = 8, 16, 12, 3
+    a, b = torch.randn(m, k, device=DEVICE), torch.randn(k, n, device=DEVICE)
+    s, v, u = torch.randn(k, r, device=DEVICE), torch.randn(r, n, device=DEVICE), torch.randn(m, r, device=DEVICE)
+    gcfg = configs.gemm_config(m, n, k, r, 4, True, _triton.interpreter())
+    scfg = configs.skinny_config(4, _triton.interpreter())
+    good, _ = _adapter_columns(m, (1, 2))
+    bad = [
+        (good._replace(row_ids=good.row_ids.long()), "int64"),
+        (good._replace(row_ids=good.row_ids[:-1]), r"\(7,\) torch.int32"),
+        (good._replace(col_ids=good.col_ids.float()), "float32, "),
+        (good._replace(col_ids=good.col_ids[:2]), r"\(2,\) torch.int32, "),
+        (good._replace(col_scale=good.col_scale.double()), "float64$"),
+        (good._replace(col_scale=torch.rand(2 * r, device=DEVICE)[::2]), r"\(3,\) torch.float32$"),
+    ]
+    for adapters, what in bad:
+        with pytest.raises(ValueError, match=f"lora_gemm: adapters .*got .*{what}"):
+            gemm.lora_gemm(a, b, shrink=s, v=v, adapters=adapters, config=gcfg, out_dtype=torch.float32)
+        with pytest.raises(ValueError, match=f"skinny_pass: adapters .*got .*{what}"):
+            skinny.skinny_pass(a, shrink=s, adapters=adapters, config=scfg, target_programs=4)
+    with pytest.raises(ValueError, match=r"lora_gemm: adapters masks .* and no factor"):
+        gemm.lora_gemm(a, b, u=u, v=v, adapters=good, config=gcfg, out_dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"skinny_pass: adapters masks .* and no factor"):
+        skinny.skinny_pass(a, tn_left=u, adapters=good, config=scfg, target_programs=4)
 
 
 @pytest.fixture
