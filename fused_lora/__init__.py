@@ -20,7 +20,7 @@ from .integration import (
     unload,
 )
 from .layer import LoRALinear
-from .ops import LoRALinearFunction, lora_linear
+from .ops import LoRALinearFunction, lora_linear, multi_lora_linear
 
 __version__ = "0.1.0"
 
@@ -38,6 +38,7 @@ __all__ = [
     "load_adapter",
     "lora_linear",
     "merge_and_unload",
+    "multi_lora_linear",
     "reference",
     "save_adapter",
     "to_peft",

@@ -140,6 +140,31 @@ def check_row_scale(x: torch.Tensor, row_scale):
     return row_scale
 
 
+def check_adapter_ids(x: torch.Tensor, adapter_ids) -> torch.Tensor:
+    """``adapter_ids`` of ``multi_lora_linear``: an integer tensor on x's
+    device, of x's leading shape (a row each) or, for an x of 3 or more
+    dims, ``(x.shape[0],)`` (a sample each); returned of x's leading shape
+    (a sample's id expanded over its rows, a view). Its values are checked
+    by the caller."""
+    if not isinstance(adapter_ids, torch.Tensor):
+        raise TypeError(f"adapter_ids must be a torch.Tensor, got {type(adapter_ids).__name__}")
+    if adapter_ids.dtype == torch.bool or adapter_ids.is_floating_point() or adapter_ids.is_complex():
+        raise TypeError(f"adapter_ids must be an integer tensor, got dtype {adapter_ids.dtype}")
+    lead = tuple(x.shape[:-1])
+    shape = tuple(adapter_ids.shape)
+    per_sample = x.dim() > 2 and shape == lead[:1]
+    if shape != lead and not per_sample:
+        raise ValueError(f"adapter_ids must have x's leading shape {lead} (an id per row)"
+                         + (f" or ({lead[0]},) (an id per sample)" if x.dim() > 2 else "")
+                         + f", got {shape} for x of shape {tuple(x.shape)}")
+    if adapter_ids.device != x.device:
+        raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {x.device}: all tensors must be on "
+                         "one device")
+    if per_sample:
+        adapter_ids = adapter_ids.view(-1, *(1,) * (len(lead) - 1)).expand(lead)
+    return adapter_ids
+
+
 def check_backend(backend) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

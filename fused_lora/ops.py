@@ -19,14 +19,24 @@ bias ``b (N)``; ``A (r, K)`` (``lora_A``); ``B (N, r)`` (``lora_B``); scaling
               dB = s · dyᵀ xa                                             (N, r)
               dW = dyᵀ x,   db = Σ_m dy                                   only when the base is trainable
 
-``w`` (M, 1) is an optional scale of each row's low-rank term (``row_scale``;
-1 when absent): 0 on a row runs the base alone there, which is how a batch
-mixing a layer's adapter with the bare base (PEFT's ``adapter_names``) runs
-as one batch. The kernels multiply ``xa`` and ``g`` by it where they make
-them (the skinny pass's store, or after the K loop of a GEMM that
-accumulates them), so every strategy takes a row scale. (Several adapters
-a layer will take the same form: their ranks side by side, each row's
-``w`` 1 on its own adapter's columns, 0 on the others.)
+``w`` (M, r) scales the low-rank term's rank columns row by row; 1 when
+absent. Two factors make it, either or both:
+
+* the row scale ``row_scale`` (M,), the same on a row's every column: 0 on a
+  row runs the base alone there, which is how a batch mixing a layer's
+  adapter with the bare base (PEFT's ``adapter_names``) runs as one batch;
+* several adapters side by side (:func:`multi_lora_linear`): adapter ``i``
+  of rank ``r_i`` and scale ``s_i`` owns ``r_i`` consecutive rank columns
+  (A, B, r their concatenation, ``s`` 1), and row m, of adapter ``id_m``
+  (-1: none), has ``w[m, j] = s_i`` on the columns of adapter ``i = id_m``
+  and 0 on the others: each row gets its own adapter's update alone, every
+  adapter its gradients from its own rows alone, in one set of launches.
+  (Where ``w`` is 0 the term is 0 by selection, not by product: a row's
+  NaN or Inf stays out of the other adapters' columns.)
+
+The kernels apply ``w`` to ``xa`` and ``g`` where they make them (the
+skinny pass's store, or after the K loop of a GEMM that accumulates them),
+so every strategy takes it; dA and dB then need nothing more.
 
 How it runs (Triton backend)
 ============================
@@ -65,13 +75,14 @@ calls run the forward pass without the Function at all.
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Sequence
 
 import torch
 
 from . import _triton, dispatch
-from ._validate import check_backend, check_lora_args, check_row_scale
+from ._validate import check_adapter_ids, check_backend, check_lora_args, check_row_scale, check_scaling
 from .dropout import draw_seed_tensor
-from .reference import lora_linear as _reference_lora_linear
 from .reference import lora_linear_checked
 
 Tensor = torch.Tensor
@@ -106,6 +117,20 @@ def _row_vector(row_scale: Tensor | None, m: int) -> Tensor | None:
     return w if w.dtype == torch.float32 else w.to(torch.float32)
 
 
+def _adapter_columns(adapter_ids: Tensor | None, rank_ids: Tensor | None, rank_scaling: Tensor | None,
+                     m: int):
+    """The adapters' columns as the kernels read them
+    (:class:`fused_lora.kernels.common.AdapterColumns`: int32 row ids, any
+    stride; contiguous int32 column ids and fp32 column scales), or None."""
+    if adapter_ids is None:
+        return None
+    from .kernels.common import AdapterColumns
+
+    row_ids = adapter_ids.reshape(m)
+    return AdapterColumns(row_ids if row_ids.dtype == torch.int32 else row_ids.to(torch.int32),
+                          rank_ids.to(torch.int32).contiguous(), rank_scaling.to(torch.float32).contiguous())
+
+
 def _on_the_operands_device(pass_fn):
     """Runs a Triton pass with its first operand's GPU as the current CUDA
     device. Triton launches on the current device, not on the operands':
@@ -127,10 +152,13 @@ def _on_the_operands_device(pass_fn):
 @_on_the_operands_device
 def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                    scaling: float, dropout_p: float, seed: int | Tensor,
-                   strategy: str = "", row_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   strategy: str = "", row_scale: Tensor | None = None, adapter_ids: Tensor | None = None,
+                   rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(y, xa)`` of the math above, with the Triton kernels. ``strategy``:
     a forced one (:func:`fused_lora.dispatch.force_strategy`), ``""``: none.
-    ``row_scale``: ``w``, of x's leading shape, or None."""
+    ``row_scale``: of x's leading shape, or None; ``adapter_ids`` (x's
+    leading shape), ``rank_ids`` and ``rank_scaling`` (r,): the adapters'
+    factor of ``w``, or None."""
     k_ = _triton.get()
     n, k = weight.shape
     r = lora_A.shape[0]
@@ -138,20 +166,22 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     m = x2.shape[0]
     plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None)
     w = _row_vector(row_scale, m)
+    adapters = _adapter_columns(adapter_ids, rank_ids, rank_scaling, m)
     tune = dict(m=m, n=n, r=r, dtype=x.dtype, epilogue_mask=False, device=x.device, persistent=plan.persistent)
     if plan.strategy == "in_loop":
         # (with dropout: xa = drop(x)·Aᵀ, each N tile masking its x tiles for the shrink's dot)
         def launch(config):
             return k_.lora_gemm(x2, weight.t(), bias=bias, shrink=lora_A.t(), v=lora_B.t(), lr_scale=scaling,
                                 dropout_p=dropout_p, seed=seed, shrink_dropout=True, row_scale=w,
-                                config=config, out_dtype=x.dtype, input_precision=plan.input_precision,
-                                tma=plan.tma, persistent=plan.persistent, num_sms=plan.num_sms)
+                                adapters=adapters, config=config, out_dtype=x.dtype,
+                                input_precision=plan.input_precision, tma=plan.tma, persistent=plan.persistent,
+                                num_sms=plan.num_sms)
 
         y2, xa = launch(dispatch.gemm_config_for("forward", plan.fwd_gemm, launch, k=k, shrink_in_loop=True,
                                                  shrink_mask=dropout_p > 0.0, **tune))
     else:
         xa, _, _ = k_.skinny_pass(x2, shrink=lora_A.t(), sh_scale=1.0 / (1.0 - dropout_p), row_scale=w,
-                                  dropout_p=dropout_p, seed=seed, config=plan.skinny,
+                                  adapters=adapters, dropout_p=dropout_p, seed=seed, config=plan.skinny,
                                   target_programs=plan.skinny_programs, input_precision=plan.input_precision)
         # hybrid: an empty K loop (the kernel writes C = s·xa·Bᵀ + b), then cuBLAS adds x·Wᵀ in place
         a, b = (x2[:, :0], weight.t()[:0]) if plan.cublas_base else (x2, weight.t())
@@ -172,11 +202,13 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
 def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
                     scaling: float, dropout_p: float, seed: int | Tensor,
                     need_x: bool, need_weight: bool, need_bias: bool, need_A: bool, need_B: bool,
-                    strategy: str = "", row_scale: Tensor | None = None):
+                    strategy: str = "", row_scale: Tensor | None = None, adapter_ids: Tensor | None = None,
+                    rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None):
     """``(dx, dW, db, dA, dB)`` of the math above; None where not needed.
     ``strategy``: the one the forward was forced to run (``""``: none), so
     that the backward follows it whatever thread autograd runs it on.
-    ``row_scale``: the forward's (``xa`` holds it already)."""
+    ``row_scale``, ``adapter_ids``, ``rank_ids``, ``rank_scaling``: the
+    forward's (``xa`` holds their ``w`` already)."""
     k_ = _triton.get()
     n, k = weight.shape
     r = lora_A.shape[0]
@@ -184,6 +216,7 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     m = x2.shape[0]
     plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None)
     w = _row_vector(row_scale, m)
+    adapters = _adapter_columns(adapter_ids, rank_ids, rank_scaling, m)
     inv_keep = 1.0 / (1.0 - dropout_p)
     # g = g_scale · (what the variable g holds): the dy pass scales it, the dx GEMM's K loop does not.
     g_in_dx = need_x and plan.dx_in_loop
@@ -195,6 +228,7 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
         # The dy pass: g = s·w⊙dy·B (unless the dx GEMM computes it), dB = s·dyᵀ·xa, db = Σ dy, one read of dy.
         g, d_b, d_bias = k_.skinny_pass(
             dy2, shrink=lora_B if need_g_pass else None, sh_scale=scaling, row_scale=w if need_g_pass else None,
+            adapters=adapters if need_g_pass else None,
             tn_left=xa2 if need_B else None, tn_scale=scaling, tn_transposed=True, tn_dtype=lora_B.dtype,
             colsum=need_bias, colsum_dtype=x.dtype,
             config=plan.skinny, target_programs=plan.skinny_programs, input_precision=plan.input_precision)
@@ -203,8 +237,8 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
         a, b = (dy2[:, :0], weight[:0]) if plan.cublas_base else (dy2, weight)
         # dx = dy·W + (g·A)⊙mask/(1-p): the forward GEMM with (x, Wᵀ, Aᵀ, Bᵀ) -> (dy, W, B, A), its
         # low-rank left factor g read from the dy pass, or (g_in_dx) accumulated in the K loop as dy·B.
-        low_rank = dict(shrink=lora_B, v=lora_A, lr_scale=scaling * inv_keep, row_scale=w) if g_in_dx else dict(
-            u=g, v=lora_A, lr_scale=inv_keep)
+        low_rank = dict(shrink=lora_B, v=lora_A, lr_scale=scaling * inv_keep, row_scale=w,
+                        adapters=adapters) if g_in_dx else dict(u=g, v=lora_A, lr_scale=inv_keep)
 
         def launch_dx(config):
             return k_.lora_gemm(a, b, **low_rank, dropout_p=dropout_p, seed=seed,
@@ -281,20 +315,24 @@ def _kernel_seed(seed: Tensor):
 @torch.library.custom_op("fused_lora::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                     scaling: float, dropout_p: float, seed: Tensor, strategy: str = "",
-                    row_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    row_scale: Tensor | None = None, adapter_ids: Tensor | None = None,
+                    rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(y, xa)``: y (..., N) in x's dtype; xa = w ⊙ drop(x)·Aᵀ (..., r) in fp32
-    (``w``: ``row_scale``, of x's leading shape, or None).
+    (``w`` from ``row_scale``, of x's leading shape, and the adapters'
+    ``adapter_ids``, of x's leading shape, with ``rank_ids`` and
+    ``rank_scaling`` (r,); each None or given).
     ``seed``: a 0-d int64 CPU tensor holding the seed, or a 0-d int32 tensor
     on x's device that the kernels read (a tensor either way, so that drawing
     it stays inside a compiled graph). ``strategy``: a forced one, ``""`` when none
     (then an enclosing :func:`fused_lora.dispatch.force_strategy` still
     applies); the backward follows it."""
     return forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _kernel_seed(seed), strategy,
-                          row_scale)
+                          row_scale, adapter_ids, rank_ids, rank_scaling)
 
 
 @lora_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, strategy="", row_scale=None):
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, strategy="", row_scale=None, adapter_ids=None,
+      rank_ids=None, rank_scaling=None):
     return (x.new_empty((*x.shape[:-1], weight.shape[0])),
             x.new_empty((*x.shape[:-1], lora_A.shape[0]), dtype=torch.float32))
 
@@ -303,25 +341,28 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, strategy="", ro
 def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
                     scaling: float, dropout_p: float, seed: Tensor, need_x: bool, need_weight: bool,
                     need_bias: bool, need_A: bool, need_B: bool, strategy: str = "",
-                    row_scale: Tensor | None = None) -> list[Tensor]:
+                    row_scale: Tensor | None = None, adapter_ids: Tensor | None = None,
+                    rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None) -> list[Tensor]:
     """``[dx, dW, db, dA, dB]``; a gradient nobody needs is an empty tensor.
     ``strategy``: the forward's forced strategy, ``""`` when none;
-    ``row_scale``: the forward's."""
+    ``row_scale``, ``adapter_ids``, ``rank_ids``, ``rank_scaling``: the forward's."""
     grads = backward_triton(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, _kernel_seed(seed),
-                            need_x, need_weight, need_bias, need_A, need_B, strategy, row_scale)
+                            need_x, need_weight, need_bias, need_A, need_B, strategy, row_scale, adapter_ids,
+                            rank_ids, rank_scaling)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @lora_linear_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_x, need_weight, need_bias, need_A, need_B,
-      strategy="", row_scale=None):
+      strategy="", row_scale=None, adapter_ids=None, rank_ids=None, rank_scaling=None):
     shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
     needs = (need_x, need_weight, need_bias, need_A, need_B)
     return [x.new_empty(s) if need else x.new_empty(0) for s, need in zip(shapes, needs)]
 
 
-def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, strategy, row_scale):
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, row_scale, seed)
+def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, strategy, row_scale,
+                       adapters):
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, row_scale, seed, *adapters)
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
     ctx.has_bias = bias is not None
@@ -333,23 +374,23 @@ def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropou
 def _gradients(ctx, dy):
     """(dx, dW, db, dA, dB) for ctx.needs_input_grad's first five inputs,
     which are (x, weight, bias, lora_A, lora_B) in both entry points."""
-    x, weight, lora_A, lora_B, xa, row_scale, seed = ctx.saved_tensors
+    x, weight, lora_A, lora_B, xa, row_scale, seed, *adapters = ctx.saved_tensors
     need = list(ctx.needs_input_grad[:5])
     need[2] = need[2] and ctx.has_bias
     if not any(need):
         return (None,) * 5
     if torch.is_grad_enabled():  # create_graph=True: gradients to differentiate again
         return _differentiable_gradients(dy, x, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, need,
-                                         row_scale)
-    if direct_call(dy, x, weight, lora_A, lora_B, xa, row_scale):
+                                         row_scale, adapters)
+    if direct_call(dy, x, weight, lora_A, lora_B, xa, row_scale, *adapters):
         return backward_triton(dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, _kernel_seed(seed), *need,
-                               ctx.strategy, row_scale)
+                               ctx.strategy, row_scale, *adapters)
     grads = torch.ops.fused_lora.lora_linear_bwd(dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p,
-                                                 seed, *need, ctx.strategy, row_scale)
+                                                 seed, *need, ctx.strategy, row_scale, *adapters)
     return tuple(g if n else None for g, n in zip(grads, need))
 
 
-def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p, seed, need, row_scale):
+def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p, seed, need, row_scale, adapters):
     """The gradients for ``create_graph=True`` (a gradient penalty,
     meta-learning), which autograd can differentiate again with respect to
     dy and every input: autograd's own, through the reference (the math above
@@ -359,7 +400,8 @@ def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p,
     wanted = [i for i in (0, 1, 3, 4) if need[i]]
     out = [None] * 5
     if wanted:
-        y = lora_linear_checked(x, weight, lora_A, lora_B, None, scaling, dropout_p, seed, row_scale)
+        y = lora_linear_checked(x, weight, lora_A, lora_B, None, scaling, dropout_p, seed, row_scale,
+                                tuple(adapters) or None)
         grads = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=True)
         for i, g in zip(wanted, grads):
             out[i] = g
@@ -370,19 +412,20 @@ def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p,
 
 def _op_setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *rest = inputs
-    strategy = rest[0] if rest else ""
-    row_scale = rest[1] if len(rest) > 1 else None
+    strategy, row_scale, *adapters = (*rest, "", None, None, None, None)[:5]
     _y, xa = output
     ctx.mark_non_differentiable(xa)
     # Called without a strategy, the op ran under the force of the moment;
     # while torch.compile traces, that moment is later: the backward op will
     # read the force of its own moment.
     forced = strategy or ("" if torch.compiler.is_compiling() else dispatch.forced_strategy() or "")
-    _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, forced, row_scale)
+    _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, forced, row_scale,
+                       adapters if adapters[0] is not None else ())
 
 
 def _op_backward(ctx, dy, _dxa):
-    return (*_gradients(ctx, dy), None, None, None, None, None)
+    # (scaling, dropout_p, seed, strategy, row_scale, adapter_ids, rank_ids, rank_scaling: none)
+    return (*_gradients(ctx, dy), *(None,) * 8)
 
 
 torch.library.register_autograd("fused_lora::lora_linear_fwd", _op_backward, setup_context=_op_setup_context)
@@ -392,9 +435,10 @@ class LoRALinearFunction(torch.autograd.Function):
     """``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with the Triton kernels.
 
     ``LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling,
-    dropout_p, seed[, row_scale])`` with ``seed`` a 0-d int64 CPU tensor holding the seed,
-    or a 0-d int32 tensor on x's device that the kernels read, and ``row_scale``
-    ``w`` of the math (x's leading shape; not differentiated). Saves only x, the
+    dropout_p, seed[, row_scale[, adapter_ids, rank_ids, rank_scaling]])`` with
+    ``seed`` a 0-d int64 CPU tensor holding the seed, or a 0-d int32 tensor on
+    x's device that the kernels read, and ``row_scale`` and the adapters'
+    tensors the factors of ``w`` of the math (not differentiated). Saves only x, the
     weights and the tiny fp32 ``xa`` (M, r); computes only the gradients that
     ``needs_input_grad`` asks for (twice differentiable: with
     ``create_graph=True`` in PyTorch ops). Arguments are not validated here: use
@@ -402,21 +446,25 @@ class LoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, row_scale=None):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, row_scale=None, adapter_ids=None,
+                rank_ids=None, rank_scaling=None):
         # (read here, where torch.compile traces it and guards on it)
         strategy = dispatch.forced_strategy() or ""
-        if direct_call(x, weight, bias, lora_A, lora_B, row_scale):
+        adapters = (adapter_ids, rank_ids, rank_scaling) if adapter_ids is not None else ()
+        if direct_call(x, weight, bias, lora_A, lora_B, row_scale, *adapters):
             y, xa = forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _kernel_seed(seed), strategy,
-                                   row_scale)
+                                   row_scale, *adapters)
         else:
             y, xa = torch.ops.fused_lora.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-                                                         strategy, row_scale)
-        _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, strategy, row_scale)
+                                                         strategy, row_scale, *adapters)
+        _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, strategy, row_scale,
+                           adapters)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        return (*_gradients(ctx, dy), None, None, None, None)
+        # (scaling, dropout_p, seed, row_scale, adapter_ids, rank_ids, rank_scaling: none)
+        return (*_gradients(ctx, dy), *(None,) * 7)
 
 
 # ----------------------------------------------------------------------------
@@ -515,9 +563,18 @@ def lora_linear(
         x, weight, lora_A, lora_B, bias = _autocast(x.device.type, x, weight, lora_A, lora_B, bias)
     scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
     row_scale = check_row_scale(x, row_scale)
+    return _lora_linear(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, row_scale, (), backend)
+
+
+def _lora_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float, seed, row_scale, adapters,
+                 backend: str) -> Tensor:
+    """:func:`lora_linear` on checked arguments; ``adapters``: ``()``, or
+    ``(adapter_ids, rank_ids, rank_scaling)`` (:func:`multi_lora_linear`)."""
     if resolve_backend(backend, x) == "torch":
-        return _reference_lora_linear(x, weight, lora_A, lora_B, bias, scaling=scaling, dropout_p=dropout_p,
-                                      seed=seed, row_scale=row_scale)
+        if dropout_p > 0.0 and seed is None:
+            seed = draw_seed_tensor(x.device)
+        return lora_linear_checked(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, row_scale,
+                                   adapters or None)
     if dropout_p == 0.0:
         seed = 0
     elif seed is None:
@@ -528,12 +585,132 @@ def lora_linear(
         seed = draw_seed_tensor(x.device)
     differentiated = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
-    if not differentiated and direct_call(x, weight, bias, lora_A, lora_B, row_scale):
+    if not differentiated and direct_call(x, weight, bias, lora_A, lora_B, row_scale, *adapters):
         # Nothing to differentiate (inference, torch.no_grad): the forward
         # alone, without the autograd Function's host time
         return forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-                              dispatch.forced_strategy() or "", row_scale)[0]
+                              dispatch.forced_strategy() or "", row_scale, *adapters)[0]
     # (on the CPU whatever the default device: a value the kernels take as an argument, never read back
     # from a GPU, which would sync the host and break a CUDA graph's capture)
     seed_t = seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int64, device="cpu")
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t, row_scale)
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t, row_scale, *adapters)
+
+
+def multi_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Sequence[Tensor],
+    lora_B: Sequence[Tensor],
+    adapter_ids: Tensor,
+    bias: Tensor | None = None,
+    *,
+    scaling: float | Sequence[float] = 1.0,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Several adapters on one frozen base, each row of x through its own:
+    ``y[m] = x[m] Wᵀ + b + s_i · (drop(x)[m] A_iᵀ) B_iᵀ`` with ``i =
+    adapter_ids[m]``, or ``x[m] Wᵀ + b`` where ``adapter_ids[m]`` is -1 (math
+    in :mod:`fused_lora.ops`: the adapters side by side in the rank). One set
+    of fused launches for the whole batch, whatever its mix of adapters: for
+    serving several adapters from one base, or training several at once
+    (each adapter's gradients come from its own rows alone).
+
+    Args:
+        x: (..., in_features), as :func:`lora_linear`'s.
+        weight: (out_features, in_features), the frozen base weight.
+        lora_A: a sequence of n >= 1 tensors (r_i, in_features), the adapters'
+            A, ranks free to differ. lora_B: n tensors (out_features, r_i).
+        adapter_ids: an integer tensor on x's device: the adapter of each
+            row, of x's leading shape ``x.shape[:-1]`` (a token each), or
+            ``(x.shape[0],)`` for an x of 3 or more dims (a sample each);
+            ``i`` in ``[0, n)`` runs adapter i, -1 the base alone. Other
+            ids raise a ValueError (one host sync to check them), except
+            while torch.compile traces or a CUDA graph captures, where
+            nothing can be checked without a sync: their rows come out NaN.
+        bias: (out_features,) or None.
+        scaling: the adapters' scales s_i (``alpha_i / r_i``): a sequence of
+            n, or one for all.
+        dropout_p, seed: as :func:`lora_linear`'s, one mask for the batch
+            (each row's adapter sees its row's mask).
+        backend: as :func:`lora_linear`'s.
+
+    The sum of the ranks is the rank the kernels run, and picks the plan
+    as a single adapter of that rank would (:func:`fused_lora.explain`).
+    The adapters are concatenated for each call (``torch.cat``, a copy of
+    their weights, differentiable); :func:`fused_lora.reference` computes
+    the same through :func:`fused_lora.reference.lora_linear_checked`.
+
+    Returns:
+        (..., out_features) in x's dtype. Gradients flow to x, to every
+        adapter's A and B, and to weight and bias when they require grad.
+    """
+    lora_A, lora_B = _adapter_list("lora_A", lora_A), _adapter_list("lora_B", lora_B)
+    if len(lora_A) != len(lora_B):
+        raise ValueError(f"lora_A and lora_B must hold one tensor per adapter: got {len(lora_A)} A and "
+                         f"{len(lora_B)} B")
+    n = len(lora_A)
+    scalings = _adapter_scalings(scaling, n)
+    if isinstance(x, Tensor) and _autocast_enabled(x.device.type):
+        x, weight, bias, *factors = _autocast(x.device.type, x, weight, bias, *lora_A, *lora_B)
+        lora_A, lora_B = factors[:n], factors[n:]
+    for i, (a, b) in enumerate(zip(lora_A, lora_B)):
+        try:
+            _, dropout_p, seed = check_lora_args(x, weight, a, b, bias, scalings[i], dropout_p, seed)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"adapter {i} (lora_A[{i}], lora_B[{i}]): {error}") from None
+    adapter_ids = check_adapter_ids(x, adapter_ids)
+    ranks = tuple(a.shape[0] for a in lora_A)
+    row_scale = _check_adapter_id_values(adapter_ids, n)
+    rank_ids, rank_scaling = _rank_columns(x.device, ranks, scalings)
+    a = lora_A[0] if n == 1 else torch.cat(lora_A, 0)
+    b = lora_B[0] if n == 1 else torch.cat(lora_B, 1)
+    return _lora_linear(x, weight, a, b, bias, 1.0, dropout_p, seed, row_scale,
+                        (adapter_ids, rank_ids, rank_scaling), backend)
+
+
+def _adapter_list(name: str, factors) -> list[Tensor]:
+    if isinstance(factors, Tensor) or not isinstance(factors, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of tensors, one per adapter, got {type(factors).__name__}")
+    if not factors:
+        raise ValueError(f"{name} must hold at least one adapter's tensor, got an empty {type(factors).__name__}")
+    return list(factors)
+
+
+def _adapter_scalings(scaling, n: int) -> tuple[float, ...]:
+    if isinstance(scaling, (list, tuple)):
+        if len(scaling) != n:
+            raise ValueError(f"scaling must hold one scale per adapter ({n}), got {len(scaling)}")
+        return tuple(check_scaling(s) for s in scaling)
+    return (check_scaling(scaling),) * n
+
+
+def _check_adapter_id_values(adapter_ids: Tensor, n: int) -> Tensor | None:
+    """Raises a ValueError where an id is outside ``[-1, n)`` (one host
+    sync). While torch.compile traces or a CUDA graph captures, where
+    nothing can be read back, returns instead a row scale that makes such
+    rows NaN (None elsewhere)."""
+    if torch.compiler.is_compiling() or (adapter_ids.device.type == "cuda"
+                                         and torch.cuda.is_current_stream_capturing()):
+        valid = (adapter_ids >= -1) & (adapter_ids < n)
+        return torch.where(valid, 1.0, math.nan).to(torch.float32)
+    if adapter_ids.numel():
+        low, high = torch.aminmax(adapter_ids)
+        low, high = torch.stack([low, high]).tolist()  # (one sync)
+        if low < -1 or high >= n:
+            raise ValueError(f"adapter_ids must be -1 (the base alone) or an adapter's index in [0, {n}), "
+                             f"got ids from {low} to {high}")
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _rank_columns(device: torch.device, ranks: tuple[int, ...], scalings: tuple[float, ...]):
+    """``(rank_ids, rank_scaling)``: the adapter and the scale of each rank
+    column of adapters of ``ranks`` side by side, (r,) int32 and fp32 on
+    ``device``. Kept: a model's layers share a few such pairs, and the
+    copy to the device is made once (not while a CUDA graph captures)."""
+    ids = [i for i, r in enumerate(ranks) for _ in range(r)]
+    scales = [s for s, r in zip(scalings, ranks) for _ in range(r)]
+    return (torch.tensor(ids, dtype=torch.int32, device=device),
+            torch.tensor(scales, dtype=torch.float32, device=device))

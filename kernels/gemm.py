@@ -272,12 +272,12 @@ def lora_gemm_kernel(
         if LOW_RANK == 2:
             if SHRINK_DROPOUT:
                 xa = xa * sh_scale  # drop(A) = A ⊙ keep / (1 - p)
+            if ADAPTERS:
+                xa = adapter_columns(xa, ids_ptr, cid_ptr, csc_ptr, offs_m, mask_m, offs_r, r_in, stride_ids)
             if ROW_SCALE:  # (before the padded columns are cleared: w may be ±Inf or NaN too)
                 # (from offs_m, live for the stores: the int64 rows kept past the loop made Triton 3.6's
                 # fp32 32x64 in-loop forward spill, compile report)
                 xa = xa * tl.load(w_ptr + offs_m.to(tl.int64) * stride_w, mask=mask_m, other=0.0)[:, None]
-            if ADAPTERS:
-                xa = adapter_columns(xa, ids_ptr, cid_ptr, csc_ptr, offs_m, mask_m, offs_r, r_in, stride_ids)
             # Clear the padded rank columns: x·0 is NaN where x is ±Inf, and
             # that NaN must not reach the real columns through the next dot.
             xa = tl.where(r_in[None, :], xa, 0.0)

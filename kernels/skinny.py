@@ -151,11 +151,11 @@ def lora_skinny_kernel(
         offs_m = m_lo + tl.arange(0, BLOCK_M)
         m_in = offs_m < m_hi
         sh_acc = sh_acc * sh_scale
-        if ROW_SCALE:
-            # (each column split scales its own partial: the sum of the splits is scaled alike)
-            sh_acc = sh_acc * tl.load(w_ptr + offs_m.to(tl.int64) * stride_w, mask=m_in, other=0.0)[:, None]
         if ADAPTERS:
             sh_acc = adapter_columns(sh_acc, ids_ptr, cid_ptr, csc_ptr, offs_m, m_in, offs_r, r_in, stride_ids)
+        if ROW_SCALE:  # (a product after the adapters' select: a NaN row scale reaches every column)
+            # (each column split scales its own partial: the sum of the splits is scaled alike)
+            sh_acc = sh_acc * tl.load(w_ptr + offs_m.to(tl.int64) * stride_w, mask=m_in, other=0.0)[:, None]
         sh_ptrs = (sh_ptr + pid_c.to(tl.int64) * stride_shp + offs_m[:, None].to(tl.int64) * stride_shm
                    + offs_r[None, :] * stride_shr)
         tl.store(sh_ptrs, sh_acc, mask=m_in[:, None] & r_in[None, :])

@@ -1,0 +1,273 @@
+"""Several adapters on one base (``fused_lora.multi_lora_linear``): each row
+through its own adapter, in one set of fused launches, against an oracle
+that runs each adapter on its own rows in float64 (not the reference's
+side-by-side form, which the kernels share)."""
+
+import contextlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_lora
+from fused_lora import ops
+from lora_testing import DEVICE, assert_close, make_params, make_x
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def _adapters(k, n, ranks, dtype):
+    """Each adapter's (A, B), random (B too: the term is exercised), requiring grad."""
+    out = []
+    for r in ranks:
+        _, _, a, b = make_params(k, n, r, dtype, False)
+        out.append((a.requires_grad_(), b.requires_grad_()))
+    return [a for a, _ in out], [b for _, b in out]
+
+
+def _ids(lead, n, per_sample=False):
+    """Random ids in [-1, n), every one of them present, strided (every other
+    element of an int64 buffer)."""
+    shape = lead[:1] if per_sample else lead
+    numel = math.prod(shape)
+    flat = torch.randint(-1, n, (2 * numel,), device=DEVICE)[::2]
+    flat[:min(n + 1, numel)] = torch.arange(-1, n, device=DEVICE)[:numel]
+    return flat.view(shape)
+
+
+def _oracle(x, w, b, lora_a, lora_b, ids, scalings, dy, p, seed, wanted):
+    """float64: the base, plus adapter i's own term on the rows of id i,
+    adapter by adapter; output and the gradients ``wanted`` of (x, weight,
+    bias, lora_A[i], lora_B[i])."""
+    leaf = lambda t: t.detach().double().requires_grad_()  # noqa: E731
+    x64, w64 = leaf(x), leaf(w)
+    b64 = leaf(b) if b is not None else None
+    a64, bb64 = [leaf(a) for a in lora_a], [leaf(bb) for bb in lora_b]
+    ids = ids.reshape(*ids.shape, *(1,) * (x.dim() - 1 - ids.dim())).expand(x.shape[:-1])
+    dropped = x64
+    if p > 0:
+        keep = fused_lora.dropout_mask(seed, (x.shape[:-1].numel(), x.shape[-1]), p, device=x.device)
+        dropped = x64 * keep.view(x.shape).double() / (1 - p)
+    y = F.linear(x64, w64, b64)
+    for i, (a, bb) in enumerate(zip(a64, bb64)):
+        on = (ids == i).double().unsqueeze(-1)
+        y = y + on * (scalings[i] * F.linear(F.linear(dropped, a), bb))
+    named = {"x": x64, "weight": w64, "bias": b64}
+    named.update({f"lora_A[{i}]": a for i, a in enumerate(a64)})
+    named.update({f"lora_B[{i}]": bb for i, bb in enumerate(bb64)})
+    grads = torch.autograd.grad(y, [named[k] for k in wanted], dy.double())
+    return y.detach(), dict(zip(wanted, grads))
+
+
+def _run_and_check(x, w, b, lora_a, lora_b, ids, scalings, p, seed, dtype, backend="triton"):
+    y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=scalings, dropout_p=p, seed=seed,
+                                     backend=backend)
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], w.shape[0])
+    dy = torch.randn_like(y)
+    inputs = {"x": x, "weight": w, "bias": b}
+    inputs.update({f"lora_A[{i}]": a for i, a in enumerate(lora_a)})
+    inputs.update({f"lora_B[{i}]": bb for i, bb in enumerate(lora_b)})
+    wanted = [k for k, t in inputs.items() if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(y, [inputs[k] for k in wanted], dy)
+    y64, g64 = _oracle(x, w, b, lora_a, lora_b, ids, scalings, dy, p, seed, wanted)
+    assert_close(y, y64, dtype, "y")
+    for name, g in zip(wanted, grads):
+        assert g.shape == inputs[name].shape and g.dtype == dtype, name
+        assert_close(g, g64[name], dtype, f"d{name}")
+    return y, dict(zip(wanted, grads))
+
+
+@pytest.mark.parametrize("strategy", [None, "in_loop", "split", "hybrid"])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.2])
+# 2-D x, adapters of ranks 4, 1, 8 (13: one rank tile); 3-D permuted x, ranks 16 and 64 (80: above the in-loop
+# shrink's tile, so in_loop falls back to split for the forward)
+@pytest.mark.parametrize("lead, layout, ranks", [((57,), "strided", (4, 1, 8)), ((2, 150), "permuted", (16, 64))])
+def test_each_row_runs_its_own_adapter(strategy, dtype, p, lead, layout, ranks):
+    """Forward and every gradient (base included), on every strategy, with
+    every adapter among the rows and rows of none (-1): as each adapter on
+    its own rows, in float64."""
+    k, n = 45, 37
+    x = make_x((*lead, k), dtype, layout).requires_grad_()
+    w, b, _, _ = make_params(k, n, 1, dtype, True)
+    w.requires_grad_()
+    b.requires_grad_()
+    lora_a, lora_b = _adapters(k, n, ranks, dtype)
+    scalings = [2.0 / (i + 1) for i in range(len(ranks))]
+    ids = _ids(lead, len(ranks))
+    forced = fused_lora.dispatch.force_strategy(strategy) if strategy else contextlib.nullcontext()
+    with forced:
+        _run_and_check(x, w, b, lora_a, lora_b, ids, scalings, p, 7, dtype)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_an_id_per_sample(backend):
+    """``adapter_ids`` of shape (batch,) for a 3-D x: a sample's id for its
+    every token, as the same ids expanded over the tokens."""
+    dtype = F32
+    x = make_x((4, 9, 24), dtype).requires_grad_()
+    w, b, _, _ = make_params(24, 20, 1, dtype, True)
+    lora_a, lora_b = _adapters(24, 20, (3, 5), dtype)
+    ids = torch.tensor([1, -1, 0, 1], device=DEVICE)
+    y, grads = _run_and_check(x, w, b, lora_a, lora_b, ids, [0.5, 1.5], 0.1, 3, dtype, backend)
+    y2 = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids[:, None].expand(4, 9), b, scaling=[0.5, 1.5],
+                                      dropout_p=0.1, seed=3, backend=backend)
+    assert torch.equal(y, y2)
+
+
+def test_the_torch_backend_matches_too():
+    """The reference's side-by-side form (the CPU fallback, and what
+    create_graph differentiates) against the adapter-by-adapter oracle."""
+    x = make_x((33, 40), F32).requires_grad_()
+    w, b, _, _ = make_params(40, 30, 1, F32, True)
+    lora_a, lora_b = _adapters(40, 30, (2, 7, 3), F32)
+    _run_and_check(x, w, b, lora_a, lora_b, _ids((33,), 3), [1.0, 0.25, 3.0], 0.3, 11, F32, backend="torch")
+
+
+def test_an_adapter_gets_gradients_from_its_rows_alone():
+    """An adapter that no row runs gets exactly zero gradients; its weights,
+    even NaN, leave the output as it is (the other adapters' columns are
+    selected away, not multiplied by 0), and a row's Inf stays in its row."""
+    k, n = 33, 21
+    x = make_x((40, k), F32).requires_grad_()
+    w, b, _, _ = make_params(k, n, 1, F32, True)
+    lora_a, lora_b = _adapters(k, n, (4, 6, 2), F32)
+    ids = torch.randint(0, 2, (40,), device=DEVICE) * 3 - 1  # -1 or 2: adapter 1 unused ...
+    ids[0] = 0  # ... and adapter 0 on one row
+    y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=[1.0, 1.0, 1.0], backend="triton")
+    grads = torch.autograd.grad(y, [*lora_a, *lora_b], torch.randn_like(y))
+    for i in (0, 2):
+        assert grads[i].abs().sum() > 0 and grads[3 + i].abs().sum() > 0
+    assert torch.equal(grads[1], torch.zeros_like(grads[1])) and torch.equal(grads[4], torch.zeros_like(grads[4]))
+    with torch.no_grad():
+        lora_a[1].fill_(math.nan)
+        x[5, 3] = math.inf
+        ids[5] = 2
+        poisoned = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=[1.0, 1.0, 1.0],
+                                                backend="triton")
+    rows = torch.arange(40, device=DEVICE) != 5
+    assert torch.equal(poisoned[rows], y[rows])
+    assert not torch.isfinite(poisoned[5]).all()
+
+
+def test_bitwise_reproducible():
+    x = make_x((70, 48), F16).requires_grad_()
+    w, b, _, _ = make_params(48, 40, 1, F16, True)
+    lora_a, lora_b = _adapters(48, 40, (8, 8), F16)
+    ids = _ids((70,), 2)
+    runs = []
+    for _ in range(2):
+        y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=[1.0, 2.0], dropout_p=0.1, seed=5,
+                                         backend="triton")
+        runs.append((y, *torch.autograd.grad(y, [x, *lora_a, *lora_b], torch.ones_like(y))))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_second_derivatives():
+    """``create_graph=True``: the gradients come from the reference's
+    side-by-side form, differentiable again; as the oracle's."""
+    x = make_x((13, 16), F32).requires_grad_()
+    w, b, _, _ = make_params(16, 12, 1, F32, True)
+    lora_a, lora_b = _adapters(16, 12, (2, 3), F32)
+    ids = _ids((13,), 2)
+    y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=[1.0, 0.5], backend="triton")
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    gb = torch.autograd.grad(gx.square().sum(), lora_b[1])[0]
+    x64 = x.detach().double().requires_grad_()
+    a64 = [a.detach().double() for a in lora_a]
+    b64 = [bb.detach().double().requires_grad_() for bb in lora_b]
+    y64 = F.linear(x64, w.double(), b.double())
+    for i, (a, bb) in enumerate(zip(a64, b64)):
+        y64 = y64 + (ids == i).double()[:, None] * ([1.0, 0.5][i] * F.linear(F.linear(x64, a), bb))
+    (gx64,) = torch.autograd.grad(y64.square().sum(), x64, create_graph=True)
+    gb64 = torch.autograd.grad(gx64.square().sum(), b64[1])[0]
+    assert_close(gx, gx64, F32, "dx")
+    assert_close(gb, gb64, F32, "d(dx²)/dB₁")
+
+
+def test_one_set_of_launches_for_any_mix(monkeypatch):
+    """The batch runs in the passes of one adapter of the summed rank: the
+    same kernel launches whatever the mix of adapters."""
+    from lora_testing import count_launches
+
+    kernels = fused_lora._triton.get()
+    gemms = count_launches(monkeypatch, kernels.gemm, "lora_gemm_kernel")
+    skinnies = count_launches(monkeypatch, kernels.skinny, "lora_skinny_kernel")
+    x = make_x((30, 40), F32).requires_grad_()
+    w, b, _, _ = make_params(40, 24, 1, F32, True)
+    lora_a, lora_b = _adapters(40, 24, (3, 5), F32)
+    counts = []
+    for ids in (_ids((30,), 2), torch.zeros(30, dtype=torch.long, device=DEVICE)):
+        gemms.clear()
+        skinnies.clear()
+        y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=1.0, dropout_p=0.1, seed=1,
+                                         backend="triton")
+        y.sum().backward()
+        counts.append((len(gemms), len(skinnies)))
+    gemms.clear()
+    skinnies.clear()
+    single = fused_lora.lora_linear(x, w, torch.cat(lora_a), torch.cat(lora_b, 1), b, dropout_p=0.1, seed=1,
+                                    backend="triton")
+    single.sum().backward()
+    assert counts[0] == counts[1] == (len(gemms), len(skinnies))
+
+
+def test_unreadable_ids_give_nan_rows(monkeypatch):
+    """Where nothing can be read back (torch.compile tracing, a CUDA graph
+    capturing), an id outside [-1, n) is not checked: its rows come out NaN,
+    the others as usual."""
+    x = make_x((12, 16), F32)
+    w, b, _, _ = make_params(16, 8, 1, F32, True)
+    lora_a, lora_b = _adapters(16, 8, (2, 2), F32)
+    ids = torch.tensor([0, 1, -1, 2, 0, -3, 1, 1, 0, -1, 5, 0], device=DEVICE)
+    good = ids.clamp(-1, 1) * ((ids >= -1) & (ids < 2))
+    want = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, good, b, scaling=1.0, backend="triton")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=1.0, backend="triton")
+    bad = (ids < -1) | (ids >= 2)
+    assert torch.isnan(got[bad]).all()
+    assert torch.equal(got[~bad], want[~bad])
+
+
+def _bad_call(change):
+    x = make_x((6, 8), F32)
+    w, b, _, _ = make_params(8, 5, 1, F32, True)
+    lora_a, lora_b = _adapters(8, 5, (2, 3), F32)
+    kw = dict(x=x, weight=w, lora_A=lora_a, lora_B=lora_b, adapter_ids=torch.tensor([0, 1, -1, 0, 1, 1]), bias=b,
+              scaling=[1.0, 2.0])
+    change(kw)
+    return lambda: fused_lora.multi_lora_linear(**kw, backend="triton")
+
+
+@pytest.mark.parametrize("change, err, words", [
+    (lambda kw: kw.update(lora_A=kw["lora_A"][0]), TypeError, "lora_A must be a list or tuple"),
+    (lambda kw: kw.update(lora_B=[]), ValueError, "lora_B must hold at least one"),
+    (lambda kw: kw.update(lora_B=kw["lora_B"][:1]), ValueError, "got 2 A and 1 B"),
+    (lambda kw: kw.update(lora_B=kw["lora_B"][::-1]), ValueError,
+     r"adapter 0 \(lora_A\[0\], lora_B\[0\]\): lora_B must have shape \(out_features=5, r=2\)"),
+    (lambda kw: kw["lora_A"].__setitem__(1, kw["lora_A"][1].half()), TypeError,
+     r"adapter 1 .*lora_A has dtype torch.float16"),
+    (lambda kw: kw.update(scaling=[1.0]), ValueError, r"one scale per adapter \(2\), got 1"),
+    (lambda kw: kw.update(scaling=[1.0, math.inf]), ValueError, "scaling must be finite"),
+    (lambda kw: kw.update(adapter_ids=kw["adapter_ids"].float()), TypeError, "adapter_ids must be an integer"),
+    (lambda kw: kw.update(adapter_ids=kw["adapter_ids"] > 0), TypeError, "adapter_ids must be an integer"),
+    (lambda kw: kw.update(adapter_ids=[0, 1]), TypeError, "adapter_ids must be a torch.Tensor"),
+    (lambda kw: kw.update(adapter_ids=kw["adapter_ids"][:5]), ValueError,
+     r"adapter_ids must have x's leading shape \(6,\) .*got \(5,\)"),
+    (lambda kw: kw.update(adapter_ids=torch.tensor([0, 1, -1, 2, 1, 1])), ValueError,
+     r"adapter_ids must be -1 .* \[0, 2\), got ids from -1 to 2"),
+    (lambda kw: kw.update(adapter_ids=torch.tensor([0, 1, -2, 0, 1, 1])), ValueError, "got ids from -2 to 1"),
+])
+def test_bad_input_is_rejected(change, err, words):
+    with pytest.raises(err, match=words):
+        _bad_call(change)()
+
+
+def test_rank_columns_are_made_once():
+    """The column ids and scales are kept per (device, ranks, scales): a
+    model's layers do not copy them to the device at every call."""
+    first = ops._rank_columns(torch.device(DEVICE), (2, 3), (1.0, 0.5))
+    assert first[0].tolist() == [0, 0, 1, 1, 1] and first[1].tolist() == [1.0, 1.0, 0.5, 0.5, 0.5]
+    assert ops._rank_columns(torch.device(DEVICE), (2, 3), (1.0, 0.5))[0] is first[0]
