@@ -12,8 +12,10 @@ TF32 as variants where they apply), the kernel is compiled with
 ``triton.compile(..., target=GPUTarget("cuda", arch, 32))`` at a
 representative large shape (M = N = K = 4096, contiguous, 16-byte aligned:
 the specialisation the runtime would make; masked tails, a rank below its
-tile, a forward without a bias and a row scale (``+row_scale``: a batch
-mixing the adapter and the base) on one tile of each pass, or with
+tile, a forward without a bias and each row factor of the rank product
+(``+row_scale``: a batch mixing the adapter and the base; ``+adapters``:
+several adapters side by side, :func:`fused_lora.multi_lora_linear`) on
+one tile of each pass, or with
 ``--every-variant`` on every GEMM compiled), and
 the report gives the shared memory, the registers and spills (from the log
 of the ``ptxas -v`` that Triton itself runs to assemble the kernel: its own
@@ -71,10 +73,12 @@ class Job:
     # where the masked matrix has 2**31 elements or more (M·K, e.g. 524,288
     # tokens of a 4096-wide layer); the other passes ignore the switch
     offset_int64: bool = False
-    # A row scale (lora_linear's row_scale: a batch mixing the adapter and the
-    # base) on the rank product the kernel makes: the in-loop shrink's (GEMM),
-    # SHRINK's (skinny)
+    # A row factor of the rank product the kernel makes (the in-loop shrink's
+    # in the GEMM, SHRINK's in the skinny kernel): lora_linear's row scale (a
+    # batch mixing the adapter and the base), or the adapters' ids and
+    # columns (multi_lora_linear); the launchers take one or the other
     row_scale: bool = False
+    adapters: bool = False
 
 
 @dataclass
@@ -105,7 +109,7 @@ _TORCH_OF = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True, split_k: bool = False,
                tma: bool = False, even_r: bool = True, persistent: bool = False, seed_value: bool = False,
                precision: str = "ieee", bias: bool = True, offset_int64: bool = False,
-               row_scale: bool = False) -> dict:
+               row_scale: bool = False, adapters: bool = False) -> dict:
     """Argument values of lora_gemm_kernel for one pass, as the launcher passes them
     (``even_r=False``: a rank of half the rank tile, e.g. r = 8 in a 16 tile)."""
     s = SHAPE
@@ -123,6 +127,7 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         b_desc=f"tensordesc<{dtype}[{', '.join(map(str, [bn, bk] if b_t else [bk, bn]))}]>" if tma else None,
         bias_ptr=f"*{dtype}", u_ptr="*fp32", s_ptr=f"*{dtype}",
         v_ptr=f"*{dtype}", c_ptr="*fp32" if split_k else f"*{dtype}", xa_ptr="*fp32", w_ptr="*fp32",
+        ids_ptr="*i32", cid_ptr="*i32", csc_ptr="*fp32",
         M=s, N=s, K=s, R=r, k_blocks_per_split=s // 4 // cfg.block_k if split_k else s // cfg.block_k,
         # forward: x (M,K) row-major; b = Wᵀ (strides 1, K); s = Aᵀ (strides 1, K); v = Bᵀ (strides 1, r)
         # dx: dy; b = W (strides K, 1); s = B (strides r, 1); v = A (strides K, 1)
@@ -132,15 +137,20 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         stride_vr=1 if fwd else s, stride_vn=r if fwd else 1,
         stride_cm=s, stride_cn=1, stride_cs16=s * s // 16 if split_k else 0, stride_xam=r, stride_xar=1,
         stride_xas16=s * r // 16 if split_k else 0, stride_w=1 if row_scale else 0,
+        stride_ids=1 if adapters else 0,
         lr_scale=1.0, sh_scale=1.0 / 0.9, p=0.1, seed=_seed(dropout, seed_value),
         HAS_BIAS=fwd and bias, LOW_RANK=low_rank, LR_DROPOUT=dropout and not fwd, SHRINK_DROPOUT=dropout and fwd,
-        ROW_SCALE=row_scale,
+        ROW_SCALE=row_scale, ADAPTERS=adapters,
         OFFSET_INT64=offset_int64, UPCAST=False, INPUT_PRECISION=precision, EVEN_K=even_k,
         EVEN_R=even_r and low_rank != 2,
         TMA=tma,
         A_T=a_t, B_T=b_t, PERSISTENT=persistent,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m,
     )
+
+
+#: The row factors of a rank product (:class:`Job`), each compiled on its own.
+ROW_FACTORS = (dict(row_scale=True), dict(adapters=True))
 
 
 def _seed(dropout: bool, seed_value: bool):
@@ -170,7 +180,7 @@ SKINNY_PASSES = {
 
 def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = True, even_r: bool = True,
                  seed_value: bool = False, precision: str = "ieee", offset_int64: bool = False,
-                 row_scale: bool = False) -> dict:
+                 row_scale: bool = False, adapters: bool = False) -> dict:
     """Argument values of lora_skinny_kernel for one pass of :data:`SKINNY_PASSES`, as the launcher
     passes them (``+direct``: one row split, whose TN and COLSUM sums are stored as the outputs, in
     their dtype)."""
@@ -183,6 +193,7 @@ def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = Tru
     out = f"*{dtype}" if direct else "*fp32"
     return dict(
         t_ptr=f"*{dtype}", s_ptr=f"*{dtype}", l_ptr="*fp32", sh_ptr="*fp32", tn_ptr=out, cs_ptr=out, w_ptr="*fp32",
+        ids_ptr="*i32", cid_ptr="*i32", csc_ptr="*fp32",
         M=s, C=s, R=r, m_start=0, m_end=s, rows_per_prog=cfg.block_m, c_tiles_per_prog=s // 2 // cfg.block_c,
         # S: forward Aᵀ (strides 1, K), dy pass B (strides r, 1)
         # TN: the dy pass writes dB (C, r) = (N, r), the dA pass dA (r, C) = (r, K), both as (p, C, r) views
@@ -190,9 +201,9 @@ def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = Tru
         stride_sr=1 if dy_pass else s, stride_lm=r, stride_lr=1,
         stride_shp=s * r, stride_shm=r, stride_shr=1,
         stride_tnp=s * r, stride_tnc=r if dy_pass else 1, stride_tnr=1 if dy_pass else s, stride_csp=s,
-        stride_w=1 if row_scale else 0,
+        stride_w=1 if row_scale else 0, stride_ids=1 if adapters else 0,
         sh_scale=1.0, tn_scale=1.0, p=0.1, seed=_seed(dropout, seed_value),
-        SHRINK=shrink, TN=tn, COLSUM=colsum, ROW_SCALE=row_scale, DROPOUT=dropout,
+        SHRINK=shrink, TN=tn, COLSUM=colsum, ROW_SCALE=row_scale, ADAPTERS=adapters, DROPOUT=dropout,
         OFFSET_INT64=offset_int64, UPCAST=False, EVEN_C=even_c, EVEN_R=even_r, INPUT_PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_R=block_r,
     )
@@ -306,7 +317,8 @@ def result_of(job: Job) -> Result:
                   + ("+split_k" if job.split_k else "") + ("+tma" if job.tma else "")
                   + ("+persistent" if job.persistent else "") + ("+seed_value" if job.seed_value else "")
                   + ("+tf32" if job.tf32 else "") + ("" if job.bias else "+no_bias")
-                  + ("+offset_int64" if job.offset_int64 else "") + ("+row_scale" if job.row_scale else ""),
+                  + ("+offset_int64" if job.offset_int64 else "") + ("+row_scale" if job.row_scale else "")
+                  + ("+adapters" if job.adapters else ""),
                   job.dtype, job.arch, job.config, job.block_r)
 
 
@@ -321,12 +333,12 @@ def compile_job(job: Job) -> Result:
             fn, values = gemm.lora_gemm_kernel, _gemm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
                                                            job.split_k, job.tma, job.even_r, job.persistent,
                                                            job.seed_value, precision, job.bias, job.offset_int64,
-                                                           job.row_scale)
+                                                           job.row_scale, job.adapters)
         elif job.kernel == "skinny":
             cfg = configs.SkinnyConfig(**job.config)
             fn, values = skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r,
                                                                  job.even_k, job.even_r, job.seed_value, precision,
-                                                                 job.offset_int64, job.row_scale)
+                                                                 job.offset_int64, job.row_scale, job.adapters)
         else:
             cfg = None
             fn, values = skinny.reduce_partials_kernel, _reduce_args(job.dtype, cfg, job.pass_name, job.block_r)
@@ -472,8 +484,9 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
             if mask:  # an explicit seed: passed as a value; a mask over 2**31 elements or more
                 jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, seed_value=True))
                 jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, offset_int64=True))
-            if in_loop:  # a row scale on the in-loop shrink (a batch mixing the adapter and the base)
-                jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, row_scale=True))
+            if in_loop:  # each row factor on the in-loop shrink (a mixed batch; several adapters)
+                for factor in ROW_FACTORS:
+                    jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, **factor))
         # Split-K partials (fp32 stores into the workspace), on the tiles the
         # heuristic picks where it splits: every pass at small M; dW (whose K is
         # the tokens) where its output is small: a 256x256 layer over 64 K tokens.
@@ -487,8 +500,9 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                               else [(False, False), (False, True)] if elt == 4 else [(False, False)]):
                 jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, split_k=True, tma=tma,
                                 tf32=tf32))
-            if in_loop:  # (the mixed batches of decoding: small M, a row scale)
-                jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, split_k=True, row_scale=True))
+            if in_loop:  # (the mixed batches of decoding: small M, a row factor)
+                for factor in ROW_FACTORS:
+                    jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, split_k=True, **factor))
         # TMA (16-bit, Hopper): every pass on every shipped tile it may run on, with a K tail
         # on the largest tile of each pass; the persistent grid likewise.
         if elt == 2 and arch >= 90:
@@ -508,9 +522,10 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                     for tma in (False, True):
                         jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=tma,
                                         persistent=True))
-                if persistent and in_loop:  # a row scale on the largest persistent tile, with TMA
-                    jobs.append(Job("gemm", pass_name, dtype, asdict(persistent[0]), arch, block_r, tma=True,
-                                    persistent=True, row_scale=True))
+                if persistent and in_loop:  # each row factor on the largest persistent tile, with TMA
+                    for factor in ROW_FACTORS:
+                        jobs.append(Job("gemm", pass_name, dtype, asdict(persistent[0]), arch, block_r, tma=True,
+                                        persistent=True, **factor))
         for cfg in shipped["skinny_fp32" if elt == 4 else "skinny_16bit"]:
             for pass_name, (shrink, tn, colsum, dropout) in SKINNY_PASSES.items():
                 for block_r in configs.rank_tiles(cfg.max_block_r):
@@ -525,8 +540,9 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                     jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, seed_value=True))
                     jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r,
                                     offset_int64=True))
-                if shrink:  # a row scale on the SHRINK product (xa, g)
-                    jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, row_scale=True))
+                if shrink:  # each row factor on the SHRINK product (xa, g)
+                    for factor in ROW_FACTORS:
+                        jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, **factor))
         # the reductions: every combination of the kernel's meta-parameters, a second output in fp32
         # or in the operands' dtype (the first being either)
         seconds = ("fp32", dtype) if elt == 2 else ("fp32", "bf16", "fp16")
@@ -555,7 +571,7 @@ def with_every_variant(jobs: list[Job]) -> list[Job]:
     """``jobs`` and, for each GEMM among them without a variant of its loads
     and stores, its copy with each one that applies: a masked K tail, a
     rank below its tile, no bias (the forward), the seed as a value and
-    64-bit mask counters (the passes with a mask), a row scale (the in-loop
+    64-bit mask counters (the passes with a mask), each row factor (the in-loop
     passes), split-K's fp32 partials (not on the persistent grid), each on
     its own. The default report compiles these on one tile of each pass;
     this compiles them on every GEMM it compiles, with pointers, TMA, the
@@ -565,7 +581,8 @@ def with_every_variant(jobs: list[Job]) -> list[Job]:
     have = {_job_id(j) for j in jobs}
     for job in jobs:
         if job.kernel != "gemm" or not (job.even_k and job.even_r and job.bias and not job.seed_value
-                                         and not job.offset_int64 and not job.split_k and not job.row_scale):
+                                         and not job.offset_int64 and not job.split_k and not job.row_scale
+                                         and not job.adapters):
             continue
         variants = [dict(even_k=False), dict(even_r=False)]
         if job.pass_name.startswith("forward"):
@@ -573,7 +590,7 @@ def with_every_variant(jobs: list[Job]) -> list[Job]:
         if job.pass_name.endswith("_dropout"):
             variants += [dict(seed_value=True), dict(offset_int64=True)]
         if "_in_loop" in job.pass_name:
-            variants.append(dict(row_scale=True))
+            variants += ROW_FACTORS
         if not job.persistent:
             variants.append(dict(split_k=True))
         for variant in variants:
@@ -680,10 +697,12 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
             # (16-bit skinny passes, reductions); fp32 skinny passes read the small
             # rank factor narrower, their wide operand still in vectors; a reduction's
             # second (smaller, masked) sum is read narrower, its first still in vectors;
-            # a row scale (one fp32 a row, masked along M) is read 4 bytes at a time, the
-            # wide operand in vectors as the same pass without it is (in the report too).
+            # a row factor (a row scale or an adapter id, one fp32 or int32 a row, masked
+            # along M) is read 4 bytes at a time, the wide operand in vectors as the same
+            # pass without it is (in the report too).
             widths = r.load_widths or [0]
-            some = (r.kernel == "skinny" and (r.dtype == "fp32" or "+row_scale" in r.pass_name)
+            some = (r.kernel == "skinny" and (r.dtype == "fp32" or "+row_scale" in r.pass_name
+                                              or "+adapters" in r.pass_name)
                     or "+second" in r.pass_name)
             narrow = widths[-1] < 16 if some else widths[0] < 16
             if narrow:

@@ -32,7 +32,10 @@ absent. Two factors make it, either or both:
   and 0 on the others: each row gets its own adapter's update alone, every
   adapter its gradients from its own rows alone, in one set of launches.
   (Where ``w`` is 0 the term is 0 by selection, not by product: a row's
-  NaN or Inf stays out of the other adapters' columns.)
+  NaN or Inf stays out of the other adapters' columns of ``xa`` and ``g``;
+  the gradient GEMMs still multiply by those zeros, as any GEMM does. An
+  id below -1 gives its row NaN. The two factors are never both given: a
+  row of no adapter's has id -1.)
 
 The kernels apply ``w`` to ``xa`` and ``g`` where they make them (the
 skinny pass's store, or after the K loop of a GEMM that accumulates them),
@@ -75,7 +78,6 @@ calls run the forward pass without the Function at all.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 
 import torch
@@ -660,14 +662,13 @@ def multi_lora_linear(
             _, dropout_p, seed = check_lora_args(x, weight, a, b, bias, scalings[i], dropout_p, seed)
         except (TypeError, ValueError) as error:
             raise type(error)(f"adapter {i} (lora_A[{i}], lora_B[{i}]): {error}") from None
-    adapter_ids = check_adapter_ids(x, adapter_ids)
+    adapter_ids = _check_adapter_id_values(check_adapter_ids(x, adapter_ids), n)
     ranks = tuple(a.shape[0] for a in lora_A)
-    row_scale = _check_adapter_id_values(adapter_ids, n)
     rank_ids, rank_scaling = _rank_columns(x.device, ranks, scalings)
     a = lora_A[0] if n == 1 else torch.cat(lora_A, 0)
     b = lora_B[0] if n == 1 else torch.cat(lora_B, 1)
-    return _lora_linear(x, weight, a, b, bias, 1.0, dropout_p, seed, row_scale,
-                        (adapter_ids, rank_ids, rank_scaling), backend)
+    return _lora_linear(x, weight, a, b, bias, 1.0, dropout_p, seed, None, (adapter_ids, rank_ids, rank_scaling),
+                        backend)
 
 
 def _adapter_list(name: str, factors) -> list[Tensor]:
@@ -686,22 +687,22 @@ def _adapter_scalings(scaling, n: int) -> tuple[float, ...]:
     return (check_scaling(scaling),) * n
 
 
-def _check_adapter_id_values(adapter_ids: Tensor, n: int) -> Tensor | None:
-    """Raises a ValueError where an id is outside ``[-1, n)`` (one host
-    sync). While torch.compile traces or a CUDA graph captures, where
-    nothing can be read back, returns instead a row scale that makes such
-    rows NaN (None elsewhere)."""
+def _check_adapter_id_values(adapter_ids: Tensor, n: int) -> Tensor:
+    """``adapter_ids``, having raised a ValueError where an id is outside
+    ``[-1, n)`` (one host sync). While torch.compile traces or a CUDA graph
+    captures, where nothing can be read back, the ids with those at ``n``
+    or above made -2 instead: the kernels (and the reference) give a row of
+    an id below -1 NaN."""
     if torch.compiler.is_compiling() or (adapter_ids.device.type == "cuda"
                                          and torch.cuda.is_current_stream_capturing()):
-        valid = (adapter_ids >= -1) & (adapter_ids < n)
-        return torch.where(valid, 1.0, math.nan).to(torch.float32)
+        return torch.where(adapter_ids < n, adapter_ids, -2)
     if adapter_ids.numel():
         low, high = torch.aminmax(adapter_ids)
         low, high = torch.stack([low, high]).tolist()  # (one sync)
         if low < -1 or high >= n:
             raise ValueError(f"adapter_ids must be -1 (the base alone) or an adapter's index in [0, {n}), "
                              f"got ids from {low} to {high}")
-    return None
+    return adapter_ids
 
 
 @functools.lru_cache(maxsize=256)

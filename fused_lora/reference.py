@@ -48,17 +48,19 @@ def lora_linear_checked(x, weight, lora_A, lora_B, bias, scaling: float, dropout
     ``adapters``: None, or ``(adapter_ids, rank_ids, rank_scaling)``, several
     adapters side by side in the rank (:func:`fused_lora.ops.multi_lora_linear`):
     the rank column j of ``xa`` kept, times ``rank_scaling[j]``, on the rows
-    whose ``adapter_ids`` is ``rank_ids[j]``, 0 elsewhere."""
+    whose ``adapter_ids`` is ``rank_ids[j]``, 0 elsewhere (NaN on a row of an
+    id below -1)."""
     dropped = x
     if dropout_p > 0.0:
         rows = x.shape[:-1].numel()  # x flattened to (M, K), row-major
         keep = dropout_mask(seed, (rows, x.shape[-1]), dropout_p, device=x.device).view(x.shape)
         dropped = x * keep / (1.0 - dropout_p)
     xa = F.linear(dropped, lora_A)
+    if row_scale is not None:
+        xa = xa * row_scale.to(xa.dtype).unsqueeze(-1)
     if adapters is not None:  # (a select: a row's NaN or Inf stays out of the other adapters' columns)
         adapter_ids, rank_ids, rank_scaling = adapters
-        own = adapter_ids.unsqueeze(-1) == rank_ids.to(adapter_ids.device)
-        xa = torch.where(own, xa * rank_scaling.to(xa), 0.0)
-    if row_scale is not None:  # (a product, after: a NaN row scale reaches every column)
-        xa = xa * row_scale.to(xa.dtype).unsqueeze(-1)
+        adapter_ids = adapter_ids.unsqueeze(-1)
+        other = torch.where(adapter_ids < -1, torch.nan, 0.0).to(xa)  # (an id below -1: NaN, as the kernels)
+        xa = torch.where(adapter_ids == rank_ids.to(adapter_ids.device), xa, other) * rank_scaling.to(xa)
     return F.linear(x, weight, bias) + scaling * F.linear(xa, lora_B)

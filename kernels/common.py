@@ -87,8 +87,9 @@ class AdapterColumns(NamedTuple):
     """Several adapters side by side in one rank product (the adapters of
     :mod:`fused_lora.ops`): row m belongs to adapter ``row_ids[m]``, rank
     column j to adapter ``col_ids[j]``, and the product's element (m, j) is
-    kept, times ``col_scale[j]``, where the two match, 0 elsewhere (a row of
-    no adapter's, id -1, gets 0 everywhere: the base alone)."""
+    kept, times ``col_scale[j]``, where the two match, 0 elsewhere: a row of
+    no adapter's (id -1) gets 0 everywhere, the base alone; a row of an id
+    below -1 gets NaN everywhere (an id the caller could not check)."""
 
     row_ids: torch.Tensor  # (M,) int32, any stride
     col_ids: torch.Tensor  # (r,) int32, contiguous
@@ -99,12 +100,17 @@ class AdapterColumns(NamedTuple):
         return AdapterColumns(self.row_ids, self.col_ids[r0:r1], self.col_scale[r0:r1])
 
 
-def check_adapter_columns(launcher: str, adapters, product, rows: int) -> None:
+def check_adapter_columns(launcher: str, adapters, product, rows: int, row_scale=None) -> None:
     """A launcher's contract for its ``adapters``: an :class:`AdapterColumns`
     for ``rows`` rows and the rank of ``product`` (the (·, r) factor whose
-    product it masks), int32 ids, contiguous fp32 column scales."""
+    product it masks), int32 ids, contiguous fp32 column scales; and no
+    ``row_scale`` with it (the two together made a kernel spill, compile
+    report, and no caller needs both)."""
     if adapters is None:
         return
+    if row_scale is not None:
+        raise ValueError(f"{launcher}: pass row_scale or adapters, not both (a row of the adapters' runs the base "
+                         "alone with id -1)")
     r = product.shape[1] if product is not None else None
     row_ids, col_ids, col_scale = adapters
     if (product is None or row_ids.shape != (rows,) or row_ids.dtype != torch.int32
@@ -120,14 +126,18 @@ def check_adapter_columns(launcher: str, adapters, product, rows: int) -> None:
 @triton.jit
 def adapter_columns(acc, ids_ptr, cid_ptr, csc_ptr, offs_m, m_in, offs_r, r_in, stride_ids):
     """``acc`` (BLOCK_M, BLOCK_R), a rank product's tile, with element (m, j)
-    times ``csc[j]`` where ``ids[m] == cid[j]`` and 0 elsewhere
-    (:class:`AdapterColumns`). A select, not a product: a row's NaN or Inf
-    does not reach the other adapters' columns (nor, through them, their
-    gradients), as when each adapter runs on its own rows."""
-    row_id = tl.load(ids_ptr + offs_m.to(tl.int64) * stride_ids, mask=m_in, other=-1)
+    times ``csc[j]`` where ``ids[m] == cid[j]``, and elsewhere 0, or NaN on
+    a row whose id is below -1 (:class:`AdapterColumns`). A select, not a
+    product: a row's NaN or Inf does not reach the other adapters' columns,
+    as when each adapter runs on its own rows. (The select first, then the
+    product with the column scales, which are finite: in that order the
+    compile report finds no spill; the other spilled 8 bytes on Triton
+    3.6's fp32 16x64 split-K in-loop forward with dropout.)"""
     col_id = tl.load(cid_ptr + offs_r, mask=r_in, other=-1)
     col_scale = tl.load(csc_ptr + offs_r, mask=r_in, other=0.0)
-    return tl.where(row_id[:, None] == col_id[None, :], acc * col_scale[None, :], 0.0)
+    row_id = tl.load(ids_ptr + offs_m.to(tl.int64) * stride_ids, mask=m_in, other=-1)
+    other = tl.where(row_id < -1, float("nan"), 0.0)
+    return tl.where(row_id[:, None] == col_id[None, :], acc, other[:, None]) * col_scale[None, :]
 
 
 def mask_counters_int64(rows: int, cols: int) -> bool:

@@ -120,7 +120,7 @@ def lora_gemm_kernel(
     LR_DROPOUT: tl.constexpr,  # multiply the low-rank term by keep(m, n), the mask of C (M, N)
     SHRINK_DROPOUT: tl.constexpr,  # LOW_RANK == 2: the shrink's dot reads A ⊙ keep(m, k), the mask of A (M, K)
     ROW_SCALE: tl.constexpr,  # LOW_RANK == 2: U = w ⊙ (the shrink), row m times w[m]
-    ADAPTERS: tl.constexpr,  # LOW_RANK == 2: U's (m, j) kept times csc[j] where ids[m] == cid[j], else 0
+    ADAPTERS: tl.constexpr,  # LOW_RANK == 2: U's (m, j) kept times csc[j] where ids[m] == cid[j] (not with ROW_SCALE)
     OFFSET_INT64: tl.constexpr,  # the mask's counters in 64 bits (common.mask_counters_int64)
     UPCAST: tl.constexpr,  # interpreter + bf16: compute on fp32 tiles
     INPUT_PRECISION: tl.constexpr,  # fp32 dots: "ieee" or "tf32"
@@ -147,7 +147,9 @@ def lora_gemm_kernel(
     a precomputed U carries it already). ``ADAPTERS`` (several adapters side
     by side in the rank, :mod:`fused_lora.ops`): U's element (m, j) is kept,
     times ``csc[j]``, where row m's adapter ``ids[m]`` is column j's
-    ``cid[j]``, and is 0 elsewhere.
+    ``cid[j]``, and is 0 elsewhere (NaN on a row whose id is below -1:
+    :func:`~fused_lora.kernels.common.adapter_columns`); never with
+    ``ROW_SCALE``.
 
     Split-K (grid axis 1 of size S > 1): program (t, s) computes tile t over
     its own K range and stores the fp32 partial at ``C[s]``; split 0 also
@@ -370,7 +372,7 @@ def lora_gemm(
         raise ValueError("lora_gemm: shrink_dropout masks the in-loop shrink's input: pass shrink")
     shrink_dropout = shrink_dropout and dropout_p > 0.0
     check_row_scale("lora_gemm", row_scale, shrink, M)  # (the in-loop shrink's rows)
-    check_adapter_columns("lora_gemm", adapters, shrink, M)
+    check_adapter_columns("lora_gemm", adapters, shrink, M, row_scale)
 
     # 2. what the sizes and flags decide (the rank tile, split-K, the constexprs), cached
     interpreted = is_interpreted(lora_gemm_kernel)

@@ -84,7 +84,7 @@ def lora_skinny_kernel(
     # meta-parameters
     SHRINK: tl.constexpr, TN: tl.constexpr, COLSUM: tl.constexpr,
     ROW_SCALE: tl.constexpr,  # SHRINK's row m times w[m]
-    ADAPTERS: tl.constexpr,  # SHRINK's (m, j) kept times csc[j] where ids[m] == cid[j], else 0
+    ADAPTERS: tl.constexpr,  # SHRINK's (m, j) kept times csc[j] where ids[m] == cid[j], else 0 (common.adapter_columns)
     DROPOUT: tl.constexpr, OFFSET_INT64: tl.constexpr, UPCAST: tl.constexpr,
     EVEN_C: tl.constexpr,  # C % BLOCK_C == 0: no column mask (vector loads)
     EVEN_R: tl.constexpr,  # R % BLOCK_R == 0: no rank mask (vector loads of S and L)
@@ -153,7 +153,7 @@ def lora_skinny_kernel(
         sh_acc = sh_acc * sh_scale
         if ADAPTERS:
             sh_acc = adapter_columns(sh_acc, ids_ptr, cid_ptr, csc_ptr, offs_m, m_in, offs_r, r_in, stride_ids)
-        if ROW_SCALE:  # (a product after the adapters' select: a NaN row scale reaches every column)
+        if ROW_SCALE:  # (never with ADAPTERS: the launcher takes one or the other)
             # (each column split scales its own partial: the sum of the splits is scaled alike)
             sh_acc = sh_acc * tl.load(w_ptr + offs_m.to(tl.int64) * stride_w, mask=m_in, other=0.0)[:, None]
         sh_ptrs = (sh_ptr + pid_c.to(tl.int64) * stride_shp + offs_m[:, None].to(tl.int64) * stride_shm
@@ -404,7 +404,7 @@ def skinny_pass(
     M, C = t.shape
     dev = t.device
     check_row_scale("skinny_pass", row_scale, shrink, M)  # (SHRINK's rows)
-    check_adapter_columns("skinny_pass", adapters, shrink, M)
+    check_adapter_columns("skinny_pass", adapters, shrink, M, row_scale)
     r = shrink.shape[1] if shrink is not None else (tn_left.shape[1] if tn_left is not None else 0)
     tn_dtype = tn_dtype or torch.float32
     colsum_dtype = colsum_dtype or torch.float32

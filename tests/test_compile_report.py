@@ -219,7 +219,7 @@ def test_every_variant_compiles_each_variant_on_every_gemm():
     tile, with pointers, TMA, the persistent grid, TF32), its copy with each
     variant that applies, one at a time (by default they are compiled on one
     tile of each pass), and keeps every default job."""
-    variants = ("even_k", "even_r", "bias", "seed_value", "offset_int64", "row_scale", "split_k")
+    variants = ("even_k", "even_r", "bias", "seed_value", "offset_int64", "row_scale", "adapters", "split_k")
     for arch in (90, 80):
         default, every = compile_report.jobs_for(arch), compile_report.jobs_for(arch, every_variant=True)
         ids = [compile_report._job_id(j) for j in every]
@@ -234,7 +234,7 @@ def test_every_variant_compiles_each_variant_on_every_gemm():
                         "bias": job.pass_name.startswith("forward"),
                         "seed_value": job.pass_name.endswith("_dropout"),
                         "offset_int64": job.pass_name.endswith("_dropout"),
-                        "row_scale": "_in_loop" in job.pass_name}
+                        "row_scale": "_in_loop" in job.pass_name, "adapters": "_in_loop" in job.pass_name}
             for f in variants:
                 copy = dataclasses.replace(job, **{f: not flags[f]})
                 assert (compile_report._job_id(copy) in compiled) == expected[f], (job, f)
@@ -396,8 +396,9 @@ def _dispatched_kernels(monkeypatch, cases) -> dict:
     """``{kernel key or variant: first case}`` (:func:`_launch_key`) of the
     kernels the Triton backend launches for each case ``(m, n, k, r, dtype,
     dropout_p, needs, tma, persistent, strategy, tf32, seed, bias[,
-    row_scaled])`` (``seed`` None: drawn on the device; ``bias``: the layer
-    has one; ``row_scaled``: with a row scale, False if left out) on the GPU
+    row_scaled[, adapters]])`` (``seed`` None: drawn on the device; ``bias``:
+    the layer has one; ``row_scaled``: with a row scale, ``adapters``: with
+    adapters side by side, each False if left out) on the GPU
     ``dispatch.device_target`` reports (an H200 for meta tensors, unless a
     test patches it): the real forward and backward passes run on meta
     tensors (nothing computes, nothing is compiled), the plan made for CUDA
@@ -441,8 +442,11 @@ def _dispatched_kernels(monkeypatch, cases) -> dict:
     precision = torch.get_float32_matmul_precision()
     try:
         for case in cases:
-            m, n, k, r, dtype, p, needs, tma, persistent, strategy, tf32, seed, bias, *row_scaled = case
-            row_scale = torch.empty(m, device=meta) if row_scaled and row_scaled[0] else None
+            m, n, k, r, dtype, p, needs, tma, persistent, strategy, tf32, seed, bias, *factors = case
+            row_scaled, with_adapters = (*factors, False, False)[:2]
+            row_scale = torch.empty(m, device=meta) if row_scaled else None
+            adapters = (torch.empty(m, device=meta, dtype=torch.int32), torch.empty(r, device=meta, dtype=torch.int32),
+                        torch.empty(r, device=meta)) if with_adapters else (None, None, None)
             state["case"] = case
             x = torch.empty(m, k, device=meta, dtype=dtype)
             w = torch.empty(n, k, device=meta, dtype=dtype)
@@ -453,10 +457,10 @@ def _dispatched_kernels(monkeypatch, cases) -> dict:
             torch.set_float32_matmul_precision("high" if tf32 else "highest")
             with dispatch.use_tma(tma), dispatch.use_persistent(persistent):
                 state["phase"] = "forward"
-                _, xa = ops.forward_triton(x, w, b, a, bb, 2.0, p, seed, strategy, row_scale)
+                _, xa = ops.forward_triton(x, w, b, a, bb, 2.0, p, seed, strategy, row_scale, *adapters)
                 state["phase"] = "backward"
                 ops.backward_triton(torch.empty(m, n, device=meta, dtype=dtype), x, w, a, bb, xa, 2.0, p, seed,
-                                    *needs, strategy, row_scale)
+                                    *needs, strategy, row_scale, *adapters)
     finally:
         torch.set_float32_matmul_precision(precision)
     return found
@@ -493,6 +497,8 @@ def _launch_key(kind: str, pass_family: str, grid, args: dict, meta: dict) -> tu
             variants.add((kind, name + "+offset_int64", dtype))
         if meta["ROW_SCALE"]:
             variants.add((kind, name + "+row_scale", dtype))
+        if meta["ADAPTERS"]:
+            variants.add((kind, name + "+adapters", dtype))
         return (kind, name, dtype, tiles, meta["BLOCK_R"], meta["TMA"], meta["PERSISTENT"], precision), variants
     if kind == "skinny":
         if pass_family == "dy_pass":
@@ -511,6 +517,8 @@ def _launch_key(kind: str, pass_family: str, grid, args: dict, meta: dict) -> tu
             variants.add((kind, name + "+offset_int64", dtype))
         if meta["ROW_SCALE"]:
             variants.add((kind, name + "+row_scale", dtype))
+        if meta["ADAPTERS"]:
+            variants.add((kind, name + "+adapters", dtype))
         tiles = (meta["BLOCK_M"], meta["BLOCK_C"]) + launch
         return (kind, name, dtype, tiles, meta["BLOCK_R"], False, False, precision), variants
     name = compile_report.reduce_name(meta["HAS_ACC"], meta["EVEN"], meta["SECOND"], meta["HAS_ACC2"],
@@ -528,7 +536,7 @@ def _job_keys(job: compile_report.Job) -> tuple:
     variant = (job.kernel, job.pass_name + ("+split_k" if job.split_k else "") + ("+tma" if job.tma else "")
                + ("+tf32" if job.tf32 else "") + ("+seed_value" if job.seed_value else "")
                + ("" if job.bias else "+no_bias") + ("+offset_int64" if job.offset_int64 else "")
-               + ("+row_scale" if job.row_scale else ""), job.dtype)
+               + ("+row_scale" if job.row_scale else "") + ("+adapters" if job.adapters else ""), job.dtype)
     if job.kernel == "gemm":
         tiles = (c["block_m"], c["block_n"], c["block_k"], c["group_m"]) + launch
     elif job.kernel == "skinny":
@@ -590,11 +598,13 @@ def test_the_report_compiles_every_kernel_the_dispatch_launches(monkeypatch):
                 for strategy in ("", "in_loop", "split", "hybrid"):
                     cases.append((1 << 19, 4096, 4096, r, dtype, 0.1, every, tma, persistent, strategy, tf32, None,
                                   True))
-        # a row scale (a batch mixing the adapter and the base) on every strategy, from decoding's M up
-        for m, (n, k), r, p, (tma, persistent, tf32), strategy in itertools.product(
+        # a row scale (a batch mixing the adapter and the base), or adapters side by side, on every
+        # strategy, from decoding's M up
+        for m, (n, k), r, p, (tma, persistent, tf32), strategy, factors in itertools.product(
                 (1, 16, 256, 4096, 65536), ((4096, 4096), (256, 256)), ranks, (0.0, 0.1), switches,
-                ("", "in_loop", "split", "hybrid")):
-            cases.append((m, n, k, r, dtype, p, every, tma, persistent, strategy, tf32, None if p else 0, True, True))
+                ("", "in_loop", "split", "hybrid"), ((True, False), (False, True))):
+            cases.append((m, n, k, r, dtype, p, every, tma, persistent, strategy, tf32, None if p else 0, True,
+                          *factors))
         # an explicit seed (a value, not a pointer) in the forced in-loop forward with dropout
         for r in ranks:
             cases.append((16, 4096, 4096, r, dtype, 0.1, every, False, False, "in_loop", False, 1234, True))
@@ -612,13 +622,14 @@ def test_the_report_compiles_every_kernel_the_dispatch_launches(monkeypatch):
     for scope in compile_report.SCOPES:  # (CI's: BackgroundCompileReports.SCOPES)
         _assert_compiled(launched, 90, scope)
     assert len(launched) > 500  # (the recorders saw the launches, and every kind of variant)
-    for variant in ("+split_k", "+seed_value", "+no_bias", "+offset_int64", "+direct", "+row_scale"):
+    for variant in ("+split_k", "+seed_value", "+no_bias", "+offset_int64", "+direct", "+row_scale", "+adapters"):
         assert any(key[1].endswith(variant) for key in launched), variant
-    # a row scale where the kernels make xa and g: each in-loop GEMM, each skinny pass with SHRINK
-    assert {(kind, name + "+row_scale", dtype) for kind, names in (
+    # each row factor where the kernels make xa and g: each in-loop GEMM, each skinny pass with SHRINK
+    assert {(kind, name + factor, dtype) for kind, names in (
         ("gemm", ("forward_in_loop", "forward_in_loop_dropout", "dx_in_loop", "dx_in_loop_dropout")),
         ("skinny", ("forward_shrink", "forward_shrink+no_dropout", "dy_pass", "dy_pass-db")))
-        for name in names for dtype in ("bf16", "fp16", "fp32")} <= set(launched)
+        for name in names for dtype in ("bf16", "fp16", "fp32") for factor in ("+row_scale", "+adapters")
+    } <= set(launched)
     # the forced in-loop forward with dropout, and its variants
     assert {("gemm", "forward_in_loop_dropout" + variant, dtype) for variant in ("+split_k", "+seed_value",
                                                                                 "+offset_int64")

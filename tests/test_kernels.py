@@ -202,16 +202,17 @@ def test_row_scale_contract():
 
 def _adapter_columns(m: int, ranks) -> tuple:
     """``(AdapterColumns, w64)``: adapters of ``ranks`` side by side, a row's
-    adapter drawn at random among them and -1 (no adapter), the row ids
-    strided int32 (every other element of a buffer), random column scales;
-    ``w64`` (m, r) the float64 factor they stand for."""
+    adapter drawn at random among them and -1 (no adapter), one row of id
+    -2 (NaN), the row ids strided int32 (every other element of a buffer),
+    random column scales; ``w64`` (m, r) the float64 factor they stand for."""
     n = len(ranks)
     row_ids = torch.randint(-1, n, (2 * m,), device=DEVICE, dtype=torch.int32)[::2]
-    row_ids[:n + 1] = torch.arange(-1, n, device=DEVICE, dtype=torch.int32)  # (every id among the rows)
+    row_ids[:n + 2] = torch.arange(-2, n, device=DEVICE, dtype=torch.int32)  # (every id among the rows)
     col_ids = torch.repeat_interleave(torch.arange(n, device=DEVICE, dtype=torch.int32),
                                       torch.tensor(ranks, device=DEVICE))
     col_scale = torch.rand(sum(ranks), device=DEVICE) + 0.5
     w64 = (row_ids[:, None] == col_ids[None, :]).double() * col_scale.double()
+    w64[0] = torch.nan
     return AdapterColumns(row_ids, col_ids, col_scale), w64
 
 
@@ -220,8 +221,8 @@ def _adapter_columns(m: int, ranks) -> tuple:
 @pytest.mark.parametrize("target_programs", [1, 64])
 def test_skinny_pass_keeps_each_adapters_columns_on_its_rows(ranks, target_programs):
     """SHRINK's element (m, j) kept, times column j's scale, where row m runs
-    column j's adapter, 0 elsewhere (a row of id -1 everywhere), with the row
-    scale on top; a row's Inf reaches its own adapter's columns alone. TN and
+    column j's adapter, 0 elsewhere (a row of id -1 everywhere; NaN on a row
+    of id -2); a row's Inf reaches its own adapter's columns alone. TN and
     COLSUM, from the same read, untouched."""
     m, c, r, p = 37, 70, sum(ranks), 0.3
     cfg = configs.skinny_config(2, _triton.interpreter())
@@ -232,16 +233,14 @@ def test_skinny_pass_keeps_each_adapters_columns_on_its_rows(ranks, target_progr
     adapters, w64 = _adapter_columns(m, ranks)
     adapters.row_ids[5] = 0  # (the row with an Inf runs adapter 0)
     w64[5] = (adapters.col_ids == 0).double() * adapters.col_scale.double()
-    w = _row_scale(m)
-    assert w[5] not in (0.0, 1.0)
     keep = fused_lora.dropout_mask(4, (m, c), p, device=DEVICE)
     with poison_outputs():
         sh, tn, cs = skinny.skinny_pass(t, config=cfg, target_programs=target_programs, shrink=s, sh_scale=1.5,
-                                        row_scale=w, adapters=adapters, tn_left=l, colsum=True, dropout_p=p, seed=4)
+                                        adapters=adapters, tn_left=l, colsum=True, dropout_p=p, seed=4)
     sh64, tn64, cs64 = _skinny_reference(t, keep, 1.0, s, l, 1.5, 1.0)
-    want = torch.where(w64 != 0, w.double()[:, None] * w64 * sh64, 0.0)
+    want = torch.where(w64 != 0, w64 * sh64, 0.0)
     finite = torch.isfinite(want)
-    assert not finite[5][w64[5] != 0].any() and finite[5][w64[5] == 0].all()
+    assert not finite[5][w64[5] != 0].any() and finite[5][w64[5] == 0].all() and not finite[0].any()
     assert torch.equal(torch.isfinite(sh), finite)
     assert_close(sh[finite], want[finite], torch.float16, "the adapters' shrink")
     assert torch.equal(sh[w64 == 0], torch.zeros_like(sh[w64 == 0]))
@@ -271,6 +270,8 @@ def test_gemm_keeps_each_adapters_in_loop_columns_on_its_rows(split_k, masked, r
         a64 = a64 * fused_lora.dropout_mask(seed, (m, k), p, device=DEVICE).double() / (1 - p)
     keep = fused_lora.dropout_mask(seed, (m, n), p, device=DEVICE).double() if masked == "term" else 1.0
     xa64 = w64 * (a64 @ shrink.double())
+    adapters.row_ids[0] = -1  # (the NaN row's output, checked by the skinny pass's test, would fill c's column)
+    xa64[0] = 0.0
     with poison_outputs():
         c, xa = gemm.lora_gemm(a, b, shrink=shrink, v=v, lr_scale=scale, dropout_p=p, seed=seed,
                                shrink_dropout=masked == "input", adapters=adapters, config=cfg,
@@ -308,6 +309,11 @@ def test_adapter_columns_contract():
         gemm.lora_gemm(a, b, u=u, v=v, adapters=good, config=gcfg, out_dtype=torch.float32)
     with pytest.raises(ValueError, match=r"skinny_pass: adapters masks .* and no factor"):
         skinny.skinny_pass(a, tn_left=u, adapters=good, config=scfg, target_programs=4)
+    w = torch.ones(m, device=DEVICE)
+    with pytest.raises(ValueError, match=r"lora_gemm: pass row_scale or adapters, not both"):
+        gemm.lora_gemm(a, b, shrink=s, v=v, row_scale=w, adapters=good, config=gcfg, out_dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"skinny_pass: pass row_scale or adapters, not both"):
+        skinny.skinny_pass(a, shrink=s, row_scale=w, adapters=good, config=scfg, target_programs=4)
 
 
 @pytest.fixture

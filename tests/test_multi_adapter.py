@@ -214,7 +214,8 @@ def test_one_set_of_launches_for_any_mix(monkeypatch):
     assert counts[0] == counts[1] == (len(gemms), len(skinnies))
 
 
-def test_unreadable_ids_give_nan_rows(monkeypatch):
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_unreadable_ids_give_nan_rows(monkeypatch, backend):
     """Where nothing can be read back (torch.compile tracing, a CUDA graph
     capturing), an id outside [-1, n) is not checked: its rows come out NaN,
     the others as usual."""
@@ -223,9 +224,9 @@ def test_unreadable_ids_give_nan_rows(monkeypatch):
     lora_a, lora_b = _adapters(16, 8, (2, 2), F32)
     ids = torch.tensor([0, 1, -1, 2, 0, -3, 1, 1, 0, -1, 5, 0], device=DEVICE)
     good = ids.clamp(-1, 1) * ((ids >= -1) & (ids < 2))
-    want = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, good, b, scaling=1.0, backend="triton")
+    want = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, good, b, scaling=1.0, backend=backend)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    got = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=1.0, backend="triton")
+    got = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=1.0, backend=backend)
     bad = (ids < -1) | (ids >= 2)
     assert torch.isnan(got[bad]).all()
     assert torch.equal(got[~bad], want[~bad])
