@@ -123,10 +123,12 @@ def check_cases(on_gpu: bool) -> list[dict]:
         small_m = ((5,), 70, 45)  # fewer output tiles than the interpreter's 4 programs: split-K
     cases = []
 
-    def case(shape, r, dtype, strategy, p, train_base, tma=False, persistent=False, row_scaled=False):
+    def case(shape, r, dtype, strategy, p, train_base, tma=False, persistent=False, row_scaled=False,
+             adapters=False):
         lead, k, n = shape
         cases.append(dict(lead=lead, k=k, n=n, r=r, dtype=dtype, strategy=strategy, dropout_p=p,
-                          train_base=train_base, tma=tma, persistent=persistent, row_scaled=row_scaled))
+                          train_base=train_base, tma=tma, persistent=persistent, row_scaled=row_scaled,
+                          adapters=adapters))
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for shape in shapes:
@@ -142,6 +144,9 @@ def check_cases(on_gpu: bool) -> list[dict]:
         # the K loops of the in-loop forward and dx (with their masks, split along K), in the skinny passes' store
         case(small_m, 16, dtype, "in_loop", 0.1, train_base=False, row_scaled=True)
         case(shapes[1], 64, dtype, "split", 0.0, train_base=True, row_scaled=True)
+        # two adapters side by side (multi_lora_linear), each row through its own: where the row scale is
+        case(small_m, 16, dtype, "in_loop", 0.1, train_base=False, adapters=True)
+        case(shapes[1], 64, dtype, "split", 0.0, train_base=True, adapters=True)
         if dtype != torch.float32:
             # TMA loads (16-bit): forward, dx (masked or not) and dW through descriptors
             for p, train_base in ((0.0, True), (0.1, False)):
@@ -176,7 +181,7 @@ def cmd_check(args) -> int:
             try:
                 errors = parity_case(case["lead"], case["k"], case["n"], case["r"], case["dtype"],
                                      dropout_p=case["dropout_p"], train_base=case["train_base"],
-                                     row_scaled=case["row_scaled"], device=device)
+                                     row_scaled=case["row_scaled"], adapters=case["adapters"], device=device)
                 failure = ""
             except Exception as exc:  # a crash is a failed row, not a traceback
                 errors, failure = {}, f"{type(exc).__name__}: {exc}"
@@ -188,6 +193,7 @@ def cmd_check(args) -> int:
                               f"{' +train-base' if case['train_base'] else ''}{' +tma' if case['tma'] else ''}"
                               f"{' +persistent' if case['persistent'] else ''}"
                               f"{' +row-scale' if case['row_scaled'] else ''}"
+                              f"{' +adapters' if case['adapters'] else ''}"
                               f"{' +dx-in-loop' if plan.dx_in_loop and plan.strategy != 'in_loop' else ''}"
                               f"{' +split-k' if plan.fwd_gemm.split_k > 1 else ''}",
                          shape=f"{'x'.join(map(str, case['lead']))}x{case['k']}->{case['n']}", r=case["r"],

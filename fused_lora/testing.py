@@ -109,10 +109,14 @@ def reference64(x, w, b, a, bb, dy, *, scaling, dropout_p, seed, grads=("x", "we
 
 
 def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=False, layout="contiguous",
-                scaling=1.5, seed=1234, row_scaled=False, device=DEVICE) -> dict[str, float]:
+                scaling=1.5, seed=1234, row_scaled=False, adapters=False, device=DEVICE) -> dict[str, float]:
     """Run the fused op once (forward and every gradient) and return each
     output's normalized error against the float64 reference. ``row_scaled``:
-    with a random ``row_scale``, 0 on every third row."""
+    with a random ``row_scale``, 0 on every third row. ``adapters``: the rank
+    split between two adapters (``r // 4`` and the rest, r >= 2) of scales
+    ``scaling`` and ``2·scaling``, through :func:`fused_lora.multi_lora_linear`
+    with random ids in [-1, 2) (dlora_A and dlora_B: the two adapters'
+    gradients side by side)."""
     import fused_lora
 
     x = make_x((*lead, k), dtype, layout, device=device).requires_grad_()
@@ -131,6 +135,8 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
     if row_scaled:
         row_scale = torch.rand(lead, device=device) + 0.5
         row_scale.view(-1)[::3] = 0.0
+    if adapters:
+        return _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed)
     y = fused_lora.lora_linear(x, w, a, bb, b, scaling=scaling, dropout_p=dropout_p, seed=seed, row_scale=row_scale,
                                backend="triton")
     dy = torch.randn_like(y)
@@ -139,6 +145,42 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
                            row_scale=row_scale)
     errors = {"y": normalized_error(y, y64)}
     errors.update({f"d{name}": normalized_error(g, g64[name]) for name, g in zip(wanted, grads)})
+    return errors
+
+
+def _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed) -> dict[str, float]:
+    """:func:`parity_case` with ``adapters``."""
+    import fused_lora
+    from fused_lora import reference
+
+    r = a.shape[0]
+    if r < 2:
+        raise ValueError(f"two adapters need r >= 2, got {r}")
+    cut = max(1, r // 4)
+    lora_a = [a[:cut].detach().requires_grad_(), a[cut:].detach().requires_grad_()]
+    lora_b = [bb[:, :cut].detach().requires_grad_(), bb[:, cut:].detach().requires_grad_()]
+    ids = torch.randint(-1, 2, x.shape[:-1], device=x.device)
+    scalings = [scaling, 2 * scaling]
+    inputs = {"x": x, "weight": w, "bias": b}
+    leaves = [inputs[g] for g in wanted if g in inputs] + lora_a + lora_b
+    y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=scalings, dropout_p=dropout_p, seed=seed,
+                                     backend="triton")
+    dy = torch.randn_like(y)
+    grads = dict(zip([g for g in wanted if g in inputs] + ["a0", "a1", "b0", "b1"],
+                     torch.autograd.grad(y, leaves, dy)))
+    grads["lora_A"] = torch.cat([grads.pop("a0"), grads.pop("a1")])
+    grads["lora_B"] = torch.cat([grads.pop("b0"), grads.pop("b1")], 1)
+    # float64: the reference's side-by-side form
+    named = {"x": x, "weight": w, "bias": b, "lora_A": a, "lora_B": bb}
+    leaves64 = {k: (v.detach().double().requires_grad_(k in wanted) if v is not None else None)
+                for k, v in named.items()}
+    rank_ids = torch.tensor([0] * cut + [1] * (r - cut), device=x.device)
+    rank_scaling = torch.tensor([scalings[0]] * cut + [scalings[1]] * (r - cut), device=x.device)
+    y64 = reference.lora_linear_checked(leaves64["x"], leaves64["weight"], leaves64["lora_A"], leaves64["lora_B"],
+                                        leaves64["bias"], 1.0, dropout_p, seed, None, (ids, rank_ids, rank_scaling))
+    g64 = dict(zip(wanted, torch.autograd.grad(y64, [leaves64[k] for k in wanted], dy.double())))
+    errors = {"y": normalized_error(y, y64.detach())}
+    errors.update({f"d{name}": normalized_error(grads[name], g64[name]) for name in wanted})
     return errors
 
 

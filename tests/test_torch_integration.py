@@ -16,34 +16,47 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import fused_lora  # noqa: F401  (registers the torch.ops.fused_lora ops)
-from fused_lora import LoRALinear, ops
+from fused_lora import LoRALinear, ops, reference
 from fused_lora.dropout import draw_seed, draw_seed_tensor
 from lora_testing import DEVICE, assert_close, make_params, reference64
 
 
 @pytest.mark.parametrize("p, seed_on_device, row_scaled", [(0.0, False, False), (0.25, False, False),
-                                                            (0.25, True, False), (0.25, False, True)])
+                                                            (0.25, True, False), (0.25, False, True),
+                                                            (0.25, False, "adapters")])
 def test_opcheck_forward_and_backward_ops(p, seed_on_device, row_scaled):
     """(seed: a CPU int64 holding the value, or an int32 on x's device that the kernels read;
-    row_scale: the ops' last argument, after the strategy)"""
+    row_scale: the ops' argument after the strategy; the adapters' ids, rank ids and rank scales
+    the three after it)"""
     x = torch.randn(3, 5, 24, device=DEVICE, requires_grad=True)
     w, b, a, bb = make_params(24, 16, 4, torch.float32, True)
     a.requires_grad_()
     bb.requires_grad_()
     seed = torch.tensor(7, dtype=torch.int32, device=DEVICE) if seed_on_device else torch.tensor(7)
-    extra = ("", torch.rand(3, 5, device=DEVICE)) if row_scaled else ()
+    extra = ("", torch.rand(3, 5, device=DEVICE)) if row_scaled is True else ()
+    if row_scaled == "adapters":  # (ids of x's leading shape, int64: the op takes any integer dtype)
+        extra = ("", None, torch.randint(-1, 2, (3, 5), device=DEVICE),
+                 torch.tensor([0, 0, 1, 1], dtype=torch.int32, device=DEVICE),
+                 torch.tensor([1.0, 1.0, 0.5, 0.5], device=DEVICE))
     torch.library.opcheck(torch.ops.fused_lora.lora_linear_fwd.default, (x, w, b, a, bb, 1.5, p, seed, *extra))
     y, xa = torch.ops.fused_lora.lora_linear_fwd(x, w, b, a, bb, 1.5, p, seed, *extra)
     dy = torch.randn_like(y)
     for needs in ((True, False, True, True, True), (False, True, False, True, False)):
         torch.library.opcheck(torch.ops.fused_lora.lora_linear_bwd.default,
                               (dy, x.detach(), w, a.detach(), bb.detach(), xa.detach(), 1.5, p, seed, *needs, *extra))
-    if row_scaled:  # (the op's own autograd takes the row scale as the Function does)
+    if row_scaled is True:  # (the op's own autograd takes the row scale as the Function does)
         grads = torch.autograd.grad(y, (x, a, bb), dy)
         _, g64 = reference64(x, w, b, a, bb, dy, scaling=1.5, dropout_p=p, seed=7, grads=("x", "lora_A", "lora_B"),
                              row_scale=extra[1])
         for g, name in zip(grads, ("x", "lora_A", "lora_B")):
             assert_close(g, g64[name], torch.float32, name)
+    if row_scaled == "adapters":  # (and the adapters' tensors)
+        grads = torch.autograd.grad(y, (x, a, bb), dy)
+        leaves = [t.detach().double().requires_grad_() for t in (x, a, bb)]
+        y64 = reference.lora_linear_checked(leaves[0], w.double(), leaves[1], leaves[2], b.double(), 1.5, p, 7,
+                                            None, extra[2:])
+        for g, g64, name in zip(grads, torch.autograd.grad(y64, leaves, dy.double()), ("x", "lora_A", "lora_B")):
+            assert_close(g, g64, torch.float32, name)
 
 
 def test_the_forward_op_is_differentiable_on_its_own():
