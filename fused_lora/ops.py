@@ -664,7 +664,9 @@ def multi_lora_linear(
             raise type(error)(f"adapter {i} (lora_A[{i}], lora_B[{i}]): {error}") from None
     adapter_ids = _check_adapter_id_values(check_adapter_ids(x, adapter_ids), n)
     ranks = tuple(a.shape[0] for a in lora_A)
-    rank_ids, rank_scaling = _rank_columns(x.device, ranks, scalings)
+    # (while torch.compile traces, the tensors are made in the graph: it would not keep the cache's)
+    columns = _rank_columns.__wrapped__ if torch.compiler.is_compiling() else _rank_columns
+    rank_ids, rank_scaling = columns(x.device, ranks, scalings)
     a = lora_A[0] if n == 1 else torch.cat(lora_A, 0)
     b = lora_B[0] if n == 1 else torch.cat(lora_B, 1)
     return _lora_linear(x, weight, a, b, bias, 1.0, dropout_p, seed, None, (adapter_ids, rank_ids, rank_scaling),
@@ -710,7 +712,8 @@ def _rank_columns(device: torch.device, ranks: tuple[int, ...], scalings: tuple[
     """``(rank_ids, rank_scaling)``: the adapter and the scale of each rank
     column of adapters of ``ranks`` side by side, (r,) int32 and fp32 on
     ``device``. Kept: a model's layers share a few such pairs, and the
-    copy to the device is made once (not while a CUDA graph captures)."""
+    copy to the device is made once, by the first call (a warm-up call
+    before a CUDA graph's capture, which cannot copy from the host)."""
     ids = [i for i, r in enumerate(ranks) for _ in range(r)]
     scales = [s for s, r in zip(scalings, ranks) for _ in range(r)]
     return (torch.tensor(ids, dtype=torch.int32, device=device),

@@ -272,3 +272,33 @@ def test_rank_columns_are_made_once():
     first = ops._rank_columns(torch.device(DEVICE), (2, 3), (1.0, 0.5))
     assert first[0].tolist() == [0, 0, 1, 1, 1] and first[1].tolist() == [1.0, 1.0, 0.5, 0.5, 0.5]
     assert ops._rank_columns(torch.device(DEVICE), (2, 3), (1.0, 0.5))[0] is first[0]
+
+
+def test_compile_fullgraph_one_frame():
+    """torch.compile traces the whole call, ids unchecked (their NaN rows the
+    kernels' own doing), into one frame: the same outputs and gradients as
+    eager."""
+    import torch._dynamo.testing
+
+    x = make_x((2, 7, 24), F32).requires_grad_()
+    w, b, _, _ = make_params(24, 16, 1, F32, True)
+    lora_a, lora_b = _adapters(24, 16, (3, 5), F32)
+    ids = torch.tensor([1, 0], device=DEVICE)
+
+    def step(x, lora_a, lora_b, ids):
+        y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=[0.5, 2.0], dropout_p=0.2, seed=3,
+                                         backend="triton")
+        return y.square().sum()
+
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    params = [x, *lora_a, *lora_b]
+    want = torch.autograd.grad(step(x, lora_a, lora_b, ids), params)
+    loss = compiled(x, lora_a, lora_b, ids)
+    got = torch.autograd.grad(loss, params)
+    assert counter.frame_count == 1
+    assert torch.equal(loss, step(x, lora_a, lora_b, ids).detach())
+    for g, h in zip(got, want):
+        assert torch.equal(g, h)
+    bad = compiled(x, lora_a, lora_b, torch.tensor([2, 0], device=DEVICE))  # (unchecked: NaN, not an error)
+    assert torch.isnan(bad)
