@@ -223,6 +223,21 @@ def unsloth_style_lora(x, weight, bias, lora_A, lora_B, scaling, dropout):
     return torch.addmm(bias, x, weight.t()).addmm_(x @ lora_A.t(), lora_B.t(), alpha=scaling)
 
 
+def per_adapter_lora(x, weight, bias, lora_As, lora_Bs, adapter_ids, scalings, dropout):
+    """PEFT's mixed batch (``adapter_names``, its ``_mixed_batch_forward``): the
+    base over every row, then each adapter over its own rows (gathered,
+    through dropout, A, B and its scale, added back), one adapter after the
+    other: what :func:`fused_lora.multi_lora_linear` runs in one set of
+    launches. x (M, K), ``adapter_ids`` (M,)."""
+    result = F.linear(x, weight, bias)
+    for i, (lora_A, lora_B) in enumerate(zip(lora_As, lora_Bs)):
+        rows = (adapter_ids == i).nonzero().squeeze(1)  # (a host sync, as PEFT's list of row indices)
+        sub = x.index_select(0, rows)
+        dropped = F.dropout(sub, dropout, training=True) if dropout > 0 else sub
+        result = result.index_add(0, rows, F.linear(F.linear(dropped, lora_A), lora_B) * scalings[i])
+    return result
+
+
 def not_applicable(provider: str, dropout: float) -> str:
     """Why ``provider`` has no step at this dropout probability (``""`` where
     it has one): the one rule behind the harness's N/A cells, ``make_forward``'s

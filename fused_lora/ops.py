@@ -695,8 +695,7 @@ def _check_adapter_id_values(adapter_ids: Tensor, n: int) -> Tensor:
     captures, where nothing can be read back, the ids with those at ``n``
     or above made -2 instead: the kernels (and the reference) give a row of
     an id below -1 NaN."""
-    if torch.compiler.is_compiling() or (adapter_ids.device.type == "cuda"
-                                         and torch.cuda.is_current_stream_capturing()):
+    if _unreadable(adapter_ids):
         return torch.where(adapter_ids < n, adapter_ids, -2)
     if adapter_ids.numel():
         low, high = torch.aminmax(adapter_ids)
@@ -705,6 +704,12 @@ def _check_adapter_id_values(adapter_ids: Tensor, n: int) -> Tensor:
             raise ValueError(f"adapter_ids must be -1 (the base alone) or an adapter's index in [0, {n}), "
                              f"got ids from {low} to {high}")
     return adapter_ids
+
+
+def _unreadable(t: Tensor) -> bool:
+    """Whether ``t``'s values cannot be read back to the host now: while
+    torch.compile traces, or a CUDA graph captures on its device's stream."""
+    return torch.compiler.is_compiling() or (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 @functools.lru_cache(maxsize=256)
