@@ -19,7 +19,7 @@ from .integration import (
     to_peft,
     unload,
 )
-from .layer import LoRALinear
+from .layer import LoRALinear, MultiLoRALinear
 from .ops import LoRALinearFunction, lora_linear, multi_lora_linear
 
 __version__ = "0.1.0"
@@ -29,6 +29,7 @@ __all__ = [
     "ConversionReport",
     "LoRALinear",
     "LoRALinearFunction",
+    "MultiLoRALinear",
     "disable_adapters",
     "dispatch",
     "dropout_mask",

@@ -1,4 +1,5 @@
-"""``LoRALinear``: a drop-in ``nn.Linear`` replacement with a fused LoRA adapter."""
+"""``LoRALinear``: a drop-in ``nn.Linear`` replacement with a fused LoRA adapter;
+``MultiLoRALinear``: one base with several, each row through its own."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._validate import check_backend, check_bool, check_int
 from .dropout import check_dropout_p
-from .ops import lora_linear
+from .ops import lora_linear, multi_lora_linear
 
 
 def check_adapter_dtype(dtype, name: str = "adapter_dtype") -> torch.dtype | None:
@@ -343,3 +344,136 @@ class LoRALinear(nn.Module):
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}, merged={self.merged}"
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
                 + ("" if self.adapter_enabled else ", adapter_enabled=False"))
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` base with several adapters, each row of a batch
+    through its own: ``y[m] = x[m] Wᵀ + b + s_i · (dropout(x)[m] A_iᵀ) B_iᵀ``
+    with ``i = adapter_ids[m]`` (-1: the base alone), the whole batch in one
+    set of fused launches (:func:`fused_lora.multi_lora_linear`). For
+    training several adapters at once on one base (each gets the gradients
+    of its own rows alone), or serving several from one base.
+
+    Parameters ``weight`` (out, in) and ``bias`` (out) or None, frozen;
+    ``lora_A`` and ``lora_B``, :class:`torch.nn.ParameterList` s of each
+    adapter's ``A_i`` (r_i, in) and ``B_i`` (out, r_i), initialised as PEFT
+    does (A kaiming-uniform(a=√5), B zeros). ``s_i = alpha_i / r_i``
+    (``alpha_i / sqrt(r_i)`` with ``use_rslora``). Dropout, one probability
+    for every adapter, applies in ``train()`` mode only. The adapters may be
+    kept in another dtype than the base (they are cast to the base's for the
+    kernels, gradients coming back in their own), as in :class:`LoRALinear`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, ranks, alphas=None, dropout: float = 0.0,
+                 bias: bool = True, use_rslora: bool = False, device=None, dtype=None, *, backend: str = "auto"):
+        super().__init__()
+        self.in_features = check_int("in_features", in_features, 0)
+        self.out_features = check_int("out_features", out_features, 0)
+        if isinstance(ranks, (str, bytes)) or not hasattr(ranks, "__iter__"):
+            raise TypeError(f"ranks must be a sequence of ints, one per adapter, got {type(ranks).__name__}")
+        ranks = [check_int(f"ranks[{i}]", r, 1) for i, r in enumerate(ranks)]
+        if not ranks:
+            raise ValueError("ranks must name at least one adapter, got an empty sequence")
+        if alphas is None:
+            alphas = list(ranks)  # (s_i = 1, PEFT's default alpha = r)
+        if isinstance(alphas, (str, bytes)) or not hasattr(alphas, "__iter__"):
+            raise TypeError(f"alphas must be a sequence of numbers, one per adapter, got {type(alphas).__name__}")
+        alphas = list(alphas)
+        if len(alphas) != len(ranks):
+            raise ValueError(f"alphas must hold one value per adapter ({len(ranks)}), got {len(alphas)}")
+        for i, alpha in enumerate(alphas):
+            if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+                raise ValueError(f"alphas[{i}] must be a finite real number, got {alpha!r}")
+        self.ranks = tuple(ranks)
+        self.alphas = tuple(float(a) for a in alphas)
+        self.dropout = check_dropout_p(dropout, "dropout")
+        self.use_rslora = check_bool("use_rslora", use_rslora)
+        self.backend = check_backend(backend)
+        check_adapter_dtype(dtype, "dtype")
+        factory = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        if check_bool("bias", bias):
+            self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.lora_A = nn.ParameterList(nn.Parameter(torch.empty(r, in_features, **factory)) for r in ranks)
+        self.lora_B = nn.ParameterList(nn.Parameter(torch.empty(out_features, r, **factory)) for r in ranks)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Base as ``nn.Linear.reset_parameters``; each adapter as PEFT."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        for a, b in zip(self.lora_A, self.lora_B):
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, ranks, alphas=None, dropout: float = 0.0, use_rslora: bool = False, *,
+                    backend: str = "auto", adapter_dtype: torch.dtype | None = None) -> "MultiLoRALinear":
+        """Wrap ``linear``: the new layer's ``weight`` and ``bias`` *are*
+        ``linear``'s parameters (no copy; frozen here), the adapters fresh,
+        on the same device and in the same dtype (or ``adapter_dtype``)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        adapter_dtype = check_adapter_dtype(adapter_dtype)
+        _check_base(linear.weight, linear.bias)
+        w = linear.weight
+        with torch.device("meta"):
+            layer = cls(linear.in_features, linear.out_features, ranks, alphas, dropout=dropout,
+                        bias=linear.bias is not None, use_rslora=use_rslora, backend=backend)
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer.weight.requires_grad_(False)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)
+        factory = dict(device=w.device, dtype=adapter_dtype or w.dtype)
+        layer.lora_A = nn.ParameterList(nn.Parameter(torch.empty(r, linear.in_features, **factory))
+                                        for r in layer.ranks)
+        layer.lora_B = nn.ParameterList(nn.Parameter(torch.empty(linear.out_features, r, **factory))
+                                        for r in layer.ranks)
+        layer.reset_lora_parameters()
+        return layer
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def scalings(self) -> tuple[float, ...]:
+        return tuple(lora_scaling(r, a, self.use_rslora) for r, a in zip(self.ranks, self.alphas))
+
+    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
+        """``adapter_ids``: an integer tensor, the adapter of each row, of x's
+        leading shape (a token each) or ``(x.shape[0],)`` (a sample each, x of
+        3 or more dims); i in ``[0, num_adapters)`` runs adapter i, -1 the
+        base alone (:func:`fused_lora.multi_lora_linear`, which checks them).
+        Ids on another device than x are moved to it."""
+        if isinstance(adapter_ids, torch.Tensor) and isinstance(x, torch.Tensor) and adapter_ids.device != x.device:
+            adapter_ids = adapter_ids.to(x.device)
+        lora_A, lora_B = list(self.lora_A), list(self.lora_B)
+        if any(a.dtype != self.weight.dtype for a in lora_A + lora_B):  # (e.g. fp32 adapters on a bf16 base)
+            lora_A = [a.to(self.weight.dtype) for a in lora_A]
+            lora_B = [b.to(self.weight.dtype) for b in lora_B]
+        return multi_lora_linear(x, self.weight, lora_A, lora_B, adapter_ids, self.bias, scaling=list(self.scalings),
+                                 dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+
+    def delta_weight(self, i: int) -> torch.Tensor:
+        """Adapter ``i``'s ``s_i · B_i · A_i`` (out, in), computed in fp32 and
+        cast to the weight's dtype (to merge it into a copy of the base)."""
+        i = check_int("i", i, 0)
+        if i >= self.num_adapters:
+            raise ValueError(f"i must be an adapter's index in [0, {self.num_adapters}), got {i}")
+        delta = self.lora_B[i].detach().float() @ self.lora_A[i].detach().float()
+        return (delta * self.scalings[i]).to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, ranks={list(self.ranks)}, "
+                f"alphas=[{', '.join(f'{a:g}' for a in self.alphas)}], dropout={self.dropout:g}, "
+                f"bias={self.bias is not None}, "
+                f"use_rslora={self.use_rslora}")

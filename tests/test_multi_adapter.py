@@ -321,3 +321,117 @@ def test_the_benchmarks_baseline_computes_the_same():
     assert_close(y, y64, F32, "y")
     for g, want in zip(grads, g64.values()):
         assert_close(g, want, F32, "grad")
+
+
+# ----------------------------------------------------------------------------
+# The layer: MultiLoRALinear
+# ----------------------------------------------------------------------------
+
+def test_layer_init_shapes_and_scales():
+    layer = fused_lora.MultiLoRALinear(24, 16, ranks=[2, 8], alphas=[4, 4], device=DEVICE)
+    assert [tuple(a.shape) for a in layer.lora_A] == [(2, 24), (8, 24)]
+    assert [tuple(b.shape) for b in layer.lora_B] == [(16, 2), (16, 8)]
+    assert layer.scalings == (2.0, 0.5) and layer.num_adapters == 2
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert all(torch.equal(b, torch.zeros_like(b)) for b in layer.lora_B)  # (a fresh adapter changes nothing)
+    assert fused_lora.MultiLoRALinear(16, 8, ranks=[4, 16], alphas=[8, 8], use_rslora=True).scalings == (4.0, 2.0)
+    assert fused_lora.MultiLoRALinear(16, 8, ranks=[4]).scalings == (1.0,)  # (alpha = r by default)
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A.0", "lora_A.1", "lora_B.0", "lora_B.1"}
+    assert "ranks=[2, 8], alphas=[4, 4], dropout=0" in repr(layer)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_layer_runs_each_row_through_its_adapter(training):
+    """eval(): as each adapter on its own rows, in float64, gradients to the
+    adapters alone (the base frozen); train(): dropout drawn as
+    multi_lora_linear draws it from the generator, bit for bit."""
+    layer = fused_lora.MultiLoRALinear(40, 24, ranks=[3, 5, 2], alphas=[6, 5, 8], dropout=0.2, device=DEVICE,
+                                       backend="triton").train(training)
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_()
+    x = make_x((2, 9, 40), F32).requires_grad_()
+    ids = torch.tensor([2, -1], device=DEVICE)  # (a sample each)
+    torch.manual_seed(5)
+    y = layer(x, ids)
+    if training:
+        torch.manual_seed(5)
+        want = fused_lora.multi_lora_linear(x, layer.weight, list(layer.lora_A), list(layer.lora_B), ids, layer.bias,
+                                            scaling=list(layer.scalings), dropout_p=0.2, backend="triton")
+        assert torch.equal(y, want)
+        return
+    dy = torch.randn_like(y)
+    names = ["x"] + [f"lora_A[{i}]" for i in range(3)] + [f"lora_B[{i}]" for i in range(3)]
+    grads = torch.autograd.grad(y, [x, *layer.lora_A, *layer.lora_B], dy, retain_graph=True)
+    y64, g64 = _oracle(x, layer.weight, layer.bias, list(layer.lora_A), list(layer.lora_B), ids, layer.scalings,
+                       dy, 0.0, 0, names)
+    assert_close(y, y64, F32, "y")
+    for name, g in zip(names, grads):
+        assert_close(g, g64[name], F32, f"d{name}")
+    assert torch.equal(grads[1], torch.zeros_like(grads[1]))  # (adapter 0: no row)
+    y.sum().backward()
+    assert layer.weight.grad is None and layer.bias.grad is None
+
+
+def test_layer_from_linear_shares_the_base_and_keeps_adapters_in_their_dtype():
+    """from_linear: the base *is* the linear's (frozen, no copy); fp32
+    adapters on an fp16 base compute in fp16 and get fp32 gradients."""
+    linear = torch.nn.Linear(32, 20, device=DEVICE, dtype=torch.float16)
+    layer = fused_lora.MultiLoRALinear.from_linear(linear, ranks=[4, 4], alphas=[8, 2], adapter_dtype=torch.float32)
+    assert layer.weight is linear.weight and layer.bias is linear.bias and not linear.weight.requires_grad
+    assert all(p.dtype == torch.float32 and p.device == linear.weight.device for p in layer.parameters()
+               if p is not linear.weight and p is not linear.bias)
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_()
+    x = torch.randn(12, 32, device=DEVICE, dtype=torch.float16)
+    ids = torch.tensor([0, 1, -1] * 4, device=DEVICE)
+    y = layer.eval()(x, ids)
+    assert y.dtype == torch.float16
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in (*layer.lora_A, *layer.lora_B))
+    y64, _ = _oracle(x, linear.weight, linear.bias, [a.half() for a in layer.lora_A],
+                     [b.half() for b in layer.lora_B], ids, layer.scalings, torch.ones_like(y), 0.0, 0, ["x"])
+    assert_close(y, y64, torch.float16, "y")
+
+
+def test_layer_state_dict_round_trip_and_delta_weight():
+    src = fused_lora.MultiLoRALinear(16, 12, ranks=[2, 3], alphas=[4, 3], device=DEVICE)
+    with torch.no_grad():
+        for b in src.lora_B:
+            b.normal_()
+    dst = fused_lora.MultiLoRALinear(16, 12, ranks=[2, 3], alphas=[4, 3], device=DEVICE)
+    dst.load_state_dict(src.state_dict())
+    x, ids = make_x((7, 16), F32), torch.tensor([0, 1, 1, -1, 0, 1, 0], device=DEVICE)
+    assert torch.equal(dst.eval()(x, ids), src.eval()(x, ids))
+    # merging adapter 1 into a copy of the base gives its rows' output
+    merged = F.linear(x, src.weight + src.delta_weight(1), src.bias)
+    assert_close(src(x, torch.ones(7, dtype=torch.long, device=DEVICE)), merged.double(), F32, "merged adapter 1")
+    with pytest.raises(ValueError, match=r"i must be an adapter's index in \[0, 2\), got 2"):
+        src.delta_weight(2)
+
+
+@pytest.mark.parametrize("kwargs, err, words", [
+    (dict(ranks=[]), ValueError, "at least one adapter"),
+    (dict(ranks=4), TypeError, "ranks must be a sequence"),
+    (dict(ranks=[2, 0]), ValueError, r"ranks\[1\] must be >= 1"),
+    (dict(ranks=[2, 2.5]), TypeError, r"ranks\[1\] must be an int"),
+    (dict(ranks=[2, 2], alphas=[1]), ValueError, r"one value per adapter \(2\), got 1"),
+    (dict(ranks=[2], alphas=[math.nan]), ValueError, r"alphas\[0\] must be a finite"),
+    (dict(ranks=[2], dropout=1.0), ValueError, "dropout must be in"),
+    (dict(ranks=[2], backend="cuda"), ValueError, "backend must be one of"),
+])
+def test_layer_bad_arguments(kwargs, err, words):
+    with pytest.raises(err, match=words):
+        fused_lora.MultiLoRALinear(8, 4, **kwargs)
+
+
+def test_layer_bad_ids():
+    layer = fused_lora.MultiLoRALinear(8, 4, ranks=[2, 2], device=DEVICE)
+    x = make_x((3, 8), F32)
+    with pytest.raises(ValueError, match=r"\[0, 2\), got ids from 0 to 2"):
+        layer(x, torch.tensor([0, 1, 2]))
+    with pytest.raises(TypeError, match="adapter_ids must be an integer"):
+        layer(x, torch.zeros(3))
+    with pytest.raises(TypeError, match="linear must be an nn.Linear"):
+        fused_lora.MultiLoRALinear.from_linear(torch.nn.Conv1d(3, 3, 1), ranks=[2])
