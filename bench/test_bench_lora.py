@@ -30,8 +30,13 @@ def test_lora(benchmark, case, provider, mode):
     forward = harness.make_forward(provider, inputs)
     assert forward is not None
     dy = torch.randn(case.m, case.n, device=DEVICE, dtype=case.torch_dtype)
-    step = harness.make_step(mode, forward, inputs.leaves(provider), dy)
-    step()  # warm-up: Triton compiles on the first call
+    _time(benchmark, harness.make_step(mode, forward, inputs.leaves(provider), dy))
+
+
+def _time(benchmark, step):
+    """pytest-benchmark over ``step`` (after a warm-up call: Triton compiles
+    on the first), synchronised on a GPU; its output checked finite."""
+    step()
     if ON_GPU:
         torch.cuda.synchronize()
 
@@ -80,17 +85,4 @@ def test_multi_adapter(benchmark, provider, dropout, mode):
         def forward():
             return harness.per_adapter_lora(x, weight, bias, lora_As, lora_Bs, ids, scalings, dropout)
     dy = torch.randn(m, n, device=DEVICE, dtype=dtype)
-    step = harness.make_step(mode, forward, [x, *lora_As, *lora_Bs], dy)
-    step()  # warm-up: Triton compiles on the first call
-    if ON_GPU:
-        torch.cuda.synchronize()
-
-    def run():
-        out = step()
-        if ON_GPU:
-            torch.cuda.synchronize()
-        return out
-
-    out = benchmark(run)
-    first = out if isinstance(out, torch.Tensor) else out[0]
-    assert torch.isfinite(first).all()
+    _time(benchmark, harness.make_step(mode, forward, [x, *lora_As, *lora_Bs], dy))

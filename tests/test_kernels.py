@@ -150,35 +150,6 @@ def test_skinny_pass_scales_the_shrink_rows(target_programs, r, p):
     assert_close(cs, cs64, torch.float16, "colsum")
 
 
-@pytest.mark.parametrize("split_k", [1, 3])
-@pytest.mark.parametrize("masked", [None, "term", "input"])  # dropout's mask: none; dx's; the forward's
-def test_gemm_scales_the_in_loop_shrink_rows(split_k, masked, reduce_launches):
-    """The in-loop shrink's row m times ``row_scale[m]`` before it is stored
-    (xa, g for dA) and expanded (the low-rank term), in every K split; the
-    base product untouched."""
-    m, n, k, r, p, seed, scale = 37, 45, 75, 5, 0.3, 8, 0.7
-    a = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
-    b = torch.randn(n, k, device=DEVICE, dtype=torch.float16).t()
-    shrink = torch.randn(r, k, device=DEVICE, dtype=torch.float16).t() / k ** 0.5
-    v = torch.randn(n, r, device=DEVICE, dtype=torch.float16).t()
-    w = _row_scale(m)
-    base = configs.gemm_config(m, n, k, r, 2, True, _triton.interpreter(), epilogue_mask=masked == "term",
-                               shrink_mask=masked == "input")
-    cfg = dataclasses.replace(base, split_k=split_k)
-    p = 0.0 if masked is None else p
-    a64 = a.double()
-    if masked == "input":
-        a64 = a64 * fused_lora.dropout_mask(seed, (m, k), p, device=DEVICE).double() / (1 - p)
-    keep = fused_lora.dropout_mask(seed, (m, n), p, device=DEVICE).double() if masked == "term" else 1.0
-    xa64 = w.double()[:, None] * (a64 @ shrink.double())
-    c, xa = gemm.lora_gemm(a, b, shrink=shrink, v=v, lr_scale=scale, dropout_p=p, seed=seed,
-                           shrink_dropout=masked == "input", row_scale=w, config=cfg, out_dtype=torch.float16)
-    assert len(reduce_launches) == (split_k > 1)
-    assert_close(xa, xa64, torch.float16, "xa")
-    assert torch.equal(xa[::3], torch.zeros_like(xa[::3]))
-    assert_close(c, a.double() @ b.double() + scale * (xa64 @ v.double()) * keep, torch.float16, "c")
-
-
 def test_row_scale_contract():
     """The launchers take a row scale only where they make a product it
     scales (SHRINK, the in-loop shrink), as fp32 of one value per row."""
@@ -248,19 +219,29 @@ def test_skinny_pass_keeps_each_adapters_columns_on_its_rows(ranks, target_progr
     assert_close(cs, cs64, torch.float16, "colsum")
 
 
+@pytest.mark.parametrize("factor", ["row_scale", "adapters"])
 @pytest.mark.parametrize("split_k", [1, 3])
-@pytest.mark.parametrize("masked", [None, "term", "input"])
-def test_gemm_keeps_each_adapters_in_loop_columns_on_its_rows(split_k, masked, reduce_launches):
-    """The in-loop shrink's element (m, j) kept, times column j's scale, on
-    the rows of column j's adapter, before it is stored and expanded, in
-    every K split; the base product untouched."""
+@pytest.mark.parametrize("masked", [None, "term", "input"])  # dropout's mask: none; dx's; the forward's
+def test_gemm_applies_the_row_factor_to_the_in_loop_shrink(factor, split_k, masked, reduce_launches):
+    """The in-loop shrink's row factor, applied before it is stored (xa, g
+    for dA) and expanded (the low-rank term), in every K split; the base
+    product untouched. ``row_scale``: row m times ``w[m]``; ``adapters``:
+    element (m, j) kept, times column j's scale, on the rows of column j's
+    adapter, 0 elsewhere."""
     m, n, k, ranks, p, seed, scale = 37, 45, 75, (2, 1, 3), 0.3, 8, 0.7
     r = sum(ranks)
     a = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
     b = torch.randn(n, k, device=DEVICE, dtype=torch.float16).t()
     shrink = torch.randn(r, k, device=DEVICE, dtype=torch.float16).t() / k ** 0.5
     v = torch.randn(n, r, device=DEVICE, dtype=torch.float16).t()
-    adapters, w64 = _adapter_columns(m, ranks)
+    if factor == "row_scale":
+        w = _row_scale(m)
+        w64, given = w.double()[:, None].expand(m, r), dict(row_scale=w)
+    else:
+        adapters, w64 = _adapter_columns(m, ranks)
+        adapters.row_ids[0] = -1  # (not the NaN row, which the skinny pass's test checks: it would fill c's row)
+        w64[0] = 0.0
+        given = dict(adapters=adapters)
     base = configs.gemm_config(m, n, k, r, 2, True, _triton.interpreter(), epilogue_mask=masked == "term",
                                shrink_mask=masked == "input")
     cfg = dataclasses.replace(base, split_k=split_k)
@@ -270,15 +251,12 @@ def test_gemm_keeps_each_adapters_in_loop_columns_on_its_rows(split_k, masked, r
         a64 = a64 * fused_lora.dropout_mask(seed, (m, k), p, device=DEVICE).double() / (1 - p)
     keep = fused_lora.dropout_mask(seed, (m, n), p, device=DEVICE).double() if masked == "term" else 1.0
     xa64 = w64 * (a64 @ shrink.double())
-    adapters.row_ids[0] = -1  # (the NaN row's output, checked by the skinny pass's test, would fill c's column)
-    xa64[0] = 0.0
     with poison_outputs():
         c, xa = gemm.lora_gemm(a, b, shrink=shrink, v=v, lr_scale=scale, dropout_p=p, seed=seed,
-                               shrink_dropout=masked == "input", adapters=adapters, config=cfg,
-                               out_dtype=torch.float16)
+                               shrink_dropout=masked == "input", config=cfg, out_dtype=torch.float16, **given)
     assert len(reduce_launches) == (split_k > 1)
     assert_close(xa, xa64, torch.float16, "xa")
-    assert torch.equal(xa[w64 == 0], torch.zeros_like(xa[w64 == 0]))
+    assert (w64 == 0).any() and torch.equal(xa[w64 == 0], torch.zeros_like(xa[w64 == 0]))
     assert_close(c, a.double() @ b.double() + scale * (xa64 @ v.double()) * keep, torch.float16, "c")
 
 
