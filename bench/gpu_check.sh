@@ -45,7 +45,7 @@ echo "== tests on CUDA"
 # benchmark (bench --compile-only --shard j/COMPILERS), so that the benchmark's
 # time budget goes to timing. The compile checks (sm_90 code built on CPUs,
 # test_compile_report/test_gpu_triton) are CI's: the GPU's time is for GPU tests.
-tests=(tests/test_parity.py tests/test_kernels.py tests/test_dropout.py tests/test_layer.py
+tests=(tests/test_parity.py tests/test_kernels.py tests/test_multi_adapter.py tests/test_dropout.py tests/test_layer.py
        tests/test_torch_integration.py tests/test_errors.py tests/test_reference.py tests/test_integration.py
        tests/test_cli.py tests/test_demo.py tests/test_distributed.py tests/test_packaging.py)
 ncpu=$(nproc 2>/dev/null || echo 2)
