@@ -244,8 +244,10 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
     :data:`~fused_lora.kernels.configs.NUM_SMS_SM90`), or on the interpreter
     (which ignores both). ``strategy``
     forces one (as :func:`force_strategy` does; default: the enclosing force,
-    if any). (A row scale, ``lora_linear``'s ``row_scale``, runs on every
-    plan: the kernels apply it where they make ``xa`` and ``g``.)
+    if any). (A row scale, ``lora_linear``'s ``row_scale``, and adapters side
+    by side, ``multi_lora_linear``'s, run on every plan: the kernels apply
+    them where they make ``xa`` and ``g``; ``r`` is then the sum of the
+    adapters' ranks.)
     Cached per problem: at small M the host's time per call matters."""
     interp = _triton.interpreter() if interpreter is None else interpreter
     if strategy is not None and strategy not in STRATEGIES:
