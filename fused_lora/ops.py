@@ -692,11 +692,12 @@ def _adapter_scalings(scaling, n: int) -> tuple[float, ...]:
 def _check_adapter_id_values(adapter_ids: Tensor, n: int) -> Tensor:
     """``adapter_ids``, having raised a ValueError where an id is outside
     ``[-1, n)`` (one host sync). While torch.compile traces or a CUDA graph
-    captures, where nothing can be read back, the ids with those at ``n``
-    or above made -2 instead: the kernels (and the reference) give a row of
-    an id below -1 NaN."""
+    captures, where nothing can be read back, the ids with those outside
+    made -2 instead (not left as they are: an int64 id would wrap to a
+    valid int32 one): the kernels (and the reference) give a row of an id
+    below -1 NaN."""
     if _unreadable(adapter_ids):
-        return torch.where(adapter_ids < n, adapter_ids, -2)
+        return torch.where((adapter_ids >= -1) & (adapter_ids < n), adapter_ids, -2)
     if adapter_ids.numel():
         low, high = torch.aminmax(adapter_ids)
         low, high = torch.stack([low, high]).tolist()  # (one sync)

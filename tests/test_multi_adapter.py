@@ -223,6 +223,7 @@ def test_unreadable_ids_give_nan_rows(monkeypatch, backend):
     w, b, _, _ = make_params(16, 8, 1, F32, True)
     lora_a, lora_b = _adapters(16, 8, (2, 2), F32)
     ids = torch.tensor([0, 1, -1, 2, 0, -3, 1, 1, 0, -1, 5, 0], device=DEVICE)
+    ids[3] = 2 ** 32 + 1  # (as int32 it would be 1)
     good = ids.clamp(-1, 1) * ((ids >= -1) & (ids < 2))
     want = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, good, b, scaling=1.0, backend=backend)
     monkeypatch.setattr(ops, "_unreadable", lambda t: True)  # (as under torch.compile, or a CUDA graph's capture)
@@ -435,3 +436,27 @@ def test_layer_bad_ids():
         layer(x, torch.zeros(3))
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
         fused_lora.MultiLoRALinear.from_linear(torch.nn.Conv1d(3, 3, 1), ranks=[2])
+
+
+def test_autocast_and_odd_shapes():
+    """Under autocast, as F.linear: the tensors cast to the autocast dtype
+    (the adapters' gradients back in their own); a 1-D x (one row, a 0-d id)
+    and an empty batch."""
+    x = make_x((21, 32), F32).requires_grad_()
+    w, b, _, _ = make_params(32, 16, 1, F32, True)
+    lora_a, lora_b = _adapters(32, 16, (2, 4), F32)
+    ids = _ids((21,), 2)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=[1.0, 2.0], backend="triton")
+    assert y.dtype == torch.bfloat16
+    grads = torch.autograd.grad(y.float().sum(), [x, *lora_a])
+    assert all(g.dtype == F32 for g in grads)
+    y64, _ = _oracle(x.bfloat16(), w.bfloat16(), b.bfloat16(), [a.bfloat16() for a in lora_a],
+                     [bb.bfloat16() for bb in lora_b], ids, [1.0, 2.0], torch.ones_like(y), 0.0, 0, ["x"])
+    assert_close(y, y64, BF16, "y under autocast")
+    one = fused_lora.multi_lora_linear(x[3], w, lora_a, lora_b, ids[3], b, scaling=1.0, backend="triton")
+    assert one.shape == (16,)
+    assert torch.equal(one, fused_lora.multi_lora_linear(x[3:4], w, lora_a, lora_b, ids[3:4], b, scaling=1.0,
+                                                         backend="triton")[0])
+    empty = fused_lora.multi_lora_linear(x[:0], w, lora_a, lora_b, ids[:0], b, scaling=1.0, backend="triton")
+    assert empty.shape == (0, 16)
