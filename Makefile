@@ -9,7 +9,7 @@
 #   make compile-report
 #                compile every kernel for sm_90 on every tile it may run with, with the newest
 #                Triton and with the GPU machine's (the tests compile each code path once, at
-#                its largest rank tile: less); about 37 minutes on two cores: run it when
+#                its largest rank tile: less); 33 to 37 minutes on two cores: run it when
 #                kernels/ changes
 #   make test-gpu-stack
 #                the suite (less the compile checks) under the interpreter with our GPU
