@@ -20,7 +20,7 @@ bias ``b (N)``; ``A (r, K)`` (``lora_A``); ``B (N, r)`` (``lora_B``); scaling
               dW = dyᵀ x,   db = Σ_m dy                                   only when the base is trainable
 
 ``w`` (M, r) scales the low-rank term's rank columns row by row; 1 when
-absent. Two factors make it, either or both:
+absent. It is one of two forms (never both):
 
 * the row scale ``row_scale`` (M,), the same on a row's every column: 0 on a
   row runs the base alone there, which is how a batch mixing a layer's
@@ -34,8 +34,8 @@ absent. Two factors make it, either or both:
   (Where ``w`` is 0 the term is 0 by selection, not by product: a row's
   NaN or Inf stays out of the other adapters' columns of ``xa`` and ``g``;
   the gradient GEMMs still multiply by those zeros, as any GEMM does. An
-  id below -1 gives its row NaN. The two factors are never both given: a
-  row of no adapter's has id -1.)
+  id below -1 gives its row NaN. A row of no adapter's has id -1, so no
+  row scale is needed beside the ids.)
 
 The kernels apply ``w`` to ``xa`` and ``g`` where they make them (the
 skinny pass's store, or after the K loop of a GEMM that accumulates them),
