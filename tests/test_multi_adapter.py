@@ -460,3 +460,24 @@ def test_autocast_and_odd_shapes():
                                                          backend="triton")[0])
     empty = fused_lora.multi_lora_linear(x[:0], w, lora_a, lora_b, ids[:0], b, scaling=1.0, backend="triton")
     assert empty.shape == (0, 16)
+
+
+def test_eager_calls_skip_the_op_dispatcher(monkeypatch):
+    """As lora_linear's: in eager mode the autograd Function (training) or the
+    entry point (inference) runs the Triton passes itself, not through the ops."""
+    import sys
+
+    callers = []
+    for name in ("forward_triton", "backward_triton"):
+        def record(*args, _real=getattr(ops, name), **kwargs):
+            callers.append(sys._getframe(1).f_code.co_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, record)
+    layer = fused_lora.MultiLoRALinear(24, 16, ranks=[2, 4], dropout=0.1, device=DEVICE)
+    x = torch.randn(2, 5, 24, device=DEVICE, requires_grad=True)
+    ids = torch.tensor([1, 0], device=DEVICE)
+    layer(x, ids).sum().backward()
+    with torch.no_grad():
+        layer.eval()(x, ids)
+    assert callers == ["forward", "_gradients", "_lora_linear"]
