@@ -81,6 +81,7 @@ import functools
 from collections.abc import Sequence
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _triton, dispatch
 from ._validate import check_adapter_ids, check_backend, check_lora_args, check_row_scale, check_scaling
@@ -662,7 +663,8 @@ def multi_lora_linear(
             _, dropout_p, seed = check_lora_args(x, weight, a, b, bias, scalings[i], dropout_p, seed)
         except (TypeError, ValueError) as error:
             raise type(error)(f"adapter {i} (lora_A[{i}], lora_B[{i}]): {error}") from None
-    adapter_ids = _check_adapter_id_values(check_adapter_ids(x, adapter_ids), n)
+    # (int32 once here, not in each pass: the values are checked, so none wraps)
+    adapter_ids = _check_adapter_id_values(check_adapter_ids(x, adapter_ids), n, adapter_ids).to(torch.int32)
     ranks = tuple(a.shape[0] for a in lora_A)
     # (while torch.compile traces, the tensors are made in the graph: it would not keep the cache's)
     columns = _rank_columns.__wrapped__ if torch.compiler.is_compiling() else _rank_columns
@@ -689,9 +691,31 @@ def _adapter_scalings(scaling, n: int) -> tuple[float, ...]:
     return (check_scaling(scaling),) * n
 
 
-def _check_adapter_id_values(adapter_ids: Tensor, n: int) -> Tensor:
+#: ``adapter_ids`` tensors already read: tensor -> (its version then, its
+#: lowest and highest id). A model's layers take the same tensor in one
+#: forward: its values are read (a host sync) by the first alone, and again
+#: only once changed in place (inference tensors, which keep no version,
+#: every time), as :class:`fused_lora.LoRALinear`'s ids are.
+_read_ids = WeakIdKeyDictionary()
+
+
+def _id_range(given: Tensor, adapter_ids: Tensor) -> tuple[int, int]:
+    """``(lowest, highest)`` of ``adapter_ids`` (``given`` as the caller
+    passed it, of which it is a view): read once a version of ``given``."""
+    entry = _read_ids.get(given)
+    if entry is not None and not given.is_inference() and entry[0] == given._version:
+        return entry[1:]
+    low, high = torch.aminmax(adapter_ids)
+    low, high = torch.stack([low, high]).tolist()  # (one sync)
+    if not given.is_inference():
+        _read_ids[given] = (given._version, low, high)
+    return low, high
+
+
+def _check_adapter_id_values(adapter_ids: Tensor, n: int, given: Tensor) -> Tensor:
     """``adapter_ids``, having raised a ValueError where an id is outside
-    ``[-1, n)`` (one host sync). While torch.compile traces or a CUDA graph
+    ``[-1, n)`` (one host sync, the first time ``given``, the caller's tensor
+    of which ``adapter_ids`` is a view, comes). While torch.compile traces or a CUDA graph
     captures, where nothing can be read back, the ids with those outside
     made -2 instead (not left as they are: an int64 id would wrap to a
     valid int32 one): the kernels (and the reference) give a row of an id
@@ -699,8 +723,7 @@ def _check_adapter_id_values(adapter_ids: Tensor, n: int) -> Tensor:
     if _unreadable(adapter_ids):
         return torch.where((adapter_ids >= -1) & (adapter_ids < n), adapter_ids, -2)
     if adapter_ids.numel():
-        low, high = torch.aminmax(adapter_ids)
-        low, high = torch.stack([low, high]).tolist()  # (one sync)
+        low, high = _id_range(given, adapter_ids)
         if low < -1 or high >= n:
             raise ValueError(f"adapter_ids must be -1 (the base alone) or an adapter's index in [0, {n}), "
                              f"got ids from {low} to {high}")

@@ -150,25 +150,33 @@ def test_skinny_pass_scales_the_shrink_rows(target_programs, r, p):
     assert_close(cs, cs64, torch.float16, "colsum")
 
 
+def _launchers_refuse(factor: dict, words: str, product: str = "shrink") -> None:
+    """Both launchers, given the row factor ``factor`` and their rank product's
+    factor (``product``: "shrink", or "none": a precomputed U, a TN pass),
+    raise a ValueError that names them and matches ``words``."""
+    m, k, n, r = 8, 16, 12, 3
+    a, b = torch.randn(m, k, device=DEVICE), torch.randn(k, n, device=DEVICE)
+    s, v, u = torch.randn(k, r, device=DEVICE), torch.randn(r, n, device=DEVICE), torch.randn(m, r, device=DEVICE)
+    gemm_args = dict(shrink=s, v=v) if product == "shrink" else dict(u=u, v=v)
+    skinny_args = dict(shrink=s) if product == "shrink" else dict(tn_left=u)
+    with pytest.raises(ValueError, match=f"lora_gemm: {words}"):
+        gemm.lora_gemm(a, b, **gemm_args, **factor, config=configs.gemm_config(m, n, k, r, 4, True,
+                                                                              _triton.interpreter()),
+                       out_dtype=torch.float32)
+    with pytest.raises(ValueError, match=f"skinny_pass: {words}"):
+        skinny.skinny_pass(a, **skinny_args, **factor, config=configs.skinny_config(4, _triton.interpreter()),
+                           target_programs=4)
+
+
 def test_row_scale_contract():
     """The launchers take a row scale only where they make a product it
     scales (SHRINK, the in-loop shrink), as fp32 of one value per row."""
-    m, k, n, r = 8, 16, 12, 2
-    a, b = torch.randn(m, k, device=DEVICE), torch.randn(k, n, device=DEVICE)
-    s, v, u = torch.randn(k, r, device=DEVICE), torch.randn(r, n, device=DEVICE), torch.randn(m, r, device=DEVICE)
-    gcfg = configs.gemm_config(m, n, k, r, 4, True, _triton.interpreter())
-    scfg = configs.skinny_config(4, _triton.interpreter())
+    m = 8
     for w, what in ((torch.ones(m, device=DEVICE, dtype=torch.float16), "float16"),
                     (torch.ones(m + 1, device=DEVICE), r"\(9,\)"), (torch.ones(m, 1, device=DEVICE), r"\(8, 1\)")):
-        with pytest.raises(ValueError, match=f"lora_gemm: row_scale .*got .*{what}"):
-            gemm.lora_gemm(a, b, shrink=s, v=v, row_scale=w, config=gcfg, out_dtype=torch.float32)
-        with pytest.raises(ValueError, match=f"skinny_pass: row_scale .*got .*{what}"):
-            skinny.skinny_pass(a, shrink=s, row_scale=w, config=scfg, target_programs=4)
-    w = torch.ones(m, device=DEVICE)
-    with pytest.raises(ValueError, match=r"lora_gemm: row_scale scales the rows .* and no factor"):
-        gemm.lora_gemm(a, b, u=u, v=v, row_scale=w, config=gcfg, out_dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"skinny_pass: row_scale scales the rows .* and no factor"):
-        skinny.skinny_pass(a, tn_left=u, row_scale=w, config=scfg, target_programs=4)
+        _launchers_refuse(dict(row_scale=w), f"row_scale .*got .*{what}")
+    _launchers_refuse(dict(row_scale=torch.ones(m, device=DEVICE)), "row_scale scales the rows .* and no factor",
+                      product="none")
 
 
 def _adapter_columns(m: int, ranks) -> tuple:
@@ -264,11 +272,7 @@ def test_adapter_columns_contract():
     """The launchers take adapters' columns only where they make the product
     they mask, as int32 row and column ids and fp32 column scales of its
     rows and rank."""
-    m, k, n, r = 8, 16, 12, 3
-    a, b = torch.randn(m, k, device=DEVICE), torch.randn(k, n, device=DEVICE)
-    s, v, u = torch.randn(k, r, device=DEVICE), torch.randn(r, n, device=DEVICE), torch.randn(m, r, device=DEVICE)
-    gcfg = configs.gemm_config(m, n, k, r, 4, True, _triton.interpreter())
-    scfg = configs.skinny_config(4, _triton.interpreter())
+    m, r = 8, 3
     good, _ = _adapter_columns(m, (1, 2))
     bad = [
         (good._replace(row_ids=good.row_ids.long()), "int64"),
@@ -279,19 +283,10 @@ def test_adapter_columns_contract():
         (good._replace(col_scale=torch.rand(2 * r, device=DEVICE)[::2]), r"\(3,\) torch.float32$"),
     ]
     for adapters, what in bad:
-        with pytest.raises(ValueError, match=f"lora_gemm: adapters .*got .*{what}"):
-            gemm.lora_gemm(a, b, shrink=s, v=v, adapters=adapters, config=gcfg, out_dtype=torch.float32)
-        with pytest.raises(ValueError, match=f"skinny_pass: adapters .*got .*{what}"):
-            skinny.skinny_pass(a, shrink=s, adapters=adapters, config=scfg, target_programs=4)
-    with pytest.raises(ValueError, match=r"lora_gemm: adapters masks .* and no factor"):
-        gemm.lora_gemm(a, b, u=u, v=v, adapters=good, config=gcfg, out_dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"skinny_pass: adapters masks .* and no factor"):
-        skinny.skinny_pass(a, tn_left=u, adapters=good, config=scfg, target_programs=4)
-    w = torch.ones(m, device=DEVICE)
-    with pytest.raises(ValueError, match=r"lora_gemm: pass row_scale or adapters, not both"):
-        gemm.lora_gemm(a, b, shrink=s, v=v, row_scale=w, adapters=good, config=gcfg, out_dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"skinny_pass: pass row_scale or adapters, not both"):
-        skinny.skinny_pass(a, shrink=s, row_scale=w, adapters=good, config=scfg, target_programs=4)
+        _launchers_refuse(dict(adapters=adapters), f"adapters .*got .*{what}")
+    _launchers_refuse(dict(adapters=good), "adapters masks .* and no factor", product="none")
+    _launchers_refuse(dict(adapters=good, row_scale=torch.ones(m, device=DEVICE)),
+                      "pass row_scale or adapters, not both")
 
 
 @pytest.fixture

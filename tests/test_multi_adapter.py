@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import fused_lora
 from fused_lora import ops
+from fused_lora.dropout import draw_seed_tensor
 from lora_testing import DEVICE, assert_close, make_params, make_x
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -343,9 +344,9 @@ def test_layer_init_shapes_and_scales():
 
 @pytest.mark.parametrize("training", [False, True])
 def test_layer_runs_each_row_through_its_adapter(training):
-    """eval(): as each adapter on its own rows, in float64, gradients to the
-    adapters alone (the base frozen); train(): dropout drawn as
-    multi_lora_linear draws it from the generator, bit for bit."""
+    """As each adapter on its own rows, in float64, gradients to the adapters
+    alone (the base frozen); in train() with dropout, the mask of the seed the
+    layer draws from the default generator (none in eval())."""
     layer = fused_lora.MultiLoRALinear(40, 24, ranks=[3, 5, 2], alphas=[6, 5, 8], dropout=0.2, device=DEVICE,
                                        backend="triton").train(training)
     with torch.no_grad():
@@ -354,18 +355,14 @@ def test_layer_runs_each_row_through_its_adapter(training):
     x = make_x((2, 9, 40), F32).requires_grad_()
     ids = torch.tensor([2, -1], device=DEVICE)  # (a sample each)
     torch.manual_seed(5)
+    seed = draw_seed_tensor(DEVICE)  # (the seed the layer draws next)
+    torch.manual_seed(5)
     y = layer(x, ids)
-    if training:
-        torch.manual_seed(5)
-        want = fused_lora.multi_lora_linear(x, layer.weight, list(layer.lora_A), list(layer.lora_B), ids, layer.bias,
-                                            scaling=list(layer.scalings), dropout_p=0.2, backend="triton")
-        assert torch.equal(y, want)
-        return
     dy = torch.randn_like(y)
     names = ["x"] + [f"lora_A[{i}]" for i in range(3)] + [f"lora_B[{i}]" for i in range(3)]
     grads = torch.autograd.grad(y, [x, *layer.lora_A, *layer.lora_B], dy, retain_graph=True)
     y64, g64 = _oracle(x, layer.weight, layer.bias, list(layer.lora_A), list(layer.lora_B), ids, layer.scalings,
-                       dy, 0.0, 0, names)
+                       dy, 0.2 if training else 0.0, seed, names)
     assert_close(y, y64, F32, "y")
     for name, g in zip(names, grads):
         assert_close(g, g64[name], F32, f"d{name}")
@@ -481,3 +478,27 @@ def test_eager_calls_skip_the_op_dispatcher(monkeypatch):
     with torch.no_grad():
         layer.eval()(x, ids)
     assert callers == ["forward", "_gradients", "_lora_linear"]
+
+
+def test_ids_are_read_once_per_version(monkeypatch):
+    """A model's layers take the same ids: the first call reads them (one
+    host sync), the others reuse that, until the tensor changes in place;
+    inference tensors (no version) are read every time."""
+    reads = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: reads.append(1) or real(t))
+    layers = [fused_lora.MultiLoRALinear(16, 16, ranks=[2, 2], device=DEVICE, backend="triton") for _ in range(3)]
+    x = make_x((6, 16), F32)
+    ids = torch.tensor([0, 1, -1, 0, 1, 1], device=DEVICE)
+    for layer in layers:
+        x = layer(x, ids)
+    assert len(reads) == 1
+    ids[2] = 5  # (in place: read again, and refused)
+    with pytest.raises(ValueError, match="got ids from 0 to 5"):
+        layers[0](x, ids)
+    assert len(reads) == 2
+    with torch.inference_mode():
+        frozen = torch.tensor([0, 1, -1, 0, 1, 1], device=DEVICE)
+        for layer in layers:
+            layer(x, frozen)
+    assert len(reads) == 5
