@@ -115,7 +115,7 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
     with a random ``row_scale``, 0 on every third row. ``adapters``: the rank
     split between two adapters (``r // 4`` and the rest, r >= 2) of scales
     ``scaling`` and ``2·scaling``, through :func:`fused_lora.multi_lora_linear`
-    with random ids in [-1, 2) (dlora_A and dlora_B: the two adapters'
+    with random ids in [-1, 2), each among them (dlora_A and dlora_B: the two adapters'
     gradients side by side)."""
     import fused_lora
 
@@ -160,6 +160,7 @@ def _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed) -> d
     lora_a = [a[:cut].detach().requires_grad_(), a[cut:].detach().requires_grad_()]
     lora_b = [bb[:, :cut].detach().requires_grad_(), bb[:, cut:].detach().requires_grad_()]
     ids = torch.randint(-1, 2, x.shape[:-1], device=x.device)
+    ids.view(-1)[:3] = torch.arange(-1, 2, device=x.device)[:ids.numel()]  # (every id among the rows)
     scalings = [scaling, 2 * scaling]
     inputs = {"x": x, "weight": w, "bias": b}
     leaves = [inputs[g] for g in wanted if g in inputs] + lora_a + lora_b
