@@ -3,7 +3,9 @@ adapter file format.
 
 * :func:`inject` swaps matching linear layers of any ``nn.Module`` for
   :class:`~fused_lora.LoRALinear` and, on a model not fused yet, freezes
-  everything else.
+  everything else; :func:`inject_multi` for
+  :class:`~fused_lora.MultiLoRALinear` (several adapters a layer, each row
+  through its own), whose ids :func:`adapter_ids` hands to the layers.
 * :func:`from_peft` converts the LoRA layers of a PEFT model in place into
   fused layers that *share* PEFT's parameter tensors (an optimizer built
   before the swap keeps working); :func:`to_peft` goes back.
@@ -70,7 +72,11 @@ import torch
 from torch import nn
 
 from ._validate import check_int, version_tuple
-from .layer import LoRALinear, check_adapter_dtype, lora_scaling, note_checked_adapter_ids, unfusable_base
+from .layer import (LoRALinear, MultiLoRALinear, check_adapter_dtype, lora_scaling, note_checked_adapter_ids,
+                    unfusable_base)
+
+#: The fused layers: one adapter (:func:`inject`), or several (:func:`inject_multi`).
+FUSED_KINDS = (LoRALinear, MultiLoRALinear)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -99,7 +105,7 @@ def _is_linear_like(module: nn.Module) -> bool:
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Names of the model's linear layers (``nn.Linear``, transformers' ``Conv1D``,
     and layers already fused)."""
-    return [n for n, m in model.named_modules() if n and (_is_linear_like(m) or isinstance(m, LoRALinear))]
+    return [n for n, m in model.named_modules() if n and (_is_linear_like(m) or isinstance(m, FUSED_KINDS))]
 
 
 def _matches(name: str, targets) -> bool:
@@ -189,7 +195,7 @@ def _weight_use(cls: type, child: str) -> str | None:
     return None
 
 
-def _warn_weight_readers(model: nn.Module, names, what: str) -> None:
+def _warn_weight_readers(model: nn.Module, names, what: str, stacklevel: int = 3) -> None:
     """Warn where a layer's parent module reads the layer's weight instead of
     calling it, on some code path (found in its source by :func:`_weight_use`;
     transformers' Mamba mixers multiply by ``dt_proj.weight`` on every path
@@ -210,7 +216,7 @@ def _warn_weight_readers(model: nn.Module, names, what: str) -> None:
                       "some code path, where the adapter would have no effect and get no gradient: "
                       + "; ".join(f"{n} ({w})" for n, w in found.items())
                       + ". Check with fused_lora.integration.uncalled_layers(model, batch) on the device you train "
-                      "on; leave them out (exclude_modules) where they are bypassed", stacklevel=3)
+                      "on; leave them out (exclude_modules) where they are bypassed", stacklevel=stacklevel)
 
 
 #: FSDP1's wrapper, as (defining module, class).
@@ -363,7 +369,7 @@ def guard_fast_paths(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if not isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
             continue
-        if not any(isinstance(m, LoRALinear) for m in module.modules()):
+        if not any(isinstance(m, FUSED_KINDS) for m in module.modules()):
             continue
         before = getattr(module, _GUARDED, None) or {}
         if isinstance(module, nn.TransformerEncoderLayer):
@@ -388,7 +394,7 @@ def _unguard_fast_paths(model: nn.Module) -> None:
     """Undo :func:`guard_fast_paths` where no fused layer is left inside."""
     for module in model.modules():
         before = getattr(module, _GUARDED, None)
-        if before is None or any(isinstance(m, LoRALinear) for m in module.modules()):
+        if before is None or any(isinstance(m, FUSED_KINDS) for m in module.modules()):
             continue
         for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _calls_its_layers]:
             del module._forward_pre_hooks[key]
@@ -406,7 +412,7 @@ def uncalled_layers(model: nn.Module, *args, **kwargs) -> list[str]:
     see :func:`guard_fast_paths`), and nothing short of a forward shows it:
     run this once on a batch after :func:`inject` on an unfamiliar model. The
     forward runs under ``torch.no_grad()`` in the model's current mode."""
-    layers = fused_layers(_check_model(model))
+    layers = all_fused_layers(_check_model(model))
     called = set()
     handles = [layer.register_forward_pre_hook(lambda module, inputs: called.add(id(module)))
                for layer in {id(layer): layer for layer in layers.values()}.values()]
@@ -673,6 +679,26 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
     _check_model(model)
     r = check_int("r", r, 1)
     adapter_dtype = check_adapter_dtype(adapter_dtype)
+    multi = multi_fused_layers(model)
+    if multi:
+        raise ValueError(f"inject: the model's fused layers hold several adapters each ({', '.join(list(multi)[:3])}"
+                         f"{', ...' if len(multi) > 3 else ''}: inject_multi): add layers with inject_multi, so that "
+                         "every fused layer takes the same adapter ids")
+    chosen = _select_layers(model, target_modules, exclude_modules, "inject")
+    fused_by_id = {}
+    _freeze_a_plain_model(model)
+    for name in chosen:
+        module = model.get_submodule(name)
+        if id(module) not in fused_by_id:  # a module reachable under two names gets one adapter
+            fused_by_id[id(module)] = _fused_layer_for(module, r, alpha, dropout, use_rslora, adapter_dtype, backend)
+        _replace_module(model, name, fused_by_id[id(module)])
+    guard_fast_paths(model)
+    return chosen
+
+
+def _select_layers(model: nn.Module, target_modules, exclude_modules, what: str) -> list[str]:
+    """:func:`inject`'s and :func:`inject_multi`'s choice of layers, with their
+    checks (before anything changes) and warnings."""
     all_linear = target_modules == "all-linear"
     targets = None if all_linear else _check_targets("target_modules", target_modules)
     excluded = _check_targets("exclude_modules", exclude_modules)
@@ -701,31 +727,146 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
                          + "; ".join(f"{n}: {why}" for n, why in uncalled.items())
                          + " (leave them out with exclude_modules)")
     if uncalled:
-        warnings.warn(f"inject: 'all-linear' leaves out {sorted(uncalled)}: "
-                      + "; ".join(sorted(set(uncalled.values()))), stacklevel=2)
+        warnings.warn(f"{what}: 'all-linear' leaves out {sorted(uncalled)}: "
+                      + "; ".join(sorted(set(uncalled.values()))), stacklevel=3)
     if not chosen:
         raise ValueError(f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matched none "
                          f"of the model's linear layers: {[public[n] for n in names]}")
-    already = [n for n in chosen if isinstance(model.get_submodule(n), LoRALinear)]
+    already = [n for n in chosen if isinstance(model.get_submodule(n), FUSED_KINDS)]
     if already:
         raise ValueError(f"these layers already carry a fused adapter: {already}")
-    _check_can_add_parameters(model, chosen, "inject")
-    _check_fusable(model, chosen, "inject")
+    _check_can_add_parameters(model, chosen, what)
+    _check_fusable(model, chosen, what)
     if unused:  # (a typo would otherwise leave layers without adapters, silently)
-        warnings.warn(f"inject: target_modules entries {sorted(unused)} match none of the model's linear layers "
-                      f"(layers fused: {len(chosen)})", stacklevel=2)
+        warnings.warn(f"{what}: target_modules entries {sorted(unused)} match none of the model's linear layers "
+                      f"(layers fused: {len(chosen)})", stacklevel=3)
+    _warn_weight_readers(model, chosen, what, stacklevel=4)
+    return chosen
 
-    _warn_weight_readers(model, chosen, "inject")
 
+def inject_multi(model: nn.Module, target_modules, ranks, alphas=None, dropout: float = 0.0,
+                 use_rslora: bool = False, exclude_modules=None, *, adapter_dtype: torch.dtype | None = None,
+                 backend: str = "auto") -> list[str]:
+    """Replace the matching linear layers of ``model`` with
+    :class:`~fused_lora.MultiLoRALinear`, several adapters on each shared
+    base: adapter ``i`` of rank ``ranks[i]`` and alpha ``alphas[i]`` (default
+    ``ranks[i]``, a scale of 1), each row of a batch through the adapter its
+    id names (-1: the base alone), all in one set of fused launches. For
+    training several adapters at once on one base, or serving several from
+    one. The ids reach the layers through :func:`adapter_ids`::
+
+        fused_lora.inject_multi(model, ["q_proj", "v_proj"], ranks=[16, 16, 8])
+        with fused_lora.adapter_ids(model, ids):  # (batch,): a sample each
+            loss = model(input_ids, labels=labels).loss
+            loss.backward()
+
+    Target selection, the freezing of a model without fused layers, the
+    checks and the warnings are :func:`inject`'s. A second call (other
+    layers, other ranks) must give as many adapters as the first: every
+    fused layer of a model takes the same ids. A model holds layers of one
+    kind, :func:`inject`'s or these (``ValueError`` otherwise).
+    :func:`save_adapter`, :func:`load_adapter` and :func:`merge_and_unload`
+    take ``adapter=i``: one adapter of these layers is one of PEFT's;
+    :func:`unload` and :func:`disable_adapters` work as for :func:`inject`'s
+    layers. (:func:`to_peft` does not convert them.)
+
+    Returns the names of the replaced layers, in model order.
+    """
+    _check_model(model)
+    adapter_dtype = check_adapter_dtype(adapter_dtype)
+    # (the layer's own checks, ahead of any change: ranks, alphas, dropout, backend)
+    probe = MultiLoRALinear(1, 1, ranks, alphas, dropout, bias=False, use_rslora=use_rslora, device="meta",
+                            backend=backend)
+    single = fused_layers(model)
+    if single:
+        raise ValueError(f"inject_multi: the model's fused layers hold one adapter each ({', '.join(list(single)[:3])}"
+                         f"{', ...' if len(single) > 3 else ''}: inject or load_adapter): unload them first, or keep "
+                         "one kind of fused layer in a model")
+    counts = {layer.num_adapters for layer in multi_fused_layers(model).values()}
+    if counts and counts != {probe.num_adapters}:
+        raise ValueError(f"inject_multi: the model's fused layers hold {sorted(counts)[0]} adapters each, ranks "
+                         f"names {probe.num_adapters}: every fused layer of a model takes the same adapter ids")
+    chosen = _select_layers(model, target_modules, exclude_modules, "inject_multi")
     fused_by_id = {}
     _freeze_a_plain_model(model)
     for name in chosen:
         module = model.get_submodule(name)
-        if id(module) not in fused_by_id:  # a module reachable under two names gets one adapter
-            fused_by_id[id(module)] = _fused_layer_for(module, r, alpha, dropout, use_rslora, adapter_dtype, backend)
+        if id(module) not in fused_by_id:  # a module reachable under two names gets one set of adapters
+            layer = MultiLoRALinear.around(module.weight, module.bias, probe.ranks, probe.alphas, probe.dropout,
+                                           probe.use_rslora, fan_in_fan_out=not isinstance(module, nn.Linear),
+                                           backend=backend, adapter_dtype=adapter_dtype)
+            fused_by_id[id(module)] = layer.train(module.training)
         _replace_module(model, name, fused_by_id[id(module)])
     guard_fast_paths(model)
     return chosen
+
+
+#: On a fused layer inside :func:`adapter_ids`: ``[hook handle, [ids by device, ...]]``, the innermost block's last.
+_ROUTED = "_fused_lora_routed_ids"
+
+
+@contextlib.contextmanager
+def adapter_ids(model: nn.Module, ids: torch.Tensor):
+    """Inside the block, every fused layer of ``model`` the model calls
+    without ids gets ``ids`` as its ``adapter_ids``: a model's forward does
+    not take them, its layers do. ``ids``: an integer tensor, a sample's
+    adapter each, ``(batch,)``, or a token's, of the layers' inputs' leading
+    shape (``(batch, seq)`` in a transformer); -1 runs the base alone.
+    :func:`inject_multi`'s layers take ids in ``[0, num_adapters)``,
+    :func:`inject`'s 0 (the adapter) and -1 (a sample each), as
+    :meth:`~fused_lora.MultiLoRALinear.forward` and
+    :meth:`~fused_lora.LoRALinear.forward` say; they check them (one host
+    sync for the model, the first time a tensor of ids comes: keep the ids
+    on the model's device), and raise ``ValueError`` for a shape that does
+    not fit a layer's input (generation with ``num_beams`` repeats each
+    sample: repeat the ids alike, ``ids.repeat_interleave(num_beams)``).
+
+    Ids a call passes itself win; blocks nest, the innermost's ids in
+    effect; the layers are as before on exit, exceptions included. Run the
+    backward inside the block where the model recomputes activations in it
+    (activation checkpointing calls the layers again). Raises ValueError on
+    a model without fused layers, TypeError for ids that are not an integer
+    tensor of one or more dims."""
+    _check_model(model)
+    if not isinstance(ids, torch.Tensor) or ids.dtype == torch.bool or ids.dtype.is_floating_point \
+            or ids.dtype.is_complex:
+        got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise TypeError(f"adapter_ids: ids must be an integer tensor, an adapter id a sample or a token, got {got}")
+    if ids.dim() == 0:
+        raise TypeError("adapter_ids: ids must have one id a sample, (batch,), or a token, (batch, seq); got a 0-dim "
+                        "tensor")
+    layers = list({id(m): m for m in all_fused_layers(model).values()}.values())
+    if not layers:
+        raise ValueError("adapter_ids: the model has no fused layers (inject_multi or inject places them)")
+    by_device = {ids.device: ids}  # (one copy a device, for every layer: their checks read each copy once)
+    for layer in layers:
+        routed = layer.__dict__.get(_ROUTED)
+        if routed is None:
+            routed = [layer.register_forward_pre_hook(_routed_ids_hook, with_kwargs=True), []]
+            layer.__dict__[_ROUTED] = routed
+        routed[1].append(by_device)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            handle, stack = layer.__dict__[_ROUTED]
+            del stack[max(i for i, entry in enumerate(stack) if entry is by_device)]  # (by identity)
+            if not stack:
+                handle.remove()
+                del layer.__dict__[_ROUTED]
+
+
+def _routed_ids_hook(module: nn.Module, args, kwargs):
+    """A fused layer's forward pre-hook inside :func:`adapter_ids`."""
+    if len(args) > 1 or kwargs.get("adapter_ids") is not None:
+        return None  # (the caller's own ids)
+    by_device = module.__dict__[_ROUTED][1][-1]
+    x = args[0] if args else kwargs.get("x")
+    device = x.device if isinstance(x, torch.Tensor) else next(iter(by_device))
+    if device not in by_device:
+        by_device[device] = next(iter(by_device.values())).to(device)
+    kwargs["adapter_ids"] = by_device[device]
+    return args, kwargs
 
 
 def _check_fusable(model: nn.Module, names, what: str, error=TypeError) -> None:
@@ -745,13 +886,24 @@ def _freeze_a_plain_model(model: nn.Module) -> None:
     trains: a second :func:`inject` (another rank for other layers) leaves the
     first one's adapters, and a head unfrozen by hand, training. (The new
     layers' base weights are frozen either way.)"""
-    if not fused_layers(model):
+    if not all_fused_layers(model):
         for p in model.parameters():
             p.requires_grad_(False)
 
 
 def fused_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's fused layers of one adapter (:func:`inject`'s), by name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def multi_fused_layers(model: nn.Module) -> dict[str, MultiLoRALinear]:
+    """The model's fused layers of several adapters (:func:`inject_multi`'s), by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
+
+
+def all_fused_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's fused layers of either kind, by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, FUSED_KINDS)}
 
 
 # ----------------------------------------------------------------------------
@@ -1373,6 +1525,12 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
     fused layers (:func:`_check_can_replace`).
     """
     _check_model(model)
+    multi = multi_fused_layers(model)
+    if multi:
+        shown = ", ".join(list(multi)[:3]) + (", ..." if len(multi) > 3 else "")
+        raise ValueError(f"to_peft: inject_multi's layers ({shown}) hold several adapters each, which this does not convert: save each with "
+                         "fused_lora.save_adapter(model, path_i, adapter=i), then give them to PEFT "
+                         "(PeftModel.from_pretrained(base, path_0, adapter_name=...), load_adapter(path_i, ...))")
     originals = getattr(model, _ORIGINALS, None)
     layers = fused_layers(model)
     _check_not_dispatched(model, list(layers), "to_peft")
@@ -1444,7 +1602,8 @@ def _peft_adapter_modules(model: nn.Module) -> list[nn.Module]:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Run ``model`` as its base model inside the block: every fused layer
-    computes ``x Wᵀ + b`` alone (merged ones too), as do PEFT's LoRA layers
+    computes ``x Wᵀ + b`` alone (merged ones too, and :func:`inject_multi`'s,
+    which need no ids meanwhile), as do PEFT's LoRA layers
     and ``modules_to_save`` wrappers where :func:`from_peft` left some; each
     is put back as it was on exit, exceptions included. The reference
     model of DPO-style training without a copy (what PEFT's
@@ -1453,7 +1612,7 @@ def disable_adapters(model: nn.Module):
     unfrozen by hand) have no base version kept: they stay as trained.
     Raises ValueError when the model has no adapters."""
     _check_model(model)
-    layers = list({id(layer): layer for layer in fused_layers(model).values()}.values())
+    layers = list({id(layer): layer for layer in all_fused_layers(model).values()}.values())
     peft_modules = _peft_adapter_modules(model)
     if not layers and not peft_modules:
         raise ValueError("the model has no adapters to disable")
@@ -1473,17 +1632,45 @@ def disable_adapters(model: nn.Module):
                 m.enable_adapters(True)
 
 
-def _unload(model: nn.Module, merge: bool) -> list[str]:
+def _check_adapter_index(what: str, adapter, multi: dict) -> int | None:
+    """``adapter`` (an index into :func:`inject_multi`'s layers' adapters)
+    checked: required where ``multi`` holds layers, refused where not."""
+    if not multi:
+        if adapter is not None:
+            raise ValueError(f"{what}: adapter={adapter!r} picks one of the adapters of inject_multi's layers; the "
+                             "model has none (its fused layers hold one adapter each)")
+        return None
+    n = next(iter(multi.values())).num_adapters
+    if adapter is None:
+        raise ValueError(f"{what}: the model's fused layers hold {n} adapters each (inject_multi): name one, "
+                         f"adapter=i with i in [0, {n})")
+    adapter = check_int("adapter", adapter, 0)
+    counts = {layer.num_adapters for layer in multi.values()}
+    if adapter >= min(counts):
+        raise ValueError(f"{what}: adapter must be in [0, {min(counts)}), the model's fused layers holding "
+                         f"{sorted(counts)} adapters; got {adapter}")
+    return adapter
+
+
+def _unload(model: nn.Module, merge: bool, adapter=None) -> list[str]:
     _check_model(model)
+    what = "merge_and_unload" if merge else "unload"
     if getattr(model, _ORIGINALS, None):  # (from_peft's layers not yet given back)
         raise ValueError("this model was converted from PEFT by from_peft: go back with fused_lora.to_peft(model), "
                          "then use PEFT's merge_and_unload() or unload()")
-    layers = fused_layers(model)
+    layers = all_fused_layers(model)
     if not layers:
         raise ValueError("the model has no fused LoRA layers to unload")
-    _check_not_dispatched(model, list(layers), "merge_and_unload" if merge else "unload")
-    _check_can_replace(model, list(layers), "merge_and_unload" if merge else "unload")
-    tied = _shared_weights(model, [(n, layer) for n, layer in layers.items() if not layer.merged]) if merge else {}
+    multi = {n: layer for n, layer in layers.items() if isinstance(layer, MultiLoRALinear)}
+    adapter = _check_adapter_index(what, adapter, multi) if merge else None
+    routed = [n for n, layer in layers.items() if _ROUTED in layer.__dict__]
+    if routed:
+        raise ValueError(f"{what}: inside a `with fused_lora.adapter_ids(model, ...)` block ({routed[0]}...): "
+                         "leave it first")
+    _check_not_dispatched(model, list(layers), what)
+    _check_can_replace(model, list(layers), what)
+    tied = _shared_weights(model, [(n, layer) for n, layer in layers.items()
+                                   if not getattr(layer, "merged", False)]) if merge else {}
     if tied:
         raise ValueError("merging would change base weights that other modules share (tied weights, e.g. an "
                          "output layer tied to the input embedding), and so those modules too: "
@@ -1493,7 +1680,11 @@ def _unload(model: nn.Module, merge: bool) -> list[str]:
     plain_by_id = {}
     for name, layer in layers.items():
         if id(layer) not in plain_by_id:  # (a layer reachable under two names becomes one plain layer)
-            if merge and not layer.merged:
+            if isinstance(layer, MultiLoRALinear):
+                if merge:
+                    with torch.no_grad():
+                        layer.weight.copy_(layer.merged_weight(adapter))
+            elif merge and not layer.merged:
                 layer.merge()
             elif not merge and layer.merged:
                 layer.unmerge()
@@ -1518,7 +1709,7 @@ def _shared_weights(model: nn.Module, layers) -> dict[str, list[str]]:
     return shared
 
 
-def merge_and_unload(model: nn.Module) -> list[str]:
+def merge_and_unload(model: nn.Module, *, adapter: int | None = None) -> list[str]:
     """Fold each fused layer's adapter into its base weight (``W + s·B·A``,
     computed in fp32 and rounded once to W's dtype, as
     :meth:`LoRALinear.merge`) and put a plain layer back in its place: an
@@ -1539,8 +1730,12 @@ def merge_and_unload(model: nn.Module) -> list[str]:
     it, with a warning), or one whose fused layers FSDP1 or FSDP2 shards
     (:func:`_check_can_replace`: merge in the model unsharded, loading the
     adapters saved from the sharded one).
+
+    :func:`inject_multi`'s layers (several adapters each) fold in the
+    adapter ``adapter=i`` names (required there), the others dropped: the
+    base model with that one adapter, to deploy alone.
     """
-    return _unload(model, merge=True)
+    return _unload(model, merge=True, adapter=adapter)
 
 
 def unload(model: nn.Module) -> list[str]:
@@ -1551,7 +1746,7 @@ def unload(model: nn.Module) -> list[str]:
     return _unload(model, merge=False)
 
 
-def _plain_linear(layer: LoRALinear) -> nn.Module:
+def _plain_linear(layer: LoRALinear | MultiLoRALinear) -> nn.Module:
     if layer.fan_in_fan_out:
         conv1d = _conv1d_class()
         if conv1d is None:
@@ -1615,6 +1810,8 @@ def _beside_adapters(model: nn.Module, layers: dict[str, LoRALinear]) \
     LoRA layers are left (:func:`from_peft`'s report), which this package
     does not write."""
     adapters = {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
+    # (inject_multi's other adapters: not this file's, nor trained beside it)
+    adapters |= {id(p) for m in model.modules() if isinstance(m, MultiLoRALinear) for p in (*m.lora_A, *m.lora_B)}
     peft_layers = [n for n, m in model.named_modules()
                    if hasattr(m, "base_layer") and isinstance(getattr(m, "lora_A", None), nn.ModuleDict)]
     if peft_layers:
@@ -1634,7 +1831,7 @@ def _beside_adapters(model: nn.Module, layers: dict[str, LoRALinear]) \
         owner = model.get_submodule(owner_name) if owner_name else model
         if owner_name and attr == "bias":
             trained_biases.append((owner_name, owner))
-        elif not owner_name or isinstance(owner, LoRALinear):
+        elif not owner_name or isinstance(owner, FUSED_KINDS):
             unsupported.append(name)
         elif not any(owner_name.startswith(s + ".") for s in saved):  # (parents come first)
             saved[owner_name] = owner
@@ -1648,9 +1845,9 @@ def _beside_adapters(model: nn.Module, layers: dict[str, LoRALinear]) \
     trained_biases = [(n, m) for n, m in trained_biases if not beside(n)]
     if not trained_biases:
         return saved, "none", {}
-    if all(isinstance(m, LoRALinear) for _, m in trained_biases):
+    if all(isinstance(m, FUSED_KINDS) for _, m in trained_biases):
         return saved, "lora_only", {}
-    others = {n: m.bias for n, m in model.named_modules() if n and not isinstance(m, LoRALinear) and not beside(n)
+    others = {n: m.bias for n, m in model.named_modules() if n and not isinstance(m, FUSED_KINDS) and not beside(n)
               and isinstance(m._parameters.get("bias"), nn.Parameter) and id(m.bias) not in covered}
     return saved, "all", others
 
@@ -1698,7 +1895,41 @@ def _lora_config_dict(layers: dict[str, LoRALinear], modules_to_save=None, bias:
     }
 
 
-def save_adapter(model: nn.Module, directory) -> Path:
+@dataclass(frozen=True)
+class _OneAdapter:
+    """Adapter ``i`` of a :class:`MultiLoRALinear`, as PEFT's format sees a
+    layer (what :func:`save_adapter` reads of a :class:`LoRALinear`): its
+    parameters themselves, not copies."""
+
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+    bias: nn.Parameter | None
+    r: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
+    fan_in_fan_out: bool
+
+    @classmethod
+    def of(cls, layer: MultiLoRALinear, i: int) -> "_OneAdapter":
+        return cls(layer.lora_A[i], layer.lora_B[i], layer.bias, layer.ranks[i], layer.alphas[i], layer.dropout,
+                   layer.use_rslora, layer.fan_in_fan_out)
+
+
+def _adapters_to_write(model: nn.Module, adapter, what: str) -> dict:
+    """The layers whose adapter :func:`save_adapter` writes: :func:`inject`'s,
+    or adapter ``adapter`` of each of :func:`inject_multi`'s."""
+    single, multi = fused_layers(model), multi_fused_layers(model)
+    if single and multi:
+        raise ValueError(f"{what}: the model holds fused layers of both kinds, one adapter ({next(iter(single))}...) "
+                         f"and several ({next(iter(multi))}...): PEFT's file holds one adapter a layer")
+    adapter = _check_adapter_index(what, adapter, multi)
+    if multi:
+        return {n: _OneAdapter.of(layer, adapter) for n, layer in multi.items()}
+    return single
+
+
+def save_adapter(model: nn.Module, directory, *, adapter: int | None = None) -> Path:
     """Write the model's fused adapters in PEFT's format: ``adapter_model.safetensors``
     (keys ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight``) and
     ``adapter_config.json``. Trained modules beside the adapters go in too, as
@@ -1719,8 +1950,13 @@ def save_adapter(model: nn.Module, directory) -> Path:
     ``_orig_mod``, DDP's ``module``, torch's checkpoint wrapper's), as in
     PEFT's own files. Raises ValueError when the model has no fused layers,
     or trainable parameters the format cannot hold (a fused layer's base
-    weight)."""
-    layers = fused_layers(_check_model(model))
+    weight).
+
+    :func:`inject_multi`'s layers: the file holds adapter ``adapter=i``
+    (required there) of each, PEFT's adapter of that rank and alpha
+    (``PeftModel.from_pretrained`` loads it alone, :func:`load_adapter`
+    into adapter i); the other adapters are not in it."""
+    layers = _adapters_to_write(_check_model(model), adapter, "save_adapter")
     if not layers:
         raise ValueError("the model has no fused LoRA layers to save")
     tensors, config, gathered = _adapter_tensors(model, layers)
@@ -1947,7 +2183,7 @@ def _read_adapter(directory: Path) -> tuple[dict, dict]:
     return config, tensors
 
 
-def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[str]:
+def load_adapter(model: nn.Module, directory, *, adapter: int | None = None, backend: str = "auto") -> list[str]:
     """Load a PEFT-format LoRA adapter (as written by PEFT or :func:`save_adapter`)
     into ``model``. Layers that are still plain linears are fused first, with
     the adapter's r/alpha/dropout/rsLoRA and its weights' dtype (PEFT keeps
@@ -1981,23 +2217,35 @@ def load_adapter(model: nn.Module, directory, *, backend: str = "auto") -> list[
     of the model get no adapter from the file: they keep theirs; and, as
     :func:`inject` does, of layers it fuses whose parent reads their weight.
 
+    :func:`inject_multi`'s layers: the file's adapter goes into their
+    adapter ``adapter=i`` (required there), of the file's rank, its alpha
+    taken (and its ``use_rslora``, which must be the layers'); the layers
+    keep their dropout, which every adapter shares (a warning where the
+    file's differs). Every layer the file names must be one of them.
+
     Returns the names of the layers loaded, then those of the saved modules.
     """
     _check_model(model)
     directory = Path(directory)
+    adapter = _check_adapter_index("load_adapter", adapter, multi_fused_layers(model))
     config, tensors = _read_adapter(directory)
     with _fsdp1_full_params(model, "load_adapter"):  # (FSDP1: into the whole tensors)
-        plan, loaded, untouched = _load_into(model, directory, config, tensors, backend)
+        plan, loaded, untouched = _load_into(model, directory, config, tensors, backend, adapter)
     guard_fast_paths(model)
-    _warn_weight_readers(model, [name for name, module, *_ in plan if not isinstance(module, LoRALinear)],
+    _warn_weight_readers(model, [name for name, module, *_ in plan if not isinstance(module, FUSED_KINDS)],
                          "load_adapter")
+    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    kept = sorted({f"{m.dropout:g}" for _, m, *_ in plan if isinstance(m, MultiLoRALinear) and m.dropout != dropout})
+    if kept:
+        warnings.warn(f"load_adapter: {directory}'s lora_dropout is {dropout:g}; the layers' adapters share one "
+                      f"dropout, kept as it was ({', '.join(kept)})", stacklevel=2)
     if untouched:  # (as PEFT warns of missing keys: the model is not the file's adapter alone)
         warnings.warn(f"load_adapter: {directory} holds no adapter for the fused layers {untouched}: they keep the "
                       "adapters they had (unload them first for the file's adapter alone)", stacklevel=2)
     return loaded
 
 
-def _load_into(model: nn.Module, directory: Path, config: dict, tensors: dict, backend: str):
+def _load_into(model: nn.Module, directory: Path, config: dict, tensors: dict, backend: str, adapter=None):
     """:func:`load_adapter`'s checks, then its changes: ``(plan, loaded,
     untouched)``, what it loaded and the fused layers it left alone."""
     public = _public_names(model)  # (the model's name -> the public one: wrappers' attributes left out)
@@ -2051,9 +2299,17 @@ def _load_into(model: nn.Module, directory: Path, config: dict, tensors: dict, b
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
             raise AdapterFileError(f"{directory}: {path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} "
                                    f"do not have rank r={r} from the config")
-        if isinstance(module, LoRALinear):
+        if isinstance(module, MultiLoRALinear):
+            in_f, out_f, cur_r = module.in_features, module.out_features, module.ranks[adapter]
+            if bool(config.get("use_rslora", False)) != module.use_rslora:
+                raise AdapterFileError(f"{directory}: {path}: use_rslora={bool(config.get('use_rslora', False))} in "
+                                       f"the file, {module.use_rslora} in the model's layer, whose adapters share it")
+        elif isinstance(module, LoRALinear):
             in_f, out_f, cur_r = module.in_features, module.out_features, module.r
             _check_peft_original(model, name, r, alpha, config, directory)
+        elif _is_linear_like(module) and adapter is not None:
+            raise AdapterFileError(f"{directory}: {path} is a plain linear layer: adapter={adapter} loads into "
+                                   "inject_multi's layers (inject_multi it too first, with the others' ranks)")
         elif _is_linear_like(module):
             _check_can_add_parameters(model, [name], "load_adapter")
             _check_fusable(model, [name], f"load_adapter({str(directory)!r})", AdapterFileError)
@@ -2066,6 +2322,8 @@ def _load_into(model: nn.Module, directory: Path, config: dict, tensors: dict, b
         else:
             raise AdapterFileError(f"{directory}: {path} is a {type(module).__name__}, not a linear layer")
         held = module.lora_A if isinstance(module, LoRALinear) else module.weight
+        if isinstance(module, MultiLoRALinear):
+            held = module.lora_A[adapter]
         if held.device.type == "meta":
             raise AdapterFileError(f"{directory}: {path}: {_META}")
         reason = _never_called(model, name)
@@ -2092,13 +2350,24 @@ def _load_into(model: nn.Module, directory: Path, config: dict, tensors: dict, b
         raise AdapterFileError(f"{directory}: biases for layers without lora_A/lora_B weights: {sorted(lora_biases)}")
 
     planned = {id(module) for _, module, *_ in plan}
-    untouched = sorted({public[n] for n, layer in fused_layers(model).items() if id(layer) not in planned})
+    untouched = sorted({public[n] for n, layer in all_fused_layers(model).items() if id(layer) not in planned})
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     use_rslora = bool(config.get("use_rslora", False))
     loaded = []
     with torch.no_grad():
         _freeze_a_plain_model(model)  # (a plain model becomes a LoRA model, as inject leaves it)
         for name, module, a, b, r, alpha, bias in plan:
+            if isinstance(module, MultiLoRALinear):
+                module.alphas = (*module.alphas[:adapter], float(alpha), *module.alphas[adapter + 1:])
+                for target, value in ((module.lora_A[adapter], a), (module.lora_B[adapter], b)):
+                    _copy_into(target, value)
+                    target.requires_grad_(True)
+                if bias is not None:
+                    _copy_into(module.bias, bias)
+                if bias_mode != "none" and module.bias is not None:
+                    module.bias.requires_grad_(True)
+                loaded.append(name)
+                continue
             if not isinstance(module, LoRALinear):
                 # (in the file's dtype: fp32 adapters on a bf16 base, PEFT's default, load as they were saved)
                 module = _fused_layer_for(module, r, alpha, dropout, use_rslora, a.dtype, backend)

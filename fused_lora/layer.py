@@ -361,11 +361,15 @@ class MultiLoRALinear(nn.Module):
     (``alpha_i / sqrt(r_i)`` with ``use_rslora``). Dropout, one probability
     for every adapter, applies in ``train()`` mode only. The adapters may be
     kept in another dtype than the base (they are cast to the base's for the
-    kernels, gradients coming back in their own), as in :class:`LoRALinear`.
+    kernels, gradients coming back in their own), as in :class:`LoRALinear`;
+    so may ``fan_in_fan_out=True`` store ``weight`` as (in, out), GPT-2's
+    ``Conv1D``. In a model, :func:`fused_lora.inject_multi` places these
+    layers and :func:`fused_lora.adapter_ids` hands them the ids.
     """
 
     def __init__(self, in_features: int, out_features: int, ranks, alphas=None, dropout: float = 0.0,
-                 bias: bool = True, use_rslora: bool = False, device=None, dtype=None, *, backend: str = "auto"):
+                 bias: bool = True, use_rslora: bool = False, device=None, dtype=None, *, backend: str = "auto",
+                 fan_in_fan_out: bool = False):
         super().__init__()
         self.in_features = check_int("in_features", in_features, 0)
         self.out_features = check_int("out_features", out_features, 0)
@@ -389,9 +393,11 @@ class MultiLoRALinear(nn.Module):
         self.dropout = check_dropout_p(dropout, "dropout")
         self.use_rslora = check_bool("use_rslora", use_rslora)
         self.backend = check_backend(backend)
+        self.fan_in_fan_out = check_bool("fan_in_fan_out", fan_in_fan_out)
         check_adapter_dtype(dtype, "dtype")
         factory = dict(device=device, dtype=dtype)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        shape = (in_features, out_features) if self.fan_in_fan_out else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
         if check_bool("bias", bias):
             self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
         else:
@@ -402,7 +408,7 @@ class MultiLoRALinear(nn.Module):
 
     def reset_parameters(self) -> None:
         """Base as ``nn.Linear.reset_parameters``; each adapter as PEFT."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.base_weight(), a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
@@ -421,22 +427,38 @@ class MultiLoRALinear(nn.Module):
         on the same device and in the same dtype (or ``adapter_dtype``)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        return cls.around(linear.weight, linear.bias, ranks, alphas, dropout, use_rslora, backend=backend,
+                          adapter_dtype=adapter_dtype)
+
+    @classmethod
+    def around(cls, weight: nn.Parameter, bias: nn.Parameter | None, ranks, alphas=None, dropout: float = 0.0,
+               use_rslora: bool = False, *, fan_in_fan_out: bool = False, backend: str = "auto",
+               adapter_dtype: torch.dtype | None = None) -> "MultiLoRALinear":
+        """A layer around this base: its ``weight`` and ``bias`` *are* the
+        given parameters (no copy; frozen here), ``weight`` (out, in), or
+        (in, out) with ``fan_in_fan_out`` (transformers' ``Conv1D``); the
+        adapters fresh, on the weight's device, in its dtype (or
+        ``adapter_dtype``)."""
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+            raise TypeError(f"weight must be a 2-D nn.Parameter, got {type(weight).__name__} "
+                            f"of shape {tuple(getattr(weight, 'shape', ()))}")
         adapter_dtype = check_adapter_dtype(adapter_dtype)
-        _check_base(linear.weight, linear.bias)
-        w = linear.weight
+        _check_base(weight, bias)
+        fan_in_fan_out = check_bool("fan_in_fan_out", fan_in_fan_out)
+        in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
+        if bias is not None and tuple(bias.shape) != (out_f,):
+            raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
         with torch.device("meta"):
-            layer = cls(linear.in_features, linear.out_features, ranks, alphas, dropout=dropout,
-                        bias=linear.bias is not None, use_rslora=use_rslora, backend=backend)
-        layer.weight = linear.weight
-        layer.bias = linear.bias
+            layer = cls(in_f, out_f, ranks, alphas, dropout=dropout, bias=bias is not None, use_rslora=use_rslora,
+                        backend=backend, fan_in_fan_out=fan_in_fan_out)
+        layer.weight = weight
+        layer.bias = bias
         layer.weight.requires_grad_(False)
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
-        factory = dict(device=w.device, dtype=adapter_dtype or w.dtype)
-        layer.lora_A = nn.ParameterList(nn.Parameter(torch.empty(r, linear.in_features, **factory))
-                                        for r in layer.ranks)
-        layer.lora_B = nn.ParameterList(nn.Parameter(torch.empty(linear.out_features, r, **factory))
-                                        for r in layer.ranks)
+        factory = dict(device=weight.device, dtype=adapter_dtype or weight.dtype)
+        layer.lora_A = nn.ParameterList(nn.Parameter(torch.empty(r, in_f, **factory)) for r in layer.ranks)
+        layer.lora_B = nn.ParameterList(nn.Parameter(torch.empty(out_f, r, **factory)) for r in layer.ranks)
         layer.reset_lora_parameters()
         return layer
 
@@ -448,32 +470,65 @@ class MultiLoRALinear(nn.Module):
     def scalings(self) -> tuple[float, ...]:
         return tuple(lora_scaling(r, a, self.use_rslora) for r, a in zip(self.ranks, self.alphas))
 
-    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
+    def base_weight(self) -> torch.Tensor:
+        """The weight as (out, in): a transposed view when ``fan_in_fan_out``."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    #: False: the layer computes its base alone (``x Wᵀ + b``), ids or none,
+    #: as inside :func:`fused_lora.disable_adapters`. Not saved.
+    adapter_enabled: bool = True
+
+    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``adapter_ids``: an integer tensor, the adapter of each row, of x's
         leading shape (a token each) or ``(x.shape[0],)`` (a sample each, x of
         3 or more dims); i in ``[0, num_adapters)`` runs adapter i, -1 the
         base alone (:func:`fused_lora.multi_lora_linear`, which checks them).
-        Ids on another device than x are moved to it."""
+        Ids on another device than x are moved to it. In a model, whose
+        forward does not take them, :func:`fused_lora.adapter_ids` hands them
+        to its layers; without ids a ValueError says so (there is no adapter
+        to run every row through by default)."""
+        if not self.adapter_enabled:
+            return F.linear(x, self.base_weight(), self.bias)
+        if adapter_ids is None:
+            raise ValueError(f"MultiLoRALinear ({self.num_adapters} adapters) needs adapter_ids, the adapter of each "
+                             f"row (-1: the base alone): pass them, or run the model inside "
+                             f"`with fused_lora.adapter_ids(model, ids):`")
         if isinstance(adapter_ids, torch.Tensor) and isinstance(x, torch.Tensor) and adapter_ids.device != x.device:
             adapter_ids = adapter_ids.to(x.device)
+        weight = self.base_weight()
         lora_A, lora_B = list(self.lora_A), list(self.lora_B)
-        if any(a.dtype != self.weight.dtype for a in lora_A + lora_B):  # (e.g. fp32 adapters on a bf16 base)
-            lora_A = [a.to(self.weight.dtype) for a in lora_A]
-            lora_B = [b.to(self.weight.dtype) for b in lora_B]
-        return multi_lora_linear(x, self.weight, lora_A, lora_B, adapter_ids, self.bias, scaling=list(self.scalings),
+        if any(a.dtype != weight.dtype for a in lora_A + lora_B):  # (e.g. fp32 adapters on a bf16 base)
+            lora_A = [a.to(weight.dtype) for a in lora_A]
+            lora_B = [b.to(weight.dtype) for b in lora_B]
+        return multi_lora_linear(x, weight, lora_A, lora_B, adapter_ids, self.bias, scaling=list(self.scalings),
                                  dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+
+    def _check_index(self, i: int, name: str = "i") -> int:
+        i = check_int(name, i, 0)
+        if i >= self.num_adapters:
+            raise ValueError(f"{name} must be an adapter's index in [0, {self.num_adapters}), got {i}")
+        return i
 
     def delta_weight(self, i: int) -> torch.Tensor:
         """Adapter ``i``'s ``s_i · B_i · A_i`` (out, in), computed in fp32 and
         cast to the weight's dtype (to merge it into a copy of the base)."""
-        i = check_int("i", i, 0)
-        if i >= self.num_adapters:
-            raise ValueError(f"i must be an adapter's index in [0, {self.num_adapters}), got {i}")
-        delta = self.lora_B[i].detach().float() @ self.lora_A[i].detach().float()
-        return (delta * self.scalings[i]).to(self.weight.dtype)
+        return self._delta_fp32(self._check_index(i)).to(self.weight.dtype)
+
+    def _delta_fp32(self, i: int) -> torch.Tensor:
+        return (self.lora_B[i].detach().float() @ self.lora_A[i].detach().float()) * self.scalings[i]
+
+    def merged_weight(self, i: int) -> torch.Tensor:
+        """The base weight with adapter ``i`` folded in, ``W + s_i · B_i ·
+        A_i``, in the weight's layout and dtype, computed in fp32 and rounded
+        once (as :meth:`LoRALinear.merge`); the layer is left as it is (a
+        batch of several adapters has no one merged weight):
+        :func:`fused_lora.merge_and_unload` with ``adapter=i`` puts it in
+        a plain layer."""
+        delta = self._delta_fp32(self._check_index(i))
+        return (self.weight.detach().float() + (delta.t() if self.fan_in_fan_out else delta)).to(self.weight.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, ranks={list(self.ranks)}, "
                 f"alphas=[{', '.join(f'{a:g}' for a in self.alphas)}], dropout={self.dropout:g}, "
-                f"bias={self.bias is not None}, "
-                f"use_rslora={self.use_rslora}")
+                f"bias={self.bias is not None}, use_rslora={self.use_rslora}"
+                + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))

@@ -1,0 +1,355 @@
+"""Several adapters a layer in real models: ``inject_multi`` places
+``MultiLoRALinear`` layers, ``adapter_ids`` hands them the ids, and one
+adapter of them is one of PEFT's (``save_adapter`` / ``load_adapter`` /
+``merge_and_unload`` with ``adapter=i``). The oracle is real PEFT running
+each adapter alone, on real transformers models built from small configs."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import fused_lora
+from fused_lora import AdapterFileError, LoRALinear, MultiLoRALinear
+from lora_testing import DEVICE
+
+peft = pytest.importorskip("peft", minversion=".".join(map(str, fused_lora.integration.MIN_PEFT)))
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 61
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+RANKS, ALPHAS = [4, 2, 8], [8, 2, 4]
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).to(DEVICE)
+
+
+def tiny_gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).to(DEVICE)
+
+
+def tokens(seed=1, b=5, t=11):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (b, t), generator=g).to(DEVICE)
+
+
+def multi_model(make=tiny_llama, targets=TARGETS, ranks=RANKS, alphas=ALPHAS, **kwargs):
+    """A model with inject_multi's layers, every adapter's B random (the adapters matter, and differ)."""
+    model = make()
+    fused_lora.inject_multi(model, targets, ranks=ranks, alphas=alphas, **kwargs)
+    torch.manual_seed(7)
+    for layer in model.modules():
+        if isinstance(layer, MultiLoRALinear):
+            for b in layer.lora_B:
+                nn.init.normal_(b, std=0.2)
+    return model
+
+
+def peft_alone(model, i, tmp_path, make=tiny_llama, trainable=False):
+    """PEFT's model of adapter ``i`` alone: save_adapter's file, loaded by PEFT into a fresh base."""
+    fused_lora.save_adapter(model, tmp_path / f"adapter{i}", adapter=i)
+    return peft.PeftModel.from_pretrained(make(), tmp_path / f"adapter{i}", is_trainable=trainable).eval()
+
+
+def assert_close(a, b, rtol=1e-5):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item())
+
+
+IDS = [2, -1, 0, 1, 0]  # (a sample each: every adapter, the base, one adapter twice)
+
+
+@pytest.mark.parametrize("make, targets", [(tiny_llama, TARGETS), (tiny_gpt2, ["c_attn", "c_fc", "mlp.c_proj"])],
+                         ids=["llama", "gpt2-conv1d"])
+def test_each_sample_runs_as_peft_with_its_adapter_alone(tmp_path, make, targets):
+    model = multi_model(make, targets).eval()
+    layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+    assert len(layers) == 6 and all(m.fan_in_fan_out == (make is tiny_gpt2) for m in layers)
+    x = tokens()
+    ids = torch.tensor(IDS, device=DEVICE)
+    with fused_lora.adapter_ids(model, ids):
+        logits = model(input_ids=x).logits
+    base = make()(input_ids=x).logits
+    for k, i in enumerate(IDS):
+        expected = base[k] if i == -1 else peft_alone(model, i, tmp_path, make)(input_ids=x[k:k + 1]).logits[0]
+        assert_close(logits[k], expected)
+    assert not torch.allclose(logits[2], base[2], rtol=1e-3)  # (the adapters change the output)
+    # a token's id each: the same ids spread over the tokens, the same result
+    with fused_lora.adapter_ids(model, ids[:, None].expand(x.shape)):
+        assert torch.equal(model(input_ids=x).logits, logits)
+
+
+def test_training_gives_each_adapter_the_gradient_of_its_own_samples(tmp_path):
+    model = multi_model().train()  # (dropout 0: the same forward as PEFT's in train mode)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {f"{n}.lora_{ab}.{i}" for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)
+                       for ab in "AB" for i in range(3)}
+    x = tokens(seed=2)
+    ids = torch.tensor(IDS, device=DEVICE)
+    weights = torch.randn(*x.shape, VOCAB, device=DEVICE)
+    with fused_lora.adapter_ids(model, ids):
+        ((model(input_ids=x).logits * weights).sum()).backward()
+    for i in range(3):
+        alone = peft_alone(model, i, tmp_path, trainable=True).train()
+        rows = [k for k, j in enumerate(IDS) if j == i]
+        (alone(input_ids=x[rows]).logits * weights[rows]).sum().backward()
+        for name, layer in model.named_modules():
+            if isinstance(layer, MultiLoRALinear):
+                twin = alone.base_model.model.get_submodule(name)
+                assert_close(layer.lora_A[i].grad, twin.lora_A["default"].weight.grad, rtol=1e-4)
+                assert_close(layer.lora_B[i].grad, twin.lora_B["default"].weight.grad, rtol=1e-4)
+
+
+def test_activation_checkpointing_inside_the_block_gives_the_same_gradients():
+    def grads(checkpointed):
+        model = multi_model(dropout=0.1)
+        model.train()
+        if checkpointed:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            key = "activation" if enable.__name__.startswith("activation") else "gradient"
+            enable(**{f"{key}_checkpointing_kwargs": {"use_reentrant": False}})
+        x = tokens(seed=3)
+        torch.manual_seed(5)
+        with fused_lora.adapter_ids(model, torch.tensor(IDS, device=DEVICE)):
+            model(input_ids=x, labels=x).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) == 36
+    for name, g in plain.items():
+        assert torch.equal(g, checkpointed[name]), name
+
+
+def test_adapter_ids_nest_yield_to_a_call_s_own_ids_and_leave_nothing_behind():
+    model = multi_model().eval()
+    x = tokens(b=2)
+    layer = model.model.layers[0].self_attn.q_proj
+    seen = []
+    layer.register_forward_hook(lambda m, args, kwargs, out: seen.append(
+        (args[1] if len(args) > 1 else kwargs["adapter_ids"]).tolist()), with_kwargs=True)
+    hooks_before = dict(layer._forward_pre_hooks)
+    outer, inner = torch.tensor([0, 1]), torch.tensor([2, -1])
+    with fused_lora.adapter_ids(model, outer):
+        model(input_ids=x)
+        with fused_lora.adapter_ids(model, inner):
+            model(input_ids=x)
+            h = torch.randn(2, 32, device=DEVICE)
+            layer(h, torch.tensor([1, 1], device=DEVICE))  # (a call's own ids)
+        model(input_ids=x)
+    assert seen == [[0, 1], [2, -1], [1, 1], [0, 1]]
+    assert dict(layer._forward_pre_hooks) == hooks_before and not hasattr(layer, "_fused_lora_routed_ids")
+    with pytest.raises(ValueError, match=r"MultiLoRALinear \(3 adapters\) needs adapter_ids.*fused_lora.adapter_ids"):
+        model(input_ids=x)
+    with pytest.raises(RuntimeError, match="inside"):
+        with fused_lora.adapter_ids(model, outer):
+            raise RuntimeError("inside")
+    assert dict(layer._forward_pre_hooks) == hooks_before
+    # ids that do not fit: the layers' checks, by name
+    with fused_lora.adapter_ids(model, torch.tensor([0, 3])), pytest.raises(ValueError, match=r"adapter_ids"):
+        model(input_ids=x)
+    with fused_lora.adapter_ids(model, torch.tensor([0, 1, 2])), pytest.raises(ValueError, match=r"adapter_ids"):
+        model(input_ids=x)
+
+
+def test_adapter_ids_route_inject_s_layers_too():
+    """inject's layers (one adapter) take ids 0 and -1 through the same block: PEFT's mixed batch without PEFT."""
+    model = tiny_llama()
+    fused_lora.inject(model, TARGETS, r=4, alpha=8)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            nn.init.normal_(m.lora_B, std=0.2)
+    model.eval()
+    x = tokens(b=3)
+    with fused_lora.adapter_ids(model, torch.tensor([0, -1, 0])):
+        mixed = model(input_ids=x).logits
+    assert_close(mixed[[0, 2]], model(input_ids=x[[0, 2]]).logits)
+    assert_close(mixed[1], tiny_llama()(input_ids=x[1:2]).logits[0])
+
+
+def test_load_adapter_fills_one_adapter_from_peft_s_file(tmp_path):
+    config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=TARGETS, init_lora_weights=False)
+    ref = peft.get_peft_model(tiny_llama(seed=0), config).eval()
+    torch.manual_seed(11)
+    ref.save_pretrained(tmp_path / "peft")
+    model = multi_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loaded = fused_lora.load_adapter(model, tmp_path / "peft", adapter=1)
+    assert sorted(loaded) == sorted(n for n, m in model.named_modules() if isinstance(m, MultiLoRALinear))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {f"{n}.lora_{ab}.1" for n in loaded for ab in "AB"}
+    assert all(model.get_submodule(n).alphas == (8.0, 6.0, 4.0) for n in loaded)
+    x = tokens()
+    with fused_lora.adapter_ids(model.eval(), torch.tensor(IDS)):
+        logits = model(input_ids=x).logits
+    assert_close(logits[3], ref(input_ids=x[3:4]).logits[0])
+    # and back out: the file save_adapter writes for adapter 1 is PEFT's again
+    fused_lora.save_adapter(model, tmp_path / "again", adapter=1)
+    again = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "again").eval()
+    assert_close(again(input_ids=x).logits, ref(input_ids=x).logits)
+    written = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert (written["r"], written["lora_alpha"], written["rank_pattern"]) == (2, 6, {})
+
+
+def test_load_adapter_refusals_change_nothing(tmp_path):
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS,
+                                                      init_lora_weights=False)).save_pretrained(tmp_path / "r4")
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=TARGETS + ["k_proj"],
+                                                      init_lora_weights=False)).save_pretrained(tmp_path / "k")
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=TARGETS, use_rslora=True,
+                                                      init_lora_weights=False)).save_pretrained(tmp_path / "rs")
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=TARGETS, lora_dropout=0.2,
+                                                      init_lora_weights=False)).save_pretrained(tmp_path / "dp")
+    model = multi_model()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"hold 3 adapters each \(inject_multi\): name one, adapter=i"):
+        fused_lora.load_adapter(model, tmp_path / "r4")
+    with pytest.raises(ValueError, match=r"adapter must be in \[0, 3\)"):
+        fused_lora.load_adapter(model, tmp_path / "r4", adapter=3)
+    with pytest.raises(AdapterFileError, match=r"the model's fused layer has r=2, the adapter r=4"):
+        fused_lora.load_adapter(model, tmp_path / "r4", adapter=1)
+    with pytest.raises(AdapterFileError, match=r"k_proj is a plain linear layer: adapter=0 loads into inject_multi"):
+        fused_lora.load_adapter(model, tmp_path / "k", adapter=0)
+    with pytest.raises(AdapterFileError, match=r"use_rslora=True in the file, False in the model's layer"):
+        fused_lora.load_adapter(model, tmp_path / "rs", adapter=0)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.warns(UserWarning, match=r"lora_dropout is 0.2; the layers' adapters share one dropout, kept as it "
+                                         r"was \(0\)"):
+        fused_lora.load_adapter(model, tmp_path / "dp", adapter=0)
+    plain = tiny_llama()
+    fused_lora.inject(plain, TARGETS, r=4)
+    with pytest.raises(ValueError, match=r"adapter=0 picks one of the adapters of inject_multi's layers; the model "
+                                         r"has none"):
+        fused_lora.load_adapter(plain, tmp_path / "r4", adapter=0)
+
+
+def test_merge_and_unload_deploys_one_adapter_and_unload_gives_the_base_back(tmp_path):
+    x = tokens()
+    model = multi_model()
+    expected = peft_alone(model, 2, tmp_path)(input_ids=x).logits
+    names = fused_lora.merge_and_unload(model, adapter=2)
+    assert len(names) == 6 and not any(isinstance(m, MultiLoRALinear) for m in model.modules())
+    model.eval()
+    assert_close(model(input_ids=x).logits, expected)
+    tiny_llama().load_state_dict(model.state_dict(), strict=True)
+
+    model = multi_model()
+    fused_lora.unload(model)
+    assert torch.equal(model.eval()(input_ids=x).logits, tiny_llama()(input_ids=x).logits)
+
+    model = multi_model()
+    with pytest.raises(ValueError, match=r"merge_and_unload: the model's fused layers hold 3 adapters each"):
+        fused_lora.merge_and_unload(model)
+    with fused_lora.adapter_ids(model, torch.tensor(IDS)):
+        with pytest.raises(ValueError, match=r"unload: inside a `with fused_lora.adapter_ids"):
+            fused_lora.unload(model)
+    single = tiny_llama()
+    fused_lora.inject(single, TARGETS)
+    with pytest.raises(ValueError, match="adapter=1 picks one of the adapters of inject_multi's layers"):
+        fused_lora.merge_and_unload(single, adapter=1)
+
+
+def test_disable_adapters_runs_the_base_without_ids():
+    model = multi_model().eval()
+    x = tokens()
+    with fused_lora.disable_adapters(model):
+        assert torch.equal(model(input_ids=x).logits, tiny_llama()(input_ids=x).logits)
+    with pytest.raises(ValueError, match="needs adapter_ids"):
+        model(input_ids=x)
+
+
+def test_save_adapter_writes_one_adapter_and_nothing_of_the_others(tmp_path):
+    model = multi_model(use_rslora=True)
+    head = model.lm_head.weight.requires_grad_()  # (a head unfrozen by hand: PEFT's modules_to_save)
+    fused_lora.save_adapter(model, tmp_path, adapter=0)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["use_rslora"], config["modules_to_save"]) == (4, 8, True,
+                                                                                                     ["lm_head"])
+    from safetensors.torch import load_file
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert sorted(k for k in saved if "lora_" in k) == sorted(
+        f"base_model.model.{n}.lora_{ab}.weight" for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)
+        for ab in "AB")
+    layer = model.model.layers[1].mlp.down_proj
+    assert torch.equal(saved["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"], layer.lora_B[0])
+    assert torch.equal(saved["base_model.model.lm_head.weight"], head)
+    with pytest.raises(ValueError, match=r"save_adapter: the model's fused layers hold 3 adapters each"):
+        fused_lora.save_adapter(model, tmp_path / "none")
+    with pytest.raises(TypeError, match="adapter"):
+        fused_lora.save_adapter(model, tmp_path / "none", adapter="0")
+
+
+def test_inject_multi_checks_before_changing_anything():
+    model = tiny_llama()
+    with pytest.raises(TypeError, match="ranks must be a sequence of ints"):
+        fused_lora.inject_multi(model, TARGETS, ranks=4)
+    with pytest.raises(ValueError, match=r"alphas must hold one value per adapter \(2\), got 1"):
+        fused_lora.inject_multi(model, TARGETS, ranks=[4, 4], alphas=[1])
+    with pytest.raises(ValueError, match="matched none"):
+        fused_lora.inject_multi(model, ["nothing"], ranks=[4])
+    assert not any(isinstance(m, MultiLoRALinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())  # (nothing frozen either)
+
+    fused_lora.inject_multi(model, ["q_proj"], ranks=[4, 2])
+    fused_lora.inject_multi(model, ["v_proj"], ranks=[8, 8])  # (other layers, other ranks, as many adapters)
+    assert model.model.layers[0].self_attn.v_proj.ranks == (8, 8)
+    assert model.model.layers[0].self_attn.q_proj.lora_A[0].requires_grad  # (the first adapters train on)
+    with pytest.raises(ValueError, match=r"hold 2 adapters each, ranks names 3"):
+        fused_lora.inject_multi(model, ["k_proj"], ranks=[8, 8, 8])
+    with pytest.raises(ValueError, match=r"already carry a fused adapter"):
+        fused_lora.inject_multi(model, ["q_proj"], ranks=[8, 8])
+    with pytest.raises(ValueError, match=r"inject: the model's fused layers hold several adapters each"):
+        fused_lora.inject(model, ["k_proj"])
+    with pytest.raises(ValueError, match=r"to_peft: inject_multi's layers .* save each with"):
+        fused_lora.to_peft(model)
+    single = tiny_llama()
+    fused_lora.inject(single, ["q_proj"])
+    with pytest.raises(ValueError, match=r"inject_multi: the model's fused layers hold one adapter each"):
+        fused_lora.inject_multi(single, ["v_proj"], ranks=[2])
+    with pytest.raises(TypeError, match="ids must be an integer tensor"):
+        with fused_lora.adapter_ids(model, torch.tensor([0.0, 1.0])):
+            pass
+    with pytest.raises(ValueError, match="the model has no fused layers"):
+        with fused_lora.adapter_ids(tiny_llama(), torch.tensor([0])):
+            pass
+    with fused_lora.adapter_ids(model, torch.tensor([0])):
+        assert fused_lora.integration.uncalled_layers(model, input_ids=tokens(b=1)) == []
+
+
+def test_a_model_of_several_adapters_compiles_in_one_graph():
+    """torch.compile(fullgraph=True) of a Llama training loss inside
+    adapter_ids: dynamo traces the routing hooks and the fused ops in one
+    frame, which the next batch's other ids reuse; loss and gradients equal
+    eager's (aot_eager: eager kernels, autograd's decompositions' rounding
+    aside)."""
+    import torch._dynamo.testing
+
+    model = multi_model(targets="all-linear", dropout=0.1).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+
+    def loss_fn(x):
+        return model(input_ids=x, labels=x).loss
+
+    compiled = torch.compile(loss_fn, backend=counter, fullgraph=True)
+    for seed, ids in ((7, [2, -1, 0, 1, 0]), (8, [1, 1, -1, 2, 0])):
+        x = tokens(seed=seed)
+        with fused_lora.adapter_ids(model, torch.tensor(ids, device=DEVICE)):
+            torch.manual_seed(seed)
+            loss = compiled(x)
+            grads = torch.autograd.grad(loss, params)
+            torch.manual_seed(seed)
+            eager = loss_fn(x)
+            eager_grads = torch.autograd.grad(eager, params)
+        torch.testing.assert_close(loss, eager, rtol=1e-6, atol=0)
+        assert len(grads) == 14 * 3 * 2
+        for g, e in zip(grads, eager_grads):
+            assert_close(g, e)
+    assert counter.frame_count == 1
