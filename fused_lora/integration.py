@@ -1530,7 +1530,8 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
         shown = ", ".join(list(multi)[:3]) + (", ..." if len(multi) > 3 else "")
         raise ValueError(f"to_peft: inject_multi's layers ({shown}) hold several adapters each, which this does "
                          "not convert: save each with fused_lora.save_adapter(model, path_i, adapter=i), then give "
-                         "them to PEFT (PeftModel.from_pretrained(base, path_0, adapter_name=...), load_adapter(path_i, ...))")
+                         "them to PEFT (PeftModel.from_pretrained(base, path_0, adapter_name=...), "
+                         "load_adapter(path_i, ...))")
     originals = getattr(model, _ORIGINALS, None)
     layers = fused_layers(model)
     _check_not_dispatched(model, list(layers), "to_peft")
