@@ -67,7 +67,8 @@ Two PyTorch ops carry the kernels, ``fused_lora::lora_linear_fwd`` and
 ``fused_lora::lora_linear_bwd`` (custom ops with fake implementations, so
 ``torch.compile`` traces through them); the forward op has its autograd
 registered, and :class:`LoRALinearFunction` exposes the same pair as a
-``torch.autograd.Function``. In plain eager mode that Function runs the two
+``torch.autograd.Function``, which checks its arguments (the functions here
+apply it unchecked, having checked theirs). In plain eager mode that Function runs the two
 passes without the ops' dispatcher, which would only add host time; while
 torch.compile traces, under dispatch modes (fake tensors...), tensor
 subclasses or the profiler it calls the ops (:func:`direct_call`). Where
@@ -85,7 +86,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _triton, dispatch
 from ._validate import check_adapter_ids, check_backend, check_lora_args, check_row_scale, check_scaling
-from .dropout import draw_seed_tensor
+from .dropout import check_seed, draw_seed_tensor
 from .reference import lora_linear_checked
 
 Tensor = torch.Tensor
@@ -434,19 +435,9 @@ def _op_backward(ctx, dy, _dxa):
 torch.library.register_autograd("fused_lora::lora_linear_fwd", _op_backward, setup_context=_op_setup_context)
 
 
-class LoRALinearFunction(torch.autograd.Function):
-    """``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with the Triton kernels.
-
-    ``LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling,
-    dropout_p, seed[, row_scale[, adapter_ids, rank_ids, rank_scaling]])`` with
-    ``seed`` a 0-d int64 CPU tensor holding the seed, or a 0-d int32 tensor on
-    x's device that the kernels read, and ``row_scale`` and the adapters'
-    tensors the factors of ``w`` of the math (not differentiated). Saves only x, the
-    weights and the tiny fp32 ``xa`` (M, r); computes only the gradients that
-    ``needs_input_grad`` asks for (twice differentiable: with
-    ``create_graph=True`` in PyTorch ops). Arguments are not validated here: use
-    :func:`lora_linear`, which checks them first.
-    """
+class _LoRALinearFunction(torch.autograd.Function):
+    """:class:`LoRALinearFunction` without its checks: what :func:`lora_linear`
+    and :func:`multi_lora_linear` apply, having checked the arguments."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, row_scale=None, adapter_ids=None,
@@ -468,6 +459,78 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         # (scaling, dropout_p, seed, row_scale, adapter_ids, rank_ids, rank_scaling: none)
         return (*_gradients(ctx, dy), *(None,) * 7)
+
+
+class LoRALinearFunction(_LoRALinearFunction):
+    """``y = x Wᵀ + b + s·(w ⊙ drop(x) Aᵀ) Bᵀ`` with the Triton kernels.
+
+    ``LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling,
+    dropout_p, seed[, row_scale[, adapter_ids, rank_ids, rank_scaling]])``:
+    the tensors as :func:`lora_linear`'s, one dtype and device; ``seed`` a
+    0-d int64 CPU tensor holding the seed, or a 0-d int32 tensor on x's
+    device that the kernels read (:func:`fused_lora.dropout.draw_seed_tensor`);
+    ``row_scale`` (x's leading shape, floating point) or the adapters'
+    ``adapter_ids`` (int32, x's leading shape), ``rank_ids`` (int32, (r,))
+    and ``rank_scaling`` (float32, (r,)), the factors of ``w`` of the math
+    (not differentiated; their values are not read: an id that no rank
+    column has runs the base alone, one below -1 gives NaN). Saves only x, the
+    weights and the tiny fp32 ``xa`` (M, r); computes only the gradients that
+    ``needs_input_grad`` asks for (twice differentiable: with
+    ``create_graph=True`` in PyTorch ops). Runs the kernels whatever the
+    device (:func:`lora_linear` picks the backend, applies autocast, draws
+    the seed and adapts the arguments). Arguments are checked first:
+    ``TypeError``/``ValueError`` naming them and their shapes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, row_scale=None, adapter_ids=None,
+                rank_ids=None, rank_scaling=None):
+        _check_function_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, row_scale, adapter_ids,
+                             rank_ids, rank_scaling)
+        for name, i in (("row_scale", 8), ("rank_scaling", 11)):  # (here grad mode is off: what autograd asks)
+            if ctx.needs_input_grad[i]:
+                raise ValueError(f"{name} requires grad, but no gradient flows to it: pass {name}.detach()")
+        return _LoRALinearFunction.forward(ctx, x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
+                                           seed, row_scale, adapter_ids, rank_ids, rank_scaling)
+
+
+def _check_function_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, row_scale, adapter_ids, rank_ids,
+                         rank_scaling) -> None:
+    """:class:`LoRALinearFunction`'s arguments, as it takes them."""
+    check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, None)
+    reason = _triton.why_not(x.device, x.dtype)
+    if reason:
+        raise ValueError(f"LoRALinearFunction runs the Triton kernels, which cannot run here: {reason} (lora_linear "
+                         "runs the torch backend there)")
+    if not (isinstance(seed, Tensor) and seed.dim() == 0
+            and ((seed.dtype == torch.int64 and seed.device.type == "cpu")
+                 or (seed.dtype == torch.int32 and seed.device == x.device))):
+        got = (f"a {seed.dtype} tensor of shape {tuple(seed.shape)} on {seed.device}" if isinstance(seed, Tensor)
+               else type(seed).__name__)
+        raise TypeError(f"seed must be a 0-d int64 CPU tensor holding the seed, or a 0-d int32 tensor on x's device "
+                        f"({x.device}) that the kernels read; got {got}")
+    if seed.dtype == torch.int64:
+        check_seed(int(seed))
+    check_row_scale(x, row_scale)
+    adapters = {"adapter_ids": adapter_ids, "rank_ids": rank_ids, "rank_scaling": rank_scaling}
+    if all(t is None for t in adapters.values()):
+        return
+    missing = [name for name, t in adapters.items() if t is None]
+    if missing:
+        raise ValueError(f"adapter_ids, rank_ids and rank_scaling come together; {', '.join(missing)} missing")
+    if row_scale is not None:
+        raise ValueError("pass row_scale or the adapters' tensors (adapter_ids, rank_ids, rank_scaling), not both")
+    r, lead = lora_A.shape[0], tuple(x.shape[:-1])
+    for (name, t), dtype, shape in zip(adapters.items(), (torch.int32, torch.int32, torch.float32),
+                                       (lead, (r,), (r,))):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != dtype or tuple(t.shape) != shape or t.device != x.device or (
+                name != "adapter_ids" and not t.is_contiguous()):
+            contiguous = "" if name == "adapter_ids" else ", contiguous,"
+            raise ValueError(f"{name} must be a {dtype} tensor of shape {shape}{contiguous} on x's device "
+                             f"({x.device}) for x {tuple(x.shape)} and lora_A {tuple(lora_A.shape)}; got a "
+                             f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}")
 
 
 # ----------------------------------------------------------------------------
@@ -596,7 +659,7 @@ def _lora_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
     # (on the CPU whatever the default device: a value the kernels take as an argument, never read back
     # from a GPU, which would sync the host and break a CUDA graph's capture)
     seed_t = seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int64, device="cpu")
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t, row_scale, *adapters)
+    return _LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t, row_scale, *adapters)
 
 
 def multi_lora_linear(

@@ -3,7 +3,9 @@
 with the gloo backend give the gradients of one process on the whole batch;
 under FSDP1 and FSDP2, save_adapter and load_adapter work on the sharded
 adapters, and what would leave the model running on shards is refused; a
-PeftModel converted by from_peft trains and saves under FSDP2 as PEFT's own."""
+PeftModel converted by from_peft trains and saves under FSDP2 as PEFT's own;
+a model of several adapters a layer (inject_multi) trains, saves one adapter
+and loads it back under FSDP2."""
 
 import os
 import sys
@@ -30,6 +32,27 @@ def _model(device, backend="auto"):
         for layer in fused_lora.integration.fused_layers(model).values():
             layer.lora_B.normal_(0, 0.3)
     return model
+
+
+#: The ids of _data's 12 rows for _multi_model (a row each).
+MULTI_IDS = [0, 1, -1, 1, 0, 1, 1, -1, 0, 0, 1, 1]
+
+
+def _multi_model(device, backend="auto"):
+    """``_model``'s network with two adapters a layer (inject_multi), ranks 4 and 2."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 8)).to(device)
+    fused_lora.inject_multi(model, ["0", "2", "4"], ranks=[4, 2], alphas=[8, 2], backend=backend)
+    with torch.no_grad():
+        for layer in fused_lora.integration.multi_fused_layers(model).values():
+            for b in layer.lora_B:
+                b.normal_(0, 0.3)
+    return model
+
+
+def _multi_step(model, wrapped, x, y, ids):
+    with fused_lora.adapter_ids(model, ids):
+        nn.functional.cross_entropy(wrapped(x), y).backward()
 
 
 def _peft_model(device):
@@ -105,6 +128,8 @@ def _worker(rank, mode, init_file, out_file):
         if mode == "fsdp2-from_peft":  # (a PeftModel whose layers from_peft fused, then sharded)
             model = _peft_model(device)
             fused_lora.from_peft(model)
+        elif mode == "fsdp2-multi":
+            model = _multi_model(device, backend="triton")
         else:
             model = _model(device, backend="triton")
         x, y = _data(device)
@@ -127,12 +152,16 @@ def _worker(rank, mode, init_file, out_file):
 
             mesh = init_device_mesh("cpu", (WORLD,))
             if _fsdp2_averages(mesh, rank):
-                for layer in fused_lora.integration.fused_layers(model).values():
+                for layer in fused_lora.integration.all_fused_layers(model).values():
                     fully_shard(layer, mesh=mesh)
                 wrapped = fully_shard(model, mesh=mesh)
             else:  # (torch's own reduction is wrong: nothing of ours to check)
                 wrapped, result = None, {"torch_sums_fsdp2_gradients": True}
-        if wrapped is not None:
+        if wrapped is not None and mode == "fsdp2-multi":
+            _multi_step(model, wrapped, x[shard], y[shard], torch.tensor(MULTI_IDS[shard]))
+            result = {"grads": _grads(model)}
+            result.update(_save_and_load_one_adapter(model, os.path.join(os.path.dirname(out_file), "adapter")))
+        elif wrapped is not None:
             loss = nn.functional.cross_entropy(wrapped(x[shard]), y[shard])
             loss.backward()
             result = {"grads": _grads(model, wrapped if mode == "fsdp1" else None)}
@@ -157,6 +186,27 @@ def _worker(rank, mode, init_file, out_file):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _save_and_load_one_adapter(model, directory):
+    """Under FSDP2, on every rank: save_adapter(adapter=1) gathers adapter 1's
+    shards and rank 0 writes; load_adapter(adapter=1) puts each rank's part
+    back into adapter 1 alone."""
+    layers = fused_lora.integration.multi_fused_layers(model)
+
+    def whole(i):
+        return {n: layer.lora_B[i].full_tensor().clone() for n, layer in layers.items()}
+
+    fused_lora.save_adapter(model, directory, adapter=1)
+    written = sorted(os.listdir(directory))
+    before, other = whole(1), whole(0)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B[1].zero_()
+    fused_lora.load_adapter(model, directory, adapter=1)
+    return {"written": written, "reloaded_equal": all(torch.equal(whole(1)[n], before[n]) for n in before),
+            "other_untouched": all(torch.equal(whole(0)[n], other[n]) for n in other),
+            "sharded": sorted({type(p).__name__ for layer in layers.values() for p in layer.parameters()})}
 
 
 def _save_and_load_sharded(model, target, directory, mode):
@@ -241,7 +291,7 @@ def _save_and_load_sharded(model, target, directory, mode):
             "still_fused": sorted(map(_plain_name, fused_lora.integration.fused_layers(model)))}
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp1", "fsdp2", "fsdp2-from_peft"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp1", "fsdp2", "fsdp2-from_peft", "fsdp2-multi"])
 def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     out_file = tmp_path / "grads.pt"
     # gloo on CPU: the workers run the kernels on Triton's interpreter, which
@@ -256,6 +306,9 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     distributed = result["grads"]
     if mode == "fsdp2-from_peft":
         _check_from_peft(result, tmp_path)
+        return
+    if mode == "fsdp2-multi":
+        _check_multi(result, tmp_path)
         return
     model = _model(torch.device("cpu"))
     x, y = _data(torch.device("cpu"))
@@ -297,6 +350,32 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
         # the units holding the adapters, each whole alone (never the root, and so never the whole model)
         assert result["summoned"] == [("LoRALinear", False)] * 3, result["summoned"]
         assert not (tmp_path / "adapter-outside").exists()
+
+
+def _check_multi(result, tmp_path):
+    """FSDP2 over inject_multi's layers: the gradients of one process on the
+    whole batch, each row through its adapter; the file holds adapter 1's
+    whole tensors, and loading it back gives each rank its part of adapter 1
+    alone."""
+    from safetensors.torch import load_file
+
+    model = _multi_model(torch.device("cpu"))
+    x, y = _data(torch.device("cpu"))
+    _multi_step(model, model, x, y, torch.tensor(MULTI_IDS))
+    single = _grads(model)
+    assert set(result["grads"]) == set(single) and len(single) == 12
+    for name, g in single.items():
+        assert g.abs().max() > 0, name
+        assert_close(result["grads"][name], g.double(), torch.float32, name)
+    assert result["sharded"] == ["DTensor"]
+    assert result["written"] == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert len(saved) == 6
+    for name, layer in fused_lora.integration.multi_fused_layers(model).items():
+        for which in "AB":
+            assert torch.equal(saved[f"base_model.model.{name}.lora_{which}.weight"],
+                               getattr(layer, f"lora_{which}")[1].detach())
+    assert result["reloaded_equal"] and result["other_untouched"]
 
 
 def _check_from_peft(result, tmp_path):

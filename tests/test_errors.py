@@ -254,3 +254,78 @@ def test_nan_and_inf_propagate_like_the_reference(args, where, value, p):
     assert torch.equal(torch.isinf(y), torch.isinf(y64))
     finite = torch.isfinite(y64)
     assert_close(y[finite], y64[finite], torch.float32, f"y, {where} poisoned with {value}")
+
+
+# ----------------------------------------------------------------------------
+# The autograd Function, applied directly, checks what it takes too
+# ----------------------------------------------------------------------------
+
+def _apply(x, weight, lora_A, lora_B, bias, scaling=1.5, dropout_p=0.0, seed=None, row_scale=None, adapter_ids=None,
+           rank_ids=None, rank_scaling=None):
+    seed = torch.tensor(12345, dtype=torch.int64) if seed is None else seed
+    return fused_lora.LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, row_scale,
+                                               adapter_ids, rank_ids, rank_scaling)
+
+
+def _adapter_tensors(rows=6, r=4):
+    return dict(adapter_ids=torch.tensor([0, 1, -1, 1, 0, 0][:rows], dtype=torch.int32, device=DEVICE),
+                rank_ids=torch.tensor([0, 0, 1, 1][:r], dtype=torch.int32, device=DEVICE),
+                rank_scaling=torch.tensor([0.5, 0.5, 2.0, 2.0][:r], device=DEVICE))
+
+
+FUNCTION_BAD = [entry for entry in BAD if not any(w in ("seed", "backend") for w in entry[2])] + [
+    (lambda a: dict(seed=5), TypeError, ["seed", "0-d int64 CPU tensor", "int"]),
+    (lambda a: dict(seed=torch.tensor([5])), TypeError, ["seed", "shape (1,)"]),
+    (lambda a: dict(seed=torch.tensor(5.0)), TypeError, ["seed", "torch.float32"]),
+    (lambda a: dict(seed=torch.tensor(-3), dropout_p=0.1), ValueError, ["seed", "[0, 2**63)"]),
+    (lambda a: dict(adapter_ids=_adapter_tensors()["adapter_ids"]), ValueError,
+     ["adapter_ids, rank_ids and rank_scaling come together", "rank_ids, rank_scaling missing"]),
+    (lambda a: dict(_adapter_tensors(), row_scale=torch.ones(6, device=DEVICE)), ValueError, ["row_scale", "not both"]),
+    (lambda a: dict(_adapter_tensors(), adapter_ids=_adapter_tensors()["adapter_ids"].long()), ValueError,
+     ["adapter_ids", "torch.int32", "(6,)", "torch.int64"]),
+    (lambda a: dict(_adapter_tensors(), adapter_ids=_adapter_tensors(rows=5)["adapter_ids"]), ValueError,
+     ["adapter_ids", "(6,)", "(5,)"]),
+    (lambda a: dict(_adapter_tensors(), rank_ids=_adapter_tensors(r=3)["rank_ids"]), ValueError,
+     ["rank_ids", "(4,)", "(3,)", "lora_A (4, 16)"]),
+    (lambda a: dict(_adapter_tensors(), rank_scaling=torch.ones(4, 2, device=DEVICE)[:, 0]), ValueError,
+     ["rank_scaling", "contiguous"]),
+    (lambda a: dict(_adapter_tensors(), rank_scaling=torch.ones(4, device=DEVICE, requires_grad=True)), ValueError,
+     ["rank_scaling", "detach()"]),
+    (lambda a: dict(_adapter_tensors(), rank_ids=[0, 0, 1, 1]), TypeError, ["rank_ids", "Tensor", "list"]),
+]
+
+
+@pytest.mark.parametrize("change, err, words", FUNCTION_BAD, ids=[f"bad{i}" for i in range(len(FUNCTION_BAD))])
+def test_the_autograd_function_rejects_bad_input_before_any_launch(args, no_launch, change, err, words):
+    with pytest.raises(err) as info:
+        _apply(**_with(args, **change(args)))
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in: {info.value}"
+
+
+@pytest.mark.parametrize("adapters", [False, True])
+def test_the_autograd_function_gives_lora_linear_s_results(args, adapters):
+    """Checked, it runs the same kernels as lora_linear: the same outputs and gradients, bit for bit."""
+    extra = _adapter_tensors() if adapters else dict(row_scale=torch.rand(6, device=DEVICE))
+    leaves = {k: v.detach().requires_grad_() for k, v in args.items()}
+    y = _apply(**leaves, dropout_p=0.3, **extra)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, list(leaves.values()), dy)
+    seed = torch.tensor(12345, dtype=torch.int64)
+    again = {k: v.detach().requires_grad_() for k, v in args.items()}
+    y_op = fused_lora.ops._LoRALinearFunction.apply(again["x"], again["weight"], again["bias"], again["lora_A"],
+                                                     again["lora_B"], 1.5, 0.3, seed, *(
+                                                         (None, *extra.values()) if adapters else extra.values()))
+    assert torch.equal(y, y_op)
+    for g, g_op in zip(grads, torch.autograd.grad(y_op, list(again.values()), dy)):
+        assert torch.equal(g, g_op)
+    if not adapters:  # (and lora_linear's own call, the seed given as an int)
+        assert torch.equal(y, fused_lora.lora_linear(**args, scaling=1.5, dropout_p=0.3, seed=12345,
+                                                     backend="triton", **extra))
+
+
+def test_the_autograd_function_where_the_kernels_cannot_run(args, monkeypatch, no_launch):
+    monkeypatch.setattr(_triton, "why_not", lambda device, dtype: "no GPU here (a stand-in reason)")
+    with pytest.raises(ValueError, match=r"LoRALinearFunction runs the Triton kernels, which cannot run here: no GPU "
+                                         r"here \(a stand-in reason\) \(lora_linear runs the torch backend there\)"):
+        _apply(**args)
