@@ -801,6 +801,25 @@ def inject_multi(model: nn.Module, target_modules, ranks, alphas=None, dropout: 
     return chosen
 
 
+def adapter_parameters(model: nn.Module, adapter: int) -> list[nn.Parameter]:
+    """Adapter ``adapter``'s parameters in every :func:`inject_multi` layer of
+    ``model``: each layer's ``lora_A[adapter]`` then ``lora_B[adapter]``, in
+    model order (a layer reachable under two names once). For an optimizer
+    of each adapter's own, or to freeze one (``requires_grad_(False)``)
+    while the others train. (An adapter with no rows in a batch gets zero
+    gradients, not None: one optimizer over every adapter, with momentum or
+    weight decay, still moves it at that step, where training it alone would
+    have taken no step; step each adapter's optimizer on the batches that
+    hold its rows to train each as if alone.) Raises ValueError on a model
+    without such layers, or an index out of their range."""
+    multi = multi_fused_layers(_check_model(model))
+    if not multi:
+        raise ValueError("adapter_parameters: the model has no layers of several adapters (inject_multi places them)")
+    adapter = _check_adapter_index("adapter_parameters", adapter, multi)
+    layers = {id(layer): layer for layer in multi.values()}.values()
+    return [p for layer in layers for p in (layer.lora_A[adapter], layer.lora_B[adapter])]
+
+
 #: On a fused layer inside :func:`adapter_ids`: ``[hook handle, [ids by device, ...]]``, the innermost block's last.
 _ROUTED = "_fused_lora_routed_ids"
 

@@ -353,3 +353,84 @@ def test_a_model_of_several_adapters_compiles_in_one_graph():
         for g, e in zip(grads, eager_grads):
             assert_close(g, e)
     assert counter.frame_count == 1
+
+
+def test_an_optimizer_of_each_adapter_s_own_trains_each_as_if_alone():
+    """adapter_parameters: each adapter's parameters, for an optimizer of its
+    own, stepped on the batches that hold its rows; one AdamW over all
+    adapters moves an adapter without rows too (zero gradients, weight decay
+    and momentum), which training it alone would not."""
+    x = tokens(seed=4, b=4)
+    batches = [torch.tensor([0, 1, 0, -1]), torch.tensor([1, 1, 0, 0])]  # (adapter 2 has no rows)
+
+    def train(per_adapter):
+        model = multi_model().train()
+        params = [fused_lora.adapter_parameters(model, i) for i in range(3)]
+        assert [len(p) for p in params] == [12, 12, 12]
+        assert {id(p) for ps in params for p in ps} == {id(p) for p in model.parameters() if p.requires_grad}
+        if per_adapter:
+            optimizers = [torch.optim.AdamW(p, lr=0.1, weight_decay=0.1) for p in params]
+        else:
+            optimizers = [torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)]
+        for ids in batches:
+            with fused_lora.adapter_ids(model, ids):
+                model(input_ids=x, labels=x).loss.backward()
+            for i, optimizer in enumerate(optimizers):
+                if not per_adapter or (ids == i).any():
+                    optimizer.step()
+                optimizer.zero_grad()
+        return model
+
+    start = multi_model()
+    own, shared = train(True), train(False)
+    for name, layer in own.named_modules():
+        if isinstance(layer, MultiLoRALinear):
+            first = start.get_submodule(name)
+            assert torch.equal(layer.lora_A[2], first.lora_A[2]) and torch.equal(layer.lora_B[2], first.lora_B[2])
+            assert not torch.equal(layer.lora_B[0], first.lora_B[0])
+            assert not torch.equal(shared.get_submodule(name).lora_A[2], first.lora_A[2])
+    with pytest.raises(ValueError, match=r"adapter_parameters: the model's fused layers hold 3 adapters each"):
+        fused_lora.adapter_parameters(own, None)
+    with pytest.raises(ValueError, match=r"adapter must be in \[0, 3\)"):
+        fused_lora.adapter_parameters(own, 3)
+    with pytest.raises(ValueError, match="no layers of several adapters"):
+        fused_lora.adapter_parameters(tiny_llama(), 0)
+
+
+def test_a_frozen_adapter_gets_no_gradient_and_the_others_theirs():
+    x = tokens(seed=5)
+    ids = torch.tensor(IDS)
+
+    def grads(freeze):
+        model = multi_model().train()
+        if freeze:
+            for p in fused_lora.adapter_parameters(model, 1):
+                p.requires_grad_(False)
+        with fused_lora.adapter_ids(model, ids):
+            model(input_ids=x, labels=x).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if ".lora_" in n}
+
+    all_, frozen = grads(False), grads(True)
+    for name, g in frozen.items():
+        if name.endswith(".1"):
+            assert g is None and all_[name] is not None, name
+        else:
+            assert torch.equal(g, all_[name]), name
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generate_runs_each_sample_with_its_adapter(tmp_path, num_beams):
+    """Serving: generate (greedy, or beam search with the ids repeated as
+    the beams repeat the samples) inside adapter_ids gives each sample PEFT's
+    generation with its adapter alone."""
+    model = multi_model().eval()
+    x = tokens(seed=6, b=4, t=7)
+    ids = torch.tensor([1, -1, 2, 1], device=DEVICE)
+    settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, num_beams=num_beams, pad_token_id=0)
+    with fused_lora.adapter_ids(model, ids.repeat_interleave(num_beams)):
+        out = model.generate(input_ids=x, **settings)
+    assert out.shape == (4, 12)
+    alone = {i: peft_alone(model, i, tmp_path) for i in (1, 2)}
+    for k, i in enumerate(ids.tolist()):
+        one = tiny_llama() if i == -1 else alone[i]
+        assert torch.equal(out[k], one.generate(input_ids=x[k:k + 1], **settings)[0]), k
