@@ -1658,7 +1658,7 @@ def _check_adapter_index(what: str, adapter, multi: dict) -> int | None:
     if not multi:
         if adapter is not None:
             raise ValueError(f"{what}: adapter={adapter!r} picks one of the adapters of inject_multi's layers; the "
-                             "model has none (its fused layers hold one adapter each)")
+                             "model has none")
         return None
     n = next(iter(multi.values())).num_adapters
     if adapter is None:

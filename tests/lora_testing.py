@@ -1,8 +1,11 @@
 """The test modules' helpers: those of fused_lora.testing (one tolerance
-table for the suite and for ``fused-lora check``), a launch counter, and the
-sm_90 compile reports run in the background (:class:`BackgroundCompileReports`)."""
+table for the suite and for ``fused-lora check``), a launch counter, the
+sm_90 compile reports run in the background (:class:`BackgroundCompileReports`),
+and the small transformers models the integration tests build from configs."""
 
 import json
+
+import torch
 
 from fused_lora.testing import (  # noqa: F401
     DEVICE,
@@ -144,3 +147,28 @@ def compiled_as_planned(report: dict) -> list:
     planned = jobs + compile_report.fp16_twins(jobs, results[:len(jobs)])
     assert [identity(r) for r in results] == [identity(compile_report.result_of(j)) for j in planned]
     return results
+
+
+#: The vocabulary of the tiny transformers models.
+VOCAB = 61
+
+
+def tiny_llama(seed=0, **overrides):
+    """A two-layer transformers Llama built from a config (nothing downloaded), on DEVICE."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   **overrides)
+    return transformers.LlamaForCausalLM(cfg).to(DEVICE)
+
+
+def tiny_gpt2(seed=0):
+    """A two-layer transformers GPT-2 (Conv1D layers, dropout off) built from a config, on DEVICE."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).to(DEVICE)

@@ -322,13 +322,7 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     # the file holds the whole adapters (those of the unsharded model), in PEFT's keys
     from safetensors.torch import load_file
 
-    assert result["written"] == ["adapter_config.json", "adapter_model.safetensors"]
-    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    assert len(saved) == 6
-    for name, layer in fused_lora.integration.fused_layers(model).items():
-        for which in "AB":
-            assert torch.equal(saved[f"base_model.model.{name}.lora_{which}.weight"],
-                               getattr(layer, f"lora_{which}").detach())
+    saved = _check_saved(result, tmp_path, fused_lora.integration.fused_layers(model), lambda t: t)
     assert result["zeroed"] and result["reloaded_equal"] and result["reloaded_nonzero"]
     by = "FSDP1 (FullyShardedDataParallel)" if mode == "fsdp1" else "FSDP2 (fully_shard)"
     refusals = result["refusals"]
@@ -357,8 +351,6 @@ def _check_multi(result, tmp_path):
     whole batch, each row through its adapter; the file holds adapter 1's
     whole tensors, and loading it back gives each rank its part of adapter 1
     alone."""
-    from safetensors.torch import load_file
-
     model = _multi_model(torch.device("cpu"))
     x, y = _data(torch.device("cpu"))
     _multi_step(model, model, x, y, torch.tensor(MULTI_IDS))
@@ -368,14 +360,24 @@ def _check_multi(result, tmp_path):
         assert g.abs().max() > 0, name
         assert_close(result["grads"][name], g.double(), torch.float32, name)
     assert result["sharded"] == ["DTensor"]
+    _check_saved(result, tmp_path, fused_lora.integration.multi_fused_layers(model), lambda adapters: adapters[1])
+    assert result["reloaded_equal"] and result["other_untouched"]
+
+
+def _check_saved(result, tmp_path, layers, pick):
+    """The file rank 0 wrote holds the whole tensors of ``layers`` (``pick``
+    takes the one adapter's from a layer's ``lora_A`` / ``lora_B``) under
+    PEFT's keys, nothing else; returns its tensors."""
+    from safetensors.torch import load_file
+
     assert result["written"] == ["adapter_config.json", "adapter_model.safetensors"]
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    assert len(saved) == 6
-    for name, layer in fused_lora.integration.multi_fused_layers(model).items():
+    assert len(saved) == 2 * len(layers)
+    for name, layer in layers.items():
         for which in "AB":
             assert torch.equal(saved[f"base_model.model.{name}.lora_{which}.weight"],
-                               getattr(layer, f"lora_{which}")[1].detach())
-    assert result["reloaded_equal"] and result["other_untouched"]
+                               pick(getattr(layer, f"lora_{which}")).detach())
+    return saved
 
 
 def _check_from_peft(result, tmp_path):

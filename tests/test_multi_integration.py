@@ -13,28 +13,13 @@ from torch import nn
 
 import fused_lora
 from fused_lora import AdapterFileError, LoRALinear, MultiLoRALinear
-from lora_testing import DEVICE
+from lora_testing import DEVICE, VOCAB, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft", minversion=".".join(map(str, fused_lora.integration.MIN_PEFT)))
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 61
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 RANKS, ALPHAS = [4, 2, 8], [8, 2, 4]
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).to(DEVICE)
-
-
-def tiny_gpt2(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(cfg).to(DEVICE)
 
 
 def tokens(seed=1, b=5, t=11):
