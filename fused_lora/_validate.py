@@ -73,9 +73,11 @@ def check_scaling(scaling) -> float:
     return scaling
 
 
-def check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
+def check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, min_rank: int = 1):
     """Validate the arguments of ``lora_linear``; returns
-    ``(scaling, dropout_p, seed)`` normalised to float, float, int-or-None."""
+    ``(scaling, dropout_p, seed)`` normalised to float, float, int-or-None.
+    (``min_rank=0``: an adapter of rank 0 too, one of ``multi_lora_linear``'s
+    that leaves the layer alone.)"""
     _is_tensor("x", x)
     _is_tensor("weight", weight)
     _is_tensor("lora_A", lora_A)
@@ -93,8 +95,8 @@ def check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
     if lora_A.dim() != 2:
         raise ValueError(f"lora_A must be 2-D (r, in_features), got shape {tuple(lora_A.shape)}")
     r = lora_A.shape[0]
-    if r < 1:
-        raise ValueError(f"the rank r must be >= 1, got lora_A of shape {tuple(lora_A.shape)}")
+    if r < min_rank:
+        raise ValueError(f"the rank r must be >= {min_rank}, got lora_A of shape {tuple(lora_A.shape)}")
     if lora_A.shape[1] != k:
         raise ValueError(f"lora_A must have shape (r, in_features={k}) to match weight {tuple(weight.shape)}, "
                          f"got {tuple(lora_A.shape)}")

@@ -804,7 +804,8 @@ def inject_multi(model: nn.Module, target_modules, ranks, alphas=None, dropout: 
 def adapter_parameters(model: nn.Module, adapter: int) -> list[nn.Parameter]:
     """Adapter ``adapter``'s parameters in every :func:`inject_multi` layer of
     ``model``: each layer's ``lora_A[adapter]`` then ``lora_B[adapter]``, in
-    model order (a layer reachable under two names once). For an optimizer
+    model order (a layer reachable under two names once; none where the
+    adapter has rank 0). For an optimizer
     of each adapter's own, or to freeze one (``requires_grad_(False)``)
     while the others train. (An adapter with no rows in a batch gets zero
     gradients, not None: one optimizer over every adapter, with momentum or
@@ -816,7 +817,7 @@ def adapter_parameters(model: nn.Module, adapter: int) -> list[nn.Parameter]:
     if not multi:
         raise ValueError("adapter_parameters: the model has no layers of several adapters (inject_multi places them)")
     adapter = _check_adapter_index("adapter_parameters", adapter, multi)
-    layers = {id(layer): layer for layer in multi.values()}.values()
+    layers = {id(layer): layer for layer in multi.values() if layer.ranks[adapter]}.values()
     return [p for layer in layers for p in (layer.lora_A[adapter], layer.lora_B[adapter])]
 
 
@@ -1945,7 +1946,11 @@ def _adapters_to_write(model: nn.Module, adapter, what: str) -> dict:
                          f"and several ({next(iter(multi))}...): PEFT's file holds one adapter a layer")
     adapter = _check_adapter_index(what, adapter, multi)
     if multi:
-        return {n: _OneAdapter.of(layer, adapter) for n, layer in multi.items()}
+        # (a layer where the adapter has rank 0 holds none of it: not one of its target modules)
+        layers = {n: _OneAdapter.of(layer, adapter) for n, layer in multi.items() if layer.ranks[adapter]}
+        if not layers:
+            raise ValueError(f"{what}: adapter {adapter} has rank 0 in every layer: there is nothing of it to save")
+        return layers
     return single
 
 
@@ -2265,6 +2270,110 @@ def load_adapter(model: nn.Module, directory, *, adapter: int | None = None, bac
     return loaded
 
 
+def load_adapters(model: nn.Module, directories, *, backend: str = "auto") -> list[str]:
+    """Load several PEFT-format LoRA adapters into one plain model, to run
+    each sample (or token) of a batch through its own in one set of fused
+    launches (:func:`adapter_ids`): serving several adapters from one base,
+    or training them on. Adapter ``i`` is ``directories[i]``'s. Each linear
+    layer that a file names becomes a :class:`~fused_lora.MultiLoRALinear`
+    holding every file's adapter there, of that file's rank and alpha, and
+    of rank 0 where a file does not name the layer (that adapter leaves it
+    alone, as PEFT's does); the model is frozen but for the adapters, as
+    :func:`inject_multi` leaves it. Each file is then loaded as
+    :func:`load_adapter` with ``adapter=i`` loads it (its checks, its
+    warnings), and :func:`save_adapter` with ``adapter=i`` writes it back,
+    of the same layers.
+
+    The adapters of a layer share its ``use_rslora``, which the files must
+    agree on, and its dropout: the first file's (a warning names the others'
+    where they differ). Files that keep modules whole (``modules_to_save``)
+    or trained biases, parts of the base that every adapter would share, are
+    refused: load such an adapter alone (:func:`load_adapter`). The model
+    must have no fused layers yet (to add an adapter's values to
+    :func:`inject_multi`'s layers, :func:`load_adapter` with ``adapter=i``).
+    Should anything fail, :class:`AdapterFileError` (a ``ValueError``) or
+    another error, the model is left as it was.
+
+    Returns the names of the layers made, in model order.
+    """
+    _check_model(model)
+    if isinstance(directories, (str, os.PathLike)) or not isinstance(directories, (list, tuple)):
+        raise TypeError(f"directories must be a list of adapter directories, one an adapter, got "
+                        f"{type(directories).__name__}")
+    if not directories:
+        raise ValueError("directories must name at least one adapter directory, got an empty list")
+    fused = all_fused_layers(model)
+    if fused:
+        raise ValueError(f"load_adapters makes the fused layers of a model without them; this one has "
+                         f"{', '.join(list(fused)[:3])}{', ...' if len(fused) > 3 else ''} (into inject_multi's "
+                         "layers, load_adapter(model, directory, adapter=i) loads one adapter)")
+    dirs = [Path(d) for d in directories]
+    files = [_read_adapter(d) for d in dirs]
+    for d, (config, _) in zip(dirs, files):
+        if config.get("modules_to_save") or config.get("bias", "none") != "none":
+            raise AdapterFileError(f"{d}: modules_to_save={config.get('modules_to_save')!r}, "
+                                   f"bias={config.get('bias', 'none')!r}: modules kept whole and trained biases are "
+                                   "the base's, which the adapters of one model share: load this adapter alone "
+                                   "(fused_lora.load_adapter)")
+    rslora = {bool(config.get("use_rslora", False)) for config, _ in files}
+    if len(rslora) > 1:
+        raise AdapterFileError(f"{', '.join(map(str, dirs))}: some use rsLoRA and some not; the adapters of a layer "
+                               "share use_rslora")
+    (use_rslora,) = rslora
+    names = _model_names(_public_names(model))
+    prefix = PEFT_PREFIX if PEFT_PREFIX[:-1] in names else ""
+    ranks: dict[str, list[int]] = {}  # (the model's name of each layer a file names -> each file's rank there)
+    dtypes: dict[str, torch.dtype] = {}
+    for i, (d, (_, tensors)) in enumerate(zip(dirs, files)):
+        for key, value in tensors.items():
+            m = _KEY.match(key)
+            if m is None:
+                raise AdapterFileError(f"{d}: unexpected tensor {key!r} (load_adapters takes lora_A/lora_B weights "
+                                       "alone)")
+            name = names.get(prefix + _strip(m["path"]))
+            if name is None:
+                raise AdapterFileError(f"{d}: the model has no module {prefix + _strip(m['path'])!r}")
+            if m["which"] == "A" and value.dim() == 2:  # (the rank; load_adapter checks the rest)
+                ranks.setdefault(name, [0] * len(dirs))[i] = value.shape[0]
+                dtypes.setdefault(name, value.dtype)
+    chosen = [n for n in linear_layer_names(model) if n in ranks]  # (model order)
+    unfit = sorted(ranks.keys() - set(chosen))
+    if unfit:
+        raise AdapterFileError(f"{unfit[0]} is a {type(model.get_submodule(unfit[0])).__name__}, not a linear layer")
+    _check_can_add_parameters(model, chosen, "load_adapters")
+    _check_fusable(model, chosen, "load_adapters", AdapterFileError)
+    for name in chosen:
+        reason = _never_called(model, name)
+        if reason or model.get_submodule(name).weight.device.type == "meta":
+            raise AdapterFileError(f"{name}: {reason or _META}")
+    dropout = float(files[0][0].get("lora_dropout", 0.0) or 0.0)
+    trained = {p: p.requires_grad for p in model.parameters()}
+    originals = {}
+    try:
+        made = {}
+        _freeze_a_plain_model(model)
+        for name in chosen:
+            module = model.get_submodule(name)
+            if id(module) not in made:  # (a module reachable under two names gets one layer)
+                layer = MultiLoRALinear.around(module.weight, module.bias, ranks[name], ranks[name], dropout,
+                                               use_rslora, fan_in_fan_out=not isinstance(module, nn.Linear),
+                                               backend=backend, adapter_dtype=dtypes[name])
+                made[id(module)] = layer.train(module.training)
+            originals[name] = module
+            _replace_module(model, name, made[id(module)])
+        for i, d in enumerate(dirs):
+            load_adapter(model, d, adapter=i, backend=backend)
+    except BaseException:  # (the model as it was: its own layers, with their hooks, and what trained)
+        for name, module in originals.items():
+            _replace_module(model, name, module)
+        for p, flag in trained.items():
+            p.requires_grad_(flag)
+        _unguard_fast_paths(model)
+        raise
+    _warn_weight_readers(model, chosen, "load_adapters")
+    return chosen
+
+
 def _load_into(model: nn.Module, directory: Path, config: dict, tensors: dict, backend: str, adapter=None):
     """:func:`load_adapter`'s checks, then its changes: ``(plan, loaded,
     untouched)``, what it loaded and the fused layers it left alone."""
@@ -2370,7 +2479,8 @@ def _load_into(model: nn.Module, directory: Path, config: dict, tensors: dict, b
         raise AdapterFileError(f"{directory}: biases for layers without lora_A/lora_B weights: {sorted(lora_biases)}")
 
     planned = {id(module) for _, module, *_ in plan}
-    untouched = sorted({public[n] for n, layer in all_fused_layers(model).items() if id(layer) not in planned})
+    untouched = sorted({public[n] for n, layer in all_fused_layers(model).items() if id(layer) not in planned
+                        and not (isinstance(layer, MultiLoRALinear) and not layer.ranks[adapter])})
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     use_rslora = bool(config.get("use_rslora", False))
     loaded = []

@@ -357,7 +357,10 @@ class MultiLoRALinear(nn.Module):
     Parameters ``weight`` (out, in) and ``bias`` (out) or None, frozen;
     ``lora_A`` and ``lora_B``, :class:`torch.nn.ParameterList` s of each
     adapter's ``A_i`` (r_i, in) and ``B_i`` (out, r_i), initialised as PEFT
-    does (A kaiming-uniform(a=√5), B zeros). ``s_i = alpha_i / r_i``
+    does (A kaiming-uniform(a=√5), B zeros); a rank may be 0, an adapter
+    that leaves this layer alone (its rows get the base: several PEFT
+    adapters of other target modules in one model,
+    :func:`fused_lora.load_adapters`). ``s_i = alpha_i / r_i``
     (``alpha_i / sqrt(r_i)`` with ``use_rslora``). Dropout, one probability
     for every adapter, applies in ``train()`` mode only. The adapters may be
     kept in another dtype than the base (they are cast to the base's for the
@@ -375,7 +378,7 @@ class MultiLoRALinear(nn.Module):
         self.out_features = check_int("out_features", out_features, 0)
         if isinstance(ranks, (str, bytes)) or not hasattr(ranks, "__iter__"):
             raise TypeError(f"ranks must be a sequence of ints, one per adapter, got {type(ranks).__name__}")
-        ranks = [check_int(f"ranks[{i}]", r, 1) for i, r in enumerate(ranks)]
+        ranks = [check_int(f"ranks[{i}]", r, 0) for i, r in enumerate(ranks)]
         if not ranks:
             raise ValueError("ranks must name at least one adapter, got an empty sequence")
         if alphas is None:
@@ -416,8 +419,9 @@ class MultiLoRALinear(nn.Module):
 
     def reset_lora_parameters(self) -> None:
         for a, b in zip(self.lora_A, self.lora_B):
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            nn.init.zeros_(b)
+            if a.numel():  # (an adapter of rank 0 has nothing to initialise)
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                nn.init.zeros_(b)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, ranks, alphas=None, dropout: float = 0.0, use_rslora: bool = False, *,
@@ -468,7 +472,8 @@ class MultiLoRALinear(nn.Module):
 
     @property
     def scalings(self) -> tuple[float, ...]:
-        return tuple(lora_scaling(r, a, self.use_rslora) for r, a in zip(self.ranks, self.alphas))
+        """Each adapter's ``s_i`` (0 for an adapter of rank 0, which has no term)."""
+        return tuple(lora_scaling(r, a, self.use_rslora) if r else 0.0 for r, a in zip(self.ranks, self.alphas))
 
     def base_weight(self) -> torch.Tensor:
         """The weight as (out, in): a transposed view when ``fan_in_fan_out``."""

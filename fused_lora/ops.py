@@ -687,7 +687,9 @@ def multi_lora_linear(
         x: (..., in_features), as :func:`lora_linear`'s.
         weight: (out_features, in_features), the frozen base weight.
         lora_A: a sequence of n >= 1 tensors (r_i, in_features), the adapters'
-            A, ranks free to differ. lora_B: n tensors (out_features, r_i).
+            A, ranks free to differ, 0 included (an adapter that leaves this
+            layer alone: its rows get the base). lora_B: n tensors
+            (out_features, r_i).
         adapter_ids: an integer tensor on x's device: the adapter of each
             row, of x's leading shape ``x.shape[:-1]`` (a token each), or
             ``(x.shape[0],)`` for an x of 3 or more dims (a sample each);
@@ -723,12 +725,17 @@ def multi_lora_linear(
         lora_A, lora_B = factors[:n], factors[n:]
     for i, (a, b) in enumerate(zip(lora_A, lora_B)):
         try:
-            _, dropout_p, seed = check_lora_args(x, weight, a, b, bias, scalings[i], dropout_p, seed)
+            _, dropout_p, seed = check_lora_args(x, weight, a, b, bias, scalings[i], dropout_p, seed, min_rank=0)
         except (TypeError, ValueError) as error:
             raise type(error)(f"adapter {i} (lora_A[{i}], lora_B[{i}]): {error}") from None
     # (int32 once here, not in each pass: the values are checked, so none wraps)
     adapter_ids = _check_adapter_id_values(check_adapter_ids(x, adapter_ids), n, adapter_ids).to(torch.int32)
     ranks = tuple(a.shape[0] for a in lora_A)
+    if not any(ranks):  # (every adapter of rank 0 leaves the layer alone: its base, for every row)
+        y = torch.nn.functional.linear(x, weight, bias)
+        if _unreadable(adapter_ids):  # (an id that could not be checked, made -2: NaN, as the kernels give it)
+            y = torch.where((adapter_ids < -1).unsqueeze(-1), float("nan"), y)
+        return y
     # (while torch.compile traces, the tensors are made in the graph: it would not keep the cache's)
     columns = _rank_columns.__wrapped__ if torch.compiler.is_compiling() else _rank_columns
     rank_ids, rank_scaling = columns(x.device, ranks, scalings)

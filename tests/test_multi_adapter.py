@@ -126,6 +126,27 @@ def test_the_torch_backend_matches_too():
     _run_and_check(x, w, b, lora_a, lora_b, _ids((33,), 3), [1.0, 0.25, 3.0], 0.3, 11, F32, backend="torch")
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_an_adapter_of_rank_0_leaves_its_rows_the_base(backend):
+    """Rank 0 (an adapter that does not target this layer, beside others
+    that do): its rows get the base, the others their adapters, with every
+    gradient; with every adapter of rank 0, the base alone."""
+    k, n = 29, 19
+    x = make_x((23, k), F32).requires_grad_()
+    w, b, _, _ = make_params(k, n, 1, F32, True)
+    (a0, a2), (b0, b2) = _adapters(k, n, (3, 5), F32)
+    a1 = torch.empty(0, k, device=DEVICE, requires_grad=True)
+    b1 = torch.empty(n, 0, device=DEVICE, requires_grad=True)
+    ids = _ids((23,), 3)
+    _, grads = _run_and_check(x, w, b, [a0, a1, a2], [b0, b1, b2], ids, [1.5, 2.0, 0.5], 0.2, 5, F32, backend)
+    assert grads["lora_A[1]"].shape == (0, k) and grads["lora_B[1]"].shape == (n, 0)
+    with torch.no_grad():
+        y = fused_lora.multi_lora_linear(x, w, [a1], [b1], ids.clamp(max=0), b, scaling=2.0, backend=backend)
+        assert torch.equal(y, F.linear(x, w, b))
+    with pytest.raises(ValueError, match=r"an adapter's index in \[0, 1\), got ids from -1 to 2"):
+        fused_lora.multi_lora_linear(x, w, [a1], [b1], ids, b, backend=backend)
+
+
 def test_an_adapter_gets_gradients_from_its_rows_alone():
     """An adapter that no row runs gets exactly zero gradients; its weights,
     even NaN, leave the output as it is (the other adapters' columns are

@@ -6,6 +6,7 @@ each adapter alone, on real transformers models built from small configs."""
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -419,3 +420,109 @@ def test_generate_runs_each_sample_with_its_adapter(tmp_path, num_beams):
     for k, i in enumerate(ids.tolist()):
         one = tiny_llama() if i == -1 else alone[i]
         assert torch.equal(out[k], one.generate(input_ids=x[k:k + 1], **settings)[0]), k
+
+
+def _peft_adapters(tmp_path):
+    """Two PEFT adapters of other targets, ranks and alphas (a rank pattern in
+    the second), saved by PEFT: the PeftModels and their directories."""
+    configs = [peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+               peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "k_proj", "down_proj"],
+                               rank_pattern={"down_proj": 8}, init_lora_weights=False)]
+    models, dirs = [], []
+    for i, config in enumerate(configs):
+        torch.manual_seed(20 + i)
+        models.append(peft.get_peft_model(tiny_llama(), config).eval())
+        dirs.append(tmp_path / f"peft{i}")
+        models[-1].save_pretrained(dirs[-1])
+    return models, dirs
+
+
+def test_load_adapters_serves_several_peft_adapters_of_other_targets_from_one_model(tmp_path):
+    (peft0, peft1), dirs = _peft_adapters(tmp_path)
+    model = tiny_llama()
+    names = fused_lora.load_adapters(model, dirs)
+    assert names == [f"model.layers.{i}.{m}" for i in (0, 1)
+                     for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")]
+    ranks = {n: model.get_submodule(n).ranks for n in names}
+    assert ranks["model.layers.0.self_attn.q_proj"] == (4, 2) and ranks["model.layers.1.self_attn.v_proj"] == (4, 0)
+    assert ranks["model.layers.0.self_attn.k_proj"] == (0, 2) and ranks["model.layers.0.mlp.down_proj"] == (0, 8)
+    assert model.get_submodule("model.layers.0.mlp.down_proj").alphas == (0.0, 6.0)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{n}.lora_{ab}.{i}" for n in names for ab in "AB" for i in range(2)}
+    model.eval()
+    x = tokens(seed=8)
+    ids = [1, -1, 0, 1, 0]
+    with fused_lora.adapter_ids(model, torch.tensor(ids, device=DEVICE)):
+        logits = model(input_ids=x).logits
+    base = tiny_llama()(input_ids=x).logits
+    for k, i in enumerate(ids):
+        expected = base[k] if i == -1 else (peft0, peft1)[i](input_ids=x[k:k + 1]).logits[0]
+        assert_close(logits[k], expected)
+    # each adapter saved back alone: the layers its own file names, PEFT's again
+    for i, original in enumerate((peft0, peft1)):
+        fused_lora.save_adapter(model, tmp_path / f"back{i}", adapter=i)
+        written = json.loads((tmp_path / f"back{i}" / "adapter_config.json").read_text())
+        assert sorted(written["target_modules"]) == sorted(
+            n.removeprefix("base_model.model.") for n, m in original.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer))
+        again = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / f"back{i}").eval()
+        assert_close(again(input_ids=x).logits, original(input_ids=x).logits)
+    assert len(fused_lora.adapter_parameters(model, 0)) == 2 * 4  # (q_proj and v_proj of both layers: A and B)
+
+
+def test_load_adapters_trains_each_adapter_on_its_own_rows(tmp_path):
+    """Rank-0 adapters through the fused backward: each adapter's gradients,
+    PEFT's with that adapter alone on its rows."""
+    models, dirs = _peft_adapters(tmp_path)
+    model = tiny_llama()
+    fused_lora.load_adapters(model, dirs)
+    model.train()
+    x = tokens(seed=9)
+    ids = [1, -1, 0, 1, 0]
+    weights = torch.randn(*x.shape, VOCAB, device=DEVICE)
+    with fused_lora.adapter_ids(model, torch.tensor(ids, device=DEVICE)):
+        (model(input_ids=x).logits * weights).sum().backward()
+    for i, d in enumerate(dirs):
+        alone = peft.PeftModel.from_pretrained(tiny_llama(), d, is_trainable=True).train()
+        rows = [k for k, j in enumerate(ids) if j == i]
+        (alone(input_ids=x[rows]).logits * weights[rows]).sum().backward()
+        for name, m in alone.base_model.model.named_modules():
+            if isinstance(m, peft.tuners.lora.LoraLayer):
+                layer = model.get_submodule(name)
+                assert_close(layer.lora_A[i].grad, m.lora_A["default"].weight.grad, rtol=1e-4)
+                assert_close(layer.lora_B[i].grad, m.lora_B["default"].weight.grad, rtol=1e-4)
+
+
+def test_load_adapters_refusals_leave_the_model_as_it_was(tmp_path):
+    _, dirs = _peft_adapters(tmp_path)
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], use_rslora=True)) \
+        .save_pretrained(tmp_path / "rslora")
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])) \
+        .save_pretrained(tmp_path / "head")
+    # a file whose rank pattern its tensors do not follow: found by load_adapter, after the layers were made
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_model.safetensors").write_bytes((dirs[1] / "adapter_model.safetensors").read_bytes())
+    config = json.loads((dirs[1] / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {}}))
+    model = tiny_llama()
+    state = copy.deepcopy(model.state_dict())
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *args: None)
+    for directories, err, words in [
+            ([dirs[0], tmp_path / "rslora"], AdapterFileError, "some use rsLoRA and some not"),
+            ([dirs[0], tmp_path / "head"], AdapterFileError, "modules_to_save=['lm_head']"),
+            ([dirs[0], bad], AdapterFileError, "do not have rank r=2 from the config"),
+            ([dirs[0], tmp_path / "missing"], AdapterFileError, "does not exist"),
+            (str(dirs[0]), TypeError, "directories must be a list"),
+            ([], ValueError, "at least one")]:
+        with pytest.raises(err, match=re.escape(words)):
+            fused_lora.load_adapters(model, directories)
+        assert not any(isinstance(m, MultiLoRALinear) for m in model.modules())
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == trained
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        assert len(model.model.layers[0].self_attn.q_proj._forward_hooks) == 1
+    hook.remove()
+    fused_lora.load_adapters(model, dirs)
+    with pytest.raises(ValueError, match=r"load_adapters makes the fused layers of a model without them"):
+        fused_lora.load_adapters(model, dirs)
