@@ -127,7 +127,7 @@ def test_the_torch_backend_matches_too():
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_an_adapter_of_rank_0_leaves_its_rows_the_base(backend):
+def test_an_adapter_of_rank_0_leaves_its_rows_the_base(backend, monkeypatch):
     """Rank 0 (an adapter that does not target this layer, beside others
     that do): its rows get the base, the others their adapters, with every
     gradient; with every adapter of rank 0, the base alone."""
@@ -145,6 +145,9 @@ def test_an_adapter_of_rank_0_leaves_its_rows_the_base(backend):
         assert torch.equal(y, F.linear(x, w, b))
     with pytest.raises(ValueError, match=r"an adapter's index in \[0, 1\), got ids from -1 to 2"):
         fused_lora.multi_lora_linear(x, w, [a1], [b1], ids, b, backend=backend)
+    monkeypatch.setattr(ops, "_unreadable", lambda t: True)  # (under torch.compile: ids not checked, NaN rows)
+    y = fused_lora.multi_lora_linear(x, w, [a1], [b1], ids, b, backend=backend)
+    assert torch.isnan(y[ids > 0]).all() and torch.equal(y[ids <= 0], F.linear(x, w, b)[ids <= 0])
 
 
 def test_an_adapter_gets_gradients_from_its_rows_alone():
@@ -273,6 +276,10 @@ def _bad_call(change):
      r"adapter 0 \(lora_A\[0\], lora_B\[0\]\): lora_B must have shape \(out_features=5, r=2\)"),
     (lambda kw: kw["lora_A"].__setitem__(1, kw["lora_A"][1].half()), TypeError,
      r"adapter 1 .*lora_A has dtype torch.float16"),
+    (lambda kw: kw["lora_A"].__setitem__(1, torch.empty(0, 7, device=DEVICE)), ValueError,
+     r"adapter 1 .*lora_A must have shape \(r, in_features=8\)"),
+    (lambda kw: kw["lora_A"].__setitem__(1, torch.empty(0, 8, device=DEVICE)), ValueError,
+     r"adapter 1 .*lora_B must have shape \(out_features=5, r=0\)"),
     (lambda kw: kw.update(scaling=[1.0]), ValueError, r"one scale per adapter \(2\), got 1"),
     (lambda kw: kw.update(scaling=[1.0, math.inf]), ValueError, "scaling must be finite"),
     (lambda kw: kw.update(adapter_ids=kw["adapter_ids"].float()), TypeError, "adapter_ids must be an integer"),
@@ -433,7 +440,7 @@ def test_layer_state_dict_round_trip_and_delta_weight():
 @pytest.mark.parametrize("kwargs, err, words", [
     (dict(ranks=[]), ValueError, "at least one adapter"),
     (dict(ranks=4), TypeError, "ranks must be a sequence"),
-    (dict(ranks=[2, 0]), ValueError, r"ranks\[1\] must be >= 1"),
+    (dict(ranks=[2, -1]), ValueError, r"ranks\[1\] must be >= 0"),
     (dict(ranks=[2, 2.5]), TypeError, r"ranks\[1\] must be an int"),
     (dict(ranks=[2, 2], alphas=[1]), ValueError, r"one value per adapter \(2\), got 1"),
     (dict(ranks=[2], alphas=[math.nan]), ValueError, r"alphas\[0\] must be a finite"),
