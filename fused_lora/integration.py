@@ -1002,7 +1002,8 @@ def _why_unsupported(module, PeftLinear) -> str | None:
         return f"base layer: {why}"
     adapters = list(module.lora_A.keys())
     if len(adapters) != 1:
-        return f"several adapters loaded ({adapters}); fused layers hold one"
+        return (f"several adapters loaded ({adapters}); fused layers hold one (fused_lora.load_adapters(base_model, "
+                "[path, ...]) fuses several from their files)")
     (name,) = adapters
     active = list(module.active_adapters)
     if active != [name]:
