@@ -4,8 +4,8 @@ with the gloo backend give the gradients of one process on the whole batch;
 under FSDP1 and FSDP2, save_adapter and load_adapter work on the sharded
 adapters, and what would leave the model running on shards is refused; a
 PeftModel converted by from_peft trains and saves under FSDP2 as PEFT's own;
-a model of several adapters a layer (inject_multi) trains, saves one adapter
-and loads it back under FSDP2."""
+a model of several adapters a layer (inject_multi) trains under DDP, FSDP1
+and FSDP2, and saves one adapter and loads it back under both FSDPs."""
 
 import os
 import sys
@@ -128,24 +128,24 @@ def _worker(rank, mode, init_file, out_file):
         if mode == "fsdp2-from_peft":  # (a PeftModel whose layers from_peft fused, then sharded)
             model = _peft_model(device)
             fused_lora.from_peft(model)
-        elif mode == "fsdp2-multi":
+        elif mode.endswith("-multi"):
             model = _multi_model(device, backend="triton")
         else:
             model = _model(device, backend="triton")
         x, y = _data(device)
         shard = slice(rank * 6, (rank + 1) * 6)
-        if mode == "ddp":
+        if mode in ("ddp", "ddp-multi"):
             from torch.nn.parallel import DistributedDataParallel
 
             wrapped = DistributedDataParallel(model)
-        elif mode == "fsdp1":
+        elif mode in ("fsdp1", "fsdp1-multi"):
             from torch.distributed.fsdp import FullyShardedDataParallel
             from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
             # (each fused layer a unit of its own, the model the root; use_orig_params: FSDP1 flattens only
             # parameters that all train or all are frozen otherwise, and a fused layer holds both)
-            wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({fused_lora.LoRALinear}),
-                                               use_orig_params=True, device_id=device)
+            wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy(
+                {fused_lora.LoRALinear, fused_lora.MultiLoRALinear}), use_orig_params=True, device_id=device)
         else:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
@@ -157,10 +157,12 @@ def _worker(rank, mode, init_file, out_file):
                 wrapped = fully_shard(model, mesh=mesh)
             else:  # (torch's own reduction is wrong: nothing of ours to check)
                 wrapped, result = None, {"torch_sums_fsdp2_gradients": True}
-        if wrapped is not None and mode == "fsdp2-multi":
+        if wrapped is not None and mode.endswith("-multi"):
             _multi_step(model, wrapped, x[shard], y[shard], torch.tensor(MULTI_IDS[shard]))
-            result = {"grads": _grads(model)}
-            result.update(_save_and_load_one_adapter(model, os.path.join(os.path.dirname(out_file), "adapter")))
+            result = {"grads": _grads(model, wrapped if mode == "fsdp1-multi" else None)}
+            if mode != "ddp-multi":
+                result.update(_save_and_load_one_adapter(model, wrapped if mode == "fsdp1-multi" else None,
+                                                         os.path.join(os.path.dirname(out_file), "adapter")))
         elif wrapped is not None:
             loss = nn.functional.cross_entropy(wrapped(x[shard]), y[shard])
             loss.backward()
@@ -188,22 +190,28 @@ def _worker(rank, mode, init_file, out_file):
     os._exit(0)
 
 
-def _save_and_load_one_adapter(model, directory):
-    """Under FSDP2, on every rank: save_adapter(adapter=1) gathers adapter 1's
-    shards and rank 0 writes; load_adapter(adapter=1) puts each rank's part
-    back into adapter 1 alone."""
+def _save_and_load_one_adapter(model, wrapped, directory):
+    """Under FSDP1 (``wrapped``, its wrapper) and FSDP2, on every rank:
+    save_adapter(adapter=1) gathers adapter 1's shards and rank 0 writes;
+    load_adapter(adapter=1) puts each rank's part back into adapter 1 alone."""
+    target = wrapped if wrapped is not None else model
     layers = fused_lora.integration.multi_fused_layers(model)
 
     def whole(i):
+        if wrapped is not None:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            with FullyShardedDataParallel.summon_full_params(wrapped):
+                return {n: layer.lora_B[i].detach().clone() for n, layer in layers.items()}
         return {n: layer.lora_B[i].full_tensor().clone() for n, layer in layers.items()}
 
-    fused_lora.save_adapter(model, directory, adapter=1)
+    fused_lora.save_adapter(target, directory, adapter=1)
     written = sorted(os.listdir(directory))
     before, other = whole(1), whole(0)
     with torch.no_grad():
         for layer in layers.values():
-            layer.lora_B[1].zero_()
-    fused_lora.load_adapter(model, directory, adapter=1)
+            layer.lora_B[1].zero_()  # (each rank its part)
+    fused_lora.load_adapter(target, directory, adapter=1)
     return {"written": written, "reloaded_equal": all(torch.equal(whole(1)[n], before[n]) for n in before),
             "other_untouched": all(torch.equal(whole(0)[n], other[n]) for n in other),
             "sharded": sorted({type(p).__name__ for layer in layers.values() for p in layer.parameters()})}
@@ -291,7 +299,8 @@ def _save_and_load_sharded(model, target, directory, mode):
             "still_fused": sorted(map(_plain_name, fused_lora.integration.fused_layers(model)))}
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp1", "fsdp2", "fsdp2-from_peft", "fsdp2-multi"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp1", "fsdp2", "fsdp2-from_peft", "ddp-multi", "fsdp1-multi",
+                                  "fsdp2-multi"])
 def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     out_file = tmp_path / "grads.pt"
     # gloo on CPU: the workers run the kernels on Triton's interpreter, which
@@ -307,8 +316,8 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     if mode == "fsdp2-from_peft":
         _check_from_peft(result, tmp_path)
         return
-    if mode == "fsdp2-multi":
-        _check_multi(result, tmp_path)
+    if mode.endswith("-multi"):
+        _check_multi(result, tmp_path, sharded={"fsdp1-multi": "Parameter", "fsdp2-multi": "DTensor"}.get(mode))
         return
     model = _model(torch.device("cpu"))
     x, y = _data(torch.device("cpu"))
@@ -346,9 +355,10 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
         assert not (tmp_path / "adapter-outside").exists()
 
 
-def _check_multi(result, tmp_path):
-    """FSDP2 over inject_multi's layers: the gradients of one process on the
-    whole batch, each row through its adapter; the file holds adapter 1's
+def _check_multi(result, tmp_path, sharded):
+    """DDP, FSDP1 and FSDP2 over inject_multi's layers: the gradients of one
+    process on the whole batch, each row through its adapter; under FSDP
+    (``sharded``: the parameters' type there) the file holds adapter 1's
     whole tensors, and loading it back gives each rank its part of adapter 1
     alone."""
     model = _multi_model(torch.device("cpu"))
@@ -359,7 +369,9 @@ def _check_multi(result, tmp_path):
     for name, g in single.items():
         assert g.abs().max() > 0, name
         assert_close(result["grads"][name], g.double(), torch.float32, name)
-    assert result["sharded"] == ["DTensor"]
+    if sharded is None:
+        return
+    assert result["sharded"] == [sharded]
     _check_saved(result, tmp_path, fused_lora.integration.multi_fused_layers(model), lambda adapters: adapters[1])
     assert result["reloaded_equal"] and result["other_untouched"]
 
