@@ -5,6 +5,7 @@ adapter of them is one of PEFT's (``save_adapter`` / ``load_adapter`` /
 each adapter alone, on real transformers models built from small configs."""
 
 import copy
+import dataclasses
 import json
 import re
 
@@ -526,3 +527,52 @@ def test_load_adapters_refusals_leave_the_model_as_it_was(tmp_path):
     fused_lora.load_adapters(model, dirs)
     with pytest.raises(ValueError, match=r"load_adapters makes the fused layers of a model without them"):
         fused_lora.load_adapters(model, dirs)
+
+
+class _TokensOfAdapters(torch.utils.data.Dataset):
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        x = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": x, "labels": x, "adapter_ids": torch.tensor(i % 3)}
+
+
+def test_the_readme_s_trainer_recipe_trains_every_adapter(tmp_path):
+    """transformers' Trainer over inject_multi's layers, as the README shows
+    it: a training_step that hands the batch's adapter_ids to the layers
+    (the backward inside the block: activation checkpointing recomputes
+    there), the column kept (remove_unused_columns=False). Every adapter
+    trains, and its rows alone move it: the same run with one adapter's
+    samples relabelled to the base leaves that adapter as it started."""
+    prefix = "activation" if "activation_checkpointing" in {
+        f.name for f in dataclasses.fields(transformers.TrainingArguments)} else "gradient"
+
+    class MultiAdapterTrainer(transformers.Trainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            ids = inputs.pop("adapter_ids")
+            with fused_lora.adapter_ids(model, ids):
+                return super().training_step(model, inputs, *args, **kwargs)
+
+    def run(dataset):
+        model = tiny_llama()
+        fused_lora.inject_multi(model, TARGETS, ranks=RANKS, alphas=ALPHAS, dropout=0.1)
+        start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        args = transformers.TrainingArguments(
+            str(tmp_path), max_steps=2, per_device_train_batch_size=6, learning_rate=1e-2, save_strategy="no",
+            remove_unused_columns=False, use_cpu=DEVICE.type == "cpu", report_to=[], disable_tqdm=True,
+            **{f"{prefix}_checkpointing": True, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
+        MultiAdapterTrainer(model=model, args=args, train_dataset=dataset).train()
+        return {n: not torch.equal(p, start[n]) for n, p in model.named_parameters() if p.requires_grad}
+
+    moved = run(_TokensOfAdapters())
+    assert len(moved) == 36 and all(moved.values())
+
+    class WithoutAdapter2(_TokensOfAdapters):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            return {**item, "adapter_ids": torch.where(item["adapter_ids"] == 2, -1, item["adapter_ids"])}
+
+    moved = run(WithoutAdapter2())
+    assert not any(v for n, v in moved.items() if n.endswith(".2")) and all(
+        v for n, v in moved.items() if not n.endswith(".2"))
