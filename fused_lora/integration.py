@@ -2254,20 +2254,25 @@ def load_adapter(model: nn.Module, directory, *, adapter: int | None = None, bac
     _check_model(model)
     directory = Path(directory)
     adapter = _check_adapter_index("load_adapter", adapter, multi_fused_layers(model))
-    config, tensors = _read_adapter(directory)
+    return _load_read(model, directory, *_read_adapter(directory), adapter, backend)
+
+
+def _load_read(model: nn.Module, directory: Path, config: dict, tensors: dict, adapter, backend: str) -> list[str]:
+    """:func:`load_adapter` of a file read already (``config``, ``tensors``),
+    its warnings for the caller of a public function that calls this."""
     with _fsdp1_full_params(model, "load_adapter"):  # (FSDP1: into the whole tensors)
         plan, loaded, untouched = _load_into(model, directory, config, tensors, backend, adapter)
     guard_fast_paths(model)
     _warn_weight_readers(model, [name for name, module, *_ in plan if not isinstance(module, FUSED_KINDS)],
-                         "load_adapter")
+                         "load_adapter", stacklevel=4)
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     kept = sorted({f"{m.dropout:g}" for _, m, *_ in plan if isinstance(m, MultiLoRALinear) and m.dropout != dropout})
     if kept:
         warnings.warn(f"load_adapter: {directory}'s lora_dropout is {dropout:g}; the layers' adapters share one "
-                      f"dropout, kept as it was ({', '.join(kept)})", stacklevel=2)
+                      f"dropout, kept as it was ({', '.join(kept)})", stacklevel=3)
     if untouched:  # (as PEFT warns of missing keys: the model is not the file's adapter alone)
         warnings.warn(f"load_adapter: {directory} holds no adapter for the fused layers {untouched}: they keep the "
-                      "adapters they had (unload them first for the file's adapter alone)", stacklevel=2)
+                      "adapters they had (unload them first for the file's adapter alone)", stacklevel=3)
     return loaded
 
 
@@ -2282,7 +2287,7 @@ def load_adapters(model: nn.Module, directories, *, backend: str = "auto") -> li
     alone, as PEFT's does); the model is frozen but for the adapters, as
     :func:`inject_multi` leaves it. Each file is then loaded as
     :func:`load_adapter` with ``adapter=i`` loads it (its checks, its
-    warnings), and :func:`save_adapter` with ``adapter=i`` writes it back,
+    warnings; read from disk once), and :func:`save_adapter` with ``adapter=i`` writes it back,
     of the same layers.
 
     The adapters of a layer share its ``use_rslora``, which the files must
@@ -2362,8 +2367,8 @@ def load_adapters(model: nn.Module, directories, *, backend: str = "auto") -> li
                 made[id(module)] = layer.train(module.training)
             originals[name] = module
             _replace_module(model, name, made[id(module)])
-        for i, d in enumerate(dirs):
-            load_adapter(model, d, adapter=i, backend=backend)
+        for i, (d, (config, tensors)) in enumerate(zip(dirs, files)):  # (each file read once, above)
+            _load_read(model, d, config, tensors, i, backend)
     except BaseException:  # (the model as it was: its own layers, with their hooks, and what trained)
         for name, module in originals.items():
             _replace_module(model, name, module)
