@@ -51,7 +51,10 @@ class BackgroundCompileReports:
 
     How much each compiles (:data:`fused_lora.compile_report.SCOPES`): with
     either Triton every code path once, on the tile it runs with at large M
-    and the largest rank tile it runs with (``paths``: 517 kernels). Every
+    and the largest rank tile it runs with, fp16's GEMMs as bf16's twins
+    where those come near the register limit (``paths``: 416 kernels and
+    17 twins with 3.9, 23 with 3.6; with every fp16 GEMM, 517, the two
+    reports took about 1,700 of CI's 3,600 CPU-seconds). Every
     tile of both (``tiles``: 1,464 each; ``make compile-report``) took 31
     minutes of CI's 43 on its two cores (AMD EPYC, Triton 3.9: 20 minutes
     alone, 3.6: 11); every rank tile with 3.6 (``kernels``: 1,026) still left

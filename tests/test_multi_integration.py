@@ -318,7 +318,7 @@ def test_a_model_of_several_adapters_compiles_in_one_graph():
     aside)."""
     import torch._dynamo.testing
 
-    model = multi_model(targets="all-linear", dropout=0.1).train()
+    model = multi_model(dropout=0.1).train()
     params = [p for p in model.parameters() if p.requires_grad]
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
 
@@ -336,7 +336,7 @@ def test_a_model_of_several_adapters_compiles_in_one_graph():
             eager = loss_fn(x)
             eager_grads = torch.autograd.grad(eager, params)
         torch.testing.assert_close(loss, eager, rtol=1e-6, atol=0)
-        assert len(grads) == 14 * 3 * 2
+        assert len(grads) == len(TARGETS) * 2 * 3 * 2  # (2 layers, 3 adapters, A and B)
         for g, e in zip(grads, eager_grads):
             assert_close(g, e)
     assert counter.frame_count == 1
@@ -531,7 +531,7 @@ def test_load_adapters_refusals_leave_the_model_as_it_was(tmp_path):
 
 class _TokensOfAdapters(torch.utils.data.Dataset):
     def __len__(self):
-        return 24
+        return 6  # (a batch: two samples of each adapter; two steps, as lora_B starts at zero)
 
     def __getitem__(self, i):
         x = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(i))
