@@ -32,7 +32,8 @@ runs on that arch, pruned to its shared memory
 what a 99 KiB GeForce/RTX/L4 part runs); on every arch a kernel over that
 limit, or a GEMM over the estimate that prunes its tiles, is a problem.
 ``--scope kernels`` compiles each kernel on one tile, ``--scope paths`` at
-one rank tile too, and fp16's sm_90 GEMMs only as twins (:data:`SCOPES`).
+one rank tile too, and fp16's sm_90 GEMMs and skinny passes only as twins
+(:data:`SCOPES`).
 """
 
 from __future__ import annotations
@@ -428,14 +429,16 @@ FP16_TWIN_REGISTER_MARGIN = 24
 #: * ``paths``: every code path once: ``kernels`` at one rank tile of each,
 #:   the largest it runs with (its most registers as a rule, not always: on
 #:   3.9 a smaller rank tile took up to 66 more). The rank tile, like the
-#:   tile, is a size: no code branches on it. On sm_90 fp16's GEMMs, the
-#:   same code as bf16's with the other 16-bit type, only where
-#:   :func:`fp16_twins` adds them (bf16's near the register limit, above).
+#:   tile, is a size: no code branches on it. On sm_90 fp16's GEMMs and
+#:   skinny passes, the same code as bf16's with the other 16-bit type, only
+#:   where :func:`fp16_twins` adds them (bf16's near the register limit,
+#:   above; the skinny passes' pairs in the ``paths`` reports of 3.6 and 3.9,
+#:   57 each, differed in registers alone, fp16's at most 6 above).
 #:
 #: The test suite compiles ``paths`` with the GPU machine's Triton and with
 #: the newest (``tests/lora_testing.py``: on CI's two cores the two
 #: ``tiles`` reports took 31 of its 43 minutes, the two ``paths`` reports
-#: with every fp16 GEMM about 1,700 CPU-seconds of its 30); ``make
+#: with every fp16 kernel about 1,700 CPU-seconds of its 30); ``make
 #: compile-report`` compiles ``tiles`` with both.
 SCOPES = ("tiles", "kernels", "paths")
 
@@ -556,8 +559,9 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
     jobs = with_every_variant(jobs) if every_variant else jobs
     if scope != "paths":
         return jobs
-    # (on sm_90 fp16's GEMMs are bf16's twins, compiled where those come near the limit: fp16_twins)
-    return largest_rank_tiles([j for j in jobs if not (j.kernel == "gemm" and j.dtype == "fp16" and arch == 90)])
+    # (on sm_90 fp16's GEMMs and skinny passes are bf16's twins, compiled where those come near the limit:
+    # fp16_twins)
+    return largest_rank_tiles([j for j in jobs if not (j.kernel != "reduce" and j.dtype == "fp16" and arch == 90)])
 
 
 def largest_rank_tiles(jobs: list[Job]) -> list[Job]:

@@ -51,9 +51,9 @@ class BackgroundCompileReports:
 
     How much each compiles (:data:`fused_lora.compile_report.SCOPES`): with
     either Triton every code path once, on the tile it runs with at large M
-    and the largest rank tile it runs with, fp16's GEMMs as bf16's twins
-    where those come near the register limit (``paths``: 416 kernels and
-    17 twins with 3.9, 23 with 3.6; with every fp16 GEMM, 517, the two
+    and the largest rank tile it runs with, fp16's GEMMs and skinny passes
+    as bf16's twins where those come near the register limit (``paths``:
+    359 kernels and about 20 twins; with every fp16 kernel, 517, the two
     reports took about 1,700 of CI's 3,600 CPU-seconds). Every
     tile of both (``tiles``: 1,464 each; ``make compile-report``) took 31
     minutes of CI's 43 on its two cores (AMD EPYC, Triton 3.9: 20 minutes
@@ -138,8 +138,8 @@ class BackgroundCompileReports:
 def compiled_as_planned(report: dict) -> list:
     """The results of a compile report's JSON (``--arch 90 --json``), once
     checked to be exactly what its scope plans, in order: each job of
-    ``jobs_for(90, scope)``, then the fp16 twins of the bf16 GEMMs near the
-    register limit, each once."""
+    ``jobs_for(90, scope)``, then the fp16 twins of the bf16 kernels near
+    the register limit, each once."""
     from fused_lora import compile_report
 
     def identity(r) -> tuple:

@@ -152,8 +152,8 @@ def test_the_narrower_scopes_compile_each_kernel_and_each_code_path_once():
         assert ids["paths"] < ids["kernels"] < ids["tiles"] and len(ids["kernels"]) == len(kernels)
         assert {less(j, "config") for j in tiles} == {less(j, "config") for j in kernels}
         assert len({less(j, "config") for j in kernels}) == len(kernels)
-        # (paths on sm_90: fp16's GEMMs only as fp16_twins, where bf16's come near the limit)
-        twins = {less(j, "config", "block_r") for j in kernels if j.kernel == "gemm" and j.dtype == "fp16"}
+        # (paths on sm_90: fp16's GEMMs and skinny passes only as fp16_twins, where bf16's come near the limit)
+        twins = {less(j, "config", "block_r") for j in kernels if j.kernel != "reduce" and j.dtype == "fp16"}
         assert twins and {less(j, "config", "block_r") for j in kernels} - (twins if arch == 90 else set()) == {
             less(j, "config", "block_r") for j in paths}
         assert len({less(j, "config", "block_r") for j in paths}) == len(paths)
@@ -561,7 +561,7 @@ def _assert_compiled(launched: dict, arch: int, scope: str = "tiles") -> None:
     ``compile_report --arch arch --scope scope`` compiles (fp16's GEMMs on
     sm_90: their bf16 twin, and fp16's own where that comes near the register
     limit, as test_the_report_covers_every_shipped_config checks; with
-    ``paths``, fp16's variants likewise); with
+    ``paths``, fp16's variants and skinny passes likewise); with
     ``--scope kernels`` on another tile, with ``paths`` at another rank tile
     too."""
     def less(key: tuple) -> tuple:  # (a variant's key names no tile or rank tile)
@@ -570,8 +570,9 @@ def _assert_compiled(launched: dict, arch: int, scope: str = "tiles") -> None:
         return key[:3] + key[4 if scope == "kernels" else 5:]
 
     compiled = {less(what) for job in compile_report.jobs_for(arch, scope=scope) for what in _job_keys(job)}
-    def twin_compiled(key: tuple) -> bool:  # (an fp16 GEMM's tile; with paths on sm_90 its variants too)
-        return (key[0] == "gemm" and key[2] == "fp16" and (len(key) > 3 or (scope == "paths" and arch == 90))
+    def twin_compiled(key: tuple) -> bool:  # (an fp16 GEMM's tile; with paths on sm_90 any fp16 GEMM or skinny)
+        paths = scope == "paths" and arch == 90
+        return (key[2] == "fp16" and (key[0] == "gemm" and len(key) > 3 or paths and key[0] != "reduce")
                 and less(key[:2] + ("bf16",) + key[3:]) in compiled)
 
     missing = {key: case for key, case in launched.items() if less(key) not in compiled and not twin_compiled(key)}

@@ -54,7 +54,7 @@ def test_every_config_compiles_for_sm90_cleanly_on_the_gpu_machines_triton(gpu_m
     # every code path once, on the tile it runs with at large M at its largest rank tile (and fp16's twins
     # near the limit)
     assert report["scope"] == BackgroundCompileReports.SCOPES["gpu_machine"] == "paths"
-    assert len(compiled_as_planned(report)) > 400
+    assert len(compiled_as_planned(report)) > 350
     assert report["problems"] == [], "\n".join(report["problems"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert any(r["pass_name"] == "dx_dropout" and r["config"]["block_m"] == 128 and r["config"]["block_n"] == 128
