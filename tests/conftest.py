@@ -23,6 +23,7 @@ if not torch.cuda.is_available():
 
 import fused_lora  # noqa: E402  (after the interpreter switch)
 import triton  # noqa: E402
+from fused_lora.testing import fewer_interpreter_patches  # noqa: E402
 from lora_testing import BackgroundCompileReports, parse_shard, shard  # noqa: E402
 
 #: The sm_90 compile reports, by the fixture that asks for each.
@@ -104,6 +105,14 @@ def pytest_report_header(config):
     if config.getoption("--shard"):
         lines.append(f"shard {config.getoption('--shard')}: every n-th test only")
     return lines
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fewer_interpreter_patches():
+    """The interpreter patches triton.language once per launch, not again at
+    every helper call (:func:`fused_lora.testing.fewer_interpreter_patches`)."""
+    with fewer_interpreter_patches():
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -1309,3 +1309,52 @@ def test_autotune_picks_the_fastest_candidate_per_bucket_and_remembers(monkeypat
         dispatch.set_autotune(False)
     assert dispatch.tuned_configs() == {}
     assert dispatch.gemm_config_for("forward", default, launch, **kw) is default
+
+
+@pytest.mark.skipif(not _triton.interpreter(), reason="Triton's CPU interpreter only")
+def test_the_interpreter_patches_the_language_once_per_launch(monkeypatch):
+    """fused_lora.testing.fewer_interpreter_patches (on for the whole suite):
+    a forward and backward with dropout, with it and with the interpreter as
+    Triton ships it, give the same bits, while it patches the language once
+    per launch (and for Triton's helpers, tl.zeros, whose module sees
+    triton.language.core) instead of again at each helper call in each
+    program; on leaving it, the
+    interpreter is as it was."""
+    from triton.runtime import interpreter
+
+    from fused_lora.testing import fewer_interpreter_patches
+
+    if not hasattr(interpreter, "_LangPatchScope"):
+        pytest.skip(f"Triton {triton.__version__}'s interpreter never undoes its patches: the context does nothing")
+    shipped_patch = interpreter._patch_lang.__wrapped__  # (the suite runs with it on)
+    shipped_call = interpreter.GridExecutor.__call__.__wrapped__
+    patched = []
+
+    def counting(fn):
+        patched.append(fn.__name__)
+        return shipped_patch(fn)
+
+    monkeypatch.setattr(interpreter, "_patch_lang", counting)
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", shipped_call)
+    x = torch.randn(2, 37, 45, device=DEVICE, requires_grad=True)
+    w, b, a, bb = make_params(45, 70, 6, torch.float32, True)
+    a.requires_grad_()
+    bb.requires_grad_()
+
+    def step():
+        patched.clear()
+        y = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, dropout_p=0.3, seed=5, backend="triton")
+        return (y, *torch.autograd.grad(y, (x, a, bb), torch.ones_like(y))), list(patched)
+
+    shipped, every_call = step()
+    with fewer_interpreter_patches() as on:
+        assert on
+        fewer, once = step()
+    assert interpreter._patch_lang is counting and interpreter.GridExecutor.__call__ is shipped_call
+    for s, f in zip(shipped, fewer):
+        assert torch.equal(s, f)
+    kernels = {"lora_gemm_kernel", "lora_skinny_kernel", "reduce_partials_kernel"}
+    launches = [name for name in every_call if name in kernels]
+    assert launches and [name for name in once if name in kernels] == launches  # (each launch patches)
+    # (the others: Triton's own helpers, tl.zeros, tl.cdiv, whose module sees triton.language.core)
+    assert len(every_call) > 4 * len(once) and all(hasattr(triton.language, n) for n in set(once) - kernels), once
