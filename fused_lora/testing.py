@@ -52,10 +52,11 @@ def fewer_interpreter_patches():
     language patched already by the launch and patch it again to the same
     effect (``_patch_lang``, which rescans the modules): up to 30% of the
     time of the interpreted tests (the rank sweep and the sets of gradients:
-    148 s against 106 s on two cores; ``fused-lora check``: 59 against 45). A helper whose module sees a part of the
-    language the launch did not patch (``triton.language.core``: ``tl.zeros``
-    is such a helper) is patched as the interpreter would; outside a launch
-    nothing changes. Used by the test suite, ``fused-lora check`` and the
+    148 s against 106 s on two cores; ``fused-lora check``: 59 against 45).
+    A helper whose module sees a part of the language the launch did not
+    patch (``triton.language.core``: ``tl.zeros`` is such a helper) is
+    patched as the interpreter would; outside a launch nothing changes.
+    Nested uses stack (the suite calls the CLI's ``main``, which uses it too). Used by the test suite, ``fused-lora check`` and the
     smoke benchmark. A no-op (yielding False) without the interpreter or on
     an interpreter built otherwise (Triton 3.4's patches are never undone:
     no ``_LangPatchScope``). Process-wide while it lasts, as the
