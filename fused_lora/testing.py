@@ -56,11 +56,12 @@ def fewer_interpreter_patches():
     A helper whose module sees a part of the language the launch did not
     patch (``triton.language.core``: ``tl.zeros`` is such a helper) is
     patched as the interpreter would; outside a launch nothing changes.
-    Nested uses stack (the suite calls the CLI's ``main``, which uses it too). Used by the test suite, ``fused-lora check`` and the
-    smoke benchmark. A no-op (yielding False) without the interpreter or on
-    an interpreter built otherwise (Triton 3.4's patches are never undone:
-    no ``_LangPatchScope``). Process-wide while it lasts, as the
-    interpreter's own patching is: not for threads launching kernels at once."""
+    Used by the test suite and the CLI (``fused-lora check``, the smoke
+    benchmark, the demo); nested uses stack (the suite calls the CLI's
+    ``main``). A no-op (yielding False) without the interpreter or on an
+    interpreter built otherwise (Triton 3.4's patches are never undone: no
+    ``_LangPatchScope``). Process-wide while it lasts, as the interpreter's
+    own patching is: not for threads launching kernels at once."""
     try:
         import triton.language as tl
         from triton.runtime import interpreter
