@@ -437,9 +437,9 @@ FP16_TWIN_REGISTER_MARGIN = 24
 #:
 #: The test suite compiles ``paths`` with the GPU machine's Triton and with
 #: the newest (``tests/lora_testing.py``: on CI's two cores the two
-#: ``tiles`` reports took 31 of its 43 minutes, the two ``paths`` reports
-#: with every fp16 kernel about 1,700 CPU-seconds of its 30); ``make
-#: compile-report`` compiles ``tiles`` with both.
+#: ``tiles`` reports took 31 of its 43 minutes; the two ``paths`` reports,
+#: with every fp16 kernel, about 1,700 of the 3,600 CPU-seconds of a
+#: 30-minute run); ``make compile-report`` compiles ``tiles`` with both.
 SCOPES = ("tiles", "kernels", "paths")
 
 

@@ -570,6 +570,7 @@ def _assert_compiled(launched: dict, arch: int, scope: str = "tiles") -> None:
         return key[:3] + key[4 if scope == "kernels" else 5:]
 
     compiled = {less(what) for job in compile_report.jobs_for(arch, scope=scope) for what in _job_keys(job)}
+
     def twin_compiled(key: tuple) -> bool:  # (an fp16 GEMM's tile; with paths on sm_90 any fp16 GEMM or skinny)
         paths = scope == "paths" and arch == 90
         return (key[2] == "fp16" and (key[0] == "gemm" and len(key) > 3 or paths and key[0] != "reduce")
