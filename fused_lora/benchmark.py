@@ -363,19 +363,20 @@ def time_eager(step, target_ms: float = 10.0, rounds: int = 5) -> float:
     return statistics.median(times)
 
 
-def time_cpu(step, reps: int = 1) -> tuple[list[float], str]:
-    """Wall-clock ms of ``step`` after one warm-up call: ``[median, min,
-    max]`` over ``reps`` calls. Without a GPU the kernels run on Triton's
-    interpreter, whose times say nothing about a GPU's, so one timed call by
-    default: the smoke run checks the harness, not the speed."""
+def time_cpu(step, reps: int = 1) -> tuple[list[float | None], str]:
+    """Wall-clock ms of ``step`` after one warm-up call: ``[median, p20,
+    p80]`` over ``reps`` calls, the quantiles None below 5 calls (no spread
+    to speak of). Without a GPU the kernels run on Triton's interpreter,
+    whose times say nothing about a GPU's, so one timed call by default: the
+    smoke run checks the harness, not the speed."""
     step()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         step()
         times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return [statistics.median(times), times[0], times[-1]], "cpu wall clock (interpreter: not a speed measurement)"
+    cuts = statistics.quantiles(times, n=5) if reps >= 5 else [None] * 4
+    return [statistics.median(times), cuts[0], cuts[3]], "cpu wall clock (interpreter: not a speed measurement)"
 
 
 def kernel_timeline(step) -> list | None:
@@ -653,7 +654,8 @@ def run_preset(preset: Preset, device, progress=None, deadline: float | None = N
                             meas.note = "compiled"
                         else:
                             q, timer = time_cuda(run_all, case.m) if on_gpu else time_cpu(run_all)
-                            meas.median_ms, meas.p20_ms, meas.p80_ms = (t / copies for t in q)
+                            meas.median_ms, meas.p20_ms, meas.p80_ms = (None if t is None else t / copies
+                                                                        for t in q)
                             meas.timer = timer + (f", {copies} rotated input copies" if copies > 1 else "")
                             if on_gpu and case.m <= CUDA_GRAPH_MAX_M and provider in PROVIDERS:
                                 try:  # (the graph time stands if this fails)

@@ -216,7 +216,8 @@ def report(result: DemoResult) -> str:
               f"fused {result.fused_step_s * 1e3:.1f} ms"
               + ("" if on_gpu else "  [fused on the Triton CPU interpreter: not a speed measurement]"),
               f"adapter saved in PEFT format: {result.adapter_dir}",
-              f"reloaded with peft.PeftModel.from_pretrained: max |logit difference| {result.reload_max_logit_diff:.2e}",
+              "reloaded with peft.PeftModel.from_pretrained: max |logit difference| "
+              f"{result.reload_max_logit_diff:.2e}",
               f"loss plot: {result.plot or '(matplotlib not installed)'}", "",
               "sample (greedy, from the fused model):", result.sample]
     return "\n".join(lines)

@@ -768,7 +768,7 @@ def inject_multi(model: nn.Module, target_modules, ranks, alphas=None, dropout: 
     :func:`save_adapter`, :func:`load_adapter` and :func:`merge_and_unload`
     take ``adapter=i``: one adapter of these layers is one of PEFT's;
     :func:`unload` and :func:`disable_adapters` work as for :func:`inject`'s
-    layers. (:func:`to_peft` does not convert them.)
+    layers; :func:`to_peft` gives each adapter to PEFT, by name.
 
     Returns the names of the replaced layers, in model order.
     """
@@ -1527,7 +1527,7 @@ def _peft_state_dict_names(peft_model: nn.Module, state_dict: dict) -> dict:
     return {renamed.get(k, k): v for k, v in state_dict.items()}
 
 
-def to_peft(model: nn.Module, *, adapter_name: str = "default"):
+def to_peft(model: nn.Module, *, adapter_name: str | None = None, adapter_names=None):
     """Go back to PEFT.
 
     * A model converted by :func:`from_peft`: its original PEFT layers are put
@@ -1535,35 +1535,60 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
       again, and the model is returned.
     * A model with :func:`inject`-ed layers: the fused layers become plain
       linears again and ``peft.get_peft_model`` wraps the model with a
-      ``LoraConfig`` that reproduces them; PEFT's adapter parameters *are* the
+      ``LoraConfig`` that reproduces them, as adapter ``adapter_name``
+      (default ``"default"``); PEFT's adapter parameters *are* the
       fused layers' (shared). Modules trained beside the adapters (a head
       unfrozen by hand) become PEFT's ``modules_to_save``: PEFT trains and
       saves a copy of each, made here with their current values; trained
       biases, PEFT's ``bias`` option (PEFT then trains every bias that option
       names). Returns the ``PeftModel``.
+    * A model with :func:`inject_multi`'s (or :func:`load_adapters`')
+      layers: the same, each adapter ``i`` one of PEFT's named adapters,
+      ``adapter_names[i]`` (default ``"default"``, ``"adapter_1"``,
+      ``"adapter_2"``...: adapter 0 is PEFT's first), of the layers where its
+      rank is not 0, with its own rank and alpha (a ``rank_pattern`` where
+      they differ by layer), the layers' dropout and rsLoRA. PEFT's first is
+      active; ``set_adapter`` chooses another, and PEFT's mixed batch,
+      ``peft_model(..., adapter_names=[name or "__base__", ...])`` (eval
+      mode), runs each sample as :func:`adapter_ids` did. ``requires_grad``
+      stays as it was on every adapter (PEFT's ``set_adapter`` sets it by
+      its own rule). Modules trained beside them go to every adapter's
+      ``modules_to_save`` (a copy each, all of the current values); trained
+      biases, a part of the base every adapter would share, are refused.
 
     Raises ValueError, changing nothing, where FSDP1 or FSDP2 shards the
-    fused layers (:func:`_check_can_replace`).
+    fused layers (:func:`_check_can_replace`), or where an adapter has rank 0
+    in every layer (PEFT has no adapter of no layer).
     """
     _check_model(model)
     multi = multi_fused_layers(model)
-    if multi:
-        shown = ", ".join(list(multi)[:3]) + (", ..." if len(multi) > 3 else "")
-        raise ValueError(f"to_peft: inject_multi's layers ({shown}) hold several adapters each, which this does "
-                         "not convert: save each with fused_lora.save_adapter(model, path_i, adapter=i), then give "
-                         "them to PEFT (PeftModel.from_pretrained(base, path_0, adapter_name=...), "
-                         "load_adapter(path_i, ...))")
     originals = getattr(model, _ORIGINALS, None)
-    layers = fused_layers(model)
+    if multi:
+        if adapter_name is not None:
+            raise ValueError(f"to_peft: adapter_name={adapter_name!r} names the one adapter of inject's layers; this "
+                             f"model's layers hold {len(next(iter(multi.values())).ranks)} adapters: name them with "
+                             "adapter_names=[...]")
+        if originals or _is_peft_model(model):
+            raise ValueError("to_peft: the model is PEFT's and holds inject_multi's layers too, which PEFT did not "
+                             "make: convert the plain model before PEFT wraps it")
+        layers = multi
+        names = _peft_adapter_names(adapter_names, len(next(iter(multi.values())).ranks))
+    else:
+        if adapter_names is not None:
+            raise ValueError("to_peft: adapter_names names inject_multi's adapters, and the model has no layers of "
+                             "several adapters: name the one adapter with adapter_name=...")
+        layers = fused_layers(model)
+        names = [_check_adapter_name("adapter_name", "default" if adapter_name is None else adapter_name)]
     _check_not_dispatched(model, list(layers), "to_peft")
     _check_can_replace(model, list(layers), "to_peft")
     _peft_lora_linear()  # (PEFT, and a version it works with)
-    if originals:
+    if originals and not multi:
         for name, layer in layers.items():
             if name in originals:
                 if layer.merged:
                     layer.unmerge()
                 _share_back(layer, originals[name])
+                originals[name].train(layer.training)  # (model.eval() since from_peft reached the fused layer alone)
                 _replace_module(model, name, originals.pop(name))
         if not fused_layers(model):
             for method in _PEFT_METHODS:  # (PEFT's own again, on its tuner too)
@@ -1581,25 +1606,89 @@ def to_peft(model: nn.Module, *, adapter_name: str = "default"):
     if wrapper is not None:  # (PEFT would wrap the wrapper: its names, and its files' keys, would hold the attribute)
         raise ValueError(f"to_peft: the model is a {wrapper[0]}: convert the model it wraps "
                          f"(model.{wrapper[1]}), then wrap PEFT's model again")
-    saved, bias, _ = _beside_adapters(model, layers)
-    config = _lora_config_dict(layers, saved, bias)
+    if multi:  # adapter i of each layer where its rank is not 0, as save_adapter(..., adapter=i) writes it
+        per_adapter = [{n: _OneAdapter.of(layer, i) for n, layer in multi.items() if layer.ranks[i]}
+                       for i in range(len(names))]
+        empty = [i for i, adapters in enumerate(per_adapter) if not adapters]
+        if empty:
+            raise ValueError(f"to_peft: adapter(s) {empty} have rank 0 in every layer: PEFT has no adapter of no "
+                             "layer (give PEFT the others by their files: save_adapter(model, path, adapter=i))")
+    else:
+        per_adapter = [layers]
+    saved, bias, _ = _beside_adapters(model, per_adapter[0])
+    if multi and bias != "none":
+        trained = sorted(n for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias"))
+        raise ValueError(f"to_peft: trained biases ({', '.join(trained[:3])}{', ...' if len(trained) > 3 else ''}) "
+                         "are a part of the base that every adapter would share, which PEFT's several adapters "
+                         "cannot (its bias option is one adapter's): freeze them, or save each adapter with "
+                         "save_adapter(model, path, adapter=i)")
+    configs = [peft.LoraConfig(**{k: v for k, v in _lora_config_dict(adapters, saved, bias).items()
+                                  if k not in ("peft_type", "task_type", "base_model_name_or_path")})
+               for adapters in per_adapter]
+    modes = {name: module.training for name, module in model.named_modules()}
     for name, layer in layers.items():
-        if layer.merged:
+        if getattr(layer, "merged", False):
             layer.unmerge()
         _replace_module(model, name, _plain_linear(layer))
-    lora_config = peft.LoraConfig(**{k: v for k, v in config.items() if k not in ("peft_type", "task_type",
-                                                                                  "base_model_name_or_path")})
     with warnings.catch_warnings():  # (PEFT sets fan_in_fan_out by each base's type, as the fused layers have it)
         warnings.filterwarnings("ignore", r"fan_in_fan_out is set to (True|False) but the target module is")
-        peft_model = peft.get_peft_model(model, lora_config, adapter_name=adapter_name, autocast_adapter_dtype=False)
-    for name, layer in layers.items():
+        for i, (adapter, lora_config) in enumerate(zip(names, configs)):
+            if i == 0:
+                peft_model = peft.get_peft_model(model, lora_config, adapter_name=adapter,
+                                                 autocast_adapter_dtype=False)
+            else:
+                peft_model.add_adapter(adapter, lora_config, autocast_adapter_dtype=False)
+    for name, layer in layers.items():  # (PEFT's own adapter tensors, set trainable or not by its rules, replaced)
         peft_layer = peft_model.base_model.model.get_submodule(name)
         _hand_hooks(peft_layer.get_base_layer(), peft_layer)  # (q_proj's hooks stay q_proj's: the PEFT layer's)
-        peft_layer.lora_A[adapter_name].weight = layer.lora_A
-        peft_layer.lora_B[adapter_name].weight = layer.lora_B
-        if layer.dropout > 0:
-            peft_layer.lora_dropout[adapter_name] = nn.Dropout(layer.dropout)
+        for adapter, adapters in zip(names, per_adapter):
+            if name in adapters:
+                one = adapters[name]
+                peft_layer.lora_A[adapter].weight = one.lora_A
+                peft_layer.lora_B[adapter].weight = one.lora_B
+                if one.dropout > 0:
+                    peft_layer.lora_dropout[adapter] = nn.Dropout(one.dropout)
+    _keep_modes(peft_model, modes)
     return peft_model
+
+
+def _keep_modes(peft_model: nn.Module, modes: dict[str, bool]) -> None:
+    """The train/eval modes of the model that PEFT wrapped (by module name,
+    ``modes``) on the modules PEFT made: each of its layers, wrappers and
+    their parts the mode of the module it took the place of (new modules are
+    made in train mode: PEFT's dropout would run in an eval-mode model), the
+    ``PeftModel`` and its tuner the model's."""
+    for name, module in peft_model.base_model.model.named_modules():
+        while name not in modes:  # (a part of a module PEFT made: the mode of what it replaced)
+            name = name.rpartition(".")[0]
+        module.training = modes[name]
+    peft_model.training = peft_model.base_model.training = modes[""]
+
+
+def _check_adapter_name(arg: str, name) -> str:
+    """A PEFT adapter name: a non-empty ``str`` without a dot (a key of
+    PEFT's ``ModuleDict`` s), other than its mixed batch's ``"__base__"``."""
+    if not isinstance(name, str):
+        raise TypeError(f"{arg} must be a str (a PEFT adapter name), got {type(name).__name__}")
+    if not name or "." in name or name == "__base__":
+        raise ValueError(f"{arg} must be a non-empty name without a dot, and not PEFT's '__base__' (the base's rows "
+                         f"in its mixed batch), got {name!r}")
+    return name
+
+
+def _peft_adapter_names(adapter_names, count: int) -> list[str]:
+    """:func:`to_peft`'s names of inject_multi's ``count`` adapters, checked."""
+    if adapter_names is None:
+        return ["default"] + [f"adapter_{i}" for i in range(1, count)]
+    if isinstance(adapter_names, (str, bytes)) or not isinstance(adapter_names, (list, tuple)):
+        raise TypeError(f"adapter_names must be a list of names, one an adapter, got {type(adapter_names).__name__}")
+    if len(adapter_names) != count:
+        raise ValueError(f"adapter_names must name each of the layers' {count} adapters, got {len(adapter_names)} "
+                         f"names ({adapter_names!r})")
+    names = [_check_adapter_name(f"adapter_names[{i}]", n) for i, n in enumerate(adapter_names)]
+    if len(set(names)) != len(names):
+        raise ValueError(f"adapter_names must be distinct, got {adapter_names!r}")
+    return names
 
 
 def _peft_adapter_kinds() -> tuple[type, ...]:

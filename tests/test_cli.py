@@ -3,6 +3,7 @@ without a GPU), run in-process."""
 
 import dataclasses
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,20 @@ def test_bench_smoke_writes_results(tmp_path, capsys):
     assert errors and max(errors) < 1e-2
     assert (tmp_path / "results.md").read_text().startswith("# fused_lora benchmark")
     assert (tmp_path / "speedup.png").stat().st_size > 1000
+    # one timed call a step on the interpreter: a median, no quantiles made up from it
+    assert all(m["p20_ms"] is None and m["p80_ms"] is None for m in measured)
+
+
+def test_cpu_timer_gives_quantiles_from_five_calls(monkeypatch):
+    times = [3.0, 1.0, 5.0, 2.0, 4.0]  # (ms a call, unsorted: a start and an end tick each)
+    ticks = iter(v for t in times for v in (0.0, t / 1e3))
+    monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    q, timer = benchmark.time_cpu(lambda: None, reps=5)
+    assert q[0] == 3.0 and q[1] == pytest.approx(1.2) and q[2] == pytest.approx(4.8), q
+    assert "not a speed measurement" in timer
+    ticks = iter(v for t in times[:4] for v in (0.0, t / 1e3))
+    q, _ = benchmark.time_cpu(lambda: None, reps=4)
+    assert q[0] == 2.5 and q[1:] == [None, None]
 
 
 def test_bench_time_budget_skips_and_says_so(tmp_path):
@@ -132,7 +147,8 @@ def test_bench_refuses_what_would_run_nothing_or_lose_output(tmp_path, capsys):
     assert cli.main(["bench", "--preset", "smoke", "--out", str(blocker / "out")]) == 2
     assert "cannot write the output folder" in capsys.readouterr().err
     assert cli.main(["demo", "--out", str(blocker / "demo")]) == 2
-    assert ("cannot write the output folder" if _has_peft() else "needs peft and transformers") in capsys.readouterr().err
+    expected = "cannot write the output folder" if _has_peft() else "needs peft and transformers"
+    assert expected in capsys.readouterr().err
 
     readme = tmp_path / "README.md"
     text = f"intro\n{benchmark.README_BEGIN}\nmeasured on a GPU\n{benchmark.README_END}\n"

@@ -523,6 +523,31 @@ def test_to_peft_restores_the_original_layers():
     torch.testing.assert_close(model(input_ids=ids).logits, expected)
 
 
+@pytest.mark.parametrize("how", ["from_peft", "inject"])
+def test_to_peft_keeps_an_eval_model_in_eval_mode(how):
+    """A model put in eval mode after the conversion: PEFT's layers come back
+    (or are made, in train mode) in eval mode too, their dropout off."""
+    if how == "from_peft":
+        config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "v_proj"],
+                                 init_lora_weights=False)
+        model = peft.get_peft_model(tiny_llama(), config).train()
+        fused_lora.from_peft(model)
+    else:
+        model = tiny_llama().train()
+        fused_lora.inject(model, ["q_proj", "v_proj"], r=4, alpha=8, dropout=0.5)
+        with torch.no_grad():
+            for layer in fused_lora.integration.fused_layers(model).values():
+                layer.lora_B.normal_()
+    model.eval()
+    ids = batch()
+    expected = model(input_ids=ids).logits.detach()
+    back = fused_lora.to_peft(model)
+    assert [n for n, m in back.named_modules() if m.training] == []
+    assert_outputs_close(back(input_ids=ids).logits, expected)
+    back.train()
+    assert not torch.allclose(back(input_ids=ids).logits, expected, rtol=1e-3)  # (dropout 0.5 on in train mode)
+
+
 def _add_adapter_as_transformers_does(model, config):
     """transformers' own PEFT integration (``model.add_adapter``): where this
     transformers refuses the installed PEFT, what add_adapter does: PEFT's
@@ -822,7 +847,8 @@ def test_load_adapter_keeps_the_dtype_the_adapter_was_saved_in(tmp_path):
     for i in range(2):
         layer, want = model.model.layers[i].self_attn.q_proj, ref.base_model.model.model.layers[i].self_attn.q_proj
         assert layer.weight.dtype == torch.bfloat16
-        for got, saved in ((layer.lora_A, want.lora_A["default"].weight), (layer.lora_B, want.lora_B["default"].weight)):
+        for got, saved in ((layer.lora_A, want.lora_A["default"].weight),
+                           (layer.lora_B, want.lora_B["default"].weight)):
             assert got.dtype == saved.dtype == torch.float32
             assert torch.equal(got, saved)
 
@@ -1247,7 +1273,8 @@ def test_unload_gives_torch_its_fast_paths_back():
         assert_outputs_close(model(x), expected)
         # (the fast path: padded positions come out as zeros from the nested tensor, the slow path computes them)
         padded = model(x, src_key_padding_mask=pad)
-        assert torch.all(padded[pad] == 0) and not torch.all(_without_fast_paths(model, x, src_key_padding_mask=pad)[pad] == 0)
+        assert torch.all(padded[pad] == 0)
+        assert not torch.all(_without_fast_paths(model, x, src_key_padding_mask=pad)[pad] == 0)
 
 
 def test_merge_and_unload_refuses_tied_weights_and_merges_once_untied():
@@ -1760,14 +1787,16 @@ def test_models_dispatched_by_accelerate_or_on_meta_are_refused(tmp_path):
 
     offloaded = accelerate.cpu_offload(tiny_llama(), execution_device=DEVICE)
     before = {n: type(m) for n, m in offloaded.named_modules()}
-    for call in (lambda: fused_lora.inject(offloaded, ["q_proj"]), lambda: fused_lora.load_adapter(offloaded, tmp_path)):
+    for call in (lambda: fused_lora.inject(offloaded, ["q_proj"]),
+                 lambda: fused_lora.load_adapter(offloaded, tmp_path)):
         with pytest.raises(ValueError, match=r"\['model.layers.0.self_attn.q_proj'.*dispatched by accelerate"):
             call()
     assert {n: type(m) for n, m in offloaded.named_modules()} == before
 
     with torch.device("meta"):
         on_meta = transformers.LlamaForCausalLM(source.config)
-    with pytest.raises(AdapterFileError, match="model.layers.0.self_attn.q_proj: the model's tensor there is on the meta"):
+    with pytest.raises(AdapterFileError,
+                       match="model.layers.0.self_attn.q_proj: the model's tensor there is on the meta"):
         fused_lora.load_adapter(on_meta, tmp_path)
     fused_lora.inject(on_meta, ["q_proj", "v_proj"], r=4)  # (inject is fine there: nothing to keep yet)
     with pytest.raises(AdapterFileError, match="on the meta device"):

@@ -273,6 +273,113 @@ def test_save_adapter_writes_one_adapter_and_nothing_of_the_others(tmp_path):
         fused_lora.save_adapter(model, tmp_path / "none", adapter="0")
 
 
+def _peft_mixed_batch(peft_model, names, ids, x):
+    """PEFT's mixed batch: each sample through the adapter ``names[id]`` (``"__base__"`` for -1)."""
+    return peft_model(input_ids=x, adapter_names=[names[i] if i >= 0 else "__base__" for i in ids]).logits
+
+
+@pytest.mark.parametrize("make, targets", [(tiny_llama, TARGETS), (tiny_gpt2, ["c_attn", "c_fc", "mlp.c_proj"])],
+                         ids=["llama", "gpt2-conv1d"])
+def test_to_peft_gives_peft_each_adapter_by_name(tmp_path, make, targets):
+    model = multi_model(make, targets, dropout=0.1, use_rslora=True).eval()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
+    model.get_submodule(next(iter(layers))).lora_B[1].requires_grad_(False)  # (a frozen tensor stays frozen)
+    flags = {id(p): p.requires_grad for m in layers.values() for p in (*m.lora_A, *m.lora_B)}
+    x = tokens(seed=4)
+    with fused_lora.adapter_ids(model, torch.tensor(IDS, device=DEVICE)):
+        expected = model(input_ids=x).logits.detach()
+    names = ["alice", "bob", "carol"]
+    peft_model = fused_lora.to_peft(model, adapter_names=names)
+    assert isinstance(peft_model, peft.PeftModel) and peft_model.active_adapter == "alice"
+    assert not any(isinstance(m, MultiLoRALinear) for m in peft_model.modules())
+    for name, layer in layers.items():
+        twin = peft_model.base_model.model.get_submodule(name)
+        assert twin.fan_in_fan_out == layer.fan_in_fan_out
+        for i, adapter in enumerate(names):
+            assert twin.lora_A[adapter].weight is layer.lora_A[i] and twin.lora_B[adapter].weight is layer.lora_B[i]
+            assert twin.lora_dropout[adapter].p == 0.1
+            assert twin.scaling[adapter] == ALPHAS[i] / RANKS[i] ** 0.5  # (rsLoRA)
+        assert all(p.requires_grad == flags[id(p)] for p in (*layer.lora_A, *layer.lora_B))
+    assert [(c.r, c.lora_alpha, c.use_rslora) for c in map(peft_model.peft_config.get, names)] == [
+        (r, a, True) for r, a in zip(RANKS, ALPHAS)]
+    assert_close(_peft_mixed_batch(peft_model, names, IDS, x), expected)
+    # PEFT's own: one adapter for the whole batch, and its files, which load_adapters takes back
+    peft_model.set_adapter("carol")
+    assert_close(peft_model(input_ids=x).logits[0], expected[0])  # (sample 0's id is 2)
+    peft_model.save_pretrained(tmp_path)
+    back = make()
+    fused_lora.load_adapters(back, [tmp_path / n for n in names])
+    with fused_lora.adapter_ids(back.eval(), torch.tensor(IDS, device=DEVICE)):
+        assert_close(back(input_ids=x).logits, expected)
+
+
+def test_to_peft_leaves_an_adapter_out_of_the_layers_where_its_rank_is_0(tmp_path):
+    """load_adapters' layers, rank 0 where a file does not name a layer: each
+    adapter goes to PEFT with the layers its file named, rank_pattern too,
+    and the head trained beside them as every adapter's modules_to_save."""
+    (peft0, peft1), dirs = _peft_adapters(tmp_path)
+    model = tiny_llama()
+    fused_lora.load_adapters(model, dirs)
+    head = model.lm_head.weight.requires_grad_()
+    with torch.no_grad():
+        head.add_(torch.randn_like(head), alpha=0.1)
+    x = tokens(seed=9)
+    ids = [1, -1, 0, 1, 0]
+    with fused_lora.adapter_ids(model.eval(), torch.tensor(ids, device=DEVICE)):
+        expected = model(input_ids=x).logits.detach()
+    peft_model = fused_lora.to_peft(model)
+    names = ["default", "adapter_1"]
+    assert list(peft_model.peft_config) == names
+    for i, original in enumerate((peft0, peft1)):
+        config = peft_model.peft_config[names[i]]
+        assert sorted(config.target_modules) == sorted(
+            n.removeprefix("base_model.model.") for n, m in original.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer))
+        assert config.modules_to_save == ["lm_head"]
+        assert torch.equal(peft_model.base_model.model.lm_head.modules_to_save[names[i]].weight, head)
+    k_proj = peft_model.base_model.model.model.layers[0].self_attn.k_proj
+    assert list(k_proj.lora_A) == ["adapter_1"] and k_proj.r["adapter_1"] == 2
+    assert peft_model.base_model.model.model.layers[0].mlp.down_proj.r["adapter_1"] == 8
+    assert_close(_peft_mixed_batch(peft_model, names, ids, x), expected)
+
+
+def test_to_peft_refusals_change_nothing():
+    model = multi_model()
+    layers = fused_lora.integration.multi_fused_layers(model)
+    for kwargs, error, match in (
+            (dict(adapter_names=["a0", "a1"]), ValueError, r"adapter_names must name each of the layers' 3 adapters, "
+                                                            r"got 2 names"),
+            (dict(adapter_names="a0"), TypeError, "adapter_names must be a list of names"),
+            (dict(adapter_names=["a0", "a1", "a0"]), ValueError, "adapter_names must be distinct"),
+            (dict(adapter_names=["a0", "__base__", "a2"]), ValueError, r"adapter_names\[1\] must be .* not PEFT's "
+                                                                        "'__base__'"),
+            (dict(adapter_names=["a0", "a.1", "a2"]), ValueError, r"adapter_names\[1\] must be a non-empty name "
+                                                                   "without a dot"),
+            (dict(adapter_names=["a0", 1, "a2"]), TypeError, r"adapter_names\[1\] must be a str"),
+            (dict(adapter_name="mine"), ValueError, "adapter_name='mine' names the one adapter of inject's layers; "
+                                                     "this model's layers hold 3 adapters")):
+        with pytest.raises(error, match=match):
+            fused_lora.to_peft(model, **kwargs)
+    model.model.layers[0].self_attn.q_proj.bias = nn.Parameter(torch.zeros(32))  # (a trained bias: the base's)
+    with pytest.raises(ValueError, match=r"to_peft: trained biases \(model.layers.0.self_attn.q_proj.bias\) are a "
+                                         "part of the base"):
+        fused_lora.to_peft(model)
+    assert fused_lora.integration.multi_fused_layers(model) == layers
+    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules())
+
+    unused = multi_model(ranks=[4, 0, 2], alphas=[4, 1, 2])
+    with pytest.raises(ValueError, match=r"adapter\(s\) \[1\] have rank 0 in every layer"):
+        fused_lora.to_peft(unused)
+    single = tiny_llama()
+    fused_lora.inject(single, ["q_proj"])
+    with pytest.raises(ValueError, match="adapter_names names inject_multi's adapters"):
+        fused_lora.to_peft(single, adapter_names=["a"])
+    with pytest.raises(ValueError, match="adapter_name must be a non-empty name"):
+        fused_lora.to_peft(single, adapter_name="")
+    assert len(fused_lora.integration.fused_layers(single)) == 2
+    assert fused_lora.to_peft(single, adapter_name="mine").active_adapter == "mine"
+
+
 def test_inject_multi_checks_before_changing_anything():
     model = tiny_llama()
     with pytest.raises(TypeError, match="ranks must be a sequence of ints"):
@@ -294,8 +401,6 @@ def test_inject_multi_checks_before_changing_anything():
         fused_lora.inject_multi(model, ["q_proj"], ranks=[8, 8])
     with pytest.raises(ValueError, match=r"inject: the model's fused layers hold several adapters each"):
         fused_lora.inject(model, ["k_proj"])
-    with pytest.raises(ValueError, match=r"to_peft: inject_multi's layers .* save each with"):
-        fused_lora.to_peft(model)
     single = tiny_llama()
     fused_lora.inject(single, ["q_proj"])
     with pytest.raises(ValueError, match=r"inject_multi: the model's fused layers hold one adapter each"):
