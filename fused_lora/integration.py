@@ -844,7 +844,9 @@ def adapter_ids(model: nn.Module, ids: torch.Tensor):
     Ids a call passes itself win; blocks nest, the innermost's ids in
     effect; the layers are as before on exit, exceptions included. Run the
     backward inside the block where the model recomputes activations in it
-    (activation checkpointing calls the layers again). Raises ValueError on
+    (activation checkpointing calls the layers again): a layer recomputed
+    after the block, without the ids its forward had, raises ValueError
+    rather than compute other rows. Raises ValueError on
     a model without fused layers, TypeError for ids that are not an integer
     tensor of one or more dims."""
     _check_model(model)

@@ -50,6 +50,34 @@ def _checked_counts(ids: torch.Tensor) -> tuple[int, int] | None:
     return entry[1:]
 
 
+#: Per fused layer (in its ``__dict__``): whether its last forward outside
+#: a backward had ``adapter_ids`` (:func:`_check_recompute`).
+_HAD_IDS = "_fused_lora_had_ids"
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def _check_recompute(layer: nn.Module, adapter_ids) -> None:
+    """Refuse a forward that activation checkpointing recomputes in the
+    backward without the ``adapter_ids`` the forward had: the backward run
+    after :func:`fused_lora.adapter_ids`'s block, whose ids reach the layers
+    only inside it. :class:`LoRALinear` would recompute every row with its
+    adapter (gradients silently wrong for the base rows),
+    :class:`MultiLoRALinear` could not run. Outside a backward, notes
+    whether the forward has ids (the layer's last forward: one with ids run
+    between a forward without and its backward, an evaluation in the
+    middle of a step, would make that backward's recompute refused);
+    nothing while torch.compile traces (its graph holds the ids it traced
+    with)."""
+    if _graph_task_id is None or torch.compiler.is_compiling():
+        return
+    if _graph_task_id() == -1:
+        layer.__dict__[_HAD_IDS] = adapter_ids is not None
+    elif adapter_ids is None and layer.__dict__.get(_HAD_IDS):
+        raise ValueError(f"{type(layer).__name__}: recomputed in the backward (activation checkpointing) without the "
+                         "adapter_ids its forward had, which `with fused_lora.adapter_ids(model, ids):` hands the "
+                         "layers inside the block only: run the backward (loss.backward()) inside the block too")
+
+
 def unfusable_base(weight: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:
     """Why a fused layer cannot take this weight and bias as its base (None
     when it can): the kernels read plain fp16/bf16/fp32 (or, on the torch
@@ -224,6 +252,7 @@ class LoRALinear(nn.Module):
         traces or a CUDA graph captures, where nothing can be checked without
         a sync: there their rows' outputs are NaN (and so, in training, the
         adapter's gradients)."""
+        _check_recompute(self, adapter_ids)
         if adapter_ids is not None:
             return self._forward_mixed(x, adapter_ids)
         return self._forward(x, self.adapter_enabled)
@@ -492,6 +521,7 @@ class MultiLoRALinear(nn.Module):
         forward does not take them, :func:`fused_lora.adapter_ids` hands them
         to its layers; without ids a ValueError says so (there is no adapter
         to run every row through by default)."""
+        _check_recompute(self, adapter_ids)
         if not self.adapter_enabled:
             return F.linear(x, self.base_weight(), self.bias)
         if adapter_ids is None:

@@ -115,6 +115,49 @@ def test_activation_checkpointing_inside_the_block_gives_the_same_gradients():
         assert torch.equal(g, checkpointed[name]), name
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("kind", ["inject", "inject_multi"])
+def test_a_backward_after_the_block_that_recomputes_the_layers_is_refused(kind, reentrant):
+    """Activation checkpointing calls the layers again in the backward: run
+    after adapter_ids' block, without its ids, inject's layers would give
+    every row the adapter (the base rows' gradients silently wrong), and
+    inject_multi's could not run. Both refuse, saying why; inside the block
+    the gradients are those of the model without checkpointing."""
+    def grads(checkpointed, inside=True):
+        if kind == "inject":
+            model = tiny_llama()
+            fused_lora.inject(model, TARGETS, r=4, alpha=8)
+            for m in model.modules():
+                if isinstance(m, LoRALinear):
+                    nn.init.normal_(m.lora_B, std=0.2)
+        else:
+            model = multi_model()
+        model.train()
+        if checkpointed:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            key = "activation" if enable.__name__.startswith("activation") else "gradient"
+            enable(**{f"{key}_checkpointing_kwargs": {"use_reentrant": reentrant}})
+            model.enable_input_require_grads()  # (reentrant checkpointing: an input that requires grad)
+        x = tokens(seed=6)
+        ids = torch.tensor([0, -1, 0, 0, -1] if kind == "inject" else IDS, device=DEVICE)
+        with fused_lora.adapter_ids(model, ids):
+            loss = model(input_ids=x, labels=x).loss
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    with pytest.raises(ValueError, match=r"(LoRALinear|MultiLoRALinear): recomputed in the backward \(activation "
+                                         r"checkpointing\) without the adapter_ids its forward had.*inside the block"):
+        grads(True, inside=False)
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) == (12 if kind == "inject" else 36)
+    for name, g in plain.items():
+        assert torch.equal(g, checkpointed[name]), name
+    assert grads(False, inside=False).keys() == plain.keys()  # (no checkpointing: nothing is recomputed)
+
+
 def test_adapter_ids_nest_yield_to_a_call_s_own_ids_and_leave_nothing_behind():
     model = multi_model().eval()
     x = tokens(b=2)
