@@ -1639,7 +1639,7 @@ def to_peft(model: nn.Module, *, adapter_name: str | None = None, adapter_names=
                 peft_model = peft.get_peft_model(model, lora_config, adapter_name=adapter,
                                                  autocast_adapter_dtype=False)
             else:
-                peft_model.add_adapter(adapter, lora_config, autocast_adapter_dtype=False)
+                peft_model.add_adapter(adapter, lora_config)  # (its tensors, autocast or not, are replaced below)
     for name, layer in layers.items():  # (PEFT's own adapter tensors, set trainable or not by its rules, replaced)
         peft_layer = peft_model.base_model.model.get_submodule(name)
         _hand_hooks(peft_layer.get_base_layer(), peft_layer)  # (q_proj's hooks stay q_proj's: the PEFT layer's)
