@@ -167,6 +167,23 @@ def tiny_llama(seed=0, **overrides):
     return transformers.LlamaForCausalLM(cfg).to(DEVICE)
 
 
+def skip_if_dynamo_cannot_trace_llama(ids):
+    """Skips where this torch's dynamo cannot trace this transformers' Llama
+    in one graph without fused_lora either (torch 2.8 with transformers 5.24:
+    its per-layer config view's iterator), else returns: call it where a
+    fused model's ``fullgraph=True`` compile raised ``Unsupported``."""
+    import pytest
+    import transformers
+
+    plain = tiny_llama(seed=6)
+    torch._dynamo.reset()
+    try:
+        torch.compile(lambda i: plain(input_ids=i, labels=i).loss, backend="aot_eager", fullgraph=True)(ids)
+    except torch._dynamo.exc.Unsupported as err:
+        pytest.skip(f"torch {torch.__version__}'s dynamo cannot trace transformers {transformers.__version__}'s "
+                    f"Llama in one graph, unfused too: {str(err).splitlines()[0]}")
+
+
 def tiny_gpt2(seed=0):
     """A two-layer transformers GPT-2 (Conv1D layers, dropout off) built from a config, on DEVICE."""
     import transformers

@@ -17,7 +17,7 @@ from torch import nn
 
 import fused_lora
 from fused_lora import AdapterFileError, LoRALinear
-from lora_testing import DEVICE, VOCAB, tiny_gpt2, tiny_llama
+from lora_testing import DEVICE, VOCAB, skip_if_dynamo_cannot_trace_llama, tiny_gpt2, tiny_llama
 
 # (a PEFT older than from_peft/to_peft take: their ImportError, not what these tests check)
 peft = pytest.importorskip("peft", minversion=".".join(map(str, fused_lora.integration.MIN_PEFT)))
@@ -268,19 +268,6 @@ def test_transformers_activation_checkpointing_gives_the_same_gradients(reentran
         assert torch.equal(g, grads_ckpt[name]), name
 
 
-def _skip_if_dynamo_cannot_trace_the_plain_model(ids):
-    """Skips where this torch's dynamo cannot trace this transformers' Llama
-    in one graph without fused_lora either (torch 2.8 with transformers 5.24:
-    its per-layer config view's iterator), else returns."""
-    plain = tiny_llama(seed=6)
-    torch._dynamo.reset()
-    try:
-        torch.compile(lambda i: plain(input_ids=i, labels=i).loss, backend="aot_eager", fullgraph=True)(ids)
-    except torch._dynamo.exc.Unsupported as err:
-        pytest.skip(f"torch {torch.__version__}'s dynamo cannot trace transformers {transformers.__version__}'s "
-                    f"Llama in one graph, unfused too: {str(err).splitlines()[0]}")
-
-
 def test_a_transformers_model_compiles_in_one_graph():
     """torch.compile(fullgraph=True) of a Llama training loss with every linear
     fused (dropout on): dynamo traces the model and the fused ops in one
@@ -311,7 +298,7 @@ def test_a_transformers_model_compiles_in_one_graph():
         try:
             loss = compiled(ids)
         except torch._dynamo.exc.Unsupported:
-            _skip_if_dynamo_cannot_trace_the_plain_model(ids)
+            skip_if_dynamo_cannot_trace_llama(ids)
             raise
         grads = torch.autograd.grad(loss, params)
         torch.manual_seed(seed)
