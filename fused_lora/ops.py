@@ -78,6 +78,7 @@ calls run the forward pass without the Function at all.
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Sequence
 
@@ -737,7 +738,7 @@ def multi_lora_linear(
             y = torch.where((adapter_ids < -1).unsqueeze(-1), float("nan"), y)
         return y
     # (while torch.compile traces, the tensors are made in the graph: it would not keep the cache's)
-    columns = _rank_columns.__wrapped__ if torch.compiler.is_compiling() else _rank_columns
+    columns = _make_rank_columns if torch.compiler.is_compiling() else _rank_columns
     rank_ids, rank_scaling = columns(x.device, ranks, scalings)
     a = lora_A[0] if n == 1 else torch.cat(lora_A, 0)
     b = lora_B[0] if n == 1 else torch.cat(lora_B, 1)
@@ -806,14 +807,38 @@ def _unreadable(t: Tensor) -> bool:
     return torch.compiler.is_compiling() or (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
-@functools.lru_cache(maxsize=256)
+#: :func:`_rank_columns`' pairs, by ``(device, ranks, scalings)``, the most
+#: recently used last (at most :data:`_RANK_COLUMNS_KEPT`).
+_rank_columns_kept: collections.OrderedDict = collections.OrderedDict()
+_RANK_COLUMNS_KEPT = 256
+
+
 def _rank_columns(device: torch.device, ranks: tuple[int, ...], scalings: tuple[float, ...]):
     """``(rank_ids, rank_scaling)``: the adapter and the scale of each rank
     column of adapters of ``ranks`` side by side, (r,) int32 and fp32 on
-    ``device``. Kept: a model's layers share a few such pairs, and the
-    copy to the device is made once, by the first call (a warm-up call
-    before a CUDA graph's capture, which cannot copy from the host)."""
-    ids = [i for i, r in enumerate(ranks) for _ in range(r)]
-    scales = [s for s, r in zip(scalings, ranks) for _ in range(r)]
-    return (torch.tensor(ids, dtype=torch.int32, device=device),
-            torch.tensor(scales, dtype=torch.float32, device=device))
+    ``device`` (:func:`_make_rank_columns`). Kept: a model's layers share a
+    few such pairs, made once. Not while a CUDA graph captures on
+    ``device``: a pair made then is written by the graph's replays alone,
+    so it is made for that graph and not kept (a capture needs no warm-up
+    call of the same ranks and scales for them)."""
+    key = (device, ranks, scalings)
+    pair = _rank_columns_kept.get(key)
+    if pair is not None:
+        _rank_columns_kept.move_to_end(key)
+        return pair
+    pair = _make_rank_columns(device, ranks, scalings)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _rank_columns_kept[key] = pair
+        while len(_rank_columns_kept) > _RANK_COLUMNS_KEPT:
+            _rank_columns_kept.popitem(last=False)
+    return pair
+
+
+def _make_rank_columns(device: torch.device, ranks: tuple[int, ...], scalings: tuple[float, ...]):
+    """:func:`_rank_columns`' pair, made on the device by fills (no copy
+    from the host, which a CUDA graph's capture cannot make; while
+    torch.compile traces, in its graph)."""
+    filled = [(torch.full((r,), i, dtype=torch.int32, device=device),
+               torch.full((r,), s, dtype=torch.float32, device=device))
+              for i, (r, s) in enumerate(zip(ranks, scalings)) if r]
+    return torch.cat([ids for ids, _ in filled]), torch.cat([scales for _, scales in filled])

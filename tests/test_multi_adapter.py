@@ -296,12 +296,54 @@ def test_bad_input_is_rejected(change, err, words):
         _bad_call(change)()
 
 
-def test_rank_columns_are_made_once():
+def test_rank_columns_are_made_once(monkeypatch):
     """The column ids and scales are kept per (device, ranks, scales): a
-    model's layers do not copy them to the device at every call."""
-    first = ops._rank_columns(torch.device(DEVICE), (2, 3), (1.0, 0.5))
-    assert first[0].tolist() == [0, 0, 1, 1, 1] and first[1].tolist() == [1.0, 1.0, 0.5, 0.5, 0.5]
-    assert ops._rank_columns(torch.device(DEVICE), (2, 3), (1.0, 0.5))[0] is first[0]
+    model's layers do not make them at every call. Made while a CUDA graph
+    captures, they are that graph's (written by its replays), not kept."""
+    monkeypatch.setattr(ops, "_rank_columns_kept", type(ops._rank_columns_kept)())  # (the suite's own left alone)
+    first = ops._rank_columns(torch.device(DEVICE), (2, 0, 3), (1.0, 7.0, 0.5))
+    assert first[0].dtype == torch.int32 and first[1].dtype == torch.float32
+    assert first[0].tolist() == [0, 0, 2, 2, 2] and first[1].tolist() == [1.0, 1.0, 0.5, 0.5, 0.5]
+    assert ops._rank_columns(torch.device(DEVICE), (2, 0, 3), (1.0, 7.0, 0.5))[0] is first[0]
+    made = []
+    monkeypatch.setattr(ops, "_make_rank_columns", lambda *key: made.append(key) or ("ids", "scales"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    key = (torch.device("cuda", 0), (4,), (2.0,))
+    assert ops._rank_columns(*key) == ("ids", "scales") and ops._rank_columns(*key) == ("ids", "scales")
+    assert made == [key, key] and key not in ops._rank_columns_kept  # (made for each capture, never kept)
+    # the most recently used kept, up to the bound
+    monkeypatch.setattr(ops, "_RANK_COLUMNS_KEPT", 2)
+    cpu = torch.device("cpu")
+    for scale in (1.0, 2.0, 1.0, 3.0):  # (1.0 used again: 2.0 the least recently used)
+        ops._rank_columns(cpu, (1,), (scale,))
+    assert list(ops._rank_columns_kept) == [(cpu, (1,), (1.0,)), (cpu, (1,), (3.0,))]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_a_cuda_graph_captures_adapters_of_scales_no_call_had_before():
+    """A capture makes its column ids and scales on the device (no copy from
+    the host, which a capture cannot make): adapters of other scales than the
+    warm-up's, and the replays give eager's outputs bit for bit."""
+    x = torch.randn(64, 96, device="cuda", dtype=torch.float16)
+    w, b, _, _ = make_params(96, 80, 1, torch.float16, True, device="cuda")
+    lora_a, lora_b = zip(*[make_params(96, 80, r, torch.float16, False, device="cuda")[2:] for r in (8, 4)])
+    ids = torch.randint(-1, 2, (64,), device="cuda")
+
+    def step(scaling):
+        return fused_lora.multi_lora_linear(x, w, list(lora_a), list(lora_b), ids, b, scaling=scaling,
+                                            backend="triton")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: the kernels compiled, and these ids checked, before the capture
+        step([0.5, 2.0])
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step([0.25, 3.0])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, step([0.25, 3.0]))
 
 
 def test_compile_fullgraph_one_frame():
