@@ -14,7 +14,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._validate import check_backend, check_bool, check_int
 from .dropout import check_dropout_p
-from .ops import lora_linear, multi_lora_linear
+from .ops import _unreadable, lora_linear, multi_lora_linear
 
 
 def check_adapter_dtype(dtype, name: str = "adapter_dtype") -> torch.dtype | None:
@@ -268,8 +268,7 @@ class LoRALinear(nn.Module):
                              f"or more dims; got adapter_ids {tuple(adapter_ids.shape)} for x {shape}")
         ids = adapter_ids.to(x.device)
         on = ids == 0
-        checked = not (torch.compiler.is_compiling()
-                       or (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
+        checked = not _unreadable(x)
         if checked:
             counts = _checked_counts(adapter_ids)
             if counts is None:

@@ -804,7 +804,12 @@ def _check_adapter_id_values(adapter_ids: Tensor, n: int, given: Tensor) -> Tens
 def _unreadable(t: Tensor) -> bool:
     """Whether ``t``'s values cannot be read back to the host now: while
     torch.compile traces, or a CUDA graph captures on its device's stream."""
-    return torch.compiler.is_compiling() or (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    return torch.compiler.is_compiling() or _capturing(t.device)
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph captures on ``device``'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 #: :func:`_rank_columns`' pairs, by ``(device, ranks, scalings)``, the most
@@ -827,7 +832,7 @@ def _rank_columns(device: torch.device, ranks: tuple[int, ...], scalings: tuple[
         _rank_columns_kept.move_to_end(key)
         return pair
     pair = _make_rank_columns(device, ranks, scalings)
-    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if not _capturing(device):
         _rank_columns_kept[key] = pair
         while len(_rank_columns_kept) > _RANK_COLUMNS_KEPT:
             _rank_columns_kept.popitem(last=False)

@@ -156,7 +156,8 @@ def test_a_backward_after_the_block_that_recomputes_the_layers_is_refused(kind, 
     assert plain.keys() == checkpointed.keys() and len(plain) == (12 if kind == "inject" else 36)
     for name, g in plain.items():
         assert torch.equal(g, checkpointed[name]), name
-    assert grads(False, inside=False).keys() == plain.keys()  # (no checkpointing: nothing is recomputed)
+    after = grads(False, inside=False)  # (no checkpointing: nothing is recomputed, nothing refused)
+    assert after.keys() == plain.keys() and all(torch.equal(g, plain[name]) for name, g in after.items())
 
 
 def test_adapter_ids_nest_yield_to_a_call_s_own_ids_and_leave_nothing_behind():
@@ -411,6 +412,9 @@ def test_to_peft_refusals_change_nothing():
     assert fused_lora.integration.multi_fused_layers(model) == layers
     assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules())
 
+    wrapped = peft.get_peft_model(multi_model(), peft.LoraConfig(r=2, target_modules=["k_proj"]))
+    with pytest.raises(ValueError, match="to_peft: the model is PEFT's and holds inject_multi's layers too"):
+        fused_lora.to_peft(wrapped)
     unused = multi_model(ranks=[4, 0, 2], alphas=[4, 1, 2])
     with pytest.raises(ValueError, match=r"adapter\(s\) \[1\] have rank 0 in every layer"):
         fused_lora.to_peft(unused)
