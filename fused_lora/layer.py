@@ -51,7 +51,8 @@ def _checked_counts(ids: torch.Tensor) -> tuple[int, int] | None:
 
 
 #: Per fused layer (in its ``__dict__``): whether its last forward outside
-#: a backward had ``adapter_ids`` (:func:`_check_recompute`).
+#: a backward had ``adapter_ids``, in eval and in training mode
+#: (:func:`_check_recompute`).
 _HAD_IDS = "_fused_lora_had_ids"
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 
@@ -63,16 +64,18 @@ def _check_recompute(layer: nn.Module, adapter_ids) -> None:
     only inside it. :class:`LoRALinear` would recompute every row with its
     adapter (gradients silently wrong for the base rows),
     :class:`MultiLoRALinear` could not run. Outside a backward, notes
-    whether the forward has ids (the layer's last forward: one with ids run
-    between a forward without and its backward, an evaluation in the
-    middle of a step, would make that backward's recompute refused);
-    nothing while torch.compile traces (its graph holds the ids it traced
-    with)."""
+    whether the forward has ids, for the layer's mode (training or eval): a
+    recompute runs in the mode of the forward it repeats, so an evaluation
+    (``model.eval()``) in the middle of a step, with or without ids, leaves
+    the training step's note alone. (Two forwards of one mode between a
+    forward and its backward: the note is the last one's.) Nothing while
+    torch.compile traces (its graph holds the ids it traced with)."""
     if _graph_task_id is None or torch.compiler.is_compiling():
         return
+    had = layer.__dict__.setdefault(_HAD_IDS, [False, False])  # [eval, training]
     if _graph_task_id() == -1:
-        layer.__dict__[_HAD_IDS] = adapter_ids is not None
-    elif adapter_ids is None and layer.__dict__.get(_HAD_IDS):
+        had[layer.training] = adapter_ids is not None
+    elif adapter_ids is None and had[layer.training]:
         raise ValueError(f"{type(layer).__name__}: recomputed in the backward (activation checkpointing) without the "
                          "adapter_ids its forward had, which `with fused_lora.adapter_ids(model, ids):` hands the "
                          "layers inside the block only: run the backward (loss.backward()) inside the block too")

@@ -160,6 +160,40 @@ def test_a_backward_after_the_block_that_recomputes_the_layers_is_refused(kind, 
     assert after.keys() == plain.keys() and all(torch.equal(g, plain[name]) for name, g in after.items())
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_an_evaluation_with_ids_between_a_forward_and_its_backward_changes_nothing(reentrant):
+    """The recompute check goes by the forward the backward repeats: an
+    evaluation in eval mode with ids, between a training forward without ids
+    (every row through the adapter) and its checkpointed backward, is not
+    mistaken for it (that backward was refused before); a training-mode
+    forward with ids in its place still makes the backward refused."""
+    def grads(between):
+        model = tiny_llama()
+        fused_lora.inject(model, TARGETS, r=4, alpha=8)
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                nn.init.normal_(m.lora_B, std=0.2)
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        x = tokens(seed=7)
+        loss = model(input_ids=x, labels=x, use_cache=False).loss
+        if between is not None:
+            model.train(between == "train")
+            with torch.no_grad(), fused_lora.adapter_ids(model, torch.tensor([0, -1, 0, -1, -1], device=DEVICE)):
+                model(input_ids=tokens(seed=8), use_cache=False)
+            model.train()
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, evaluated = grads(None), grads("eval")
+    assert plain.keys() == evaluated.keys() and len(plain) == 12
+    for name, g in plain.items():
+        assert torch.equal(g, evaluated[name]), name
+    with pytest.raises(ValueError, match="recomputed in the backward"):
+        grads("train")
+
+
 def test_adapter_ids_nest_yield_to_a_call_s_own_ids_and_leave_nothing_behind():
     model = multi_model().eval()
     x = tokens(b=2)
