@@ -14,7 +14,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._validate import check_backend, check_bool, check_int
 from .dropout import check_dropout_p
-from .ops import _unreadable, lora_linear, multi_lora_linear
+from .ops import _autocast_enabled, _unreadable, lora_linear, multi_lora_linear
 
 
 def check_adapter_dtype(dtype, name: str = "adapter_dtype") -> torch.dtype | None:
@@ -79,6 +79,24 @@ def _check_recompute(layer: nn.Module, adapter_ids) -> None:
         raise ValueError(f"{type(layer).__name__}: recomputed in the backward (activation checkpointing) without the "
                          "adapter_ids its forward had, which `with fused_lora.adapter_ids(model, ids):` hands the "
                          "layers inside the block only: run the backward (loss.backward()) inside the block too")
+
+
+def _base_linear(layer: nn.Module, x, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight, layer.bias)``: a fused layer's base alone (its
+    adapters off, merged, or no row's), with the fused path's typed errors
+    for an x it cannot take, where torch's would be a RuntimeError: the same
+    x is refused alike whatever the ids or the layer's state."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != layer.in_features:
+        raise ValueError(f"x must have shape (..., in_features={layer.in_features}) to match weight "
+                         f"{tuple(layer.weight.shape)}, got x of shape {tuple(x.shape)}")
+    if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
+        raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}: all tensors must share one dtype "
+                        f"(cast x or the layer, e.g. layer.to({x.dtype}))")
+    if x.device != weight.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}: all tensors must be on one device")
+    return F.linear(x, weight, layer.bias)
 
 
 def unfusable_base(weight: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:
@@ -265,8 +283,10 @@ class LoRALinear(nn.Module):
                 or adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex:
             got = adapter_ids.dtype if isinstance(adapter_ids, torch.Tensor) else type(adapter_ids).__name__
             raise TypeError(f"adapter_ids must be an integer tensor, got {got}")
-        if not isinstance(x, torch.Tensor) or x.dim() < 2 or tuple(adapter_ids.shape) != (x.shape[0],):
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 2 or tuple(adapter_ids.shape) != (x.shape[0],):
+            shape = tuple(x.shape)
             raise ValueError(f"adapter_ids must have shape (x.shape[0],): an id for each row (sample) of an x of 2 "
                              f"or more dims; got adapter_ids {tuple(adapter_ids.shape)} for x {shape}")
         ids = adapter_ids.to(x.device)
@@ -310,10 +330,8 @@ class LoRALinear(nn.Module):
         weight = self.base_weight()
         if self.merged and (not with_adapter or row_scale is not None):
             weight = self._unmerged_weight.t() if self.fan_in_fan_out else self._unmerged_weight
-        if not with_adapter:
-            return F.linear(x, weight, self.bias)
-        if self.merged and row_scale is None:
-            return F.linear(x, weight, self.bias)
+        if not with_adapter or (self.merged and row_scale is None):
+            return _base_linear(self, x, weight)
         lora_A, lora_B = self.lora_A, self.lora_B
         if self.merged:
             lora_A, lora_B = lora_A.detach(), lora_B.detach()
@@ -525,7 +543,7 @@ class MultiLoRALinear(nn.Module):
         to run every row through by default)."""
         _check_recompute(self, adapter_ids)
         if not self.adapter_enabled:
-            return F.linear(x, self.base_weight(), self.bias)
+            return _base_linear(self, x, self.base_weight())
         if adapter_ids is None:
             raise ValueError(f"MultiLoRALinear ({self.num_adapters} adapters) needs adapter_ids, the adapter of each "
                              f"row (-1: the base alone): pass them, or run the model inside "

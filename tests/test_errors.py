@@ -329,3 +329,35 @@ def test_the_autograd_function_where_the_kernels_cannot_run(args, monkeypatch, n
     with pytest.raises(ValueError, match=r"LoRALinearFunction runs the Triton kernels, which cannot run here: no GPU "
                                          r"here \(a stand-in reason\) \(lora_linear runs the torch backend there\)"):
         _apply(**args)
+
+
+@pytest.mark.parametrize("state", ["base ids", "adapters off", "merged"])
+@pytest.mark.parametrize("multi", [False, True], ids=["LoRALinear", "MultiLoRALinear"])
+def test_a_layer_running_its_base_alone_refuses_bad_x_as_the_fused_path_does(multi, state):
+    """Where a layer runs its base alone (every row's id -1, its adapters
+    off, or merged), a bad x gets the fused path's typed errors, not torch's
+    RuntimeError from F.linear: the same x is refused alike in every state."""
+    if multi and state == "merged":
+        pytest.skip("MultiLoRALinear merges through merge_and_unload only")
+    linear = torch.nn.Linear(8, 4, device=DEVICE)
+    layer = (fused_lora.MultiLoRALinear.from_linear(linear, [2, 3]) if multi
+             else fused_lora.LoRALinear.from_linear(linear, r=2))
+    ids = None
+    if state == "base ids":
+        ids = torch.full((5,), -1, device=DEVICE)
+    elif state == "adapters off":
+        layer.adapter_enabled = False
+    else:
+        layer.merge()
+    for x, err, words in [(torch.randn(5, 9, device=DEVICE), ValueError, ["x", "in_features=8", "(5, 9)"]),
+                          (torch.randn(5, 8, device=DEVICE, dtype=torch.float16), TypeError, ["float16", "float32"]),
+                          (torch.randn(5, 8, device="meta"), ValueError, ["meta", "one device"]),
+                          ([[1.0] * 8], TypeError, ["x", "Tensor", "list"])]:
+        with pytest.raises(err) as info:
+            layer(x, adapter_ids=ids) if ids is not None else layer(x)
+        for word in words:
+            assert word in str(info.value), (state, str(info.value))
+    # (and a good one runs: the base's output, B starting at zero as PEFT's)
+    x = torch.randn(5, 8, device=DEVICE)
+    y = layer(x, adapter_ids=ids) if ids is not None else layer(x)
+    assert_close(y, linear(x).double(), torch.float32)

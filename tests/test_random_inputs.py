@@ -1,0 +1,239 @@
+"""Random combinations of bad and odd arguments, from a fixed seed: every
+call of the public entry points either returns, and then agrees with the
+torch backend on the same arguments (forward, and a backward that runs),
+or raises a TypeError/ValueError; never another exception from inside
+torch or a kernel. ``test_errors.py`` checks each bad argument alone and
+the words of its message; these mix them (two at a time too), with the
+odd-but-valid ones (stride-0, transposed, empty, NaN-filled, a 1-D x)
+that must run."""
+
+import math
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fused_lora
+from fused_lora import LoRALinear, MultiLoRALinear
+from lora_testing import DEVICE, assert_close
+
+CASES = 300  # each test; a few seconds
+
+
+def _tensor_mutations(rng: random.Random, t: torch.Tensor):
+    """``(label, value)``: one change of a tensor argument."""
+    options = [
+        ("None", lambda: None),
+        ("dtype", lambda: t.to(rng.choice([torch.float64, torch.int32, torch.bool, torch.complex64, torch.float16,
+                                             torch.bfloat16, torch.int64]))),
+        ("unsqueezed", lambda: t.unsqueeze(0)),
+        ("flattened", lambda: t.reshape(-1) if t.dim() > 1 else t.reshape(1, -1)),
+        ("list", lambda: t.tolist()),
+        ("numpy", lambda: t.detach().float().cpu().numpy()),
+        ("empty", lambda: t[:0]),
+        ("meta", lambda: t.to("meta")),
+        ("transposed", lambda: t.t() if t.dim() == 2 else t.mT if t.dim() > 2 else t),
+        ("resized", lambda: torch.randn([max(0, s + rng.choice([-1, 1, 5])) for s in t.shape], device=DEVICE)
+         .to(t.dtype)),
+        ("requires_grad", lambda: t.detach().clone().requires_grad_(t.is_floating_point())),
+        ("expanded", lambda: t.expand(3, *t.shape)),  # (stride 0)
+        ("nan", lambda: torch.full_like(t, math.nan) if t.is_floating_point() else t),
+        ("float", lambda: 3.0),
+        ("column-major", lambda: t.t().contiguous().t() if t.dim() == 2 else t),
+    ]
+    label, make = rng.choice(options)
+    return label, make()
+
+
+_SCALARS = {
+    "scaling": [math.nan, math.inf, -1.0, 0.0, True, "2", None, np.float32(2.0), 1e308, [1.0], 3],
+    "dropout_p": [-0.1, 1.0, 1.5, math.nan, True, "0.1", None, np.float64(0.2), 0.999, 0],
+    "seed": [-1, 2**63, 2**64, 1.5, "3", True, np.int64(4), 2**31, 2**32 - 1, None, 0],
+    "backend": ["cuda", "TRITON", None, 1, "torch", "auto", "triton"],
+}
+
+
+def _functional_case(rng: random.Random):
+    dtype = rng.choice([torch.float32, torch.float32, torch.float16])
+    lead = rng.choice([(5,), (2, 3), (1,), (4, 2, 3)])
+    k, n, r = rng.choice([3, 8, 17]), rng.choice([4, 9]), rng.choice([1, 2, 5])
+    args = {"x": torch.randn(*lead, k, device=DEVICE, dtype=dtype),
+            "weight": torch.randn(n, k, device=DEVICE, dtype=dtype),
+            "lora_A": torch.randn(r, k, device=DEVICE, dtype=dtype),
+            "lora_B": torch.randn(n, r, device=DEVICE, dtype=dtype),
+            "bias": torch.randn(n, device=DEVICE, dtype=dtype) if rng.random() < 0.5 else None}
+    kwargs = {"scaling": 1.5, "dropout_p": rng.choice([0.0, 0.2]), "seed": rng.choice([None, 7]),
+              "backend": rng.choice(["auto", "triton", "torch"])}
+    changes = []
+    for _ in range(rng.choice([1, 1, 2])):
+        if rng.random() < 0.7:
+            name = rng.choice([n for n, v in args.items() if isinstance(v, torch.Tensor) and v.device.type != "meta"]
+                              or ["x"])
+            if isinstance(args[name], torch.Tensor) and args[name].device.type != "meta":
+                label, args[name] = _tensor_mutations(rng, args[name])
+                changes.append(f"{name}: {label}")
+        else:
+            name = rng.choice(list(kwargs))
+            kwargs[name] = rng.choice(_SCALARS[name])
+            changes.append(f"{name}={kwargs[name]!r}")
+    return args, kwargs, changes, dtype
+
+
+def _finite_floats(*values) -> bool:
+    return all(v is None or (isinstance(v, torch.Tensor) and v.is_floating_point() and v.device.type != "meta")
+               for v in values)
+
+
+def _outcome(call):
+    """``(result, None)`` or ``(None, typed error)``; anything else raises."""
+    try:
+        return call(), None
+    except (TypeError, ValueError) as error:
+        assert str(error), f"{type(error).__name__} without a message"
+        return None, error
+
+
+def _check_against_torch(call_with_backend, y, kwargs, dtype, what):
+    """A result of the Triton backend equals the torch backend's on the same
+    arguments (the same mask where the seed is given)."""
+    if kwargs.get("backend") == "torch" or (kwargs.get("dropout_p") and kwargs.get("seed") is None):
+        return
+    expected, error = _outcome(lambda: call_with_backend("torch"))
+    assert error is None, f"{what}: the Triton backend ran, the torch backend raised {error!r}"
+    if y.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert_close(y.detach(), expected.detach().double(), y.dtype, what)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lora_linear_returns_the_torch_backends_result_or_raises_a_typed_error(seed):
+    rng = random.Random(seed)
+    outcomes = {"ran": 0, "refused": 0}
+    for i in range(CASES):
+        args, kwargs, changes, _ = _functional_case(rng)
+        what = f"case {i} (seed {seed}): {'; '.join(changes)}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                y, error = _outcome(lambda: fused_lora.lora_linear(**args, **kwargs))
+            except Exception as exc:  # (the finding: report the case)
+                raise AssertionError(f"{what}: {type(exc).__name__}: {exc}") from exc
+        outcomes["ran" if error is None else "refused"] += 1
+        if error is not None:
+            continue
+        assert isinstance(y, torch.Tensor) and y.shape[-1] == args["weight"].shape[0], what
+        if y.requires_grad:
+            y.float().sum().backward()
+        if _finite_floats(*args.values()) and isinstance(kwargs["seed"], (int, type(None))):
+            _check_against_torch(lambda backend: fused_lora.lora_linear(**args, **{**kwargs, "backend": backend}),
+                                 y, kwargs, y.dtype, what)
+    assert outcomes["ran"] >= CASES // 20 and outcomes["refused"] >= CASES // 2, outcomes  # (both exercised)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_multi_lora_linear_returns_the_torch_backends_result_or_raises_a_typed_error(seed):
+    rng = random.Random(100 + seed)
+    outcomes = {"ran": 0, "refused": 0}
+    for i in range(CASES):
+        args, kwargs, changes, dtype = _functional_case(rng)
+        x = args["x"]
+        lead = tuple(x.shape[:-1]) if isinstance(x, torch.Tensor) and x.dim() else (5,)
+        ids = torch.randint(-1, 2, lead, device=DEVICE)
+        kind = rng.choice(["ok", "ok", "float", "out of range", "int8", "per sample", "wrong shape"])
+        ids = {"ok": ids, "float": ids.float(), "out of range": ids + 5, "int8": ids.to(torch.int8),
+               "per sample": ids.reshape(-1)[:lead[0]] if len(lead) >= 2 else ids,
+               "wrong shape": torch.zeros(7, dtype=torch.int64, device=DEVICE)}[kind]
+        changes.append(f"ids: {kind}")
+        k = args["weight"].shape[-1] if isinstance(args["weight"], torch.Tensor) and args["weight"].dim() else 3
+        n = args["weight"].shape[0] if isinstance(args["weight"], torch.Tensor) and args["weight"].dim() else 4
+        second = (torch.randn(rng.choice([0, 2]), k, device=DEVICE, dtype=dtype),)
+        second += (torch.randn(n, second[0].shape[0], device=DEVICE, dtype=dtype),)
+        lora_a = [args["lora_A"], second[0]] if rng.random() < 0.85 else args["lora_A"]
+        lora_b = [args["lora_B"], second[1]]
+        scaling = rng.choice([1.0, [1.0, 2.0], [1.0], (0.5, math.nan), [2.0, 0.25]])
+        changes.append(f"scaling={scaling!r}")
+        what = f"case {i} (seed {seed}): {'; '.join(changes)}"
+
+        def call(backend, lora_a=lora_a, lora_b=lora_b, ids=ids, scaling=scaling):
+            return fused_lora.multi_lora_linear(args["x"], args["weight"], lora_a, lora_b, ids, args["bias"],
+                                                scaling=scaling, dropout_p=kwargs["dropout_p"], seed=kwargs["seed"],
+                                                backend=backend)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                y, error = _outcome(lambda: call(kwargs["backend"]))
+            except Exception as exc:
+                raise AssertionError(f"{what}: {type(exc).__name__}: {exc}") from exc
+        outcomes["ran" if error is None else "refused"] += 1
+        if error is not None:
+            continue
+        if y.requires_grad:
+            y.float().sum().backward()
+        if _finite_floats(args["x"], args["weight"], args["bias"], *lora_a, *lora_b) and isinstance(
+                kwargs["seed"], (int, type(None))):
+            _check_against_torch(call, y, kwargs, y.dtype, what)
+    assert outcomes["ran"] >= CASES // 20 and outcomes["refused"] >= CASES // 2, outcomes
+
+
+_LAYER_ARGS = {
+    "r": [0, -1, 2.0, True, "4", None, np.int64(3), 1, 4],
+    "alpha": [math.nan, math.inf, -1.0, 0.0, "1", None, True, np.float32(2.0), 1e-30, 8.0],
+    "dropout": [-0.1, 1.0, math.nan, "0.1", None, 0.5, np.float64(0.3), True, 0.0],
+    "use_rslora": ["no", 2, None, np.bool_(True), 0, 1.0, True],
+    "backend": ["cuda", None, "torch", 3, "triton", "auto"],
+    "adapter_dtype": [torch.int8, "float16", torch.float64, float, torch.float32, None],
+}
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["LoRALinear", "MultiLoRALinear"])
+def test_layers_run_or_raise_typed_errors_whatever_they_are_given(multi):
+    rng = random.Random(200 + multi)
+    outcomes = {"ran": 0, "refused": 0}
+    for i in range(CASES):
+        k, n = rng.choice([3, 8]), rng.choice([4, 9])
+        linear = nn.Linear(k, n, bias=rng.random() < 0.5, device=DEVICE)
+        if rng.random() < 0.2:
+            linear = linear.to(rng.choice([torch.float64, torch.float16, torch.bfloat16]))
+        given = {name: (rng.choice(values) if rng.random() < 0.12 else values[-1])
+                 for name, values in _LAYER_ARGS.items()}
+        if multi:
+            given["ranks"] = (rng.choice([[], "23", [2, -1], [2.0, 1], None]) if rng.random() < 0.15
+                              else rng.choice([[2, 3], [0, 1], [2], [1, 0, 4]]))
+            given["alphas"] = (rng.choice([[1.0], 3.0, ["a", 1], [math.nan, 1.0]]) if rng.random() < 0.15
+                               else [2.0] * len(given["ranks"] or ()) if rng.random() < 0.5 else None)
+            del given["r"], given["alpha"]
+        dtype = linear.weight.dtype
+        lead = rng.choice([(5,), (2, 3), (0,), (), "wider"])
+        x = torch.randn(*(lead if lead != "wider" else (5,)), k + (lead == "wider"), device=DEVICE,
+                        dtype=rng.choice([dtype, dtype, torch.float32]))
+        train = rng.random() < 0.5
+        what = f"case {i}: {given}, x {tuple(x.shape)} {x.dtype}, weight {dtype}, train={train}"
+
+        def run():
+            layer = (MultiLoRALinear if multi else LoRALinear).from_linear(linear, **given)
+            layer.train(train)
+            ids = None
+            if multi or rng.random() < 0.3:
+                ids = rng.choice([torch.randint(-1, 2 if multi else 1, x.shape[:-1], device=DEVICE),
+                                  torch.tensor([0], device=DEVICE), None,
+                                  torch.zeros(x.shape[:-1], device=DEVICE),
+                                  torch.full(x.shape[:-1], 7, device=DEVICE)])
+            y = layer(x, adapter_ids=ids) if ids is not None else layer(x)
+            if y.requires_grad:
+                y.float().sum().backward()
+            if not multi and rng.random() < 0.3:
+                layer.merge()
+                layer.unmerge()
+            return y
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                _, error = _outcome(run)
+            except Exception as exc:
+                raise AssertionError(f"{what}: {type(exc).__name__}: {exc}") from exc
+        outcomes["ran" if error is None else "refused"] += 1
+    assert outcomes["ran"] >= CASES // 20 and outcomes["refused"] >= CASES // 4, outcomes
