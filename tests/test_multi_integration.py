@@ -29,6 +29,16 @@ def tokens(seed=1, b=5, t=11):
     return torch.randint(0, VOCAB, (b, t), generator=g).to(DEVICE)
 
 
+def injected_llama():
+    """A tiny Llama through ``inject`` (one adapter on TARGETS), its B made non-zero."""
+    model = tiny_llama()
+    fused_lora.inject(model, TARGETS, r=4, alpha=8)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            nn.init.normal_(m.lora_B, std=0.2)
+    return model
+
+
 def multi_model(make=tiny_llama, targets=TARGETS, ranks=RANKS, alphas=ALPHAS, **kwargs):
     """A model with inject_multi's layers, every adapter's B random (the adapters matter, and differ)."""
     model = make()
@@ -126,11 +136,7 @@ def test_a_backward_after_the_block_that_recomputes_the_layers_is_refused(kind, 
     the gradients are those of the model without checkpointing."""
     def grads(checkpointed, inside=True):
         if kind == "inject":
-            model = tiny_llama()
-            fused_lora.inject(model, TARGETS, r=4, alpha=8)
-            for m in model.modules():
-                if isinstance(m, LoRALinear):
-                    nn.init.normal_(m.lora_B, std=0.2)
+            model = injected_llama()
         else:
             model = multi_model()
         model.train()
@@ -168,11 +174,7 @@ def test_an_evaluation_with_ids_between_a_forward_and_its_backward_changes_nothi
     mistaken for it (that backward was refused before); a training-mode
     forward with ids in its place still makes the backward refused."""
     def grads(between):
-        model = tiny_llama()
-        fused_lora.inject(model, TARGETS, r=4, alpha=8)
-        for m in model.modules():
-            if isinstance(m, LoRALinear):
-                nn.init.normal_(m.lora_B, std=0.2)
+        model = injected_llama()
         model.enable_input_require_grads()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model.train()
@@ -227,11 +229,7 @@ def test_adapter_ids_nest_yield_to_a_call_s_own_ids_and_leave_nothing_behind():
 
 def test_adapter_ids_route_inject_s_layers_too():
     """inject's layers (one adapter) take ids 0 and -1 through the same block: PEFT's mixed batch without PEFT."""
-    model = tiny_llama()
-    fused_lora.inject(model, TARGETS, r=4, alpha=8)
-    for m in model.modules():
-        if isinstance(m, LoRALinear):
-            nn.init.normal_(m.lora_B, std=0.2)
+    model = injected_llama()
     model.eval()
     x = tokens(b=3)
     with fused_lora.adapter_ids(model, torch.tensor([0, -1, 0])):
