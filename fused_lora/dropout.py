@@ -139,9 +139,16 @@ def dropout_mask(seed, shape, p: float, device=None, *, rows=None) -> torch.Tens
     ``(stop - start, K)``, equal to ``dropout_mask(seed, shape, p)[start:stop]``
     without making the rest (a mask too big to hold can be checked in slices).
     """
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as error:  # (torch's: an unknown type, an index without an accelerator)
+            raise (TypeError if isinstance(error, TypeError) else ValueError)(
+                f"device must be a torch.device or a device string such as 'cuda:0', got {device!r} ({error})"
+            ) from None
     if isinstance(seed, torch.Tensor):
         seed = check_seed_tensor(seed)
-        device = seed.device if device is None else torch.device(device)
+        device = seed.device if device is None else device
         if seed.device != device and seed.device.type != "cpu":
             seed = seed.to(device)  # (a CPU seed is a scalar operand on any device: no copy)
     else:

@@ -199,9 +199,12 @@ def test_dropout_mask_bad_rows(rows, err):
     (dict(seed=1, shape=(2, -3), p=0.1), ValueError),
     (dict(seed=1, shape=6, p=0.1), TypeError),
     (dict(seed=1, shape=(2.0, 3), p=0.1), TypeError),
+    (dict(seed=1, shape=(2, 3), p=0.1, device="nope"), ValueError),
+    (dict(seed=torch.tensor(1), shape=(2, 3), p=0.1, device="nope"), ValueError),
+    (dict(seed=1, shape=(2, 3), p=0.0, device=[0]), TypeError),
 ])
 def test_dropout_mask_bad_arguments(kwargs, err):
-    with pytest.raises(err):
+    with pytest.raises(err, match=None if "device" not in kwargs else r"device must be a torch.device .* got"):
         fused_lora.dropout_mask(**kwargs)
 
 

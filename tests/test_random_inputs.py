@@ -237,3 +237,38 @@ def test_layers_run_or_raise_typed_errors_whatever_they_are_given(multi):
                 raise AssertionError(f"{what}: {type(exc).__name__}: {exc}") from exc
         outcomes["ran" if error is None else "refused"] += 1
     assert outcomes["ran"] >= CASES // 20 and outcomes["refused"] >= CASES // 4, outcomes
+
+
+_SHAPES = [(8,), (), (3, 2, 8), "58", None, (5, -1), (5, 8.0), (True, 8), torch.tensor([5, 8])]
+
+
+def test_dropout_mask_and_explain_return_or_raise_typed_errors():
+    rng = random.Random(300)
+
+    def pick(bad, good):  # (each argument bad one time in six)
+        return rng.choice(bad) if rng.random() < 1 / 6 else rng.choice(good)
+
+    outcomes = {"ran": 0, "refused": 0}
+    for i in range(CASES):
+        shape = pick(_SHAPES, [(5, 8), [5, 8], torch.Size([4, 8]), (0, 8)])
+        if i % 2:
+            args = (pick([-1, 2**63, 1.5, "3", torch.tensor([1, 2]), torch.tensor(1.0), None, True],
+                         [0, 2**63 - 1, torch.tensor(4), torch.tensor(4, dtype=torch.int32, device=DEVICE)]),
+                    shape, pick([1.0, -0.1, math.nan, "x"], [0.0, 0.1, 0.999999]))
+            kwargs = dict(device=pick(["nope", [0]], [None, "cpu", "meta"]),
+                          rows=pick([(3, 1), (0, 100), (-1, 2), 5, (0, 2.5)], [None, (0, 2)]))
+            call = lambda: fused_lora.dropout_mask(*args, **kwargs)  # noqa: E731
+        else:
+            args = (shape, pick([(8,), (4, 9), None], [(4, 8), (0, 8), [4, 8]]),
+                    pick([0, -1, 2.0, None, True], [1, 16, 10**6]),
+                    pick([torch.float64, torch.int8, "bf16", None], [torch.bfloat16, torch.float32]),
+                    pick([1.0, -0.1, math.nan, "x"], [0.0, 0.1]))
+            kwargs = dict(target=pick(["sm_70", "sm_x", None], ["sm_90", "sm_80", "interpreter", "sm_120"]),
+                          num_sms=pick([0, -3, 1.5], [None, 132]))
+            call = lambda: str(fused_lora.explain(*args, **kwargs))  # noqa: E731
+        try:
+            _, error = _outcome(call)
+        except Exception as exc:
+            raise AssertionError(f"case {i}: {args} {kwargs}: {type(exc).__name__}: {exc}") from exc
+        outcomes["ran" if error is None else "refused"] += 1
+    assert outcomes["ran"] >= CASES // 10 and outcomes["refused"] >= CASES // 4, outcomes
