@@ -139,7 +139,7 @@ def dropout_mask(seed, shape, p: float, device=None, *, rows=None) -> torch.Tens
     ``(stop - start, K)``, equal to ``dropout_mask(seed, shape, p)[start:stop]``
     without making the rest (a mask too big to hold can be checked in slices).
     """
-    if device is not None:
+    if device is not None and not isinstance(device, torch.device):  # (a device string or index)
         try:
             device = torch.device(device)
         except (RuntimeError, TypeError) as error:  # (torch's: an unknown type, an index without an accelerator)
