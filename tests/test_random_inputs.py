@@ -87,13 +87,21 @@ def _finite_floats(*values) -> bool:
                for v in values)
 
 
-def _outcome(call):
-    """``(result, None)`` or ``(None, typed error)``; anything else raises."""
-    try:
-        return call(), None
-    except (TypeError, ValueError) as error:
-        assert str(error), f"{type(error).__name__} without a message"
-        return None, error
+def _outcome(call, what: str, outcomes: dict):
+    """``(result, None)`` or ``(None, typed error)``, counted in
+    ``outcomes``; any other exception fails the test, naming the case."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            result = call()
+        except (TypeError, ValueError) as error:
+            assert str(error), f"{what}: {type(error).__name__} without a message"
+            outcomes["refused"] += 1
+            return None, error
+        except Exception as exc:  # (the finding: report the case)
+            raise AssertionError(f"{what}: {type(exc).__name__}: {exc}") from exc
+    outcomes["ran"] += 1
+    return result, None
 
 
 def _check_against_torch(call_with_backend, y, kwargs, dtype, what):
@@ -101,8 +109,10 @@ def _check_against_torch(call_with_backend, y, kwargs, dtype, what):
     arguments (the same mask where the seed is given)."""
     if kwargs.get("backend") == "torch" or (kwargs.get("dropout_p") and kwargs.get("seed") is None):
         return
-    expected, error = _outcome(lambda: call_with_backend("torch"))
-    assert error is None, f"{what}: the Triton backend ran, the torch backend raised {error!r}"
+    try:
+        expected = call_with_backend("torch")
+    except Exception as exc:
+        raise AssertionError(f"{what}: the Triton backend ran, the torch backend raised {exc!r}") from exc
     if y.dtype in (torch.float16, torch.bfloat16, torch.float32):
         assert_close(y.detach(), expected.detach().double(), y.dtype, what)
 
@@ -114,13 +124,7 @@ def test_lora_linear_returns_the_torch_backends_result_or_raises_a_typed_error(s
     for i in range(CASES):
         args, kwargs, changes, _ = _functional_case(rng)
         what = f"case {i} (seed {seed}): {'; '.join(changes)}"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                y, error = _outcome(lambda: fused_lora.lora_linear(**args, **kwargs))
-            except Exception as exc:  # (the finding: report the case)
-                raise AssertionError(f"{what}: {type(exc).__name__}: {exc}") from exc
-        outcomes["ran" if error is None else "refused"] += 1
+        y, error = _outcome(lambda: fused_lora.lora_linear(**args, **kwargs), what, outcomes)
         if error is not None:
             continue
         assert isinstance(y, torch.Tensor) and y.shape[-1] == args["weight"].shape[0], what
@@ -161,13 +165,7 @@ def test_multi_lora_linear_returns_the_torch_backends_result_or_raises_a_typed_e
                                                 scaling=scaling, dropout_p=kwargs["dropout_p"], seed=kwargs["seed"],
                                                 backend=backend)
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                y, error = _outcome(lambda: call(kwargs["backend"]))
-            except Exception as exc:
-                raise AssertionError(f"{what}: {type(exc).__name__}: {exc}") from exc
-        outcomes["ran" if error is None else "refused"] += 1
+        y, error = _outcome(lambda: call(kwargs["backend"]), what, outcomes)
         if error is not None:
             continue
         if y.requires_grad:
@@ -229,13 +227,7 @@ def test_layers_run_or_raise_typed_errors_whatever_they_are_given(multi):
                 layer.unmerge()
             return y
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                _, error = _outcome(run)
-            except Exception as exc:
-                raise AssertionError(f"{what}: {type(exc).__name__}: {exc}") from exc
-        outcomes["ran" if error is None else "refused"] += 1
+        _outcome(run, what, outcomes)
     assert outcomes["ran"] >= CASES // 20 and outcomes["refused"] >= CASES // 4, outcomes
 
 
@@ -266,9 +258,5 @@ def test_dropout_mask_and_explain_return_or_raise_typed_errors():
             kwargs = dict(target=pick(["sm_70", "sm_x", None], ["sm_90", "sm_80", "interpreter", "sm_120"]),
                           num_sms=pick([0, -3, 1.5], [None, 132]))
             call = lambda: str(fused_lora.explain(*args, **kwargs))  # noqa: E731
-        try:
-            _, error = _outcome(call)
-        except Exception as exc:
-            raise AssertionError(f"case {i}: {args} {kwargs}: {type(exc).__name__}: {exc}") from exc
-        outcomes["ran" if error is None else "refused"] += 1
+        _outcome(call, f"case {i}: {args} {kwargs}", outcomes)
     assert outcomes["ran"] >= CASES // 10 and outcomes["refused"] >= CASES // 4, outcomes
