@@ -72,7 +72,9 @@ def _check_recompute(layer: nn.Module, adapter_ids) -> None:
     torch.compile traces (its graph holds the ids it traced with)."""
     if _graph_task_id is None or torch.compiler.is_compiling():
         return
-    had = layer.__dict__.setdefault(_HAD_IDS, [False, False])  # [eval, training]
+    had = layer.__dict__.get(_HAD_IDS)  # [eval, training]
+    if had is None:
+        had = layer.__dict__[_HAD_IDS] = [False, False]
     if _graph_task_id() == -1:
         had[layer.training] = adapter_ids is not None
     elif adapter_ids is None and had[layer.training]:
@@ -90,7 +92,7 @@ def _base_linear(layer: nn.Module, x, weight: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1 or x.shape[-1] != layer.in_features:
         raise ValueError(f"x must have shape (..., in_features={layer.in_features}) to match weight "
-                         f"{tuple(layer.weight.shape)}, got x of shape {tuple(x.shape)}")
+                         f"{tuple(weight.shape)}, got x of shape {tuple(x.shape)}")
     if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
         raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}: all tensors must share one dtype "
                         f"(cast x or the layer, e.g. layer.to({x.dtype}))")
