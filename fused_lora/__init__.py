@@ -24,7 +24,7 @@ from .integration import (
     unload,
 )
 from .layer import LoRALinear, MultiLoRALinear
-from .ops import LoRALinearFunction, lora_linear, multi_lora_linear
+from .ops import LoRALinearFunction, dora_linear, lora_linear, multi_lora_linear
 
 __version__ = "0.1.0"
 
@@ -38,6 +38,7 @@ __all__ = [
     "adapter_parameters",
     "disable_adapters",
     "dispatch",
+    "dora_linear",
     "dropout_mask",
     "explain",
     "from_peft",

@@ -171,3 +171,21 @@ def check_backend(backend) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return backend
+
+
+def check_magnitude(x: torch.Tensor, weight: torch.Tensor, magnitude) -> torch.Tensor:
+    """``magnitude`` of ``dora_linear``: a floating-point tensor
+    (out_features,) of x's dtype, on x's device (the other arguments checked
+    already)."""
+    _is_tensor("magnitude", magnitude)
+    n = weight.shape[0]
+    if tuple(magnitude.shape) != (n,):
+        raise ValueError(f"magnitude must have shape (out_features={n},) to match weight {tuple(weight.shape)}, "
+                         f"got {tuple(magnitude.shape)}")
+    if magnitude.dtype != x.dtype:
+        raise TypeError(f"magnitude has dtype {magnitude.dtype} but x has {x.dtype}: all tensors must share one "
+                        f"dtype (cast magnitude, e.g. magnitude.to({x.dtype}))")
+    if magnitude.device != x.device:
+        raise ValueError(f"magnitude is on {magnitude.device} but x is on {x.device}: all tensors must be on one "
+                         "device")
+    return magnitude

@@ -41,6 +41,23 @@ The kernels apply ``w`` to ``xa`` and ``g`` where they make them (the
 skinny pass's store, or after the K loop of a GEMM that accumulates them),
 so every strategy takes it; dA and dB then need nothing more.
 
+DoRA (:func:`dora_linear`; PEFT's ``use_dora=True``) rescales each output
+feature of the adapted weight to a trained magnitude ``m (N)``, its norm
+taken over K and detached (DoRA §4.3, as PEFT)::
+
+    ν  = ‖W + s · B A‖ per row                                            (N)      no gradient
+       = sqrt(‖W_n‖² + 2s · B_n·(W Aᵀ)_n + s² · B_n (A Aᵀ) B_nᵀ)                   (W + s·BA never made)
+    γ  = m / ν                                                            (N)
+    z  = x Wᵀ + s · drop(x) Aᵀ Bᵀ                                         (M, N)   the fused op above, no bias
+    v  = (drop(x) - x) Wᵀ                                                 (M, N)   only when p > 0
+    y  = γ ⊙ z + (γ - 1) ⊙ v + b
+
+(PEFT applies its correction ``(γ - 1) ⊙ ·Wᵀ`` to drop(x): ``v`` is that
+difference; with p = 0, ``y = γ ⊙ z + b``.) Backward: ``dz = γ ⊙ dy``
+(then the fused backward above), ``dv = (γ - 1) ⊙ dy``,
+``dm = Σ_m dy ⊙ (z + v) / ν``. For the norm, ``W Aᵀ`` (N, r) and ``A Aᵀ``
+(r, r) are skinny products in fp32.
+
 How it runs (Triton backend)
 ============================
 
@@ -79,6 +96,7 @@ calls run the forward pass without the Function at all.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 from collections.abc import Sequence
 
@@ -86,9 +104,10 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _triton, dispatch
-from ._validate import check_adapter_ids, check_backend, check_lora_args, check_row_scale, check_scaling
-from .dropout import check_seed, draw_seed_tensor
-from .reference import lora_linear_checked
+from ._validate import (check_adapter_ids, check_backend, check_lora_args, check_magnitude, check_row_scale,
+                        check_scaling)
+from .dropout import check_seed, draw_seed_tensor, dropout_mask
+from .reference import dora_linear_checked, lora_linear_checked
 
 Tensor = torch.Tensor
 
@@ -661,6 +680,103 @@ def _lora_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
     # from a GPU, which would sync the host and break a CUDA graph's capture)
     seed_t = seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int64, device="cpu")
     return _LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t, row_scale, *adapters)
+
+
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    bias: Tensor | None = None,
+    *,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """DoRA (weight-decomposed LoRA, PEFT's ``use_dora=True``):
+    ``y = γ ⊙ (x Wᵀ + s·drop(x) Aᵀ Bᵀ) + (γ - 1) ⊙ (drop(x) - x) Wᵀ + b``
+    with ``γ = magnitude / ‖W + s·B A‖``, the norm per output feature and
+    detached (math in :mod:`fused_lora.ops`).
+
+    The base GEMM and the low-rank term run as :func:`lora_linear` (fused,
+    forward and backward); the norm comes from ``W Aᵀ`` and ``A Aᵀ`` (the
+    adapted weight is never made, as PEFT makes it each step); ``γ`` and the
+    bias are one elementwise pass over the output. Not fused yet: that pass
+    (the column scale belongs in the GEMM's epilogue) and, with dropout, the
+    correction ``v``, a second base GEMM on ``drop(x) - x`` made in PyTorch
+    from :func:`fused_lora.dropout_mask` (an (M, K) tensor kept for the
+    backward, as PEFT keeps its dropped x; on a GPU the mask's PyTorch ops
+    cost more than the GEMMs at large M·K).
+
+    Args:
+        x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend:
+            as :func:`lora_linear`'s (the mask of ``z`` and ``v`` is the
+            same, :func:`fused_lora.dropout_mask` of (seed, (M, K), p)).
+        magnitude: (out_features,), DoRA's ``m`` (PEFT's
+            ``lora_magnitude_vector``), in x's dtype, on its device.
+
+    Returns:
+        (..., out_features) in x's dtype. Gradients flow to x, lora_A,
+        lora_B and magnitude (none through the norm), and to weight and bias
+        when they require grad.
+    """
+    if isinstance(x, Tensor) and _autocast_enabled(x.device.type):
+        x, weight, lora_A, lora_B, bias, magnitude = _autocast(x.device.type, x, weight, lora_A, lora_B, bias,
+                                                               magnitude)
+    scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    magnitude = check_magnitude(x, weight, magnitude)
+    if dropout_p > 0.0 and seed is None:
+        seed = draw_seed_tensor(x.device)  # (one mask for z and v)
+    if resolve_backend(backend, x) == "torch":
+        return dora_linear_checked(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed)
+    norm = dora_norm(weight, lora_A, lora_B, scaling)
+    gamma32 = magnitude.to(torch.float32) / norm
+    z = _lora_linear(x, weight, lora_A, lora_B, None, scaling, dropout_p, seed, None, (), "triton")
+    y = z * gamma32.to(x.dtype)
+    if dropout_p > 0.0:
+        seed_t = seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int64, device="cpu")
+        factor = (torch.ops.fused_lora.dora_dropout_factor if torch.compiler.is_compiling() else
+                  dora_dropout_factor)(x.detach(), seed_t, dropout_p)
+        v = torch.nn.functional.linear(x * factor, weight)
+        y = y.addcmul_(v, (gamma32 - 1.0).to(x.dtype))
+    return y if bias is None else y.add_(bias)
+
+
+@torch.library.custom_op("fused_lora::dora_dropout_factor", mutates_args=())
+def dora_dropout_factor(x: Tensor, seed: Tensor, dropout_p: float) -> Tensor:
+    """``drop(x) - x = x ⊙ factor``: the factor, of x's shape, dtype and
+    device, ``p/(1-p)`` where :func:`fused_lora.dropout_mask` of (seed,
+    (M, K), p) keeps, -1 where it drops (``seed`` a 0-d integer tensor). An
+    op, so that torch.compile takes the mask's Philox rounds as they are
+    (inductor, fusing its integer arithmetic over (M, K), took minutes and
+    gigabytes to compile it)."""
+    keep = dropout_mask(seed, (x.shape[:-1].numel(), x.shape[-1]), dropout_p, device=x.device).view(x.shape)
+    return torch.where(keep, x.new_full((), dropout_p / (1.0 - dropout_p)), x.new_full((), -1.0))
+
+
+@dora_dropout_factor.register_fake
+def _(x, seed, dropout_p):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def dora_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """``ν = ‖W + s·B A‖`` per output feature (fp32 (N,), no gradient), from
+    ``‖W_n‖²``, ``W Aᵀ`` and ``A Aᵀ`` (math above): one read of W for the
+    norms and one for the skinny product, never W's size in memory beyond
+    W. (Under autocast too: its fp16/bf16 casts would round the fp32
+    products.)"""
+    device_type = weight.device.type
+    autocast = torch.autocast(device_type, enabled=False) if _autocast_enabled(device_type) \
+        else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        a32, b32 = lora_A.to(torch.float32), lora_B.to(torch.float32)
+        w_a = (weight @ lora_A.t()).to(torch.float32)  # (N, r), accumulated in fp32 by the GEMM
+        squares = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
+        cross = (b32 * w_a).sum(1)
+        low_rank = ((b32 @ (a32 @ a32.t())) * b32).sum(1)
+        return (squares + (2.0 * scaling) * cross + (scaling * scaling) * low_rank).clamp_min(0.0).sqrt()
 
 
 def multi_lora_linear(

@@ -1,4 +1,4 @@
-"""The reference LoRA linear: plain PyTorch, written to be read.
+"""The reference LoRA and DoRA linears: plain PyTorch, written to be read.
 
 It is the test oracle (run in float64 it is the ground truth every kernel is
 compared with) and the CPU fallback of :func:`fused_lora.lora_linear`
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._validate import check_lora_args, check_row_scale
+from ._validate import check_lora_args, check_magnitude, check_row_scale
 from .dropout import draw_seed_tensor, dropout_mask
 
 
@@ -64,3 +64,43 @@ def lora_linear_checked(x, weight, lora_A, lora_B, bias, scaling: float, dropout
         other = torch.where(adapter_ids < -1, torch.nan, 0.0).to(xa)  # (an id below -1: NaN, as the kernels)
         xa = torch.where(adapter_ids == rank_ids.to(adapter_ids.device), xa, other) * rank_scaling.to(xa)
     return F.linear(x, weight, bias) + scaling * F.linear(xa, lora_B)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """DoRA, as PEFT's ``use_dora=True`` computes it (math in
+    :mod:`fused_lora.ops`): the adapted weight ``W + s·B·A`` made, its norm
+    per output feature taken and detached, ``γ = m / ‖·‖``. Same arguments
+    as :func:`fused_lora.dora_linear` (less ``backend``); the mask as
+    :func:`lora_linear`'s."""
+    scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    magnitude = check_magnitude(x, weight, magnitude)
+    if dropout_p > 0.0 and seed is None:
+        seed = draw_seed_tensor(x.device)
+    return dora_linear_checked(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed)
+
+
+def dora_linear_checked(x, weight, lora_A, lora_B, magnitude, bias, scaling: float, dropout_p: float,
+                        seed) -> torch.Tensor:
+    """:func:`dora_linear` on checked arguments (``seed`` as
+    :func:`lora_linear_checked`'s)."""
+    dropped = x
+    if dropout_p > 0.0:
+        rows = x.shape[:-1].numel()
+        keep = dropout_mask(seed, (rows, x.shape[-1]), dropout_p, device=x.device).view(x.shape)
+        dropped = x * keep / (1.0 - dropout_p)
+    adapted = weight + scaling * (lora_B @ lora_A)
+    gamma = magnitude / torch.linalg.vector_norm(adapted, dim=1).detach()
+    lora = scaling * F.linear(F.linear(dropped, lora_A), lora_B)
+    # PEFT's: the base on x; the correction (γ - 1)·W and the adapter's term on drop(x)
+    return F.linear(x, weight, bias) + (gamma - 1) * F.linear(dropped, weight) + gamma * lora

@@ -176,6 +176,36 @@ def test_multi_lora_linear_returns_the_torch_backends_result_or_raises_a_typed_e
     assert outcomes["ran"] >= CASES // 20 and outcomes["refused"] >= CASES // 2, outcomes
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dora_linear_returns_the_torch_backends_result_or_raises_a_typed_error(seed):
+    rng = random.Random(300 + seed)
+    outcomes = {"ran": 0, "refused": 0}
+    for i in range(CASES):
+        args, kwargs, changes, dtype = _functional_case(rng)
+        w = args["weight"]
+        n = w.shape[0] if isinstance(w, torch.Tensor) and w.dim() else 4
+        args["magnitude"] = torch.rand(n, device=DEVICE, dtype=dtype) + 0.5
+        if rng.random() < 0.3:
+            label, args["magnitude"] = _tensor_mutations(rng, args["magnitude"])
+            changes.append(f"magnitude: {label}")
+        what = f"case {i} (seed {seed}): {'; '.join(changes)}"
+
+        def call(backend):
+            return fused_lora.dora_linear(args["x"], args["weight"], args["lora_A"], args["lora_B"],
+                                          args["magnitude"], args["bias"], scaling=kwargs["scaling"],
+                                          dropout_p=kwargs["dropout_p"], seed=kwargs["seed"], backend=backend)
+
+        y, error = _outcome(lambda: call(kwargs["backend"]), what, outcomes)
+        if error is not None:
+            continue
+        assert isinstance(y, torch.Tensor) and y.shape[-1] == n, what
+        if y.requires_grad:
+            y.float().sum().backward()
+        if _finite_floats(*args.values()) and isinstance(kwargs["seed"], (int, type(None))):
+            _check_against_torch(call, y, kwargs, y.dtype, what)
+    assert outcomes["ran"] >= CASES // 20 and outcomes["refused"] >= CASES // 2, outcomes
+
+
 _LAYER_ARGS = {
     "r": [0, -1, 2.0, True, "4", None, np.int64(3), 1, 4],
     "alpha": [math.nan, math.inf, -1.0, 0.0, "1", None, True, np.float32(2.0), 1e-30, 8.0],

@@ -1,0 +1,256 @@
+"""DoRA (``fused_lora.dora_linear``): forward and every gradient against the
+float64 reference (which makes the adapted weight and its norm as PEFT does),
+against real PEFT's ``use_dora=True`` layer, and its properties: DoRA at its
+initial magnitude is LoRA, one seed gives one mask, bad arguments give typed
+errors."""
+
+import math
+
+import pytest
+import torch
+import torch._dynamo.testing
+import torch._inductor.config as inductor_config
+from torch import nn
+
+import fused_lora
+from fused_lora import ops, reference
+from lora_testing import DEVICE, assert_close, make_params, make_x
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def _magnitude(n, dtype, requires_grad=True):
+    """A magnitude away from the norm (γ from 0.5 to 1.5 times a norm of about 1)."""
+    return (torch.rand(n, dtype=dtype, device=DEVICE) + 0.5).requires_grad_(requires_grad)
+
+
+def _dora64(x, w, b, a, bb, m, dy, *, scaling, dropout_p, seed, wanted):
+    named = {"x": x, "weight": w, "bias": b, "lora_A": a, "lora_B": bb, "magnitude": m}
+    leaves = {k: (v.detach().double().requires_grad_(k in wanted) if v is not None else None)
+              for k, v in named.items()}
+    y = reference.dora_linear(leaves["x"], leaves["weight"], leaves["lora_A"], leaves["lora_B"], leaves["magnitude"],
+                              leaves["bias"], scaling=scaling, dropout_p=dropout_p, seed=seed)
+    return y.detach(), dict(zip(wanted, torch.autograd.grad(y, [leaves[k] for k in wanted], dy.double())))
+
+
+#        lead      K    N    r    dtype  bias   p     layout        base
+CASES = [
+    ((1,),      17,  33,  1,   F32,  True,  0.0,  "contiguous", False),
+    ((17,),     64,  48,  3,   F32,  False, 0.25, "strided",    False),
+    ((123,),    45,  77,  8,   F32,  True,  0.1,  "transposed", True),
+    ((7, 3),    33,  50,  20,  F32,  True,  0.3,  "permuted",   False),
+    ((33,),     50,  70,  128, F32,  True,  0.0,  "contiguous", True),
+    ((5, 13),   40,  29,  16,  F16,  True,  0.1,  "permuted",   False),
+    ((123,),    45,  77,  64,  F16,  False, 0.0,  "strided",    True),
+    ((1,),      17,  33,  1,   BF16, True,  0.2,  "contiguous", False),
+    ((3, 11),   50,  70,  128, BF16, True,  0.0,  "permuted",   False),
+    ((20,),     40,  30,  3,   BF16, True,  0.4,  "transposed", True),
+]
+
+
+@pytest.mark.parametrize("lead,k,n,r,dtype,bias,p,layout,train_base", CASES)
+def test_dora_linear_matches_the_float64_reference(lead, k, n, r, dtype, bias, p, layout, train_base):
+    x = make_x((*lead, k), dtype, layout).requires_grad_()
+    w, b, a, bb = make_params(k, n, r, dtype, bias)
+    m = _magnitude(n, dtype)
+    wanted = ["x", "lora_A", "lora_B", "magnitude"]
+    for name, t in (("weight", w), ("bias", b)):
+        if train_base and t is not None:
+            t.requires_grad_()
+            wanted.append(name)
+    inputs = {"x": x, "weight": w, "bias": b, "lora_A": a.requires_grad_(), "lora_B": bb.requires_grad_(),
+              "magnitude": m}
+    y = fused_lora.dora_linear(x, w, a, bb, m, b, scaling=1.5, dropout_p=p, seed=99, backend="triton")
+    assert y.dtype == dtype and y.shape == (*lead, n)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [inputs[g] for g in wanted], dy)
+    y64, g64 = _dora64(x, w, b, a, bb, m, dy, scaling=1.5, dropout_p=p, seed=99, wanted=wanted)
+    assert_close(y, y64, dtype, "y")
+    for name, g in zip(wanted, grads):
+        assert_close(g, g64[name], dtype, f"d{name}")
+
+
+def test_the_norm_is_the_adapted_weights_without_making_it():
+    for dtype in (F32, BF16):
+        w, _, a, bb = make_params(123, 45, 17, dtype, False)
+        expected = torch.linalg.vector_norm(w.double() + 0.7 * (bb.double() @ a.double()), dim=1)
+        norm = ops.dora_norm(w, a, bb, 0.7)
+        assert norm.dtype == F32 and not norm.requires_grad
+        assert_close(norm, expected, dtype, f"norm ({dtype})")
+
+
+def test_at_its_initial_magnitude_dora_is_lora():
+    # (PEFT initialises m to the norm: γ = 1, and the DoRA layer starts as its LoRA layer, dropout included)
+    x = make_x((4, 9, 40), F32)
+    w, b, a, bb = make_params(40, 24, 8, F32, True)
+    m = ops.dora_norm(w, a, bb, 2.0)
+    for p in (0.0, 0.3):
+        dora = fused_lora.dora_linear(x, w, a, bb, m, b, scaling=2.0, dropout_p=p, seed=5)
+        lora = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, dropout_p=p, seed=5)
+        assert_close(dora, lora.double(), F32, f"p={p}")
+
+
+def test_one_seed_gives_one_mask_bitwise_and_none_draws_it_as_the_reference_does():
+    x = make_x((31, 40), F32).requires_grad_()
+    w, b, a, bb = make_params(40, 24, 8, F32, True)
+    a.requires_grad_()
+    m = _magnitude(24, F32)
+    dy = torch.randn(31, 24, device=DEVICE)
+
+    def run(seed):
+        y = fused_lora.dora_linear(x, w, a, bb, m, b, scaling=2.0, dropout_p=0.3, seed=seed)
+        return (y, *torch.autograd.grad(y, (x, a, m), dy))
+
+    first, second = run(17), run(17)
+    assert all(torch.equal(u, v) for u, v in zip(first, second))
+    assert not torch.equal(first[0], run(18)[0])
+    torch.manual_seed(4)
+    drawn = fused_lora.dora_linear(x, w, a, bb, m, b, scaling=2.0, dropout_p=0.3)
+    torch.manual_seed(4)
+    expected = reference.dora_linear(x.double(), w.double(), a.double(), bb.double(), m.double(), b.double(),
+                                     scaling=2.0, dropout_p=0.3)
+    assert_close(drawn, expected.detach(), F32, "seed=None")
+
+
+def test_without_gradients_the_output_is_the_same_bit_for_bit():
+    x = make_x((2, 5, 40), F32)
+    w, b, a, bb = make_params(40, 24, 8, F32, True)
+    m = _magnitude(24, F32)
+    with_grad = fused_lora.dora_linear(x, w, a.requires_grad_(), bb, m, b, scaling=2.0, dropout_p=0.2, seed=3)
+    with torch.inference_mode():
+        without = fused_lora.dora_linear(x, w, a, bb, m, b, scaling=2.0, dropout_p=0.2, seed=3)
+    assert torch.equal(with_grad.detach(), without)
+
+
+def test_the_torch_backend_is_the_reference():
+    x = make_x((9, 40), F32)
+    w, b, a, bb = make_params(40, 24, 8, F32, True)
+    m = _magnitude(24, F32, requires_grad=False)
+    y = fused_lora.dora_linear(x, w, a, bb, m, b, scaling=2.0, dropout_p=0.2, seed=3, backend="torch")
+    assert torch.equal(y, reference.dora_linear(x, w, a, bb, m, b, scaling=2.0, dropout_p=0.2, seed=3))
+    x64 = x.double()
+    y64 = fused_lora.dora_linear(x64, *(t.double() for t in (w, a, bb, m, b)), scaling=2.0)  # (float64: torch)
+    assert_close(y64, reference.dora_linear(x64, *(t.double() for t in (w, a, bb, m, b)), scaling=2.0), torch.float64)
+
+
+def test_autocast_casts_every_tensor_as_for_f_linear():
+    x = make_x((3, 9, 40), F32).requires_grad_()
+    w, b, a, bb = make_params(40, 24, 8, F32, True)
+    m = _magnitude(24, F32)
+    with torch.autocast(DEVICE.type, dtype=F16):
+        y = fused_lora.dora_linear(x, w, a.requires_grad_(), bb, m, b, scaling=2.0)
+    assert y.dtype == F16
+    gx, gm = torch.autograd.grad(y, (x, m), torch.ones_like(y))
+    assert gx.dtype == gm.dtype == F32
+    cast = [t.detach().to(F16) for t in (x, w, a, bb, m, b)]
+    assert torch.equal(y, fused_lora.dora_linear(*cast[:5], cast[5], scaling=2.0))
+
+
+def test_no_rows():
+    w, b, a, bb = make_params(40, 24, 8, F32, True)
+    x = torch.randn(0, 40, device=DEVICE, requires_grad=True)
+    m = _magnitude(24, F32)
+    y = fused_lora.dora_linear(x, w, a, bb, m, b, dropout_p=0.1)
+    assert y.shape == (0, 24)
+    (gm,) = torch.autograd.grad(y.sum(), (m,))
+    assert torch.equal(gm, torch.zeros_like(gm))
+
+
+def test_bad_magnitudes_are_refused_by_name():
+    x = make_x((5, 40), F32)
+    w, b, a, bb = make_params(40, 24, 8, F32, True)
+    m = _magnitude(24, F32, requires_grad=False)
+    with pytest.raises(TypeError, match="magnitude must be a torch.Tensor, got list"):
+        fused_lora.dora_linear(x, w, a, bb, [1.0] * 24, b)
+    with pytest.raises(TypeError, match="magnitude must be a floating-point tensor, got dtype torch.int64"):
+        fused_lora.dora_linear(x, w, a, bb, torch.ones(24, dtype=torch.int64, device=DEVICE), b)
+    with pytest.raises(ValueError, match=r"magnitude must have shape \(out_features=24,\) to match weight "
+                                         r"\(24, 40\), got \(40,\)"):
+        fused_lora.dora_linear(x, w, a, bb, torch.ones(40, device=DEVICE), b)
+    with pytest.raises(ValueError, match=r"got \(1, 24\)"):
+        fused_lora.dora_linear(x, w, a, bb, m.view(1, 24), b)
+    with pytest.raises(TypeError, match=r"magnitude has dtype torch.float16 but x has torch.float32"):
+        fused_lora.dora_linear(x, w, a, bb, m.half(), b)
+    with pytest.raises(ValueError, match="magnitude is on meta but x is on"):
+        fused_lora.dora_linear(x, w, a, bb, m.to("meta"), b)
+    # the other arguments as lora_linear's, checked before anything runs
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., in_features=40\)"):
+        fused_lora.dora_linear(x[:, :30], w, a, bb, m, b)
+    with pytest.raises(ValueError, match="dropout_p"):
+        fused_lora.dora_linear(x, w, a, bb, m, b, dropout_p=1.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fused_lora.dora_linear(x, w, a, bb, m, b, backend="cuda")
+    for backend in ("torch", "triton"):  # (the torch backend checks as much)
+        with pytest.raises(ValueError, match="magnitude must have shape"):
+            fused_lora.dora_linear(x, w, a, bb, m[:3], b, backend=backend)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_peft_dora_layer_gives_the_same_output_and_gradients(p):
+    peft = pytest.importorskip("peft")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(45, 29)
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Net(), peft.LoraConfig(r=5, lora_alpha=10, target_modules=["proj"], use_dora=True,
+                                                       lora_dropout=p)).to(DEVICE)
+    layer = model.base_model.model.proj
+    lora_A, lora_B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    magnitude = layer.lora_magnitude_vector["default"].weight
+    with torch.no_grad():  # (off PEFT's initial point, where B = 0 and m = the norm: every term exercised)
+        nn.init.normal_(lora_A, std=0.2)
+        nn.init.normal_(lora_B, std=0.2)
+        magnitude.uniform_(0.5, 1.5)
+    seed = 11
+
+    class KernelsMask(nn.Module):  # (PEFT's dropout with the mask the kernels draw for `seed`)
+        def forward(self, x):
+            keep = fused_lora.dropout_mask(seed, (x.shape[:-1].numel(), x.shape[-1]), p, device=x.device)
+            return x * keep.view(x.shape) / (1.0 - p)
+
+    if p:
+        layer.lora_dropout["default"] = KernelsMask()
+    model.train()
+    x = torch.randn(3, 7, 45, device=DEVICE, requires_grad=True)
+    params = (x, lora_A, lora_B, magnitude)
+    y_peft = layer(x)
+    dy = torch.randn_like(y_peft)
+    g_peft = torch.autograd.grad(y_peft, params, dy)
+    y = fused_lora.dora_linear(x, layer.base_layer.weight, lora_A, lora_B, magnitude, layer.base_layer.bias,
+                               scaling=layer.scaling["default"], dropout_p=p, seed=seed, backend="triton")
+    grads = torch.autograd.grad(y, params, dy)
+    scale = max(y_peft.abs().max().item(), 1.0)
+    torch.testing.assert_close(y, y_peft, rtol=1e-5, atol=1e-5 * scale)
+    for name, g, g_p in zip(("x", "lora_A", "lora_B", "magnitude"), grads, g_peft):
+        torch.testing.assert_close(g, g_p, rtol=1e-5, atol=1e-5 * max(g_p.abs().max().item(), 1.0),
+                                   msg=lambda msg: f"d{name}: {msg}")
+    assert math.isclose(layer.scaling["default"], 2.0)
+
+
+def test_compile_fullgraph_is_one_frame_with_eagers_results():
+    """Inductor, dropout on and the seed drawn (eager's generator:
+    ``fallback_random``): one graph, eager's output and gradients. (The
+    mask's factor is an op: inductor, fusing its Philox rounds, compiled for
+    minutes.)"""
+    w, b, a, bb = make_params(40, 24, 8, F32, True)
+    a.requires_grad_()
+    m = _magnitude(24, F32)
+    x = make_x((2, 9, 40), F32).requires_grad_()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+
+    def step(x):
+        return fused_lora.dora_linear(x, w, a, bb, m, b, scaling=2.0, dropout_p=0.2).square().sum()
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    results = []
+    for fn in (compiled, step):
+        torch.manual_seed(6)
+        with inductor_config.patch(fallback_random=True):
+            loss = fn(x)
+        results.append((loss, *torch.autograd.grad(loss, (x, a, m))))
+    assert counter.frame_count == 1
+    for name, got, expected in zip(("loss", "dx", "dlora_A", "dmagnitude"), *results):
+        assert_close(got, expected.double(), F32, f"compiled vs eager: {name}")
