@@ -48,15 +48,15 @@ taken over K and detached (DoRA §4.3, as PEFT)::
     ν  = ‖W + s · B A‖ per row                                            (N)      no gradient
        = sqrt(‖W_n‖² + 2s · B_n·(W Aᵀ)_n + s² · B_n (A Aᵀ) B_nᵀ)                   (W + s·BA never made)
     γ  = m / ν                                                            (N)
-    z  = x Wᵀ + s · drop(x) Aᵀ Bᵀ                                         (M, N)   the fused op above, no bias
-    v  = (drop(x) - x) Wᵀ                                                 (M, N)   only when p > 0
-    y  = γ ⊙ z + (γ - 1) ⊙ v + b
+    y  = x Wᵀ + b + (γ - 1) ⊙ drop(x) Wᵀ + γ ⊙ s · drop(x) Aᵀ Bᵀ                   PEFT's form
+       = γ ⊙ z + (x - drop(x)) Wᵀ + b,   z = drop(x) Wᵀ + s · drop(x) Aᵀ Bᵀ          (M, N)
 
-(PEFT applies its correction ``(γ - 1) ⊙ ·Wᵀ`` to drop(x): ``v`` is that
-difference; with p = 0, ``y = γ ⊙ z + b``.) Backward: ``dz = γ ⊙ dy``
-(then the fused backward above), ``dv = (γ - 1) ⊙ dy``,
-``dm = Σ_m dy ⊙ (z + v) / ν``. For the norm, ``W Aᵀ`` (N, r) and ``A Aᵀ``
-(r, r) are skinny products in fp32.
+(PEFT applies its correction ``(γ - 1) ⊙ ·Wᵀ`` to drop(x). ``z`` is the
+fused op above on drop(x), without bias or dropout of its own; with p = 0,
+``y = γ ⊙ z + b``.) Backward: ``dz = γ ⊙ dy`` (then the fused backward
+above), ``dm = Σ_m dy ⊙ z / ν``; the second GEMM's dx through
+``x - drop(x)``. For the norm, ``W Aᵀ`` (N, r) and ``A Aᵀ`` (r, r) are
+skinny products in fp32.
 
 How it runs (Triton backend)
 ============================
@@ -106,8 +106,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import _triton, dispatch
 from ._validate import (check_adapter_ids, check_backend, check_lora_args, check_magnitude, check_row_scale,
                         check_scaling)
-from .dropout import check_seed, draw_seed_tensor, dropout_mask
-from .reference import dora_linear_checked, lora_linear_checked
+from .dropout import check_seed, draw_seed_tensor
+from .reference import dora_dropped, dora_linear_checked, lora_linear_checked
 
 Tensor = torch.Tensor
 
@@ -702,20 +702,23 @@ def dora_linear(
 
     The base GEMM and the low-rank term run as :func:`lora_linear` (fused,
     forward and backward); the norm comes from ``W Aᵀ`` and ``A Aᵀ`` (the
-    adapted weight is never made, as PEFT makes it each step); ``γ`` and the
-    bias are one elementwise pass over the output. Not fused yet: that pass
-    (the column scale belongs in the GEMM's epilogue) and, with dropout, the
-    correction ``v``, a second base GEMM on ``drop(x) - x`` made in PyTorch
-    from :func:`fused_lora.dropout_mask` (an (M, K) tensor kept for the
-    backward, as PEFT keeps its dropped x; on a GPU the mask's PyTorch ops
-    cost more than the GEMMs at large M·K).
+    adapted weight is never made, as PEFT makes it each step); ``γ`` is one
+    elementwise pass over the output. Not fused yet: that pass (the column
+    scale belongs in the GEMM's epilogue) and, with dropout, the mask, drawn
+    once in PyTorch, and the correction, a second base GEMM on ``x - drop(x)``
+    (the mask and drop(x) are kept for the backward, as PEFT keeps them).
 
     Args:
-        x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend:
-            as :func:`lora_linear`'s (the mask of ``z`` and ``v`` is the
-            same, :func:`fused_lora.dropout_mask` of (seed, (M, K), p)).
+        x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend: as
+            :func:`lora_linear`'s.
         magnitude: (out_features,), DoRA's ``m`` (PEFT's
             ``lora_magnitude_vector``), in x's dtype, on its device.
+        seed: with dropout, None draws the mask with torch's Bernoulli
+            sampler from the default generator of x's device (as PEFT's
+            ``nn.Dropout``: ``torch.manual_seed`` reproduces it); a seed makes
+            it :func:`fused_lora.dropout_mask` of (seed, (M, K), p), as
+            :func:`lora_linear`'s (its PyTorch ops are slow on a GPU at large
+            M·K: for checks, not for training).
 
     Returns:
         (..., out_features) in x's dtype. Gradients flow to x, lora_A,
@@ -727,38 +730,18 @@ def dora_linear(
                                                                magnitude)
     scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
     magnitude = check_magnitude(x, weight, magnitude)
-    if dropout_p > 0.0 and seed is None:
-        seed = draw_seed_tensor(x.device)  # (one mask for z and v)
     if resolve_backend(backend, x) == "torch":
         return dora_linear_checked(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed)
-    norm = dora_norm(weight, lora_A, lora_B, scaling)
-    gamma32 = magnitude.to(torch.float32) / norm
-    z = _lora_linear(x, weight, lora_A, lora_B, None, scaling, dropout_p, seed, None, (), "triton")
-    y = z * gamma32.to(x.dtype)
-    if dropout_p > 0.0:
-        seed_t = seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int64, device="cpu")
-        factor = (torch.ops.fused_lora.dora_dropout_factor if torch.compiler.is_compiling() else
-                  dora_dropout_factor)(x.detach(), seed_t, dropout_p)
-        v = torch.nn.functional.linear(x * factor, weight)
-        y = y.addcmul_(v, (gamma32 - 1.0).to(x.dtype))
-    return y if bias is None else y.add_(bias)
-
-
-@torch.library.custom_op("fused_lora::dora_dropout_factor", mutates_args=())
-def dora_dropout_factor(x: Tensor, seed: Tensor, dropout_p: float) -> Tensor:
-    """``drop(x) - x = x ⊙ factor``: the factor, of x's shape, dtype and
-    device, ``p/(1-p)`` where :func:`fused_lora.dropout_mask` of (seed,
-    (M, K), p) keeps, -1 where it drops (``seed`` a 0-d integer tensor). An
-    op, so that torch.compile takes the mask's Philox rounds as they are
-    (inductor, fusing its integer arithmetic over (M, K), took minutes and
-    gigabytes to compile it)."""
-    keep = dropout_mask(seed, (x.shape[:-1].numel(), x.shape[-1]), dropout_p, device=x.device).view(x.shape)
-    return torch.where(keep, x.new_full((), dropout_p / (1.0 - dropout_p)), x.new_full((), -1.0))
-
-
-@dora_dropout_factor.register_fake
-def _(x, seed, dropout_p):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    gamma = (magnitude.to(torch.float32) / dora_norm(weight, lora_A, lora_B, scaling)).to(x.dtype)
+    if dropout_p == 0.0:
+        z = _lora_linear(x, weight, lora_A, lora_B, None, scaling, 0.0, None, None, (), "triton")
+        y = z * gamma
+        return y if bias is None else y.add_(bias)
+    # y = γ ⊙ (drop(x) Wᵀ + s·drop(x) Aᵀ Bᵀ) + (x - drop(x)) Wᵀ + b: the fused op on drop(x), without its
+    # own dropout (the correction needs drop(x) itself)
+    dropped = dora_dropped(x, dropout_p, seed)
+    z = _lora_linear(dropped, weight, lora_A, lora_B, None, scaling, 0.0, None, None, (), "triton")
+    return (z * gamma).add_(torch.nn.functional.linear(x - dropped, weight, bias))
 
 
 def dora_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:

@@ -81,26 +81,51 @@ def dora_linear(
     """DoRA, as PEFT's ``use_dora=True`` computes it (math in
     :mod:`fused_lora.ops`): the adapted weight ``W + s·B·A`` made, its norm
     per output feature taken and detached, ``γ = m / ‖·‖``. Same arguments
-    as :func:`fused_lora.dora_linear` (less ``backend``); the mask as
-    :func:`lora_linear`'s."""
+    as :func:`fused_lora.dora_linear` (less ``backend``), the same mask
+    (:func:`dora_dropped`)."""
     scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
     magnitude = check_magnitude(x, weight, magnitude)
-    if dropout_p > 0.0 and seed is None:
-        seed = draw_seed_tensor(x.device)
     return dora_linear_checked(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed)
 
 
 def dora_linear_checked(x, weight, lora_A, lora_B, magnitude, bias, scaling: float, dropout_p: float,
                         seed) -> torch.Tensor:
-    """:func:`dora_linear` on checked arguments (``seed`` as
-    :func:`lora_linear_checked`'s)."""
-    dropped = x
-    if dropout_p > 0.0:
-        rows = x.shape[:-1].numel()
-        keep = dropout_mask(seed, (rows, x.shape[-1]), dropout_p, device=x.device).view(x.shape)
-        dropped = x * keep / (1.0 - dropout_p)
+    """:func:`dora_linear` on checked arguments."""
+    dropped = dora_dropped(x, dropout_p, seed) if dropout_p > 0.0 else x
     adapted = weight + scaling * (lora_B @ lora_A)
     gamma = magnitude / torch.linalg.vector_norm(adapted, dim=1).detach()
     lora = scaling * F.linear(F.linear(dropped, lora_A), lora_B)
     # PEFT's: the base on x; the correction (γ - 1)·W and the adapter's term on drop(x)
     return F.linear(x, weight, bias) + (gamma - 1) * F.linear(dropped, weight) + gamma * lora
+
+
+def dora_dropped(x: torch.Tensor, dropout_p: float, seed) -> torch.Tensor:
+    """``drop(x) = x ⊙ keep / (1 - p)`` for DoRA (p > 0), its mask of x's shape:
+    for ``seed=None`` drawn by torch's Bernoulli sampler (on a bool tensor,
+    whatever x's dtype) from the default generator of x's device, as PEFT's
+    ``nn.Dropout`` draws from it (fast on a GPU; ``torch.manual_seed``
+    reproduces it, checkpointing restores it); for a seed,
+    :func:`fused_lora.dropout_mask` of (seed, (M, K), p), which while
+    torch.compile traces is an op (``fused_lora::dora_keep``: inductor,
+    fusing the Philox rounds' integer arithmetic over (M, K), took minutes
+    and gigabytes to compile them)."""
+    if seed is None:
+        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - dropout_p)
+    else:
+        seed_t = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64, device="cpu")
+        keep = (torch.ops.fused_lora.dora_keep if torch.compiler.is_compiling() else dora_keep)(
+            x.detach(), seed_t, dropout_p)
+    return x * keep / (1.0 - dropout_p)
+
+
+@torch.library.custom_op("fused_lora::dora_keep", mutates_args=())
+def dora_keep(x: torch.Tensor, seed: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """:func:`fused_lora.dropout_mask` of (seed, (M, K), p) for x (..., K),
+    of x's shape, on its device (``seed`` a 0-d integer tensor)."""
+    rows = x.shape[:-1].numel()
+    return dropout_mask(seed, (rows, x.shape[-1]), dropout_p, device=x.device).view(x.shape)
+
+
+@dora_keep.register_fake
+def _(x, seed, dropout_p):
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device)
