@@ -124,11 +124,11 @@ def check_cases(on_gpu: bool) -> list[dict]:
     cases = []
 
     def case(shape, r, dtype, strategy, p, train_base, tma=False, persistent=False, row_scaled=False,
-             adapters=False):
+             adapters=False, dora=False):
         lead, k, n = shape
         cases.append(dict(lead=lead, k=k, n=n, r=r, dtype=dtype, strategy=strategy, dropout_p=p,
                           train_base=train_base, tma=tma, persistent=persistent, row_scaled=row_scaled,
-                          adapters=adapters))
+                          adapters=adapters, dora=dora))
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for shape in shapes:
@@ -147,6 +147,9 @@ def check_cases(on_gpu: bool) -> list[dict]:
         # two adapters side by side (multi_lora_linear), each row through its own: where the row scale is
         case(small_m, 16, dtype, "in_loop", 0.1, train_base=False, adapters=True)
         case(shapes[1], 64, dtype, "split", 0.0, train_base=True, adapters=True)
+        # DoRA (dora_linear): the fused op on x, or on drop(x) (its own dropout off), scaled by column
+        case(small_m, 16, dtype, "in_loop", 0.0, train_base=False, dora=True)
+        case(shapes[0], 16, dtype, "split", 0.1, train_base=True, dora=True)
         if dtype != torch.float32:
             # TMA loads (16-bit): forward, dx (masked or not) and dW through descriptors
             for p, train_base in ((0.0, True), (0.1, False)):
@@ -181,7 +184,8 @@ def cmd_check(args) -> int:
             try:
                 errors = parity_case(case["lead"], case["k"], case["n"], case["r"], case["dtype"],
                                      dropout_p=case["dropout_p"], train_base=case["train_base"],
-                                     row_scaled=case["row_scaled"], adapters=case["adapters"], device=device)
+                                     row_scaled=case["row_scaled"], adapters=case["adapters"], dora=case["dora"],
+                                     device=device)
                 failure = ""
             except Exception as exc:  # a crash is a failed row, not a traceback
                 errors, failure = {}, f"{type(exc).__name__}: {exc}"
@@ -194,6 +198,7 @@ def cmd_check(args) -> int:
                               f"{' +persistent' if case['persistent'] else ''}"
                               f"{' +row-scale' if case['row_scaled'] else ''}"
                               f"{' +adapters' if case['adapters'] else ''}"
+                              f"{' +dora' if case['dora'] else ''}"
                               f"{' +dx-in-loop' if plan.dx_in_loop and plan.strategy != 'in_loop' else ''}"
                               f"{' +split-k' if plan.fwd_gemm.split_k > 1 else ''}",
                          shape=f"{'x'.join(map(str, case['lead']))}x{case['k']}->{case['n']}", r=case["r"],
@@ -211,12 +216,12 @@ def cmd_check(args) -> int:
         print(f"fused-lora check — {where}; torch {versions['torch']}, Triton {versions['triton']}")
         print("max |fused - reference| / max |reference| per output; reference = float64 PyTorch\n")
         head = f"{'path':<40}{'shape':<20}{'r':>4}  {'dtype':<9}{'y':>9}{'dx':>9}{'dA':>9}{'dB':>9}{'dW':>9}" \
-               f"{'db':>9}{'tol':>9}  result"
+               f"{'db':>9}{'dm':>9}{'tol':>9}  result"
         print(head)
         print("-" * len(head))
         for r in rows:
             e = r["errors"]
-            keys = ("y", "dx", "dlora_A", "dlora_B", "dweight", "dbias")
+            keys = ("y", "dx", "dlora_A", "dlora_B", "dweight", "dbias", "dmagnitude")
             cells = "".join(f"{e[k]:9.1e}" if k in e else f"{'—':>9}" for k in keys)
             print(f"{r['path']:<40}{r['shape']:<20}{r['r']:>4}  {r['dtype']:<9}{cells}{r['tolerance']:9.1e}  "
                   f"{'PASS' if r['passed'] else 'FAIL ' + r['failure']}")

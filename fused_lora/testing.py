@@ -190,14 +190,17 @@ def reference64(x, w, b, a, bb, dy, *, scaling, dropout_p, seed, grads=("x", "we
 
 
 def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=False, layout="contiguous",
-                scaling=1.5, seed=1234, row_scaled=False, adapters=False, device=DEVICE) -> dict[str, float]:
+                scaling=1.5, seed=1234, row_scaled=False, adapters=False, dora=False,
+                device=DEVICE) -> dict[str, float]:
     """Run the fused op once (forward and every gradient) and return each
     output's normalized error against the float64 reference. ``row_scaled``:
     with a random ``row_scale``, 0 on every third row. ``adapters``: the rank
     split between two adapters (``r // 4`` and the rest, r >= 2) of scales
     ``scaling`` and ``2·scaling``, through :func:`fused_lora.multi_lora_linear`
     with random ids in [-1, 2), each among them (dlora_A and dlora_B: the two adapters'
-    gradients side by side)."""
+    gradients side by side). ``dora``: :func:`fused_lora.dora_linear` with a
+    random magnitude (0.5 to 1.5), against the reference's DoRA (with
+    ``dmagnitude``)."""
     import fused_lora
 
     x = make_x((*lead, k), dtype, layout, device=device).requires_grad_()
@@ -218,6 +221,8 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
         row_scale.view(-1)[::3] = 0.0
     if adapters:
         return _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed)
+    if dora:
+        return _dora_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed)
     y = fused_lora.lora_linear(x, w, a, bb, b, scaling=scaling, dropout_p=dropout_p, seed=seed, row_scale=row_scale,
                                backend="triton")
     dy = torch.randn_like(y)
@@ -263,6 +268,27 @@ def _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed) -> d
     g64 = dict(zip(wanted, torch.autograd.grad(y64, [leaves64[k] for k in wanted], dy.double())))
     errors = {"y": normalized_error(y, y64.detach())}
     errors.update({f"d{name}": normalized_error(grads[name], g64[name]) for name in wanted})
+    return errors
+
+
+def _dora_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed) -> dict[str, float]:
+    """:func:`parity_case` with ``dora``."""
+    import fused_lora
+
+    m = (torch.rand(w.shape[0], dtype=w.dtype, device=w.device) + 0.5).requires_grad_()
+    wanted = [*wanted, "magnitude"]
+    inputs = {"x": x, "weight": w, "bias": b, "lora_A": a, "lora_B": bb, "magnitude": m}
+    y = fused_lora.dora_linear(x, w, a, bb, m, b, scaling=scaling, dropout_p=dropout_p, seed=seed,
+                               backend="triton")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [inputs[g] for g in wanted], dy)
+    leaves = {k: (v.detach().double().requires_grad_(k in wanted) if v is not None else None)
+              for k, v in inputs.items()}
+    y64 = reference.dora_linear(leaves["x"], leaves["weight"], leaves["lora_A"], leaves["lora_B"],
+                                leaves["magnitude"], leaves["bias"], scaling=scaling, dropout_p=dropout_p, seed=seed)
+    g64 = torch.autograd.grad(y64, [leaves[k] for k in wanted], dy.double())
+    errors = {"y": normalized_error(y, y64.detach())}
+    errors.update({f"d{name}": normalized_error(g, e) for name, g, e in zip(wanted, grads, g64)})
     return errors
 
 

@@ -28,11 +28,12 @@ def test_check_passes_and_reports_json(capsys):
             "split +train-base +tma", "split +dropout +tma", "in_loop +train-base +persistent",
             "split +dropout +persistent", "split +train-base +tma +persistent",
             "in_loop +dropout +row-scale", "split +train-base +row-scale", "in_loop +dropout +adapters",
-            "split +train-base +adapters"} <= {
+            "split +train-base +adapters", "in_loop +dora", "split +dropout +train-base +dora"} <= {
                 path.removesuffix(" +split-k") for path in paths}
     for row in report["rows"]:
         assert row["passed"] and 0 <= row["worst"] <= row["tolerance"]
         assert {"y", "dx", "dlora_A", "dlora_B"} <= set(row["errors"])
+        assert ("dmagnitude" in row["errors"]) == ("+dora" in row["path"])
 
 
 def test_check_fails_loudly_when_a_kernel_is_wrong(monkeypatch, capsys):

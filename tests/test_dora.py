@@ -11,10 +11,12 @@ import torch
 import torch._dynamo.testing
 import torch._inductor.config as inductor_config
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import fused_lora
 from fused_lora import ops, reference
-from lora_testing import DEVICE, assert_close, make_params, make_x
+from fused_lora.testing import parity_case
+from lora_testing import DEVICE, TOLERANCE, assert_close, make_params, make_x
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -22,15 +24,6 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 def _magnitude(n, dtype, requires_grad=True):
     """A magnitude away from the norm (γ from 0.5 to 1.5 times a norm of about 1)."""
     return (torch.rand(n, dtype=dtype, device=DEVICE) + 0.5).requires_grad_(requires_grad)
-
-
-def _dora64(x, w, b, a, bb, m, dy, *, scaling, dropout_p, seed, wanted):
-    named = {"x": x, "weight": w, "bias": b, "lora_A": a, "lora_B": bb, "magnitude": m}
-    leaves = {k: (v.detach().double().requires_grad_(k in wanted) if v is not None else None)
-              for k, v in named.items()}
-    y = reference.dora_linear(leaves["x"], leaves["weight"], leaves["lora_A"], leaves["lora_B"], leaves["magnitude"],
-                              leaves["bias"], scaling=scaling, dropout_p=dropout_p, seed=seed)
-    return y.detach(), dict(zip(wanted, torch.autograd.grad(y, [leaves[k] for k in wanted], dy.double())))
 
 
 #        lead      K    N    r    dtype  bias   p     layout        base
@@ -54,24 +47,12 @@ CASES = [
 
 @pytest.mark.parametrize("lead,k,n,r,dtype,bias,p,layout,train_base", CASES)
 def test_dora_linear_matches_the_float64_reference(lead, k, n, r, dtype, bias, p, layout, train_base):
-    x = make_x((*lead, k), dtype, layout).requires_grad_()
-    w, b, a, bb = make_params(k, n, r, dtype, bias)
-    m = _magnitude(n, dtype)
-    wanted = ["x", "lora_A", "lora_B", "magnitude"]
-    for name, t in (("weight", w), ("bias", b)):
-        if train_base and t is not None:
-            t.requires_grad_()
-            wanted.append(name)
-    inputs = {"x": x, "weight": w, "bias": b, "lora_A": a.requires_grad_(), "lora_B": bb.requires_grad_(),
-              "magnitude": m}
-    y = fused_lora.dora_linear(x, w, a, bb, m, b, scaling=1.5, dropout_p=p, seed=99, backend="triton")
-    assert y.dtype == dtype and y.shape == (*lead, n)
-    dy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [inputs[g] for g in wanted], dy)
-    y64, g64 = _dora64(x, w, b, a, bb, m, dy, scaling=1.5, dropout_p=p, seed=99, wanted=wanted)
-    assert_close(y, y64, dtype, "y")
-    for name, g in zip(wanted, grads):
-        assert_close(g, g64[name], dtype, f"d{name}")
+    errors = parity_case(lead, k, n, r, dtype, bias=bias, dropout_p=p, train_base=train_base, layout=layout,
+                         seed=99, dora=True)
+    expected = {"y", "dx", "dlora_A", "dlora_B", "dmagnitude"} | ({"dweight", "dbias"} if train_base and bias
+                                                                    else {"dweight"} if train_base else set())
+    assert set(errors) == expected
+    assert max(errors.values()) <= TOLERANCE[dtype], errors
 
 
 def test_the_norm_is_the_adapted_weights_without_making_it():
@@ -258,3 +239,21 @@ def test_compile_fullgraph_is_one_frame_with_eagers_results(seed):
     assert counter.frame_count == 1
     for name, got, expected in zip(("loss", "dx", "dlora_A", "dmagnitude"), *results):
         assert_close(got, expected.double(), F32, f"compiled vs eager: {name}")
+
+
+def test_activation_checkpointing_draws_the_same_mask_again():
+    # (seed=None: torch's generator, whose state checkpointing restores for the recomputation)
+    w, b, a, bb = make_params(40, 24, 8, F32, True)
+    a.requires_grad_()
+    m = _magnitude(24, F32)
+    x = make_x((2, 9, 40), F32).requires_grad_()
+
+    def layer(x):
+        return fused_lora.dora_linear(x, w, a, bb, m, b, scaling=2.0, dropout_p=0.3)
+
+    results = []
+    for run in (layer, lambda x: checkpoint(layer, x, use_reentrant=False)):
+        torch.manual_seed(8)
+        results.append(torch.autograd.grad(run(x).square().sum(), (x, a, m)))
+    for plain, recomputed in zip(*results):
+        assert torch.equal(plain, recomputed)
