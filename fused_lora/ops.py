@@ -45,8 +45,7 @@ DoRA (:func:`dora_linear`; PEFT's ``use_dora=True``) rescales each output
 feature of the adapted weight to a trained magnitude ``m (N)``, its norm
 taken over K and detached (DoRA §4.3, as PEFT)::
 
-    ν  = ‖W + s · B A‖ per row                                            (N)      no gradient
-       = sqrt(‖W_n‖² + 2s · B_n·(W Aᵀ)_n + s² · B_n (A Aᵀ) B_nᵀ)                   (W + s·BA never made)
+    ν  = ‖W + s · B A‖ per row                                            (N)      no gradient, in fp32
     γ  = m / ν                                                            (N)
     y  = x Wᵀ + b + (γ - 1) ⊙ drop(x) Wᵀ + γ ⊙ s · drop(x) Aᵀ Bᵀ                   PEFT's form
        = γ ⊙ z + (x - drop(x)) Wᵀ + b,   z = drop(x) Wᵀ + s · drop(x) Aᵀ Bᵀ          (M, N)
@@ -55,8 +54,8 @@ taken over K and detached (DoRA §4.3, as PEFT)::
 fused op above on drop(x), without bias or dropout of its own; with p = 0,
 ``y = γ ⊙ z + b``.) Backward: ``dz = γ ⊙ dy`` (then the fused backward
 above), ``dm = Σ_m dy ⊙ z / ν``; the second GEMM's dx through
-``x - drop(x)``. For the norm, ``W Aᵀ`` (N, r) and ``A Aᵀ`` (r, r) are
-skinny products in fp32.
+``x - drop(x)``. ``W + s·BA`` is made in fp32 for the norm, a block of
+rows at a time (:func:`dora_norm`).
 
 How it runs (Triton backend)
 ============================
@@ -700,9 +699,9 @@ def dora_linear(
     detached (math in :mod:`fused_lora.ops`).
 
     The base GEMM and the low-rank term run as :func:`lora_linear` (fused,
-    forward and backward); the norm comes from ``W Aᵀ`` and ``A Aᵀ`` (the
-    adapted weight is never made, as PEFT makes it each step); ``γ`` is one
-    elementwise pass over the output. Not fused yet: that pass (the column
+    forward and backward); the norm from ``W + s·B A`` made in fp32 a
+    block of rows at a time (:func:`dora_norm`); ``γ`` is one elementwise
+    pass over the output. Not fused yet: that pass (the column
     scale belongs in the GEMM's epilogue) and, with dropout, the mask, drawn
     once in PyTorch, and the correction, a second base GEMM on ``x - drop(x)``
     (the mask and drop(x) are kept for the backward, as PEFT keeps them).
@@ -743,22 +742,32 @@ def dora_linear(
     return (z * gamma).add_(torch.nn.functional.linear(x - dropped, weight, bias))
 
 
-def dora_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
-    """``ν = ‖W + s·B A‖`` per output feature (fp32 (N,), no gradient), from
-    ``‖W_n‖²``, ``W Aᵀ`` and ``A Aᵀ`` (math above): one read of W for the
-    norms and one for the skinny product, never W's size in memory beyond
-    W. (Under autocast too: its fp16/bf16 casts would round the fp32
-    products.)"""
+#: Elements of ``W + s·B A`` made at once by :func:`dora_norm` (fp32: 64 MiB).
+DORA_NORM_CHUNK = 2**24
+
+
+def dora_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+              chunk: int = DORA_NORM_CHUNK) -> Tensor:
+    """``ν = ‖W + s·B A‖`` per output feature (fp32 (N,), no gradient):
+    ``W + s·B A`` made in fp32 a block of rows at a time (at most ``chunk``
+    elements; PEFT makes it whole, in x's dtype, each step), each row's norm
+    taken. (Not from ``‖W_n‖² + 2s·B_n·(W Aᵀ)_n + s²·B_n (A Aᵀ) B_nᵀ``,
+    which reads W less but loses ν where W and s·B A nearly cancel: the
+    error of those terms, relative to ν², grows as (‖W‖/ν)².) Under
+    autocast too, whose fp16/bf16 casts would round it."""
     device_type = weight.device.type
     autocast = torch.autocast(device_type, enabled=False) if _autocast_enabled(device_type) \
         else contextlib.nullcontext()
+    n, k = weight.shape
+    rows = max(1, chunk // max(k, 1))
     with torch.no_grad(), autocast:
-        a32, b32 = lora_A.to(torch.float32), lora_B.to(torch.float32)
-        w_a = (weight @ lora_A.t()).to(torch.float32)  # (N, r), accumulated in fp32 by the GEMM
-        squares = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
-        cross = (b32 * w_a).sum(1)
-        low_rank = ((b32 @ (a32 @ a32.t())) * b32).sum(1)
-        return (squares + (2.0 * scaling) * cross + (scaling * scaling) * low_rank).clamp_min(0.0).sqrt()
+        a32 = lora_A.to(torch.float32)
+        norms = torch.empty(n, dtype=torch.float32, device=weight.device)
+        for start in range(0, n, rows):
+            adapted = weight[start:start + rows].to(torch.float32, copy=True)
+            adapted.addmm_(lora_B[start:start + rows].to(torch.float32), a32, alpha=scaling)
+            norms[start:start + rows] = torch.linalg.vector_norm(adapted, dim=1)
+        return norms
 
 
 def multi_lora_linear(

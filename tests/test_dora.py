@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 import fused_lora
 from fused_lora import ops, reference
 from fused_lora.testing import parity_case
-from lora_testing import DEVICE, TOLERANCE, assert_close, make_params, make_x
+from lora_testing import DEVICE, DTYPES, TOLERANCE, assert_close, make_params, make_x
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -55,13 +55,26 @@ def test_dora_linear_matches_the_float64_reference(lead, k, n, r, dtype, bias, p
     assert max(errors.values()) <= TOLERANCE[dtype], errors
 
 
-def test_the_norm_is_the_adapted_weights_without_making_it():
-    for dtype in (F32, BF16):
+@pytest.mark.parametrize("chunk", [ops.DORA_NORM_CHUNK, 123 * 7, 1])  # (one block; 7 rows a block; a row)
+def test_the_norm_is_the_adapted_weights_in_fp32_block_by_block(chunk):
+    for dtype in DTYPES:
         w, _, a, bb = make_params(123, 45, 17, dtype, False)
+        # rows 0-4: W and s·B·A nearly cancel (W's rows in A's row space, B = -those rows' coordinates / s, ν
+        # what is left: 1e-3 of ‖W‖ and the rounding to dtype), where ‖W‖² + 2s·B·(W Aᵀ) + s²·‖B A‖² would lose it
+        coords = torch.randn(5, 17, device=DEVICE, dtype=torch.float64)
+        w[:5] = (coords @ a.double() + 1e-3 * torch.randn(5, 123, device=DEVICE, dtype=torch.float64) / 123 ** 0.5
+                 ).to(dtype)
+        bb[:5] = (-coords / 0.7).to(dtype)
         expected = torch.linalg.vector_norm(w.double() + 0.7 * (bb.double() @ a.double()), dim=1)
-        norm = ops.dora_norm(w, a, bb, 0.7)
-        assert norm.dtype == F32 and not norm.requires_grad
-        assert_close(norm, expected, dtype, f"norm ({dtype})")
+        norm = ops.dora_norm(w, a, bb, 0.7, chunk=chunk)
+        assert norm.dtype == F32 and norm.shape == (45,) and not norm.requires_grad
+        assert (expected[:5] < 0.05 * torch.linalg.vector_norm(w[:5].double(), dim=1)).all()
+        # (fp32 arithmetic on the inputs as given, whatever their dtype: each row to fp32's precision)
+        assert_close(norm, expected, F32, f"norm ({dtype})")
+        assert_close(norm[:5], expected[:5], F32, f"the nearly cancelling rows' norm ({dtype})")
+    empty = ops.dora_norm(torch.ones(0, 45, device=DEVICE), torch.ones(3, 45, device=DEVICE),
+                          torch.ones(0, 3, device=DEVICE), 1.0)
+    assert empty.shape == (0,)
 
 
 def test_at_its_initial_magnitude_dora_is_lora():
