@@ -15,8 +15,9 @@ from torch.utils.checkpoint import checkpoint
 
 import fused_lora
 from fused_lora import ops, reference
+from fused_lora.kernels import gemm
 from fused_lora.testing import parity_case
-from lora_testing import DEVICE, DTYPES, TOLERANCE, assert_close, make_params, make_x
+from lora_testing import DEVICE, DTYPES, TOLERANCE, assert_close, count_launches, make_params, make_x
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -121,12 +122,16 @@ def test_without_gradients_the_output_is_the_same_bit_for_bit():
     assert torch.equal(with_grad.detach(), without)
 
 
-def test_the_torch_backend_is_the_reference():
+def test_the_torch_backend_is_the_reference_and_launches_no_kernel(monkeypatch):
     x = make_x((9, 40), F32)
     w, b, a, bb = make_params(40, 24, 8, F32, True)
     m = _magnitude(24, F32, requires_grad=False)
+    launches = count_launches(monkeypatch, gemm, "lora_gemm_kernel")
     y = fused_lora.dora_linear(x, w, a, bb, m, b, scaling=2.0, dropout_p=0.2, seed=3, backend="torch")
     assert torch.equal(y, reference.dora_linear(x, w, a, bb, m, b, scaling=2.0, dropout_p=0.2, seed=3))
+    assert not launches
+    fused_lora.dora_linear(x, w, a, bb, m, b, scaling=2.0, dropout_p=0.2, seed=3, backend="triton")
+    assert launches  # (the counter counts)
     x64 = x.double()
     y64 = fused_lora.dora_linear(x64, *(t.double() for t in (w, a, bb, m, b)), scaling=2.0)  # (float64: torch)
     assert_close(y64, reference.dora_linear(x64, *(t.double() for t in (w, a, bb, m, b)), scaling=2.0), torch.float64)
