@@ -117,6 +117,21 @@ def _check_against_torch(call_with_backend, y, kwargs, dtype, what):
         assert_close(y.detach(), expected.detach().double(), y.dtype, what)
 
 
+def _run_functional(call, kwargs, tensors, n: int, what: str, outcomes: dict) -> None:
+    """``call(kwargs["backend"])`` (:func:`_outcome`): where it returns, an
+    (..., n) tensor whose backward runs, and, on finite floating-point
+    ``tensors`` with an int or no seed, the torch backend's result
+    (:func:`_check_against_torch`)."""
+    y, error = _outcome(lambda: call(kwargs["backend"]), what, outcomes)
+    if error is not None:
+        return
+    assert isinstance(y, torch.Tensor) and y.shape[-1] == n, what
+    if y.requires_grad:
+        y.float().sum().backward()
+    if _finite_floats(*tensors) and isinstance(kwargs["seed"], (int, type(None))):
+        _check_against_torch(call, y, kwargs, y.dtype, what)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_lora_linear_returns_the_torch_backends_result_or_raises_a_typed_error(seed):
     rng = random.Random(seed)
@@ -124,15 +139,10 @@ def test_lora_linear_returns_the_torch_backends_result_or_raises_a_typed_error(s
     for i in range(CASES):
         args, kwargs, changes, _ = _functional_case(rng)
         what = f"case {i} (seed {seed}): {'; '.join(changes)}"
-        y, error = _outcome(lambda: fused_lora.lora_linear(**args, **kwargs), what, outcomes)
-        if error is not None:
-            continue
-        assert isinstance(y, torch.Tensor) and y.shape[-1] == args["weight"].shape[0], what
-        if y.requires_grad:
-            y.float().sum().backward()
-        if _finite_floats(*args.values()) and isinstance(kwargs["seed"], (int, type(None))):
-            _check_against_torch(lambda backend: fused_lora.lora_linear(**args, **{**kwargs, "backend": backend}),
-                                 y, kwargs, y.dtype, what)
+        w = args["weight"]
+        _run_functional(lambda backend: fused_lora.lora_linear(**args, **{**kwargs, "backend": backend}), kwargs,
+                        args.values(), w.shape[0] if isinstance(w, torch.Tensor) and w.dim() else -1, what,
+                        outcomes)
     assert outcomes["ran"] >= CASES // 20 and outcomes["refused"] >= CASES // 2, outcomes  # (both exercised)
 
 
@@ -165,14 +175,8 @@ def test_multi_lora_linear_returns_the_torch_backends_result_or_raises_a_typed_e
                                                 scaling=scaling, dropout_p=kwargs["dropout_p"], seed=kwargs["seed"],
                                                 backend=backend)
 
-        y, error = _outcome(lambda: call(kwargs["backend"]), what, outcomes)
-        if error is not None:
-            continue
-        if y.requires_grad:
-            y.float().sum().backward()
-        if _finite_floats(args["x"], args["weight"], args["bias"], *lora_a, *lora_b) and isinstance(
-                kwargs["seed"], (int, type(None))):
-            _check_against_torch(call, y, kwargs, y.dtype, what)
+        _run_functional(call, kwargs, (args["x"], args["weight"], args["bias"], *lora_a, *lora_b), n, what,
+                        outcomes)
     assert outcomes["ran"] >= CASES // 20 and outcomes["refused"] >= CASES // 2, outcomes
 
 
@@ -195,14 +199,7 @@ def test_dora_linear_returns_the_torch_backends_result_or_raises_a_typed_error(s
                                           args["magnitude"], args["bias"], scaling=kwargs["scaling"],
                                           dropout_p=kwargs["dropout_p"], seed=kwargs["seed"], backend=backend)
 
-        y, error = _outcome(lambda: call(kwargs["backend"]), what, outcomes)
-        if error is not None:
-            continue
-        assert isinstance(y, torch.Tensor) and y.shape[-1] == n, what
-        if y.requires_grad:
-            y.float().sum().backward()
-        if _finite_floats(*args.values()) and isinstance(kwargs["seed"], (int, type(None))):
-            _check_against_torch(call, y, kwargs, y.dtype, what)
+        _run_functional(call, kwargs, args.values(), n, what, outcomes)
     assert outcomes["ran"] >= CASES // 20 and outcomes["refused"] >= CASES // 2, outcomes
 
 
