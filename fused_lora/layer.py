@@ -14,7 +14,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._validate import check_backend, check_bool, check_int
 from .dropout import check_dropout_p
-from .ops import _autocast_enabled, _unreadable, lora_linear, multi_lora_linear
+from .ops import _autocast_enabled, _unreadable, dora_linear, dora_norm, lora_linear, multi_lora_linear
 
 
 def check_adapter_dtype(dtype, name: str = "adapter_dtype") -> torch.dtype | None:
@@ -149,11 +149,21 @@ class LoRALinear(nn.Module):
     (e.g. fp32 adapters on a bf16 model, PEFT's default): it is cast to the
     base's dtype for the fused kernel, and its gradients come back in its own.
     Under ``torch.autocast`` everything computes in the autocast dtype.
+
+    ``use_dora=True`` makes it DoRA (PEFT's ``use_dora=True``): a trained
+    magnitude per output feature, ``lora_magnitude_vector`` (out,), rescales
+    the adapted weight's rows, ``y = x Wᵀ + b + (γ - 1) ⊙ drop(x) Wᵀ + γ ⊙
+    s · drop(x) Aᵀ Bᵀ`` with ``γ = m / ‖W + s·B A‖`` (the norm detached;
+    :func:`fused_lora.dora_linear`, math in :mod:`fused_lora.ops`). ``m``
+    starts as PEFT starts it, the rows' norms ``‖W‖`` (B being 0, a fresh
+    adapter changes nothing); ``merge()`` folds ``γ ⊙ (W + s·B A)`` into
+    the weight, as PEFT's merge. Its state key, ``lora_magnitude_vector``, is
+    PEFT's file key.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                  bias: bool = True, use_rslora: bool = False, device=None, dtype=None, *, backend: str = "auto",
-                 fan_in_fan_out: bool = False):
+                 fan_in_fan_out: bool = False, use_dora: bool = False):
         super().__init__()
         self.in_features = check_int("in_features", in_features, 0)
         self.out_features = check_int("out_features", out_features, 0)
@@ -175,6 +185,10 @@ class LoRALinear(nn.Module):
             self.register_parameter("bias", None)
         self.lora_A = nn.Parameter(torch.empty(self.r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, self.r, **factory))
+        if check_bool("use_dora", use_dora):
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("lora_magnitude_vector", None)
         self.register_buffer("_unmerged_weight", None, persistent=False)
         self.reset_parameters()
 
@@ -188,16 +202,29 @@ class LoRALinear(nn.Module):
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
+        """A as kaiming-uniform(a=√5), B zeros; DoRA's magnitude the norms of
+        the rows of ``W + s·B A`` (of W: B is 0), made in fp32 (PEFT's, in
+        the weight's dtype, may differ in the last bit)."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        if self.use_dora:
+            with torch.no_grad():
+                self.lora_magnitude_vector.copy_(dora_norm(self.base_weight(), self.lora_A, self.lora_B,
+                                                           self.scaling))
+
+    @property
+    def use_dora(self) -> bool:
+        """Whether the layer is DoRA (it holds a ``lora_magnitude_vector``)."""
+        return self.lora_magnitude_vector is not None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                     use_rslora: bool = False, *, backend: str = "auto",
-                    adapter_dtype: torch.dtype | None = None) -> "LoRALinear":
+                    adapter_dtype: torch.dtype | None = None, use_dora: bool = False) -> "LoRALinear":
         """Wrap ``linear``: the new layer's ``weight`` and ``bias`` *are*
-        ``linear``'s parameters (no copy; frozen here), the adapter is fresh,
-        on the same device and in the same dtype (or ``adapter_dtype``)."""
+        ``linear``'s parameters (no copy; frozen here), the adapter is fresh
+        (DoRA's too, with ``use_dora``), on the same device and in the same
+        dtype (or ``adapter_dtype``)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         r = check_int("r", r, 1)
@@ -206,8 +233,10 @@ class LoRALinear(nn.Module):
         w = linear.weight
         a = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=adapter_dtype or w.dtype))
         b = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=adapter_dtype or w.dtype))
+        m = nn.Parameter(torch.empty(linear.out_features, device=w.device, dtype=adapter_dtype or w.dtype)) \
+            if check_bool("use_dora", use_dora) else None
         layer = cls.from_parameters(linear.weight, linear.bias, a, b, alpha=alpha, dropout=dropout,
-                                    use_rslora=use_rslora, backend=backend)
+                                    use_rslora=use_rslora, backend=backend, lora_magnitude_vector=m)
         layer.weight.requires_grad_(False)
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
@@ -217,10 +246,12 @@ class LoRALinear(nn.Module):
     @classmethod
     def from_parameters(cls, weight: nn.Parameter, bias: nn.Parameter | None, lora_A: nn.Parameter,
                         lora_B: nn.Parameter, *, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                        fan_in_fan_out: bool = False, backend: str = "auto") -> "LoRALinear":
+                        fan_in_fan_out: bool = False, backend: str = "auto",
+                        lora_magnitude_vector: nn.Parameter | None = None) -> "LoRALinear":
         """A layer whose parameters *are* the given ones (shared, not copied;
         ``requires_grad`` untouched). ``weight`` is (out, in), or (in, out)
-        with ``fan_in_fan_out``; ``lora_A`` (r, in); ``lora_B`` (out, r)."""
+        with ``fan_in_fan_out``; ``lora_A`` (r, in); ``lora_B`` (out, r);
+        ``lora_magnitude_vector`` (out,), given: a DoRA layer."""
         for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
             if not isinstance(t, nn.Parameter) or t.dim() != 2:
                 raise TypeError(f"{name} must be a 2-D nn.Parameter, got {type(t).__name__} "
@@ -235,10 +266,22 @@ class LoRALinear(nn.Module):
                              f"(fan_in_fan_out={fan_in_fan_out})")
         if bias is not None and tuple(bias.shape) != (out_f,):
             raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
+        m = lora_magnitude_vector
+        if m is not None:
+            if not isinstance(m, nn.Parameter):
+                raise TypeError(f"lora_magnitude_vector must be an nn.Parameter or None, got {type(m).__name__}")
+            if tuple(m.shape) != (out_f,):
+                raise ValueError(f"lora_magnitude_vector must have shape ({out_f},) to fit a {in_f} -> {out_f} "
+                                 f"weight of shape {tuple(weight.shape)}, got {tuple(m.shape)}")
+            if not m.dtype.is_floating_point:
+                raise TypeError(f"lora_magnitude_vector must be floating point, got {m.dtype}")
         with torch.device("meta"):
             layer = cls(in_f, out_f, r=r, alpha=alpha, dropout=dropout, bias=bias is not None,
-                        use_rslora=use_rslora, dtype=weight.dtype, backend=backend, fan_in_fan_out=fan_in_fan_out)
+                        use_rslora=use_rslora, dtype=weight.dtype, backend=backend, fan_in_fan_out=fan_in_fan_out,
+                        use_dora=m is not None)
         layer.weight, layer.bias, layer.lora_A, layer.lora_B = weight, bias, lora_A, lora_B
+        if m is not None:
+            layer.lora_magnitude_vector = m
         return layer
 
     # -- the forward ----------------------------------------------------------
@@ -269,7 +312,11 @@ class LoRALinear(nn.Module):
         base rows (``lora_linear``'s ``row_scale``); a merged layer's too, over
         the weight from before merge() (by row group where that weight is
         trainable and grad mode is on: the adapter's rows give the merged
-        weight its gradient, as its own forward does). Other ids raise a
+        weight its gradient, as its own forward does). A DoRA layer, whose
+        term is not one a row scale can switch off, runs its two row groups
+        apart (under torch.compile or a CUDA graph capture: both on the
+        whole batch, each row keeping its own; PEFT refuses DoRA with
+        ``adapter_names``). Other ids raise a
         ValueError (one host sync to check them, the first time a tensor of
         ids comes: a model's layers take the same one), except while torch.compile
         traces or a CUDA graph captures, where nothing can be checked without
@@ -310,9 +357,14 @@ class LoRALinear(nn.Module):
                 return self._forward(x, self.adapter_enabled)
         if not self.adapter_enabled:
             return self._forward(x, False)
-        if self.merged and torch.is_grad_enabled() and self.weight.requires_grad:
+        if self.use_dora and not checked:  # (no boolean indexing: a sync; every row both ways, each keeps its own)
+            keep = on.view(-1, *(1,) * (x.dim() - 1))
+            y = torch.where(keep, self._forward(x, True), self._forward(x, False))
+            return y.masked_fill(~keep & (ids != -1).view_as(keep), math.nan)
+        if self.use_dora or (self.merged and torch.is_grad_enabled() and self.weight.requires_grad):
             # (a trainable merged weight takes the gradient of the adapter's rows, as the merged forward
-            # gives it: the base rows need the weight from before merge(), so two GEMMs, by row group)
+            # gives it: the base rows need the weight from before merge(), so two GEMMs, by row group; DoRA's
+            # term has no row scale)
             y_on, y_off = self._forward(x[on], True), self._forward(x[~on], False)
             y = y_on.new_empty((x.shape[0], *y_on.shape[1:]))
             y[on], y[~on] = y_on, y_off.to(y.dtype)
@@ -339,16 +391,30 @@ class LoRALinear(nn.Module):
             lora_A, lora_B = lora_A.detach(), lora_B.detach()
         if lora_A.dtype != weight.dtype:  # e.g. fp32 adapter on a bf16 base: compute in the base's dtype
             lora_A, lora_B = lora_A.to(weight.dtype), lora_B.to(weight.dtype)
+        if self.use_dora:  # (never with a row scale: _forward_mixed runs DoRA's row groups apart)
+            return dora_linear(x, weight, lora_A, lora_B, self.lora_magnitude_vector.to(weight.dtype), self.bias,
+                               scaling=self.scaling, dropout_p=self.dropout if self.training else 0.0,
+                               backend=self.backend)
         return lora_linear(x, weight, lora_A, lora_B, self.bias, scaling=self.scaling,
                            dropout_p=self.dropout if self.training and not self.merged else 0.0,
                            row_scale=row_scale, backend=self.backend)
 
     # -- merging ----------------------------------------------------------------
     def _delta_fp32(self) -> torch.Tensor:
-        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+        """What ``merge()`` adds to the weight, (out, in), in fp32: ``s·B A``;
+        DoRA's ``γ ⊙ (W + s·B A) - W``, ``γ = m / ‖W + s·B A‖`` (PEFT's merge)."""
+        delta = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+        if not self.use_dora:
+            return delta
+        w = self.base_weight().detach().float()
+        gamma = self.lora_magnitude_vector.detach().float() / dora_norm(self.base_weight(), self.lora_A,
+                                                                        self.lora_B, self.scaling)
+        return (w + delta).mul_(gamma[:, None]).sub_(w)
 
     def delta_weight(self) -> torch.Tensor:
-        """``s · B · A`` (out, in), computed in fp32 and cast to the weight's dtype."""
+        """What ``merge()`` adds to the weight, (out, in), computed in fp32 and
+        cast to the weight's dtype: ``s · B · A``; with DoRA, ``γ ⊙ (W + s·B
+        A) - W``."""
         return self._delta_fp32().to(self.weight.dtype)
 
     @torch.no_grad()
@@ -394,6 +460,7 @@ class LoRALinear(nn.Module):
                 f"alpha={self.alpha:g}, scaling={self.scaling:.4g}, dropout={self.dropout:g}, "
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}, merged={self.merged}"
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
+                + (", use_dora=True" if self.use_dora else "")
                 + ("" if self.adapter_enabled else ", adapter_enabled=False"))
 
 

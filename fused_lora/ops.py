@@ -748,8 +748,8 @@ DORA_NORM_CHUNK = 2**24
 
 def dora_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
               chunk: int = DORA_NORM_CHUNK) -> Tensor:
-    """``ν = ‖W + s·B A‖`` per output feature (fp32 (N,), no gradient):
-    ``W + s·B A`` made in fp32 a block of rows at a time (at most ``chunk``
+    """``ν = ‖W + s·B A‖`` per output feature (fp32 (N,), fp64 for an fp64
+    weight; no gradient): ``W + s·B A`` made so a block of rows at a time (at most ``chunk``
     elements; PEFT makes it whole, in x's dtype, each step), each row's norm
     taken. (Not from ``‖W_n‖² + 2s·B_n·(W Aᵀ)_n + s²·B_n (A Aᵀ) B_nᵀ``,
     which reads W less but loses ν where W and s·B A nearly cancel: the
@@ -761,11 +761,12 @@ def dora_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
     n, k = weight.shape
     rows = max(1, chunk // max(k, 1))
     with torch.no_grad(), autocast:
-        a32 = lora_A.to(torch.float32)
-        norms = torch.empty(n, dtype=torch.float32, device=weight.device)
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        a32 = lora_A.to(acc)
+        norms = torch.empty(n, dtype=acc, device=weight.device)
         for start in range(0, n, rows):
-            adapted = weight[start:start + rows].to(torch.float32, copy=True)
-            adapted.addmm_(lora_B[start:start + rows].to(torch.float32), a32, alpha=scaling)
+            adapted = weight[start:start + rows].to(acc, copy=True)
+            adapted.addmm_(lora_B[start:start + rows].to(acc), a32, alpha=scaling)
             norms[start:start + rows] = torch.linalg.vector_norm(adapted, dim=1)
         return norms
 
