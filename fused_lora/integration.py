@@ -71,7 +71,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._validate import check_int, version_tuple
+from ._validate import check_bool, check_int, version_tuple
 from .layer import (LoRALinear, MultiLoRALinear, check_adapter_dtype, lora_scaling, note_checked_adapter_ids,
                     unfusable_base)
 
@@ -83,6 +83,8 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<which>[AB])\.weight$")
+#: DoRA's magnitude in PEFT's files (``<path>.lora_magnitude_vector``; ``.weight`` after it also read).
+_MAGNITUDE_KEY = re.compile(r"^(?P<path>.+)\.lora_magnitude_vector(\.weight)?$")
 
 
 # ----------------------------------------------------------------------------
@@ -611,11 +613,12 @@ def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
     target.copy_(value)
 
 
-def _fused_layer_for(module: nn.Module, r, alpha, dropout, use_rslora, adapter_dtype, backend) -> LoRALinear:
+def _fused_layer_for(module: nn.Module, r, alpha, dropout, use_rslora, adapter_dtype, backend,
+                     use_dora: bool = False) -> LoRALinear:
     """A fused layer sharing ``module``'s weight and bias, in its train/eval mode."""
     if isinstance(module, nn.Linear):
         layer = LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                                       backend=backend, adapter_dtype=adapter_dtype)
+                                       backend=backend, adapter_dtype=adapter_dtype, use_dora=use_dora)
         return layer.train(module.training)
     # transformers' Conv1D: weight (in, out), y = x @ W + b
     w = module.weight
@@ -623,8 +626,10 @@ def _fused_layer_for(module: nn.Module, r, alpha, dropout, use_rslora, adapter_d
     dt = adapter_dtype or w.dtype
     a = nn.Parameter(torch.empty(r, in_f, device=w.device, dtype=dt))
     b = nn.Parameter(torch.empty(out_f, r, device=w.device, dtype=dt))
+    m = nn.Parameter(torch.empty(out_f, device=w.device, dtype=dt)) if use_dora else None
     layer = LoRALinear.from_parameters(module.weight, module.bias, a, b, alpha=alpha, dropout=dropout,
-                                       use_rslora=use_rslora, fan_in_fan_out=True, backend=backend)
+                                       use_rslora=use_rslora, fan_in_fan_out=True, backend=backend,
+                                       lora_magnitude_vector=m)
     layer.weight.requires_grad_(False)
     if layer.bias is not None:
         layer.bias.requires_grad_(False)
@@ -634,7 +639,7 @@ def _fused_layer_for(module: nn.Module, r, alpha, dropout, use_rslora, adapter_d
 
 def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropout: float = 0.0,
            use_rslora: bool = False, exclude_modules=None, *, adapter_dtype: torch.dtype | None = None,
-           backend: str = "auto") -> list[str]:
+           backend: str = "auto", use_dora: bool = False) -> list[str]:
     """Replace the matching linear layers of ``model`` with :class:`LoRALinear`
     in place, sharing their weights. A model without fused layers is frozen
     first, but for the new adapters; on a model fused already (a second call,
@@ -649,6 +654,7 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
             them).
         exclude_modules: the same forms; matching layers are left alone.
         adapter_dtype: dtype of the new adapter parameters (default: the base's).
+        use_dora: DoRA layers (PEFT's ``use_dora=True``; :class:`LoRALinear`).
 
     Both forms match names without the attributes of torch.compile's, DDP's
     and torch's checkpoint wrappers (``_orig_mod``, ``module``,
@@ -679,6 +685,7 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
     _check_model(model)
     r = check_int("r", r, 1)
     adapter_dtype = check_adapter_dtype(adapter_dtype)
+    use_dora = check_bool("use_dora", use_dora)
     multi = multi_fused_layers(model)
     if multi:
         raise ValueError(f"inject: the model's fused layers hold several adapters each ({', '.join(list(multi)[:3])}"
@@ -690,7 +697,8 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
     for name in chosen:
         module = model.get_submodule(name)
         if id(module) not in fused_by_id:  # a module reachable under two names gets one adapter
-            fused_by_id[id(module)] = _fused_layer_for(module, r, alpha, dropout, use_rslora, adapter_dtype, backend)
+            fused_by_id[id(module)] = _fused_layer_for(module, r, alpha, dropout, use_rslora, adapter_dtype, backend,
+                                                       use_dora)
         _replace_module(model, name, fused_by_id[id(module)])
     guard_fast_paths(model)
     return chosen
@@ -1014,8 +1022,12 @@ def _why_unsupported(module, PeftLinear) -> str | None:
         return "adapters are disabled"
     if module.merged:
         return f"adapter merged into the base ({module.merged_adapters}): unmerge first"
-    if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name):
-        return "a LoRA variant (DoRA or another) is not fused yet"
+    dora = bool(getattr(module, "use_dora", {}).get(name))
+    variant = getattr(module, "lora_variant", {}).get(name)
+    if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
+        return f"the LoRA variant {type(variant).__name__} is not fused (DoRA is)"
+    if dora and _peft_magnitude(module, name) is None:
+        return "DoRA without its lora_magnitude_vector of one value an output feature"
     if getattr(module, "lora_bias", {}).get(name) or module.lora_B[name].bias is not None:
         return "lora_bias (a bias on lora_B) is not fused"
     drop = module.lora_dropout[name]
@@ -1030,6 +1042,15 @@ def _why_unsupported(module, PeftLinear) -> str | None:
             module.lora_A[name].weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"adapter dtype {module.lora_A[name].weight.dtype} is not supported"
     return None
+
+
+def _peft_magnitude(module, adapter: str) -> nn.Parameter | None:
+    """DoRA's magnitude in PEFT's LoRA layer ``module`` (its
+    ``lora_magnitude_vector[adapter].weight``, (out,)); None where it has none."""
+    holder = getattr(module, "lora_magnitude_vector", {})
+    m = getattr(holder[adapter], "weight", None) if adapter in holder else None
+    out_features = module.get_base_layer().weight.shape[1 if module.fan_in_fan_out else 0]
+    return m if isinstance(m, nn.Parameter) and tuple(m.shape) == (out_features,) else None
 
 
 def _why_not_movable(model: nn.Module, name: str, module) -> str | None:
@@ -1051,9 +1072,10 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     """Convert the LoRA ``Linear`` layers of a PEFT model into fused layers, in
     place. The fused layers share PEFT's tensors (base weight and bias,
     ``lora_A``/``lora_B`` weights), so optimizers and state keep working.
-    Base bias, dropout, rsLoRA, ``fan_in_fan_out`` and per-layer rank/alpha
-    (``rank_pattern``/``alpha_pattern``) convert; anything that cannot be
-    reproduced exactly (DoRA and other variants, several adapters, lora_bias,
+    Base bias, dropout, rsLoRA, ``fan_in_fan_out``, per-layer rank/alpha
+    (``rank_pattern``/``alpha_pattern``) and DoRA (``use_dora=True``: the
+    fused layer shares the ``lora_magnitude_vector`` too) convert; anything
+    that cannot be reproduced exactly (other variants, several adapters, lora_bias,
     merged or disabled adapters, quantized or non-linear bases) is left as it
     was and listed in the report. On a ``peft.PeftModel``, the methods that
     visit PEFT's layers only (``save_pretrained``, ``disable_adapter``,
@@ -1127,7 +1149,9 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
             base.weight, base.bias, module.lora_A[adapter].weight, module.lora_B[adapter].weight,
             alpha=module.lora_alpha[adapter], dropout=drop.p if isinstance(drop, nn.Dropout) else 0.0,
             use_rslora=bool(getattr(module, "use_rslora", {}).get(adapter, False)),
-            fan_in_fan_out=bool(module.fan_in_fan_out), backend=backend)
+            fan_in_fan_out=bool(module.fan_in_fan_out), backend=backend,
+            lora_magnitude_vector=_peft_magnitude(module, adapter) if getattr(module, "use_dora", {}).get(adapter)
+            else None)
         layer.train(module.training)
         base_name = next(n for n, m in module.named_modules() if m is base)
         layer.register_load_state_dict_pre_hook(functools.partial(_peft_names_in, adapter, base_name))
@@ -1265,7 +1289,7 @@ def _peft_load_adapter(peft_model: nn.Module, model_id, adapter_name: str = "def
     with _peft_layers_back(peft_model) as swapped:
         result = type(peft_model).load_adapter(peft_model, model_id, adapter_name, *args, **kwargs)
         for name, layer in swapped:  # (where PEFT put new tensors in, the fused layers' own take their values)
-            for which in ("lora_A", "lora_B"):
+            for which in ("lora_A", "lora_B", "lora_magnitude_vector")[:3 if layer.use_dora else 2]:
                 holder = getattr(converted[name], which)[adapter_name]
                 if holder.weight is not getattr(layer, which):
                     with torch.no_grad():
@@ -1470,9 +1494,11 @@ def _share_back(layer: LoRALinear, original: nn.Module) -> None:
     written them)."""
     (adapter,) = original.lora_A.keys()
     base = original.get_base_layer()
-    for owner, attr, tensor in ((base, "weight", layer.weight), (base, "bias", layer.bias),
-                                (original.lora_A[adapter], "weight", layer.lora_A),
-                                (original.lora_B[adapter], "weight", layer.lora_B)):
+    pairs = [(base, "weight", layer.weight), (base, "bias", layer.bias),
+             (original.lora_A[adapter], "weight", layer.lora_A), (original.lora_B[adapter], "weight", layer.lora_B)]
+    if layer.use_dora:
+        pairs.append((original.lora_magnitude_vector[adapter], "weight", layer.lora_magnitude_vector))
+    for owner, attr, tensor in pairs:
         if getattr(owner, attr) is not tensor:
             setattr(owner, attr, tensor)
 
@@ -1485,6 +1511,8 @@ def _peft_names_in(adapter: str, base: str, module: nn.Module, state_dict: dict,
     PEFT 0.21 hands on so), read as the fused layer's own."""
     for peft_name, name in ((f"lora_A.{adapter}.weight", "lora_A"), ("lora_A.weight", "lora_A"),
                             (f"lora_B.{adapter}.weight", "lora_B"), ("lora_B.weight", "lora_B"),
+                            (f"lora_magnitude_vector.{adapter}.weight", "lora_magnitude_vector"),
+                            ("lora_magnitude_vector.weight", "lora_magnitude_vector"),
                             (f"{base}.weight", "weight"), (f"{base}.bias", "bias")):
         if prefix + peft_name in state_dict and prefix + name not in state_dict:
             state_dict[prefix + name] = state_dict.pop(prefix + peft_name)
@@ -1525,6 +1553,7 @@ def _peft_state_dict_names(peft_model: nn.Module, state_dict: dict) -> dict:
         base = next(n for n, m in original.named_modules() if m is original.get_base_layer())
         renamed.update({f"{name}.lora_A": f"{name}.lora_A.{adapter}.weight",
                         f"{name}.lora_B": f"{name}.lora_B.{adapter}.weight",
+                        f"{name}.lora_magnitude_vector": f"{name}.lora_magnitude_vector.{adapter}.weight",
                         f"{name}.weight": f"{name}.{base}.weight", f"{name}.bias": f"{name}.{base}.bias"})
     return {renamed.get(k, k): v for k, v in state_dict.items()}
 
@@ -1648,6 +1677,8 @@ def to_peft(model: nn.Module, *, adapter_name: str | None = None, adapter_names=
                 one = adapters[name]
                 peft_layer.lora_A[adapter].weight = one.lora_A
                 peft_layer.lora_B[adapter].weight = one.lora_B
+                if getattr(one, "use_dora", False):
+                    peft_layer.lora_magnitude_vector[adapter].weight = one.lora_magnitude_vector
                 if one.dropout > 0:
                     peft_layer.lora_dropout[adapter] = nn.Dropout(one.dropout)
     _keep_modes(peft_model, modes)
@@ -1922,7 +1953,8 @@ def _beside_adapters(model: nn.Module, layers: dict[str, LoRALinear]) \
     fused layer's base weight, or the root model's own; and where PEFT's own
     LoRA layers are left (:func:`from_peft`'s report), which this package
     does not write."""
-    adapters = {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
+    adapters = {id(p) for layer in layers.values()
+                for p in (layer.lora_A, layer.lora_B, getattr(layer, "lora_magnitude_vector", None))}
     # (inject_multi's other adapters: not this file's, nor trained beside it)
     adapters |= {id(p) for m in model.modules() if isinstance(m, MultiLoRALinear) for p in (*m.lora_A, *m.lora_B)}
     peft_layers = [n for n, m in model.named_modules()
@@ -2004,7 +2036,7 @@ def _lora_config_dict(layers: dict[str, LoRALinear], modules_to_save=None, bias:
         "init_lora_weights": uniform(_RESIDUAL_INIT, "init_lora_weights", True),
         "inference_mode": False,
         "modules_to_save": sorted(_strip(n) for n in modules_to_save) if modules_to_save else None,
-        "use_dora": False,
+        "use_dora": uniform("use_dora", "use_dora", False),
     }
 
 
@@ -2048,8 +2080,9 @@ def _adapters_to_write(model: nn.Module, adapter, what: str) -> dict:
 
 def save_adapter(model: nn.Module, directory, *, adapter: int | None = None) -> Path:
     """Write the model's fused adapters in PEFT's format: ``adapter_model.safetensors``
-    (keys ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight``) and
-    ``adapter_config.json``. Trained modules beside the adapters go in too, as
+    (keys ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight``, and
+    DoRA's ``.lora_magnitude_vector``) and ``adapter_config.json``
+    (``use_dora``, which the layers must agree on). Trained modules beside the adapters go in too, as
     PEFT's ``modules_to_save`` (keys ``base_model.model.<path>.<state key>``):
     those PEFT made trainable in a model converted by :func:`from_peft` (a
     classification head), and any module with a trainable parameter outside
@@ -2105,11 +2138,13 @@ def _adapter_tensors(model: nn.Module, layers: dict[str, LoRALinear]) -> tuple[d
         path = _strip(name)
         wanted += [(f"{PEFT_PREFIX}{path}.lora_A.weight", layer.lora_A), (f"{PEFT_PREFIX}{path}.lora_B.weight",
                                                                           layer.lora_B)]
+        if getattr(layer, "use_dora", False):  # (PEFT's key: no ".weight")
+            wanted.append((f"{PEFT_PREFIX}{path}.lora_magnitude_vector", layer.lora_magnitude_vector))
     for name, module in extra.items():
         wanted += [(f"{PEFT_PREFIX}{_strip(name)}.{k}", v) for k, v in module.state_dict(keep_vars=True).items()]
     wanted += [(PEFT_PREFIX + key, value) for key, value in biases.items()]
-    on_meta = [f"{n}.{w}" for n, layer in layers.items() for w in ("lora_A", "lora_B")
-               if getattr(layer, w).device.type == "meta"]
+    on_meta = [f"{n}.{w}" for n, layer in layers.items() for w in ("lora_A", "lora_B", "lora_magnitude_vector")
+               if getattr(layer, w, None) is not None and getattr(layer, w).device.type == "meta"]
     on_meta += [f"{n}.{k}" for n, m in extra.items() for k, v in m.state_dict().items() if v.device.type == "meta"]
     on_meta += [k for k, b in biases.items() if b.device.type == "meta"]
     if on_meta:
@@ -2186,13 +2221,14 @@ def _check_peft_original(model: nn.Module, name: str, r, alpha, config: dict, di
         return
     (adapter,) = original.lora_A.keys()
     drop = original.lora_dropout[adapter]
-    theirs = (original.scaling[adapter], drop.p if isinstance(drop, nn.Dropout) else 0.0)
+    theirs = (original.scaling[adapter], drop.p if isinstance(drop, nn.Dropout) else 0.0,
+              bool(getattr(original, "use_dora", {}).get(adapter)))
     ours = (lora_scaling(r, alpha, bool(config.get("use_rslora", False))),
-            float(config.get("lora_dropout", 0.0) or 0.0))
+            float(config.get("lora_dropout", 0.0) or 0.0), bool(config.get("use_dora", False)))
     if theirs != ours:
-        raise AdapterFileError(f"{directory}: {name} was converted from PEFT (from_peft) with scaling and dropout "
-                               f"{theirs}, the file has {ours}: PEFT's layer, which to_peft and save_pretrained "
-                               "give back, would keep the old ones. Load it with PEFT (to_peft, then PEFT's "
+        raise AdapterFileError(f"{directory}: {name} was converted from PEFT (from_peft) with scaling, dropout and "
+                               f"use_dora {theirs}, the file has {ours}: PEFT's layer, which to_peft and "
+                               "save_pretrained give back, would keep the old ones. Load it with PEFT (to_peft, then PEFT's "
                                "load_adapter), or into the model before from_peft")
 
 
@@ -2219,7 +2255,8 @@ class AdapterFileError(ValueError):
 # invocation tokens; MiCA freezes lora_B; DoRA, VeLoRA, BD-LoRA, KaSA,
 # MonteCLoRA, Arrow, QALoRA, lora_bias), or layers the base model does not
 # have (layer_replication). Where PEFT is installed its LoraConfig's field
-# metadata adds those of newer versions.
+# metadata adds those of newer versions. DoRA alone is fused
+# (:func:`_read_adapter` lets ``use_dora`` through).
 _VARIANT_FIELDS = ("use_dora", "lora_bias", "use_qalora", "alora_invocation_tokens", "velora_config",
                    "monteclora_config", "use_bdlora", "arrow_config", "kasa_config", "layer_replication")
 _VARIANT_INITS = ("mica",)
@@ -2256,6 +2293,8 @@ def _read_adapter(directory: Path) -> tuple[dict, dict]:
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterFileError(f"{cfg_path}: peft_type {config.get('peft_type')!r} is not LORA")
     variants = _lora_variants(config)
+    if variants.pop("use_dora", None) is not None and config["use_dora"] is not True:
+        raise AdapterFileError(f"{cfg_path}: use_dora must be true or false, got {config['use_dora']!r}")
     if variants:
         raise AdapterFileError(f"{cfg_path}: " + ", ".join(f"{k}={v!r}" for k, v in variants.items())
                                + ": a LoRA variant, whose forward or training differs from plain LoRA's, is not "
@@ -2321,7 +2360,7 @@ def load_adapter(model: nn.Module, directory, *, adapter: int | None = None, bac
     of PEFT's ``bias="lora_only"`` (the LoRA layers') and ``"all"`` (every
     bias of the model trains). Everything is
     checked before anything changes: a missing, corrupt, truncated or
-    mismatched file, one of PEFT's LoRA variants (aLoRA, DoRA, MiCA...:
+    mismatched file, one of PEFT's LoRA variants but DoRA (aLoRA, MiCA...:
     ``_VARIANT_FIELDS``), or an adapter whose init took its start out of the
     base weights (PiSSA, OLoRA...: :func:`_residual_base_init`; PEFT makes
     that residual base again when it loads one, then :func:`from_peft`
@@ -2329,6 +2368,11 @@ def load_adapter(model: nn.Module, directory, *, adapter: int | None = None, bac
     and leaves the model as it was; so does a quantized layer to fuse. A plain
     linear is not fused into a model that is PEFT's (``ValueError``, as from
     :func:`inject`).
+
+    A DoRA adapter (``use_dora``, a ``lora_magnitude_vector`` for each
+    layer) makes DoRA layers (:class:`LoRALinear`'s ``use_dora``); a fused
+    layer of the other kind than the file's is refused (inject or load into
+    a plain model instead), as are :func:`inject_multi`'s layers.
 
     Warns (``UserWarning``, as PEFT warns of missing keys) when fused layers
     of the model get no adapter from the file: they keep theirs; and, as
@@ -2407,6 +2451,9 @@ def load_adapters(model: nn.Module, directories, *, backend: str = "auto") -> li
     dirs = [Path(d) for d in directories]
     files = [_read_adapter(d) for d in dirs]
     for d, (config, _) in zip(dirs, files):
+        if config.get("use_dora"):
+            raise AdapterFileError(f"{d}: a DoRA adapter (use_dora) is not fused into layers of several adapters: "
+                                   "load it alone (fused_lora.load_adapter)")
         if config.get("modules_to_save") or config.get("bias", "none") != "none":
             raise AdapterFileError(f"{d}: modules_to_save={config.get('modules_to_save')!r}, "
                                    f"bias={config.get('bias', 'none')!r}: modules kept whole and trained biases are "
@@ -2482,10 +2529,11 @@ def _load_into(model: nn.Module, directory: Path, config: dict, tensors: dict, b
     bias_mode = config.get("bias", "none")  # (PEFT's trained biases: of its LoRA layers, or all the model's)
     lora_biases: dict[str, torch.Tensor] = {}  # LoRA layer path -> its bias
     other_biases: dict[str, torch.Tensor] = {}  # the model's name of another module -> its bias
+    use_dora = bool(config.get("use_dora", False))
     for key, value in tensors.items():
-        m = _KEY.match(key)
+        m = _KEY.match(key) or _MAGNITUDE_KEY.match(key)
         if m is not None:
-            by_path[_strip(m["path"])][m["which"]] = value
+            by_path[_strip(m["path"])][m.groupdict().get("which", "m")] = value
             continue
         if bias_mode != "none" and key.endswith(".base_layer.bias"):
             lora_biases[_strip(key)[:-len(".base_layer.bias")]] = value
@@ -2502,16 +2550,20 @@ def _load_into(model: nn.Module, directory: Path, config: dict, tensors: dict, b
             continue
         if found is None:
             raise AdapterFileError(f"{directory}: unexpected tensor {key!r} (only lora_A/lora_B weights and the "
-                                   "modules named in modules_to_save are supported: no embedding adapters or DoRA "
-                                   "magnitudes)")
+                                   "modules named in modules_to_save are supported: no embedding adapters)")
         path, module, state_key = found
         _check_replacement(directory, key, value, module.state_dict()[state_key])
         saved.setdefault(path, (module, {}))[1][state_key] = value
     plan = []
     for path, pair in sorted(by_path.items()):
-        if set(pair) != {"A", "B"}:
-            raise AdapterFileError(f"{directory}: {path} has lora_{''.join(sorted(pair))} but not both (truncated?)")
-        a, b = pair["A"], pair["B"]
+        if not {"A", "B"} <= set(pair):
+            raise AdapterFileError(f"{directory}: {path} has lora_{''.join(sorted(set(pair) - {'m'}))} but not both "
+                                   "(truncated?)")
+        if ("m" in pair) != use_dora:
+            raise AdapterFileError(f"{directory}: {path}: " + ("use_dora is true in the config but the layer has no "
+                                   "lora_magnitude_vector (truncated?)" if use_dora else "a lora_magnitude_vector "
+                                   "(DoRA's) where the config's use_dora is false"))
+        a, b, magnitude = pair["A"], pair["B"], pair.get("m")
         name = names.get(prefix + path)
         if name is None:
             raise AdapterFileError(f"{directory}: the model has no module {prefix + path!r}")
@@ -2527,12 +2579,20 @@ def _load_into(model: nn.Module, directory: Path, config: dict, tensors: dict, b
                                    f"do not have rank r={r} from the config")
         if isinstance(module, MultiLoRALinear):
             in_f, out_f, cur_r = module.in_features, module.out_features, module.ranks[adapter]
+            if use_dora:
+                raise AdapterFileError(f"{directory}: {path}: a DoRA adapter (use_dora) is not fused into a layer of "
+                                       "several adapters (inject_multi's, load_adapters'): load it alone")
             if bool(config.get("use_rslora", False)) != module.use_rslora:
                 raise AdapterFileError(f"{directory}: {path}: use_rslora={bool(config.get('use_rslora', False))} in "
                                        f"the file, {module.use_rslora} in the model's layer, whose adapters share it")
         elif isinstance(module, LoRALinear):
             in_f, out_f, cur_r = module.in_features, module.out_features, module.r
             _check_peft_original(model, name, r, alpha, config, directory)
+            if module.use_dora != use_dora:
+                kind = "DoRA" if module.use_dora else "not DoRA"
+                raise AdapterFileError(f"{directory}: {path}: the model's fused layer is {kind}, the adapter's "
+                                       f"use_dora is {use_dora}: load it into the plain model, or inject layers of "
+                                       "its kind first")
         elif _is_linear_like(module) and adapter is not None:
             raise AdapterFileError(f"{directory}: {path} is a plain linear layer: adapter={adapter} loads into "
                                    "inject_multi's layers (inject_multi it too first, with the others' ranks)")
@@ -2565,13 +2625,18 @@ def _load_into(model: nn.Module, directory: Path, config: dict, tensors: dict, b
                                    "weights must be floating point, of one dtype")
         if not all(torch.isfinite(t).all() for t in (a, b)):
             raise AdapterFileError(f"{directory}: {path}: the adapter weights contain NaN or Inf")
+        if magnitude is not None and (tuple(magnitude.shape) != (out_f,) or not magnitude.is_floating_point()
+                                      or not torch.isfinite(magnitude).all()):
+            raise AdapterFileError(f"{directory}: {path}: lora_magnitude_vector {magnitude.dtype} "
+                                   f"{tuple(magnitude.shape)} is not a finite floating-point vector of the layer's "
+                                   f"{out_f} output features")
         bias = lora_biases.pop(path, None)
         if bias is not None:
             if module.bias is None:
                 raise AdapterFileError(f"{directory}: {path}: the file has a trained bias for the layer "
                                        f"(bias={bias_mode!r}), the model's layer has none")
             _check_replacement(directory, f"{path}.base_layer.bias", bias, module.bias)
-        plan.append((name, module, a, b, r, alpha, bias))
+        plan.append((name, module, a, b, r, alpha, bias, magnitude))
     if lora_biases:
         raise AdapterFileError(f"{directory}: biases for layers without lora_A/lora_B weights: {sorted(lora_biases)}")
 
@@ -2583,7 +2648,7 @@ def _load_into(model: nn.Module, directory: Path, config: dict, tensors: dict, b
     loaded = []
     with torch.no_grad():
         _freeze_a_plain_model(model)  # (a plain model becomes a LoRA model, as inject leaves it)
-        for name, module, a, b, r, alpha, bias in plan:
+        for name, module, a, b, r, alpha, bias, magnitude in plan:
             if isinstance(module, MultiLoRALinear):
                 module.alphas = (*module.alphas[:adapter], float(alpha), *module.alphas[adapter + 1:])
                 for target, value in ((module.lora_A[adapter], a), (module.lora_B[adapter], b)):
@@ -2597,7 +2662,7 @@ def _load_into(model: nn.Module, directory: Path, config: dict, tensors: dict, b
                 continue
             if not isinstance(module, LoRALinear):
                 # (in the file's dtype: fp32 adapters on a bf16 base, PEFT's default, load as they were saved)
-                module = _fused_layer_for(module, r, alpha, dropout, use_rslora, a.dtype, backend)
+                module = _fused_layer_for(module, r, alpha, dropout, use_rslora, a.dtype, backend, use_dora)
                 _replace_module(model, name, module)
             module.alpha, module.use_rslora, module.dropout = float(alpha), use_rslora, dropout
             merged = module.merged
@@ -2605,6 +2670,9 @@ def _load_into(model: nn.Module, directory: Path, config: dict, tensors: dict, b
                 module.unmerge()
             _copy_into(module.lora_A, a)
             _copy_into(module.lora_B, b)
+            if magnitude is not None:
+                _copy_into(module.lora_magnitude_vector, magnitude)
+                module.lora_magnitude_vector.requires_grad_(True)
             if merged:
                 module.merge()
             module.lora_A.requires_grad_(True)

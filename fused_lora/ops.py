@@ -695,7 +695,8 @@ def dora_linear(
     backend: str = "auto",
 ) -> Tensor:
     """DoRA (weight-decomposed LoRA, PEFT's ``use_dora=True``):
-    ``y = x Wᵀ + b + (γ - 1) ⊙ drop(x) Wᵀ + γ ⊙ s·drop(x) Aᵀ Bᵀ`` with ``γ = magnitude / ‖W + s·B A‖``, the norm per output feature and
+    ``y = x Wᵀ + b + (γ - 1) ⊙ drop(x) Wᵀ + γ ⊙ s·drop(x) Aᵀ Bᵀ`` with
+    ``γ = magnitude / ‖W + s·B A‖``, the norm per output feature and
     detached (math in :mod:`fused_lora.ops`).
 
     The base GEMM and the low-rank term run as :func:`lora_linear` (fused,

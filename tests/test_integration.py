@@ -470,15 +470,15 @@ def test_from_peft_gpt2_fan_in_fan_out():
 
 
 @pytest.mark.parametrize("feature, reason", [
-    ("dora", "variant"),
+    ("alora", "variant"),
     ("lora_bias", "lora_bias"),
     ("two_adapters", "several adapters"),
     ("merged", "merged"),
 ])
 def test_unsupported_features_are_left_and_reported(feature, reason):
     kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    if feature == "dora":
-        kwargs["use_dora"] = True
+    if feature == "alora":  # (aLoRA: a variant whose forward is not LoRA's; DoRA converts: test_from_peft_dora)
+        kwargs.update(alora_invocation_tokens=[3, 5], task_type="CAUSAL_LM")
     if feature == "lora_bias":
         kwargs["lora_bias"] = True
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**kwargs))
@@ -855,7 +855,7 @@ def _state(model):
     ("wrong_shape", "do not fit"),
     ("unknown_module", "no module"),
     ("unknown_key", "unexpected tensor"),
-    ("dora", "use_dora"),
+    ("dora", "use_dora is true in the config but the layer has no lora_magnitude_vector"),
     ("nan", "NaN"),
     ("integer_weights", "must be floating point"),
     ("bias_option", "bias='some' is not one of PEFT's"),
