@@ -2228,8 +2228,8 @@ def _check_peft_original(model: nn.Module, name: str, r, alpha, config: dict, di
     if theirs != ours:
         raise AdapterFileError(f"{directory}: {name} was converted from PEFT (from_peft) with scaling, dropout and "
                                f"use_dora {theirs}, the file has {ours}: PEFT's layer, which to_peft and "
-                               "save_pretrained give back, would keep the old ones. Load it with PEFT (to_peft, then PEFT's "
-                               "load_adapter), or into the model before from_peft")
+                               "save_pretrained give back, would keep the old ones. Load it with PEFT (to_peft, then "
+                               "PEFT's load_adapter), or into the model before from_peft")
 
 
 def _check_replacement(directory: Path, key: str, value: torch.Tensor, target: torch.Tensor) -> None:
