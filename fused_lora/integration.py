@@ -2557,8 +2557,9 @@ def _load_into(model: nn.Module, directory: Path, config: dict, tensors: dict, b
     plan = []
     for path, pair in sorted(by_path.items()):
         if not {"A", "B"} <= set(pair):
-            raise AdapterFileError(f"{directory}: {path} has lora_{''.join(sorted(set(pair) - {'m'}))} but not both "
-                                   "(truncated?)")
+            held = {"A": "lora_A", "B": "lora_B", "m": "lora_magnitude_vector"}
+            raise AdapterFileError(f"{directory}: {path} has {' and '.join(held[k] for k in sorted(pair))} but not "
+                                   "both lora_A and lora_B (truncated?)")
         if ("m" in pair) != use_dora:
             raise AdapterFileError(f"{directory}: {path}: " + ("use_dora is true in the config but the layer has no "
                                    "lora_magnitude_vector (truncated?)" if use_dora else "a lora_magnitude_vector "

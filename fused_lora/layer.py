@@ -203,8 +203,9 @@ class LoRALinear(nn.Module):
 
     def reset_lora_parameters(self) -> None:
         """A as kaiming-uniform(a=√5), B zeros; DoRA's magnitude the norms of
-        the rows of ``W + s·B A`` (of W: B is 0), made in fp32 (PEFT's, in
-        the weight's dtype, may differ in the last bit)."""
+        the rows of ``W + s·B A`` (of W: B is 0), made in fp32, fp64 for an
+        fp64 weight (:func:`fused_lora.ops.dora_norm`; PEFT's, in the
+        weight's dtype, may differ in the last bit)."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
         if self.use_dora:

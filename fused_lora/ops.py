@@ -750,8 +750,9 @@ DORA_NORM_CHUNK = 2**24
 def dora_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
               chunk: int = DORA_NORM_CHUNK) -> Tensor:
     """``ν = ‖W + s·B A‖`` per output feature (fp32 (N,), fp64 for an fp64
-    weight; no gradient): ``W + s·B A`` made so a block of rows at a time (at most ``chunk``
-    elements; PEFT makes it whole, in x's dtype, each step), each row's norm
+    weight; no gradient): ``W + s·B A`` made in that dtype a block of rows
+    at a time (at most ``chunk`` elements; PEFT makes it whole, in x's
+    dtype, each step), each row's norm
     taken. (Not from ``‖W_n‖² + 2s·B_n·(W Aᵀ)_n + s²·B_n (A Aᵀ) B_nᵀ``,
     which reads W less but loses ν where W and s·B A nearly cancel: the
     error of those terms, relative to ν², grows as (‖W‖/ν)².) Under

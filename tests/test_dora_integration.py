@@ -169,6 +169,8 @@ def test_dora_files_that_do_not_fit_are_refused_and_change_nothing(tmp_path):
         (damaged("nan", lambda t: t[key].__setitem__(0, float("nan"))), "not a finite floating-point vector"),
         (damaged("not_dora", change_config=lambda c: c.update(use_dora=False)), "where the config's use_dora is false"),
         (damaged("not_a_bool", change_config=lambda c: c.update(use_dora="yes")), "use_dora must be true or false"),
+        (damaged("alone", lambda t: [t.pop(k) for k in list(t) if "lora_A" in k or "lora_B" in k]),
+         "q_proj has lora_magnitude_vector but not both lora_A and lora_B"),
     ]
     fused_dora = tiny_llama(seed=6)
     fused_lora.inject(fused_dora, ["q_proj"], r=4, use_dora=True)
