@@ -55,17 +55,21 @@ def _multi_step(model, wrapped, x, y, ids):
         nn.functional.cross_entropy(wrapped(x), y).backward()
 
 
-def _peft_model(device):
-    """``_model``'s network as a PeftModel of the same adapters (PEFT's names)."""
+def _peft_model(device, use_dora=False):
+    """``_model``'s network as a PeftModel of the same adapters (PEFT's names;
+    DoRA's, their magnitudes off the norms, with ``use_dora``)."""
     import peft
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 8)).to(device)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2", "4"]))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2", "4"],
+                                                       use_dora=use_dora))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.3)
+            if "lora_magnitude_vector" in name:
+                p.mul_(torch.rand(p.shape) + 0.5)
     return model
 
 
@@ -125,8 +129,8 @@ def _worker(rank, mode, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         device = torch.device("cpu")
-        if mode == "fsdp2-from_peft":  # (a PeftModel whose layers from_peft fused, then sharded)
-            model = _peft_model(device)
+        if mode.startswith("fsdp2-from_peft"):  # (a PeftModel whose layers from_peft fused, then sharded)
+            model = _peft_model(device, use_dora=mode.endswith("-dora"))
             fused_lora.from_peft(model)
         elif mode.endswith("-multi"):
             model = _multi_model(device, backend="triton")
@@ -167,7 +171,7 @@ def _worker(rank, mode, init_file, out_file):
             loss = nn.functional.cross_entropy(wrapped(x[shard]), y[shard])
             loss.backward()
             result = {"grads": _grads(model, wrapped if mode == "fsdp1" else None)}
-            if mode == "fsdp2-from_peft":
+            if mode.startswith("fsdp2-from_peft"):
                 directory = os.path.join(os.path.dirname(out_file), "adapter")
                 fused_lora.save_adapter(model, directory)
                 result["written"] = sorted(os.listdir(directory))
@@ -299,8 +303,8 @@ def _save_and_load_sharded(model, target, directory, mode):
             "still_fused": sorted(map(_plain_name, fused_lora.integration.fused_layers(model)))}
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp1", "fsdp2", "fsdp2-from_peft", "ddp-multi", "fsdp1-multi",
-                                  "fsdp2-multi"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp1", "fsdp2", "fsdp2-from_peft", "fsdp2-from_peft-dora", "ddp-multi",
+                                  "fsdp1-multi", "fsdp2-multi"])
 def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     out_file = tmp_path / "grads.pt"
     # gloo on CPU: the workers run the kernels on Triton's interpreter, which
@@ -313,8 +317,8 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
         pytest.skip(f"torch {torch.__version__}'s FSDP2 sums the ranks' gradients over gloo instead of averaging "
                     "them, a plain nn.Linear's too (pytorch/pytorch#162338)")
     distributed = result["grads"]
-    if mode == "fsdp2-from_peft":
-        _check_from_peft(result, tmp_path)
+    if mode.startswith("fsdp2-from_peft"):
+        _check_from_peft(result, tmp_path, use_dora=mode.endswith("-dora"))
         return
     if mode.endswith("-multi"):
         _check_multi(result, tmp_path, sharded={"fsdp1-multi": "Parameter", "fsdp2-multi": "DTensor"}.get(mode))
@@ -392,24 +396,26 @@ def _check_saved(result, tmp_path, layers, pick):
     return saved
 
 
-def _check_from_peft(result, tmp_path):
+def _check_from_peft(result, tmp_path, use_dora):
     """FSDP2 over a PeftModel converted by from_peft: PEFT's unconverted model
     on the whole batch gives the same gradients, and save_adapter writes its
-    adapters in PEFT's keys."""
+    adapters in PEFT's keys (DoRA's: the magnitudes' gradients too, and the
+    magnitudes in the file)."""
     pytest.importorskip("peft")
     from safetensors.torch import load_file
 
-    model = _peft_model(torch.device("cpu"))
+    model = _peft_model(torch.device("cpu"), use_dora)
     x, y = _data(torch.device("cpu"))
     nn.functional.cross_entropy(model(x), y).backward()
     single = {name.removesuffix(".default.weight"): p.grad for name, p in model.named_parameters() if p.requires_grad}
     assert result["fused"] == {f"base_model.model.{i}": "DTensor" for i in (0, 2, 4)}  # (fused, then sharded)
-    assert set(result["grads"]) == set(single) and len(single) == 6
+    assert set(result["grads"]) == set(single) and len(single) == (9 if use_dora else 6)
     for name, g in single.items():
         assert_close(result["grads"][name], g.double(), torch.float32, name)
     assert result["written"] == ["adapter_config.json", "adapter_model.safetensors"]
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    expected = {name.replace(".default", ""): p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    expected = {name.replace(".default", "").replace("vector.weight", "vector"): p.detach()
+                for name, p in model.named_parameters() if p.requires_grad}  # (PEFT's magnitude key: no .weight)
     assert saved.keys() == expected.keys()
     for name, t in expected.items():
         assert torch.equal(saved[name], t), name

@@ -213,3 +213,31 @@ def test_extra_repr_and_bad_magnitudes():
     with pytest.raises(TypeError, match="use_dora"):
         LoRALinear.from_linear(nn.Linear(8, 6), use_dora=None)
     assert TOLERANCE[F32] < 1e-3  # (the tolerances above are tight)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_a_mixed_batch_compiles_in_one_graph(merged):
+    """``adapter_ids`` on a DoRA layer under torch.compile: one graph (both
+    row groups on the whole batch, nothing indexed by a host-read mask),
+    eager's output and gradients; an id eager mode refuses gives NaN there."""
+    import torch._dynamo.testing
+
+    layer = _dora_layer(24, 17, 4).train()
+    if merged:
+        layer.merge()
+    x = torch.randn(5, 3, 24, device=DEVICE, requires_grad=True)
+    ids = torch.tensor([0, -1, 0, 0, -1], device=DEVICE)
+    params = (x, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector)[:1 if merged else 4]
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda x, ids: layer(x, adapter_ids=ids), backend=counter, fullgraph=True)
+    dy = torch.randn(5, 3, 17, device=DEVICE)
+    y = compiled(x, ids)
+    grads = torch.autograd.grad(y, params, dy)
+    eager = layer(x, adapter_ids=ids)
+    assert counter.frame_count == 1
+    assert_close(y, eager.double(), F32, "compiled vs eager")
+    for name, g, e in zip("xABm", grads, torch.autograd.grad(eager, params, dy)):
+        assert_close(g, e.double(), F32, f"compiled vs eager: d{name}")
+    with torch.no_grad():
+        y_bad = compiled(x, torch.tensor([0, 3, -1, 0, -1], device=DEVICE))
+    assert y_bad[1].isnan().all() and not y_bad[[0, 2, 3, 4]].isnan().any()
