@@ -732,15 +732,15 @@ def dora_linear(
     if resolve_backend(backend, x) == "torch":
         return dora_linear_checked(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed)
     gamma = (magnitude.to(torch.float32) / dora_norm(weight, lora_A, lora_B, scaling)).to(x.dtype)
+    # (γ ⊙ z plus what is added, one pass over the output: addcmul)
     if dropout_p == 0.0:
         z = _lora_linear(x, weight, lora_A, lora_B, None, scaling, 0.0, None, None, (), "triton")
-        y = z * gamma
-        return y if bias is None else y.add_(bias)
+        return z * gamma if bias is None else torch.addcmul(bias, z, gamma)
     # y = γ ⊙ (drop(x) Wᵀ + s·drop(x) Aᵀ Bᵀ) + (x - drop(x)) Wᵀ + b: the fused op on drop(x), without its
     # own dropout (the correction needs drop(x) itself)
     dropped = dora_dropped(x, dropout_p, seed)
     z = _lora_linear(dropped, weight, lora_A, lora_B, None, scaling, 0.0, None, None, (), "triton")
-    return (z * gamma).add_(torch.nn.functional.linear(x - dropped, weight, bias))
+    return torch.addcmul(torch.nn.functional.linear(x - dropped, weight, bias), z, gamma)
 
 
 #: Elements of ``W + s·B A`` made at once by :func:`dora_norm` (fp32: 64 MiB).

@@ -201,3 +201,27 @@ def test_dora_files_that_do_not_fit_are_refused_and_change_nothing(tmp_path):
     with pytest.raises(TypeError, match="use_dora"):
         fused_lora.inject(tiny_llama(), ["q_proj"], use_dora="yes")
     assert isinstance(fused_layers(mixed)["model.layers.0.self_attn.q_proj"], LoRALinear)
+
+
+def test_a_file_into_a_dora_model_from_peft_must_be_dora_too(tmp_path):
+    """PEFT's layers kept beside the fused ones (to_peft, save_pretrained)
+    keep their own use_dora: a LoRA file into a converted DoRA model is
+    refused, nothing changed; a DoRA file of the same scale loads, and PEFT's
+    layers see its magnitudes."""
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                              use_dora=True))
+    fused_lora.from_peft(model)
+    for use_dora in (False, True):
+        source = tiny_llama()  # (the converted model's base)
+        fused_lora.inject(source, ["q_proj"], r=4, alpha=8, use_dora=use_dora)
+        _randomise(source)
+        fused_lora.save_adapter(source, tmp_path / str(use_dora))
+    ids = _ids()
+    before = model(input_ids=ids).logits.detach()
+    with pytest.raises(AdapterFileError, match=r"use_dora \(2.0, 0.0, True\), the file has \(2.0, 0.0, False\)"):
+        fused_lora.load_adapter(model, tmp_path / "False")
+    assert torch.equal(model(input_ids=ids).logits, before)
+    fused_lora.load_adapter(model, tmp_path / "True")
+    expected = source(input_ids=ids).logits.detach()
+    _close(model(input_ids=ids).logits, expected)
+    _close(fused_lora.to_peft(model)(input_ids=ids).logits, expected)

@@ -2171,8 +2171,8 @@ def test_load_adapter_into_a_model_from_peft_keeps_peft_layers_in_step(tmp_path)
     ids = batch()
     fused_lora.load_adapter(model, tmp_path / "16")
     expected = model(input_ids=ids).logits.detach()
-    with pytest.raises(AdapterFileError, match=r"converted from PEFT \(from_peft\) with scaling and dropout "
-                                               r"\(4.0, 0.0\), the file has \(2.0, 0.0\)"):
+    with pytest.raises(AdapterFileError, match=r"converted from PEFT \(from_peft\) with scaling, dropout and "
+                                               r"use_dora \(4.0, 0.0, False\), the file has \(2.0, 0.0, False\)"):
         fused_lora.load_adapter(model, tmp_path / "8")
     assert torch.equal(model(input_ids=ids).logits, expected)
     assert_outputs_close(fused_lora.to_peft(model)(input_ids=ids).logits, expected)
