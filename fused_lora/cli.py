@@ -2,7 +2,7 @@
 
     fused-lora check [--json]                 parity of every kernel path against the float64 reference
     fused-lora bench [--preset P] [--out D]   the benchmark harness (smoke preset on a machine without a GPU)
-    fused-lora demo  [--steps N] [--out D]    fine-tune a small character-level model, fused vs naive LoRA
+    fused-lora demo  [--steps N] [--out D]    fine-tune a small character-level model, fused vs naive LoRA (--dora)
 
 Without a CUDA GPU every subcommand still runs: the Triton kernels run on
 Triton's CPU interpreter, and the output says so. (Triton fixes the
@@ -350,7 +350,7 @@ def cmd_demo(args) -> int:
     steps = args.steps or (200 if on_gpu else 30)
     print(f"fused-lora demo — {steps} steps — {where}", file=sys.stderr)
     result = demo.run(steps, Path(args.out), torch.device("cuda" if on_gpu else "cpu"), r=args.r,
-                      alpha=args.alpha, dropout=args.dropout, progress=progress, where=where)
+                      alpha=args.alpha, dropout=args.dropout, progress=progress, where=where, use_dora=args.dora)
     if args.json:
         print(json.dumps(demo.asdict(result), indent=1))
     else:
@@ -393,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=_number(float), default=16, help="LoRA alpha")
     p.add_argument("--dropout", type=_number(float, 0, below=1), default=0.0,
                    help="LoRA dropout (> 0: the two runs draw different masks, so the curves differ)")
+    p.add_argument("--dora", action="store_true", help="DoRA (PEFT's use_dora=True) in both runs instead of LoRA")
     p.add_argument("--out", default="out/demo", help="output folder (adapter, loss plot, demo.json)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_demo)

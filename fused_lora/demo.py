@@ -9,7 +9,9 @@ both in the public domain). The base is first trained in full on the sonnets
 Both LoRA runs start from the same base and the same adapter initialisation
 and see the same batches; the fused run is PEFT's model converted by
 :func:`fused_lora.from_peft`. With dropout 0 the two loss
-curves must agree to floating-point noise. The demo reports the curves, the
+curves must agree to floating-point noise. With ``use_dora`` both runs are
+DoRA (PEFT's ``use_dora=True``; the fused layers hold its magnitudes too).
+The demo reports the curves, the
 time per step, saves the fused adapter in PEFT's format, reloads it with
 ``peft.PeftModel.from_pretrained`` to check it reproduces the fused model,
 writes a loss plot, and samples some text.
@@ -32,6 +34,7 @@ import torch
 class DemoResult:
     where: str
     steps: int
+    use_dora: bool = False
     naive_losses: list = field(default_factory=list)
     fused_losses: list = field(default_factory=list)
     naive_step_s: float = 0.0
@@ -97,14 +100,15 @@ def pretrain_base(vocab: int, ids: torch.Tensor, device, hidden: int, layers: in
     return base.eval(), loss.item()
 
 
-def lora_pair(base, r: int, alpha: float, dropout: float):
-    """PEFT's LoRA on every linear layer, twice from one initialisation; the
-    second converted to fused layers."""
+def lora_pair(base, r: int, alpha: float, dropout: float, use_dora: bool = False):
+    """PEFT's LoRA (DoRA with ``use_dora``) on every linear layer, twice from
+    one initialisation; the second converted to fused layers."""
     import peft
 
     from .integration import from_peft
 
-    lora = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear")
+    lora = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
+                           use_dora=use_dora)
     torch.manual_seed(1)
     naive = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(lora))
     fused = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(lora))
@@ -114,7 +118,7 @@ def lora_pair(base, r: int, alpha: float, dropout: float):
 
 def run(steps: int, out_dir: Path, device: torch.device, *, r: int = 8, alpha: float = 16, dropout: float = 0.0,
         lr: float = 3e-3, pretrain_steps: int | None = None, sample_chars: int | None = None, progress=None,
-        where: str = "") -> DemoResult:
+        where: str = "", use_dora: bool = False) -> DemoResult:
     import peft
 
     from .integration import save_adapter
@@ -129,13 +133,15 @@ def run(steps: int, out_dir: Path, device: torch.device, *, r: int = 8, alpha: f
         pretrain_steps = 600 if on_gpu else 150
     base, _ = pretrain_base(len(data.chars), pre_ids, device, steps=pretrain_steps, batch=16, seq=seq,
                             progress=progress, **size)
-    naive, fused, report = lora_pair(base, r, alpha, dropout)
-    result = DemoResult(where=where, steps=steps, converted=len(report.converted), skipped=report.skipped)
+    naive, fused, report = lora_pair(base, r, alpha, dropout, use_dora)
+    result = DemoResult(where=where, steps=steps, use_dora=use_dora, converted=len(report.converted),
+                        skipped=report.skipped)
     optims = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
               for name, m in (("naive", naive), ("fused", fused))}
     times = {"naive": [], "fused": []}
     gen = torch.Generator().manual_seed(1234)
-    bar = progress(total=steps, desc="LoRA: PEFT and fused", unit="step") if progress else None
+    kind = "DoRA" if use_dora else "LoRA"
+    bar = progress(total=steps, desc=f"{kind}: PEFT and fused", unit="step") if progress else None
     for step in range(steps):
         ids = data.batch(ft_ids, gen, batch, seq)
         for name, model in (("naive", naive), ("fused", fused)):
@@ -189,11 +195,12 @@ def _plot(result: DemoResult, path: Path) -> str:
         return ""
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = range(1, len(result.naive_losses) + 1)
-    ax.plot(steps, result.naive_losses, label="PEFT LoRA (naive)", lw=3, alpha=0.5)
+    kind = "DoRA" if result.use_dora else "LoRA"
+    ax.plot(steps, result.naive_losses, label=f"PEFT {kind} (naive)", lw=3, alpha=0.5)
     ax.plot(steps, result.fused_losses, label="fused_lora", lw=1.2, ls="--")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/char)")
-    ax.set_title(f"LoRA fine-tuning of a char-level Llama — {result.where.split(':')[0]}")
+    ax.set_title(f"{kind} fine-tuning of a char-level Llama — {result.where.split(':')[0]}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -204,7 +211,7 @@ def _plot(result: DemoResult, path: Path) -> str:
 def report(result: DemoResult) -> str:
     on_gpu = result.where.startswith("CUDA GPU")
     lines = [f"fused-lora demo — {result.where}",
-             f"{result.converted} PEFT LoRA layers converted to fused layers"
+             f"{result.converted} PEFT {'DoRA' if result.use_dora else 'LoRA'} layers converted to fused layers"
              + (f"; left as PEFT: {result.skipped}" if result.skipped else ""), "",
              f"{'step':>5} {'PEFT (naive)':>14} {'fused':>10}"]
     n = len(result.naive_losses)

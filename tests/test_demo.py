@@ -13,19 +13,22 @@ pytest.importorskip("peft", minversion=".".join(map(str, MIN_PEFT)))
 pytest.importorskip("transformers")
 
 
-def test_demo_runs_and_curves_match(tmp_path):
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_demo_runs_and_curves_match(tmp_path, use_dora):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = demo.run(4, tmp_path, device, pretrain_steps=5, sample_chars=8, where="test")
-    assert result.converted == 14 and not result.skipped
+    result = demo.run(4, tmp_path, device, pretrain_steps=5, sample_chars=8, where="test", use_dora=use_dora)
+    assert result.converted == 14 and not result.skipped and result.use_dora == use_dora
     assert len(result.naive_losses) == len(result.fused_losses) == 4
     assert result.max_loss_diff < 1e-4
     assert result.reload_max_logit_diff < 1e-4
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["use_dora"] == use_dora
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert json.loads((tmp_path / "demo.json").read_text())["steps"] == 4
     assert result.sample.startswith("Four score and ")
     assert "max |loss difference|" in demo.report(result)
+    assert f"14 PEFT {'DoRA' if use_dora else 'LoRA'} layers converted" in demo.report(result)
 
 
 def test_the_shipped_text():
