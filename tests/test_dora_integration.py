@@ -225,3 +225,22 @@ def test_a_file_into_a_dora_model_from_peft_must_be_dora_too(tmp_path):
     expected = source(input_ids=ids).logits.detach()
     _close(model(input_ids=ids).logits, expected)
     _close(fused_lora.to_peft(model)(input_ids=ids).logits, expected)
+
+
+def test_inject_dora_into_gpt2s_conv1d_layers_saves_what_peft_loads(tmp_path):
+    """GPT-2's Conv1D (weight stored (in, out): fan_in_fan_out): the magnitude
+    starts as the norms of the output features' rows of Wᵀ, the adapter
+    saves as PEFT's DoRA and reloads in PEFT with the same logits."""
+    model = tiny_gpt2()
+    names = fused_lora.inject(model, TARGETS["gpt2"], r=4, alpha=8, use_dora=True)
+    layer = fused_layers(model)[names[0]]
+    assert layer.fan_in_fan_out and layer.use_dora
+    torch.testing.assert_close(layer.lora_magnitude_vector, layer.weight.detach().norm(dim=0))
+    _randomise(model)
+    ids = _ids()
+    expected = model(input_ids=ids).logits.detach()
+    fused_lora.save_adapter(model, tmp_path)
+    _close(peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path)(input_ids=ids).logits, expected)
+    plain = tiny_gpt2()
+    fused_lora.load_adapter(plain, tmp_path)
+    _close(plain(input_ids=ids).logits, expected)
