@@ -82,6 +82,13 @@ def test_from_peft_converts_dora_layers_that_share_peft_tensors_and_give_its_res
             layer.lora_magnitude_vector.mul_(2)
     model.load_state_dict(state)  # (PEFT's names, into the fused layers' own tensors)
     _close(model(input_ids=ids).logits, a.logits)
+    from safetensors.torch import load_file
+
+    with torch.no_grad():
+        layers[name].lora_magnitude_vector.mul_(2)
+    loaded = peft.set_peft_model_state_dict(model, load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert not loaded.unexpected_keys  # (PEFT's file keys, the magnitudes' too, into the fused layers)
+    _close(model(input_ids=ids).logits, a.logits)
     model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)  # (new tensors in the fused layers)
     assert layers[name].lora_magnitude_vector is not original.lora_magnitude_vector["default"].weight
     back = fused_lora.to_peft(model)
