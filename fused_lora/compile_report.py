@@ -33,7 +33,8 @@ what a 99 KiB GeForce/RTX/L4 part runs); on every arch a kernel over that
 limit, or a GEMM over the estimate that prunes its tiles, is a problem.
 ``--scope kernels`` compiles each kernel on one tile, ``--scope paths`` at
 one rank tile too, and fp16's sm_90 GEMMs and skinny passes only as twins
-(:data:`SCOPES`).
+(:data:`SCOPES`). DoRA's norm (:mod:`fused_lora.kernels.dora`) is compiled
+at every rank tile, with a K tail, and with a rank of several chunks.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ SHAPE = 4096  # M = N = K of the representative problem
 
 @dataclass(frozen=True)
 class Job:
-    kernel: str  # "gemm" | "skinny" | "reduce"
+    kernel: str  # "gemm" | "skinny" | "reduce" | "norm"
     pass_name: str  # which pass this variant serves
     dtype: str  # "bf16" | "fp16" | "fp32"
     config: dict
@@ -238,6 +239,23 @@ def _reduce_args(dtype: str, cfg, variant: str, block_r: int) -> dict:
                 BLOCK=configs.REDUCE_BLOCK)
 
 
+#: DoRA's norm: one rank tile (its B rows loaded once), or a rank of
+#: several chunks (walked inside the K loop).
+NORM_PASSES = ("norm", "norm_chunked")
+
+
+def _norm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True) -> dict:
+    """Argument values of dora_norm_kernel as the launcher passes them, for a
+    contiguous (SHAPE, SHAPE) weight and a rank of one tile (``norm``) or of
+    two and a half (``norm_chunked``)."""
+    r = block_r if variant == "norm" else 2 * block_r + block_r // 2
+    return dict(w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", a_ptr=f"*{dtype}", out_ptr="*fp32", N=SHAPE,
+                K=SHAPE if even_k else SHAPE - 8, R=r, stride_wn=SHAPE if even_k else SHAPE - 8, stride_wk=1,
+                stride_bn=r, stride_br=1, stride_ar=SHAPE if even_k else SHAPE - 8, stride_ak=1, scaling=2.0,
+                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, EVEN_K=even_k,
+                ONE_R_TILE=variant == "norm", UPCAST=False, INPUT_PRECISION="ieee")
+
+
 def _ast_source(fn, values: dict):
     """An ASTSource with the runtime's specialisation: pointers and ints that
     are multiples of 16 carry ``tt.divisibility=16``; ints equal to 1 and every
@@ -313,7 +331,7 @@ def _compile(src, arch: int, options: dict):
 def result_of(job: Job) -> Result:
     """The (empty) result of ``job``, named as the report names it: its pass
     and each variant (``+k_tail``, ``+tma``...)."""
-    tail = "+k_tail" if job.kernel == "gemm" else "+c_tail"
+    tail = "+k_tail" if job.kernel in ("gemm", "norm") else "+c_tail"
     return Result(job.kernel, job.pass_name + ("" if job.even_k else tail) + ("" if job.even_r else "+r_tail")
                   + ("+split_k" if job.split_k else "") + ("+tma" if job.tma else "")
                   + ("+persistent" if job.persistent else "") + ("+seed_value" if job.seed_value else "")
@@ -324,7 +342,7 @@ def result_of(job: Job) -> Result:
 
 
 def compile_job(job: Job) -> Result:
-    from fused_lora.kernels import configs, gemm, skinny
+    from fused_lora.kernels import configs, dora, gemm, skinny
 
     res = result_of(job)
     precision = "tf32" if job.tf32 else "ieee"
@@ -340,6 +358,9 @@ def compile_job(job: Job) -> Result:
             fn, values = skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r,
                                                                  job.even_k, job.even_r, job.seed_value, precision,
                                                                  job.offset_int64, job.row_scale, job.adapters)
+        elif job.kernel == "norm":
+            cfg = configs.NormConfig(**job.config)
+            fn, values = dora.dora_norm_kernel, _norm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k)
         else:
             cfg = None
             fn, values = skinny.reduce_partials_kernel, _reduce_args(job.dtype, cfg, job.pass_name, job.block_r)
@@ -549,6 +570,12 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                 if shrink:  # each row factor on the SHRINK product (xa, g)
                     for factor in ROW_FACTORS:
                         jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, **factor))
+        # DoRA's norm: every rank tile, a K tail, a rank of several chunks
+        for cfg in shipped["norm_fp32" if elt == 4 else "norm_16bit"]:
+            for block_r in configs.rank_tiles(cfg.max_block_r):
+                jobs.append(Job("norm", "norm", dtype, asdict(cfg), arch, block_r))
+            jobs.append(Job("norm", "norm", dtype, asdict(cfg), arch, 16, even_k=False))
+            jobs.append(Job("norm", "norm_chunked", dtype, asdict(cfg), arch, cfg.max_block_r))
         # the reductions: every combination of the kernel's meta-parameters, a second output in fp32
         # or in the operands' dtype (the first being either)
         seconds = ("fp32", dtype) if elt == 2 else ("fp32", "bf16", "fp16")
@@ -675,8 +702,9 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
     dispatch could pick one that does not fit; the persistent grid, which
     buffers more, runs only with Hopper's), on any arch; on sm_90, the
     target, also a spill, a 16-bit GEMM without wgmma, a TMA variant without
-    TMA copies, or a skinny pass or reduction (no column tail) with loads
-    narrower than 16-byte vectors. Other archs' spills are in the table, not
+    TMA copies, a skinny pass or reduction (no column tail) with loads
+    narrower than 16-byte vectors, or a DoRA norm (no K tail) whose widest
+    loads (W's) are narrower. Other archs' spills are in the table, not
     rejected."""
     from fused_lora.kernels import configs
 
@@ -717,6 +745,9 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
             narrow = widths[-1] < 16 if some else widths[0] < 16
             if narrow:
                 out.append(f"{tag}: global loads of {widths} bytes, expected 16-byte vectors")
+        if r.kernel == "norm" and "+k_tail" not in r.pass_name and (r.load_widths or [0])[-1] < 16:
+            # (W, the one wide operand, in 16-byte vectors; B's rows, masked along the rank, narrower)
+            out.append(f"{tag}: global loads of {r.load_widths} bytes, expected W's in 16-byte vectors")
     return out
 
 

@@ -54,8 +54,10 @@ taken over K and detached (DoRA §4.3, as PEFT)::
 fused op above on drop(x), without bias or dropout of its own; with p = 0,
 ``y = γ ⊙ z + b``.) Backward: ``dz = γ ⊙ dy`` (then the fused backward
 above), ``dm = Σ_m dy ⊙ z / ν``; the second GEMM's dx through
-``x - drop(x)``. ``W + s·BA`` is made in fp32 for the norm, a block of
-rows at a time (:func:`dora_norm`).
+``x - drop(x)``. The norm takes one read of W, ``s·BA`` added to each
+of its tiles in fp32 and never stored (:mod:`fused_lora.kernels.dora`;
+:func:`dora_norm`, for a layer's init and merge, makes ``W + s·BA`` in
+fp32 a block of rows at a time).
 
 How it runs (Triton backend)
 ============================
@@ -383,6 +385,23 @@ def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_x, need_
     return [x.new_empty(s) if need else x.new_empty(0) for s, need in zip(shapes, needs)]
 
 
+@_on_the_operands_device
+def _dora_norm_triton(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    return _triton.get().dora_norm(weight, lora_A, lora_B, scaling)
+
+
+@torch.library.custom_op("fused_lora::dora_norm", mutates_args=())
+def dora_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """``ν = ‖W + s·B A‖`` per output feature, fp32 (N,): the Triton kernel
+    (one read of W; :mod:`fused_lora.kernels.dora`), A and B in W's dtype."""
+    return _dora_norm_triton(weight, lora_A, lora_B, scaling)
+
+
+@dora_norm_op.register_fake
+def _(weight, lora_A, lora_B, scaling):
+    return weight.new_empty(weight.shape[:1], dtype=torch.float32)
+
+
 def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, strategy, row_scale,
                        adapters):
     ctx.save_for_backward(x, weight, lora_A, lora_B, xa, row_scale, seed, *adapters)
@@ -700,9 +719,11 @@ def dora_linear(
     detached (math in :mod:`fused_lora.ops`).
 
     The base GEMM and the low-rank term run as :func:`lora_linear` (fused,
-    forward and backward); the norm from ``W + s·B A`` made in fp32 a
-    block of rows at a time (:func:`dora_norm`); ``γ`` is one elementwise
-    pass over the output. Not fused yet: that pass (the column
+    forward and backward); the norm in one read of W (a Triton kernel,
+    :mod:`fused_lora.kernels.dora`: ``s·B A`` made tile by tile in fp32,
+    never stored); ``γ ⊙ z`` and what is added to it are one elementwise
+    pass over the output. (The torch backend is the reference, which makes
+    ``W + s·B A`` whole in x's dtype, as PEFT.) Not fused yet: that pass (the column
     scale belongs in the GEMM's epilogue) and, with dropout, the mask, drawn
     once in PyTorch, and the correction, a second base GEMM on ``x - drop(x)``
     (the mask and drop(x) are kept for the backward, as PEFT keeps them).
@@ -731,7 +752,10 @@ def dora_linear(
     magnitude = check_magnitude(x, weight, magnitude)
     if resolve_backend(backend, x) == "torch":
         return dora_linear_checked(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed)
-    gamma = (magnitude.to(torch.float32) / dora_norm(weight, lora_A, lora_B, scaling)).to(x.dtype)
+    with torch.no_grad():  # (the norm is detached: DoRA §4.3, PEFT)
+        norm = (_dora_norm_triton if direct_call(weight, lora_A, lora_B) else torch.ops.fused_lora.dora_norm)(
+            weight.detach(), lora_A.detach(), lora_B.detach(), scaling)
+    gamma = (magnitude.to(torch.float32) / norm).to(x.dtype)
     # (γ ⊙ z plus what is added, one pass over the output: addcmul)
     if dropout_p == 0.0:
         z = _lora_linear(x, weight, lora_A, lora_B, None, scaling, 0.0, None, None, (), "triton")

@@ -3,6 +3,7 @@
 * :mod:`.gemm` — the fused GEMM (forward, dx and dW are one body with roles swapped);
 * :mod:`.skinny` — the memory-bound pass over one wide operand (shrink, the dy
   pass of the backward, dA) and the deterministic reduction of its partials;
+* :mod:`.dora` — DoRA's weight norm ``‖W + s·B A‖`` in one read of W;
 * :mod:`.configs` — every launch configuration;
 * :mod:`.common` — the dropout keep-mask and the interpreter switches.
 
@@ -20,6 +21,7 @@ if __name__ == "kernels":
 else:
     from . import configs
     from .common import is_interpreted, poison_outputs
+    from .dora import dora_norm, dora_norm_kernel
     from .gemm import lora_gemm, lora_gemm_kernel, tma_available
     from .skinny import lora_skinny_kernel, reduce_all, reduce_partials, reduce_partials_kernel, skinny_pass
 
@@ -29,6 +31,8 @@ else:
     __all__ = [
         "INTERPRETER",
         "configs",
+        "dora_norm",
+        "dora_norm_kernel",
         "lora_gemm",
         "lora_gemm_kernel",
         "lora_skinny_kernel",

@@ -513,6 +513,31 @@ def skinny_target_programs(interpreter: bool, num_sms: int = NUM_SMS_SM90) -> in
     return 4 if interpreter else 2 * num_sms
 
 
+@dataclass(frozen=True)
+class NormConfig:
+    """Tiles of :func:`fused_lora.kernels.dora.dora_norm_kernel`: a program
+    per ``block_n`` rows of W, walking K in ``block_k`` tiles (16-byte
+    vector loads along K), the rank in chunks of at most ``max_block_r``."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    max_block_r: int = 64
+
+    def launch_kwargs(self) -> dict:
+        return dict(BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                    num_warps=self.num_warps, num_stages=self.num_stages, enable_fp_fusion=FP_FUSION)
+
+
+#: DoRA's norm, by W's element size: a (32, 128) 16-bit tile is 8 KiB a
+#: stage, the (32, block_r) rows of B beside it; 32 rows a program makes 128
+#: programs for a 4096-row weight, about one per SM. fp32's exact dots are FMA
+#: loops: rank chunks of 32 (at 64 sm_80 spilled 8.8 KB, compile report).
+DORA_NORM_16BIT = NormConfig(block_n=32, block_k=128)
+DORA_NORM_FP32 = NormConfig(block_n=32, block_k=64, max_block_r=32)
+
+
 def shipped_configs() -> dict[str, list]:
     """Every configuration a launcher can choose on CUDA, for the compile report."""
     return {
@@ -520,4 +545,6 @@ def shipped_configs() -> dict[str, list]:
         "gemm_fp32": list(_GEMM_CANDIDATES_FP32),
         "skinny_16bit": [SKINNY_16BIT],
         "skinny_fp32": [SKINNY_FP32],
+        "norm_16bit": [DORA_NORM_16BIT],
+        "norm_fp32": [DORA_NORM_FP32],
     }

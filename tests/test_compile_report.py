@@ -86,6 +86,12 @@ def test_the_report_covers_every_shipped_config():
                 | {("skinny", p + variant) for p in ("forward_shrink", "dA_pass")}) <= passes
     # split-K partials and TMA loads (every 16-bit tile, each pass that uses it)
     assert {("gemm", p + "+split_k") for p in gemm_passes} <= passes
+    # DoRA's norm: every rank tile of its one-tile form, a K tail, a rank of several chunks, each dtype
+    norm_seen = {(r.pass_name, r.dtype, r.block_r) for r in planned if r.kernel == "norm"}
+    for dtype, cfg in (("bf16", configs.DORA_NORM_16BIT), ("fp16", configs.DORA_NORM_16BIT),
+                       ("fp32", configs.DORA_NORM_FP32)):
+        assert {("norm", dtype, block_r) for block_r in configs.rank_tiles(cfg.max_block_r)} | {
+            ("norm+k_tail", dtype, 16), ("norm_chunked", dtype, cfg.max_block_r)} <= norm_seen, dtype
     # every pass with a low-rank term at every rank tile it runs with (the kernel's BLOCK_R), on every
     # tile that fits it (autotuning may pick any: the heuristics' picks are checked below)
     by_rank = {(r.pass_name, r.dtype, r.block_r, tuple(sorted(r.config.items()))) for r in planned}

@@ -79,6 +79,61 @@ def test_the_norm_is_the_adapted_weights_in_fp32_block_by_block(chunk):
     assert empty.shape == (0,)
 
 
+#        N    K    r    W's layout
+NORM_CASES = [
+    (1,   1,   1,   "contiguous"),
+    (17,  130, 16,  "contiguous"),   # (a K tail; one rank tile, B's rows loaded once)
+    (45,  17,  65,  "transposed"),   # (W (in, out) seen transposed: fan_in_fan_out; 65: two 16-bit rank chunks)
+    (33,  256, 33,  "strided"),      # (every other column of a wider buffer; 33: two fp32 chunks)
+    (123, 64,  129, "contiguous"),   # (three rank chunks)
+    (5,   300, 3,   "transposed"),
+]
+
+
+@pytest.mark.parametrize("n,k,r,layout", NORM_CASES)
+def test_the_norm_kernel_reads_w_once_and_gives_the_float64_norm(n, k, r, layout):
+    """The Triton pass (one read of W, ``s·B A`` made tile by tile in fp32):
+    every row's norm of the inputs as given, to fp32's precision relative to
+    the row's scale (‖W_n‖ + s‖(B A)_n‖: a row where they cancel keeps its
+    absolute error), written into a poisoned output, bitwise the same twice,
+    and the torch backend's to that precision."""
+    kernels = fused_lora._triton.get()
+    for dtype in DTYPES:
+        if layout == "transposed":
+            w = (torch.randn(k, n, dtype=dtype, device=DEVICE) / k ** 0.5).t()
+        elif layout == "strided":
+            w = (torch.randn(n, 2 * k, dtype=dtype, device=DEVICE) / k ** 0.5)[:, ::2]
+        else:
+            w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k ** 0.5
+        a = torch.randn(r, k, dtype=dtype, device=DEVICE) / k ** 0.5
+        bb = torch.randn(n, r, dtype=dtype, device=DEVICE) / r ** 0.5
+        with kernels.poison_outputs():
+            norm = kernels.dora_norm(w, a, bb, 0.7)
+        ba = 0.7 * (bb.double() @ a.double())
+        expected = torch.linalg.vector_norm(w.double() + ba, dim=1)
+        scale = torch.linalg.vector_norm(w.double(), dim=1) + torch.linalg.vector_norm(ba, dim=1)
+        assert norm.dtype == F32 and norm.shape == (n,)
+        assert ((norm.double() - expected).abs() <= 4e-6 * scale).all(), (dtype, (norm.double() - expected).abs().max())
+        with kernels.poison_outputs():
+            assert torch.equal(kernels.dora_norm(w, a, bb, 0.7), norm)
+        assert ((ops.dora_norm(w, a, bb, 0.7).double() - norm.double()).abs() <= 4e-6 * scale).all()
+    assert kernels.dora_norm(torch.ones(0, 45, device=DEVICE), torch.ones(3, 45, device=DEVICE),
+                             torch.ones(0, 3, device=DEVICE), 1.0).shape == (0,)
+
+
+def test_the_norm_op_passes_opcheck_and_dora_linear_launches_the_kernel_once(monkeypatch):
+    w, b, a, bb = make_params(40, 24, 8, F32, True)
+    torch.library.opcheck(torch.ops.fused_lora.dora_norm.default, (w, a, bb, 2.0))
+    from fused_lora.kernels import dora
+
+    launches = count_launches(monkeypatch, dora, "dora_norm_kernel")
+    x = make_x((3, 40), F32)
+    fused_lora.dora_linear(x, w, a, bb, _magnitude(24, F32), b, scaling=2.0, backend="triton")
+    assert len(launches) == 1
+    fused_lora.dora_linear(x, w, a, bb, _magnitude(24, F32), b, scaling=2.0, backend="torch")
+    assert len(launches) == 1  # (the torch backend: ops.dora_norm, in PyTorch)
+
+
 def test_at_its_initial_magnitude_dora_is_lora():
     # (PEFT initialises m to the norm: γ = 1, and the DoRA layer starts as its LoRA layer, dropout included)
     x = make_x((4, 9, 40), F32)

@@ -1,0 +1,102 @@
+"""DoRA's weight norm in one read of W: ``ν = ‖W + s·B A‖`` per output
+feature (row n of the (N, K) weight), the math of :mod:`fused_lora.ops`.
+
+A program owns ``BLOCK_N`` rows and walks K in ``BLOCK_K`` tiles: each W
+tile is loaded once, ``s·B A`` for it made by a dot of the rows' B (BLOCK_N,
+r) with A's tile (r, BLOCK_K) into an fp32 accumulator (16-bit B and A: each
+product exact in fp32, as PyTorch's fp32 ``B @ A`` of them; fp32 ones with
+``INPUT_PRECISION="ieee"``), added to the tile in fp32, squared and summed
+along K into one fp32 sum a row; the square root is rounded to nearest.
+Nothing of size (N, K) is written: PyTorch's way makes ``W + s·B A`` in fp32
+(a copy, the ``addmm`` and the norm's read: about 18 bytes of traffic a
+weight element against 2 here). The sums run in a fixed order: bitwise
+reproducible. Ranks above ``BLOCK_R`` (the config's ``max_block_r``) walk
+their chunks inside the K loop; a rank of one chunk loads its B rows once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import alloc, in_bounds, is_interpreted, load_operand
+from .configs import DORA_NORM_16BIT, DORA_NORM_FP32, NormConfig, block_r_for, cdiv
+
+
+@triton.jit(do_not_specialize=["N", "K", "R"])
+def dora_norm_kernel(
+    w_ptr,  # (N, K)  W, any strides
+    b_ptr,  # (N, R)  lora_B, W's dtype
+    a_ptr,  # (R, K)  lora_A, W's dtype
+    out_ptr,  # (N,)  fp32 ν
+    N,
+    K,
+    R,
+    stride_wn,
+    stride_wk,
+    stride_bn,
+    stride_br,
+    stride_ar,
+    stride_ak,
+    scaling,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K a multiple of BLOCK_K: the K tail unmasked
+    ONE_R_TILE: tl.constexpr,  # R <= BLOCK_R: B's rows loaded once, before the K loop
+    UPCAST: tl.constexpr,  # bf16 under the interpreter (kernels.common.load_operand)
+    INPUT_PRECISION: tl.constexpr,  # fp32 dots: "ieee"
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_kb = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn
+    if ONE_R_TILE:
+        b = load_operand(b_rows + offs_r[None, :] * stride_br, n_in[:, None] & (offs_r[None, :] < R), UPCAST)
+    squares = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + offs_kb
+        k_in = in_bounds(offs_k, K, EVEN_K)
+        a_cols = a_ptr + offs_k.to(tl.int64)[None, :] * stride_ak
+        w = load_operand(w_rows + offs_k.to(tl.int64)[None, :] * stride_wk, n_in[:, None] & k_in[None, :], UPCAST)
+        ba = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        if ONE_R_TILE:
+            a = load_operand(a_cols + offs_r[:, None] * stride_ar, (offs_r[:, None] < R) & k_in[None, :], UPCAST)
+            ba = tl.dot(b, a, ba, input_precision=INPUT_PRECISION)
+        else:
+            for r0 in range(0, R, BLOCK_R):
+                rr = r0 + offs_r
+                b_chunk = load_operand(b_rows + rr[None, :] * stride_br, n_in[:, None] & (rr[None, :] < R), UPCAST)
+                a = load_operand(a_cols + rr[:, None] * stride_ar, (rr[:, None] < R) & k_in[None, :], UPCAST)
+                ba = tl.dot(b_chunk, a, ba, input_precision=INPUT_PRECISION)
+        adapted = w.to(tl.float32) + scaling * ba
+        squares += tl.sum(adapted * adapted, axis=1)
+    tl.store(out_ptr + offs_n, tl.sqrt_rn(squares), mask=n_in)
+
+
+def norm_config(element_size: int) -> NormConfig:
+    """The shipped tile for a weight of this element size."""
+    return DORA_NORM_FP32 if element_size == 4 else DORA_NORM_16BIT
+
+
+def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``ν = ‖W + s·B A‖`` per row of ``weight`` (N, K), fp32 (N,), with
+    ``lora_A`` (r, K) and ``lora_B`` (N, r) in the weight's dtype (fp16,
+    bf16 or fp32; any strides). The caller checks shapes and dtypes."""
+    n, k = weight.shape
+    r = lora_A.shape[0]
+    out = alloc((n,), torch.float32, weight.device)
+    if n == 0:
+        return out
+    cfg = norm_config(weight.element_size())
+    block_r = block_r_for(r, cfg.max_block_r)
+    upcast = is_interpreted(dora_norm_kernel) and weight.dtype == torch.bfloat16
+    dora_norm_kernel[(cdiv(n, cfg.block_n),)](
+        weight, lora_B, lora_A, out, n, k, r, *weight.stride(), *lora_B.stride(), *lora_A.stride(), float(scaling),
+        BLOCK_R=block_r, EVEN_K=k % cfg.block_k == 0, ONE_R_TILE=r <= block_r, UPCAST=upcast,
+        INPUT_PRECISION="ieee", **cfg.launch_kwargs())
+    return out
