@@ -7,6 +7,8 @@ full harness (tables, JSON, plot); this suite is for pytest-benchmark's
 comparison tooling (``--benchmark-compare``).
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -124,3 +126,42 @@ def test_dora(benchmark, provider, dropout, mode):
             return layer(x)
     dy = torch.randn(m, n, device=DEVICE, dtype=dtype)
     _time(benchmark, harness.make_step(mode, forward, [x, lora_A, lora_B, magnitude], dy))
+
+
+@pytest.mark.parametrize("r", [16, 64])
+@pytest.mark.parametrize("provider", ["fused", "torch_fp32", "peft"])
+def test_dora_norm(benchmark, provider, r):
+    """DoRA's ν = ‖W + s·B A‖ alone, each step of a DoRA layer pays it: the
+    Triton pass (one read of W), ``ops.dora_norm`` (W + s·B A made in fp32,
+    a block of rows at a time) and PEFT's (``get_weight_norm`` of its
+    ``B(A(I))`` product, in the weight's dtype). The norm's share of a step is
+    largest at decode sizes, where the GEMM reads W once too."""
+    import fused_lora
+    from fused_lora import ops
+
+    peft = pytest.importorskip("peft")
+    k, n, dtype = DORA["k"], DORA["n"], DORA["dtype"]
+    torch.manual_seed(0)
+    model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(k, n)),
+                                peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], use_dora=True),
+                                autocast_adapter_dtype=False).to(DEVICE, dtype)
+    layer = model.base_model.model[0]
+    weight, scaling = layer.base_layer.weight, layer.scaling["default"]
+    lora_A, lora_B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        torch.nn.init.normal_(lora_B, std=r ** -0.5)
+    dora = layer.lora_magnitude_vector["default"]
+    if provider == "fused":
+        step = functools.partial(fused_lora._triton.get().dora_norm, weight, lora_A.detach(), lora_B.detach(),
+                                 scaling)
+    elif provider == "torch_fp32":
+        step = functools.partial(ops.dora_norm, weight, lora_A, lora_B, scaling)
+    else:
+        def step():
+            with torch.no_grad():
+                return dora.get_weight_norm(weight, dora.get_lora_weight(layer.lora_A["default"],
+                                                                         layer.lora_B["default"]), scaling)
+    expected = torch.linalg.vector_norm(weight.double() + scaling * (lora_B.double() @ lora_A.double()), dim=1)
+    got = step().double()
+    assert ((got - expected).abs() <= 1e-2 * expected.abs().max()).all()  # (the same norm: bf16 PEFT's too)
+    _time(benchmark, step)
