@@ -163,5 +163,7 @@ def test_dora_norm(benchmark, provider, r):
                                                                          layer.lora_B["default"]), scaling)
     expected = torch.linalg.vector_norm(weight.double() + scaling * (lora_B.double() @ lora_A.double()), dim=1)
     got = step().double()
-    assert ((got - expected).abs() <= 1e-2 * expected.abs().max()).all()  # (the same norm: bf16 PEFT's too)
+    # (the same norm: fp32 arithmetic on the inputs as given for ours; PEFT's rounded to the weight's dtype)
+    rtol = 1e-5 if provider != "peft" or dtype == torch.float32 else 1e-2
+    assert ((got - expected).abs() <= rtol * expected).all(), (got - expected).abs().max()
     _time(benchmark, step)

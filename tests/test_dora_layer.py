@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fused_lora import LoRALinear, layer as layer_module, reference
-from lora_testing import DEVICE, TOLERANCE, assert_close, make_x
+from lora_testing import DEVICE, assert_close, make_x
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -212,7 +212,9 @@ def test_extra_repr_and_bad_magnitudes():
         LoRALinear(8, 6, use_dora="yes")
     with pytest.raises(TypeError, match="use_dora"):
         LoRALinear.from_linear(nn.Linear(8, 6), use_dora=None)
-    assert TOLERANCE[F32] < 1e-3  # (the tolerances above are tight)
+    with pytest.raises(TypeError, match="lora_magnitude_vector must be floating point, got torch.int64"):
+        LoRALinear.from_parameters(w, None, a, b, alpha=2, lora_magnitude_vector=nn.Parameter(
+            torch.ones(6, dtype=torch.int64), requires_grad=False))
 
 
 @pytest.mark.parametrize("merged", [False, True])
