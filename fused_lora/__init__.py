@@ -25,6 +25,7 @@ from .integration import (
 )
 from .layer import LoRALinear, MultiLoRALinear
 from .ops import LoRALinearFunction, dora_linear, lora_linear, multi_lora_linear
+from .quant import dequantize_int8, quantize_int8
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "adapter_parameters",
     "disable_adapters",
     "dispatch",
+    "dequantize_int8",
     "dora_linear",
     "dropout_mask",
     "explain",
@@ -49,6 +51,7 @@ __all__ = [
     "lora_linear",
     "merge_and_unload",
     "multi_lora_linear",
+    "quantize_int8",
     "reference",
     "save_adapter",
     "to_peft",

@@ -20,12 +20,16 @@ def version_tuple(version: str, parts: int = 2) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", version)[:parts])
 
 
-def _is_tensor(name: str, t, optional: bool = False) -> None:
+def _is_tensor(name: str, t, optional: bool = False, quantized: bool = False) -> None:
+    """``quantized``: an int8 tensor (a quantized weight), else floating point."""
     if t is None and optional:
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
+    if quantized and t.dtype != torch.int8:
+        raise TypeError(f"{name} must be an int8 tensor with weight_scale (a quantized base), got dtype {t.dtype} "
+                        "(a floating-point weight takes no weight_scale)")
+    if not quantized and not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if t.is_nested or t.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got "
@@ -73,13 +77,18 @@ def check_scaling(scaling) -> float:
     return scaling
 
 
-def check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, min_rank: int = 1):
+def check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, min_rank: int = 1,
+                    weight_scale=None):
     """Validate the arguments of ``lora_linear``; returns
     ``(scaling, dropout_p, seed)`` normalised to float, float, int-or-None.
     (``min_rank=0``: an adapter of rank 0 too, one of ``multi_lora_linear``'s
-    that leaves the layer alone.)"""
+    that leaves the layer alone. ``weight_scale``: an int8 weight's, which
+    :func:`check_weight_scale` checks then.)"""
     _is_tensor("x", x)
-    _is_tensor("weight", weight)
+    if weight_scale is None and isinstance(weight, torch.Tensor) and weight.dtype == torch.int8:
+        raise TypeError(f"weight is int8 {tuple(weight.shape)}, a quantized base: pass its weight_scale, one "
+                        "floating-point value per output feature (fused_lora.quantize_int8 makes both)")
+    _is_tensor("weight", weight, quantized=weight_scale is not None)
     _is_tensor("lora_A", lora_A)
     _is_tensor("lora_B", lora_B)
     _is_tensor("bias", bias, optional=True)
@@ -111,7 +120,7 @@ def check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, m
     if bias is not None:
         named.append(("bias", bias))
     for name, t in named[1:]:
-        if t.dtype != x.dtype:
+        if t.dtype != x.dtype and not (t is weight and weight_scale is not None):  # (int8 and its scale)
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}: all tensors must share one dtype "
                             f"(cast x or the layer, e.g. layer.to({x.dtype}))")
         if t.device != x.device:
@@ -122,6 +131,27 @@ def check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, m
     if seed is not None:
         seed = check_seed(seed)
     return scaling, dropout_p, seed
+
+
+def check_weight_scale(x: torch.Tensor, weight: torch.Tensor, weight_scale):
+    """``weight_scale`` of ``lora_linear``: None (a floating-point weight), or
+    an int8 weight's dequantisation scale: a floating-point tensor
+    (out_features,) on x's device, not requiring grad (the quantized base is
+    frozen). The other arguments checked already."""
+    if weight_scale is None:
+        return None
+    _is_tensor("weight_scale", weight_scale)
+    n = weight.shape[0]
+    if tuple(weight_scale.shape) != (n,):
+        raise ValueError(f"weight_scale must have shape (out_features={n},) to match weight "
+                         f"{tuple(weight.shape)} (one scale per output feature), got {tuple(weight_scale.shape)}")
+    if weight_scale.device != x.device:
+        raise ValueError(f"weight_scale is on {weight_scale.device} but x is on {x.device}: all tensors must be on "
+                         "one device")
+    if weight_scale.requires_grad and torch.is_grad_enabled():
+        raise ValueError("weight_scale requires grad, but a quantized base is frozen and no gradient flows to it: "
+                         "pass weight_scale.detach()")
+    return weight_scale
 
 
 def check_row_scale(x: torch.Tensor, row_scale):

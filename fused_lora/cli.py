@@ -113,6 +113,7 @@ def check_cases(on_gpu: bool) -> list[dict]:
         aligned = ((4, 257), 1024, 776)  # TMA: rows 16-byte aligned (M, N ragged)
         many_tiles = ((4, 1000), 2048, 2048)  # persistent: more tiles than the GPU runs at once (forward, dx)
         small_m = ((16,), 4096, 4096)  # decode-sized: fewer output tiles than SMs, so the GEMMs split K
+        aligned_int8 = ((4, 257), 1024, 784)  # TMA of an int8 W: its rows (in_features) 16 bytes
     else:
         shapes = [((3, 19), 53, 41), ((123,), 70, 45)]
         from .testing import interpreted_tma_k_n
@@ -121,14 +122,15 @@ def check_cases(on_gpu: bool) -> list[dict]:
         aligned = ((2, 13), k, n)
         many_tiles = ((128,), k, n)  # more tiles than the interpreter's 3 persistent programs (and aligned)
         small_m = ((5,), 70, 45)  # fewer output tiles than the interpreter's 4 programs: split-K
+        aligned_int8 = ((2, 40), 80, 48)  # TMA of an int8 W: rows of 16 bytes and 16 elements (every interpreter)
     cases = []
 
     def case(shape, r, dtype, strategy, p, train_base, tma=False, persistent=False, row_scaled=False,
-             adapters=False, dora=False):
+             adapters=False, dora=False, quantized=False):
         lead, k, n = shape
         cases.append(dict(lead=lead, k=k, n=n, r=r, dtype=dtype, strategy=strategy, dropout_p=p,
                           train_base=train_base, tma=tma, persistent=persistent, row_scaled=row_scaled,
-                          adapters=adapters, dora=dora))
+                          adapters=adapters, dora=dora, quantized=quantized))
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for shape in shapes:
@@ -150,6 +152,12 @@ def check_cases(on_gpu: bool) -> list[dict]:
         # DoRA (dora_linear): the fused op on x, or on drop(x) (its own dropout off), scaled by column
         case(small_m, 16, dtype, "in_loop", 0.0, train_base=False, dora=True)
         case(shapes[0], 16, dtype, "split", 0.1, train_base=True, dora=True)
+        # an int8 base (weight_scale): dequantised in the forward's K loop by column, in dx's by row; in
+        # loop at small M (split along K), split with dropout, forced hybrid (which falls back), two adapters
+        case(small_m, 16, dtype, "in_loop", 0.0, train_base=False, quantized=True)
+        case(shapes[1], 64, dtype, "split", 0.1, train_base=False, quantized=True)
+        case(shapes[0], 16, dtype, "hybrid", 0.0, train_base=False, quantized=True)
+        case(small_m, 16, dtype, "in_loop", 0.1, train_base=False, adapters=True, quantized=True)
         if dtype != torch.float32:
             # TMA loads (16-bit): forward, dx (masked or not) and dW through descriptors
             for p, train_base in ((0.0, True), (0.1, False)):
@@ -158,6 +166,9 @@ def check_cases(on_gpu: bool) -> list[dict]:
             case(many_tiles, 8, dtype, "in_loop", 0.0, train_base=True, persistent=True)
             case(many_tiles, 16, dtype, "split", 0.1, train_base=False, persistent=True)
             case(many_tiles, 16, dtype, "split", 0.0, train_base=True, tma=True, persistent=True)
+            # the int8 base's tiles through TMA, and on the persistent grid
+            case(aligned_int8, 16, dtype, "in_loop", 0.1, train_base=False, tma=True, quantized=True)
+            case(aligned_int8, 16, dtype, "split", 0.0, train_base=False, tma=True, persistent=True, quantized=True)
     return cases
 
 
@@ -180,12 +191,12 @@ def cmd_check(args) -> int:
               dispatch.use_persistent(case["persistent"])):
             m = math.prod(case["lead"])
             plan = dispatch.device_plan(device, m, case["n"], case["k"], case["r"], case["dtype"],
-                                        case["dropout_p"])
+                                        case["dropout_p"], quantized=case["quantized"])
             try:
                 errors = parity_case(case["lead"], case["k"], case["n"], case["r"], case["dtype"],
                                      dropout_p=case["dropout_p"], train_base=case["train_base"],
                                      row_scaled=case["row_scaled"], adapters=case["adapters"], dora=case["dora"],
-                                     device=device)
+                                     quantized=case["quantized"], device=device)
                 failure = ""
             except Exception as exc:  # a crash is a failed row, not a traceback
                 errors, failure = {}, f"{type(exc).__name__}: {exc}"
@@ -199,6 +210,7 @@ def cmd_check(args) -> int:
                               f"{' +row-scale' if case['row_scaled'] else ''}"
                               f"{' +adapters' if case['adapters'] else ''}"
                               f"{' +dora' if case['dora'] else ''}"
+                              f"{' +int8-base' if case['quantized'] else ''}"
                               f"{' +dx-in-loop' if plan.dx_in_loop and plan.strategy != 'in_loop' else ''}"
                               f"{' +split-k' if plan.fwd_gemm.split_k > 1 else ''}",
                          shape=f"{'x'.join(map(str, case['lead']))}x{case['k']}->{case['n']}", r=case["r"],
@@ -215,7 +227,7 @@ def cmd_check(args) -> int:
     else:
         print(f"fused-lora check — {where}; torch {versions['torch']}, Triton {versions['triton']}")
         print("max |fused - reference| / max |reference| per output; reference = float64 PyTorch\n")
-        head = f"{'path':<40}{'shape':<20}{'r':>4}  {'dtype':<9}{'y':>9}{'dx':>9}{'dA':>9}{'dB':>9}{'dW':>9}" \
+        head = f"{'path':<48}{'shape':<20}{'r':>4}  {'dtype':<9}{'y':>9}{'dx':>9}{'dA':>9}{'dB':>9}{'dW':>9}" \
                f"{'db':>9}{'dm':>9}{'tol':>9}  result"
         print(head)
         print("-" * len(head))
@@ -223,7 +235,7 @@ def cmd_check(args) -> int:
             e = r["errors"]
             keys = ("y", "dx", "dlora_A", "dlora_B", "dweight", "dbias", "dmagnitude")
             cells = "".join(f"{e[k]:9.1e}" if k in e else f"{'—':>9}" for k in keys)
-            print(f"{r['path']:<40}{r['shape']:<20}{r['r']:>4}  {r['dtype']:<9}{cells}{r['tolerance']:9.1e}  "
+            print(f"{r['path']:<48}{r['shape']:<20}{r['r']:>4}  {r['dtype']:<9}{cells}{r['tolerance']:9.1e}  "
                   f"{'PASS' if r['passed'] else 'FAIL ' + r['failure']}")
         print(f"\n{sum(r['passed'] for r in rows)}/{len(rows)} passed")
     return 0 if ok else 1

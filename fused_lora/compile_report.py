@@ -81,6 +81,9 @@ class Job:
     # columns (multi_lora_linear); the launchers take one or the other
     row_scale: bool = False
     adapters: bool = False
+    # An int8 base (lora_linear's weight_scale): the forward's and dx's B
+    # tiles loaded as int8 and dequantised in the K loop (by column, by row)
+    int8_base: bool = False
 
 
 @dataclass
@@ -111,9 +114,10 @@ _TORCH_OF = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True, split_k: bool = False,
                tma: bool = False, even_r: bool = True, persistent: bool = False, seed_value: bool = False,
                precision: str = "ieee", bias: bool = True, offset_int64: bool = False,
-               row_scale: bool = False, adapters: bool = False) -> dict:
+               row_scale: bool = False, adapters: bool = False, int8_base: bool = False) -> dict:
     """Argument values of lora_gemm_kernel for one pass, as the launcher passes them
-    (``even_r=False``: a rank of half the rank tile, e.g. r = 8 in a 16 tile)."""
+    (``even_r=False``: a rank of half the rank tile, e.g. r = 8 in a 16 tile;
+    ``int8_base``: B, the forward's Wᵀ or dx's W, int8 with its fp32 scales)."""
     s = SHAPE
     r = block_r if even_r else block_r // 2
     low_rank = {"forward_in_loop": 2, "forward_in_loop_dropout": 2, "forward_split": 1, "dx_in_loop": 2,
@@ -123,13 +127,16 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
     # With TMA: forward reads Wᵀ through W's descriptor (B_T), dW reads dyᵀ through dy's (A_T).
     a_t, b_t = tma and variant == "dw", tma and fwd
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    if int8_base and variant == "dw":
+        raise ValueError("dW reads no weight: an int8 base has no dW pass")
+    b_dtype = "i8" if int8_base else dtype
     return dict(
-        a_ptr=f"*{dtype}", b_ptr=f"*{dtype}",
+        a_ptr=f"*{dtype}", b_ptr=f"*{b_dtype}",
         a_desc=f"tensordesc<{dtype}[{', '.join(map(str, [bk, bm] if a_t else [bm, bk]))}]>" if tma else None,
-        b_desc=f"tensordesc<{dtype}[{', '.join(map(str, [bn, bk] if b_t else [bk, bn]))}]>" if tma else None,
+        b_desc=f"tensordesc<{b_dtype}[{', '.join(map(str, [bn, bk] if b_t else [bk, bn]))}]>" if tma else None,
         bias_ptr=f"*{dtype}", u_ptr="*fp32", s_ptr=f"*{dtype}",
         v_ptr=f"*{dtype}", c_ptr="*fp32" if split_k else f"*{dtype}", xa_ptr="*fp32", w_ptr="*fp32",
-        ids_ptr="*i32", cid_ptr="*i32", csc_ptr="*fp32",
+        ids_ptr="*i32", cid_ptr="*i32", csc_ptr="*fp32", bsc_ptr="*fp32",
         M=s, N=s, K=s, R=r, k_blocks_per_split=s // 4 // cfg.block_k if split_k else s // cfg.block_k,
         # forward: x (M,K) row-major; b = Wᵀ (strides 1, K); s = Aᵀ (strides 1, K); v = Bᵀ (strides 1, r)
         # dx: dy; b = W (strides K, 1); s = B (strides r, 1); v = A (strides K, 1)
@@ -139,10 +146,10 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         stride_vr=1 if fwd else s, stride_vn=r if fwd else 1,
         stride_cm=s, stride_cn=1, stride_cs16=s * s // 16 if split_k else 0, stride_xam=r, stride_xar=1,
         stride_xas16=s * r // 16 if split_k else 0, stride_w=1 if row_scale else 0,
-        stride_ids=1 if adapters else 0,
+        stride_ids=1 if adapters else 0, stride_bsc=1 if int8_base else 0,
         lr_scale=1.0, sh_scale=1.0 / 0.9, p=0.1, seed=_seed(dropout, seed_value),
         HAS_BIAS=fwd and bias, LOW_RANK=low_rank, LR_DROPOUT=dropout and not fwd, SHRINK_DROPOUT=dropout and fwd,
-        ROW_SCALE=row_scale, ADAPTERS=adapters,
+        ROW_SCALE=row_scale, ADAPTERS=adapters, B_SCALE=(1 if fwd else 2) if int8_base else 0,
         OFFSET_INT64=offset_int64, UPCAST=False, INPUT_PRECISION=precision, EVEN_K=even_k,
         EVEN_R=even_r and low_rank != 2,
         TMA=tma,
@@ -337,7 +344,7 @@ def result_of(job: Job) -> Result:
                   + ("+persistent" if job.persistent else "") + ("+seed_value" if job.seed_value else "")
                   + ("+tf32" if job.tf32 else "") + ("" if job.bias else "+no_bias")
                   + ("+offset_int64" if job.offset_int64 else "") + ("+row_scale" if job.row_scale else "")
-                  + ("+adapters" if job.adapters else ""),
+                  + ("+adapters" if job.adapters else "") + ("+int8_base" if job.int8_base else ""),
                   job.dtype, job.arch, job.config, job.block_r)
 
 
@@ -352,7 +359,7 @@ def compile_job(job: Job) -> Result:
             fn, values = gemm.lora_gemm_kernel, _gemm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
                                                            job.split_k, job.tma, job.even_r, job.persistent,
                                                            job.seed_value, precision, job.bias, job.offset_int64,
-                                                           job.row_scale, job.adapters)
+                                                           job.row_scale, job.adapters, job.int8_base)
         elif job.kernel == "skinny":
             cfg = configs.SkinnyConfig(**job.config)
             fn, values = skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r,
@@ -514,6 +521,12 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
             if in_loop:  # each row factor on the in-loop shrink (a mixed batch; several adapters)
                 for factor in ROW_FACTORS:
                     jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, **factor))
+            if pass_name != "dw":  # an int8 base (its own tiles: configs.int8_b_fits), and its K tail
+                int8_tiles = _int8_tiles(elt, block_r, in_loop, arch, smem, pass_name)
+                for cfg in int8_tiles if every_tile else int8_tiles[:1]:
+                    jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, int8_base=True))
+                jobs.append(Job("gemm", pass_name, dtype, asdict(int8_tiles[0]), arch, block_r, even_k=False,
+                                int8_base=True))
         # Split-K partials (fp32 stores into the workspace), on the tiles the
         # heuristic picks where it splits: every pass at small M; dW (whose K is
         # the tokens) where its output is small: a 256x256 layer over 64 K tokens.
@@ -530,6 +543,12 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
             if in_loop:  # (the mixed batches of decoding: small M, a row factor)
                 for factor in ROW_FACTORS:
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, split_k=True, **factor))
+            if pass_name != "dw":  # (decoding on an int8 base)
+                cfg8 = configs.gemm_config(m, n, k, block_r, elt, in_loop, False, arch=arch, smem_limit=smem,
+                                           int8_b=True, **_gemm_pruning(pass_name))
+                assert cfg8.split_k > 1, (pass_name, cfg8)
+                jobs.append(Job("gemm", pass_name, dtype, asdict(dataclasses.replace(cfg8, split_k=1)), arch, block_r,
+                                split_k=True, int8_base=True))
         # TMA (16-bit, Hopper): every pass on every shipped tile it may run on, with a K tail
         # on the largest tile of each pass; the persistent grid likewise.
         if elt == 2 and arch >= 90:
@@ -553,6 +572,15 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                     for factor in ROW_FACTORS:
                         jobs.append(Job("gemm", pass_name, dtype, asdict(persistent[0]), arch, block_r, tma=True,
                                         persistent=True, **factor))
+                if pass_name != "dw":  # an int8 base's tiles through TMA, and on the persistent grid
+                    jobs.append(Job("gemm", pass_name, dtype, asdict(_int8_tiles(elt, block_r, in_loop, arch, smem,
+                                                                               pass_name)[0]),
+                                    arch, block_r, tma=True, int8_base=True))
+                    persistent8 = _int8_tiles(elt, block_r, in_loop, arch, smem, pass_name, persistent=True) \
+                        if persistent else []
+                    if persistent8:
+                        jobs.append(Job("gemm", pass_name, dtype, asdict(persistent8[0]), arch, block_r, tma=True,
+                                        persistent=True, int8_base=True))
         for cfg in shipped["skinny_fp32" if elt == 4 else "skinny_16bit"]:
             for pass_name, (shrink, tn, colsum, dropout) in SKINNY_PASSES.items():
                 for block_r in configs.rank_tiles(cfg.max_block_r):
@@ -591,6 +619,15 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
     return largest_rank_tiles([j for j in jobs if not (j.kernel != "reduce" and j.dtype == "fp16" and arch == 90)])
 
 
+def _int8_tiles(elt: int, block_r: int, in_loop: bool, arch: int, smem: int, pass_name: str,
+                persistent: bool = False) -> list:
+    """The tiles a GEMM pass runs an int8 base on (``configs.gemm_candidates``' ``int8_b``)."""
+    from fused_lora.kernels import configs
+
+    return configs.gemm_candidates(elt, block_r, in_loop, arch=arch, smem_limit=smem, persistent=persistent,
+                                   int8_b=True, **_gemm_pruning(pass_name))
+
+
 def largest_rank_tiles(jobs: list[Job]) -> list[Job]:
     """``jobs`` less those whose kernel (pass, variant, dtype, loads, grid)
     is among them at a larger rank tile."""
@@ -619,7 +656,7 @@ def with_every_variant(jobs: list[Job]) -> list[Job]:
     for job in jobs:
         if job.kernel != "gemm" or not (job.even_k and job.even_r and job.bias and not job.seed_value
                                          and not job.offset_int64 and not job.split_k and not job.row_scale
-                                         and not job.adapters):
+                                         and not job.adapters and not job.int8_base):
             continue
         variants = [dict(even_k=False), dict(even_r=False)]
         if job.pass_name.startswith("forward"):

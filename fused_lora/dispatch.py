@@ -197,18 +197,22 @@ def device_target(device: torch.device) -> _triton.CudaTarget:
 
 
 def device_plan(device: torch.device, m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float,
-                strategy: str | None = None) -> Plan:
+                strategy: str | None = None, quantized: bool = False) -> Plan:
     """:func:`plan` for a problem on ``device``, with that device's own
     compute capability, shared memory and SM count (:func:`device_target`)."""
     target = device_target(device)
     return plan(m, n, k, r, dtype, dropout_p, target.arch, strategy=strategy, smem_limit=target.smem_limit,
-                num_sms=target.num_sms)
+                num_sms=target.num_sms, quantized=quantized)
 
 
 def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, max_block_r: int,
-            forced: str | None):
+            forced: str | None, quantized: bool = False):
     """(strategy, reason); ``max_block_r``: the in-loop shrink's largest rank
-    tile (with this dropout: a masked shrink input holds a narrower one in fp32)."""
+    tile (with this dropout: a masked shrink input holds a narrower one in fp32);
+    ``quantized``: an int8 base, which only the Triton GEMMs read (no hybrid)."""
+    if quantized and forced == "hybrid":
+        strategy, reason = _choose(m, r, dtype, dropout_p, interp, max_block_r, None, quantized)
+        return strategy, f"forced 'hybrid', whose cuBLAS GEMMs cannot read an int8 base: {reason}"
     in_loop_ok = dropout_p == 0.0 and r <= max_block_r
     if forced is not None:
         if forced == "in_loop" and r > max_block_r:
@@ -218,7 +222,7 @@ def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, 
         if forced == "in_loop" and dropout_p:
             return forced, "forced 'in_loop': with dropout, each N tile draws the mask of its x tiles for the shrink"
         return forced, f"forced {forced!r}"
-    if dtype == torch.float32 and not interp:
+    if dtype == torch.float32 and not interp and not quantized:
         return "hybrid", ("float32 on CUDA: exact fp32 dots run on FMA units, where cuBLAS is far ahead; "
                           "the fused low-rank term is cuBLAS's C operand")
     if not in_loop_ok:
@@ -235,7 +239,7 @@ def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, 
 
 def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, arch: int = 90,
          interpreter: bool | None = None, strategy: str | None = None, smem_limit: int | None = None,
-         num_sms: int | None = None) -> Plan:
+         num_sms: int | None = None, quantized: bool = False) -> Plan:
     """The strategy and configurations for ``x (m, k) · Wᵀ (k, n)`` with rank ``r``
     on a GPU of compute capability ``arch`` (x10) with ``smem_limit`` bytes of
     shared memory per program (default: the arch's, from
@@ -247,7 +251,9 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
     if any). (A row scale, ``lora_linear``'s ``row_scale``, and adapters side
     by side, ``multi_lora_linear``'s, run on every plan: the kernels apply
     them where they make ``xa`` and ``g``; ``r`` is then the sum of the
-    adapters' ranks.)
+    adapters' ranks.) ``quantized``: the base is int8 (``lora_linear``'s
+    ``weight_scale``), dequantised in the Triton GEMMs' K loops: never
+    ``hybrid``.
     Cached per problem: at small M the host's time per call matters."""
     interp = _triton.interpreter() if interpreter is None else interpreter
     if strategy is not None and strategy not in STRATEGIES:
@@ -262,16 +268,16 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
         raise ValueError(f"num_sms must be >= 1, got {num_sms}")
     key = (m, n, k, r, dtype, dropout_p > 0.0, arch, interp)
     switches = (input_precision(dtype), _switches["tma"], _switches["persistent"], smem_limit, num_sms)
-    return _plan(*key, forced, *switches)
+    return _plan(*key, forced, *switches, bool(quantized))
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, persistent, smem_limit,
-          num_sms) -> Plan:
+          num_sms, quantized=False) -> Plan:
     cfg = _triton.configs()
     elt = dtype.itemsize
     dropout_p = 0.5 if dropout else 0.0  # only "is there dropout" shapes the plan
-    strategy, reason = _choose(m, r, dtype, dropout_p, interp, cfg.in_loop_max_block_r(elt), forced)
+    strategy, reason = _choose(m, r, dtype, dropout_p, interp, cfg.in_loop_max_block_r(elt), forced, quantized)
     # (under hybrid the Triton GEMMs have no K loop: neither switch applies)
     hopper_16bit = elt == 2 and (interp or arch >= 90) and strategy != "hybrid"
     skinny = cfg.skinny_config(elt, interp, m)
@@ -298,9 +304,9 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
         reason=reason,
         fwd_gemm=cfg.gemm_config(m, n, k, r, elt, strategy == "in_loop", interp, arch=arch, persistent=persistent,
                                  shrink_mask=dropout and strategy == "in_loop", smem_limit=smem_limit,
-                                 num_sms=num_sms),
+                                 num_sms=num_sms, int8_b=quantized),
         dx_gemm=cfg.gemm_config(m, k, n, r, elt, dx_in_loop, interp, epilogue_mask=dropout_p > 0.0, arch=arch,
-                                persistent=persistent, smem_limit=smem_limit, num_sms=num_sms),
+                                persistent=persistent, smem_limit=smem_limit, num_sms=num_sms, int8_b=quantized),
         dw_gemm=cfg.gemm_config(n, k, m, 1, elt, False, interp, arch=arch, persistent=persistent,
                                 smem_limit=smem_limit, num_sms=num_sms),
         skinny=skinny,
@@ -452,7 +458,7 @@ def _time_ms(fn) -> float:
 
 def gemm_config_for(pass_name: str, default, launch, *, m: int, n: int, k: int, r: int, dtype: torch.dtype,
                     shrink_in_loop: bool, epilogue_mask: bool, device: torch.device, persistent: bool = False,
-                    shrink_mask: bool = False):
+                    shrink_mask: bool = False, int8_b: bool = False):
     """The configuration for one GEMM launch: ``default`` (the heuristic),
     unless autotuning is on, on a GPU, in which case the fastest candidate for
     this size bucket, timed once with ``launch(config)``."""
@@ -463,10 +469,11 @@ def gemm_config_for(pass_name: str, default, launch, *, m: int, n: int, k: int, 
     elt = dtype.itemsize
     block_r = cfg.block_r_for(r) if shrink_in_loop else cfg.block_r_for(r, cfg.GEMM_LR_MAX_BLOCK_R[elt])
     key = (pass_name, cfg.m_bucket(m), n, k, block_r, dtype, shrink_in_loop, epilogue_mask, arch, smem_limit,
-           num_sms, persistent, shrink_mask)
+           num_sms, persistent, shrink_mask, int8_b)
     if key not in _tuned:
         candidates = cfg.gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, smem_limit=smem_limit,
-                                         arch=arch, persistent=persistent, shrink_mask=shrink_mask) or [default]
+                                         arch=arch, persistent=persistent, shrink_mask=shrink_mask,
+                                         int8_b=int8_b) or [default]
         # each tile shape with its own split-K
         candidates = [dataclasses.replace(c, split_k=cfg.split_k_for(c, m, n, k, False, num_sms))
                       for c in candidates]

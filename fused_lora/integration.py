@@ -74,6 +74,7 @@ from torch import nn
 from ._validate import check_bool, check_int, version_tuple
 from .layer import (LoRALinear, MultiLoRALinear, check_adapter_dtype, lora_scaling, note_checked_adapter_ids,
                     unfusable_base)
+from .quant import quantize_int8
 
 #: The fused layers: one adapter (:func:`inject`), or several (:func:`inject_multi`).
 FUSED_KINDS = (LoRALinear, MultiLoRALinear)
@@ -614,11 +615,13 @@ def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def _fused_layer_for(module: nn.Module, r, alpha, dropout, use_rslora, adapter_dtype, backend,
-                     use_dora: bool = False) -> LoRALinear:
-    """A fused layer sharing ``module``'s weight and bias, in its train/eval mode."""
+                     use_dora: bool = False, quantize_base: bool = False) -> LoRALinear:
+    """A fused layer sharing ``module``'s weight and bias, in its train/eval
+    mode (``quantize_base``: the weight quantized to int8, the bias shared)."""
     if isinstance(module, nn.Linear):
         layer = LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                                       backend=backend, adapter_dtype=adapter_dtype, use_dora=use_dora)
+                                       backend=backend, adapter_dtype=adapter_dtype, use_dora=use_dora,
+                                       quantize_base=quantize_base)
         return layer.train(module.training)
     # transformers' Conv1D: weight (in, out), y = x @ W + b
     w = module.weight
@@ -627,9 +630,13 @@ def _fused_layer_for(module: nn.Module, r, alpha, dropout, use_rslora, adapter_d
     a = nn.Parameter(torch.empty(r, in_f, device=w.device, dtype=dt))
     b = nn.Parameter(torch.empty(out_f, r, device=w.device, dtype=dt))
     m = nn.Parameter(torch.empty(out_f, device=w.device, dtype=dt)) if use_dora else None
-    layer = LoRALinear.from_parameters(module.weight, module.bias, a, b, alpha=alpha, dropout=dropout,
-                                       use_rslora=use_rslora, fan_in_fan_out=True, backend=backend,
-                                       lora_magnitude_vector=m)
+    weight, scale = module.weight, None
+    if quantize_base:  # (int8 (out, in), as every int8 base: no fan_in_fan_out)
+        q, scale = quantize_int8(module.weight.t())
+        weight = nn.Parameter(q, requires_grad=False)
+    layer = LoRALinear.from_parameters(weight, module.bias, a, b, alpha=alpha, dropout=dropout,
+                                       use_rslora=use_rslora, fan_in_fan_out=not quantize_base, backend=backend,
+                                       lora_magnitude_vector=m, weight_scale=scale)
     layer.weight.requires_grad_(False)
     if layer.bias is not None:
         layer.bias.requires_grad_(False)
@@ -639,7 +646,7 @@ def _fused_layer_for(module: nn.Module, r, alpha, dropout, use_rslora, adapter_d
 
 def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropout: float = 0.0,
            use_rslora: bool = False, exclude_modules=None, *, adapter_dtype: torch.dtype | None = None,
-           backend: str = "auto", use_dora: bool = False) -> list[str]:
+           backend: str = "auto", use_dora: bool = False, quantize_base: bool = False) -> list[str]:
     """Replace the matching linear layers of ``model`` with :class:`LoRALinear`
     in place, sharing their weights. A model without fused layers is frozen
     first, but for the new adapters; on a model fused already (a second call,
@@ -655,6 +662,14 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
         exclude_modules: the same forms; matching layers are left alone.
         adapter_dtype: dtype of the new adapter parameters (default: the base's).
         use_dora: DoRA layers (PEFT's ``use_dora=True``; :class:`LoRALinear`).
+        quantize_base: each matching layer's base weight quantized to int8
+            (:func:`fused_lora.quantize_int8`; ``LoRALinear.from_linear``'s
+            ``quantize_base``), the float weight let go: half the memory of a
+            16-bit base, QLoRA-style. Not with ``use_dora``. Such layers do
+            not merge, and :func:`unload`, :func:`merge_and_unload` and
+            :func:`to_peft` refuse them (the float base is gone): save the
+            adapters (:func:`save_adapter`) and load them into the
+            floating-point model.
 
     Both forms match names without the attributes of torch.compile's, DDP's
     and torch's checkpoint wrappers (``_orig_mod``, ``module``,
@@ -686,6 +701,8 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
     r = check_int("r", r, 1)
     adapter_dtype = check_adapter_dtype(adapter_dtype)
     use_dora = check_bool("use_dora", use_dora)
+    if check_bool("quantize_base", quantize_base) and use_dora:
+        raise ValueError("inject: use_dora and quantize_base: DoRA on an int8 base is not supported yet")
     multi = multi_fused_layers(model)
     if multi:
         raise ValueError(f"inject: the model's fused layers hold several adapters each ({', '.join(list(multi)[:3])}"
@@ -698,7 +715,7 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
         module = model.get_submodule(name)
         if id(module) not in fused_by_id:  # a module reachable under two names gets one adapter
             fused_by_id[id(module)] = _fused_layer_for(module, r, alpha, dropout, use_rslora, adapter_dtype, backend,
-                                                       use_dora)
+                                                       use_dora, quantize_base)
         _replace_module(model, name, fused_by_id[id(module)])
     guard_fast_paths(model)
     return chosen
@@ -1592,6 +1609,7 @@ def to_peft(model: nn.Module, *, adapter_name: str | None = None, adapter_names=
     in every layer (PEFT has no adapter of no layer).
     """
     _check_model(model)
+    _check_not_quantized(fused_layers(model), "to_peft")
     multi = multi_fused_layers(model)
     originals = getattr(model, _ORIGINALS, None)
     if multi:
@@ -1805,6 +1823,7 @@ def _unload(model: nn.Module, merge: bool, adapter=None) -> list[str]:
     layers = all_fused_layers(model)
     if not layers:
         raise ValueError("the model has no fused LoRA layers to unload")
+    _check_not_quantized(layers, what)
     multi = {n: layer for n, layer in layers.items() if isinstance(layer, MultiLoRALinear)}
     adapter = _check_adapter_index(what, adapter, multi) if merge else None
     routed = [n for n, layer in layers.items() if _ROUTED in layer.__dict__]
@@ -1836,6 +1855,17 @@ def _unload(model: nn.Module, merge: bool, adapter=None) -> list[str]:
         _replace_module(model, name, plain_by_id[id(layer)])
     _unguard_fast_paths(model)
     return list(layers)
+
+
+def _check_not_quantized(layers: dict[str, nn.Module], what: str) -> None:
+    """Refuse fused layers with an int8 base (``quantize_base``): their float
+    base is gone, and a plain layer cannot hold an int8 one."""
+    quantized = [n for n, layer in layers.items() if getattr(layer, "quantized", False)]
+    if quantized:
+        raise ValueError(f"{what}: {', '.join(quantized[:3])}{', ...' if len(quantized) > 3 else ''} hold an int8 "
+                         "base (quantize_base=True), and the floating-point base is gone: save the adapters "
+                         "(fused_lora.save_adapter) and load them into the floating-point model "
+                         "(fused_lora.load_adapter, or PEFT's PeftModel.from_pretrained)")
 
 
 def _shared_weights(model: nn.Module, layers) -> dict[str, list[str]]:

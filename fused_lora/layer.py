@@ -15,6 +15,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ._validate import check_backend, check_bool, check_int
 from .dropout import check_dropout_p
 from .ops import _autocast_enabled, _unreadable, dora_linear, dora_norm, lora_linear, multi_lora_linear
+from .quant import dequantize_int8, quantize_int8
 
 
 def check_adapter_dtype(dtype, name: str = "adapter_dtype") -> torch.dtype | None:
@@ -83,6 +84,12 @@ def _check_recompute(layer: nn.Module, adapter_ids) -> None:
                          "layers inside the block only: run the backward (loss.backward()) inside the block too")
 
 
+def _compute_dtype(x, weight_scale: torch.Tensor) -> torch.dtype:
+    """The dtype an int8 base computes in: x's (the scale's where x is not a
+    floating-point tensor, which the checks downstream then refuse)."""
+    return x.dtype if isinstance(x, torch.Tensor) and x.is_floating_point() else weight_scale.dtype
+
+
 def _base_linear(layer: nn.Module, x, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight, layer.bias)``: a fused layer's base alone (its
     adapters off, merged, or no row's), with the fused path's typed errors
@@ -125,6 +132,31 @@ def _check_base(weight, bias) -> None:
                         f"supported yet (PEFT's LoRA layers handle torchao and bitsandbytes ones)")
 
 
+def _check_quantized_base(weight, bias, weight_scale, fan_in_fan_out, magnitude) -> None:
+    """``from_parameters``' int8 base: an int8 (out, in) weight, its
+    floating-point (out,) scale on its device, a plain bias; not
+    ``fan_in_fan_out``, not DoRA."""
+    if weight.dtype != torch.int8 or is_traceable_wrapper_subclass(weight):
+        raise TypeError(f"weight must be a plain int8 Parameter with weight_scale (a quantized base), got a "
+                        f"{type(weight).__name__} of dtype {weight.dtype}")
+    if not isinstance(weight_scale, torch.Tensor) or not weight_scale.is_floating_point() \
+            or is_traceable_wrapper_subclass(weight_scale):
+        got = weight_scale.dtype if isinstance(weight_scale, torch.Tensor) else type(weight_scale).__name__
+        raise TypeError(f"weight_scale must be a plain floating-point tensor or None, got {got}")
+    if tuple(weight_scale.shape) != (weight.shape[0],):
+        raise ValueError(f"weight_scale must have shape (out_features={weight.shape[0]},) to match the int8 weight "
+                         f"{tuple(weight.shape)}, got {tuple(weight_scale.shape)}")
+    if weight_scale.device != weight.device:
+        raise ValueError(f"weight_scale is on {weight_scale.device} but weight is on {weight.device}")
+    if check_bool("fan_in_fan_out", fan_in_fan_out):
+        raise ValueError("an int8 base is stored (out, in): fan_in_fan_out=True takes no weight_scale")
+    if magnitude is not None:
+        raise ValueError("lora_magnitude_vector with weight_scale: DoRA on an int8 base is not supported yet")
+    why = unfusable_base(None, bias)
+    if why:
+        raise TypeError(f"the base: {why}")
+
+
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     """PEFT's scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -159,6 +191,16 @@ class LoRALinear(nn.Module):
     adapter changes nothing); ``merge()`` folds ``γ ⊙ (W + s·B A)`` into
     the weight, as PEFT's merge. Its state key, ``lora_magnitude_vector``, is
     PEFT's file key.
+
+    ``from_linear(..., quantize_base=True)`` makes its base int8: ``weight``
+    an int8 (out, in) Parameter and the buffer ``weight_scale`` (out,), fp32,
+    one scale per output feature (:func:`fused_lora.quantize_int8`), half
+    the bytes of a 16-bit base. The forward computes with ``Ŵ = round(weight
+    · weight_scale)`` in x's dtype (:func:`fused_lora.dequantize_int8`),
+    dequantised tile by tile inside the fused GEMMs (forward and dx); the
+    adapter computes in x's dtype too. Such a layer does not merge (folding
+    the adapter into int8 would requantize the base), is not DoRA, and
+    refuses a floating-point ``weight`` in ``load_state_dict``.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8, dropout: float = 0.0,
@@ -190,6 +232,7 @@ class LoRALinear(nn.Module):
         else:
             self.register_parameter("lora_magnitude_vector", None)
         self.register_buffer("_unmerged_weight", None, persistent=False)
+        self.register_buffer("weight_scale", None)  # (an int8 base's: from_linear(..., quantize_base=True))
         self.reset_parameters()
 
     # -- construction ---------------------------------------------------------
@@ -219,26 +262,43 @@ class LoRALinear(nn.Module):
         # (every forward asks: nn.Module's __getattr__ for a parameter took 0.7 µs of host time here, this 0.15)
         return self._parameters.get("lora_magnitude_vector") is not None
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the base is int8 (it holds a ``weight_scale``)."""
+        return self._buffers.get("weight_scale") is not None
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                     use_rslora: bool = False, *, backend: str = "auto",
-                    adapter_dtype: torch.dtype | None = None, use_dora: bool = False) -> "LoRALinear":
+                    adapter_dtype: torch.dtype | None = None, use_dora: bool = False,
+                    quantize_base: bool = False) -> "LoRALinear":
         """Wrap ``linear``: the new layer's ``weight`` and ``bias`` *are*
         ``linear``'s parameters (no copy; frozen here), the adapter is fresh
         (DoRA's too, with ``use_dora``), on the same device and in the same
-        dtype (or ``adapter_dtype``)."""
+        dtype (or ``adapter_dtype``). ``quantize_base``: the weight quantized
+        to int8 instead (:func:`fused_lora.quantize_int8`: a new int8
+        Parameter and its ``weight_scale``; ``linear``'s weight is not kept,
+        its bias is shared); not with ``use_dora``."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         r = check_int("r", r, 1)
         adapter_dtype = check_adapter_dtype(adapter_dtype)
         _check_base(linear.weight, linear.bias)
+        use_dora, quantize_base = check_bool("use_dora", use_dora), check_bool("quantize_base", quantize_base)
+        if use_dora and quantize_base:
+            raise ValueError("use_dora and quantize_base: DoRA on an int8 base is not supported yet")
         w = linear.weight
         a = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=adapter_dtype or w.dtype))
         b = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=adapter_dtype or w.dtype))
         m = nn.Parameter(torch.empty(linear.out_features, device=w.device, dtype=adapter_dtype or w.dtype)) \
-            if check_bool("use_dora", use_dora) else None
-        layer = cls.from_parameters(linear.weight, linear.bias, a, b, alpha=alpha, dropout=dropout,
-                                    use_rslora=use_rslora, backend=backend, lora_magnitude_vector=m)
+            if use_dora else None
+        weight, scale = linear.weight, None
+        if quantize_base:
+            q, scale = quantize_int8(linear.weight)
+            weight = nn.Parameter(q, requires_grad=False)
+        layer = cls.from_parameters(weight, linear.bias, a, b, alpha=alpha, dropout=dropout,
+                                    use_rslora=use_rslora, backend=backend, lora_magnitude_vector=m,
+                                    weight_scale=scale)
         layer.weight.requires_grad_(False)
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
@@ -249,16 +309,22 @@ class LoRALinear(nn.Module):
     def from_parameters(cls, weight: nn.Parameter, bias: nn.Parameter | None, lora_A: nn.Parameter,
                         lora_B: nn.Parameter, *, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                         fan_in_fan_out: bool = False, backend: str = "auto",
-                        lora_magnitude_vector: nn.Parameter | None = None) -> "LoRALinear":
+                        lora_magnitude_vector: nn.Parameter | None = None,
+                        weight_scale: torch.Tensor | None = None) -> "LoRALinear":
         """A layer whose parameters *are* the given ones (shared, not copied;
         ``requires_grad`` untouched). ``weight`` is (out, in), or (in, out)
         with ``fan_in_fan_out``; ``lora_A`` (r, in); ``lora_B`` (out, r);
-        ``lora_magnitude_vector`` (out,), given: a DoRA layer."""
+        ``lora_magnitude_vector`` (out,), given: a DoRA layer;
+        ``weight_scale`` (out,), floating point, given: ``weight`` is an int8
+        (out, in) base (held as the ``weight_scale`` buffer, not copied)."""
         for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
             if not isinstance(t, nn.Parameter) or t.dim() != 2:
                 raise TypeError(f"{name} must be a 2-D nn.Parameter, got {type(t).__name__} "
                                 f"of shape {tuple(getattr(t, 'shape', ()))}")
-        _check_base(weight, bias)
+        if weight_scale is None:
+            _check_base(weight, bias)
+        else:
+            _check_quantized_base(weight, bias, weight_scale, fan_in_fan_out, lora_magnitude_vector)
         fan_in_fan_out = check_bool("fan_in_fan_out", fan_in_fan_out)
         in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
         r = lora_A.shape[0]
@@ -279,11 +345,12 @@ class LoRALinear(nn.Module):
                 raise TypeError(f"lora_magnitude_vector must be floating point, got {m.dtype}")
         with torch.device("meta"):
             layer = cls(in_f, out_f, r=r, alpha=alpha, dropout=dropout, bias=bias is not None,
-                        use_rslora=use_rslora, dtype=weight.dtype, backend=backend, fan_in_fan_out=fan_in_fan_out,
-                        use_dora=m is not None)
+                        use_rslora=use_rslora, dtype=weight.dtype if weight_scale is None else lora_A.dtype,
+                        backend=backend, fan_in_fan_out=fan_in_fan_out, use_dora=m is not None)
         layer.weight, layer.bias, layer.lora_A, layer.lora_B = weight, bias, lora_A, lora_B
         if m is not None:
             layer.lora_magnitude_vector = m
+        layer.weight_scale = weight_scale
         return layer
 
     # -- the forward ----------------------------------------------------------
@@ -384,6 +451,9 @@ class LoRALinear(nn.Module):
         output has no gradient for the adapter, as PEFT's) and without dropout
         (which a merged forward does not draw): one batch, in any mode."""
         weight = self.base_weight()
+        scale = self.weight_scale
+        if scale is not None and not with_adapter:  # (an int8 base alone: Ŵ in x's dtype, as the kernels make it)
+            return _base_linear(self, x, dequantize_int8(weight, scale, _compute_dtype(x, scale)))
         if self.merged and (not with_adapter or row_scale is not None):
             weight = self._unmerged_weight.t() if self.fan_in_fan_out else self._unmerged_weight
         if not with_adapter or (self.merged and row_scale is None):
@@ -391,15 +461,17 @@ class LoRALinear(nn.Module):
         lora_A, lora_B = self.lora_A, self.lora_B
         if self.merged:
             lora_A, lora_B = lora_A.detach(), lora_B.detach()
-        if lora_A.dtype != weight.dtype:  # e.g. fp32 adapter on a bf16 base: compute in the base's dtype
-            lora_A, lora_B = lora_A.to(weight.dtype), lora_B.to(weight.dtype)
+        # (e.g. fp32 adapters on a bf16 base: compute in the base's dtype; an int8 base's: x's)
+        dtype = weight.dtype if scale is None else _compute_dtype(x, scale)
+        if lora_A.dtype != dtype:
+            lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
         if self.use_dora:  # (never with a row scale: _forward_mixed runs DoRA's row groups apart)
             return dora_linear(x, weight, lora_A, lora_B, self.lora_magnitude_vector.to(weight.dtype), self.bias,
                                scaling=self.scaling, dropout_p=self.dropout if self.training else 0.0,
                                backend=self.backend)
         return lora_linear(x, weight, lora_A, lora_B, self.bias, scaling=self.scaling,
                            dropout_p=self.dropout if self.training and not self.merged else 0.0,
-                           row_scale=row_scale, backend=self.backend)
+                           row_scale=row_scale, weight_scale=scale, backend=self.backend)
 
     # -- merging ----------------------------------------------------------------
     def _delta_fp32(self) -> torch.Tensor:
@@ -416,8 +488,9 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """What ``merge()`` adds to the weight, (out, in), computed in fp32 and
         cast to the weight's dtype: ``s · B · A``; with DoRA, ``γ ⊙ (W + s·B
-        A) - W``."""
-        return self._delta_fp32().to(self.weight.dtype)
+        A) - W``. (An int8 base, which does not merge: ``s · B · A`` in fp32.)"""
+        delta = self._delta_fp32()
+        return delta if self.quantized else delta.to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -426,6 +499,10 @@ class LoRALinear(nn.Module):
         :func:`fused_lora.merge_and_unload` refuses that)."""
         if self.merged:
             raise RuntimeError("LoRALinear.merge(): the adapter is already merged")
+        if self.quantized:
+            raise ValueError("LoRALinear.merge(): the base is int8 (quantize_base): folding the adapter in would "
+                             "requantize it, changing the base. Keep the adapter unmerged, or merge it into the "
+                             "floating-point model (fused_lora.save_adapter, then load it there)")
         original = self.weight.detach().clone()
         delta = self._delta_fp32()
         if self.fan_in_fan_out:
@@ -449,6 +526,15 @@ class LoRALinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        weight = state_dict.get(prefix + "weight")
+        if isinstance(weight, torch.Tensor) and (weight.dtype == torch.int8) != self.quantized:
+            # (copy_ would cast one into the other: floats truncated to int8, or int8 read as values)
+            error_msgs.append(f"{prefix}weight: a {weight.dtype} weight for a layer whose base is "
+                              f"{'int8 (quantize_base)' if self.quantized else self.weight.dtype}: "
+                              + ("quantize it (fused_lora.quantize_int8) and load it with its weight_scale"
+                                 if self.quantized else "an int8 base loads into a layer made with "
+                                 "quantize_base=True"))
+            return
         was_merged = self.merged
         if was_merged:
             self.unmerge()
@@ -463,6 +549,7 @@ class LoRALinear(nn.Module):
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}, merged={self.merged}"
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
                 + (", use_dora=True" if self.use_dora else "")
+                + (", base=int8" if self.quantized else "")
                 + ("" if self.adapter_enabled else ", adapter_enabled=False"))
 
 

@@ -106,8 +106,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _triton, dispatch
 from ._validate import (check_adapter_ids, check_backend, check_lora_args, check_magnitude, check_row_scale,
-                        check_scaling)
+                        check_scaling, check_weight_scale)
 from .dropout import check_seed, draw_seed_tensor
+from .quant import dequantize_int8
 from .reference import dora_dropped, dora_linear_checked, lora_linear_checked
 
 Tensor = torch.Tensor
@@ -178,27 +179,31 @@ def _on_the_operands_device(pass_fn):
 def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                    scaling: float, dropout_p: float, seed: int | Tensor,
                    strategy: str = "", row_scale: Tensor | None = None, adapter_ids: Tensor | None = None,
-                   rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None,
+                   weight_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(y, xa)`` of the math above, with the Triton kernels. ``strategy``:
     a forced one (:func:`fused_lora.dispatch.force_strategy`), ``""``: none.
     ``row_scale``: of x's leading shape, or None; ``adapter_ids`` (x's
     leading shape), ``rank_ids`` and ``rank_scaling`` (r,): the adapters'
-    factor of ``w``, or None."""
+    factor of ``w``, or None; ``weight_scale`` (N,): an int8 weight's
+    (the GEMM dequantises its tiles), or None."""
     k_ = _triton.get()
     n, k = weight.shape
     r = lora_A.shape[0]
     x2 = _flatten(x, k)
     m = x2.shape[0]
-    plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None)
+    plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None,
+                                quantized=weight_scale is not None)
     w = _row_vector(row_scale, m)
     adapters = _adapter_columns(adapter_ids, rank_ids, rank_scaling, m)
-    tune = dict(m=m, n=n, r=r, dtype=x.dtype, epilogue_mask=False, device=x.device, persistent=plan.persistent)
+    tune = dict(m=m, n=n, r=r, dtype=x.dtype, epilogue_mask=False, device=x.device, persistent=plan.persistent,
+                int8_b=weight_scale is not None)
     if plan.strategy == "in_loop":
         # (with dropout: xa = drop(x)·Aᵀ, each N tile masking its x tiles for the shrink's dot)
         def launch(config):
             return k_.lora_gemm(x2, weight.t(), bias=bias, shrink=lora_A.t(), v=lora_B.t(), lr_scale=scaling,
                                 dropout_p=dropout_p, seed=seed, shrink_dropout=True, row_scale=w,
-                                adapters=adapters, config=config, out_dtype=x.dtype,
+                                adapters=adapters, b_scale=weight_scale, config=config, out_dtype=x.dtype,
                                 input_precision=plan.input_precision, tma=plan.tma, persistent=plan.persistent,
                                 num_sms=plan.num_sms)
 
@@ -212,8 +217,8 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
         a, b = (x2[:, :0], weight.t()[:0]) if plan.cublas_base else (x2, weight.t())
 
         def launch(config):
-            return k_.lora_gemm(a, b, bias=bias, u=xa, v=lora_B.t(), lr_scale=scaling, config=config,
-                                out_dtype=x.dtype, input_precision=plan.input_precision, tma=plan.tma,
+            return k_.lora_gemm(a, b, bias=bias, u=xa, v=lora_B.t(), lr_scale=scaling, b_scale=weight_scale,
+                                config=config, out_dtype=x.dtype, input_precision=plan.input_precision, tma=plan.tma,
                                 persistent=plan.persistent, num_sms=plan.num_sms)
 
         y2, _ = launch(dispatch.gemm_config_for("forward", plan.fwd_gemm, launch, k=a.shape[1],
@@ -228,18 +233,22 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
                     scaling: float, dropout_p: float, seed: int | Tensor,
                     need_x: bool, need_weight: bool, need_bias: bool, need_A: bool, need_B: bool,
                     strategy: str = "", row_scale: Tensor | None = None, adapter_ids: Tensor | None = None,
-                    rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None):
+                    rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None,
+                    weight_scale: Tensor | None = None):
     """``(dx, dW, db, dA, dB)`` of the math above; None where not needed.
     ``strategy``: the one the forward was forced to run (``""``: none), so
     that the backward follows it whatever thread autograd runs it on.
     ``row_scale``, ``adapter_ids``, ``rank_ids``, ``rank_scaling``: the
-    forward's (``xa`` holds their ``w`` already)."""
+    forward's (``xa`` holds their ``w`` already); ``weight_scale``: an int8
+    weight's (dx's GEMM dequantises its tiles; no dW: a quantized base is
+    frozen)."""
     k_ = _triton.get()
     n, k = weight.shape
     r = lora_A.shape[0]
     x2, dy2, xa2 = _flatten(x, k), _flatten(dy, n), _flatten(xa, r)
     m = x2.shape[0]
-    plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None)
+    plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None,
+                                quantized=weight_scale is not None)
     w = _row_vector(row_scale, m)
     adapters = _adapter_columns(adapter_ids, rank_ids, rank_scaling, m)
     inv_keep = 1.0 / (1.0 - dropout_p)
@@ -266,13 +275,14 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
                         adapters=adapters) if g_in_dx else dict(u=g, v=lora_A, lr_scale=inv_keep)
 
         def launch_dx(config):
-            return k_.lora_gemm(a, b, **low_rank, dropout_p=dropout_p, seed=seed,
-                                config=config, out_dtype=x.dtype, input_precision=plan.input_precision,
+            return k_.lora_gemm(a, b, **low_rank, dropout_p=dropout_p, seed=seed, b_scale=weight_scale,
+                                b_scale_dim=0, config=config, out_dtype=x.dtype, input_precision=plan.input_precision,
                                 tma=plan.tma, persistent=plan.persistent, num_sms=plan.num_sms)
 
         dx2, dy_b = launch_dx(dispatch.gemm_config_for(
             "dx", plan.dx_gemm, launch_dx, m=m, n=k, k=a.shape[1], r=r, dtype=x.dtype, shrink_in_loop=g_in_dx,
-            epilogue_mask=dropout_p > 0.0, device=x.device, persistent=plan.persistent))
+            epilogue_mask=dropout_p > 0.0, device=x.device, persistent=plan.persistent,
+            int8_b=weight_scale is not None))
         if g_in_dx:
             g = dy_b
         if plan.cublas_base:
@@ -341,23 +351,25 @@ def _kernel_seed(seed: Tensor):
 def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                     scaling: float, dropout_p: float, seed: Tensor, strategy: str = "",
                     row_scale: Tensor | None = None, adapter_ids: Tensor | None = None,
-                    rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None,
+                    weight_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(y, xa)``: y (..., N) in x's dtype; xa = w ⊙ drop(x)·Aᵀ (..., r) in fp32
     (``w`` from ``row_scale``, of x's leading shape, and the adapters'
     ``adapter_ids``, of x's leading shape, with ``rank_ids`` and
-    ``rank_scaling`` (r,); each None or given).
+    ``rank_scaling`` (r,); each None or given). ``weight_scale`` (N,): an
+    int8 weight's, or None.
     ``seed``: a 0-d int64 CPU tensor holding the seed, or a 0-d int32 tensor
     on x's device that the kernels read (a tensor either way, so that drawing
     it stays inside a compiled graph). ``strategy``: a forced one, ``""`` when none
     (then an enclosing :func:`fused_lora.dispatch.force_strategy` still
     applies); the backward follows it."""
     return forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _kernel_seed(seed), strategy,
-                          row_scale, adapter_ids, rank_ids, rank_scaling)
+                          row_scale, adapter_ids, rank_ids, rank_scaling, weight_scale)
 
 
 @lora_linear_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, strategy="", row_scale=None, adapter_ids=None,
-      rank_ids=None, rank_scaling=None):
+      rank_ids=None, rank_scaling=None, weight_scale=None):
     return (x.new_empty((*x.shape[:-1], weight.shape[0])),
             x.new_empty((*x.shape[:-1], lora_A.shape[0]), dtype=torch.float32))
 
@@ -367,19 +379,20 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
                     scaling: float, dropout_p: float, seed: Tensor, need_x: bool, need_weight: bool,
                     need_bias: bool, need_A: bool, need_B: bool, strategy: str = "",
                     row_scale: Tensor | None = None, adapter_ids: Tensor | None = None,
-                    rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None) -> list[Tensor]:
+                    rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None,
+                    weight_scale: Tensor | None = None) -> list[Tensor]:
     """``[dx, dW, db, dA, dB]``; a gradient nobody needs is an empty tensor.
     ``strategy``: the forward's forced strategy, ``""`` when none;
-    ``row_scale``, ``adapter_ids``, ``rank_ids``, ``rank_scaling``: the forward's."""
+    ``row_scale``, ``adapter_ids``, ``rank_ids``, ``rank_scaling``, ``weight_scale``: the forward's."""
     grads = backward_triton(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, _kernel_seed(seed),
                             need_x, need_weight, need_bias, need_A, need_B, strategy, row_scale, adapter_ids,
-                            rank_ids, rank_scaling)
+                            rank_ids, rank_scaling, weight_scale)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @lora_linear_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_x, need_weight, need_bias, need_A, need_B,
-      strategy="", row_scale=None, adapter_ids=None, rank_ids=None, rank_scaling=None):
+      strategy="", row_scale=None, adapter_ids=None, rank_ids=None, rank_scaling=None, weight_scale=None):
     shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
     needs = (need_x, need_weight, need_bias, need_A, need_B)
     return [x.new_empty(s) if need else x.new_empty(0) for s, need in zip(shapes, needs)]
@@ -403,8 +416,8 @@ def _(weight, lora_A, lora_B, scaling):
 
 
 def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, strategy, row_scale,
-                       adapters):
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, row_scale, seed, *adapters)
+                       adapters, weight_scale):
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, row_scale, weight_scale, seed, *adapters)
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
     ctx.has_bias = bias is not None
@@ -416,23 +429,25 @@ def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropou
 def _gradients(ctx, dy):
     """(dx, dW, db, dA, dB) for ctx.needs_input_grad's first five inputs,
     which are (x, weight, bias, lora_A, lora_B) in both entry points."""
-    x, weight, lora_A, lora_B, xa, row_scale, seed, *adapters = ctx.saved_tensors
+    x, weight, lora_A, lora_B, xa, row_scale, weight_scale, seed, *adapters = ctx.saved_tensors
     need = list(ctx.needs_input_grad[:5])
     need[2] = need[2] and ctx.has_bias
     if not any(need):
         return (None,) * 5
     if torch.is_grad_enabled():  # create_graph=True: gradients to differentiate again
         return _differentiable_gradients(dy, x, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, need,
-                                         row_scale, adapters)
-    if direct_call(dy, x, weight, lora_A, lora_B, xa, row_scale, *adapters):
+                                         row_scale, adapters, weight_scale)
+    adapters = tuple(adapters) or (None,) * 3
+    if direct_call(dy, x, weight, lora_A, lora_B, xa, row_scale, weight_scale, *adapters):
         return backward_triton(dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, _kernel_seed(seed), *need,
-                               ctx.strategy, row_scale, *adapters)
+                               ctx.strategy, row_scale, *adapters, weight_scale)
     grads = torch.ops.fused_lora.lora_linear_bwd(dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p,
-                                                 seed, *need, ctx.strategy, row_scale, *adapters)
+                                                 seed, *need, ctx.strategy, row_scale, *adapters, weight_scale)
     return tuple(g if n else None for g, n in zip(grads, need))
 
 
-def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p, seed, need, row_scale, adapters):
+def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p, seed, need, row_scale, adapters,
+                              weight_scale):
     """The gradients for ``create_graph=True`` (a gradient penalty,
     meta-learning), which autograd can differentiate again with respect to
     dy and every input: autograd's own, through the reference (the math above
@@ -443,7 +458,7 @@ def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p,
     out = [None] * 5
     if wanted:
         y = lora_linear_checked(x, weight, lora_A, lora_B, None, scaling, dropout_p, seed, row_scale,
-                                tuple(adapters) or None)
+                                tuple(adapters) or None, weight_scale)
         grads = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=True)
         for i, g in zip(wanted, grads):
             out[i] = g
@@ -454,7 +469,7 @@ def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p,
 
 def _op_setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *rest = inputs
-    strategy, row_scale, *adapters = (*rest, "", None, None, None, None)[:5]
+    strategy, row_scale, *adapters, weight_scale = (*rest, "", None, None, None, None, None)[:6]
     _y, xa = output
     ctx.mark_non_differentiable(xa)
     # Called without a strategy, the op ran under the force of the moment;
@@ -462,12 +477,12 @@ def _op_setup_context(ctx, inputs, output):
     # read the force of its own moment.
     forced = strategy or ("" if torch.compiler.is_compiling() else dispatch.forced_strategy() or "")
     _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, forced, row_scale,
-                       adapters if adapters[0] is not None else ())
+                       adapters if adapters[0] is not None else (), weight_scale)
 
 
 def _op_backward(ctx, dy, _dxa):
-    # (scaling, dropout_p, seed, strategy, row_scale, adapter_ids, rank_ids, rank_scaling: none)
-    return (*_gradients(ctx, dy), *(None,) * 8)
+    # (scaling, dropout_p, seed, strategy, row_scale, adapter_ids, rank_ids, rank_scaling, weight_scale: none)
+    return (*_gradients(ctx, dy), *(None,) * 9)
 
 
 torch.library.register_autograd("fused_lora::lora_linear_fwd", _op_backward, setup_context=_op_setup_context)
@@ -479,32 +494,33 @@ class _LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, row_scale=None, adapter_ids=None,
-                rank_ids=None, rank_scaling=None):
+                rank_ids=None, rank_scaling=None, weight_scale=None):
         # (read here, where torch.compile traces it and guards on it)
         strategy = dispatch.forced_strategy() or ""
-        adapters = (adapter_ids, rank_ids, rank_scaling) if adapter_ids is not None else ()
-        if direct_call(x, weight, bias, lora_A, lora_B, row_scale, *adapters):
+        adapters = (adapter_ids, rank_ids, rank_scaling)
+        if direct_call(x, weight, bias, lora_A, lora_B, row_scale, weight_scale, *adapters):
             y, xa = forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _kernel_seed(seed), strategy,
-                                   row_scale, *adapters)
+                                   row_scale, *adapters, weight_scale)
         else:
             y, xa = torch.ops.fused_lora.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-                                                         strategy, row_scale, *adapters)
+                                                         strategy, row_scale, *adapters, weight_scale)
         _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, strategy, row_scale,
-                           adapters)
+                           adapters if adapter_ids is not None else (), weight_scale)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        # (scaling, dropout_p, seed, row_scale, adapter_ids, rank_ids, rank_scaling: none)
-        return (*_gradients(ctx, dy), *(None,) * 7)
+        # (scaling, dropout_p, seed, row_scale, adapter_ids, rank_ids, rank_scaling, weight_scale: none)
+        return (*_gradients(ctx, dy), *(None,) * 8)
 
 
 class LoRALinearFunction(_LoRALinearFunction):
     """``y = x Wᵀ + b + s·(w ⊙ drop(x) Aᵀ) Bᵀ`` with the Triton kernels.
 
     ``LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling,
-    dropout_p, seed[, row_scale[, adapter_ids, rank_ids, rank_scaling]])``:
-    the tensors as :func:`lora_linear`'s, one dtype and device; ``seed`` a
+    dropout_p, seed[, row_scale[, adapter_ids, rank_ids, rank_scaling[,
+    weight_scale]]])``: the tensors as :func:`lora_linear`'s, one dtype and
+    device (an int8 ``weight`` with its ``weight_scale``); ``seed`` a
     0-d int64 CPU tensor holding the seed, or a 0-d int32 tensor on x's
     device that the kernels read (:func:`fused_lora.dropout.draw_seed_tensor`);
     ``row_scale`` (x's leading shape, floating point) or the adapters'
@@ -522,20 +538,22 @@ class LoRALinearFunction(_LoRALinearFunction):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, row_scale=None, adapter_ids=None,
-                rank_ids=None, rank_scaling=None):
+                rank_ids=None, rank_scaling=None, weight_scale=None):
         _check_function_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, row_scale, adapter_ids,
-                             rank_ids, rank_scaling)
-        for name, i in (("row_scale", 8), ("rank_scaling", 11)):  # (here grad mode is off: what autograd asks)
-            if ctx.needs_input_grad[i]:
+                             rank_ids, rank_scaling, weight_scale)
+        # (here grad mode is off: what autograd asks)
+        for name, i in (("row_scale", 8), ("rank_scaling", 11), ("weight_scale", 12)):
+            if i < len(ctx.needs_input_grad) and ctx.needs_input_grad[i]:  # (the arguments passed)
                 raise ValueError(f"{name} requires grad, but no gradient flows to it: pass {name}.detach()")
         return _LoRALinearFunction.forward(ctx, x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
-                                           seed, row_scale, adapter_ids, rank_ids, rank_scaling)
+                                           seed, row_scale, adapter_ids, rank_ids, rank_scaling, weight_scale)
 
 
 def _check_function_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, row_scale, adapter_ids, rank_ids,
-                         rank_scaling) -> None:
+                         rank_scaling, weight_scale=None) -> None:
     """:class:`LoRALinearFunction`'s arguments, as it takes them."""
-    check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, None)
+    check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, None, weight_scale=weight_scale)
+    check_weight_scale(x, weight, weight_scale)  # (its requires_grad: the Function's to refuse)
     reason = _triton.why_not(x.device, x.dtype)
     if reason:
         raise ValueError(f"LoRALinearFunction runs the Triton kernels, which cannot run here: {reason} (lora_linear "
@@ -627,6 +645,7 @@ def lora_linear(
     dropout_p: float = 0.0,
     seed: int | None = None,
     row_scale: Tensor | None = None,
+    weight_scale: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """``y = x Wᵀ + b + scaling · (w ⊙ drop(x) Aᵀ) Bᵀ`` (math in :mod:`fused_lora.ops`).
@@ -634,7 +653,8 @@ def lora_linear(
     Args:
         x: (..., in_features), any strides, fp16/bf16/fp32 (fp64 runs on the
             torch backend).
-        weight: (out_features, in_features), the frozen base weight.
+        weight: (out_features, in_features), the frozen base weight: in
+            x's dtype, or int8 with ``weight_scale`` (a quantized base).
         lora_A: (r, in_features). lora_B: (out_features, r).
         bias: (out_features,) or None.
         scaling: the LoRA scale s, a runtime value (changing it compiles nothing).
@@ -651,6 +671,12 @@ def lora_linear(
             row gives that row the base alone, in the same launches as the
             others (a batch mixing the adapter and the bare base). Not
             differentiated (a tensor requiring grad is refused).
+        weight_scale: an int8 ``weight``'s scale, (out_features,), floating
+            point, on x's device: the base is then ``Ŵ = round(weight ·
+            weight_scale[:, None])`` in x's dtype
+            (:func:`fused_lora.dequantize_int8`; :func:`fused_lora.quantize_int8`
+            makes both), dequantised tile by tile inside the GEMMs. None (the
+            default) for a floating-point weight. Not differentiated.
         backend: ``"triton"`` (CUDA tensors, or CPU tensors under
             ``TRITON_INTERPRET=1``), ``"torch"`` (the reference), or ``"auto"``
             (Triton where it can run, else torch: also under torch.func
@@ -665,20 +691,23 @@ def lora_linear(
     """
     if isinstance(x, Tensor) and _autocast_enabled(x.device.type):
         x, weight, lora_A, lora_B, bias = _autocast(x.device.type, x, weight, lora_A, lora_B, bias)
-    scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed,
+                                               weight_scale=weight_scale)
+    weight_scale = check_weight_scale(x, weight, weight_scale)
     row_scale = check_row_scale(x, row_scale)
-    return _lora_linear(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, row_scale, (), backend)
+    return _lora_linear(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, row_scale, (), backend,
+                        weight_scale)
 
 
 def _lora_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float, seed, row_scale, adapters,
-                 backend: str) -> Tensor:
+                 backend: str, weight_scale=None) -> Tensor:
     """:func:`lora_linear` on checked arguments; ``adapters``: ``()``, or
     ``(adapter_ids, rank_ids, rank_scaling)`` (:func:`multi_lora_linear`)."""
     if resolve_backend(backend, x) == "torch":
         if dropout_p > 0.0 and seed is None:
             seed = draw_seed_tensor(x.device)
         return lora_linear_checked(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, row_scale,
-                                   adapters or None)
+                                   adapters or None, weight_scale)
     if dropout_p == 0.0:
         seed = 0
     elif seed is None:
@@ -689,15 +718,17 @@ def _lora_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
         seed = draw_seed_tensor(x.device)
     differentiated = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
-    if not differentiated and direct_call(x, weight, bias, lora_A, lora_B, row_scale, *adapters):
+    adapters = adapters or (None,) * 3
+    if not differentiated and direct_call(x, weight, bias, lora_A, lora_B, row_scale, weight_scale, *adapters):
         # Nothing to differentiate (inference, torch.no_grad): the forward
         # alone, without the autograd Function's host time
         return forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-                              dispatch.forced_strategy() or "", row_scale, *adapters)[0]
+                              dispatch.forced_strategy() or "", row_scale, *adapters, weight_scale)[0]
     # (on the CPU whatever the default device: a value the kernels take as an argument, never read back
     # from a GPU, which would sync the host and break a CUDA graph's capture)
     seed_t = seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int64, device="cpu")
-    return _LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t, row_scale, *adapters)
+    return _LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t, row_scale, *adapters,
+                                     weight_scale)
 
 
 def dora_linear(
@@ -808,6 +839,7 @@ def multi_lora_linear(
     scaling: float | Sequence[float] = 1.0,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    weight_scale: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """Several adapters on one frozen base, each row of x through its own:
@@ -837,7 +869,8 @@ def multi_lora_linear(
             n, or one for all.
         dropout_p, seed: as :func:`lora_linear`'s, one mask for the batch
             (each row's adapter sees its row's mask).
-        backend: as :func:`lora_linear`'s.
+        weight_scale, backend: as :func:`lora_linear`'s (an int8 base: many
+            adapters served from one quantized base).
 
     The sum of the ranks is the rank the kernels run, and picks the plan
     as a single adapter of that rank would (:func:`fused_lora.explain`).
@@ -860,14 +893,17 @@ def multi_lora_linear(
         lora_A, lora_B = factors[:n], factors[n:]
     for i, (a, b) in enumerate(zip(lora_A, lora_B)):
         try:
-            _, dropout_p, seed = check_lora_args(x, weight, a, b, bias, scalings[i], dropout_p, seed, min_rank=0)
+            _, dropout_p, seed = check_lora_args(x, weight, a, b, bias, scalings[i], dropout_p, seed, min_rank=0,
+                                                 weight_scale=weight_scale)
         except (TypeError, ValueError) as error:
             raise type(error)(f"adapter {i} (lora_A[{i}], lora_B[{i}]): {error}") from None
+    weight_scale = check_weight_scale(x, weight, weight_scale)
     # (int32 once here, not in each pass: the values are checked, so none wraps)
     adapter_ids = _check_adapter_id_values(check_adapter_ids(x, adapter_ids), n, adapter_ids).to(torch.int32)
     ranks = tuple(a.shape[0] for a in lora_A)
     if not any(ranks):  # (every adapter of rank 0 leaves the layer alone: its base, for every row)
-        y = torch.nn.functional.linear(x, weight, bias)
+        y = torch.nn.functional.linear(x, weight if weight_scale is None else dequantize_int8(
+            weight, weight_scale, x.dtype), bias)
         if _unreadable(adapter_ids):  # (an id that could not be checked, made -2: NaN, as the kernels give it)
             y = torch.where((adapter_ids < -1).unsqueeze(-1), float("nan"), y)
         return y
@@ -877,7 +913,7 @@ def multi_lora_linear(
     a = lora_A[0] if n == 1 else torch.cat(lora_A, 0)
     b = lora_B[0] if n == 1 else torch.cat(lora_B, 1)
     return _lora_linear(x, weight, a, b, bias, 1.0, dropout_p, seed, None, (adapter_ids, rank_ids, rank_scaling),
-                        backend)
+                        backend, weight_scale)
 
 
 def _adapter_list(name: str, factors) -> list[Tensor]:

@@ -176,8 +176,15 @@ def make_params(k: int, n: int, r: int, dtype, bias: bool, device=DEVICE):
 
 
 def reference64(x, w, b, a, bb, dy, *, scaling, dropout_p, seed, grads=("x", "weight", "bias", "lora_A", "lora_B"),
-                row_scale=None):
-    """The float64 oracle: output and the requested gradients of the reference."""
+                row_scale=None, weight_scale=None):
+    """The float64 oracle: output and the requested gradients of the
+    reference. ``weight_scale``: ``w`` is int8, the base its
+    :func:`fused_lora.dequantize_int8` in x's dtype (the values the kernels
+    multiply by), then taken in float64."""
+    if weight_scale is not None:
+        from .quant import dequantize_int8
+
+        w = dequantize_int8(w, weight_scale, x.dtype)
     named = {"x": x, "weight": w, "bias": b, "lora_A": a, "lora_B": bb}
     leaves = {k: (v.detach().double().requires_grad_(k in grads) if v is not None else None)
               for k, v in named.items()}
@@ -190,7 +197,7 @@ def reference64(x, w, b, a, bb, dy, *, scaling, dropout_p, seed, grads=("x", "we
 
 
 def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=False, layout="contiguous",
-                scaling=1.5, seed=1234, row_scaled=False, adapters=False, dora=False,
+                scaling=1.5, seed=1234, row_scaled=False, adapters=False, dora=False, quantized=False,
                 device=DEVICE) -> dict[str, float]:
     """Run the fused op once (forward and every gradient) and return each
     output's normalized error against the float64 reference. ``row_scaled``:
@@ -200,11 +207,19 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
     with random ids in [-1, 2), each among them (dlora_A and dlora_B: the two adapters'
     gradients side by side). ``dora``: :func:`fused_lora.dora_linear` with a
     random magnitude (0.5 to 1.5), against the reference's DoRA (with
-    ``dmagnitude``)."""
+    ``dmagnitude``). ``quantized``: the base quantized to int8
+    (:func:`fused_lora.quantize_int8`), passed with its ``weight_scale``,
+    against the reference on its dequantised values (not with
+    ``train_base`` or ``dora``)."""
     import fused_lora
 
+    if quantized and (train_base or dora):
+        raise ValueError("a quantized base is frozen and not DoRA's: quantized takes neither train_base nor dora")
     x = make_x((*lead, k), dtype, layout, device=device).requires_grad_()
     w, b, a, bb = make_params(k, n, r, dtype, bias, device=device)
+    weight_scale = None
+    if quantized:
+        w, weight_scale = fused_lora.quantize_int8(w)
     a.requires_grad_()
     bb.requires_grad_()
     wanted = ["x", "lora_A", "lora_B"]
@@ -220,22 +235,22 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
         row_scale = torch.rand(lead, device=device) + 0.5
         row_scale.view(-1)[::3] = 0.0
     if adapters:
-        return _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed)
+        return _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale)
     if dora:
         return _dora_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed)
     y = fused_lora.lora_linear(x, w, a, bb, b, scaling=scaling, dropout_p=dropout_p, seed=seed, row_scale=row_scale,
-                               backend="triton")
+                               weight_scale=weight_scale, backend="triton")
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [inputs[g] for g in wanted], dy)
     y64, g64 = reference64(x, w, b, a, bb, dy, scaling=scaling, dropout_p=dropout_p, seed=seed, grads=wanted,
-                           row_scale=row_scale)
+                           row_scale=row_scale, weight_scale=weight_scale)
     errors = {"y": normalized_error(y, y64)}
     errors.update({f"d{name}": normalized_error(g, g64[name]) for name, g in zip(wanted, grads)})
     return errors
 
 
-def _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed) -> dict[str, float]:
-    """:func:`parity_case` with ``adapters``."""
+def _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale=None) -> dict[str, float]:
+    """:func:`parity_case` with ``adapters`` (and ``quantized``: an int8 ``w`` with its ``weight_scale``)."""
     import fused_lora
     from fused_lora import reference
 
@@ -251,7 +266,9 @@ def _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed) -> d
     inputs = {"x": x, "weight": w, "bias": b}
     leaves = [inputs[g] for g in wanted if g in inputs] + lora_a + lora_b
     y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=scalings, dropout_p=dropout_p, seed=seed,
-                                     backend="triton")
+                                     weight_scale=weight_scale, backend="triton")
+    if weight_scale is not None:
+        w = fused_lora.dequantize_int8(w, weight_scale, x.dtype)
     dy = torch.randn_like(y)
     grads = dict(zip([g for g in wanted if g in inputs] + ["a0", "a1", "b0", "b1"],
                      torch.autograd.grad(y, leaves, dy)))

@@ -323,6 +323,30 @@ IN_LOOP_EPILOGUE_MASK_MAX_ELEMS_PER_THREAD = {2: 96, 4: 64}
 IN_LOOP_EPILOGUE_MASK_MAX_ROWS_PER_WARPGROUP = 64
 
 
+#: An int8 base (``lora_gemm``'s ``b_scale``): each B tile is dequantised in
+#: registers (int8, to fp32, times its scales, to the dot's dtype) before its
+#: dot. Measured with the compile report (sm_90, Triton 3.9, every pass of
+#: the ``paths`` scope with pointers, TMA, the persistent grid, split-K and
+#: the K tail): 16-bit, with the in-loop shrink, 64x64x128 on 4 warps (a
+#: 128x64 B tile: 64 dequantised elements a thread, beside xa) spilled 8 B
+#: at a 128 rank tile under split-K (dx), while the tiles at 32 or fewer did
+#: not (without the shrink 128x256x64's 64 a thread compiled at 254
+#: registers, no spill); fp32 (FMA dots, their operands in registers),
+#: 128x128x32 on 8 warps (64 accumulator elements a thread) spilled 31-33 KB
+#: with the precomputed term (forward and dx), where the 32x64 and 16x64
+#: tiles (16 and 8) did not.
+INT8_B_IN_LOOP_MAX_DEQUANT_ELEMS_PER_THREAD = 32
+INT8_B_FP32_MAX_ELEMS_PER_THREAD = 32
+
+
+def int8_b_fits(c: "GemmConfig", elt: int, shrink_in_loop: bool) -> bool:
+    """Whether tile ``c`` may dequantise an int8 B (above)."""
+    if elt == 4:
+        return c.elems_per_thread() <= INT8_B_FP32_MAX_ELEMS_PER_THREAD
+    return (not shrink_in_loop
+            or c.block_k * c.block_n // (32 * c.num_warps) <= INT8_B_IN_LOOP_MAX_DEQUANT_ELEMS_PER_THREAD)
+
+
 def persistent_grid_fits(smem_limit: int) -> bool:
     """Whether the persistent grid may run with ``smem_limit`` bytes of shared
     memory a program: only with Hopper's. Its flattened tile loop buffers one
@@ -373,7 +397,7 @@ def _stages_that_fit(pool, fits) -> list[GemmConfig]:
 
 def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask: bool = False,
                     smem_limit: int = SMEM_LIMIT_SM90, arch: int = 90, persistent: bool = False,
-                    shrink_mask: bool = False) -> list[GemmConfig]:
+                    shrink_mask: bool = False, int8_b: bool = False) -> list[GemmConfig]:
     """The shipped GEMM configurations for an element size, pruned to those
     whose shared memory fits ``smem_limit`` (below Hopper's, with fewer
     stages where theirs do not fit; and, with an epilogue mask, on the
@@ -382,7 +406,8 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
     accumulator and xa do, and with mma.sync, above its narrow rank tiles,
     whose accumulator does; with its input masked, whose A tile does; with
     dx's epilogue mask, whose accumulator and xa do, on at most 64 rows a
-    warpgroup). None where the in-loop shrink cannot hold the rank tile."""
+    warpgroup; with an int8 B, :func:`int8_b_fits`). None where the in-loop
+    shrink cannot hold the rank tile."""
     if shrink_in_loop and block_r > in_loop_max_block_r(elt, persistent, epilogue_mask):
         return []
     pool = _GEMM_CANDIDATES_FP32 if elt == 4 else _GEMM_CANDIDATES_16BIT
@@ -405,6 +430,7 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
     return [c for c in pool
             if fits(c)
             and (cap is None or c.elems_per_thread() <= cap)
+            and (not int8_b or int8_b_fits(c, elt, shrink_in_loop))
             and (not shrink_in_loop
                  or c.block_m * (c.block_n + block_r) // (32 * c.num_warps) <= IN_LOOP_MAX_ELEMS_PER_THREAD[elt])
             and (not (shrink_in_loop and shrink_mask)
@@ -438,28 +464,29 @@ def split_k_for(config: GemmConfig, m: int, n: int, k: int, interpreter: bool,
 def gemm_config(m: int, n: int, k: int, r: int, elt: int, shrink_in_loop: bool,
                 interpreter: bool, epilogue_mask: bool = False, arch: int = 90,
                 persistent: bool = False, shrink_mask: bool = False,
-                smem_limit: int = SMEM_LIMIT_SM90, num_sms: int = NUM_SMS_SM90) -> GemmConfig:
+                smem_limit: int = SMEM_LIMIT_SM90, num_sms: int = NUM_SMS_SM90, int8_b: bool = False) -> GemmConfig:
     """The GEMM tiles (and split-K) for an (m, k) x (k, n) product with a
     rank-r term, on a GPU with ``num_sms`` SMs.
 
     Heuristic by M bucket: the widest tile that fits at large M (compute
     bound), narrowing BM as M shrinks so that small batches neither pad a
     128-row tile nor leave SMs idle; split-K where even the narrowest tiles
-    leave SMs idle.
+    leave SMs idle. ``int8_b``: B is an int8 base, dequantised in registers
+    (:func:`int8_b_fits` prunes the tiles).
     """
     tiles = _gemm_tiles(m, n, r, elt, shrink_in_loop, interpreter, epilogue_mask, arch, persistent, shrink_mask,
-                        smem_limit, num_sms)
+                        smem_limit, num_sms, int8_b)
     return replace(tiles, split_k=split_k_for(tiles, m, n, k, interpreter, num_sms))
 
 
 def _gemm_tiles(m: int, n: int, r: int, elt: int, shrink_in_loop: bool, interpreter: bool,
                 epilogue_mask: bool, arch: int, persistent: bool, shrink_mask: bool,
-                smem_limit: int, num_sms: int) -> GemmConfig:
+                smem_limit: int, num_sms: int, int8_b: bool = False) -> GemmConfig:
     if interpreter:
         return INTERPRETER_GEMM_WIDE if m >= INTERPRETER_WIDE_FROM_M else INTERPRETER_GEMM
     block_r = block_r_for(r) if shrink_in_loop else block_r_for(r, GEMM_LR_MAX_BLOCK_R[elt])
     cands = gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, smem_limit=smem_limit, arch=arch,
-                            persistent=persistent, shrink_mask=shrink_mask)
+                            persistent=persistent, shrink_mask=shrink_mask, int8_b=int8_b)
     if not cands:
         raise ValueError(f"no GEMM configuration holds the {'in-loop shrink' if shrink_in_loop else 'low-rank term'}"
                          f"'s rank tile {block_r} ({elt}-byte elements, sm_{arch}, {smem_limit} bytes of shared "

@@ -74,6 +74,22 @@ def load_tile(desc, i, j, TRANS: tl.constexpr, UPCAST: tl.constexpr):
     return tile
 
 
+@triton.jit
+def dequantize(q, scale, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """An int8 tile times its scales (broadcast over it), made in fp32 and
+    rounded once to ``dtype``, the other operand's: the dequantised weight
+    ``Ŵ = round(q · scale)`` of :mod:`fused_lora.ops`, exactly as PyTorch
+    makes it. ``UPCAST`` (interpreter + bf16): the tile stays fp32, rounded
+    to bf16's values here, to nearest even, because the interpreter's cast
+    to bf16 truncates."""
+    tile = q.to(tl.float32) * scale
+    if UPCAST:
+        bits = tile.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(tile == tile, bits.to(tl.float32, bitcast=True), tile)  # (NaN stays NaN)
+    return tile.to(dtype)
+
+
 # Sizes and the seed are not specialised (no recompilation when the token
 # count changes between batches); strides are, for vectorised loads.
 @triton.jit(do_not_specialize=["M", "N", "K", "R", "k_blocks_per_split", "stride_cs16", "stride_xas16", "seed"])
@@ -93,6 +109,7 @@ def lora_gemm_kernel(
     ids_ptr,  # (M,)    int32 adapter of each row when ADAPTERS
     cid_ptr,  # (R,)    int32 adapter of each rank column when ADAPTERS (contiguous)
     csc_ptr,  # (R,)    fp32 scale of each rank column when ADAPTERS (contiguous)
+    bsc_ptr,  # B's dequantisation scale when B_SCALE: (N,) per column (forward), (K,) per row (dx)
     # sizes
     M, N, K, R,
     k_blocks_per_split,  # split-K: program (·, s) walks BLOCK_K blocks [s·this, (s+1)·this) of K
@@ -109,6 +126,7 @@ def lora_gemm_kernel(
     stride_xas16,  # split-K: the xa partials, this many 16-element units apart
     stride_w,
     stride_ids,
+    stride_bsc,
     # scalars (runtime: changing them never recompiles)
     lr_scale,  # the low-rank term is lr_scale · (U · V)
     sh_scale,  # SHRINK_DROPOUT: U = sh_scale · (A ⊙ keep) · S (the launcher passes 1/(1-p))
@@ -122,6 +140,7 @@ def lora_gemm_kernel(
     ROW_SCALE: tl.constexpr,  # LOW_RANK == 2: U = w ⊙ (the shrink), row m times w[m]
     ADAPTERS: tl.constexpr,  # LOW_RANK == 2: U's (m, j) kept times csc[j] where ids[m] == cid[j] (not with ROW_SCALE)
     OFFSET_INT64: tl.constexpr,  # the mask's counters in 64 bits (common.mask_counters_int64)
+    B_SCALE: tl.constexpr,  # B int8, dequantised as loaded: 0 no, 1 times bsc[n] (its columns), 2 bsc[k] (rows)
     UPCAST: tl.constexpr,  # interpreter + bf16: compute on fp32 tiles
     INPUT_PRECISION: tl.constexpr,  # fp32 dots: "ieee" or "tf32"
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masked tail in the K loop
@@ -243,18 +262,30 @@ def lora_gemm_kernel(
             r_in = in_bounds(offs_r, R, EVEN_R)
             if SHRINK_DROPOUT:
                 shrink_seed = load_seed(seed)
+        if B_SCALE == 1:  # (B's columns are C's: one scale per column of the tile, for the whole K loop)
+            b_col_scale = tl.load(bsc_ptr + cols * stride_bsc).to(tl.float32)
         for k0 in range(0, k_len, BLOCK_K):
             if not EVEN_K:
                 k_in = offs_k < k_len - k0
+            # (an int8 B is widened by its dequantisation, not by UPCAST)
             if TMA:  # the copy engine zero-fills rows, columns and the K tail outside the operands
                 a = load_tile(a_desc, pid_m * BLOCK_M, k_lo + k0, A_T, UPCAST)
-                b = load_tile(b_desc, k_lo + k0, pid_n * BLOCK_N, B_T, UPCAST)
+                b = load_tile(b_desc, k_lo + k0, pid_n * BLOCK_N, B_T, UPCAST and B_SCALE == 0)
             elif EVEN_K:  # no K tail: unmasked loads (the common case, K a multiple of BLOCK_K)
                 a = load_operand(a_ptrs, None, UPCAST)
-                b = load_operand(b_ptrs, None, UPCAST)
+                b = load_operand(b_ptrs, None, UPCAST and B_SCALE == 0)
             else:
                 a = load_operand(a_ptrs, k_in[None, :], UPCAST)
-                b = load_operand(b_ptrs, k_in[:, None], UPCAST)
+                b = load_operand(b_ptrs, k_in[:, None], UPCAST and B_SCALE == 0)
+            if B_SCALE == 1:
+                b = dequantize(b, b_col_scale[None, :], a_ptr.dtype.element_ty, UPCAST)
+            elif B_SCALE == 2:
+                k_scale_ptrs = bsc_ptr + (k_lo + k0 + offs_k).to(tl.int64) * stride_bsc
+                if EVEN_K:
+                    b_row_scale = tl.load(k_scale_ptrs)
+                else:
+                    b_row_scale = tl.load(k_scale_ptrs, mask=k_in, other=0.0)
+                b = dequantize(b, b_row_scale.to(tl.float32)[:, None], a_ptr.dtype.element_ty, UPCAST)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
             if LOW_RANK == 2:
                 s_mask = r_in[None, :]
@@ -324,6 +355,8 @@ def lora_gemm(
     shrink_dropout: bool = False,
     row_scale: torch.Tensor | None = None,
     adapters: AdapterColumns | None = None,
+    b_scale: torch.Tensor | None = None,
+    b_scale_dim: int = 1,
     input_precision: str = "ieee",
     tma: bool = False,
     persistent: bool = False,
@@ -338,7 +371,11 @@ def lora_gemm(
     of a (M, K), the one the skinny pass draws. ``row_scale`` (M,) fp32, with
     ``shrink``: the in-loop shrink's row m times ``row_scale[m]``; ``adapters``
     (:class:`~fused_lora.kernels.common.AdapterColumns`), with ``shrink``: the
-    in-loop shrink's columns kept on the rows of their adapters. Returns
+    in-loop shrink's columns kept on the rows of their adapters.
+    ``b_scale``: b is int8, dequantised as its tiles are loaded,
+    ``round(b · b_scale)`` in a's dtype, ``b_scale`` (floating point, any
+    stride) one value per column of b (``b_scale_dim=1``, (N,): the forward's
+    ``Wᵀ``) or per row (``b_scale_dim=0``, (K,): dx's ``W``). Returns
     ``(C, xa)`` where ``xa = [w ⊙] [drop](a) @ shrink`` (fp32, (M, r))
     when ``shrink`` is given, else None. ``config.split_k > 1`` splits K over
     that many programs per tile (fp32 partials of C, and of xa, then one
@@ -373,12 +410,13 @@ def lora_gemm(
     shrink_dropout = shrink_dropout and dropout_p > 0.0
     check_row_scale("lora_gemm", row_scale, shrink, M)  # (the in-loop shrink's rows)
     check_adapter_columns("lora_gemm", adapters, shrink, M, row_scale)
+    b_scale_mode = _check_b_scale(b, b_scale, b_scale_dim)
 
     # 2. what the sizes and flags decide (the rank tile, split-K, the constexprs), cached
     interpreted = is_interpreted(lora_gemm_kernel)
     shape = _launch_shape(M, N, K, r, low_rank, v.element_size() if v is not None else 0, bias is not None,
                           shrink_dropout, row_scale is not None, adapters is not None, dropout_p > 0.0,
-                          interpreted and a.dtype == torch.bfloat16, input_precision, config)
+                          interpreted and a.dtype == torch.bfloat16, input_precision, b_scale_mode, config)
     block_r, split_k = shape.block_r, shape.split_k
     if low_rank == LOW_RANK_IN_LOOP and r > block_r:
         raise ValueError(f"lora_gemm: the in-loop shrink holds the whole rank in one tile (r <= {block_r})")
@@ -411,6 +449,7 @@ def lora_gemm(
         a, b, a_desc, b_desc, bias if bias is not None else dummy, u_, s_, v_, target, xa_,
         row_scale if row_scale is not None else xa_,
         *(adapters[:3] if adapters is not None else (xa_, xa_, xa_)),
+        b_scale if b_scale is not None else xa_,
         M, N, K, r, shape.blocks_per_split,
         *a.stride(), *b.stride(),
         bias.stride(0) if bias is not None else 0,
@@ -422,6 +461,7 @@ def lora_gemm(
         shape.xa_slab // 16 if xa is not None and split_k > 1 else 0,
         row_scale.stride(0) if row_scale is not None else 0,
         adapters.row_ids.stride(0) if adapters is not None else 0,
+        b_scale.stride(0) if b_scale is not None else 0,
         float(lr_scale), 1.0 / (1.0 - dropout_p) if shrink_dropout else 1.0, float(dropout_p),
         seed_arg(seed, a.device),
         OFFSET_INT64=mask_counters_int64(M, K if shrink_dropout else N),
@@ -432,6 +472,22 @@ def lora_gemm(
     if split_k > 1:
         launch_reductions([(target, c, None)] + ([(xa_target, xa, None)] if xa is not None else []))
     return c, xa
+
+
+def _check_b_scale(b: torch.Tensor, b_scale, dim: int) -> int:
+    """The kernel's ``B_SCALE`` for :func:`lora_gemm`'s ``b`` and ``b_scale``
+    (the launcher's contract: an int8 b comes with a floating-point scale
+    of one value per row or column of it, and only an int8 b)."""
+    if b_scale is None:
+        if b.dtype == torch.int8:
+            raise ValueError("lora_gemm: an int8 b needs its b_scale")
+        return 0
+    size = b.shape[dim] if dim in (0, 1) else None
+    if b.dtype != torch.int8 or size is None or b_scale.shape != (size,) or not b_scale.is_floating_point():
+        raise ValueError(f"lora_gemm: b_scale dequantises an int8 b, one floating-point value per "
+                         f"{'row' if dim == 0 else 'column'} of it (b_scale_dim 0 or 1); got b {b.dtype} "
+                         f"{tuple(b.shape)}, b_scale {b_scale.dtype} {tuple(b_scale.shape)}, b_scale_dim {dim}")
+    return 2 if dim == 0 else 1
 
 
 class _LaunchShape(NamedTuple):
@@ -449,7 +505,7 @@ class _LaunchShape(NamedTuple):
 @functools.lru_cache(maxsize=4096)  # (host time per call: the same shapes come back every step)
 def _launch_shape(M: int, N: int, K: int, r: int, low_rank: int, v_elt: int, has_bias: bool, shrink_dropout: bool,
                   row_scale: bool, adapters: bool, dropout: bool, upcast: bool, input_precision: str,
-                  config: GemmConfig) -> _LaunchShape:
+                  b_scale: int, config: GemmConfig) -> _LaunchShape:
     if low_rank == LOW_RANK_PRECOMPUTED:
         block_r = block_r_for(r, GEMM_LR_MAX_BLOCK_R[v_elt])
     else:
@@ -468,6 +524,7 @@ def _launch_shape(M: int, N: int, K: int, r: int, low_rank: int, v_elt: int, has
         SHRINK_DROPOUT=shrink_dropout,
         ROW_SCALE=row_scale,
         ADAPTERS=adapters,
+        B_SCALE=b_scale,
         UPCAST=upcast,
         INPUT_PRECISION=input_precision,
         EVEN_K=K % config.block_k == 0,

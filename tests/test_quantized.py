@@ -1,0 +1,337 @@
+"""A quantized frozen base (int8, one scale per output feature): the format
+(``quantize_int8``/``dequantize_int8``), the GEMM's dequantising loads
+(bit for bit the GEMM on the dequantised weight, in every form it runs),
+the op forward and backward against the float64 reference on the
+dequantised base, several adapters on one int8 base, torch.compile and
+opcheck, and the typed errors."""
+
+import contextlib
+import dataclasses
+
+import pytest
+import torch
+
+import fused_lora
+from fused_lora import dispatch, ops, reference
+from fused_lora.kernels import configs, gemm
+from fused_lora.kernels.common import poison_outputs
+from fused_lora.testing import parity_case
+from lora_testing import DEVICE, DTYPES, TOLERANCE, assert_close, make_params, make_x
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+# ----------------------------------------------------------------------------
+# The format
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16, torch.float64], ids=str)
+@pytest.mark.parametrize("n, k", [(1, 1), (17, 123), (64, 33)])
+def test_quantize_int8_is_symmetric_per_output_feature(dtype, n, k):
+    w = (torch.randn(n, k, device=DEVICE) * torch.rand(n, 1, device=DEVICE) * 3).to(dtype)
+    w[n // 2] = 0  # a row of zeros: scale 0, q 0
+    q, scale = fused_lora.quantize_int8(w)
+    assert q.dtype == torch.int8 and q.shape == (n, k) and scale.dtype == F32 and scale.shape == (n,)
+    assert int(q.abs().max()) <= 127
+    w64 = w.double()
+    assert torch.equal(scale.double(), (w64.abs().amax(1) / 127).float().double())
+    nonzero = scale > 0
+    assert torch.equal(q[nonzero].abs().amax(1), torch.full_like(q[nonzero].abs().amax(1), 127))
+    assert scale[n // 2] == 0 and not q[n // 2].any()
+    # |Ŵ - W| <= scale/2, elementwise, and the fp32 rounding of W/scale (up to 127 ulps of 1)
+    deq = fused_lora.dequantize_int8(q, scale, torch.float64)
+    bound = scale.double()[:, None] * (0.5 + 127 * 2.0**-23)
+    assert bool(((deq - w64).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
+def test_dequantize_int8_rounds_the_fp32_product_once(dtype):
+    q = torch.randint(-127, 128, (19, 40), dtype=torch.int8, device=DEVICE)
+    for scale in (torch.rand(19, device=DEVICE), torch.rand(19, device=DEVICE, dtype=torch.float64),
+                  torch.rand(19, device=DEVICE).to(BF16)):
+        want = (q.float() * scale.float()[:, None]).to(dtype)
+        assert torch.equal(fused_lora.dequantize_int8(q, scale, dtype), want)
+    s64 = torch.rand(19, device=DEVICE, dtype=torch.float64)
+    assert torch.equal(fused_lora.dequantize_int8(q, s64, torch.float64), q.double() * s64[:, None])
+
+
+def test_quantize_and_dequantize_refuse_what_they_cannot_take():
+    with pytest.raises(TypeError, match="weight must be a floating-point tensor"):
+        fused_lora.quantize_int8(torch.ones(3, 4, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"2-D .*\(5,\)"):
+        fused_lora.quantize_int8(torch.ones(5))
+    w = torch.randn(3, 4)
+    w[1, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or Inf"):
+        fused_lora.quantize_int8(w)
+    q = torch.zeros(3, 4, dtype=torch.int8)
+    with pytest.raises(TypeError, match="q must be a 2-D int8"):
+        fused_lora.dequantize_int8(q.float(), torch.ones(3), F32)
+    with pytest.raises(ValueError, match=r"scale must have shape \(out_features=3,\) .* got \(4,\)"):
+        fused_lora.dequantize_int8(q, torch.ones(4), F32)
+    with pytest.raises(TypeError, match="dtype must be a floating-point"):
+        fused_lora.dequantize_int8(q, torch.ones(3), torch.int8)
+
+
+# ----------------------------------------------------------------------------
+# The GEMM's dequantising loads
+# ----------------------------------------------------------------------------
+
+def _quantized(n, k, scale_dtype=F32):
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEVICE)
+    scale = (torch.rand(n, device=DEVICE) + 0.5) / (127 * k ** 0.5)
+    return q, scale.to(scale_dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("low_rank", ["none", "in_loop", "precomputed"])
+@pytest.mark.parametrize("m, n, k, split_k", [(1, 33, 70, 1), (17, 75, 123, 1), (5, 40, 96, 3), (123, 19, 45, 2)])
+def test_the_gemm_on_an_int8_b_is_the_gemm_on_its_dequantised_values(dtype, low_rank, m, n, k, split_k):
+    """Forward (b = qᵀ, scaled by column) and dx (b = q, by row): the same
+    bits as the GEMM reading Ŵ itself, with a K tail, split-K and each
+    low-rank form (the dequantisation sits in the K loop, before the dot);
+    nothing left unwritten (NaN-poisoned outputs)."""
+    r = 5
+    cfg = dataclasses.replace(configs.gemm_config(m, n, k, r, torch.tensor([], dtype=dtype).element_size(),
+                                                  low_rank == "in_loop", True), split_k=split_k)
+    for dim in (1, 0):  # the forward's Wᵀ; dx's W
+        out, inner = (n, k) if dim == 1 else (k, n)
+        q, scale = _quantized(out, inner, F16 if dim == 0 else F32)  # (any floating scale dtype)
+        deq = fused_lora.dequantize_int8(q, scale, dtype)
+        b_q, b_f = (q.t(), deq.t()) if dim == 1 else (q, deq)
+        a = torch.randn(m, b_q.shape[0], device=DEVICE).to(dtype)
+        v = torch.randn(r, b_q.shape[1], device=DEVICE).to(dtype)
+        lr = {"none": {}, "in_loop": dict(shrink=torch.randn(b_q.shape[0], r, device=DEVICE).to(dtype), v=v),
+              "precomputed": dict(u=torch.randn(m, r, device=DEVICE), v=v)}[low_rank]
+        with poison_outputs():
+            c_q, xa_q = gemm.lora_gemm(a, b_q, b_scale=scale, b_scale_dim=dim, lr_scale=0.5, config=cfg,
+                                       out_dtype=dtype, **lr)
+            c_f, xa_f = gemm.lora_gemm(a, b_f, lr_scale=0.5, config=cfg, out_dtype=dtype, **lr)
+        assert torch.equal(c_q, c_f), dim
+        if low_rank == "in_loop":
+            assert torch.equal(xa_q, xa_f)
+        want = a.double() @ b_f.double()
+        if lr:
+            left = lr["u"].double() if "u" in lr else a.double() @ lr["shrink"].double()
+            want = want + 0.5 * left @ v.double()
+        assert_close(c_q, want, dtype, f"b_scale_dim={dim}")
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+@pytest.mark.parametrize("persistent", [False, True])
+def test_the_int8_tiles_load_through_tma_and_on_the_persistent_grid(monkeypatch, dtype, persistent):
+    if not gemm.tma_available():
+        pytest.skip("this Triton has no host-side tensor descriptors")
+    monkeypatch.setattr(gemm, "persistent_programs", lambda *a, **k: 3)
+    k, n = 80, 48  # (int8 rows of 16 bytes, 16 elements: TMA under every interpreter)
+    m = 70
+    cfg = dataclasses.replace(configs.gemm_config(m, n, k, 8, 2, True, True), split_k=1)
+    used = []
+    real = gemm.tma_descriptors
+    monkeypatch.setattr(gemm, "tma_descriptors", lambda *a: used.append(real(*a)) or used[-1])
+    for dim in (1, 0):
+        out, inner = (n, k) if dim == 1 else (k, n)
+        q, scale = _quantized(out, inner)
+        deq = fused_lora.dequantize_int8(q, scale, dtype)
+        b_q, b_f = (q.t(), deq.t()) if dim == 1 else (q, deq)
+        a = torch.randn(m, b_q.shape[0], device=DEVICE).to(dtype)
+        lr = dict(shrink=torch.randn(b_q.shape[0], 8, device=DEVICE).to(dtype),
+                  v=torch.randn(8, b_q.shape[1], device=DEVICE).to(dtype))
+        with poison_outputs():
+            c_q, _ = gemm.lora_gemm(a, b_q, b_scale=scale, b_scale_dim=dim, config=cfg, out_dtype=dtype, tma=True,
+                                    persistent=persistent, **lr)
+            c_f, _ = gemm.lora_gemm(a, b_f, config=cfg, out_dtype=dtype, tma=True, persistent=persistent, **lr)
+        assert torch.equal(c_q, c_f)
+    assert len(used) == 4 and all(d is not None for d in used)  # (int8's rows are 16-byte aligned here too)
+
+
+def test_the_gemm_contract_for_an_int8_b():
+    cfg = configs.gemm_config(4, 8, 16, 1, 4, False, True)
+    a = torch.randn(4, 16, device=DEVICE)
+    q, scale = _quantized(8, 16)
+    with pytest.raises(ValueError, match="an int8 b needs its b_scale"):
+        gemm.lora_gemm(a, q.t(), config=cfg, out_dtype=F32)
+    with pytest.raises(ValueError, match=r"one floating-point value per column .* b_scale torch.float32 \(8,\)"):
+        gemm.lora_gemm(a, q.t().float(), b_scale=scale, config=cfg, out_dtype=F32)  # (not int8)
+    with pytest.raises(ValueError, match=r"per row of it .* b_scale_dim 0"):
+        gemm.lora_gemm(a, q.t(), b_scale=scale, b_scale_dim=0, config=cfg, out_dtype=F32)  # (16 rows)
+
+
+# ----------------------------------------------------------------------------
+# The op
+# ----------------------------------------------------------------------------
+
+#        lead      K    N    r    dtype  bias   p     layout        strategy
+CASES = [
+    ((1,),      17,  33,  1,   F32,  True,  0.0,  "contiguous", None),
+    ((17,),     64,  48,  3,   F32,  False, 0.25, "strided",    "split"),
+    ((123,),    45,  77,  8,   F32,  True,  0.1,  "transposed", "in_loop"),
+    ((7, 3),    33,  50,  20,  F32,  True,  0.3,  "permuted",   None),
+    ((33,),     50,  70,  128, F32,  True,  0.0,  "contiguous", "hybrid"),
+    ((5, 13),   40,  29,  16,  F16,  True,  0.1,  "permuted",   "in_loop"),
+    ((123,),    45,  77,  64,  F16,  False, 0.0,  "strided",    "split"),
+    ((1,),      17,  33,  4,   BF16, True,  0.2,  "contiguous", None),
+    ((3, 11),   50,  70,  128, BF16, True,  0.0,  "permuted",   None),
+    ((20,),     40,  30,  3,   BF16, True,  0.4,  "transposed", "in_loop"),
+]
+
+
+@pytest.mark.parametrize("lead,k,n,r,dtype,bias,p,layout,strategy", CASES)
+def test_lora_linear_on_an_int8_base_matches_the_float64_reference(lead, k, n, r, dtype, bias, p, layout,
+                                                                   strategy):
+    with dispatch.force_strategy(strategy) if strategy else contextlib.nullcontext(), poison_outputs():
+        errors = parity_case(lead, k, n, r, dtype, bias=bias, dropout_p=p, layout=layout, seed=5, quantized=True)
+    assert set(errors) == {"y", "dx", "dlora_A", "dlora_B"}
+    assert max(errors.values()) <= TOLERANCE[dtype], errors
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("strategy, p", [("in_loop", 0.0), ("in_loop", 0.2), ("split", 0.0), ("split", 0.2)])
+def test_an_int8_base_gives_the_bits_of_its_dequantised_weight(dtype, strategy, p):
+    """The op on (q, scale) and on Ŵ: the same output and gradients, bit for
+    bit (the kernels multiply by the same values in the same order), and
+    the same again on a second run (deterministic); the bias still trains."""
+    x = make_x((3, 17, 45), dtype).requires_grad_()
+    w, b, a, bb = make_params(45, 70, 6, dtype, True)
+    q, scale = fused_lora.quantize_int8(w)
+    deq = fused_lora.dequantize_int8(q, scale, dtype)
+    for t in (b, a, bb):
+        t.requires_grad_()
+    dy = torch.randn(3, 17, 70, device=DEVICE, dtype=dtype)
+
+    def run(weight, weight_scale):
+        with dispatch.force_strategy(strategy):
+            y = fused_lora.lora_linear(x, weight, a, bb, b, scaling=1.5, dropout_p=p, seed=11,
+                                       weight_scale=weight_scale, backend="triton")
+            return (y, *torch.autograd.grad(y, (x, b, a, bb), dy))
+
+    quantized, again, plain = run(q, scale), run(q, scale), run(deq, None)
+    for name, t1, t2, t3 in zip(("y", "dx", "dbias", "dA", "dB"), quantized, again, plain):
+        assert torch.equal(t1, t2), name
+        assert torch.equal(t1, t3), name
+
+
+def test_the_torch_backend_is_the_reference_on_the_dequantised_base():
+    x = torch.randn(9, 24, device=DEVICE, dtype=torch.float64)
+    w, b, a, bb = make_params(24, 16, 4, torch.float64, True)
+    q, scale = fused_lora.quantize_int8(w)
+    y = fused_lora.lora_linear(x, q, a, bb, b, scaling=2.0, weight_scale=scale, backend="torch")
+    want = torch.nn.functional.linear(x, q.double() * scale.double()[:, None], b) + 2.0 * (x @ a.t() @ bb.t())
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(y, reference.lora_linear(x, q, a, bb, b, scaling=2.0, weight_scale=scale))
+
+
+def test_several_adapters_on_one_int8_base():
+    with poison_outputs():
+        for strategy, p in (("in_loop", 0.1), ("split", 0.0)):
+            with dispatch.force_strategy(strategy):
+                errors = parity_case((4, 9), 40, 33, 12, F16, dropout_p=p, adapters=True, quantized=True)
+            assert max(errors.values()) <= TOLERANCE[F16], (strategy, errors)
+    # every adapter of rank 0: the dequantised base for every row
+    x = torch.randn(5, 24, device=DEVICE)
+    q, scale = _quantized(16, 24)
+    zero_a, zero_b = torch.empty(0, 24, device=DEVICE), torch.empty(16, 0, device=DEVICE)
+    y = fused_lora.multi_lora_linear(x, q, [zero_a], [zero_b], torch.zeros(5, dtype=torch.long, device=DEVICE),
+                                     weight_scale=scale)
+    assert torch.equal(y, torch.nn.functional.linear(x, fused_lora.dequantize_int8(q, scale, F32)))
+
+
+def test_an_int8_base_never_runs_hybrid():
+    for strategy in (None, "hybrid"):
+        plan = dispatch.plan(4096, 4096, 4096, 16, F32, 0.0, 90, interpreter=False, strategy=strategy,
+                             quantized=True)
+        assert plan.strategy != "hybrid" and not plan.cublas_base
+    assert dispatch.plan(4096, 4096, 4096, 16, F32, 0.0, 90, interpreter=False).strategy == "hybrid"
+    forced = dispatch.plan(64, 64, 64, 16, F16, 0.0, 90, interpreter=False, strategy="hybrid", quantized=True)
+    assert forced.strategy == "in_loop" and "cannot read an int8 base" in forced.reason
+
+
+def test_double_backward_on_an_int8_base():
+    x = torch.randn(6, 20, device=DEVICE, dtype=torch.float64 if DEVICE.type == "cpu" else F32)
+    x = x.float().requires_grad_()
+    w, b, a, bb = make_params(20, 12, 3, F32, True)
+    q, scale = fused_lora.quantize_int8(w)
+    a.requires_grad_()
+    y = fused_lora.lora_linear(x, q, a, bb, b, scaling=1.5, weight_scale=scale, backend="triton")
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    (gga,) = torch.autograd.grad(gx.square().sum(), a)
+    x64, a64 = x.detach().double().requires_grad_(), a.detach().double().requires_grad_()
+    y64 = reference.lora_linear(x64, q, a64, bb.double(), b.double(), scaling=1.5, weight_scale=scale)
+    (gx64,) = torch.autograd.grad(y64.square().sum(), x64, create_graph=True)
+    (gga64,) = torch.autograd.grad(gx64.square().sum(), a64)
+    assert_close(gx, gx64.detach(), F32, "dx")
+    assert_close(gga, gga64, F32, "d(dx)/dA")
+
+
+def test_the_ops_pass_opcheck_and_compile_with_an_int8_base():
+    x = torch.randn(3, 5, 24, device=DEVICE, requires_grad=True)
+    w, b, a, bb = make_params(24, 16, 4, F32, True)
+    q, scale = fused_lora.quantize_int8(w)
+    a.requires_grad_()
+    bb.requires_grad_()
+    extra = ("", None, None, None, None, scale)
+    seed = torch.tensor(7)
+    torch.library.opcheck(torch.ops.fused_lora.lora_linear_fwd.default, (x, q, b, a, bb, 1.5, 0.2, seed, *extra))
+    y, xa = torch.ops.fused_lora.lora_linear_fwd(x, q, b, a, bb, 1.5, 0.2, seed, *extra)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.fused_lora.lora_linear_bwd.default,
+                          (dy, x.detach(), q, a.detach(), bb.detach(), xa.detach(), 1.5, 0.2, seed,
+                           True, False, True, True, True, *extra))
+    grads = torch.autograd.grad(y, (x, a, bb), dy)  # (the op's own autograd)
+    eager = fused_lora.lora_linear(x, q, a, bb, b, scaling=1.5, dropout_p=0.2, seed=7, weight_scale=scale)
+    for g, e in zip(grads, torch.autograd.grad(eager, (x, a, bb), dy, retain_graph=True)):
+        assert torch.equal(g, e)
+
+    def f(x):
+        return fused_lora.lora_linear(x, q, a, bb, b, scaling=1.5, dropout_p=0.2, seed=7, weight_scale=scale)
+
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, backend=counter, fullgraph=True)(x)
+    assert counter.frame_count == 1
+    assert torch.equal(compiled, eager)
+    assert torch.equal(torch.autograd.grad(compiled, x, dy)[0], torch.autograd.grad(eager, x, dy)[0])
+
+
+# ----------------------------------------------------------------------------
+# Typed errors
+# ----------------------------------------------------------------------------
+
+def test_bad_quantized_arguments_are_typed_errors():
+    x = torch.randn(5, 24, device=DEVICE)
+    w, b, a, bb = make_params(24, 16, 4, F32, True)
+    q, scale = fused_lora.quantize_int8(w)
+    with pytest.raises(TypeError, match=r"weight is int8 \(16, 24\), a quantized base: pass its weight_scale"):
+        fused_lora.lora_linear(x, q, a, bb, b)
+    with pytest.raises(TypeError, match="weight must be an int8 tensor with weight_scale"):
+        fused_lora.lora_linear(x, w, a, bb, b, weight_scale=scale)
+    with pytest.raises(ValueError, match=r"weight_scale must have shape \(out_features=16,\) to match weight "
+                                         r"\(16, 24\) .* got \(24,\)"):
+        fused_lora.lora_linear(x, q, a, bb, b, weight_scale=torch.ones(24, device=DEVICE))
+    with pytest.raises(TypeError, match="weight_scale must be a floating-point tensor"):
+        fused_lora.lora_linear(x, q, a, bb, b, weight_scale=torch.ones(16, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="weight_scale is on meta but x is on"):
+        fused_lora.lora_linear(x, q, a, bb, b, weight_scale=torch.ones(16, device="meta"))
+    with pytest.raises(ValueError, match=r"weight_scale requires grad, .* pass weight_scale.detach\(\)"):
+        fused_lora.lora_linear(x, q, a, bb, b, weight_scale=scale.clone().requires_grad_())
+    with pytest.raises(ValueError, match=r"x must have shape \(..., in_features=24\)"):
+        fused_lora.lora_linear(torch.randn(5, 23, device=DEVICE), q, a, bb, b, weight_scale=scale)
+    with pytest.raises(TypeError, match="lora_A has dtype torch.float16 but x has torch.float32"):
+        fused_lora.lora_linear(x, q, a.half(), bb, b, weight_scale=scale)
+    with pytest.raises(TypeError, match=r"adapter 0 .* weight is int8"):
+        fused_lora.multi_lora_linear(x, q, [a], [bb], torch.zeros(5, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="weight_scale requires grad"):
+        fused_lora.multi_lora_linear(x, q, [a], [bb], torch.zeros(5, dtype=torch.long, device=DEVICE),
+                                     weight_scale=scale.clone().requires_grad_())
+    if ops._triton.why_not(x.device, x.dtype):
+        return
+    seed = torch.tensor(0)
+    with pytest.raises(TypeError, match="weight is int8"):
+        fused_lora.LoRALinearFunction.apply(x, q, b, a, bb, 1.0, 0.0, seed)
+    with pytest.raises(ValueError, match=r"weight_scale must have shape"):
+        fused_lora.LoRALinearFunction.apply(x, q, b, a, bb, 1.0, 0.0, seed, None, None, None, None, scale[:3])
+    with pytest.raises(ValueError, match=r"weight_scale requires grad"):
+        fused_lora.LoRALinearFunction.apply(x, q, b, a, bb, 1.0, 0.0, seed, None, None, None, None,
+                                            scale.clone().requires_grad_())
+    y = fused_lora.LoRALinearFunction.apply(x, q, b, a, bb, 1.0, 0.0, seed, None, None, None, None, scale)
+    assert_close(y, reference.lora_linear(x.double(), q, a.double(), bb.double(), b.double(), weight_scale=scale),
+                 F32, "LoRALinearFunction")

@@ -1,0 +1,193 @@
+"""An int8 base in the layer and in models: ``LoRALinear.from_linear(...,
+quantize_base=True)`` and ``inject(..., quantize_base=True)`` against the
+same layers on the dequantised weight (float64 reference, and a float
+model whose weights are those values), mixed batches, the adapters off,
+the state dict, training, and what such layers refuse."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fused_lora
+from fused_lora import LoRALinear, reference
+from lora_testing import DEVICE, TOLERANCE, assert_close, tiny_gpt2, tiny_llama
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def _quantized_layer(k, n, r, dtype, bias=True, dropout=0.0, adapter_dtype=None):
+    torch.manual_seed(0)
+    linear = nn.Linear(k, n, bias=bias, device=DEVICE, dtype=dtype)
+    layer = LoRALinear.from_linear(linear, r=r, alpha=2 * r, dropout=dropout, quantize_base=True,
+                                   adapter_dtype=adapter_dtype)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5)  # (a trained adapter: B away from 0)
+    return linear, layer
+
+
+def _reference(layer, x, dropout_p=0.0, seed=None):
+    deq = fused_lora.dequantize_int8(layer.weight, layer.weight_scale, x.dtype)
+    return reference.lora_linear_checked(x.double(), deq.double(), layer.lora_A.double(), layer.lora_B.double(),
+                                         None if layer.bias is None else layer.bias.double(), layer.scaling,
+                                         dropout_p, seed)
+
+
+@pytest.mark.parametrize("dtype, adapter_dtype", [(F32, None), (F16, None), (BF16, F32)], ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_linear_quantizes_the_base_and_matches_the_reference(dtype, adapter_dtype, bias):
+    linear, layer = _quantized_layer(45, 70, 6, dtype, bias, adapter_dtype=adapter_dtype)
+    q, scale = fused_lora.quantize_int8(linear.weight)
+    assert layer.quantized and layer.weight.dtype == torch.int8 and not layer.weight.requires_grad
+    assert torch.equal(layer.weight, q) and torch.equal(layer.weight_scale, scale)
+    assert layer.bias is linear.bias  # (shared; the weight is not kept)
+    assert layer.lora_A.dtype == (adapter_dtype or dtype)
+    assert "base=int8" in repr(layer)
+    x = torch.randn(3, 17, 45, device=DEVICE, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == dtype
+    assert_close(y, _reference(layer, x), dtype, "y")
+    dy = torch.randn_like(y)
+    gx, ga, gb = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), dy)
+    assert ga.dtype == layer.lora_A.dtype
+    leaves = [t.detach().double().requires_grad_() for t in (x, layer.lora_A, layer.lora_B)]
+    deq = fused_lora.dequantize_int8(layer.weight, layer.weight_scale, dtype).double()
+    y64 = reference.lora_linear(leaves[0], deq, leaves[1].to(dtype).double(), leaves[2].to(dtype).double(),
+                                None if layer.bias is None else layer.bias.double(), scaling=layer.scaling)
+    for g, g64, name in zip((gx, ga, gb), torch.autograd.grad(y64, leaves, dy.double()), ("dx", "dA", "dB")):
+        assert_close(g, g64, dtype, name)
+
+
+def test_dropout_in_training_and_none_in_eval():
+    _, layer = _quantized_layer(40, 24, 4, F32, dropout=0.3)
+    x = torch.randn(9, 40, device=DEVICE)
+    torch.manual_seed(5)
+    y_train = layer(x)
+    torch.manual_seed(5)
+    seed = fused_lora.dropout.draw_seed_tensor(x.device)  # (the seed the layer drew)
+    assert_close(y_train, _reference(layer, x, 0.3, seed), F32, "train")
+    layer.eval()
+    assert_close(layer(x), _reference(layer, x), F32, "eval")
+
+
+def test_mixed_batches_and_the_adapter_off_run_the_dequantised_base():
+    _, layer = _quantized_layer(40, 24, 4, F16)
+    x = torch.randn(6, 5, 40, device=DEVICE, dtype=F16)
+    ids = torch.tensor([0, -1, 0, -1, -1, 0], device=DEVICE)
+    base = F.linear(x, fused_lora.dequantize_int8(layer.weight, layer.weight_scale, F16), layer.bias)
+    y = layer(x, adapter_ids=ids)
+    on = ids == 0
+    assert_close(y[on], _reference(layer, x[on]), F16, "adapter rows")
+    assert_close(y[~on], base[~on].double(), F16, "base rows")
+    with fused_lora.disable_adapters(layer):
+        assert torch.equal(layer(x), base)
+    assert torch.equal(layer(x, adapter_ids=torch.full((6,), -1, device=DEVICE)), base)
+
+
+def test_the_state_dict_round_trips_and_refuses_the_other_kind_of_weight():
+    linear, layer = _quantized_layer(40, 24, 4, F32)
+    x = torch.randn(7, 40, device=DEVICE)
+    state = layer.state_dict()
+    assert set(state) == {"weight", "bias", "lora_A", "lora_B", "weight_scale"} and state["weight"].dtype == torch.int8
+    _, other = _quantized_layer(40, 24, 4, F32)
+    with torch.no_grad():
+        other.weight_scale.mul_(2)
+    other.load_state_dict(state)
+    assert torch.equal(other(x), layer(x))
+    float_layer = LoRALinear.from_linear(nn.Linear(40, 24, device=DEVICE), r=4)
+    with pytest.raises(RuntimeError, match=r"weight: a torch.float32 weight for a layer whose base is int8"):
+        layer.load_state_dict(float_layer.state_dict(), strict=False)
+    with pytest.raises(RuntimeError, match=r"weight: a torch.int8 weight for a layer whose base is torch.float32"):
+        float_layer.load_state_dict(state, strict=False)
+    assert torch.equal(layer(x), other(x))  # (nothing loaded)
+
+
+def test_a_training_step_trains_the_adapter_alone():
+    _, layer = _quantized_layer(40, 24, 4, BF16, adapter_dtype=F32)
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+    before = layer.weight.clone()
+    x = torch.randn(8, 40, device=DEVICE, dtype=BF16)
+    loss = layer(x).float().square().mean()
+    loss.backward()
+    opt.step()
+    assert torch.equal(layer.weight, before) and layer.weight.grad is None
+    assert layer(x).float().square().mean() < loss
+
+
+def test_to_a_dtype_keeps_the_int8_weight():
+    _, layer = _quantized_layer(40, 24, 4, F32)
+    layer.to(F16)
+    assert layer.weight.dtype == torch.int8 and layer.weight_scale.dtype == F16 and layer.lora_A.dtype == F16
+    x = torch.randn(5, 40, device=DEVICE, dtype=F16)
+    assert_close(layer(x), _reference(layer, x), F16, "after .to(float16)")
+
+
+def test_what_an_int8_base_refuses():
+    linear, layer = _quantized_layer(40, 24, 4, F32)
+    with pytest.raises(ValueError, match="the base is int8 .* would requantize it"):
+        layer.merge()
+    assert not layer.merged
+    with pytest.raises(ValueError, match="use_dora and quantize_base"):
+        LoRALinear.from_linear(linear, r=4, use_dora=True, quantize_base=True)
+    with pytest.raises(TypeError, match="quantize_base must be a bool"):
+        LoRALinear.from_linear(linear, r=4, quantize_base="yes")
+    q = nn.Parameter(layer.weight.detach(), requires_grad=False)
+    a, b = layer.lora_A, layer.lora_B
+    with pytest.raises(ValueError, match=r"weight_scale must have shape \(out_features=24,\)"):
+        LoRALinear.from_parameters(q, None, a, b, alpha=4, weight_scale=torch.ones(40, device=DEVICE))
+    with pytest.raises(TypeError, match="weight must be a plain int8 Parameter with weight_scale"):
+        LoRALinear.from_parameters(linear.weight, None, a, b, alpha=4, weight_scale=torch.ones(24, device=DEVICE))
+    with pytest.raises(ValueError, match="fan_in_fan_out=True takes no weight_scale"):
+        LoRALinear.from_parameters(q, None, nn.Parameter(torch.zeros(4, 24, device=DEVICE)),
+                                   nn.Parameter(torch.zeros(40, 4, device=DEVICE)), alpha=4, fan_in_fan_out=True,
+                                   weight_scale=torch.ones(24, device=DEVICE))
+    with pytest.raises(TypeError, match=r"weight is int8 \(24, 40\), a quantized base"):
+        fused_lora.lora_linear(torch.randn(3, 40, device=DEVICE), layer.weight, a, b)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_inject_quantize_base_is_the_model_on_its_dequantised_weights(make):
+    """The model with int8 bases, and the float model whose targeted weights
+    are replaced by their dequantised values, each with the same adapters:
+    the same logits and adapter gradients (fp32), a training step, and the
+    adapters saved; unload, merge_and_unload and to_peft refused."""
+    model = make(seed=3)
+    float_model = copy.deepcopy(model)
+    names = fused_lora.inject(model, "all-linear", r=4, alpha=8, quantize_base=True)
+    layers = {n: model.get_submodule(n) for n in names}
+    assert names and all(layer.quantized for layer in layers.values())
+    with torch.no_grad():  # the float model: those weights dequantised, as the kernels see them
+        for name, layer in layers.items():
+            plain = float_model.get_submodule(name)
+            deq = fused_lora.dequantize_int8(layer.weight, layer.weight_scale, F32)
+            plain.weight.copy_(deq if isinstance(plain, nn.Linear) else deq.t())  # (GPT-2's Conv1D: (in, out))
+            nn.init.normal_(layer.lora_B, 0, 0.3)
+    fused_lora.inject(float_model, "all-linear", r=4, alpha=8)
+    float_layers = {n: float_model.get_submodule(n) for n in names}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            float_layers[name].lora_A.copy_(layer.lora_A)
+            float_layers[name].lora_B.copy_(layer.lora_B)
+    ids = torch.randint(0, 61, (2, 9), device=DEVICE)
+    out, float_out = model(input_ids=ids, labels=ids), float_model(input_ids=ids, labels=ids)
+    assert_close(out.logits, float_out.logits.double(), F32, "logits")
+    out.loss.backward()
+    float_out.loss.backward()
+    for name, layer in layers.items():
+        assert_close(layer.lora_B.grad, float_layers[name].lora_B.grad.double(), F32, f"{name}.lora_B.grad")
+        assert_close(layer.lora_A.grad, float_layers[name].lora_A.grad.double(), F32, f"{name}.lora_A.grad")
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    weights = sum(layer.weight.numel() for layer in layers.values())
+    assert sum(layer.weight.element_size() * layer.weight.numel() for layer in layers.values()) == weights
+    for what in (fused_lora.unload, fused_lora.merge_and_unload, fused_lora.to_peft):
+        with pytest.raises(ValueError, match=r"hold an int8 base \(quantize_base=True\)"):
+            what(model)
+    assert all(isinstance(model.get_submodule(n), LoRALinear) for n in names)  # (nothing changed)
+
+
+def test_inject_refuses_dora_on_an_int8_base():
+    with pytest.raises(ValueError, match="use_dora and quantize_base"):
+        fused_lora.inject(tiny_llama(), "all-linear", use_dora=True, quantize_base=True)
