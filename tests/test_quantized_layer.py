@@ -13,7 +13,7 @@ from torch import nn
 
 import fused_lora
 from fused_lora import LoRALinear, reference
-from lora_testing import DEVICE, TOLERANCE, assert_close, tiny_gpt2, tiny_llama
+from lora_testing import DEVICE, assert_close, tiny_gpt2, tiny_llama
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -149,7 +149,7 @@ def test_what_an_int8_base_refuses():
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
-def test_inject_quantize_base_is_the_model_on_its_dequantised_weights(make):
+def test_inject_quantize_base_is_the_model_on_its_dequantised_weights(make, tmp_path):
     """The model with int8 bases, and the float model whose targeted weights
     are replaced by their dequantised values, each with the same adapters:
     the same logits and adapter gradients (fp32), a training step, and the
@@ -186,6 +186,23 @@ def test_inject_quantize_base_is_the_model_on_its_dequantised_weights(make):
         with pytest.raises(ValueError, match=r"hold an int8 base \(quantize_base=True\)"):
             what(model)
     assert all(isinstance(model.get_submodule(n), LoRALinear) for n in names)  # (nothing changed)
+    # the adapters saved from the int8 model load into the floating-point one (what the refusals advise)
+    fused_lora.save_adapter(model, tmp_path)
+    fresh = make(seed=3)
+    fused_lora.load_adapter(fresh, tmp_path)
+    for name, layer in layers.items():
+        loaded = fresh.get_submodule(name)
+        assert not loaded.quantized
+        assert torch.equal(loaded.lora_A, layer.lora_A) and torch.equal(loaded.lora_B, layer.lora_B)
+    # and into the int8 model itself, its bases untouched
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_A.zero_()
+    bases = {n: (layer.weight.clone(), layer.weight_scale.clone()) for n, layer in layers.items()}
+    fused_lora.load_adapter(model, tmp_path)
+    for name, layer in layers.items():
+        assert torch.equal(layer.lora_A, fresh.get_submodule(name).lora_A)
+        assert torch.equal(layer.weight, bases[name][0]) and torch.equal(layer.weight_scale, bases[name][1])
 
 
 def test_inject_refuses_dora_on_an_int8_base():
