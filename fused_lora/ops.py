@@ -59,6 +59,13 @@ of its tiles in fp32 and never stored (:mod:`fused_lora.kernels.dora`;
 :func:`dora_norm`, for a layer's init and merge, makes ``W + s·BA`` in
 fp32 a block of rows at a time).
 
+An int8 base (``weight_scale``; :mod:`fused_lora.quant`): ``W`` above is
+``Ŵ = round(q ⊙ scale[:, None])`` in x's dtype, ``q (N, K)`` int8 and
+``scale (N)``, the product made in fp32 and rounded once; q and the scale
+are frozen (no ``dW``). The GEMMs make Ŵ's tiles as they load q's
+(the forward's ``Wᵀ`` scaled by column, dx's ``W`` by row), so every
+result is the one on Ŵ itself.
+
 How it runs (Triton backend)
 ============================
 

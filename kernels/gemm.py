@@ -22,7 +22,9 @@ way: at small M it accumulates dy·B (S = B) in its K loop, and the dA pass
 reads it from there. The in-loop forward with dropout multiplies each A tile
 by its (M, K) keep-mask for the shrink's dot only (``SHRINK_DROPOUT``: the base
 dot reads the tile as loaded), so every N tile draws the mask of its rows
-again. Nothing of size (M, N) is materialised for the low-rank
+again. An int8 B (a quantized base: ``B_SCALE``) is
+dequantised as each tile is loaded, before its dot (:func:`dequantize`).
+Nothing of size (M, N) is materialised for the low-rank
 term. Both split along K (small M): the term is linear in the left factor, so
 each split adds its own part.
 """
@@ -168,7 +170,10 @@ def lora_gemm_kernel(
     times ``csc[j]``, where row m's adapter ``ids[m]`` is column j's
     ``cid[j]``, and is 0 elsewhere (NaN on a row whose id is below -1:
     :func:`~fused_lora.kernels.common.adapter_columns`); never with
-    ``ROW_SCALE``.
+    ``ROW_SCALE``. ``B_SCALE``: B is int8, each tile dequantised as it is
+    loaded, times ``bsc`` by column (1: the forward's ``Wᵀ``, the scales
+    loaded once a tile) or by row (2: dx's ``W``, loaded a K step at a time,
+    masked in the K tail), rounded once to A's dtype (:func:`dequantize`).
 
     Split-K (grid axis 1 of size S > 1): program (t, s) computes tile t over
     its own K range and stores the fp32 partial at ``C[s]``; split 0 also
