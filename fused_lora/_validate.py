@@ -140,14 +140,7 @@ def check_weight_scale(x: torch.Tensor, weight: torch.Tensor, weight_scale):
     frozen). The other arguments checked already."""
     if weight_scale is None:
         return None
-    _is_tensor("weight_scale", weight_scale)
-    n = weight.shape[0]
-    if tuple(weight_scale.shape) != (n,):
-        raise ValueError(f"weight_scale must have shape (out_features={n},) to match weight "
-                         f"{tuple(weight.shape)} (one scale per output feature), got {tuple(weight_scale.shape)}")
-    if weight_scale.device != x.device:
-        raise ValueError(f"weight_scale is on {weight_scale.device} but x is on {x.device}: all tensors must be on "
-                         "one device")
+    _check_per_output_feature("weight_scale", x, weight, weight_scale)
     if weight_scale.requires_grad and torch.is_grad_enabled():
         raise ValueError("weight_scale requires grad, but a quantized base is frozen and no gradient flows to it: "
                          "pass weight_scale.detach()")
@@ -207,15 +200,19 @@ def check_magnitude(x: torch.Tensor, weight: torch.Tensor, magnitude) -> torch.T
     """``magnitude`` of ``dora_linear``: a floating-point tensor
     (out_features,) of x's dtype, on x's device (the other arguments checked
     already)."""
-    _is_tensor("magnitude", magnitude)
-    n = weight.shape[0]
-    if tuple(magnitude.shape) != (n,):
-        raise ValueError(f"magnitude must have shape (out_features={n},) to match weight {tuple(weight.shape)}, "
-                         f"got {tuple(magnitude.shape)}")
+    _check_per_output_feature("magnitude", x, weight, magnitude)
     if magnitude.dtype != x.dtype:
         raise TypeError(f"magnitude has dtype {magnitude.dtype} but x has {x.dtype}: all tensors must share one "
                         f"dtype (cast magnitude, e.g. magnitude.to({x.dtype}))")
-    if magnitude.device != x.device:
-        raise ValueError(f"magnitude is on {magnitude.device} but x is on {x.device}: all tensors must be on one "
-                         "device")
     return magnitude
+
+
+def _check_per_output_feature(name: str, x: torch.Tensor, weight: torch.Tensor, t) -> None:
+    """``t`` a floating-point tensor (out_features,) on x's device."""
+    _is_tensor(name, t)
+    n = weight.shape[0]
+    if tuple(t.shape) != (n,):
+        raise ValueError(f"{name} must have shape (out_features={n},) to match weight {tuple(weight.shape)}, "
+                         f"got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must be on one device")

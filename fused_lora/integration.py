@@ -74,7 +74,7 @@ from torch import nn
 from ._validate import check_bool, check_int, version_tuple
 from .layer import (LoRALinear, MultiLoRALinear, check_adapter_dtype, lora_scaling, note_checked_adapter_ids,
                     unfusable_base)
-from .quant import quantize_int8
+from .quant import int8_rows_of, quantize_int8
 
 #: The fused layers: one adapter (:func:`inject`), or several (:func:`inject_multi`).
 FUSED_KINDS = (LoRALinear, MultiLoRALinear)
@@ -771,7 +771,7 @@ def _select_layers(model: nn.Module, target_modules, exclude_modules, what: str)
 
 def inject_multi(model: nn.Module, target_modules, ranks, alphas=None, dropout: float = 0.0,
                  use_rslora: bool = False, exclude_modules=None, *, adapter_dtype: torch.dtype | None = None,
-                 backend: str = "auto") -> list[str]:
+                 backend: str = "auto", quantize_base: bool = False) -> list[str]:
     """Replace the matching linear layers of ``model`` with
     :class:`~fused_lora.MultiLoRALinear`, several adapters on each shared
     base: adapter ``i`` of rank ``ranks[i]`` and alpha ``alphas[i]`` (default
@@ -794,11 +794,15 @@ def inject_multi(model: nn.Module, target_modules, ranks, alphas=None, dropout: 
     take ``adapter=i``: one adapter of these layers is one of PEFT's;
     :func:`unload` and :func:`disable_adapters` work as for :func:`inject`'s
     layers; :func:`to_peft` gives each adapter to PEFT, by name.
+    ``quantize_base``: the bases int8, as :func:`inject`'s (many adapters
+    served from one int8 base; ``merge_and_unload``, ``unload`` and
+    ``to_peft`` refused).
 
     Returns the names of the replaced layers, in model order.
     """
     _check_model(model)
     adapter_dtype = check_adapter_dtype(adapter_dtype)
+    quantize_base = check_bool("quantize_base", quantize_base)
     # (the layer's own checks, ahead of any change: ranks, alphas, dropout, backend)
     probe = MultiLoRALinear(1, 1, ranks, alphas, dropout, bias=False, use_rslora=use_rslora, device="meta",
                             backend=backend)
@@ -819,7 +823,7 @@ def inject_multi(model: nn.Module, target_modules, ranks, alphas=None, dropout: 
         if id(module) not in fused_by_id:  # a module reachable under two names gets one set of adapters
             layer = MultiLoRALinear.around(module.weight, module.bias, probe.ranks, probe.alphas, probe.dropout,
                                            probe.use_rslora, fan_in_fan_out=not isinstance(module, nn.Linear),
-                                           backend=backend, adapter_dtype=adapter_dtype)
+                                           backend=backend, adapter_dtype=adapter_dtype, quantize_base=quantize_base)
             fused_by_id[id(module)] = layer.train(module.training)
         _replace_module(model, name, fused_by_id[id(module)])
     guard_fast_paths(model)
@@ -919,12 +923,14 @@ def _routed_ids_hook(module: nn.Module, args, kwargs):
 def _check_fusable(model: nn.Module, names, what: str, error=TypeError) -> None:
     """Refuse, before anything changes, plain linears whose weights the kernels cannot read (quantized)."""
     modules = {n: model.get_submodule(n) for n in names}
-    unfusable = {n: why for n, m in modules.items() if (why := unfusable_base(m.weight, m.bias))}
+    unfusable = {n: why for n, m in modules.items()
+                 if (why := unfusable_base(m.weight, m.bias, fan_in_fan_out=not isinstance(m, nn.Linear)))}
     if unfusable:
         raise error(f"{what}: these layers cannot be fused: "
                     + "; ".join(f"{n}: {why}" for n, why in unfusable.items())
-                    + ". Fused layers need a plain floating-point base: quantized bases are not supported yet "
-                    "(PEFT's LoRA layers handle torchao and bitsandbytes ones)")
+                    + ". Fused layers need a plain floating-point base, or an int8 one (quantize_base=True, or "
+                    "torchao's Int8WeightOnlyConfig): other quantized bases are not supported yet (PEFT's LoRA "
+                    "layers handle torchao and bitsandbytes ones)")
 
 
 def _freeze_a_plain_model(model: nn.Module) -> None:
@@ -1027,6 +1033,9 @@ def _why_unsupported(module, PeftLinear) -> str | None:
     why = unfusable_base(base.weight, base.bias)
     if why:
         return f"base layer: {why}"
+    if int8_rows_of(base.weight) is not None:
+        return ("base layer: a torchao int8 weight (from_peft leaves quantized bases to PEFT; fused_lora.inject "
+                "fuses such a model's layers, and load_adapter loads PEFT's files into them)")
     adapters = list(module.lora_A.keys())
     if len(adapters) != 1:
         return (f"several adapters loaded ({adapters}); fused layers hold one (fused_lora.load_adapters(base_model, "

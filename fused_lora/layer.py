@@ -15,7 +15,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ._validate import check_backend, check_bool, check_int
 from .dropout import check_dropout_p
 from .ops import _autocast_enabled, _unreadable, dora_linear, dora_norm, lora_linear, multi_lora_linear
-from .quant import dequantize_int8, quantize_int8
+from .quant import dequantize_int8, int8_rows_of, quantize_int8
 
 
 def check_adapter_dtype(dtype, name: str = "adapter_dtype") -> torch.dtype | None:
@@ -84,6 +84,21 @@ def _check_recompute(layer: nn.Module, adapter_ids) -> None:
                          "layers inside the block only: run the backward (loss.backward()) inside the block too")
 
 
+def _other_kind_of_base(layer: nn.Module, state_dict, prefix: str, error_msgs: list) -> bool:
+    """In a fused layer's ``_load_from_state_dict``: whether ``state_dict``'s
+    weight is int8 where the layer's base is floating point, or the other
+    way round (``copy_`` would cast one into the other: floats truncated to
+    int8, int8 read as values), the error noted in ``error_msgs``."""
+    weight = state_dict.get(prefix + "weight")
+    if not isinstance(weight, torch.Tensor) or (weight.dtype == torch.int8) == layer.quantized:
+        return False
+    error_msgs.append(f"{prefix}weight: a {weight.dtype} weight for a layer whose base is "
+                      f"{'int8 (quantize_base)' if layer.quantized else layer.weight.dtype}: "
+                      + ("quantize it (fused_lora.quantize_int8) and load it with its weight_scale"
+                         if layer.quantized else "an int8 base loads into a layer made with quantize_base=True"))
+    return True
+
+
 def _compute_dtype(x, weight_scale: torch.Tensor) -> torch.dtype:
     """The dtype an int8 base computes in: x's (the scale's where x is not a
     floating-point tensor, which the checks downstream then refuse)."""
@@ -108,14 +123,18 @@ def _base_linear(layer: nn.Module, x, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight, layer.bias)
 
 
-def unfusable_base(weight: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:
+def unfusable_base(weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   fan_in_fan_out: bool = False) -> str | None:
     """Why a fused layer cannot take this weight and bias as its base (None
     when it can): the kernels read plain fp16/bf16/fp32 (or, on the torch
-    backend, fp64) tensors. A quantized weight is not one: torchao's tensor
-    subclasses (which report a float dtype), bitsandbytes' packed int8/uint8
-    parameters; nor is a sharded DTensor (fuse before sharding)."""
+    backend, fp64) tensors, and int8 bases of one scale per output feature:
+    torchao's int8 weight-only weights (:func:`fused_lora.quant.int8_rows_of`;
+    stored (out, in): not ``fan_in_fan_out``). Other quantized weights are
+    not: torchao's other tensor subclasses (which report a float dtype),
+    bitsandbytes' packed int8/uint8 parameters; nor is a sharded DTensor
+    (fuse before sharding)."""
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
+        if t is None or (name == "weight" and not fan_in_fan_out and int8_rows_of(t) is not None):
             continue
         if is_traceable_wrapper_subclass(t):
             return (f"its {name} is a {type(t).__module__}.{type(t).__name__}, a tensor subclass (a quantized "
@@ -128,7 +147,8 @@ def unfusable_base(weight: torch.Tensor, bias: torch.Tensor | None = None) -> st
 def _check_base(weight, bias) -> None:
     why = unfusable_base(weight, bias)
     if why:
-        raise TypeError(f"the base: {why}. Fused layers need a plain floating-point base: quantized bases are not "
+        raise TypeError(f"the base: {why}. Fused layers need a plain floating-point base, or an int8 one "
+                        f"(quantize_base=True, or torchao's Int8WeightOnlyConfig): other quantized bases are not "
                         f"supported yet (PEFT's LoRA layers handle torchao and bitsandbytes ones)")
 
 
@@ -278,23 +298,28 @@ class LoRALinear(nn.Module):
         dtype (or ``adapter_dtype``). ``quantize_base``: the weight quantized
         to int8 instead (:func:`fused_lora.quantize_int8`: a new int8
         Parameter and its ``weight_scale``; ``linear``'s weight is not kept,
-        its bias is shared); not with ``use_dora``."""
+        its bias is shared); not with ``use_dora``. A weight that is an int8
+        base already (torchao's ``Int8WeightOnlyConfig``,
+        :func:`fused_lora.quant.int8_rows_of`) is taken as it is: its int8
+        data (shared) and scales, the same base values."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         r = check_int("r", r, 1)
         adapter_dtype = check_adapter_dtype(adapter_dtype)
         _check_base(linear.weight, linear.bias)
         use_dora, quantize_base = check_bool("use_dora", use_dora), check_bool("quantize_base", quantize_base)
-        if use_dora and quantize_base:
-            raise ValueError("use_dora and quantize_base: DoRA on an int8 base is not supported yet")
+        rows = int8_rows_of(linear.weight)
+        if use_dora and (quantize_base or rows is not None):
+            raise ValueError("use_dora and quantize_base (or a torchao int8 weight): DoRA on an int8 base is not "
+                             "supported yet")
         w = linear.weight
         a = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=adapter_dtype or w.dtype))
         b = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=adapter_dtype or w.dtype))
         m = nn.Parameter(torch.empty(linear.out_features, device=w.device, dtype=adapter_dtype or w.dtype)) \
             if use_dora else None
         weight, scale = linear.weight, None
-        if quantize_base:
-            q, scale = quantize_int8(linear.weight)
+        if rows is not None or quantize_base:
+            q, scale = rows if rows is not None else quantize_int8(linear.weight)
             weight = nn.Parameter(q, requires_grad=False)
         layer = cls.from_parameters(weight, linear.bias, a, b, alpha=alpha, dropout=dropout,
                                     use_rslora=use_rslora, backend=backend, lora_magnitude_vector=m,
@@ -526,14 +551,7 @@ class LoRALinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        weight = state_dict.get(prefix + "weight")
-        if isinstance(weight, torch.Tensor) and (weight.dtype == torch.int8) != self.quantized:
-            # (copy_ would cast one into the other: floats truncated to int8, or int8 read as values)
-            error_msgs.append(f"{prefix}weight: a {weight.dtype} weight for a layer whose base is "
-                              f"{'int8 (quantize_base)' if self.quantized else self.weight.dtype}: "
-                              + ("quantize it (fused_lora.quantize_int8) and load it with its weight_scale"
-                                 if self.quantized else "an int8 base loads into a layer made with "
-                                 "quantize_base=True"))
+        if _other_kind_of_base(self, state_dict, prefix, error_msgs):
             return
         was_merged = self.merged
         if was_merged:
@@ -575,6 +593,8 @@ class MultiLoRALinear(nn.Module):
     so may ``fan_in_fan_out=True`` store ``weight`` as (in, out), GPT-2's
     ``Conv1D``. In a model, :func:`fused_lora.inject_multi` places these
     layers and :func:`fused_lora.adapter_ids` hands them the ids.
+    ``quantize_base=True`` (``from_linear``, ``around``) makes the base
+    int8, as :class:`LoRALinear`'s: many adapters served from one int8 base.
     """
 
     def __init__(self, in_features: int, out_features: int, ranks, alphas=None, dropout: float = 0.0,
@@ -614,6 +634,7 @@ class MultiLoRALinear(nn.Module):
             self.register_parameter("bias", None)
         self.lora_A = nn.ParameterList(nn.Parameter(torch.empty(r, in_features, **factory)) for r in ranks)
         self.lora_B = nn.ParameterList(nn.Parameter(torch.empty(out_features, r, **factory)) for r in ranks)
+        self.register_buffer("weight_scale", None)  # (an int8 base's: quantize_base=True)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -632,24 +653,29 @@ class MultiLoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, ranks, alphas=None, dropout: float = 0.0, use_rslora: bool = False, *,
-                    backend: str = "auto", adapter_dtype: torch.dtype | None = None) -> "MultiLoRALinear":
+                    backend: str = "auto", adapter_dtype: torch.dtype | None = None,
+                    quantize_base: bool = False) -> "MultiLoRALinear":
         """Wrap ``linear``: the new layer's ``weight`` and ``bias`` *are*
         ``linear``'s parameters (no copy; frozen here), the adapters fresh,
-        on the same device and in the same dtype (or ``adapter_dtype``)."""
+        on the same device and in the same dtype (or ``adapter_dtype``);
+        ``quantize_base``: the weight quantized to int8 instead (as
+        :meth:`LoRALinear.from_linear`'s)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         return cls.around(linear.weight, linear.bias, ranks, alphas, dropout, use_rslora, backend=backend,
-                          adapter_dtype=adapter_dtype)
+                          adapter_dtype=adapter_dtype, quantize_base=quantize_base)
 
     @classmethod
     def around(cls, weight: nn.Parameter, bias: nn.Parameter | None, ranks, alphas=None, dropout: float = 0.0,
                use_rslora: bool = False, *, fan_in_fan_out: bool = False, backend: str = "auto",
-               adapter_dtype: torch.dtype | None = None) -> "MultiLoRALinear":
+               adapter_dtype: torch.dtype | None = None, quantize_base: bool = False) -> "MultiLoRALinear":
         """A layer around this base: its ``weight`` and ``bias`` *are* the
         given parameters (no copy; frozen here), ``weight`` (out, in), or
         (in, out) with ``fan_in_fan_out`` (transformers' ``Conv1D``); the
         adapters fresh, on the weight's device, in its dtype (or
-        ``adapter_dtype``)."""
+        ``adapter_dtype``). ``quantize_base``: the weight quantized to int8
+        (:func:`fused_lora.quantize_int8`), held (out, in) whatever its
+        layout, the bias shared."""
         if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
             raise TypeError(f"weight must be a 2-D nn.Parameter, got {type(weight).__name__} "
                             f"of shape {tuple(getattr(weight, 'shape', ()))}")
@@ -664,6 +690,11 @@ class MultiLoRALinear(nn.Module):
                         backend=backend, fan_in_fan_out=fan_in_fan_out)
         layer.weight = weight
         layer.bias = bias
+        rows = None if fan_in_fan_out else int8_rows_of(weight)  # (torchao's int8 weight-only: taken as it is)
+        if check_bool("quantize_base", quantize_base) or rows is not None:
+            q, layer.weight_scale = rows if rows is not None else quantize_int8(
+                weight.t() if fan_in_fan_out else weight)
+            layer.weight, layer.fan_in_fan_out = nn.Parameter(q, requires_grad=False), False
         layer.weight.requires_grad_(False)
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
@@ -676,6 +707,11 @@ class MultiLoRALinear(nn.Module):
     @property
     def num_adapters(self) -> int:
         return len(self.ranks)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base is int8 (it holds a ``weight_scale``)."""
+        return self._buffers.get("weight_scale") is not None
 
     @property
     def scalings(self) -> tuple[float, ...]:
@@ -700,8 +736,11 @@ class MultiLoRALinear(nn.Module):
         to its layers; without ids a ValueError says so (there is no adapter
         to run every row through by default)."""
         _check_recompute(self, adapter_ids)
+        scale = self.weight_scale
         if not self.adapter_enabled:
-            return _base_linear(self, x, self.base_weight())
+            weight = self.base_weight()
+            return _base_linear(self, x, weight if scale is None else dequantize_int8(
+                weight, scale, _compute_dtype(x, scale)))
         if adapter_ids is None:
             raise ValueError(f"MultiLoRALinear ({self.num_adapters} adapters) needs adapter_ids, the adapter of each "
                              f"row (-1: the base alone): pass them, or run the model inside "
@@ -710,11 +749,13 @@ class MultiLoRALinear(nn.Module):
             adapter_ids = adapter_ids.to(x.device)
         weight = self.base_weight()
         lora_A, lora_B = list(self.lora_A), list(self.lora_B)
-        if any(a.dtype != weight.dtype for a in lora_A + lora_B):  # (e.g. fp32 adapters on a bf16 base)
-            lora_A = [a.to(weight.dtype) for a in lora_A]
-            lora_B = [b.to(weight.dtype) for b in lora_B]
+        dtype = weight.dtype if scale is None else _compute_dtype(x, scale)  # (an int8 base's: x's)
+        if any(a.dtype != dtype for a in lora_A + lora_B):  # (e.g. fp32 adapters on a bf16 base)
+            lora_A = [a.to(dtype) for a in lora_A]
+            lora_B = [b.to(dtype) for b in lora_B]
         return multi_lora_linear(x, weight, lora_A, lora_B, adapter_ids, self.bias, scaling=list(self.scalings),
-                                 dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+                                 dropout_p=self.dropout if self.training else 0.0, weight_scale=scale,
+                                 backend=self.backend)
 
     def _check_index(self, i: int, name: str = "i") -> int:
         i = check_int(name, i, 0)
@@ -724,8 +765,10 @@ class MultiLoRALinear(nn.Module):
 
     def delta_weight(self, i: int) -> torch.Tensor:
         """Adapter ``i``'s ``s_i · B_i · A_i`` (out, in), computed in fp32 and
-        cast to the weight's dtype (to merge it into a copy of the base)."""
-        return self._delta_fp32(self._check_index(i)).to(self.weight.dtype)
+        cast to the weight's dtype (to merge it into a copy of the base; an
+        int8 base's: fp32)."""
+        delta = self._delta_fp32(self._check_index(i))
+        return delta if self.quantized else delta.to(self.weight.dtype)
 
     def _delta_fp32(self, i: int) -> torch.Tensor:
         return (self.lora_B[i].detach().float() @ self.lora_A[i].detach().float()) * self.scalings[i]
@@ -736,7 +779,11 @@ class MultiLoRALinear(nn.Module):
         once (as :meth:`LoRALinear.merge`); the layer is left as it is (a
         batch of several adapters has no one merged weight):
         :func:`fused_lora.merge_and_unload` with ``adapter=i`` puts it in
-        a plain layer."""
+        a plain layer. (Not on an int8 base, which would be requantized: a
+        ValueError.)"""
+        if self.quantized:
+            raise ValueError("MultiLoRALinear.merged_weight(): the base is int8 (quantize_base): folding an adapter "
+                             "in would requantize it; merge into the floating-point model instead")
         delta = self._delta_fp32(self._check_index(i))
         return (self.weight.detach().float() + (delta.t() if self.fan_in_fan_out else delta)).to(self.weight.dtype)
 
@@ -744,4 +791,11 @@ class MultiLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, ranks={list(self.ranks)}, "
                 f"alphas=[{', '.join(f'{a:g}' for a in self.alphas)}], dropout={self.dropout:g}, "
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}"
-                + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
+                + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
+                + (", base=int8" if self.quantized else ""))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if not _other_kind_of_base(self, state_dict, prefix, error_msgs):
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)

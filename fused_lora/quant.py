@@ -15,6 +15,11 @@ by column, dx's ``W`` tiles by row), so both multiply by the same values
 and nothing of size (N, K) is made beyond ``q``. A base of half the bytes
 of a 16-bit one (a quarter of fp32's): the memory of QLoRA-style training,
 and of serving many adapters from one base.
+
+torchao's int8 weight-only weights (``Int8WeightOnlyConfig``: an
+``Int8Tensor`` of per-row ``qdata`` and ``scale``, no zero point, whose
+``dequantize()`` is this Ŵ bit for bit) are this format already:
+:func:`int8_rows_of` reads them, and the fused layers take them as they are.
 """
 
 from __future__ import annotations
@@ -45,6 +50,35 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.round(w / safe[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
         return q, scale.to(torch.float32)
+
+
+def int8_rows_of(weight) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(q, scale)`` of a weight another library holds in this format, or
+    None: torchao's ``Int8Tensor`` of weight-only, per-row quantization
+    (``Int8WeightOnlyConfig``): ``qdata`` int8 (N, K), ``scale`` (N, 1),
+    ``block_size`` [1, K], its zero point absent or 0, no activation
+    quantization (``act_quant_kwargs``: ``Int8DynamicActivationInt8Weight``'s
+    is another op). ``q`` and ``scale`` are its own tensors (a view of the
+    scale as (N,)), not copies. Read by its attributes (torchao is not
+    imported); another layout, or another torchao version's class, gives
+    None (and the fused layers refuse it as a tensor subclass)."""
+    cls = type(weight)
+    if cls.__name__ != "Int8Tensor" or not cls.__module__.startswith("torchao"):
+        return None
+    q, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
+    if not (isinstance(q, torch.Tensor) and type(q) is torch.Tensor and q.dtype == torch.int8 and q.dim() == 2
+            and isinstance(scale, torch.Tensor) and type(scale) is torch.Tensor and scale.is_floating_point()
+            and scale.numel() == q.shape[0] and scale.device == q.device):
+        return None
+    if list(getattr(weight, "block_size", ()) or ()) != [1, q.shape[1]]:
+        return None
+    if any(getattr(weight, name, None) is not None
+           for name in ("act_quant_kwargs", "act_quant_scale", "act_quant_zero_point", "act_pre_scale")):
+        return None
+    zero_point = getattr(weight, "zero_point", None)
+    if zero_point is not None and (not isinstance(zero_point, torch.Tensor) or bool(zero_point.any())):
+        return None
+    return q, scale.reshape(q.shape[0])
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

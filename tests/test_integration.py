@@ -1531,11 +1531,13 @@ def test_weight_read_warning_spares_checks_of_a_weights_dtype_or_type():
 def _quantize(model, kind):
     """Quantize the model's q_proj layers as a quantization library leaves them: a
     plain int8 parameter (bitsandbytes' Int8Params), a tensor subclass reporting
-    a float dtype (torch's TwoTensor), or torchao's own weight-only int8."""
+    a float dtype (torch's TwoTensor), or torchao's int8 with dynamic activation
+    quantization (another op than a weight-only int8 base, which the fused
+    layers take: tests/test_quantized_layer.py)."""
     names = [n for n, m in model.named_modules() if n.endswith("q_proj")]
     if kind == "torchao":
         torchao = pytest.importorskip("torchao")
-        torchao.quantization.quantize_(model, torchao.quantization.Int8WeightOnlyConfig(),
+        torchao.quantization.quantize_(model, torchao.quantization.Int8DynamicActivationInt8WeightConfig(),
                                        filter_fn=lambda m, fqn: fqn.endswith("q_proj"))
     for name in names:
         linear = model.get_submodule(name)

@@ -208,3 +208,112 @@ def test_inject_quantize_base_is_the_model_on_its_dequantised_weights(make, tmp_
 def test_inject_refuses_dora_on_an_int8_base():
     with pytest.raises(ValueError, match="use_dora and quantize_base"):
         fused_lora.inject(tiny_llama(), "all-linear", use_dora=True, quantize_base=True)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_multi_lora_linear_on_an_int8_base_is_the_same_layer_on_its_dequantised_weight(dtype):
+    """Several adapters (one of rank 0) served from one int8 base: the bits
+    of the same layer on Ŵ, output and every adapter's gradients; the base
+    alone with the adapters off; what it refuses."""
+    torch.manual_seed(1)
+    linear = nn.Linear(40, 24, device=DEVICE, dtype=dtype)
+    layer = fused_lora.MultiLoRALinear.from_linear(linear, ranks=[4, 0, 8], alphas=[8, 1, 4], quantize_base=True,
+                                                   adapter_dtype=F32)
+    assert layer.quantized and layer.weight.dtype == torch.int8 and "base=int8" in repr(layer)
+    deq = fused_lora.dequantize_int8(layer.weight, layer.weight_scale, dtype)
+    plain = fused_lora.MultiLoRALinear.around(nn.Parameter(deq, requires_grad=False), linear.bias, [4, 0, 8],
+                                              [8, 1, 4], adapter_dtype=F32)
+    with torch.no_grad():
+        for a, b, pa, pb in zip(layer.lora_A, layer.lora_B, plain.lora_A, plain.lora_B):
+            b.normal_()
+            pa.copy_(a)
+            pb.copy_(b)
+    x = torch.randn(3, 7, 40, device=DEVICE, dtype=dtype)
+    ids = torch.tensor([0, 2, -1], device=DEVICE)
+    y, y_plain = layer(x, ids), plain(x, ids)
+    assert torch.equal(y, y_plain)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [*layer.lora_A, *layer.lora_B], dy, allow_unused=True)
+    plain_grads = torch.autograd.grad(y_plain, [*plain.lora_A, *plain.lora_B], dy, allow_unused=True)
+    for g, pg in zip(grads, plain_grads):
+        assert (g is None and pg is None) or torch.equal(g, pg)
+    with fused_lora.disable_adapters(layer):
+        assert torch.equal(layer(x, ids), F.linear(x, deq, linear.bias))
+    with pytest.raises(ValueError, match="the base is int8"):
+        layer.merged_weight(0)
+    assert layer.delta_weight(2).dtype == F32
+    with pytest.raises(RuntimeError, match=r"weight: a torch.int8 weight for a layer whose base is"):
+        plain.load_state_dict(layer.state_dict(), strict=False)
+
+
+def test_inject_multi_quantize_base():
+    model = tiny_llama(seed=4)
+    float_model = copy.deepcopy(model)
+    names = fused_lora.inject_multi(model, ["q_proj", "v_proj", "down_proj"], ranks=[4, 8], quantize_base=True)
+    with torch.no_grad():
+        for name in names:
+            layer = model.get_submodule(name)
+            float_model.get_submodule(name).weight.copy_(
+                fused_lora.dequantize_int8(layer.weight, layer.weight_scale, F32))
+            for b in layer.lora_B:
+                b.normal_(0, 0.3)
+    fused_lora.inject_multi(float_model, ["q_proj", "v_proj", "down_proj"], ranks=[4, 8])
+    float_model.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" in k}, strict=False)
+    input_ids = torch.randint(0, 61, (3, 9), device=DEVICE)
+    ids = torch.tensor([1, -1, 0], device=DEVICE)
+    with fused_lora.adapter_ids(model, ids), fused_lora.adapter_ids(float_model, ids):
+        logits, float_logits = model(input_ids=input_ids).logits, float_model(input_ids=input_ids).logits
+    assert_close(logits, float_logits.double(), F32, "logits")
+    with pytest.raises(ValueError, match=r"hold an int8 base"):
+        fused_lora.merge_and_unload(model, adapter=0)
+
+
+def test_torchao_int8_weight_only_bases_are_taken_as_they_are(tmp_path):
+    """A model quantized by torchao (Int8WeightOnlyConfig: per-row int8, its
+    dequantize() the same Ŵ): inject fuses its layers over torchao's own
+    int8 data (shared, not copied) and scales; a fresh adapter leaves the
+    model's output as torchao computes it; with trained adapters, the float
+    model holding Ŵ gives the same logits; PEFT's files load into it; torchao's
+    other int8 (dynamic activation quantization) is refused."""
+    torchao = pytest.importorskip("torchao")
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as err:
+        pytest.skip(f"torchao {torchao.__version__}: {err}")
+    model = tiny_llama(seed=7)
+    float_model = copy.deepcopy(model)
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: fqn.endswith(("q_proj", "up_proj")))
+    quantized = {n: m.weight for n, m in model.named_modules() if n.endswith(("q_proj", "up_proj"))}
+    if not all(fused_lora.quant.int8_rows_of(w) is not None for w in quantized.values()):
+        pytest.skip(f"torchao {torchao.__version__} holds Int8WeightOnlyConfig's weights as "
+                    f"{type(next(iter(quantized.values()))).__name__}, a layout fused_lora does not read")
+    ids = torch.randint(0, 61, (2, 9), device=DEVICE)
+    with torch.no_grad():
+        torchao_logits = model(input_ids=ids).logits
+    names = fused_lora.inject(model, ["q_proj", "up_proj", "v_proj"], r=4, alpha=8)
+    for name, weight in quantized.items():
+        layer = model.get_submodule(name)
+        assert layer.quantized and layer.weight.data_ptr() == weight.qdata.data_ptr()
+        assert torch.equal(fused_lora.dequantize_int8(layer.weight, layer.weight_scale, F32), weight.dequantize())
+    assert not any(model.get_submodule(n).quantized for n in names if n.endswith("v_proj"))  # (float bases)
+    with torch.no_grad():
+        assert_close(model(input_ids=ids).logits, torchao_logits.double(), F32, "fresh adapters")
+        for name in names:
+            nn.init.normal_(model.get_submodule(name).lora_B, 0, 0.3)
+            if name in quantized:
+                float_model.get_submodule(name).weight.copy_(quantized[name].dequantize())
+    fused_lora.save_adapter(model, tmp_path)
+    fused_lora.load_adapter(float_model, tmp_path)
+    assert_close(model(input_ids=ids).logits, float_model(input_ids=ids).logits.double(), F32, "trained adapters")
+    # torchao's int8 with dynamic activation quantization (another op), and its group-wise scales (not one a
+    # row): refused as tensor subclasses
+    others = [torchao.quantization.Int8DynamicActivationInt8WeightConfig()]
+    granularity = getattr(torchao.quantization, "granularity", None)
+    if granularity is not None and hasattr(granularity, "PerGroup"):
+        others.append(Int8WeightOnlyConfig(granularity=granularity.PerGroup(16)))
+    for config in others:
+        other = tiny_llama(seed=7)
+        quantize_(other, config, filter_fn=lambda m, fqn: fqn.endswith("q_proj"))
+        assert fused_lora.quant.int8_rows_of(other.get_submodule("model.layers.0.self_attn.q_proj").weight) is None
+        with pytest.raises(TypeError, match="cannot be fused: .*q_proj: its weight is a torchao"):
+            fused_lora.inject(other, ["q_proj"], r=4)
