@@ -246,7 +246,7 @@ def test_multi_lora_linear_on_an_int8_base_is_the_same_layer_on_its_dequantised_
         plain.load_state_dict(layer.state_dict(), strict=False)
 
 
-def test_inject_multi_quantize_base():
+def test_inject_multi_quantize_base(tmp_path):
     model = tiny_llama(seed=4)
     float_model = copy.deepcopy(model)
     names = fused_lora.inject_multi(model, ["q_proj", "v_proj", "down_proj"], ranks=[4, 8], quantize_base=True)
@@ -266,6 +266,11 @@ def test_inject_multi_quantize_base():
     assert_close(logits, float_logits.double(), F32, "logits")
     with pytest.raises(ValueError, match=r"hold an int8 base"):
         fused_lora.merge_and_unload(model, adapter=0)
+    fused_lora.save_adapter(model, tmp_path, adapter=1)  # (one adapter, PEFT's file, for the float model)
+    fresh = tiny_llama(seed=4)
+    fused_lora.load_adapter(fresh, tmp_path)
+    for name in names:
+        assert torch.equal(fresh.get_submodule(name).lora_B, model.get_submodule(name).lora_B[1])
 
 
 def test_torchao_int8_weight_only_bases_are_taken_as_they_are(tmp_path):
