@@ -656,7 +656,7 @@ def with_every_variant(jobs: list[Job]) -> list[Job]:
     for job in jobs:
         if job.kernel != "gemm" or not (job.even_k and job.even_r and job.bias and not job.seed_value
                                          and not job.offset_int64 and not job.split_k and not job.row_scale
-                                         and not job.adapters and not job.int8_base):
+                                         and not job.adapters):
             continue
         variants = [dict(even_k=False), dict(even_r=False)]
         if job.pass_name.startswith("forward"):

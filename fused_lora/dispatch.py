@@ -392,9 +392,10 @@ class Explanation:
 
 
 def explain(x_shape, weight_shape, r: int, dtype: torch.dtype = torch.bfloat16, dropout_p: float = 0.0,
-            target: str = "sm_90", num_sms: int | None = None) -> Explanation:
+            target: str = "sm_90", num_sms: int | None = None, quantized: bool = False) -> Explanation:
     """Which strategy and configuration would run for ``x`` of ``x_shape``
-    (..., in) and a weight of ``weight_shape`` (out, in), rank ``r``, and why.
+    (..., in) and a weight of ``weight_shape`` (out, in), rank ``r``, and why
+    (``quantized``: an int8 base, ``lora_linear``'s ``weight_scale``).
 
     ``target``: ``"sm_90"`` (Hopper, the default, whatever this machine has),
     ``"sm_80"``, another ``"sm_XY"``, or ``"interpreter"``; ``num_sms``: the
@@ -420,6 +421,7 @@ def explain(x_shape, weight_shape, r: int, dtype: torch.dtype = torch.bfloat16, 
         raise ValueError(f"target must be 'sm_XY' or 'interpreter', got {target!r}")
     if num_sms is not None:
         num_sms = check_int("num_sms", num_sms, 1)
+    quantized = check_bool("quantized", quantized)
     m = 1
     for d in x_shape[:-1]:
         m *= d
@@ -427,7 +429,8 @@ def explain(x_shape, weight_shape, r: int, dtype: torch.dtype = torch.bfloat16, 
     if num_sms is None and not interp:
         num_sms = _triton.configs().NUM_SMS_SM90
     return Explanation(m, n, k, r, dtype, float(dropout_p), target,
-                       plan(m, n, k, r, dtype, dropout_p, arch=arch, interpreter=interp, num_sms=num_sms), num_sms)
+                       plan(m, n, k, r, dtype, dropout_p, arch=arch, interpreter=interp, num_sms=num_sms,
+                            quantized=quantized), num_sms)
 
 
 # ----------------------------------------------------------------------------

@@ -325,26 +325,32 @@ IN_LOOP_EPILOGUE_MASK_MAX_ROWS_PER_WARPGROUP = 64
 
 #: An int8 base (``lora_gemm``'s ``b_scale``): each B tile is dequantised in
 #: registers (int8, to fp32, times its scales, to the dot's dtype) before its
-#: dot. Measured with the compile report (sm_90, Triton 3.9, every pass of
-#: the ``paths`` scope with pointers, TMA, the persistent grid, split-K and
-#: the K tail): 16-bit, with the in-loop shrink, 64x64x128 on 4 warps (a
-#: 128x64 B tile: 64 dequantised elements a thread, beside xa) spilled 8 B
-#: at a 128 rank tile under split-K (dx), while the tiles at 32 or fewer did
-#: not (without the shrink 128x256x64's 64 a thread compiled at 254
-#: registers, no spill); fp32 (FMA dots, their operands in registers),
-#: 128x128x32 on 8 warps (64 accumulator elements a thread) spilled 31-33 KB
-#: with the precomputed term (forward and dx), where the 32x64 and 16x64
-#: tiles (16 and 8) did not.
+#: dot. Measured with the compile report (sm_90, Triton 3.6 and 3.9, with
+#: pointers, TMA, the persistent grid, split-K and the K tail): 16-bit, with
+#: the in-loop shrink, the dequantised B tile beside xa (and, with dropout,
+#: the masked A tile) is what spills: 64 elements a thread (128x256x64 on 8
+#: warps, 64x64x128 and 64x128x64 on 4) compiled without a spill up to a 32
+#: rank tile, and spilled at 64 (the masked forward on 128x256x64: 8-120 B)
+#: or 128 (dx on 64x64x128: 8-16 B), where the tiles of 32 a thread did not;
+#: without the shrink 128x256x64's 64 compiled at 254 registers, no spill.
+#: fp32 (FMA dots, their operands in registers): 128x128x32 on 8 warps (64
+#: accumulator elements a thread) spilled 31-33 KB with the precomputed term
+#: (forward and dx, Triton 3.9), where the 32x64 and 16x64 tiles (16 and 8)
+#: did not.
 INT8_B_IN_LOOP_MAX_DEQUANT_ELEMS_PER_THREAD = 32
+INT8_B_IN_LOOP_NARROW_BLOCK_R = 32
+INT8_B_IN_LOOP_NARROW_MAX_DEQUANT_ELEMS_PER_THREAD = 64
 INT8_B_FP32_MAX_ELEMS_PER_THREAD = 32
 
 
-def int8_b_fits(c: "GemmConfig", elt: int, shrink_in_loop: bool) -> bool:
-    """Whether tile ``c`` may dequantise an int8 B (above)."""
+def int8_b_fits(c: "GemmConfig", elt: int, shrink_in_loop: bool, block_r: int) -> bool:
+    """Whether tile ``c`` may dequantise an int8 B (above), with the in-loop
+    shrink at rank tile ``block_r``."""
     if elt == 4:
         return c.elems_per_thread() <= INT8_B_FP32_MAX_ELEMS_PER_THREAD
-    return (not shrink_in_loop
-            or c.block_k * c.block_n // (32 * c.num_warps) <= INT8_B_IN_LOOP_MAX_DEQUANT_ELEMS_PER_THREAD)
+    cap = (INT8_B_IN_LOOP_NARROW_MAX_DEQUANT_ELEMS_PER_THREAD if block_r <= INT8_B_IN_LOOP_NARROW_BLOCK_R
+           else INT8_B_IN_LOOP_MAX_DEQUANT_ELEMS_PER_THREAD)
+    return not shrink_in_loop or c.block_k * c.block_n // (32 * c.num_warps) <= cap
 
 
 def persistent_grid_fits(smem_limit: int) -> bool:
@@ -430,7 +436,7 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
     return [c for c in pool
             if fits(c)
             and (cap is None or c.elems_per_thread() <= cap)
-            and (not int8_b or int8_b_fits(c, elt, shrink_in_loop))
+            and (not int8_b or int8_b_fits(c, elt, shrink_in_loop, block_r))
             and (not shrink_in_loop
                  or c.block_m * (c.block_n + block_r) // (32 * c.num_warps) <= IN_LOOP_MAX_ELEMS_PER_THREAD[elt])
             and (not (shrink_in_loop and shrink_mask)

@@ -171,15 +171,16 @@ def test_the_narrower_scopes_compile_each_kernel_and_each_code_path_once():
         smem = configs.smem_limit_for(arch)
         for job in kernels:
             if job.kernel == "gemm" and not job.split_k and job.pass_name != "dw":
+                # (an int8 base: on its own tiles, configs.int8_b_fits)
                 fitting = configs.gemm_candidates(2 if job.dtype != "fp32" else 4, job.block_r,
                                                   "_in_loop" in job.pass_name, arch=arch, smem_limit=smem,
-                                                  persistent=job.persistent,
+                                                  persistent=job.persistent, int8_b=job.int8_base,
                                                   **compile_report._gemm_pruning(job.pass_name))
                 assert job.config == dataclasses.asdict(fitting[0]), job
                 cfg = configs.GemmConfig(**job.config)
                 assert configs.gemm_config(65536, 4096, 4096, job.block_r, 2 if job.dtype != "fp32" else 4,
                                            "_in_loop" in job.pass_name, False, arch=arch, smem_limit=smem,
-                                           persistent=job.persistent,
+                                           persistent=job.persistent, int8_b=job.int8_base,
                                            **compile_report._gemm_pruning(job.pass_name)) == cfg, job
     # (the persistent in-loop forward holds smaller rank tiles than the other: each at its own largest)
     paths = compile_report.jobs_for(90, scope="paths")

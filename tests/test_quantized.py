@@ -236,7 +236,7 @@ def test_several_adapters_on_one_int8_base():
     assert torch.equal(y, torch.nn.functional.linear(x, fused_lora.dequantize_int8(q, scale, F32)))
 
 
-def test_an_int8_base_never_runs_hybrid():
+def test_an_int8_base_never_runs_hybrid_and_has_its_own_tiles():
     for strategy in (None, "hybrid"):
         plan = dispatch.plan(4096, 4096, 4096, 16, F32, 0.0, 90, interpreter=False, strategy=strategy,
                              quantized=True)
@@ -244,6 +244,21 @@ def test_an_int8_base_never_runs_hybrid():
     assert dispatch.plan(4096, 4096, 4096, 16, F32, 0.0, 90, interpreter=False).strategy == "hybrid"
     forced = dispatch.plan(64, 64, 64, 16, F16, 0.0, 90, interpreter=False, strategy="hybrid", quantized=True)
     assert forced.strategy == "in_loop" and "cannot read an int8 base" in forced.reason
+    explained = fused_lora.explain((8192, 4096), (4096, 4096), 16, F32, quantized=True)
+    assert explained.plan.strategy != "hybrid" and "hybrid" in str(fused_lora.explain((8192, 4096), (4096, 4096), 16,
+                                                                                      F32))
+    # (the int8 base's tiles: configs.int8_b_fits; the headline's 128x256 in-loop tile kept at r = 16)
+    headline = fused_lora.explain((8192, 4096), (4096, 4096), 16, BF16, quantized=True).plan.fwd_gemm
+    assert (headline.block_m, headline.block_n) == (128, 256)
+    wide_tile = configs.GemmConfig(128, 256, 64, 8, 8, 3)
+    for block_r, kept in ((16, True), (32, True), (64, False), (128, False)):  # (the in-loop shrink's rank tile)
+        assert (wide_tile in configs.gemm_candidates(2, block_r, True, int8_b=True)) == kept, block_r
+        # (without the shrink: kept, at every rank tile of the precomputed term)
+        assert (wide_tile in configs.gemm_candidates(2, block_r, False, int8_b=True)) == (
+            block_r <= configs.GEMM_LR_MAX_BLOCK_R[2])
+    assert all(c.elems_per_thread() <= 32 for c in configs.gemm_candidates(4, 16, False, int8_b=True))
+    with pytest.raises(TypeError, match="quantized must be a bool"):
+        fused_lora.explain((8, 16), (4, 16), 2, quantized="yes")
 
 
 def test_double_backward_on_an_int8_base():
