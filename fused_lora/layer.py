@@ -99,6 +99,12 @@ def _other_kind_of_base(layer: nn.Module, state_dict, prefix: str, error_msgs: l
     return True
 
 
+def _check_not_quantized(layer: nn.Module, what: str) -> None:
+    if layer.quantized:
+        raise ValueError(f"{type(layer).__name__}.{what}(): the base is int8 (quantize_base): it is not "
+                         "initialised again (reset_lora_parameters() resets the adapters)")
+
+
 def _compute_dtype(x, weight_scale: torch.Tensor) -> torch.dtype:
     """The dtype an int8 base computes in: x's (the scale's where x is not a
     floating-point tensor, which the checks downstream then refuse)."""
@@ -257,7 +263,9 @@ class LoRALinear(nn.Module):
 
     # -- construction ---------------------------------------------------------
     def reset_parameters(self) -> None:
-        """Base as ``nn.Linear.reset_parameters``; adapter as PEFT."""
+        """Base as ``nn.Linear.reset_parameters``; adapter as PEFT (not an int8
+        base's: a ValueError; reset_lora_parameters() resets the adapters)."""
+        _check_not_quantized(self, "reset_parameters")
         nn.init.kaiming_uniform_(self.base_weight(), a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
@@ -638,7 +646,9 @@ class MultiLoRALinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Base as ``nn.Linear.reset_parameters``; each adapter as PEFT."""
+        """Base as ``nn.Linear.reset_parameters``; each adapter as PEFT (not an int8
+        base's: a ValueError; reset_lora_parameters() resets the adapters)."""
+        _check_not_quantized(self, "reset_parameters")
         nn.init.kaiming_uniform_(self.base_weight(), a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0

@@ -132,6 +132,11 @@ def test_what_an_int8_base_refuses():
     assert not layer.merged
     with pytest.raises(ValueError, match="use_dora and quantize_base"):
         LoRALinear.from_linear(linear, r=4, use_dora=True, quantize_base=True)
+    with pytest.raises(ValueError, match=r"LoRALinear.reset_parameters\(\): the base is int8"):
+        layer.reset_parameters()
+    before = layer.lora_B.clone()
+    layer.reset_lora_parameters()  # (the adapter alone)
+    assert not layer.lora_B.any() and before.any()
     with pytest.raises(TypeError, match="quantize_base must be a bool"):
         LoRALinear.from_linear(linear, r=4, quantize_base="yes")
     q = nn.Parameter(layer.weight.detach(), requires_grad=False)
@@ -241,6 +246,8 @@ def test_multi_lora_linear_on_an_int8_base_is_the_same_layer_on_its_dequantised_
         assert torch.equal(layer(x, ids), F.linear(x, deq, linear.bias))
     with pytest.raises(ValueError, match="the base is int8"):
         layer.merged_weight(0)
+    with pytest.raises(ValueError, match=r"MultiLoRALinear.reset_parameters\(\): the base is int8"):
+        layer.reset_parameters()
     assert layer.delta_weight(2).dtype == F32
     with pytest.raises(RuntimeError, match=r"weight: a torch.int8 weight for a layer whose base is"):
         plain.load_state_dict(layer.state_dict(), strict=False)
