@@ -24,10 +24,10 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 
-def _model(device, backend="auto"):
+def _model(device, backend="auto", quantize_base=False):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 8)).to(device)
-    fused_lora.inject(model, ["0", "2", "4"], r=4, alpha=8, backend=backend)
+    fused_lora.inject(model, ["0", "2", "4"], r=4, alpha=8, backend=backend, quantize_base=quantize_base)
     with torch.no_grad():
         for layer in fused_lora.integration.fused_layers(model).values():
             layer.lora_B.normal_(0, 0.3)
@@ -134,8 +134,8 @@ def _worker(rank, mode, init_file, out_file):
             fused_lora.from_peft(model)
         elif mode.endswith("-multi"):
             model = _multi_model(device, backend="triton")
-        else:
-            model = _model(device, backend="triton")
+        else:  # (fsdp2-int8: the layers' bases int8, sharded as the rest)
+            model = _model(device, backend="triton", quantize_base=mode == "fsdp2-int8")
         x, y = _data(device)
         shard = slice(rank * 6, (rank + 1) * 6)
         if mode in ("ddp", "ddp-multi"):
@@ -180,6 +180,8 @@ def _worker(rank, mode, init_file, out_file):
             elif mode != "ddp":
                 directory = os.path.join(os.path.dirname(out_file), "adapter")
                 result.update(_save_and_load_sharded(model, wrapped if mode == "fsdp1" else model, directory, mode))
+                result["bases"] = sorted({(type(layer.weight).__name__, str(layer.weight.dtype))
+                                          for layer in fused_lora.integration.fused_layers(model).values()})
         if rank == 0:
             torch.save(result, out_file)
         del wrapped
@@ -303,8 +305,8 @@ def _save_and_load_sharded(model, target, directory, mode):
             "still_fused": sorted(map(_plain_name, fused_lora.integration.fused_layers(model)))}
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp1", "fsdp2", "fsdp2-from_peft", "fsdp2-from_peft-dora", "ddp-multi",
-                                  "fsdp1-multi", "fsdp2-multi"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp1", "fsdp2", "fsdp2-int8", "fsdp2-from_peft", "fsdp2-from_peft-dora",
+                                  "ddp-multi", "fsdp1-multi", "fsdp2-multi"])
 def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     out_file = tmp_path / "grads.pt"
     # gloo on CPU: the workers run the kernels on Triton's interpreter, which
@@ -323,7 +325,7 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     if mode.endswith("-multi"):
         _check_multi(result, tmp_path, sharded={"fsdp1-multi": "Parameter", "fsdp2-multi": "DTensor"}.get(mode))
         return
-    model = _model(torch.device("cpu"))
+    model = _model(torch.device("cpu"), quantize_base=mode == "fsdp2-int8")
     x, y = _data(torch.device("cpu"))
     nn.functional.cross_entropy(model(x), y).backward()  # the mean over 12 = the mean of the two shard means
     single = _grads(model)
@@ -338,8 +340,13 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     saved = _check_saved(result, tmp_path, fused_lora.integration.fused_layers(model), lambda t: t)
     assert result["zeroed"] and result["reloaded_equal"] and result["reloaded_nonzero"]
     by = "FSDP1 (FullyShardedDataParallel)" if mode == "fsdp1" else "FSDP2 (fully_shard)"
+    assert result["bases"] == [("DTensor", "torch.int8")] if mode == "fsdp2-int8" else \
+        all(dtype == "torch.float32" for _, dtype in result["bases"]), result["bases"]
     refusals = result["refusals"]
     for what in ("merge_and_unload", "unload", "to_peft"):
+        if mode == "fsdp2-int8":  # (int8 bases, sharded: refused for that first)
+            assert refusals[what].startswith(f"{what}: 0, 2, 4 hold an int8 base"), refusals[what]
+            continue
         assert refusals[what].startswith(f"{what}: ['0', '2', '4'] are sharded by {by}"), refusals[what]
     assert result["still_fused"] == ["0", "2", "4"]
     assert f"['0'] are sharded by {by}" in refusals["inject"], refusals["inject"]
