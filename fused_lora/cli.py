@@ -114,6 +114,7 @@ def check_cases(on_gpu: bool) -> list[dict]:
         many_tiles = ((4, 1000), 2048, 2048)  # persistent: more tiles than the GPU runs at once (forward, dx)
         small_m = ((16,), 4096, 4096)  # decode-sized: fewer output tiles than SMs, so the GEMMs split K
         aligned_int8 = ((4, 257), 1024, 784)  # TMA of an int8 W: its rows (in_features) 16 bytes
+        many_tiles_int8 = many_tiles  # (in_features 2048: 16-byte int8 rows too)
     else:
         shapes = [((3, 19), 53, 41), ((123,), 70, 45)]
         from .testing import interpreted_tma_k_n
@@ -123,6 +124,7 @@ def check_cases(on_gpu: bool) -> list[dict]:
         many_tiles = ((128,), k, n)  # more tiles than the interpreter's 3 persistent programs (and aligned)
         small_m = ((5,), 70, 45)  # fewer output tiles than the interpreter's 4 programs: split-K
         aligned_int8 = ((2, 40), 80, 48)  # TMA of an int8 W: rows of 16 bytes and 16 elements (every interpreter)
+        many_tiles_int8 = aligned_int8  # (more tiles than the interpreter's 3 persistent programs too)
     cases = []
 
     def case(shape, r, dtype, strategy, p, train_base, tma=False, persistent=False, row_scaled=False,
@@ -168,7 +170,8 @@ def check_cases(on_gpu: bool) -> list[dict]:
             case(many_tiles, 16, dtype, "split", 0.0, train_base=True, tma=True, persistent=True)
             # the int8 base's tiles through TMA, and on the persistent grid
             case(aligned_int8, 16, dtype, "in_loop", 0.1, train_base=False, tma=True, quantized=True)
-            case(aligned_int8, 16, dtype, "split", 0.0, train_base=False, tma=True, persistent=True, quantized=True)
+            case(many_tiles_int8, 16, dtype, "split", 0.0, train_base=False, tma=True, persistent=True,
+                 quantized=True)
     return cases
 
 
