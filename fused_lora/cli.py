@@ -160,6 +160,7 @@ def check_cases(on_gpu: bool) -> list[dict]:
         case(shapes[1], 64, dtype, "split", 0.1, train_base=False, quantized=True)
         case(shapes[0], 16, dtype, "hybrid", 0.0, train_base=False, quantized=True)
         case(small_m, 16, dtype, "in_loop", 0.1, train_base=False, adapters=True, quantized=True)
+        case(shapes[0], 16, dtype, "split", 0.1, train_base=False, dora=True, quantized=True)  # (QDoRA)
         if dtype != torch.float32:
             # TMA loads (16-bit): forward, dx (masked or not) and dW through descriptors
             for p, train_base in ((0.0, True), (0.1, False)):

@@ -251,16 +251,19 @@ def _reduce_args(dtype: str, cfg, variant: str, block_r: int) -> dict:
 NORM_PASSES = ("norm", "norm_chunked")
 
 
-def _norm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True) -> dict:
+def _norm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True, int8_base: bool = False) -> dict:
     """Argument values of dora_norm_kernel as the launcher passes them, for a
     contiguous (SHAPE, SHAPE) weight and a rank of one tile (``norm``) or of
-    two and a half (``norm_chunked``)."""
+    two and a half (``norm_chunked``); ``int8_base``: W int8 with its fp32
+    row scales (QDoRA)."""
     r = block_r if variant == "norm" else 2 * block_r + block_r // 2
-    return dict(w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", a_ptr=f"*{dtype}", out_ptr="*fp32", N=SHAPE,
+    return dict(w_ptr="*i8" if int8_base else f"*{dtype}", b_ptr=f"*{dtype}", a_ptr=f"*{dtype}", out_ptr="*fp32",
+                s_ptr="*fp32", N=SHAPE,
                 K=SHAPE if even_k else SHAPE - 8, R=r, stride_wn=SHAPE if even_k else SHAPE - 8, stride_wk=1,
-                stride_bn=r, stride_br=1, stride_ar=SHAPE if even_k else SHAPE - 8, stride_ak=1, scaling=2.0,
+                stride_bn=r, stride_br=1, stride_ar=SHAPE if even_k else SHAPE - 8, stride_ak=1,
+                stride_s=1 if int8_base else 0, scaling=2.0,
                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, EVEN_K=even_k,
-                ONE_R_TILE=variant == "norm", UPCAST=False, INPUT_PRECISION="ieee")
+                ONE_R_TILE=variant == "norm", UPCAST=False, INPUT_PRECISION="ieee", W_SCALE=int8_base)
 
 
 def _ast_source(fn, values: dict):
@@ -367,7 +370,8 @@ def compile_job(job: Job) -> Result:
                                                                  job.offset_int64, job.row_scale, job.adapters)
         elif job.kernel == "norm":
             cfg = configs.NormConfig(**job.config)
-            fn, values = dora.dora_norm_kernel, _norm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k)
+            fn, values = dora.dora_norm_kernel, _norm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
+                                                           job.int8_base)
         else:
             cfg = None
             fn, values = skinny.reduce_partials_kernel, _reduce_args(job.dtype, cfg, job.pass_name, job.block_r)
@@ -604,6 +608,10 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                 jobs.append(Job("norm", "norm", dtype, asdict(cfg), arch, block_r))
             jobs.append(Job("norm", "norm", dtype, asdict(cfg), arch, 16, even_k=False))
             jobs.append(Job("norm", "norm_chunked", dtype, asdict(cfg), arch, cfg.max_block_r))
+            # an int8 W (QDoRA), its rows dequantised as loaded: one rank tile, a K tail, the chunked rank
+            for even_k, pass_name in ((True, "norm"), (False, "norm"), (True, "norm_chunked")):
+                jobs.append(Job("norm", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, even_k=even_k,
+                                int8_base=True))
         # the reductions: every combination of the kernel's meta-parameters, a second output in fp32
         # or in the operands' dtype (the first being either)
         seconds = ("fp32", dtype) if elt == 2 else ("fp32", "bf16", "fp16")

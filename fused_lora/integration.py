@@ -665,7 +665,7 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
         quantize_base: each matching layer's base weight quantized to int8
             (:func:`fused_lora.quantize_int8`; ``LoRALinear.from_linear``'s
             ``quantize_base``), the float weight let go: half the memory of a
-            16-bit base, QLoRA-style. Not with ``use_dora``. Such layers do
+            16-bit base, QLoRA-style (with ``use_dora``, QDoRA). Such layers do
             not merge, and :func:`unload`, :func:`merge_and_unload` and
             :func:`to_peft` refuse them (the float base is gone): save the
             adapters (:func:`save_adapter`) and load them into the
@@ -701,8 +701,7 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
     r = check_int("r", r, 1)
     adapter_dtype = check_adapter_dtype(adapter_dtype)
     use_dora = check_bool("use_dora", use_dora)
-    if check_bool("quantize_base", quantize_base) and use_dora:
-        raise ValueError("inject: use_dora and quantize_base: DoRA on an int8 base is not supported yet")
+    quantize_base = check_bool("quantize_base", quantize_base)
     multi = multi_fused_layers(model)
     if multi:
         raise ValueError(f"inject: the model's fused layers hold several adapters each ({', '.join(list(multi)[:3])}"

@@ -158,10 +158,10 @@ def _check_base(weight, bias) -> None:
                         f"supported yet (PEFT's LoRA layers handle torchao and bitsandbytes ones)")
 
 
-def _check_quantized_base(weight, bias, weight_scale, fan_in_fan_out, magnitude) -> None:
+def _check_quantized_base(weight, bias, weight_scale, fan_in_fan_out) -> None:
     """``from_parameters``' int8 base: an int8 (out, in) weight, its
     floating-point (out,) scale on its device, a plain bias; not
-    ``fan_in_fan_out``, not DoRA."""
+    ``fan_in_fan_out``."""
     if weight.dtype != torch.int8 or is_traceable_wrapper_subclass(weight):
         raise TypeError(f"weight must be a plain int8 Parameter with weight_scale (a quantized base), got a "
                         f"{type(weight).__name__} of dtype {weight.dtype}")
@@ -176,8 +176,6 @@ def _check_quantized_base(weight, bias, weight_scale, fan_in_fan_out, magnitude)
         raise ValueError(f"weight_scale is on {weight_scale.device} but weight is on {weight.device}")
     if check_bool("fan_in_fan_out", fan_in_fan_out):
         raise ValueError("an int8 base is stored (out, in): fan_in_fan_out=True takes no weight_scale")
-    if magnitude is not None:
-        raise ValueError("lora_magnitude_vector with weight_scale: DoRA on an int8 base is not supported yet")
     why = unfusable_base(None, bias)
     if why:
         raise TypeError(f"the base: {why}")
@@ -225,8 +223,10 @@ class LoRALinear(nn.Module):
     · weight_scale)`` in x's dtype (:func:`fused_lora.dequantize_int8`),
     dequantised tile by tile inside the fused GEMMs (forward and dx); the
     adapter computes in x's dtype too. Such a layer does not merge (folding
-    the adapter into int8 would requantize the base), is not DoRA, and
-    refuses a floating-point ``weight`` in ``load_state_dict``.
+    the adapter into int8 would requantize the base) and refuses a
+    floating-point ``weight`` in ``load_state_dict``. With ``use_dora`` (QDoRA)
+    the magnitude starts as the norms of Ŵ's rows, Ŵ in the magnitude's
+    dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8, dropout: float = 0.0,
@@ -281,8 +281,14 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
         if self.use_dora:
             with torch.no_grad():
-                self.lora_magnitude_vector.copy_(dora_norm(self.base_weight(), self.lora_A, self.lora_B,
-                                                           self.scaling))
+                self.lora_magnitude_vector.copy_(dora_norm(self._float_base(self.lora_magnitude_vector.dtype),
+                                                           self.lora_A, self.lora_B, self.scaling))
+
+    def _float_base(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight (out, in): as it is, or, an int8 base, Ŵ in ``dtype``."""
+        if self.quantized:
+            return dequantize_int8(self.weight.detach(), self.weight_scale, dtype)
+        return self.base_weight()
 
     @property
     def use_dora(self) -> bool:
@@ -306,7 +312,7 @@ class LoRALinear(nn.Module):
         dtype (or ``adapter_dtype``). ``quantize_base``: the weight quantized
         to int8 instead (:func:`fused_lora.quantize_int8`: a new int8
         Parameter and its ``weight_scale``; ``linear``'s weight is not kept,
-        its bias is shared); not with ``use_dora``. A weight that is an int8
+        its bias is shared). A weight that is an int8
         base already (torchao's ``Int8WeightOnlyConfig``,
         :func:`fused_lora.quant.int8_rows_of`) is taken as it is: its int8
         data (shared) and scales, the same base values."""
@@ -317,9 +323,6 @@ class LoRALinear(nn.Module):
         _check_base(linear.weight, linear.bias)
         use_dora, quantize_base = check_bool("use_dora", use_dora), check_bool("quantize_base", quantize_base)
         rows = int8_rows_of(linear.weight)
-        if use_dora and (quantize_base or rows is not None):
-            raise ValueError("use_dora and quantize_base (or a torchao int8 weight): DoRA on an int8 base is not "
-                             "supported yet")
         w = linear.weight
         a = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=adapter_dtype or w.dtype))
         b = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=adapter_dtype or w.dtype))
@@ -357,7 +360,7 @@ class LoRALinear(nn.Module):
         if weight_scale is None:
             _check_base(weight, bias)
         else:
-            _check_quantized_base(weight, bias, weight_scale, fan_in_fan_out, lora_magnitude_vector)
+            _check_quantized_base(weight, bias, weight_scale, fan_in_fan_out)
         fan_in_fan_out = check_bool("fan_in_fan_out", fan_in_fan_out)
         in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
         r = lora_A.shape[0]
@@ -499,9 +502,9 @@ class LoRALinear(nn.Module):
         if lora_A.dtype != dtype:
             lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
         if self.use_dora:  # (never with a row scale: _forward_mixed runs DoRA's row groups apart)
-            return dora_linear(x, weight, lora_A, lora_B, self.lora_magnitude_vector.to(weight.dtype), self.bias,
+            return dora_linear(x, weight, lora_A, lora_B, self.lora_magnitude_vector.to(dtype), self.bias,
                                scaling=self.scaling, dropout_p=self.dropout if self.training else 0.0,
-                               backend=self.backend)
+                               weight_scale=scale, backend=self.backend)
         return lora_linear(x, weight, lora_A, lora_B, self.bias, scaling=self.scaling,
                            dropout_p=self.dropout if self.training and not self.merged else 0.0,
                            row_scale=row_scale, weight_scale=scale, backend=self.backend)
@@ -513,9 +516,9 @@ class LoRALinear(nn.Module):
         delta = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
         if not self.use_dora:
             return delta
-        w = self.base_weight().detach().float()
-        gamma = self.lora_magnitude_vector.detach().float() / dora_norm(self.base_weight(), self.lora_A,
-                                                                        self.lora_B, self.scaling)
+        base = self._float_base(self.lora_magnitude_vector.dtype)  # (an int8 base's Ŵ)
+        w = base.detach().float()
+        gamma = self.lora_magnitude_vector.detach().float() / dora_norm(base, self.lora_A, self.lora_B, self.scaling)
         return (w + delta).mul_(gamma[:, None]).sub_(w)
 
     def delta_weight(self) -> torch.Tensor:

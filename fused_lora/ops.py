@@ -406,20 +406,23 @@ def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_x, need_
 
 
 @_on_the_operands_device
-def _dora_norm_triton(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
-    return _triton.get().dora_norm(weight, lora_A, lora_B, scaling)
+def _dora_norm_triton(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                      weight_scale: Tensor | None = None) -> Tensor:
+    return _triton.get().dora_norm(weight, lora_A, lora_B, scaling, weight_scale)
 
 
 @torch.library.custom_op("fused_lora::dora_norm", mutates_args=())
-def dora_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+def dora_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                 weight_scale: Tensor | None = None) -> Tensor:
     """``ν = ‖W + s·B A‖`` per output feature, fp32 (N,): the Triton kernel
-    (one read of W; :mod:`fused_lora.kernels.dora`), A and B in W's dtype."""
-    return _dora_norm_triton(weight, lora_A, lora_B, scaling)
+    (one read of W; :mod:`fused_lora.kernels.dora`), A and B in W's dtype
+    (``weight_scale``: W is int8, Ŵ in A's dtype)."""
+    return _dora_norm_triton(weight, lora_A, lora_B, scaling, weight_scale)
 
 
 @dora_norm_op.register_fake
-def _(weight, lora_A, lora_B, scaling):
-    return weight.new_empty(weight.shape[:1], dtype=torch.float32)
+def _(weight, lora_A, lora_B, scaling, weight_scale=None):
+    return lora_A.new_empty(weight.shape[:1], dtype=torch.float32)
 
 
 def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, strategy, row_scale,
@@ -749,6 +752,7 @@ def dora_linear(
     scaling: float = 1.0,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    weight_scale: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """DoRA (weight-decomposed LoRA, PEFT's ``use_dora=True``):
@@ -777,6 +781,9 @@ def dora_linear(
             it :func:`fused_lora.dropout_mask` of (seed, (M, K), p), as
             :func:`lora_linear`'s (its PyTorch ops are slow on a GPU at large
             M·K: for checks, not for training).
+        weight_scale: an int8 ``weight``'s, as :func:`lora_linear`'s (QDoRA:
+            W is Ŵ throughout, the norm's read of it dequantising its tiles;
+            with dropout the correction's GEMM makes Ŵ whole, in x's dtype).
 
     Returns:
         (..., out_features) in x's dtype. Gradients flow to x, lora_A,
@@ -786,23 +793,29 @@ def dora_linear(
     if isinstance(x, Tensor) and _autocast_enabled(x.device.type):
         x, weight, lora_A, lora_B, bias, magnitude = _autocast(x.device.type, x, weight, lora_A, lora_B, bias,
                                                                magnitude)
-    scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed,
+                                               weight_scale=weight_scale)
+    weight_scale = check_weight_scale(x, weight, weight_scale)
     magnitude = check_magnitude(x, weight, magnitude)
     if resolve_backend(backend, x) == "torch":
+        if weight_scale is not None:
+            weight = dequantize_int8(weight, weight_scale, x.dtype)
         return dora_linear_checked(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed)
     with torch.no_grad():  # (the norm is detached: DoRA §4.3, PEFT)
-        norm = (_dora_norm_triton if direct_call(weight, lora_A, lora_B) else torch.ops.fused_lora.dora_norm)(
-            weight.detach(), lora_A.detach(), lora_B.detach(), scaling)
+        norm = (_dora_norm_triton if direct_call(weight, lora_A, lora_B, weight_scale)
+                else torch.ops.fused_lora.dora_norm)(weight.detach(), lora_A.detach(), lora_B.detach(), scaling,
+                                                     weight_scale)
     gamma = (magnitude.to(torch.float32) / norm).to(x.dtype)
     # (γ ⊙ z plus what is added, one pass over the output: addcmul)
     if dropout_p == 0.0:
-        z = _lora_linear(x, weight, lora_A, lora_B, None, scaling, 0.0, None, None, (), "triton")
+        z = _lora_linear(x, weight, lora_A, lora_B, None, scaling, 0.0, None, None, (), "triton", weight_scale)
         return z * gamma if bias is None else torch.addcmul(bias, z, gamma)
     # y = γ ⊙ (drop(x) Wᵀ + s·drop(x) Aᵀ Bᵀ) + (x - drop(x)) Wᵀ + b: the fused op on drop(x), without its
     # own dropout (the correction needs drop(x) itself)
     dropped = dora_dropped(x, dropout_p, seed)
-    z = _lora_linear(dropped, weight, lora_A, lora_B, None, scaling, 0.0, None, None, (), "triton")
-    return torch.addcmul(torch.nn.functional.linear(x - dropped, weight, bias), z, gamma)
+    z = _lora_linear(dropped, weight, lora_A, lora_B, None, scaling, 0.0, None, None, (), "triton", weight_scale)
+    base = weight if weight_scale is None else dequantize_int8(weight, weight_scale, x.dtype)
+    return torch.addcmul(torch.nn.functional.linear(x - dropped, base, bias), z, gamma)
 
 
 #: Elements of ``W + s·B A`` made at once by :func:`dora_norm` (fp32: 64 MiB).

@@ -85,14 +85,20 @@ def dora_linear(
     scaling: float = 1.0,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DoRA, as PEFT's ``use_dora=True`` computes it (math in
     :mod:`fused_lora.ops`): the adapted weight ``W + s·B·A`` made, its norm
     per output feature taken and detached, ``γ = m / ‖·‖``. Same arguments
     as :func:`fused_lora.dora_linear` (less ``backend``), the same mask
-    (:func:`dora_dropped`)."""
-    scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    (:func:`dora_dropped`); an int8 ``weight`` with its ``weight_scale``:
+    W is :func:`fused_lora.dequantize_int8` of them."""
+    scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed,
+                                               weight_scale=weight_scale)
+    weight_scale = check_weight_scale(x, weight, weight_scale)
     magnitude = check_magnitude(x, weight, magnitude)
+    if weight_scale is not None:
+        weight = dequantize_int8(weight, weight_scale, x.dtype)
     return dora_linear_checked(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed)
 
 

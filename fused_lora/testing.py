@@ -210,11 +210,11 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
     ``dmagnitude``). ``quantized``: the base quantized to int8
     (:func:`fused_lora.quantize_int8`), passed with its ``weight_scale``,
     against the reference on its dequantised values (not with
-    ``train_base`` or ``dora``)."""
+    ``train_base``: a quantized base is frozen)."""
     import fused_lora
 
-    if quantized and (train_base or dora):
-        raise ValueError("a quantized base is frozen and not DoRA's: quantized takes neither train_base nor dora")
+    if quantized and train_base:
+        raise ValueError("a quantized base is frozen: quantized takes no train_base")
     x = make_x((*lead, k), dtype, layout, device=device).requires_grad_()
     w, b, a, bb = make_params(k, n, r, dtype, bias, device=device)
     weight_scale = None
@@ -237,7 +237,7 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
     if adapters:
         return _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale)
     if dora:
-        return _dora_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed)
+        return _dora_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale)
     y = fused_lora.lora_linear(x, w, a, bb, b, scaling=scaling, dropout_p=dropout_p, seed=seed, row_scale=row_scale,
                                weight_scale=weight_scale, backend="triton")
     dy = torch.randn_like(y)
@@ -288,19 +288,21 @@ def _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weig
     return errors
 
 
-def _dora_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed) -> dict[str, float]:
-    """:func:`parity_case` with ``dora``."""
+def _dora_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale=None) -> dict[str, float]:
+    """:func:`parity_case` with ``dora`` (and ``quantized``: an int8 ``w`` with its ``weight_scale``)."""
     import fused_lora
 
-    m = (torch.rand(w.shape[0], dtype=w.dtype, device=w.device) + 0.5).requires_grad_()
+    m = (torch.rand(w.shape[0], dtype=x.dtype, device=w.device) + 0.5).requires_grad_()
     wanted = [*wanted, "magnitude"]
     inputs = {"x": x, "weight": w, "bias": b, "lora_A": a, "lora_B": bb, "magnitude": m}
     y = fused_lora.dora_linear(x, w, a, bb, m, b, scaling=scaling, dropout_p=dropout_p, seed=seed,
-                               backend="triton")
+                               weight_scale=weight_scale, backend="triton")
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [inputs[g] for g in wanted], dy)
     leaves = {k: (v.detach().double().requires_grad_(k in wanted) if v is not None else None)
               for k, v in inputs.items()}
+    if weight_scale is not None:  # (Ŵ in x's dtype, the values the kernels multiply by, taken in float64)
+        leaves["weight"] = fused_lora.dequantize_int8(w, weight_scale, x.dtype).double()
     y64 = reference.dora_linear(leaves["x"], leaves["weight"], leaves["lora_A"], leaves["lora_B"],
                                 leaves["magnitude"], leaves["bias"], scaling=scaling, dropout_p=dropout_p, seed=seed)
     g64 = torch.autograd.grad(y64, [leaves[k] for k in wanted], dy.double())

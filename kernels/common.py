@@ -203,6 +203,22 @@ def in_bounds(offs, limit, EVEN: tl.constexpr):
 
 
 @triton.jit
+def dequantize(q, scale, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """An int8 tile times its scales (broadcast over it), made in fp32 and
+    rounded once to ``dtype``, the other operand's: the dequantised weight
+    ``Ŵ = round(q · scale)`` of :mod:`fused_lora.ops`, exactly as PyTorch
+    makes it. ``UPCAST`` (interpreter + bf16): the tile stays fp32, rounded
+    to bf16's values here, to nearest even, because the interpreter's cast
+    to bf16 truncates."""
+    tile = q.to(tl.float32) * scale
+    if UPCAST:
+        bits = tile.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(tile == tile, bits.to(tl.float32, bitcast=True), tile)  # (NaN stays NaN)
+    return tile.to(dtype)
+
+
+@triton.jit
 def load_operand(ptrs, mask, UPCAST: tl.constexpr):
     """Tile load, with zeros outside ``mask`` (``None``: unmasked). ``UPCAST``
     widens the tile to float32 at once: the interpreter computes bf16 dots and

@@ -12,6 +12,9 @@ Nothing of size (N, K) is written: PyTorch's way makes ``W + s·B A`` in fp32
 weight element against 2 here). The sums run in a fixed order: bitwise
 reproducible. Ranks above ``BLOCK_R`` (the config's ``max_block_r``) walk
 their chunks inside the K loop; a rank of one chunk loads its B rows once.
+An int8 W (``W_SCALE``: a quantized base) is dequantised as its tiles are
+loaded, each row times its scale, rounded once to A's dtype
+(``common.dequantize``): the norm of ``Ŵ + s·B A``, Ŵ as the GEMMs make it.
 """
 
 from __future__ import annotations
@@ -20,16 +23,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import alloc, in_bounds, is_interpreted, load_operand
+from .common import alloc, dequantize, in_bounds, is_interpreted, load_operand
 from .configs import DORA_NORM_16BIT, DORA_NORM_FP32, NormConfig, block_r_for, cdiv
 
 
 @triton.jit(do_not_specialize=["N", "K", "R"])
 def dora_norm_kernel(
-    w_ptr,  # (N, K)  W, any strides
-    b_ptr,  # (N, R)  lora_B, W's dtype
-    a_ptr,  # (R, K)  lora_A, W's dtype
+    w_ptr,  # (N, K)  W, any strides (int8 with W_SCALE)
+    b_ptr,  # (N, R)  lora_B, W's dtype (with W_SCALE: A's, the compute dtype)
+    a_ptr,  # (R, K)  lora_A, W's dtype (likewise)
     out_ptr,  # (N,)  fp32 ν
+    s_ptr,  # (N,)  W's row scales with W_SCALE, any floating dtype
     N,
     K,
     R,
@@ -39,6 +43,7 @@ def dora_norm_kernel(
     stride_br,
     stride_ar,
     stride_ak,
+    stride_s,
     scaling,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -47,6 +52,7 @@ def dora_norm_kernel(
     ONE_R_TILE: tl.constexpr,  # R <= BLOCK_R: B's rows loaded once, before the K loop
     UPCAST: tl.constexpr,  # bf16 under the interpreter (kernels.common.load_operand)
     INPUT_PRECISION: tl.constexpr,  # fp32 dots: "ieee"
+    W_SCALE: tl.constexpr = False,  # W int8, its row n times s[n] as loaded (common.dequantize)
 ):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -57,12 +63,17 @@ def dora_norm_kernel(
     b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn
     if ONE_R_TILE:
         b = load_operand(b_rows + offs_r[None, :] * stride_br, n_in[:, None] & (offs_r[None, :] < R), UPCAST)
+    if W_SCALE:
+        row_scale = tl.load(s_ptr + offs_n.to(tl.int64) * stride_s, mask=n_in, other=0.0).to(tl.float32)
     squares = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_kb
         k_in = in_bounds(offs_k, K, EVEN_K)
         a_cols = a_ptr + offs_k.to(tl.int64)[None, :] * stride_ak
-        w = load_operand(w_rows + offs_k.to(tl.int64)[None, :] * stride_wk, n_in[:, None] & k_in[None, :], UPCAST)
+        w = load_operand(w_rows + offs_k.to(tl.int64)[None, :] * stride_wk, n_in[:, None] & k_in[None, :],
+                         UPCAST and not W_SCALE)
+        if W_SCALE:
+            w = dequantize(w, row_scale[:, None], a_ptr.dtype.element_ty, UPCAST)
         ba = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         if ONE_R_TILE:
             a = load_operand(a_cols + offs_r[:, None] * stride_ar, (offs_r[:, None] < R) & k_in[None, :], UPCAST)
@@ -83,20 +94,27 @@ def norm_config(element_size: int) -> NormConfig:
     return DORA_NORM_FP32 if element_size == 4 else DORA_NORM_16BIT
 
 
-def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+              weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``ν = ‖W + s·B A‖`` per row of ``weight`` (N, K), fp32 (N,), with
     ``lora_A`` (r, K) and ``lora_B`` (N, r) in the weight's dtype (fp16,
-    bf16 or fp32; any strides). The caller checks shapes and dtypes."""
+    bf16 or fp32; any strides); ``weight_scale`` (N,), floating point: the
+    weight is int8, ``W = Ŵ``, rounded to A's and B's dtype. The caller
+    checks shapes and dtypes."""
     n, k = weight.shape
     r = lora_A.shape[0]
+    if (weight_scale is not None) != (weight.dtype == torch.int8):
+        raise ValueError(f"dora_norm: an int8 weight comes with its weight_scale, and only an int8 weight; got "
+                         f"{weight.dtype} and {'a' if weight_scale is not None else 'no'} weight_scale")
     out = alloc((n,), torch.float32, weight.device)
     if n == 0:
         return out
-    cfg = norm_config(weight.element_size())
+    cfg = norm_config(lora_A.element_size())
     block_r = block_r_for(r, cfg.max_block_r)
-    upcast = is_interpreted(dora_norm_kernel) and weight.dtype == torch.bfloat16
+    upcast = is_interpreted(dora_norm_kernel) and lora_A.dtype == torch.bfloat16
     dora_norm_kernel[(cdiv(n, cfg.block_n),)](
-        weight, lora_B, lora_A, out, n, k, r, *weight.stride(), *lora_B.stride(), *lora_A.stride(), float(scaling),
-        BLOCK_R=block_r, EVEN_K=k % cfg.block_k == 0, ONE_R_TILE=r <= block_r, UPCAST=upcast,
-        INPUT_PRECISION="ieee", **cfg.launch_kwargs())
+        weight, lora_B, lora_A, out, weight_scale if weight_scale is not None else out, n, k, r, *weight.stride(),
+        *lora_B.stride(), *lora_A.stride(), weight_scale.stride(0) if weight_scale is not None else 0,
+        float(scaling), BLOCK_R=block_r, EVEN_K=k % cfg.block_k == 0, ONE_R_TILE=r <= block_r, UPCAST=upcast,
+        INPUT_PRECISION="ieee", W_SCALE=weight_scale is not None, **cfg.launch_kwargs())
     return out

@@ -23,7 +23,7 @@ reads it from there. The in-loop forward with dropout multiplies each A tile
 by its (M, K) keep-mask for the shrink's dot only (``SHRINK_DROPOUT``: the base
 dot reads the tile as loaded), so every N tile draws the mask of its rows
 again. An int8 B (a quantized base: ``B_SCALE``) is
-dequantised as each tile is loaded, before its dot (:func:`dequantize`).
+dequantised as each tile is loaded, before its dot (``common.dequantize``).
 Nothing of size (M, N) is materialised for the low-rank
 term. Both split along K (small M): the term is linear in the left factor, so
 each split adds its own part.
@@ -40,8 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (AdapterColumns, adapter_columns, alloc, check_adapter_columns, check_row_scale, in_bounds,
-                     is_interpreted, keep_mask, load_operand, load_seed, mask_counters_int64, seed_arg)
+from .common import (AdapterColumns, adapter_columns, alloc, check_adapter_columns, check_row_scale, dequantize,
+                     in_bounds, is_interpreted, keep_mask, load_operand, load_seed, mask_counters_int64, seed_arg)
 from .configs import GEMM_LR_MAX_BLOCK_R, NUM_SMS_SM90, GemmConfig, block_r_for, cdiv, persistent_programs
 from .skinny import launch_reductions
 
@@ -74,22 +74,6 @@ def load_tile(desc, i, j, TRANS: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         tile = tile.to(tl.float32)
     return tile
-
-
-@triton.jit
-def dequantize(q, scale, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """An int8 tile times its scales (broadcast over it), made in fp32 and
-    rounded once to ``dtype``, the other operand's: the dequantised weight
-    ``Ŵ = round(q · scale)`` of :mod:`fused_lora.ops`, exactly as PyTorch
-    makes it. ``UPCAST`` (interpreter + bf16): the tile stays fp32, rounded
-    to bf16's values here, to nearest even, because the interpreter's cast
-    to bf16 truncates."""
-    tile = q.to(tl.float32) * scale
-    if UPCAST:
-        bits = tile.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return tl.where(tile == tile, bits.to(tl.float32, bitcast=True), tile)  # (NaN stays NaN)
-    return tile.to(dtype)
 
 
 # Sizes and the seed are not specialised (no recompilation when the token
@@ -173,7 +157,7 @@ def lora_gemm_kernel(
     ``ROW_SCALE``. ``B_SCALE``: B is int8, each tile dequantised as it is
     loaded, times ``bsc`` by column (1: the forward's ``Wᵀ``, the scales
     loaded once a tile) or by row (2: dx's ``W``, loaded a K step at a time,
-    masked in the K tail), rounded once to A's dtype (:func:`dequantize`).
+    masked in the K tail), rounded once to A's dtype (``common.dequantize``).
 
     Split-K (grid axis 1 of size S > 1): program (t, s) computes tile t over
     its own K range and stores the fp32 partial at ``C[s]``; split 0 also

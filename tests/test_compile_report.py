@@ -92,6 +92,14 @@ def test_the_report_covers_every_shipped_config():
                        ("fp32", configs.DORA_NORM_FP32)):
         assert {("norm", dtype, block_r) for block_r in configs.rank_tiles(cfg.max_block_r)} | {
             ("norm+k_tail", dtype, 16), ("norm_chunked", dtype, cfg.max_block_r)} <= norm_seen, dtype
+        # (an int8 W, QDoRA: one rank tile, a K tail, the chunked rank)
+        assert {(p + "+int8_base", dtype, cfg.max_block_r) for p in ("norm", "norm+k_tail", "norm_chunked")} <= \
+            norm_seen, dtype
+    # an int8 base: every GEMM pass that reads W (not dW), with a K tail, split-K's partials, TMA, and the
+    # persistent grid where the pass runs on it
+    int8 = {("gemm", p + v + "+int8_base") for p in gemm_passes[:-1] for v in ("", "+k_tail", "+split_k", "+tma")}
+    assert int8 <= passes and ("gemm", "dw+int8_base") not in passes
+    assert {("gemm", p + "+tma+persistent+int8_base") for p in ("forward_in_loop", "forward_split", "dx")} <= passes
     # every pass with a low-rank term at every rank tile it runs with (the kernel's BLOCK_R), on every
     # tile that fits it (autotuning may pick any: the heuristics' picks are checked below)
     by_rank = {(r.pass_name, r.dtype, r.block_r, tuple(sorted(r.config.items()))) for r in planned}

@@ -10,6 +10,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 import fused_lora
 from fused_lora import dispatch, ops, reference
@@ -305,6 +306,55 @@ def test_the_ops_pass_opcheck_and_compile_with_an_int8_base():
     assert counter.frame_count == 1
     assert torch.equal(compiled, eager)
     assert torch.equal(torch.autograd.grad(compiled, x, dy)[0], torch.autograd.grad(eager, x, dy)[0])
+
+
+# ----------------------------------------------------------------------------
+# DoRA on an int8 base (QDoRA)
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n, k, r", [(1, 17, 1), (33, 130, 8), (70, 45, 129)])  # (r = 129: the rank in chunks)
+def test_the_dora_norm_of_an_int8_base_is_the_norm_of_its_dequantised_weight(dtype, n, k, r):
+    """The norm kernel reading q and its row scales: the bits of the same
+    kernel on Ŵ (rounded to A's dtype), and ‖Ŵ + s·B A‖ in float64."""
+    q, scale = _quantized(n, k)
+    lora_A = (torch.randn(r, k, device=DEVICE) / k ** 0.5).to(dtype)
+    lora_B = (torch.randn(n, r, device=DEVICE) / r ** 0.5).to(dtype)
+    deq = fused_lora.dequantize_int8(q, scale, dtype)
+    norm = ops._triton.get().dora_norm
+    with poison_outputs():
+        got, plain = norm(q, lora_A, lora_B, 1.5, scale), norm(deq, lora_A, lora_B, 1.5)
+    assert torch.equal(got, plain)
+    want = torch.linalg.vector_norm(deq.double() + 1.5 * lora_B.double() @ lora_A.double(), dim=1)
+    assert_close(got, want, F32, "ν")
+    with pytest.raises(ValueError, match="an int8 weight comes with its weight_scale"):
+        norm(q, lora_A, lora_B, 1.5)
+
+
+@pytest.mark.parametrize("lead, k, n, r, dtype, p", [((17,), 64, 48, 3, F32, 0.0), ((3, 5), 45, 77, 70, F16, 0.2),
+                                                     ((1,), 33, 20, 4, BF16, 0.0), ((20,), 40, 30, 16, BF16, 0.3)])
+def test_dora_linear_on_an_int8_base_matches_the_float64_reference(lead, k, n, r, dtype, p):
+    with poison_outputs():
+        errors = parity_case(lead, k, n, r, dtype, dropout_p=p, seed=4, dora=True, quantized=True)
+    assert set(errors) == {"y", "dx", "dlora_A", "dlora_B", "dmagnitude"}
+    assert max(errors.values()) <= TOLERANCE[dtype], errors
+
+
+def test_dora_linear_on_an_int8_base_compiles_and_runs_the_torch_backend():
+    x = torch.randn(6, 24, device=DEVICE)
+    w, b, a, bb = make_params(24, 16, 4, F32, True)
+    q, scale = fused_lora.quantize_int8(w)
+    m = torch.rand(16, device=DEVICE) + 0.5
+    eager = fused_lora.dora_linear(x, q, a, bb, m, b, scaling=1.5, weight_scale=scale)
+    torch_backend = fused_lora.dora_linear(x, q, a, bb, m, b, scaling=1.5, weight_scale=scale, backend="torch")
+    assert_close(eager, reference.dora_linear(x.double(), q, a.double(), bb.double(), m.double(), b.double(),
+                                              scaling=1.5, weight_scale=scale), F32, "eager")
+    assert_close(torch_backend, eager.double(), F32, "torch backend")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda x: fused_lora.dora_linear(x, q, a, bb, m, b, scaling=1.5, weight_scale=scale),
+                             backend=counter, fullgraph=True)(x)
+    assert counter.frame_count == 1 and torch.equal(compiled, eager)
+    torch.library.opcheck(torch.ops.fused_lora.dora_norm.default, (q, a, bb, 1.5, scale))
 
 
 # ----------------------------------------------------------------------------

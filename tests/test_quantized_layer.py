@@ -130,8 +130,6 @@ def test_what_an_int8_base_refuses():
     with pytest.raises(ValueError, match="the base is int8 .* would requantize it"):
         layer.merge()
     assert not layer.merged
-    with pytest.raises(ValueError, match="use_dora and quantize_base"):
-        LoRALinear.from_linear(linear, r=4, use_dora=True, quantize_base=True)
     with pytest.raises(ValueError, match=r"LoRALinear.reset_parameters\(\): the base is int8"):
         layer.reset_parameters()
     before = layer.lora_B.clone()
@@ -210,9 +208,67 @@ def test_inject_quantize_base_is_the_model_on_its_dequantised_weights(make, tmp_
         assert torch.equal(layer.weight, bases[name][0]) and torch.equal(layer.weight_scale, bases[name][1])
 
 
-def test_inject_refuses_dora_on_an_int8_base():
-    with pytest.raises(ValueError, match="use_dora and quantize_base"):
-        fused_lora.inject(tiny_llama(), "all-linear", use_dora=True, quantize_base=True)
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_a_qdora_layer_starts_as_its_base_and_matches_the_reference(dtype):
+    """DoRA on an int8 base (QDoRA): the magnitude starts as the norms of
+    Ŵ's rows (a fresh layer is the dequantised base), and, trained, the
+    layer is dora_linear on Ŵ (float64 reference), forward and gradients;
+    delta_weight is γ ⊙ (Ŵ + s·B A) - Ŵ."""
+    torch.manual_seed(2)
+    linear = nn.Linear(40, 24, device=DEVICE, dtype=dtype)
+    layer = LoRALinear.from_linear(linear, r=4, alpha=8, use_dora=True, quantize_base=True)
+    assert layer.use_dora and layer.quantized and "use_dora=True" in repr(layer) and "base=int8" in repr(layer)
+    deq = fused_lora.dequantize_int8(layer.weight, layer.weight_scale, dtype)
+    assert torch.equal(layer.lora_magnitude_vector, torch.linalg.vector_norm(deq.float(), dim=1).to(dtype))
+    x = torch.randn(3, 7, 40, device=DEVICE, dtype=dtype)
+    base = F.linear(x, deq, linear.bias)
+    assert_close(layer(x), base.double(), dtype, "a fresh QDoRA layer")
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.3)
+        layer.lora_magnitude_vector.mul_(torch.rand(24, device=DEVICE, dtype=dtype) + 0.5)
+    x.requires_grad_()
+    y = layer(x)
+    leaves = [t.detach().double().requires_grad_() for t in (x, layer.lora_A, layer.lora_B,
+                                                                layer.lora_magnitude_vector)]
+    y64 = reference.dora_linear(leaves[0], deq.double(), *leaves[1:3], leaves[3], linear.bias.double(),
+                                scaling=layer.scaling)
+    assert_close(y, y64.detach(), dtype, "y")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector), dy)
+    for g, g64, name in zip(grads, torch.autograd.grad(y64, leaves, dy.double()), ("dx", "dA", "dB", "dm")):
+        assert_close(g, g64, dtype, name)
+    w = deq.double()
+    adapted = w + layer.scaling * (layer.lora_B.double() @ layer.lora_A.double())
+    gamma = layer.lora_magnitude_vector.double() / torch.linalg.vector_norm(adapted, dim=1)
+    assert_close(layer.delta_weight(), gamma[:, None] * adapted - w, F32, "delta")  # (made in fp32)
+    with pytest.raises(ValueError, match="the base is int8"):
+        layer.merge()
+
+
+def test_inject_qdora_is_the_float_model_on_the_dequantised_weights(tmp_path):
+    model = tiny_llama(seed=5)
+    float_model = copy.deepcopy(model)
+    names = fused_lora.inject(model, ["q_proj", "v_proj", "down_proj"], r=4, alpha=8, use_dora=True,
+                              quantize_base=True)
+    with torch.no_grad():
+        for name in names:
+            layer = model.get_submodule(name)
+            float_model.get_submodule(name).weight.copy_(
+                fused_lora.dequantize_int8(layer.weight, layer.weight_scale, F32))
+            nn.init.normal_(layer.lora_B, 0, 0.3)
+            layer.lora_magnitude_vector.mul_(1.2)
+    fused_lora.save_adapter(model, tmp_path)  # (PEFT's DoRA file: lora_A, lora_B, the magnitudes)
+    fused_lora.load_adapter(float_model, tmp_path)
+    assert all(float_model.get_submodule(n).use_dora and not float_model.get_submodule(n).quantized for n in names)
+    ids = torch.randint(0, 61, (2, 9), device=DEVICE)
+    out, float_out = model(input_ids=ids, labels=ids), float_model(input_ids=ids, labels=ids)
+    assert_close(out.logits, float_out.logits.double(), F32, "logits")
+    out.loss.backward()
+    float_out.loss.backward()
+    for name in names:
+        for p in ("lora_A", "lora_B", "lora_magnitude_vector"):
+            assert_close(getattr(model.get_submodule(name), p).grad,
+                         getattr(float_model.get_submodule(name), p).grad.double(), F32, f"{name}.{p}")
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
