@@ -1617,7 +1617,7 @@ def to_peft(model: nn.Module, *, adapter_name: str | None = None, adapter_names=
     in every layer (PEFT has no adapter of no layer).
     """
     _check_model(model)
-    _check_not_quantized(fused_layers(model), "to_peft")
+    _refuse_int8_bases(all_fused_layers(model), "to_peft")
     multi = multi_fused_layers(model)
     originals = getattr(model, _ORIGINALS, None)
     if multi:
@@ -1831,7 +1831,7 @@ def _unload(model: nn.Module, merge: bool, adapter=None) -> list[str]:
     layers = all_fused_layers(model)
     if not layers:
         raise ValueError("the model has no fused LoRA layers to unload")
-    _check_not_quantized(layers, what)
+    _refuse_int8_bases(layers, what)
     multi = {n: layer for n, layer in layers.items() if isinstance(layer, MultiLoRALinear)}
     adapter = _check_adapter_index(what, adapter, multi) if merge else None
     routed = [n for n, layer in layers.items() if _ROUTED in layer.__dict__]
@@ -1865,15 +1865,17 @@ def _unload(model: nn.Module, merge: bool, adapter=None) -> list[str]:
     return list(layers)
 
 
-def _check_not_quantized(layers: dict[str, nn.Module], what: str) -> None:
-    """Refuse fused layers with an int8 base (``quantize_base``): their float
-    base is gone, and a plain layer cannot hold an int8 one."""
+def _refuse_int8_bases(layers: dict[str, nn.Module], what: str) -> None:
+    """Refuse fused layers with an int8 base (``quantize_base``, or torchao's
+    int8 weights taken as they are): a plain layer cannot hold it, and the
+    floating-point base is gone."""
     quantized = [n for n, layer in layers.items() if getattr(layer, "quantized", False)]
     if quantized:
         raise ValueError(f"{what}: {', '.join(quantized[:3])}{', ...' if len(quantized) > 3 else ''} hold an int8 "
-                         "base (quantize_base=True), and the floating-point base is gone: save the adapters "
-                         "(fused_lora.save_adapter) and load them into the floating-point model "
-                         "(fused_lora.load_adapter, or PEFT's PeftModel.from_pretrained)")
+                         "base (quantize_base=True, or torchao's int8 weights), which a plain layer cannot hold, "
+                         "and the floating-point base is gone: save the adapters (fused_lora.save_adapter) and "
+                         "load them into the floating-point model (fused_lora.load_adapter, or PEFT's "
+                         "PeftModel.from_pretrained)")
 
 
 def _shared_weights(model: nn.Module, layers) -> dict[str, list[str]]:
