@@ -115,12 +115,16 @@ def _base_linear(layer: nn.Module, x, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight, layer.bias)``: a fused layer's base alone (its
     adapters off, merged, or no row's), with the fused path's typed errors
     for an x it cannot take, where torch's would be a RuntimeError: the same
-    x is refused alike whatever the ids or the layer's state."""
+    x is refused alike whatever the ids or the layer's state. An int8 base
+    (``layer.weight_scale``) computes with Ŵ in x's dtype, as the kernels."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1 or x.shape[-1] != layer.in_features:
         raise ValueError(f"x must have shape (..., in_features={layer.in_features}) to match weight "
                          f"{tuple(weight.shape)}, got x of shape {tuple(x.shape)}")
+    scale = layer._buffers.get("weight_scale")  # (nn.Module's __getattr__ costs host time on every call)
+    if scale is not None:
+        weight = dequantize_int8(weight, scale, _compute_dtype(x, scale))
     if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
         raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}: all tensors must share one dtype "
                         f"(cast x or the layer, e.g. layer.to({x.dtype}))")
@@ -487,9 +491,7 @@ class LoRALinear(nn.Module):
         output has no gradient for the adapter, as PEFT's) and without dropout
         (which a merged forward does not draw): one batch, in any mode."""
         weight = self.base_weight()
-        scale = self.weight_scale
-        if scale is not None and not with_adapter:  # (an int8 base alone: Ŵ in x's dtype, as the kernels make it)
-            return _base_linear(self, x, dequantize_int8(weight, scale, _compute_dtype(x, scale)))
+        scale = self._buffers.get("weight_scale")  # (an int8 base's; as use_dora, without __getattr__'s cost)
         if self.merged and (not with_adapter or row_scale is not None):
             weight = self._unmerged_weight.t() if self.fan_in_fan_out else self._unmerged_weight
         if not with_adapter or (self.merged and row_scale is None):
@@ -749,18 +751,15 @@ class MultiLoRALinear(nn.Module):
         to its layers; without ids a ValueError says so (there is no adapter
         to run every row through by default)."""
         _check_recompute(self, adapter_ids)
-        scale = self.weight_scale
         if not self.adapter_enabled:
-            weight = self.base_weight()
-            return _base_linear(self, x, weight if scale is None else dequantize_int8(
-                weight, scale, _compute_dtype(x, scale)))
+            return _base_linear(self, x, self.base_weight())
         if adapter_ids is None:
             raise ValueError(f"MultiLoRALinear ({self.num_adapters} adapters) needs adapter_ids, the adapter of each "
                              f"row (-1: the base alone): pass them, or run the model inside "
                              f"`with fused_lora.adapter_ids(model, ids):`")
         if isinstance(adapter_ids, torch.Tensor) and isinstance(x, torch.Tensor) and adapter_ids.device != x.device:
             adapter_ids = adapter_ids.to(x.device)
-        weight = self.base_weight()
+        weight, scale = self.base_weight(), self._buffers.get("weight_scale")
         lora_A, lora_B = list(self.lora_A), list(self.lora_B)
         dtype = weight.dtype if scale is None else _compute_dtype(x, scale)  # (an int8 base's: x's)
         if any(a.dtype != dtype for a in lora_A + lora_B):  # (e.g. fp32 adapters on a bf16 base)
