@@ -219,6 +219,24 @@ def dequantize(q, scale, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def nf4_tile(ptrs, shift, scale_ptrs, code_ptr, mask):
+    """An NF4 tile in fp32, before its rounding (:func:`dequantize` with
+    scale 1): ``code[nibble] · absmax``, the nibble ``(byte >> shift) & 15``
+    of the byte at ``ptrs`` (``shift`` 4 for the high nibble, 0 for the low),
+    the absmax at ``scale_ptrs``, ``code`` the 16 values at ``code_ptr``: the
+    product bitsandbytes dequantises to, in fp32. Zeros outside ``mask``
+    (``None``: unmasked)."""
+    if mask is None:
+        packed = tl.load(ptrs)
+        absmax = tl.load(scale_ptrs)
+    else:
+        packed = tl.load(ptrs, mask=mask, other=0)
+        absmax = tl.load(scale_ptrs, mask=mask, other=0.0)
+    nibble = (packed.to(tl.int32) >> shift) & 0xF
+    return tl.load(code_ptr + nibble) * absmax.to(tl.float32)
+
+
+@triton.jit
 def load_operand(ptrs, mask, UPCAST: tl.constexpr):
     """Tile load, with zeros outside ``mask`` (``None``: unmasked). ``UPCAST``
     widens the tile to float32 at once: the interpreter computes bf16 dots and

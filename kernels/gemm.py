@@ -41,7 +41,8 @@ import triton
 import triton.language as tl
 
 from .common import (AdapterColumns, adapter_columns, alloc, check_adapter_columns, check_row_scale, dequantize,
-                     in_bounds, is_interpreted, keep_mask, load_operand, load_seed, mask_counters_int64, seed_arg)
+                     in_bounds, is_interpreted, keep_mask, load_operand, load_seed, mask_counters_int64, nf4_tile,
+                     seed_arg)
 from .configs import GEMM_LR_MAX_BLOCK_R, NUM_SMS_SM90, GemmConfig, block_r_for, cdiv, persistent_programs
 from .skinny import launch_reductions
 
@@ -95,7 +96,9 @@ def lora_gemm_kernel(
     ids_ptr,  # (M,)    int32 adapter of each row when ADAPTERS
     cid_ptr,  # (R,)    int32 adapter of each rank column when ADAPTERS (contiguous)
     csc_ptr,  # (R,)    fp32 scale of each rank column when ADAPTERS (contiguous)
-    bsc_ptr,  # B's dequantisation scale when B_SCALE: (N,) per column (forward), (K,) per row (dx)
+    bsc_ptr,  # B's dequantisation scales when B_SCALE: int8 (N,) per column (forward), (K,) per row (dx);
+    #           NF4 (W's rows, W's K / B_GROUP): the absmax of each block of B_GROUP along W's K
+    bcode_ptr,  # (16,)   fp32 NF4 code book when B_SCALE >= 3
     # sizes
     M, N, K, R,
     k_blocks_per_split,  # split-K: program (·, s) walks BLOCK_K blocks [s·this, (s+1)·this) of K
@@ -112,7 +115,7 @@ def lora_gemm_kernel(
     stride_xas16,  # split-K: the xa partials, this many 16-element units apart
     stride_w,
     stride_ids,
-    stride_bsc,
+    stride_bsc, stride_bsc2,  # (the scales' along W's rows, and, NF4, along its K blocks)
     # scalars (runtime: changing them never recompiles)
     lr_scale,  # the low-rank term is lr_scale · (U · V)
     sh_scale,  # SHRINK_DROPOUT: U = sh_scale · (A ⊙ keep) · S (the launcher passes 1/(1-p))
@@ -126,7 +129,9 @@ def lora_gemm_kernel(
     ROW_SCALE: tl.constexpr,  # LOW_RANK == 2: U = w ⊙ (the shrink), row m times w[m]
     ADAPTERS: tl.constexpr,  # LOW_RANK == 2: U's (m, j) kept times csc[j] where ids[m] == cid[j] (not with ROW_SCALE)
     OFFSET_INT64: tl.constexpr,  # the mask's counters in 64 bits (common.mask_counters_int64)
-    B_SCALE: tl.constexpr,  # B int8, dequantised as loaded: 0 no, 1 times bsc[n] (its columns), 2 bsc[k] (rows)
+    B_SCALE: tl.constexpr,  # B quantized, dequantised as loaded: 0 no; int8 times 1 bsc[n] (its columns),
+    #                         2 bsc[k] (rows); NF4, 3 the forward's Wᵀ (packed along K), 4 dx's W (along N)
+    B_GROUP: tl.constexpr,  # NF4: the absmax block along W's K
     UPCAST: tl.constexpr,  # interpreter + bf16: compute on fp32 tiles
     INPUT_PRECISION: tl.constexpr,  # fp32 dots: "ieee" or "tf32"
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masked tail in the K loop
@@ -157,7 +162,12 @@ def lora_gemm_kernel(
     ``ROW_SCALE``. ``B_SCALE``: B is int8, each tile dequantised as it is
     loaded, times ``bsc`` by column (1: the forward's ``Wᵀ``, the scales
     loaded once a tile) or by row (2: dx's ``W``, loaded a K step at a time,
-    masked in the K tail), rounded once to A's dtype (``common.dequantize``).
+    masked in the K tail), rounded once to A's dtype (``common.dequantize``);
+    or B is NF4 (3: the forward's ``Wᵀ``, 4: dx's ``W``), W's (N, K/2)
+    bytes two values of a row each (the even k in the high nibble, as
+    bitsandbytes packs them), each tile ``code[nibble] · absmax`` of its
+    element's block of ``B_GROUP`` along W's K (``common.nf4_tile``), rounded
+    once to A's dtype likewise; never through TMA.
 
     Split-K (grid axis 1 of size S > 1): program (t, s) computes tile t over
     its own K range and stores the fp32 partial at ``C[s]``; split 0 also
@@ -241,7 +251,16 @@ def lora_gemm_kernel(
         k_lo = pid_k * k_blocks_per_split * BLOCK_K
         k_len = min(K - k_lo, k_blocks_per_split * BLOCK_K)
         a_ptrs = a_ptr + k_lo.to(tl.int64) * stride_ak + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-        b_ptrs = b_ptr + k_lo.to(tl.int64) * stride_bk + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+        if B_SCALE == 3:  # NF4 Wᵀ: two of B's rows a byte, k's in its high nibble when k is even
+            b_ptrs = (b_ptr + (k_lo // 2).to(tl.int64) * stride_bk + (offs_k // 2)[:, None] * stride_bk
+                      + cols[None, :] * stride_bn)
+            b_shift = (4 - 4 * (offs_k % 2))[:, None]
+        elif B_SCALE == 4:  # NF4 W: two of B's columns a byte
+            b_ptrs = (b_ptr + k_lo.to(tl.int64) * stride_bk + offs_k[:, None] * stride_bk
+                      + (cols // 2)[None, :] * stride_bn)
+            b_shift = (4 - 4 * (cols % 2).to(tl.int32))[None, :]
+        else:
+            b_ptrs = b_ptr + k_lo.to(tl.int64) * stride_bk + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
         if LOW_RANK == 2:
             # S's rows are indexed from this split's K offset at each step (a
             # pointer started at k_lo and advanced, as A's and B's are, made
@@ -257,7 +276,21 @@ def lora_gemm_kernel(
             if not EVEN_K:
                 k_in = offs_k < k_len - k0
             # (an int8 B is widened by its dequantisation, not by UPCAST)
-            if TMA:  # the copy engine zero-fills rows, columns and the K tail outside the operands
+            if B_SCALE >= 3:  # NF4 (never through TMA): the code of each nibble times its block's absmax
+                k_abs = k_lo + k0 + offs_k
+                if B_SCALE == 3:
+                    bs_ptrs = bsc_ptr + cols[None, :] * stride_bsc + (k_abs // B_GROUP)[:, None] * stride_bsc2
+                else:
+                    bs_ptrs = (bsc_ptr + k_abs.to(tl.int64)[:, None] * stride_bsc
+                               + (cols // B_GROUP)[None, :] * stride_bsc2)
+                if EVEN_K:
+                    a = load_operand(a_ptrs, None, UPCAST)
+                    b = nf4_tile(b_ptrs, b_shift, bs_ptrs, bcode_ptr, None)
+                else:
+                    a = load_operand(a_ptrs, k_in[None, :], UPCAST)
+                    b = nf4_tile(b_ptrs, b_shift, bs_ptrs, bcode_ptr, k_in[:, None])
+                b = dequantize(b, 1.0, a_ptr.dtype.element_ty, UPCAST)
+            elif TMA:  # the copy engine zero-fills rows, columns and the K tail outside the operands
                 a = load_tile(a_desc, pid_m * BLOCK_M, k_lo + k0, A_T, UPCAST)
                 b = load_tile(b_desc, k_lo + k0, pid_n * BLOCK_N, B_T, UPCAST and B_SCALE == 0)
             elif EVEN_K:  # no K tail: unmasked loads (the common case, K a multiple of BLOCK_K)
@@ -289,7 +322,7 @@ def lora_gemm_kernel(
                 else:
                     xa = tl.dot(a, s, xa, input_precision=INPUT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+            b_ptrs += (BLOCK_K // 2 if B_SCALE == 3 else BLOCK_K) * stride_bk
 
         if LOW_RANK == 2:
             if SHRINK_DROPOUT:
@@ -346,6 +379,7 @@ def lora_gemm(
     adapters: AdapterColumns | None = None,
     b_scale: torch.Tensor | None = None,
     b_scale_dim: int = 1,
+    b_code: torch.Tensor | None = None,
     input_precision: str = "ieee",
     tma: bool = False,
     persistent: bool = False,
@@ -364,7 +398,12 @@ def lora_gemm(
     ``b_scale``: b is int8, dequantised as its tiles are loaded,
     ``round(b · b_scale)`` in a's dtype, ``b_scale`` (floating point, any
     stride) one value per column of b (``b_scale_dim=1``, (N,): the forward's
-    ``Wᵀ``) or per row (``b_scale_dim=0``, (K,): dx's ``W``). Returns
+    ``Wᵀ``) or per row (``b_scale_dim=0``, (K,): dx's ``W``). ``b_code``
+    (16,) fp32, the NF4 code book: b is NF4 instead, uint8, two values a
+    byte along the dimension ``b_scale_dim`` is not (the forward's ``Wᵀ``:
+    b (K/2, N); dx's ``W``: b (K, N/2)), ``b_scale`` fp32 (W's rows, W's
+    columns / group) in W's orientation whatever ``b_scale_dim``, the absmax
+    of each group of W's row (``fused_lora.quant``). Returns
     ``(C, xa)`` where ``xa = [w ⊙] [drop](a) @ shrink`` (fp32, (M, r))
     when ``shrink`` is given, else None. ``config.split_k > 1`` splits K over
     that many programs per tile (fp32 partials of C, and of xa, then one
@@ -379,7 +418,15 @@ def lora_gemm(
     # 1. constraints (the public API validated the user's arguments; these
     #    guard the launcher's own contract)
     M, K = a.shape
+    b_scale_mode, b_group = _check_b_scale(b, b_scale, b_scale_dim, b_code)
     K2, N = b.shape
+    if b_scale_mode == 3:
+        K2 *= 2
+    elif b_scale_mode == 4:
+        N *= 2
+    if b_group and b_scale.shape != ((N, K // b_group) if b_scale_mode == 3 else (K, N // b_group)):
+        raise ValueError(f"lora_gemm: b_scale {tuple(b_scale.shape)} does not match an NF4 b of "
+                         f"{tuple(b.shape)} bytes against a {tuple(a.shape)}")
     if K2 != K:
         raise ValueError(f"lora_gemm: a is {tuple(a.shape)} but b is {tuple(b.shape)}")
     if u is not None and shrink is not None:
@@ -399,13 +446,13 @@ def lora_gemm(
     shrink_dropout = shrink_dropout and dropout_p > 0.0
     check_row_scale("lora_gemm", row_scale, shrink, M)  # (the in-loop shrink's rows)
     check_adapter_columns("lora_gemm", adapters, shrink, M, row_scale)
-    b_scale_mode = _check_b_scale(b, b_scale, b_scale_dim)
 
     # 2. what the sizes and flags decide (the rank tile, split-K, the constexprs), cached
     interpreted = is_interpreted(lora_gemm_kernel)
     shape = _launch_shape(M, N, K, r, low_rank, v.element_size() if v is not None else 0, bias is not None,
                           shrink_dropout, row_scale is not None, adapters is not None, dropout_p > 0.0,
-                          interpreted and a.dtype == torch.bfloat16, input_precision, b_scale_mode, config)
+                          interpreted and a.dtype == torch.bfloat16, input_precision, b_scale_mode, b_group,
+                          config)
     block_r, split_k = shape.block_r, shape.split_k
     if low_rank == LOW_RANK_IN_LOOP and r > block_r:
         raise ValueError(f"lora_gemm: the in-loop shrink holds the whole rank in one tile (r <= {block_r})")
@@ -432,13 +479,13 @@ def lora_gemm(
                                    num_sms) if persistent and split_k == 1 else 0
     persistent = 0 < programs < shape.tiles
     grid = (programs,) if persistent else (shape.tiles, split_k)
-    descs = tma_descriptors(a, b, config) if tma and K else None
+    descs = tma_descriptors(a, b, config) if tma and K and b_scale_mode < 3 else None
     a_desc, a_t, b_desc, b_t = descs if descs is not None else (None, False, None, False)
     lora_gemm_kernel[grid](
         a, b, a_desc, b_desc, bias if bias is not None else dummy, u_, s_, v_, target, xa_,
         row_scale if row_scale is not None else xa_,
         *(adapters[:3] if adapters is not None else (xa_, xa_, xa_)),
-        b_scale if b_scale is not None else xa_,
+        b_scale if b_scale is not None else xa_, b_code if b_code is not None else xa_,
         M, N, K, r, shape.blocks_per_split,
         *a.stride(), *b.stride(),
         bias.stride(0) if bias is not None else 0,
@@ -450,7 +497,7 @@ def lora_gemm(
         shape.xa_slab // 16 if xa is not None and split_k > 1 else 0,
         row_scale.stride(0) if row_scale is not None else 0,
         adapters.row_ids.stride(0) if adapters is not None else 0,
-        b_scale.stride(0) if b_scale is not None else 0,
+        b_scale.stride(0) if b_scale is not None else 0, b_scale.stride(1) if b_group else 0,
         float(lr_scale), 1.0 / (1.0 - dropout_p) if shrink_dropout else 1.0, float(dropout_p),
         seed_arg(seed, a.device),
         OFFSET_INT64=mask_counters_int64(M, K if shrink_dropout else N),
@@ -463,20 +510,37 @@ def lora_gemm(
     return c, xa
 
 
-def _check_b_scale(b: torch.Tensor, b_scale, dim: int) -> int:
-    """The kernel's ``B_SCALE`` for :func:`lora_gemm`'s ``b`` and ``b_scale``
-    (the launcher's contract: an int8 b comes with a floating-point scale
-    of one value per row or column of it, and only an int8 b)."""
+def _check_b_scale(b: torch.Tensor, b_scale, dim: int, code) -> tuple[int, int]:
+    """The kernel's ``B_SCALE`` and ``B_GROUP`` for :func:`lora_gemm`'s
+    ``b``, ``b_scale`` and ``b_code`` (the launcher's contract: an int8 b
+    comes with a floating-point scale of one value per row or column of it,
+    and only an int8 b; an NF4 b, uint8, with its code book and fp32 absmax
+    in W's orientation, one per group of a power of two >= 2 of W's row;
+    the group against b's size is the caller's to check)."""
+    if code is not None:
+        if (b.dtype != torch.uint8 or b_scale is None or b_scale.dtype != torch.float32 or b_scale.dim() != 2
+                or code.shape != (16,) or code.dtype != torch.float32 or not code.is_contiguous() or dim not in (0, 1)):
+            raise ValueError(f"lora_gemm: an NF4 b is uint8 with its fp32 (16,) b_code and 2-D fp32 b_scale "
+                             f"(b_scale_dim 0 or 1); got b {b.dtype}, b_scale "
+                             f"{None if b_scale is None else (b_scale.dtype, tuple(b_scale.shape))}, b_code "
+                             f"{code.dtype} {tuple(code.shape)}, b_scale_dim {dim}")
+        w_cols = 2 * b.shape[0] if dim == 1 else 2 * b.shape[1]  # (W's K)
+        groups = b_scale.shape[1]
+        group = w_cols // groups if groups else 0
+        if not groups or group * groups != w_cols or group < 2 or group & (group - 1):
+            raise ValueError(f"lora_gemm: an NF4 b's b_scale {tuple(b_scale.shape)} must split W's {w_cols} columns "
+                             "into groups of a power of two >= 2")
+        return (3 if dim == 1 else 4), group
     if b_scale is None:
-        if b.dtype == torch.int8:
-            raise ValueError("lora_gemm: an int8 b needs its b_scale")
-        return 0
+        if b.dtype in (torch.int8, torch.uint8):
+            raise ValueError(f"lora_gemm: a {b.dtype} b needs its b_scale (and, NF4, its b_code)")
+        return 0, 0
     size = b.shape[dim] if dim in (0, 1) else None
     if b.dtype != torch.int8 or size is None or b_scale.shape != (size,) or not b_scale.is_floating_point():
         raise ValueError(f"lora_gemm: b_scale dequantises an int8 b, one floating-point value per "
                          f"{'row' if dim == 0 else 'column'} of it (b_scale_dim 0 or 1); got b {b.dtype} "
                          f"{tuple(b.shape)}, b_scale {b_scale.dtype} {tuple(b_scale.shape)}, b_scale_dim {dim}")
-    return 2 if dim == 0 else 1
+    return (2 if dim == 0 else 1), 0
 
 
 class _LaunchShape(NamedTuple):
@@ -494,7 +558,7 @@ class _LaunchShape(NamedTuple):
 @functools.lru_cache(maxsize=4096)  # (host time per call: the same shapes come back every step)
 def _launch_shape(M: int, N: int, K: int, r: int, low_rank: int, v_elt: int, has_bias: bool, shrink_dropout: bool,
                   row_scale: bool, adapters: bool, dropout: bool, upcast: bool, input_precision: str,
-                  b_scale: int, config: GemmConfig) -> _LaunchShape:
+                  b_scale: int, b_group: int, config: GemmConfig) -> _LaunchShape:
     if low_rank == LOW_RANK_PRECOMPUTED:
         block_r = block_r_for(r, GEMM_LR_MAX_BLOCK_R[v_elt])
     else:
@@ -514,6 +578,7 @@ def _launch_shape(M: int, N: int, K: int, r: int, low_rank: int, v_elt: int, has
         ROW_SCALE=row_scale,
         ADAPTERS=adapters,
         B_SCALE=b_scale,
+        B_GROUP=b_group,
         UPCAST=upcast,
         INPUT_PRECISION=input_precision,
         EVEN_K=K % config.block_k == 0,
