@@ -21,14 +21,15 @@ def version_tuple(version: str, parts: int = 2) -> tuple[int, ...]:
 
 
 def _is_tensor(name: str, t, optional: bool = False, quantized: bool = False) -> None:
-    """``quantized``: an int8 tensor (a quantized weight), else floating point."""
+    """``quantized``: an int8 or uint8 tensor (a quantized weight: int8, or
+    packed NF4), else floating point."""
     if t is None and optional:
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if quantized and t.dtype != torch.int8:
-        raise TypeError(f"{name} must be an int8 tensor with weight_scale (a quantized base), got dtype {t.dtype} "
-                        "(a floating-point weight takes no weight_scale)")
+    if quantized and t.dtype not in (torch.int8, torch.uint8):
+        raise TypeError(f"{name} must be an int8 tensor (or a uint8 one: packed NF4) with weight_scale (a quantized "
+                        f"base), got dtype {t.dtype} (a floating-point weight takes no weight_scale)")
     if not quantized and not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if t.is_nested or t.layout != torch.strided:
@@ -88,6 +89,10 @@ def check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, m
     if weight_scale is None and isinstance(weight, torch.Tensor) and weight.dtype == torch.int8:
         raise TypeError(f"weight is int8 {tuple(weight.shape)}, a quantized base: pass its weight_scale, one "
                         "floating-point value per output feature (fused_lora.quantize_int8 makes both)")
+    if weight_scale is None and isinstance(weight, torch.Tensor) and weight.dtype == torch.uint8:
+        raise TypeError(f"weight is uint8 {tuple(weight.shape)}, a packed NF4 base: pass its weight_scale, the "
+                        "absmax of each group of a row, (out_features, in_features / group) (fused_lora.quantize_nf4 "
+                        "makes both)")
     _is_tensor("weight", weight, quantized=weight_scale is not None)
     _is_tensor("lora_A", lora_A)
     _is_tensor("lora_B", lora_B)
@@ -96,6 +101,8 @@ def check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, m
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     n, k = weight.shape
+    if weight.dtype == torch.uint8:  # (packed NF4: two values a byte)
+        k *= 2
     if x.dim() < 1:
         raise ValueError("x must have shape (..., in_features), got a 0-d tensor")
     if x.shape[-1] != k:
@@ -136,11 +143,27 @@ def check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, m
 def check_weight_scale(x: torch.Tensor, weight: torch.Tensor, weight_scale):
     """``weight_scale`` of ``lora_linear``: None (a floating-point weight), or
     an int8 weight's dequantisation scale: a floating-point tensor
-    (out_features,) on x's device, not requiring grad (the quantized base is
-    frozen). The other arguments checked already."""
+    (out_features,), or a packed NF4 (uint8) weight's absmax: a
+    floating-point tensor (out_features, in_features / group), the group a
+    power of two >= 2; on x's device, not requiring grad (the quantized base
+    is frozen). The other arguments checked already."""
     if weight_scale is None:
         return None
-    _check_per_output_feature("weight_scale", x, weight, weight_scale)
+    if weight.dtype == torch.uint8:
+        _is_tensor("weight_scale", weight_scale)
+        n, k = weight.shape[0], 2 * weight.shape[1]
+        groups = weight_scale.shape[1] if weight_scale.dim() == 2 else 0
+        group = k // groups if groups else 0
+        if (weight_scale.dim() != 2 or weight_scale.shape[0] != n or not groups or group * groups != k
+                or group < 2 or group & (group - 1)):
+            raise ValueError(f"weight_scale of a packed NF4 weight {tuple(weight.shape)} (in_features={k}) must have "
+                             f"shape (out_features={n}, in_features / group), the group a power of two >= 2, got "
+                             f"{tuple(weight_scale.shape)}")
+        if weight_scale.device != x.device:
+            raise ValueError(f"weight_scale is on {weight_scale.device} but x is on {x.device}: all tensors must be "
+                             "on one device")
+    else:
+        _check_per_output_feature("weight_scale", x, weight, weight_scale)
     if weight_scale.requires_grad and torch.is_grad_enabled():
         raise ValueError("weight_scale requires grad, but a quantized base is frozen and no gradient flows to it: "
                          "pass weight_scale.detach()")

@@ -64,7 +64,9 @@ An int8 base (``weight_scale``; :mod:`fused_lora.quant`): ``W`` above is
 ``scale (N)``, the product made in fp32 and rounded once; q and the scale
 are frozen (no ``dW``). The GEMMs make Ŵ's tiles as they load q's
 (the forward's ``Wᵀ`` scaled by column, dx's ``W`` by row), so every
-result is the one on Ŵ itself.
+result is the one on Ŵ itself. An NF4 base likewise: ``Ŵ[n, k] =
+round(NF4_CODE[q[n, k]] · absmax[n, k // G])``, q's 4-bit indices packed
+two a byte ((N, K/2) uint8), ``absmax (N, K/G)``.
 
 How it runs (Triton backend)
 ============================
@@ -115,7 +117,7 @@ from . import _triton, dispatch
 from ._validate import (check_adapter_ids, check_backend, check_lora_args, check_magnitude, check_row_scale,
                         check_scaling, check_weight_scale)
 from .dropout import check_seed, draw_seed_tensor
-from .quant import dequantize_int8
+from .quant import base_shape, dequantize_base, nf4_code
 from .reference import dora_dropped, dora_linear_checked, lora_linear_checked
 
 Tensor = torch.Tensor
@@ -192,10 +194,11 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     a forced one (:func:`fused_lora.dispatch.force_strategy`), ``""``: none.
     ``row_scale``: of x's leading shape, or None; ``adapter_ids`` (x's
     leading shape), ``rank_ids`` and ``rank_scaling`` (r,): the adapters'
-    factor of ``w``, or None; ``weight_scale`` (N,): an int8 weight's
-    (the GEMM dequantises its tiles), or None."""
+    factor of ``w``, or None; ``weight_scale``: an int8 weight's (N,) or an
+    NF4 weight's (N, K / group) (the GEMM dequantises its tiles), or None."""
     k_ = _triton.get()
-    n, k = weight.shape
+    n, k = base_shape(weight)
+    code = nf4_code(x.device) if weight.dtype == torch.uint8 else None
     r = lora_A.shape[0]
     x2 = _flatten(x, k)
     m = x2.shape[0]
@@ -210,7 +213,8 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
         def launch(config):
             return k_.lora_gemm(x2, weight.t(), bias=bias, shrink=lora_A.t(), v=lora_B.t(), lr_scale=scaling,
                                 dropout_p=dropout_p, seed=seed, shrink_dropout=True, row_scale=w,
-                                adapters=adapters, b_scale=weight_scale, config=config, out_dtype=x.dtype,
+                                adapters=adapters, b_scale=weight_scale, b_code=code, config=config,
+                                out_dtype=x.dtype,
                                 input_precision=plan.input_precision, tma=plan.tma, persistent=plan.persistent,
                                 num_sms=plan.num_sms)
 
@@ -225,7 +229,7 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
 
         def launch(config):
             return k_.lora_gemm(a, b, bias=bias, u=xa, v=lora_B.t(), lr_scale=scaling, b_scale=weight_scale,
-                                config=config, out_dtype=x.dtype, input_precision=plan.input_precision, tma=plan.tma,
+                                b_code=code, config=config, out_dtype=x.dtype, input_precision=plan.input_precision, tma=plan.tma,
                                 persistent=plan.persistent, num_sms=plan.num_sms)
 
         y2, _ = launch(dispatch.gemm_config_for("forward", plan.fwd_gemm, launch, k=a.shape[1],
@@ -247,10 +251,11 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     that the backward follows it whatever thread autograd runs it on.
     ``row_scale``, ``adapter_ids``, ``rank_ids``, ``rank_scaling``: the
     forward's (``xa`` holds their ``w`` already); ``weight_scale``: an int8
-    weight's (dx's GEMM dequantises its tiles; no dW: a quantized base is
-    frozen)."""
+    or NF4 weight's (dx's GEMM dequantises its tiles; no dW: a quantized
+    base is frozen)."""
     k_ = _triton.get()
-    n, k = weight.shape
+    n, k = base_shape(weight)
+    code = nf4_code(x.device) if weight.dtype == torch.uint8 else None
     r = lora_A.shape[0]
     x2, dy2, xa2 = _flatten(x, k), _flatten(dy, n), _flatten(xa, r)
     m = x2.shape[0]
@@ -283,7 +288,7 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
 
         def launch_dx(config):
             return k_.lora_gemm(a, b, **low_rank, dropout_p=dropout_p, seed=seed, b_scale=weight_scale,
-                                b_scale_dim=0, config=config, out_dtype=x.dtype, input_precision=plan.input_precision,
+                                b_scale_dim=0, b_code=code, config=config, out_dtype=x.dtype, input_precision=plan.input_precision,
                                 tma=plan.tma, persistent=plan.persistent, num_sms=plan.num_sms)
 
         dx2, dy_b = launch_dx(dispatch.gemm_config_for(
@@ -408,7 +413,8 @@ def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_x, need_
 @_on_the_operands_device
 def _dora_norm_triton(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                       weight_scale: Tensor | None = None) -> Tensor:
-    return _triton.get().dora_norm(weight, lora_A, lora_B, scaling, weight_scale)
+    return _triton.get().dora_norm(weight, lora_A, lora_B, scaling, weight_scale,
+                                   nf4_code(weight.device) if weight.dtype == torch.uint8 else None)
 
 
 @torch.library.custom_op("fused_lora::dora_norm", mutates_args=())
@@ -416,7 +422,7 @@ def dora_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                  weight_scale: Tensor | None = None) -> Tensor:
     """``ν = ‖W + s·B A‖`` per output feature, fp32 (N,): the Triton kernel
     (one read of W; :mod:`fused_lora.kernels.dora`), A and B in W's dtype
-    (``weight_scale``: W is int8, Ŵ in A's dtype)."""
+    (``weight_scale``: W is int8 or NF4, Ŵ in A's dtype)."""
     return _dora_norm_triton(weight, lora_A, lora_B, scaling, weight_scale)
 
 
@@ -664,7 +670,9 @@ def lora_linear(
         x: (..., in_features), any strides, fp16/bf16/fp32 (fp64 runs on the
             torch backend).
         weight: (out_features, in_features), the frozen base weight: in
-            x's dtype, or int8 with ``weight_scale`` (a quantized base).
+            x's dtype, or int8 with ``weight_scale`` (a quantized base), or
+            uint8 (out_features, in_features / 2) with ``weight_scale``: a
+            packed NF4 base (QLoRA's; :mod:`fused_lora.quant`).
         lora_A: (r, in_features). lora_B: (out_features, r).
         bias: (out_features,) or None.
         scaling: the LoRA scale s, a runtime value (changing it compiles nothing).
@@ -685,8 +693,13 @@ def lora_linear(
             point, on x's device: the base is then ``Ŵ = round(weight ·
             weight_scale[:, None])`` in x's dtype
             (:func:`fused_lora.dequantize_int8`; :func:`fused_lora.quantize_int8`
-            makes both), dequantised tile by tile inside the GEMMs. None (the
-            default) for a floating-point weight. Not differentiated.
+            makes both), dequantised tile by tile inside the GEMMs; or a
+            packed NF4 ``weight``'s absmax, (out_features, in_features /
+            group) floating point, the group a power of two >= 2: the base is
+            then ``round(NF4_CODE[index] · absmax)`` per element in x's dtype
+            (:func:`fused_lora.dequantize_nf4`; :func:`fused_lora.quantize_nf4`
+            makes both; bitsandbytes' ``dequantize_4bit`` bit for bit). None
+            (the default) for a floating-point weight. Not differentiated.
         backend: ``"triton"`` (CUDA tensors, or CPU tensors under
             ``TRITON_INTERPRET=1``), ``"torch"`` (the reference), or ``"auto"``
             (Triton where it can run, else torch: also under torch.func
@@ -781,7 +794,7 @@ def dora_linear(
             it :func:`fused_lora.dropout_mask` of (seed, (M, K), p), as
             :func:`lora_linear`'s (its PyTorch ops are slow on a GPU at large
             M·K: for checks, not for training).
-        weight_scale: an int8 ``weight``'s, as :func:`lora_linear`'s (QDoRA:
+        weight_scale: an int8 or NF4 ``weight``'s, as :func:`lora_linear`'s (QDoRA:
             W is Ŵ throughout, the norm's read of it dequantising its tiles;
             with dropout the correction's GEMM makes Ŵ whole, in x's dtype).
 
@@ -799,7 +812,7 @@ def dora_linear(
     magnitude = check_magnitude(x, weight, magnitude)
     if resolve_backend(backend, x) == "torch":
         if weight_scale is not None:
-            weight = dequantize_int8(weight, weight_scale, x.dtype)
+            weight = dequantize_base(weight, weight_scale, x.dtype)
         return dora_linear_checked(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed)
     with torch.no_grad():  # (the norm is detached: DoRA §4.3, PEFT)
         norm = (_dora_norm_triton if direct_call(weight, lora_A, lora_B, weight_scale)
@@ -814,7 +827,7 @@ def dora_linear(
     # own dropout (the correction needs drop(x) itself)
     dropped = dora_dropped(x, dropout_p, seed)
     z = _lora_linear(dropped, weight, lora_A, lora_B, None, scaling, 0.0, None, None, (), "triton", weight_scale)
-    base = weight if weight_scale is None else dequantize_int8(weight, weight_scale, x.dtype)
+    base = weight if weight_scale is None else dequantize_base(weight, weight_scale, x.dtype)
     return torch.addcmul(torch.nn.functional.linear(x - dropped, base, bias), z, gamma)
 
 
@@ -922,7 +935,7 @@ def multi_lora_linear(
     adapter_ids = _check_adapter_id_values(check_adapter_ids(x, adapter_ids), n, adapter_ids).to(torch.int32)
     ranks = tuple(a.shape[0] for a in lora_A)
     if not any(ranks):  # (every adapter of rank 0 leaves the layer alone: its base, for every row)
-        y = torch.nn.functional.linear(x, weight if weight_scale is None else dequantize_int8(
+        y = torch.nn.functional.linear(x, weight if weight_scale is None else dequantize_base(
             weight, weight_scale, x.dtype), bias)
         if _unreadable(adapter_ids):  # (an id that could not be checked, made -2: NaN, as the kernels give it)
             y = torch.where((adapter_ids < -1).unsqueeze(-1), float("nan"), y)

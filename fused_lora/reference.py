@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ._validate import check_lora_args, check_magnitude, check_row_scale, check_weight_scale
 from .dropout import draw_seed_tensor, dropout_mask
-from .quant import dequantize_int8
+from .quant import dequantize_base
 
 
 def lora_linear(
@@ -57,7 +57,7 @@ def lora_linear_checked(x, weight, lora_A, lora_B, bias, scaling: float, dropout
     whose ``adapter_ids`` is ``rank_ids[j]``, 0 elsewhere (NaN on a row of an
     id below -1); ``weight_scale``: an int8 weight's, dequantised to x's dtype."""
     if weight_scale is not None:
-        weight = dequantize_int8(weight, weight_scale, x.dtype)
+        weight = dequantize_base(weight, weight_scale, x.dtype)
     dropped = x
     if dropout_p > 0.0:
         rows = x.shape[:-1].numel()  # x flattened to (M, K), row-major
@@ -98,7 +98,7 @@ def dora_linear(
     weight_scale = check_weight_scale(x, weight, weight_scale)
     magnitude = check_magnitude(x, weight, magnitude)
     if weight_scale is not None:
-        weight = dequantize_int8(weight, weight_scale, x.dtype)
+        weight = dequantize_base(weight, weight_scale, x.dtype)
     return dora_linear_checked(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed)
 
 

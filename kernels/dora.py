@@ -15,6 +15,9 @@ their chunks inside the K loop; a rank of one chunk loads its B rows once.
 An int8 W (``W_SCALE``: a quantized base) is dequantised as its tiles are
 loaded, each row times its scale, rounded once to A's dtype
 (``common.dequantize``): the norm of ``Ŵ + s·B A``, Ŵ as the GEMMs make it.
+An NF4 W (``W_SCALE == 2``: (N, K/2) bytes, the absmax of each group of
+``W_GROUP`` of a row) likewise, each value ``code[nibble] · absmax``
+(``common.nf4_tile``).
 """
 
 from __future__ import annotations
@@ -23,17 +26,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import alloc, dequantize, in_bounds, is_interpreted, load_operand
+from .common import alloc, dequantize, in_bounds, is_interpreted, load_operand, nf4_tile
 from .configs import DORA_NORM_16BIT, DORA_NORM_FP32, NormConfig, block_r_for, cdiv
 
 
 @triton.jit(do_not_specialize=["N", "K", "R"])
 def dora_norm_kernel(
-    w_ptr,  # (N, K)  W, any strides (int8 with W_SCALE)
+    w_ptr,  # (N, K)  W, any strides (int8 with W_SCALE 1; (N, K/2) bytes of NF4 with W_SCALE 2)
     b_ptr,  # (N, R)  lora_B, W's dtype (with W_SCALE: A's, the compute dtype)
     a_ptr,  # (R, K)  lora_A, W's dtype (likewise)
     out_ptr,  # (N,)  fp32 ν
-    s_ptr,  # (N,)  W's row scales with W_SCALE, any floating dtype
+    s_ptr,  # (N,)  W's row scales with W_SCALE 1, any floating dtype; (N, K/W_GROUP) NF4 absmax with 2
+    code_ptr,  # (16,) fp32 NF4 code book with W_SCALE 2
     N,
     K,
     R,
@@ -44,6 +48,7 @@ def dora_norm_kernel(
     stride_ar,
     stride_ak,
     stride_s,
+    stride_s2,
     scaling,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -52,7 +57,8 @@ def dora_norm_kernel(
     ONE_R_TILE: tl.constexpr,  # R <= BLOCK_R: B's rows loaded once, before the K loop
     UPCAST: tl.constexpr,  # bf16 under the interpreter (kernels.common.load_operand)
     INPUT_PRECISION: tl.constexpr,  # fp32 dots: "ieee"
-    W_SCALE: tl.constexpr = False,  # W int8, its row n times s[n] as loaded (common.dequantize)
+    W_SCALE: tl.constexpr = 0,  # W quantized, dequantised as loaded: 1 int8, row n times s[n]; 2 NF4
+    W_GROUP: tl.constexpr = 0,  # NF4: the absmax group along K
 ):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -63,16 +69,23 @@ def dora_norm_kernel(
     b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn
     if ONE_R_TILE:
         b = load_operand(b_rows + offs_r[None, :] * stride_br, n_in[:, None] & (offs_r[None, :] < R), UPCAST)
-    if W_SCALE:
+    if W_SCALE == 1:
         row_scale = tl.load(s_ptr + offs_n.to(tl.int64) * stride_s, mask=n_in, other=0.0).to(tl.float32)
+    if W_SCALE == 2:
+        s_rows = s_ptr + offs_n.to(tl.int64)[:, None] * stride_s
     squares = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_kb
         k_in = in_bounds(offs_k, K, EVEN_K)
         a_cols = a_ptr + offs_k.to(tl.int64)[None, :] * stride_ak
-        w = load_operand(w_rows + offs_k.to(tl.int64)[None, :] * stride_wk, n_in[:, None] & k_in[None, :],
-                         UPCAST and not W_SCALE)
-        if W_SCALE:
+        if W_SCALE == 2:  # (two values of a row a byte, the even k's in the high nibble)
+            w = nf4_tile(w_rows + (offs_k // 2).to(tl.int64)[None, :] * stride_wk, (4 - 4 * (offs_k % 2))[None, :],
+                         s_rows + (offs_k // W_GROUP)[None, :] * stride_s2, code_ptr, n_in[:, None] & k_in[None, :])
+            w = dequantize(w, 1.0, a_ptr.dtype.element_ty, UPCAST)
+        else:
+            w = load_operand(w_rows + offs_k.to(tl.int64)[None, :] * stride_wk, n_in[:, None] & k_in[None, :],
+                             UPCAST and W_SCALE == 0)
+        if W_SCALE == 1:
             w = dequantize(w, row_scale[:, None], a_ptr.dtype.element_ty, UPCAST)
         ba = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         if ONE_R_TILE:
@@ -95,17 +108,22 @@ def norm_config(element_size: int) -> NormConfig:
 
 
 def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-              weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+              weight_scale: torch.Tensor | None = None, code: torch.Tensor | None = None) -> torch.Tensor:
     """``ν = ‖W + s·B A‖`` per row of ``weight`` (N, K), fp32 (N,), with
     ``lora_A`` (r, K) and ``lora_B`` (N, r) in the weight's dtype (fp16,
     bf16 or fp32; any strides); ``weight_scale`` (N,), floating point: the
-    weight is int8, ``W = Ŵ``, rounded to A's and B's dtype. The caller
-    checks shapes and dtypes."""
-    n, k = weight.shape
+    weight is int8, ``W = Ŵ``, rounded to A's and B's dtype; or, with
+    ``code`` (the fp32 (16,) NF4 code book), ``weight`` is NF4's (N, K/2)
+    bytes and ``weight_scale`` its (N, K/group) absmax. The caller checks
+    shapes and dtypes."""
+    nf4 = code is not None
+    n, k = weight.shape[0], weight.shape[1] * (2 if nf4 else 1)
     r = lora_A.shape[0]
-    if (weight_scale is not None) != (weight.dtype == torch.int8):
-        raise ValueError(f"dora_norm: an int8 weight comes with its weight_scale, and only an int8 weight; got "
-                         f"{weight.dtype} and {'a' if weight_scale is not None else 'no'} weight_scale")
+    if (weight_scale is not None) != (weight.dtype in (torch.int8, torch.uint8)) or nf4 != (weight.dtype == torch.uint8):
+        raise ValueError(f"dora_norm: an int8 weight comes with its weight_scale, an NF4 (uint8) one with its "
+                         f"weight_scale and code, and only those; got {weight.dtype} and "
+                         f"{'a' if weight_scale is not None else 'no'} weight_scale, {'a' if nf4 else 'no'} code")
+    group = k // weight_scale.shape[1] if nf4 else 0
     out = alloc((n,), torch.float32, weight.device)
     if n == 0:
         return out
@@ -113,8 +131,10 @@ def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
     block_r = block_r_for(r, cfg.max_block_r)
     upcast = is_interpreted(dora_norm_kernel) and lora_A.dtype == torch.bfloat16
     dora_norm_kernel[(cdiv(n, cfg.block_n),)](
-        weight, lora_B, lora_A, out, weight_scale if weight_scale is not None else out, n, k, r, *weight.stride(),
-        *lora_B.stride(), *lora_A.stride(), weight_scale.stride(0) if weight_scale is not None else 0,
+        weight, lora_B, lora_A, out, weight_scale if weight_scale is not None else out, code if nf4 else out,
+        n, k, r, *weight.stride(), *lora_B.stride(), *lora_A.stride(),
+        weight_scale.stride(0) if weight_scale is not None else 0, weight_scale.stride(1) if nf4 else 0,
         float(scaling), BLOCK_R=block_r, EVEN_K=k % cfg.block_k == 0, ONE_R_TILE=r <= block_r, UPCAST=upcast,
-        INPUT_PRECISION="ieee", W_SCALE=weight_scale is not None, **cfg.launch_kwargs())
+        INPUT_PRECISION="ieee", W_SCALE=2 if nf4 else int(weight_scale is not None), W_GROUP=group,
+        **cfg.launch_kwargs())
     return out

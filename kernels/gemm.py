@@ -401,7 +401,7 @@ def lora_gemm(
     ``Wᵀ``) or per row (``b_scale_dim=0``, (K,): dx's ``W``). ``b_code``
     (16,) fp32, the NF4 code book: b is NF4 instead, uint8, two values a
     byte along the dimension ``b_scale_dim`` is not (the forward's ``Wᵀ``:
-    b (K/2, N); dx's ``W``: b (K, N/2)), ``b_scale`` fp32 (W's rows, W's
+    b (K/2, N); dx's ``W``: b (K, N/2)), ``b_scale`` (W's rows, W's
     columns / group) in W's orientation whatever ``b_scale_dim``, the absmax
     of each group of W's row (``fused_lora.quant``). Returns
     ``(C, xa)`` where ``xa = [w ⊙] [drop](a) @ shrink`` (fp32, (M, r))
@@ -514,13 +514,13 @@ def _check_b_scale(b: torch.Tensor, b_scale, dim: int, code) -> tuple[int, int]:
     """The kernel's ``B_SCALE`` and ``B_GROUP`` for :func:`lora_gemm`'s
     ``b``, ``b_scale`` and ``b_code`` (the launcher's contract: an int8 b
     comes with a floating-point scale of one value per row or column of it,
-    and only an int8 b; an NF4 b, uint8, with its code book and fp32 absmax
+    and only an int8 b; an NF4 b, uint8, with its code book and its absmax
     in W's orientation, one per group of a power of two >= 2 of W's row;
     the group against b's size is the caller's to check)."""
     if code is not None:
-        if (b.dtype != torch.uint8 or b_scale is None or b_scale.dtype != torch.float32 or b_scale.dim() != 2
+        if (b.dtype != torch.uint8 or b_scale is None or not b_scale.is_floating_point() or b_scale.dim() != 2
                 or code.shape != (16,) or code.dtype != torch.float32 or not code.is_contiguous() or dim not in (0, 1)):
-            raise ValueError(f"lora_gemm: an NF4 b is uint8 with its fp32 (16,) b_code and 2-D fp32 b_scale "
+            raise ValueError(f"lora_gemm: an NF4 b is uint8 with its fp32 (16,) b_code and 2-D floating b_scale "
                              f"(b_scale_dim 0 or 1); got b {b.dtype}, b_scale "
                              f"{None if b_scale is None else (b_scale.dtype, tuple(b_scale.shape))}, b_code "
                              f"{code.dtype} {tuple(code.shape)}, b_scale_dim {dim}")
