@@ -15,7 +15,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ._validate import check_backend, check_bool, check_int
 from .dropout import check_dropout_p
 from .ops import _autocast_enabled, _unreadable, dora_linear, dora_norm, lora_linear, multi_lora_linear
-from .quant import dequantize_int8, int8_rows_of, quantize_int8
+from .quant import (NF4_GROUP, base_format, base_shape, dequantize_base, int8_rows_of, nf4_of, quantize_int8,
+                    quantize_nf4)
 
 
 def check_adapter_dtype(dtype, name: str = "adapter_dtype") -> torch.dtype | None:
@@ -86,27 +87,74 @@ def _check_recompute(layer: nn.Module, adapter_ids) -> None:
 
 def _other_kind_of_base(layer: nn.Module, state_dict, prefix: str, error_msgs: list) -> bool:
     """In a fused layer's ``_load_from_state_dict``: whether ``state_dict``'s
-    weight is int8 where the layer's base is floating point, or the other
-    way round (``copy_`` would cast one into the other: floats truncated to
-    int8, int8 read as values), the error noted in ``error_msgs``."""
+    weight is of another kind than the layer's base: int8, NF4 (uint8) or
+    floating point (``copy_`` would cast one into the other: floats
+    truncated to integers, integers read as values, NF4's bytes as int8
+    values), the error noted in ``error_msgs``."""
     weight = state_dict.get(prefix + "weight")
-    if not isinstance(weight, torch.Tensor) or (weight.dtype == torch.int8) == layer.quantized:
+    theirs, ours = (base_format(weight) if isinstance(weight, torch.Tensor) else None), base_format(layer.weight)
+    if theirs is None or theirs == ours:
         return False
+    how = {"int8": "quantize it (fused_lora.quantize_int8) and load it with its weight_scale",
+           "nf4": "quantize it (fused_lora.quantize_nf4) and load it with its weight_scale",
+           "": f"a{'n' if theirs == 'int8' else ''} {theirs} base loads into a layer made with "
+               f"quantize_base={True if theirs == 'int8' else repr(theirs)}"}[ours]
     error_msgs.append(f"{prefix}weight: a {weight.dtype} weight for a layer whose base is "
-                      f"{'int8 (quantize_base)' if layer.quantized else layer.weight.dtype}: "
-                      + ("quantize it (fused_lora.quantize_int8) and load it with its weight_scale"
-                         if layer.quantized else "an int8 base loads into a layer made with quantize_base=True"))
+                      f"{ours + ' (quantize_base)' if ours else layer.weight.dtype}: {how}")
     return True
+
+
+def check_quantize_base(value) -> str:
+    """``quantize_base``: False or ``""`` (a floating-point base), True or
+    ``"int8"`` (int8, one scale per output feature), ``"nf4"`` (NF4 in
+    groups of :data:`fused_lora.quant.NF4_GROUP`); returned as ``""``,
+    ``"int8"`` or ``"nf4"``."""
+    if isinstance(value, str):
+        if value not in ("", "int8", "nf4"):
+            raise ValueError(f"quantize_base must be False, True, 'int8' or 'nf4', got {value!r}")
+        return value
+    return "int8" if check_bool("quantize_base", value) else ""
+
+
+def _quantize(weight: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, weight_scale)`` of a floating-point (out, in) weight, ``how``
+    one of :func:`check_quantize_base`'s ``"int8"``, ``"nf4"``."""
+    if how == "nf4":
+        k = weight.shape[1]
+        if k % 2:
+            raise ValueError(f"quantize_base='nf4' packs two values of a row a byte: in_features must be even, got "
+                             f"a weight {tuple(weight.shape)}")
+        group = NF4_GROUP
+        while k % group:  # (the largest power of two up to 64 that divides in_features)
+            group //= 2
+        return quantize_nf4(weight, group)
+    return quantize_int8(weight)
+
+
+def _held_quantized(weight) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(q, weight_scale)`` of a weight another library holds in a format
+    of ours (torchao's int8 rows, bitsandbytes' NF4), taken as they are."""
+    return int8_rows_of(weight) or nf4_of(weight)
+
+
+def _adapter_dtype_of(weight: torch.Tensor) -> torch.dtype:
+    """The floating-point dtype a base's adapters default to: its own, or,
+    for bitsandbytes' NF4, the dtype it was quantized from."""
+    if weight.is_floating_point():
+        return weight.dtype
+    state = getattr(weight, "quant_state", None)
+    dtype = getattr(state, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def _check_not_quantized(layer: nn.Module, what: str) -> None:
     if layer.quantized:
-        raise ValueError(f"{type(layer).__name__}.{what}(): the base is int8 (quantize_base): it is not "
-                         "initialised again (reset_lora_parameters() resets the adapters)")
+        raise ValueError(f"{type(layer).__name__}.{what}(): the base is {base_format(layer.weight)} "
+                         "(quantize_base): it is not initialised again (reset_lora_parameters() resets the adapters)")
 
 
 def _compute_dtype(x, weight_scale: torch.Tensor) -> torch.dtype:
-    """The dtype an int8 base computes in: x's (the scale's where x is not a
+    """The dtype a quantized base computes in: x's (the scale's where x is not a
     floating-point tensor, which the checks downstream then refuse)."""
     return x.dtype if isinstance(x, torch.Tensor) and x.is_floating_point() else weight_scale.dtype
 
@@ -115,8 +163,8 @@ def _base_linear(layer: nn.Module, x, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight, layer.bias)``: a fused layer's base alone (its
     adapters off, merged, or no row's), with the fused path's typed errors
     for an x it cannot take, where torch's would be a RuntimeError: the same
-    x is refused alike whatever the ids or the layer's state. An int8 base
-    (``layer.weight_scale``) computes with Ŵ in x's dtype, as the kernels."""
+    x is refused alike whatever the ids or the layer's state. A quantized
+    base (``layer.weight_scale``) computes with Ŵ in x's dtype, as the kernels."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1 or x.shape[-1] != layer.in_features:
@@ -124,7 +172,7 @@ def _base_linear(layer: nn.Module, x, weight: torch.Tensor) -> torch.Tensor:
                          f"{tuple(weight.shape)}, got x of shape {tuple(x.shape)}")
     scale = layer._buffers.get("weight_scale")  # (nn.Module's __getattr__ costs host time on every call)
     if scale is not None:
-        weight = dequantize_int8(weight, scale, _compute_dtype(x, scale))
+        weight = dequantize_base(weight, scale, _compute_dtype(x, scale))
     if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
         raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}: all tensors must share one dtype "
                         f"(cast x or the layer, e.g. layer.to({x.dtype}))")
@@ -137,14 +185,16 @@ def unfusable_base(weight: torch.Tensor, bias: torch.Tensor | None = None,
                    fan_in_fan_out: bool = False) -> str | None:
     """Why a fused layer cannot take this weight and bias as its base (None
     when it can): the kernels read plain fp16/bf16/fp32 (or, on the torch
-    backend, fp64) tensors, and int8 bases of one scale per output feature:
-    torchao's int8 weight-only weights (:func:`fused_lora.quant.int8_rows_of`;
-    stored (out, in): not ``fan_in_fan_out``). Other quantized weights are
-    not: torchao's other tensor subclasses (which report a float dtype),
-    bitsandbytes' packed int8/uint8 parameters; nor is a sharded DTensor
-    (fuse before sharding)."""
+    backend, fp64) tensors, int8 bases of one scale per output feature:
+    torchao's int8 weight-only weights (:func:`fused_lora.quant.int8_rows_of`),
+    and NF4 ones: bitsandbytes' ``Params4bit`` of ``quant_type="nf4"``
+    whose rows are whole blocks (:func:`fused_lora.quant.nf4_of`; both stored
+    (out, in): not ``fan_in_fan_out``). Other quantized weights are not:
+    torchao's other tensor subclasses (which report a float dtype),
+    bitsandbytes' FP4 and int8 parameters; nor is a sharded DTensor (fuse
+    before sharding)."""
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is None or (name == "weight" and not fan_in_fan_out and int8_rows_of(t) is not None):
+        if t is None or (name == "weight" and not fan_in_fan_out and _held_quantized(t) is not None):
             continue
         if is_traceable_wrapper_subclass(t):
             return (f"its {name} is a {type(t).__module__}.{type(t).__name__}, a tensor subclass (a quantized "
@@ -158,28 +208,39 @@ def _check_base(weight, bias) -> None:
     why = unfusable_base(weight, bias)
     if why:
         raise TypeError(f"the base: {why}. Fused layers need a plain floating-point base, or an int8 one "
-                        f"(quantize_base=True, or torchao's Int8WeightOnlyConfig): other quantized bases are not "
-                        f"supported yet (PEFT's LoRA layers handle torchao and bitsandbytes ones)")
+                        f"(quantize_base=True, or torchao's Int8WeightOnlyConfig), or an NF4 one (quantize_base="
+                        f"'nf4', or bitsandbytes' nf4 Linear4bit): other quantized bases are not supported yet "
+                        f"(PEFT's LoRA layers handle torchao and bitsandbytes ones)")
 
 
 def _check_quantized_base(weight, bias, weight_scale, fan_in_fan_out) -> None:
-    """``from_parameters``' int8 base: an int8 (out, in) weight, its
-    floating-point (out,) scale on its device, a plain bias; not
-    ``fan_in_fan_out``."""
-    if weight.dtype != torch.int8 or is_traceable_wrapper_subclass(weight):
-        raise TypeError(f"weight must be a plain int8 Parameter with weight_scale (a quantized base), got a "
-                        f"{type(weight).__name__} of dtype {weight.dtype}")
+    """``from_parameters``' quantized base: an int8 (out, in) weight with its
+    floating-point (out,) scale, or an NF4 (out, in/2) uint8 one with its
+    floating-point (out, in/group) absmax, the group a power of two >= 2;
+    on its device, a plain bias; not ``fan_in_fan_out``."""
+    if weight.dtype not in (torch.int8, torch.uint8) or is_traceable_wrapper_subclass(weight):
+        raise TypeError(f"weight must be a plain int8 Parameter (or a uint8 one: packed NF4) with weight_scale (a "
+                        f"quantized base), got a {type(weight).__name__} of dtype {weight.dtype}")
     if not isinstance(weight_scale, torch.Tensor) or not weight_scale.is_floating_point() \
             or is_traceable_wrapper_subclass(weight_scale):
         got = weight_scale.dtype if isinstance(weight_scale, torch.Tensor) else type(weight_scale).__name__
         raise TypeError(f"weight_scale must be a plain floating-point tensor or None, got {got}")
-    if tuple(weight_scale.shape) != (weight.shape[0],):
+    if weight.dtype == torch.uint8:
+        k = 2 * weight.shape[1]
+        groups = weight_scale.shape[1] if weight_scale.dim() == 2 else 0
+        group = k // groups if groups else 0
+        if (weight_scale.dim() != 2 or weight_scale.shape[0] != weight.shape[0] or not groups
+                or group * groups != k or group < 2 or group & (group - 1)):
+            raise ValueError(f"weight_scale must have shape (out_features={weight.shape[0]}, in_features / group) "
+                             f"to match the NF4 weight {tuple(weight.shape)} (in_features={k}), the group a power "
+                             f"of two >= 2, got {tuple(weight_scale.shape)}")
+    elif tuple(weight_scale.shape) != (weight.shape[0],):
         raise ValueError(f"weight_scale must have shape (out_features={weight.shape[0]},) to match the int8 weight "
                          f"{tuple(weight.shape)}, got {tuple(weight_scale.shape)}")
     if weight_scale.device != weight.device:
         raise ValueError(f"weight_scale is on {weight_scale.device} but weight is on {weight.device}")
     if check_bool("fan_in_fan_out", fan_in_fan_out):
-        raise ValueError("an int8 base is stored (out, in): fan_in_fan_out=True takes no weight_scale")
+        raise ValueError("a quantized base is stored (out, in): fan_in_fan_out=True takes no weight_scale")
     why = unfusable_base(None, bias)
     if why:
         raise TypeError(f"the base: {why}")
@@ -230,7 +291,12 @@ class LoRALinear(nn.Module):
     the adapter into int8 would requantize the base) and refuses a
     floating-point ``weight`` in ``load_state_dict``. With ``use_dora`` (QDoRA)
     the magnitude starts as the norms of Ŵ's rows, Ŵ in the magnitude's
-    dtype.
+    dtype. ``quantize_base="nf4"`` makes it NF4 likewise (QLoRA's base:
+    ``weight`` (out, in/2) uint8, two 4-bit values a byte, ``weight_scale``
+    (out, in/64) fp32, the absmax of each group of 64 of a row, or of the
+    largest power of two that divides ``in``; :func:`fused_lora.quantize_nf4`),
+    a quarter of a 16-bit base's bytes; a bitsandbytes ``Linear4bit`` of
+    ``quant_type="nf4"`` is taken as it is (its bytes shared).
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8, dropout: float = 0.0,
@@ -289,9 +355,9 @@ class LoRALinear(nn.Module):
                                                            self.lora_A, self.lora_B, self.scaling))
 
     def _float_base(self, dtype: torch.dtype) -> torch.Tensor:
-        """The base weight (out, in): as it is, or, an int8 base, Ŵ in ``dtype``."""
+        """The base weight (out, in): as it is, or, a quantized base, Ŵ in ``dtype``."""
         if self.quantized:
-            return dequantize_int8(self.weight.detach(), self.weight_scale, dtype)
+            return dequantize_base(self.weight.detach(), self.weight_scale, dtype)
         return self.base_weight()
 
     @property
@@ -302,39 +368,41 @@ class LoRALinear(nn.Module):
 
     @property
     def quantized(self) -> bool:
-        """Whether the base is int8 (it holds a ``weight_scale``)."""
+        """Whether the base is quantized, int8 or NF4 (it holds a ``weight_scale``)."""
         return self._buffers.get("weight_scale") is not None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                     use_rslora: bool = False, *, backend: str = "auto",
                     adapter_dtype: torch.dtype | None = None, use_dora: bool = False,
-                    quantize_base: bool = False) -> "LoRALinear":
+                    quantize_base: bool | str = False) -> "LoRALinear":
         """Wrap ``linear``: the new layer's ``weight`` and ``bias`` *are*
         ``linear``'s parameters (no copy; frozen here), the adapter is fresh
         (DoRA's too, with ``use_dora``), on the same device and in the same
         dtype (or ``adapter_dtype``). ``quantize_base``: the weight quantized
-        to int8 instead (:func:`fused_lora.quantize_int8`: a new int8
-        Parameter and its ``weight_scale``; ``linear``'s weight is not kept,
-        its bias is shared). A weight that is an int8
-        base already (torchao's ``Int8WeightOnlyConfig``,
-        :func:`fused_lora.quant.int8_rows_of`) is taken as it is: its int8
-        data (shared) and scales, the same base values."""
+        instead, ``True`` or ``"int8"`` to int8 (:func:`fused_lora.quantize_int8`),
+        ``"nf4"`` to NF4 (:func:`fused_lora.quantize_nf4`): a new Parameter and
+        its ``weight_scale``; ``linear``'s weight is not kept, its bias is
+        shared. A weight that is quantized already, torchao's
+        ``Int8WeightOnlyConfig`` (:func:`fused_lora.quant.int8_rows_of`) or
+        bitsandbytes' nf4 ``Linear4bit`` (:func:`fused_lora.quant.nf4_of`;
+        the adapter then in the dtype it was quantized from), is taken as
+        it is: its data (shared) and scales, the same base values."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         r = check_int("r", r, 1)
         adapter_dtype = check_adapter_dtype(adapter_dtype)
         _check_base(linear.weight, linear.bias)
-        use_dora, quantize_base = check_bool("use_dora", use_dora), check_bool("quantize_base", quantize_base)
-        rows = int8_rows_of(linear.weight)
+        use_dora, quantize_base = check_bool("use_dora", use_dora), check_quantize_base(quantize_base)
+        held = _held_quantized(linear.weight)
         w = linear.weight
-        a = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=adapter_dtype or w.dtype))
-        b = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=adapter_dtype or w.dtype))
-        m = nn.Parameter(torch.empty(linear.out_features, device=w.device, dtype=adapter_dtype or w.dtype)) \
-            if use_dora else None
+        factory = dict(device=w.device, dtype=adapter_dtype or _adapter_dtype_of(w))
+        a = nn.Parameter(torch.empty(r, linear.in_features, **factory))
+        b = nn.Parameter(torch.empty(linear.out_features, r, **factory))
+        m = nn.Parameter(torch.empty(linear.out_features, **factory)) if use_dora else None
         weight, scale = linear.weight, None
-        if rows is not None or quantize_base:
-            q, scale = rows if rows is not None else quantize_int8(linear.weight)
+        if held is not None or quantize_base:
+            q, scale = held if held is not None else _quantize(linear.weight, quantize_base)
             weight = nn.Parameter(q, requires_grad=False)
         layer = cls.from_parameters(weight, linear.bias, a, b, alpha=alpha, dropout=dropout,
                                     use_rslora=use_rslora, backend=backend, lora_magnitude_vector=m,
@@ -356,17 +424,24 @@ class LoRALinear(nn.Module):
         with ``fan_in_fan_out``; ``lora_A`` (r, in); ``lora_B`` (out, r);
         ``lora_magnitude_vector`` (out,), given: a DoRA layer;
         ``weight_scale`` (out,), floating point, given: ``weight`` is an int8
-        (out, in) base (held as the ``weight_scale`` buffer, not copied)."""
+        (out, in) base; (out, in / group) given with a uint8 (out, in / 2)
+        ``weight``: an NF4 base (held as the ``weight_scale`` buffer, not
+        copied)."""
         for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
             if not isinstance(t, nn.Parameter) or t.dim() != 2:
                 raise TypeError(f"{name} must be a 2-D nn.Parameter, got {type(t).__name__} "
                                 f"of shape {tuple(getattr(t, 'shape', ()))}")
         if weight_scale is None:
             _check_base(weight, bias)
+            held = None if fan_in_fan_out else _held_quantized(weight)
+            if held is not None:  # (torchao's int8, bitsandbytes' nf4: their data, shared)
+                weight, weight_scale = nn.Parameter(held[0], requires_grad=False), held[1]
         else:
             _check_quantized_base(weight, bias, weight_scale, fan_in_fan_out)
         fan_in_fan_out = check_bool("fan_in_fan_out", fan_in_fan_out)
         in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
+        if weight.dtype == torch.uint8 and weight_scale is not None:  # (NF4: two values a byte)
+            in_f *= 2
         r = lora_A.shape[0]
         if tuple(lora_A.shape) != (r, in_f) or tuple(lora_B.shape) != (out_f, r):
             raise ValueError(f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} do not fit a "
@@ -538,7 +613,8 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("LoRALinear.merge(): the adapter is already merged")
         if self.quantized:
-            raise ValueError("LoRALinear.merge(): the base is int8 (quantize_base): folding the adapter in would "
+            raise ValueError(f"LoRALinear.merge(): the base is {base_format(self.weight)} (quantize_base): folding "
+                             "the adapter in would "
                              "requantize it, changing the base. Keep the adapter unmerged, or merge it into the "
                              "floating-point model (fused_lora.save_adapter, then load it there)")
         original = self.weight.detach().clone()
@@ -580,7 +656,7 @@ class LoRALinear(nn.Module):
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}, merged={self.merged}"
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
                 + (", use_dora=True" if self.use_dora else "")
-                + (", base=int8" if self.quantized else "")
+                + (f", base={base_format(self.weight)}" if self.quantized else "")
                 + ("" if self.adapter_enabled else ", adapter_enabled=False"))
 
 
@@ -669,12 +745,13 @@ class MultiLoRALinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, ranks, alphas=None, dropout: float = 0.0, use_rslora: bool = False, *,
                     backend: str = "auto", adapter_dtype: torch.dtype | None = None,
-                    quantize_base: bool = False) -> "MultiLoRALinear":
+                    quantize_base: bool | str = False) -> "MultiLoRALinear":
         """Wrap ``linear``: the new layer's ``weight`` and ``bias`` *are*
         ``linear``'s parameters (no copy; frozen here), the adapters fresh,
         on the same device and in the same dtype (or ``adapter_dtype``);
-        ``quantize_base``: the weight quantized to int8 instead (as
-        :meth:`LoRALinear.from_linear`'s)."""
+        ``quantize_base``: the weight quantized instead, int8 or NF4 (as
+        :meth:`LoRALinear.from_linear`'s; a weight quantized already, taken
+        as it is, likewise)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         return cls.around(linear.weight, linear.bias, ranks, alphas, dropout, use_rslora, backend=backend,
@@ -683,21 +760,27 @@ class MultiLoRALinear(nn.Module):
     @classmethod
     def around(cls, weight: nn.Parameter, bias: nn.Parameter | None, ranks, alphas=None, dropout: float = 0.0,
                use_rslora: bool = False, *, fan_in_fan_out: bool = False, backend: str = "auto",
-               adapter_dtype: torch.dtype | None = None, quantize_base: bool = False) -> "MultiLoRALinear":
+               adapter_dtype: torch.dtype | None = None, quantize_base: bool | str = False) -> "MultiLoRALinear":
         """A layer around this base: its ``weight`` and ``bias`` *are* the
         given parameters (no copy; frozen here), ``weight`` (out, in), or
         (in, out) with ``fan_in_fan_out`` (transformers' ``Conv1D``); the
         adapters fresh, on the weight's device, in its dtype (or
-        ``adapter_dtype``). ``quantize_base``: the weight quantized to int8
-        (:func:`fused_lora.quantize_int8`), held (out, in) whatever its
-        layout, the bias shared."""
+        ``adapter_dtype``). ``quantize_base``: the weight quantized, ``True``
+        or ``"int8"`` to int8 (:func:`fused_lora.quantize_int8`), ``"nf4"`` to
+        NF4 (:func:`fused_lora.quantize_nf4`), held (out, in) whatever its
+        layout, the bias shared. A weight quantized already (torchao's int8
+        weight-only, bitsandbytes' nf4) is taken as it is."""
         if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
             raise TypeError(f"weight must be a 2-D nn.Parameter, got {type(weight).__name__} "
                             f"of shape {tuple(getattr(weight, 'shape', ()))}")
         adapter_dtype = check_adapter_dtype(adapter_dtype)
         _check_base(weight, bias)
         fan_in_fan_out = check_bool("fan_in_fan_out", fan_in_fan_out)
+        quantize_base = check_quantize_base(quantize_base)
+        held = None if fan_in_fan_out else _held_quantized(weight)  # (torchao's int8, bitsandbytes' nf4: as they are)
         in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
+        if held is not None:
+            in_f, out_f = base_shape(held[0])[::-1]
         if bias is not None and tuple(bias.shape) != (out_f,):
             raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
         with torch.device("meta"):
@@ -705,15 +788,14 @@ class MultiLoRALinear(nn.Module):
                         backend=backend, fan_in_fan_out=fan_in_fan_out)
         layer.weight = weight
         layer.bias = bias
-        rows = None if fan_in_fan_out else int8_rows_of(weight)  # (torchao's int8 weight-only: taken as it is)
-        if check_bool("quantize_base", quantize_base) or rows is not None:
-            q, layer.weight_scale = rows if rows is not None else quantize_int8(
-                weight.t() if fan_in_fan_out else weight)
+        if quantize_base or held is not None:
+            q, layer.weight_scale = held if held is not None else _quantize(
+                weight.t() if fan_in_fan_out else weight, quantize_base)
             layer.weight, layer.fan_in_fan_out = nn.Parameter(q, requires_grad=False), False
         layer.weight.requires_grad_(False)
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
-        factory = dict(device=weight.device, dtype=adapter_dtype or weight.dtype)
+        factory = dict(device=weight.device, dtype=adapter_dtype or _adapter_dtype_of(weight))
         layer.lora_A = nn.ParameterList(nn.Parameter(torch.empty(r, in_f, **factory)) for r in layer.ranks)
         layer.lora_B = nn.ParameterList(nn.Parameter(torch.empty(out_f, r, **factory)) for r in layer.ranks)
         layer.reset_lora_parameters()
@@ -725,7 +807,7 @@ class MultiLoRALinear(nn.Module):
 
     @property
     def quantized(self) -> bool:
-        """Whether the base is int8 (it holds a ``weight_scale``)."""
+        """Whether the base is quantized, int8 or NF4 (it holds a ``weight_scale``)."""
         return self._buffers.get("weight_scale") is not None
 
     @property
@@ -794,7 +876,8 @@ class MultiLoRALinear(nn.Module):
         a plain layer. (Not on an int8 base, which would be requantized: a
         ValueError.)"""
         if self.quantized:
-            raise ValueError("MultiLoRALinear.merged_weight(): the base is int8 (quantize_base): folding an adapter "
+            raise ValueError(f"MultiLoRALinear.merged_weight(): the base is {base_format(self.weight)} "
+                             "(quantize_base): folding an adapter "
                              "in would requantize it; merge into the floating-point model instead")
         delta = self._delta_fp32(self._check_index(i))
         return (self.weight.detach().float() + (delta.t() if self.fan_in_fan_out else delta)).to(self.weight.dtype)
@@ -804,7 +887,7 @@ class MultiLoRALinear(nn.Module):
                 f"alphas=[{', '.join(f'{a:g}' for a in self.alphas)}], dropout={self.dropout:g}, "
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}"
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
-                + (", base=int8" if self.quantized else ""))
+                + (f", base={base_format(self.weight)}" if self.quantized else ""))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
