@@ -25,7 +25,7 @@ from .integration import (
 )
 from .layer import LoRALinear, MultiLoRALinear
 from .ops import LoRALinearFunction, dora_linear, lora_linear, multi_lora_linear
-from .quant import dequantize_int8, quantize_int8
+from .quant import dequantize_int8, dequantize_nf4, quantize_int8, quantize_nf4
 
 __version__ = "0.1.0"
 
@@ -40,6 +40,7 @@ __all__ = [
     "disable_adapters",
     "dispatch",
     "dequantize_int8",
+    "dequantize_nf4",
     "dora_linear",
     "dropout_mask",
     "explain",
@@ -52,6 +53,7 @@ __all__ = [
     "merge_and_unload",
     "multi_lora_linear",
     "quantize_int8",
+    "quantize_nf4",
     "reference",
     "save_adapter",
     "to_peft",

@@ -72,9 +72,9 @@ import torch
 from torch import nn
 
 from ._validate import check_bool, check_int, version_tuple
-from .layer import (LoRALinear, MultiLoRALinear, check_adapter_dtype, lora_scaling, note_checked_adapter_ids,
-                    unfusable_base)
-from .quant import int8_rows_of, quantize_int8
+from .layer import (LoRALinear, MultiLoRALinear, check_adapter_dtype, check_quantize_base, lora_scaling,
+                    note_checked_adapter_ids, quantize_base_weight, unfusable_base)
+from .quant import int8_rows_of, nf4_of
 
 #: The fused layers: one adapter (:func:`inject`), or several (:func:`inject_multi`).
 FUSED_KINDS = (LoRALinear, MultiLoRALinear)
@@ -615,9 +615,10 @@ def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def _fused_layer_for(module: nn.Module, r, alpha, dropout, use_rslora, adapter_dtype, backend,
-                     use_dora: bool = False, quantize_base: bool = False) -> LoRALinear:
+                     use_dora: bool = False, quantize_base: str = "") -> LoRALinear:
     """A fused layer sharing ``module``'s weight and bias, in its train/eval
-    mode (``quantize_base``: the weight quantized to int8, the bias shared)."""
+    mode (``quantize_base``: ``"int8"`` or ``"nf4"``, the weight quantized,
+    the bias shared)."""
     if isinstance(module, nn.Linear):
         layer = LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                                        backend=backend, adapter_dtype=adapter_dtype, use_dora=use_dora,
@@ -631,8 +632,8 @@ def _fused_layer_for(module: nn.Module, r, alpha, dropout, use_rslora, adapter_d
     b = nn.Parameter(torch.empty(out_f, r, device=w.device, dtype=dt))
     m = nn.Parameter(torch.empty(out_f, device=w.device, dtype=dt)) if use_dora else None
     weight, scale = module.weight, None
-    if quantize_base:  # (int8 (out, in), as every int8 base: no fan_in_fan_out)
-        q, scale = quantize_int8(module.weight.t())
+    if quantize_base:  # ((out, in), as every quantized base: no fan_in_fan_out)
+        q, scale = quantize_base_weight(module.weight.t(), quantize_base)
         weight = nn.Parameter(q, requires_grad=False)
     layer = LoRALinear.from_parameters(weight, module.bias, a, b, alpha=alpha, dropout=dropout,
                                        use_rslora=use_rslora, fan_in_fan_out=not quantize_base, backend=backend,
@@ -646,7 +647,7 @@ def _fused_layer_for(module: nn.Module, r, alpha, dropout, use_rslora, adapter_d
 
 def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropout: float = 0.0,
            use_rslora: bool = False, exclude_modules=None, *, adapter_dtype: torch.dtype | None = None,
-           backend: str = "auto", use_dora: bool = False, quantize_base: bool = False) -> list[str]:
+           backend: str = "auto", use_dora: bool = False, quantize_base: bool | str = False) -> list[str]:
     """Replace the matching linear layers of ``model`` with :class:`LoRALinear`
     in place, sharing their weights. A model without fused layers is frozen
     first, but for the new adapters; on a model fused already (a second call,
@@ -662,10 +663,15 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
         exclude_modules: the same forms; matching layers are left alone.
         adapter_dtype: dtype of the new adapter parameters (default: the base's).
         use_dora: DoRA layers (PEFT's ``use_dora=True``; :class:`LoRALinear`).
-        quantize_base: each matching layer's base weight quantized to int8
-            (:func:`fused_lora.quantize_int8`; ``LoRALinear.from_linear``'s
-            ``quantize_base``), the float weight let go: half the memory of a
-            16-bit base, QLoRA-style (with ``use_dora``, QDoRA). Such layers do
+        quantize_base: each matching layer's base weight quantized, ``True``
+            or ``"int8"`` to int8 (:func:`fused_lora.quantize_int8`), half the
+            memory of a 16-bit base, ``"nf4"`` to NF4 (QLoRA's 4 bits:
+            :func:`fused_lora.quantize_nf4`), a quarter
+            (``LoRALinear.from_linear``'s ``quantize_base``), the float
+            weight let go (with ``use_dora``, QDoRA). A model loaded in 4 bits
+            by bitsandbytes (``BitsAndBytesConfig(load_in_4bit=True,
+            bnb_4bit_quant_type="nf4")``) needs no ``quantize_base``: its
+            ``Linear4bit`` layers are fused as they are. Such layers do
             not merge, and :func:`unload`, :func:`merge_and_unload` and
             :func:`to_peft` refuse them (the float base is gone): save the
             adapters (:func:`save_adapter`) and load them into the
@@ -701,7 +707,7 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
     r = check_int("r", r, 1)
     adapter_dtype = check_adapter_dtype(adapter_dtype)
     use_dora = check_bool("use_dora", use_dora)
-    quantize_base = check_bool("quantize_base", quantize_base)
+    quantize_base = check_quantize_base(quantize_base)
     multi = multi_fused_layers(model)
     if multi:
         raise ValueError(f"inject: the model's fused layers hold several adapters each ({', '.join(list(multi)[:3])}"
@@ -770,7 +776,7 @@ def _select_layers(model: nn.Module, target_modules, exclude_modules, what: str)
 
 def inject_multi(model: nn.Module, target_modules, ranks, alphas=None, dropout: float = 0.0,
                  use_rslora: bool = False, exclude_modules=None, *, adapter_dtype: torch.dtype | None = None,
-                 backend: str = "auto", quantize_base: bool = False) -> list[str]:
+                 backend: str = "auto", quantize_base: bool | str = False) -> list[str]:
     """Replace the matching linear layers of ``model`` with
     :class:`~fused_lora.MultiLoRALinear`, several adapters on each shared
     base: adapter ``i`` of rank ``ranks[i]`` and alpha ``alphas[i]`` (default
@@ -793,15 +799,15 @@ def inject_multi(model: nn.Module, target_modules, ranks, alphas=None, dropout: 
     take ``adapter=i``: one adapter of these layers is one of PEFT's;
     :func:`unload` and :func:`disable_adapters` work as for :func:`inject`'s
     layers; :func:`to_peft` gives each adapter to PEFT, by name.
-    ``quantize_base``: the bases int8, as :func:`inject`'s (many adapters
-    served from one int8 base; ``merge_and_unload``, ``unload`` and
-    ``to_peft`` refused).
+    ``quantize_base``: the bases int8 or NF4, as :func:`inject`'s (many
+    adapters served from one quantized base; ``merge_and_unload``,
+    ``unload`` and ``to_peft`` refused).
 
     Returns the names of the replaced layers, in model order.
     """
     _check_model(model)
     adapter_dtype = check_adapter_dtype(adapter_dtype)
-    quantize_base = check_bool("quantize_base", quantize_base)
+    quantize_base = check_quantize_base(quantize_base)
     # (the layer's own checks, ahead of any change: ranks, alphas, dropout, backend)
     probe = MultiLoRALinear(1, 1, ranks, alphas, dropout, bias=False, use_rslora=use_rslora, device="meta",
                             backend=backend)
@@ -928,8 +934,9 @@ def _check_fusable(model: nn.Module, names, what: str, error=TypeError) -> None:
         raise error(f"{what}: these layers cannot be fused: "
                     + "; ".join(f"{n}: {why}" for n, why in unfusable.items())
                     + ". Fused layers need a plain floating-point base, or an int8 one (quantize_base=True, or "
-                    "torchao's Int8WeightOnlyConfig): other quantized bases are not supported yet (PEFT's LoRA "
-                    "layers handle torchao and bitsandbytes ones)")
+                    "torchao's Int8WeightOnlyConfig), or an NF4 one (quantize_base='nf4', or bitsandbytes' nf4 "
+                    "Linear4bit): other quantized bases are not supported yet (PEFT's LoRA layers handle torchao "
+                    "and bitsandbytes ones)")
 
 
 def _freeze_a_plain_model(model: nn.Module) -> None:
@@ -1032,8 +1039,8 @@ def _why_unsupported(module, PeftLinear) -> str | None:
     why = unfusable_base(base.weight, base.bias)
     if why:
         return f"base layer: {why}"
-    if int8_rows_of(base.weight) is not None:
-        return ("base layer: a torchao int8 weight (from_peft leaves quantized bases to PEFT; fused_lora.inject "
+    if int8_rows_of(base.weight) is not None or nf4_of(base.weight) is not None:
+        return ("base layer: a quantized weight (from_peft leaves quantized bases to PEFT; fused_lora.inject "
                 "fuses such a model's layers, and load_adapter loads PEFT's files into them)")
     adapters = list(module.lora_A.keys())
     if len(adapters) != 1:
@@ -1866,13 +1873,14 @@ def _unload(model: nn.Module, merge: bool, adapter=None) -> list[str]:
 
 
 def _refuse_int8_bases(layers: dict[str, nn.Module], what: str) -> None:
-    """Refuse fused layers with an int8 base (``quantize_base``, or torchao's
-    int8 weights taken as they are): a plain layer cannot hold it, and the
-    floating-point base is gone."""
+    """Refuse fused layers with a quantized base (``quantize_base``, or
+    torchao's int8 and bitsandbytes' nf4 weights taken as they are): a plain
+    layer cannot hold it, and the floating-point base is gone."""
     quantized = [n for n, layer in layers.items() if getattr(layer, "quantized", False)]
     if quantized:
-        raise ValueError(f"{what}: {', '.join(quantized[:3])}{', ...' if len(quantized) > 3 else ''} hold an int8 "
-                         "base (quantize_base=True, or torchao's int8 weights), which a plain layer cannot hold, "
+        raise ValueError(f"{what}: {', '.join(quantized[:3])}{', ...' if len(quantized) > 3 else ''} hold a "
+                         "quantized base, int8 or NF4 (quantize_base, or torchao's int8 or bitsandbytes' nf4 "
+                         "weights), which a plain layer cannot hold, "
                          "and the floating-point base is gone: save the adapters (fused_lora.save_adapter) and "
                          "load them into the floating-point model (fused_lora.load_adapter, or PEFT's "
                          "PeftModel.from_pretrained)")

@@ -116,7 +116,7 @@ def check_quantize_base(value) -> str:
     return "int8" if check_bool("quantize_base", value) else ""
 
 
-def _quantize(weight: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_base_weight(weight: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, weight_scale)`` of a floating-point (out, in) weight, ``how``
     one of :func:`check_quantize_base`'s ``"int8"``, ``"nf4"``."""
     if how == "nf4":
@@ -402,7 +402,7 @@ class LoRALinear(nn.Module):
         m = nn.Parameter(torch.empty(linear.out_features, **factory)) if use_dora else None
         weight, scale = linear.weight, None
         if held is not None or quantize_base:
-            q, scale = held if held is not None else _quantize(linear.weight, quantize_base)
+            q, scale = held if held is not None else quantize_base_weight(linear.weight, quantize_base)
             weight = nn.Parameter(q, requires_grad=False)
         layer = cls.from_parameters(weight, linear.bias, a, b, alpha=alpha, dropout=dropout,
                                     use_rslora=use_rslora, backend=backend, lora_magnitude_vector=m,
@@ -789,7 +789,7 @@ class MultiLoRALinear(nn.Module):
         layer.weight = weight
         layer.bias = bias
         if quantize_base or held is not None:
-            q, layer.weight_scale = held if held is not None else _quantize(
+            q, layer.weight_scale = held if held is not None else quantize_base_weight(
                 weight.t() if fan_in_fan_out else weight, quantize_base)
             layer.weight, layer.fan_in_fan_out = nn.Parameter(q, requires_grad=False), False
         layer.weight.requires_grad_(False)

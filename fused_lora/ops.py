@@ -229,8 +229,8 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
 
         def launch(config):
             return k_.lora_gemm(a, b, bias=bias, u=xa, v=lora_B.t(), lr_scale=scaling, b_scale=weight_scale,
-                                b_code=code, config=config, out_dtype=x.dtype, input_precision=plan.input_precision, tma=plan.tma,
-                                persistent=plan.persistent, num_sms=plan.num_sms)
+                                b_code=code, config=config, out_dtype=x.dtype, input_precision=plan.input_precision,
+                                tma=plan.tma, persistent=plan.persistent, num_sms=plan.num_sms)
 
         y2, _ = launch(dispatch.gemm_config_for("forward", plan.fwd_gemm, launch, k=a.shape[1],
                                                 shrink_in_loop=False, **tune))
@@ -288,8 +288,9 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
 
         def launch_dx(config):
             return k_.lora_gemm(a, b, **low_rank, dropout_p=dropout_p, seed=seed, b_scale=weight_scale,
-                                b_scale_dim=0, b_code=code, config=config, out_dtype=x.dtype, input_precision=plan.input_precision,
-                                tma=plan.tma, persistent=plan.persistent, num_sms=plan.num_sms)
+                                b_scale_dim=0, b_code=code, config=config, out_dtype=x.dtype,
+                                input_precision=plan.input_precision, tma=plan.tma, persistent=plan.persistent,
+                                num_sms=plan.num_sms)
 
         dx2, dy_b = launch_dx(dispatch.gemm_config_for(
             "dx", plan.dx_gemm, launch_dx, m=m, n=k, k=a.shape[1], r=r, dtype=x.dtype, shrink_in_loop=g_in_dx,

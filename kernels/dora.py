@@ -119,7 +119,8 @@ def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
     nf4 = code is not None
     n, k = weight.shape[0], weight.shape[1] * (2 if nf4 else 1)
     r = lora_A.shape[0]
-    if (weight_scale is not None) != (weight.dtype in (torch.int8, torch.uint8)) or nf4 != (weight.dtype == torch.uint8):
+    quantized = weight.dtype in (torch.int8, torch.uint8)
+    if (weight_scale is not None) != quantized or nf4 != (weight.dtype == torch.uint8):
         raise ValueError(f"dora_norm: an int8 weight comes with its weight_scale, an NF4 (uint8) one with its "
                          f"weight_scale and code, and only those; got {weight.dtype} and "
                          f"{'a' if weight_scale is not None else 'no'} weight_scale, {'a' if nf4 else 'no'} code")

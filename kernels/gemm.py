@@ -532,8 +532,10 @@ def _check_b_scale(b: torch.Tensor, b_scale, dim: int, code) -> tuple[int, int]:
                              "into groups of a power of two >= 2")
         return (3 if dim == 1 else 4), group
     if b_scale is None:
-        if b.dtype in (torch.int8, torch.uint8):
-            raise ValueError(f"lora_gemm: a {b.dtype} b needs its b_scale (and, NF4, its b_code)")
+        if b.dtype == torch.int8:
+            raise ValueError("lora_gemm: an int8 b needs its b_scale")
+        if b.dtype == torch.uint8:
+            raise ValueError("lora_gemm: a uint8 (NF4) b needs its b_scale and b_code")
         return 0, 0
     size = b.shape[dim] if dim in (0, 1) else None
     if b.dtype != torch.int8 or size is None or b_scale.shape != (size,) or not b_scale.is_floating_point():

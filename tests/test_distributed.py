@@ -345,7 +345,7 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     refusals = result["refusals"]
     for what in ("merge_and_unload", "unload", "to_peft"):
         if mode == "fsdp2-int8":  # (int8 bases, sharded: refused for that first)
-            assert refusals[what].startswith(f"{what}: 0, 2, 4 hold an int8 base"), refusals[what]
+            assert refusals[what].startswith(f"{what}: 0, 2, 4 hold a quantized base"), refusals[what]
             continue
         assert refusals[what].startswith(f"{what}: ['0', '2', '4'] are sharded by {by}"), refusals[what]
     assert result["still_fused"] == ["0", "2", "4"]

@@ -367,7 +367,7 @@ def test_bad_quantized_arguments_are_typed_errors():
     q, scale = fused_lora.quantize_int8(w)
     with pytest.raises(TypeError, match=r"weight is int8 \(16, 24\), a quantized base: pass its weight_scale"):
         fused_lora.lora_linear(x, q, a, bb, b)
-    with pytest.raises(TypeError, match="weight must be an int8 tensor with weight_scale"):
+    with pytest.raises(TypeError, match=r"weight must be an int8 tensor \(or a uint8 one: packed NF4\) with "):
         fused_lora.lora_linear(x, w, a, bb, b, weight_scale=scale)
     with pytest.raises(ValueError, match=r"weight_scale must have shape \(out_features=16,\) to match weight "
                                          r"\(16, 24\), got \(24,\)"):

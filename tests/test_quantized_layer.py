@@ -135,8 +135,10 @@ def test_what_an_int8_base_refuses():
     before = layer.lora_B.clone()
     layer.reset_lora_parameters()  # (the adapter alone)
     assert not layer.lora_B.any() and before.any()
-    with pytest.raises(TypeError, match="quantize_base must be a bool"):
+    with pytest.raises(ValueError, match=r"quantize_base must be False, True, 'int8' or 'nf4', got 'yes'"):
         LoRALinear.from_linear(linear, r=4, quantize_base="yes")
+    with pytest.raises(TypeError, match="quantize_base must be a bool"):
+        LoRALinear.from_linear(linear, r=4, quantize_base=2)
     q = nn.Parameter(layer.weight.detach(), requires_grad=False)
     a, b = layer.lora_A, layer.lora_B
     with pytest.raises(ValueError, match=r"weight_scale must have shape \(out_features=24,\)"):
@@ -186,7 +188,7 @@ def test_inject_quantize_base_is_the_model_on_its_dequantised_weights(make, tmp_
     weights = sum(layer.weight.numel() for layer in layers.values())
     assert sum(layer.weight.element_size() * layer.weight.numel() for layer in layers.values()) == weights
     for what in (fused_lora.unload, fused_lora.merge_and_unload, fused_lora.to_peft):
-        with pytest.raises(ValueError, match=r"hold an int8 base \(quantize_base=True, or torchao"):
+        with pytest.raises(ValueError, match=r"hold a quantized base, int8 or NF4 \(quantize_base, or torchao"):
             what(model)
     assert all(isinstance(model.get_submodule(n), LoRALinear) for n in names)  # (nothing changed)
     # the adapters saved from the int8 model load into the floating-point one (what the refusals advise)
@@ -328,7 +330,7 @@ def test_inject_multi_quantize_base(tmp_path):
         logits, float_logits = model(input_ids=input_ids).logits, float_model(input_ids=input_ids).logits
     assert_close(logits, float_logits.double(), F32, "logits")
     for what in (lambda m: fused_lora.merge_and_unload(m, adapter=0), fused_lora.unload, fused_lora.to_peft):
-        with pytest.raises(ValueError, match=r"hold an int8 base"):
+        with pytest.raises(ValueError, match=r"hold a quantized base"):
             what(model)
     fused_lora.save_adapter(model, tmp_path, adapter=1)  # (one adapter, PEFT's file, for the float model)
     fresh = tiny_llama(seed=4)
