@@ -143,7 +143,7 @@ def test_what_an_int8_base_refuses():
     a, b = layer.lora_A, layer.lora_B
     with pytest.raises(ValueError, match=r"weight_scale must have shape \(out_features=24,\)"):
         LoRALinear.from_parameters(q, None, a, b, alpha=4, weight_scale=torch.ones(40, device=DEVICE))
-    with pytest.raises(TypeError, match="weight must be a plain int8 Parameter with weight_scale"):
+    with pytest.raises(TypeError, match=r"weight must be a plain int8 Parameter \(or a uint8 one: packed NF4\) with weight_scale"):
         LoRALinear.from_parameters(linear.weight, None, a, b, alpha=4, weight_scale=torch.ones(24, device=DEVICE))
     with pytest.raises(ValueError, match="fan_in_fan_out=True takes no weight_scale"):
         LoRALinear.from_parameters(q, None, nn.Parameter(torch.zeros(4, 24, device=DEVICE)),
