@@ -84,6 +84,10 @@ class Job:
     # An int8 base (lora_linear's weight_scale): the forward's and dx's B
     # tiles loaded as int8 and dequantised in the K loop (by column, by row)
     int8_base: bool = False
+    # An NF4 base (a uint8 weight with its absmax): the forward's and dx's B
+    # tiles loaded as bytes, each nibble's code times its group's absmax
+    # (int8's tiles; never through TMA)
+    nf4_base: bool = False
 
 
 @dataclass
@@ -114,10 +118,13 @@ _TORCH_OF = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True, split_k: bool = False,
                tma: bool = False, even_r: bool = True, persistent: bool = False, seed_value: bool = False,
                precision: str = "ieee", bias: bool = True, offset_int64: bool = False,
-               row_scale: bool = False, adapters: bool = False, int8_base: bool = False) -> dict:
+               row_scale: bool = False, adapters: bool = False, int8_base: bool = False,
+               nf4_base: bool = False) -> dict:
     """Argument values of lora_gemm_kernel for one pass, as the launcher passes them
     (``even_r=False``: a rank of half the rank tile, e.g. r = 8 in a 16 tile;
-    ``int8_base``: B, the forward's Wᵀ or dx's W, int8 with its fp32 scales)."""
+    ``int8_base``: B, the forward's Wᵀ or dx's W, int8 with its fp32 scales;
+    ``nf4_base``: NF4 with its fp32 absmax in groups of 64, W's (SHAPE,
+    SHAPE / 2) bytes)."""
     s = SHAPE
     r = block_r if even_r else block_r // 2
     low_rank = {"forward_in_loop": 2, "forward_in_loop_dropout": 2, "forward_split": 1, "dx_in_loop": 2,
@@ -127,29 +134,35 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
     # With TMA: forward reads Wᵀ through W's descriptor (B_T), dW reads dyᵀ through dy's (A_T).
     a_t, b_t = tma and variant == "dw", tma and fwd
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
-    if int8_base and variant == "dw":
-        raise ValueError("dW reads no weight: an int8 base has no dW pass")
-    b_dtype = "i8" if int8_base else dtype
+    if (int8_base or nf4_base) and variant == "dw":
+        raise ValueError("dW reads no weight: a quantized base has no dW pass")
+    if nf4_base and tma:
+        raise ValueError("an NF4 base is never read through TMA")
+    b_dtype = "i8" if int8_base else "u8" if nf4_base else dtype
+    # (NF4: b is W's bytes, (K/2, N) forward, (N, K/2) dx; the absmax (N, K/64) in W's orientation)
+    stride_bk, stride_bn = ((1, s // 2) if fwd else (s // 2, 1)) if nf4_base else ((1, s) if fwd else (s, 1))
     return dict(
         a_ptr=f"*{dtype}", b_ptr=f"*{b_dtype}",
         a_desc=f"tensordesc<{dtype}[{', '.join(map(str, [bk, bm] if a_t else [bm, bk]))}]>" if tma else None,
         b_desc=f"tensordesc<{b_dtype}[{', '.join(map(str, [bn, bk] if b_t else [bk, bn]))}]>" if tma else None,
         bias_ptr=f"*{dtype}", u_ptr="*fp32", s_ptr=f"*{dtype}",
         v_ptr=f"*{dtype}", c_ptr="*fp32" if split_k else f"*{dtype}", xa_ptr="*fp32", w_ptr="*fp32",
-        ids_ptr="*i32", cid_ptr="*i32", csc_ptr="*fp32", bsc_ptr="*fp32",
+        ids_ptr="*i32", cid_ptr="*i32", csc_ptr="*fp32", bsc_ptr="*fp32", bcode_ptr="*fp32",
         M=s, N=s, K=s, R=r, k_blocks_per_split=s // 4 // cfg.block_k if split_k else s // cfg.block_k,
         # forward: x (M,K) row-major; b = Wᵀ (strides 1, K); s = Aᵀ (strides 1, K); v = Bᵀ (strides 1, r)
         # dx: dy; b = W (strides K, 1); s = B (strides r, 1); v = A (strides K, 1)
         stride_am=s, stride_ak=1,
-        stride_bk=1 if fwd else s, stride_bn=s if fwd else 1,
+        stride_bk=stride_bk, stride_bn=stride_bn,
         stride_bias=1, stride_um=r, stride_ur=1, stride_sk=1 if fwd else r, stride_sr=s if fwd else 1,
         stride_vr=1 if fwd else s, stride_vn=r if fwd else 1,
         stride_cm=s, stride_cn=1, stride_cs16=s * s // 16 if split_k else 0, stride_xam=r, stride_xar=1,
         stride_xas16=s * r // 16 if split_k else 0, stride_w=1 if row_scale else 0,
-        stride_ids=1 if adapters else 0, stride_bsc=1 if int8_base else 0,
+        stride_ids=1 if adapters else 0, stride_bsc=1 if int8_base else s // 64 if nf4_base else 0,
+        stride_bsc2=1 if nf4_base else 0,
         lr_scale=1.0, sh_scale=1.0 / 0.9, p=0.1, seed=_seed(dropout, seed_value),
         HAS_BIAS=fwd and bias, LOW_RANK=low_rank, LR_DROPOUT=dropout and not fwd, SHRINK_DROPOUT=dropout and fwd,
-        ROW_SCALE=row_scale, ADAPTERS=adapters, B_SCALE=(1 if fwd else 2) if int8_base else 0,
+        ROW_SCALE=row_scale, ADAPTERS=adapters,
+        B_SCALE=(1 if fwd else 2) if int8_base else (3 if fwd else 4) if nf4_base else 0, B_GROUP=64 if nf4_base else 0,
         OFFSET_INT64=offset_int64, UPCAST=False, INPUT_PRECISION=precision, EVEN_K=even_k,
         EVEN_R=even_r and low_rank != 2,
         TMA=tma,
@@ -251,19 +264,24 @@ def _reduce_args(dtype: str, cfg, variant: str, block_r: int) -> dict:
 NORM_PASSES = ("norm", "norm_chunked")
 
 
-def _norm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True, int8_base: bool = False) -> dict:
+def _norm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True, int8_base: bool = False,
+               nf4_base: bool = False) -> dict:
     """Argument values of dora_norm_kernel as the launcher passes them, for a
     contiguous (SHAPE, SHAPE) weight and a rank of one tile (``norm``) or of
     two and a half (``norm_chunked``); ``int8_base``: W int8 with its fp32
-    row scales (QDoRA)."""
+    row scales (QDoRA); ``nf4_base``: W NF4, (SHAPE, K/2) bytes, its fp32
+    absmax in groups of 64 (the K tail: K = SHAPE - 64, a whole group)."""
+    k = SHAPE if even_k else SHAPE - (64 if nf4_base else 8)
     r = block_r if variant == "norm" else 2 * block_r + block_r // 2
-    return dict(w_ptr="*i8" if int8_base else f"*{dtype}", b_ptr=f"*{dtype}", a_ptr=f"*{dtype}", out_ptr="*fp32",
-                s_ptr="*fp32", N=SHAPE,
-                K=SHAPE if even_k else SHAPE - 8, R=r, stride_wn=SHAPE if even_k else SHAPE - 8, stride_wk=1,
-                stride_bn=r, stride_br=1, stride_ar=SHAPE if even_k else SHAPE - 8, stride_ak=1,
-                stride_s=1 if int8_base else 0, scaling=2.0,
+    w_dtype = "*i8" if int8_base else "*u8" if nf4_base else f"*{dtype}"
+    return dict(w_ptr=w_dtype, b_ptr=f"*{dtype}", a_ptr=f"*{dtype}", out_ptr="*fp32",
+                s_ptr="*fp32", code_ptr="*fp32", N=SHAPE,
+                K=k, R=r, stride_wn=k // 2 if nf4_base else k, stride_wk=1,
+                stride_bn=r, stride_br=1, stride_ar=k, stride_ak=1,
+                stride_s=1 if int8_base else k // 64 if nf4_base else 0, stride_s2=1 if nf4_base else 0, scaling=2.0,
                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, EVEN_K=even_k,
-                ONE_R_TILE=variant == "norm", UPCAST=False, INPUT_PRECISION="ieee", W_SCALE=int8_base)
+                ONE_R_TILE=variant == "norm", UPCAST=False, INPUT_PRECISION="ieee",
+                W_SCALE=2 if nf4_base else int(int8_base), W_GROUP=64 if nf4_base else 0)
 
 
 def _ast_source(fn, values: dict):
@@ -347,7 +365,8 @@ def result_of(job: Job) -> Result:
                   + ("+persistent" if job.persistent else "") + ("+seed_value" if job.seed_value else "")
                   + ("+tf32" if job.tf32 else "") + ("" if job.bias else "+no_bias")
                   + ("+offset_int64" if job.offset_int64 else "") + ("+row_scale" if job.row_scale else "")
-                  + ("+adapters" if job.adapters else "") + ("+int8_base" if job.int8_base else ""),
+                  + ("+adapters" if job.adapters else "") + ("+int8_base" if job.int8_base else "")
+                  + ("+nf4_base" if job.nf4_base else ""),
                   job.dtype, job.arch, job.config, job.block_r)
 
 
@@ -362,7 +381,8 @@ def compile_job(job: Job) -> Result:
             fn, values = gemm.lora_gemm_kernel, _gemm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
                                                            job.split_k, job.tma, job.even_r, job.persistent,
                                                            job.seed_value, precision, job.bias, job.offset_int64,
-                                                           job.row_scale, job.adapters, job.int8_base)
+                                                           job.row_scale, job.adapters, job.int8_base,
+                                                           job.nf4_base)
         elif job.kernel == "skinny":
             cfg = configs.SkinnyConfig(**job.config)
             fn, values = skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r,
@@ -371,7 +391,7 @@ def compile_job(job: Job) -> Result:
         elif job.kernel == "norm":
             cfg = configs.NormConfig(**job.config)
             fn, values = dora.dora_norm_kernel, _norm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
-                                                           job.int8_base)
+                                                           job.int8_base, job.nf4_base)
         else:
             cfg = None
             fn, values = skinny.reduce_partials_kernel, _reduce_args(job.dtype, cfg, job.pass_name, job.block_r)
@@ -531,6 +551,11 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, int8_base=True))
                 jobs.append(Job("gemm", pass_name, dtype, asdict(int8_tiles[0]), arch, block_r, even_k=False,
                                 int8_base=True))
+                # an NF4 base, on the same tiles, and its K tail
+                for cfg in int8_tiles if every_tile else int8_tiles[:1]:
+                    jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, nf4_base=True))
+                jobs.append(Job("gemm", pass_name, dtype, asdict(int8_tiles[0]), arch, block_r, even_k=False,
+                                nf4_base=True))
         # Split-K partials (fp32 stores into the workspace), on the tiles the
         # heuristic picks where it splits: every pass at small M; dW (whose K is
         # the tokens) where its output is small: a 256x256 layer over 64 K tokens.
@@ -551,8 +576,9 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                 cfg8 = configs.gemm_config(m, n, k, block_r, elt, in_loop, False, arch=arch, smem_limit=smem,
                                            int8_b=True, **_gemm_pruning(pass_name))
                 assert cfg8.split_k > 1, (pass_name, cfg8)
-                jobs.append(Job("gemm", pass_name, dtype, asdict(dataclasses.replace(cfg8, split_k=1)), arch, block_r,
-                                split_k=True, int8_base=True))
+                for base in ("int8_base", "nf4_base"):
+                    jobs.append(Job("gemm", pass_name, dtype, asdict(dataclasses.replace(cfg8, split_k=1)), arch,
+                                    block_r, split_k=True, **{base: True}))
         # TMA (16-bit, Hopper): every pass on every shipped tile it may run on, with a K tail
         # on the largest tile of each pass; the persistent grid likewise.
         if elt == 2 and arch >= 90:
@@ -585,6 +611,8 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                     if persistent8:
                         jobs.append(Job("gemm", pass_name, dtype, asdict(persistent8[0]), arch, block_r, tma=True,
                                         persistent=True, int8_base=True))
+                        jobs.append(Job("gemm", pass_name, dtype, asdict(persistent8[0]), arch, block_r,
+                                        persistent=True, nf4_base=True))  # (NF4: pointers)
         for cfg in shipped["skinny_fp32" if elt == 4 else "skinny_16bit"]:
             for pass_name, (shrink, tn, colsum, dropout) in SKINNY_PASSES.items():
                 for block_r in configs.rank_tiles(cfg.max_block_r):
@@ -610,8 +638,9 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
             jobs.append(Job("norm", "norm_chunked", dtype, asdict(cfg), arch, cfg.max_block_r))
             # an int8 W (QDoRA), its rows dequantised as loaded: one rank tile, a K tail, the chunked rank
             for even_k, pass_name in ((True, "norm"), (False, "norm"), (True, "norm_chunked")):
-                jobs.append(Job("norm", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, even_k=even_k,
-                                int8_base=True))
+                for base in ("int8_base", "nf4_base"):  # (and an NF4 W, likewise)
+                    jobs.append(Job("norm", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, even_k=even_k,
+                                    **{base: True}))
         # the reductions: every combination of the kernel's meta-parameters, a second output in fp32
         # or in the operands' dtype (the first being either)
         seconds = ("fp32", dtype) if elt == 2 else ("fp32", "bf16", "fp16")

@@ -171,6 +171,10 @@ class Plan:
     #: The dx GEMM computes g = dy·B in its K loop (the in-loop forward with
     #: roles swapped) instead of reading it from the dy pass.
     dx_in_loop: bool = False
+    #: A quantized base is made whole (Ŵ in x's dtype, once a pass) and the
+    #: float path runs on it, instead of the GEMMs decoding its tiles in
+    #: their K loops (an NF4 base at large M).
+    dequantize_base: bool = False
 
     @property
     def cublas_base(self) -> bool:
@@ -197,7 +201,7 @@ def device_target(device: torch.device) -> _triton.CudaTarget:
 
 
 def device_plan(device: torch.device, m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float,
-                strategy: str | None = None, quantized: bool = False) -> Plan:
+                strategy: str | None = None, quantized: bool | str = False) -> Plan:
     """:func:`plan` for a problem on ``device``, with that device's own
     compute capability, shared memory and SM count (:func:`device_target`)."""
     target = device_target(device)
@@ -206,13 +210,18 @@ def device_plan(device: torch.device, m: int, n: int, k: int, r: int, dtype: tor
 
 
 def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, max_block_r: int,
-            forced: str | None, quantized: bool = False):
+            forced: str | None, quantized: str = ""):
     """(strategy, reason); ``max_block_r``: the in-loop shrink's largest rank
     tile (with this dropout: a masked shrink input holds a narrower one in fp32);
-    ``quantized``: an int8 base, which only the Triton GEMMs read (no hybrid)."""
+    ``quantized``: ``"int8"`` or ``"nf4"``, a base which only the Triton GEMMs
+    read (no hybrid); NF4's decoding leaves no room for the in-loop shrink."""
     if quantized and forced == "hybrid":
         strategy, reason = _choose(m, r, dtype, dropout_p, interp, max_block_r, None, quantized)
-        return strategy, f"forced 'hybrid', whose cuBLAS GEMMs cannot read an int8 base: {reason}"
+        return strategy, f"forced 'hybrid', whose cuBLAS GEMMs cannot read an {quantized} base: {reason}"
+    if quantized == "nf4":
+        why = ("an NF4 base, decoded in the GEMM's K loop (its byte tiles unpacked, each value's code looked up): "
+               "the shrink runs in the skinny pass, the decoding leaving the in-loop shrink no registers")
+        return "split", (f"forced {forced!r}, which cannot run here ({why}): split" if forced == "in_loop" else why)
     in_loop_ok = dropout_p == 0.0 and r <= max_block_r
     if forced is not None:
         if forced == "in_loop" and r > max_block_r:
@@ -239,7 +248,7 @@ def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, 
 
 def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, arch: int = 90,
          interpreter: bool | None = None, strategy: str | None = None, smem_limit: int | None = None,
-         num_sms: int | None = None, quantized: bool = False) -> Plan:
+         num_sms: int | None = None, quantized: bool | str = False) -> Plan:
     """The strategy and configurations for ``x (m, k) · Wᵀ (k, n)`` with rank ``r``
     on a GPU of compute capability ``arch`` (x10) with ``smem_limit`` bytes of
     shared memory per program (default: the arch's, from
@@ -251,9 +260,12 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
     if any). (A row scale, ``lora_linear``'s ``row_scale``, and adapters side
     by side, ``multi_lora_linear``'s, run on every plan: the kernels apply
     them where they make ``xa`` and ``g``; ``r`` is then the sum of the
-    adapters' ranks.) ``quantized``: the base is int8 (``lora_linear``'s
-    ``weight_scale``), dequantised in the Triton GEMMs' K loops: never
-    ``hybrid``.
+    adapters' ranks.) ``quantized``: the base is int8 (``True`` or
+    ``"int8"``) or NF4 (``"nf4"``), ``lora_linear``'s ``weight_scale``,
+    dequantised in the Triton GEMMs' K loops: never ``hybrid``; an NF4 base
+    always ``split``, and from M above
+    :data:`~fused_lora.kernels.configs.NF4_DECODE_MAX_M` on made whole once a
+    pass instead (``Plan.dequantize_base``), the float base's plan then.
     Cached per problem: at small M the host's time per call matters."""
     interp = _triton.interpreter() if interpreter is None else interpreter
     if strategy is not None and strategy not in STRATEGIES:
@@ -268,13 +280,29 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
         raise ValueError(f"num_sms must be >= 1, got {num_sms}")
     key = (m, n, k, r, dtype, dropout_p > 0.0, arch, interp)
     switches = (input_precision(dtype), _switches["tma"], _switches["persistent"], smem_limit, num_sms)
-    return _plan(*key, forced, *switches, bool(quantized))
+    return _plan(*key, forced, *switches, quantized_kind(quantized))
+
+
+def quantized_kind(quantized) -> str:
+    """``quantized`` of :func:`plan`: ``""`` (False), ``"int8"`` (True or
+    ``"int8"``) or ``"nf4"``."""
+    if isinstance(quantized, str) and quantized in ("", "int8", "nf4"):
+        return quantized
+    if isinstance(quantized, str):
+        raise ValueError(f"quantized must be False, True, 'int8' or 'nf4', got {quantized!r}")
+    return "int8" if check_bool("quantized", quantized) else ""
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, persistent, smem_limit,
-          num_sms, quantized=False) -> Plan:
+          num_sms, quantized="") -> Plan:
     cfg = _triton.configs()
+    if quantized == "nf4" and m > cfg.NF4_DECODE_MAX_M:
+        whole = _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, persistent, smem_limit,
+                      num_sms)
+        return dataclasses.replace(whole, dequantize_base=True, reason=(
+            f"an NF4 base at M={m} > {cfg.NF4_DECODE_MAX_M}: made whole once a pass (decoding it in every M "
+            f"tile's K loop would cost more than a write and a read of it), then as a float base: {whole.reason}"))
     elt = dtype.itemsize
     dropout_p = 0.5 if dropout else 0.0  # only "is there dropout" shapes the plan
     strategy, reason = _choose(m, r, dtype, dropout_p, interp, cfg.in_loop_max_block_r(elt), forced, quantized)
@@ -292,7 +320,7 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
             return _triton.get().skinny.skinny_grid(m, n, min(r, skinny.max_block_r), skinny, skinny_programs,
                                                     shrink=with_g, tn=True, colsum=False).launches()
         dx_in_loop = m <= SMALL_M and dy_pass_launches(False) < dy_pass_launches(True)
-    dx_in_loop = dx_in_loop and strategy != "hybrid" and r <= cfg.in_loop_max_block_r(elt)
+    dx_in_loop = dx_in_loop and strategy != "hybrid" and r <= cfg.in_loop_max_block_r(elt) and quantized != "nf4"
     # (the persistent grid holds a narrower in-loop rank tile, none with dx's mask: above it, every GEMM
     # runs one program a tile)
     block_r = cfg.block_r_for(r)
@@ -304,9 +332,10 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
         reason=reason,
         fwd_gemm=cfg.gemm_config(m, n, k, r, elt, strategy == "in_loop", interp, arch=arch, persistent=persistent,
                                  shrink_mask=dropout and strategy == "in_loop", smem_limit=smem_limit,
-                                 num_sms=num_sms, int8_b=quantized),
+                                 num_sms=num_sms, int8_b=bool(quantized)),
         dx_gemm=cfg.gemm_config(m, k, n, r, elt, dx_in_loop, interp, epilogue_mask=dropout_p > 0.0, arch=arch,
-                                persistent=persistent, smem_limit=smem_limit, num_sms=num_sms, int8_b=quantized),
+                                persistent=persistent, smem_limit=smem_limit, num_sms=num_sms,
+                                int8_b=bool(quantized)),
         dw_gemm=cfg.gemm_config(n, k, m, 1, elt, False, interp, arch=arch, persistent=persistent,
                                 smem_limit=smem_limit, num_sms=num_sms),
         skinny=skinny,
@@ -346,6 +375,9 @@ class Explanation:
         skinny = (f"skinny pass BLOCK_M={p.skinny.block_m} BLOCK_C={p.skinny.block_c} warps={p.skinny.num_warps} "
                   f"stages={p.skinny.num_stages}, ~{p.skinny_programs} programs")
         out = []
+        if p.dequantize_base:
+            out.append(("base", "Ŵ made whole in x's dtype by the dequantisation kernel, once for the forward "
+                                "and once for dx (the GEMMs then read it as a float base)"))
         if p.strategy == "in_loop":
             masked = " (x's tiles masked for it: the dropout mask drawn once per N tile)" if self.dropout_p else ""
             out.append(("forward", f"one GEMM with the shrink in its K loop{masked}; {tiles(p.fwd_gemm)}"))
@@ -392,10 +424,12 @@ class Explanation:
 
 
 def explain(x_shape, weight_shape, r: int, dtype: torch.dtype = torch.bfloat16, dropout_p: float = 0.0,
-            target: str = "sm_90", num_sms: int | None = None, quantized: bool = False) -> Explanation:
+            target: str = "sm_90", num_sms: int | None = None, quantized: bool | str = False) -> Explanation:
     """Which strategy and configuration would run for ``x`` of ``x_shape``
     (..., in) and a weight of ``weight_shape`` (out, in), rank ``r``, and why
-    (``quantized``: an int8 base, ``lora_linear``'s ``weight_scale``).
+    (``quantized``: a quantized base, ``lora_linear``'s ``weight_scale``:
+    ``True`` or ``"int8"``, ``"nf4"``; ``weight_shape`` the unpacked
+    (out, in) all the same).
 
     ``target``: ``"sm_90"`` (Hopper, the default, whatever this machine has),
     ``"sm_80"``, another ``"sm_XY"``, or ``"interpreter"``; ``num_sms``: the
@@ -421,7 +455,7 @@ def explain(x_shape, weight_shape, r: int, dtype: torch.dtype = torch.bfloat16, 
         raise ValueError(f"target must be 'sm_XY' or 'interpreter', got {target!r}")
     if num_sms is not None:
         num_sms = check_int("num_sms", num_sms, 1)
-    quantized = check_bool("quantized", quantized)
+    quantized = quantized_kind(quantized)
     m = 1
     for d in x_shape[:-1]:
         m *= d

@@ -117,7 +117,7 @@ from . import _triton, dispatch
 from ._validate import (check_adapter_ids, check_backend, check_lora_args, check_magnitude, check_row_scale,
                         check_scaling, check_weight_scale)
 from .dropout import check_seed, draw_seed_tensor
-from .quant import base_shape, dequantize_base, nf4_code
+from .quant import base_format, base_shape, dequantize_base, nf4_code
 from .reference import dora_dropped, dora_linear_checked, lora_linear_checked
 
 Tensor = torch.Tensor
@@ -198,12 +198,12 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     NF4 weight's (N, K / group) (the GEMM dequantises its tiles), or None."""
     k_ = _triton.get()
     n, k = base_shape(weight)
-    code = nf4_code(x.device) if weight.dtype == torch.uint8 else None
     r = lora_A.shape[0]
     x2 = _flatten(x, k)
     m = x2.shape[0]
     plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None,
-                                quantized=weight_scale is not None)
+                                quantized=_base_kind(weight, weight_scale))
+    weight, weight_scale, code = _base_operands(k_, plan, weight, weight_scale, x.dtype)
     w = _row_vector(row_scale, m)
     adapters = _adapter_columns(adapter_ids, rank_ids, rank_scaling, m)
     tune = dict(m=m, n=n, r=r, dtype=x.dtype, epilogue_mask=False, device=x.device, persistent=plan.persistent,
@@ -239,6 +239,23 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     return _unflatten_output(y2, x), xa.view(*x.shape[:-1], r)
 
 
+def _base_kind(weight: Tensor, weight_scale: Tensor | None) -> str:
+    """The dispatch's ``quantized``: ``""``, ``"int8"`` or ``"nf4"``."""
+    return "" if weight_scale is None else base_format(weight)
+
+
+def _base_operands(k_, plan, weight: Tensor, weight_scale: Tensor | None, dtype: torch.dtype):
+    """``(weight, weight_scale, code)`` for the GEMMs: the base as it is (an
+    NF4 one with its code book), or, where the plan says so, Ŵ made whole in
+    ``dtype`` (the same values the GEMMs' decoding makes), as a float base."""
+    if weight_scale is None:
+        return weight, None, None
+    code = nf4_code(weight.device) if weight.dtype == torch.uint8 else None
+    if plan.dequantize_base:
+        return k_.dequantize_weight(weight, weight_scale, dtype, code), None, None
+    return weight, weight_scale, code
+
+
 @_on_the_operands_device
 def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
                     scaling: float, dropout_p: float, seed: int | Tensor,
@@ -255,12 +272,13 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     base is frozen)."""
     k_ = _triton.get()
     n, k = base_shape(weight)
-    code = nf4_code(x.device) if weight.dtype == torch.uint8 else None
     r = lora_A.shape[0]
     x2, dy2, xa2 = _flatten(x, k), _flatten(dy, n), _flatten(xa, r)
     m = x2.shape[0]
     plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None,
-                                quantized=weight_scale is not None)
+                                quantized=_base_kind(weight, weight_scale))
+    if need_x:  # (dx's GEMM reads the base; dW reads none: a quantized base is frozen)
+        weight, weight_scale, code = _base_operands(k_, plan, weight, weight_scale, x.dtype)
     w = _row_vector(row_scale, m)
     adapters = _adapter_columns(adapter_ids, rank_ids, rank_scaling, m)
     inv_keep = 1.0 / (1.0 - dropout_p)

@@ -12,6 +12,7 @@ import math
 import torch
 
 from . import reference
+from .quant import dequantize_base
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -178,13 +179,11 @@ def make_params(k: int, n: int, r: int, dtype, bias: bool, device=DEVICE):
 def reference64(x, w, b, a, bb, dy, *, scaling, dropout_p, seed, grads=("x", "weight", "bias", "lora_A", "lora_B"),
                 row_scale=None, weight_scale=None):
     """The float64 oracle: output and the requested gradients of the
-    reference. ``weight_scale``: ``w`` is int8, the base its
-    :func:`fused_lora.dequantize_int8` in x's dtype (the values the kernels
+    reference. ``weight_scale``: ``w`` is int8 or NF4, the base its
+    :func:`fused_lora.quant.dequantize_base` in x's dtype (the values the kernels
     multiply by), then taken in float64."""
     if weight_scale is not None:
-        from .quant import dequantize_int8
-
-        w = dequantize_int8(w, weight_scale, x.dtype)
+        w = dequantize_base(w, weight_scale, x.dtype)
     named = {"x": x, "weight": w, "bias": b, "lora_A": a, "lora_B": bb}
     leaves = {k: (v.detach().double().requires_grad_(k in grads) if v is not None else None)
               for k, v in named.items()}
@@ -207,8 +206,10 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
     with random ids in [-1, 2), each among them (dlora_A and dlora_B: the two adapters'
     gradients side by side). ``dora``: :func:`fused_lora.dora_linear` with a
     random magnitude (0.5 to 1.5), against the reference's DoRA (with
-    ``dmagnitude``). ``quantized``: the base quantized to int8
-    (:func:`fused_lora.quantize_int8`), passed with its ``weight_scale``,
+    ``dmagnitude``). ``quantized``: the base quantized, ``True`` or
+    ``"int8"`` to int8 (:func:`fused_lora.quantize_int8`), ``"nf4"`` to NF4
+    in groups of 16 (:func:`fused_lora.quantize_nf4`; ``k`` a multiple of
+    16), passed with its ``weight_scale``,
     against the reference on its dequantised values (not with
     ``train_base``: a quantized base is frozen)."""
     import fused_lora
@@ -219,7 +220,7 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
     w, b, a, bb = make_params(k, n, r, dtype, bias, device=device)
     weight_scale = None
     if quantized:
-        w, weight_scale = fused_lora.quantize_int8(w)
+        w, weight_scale = fused_lora.quantize_nf4(w, 16) if quantized == "nf4" else fused_lora.quantize_int8(w)
     a.requires_grad_()
     bb.requires_grad_()
     wanted = ["x", "lora_A", "lora_B"]
@@ -250,7 +251,7 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
 
 
 def _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale=None) -> dict[str, float]:
-    """:func:`parity_case` with ``adapters`` (and ``quantized``: an int8 ``w`` with its ``weight_scale``)."""
+    """:func:`parity_case` with ``adapters`` (and ``quantized``: a quantized ``w`` with its ``weight_scale``)."""
     import fused_lora
     from fused_lora import reference
 
@@ -268,7 +269,7 @@ def _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weig
     y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=scalings, dropout_p=dropout_p, seed=seed,
                                      weight_scale=weight_scale, backend="triton")
     if weight_scale is not None:
-        w = fused_lora.dequantize_int8(w, weight_scale, x.dtype)
+        w = dequantize_base(w, weight_scale, x.dtype)
     dy = torch.randn_like(y)
     grads = dict(zip([g for g in wanted if g in inputs] + ["a0", "a1", "b0", "b1"],
                      torch.autograd.grad(y, leaves, dy)))
@@ -289,7 +290,7 @@ def _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weig
 
 
 def _dora_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale=None) -> dict[str, float]:
-    """:func:`parity_case` with ``dora`` (and ``quantized``: an int8 ``w`` with its ``weight_scale``)."""
+    """:func:`parity_case` with ``dora`` (and ``quantized``: a quantized ``w`` with its ``weight_scale``)."""
     import fused_lora
 
     m = (torch.rand(w.shape[0], dtype=x.dtype, device=w.device) + 0.5).requires_grad_()
@@ -302,7 +303,7 @@ def _dora_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_s
     leaves = {k: (v.detach().double().requires_grad_(k in wanted) if v is not None else None)
               for k, v in inputs.items()}
     if weight_scale is not None:  # (Ŵ in x's dtype, the values the kernels multiply by, taken in float64)
-        leaves["weight"] = fused_lora.dequantize_int8(w, weight_scale, x.dtype).double()
+        leaves["weight"] = dequantize_base(w, weight_scale, x.dtype).double()
     y64 = reference.dora_linear(leaves["x"], leaves["weight"], leaves["lora_A"], leaves["lora_B"],
                                 leaves["magnitude"], leaves["bias"], scaling=scaling, dropout_p=dropout_p, seed=seed)
     g64 = torch.autograd.grad(y64, [leaves[k] for k in wanted], dy.double())

@@ -4,6 +4,7 @@
 * :mod:`.skinny` — the memory-bound pass over one wide operand (shrink, the dy
   pass of the backward, dA) and the deterministic reduction of its partials;
 * :mod:`.dora` — DoRA's weight norm ``‖W + s·B A‖`` in one read of W;
+* :mod:`.dequant` — a quantized base (int8, NF4) made whole, for large M;
 * :mod:`.configs` — every launch configuration;
 * :mod:`.common` — the dropout keep-mask and the interpreter switches.
 
@@ -21,6 +22,7 @@ if __name__ == "kernels":
 else:
     from . import configs
     from .common import is_interpreted, poison_outputs
+    from .dequant import dequantize_kernel, dequantize_weight
     from .dora import dora_norm, dora_norm_kernel
     from .gemm import lora_gemm, lora_gemm_kernel, tma_available
     from .skinny import lora_skinny_kernel, reduce_all, reduce_partials, reduce_partials_kernel, skinny_pass
@@ -31,6 +33,8 @@ else:
     __all__ = [
         "INTERPRETER",
         "configs",
+        "dequantize_kernel",
+        "dequantize_weight",
         "dora_norm",
         "dora_norm_kernel",
         "lora_gemm",

@@ -219,21 +219,34 @@ def dequantize(q, scale, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def nf4_tile(ptrs, shift, scale_ptrs, code_ptr, mask):
-    """An NF4 tile in fp32, before its rounding (:func:`dequantize` with
-    scale 1): ``code[nibble] · absmax``, the nibble ``(byte >> shift) & 15``
-    of the byte at ``ptrs`` (``shift`` 4 for the high nibble, 0 for the low),
-    the absmax at ``scale_ptrs``, ``code`` the 16 values at ``code_ptr``: the
-    product bitsandbytes dequantises to, in fp32. Zeros outside ``mask``
-    (``None``: unmasked)."""
-    if mask is None:
-        packed = tl.load(ptrs)
-        absmax = tl.load(scale_ptrs)
+def nf4_codes(packed, code_ptr, PAIRS_ALONG_ROWS: tl.constexpr):
+    """The NF4 values of a tile of bytes, two 4-bit indices each, the first
+    value of a pair in the high nibble (bitsandbytes' order): fp32, (2R, C)
+    from (R, C) bytes (``PAIRS_ALONG_ROWS``: byte row i gives rows 2i and
+    2i+1), else (R, 2C) (byte column j gives columns 2j and 2j+1); each value
+    ``code[index]``, ``code`` the 16 values at ``code_ptr``. (A byte 0x77 is
+    two zeros: what a masked load should fill with.)"""
+    rows: tl.constexpr = packed.shape[0]
+    cols: tl.constexpr = packed.shape[1]
+    pairs = tl.join((packed >> 4).to(tl.int32), (packed & 0xF).to(tl.int32))  # (R, C, 2)
+    if PAIRS_ALONG_ROWS:
+        index = tl.reshape(tl.permute(pairs, (0, 2, 1)), (2 * rows, cols))
     else:
-        packed = tl.load(ptrs, mask=mask, other=0)
-        absmax = tl.load(scale_ptrs, mask=mask, other=0.0)
-    nibble = (packed.to(tl.int32) >> shift) & 0xF
-    return tl.load(code_ptr + nibble) * absmax.to(tl.float32)
+        index = tl.reshape(pairs, (rows, 2 * cols))
+    return tl.load(code_ptr + index)
+
+
+@triton.jit
+def repeat_groups(scales, GROUP: tl.constexpr, ALONG_ROWS: tl.constexpr):
+    """Each of ``scales``' rows (``ALONG_ROWS``), or columns, ``GROUP``
+    times in a row: (G, C) -> (G·GROUP, C), or (R, G) -> (R, G·GROUP)."""
+    a: tl.constexpr = scales.shape[0]
+    b: tl.constexpr = scales.shape[1]
+    if ALONG_ROWS:
+        out = tl.reshape(tl.broadcast_to(scales[:, None, :], (a, GROUP, b)), (a * GROUP, b))
+    else:
+        out = tl.reshape(tl.broadcast_to(scales[:, :, None], (a, b, GROUP)), (a, b * GROUP))
+    return out
 
 
 @triton.jit

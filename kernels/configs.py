@@ -353,6 +353,25 @@ def int8_b_fits(c: "GemmConfig", elt: int, shrink_in_loop: bool, block_r: int) -
     return not shrink_in_loop or c.block_k * c.block_n // (32 * c.num_warps) <= cap
 
 
+#: An NF4 base: the GEMMs decode its tiles in the K loop (a byte tile, its
+#: nibbles' codes looked up, times the group's absmax) only up to this M;
+#: from it on the dispatch makes Ŵ whole once a pass (``dequant``: one read
+#: of N·K/2 bytes, one write and one read of N·K·2) and runs the float path
+#: on it. A model, not a measurement: decoding costs ALU work in every M
+#: tile's K loop, about 20 instructions an element, against the dot's
+#: 2·BLOCK_M FLOPs an element on the tensor cores, so it is free where the
+#: GEMM is bound by the weight's bytes (small M) and not where it is bound
+#: by the tensor cores (M in the thousands); 512 is where a 4096x4096 bf16
+#: layer's GEMM turns compute bound on an H200 (its ridge: about 300 FLOPs
+#: a byte).
+NF4_DECODE_MAX_M = 511
+
+#: The dequantisation kernel's tile (``dequant``): 32 elements a thread.
+DEQUANT_BLOCK_N = 32
+DEQUANT_BLOCK_K = 128
+DEQUANT_NUM_WARPS = 4
+
+
 def persistent_grid_fits(smem_limit: int) -> bool:
     """Whether the persistent grid may run with ``smem_limit`` bytes of shared
     memory a program: only with Hopper's. Its flattened tile loop buffers one

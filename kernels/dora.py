@@ -17,7 +17,7 @@ loaded, each row times its scale, rounded once to A's dtype
 (``common.dequantize``): the norm of ``Ŵ + s·B A``, Ŵ as the GEMMs make it.
 An NF4 W (``W_SCALE == 2``: (N, K/2) bytes, the absmax of each group of
 ``W_GROUP`` of a row) likewise, each value ``code[nibble] · absmax``
-(``common.nf4_tile``).
+(``common.nf4_codes``), a (BLOCK_N, BLOCK_K / 2) tile of bytes a step.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import alloc, dequantize, in_bounds, is_interpreted, load_operand, nf4_tile
+from .common import alloc, dequantize, in_bounds, is_interpreted, load_operand, nf4_codes, repeat_groups
 from .configs import DORA_NORM_16BIT, DORA_NORM_FP32, NormConfig, block_r_for, cdiv
 
 
@@ -78,10 +78,19 @@ def dora_norm_kernel(
         offs_k = k0 + offs_kb
         k_in = in_bounds(offs_k, K, EVEN_K)
         a_cols = a_ptr + offs_k.to(tl.int64)[None, :] * stride_ak
-        if W_SCALE == 2:  # (two values of a row a byte, the even k's in the high nibble)
-            w = nf4_tile(w_rows + (offs_k // 2).to(tl.int64)[None, :] * stride_wk, (4 - 4 * (offs_k % 2))[None, :],
-                         s_rows + (offs_k // W_GROUP)[None, :] * stride_s2, code_ptr, n_in[:, None] & k_in[None, :])
-            w = dequantize(w, 1.0, a_ptr.dtype.element_ty, UPCAST)
+        if W_SCALE == 2:  # (two values of a row a byte; 0x77: two zeros, outside W)
+            offs_k2 = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(w_rows + offs_k2.to(tl.int64)[None, :] * stride_wk,
+                             mask=n_in[:, None] & in_bounds(offs_k2, K // 2, EVEN_K)[None, :], other=0x77)
+            if BLOCK_K <= W_GROUP:
+                absmax = tl.load(s_rows + (k0 // W_GROUP) * stride_s2, mask=n_in[:, None], other=0.0)
+            else:
+                offs_g = k0 // W_GROUP + tl.arange(0, BLOCK_K // W_GROUP)
+                absmax = tl.load(s_rows + offs_g[None, :] * stride_s2,
+                                 mask=n_in[:, None] & in_bounds(offs_g, K // W_GROUP, EVEN_K)[None, :], other=0.0)
+                absmax = repeat_groups(absmax, W_GROUP, False)
+            w = dequantize(nf4_codes(packed, code_ptr, False) * absmax.to(tl.float32), 1.0, a_ptr.dtype.element_ty,
+                           UPCAST)
         else:
             w = load_operand(w_rows + offs_k.to(tl.int64)[None, :] * stride_wk, n_in[:, None] & k_in[None, :],
                              UPCAST and W_SCALE == 0)

@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 
 from .common import (AdapterColumns, adapter_columns, alloc, check_adapter_columns, check_row_scale, dequantize,
-                     in_bounds, is_interpreted, keep_mask, load_operand, load_seed, mask_counters_int64, nf4_tile,
-                     seed_arg)
+                     in_bounds, is_interpreted, keep_mask, load_operand, load_seed, mask_counters_int64, nf4_codes,
+                     repeat_groups, seed_arg)
 from .configs import GEMM_LR_MAX_BLOCK_R, NUM_SMS_SM90, GemmConfig, block_r_for, cdiv, persistent_programs
 from .skinny import launch_reductions
 
@@ -251,14 +251,13 @@ def lora_gemm_kernel(
         k_lo = pid_k * k_blocks_per_split * BLOCK_K
         k_len = min(K - k_lo, k_blocks_per_split * BLOCK_K)
         a_ptrs = a_ptr + k_lo.to(tl.int64) * stride_ak + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-        if B_SCALE == 3:  # NF4 Wᵀ: two of B's rows a byte, k's in its high nibble when k is even
-            b_ptrs = (b_ptr + (k_lo // 2).to(tl.int64) * stride_bk + (offs_k // 2)[:, None] * stride_bk
+        if B_SCALE == 3:  # NF4 Wᵀ: a byte holds two of B's rows (a (BLOCK_K / 2, BLOCK_N) tile of bytes)
+            offs_k2 = tl.arange(0, BLOCK_K // 2)
+            b_ptrs = (b_ptr + (k_lo // 2).to(tl.int64) * stride_bk + offs_k2[:, None] * stride_bk
                       + cols[None, :] * stride_bn)
-            b_shift = (4 - 4 * (offs_k % 2))[:, None]
-        elif B_SCALE == 4:  # NF4 W: two of B's columns a byte
-            b_ptrs = (b_ptr + k_lo.to(tl.int64) * stride_bk + offs_k[:, None] * stride_bk
-                      + (cols // 2)[None, :] * stride_bn)
-            b_shift = (4 - 4 * (cols % 2).to(tl.int32))[None, :]
+        elif B_SCALE == 4:  # NF4 W: a byte holds two of B's columns (a (BLOCK_K, BLOCK_N / 2) tile of bytes)
+            cols2 = ((pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)) % (N // 2)).to(tl.int64)
+            b_ptrs = b_ptr + k_lo.to(tl.int64) * stride_bk + offs_k[:, None] * stride_bk + cols2[None, :] * stride_bn
         else:
             b_ptrs = b_ptr + k_lo.to(tl.int64) * stride_bk + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
         if LOW_RANK == 2:
@@ -276,19 +275,49 @@ def lora_gemm_kernel(
             if not EVEN_K:
                 k_in = offs_k < k_len - k0
             # (an int8 B is widened by its dequantisation, not by UPCAST)
-            if B_SCALE >= 3:  # NF4 (never through TMA): the code of each nibble times its block's absmax
-                k_abs = k_lo + k0 + offs_k
-                if B_SCALE == 3:
-                    bs_ptrs = bsc_ptr + cols[None, :] * stride_bsc + (k_abs // B_GROUP)[:, None] * stride_bsc2
-                else:
-                    bs_ptrs = (bsc_ptr + k_abs.to(tl.int64)[:, None] * stride_bsc
-                               + (cols // B_GROUP)[None, :] * stride_bsc2)
+            if B_SCALE >= 3:  # NF4 (never through TMA): each value's code times its group's absmax
                 if EVEN_K:
                     a = load_operand(a_ptrs, None, UPCAST)
-                    b = nf4_tile(b_ptrs, b_shift, bs_ptrs, bcode_ptr, None)
                 else:
                     a = load_operand(a_ptrs, k_in[None, :], UPCAST)
-                    b = nf4_tile(b_ptrs, b_shift, bs_ptrs, bcode_ptr, k_in[:, None])
+                if B_SCALE == 3:  # (the groups run along the tile's K: one absmax a column, or a few)
+                    g0 = (k_lo + k0) // B_GROUP
+                    if EVEN_K:
+                        packed = tl.load(b_ptrs)
+                    else:  # (0x77: two zeros; K is even)
+                        packed = tl.load(b_ptrs, mask=(offs_k2 < (k_len - k0) // 2)[:, None], other=0x77)
+                    if BLOCK_K <= B_GROUP:
+                        absmax = tl.load(bsc_ptr + cols * stride_bsc + g0 * stride_bsc2)[None, :]
+                    else:
+                        offs_g = tl.arange(0, BLOCK_K // B_GROUP)
+                        g_ptrs = bsc_ptr + cols[None, :] * stride_bsc + (g0 + offs_g)[:, None] * stride_bsc2
+                        if EVEN_K:
+                            absmax = tl.load(g_ptrs)
+                        else:
+                            absmax = tl.load(g_ptrs, mask=(offs_g < tl.cdiv(k_len - k0, B_GROUP))[:, None], other=0.0)
+                        absmax = repeat_groups(absmax, B_GROUP, True)
+                    b = nf4_codes(packed, bcode_ptr, True) * absmax.to(tl.float32)
+                else:  # (along the tile's N: one absmax a row, or a few)
+                    k_rows = (k_lo + k0 + offs_k).to(tl.int64) * stride_bsc
+                    if EVEN_K:
+                        packed = tl.load(b_ptrs)
+                    else:
+                        packed = tl.load(b_ptrs, mask=k_in[:, None], other=0x77)
+                    if BLOCK_N <= B_GROUP:
+                        g_ptrs = bsc_ptr + k_rows + ((pid_n * BLOCK_N) // B_GROUP) * stride_bsc2
+                        if EVEN_K:
+                            absmax = tl.load(g_ptrs)[:, None]
+                        else:
+                            absmax = tl.load(g_ptrs, mask=k_in, other=0.0)[:, None]
+                    else:
+                        offs_g = ((pid_n * BLOCK_N) // B_GROUP + tl.arange(0, BLOCK_N // B_GROUP)) % (N // B_GROUP)
+                        g_ptrs = bsc_ptr + k_rows[:, None] + offs_g[None, :] * stride_bsc2
+                        if EVEN_K:
+                            absmax = tl.load(g_ptrs)
+                        else:
+                            absmax = tl.load(g_ptrs, mask=k_in[:, None], other=0.0)
+                        absmax = repeat_groups(absmax, B_GROUP, False)
+                    b = nf4_codes(packed, bcode_ptr, False) * absmax.to(tl.float32)
                 b = dequantize(b, 1.0, a_ptr.dtype.element_ty, UPCAST)
             elif TMA:  # the copy engine zero-fills rows, columns and the K tail outside the operands
                 a = load_tile(a_desc, pid_m * BLOCK_M, k_lo + k0, A_T, UPCAST)
