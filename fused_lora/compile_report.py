@@ -551,10 +551,11 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, int8_base=True))
                 jobs.append(Job("gemm", pass_name, dtype, asdict(int8_tiles[0]), arch, block_r, even_k=False,
                                 int8_base=True))
-                # an NF4 base, on the same tiles, and its K tail
-                for cfg in int8_tiles if every_tile else int8_tiles[:1]:
+            if pass_name != "dw" and not in_loop:  # an NF4 base (its own tiles: configs.nf4_b_fits), its K tail
+                nf4_tiles = _int8_tiles(elt, block_r, in_loop, arch, smem, pass_name, nf4=True)
+                for cfg in nf4_tiles if every_tile else nf4_tiles[:1]:
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, nf4_base=True))
-                jobs.append(Job("gemm", pass_name, dtype, asdict(int8_tiles[0]), arch, block_r, even_k=False,
+                jobs.append(Job("gemm", pass_name, dtype, asdict(nf4_tiles[0]), arch, block_r, even_k=False,
                                 nf4_base=True))
         # Split-K partials (fp32 stores into the workspace), on the tiles the
         # heuristic picks where it splits: every pass at small M; dW (whose K is
@@ -576,9 +577,14 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                 cfg8 = configs.gemm_config(m, n, k, block_r, elt, in_loop, False, arch=arch, smem_limit=smem,
                                            int8_b=True, **_gemm_pruning(pass_name))
                 assert cfg8.split_k > 1, (pass_name, cfg8)
-                for base in ("int8_base", "nf4_base"):
-                    jobs.append(Job("gemm", pass_name, dtype, asdict(dataclasses.replace(cfg8, split_k=1)), arch,
-                                    block_r, split_k=True, **{base: True}))
+                jobs.append(Job("gemm", pass_name, dtype, asdict(dataclasses.replace(cfg8, split_k=1)), arch, block_r,
+                                split_k=True, int8_base=True))
+            if pass_name != "dw" and not in_loop:  # (decoding on an NF4 base)
+                cfg4 = configs.gemm_config(m, n, k, block_r, elt, in_loop, False, arch=arch, smem_limit=smem,
+                                           nf4_b=True, **_gemm_pruning(pass_name))
+                assert cfg4.split_k > 1, (pass_name, cfg4)
+                jobs.append(Job("gemm", pass_name, dtype, asdict(dataclasses.replace(cfg4, split_k=1)), arch, block_r,
+                                split_k=True, nf4_base=True))
         # TMA (16-bit, Hopper): every pass on every shipped tile it may run on, with a K tail
         # on the largest tile of each pass; the persistent grid likewise.
         if elt == 2 and arch >= 90:
@@ -611,8 +617,6 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                     if persistent8:
                         jobs.append(Job("gemm", pass_name, dtype, asdict(persistent8[0]), arch, block_r, tma=True,
                                         persistent=True, int8_base=True))
-                        jobs.append(Job("gemm", pass_name, dtype, asdict(persistent8[0]), arch, block_r,
-                                        persistent=True, nf4_base=True))  # (NF4: pointers)
         for cfg in shipped["skinny_fp32" if elt == 4 else "skinny_16bit"]:
             for pass_name, (shrink, tn, colsum, dropout) in SKINNY_PASSES.items():
                 for block_r in configs.rank_tiles(cfg.max_block_r):
@@ -657,12 +661,13 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
 
 
 def _int8_tiles(elt: int, block_r: int, in_loop: bool, arch: int, smem: int, pass_name: str,
-                persistent: bool = False) -> list:
-    """The tiles a GEMM pass runs an int8 base on (``configs.gemm_candidates``' ``int8_b``)."""
+                persistent: bool = False, nf4: bool = False) -> list:
+    """The tiles a GEMM pass runs an int8 base on (``configs.gemm_candidates``' ``int8_b``), or, ``nf4``, an
+    NF4 one (``nf4_b``)."""
     from fused_lora.kernels import configs
 
     return configs.gemm_candidates(elt, block_r, in_loop, arch=arch, smem_limit=smem, persistent=persistent,
-                                   int8_b=True, **_gemm_pruning(pass_name))
+                                   int8_b=not nf4, nf4_b=nf4, **_gemm_pruning(pass_name))
 
 
 def largest_rank_tiles(jobs: list[Job]) -> list[Job]:

@@ -324,7 +324,7 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
     # (the persistent grid holds a narrower in-loop rank tile, none with dx's mask: above it, every GEMM
     # runs one program a tile)
     block_r = cfg.block_r_for(r)
-    persistent = persistent and hopper_16bit and cfg.persistent_grid_fits(smem_limit) and not (
+    persistent = persistent and hopper_16bit and cfg.persistent_grid_fits(smem_limit) and quantized != "nf4" and not (
         (strategy == "in_loop" and block_r > cfg.in_loop_max_block_r(elt, persistent=True))
         or (dx_in_loop and block_r > cfg.in_loop_max_block_r(elt, persistent=True, epilogue_mask=dropout)))
     return Plan(
@@ -332,10 +332,10 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
         reason=reason,
         fwd_gemm=cfg.gemm_config(m, n, k, r, elt, strategy == "in_loop", interp, arch=arch, persistent=persistent,
                                  shrink_mask=dropout and strategy == "in_loop", smem_limit=smem_limit,
-                                 num_sms=num_sms, int8_b=bool(quantized)),
+                                 num_sms=num_sms, int8_b=quantized == "int8", nf4_b=quantized == "nf4"),
         dx_gemm=cfg.gemm_config(m, k, n, r, elt, dx_in_loop, interp, epilogue_mask=dropout_p > 0.0, arch=arch,
                                 persistent=persistent, smem_limit=smem_limit, num_sms=num_sms,
-                                int8_b=bool(quantized)),
+                                int8_b=quantized == "int8", nf4_b=quantized == "nf4"),
         dw_gemm=cfg.gemm_config(n, k, m, 1, elt, False, interp, arch=arch, persistent=persistent,
                                 smem_limit=smem_limit, num_sms=num_sms),
         skinny=skinny,
@@ -495,7 +495,7 @@ def _time_ms(fn) -> float:
 
 def gemm_config_for(pass_name: str, default, launch, *, m: int, n: int, k: int, r: int, dtype: torch.dtype,
                     shrink_in_loop: bool, epilogue_mask: bool, device: torch.device, persistent: bool = False,
-                    shrink_mask: bool = False, int8_b: bool = False):
+                    shrink_mask: bool = False, int8_b: bool = False, nf4_b: bool = False):
     """The configuration for one GEMM launch: ``default`` (the heuristic),
     unless autotuning is on, on a GPU, in which case the fastest candidate for
     this size bucket, timed once with ``launch(config)``."""
@@ -506,11 +506,11 @@ def gemm_config_for(pass_name: str, default, launch, *, m: int, n: int, k: int, 
     elt = dtype.itemsize
     block_r = cfg.block_r_for(r) if shrink_in_loop else cfg.block_r_for(r, cfg.GEMM_LR_MAX_BLOCK_R[elt])
     key = (pass_name, cfg.m_bucket(m), n, k, block_r, dtype, shrink_in_loop, epilogue_mask, arch, smem_limit,
-           num_sms, persistent, shrink_mask, int8_b)
+           num_sms, persistent, shrink_mask, int8_b, nf4_b)
     if key not in _tuned:
         candidates = cfg.gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, smem_limit=smem_limit,
                                          arch=arch, persistent=persistent, shrink_mask=shrink_mask,
-                                         int8_b=int8_b) or [default]
+                                         int8_b=int8_b, nf4_b=nf4_b) or [default]
         # each tile shape with its own split-K
         candidates = [dataclasses.replace(c, split_k=cfg.split_k_for(c, m, n, k, False, num_sms))
                       for c in candidates]

@@ -207,7 +207,7 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     w = _row_vector(row_scale, m)
     adapters = _adapter_columns(adapter_ids, rank_ids, rank_scaling, m)
     tune = dict(m=m, n=n, r=r, dtype=x.dtype, epilogue_mask=False, device=x.device, persistent=plan.persistent,
-                int8_b=weight_scale is not None)
+                **_quantized_b(weight, weight_scale))
     if plan.strategy == "in_loop":
         # (with dropout: xa = drop(x)·Aᵀ, each N tile masking its x tiles for the shrink's dot)
         def launch(config):
@@ -242,6 +242,12 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
 def _base_kind(weight: Tensor, weight_scale: Tensor | None) -> str:
     """The dispatch's ``quantized``: ``""``, ``"int8"`` or ``"nf4"``."""
     return "" if weight_scale is None else base_format(weight)
+
+
+def _quantized_b(weight: Tensor, weight_scale: Tensor | None) -> dict:
+    """The GEMM tiles' ``int8_b`` and ``nf4_b`` for the base the GEMMs read."""
+    return dict(int8_b=weight_scale is not None and weight.dtype == torch.int8,
+                nf4_b=weight_scale is not None and weight.dtype == torch.uint8)
 
 
 def _base_operands(k_, plan, weight: Tensor, weight_scale: Tensor | None, dtype: torch.dtype):
@@ -313,7 +319,7 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
         dx2, dy_b = launch_dx(dispatch.gemm_config_for(
             "dx", plan.dx_gemm, launch_dx, m=m, n=k, k=a.shape[1], r=r, dtype=x.dtype, shrink_in_loop=g_in_dx,
             epilogue_mask=dropout_p > 0.0, device=x.device, persistent=plan.persistent,
-            int8_b=weight_scale is not None))
+            **_quantized_b(weight, weight_scale)))
         if g_in_dx:
             g = dy_b
         if plan.cublas_base:

@@ -366,10 +366,34 @@ def int8_b_fits(c: "GemmConfig", elt: int, shrink_in_loop: bool, block_r: int) -
 #: a byte).
 NF4_DECODE_MAX_M = 511
 
+#: NF4's decoding (a byte tile unpacked, each nibble's code looked up) holds
+#: more registers than int8's: measured with the compile report (sm_90,
+#: Triton 3.6 and 3.9; the split forward and dx, the K tail, split-K), the
+#: 128x256x64 tile on 8 warps (64 decoded elements a thread) spilled 468 to
+#: 636 bytes and passed 232,448 bytes of shared memory on both versions,
+#: 128x64x64 on 4 warps (128 rows beside the decoding) spilled 24-32 bytes
+#: on 3.6, and the persistent grid's 128x128x64 44-48 bytes on 3.6; every
+#: other shipped 16-bit tile compiled without a spill. So: at most 32 decoded
+#: elements a thread, at most 64 rows a warpgroup, never the persistent grid
+#: (:func:`nf4_b_fits`; the dispatch keeps NF4 off it).
+NF4_B_MAX_DECODED_ELEMS_PER_THREAD = 32
+NF4_B_MAX_ROWS_PER_WARPGROUP = 64
+
 #: The dequantisation kernel's tile (``dequant``): 32 elements a thread.
 DEQUANT_BLOCK_N = 32
 DEQUANT_BLOCK_K = 128
 DEQUANT_NUM_WARPS = 4
+
+
+def nf4_b_fits(c: "GemmConfig", elt: int, persistent: bool) -> bool:
+    """Whether tile ``c`` may decode an NF4 B (above; never with the in-loop
+    shrink, which the dispatch does not run on NF4)."""
+    if persistent:
+        return False
+    if elt == 4:
+        return c.elems_per_thread() <= INT8_B_FP32_MAX_ELEMS_PER_THREAD
+    return (c.block_k * c.block_n // (32 * c.num_warps) <= NF4_B_MAX_DECODED_ELEMS_PER_THREAD
+            and c.block_m * 4 <= NF4_B_MAX_ROWS_PER_WARPGROUP * c.num_warps)
 
 
 def persistent_grid_fits(smem_limit: int) -> bool:
@@ -422,7 +446,7 @@ def _stages_that_fit(pool, fits) -> list[GemmConfig]:
 
 def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask: bool = False,
                     smem_limit: int = SMEM_LIMIT_SM90, arch: int = 90, persistent: bool = False,
-                    shrink_mask: bool = False, int8_b: bool = False) -> list[GemmConfig]:
+                    shrink_mask: bool = False, int8_b: bool = False, nf4_b: bool = False) -> list[GemmConfig]:
     """The shipped GEMM configurations for an element size, pruned to those
     whose shared memory fits ``smem_limit`` (below Hopper's, with fewer
     stages where theirs do not fit; and, with an epilogue mask, on the
@@ -431,7 +455,8 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
     accumulator and xa do, and with mma.sync, above its narrow rank tiles,
     whose accumulator does; with its input masked, whose A tile does; with
     dx's epilogue mask, whose accumulator and xa do, on at most 64 rows a
-    warpgroup; with an int8 B, :func:`int8_b_fits`). None where the in-loop
+    warpgroup; with an int8 B, :func:`int8_b_fits`; with an NF4 B,
+    :func:`nf4_b_fits`). None where the in-loop
     shrink cannot hold the rank tile."""
     if shrink_in_loop and block_r > in_loop_max_block_r(elt, persistent, epilogue_mask):
         return []
@@ -456,6 +481,7 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
             if fits(c)
             and (cap is None or c.elems_per_thread() <= cap)
             and (not int8_b or int8_b_fits(c, elt, shrink_in_loop, block_r))
+            and (not nf4_b or nf4_b_fits(c, elt, persistent))
             and (not shrink_in_loop
                  or c.block_m * (c.block_n + block_r) // (32 * c.num_warps) <= IN_LOOP_MAX_ELEMS_PER_THREAD[elt])
             and (not (shrink_in_loop and shrink_mask)
@@ -489,7 +515,8 @@ def split_k_for(config: GemmConfig, m: int, n: int, k: int, interpreter: bool,
 def gemm_config(m: int, n: int, k: int, r: int, elt: int, shrink_in_loop: bool,
                 interpreter: bool, epilogue_mask: bool = False, arch: int = 90,
                 persistent: bool = False, shrink_mask: bool = False,
-                smem_limit: int = SMEM_LIMIT_SM90, num_sms: int = NUM_SMS_SM90, int8_b: bool = False) -> GemmConfig:
+                smem_limit: int = SMEM_LIMIT_SM90, num_sms: int = NUM_SMS_SM90, int8_b: bool = False,
+                nf4_b: bool = False) -> GemmConfig:
     """The GEMM tiles (and split-K) for an (m, k) x (k, n) product with a
     rank-r term, on a GPU with ``num_sms`` SMs.
 
@@ -497,21 +524,22 @@ def gemm_config(m: int, n: int, k: int, r: int, elt: int, shrink_in_loop: bool,
     bound), narrowing BM as M shrinks so that small batches neither pad a
     128-row tile nor leave SMs idle; split-K where even the narrowest tiles
     leave SMs idle. ``int8_b``: B is an int8 base, dequantised in registers
-    (:func:`int8_b_fits` prunes the tiles).
+    (:func:`int8_b_fits` prunes the tiles); ``nf4_b``: an NF4 one
+    (:func:`nf4_b_fits`).
     """
     tiles = _gemm_tiles(m, n, r, elt, shrink_in_loop, interpreter, epilogue_mask, arch, persistent, shrink_mask,
-                        smem_limit, num_sms, int8_b)
+                        smem_limit, num_sms, int8_b, nf4_b)
     return replace(tiles, split_k=split_k_for(tiles, m, n, k, interpreter, num_sms))
 
 
 def _gemm_tiles(m: int, n: int, r: int, elt: int, shrink_in_loop: bool, interpreter: bool,
                 epilogue_mask: bool, arch: int, persistent: bool, shrink_mask: bool,
-                smem_limit: int, num_sms: int, int8_b: bool = False) -> GemmConfig:
+                smem_limit: int, num_sms: int, int8_b: bool = False, nf4_b: bool = False) -> GemmConfig:
     if interpreter:
         return INTERPRETER_GEMM_WIDE if m >= INTERPRETER_WIDE_FROM_M else INTERPRETER_GEMM
     block_r = block_r_for(r) if shrink_in_loop else block_r_for(r, GEMM_LR_MAX_BLOCK_R[elt])
     cands = gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, smem_limit=smem_limit, arch=arch,
-                            persistent=persistent, shrink_mask=shrink_mask, int8_b=int8_b)
+                            persistent=persistent, shrink_mask=shrink_mask, int8_b=int8_b, nf4_b=nf4_b)
     if not cands:
         raise ValueError(f"no GEMM configuration holds the {'in-loop shrink' if shrink_in_loop else 'low-rank term'}"
                          f"'s rank tile {block_r} ({elt}-byte elements, sm_{arch}, {smem_limit} bytes of shared "
