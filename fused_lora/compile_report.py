@@ -642,9 +642,13 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
             jobs.append(Job("norm", "norm_chunked", dtype, asdict(cfg), arch, cfg.max_block_r))
             # an int8 W (QDoRA), its rows dequantised as loaded: one rank tile, a K tail, the chunked rank
             for even_k, pass_name in ((True, "norm"), (False, "norm"), (True, "norm_chunked")):
-                for base in ("int8_base", "nf4_base"):  # (and an NF4 W, likewise)
-                    jobs.append(Job("norm", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, even_k=even_k,
-                                    **{base: True}))
+                jobs.append(Job("norm", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, even_k=even_k,
+                                int8_base=True))
+        # an NF4 W (QDoRA on QLoRA's base), on its own tile (16-bit): likewise
+        for cfg in shipped["norm_fp32" if elt == 4 else "norm_nf4_16bit"]:
+            for even_k, pass_name in ((True, "norm"), (False, "norm"), (True, "norm_chunked")):
+                jobs.append(Job("norm", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, even_k=even_k,
+                                nf4_base=True))
         # the reductions: every combination of the kernel's meta-parameters, a second output in fp32
         # or in the operands' dtype (the first being either)
         seconds = ("fp32", dtype) if elt == 2 else ("fp32", "bf16", "fp16")

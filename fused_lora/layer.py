@@ -159,6 +159,13 @@ def _compute_dtype(x, weight_scale: torch.Tensor) -> torch.dtype:
     return x.dtype if isinstance(x, torch.Tensor) and x.is_floating_point() else weight_scale.dtype
 
 
+def _quantized_base_bias(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A quantized base's bias in the dtype the layer computes in (x's): a
+    bias kept in another (bitsandbytes' ``Linear4bit`` keeps fp32 ones
+    beside a bf16 compute dtype, and casts them in its forward) is cast."""
+    return bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+
+
 def _base_linear(layer: nn.Module, x, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight, layer.bias)``: a fused layer's base alone (its
     adapters off, merged, or no row's), with the fused path's typed errors
@@ -171,14 +178,16 @@ def _base_linear(layer: nn.Module, x, weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x must have shape (..., in_features={layer.in_features}) to match weight "
                          f"{tuple(weight.shape)}, got x of shape {tuple(x.shape)}")
     scale = layer._buffers.get("weight_scale")  # (nn.Module's __getattr__ costs host time on every call)
+    bias = layer.bias
     if scale is not None:
         weight = dequantize_base(weight, scale, _compute_dtype(x, scale))
+        bias = _quantized_base_bias(bias, weight.dtype)
     if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
         raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}: all tensors must share one dtype "
                         f"(cast x or the layer, e.g. layer.to({x.dtype}))")
     if x.device != weight.device:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}: all tensors must be on one device")
-    return F.linear(x, weight, layer.bias)
+    return F.linear(x, weight, bias)
 
 
 def unfusable_base(weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -199,6 +208,12 @@ def unfusable_base(weight: torch.Tensor, bias: torch.Tensor | None = None,
         if is_traceable_wrapper_subclass(t):
             return (f"its {name} is a {type(t).__module__}.{type(t).__name__}, a tensor subclass (a quantized "
                     f"weight, or a sharded DTensor), not a plain tensor")
+        state = getattr(t, "quant_state", None)
+        if name == "weight" and type(t).__name__ == "Params4bit" and state is not None:
+            shape = tuple(getattr(state, "shape", ()) or ())
+            return (f"its weight is a bitsandbytes 4-bit weight of quant_type {getattr(state, 'quant_type', None)!r}, "
+                    f"blocksize {getattr(state, 'blocksize', None)}, shape {shape}: the fused layers read nf4 "
+                    "whose rows are whole blocks (in_features a multiple of the blocksize), stored (out, in)")
         if t.dtype not in _BASE_DTYPES:
             return f"its {name} has dtype {t.dtype} (a quantized weight?), not one of {[str(d) for d in _BASE_DTYPES]}"
     return None
@@ -578,11 +593,12 @@ class LoRALinear(nn.Module):
         dtype = weight.dtype if scale is None else _compute_dtype(x, scale)
         if lora_A.dtype != dtype:
             lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
+        bias = self.bias if scale is None else _quantized_base_bias(self.bias, dtype)
         if self.use_dora:  # (never with a row scale: _forward_mixed runs DoRA's row groups apart)
-            return dora_linear(x, weight, lora_A, lora_B, self.lora_magnitude_vector.to(dtype), self.bias,
+            return dora_linear(x, weight, lora_A, lora_B, self.lora_magnitude_vector.to(dtype), bias,
                                scaling=self.scaling, dropout_p=self.dropout if self.training else 0.0,
                                weight_scale=scale, backend=self.backend)
-        return lora_linear(x, weight, lora_A, lora_B, self.bias, scaling=self.scaling,
+        return lora_linear(x, weight, lora_A, lora_B, bias, scaling=self.scaling,
                            dropout_p=self.dropout if self.training and not self.merged else 0.0,
                            row_scale=row_scale, weight_scale=scale, backend=self.backend)
 
@@ -847,7 +863,8 @@ class MultiLoRALinear(nn.Module):
         if any(a.dtype != dtype for a in lora_A + lora_B):  # (e.g. fp32 adapters on a bf16 base)
             lora_A = [a.to(dtype) for a in lora_A]
             lora_B = [b.to(dtype) for b in lora_B]
-        return multi_lora_linear(x, weight, lora_A, lora_B, adapter_ids, self.bias, scaling=list(self.scalings),
+        bias = self.bias if scale is None else _quantized_base_bias(self.bias, dtype)
+        return multi_lora_linear(x, weight, lora_A, lora_B, adapter_ids, bias, scaling=list(self.scalings),
                                  dropout_p=self.dropout if self.training else 0.0, weight_scale=scale,
                                  backend=self.backend)
 

@@ -162,7 +162,7 @@ def quantize_nf4(weight: torch.Tensor, group_size: int = NF4_GROUP) -> tuple[tor
         blocks = w.reshape(n, k // group, group)
         absmax = blocks.abs().amax(dim=2)
         safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-        normed = (blocks / safe[:, :, None]).reshape(n, k)
+        normed = (blocks / safe[:, :, None]).reshape(n, k).contiguous()
         code = torch.tensor(NF4_CODE, dtype=torch.float32, device=w.device)
         index = torch.bucketize(normed, (code[1:] + code[:-1]) / 2)  # (a value on a midpoint: the larger code)
         index = index.to(torch.uint8)

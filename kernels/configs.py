@@ -616,6 +616,10 @@ class NormConfig:
 #: loops: rank chunks of 32 (at 64 sm_80 spilled 8.8 KB, compile report).
 DORA_NORM_16BIT = NormConfig(block_n=32, block_k=128)
 DORA_NORM_FP32 = NormConfig(block_n=32, block_k=64, max_block_r=32)
+#: An NF4 W (16-bit A and B): half the K step, the decoding's registers
+#: beside the rank's (at 128 the chunked rank spilled 80 bytes on sm_90,
+#: Triton 3.9, compile report); fp32's tile is that narrow already.
+DORA_NORM_NF4_16BIT = NormConfig(block_n=32, block_k=64)
 
 
 def shipped_configs() -> dict[str, list]:
@@ -627,4 +631,5 @@ def shipped_configs() -> dict[str, list]:
         "skinny_fp32": [SKINNY_FP32],
         "norm_16bit": [DORA_NORM_16BIT],
         "norm_fp32": [DORA_NORM_FP32],
+        "norm_nf4_16bit": [DORA_NORM_NF4_16BIT],
     }

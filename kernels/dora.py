@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .common import alloc, dequantize, in_bounds, is_interpreted, load_operand, nf4_codes, repeat_groups
-from .configs import DORA_NORM_16BIT, DORA_NORM_FP32, NormConfig, block_r_for, cdiv
+from .configs import DORA_NORM_16BIT, DORA_NORM_FP32, DORA_NORM_NF4_16BIT, NormConfig, block_r_for, cdiv
 
 
 @triton.jit(do_not_specialize=["N", "K", "R"])
@@ -111,9 +111,11 @@ def dora_norm_kernel(
     tl.store(out_ptr + offs_n, tl.sqrt_rn(squares), mask=n_in)
 
 
-def norm_config(element_size: int) -> NormConfig:
-    """The shipped tile for a weight of this element size."""
-    return DORA_NORM_FP32 if element_size == 4 else DORA_NORM_16BIT
+def norm_config(element_size: int, nf4: bool = False) -> NormConfig:
+    """The shipped tile for A and B of this element size (``nf4``: W NF4)."""
+    if element_size == 4:
+        return DORA_NORM_FP32
+    return DORA_NORM_NF4_16BIT if nf4 else DORA_NORM_16BIT
 
 
 def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
@@ -137,7 +139,7 @@ def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
     out = alloc((n,), torch.float32, weight.device)
     if n == 0:
         return out
-    cfg = norm_config(lora_A.element_size())
+    cfg = norm_config(lora_A.element_size(), nf4)
     block_r = block_r_for(r, cfg.max_block_r)
     upcast = is_interpreted(dora_norm_kernel) and lora_A.dtype == torch.bfloat16
     dora_norm_kernel[(cdiv(n, cfg.block_n),)](

@@ -1,0 +1,295 @@
+"""An NF4 base in the layers and in models: ``LoRALinear.from_linear(...,
+quantize_base="nf4")``, ``MultiLoRALinear``, ``inject(...,
+quantize_base="nf4")`` and bitsandbytes' nf4 ``Linear4bit`` taken as it is,
+each against the same layers on the dequantised weight; the state dict,
+training, QDoRA, and what such layers refuse."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fused_lora
+from fused_lora import LoRALinear, MultiLoRALinear, reference
+from lora_testing import DEVICE, assert_close, tiny_gpt2, tiny_llama
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def _nf4_layer(k, n, r, dtype, bias=True, dropout=0.0, adapter_dtype=None, use_dora=False):
+    torch.manual_seed(0)
+    linear = nn.Linear(k, n, bias=bias, device=DEVICE, dtype=dtype)
+    layer = LoRALinear.from_linear(linear, r=r, alpha=2 * r, dropout=dropout, quantize_base="nf4",
+                                   adapter_dtype=adapter_dtype, use_dora=use_dora)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5)  # (a trained adapter: B away from 0)
+    return linear, layer
+
+
+def _deq(layer, dtype):
+    return fused_lora.dequantize_nf4(layer.weight, layer.weight_scale, dtype)
+
+
+def _reference(layer, x, dropout_p=0.0, seed=None):
+    return reference.lora_linear_checked(x.double(), _deq(layer, x.dtype).double(), layer.lora_A.double(),
+                                         layer.lora_B.double(), None if layer.bias is None else layer.bias.double(),
+                                         layer.scaling, dropout_p, seed)
+
+
+@pytest.mark.parametrize("dtype, adapter_dtype", [(F32, None), (F16, None), (BF16, F32)], ids=str)
+@pytest.mark.parametrize("k, group", [(128, 64), (40, 8)])  # (in_features not a multiple of 64: a smaller group)
+def test_from_linear_quantizes_the_base_to_nf4_and_matches_the_reference(dtype, adapter_dtype, k, group):
+    linear, layer = _nf4_layer(k, 70, 6, dtype, adapter_dtype=adapter_dtype)
+    packed, absmax = fused_lora.quantize_nf4(linear.weight, group)
+    assert layer.quantized and layer.weight.dtype == torch.uint8 and not layer.weight.requires_grad
+    assert layer.weight.shape == (70, k // 2) and layer.in_features == k and layer.out_features == 70
+    assert torch.equal(layer.weight, packed) and torch.equal(layer.weight_scale, absmax)
+    assert layer.bias is linear.bias and layer.lora_A.dtype == (adapter_dtype or dtype)
+    assert "base=nf4" in repr(layer)
+    x = torch.randn(3, 17, k, device=DEVICE, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == dtype
+    assert_close(y, _reference(layer, x), dtype, "y")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), dy)
+    leaves = [t.detach().double().requires_grad_() for t in (x, layer.lora_A, layer.lora_B)]
+    y64 = reference.lora_linear(leaves[0], _deq(layer, dtype).double(), leaves[1].to(dtype).double(),
+                                leaves[2].to(dtype).double(), layer.bias.double(), scaling=layer.scaling)
+    for g, g64, name in zip(grads, torch.autograd.grad(y64, leaves, dy.double()), ("dx", "dA", "dB")):
+        assert_close(g, g64, dtype, name)
+
+
+def test_dropout_mixed_batches_and_the_adapter_off():
+    _, layer = _nf4_layer(64, 24, 4, F32, dropout=0.3)
+    x = torch.randn(6, 5, 64, device=DEVICE)
+    torch.manual_seed(5)
+    y_train = layer(x)
+    torch.manual_seed(5)
+    seed = fused_lora.dropout.draw_seed_tensor(x.device)  # (the seed the layer drew)
+    assert_close(y_train, _reference(layer, x, 0.3, seed), F32, "train")
+    layer.eval()
+    ids = torch.tensor([0, -1, 0, -1, -1, 0], device=DEVICE)
+    base = F.linear(x, _deq(layer, F32), layer.bias)
+    y = layer(x, adapter_ids=ids)
+    on = ids == 0
+    assert_close(y[on], _reference(layer, x[on]), F32, "adapter rows")
+    assert_close(y[~on], base[~on].double(), F32, "base rows")
+    with fused_lora.disable_adapters(layer):
+        assert torch.equal(layer(x), base)
+
+
+def test_the_state_dict_round_trips_and_refuses_the_other_kinds_of_weight():
+    _, layer = _nf4_layer(64, 24, 4, F32)
+    x = torch.randn(7, 64, device=DEVICE)
+    state = layer.state_dict()
+    assert set(state) == {"weight", "bias", "lora_A", "lora_B", "weight_scale"} and state["weight"].dtype == torch.uint8
+    _, other = _nf4_layer(64, 24, 4, F32)
+    with torch.no_grad():
+        other.weight_scale.mul_(2)
+    other.load_state_dict(state)
+    assert torch.equal(other(x), layer(x))
+    float_layer = LoRALinear.from_linear(nn.Linear(64, 24, device=DEVICE), r=4)
+    int8_layer = LoRALinear.from_linear(nn.Linear(64, 24, device=DEVICE), r=4, quantize_base=True)
+    with pytest.raises(RuntimeError, match=r"weight: a torch.float32 weight for a layer whose base is nf4 "
+                                           r"\(quantize_base\): quantize it \(fused_lora.quantize_nf4\)"):
+        layer.load_state_dict(float_layer.state_dict(), strict=False)
+    with pytest.raises(RuntimeError, match=r"weight: a torch.int8 weight for a layer whose base is nf4"):
+        layer.load_state_dict(int8_layer.state_dict(), strict=False)
+    with pytest.raises(RuntimeError, match=r"weight: a torch.uint8 weight for a layer whose base is "
+                                           r"torch.float32: a nf4 base loads into a layer made with "
+                                           r"quantize_base='nf4'"):
+        float_layer.load_state_dict(state, strict=False)
+    with pytest.raises(RuntimeError, match=r"weight: a torch.uint8 weight for a layer whose base is int8"):
+        int8_layer.load_state_dict(state, strict=False)
+    assert torch.equal(layer(x), other(x))  # (nothing loaded)
+
+
+def test_a_training_step_trains_the_adapter_alone():
+    _, layer = _nf4_layer(64, 24, 4, BF16, adapter_dtype=F32)
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.01)
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+    before = layer.weight.clone()
+    x = torch.randn(8, 64, device=DEVICE, dtype=BF16)
+    loss = layer(x).float().square().mean()
+    loss.backward()
+    opt.step()
+    assert torch.equal(layer.weight, before) and layer.weight.grad is None
+    assert layer(x).float().square().mean() < loss
+
+
+def test_what_an_nf4_base_refuses():
+    linear, layer = _nf4_layer(64, 24, 4, F32)
+    with pytest.raises(ValueError, match=r"the base is nf4 \(quantize_base\): folding the adapter in would"):
+        layer.merge()
+    with pytest.raises(ValueError, match=r"LoRALinear.reset_parameters\(\): the base is nf4"):
+        layer.reset_parameters()
+    with pytest.raises(ValueError, match="in_features must be even, got a weight \\(24, 63\\)"):
+        LoRALinear.from_linear(nn.Linear(63, 24, device=DEVICE), r=4, quantize_base="nf4")
+    with pytest.raises(ValueError, match=r"quantize_base must be False, True, 'int8' or 'nf4', got 'fp4'"):
+        LoRALinear.from_linear(linear, r=4, quantize_base="fp4")
+    with pytest.raises(ValueError, match=r"weight_scale must have shape \(out_features=24, in_features / group\)"):
+        LoRALinear.from_parameters(layer.weight, None, layer.lora_A, layer.lora_B, alpha=8,
+                                   weight_scale=torch.ones(24, device=DEVICE))
+    with pytest.raises(ValueError, match="a quantized base is stored \\(out, in\\)"):
+        LoRALinear.from_parameters(layer.weight, None, layer.lora_A, layer.lora_B, alpha=8,
+                                   weight_scale=layer.weight_scale, fan_in_fan_out=True)
+    # from_parameters of the same bytes and absmax: the same layer
+    same = LoRALinear.from_parameters(layer.weight, layer.bias, layer.lora_A, layer.lora_B, alpha=layer.alpha,
+                                      weight_scale=layer.weight_scale)
+    x = torch.randn(5, 64, device=DEVICE)
+    assert same.in_features == 64 and torch.equal(same(x), layer(x))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_a_qdora_layer_on_nf4_starts_as_its_base_and_matches_the_reference(dtype):
+    linear, layer = _nf4_layer(64, 24, 4, dtype, use_dora=True)
+    with torch.no_grad():
+        layer.lora_B.zero_()
+    deq = _deq(layer, dtype)
+    assert torch.equal(layer.lora_magnitude_vector, torch.linalg.vector_norm(deq.float(), dim=1).to(dtype))
+    x = torch.randn(3, 7, 64, device=DEVICE, dtype=dtype)
+    assert_close(layer(x), F.linear(x, deq, linear.bias).double(), dtype, "a fresh QDoRA layer")
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.3)
+        layer.lora_magnitude_vector.mul_(torch.rand(24, device=DEVICE, dtype=dtype) + 0.5)
+    x.requires_grad_()
+    y = layer(x)
+    leaves = [t.detach().double().requires_grad_() for t in (x, layer.lora_A, layer.lora_B,
+                                                                layer.lora_magnitude_vector)]
+    y64 = reference.dora_linear(leaves[0], deq.double(), *leaves[1:3], leaves[3], linear.bias.double(),
+                                scaling=layer.scaling)
+    assert_close(y, y64.detach(), dtype, "y")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector), dy)
+    for g, g64, name in zip(grads, torch.autograd.grad(y64, leaves, dy.double()), ("dx", "dA", "dB", "dm")):
+        assert_close(g, g64, dtype, name)
+
+
+def test_multi_lora_linear_on_an_nf4_base_is_the_same_layer_on_its_dequantised_weight():
+    torch.manual_seed(1)
+    linear = nn.Linear(48, 40, device=DEVICE, dtype=F16)
+    layer = MultiLoRALinear.from_linear(linear, [4, 8], quantize_base="nf4")
+    assert layer.quantized and layer.weight.dtype == torch.uint8 and "base=nf4" in repr(layer)
+    plain = MultiLoRALinear.around(nn.Parameter(_deq(layer, F16), requires_grad=False), linear.bias, [4, 8])
+    with torch.no_grad():
+        for i in range(2):
+            layer.lora_B[i].normal_(0, 0.5)
+            plain.lora_A[i].copy_(layer.lora_A[i])
+            plain.lora_B[i].copy_(layer.lora_B[i])
+    x = torch.randn(6, 48, device=DEVICE, dtype=F16)
+    ids = torch.tensor([0, 1, -1, 1, 0, 0], device=DEVICE)
+    with fused_lora.dispatch.force_strategy("split"):  # (the NF4 base runs split: the same plan)
+        assert torch.equal(layer(x, adapter_ids=ids), plain(x, adapter_ids=ids))
+    with pytest.raises(ValueError, match=r"merged_weight\(\): the base is nf4"):
+        layer.merged_weight(0)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_inject_quantize_base_nf4_is_the_model_on_its_dequantised_weights(make):
+    model = make(seed=3)
+    float_model = copy.deepcopy(model)
+    names = fused_lora.inject(model, "all-linear", r=4, alpha=8, quantize_base="nf4")
+    layers = {n: model.get_submodule(n) for n in names}
+    assert names and all(layer.quantized and layer.weight.dtype == torch.uint8 for layer in layers.values())
+    with torch.no_grad():
+        for name, layer in layers.items():
+            plain = float_model.get_submodule(name)
+            deq = _deq(layer, F32)
+            plain.weight.copy_(deq if isinstance(plain, nn.Linear) else deq.t())  # (GPT-2's Conv1D: (in, out))
+            nn.init.normal_(layer.lora_B, 0, 0.3)
+    fused_lora.inject(float_model, "all-linear", r=4, alpha=8)
+    float_layers = {n: float_model.get_submodule(n) for n in names}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            float_layers[name].lora_A.copy_(layer.lora_A)
+            float_layers[name].lora_B.copy_(layer.lora_B)
+    ids = torch.randint(0, 61, (2, 9), device=DEVICE)
+    out, float_out = model(input_ids=ids, labels=ids), float_model(input_ids=ids, labels=ids)
+    assert_close(out.logits, float_out.logits.double(), F32, "logits")
+    out.loss.backward()
+    float_out.loss.backward()
+    for name, layer in layers.items():
+        assert_close(layer.lora_B.grad, float_layers[name].lora_B.grad.double(), F32, f"{name}.lora_B.grad")
+        assert_close(layer.lora_A.grad, float_layers[name].lora_A.grad.double(), F32, f"{name}.lora_A.grad")
+    for what in (fused_lora.unload, fused_lora.merge_and_unload, fused_lora.to_peft):
+        with pytest.raises(ValueError, match=r"hold a quantized base, int8 or NF4"):
+            what(model)
+
+
+# ----------------------------------------------------------------------------
+# bitsandbytes' nf4 Linear4bit, taken as it is
+# ----------------------------------------------------------------------------
+
+def _linear4bit(linear: nn.Linear, quant_type="nf4", compress_statistics=True):
+    bnb = pytest.importorskip("bitsandbytes")
+    if DEVICE.type != "cpu":
+        pytest.skip("bitsandbytes' Linear4bit is built on CPU here")
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=linear.weight.dtype, quant_type=quant_type,
+                              compress_statistics=compress_statistics)
+    layer.load_state_dict(linear.state_dict())
+    return layer.to(DEVICE)  # (quantizes the weight)
+
+
+@pytest.mark.parametrize("compress_statistics", [True, False])
+def test_a_bitsandbytes_nf4_linear4bit_is_fused_as_it_is(compress_statistics):
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(4)
+    linear = nn.Linear(128, 40, device=DEVICE, dtype=BF16)
+    b4 = _linear4bit(linear, compress_statistics=compress_statistics)
+    layer = LoRALinear.from_linear(b4, r=4, alpha=8)
+    assert layer.quantized and layer.weight.dtype == torch.uint8 and layer.weight.shape == (40, 64)
+    assert layer.weight.data_ptr() == b4.weight.data_ptr()  # (its bytes, shared)
+    assert layer.in_features == 128 and layer.lora_A.dtype == b4.weight.quant_state.dtype
+    assert layer.bias is b4.bias and layer.bias.dtype == F32  # (bitsandbytes keeps it fp32: cast in the forward)
+    deq = bnb.functional.dequantize_4bit(b4.weight.data, b4.weight.quant_state).to(BF16)
+    assert torch.equal(_deq(layer, BF16), deq)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5)
+    x = torch.randn(3, 5, 128, device=DEVICE, dtype=BF16)
+    assert_close(layer(x), _reference(layer, x), BF16, "y")
+    with torch.no_grad(), fused_lora.disable_adapters(layer):  # (the base alone: bitsandbytes' own forward)
+        base = layer(x)
+        assert torch.equal(base, F.linear(x, deq, b4.bias.to(BF16)))
+        assert_close(base, b4(x).double(), BF16, "bitsandbytes' forward")
+    multi = MultiLoRALinear.from_linear(b4, [2, 3])
+    assert multi.quantized and multi.in_features == 128 and multi.weight.data_ptr() == b4.weight.data_ptr()
+
+
+def test_fp4_linear4bit_is_refused_and_inject_takes_a_model_of_nf4_linear4bit():
+    torch.manual_seed(5)
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).to(DEVICE)  # (tiny_llama's, wider: rows of whole 64-value blocks)
+    float_model = copy.deepcopy(model)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        parent, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), attr, _linear4bit(model.get_submodule(name)))
+    fp4 = _linear4bit(nn.Linear(64, 16, device=DEVICE), quant_type="fp4")
+    with pytest.raises(TypeError, match=r"the base: its weight is a bitsandbytes 4-bit weight of quant_type 'fp4', "
+                                        r"blocksize 64, shape \(16, 64\): the fused layers read nf4"):
+        LoRALinear.from_linear(fp4, r=4)
+    straddling = _linear4bit(nn.Linear(32, 16, device=DEVICE))  # (a block over two rows)
+    with pytest.raises(TypeError, match=r"quant_type 'nf4', blocksize 64, shape \(16, 32\): .* whole blocks"):
+        LoRALinear.from_linear(straddling, r=4)
+    names = fused_lora.inject(model, ["q_proj", "down_proj"], r=4, alpha=8)
+    assert len(names) == 4 and all(model.get_submodule(n).quantized == ("layers.0.self_attn.q_proj" in n
+                                                                         or "layers.1.mlp.down_proj" in n)
+                                   for n in names)
+    with torch.no_grad():
+        for name in names:
+            layer = model.get_submodule(name)
+            if layer.quantized:
+                float_model.get_submodule(name).weight.copy_(_deq(layer, F32))
+    fused_lora.inject(float_model, ["q_proj", "down_proj"], r=4, alpha=8)
+    with torch.no_grad():
+        for name in names:
+            nn.init.normal_(model.get_submodule(name).lora_B, 0, 0.3)
+            float_model.get_submodule(name).lora_A.copy_(model.get_submodule(name).lora_A)
+            float_model.get_submodule(name).lora_B.copy_(model.get_submodule(name).lora_B)
+    ids = torch.randint(0, 61, (2, 9), device=DEVICE)
+    assert_close(model(input_ids=ids).logits, float_model(input_ids=ids).logits.double(), F32, "logits")
