@@ -50,7 +50,8 @@ tests=(tests/test_parity.py tests/test_kernels.py tests/test_multi_adapter.py te
        tests/test_torch_integration.py tests/test_errors.py tests/test_reference.py tests/test_integration.py
        tests/test_multi_integration.py tests/test_cli.py tests/test_demo.py tests/test_distributed.py
        tests/test_packaging.py tests/test_random_inputs.py tests/test_dora.py tests/test_dora_layer.py
-       tests/test_dora_integration.py tests/test_quantized.py tests/test_quantized_layer.py)
+       tests/test_dora_integration.py tests/test_quantized.py tests/test_quantized_layer.py
+       tests/test_nf4.py tests/test_nf4_layer.py)
 ncpu=$(nproc 2>/dev/null || echo 2)
 COMPILERS=2  # processes compiling the benchmark's kernels, each every other case
 # (about 1220 specialisations in all by an interpreter count, keyed on kernel,
@@ -100,14 +101,14 @@ timeout 200 "$PY" -m fused_lora.cli bench --preset gpu-check --time-budget 140 -
 rc_bench=$?
 [ $rc_bench -eq 124 ] && echo "benchmark: TIMED OUT after 200 s (partial results are in $OUT)"
 
-# pytest bench/'s several-adapter, DoRA and int8-base benchmarks (fused against PEFT's mixed batch, PEFT's DoRA
-# layer, the 16-bit base), last and only in the time the box leaves: about 400 s in all (their kernels are mostly the
-# benchmark's, compiled already). Informational: their exit does not fail the check.
-echo "== more benchmarks, as time allows (pytest bench/: several adapters, DoRA, an int8 base)"
+# pytest bench/'s several-adapter, DoRA and quantized-base (int8, NF4) benchmarks (fused against PEFT's mixed
+# batch, PEFT's DoRA layer, the 16-bit base), last and only in the time the box leaves: about 400 s in all
+# (their kernels are mostly the benchmark's, compiled already). Informational: their exit does not fail the check.
+echo "== more benchmarks, as time allows (pytest bench/: several adapters, DoRA, int8 and NF4 bases)"
 left=$(( 400 - SECONDS ))
 if [ $left -ge 30 ]; then
     timeout $left "$PY" -m pytest -q -p no:cacheprovider -o addopts="" bench/test_bench_lora.py \
-        -k "multi_adapter or dora or int8" --benchmark-max-time=0.25 --benchmark-min-rounds=3 \
+        -k "multi_adapter or dora or quantized_base" --benchmark-max-time=0.25 --benchmark-min-rounds=3 \
         --benchmark-columns=median,iqr,rounds --benchmark-json "$OUT/bench_more.json"
     rc_more=$?
     [ $rc_more -eq 124 ] && echo "more benchmarks: stopped at the time box ($left s)"

@@ -169,25 +169,29 @@ def test_dora_norm(benchmark, provider, r):
     _time(benchmark, step)
 
 
-# An int8 base (lora_linear's weight_scale, dequantised tile by tile in the GEMMs' K loops) against the
-# same op on the 16-bit weight it dequantises to (the K loop's extra work; at decode sizes, where the
-# GEMM streams W, half its bytes), and against dequantising the whole weight each call first (what a
-# base kept in int8 costs without the fused dequantisation). On a GPU: a 4096 -> 4096 bf16 layer, rank
-# 16, 16 and 4096 tokens; without one, a tiny smoke shape.
-INT8 = dict(k=4096, n=4096, r=16, dtype=torch.bfloat16, tokens=(16, 4096)) if ON_GPU else dict(
-    k=48, n=40, r=8, dtype=torch.float32, tokens=(37,))
+# A quantized base (lora_linear's weight_scale): int8, dequantised tile by tile in the GEMMs' K loops,
+# and NF4 (QLoRA's 4 bits, groups of 64), decoded in the K loops at small M and made whole once a pass
+# at large M (dispatch.plan's dequantize_base), against the same op on the 16-bit weight they dequantise
+# to (the K loop's extra work; at decode sizes, where the GEMM streams W, a half or a quarter of its
+# bytes), and against dequantising the whole int8 weight each call in PyTorch first (what a base kept
+# quantized costs without the fused dequantisation). On a GPU: a 4096 -> 4096 bf16 layer, rank 16, 16
+# and 4096 tokens; without one, a tiny smoke shape.
+QUANT = dict(k=4096, n=4096, r=16, dtype=torch.bfloat16, tokens=(16, 4096)) if ON_GPU else dict(
+    k=64, n=40, r=8, dtype=torch.float32, tokens=(37,))
 
 
 @pytest.mark.parametrize("mode", harness.MODES)
-@pytest.mark.parametrize("m", INT8["tokens"])
-@pytest.mark.parametrize("provider", ["fused_int8", "fused_16bit", "dequantize_then_fused"])
-def test_int8_base(benchmark, provider, m, mode):
+@pytest.mark.parametrize("m", QUANT["tokens"])
+@pytest.mark.parametrize("provider", ["fused_int8", "fused_nf4", "fused_16bit", "dequantize_then_fused"])
+def test_quantized_base(benchmark, provider, m, mode):
     import fused_lora
 
-    k, n, r, dtype = INT8["k"], INT8["n"], INT8["r"], INT8["dtype"]
+    k, n, r, dtype = QUANT["k"], QUANT["n"], QUANT["r"], QUANT["dtype"]
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     x = (torch.randn(m, k, device=DEVICE, generator=gen) / 2).to(dtype).requires_grad_()
-    q, scale = fused_lora.quantize_int8(torch.randn(n, k, device=DEVICE, generator=gen) / k ** 0.5)
+    w = torch.randn(n, k, device=DEVICE, generator=gen) / k ** 0.5
+    q, scale = fused_lora.quantize_int8(w)
+    packed, absmax = fused_lora.quantize_nf4(w, 64)
     bias = torch.randn(n, device=DEVICE, generator=gen).to(dtype)
     lora_A = (torch.randn(r, k, device=DEVICE, generator=gen) / k ** 0.5).to(dtype).requires_grad_()
     lora_B = (torch.randn(n, r, device=DEVICE, generator=gen) / r ** 0.5).to(dtype).requires_grad_()
@@ -195,6 +199,11 @@ def test_int8_base(benchmark, provider, m, mode):
     if provider == "fused_int8":
         def forward():
             return fused_lora.lora_linear(x, q, lora_A, lora_B, bias, scaling=2.0, weight_scale=scale)
+    elif provider == "fused_nf4":
+        deq = fused_lora.dequantize_nf4(packed, absmax, dtype)
+
+        def forward():
+            return fused_lora.lora_linear(x, packed, lora_A, lora_B, bias, scaling=2.0, weight_scale=absmax)
     elif provider == "fused_16bit":
         def forward():
             return fused_lora.lora_linear(x, deq, lora_A, lora_B, bias, scaling=2.0)
@@ -202,7 +211,7 @@ def test_int8_base(benchmark, provider, m, mode):
         def forward():
             return fused_lora.lora_linear(x, fused_lora.dequantize_int8(q, scale, dtype), lora_A, lora_B, bias,
                                           scaling=2.0)
-    with torch.no_grad():  # (the three compute with the same base: the same output, to rounding)
+    with torch.no_grad():  # (each against the 16-bit op on its own base: the same output, to rounding)
         want = fused_lora.lora_linear(x, deq, lora_A, lora_B, bias, scaling=2.0).float()
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         assert (forward().float() - want).abs().max() <= tol * want.abs().max()

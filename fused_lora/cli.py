@@ -115,6 +115,7 @@ def check_cases(on_gpu: bool) -> list[dict]:
         small_m = ((16,), 4096, 4096)  # decode-sized: fewer output tiles than SMs, so the GEMMs split K
         aligned_int8 = ((4, 257), 1024, 784)  # TMA of an int8 W: its rows (in_features) 16 bytes
         many_tiles_int8 = many_tiles  # (in_features 2048: 16-byte int8 rows too)
+        nf4_decoded, nf4_whole = small_m, shapes[1]  # (NF4 in groups of 16: in_features a multiple of 16)
     else:
         shapes = [((3, 19), 53, 41), ((123,), 70, 45)]
         from .testing import interpreted_tma_k_n
@@ -125,6 +126,7 @@ def check_cases(on_gpu: bool) -> list[dict]:
         small_m = ((5,), 70, 45)  # fewer output tiles than the interpreter's 4 programs: split-K
         aligned_int8 = ((2, 40), 80, 48)  # TMA of an int8 W: rows of 16 bytes and 16 elements (every interpreter)
         many_tiles_int8 = aligned_int8  # (more tiles than the interpreter's 3 persistent programs too)
+        nf4_decoded, nf4_whole = ((5,), 64, 45), ((600,), 48, 40)  # (M on either side of NF4_DECODE_MAX_M)
     cases = []
 
     def case(shape, r, dtype, strategy, p, train_base, tma=False, persistent=False, row_scaled=False,
@@ -161,6 +163,13 @@ def check_cases(on_gpu: bool) -> list[dict]:
         case(shapes[0], 16, dtype, "hybrid", 0.0, train_base=False, quantized=True)
         case(small_m, 16, dtype, "in_loop", 0.1, train_base=False, adapters=True, quantized=True)
         case(shapes[0], 16, dtype, "split", 0.1, train_base=False, dora=True, quantized=True)  # (QDoRA)
+        # an NF4 base: decoded in the split forward's and dx's K loops (split along K at small M; forced in_loop
+        # runs split), made whole at large M (then any strategy), two adapters, QDoRA
+        case(nf4_decoded, 16, dtype, "split", 0.0, train_base=False, quantized="nf4")
+        case(nf4_decoded, 16, dtype, "in_loop", 0.1, train_base=False, adapters=True, quantized="nf4")
+        case(nf4_whole, 64, dtype, "split", 0.1, train_base=False, quantized="nf4")
+        case(nf4_whole, 16, dtype, "in_loop", 0.0, train_base=False, quantized="nf4")
+        case(nf4_decoded, 16, dtype, "split", 0.1, train_base=False, dora=True, quantized="nf4")
         if dtype != torch.float32:
             # TMA loads (16-bit): forward, dx (masked or not) and dW through descriptors
             for p, train_base in ((0.0, True), (0.1, False)):
@@ -205,6 +214,7 @@ def cmd_check(args) -> int:
             except Exception as exc:  # a crash is a failed row, not a traceback
                 errors, failure = {}, f"{type(exc).__name__}: {exc}"
         tol = TOLERANCE[case["dtype"]]
+        quantized_label = f" +{dispatch.quantized_kind(case['quantized'])}-base" if case["quantized"] else ""
         worst = max(errors.values()) if errors else float("inf")
         # (the strategy that ran: a forced in_loop falls back to split above its rank tile, its dx maybe still
         # in loop)
@@ -214,7 +224,8 @@ def cmd_check(args) -> int:
                               f"{' +row-scale' if case['row_scaled'] else ''}"
                               f"{' +adapters' if case['adapters'] else ''}"
                               f"{' +dora' if case['dora'] else ''}"
-                              f"{' +int8-base' if case['quantized'] else ''}"
+                              f"{quantized_label}"
+                              f"{' +whole' if plan.dequantize_base else ''}"
                               f"{' +dx-in-loop' if plan.dx_in_loop and plan.strategy != 'in_loop' else ''}"
                               f"{' +split-k' if plan.fwd_gemm.split_k > 1 else ''}",
                          shape=f"{'x'.join(map(str, case['lead']))}x{case['k']}->{case['n']}", r=case["r"],

@@ -211,6 +211,10 @@ def unfusable_base(weight: torch.Tensor, bias: torch.Tensor | None = None,
         state = getattr(t, "quant_state", None)
         if name == "weight" and type(t).__name__ == "Params4bit" and state is not None:
             shape = tuple(getattr(state, "shape", ()) or ())
+            if getattr(state, "packing_format_for_cpu", False):
+                return ("its weight is a bitsandbytes 4-bit weight repacked for bitsandbytes' CPU kernels "
+                        "(packing_format_for_cpu, which its first forward on CPU does): fuse the model before "
+                        "running it")
             return (f"its weight is a bitsandbytes 4-bit weight of quant_type {getattr(state, 'quant_type', None)!r}, "
                     f"blocksize {getattr(state, 'blocksize', None)}, shape {shape}: the fused layers read nf4 "
                     "whose rows are whole blocks (in_features a multiple of the blocksize), stored (out, in)")

@@ -246,7 +246,8 @@ def nf4_of(weight) -> tuple[torch.Tensor, torch.Tensor] | None:
     shape = tuple(getattr(state, "shape", ()) or ())
     group = getattr(state, "blocksize", None)
     if (getattr(state, "quant_type", None) != "nf4" or len(shape) != 2 or not isinstance(group, int)
-            or group < 2 or group & (group - 1) or shape[1] % group):
+            or group < 2 or group & (group - 1) or shape[1] % group
+            or getattr(state, "packing_format_for_cpu", False)):  # (repacked for its CPU kernels: another layout)
         return None
     n, k = shape
     data = weight.data if isinstance(weight.data, torch.Tensor) else None

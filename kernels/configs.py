@@ -375,9 +375,13 @@ NF4_DECODE_MAX_M = 511
 #: on 3.6, and the persistent grid's 128x128x64 44-48 bytes on 3.6; every
 #: other shipped 16-bit tile compiled without a spill. So: at most 32 decoded
 #: elements a thread, at most 64 rows a warpgroup, never the persistent grid
-#: (:func:`nf4_b_fits`; the dispatch keeps NF4 off it).
+#: (:func:`nf4_b_fits`; the dispatch keeps NF4 off it). With mma.sync (sm_80,
+#: Triton 3.6) the forward's 128x128x64 on 8 warps spilled 68-156 bytes
+#: (its byte tile's pairs run along K: a permute in registers): at most 64
+#: rows a tile there.
 NF4_B_MAX_DECODED_ELEMS_PER_THREAD = 32
 NF4_B_MAX_ROWS_PER_WARPGROUP = 64
+NF4_B_MMA_SYNC_MAX_BLOCK_M = 64
 
 #: The dequantisation kernel's tile (``dequant``): 32 elements a thread.
 DEQUANT_BLOCK_N = 32
@@ -385,10 +389,11 @@ DEQUANT_BLOCK_K = 128
 DEQUANT_NUM_WARPS = 4
 
 
-def nf4_b_fits(c: "GemmConfig", elt: int, persistent: bool) -> bool:
-    """Whether tile ``c`` may decode an NF4 B (above; never with the in-loop
-    shrink, which the dispatch does not run on NF4)."""
-    if persistent:
+def nf4_b_fits(c: "GemmConfig", elt: int, persistent: bool, arch: int = 90) -> bool:
+    """Whether tile ``c`` may decode an NF4 B on compute capability ``arch``
+    (above; never with the in-loop shrink, which the dispatch does not run
+    on NF4)."""
+    if persistent or (uses_mma_sync(arch) and c.block_m > NF4_B_MMA_SYNC_MAX_BLOCK_M):
         return False
     if elt == 4:
         return c.elems_per_thread() <= INT8_B_FP32_MAX_ELEMS_PER_THREAD
@@ -481,7 +486,7 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
             if fits(c)
             and (cap is None or c.elems_per_thread() <= cap)
             and (not int8_b or int8_b_fits(c, elt, shrink_in_loop, block_r))
-            and (not nf4_b or nf4_b_fits(c, elt, persistent))
+            and (not nf4_b or nf4_b_fits(c, elt, persistent, arch))
             and (not shrink_in_loop
                  or c.block_m * (c.block_n + block_r) // (32 * c.num_warps) <= IN_LOOP_MAX_ELEMS_PER_THREAD[elt])
             and (not (shrink_in_loop and shrink_mask)

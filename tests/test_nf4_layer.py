@@ -253,7 +253,7 @@ def test_a_bitsandbytes_nf4_linear4bit_is_fused_as_it_is(compress_statistics):
     with torch.no_grad(), fused_lora.disable_adapters(layer):  # (the base alone: bitsandbytes' own forward)
         base = layer(x)
         assert torch.equal(base, F.linear(x, deq, b4.bias.to(BF16)))
-        assert_close(base, b4(x).double(), BF16, "bitsandbytes' forward")
+        assert_close(base, copy.deepcopy(b4)(x).double(), BF16, "bitsandbytes' forward")  # (a copy: it repacks)
     multi = MultiLoRALinear.from_linear(b4, [2, 3])
     assert multi.quantized and multi.in_features == 128 and multi.weight.data_ptr() == b4.weight.data_ptr()
 
@@ -293,3 +293,46 @@ def test_fp4_linear4bit_is_refused_and_inject_takes_a_model_of_nf4_linear4bit():
             float_model.get_submodule(name).lora_B.copy_(model.get_submodule(name).lora_B)
     ids = torch.randint(0, 61, (2, 9), device=DEVICE)
     assert_close(model(input_ids=ids).logits, float_model(input_ids=ids).logits.double(), F32, "logits")
+
+
+def test_inject_fuses_a_model_transformers_loaded_in_4_bits(tmp_path):
+    """``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4"))`` (QLoRA's loading, on CPU): inject fuses every
+    Linear4bit as it is; with a fresh adapter it is the float model on Ŵ, and
+    the adapters train."""
+    pytest.importorskip("bitsandbytes")
+    if DEVICE.type != "cpu":
+        pytest.skip("bitsandbytes' 4-bit loading is checked on CPU here")
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(6)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_compute_dtype=F32)
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization,
+                                                          device_map="cpu")
+    ids = torch.randint(0, 61, (2, 9))
+    bytes_of = {n: m.weight.data_ptr() for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
+    names = fused_lora.inject(model, "all-linear", r=4, alpha=8)
+    assert sorted(names) == sorted(bytes_of) and len(names) == 14
+    assert all(model.get_submodule(n).quantized and model.get_submodule(n).weight.data_ptr() == bytes_of[n]
+               for n in names)
+    # the float model holding Ŵ (bitsandbytes' dequantize_4bit, bit for bit: test_nf4.py); its own CPU
+    # forward would not do (it repacks the weights for its CPU kernels, their absmax in bf16)
+    float_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        for name in names:
+            layer = model.get_submodule(name)
+            float_model.get_submodule(name).weight.copy_(_deq(layer, F32))
+        assert_close(model(input_ids=ids).logits, float_model(input_ids=ids).logits.double(), F32,
+                     "a fresh adapter: the model on Ŵ")
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(model.get_submodule(n).lora_B.grad is not None for n in names)
+    # a model that ran on CPU first holds weights repacked for bitsandbytes' CPU kernels: refused, with why
+    ran = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, device_map="cpu")
+    with torch.no_grad():
+        ran(input_ids=ids)
+    with pytest.raises(TypeError, match=r"repacked for bitsandbytes' CPU kernels .* fuse the model before running"):
+        fused_lora.inject(ran, "all-linear", r=4)
