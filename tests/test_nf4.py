@@ -3,8 +3,9 @@
 the GEMMs' decoding of NF4 tiles (the bits of the GEMM on the dequantised
 weight, in every form it runs), the dequantisation kernel of large M, the
 dispatch by M, the ops against the float64 reference on the dequantised
-base (forward, gradients, several adapters, DoRA), torch.compile and
-opcheck, and the typed errors."""
+base (forward, gradients, several adapters, DoRA), and the typed errors
+(the double backward, torch.compile and opcheck: test_quantized.py's, for
+both formats)."""
 
 import contextlib
 import dataclasses
@@ -309,49 +310,6 @@ def test_several_adapters_on_one_nf4_base():
     y = fused_lora.multi_lora_linear(x, packed, [zero_a], [zero_b], torch.zeros(5, dtype=torch.long, device=DEVICE),
                                      weight_scale=absmax)
     assert torch.equal(y, torch.nn.functional.linear(x, fused_lora.dequantize_nf4(packed, absmax, F32)))
-
-
-def test_double_backward_on_an_nf4_base():
-    x = torch.randn(6, 32, device=DEVICE, requires_grad=True)
-    w, b, a, bb = make_params(32, 12, 3, F32, True)
-    packed, absmax = fused_lora.quantize_nf4(w, 16)
-    a.requires_grad_()
-    y = fused_lora.lora_linear(x, packed, a, bb, b, scaling=1.5, weight_scale=absmax, backend="triton")
-    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
-    (gga,) = torch.autograd.grad(gx.square().sum(), a)
-    x64, a64 = x.detach().double().requires_grad_(), a.detach().double().requires_grad_()
-    y64 = reference.lora_linear(x64, packed, a64, bb.double(), b.double(), scaling=1.5, weight_scale=absmax)
-    (gx64,) = torch.autograd.grad(y64.square().sum(), x64, create_graph=True)
-    (gga64,) = torch.autograd.grad(gx64.square().sum(), a64)
-    assert_close(gx, gx64.detach(), F32, "dx")
-    assert_close(gga, gga64, F32, "d(dx)/dA")
-
-
-def test_the_ops_pass_opcheck_and_compile_with_an_nf4_base():
-    x = torch.randn(3, 5, 32, device=DEVICE, requires_grad=True)
-    w, b, a, bb = make_params(32, 16, 4, F32, True)
-    packed, absmax = fused_lora.quantize_nf4(w, 16)
-    a.requires_grad_()
-    bb.requires_grad_()
-    extra = ("", None, None, None, None, absmax)
-    seed = torch.tensor(7)
-    torch.library.opcheck(torch.ops.fused_lora.lora_linear_fwd.default,
-                          (x, packed, b, a, bb, 1.5, 0.2, seed, *extra))
-    y, xa = torch.ops.fused_lora.lora_linear_fwd(x, packed, b, a, bb, 1.5, 0.2, seed, *extra)
-    dy = torch.randn_like(y)
-    torch.library.opcheck(torch.ops.fused_lora.lora_linear_bwd.default,
-                          (dy, x.detach(), packed, a.detach(), bb.detach(), xa.detach(), 1.5, 0.2, seed,
-                           True, False, True, True, True, *extra))
-    eager = fused_lora.lora_linear(x, packed, a, bb, b, scaling=1.5, dropout_p=0.2, seed=7, weight_scale=absmax)
-
-    def f(x):
-        return fused_lora.lora_linear(x, packed, a, bb, b, scaling=1.5, dropout_p=0.2, seed=7, weight_scale=absmax)
-
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(f, backend=counter, fullgraph=True)(x)
-    assert counter.frame_count == 1
-    assert torch.equal(compiled, eager)
-    assert torch.equal(torch.autograd.grad(compiled, x, dy)[0], torch.autograd.grad(eager, x, dy)[0])
 
 
 # ----------------------------------------------------------------------------

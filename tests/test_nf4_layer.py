@@ -2,7 +2,9 @@
 quantize_base="nf4")``, ``MultiLoRALinear``, ``inject(...,
 quantize_base="nf4")`` and bitsandbytes' nf4 ``Linear4bit`` taken as it is,
 each against the same layers on the dequantised weight; the state dict,
-training, QDoRA, and what such layers refuse."""
+QDoRA, and what such layers refuse (a training step and ``inject(...,
+quantize_base="nf4")`` on Llama and GPT-2: test_quantized_layer.py's, for
+both formats)."""
 
 import copy
 
@@ -13,7 +15,7 @@ from torch import nn
 
 import fused_lora
 from fused_lora import LoRALinear, MultiLoRALinear, reference
-from lora_testing import DEVICE, assert_close, tiny_gpt2, tiny_llama
+from lora_testing import DEVICE, assert_close
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -106,19 +108,6 @@ def test_the_state_dict_round_trips_and_refuses_the_other_kinds_of_weight():
     assert torch.equal(layer(x), other(x))  # (nothing loaded)
 
 
-def test_a_training_step_trains_the_adapter_alone():
-    _, layer = _nf4_layer(64, 24, 4, BF16, adapter_dtype=F32)
-    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.01)
-    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
-    before = layer.weight.clone()
-    x = torch.randn(8, 64, device=DEVICE, dtype=BF16)
-    loss = layer(x).float().square().mean()
-    loss.backward()
-    opt.step()
-    assert torch.equal(layer.weight, before) and layer.weight.grad is None
-    assert layer(x).float().square().mean() < loss
-
-
 def test_what_an_nf4_base_refuses():
     linear, layer = _nf4_layer(64, 24, 4, F32)
     with pytest.raises(ValueError, match=r"the base is nf4 \(quantize_base\): folding the adapter in would"):
@@ -184,38 +173,6 @@ def test_multi_lora_linear_on_an_nf4_base_is_the_same_layer_on_its_dequantised_w
         assert torch.equal(layer(x, adapter_ids=ids), plain(x, adapter_ids=ids))
     with pytest.raises(ValueError, match=r"merged_weight\(\): the base is nf4"):
         layer.merged_weight(0)
-
-
-@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
-def test_inject_quantize_base_nf4_is_the_model_on_its_dequantised_weights(make):
-    model = make(seed=3)
-    float_model = copy.deepcopy(model)
-    names = fused_lora.inject(model, "all-linear", r=4, alpha=8, quantize_base="nf4")
-    layers = {n: model.get_submodule(n) for n in names}
-    assert names and all(layer.quantized and layer.weight.dtype == torch.uint8 for layer in layers.values())
-    with torch.no_grad():
-        for name, layer in layers.items():
-            plain = float_model.get_submodule(name)
-            deq = _deq(layer, F32)
-            plain.weight.copy_(deq if isinstance(plain, nn.Linear) else deq.t())  # (GPT-2's Conv1D: (in, out))
-            nn.init.normal_(layer.lora_B, 0, 0.3)
-    fused_lora.inject(float_model, "all-linear", r=4, alpha=8)
-    float_layers = {n: float_model.get_submodule(n) for n in names}
-    with torch.no_grad():
-        for name, layer in layers.items():
-            float_layers[name].lora_A.copy_(layer.lora_A)
-            float_layers[name].lora_B.copy_(layer.lora_B)
-    ids = torch.randint(0, 61, (2, 9), device=DEVICE)
-    out, float_out = model(input_ids=ids, labels=ids), float_model(input_ids=ids, labels=ids)
-    assert_close(out.logits, float_out.logits.double(), F32, "logits")
-    out.loss.backward()
-    float_out.loss.backward()
-    for name, layer in layers.items():
-        assert_close(layer.lora_B.grad, float_layers[name].lora_B.grad.double(), F32, f"{name}.lora_B.grad")
-        assert_close(layer.lora_A.grad, float_layers[name].lora_A.grad.double(), F32, f"{name}.lora_A.grad")
-    for what in (fused_lora.unload, fused_lora.merge_and_unload, fused_lora.to_peft):
-        with pytest.raises(ValueError, match=r"hold a quantized base, int8 or NF4"):
-            what(model)
 
 
 # ----------------------------------------------------------------------------

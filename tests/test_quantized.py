@@ -1,4 +1,5 @@
-"""A quantized frozen base (int8, one scale per output feature): the format
+"""A quantized frozen base (int8, one scale per output feature; NF4's own
+in test_nf4.py, the double backward and opcheck here for both): the format
 (``quantize_int8``/``dequantize_int8``), the GEMM's dequantising loads
 (bit for bit the GEMM on the dequantised weight, in every form it runs),
 the op forward and backward against the float64 reference on the
@@ -262,11 +263,16 @@ def test_an_int8_base_never_runs_hybrid_and_has_its_own_tiles():
         fused_lora.explain((8, 16), (4, 16), 2, quantized="yes")
 
 
-def test_double_backward_on_an_int8_base():
-    x = torch.randn(6, 20, device=DEVICE, dtype=torch.float64 if DEVICE.type == "cpu" else F32)
-    x = x.float().requires_grad_()
-    w, b, a, bb = make_params(20, 12, 3, F32, True)
-    q, scale = fused_lora.quantize_int8(w)
+def _quantize(w, fmt):
+    """``(q, weight_scale)`` of ``w`` in either quantized format (NF4 in groups of 16)."""
+    return fused_lora.quantize_nf4(w, 16) if fmt == "nf4" else fused_lora.quantize_int8(w)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_double_backward_on_a_quantized_base(fmt):
+    x = torch.randn(6, 32, device=DEVICE, requires_grad=True)
+    w, b, a, bb = make_params(32, 12, 3, F32, True)
+    q, scale = _quantize(w, fmt)
     a.requires_grad_()
     y = fused_lora.lora_linear(x, q, a, bb, b, scaling=1.5, weight_scale=scale, backend="triton")
     (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
@@ -279,10 +285,11 @@ def test_double_backward_on_an_int8_base():
     assert_close(gga, gga64, F32, "d(dx)/dA")
 
 
-def test_the_ops_pass_opcheck_and_compile_with_an_int8_base():
-    x = torch.randn(3, 5, 24, device=DEVICE, requires_grad=True)
-    w, b, a, bb = make_params(24, 16, 4, F32, True)
-    q, scale = fused_lora.quantize_int8(w)
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_the_ops_pass_opcheck_and_compile_with_a_quantized_base(fmt):
+    x = torch.randn(3, 5, 32, device=DEVICE, requires_grad=True)
+    w, b, a, bb = make_params(32, 16, 4, F32, True)
+    q, scale = _quantize(w, fmt)
     a.requires_grad_()
     bb.requires_grad_()
     extra = ("", None, None, None, None, scale)

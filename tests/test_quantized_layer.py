@@ -13,15 +13,16 @@ from torch import nn
 
 import fused_lora
 from fused_lora import LoRALinear, reference
+from fused_lora.quant import dequantize_base
 from lora_testing import DEVICE, assert_close, tiny_gpt2, tiny_llama
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
-def _quantized_layer(k, n, r, dtype, bias=True, dropout=0.0, adapter_dtype=None):
+def _quantized_layer(k, n, r, dtype, bias=True, dropout=0.0, adapter_dtype=None, quantize_base=True):
     torch.manual_seed(0)
     linear = nn.Linear(k, n, bias=bias, device=DEVICE, dtype=dtype)
-    layer = LoRALinear.from_linear(linear, r=r, alpha=2 * r, dropout=dropout, quantize_base=True,
+    layer = LoRALinear.from_linear(linear, r=r, alpha=2 * r, dropout=dropout, quantize_base=quantize_base,
                                    adapter_dtype=adapter_dtype)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.5)  # (a trained adapter: B away from 0)
@@ -104,9 +105,10 @@ def test_the_state_dict_round_trips_and_refuses_the_other_kind_of_weight():
     assert torch.equal(layer(x), other(x))  # (nothing loaded)
 
 
-def test_a_training_step_trains_the_adapter_alone():
-    _, layer = _quantized_layer(40, 24, 4, BF16, adapter_dtype=F32)
-    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+@pytest.mark.parametrize("quantize_base", [True, "nf4"])
+def test_a_training_step_trains_the_adapter_alone(quantize_base):
+    _, layer = _quantized_layer(40, 24, 4, BF16, adapter_dtype=F32, quantize_base=quantize_base)
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.01)
     assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
     before = layer.weight.clone()
     x = torch.randn(8, 40, device=DEVICE, dtype=BF16)
@@ -153,21 +155,22 @@ def test_what_an_int8_base_refuses():
         fused_lora.lora_linear(torch.randn(3, 40, device=DEVICE), layer.weight, a, b)
 
 
+@pytest.mark.parametrize("quantize_base", [True, "nf4"])
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
-def test_inject_quantize_base_is_the_model_on_its_dequantised_weights(make, tmp_path):
-    """The model with int8 bases, and the float model whose targeted weights
+def test_inject_quantize_base_is_the_model_on_its_dequantised_weights(make, quantize_base, tmp_path):
+    """The model with int8 (or NF4) bases, and the float model whose targeted weights
     are replaced by their dequantised values, each with the same adapters:
     the same logits and adapter gradients (fp32), a training step, and the
     adapters saved; unload, merge_and_unload and to_peft refused."""
     model = make(seed=3)
     float_model = copy.deepcopy(model)
-    names = fused_lora.inject(model, "all-linear", r=4, alpha=8, quantize_base=True)
+    names = fused_lora.inject(model, "all-linear", r=4, alpha=8, quantize_base=quantize_base)
     layers = {n: model.get_submodule(n) for n in names}
     assert names and all(layer.quantized for layer in layers.values())
     with torch.no_grad():  # the float model: those weights dequantised, as the kernels see them
         for name, layer in layers.items():
             plain = float_model.get_submodule(name)
-            deq = fused_lora.dequantize_int8(layer.weight, layer.weight_scale, F32)
+            deq = dequantize_base(layer.weight, layer.weight_scale, F32)
             plain.weight.copy_(deq if isinstance(plain, nn.Linear) else deq.t())  # (GPT-2's Conv1D: (in, out))
             nn.init.normal_(layer.lora_B, 0, 0.3)
     fused_lora.inject(float_model, "all-linear", r=4, alpha=8)
@@ -185,8 +188,10 @@ def test_inject_quantize_base_is_the_model_on_its_dequantised_weights(make, tmp_
         assert_close(layer.lora_B.grad, float_layers[name].lora_B.grad.double(), F32, f"{name}.lora_B.grad")
         assert_close(layer.lora_A.grad, float_layers[name].lora_A.grad.double(), F32, f"{name}.lora_A.grad")
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
-    weights = sum(layer.weight.numel() for layer in layers.values())
-    assert sum(layer.weight.element_size() * layer.weight.numel() for layer in layers.values()) == weights
+    weights = sum(layer.in_features * layer.out_features for layer in layers.values())
+    per_weight = 0.5 if quantize_base == "nf4" else 1  # (bytes a weight: NF4's two a byte)
+    held = sum(layer.weight.element_size() * layer.weight.numel() for layer in layers.values())
+    assert held == weights * per_weight
     for what in (fused_lora.unload, fused_lora.merge_and_unload, fused_lora.to_peft):
         with pytest.raises(ValueError, match=r"hold a quantized base, int8 or NF4 \(quantize_base, or torchao"):
             what(model)
