@@ -1,8 +1,8 @@
 """An NF4 base in the layers and in models: ``LoRALinear.from_linear(...,
 quantize_base="nf4")``, ``MultiLoRALinear``, ``inject(...,
 quantize_base="nf4")`` and bitsandbytes' nf4 ``Linear4bit`` taken as it is,
-each against the same layers on the dequantised weight; the state dict,
-QDoRA, and what such layers refuse (a training step and ``inject(...,
+each against the same layers on the dequantised weight; the state dict
+and what such layers refuse (a training step, QDoRA, and ``inject(...,
 quantize_base="nf4")`` on Llama and GPT-2: test_quantized_layer.py's, for
 both formats)."""
 
@@ -129,31 +129,6 @@ def test_what_an_nf4_base_refuses():
                                       weight_scale=layer.weight_scale)
     x = torch.randn(5, 64, device=DEVICE)
     assert same.in_features == 64 and torch.equal(same(x), layer(x))
-
-
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
-def test_a_qdora_layer_on_nf4_starts_as_its_base_and_matches_the_reference(dtype):
-    linear, layer = _nf4_layer(64, 24, 4, dtype, use_dora=True)
-    with torch.no_grad():
-        layer.lora_B.zero_()
-    deq = _deq(layer, dtype)
-    assert torch.equal(layer.lora_magnitude_vector, torch.linalg.vector_norm(deq.float(), dim=1).to(dtype))
-    x = torch.randn(3, 7, 64, device=DEVICE, dtype=dtype)
-    assert_close(layer(x), F.linear(x, deq, linear.bias).double(), dtype, "a fresh QDoRA layer")
-    with torch.no_grad():
-        layer.lora_B.normal_(0, 0.3)
-        layer.lora_magnitude_vector.mul_(torch.rand(24, device=DEVICE, dtype=dtype) + 0.5)
-    x.requires_grad_()
-    y = layer(x)
-    leaves = [t.detach().double().requires_grad_() for t in (x, layer.lora_A, layer.lora_B,
-                                                                layer.lora_magnitude_vector)]
-    y64 = reference.dora_linear(leaves[0], deq.double(), *leaves[1:3], leaves[3], linear.bias.double(),
-                                scaling=layer.scaling)
-    assert_close(y, y64.detach(), dtype, "y")
-    dy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector), dy)
-    for g, g64, name in zip(grads, torch.autograd.grad(y64, leaves, dy.double()), ("dx", "dA", "dB", "dm")):
-        assert_close(g, g64, dtype, name)
 
 
 def test_multi_lora_linear_on_an_nf4_base_is_the_same_layer_on_its_dequantised_weight():

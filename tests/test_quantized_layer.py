@@ -145,7 +145,8 @@ def test_what_an_int8_base_refuses():
     a, b = layer.lora_A, layer.lora_B
     with pytest.raises(ValueError, match=r"weight_scale must have shape \(out_features=24,\)"):
         LoRALinear.from_parameters(q, None, a, b, alpha=4, weight_scale=torch.ones(40, device=DEVICE))
-    with pytest.raises(TypeError, match=r"weight must be a plain int8 Parameter \(or a uint8 one: packed NF4\) with weight_scale"):
+    with pytest.raises(TypeError, match=r"weight must be a plain int8 Parameter \(or a uint8 one: packed NF4\) "
+                                        r"with weight_scale"):
         LoRALinear.from_parameters(linear.weight, None, a, b, alpha=4, weight_scale=torch.ones(24, device=DEVICE))
     with pytest.raises(ValueError, match="fan_in_fan_out=True takes no weight_scale"):
         LoRALinear.from_parameters(q, None, nn.Parameter(torch.zeros(4, 24, device=DEVICE)),
@@ -215,17 +216,19 @@ def test_inject_quantize_base_is_the_model_on_its_dequantised_weights(make, quan
         assert torch.equal(layer.weight, bases[name][0]) and torch.equal(layer.weight_scale, bases[name][1])
 
 
+@pytest.mark.parametrize("quantize_base", [True, "nf4"])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
-def test_a_qdora_layer_starts_as_its_base_and_matches_the_reference(dtype):
-    """DoRA on an int8 base (QDoRA): the magnitude starts as the norms of
+def test_a_qdora_layer_starts_as_its_base_and_matches_the_reference(dtype, quantize_base):
+    """DoRA on an int8 (or NF4) base (QDoRA): the magnitude starts as the norms of
     Ŵ's rows (a fresh layer is the dequantised base), and, trained, the
     layer is dora_linear on Ŵ (float64 reference), forward and gradients;
     delta_weight is γ ⊙ (Ŵ + s·B A) - Ŵ."""
     torch.manual_seed(2)
     linear = nn.Linear(40, 24, device=DEVICE, dtype=dtype)
-    layer = LoRALinear.from_linear(linear, r=4, alpha=8, use_dora=True, quantize_base=True)
-    assert layer.use_dora and layer.quantized and "use_dora=True" in repr(layer) and "base=int8" in repr(layer)
-    deq = fused_lora.dequantize_int8(layer.weight, layer.weight_scale, dtype)
+    layer = LoRALinear.from_linear(linear, r=4, alpha=8, use_dora=True, quantize_base=quantize_base)
+    fmt = "nf4" if quantize_base == "nf4" else "int8"
+    assert layer.use_dora and layer.quantized and "use_dora=True" in repr(layer) and f"base={fmt}" in repr(layer)
+    deq = dequantize_base(layer.weight, layer.weight_scale, dtype)
     assert torch.equal(layer.lora_magnitude_vector, torch.linalg.vector_norm(deq.float(), dim=1).to(dtype))
     x = torch.randn(3, 7, 40, device=DEVICE, dtype=dtype)
     base = F.linear(x, deq, linear.bias)
@@ -248,7 +251,7 @@ def test_a_qdora_layer_starts_as_its_base_and_matches_the_reference(dtype):
     adapted = w + layer.scaling * (layer.lora_B.double() @ layer.lora_A.double())
     gamma = layer.lora_magnitude_vector.double() / torch.linalg.vector_norm(adapted, dim=1)
     assert_close(layer.delta_weight(), gamma[:, None] * adapted - w, F32, "delta")  # (made in fp32)
-    with pytest.raises(ValueError, match="the base is int8"):
+    with pytest.raises(ValueError, match=f"the base is {fmt}"):
         layer.merge()
 
 
