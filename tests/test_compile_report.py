@@ -100,6 +100,11 @@ def test_the_report_covers_every_shipped_config():
     int8 = {("gemm", p + v + "+int8_base") for p in gemm_passes[:-1] for v in ("", "+k_tail", "+split_k", "+tma")}
     assert int8 <= passes and ("gemm", "dw+int8_base") not in passes
     assert {("gemm", p + "+tma+persistent+int8_base") for p in ("forward_in_loop", "forward_split", "dx")} <= passes
+    # an NF4 base: the passes that decode it (the split forward, dx with and without its mask; never in loop,
+    # TMA or persistent: the dispatch keeps it off them), a K tail and split-K; its norm (own tile)
+    nf4 = {p for _, p in passes if p.endswith("+nf4_base")}
+    assert {f"{p}{v}+nf4_base" for p in ("forward_split", "dx", "dx_dropout") for v in ("", "+k_tail", "+split_k")} \
+        | {f"{p}+nf4_base" for p in ("norm", "norm+k_tail", "norm_chunked")} == nf4
     # every pass with a low-rank term at every rank tile it runs with (the kernel's BLOCK_R), on every
     # tile that fits it (autotuning may pick any: the heuristics' picks are checked below)
     by_rank = {(r.pass_name, r.dtype, r.block_r, tuple(sorted(r.config.items()))) for r in planned}
@@ -183,12 +188,12 @@ def test_the_narrower_scopes_compile_each_kernel_and_each_code_path_once():
                 fitting = configs.gemm_candidates(2 if job.dtype != "fp32" else 4, job.block_r,
                                                   "_in_loop" in job.pass_name, arch=arch, smem_limit=smem,
                                                   persistent=job.persistent, int8_b=job.int8_base,
-                                                  **compile_report._gemm_pruning(job.pass_name))
+                                                  nf4_b=job.nf4_base, **compile_report._gemm_pruning(job.pass_name))
                 assert job.config == dataclasses.asdict(fitting[0]), job
                 cfg = configs.GemmConfig(**job.config)
                 assert configs.gemm_config(65536, 4096, 4096, job.block_r, 2 if job.dtype != "fp32" else 4,
                                            "_in_loop" in job.pass_name, False, arch=arch, smem_limit=smem,
-                                           persistent=job.persistent, int8_b=job.int8_base,
+                                           persistent=job.persistent, int8_b=job.int8_base, nf4_b=job.nf4_base,
                                            **compile_report._gemm_pruning(job.pass_name)) == cfg, job
     # (the persistent in-loop forward holds smaller rank tiles than the other: each at its own largest)
     paths = compile_report.jobs_for(90, scope="paths")

@@ -134,8 +134,8 @@ def _worker(rank, mode, init_file, out_file):
             fused_lora.from_peft(model)
         elif mode.endswith("-multi"):
             model = _multi_model(device, backend="triton")
-        else:  # (fsdp2-int8: the layers' bases int8, sharded as the rest)
-            model = _model(device, backend="triton", quantize_base=mode == "fsdp2-int8")
+        else:  # (fsdp2-int8, fsdp2-nf4: the layers' bases quantized, sharded as the rest)
+            model = _model(device, backend="triton", quantize_base=QUANTIZED_MODES.get(mode, False))
         x, y = _data(device)
         shard = slice(rank * 6, (rank + 1) * 6)
         if mode in ("ddp", "ddp-multi"):
@@ -305,7 +305,12 @@ def _save_and_load_sharded(model, target, directory, mode):
             "still_fused": sorted(map(_plain_name, fused_lora.integration.fused_layers(model)))}
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp1", "fsdp2", "fsdp2-int8", "fsdp2-from_peft", "fsdp2-from_peft-dora",
+#: The modes whose layers' bases are quantized, and how (inject's quantize_base).
+QUANTIZED_MODES = {"fsdp2-int8": True, "fsdp2-nf4": "nf4"}
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp1", "fsdp2", "fsdp2-int8", "fsdp2-nf4", "fsdp2-from_peft",
+                                  "fsdp2-from_peft-dora",
                                   "ddp-multi", "fsdp1-multi", "fsdp2-multi"])
 def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     out_file = tmp_path / "grads.pt"
@@ -325,7 +330,7 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     if mode.endswith("-multi"):
         _check_multi(result, tmp_path, sharded={"fsdp1-multi": "Parameter", "fsdp2-multi": "DTensor"}.get(mode))
         return
-    model = _model(torch.device("cpu"), quantize_base=mode == "fsdp2-int8")
+    model = _model(torch.device("cpu"), quantize_base=QUANTIZED_MODES.get(mode, False))
     x, y = _data(torch.device("cpu"))
     nn.functional.cross_entropy(model(x), y).backward()  # the mean over 12 = the mean of the two shard means
     single = _grads(model)
@@ -340,11 +345,12 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     saved = _check_saved(result, tmp_path, fused_lora.integration.fused_layers(model), lambda t: t)
     assert result["zeroed"] and result["reloaded_equal"] and result["reloaded_nonzero"]
     by = "FSDP1 (FullyShardedDataParallel)" if mode == "fsdp1" else "FSDP2 (fully_shard)"
-    assert result["bases"] == [("DTensor", "torch.int8")] if mode == "fsdp2-int8" else \
+    quantized = {"fsdp2-int8": "torch.int8", "fsdp2-nf4": "torch.uint8"}.get(mode)
+    assert result["bases"] == [("DTensor", quantized)] if quantized else \
         all(dtype == "torch.float32" for _, dtype in result["bases"]), result["bases"]
     refusals = result["refusals"]
     for what in ("merge_and_unload", "unload", "to_peft"):
-        if mode == "fsdp2-int8":  # (int8 bases, sharded: refused for that first)
+        if quantized:  # (quantized bases, sharded: refused for that first)
             assert refusals[what].startswith(f"{what}: 0, 2, 4 hold a quantized base"), refusals[what]
             continue
         assert refusals[what].startswith(f"{what}: ['0', '2', '4'] are sharded by {by}"), refusals[what]

@@ -17,6 +17,7 @@ import torch._dynamo.testing
 import fused_lora
 from fused_lora import dispatch, ops, quant, reference
 from fused_lora.kernels import configs, dequantize_weight, gemm
+from fused_lora.kernels import dora as dora_kernels
 from fused_lora.kernels.common import poison_outputs
 from fused_lora.testing import parity_case
 from lora_testing import DEVICE, DTYPES, TOLERANCE, assert_close, make_params, make_x
@@ -318,10 +319,12 @@ def test_several_adapters_on_one_nf4_base():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n, k, r, group", [(1, 16, 1, 16), (33, 160, 8, 32), (70, 48, 129, 16), (9, 256, 4, 128)])
-def test_the_dora_norm_of_an_nf4_base_is_the_norm_of_its_dequantised_weight(dtype, n, k, r, group):
+def test_the_dora_norm_of_an_nf4_base_is_the_norm_of_its_dequantised_weight(monkeypatch, dtype, n, k, r, group):
     """The norm kernel decoding W's rows (groups narrower and wider than its
-    K step; a K tail; the rank in chunks): the bits of the same kernel on Ŵ,
-    and ‖Ŵ + s·B A‖ in float64."""
+    K step; a K tail; the rank in chunks): the bits of the same kernel on Ŵ
+    (on NF4's tile: its K step sets the order of the sums), and ‖Ŵ + s·B A‖
+    in float64."""
+    monkeypatch.setattr(dora_kernels, "DORA_NORM_16BIT", configs.DORA_NORM_NF4_16BIT)
     packed, absmax, _ = _nf4(n, k, group, scale=0.1)
     lora_A = (torch.randn(r, k, device=DEVICE) / k ** 0.5).to(dtype)
     lora_B = (torch.randn(n, r, device=DEVICE) / r ** 0.5).to(dtype)
