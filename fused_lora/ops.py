@@ -85,6 +85,11 @@ How it runs (Triton backend)
   regenerating the mask. ``drop(x)`` and the mask are never stored; nothing of
   size (M, K) or (M, N) is saved beyond x itself. Reductions over M use split
   partials summed in a fixed order: no atomics, bitwise reproducible.
+* a quantized base: the forward's and dx's GEMMs dequantise its tiles in
+  their K loops (int8 always; NF4 up to
+  :data:`~fused_lora.kernels.configs.NF4_DECODE_MAX_M` rows, ``split``);
+  above that an NF4 base is made whole once a pass by the dequantisation
+  kernel and the float base's plan runs on Ŵ (the same values either way).
 * ``create_graph=True`` (gradients to differentiate again): autograd's
   backward of the reference (:mod:`fused_lora.reference`) instead of the
   kernels, so that the gradients can be differentiated with respect to dy
@@ -393,8 +398,8 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tens
     """``(y, xa)``: y (..., N) in x's dtype; xa = w ⊙ drop(x)·Aᵀ (..., r) in fp32
     (``w`` from ``row_scale``, of x's leading shape, and the adapters'
     ``adapter_ids``, of x's leading shape, with ``rank_ids`` and
-    ``rank_scaling`` (r,); each None or given). ``weight_scale`` (N,): an
-    int8 weight's, or None.
+    ``rank_scaling`` (r,); each None or given). ``weight_scale``: an int8
+    weight's (N,), an NF4 one's (N, K/group), or None.
     ``seed``: a 0-d int64 CPU tensor holding the seed, or a 0-d int32 tensor
     on x's device that the kernels read (a tensor either way, so that drawing
     it stays inside a compiled graph). ``strategy``: a forced one, ``""`` when none
@@ -561,7 +566,7 @@ class LoRALinearFunction(_LoRALinearFunction):
     ``LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling,
     dropout_p, seed[, row_scale[, adapter_ids, rank_ids, rank_scaling[,
     weight_scale]]])``: the tensors as :func:`lora_linear`'s, one dtype and
-    device (an int8 ``weight`` with its ``weight_scale``); ``seed`` a
+    device (an int8 or NF4 ``weight`` with its ``weight_scale``); ``seed`` a
     0-d int64 CPU tensor holding the seed, or a 0-d int32 tensor on x's
     device that the kernels read (:func:`fused_lora.dropout.draw_seed_tensor`);
     ``row_scale`` (x's leading shape, floating point) or the adapters'
