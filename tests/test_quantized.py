@@ -259,8 +259,10 @@ def test_an_int8_base_never_runs_hybrid_and_has_its_own_tiles():
         assert (wide_tile in configs.gemm_candidates(2, block_r, False, int8_b=True)) == (
             block_r <= configs.GEMM_LR_MAX_BLOCK_R[2])
     assert all(c.elems_per_thread() <= 32 for c in configs.gemm_candidates(4, 16, False, int8_b=True))
-    with pytest.raises(TypeError, match="quantized must be a bool"):
+    with pytest.raises(ValueError, match=r"quantized must be False, True, 'int8' or 'nf4', got 'yes'"):
         fused_lora.explain((8, 16), (4, 16), 2, quantized="yes")
+    with pytest.raises(TypeError, match="quantized must be a bool"):
+        fused_lora.explain((8, 16), (4, 16), 2, quantized=2)
 
 
 def _quantize(w, fmt):
