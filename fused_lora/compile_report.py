@@ -546,13 +546,13 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                 for factor in ROW_FACTORS:
                     jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, **factor))
             if pass_name != "dw":  # an int8 base (its own tiles: configs.int8_b_fits), and its K tail
-                int8_tiles = _int8_tiles(elt, block_r, in_loop, arch, smem, pass_name)
+                int8_tiles = _quantized_tiles(elt, block_r, in_loop, arch, smem, pass_name)
                 for cfg in int8_tiles if every_tile else int8_tiles[:1]:
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, int8_base=True))
                 jobs.append(Job("gemm", pass_name, dtype, asdict(int8_tiles[0]), arch, block_r, even_k=False,
                                 int8_base=True))
             if pass_name != "dw" and not in_loop:  # an NF4 base (its own tiles: configs.nf4_b_fits), its K tail
-                nf4_tiles = _int8_tiles(elt, block_r, in_loop, arch, smem, pass_name, nf4=True)
+                nf4_tiles = _quantized_tiles(elt, block_r, in_loop, arch, smem, pass_name, nf4=True)
                 for cfg in nf4_tiles if every_tile else nf4_tiles[:1]:
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, nf4_base=True))
                 jobs.append(Job("gemm", pass_name, dtype, asdict(nf4_tiles[0]), arch, block_r, even_k=False,
@@ -609,10 +609,10 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                         jobs.append(Job("gemm", pass_name, dtype, asdict(persistent[0]), arch, block_r, tma=True,
                                         persistent=True, **factor))
                 if pass_name != "dw":  # an int8 base's tiles through TMA, and on the persistent grid
-                    jobs.append(Job("gemm", pass_name, dtype, asdict(_int8_tiles(elt, block_r, in_loop, arch, smem,
+                    jobs.append(Job("gemm", pass_name, dtype, asdict(_quantized_tiles(elt, block_r, in_loop, arch, smem,
                                                                                pass_name)[0]),
                                     arch, block_r, tma=True, int8_base=True))
-                    persistent8 = _int8_tiles(elt, block_r, in_loop, arch, smem, pass_name, persistent=True) \
+                    persistent8 = _quantized_tiles(elt, block_r, in_loop, arch, smem, pass_name, persistent=True) \
                         if persistent else []
                     if persistent8:
                         jobs.append(Job("gemm", pass_name, dtype, asdict(persistent8[0]), arch, block_r, tma=True,
@@ -664,7 +664,7 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
     return largest_rank_tiles([j for j in jobs if not (j.kernel != "reduce" and j.dtype == "fp16" and arch == 90)])
 
 
-def _int8_tiles(elt: int, block_r: int, in_loop: bool, arch: int, smem: int, pass_name: str,
+def _quantized_tiles(elt: int, block_r: int, in_loop: bool, arch: int, smem: int, pass_name: str,
                 persistent: bool = False, nf4: bool = False) -> list:
     """The tiles a GEMM pass runs an int8 base on (``configs.gemm_candidates``' ``int8_b``), or, ``nf4``, an
     NF4 one (``nf4_b``)."""

@@ -166,7 +166,7 @@ def lora_gemm_kernel(
     or B is NF4 (3: the forward's ``Wᵀ``, 4: dx's ``W``), W's (N, K/2)
     bytes two values of a row each (the even k in the high nibble, as
     bitsandbytes packs them), each tile ``code[nibble] · absmax`` of its
-    element's block of ``B_GROUP`` along W's K (``common.nf4_tile``), rounded
+    element's group of ``B_GROUP`` along W's K (``common.nf4_codes``), rounded
     once to A's dtype likewise; never through TMA.
 
     Split-K (grid axis 1 of size S > 1): program (t, s) computes tile t over
