@@ -121,7 +121,7 @@ def test_the_gemm_on_an_int8_b_is_the_gemm_on_its_dequantised_values(dtype, low_
 
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
 @pytest.mark.parametrize("persistent", [False, True])
-def test_the_quantized_tiles_load_through_tma_and_on_the_persistent_grid(monkeypatch, dtype, persistent):
+def test_the_int8_tiles_load_through_tma_and_on_the_persistent_grid(monkeypatch, dtype, persistent):
     if not gemm.tma_available():
         pytest.skip("this Triton has no host-side tensor descriptors")
     monkeypatch.setattr(gemm, "persistent_programs", lambda *a, **k: 3)
