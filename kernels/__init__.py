@@ -14,11 +14,35 @@ operands' GPU current first.
 """
 
 if __name__ == "kernels":
-    # Imported as a top-level ``kernels`` (a checkout's root on sys.path, and a
-    # probe for the unrelated ``kernels`` package on PyPI, as transformers
-    # makes): stay an empty shell with no version, so the probe finds nothing
-    # usable and no second copy of the kernels is built.
+    # Imported as a top-level ``kernels``: a checkout's root on sys.path (``python
+    # -m pytest`` from it, PYTHONPATH=.) shadows the unrelated ``kernels``
+    # package on PyPI (Hugging Face's kernel hub), which transformers (5.25 on,
+    # a dependency) and bitsandbytes import. Where that package is installed,
+    # this module hands the import over to it (``import`` returns what
+    # sys.modules holds once this module has run); where it is not, it stays an
+    # empty shell with no version, so a probe finds nothing usable. Either way
+    # no second copy of these kernels is built.
+    def _hand_over_to_the_installed_kernels() -> None:
+        import importlib.machinery
+        import importlib.util
+        import os
+        import sys
+
+        checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        elsewhere = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != checkout]
+        spec = importlib.machinery.PathFinder.find_spec("kernels", elsewhere)
+        if spec is None or spec.loader is None:
+            return
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kernels"] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules["kernels"] = sys.modules.get(__name__) or module
+            raise
+
     __all__ = []
+    _hand_over_to_the_installed_kernels()
 else:
     from . import configs
     from .common import is_interpreted, poison_outputs

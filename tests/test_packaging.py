@@ -23,11 +23,42 @@ def test_kernels_are_a_subpackage():
     assert k.__name__ == "fused_lora.kernels"
     assert Path(k.__file__).name == "__init__.py"
     # A checkout's root on sys.path makes kernels/ importable as a top-level
-    # `kernels` (transformers probes for a PyPI package of that name): it must
-    # then be an inert shell, never a second copy of the kernels.
+    # `kernels` (transformers imports a PyPI package of that name): it is then
+    # that package, where installed, or an inert shell, never a second copy of
+    # the kernels.
     shadow = sys.modules.get("kernels")
     if shadow is not None:
-        assert not hasattr(shadow, "lora_gemm") and getattr(shadow, "__version__", None) is None
+        assert not hasattr(shadow, "lora_gemm")
+        if Path(shadow.__file__).resolve() == ROOT / "kernels" / "__init__.py":
+            assert getattr(shadow, "__version__", None) is None
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_a_top_level_kernels_import_from_a_checkout_is_the_installed_package_or_nothing(tmp_path, installed):
+    """From a checkout's root (``python -m pytest``, ``PYTHONPATH=.``),
+    ``import kernels`` (transformers 5.25 and bitsandbytes import Hugging
+    Face's ``kernels``) gets the installed package of that name, not the
+    checkout's ``kernels/``: here a stand-in for it, later on the path; with
+    none anywhere, the checkout's empty shell."""
+    site = tmp_path / "site"
+    if installed:
+        (site / "kernels").mkdir(parents=True)
+        (site / "kernels" / "__init__.py").write_text("__version__ = '9.9'\nfrom .hub import get_kernel\n")
+        (site / "kernels" / "hub.py").write_text("def get_kernel(name):\n    return name\n")
+    code = ("import sys\n"
+            "sys.path[:] = [p for p in sys.path if 'site-packages' not in p]\n"
+            "import kernels\n"
+            "print(kernels.__file__)\n"
+            "print(getattr(kernels, '__version__', None), getattr(kernels, '__all__', None))\n"
+            "print(sys.modules['kernels'] is kernels)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(site)])}
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    file, attributes, same = run.stdout.split("\n")[:3]
+    if installed:
+        assert Path(file) == site / "kernels" / "__init__.py" and attributes == "9.9 None" and same == "True"
+    else:
+        assert Path(file) == ROOT / "kernels" / "__init__.py" and attributes == "None []" and same == "True"
 
 
 def test_a_checkout_imports_its_own_kernels_beside_another_checkouts_editable_install(tmp_path):
