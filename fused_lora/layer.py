@@ -265,12 +265,73 @@ def _check_quantized_base(weight, bias, weight_scale, fan_in_fan_out) -> None:
         raise TypeError(f"the base: {why}")
 
 
+#: The dtypes a quantized base may compute in (``compute_dtype``).
+_COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _held_compute_dtype(linear: nn.Module) -> torch.dtype | None:
+    """The dtype a bitsandbytes ``Linear4bit`` computes in, where it has one
+    set (its ``compute_dtype``: transformers' ``bnb_4bit_compute_dtype``);
+    None for any other layer (which computes in x's dtype)."""
+    if type(getattr(linear, "weight", None)).__name__ != "Params4bit":
+        return None
+    dtype = getattr(linear, "compute_dtype", None)
+    return dtype if dtype in _COMPUTE_DTYPES else None
+
+
+class _QuantizedBase:
+    """What the fused layers do alike with a quantized base.
+
+    ``compute_dtype``: None (the default), the layer computes in its
+    weight's dtype, or, a quantized base, in x's. Set (a quantized base's
+    only: fp16, bf16 or fp32), the layer computes in it: x is cast to it,
+    and the output back to x's dtype (the gradient of x too), as
+    bitsandbytes' ``Linear4bit`` computes in its ``compute_dtype``, which a
+    fused layer made from one takes (QLoRA's recipe,
+    ``prepare_model_for_kbit_training``, keeps fp32 activations around bf16
+    matmuls). Not saved in the state dict. (bitsandbytes rounds Ŵ to the
+    dtype it quantized from, its ``quant_state.dtype``, then casts it to
+    ``compute_dtype``; the fused layers round once, to the compute dtype:
+    where the two differ, fp32 compute over a bf16 model, the base differs
+    by up to 2⁻⁹ relative, far below NF4's own error.)
+
+    ``.to(dtype)`` (``.half()``, ``.bfloat16()``...) casts the adapters and
+    a floating-point bias, not a quantized base: its ``weight_scale`` keeps
+    its dtype (fp32), so the base's values stay the same (as bitsandbytes'
+    and torchao's weights keep their scales); a device moves them all."""
+
+    def _apply(self, fn, recurse=True):
+        scale = self._buffers.get("weight_scale")
+        result = super()._apply(fn, recurse)
+        moved = self._buffers.get("weight_scale")
+        if scale is not None and moved is not None and moved.dtype != scale.dtype:
+            self._buffers["weight_scale"] = scale.to(moved.device)  # (the scale as it was, only moved)
+        return result
+
+    _compute_dtype: torch.dtype | None = None
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        return self._compute_dtype
+
+    @compute_dtype.setter
+    def compute_dtype(self, dtype: torch.dtype | None) -> None:
+        if dtype is not None:
+            if dtype not in _COMPUTE_DTYPES:
+                raise TypeError(f"compute_dtype must be None or one of {[str(d) for d in _COMPUTE_DTYPES]}, "
+                                f"got {dtype!r}")
+            if not self.quantized:
+                raise ValueError(f"{type(self).__name__}.compute_dtype={dtype}: a floating-point base computes in "
+                                 f"its weight's dtype ({self.weight.dtype}); compute_dtype is a quantized base's")
+        self._compute_dtype = dtype
+
+
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     """PEFT's scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(_QuantizedBase, nn.Module):
     """``y = x Wᵀ + b + s · (dropout(x) Aᵀ) Bᵀ`` with W and b frozen.
 
     Parameters ``weight`` (out, in), ``bias`` (out) or None, ``lora_A`` (r, in)
@@ -315,7 +376,8 @@ class LoRALinear(nn.Module):
     (out, in/64) fp32, the absmax of each group of 64 of a row, or of the
     largest power of two that divides ``in``; :func:`fused_lora.quantize_nf4`),
     a quarter of a 16-bit base's bytes; a bitsandbytes ``Linear4bit`` of
-    ``quant_type="nf4"`` is taken as it is (its bytes shared).
+    ``quant_type="nf4"`` is taken as it is (its bytes shared), with its
+    ``compute_dtype`` (:class:`_QuantizedBase`: x cast to it and back).
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8, dropout: float = 0.0,
@@ -406,7 +468,8 @@ class LoRALinear(nn.Module):
         ``Int8WeightOnlyConfig`` (:func:`fused_lora.quant.int8_rows_of`) or
         bitsandbytes' nf4 ``Linear4bit`` (:func:`fused_lora.quant.nf4_of`;
         the adapter then in the dtype it was quantized from), is taken as
-        it is: its data (shared) and scales, the same base values."""
+        it is: its data (shared) and scales, the same base values, and
+        bitsandbytes' ``compute_dtype`` (:class:`_QuantizedBase`)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         r = check_int("r", r, 1)
@@ -430,6 +493,7 @@ class LoRALinear(nn.Module):
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
         layer.reset_lora_parameters()
+        layer.compute_dtype = _held_compute_dtype(linear)
         return layer
 
     @classmethod
@@ -525,6 +589,9 @@ class LoRALinear(nn.Module):
         traces or a CUDA graph captures, where nothing can be checked without
         a sync: there their rows' outputs are NaN (and so, in training, the
         adapter's gradients)."""
+        cast = self._compute_dtype  # (a quantized base's compute_dtype, where set: x cast to it and back)
+        if cast is not None and isinstance(x, torch.Tensor) and x.dtype != cast and x.is_floating_point():
+            return self.forward(x.to(cast), adapter_ids).to(x.dtype)
         _check_recompute(self, adapter_ids)
         if adapter_ids is not None:
             return self._forward_mixed(x, adapter_ids)
@@ -677,10 +744,11 @@ class LoRALinear(nn.Module):
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
                 + (", use_dora=True" if self.use_dora else "")
                 + (f", base={base_format(self.weight)}" if self.quantized else "")
+                + (f", compute_dtype={self.compute_dtype}" if self.compute_dtype is not None else "")
                 + ("" if self.adapter_enabled else ", adapter_enabled=False"))
 
 
-class MultiLoRALinear(nn.Module):
+class MultiLoRALinear(_QuantizedBase, nn.Module):
     """A frozen ``nn.Linear`` base with several adapters, each row of a batch
     through its own: ``y[m] = x[m] Wᵀ + b + s_i · (dropout(x)[m] A_iᵀ) B_iᵀ``
     with ``i = adapter_ids[m]`` (-1: the base alone), the whole batch in one
@@ -774,8 +842,10 @@ class MultiLoRALinear(nn.Module):
         as it is, likewise)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        return cls.around(linear.weight, linear.bias, ranks, alphas, dropout, use_rslora, backend=backend,
-                          adapter_dtype=adapter_dtype, quantize_base=quantize_base)
+        layer = cls.around(linear.weight, linear.bias, ranks, alphas, dropout, use_rslora, backend=backend,
+                           adapter_dtype=adapter_dtype, quantize_base=quantize_base)
+        layer.compute_dtype = _held_compute_dtype(linear)
+        return layer
 
     @classmethod
     def around(cls, weight: nn.Parameter, bias: nn.Parameter | None, ranks, alphas=None, dropout: float = 0.0,
@@ -852,6 +922,9 @@ class MultiLoRALinear(nn.Module):
         forward does not take them, :func:`fused_lora.adapter_ids` hands them
         to its layers; without ids a ValueError says so (there is no adapter
         to run every row through by default)."""
+        cast = self._compute_dtype  # (a quantized base's compute_dtype, where set: x cast to it and back)
+        if cast is not None and isinstance(x, torch.Tensor) and x.dtype != cast and x.is_floating_point():
+            return self.forward(x.to(cast), adapter_ids).to(x.dtype)
         _check_recompute(self, adapter_ids)
         if not self.adapter_enabled:
             return _base_linear(self, x, self.base_weight())
@@ -908,7 +981,8 @@ class MultiLoRALinear(nn.Module):
                 f"alphas=[{', '.join(f'{a:g}' for a in self.alphas)}], dropout={self.dropout:g}, "
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}"
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
-                + (f", base={base_format(self.weight)}" if self.quantized else ""))
+                + (f", base={base_format(self.weight)}" if self.quantized else "")
+                + (f", compute_dtype={self.compute_dtype}" if self.compute_dtype is not None else ""))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -190,6 +190,53 @@ def test_a_bitsandbytes_nf4_linear4bit_is_fused_as_it_is(compress_statistics):
     assert multi.quantized and multi.in_features == 128 and multi.weight.data_ptr() == b4.weight.data_ptr()
 
 
+@pytest.mark.parametrize("x_dtype", [F32, F16])
+def test_a_linear4bit_computes_in_its_compute_dtype(x_dtype):
+    """A Linear4bit of ``compute_dtype=bfloat16`` fed fp32 (QLoRA's prepared
+    model) or fp16 x: bitsandbytes casts x to bf16 and its output back; the
+    fused layers take its compute dtype and do the same, the whole layer
+    (adapters too) and its gradients, bit for bit the layer run on bf16 x;
+    the base alone is bitsandbytes' forward. ``compute_dtype`` is a
+    quantized base's alone, a dtype of three."""
+    torch.manual_seed(7)
+    linear = nn.Linear(128, 40, device=DEVICE, dtype=BF16)
+    b4 = _linear4bit(linear)
+    b4.train()  # (in eval mode its CPU forward repacks the weights for its own kernels)
+    for layer, ids in ((LoRALinear.from_linear(b4, r=4, alpha=8, dropout=0.25), None),
+                       (MultiLoRALinear.from_linear(b4, [2, 3], dropout=0.25), torch.tensor([1, -1, 0]))):
+        assert layer.compute_dtype == BF16 and f"compute_dtype={BF16}" in repr(layer)
+        with torch.no_grad():
+            for b in [layer.lora_B] if ids is None else layer.lora_B:
+                b.normal_(0, 0.5)
+        x = torch.randn(3, 5, 128, device=DEVICE, dtype=x_dtype)
+        x16 = x.detach().to(BF16).requires_grad_()
+        x.requires_grad_()
+        grads = []
+        for inp in (x, x16):
+            torch.manual_seed(3)  # (the same dropout mask)
+            y = layer(inp) if ids is None else layer(inp, ids)
+            assert y.dtype == inp.dtype
+            y.backward(torch.ones_like(y))
+            grads.append([inp.grad] + [p.grad.clone() for p in layer.parameters() if p.requires_grad])
+            layer.zero_grad()
+            if inp is x:
+                y32 = y
+        assert torch.equal(y32, y.to(x_dtype)) and grads[0][0].dtype == x_dtype
+        assert torch.equal(grads[0][0], grads[1][0].to(x_dtype))
+        assert all(torch.equal(a, b) for a, b in zip(grads[0][1:], grads[1][1:]))
+        with torch.no_grad(), fused_lora.disable_adapters(layer):
+            assert torch.equal(layer(x), copy.deepcopy(b4)(x))
+    with pytest.raises(TypeError, match=r"compute_dtype must be None or one of .*got 'bf16'"):
+        layer.compute_dtype = "bf16"
+    with pytest.raises(TypeError, match=r"compute_dtype must be None or one of .*got torch.float64"):
+        layer.compute_dtype = torch.float64
+    with pytest.raises(ValueError, match=r"LoRALinear.compute_dtype=torch.bfloat16: a floating-point base computes"):
+        LoRALinear(8, 4, r=2).compute_dtype = BF16
+    layer.compute_dtype = None  # (x's dtype again)
+    assert layer(x16, torch.tensor([1, -1, 0])).dtype == BF16 and layer(x.detach(), torch.tensor([0, 0, 1])).dtype \
+        == x_dtype
+
+
 def test_fp4_linear4bit_is_refused_and_inject_takes_a_model_of_nf4_linear4bit():
     torch.manual_seed(5)
     import transformers

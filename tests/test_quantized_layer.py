@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_lora
-from fused_lora import LoRALinear, reference
+from fused_lora import LoRALinear, MultiLoRALinear, reference
 from fused_lora.quant import dequantize_base
 from lora_testing import DEVICE, assert_close, tiny_gpt2, tiny_llama
 
@@ -30,7 +30,7 @@ def _quantized_layer(k, n, r, dtype, bias=True, dropout=0.0, adapter_dtype=None,
 
 
 def _reference(layer, x, dropout_p=0.0, seed=None):
-    deq = fused_lora.dequantize_int8(layer.weight, layer.weight_scale, x.dtype)
+    deq = dequantize_base(layer.weight, layer.weight_scale, x.dtype)
     return reference.lora_linear_checked(x.double(), deq.double(), layer.lora_A.double(), layer.lora_B.double(),
                                          None if layer.bias is None else layer.bias.double(), layer.scaling,
                                          dropout_p, seed)
@@ -119,12 +119,25 @@ def test_a_training_step_trains_the_adapter_alone(quantize_base):
     assert layer(x).float().square().mean() < loss
 
 
-def test_to_a_dtype_keeps_the_int8_weight():
-    _, layer = _quantized_layer(40, 24, 4, F32)
-    layer.to(F16)
-    assert layer.weight.dtype == torch.int8 and layer.weight_scale.dtype == F16 and layer.lora_A.dtype == F16
+@pytest.mark.parametrize("quantize_base", [True, "nf4"])
+@pytest.mark.parametrize("cast", ["to", "half", "to_device_and_dtype"])
+def test_to_a_dtype_keeps_the_quantized_base(quantize_base, cast):
+    """``.to(float16)`` casts the adapters and the bias; the quantized weight
+    and its fp32 scales stay as they are, and so the base's values (Ŵ in
+    x's dtype, bit for bit as before the cast)."""
+    _, layer = _quantized_layer(40, 24, 4, F32, quantize_base=quantize_base)
+    weight, scale = layer.weight.clone(), layer.weight_scale.clone()
     x = torch.randn(5, 40, device=DEVICE, dtype=F16)
+    before = dequantize_base(layer.weight, layer.weight_scale, F16)
+    {"to": lambda: layer.to(F16), "half": layer.half, "to_device_and_dtype": lambda: layer.to(DEVICE, F16)}[cast]()
+    assert layer.lora_A.dtype == layer.lora_B.dtype == layer.bias.dtype == F16
+    assert torch.equal(layer.weight, weight) and layer.weight.dtype == weight.dtype
+    assert layer.weight_scale.dtype == F32 and torch.equal(layer.weight_scale, scale)
+    assert torch.equal(dequantize_base(layer.weight, layer.weight_scale, F16), before)
     assert_close(layer(x), _reference(layer, x), F16, "after .to(float16)")
+    multi = MultiLoRALinear.from_linear(nn.Linear(40, 24, device=DEVICE), [2, 3], quantize_base=quantize_base)
+    multi.to(F16)
+    assert multi.weight_scale.dtype == F32 and multi.lora_A[1].dtype == F16
 
 
 def test_what_an_int8_base_refuses():
