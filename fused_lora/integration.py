@@ -72,9 +72,9 @@ import torch
 from torch import nn
 
 from ._validate import check_bool, check_int, version_tuple
-from .layer import (LoRALinear, MultiLoRALinear, check_adapter_dtype, check_quantize_base, lora_scaling,
-                    note_checked_adapter_ids, quantize_base_weight, unfusable_base)
-from .quant import int8_rows_of, nf4_of
+from .layer import (LoRALinear, MultiLoRALinear, _held_compute_dtype, _held_quantized, check_adapter_dtype,
+                    check_quantize_base, lora_scaling, note_checked_adapter_ids, quantize_base_weight, unfusable_base)
+from .quant import base_format
 
 #: The fused layers: one adapter (:func:`inject`), or several (:func:`inject_multi`).
 FUSED_KINDS = (LoRALinear, MultiLoRALinear)
@@ -1029,19 +1029,33 @@ def _peft_lora_linear():
     return LoraLayer, PeftLinear
 
 
+def _peft_quantized_linears() -> tuple[type, ...]:
+    """PEFT's LoRA layers over a quantized base that compute as its plain
+    LoRA ``Linear`` does, the base's own forward plus the adapter's term:
+    bitsandbytes' 4-bit one (``peft.tuners.lora.bnb.Linear4bit``) and
+    torchao's (``TorchaoLoraLinear``), those PEFT defines (where their
+    modules are not imported, no layer of theirs exists). Whether their base
+    is one the fused layers read (NF4, int8 weight-only) is
+    :func:`fused_lora.layer.unfusable_base`'s to say."""
+    classes = (getattr(sys.modules.get("peft.tuners.lora.bnb"), "Linear4bit", None),
+               getattr(sys.modules.get("peft.tuners.lora.torchao"), "TorchaoLoraLinear", None))
+    return tuple(c for c in classes if isinstance(c, type))
+
+
 def _why_unsupported(module, PeftLinear) -> str | None:
-    """Why a PEFT LoRA layer cannot be reproduced exactly by LoRALinear (None if it can)."""
-    if type(module) is not PeftLinear:
-        return f"{type(module).__module__}.{type(module).__name__} is not a plain LoRA Linear layer"
+    """Why a PEFT LoRA layer cannot be reproduced exactly by LoRALinear (None
+    if it can): its plain ``Linear``, or its layers over a quantized base
+    whose weight the fused layers read as it is (bitsandbytes' nf4 4-bit,
+    torchao's int8 weight-only: :func:`_peft_quantized_linears`)."""
+    if type(module) is not PeftLinear and type(module) not in _peft_quantized_linears():
+        return (f"{type(module).__module__}.{type(module).__name__} is not a plain LoRA Linear layer (nor PEFT's "
+                "bitsandbytes 4-bit or torchao one)")
     base = module.get_base_layer()
     if not _is_linear_like(base):
         return f"base layer {type(base).__name__} is not nn.Linear/Conv1D (quantized or custom base)"
     why = unfusable_base(base.weight, base.bias)
     if why:
         return f"base layer: {why}"
-    if int8_rows_of(base.weight) is not None or nf4_of(base.weight) is not None:
-        return ("base layer: a quantized weight (from_peft leaves quantized bases to PEFT; fused_lora.inject "
-                "fuses such a model's layers, and load_adapter loads PEFT's files into them)")
     adapters = list(module.lora_A.keys())
     if len(adapters) != 1:
         return (f"several adapters loaded ({adapters}); fused layers hold one (fused_lora.load_adapters(base_model, "
@@ -1081,8 +1095,8 @@ def _peft_magnitude(module, adapter: str) -> nn.Parameter | None:
     ``lora_magnitude_vector[adapter].weight``, (out,)); None where it has none."""
     holder = getattr(module, "lora_magnitude_vector", {})
     m = getattr(holder[adapter], "weight", None) if adapter in holder else None
-    out_features = module.get_base_layer().weight.shape[1 if module.fan_in_fan_out else 0]
-    return m if isinstance(m, nn.Parameter) and tuple(m.shape) == (out_features,) else None
+    # (the layer's out_features, which PEFT reads off its base: a 4-bit weight's shape is its bytes')
+    return m if isinstance(m, nn.Parameter) and tuple(m.shape) == (module.out_features,) else None
 
 
 def _why_not_movable(model: nn.Module, name: str, module) -> str | None:
@@ -1106,10 +1120,16 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     ``lora_A``/``lora_B`` weights), so optimizers and state keep working.
     Base bias, dropout, rsLoRA, ``fan_in_fan_out``, per-layer rank/alpha
     (``rank_pattern``/``alpha_pattern``) and DoRA (``use_dora=True``: the
-    fused layer shares the ``lora_magnitude_vector`` too) convert; anything
+    fused layer shares the ``lora_magnitude_vector`` too) convert, and so do
+    PEFT's layers over a quantized base the fused layers read (QLoRA's: a
+    bitsandbytes nf4 ``Linear4bit``, its bytes and absmax read as they are
+    and its ``compute_dtype`` kept; torchao's int8 weight-only); anything
     that cannot be reproduced exactly (other variants, several adapters, lora_bias,
-    merged or disabled adapters, quantized or non-linear bases) is left as it
-    was and listed in the report. On a ``peft.PeftModel``, the methods that
+    merged or disabled adapters, other quantized or non-linear bases) is left as it
+    was and listed in the report. ``merge_adapter()`` refuses a quantized
+    base (PEFT's requantizes it, a rounding error each time); :func:`to_peft`
+    gives PEFT's layers back their own weight (refused where the fused
+    layer's base was moved or replaced since). On a ``peft.PeftModel``, the methods that
     visit PEFT's layers only (``save_pretrained``, ``disable_adapter``,
     ``merge_adapter``...: :func:`_patch_peft_model`) take the fused ones too,
     and the fused layers' ``load_state_dict`` takes PEFT's names for their
@@ -1184,6 +1204,7 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
             fan_in_fan_out=bool(module.fan_in_fan_out), backend=backend,
             lora_magnitude_vector=_peft_magnitude(module, adapter) if getattr(module, "use_dora", {}).get(adapter)
             else None)
+        layer.compute_dtype = _held_compute_dtype(base)  # (bitsandbytes' 4-bit base: the dtype it computes in)
         layer.train(module.training)
         base_name = next(n for n, m in module.named_modules() if m is base)
         layer.register_load_state_dict_pre_hook(functools.partial(_peft_names_in, adapter, base_name))
@@ -1236,7 +1257,8 @@ def _patch_peft_model(peft_model: nn.Module) -> None:
       another adapter name than the converted one's is refused (fused layers
       hold one);
     * ``merge_adapter()`` / ``unmerge_adapter()``: the fused layers' merge
-      and unmerge, and PEFT's on the layers left PEFT's;
+      and unmerge, and PEFT's on the layers left PEFT's (refused, nothing
+      merged, where a fused layer holds a quantized base);
     * ``merge_and_unload(...)`` / ``unload(...)``: :func:`to_peft`, then PEFT's;
     * ``enable_adapter_layers()`` / ``disable_adapter_layers()`` (PEFT's
       LoraModel's, which the PeftModel hands on): the fused layers'
@@ -1332,6 +1354,13 @@ def _peft_load_adapter(peft_model: nn.Module, model_id, adapter_name: str = "def
 
 
 def _peft_merge(peft_model: nn.Module, merging: bool, *args, **kwargs) -> None:
+    quantized = [n for n, layer in fused_layers(peft_model).items() if layer.quantized and not layer.merged]
+    if merging and quantized:
+        raise ValueError(f"merge_adapter: {', '.join(quantized[:3])}{', ...' if len(quantized) > 3 else ''} hold "
+                         f"a quantized base ({base_format(peft_model.get_submodule(quantized[0]).weight)}, "
+                         "bitsandbytes' or torchao's weight as PEFT's layer held it), which merging would requantize "
+                         "(PEFT's merge does, with a rounding error each merge and unmerge): keep the adapters "
+                         "unmerged, or go back to PEFT first (fused_lora.to_peft(model)) to merge as it does")
     for layer in {id(m): m for m in fused_layers(peft_model).values()}.values():
         if merging and not layer.merged:
             layer.merge()
@@ -1526,8 +1555,10 @@ def _share_back(layer: LoRALinear, original: nn.Module) -> None:
     written them)."""
     (adapter,) = original.lora_A.keys()
     base = original.get_base_layer()
-    pairs = [(base, "weight", layer.weight), (base, "bias", layer.bias),
-             (original.lora_A[adapter], "weight", layer.lora_A), (original.lora_B[adapter], "weight", layer.lora_B)]
+    pairs = [(base, "bias", layer.bias), (original.lora_A[adapter], "weight", layer.lora_A),
+             (original.lora_B[adapter], "weight", layer.lora_B)]
+    if not layer.quantized:  # (a quantized base is PEFT's weight itself, read as it is: _why_not_given_back)
+        pairs.append((base, "weight", layer.weight))
     if layer.use_dora:
         pairs.append((original.lora_magnitude_vector[adapter], "weight", layer.lora_magnitude_vector))
     for owner, attr, tensor in pairs:
@@ -1535,17 +1566,55 @@ def _share_back(layer: LoRALinear, original: nn.Module) -> None:
             setattr(owner, attr, tensor)
 
 
+def _why_not_given_back(name: str, layer: LoRALinear, original: nn.Module) -> str | None:
+    """Why PEFT's layer ``original`` cannot take back the quantized base of the
+    fused ``layer`` :func:`from_peft` made of it (None where it can, or where
+    the base is not quantized): the fused layer reads PEFT's weight itself,
+    bitsandbytes' or torchao's (its bytes, and its scales, fp32), and a
+    base moved to another device or loaded anew since is not one PEFT's
+    layer can hold."""
+    if not layer.quantized:
+        return None
+    held = _held_quantized(original.get_base_layer().weight)
+    if held is not None:
+        q, scale = held
+        same_bytes = layer.weight.device == q.device and layer.weight.data_ptr() == q.data_ptr() \
+            and layer.weight.shape == q.shape
+        if same_bytes and layer.weight_scale.dtype == scale.dtype and torch.equal(layer.weight_scale, scale):
+            return None
+    return (f"{name}: its {base_format(layer.weight)} base is not PEFT's weight any more (moved to "
+            f"{layer.weight.device}, or loaded anew, since from_peft; PEFT's layer holds it on "
+            f"{original.get_base_layer().weight.device}), which a bitsandbytes or torchao layer cannot take "
+            "back: move the model while PEFT's layers are in it (to_peft, then .to(...), then from_peft)")
+
+
+def _check_given_back(peft_model: nn.Module, what: str) -> None:
+    """Refuse, before anything changes, to put back PEFT's layers where one
+    cannot take its quantized base back (:func:`_why_not_given_back`)."""
+    originals = getattr(peft_model, _ORIGINALS, None) or {}
+    for name, original in originals.items():
+        layer = peft_model.get_submodule(name)
+        why = _why_not_given_back(name, layer, original) if isinstance(layer, LoRALinear) else None
+        if why:
+            raise ValueError(f"{what}: {why}")
+
+
 def _peft_names_in(adapter: str, base: str, module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
     """A ``load_state_dict`` pre-hook of each fused layer :func:`from_peft`
     made: the names PEFT's layer gave its tensors (``lora_A.<adapter>.weight``,
     ``<base>.weight``...: a state dict saved before the conversion), and in
     PEFT's files (``lora_A.weight``: ``set_peft_model_state_dict``, which
-    PEFT 0.21 hands on so), read as the fused layer's own."""
+    PEFT 0.21 hands on so), read as the fused layer's own. A quantized base
+    keeps its names: bitsandbytes' and torchao's state is another layout than
+    the fused layer's ``weight`` and ``weight_scale`` (a strict load names
+    those keys missing, and PEFT's unexpected)."""
     for peft_name, name in ((f"lora_A.{adapter}.weight", "lora_A"), ("lora_A.weight", "lora_A"),
                             (f"lora_B.{adapter}.weight", "lora_B"), ("lora_B.weight", "lora_B"),
                             (f"lora_magnitude_vector.{adapter}.weight", "lora_magnitude_vector"),
                             ("lora_magnitude_vector.weight", "lora_magnitude_vector"),
                             (f"{base}.weight", "weight"), (f"{base}.bias", "bias")):
+        if name == "weight" and module.quantized:
+            continue
         if prefix + peft_name in state_dict and prefix + name not in state_dict:
             state_dict[prefix + name] = state_dict.pop(prefix + peft_name)
 
@@ -1624,9 +1693,11 @@ def to_peft(model: nn.Module, *, adapter_name: str | None = None, adapter_names=
     in every layer (PEFT has no adapter of no layer).
     """
     _check_model(model)
-    _refuse_int8_bases(all_fused_layers(model), "to_peft")
-    multi = multi_fused_layers(model)
     originals = getattr(model, _ORIGINALS, None)
+    # (from_peft's layers over PEFT's quantized weights give them back: _check_given_back)
+    _refuse_int8_bases({n: layer for n, layer in all_fused_layers(model).items() if n not in (originals or {})},
+                       "to_peft")
+    multi = multi_fused_layers(model)
     if multi:
         if adapter_name is not None:
             raise ValueError(f"to_peft: adapter_name={adapter_name!r} names the one adapter of inject's layers; this "
@@ -1647,6 +1718,7 @@ def to_peft(model: nn.Module, *, adapter_name: str | None = None, adapter_names=
     _check_can_replace(model, list(layers), "to_peft")
     _peft_lora_linear()  # (PEFT, and a version it works with)
     if originals and not multi:
+        _check_given_back(model, "to_peft")
         for name, layer in layers.items():
             if name in originals:
                 if layer.merged:
