@@ -132,6 +132,8 @@ def test_from_peft_fuses_qlora_layers_over_their_own_weights(llama_dir, compute_
     assert len(grads) == (42 if use_dora else 28)
     if compute_dtype == F32:  # (in bf16 PEFT's fp32 adapter term and the fused bf16 output part by a rounding a layer)
         assert_close(out.logits, ref_out.logits.double(), F32, "logits")
+        with torch.no_grad(), model.disable_adapter(), ref.disable_adapter():  # (TRL's DPO reference pass)
+            assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits.double(), F32, "the base model")
         ref_grads = dict(ref.named_parameters())
         for n, g in grads.items():
             peft_name = n.replace(".lora_A", ".lora_A.default.weight").replace(".lora_B", ".lora_B.default.weight")
