@@ -752,6 +752,11 @@ def lora_linear(
                         weight_scale)
 
 
+#: The seed tensor of a call without dropout (or with seed 0), made once: only
+#: read, never written (``torch.tensor`` costs about 3 µs of host time a call).
+_NO_DROPOUT_SEED = torch.zeros((), dtype=torch.int64, device="cpu")
+
+
 def _lora_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float, seed, row_scale, adapters,
                  backend: str, weight_scale=None) -> Tensor:
     """:func:`lora_linear` on checked arguments; ``adapters``: ``()``, or
@@ -779,7 +784,8 @@ def _lora_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
                               dispatch.forced_strategy() or "", row_scale, *adapters, weight_scale)[0]
     # (on the CPU whatever the default device: a value the kernels take as an argument, never read back
     # from a GPU, which would sync the host and break a CUDA graph's capture)
-    seed_t = seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int64, device="cpu")
+    seed_t = seed if isinstance(seed, Tensor) else _NO_DROPOUT_SEED if seed == 0 else torch.tensor(
+        seed, dtype=torch.int64, device="cpu")
     return _LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t, row_scale, *adapters,
                                      weight_scale)
 
