@@ -1129,7 +1129,7 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     was and listed in the report. ``merge_adapter()`` refuses a quantized
     base (PEFT's requantizes it, a rounding error each time); :func:`to_peft`
     gives PEFT's layers back their own weight (refused where the fused
-    layer's base was moved or replaced since). On a ``peft.PeftModel``, the methods that
+    layer's base was moved to another device, or holds other values, since). On a ``peft.PeftModel``, the methods that
     visit PEFT's layers only (``save_pretrained``, ``disable_adapter``,
     ``merge_adapter``...: :func:`_patch_peft_model`) take the fused ones too,
     and the fused layers' ``load_state_dict`` takes PEFT's names for their
@@ -1557,7 +1557,7 @@ def _share_back(layer: LoRALinear, original: nn.Module) -> None:
     base = original.get_base_layer()
     pairs = [(base, "bias", layer.bias), (original.lora_A[adapter], "weight", layer.lora_A),
              (original.lora_B[adapter], "weight", layer.lora_B)]
-    if not layer.quantized:  # (a quantized base is PEFT's weight itself, read as it is: _why_not_given_back)
+    if not layer.quantized:  # (a quantized base is PEFT's weight itself, which stays: _why_not_given_back)
         pairs.append((base, "weight", layer.weight))
     if layer.use_dora:
         pairs.append((original.lora_magnitude_vector[adapter], "weight", layer.lora_magnitude_vector))
@@ -1567,25 +1567,29 @@ def _share_back(layer: LoRALinear, original: nn.Module) -> None:
 
 
 def _why_not_given_back(name: str, layer: LoRALinear, original: nn.Module) -> str | None:
-    """Why PEFT's layer ``original`` cannot take back the quantized base of the
-    fused ``layer`` :func:`from_peft` made of it (None where it can, or where
-    the base is not quantized): the fused layer reads PEFT's weight itself,
-    bitsandbytes' or torchao's (its bytes, and its scales, fp32), and a
-    base moved to another device or loaded anew since is not one PEFT's
-    layer can hold."""
+    """Why PEFT's layer ``original`` cannot have back the quantized base of
+    the fused ``layer`` :func:`from_peft` made of it (None where it can, or
+    where the base is not quantized). The fused layer reads PEFT's weight
+    itself, bitsandbytes' or torchao's (its bytes, and its scales in fp32),
+    which goes back as it is: where the fused layer's base holds other values
+    now (loaded since), PEFT's weight cannot take them; where the model was
+    moved to another device, which PEFT's layers kept aside did not follow,
+    it goes back once the model is moved back."""
     if not layer.quantized:
         return None
-    held = _held_quantized(original.get_base_layer().weight)
-    if held is not None:
-        q, scale = held
-        same_bytes = layer.weight.device == q.device and layer.weight.data_ptr() == q.data_ptr() \
-            and layer.weight.shape == q.shape
-        if same_bytes and layer.weight_scale.dtype == scale.dtype and torch.equal(layer.weight_scale, scale):
-            return None
-    return (f"{name}: its {base_format(layer.weight)} base is not PEFT's weight any more (moved to "
-            f"{layer.weight.device}, or loaded anew, since from_peft; PEFT's layer holds it on "
-            f"{original.get_base_layer().weight.device}), which a bitsandbytes or torchao layer cannot take "
-            "back: move the model while PEFT's layers are in it (to_peft, then .to(...), then from_peft)")
+    fmt, held = base_format(layer.weight), _held_quantized(original.get_base_layer().weight)
+    if held is None:
+        return f"{name}: PEFT's layer holds no {fmt} weight any more"
+    q, scale = held
+    if q.device != layer.weight.device:
+        return (f"{name}: its {fmt} base is on {layer.weight.device}, and PEFT's layer, kept aside, holds that "
+                f"weight on {q.device}: move the model back (model.to({str(q.device)!r})) to go back to PEFT, or "
+                "go back before moving it")
+    if not (torch.equal(layer.weight, q) and layer.weight_scale.dtype == scale.dtype
+            and torch.equal(layer.weight_scale, scale)):
+        return (f"{name}: its {fmt} base holds other values than PEFT's weight (loaded since from_peft), which "
+                "PEFT's bitsandbytes or torchao layer cannot take")
+    return None
 
 
 def _check_given_back(peft_model: nn.Module, what: str) -> None:

@@ -158,11 +158,13 @@ def test_from_peft_fuses_qlora_layers_over_their_own_weights(llama_dir, compute_
 def test_qlora_merging_is_refused_and_to_peft_wants_peft_weights_back(llama_dir):
     """``merge_adapter()`` would requantize the 4-bit base: refused, nothing
     merged (``merge_and_unload()`` goes back to PEFT, which merges as it
-    does); a fused layer whose base is not PEFT's weight any more cannot
-    give it back: ``to_peft`` refuses, changing nothing; PEFT's base keys in
-    a state dict stay PEFT's (another layout than the fused layer's)."""
+    does); a fused layer whose base holds other values than PEFT's weight
+    cannot give it back: ``to_peft`` refuses, changing nothing (the same
+    values in other tensors go back as PEFT's weight); PEFT's base keys in a
+    state dict stay PEFT's (another layout than the fused layer's)."""
     model = _qlora(llama_dir, BF16)
     ref = _qlora(llama_dir, BF16)
+    originals = _lora_layers(model)
     fused_lora.from_peft(model)
     layers = fused_lora.integration.fused_layers(model)
     with pytest.raises(ValueError, match=r"merge_adapter: .*q_proj.* hold a quantized base \(nf4.*requantize"):
@@ -174,19 +176,24 @@ def test_qlora_merging_is_refused_and_to_peft_wants_peft_weights_back(llama_dir)
     name = "base_model.model.model.layers.1.mlp.down_proj"
     assert f"{name}.base_layer.weight" in result.unexpected_keys and f"{name}.weight_scale" in result.missing_keys
     assert torch.equal(model.get_submodule(name).lora_B, ref.get_submodule(name).lora_B["default"].weight)
-    # a base replaced since from_peft
+    # a base replaced since from_peft: by the same values (as a model moved away and back), given back as PEFT's
+    # weight; by others, refused, nothing changed
     layer = model.get_submodule(name)
-    layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
-    with pytest.raises(ValueError, match=rf"to_peft: {name}: its nf4 base is not PEFT's weight any more"):
+    bytes_before = layer.weight.detach().clone()
+    layer.weight = nn.Parameter(bytes_before.clone(), requires_grad=False)
+    with torch.no_grad():
+        layer.weight[0, 0] ^= 0x11
+    with pytest.raises(ValueError, match=rf"to_peft: {name}: its nf4 base holds other values than PEFT's weight"):
         fused_lora.to_peft(model)
     assert fused_lora.integration.fused_layers(model).keys() == layers.keys()
-    with pytest.raises(ValueError, match=r"its nf4 base is not PEFT's weight any more"):
+    with pytest.raises(ValueError, match=r"its nf4 base holds other values"):
         model.merge_and_unload()
     assert fused_lora.integration.fused_layers(model).keys() == layers.keys()
-    layer.weight = layers[name].weight = nn.Parameter(ref.get_submodule(name).base_layer.weight.data.view(64, 64),
-                                                      requires_grad=False)
-    with pytest.raises(ValueError, match=r"its nf4 base is not PEFT's weight any more"):  # (another model's bytes)
-        fused_lora.to_peft(model)
+    with torch.no_grad():
+        layer.weight.copy_(bytes_before)
+    base = originals[name].get_base_layer().weight
+    fused_lora.to_peft(model)
+    assert _lora_layers(model) == originals and originals[name].get_base_layer().weight is base
     other = _qlora(llama_dir, BF16)
     fused_lora.from_peft(other)
     with pytest.warns(UserWarning, match="rounding errors"):  # (to_peft, then PEFT's own: 4-bit layers requantized)
