@@ -73,7 +73,8 @@ from torch import nn
 
 from ._validate import check_bool, check_int, version_tuple
 from .layer import (LoRALinear, MultiLoRALinear, _held_compute_dtype, _held_quantized, check_adapter_dtype,
-                    check_quantize_base, lora_scaling, note_checked_adapter_ids, quantize_base_weight, unfusable_base)
+                    check_quantize_base, held_module, lora_scaling, note_checked_adapter_ids, quantize_base_weight,
+                    unfusable_base)
 from .quant import base_format
 
 #: The fused layers: one adapter (:func:`inject`), or several (:func:`inject_multi`).
@@ -1566,29 +1567,30 @@ def _share_back(layer: LoRALinear, original: nn.Module) -> None:
             setattr(owner, attr, tensor)
 
 
-def _why_not_given_back(name: str, layer: LoRALinear, original: nn.Module) -> str | None:
-    """Why PEFT's layer ``original`` cannot have back the quantized base of
-    the fused ``layer`` :func:`from_peft` made of it (None where it can, or
-    where the base is not quantized). The fused layer reads PEFT's weight
-    itself, bitsandbytes' or torchao's (its bytes, and its scales in fp32),
-    which goes back as it is: where the fused layer's base holds other values
-    now (loaded since), PEFT's weight cannot take them; where the model was
-    moved to another device, which PEFT's layers kept aside did not follow,
-    it goes back once the model is moved back."""
+def _why_not_given_back(name: str, layer: nn.Module, base: nn.Module, since: str) -> str | None:
+    """Why ``base``, the module whose quantized weight the fused ``layer``
+    read as it is (PEFT's base layer for :func:`from_peft`, the module
+    :func:`inject` fused: bitsandbytes' ``Linear4bit``, torchao's int8
+    ``Linear``), kept aside, cannot take its place back (None where it can,
+    or where the base is not quantized). Its weight goes back as it is:
+    where the fused layer's base holds other values now (loaded since
+    ``since``), that weight cannot take them; where the model was moved to
+    another device, which the module kept aside did not follow, it goes back
+    once the model is moved back."""
     if not layer.quantized:
         return None
-    fmt, held = base_format(layer.weight), _held_quantized(original.get_base_layer().weight)
+    fmt, held, kind = base_format(layer.weight), _held_quantized(base.weight), type(base).__name__
     if held is None:
-        return f"{name}: PEFT's layer holds no {fmt} weight any more"
+        return f"{name}: the {kind} its {fmt} base came from holds no such weight any more"
     q, scale = held
     if q.device != layer.weight.device:
-        return (f"{name}: its {fmt} base is on {layer.weight.device}, and PEFT's layer, kept aside, holds that "
-                f"weight on {q.device}: move the model back (model.to({str(q.device)!r})) to go back to PEFT, or "
-                "go back before moving it")
+        return (f"{name}: its {fmt} base is on {layer.weight.device}, and the {kind} it came from, kept aside, "
+                f"holds that weight on {q.device}: move the model back (model.to({str(q.device)!r})) first, or do "
+                "this before moving it")
     if not (torch.equal(layer.weight, q) and layer.weight_scale.dtype == scale.dtype
             and torch.equal(layer.weight_scale, scale)):
-        return (f"{name}: its {fmt} base holds other values than PEFT's weight (loaded since from_peft), which "
-                "PEFT's bitsandbytes or torchao layer cannot take")
+        return (f"{name}: its {fmt} base holds other values than the {kind} it came from (loaded since {since}), "
+                f"which that {kind}'s weight cannot take")
     return None
 
 
@@ -1598,7 +1600,8 @@ def _check_given_back(peft_model: nn.Module, what: str) -> None:
     originals = getattr(peft_model, _ORIGINALS, None) or {}
     for name, original in originals.items():
         layer = peft_model.get_submodule(name)
-        why = _why_not_given_back(name, layer, original) if isinstance(layer, LoRALinear) else None
+        why = _why_not_given_back(name, layer, original.get_base_layer(), "from_peft") \
+            if isinstance(layer, LoRALinear) else None
         if why:
             raise ValueError(f"{what}: {why}")
 
@@ -1670,7 +1673,9 @@ def to_peft(model: nn.Module, *, adapter_name: str | None = None, adapter_names=
       back (merged fused layers are unmerged first), its methods are PEFT's
       again, and the model is returned.
     * A model with :func:`inject`-ed layers: the fused layers become plain
-      linears again and ``peft.get_peft_model`` wraps the model with a
+      linears again (those fused from a bitsandbytes nf4 ``Linear4bit`` or a
+      torchao int8 ``Linear``, that module: PEFT puts its own layers for
+      them on it, QLoRA's) and ``peft.get_peft_model`` wraps the model with a
       ``LoraConfig`` that reproduces them, as adapter ``adapter_name``
       (default ``"default"``); PEFT's adapter parameters *are* the
       fused layers' (shared). Modules trained beside the adapters (a head
@@ -1700,7 +1705,7 @@ def to_peft(model: nn.Module, *, adapter_name: str | None = None, adapter_names=
     originals = getattr(model, _ORIGINALS, None)
     # (from_peft's layers over PEFT's quantized weights give them back: _check_given_back)
     _refuse_int8_bases({n: layer for n, layer in all_fused_layers(model).items() if n not in (originals or {})},
-                       "to_peft")
+                       "to_peft", give_back=True)
     multi = multi_fused_layers(model)
     if multi:
         if adapter_name is not None:
@@ -1914,7 +1919,7 @@ def _unload(model: nn.Module, merge: bool, adapter=None) -> list[str]:
     layers = all_fused_layers(model)
     if not layers:
         raise ValueError("the model has no fused LoRA layers to unload")
-    _refuse_int8_bases(layers, what)
+    _refuse_int8_bases(layers, what, give_back=not merge)
     multi = {n: layer for n, layer in layers.items() if isinstance(layer, MultiLoRALinear)}
     adapter = _check_adapter_index(what, adapter, multi) if merge else None
     routed = [n for n, layer in layers.items() if _ROUTED in layer.__dict__]
@@ -1948,18 +1953,29 @@ def _unload(model: nn.Module, merge: bool, adapter=None) -> list[str]:
     return list(layers)
 
 
-def _refuse_int8_bases(layers: dict[str, nn.Module], what: str) -> None:
+def _refuse_int8_bases(layers: dict[str, nn.Module], what: str, give_back: bool = False) -> None:
     """Refuse fused layers with a quantized base (``quantize_base``, or
     torchao's int8 and bitsandbytes' nf4 weights taken as they are): a plain
-    layer cannot hold it, and the floating-point base is gone."""
-    quantized = [n for n, layer in layers.items() if getattr(layer, "quantized", False)]
+    layer cannot hold it, and the floating-point base is gone. With
+    ``give_back`` (unload, to_peft), a layer made from a module whose weight it
+    took as it is (:func:`fused_lora.layer.held_module`) gives that module
+    back, where it can (:func:`_why_not_given_back`)."""
+    quantized = [n for n, layer in layers.items() if getattr(layer, "quantized", False)
+                 and not (give_back and held_module(layer) is not None)]
     if quantized:
         raise ValueError(f"{what}: {', '.join(quantized[:3])}{', ...' if len(quantized) > 3 else ''} hold a "
                          "quantized base, int8 or NF4 (quantize_base, or torchao's int8 or bitsandbytes' nf4 "
                          "weights), which a plain layer cannot hold, "
                          "and the floating-point base is gone: save the adapters (fused_lora.save_adapter) and "
                          "load them into the floating-point model (fused_lora.load_adapter, or PEFT's "
-                         "PeftModel.from_pretrained)")
+                         "PeftModel.from_pretrained)" + ("" if give_back else "; a bitsandbytes or torchao module "
+                                                         "fused as it was comes back with unload, not merged"))
+    if give_back:
+        for name, layer in layers.items():
+            held = held_module(layer) if getattr(layer, "quantized", False) else None
+            why = held is not None and _why_not_given_back(name, layer, held, "inject")
+            if why:
+                raise ValueError(f"{what}: {why}")
 
 
 def _shared_weights(model: nn.Module, layers) -> dict[str, list[str]]:
@@ -2009,12 +2025,24 @@ def merge_and_unload(model: nn.Module, *, adapter: int | None = None) -> list[st
 def unload(model: nn.Module) -> list[str]:
     """Put plain layers back in place of the fused ones, their adapters
     dropped: the base model as it was before :func:`inject` (merged layers are
-    unmerged first, restoring their weights bit for bit). Otherwise as
-    :func:`merge_and_unload`."""
+    unmerged first, restoring their weights bit for bit; a layer fused from
+    a bitsandbytes nf4 ``Linear4bit`` or a torchao int8 ``Linear``, its
+    weight taken as it was, gets that module back, with its weight). Otherwise as
+    :func:`merge_and_unload` (which refuses a quantized base: merging would
+    requantize it)."""
     return _unload(model, merge=False)
 
 
 def _plain_linear(layer: LoRALinear | MultiLoRALinear) -> nn.Module:
+    """The plain layer of a fused one's base: an ``nn.Linear`` (a Conv1D for
+    ``fan_in_fan_out``) holding its weight and bias, or, a base taken as it
+    was from a bitsandbytes or torchao module, that module (given the
+    layer's bias, where it holds another now)."""
+    held = held_module(layer) if layer.quantized else None
+    if held is not None:
+        if held.bias is not layer.bias:
+            held.bias = layer.bias
+        return held
     if layer.fan_in_fan_out:
         conv1d = _conv1d_class()
         if conv1d is None:

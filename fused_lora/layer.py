@@ -279,6 +279,26 @@ def _held_compute_dtype(linear: nn.Module) -> torch.dtype | None:
     return dtype if dtype in _COMPUTE_DTYPES else None
 
 
+#: Where a fused layer made from a module whose weight it took as it is
+#: (bitsandbytes' nf4 ``Linear4bit``, torchao's int8 weight-only ``Linear``)
+#: keeps that module, out of its submodules (its weight is not the layer's
+#: parameter twice): :func:`held_module`.
+_HELD_MODULE = "_fused_lora_held_module"
+
+
+def held_module(layer: nn.Module) -> nn.Module | None:
+    """The module a fused layer took its quantized weight from as it is
+    (bitsandbytes' ``Linear4bit``, torchao's int8 ``Linear``: what
+    :func:`fused_lora.unload` and :func:`fused_lora.to_peft` put back), or
+    None (a float base, or one quantized by ``quantize_base``)."""
+    return layer.__dict__.get(_HELD_MODULE)
+
+
+def _keep_held_module(layer: nn.Module, linear: nn.Module) -> None:
+    if layer.quantized and _held_quantized(linear.weight) is not None:
+        layer.__dict__[_HELD_MODULE] = linear  # (not nn.Module's __setattr__: no submodule)
+
+
 class _QuantizedBase:
     """What the fused layers do alike with a quantized base.
 
@@ -494,6 +514,7 @@ class LoRALinear(_QuantizedBase, nn.Module):
             layer.bias.requires_grad_(False)
         layer.reset_lora_parameters()
         layer.compute_dtype = _held_compute_dtype(linear)
+        _keep_held_module(layer, linear)
         return layer
 
     @classmethod
@@ -845,6 +866,7 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
         layer = cls.around(linear.weight, linear.bias, ranks, alphas, dropout, use_rslora, backend=backend,
                            adapter_dtype=adapter_dtype, quantize_base=quantize_base)
         layer.compute_dtype = _held_compute_dtype(linear)
+        _keep_held_module(layer, linear)
         return layer
 
     @classmethod

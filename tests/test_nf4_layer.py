@@ -309,6 +309,38 @@ def test_inject_fuses_a_model_transformers_loaded_in_4_bits(tmp_path):
                      "a fresh adapter: the model on Ŵ")
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(model.get_submodule(n).lora_B.grad is not None for n in names)
+    # back: unload gives the Linear4bit modules back, their weights as they were; to_peft puts PEFT's 4-bit
+    # layers (QLoRA's) on them, over the fused layers' adapters; merging would requantize: refused
+    model.train()  # (in eval mode bitsandbytes' CPU forward repacks its weights for its own kernels)
+    with torch.no_grad():
+        for name in names:
+            nn.init.normal_(model.get_submodule(name).lora_B, 0, 0.3)
+        fused = model(input_ids=ids).logits
+        with fused_lora.disable_adapters(model):
+            base = model(input_ids=ids).logits
+    modules = {n: m for n, m in transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path, quantization_config=quantization, device_map="cpu").named_modules() if n in bytes_of}
+    originals = {n: fused_lora.layer.held_module(model.get_submodule(n)) for n in names}
+    assert all(type(m).__name__ == "Linear4bit" and m.weight.data_ptr() == bytes_of[n] for n, m in originals.items())
+    with pytest.raises(ValueError, match=r"merge_and_unload: .* hold a quantized base.* comes back with unload"):
+        fused_lora.merge_and_unload(model)
+    peft_model = fused_lora.to_peft(copy.deepcopy(model))
+    layer = peft_model.base_model.model.get_submodule(names[0])
+    assert type(layer).__module__ == "peft.tuners.lora.bnb" and type(layer.base_layer).__name__ == "Linear4bit"
+    with torch.no_grad():
+        assert_close(peft_model(input_ids=ids).logits, fused.double(), F32, "PEFT's QLoRA model")
+    changed = model.get_submodule(names[1])
+    changed.weight = nn.Parameter(changed.weight.detach() ^ 0x11, requires_grad=False)
+    with pytest.raises(ValueError, match=rf"unload: {names[1]}: its nf4 base holds other values than the Linear4bit"):
+        fused_lora.unload(model)
+    assert fused_lora.integration.fused_layers(model).keys() == set(names)
+    changed.weight = nn.Parameter(changed.weight.detach() ^ 0x11, requires_grad=False)  # (the same values again)
+    assert sorted(fused_lora.unload(model)) == sorted(names)
+    assert all(model.get_submodule(n) is originals[n] for n in names)
+    with torch.no_grad():
+        assert_close(model(input_ids=ids).logits, base.double(), F32, "bitsandbytes' own model again")
+        for name, module in modules.items():  # (as loaded: the same bytes)
+            assert torch.equal(model.get_submodule(name).weight, module.weight)
     # a model that ran on CPU first holds weights repacked for bitsandbytes' CPU kernels: refused, with why
     ran = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, device_map="cpu")
     with torch.no_grad():

@@ -183,7 +183,7 @@ def test_qlora_merging_is_refused_and_to_peft_wants_peft_weights_back(llama_dir)
     layer.weight = nn.Parameter(bytes_before.clone(), requires_grad=False)
     with torch.no_grad():
         layer.weight[0, 0] ^= 0x11
-    with pytest.raises(ValueError, match=rf"to_peft: {name}: its nf4 base holds other values than PEFT's weight"):
+    with pytest.raises(ValueError, match=rf"to_peft: {name}: its nf4 base holds other values than the Linear4bit"):
         fused_lora.to_peft(model)
     assert fused_lora.integration.fused_layers(model).keys() == layers.keys()
     with pytest.raises(ValueError, match=r"its nf4 base holds other values"):

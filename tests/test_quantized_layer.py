@@ -5,6 +5,7 @@ model whose weights are those values), mixed batches, the adapters off,
 the state dict, training, and what such layers refuse."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -396,7 +397,27 @@ def test_torchao_int8_weight_only_bases_are_taken_as_they_are(tmp_path):
                 float_model.get_submodule(name).weight.copy_(quantized[name].dequantize())
     fused_lora.save_adapter(model, tmp_path)
     fused_lora.load_adapter(float_model, tmp_path)
-    assert_close(model(input_ids=ids).logits, float_model(input_ids=ids).logits.double(), F32, "trained adapters")
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert_close(logits, float_model(input_ids=ids).logits.double(), F32, "trained adapters")
+    # back: to_peft puts PEFT's layers on torchao's own modules, unload gives those back as they were
+    with warnings.catch_warnings():  # (PEFT's: without get_apply_tensor_subclass its merge() cannot requantize)
+        warnings.filterwarnings("ignore", "TorchaoLoraLinear was instantiated without")
+        try:
+            peft_model = fused_lora.to_peft(copy.deepcopy(model))
+        except TypeError as err:  # (PEFT 0.19 and 0.20 with torchao 0.18: its torchao layer's constructor changed)
+            if "TorchaoLoraLinear" not in str(err):
+                raise
+            peft_model = None
+    if peft_model is not None:
+        with torch.no_grad():
+            assert_close(peft_model(input_ids=ids).logits, logits.double(), F32, "PEFT's model on torchao's")
+    modules = {n: fused_lora.layer.held_module(model.get_submodule(n)) for n in quantized}
+    assert sorted(fused_lora.unload(model)) == sorted(names)
+    for name, weight in quantized.items():
+        assert model.get_submodule(name) is modules[name] and model.get_submodule(name).weight is weight
+    with torch.no_grad():
+        assert_close(model(input_ids=ids).logits, torchao_logits.double(), F32, "torchao's model again")
     # torchao's int8 with dynamic activation quantization (another op), and its group-wise scales (not one a
     # row): refused as tensor subclasses
     others = [torchao.quantization.Int8DynamicActivationInt8WeightConfig()]
