@@ -74,7 +74,7 @@ from torch import nn
 from ._validate import check_bool, check_int, version_tuple
 from .layer import (LoRALinear, MultiLoRALinear, _held_compute_dtype, _held_quantized, check_adapter_dtype,
                     check_quantize_base, held_module, lora_scaling, note_checked_adapter_ids, quantize_base_weight,
-                    unfusable_base)
+                    take_from_module, unfusable_base)
 from .quant import base_format
 
 #: The fused layers: one adapter (:func:`inject`), or several (:func:`inject_multi`).
@@ -830,7 +830,7 @@ def inject_multi(model: nn.Module, target_modules, ranks, alphas=None, dropout: 
             layer = MultiLoRALinear.around(module.weight, module.bias, probe.ranks, probe.alphas, probe.dropout,
                                            probe.use_rslora, fan_in_fan_out=not isinstance(module, nn.Linear),
                                            backend=backend, adapter_dtype=adapter_dtype, quantize_base=quantize_base)
-            fused_by_id[id(module)] = layer.train(module.training)
+            fused_by_id[id(module)] = take_from_module(layer, module).train(module.training)
         _replace_module(model, name, fused_by_id[id(module)])
     guard_fast_paths(model)
     return chosen
@@ -2654,7 +2654,7 @@ def load_adapters(model: nn.Module, directories, *, backend: str = "auto") -> li
                 layer = MultiLoRALinear.around(module.weight, module.bias, ranks[name], ranks[name], dropout,
                                                use_rslora, fan_in_fan_out=not isinstance(module, nn.Linear),
                                                backend=backend, adapter_dtype=dtypes[name])
-                made[id(module)] = layer.train(module.training)
+                made[id(module)] = take_from_module(layer, module).train(module.training)
             originals[name] = module
             _replace_module(model, name, made[id(module)])
         for i, (d, (config, tensors)) in enumerate(zip(dirs, files)):  # (each file read once, above)

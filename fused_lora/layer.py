@@ -294,9 +294,16 @@ def held_module(layer: nn.Module) -> nn.Module | None:
     return layer.__dict__.get(_HELD_MODULE)
 
 
-def _keep_held_module(layer: nn.Module, linear: nn.Module) -> None:
+def take_from_module(layer: nn.Module, linear: nn.Module) -> nn.Module:
+    """What a fused layer made around ``linear``'s weight takes from that
+    module where it took its weight as it is (bitsandbytes' nf4
+    ``Linear4bit``, torchao's int8 ``Linear``): the dtype bitsandbytes
+    computes in (``compute_dtype``), and the module itself, kept aside
+    (:func:`held_module`). Returns ``layer``."""
+    layer.compute_dtype = _held_compute_dtype(linear)
     if layer.quantized and _held_quantized(linear.weight) is not None:
         layer.__dict__[_HELD_MODULE] = linear  # (not nn.Module's __setattr__: no submodule)
+    return layer
 
 
 class _QuantizedBase:
@@ -513,9 +520,7 @@ class LoRALinear(_QuantizedBase, nn.Module):
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
         layer.reset_lora_parameters()
-        layer.compute_dtype = _held_compute_dtype(linear)
-        _keep_held_module(layer, linear)
-        return layer
+        return take_from_module(layer, linear)
 
     @classmethod
     def from_parameters(cls, weight: nn.Parameter, bias: nn.Parameter | None, lora_A: nn.Parameter,
@@ -865,9 +870,7 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         layer = cls.around(linear.weight, linear.bias, ranks, alphas, dropout, use_rslora, backend=backend,
                            adapter_dtype=adapter_dtype, quantize_base=quantize_base)
-        layer.compute_dtype = _held_compute_dtype(linear)
-        _keep_held_module(layer, linear)
-        return layer
+        return take_from_module(layer, linear)
 
     @classmethod
     def around(cls, weight: nn.Parameter, bias: nn.Parameter | None, ranks, alphas=None, dropout: float = 0.0,

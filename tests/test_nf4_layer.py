@@ -341,6 +341,12 @@ def test_inject_fuses_a_model_transformers_loaded_in_4_bits(tmp_path):
         assert_close(model(input_ids=ids).logits, base.double(), F32, "bitsandbytes' own model again")
         for name, module in modules.items():  # (as loaded: the same bytes)
             assert torch.equal(model.get_submodule(name).weight, module.weight)
+    # inject_multi likewise: the Linear4bit's compute dtype, and the module back with unload
+    fused_lora.inject_multi(model, "all-linear", ranks=[2, 3])
+    assert all(model.get_submodule(n).compute_dtype == F32 and fused_lora.layer.held_module(
+        model.get_submodule(n)) is originals[n] for n in names)
+    fused_lora.unload(model)
+    assert all(model.get_submodule(n) is originals[n] for n in names)
     # a model that ran on CPU first holds weights repacked for bitsandbytes' CPU kernels: refused, with why
     ran = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, device_map="cpu")
     with torch.no_grad():
