@@ -17,6 +17,7 @@ from torch import nn
 
 import fused_lora
 from fused_lora import AdapterFileError, LoRALinear
+from fused_lora._validate import version_tuple
 from lora_testing import DEVICE, VOCAB, skip_if_dynamo_cannot_trace_llama, tiny_gpt2, tiny_llama
 
 # (a PEFT older than from_peft/to_peft take: their ImportError, not what these tests check)
@@ -2247,6 +2248,21 @@ def test_from_peft_refuses_a_model_without_peft_lora_layers():
     assert again.converted == [] and again.skipped == {}
 
 
+def _assert_same_beams(model, reference, prompt, generate):
+    """``model.generate`` gives what PEFT's ``reference.generate`` gives, where
+    PEFT can: PEFT 0.18's own beam search with ``adapter_names`` under
+    transformers 5 refuses the names it does not repeat for the beams (the
+    floor's limit, not a fused one: PEFT 0.21, which CI installs, runs it)."""
+    try:
+        expected = reference.generate(input_ids=prompt, **generate)
+    except ValueError as err:
+        if "Length of `adapter_names` should be the same as the number of inputs" not in str(err) \
+                or version_tuple(peft.__version__) >= (0, 21):
+            raise
+        return
+    assert torch.equal(model.generate(input_ids=prompt, **generate), expected)
+
+
 def test_a_batch_that_mixes_adapters_runs_as_peft_runs_it_after_from_peft():
     """PEFT's batches that mix adapters (``model(..., adapter_names=[...])``,
     ``generate`` too) after from_peft: PEFT's hooks handed the names to its
@@ -2283,7 +2299,7 @@ def test_a_batch_that_mixes_adapters_runs_as_peft_runs_it_after_from_peft():
     assert checks == []
     generate = dict(max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0, adapter_names=names)
     prompt = ids[:, :6]
-    assert torch.equal(model.generate(input_ids=prompt, **generate), reference.generate(input_ids=prompt, **generate))
+    _assert_same_beams(model, reference, prompt, generate)
 
     with pytest.raises(ValueError, match=r"^adapter_names: no layer holds adapter\(s\) \['other'\] \(the model's: "
                                          r"\['default'\], and '__base__' for the base model\)"):
@@ -2304,6 +2320,6 @@ def test_a_batch_that_mixes_adapters_runs_as_peft_runs_it_after_from_peft():
         return transformers.BartForConditionalGeneration(cfg).to(DEVICE)
 
     reference, model = twins(tiny_bart, ["q_proj", "v_proj"], "lm_head")
-    assert torch.equal(model.generate(input_ids=prompt, **generate), reference.generate(input_ids=prompt, **generate))
+    _assert_same_beams(model, reference, prompt, generate)
     expected = reference(input_ids=ids, decoder_input_ids=prompt, adapter_names=names).logits
     assert_outputs_close(model(input_ids=ids, decoder_input_ids=prompt, adapter_names=names).logits, expected)
