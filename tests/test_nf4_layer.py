@@ -335,6 +335,13 @@ def test_inject_fuses_a_model_transformers_loaded_in_4_bits(tmp_path):
         fused_lora.unload(model)
     assert fused_lora.integration.fused_layers(model).keys() == set(names)
     changed.weight = nn.Parameter(changed.weight.detach() ^ 0x11, requires_grad=False)  # (the same values again)
+    kept = changed.weight
+    changed.weight = nn.Parameter(kept.detach().to("meta"), requires_grad=False)  # (as if moved to another device)
+    with pytest.raises(ValueError, match=rf"unload: {names[1]}: its nf4 base is on meta, and the Linear4bit it came "
+                                         r"from, kept aside, holds that weight on cpu: move the model back "
+                                         r"\(model.to\('cpu'\)\)"):
+        fused_lora.unload(model)
+    changed.weight = kept
     assert sorted(fused_lora.unload(model)) == sorted(names)
     assert all(model.get_submodule(n) is originals[n] for n in names)
     with torch.no_grad():
