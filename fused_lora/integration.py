@@ -74,8 +74,8 @@ from torch import nn
 from ._validate import check_bool, check_int, version_tuple
 from .layer import (LoRALinear, MultiLoRALinear, _held_compute_dtype, _held_quantized, check_adapter_dtype,
                     check_quantize_base, held_module, lora_scaling, note_checked_adapter_ids, quantize_base_weight,
-                    take_from_module, unfusable_base)
-from .quant import base_format
+                    quantized_from_fan_in_fan_out, take_from_module, unfusable_base)
+from .quant import base_format, dequantize_base
 
 #: The fused layers: one adapter (:func:`inject`), or several (:func:`inject_multi`).
 FUSED_KINDS = (LoRALinear, MultiLoRALinear)
@@ -639,6 +639,7 @@ def _fused_layer_for(module: nn.Module, r, alpha, dropout, use_rslora, adapter_d
     layer = LoRALinear.from_parameters(weight, module.bias, a, b, alpha=alpha, dropout=dropout,
                                        use_rslora=use_rslora, fan_in_fan_out=not quantize_base, backend=backend,
                                        lora_magnitude_vector=m, weight_scale=scale)
+    quantized_from_fan_in_fan_out(layer, bool(quantize_base))
     layer.weight.requires_grad_(False)
     if layer.bias is not None:
         layer.bias.requires_grad_(False)
@@ -1910,16 +1911,24 @@ def _check_adapter_index(what: str, adapter, multi: dict) -> int | None:
     return adapter
 
 
-def _unload(model: nn.Module, merge: bool, adapter=None) -> list[str]:
+#: The dtypes ``dequantize`` may name.
+_DEQUANTIZE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _unload(model: nn.Module, merge: bool, adapter=None, dequantize=None) -> list[str]:
     _check_model(model)
     what = "merge_and_unload" if merge else "unload"
+    if dequantize is not None and dequantize not in _DEQUANTIZE_DTYPES:
+        raise TypeError(f"{what}: dequantize must be None or a floating-point torch.dtype (one of "
+                        f"{[str(d) for d in _DEQUANTIZE_DTYPES]}), got {dequantize!r}")
     if getattr(model, _ORIGINALS, None):  # (from_peft's layers not yet given back)
         raise ValueError("this model was converted from PEFT by from_peft: go back with fused_lora.to_peft(model), "
                          "then use PEFT's merge_and_unload() or unload()")
     layers = all_fused_layers(model)
     if not layers:
         raise ValueError("the model has no fused LoRA layers to unload")
-    _refuse_int8_bases(layers, what, give_back=not merge)
+    if dequantize is None:
+        _refuse_int8_bases(layers, what, give_back=not merge)
     multi = {n: layer for n, layer in layers.items() if isinstance(layer, MultiLoRALinear)}
     adapter = _check_adapter_index(what, adapter, multi) if merge else None
     routed = [n for n, layer in layers.items() if _ROUTED in layer.__dict__]
@@ -1938,6 +1947,8 @@ def _unload(model: nn.Module, merge: bool, adapter=None) -> list[str]:
                          "transformers model: tie_word_embeddings=False), or drop the adapters with unload(model)")
     plain_by_id = {}
     for name, layer in layers.items():
+        if id(layer) not in plain_by_id and dequantize is not None and layer.quantized:
+            plain_by_id[id(layer)] = _dequantized_linear(layer, dequantize, merge, adapter).train(layer.training)
         if id(layer) not in plain_by_id:  # (a layer reachable under two names becomes one plain layer)
             if isinstance(layer, MultiLoRALinear):
                 if merge:
@@ -1951,6 +1962,31 @@ def _unload(model: nn.Module, merge: bool, adapter=None) -> list[str]:
         _replace_module(model, name, plain_by_id[id(layer)])
     _unguard_fast_paths(model)
     return list(layers)
+
+
+def _dequantized_linear(layer: LoRALinear | MultiLoRALinear, dtype: torch.dtype, merge: bool, adapter) -> nn.Module:
+    """The plain layer of a fused one's quantized base, made floating point:
+    Ŵ (the exact product of its values and scales, in fp32), with, for
+    ``merge``, the adapter folded in (``s·B·A``, DoRA's ``γ ⊙ (Ŵ + s·B A) - Ŵ``;
+    a layer of several adapters: ``adapter``'s), rounded once to ``dtype``; an
+    ``nn.Linear``, or a ``Conv1D`` where the base was quantized from one; the
+    bias shared, or cast to ``dtype``. Frozen, as the fused layer's base."""
+    with torch.no_grad():
+        w = dequantize_base(layer.weight.detach(), layer.weight_scale, torch.float32)
+        if merge:
+            w = w + (layer._delta_fp32(adapter) if isinstance(layer, MultiLoRALinear) else layer._delta_fp32())
+    conv1d = quantized_from_fan_in_fan_out(layer)
+    if conv1d and _conv1d_class() is None:
+        raise ImportError("a layer quantized from a Conv1D goes back to transformers' Conv1D: install transformers")
+    with torch.device("meta"):
+        plain = (_conv1d_class()(layer.out_features, layer.in_features) if conv1d
+                 else nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None))
+    plain.weight = nn.Parameter((w.t() if conv1d else w).contiguous().to(dtype), requires_grad=False)
+    bias = layer.bias
+    if bias is not None and bias.dtype != dtype:
+        bias = nn.Parameter(bias.detach().to(dtype), requires_grad=bias.requires_grad)
+    plain.bias = bias
+    return plain
 
 
 def _refuse_int8_bases(layers: dict[str, nn.Module], what: str, give_back: bool = False) -> None:
@@ -1993,7 +2029,8 @@ def _shared_weights(model: nn.Module, layers) -> dict[str, list[str]]:
     return shared
 
 
-def merge_and_unload(model: nn.Module, *, adapter: int | None = None) -> list[str]:
+def merge_and_unload(model: nn.Module, *, adapter: int | None = None,
+                     dequantize: torch.dtype | None = None) -> list[str]:
     """Fold each fused layer's adapter into its base weight (``W + s·B·A``,
     computed in fp32 and rounded once to W's dtype, as
     :meth:`LoRALinear.merge`) and put a plain layer back in its place: an
@@ -2018,19 +2055,30 @@ def merge_and_unload(model: nn.Module, *, adapter: int | None = None) -> list[st
     :func:`inject_multi`'s layers (several adapters each) fold in the
     adapter ``adapter=i`` names (required there), the others dropped: the
     base model with that one adapter, to deploy alone.
+
+    A quantized base (``quantize_base``, bitsandbytes' ``Linear4bit``,
+    torchao's int8) is refused, as merging would requantize it, unless
+    ``dequantize`` names a floating-point dtype: its layer then becomes a
+    plain one holding ``Ŵ + s·B·A`` (Ŵ the exact product of the base's
+    values and scales, the sum made in fp32 and rounded once to
+    ``dequantize``), its bias cast to that dtype: QLoRA's merged model in
+    16 bits, to deploy. (``dequantize`` leaves floating-point bases as they
+    are.)
     """
-    return _unload(model, merge=True, adapter=adapter)
+    return _unload(model, merge=True, adapter=adapter, dequantize=dequantize)
 
 
-def unload(model: nn.Module) -> list[str]:
+def unload(model: nn.Module, *, dequantize: torch.dtype | None = None) -> list[str]:
     """Put plain layers back in place of the fused ones, their adapters
     dropped: the base model as it was before :func:`inject` (merged layers are
     unmerged first, restoring their weights bit for bit; a layer fused from
     a bitsandbytes nf4 ``Linear4bit`` or a torchao int8 ``Linear``, its
-    weight taken as it was, gets that module back, with its weight). Otherwise as
-    :func:`merge_and_unload` (which refuses a quantized base: merging would
-    requantize it)."""
-    return _unload(model, merge=False)
+    weight taken as it was, gets that module back, with its weight; with
+    ``dequantize``, a floating-point dtype, any quantized base becomes a
+    plain layer holding Ŵ in that dtype instead). Otherwise as
+    :func:`merge_and_unload` (which refuses a quantized base without
+    ``dequantize``: merging would requantize it)."""
+    return _unload(model, merge=False, dequantize=dequantize)
 
 
 def _plain_linear(layer: LoRALinear | MultiLoRALinear) -> nn.Module:

@@ -294,6 +294,21 @@ def held_module(layer: nn.Module) -> nn.Module | None:
     return layer.__dict__.get(_HELD_MODULE)
 
 
+#: Where a fused layer whose base ``quantize_base`` quantized from an (in,
+#: out) weight (transformers' ``Conv1D``: every quantized base is held (out,
+#: in)) notes it, for the plain layer :func:`fused_lora.unload` makes of it
+#: with ``dequantize``: :func:`quantized_from_fan_in_fan_out`.
+_FROM_FAN_IN_FAN_OUT = "_fused_lora_quantized_from_fan_in_fan_out"
+
+
+def quantized_from_fan_in_fan_out(layer: nn.Module, value: bool | None = None) -> bool:
+    """Whether ``layer``'s quantized base was quantized from an (in, out)
+    weight (a ``Conv1D``'s); ``value`` given: note it so."""
+    if value is not None:
+        layer.__dict__[_FROM_FAN_IN_FAN_OUT] = bool(value)
+    return layer.__dict__.get(_FROM_FAN_IN_FAN_OUT, False)
+
+
 def take_from_module(layer: nn.Module, linear: nn.Module) -> nn.Module:
     """What a fused layer made around ``linear``'s weight takes from that
     module where it took its weight as it is (bitsandbytes' nf4
@@ -907,6 +922,7 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
             q, layer.weight_scale = held if held is not None else quantize_base_weight(
                 weight.t() if fan_in_fan_out else weight, quantize_base)
             layer.weight, layer.fan_in_fan_out = nn.Parameter(q, requires_grad=False), False
+            quantized_from_fan_in_fan_out(layer, fan_in_fan_out)
         layer.weight.requires_grad_(False)
         if layer.bias is not None:
             layer.bias.requires_grad_(False)

@@ -176,7 +176,8 @@ def test_inject_quantize_base_is_the_model_on_its_dequantised_weights(make, quan
     """The model with int8 (or NF4) bases, and the float model whose targeted weights
     are replaced by their dequantised values, each with the same adapters:
     the same logits and adapter gradients (fp32), a training step, and the
-    adapters saved; unload, merge_and_unload and to_peft refused."""
+    adapters saved; unload, merge_and_unload and to_peft refused, but with
+    ``dequantize``: the base model's classes on Ŵ (+ s·B·A merged)."""
     model = make(seed=3)
     float_model = copy.deepcopy(model)
     names = fused_lora.inject(model, "all-linear", r=4, alpha=8, quantize_base=quantize_base)
@@ -211,6 +212,37 @@ def test_inject_quantize_base_is_the_model_on_its_dequantised_weights(make, quan
         with pytest.raises(ValueError, match=r"hold a quantized base, int8 or NF4 \(quantize_base, or torchao"):
             what(model)
     assert all(isinstance(model.get_submodule(n), LoRALinear) for n in names)  # (nothing changed)
+    # with dequantize, a dtype: the base model's own layer classes on Ŵ, with the adapters folded in or dropped
+    model.eval()
+    with torch.no_grad():
+        fused = model(input_ids=ids).logits
+        with fused_lora.disable_adapters(model):
+            base = model(input_ids=ids).logits
+    merged, unloaded, merged16 = (copy.deepcopy(model) for _ in range(3))
+    assert sorted(fused_lora.merge_and_unload(merged, dequantize=F32)) == sorted(names)
+    assert sorted(fused_lora.unload(unloaded, dequantize=F32)) == sorted(names)
+    fused_lora.merge_and_unload(merged16, dequantize=BF16)
+    fresh = make(seed=3)
+    for name, layer in layers.items():
+        conv1d = not isinstance(fresh.get_submodule(name), nn.Linear)  # (GPT-2's Conv1D: (in, out))
+        deq = dequantize_base(layer.weight, layer.weight_scale, F32)
+        for m, dtype in ((merged, F32), (unloaded, F32), (merged16, BF16)):
+            plain = m.get_submodule(name)
+            assert type(plain) is type(fresh.get_submodule(name)) and plain.weight.dtype == dtype
+            assert not plain.weight.requires_grad and (plain.bias is None or plain.bias.dtype == dtype)
+        assert torch.equal(unloaded.get_submodule(name).weight, deq.t() if conv1d else deq)
+        delta = (layer.lora_B.double() @ layer.lora_A.double()) * layer.scaling
+        assert_close(merged.get_submodule(name).weight, (deq.double() + delta).mT if conv1d else deq.double() + delta,
+                     F32, f"{name}: Ŵ + s·B·A")
+    with torch.no_grad():
+        assert_close(merged(input_ids=ids).logits, fused.double(), F32, "merged on Ŵ")
+        assert_close(unloaded(input_ids=ids).logits, base.double(), F32, "Ŵ alone")
+        fresh.load_state_dict(merged.state_dict())  # (strict: the base model's keys and shapes)
+        assert torch.equal(fresh(input_ids=ids).logits, merged(input_ids=ids).logits)
+    for bad in ("bf16", torch.int8):
+        with pytest.raises(TypeError, match=r"unload: dequantize must be None or a floating-point torch.dtype"):
+            fused_lora.unload(model, dequantize=bad)
+    model.train()
     # the adapters saved from the int8 model load into the floating-point one (what the refusals advise)
     fused_lora.save_adapter(model, tmp_path)
     fresh = make(seed=3)
@@ -293,6 +325,10 @@ def test_inject_qdora_is_the_float_model_on_the_dequantised_weights(tmp_path):
         for p in ("lora_A", "lora_B", "lora_magnitude_vector"):
             assert_close(getattr(model.get_submodule(name), p).grad,
                          getattr(float_model.get_submodule(name), p).grad.double(), F32, f"{name}.{p}")
+    fused_lora.merge_and_unload(model, dequantize=F32)  # (QDoRA folded into Ŵ: γ ⊙ (Ŵ + s·B A))
+    fused_lora.merge_and_unload(float_model)
+    with torch.no_grad():
+        assert_close(model(input_ids=ids).logits, float_model(input_ids=ids).logits.double(), F32, "merged")
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
@@ -354,6 +390,13 @@ def test_inject_multi_quantize_base(tmp_path):
     for what in (lambda m: fused_lora.merge_and_unload(m, adapter=0), fused_lora.unload, fused_lora.to_peft):
         with pytest.raises(ValueError, match=r"hold a quantized base"):
             what(model)
+    merged = copy.deepcopy(model)  # (dequantize: adapter 1 folded into Ŵ, the model every row of adapter 1 runs)
+    fused_lora.merge_and_unload(merged, adapter=1, dequantize=F32)
+    assert all(type(merged.get_submodule(n)) is nn.Linear for n in names)
+    ones = torch.ones(3, dtype=torch.long, device=DEVICE)
+    with torch.no_grad(), fused_lora.adapter_ids(model, ones):
+        assert_close(merged(input_ids=input_ids).logits, model(input_ids=input_ids).logits.double(), F32,
+                     "adapter 1 merged into Ŵ")
     fused_lora.save_adapter(model, tmp_path, adapter=1)  # (one adapter, PEFT's file, for the float model)
     fresh = tiny_llama(seed=4)
     fused_lora.load_adapter(fresh, tmp_path)
