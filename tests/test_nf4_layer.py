@@ -324,6 +324,11 @@ def test_inject_fuses_a_model_transformers_loaded_in_4_bits(tmp_path):
     assert all(type(m).__name__ == "Linear4bit" and m.weight.data_ptr() == bytes_of[n] for n, m in originals.items())
     with pytest.raises(ValueError, match=r"merge_and_unload: .* hold a quantized base.* comes back with unload"):
         fused_lora.merge_and_unload(model)
+    merged = copy.deepcopy(model)  # (QLoRA's merged model in floating point: Ŵ + s·B·A)
+    fused_lora.merge_and_unload(merged, dequantize=F32)
+    assert all(type(merged.get_submodule(n)) is nn.Linear for n in names)
+    with torch.no_grad():
+        assert_close(merged(input_ids=ids).logits, fused.double(), F32, "merged into Ŵ")
     peft_model = fused_lora.to_peft(copy.deepcopy(model))
     layer = peft_model.base_model.model.get_submodule(names[0])
     assert type(layer).__module__ == "peft.tuners.lora.bnb" and type(layer.base_layer).__name__ == "Linear4bit"
