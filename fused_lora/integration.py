@@ -2004,8 +2004,12 @@ def _refuse_int8_bases(layers: dict[str, nn.Module], what: str, give_back: bool 
                          "weights), which a plain layer cannot hold, "
                          "and the floating-point base is gone: save the adapters (fused_lora.save_adapter) and "
                          "load them into the floating-point model (fused_lora.load_adapter, or PEFT's "
-                         "PeftModel.from_pretrained)" + ("" if give_back else "; a bitsandbytes or torchao module "
-                                                         "fused as it was comes back with unload, not merged"))
+                         "PeftModel.from_pretrained)"
+                         + (f", or {what}(model, dequantize=torch.bfloat16) for plain layers on the dequantised base"
+                            f"{', the adapters merged into it' if what == 'merge_and_unload' else ''}"
+                            if what in ("merge_and_unload", "unload") else "")
+                         + ("" if give_back else "; a bitsandbytes or torchao module fused as it was comes back with "
+                            "unload, not merged"))
     if give_back:
         for name, layer in layers.items():
             held = held_module(layer) if getattr(layer, "quantized", False) else None
