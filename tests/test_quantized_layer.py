@@ -141,6 +141,37 @@ def test_to_a_dtype_keeps_the_quantized_base(quantize_base, cast):
     assert multi.weight_scale.dtype == F32 and multi.lora_A[1].dtype == F16
 
 
+@pytest.mark.parametrize("quantize_base", [True, "nf4"])
+def test_compute_dtype_casts_x_and_the_output(quantize_base):
+    """``compute_dtype`` on a quantized base (no bitsandbytes needed: on a GPU
+    too): fp32 x computes as bf16 x would, bit for bit, the output and x's
+    gradient cast back to fp32, the adapters' gradients the same; a mixed
+    batch too; None gives x's dtype back."""
+    _, layer = _quantized_layer(64, 24, 4, F32, dropout=0.25, adapter_dtype=F32, quantize_base=quantize_base)
+    layer.compute_dtype = BF16
+    x = torch.randn(3, 5, 64, device=DEVICE)
+    runs = []
+    for inp in (x.clone().requires_grad_(), x.to(BF16).requires_grad_()):
+        torch.manual_seed(9)  # (the same dropout mask)
+        y = layer(inp)
+        y.backward(torch.ones_like(y))
+        runs.append((y, inp.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+        layer.zero_grad()
+    (y32, dx32, da32, db32), (y16, dx16, da16, db16) = runs
+    assert y32.dtype == dx32.dtype == F32 and y16.dtype == BF16
+    assert torch.equal(y32, y16.float()) and torch.equal(dx32, dx16.float())
+    assert torch.equal(da32, da16) and torch.equal(db32, db16)
+    layer.eval()
+    ids = torch.tensor([0, -1, 0], device=DEVICE)
+    with torch.no_grad():
+        assert torch.equal(layer(x, ids), layer(x.to(BF16), ids).float())
+        in_bf16 = layer(x)
+        layer.compute_dtype = None
+        in_fp32 = layer(x)  # (x's dtype: fp32 compute, other roundings)
+        assert in_fp32.dtype == F32 and not torch.equal(in_fp32, in_bf16)
+        assert_close(in_fp32, in_bf16.double(), BF16, "fp32 against bf16 compute")
+
+
 def test_what_an_int8_base_refuses():
     linear, layer = _quantized_layer(40, 24, 4, F32)
     with pytest.raises(ValueError, match="the base is int8 .* would requantize it"):
