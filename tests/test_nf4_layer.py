@@ -1,10 +1,10 @@
 """An NF4 base in the layers and in models: ``LoRALinear.from_linear(...,
 quantize_base="nf4")``, ``MultiLoRALinear``, ``inject(...,
 quantize_base="nf4")`` and bitsandbytes' nf4 ``Linear4bit`` taken as it is,
-each against the same layers on the dequantised weight; the state dict
-and what such layers refuse (a training step, QDoRA, and ``inject(...,
-quantize_base="nf4")`` on Llama and GPT-2: test_quantized_layer.py's, for
-both formats)."""
+each against the same layers on the dequantised weight, and what such
+layers refuse (the state dict, a training step, QDoRA, ``compute_dtype``,
+``.to(dtype)`` and ``inject(..., quantize_base="nf4")`` on Llama and GPT-2:
+test_quantized_layer.py's, for both formats)."""
 
 import copy
 
@@ -80,32 +80,6 @@ def test_dropout_mixed_batches_and_the_adapter_off():
     assert_close(y[~on], base[~on].double(), F32, "base rows")
     with fused_lora.disable_adapters(layer):
         assert torch.equal(layer(x), base)
-
-
-def test_the_state_dict_round_trips_and_refuses_the_other_kinds_of_weight():
-    _, layer = _nf4_layer(64, 24, 4, F32)
-    x = torch.randn(7, 64, device=DEVICE)
-    state = layer.state_dict()
-    assert set(state) == {"weight", "bias", "lora_A", "lora_B", "weight_scale"} and state["weight"].dtype == torch.uint8
-    _, other = _nf4_layer(64, 24, 4, F32)
-    with torch.no_grad():
-        other.weight_scale.mul_(2)
-    other.load_state_dict(state)
-    assert torch.equal(other(x), layer(x))
-    float_layer = LoRALinear.from_linear(nn.Linear(64, 24, device=DEVICE), r=4)
-    int8_layer = LoRALinear.from_linear(nn.Linear(64, 24, device=DEVICE), r=4, quantize_base=True)
-    with pytest.raises(RuntimeError, match=r"weight: a torch.float32 weight for a layer whose base is nf4 "
-                                           r"\(quantize_base\): quantize it \(fused_lora.quantize_nf4\)"):
-        layer.load_state_dict(float_layer.state_dict(), strict=False)
-    with pytest.raises(RuntimeError, match=r"weight: a torch.int8 weight for a layer whose base is nf4"):
-        layer.load_state_dict(int8_layer.state_dict(), strict=False)
-    with pytest.raises(RuntimeError, match=r"weight: a torch.uint8 weight for a layer whose base is "
-                                           r"torch.float32: a nf4 base loads into a layer made with "
-                                           r"quantize_base='nf4'"):
-        float_layer.load_state_dict(state, strict=False)
-    with pytest.raises(RuntimeError, match=r"weight: a torch.uint8 weight for a layer whose base is int8"):
-        int8_layer.load_state_dict(state, strict=False)
-    assert torch.equal(layer(x), other(x))  # (nothing loaded)
 
 
 def test_what_an_nf4_base_refuses():

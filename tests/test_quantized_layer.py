@@ -88,21 +88,36 @@ def test_mixed_batches_and_the_adapter_off_run_the_dequantised_base():
     assert torch.equal(layer(x, adapter_ids=torch.full((6,), -1, device=DEVICE)), base)
 
 
-def test_the_state_dict_round_trips_and_refuses_the_other_kind_of_weight():
-    linear, layer = _quantized_layer(40, 24, 4, F32)
+@pytest.mark.parametrize("quantize_base", [True, "nf4"])
+def test_the_state_dict_round_trips_and_refuses_the_other_kinds_of_weight(quantize_base):
+    """A quantized layer's state dict (weight, weight_scale) loads into
+    another such layer; a weight of another kind (floating point, the other
+    quantized format) is refused both ways, nothing loaded."""
+    fmt, other_format = ("int8", "nf4") if quantize_base is True else ("nf4", True)
+    dtype, other_dtype = (torch.int8, torch.uint8) if fmt == "int8" else (torch.uint8, torch.int8)
+    _, layer = _quantized_layer(40, 24, 4, F32, quantize_base=quantize_base)
     x = torch.randn(7, 40, device=DEVICE)
     state = layer.state_dict()
-    assert set(state) == {"weight", "bias", "lora_A", "lora_B", "weight_scale"} and state["weight"].dtype == torch.int8
-    _, other = _quantized_layer(40, 24, 4, F32)
+    assert set(state) == {"weight", "bias", "lora_A", "lora_B", "weight_scale"} and state["weight"].dtype == dtype
+    _, other = _quantized_layer(40, 24, 4, F32, quantize_base=quantize_base)
     with torch.no_grad():
         other.weight_scale.mul_(2)
     other.load_state_dict(state)
     assert torch.equal(other(x), layer(x))
     float_layer = LoRALinear.from_linear(nn.Linear(40, 24, device=DEVICE), r=4)
-    with pytest.raises(RuntimeError, match=r"weight: a torch.float32 weight for a layer whose base is int8"):
+    other_layer = LoRALinear.from_linear(nn.Linear(40, 24, device=DEVICE), r=4, quantize_base=other_format)
+    with pytest.raises(RuntimeError, match=rf"weight: a torch.float32 weight for a layer whose base is {fmt} "
+                                           rf"\(quantize_base\): quantize it \(fused_lora.quantize_{fmt}\)"):
         layer.load_state_dict(float_layer.state_dict(), strict=False)
-    with pytest.raises(RuntimeError, match=r"weight: a torch.int8 weight for a layer whose base is torch.float32"):
+    with pytest.raises(RuntimeError, match=rf"weight: a {other_dtype} weight for a layer whose base is {fmt}"):
+        layer.load_state_dict(other_layer.state_dict(), strict=False)
+    made_with = "True" if fmt == "int8" else "'nf4'"
+    with pytest.raises(RuntimeError, match=rf"weight: a {dtype} weight for a layer whose base is torch.float32: "
+                                           rf"an? {fmt} base loads into a layer made with quantize_base={made_with}"):
         float_layer.load_state_dict(state, strict=False)
+    with pytest.raises(RuntimeError, match=rf"weight: a {dtype} weight for a layer whose base is "
+                                           rf"{'nf4' if fmt == 'int8' else 'int8'}"):
+        other_layer.load_state_dict(state, strict=False)
     assert torch.equal(layer(x), other(x))  # (nothing loaded)
 
 
