@@ -2,9 +2,10 @@
 quantize_base="nf4")``, ``MultiLoRALinear``, ``inject(...,
 quantize_base="nf4")`` and bitsandbytes' nf4 ``Linear4bit`` taken as it is,
 each against the same layers on the dequantised weight, and what such
-layers refuse (the state dict, a training step, QDoRA, ``compute_dtype``,
-``.to(dtype)`` and ``inject(..., quantize_base="nf4")`` on Llama and GPT-2:
-test_quantized_layer.py's, for both formats)."""
+layers refuse. (Dropout and mixed batches, the state dict, a training
+step, QDoRA, ``compute_dtype``, ``.to(dtype)`` and ``inject(...,
+quantize_base="nf4")`` on Llama and GPT-2: test_quantized_layer.py's, for
+both formats.)"""
 
 import copy
 
@@ -61,25 +62,6 @@ def test_from_linear_quantizes_the_base_to_nf4_and_matches_the_reference(dtype, 
                                 leaves[2].to(dtype).double(), layer.bias.double(), scaling=layer.scaling)
     for g, g64, name in zip(grads, torch.autograd.grad(y64, leaves, dy.double()), ("dx", "dA", "dB")):
         assert_close(g, g64, dtype, name)
-
-
-def test_dropout_mixed_batches_and_the_adapter_off():
-    _, layer = _nf4_layer(64, 24, 4, F32, dropout=0.3)
-    x = torch.randn(6, 5, 64, device=DEVICE)
-    torch.manual_seed(5)
-    y_train = layer(x)
-    torch.manual_seed(5)
-    seed = fused_lora.dropout.draw_seed_tensor(x.device)  # (the seed the layer drew)
-    assert_close(y_train, _reference(layer, x, 0.3, seed), F32, "train")
-    layer.eval()
-    ids = torch.tensor([0, -1, 0, -1, -1, 0], device=DEVICE)
-    base = F.linear(x, _deq(layer, F32), layer.bias)
-    y = layer(x, adapter_ids=ids)
-    on = ids == 0
-    assert_close(y[on], _reference(layer, x[on]), F32, "adapter rows")
-    assert_close(y[~on], base[~on].double(), F32, "base rows")
-    with fused_lora.disable_adapters(layer):
-        assert torch.equal(layer(x), base)
 
 
 def test_what_an_nf4_base_refuses():

@@ -62,9 +62,10 @@ def test_from_linear_quantizes_the_base_and_matches_the_reference(dtype, adapter
         assert_close(g, g64, dtype, name)
 
 
-def test_dropout_in_training_and_none_in_eval():
-    _, layer = _quantized_layer(40, 24, 4, F32, dropout=0.3)
-    x = torch.randn(9, 40, device=DEVICE)
+@pytest.mark.parametrize("quantize_base", [True, "nf4"])
+def test_dropout_in_training_and_none_in_eval(quantize_base):
+    _, layer = _quantized_layer(40, 24, 4, F32, dropout=0.3, quantize_base=quantize_base)
+    x = torch.randn(6, 5, 40, device=DEVICE)
     torch.manual_seed(5)
     y_train = layer(x)
     torch.manual_seed(5)
@@ -74,11 +75,12 @@ def test_dropout_in_training_and_none_in_eval():
     assert_close(layer(x), _reference(layer, x), F32, "eval")
 
 
-def test_mixed_batches_and_the_adapter_off_run_the_dequantised_base():
-    _, layer = _quantized_layer(40, 24, 4, F16)
+@pytest.mark.parametrize("quantize_base", [True, "nf4"])
+def test_mixed_batches_and_the_adapter_off_run_the_dequantised_base(quantize_base):
+    _, layer = _quantized_layer(40, 24, 4, F16, quantize_base=quantize_base)
     x = torch.randn(6, 5, 40, device=DEVICE, dtype=F16)
     ids = torch.tensor([0, -1, 0, -1, -1, 0], device=DEVICE)
-    base = F.linear(x, fused_lora.dequantize_int8(layer.weight, layer.weight_scale, F16), layer.bias)
+    base = F.linear(x, dequantize_base(layer.weight, layer.weight_scale, F16), layer.bias)
     y = layer(x, adapter_ids=ids)
     on = ids == 0
     assert_close(y[on], _reference(layer, x[on]), F16, "adapter rows")
