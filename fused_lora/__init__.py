@@ -25,7 +25,7 @@ from .integration import (
 )
 from .layer import LoRALinear, MultiLoRALinear
 from .ops import LoRALinearFunction, dora_linear, lora_linear, multi_lora_linear
-from .quant import dequantize_int8, dequantize_nf4, quantize_int8, quantize_nf4
+from .quant import dequantize_4bit, dequantize_int8, dequantize_nf4, quantize_fp4, quantize_int8, quantize_nf4
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,7 @@ __all__ = [
     "adapter_parameters",
     "disable_adapters",
     "dispatch",
+    "dequantize_4bit",
     "dequantize_int8",
     "dequantize_nf4",
     "dora_linear",
@@ -52,6 +53,7 @@ __all__ = [
     "lora_linear",
     "merge_and_unload",
     "multi_lora_linear",
+    "quantize_fp4",
     "quantize_int8",
     "quantize_nf4",
     "reference",

@@ -170,6 +170,30 @@ def check_weight_scale(x: torch.Tensor, weight: torch.Tensor, weight_scale):
     return weight_scale
 
 
+def check_weight_code(x: torch.Tensor, weight: torch.Tensor, weight_code):
+    """``weight_code`` of ``lora_linear``: None (an NF4 weight's code book,
+    or no 4-bit weight), or a packed 4-bit (uint8) weight's: the 16 values
+    of its indices, a floating-point tensor (16,) on x's device, not
+    requiring grad (bitsandbytes' FP4: :data:`fused_lora.quant.FP4_CODE`).
+    The other arguments checked already."""
+    if weight_code is None:
+        return None
+    if weight.dtype != torch.uint8:
+        raise ValueError(f"weight_code is a packed 4-bit (uint8) weight's code book; weight is {weight.dtype} "
+                         f"{tuple(weight.shape)}: pass weight_code=None")
+    _is_tensor("weight_code", weight_code)
+    if tuple(weight_code.shape) != (16,):
+        raise ValueError(f"weight_code must have shape (16,), the values of a 4-bit weight's indices, got "
+                         f"{tuple(weight_code.shape)}")
+    if weight_code.device != x.device:
+        raise ValueError(f"weight_code is on {weight_code.device} but x is on {x.device}: all tensors must be on "
+                         "one device")
+    if weight_code.requires_grad and torch.is_grad_enabled():
+        raise ValueError("weight_code requires grad, but a quantized base is frozen and no gradient flows to it: "
+                         "pass weight_code.detach()")
+    return weight_code
+
+
 def check_row_scale(x: torch.Tensor, row_scale):
     """``row_scale`` of ``lora_linear``: None, or a floating-point tensor of x's
     leading shape (one value per row of x flattened to (M, K)) on x's device,

@@ -170,6 +170,9 @@ def check_cases(on_gpu: bool) -> list[dict]:
         case(nf4_whole, 64, dtype, "split", 0.1, train_base=False, quantized="nf4")
         case(nf4_whole, 16, dtype, "in_loop", 0.0, train_base=False, quantized="nf4")
         case(nf4_decoded, 16, dtype, "split", 0.1, train_base=False, dora=True, quantized="nf4")
+        # bitsandbytes' FP4: NF4's paths with another code book (weight_code), decoded and made whole
+        case(nf4_decoded, 16, dtype, "split", 0.1, train_base=False, quantized="fp4")
+        case(nf4_whole, 16, dtype, "in_loop", 0.0, train_base=False, quantized="fp4")
         if dtype != torch.float32:
             # TMA loads (16-bit): forward, dx (masked or not) and dW through descriptors
             for p, train_base in ((0.0, True), (0.1, False)):
@@ -203,8 +206,10 @@ def cmd_check(args) -> int:
         with (dispatch.force_strategy(case["strategy"]), dispatch.use_tma(case["tma"]),
               dispatch.use_persistent(case["persistent"])):
             m = math.prod(case["lead"])
+            # (an FP4 base plans as NF4: the same kernels, another code book)
             plan = dispatch.device_plan(device, m, case["n"], case["k"], case["r"], case["dtype"],
-                                        case["dropout_p"], quantized=case["quantized"])
+                                        case["dropout_p"], quantized="nf4" if case["quantized"] == "fp4"
+                                        else case["quantized"])
             try:
                 errors = parity_case(case["lead"], case["k"], case["n"], case["r"], case["dtype"],
                                      dropout_p=case["dropout_p"], train_base=case["train_base"],
@@ -214,7 +219,8 @@ def cmd_check(args) -> int:
             except Exception as exc:  # a crash is a failed row, not a traceback
                 errors, failure = {}, f"{type(exc).__name__}: {exc}"
         tol = TOLERANCE[case["dtype"]]
-        quantized_label = f" +{dispatch.quantized_kind(case['quantized'])}-base" if case["quantized"] else ""
+        quantized_label = (f" +{'fp4' if case['quantized'] == 'fp4' else dispatch.quantized_kind(case['quantized'])}"
+                           "-base" if case["quantized"] else "")
         worst = max(errors.values()) if errors else float("inf")
         # (the strategy that ran: a forced in_loop falls back to split above its rank tile, its dx maybe still
         # in loop)

@@ -618,8 +618,8 @@ def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
 def _fused_layer_for(module: nn.Module, r, alpha, dropout, use_rslora, adapter_dtype, backend,
                      use_dora: bool = False, quantize_base: str = "") -> LoRALinear:
     """A fused layer sharing ``module``'s weight and bias, in its train/eval
-    mode (``quantize_base``: ``"int8"`` or ``"nf4"``, the weight quantized,
-    the bias shared)."""
+    mode (``quantize_base``: ``"int8"``, ``"nf4"`` or ``"fp4"``, the weight
+    quantized, the bias shared)."""
     if isinstance(module, nn.Linear):
         layer = LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                                        backend=backend, adapter_dtype=adapter_dtype, use_dora=use_dora,
@@ -632,13 +632,13 @@ def _fused_layer_for(module: nn.Module, r, alpha, dropout, use_rslora, adapter_d
     a = nn.Parameter(torch.empty(r, in_f, device=w.device, dtype=dt))
     b = nn.Parameter(torch.empty(out_f, r, device=w.device, dtype=dt))
     m = nn.Parameter(torch.empty(out_f, device=w.device, dtype=dt)) if use_dora else None
-    weight, scale = module.weight, None
+    weight, scale, code = module.weight, None, None
     if quantize_base:  # ((out, in), as every quantized base: no fan_in_fan_out)
-        q, scale = quantize_base_weight(module.weight.t(), quantize_base)
+        q, scale, code = quantize_base_weight(module.weight.t(), quantize_base)
         weight = nn.Parameter(q, requires_grad=False)
     layer = LoRALinear.from_parameters(weight, module.bias, a, b, alpha=alpha, dropout=dropout,
                                        use_rslora=use_rslora, fan_in_fan_out=not quantize_base, backend=backend,
-                                       lora_magnitude_vector=m, weight_scale=scale)
+                                       lora_magnitude_vector=m, weight_scale=scale, weight_code=code)
     quantized_from_fan_in_fan_out(layer, bool(quantize_base))
     layer.weight.requires_grad_(False)
     if layer.bias is not None:
@@ -668,12 +668,13 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
         quantize_base: each matching layer's base weight quantized, ``True``
             or ``"int8"`` to int8 (:func:`fused_lora.quantize_int8`), half the
             memory of a 16-bit base, ``"nf4"`` to NF4 (QLoRA's 4 bits:
-            :func:`fused_lora.quantize_nf4`), a quarter
+            :func:`fused_lora.quantize_nf4`), a quarter, ``"fp4"`` to
+            bitsandbytes' FP4 (:func:`fused_lora.quantize_fp4`)
             (``LoRALinear.from_linear``'s ``quantize_base``), the float
             weight let go (with ``use_dora``, QDoRA). A model loaded in 4 bits
-            by bitsandbytes (``BitsAndBytesConfig(load_in_4bit=True,
-            bnb_4bit_quant_type="nf4")``) needs no ``quantize_base``: its
-            ``Linear4bit`` layers are fused as they are. Such layers do
+            by bitsandbytes (``BitsAndBytesConfig(load_in_4bit=True)``,
+            ``bnb_4bit_quant_type`` "nf4" or "fp4", its default) needs no
+            ``quantize_base``: its ``Linear4bit`` layers are fused as they are. Such layers do
             not merge, and :func:`unload`, :func:`merge_and_unload` and
             :func:`to_peft` refuse them (the float base is gone): save the
             adapters (:func:`save_adapter`) and load them into the
@@ -936,8 +937,8 @@ def _check_fusable(model: nn.Module, names, what: str, error=TypeError) -> None:
         raise error(f"{what}: these layers cannot be fused: "
                     + "; ".join(f"{n}: {why}" for n, why in unfusable.items())
                     + ". Fused layers need a plain floating-point base, or an int8 one (quantize_base=True, or "
-                    "torchao's Int8WeightOnlyConfig), or an NF4 one (quantize_base='nf4', or bitsandbytes' nf4 "
-                    "Linear4bit): other quantized bases are not supported yet (PEFT's LoRA layers handle torchao "
+                    "torchao's Int8WeightOnlyConfig), or a 4-bit one (quantize_base='nf4' or 'fp4', or "
+                    "bitsandbytes' Linear4bit): other quantized bases are not supported yet (PEFT's LoRA layers handle torchao "
                     "and bitsandbytes ones)")
 
 
@@ -1037,7 +1038,7 @@ def _peft_quantized_linears() -> tuple[type, ...]:
     bitsandbytes' 4-bit one (``peft.tuners.lora.bnb.Linear4bit``) and
     torchao's (``TorchaoLoraLinear``), those PEFT defines (where their
     modules are not imported, no layer of theirs exists). Whether their base
-    is one the fused layers read (NF4, int8 weight-only) is
+    is one the fused layers read (NF4, FP4, int8 weight-only) is
     :func:`fused_lora.layer.unfusable_base`'s to say."""
     classes = (getattr(sys.modules.get("peft.tuners.lora.bnb"), "Linear4bit", None),
                getattr(sys.modules.get("peft.tuners.lora.torchao"), "TorchaoLoraLinear", None))
@@ -1047,7 +1048,7 @@ def _peft_quantized_linears() -> tuple[type, ...]:
 def _why_unsupported(module, PeftLinear) -> str | None:
     """Why a PEFT LoRA layer cannot be reproduced exactly by LoRALinear (None
     if it can): its plain ``Linear``, or its layers over a quantized base
-    whose weight the fused layers read as it is (bitsandbytes' nf4 4-bit,
+    whose weight the fused layers read as it is (bitsandbytes' nf4 and fp4,
     torchao's int8 weight-only: :func:`_peft_quantized_linears`)."""
     if type(module) is not PeftLinear and type(module) not in _peft_quantized_linears():
         return (f"{type(module).__module__}.{type(module).__name__} is not a plain LoRA Linear layer (nor PEFT's "
@@ -1124,7 +1125,7 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     (``rank_pattern``/``alpha_pattern``) and DoRA (``use_dora=True``: the
     fused layer shares the ``lora_magnitude_vector`` too) convert, and so do
     PEFT's layers over a quantized base the fused layers read (QLoRA's: a
-    bitsandbytes nf4 ``Linear4bit``, its bytes and absmax read as they are
+    bitsandbytes nf4 or fp4 ``Linear4bit``, its bytes and absmax read as they are
     and its ``compute_dtype`` kept; torchao's int8 weight-only); anything
     that cannot be reproduced exactly (other variants, several adapters, lora_bias,
     merged or disabled adapters, other quantized or non-linear bases) is left as it
@@ -1580,16 +1581,18 @@ def _why_not_given_back(name: str, layer: nn.Module, base: nn.Module, since: str
     once the model is moved back."""
     if not layer.quantized:
         return None
-    fmt, held, kind = base_format(layer.weight), _held_quantized(base.weight), type(base).__name__
+    code = layer._buffers.get("weight_code")
+    fmt, held, kind = base_format(layer.weight, code), _held_quantized(base.weight), type(base).__name__
     if held is None:
         return f"{name}: the {kind} its {fmt} base came from holds no such weight any more"
-    q, scale = held
+    q, scale, held_code = held
     if q.device != layer.weight.device:
         return (f"{name}: its {fmt} base is on {layer.weight.device}, and the {kind} it came from, kept aside, "
                 f"holds that weight on {q.device}: move the model back (model.to({str(q.device)!r})) first, or do "
                 "this before moving it")
+    same_code = (code is None) == (held_code is None) and (code is None or torch.equal(code, held_code))
     if not (torch.equal(layer.weight, q) and layer.weight_scale.dtype == scale.dtype
-            and torch.equal(layer.weight_scale, scale)):
+            and torch.equal(layer.weight_scale, scale) and same_code):
         return (f"{name}: its {fmt} base holds other values than the {kind} it came from (loaded since {since}), "
                 f"which that {kind}'s weight cannot take")
     return None
@@ -1674,7 +1677,7 @@ def to_peft(model: nn.Module, *, adapter_name: str | None = None, adapter_names=
       back (merged fused layers are unmerged first), its methods are PEFT's
       again, and the model is returned.
     * A model with :func:`inject`-ed layers: the fused layers become plain
-      linears again (those fused from a bitsandbytes nf4 ``Linear4bit`` or a
+      linears again (those fused from a bitsandbytes 4-bit ``Linear4bit`` or a
       torchao int8 ``Linear``, that module: PEFT puts its own layers for
       them on it, QLoRA's) and ``peft.get_peft_model`` wraps the model with a
       ``LoraConfig`` that reproduces them, as adapter ``adapter_name``
@@ -1972,7 +1975,8 @@ def _dequantized_linear(layer: LoRALinear | MultiLoRALinear, dtype: torch.dtype,
     ``nn.Linear``, or a ``Conv1D`` where the base was quantized from one; the
     bias shared, or cast to ``dtype``. Frozen, as the fused layer's base."""
     with torch.no_grad():
-        w = dequantize_base(layer.weight.detach(), layer.weight_scale, torch.float32)
+        w = dequantize_base(layer.weight.detach(), layer.weight_scale, torch.float32,
+                            layer._buffers.get("weight_code"))
         if merge:
             w = w + (layer._delta_fp32(adapter) if isinstance(layer, MultiLoRALinear) else layer._delta_fp32())
     conv1d = quantized_from_fan_in_fan_out(layer)
@@ -1991,7 +1995,7 @@ def _dequantized_linear(layer: LoRALinear | MultiLoRALinear, dtype: torch.dtype,
 
 def _refuse_int8_bases(layers: dict[str, nn.Module], what: str, give_back: bool = False) -> None:
     """Refuse fused layers with a quantized base (``quantize_base``, or
-    torchao's int8 and bitsandbytes' nf4 weights taken as they are): a plain
+    torchao's int8 and bitsandbytes' 4-bit weights taken as they are): a plain
     layer cannot hold it, and the floating-point base is gone. With
     ``give_back`` (unload, to_peft), a layer made from a module whose weight it
     took as it is (:func:`fused_lora.layer.held_module`) gives that module
@@ -2000,7 +2004,7 @@ def _refuse_int8_bases(layers: dict[str, nn.Module], what: str, give_back: bool 
                  and not (give_back and held_module(layer) is not None)]
     if quantized:
         raise ValueError(f"{what}: {', '.join(quantized[:3])}{', ...' if len(quantized) > 3 else ''} hold a "
-                         "quantized base, int8 or NF4 (quantize_base, or torchao's int8 or bitsandbytes' nf4 "
+                         "quantized base, int8 or 4-bit (quantize_base, or torchao's int8 or bitsandbytes' 4-bit "
                          "weights), which a plain layer cannot hold, "
                          "and the floating-point base is gone: save the adapters (fused_lora.save_adapter) and "
                          "load them into the floating-point model (fused_lora.load_adapter, or PEFT's "
@@ -2076,7 +2080,7 @@ def unload(model: nn.Module, *, dequantize: torch.dtype | None = None) -> list[s
     """Put plain layers back in place of the fused ones, their adapters
     dropped: the base model as it was before :func:`inject` (merged layers are
     unmerged first, restoring their weights bit for bit; a layer fused from
-    a bitsandbytes nf4 ``Linear4bit`` or a torchao int8 ``Linear``, its
+    a bitsandbytes 4-bit ``Linear4bit`` or a torchao int8 ``Linear``, its
     weight taken as it was, gets that module back, with its weight; with
     ``dequantize``, a floating-point dtype, any quantized base becomes a
     plain layer holding Ŵ in that dtype instead). Otherwise as

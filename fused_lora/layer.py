@@ -15,8 +15,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ._validate import check_backend, check_bool, check_int
 from .dropout import check_dropout_p
 from .ops import _autocast_enabled, _unreadable, dora_linear, dora_norm, lora_linear, multi_lora_linear
-from .quant import (NF4_GROUP, base_format, base_shape, dequantize_base, int8_rows_of, nf4_of, quantize_int8,
-                    quantize_nf4)
+from .quant import (FP4_CODE, NF4_GROUP, base_format, base_shape, bnb_4bit_of, check_code, dequantize_base,
+                    four_bit_code, int8_rows_of, quantize_fp4, quantize_int8, quantize_nf4)
 
 
 def check_adapter_dtype(dtype, name: str = "adapter_dtype") -> torch.dtype | None:
@@ -87,54 +87,77 @@ def _check_recompute(layer: nn.Module, adapter_ids) -> None:
 
 def _other_kind_of_base(layer: nn.Module, state_dict, prefix: str, error_msgs: list) -> bool:
     """In a fused layer's ``_load_from_state_dict``: whether ``state_dict``'s
-    weight is of another kind than the layer's base: int8, NF4 (uint8) or
-    floating point (``copy_`` would cast one into the other: floats
-    truncated to integers, integers read as values, NF4's bytes as int8
-    values), the error noted in ``error_msgs``."""
+    weight is of another kind than the layer's base: int8, NF4 (uint8),
+    4-bit of a code book (uint8 with a ``weight_code``: FP4...) or floating
+    point (``copy_`` would cast one into the other: floats truncated to
+    integers, integers read as values, NF4's bytes as int8 values, FP4's
+    indices read as NF4's), the error noted in ``error_msgs``. (Two code
+    books load into each other: the layer's ``weight_code`` is loaded.)"""
     weight = state_dict.get(prefix + "weight")
-    theirs, ours = (base_format(weight) if isinstance(weight, torch.Tensor) else None), base_format(layer.weight)
-    if theirs is None or theirs == ours:
+    if not isinstance(weight, torch.Tensor):
+        return False
+    code = state_dict.get(prefix + "weight_code")
+    theirs = base_format(weight, code if isinstance(code, torch.Tensor) else None)
+    ours = base_format(layer.weight, layer._buffers.get("weight_code"))
+    coded = ("fp4", "4-bit")
+    if theirs == ours or (theirs in coded and ours in coded):
         return False
     how = {"int8": "quantize it (fused_lora.quantize_int8) and load it with its weight_scale",
            "nf4": "quantize it (fused_lora.quantize_nf4) and load it with its weight_scale",
+           "fp4": "quantize it (fused_lora.quantize_fp4) and load it with its weight_scale and weight_code",
+           "4-bit": "load a 4-bit weight with its weight_scale and weight_code",
            "": f"a{'n' if theirs == 'int8' else ''} {theirs} base loads into a layer made with "
                f"quantize_base={True if theirs == 'int8' else repr(theirs)}"}[ours]
-    error_msgs.append(f"{prefix}weight: a {weight.dtype} weight for a layer whose base is "
-                      f"{ours + ' (quantize_base)' if ours else layer.weight.dtype}: {how}")
+    kind = f"{weight.dtype} ({theirs})" if weight.dtype == torch.uint8 else f"{weight.dtype}"
+    error_msgs.append(f"{prefix}weight: a {kind} weight for a layer whose base "
+                      f"is {ours + ' (quantize_base)' if ours else layer.weight.dtype}: {how}")
     return True
 
 
 def check_quantize_base(value) -> str:
     """``quantize_base``: False or ``""`` (a floating-point base), True or
-    ``"int8"`` (int8, one scale per output feature), ``"nf4"`` (NF4 in
-    groups of :data:`fused_lora.quant.NF4_GROUP`); returned as ``""``,
-    ``"int8"`` or ``"nf4"``."""
+    ``"int8"`` (int8, one scale per output feature), ``"nf4"`` or ``"fp4"``
+    (4 bits, NF4 or bitsandbytes' FP4, in groups of
+    :data:`fused_lora.quant.NF4_GROUP`); returned as ``""``, ``"int8"``,
+    ``"nf4"`` or ``"fp4"``."""
     if isinstance(value, str):
-        if value not in ("", "int8", "nf4"):
-            raise ValueError(f"quantize_base must be False, True, 'int8' or 'nf4', got {value!r}")
+        if value not in ("", "int8", "nf4", "fp4"):
+            raise ValueError(f"quantize_base must be False, True, 'int8', 'nf4' or 'fp4', got {value!r}")
         return value
     return "int8" if check_bool("quantize_base", value) else ""
 
 
-def quantize_base_weight(weight: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q, weight_scale)`` of a floating-point (out, in) weight, ``how``
-    one of :func:`check_quantize_base`'s ``"int8"``, ``"nf4"``."""
-    if how == "nf4":
+def quantize_base_weight(weight: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(q, weight_scale, weight_code)`` of a floating-point (out, in)
+    weight, ``how`` one of :func:`check_quantize_base`'s ``"int8"``,
+    ``"nf4"``, ``"fp4"`` (``weight_code``: FP4's, a new fp32 (16,) tensor;
+    else None)."""
+    if how in ("nf4", "fp4"):
         k = weight.shape[1]
         if k % 2:
-            raise ValueError(f"quantize_base='nf4' packs two values of a row a byte: in_features must be even, got "
+            raise ValueError(f"quantize_base={how!r} packs two values of a row a byte: in_features must be even, got "
                              f"a weight {tuple(weight.shape)}")
         group = NF4_GROUP
         while k % group:  # (the largest power of two up to 64 that divides in_features)
             group //= 2
-        return quantize_nf4(weight, group)
-    return quantize_int8(weight)
+        if how == "nf4":
+            return (*quantize_nf4(weight, group), None)
+        return (*quantize_fp4(weight, group), fp4_code(weight.device))
+    return (*quantize_int8(weight), None)
 
 
-def _held_quantized(weight) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(q, weight_scale)`` of a weight another library holds in a format
-    of ours (torchao's int8 rows, bitsandbytes' NF4), taken as they are."""
-    return int8_rows_of(weight) or nf4_of(weight)
+def fp4_code(device) -> torch.Tensor:
+    """:data:`fused_lora.quant.FP4_CODE` as a new fp32 (16,) tensor on
+    ``device``: a layer's own ``weight_code``."""
+    return four_bit_code(device, FP4_CODE).clone()
+
+
+def _held_quantized(weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """``(q, weight_scale, weight_code)`` of a weight another library holds
+    in a format of ours (torchao's int8 rows, bitsandbytes' NF4 and FP4),
+    taken as they are (``weight_code``: FP4's, a new tensor; else None)."""
+    rows = int8_rows_of(weight)
+    return (*rows, None) if rows is not None else bnb_4bit_of(weight)
 
 
 def _adapter_dtype_of(weight: torch.Tensor) -> torch.dtype:
@@ -149,7 +172,8 @@ def _adapter_dtype_of(weight: torch.Tensor) -> torch.dtype:
 
 def _check_not_quantized(layer: nn.Module, what: str) -> None:
     if layer.quantized:
-        raise ValueError(f"{type(layer).__name__}.{what}(): the base is {base_format(layer.weight)} "
+        raise ValueError(f"{type(layer).__name__}.{what}(): the base is "
+                         f"{base_format(layer.weight, layer._buffers.get('weight_code'))} "
                          "(quantize_base): it is not initialised again (reset_lora_parameters() resets the adapters)")
 
 
@@ -180,7 +204,7 @@ def _base_linear(layer: nn.Module, x, weight: torch.Tensor) -> torch.Tensor:
     scale = layer._buffers.get("weight_scale")  # (nn.Module's __getattr__ costs host time on every call)
     bias = layer.bias
     if scale is not None:
-        weight = dequantize_base(weight, scale, _compute_dtype(x, scale))
+        weight = dequantize_base(weight, scale, _compute_dtype(x, scale), layer._buffers.get("weight_code"))
         bias = _quantized_base_bias(bias, weight.dtype)
     if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
         raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}: all tensors must share one dtype "
@@ -196,11 +220,11 @@ def unfusable_base(weight: torch.Tensor, bias: torch.Tensor | None = None,
     when it can): the kernels read plain fp16/bf16/fp32 (or, on the torch
     backend, fp64) tensors, int8 bases of one scale per output feature:
     torchao's int8 weight-only weights (:func:`fused_lora.quant.int8_rows_of`),
-    and NF4 ones: bitsandbytes' ``Params4bit`` of ``quant_type="nf4"``
-    whose rows are whole blocks (:func:`fused_lora.quant.nf4_of`; both stored
-    (out, in): not ``fan_in_fan_out``). Other quantized weights are not:
-    torchao's other tensor subclasses (which report a float dtype),
-    bitsandbytes' FP4 and int8 parameters; nor is a sharded DTensor (fuse
+    and 4-bit ones: bitsandbytes' ``Params4bit`` of ``quant_type`` "nf4" or
+    "fp4" whose rows are whole blocks (:func:`fused_lora.quant.bnb_4bit_of`;
+    both stored (out, in): not ``fan_in_fan_out``). Other quantized weights
+    are not: torchao's other tensor subclasses (which report a float
+    dtype), bitsandbytes' int8 parameters; nor is a sharded DTensor (fuse
     before sharding)."""
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None or (name == "weight" and not fan_in_fan_out and _held_quantized(t) is not None):
@@ -217,7 +241,7 @@ def unfusable_base(weight: torch.Tensor, bias: torch.Tensor | None = None,
                         "running it")
             return (f"its weight is a bitsandbytes 4-bit weight of quant_type {getattr(state, 'quant_type', None)!r}, "
                     f"blocksize {getattr(state, 'blocksize', None)}, shape {shape}: the fused layers read nf4 "
-                    "whose rows are whole blocks (in_features a multiple of the blocksize), stored (out, in)")
+                    "and fp4 whose rows are whole blocks (in_features a multiple of the blocksize), stored (out, in)")
         if t.dtype not in _BASE_DTYPES:
             return f"its {name} has dtype {t.dtype} (a quantized weight?), not one of {[str(d) for d in _BASE_DTYPES]}"
     return None
@@ -227,16 +251,20 @@ def _check_base(weight, bias) -> None:
     why = unfusable_base(weight, bias)
     if why:
         raise TypeError(f"the base: {why}. Fused layers need a plain floating-point base, or an int8 one "
-                        f"(quantize_base=True, or torchao's Int8WeightOnlyConfig), or an NF4 one (quantize_base="
-                        f"'nf4', or bitsandbytes' nf4 Linear4bit): other quantized bases are not supported yet "
+                        f"(quantize_base=True, or torchao's Int8WeightOnlyConfig), or a 4-bit one (quantize_base="
+                        f"'nf4' or 'fp4', or bitsandbytes' Linear4bit): other quantized bases are not supported yet "
                         f"(PEFT's LoRA layers handle torchao and bitsandbytes ones)")
 
 
-def _check_quantized_base(weight, bias, weight_scale, fan_in_fan_out) -> None:
+def _check_quantized_base(weight, bias, weight_scale, fan_in_fan_out, weight_code=None) -> None:
     """``from_parameters``' quantized base: an int8 (out, in) weight with its
-    floating-point (out,) scale, or an NF4 (out, in/2) uint8 one with its
-    floating-point (out, in/group) absmax, the group a power of two >= 2;
+    floating-point (out,) scale, or a 4-bit (out, in/2) uint8 one with its
+    floating-point (out, in/group) absmax, the group a power of two >= 2,
+    and its code book (``weight_code``, (16,) floating point; None: NF4);
     on its device, a plain bias; not ``fan_in_fan_out``."""
+    if weight_code is not None and (not isinstance(weight, torch.Tensor) or weight.dtype != torch.uint8):
+        raise ValueError(f"weight_code is a packed 4-bit (uint8) weight's code book; weight is "
+                         f"{getattr(weight, 'dtype', type(weight).__name__)}: pass weight_code=None")
     if weight.dtype not in (torch.int8, torch.uint8) or is_traceable_wrapper_subclass(weight):
         raise TypeError(f"weight must be a plain int8 Parameter (or a uint8 one: packed NF4) with weight_scale (a "
                         f"quantized base), got a {type(weight).__name__} of dtype {weight.dtype}")
@@ -258,6 +286,9 @@ def _check_quantized_base(weight, bias, weight_scale, fan_in_fan_out) -> None:
                          f"{tuple(weight.shape)}, got {tuple(weight_scale.shape)}")
     if weight_scale.device != weight.device:
         raise ValueError(f"weight_scale is on {weight_scale.device} but weight is on {weight.device}")
+    if is_traceable_wrapper_subclass(weight_code):
+        raise TypeError(f"weight_code must be a plain floating-point tensor or None, got a {type(weight_code).__name__}")
+    check_code("weight_code", weight_code, weight.device)
     if check_bool("fan_in_fan_out", fan_in_fan_out):
         raise ValueError("a quantized base is stored (out, in): fan_in_fan_out=True takes no weight_scale")
     why = unfusable_base(None, bias)
@@ -280,7 +311,7 @@ def _held_compute_dtype(linear: nn.Module) -> torch.dtype | None:
 
 
 #: Where a fused layer made from a module whose weight it took as it is
-#: (bitsandbytes' nf4 ``Linear4bit``, torchao's int8 weight-only ``Linear``)
+#: (bitsandbytes' 4-bit ``Linear4bit``, torchao's int8 weight-only ``Linear``)
 #: keeps that module, out of its submodules (its weight is not the layer's
 #: parameter twice): :func:`held_module`.
 _HELD_MODULE = "_fused_lora_held_module"
@@ -311,7 +342,7 @@ def quantized_from_fan_in_fan_out(layer: nn.Module, value: bool | None = None) -
 
 def take_from_module(layer: nn.Module, linear: nn.Module) -> nn.Module:
     """What a fused layer made around ``linear``'s weight takes from that
-    module where it took its weight as it is (bitsandbytes' nf4
+    module where it took its weight as it is (bitsandbytes' 4-bit
     ``Linear4bit``, torchao's int8 ``Linear``): the dtype bitsandbytes
     computes in (``compute_dtype``), and the module itself, kept aside
     (:func:`held_module`). Returns ``layer``."""
@@ -340,14 +371,16 @@ class _QuantizedBase:
     ``.to(dtype)`` (``.half()``, ``.bfloat16()``...) casts the adapters and
     a floating-point bias, not a quantized base: its ``weight_scale`` keeps
     its dtype (fp32), so the base's values stay the same (as bitsandbytes'
-    and torchao's weights keep their scales); a device moves them all."""
+    and torchao's weights keep their scales), nor its ``weight_code``; a
+    device moves them all."""
 
     def _apply(self, fn, recurse=True):
-        scale = self._buffers.get("weight_scale")
+        kept = {name: self._buffers.get(name) for name in ("weight_scale", "weight_code")}
         result = super()._apply(fn, recurse)
-        moved = self._buffers.get("weight_scale")
-        if scale is not None and moved is not None and moved.dtype != scale.dtype:
-            self._buffers["weight_scale"] = scale.to(moved.device)  # (the scale as it was, only moved)
+        for name, t in kept.items():
+            moved = self._buffers.get(name)
+            if t is not None and moved is not None and moved.dtype != t.dtype:
+                self._buffers[name] = t.to(moved.device)  # (as it was, only moved)
         return result
 
     _compute_dtype: torch.dtype | None = None
@@ -417,8 +450,11 @@ class LoRALinear(_QuantizedBase, nn.Module):
     ``weight`` (out, in/2) uint8, two 4-bit values a byte, ``weight_scale``
     (out, in/64) fp32, the absmax of each group of 64 of a row, or of the
     largest power of two that divides ``in``; :func:`fused_lora.quantize_nf4`),
-    a quarter of a 16-bit base's bytes; a bitsandbytes ``Linear4bit`` of
-    ``quant_type="nf4"`` is taken as it is (its bytes shared), with its
+    a quarter of a 16-bit base's bytes; ``quantize_base="fp4"`` makes it
+    bitsandbytes' FP4, the same layout with another code book, held as the
+    buffer ``weight_code`` (16,), fp32 (:func:`fused_lora.quantize_fp4`; an
+    NF4 base has none). A bitsandbytes ``Linear4bit`` of ``quant_type``
+    "nf4" or "fp4" is taken as it is (its bytes shared), with its
     ``compute_dtype`` (:class:`_QuantizedBase`: x cast to it and back).
     """
 
@@ -452,6 +488,7 @@ class LoRALinear(_QuantizedBase, nn.Module):
             self.register_parameter("lora_magnitude_vector", None)
         self.register_buffer("_unmerged_weight", None, persistent=False)
         self.register_buffer("weight_scale", None)  # (an int8 base's: from_linear(..., quantize_base=True))
+        self.register_buffer("weight_code", None)  # (a 4-bit base's code book, other than NF4's: quantize_base="fp4")
         self.reset_parameters()
 
     # -- construction ---------------------------------------------------------
@@ -480,7 +517,7 @@ class LoRALinear(_QuantizedBase, nn.Module):
     def _float_base(self, dtype: torch.dtype) -> torch.Tensor:
         """The base weight (out, in): as it is, or, a quantized base, Ŵ in ``dtype``."""
         if self.quantized:
-            return dequantize_base(self.weight.detach(), self.weight_scale, dtype)
+            return dequantize_base(self.weight.detach(), self.weight_scale, dtype, self.weight_code)
         return self.base_weight()
 
     @property
@@ -504,11 +541,12 @@ class LoRALinear(_QuantizedBase, nn.Module):
         (DoRA's too, with ``use_dora``), on the same device and in the same
         dtype (or ``adapter_dtype``). ``quantize_base``: the weight quantized
         instead, ``True`` or ``"int8"`` to int8 (:func:`fused_lora.quantize_int8`),
-        ``"nf4"`` to NF4 (:func:`fused_lora.quantize_nf4`): a new Parameter and
-        its ``weight_scale``; ``linear``'s weight is not kept, its bias is
-        shared. A weight that is quantized already, torchao's
-        ``Int8WeightOnlyConfig`` (:func:`fused_lora.quant.int8_rows_of`) or
-        bitsandbytes' nf4 ``Linear4bit`` (:func:`fused_lora.quant.nf4_of`;
+        ``"nf4"`` to NF4 (:func:`fused_lora.quantize_nf4`), ``"fp4"`` to FP4
+        (:func:`fused_lora.quantize_fp4`): a new Parameter and its
+        ``weight_scale`` (and FP4's ``weight_code``); ``linear``'s weight is
+        not kept, its bias is shared. A weight that is quantized already,
+        torchao's ``Int8WeightOnlyConfig`` (:func:`fused_lora.quant.int8_rows_of`) or
+        bitsandbytes' nf4 or fp4 ``Linear4bit`` (:func:`fused_lora.quant.bnb_4bit_of`;
         the adapter then in the dtype it was quantized from), is taken as
         it is: its data (shared) and scales, the same base values, and
         bitsandbytes' ``compute_dtype`` (:class:`_QuantizedBase`)."""
@@ -524,13 +562,13 @@ class LoRALinear(_QuantizedBase, nn.Module):
         a = nn.Parameter(torch.empty(r, linear.in_features, **factory))
         b = nn.Parameter(torch.empty(linear.out_features, r, **factory))
         m = nn.Parameter(torch.empty(linear.out_features, **factory)) if use_dora else None
-        weight, scale = linear.weight, None
+        weight, scale, code = linear.weight, None, None
         if held is not None or quantize_base:
-            q, scale = held if held is not None else quantize_base_weight(linear.weight, quantize_base)
+            q, scale, code = held if held is not None else quantize_base_weight(linear.weight, quantize_base)
             weight = nn.Parameter(q, requires_grad=False)
         layer = cls.from_parameters(weight, linear.bias, a, b, alpha=alpha, dropout=dropout,
                                     use_rslora=use_rslora, backend=backend, lora_magnitude_vector=m,
-                                    weight_scale=scale)
+                                    weight_scale=scale, weight_code=code)
         layer.weight.requires_grad_(False)
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
@@ -542,26 +580,31 @@ class LoRALinear(_QuantizedBase, nn.Module):
                         lora_B: nn.Parameter, *, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                         fan_in_fan_out: bool = False, backend: str = "auto",
                         lora_magnitude_vector: nn.Parameter | None = None,
-                        weight_scale: torch.Tensor | None = None) -> "LoRALinear":
+                        weight_scale: torch.Tensor | None = None,
+                        weight_code: torch.Tensor | None = None) -> "LoRALinear":
         """A layer whose parameters *are* the given ones (shared, not copied;
         ``requires_grad`` untouched). ``weight`` is (out, in), or (in, out)
         with ``fan_in_fan_out``; ``lora_A`` (r, in); ``lora_B`` (out, r);
         ``lora_magnitude_vector`` (out,), given: a DoRA layer;
         ``weight_scale`` (out,), floating point, given: ``weight`` is an int8
         (out, in) base; (out, in / group) given with a uint8 (out, in / 2)
-        ``weight``: an NF4 base (held as the ``weight_scale`` buffer, not
-        copied)."""
+        ``weight``: a 4-bit base (held as the ``weight_scale`` buffer, not
+        copied), NF4, or of the code book ``weight_code`` given ((16,),
+        floating point: FP4's :data:`fused_lora.quant.FP4_CODE`...; held as
+        the buffer ``weight_code``, not copied)."""
         for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
             if not isinstance(t, nn.Parameter) or t.dim() != 2:
                 raise TypeError(f"{name} must be a 2-D nn.Parameter, got {type(t).__name__} "
                                 f"of shape {tuple(getattr(t, 'shape', ()))}")
         if weight_scale is None:
+            if weight_code is not None:
+                raise ValueError("weight_code is a 4-bit base's code book: it comes with its weight_scale")
             _check_base(weight, bias)
             held = None if fan_in_fan_out else _held_quantized(weight)
-            if held is not None:  # (torchao's int8, bitsandbytes' nf4: their data, shared)
-                weight, weight_scale = nn.Parameter(held[0], requires_grad=False), held[1]
+            if held is not None:  # (torchao's int8, bitsandbytes' nf4 and fp4: their data, shared)
+                weight, weight_scale, weight_code = nn.Parameter(held[0], requires_grad=False), held[1], held[2]
         else:
-            _check_quantized_base(weight, bias, weight_scale, fan_in_fan_out)
+            _check_quantized_base(weight, bias, weight_scale, fan_in_fan_out, weight_code)
         fan_in_fan_out = check_bool("fan_in_fan_out", fan_in_fan_out)
         in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
         if weight.dtype == torch.uint8 and weight_scale is not None:  # (NF4: two values a byte)
@@ -590,6 +633,7 @@ class LoRALinear(_QuantizedBase, nn.Module):
         if m is not None:
             layer.lora_magnitude_vector = m
         layer.weight_scale = weight_scale
+        layer.weight_code = weight_code
         return layer
 
     # -- the forward ----------------------------------------------------------
@@ -706,13 +750,14 @@ class LoRALinear(_QuantizedBase, nn.Module):
         if lora_A.dtype != dtype:
             lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
         bias = self.bias if scale is None else _quantized_base_bias(self.bias, dtype)
+        code = self._buffers.get("weight_code")
         if self.use_dora:  # (never with a row scale: _forward_mixed runs DoRA's row groups apart)
             return dora_linear(x, weight, lora_A, lora_B, self.lora_magnitude_vector.to(dtype), bias,
                                scaling=self.scaling, dropout_p=self.dropout if self.training else 0.0,
-                               weight_scale=scale, backend=self.backend)
+                               weight_scale=scale, weight_code=code, backend=self.backend)
         return lora_linear(x, weight, lora_A, lora_B, bias, scaling=self.scaling,
                            dropout_p=self.dropout if self.training and not self.merged else 0.0,
-                           row_scale=row_scale, weight_scale=scale, backend=self.backend)
+                           row_scale=row_scale, weight_scale=scale, weight_code=code, backend=self.backend)
 
     # -- merging ----------------------------------------------------------------
     def _delta_fp32(self) -> torch.Tensor:
@@ -741,7 +786,8 @@ class LoRALinear(_QuantizedBase, nn.Module):
         if self.merged:
             raise RuntimeError("LoRALinear.merge(): the adapter is already merged")
         if self.quantized:
-            raise ValueError(f"LoRALinear.merge(): the base is {base_format(self.weight)} (quantize_base): folding "
+            raise ValueError(f"LoRALinear.merge(): the base is {base_format(self.weight, self.weight_code)} "
+                             "(quantize_base): folding "
                              "the adapter in would "
                              "requantize it, changing the base. Keep the adapter unmerged, or merge it into the "
                              "floating-point model (fused_lora.save_adapter, then load it there)")
@@ -784,7 +830,7 @@ class LoRALinear(_QuantizedBase, nn.Module):
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}, merged={self.merged}"
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
                 + (", use_dora=True" if self.use_dora else "")
-                + (f", base={base_format(self.weight)}" if self.quantized else "")
+                + (f", base={base_format(self.weight, self.weight_code)}" if self.quantized else "")
                 + (f", compute_dtype={self.compute_dtype}" if self.compute_dtype is not None else "")
                 + ("" if self.adapter_enabled else ", adapter_enabled=False"))
 
@@ -853,6 +899,7 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
         self.lora_A = nn.ParameterList(nn.Parameter(torch.empty(r, in_features, **factory)) for r in ranks)
         self.lora_B = nn.ParameterList(nn.Parameter(torch.empty(out_features, r, **factory)) for r in ranks)
         self.register_buffer("weight_scale", None)  # (an int8 base's: quantize_base=True)
+        self.register_buffer("weight_code", None)  # (a 4-bit base's code book, other than NF4's: quantize_base="fp4")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -897,9 +944,11 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
         adapters fresh, on the weight's device, in its dtype (or
         ``adapter_dtype``). ``quantize_base``: the weight quantized, ``True``
         or ``"int8"`` to int8 (:func:`fused_lora.quantize_int8`), ``"nf4"`` to
-        NF4 (:func:`fused_lora.quantize_nf4`), held (out, in) whatever its
-        layout, the bias shared. A weight quantized already (torchao's int8
-        weight-only, bitsandbytes' nf4) is taken as it is."""
+        NF4 (:func:`fused_lora.quantize_nf4`), ``"fp4"`` to FP4
+        (:func:`fused_lora.quantize_fp4`, with its ``weight_code``), held (out,
+        in) whatever its layout, the bias shared. A weight quantized already
+        (torchao's int8 weight-only, bitsandbytes' nf4 and fp4) is taken as it
+        is."""
         if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
             raise TypeError(f"weight must be a 2-D nn.Parameter, got {type(weight).__name__} "
                             f"of shape {tuple(getattr(weight, 'shape', ()))}")
@@ -907,7 +956,7 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
         _check_base(weight, bias)
         fan_in_fan_out = check_bool("fan_in_fan_out", fan_in_fan_out)
         quantize_base = check_quantize_base(quantize_base)
-        held = None if fan_in_fan_out else _held_quantized(weight)  # (torchao's int8, bitsandbytes' nf4: as they are)
+        held = None if fan_in_fan_out else _held_quantized(weight)  # (torchao's int8, bitsandbytes' 4-bit: as is)
         in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
         if held is not None:
             in_f, out_f = base_shape(held[0])[::-1]
@@ -919,7 +968,7 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
         layer.weight = weight
         layer.bias = bias
         if quantize_base or held is not None:
-            q, layer.weight_scale = held if held is not None else quantize_base_weight(
+            q, layer.weight_scale, layer.weight_code = held if held is not None else quantize_base_weight(
                 weight.t() if fan_in_fan_out else weight, quantize_base)
             layer.weight, layer.fan_in_fan_out = nn.Parameter(q, requires_grad=False), False
             quantized_from_fan_in_fan_out(layer, fan_in_fan_out)
@@ -984,7 +1033,7 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
         bias = self.bias if scale is None else _quantized_base_bias(self.bias, dtype)
         return multi_lora_linear(x, weight, lora_A, lora_B, adapter_ids, bias, scaling=list(self.scalings),
                                  dropout_p=self.dropout if self.training else 0.0, weight_scale=scale,
-                                 backend=self.backend)
+                                 weight_code=self._buffers.get("weight_code"), backend=self.backend)
 
     def _check_index(self, i: int, name: str = "i") -> int:
         i = check_int(name, i, 0)
@@ -1011,7 +1060,8 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
         a plain layer. (Not on an int8 base, which would be requantized: a
         ValueError.)"""
         if self.quantized:
-            raise ValueError(f"MultiLoRALinear.merged_weight(): the base is {base_format(self.weight)} "
+            raise ValueError("MultiLoRALinear.merged_weight(): the base is "
+                             f"{base_format(self.weight, self.weight_code)} "
                              "(quantize_base): folding an adapter "
                              "in would requantize it; merge into the floating-point model instead")
         delta = self._delta_fp32(self._check_index(i))
@@ -1022,7 +1072,7 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
                 f"alphas=[{', '.join(f'{a:g}' for a in self.alphas)}], dropout={self.dropout:g}, "
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}"
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
-                + (f", base={base_format(self.weight)}" if self.quantized else "")
+                + (f", base={base_format(self.weight, self.weight_code)}" if self.quantized else "")
                 + (f", compute_dtype={self.compute_dtype}" if self.compute_dtype is not None else ""))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

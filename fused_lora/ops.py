@@ -65,8 +65,9 @@ An int8 base (``weight_scale``; :mod:`fused_lora.quant`): ``W`` above is
 are frozen (no ``dW``). The GEMMs make Ŵ's tiles as they load q's
 (the forward's ``Wᵀ`` scaled by column, dx's ``W`` by row), so every
 result is the one on Ŵ itself. An NF4 base likewise: ``Ŵ[n, k] =
-round(NF4_CODE[q[n, k]] · absmax[n, k // G])``, q's 4-bit indices packed
-two a byte ((N, K/2) uint8), ``absmax (N, K/G)``.
+round(code[q[n, k]] · absmax[n, k // G])``, q's 4-bit indices packed
+two a byte ((N, K/2) uint8), ``absmax (N, K/G)``, ``code`` the 16 values
+of the indices (``weight_code``: NF4's when None, or bitsandbytes' FP4...).
 
 How it runs (Triton backend)
 ============================
@@ -120,7 +121,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _triton, dispatch
 from ._validate import (check_adapter_ids, check_backend, check_lora_args, check_magnitude, check_row_scale,
-                        check_scaling, check_weight_scale)
+                        check_scaling, check_weight_code, check_weight_scale)
 from .dropout import check_seed, draw_seed_tensor
 from .quant import base_format, base_shape, dequantize_base, nf4_code
 from .reference import dora_dropped, dora_linear_checked, lora_linear_checked
@@ -194,13 +195,14 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
                    scaling: float, dropout_p: float, seed: int | Tensor,
                    strategy: str = "", row_scale: Tensor | None = None, adapter_ids: Tensor | None = None,
                    rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None,
-                   weight_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   weight_scale: Tensor | None = None, weight_code: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(y, xa)`` of the math above, with the Triton kernels. ``strategy``:
     a forced one (:func:`fused_lora.dispatch.force_strategy`), ``""``: none.
     ``row_scale``: of x's leading shape, or None; ``adapter_ids`` (x's
     leading shape), ``rank_ids`` and ``rank_scaling`` (r,): the adapters'
-    factor of ``w``, or None; ``weight_scale``: an int8 weight's (N,) or an
-    NF4 weight's (N, K / group) (the GEMM dequantises its tiles), or None."""
+    factor of ``w``, or None; ``weight_scale``: an int8 weight's (N,) or a
+    4-bit weight's (N, K / group) (the GEMM dequantises its tiles), or None;
+    ``weight_code``: a 4-bit weight's code book, None for NF4."""
     k_ = _triton.get()
     n, k = base_shape(weight)
     r = lora_A.shape[0]
@@ -208,7 +210,7 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     m = x2.shape[0]
     plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None,
                                 quantized=_base_kind(weight, weight_scale))
-    weight, weight_scale, code = _base_operands(k_, plan, weight, weight_scale, x.dtype)
+    weight, weight_scale, code = _base_operands(k_, plan, weight, weight_scale, x.dtype, weight_code)
     w = _row_vector(row_scale, m)
     adapters = _adapter_columns(adapter_ids, rank_ids, rank_scaling, m)
     tune = dict(m=m, n=n, r=r, dtype=x.dtype, epilogue_mask=False, device=x.device, persistent=plan.persistent,
@@ -255,16 +257,29 @@ def _quantized_b(weight: Tensor, weight_scale: Tensor | None) -> dict:
                 nf4_b=weight_scale is not None and weight.dtype == torch.uint8)
 
 
-def _base_operands(k_, plan, weight: Tensor, weight_scale: Tensor | None, dtype: torch.dtype):
-    """``(weight, weight_scale, code)`` for the GEMMs: the base as it is (an
-    NF4 one with its code book), or, where the plan says so, Ŵ made whole in
-    ``dtype`` (the same values the GEMMs' decoding makes), as a float base."""
+def _base_operands(k_, plan, weight: Tensor, weight_scale: Tensor | None, dtype: torch.dtype,
+                   weight_code: Tensor | None = None):
+    """``(weight, weight_scale, code)`` for the GEMMs: the base as it is (a
+    4-bit one with its code book, fp32 (16,): ``weight_code``'s, or NF4's),
+    or, where the plan says so, Ŵ made whole in ``dtype`` (the same values
+    the GEMMs' decoding makes), as a float base."""
     if weight_scale is None:
         return weight, None, None
-    code = nf4_code(weight.device) if weight.dtype == torch.uint8 else None
+    code = _kernel_code(weight, weight_code)
     if plan.dequantize_base:
         return k_.dequantize_weight(weight, weight_scale, dtype, code), None, None
     return weight, weight_scale, code
+
+
+def _kernel_code(weight: Tensor, weight_code: Tensor | None) -> Tensor | None:
+    """The code book the kernels read for a quantized ``weight``: None (int8),
+    else fp32 (16,) contiguous, NF4's where ``weight_code`` is None."""
+    if weight.dtype != torch.uint8:
+        return None
+    if weight_code is None:
+        return nf4_code(weight.device)
+    return weight_code if weight_code.dtype == torch.float32 and weight_code.is_contiguous() else \
+        weight_code.to(torch.float32).contiguous()
 
 
 @_on_the_operands_device
@@ -273,14 +288,14 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
                     need_x: bool, need_weight: bool, need_bias: bool, need_A: bool, need_B: bool,
                     strategy: str = "", row_scale: Tensor | None = None, adapter_ids: Tensor | None = None,
                     rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None,
-                    weight_scale: Tensor | None = None):
+                    weight_scale: Tensor | None = None, weight_code: Tensor | None = None):
     """``(dx, dW, db, dA, dB)`` of the math above; None where not needed.
     ``strategy``: the one the forward was forced to run (``""``: none), so
     that the backward follows it whatever thread autograd runs it on.
     ``row_scale``, ``adapter_ids``, ``rank_ids``, ``rank_scaling``: the
-    forward's (``xa`` holds their ``w`` already); ``weight_scale``: an int8
-    or NF4 weight's (dx's GEMM dequantises its tiles; no dW: a quantized
-    base is frozen)."""
+    forward's (``xa`` holds their ``w`` already); ``weight_scale`` and
+    ``weight_code``: an int8 or 4-bit weight's (dx's GEMM dequantises its
+    tiles; no dW: a quantized base is frozen)."""
     k_ = _triton.get()
     n, k = base_shape(weight)
     r = lora_A.shape[0]
@@ -289,7 +304,7 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None,
                                 quantized=_base_kind(weight, weight_scale))
     if need_x:  # (dx's GEMM reads the base; dW reads none: a quantized base is frozen)
-        weight, weight_scale, code = _base_operands(k_, plan, weight, weight_scale, x.dtype)
+        weight, weight_scale, code = _base_operands(k_, plan, weight, weight_scale, x.dtype, weight_code)
     w = _row_vector(row_scale, m)
     adapters = _adapter_columns(adapter_ids, rank_ids, rank_scaling, m)
     inv_keep = 1.0 / (1.0 - dropout_p)
@@ -394,24 +409,25 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tens
                     scaling: float, dropout_p: float, seed: Tensor, strategy: str = "",
                     row_scale: Tensor | None = None, adapter_ids: Tensor | None = None,
                     rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None,
-                    weight_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    weight_scale: Tensor | None = None, weight_code: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(y, xa)``: y (..., N) in x's dtype; xa = w ⊙ drop(x)·Aᵀ (..., r) in fp32
     (``w`` from ``row_scale``, of x's leading shape, and the adapters'
     ``adapter_ids``, of x's leading shape, with ``rank_ids`` and
     ``rank_scaling`` (r,); each None or given). ``weight_scale``: an int8
-    weight's (N,), an NF4 one's (N, K/group), or None.
+    weight's (N,), a 4-bit one's (N, K/group), or None; ``weight_code``: a
+    4-bit weight's code book (16,), None for NF4.
     ``seed``: a 0-d int64 CPU tensor holding the seed, or a 0-d int32 tensor
     on x's device that the kernels read (a tensor either way, so that drawing
     it stays inside a compiled graph). ``strategy``: a forced one, ``""`` when none
     (then an enclosing :func:`fused_lora.dispatch.force_strategy` still
     applies); the backward follows it."""
     return forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _kernel_seed(seed), strategy,
-                          row_scale, adapter_ids, rank_ids, rank_scaling, weight_scale)
+                          row_scale, adapter_ids, rank_ids, rank_scaling, weight_scale, weight_code)
 
 
 @lora_linear_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, strategy="", row_scale=None, adapter_ids=None,
-      rank_ids=None, rank_scaling=None, weight_scale=None):
+      rank_ids=None, rank_scaling=None, weight_scale=None, weight_code=None):
     return (x.new_empty((*x.shape[:-1], weight.shape[0])),
             x.new_empty((*x.shape[:-1], lora_A.shape[0]), dtype=torch.float32))
 
@@ -422,19 +438,21 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
                     need_bias: bool, need_A: bool, need_B: bool, strategy: str = "",
                     row_scale: Tensor | None = None, adapter_ids: Tensor | None = None,
                     rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None,
-                    weight_scale: Tensor | None = None) -> list[Tensor]:
+                    weight_scale: Tensor | None = None, weight_code: Tensor | None = None) -> list[Tensor]:
     """``[dx, dW, db, dA, dB]``; a gradient nobody needs is an empty tensor.
     ``strategy``: the forward's forced strategy, ``""`` when none;
-    ``row_scale``, ``adapter_ids``, ``rank_ids``, ``rank_scaling``, ``weight_scale``: the forward's."""
+    ``row_scale``, ``adapter_ids``, ``rank_ids``, ``rank_scaling``, ``weight_scale``, ``weight_code``: the
+    forward's."""
     grads = backward_triton(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, _kernel_seed(seed),
                             need_x, need_weight, need_bias, need_A, need_B, strategy, row_scale, adapter_ids,
-                            rank_ids, rank_scaling, weight_scale)
+                            rank_ids, rank_scaling, weight_scale, weight_code)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @lora_linear_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_x, need_weight, need_bias, need_A, need_B,
-      strategy="", row_scale=None, adapter_ids=None, rank_ids=None, rank_scaling=None, weight_scale=None):
+      strategy="", row_scale=None, adapter_ids=None, rank_ids=None, rank_scaling=None, weight_scale=None,
+      weight_code=None):
     shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
     needs = (need_x, need_weight, need_bias, need_A, need_B)
     return [x.new_empty(s) if need else x.new_empty(0) for s, need in zip(shapes, needs)]
@@ -442,28 +460,28 @@ def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_x, need_
 
 @_on_the_operands_device
 def _dora_norm_triton(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
-                      weight_scale: Tensor | None = None) -> Tensor:
+                      weight_scale: Tensor | None = None, weight_code: Tensor | None = None) -> Tensor:
     return _triton.get().dora_norm(weight, lora_A, lora_B, scaling, weight_scale,
-                                   nf4_code(weight.device) if weight.dtype == torch.uint8 else None)
+                                   _kernel_code(weight, weight_code) if weight_scale is not None else None)
 
 
 @torch.library.custom_op("fused_lora::dora_norm", mutates_args=())
 def dora_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
-                 weight_scale: Tensor | None = None) -> Tensor:
+                 weight_scale: Tensor | None = None, weight_code: Tensor | None = None) -> Tensor:
     """``ν = ‖W + s·B A‖`` per output feature, fp32 (N,): the Triton kernel
     (one read of W; :mod:`fused_lora.kernels.dora`), A and B in W's dtype
-    (``weight_scale``: W is int8 or NF4, Ŵ in A's dtype)."""
-    return _dora_norm_triton(weight, lora_A, lora_B, scaling, weight_scale)
+    (``weight_scale``, ``weight_code``: W is int8 or 4-bit, Ŵ in A's dtype)."""
+    return _dora_norm_triton(weight, lora_A, lora_B, scaling, weight_scale, weight_code)
 
 
 @dora_norm_op.register_fake
-def _(weight, lora_A, lora_B, scaling, weight_scale=None):
+def _(weight, lora_A, lora_B, scaling, weight_scale=None, weight_code=None):
     return lora_A.new_empty(weight.shape[:1], dtype=torch.float32)
 
 
 def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, strategy, row_scale,
-                       adapters, weight_scale):
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, row_scale, weight_scale, seed, *adapters)
+                       adapters, weight_scale, weight_code=None):
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, row_scale, weight_scale, weight_code, seed, *adapters)
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
     ctx.has_bias = bias is not None
@@ -475,25 +493,26 @@ def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropou
 def _gradients(ctx, dy):
     """(dx, dW, db, dA, dB) for ctx.needs_input_grad's first five inputs,
     which are (x, weight, bias, lora_A, lora_B) in both entry points."""
-    x, weight, lora_A, lora_B, xa, row_scale, weight_scale, seed, *adapters = ctx.saved_tensors
+    x, weight, lora_A, lora_B, xa, row_scale, weight_scale, weight_code, seed, *adapters = ctx.saved_tensors
     need = list(ctx.needs_input_grad[:5])
     need[2] = need[2] and ctx.has_bias
     if not any(need):
         return (None,) * 5
     if torch.is_grad_enabled():  # create_graph=True: gradients to differentiate again
         return _differentiable_gradients(dy, x, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, need,
-                                         row_scale, adapters, weight_scale)
+                                         row_scale, adapters, weight_scale, weight_code)
     adapters = tuple(adapters) or (None,) * 3
-    if direct_call(dy, x, weight, lora_A, lora_B, xa, row_scale, weight_scale, *adapters):
+    if direct_call(dy, x, weight, lora_A, lora_B, xa, row_scale, weight_scale, weight_code, *adapters):
         return backward_triton(dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, _kernel_seed(seed), *need,
-                               ctx.strategy, row_scale, *adapters, weight_scale)
+                               ctx.strategy, row_scale, *adapters, weight_scale, weight_code)
     grads = torch.ops.fused_lora.lora_linear_bwd(dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p,
-                                                 seed, *need, ctx.strategy, row_scale, *adapters, weight_scale)
+                                                 seed, *need, ctx.strategy, row_scale, *adapters, weight_scale,
+                                                 weight_code)
     return tuple(g if n else None for g, n in zip(grads, need))
 
 
 def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p, seed, need, row_scale, adapters,
-                              weight_scale):
+                              weight_scale, weight_code=None):
     """The gradients for ``create_graph=True`` (a gradient penalty,
     meta-learning), which autograd can differentiate again with respect to
     dy and every input: autograd's own, through the reference (the math above
@@ -504,7 +523,7 @@ def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p,
     out = [None] * 5
     if wanted:
         y = lora_linear_checked(x, weight, lora_A, lora_B, None, scaling, dropout_p, seed, row_scale,
-                                tuple(adapters) or None, weight_scale)
+                                tuple(adapters) or None, weight_scale, weight_code)
         grads = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=True)
         for i, g in zip(wanted, grads):
             out[i] = g
@@ -515,7 +534,7 @@ def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p,
 
 def _op_setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *rest = inputs
-    strategy, row_scale, *adapters, weight_scale = (*rest, "", None, None, None, None, None)[:6]
+    strategy, row_scale, *adapters, weight_scale, weight_code = (*rest, "", None, None, None, None, None, None)[:7]
     _y, xa = output
     ctx.mark_non_differentiable(xa)
     # Called without a strategy, the op ran under the force of the moment;
@@ -523,12 +542,13 @@ def _op_setup_context(ctx, inputs, output):
     # read the force of its own moment.
     forced = strategy or ("" if torch.compiler.is_compiling() else dispatch.forced_strategy() or "")
     _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, forced, row_scale,
-                       adapters if adapters[0] is not None else (), weight_scale)
+                       adapters if adapters[0] is not None else (), weight_scale, weight_code)
 
 
 def _op_backward(ctx, dy, _dxa):
-    # (scaling, dropout_p, seed, strategy, row_scale, adapter_ids, rank_ids, rank_scaling, weight_scale: none)
-    return (*_gradients(ctx, dy), *(None,) * 9)
+    # (scaling, dropout_p, seed, strategy, row_scale, adapter_ids, rank_ids, rank_scaling, weight_scale,
+    # weight_code: none)
+    return (*_gradients(ctx, dy), *(None,) * 10)
 
 
 torch.library.register_autograd("fused_lora::lora_linear_fwd", _op_backward, setup_context=_op_setup_context)
@@ -540,24 +560,24 @@ class _LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, row_scale=None, adapter_ids=None,
-                rank_ids=None, rank_scaling=None, weight_scale=None):
+                rank_ids=None, rank_scaling=None, weight_scale=None, weight_code=None):
         # (read here, where torch.compile traces it and guards on it)
         strategy = dispatch.forced_strategy() or ""
         adapters = (adapter_ids, rank_ids, rank_scaling)
-        if direct_call(x, weight, bias, lora_A, lora_B, row_scale, weight_scale, *adapters):
+        if direct_call(x, weight, bias, lora_A, lora_B, row_scale, weight_scale, weight_code, *adapters):
             y, xa = forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _kernel_seed(seed), strategy,
-                                   row_scale, *adapters, weight_scale)
+                                   row_scale, *adapters, weight_scale, weight_code)
         else:
             y, xa = torch.ops.fused_lora.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-                                                         strategy, row_scale, *adapters, weight_scale)
+                                                         strategy, row_scale, *adapters, weight_scale, weight_code)
         _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, strategy, row_scale,
-                           adapters if adapter_ids is not None else (), weight_scale)
+                           adapters if adapter_ids is not None else (), weight_scale, weight_code)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        # (scaling, dropout_p, seed, row_scale, adapter_ids, rank_ids, rank_scaling, weight_scale: none)
-        return (*_gradients(ctx, dy), *(None,) * 8)
+        # (scaling, dropout_p, seed, row_scale, adapter_ids, rank_ids, rank_scaling, weight_scale, weight_code: none)
+        return (*_gradients(ctx, dy), *(None,) * 9)
 
 
 class LoRALinearFunction(_LoRALinearFunction):
@@ -565,8 +585,9 @@ class LoRALinearFunction(_LoRALinearFunction):
 
     ``LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling,
     dropout_p, seed[, row_scale[, adapter_ids, rank_ids, rank_scaling[,
-    weight_scale]]])``: the tensors as :func:`lora_linear`'s, one dtype and
-    device (an int8 or NF4 ``weight`` with its ``weight_scale``); ``seed`` a
+    weight_scale[, weight_code]]]])``: the tensors as :func:`lora_linear`'s, one dtype and
+    device (an int8 or 4-bit ``weight`` with its ``weight_scale``, and a
+    4-bit one's ``weight_code``, None for NF4); ``seed`` a
     0-d int64 CPU tensor holding the seed, or a 0-d int32 tensor on x's
     device that the kernels read (:func:`fused_lora.dropout.draw_seed_tensor`);
     ``row_scale`` (x's leading shape, floating point) or the adapters'
@@ -584,22 +605,24 @@ class LoRALinearFunction(_LoRALinearFunction):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, row_scale=None, adapter_ids=None,
-                rank_ids=None, rank_scaling=None, weight_scale=None):
+                rank_ids=None, rank_scaling=None, weight_scale=None, weight_code=None):
         _check_function_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, row_scale, adapter_ids,
-                             rank_ids, rank_scaling, weight_scale)
+                             rank_ids, rank_scaling, weight_scale, weight_code)
         # (here grad mode is off: what autograd asks)
-        for name, i in (("row_scale", 8), ("rank_scaling", 11), ("weight_scale", 12)):
+        for name, i in (("row_scale", 8), ("rank_scaling", 11), ("weight_scale", 12), ("weight_code", 13)):
             if i < len(ctx.needs_input_grad) and ctx.needs_input_grad[i]:  # (the arguments passed)
                 raise ValueError(f"{name} requires grad, but no gradient flows to it: pass {name}.detach()")
         return _LoRALinearFunction.forward(ctx, x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
-                                           seed, row_scale, adapter_ids, rank_ids, rank_scaling, weight_scale)
+                                           seed, row_scale, adapter_ids, rank_ids, rank_scaling, weight_scale,
+                                           weight_code)
 
 
 def _check_function_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, row_scale, adapter_ids, rank_ids,
-                         rank_scaling, weight_scale=None) -> None:
+                         rank_scaling, weight_scale=None, weight_code=None) -> None:
     """:class:`LoRALinearFunction`'s arguments, as it takes them."""
     check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, None, weight_scale=weight_scale)
     check_weight_scale(x, weight, weight_scale)  # (its requires_grad: the Function's to refuse)
+    check_weight_code(x, weight, weight_code)
     reason = _triton.why_not(x.device, x.dtype)
     if reason:
         raise ValueError(f"LoRALinearFunction runs the Triton kernels, which cannot run here: {reason} (lora_linear "
@@ -692,6 +715,7 @@ def lora_linear(
     seed: int | None = None,
     row_scale: Tensor | None = None,
     weight_scale: Tensor | None = None,
+    weight_code: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """``y = x Wᵀ + b + scaling · (w ⊙ drop(x) Aᵀ) Bᵀ`` (math in :mod:`fused_lora.ops`).
@@ -730,6 +754,12 @@ def lora_linear(
             (:func:`fused_lora.dequantize_nf4`; :func:`fused_lora.quantize_nf4`
             makes both; bitsandbytes' ``dequantize_4bit`` bit for bit). None
             (the default) for a floating-point weight. Not differentiated.
+        weight_code: a packed 4-bit ``weight``'s code book, the 16 values of
+            its indices, a floating-point (16,) tensor on x's device: the
+            base is then ``round(weight_code[index] · absmax)``
+            (:func:`fused_lora.quant.dequantize_4bit`); bitsandbytes' FP4 is
+            :data:`fused_lora.quant.FP4_CODE` (:func:`fused_lora.quantize_fp4`).
+            None (the default): NF4's. Not differentiated.
         backend: ``"triton"`` (CUDA tensors, or CPU tensors under
             ``TRITON_INTERPRET=1``), ``"torch"`` (the reference), or ``"auto"``
             (Triton where it can run, else torch: also under torch.func
@@ -747,9 +777,10 @@ def lora_linear(
     scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed,
                                                weight_scale=weight_scale)
     weight_scale = check_weight_scale(x, weight, weight_scale)
+    weight_code = check_weight_code(x, weight, weight_code)
     row_scale = check_row_scale(x, row_scale)
     return _lora_linear(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, row_scale, (), backend,
-                        weight_scale)
+                        weight_scale, weight_code)
 
 
 #: The seed tensor of a call without dropout (or with seed 0), made once: only
@@ -758,14 +789,14 @@ _NO_DROPOUT_SEED = torch.zeros((), dtype=torch.int64, device="cpu")
 
 
 def _lora_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float, seed, row_scale, adapters,
-                 backend: str, weight_scale=None) -> Tensor:
+                 backend: str, weight_scale=None, weight_code=None) -> Tensor:
     """:func:`lora_linear` on checked arguments; ``adapters``: ``()``, or
     ``(adapter_ids, rank_ids, rank_scaling)`` (:func:`multi_lora_linear`)."""
     if resolve_backend(backend, x) == "torch":
         if dropout_p > 0.0 and seed is None:
             seed = draw_seed_tensor(x.device)
         return lora_linear_checked(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, row_scale,
-                                   adapters or None, weight_scale)
+                                   adapters or None, weight_scale, weight_code)
     if dropout_p == 0.0:
         seed = 0
     elif seed is None:
@@ -777,17 +808,18 @@ def _lora_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
     differentiated = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
     adapters = adapters or (None,) * 3
-    if not differentiated and direct_call(x, weight, bias, lora_A, lora_B, row_scale, weight_scale, *adapters):
+    if not differentiated and direct_call(x, weight, bias, lora_A, lora_B, row_scale, weight_scale, weight_code,
+                                          *adapters):
         # Nothing to differentiate (inference, torch.no_grad): the forward
         # alone, without the autograd Function's host time
         return forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-                              dispatch.forced_strategy() or "", row_scale, *adapters, weight_scale)[0]
+                              dispatch.forced_strategy() or "", row_scale, *adapters, weight_scale, weight_code)[0]
     # (on the CPU whatever the default device: a value the kernels take as an argument, never read back
     # from a GPU, which would sync the host and break a CUDA graph's capture)
     seed_t = seed if isinstance(seed, Tensor) else _NO_DROPOUT_SEED if seed == 0 else torch.tensor(
         seed, dtype=torch.int64, device="cpu")
     return _LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t, row_scale, *adapters,
-                                     weight_scale)
+                                     weight_scale, weight_code)
 
 
 def dora_linear(
@@ -802,6 +834,7 @@ def dora_linear(
     dropout_p: float = 0.0,
     seed: int | None = None,
     weight_scale: Tensor | None = None,
+    weight_code: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """DoRA (weight-decomposed LoRA, PEFT's ``use_dora=True``):
@@ -830,7 +863,7 @@ def dora_linear(
             it :func:`fused_lora.dropout_mask` of (seed, (M, K), p), as
             :func:`lora_linear`'s (its PyTorch ops are slow on a GPU at large
             M·K: for checks, not for training).
-        weight_scale: an int8 or NF4 ``weight``'s, as :func:`lora_linear`'s (QDoRA:
+        weight_scale, weight_code: an int8 or 4-bit ``weight``'s, as :func:`lora_linear`'s (QDoRA:
             W is Ŵ throughout, the norm's read of it dequantising its tiles;
             with dropout the correction's GEMM makes Ŵ whole, in x's dtype).
 
@@ -845,25 +878,28 @@ def dora_linear(
     scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed,
                                                weight_scale=weight_scale)
     weight_scale = check_weight_scale(x, weight, weight_scale)
+    weight_code = check_weight_code(x, weight, weight_code)
     magnitude = check_magnitude(x, weight, magnitude)
     if resolve_backend(backend, x) == "torch":
         if weight_scale is not None:
-            weight = dequantize_base(weight, weight_scale, x.dtype)
+            weight = dequantize_base(weight, weight_scale, x.dtype, weight_code)
         return dora_linear_checked(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed)
     with torch.no_grad():  # (the norm is detached: DoRA §4.3, PEFT)
-        norm = (_dora_norm_triton if direct_call(weight, lora_A, lora_B, weight_scale)
+        norm = (_dora_norm_triton if direct_call(weight, lora_A, lora_B, weight_scale, weight_code)
                 else torch.ops.fused_lora.dora_norm)(weight.detach(), lora_A.detach(), lora_B.detach(), scaling,
-                                                     weight_scale)
+                                                     weight_scale, weight_code)
     gamma = (magnitude.to(torch.float32) / norm).to(x.dtype)
     # (γ ⊙ z plus what is added, one pass over the output: addcmul)
     if dropout_p == 0.0:
-        z = _lora_linear(x, weight, lora_A, lora_B, None, scaling, 0.0, None, None, (), "triton", weight_scale)
+        z = _lora_linear(x, weight, lora_A, lora_B, None, scaling, 0.0, None, None, (), "triton", weight_scale,
+                         weight_code)
         return z * gamma if bias is None else torch.addcmul(bias, z, gamma)
     # y = γ ⊙ (drop(x) Wᵀ + s·drop(x) Aᵀ Bᵀ) + (x - drop(x)) Wᵀ + b: the fused op on drop(x), without its
     # own dropout (the correction needs drop(x) itself)
     dropped = dora_dropped(x, dropout_p, seed)
-    z = _lora_linear(dropped, weight, lora_A, lora_B, None, scaling, 0.0, None, None, (), "triton", weight_scale)
-    base = weight if weight_scale is None else dequantize_base(weight, weight_scale, x.dtype)
+    z = _lora_linear(dropped, weight, lora_A, lora_B, None, scaling, 0.0, None, None, (), "triton", weight_scale,
+                     weight_code)
+    base = weight if weight_scale is None else dequantize_base(weight, weight_scale, x.dtype, weight_code)
     return torch.addcmul(torch.nn.functional.linear(x - dropped, base, bias), z, gamma)
 
 
@@ -909,6 +945,7 @@ def multi_lora_linear(
     dropout_p: float = 0.0,
     seed: int | None = None,
     weight_scale: Tensor | None = None,
+    weight_code: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """Several adapters on one frozen base, each row of x through its own:
@@ -938,8 +975,8 @@ def multi_lora_linear(
             n, or one for all.
         dropout_p, seed: as :func:`lora_linear`'s, one mask for the batch
             (each row's adapter sees its row's mask).
-        weight_scale, backend: as :func:`lora_linear`'s (an int8 base: many
-            adapters served from one quantized base).
+        weight_scale, weight_code, backend: as :func:`lora_linear`'s (an
+            int8 or 4-bit base: many adapters served from one quantized base).
 
     The sum of the ranks is the rank the kernels run, and picks the plan
     as a single adapter of that rank would (:func:`fused_lora.explain`).
@@ -967,12 +1004,13 @@ def multi_lora_linear(
         except (TypeError, ValueError) as error:
             raise type(error)(f"adapter {i} (lora_A[{i}], lora_B[{i}]): {error}") from None
     weight_scale = check_weight_scale(x, weight, weight_scale)
+    weight_code = check_weight_code(x, weight, weight_code)
     # (int32 once here, not in each pass: the values are checked, so none wraps)
     adapter_ids = _check_adapter_id_values(check_adapter_ids(x, adapter_ids), n, adapter_ids).to(torch.int32)
     ranks = tuple(a.shape[0] for a in lora_A)
     if not any(ranks):  # (every adapter of rank 0 leaves the layer alone: its base, for every row)
         y = torch.nn.functional.linear(x, weight if weight_scale is None else dequantize_base(
-            weight, weight_scale, x.dtype), bias)
+            weight, weight_scale, x.dtype, weight_code), bias)
         if _unreadable(adapter_ids):  # (an id that could not be checked, made -2: NaN, as the kernels give it)
             y = torch.where((adapter_ids < -1).unsqueeze(-1), float("nan"), y)
         return y
@@ -982,7 +1020,7 @@ def multi_lora_linear(
     a = lora_A[0] if n == 1 else torch.cat(lora_A, 0)
     b = lora_B[0] if n == 1 else torch.cat(lora_B, 1)
     return _lora_linear(x, weight, a, b, bias, 1.0, dropout_p, seed, None, (adapter_ids, rank_ids, rank_scaling),
-                        backend, weight_scale)
+                        backend, weight_scale, weight_code)
 
 
 def _adapter_list(name: str, factors) -> list[Tensor]:

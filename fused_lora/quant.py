@@ -1,5 +1,6 @@
 """A quantized frozen base: int8 weights with one scale per output feature,
-or NF4 weights (QLoRA's 4 bits) with one absmax per block of a row.
+or 4-bit weights (QLoRA's NF4, or bitsandbytes' FP4) with one absmax per
+block of a row.
 
 The format (weight-only, symmetric, per output channel, as bitsandbytes'
 LLM.int8 rows (``CB``, ``SCB / 127``) and torchao's int8 weight-only)::
@@ -37,7 +38,14 @@ quarter of a 16-bit one's bytes (plus 4 bytes a group for the absmax):
 :func:`quantize_nf4` makes one, :func:`nf4_of` reads bitsandbytes'
 ``Params4bit`` (its double-quantized absmax dequantised once, to fp32).
 The GEMMs dequantise NF4 tiles as they load them, as they do int8's.
-:func:`base_format` tells the two apart by the weight's dtype (int8, uint8).
+
+Any other code book of 16 values is the same format with another table:
+``Ŵ = round(code[index] · absmax[n, k // G])``, the code an fp32 (16,)
+tensor passed beside the absmax (``weight_code``; None: NF4). bitsandbytes'
+FP4 (``quant_type="fp4"``, transformers' default ``bnb_4bit_quant_type``)
+is :data:`FP4_CODE`: :func:`quantize_fp4` makes one, :func:`bnb_4bit_of`
+reads either of bitsandbytes' two. :func:`base_format` tells the formats
+apart by the weight's dtype (int8, uint8) and the code.
 """
 
 from __future__ import annotations
@@ -58,6 +66,19 @@ NF4_CODE = (
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
+
+#: The 16 values of bitsandbytes' FP4 (a sign bit, two of exponent, one of
+#: mantissa, scaled to [-1, 1]; index 8, the sign's zero, is +0), as fp32, in
+#: the order of their 4-bit index: bitsandbytes' ``get_4bit_type("fp4")``.
+FP4_CODE = (
+    0.0, 0.0052083334885537624, 0.6666666865348816, 1.0,
+    0.3333333432674408, 0.5, 0.1666666716337204, 0.25,
+    0.0, -0.0052083334885537624, -0.6666666865348816, -1.0,
+    -0.3333333432674408, -0.5, -0.1666666716337204, -0.25,
+)
+
+#: The code books of the 4-bit formats by name (bitsandbytes' ``quant_type``).
+FOUR_BIT_CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
 
 #: The group :func:`quantize_nf4` uses by default (bitsandbytes' blocksize).
 NF4_GROUP = 64
@@ -129,10 +150,23 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (q.to(compute) * scale.detach().to(compute)[:, None]).to(dtype)
 
 
-def base_format(weight: torch.Tensor) -> str:
-    """``"int8"`` (an int8 weight), ``"nf4"`` (a uint8 one: packed NF4) or
-    ``""`` (floating point): which quantized base a weight is, by its dtype."""
-    return {torch.int8: "int8", torch.uint8: "nf4"}.get(weight.dtype, "")
+def base_format(weight: torch.Tensor, code: torch.Tensor | None = None) -> str:
+    """``"int8"`` (an int8 weight), ``"nf4"`` or ``"fp4"`` (a uint8 one:
+    packed 4-bit, by its ``code``, None: NF4; another code book:
+    ``"4-bit"``) or ``""`` (floating point): which quantized base a weight
+    is."""
+    if weight.dtype != torch.uint8:
+        return {torch.int8: "int8"}.get(weight.dtype, "")
+    return four_bit_format(code)
+
+
+def four_bit_format(code: torch.Tensor | None) -> str:
+    """The name of a 4-bit code book (:data:`FOUR_BIT_CODES`; None: NF4), or
+    ``"4-bit"`` for another."""
+    if code is None:
+        return "nf4"
+    values = tuple(code.detach().to("cpu", torch.float32).tolist()) if code.numel() == 16 else ()
+    return next((name for name, book in FOUR_BIT_CODES.items() if values == book), "4-bit")
 
 
 def base_shape(weight: torch.Tensor) -> tuple[int, int]:
@@ -145,11 +179,27 @@ def base_shape(weight: torch.Tensor) -> tuple[int, int]:
 def quantize_nf4(weight: torch.Tensor, group_size: int = NF4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     """``(packed, absmax)``: ``weight`` (N, K) quantized to NF4 (the module's
     docstring), ``absmax[n, g] = max |W[n, g·G : (g+1)·G]|`` (fp32), each
-    value the NF4 code nearest to ``W / absmax`` (a tie between two codes to
-    the larger), as bitsandbytes' ``quantize_4bit(quant_type="nf4",
+    value the NF4 code nearest to ``W · (1 / absmax)`` (in fp32; a tie
+    between two codes to the larger), as bitsandbytes' ``quantize_4bit(quant_type="nf4",
     blocksize=group_size)`` of a weight whose rows are whole blocks. Made in
     fp32, on the weight's device, without gradient. ``group_size``: a power
     of two >= 2 dividing K."""
+    return quantize_4bit(weight, group_size, NF4_CODE)
+
+
+def quantize_fp4(weight: torch.Tensor, group_size: int = NF4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed, absmax)``: ``weight`` (N, K) quantized to bitsandbytes' FP4
+    (:data:`FP4_CODE`) as :func:`quantize_nf4` to NF4: each value the FP4
+    code nearest to ``W · (1 / absmax)`` (a tie to the larger), the values of
+    bitsandbytes' ``quantize_4bit(quant_type="fp4")`` (a value nearest 0 is
+    index 0 here, where bitsandbytes' may take 8, also 0). Its base is
+    :func:`dequantize_4bit` with :data:`FP4_CODE` (:func:`four_bit_code`)."""
+    return quantize_4bit(weight, group_size, FP4_CODE)
+
+
+def quantize_4bit(weight: torch.Tensor, group_size: int, code: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed, absmax)`` of ``weight`` in the 4-bit format of the 16
+    values ``code`` (:func:`quantize_nf4`, :func:`quantize_fp4`)."""
     _is_tensor("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
@@ -158,14 +208,20 @@ def quantize_nf4(weight: torch.Tensor, group_size: int = NF4_GROUP) -> tuple[tor
     with torch.no_grad():
         w = weight.detach().to(torch.float32)
         if not bool(torch.isfinite(w).all()):
-            raise ValueError(f"weight {tuple(weight.shape)} holds NaN or Inf, which NF4 cannot hold")
+            raise ValueError(f"weight {tuple(weight.shape)} holds NaN or Inf, which a 4-bit base cannot hold")
         blocks = w.reshape(n, k // group, group)
         absmax = blocks.abs().amax(dim=2)
         safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-        normed = (blocks / safe[:, :, None]).reshape(n, k).contiguous()
-        code = torch.tensor(NF4_CODE, dtype=torch.float32, device=w.device)
-        index = torch.bucketize(normed, (code[1:] + code[:-1]) / 2)  # (a value on a midpoint: the larger code)
-        index = index.to(torch.uint8)
+        # (W times 1/absmax, as bitsandbytes' kernels: where W / absmax is a midpoint, the same side of it)
+        normed = (blocks * (1.0 / safe)[:, :, None]).reshape(n, k).contiguous()
+        values = torch.tensor(code, dtype=torch.float32, device=w.device)
+        # (the distinct values in ascending order, each with the first index that holds it: FP4's 0, held at
+        # 0 and 8, is index 0; a value on a midpoint: the larger)
+        ordered, order = torch.sort(values, stable=True)
+        first = torch.ones_like(ordered, dtype=torch.bool)
+        first[1:] = ordered[1:] != ordered[:-1]
+        ordered, order = ordered[first], order[first]
+        index = order[torch.bucketize(normed, (ordered[1:] + ordered[:-1]) / 2)].to(torch.uint8)
         packed = (index[:, 0::2] << 4) | index[:, 1::2]
         return packed.contiguous(), absmax
 
@@ -185,6 +241,14 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtyp
     (N, 2·packed's columns), the product made in fp32 (fp64 for fp64): the
     base of :func:`fused_lora.lora_linear`'s NF4 ``weight`` (see the
     module's docstring)."""
+    return dequantize_4bit(packed, absmax, dtype)
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype,
+                    code: torch.Tensor | None = None) -> torch.Tensor:
+    """``Ŵ = round(code[index] · absmax[n, k // G])`` in ``dtype``, as
+    :func:`dequantize_nf4`, with the 16 values of ``code`` (a floating-point
+    (16,) tensor: ``weight_code``; None: NF4)."""
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
         got = f"{packed.dtype} {tuple(packed.shape)}" if isinstance(packed, torch.Tensor) else type(packed).__name__
         raise TypeError(f"packed must be a 2-D uint8 tensor (out_features, in_features / 2), got {got}")
@@ -194,18 +258,37 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtyp
         raise ValueError(f"absmax must have shape (out_features={n}, in_features / group) to match packed "
                          f"{tuple(packed.shape)} (in_features={k}), got {tuple(absmax.shape)}")
     _check_dtype(dtype)
+    check_code("code", code, packed.device)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     index = torch.stack((packed >> 4, packed & 15), dim=2).reshape(n, k).long()
-    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=packed.device).to(compute)
+    table = (torch.tensor(NF4_CODE, dtype=torch.float32, device=packed.device) if code is None
+             else code.detach().to(torch.float32)).to(compute)
     scale = absmax.detach().to(compute).repeat_interleave(k // absmax.shape[1], dim=1)
-    return (code[index] * scale).to(dtype)
+    return (table[index] * scale).to(dtype)
 
 
-def dequantize_base(weight: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Ŵ of a quantized base, int8 (:func:`dequantize_int8`) or NF4
-    (:func:`dequantize_nf4`) by the weight's dtype."""
+def check_code(name: str, code, device: torch.device) -> torch.Tensor | None:
+    """A 4-bit base's code book (``weight_code``): None (NF4), or a plain
+    floating-point (16,) tensor on ``device``, finite."""
+    if code is None:
+        return None
+    if not isinstance(code, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (the 16 values of a 4-bit base's indices) or None, got "
+                        f"{type(code).__name__}")
+    if not code.is_floating_point() or tuple(code.shape) != (16,):
+        raise ValueError(f"{name} must be a floating-point tensor of shape (16,), the values of a 4-bit base's "
+                         f"indices, got a {code.dtype} tensor of shape {tuple(code.shape)}")
+    if code.device != device:
+        raise ValueError(f"{name} is on {code.device} but the weight is on {device}")
+    return code
+
+
+def dequantize_base(weight: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype,
+                    weight_code: torch.Tensor | None = None) -> torch.Tensor:
+    """Ŵ of a quantized base, int8 (:func:`dequantize_int8`) or 4-bit
+    (:func:`dequantize_4bit`, with ``weight_code``) by the weight's dtype."""
     if isinstance(weight, torch.Tensor) and weight.dtype == torch.uint8:
-        return dequantize_nf4(weight, weight_scale, dtype)
+        return dequantize_4bit(weight, weight_scale, dtype, weight_code)
     return dequantize_int8(weight, weight_scale, dtype)
 
 
@@ -214,38 +297,57 @@ def _check_dtype(dtype) -> None:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
 
 
-_nf4_codes: dict = {}
+_codes: dict = {}
 
 
 def nf4_code(device: torch.device) -> torch.Tensor:
-    """:data:`NF4_CODE` as an fp32 (16,) tensor on ``device``, for the
-    kernels. Made by fills (no copy from the host, which a CUDA graph's
-    capture cannot make) and kept, but not while a graph captures there
-    (then it is the graph's own)."""
-    code = _nf4_codes.get(device)
+    """:data:`NF4_CODE` as an fp32 (16,) tensor on ``device``
+    (:func:`four_bit_code`)."""
+    return four_bit_code(device, NF4_CODE)
+
+
+def four_bit_code(device: torch.device, values: tuple[float, ...] = NF4_CODE) -> torch.Tensor:
+    """A code book (:data:`NF4_CODE`, :data:`FP4_CODE`) as an fp32 (16,)
+    tensor on ``device``, for the kernels. Made by fills (no copy from the
+    host, which a CUDA graph's capture cannot make) and kept, but not while
+    a graph captures there (then it is the graph's own). Not to be written:
+    shared by every caller (a layer holds a copy, :func:`fused_lora.layer`)."""
+    device = torch.device(device)
+    key = (device, values)
+    code = _codes.get(key)
     if code is None:
-        code = torch.cat([torch.full((1,), v, dtype=torch.float32, device=device) for v in NF4_CODE])
+        code = torch.cat([torch.full((1,), v, dtype=torch.float32, device=device) for v in values])
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if not capturing and not torch.compiler.is_compiling():
-            _nf4_codes[device] = code
+            _codes[key] = code
     return code
 
 
 def nf4_of(weight) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(packed, absmax)`` of a bitsandbytes ``Params4bit`` weight of
-    ``quant_type="nf4"`` (its bytes as (N, K/2) uint8, a view; its absmax as
-    (N, K / blocksize) fp32, double quantization undone: bitsandbytes'
-    ``dequantize_blockwise`` of it plus its offset), or None: another kind
-    of weight, FP4, or a weight whose rows are not whole blocks (bitsandbytes'
-    blocks run over the flattened weight). Read by its attributes
-    (bitsandbytes is not imported)."""
+    ``quant_type="nf4"`` (:func:`bnb_4bit_of`), or None: another kind of
+    weight, FP4, or a weight whose rows are not whole blocks."""
+    held = bnb_4bit_of(weight)
+    return held[:2] if held is not None and held[2] is None else None
+
+
+def bnb_4bit_of(weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """``(packed, absmax, code)`` of a bitsandbytes ``Params4bit`` weight of
+    ``quant_type`` ``"nf4"`` (code None) or ``"fp4"`` (code
+    :data:`FP4_CODE`, an fp32 (16,) tensor on its device, a new one), its
+    bytes as (N, K/2) uint8 (a view), its absmax as (N, K / blocksize) fp32,
+    double quantization undone (bitsandbytes' ``dequantize_blockwise`` of it
+    plus its offset); or None: another kind of weight, or a weight whose
+    rows are not whole blocks (bitsandbytes' blocks run over the flattened
+    weight). Read by its attributes (bitsandbytes is not imported)."""
     cls = type(weight)
     state = getattr(weight, "quant_state", None)
     if cls.__name__ != "Params4bit" or not cls.__module__.startswith("bitsandbytes") or state is None:
         return None
     shape = tuple(getattr(state, "shape", ()) or ())
     group = getattr(state, "blocksize", None)
-    if (getattr(state, "quant_type", None) != "nf4" or len(shape) != 2 or not isinstance(group, int)
+    quant_type = getattr(state, "quant_type", None)
+    if (quant_type not in FOUR_BIT_CODES or len(shape) != 2 or not isinstance(group, int)
             or group < 2 or group & (group - 1) or shape[1] % group
             or getattr(state, "packing_format_for_cpu", False)):  # (repacked for its CPU kernels: another layout)
         return None
@@ -261,8 +363,9 @@ def nf4_of(weight) -> tuple[torch.Tensor, torch.Tensor] | None:
         blocks = torch.arange(absmax.numel(), device=absmax.device) // inner.blocksize
         absmax = codes[absmax.long()] * inner.absmax.to(torch.float32)[blocks] + state.offset.to(torch.float32)
     absmax = absmax.to(torch.float32).reshape(n, k // group)
+    values = FOUR_BIT_CODES[quant_type]
     code = getattr(state, "code", None)
     if isinstance(code, torch.Tensor) and not torch.equal(code.detach().float().cpu(),
-                                                          torch.tensor(NF4_CODE, dtype=torch.float32)):
+                                                          torch.tensor(values, dtype=torch.float32)):
         return None
-    return packed, absmax
+    return packed, absmax, (None if quant_type == "nf4" else four_bit_code(packed.device, values).clone())

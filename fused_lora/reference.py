@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._validate import check_lora_args, check_magnitude, check_row_scale, check_weight_scale
+from ._validate import check_lora_args, check_magnitude, check_row_scale, check_weight_code, check_weight_scale
 from .dropout import draw_seed_tensor, dropout_mask
 from .quant import dequantize_base
 
@@ -27,9 +27,11 @@ def lora_linear(
     seed: int | None = None,
     row_scale: torch.Tensor | None = None,
     weight_scale: torch.Tensor | None = None,
+    weight_code: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = x Wᵀ + b + scaling · (w ⊙ drop(x) Aᵀ) Bᵀ`` (``w``: ``row_scale``, one per row; 1 when None;
-    an int8 ``weight`` with its ``weight_scale``: W is :func:`fused_lora.dequantize_int8` of them).
+    a quantized ``weight`` with its ``weight_scale`` (and a 4-bit one's ``weight_code``): W is
+    :func:`fused_lora.quant.dequantize_base` of them).
 
     Same arguments as :func:`fused_lora.lora_linear` (less ``backend``). With
     ``dropout_p > 0`` the mask is :func:`fused_lora.dropout_mask` for ``seed``
@@ -40,24 +42,25 @@ def lora_linear(
     scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed,
                                                weight_scale=weight_scale)
     weight_scale = check_weight_scale(x, weight, weight_scale)
+    weight_code = check_weight_code(x, weight, weight_code)
     row_scale = check_row_scale(x, row_scale)
     if dropout_p > 0.0 and seed is None:
         seed = draw_seed_tensor(x.device)
     return lora_linear_checked(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, row_scale,
-                               weight_scale=weight_scale)
+                               weight_scale=weight_scale, weight_code=weight_code)
 
 
 def lora_linear_checked(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float, seed,
-                        row_scale=None, adapters=None, weight_scale=None) -> torch.Tensor:
+                        row_scale=None, adapters=None, weight_scale=None, weight_code=None) -> torch.Tensor:
     """:func:`lora_linear` on checked arguments, ``seed`` an int or a 0-d
     integer tensor (such as the fused op's, drawn on the device);
     ``adapters``: None, or ``(adapter_ids, rank_ids, rank_scaling)``, several
     adapters side by side in the rank (:func:`fused_lora.ops.multi_lora_linear`):
     the rank column j of ``xa`` kept, times ``rank_scaling[j]``, on the rows
     whose ``adapter_ids`` is ``rank_ids[j]``, 0 elsewhere (NaN on a row of an
-    id below -1); ``weight_scale``: an int8 weight's, dequantised to x's dtype."""
+    id below -1); ``weight_scale`` (and ``weight_code``): a quantized weight's, dequantised to x's dtype."""
     if weight_scale is not None:
-        weight = dequantize_base(weight, weight_scale, x.dtype)
+        weight = dequantize_base(weight, weight_scale, x.dtype, weight_code)
     dropped = x
     if dropout_p > 0.0:
         rows = x.shape[:-1].numel()  # x flattened to (M, K), row-major
@@ -86,19 +89,21 @@ def dora_linear(
     dropout_p: float = 0.0,
     seed: int | None = None,
     weight_scale: torch.Tensor | None = None,
+    weight_code: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DoRA, as PEFT's ``use_dora=True`` computes it (math in
     :mod:`fused_lora.ops`): the adapted weight ``W + s·B·A`` made, its norm
     per output feature taken and detached, ``γ = m / ‖·‖``. Same arguments
     as :func:`fused_lora.dora_linear` (less ``backend``), the same mask
-    (:func:`dora_dropped`); an int8 ``weight`` with its ``weight_scale``:
-    W is :func:`fused_lora.dequantize_int8` of them."""
+    (:func:`dora_dropped`); a quantized ``weight`` with its ``weight_scale``
+    (and ``weight_code``): W is :func:`fused_lora.quant.dequantize_base` of them."""
     scaling, dropout_p, seed = check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed,
                                                weight_scale=weight_scale)
     weight_scale = check_weight_scale(x, weight, weight_scale)
+    weight_code = check_weight_code(x, weight, weight_code)
     magnitude = check_magnitude(x, weight, magnitude)
     if weight_scale is not None:
-        weight = dequantize_base(weight, weight_scale, x.dtype)
+        weight = dequantize_base(weight, weight_scale, x.dtype, weight_code)
     return dora_linear_checked(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed)
 
 

@@ -12,7 +12,7 @@ import math
 import torch
 
 from . import reference
-from .quant import dequantize_base
+from .quant import FP4_CODE, dequantize_base, four_bit_code
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -177,13 +177,13 @@ def make_params(k: int, n: int, r: int, dtype, bias: bool, device=DEVICE):
 
 
 def reference64(x, w, b, a, bb, dy, *, scaling, dropout_p, seed, grads=("x", "weight", "bias", "lora_A", "lora_B"),
-                row_scale=None, weight_scale=None):
+                row_scale=None, weight_scale=None, weight_code=None):
     """The float64 oracle: output and the requested gradients of the
-    reference. ``weight_scale``: ``w`` is int8 or NF4, the base its
-    :func:`fused_lora.quant.dequantize_base` in x's dtype (the values the kernels
-    multiply by), then taken in float64."""
+    reference. ``weight_scale`` (and ``weight_code``): ``w`` is int8 or
+    4-bit, the base its :func:`fused_lora.quant.dequantize_base` in x's
+    dtype (the values the kernels multiply by), then taken in float64."""
     if weight_scale is not None:
-        w = dequantize_base(w, weight_scale, x.dtype)
+        w = dequantize_base(w, weight_scale, x.dtype, weight_code)
     named = {"x": x, "weight": w, "bias": b, "lora_A": a, "lora_B": bb}
     leaves = {k: (v.detach().double().requires_grad_(k in grads) if v is not None else None)
               for k, v in named.items()}
@@ -209,7 +209,8 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
     ``dmagnitude``). ``quantized``: the base quantized, ``True`` or
     ``"int8"`` to int8 (:func:`fused_lora.quantize_int8`), ``"nf4"`` to NF4
     in groups of 16 (:func:`fused_lora.quantize_nf4`; ``k`` a multiple of
-    16), passed with its ``weight_scale``,
+    16), ``"fp4"`` to FP4 likewise (:func:`fused_lora.quantize_fp4`, with
+    its ``weight_code``), passed with its ``weight_scale``,
     against the reference on its dequantised values (not with
     ``train_base``: a quantized base is frozen)."""
     import fused_lora
@@ -218,9 +219,12 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
         raise ValueError("a quantized base is frozen: quantized takes no train_base")
     x = make_x((*lead, k), dtype, layout, device=device).requires_grad_()
     w, b, a, bb = make_params(k, n, r, dtype, bias, device=device)
-    weight_scale = None
-    if quantized:
-        w, weight_scale = fused_lora.quantize_nf4(w, 16) if quantized == "nf4" else fused_lora.quantize_int8(w)
+    weight_scale = weight_code = None
+    if quantized in ("nf4", "fp4"):
+        w, weight_scale = (fused_lora.quantize_nf4 if quantized == "nf4" else fused_lora.quantize_fp4)(w, 16)
+        weight_code = None if quantized == "nf4" else four_bit_code(w.device, FP4_CODE).clone()
+    elif quantized:
+        w, weight_scale = fused_lora.quantize_int8(w)
     a.requires_grad_()
     bb.requires_grad_()
     wanted = ["x", "lora_A", "lora_B"]
@@ -236,21 +240,22 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
         row_scale = torch.rand(lead, device=device) + 0.5
         row_scale.view(-1)[::3] = 0.0
     if adapters:
-        return _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale)
+        return _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale, weight_code)
     if dora:
-        return _dora_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale)
+        return _dora_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale, weight_code)
     y = fused_lora.lora_linear(x, w, a, bb, b, scaling=scaling, dropout_p=dropout_p, seed=seed, row_scale=row_scale,
-                               weight_scale=weight_scale, backend="triton")
+                               weight_scale=weight_scale, weight_code=weight_code, backend="triton")
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [inputs[g] for g in wanted], dy)
     y64, g64 = reference64(x, w, b, a, bb, dy, scaling=scaling, dropout_p=dropout_p, seed=seed, grads=wanted,
-                           row_scale=row_scale, weight_scale=weight_scale)
+                           row_scale=row_scale, weight_scale=weight_scale, weight_code=weight_code)
     errors = {"y": normalized_error(y, y64)}
     errors.update({f"d{name}": normalized_error(g, g64[name]) for name, g in zip(wanted, grads)})
     return errors
 
 
-def _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale=None) -> dict[str, float]:
+def _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale=None,
+                          weight_code=None) -> dict[str, float]:
     """:func:`parity_case` with ``adapters`` (and ``quantized``: a quantized ``w`` with its ``weight_scale``)."""
     import fused_lora
     from fused_lora import reference
@@ -267,9 +272,9 @@ def _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weig
     inputs = {"x": x, "weight": w, "bias": b}
     leaves = [inputs[g] for g in wanted if g in inputs] + lora_a + lora_b
     y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=scalings, dropout_p=dropout_p, seed=seed,
-                                     weight_scale=weight_scale, backend="triton")
+                                     weight_scale=weight_scale, weight_code=weight_code, backend="triton")
     if weight_scale is not None:
-        w = dequantize_base(w, weight_scale, x.dtype)
+        w = dequantize_base(w, weight_scale, x.dtype, weight_code)
     dy = torch.randn_like(y)
     grads = dict(zip([g for g in wanted if g in inputs] + ["a0", "a1", "b0", "b1"],
                      torch.autograd.grad(y, leaves, dy)))
@@ -289,7 +294,8 @@ def _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weig
     return errors
 
 
-def _dora_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale=None) -> dict[str, float]:
+def _dora_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale=None,
+                      weight_code=None) -> dict[str, float]:
     """:func:`parity_case` with ``dora`` (and ``quantized``: a quantized ``w`` with its ``weight_scale``)."""
     import fused_lora
 
@@ -297,13 +303,13 @@ def _dora_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_s
     wanted = [*wanted, "magnitude"]
     inputs = {"x": x, "weight": w, "bias": b, "lora_A": a, "lora_B": bb, "magnitude": m}
     y = fused_lora.dora_linear(x, w, a, bb, m, b, scaling=scaling, dropout_p=dropout_p, seed=seed,
-                               weight_scale=weight_scale, backend="triton")
+                               weight_scale=weight_scale, weight_code=weight_code, backend="triton")
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [inputs[g] for g in wanted], dy)
     leaves = {k: (v.detach().double().requires_grad_(k in wanted) if v is not None else None)
               for k, v in inputs.items()}
     if weight_scale is not None:  # (Ŵ in x's dtype, the values the kernels multiply by, taken in float64)
-        leaves["weight"] = dequantize_base(w, weight_scale, x.dtype).double()
+        leaves["weight"] = dequantize_base(w, weight_scale, x.dtype, weight_code).double()
     y64 = reference.dora_linear(leaves["x"], leaves["weight"], leaves["lora_A"], leaves["lora_B"],
                                 leaves["magnitude"], leaves["bias"], scaling=scaling, dropout_p=dropout_p, seed=seed)
     g64 = torch.autograd.grad(y64, [leaves[k] for k in wanted], dy.double())

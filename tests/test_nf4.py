@@ -1,5 +1,7 @@
-"""An NF4 frozen base (QLoRA's 4 bits): the format (``quantize_nf4`` and
-``dequantize_nf4``, bitsandbytes' NF4 bit for bit where it is installed),
+"""An NF4 frozen base (QLoRA's 4 bits), and bitsandbytes' FP4, the same
+layout with another code book (``weight_code``): the format
+(``quantize_nf4`` and ``dequantize_nf4``, bitsandbytes' NF4 bit for bit
+where it is installed, and FP4's values),
 the GEMMs' decoding of NF4 tiles (the bits of the GEMM on the dequantised
 weight, in every form it runs), the dequantisation kernel of large M, the
 dispatch by M, the ops against the float64 reference on the dequantised
@@ -24,6 +26,8 @@ from lora_testing import DEVICE, DTYPES, TOLERANCE, assert_close, make_params, m
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 CODE = torch.tensor(quant.NF4_CODE, dtype=torch.float64)
+CODES = {"nf4": CODE, "fp4": torch.tensor(quant.FP4_CODE, dtype=torch.float64)}
+QUANTIZE = {"nf4": fused_lora.quantize_nf4, "fp4": fused_lora.quantize_fp4}
 
 
 def _nf4(n, k, group=16, scale=1.0):
@@ -37,16 +41,23 @@ def _code(device=DEVICE):
     return quant.nf4_code(device)
 
 
+def _weight_code(fmt, device=DEVICE):
+    """A 4-bit format's ``weight_code``: None for NF4, FP4's table."""
+    return None if fmt == "nf4" else quant.four_bit_code(device, quant.FP4_CODE).clone()
+
+
 # ----------------------------------------------------------------------------
 # The format
 # ----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", [F32, F16, BF16, torch.float64], ids=str)
 @pytest.mark.parametrize("n, k, group", [(1, 2, 2), (17, 64, 16), (5, 256, 64), (3, 384, 128)])
-def test_quantize_nf4_is_the_nearest_code_of_each_groups_absmax(dtype, n, k, group):
+def test_quantize_4bit_is_the_nearest_code_of_each_groups_absmax(fmt, dtype, n, k, group):
+    code = CODES[fmt]
     w = (torch.randn(n, k, device=DEVICE) * (torch.rand(n, 1, device=DEVICE) + 0.1) * 3).to(dtype)
     w[n // 2, :group] = 0  # a group of zeros: absmax 0, every value 0
-    packed, absmax = fused_lora.quantize_nf4(w, group)
+    packed, absmax = QUANTIZE[fmt](w, group)
     assert packed.dtype == torch.uint8 and packed.shape == (n, k // 2) and packed.is_contiguous()
     assert absmax.dtype == F32 and absmax.shape == (n, k // group)
     w32 = w.float()
@@ -54,16 +65,19 @@ def test_quantize_nf4_is_the_nearest_code_of_each_groups_absmax(dtype, n, k, gro
     index = torch.stack((packed >> 4, packed & 15), dim=2).reshape(n, k).long().cpu()  # (the even k high)
     expanded = absmax.repeat_interleave(group, dim=1).cpu().double()
     normed = torch.where(expanded > 0, w32.cpu().double() / expanded, torch.zeros_like(expanded))
-    distance = (normed[..., None] - CODE).abs()
+    distance = (normed[..., None] - code).abs()
     chosen = distance.gather(2, index[..., None])[..., 0]
     assert bool((chosen <= distance.amin(2) + 1e-6).all())  # (the nearest code; fp32's rounding of W/absmax)
-    assert bool((index[n // 2, :group] == 7).all()) and absmax[n // 2, 0] == 0
-    deq = fused_lora.dequantize_nf4(packed, absmax, dtype)
+    assert bool((index[n // 2, :group] == (7 if fmt == "nf4" else 0)).all()) and absmax[n // 2, 0] == 0
+    deq = fused_lora.dequantize_4bit(packed, absmax, dtype, _weight_code(fmt))
+    if fmt == "nf4":
+        assert torch.equal(deq, fused_lora.dequantize_nf4(packed, absmax, dtype))
     compute = torch.float64 if dtype == torch.float64 else F32
-    want = (CODE.to(compute)[index].to(DEVICE) * absmax.to(compute).repeat_interleave(group, dim=1)).to(dtype)
+    want = (code.float().to(compute)[index].to(DEVICE) * absmax.to(compute).repeat_interleave(group, dim=1)).to(dtype)
     assert torch.equal(deq, want)
     # the error of each value: at most half the gap to the neighbouring code, times its group's absmax
-    gap = (CODE[1:] - CODE[:-1]).max().item() / 2
+    ordered = code.sort().values
+    gap = (ordered[1:] - ordered[:-1]).max().item() / 2
     assert bool(((deq.double() - w.double()).abs() <= expanded.to(DEVICE) * gap * (1 + 1e-3) + 1e-3 * 2**-7).all())
 
 
@@ -89,6 +103,43 @@ def test_nf4_is_bitsandbytes_nf4_bit_for_bit():
     assert quant.nf4_of(bnb.nn.Params4bit(q4, requires_grad=False, quant_state=state4, quant_type="fp4",
                                           bnb_quantized=True)) is None  # (FP4: another code book)
     assert quant.nf4_of(torch.zeros(4, 4, dtype=torch.uint8)) is None
+
+
+def test_fp4_is_bitsandbytes_fp4_value_for_value():
+    """quantize_fp4 against bitsandbytes' quantize_4bit(quant_type="fp4"):
+    the same absmax and the same values (a byte may differ only where both
+    are a 0, FP4's index 0 or 8); bnb_4bit_of reading its Params4bit (its
+    bytes shared, double quantization undone) with FP4's code book, which
+    dequantize_4bit makes bitsandbytes' dequantize_4bit bit for bit."""
+    bnb = pytest.importorskip("bitsandbytes")
+    functional = bnb.functional
+    assert torch.equal(functional.get_4bit_type("fp4", device="cpu"), torch.tensor(quant.FP4_CODE))
+    code = _weight_code("fp4", "cpu")
+    for dtype, group in ((F32, 64), (BF16, 64), (F16, 128), (BF16, 32)):
+        w = (torch.randn(33, 256) * 2).to(dtype)
+        packed, absmax = fused_lora.quantize_fp4(w, group)
+        q, state = functional.quantize_4bit(w, blocksize=group, quant_type="fp4", compress_statistics=False)
+        assert torch.equal(absmax.reshape(-1), state.absmax)
+        ours = fused_lora.dequantize_4bit(packed, absmax, dtype, code)
+        assert torch.equal(ours, functional.dequantize_4bit(q, state))
+        nibbles = torch.stack((packed >> 4, packed & 15), 2).reshape(-1)
+        theirs = torch.stack((q.view(torch.uint8) >> 4, q.view(torch.uint8) & 15), 2).reshape(-1)
+        differ = nibbles != theirs
+        assert bool((nibbles[differ] % 8 == 0).all() and (theirs[differ] % 8 == 0).all())  # (0 and "-0" alone)
+        for nested in (True, False):
+            q2, state2 = functional.quantize_4bit(w, blocksize=group, quant_type="fp4", compress_statistics=nested)
+            param = bnb.nn.Params4bit(q2, requires_grad=False, quant_state=state2, quant_type="fp4",
+                                      blocksize=group, bnb_quantized=True)
+            got = quant.bnb_4bit_of(param)
+            assert got is not None and got[0].data_ptr() == q2.data_ptr() and torch.equal(got[2], code)
+            assert torch.equal(fused_lora.dequantize_4bit(*got[:2], dtype, got[2]),
+                               functional.dequantize_4bit(q2, state2))
+            assert quant.base_format(got[0], got[2]) == "fp4"
+    nf4 = functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    got = quant.bnb_4bit_of(bnb.nn.Params4bit(nf4[0], requires_grad=False, quant_state=nf4[1], quant_type="nf4",
+                                              bnb_quantized=True))
+    assert got is not None and got[2] is None and quant.base_format(got[0]) == "nf4"
+    assert quant.base_format(got[0], torch.ones(16)) == "4-bit"
 
 
 def test_the_format_refuses_what_it_cannot_take():
@@ -253,16 +304,30 @@ def test_lora_linear_on_an_nf4_base_matches_the_float64_reference(lead, k, n, r,
     assert max(errors.values()) <= TOLERANCE[dtype], errors
 
 
+@pytest.mark.parametrize("lead,k,n,r,dtype,bias,p,layout,strategy", CASES[1::2])
+def test_lora_linear_on_an_fp4_base_matches_the_float64_reference(lead, k, n, r, dtype, bias, p, layout, strategy):
+    """bitsandbytes' FP4 (weight_code): the NF4 kernels with FP4's code book,
+    against the reference on FP4's dequantised values (NF4's table would
+    miss them by far more than the tolerance)."""
+    with dispatch.force_strategy(strategy) if strategy else contextlib.nullcontext(), poison_outputs():
+        errors = parity_case(lead, k, n, r, dtype, bias=bias, dropout_p=p, layout=layout, seed=5, quantized="fp4")
+    assert set(errors) == {"y", "dx", "dlora_A", "dlora_B"}
+    assert max(errors.values()) <= TOLERANCE[dtype], errors
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m, p", [(17, 0.0), (17, 0.2), (configs.NF4_DECODE_MAX_M + 1, 0.1)])
-def test_an_nf4_base_gives_the_bits_of_its_dequantised_weight(monkeypatch, dtype, m, p):
-    """The op on (bytes, absmax) and on Ŵ: the same output and gradients, bit
-    for bit, decoded in the GEMMs (small M) or made whole (large M), and the
-    same again on a second run (deterministic); the bias still trains."""
+@pytest.mark.parametrize("m, p, fmt", [(17, 0.0, "nf4"), (17, 0.2, "nf4"), (configs.NF4_DECODE_MAX_M + 1, 0.1, "nf4"),
+                                       (17, 0.2, "fp4"), (configs.NF4_DECODE_MAX_M + 1, 0.0, "fp4")])
+def test_a_4bit_base_gives_the_bits_of_its_dequantised_weight(monkeypatch, dtype, m, p, fmt):
+    """The op on (bytes, absmax[, FP4's code book]) and on Ŵ: the same
+    output and gradients, bit for bit, decoded in the GEMMs (small M) or
+    made whole (large M), and the same again on a second run
+    (deterministic); the bias still trains."""
     x = make_x((m, 64), dtype).requires_grad_()
     w, b, a, bb = make_params(64, 40, 6, dtype, True)
-    packed, absmax = fused_lora.quantize_nf4(w, 16)
-    deq = fused_lora.dequantize_nf4(packed, absmax, dtype)
+    packed, absmax = QUANTIZE[fmt](w, 16)
+    code = _weight_code(fmt)
+    deq = fused_lora.dequantize_4bit(packed, absmax, dtype, code)
     for t in (b, a, bb):
         t.requires_grad_()
     dy = torch.randn(m, 40, device=DEVICE, dtype=dtype)
@@ -274,13 +339,13 @@ def test_an_nf4_base_gives_the_bits_of_its_dequantised_weight(monkeypatch, dtype
     def force():
         return dispatch.force_strategy("split") if m <= configs.NF4_DECODE_MAX_M else contextlib.nullcontext()
 
-    def run(weight, weight_scale):
+    def run(weight, weight_scale, weight_code=None):
         with force():
             y = fused_lora.lora_linear(x, weight, a, bb, b, scaling=1.5, dropout_p=p, seed=11,
-                                       weight_scale=weight_scale, backend="triton")
+                                       weight_scale=weight_scale, weight_code=weight_code, backend="triton")
             return (y, *torch.autograd.grad(y, (x, b, a, bb), dy))
 
-    quantized, again, plain = run(packed, absmax), run(packed, absmax), run(deq, None)
+    quantized, again, plain = run(packed, absmax, code), run(packed, absmax, code), run(deq, None)
     for name, t1, t2, t3 in zip(("y", "dx", "dbias", "dA", "dB"), quantized, again, plain):
         assert torch.equal(t1, t2), name
         assert torch.equal(t1, t3), name
@@ -302,9 +367,9 @@ def test_the_torch_backend_is_the_reference_on_the_dequantised_base():
 
 def test_several_adapters_on_one_nf4_base():
     with poison_outputs():
-        for p in (0.1, 0.0):
-            errors = parity_case((4, 9), 48, 33, 12, F16, dropout_p=p, adapters=True, quantized="nf4")
-            assert max(errors.values()) <= TOLERANCE[F16], (p, errors)
+        for p, fmt in ((0.1, "nf4"), (0.0, "nf4"), (0.1, "fp4")):
+            errors = parity_case((4, 9), 48, 33, 12, F16, dropout_p=p, adapters=True, quantized=fmt)
+            assert max(errors.values()) <= TOLERANCE[F16], (p, fmt, errors)
     x = torch.randn(5, 32, device=DEVICE)
     packed, absmax, _ = _nf4(16, 32)
     zero_a, zero_b = torch.empty(0, 32, device=DEVICE), torch.empty(16, 0, device=DEVICE)
@@ -339,11 +404,12 @@ def test_the_dora_norm_of_an_nf4_base_is_the_norm_of_its_dequantised_weight(monk
         norm(packed, lora_A, lora_B, 1.5, absmax)
 
 
-@pytest.mark.parametrize("lead, k, n, r, dtype, p", [((17,), 64, 48, 3, F32, 0.0), ((3, 5), 48, 77, 70, F16, 0.2),
-                                                     ((1,), 32, 20, 4, BF16, 0.0), ((20,), 48, 30, 16, BF16, 0.3)])
-def test_dora_linear_on_an_nf4_base_matches_the_float64_reference(lead, k, n, r, dtype, p):
+@pytest.mark.parametrize("lead, k, n, r, dtype, p, fmt", [
+    ((17,), 64, 48, 3, F32, 0.0, "nf4"), ((3, 5), 48, 77, 70, F16, 0.2, "nf4"), ((1,), 32, 20, 4, BF16, 0.0, "nf4"),
+    ((20,), 48, 30, 16, BF16, 0.3, "nf4"), ((17,), 64, 48, 3, F32, 0.0, "fp4"), ((3, 5), 48, 77, 9, F16, 0.2, "fp4")])
+def test_dora_linear_on_a_4bit_base_matches_the_float64_reference(lead, k, n, r, dtype, p, fmt):
     with poison_outputs():
-        errors = parity_case(lead, k, n, r, dtype, dropout_p=p, seed=4, dora=True, quantized="nf4")
+        errors = parity_case(lead, k, n, r, dtype, dropout_p=p, seed=4, dora=True, quantized=fmt)
     assert set(errors) == {"y", "dx", "dlora_A", "dlora_B", "dmagnitude"}
     assert max(errors.values()) <= TOLERANCE[dtype], errors
 
@@ -388,3 +454,60 @@ def test_bad_nf4_arguments_are_typed_errors():
     y = fused_lora.LoRALinearFunction.apply(x, packed, b, a, bb, 1.0, 0.0, seed, None, None, None, None, absmax)
     assert_close(y, reference.lora_linear(x.double(), packed, a.double(), bb.double(), b.double(),
                                           weight_scale=absmax), F32, "LoRALinearFunction")
+    code = _weight_code("fp4")
+    y = fused_lora.LoRALinearFunction.apply(x, packed, b, a, bb, 1.0, 0.0, seed, None, None, None, None, absmax, code)
+    assert_close(y, reference.lora_linear(x.double(), packed, a.double(), bb.double(), b.double(),
+                                          weight_scale=absmax, weight_code=code), F32, "LoRALinearFunction, FP4")
+    with pytest.raises(ValueError, match=r"weight_code must have shape \(16,\)"):
+        fused_lora.LoRALinearFunction.apply(x, packed, b, a, bb, 1.0, 0.0, seed, None, None, None, None, absmax,
+                                            code[:8])
+    with pytest.raises(ValueError, match="weight_code requires grad, but no gradient flows to it"):
+        fused_lora.LoRALinearFunction.apply(x, packed, b, a, bb, 1.0, 0.0, seed, None, None, None, None, absmax,
+                                            code.clone().requires_grad_())
+
+
+def test_bad_weight_codes_are_typed_errors():
+    """weight_code: a floating-point (16,) tensor on x's device, not requiring
+    grad, beside a packed 4-bit weight and its weight_scale only; every
+    entry point (lora_linear, dora_linear, multi_lora_linear, the
+    reference, dequantize_4bit) refuses the same way."""
+    x = torch.randn(5, 32, device=DEVICE)
+    w, b, a, bb = make_params(32, 16, 4, F32, True)
+    packed, absmax = fused_lora.quantize_fp4(w, 16)
+    code = _weight_code("fp4")
+    ids = torch.zeros(5, dtype=torch.long, device=DEVICE)
+    m = torch.ones(16, device=DEVICE)
+    calls = {
+        "lora_linear": lambda c: fused_lora.lora_linear(x, packed, a, bb, b, weight_scale=absmax, weight_code=c),
+        "reference": lambda c: reference.lora_linear(x, packed, a, bb, b, weight_scale=absmax, weight_code=c),
+        "dora_linear": lambda c: fused_lora.dora_linear(x, packed, a, bb, m, b, weight_scale=absmax, weight_code=c),
+        "multi_lora_linear": lambda c: fused_lora.multi_lora_linear(x, packed, [a], [bb], ids, b,
+                                                                    weight_scale=absmax, weight_code=c),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match="weight_code must be a torch.Tensor, got list"):
+            call(list(quant.FP4_CODE))
+        with pytest.raises(TypeError, match="weight_code must be a floating-point tensor, got dtype torch.int64"):
+            call(torch.arange(16, device=DEVICE))
+        with pytest.raises(ValueError, match=r"weight_code must have shape \(16,\), .* got \(4, 4\)"):
+            call(code.reshape(4, 4))
+        with pytest.raises(ValueError, match="weight_code is on meta but x is on"):
+            call(code.to("meta"))
+        with pytest.raises(ValueError, match="weight_code requires grad"):
+            call(code.clone().requires_grad_())
+        want = (reference.dora_linear(x, packed, a, bb, m, b, weight_scale=absmax, weight_code=code)
+                if name == "dora_linear" else calls["reference"](code))  # (multi: every row adapter 0's)
+        assert_close(call(code), want.double(), F32, name)  # (and the good one runs)
+    q, scale = fused_lora.quantize_int8(w)
+    with pytest.raises(ValueError, match=r"weight_code is a packed 4-bit \(uint8\) weight's code book; weight is "
+                                         r"torch.int8 \(16, 32\)"):
+        fused_lora.lora_linear(x, q, a, bb, b, weight_scale=scale, weight_code=code)
+    with pytest.raises(ValueError, match=r"weight_code is a packed 4-bit \(uint8\) weight's code book; weight is "
+                                         r"torch.float32"):
+        fused_lora.lora_linear(x, w, a, bb, b, weight_code=code)
+    with pytest.raises(ValueError, match=r"code must be a floating-point tensor of shape \(16,\)"):
+        fused_lora.dequantize_4bit(packed, absmax, F32, code[:15])
+    # FP4's bytes read with NF4's table (no weight_code) are another base: the code book is what it says
+    fp4 = fused_lora.lora_linear(x, packed, a, bb, b, weight_scale=absmax, weight_code=code)
+    nf4 = fused_lora.lora_linear(x, packed, a, bb, b, weight_scale=absmax)
+    assert (fp4 - nf4).abs().max() > 0.1

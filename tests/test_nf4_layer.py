@@ -32,7 +32,7 @@ def _nf4_layer(k, n, r, dtype, bias=True, dropout=0.0, adapter_dtype=None, use_d
 
 
 def _deq(layer, dtype):
-    return fused_lora.dequantize_nf4(layer.weight, layer.weight_scale, dtype)
+    return fused_lora.dequantize_4bit(layer.weight, layer.weight_scale, dtype, layer.weight_code)
 
 
 def _reference(layer, x, dropout_p=0.0, seed=None):
@@ -72,8 +72,8 @@ def test_what_an_nf4_base_refuses():
         layer.reset_parameters()
     with pytest.raises(ValueError, match="in_features must be even, got a weight \\(24, 63\\)"):
         LoRALinear.from_linear(nn.Linear(63, 24, device=DEVICE), r=4, quantize_base="nf4")
-    with pytest.raises(ValueError, match=r"quantize_base must be False, True, 'int8' or 'nf4', got 'fp4'"):
-        LoRALinear.from_linear(linear, r=4, quantize_base="fp4")
+    with pytest.raises(ValueError, match=r"quantize_base must be False, True, 'int8', 'nf4' or 'fp4', got 'int4'"):
+        LoRALinear.from_linear(linear, r=4, quantize_base="int4")
     with pytest.raises(ValueError, match=r"weight_scale must have shape \(out_features=24, in_features / group\)"):
         LoRALinear.from_parameters(layer.weight, None, layer.lora_A, layer.lora_B, alpha=8,
                                    weight_scale=torch.ones(24, device=DEVICE))
@@ -121,14 +121,20 @@ def _linear4bit(linear: nn.Linear, quant_type="nf4", compress_statistics=True):
     return layer.to(DEVICE)  # (quantizes the weight)
 
 
-@pytest.mark.parametrize("compress_statistics", [True, False])
-def test_a_bitsandbytes_nf4_linear4bit_is_fused_as_it_is(compress_statistics):
+@pytest.mark.parametrize("quant_type, compress_statistics", [("nf4", True), ("nf4", False), ("fp4", True),
+                                                             ("fp4", False)])
+def test_a_bitsandbytes_4bit_linear4bit_is_fused_as_it_is(quant_type, compress_statistics):
+    """nf4, and fp4 (transformers' default bnb_4bit_quant_type) with its code
+    book (the layer's weight_code)."""
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(4)
     linear = nn.Linear(128, 40, device=DEVICE, dtype=BF16)
-    b4 = _linear4bit(linear, compress_statistics=compress_statistics)
+    b4 = _linear4bit(linear, quant_type=quant_type, compress_statistics=compress_statistics)
     layer = LoRALinear.from_linear(b4, r=4, alpha=8)
     assert layer.quantized and layer.weight.dtype == torch.uint8 and layer.weight.shape == (40, 64)
+    assert f"base={quant_type}" in repr(layer) and (layer.weight_code is None) == (quant_type == "nf4")
+    if quant_type == "fp4":
+        assert torch.equal(layer.weight_code, torch.tensor(fused_lora.quant.FP4_CODE, device=DEVICE))
     assert layer.weight.data_ptr() == b4.weight.data_ptr()  # (its bytes, shared)
     assert layer.in_features == 128 and layer.lora_A.dtype == b4.weight.quant_state.dtype
     assert layer.bias is b4.bias and layer.bias.dtype == F32  # (bitsandbytes keeps it fp32: cast in the forward)
@@ -144,6 +150,9 @@ def test_a_bitsandbytes_nf4_linear4bit_is_fused_as_it_is(compress_statistics):
         assert_close(base, copy.deepcopy(b4)(x).double(), BF16, "bitsandbytes' forward")  # (a copy: it repacks)
     multi = MultiLoRALinear.from_linear(b4, [2, 3])
     assert multi.quantized and multi.in_features == 128 and multi.weight.data_ptr() == b4.weight.data_ptr()
+    assert (multi.weight_code is None) == (quant_type == "nf4") and f"base={quant_type}" in repr(multi)
+    with torch.no_grad():
+        assert_close(multi(x, torch.full((3,), -1, device=DEVICE)), base.double(), BF16, "multi, the base rows")
 
 
 @pytest.mark.parametrize("x_dtype", [F32, F16])
@@ -193,7 +202,7 @@ def test_a_linear4bit_computes_in_its_compute_dtype(x_dtype):
         == x_dtype
 
 
-def test_fp4_linear4bit_is_refused_and_inject_takes_a_model_of_nf4_linear4bit():
+def test_inject_takes_a_model_of_nf4_and_fp4_linear4bit():
     torch.manual_seed(5)
     import transformers
 
@@ -201,15 +210,12 @@ def test_fp4_linear4bit_is_refused_and_inject_takes_a_model_of_nf4_linear4bit():
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = transformers.LlamaForCausalLM(cfg).to(DEVICE)  # (tiny_llama's, wider: rows of whole 64-value blocks)
     float_model = copy.deepcopy(model)
-    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+    for name, quant_type in (("model.layers.0.self_attn.q_proj", "nf4"), ("model.layers.1.mlp.down_proj", "fp4")):
         parent, attr = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent), attr, _linear4bit(model.get_submodule(name)))
-    fp4 = _linear4bit(nn.Linear(64, 16, device=DEVICE), quant_type="fp4")
-    with pytest.raises(TypeError, match=r"the base: its weight is a bitsandbytes 4-bit weight of quant_type 'fp4', "
-                                        r"blocksize 64, shape \(16, 64\): the fused layers read nf4"):
-        LoRALinear.from_linear(fp4, r=4)
+        setattr(model.get_submodule(parent), attr, _linear4bit(model.get_submodule(name), quant_type=quant_type))
     straddling = _linear4bit(nn.Linear(32, 16, device=DEVICE))  # (a block over two rows)
-    with pytest.raises(TypeError, match=r"quant_type 'nf4', blocksize 64, shape \(16, 32\): .* whole blocks"):
+    with pytest.raises(TypeError, match=r"quant_type 'nf4', blocksize 64, shape \(16, 32\): the fused layers read "
+                                        r"nf4 and fp4 whose rows are whole blocks"):
         LoRALinear.from_linear(straddling, r=4)
     names = fused_lora.inject(model, ["q_proj", "down_proj"], r=4, alpha=8)
     assert len(names) == 4 and all(model.get_submodule(n).quantized == ("layers.0.self_attn.q_proj" in n
@@ -230,11 +236,12 @@ def test_fp4_linear4bit_is_refused_and_inject_takes_a_model_of_nf4_linear4bit():
     assert_close(model(input_ids=ids).logits, float_model(input_ids=ids).logits.double(), F32, "logits")
 
 
-def test_inject_fuses_a_model_transformers_loaded_in_4_bits(tmp_path):
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_inject_fuses_a_model_transformers_loaded_in_4_bits(tmp_path, quant_type):
     """``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True,
-    bnb_4bit_quant_type="nf4"))`` (QLoRA's loading, on CPU): inject fuses every
-    Linear4bit as it is; with a fresh adapter it is the float model on Ŵ, and
-    the adapters train."""
+    bnb_4bit_quant_type="nf4"))`` (QLoRA's loading, on CPU; and "fp4",
+    transformers' default): inject fuses every Linear4bit as it is; with a
+    fresh adapter it is the float model on Ŵ, and the adapters train."""
     pytest.importorskip("bitsandbytes")
     if DEVICE.type != "cpu":
         pytest.skip("bitsandbytes' 4-bit loading is checked on CPU here")
@@ -244,7 +251,7 @@ def test_inject_fuses_a_model_transformers_loaded_in_4_bits(tmp_path):
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(6)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
-    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                                    bnb_4bit_compute_dtype=F32)
     model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization,
                                                           device_map="cpu")
@@ -253,7 +260,7 @@ def test_inject_fuses_a_model_transformers_loaded_in_4_bits(tmp_path):
     names = fused_lora.inject(model, "all-linear", r=4, alpha=8)
     assert sorted(names) == sorted(bytes_of) and len(names) == 14
     assert all(model.get_submodule(n).quantized and model.get_submodule(n).weight.data_ptr() == bytes_of[n]
-               for n in names)
+               and f"base={quant_type}" in repr(model.get_submodule(n)) for n in names)
     # the float model holding Ŵ (bitsandbytes' dequantize_4bit, bit for bit: test_nf4.py); its own CPU
     # forward would not do (it repacks the weights for its CPU kernels, their absmax in bf16)
     float_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
@@ -292,13 +299,13 @@ def test_inject_fuses_a_model_transformers_loaded_in_4_bits(tmp_path):
         assert_close(peft_model(input_ids=ids).logits, fused.double(), F32, "PEFT's QLoRA model")
     changed = model.get_submodule(names[1])
     changed.weight = nn.Parameter(changed.weight.detach() ^ 0x11, requires_grad=False)
-    with pytest.raises(ValueError, match=rf"unload: {names[1]}: its nf4 base holds other values than the Linear4bit"):
+    with pytest.raises(ValueError, match=rf"unload: {names[1]}: its {quant_type} base holds other values than the Linear4bit"):
         fused_lora.unload(model)
     assert fused_lora.integration.fused_layers(model).keys() == set(names)
     changed.weight = nn.Parameter(changed.weight.detach() ^ 0x11, requires_grad=False)  # (the same values again)
     kept = changed.weight
     changed.weight = nn.Parameter(kept.detach().to("meta"), requires_grad=False)  # (as if moved to another device)
-    with pytest.raises(ValueError, match=rf"unload: {names[1]}: its nf4 base is on meta, and the Linear4bit it came "
+    with pytest.raises(ValueError, match=rf"unload: {names[1]}: its {quant_type} base is on meta, and the Linear4bit it came "
                                          r"from, kept aside, holds that weight on cpu: move the model back "
                                          r"\(model.to\('cpu'\)\)"):
         fused_lora.unload(model)
@@ -319,5 +326,10 @@ def test_inject_fuses_a_model_transformers_loaded_in_4_bits(tmp_path):
     ran = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, device_map="cpu")
     with torch.no_grad():
         ran(input_ids=ids)
+    states = [m.weight.quant_state for m in ran.modules() if type(m).__name__ == "Linear4bit"]
+    if not any(getattr(state, "packing_format_for_cpu", False) for state in states):
+        # (bitsandbytes repacks only on a CPU with AVX512-BF16 (its has_avx512bf16): elsewhere, mark one
+        # weight as its repacking does, which is what the refusal reads)
+        states[0].packing_format_for_cpu = True
     with pytest.raises(TypeError, match=r"repacked for bitsandbytes' CPU kernels .* fuse the model before running"):
         fused_lora.inject(ran, "all-linear", r=4)

@@ -31,7 +31,7 @@ def _quantized_layer(k, n, r, dtype, bias=True, dropout=0.0, adapter_dtype=None,
 
 
 def _reference(layer, x, dropout_p=0.0, seed=None):
-    deq = dequantize_base(layer.weight, layer.weight_scale, x.dtype)
+    deq = dequantize_base(layer.weight, layer.weight_scale, x.dtype, layer.weight_code)
     return reference.lora_linear_checked(x.double(), deq.double(), layer.lora_A.double(), layer.lora_B.double(),
                                          None if layer.bias is None else layer.bias.double(), layer.scaling,
                                          dropout_p, seed)
@@ -62,7 +62,7 @@ def test_from_linear_quantizes_the_base_and_matches_the_reference(dtype, adapter
         assert_close(g, g64, dtype, name)
 
 
-@pytest.mark.parametrize("quantize_base", [True, "nf4"])
+@pytest.mark.parametrize("quantize_base", [True, "nf4", "fp4"])
 def test_dropout_in_training_and_none_in_eval(quantize_base):
     _, layer = _quantized_layer(40, 24, 4, F32, dropout=0.3, quantize_base=quantize_base)
     x = torch.randn(6, 5, 40, device=DEVICE)
@@ -75,12 +75,12 @@ def test_dropout_in_training_and_none_in_eval(quantize_base):
     assert_close(layer(x), _reference(layer, x), F32, "eval")
 
 
-@pytest.mark.parametrize("quantize_base", [True, "nf4"])
+@pytest.mark.parametrize("quantize_base", [True, "nf4", "fp4"])
 def test_mixed_batches_and_the_adapter_off_run_the_dequantised_base(quantize_base):
     _, layer = _quantized_layer(40, 24, 4, F16, quantize_base=quantize_base)
     x = torch.randn(6, 5, 40, device=DEVICE, dtype=F16)
     ids = torch.tensor([0, -1, 0, -1, -1, 0], device=DEVICE)
-    base = F.linear(x, dequantize_base(layer.weight, layer.weight_scale, F16), layer.bias)
+    base = F.linear(x, dequantize_base(layer.weight, layer.weight_scale, F16, layer.weight_code), layer.bias)
     y = layer(x, adapter_ids=ids)
     on = ids == 0
     assert_close(y[on], _reference(layer, x[on]), F16, "adapter rows")
@@ -90,40 +90,48 @@ def test_mixed_batches_and_the_adapter_off_run_the_dequantised_base(quantize_bas
     assert torch.equal(layer(x, adapter_ids=torch.full((6,), -1, device=DEVICE)), base)
 
 
-@pytest.mark.parametrize("quantize_base", [True, "nf4"])
+@pytest.mark.parametrize("quantize_base", [True, "nf4", "fp4"])
 def test_the_state_dict_round_trips_and_refuses_the_other_kinds_of_weight(quantize_base):
-    """A quantized layer's state dict (weight, weight_scale) loads into
-    another such layer; a weight of another kind (floating point, the other
-    quantized format) is refused both ways, nothing loaded."""
-    fmt, other_format = ("int8", "nf4") if quantize_base is True else ("nf4", True)
-    dtype, other_dtype = (torch.int8, torch.uint8) if fmt == "int8" else (torch.uint8, torch.int8)
+    """A quantized layer's state dict (weight, weight_scale, and FP4's
+    weight_code) loads into another such layer; a weight of another kind
+    (floating point, another quantized format: int8, NF4, or 4-bit of
+    another code book) is refused both ways, nothing loaded."""
+    fmt = "int8" if quantize_base is True else quantize_base
+    dtype = torch.int8 if fmt == "int8" else torch.uint8
     _, layer = _quantized_layer(40, 24, 4, F32, quantize_base=quantize_base)
     x = torch.randn(7, 40, device=DEVICE)
     state = layer.state_dict()
-    assert set(state) == {"weight", "bias", "lora_A", "lora_B", "weight_scale"} and state["weight"].dtype == dtype
+    assert set(state) == {"weight", "bias", "lora_A", "lora_B", "weight_scale"} | (
+        {"weight_code"} if fmt == "fp4" else set()) and state["weight"].dtype == dtype
     _, other = _quantized_layer(40, 24, 4, F32, quantize_base=quantize_base)
     with torch.no_grad():
         other.weight_scale.mul_(2)
+        if fmt == "fp4":
+            other.weight_code.mul_(-1)
     other.load_state_dict(state)
     assert torch.equal(other(x), layer(x))
     float_layer = LoRALinear.from_linear(nn.Linear(40, 24, device=DEVICE), r=4)
-    other_layer = LoRALinear.from_linear(nn.Linear(40, 24, device=DEVICE), r=4, quantize_base=other_format)
-    with pytest.raises(RuntimeError, match=rf"weight: a torch.float32 weight for a layer whose base is {fmt} "
-                                           rf"\(quantize_base\): quantize it \(fused_lora.quantize_{fmt}\)"):
+    with pytest.raises(RuntimeError, match=rf"weight: a torch.float32 weight for a layer whose base "
+                                           rf"is {fmt} \(quantize_base\): quantize it \(fused_lora.quantize_{fmt}\)"):
         layer.load_state_dict(float_layer.state_dict(), strict=False)
-    with pytest.raises(RuntimeError, match=rf"weight: a {other_dtype} weight for a layer whose base is {fmt}"):
-        layer.load_state_dict(other_layer.state_dict(), strict=False)
-    made_with = "True" if fmt == "int8" else "'nf4'"
-    with pytest.raises(RuntimeError, match=rf"weight: a {dtype} weight for a layer whose base is torch.float32: "
+    made_with = "True" if fmt == "int8" else repr(fmt)
+    kind = {"int8": "torch.int8", "nf4": r"torch.uint8 \(nf4\)", "fp4": r"torch.uint8 \(fp4\)"}
+    with pytest.raises(RuntimeError, match=rf"weight: a {kind[fmt]} weight for a layer whose base is torch.float32: "
                                            rf"an? {fmt} base loads into a layer made with quantize_base={made_with}"):
         float_layer.load_state_dict(state, strict=False)
-    with pytest.raises(RuntimeError, match=rf"weight: a {dtype} weight for a layer whose base is "
-                                           rf"{'nf4' if fmt == 'int8' else 'int8'}"):
-        other_layer.load_state_dict(state, strict=False)
+    for other_format in sorted({"int8", "nf4", "fp4"} - {fmt}):
+        other_layer = LoRALinear.from_linear(nn.Linear(40, 24, device=DEVICE), r=4,
+                                             quantize_base=True if other_format == "int8" else other_format)
+        with pytest.raises(RuntimeError, match=rf"weight: a {kind[other_format]} weight for a layer whose "
+                                               rf"base is {fmt}"):
+            layer.load_state_dict(other_layer.state_dict(), strict=False)
+        with pytest.raises(RuntimeError, match=rf"weight: a {kind[fmt]} weight for a layer whose base is "
+                                               rf"{other_format}"):
+            other_layer.load_state_dict(state, strict=False)
     assert torch.equal(layer(x), other(x))  # (nothing loaded)
 
 
-@pytest.mark.parametrize("quantize_base", [True, "nf4"])
+@pytest.mark.parametrize("quantize_base", [True, "nf4", "fp4"])
 def test_a_training_step_trains_the_adapter_alone(quantize_base):
     _, layer = _quantized_layer(40, 24, 4, BF16, adapter_dtype=F32, quantize_base=quantize_base)
     opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.01)
@@ -137,7 +145,7 @@ def test_a_training_step_trains_the_adapter_alone(quantize_base):
     assert layer(x).float().square().mean() < loss
 
 
-@pytest.mark.parametrize("quantize_base", [True, "nf4"])
+@pytest.mark.parametrize("quantize_base", [True, "nf4", "fp4"])
 @pytest.mark.parametrize("cast", ["to", "half", "to_device_and_dtype"])
 def test_to_a_dtype_keeps_the_quantized_base(quantize_base, cast):
     """``.to(float16)`` casts the adapters and the bias; the quantized weight
@@ -146,19 +154,22 @@ def test_to_a_dtype_keeps_the_quantized_base(quantize_base, cast):
     _, layer = _quantized_layer(40, 24, 4, F32, quantize_base=quantize_base)
     weight, scale = layer.weight.clone(), layer.weight_scale.clone()
     x = torch.randn(5, 40, device=DEVICE, dtype=F16)
-    before = dequantize_base(layer.weight, layer.weight_scale, F16)
+    before = dequantize_base(layer.weight, layer.weight_scale, F16, layer.weight_code)
     {"to": lambda: layer.to(F16), "half": layer.half, "to_device_and_dtype": lambda: layer.to(DEVICE, F16)}[cast]()
     assert layer.lora_A.dtype == layer.lora_B.dtype == layer.bias.dtype == F16
     assert torch.equal(layer.weight, weight) and layer.weight.dtype == weight.dtype
     assert layer.weight_scale.dtype == F32 and torch.equal(layer.weight_scale, scale)
-    assert torch.equal(dequantize_base(layer.weight, layer.weight_scale, F16), before)
+    assert (layer.weight_code is None) == (quantize_base != "fp4")  # (FP4's code book: fp32 too)
+    assert layer.weight_code is None or layer.weight_code.dtype == F32
+    assert torch.equal(dequantize_base(layer.weight, layer.weight_scale, F16, layer.weight_code), before)
     assert_close(layer(x), _reference(layer, x), F16, "after .to(float16)")
     multi = MultiLoRALinear.from_linear(nn.Linear(40, 24, device=DEVICE), [2, 3], quantize_base=quantize_base)
     multi.to(F16)
     assert multi.weight_scale.dtype == F32 and multi.lora_A[1].dtype == F16
+    assert multi.weight_code is None or multi.weight_code.dtype == F32
 
 
-@pytest.mark.parametrize("quantize_base", [True, "nf4"])
+@pytest.mark.parametrize("quantize_base", [True, "nf4", "fp4"])
 def test_compute_dtype_casts_x_and_the_output(quantize_base):
     """``compute_dtype`` on a quantized base (no bitsandbytes needed: on a GPU
     too): fp32 x computes as bf16 x would, bit for bit, the output and x's
@@ -199,7 +210,7 @@ def test_what_an_int8_base_refuses():
     before = layer.lora_B.clone()
     layer.reset_lora_parameters()  # (the adapter alone)
     assert not layer.lora_B.any() and before.any()
-    with pytest.raises(ValueError, match=r"quantize_base must be False, True, 'int8' or 'nf4', got 'yes'"):
+    with pytest.raises(ValueError, match=r"quantize_base must be False, True, 'int8', 'nf4' or 'fp4', got 'yes'"):
         LoRALinear.from_linear(linear, r=4, quantize_base="yes")
     with pytest.raises(TypeError, match="quantize_base must be a bool"):
         LoRALinear.from_linear(linear, r=4, quantize_base=2)
@@ -218,10 +229,10 @@ def test_what_an_int8_base_refuses():
         fused_lora.lora_linear(torch.randn(3, 40, device=DEVICE), layer.weight, a, b)
 
 
-@pytest.mark.parametrize("quantize_base", [True, "nf4"])
+@pytest.mark.parametrize("quantize_base", [True, "nf4", "fp4"])
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_inject_quantize_base_is_the_model_on_its_dequantised_weights(make, quantize_base, tmp_path):
-    """The model with int8 (or NF4) bases, and the float model whose targeted weights
+    """The model with int8 (or NF4, or FP4) bases, and the float model whose targeted weights
     are replaced by their dequantised values, each with the same adapters:
     the same logits and adapter gradients (fp32), a training step, and the
     adapters saved; unload, merge_and_unload and to_peft refused, but with
@@ -234,7 +245,7 @@ def test_inject_quantize_base_is_the_model_on_its_dequantised_weights(make, quan
     with torch.no_grad():  # the float model: those weights dequantised, as the kernels see them
         for name, layer in layers.items():
             plain = float_model.get_submodule(name)
-            deq = dequantize_base(layer.weight, layer.weight_scale, F32)
+            deq = dequantize_base(layer.weight, layer.weight_scale, F32, layer.weight_code)
             plain.weight.copy_(deq if isinstance(plain, nn.Linear) else deq.t())  # (GPT-2's Conv1D: (in, out))
             nn.init.normal_(layer.lora_B, 0, 0.3)
     fused_lora.inject(float_model, "all-linear", r=4, alpha=8)
@@ -253,11 +264,11 @@ def test_inject_quantize_base_is_the_model_on_its_dequantised_weights(make, quan
         assert_close(layer.lora_A.grad, float_layers[name].lora_A.grad.double(), F32, f"{name}.lora_A.grad")
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
     weights = sum(layer.in_features * layer.out_features for layer in layers.values())
-    per_weight = 0.5 if quantize_base == "nf4" else 1  # (bytes a weight: NF4's two a byte)
+    per_weight = 1 if quantize_base is True else 0.5  # (bytes a weight: NF4's and FP4's two a byte)
     held = sum(layer.weight.element_size() * layer.weight.numel() for layer in layers.values())
     assert held == weights * per_weight
     for what in (fused_lora.unload, fused_lora.merge_and_unload, fused_lora.to_peft):
-        with pytest.raises(ValueError, match=r"hold a quantized base, int8 or NF4 \(quantize_base, or torchao"):
+        with pytest.raises(ValueError, match=r"hold a quantized base, int8 or 4-bit \(quantize_base, or torchao"):
             what(model)
     assert all(isinstance(model.get_submodule(n), LoRALinear) for n in names)  # (nothing changed)
     # with dequantize, a dtype: the base model's own layer classes on Ŵ, with the adapters folded in or dropped
@@ -273,7 +284,7 @@ def test_inject_quantize_base_is_the_model_on_its_dequantised_weights(make, quan
     fresh = make(seed=3)
     for name, layer in layers.items():
         conv1d = not isinstance(fresh.get_submodule(name), nn.Linear)  # (GPT-2's Conv1D: (in, out))
-        deq = dequantize_base(layer.weight, layer.weight_scale, F32)
+        deq = dequantize_base(layer.weight, layer.weight_scale, F32, layer.weight_code)
         for m, dtype in ((merged, F32), (unloaded, F32), (merged16, BF16)):
             plain = m.get_submodule(name)
             assert type(plain) is type(fresh.get_submodule(name)) and plain.weight.dtype == dtype
@@ -310,19 +321,19 @@ def test_inject_quantize_base_is_the_model_on_its_dequantised_weights(make, quan
         assert torch.equal(layer.weight, bases[name][0]) and torch.equal(layer.weight_scale, bases[name][1])
 
 
-@pytest.mark.parametrize("quantize_base", [True, "nf4"])
+@pytest.mark.parametrize("quantize_base", [True, "nf4", "fp4"])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
 def test_a_qdora_layer_starts_as_its_base_and_matches_the_reference(dtype, quantize_base):
-    """DoRA on an int8 (or NF4) base (QDoRA): the magnitude starts as the norms of
+    """DoRA on an int8 (or NF4, or FP4) base (QDoRA): the magnitude starts as the norms of
     Ŵ's rows (a fresh layer is the dequantised base), and, trained, the
     layer is dora_linear on Ŵ (float64 reference), forward and gradients;
     delta_weight is γ ⊙ (Ŵ + s·B A) - Ŵ."""
     torch.manual_seed(2)
     linear = nn.Linear(40, 24, device=DEVICE, dtype=dtype)
     layer = LoRALinear.from_linear(linear, r=4, alpha=8, use_dora=True, quantize_base=quantize_base)
-    fmt = "nf4" if quantize_base == "nf4" else "int8"
+    fmt = "int8" if quantize_base is True else quantize_base
     assert layer.use_dora and layer.quantized and "use_dora=True" in repr(layer) and f"base={fmt}" in repr(layer)
-    deq = dequantize_base(layer.weight, layer.weight_scale, dtype)
+    deq = dequantize_base(layer.weight, layer.weight_scale, dtype, layer.weight_code)
     assert torch.equal(layer.lora_magnitude_vector, torch.linalg.vector_norm(deq.float(), dim=1).to(dtype))
     x = torch.randn(3, 7, 40, device=DEVICE, dtype=dtype)
     base = F.linear(x, deq, linear.bias)
