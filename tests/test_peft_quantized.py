@@ -73,12 +73,14 @@ def _qlora(path, compute_dtype, use_dora=False, quant_type="nf4", checkpointing=
     return _trained(peft.get_peft_model(model, config)).train()
 
 
-@pytest.mark.parametrize("compute_dtype, use_dora, checkpointing",
-                         [(F32, False, False), (F32, False, True), (F32, True, False), (BF16, False, True),
-                          (BF16, True, True)], ids=str)
-def test_from_peft_fuses_qlora_layers_over_their_own_weights(llama_dir, compute_dtype, use_dora, checkpointing):
-    """Every PEFT bitsandbytes 4-bit layer converts, over PEFT's bytes (shared)
-    with its compute dtype; each fused layer computes what PEFT's does, and
+@pytest.mark.parametrize("compute_dtype, use_dora, checkpointing, quant_type",
+                         [(F32, False, False, "nf4"), (F32, False, True, "nf4"), (F32, True, False, "nf4"),
+                          (BF16, False, True, "nf4"), (BF16, True, True, "nf4"), (F32, False, False, "fp4"),
+                          (F32, True, True, "fp4")], ids=str)
+def test_from_peft_fuses_qlora_layers_over_their_own_weights(llama_dir, compute_dtype, use_dora, checkpointing,
+                                                             quant_type):
+    """Every PEFT bitsandbytes 4-bit layer converts (nf4, and fp4 with its
+    code book), over PEFT's bytes (shared) with its compute dtype; each fused layer computes what PEFT's does, and
     (LoRA) the float64 reference on Ŵ; the model's logits and adapter
     gradients are PEFT's (fp32 compute), with activation checkpointing too
     (``prepare_model_for_kbit_training``'s default); ``save_pretrained``
@@ -86,7 +88,7 @@ def test_from_peft_fuses_qlora_layers_over_their_own_weights(llama_dir, compute_
     before."""
     import bitsandbytes as bnb
 
-    ref, model = (_qlora(llama_dir, compute_dtype, use_dora, checkpointing=checkpointing) for _ in range(2))
+    ref, model = (_qlora(llama_dir, compute_dtype, use_dora, quant_type, checkpointing) for _ in range(2))
     originals = _lora_layers(model)
     assert len(originals) == 14 and all(type(m).__module__ == "peft.tuners.lora.bnb" for m in originals.values())
     bases = {n: m.get_base_layer().weight for n, m in originals.items()}
@@ -97,10 +99,12 @@ def test_from_peft_fuses_qlora_layers_over_their_own_weights(llama_dir, compute_
         assert isinstance(layer, LoRALinear) and layer.quantized and layer.use_dora == use_dora
         assert layer.weight.data_ptr() == bases[name].data_ptr() and layer.weight.dtype == torch.uint8
         assert layer.compute_dtype == compute_dtype and layer.weight_scale.dtype == F32
+        assert f"base={quant_type}" in repr(layer)
         assert layer.lora_A is original.lora_A["default"].weight and layer.lora_B is original.lora_B["default"].weight
         # (the absmax double quantization left in 8 bits, dequantised: bitsandbytes' own Ŵ)
         deq = bnb.functional.dequantize_4bit(bases[name].data, bases[name].quant_state).to(compute_dtype)
-        assert torch.equal(fused_lora.dequantize_nf4(layer.weight, layer.weight_scale, compute_dtype), deq)
+        assert torch.equal(fused_lora.dequantize_4bit(layer.weight, layer.weight_scale, compute_dtype,
+                                                      layer.weight_code), deq)
 
     # one layer, fp32 x (the prepared model's activations) against PEFT's layer and the reference
     name = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -113,7 +117,7 @@ def test_from_peft_fuses_qlora_layers_over_their_own_weights(llama_dir, compute_
     with torch.no_grad():
         assert_close(y, peft_layer(x).double(), compute_dtype, "PEFT's layer")
         if not use_dora:
-            deq = fused_lora.dequantize_nf4(layer.weight, layer.weight_scale, compute_dtype)
+            deq = fused_lora.dequantize_4bit(layer.weight, layer.weight_scale, compute_dtype, layer.weight_code)
             bias = None if layer.bias is None else layer.bias.double()
             expected = reference.lora_linear_checked(x.to(compute_dtype).double(), deq.double(),
                                                      layer.lora_A.to(compute_dtype).double(),
@@ -140,7 +144,8 @@ def test_from_peft_fuses_qlora_layers_over_their_own_weights(llama_dir, compute_
             peft_name = peft_name.replace(".lora_magnitude_vector", ".lora_magnitude_vector.default.weight")
             assert_close(g, ref_grads[peft_name].grad.double(), F32, n)
 
-    files, ref_files = (llama_dir.parent / f"{who}-{compute_dtype}-{use_dora}-{checkpointing}" for who in "ab")
+    files, ref_files = (llama_dir.parent / f"{who}-{compute_dtype}-{use_dora}-{checkpointing}-{quant_type}"
+                        for who in "ab")
     model.save_pretrained(files)
     ref.save_pretrained(ref_files)
     from safetensors.torch import load_file
@@ -200,13 +205,6 @@ def test_qlora_merging_is_refused_and_to_peft_wants_peft_weights_back(llama_dir)
         merged = other.merge_and_unload()
     assert not fused_lora.integration.fused_layers(merged) and not _lora_layers(merged)
     assert type(merged.get_submodule("model.layers.0.self_attn.q_proj")).__name__ == "Linear4bit"
-
-
-def test_an_fp4_qlora_model_is_left_to_peft(llama_dir):
-    model = _qlora(llama_dir, BF16, quant_type="fp4")
-    report = fused_lora.from_peft(model)
-    assert not report.converted and len(report.skipped) == 14
-    assert all("bitsandbytes 4-bit weight of quant_type 'fp4'" in why for why in report.skipped.values())
 
 
 def test_from_peft_fuses_torchao_int8_weight_only_layers():
