@@ -206,10 +206,8 @@ def cmd_check(args) -> int:
         with (dispatch.force_strategy(case["strategy"]), dispatch.use_tma(case["tma"]),
               dispatch.use_persistent(case["persistent"])):
             m = math.prod(case["lead"])
-            # (an FP4 base plans as NF4: the same kernels, another code book)
             plan = dispatch.device_plan(device, m, case["n"], case["k"], case["r"], case["dtype"],
-                                        case["dropout_p"], quantized="nf4" if case["quantized"] == "fp4"
-                                        else case["quantized"])
+                                        case["dropout_p"], quantized=case["quantized"])
             try:
                 errors = parity_case(case["lead"], case["k"], case["n"], case["r"], case["dtype"],
                                      dropout_p=case["dropout_p"], train_base=case["train_base"],

@@ -261,7 +261,8 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
     by side, ``multi_lora_linear``'s, run on every plan: the kernels apply
     them where they make ``xa`` and ``g``; ``r`` is then the sum of the
     adapters' ranks.) ``quantized``: the base is int8 (``True`` or
-    ``"int8"``) or NF4 (``"nf4"``), ``lora_linear``'s ``weight_scale``,
+    ``"int8"``) or NF4 (``"nf4"``; ``"fp4"``, bitsandbytes' FP4, plans as
+    NF4: the same kernels with another code book), ``lora_linear``'s ``weight_scale``,
     dequantised in the Triton GEMMs' K loops: never ``hybrid``; an NF4 base
     always ``split``, and from M above
     :data:`~fused_lora.kernels.configs.NF4_DECODE_MAX_M` on made whole once a
@@ -285,11 +286,12 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
 
 def quantized_kind(quantized) -> str:
     """``quantized`` of :func:`plan`: ``""`` (False), ``"int8"`` (True or
-    ``"int8"``) or ``"nf4"``."""
-    if isinstance(quantized, str) and quantized in ("", "int8", "nf4"):
-        return quantized
+    ``"int8"``) or ``"nf4"`` (``"nf4"``, or ``"fp4"``: a 4-bit base of
+    another code book runs NF4's kernels and plan)."""
+    if isinstance(quantized, str) and quantized in ("", "int8", "nf4", "fp4"):
+        return "nf4" if quantized == "fp4" else quantized
     if isinstance(quantized, str):
-        raise ValueError(f"quantized must be False, True, 'int8' or 'nf4', got {quantized!r}")
+        raise ValueError(f"quantized must be False, True, 'int8', 'nf4' or 'fp4', got {quantized!r}")
     return "int8" if check_bool("quantized", quantized) else ""
 
 

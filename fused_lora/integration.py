@@ -938,8 +938,8 @@ def _check_fusable(model: nn.Module, names, what: str, error=TypeError) -> None:
                     + "; ".join(f"{n}: {why}" for n, why in unfusable.items())
                     + ". Fused layers need a plain floating-point base, or an int8 one (quantize_base=True, or "
                     "torchao's Int8WeightOnlyConfig), or a 4-bit one (quantize_base='nf4' or 'fp4', or "
-                    "bitsandbytes' Linear4bit): other quantized bases are not supported yet (PEFT's LoRA layers handle torchao "
-                    "and bitsandbytes ones)")
+                    "bitsandbytes' Linear4bit): other quantized bases are not supported yet (PEFT's LoRA layers "
+                    "handle torchao and bitsandbytes ones)")
 
 
 def _freeze_a_plain_model(model: nn.Module) -> None:
@@ -1359,8 +1359,9 @@ def _peft_load_adapter(peft_model: nn.Module, model_id, adapter_name: str = "def
 def _peft_merge(peft_model: nn.Module, merging: bool, *args, **kwargs) -> None:
     quantized = [n for n, layer in fused_layers(peft_model).items() if layer.quantized and not layer.merged]
     if merging and quantized:
+        first = peft_model.get_submodule(quantized[0])
         raise ValueError(f"merge_adapter: {', '.join(quantized[:3])}{', ...' if len(quantized) > 3 else ''} hold "
-                         f"a quantized base ({base_format(peft_model.get_submodule(quantized[0]).weight)}, "
+                         f"a quantized base ({base_format(first.weight, first._buffers.get('weight_code'))}, "
                          "bitsandbytes' or torchao's weight as PEFT's layer held it), which merging would requantize "
                          "(PEFT's merge does, with a rounding error each merge and unmerge): keep the adapters "
                          "unmerged, or go back to PEFT first (fused_lora.to_peft(model)) to merge as it does")

@@ -287,7 +287,8 @@ def _check_quantized_base(weight, bias, weight_scale, fan_in_fan_out, weight_cod
     if weight_scale.device != weight.device:
         raise ValueError(f"weight_scale is on {weight_scale.device} but weight is on {weight.device}")
     if is_traceable_wrapper_subclass(weight_code):
-        raise TypeError(f"weight_code must be a plain floating-point tensor or None, got a {type(weight_code).__name__}")
+        raise TypeError(f"weight_code must be a plain floating-point tensor or None, got a "
+                        f"{type(weight_code).__name__}")
     check_code("weight_code", weight_code, weight.device)
     if check_bool("fan_in_fan_out", fan_in_fan_out):
         raise ValueError("a quantized base is stored (out, in): fan_in_fan_out=True takes no weight_scale")

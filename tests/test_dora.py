@@ -73,7 +73,13 @@ def test_the_norm_is_the_adapted_weights_in_fp32_block_by_block(chunk):
         assert (expected[:5] < 0.05 * torch.linalg.vector_norm(w[:5].double(), dim=1)).all()
         # (fp32 arithmetic on the inputs as given, whatever their dtype: each row to fp32's precision)
         assert_close(norm, expected, F32, f"norm ({dtype})")
-        assert_close(norm[:5], expected[:5], F32, f"the nearly cancelling rows' norm ({dtype})")
+        # the nearly cancelling rows: within fp32's rounding of W + s·B A itself (the r + 2 roundings of each
+        # element, on the scale of |W| + s·|B||A|, and the norm's), whatever the BLAS's order of the sums;
+        # (‖W‖² + 2s·B·(W Aᵀ) + s²·‖B A‖² misses this bound 2 to 100 times over on most of these rows)
+        scale = torch.linalg.vector_norm(w.double().abs() + 0.7 * bb.double().abs() @ a.double().abs(), dim=1)
+        bound = (17 + 2) * 2.0**-24 * scale + 2.0**-24 * 123**0.5 * expected
+        error = (norm.double() - expected).abs()
+        assert (error[:5] <= bound[:5]).all(), (dtype, error[:5], bound[:5])
     empty = ops.dora_norm(torch.ones(0, 45, device=DEVICE), torch.ones(3, 45, device=DEVICE),
                           torch.ones(0, 3, device=DEVICE), 1.0)
     assert empty.shape == (0,)

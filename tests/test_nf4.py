@@ -268,7 +268,10 @@ def test_the_dispatch_decodes_nf4_at_small_m_and_makes_it_whole_above():
     assert "made whole in x's dtype by the dequantisation kernel" in text
     assert dispatch.plan(16, 64, 64, 16, F16, 0.0, 90, interpreter=False, quantized=True) == \
         dispatch.plan(16, 64, 64, 16, F16, 0.0, 90, interpreter=False, quantized="int8")
-    with pytest.raises(ValueError, match=r"quantized must be False, True, 'int8' or 'nf4', got 'nf5'"):
+    for m in (16, edge + 1):  # (FP4: NF4's kernels, another code book)
+        assert dispatch.plan(m, 64, 64, 16, F16, 0.0, 90, interpreter=False, quantized="fp4") == \
+            dispatch.plan(m, 64, 64, 16, F16, 0.0, 90, interpreter=False, quantized="nf4")
+    with pytest.raises(ValueError, match=r"quantized must be False, True, 'int8', 'nf4' or 'fp4', got 'nf5'"):
         fused_lora.explain((8, 16), (4, 16), 2, quantized="nf5")
     # the NF4 tiles: none decodes more than 32 values a thread, none holds 128 rows on 4 warps, never persistent
     for block_r in (16, 64):

@@ -299,14 +299,16 @@ def test_inject_fuses_a_model_transformers_loaded_in_4_bits(tmp_path, quant_type
         assert_close(peft_model(input_ids=ids).logits, fused.double(), F32, "PEFT's QLoRA model")
     changed = model.get_submodule(names[1])
     changed.weight = nn.Parameter(changed.weight.detach() ^ 0x11, requires_grad=False)
-    with pytest.raises(ValueError, match=rf"unload: {names[1]}: its {quant_type} base holds other values than the Linear4bit"):
+    with pytest.raises(ValueError, match=rf"unload: {names[1]}: its {quant_type} base holds other values than the "
+                                         r"Linear4bit"):
         fused_lora.unload(model)
     assert fused_lora.integration.fused_layers(model).keys() == set(names)
     changed.weight = nn.Parameter(changed.weight.detach() ^ 0x11, requires_grad=False)  # (the same values again)
     kept = changed.weight
     changed.weight = nn.Parameter(kept.detach().to("meta"), requires_grad=False)  # (as if moved to another device)
-    with pytest.raises(ValueError, match=rf"unload: {names[1]}: its {quant_type} base is on meta, and the Linear4bit it came "
-                                         r"from, kept aside, holds that weight on cpu: move the model back "
+    with pytest.raises(ValueError, match=rf"unload: {names[1]}: its {quant_type} base is on meta, and the "
+                                         r"Linear4bit it came from, kept aside, holds that weight on cpu: move the "
+                                         r"model back "
                                          r"\(model.to\('cpu'\)\)"):
         fused_lora.unload(model)
     changed.weight = kept

@@ -14,7 +14,7 @@ import torch
 import torch._dynamo.testing
 
 import fused_lora
-from fused_lora import dispatch, ops, reference
+from fused_lora import dispatch, ops, quant, reference
 from fused_lora.kernels import configs, gemm
 from fused_lora.kernels.common import poison_outputs
 from fused_lora.testing import parity_case
@@ -259,42 +259,46 @@ def test_an_int8_base_never_runs_hybrid_and_has_its_own_tiles():
         assert (wide_tile in configs.gemm_candidates(2, block_r, False, int8_b=True)) == (
             block_r <= configs.GEMM_LR_MAX_BLOCK_R[2])
     assert all(c.elems_per_thread() <= 32 for c in configs.gemm_candidates(4, 16, False, int8_b=True))
-    with pytest.raises(ValueError, match=r"quantized must be False, True, 'int8' or 'nf4', got 'yes'"):
+    with pytest.raises(ValueError, match=r"quantized must be False, True, 'int8', 'nf4' or 'fp4', got 'yes'"):
         fused_lora.explain((8, 16), (4, 16), 2, quantized="yes")
     with pytest.raises(TypeError, match="quantized must be a bool"):
         fused_lora.explain((8, 16), (4, 16), 2, quantized=2)
 
 
 def _quantize(w, fmt):
-    """``(q, weight_scale)`` of ``w`` in either quantized format (NF4 in groups of 16)."""
-    return fused_lora.quantize_nf4(w, 16) if fmt == "nf4" else fused_lora.quantize_int8(w)
+    """``(q, weight_scale, weight_code)`` of ``w`` in a quantized format (NF4 and FP4 in groups of 16; the
+    code book FP4's alone)."""
+    if fmt == "fp4":
+        return (*fused_lora.quantize_fp4(w, 16), torch.tensor(quant.FP4_CODE, device=w.device))
+    return (*(fused_lora.quantize_nf4(w, 16) if fmt == "nf4" else fused_lora.quantize_int8(w)), None)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+@pytest.mark.parametrize("fmt", ["int8", "nf4", "fp4"])
 def test_double_backward_on_a_quantized_base(fmt):
     x = torch.randn(6, 32, device=DEVICE, requires_grad=True)
     w, b, a, bb = make_params(32, 12, 3, F32, True)
-    q, scale = _quantize(w, fmt)
+    q, scale, code = _quantize(w, fmt)
     a.requires_grad_()
-    y = fused_lora.lora_linear(x, q, a, bb, b, scaling=1.5, weight_scale=scale, backend="triton")
+    y = fused_lora.lora_linear(x, q, a, bb, b, scaling=1.5, weight_scale=scale, weight_code=code, backend="triton")
     (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     (gga,) = torch.autograd.grad(gx.square().sum(), a)
     x64, a64 = x.detach().double().requires_grad_(), a.detach().double().requires_grad_()
-    y64 = reference.lora_linear(x64, q, a64, bb.double(), b.double(), scaling=1.5, weight_scale=scale)
+    y64 = reference.lora_linear(x64, q, a64, bb.double(), b.double(), scaling=1.5, weight_scale=scale,
+                                weight_code=code)
     (gx64,) = torch.autograd.grad(y64.square().sum(), x64, create_graph=True)
     (gga64,) = torch.autograd.grad(gx64.square().sum(), a64)
     assert_close(gx, gx64.detach(), F32, "dx")
     assert_close(gga, gga64, F32, "d(dx)/dA")
 
 
-@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+@pytest.mark.parametrize("fmt", ["int8", "nf4", "fp4"])
 def test_the_ops_pass_opcheck_and_compile_with_a_quantized_base(fmt):
     x = torch.randn(3, 5, 32, device=DEVICE, requires_grad=True)
     w, b, a, bb = make_params(32, 16, 4, F32, True)
-    q, scale = _quantize(w, fmt)
+    q, scale, code = _quantize(w, fmt)
     a.requires_grad_()
     bb.requires_grad_()
-    extra = ("", None, None, None, None, scale)
+    extra = ("", None, None, None, None, scale, code)
     seed = torch.tensor(7)
     torch.library.opcheck(torch.ops.fused_lora.lora_linear_fwd.default, (x, q, b, a, bb, 1.5, 0.2, seed, *extra))
     y, xa = torch.ops.fused_lora.lora_linear_fwd(x, q, b, a, bb, 1.5, 0.2, seed, *extra)
@@ -303,18 +307,21 @@ def test_the_ops_pass_opcheck_and_compile_with_a_quantized_base(fmt):
                           (dy, x.detach(), q, a.detach(), bb.detach(), xa.detach(), 1.5, 0.2, seed,
                            True, False, True, True, True, *extra))
     grads = torch.autograd.grad(y, (x, a, bb), dy)  # (the op's own autograd)
-    eager = fused_lora.lora_linear(x, q, a, bb, b, scaling=1.5, dropout_p=0.2, seed=7, weight_scale=scale)
+    eager = fused_lora.lora_linear(x, q, a, bb, b, scaling=1.5, dropout_p=0.2, seed=7, weight_scale=scale,
+                                   weight_code=code)
     for g, e in zip(grads, torch.autograd.grad(eager, (x, a, bb), dy, retain_graph=True)):
         assert torch.equal(g, e)
 
     def f(x):
-        return fused_lora.lora_linear(x, q, a, bb, b, scaling=1.5, dropout_p=0.2, seed=7, weight_scale=scale)
+        return fused_lora.lora_linear(x, q, a, bb, b, scaling=1.5, dropout_p=0.2, seed=7, weight_scale=scale,
+                                      weight_code=code)
 
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(f, backend=counter, fullgraph=True)(x)
     assert counter.frame_count == 1
     assert torch.equal(compiled, eager)
     assert torch.equal(torch.autograd.grad(compiled, x, dy)[0], torch.autograd.grad(eager, x, dy)[0])
+    torch.library.opcheck(torch.ops.fused_lora.dora_norm.default, (q, a.detach(), bb.detach(), 1.5, scale, code))
 
 
 # ----------------------------------------------------------------------------
