@@ -185,13 +185,17 @@ def check_weight_code(x: torch.Tensor, weight: torch.Tensor, weight_code):
     if tuple(weight_code.shape) != (16,):
         raise ValueError(f"weight_code must have shape (16,), the values of a 4-bit weight's indices, got "
                          f"{tuple(weight_code.shape)}")
-    if weight_code.device != x.device:
-        raise ValueError(f"weight_code is on {weight_code.device} but x is on {x.device}: all tensors must be on "
-                         "one device")
-    if weight_code.requires_grad and torch.is_grad_enabled():
-        raise ValueError("weight_code requires grad, but a quantized base is frozen and no gradient flows to it: "
-                         "pass weight_code.detach()")
+    _check_on_x_and_frozen("weight_code", weight_code, x, "a quantized base is frozen and ")
     return weight_code
+
+
+def _check_on_x_and_frozen(name: str, t: torch.Tensor, x: torch.Tensor, why: str = "") -> None:
+    """``t`` on x's device, and not requiring grad where grad mode is on
+    (``why``: what comes before "no gradient flows to it")."""
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must be on one device")
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad, but {why}no gradient flows to it: pass {name}.detach()")
 
 
 def check_row_scale(x: torch.Tensor, row_scale):
@@ -204,11 +208,7 @@ def check_row_scale(x: torch.Tensor, row_scale):
     if tuple(row_scale.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"row_scale must have x's leading shape {tuple(x.shape[:-1])} (one value per row of x), "
                          f"got {tuple(row_scale.shape)} for x of shape {tuple(x.shape)}")
-    if row_scale.device != x.device:
-        raise ValueError(f"row_scale is on {row_scale.device} but x is on {x.device}: all tensors must be on "
-                         "one device")
-    if row_scale.requires_grad and torch.is_grad_enabled():
-        raise ValueError("row_scale requires grad, but no gradient flows to it: pass row_scale.detach()")
+    _check_on_x_and_frozen("row_scale", row_scale, x)
     return row_scale
 
 
