@@ -181,12 +181,23 @@ def check_weight_code(x: torch.Tensor, weight: torch.Tensor, weight_code):
     if weight.dtype != torch.uint8:
         raise ValueError(f"weight_code is a packed 4-bit (uint8) weight's code book; weight is {weight.dtype} "
                          f"{tuple(weight.shape)}: pass weight_code=None")
-    _is_tensor("weight_code", weight_code)
-    if tuple(weight_code.shape) != (16,):
-        raise ValueError(f"weight_code must have shape (16,), the values of a 4-bit weight's indices, got "
-                         f"{tuple(weight_code.shape)}")
+    check_code("weight_code", weight_code)
     _check_on_x_and_frozen("weight_code", weight_code, x, "a quantized base is frozen and ")
     return weight_code
+
+
+def check_code(name: str, code, device: torch.device | None = None, where: str = "the weight"):
+    """A 4-bit base's code book: None (NF4's), or a dense floating-point
+    tensor of shape (16,) (on ``device``, ``where``'s, when given)."""
+    if code is None:
+        return None
+    _is_tensor(name, code)
+    if tuple(code.shape) != (16,):
+        raise ValueError(f"{name} must have shape (16,), the values of a 4-bit weight's indices, got "
+                         f"{tuple(code.shape)}")
+    if device is not None and code.device != device:
+        raise ValueError(f"{name} is on {code.device} but {where} is on {device}")
+    return code
 
 
 def _check_on_x_and_frozen(name: str, t: torch.Tensor, x: torch.Tensor, why: str = "") -> None:

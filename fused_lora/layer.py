@@ -12,11 +12,11 @@ from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._validate import check_backend, check_bool, check_int
+from ._validate import check_backend, check_bool, check_code, check_int
 from .dropout import check_dropout_p
 from .ops import _autocast_enabled, _unreadable, dora_linear, dora_norm, lora_linear, multi_lora_linear
-from .quant import (FP4_CODE, NF4_GROUP, base_format, base_shape, bnb_4bit_of, check_code, dequantize_base,
-                    four_bit_code, int8_rows_of, quantize_fp4, quantize_int8, quantize_nf4)
+from .quant import (NF4_GROUP, base_format, base_shape, bnb_4bit_of, dequantize_base, fp4_code, int8_rows_of,
+                    quantize_fp4, quantize_int8, quantize_nf4)
 
 
 def check_adapter_dtype(dtype, name: str = "adapter_dtype") -> torch.dtype | None:
@@ -144,12 +144,6 @@ def quantize_base_weight(weight: torch.Tensor, how: str) -> tuple[torch.Tensor, 
             return (*quantize_nf4(weight, group), None)
         return (*quantize_fp4(weight, group), fp4_code(weight.device))
     return (*quantize_int8(weight), None)
-
-
-def fp4_code(device) -> torch.Tensor:
-    """:data:`fused_lora.quant.FP4_CODE` as a new fp32 (16,) tensor on
-    ``device``: a layer's own ``weight_code``."""
-    return four_bit_code(device, FP4_CODE).clone()
 
 
 def _held_quantized(weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import _is_tensor
+from ._validate import _is_tensor, check_code
 
 #: The int8 values :func:`quantize_int8` uses: symmetric, -128 left out.
 QMAX = 127
@@ -267,22 +267,6 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, dtype: torch.dty
     return (table[index] * scale).to(dtype)
 
 
-def check_code(name: str, code, device: torch.device) -> torch.Tensor | None:
-    """A 4-bit base's code book (``weight_code``): None (NF4), or a plain
-    floating-point (16,) tensor on ``device``, finite."""
-    if code is None:
-        return None
-    if not isinstance(code, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor (the 16 values of a 4-bit base's indices) or None, got "
-                        f"{type(code).__name__}")
-    if not code.is_floating_point() or tuple(code.shape) != (16,):
-        raise ValueError(f"{name} must be a floating-point tensor of shape (16,), the values of a 4-bit base's "
-                         f"indices, got a {code.dtype} tensor of shape {tuple(code.shape)}")
-    if code.device != device:
-        raise ValueError(f"{name} is on {code.device} but the weight is on {device}")
-    return code
-
-
 def dequantize_base(weight: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype,
                     weight_code: torch.Tensor | None = None) -> torch.Tensor:
     """Ŵ of a quantized base, int8 (:func:`dequantize_int8`) or 4-bit
@@ -311,7 +295,7 @@ def four_bit_code(device: torch.device, values: tuple[float, ...] = NF4_CODE) ->
     tensor on ``device``, for the kernels. Made by fills (no copy from the
     host, which a CUDA graph's capture cannot make) and kept, but not while
     a graph captures there (then it is the graph's own). Not to be written:
-    shared by every caller (a layer holds a copy, :func:`fused_lora.layer`)."""
+    shared by every caller (:func:`fp4_code` makes one of one's own)."""
     device = torch.device(device)
     key = (device, values)
     code = _codes.get(key)
@@ -321,6 +305,12 @@ def four_bit_code(device: torch.device, values: tuple[float, ...] = NF4_CODE) ->
         if not capturing and not torch.compiler.is_compiling():
             _codes[key] = code
     return code
+
+
+def fp4_code(device: torch.device) -> torch.Tensor:
+    """:data:`FP4_CODE` as a new fp32 (16,) tensor on ``device``: a
+    ``weight_code`` of one's own (a layer's buffer, which may be written)."""
+    return four_bit_code(device, FP4_CODE).clone()
 
 
 def nf4_of(weight) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -368,4 +358,4 @@ def bnb_4bit_of(weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None
     if isinstance(code, torch.Tensor) and not torch.equal(code.detach().float().cpu(),
                                                           torch.tensor(values, dtype=torch.float32)):
         return None
-    return packed, absmax, (None if quant_type == "nf4" else four_bit_code(packed.device, values).clone())
+    return packed, absmax, (None if quant_type == "nf4" else fp4_code(packed.device))

@@ -12,7 +12,7 @@ import math
 import torch
 
 from . import reference
-from .quant import FP4_CODE, dequantize_base, four_bit_code
+from .quant import dequantize_base, fp4_code
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -222,7 +222,7 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
     weight_scale = weight_code = None
     if quantized in ("nf4", "fp4"):
         w, weight_scale = (fused_lora.quantize_nf4 if quantized == "nf4" else fused_lora.quantize_fp4)(w, 16)
-        weight_code = None if quantized == "nf4" else four_bit_code(w.device, FP4_CODE).clone()
+        weight_code = None if quantized == "nf4" else fp4_code(w.device)
     elif quantized:
         w, weight_scale = fused_lora.quantize_int8(w)
     a.requires_grad_()

@@ -43,7 +43,7 @@ def _code(device=DEVICE):
 
 def _weight_code(fmt, device=DEVICE):
     """A 4-bit format's ``weight_code``: None for NF4, FP4's table."""
-    return None if fmt == "nf4" else quant.four_bit_code(device, quant.FP4_CODE).clone()
+    return None if fmt == "nf4" else quant.fp4_code(device)
 
 
 # ----------------------------------------------------------------------------
@@ -508,8 +508,12 @@ def test_bad_weight_codes_are_typed_errors():
     with pytest.raises(ValueError, match=r"weight_code is a packed 4-bit \(uint8\) weight's code book; weight is "
                                          r"torch.float32"):
         fused_lora.lora_linear(x, w, a, bb, b, weight_code=code)
-    with pytest.raises(ValueError, match=r"code must be a floating-point tensor of shape \(16,\)"):
+    with pytest.raises(ValueError, match=r"code must have shape \(16,\), .* got \(15,\)"):
         fused_lora.dequantize_4bit(packed, absmax, F32, code[:15])
+    with pytest.raises(TypeError, match="code must be a floating-point tensor, got dtype torch.int64"):
+        fused_lora.dequantize_4bit(packed, absmax, F32, torch.arange(16, device=DEVICE))
+    with pytest.raises(ValueError, match="code is on meta but the weight is on"):
+        fused_lora.dequantize_4bit(packed, absmax, F32, code.to("meta"))
     # FP4's bytes read with NF4's table (no weight_code) are another base: the code book is what it says
     fp4 = fused_lora.lora_linear(x, packed, a, bb, b, weight_scale=absmax, weight_code=code)
     nf4 = fused_lora.lora_linear(x, packed, a, bb, b, weight_scale=absmax)

@@ -77,6 +77,21 @@ def test_what_an_nf4_base_refuses():
     with pytest.raises(ValueError, match=r"weight_scale must have shape \(out_features=24, in_features / group\)"):
         LoRALinear.from_parameters(layer.weight, None, layer.lora_A, layer.lora_B, alpha=8,
                                    weight_scale=torch.ones(24, device=DEVICE))
+    code = fused_lora.quant.fp4_code(DEVICE)
+    params = (layer.weight, None, layer.lora_A, layer.lora_B)
+    with pytest.raises(ValueError, match=r"weight_code must have shape \(16,\), .* got \(8,\)"):
+        LoRALinear.from_parameters(*params, alpha=8, weight_scale=layer.weight_scale, weight_code=code[:8])
+    with pytest.raises(ValueError, match="weight_code is on meta but the weight is on"):
+        LoRALinear.from_parameters(*params, alpha=8, weight_scale=layer.weight_scale, weight_code=code.to("meta"))
+    with pytest.raises(ValueError, match="weight_code is a 4-bit base's code book: it comes with its weight_scale"):
+        LoRALinear.from_parameters(*params, alpha=8, weight_code=code)
+    q, scale = fused_lora.quantize_int8(torch.randn(24, 64, device=DEVICE))
+    with pytest.raises(ValueError, match=r"weight_code is a packed 4-bit \(uint8\) weight's code book; weight is "
+                                         r"torch.int8"):
+        LoRALinear.from_parameters(nn.Parameter(q, requires_grad=False), None, layer.lora_A, layer.lora_B, alpha=8,
+                                   weight_scale=scale, weight_code=code)
+    fp4 = LoRALinear.from_parameters(*params, alpha=8, weight_scale=layer.weight_scale, weight_code=code)
+    assert fp4.weight_code is code and "base=fp4" in repr(fp4)  # (held, not copied)
     with pytest.raises(ValueError, match="a quantized base is stored \\(out, in\\)"):
         LoRALinear.from_parameters(layer.weight, None, layer.lora_A, layer.lora_B, alpha=8,
                                    weight_scale=layer.weight_scale, fan_in_fan_out=True)

@@ -166,6 +166,7 @@ def test_to_a_dtype_keeps_the_quantized_base(quantize_base, cast):
     multi = MultiLoRALinear.from_linear(nn.Linear(40, 24, device=DEVICE), [2, 3], quantize_base=quantize_base)
     multi.to(F16)
     assert multi.weight_scale.dtype == F32 and multi.lora_A[1].dtype == F16
+    assert (multi.weight_code is None) == (quantize_base != "fp4")
     assert multi.weight_code is None or multi.weight_code.dtype == F32
 
 
