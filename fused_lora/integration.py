@@ -1965,7 +1965,56 @@ def _unload(model: nn.Module, merge: bool, adapter=None, dequantize=None) -> lis
             plain_by_id[id(layer)] = _plain_linear(layer).train(layer.training)
         _replace_module(model, name, plain_by_id[id(layer)])
     _unguard_fast_paths(model)
+    if dequantize is not None:
+        _forget_quantization(model, what)
     return list(layers)
+
+
+def _quantized_parameters(module: nn.Module) -> list[str]:
+    """The names of ``module``'s parameters that hold a quantized weight: of
+    an integer dtype (bitsandbytes' packed 4-bit and int8 values, a fused
+    layer's int8 or 4-bit base) or a tensor subclass (torchao's)."""
+    return [n for n, p in module.named_parameters()
+            if not p.is_floating_point() or type(p.data) is not torch.Tensor]
+
+
+def _forget_quantization(model: nn.Module, what: str) -> None:
+    """After ``dequantize`` made the quantized layers of ``model`` floating
+    point: each transformers model in it (``model`` or a module inside it,
+    loaded with a ``quantization_config``: it holds an ``hf_quantizer``)
+    whose parameters are all floating point now forgets its quantization as
+    its own ``dequantize()`` does (``hf_quantizer``, ``is_quantized``,
+    ``config.quantization_config``...; the ``is_loaded_in_4bit`` /
+    ``is_loaded_in_8bit`` flags too), so that its ``save_pretrained`` writes
+    the floating-point checkpoint it now is, which ``from_pretrained`` loads
+    as such (with the quantization config kept, it would build the
+    quantized layers again and fail to run on the float weights). One with
+    quantized layers left (not fused: not dequantized) keeps it, with a
+    warning: its checkpoint would mix both."""
+    for name, owner in model.named_modules():
+        quantizer = getattr(owner, "hf_quantizer", None)
+        if quantizer is None:
+            continue
+        left = _quantized_parameters(owner)
+        if left:
+            shown = ", ".join((f"{name}." if name else "") + n for n in left[:3]) + (", ..." if len(left) > 3 else "")
+            warnings.warn(f"{what}: the transformers model {name or '(the model)'} keeps its quantization_config: "
+                          f"quantized weights are left in it ({shown}: layers that were not fused), so its "
+                          "save_pretrained would write float layers under a quantized model's config, which "
+                          "from_pretrained does not load as such. Fuse every quantized layer before, or dequantize "
+                          "the rest (transformers' model.dequantize())", UserWarning, stacklevel=4)
+            continue
+        remove = getattr(quantizer, "remove_quantization_config", None)
+        if callable(remove):
+            remove(owner)
+        else:  # (transformers before remove_quantization_config: what it does)
+            for attr in ("hf_quantizer", "quantization_method"):
+                owner.__dict__.pop(attr, None)
+            if hasattr(owner.config, "quantization_config"):
+                del owner.config.quantization_config
+            owner.is_quantized = False
+        for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+            owner.__dict__.pop(flag, None)
 
 
 def _dequantized_linear(layer: LoRALinear | MultiLoRALinear, dtype: torch.dtype, merge: bool, adapter) -> nn.Module:
@@ -2072,7 +2121,12 @@ def merge_and_unload(model: nn.Module, *, adapter: int | None = None,
     values and scales, the sum made in fp32 and rounded once to
     ``dequantize``), its bias cast to that dtype: QLoRA's merged model in
     16 bits, to deploy. (``dequantize`` leaves floating-point bases as they
-    are.)
+    are.) A transformers model inside ``model`` loaded quantized (its
+    ``hf_quantizer``) then forgets its quantization, as its own
+    ``dequantize()`` does, where no quantized weight is left in it, so that
+    its ``save_pretrained`` writes the float checkpoint it now is
+    (:func:`_forget_quantization`; with quantized layers left unfused it
+    keeps the config, and warns).
     """
     return _unload(model, merge=True, adapter=adapter, dequantize=dequantize)
 
@@ -2086,7 +2140,9 @@ def unload(model: nn.Module, *, dequantize: torch.dtype | None = None) -> list[s
     ``dequantize``, a floating-point dtype, any quantized base becomes a
     plain layer holding Ŵ in that dtype instead). Otherwise as
     :func:`merge_and_unload` (which refuses a quantized base without
-    ``dequantize``: merging would requantize it)."""
+    ``dequantize``: merging would requantize it). A transformers model
+    loaded quantized forgets its quantization as with
+    :func:`merge_and_unload`."""
     return _unload(model, merge=False, dequantize=dequantize)
 
 

@@ -350,3 +350,70 @@ def test_inject_fuses_a_model_transformers_loaded_in_4_bits(tmp_path, quant_type
         states[0].packing_format_for_cpu = True
     with pytest.raises(TypeError, match=r"repacked for bitsandbytes' CPU kernels .* fuse the model before running"):
         fused_lora.inject(ran, "all-linear", r=4)
+
+
+@pytest.mark.parametrize("quantizer", ["bitsandbytes-nf4", "torchao-int8"])
+def test_a_dequantized_merge_of_a_transformers_quantized_model_saves_a_float_checkpoint(tmp_path, quantizer):
+    """``merge_and_unload(model, dequantize=...)`` on a model transformers
+    loaded quantized (bitsandbytes' 4 bits, torchao's int8), every quantized
+    layer fused: the model forgets its quantization as transformers' own
+    ``dequantize()`` does, so ``save_pretrained`` writes the float model it
+    now is and ``from_pretrained`` loads it back as one, the same logits.
+    (With the quantization config kept, transformers built bitsandbytes'
+    layers again over the float weights, which failed to run; torchao's
+    model came back float, still claiming to be quantized.) With quantized
+    layers left unfused, the config stays, with a warning; transformers'
+    ``dequantize()`` then finishes the job."""
+    if DEVICE.type != "cpu":
+        pytest.skip("transformers' quantized loading is checked on CPU here")
+    transformers = pytest.importorskip("transformers")
+    if quantizer.startswith("bitsandbytes"):
+        pytest.importorskip("bitsandbytes")
+        quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_compute_dtype=F32)
+    else:
+        torchao = pytest.importorskip("torchao")
+        try:
+            from torchao.quantization import Int8WeightOnlyConfig
+            quantization = transformers.TorchAoConfig(Int8WeightOnlyConfig())
+        except (ImportError, ValueError) as err:
+            pytest.skip(f"torchao {torchao.__version__} with transformers {transformers.__version__}: {err}")
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(9)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+
+    def load():
+        return transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization,
+                                                             device_map="cpu")
+
+    model = load()
+    assert model.is_quantized and model.config.quantization_config is not None
+    names = fused_lora.inject(model, "all-linear", r=4, alpha=8)
+    assert len(names) == 7 and all(model.get_submodule(n).quantized for n in names)
+    with torch.no_grad():
+        for name in names:
+            nn.init.normal_(model.get_submodule(name).lora_B, 0, 0.3)
+    fused_lora.merge_and_unload(model, dequantize=F32)
+    assert not model.is_quantized and getattr(model, "hf_quantizer", None) is None
+    assert getattr(model.config, "quantization_config", None) is None
+    assert not getattr(model, "is_loaded_in_4bit", False)
+    model.save_pretrained(tmp_path / "merged")
+    assert "quantization_config" not in (tmp_path / "merged" / "config.json").read_text()
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not getattr(loaded, "is_quantized", False) and all(type(loaded.get_submodule(n)) is nn.Linear for n in names)
+    for name in names:
+        assert torch.equal(loaded.get_submodule(name).weight, model.get_submodule(name).weight), name
+    ids = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    # quantized layers left unfused: the config stays (it describes them), with a warning that names them;
+    # unload(dequantize=...) likewise
+    partial = load()
+    fused_lora.inject(partial, ["q_proj"], r=4)
+    with pytest.warns(UserWarning, match=r"unload: the transformers model \(the model\) keeps its "
+                                         r"quantization_config: quantized weights are left in it "
+                                         r"\(model\.layers\.0\.self_attn\.k_proj\.weight"):
+        fused_lora.unload(partial, dequantize=F32)
+    assert partial.is_quantized and partial.config.quantization_config is not None
+    assert type(partial.get_submodule("model.layers.0.self_attn.q_proj")) is nn.Linear
