@@ -407,6 +407,42 @@ def _unguard_fast_paths(model: nn.Module) -> None:
         delattr(module, _GUARDED)
 
 
+#: On a transformers model loaded quantized that holds fused layers: its
+#: ``is_quantized`` as loaded (True), which :func:`_tell_transformers` gives
+#: back once no fused layer is left inside.
+_QUANTIZED_AS_LOADED = "_fused_lora_quantized_as_loaded"
+
+
+def _tell_transformers(model: nn.Module) -> None:
+    """Tell each transformers model inside ``model`` (``model`` too) that was
+    loaded quantized (``from_pretrained(..., quantization_config=...)``:
+    ``is_quantized``) whether fused layers, adapters over its quantized
+    bases, are in it. transformers' ``Trainer`` refuses to train "purely
+    quantized models" (``validate_quantization_for_training``, which tells
+    that adapters are on one by its being a ``peft.PeftModel`` alone): such
+    a model reads ``is_quantized`` False while it holds fused layers, its
+    value as loaded kept aside and given back once none is left (after
+    :func:`unload`, :func:`to_peft`...). Nothing else changes: its
+    ``hf_quantizer`` and ``config.quantization_config`` stay (its
+    ``save_pretrained`` still writes the quantized base; the ``Trainer``'s
+    checkpoints hold the fused layers' state, which resumes bit for bit).
+    :func:`inject`, :func:`inject_multi`, :func:`from_peft`,
+    :func:`load_adapter` and :func:`load_adapters` call it, as do
+    :func:`unload`, :func:`merge_and_unload` and :func:`to_peft`."""
+    for owner in model.modules():
+        held = owner.__dict__.get(_QUANTIZED_AS_LOADED, False)
+        if not held and not (getattr(owner, "hf_quantizer", None) is not None
+                             and getattr(owner, "is_quantized", False) is True):
+            continue
+        fused = any(isinstance(m, FUSED_KINDS) for m in owner.modules())
+        if fused and not held:
+            owner.__dict__[_QUANTIZED_AS_LOADED] = True
+            owner.is_quantized = False
+        elif not fused and held:
+            del owner.__dict__[_QUANTIZED_AS_LOADED]
+            owner.is_quantized = True
+
+
 def uncalled_layers(model: nn.Module, *args, **kwargs) -> list[str]:
     """The fused layers of ``model`` that one forward, ``model(*args,
     **kwargs)``, never calls: their adapters have no effect there. Some
@@ -674,7 +710,8 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
             weight let go (with ``use_dora``, QDoRA). A model loaded in 4 bits
             by bitsandbytes (``BitsAndBytesConfig(load_in_4bit=True)``,
             ``bnb_4bit_quant_type`` "nf4" or "fp4", its default) needs no
-            ``quantize_base``: its ``Linear4bit`` layers are fused as they are. Such layers do
+            ``quantize_base``: its ``Linear4bit`` layers are fused as they are
+            (transformers' ``Trainer`` then trains it: :func:`_tell_transformers`). Such layers do
             not merge, and :func:`unload`, :func:`merge_and_unload` and
             :func:`to_peft` refuse them (the float base is gone): save the
             adapters (:func:`save_adapter`) and load them into the
@@ -726,6 +763,7 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
                                                        use_dora, quantize_base)
         _replace_module(model, name, fused_by_id[id(module)])
     guard_fast_paths(model)
+    _tell_transformers(model)
     return chosen
 
 
@@ -835,6 +873,7 @@ def inject_multi(model: nn.Module, target_modules, ranks, alphas=None, dropout: 
             fused_by_id[id(module)] = take_from_module(layer, module).train(module.training)
         _replace_module(model, name, fused_by_id[id(module)])
     guard_fast_paths(model)
+    _tell_transformers(model)
     return chosen
 
 
@@ -1222,6 +1261,7 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     if report.converted:
         _patch_peft_model(peft_model)
     guard_fast_paths(peft_model)
+    _tell_transformers(peft_model)
     return report
 
 
@@ -1746,6 +1786,7 @@ def to_peft(model: nn.Module, *, adapter_name: str | None = None, adapter_names=
             if _is_peft_model(model):
                 for method in _TUNER_METHODS:
                     model.base_model.__dict__.pop(method, None)
+        _tell_transformers(model)
         return model
 
     import peft
@@ -1801,6 +1842,7 @@ def to_peft(model: nn.Module, *, adapter_name: str | None = None, adapter_names=
                 if one.dropout > 0:
                     peft_layer.lora_dropout[adapter] = nn.Dropout(one.dropout)
     _keep_modes(peft_model, modes)
+    _tell_transformers(peft_model)
     return peft_model
 
 
@@ -1965,6 +2007,7 @@ def _unload(model: nn.Module, merge: bool, adapter=None, dequantize=None) -> lis
             plain_by_id[id(layer)] = _plain_linear(layer).train(layer.training)
         _replace_module(model, name, plain_by_id[id(layer)])
     _unguard_fast_paths(model)
+    _tell_transformers(model)
     if dequantize is not None:
         _forget_quantization(model, what)
     return list(layers)
@@ -2663,6 +2706,7 @@ def _load_read(model: nn.Module, directory: Path, config: dict, tensors: dict, a
     with _fsdp1_full_params(model, "load_adapter"):  # (FSDP1: into the whole tensors)
         plan, loaded, untouched = _load_into(model, directory, config, tensors, backend, adapter)
     guard_fast_paths(model)
+    _tell_transformers(model)
     _warn_weight_readers(model, [name for name, module, *_ in plan if not isinstance(module, FUSED_KINDS)],
                          "load_adapter", stacklevel=4)
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
@@ -2778,6 +2822,7 @@ def load_adapters(model: nn.Module, directories, *, backend: str = "auto") -> li
         for p, flag in trained.items():
             p.requires_grad_(flag)
         _unguard_fast_paths(model)
+        _tell_transformers(model)
         raise
     _warn_weight_readers(model, chosen, "load_adapters")
     return chosen

@@ -417,3 +417,65 @@ def test_a_dequantized_merge_of_a_transformers_quantized_model_saves_a_float_che
         fused_lora.unload(partial, dequantize=F32)
     assert partial.is_quantized and partial.config.quantization_config is not None
     assert type(partial.get_submodule("model.layers.0.self_attn.q_proj")) is nn.Linear
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        ids = torch.randint(0, 61, (12,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}
+
+
+def test_transformers_trainer_trains_an_injected_model_loaded_in_4_bits(tmp_path):
+    """QLoRA through inject under transformers' ``Trainer``: the Trainer
+    refuses a model loaded quantized with no adapters on it ("purely
+    quantized"), which it tells by a ``PeftModel`` alone; once inject fused
+    its layers the model reads ``is_quantized`` False, so the Trainer trains
+    it, checkpoints it, and a run resumed from the first step's checkpoint
+    ends with the uninterrupted run's adapters, bit for bit. unload gives
+    back the Linear4bit layers and ``is_quantized`` (True)."""
+    pytest.importorskip("bitsandbytes")
+    if DEVICE.type != "cpu":
+        pytest.skip("bitsandbytes' 4-bit loading is checked on CPU here")
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(3)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_compute_dtype=F32)
+    args = transformers.TrainingArguments(str(tmp_path / "run"), max_steps=2, save_steps=1, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, use_cpu=True, report_to=[], disable_tqdm=True)
+
+    def model(seed=0):
+        torch.manual_seed(seed)  # (the adapters' init: a resumed run loads them from its checkpoint)
+        return transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization,
+                                                             device_map="cpu")
+
+    plain = model()
+    with pytest.raises(ValueError, match="purely quantized"):  # (transformers' own refusal, without adapters)
+        transformers.Trainer(model=plain, args=args, train_dataset=_Tokens())
+
+    def run(seed, resume_from=None):
+        m = model(seed)
+        names = fused_lora.inject(m, "all-linear", r=4, alpha=8, dropout=0.1)
+        assert len(names) == 7 and all(m.get_submodule(n).quantized for n in names)
+        assert m.is_quantized is False and m.hf_quantizer is not None and m.config.quantization_config is not None
+        transformers.Trainer(model=m, args=args, train_dataset=_Tokens()).train(resume_from_checkpoint=resume_from)
+        return m, names
+
+    trained, names = run(0)
+    adapters = {n: p.detach().clone() for n, p in trained.named_parameters() if p.requires_grad}
+    assert len(adapters) == 2 * 7 and all(p.abs().max() > 0 for n, p in adapters.items() if n.endswith("lora_B"))
+    resumed, _ = run(1, resume_from=str(tmp_path / "run" / "checkpoint-1"))
+    for n, p in resumed.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, adapters[n]), n
+    fused_lora.unload(trained)
+    assert trained.is_quantized is True and all(
+        type(trained.get_submodule(n)).__name__ == "Linear4bit" for n in names)
+    with pytest.raises(ValueError, match="purely quantized"):
+        transformers.Trainer(model=trained, args=args, train_dataset=_Tokens())
