@@ -2647,9 +2647,103 @@ def _read_adapter(directory: Path) -> tuple[dict, dict]:
     return config, tensors
 
 
+def download_adapter(repo_id: str, *, revision: str | None = None, subfolder: str | None = None,
+                     **hub_kwargs) -> Path:
+    """Fetch a PEFT-format LoRA adapter from the Hugging Face Hub (or from its
+    local cache) and return the local directory that holds it, for
+    :func:`load_adapter` and :func:`load_adapters` (which take a Hub id
+    themselves, at its newest revision) or anything else that reads the
+    files. ``repo_id`` is ``"namespace/name"``; ``subfolder`` the folder
+    inside the repository that holds the adapter (several adapters in one
+    repository); ``revision`` a branch, tag or commit. The rest goes to
+    ``huggingface_hub.hf_hub_download`` (``cache_dir``, ``token``,
+    ``local_files_only``, ``force_download``...). As PEFT's
+    ``from_pretrained``: ``adapter_config.json``, then
+    ``adapter_model.safetensors``, or ``adapter_model.bin`` where the
+    repository has no safetensors file; both of one commit (the weights are
+    fetched at the commit the config came from).
+
+    Raises :class:`AdapterFileError` (a ``ValueError``) where the Hub (or,
+    offline, the cache) has no such adapter, saying why; ``ImportError``
+    without ``huggingface_hub`` (installed with transformers and PEFT)."""
+    if not isinstance(repo_id, str):
+        raise TypeError(f"repo_id must be a str (a Hugging Face Hub id, 'namespace/name'), got "
+                        f"{type(repo_id).__name__}")
+    for arg, value in (("revision", revision), ("subfolder", subfolder)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{arg} must be None or a str, got {type(value).__name__}")
+    try:
+        import huggingface_hub
+        from huggingface_hub.utils import EntryNotFoundError
+    except ImportError as err:
+        raise ImportError(f"download_adapter fetches from the Hugging Face Hub with huggingface_hub, which is not "
+                          f"installed ({err}): pip install huggingface_hub") from None
+    where = f"{repo_id}{f'/{subfolder}' if subfolder else ''}{f' at {revision}' if revision else ''}"
+
+    trying = CONFIG_NAME
+
+    def fetch(filename: str, at: str | None) -> Path:
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename, subfolder=subfolder or None, revision=at,
+                                                    **hub_kwargs))
+
+    try:
+        config = fetch(CONFIG_NAME, revision)
+        # (the snapshot folder is named by the commit: the weights of that commit, whatever was pushed since)
+        snapshot = config.parents[len(Path(subfolder).parts) if subfolder else 0]
+        commit = snapshot.name if snapshot.parent.name == "snapshots" else revision
+        trying = f"{WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME})"
+        try:
+            fetch(WEIGHTS_NAME, commit)
+        except EntryNotFoundError as first:  # (not in the repository, or offline and not cached: the legacy file)
+            try:
+                fetch(LEGACY_WEIGHTS_NAME, commit)
+            except EntryNotFoundError:
+                raise first from None
+    except TypeError:  # (a keyword hf_hub_download does not take: the caller's mistake, as it is)
+        raise
+    except Exception as err:  # (not found, offline and not cached, HTTP errors...: huggingface_hub's own types)
+        raise AdapterFileError(f"no LoRA adapter could be fetched from the Hugging Face Hub as {where}: its {trying}: "
+                               f"{type(err).__name__}: {err}") from err
+    return config.parent
+
+
+def _adapter_directory(directory, what: str) -> Path:
+    """The local directory of :func:`load_adapter`'s ``directory``: a path,
+    or, where no such path exists and it is a Hub id (``"namespace/name"``),
+    the adapter :func:`download_adapter` fetches (a relative path that does
+    not exist is a Hub id too, as PEFT's ``from_pretrained`` takes it: the
+    error then says both)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"{what}: an adapter must be given as a directory (str or os.PathLike) or a Hugging Face "
+                        f"Hub id, got {type(directory).__name__}")
+    path = Path(directory)
+    if path.exists() or not isinstance(directory, str) or not _is_hub_id(directory):
+        return path
+    try:
+        return download_adapter(directory)
+    except AdapterFileError as err:
+        raise AdapterFileError(f"{directory} is not a local directory, and {err}") from err.__cause__
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a Hugging Face Hub repository id
+    (``huggingface_hub``'s own check where it is installed)."""
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:
+        return re.fullmatch(r"(?:[\w\-.]+/)?[\w\-.]+", name) is not None and ".." not in name and "--" not in name
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def load_adapter(model: nn.Module, directory, *, adapter: int | None = None, backend: str = "auto") -> list[str]:
     """Load a PEFT-format LoRA adapter (as written by PEFT or :func:`save_adapter`)
-    into ``model``. Layers that are still plain linears are fused first, with
+    into ``model``. ``directory``: its local directory, or its Hugging Face
+    Hub id (``"namespace/name"``, as PEFT's ``from_pretrained`` takes it:
+    :func:`download_adapter`, which takes a revision and a subfolder too). Layers that are still plain linears are fused first, with
     the adapter's r/alpha/dropout/rsLoRA and its weights' dtype (PEFT keeps
     fp32 adapters on a bf16 base: they stay fp32); a model without fused
     layers is frozen first but for the adapters, as :func:`inject` and PEFT's
@@ -2695,8 +2789,8 @@ def load_adapter(model: nn.Module, directory, *, adapter: int | None = None, bac
     Returns the names of the layers loaded, then those of the saved modules.
     """
     _check_model(model)
-    directory = Path(directory)
     adapter = _check_adapter_index("load_adapter", adapter, multi_fused_layers(model))
+    directory = _adapter_directory(directory, "load_adapter")
     return _load_read(model, directory, *_read_adapter(directory), adapter, backend)
 
 
@@ -2724,7 +2818,8 @@ def load_adapters(model: nn.Module, directories, *, backend: str = "auto") -> li
     """Load several PEFT-format LoRA adapters into one plain model, to run
     each sample (or token) of a batch through its own in one set of fused
     launches (:func:`adapter_ids`): serving several adapters from one base,
-    or training them on. Adapter ``i`` is ``directories[i]``'s. Each linear
+    or training them on. Adapter ``i`` is ``directories[i]``'s (a local
+    directory or a Hugging Face Hub id, as :func:`load_adapter` takes). Each linear
     layer that a file names becomes a :class:`~fused_lora.MultiLoRALinear`
     holding every file's adapter there, of that file's rank and alpha, and
     of rank 0 where a file does not name the layer (that adapter leaves it
@@ -2757,7 +2852,7 @@ def load_adapters(model: nn.Module, directories, *, backend: str = "auto") -> li
         raise ValueError(f"load_adapters makes the fused layers of a model without them; this one has "
                          f"{', '.join(list(fused)[:3])}{', ...' if len(fused) > 3 else ''} (into inject_multi's "
                          "layers, load_adapter(model, directory, adapter=i) loads one adapter)")
-    dirs = [Path(d) for d in directories]
+    dirs = [_adapter_directory(d, f"load_adapters: directories[{i}]") for i, d in enumerate(directories)]
     files = [_read_adapter(d) for d in dirs]
     for d, (config, _) in zip(dirs, files):
         if config.get("use_dora"):

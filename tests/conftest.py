@@ -20,6 +20,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Nothing here reaches the network (the models are built from configs, the Hub's adapters read from a cache the
+# tests write): a Hub id that is not cached fails at once, not after a timeout
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import fused_lora  # noqa: E402  (after the interpreter switch)
 import triton  # noqa: E402

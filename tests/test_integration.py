@@ -932,6 +932,106 @@ def test_bad_adapter_files_raise_and_leave_the_model_unchanged(tmp_path, damage,
         assert all(torch.equal(after_state[k], before_state[k]) for k in before_state)
 
 
+def _hub_cache(cache, repo_id: str, commits: dict, refs: dict) -> None:
+    """huggingface_hub's cache of the repository ``repo_id``: ``commits``, a
+    commit hash -> {path in the repository: the file's bytes}; ``refs``, a
+    branch or tag -> its commit (what hf_hub_download reads offline)."""
+    root = cache / f"models--{repo_id.replace('/', '--')}"
+    for commit, files in commits.items():
+        for name, data in files.items():
+            (root / "snapshots" / commit / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / "snapshots" / commit / name).write_bytes(data)
+    (root / "refs").mkdir(parents=True)
+    for ref, commit in refs.items():
+        (root / "refs" / ref).write_text(commit)
+
+
+def test_adapters_load_by_their_hugging_face_hub_id(tmp_path, monkeypatch):
+    """load_adapter, load_adapters and download_adapter take a Hub id as
+    PEFT's from_pretrained does, through huggingface_hub (here from its
+    cache, offline: the tests reach no network): the newest revision or a
+    tag's, a subfolder, PEFT's legacy adapter_model.bin; the weights of the
+    config's commit. A local directory comes first; what the Hub cannot
+    give is an AdapterFileError saying what was tried, the model unchanged."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    first = _randomised_fused_llama(target_modules=["q_proj", "v_proj"], r=4, alpha=8)
+    second = _randomised_fused_llama(target_modules=["k_proj"], r=2, alpha=4)
+    files = {}
+    for name, model in (("first", first), ("second", second)):
+        fused_lora.save_adapter(model, tmp_path / name)
+        files[name] = {f.name: f.read_bytes() for f in (tmp_path / name).iterdir()}
+    legacy = dict(files["second"])  # (PEFT's adapter_model.bin, as older PEFT saved it)
+    from safetensors.torch import load as load_safetensors
+    buffer = tmp_path / "legacy.bin"
+    torch.save(load_safetensors(legacy.pop("adapter_model.safetensors")), buffer)
+    legacy["adapter_model.bin"] = buffer.read_bytes()
+    old, new = "a" * 40, "b" * 40
+    cache = tmp_path / "cache"
+    _hub_cache(cache, "org/lora", {old: files["second"], new: files["first"]}, {"main": new, "v1": old})
+    _hub_cache(cache, "org/several", {new: {f"two/{n}": data for n, data in legacy.items()}}, {"main": new})
+    _hub_cache(cache, "org/no-weights", {new: {"adapter_config.json": files["first"]["adapter_config.json"]}},
+               {"main": new})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    ids = batch()
+    with torch.no_grad():
+        expected = {"first": first(input_ids=ids).logits, "second": second(input_ids=ids).logits}
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    model = tiny_llama()
+    assert sorted(fused_lora.load_adapter(model, "org/lora")) == sorted(fused_lora.integration.fused_layers(first))
+    assert torch.equal(logits(model), expected["first"])
+    at_v1 = fused_lora.download_adapter("org/lora", revision="v1")
+    assert at_v1.name == old and {f.name: f.read_bytes() for f in at_v1.iterdir()} == files["second"]
+    assert fused_lora.download_adapter("org/lora").name == new
+    two = fused_lora.download_adapter("org/several", subfolder="two", cache_dir=cache)
+    assert two == cache / "models--org--several" / "snapshots" / new / "two"
+    model = tiny_llama()
+    fused_lora.load_adapter(model, two)  # (the legacy .bin)
+    assert torch.equal(logits(model), expected["second"])
+    # several: one batch, each sample through its own (a Hub id and a local directory alike)
+    model = tiny_llama()
+    fused_lora.load_adapters(model, ["org/lora", tmp_path / "second"])
+    with fused_lora.adapter_ids(model, torch.tensor([0, 1], device=ids.device)):  # (batch(): two samples)
+        mixed = logits(model)
+    torch.testing.assert_close(mixed[0], expected["first"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], expected["second"][1], rtol=1e-5, atol=1e-5)
+    # a local directory of that name comes first
+    local = tmp_path / "org" / "lora"
+    local.mkdir(parents=True)
+    for name, data in files["second"].items():
+        (local / name).write_bytes(data)
+    monkeypatch.chdir(tmp_path)
+    model = tiny_llama()
+    fused_lora.load_adapter(model, "org/lora")
+    assert torch.equal(logits(model), expected["second"])
+    # what the Hub cannot give, said; the model as it was
+    model = tiny_llama()
+    before_state, before_types = _state(model)
+    with pytest.raises(AdapterFileError, match=r"org/missing is not a local directory, and no LoRA adapter could be "
+                                               r"fetched from the Hugging Face Hub as org/missing: its "
+                                               r"adapter_config.json: \w*EntryNotFoundError"):
+        fused_lora.load_adapter(model, "org/missing")
+    with pytest.raises(AdapterFileError, match=r"as org/no-weights: its adapter_model.safetensors \(or "
+                                               r"adapter_model.bin\): \w*EntryNotFoundError"):
+        fused_lora.load_adapters(model, ["org/no-weights"])
+    with pytest.raises(AdapterFileError, match=r"as org/lora/three at v1: its adapter_config.json: "):
+        fused_lora.download_adapter("org/lora", subfolder="three", revision="v1")
+    with pytest.raises(AdapterFileError, match="does not exist"):  # (not a Hub id: a path, read as one)
+        fused_lora.load_adapter(model, str(tmp_path / "nowhere"))
+    after_state, after_types = _state(model)
+    assert after_types == before_types and all(torch.equal(after_state[k], v) for k, v in before_state.items())
+    with pytest.raises(TypeError, match="load_adapter: an adapter must be given as a directory .* got int"):
+        fused_lora.load_adapter(model, 3)
+    with pytest.raises(TypeError, match="repo_id must be a str"):
+        fused_lora.download_adapter(tmp_path)
+    with pytest.raises(TypeError, match="revision must be None or a str, got int"):
+        fused_lora.download_adapter("org/lora", revision=1)
+
+
 def test_save_adapter_refuses_what_peft_cannot_hold(tmp_path):
     model = tiny_llama()
     fused_lora.inject(model, ["q_proj"], dropout=0.1)
