@@ -14,7 +14,8 @@ representative large shape (M = N = K = 4096, contiguous, 16-byte aligned:
 the specialisation the runtime would make; masked tails, a rank below its
 tile, a forward without a bias and each row factor of the rank product
 (``+row_scale``: a batch mixing the adapter and the base; ``+adapters``:
-several adapters side by side, :func:`fused_lora.multi_lora_linear`) on
+several adapters side by side, :func:`fused_lora.multi_lora_linear`;
+``+row_p``: their dropout probabilities, one an adapter) on
 one tile of each pass, or with
 ``--every-variant`` on every GEMM compiled), and
 the report gives the shared memory, the registers and spills (from the log
@@ -81,6 +82,10 @@ class Job:
     # columns (multi_lora_linear); the launchers take one or the other
     row_scale: bool = False
     adapters: bool = False
+    # Several adapters each of its own dropout probability (multi_lora_linear's
+    # dropout_p of one an adapter): a pass that draws a mask reads each row's
+    # from its adapter's id (with the adapters' columns, or their ids alone)
+    row_p: bool = False
     # An int8 base (lora_linear's weight_scale): the forward's and dx's B
     # tiles loaded as int8 and dequantised in the K loop (by column, by row)
     int8_base: bool = False
@@ -119,7 +124,7 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
                tma: bool = False, even_r: bool = True, persistent: bool = False, seed_value: bool = False,
                precision: str = "ieee", bias: bool = True, offset_int64: bool = False,
                row_scale: bool = False, adapters: bool = False, int8_base: bool = False,
-               nf4_base: bool = False) -> dict:
+               nf4_base: bool = False, row_p: bool = False) -> dict:
     """Argument values of lora_gemm_kernel for one pass, as the launcher passes them
     (``even_r=False``: a rank of half the rank tile, e.g. r = 8 in a 16 tile;
     ``int8_base``: B, the forward's Wᵀ or dx's W, int8 with its fp32 scales;
@@ -147,7 +152,7 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         b_desc=f"tensordesc<{b_dtype}[{', '.join(map(str, [bn, bk] if b_t else [bk, bn]))}]>" if tma else None,
         bias_ptr=f"*{dtype}", u_ptr="*fp32", s_ptr=f"*{dtype}",
         v_ptr=f"*{dtype}", c_ptr="*fp32" if split_k else f"*{dtype}", xa_ptr="*fp32", w_ptr="*fp32",
-        ids_ptr="*i32", cid_ptr="*i32", csc_ptr="*fp32", bsc_ptr="*fp32", bcode_ptr="*fp32",
+        ids_ptr="*i32", cid_ptr="*i32", csc_ptr="*fp32", drp_ptr="*fp32", bsc_ptr="*fp32", bcode_ptr="*fp32",
         M=s, N=s, K=s, R=r, k_blocks_per_split=s // 4 // cfg.block_k if split_k else s // cfg.block_k,
         # forward: x (M,K) row-major; b = Wᵀ (strides 1, K); s = Aᵀ (strides 1, K); v = Bᵀ (strides 1, r)
         # dx: dy; b = W (strides K, 1); s = B (strides r, 1); v = A (strides K, 1)
@@ -157,11 +162,11 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         stride_vr=1 if fwd else s, stride_vn=r if fwd else 1,
         stride_cm=s, stride_cn=1, stride_cs16=s * s // 16 if split_k else 0, stride_xam=r, stride_xar=1,
         stride_xas16=s * r // 16 if split_k else 0, stride_w=1 if row_scale else 0,
-        stride_ids=1 if adapters else 0, stride_bsc=1 if int8_base else s // 64 if nf4_base else 0,
+        stride_ids=1 if adapters or row_p else 0, stride_bsc=1 if int8_base else s // 64 if nf4_base else 0,
         stride_bsc2=1 if nf4_base else 0,
-        lr_scale=1.0, sh_scale=1.0 / 0.9, p=0.1, seed=_seed(dropout, seed_value),
+        lr_scale=1.0, sh_scale=1.0 if row_p else 1.0 / 0.9, p=0.1, seed=_seed(dropout, seed_value),
         HAS_BIAS=fwd and bias, LOW_RANK=low_rank, LR_DROPOUT=dropout and not fwd, SHRINK_DROPOUT=dropout and fwd,
-        ROW_SCALE=row_scale, ADAPTERS=adapters,
+        ROW_SCALE=row_scale, ADAPTERS=adapters, ROW_P=row_p and dropout,
         B_SCALE=(1 if fwd else 2) if int8_base else (3 if fwd else 4) if nf4_base else 0, B_GROUP=64 if nf4_base else 0,
         OFFSET_INT64=offset_int64, UPCAST=False, INPUT_PRECISION=precision, EVEN_K=even_k,
         EVEN_R=even_r and low_rank != 2,
@@ -173,6 +178,12 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
 
 #: The row factors of a rank product (:class:`Job`), each compiled on its own.
 ROW_FACTORS = (dict(row_scale=True), dict(adapters=True))
+#: Several adapters, each of its own dropout probability: on a pass that draws
+#: a mask, each row's read by its adapter's id (the in-loop shrink and the
+#: skinny SHRINK with the adapters' columns; dx's precomputed term and the dA
+#: pass by the ids alone).
+ROW_P = dict(adapters=True, row_p=True)
+ROW_P_IDS_ONLY = dict(row_p=True)
 
 
 def _seed(dropout: bool, seed_value: bool):
@@ -202,7 +213,7 @@ SKINNY_PASSES = {
 
 def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = True, even_r: bool = True,
                  seed_value: bool = False, precision: str = "ieee", offset_int64: bool = False,
-                 row_scale: bool = False, adapters: bool = False) -> dict:
+                 row_scale: bool = False, adapters: bool = False, row_p: bool = False) -> dict:
     """Argument values of lora_skinny_kernel for one pass of :data:`SKINNY_PASSES`, as the launcher
     passes them (``+direct``: one row split, whose TN and COLSUM sums are stored as the outputs, in
     their dtype)."""
@@ -215,7 +226,7 @@ def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = Tru
     out = f"*{dtype}" if direct else "*fp32"
     return dict(
         t_ptr=f"*{dtype}", s_ptr=f"*{dtype}", l_ptr="*fp32", sh_ptr="*fp32", tn_ptr=out, cs_ptr=out, w_ptr="*fp32",
-        ids_ptr="*i32", cid_ptr="*i32", csc_ptr="*fp32",
+        ids_ptr="*i32", cid_ptr="*i32", csc_ptr="*fp32", drp_ptr="*fp32",
         M=s, C=s, R=r, m_start=0, m_end=s, rows_per_prog=cfg.block_m, c_tiles_per_prog=s // 2 // cfg.block_c,
         # S: forward Aᵀ (strides 1, K), dy pass B (strides r, 1)
         # TN: the dy pass writes dB (C, r) = (N, r), the dA pass dA (r, C) = (r, K), both as (p, C, r) views
@@ -223,9 +234,10 @@ def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = Tru
         stride_sr=1 if dy_pass else s, stride_lm=r, stride_lr=1,
         stride_shp=s * r, stride_shm=r, stride_shr=1,
         stride_tnp=s * r, stride_tnc=r if dy_pass else 1, stride_tnr=1 if dy_pass else s, stride_csp=s,
-        stride_w=1 if row_scale else 0, stride_ids=1 if adapters else 0,
+        stride_w=1 if row_scale else 0, stride_ids=1 if adapters or row_p else 0,
         sh_scale=1.0, tn_scale=1.0, p=0.1, seed=_seed(dropout, seed_value),
         SHRINK=shrink, TN=tn, COLSUM=colsum, ROW_SCALE=row_scale, ADAPTERS=adapters, DROPOUT=dropout,
+        ROW_P=row_p and dropout,
         OFFSET_INT64=offset_int64, UPCAST=False, EVEN_C=even_c, EVEN_R=even_r, INPUT_PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_R=block_r,
     )
@@ -365,7 +377,8 @@ def result_of(job: Job) -> Result:
                   + ("+persistent" if job.persistent else "") + ("+seed_value" if job.seed_value else "")
                   + ("+tf32" if job.tf32 else "") + ("" if job.bias else "+no_bias")
                   + ("+offset_int64" if job.offset_int64 else "") + ("+row_scale" if job.row_scale else "")
-                  + ("+adapters" if job.adapters else "") + ("+int8_base" if job.int8_base else "")
+                  + ("+adapters" if job.adapters else "") + ("+row_p" if job.row_p else "")
+                  + ("+int8_base" if job.int8_base else "")
                   + ("+nf4_base" if job.nf4_base else ""),
                   job.dtype, job.arch, job.config, job.block_r)
 
@@ -382,12 +395,13 @@ def compile_job(job: Job) -> Result:
                                                            job.split_k, job.tma, job.even_r, job.persistent,
                                                            job.seed_value, precision, job.bias, job.offset_int64,
                                                            job.row_scale, job.adapters, job.int8_base,
-                                                           job.nf4_base)
+                                                           job.nf4_base, job.row_p)
         elif job.kernel == "skinny":
             cfg = configs.SkinnyConfig(**job.config)
             fn, values = skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r,
                                                                  job.even_k, job.even_r, job.seed_value, precision,
-                                                                 job.offset_int64, job.row_scale, job.adapters)
+                                                                 job.offset_int64, job.row_scale, job.adapters,
+                                                                 job.row_p)
         elif job.kernel == "norm":
             cfg = configs.NormConfig(**job.config)
             fn, values = dora.dora_norm_kernel, _norm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
@@ -545,6 +559,9 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
             if in_loop:  # each row factor on the in-loop shrink (a mixed batch; several adapters)
                 for factor in ROW_FACTORS:
                     jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, **factor))
+            if mask:  # several adapters' dropout probabilities (the in-loop passes with their columns)
+                jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r,
+                                **(ROW_P if in_loop else ROW_P_IDS_ONLY)))
             if pass_name != "dw":  # an int8 base (its own tiles: configs.int8_b_fits), and its K tail
                 int8_tiles = _quantized_tiles(elt, block_r, in_loop, arch, smem, pass_name)
                 for cfg in int8_tiles if every_tile else int8_tiles[:1]:
@@ -571,7 +588,7 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                 jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, split_k=True, tma=tma,
                                 tf32=tf32))
             if in_loop:  # (the mixed batches of decoding: small M, a row factor)
-                for factor in ROW_FACTORS:
+                for factor in ROW_FACTORS + ((ROW_P,) if mask else ()):
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, split_k=True, **factor))
             if pass_name != "dw":  # (decoding on an int8 base)
                 cfg8 = configs.gemm_config(m, n, k, block_r, elt, in_loop, False, arch=arch, smem_limit=smem,
@@ -634,6 +651,9 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                 if shrink:  # each row factor on the SHRINK product (xa, g)
                     for factor in ROW_FACTORS:
                         jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, **factor))
+                if dropout:  # several adapters' dropout probabilities (the forward's with their columns)
+                    jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r,
+                                    **(ROW_P if shrink else ROW_P_IDS_ONLY)))
         # DoRA's norm: every rank tile, a K tail, a rank of several chunks
         for cfg in shipped["norm_fp32" if elt == 4 else "norm_16bit"]:
             for block_r in configs.rank_tiles(cfg.max_block_r):
@@ -702,7 +722,7 @@ def with_every_variant(jobs: list[Job]) -> list[Job]:
     for job in jobs:
         if job.kernel != "gemm" or not (job.even_k and job.even_r and job.bias and not job.seed_value
                                          and not job.offset_int64 and not job.split_k and not job.row_scale
-                                         and not job.adapters):
+                                         and not job.adapters and not job.row_p):
             continue
         variants = [dict(even_k=False), dict(even_r=False)]
         if job.pass_name.startswith("forward"):
@@ -823,7 +843,7 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
             # pass without it is (in the report too).
             widths = r.load_widths or [0]
             some = (r.kernel == "skinny" and (r.dtype == "fp32" or "+row_scale" in r.pass_name
-                                              or "+adapters" in r.pass_name)
+                                              or "+adapters" in r.pass_name or "+row_p" in r.pass_name)
                     or "+second" in r.pass_name)
             narrow = widths[-1] < 16 if some else widths[0] < 16
             if narrow:

@@ -121,7 +121,7 @@ def check_seed_tensor(seed: torch.Tensor, name: str = "seed") -> torch.Tensor:
     return seed.to(torch.int64)
 
 
-def dropout_mask(seed, shape, p: float, device=None, *, rows=None) -> torch.Tensor:
+def dropout_mask(seed, shape, p, device=None, *, rows=None) -> torch.Tensor:
     """The boolean keep-mask of shape ``(M, K)`` that the fused kernels use for
     ``seed`` and dropout probability ``p``: element ``(m, k)`` is kept when
     16-bit number ``k % 8`` of ``philox(seed, m * cdiv(K, 8) + k // 8)`` is at
@@ -138,6 +138,11 @@ def dropout_mask(seed, shape, p: float, device=None, *, rows=None) -> torch.Tens
     ``rows=(start, stop)``: only those rows of the ``(M, K)`` mask, shape
     ``(stop - start, K)``, equal to ``dropout_mask(seed, shape, p)[start:stop]``
     without making the rest (a mask too big to hold can be checked in slices).
+    ``p`` may also be a floating-point tensor of one probability a row,
+    ``(M,)``, on the mask's device (its values not read back, nor checked:
+    the caller's to keep in [0, 1)): row m compares the same numbers with its
+    own threshold, as the kernels draw several adapters' masks
+    (:class:`fused_lora.kernels.common.DropoutRows`).
     """
     if device is not None and not isinstance(device, torch.device):  # (a device string or index)
         try:
@@ -153,7 +158,9 @@ def dropout_mask(seed, shape, p: float, device=None, *, rows=None) -> torch.Tens
             seed = seed.to(device)  # (a CPU seed is a scalar operand on any device: no copy)
     else:
         seed = check_seed(seed)
-    p = check_dropout_p(p, "p")
+    per_row = isinstance(p, torch.Tensor)
+    if not per_row:
+        p = check_dropout_p(p, "p")
     from ._validate import check_int, check_shape  # (here: _validate imports this module)
 
     shape = check_shape("shape", shape)
@@ -167,9 +174,18 @@ def dropout_mask(seed, shape, p: float, device=None, *, rows=None) -> torch.Tens
         start, stop = (check_int(f"rows[{i}]", row, 0) for i, row in enumerate(rows))
         if not start <= stop <= m:
             raise ValueError(f"rows must satisfy start <= stop <= M = {m} for shape {shape}, got {tuple(rows)}")
-    if p == 0.0:
+    if per_row:
+        if p.shape != (m,) or not p.is_floating_point():
+            raise ValueError(f"p must be a float or a floating-point tensor of one probability a row, ({m},), for "
+                             f"shape {shape}; got a {p.dtype} tensor of shape {tuple(p.shape)}")
+        device = p.device if device is None else device
+        # (ceil(p · 2**16) of p in float32, as keep_threshold: the product is exact)
+        threshold = torch.ceil(p[start:stop].to(device=device, dtype=torch.float32) * 65536.0).unsqueeze(1)
+    elif p == 0.0:
         return torch.ones((stop - start, k), dtype=torch.bool, device=device)
+    else:
+        threshold = keep_threshold(p)
     groups = -(-k // 8)
     counters = torch.arange(start * groups, stop * groups, dtype=torch.int64, device=device).view(stop - start, groups)
     halves = halves16(philox_randint4x(seed, counters)).view(stop - start, 8 * groups)[:, :k]
-    return halves >= keep_threshold(p)
+    return halves >= threshold

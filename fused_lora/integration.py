@@ -815,13 +815,14 @@ def _select_layers(model: nn.Module, target_modules, exclude_modules, what: str)
     return chosen
 
 
-def inject_multi(model: nn.Module, target_modules, ranks, alphas=None, dropout: float = 0.0,
+def inject_multi(model: nn.Module, target_modules, ranks, alphas=None, dropout=0.0,
                  use_rslora: bool = False, exclude_modules=None, *, adapter_dtype: torch.dtype | None = None,
                  backend: str = "auto", quantize_base: bool | str = False) -> list[str]:
     """Replace the matching linear layers of ``model`` with
     :class:`~fused_lora.MultiLoRALinear`, several adapters on each shared
     base: adapter ``i`` of rank ``ranks[i]`` and alpha ``alphas[i]`` (default
-    ``ranks[i]``, a scale of 1), each row of a batch through the adapter its
+    ``ranks[i]``, a scale of 1; ``dropout`` one probability for every
+    adapter, or ``[p_0, p_1, ...]``, one an adapter), each row of a batch through the adapter its
     id names (-1: the base alone), all in one set of fused launches. For
     training several adapters at once on one base, or serving several from
     one. The ids reach the layers through :func:`adapter_ids`::
@@ -2365,7 +2366,7 @@ class _OneAdapter:
 
     @classmethod
     def of(cls, layer: MultiLoRALinear, i: int) -> "_OneAdapter":
-        return cls(layer.lora_A[i], layer.lora_B[i], layer.bias, layer.ranks[i], layer.alphas[i], layer.dropout,
+        return cls(layer.lora_A[i], layer.lora_B[i], layer.bias, layer.ranks[i], layer.alphas[i], layer.dropouts[i],
                    layer.use_rslora, layer.fan_in_fan_out)
 
 
@@ -2782,9 +2783,8 @@ def load_adapter(model: nn.Module, directory, *, adapter: int | None = None, bac
 
     :func:`inject_multi`'s layers: the file's adapter goes into their
     adapter ``adapter=i`` (required there), of the file's rank, its alpha
-    taken (and its ``use_rslora``, which must be the layers'); the layers
-    keep their dropout, which every adapter shares (a warning where the
-    file's differs). Every layer the file names must be one of them.
+    and its dropout taken (and its ``use_rslora``, which must be the
+    layers'). Every layer the file names must be one of them.
 
     Returns the names of the layers loaded, then those of the saved modules.
     """
@@ -2803,11 +2803,6 @@ def _load_read(model: nn.Module, directory: Path, config: dict, tensors: dict, a
     _tell_transformers(model)
     _warn_weight_readers(model, [name for name, module, *_ in plan if not isinstance(module, FUSED_KINDS)],
                          "load_adapter", stacklevel=4)
-    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
-    kept = sorted({f"{m.dropout:g}" for _, m, *_ in plan if isinstance(m, MultiLoRALinear) and m.dropout != dropout})
-    if kept:
-        warnings.warn(f"load_adapter: {directory}'s lora_dropout is {dropout:g}; the layers' adapters share one "
-                      f"dropout, kept as it was ({', '.join(kept)})", stacklevel=3)
     if untouched:  # (as PEFT warns of missing keys: the model is not the file's adapter alone)
         warnings.warn(f"load_adapter: {directory} holds no adapter for the fused layers {untouched}: they keep the "
                       "adapters they had (unload them first for the file's adapter alone)", stacklevel=3)
@@ -2830,8 +2825,8 @@ def load_adapters(model: nn.Module, directories, *, backend: str = "auto") -> li
     of the same layers.
 
     The adapters of a layer share its ``use_rslora``, which the files must
-    agree on, and its dropout: the first file's (a warning names the others'
-    where they differ). Files that keep modules whole (``modules_to_save``)
+    agree on; each keeps its file's dropout (``lora_dropout``: each row's x
+    dropped with its adapter's, :func:`fused_lora.multi_lora_linear`). Files that keep modules whole (``modules_to_save``)
     or trained biases, parts of the base that every adapter would share, are
     refused: load such an adapter alone (:func:`load_adapter`). The model
     must have no fused layers yet (to add an adapter's values to
@@ -2894,7 +2889,7 @@ def load_adapters(model: nn.Module, directories, *, backend: str = "auto") -> li
         reason = _never_called(model, name)
         if reason or model.get_submodule(name).weight.device.type == "meta":
             raise AdapterFileError(f"{name}: {reason or _META}")
-    dropout = float(files[0][0].get("lora_dropout", 0.0) or 0.0)
+    dropouts = [float(config.get("lora_dropout", 0.0) or 0.0) for config, _ in files]
     trained = {p: p.requires_grad for p in model.parameters()}
     originals = {}
     try:
@@ -2903,7 +2898,7 @@ def load_adapters(model: nn.Module, directories, *, backend: str = "auto") -> li
         for name in chosen:
             module = model.get_submodule(name)
             if id(module) not in made:  # (a module reachable under two names gets one layer)
-                layer = MultiLoRALinear.around(module.weight, module.bias, ranks[name], ranks[name], dropout,
+                layer = MultiLoRALinear.around(module.weight, module.bias, ranks[name], ranks[name], dropouts,
                                                use_rslora, fan_in_fan_out=not isinstance(module, nn.Linear),
                                                backend=backend, adapter_dtype=dtypes[name])
                 made[id(module)] = take_from_module(layer, module).train(module.training)
@@ -3057,6 +3052,7 @@ def _load_into(model: nn.Module, directory: Path, config: dict, tensors: dict, b
         for name, module, a, b, r, alpha, bias, magnitude in plan:
             if isinstance(module, MultiLoRALinear):
                 module.alphas = (*module.alphas[:adapter], float(alpha), *module.alphas[adapter + 1:])
+                module.set_dropout(adapter, dropout)
                 for target, value in ((module.lora_A[adapter], a), (module.lora_B[adapter], b)):
                     _copy_into(target, value)
                     target.requires_grad_(True)

@@ -845,8 +845,10 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
     that leaves this layer alone (its rows get the base: several PEFT
     adapters of other target modules in one model,
     :func:`fused_lora.load_adapters`). ``s_i = alpha_i / r_i``
-    (``alpha_i / sqrt(r_i)`` with ``use_rslora``). Dropout, one probability
-    for every adapter, applies in ``train()`` mode only. The adapters may be
+    (``alpha_i / sqrt(r_i)`` with ``use_rslora``). Dropout, in ``train()``
+    mode only: ``dropout`` one probability for every adapter, or a sequence
+    of one an adapter (each row's x dropped with its adapter's:
+    :func:`fused_lora.multi_lora_linear`); ``dropouts`` holds each adapter's. The adapters may be
     kept in another dtype than the base (they are cast to the base's for the
     kernels, gradients coming back in their own), as in :class:`LoRALinear`;
     so may ``fan_in_fan_out=True`` store ``weight`` as (in, out), GPT-2's
@@ -856,7 +858,7 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
     int8, as :class:`LoRALinear`'s: many adapters served from one int8 base.
     """
 
-    def __init__(self, in_features: int, out_features: int, ranks, alphas=None, dropout: float = 0.0,
+    def __init__(self, in_features: int, out_features: int, ranks, alphas=None, dropout=0.0,
                  bias: bool = True, use_rslora: bool = False, device=None, dtype=None, *, backend: str = "auto",
                  fan_in_fan_out: bool = False):
         super().__init__()
@@ -879,7 +881,7 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
                 raise ValueError(f"alphas[{i}] must be a finite real number, got {alpha!r}")
         self.ranks = tuple(ranks)
         self.alphas = tuple(float(a) for a in alphas)
-        self.dropout = check_dropout_p(dropout, "dropout")
+        self.dropout = dropout
         self.use_rslora = check_bool("use_rslora", use_rslora)
         self.backend = check_backend(backend)
         self.fan_in_fan_out = check_bool("fan_in_fan_out", fan_in_fan_out)
@@ -914,7 +916,7 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
                 nn.init.zeros_(b)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, ranks, alphas=None, dropout: float = 0.0, use_rslora: bool = False, *,
+    def from_linear(cls, linear: nn.Linear, ranks, alphas=None, dropout=0.0, use_rslora: bool = False, *,
                     backend: str = "auto", adapter_dtype: torch.dtype | None = None,
                     quantize_base: bool | str = False) -> "MultiLoRALinear":
         """Wrap ``linear``: the new layer's ``weight`` and ``bias`` *are*
@@ -930,7 +932,7 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
         return take_from_module(layer, linear)
 
     @classmethod
-    def around(cls, weight: nn.Parameter, bias: nn.Parameter | None, ranks, alphas=None, dropout: float = 0.0,
+    def around(cls, weight: nn.Parameter, bias: nn.Parameter | None, ranks, alphas=None, dropout=0.0,
                use_rslora: bool = False, *, fan_in_fan_out: bool = False, backend: str = "auto",
                adapter_dtype: torch.dtype | None = None, quantize_base: bool | str = False) -> "MultiLoRALinear":
         """A layer around this base: its ``weight`` and ``bias`` *are* the
@@ -981,6 +983,37 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
         return len(self.ranks)
 
     @property
+    def dropouts(self) -> tuple[float, ...]:
+        """Each adapter's dropout probability (in ``train()`` mode)."""
+        return self._dropouts
+
+    @property
+    def dropout(self):
+        """The adapters' dropout probability, a float where they share one,
+        else the tuple of each one's (:attr:`dropouts`). Set a float for
+        every adapter, or a sequence of one an adapter."""
+        return self._dropouts[0] if len(set(self._dropouts)) == 1 else self._dropouts
+
+    @dropout.setter
+    def dropout(self, value) -> None:
+        n = len(self.ranks)
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            self._dropouts = (check_dropout_p(value, "dropout"),) * n
+            return
+        value = list(value)
+        if len(value) != n:
+            raise ValueError(f"dropout must be one probability for every adapter, or one an adapter ({n}), got "
+                             f"{len(value)}")
+        self._dropouts = tuple(check_dropout_p(p, f"dropout[{i}]") for i, p in enumerate(value))
+
+    def set_dropout(self, i: int, p: float) -> None:
+        """Adapter ``i``'s dropout probability (the others' kept)."""
+        i = self._check_index(i)
+        dropouts = list(self._dropouts)
+        dropouts[i] = check_dropout_p(p, "p")
+        self._dropouts = tuple(dropouts)
+
+    @property
     def quantized(self) -> bool:
         """Whether the base is quantized, int8 or NF4 (it holds a ``weight_scale``)."""
         return self._buffers.get("weight_scale") is not None
@@ -1027,7 +1060,7 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
             lora_B = [b.to(dtype) for b in lora_B]
         bias = self.bias if scale is None else _quantized_base_bias(self.bias, dtype)
         return multi_lora_linear(x, weight, lora_A, lora_B, adapter_ids, bias, scaling=list(self.scalings),
-                                 dropout_p=self.dropout if self.training else 0.0, weight_scale=scale,
+                                 dropout_p=list(self._dropouts) if self.training else 0.0, weight_scale=scale,
                                  weight_code=self._buffers.get("weight_code"), backend=self.backend)
 
     def _check_index(self, i: int, name: str = "i") -> int:
@@ -1064,8 +1097,10 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, ranks={list(self.ranks)}, "
-                f"alphas=[{', '.join(f'{a:g}' for a in self.alphas)}], dropout={self.dropout:g}, "
-                f"bias={self.bias is not None}, use_rslora={self.use_rslora}"
+                f"alphas=[{', '.join(f'{a:g}' for a in self.alphas)}], dropout="
+                + (f"{self.dropout:g}" if len(set(self._dropouts)) == 1 else
+                   f"[{', '.join(f'{p:g}' for p in self._dropouts)}]")
+                + f", bias={self.bias is not None}, use_rslora={self.use_rslora}"
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
                 + (f", base={base_format(self.weight, self.weight_code)}" if self.quantized else "")
                 + (f", compute_dtype={self.compute_dtype}" if self.compute_dtype is not None else ""))

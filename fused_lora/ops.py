@@ -35,7 +35,12 @@ absent. It is one of two forms (never both):
   NaN or Inf stays out of the other adapters' columns of ``xa`` and ``g``;
   the gradient GEMMs still multiply by those zeros, as any GEMM does. An
   id below -1 gives its row NaN. A row of no adapter's has id -1, so no
-  row scale is needed beside the ids.)
+  row scale is needed beside the ids.) Each adapter may have its own
+  dropout probability ``p_i`` (``adapter_p``): row m's mask is drawn with
+  ``p_{id_m}`` (the same random numbers, its own threshold: 1 on a row of
+  no adapter's), and its ``1 / (1 - p_i)`` moves into ``w``, ``w[m, j] =
+  s_i / (1 - p_i)``, the ``1 / (1 - p)`` above then 1: ``xa``, ``g``, dA,
+  dB and dx are the same products, each row's term its own adapter's.
 
 The kernels apply ``w`` to ``xa`` and ``g`` where they make them (the
 skinny pass's store, or after the K loop of a GEMM that accumulates them),
@@ -122,7 +127,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import _triton, dispatch
 from ._validate import (check_adapter_ids, check_backend, check_lora_args, check_magnitude, check_row_scale,
                         check_scaling, check_weight_code, check_weight_scale)
-from .dropout import check_seed, draw_seed_tensor
+from .dropout import check_dropout_p, check_seed, draw_seed_tensor
 from .quant import base_format, base_shape, dequantize_base, nf4_code
 from .reference import dora_dropped, dora_linear_checked, lora_linear_checked
 
@@ -172,6 +177,19 @@ def _adapter_columns(adapter_ids: Tensor | None, rank_ids: Tensor | None, rank_s
                           rank_ids.to(torch.int32).contiguous(), rank_scaling.to(torch.float32).contiguous())
 
 
+def _dropout_rows(adapters, adapter_p: Tensor | None, dropout_p: float):
+    """``(dropout_rows, keep_scale)`` of a pass: the adapters' own dropout
+    probabilities as the kernels read them
+    (:class:`fused_lora.kernels.common.DropoutRows`, by the adapters' row
+    ids; their ``1 / (1 - p_i)`` in the column scales already) and 1; or
+    None and ``1 / (1 - dropout_p)``."""
+    if adapter_p is None or dropout_p == 0.0:
+        return None, 1.0 / (1.0 - dropout_p)
+    from .kernels.common import DropoutRows
+
+    return DropoutRows(adapters.row_ids, adapter_p.to(torch.float32).contiguous()), 1.0
+
+
 def _on_the_operands_device(pass_fn):
     """Runs a Triton pass with its first operand's GPU as the current CUDA
     device. Triton launches on the current device, not on the operands':
@@ -195,14 +213,17 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
                    scaling: float, dropout_p: float, seed: int | Tensor,
                    strategy: str = "", row_scale: Tensor | None = None, adapter_ids: Tensor | None = None,
                    rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None,
-                   weight_scale: Tensor | None = None, weight_code: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   weight_scale: Tensor | None = None, weight_code: Tensor | None = None,
+                   adapter_p: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(y, xa)`` of the math above, with the Triton kernels. ``strategy``:
     a forced one (:func:`fused_lora.dispatch.force_strategy`), ``""``: none.
     ``row_scale``: of x's leading shape, or None; ``adapter_ids`` (x's
     leading shape), ``rank_ids`` and ``rank_scaling`` (r,): the adapters'
     factor of ``w``, or None; ``weight_scale``: an int8 weight's (N,) or a
     4-bit weight's (N, K / group) (the GEMM dequantises its tiles), or None;
-    ``weight_code``: a 4-bit weight's code book, None for NF4."""
+    ``weight_code``: a 4-bit weight's code book, None for NF4; ``adapter_p``
+    (n,) fp32: each adapter's dropout probability (``dropout_p`` then the
+    largest, ``rank_scaling`` holding each ``1 / (1 - p_i)``), or None."""
     k_ = _triton.get()
     n, k = base_shape(weight)
     r = lora_A.shape[0]
@@ -213,6 +234,7 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     weight, weight_scale, code = _base_operands(k_, plan, weight, weight_scale, x.dtype, weight_code)
     w = _row_vector(row_scale, m)
     adapters = _adapter_columns(adapter_ids, rank_ids, rank_scaling, m)
+    rows_p, keep_scale = _dropout_rows(adapters, adapter_p, dropout_p)
     tune = dict(m=m, n=n, r=r, dtype=x.dtype, epilogue_mask=False, device=x.device, persistent=plan.persistent,
                 **_quantized_b(weight, weight_scale))
     if plan.strategy == "in_loop":
@@ -220,7 +242,7 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
         def launch(config):
             return k_.lora_gemm(x2, weight.t(), bias=bias, shrink=lora_A.t(), v=lora_B.t(), lr_scale=scaling,
                                 dropout_p=dropout_p, seed=seed, shrink_dropout=True, row_scale=w,
-                                adapters=adapters, b_scale=weight_scale, b_code=code, config=config,
+                                adapters=adapters, dropout_rows=rows_p, b_scale=weight_scale, b_code=code, config=config,
                                 out_dtype=x.dtype,
                                 input_precision=plan.input_precision, tma=plan.tma, persistent=plan.persistent,
                                 num_sms=plan.num_sms)
@@ -228,8 +250,9 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
         y2, xa = launch(dispatch.gemm_config_for("forward", plan.fwd_gemm, launch, k=k, shrink_in_loop=True,
                                                  shrink_mask=dropout_p > 0.0, **tune))
     else:
-        xa, _, _ = k_.skinny_pass(x2, shrink=lora_A.t(), sh_scale=1.0 / (1.0 - dropout_p), row_scale=w,
-                                  adapters=adapters, dropout_p=dropout_p, seed=seed, config=plan.skinny,
+        xa, _, _ = k_.skinny_pass(x2, shrink=lora_A.t(), sh_scale=keep_scale, row_scale=w,
+                                  adapters=adapters, dropout_rows=rows_p, dropout_p=dropout_p, seed=seed,
+                                  config=plan.skinny,
                                   target_programs=plan.skinny_programs, input_precision=plan.input_precision)
         # hybrid: an empty K loop (the kernel writes C = s·xa·Bᵀ + b), then cuBLAS adds x·Wᵀ in place
         a, b = (x2[:, :0], weight.t()[:0]) if plan.cublas_base else (x2, weight.t())
@@ -288,14 +311,16 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
                     need_x: bool, need_weight: bool, need_bias: bool, need_A: bool, need_B: bool,
                     strategy: str = "", row_scale: Tensor | None = None, adapter_ids: Tensor | None = None,
                     rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None,
-                    weight_scale: Tensor | None = None, weight_code: Tensor | None = None):
+                    weight_scale: Tensor | None = None, weight_code: Tensor | None = None,
+                    adapter_p: Tensor | None = None):
     """``(dx, dW, db, dA, dB)`` of the math above; None where not needed.
     ``strategy``: the one the forward was forced to run (``""``: none), so
     that the backward follows it whatever thread autograd runs it on.
     ``row_scale``, ``adapter_ids``, ``rank_ids``, ``rank_scaling``: the
     forward's (``xa`` holds their ``w`` already); ``weight_scale`` and
     ``weight_code``: an int8 or 4-bit weight's (dx's GEMM dequantises its
-    tiles; no dW: a quantized base is frozen)."""
+    tiles; no dW: a quantized base is frozen); ``adapter_p``: the
+    forward's."""
     k_ = _triton.get()
     n, k = base_shape(weight)
     r = lora_A.shape[0]
@@ -307,7 +332,7 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
         weight, weight_scale, code = _base_operands(k_, plan, weight, weight_scale, x.dtype, weight_code)
     w = _row_vector(row_scale, m)
     adapters = _adapter_columns(adapter_ids, rank_ids, rank_scaling, m)
-    inv_keep = 1.0 / (1.0 - dropout_p)
+    rows_p, inv_keep = _dropout_rows(adapters, adapter_p, dropout_p)
     # g = g_scale · (what the variable g holds): the dy pass scales it, the dx GEMM's K loop does not.
     g_in_dx = need_x and plan.dx_in_loop
     need_g_pass = (need_x or need_A) and not g_in_dx
@@ -331,7 +356,8 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
                         adapters=adapters) if g_in_dx else dict(u=g, v=lora_A, lr_scale=inv_keep)
 
         def launch_dx(config):
-            return k_.lora_gemm(a, b, **low_rank, dropout_p=dropout_p, seed=seed, b_scale=weight_scale,
+            return k_.lora_gemm(a, b, **low_rank, dropout_p=dropout_p, seed=seed, dropout_rows=rows_p,
+                                b_scale=weight_scale,
                                 b_scale_dim=0, b_code=code, config=config, out_dtype=x.dtype,
                                 input_precision=plan.input_precision, tma=plan.tma, persistent=plan.persistent,
                                 num_sms=plan.num_sms)
@@ -347,7 +373,7 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
         dx = dx2.view(x.shape)
     if need_A:
         _, d_a, _ = k_.skinny_pass(x2, tn_left=g, tn_scale=g_scale * inv_keep, dropout_p=dropout_p, seed=seed,
-                                   tn_dtype=lora_A.dtype, config=plan.skinny,
+                                   dropout_rows=rows_p, tn_dtype=lora_A.dtype, config=plan.skinny,
                                    target_programs=plan.skinny_programs, input_precision=plan.input_precision)
     if need_weight:
         if plan.cublas_base:
@@ -409,25 +435,27 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tens
                     scaling: float, dropout_p: float, seed: Tensor, strategy: str = "",
                     row_scale: Tensor | None = None, adapter_ids: Tensor | None = None,
                     rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None,
-                    weight_scale: Tensor | None = None, weight_code: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    weight_scale: Tensor | None = None, weight_code: Tensor | None = None,
+                    adapter_p: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(y, xa)``: y (..., N) in x's dtype; xa = w ⊙ drop(x)·Aᵀ (..., r) in fp32
     (``w`` from ``row_scale``, of x's leading shape, and the adapters'
     ``adapter_ids``, of x's leading shape, with ``rank_ids`` and
     ``rank_scaling`` (r,); each None or given). ``weight_scale``: an int8
     weight's (N,), a 4-bit one's (N, K/group), or None; ``weight_code``: a
-    4-bit weight's code book (16,), None for NF4.
+    4-bit weight's code book (16,), None for NF4; ``adapter_p``: the
+    adapters' own dropout probabilities (n,) fp32, or None.
     ``seed``: a 0-d int64 CPU tensor holding the seed, or a 0-d int32 tensor
     on x's device that the kernels read (a tensor either way, so that drawing
     it stays inside a compiled graph). ``strategy``: a forced one, ``""`` when none
     (then an enclosing :func:`fused_lora.dispatch.force_strategy` still
     applies); the backward follows it."""
     return forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _kernel_seed(seed), strategy,
-                          row_scale, adapter_ids, rank_ids, rank_scaling, weight_scale, weight_code)
+                          row_scale, adapter_ids, rank_ids, rank_scaling, weight_scale, weight_code, adapter_p)
 
 
 @lora_linear_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, strategy="", row_scale=None, adapter_ids=None,
-      rank_ids=None, rank_scaling=None, weight_scale=None, weight_code=None):
+      rank_ids=None, rank_scaling=None, weight_scale=None, weight_code=None, adapter_p=None):
     return (x.new_empty((*x.shape[:-1], weight.shape[0])),
             x.new_empty((*x.shape[:-1], lora_A.shape[0]), dtype=torch.float32))
 
@@ -438,21 +466,22 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
                     need_bias: bool, need_A: bool, need_B: bool, strategy: str = "",
                     row_scale: Tensor | None = None, adapter_ids: Tensor | None = None,
                     rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None,
-                    weight_scale: Tensor | None = None, weight_code: Tensor | None = None) -> list[Tensor]:
+                    weight_scale: Tensor | None = None, weight_code: Tensor | None = None,
+                    adapter_p: Tensor | None = None) -> list[Tensor]:
     """``[dx, dW, db, dA, dB]``; a gradient nobody needs is an empty tensor.
     ``strategy``: the forward's forced strategy, ``""`` when none;
-    ``row_scale``, ``adapter_ids``, ``rank_ids``, ``rank_scaling``, ``weight_scale``, ``weight_code``: the
-    forward's."""
+    ``row_scale``, ``adapter_ids``, ``rank_ids``, ``rank_scaling``, ``weight_scale``, ``weight_code``,
+    ``adapter_p``: the forward's."""
     grads = backward_triton(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, _kernel_seed(seed),
                             need_x, need_weight, need_bias, need_A, need_B, strategy, row_scale, adapter_ids,
-                            rank_ids, rank_scaling, weight_scale, weight_code)
+                            rank_ids, rank_scaling, weight_scale, weight_code, adapter_p)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @lora_linear_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_x, need_weight, need_bias, need_A, need_B,
       strategy="", row_scale=None, adapter_ids=None, rank_ids=None, rank_scaling=None, weight_scale=None,
-      weight_code=None):
+      weight_code=None, adapter_p=None):
     shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
     needs = (need_x, need_weight, need_bias, need_A, need_B)
     return [x.new_empty(s) if need else x.new_empty(0) for s, need in zip(shapes, needs)]
@@ -480,8 +509,9 @@ def _(weight, lora_A, lora_B, scaling, weight_scale=None, weight_code=None):
 
 
 def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, strategy, row_scale,
-                       adapters, weight_scale, weight_code=None):
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, row_scale, weight_scale, weight_code, seed, *adapters)
+                       adapters, weight_scale, weight_code=None, adapter_p=None):
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, row_scale, weight_scale, weight_code, adapter_p, seed,
+                          *adapters)
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
     ctx.has_bias = bias is not None
@@ -493,26 +523,27 @@ def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropou
 def _gradients(ctx, dy):
     """(dx, dW, db, dA, dB) for ctx.needs_input_grad's first five inputs,
     which are (x, weight, bias, lora_A, lora_B) in both entry points."""
-    x, weight, lora_A, lora_B, xa, row_scale, weight_scale, weight_code, seed, *adapters = ctx.saved_tensors
+    x, weight, lora_A, lora_B, xa, row_scale, weight_scale, weight_code, adapter_p, seed, *adapters = \
+        ctx.saved_tensors
     need = list(ctx.needs_input_grad[:5])
     need[2] = need[2] and ctx.has_bias
     if not any(need):
         return (None,) * 5
     if torch.is_grad_enabled():  # create_graph=True: gradients to differentiate again
         return _differentiable_gradients(dy, x, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, need,
-                                         row_scale, adapters, weight_scale, weight_code)
+                                         row_scale, adapters, weight_scale, weight_code, adapter_p)
     adapters = tuple(adapters) or (None,) * 3
-    if direct_call(dy, x, weight, lora_A, lora_B, xa, row_scale, weight_scale, weight_code, *adapters):
+    if direct_call(dy, x, weight, lora_A, lora_B, xa, row_scale, weight_scale, weight_code, adapter_p, *adapters):
         return backward_triton(dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, _kernel_seed(seed), *need,
-                               ctx.strategy, row_scale, *adapters, weight_scale, weight_code)
+                               ctx.strategy, row_scale, *adapters, weight_scale, weight_code, adapter_p)
     grads = torch.ops.fused_lora.lora_linear_bwd(dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p,
                                                  seed, *need, ctx.strategy, row_scale, *adapters, weight_scale,
-                                                 weight_code)
+                                                 weight_code, adapter_p)
     return tuple(g if n else None for g, n in zip(grads, need))
 
 
 def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p, seed, need, row_scale, adapters,
-                              weight_scale, weight_code=None):
+                              weight_scale, weight_code=None, adapter_p=None):
     """The gradients for ``create_graph=True`` (a gradient penalty,
     meta-learning), which autograd can differentiate again with respect to
     dy and every input: autograd's own, through the reference (the math above
@@ -523,7 +554,7 @@ def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p,
     out = [None] * 5
     if wanted:
         y = lora_linear_checked(x, weight, lora_A, lora_B, None, scaling, dropout_p, seed, row_scale,
-                                tuple(adapters) or None, weight_scale, weight_code)
+                                tuple(adapters) or None, weight_scale, weight_code, adapter_p)
         grads = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=True)
         for i, g in zip(wanted, grads):
             out[i] = g
@@ -534,7 +565,8 @@ def _differentiable_gradients(dy, x, weight, lora_A, lora_B, scaling, dropout_p,
 
 def _op_setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *rest = inputs
-    strategy, row_scale, *adapters, weight_scale, weight_code = (*rest, "", None, None, None, None, None, None)[:7]
+    strategy, row_scale, *adapters, weight_scale, weight_code, adapter_p = \
+        (*rest, "", None, None, None, None, None, None, None)[:8]
     _y, xa = output
     ctx.mark_non_differentiable(xa)
     # Called without a strategy, the op ran under the force of the moment;
@@ -542,13 +574,13 @@ def _op_setup_context(ctx, inputs, output):
     # read the force of its own moment.
     forced = strategy or ("" if torch.compiler.is_compiling() else dispatch.forced_strategy() or "")
     _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, forced, row_scale,
-                       adapters if adapters[0] is not None else (), weight_scale, weight_code)
+                       adapters if adapters[0] is not None else (), weight_scale, weight_code, adapter_p)
 
 
 def _op_backward(ctx, dy, _dxa):
     # (scaling, dropout_p, seed, strategy, row_scale, adapter_ids, rank_ids, rank_scaling, weight_scale,
-    # weight_code: none)
-    return (*_gradients(ctx, dy), *(None,) * 10)
+    # weight_code, adapter_p: none)
+    return (*_gradients(ctx, dy), *(None,) * 11)
 
 
 torch.library.register_autograd("fused_lora::lora_linear_fwd", _op_backward, setup_context=_op_setup_context)
@@ -560,24 +592,26 @@ class _LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, row_scale=None, adapter_ids=None,
-                rank_ids=None, rank_scaling=None, weight_scale=None, weight_code=None):
+                rank_ids=None, rank_scaling=None, weight_scale=None, weight_code=None, adapter_p=None):
         # (read here, where torch.compile traces it and guards on it)
         strategy = dispatch.forced_strategy() or ""
         adapters = (adapter_ids, rank_ids, rank_scaling)
-        if direct_call(x, weight, bias, lora_A, lora_B, row_scale, weight_scale, weight_code, *adapters):
+        if direct_call(x, weight, bias, lora_A, lora_B, row_scale, weight_scale, weight_code, adapter_p, *adapters):
             y, xa = forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _kernel_seed(seed), strategy,
-                                   row_scale, *adapters, weight_scale, weight_code)
+                                   row_scale, *adapters, weight_scale, weight_code, adapter_p)
         else:
             y, xa = torch.ops.fused_lora.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-                                                         strategy, row_scale, *adapters, weight_scale, weight_code)
+                                                         strategy, row_scale, *adapters, weight_scale, weight_code,
+                                                         adapter_p)
         _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, strategy, row_scale,
-                           adapters if adapter_ids is not None else (), weight_scale, weight_code)
+                           adapters if adapter_ids is not None else (), weight_scale, weight_code, adapter_p)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        # (scaling, dropout_p, seed, row_scale, adapter_ids, rank_ids, rank_scaling, weight_scale, weight_code: none)
-        return (*_gradients(ctx, dy), *(None,) * 9)
+        # (scaling, dropout_p, seed, row_scale, adapter_ids, rank_ids, rank_scaling, weight_scale, weight_code,
+        # adapter_p: none)
+        return (*_gradients(ctx, dy), *(None,) * 10)
 
 
 class LoRALinearFunction(_LoRALinearFunction):
@@ -585,7 +619,7 @@ class LoRALinearFunction(_LoRALinearFunction):
 
     ``LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling,
     dropout_p, seed[, row_scale[, adapter_ids, rank_ids, rank_scaling[,
-    weight_scale[, weight_code]]]])``: the tensors as :func:`lora_linear`'s, one dtype and
+    weight_scale[, weight_code[, adapter_p]]]]])``: the tensors as :func:`lora_linear`'s, one dtype and
     device (an int8 or 4-bit ``weight`` with its ``weight_scale``, and a
     4-bit one's ``weight_code``, None for NF4); ``seed`` a
     0-d int64 CPU tensor holding the seed, or a 0-d int32 tensor on x's
@@ -594,7 +628,12 @@ class LoRALinearFunction(_LoRALinearFunction):
     ``adapter_ids`` (int32, x's leading shape), ``rank_ids`` (int32, (r,))
     and ``rank_scaling`` (float32, (r,)), the factors of ``w`` of the math
     (not differentiated; their values are not read: an id that no rank
-    column has runs the base alone, one below -1 gives NaN). Saves only x, the
+    column has runs the base alone, one below -1 gives NaN); with them,
+    ``adapter_p`` (float32, (n,), contiguous, values in [0, 1) not read
+    back): each adapter's own dropout probability, row m's mask drawn with
+    ``adapter_p[adapter_ids[m]]`` (``dropout_p`` then says only whether
+    masks are drawn: their largest), its ``1 / (1 - p)`` the caller's to
+    fold into ``rank_scaling``. Saves only x, the
     weights and the tiny fp32 ``xa`` (M, r); computes only the gradients that
     ``needs_input_grad`` asks for (twice differentiable: with
     ``create_graph=True`` in PyTorch ops). Runs the kernels whatever the
@@ -605,20 +644,21 @@ class LoRALinearFunction(_LoRALinearFunction):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, row_scale=None, adapter_ids=None,
-                rank_ids=None, rank_scaling=None, weight_scale=None, weight_code=None):
+                rank_ids=None, rank_scaling=None, weight_scale=None, weight_code=None, adapter_p=None):
         _check_function_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, row_scale, adapter_ids,
-                             rank_ids, rank_scaling, weight_scale, weight_code)
+                             rank_ids, rank_scaling, weight_scale, weight_code, adapter_p)
         # (here grad mode is off: what autograd asks)
-        for name, i in (("row_scale", 8), ("rank_scaling", 11), ("weight_scale", 12), ("weight_code", 13)):
+        for name, i in (("row_scale", 8), ("rank_scaling", 11), ("weight_scale", 12), ("weight_code", 13),
+                        ("adapter_p", 14)):
             if i < len(ctx.needs_input_grad) and ctx.needs_input_grad[i]:  # (the arguments passed)
                 raise ValueError(f"{name} requires grad, but no gradient flows to it: pass {name}.detach()")
         return _LoRALinearFunction.forward(ctx, x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
                                            seed, row_scale, adapter_ids, rank_ids, rank_scaling, weight_scale,
-                                           weight_code)
+                                           weight_code, adapter_p)
 
 
 def _check_function_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, row_scale, adapter_ids, rank_ids,
-                         rank_scaling, weight_scale=None, weight_code=None) -> None:
+                         rank_scaling, weight_scale=None, weight_code=None, adapter_p=None) -> None:
     """:class:`LoRALinearFunction`'s arguments, as it takes them."""
     check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, None, weight_scale=weight_scale)
     check_weight_scale(x, weight, weight_scale)  # (its requires_grad: the Function's to refuse)
@@ -639,6 +679,9 @@ def _check_function_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, se
     check_row_scale(x, row_scale)
     adapters = {"adapter_ids": adapter_ids, "rank_ids": rank_ids, "rank_scaling": rank_scaling}
     if all(t is None for t in adapters.values()):
+        if adapter_p is not None:
+            raise ValueError("adapter_p holds the adapters' dropout probabilities: it comes with adapter_ids, "
+                             "rank_ids and rank_scaling")
         return
     missing = [name for name, t in adapters.items() if t is None]
     if missing:
@@ -656,6 +699,14 @@ def _check_function_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, se
             raise ValueError(f"{name} must be a {dtype} tensor of shape {shape}{contiguous} on x's device "
                              f"({x.device}) for x {tuple(x.shape)} and lora_A {tuple(lora_A.shape)}; got a "
                              f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}")
+    if adapter_p is not None:
+        if not isinstance(adapter_p, Tensor):
+            raise TypeError(f"adapter_p must be a torch.Tensor, got {type(adapter_p).__name__}")
+        if adapter_p.dtype != torch.float32 or adapter_p.dim() != 1 or adapter_p.device != x.device \
+                or not adapter_p.is_contiguous():
+            raise ValueError(f"adapter_p must be a contiguous float32 tensor of one dropout probability an adapter, "
+                             f"(n,), on x's device ({x.device}); got a {adapter_p.dtype} tensor of shape "
+                             f"{tuple(adapter_p.shape)} on {adapter_p.device}")
 
 
 # ----------------------------------------------------------------------------
@@ -789,14 +840,15 @@ _NO_DROPOUT_SEED = torch.zeros((), dtype=torch.int64, device="cpu")
 
 
 def _lora_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float, seed, row_scale, adapters,
-                 backend: str, weight_scale=None, weight_code=None) -> Tensor:
+                 backend: str, weight_scale=None, weight_code=None, adapter_p=None) -> Tensor:
     """:func:`lora_linear` on checked arguments; ``adapters``: ``()``, or
-    ``(adapter_ids, rank_ids, rank_scaling)`` (:func:`multi_lora_linear`)."""
+    ``(adapter_ids, rank_ids, rank_scaling)`` (:func:`multi_lora_linear`),
+    with ``adapter_p``, their own dropout probabilities, or None."""
     if resolve_backend(backend, x) == "torch":
         if dropout_p > 0.0 and seed is None:
             seed = draw_seed_tensor(x.device)
         return lora_linear_checked(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, row_scale,
-                                   adapters or None, weight_scale, weight_code)
+                                   adapters or None, weight_scale, weight_code, adapter_p)
     if dropout_p == 0.0:
         seed = 0
     elif seed is None:
@@ -809,17 +861,18 @@ def _lora_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
         t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
     adapters = adapters or (None,) * 3
     if not differentiated and direct_call(x, weight, bias, lora_A, lora_B, row_scale, weight_scale, weight_code,
-                                          *adapters):
+                                          adapter_p, *adapters):
         # Nothing to differentiate (inference, torch.no_grad): the forward
         # alone, without the autograd Function's host time
         return forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-                              dispatch.forced_strategy() or "", row_scale, *adapters, weight_scale, weight_code)[0]
+                              dispatch.forced_strategy() or "", row_scale, *adapters, weight_scale, weight_code,
+                              adapter_p)[0]
     # (on the CPU whatever the default device: a value the kernels take as an argument, never read back
     # from a GPU, which would sync the host and break a CUDA graph's capture)
     seed_t = seed if isinstance(seed, Tensor) else _NO_DROPOUT_SEED if seed == 0 else torch.tensor(
         seed, dtype=torch.int64, device="cpu")
     return _LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t, row_scale, *adapters,
-                                     weight_scale, weight_code)
+                                     weight_scale, weight_code, adapter_p)
 
 
 def dora_linear(
@@ -942,7 +995,7 @@ def multi_lora_linear(
     bias: Tensor | None = None,
     *,
     scaling: float | Sequence[float] = 1.0,
-    dropout_p: float = 0.0,
+    dropout_p: float | Sequence[float] = 0.0,
     seed: int | None = None,
     weight_scale: Tensor | None = None,
     weight_code: Tensor | None = None,
@@ -974,7 +1027,11 @@ def multi_lora_linear(
         scaling: the adapters' scales s_i (``alpha_i / r_i``): a sequence of
             n, or one for all.
         dropout_p, seed: as :func:`lora_linear`'s, one mask for the batch
-            (each row's adapter sees its row's mask).
+            (each row's adapter sees its row's mask). ``dropout_p`` may be a
+            sequence of n, each adapter's own probability: row m's mask is
+            drawn with its adapter's (the same random numbers, each row its
+            own threshold: :func:`fused_lora.dropout_mask` with one
+            probability a row), ``drop(x)[m] = x[m] ⊙ keep[m] / (1 - p_i)``.
         weight_scale, weight_code, backend: as :func:`lora_linear`'s (an
             int8 or 4-bit base: many adapters served from one quantized base).
 
@@ -994,13 +1051,14 @@ def multi_lora_linear(
                          f"{len(lora_B)} B")
     n = len(lora_A)
     scalings = _adapter_scalings(scaling, n)
+    dropouts = _adapter_dropouts(dropout_p, n)
     if isinstance(x, Tensor) and _autocast_enabled(x.device.type):
         x, weight, bias, *factors = _autocast(x.device.type, x, weight, bias, *lora_A, *lora_B)
         lora_A, lora_B = factors[:n], factors[n:]
     for i, (a, b) in enumerate(zip(lora_A, lora_B)):
         try:
-            _, dropout_p, seed = check_lora_args(x, weight, a, b, bias, scalings[i], dropout_p, seed, min_rank=0,
-                                                 weight_scale=weight_scale)
+            _, _, seed = check_lora_args(x, weight, a, b, bias, scalings[i], dropouts[i], seed, min_rank=0,
+                                         weight_scale=weight_scale)
         except (TypeError, ValueError) as error:
             raise type(error)(f"adapter {i} (lora_A[{i}], lora_B[{i}]): {error}") from None
     weight_scale = check_weight_scale(x, weight, weight_scale)
@@ -1014,13 +1072,20 @@ def multi_lora_linear(
         if _unreadable(adapter_ids):  # (an id that could not be checked, made -2: NaN, as the kernels give it)
             y = torch.where((adapter_ids < -1).unsqueeze(-1), float("nan"), y)
         return y
+    # Each adapter's own dropout probability, where they differ: row m's mask drawn with its adapter's, and its
+    # 1/(1-p_i) in the adapter's column scales (the math in this module)
+    dropout_p, adapter_p = max(dropouts), None
+    if len(set(dropouts)) > 1:
+        scalings = tuple(s / (1.0 - p) for s, p in zip(scalings, dropouts))
     # (while torch.compile traces, the tensors are made in the graph: it would not keep the cache's)
     columns = _make_rank_columns if torch.compiler.is_compiling() else _rank_columns
     rank_ids, rank_scaling = columns(x.device, ranks, scalings)
+    if len(set(dropouts)) > 1:
+        adapter_p = (_make_adapter_p if torch.compiler.is_compiling() else _adapter_p)(x.device, dropouts)
     a = lora_A[0] if n == 1 else torch.cat(lora_A, 0)
     b = lora_B[0] if n == 1 else torch.cat(lora_B, 1)
     return _lora_linear(x, weight, a, b, bias, 1.0, dropout_p, seed, None, (adapter_ids, rank_ids, rank_scaling),
-                        backend, weight_scale, weight_code)
+                        backend, weight_scale, weight_code, adapter_p)
 
 
 def _adapter_list(name: str, factors) -> list[Tensor]:
@@ -1029,6 +1094,37 @@ def _adapter_list(name: str, factors) -> list[Tensor]:
     if not factors:
         raise ValueError(f"{name} must hold at least one adapter's tensor, got an empty {type(factors).__name__}")
     return list(factors)
+
+
+def _adapter_dropouts(dropout_p, n: int) -> tuple[float, ...]:
+    """Each adapter's dropout probability: ``dropout_p`` a float for all, or
+    a sequence of n (each checked: a float in [0, 1))."""
+    if isinstance(dropout_p, (list, tuple)):
+        if len(dropout_p) != n:
+            raise ValueError(f"dropout_p must hold one probability per adapter ({n}), got {len(dropout_p)}")
+        return tuple(check_dropout_p(p, f"dropout_p[{i}]") for i, p in enumerate(dropout_p))
+    return (check_dropout_p(dropout_p),) * n
+
+
+def _adapter_p(device: torch.device, dropouts: tuple[float, ...]) -> Tensor:
+    """The adapters' dropout probabilities, (n,) fp32 on ``device``, kept as
+    :func:`_rank_columns`' pairs are (not while a CUDA graph captures)."""
+    key = (device, "p", dropouts)
+    p = _rank_columns_kept.get(key)
+    if p is not None:
+        _rank_columns_kept.move_to_end(key)
+        return p
+    p = _make_adapter_p(device, dropouts)
+    if not _capturing(device):
+        _rank_columns_kept[key] = p
+        while len(_rank_columns_kept) > _RANK_COLUMNS_KEPT:
+            _rank_columns_kept.popitem(last=False)
+    return p
+
+
+def _make_adapter_p(device: torch.device, dropouts: tuple[float, ...]) -> Tensor:
+    """:func:`_adapter_p`'s tensor, made on the device by fills."""
+    return torch.cat([torch.full((1,), p, dtype=torch.float32, device=device) for p in dropouts])
 
 
 def _adapter_scalings(scaling, n: int) -> tuple[float, ...]:

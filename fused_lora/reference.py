@@ -51,21 +51,31 @@ def lora_linear(
 
 
 def lora_linear_checked(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float, seed,
-                        row_scale=None, adapters=None, weight_scale=None, weight_code=None) -> torch.Tensor:
+                        row_scale=None, adapters=None, weight_scale=None, weight_code=None,
+                        adapter_p=None) -> torch.Tensor:
     """:func:`lora_linear` on checked arguments, ``seed`` an int or a 0-d
     integer tensor (such as the fused op's, drawn on the device);
     ``adapters``: None, or ``(adapter_ids, rank_ids, rank_scaling)``, several
     adapters side by side in the rank (:func:`fused_lora.ops.multi_lora_linear`):
     the rank column j of ``xa`` kept, times ``rank_scaling[j]``, on the rows
     whose ``adapter_ids`` is ``rank_ids[j]``, 0 elsewhere (NaN on a row of an
-    id below -1); ``weight_scale`` (and ``weight_code``): a quantized weight's, dequantised to x's dtype."""
+    id below -1), with ``adapter_p`` (n,), their own dropout probabilities
+    (row m masked with its adapter's, not at all on a row of no adapter's,
+    ``dropout_p`` only saying whether; their ``1 / (1 - p_i)`` is in
+    ``rank_scaling``, as :func:`fused_lora.multi_lora_linear` folds it);
+    ``weight_scale`` (and ``weight_code``): a quantized weight's, dequantised to x's dtype."""
     if weight_scale is not None:
         weight = dequantize_base(weight, weight_scale, x.dtype, weight_code)
     dropped = x
     if dropout_p > 0.0:
         rows = x.shape[:-1].numel()  # x flattened to (M, K), row-major
-        keep = dropout_mask(seed, (rows, x.shape[-1]), dropout_p, device=x.device).view(x.shape)
-        dropped = x * keep / (1.0 - dropout_p)
+        if adapter_p is not None:
+            ids = adapters[0].reshape(rows).to(adapter_p.device)
+            p = torch.where(ids >= 0, adapter_p[ids.clamp(min=0)], 0.0)
+            dropped = x * dropout_mask(seed, (rows, x.shape[-1]), p, device=x.device).view(x.shape)
+        else:
+            keep = dropout_mask(seed, (rows, x.shape[-1]), dropout_p, device=x.device).view(x.shape)
+            dropped = x * keep / (1.0 - dropout_p)
     xa = F.linear(dropped, lora_A)
     if row_scale is not None:
         xa = xa * row_scale.to(xa.dtype).unsqueeze(-1)

@@ -123,6 +123,49 @@ def check_adapter_columns(launcher: str, adapters, product, rows: int, row_scale
                          f"{'' if product is not None else ' and no factor'}")
 
 
+class DropoutRows(NamedTuple):
+    """Dropout of several probabilities, one an adapter (the adapters of
+    :mod:`fused_lora.ops`): row m of the masked matrix is masked with
+    probability ``p[row_ids[m]]``, its adapter's, and not at all where
+    ``row_ids[m] < 0`` (no adapter's: the base alone, or an id the caller
+    could not check). The keep-mask's random numbers are the one mask's
+    (:func:`keep_mask`): only each row's threshold differs. The launchers
+    take the masks' 1/(1 - p) out of their scales: the caller folds each
+    adapter's into its rank columns' scales."""
+
+    row_ids: torch.Tensor  # (M,) int32, any stride
+    p: torch.Tensor  # (n,) fp32, contiguous: adapter i's probability, in [0, 1)
+
+
+def check_dropout_rows(launcher: str, dropout_rows, rows: int, adapters=None) -> None:
+    """A launcher's contract for its ``dropout_rows``: a :class:`DropoutRows`
+    of int32 ids for ``rows`` rows and a contiguous fp32 table, the ids the
+    ``adapters``' own where both are given (the kernels read one)."""
+    if dropout_rows is None:
+        return
+    row_ids, p = dropout_rows
+    if (row_ids.shape != (rows,) or row_ids.dtype != torch.int32 or p.dim() != 1 or p.dtype != torch.float32
+            or p.stride() != (1,)):
+        raise ValueError(f"{launcher}: dropout_rows holds int32 ({rows},) row ids and a contiguous float32 (n,) "
+                         f"table of probabilities; got {tuple(row_ids.shape)} {row_ids.dtype}, {tuple(p.shape)} "
+                         f"{p.dtype}")
+    if adapters is not None and adapters.row_ids is not row_ids:
+        raise ValueError(f"{launcher}: dropout_rows and adapters read the same row ids: pass one tensor to both")
+
+
+@triton.jit
+def rows_dropout_p(p, drp_ptr, ids_ptr, offs_m, m_in, stride_ids, ROW_P: tl.constexpr):
+    """The dropout probability of the rows ``offs_m`` for :func:`keep_mask`:
+    the scalar ``p``, or, with ``ROW_P`` (:class:`DropoutRows`), each row's
+    adapter's ``drp[ids[m]]`` as a (BLOCK_M, 1) column, 0 on a row of no
+    adapter's (id below 0) and outside ``m_in``."""
+    if ROW_P:
+        row_id = tl.load(ids_ptr + offs_m.to(tl.int64) * stride_ids, mask=m_in, other=-1)
+        return tl.load(drp_ptr + tl.maximum(row_id, 0), mask=row_id >= 0, other=0.0)[:, None]
+    else:
+        return p
+
+
 @triton.jit
 def adapter_columns(acc, ids_ptr, cid_ptr, csc_ptr, offs_m, m_in, offs_r, r_in, stride_ids):
     """``acc`` (BLOCK_M, BLOCK_R), a rank product's tile, with element (m, j)
@@ -154,7 +197,8 @@ def keep_mask(seed, rows, col0, n_cols, p, BLOCK_COLS: tl.constexpr, OFFSET_INT6
     output bits, read as eight little-endian 16-bit numbers ``h`` (the low then
     the high half of each of the four words, in order), give columns ``c`` with
     ``c % 8`` = 0..7, and element ``(m, c)`` is kept when ``h / 2**16 >= p``,
-    i.e. ``h >= ceil(p * 2**16)`` (p as float32, as the kernels receive it).
+    i.e. ``h >= ceil(p * 2**16)`` (p as float32, as the kernels receive it;
+    or a (rows, 1) column of each row's p: :func:`rows_dropout_p`).
     The counter is ``m * G + c // 8``, ``G = cdiv(n_cols, 8)``. So the keep
     probability is ``1 - p`` to within ``2**-16`` (exactly, when ``p * 2**16``
     is an integer).

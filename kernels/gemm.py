@@ -40,9 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (AdapterColumns, adapter_columns, alloc, check_adapter_columns, check_row_scale, dequantize,
-                     in_bounds, is_interpreted, keep_mask, load_operand, load_seed, mask_counters_int64, nf4_codes,
-                     repeat_groups, seed_arg)
+from .common import (AdapterColumns, DropoutRows, adapter_columns, alloc, check_adapter_columns, check_dropout_rows,
+                     check_row_scale, dequantize, in_bounds, is_interpreted, keep_mask, load_operand, load_seed,
+                     mask_counters_int64, nf4_codes, repeat_groups, rows_dropout_p, seed_arg)
 from .configs import GEMM_LR_MAX_BLOCK_R, NUM_SMS_SM90, GemmConfig, block_r_for, cdiv, persistent_programs
 from .skinny import launch_reductions
 
@@ -96,6 +96,7 @@ def lora_gemm_kernel(
     ids_ptr,  # (M,)    int32 adapter of each row when ADAPTERS
     cid_ptr,  # (R,)    int32 adapter of each rank column when ADAPTERS (contiguous)
     csc_ptr,  # (R,)    fp32 scale of each rank column when ADAPTERS (contiguous)
+    drp_ptr,  # (n,)    fp32 dropout probability of each adapter when ROW_P (row m's: drp[ids[m]])
     bsc_ptr,  # B's dequantisation scales when B_SCALE: int8 (N,) per column (forward), (K,) per row (dx);
     #           NF4 (W's rows, W's K / B_GROUP): the absmax of each block of B_GROUP along W's K
     bcode_ptr,  # (16,)   fp32 NF4 code book when B_SCALE >= 3
@@ -128,6 +129,7 @@ def lora_gemm_kernel(
     SHRINK_DROPOUT: tl.constexpr,  # LOW_RANK == 2: the shrink's dot reads A ⊙ keep(m, k), the mask of A (M, K)
     ROW_SCALE: tl.constexpr,  # LOW_RANK == 2: U = w ⊙ (the shrink), row m times w[m]
     ADAPTERS: tl.constexpr,  # LOW_RANK == 2: U's (m, j) kept times csc[j] where ids[m] == cid[j] (not with ROW_SCALE)
+    ROW_P: tl.constexpr,  # the mask's row m dropped with its adapter's probability drp[ids[m]], not p
     OFFSET_INT64: tl.constexpr,  # the mask's counters in 64 bits (common.mask_counters_int64)
     B_SCALE: tl.constexpr,  # B quantized, dequantised as loaded: 0 no; int8 times 1 bsc[n] (its columns),
     #                         2 bsc[k] (rows); NF4, 3 the forward's Wᵀ (packed along K), 4 dx's W (along N)
@@ -159,7 +161,10 @@ def lora_gemm_kernel(
     times ``csc[j]``, where row m's adapter ``ids[m]`` is column j's
     ``cid[j]``, and is 0 elsewhere (NaN on a row whose id is below -1:
     :func:`~fused_lora.kernels.common.adapter_columns`); never with
-    ``ROW_SCALE``. ``B_SCALE``: B is int8, each tile dequantised as it is
+    ``ROW_SCALE``. ``ROW_P`` (several adapters, each its own dropout
+    probability): the mask's row m keeps its elements with the probability
+    of its adapter's ``drp[ids[m]]`` (1 on a row of no adapter's), the
+    random numbers those of the one mask. ``B_SCALE``: B is int8, each tile dequantised as it is
     loaded, times ``bsc`` by column (1: the forward's ``Wᵀ``, the scales
     loaded once a tile) or by row (2: dx's ``W``, loaded a K step at a time,
     masked in the K tail), rounded once to A's dtype (``common.dequantize``);
@@ -234,7 +239,9 @@ def lora_gemm_kernel(
             # call per element, drawn after it, Triton 3.6's code spilled 1.7 KB.
             # Eight columns a call: 184 on Triton 3.6 and 3.9, no spill).
             if LR_DROPOUT:
-                keep = keep_mask(load_seed(seed), offs_m, pid_n * BLOCK_N, N, p, BLOCK_N, OFFSET_INT64)
+                keep = keep_mask(load_seed(seed), offs_m, pid_n * BLOCK_N, N,
+                                 rows_dropout_p(p, drp_ptr, ids_ptr, offs_m, mask_m, stride_ids, ROW_P), BLOCK_N,
+                                 OFFSET_INT64)
             if pid_k == 0:
                 for r0 in range(0, R, BLOCK_R):
                     r_in = in_bounds(offs_r, R - r0, EVEN_R)
@@ -269,6 +276,7 @@ def lora_gemm_kernel(
             r_in = in_bounds(offs_r, R, EVEN_R)
             if SHRINK_DROPOUT:
                 shrink_seed = load_seed(seed)
+                shrink_p = rows_dropout_p(p, drp_ptr, ids_ptr, offs_m, mask_m, stride_ids, ROW_P)
         if B_SCALE == 1:  # (B's columns are C's: one scale per column of the tile, for the whole K loop)
             b_col_scale = tl.load(bsc_ptr + cols * stride_bsc).to(tl.float32)
         for k0 in range(0, k_len, BLOCK_K):
@@ -346,7 +354,7 @@ def lora_gemm_kernel(
                 if SHRINK_DROPOUT:
                     # drop(A) for this dot only; multiply (not select): NaN/Inf propagate as in x * mask.
                     # (The K tail's columns past K are zeros, whatever their mask.)
-                    keep_a = keep_mask(shrink_seed, offs_m, k_lo + k0, K, p, BLOCK_K, OFFSET_INT64)
+                    keep_a = keep_mask(shrink_seed, offs_m, k_lo + k0, K, shrink_p, BLOCK_K, OFFSET_INT64)
                     xa = tl.dot(a * keep_a.to(a.dtype), s, xa, input_precision=INPUT_PRECISION)
                 else:
                     xa = tl.dot(a, s, xa, input_precision=INPUT_PRECISION)
@@ -374,7 +382,9 @@ def lora_gemm_kernel(
             if LR_DROPOUT:
                 # (dx at small M: the term is masked, so it needs a tile of its own; the
                 # configurations keep these tiles small enough for two, compile report)
-                keep = keep_mask(load_seed(seed), offs_m, pid_n * BLOCK_N, N, p, BLOCK_N, OFFSET_INT64)
+                keep = keep_mask(load_seed(seed), offs_m, pid_n * BLOCK_N, N,
+                                 rows_dropout_p(p, drp_ptr, ids_ptr, offs_m, mask_m, stride_ids, ROW_P), BLOCK_N,
+                                 OFFSET_INT64)
                 lr = tl.dot((xa * lr_scale).to(v.dtype), v, input_precision=INPUT_PRECISION)
                 acc += lr * keep.to(tl.float32)
             else:
@@ -406,6 +416,7 @@ def lora_gemm(
     shrink_dropout: bool = False,
     row_scale: torch.Tensor | None = None,
     adapters: AdapterColumns | None = None,
+    dropout_rows: DropoutRows | None = None,
     b_scale: torch.Tensor | None = None,
     b_scale_dim: int = 1,
     b_code: torch.Tensor | None = None,
@@ -424,6 +435,10 @@ def lora_gemm(
     ``shrink``: the in-loop shrink's row m times ``row_scale[m]``; ``adapters``
     (:class:`~fused_lora.kernels.common.AdapterColumns`), with ``shrink``: the
     in-loop shrink's columns kept on the rows of their adapters.
+    ``dropout_rows`` (:class:`~fused_lora.kernels.common.DropoutRows`), with
+    ``dropout_p > 0``: each row of the mask drawn with its adapter's
+    probability (``dropout_p`` then only says that a mask is drawn), and no
+    ``1/(1 - p)`` applied: the caller folds each adapter's into its scales.
     ``b_scale``: b is int8, dequantised as its tiles are loaded,
     ``round(b · b_scale)`` in a's dtype, ``b_scale`` (floating point, any
     stride) one value per column of b (``b_scale_dim=1``, (N,): the forward's
@@ -475,11 +490,13 @@ def lora_gemm(
     shrink_dropout = shrink_dropout and dropout_p > 0.0
     check_row_scale("lora_gemm", row_scale, shrink, M)  # (the in-loop shrink's rows)
     check_adapter_columns("lora_gemm", adapters, shrink, M, row_scale)
+    check_dropout_rows("lora_gemm", dropout_rows, M, adapters)
+    row_p = dropout_rows is not None and dropout_p > 0.0 and (shrink_dropout or low_rank != LOW_RANK_NONE)
 
     # 2. what the sizes and flags decide (the rank tile, split-K, the constexprs), cached
     interpreted = is_interpreted(lora_gemm_kernel)
     shape = _launch_shape(M, N, K, r, low_rank, v.element_size() if v is not None else 0, bias is not None,
-                          shrink_dropout, row_scale is not None, adapters is not None, dropout_p > 0.0,
+                          shrink_dropout, row_scale is not None, adapters is not None, dropout_p > 0.0, row_p,
                           interpreted and a.dtype == torch.bfloat16, input_precision, b_scale_mode, b_group,
                           config)
     block_r, split_k = shape.block_r, shape.split_k
@@ -513,7 +530,8 @@ def lora_gemm(
     lora_gemm_kernel[grid](
         a, b, a_desc, b_desc, bias if bias is not None else dummy, u_, s_, v_, target, xa_,
         row_scale if row_scale is not None else xa_,
-        *(adapters[:3] if adapters is not None else (xa_, xa_, xa_)),
+        *(adapters if adapters is not None else (dropout_rows.row_ids if row_p else xa_, xa_, xa_)),
+        dropout_rows.p if row_p else xa_,
         b_scale if b_scale is not None else xa_, b_code if b_code is not None else xa_,
         M, N, K, r, shape.blocks_per_split,
         *a.stride(), *b.stride(),
@@ -525,9 +543,9 @@ def lora_gemm(
         *(xa_.stride()[-2:] if xa is not None else (0, 0)),
         shape.xa_slab // 16 if xa is not None and split_k > 1 else 0,
         row_scale.stride(0) if row_scale is not None else 0,
-        adapters.row_ids.stride(0) if adapters is not None else 0,
+        adapters.row_ids.stride(0) if adapters is not None else dropout_rows.row_ids.stride(0) if row_p else 0,
         b_scale.stride(0) if b_scale is not None else 0, b_scale.stride(1) if b_group else 0,
-        float(lr_scale), 1.0 / (1.0 - dropout_p) if shrink_dropout else 1.0, float(dropout_p),
+        float(lr_scale), 1.0 / (1.0 - dropout_p) if shrink_dropout and not row_p else 1.0, float(dropout_p),
         seed_arg(seed, a.device),
         OFFSET_INT64=mask_counters_int64(M, K if shrink_dropout else N),
         TMA=descs is not None, A_T=a_t, B_T=b_t,
@@ -588,7 +606,7 @@ class _LaunchShape(NamedTuple):
 
 @functools.lru_cache(maxsize=4096)  # (host time per call: the same shapes come back every step)
 def _launch_shape(M: int, N: int, K: int, r: int, low_rank: int, v_elt: int, has_bias: bool, shrink_dropout: bool,
-                  row_scale: bool, adapters: bool, dropout: bool, upcast: bool, input_precision: str,
+                  row_scale: bool, adapters: bool, dropout: bool, row_p: bool, upcast: bool, input_precision: str,
                   b_scale: int, b_group: int, config: GemmConfig) -> _LaunchShape:
     if low_rank == LOW_RANK_PRECOMPUTED:
         block_r = block_r_for(r, GEMM_LR_MAX_BLOCK_R[v_elt])
@@ -608,6 +626,7 @@ def _launch_shape(M: int, N: int, K: int, r: int, low_rank: int, v_elt: int, has
         SHRINK_DROPOUT=shrink_dropout,
         ROW_SCALE=row_scale,
         ADAPTERS=adapters,
+        ROW_P=row_p,
         B_SCALE=b_scale,
         B_GROUP=b_group,
         UPCAST=upcast,

@@ -37,8 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (AdapterColumns, adapter_columns, alloc, check_adapter_columns, check_row_scale, in_bounds,
-                     is_interpreted, keep_mask, load_operand, load_seed, mask_counters_int64, seed_arg)
+from .common import (AdapterColumns, DropoutRows, adapter_columns, alloc, check_adapter_columns, check_dropout_rows,
+                     check_row_scale, in_bounds, is_interpreted, keep_mask, load_operand, load_seed,
+                     mask_counters_int64, rows_dropout_p, seed_arg)
 from .configs import (
     REDUCE_BLOCK,
     REDUCE_LAUNCH,
@@ -62,6 +63,7 @@ def lora_skinny_kernel(
     ids_ptr,  # (M,)    int32 adapter of each row when ADAPTERS
     cid_ptr,  # (R,)    int32 adapter of each rank column when ADAPTERS (contiguous)
     csc_ptr,  # (R,)    fp32 scale of each rank column when ADAPTERS (contiguous)
+    drp_ptr,  # (n,)    fp32 dropout probability of each adapter when ROW_P (row m's: drp[ids[m]])
     # sizes
     M, C, R,
     m_start, m_end,  # the rows of this launch (global indices: the mask and SHRINK use them)
@@ -86,6 +88,7 @@ def lora_skinny_kernel(
     ROW_SCALE: tl.constexpr,  # SHRINK's row m times w[m]
     ADAPTERS: tl.constexpr,  # SHRINK's (m, j) kept times csc[j] where ids[m] == cid[j], else 0 (common.adapter_columns)
     DROPOUT: tl.constexpr, OFFSET_INT64: tl.constexpr, UPCAST: tl.constexpr,
+    ROW_P: tl.constexpr,  # DROPOUT's row m with its adapter's probability drp[ids[m]], not p (common.DropoutRows)
     EVEN_C: tl.constexpr,  # C % BLOCK_C == 0: no column mask (vector loads)
     EVEN_R: tl.constexpr,  # R % BLOCK_R == 0: no rank mask (vector loads of S and L)
     INPUT_PRECISION: tl.constexpr,
@@ -129,7 +132,9 @@ def lora_skinny_kernel(
                              m_in[:, None] & c_in[None, :], UPCAST)
             if DROPOUT:
                 # Multiply (not select) so that NaN/Inf propagate as in x * mask.
-                t = t * keep_mask(seed, offs_m, c0, C, p, BLOCK_C, OFFSET_INT64).to(t.dtype)
+                t = t * keep_mask(seed, offs_m, c0, C,
+                                  rows_dropout_p(p, drp_ptr, ids_ptr, offs_m, m_in, stride_ids, ROW_P), BLOCK_C,
+                                  OFFSET_INT64).to(t.dtype)
             if SHRINK:
                 sh_acc = tl.dot(t, s, sh_acc, input_precision=INPUT_PRECISION)
             if TN:
@@ -263,15 +268,17 @@ def _reduction_shape(numel: int, numel2: int, has_acc: bool, has_acc2: bool, sec
 
 
 def _launch(t, s, l, sh, tn, cs, w, adapters, m_start, m_end, rows_per_prog, cols_per_prog, grid, *, sh_scale,
-            tn_scale, dropout_p, seed, config, input_precision):
+            tn_scale, dropout_p, seed, config, input_precision, dropout_rows=None):
     M, C = t.shape
     r = s.shape[1] if s is not None else l.shape[1] if l is not None else 0  # (0: a column sum alone)
     dummy = t
+    row_p = dropout_rows is not None and dropout_p > 0.0
     lora_skinny_kernel[grid](
         t, s if s is not None else dummy, l if l is not None else dummy,
         sh if sh is not None else dummy, tn if tn is not None else dummy, cs if cs is not None else dummy,
         w if w is not None else dummy,
-        *(adapters if adapters is not None else (dummy, dummy, dummy)),
+        *(adapters if adapters is not None else (dropout_rows.row_ids if row_p else dummy, dummy, dummy)),
+        dropout_rows.p if row_p else dummy,
         M, C, r, m_start, m_end, rows_per_prog, cols_per_prog // config.block_c,
         *t.stride(),
         *(s.stride() if s is not None else (0, 0)),
@@ -280,11 +287,11 @@ def _launch(t, s, l, sh, tn, cs, w, adapters, m_start, m_end, rows_per_prog, col
         *(tn.stride() if tn is not None else (0, 0, 0)),
         cs.stride(0) if cs is not None else 0,
         w.stride(0) if w is not None else 0,
-        adapters.row_ids.stride(0) if adapters is not None else 0,
+        adapters.row_ids.stride(0) if adapters is not None else dropout_rows.row_ids.stride(0) if row_p else 0,
         float(sh_scale), float(tn_scale), float(dropout_p), seed_arg(seed, t.device),
         OFFSET_INT64=mask_counters_int64(M, C),
         **_launch_constexprs(C, r, s is not None, l is not None, cs is not None, w is not None,
-                             adapters is not None, dropout_p > 0.0,
+                             adapters is not None, dropout_p > 0.0, row_p,
                              is_interpreted(lora_skinny_kernel) and t.dtype == torch.bfloat16, input_precision,
                              config),
     )
@@ -292,11 +299,12 @@ def _launch(t, s, l, sh, tn, cs, w, adapters, m_start, m_end, rows_per_prog, col
 
 @functools.lru_cache(maxsize=4096)  # (host time per call: the same shapes come back every step)
 def _launch_constexprs(C: int, r: int, shrink: bool, tn: bool, colsum: bool, row_scale: bool, adapters: bool,
-                       dropout: bool, upcast: bool, input_precision: str, config: SkinnyConfig):
+                       dropout: bool, row_p: bool, upcast: bool, input_precision: str, config: SkinnyConfig):
     block_r = block_r_for(r, config.max_block_r)
     return types.MappingProxyType(dict(
         SHRINK=shrink, TN=tn, COLSUM=colsum, ROW_SCALE=row_scale, ADAPTERS=adapters,
         DROPOUT=dropout,
+        ROW_P=row_p,
         UPCAST=upcast,
         EVEN_C=C % config.block_c == 0,
         EVEN_R=r % block_r == 0,
@@ -381,6 +389,7 @@ def skinny_pass(
     sh_scale: float = 1.0,
     row_scale: torch.Tensor | None = None,
     adapters: AdapterColumns | None = None,
+    dropout_rows: DropoutRows | None = None,
     tn_scale: float = 1.0,
     dropout_p: float = 0.0,
     seed: int | torch.Tensor = 0,
@@ -399,12 +408,15 @@ def skinny_pass(
       with ``tn_transposed``, in ``tn_dtype``, when ``tn_left`` (M, r) fp32 is given;
     * ``cs = drop(t).sum(0)`` — (C,) in ``colsum_dtype``, when ``colsum``.
 
-    ``drop(t) = t ⊙ keep(seed, p)`` (the caller folds 1/(1-p) into the scales).
+    ``drop(t) = t ⊙ keep(seed, p)`` (the caller folds 1/(1-p) into the scales);
+    with ``dropout_rows`` (:class:`~fused_lora.kernels.common.DropoutRows`)
+    each row's keep-mask drawn with its adapter's probability.
     """
     M, C = t.shape
     dev = t.device
     check_row_scale("skinny_pass", row_scale, shrink, M)  # (SHRINK's rows)
     check_adapter_columns("skinny_pass", adapters, shrink, M, row_scale)
+    check_dropout_rows("skinny_pass", dropout_rows, M, adapters)
     r = shrink.shape[1] if shrink is not None else (tn_left.shape[1] if tn_left is not None else 0)
     tn_dtype = tn_dtype or torch.float32
     colsum_dtype = colsum_dtype or torch.float32
@@ -430,7 +442,7 @@ def skinny_pass(
                 tn_left=tn_left[:, r0:r1] if tn_left is not None else None,
                 colsum=colsum and r0 == 0, sh_scale=sh_scale, row_scale=row_scale,
                 adapters=adapters.columns(r0, r1) if adapters is not None else None, tn_scale=tn_scale,
-                dropout_p=dropout_p, seed=seed, tn_transposed=tn_transposed, tn_dtype=tn_dtype,
+                dropout_rows=dropout_rows, dropout_p=dropout_p, seed=seed, tn_transposed=tn_transposed, tn_dtype=tn_dtype,
                 colsum_dtype=colsum_dtype, input_precision=input_precision)
             if sh_c is not None:
                 sh_out[:, r0:r1] = sh_c
@@ -466,7 +478,7 @@ def skinny_pass(
         _launch(t, shrink, tn_left, sh_parts, tn_view if tn_left is not None else None, cs_parts, row_scale,
                 adapters, m0, m1, rows_per_prog, cols_per_prog, (n_splits, split_c),
                 sh_scale=sh_scale, tn_scale=tn_scale, dropout_p=dropout_p, seed=seed,
-                config=config, input_precision=input_precision)
+                config=config, input_precision=input_precision, dropout_rows=dropout_rows)
         last = m1 == M
         jobs = []  # this chunk's reductions (two a launch; the last chunk's with SHRINK's)
         if tn_parts is not None and not direct:

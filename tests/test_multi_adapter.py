@@ -39,19 +39,21 @@ def _ids(lead, n, per_sample=False):
 
 def _oracle(x, w, b, lora_a, lora_b, ids, scalings, dy, p, seed, wanted):
     """float64: the base, plus adapter i's own term on the rows of id i,
-    adapter by adapter; output and the gradients ``wanted`` of (x, weight,
-    bias, lora_A[i], lora_B[i])."""
+    adapter by adapter, its x dropped with its probability (``p``: one for
+    all, or one an adapter); output and the gradients ``wanted`` of (x,
+    weight, bias, lora_A[i], lora_B[i])."""
     leaf = lambda t: t.detach().double().requires_grad_()  # noqa: E731
     x64, w64 = leaf(x), leaf(w)
     b64 = leaf(b) if b is not None else None
     a64, bb64 = [leaf(a) for a in lora_a], [leaf(bb) for bb in lora_b]
     ids = ids.reshape(*ids.shape, *(1,) * (x.dim() - 1 - ids.dim())).expand(x.shape[:-1])
-    dropped = x64
-    if p > 0:
-        keep = fused_lora.dropout_mask(seed, (x.shape[:-1].numel(), x.shape[-1]), p, device=x.device)
-        dropped = x64 * keep.view(x.shape).double() / (1 - p)
     y = F.linear(x64, w64, b64)
     for i, (a, bb) in enumerate(zip(a64, bb64)):
+        p_i = p[i] if isinstance(p, (list, tuple)) else p
+        dropped = x64
+        if p_i > 0:
+            keep = fused_lora.dropout_mask(seed, (x.shape[:-1].numel(), x.shape[-1]), p_i, device=x.device)
+            dropped = x64 * keep.view(x.shape).double() / (1 - p_i)
         on = (ids == i).double().unsqueeze(-1)
         y = y + on * (scalings[i] * F.linear(F.linear(dropped, a), bb))
     named = {"x": x64, "weight": w64, "bias": b64}
@@ -100,6 +102,42 @@ def test_each_row_runs_its_own_adapter(strategy, dtype, p, lead, layout, ranks):
     forced = fused_lora.dispatch.force_strategy(strategy) if strategy else contextlib.nullcontext()
     with forced:
         _run_and_check(x, w, b, lora_a, lora_b, ids, scalings, p, 7, dtype)
+
+
+@pytest.mark.parametrize("strategy", [None, "in_loop", "split", "hybrid"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_each_adapter_its_own_dropout_probability(strategy, dtype):
+    """``dropout_p`` of one probability an adapter: each row's x dropped with
+    its adapter's (0 included), on every strategy, forward and every
+    gradient, as each adapter on its own rows with its own mask; the same
+    random numbers as one probability's mask (where all are equal, the one
+    mask itself)."""
+    k, n = 45, 37
+    x = make_x((57, k), dtype, "strided").requires_grad_()
+    w, b, _, _ = make_params(k, n, 1, dtype, True)
+    w.requires_grad_()
+    lora_a, lora_b = _adapters(k, n, (4, 1, 8, 2), dtype)
+    scalings = [2.0, 0.5, 1.0, 3.0]
+    ids = _ids((57,), 4)
+    forced = fused_lora.dispatch.force_strategy(strategy) if strategy else contextlib.nullcontext()
+    with forced:
+        _run_and_check(x, w, b, lora_a, lora_b, ids, scalings, [0.1, 0.5, 0.0, 0.25], 11, dtype)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_adapter_dropout_probabilities_through_a_chunked_rank_and_3d_x(backend):
+    """Ranks 16 and 64 (above the in-loop shrink's tile: the rank runs in
+    chunks), a permuted 3-D x, two probabilities; and the one probability
+    given as a list of equal ones is the float's call, bit for bit."""
+    dtype = F16 if backend == "triton" else F32
+    x = make_x((2, 150, 45), dtype, "permuted").requires_grad_()
+    w, b, _, _ = make_params(45, 37, 1, dtype, True)
+    lora_a, lora_b = _adapters(45, 37, (16, 64), dtype)
+    ids = _ids((2, 150), 2)
+    _run_and_check(x, w, b, lora_a, lora_b, ids, [0.5, 1.0], [0.3, 0.05], 4, dtype, backend)
+    same = [fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=[0.5, 1.0], dropout_p=p, seed=4,
+                                         backend=backend) for p in (0.2, [0.2, 0.2])]
+    assert torch.equal(*same)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -282,6 +320,9 @@ def _bad_call(change):
      r"adapter 1 .*lora_B must have shape \(out_features=5, r=0\)"),
     (lambda kw: kw.update(scaling=[1.0]), ValueError, r"one scale per adapter \(2\), got 1"),
     (lambda kw: kw.update(scaling=[1.0, math.inf]), ValueError, "scaling must be finite"),
+    (lambda kw: kw.update(dropout_p=[0.1]), ValueError, r"dropout_p must hold one probability per adapter \(2\), got 1"),
+    (lambda kw: kw.update(dropout_p=[0.1, 1.0]), ValueError, r"dropout_p\[1\] must be in \[0, 1\), got 1.0"),
+    (lambda kw: kw.update(dropout_p=[0.1, "0.2"]), TypeError, r"dropout_p\[1\] must be a float"),
     (lambda kw: kw.update(adapter_ids=kw["adapter_ids"].float()), TypeError, "adapter_ids must be an integer"),
     (lambda kw: kw.update(adapter_ids=kw["adapter_ids"] > 0), TypeError, "adapter_ids must be an integer"),
     (lambda kw: kw.update(adapter_ids=[0, 1]), TypeError, "adapter_ids must be a torch.Tensor"),
@@ -346,10 +387,11 @@ def test_a_cuda_graph_captures_adapters_of_scales_no_call_had_before():
     assert torch.equal(static, step([0.25, 3.0]))
 
 
-def test_compile_fullgraph_one_frame():
+@pytest.mark.parametrize("dropout", [0.2, [0.3, 0.1]], ids=["one_p", "p_an_adapter"])
+def test_compile_fullgraph_one_frame(dropout):
     """torch.compile traces the whole call, ids unchecked (their NaN rows the
     kernels' own doing), into one frame: the same outputs and gradients as
-    eager."""
+    eager (one dropout probability, or one an adapter)."""
     import torch._dynamo.testing
 
     x = make_x((2, 7, 24), F32).requires_grad_()
@@ -358,8 +400,8 @@ def test_compile_fullgraph_one_frame():
     ids = torch.tensor([1, 0], device=DEVICE)
 
     def step(x, lora_a, lora_b, ids):
-        y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=[0.5, 2.0], dropout_p=0.2, seed=3,
-                                         backend="triton")
+        y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=[0.5, 2.0], dropout_p=dropout,
+                                         seed=3, backend="triton")
         return y.square().sum()
 
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
@@ -374,6 +416,44 @@ def test_compile_fullgraph_one_frame():
         assert torch.equal(g, h)
     bad = compiled(x, lora_a, lora_b, torch.tensor([2, 0], device=DEVICE))  # (unchecked: NaN, not an error)
     assert torch.isnan(bad)
+
+
+def test_the_ops_pass_opcheck_with_each_adapters_dropout_probability():
+    """The registered ops with the adapters' columns and ``adapter_p`` (their
+    schema, fakes and autograd: torch.library.opcheck), and
+    ``LoRALinearFunction`` taking them, as multi_lora_linear computes."""
+    x = make_x((3, 5, 32), F32).requires_grad_()
+    w, b, _, _ = make_params(32, 16, 1, F32, True)
+    lora_a, lora_b = _adapters(32, 16, (3, 5), F32)
+    ids = torch.tensor([[0, 1, -1, 1, 0]] * 3, dtype=torch.int32, device=DEVICE)
+    a, bb = torch.cat(lora_a).detach().requires_grad_(), torch.cat(lora_b, 1).detach().requires_grad_()
+    rank_ids = torch.tensor([0] * 3 + [1] * 5, dtype=torch.int32, device=DEVICE)
+    rank_scaling = torch.tensor([0.5 / 0.7] * 3 + [2.0 / 0.9] * 5, device=DEVICE)
+    adapter_p = torch.tensor([0.3, 0.1], device=DEVICE)
+    seed = torch.tensor(7)
+    extra = ("", None, ids, rank_ids, rank_scaling, None, None, adapter_p)
+    torch.library.opcheck(torch.ops.fused_lora.lora_linear_fwd.default, (x, w, b, a, bb, 1.0, 0.3, seed, *extra))
+    y, xa = torch.ops.fused_lora.lora_linear_fwd(x, w, b, a, bb, 1.0, 0.3, seed, *extra)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.fused_lora.lora_linear_bwd.default,
+                          (dy, x.detach(), w, a.detach(), bb.detach(), xa.detach(), 1.0, 0.3, seed,
+                           True, False, True, True, True, *extra))
+    eager = fused_lora.multi_lora_linear(x, w, [a[:3], a[3:]], [bb[:, :3], bb[:, 3:]], ids, b, scaling=[0.5, 2.0],
+                                         dropout_p=[0.3, 0.1], seed=7, backend="triton")
+    assert torch.equal(y, eager)
+    function = fused_lora.LoRALinearFunction.apply(x, w, b, a, bb, 1.0, 0.3, seed, None, ids, rank_ids, rank_scaling,
+                                                    None, None, adapter_p)
+    assert torch.equal(function, eager)
+    for got, want in zip(torch.autograd.grad(function, (x, a, bb), dy),
+                         torch.autograd.grad(eager, (x, a, bb), dy)):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="adapter_p holds the adapters' dropout probabilities: it comes with "
+                                         "adapter_ids, rank_ids and rank_scaling"):
+        fused_lora.LoRALinearFunction.apply(x, w, b, a, bb, 1.0, 0.3, seed, None, None, None, None, None, None,
+                                            adapter_p)
+    with pytest.raises(ValueError, match=r"adapter_p must be a contiguous float32 tensor .* got a torch.float64"):
+        fused_lora.LoRALinearFunction.apply(x, w, b, a, bb, 1.0, 0.3, seed, None, ids, rank_ids, rank_scaling,
+                                            None, None, adapter_p.double())
 
 
 def test_the_benchmarks_baseline_computes_the_same():

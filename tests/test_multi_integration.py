@@ -284,9 +284,8 @@ def test_load_adapter_refusals_change_nothing(tmp_path):
     with pytest.raises(AdapterFileError, match=r"use_rslora=True in the file, False in the model's layer"):
         fused_lora.load_adapter(model, tmp_path / "rs", adapter=0)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    with pytest.warns(UserWarning, match=r"lora_dropout is 0.2; the layers' adapters share one dropout, kept as it "
-                                         r"was \(0\)"):
-        fused_lora.load_adapter(model, tmp_path / "dp", adapter=0)
+    fused_lora.load_adapter(model, tmp_path / "dp", adapter=0)  # (its dropout taken, adapter 0's alone)
+    assert all(m.dropouts == (0.2, 0.0, 0.0) for m in fused_lora.integration.multi_fused_layers(model).values())
     plain = tiny_llama()
     fused_lora.inject(plain, TARGETS, r=4)
     with pytest.raises(ValueError, match=r"adapter=0 picks one of the adapters of inject_multi's layers; the model "
@@ -681,6 +680,56 @@ def test_load_adapters_trains_each_adapter_on_its_own_rows(tmp_path):
                 layer = model.get_submodule(name)
                 assert_close(layer.lora_A[i].grad, m.lora_A["default"].weight.grad, rtol=1e-4)
                 assert_close(layer.lora_B[i].grad, m.lora_B["default"].weight.grad, rtol=1e-4)
+
+
+def test_each_adapter_keeps_its_own_dropout(tmp_path):
+    """load_adapters takes each file's lora_dropout for its adapter (a
+    layer's adapters of other probabilities: each row of a batch dropped
+    with its adapter's); save_adapter and to_peft give each adapter's back;
+    load_adapter(adapter=i) sets adapter i's alone."""
+    dirs = []
+    for i, (targets, r, p) in enumerate(((["q_proj", "v_proj"], 4, 0.3), (["q_proj", "k_proj"], 2, 0.1))):
+        torch.manual_seed(30 + i)
+        dirs.append(tmp_path / f"p{i}")
+        peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
+                                                          lora_dropout=p, init_lora_weights=False)
+                            ).save_pretrained(dirs[-1])
+    model = tiny_llama()
+    fused_lora.load_adapters(model, dirs)
+    layers = fused_lora.integration.multi_fused_layers(model)
+    assert layers and all(m.dropouts == (0.3, 0.1) for m in layers.values())
+    q = layers["model.layers.0.self_attn.q_proj"]
+    assert q.dropout == (0.3, 0.1) and "dropout=[0.3, 0.1]" in repr(q)
+    for i, p in enumerate((0.3, 0.1)):
+        fused_lora.save_adapter(model, tmp_path / f"back{i}", adapter=i)
+        assert json.loads((tmp_path / f"back{i}" / "adapter_config.json").read_text())["lora_dropout"] == p
+    peft_model = fused_lora.to_peft(copy.deepcopy(model), adapter_names=["first", "second"])
+    twin = peft_model.base_model.model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert twin.lora_dropout["first"].p == 0.3 and twin.lora_dropout["second"].p == 0.1
+    # training: each row's mask its adapter's (the kernels against the oracle: test_multi_adapter.py); the
+    # rows of the base alone, and every row in eval mode, undropped
+    x = tokens(seed=3)
+    ids = torch.tensor([0, 1, -1, 0, 1], device=DEVICE)
+    model.train()
+    with fused_lora.adapter_ids(model, ids):
+        trained = model(input_ids=x).logits
+        trained.sum().backward()
+    with torch.no_grad(), fused_lora.adapter_ids(model, ids):
+        evaluated = model.eval()(input_ids=x).logits
+    assert torch.isfinite(trained).all() and torch.equal(trained[2], evaluated[2])
+    assert not torch.allclose(trained[0], evaluated[0]) and not torch.allclose(trained[1], evaluated[1])
+    assert all(p.grad is not None for p in fused_lora.adapter_parameters(model, 1))
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "k_proj"], lora_dropout=0.25,
+                                                      init_lora_weights=False)).save_pretrained(tmp_path / "again")
+    fused_lora.load_adapter(model, tmp_path / "again", adapter=1)
+    assert q.dropouts == (0.3, 0.25)
+    with pytest.raises(ValueError, match=r"dropout must be one probability for every adapter, or one an adapter "
+                                         r"\(2\), got 3"):
+        q.dropout = [0.1, 0.2, 0.3]
+    with pytest.raises(ValueError, match=r"dropout\[1\] must be in \[0, 1\), got 1.5"):
+        q.dropout = [0.1, 1.5]
+    q.dropout = 0.05
+    assert q.dropouts == (0.05, 0.05) and q.dropout == 0.05
 
 
 def test_load_adapters_refusals_leave_the_model_as_it_was(tmp_path):
