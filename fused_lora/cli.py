@@ -153,6 +153,10 @@ def check_cases(on_gpu: bool) -> list[dict]:
         # two adapters side by side (multi_lora_linear), each row through its own: where the row scale is
         case(small_m, 16, dtype, "in_loop", 0.1, train_base=False, adapters=True)
         case(shapes[1], 64, dtype, "split", 0.0, train_base=True, adapters=True)
+        # each adapter its own dropout probability: each row's mask threshold its adapter's (the in-loop
+        # forward's and dx's masks, split along K; the skinny forward's and dA's)
+        case(small_m, 16, dtype, "in_loop", 0.1, train_base=False, adapters="dropouts")
+        case(shapes[1], 64, dtype, "split", 0.1, train_base=False, adapters="dropouts")
         # DoRA (dora_linear): the fused op on x, or on drop(x) (its own dropout off), scaled by column
         case(small_m, 16, dtype, "in_loop", 0.0, train_base=False, dora=True)
         case(shapes[0], 16, dtype, "split", 0.1, train_base=True, dora=True)
@@ -226,7 +230,8 @@ def cmd_check(args) -> int:
                               f"{' +train-base' if case['train_base'] else ''}{' +tma' if case['tma'] else ''}"
                               f"{' +persistent' if case['persistent'] else ''}"
                               f"{' +row-scale' if case['row_scaled'] else ''}"
-                              f"{' +adapters' if case['adapters'] else ''}"
+                              f"{' +adapter-dropouts' if case['adapters'] == 'dropouts' else ''}"
+                              f"{' +adapters' if case['adapters'] is True else ''}"
                               f"{' +dora' if case['dora'] else ''}"
                               f"{quantized_label}"
                               f"{' +whole' if plan.dequantize_base else ''}"

@@ -204,7 +204,8 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
     split between two adapters (``r // 4`` and the rest, r >= 2) of scales
     ``scaling`` and ``2·scaling``, through :func:`fused_lora.multi_lora_linear`
     with random ids in [-1, 2), each among them (dlora_A and dlora_B: the two adapters'
-    gradients side by side). ``dora``: :func:`fused_lora.dora_linear` with a
+    gradients side by side); ``adapters="dropouts"`` likewise, the two
+    adapters of dropout probabilities ``dropout_p`` and ``dropout_p / 2``. ``dora``: :func:`fused_lora.dora_linear` with a
     random magnitude (0.5 to 1.5), against the reference's DoRA (with
     ``dmagnitude``). ``quantized``: the base quantized, ``True`` or
     ``"int8"`` to int8 (:func:`fused_lora.quantize_int8`), ``"nf4"`` to NF4
@@ -240,7 +241,8 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
         row_scale = torch.rand(lead, device=device) + 0.5
         row_scale.view(-1)[::3] = 0.0
     if adapters:
-        return _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale, weight_code)
+        return _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale, weight_code,
+                                     dropouts=adapters == "dropouts")
     if dora:
         return _dora_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale, weight_code)
     y = fused_lora.lora_linear(x, w, a, bb, b, scaling=scaling, dropout_p=dropout_p, seed=seed, row_scale=row_scale,
@@ -255,8 +257,9 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
 
 
 def _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale=None,
-                          weight_code=None) -> dict[str, float]:
-    """:func:`parity_case` with ``adapters`` (and ``quantized``: a quantized ``w`` with its ``weight_scale``)."""
+                          weight_code=None, dropouts=False) -> dict[str, float]:
+    """:func:`parity_case` with ``adapters`` (and ``quantized``: a quantized ``w`` with its ``weight_scale``;
+    ``adapters="dropouts"``: each adapter its own dropout probability, ``dropout_p`` and ``dropout_p / 2``)."""
     import fused_lora
     from fused_lora import reference
 
@@ -269,9 +272,10 @@ def _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weig
     ids = torch.randint(-1, 2, x.shape[:-1], device=x.device)
     ids.view(-1)[:3] = torch.arange(-1, 2, device=x.device)[:ids.numel()]  # (every id among the rows)
     scalings = [scaling, 2 * scaling]
+    ps = [dropout_p, dropout_p / 2] if dropouts else [dropout_p] * 2
     inputs = {"x": x, "weight": w, "bias": b}
     leaves = [inputs[g] for g in wanted if g in inputs] + lora_a + lora_b
-    y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=scalings, dropout_p=dropout_p, seed=seed,
+    y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=scalings, dropout_p=ps, seed=seed,
                                      weight_scale=weight_scale, weight_code=weight_code, backend="triton")
     if weight_scale is not None:
         w = dequantize_base(w, weight_scale, x.dtype, weight_code)
@@ -285,9 +289,15 @@ def _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weig
     leaves64 = {k: (v.detach().double().requires_grad_(k in wanted) if v is not None else None)
                 for k, v in named.items()}
     rank_ids = torch.tensor([0] * cut + [1] * (r - cut), device=x.device)
-    rank_scaling = torch.tensor([scalings[0]] * cut + [scalings[1]] * (r - cut), device=x.device)
+    adapter_p = None
+    if dropouts and dropout_p > 0:  # (each adapter's 1/(1-p_i) in its columns' scale, in float64 here)
+        scalings = [s / (1 - p) for s, p in zip(scalings, ps)]
+        adapter_p = torch.tensor(ps, dtype=torch.float64, device=x.device)
+    rank_scaling = torch.tensor([scalings[0]] * cut + [scalings[1]] * (r - cut), dtype=torch.float64,
+                                device=x.device)
     y64 = reference.lora_linear_checked(leaves64["x"], leaves64["weight"], leaves64["lora_A"], leaves64["lora_B"],
-                                        leaves64["bias"], 1.0, dropout_p, seed, None, (ids, rank_ids, rank_scaling))
+                                        leaves64["bias"], 1.0, dropout_p, seed, None, (ids, rank_ids, rank_scaling),
+                                        adapter_p=adapter_p)
     g64 = dict(zip(wanted, torch.autograd.grad(y64, [leaves64[k] for k in wanted], dy.double())))
     errors = {"y": normalized_error(y, y64.detach())}
     errors.update({f"d{name}": normalized_error(grads[name], g64[name]) for name in wanted})

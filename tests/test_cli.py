@@ -23,12 +23,14 @@ def test_check_passes_and_reports_json(capsys):
     paths = {row["path"] for row in report["rows"]}
     # (whether a row's forward splits K depends on the device's tiles; the small-M rows always do)
     assert {"in_loop +split-k", "split +dropout +train-base +split-k", "in_loop +dropout +split-k",
-            "in_loop +dropout +row-scale +split-k", "in_loop +dropout +adapters +split-k"} <= paths
+            "in_loop +dropout +row-scale +split-k", "in_loop +dropout +adapters +split-k",
+            "in_loop +dropout +adapter-dropouts +split-k"} <= paths
     assert {"in_loop", "split +train-base", "split +dropout", "hybrid +dropout +train-base",
             "split +train-base +tma", "split +dropout +tma", "in_loop +train-base +persistent",
             "split +dropout +persistent", "split +train-base +tma +persistent",
             "in_loop +dropout +row-scale", "split +train-base +row-scale", "in_loop +dropout +adapters",
-            "split +train-base +adapters", "in_loop +dora", "split +dropout +train-base +dora"} <= {
+            "split +train-base +adapters", "split +dropout +adapter-dropouts", "in_loop +dora",
+            "split +dropout +train-base +dora"} <= {
                 path.removesuffix(" +split-k") for path in paths}
     for row in report["rows"]:
         assert row["passed"] and 0 <= row["worst"] <= row["tolerance"]

@@ -12,7 +12,7 @@ import triton.language as tl
 import fused_lora
 from fused_lora.dropout import halves16, keep_threshold, philox4x32, philox_randint4x
 from fused_lora.kernels import gemm, skinny
-from fused_lora.kernels.common import keep_mask, seed_arg
+from fused_lora.kernels.common import keep_mask, rows_dropout_p, seed_arg
 from lora_testing import DEVICE, assert_close, make_params, make_x
 
 
@@ -177,6 +177,38 @@ def test_a_slice_of_rows_is_that_slice_of_the_mask():
     held = torch.tensor(7, dtype=torch.int32, device=DEVICE)
     assert torch.equal(fused_lora.dropout_mask(held, (m, k), p, rows=[3, 11]), whole[3:11])
     assert fused_lora.dropout_mask(7, (m, k), 0.0, rows=(2, 9)).shape == (7, k)
+
+
+@triton.jit
+def _row_p_kernel(keep_ptr, ids_ptr, drp_ptr, seed, n_cols, M, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    p = rows_dropout_p(0.9, drp_ptr, ids_ptr, rows, rows < M, 1, True)  # (0.9: the scalar, not read)
+    keep = keep_mask(seed, rows, 0, n_cols, p, BLOCK_C, False)
+    tl.store(keep_ptr + rows[:, None] * BLOCK_C + cols[None, :], keep.to(tl.int8))
+
+
+def test_a_probability_a_row_is_each_rows_own_mask():
+    """Several adapters' dropout (``DropoutRows``): the kernels' mask with
+    each row's probability its adapter's, looked up by its id (none on a row
+    of id -1 or below), is each row of the one-probability mask of that
+    probability; so is ``dropout_mask`` given a probability a row, and its
+    slices."""
+    m, k, seed = 13, 45, 99
+    table = torch.tensor([0.1, 0.5, 0.0, 0.25], device=DEVICE)
+    ids = torch.tensor([0, 1, -1, 2, 3, -2, 1, 0, 3, 3, -1, 2, 1], dtype=torch.int32, device=DEVICE)
+    keep = torch.full((16, 64), -1, dtype=torch.int8, device=DEVICE)
+    _row_p_kernel[(1,)](keep, ids, table, seed, k, m, BLOCK_M=16, BLOCK_C=64)
+    p_rows = torch.where(ids >= 0, table[ids.clamp(min=0).long()], 0.0)
+    expected = torch.stack([fused_lora.dropout_mask(seed, (m, k), float(p_rows[i]), device=DEVICE)[i]
+                            for i in range(m)])
+    assert torch.equal(keep[:m, :k].bool(), expected)
+    assert expected[ids < 0].all() and not expected[ids == 1].all()
+    assert torch.equal(fused_lora.dropout_mask(seed, (m, k), p_rows), expected)
+    assert torch.equal(fused_lora.dropout_mask(seed, (m, k), p_rows, rows=(4, 9)), expected[4:9])
+    with pytest.raises(ValueError, match=r"p must be a float or a floating-point tensor of one probability a row, "
+                                         r"\(13,\), for shape \(13, 45\); got a torch.float32 tensor of shape \(12,\)"):
+        fused_lora.dropout_mask(seed, (m, k), p_rows[:12])
 
 
 @pytest.mark.parametrize("rows, err", [
