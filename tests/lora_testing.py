@@ -22,6 +22,21 @@ from fused_lora.testing import (  # noqa: F401
 )
 
 
+def opcheck_lora_ops(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, extra):
+    """``torch.library.opcheck`` of the forward op on these arguments
+    (``extra``: its arguments after ``seed``), then of the backward op on its
+    outputs (dx, db, dA and dB asked for); returns the forward's ``(y, xa)``
+    and the ``dy`` the backward took."""
+    args = (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *extra)
+    torch.library.opcheck(torch.ops.fused_lora.lora_linear_fwd.default, args)
+    y, xa = torch.ops.fused_lora.lora_linear_fwd(*args)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.fused_lora.lora_linear_bwd.default,
+                          (dy, x.detach(), weight, lora_A.detach(), lora_B.detach(), xa.detach(), scaling, dropout_p,
+                           seed, True, False, True, True, True, *extra))
+    return y, xa, dy
+
+
 def count_launches(monkeypatch, module, kernel: str) -> list:
     """The grids of ``module.kernel``'s launches from now on, in order. The
     counter is of the kernel's own type, with its state: a launcher that asks

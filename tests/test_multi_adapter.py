@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import fused_lora
 from fused_lora import ops
 from fused_lora.dropout import draw_seed_tensor
-from lora_testing import DEVICE, assert_close, make_params, make_x
+from lora_testing import DEVICE, assert_close, make_params, make_x, opcheck_lora_ops
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -432,12 +432,7 @@ def test_the_ops_pass_opcheck_with_each_adapters_dropout_probability():
     adapter_p = torch.tensor([0.3, 0.1], device=DEVICE)
     seed = torch.tensor(7)
     extra = ("", None, ids, rank_ids, rank_scaling, None, None, adapter_p)
-    torch.library.opcheck(torch.ops.fused_lora.lora_linear_fwd.default, (x, w, b, a, bb, 1.0, 0.3, seed, *extra))
-    y, xa = torch.ops.fused_lora.lora_linear_fwd(x, w, b, a, bb, 1.0, 0.3, seed, *extra)
-    dy = torch.randn_like(y)
-    torch.library.opcheck(torch.ops.fused_lora.lora_linear_bwd.default,
-                          (dy, x.detach(), w, a.detach(), bb.detach(), xa.detach(), 1.0, 0.3, seed,
-                           True, False, True, True, True, *extra))
+    y, _, dy = opcheck_lora_ops(x, w, b, a, bb, 1.0, 0.3, seed, extra)
     eager = fused_lora.multi_lora_linear(x, w, [a[:3], a[3:]], [bb[:, :3], bb[:, 3:]], ids, b, scaling=[0.5, 2.0],
                                          dropout_p=[0.3, 0.1], seed=7, backend="triton")
     assert torch.equal(y, eager)

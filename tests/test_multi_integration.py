@@ -730,6 +730,12 @@ def test_each_adapter_keeps_its_own_dropout(tmp_path):
         q.dropout = [0.1, 1.5]
     q.dropout = 0.05
     assert q.dropouts == (0.05, 0.05) and q.dropout == 0.05
+    other = tiny_llama()
+    fused_lora.inject_multi(other, ["q_proj"], ranks=[2, 3], dropout=[0.1, 0.2])
+    assert all(m.dropouts == (0.1, 0.2) for m in fused_lora.integration.multi_fused_layers(other).values())
+    with pytest.raises(ValueError, match=r"dropout must be one probability for every adapter, or one an adapter "
+                                         r"\(2\), got 1"):
+        fused_lora.inject_multi(tiny_llama(), ["q_proj"], ranks=[2, 3], dropout=[0.1])
 
 
 def test_load_adapters_refusals_leave_the_model_as_it_was(tmp_path):

@@ -251,23 +251,37 @@ def test_inject_takes_a_model_of_nf4_and_fp4_linear4bit():
     assert_close(model(input_ids=ids).logits, float_model(input_ids=ids).logits.double(), F32, "logits")
 
 
+def _saved_llama(path, seed: int, layers: int):
+    """A tiny Llama (vocabulary 61) saved to ``path`` by transformers."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+
+
+def _in_4_bits(quant_type: str = "nf4"):
+    """transformers' 4-bit loading (QLoRA's, computing in fp32), on CPU here."""
+    pytest.importorskip("bitsandbytes")
+    if DEVICE.type != "cpu":
+        pytest.skip("bitsandbytes' 4-bit loading is checked on CPU here")
+    import transformers
+
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                           bnb_4bit_compute_dtype=F32)
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_inject_fuses_a_model_transformers_loaded_in_4_bits(tmp_path, quant_type):
     """``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True,
     bnb_4bit_quant_type="nf4"))`` (QLoRA's loading, on CPU; and "fp4",
     transformers' default): inject fuses every Linear4bit as it is; with a
     fresh adapter it is the float model on Ŵ, and the adapters train."""
-    pytest.importorskip("bitsandbytes")
-    if DEVICE.type != "cpu":
-        pytest.skip("bitsandbytes' 4-bit loading is checked on CPU here")
+    quantization = _in_4_bits(quant_type)
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(6)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
-    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                                                   bnb_4bit_compute_dtype=F32)
+    _saved_llama(tmp_path, 6, 2)
     model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization,
                                                           device_map="cpu")
     ids = torch.randint(0, 61, (2, 9))
@@ -368,9 +382,7 @@ def test_a_dequantized_merge_of_a_transformers_quantized_model_saves_a_float_che
         pytest.skip("transformers' quantized loading is checked on CPU here")
     transformers = pytest.importorskip("transformers")
     if quantizer.startswith("bitsandbytes"):
-        pytest.importorskip("bitsandbytes")
-        quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_compute_dtype=F32)
+        quantization = _in_4_bits()
     else:
         torchao = pytest.importorskip("torchao")
         try:
@@ -378,10 +390,7 @@ def test_a_dequantized_merge_of_a_transformers_quantized_model_saves_a_float_che
             quantization = transformers.TorchAoConfig(Int8WeightOnlyConfig())
         except (ImportError, ValueError) as err:
             pytest.skip(f"torchao {torchao.__version__} with transformers {transformers.__version__}: {err}")
-    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(9)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    _saved_llama(tmp_path / "base", 9, 1)
 
     def load():
         return transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization,
@@ -436,17 +445,10 @@ def test_transformers_trainer_trains_an_injected_model_loaded_in_4_bits(tmp_path
     it, checkpoints it, and a run resumed from the first step's checkpoint
     ends with the uninterrupted run's adapters, bit for bit. unload gives
     back the Linear4bit layers and ``is_quantized`` (True)."""
-    pytest.importorskip("bitsandbytes")
-    if DEVICE.type != "cpu":
-        pytest.skip("bitsandbytes' 4-bit loading is checked on CPU here")
+    quantization = _in_4_bits()
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(3)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
-    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                   bnb_4bit_compute_dtype=F32)
+    _saved_llama(tmp_path / "base", 3, 1)
     args = transformers.TrainingArguments(str(tmp_path / "run"), max_steps=2, save_steps=1, per_device_train_batch_size=4,
                                           learning_rate=1e-2, use_cpu=True, report_to=[], disable_tqdm=True)
 

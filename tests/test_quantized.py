@@ -18,7 +18,7 @@ from fused_lora import dispatch, ops, quant, reference
 from fused_lora.kernels import configs, gemm
 from fused_lora.kernels.common import poison_outputs
 from fused_lora.testing import parity_case
-from lora_testing import DEVICE, DTYPES, TOLERANCE, assert_close, make_params, make_x
+from lora_testing import DEVICE, DTYPES, TOLERANCE, assert_close, make_params, make_x, opcheck_lora_ops
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -300,12 +300,7 @@ def test_the_ops_pass_opcheck_and_compile_with_a_quantized_base(fmt):
     bb.requires_grad_()
     extra = ("", None, None, None, None, scale, code)
     seed = torch.tensor(7)
-    torch.library.opcheck(torch.ops.fused_lora.lora_linear_fwd.default, (x, q, b, a, bb, 1.5, 0.2, seed, *extra))
-    y, xa = torch.ops.fused_lora.lora_linear_fwd(x, q, b, a, bb, 1.5, 0.2, seed, *extra)
-    dy = torch.randn_like(y)
-    torch.library.opcheck(torch.ops.fused_lora.lora_linear_bwd.default,
-                          (dy, x.detach(), q, a.detach(), bb.detach(), xa.detach(), 1.5, 0.2, seed,
-                           True, False, True, True, True, *extra))
+    y, _, dy = opcheck_lora_ops(x, q, b, a, bb, 1.5, 0.2, seed, extra)
     grads = torch.autograd.grad(y, (x, a, bb), dy)  # (the op's own autograd)
     eager = fused_lora.lora_linear(x, q, a, bb, b, scaling=1.5, dropout_p=0.2, seed=7, weight_scale=scale,
                                    weight_code=code)
