@@ -711,8 +711,8 @@ def with_every_variant(jobs: list[Job]) -> list[Job]:
     """``jobs`` and, for each GEMM among them without a variant of its loads
     and stores, its copy with each one that applies: a masked K tail, a
     rank below its tile, no bias (the forward), the seed as a value and
-    64-bit mask counters (the passes with a mask), each row factor (the in-loop
-    passes), split-K's fp32 partials (not on the persistent grid), each on
+    64-bit mask counters and the adapters' dropout probabilities (the passes
+    with a mask), each row factor (the in-loop passes), split-K's fp32 partials (not on the persistent grid), each on
     its own. The default report compiles these on one tile of each pass;
     this compiles them on every GEMM it compiles, with pointers, TMA, the
     persistent grid and TF32 alike (some are combinations the dispatch never
@@ -728,7 +728,8 @@ def with_every_variant(jobs: list[Job]) -> list[Job]:
         if job.pass_name.startswith("forward"):
             variants.append(dict(bias=False))
         if job.pass_name.endswith("_dropout"):
-            variants += [dict(seed_value=True), dict(offset_int64=True)]
+            variants += [dict(seed_value=True), dict(offset_int64=True),
+                         ROW_P if "_in_loop" in job.pass_name else ROW_P_IDS_ONLY]
         if "_in_loop" in job.pass_name:
             variants += ROW_FACTORS
         if not job.persistent:

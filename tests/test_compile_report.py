@@ -242,7 +242,7 @@ def test_every_variant_compiles_each_variant_on_every_gemm():
     tile, with pointers, TMA, the persistent grid, TF32), its copy with each
     variant that applies, one at a time (by default they are compiled on one
     tile of each pass), and keeps every default job."""
-    variants = ("even_k", "even_r", "bias", "seed_value", "offset_int64", "row_scale", "adapters", "split_k")
+    variants = ("even_k", "even_r", "bias", "seed_value", "offset_int64", "row_scale", "adapters", "row_p", "split_k")
     for arch in (90, 80):
         default, every = compile_report.jobs_for(arch), compile_report.jobs_for(arch, every_variant=True)
         ids = [compile_report._job_id(j) for j in every]
@@ -257,15 +257,20 @@ def test_every_variant_compiles_each_variant_on_every_gemm():
                         "bias": job.pass_name.startswith("forward"),
                         "seed_value": job.pass_name.endswith("_dropout"),
                         "offset_int64": job.pass_name.endswith("_dropout"),
-                        "row_scale": "_in_loop" in job.pass_name, "adapters": "_in_loop" in job.pass_name}
+                        "row_scale": "_in_loop" in job.pass_name, "adapters": "_in_loop" in job.pass_name,
+                        # (the ids alone: dx's precomputed term; the in-loop passes with their columns, below)
+                        "row_p": job.pass_name == "dx_dropout"}
             for f in variants:
                 copy = dataclasses.replace(job, **{f: not flags[f]})
                 assert (compile_report._job_id(copy) in compiled) == expected[f], (job, f)
+            with_columns = dataclasses.replace(job, adapters=True, row_p=True)
+            assert (compile_report._job_id(with_columns) in compiled) == (
+                "_in_loop" in job.pass_name and job.pass_name.endswith("_dropout")), job
         for f in variants:  # (by default only some of them)
             with_f = [j for j in default if getattr(j, f) != flags[f]]
             assert 0 < len(with_f) < len([j for j in every if getattr(j, f) != flags[f]]), (arch, f)
         defaults = {compile_report._job_id(j) for j in default}
-        assert all(sum(getattr(j, f) != flags[f] for f in variants) == 1
+        assert all(sum(getattr(j, f) != flags[f] for f in variants) - (j.adapters and j.row_p) == 1
                    for j in every if compile_report._job_id(j) not in defaults)
 
 
