@@ -60,6 +60,7 @@ import functools
 import inspect
 import json
 import math
+import numbers
 import os
 import re
 import sys
@@ -1905,6 +1906,71 @@ def _peft_adapter_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if kinds and isinstance(m, kinds)]
 
 
+#: On a fused layer inside :func:`rescale_adapters`: how many blocks hold it
+#: (its ``merge()`` refuses meanwhile).
+RESCALED = "_fused_lora_rescaled"
+
+
+@contextlib.contextmanager
+def rescale_adapters(model: nn.Module, multiplier: float):
+    """Scale every adapter's term of ``model`` by ``multiplier`` inside the
+    block: each fused layer's ``alpha`` (each of :func:`inject_multi`'s
+    ``alphas``; with rsLoRA too: the scale is linear in alpha), and the
+    ``scaling`` of PEFT's LoRA layers where :func:`from_peft` left some, as
+    PEFT's ``peft.helpers.rescale_adapter_scale`` does (which finds PEFT's
+    layers alone: on a converted model it would scale those and leave the
+    fused ones as they are). With ``multiplier`` in [0, 1], WiSE-FT's
+    interpolation between the base and the adapted model; DoRA's norm takes
+    the scaled term too, as PEFT's. Blocks nest (the multipliers multiply);
+    each layer is put back as it was on exit, exceptions included.
+
+    Raises ValueError, changing nothing, on a model without adapters, or one
+    with a merged adapter (its weight holds the adapter at its own scale:
+    unmerge first); merging inside the block is refused likewise
+    (``LoRALinear.merge``). Adapter files written inside the block
+    (:func:`save_adapter`) hold the scaled alphas. TypeError for a
+    multiplier that is not a real number; ValueError for one not finite."""
+    _check_model(model)
+    if isinstance(multiplier, bool) or not isinstance(multiplier, numbers.Real):
+        raise TypeError(f"rescale_adapters: multiplier must be a real number, got {type(multiplier).__name__}")
+    multiplier = float(multiplier)
+    if not math.isfinite(multiplier):
+        raise ValueError(f"rescale_adapters: multiplier must be finite, got {multiplier}")
+    layers = list({id(layer): layer for layer in all_fused_layers(model).values()}.values())
+    lora_layer = getattr(sys.modules.get("peft.tuners.lora.layer"), "LoraLayer", None)
+    peft_layers = [m for m in model.modules() if isinstance(lora_layer, type) and isinstance(m, lora_layer)]
+    if not layers and not peft_layers:
+        raise ValueError("rescale_adapters: the model has no adapters to rescale")
+    merged = [n for n, layer in all_fused_layers(model).items() if getattr(layer, "merged", False)]
+    merged += [n for n, m in model.named_modules() if m in peft_layers and getattr(m, "merged", False)]
+    if merged:
+        raise ValueError(f"rescale_adapters: {', '.join(merged[:3])}{', ...' if len(merged) > 3 else ''} hold "
+                         "their adapter merged into the base weight, at its own scale: unmerge first")
+    saved = [(layer, layer.alphas if isinstance(layer, MultiLoRALinear) else layer.alpha) for layer in layers]
+    peft_saved = [(m, dict(m.scaling)) for m in peft_layers]
+    try:
+        for layer, alpha in saved:
+            layer.__dict__[RESCALED] = layer.__dict__.get(RESCALED, 0) + 1
+            if isinstance(layer, MultiLoRALinear):
+                layer.alphas = tuple(a * multiplier for a in alpha)
+            else:
+                layer.alpha = alpha * multiplier
+        for m, scaling in peft_saved:
+            m.scaling = {k: v * multiplier for k, v in scaling.items()}
+        yield model
+    finally:
+        for layer, alpha in saved:
+            if isinstance(layer, MultiLoRALinear):
+                layer.alphas = alpha
+            else:
+                layer.alpha = alpha
+            depth = layer.__dict__.pop(RESCALED, 1) - 1
+            if depth:
+                layer.__dict__[RESCALED] = depth
+        for m, scaling in peft_saved:
+            m.scaling = scaling
+
+
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Run ``model`` as its base model inside the block: every fused layer
@@ -1982,6 +2048,10 @@ def _unload(model: nn.Module, merge: bool, adapter=None, dequantize=None) -> lis
     if routed:
         raise ValueError(f"{what}: inside a `with fused_lora.adapter_ids(model, ...)` block ({routed[0]}...): "
                          "leave it first")
+    rescaled = [n for n, layer in layers.items() if RESCALED in layer.__dict__]
+    if rescaled:
+        raise ValueError(f"{what}: inside a `with fused_lora.rescale_adapters(model, ...)` block ({rescaled[0]}...), "
+                         "whose scale the layers would keep after it: leave it first")
     _check_not_dispatched(model, list(layers), what)
     _check_can_replace(model, list(layers), what)
     tied = _shared_weights(model, [(n, layer) for n, layer in layers.items()

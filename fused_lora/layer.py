@@ -780,6 +780,9 @@ class LoRALinear(_QuantizedBase, nn.Module):
         :func:`fused_lora.merge_and_unload` refuses that)."""
         if self.merged:
             raise RuntimeError("LoRALinear.merge(): the adapter is already merged")
+        if self.__dict__.get("_fused_lora_rescaled"):  # (integration.RESCALED)
+            raise ValueError("LoRALinear.merge(): inside fused_lora.rescale_adapters the adapter's scale is the "
+                             "block's: merging would fold that in, and the weight would keep it after the block")
         if self.quantized:
             raise ValueError(f"LoRALinear.merge(): the base is {base_format(self.weight, self.weight_code)} "
                              "(quantize_base): folding "

@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import math
 import pickle
 import re
 import warnings
@@ -1958,6 +1959,92 @@ def test_peft_bias_option_loads_saves_and_converts(tmp_path, bias):
     config = json.loads((tmp_path / "by_hand" / "adapter_config.json").read_text())
     assert config["bias"] == bias and config["modules_to_save"] is None
     assert _saved_keys(tmp_path / "by_hand") == keys
+
+
+def test_rescale_adapters_scales_every_adapter_peft_s_left_layers_too():
+    """Inside fused_lora.rescale_adapters(model, m) every adapter's term is m
+    times its own: on a model from_peft converted but for one layer (its
+    scale changed with set_scale: left PEFT's), as PEFT's
+    rescale_adapter_scale on the unconverted model (which would scale that
+    layer alone on the converted one); blocks nest; the model as it was
+    after, an exception included; m = 0 is the base model. inject_multi's
+    alphas and DoRA's scale likewise. Merged adapters, merging inside the
+    block, and bad multipliers are refused."""
+    from peft.helpers import rescale_adapter_scale
+
+    ids = batch()
+    twins = []
+    for _ in range(2):
+        twin = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS,
+                                                                 init_lora_weights=False))
+        twin.base_model.model.model.layers[0].self_attn.q_proj.set_scale("default", 0.5)  # (left as PEFT's)
+        twins.append(twin)
+    twins[1].load_state_dict(twins[0].state_dict())
+    converted, reference = twins
+    report = fused_lora.from_peft(converted)
+    assert len(report.skipped) == 1 and len(report.converted) == 13
+    tuned = converted(input_ids=ids).logits
+    for multiplier in (0.5, 2.5, 0.0):
+        with rescale_adapter_scale(reference, multiplier):
+            expected = reference(input_ids=ids).logits
+        with fused_lora.rescale_adapters(converted, multiplier) as inside:
+            assert inside is converted
+            assert_outputs_close(converted(input_ids=ids).logits, expected)
+    assert torch.equal(converted(input_ids=ids).logits, tuned)
+    with fused_lora.rescale_adapters(converted, 4.0), fused_lora.rescale_adapters(converted, 0.25):
+        assert_outputs_close(converted(input_ids=ids).logits, tuned)
+    with fused_lora.disable_adapters(converted):
+        base = converted(input_ids=ids).logits
+    with fused_lora.rescale_adapters(converted, 0):
+        assert_outputs_close(converted(input_ids=ids).logits, base)
+    with pytest.raises(KeyError):
+        with fused_lora.rescale_adapters(converted, 3.0):
+            raise KeyError("inside")
+    assert torch.equal(converted(input_ids=ids).logits, tuned)
+
+    # inject_multi's alphas; DoRA, as the same layers of half the alpha
+    multi = tiny_llama()
+    fused_lora.inject_multi(multi, ["q_proj"], ranks=[2, 3], alphas=[4, 9], use_rslora=True)
+    layer = multi.model.layers[0].self_attn.q_proj
+    scalings = layer.scalings
+    with fused_lora.rescale_adapters(multi, 0.5):
+        assert layer.alphas == (2.0, 4.5) and layer.scalings == tuple(s / 2 for s in scalings)
+    assert layer.alphas == (4.0, 9.0)
+    dora = tiny_llama()
+    fused_lora.inject(dora, ["v_proj"], r=4, alpha=8, use_dora=True)
+    _randomise_adapters(dora)
+    halved = copy.deepcopy(dora)
+    for m in fused_lora.integration.fused_layers(halved).values():
+        m.alpha = 4.0
+    with fused_lora.rescale_adapters(dora, 0.5):
+        assert torch.equal(dora(input_ids=ids).logits, halved(input_ids=ids).logits)
+
+    # refusals, nothing changed
+    model = tiny_llama()
+    fused_lora.inject(model, ["q_proj"], r=4, alpha=8)
+    q = model.model.layers[0].self_attn.q_proj
+    q.merge()
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj hold their adapter merged into the base "
+                                         r"weight, at its own scale: unmerge first"):
+        with fused_lora.rescale_adapters(model, 0.5):
+            pass
+    assert q.alpha == 8.0
+    q.unmerge()
+    with fused_lora.rescale_adapters(model, 0.5):
+        with pytest.raises(ValueError, match=r"inside fused_lora.rescale_adapters the adapter's scale is the block's"):
+            q.merge()
+        with pytest.raises(ValueError, match=r"merge_and_unload: inside a `with fused_lora.rescale_adapters"):
+            fused_lora.merge_and_unload(model)
+    assert not q.merged and q.alpha == 8.0 and "_fused_lora_rescaled" not in q.__dict__
+    with pytest.raises(ValueError, match="no adapters to rescale"):
+        with fused_lora.rescale_adapters(tiny_llama(), 0.5):
+            pass
+    for bad, err in (("0.5", TypeError), (True, TypeError), (None, TypeError), (math.inf, ValueError),
+                     (math.nan, ValueError)):
+        with pytest.raises(err, match="rescale_adapters: multiplier must be"):
+            with fused_lora.rescale_adapters(model, bad):
+                pass
+    assert q.alpha == 8.0
 
 
 def test_disable_adapters_runs_the_base_model():
