@@ -1823,6 +1823,7 @@ def to_peft(model: nn.Module, *, adapter_name: str | None = None, adapter_names=
         if getattr(layer, "merged", False):
             layer.unmerge()
         _replace_module(model, name, _plain_linear(layer))
+    _tell_transformers(model)  # (a quantized model is that again for PEFT, which reads is_quantized)
     with warnings.catch_warnings():  # (PEFT sets fan_in_fan_out by each base's type, as the fused layers have it)
         warnings.filterwarnings("ignore", r"fan_in_fan_out is set to (True|False) but the target module is")
         for i, (adapter, lora_config) in enumerate(zip(names, configs)):

@@ -322,6 +322,7 @@ def test_inject_fuses_a_model_transformers_loaded_in_4_bits(tmp_path, quant_type
     with torch.no_grad():
         assert_close(merged(input_ids=ids).logits, fused.double(), F32, "merged into Ŵ")
     peft_model = fused_lora.to_peft(copy.deepcopy(model))
+    assert model.is_quantized is False and peft_model.base_model.model.is_quantized is True  # (transformers' flag)
     layer = peft_model.base_model.model.get_submodule(names[0])
     assert type(layer).__module__ == "peft.tuners.lora.bnb" and type(layer.base_layer).__name__ == "Linear4bit"
     with torch.no_grad():
