@@ -1845,7 +1845,6 @@ def to_peft(model: nn.Module, *, adapter_name: str | None = None, adapter_names=
                 if one.dropout > 0:
                     peft_layer.lora_dropout[adapter] = nn.Dropout(one.dropout)
     _keep_modes(peft_model, modes)
-    _tell_transformers(peft_model)
     return peft_model
 
 
@@ -1937,13 +1936,14 @@ def rescale_adapters(model: nn.Module, multiplier: float):
     multiplier = float(multiplier)
     if not math.isfinite(multiplier):
         raise ValueError(f"rescale_adapters: multiplier must be finite, got {multiplier}")
-    layers = list({id(layer): layer for layer in all_fused_layers(model).values()}.values())
+    fused = all_fused_layers(model)
+    layers = list({id(layer): layer for layer in fused.values()}.values())
     lora_layer = getattr(sys.modules.get("peft.tuners.lora.layer"), "LoraLayer", None)
-    peft_layers = [m for m in model.modules() if isinstance(lora_layer, type) and isinstance(m, lora_layer)]
+    named_peft = {n: m for n, m in model.named_modules() if isinstance(lora_layer, type) and isinstance(m, lora_layer)}
+    peft_layers = list({id(m): m for m in named_peft.values()}.values())
     if not layers and not peft_layers:
         raise ValueError("rescale_adapters: the model has no adapters to rescale")
-    merged = [n for n, layer in all_fused_layers(model).items() if getattr(layer, "merged", False)]
-    merged += [n for n, m in model.named_modules() if m in peft_layers and getattr(m, "merged", False)]
+    merged = [n for n, m in (*fused.items(), *named_peft.items()) if getattr(m, "merged", False)]
     if merged:
         raise ValueError(f"rescale_adapters: {', '.join(merged[:3])}{', ...' if len(merged) > 3 else ''} hold "
                          "their adapter merged into the base weight, at its own scale: unmerge first")

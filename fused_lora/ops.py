@@ -1074,13 +1074,13 @@ def multi_lora_linear(
         return y
     # Each adapter's own dropout probability, where they differ: row m's mask drawn with its adapter's, and its
     # 1/(1-p_i) in the adapter's column scales (the math in this module)
-    dropout_p, adapter_p = max(dropouts), None
-    if len(set(dropouts)) > 1:
+    dropout_p, adapter_p, per_adapter = max(dropouts), None, len(set(dropouts)) > 1
+    if per_adapter:
         scalings = tuple(s / (1.0 - p) for s, p in zip(scalings, dropouts))
     # (while torch.compile traces, the tensors are made in the graph: it would not keep the cache's)
     columns = _make_rank_columns if torch.compiler.is_compiling() else _rank_columns
     rank_ids, rank_scaling = columns(x.device, ranks, scalings)
-    if len(set(dropouts)) > 1:
+    if per_adapter:
         adapter_p = (_make_adapter_p if torch.compiler.is_compiling() else _adapter_p)(x.device, dropouts)
     a = lora_A[0] if n == 1 else torch.cat(lora_A, 0)
     b = lora_B[0] if n == 1 else torch.cat(lora_B, 1)
