@@ -69,6 +69,44 @@ def check_shape(name: str, shape, hint: str = "") -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
+def check_combination(name: str, adapters, weights, count: int, where: str = "") -> tuple[tuple[int, float], ...]:
+    """Several adapters of ``count`` combined, ``Σ_j weights[j] · ΔW_{adapters[j]}``
+    (``MultiLoRALinear.merged_weight``, ``merge_and_unload``,
+    ``save_adapter``): ``adapters`` an index, or a sequence of distinct
+    indices in ``[0, count)``; ``weights`` None (1 each), or one finite real
+    number for each (a number alone for one index). As ``((i, w), ...)``
+    in the order given (the order of the sum). ``where`` prefixes the
+    errors (``"merge_and_unload: "``)."""
+    one = not (hasattr(adapters, "__iter__") and not isinstance(adapters, (str, bytes, torch.Tensor)))
+    indices = [check_int(where + name, adapters, 0)] if one else [check_int(f"{where}{name}[{j}]", a, 0)
+                                                                 for j, a in enumerate(adapters)]
+    if not indices:
+        raise ValueError(f"{where}{name} must name at least one adapter, got an empty sequence")
+    out_of_range = [i for i in indices if i >= count]
+    if out_of_range:
+        raise ValueError(f"{where}{name} must be an adapter's index in [0, {count}), got {out_of_range[0]}" if one else
+                         f"{where}{name} must hold adapters' indices in [0, {count}), got {out_of_range[0]}")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"{where}{name} names an adapter more than once: {indices}")
+    if weights is None:
+        weights = [1.0] * len(indices)
+    elif isinstance(weights, numbers.Real) and not isinstance(weights, bool) and one:
+        weights = [weights]
+    elif isinstance(weights, (str, bytes, torch.Tensor)) or not hasattr(weights, "__iter__"):
+        raise TypeError(f"{where}weights must be a sequence of numbers, one for each adapter of {name}="
+                        f"{indices}, got {type(weights).__name__}")
+    weights = list(weights)
+    if len(weights) != len(indices):
+        raise ValueError(f"{where}weights must hold one number for each adapter of {name}={indices}, got "
+                         f"{len(weights)}")
+    for j, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real):
+            raise TypeError(f"{where}weights[{j}] must be a real number, got {type(w).__name__}")
+        if not math.isfinite(w):
+            raise ValueError(f"{where}weights[{j}] must be finite, got {w}")
+    return tuple((i, float(w)) for i, w in zip(indices, weights))
+
+
 def check_scaling(scaling) -> float:
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")

@@ -16,7 +16,9 @@ adapter file format.
   and trained biases (PEFT's ``bias="lora_only"``/``"all"``) included; under
   FSDP1 and FSDP2 on every rank.
 * :func:`merge_and_unload` folds the adapters into the base weights and puts
-  plain linears back (the model to deploy); :func:`unload` drops them.
+  plain linears back (the model to deploy; one adapter of inject_multi's,
+  or a weighted sum of several, which :func:`save_adapter` also writes as
+  one adapter); :func:`unload` drops them.
 * :func:`guard_fast_paths` keeps torch's transformer fast paths from
   bypassing fused layers (the functions above that place them call it);
   :func:`uncalled_layers` finds, with one forward, fused layers a model
@@ -72,7 +74,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._validate import check_bool, check_int, version_tuple
+from ._validate import check_bool, check_combination, check_int, version_tuple
 from .layer import (LoRALinear, MultiLoRALinear, _held_compute_dtype, _held_quantized, check_adapter_dtype,
                     check_quantize_base, held_module, lora_scaling, note_checked_adapter_ids, quantize_base_weight,
                     quantized_from_fan_in_fan_out, take_from_module, unfusable_base)
@@ -2025,11 +2027,35 @@ def _check_adapter_index(what: str, adapter, multi: dict) -> int | None:
     return adapter
 
 
+def _check_adapters(what: str, adapter, weights, multi: dict):
+    """``adapter`` and ``weights`` of :func:`merge_and_unload` and
+    :func:`save_adapter`: as :func:`_check_adapter_index`, or, where
+    ``adapter`` is a sequence or ``weights`` are given (inject_multi's layers
+    only), several adapters combined, ``((i, w), ...)``
+    (:func:`~fused_lora._validate.check_combination`)."""
+    if weights is None and (adapter is None or isinstance(adapter, numbers.Integral)):
+        return _check_adapter_index(what, adapter, multi)
+    if not multi:
+        raise ValueError(f"{what}: adapter={adapter!r}, weights={weights!r} combine adapters of inject_multi's "
+                         "layers; the model has none (its fused layers hold one adapter each)")
+    if adapter is None:
+        raise ValueError(f"{what}: weights={weights!r} weigh the adapters adapter= names: name them, adapter=[i, ...]")
+    counts = {layer.num_adapters for layer in multi.values()}
+    return check_combination("adapter", adapter, weights, min(counts), f"{what}: ")
+
+
+def _indices_and_weights(combination) -> tuple[list[int], list[float]]:
+    """``MultiLoRALinear.merged_weight``'s arguments for a combination, or an index."""
+    if isinstance(combination, int):
+        return [combination], [1.0]
+    return [i for i, _ in combination], [w for _, w in combination]
+
+
 #: The dtypes ``dequantize`` may name.
 _DEQUANTIZE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _unload(model: nn.Module, merge: bool, adapter=None, dequantize=None) -> list[str]:
+def _unload(model: nn.Module, merge: bool, adapter=None, dequantize=None, weights=None) -> list[str]:
     _check_model(model)
     what = "merge_and_unload" if merge else "unload"
     if dequantize is not None and dequantize not in _DEQUANTIZE_DTYPES:
@@ -2044,7 +2070,7 @@ def _unload(model: nn.Module, merge: bool, adapter=None, dequantize=None) -> lis
     if dequantize is None:
         _refuse_int8_bases(layers, what, give_back=not merge)
     multi = {n: layer for n, layer in layers.items() if isinstance(layer, MultiLoRALinear)}
-    adapter = _check_adapter_index(what, adapter, multi) if merge else None
+    adapter = _check_adapters(what, adapter, weights, multi) if merge else None
     routed = [n for n, layer in layers.items() if _ROUTED in layer.__dict__]
     if routed:
         raise ValueError(f"{what}: inside a `with fused_lora.adapter_ids(model, ...)` block ({routed[0]}...): "
@@ -2071,7 +2097,7 @@ def _unload(model: nn.Module, merge: bool, adapter=None, dequantize=None) -> lis
             if isinstance(layer, MultiLoRALinear):
                 if merge:
                     with torch.no_grad():
-                        layer.weight.copy_(layer.merged_weight(adapter))
+                        layer.weight.copy_(layer.merged_weight(*_indices_and_weights(adapter)))
             elif merge and not layer.merged:
                 layer.merge()
             elif not merge and layer.merged:
@@ -2136,7 +2162,8 @@ def _dequantized_linear(layer: LoRALinear | MultiLoRALinear, dtype: torch.dtype,
     """The plain layer of a fused one's quantized base, made floating point:
     Ŵ (the exact product of its values and scales, in fp32), with, for
     ``merge``, the adapter folded in (``s·B·A``, DoRA's ``γ ⊙ (Ŵ + s·B A) - Ŵ``;
-    a layer of several adapters: ``adapter``'s), rounded once to ``dtype``; an
+    a layer of several adapters: ``adapter``'s, or the weighted sum of a
+    combination's), rounded once to ``dtype``; an
     ``nn.Linear``, or a ``Conv1D`` where the base was quantized from one; the
     bias shared, or cast to ``dtype``. Frozen, as the fused layer's base."""
     with torch.no_grad():
@@ -2202,8 +2229,8 @@ def _shared_weights(model: nn.Module, layers) -> dict[str, list[str]]:
     return shared
 
 
-def merge_and_unload(model: nn.Module, *, adapter: int | None = None,
-                     dequantize: torch.dtype | None = None) -> list[str]:
+def merge_and_unload(model: nn.Module, *, adapter=None, dequantize: torch.dtype | None = None,
+                     weights=None) -> list[str]:
     """Fold each fused layer's adapter into its base weight (``W + s·B·A``,
     computed in fp32 and rounded once to W's dtype, as
     :meth:`LoRALinear.merge`) and put a plain layer back in its place: an
@@ -2227,7 +2254,14 @@ def merge_and_unload(model: nn.Module, *, adapter: int | None = None,
 
     :func:`inject_multi`'s layers (several adapters each) fold in the
     adapter ``adapter=i`` names (required there), the others dropped: the
-    base model with that one adapter, to deploy alone.
+    base model with that one adapter, to deploy alone. ``adapter=[i, j,
+    ...]``, with ``weights=[w_i, w_j, ...]`` (one number each; None: 1
+    each), folds in their weighted sum, ``W + Σ w_i · s_i · B_i A_i``, made
+    in fp32 in the order given and rounded once: several adapters combined
+    into one model (a blend, or task arithmetic with negative weights).
+    Distinct indices in range, finite weights, or a ``ValueError``
+    (``TypeError`` for the wrong types) before anything changes; ``weights``
+    without inject_multi's layers is refused.
 
     A quantized base (``quantize_base``, bitsandbytes' ``Linear4bit``,
     torchao's int8) is refused, as merging would requantize it, unless
@@ -2243,7 +2277,7 @@ def merge_and_unload(model: nn.Module, *, adapter: int | None = None,
     (:func:`_forget_quantization`; with quantized layers left unfused it
     keeps the config, and warns).
     """
-    return _unload(model, merge=True, adapter=adapter, dequantize=dequantize)
+    return _unload(model, merge=True, adapter=adapter, dequantize=dequantize, weights=weights)
 
 
 def unload(model: nn.Module, *, dequantize: torch.dtype | None = None) -> list[str]:
@@ -2440,15 +2474,47 @@ class _OneAdapter:
         return cls(layer.lora_A[i], layer.lora_B[i], layer.bias, layer.ranks[i], layer.alphas[i], layer.dropouts[i],
                    layer.use_rslora, layer.fan_in_fan_out)
 
+    @classmethod
+    def combined(cls, layer: MultiLoRALinear, combination) -> "_OneAdapter | None":
+        """Several adapters of ``layer`` as one, exactly their weighted sum
+        ``Σ w_i · s_i · B_i A_i`` (PEFT's ``add_weighted_adapter`` of
+        ``combination_type="cat"``): the ranks side by side, A_i times
+        ``w_i · s_i`` (made in fp32, rounded once to A's dtype), B_i as it
+        is, of scale 1 (alpha = r, no rsLoRA); the first adapter's dropout.
+        Copies, not the layer's parameters. None where every one of them has
+        rank 0 in this layer."""
+        kept = [(i, w) for i, w in combination if layer.ranks[i]]
+        if not kept:
+            return None
+        a = torch.cat([(layer.lora_A[i].detach().float() * (w * layer.scalings[i])).to(layer.lora_A[i].dtype)
+                       for i, w in kept])
+        b = torch.cat([layer.lora_B[i].detach() for i, _ in kept], dim=1)
+        r = a.shape[0]
+        return cls(a, b, layer.bias, r, float(r), layer.dropouts[combination[0][0]], False, layer.fan_in_fan_out)
 
-def _adapters_to_write(model: nn.Module, adapter, what: str) -> dict:
+
+def _adapters_to_write(model: nn.Module, adapter, what: str, weights=None) -> dict:
     """The layers whose adapter :func:`save_adapter` writes: :func:`inject`'s,
-    or adapter ``adapter`` of each of :func:`inject_multi`'s."""
+    or adapter ``adapter`` of each of :func:`inject_multi`'s, or a
+    combination of several (``adapter`` a sequence, or ``weights`` given:
+    :meth:`_OneAdapter.combined`)."""
     single, multi = fused_layers(model), multi_fused_layers(model)
     if single and multi:
         raise ValueError(f"{what}: the model holds fused layers of both kinds, one adapter ({next(iter(single))}...) "
                          f"and several ({next(iter(multi))}...): PEFT's file holds one adapter a layer")
-    adapter = _check_adapter_index(what, adapter, multi)
+    adapter = _check_adapters(what, adapter, weights, multi)
+    if multi and not isinstance(adapter, int):
+        involved = [f"{n}.{kind}.{i}" for n, layer in multi.items() for i, _ in adapter
+                    for kind in ("lora_A", "lora_B") if _is_sharded(getattr(layer, kind)[i])
+                    or _fsdp1_flattened(getattr(layer, kind)[i])]
+        if involved:
+            raise ValueError(f"{what}: combining adapters reads their whole tensors, and {involved[0]}... is sharded "
+                             "(FSDP): save each adapter (adapter=i), or combine in the unsharded model")
+        layers = {n: one for n, layer in multi.items() if (one := _OneAdapter.combined(layer, adapter)) is not None}
+        if not layers:
+            raise ValueError(f"{what}: adapters {[i for i, _ in adapter]} have rank 0 in every layer: there is "
+                             "nothing of them to save")
+        return layers
     if multi:
         # (a layer where the adapter has rank 0 holds none of it: not one of its target modules)
         layers = {n: _OneAdapter.of(layer, adapter) for n, layer in multi.items() if layer.ranks[adapter]}
@@ -2458,7 +2524,7 @@ def _adapters_to_write(model: nn.Module, adapter, what: str) -> dict:
     return single
 
 
-def save_adapter(model: nn.Module, directory, *, adapter: int | None = None) -> Path:
+def save_adapter(model: nn.Module, directory, *, adapter=None, weights=None) -> Path:
     """Write the model's fused adapters in PEFT's format: ``adapter_model.safetensors``
     (keys ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight``, and
     DoRA's ``.lora_magnitude_vector``) and ``adapter_config.json``
@@ -2485,8 +2551,15 @@ def save_adapter(model: nn.Module, directory, *, adapter: int | None = None) -> 
     :func:`inject_multi`'s layers: the file holds adapter ``adapter=i``
     (required there) of each, PEFT's adapter of that rank and alpha
     (``PeftModel.from_pretrained`` loads it alone, :func:`load_adapter`
-    into adapter i); the other adapters are not in it."""
-    layers = _adapters_to_write(_check_model(model), adapter, "save_adapter")
+    into adapter i); the other adapters are not in it. ``adapter=[i, j,
+    ...]`` with ``weights=[w_i, w_j, ...]`` (None: 1 each) writes one
+    adapter that is exactly their weighted sum, ``Σ w_i · s_i · B_i A_i``
+    (PEFT's ``add_weighted_adapter`` of ``combination_type="cat"``): each
+    layer's rank the sum of theirs there, its A_i times ``w_i · s_i`` (made in
+    fp32, rounded once to the adapters' dtype), alpha = r, and the first
+    one's dropout; checked as :func:`merge_and_unload`'s (refused on
+    sharded adapters: combine in the unsharded model)."""
+    layers = _adapters_to_write(_check_model(model), adapter, "save_adapter", weights)
     if not layers:
         raise ValueError("the model has no fused LoRA layers to save")
     tensors, config, gathered = _adapter_tensors(model, layers)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._validate import check_backend, check_bool, check_code, check_int
+from ._validate import check_backend, check_bool, check_code, check_combination, check_int
 from .dropout import check_dropout_p
 from .ops import _autocast_enabled, _unreadable, dora_linear, dora_norm, lora_linear, multi_lora_linear
 from .quant import (NF4_GROUP, base_format, base_shape, bnb_4bit_of, dequantize_base, fp4_code, int8_rows_of,
@@ -1072,30 +1072,44 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
             raise ValueError(f"{name} must be an adapter's index in [0, {self.num_adapters}), got {i}")
         return i
 
-    def delta_weight(self, i: int) -> torch.Tensor:
+    def delta_weight(self, i, weights=None) -> torch.Tensor:
         """Adapter ``i``'s ``s_i · B_i · A_i`` (out, in), computed in fp32 and
         cast to the weight's dtype (to merge it into a copy of the base; an
-        int8 base's: fp32)."""
-        delta = self._delta_fp32(self._check_index(i))
+        int8 base's: fp32). ``i`` a sequence of indices: their weighted sum,
+        ``Σ_j weights[j] · s_{i_j} · B_{i_j} · A_{i_j}`` (``weights``: one
+        number each; None, 1 each), summed in fp32 in the order given and
+        rounded once: several adapters combined into one."""
+        delta = self._delta_fp32(check_combination("i", i, weights, self.num_adapters))
         return delta if self.quantized else delta.to(self.weight.dtype)
 
-    def _delta_fp32(self, i: int) -> torch.Tensor:
-        return (self.lora_B[i].detach().float() @ self.lora_A[i].detach().float()) * self.scalings[i]
+    def _delta_fp32(self, combination) -> torch.Tensor:
+        """``Σ w · s_i · B_i A_i`` in fp32 over ``combination``'s ``(i, w)``
+        (:func:`~fused_lora._validate.check_combination`), or adapter
+        ``combination``'s alone (an int)."""
+        if isinstance(combination, int):
+            combination = ((combination, 1.0),)
+        delta = None
+        for i, w in combination:
+            term = (self.lora_B[i].detach().float() @ self.lora_A[i].detach().float()) * (w * self.scalings[i])
+            delta = term if delta is None else delta.add_(term)
+        return delta
 
-    def merged_weight(self, i: int) -> torch.Tensor:
+    def merged_weight(self, i, weights=None) -> torch.Tensor:
         """The base weight with adapter ``i`` folded in, ``W + s_i · B_i ·
         A_i``, in the weight's layout and dtype, computed in fp32 and rounded
         once (as :meth:`LoRALinear.merge`); the layer is left as it is (a
         batch of several adapters has no one merged weight):
         :func:`fused_lora.merge_and_unload` with ``adapter=i`` puts it in
-        a plain layer. (Not on an int8 base, which would be requantized: a
-        ValueError.)"""
+        a plain layer. ``i`` a sequence: their weighted sum folded in
+        (:meth:`delta_weight`). (Not on an int8 base, which would be
+        requantized: a ValueError.)"""
+        combination = check_combination("i", i, weights, self.num_adapters)
         if self.quantized:
             raise ValueError("MultiLoRALinear.merged_weight(): the base is "
                              f"{base_format(self.weight, self.weight_code)} "
                              "(quantize_base): folding an adapter "
                              "in would requantize it; merge into the floating-point model instead")
-        delta = self._delta_fp32(self._check_index(i))
+        delta = self._delta_fp32(combination)
         return (self.weight.detach().float() + (delta.t() if self.fan_in_fan_out else delta)).to(self.weight.dtype)
 
     def extra_repr(self) -> str:

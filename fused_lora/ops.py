@@ -633,7 +633,10 @@ class LoRALinearFunction(_LoRALinearFunction):
     back): each adapter's own dropout probability, row m's mask drawn with
     ``adapter_p[adapter_ids[m]]`` (``dropout_p`` then says only whether
     masks are drawn: their largest), its ``1 / (1 - p)`` the caller's to
-    fold into ``rank_scaling``. Saves only x, the
+    fold into ``rank_scaling``; every id then below n or negative, as the
+    kernels read ``adapter_p`` at it unchecked (:func:`multi_lora_linear`
+    checks its ids, or, where it cannot without a sync, makes those out of
+    range -2). Saves only x, the
     weights and the tiny fp32 ``xa`` (M, r); computes only the gradients that
     ``needs_input_grad`` asks for (twice differentiable: with
     ``create_graph=True`` in PyTorch ops). Runs the kernels whatever the

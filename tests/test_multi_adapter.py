@@ -554,6 +554,50 @@ def test_layer_state_dict_round_trip_and_delta_weight():
         src.delta_weight(2)
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("fan_in_fan_out, use_rslora", [(False, False), (True, True)], ids=["linear", "conv1d-rslora"])
+def test_layer_combines_several_adapters_into_one_weighted_delta(dtype, fan_in_fan_out, use_rslora):
+    layer = fused_lora.MultiLoRALinear(23, 17, ranks=[3, 0, 5, 1], alphas=[6, 1, 2, 3], use_rslora=use_rslora,
+                                       fan_in_fan_out=fan_in_fan_out, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_()
+    adapters, weights = [2, 0, 1, 3], [0.75, -1.5, 4.0, 0.25]
+    s = [alpha / (r ** 0.5 if use_rslora else r) if r else 0.0 for r, alpha in zip(layer.ranks, layer.alphas)]
+    delta64 = sum(w * s[i] * (layer.lora_B[i].double() @ layer.lora_A[i].double()) for i, w in zip(adapters, weights))
+    base64 = (layer.weight.t() if fan_in_fan_out else layer.weight).double()
+    delta = layer.delta_weight(adapters, weights)
+    assert delta.dtype == dtype and delta.shape == (17, 23)
+    assert_close(delta, delta64, dtype, "combined delta")
+    merged = layer.merged_weight(adapters, weights)
+    assert merged.shape == layer.weight.shape
+    assert_close(merged.t() if fan_in_fan_out else merged, base64 + delta64, dtype, "combined merged weight")
+    # one adapter named in a list is that adapter, bit for bit; weights default to 1
+    assert torch.equal(layer.merged_weight([2]), layer.merged_weight(2))
+    assert torch.equal(layer.delta_weight([0, 2]), layer.delta_weight([0, 2], [1, 1.0]))
+    assert_close(layer.delta_weight(0, -2.0), -2 * s[0] * (layer.lora_B[0].double() @ layer.lora_A[0].double()),
+                 dtype, "one adapter weighted")
+
+
+@pytest.mark.parametrize("i, weights, err, words", [
+    ([0, 0], None, ValueError, r"i names an adapter more than once: \[0, 0\]"),
+    ([0, 3], None, ValueError, r"i must hold adapters' indices in \[0, 3\), got 3"),
+    ([], None, ValueError, "i must name at least one adapter"),
+    ([0, 1], [1.0], ValueError, r"weights must hold one number for each adapter of i=\[0, 1\], got 1"),
+    ([0, 1], [1.0, math.inf], ValueError, r"weights\[1\] must be finite, got inf"),
+    ([0, 1], [1.0, "2"], TypeError, r"weights\[1\] must be a real number"),
+    ([0, 1], 2.0, TypeError, "weights must be a sequence of numbers"),
+    ([0, True], None, TypeError, r"i\[1\] must be an int, got bool"),
+    ("01", None, TypeError, "i must be an int, got str"),
+])
+def test_layer_combination_refusals(i, weights, err, words):
+    layer = fused_lora.MultiLoRALinear(8, 4, ranks=[2, 1, 3], device=DEVICE)
+    with pytest.raises(err, match=words):
+        layer.delta_weight(i, weights)
+    with pytest.raises(err, match=words):
+        layer.merged_weight(i, weights)
+
+
 @pytest.mark.parametrize("kwargs, err, words", [
     (dict(ranks=[]), ValueError, "at least one adapter"),
     (dict(ranks=4), TypeError, "ranks must be a sequence"),

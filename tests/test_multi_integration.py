@@ -7,6 +7,7 @@ each adapter alone, on real transformers models built from small configs."""
 import copy
 import dataclasses
 import json
+import math
 import re
 
 import pytest
@@ -319,6 +320,73 @@ def test_merge_and_unload_deploys_one_adapter_and_unload_gives_the_base_back(tmp
         fused_lora.merge_and_unload(single, adapter=1)
 
 
+@pytest.mark.parametrize("make, targets", [(tiny_llama, TARGETS), (tiny_gpt2, ["c_attn", "c_fc", "mlp.c_proj"])],
+                         ids=["llama", "gpt2-conv1d"])
+def test_several_adapters_combine_into_one_as_peft_s_cat_weighted_adapter(tmp_path, make, targets):
+    """The oracle: PEFT's own ``add_weighted_adapter(combination_type="cat")``
+    (the exact weighted sum) over the adapters to_peft hands it."""
+    model = multi_model(make, targets, dropout=[0.05, 0.0, 0.1]).eval()
+    adapters, weights = [2, 0], [0.75, -1.25]
+    x = tokens(seed=3)
+    oracle = fused_lora.to_peft(copy.deepcopy(model), adapter_names=["a0", "a1", "a2"])
+    oracle.add_weighted_adapter(["a2", "a0"], weights, "blend", combination_type="cat")
+    oracle.set_adapter("blend")
+    expected = oracle.eval()(input_ids=x).logits.detach()
+    with fused_lora.adapter_ids(model, torch.tensor(IDS, device=DEVICE)):
+        assert (model(input_ids=x).logits - expected).abs().max() > 0.1  # (the blend is none of the adapters)
+    # one file holding the blend, which PEFT loads alone into a fresh base
+    fused_lora.save_adapter(model, tmp_path / "blend", adapter=adapters, weights=weights)
+    config = json.loads((tmp_path / "blend" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["use_rslora"], config["lora_dropout"], config["rank_pattern"]) \
+        == (RANKS[2] + RANKS[0], RANKS[2] + RANKS[0], False, 0.1, {})  # (the first adapter's dropout)
+    loaded = peft.PeftModel.from_pretrained(make(), tmp_path / "blend").eval()
+    assert_close(loaded(input_ids=x).logits, expected)
+    back = make()  # (and fused_lora's own load)
+    fused_lora.load_adapter(back, tmp_path / "blend")
+    assert_close(back.eval()(input_ids=x).logits, expected)
+    # the same sum folded into the base weights
+    merged = copy.deepcopy(model)
+    fused_lora.merge_and_unload(merged, adapter=adapters, weights=weights)
+    assert not any(isinstance(m, MultiLoRALinear) for m in merged.modules())
+    assert_close(merged(input_ids=x).logits, expected)
+    make().load_state_dict(merged.state_dict(), strict=True)
+    # weights default to 1 each: the plain sum
+    plain = copy.deepcopy(model)
+    fused_lora.merge_and_unload(plain, adapter=adapters)
+    summed = copy.deepcopy(model)
+    fused_lora.merge_and_unload(summed, adapter=adapters, weights=[1, 1])
+    assert torch.equal(plain(input_ids=x).logits, summed(input_ids=x).logits)
+
+
+def test_adapter_combinations_are_checked_before_anything_changes(tmp_path):
+    model = multi_model(ranks=[4, 0, 8])  # (adapter 1 has rank 0 everywhere: nothing of it to save)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for kwargs, err, words in [
+        (dict(adapter=[0, 0]), ValueError, r"merge_and_unload: adapter names an adapter more than once"),
+        (dict(adapter=[0, 3]), ValueError, r"adapter must hold adapters' indices in \[0, 3\), got 3"),
+        (dict(adapter=[0, 2], weights=[1.0]), ValueError, "weights must hold one number for each adapter"),
+        (dict(adapter=[0, 2], weights=[1.0, math.nan]), ValueError, r"weights\[1\] must be finite"),
+        (dict(weights=[1.0, 2.0]), ValueError, r"weights=\[1.0, 2.0\] weigh the adapters adapter= names"),
+        (dict(adapter=[0, 2], weights="12"), TypeError, "weights must be a sequence of numbers"),
+    ]:
+        with pytest.raises(err, match=words):
+            fused_lora.merge_and_unload(model, **kwargs)
+        with pytest.raises(err, match=words.replace("merge_and_unload", "save_adapter")):
+            fused_lora.save_adapter(model, tmp_path / "never", **kwargs)
+    with pytest.raises(ValueError, match=r"save_adapter: adapters \[1\] have rank 0 in every layer"):
+        fused_lora.save_adapter(model, tmp_path / "never", adapter=[1], weights=[2.0])
+    assert not (tmp_path / "never").exists()
+    assert all(isinstance(model.get_submodule(n), MultiLoRALinear) for n, m in model.named_modules()
+               if isinstance(m, MultiLoRALinear))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    single = injected_llama()
+    with pytest.raises(ValueError, match=r"merge_and_unload: adapter=\[0\], weights=\[0.5\] combine adapters of "
+                                         r"inject_multi's layers; the model has none"):
+        fused_lora.merge_and_unload(single, adapter=[0], weights=[0.5])
+    with pytest.raises(ValueError, match=r"save_adapter: adapter=None, weights=\[0.5\] combine adapters"):
+        fused_lora.save_adapter(single, tmp_path / "never", weights=[0.5])
+
+
 def test_disable_adapters_runs_the_base_without_ids():
     model = multi_model().eval()
     x = tokens()
@@ -624,6 +692,26 @@ def _peft_adapters(tmp_path):
         dirs.append(tmp_path / f"peft{i}")
         models[-1].save_pretrained(dirs[-1])
     return models, dirs
+
+
+def test_a_combination_of_adapters_of_other_targets_holds_each_layer_s_own_rank(tmp_path):
+    _, dirs = _peft_adapters(tmp_path)
+    model = tiny_llama()
+    fused_lora.load_adapters(model, dirs)
+    x = tokens(seed=5)
+    oracle = peft.PeftModel.from_pretrained(tiny_llama(), dirs[0], adapter_name="a0")
+    oracle.load_adapter(dirs[1], adapter_name="a1")
+    oracle.add_weighted_adapter(["a1", "a0"], [0.5, 2.0], "blend", combination_type="cat")
+    oracle.set_adapter("blend")
+    fused_lora.save_adapter(model, tmp_path / "blend", adapter=[1, 0], weights=[0.5, 2.0])
+    config = json.loads((tmp_path / "blend" / "adapter_config.json").read_text())
+    ranks = {re.sub(r"model\.layers\.\d\.", "", n): config["rank_pattern"].get(n, config["r"])
+             for n in config["target_modules"]}
+    assert ranks == {"self_attn.q_proj": 6, "self_attn.k_proj": 2, "self_attn.v_proj": 4, "mlp.down_proj": 8}
+    assert all(config["alpha_pattern"].get(n, config["lora_alpha"]) == config["rank_pattern"].get(n, config["r"])
+               for n in config["target_modules"])  # (scale 1 everywhere)
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "blend").eval()
+    assert_close(loaded(input_ids=x).logits, oracle.eval()(input_ids=x).logits)
 
 
 def test_load_adapters_serves_several_peft_adapters_of_other_targets_from_one_model(tmp_path):

@@ -457,6 +457,13 @@ def test_inject_multi_quantize_base(tmp_path):
     with torch.no_grad(), fused_lora.adapter_ids(model, ones):
         assert_close(merged(input_ids=input_ids).logits, model(input_ids=input_ids).logits.double(), F32,
                      "adapter 1 merged into Ŵ")
+    blend, float_blend = copy.deepcopy(model), copy.deepcopy(float_model)  # (a weighted sum of both, into Ŵ)
+    fused_lora.merge_and_unload(blend, adapter=[1, 0], weights=[0.5, -2.0], dequantize=F32)
+    fused_lora.merge_and_unload(float_blend, adapter=[1, 0], weights=[0.5, -2.0])
+    with torch.no_grad():
+        assert_close(blend(input_ids=input_ids).logits, float_blend(input_ids=input_ids).logits.double(), F32,
+                     "a blend of adapters 1 and 0 merged into Ŵ")
+        assert (blend(input_ids=input_ids).logits - merged(input_ids=input_ids).logits).abs().max() > 0.01
     fused_lora.save_adapter(model, tmp_path, adapter=1)  # (one adapter, PEFT's file, for the float model)
     fresh = tiny_llama(seed=4)
     fused_lora.load_adapter(fresh, tmp_path)
