@@ -2503,6 +2503,8 @@ def _adapters_to_write(model: nn.Module, adapter, what: str, weights=None) -> di
         raise ValueError(f"{what}: the model holds fused layers of both kinds, one adapter ({next(iter(single))}...) "
                          f"and several ({next(iter(multi))}...): PEFT's file holds one adapter a layer")
     adapter = _check_adapters(what, adapter, weights, multi)
+    if multi and not isinstance(adapter, int) and len(adapter) == 1 and adapter[0][1] == 1.0:
+        adapter = adapter[0][0]  # (one adapter, weighing 1: that adapter's own file)
     if multi and not isinstance(adapter, int):
         involved = [f"{n}.{kind}.{i}" for n, layer in multi.items() for i, _ in adapter
                     for kind in ("lora_A", "lora_B") if _is_sharded(getattr(layer, kind)[i])

@@ -237,7 +237,7 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     rows_p, keep_scale = _dropout_rows(adapters, adapter_p, dropout_p)
     tune = dict(m=m, n=n, r=r, dtype=x.dtype, epilogue_mask=False, device=x.device, persistent=plan.persistent,
                 **_quantized_b(weight, weight_scale))
-    if plan.strategy == "in_loop":
+    if plan.strategy == "in_loop" and r:
         # (with dropout: xa = drop(x)·Aᵀ, each N tile masking its x tiles for the shrink's dot)
         def launch(config):
             return k_.lora_gemm(x2, weight.t(), bias=bias, shrink=lora_A.t(), v=lora_B.t(), lr_scale=scaling,
@@ -250,15 +250,19 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
         y2, xa = launch(dispatch.gemm_config_for("forward", plan.fwd_gemm, launch, k=k, shrink_in_loop=True,
                                                  shrink_mask=dropout_p > 0.0, **tune))
     else:
-        xa, _, _ = k_.skinny_pass(x2, shrink=lora_A.t(), sh_scale=keep_scale, row_scale=w,
-                                  adapters=adapters, dropout_rows=rows_p, dropout_p=dropout_p, seed=seed,
-                                  config=plan.skinny,
-                                  target_programs=plan.skinny_programs, input_precision=plan.input_precision)
+        if r:
+            xa, _, _ = k_.skinny_pass(x2, shrink=lora_A.t(), sh_scale=keep_scale, row_scale=w,
+                                      adapters=adapters, dropout_rows=rows_p, dropout_p=dropout_p, seed=seed,
+                                      config=plan.skinny,
+                                      target_programs=plan.skinny_programs, input_precision=plan.input_precision)
+        else:  # (rank 0: the base alone, dora_linear's correction GEMM on a quantized base)
+            xa = x2.new_empty((m, 0), dtype=torch.float32)
         # hybrid: an empty K loop (the kernel writes C = s·xa·Bᵀ + b), then cuBLAS adds x·Wᵀ in place
         a, b = (x2[:, :0], weight.t()[:0]) if plan.cublas_base else (x2, weight.t())
 
         def launch(config):
-            return k_.lora_gemm(a, b, bias=bias, u=xa, v=lora_B.t(), lr_scale=scaling, b_scale=weight_scale,
+            return k_.lora_gemm(a, b, bias=bias, u=xa if r else None, v=lora_B.t() if r else None,
+                                lr_scale=scaling, b_scale=weight_scale,
                                 b_code=code, config=config, out_dtype=x.dtype, input_precision=plan.input_precision,
                                 tma=plan.tma, persistent=plan.persistent, num_sms=plan.num_sms)
 
@@ -334,11 +338,16 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     adapters = _adapter_columns(adapter_ids, rank_ids, rank_scaling, m)
     rows_p, inv_keep = _dropout_rows(adapters, adapter_p, dropout_p)
     # g = g_scale · (what the variable g holds): the dy pass scales it, the dx GEMM's K loop does not.
-    g_in_dx = need_x and plan.dx_in_loop
-    need_g_pass = (need_x or need_A) and not g_in_dx
+    g_in_dx = need_x and plan.dx_in_loop and r > 0
+    need_g_pass = (need_x or need_A) and not g_in_dx and r > 0  # (rank 0: the base alone, no g)
     g_scale = scaling if g_in_dx else 1.0
 
     g = d_b = d_bias = None
+    empty_a = empty_b = None
+    if not r:  # (rank 0: the empty factors' empty gradients, made here)
+        empty_a = lora_A.new_zeros(lora_A.shape) if need_A else None
+        empty_b = lora_B.new_zeros(lora_B.shape) if need_B else None
+        need_A = need_B = False
     if need_g_pass or need_B or need_bias:
         # The dy pass: g = s·w⊙dy·B (unless the dx GEMM computes it), dB = s·dyᵀ·xa, db = Σ dy, one read of dy.
         g, d_b, d_bias = k_.skinny_pass(
@@ -353,10 +362,11 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
         # dx = dy·W + (g·A)⊙mask/(1-p): the forward GEMM with (x, Wᵀ, Aᵀ, Bᵀ) -> (dy, W, B, A), its
         # low-rank left factor g read from the dy pass, or (g_in_dx) accumulated in the K loop as dy·B.
         low_rank = dict(shrink=lora_B, v=lora_A, lr_scale=scaling * inv_keep, row_scale=w,
-                        adapters=adapters) if g_in_dx else dict(u=g, v=lora_A, lr_scale=inv_keep)
+                        adapters=adapters) if g_in_dx else dict(u=g, v=lora_A, lr_scale=inv_keep) if r else {}
 
         def launch_dx(config):
-            return k_.lora_gemm(a, b, **low_rank, dropout_p=dropout_p, seed=seed, dropout_rows=rows_p,
+            return k_.lora_gemm(a, b, **low_rank, dropout_p=dropout_p if r else 0.0, seed=seed,
+                                dropout_rows=rows_p if r else None,
                                 b_scale=weight_scale,
                                 b_scale_dim=0, b_code=code, config=config, out_dtype=x.dtype,
                                 input_precision=plan.input_precision, tma=plan.tma, persistent=plan.persistent,
@@ -387,7 +397,7 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
             d_w, _ = launch_dw(dispatch.gemm_config_for(
                 "dw", plan.dw_gemm, launch_dw, m=n, n=k, k=m, r=1, dtype=x.dtype, shrink_in_loop=False,
                 epilogue_mask=False, device=x.device, persistent=plan.persistent))
-    return dx, d_w, d_bias, d_a, d_b
+    return dx, d_w, d_bias, d_a if r else empty_a, d_b if r else empty_b
 
 
 # ----------------------------------------------------------------------------
@@ -906,7 +916,10 @@ def dora_linear(
     ``W + s·B A`` whole in x's dtype, as PEFT.) Not fused yet: that pass (the column
     scale belongs in the GEMM's epilogue) and, with dropout, the mask, drawn
     once in PyTorch, and the correction, a second base GEMM on ``x - drop(x)``
-    (the mask and drop(x) are kept for the backward, as PEFT keeps them).
+    (the mask and drop(x) are kept for the backward, as PEFT keeps them; on
+    a quantized base the fused GEMMs', reading W as it is: no Ŵ of (N, K) is
+    kept for the backward, where ``F.linear`` on Ŵ, PEFT's way, keeps one
+    a layer).
 
     Args:
         x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend: as
@@ -920,8 +933,8 @@ def dora_linear(
             :func:`lora_linear`'s (its PyTorch ops are slow on a GPU at large
             M·K: for checks, not for training).
         weight_scale, weight_code: an int8 or 4-bit ``weight``'s, as :func:`lora_linear`'s (QDoRA:
-            W is Ŵ throughout, the norm's read of it dequantising its tiles;
-            with dropout the correction's GEMM makes Ŵ whole, in x's dtype).
+            W is Ŵ throughout, the norm's read of it dequantising its tiles,
+            and with dropout the correction's GEMMs too).
 
     Returns:
         (..., out_features) in x's dtype. Gradients flow to x, lora_A,
@@ -955,8 +968,13 @@ def dora_linear(
     dropped = dora_dropped(x, dropout_p, seed)
     z = _lora_linear(dropped, weight, lora_A, lora_B, None, scaling, 0.0, None, None, (), "triton", weight_scale,
                      weight_code)
-    base = weight if weight_scale is None else dequantize_base(weight, weight_scale, x.dtype, weight_code)
-    return torch.addcmul(torch.nn.functional.linear(x - dropped, base, bias), z, gamma)
+    if weight_scale is None:
+        correction = torch.nn.functional.linear(x - dropped, weight, bias)
+    else:  # (a quantized base read as it is by the fused GEMMs, rank 0: no Ŵ kept for the backward, as F.linear's)
+        n, k = base_shape(weight)
+        correction = _lora_linear(x - dropped, weight, x.new_empty((0, k)), x.new_empty((n, 0)), bias, 1.0, 0.0,
+                                  None, None, (), "triton", weight_scale, weight_code)
+    return torch.addcmul(correction, z, gamma)
 
 
 #: Elements of ``W + s·B A`` made at once by :func:`dora_norm` (fp32: 64 MiB).

@@ -350,6 +350,11 @@ def test_several_adapters_combine_into_one_as_peft_s_cat_weighted_adapter(tmp_pa
     assert not any(isinstance(m, MultiLoRALinear) for m in merged.modules())
     assert_close(merged(input_ids=x).logits, expected)
     make().load_state_dict(merged.state_dict(), strict=True)
+    # one adapter named alone, weighing 1, is that adapter's own file
+    fused_lora.save_adapter(model, tmp_path / "one", adapter=[2])
+    fused_lora.save_adapter(model, tmp_path / "two", adapter=2)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
     # weights default to 1 each: the plain sum
     plain = copy.deepcopy(model)
     fused_lora.merge_and_unload(plain, adapter=adapters)

@@ -351,6 +351,41 @@ def test_dora_linear_on_an_int8_base_matches_the_float64_reference(lead, k, n, r
     assert max(errors.values()) <= TOLERANCE[dtype], errors
 
 
+@pytest.mark.parametrize("fmt, m", [("int8", 9), ("nf4", 9), ("nf4", 600)])  # (NF4 at 600 rows: Ŵ made whole)
+def test_qdora_with_dropout_keeps_no_dequantised_weight_for_the_backward(fmt, m):
+    """The correction GEMM, (x - drop(x)) Ŵᵀ, reads the quantized base as it
+    is (the fused GEMMs): no floating-point (N, K) tensor is saved for the
+    backward (F.linear on Ŵ would keep one a layer), and the gradients are
+    the float64 reference's on Ŵ."""
+    n, k = 40, 64
+    w = torch.randn(n, k, device=DEVICE)
+    q, scale = fused_lora.quantize_int8(w) if fmt == "int8" else fused_lora.quantize_nf4(w, group_size=32)
+    deq = (fused_lora.dequantize_int8 if fmt == "int8" else fused_lora.dequantize_nf4)(q, scale, F32)
+    x = make_x((m, k), F32).requires_grad_()
+    a = (torch.randn(4, k, device=DEVICE) / 8).requires_grad_()
+    bb = (torch.randn(n, 4, device=DEVICE) / 2).requires_grad_()
+    mag = (torch.rand(n, device=DEVICE) + 0.5).requires_grad_()
+    bias = torch.randn(n, device=DEVICE)
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fused_lora.dora_linear(x, q, a, bb, mag, bias, scaling=1.5, dropout_p=0.25, seed=11,
+                                   weight_scale=scale)
+    assert saved and not [s for s in saved if s[0] in ((n, k), (k, n)) and s[1].is_floating_point], saved
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, bb, mag), dy)
+    leaves = [t.detach().double().requires_grad_() for t in (x, a, bb, mag)]
+    want = reference.dora_linear(leaves[0], deq.double(), *leaves[1:3], leaves[3], bias.double(), scaling=1.5,
+                                 dropout_p=0.25, seed=11)
+    assert_close(y, want, F32, "y")
+    for got, expected, name in zip(grads, torch.autograd.grad(want, leaves, dy.double()), ("x", "A", "B", "m")):
+        assert_close(got, expected, F32, f"d{name}")
+
+
 def test_dora_linear_on_an_int8_base_compiles_and_runs_the_torch_backend():
     x = torch.randn(6, 24, device=DEVICE)
     w, b, a, bb = make_params(24, 16, 4, F32, True)
