@@ -2107,7 +2107,7 @@ def _unload(model: nn.Module, merge: bool, adapter=None, dequantize=None, weight
     _unguard_fast_paths(model)
     _tell_transformers(model)
     if dequantize is not None:
-        _forget_quantization(model, what)
+        _forget_quantization(model, what, [n for n, layer in layers.items() if getattr(layer, "quantized", False)])
     return list(layers)
 
 
@@ -2119,31 +2119,39 @@ def _quantized_parameters(module: nn.Module) -> list[str]:
             if not p.is_floating_point() or type(p.data) is not torch.Tensor]
 
 
-def _forget_quantization(model: nn.Module, what: str) -> None:
+def _forget_quantization(model: nn.Module, what: str, floated: list[str]) -> None:
     """After ``dequantize`` made the quantized layers of ``model`` floating
-    point: each transformers model in it (``model`` or a module inside it,
-    loaded with a ``quantization_config``: it holds an ``hf_quantizer``)
-    whose parameters are all floating point now forgets its quantization as
-    its own ``dequantize()`` does (``hf_quantizer``, ``is_quantized``,
+    point (``floated``: their names in ``model``): each transformers model in
+    it (``model`` or a module inside it, loaded with a
+    ``quantization_config``: it holds an ``hf_quantizer``) whose parameters
+    are all floating point now forgets its quantization as its own
+    ``dequantize()`` does (``hf_quantizer``, ``is_quantized``,
     ``config.quantization_config``...; the ``is_loaded_in_4bit`` /
     ``is_loaded_in_8bit`` flags too), so that its ``save_pretrained`` writes
     the floating-point checkpoint it now is, which ``from_pretrained`` loads
     as such (with the quantization config kept, it would build the
     quantized layers again and fail to run on the float weights). One with
-    quantized layers left (not fused: not dequantized) keeps it, with a
-    warning: its checkpoint would mix both."""
+    quantized layers left (those not fused, QLoRA's model adapted on some
+    layers) keeps its config, the floated layers added to the modules it
+    does not convert (:func:`_skip_in_config`): its checkpoint then loads
+    as the mix it is, each layer as it was saved; where the config has no
+    such list, a warning says so."""
     for name, owner in model.named_modules():
         quantizer = getattr(owner, "hf_quantizer", None)
         if quantizer is None:
             continue
         left = _quantized_parameters(owner)
         if left:
-            shown = ", ".join((f"{name}." if name else "") + n for n in left[:3]) + (", ..." if len(left) > 3 else "")
-            warnings.warn(f"{what}: the transformers model {name or '(the model)'} keeps its quantization_config: "
-                          f"quantized weights are left in it ({shown}: layers that were not fused), so its "
-                          "save_pretrained would write float layers under a quantized model's config, which "
-                          "from_pretrained does not load as such. Fuse every quantized layer before, or dequantize "
-                          "the rest (transformers' model.dequantize())", UserWarning, stacklevel=4)
+            prefix = f"{name}." if name else ""
+            mine = [n[len(prefix):] for n in floated if n.startswith(prefix)]
+            if not _skip_in_config(owner, mine):
+                shown = ", ".join(prefix + n for n in left[:3]) + (", ..." if len(left) > 3 else "")
+                warnings.warn(f"{what}: the transformers model {name or '(the model)'} keeps its quantization_config: "
+                              f"quantized weights are left in it ({shown}: layers that were not fused), and its "
+                              "config has no list of modules not to quantize, so its save_pretrained would write "
+                              "float layers under a quantized model's config, which from_pretrained does not load as "
+                              "such. Fuse every quantized layer before, or dequantize the rest (transformers' "
+                              "model.dequantize())", UserWarning, stacklevel=4)
             continue
         remove = getattr(quantizer, "remove_quantization_config", None)
         if callable(remove):
@@ -2156,6 +2164,34 @@ def _forget_quantization(model: nn.Module, what: str) -> None:
             owner.is_quantized = False
         for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
             owner.__dict__.pop(flag, None)
+
+
+#: The quantization configs' lists of modules left unquantized when loading (bitsandbytes', torchao's...).
+_SKIP_LISTS = ("llm_int8_skip_modules", "modules_to_not_convert")
+
+
+def _skip_in_config(owner: nn.Module, names: list[str]) -> bool:
+    """Add ``names`` (modules of the transformers model ``owner``, now
+    floating point) to the modules its quantization config leaves
+    unquantized when loading (bitsandbytes' ``llm_int8_skip_modules``,
+    torchao's and others' ``modules_to_not_convert``), so that
+    ``from_pretrained`` builds them as the float layers they are; the list
+    the quantizer used (its default, ``lm_head``...) is kept, as a config
+    that names any replaces that default. False where the config has no
+    such list."""
+    config = getattr(owner.config, "quantization_config", None)
+    field = next((f for f in _SKIP_LISTS if (f in config if isinstance(config, dict) else hasattr(config, f))), None)
+    if field is None:
+        return False
+    current = config[field] if isinstance(config, dict) else getattr(config, field)
+    if current is None:  # (the quantizer's own choice, made at load)
+        current = getattr(owner.hf_quantizer, "modules_to_not_convert", None)
+    merged = list(dict.fromkeys([*(current or []), *names]))
+    if isinstance(config, dict):
+        config[field] = merged
+    else:
+        setattr(config, field, merged)
+    return True
 
 
 def _dequantized_linear(layer: LoRALinear | MultiLoRALinear, dtype: torch.dtype, merge: bool, adapter) -> nn.Module:
@@ -2275,7 +2311,8 @@ def merge_and_unload(model: nn.Module, *, adapter=None, dequantize: torch.dtype 
     ``dequantize()`` does, where no quantized weight is left in it, so that
     its ``save_pretrained`` writes the float checkpoint it now is
     (:func:`_forget_quantization`; with quantized layers left unfused it
-    keeps the config, and warns).
+    keeps the config, the dequantized layers added to the modules it leaves
+    unquantized, so that the mixed checkpoint loads as it was saved).
     """
     return _unload(model, merge=True, adapter=adapter, dequantize=dequantize, weights=weights)
 

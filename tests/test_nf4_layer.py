@@ -9,6 +9,8 @@ both formats.)"""
 
 import copy
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -377,8 +379,9 @@ def test_a_dequantized_merge_of_a_transformers_quantized_model_saves_a_float_che
     (With the quantization config kept, transformers built bitsandbytes'
     layers again over the float weights, which failed to run; torchao's
     model came back float, still claiming to be quantized.) With quantized
-    layers left unfused, the config stays, with a warning; transformers'
-    ``dequantize()`` then finishes the job."""
+    layers left unfused (QLoRA adapted on some layers), the config stays,
+    the merged layers added to the modules it leaves unquantized: the
+    mixed checkpoint loads as it was saved (before, only a warning)."""
     if DEVICE.type != "cpu":
         pytest.skip("transformers' quantized loading is checked on CPU here")
     transformers = pytest.importorskip("transformers")
@@ -417,16 +420,56 @@ def test_a_dequantized_merge_of_a_transformers_quantized_model_saves_a_float_che
     ids = torch.randint(0, 61, (2, 9))
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
-    # quantized layers left unfused: the config stays (it describes them), with a warning that names them;
-    # unload(dequantize=...) likewise
-    partial = load()
-    fused_lora.inject(partial, ["q_proj"], r=4)
-    with pytest.warns(UserWarning, match=r"unload: the transformers model \(the model\) keeps its "
-                                         r"quantization_config: quantized weights are left in it "
-                                         r"\(model\.layers\.0\.self_attn\.k_proj\.weight"):
-        fused_lora.unload(partial, dequantize=F32)
-    assert partial.is_quantized and partial.config.quantization_config is not None
-    assert type(partial.get_submodule("model.layers.0.self_attn.q_proj")) is nn.Linear
+    # quantized layers left unfused (QLoRA adapted on some layers): the config stays (it describes them), the
+    # merged layers added to the modules it does not quantize, so that the mixed checkpoint loads as it is
+    for merge in (fused_lora.merge_and_unload, fused_lora.unload):
+        partial = load()
+        fused_lora.inject(partial, ["q_proj", "down_proj"], r=4)
+        with torch.no_grad():
+            for layer in partial.modules():
+                if isinstance(layer, fused_lora.LoRALinear):
+                    nn.init.normal_(layer.lora_B, 0, 0.3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (no warning: the checkpoint is a loadable mix)
+            merge(partial, dequantize=F32)
+        assert partial.is_quantized and partial.config.quantization_config is not None
+        floated = {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"}
+        assert all(type(partial.get_submodule(n)) is nn.Linear for n in floated)
+        partial.save_pretrained(tmp_path / "mixed")
+        mixed = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "mixed", device_map="cpu")
+        for n in floated:
+            weight = mixed.get_submodule(n).weight
+            assert type(mixed.get_submodule(n)) is nn.Linear and type(weight) is nn.Parameter, n
+            assert torch.equal(weight, partial.get_submodule(n).weight), n
+        for n in ("model.layers.0.self_attn.k_proj", "model.layers.0.mlp.up_proj"):  # (the rest as quantized)
+            was, now = partial.get_submodule(n), mixed.get_submodule(n)
+            assert type(now) is type(was) and type(now.weight) is type(was.weight), n
+            assert type(was.weight) is not nn.Parameter, n  # (bitsandbytes' Params4bit, torchao's Int8Tensor)
+        assert type(mixed.lm_head) is nn.Linear  # (the quantizer's own choice kept beside the merged layers)
+        with torch.no_grad():
+            assert torch.equal(mixed(input_ids=ids).logits, partial(input_ids=ids).logits)
+
+
+def test_the_merged_layers_join_any_quantization_config_s_list_of_modules_not_to_quantize():
+    """``_skip_in_config`` on configs as objects and as dicts: the list the
+    quantizer used where the config names none (its default, kept), the
+    config's own where it names some; False, nothing changed, where the
+    config has no such list (the merge then warns)."""
+    import types
+    from fused_lora.integration import _skip_in_config
+
+    def owner(config, default):
+        return types.SimpleNamespace(config=types.SimpleNamespace(quantization_config=config),
+                                     hf_quantizer=types.SimpleNamespace(modules_to_not_convert=default))
+
+    bnb = types.SimpleNamespace(llm_int8_skip_modules=None)
+    assert _skip_in_config(owner(bnb, ["lm_head"]), ["a.q", "a.v"])
+    assert bnb.llm_int8_skip_modules == ["lm_head", "a.q", "a.v"]
+    named = {"modules_to_not_convert": ["head", "a.q"]}
+    assert _skip_in_config(owner(named, ["other"]), ["a.q", "a.k"])
+    assert named["modules_to_not_convert"] == ["head", "a.q", "a.k"]
+    neither = types.SimpleNamespace(bits=4)
+    assert not _skip_in_config(owner(neither, ["lm_head"]), ["a.q"]) and vars(neither) == {"bits": 4}
 
 
 class _Tokens(torch.utils.data.Dataset):
