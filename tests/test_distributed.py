@@ -211,6 +211,11 @@ def _save_and_load_one_adapter(model, wrapped, directory):
                 return {n: layer.lora_B[i].detach().clone() for n, layer in layers.items()}
         return {n: layer.lora_B[i].full_tensor().clone() for n, layer in layers.items()}
 
+    try:  # (a combination reads whole tensors: refused on shards, before any collective)
+        fused_lora.save_adapter(target, directory + "-blend", adapter=[0, 1], weights=[1.0, 0.5])
+        combination = ""
+    except ValueError as err:
+        combination = str(err)
     fused_lora.save_adapter(target, directory, adapter=1)
     written = sorted(os.listdir(directory))
     before, other = whole(1), whole(0)
@@ -219,7 +224,7 @@ def _save_and_load_one_adapter(model, wrapped, directory):
             layer.lora_B[1].zero_()  # (each rank its part)
     fused_lora.load_adapter(target, directory, adapter=1)
     return {"written": written, "reloaded_equal": all(torch.equal(whole(1)[n], before[n]) for n in before),
-            "other_untouched": all(torch.equal(whole(0)[n], other[n]) for n in other),
+            "other_untouched": all(torch.equal(whole(0)[n], other[n]) for n in other), "combination": combination,
             "sharded": sorted({type(p).__name__ for layer in layers.values() for p in layer.parameters()})}
 
 
@@ -391,6 +396,8 @@ def _check_multi(result, tmp_path, sharded):
     assert result["sharded"] == [sharded]
     _check_saved(result, tmp_path, fused_lora.integration.multi_fused_layers(model), lambda adapters: adapters[1])
     assert result["reloaded_equal"] and result["other_untouched"]
+    assert result["combination"].startswith("save_adapter: combining adapters reads their whole tensors, and "), \
+        result["combination"]
 
 
 def _check_saved(result, tmp_path, layers, pick):
