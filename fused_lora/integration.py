@@ -2179,6 +2179,8 @@ def _skip_in_config(owner: nn.Module, names: list[str]) -> bool:
     the quantizer used (its default, ``lm_head``...) is kept, as a config
     that names any replaces that default. False where the config has no
     such list."""
+    if not names:  # (nothing made float in this model: its config describes it as it is)
+        return True
     config = getattr(owner.config, "quantization_config", None)
     field = next((f for f in _SKIP_LISTS if (f in config if isinstance(config, dict) else hasattr(config, f))), None)
     if field is None:

@@ -223,7 +223,9 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     4-bit weight's (N, K / group) (the GEMM dequantises its tiles), or None;
     ``weight_code``: a 4-bit weight's code book, None for NF4; ``adapter_p``
     (n,) fp32: each adapter's dropout probability (``dropout_p`` then the
-    largest, ``rank_scaling`` holding each ``1 / (1 - p_i)``), or None."""
+    largest, ``rank_scaling`` holding each ``1 / (1 - p_i)``), or None.
+    A rank of 0 (lora_A (0, K), lora_B (N, 0)) runs the base GEMM alone,
+    ``xa`` (..., 0): :func:`dora_linear`'s correction on a quantized base."""
     k_ = _triton.get()
     n, k = base_shape(weight)
     r = lora_A.shape[0]
