@@ -223,9 +223,7 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     4-bit weight's (N, K / group) (the GEMM dequantises its tiles), or None;
     ``weight_code``: a 4-bit weight's code book, None for NF4; ``adapter_p``
     (n,) fp32: each adapter's dropout probability (``dropout_p`` then the
-    largest, ``rank_scaling`` holding each ``1 / (1 - p_i)``), or None.
-    A rank of 0 (lora_A (0, K), lora_B (N, 0)) runs the base GEMM alone,
-    ``xa`` (..., 0): :func:`dora_linear`'s correction on a quantized base."""
+    largest, ``rank_scaling`` holding each ``1 / (1 - p_i)``), or None."""
     k_ = _triton.get()
     n, k = base_shape(weight)
     r = lora_A.shape[0]
@@ -239,7 +237,7 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     rows_p, keep_scale = _dropout_rows(adapters, adapter_p, dropout_p)
     tune = dict(m=m, n=n, r=r, dtype=x.dtype, epilogue_mask=False, device=x.device, persistent=plan.persistent,
                 **_quantized_b(weight, weight_scale))
-    if plan.strategy == "in_loop" and r:
+    if plan.strategy == "in_loop":
         # (with dropout: xa = drop(x)·Aᵀ, each N tile masking its x tiles for the shrink's dot)
         def launch(config):
             return k_.lora_gemm(x2, weight.t(), bias=bias, shrink=lora_A.t(), v=lora_B.t(), lr_scale=scaling,
@@ -252,19 +250,15 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
         y2, xa = launch(dispatch.gemm_config_for("forward", plan.fwd_gemm, launch, k=k, shrink_in_loop=True,
                                                  shrink_mask=dropout_p > 0.0, **tune))
     else:
-        if r:
-            xa, _, _ = k_.skinny_pass(x2, shrink=lora_A.t(), sh_scale=keep_scale, row_scale=w,
-                                      adapters=adapters, dropout_rows=rows_p, dropout_p=dropout_p, seed=seed,
-                                      config=plan.skinny,
-                                      target_programs=plan.skinny_programs, input_precision=plan.input_precision)
-        else:  # (rank 0: the base alone, dora_linear's correction GEMM on a quantized base)
-            xa = x2.new_empty((m, 0), dtype=torch.float32)
+        xa, _, _ = k_.skinny_pass(x2, shrink=lora_A.t(), sh_scale=keep_scale, row_scale=w,
+                                  adapters=adapters, dropout_rows=rows_p, dropout_p=dropout_p, seed=seed,
+                                  config=plan.skinny,
+                                  target_programs=plan.skinny_programs, input_precision=plan.input_precision)
         # hybrid: an empty K loop (the kernel writes C = s·xa·Bᵀ + b), then cuBLAS adds x·Wᵀ in place
         a, b = (x2[:, :0], weight.t()[:0]) if plan.cublas_base else (x2, weight.t())
 
         def launch(config):
-            return k_.lora_gemm(a, b, bias=bias, u=xa if r else None, v=lora_B.t() if r else None,
-                                lr_scale=scaling, b_scale=weight_scale,
+            return k_.lora_gemm(a, b, bias=bias, u=xa, v=lora_B.t(), lr_scale=scaling, b_scale=weight_scale,
                                 b_code=code, config=config, out_dtype=x.dtype, input_precision=plan.input_precision,
                                 tma=plan.tma, persistent=plan.persistent, num_sms=plan.num_sms)
 
@@ -340,16 +334,11 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     adapters = _adapter_columns(adapter_ids, rank_ids, rank_scaling, m)
     rows_p, inv_keep = _dropout_rows(adapters, adapter_p, dropout_p)
     # g = g_scale · (what the variable g holds): the dy pass scales it, the dx GEMM's K loop does not.
-    g_in_dx = need_x and plan.dx_in_loop and r > 0
-    need_g_pass = (need_x or need_A) and not g_in_dx and r > 0  # (rank 0: the base alone, no g)
+    g_in_dx = need_x and plan.dx_in_loop
+    need_g_pass = (need_x or need_A) and not g_in_dx
     g_scale = scaling if g_in_dx else 1.0
 
     g = d_b = d_bias = None
-    empty_a = empty_b = None
-    if not r:  # (rank 0: the empty factors' empty gradients, made here)
-        empty_a = lora_A.new_zeros(lora_A.shape) if need_A else None
-        empty_b = lora_B.new_zeros(lora_B.shape) if need_B else None
-        need_A = need_B = False
     if need_g_pass or need_B or need_bias:
         # The dy pass: g = s·w⊙dy·B (unless the dx GEMM computes it), dB = s·dyᵀ·xa, db = Σ dy, one read of dy.
         g, d_b, d_bias = k_.skinny_pass(
@@ -364,11 +353,10 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
         # dx = dy·W + (g·A)⊙mask/(1-p): the forward GEMM with (x, Wᵀ, Aᵀ, Bᵀ) -> (dy, W, B, A), its
         # low-rank left factor g read from the dy pass, or (g_in_dx) accumulated in the K loop as dy·B.
         low_rank = dict(shrink=lora_B, v=lora_A, lr_scale=scaling * inv_keep, row_scale=w,
-                        adapters=adapters) if g_in_dx else dict(u=g, v=lora_A, lr_scale=inv_keep) if r else {}
+                        adapters=adapters) if g_in_dx else dict(u=g, v=lora_A, lr_scale=inv_keep)
 
         def launch_dx(config):
-            return k_.lora_gemm(a, b, **low_rank, dropout_p=dropout_p if r else 0.0, seed=seed,
-                                dropout_rows=rows_p if r else None,
+            return k_.lora_gemm(a, b, **low_rank, dropout_p=dropout_p, seed=seed, dropout_rows=rows_p,
                                 b_scale=weight_scale,
                                 b_scale_dim=0, b_code=code, config=config, out_dtype=x.dtype,
                                 input_precision=plan.input_precision, tma=plan.tma, persistent=plan.persistent,
@@ -399,7 +387,7 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
             d_w, _ = launch_dw(dispatch.gemm_config_for(
                 "dw", plan.dw_gemm, launch_dw, m=n, n=k, k=m, r=1, dtype=x.dtype, shrink_in_loop=False,
                 epilogue_mask=False, device=x.device, persistent=plan.persistent))
-    return dx, d_w, d_bias, d_a if r else empty_a, d_b if r else empty_b
+    return dx, d_w, d_bias, d_a, d_b
 
 
 # ----------------------------------------------------------------------------
@@ -972,9 +960,12 @@ def dora_linear(
                      weight_code)
     if weight_scale is None:
         correction = torch.nn.functional.linear(x - dropped, weight, bias)
-    else:  # (a quantized base read as it is by the fused GEMMs, rank 0: no Ŵ kept for the backward, as F.linear's)
+    else:
+        # The fused GEMMs read the quantized base as it is: no Ŵ of (N, K) kept for the backward, as F.linear
+        # on Ŵ keeps one. (Their low-rank term a zero one of rank 1, not none: the kernels the compile report
+        # checks, at r/BLOCK_N extra FLOPs, exactly 0 added; the zeros are not differentiated.)
         n, k = base_shape(weight)
-        correction = _lora_linear(x - dropped, weight, x.new_empty((0, k)), x.new_empty((n, 0)), bias, 1.0, 0.0,
+        correction = _lora_linear(x - dropped, weight, x.new_zeros((1, k)), x.new_zeros((n, 1)), bias, 1.0, 0.0,
                                   None, None, (), "triton", weight_scale, weight_code)
     return torch.addcmul(correction, z, gamma)
 
