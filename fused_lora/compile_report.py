@@ -568,12 +568,18 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, int8_base=True))
                 jobs.append(Job("gemm", pass_name, dtype, asdict(int8_tiles[0]), arch, block_r, even_k=False,
                                 int8_base=True))
+                if not in_loop and block_r == 16:  # a rank below its tile (QLoRA's r = 8; QDoRA's zero rank 1)
+                    jobs.append(Job("gemm", pass_name, dtype, asdict(int8_tiles[0]), arch, block_r, even_r=False,
+                                    int8_base=True))
             if pass_name != "dw" and not in_loop:  # an NF4 base (its own tiles: configs.nf4_b_fits), its K tail
                 nf4_tiles = _quantized_tiles(elt, block_r, in_loop, arch, smem, pass_name, nf4=True)
                 for cfg in nf4_tiles if every_tile else nf4_tiles[:1]:
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, nf4_base=True))
                 jobs.append(Job("gemm", pass_name, dtype, asdict(nf4_tiles[0]), arch, block_r, even_k=False,
                                 nf4_base=True))
+                if block_r == 16:  # a rank below its tile (the in-loop passes mask theirs always)
+                    jobs.append(Job("gemm", pass_name, dtype, asdict(nf4_tiles[0]), arch, block_r, even_r=False,
+                                    nf4_base=True))
         # Split-K partials (fp32 stores into the workspace), on the tiles the
         # heuristic picks where it splits: every pass at small M; dW (whose K is
         # the tokens) where its output is small: a 256x256 layer over 64 K tokens.

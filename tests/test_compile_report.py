@@ -100,10 +100,13 @@ def test_the_report_covers_every_shipped_config():
     int8 = {("gemm", p + v + "+int8_base") for p in gemm_passes[:-1] for v in ("", "+k_tail", "+split_k", "+tma")}
     assert int8 <= passes and ("gemm", "dw+int8_base") not in passes
     assert {("gemm", p + "+tma+persistent+int8_base") for p in ("forward_in_loop", "forward_split", "dx")} <= passes
+    # (a rank below its tile, QLoRA's r = 8, where the rank mask is a variant: the precomputed term's passes)
+    assert {("gemm", p + "+r_tail+int8_base") for p in ("forward_split", "dx", "dx_dropout")} <= passes
     # an NF4 base: the passes that decode it (the split forward, dx with and without its mask; never in loop,
     # TMA or persistent: the dispatch keeps it off them), a K tail and split-K; its norm (own tile)
     nf4 = {p for _, p in passes if p.endswith("+nf4_base")}
-    assert {f"{p}{v}+nf4_base" for p in ("forward_split", "dx", "dx_dropout") for v in ("", "+k_tail", "+split_k")} \
+    assert {f"{p}{v}+nf4_base" for p in ("forward_split", "dx", "dx_dropout")
+            for v in ("", "+k_tail", "+r_tail", "+split_k")} \
         | {f"{p}+nf4_base" for p in ("norm", "norm+k_tail", "norm_chunked")} == nf4
     # every pass with a low-rank term at every rank tile it runs with (the kernel's BLOCK_R), on every
     # tile that fits it (autotuning may pick any: the heuristics' picks are checked below)
