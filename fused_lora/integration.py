@@ -2036,12 +2036,38 @@ def _check_adapters(what: str, adapter, weights, multi: dict):
     if weights is None and (adapter is None or isinstance(adapter, numbers.Integral)):
         return _check_adapter_index(what, adapter, multi)
     if not multi:
-        raise ValueError(f"{what}: adapter={adapter!r}, weights={weights!r} combine adapters of inject_multi's "
-                         "layers; the model has none (its fused layers hold one adapter each)")
+        if adapter is not None:
+            raise ValueError(f"{what}: adapter={adapter!r} picks adapters of inject_multi's layers; the model has "
+                             "none (its fused layers hold one adapter each: weights=w alone weighs it)")
+        return None
     if adapter is None:
         raise ValueError(f"{what}: weights={weights!r} weigh the adapters adapter= names: name them, adapter=[i, ...]")
     counts = {layer.num_adapters for layer in multi.values()}
     return check_combination("adapter", adapter, weights, min(counts), f"{what}: ")
+
+
+def _single_weight(what: str, weights, layers: dict) -> float | None:
+    """``weights`` of :func:`merge_and_unload` and :func:`save_adapter` on
+    :func:`inject`'s layers (one adapter each): None, or one finite real
+    number (alone, or the only one of a sequence), the adapter's term ``s·B
+    A`` times it; refused where a layer is DoRA's (its magnitude rescales the
+    whole weight, not the adapter's term alone)."""
+    if weights is None:
+        return None
+    if isinstance(weights, (list, tuple)):
+        if len(weights) != 1:
+            raise ValueError(f"{what}: the model's fused layers hold one adapter each: weights must be one number, "
+                             f"got {len(weights)}")
+        weights = weights[0]
+    if isinstance(weights, bool) or not isinstance(weights, numbers.Real):
+        raise TypeError(f"{what}: weights must be a real number (the adapter's weight), got {type(weights).__name__}")
+    if not math.isfinite(weights):
+        raise ValueError(f"{what}: weights must be finite, got {weights}")
+    dora = [n for n, layer in layers.items() if getattr(layer, "use_dora", False)]
+    if dora:
+        raise ValueError(f"{what}: weights scale an adapter's term s·B·A, which DoRA's layers ({dora[0]}...) do not "
+                         "add alone (their magnitude rescales the whole weight): merge or save them unweighted")
+    return float(weights)
 
 
 def _indices_and_weights(combination) -> tuple[list[int], list[float]]:
@@ -2071,6 +2097,7 @@ def _unload(model: nn.Module, merge: bool, adapter=None, dequantize=None, weight
         _refuse_int8_bases(layers, what, give_back=not merge)
     multi = {n: layer for n, layer in layers.items() if isinstance(layer, MultiLoRALinear)}
     adapter = _check_adapters(what, adapter, weights, multi) if merge else None
+    scale = _single_weight(what, weights, layers) if merge and not multi else None  # (inject's layers, weighed)
     routed = [n for n, layer in layers.items() if _ROUTED in layer.__dict__]
     if routed:
         raise ValueError(f"{what}: inside a `with fused_lora.adapter_ids(model, ...)` block ({routed[0]}...): "
@@ -2092,12 +2119,20 @@ def _unload(model: nn.Module, merge: bool, adapter=None, dequantize=None, weight
     plain_by_id = {}
     for name, layer in layers.items():
         if id(layer) not in plain_by_id and dequantize is not None and layer.quantized:
-            plain_by_id[id(layer)] = _dequantized_linear(layer, dequantize, merge, adapter).train(layer.training)
+            plain_by_id[id(layer)] = _dequantized_linear(layer, dequantize, merge, adapter, scale).train(
+                layer.training)
         if id(layer) not in plain_by_id:  # (a layer reachable under two names becomes one plain layer)
             if isinstance(layer, MultiLoRALinear):
                 if merge:
                     with torch.no_grad():
                         layer.weight.copy_(layer.merged_weight(*_indices_and_weights(adapter)))
+            elif merge and scale is not None:  # (the adapter's term times the weight, into a layer discarded)
+                if layer.merged:
+                    layer.unmerge()
+                with torch.no_grad():
+                    delta = layer._delta_fp32(scale)
+                    layer.weight.copy_((layer.weight.detach().float() + (delta.t() if layer.fan_in_fan_out
+                                                                        else delta)).to(layer.weight.dtype))
             elif merge and not layer.merged:
                 layer.merge()
             elif not merge and layer.merged:
@@ -2196,19 +2231,21 @@ def _skip_in_config(owner: nn.Module, names: list[str]) -> bool:
     return True
 
 
-def _dequantized_linear(layer: LoRALinear | MultiLoRALinear, dtype: torch.dtype, merge: bool, adapter) -> nn.Module:
+def _dequantized_linear(layer: LoRALinear | MultiLoRALinear, dtype: torch.dtype, merge: bool, adapter,
+                        scale: float | None = None) -> nn.Module:
     """The plain layer of a fused one's quantized base, made floating point:
     Ŵ (the exact product of its values and scales, in fp32), with, for
     ``merge``, the adapter folded in (``s·B·A``, DoRA's ``γ ⊙ (Ŵ + s·B A) - Ŵ``;
     a layer of several adapters: ``adapter``'s, or the weighted sum of a
-    combination's), rounded once to ``dtype``; an
+    combination's; one adapter's times ``scale``), rounded once to ``dtype``; an
     ``nn.Linear``, or a ``Conv1D`` where the base was quantized from one; the
     bias shared, or cast to ``dtype``. Frozen, as the fused layer's base."""
     with torch.no_grad():
         w = dequantize_base(layer.weight.detach(), layer.weight_scale, torch.float32,
                             layer._buffers.get("weight_code"))
         if merge:
-            w = w + (layer._delta_fp32(adapter) if isinstance(layer, MultiLoRALinear) else layer._delta_fp32())
+            w = w + (layer._delta_fp32(adapter) if isinstance(layer, MultiLoRALinear)
+                     else layer._delta_fp32(1.0 if scale is None else scale))
     conv1d = quantized_from_fan_in_fan_out(layer)
     if conv1d and _conv1d_class() is None:
         raise ImportError("a layer quantized from a Conv1D goes back to transformers' Conv1D: install transformers")
@@ -2298,8 +2335,10 @@ def merge_and_unload(model: nn.Module, *, adapter=None, dequantize: torch.dtype 
     in fp32 in the order given and rounded once: several adapters combined
     into one model (a blend, or task arithmetic with negative weights).
     Distinct indices in range, finite weights, or a ``ValueError``
-    (``TypeError`` for the wrong types) before anything changes; ``weights``
-    without inject_multi's layers is refused.
+    (``TypeError`` for the wrong types) before anything changes. On
+    :func:`inject`'s layers (one adapter each) ``weights=w``, one number,
+    folds in ``W + w · s · B A``: the adapter at that strength (not DoRA's,
+    whose magnitude rescales the whole weight: refused).
 
     A quantized base (``quantize_base``, bitsandbytes' ``Linear4bit``,
     torchao's int8) is refused, as merging would requantize it, unless
@@ -2450,6 +2489,11 @@ def _beside_adapters(model: nn.Module, layers: dict[str, LoRALinear]) \
     return saved, "all", others
 
 
+def _alpha_value(alpha):
+    """An alpha as adapter_config.json holds it: an int where it is whole."""
+    return int(alpha) if float(alpha).is_integer() else float(alpha)
+
+
 def _lora_config_dict(layers: dict[str, LoRALinear], modules_to_save=None, bias: str = "none") -> dict:
     """adapter_config.json for these layers: the most common r/alpha, with
     rank_pattern/alpha_pattern for the layers that differ. ``fan_in_fan_out``
@@ -2470,7 +2514,7 @@ def _lora_config_dict(layers: dict[str, LoRALinear], modules_to_save=None, bias:
         return collections.Counter(getattr(layer, attr) for layer in names.values()).most_common(1)[0][0]
 
     r, alpha = most_common("r"), most_common("alpha")
-    alpha_out = int(alpha) if float(alpha).is_integer() else alpha
+    alpha_out = _alpha_value(alpha)
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -2482,8 +2526,7 @@ def _lora_config_dict(layers: dict[str, LoRALinear], modules_to_save=None, bias:
         "fan_in_fan_out": most_common("fan_in_fan_out"),
         "target_modules": sorted(names),
         "rank_pattern": {n: layer.r for n, layer in names.items() if layer.r != r},
-        "alpha_pattern": {n: (int(layer.alpha) if float(layer.alpha).is_integer() else layer.alpha)
-                          for n, layer in names.items() if layer.alpha != alpha},
+        "alpha_pattern": {n: _alpha_value(layer.alpha) for n, layer in names.items() if layer.alpha != alpha},
         "bias": bias,
         # (from_peft's layers of a PiSSA/OLoRA... adapter: their base is the residual, which PEFT makes again)
         "init_lora_weights": uniform(_RESIDUAL_INIT, "init_lora_weights", True),
@@ -2599,11 +2642,19 @@ def save_adapter(model: nn.Module, directory, *, adapter=None, weights=None) -> 
     layer's rank the sum of theirs there, its A_i times ``w_i · s_i`` (made in
     fp32, rounded once to the adapters' dtype), alpha = r, and the first
     one's dropout; checked as :func:`merge_and_unload`'s (refused on
-    sharded adapters: combine in the unsharded model)."""
+    sharded adapters: combine in the unsharded model). On :func:`inject`'s
+    layers ``weights=w``, one number, writes the adapter at that strength:
+    its alphas times w (``lora_alpha``, ``alpha_pattern``), its tensors as
+    they are (not DoRA's: refused)."""
     layers = _adapters_to_write(_check_model(model), adapter, "save_adapter", weights)
     if not layers:
         raise ValueError("the model has no fused LoRA layers to save")
+    single = all(isinstance(layer, LoRALinear) for layer in layers.values())
+    scale = _single_weight("save_adapter", weights, layers) if single else None
     tensors, config, gathered = _adapter_tensors(model, layers)
+    if scale is not None:  # (the adapter at that strength: its alphas times the weight, its tensors as they are)
+        config["lora_alpha"] = _alpha_value(config["lora_alpha"] * scale)
+        config["alpha_pattern"] = {n: _alpha_value(a * scale) for n, a in config["alpha_pattern"].items()}
     directory = Path(directory)
     if gathered and torch.distributed.is_initialized():
         if torch.distributed.get_rank() == 0:

@@ -755,12 +755,15 @@ class LoRALinear(_QuantizedBase, nn.Module):
                            row_scale=row_scale, weight_scale=scale, weight_code=code, backend=self.backend)
 
     # -- merging ----------------------------------------------------------------
-    def _delta_fp32(self) -> torch.Tensor:
-        """What ``merge()`` adds to the weight, (out, in), in fp32: ``s·B A``;
-        DoRA's ``γ ⊙ (W + s·B A) - W``, ``γ = m / ‖W + s·B A‖`` (PEFT's merge)."""
-        delta = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+    def _delta_fp32(self, weight: float = 1.0) -> torch.Tensor:
+        """What ``merge()`` adds to the weight, (out, in), in fp32: ``s·B A``
+        (times ``weight``: a weighted merge, :func:`fused_lora.merge_and_unload`'s
+        ``weights``); DoRA's ``γ ⊙ (W + s·B A) - W``, ``γ = m / ‖W + s·B A‖``
+        (PEFT's merge; no weight)."""
+        delta = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * (self.scaling * weight)
         if not self.use_dora:
             return delta
+        assert weight == 1.0, "a weighted DoRA merge (its magnitude rescales the whole weight) is refused before"
         base = self._float_base(self.lora_magnitude_vector.dtype)  # (an int8 base's Ŵ)
         w = base.detach().float()
         gamma = self.lora_magnitude_vector.detach().float() / dora_norm(base, self.lora_A, self.lora_B, self.scaling)

@@ -761,6 +761,65 @@ def test_save_adapter_loads_in_peft(tmp_path):
     assert_outputs_close(loaded(input_ids=ids).logits, expected)
 
 
+@pytest.mark.parametrize("make, targets", [(tiny_llama, LLAMA_TARGETS), (tiny_gpt2, ["c_attn", "c_fc"])],
+                         ids=["llama", "gpt2-conv1d"])
+def test_weights_merge_and_save_an_adapter_at_a_strength(tmp_path, make, targets):
+    """``weights=w`` on inject's layers: ``W + w·s·B A``, as the model whose
+    adapters are the same at w times their alpha (the oracle: PEFT's model
+    of the file saved unweighted, its scales times w)."""
+    model = make()
+    fused_lora.inject(model, targets, r=4, alpha=8, use_rslora=True)
+    _randomise_adapters(model)
+    model.eval()
+    first = next(iter(fused_lora.integration.fused_layers(model).values()))
+    first.alpha = 5.0  # (a per-layer alpha: alpha_pattern)
+    ids = batch()
+    fused_lora.save_adapter(model, tmp_path / "full")
+    oracle = peft.PeftModel.from_pretrained(make(), tmp_path / "full").eval()
+    for layer in oracle.modules():
+        if isinstance(getattr(layer, "scaling", None), dict) and "default" in layer.scaling:
+            layer.scaling["default"] *= -0.75
+    expected = oracle(input_ids=ids).logits.detach()
+    fused_lora.save_adapter(model, tmp_path / "weighted", weights=-0.75)
+    config = json.loads((tmp_path / "weighted" / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == -6 and list(config["alpha_pattern"].values()) == [-3.75]
+    loaded = peft.PeftModel.from_pretrained(make(), tmp_path / "weighted").eval()
+    assert_outputs_close(loaded(input_ids=ids).logits, expected)
+    merged = copy.deepcopy(model)
+    fused_lora.merge_and_unload(merged, weights=[-0.75])
+    assert not fused_lora.integration.fused_layers(merged)
+    assert_outputs_close(merged(input_ids=ids).logits, expected)
+    merged_once = copy.deepcopy(model)  # (a layer merged already is unmerged first: the weight applies once)
+    first_copy = next(iter(fused_lora.integration.fused_layers(merged_once).values()))
+    first_copy.merge()
+    fused_lora.merge_and_unload(merged_once, weights=-0.75)
+    assert_outputs_close(merged_once(input_ids=ids).logits, expected)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for kwargs, err, words in [(dict(weights=[1.0, 2.0]), ValueError, "the model.s fused layers hold one adapter each: "
+                                                                         "weights must be one"),
+                               (dict(weights="1"), TypeError, "weights must be a real number"),
+                               (dict(weights=math.inf), ValueError, "weights must be finite"),
+                               (dict(adapter=[0], weights=1.0), ValueError, r"adapter=\[0\] picks adapters of "
+                                                                           "inject_multi's layers")]:
+        for what in ("merge_and_unload", "save_adapter"):
+            with pytest.raises(err, match=f"{what}: {words}"):
+                if what == "merge_and_unload":
+                    fused_lora.merge_and_unload(model, **kwargs)
+                else:
+                    fused_lora.save_adapter(model, tmp_path / "never", **kwargs)
+    assert fused_lora.integration.fused_layers(model) and not (tmp_path / "never").exists()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_weights_refuse_dora_s_layers(tmp_path):
+    model = _randomised_fused_llama(target_modules=LLAMA_TARGETS, r=4, use_dora=True)
+    for call in (lambda: fused_lora.merge_and_unload(model, weights=0.5),
+                 lambda: fused_lora.save_adapter(model, tmp_path / "never", weights=0.5)):
+        with pytest.raises(ValueError, match=r"weights scale an adapter's term s·B·A, which DoRA's layers"):
+            call()
+    assert fused_lora.integration.fused_layers(model) and not (tmp_path / "never").exists()
+
+
 def test_load_adapter_written_by_peft(tmp_path):
     config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"],
                              rank_pattern={"up_proj": 8}, init_lora_weights=False)

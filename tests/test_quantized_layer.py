@@ -278,8 +278,9 @@ def test_inject_quantize_base_is_the_model_on_its_dequantised_weights(make, quan
         fused = model(input_ids=ids).logits
         with fused_lora.disable_adapters(model):
             base = model(input_ids=ids).logits
-    merged, unloaded, merged16 = (copy.deepcopy(model) for _ in range(3))
+    merged, unloaded, merged16, weighted = (copy.deepcopy(model) for _ in range(4))
     assert sorted(fused_lora.merge_and_unload(merged, dequantize=F32)) == sorted(names)
+    fused_lora.merge_and_unload(weighted, dequantize=F32, weights=0.25)  # (the adapters at a quarter strength)
     assert sorted(fused_lora.unload(unloaded, dequantize=F32)) == sorted(names)
     fused_lora.merge_and_unload(merged16, dequantize=BF16)
     fresh = make(seed=3)
@@ -294,6 +295,9 @@ def test_inject_quantize_base_is_the_model_on_its_dequantised_weights(make, quan
         delta = (layer.lora_B.double() @ layer.lora_A.double()) * layer.scaling
         assert_close(merged.get_submodule(name).weight, (deq.double() + delta).mT if conv1d else deq.double() + delta,
                      F32, f"{name}: Ŵ + s·B·A")
+        quarter = deq.double() + 0.25 * delta
+        assert_close(weighted.get_submodule(name).weight, quarter.mT if conv1d else quarter, F32,
+                     f"{name}: Ŵ + 0.25·s·B·A")
     with torch.no_grad():
         assert_close(merged(input_ids=ids).logits, fused.double(), F32, "merged on Ŵ")
         assert_close(unloaded(input_ids=ids).logits, base.double(), F32, "Ŵ alone")
