@@ -2105,7 +2105,8 @@ def _unload(model: nn.Module, merge: bool, adapter=None, dequantize=None, weight
     rescaled = [n for n, layer in layers.items() if RESCALED in layer.__dict__]
     if rescaled:
         raise ValueError(f"{what}: inside a `with fused_lora.rescale_adapters(model, ...)` block ({rescaled[0]}...), "
-                         "whose scale the layers would keep after it: leave it first")
+                         "whose scale the layers would keep after it: leave it first (to merge the adapters at a "
+                         "strength: merge_and_unload(model, weights=...))")
     _check_not_dispatched(model, list(layers), what)
     _check_can_replace(model, list(layers), what)
     tied = _shared_weights(model, [(n, layer) for n, layer in layers.items()
