@@ -568,7 +568,7 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, int8_base=True))
                 jobs.append(Job("gemm", pass_name, dtype, asdict(int8_tiles[0]), arch, block_r, even_k=False,
                                 int8_base=True))
-                if not in_loop and block_r == 16:  # a rank below its tile (QLoRA's r = 8; QDoRA's zero rank 1)
+                if not in_loop and block_r == configs.block_r_for(1):  # a rank below its tile (QLoRA's r = 8)
                     jobs.append(Job("gemm", pass_name, dtype, asdict(int8_tiles[0]), arch, block_r, even_r=False,
                                     int8_base=True))
             if pass_name != "dw" and not in_loop:  # an NF4 base (its own tiles: configs.nf4_b_fits), its K tail
@@ -577,7 +577,7 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, nf4_base=True))
                 jobs.append(Job("gemm", pass_name, dtype, asdict(nf4_tiles[0]), arch, block_r, even_k=False,
                                 nf4_base=True))
-                if block_r == 16:  # a rank below its tile (the in-loop passes mask theirs always)
+                if block_r == configs.block_r_for(1):  # a rank below its tile (in-loop passes mask theirs always)
                     jobs.append(Job("gemm", pass_name, dtype, asdict(nf4_tiles[0]), arch, block_r, even_r=False,
                                     nf4_base=True))
         # Split-K partials (fp32 stores into the workspace), on the tiles the
