@@ -76,8 +76,8 @@ from torch import nn
 
 from ._validate import check_bool, check_combination, check_int, version_tuple
 from .layer import (LoRALinear, MultiLoRALinear, _held_compute_dtype, _held_quantized, check_adapter_dtype,
-                    check_quantize_base, held_module, lora_scaling, note_checked_adapter_ids, quantize_base_weight,
-                    quantized_from_fan_in_fan_out, take_from_module, unfusable_base)
+                    check_quantize_base, folded, held_module, lora_scaling, note_checked_adapter_ids,
+                    quantize_base_weight, quantized_from_fan_in_fan_out, take_from_module, unfusable_base)
 from .quant import base_format, dequantize_base
 
 #: The fused layers: one adapter (:func:`inject`), or several (:func:`inject_multi`).
@@ -2070,13 +2070,6 @@ def _single_weight(what: str, weights, layers: dict) -> float | None:
     return float(weights)
 
 
-def _indices_and_weights(combination) -> tuple[list[int], list[float]]:
-    """``MultiLoRALinear.merged_weight``'s arguments for a combination, or an index."""
-    if isinstance(combination, int):
-        return [combination], [1.0]
-    return [i for i, _ in combination], [w for _, w in combination]
-
-
 #: The dtypes ``dequantize`` may name.
 _DEQUANTIZE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -2125,15 +2118,13 @@ def _unload(model: nn.Module, merge: bool, adapter=None, dequantize=None, weight
         if id(layer) not in plain_by_id:  # (a layer reachable under two names becomes one plain layer)
             if isinstance(layer, MultiLoRALinear):
                 if merge:
-                    with torch.no_grad():
-                        layer.weight.copy_(layer.merged_weight(*_indices_and_weights(adapter)))
+                    with torch.no_grad():  # (adapter: an index or a checked combination)
+                        layer.weight.copy_(folded(layer, layer._delta_fp32(adapter)))
             elif merge and scale is not None:  # (the adapter's term times the weight, into a layer discarded)
                 if layer.merged:
                     layer.unmerge()
                 with torch.no_grad():
-                    delta = layer._delta_fp32(scale)
-                    layer.weight.copy_((layer.weight.detach().float() + (delta.t() if layer.fan_in_fan_out
-                                                                        else delta)).to(layer.weight.dtype))
+                    layer.weight.copy_(folded(layer, layer._delta_fp32(scale)))
             elif merge and not layer.merged:
                 layer.merge()
             elif not merge and layer.merged:

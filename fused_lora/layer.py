@@ -401,6 +401,13 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def folded(layer, delta: torch.Tensor) -> torch.Tensor:
+    """``layer``'s (floating-point) base weight with ``delta`` (out, in, fp32)
+    added, in the weight's layout (``fan_in_fan_out``: (in, out)) and dtype:
+    the sum made in fp32 and rounded once (a merge)."""
+    return (layer.weight.detach().float() + (delta.t() if layer.fan_in_fan_out else delta)).to(layer.weight.dtype)
+
+
 class LoRALinear(_QuantizedBase, nn.Module):
     """``y = x Wᵀ + b + s · (dropout(x) Aᵀ) Bᵀ`` with W and b frozen.
 
@@ -793,10 +800,7 @@ class LoRALinear(_QuantizedBase, nn.Module):
                              "requantize it, changing the base. Keep the adapter unmerged, or merge it into the "
                              "floating-point model (fused_lora.save_adapter, then load it there)")
         original = self.weight.detach().clone()
-        delta = self._delta_fp32()
-        if self.fan_in_fan_out:
-            delta = delta.t()
-        self.weight.copy_((self.weight.detach().float() + delta).to(self.weight.dtype))
+        self.weight.copy_(folded(self, self._delta_fp32()))
         self._unmerged_weight = original
 
     @torch.no_grad()
@@ -1112,8 +1116,7 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
                              f"{base_format(self.weight, self.weight_code)} "
                              "(quantize_base): folding an adapter "
                              "in would requantize it; merge into the floating-point model instead")
-        delta = self._delta_fp32(combination)
-        return (self.weight.detach().float() + (delta.t() if self.fan_in_fan_out else delta)).to(self.weight.dtype)
+        return folded(self, self._delta_fp32(combination))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, ranks={list(self.ranks)}, "
