@@ -75,9 +75,10 @@ import torch
 from torch import nn
 
 from ._validate import check_bool, check_combination, check_int, version_tuple
-from .layer import (LoRALinear, MultiLoRALinear, _held_compute_dtype, _held_quantized, check_adapter_dtype,
-                    check_quantize_base, folded, held_module, lora_scaling, note_checked_adapter_ids,
-                    quantize_base_weight, quantized_from_fan_in_fan_out, take_from_module, unfusable_base)
+from .layer import (SUPPORTED_BASES, LoRALinear, MultiLoRALinear, _held_compute_dtype, _held_quantized,
+                    base_parameters, check_adapter_dtype, check_quantize_base, folded, held_module, lora_scaling,
+                    note_checked_adapter_ids, quantize_base_weight, quantized_from_fan_in_fan_out, take_from_module,
+                    unfusable_base)
 from .quant import base_format, dequantize_base
 
 #: The fused layers: one adapter (:func:`inject`), or several (:func:`inject_multi`).
@@ -712,13 +713,15 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
             (``LoRALinear.from_linear``'s ``quantize_base``), the float
             weight let go (with ``use_dora``, QDoRA). A model loaded in 4 bits
             by bitsandbytes (``BitsAndBytesConfig(load_in_4bit=True)``,
-            ``bnb_4bit_quant_type`` "nf4" or "fp4", its default) needs no
-            ``quantize_base``: its ``Linear4bit`` layers are fused as they are
-            (transformers' ``Trainer`` then trains it: :func:`_tell_transformers`). Such layers do
-            not merge, and :func:`unload`, :func:`merge_and_unload` and
-            :func:`to_peft` refuse them (the float base is gone): save the
-            adapters (:func:`save_adapter`) and load them into the
-            floating-point model.
+            ``bnb_4bit_quant_type`` "nf4" or "fp4", its default) or in 8
+            (``load_in_8bit=True``: LLM.int8's rows), or by torchao's int8
+            weight-only config, needs no ``quantize_base``: its
+            ``Linear4bit`` / ``Linear8bitLt`` / ``Linear`` layers are fused
+            as they are, over their bytes (transformers' ``Trainer`` then
+            trains it: :func:`_tell_transformers`). Such layers do not merge
+            (:func:`merge_and_unload` folds them in floating point with
+            ``dequantize``); :func:`unload` and :func:`to_peft` give those
+            modules back.
 
     Both forms match names without the attributes of torch.compile's, DDP's
     and torch's checkpoint wrappers (``_orig_mod``, ``module``,
@@ -871,10 +874,9 @@ def inject_multi(model: nn.Module, target_modules, ranks, alphas=None, dropout=0
     for name in chosen:
         module = model.get_submodule(name)
         if id(module) not in fused_by_id:  # a module reachable under two names gets one set of adapters
-            layer = MultiLoRALinear.around(module.weight, module.bias, probe.ranks, probe.alphas, probe.dropout,
-                                           probe.use_rslora, fan_in_fan_out=not isinstance(module, nn.Linear),
-                                           backend=backend, adapter_dtype=adapter_dtype, quantize_base=quantize_base)
-            fused_by_id[id(module)] = take_from_module(layer, module).train(module.training)
+            fused_by_id[id(module)] = _multi_layer(module, probe.ranks, probe.alphas, probe.dropout, probe.use_rslora,
+                                                   backend=backend, adapter_dtype=adapter_dtype,
+                                                   quantize_base=quantize_base)
         _replace_module(model, name, fused_by_id[id(module)])
     guard_fast_paths(model)
     _tell_transformers(model)
@@ -971,18 +973,25 @@ def _routed_ids_hook(module: nn.Module, args, kwargs):
     return args, kwargs
 
 
+def _multi_layer(module: nn.Module, *args, **kwargs) -> MultiLoRALinear:
+    """A :class:`MultiLoRALinear` around ``module`` (an ``nn.Linear``, a
+    quantized one included, or transformers' ``Conv1D``), in its mode."""
+    if isinstance(module, nn.Linear):
+        layer = MultiLoRALinear.from_linear(module, *args, **kwargs)
+    else:
+        layer = take_from_module(MultiLoRALinear.around(module.weight, module.bias, *args, fan_in_fan_out=True,
+                                                        **kwargs), module)
+    return layer.train(module.training)
+
+
 def _check_fusable(model: nn.Module, names, what: str, error=TypeError) -> None:
     """Refuse, before anything changes, plain linears whose weights the kernels cannot read (quantized)."""
     modules = {n: model.get_submodule(n) for n in names}
     unfusable = {n: why for n, m in modules.items()
-                 if (why := unfusable_base(m.weight, m.bias, fan_in_fan_out=not isinstance(m, nn.Linear)))}
+                 if (why := unfusable_base(m.weight, m.bias, fan_in_fan_out=not isinstance(m, nn.Linear), module=m))}
     if unfusable:
         raise error(f"{what}: these layers cannot be fused: "
-                    + "; ".join(f"{n}: {why}" for n, why in unfusable.items())
-                    + ". Fused layers need a plain floating-point base, or an int8 one (quantize_base=True, or "
-                    "torchao's Int8WeightOnlyConfig), or a 4-bit one (quantize_base='nf4' or 'fp4', or "
-                    "bitsandbytes' Linear4bit): other quantized bases are not supported yet (PEFT's LoRA layers "
-                    "handle torchao and bitsandbytes ones)")
+                    + "; ".join(f"{n}: {why}" for n, why in unfusable.items()) + f". {SUPPORTED_BASES}")
 
 
 def _freeze_a_plain_model(model: nn.Module) -> None:
@@ -1078,12 +1087,13 @@ def _peft_lora_linear():
 def _peft_quantized_linears() -> tuple[type, ...]:
     """PEFT's LoRA layers over a quantized base that compute as its plain
     LoRA ``Linear`` does, the base's own forward plus the adapter's term:
-    bitsandbytes' 4-bit one (``peft.tuners.lora.bnb.Linear4bit``) and
-    torchao's (``TorchaoLoraLinear``), those PEFT defines (where their
+    bitsandbytes' 4-bit and 8-bit ones (``peft.tuners.lora.bnb.Linear4bit``,
+    ``Linear8bitLt``) and torchao's (``TorchaoLoraLinear``), those PEFT defines (where their
     modules are not imported, no layer of theirs exists). Whether their base
-    is one the fused layers read (NF4, FP4, int8 weight-only) is
+    is one the fused layers read (NF4, FP4, int8 rows) is
     :func:`fused_lora.layer.unfusable_base`'s to say."""
-    classes = (getattr(sys.modules.get("peft.tuners.lora.bnb"), "Linear4bit", None),
+    bnb = sys.modules.get("peft.tuners.lora.bnb")
+    classes = (getattr(bnb, "Linear4bit", None), getattr(bnb, "Linear8bitLt", None),
                getattr(sys.modules.get("peft.tuners.lora.torchao"), "TorchaoLoraLinear", None))
     return tuple(c for c in classes if isinstance(c, type))
 
@@ -1095,11 +1105,11 @@ def _why_unsupported(module, PeftLinear) -> str | None:
     torchao's int8 weight-only: :func:`_peft_quantized_linears`)."""
     if type(module) is not PeftLinear and type(module) not in _peft_quantized_linears():
         return (f"{type(module).__module__}.{type(module).__name__} is not a plain LoRA Linear layer (nor PEFT's "
-                "bitsandbytes 4-bit or torchao one)")
+                "bitsandbytes or torchao one)")
     base = module.get_base_layer()
     if not _is_linear_like(base):
         return f"base layer {type(base).__name__} is not nn.Linear/Conv1D (quantized or custom base)"
-    why = unfusable_base(base.weight, base.bias)
+    why = unfusable_base(base.weight, base.bias, module=base)
     if why:
         return f"base layer: {why}"
     adapters = list(module.lora_A.keys())
@@ -1243,13 +1253,14 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
         (adapter,) = module.lora_A.keys()
         base = module.get_base_layer()
         drop = module.lora_dropout[adapter]
+        weight, scale, code = base_parameters(base)
         layer = LoRALinear.from_parameters(
-            base.weight, base.bias, module.lora_A[adapter].weight, module.lora_B[adapter].weight,
+            weight, base.bias, module.lora_A[adapter].weight, module.lora_B[adapter].weight,
             alpha=module.lora_alpha[adapter], dropout=drop.p if isinstance(drop, nn.Dropout) else 0.0,
             use_rslora=bool(getattr(module, "use_rslora", {}).get(adapter, False)),
             fan_in_fan_out=bool(module.fan_in_fan_out), backend=backend,
             lora_magnitude_vector=_peft_magnitude(module, adapter) if getattr(module, "use_dora", {}).get(adapter)
-            else None)
+            else None, weight_scale=scale, weight_code=code)
         layer.compute_dtype = _held_compute_dtype(base)  # (bitsandbytes' 4-bit base: the dtype it computes in)
         layer.train(module.training)
         base_name = next(n for n, m in module.named_modules() if m is base)
@@ -1627,7 +1638,7 @@ def _why_not_given_back(name: str, layer: nn.Module, base: nn.Module, since: str
     if not layer.quantized:
         return None
     code = layer._buffers.get("weight_code")
-    fmt, held, kind = base_format(layer.weight, code), _held_quantized(base.weight), type(base).__name__
+    fmt, held, kind = base_format(layer.weight, code), _held_quantized(base.weight, base), type(base).__name__
     if held is None:
         return f"{name}: the {kind} its {fmt} base came from holds no such weight any more"
     q, scale, held_code = held
@@ -3126,10 +3137,8 @@ def load_adapters(model: nn.Module, directories, *, backend: str = "auto") -> li
         for name in chosen:
             module = model.get_submodule(name)
             if id(module) not in made:  # (a module reachable under two names gets one layer)
-                layer = MultiLoRALinear.around(module.weight, module.bias, ranks[name], ranks[name], dropouts,
-                                               use_rslora, fan_in_fan_out=not isinstance(module, nn.Linear),
-                                               backend=backend, adapter_dtype=dtypes[name])
-                made[id(module)] = take_from_module(layer, module).train(module.training)
+                made[id(module)] = _multi_layer(module, ranks[name], ranks[name], dropouts, use_rslora,
+                                                backend=backend, adapter_dtype=dtypes[name])
             originals[name] = module
             _replace_module(model, name, made[id(module)])
         for i, (d, (config, tensors)) in enumerate(zip(dirs, files)):  # (each file read once, above)

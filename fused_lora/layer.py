@@ -15,8 +15,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ._validate import check_backend, check_bool, check_code, check_combination, check_int
 from .dropout import check_dropout_p
 from .ops import _autocast_enabled, _unreadable, dora_linear, dora_norm, lora_linear, multi_lora_linear
-from .quant import (NF4_GROUP, base_format, base_shape, bnb_4bit_of, dequantize_base, fp4_code, int8_rows_of,
-                    quantize_fp4, quantize_int8, quantize_nf4)
+from .quant import (NF4_GROUP, base_format, base_shape, bnb_4bit_of, bnb_int8_of, dequantize_base, fp4_code,
+                    int8_rows_of, quantize_fp4, quantize_int8, quantize_nf4)
 
 
 def check_adapter_dtype(dtype, name: str = "adapter_dtype") -> torch.dtype | None:
@@ -146,12 +146,31 @@ def quantize_base_weight(weight: torch.Tensor, how: str) -> tuple[torch.Tensor, 
     return (*quantize_int8(weight), None)
 
 
-def _held_quantized(weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+def _held_quantized(weight, module: nn.Module | None = None) \
+        -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """``(q, weight_scale, weight_code)`` of a weight another library holds
-    in a format of ours (torchao's int8 rows, bitsandbytes' NF4 and FP4),
-    taken as they are (``weight_code``: FP4's, a new tensor; else None)."""
+    in a format of ours (torchao's int8 rows, bitsandbytes' int8 rows, NF4
+    and FP4), taken as they are (``weight_code``: FP4's, a new tensor; else
+    None). ``module``: the layer holding ``weight``, where bitsandbytes'
+    ``Linear8bitLt`` keeps its row scales once it has run
+    (:func:`fused_lora.quant.bnb_int8_of`)."""
     rows = int8_rows_of(weight)
+    if rows is None:
+        rows = bnb_int8_of(weight, module)
     return (*rows, None) if rows is not None else bnb_4bit_of(weight)
+
+
+def base_parameters(module: nn.Module) -> tuple[nn.Parameter, torch.Tensor | None, torch.Tensor | None]:
+    """``module``'s base as :meth:`LoRALinear.from_parameters` and
+    :meth:`MultiLoRALinear.around` take it: ``(weight, None, None)``, or,
+    for a weight another library holds in a format of ours
+    (:func:`_held_quantized`, read with its module), its data as a new
+    frozen Parameter over the same bytes, its ``weight_scale`` and
+    ``weight_code``."""
+    held = _held_quantized(module.weight, module) if isinstance(module, nn.Linear) else None
+    if held is None:
+        return module.weight, None, None
+    return nn.Parameter(held[0], requires_grad=False), held[1], held[2]
 
 
 def _adapter_dtype_of(weight: torch.Tensor) -> torch.dtype:
@@ -209,19 +228,21 @@ def _base_linear(layer: nn.Module, x, weight: torch.Tensor) -> torch.Tensor:
 
 
 def unfusable_base(weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   fan_in_fan_out: bool = False) -> str | None:
+                   fan_in_fan_out: bool = False, module: nn.Module | None = None) -> str | None:
     """Why a fused layer cannot take this weight and bias as its base (None
     when it can): the kernels read plain fp16/bf16/fp32 (or, on the torch
     backend, fp64) tensors, int8 bases of one scale per output feature:
-    torchao's int8 weight-only weights (:func:`fused_lora.quant.int8_rows_of`),
-    and 4-bit ones: bitsandbytes' ``Params4bit`` of ``quant_type`` "nf4" or
-    "fp4" whose rows are whole blocks (:func:`fused_lora.quant.bnb_4bit_of`;
-    both stored (out, in): not ``fan_in_fan_out``). Other quantized weights
-    are not: torchao's other tensor subclasses (which report a float
-    dtype), bitsandbytes' int8 parameters; nor is a sharded DTensor (fuse
-    before sharding)."""
+    torchao's int8 weight-only weights (:func:`fused_lora.quant.int8_rows_of`)
+    and bitsandbytes' LLM.int8 ones (``Int8Params``, their row scales the
+    weight's or, once it has run, its ``module``'s:
+    :func:`fused_lora.quant.bnb_int8_of`), and 4-bit ones: bitsandbytes'
+    ``Params4bit`` of ``quant_type`` "nf4" or "fp4" whose rows are whole
+    blocks (:func:`fused_lora.quant.bnb_4bit_of`; all stored (out, in): not
+    ``fan_in_fan_out``). Other quantized weights are not: torchao's other
+    tensor subclasses (which report a float dtype); nor is a sharded DTensor
+    (fuse before sharding)."""
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is None or (name == "weight" and not fan_in_fan_out and _held_quantized(t) is not None):
+        if t is None or (name == "weight" and not fan_in_fan_out and _held_quantized(t, module) is not None):
             continue
         if is_traceable_wrapper_subclass(t):
             return (f"its {name} is a {type(t).__module__}.{type(t).__name__}, a tensor subclass (a quantized "
@@ -236,18 +257,34 @@ def unfusable_base(weight: torch.Tensor, bias: torch.Tensor | None = None,
             return (f"its weight is a bitsandbytes 4-bit weight of quant_type {getattr(state, 'quant_type', None)!r}, "
                     f"blocksize {getattr(state, 'blocksize', None)}, shape {shape}: the fused layers read nf4 "
                     "and fp4 whose rows are whole blocks (in_features a multiple of the blocksize), stored (out, in)")
+        if name == "weight" and type(t).__name__ == "Int8Params":
+            if t.dtype == torch.int8 and fan_in_fan_out:
+                return (f"its weight is a bitsandbytes int8 weight {tuple(t.shape)} held (in, out) "
+                        "(fan_in_fan_out): the fused layers read int8 rows held (out, in)")
+            if t.dtype == torch.int8:
+                return (f"its weight is a bitsandbytes int8 weight {tuple(t.shape)} whose row scales (SCB) are "
+                        "neither its own nor its Linear8bitLt's (state.SCB) (a weight alone, once its layer has "
+                        "run, holds none: fuse the layer, not its weight)")
+            if not getattr(t, "has_fp16_weights", True):
+                return ("its weight is a bitsandbytes Int8Params not quantized yet (has_fp16_weights=False: "
+                        "bitsandbytes quantizes it when it is moved to a device, which would change the fused "
+                        "layer's base under it): move the model to its device first")
         if t.dtype not in _BASE_DTYPES:
             return f"its {name} has dtype {t.dtype} (a quantized weight?), not one of {[str(d) for d in _BASE_DTYPES]}"
     return None
 
 
-def _check_base(weight, bias) -> None:
-    why = unfusable_base(weight, bias)
+#: What the fused layers read, for the messages of those that refuse a base.
+SUPPORTED_BASES = ("Fused layers need a plain floating-point base, or an int8 one (quantize_base=True, torchao's "
+                   "Int8WeightOnlyConfig, or bitsandbytes' Linear8bitLt), or a 4-bit one (quantize_base='nf4' or "
+                   "'fp4', or bitsandbytes' Linear4bit): other quantized bases are not supported yet (PEFT's LoRA "
+                   "layers handle torchao and bitsandbytes ones)")
+
+
+def _check_base(weight, bias, module: nn.Module | None = None) -> None:
+    why = unfusable_base(weight, bias, module=module)
     if why:
-        raise TypeError(f"the base: {why}. Fused layers need a plain floating-point base, or an int8 one "
-                        f"(quantize_base=True, or torchao's Int8WeightOnlyConfig), or a 4-bit one (quantize_base="
-                        f"'nf4' or 'fp4', or bitsandbytes' Linear4bit): other quantized bases are not supported yet "
-                        f"(PEFT's LoRA layers handle torchao and bitsandbytes ones)")
+        raise TypeError(f"the base: {why}. {SUPPORTED_BASES}")
 
 
 def _check_quantized_base(weight, bias, weight_scale, fan_in_fan_out, weight_code=None) -> None:
@@ -342,7 +379,7 @@ def take_from_module(layer: nn.Module, linear: nn.Module) -> nn.Module:
     computes in (``compute_dtype``), and the module itself, kept aside
     (:func:`held_module`). Returns ``layer``."""
     layer.compute_dtype = _held_compute_dtype(linear)
-    if layer.quantized and _held_quantized(linear.weight) is not None:
+    if layer.quantized and _held_quantized(linear.weight, linear) is not None:
         layer.__dict__[_HELD_MODULE] = linear  # (not nn.Module's __setattr__: no submodule)
     return layer
 
@@ -547,8 +584,9 @@ class LoRALinear(_QuantizedBase, nn.Module):
         (:func:`fused_lora.quantize_fp4`): a new Parameter and its
         ``weight_scale`` (and FP4's ``weight_code``); ``linear``'s weight is
         not kept, its bias is shared. A weight that is quantized already,
-        torchao's ``Int8WeightOnlyConfig`` (:func:`fused_lora.quant.int8_rows_of`) or
-        bitsandbytes' nf4 or fp4 ``Linear4bit`` (:func:`fused_lora.quant.bnb_4bit_of`;
+        torchao's ``Int8WeightOnlyConfig`` (:func:`fused_lora.quant.int8_rows_of`),
+        bitsandbytes' ``Linear8bitLt`` (:func:`fused_lora.quant.bnb_int8_of`) or
+        nf4 or fp4 ``Linear4bit`` (:func:`fused_lora.quant.bnb_4bit_of`;
         the adapter then in the dtype it was quantized from), is taken as
         it is: its data (shared) and scales, the same base values, and
         bitsandbytes' ``compute_dtype`` (:class:`_QuantizedBase`)."""
@@ -556,9 +594,9 @@ class LoRALinear(_QuantizedBase, nn.Module):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         r = check_int("r", r, 1)
         adapter_dtype = check_adapter_dtype(adapter_dtype)
-        _check_base(linear.weight, linear.bias)
+        _check_base(linear.weight, linear.bias, linear)
         use_dora, quantize_base = check_bool("use_dora", use_dora), check_quantize_base(quantize_base)
-        held = _held_quantized(linear.weight)
+        held = _held_quantized(linear.weight, linear)
         w = linear.weight
         factory = dict(device=w.device, dtype=adapter_dtype or _adapter_dtype_of(w))
         a = nn.Parameter(torch.empty(r, linear.in_features, **factory))
@@ -937,14 +975,20 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
         as it is, likewise)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        layer = cls.around(linear.weight, linear.bias, ranks, alphas, dropout, use_rslora, backend=backend,
-                           adapter_dtype=adapter_dtype, quantize_base=quantize_base)
+        _check_base(linear.weight, linear.bias, linear)
+        weight, scale, code = base_parameters(linear)
+        adapter_dtype = check_adapter_dtype(adapter_dtype) or _adapter_dtype_of(linear.weight)
+        layer = cls.around(weight, linear.bias, ranks, alphas, dropout, use_rslora, backend=backend,
+                           adapter_dtype=adapter_dtype, quantize_base=quantize_base, weight_scale=scale,
+                           weight_code=code)
         return take_from_module(layer, linear)
 
     @classmethod
     def around(cls, weight: nn.Parameter, bias: nn.Parameter | None, ranks, alphas=None, dropout=0.0,
                use_rslora: bool = False, *, fan_in_fan_out: bool = False, backend: str = "auto",
-               adapter_dtype: torch.dtype | None = None, quantize_base: bool | str = False) -> "MultiLoRALinear":
+               adapter_dtype: torch.dtype | None = None, quantize_base: bool | str = False,
+               weight_scale: torch.Tensor | None = None,
+               weight_code: torch.Tensor | None = None) -> "MultiLoRALinear":
         """A layer around this base: its ``weight`` and ``bias`` *are* the
         given parameters (no copy; frozen here), ``weight`` (out, in), or
         (in, out) with ``fan_in_fan_out`` (transformers' ``Conv1D``); the
@@ -954,16 +998,25 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
         NF4 (:func:`fused_lora.quantize_nf4`), ``"fp4"`` to FP4
         (:func:`fused_lora.quantize_fp4`, with its ``weight_code``), held (out,
         in) whatever its layout, the bias shared. A weight quantized already
-        (torchao's int8 weight-only, bitsandbytes' nf4 and fp4) is taken as it
-        is."""
+        (torchao's int8 weight-only, bitsandbytes' nf4 and fp4, its int8
+        rows) is taken as it is. ``weight_scale`` (and ``weight_code``)
+        given: ``weight`` is a quantized base already, int8 or packed 4-bit
+        (as :meth:`LoRALinear.from_parameters` takes it; ``quantize_base``
+        then does nothing)."""
         if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
             raise TypeError(f"weight must be a 2-D nn.Parameter, got {type(weight).__name__} "
                             f"of shape {tuple(getattr(weight, 'shape', ()))}")
         adapter_dtype = check_adapter_dtype(adapter_dtype)
-        _check_base(weight, bias)
+        if weight_scale is None:
+            if weight_code is not None:
+                raise ValueError("weight_code is a 4-bit base's code book: it comes with its weight_scale")
+            _check_base(weight, bias)
+        else:
+            _check_quantized_base(weight, bias, weight_scale, fan_in_fan_out, weight_code)
         fan_in_fan_out = check_bool("fan_in_fan_out", fan_in_fan_out)
         quantize_base = check_quantize_base(quantize_base)
-        held = None if fan_in_fan_out else _held_quantized(weight)  # (torchao's int8, bitsandbytes' 4-bit: as is)
+        held = (weight, weight_scale, weight_code) if weight_scale is not None else \
+            None if fan_in_fan_out else _held_quantized(weight)  # (torchao's int8, bitsandbytes': as is)
         in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
         if held is not None:
             in_f, out_f = base_shape(held[0])[::-1]

@@ -22,6 +22,8 @@ torchao's int8 weight-only weights (``Int8WeightOnlyConfig``: an
 ``Int8Tensor`` of per-row ``qdata`` and ``scale``, no zero point, whose
 ``dequantize()`` is this Ŵ bit for bit) are this format already:
 :func:`int8_rows_of` reads them, and the fused layers take them as they are.
+So are bitsandbytes' LLM.int8 weights (``Linear8bitLt``, transformers'
+``load_in_8bit``): their rows ``CB`` and ``SCB / 127`` (:func:`bnb_int8_of`).
 
 NF4 (QLoRA's NormalFloat4, bitsandbytes' ``quant_type="nf4"`` layout)::
 
@@ -131,6 +133,42 @@ def int8_rows_of(weight) -> tuple[torch.Tensor, torch.Tensor] | None:
     if zero_point is not None and (not isinstance(zero_point, torch.Tensor) or bool(zero_point.any())):
         return None
     return q, scale.reshape(q.shape[0])
+
+
+def bnb_int8_of(weight, module=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(q, scale)`` of a bitsandbytes ``Int8Params`` weight quantized
+    (LLM.int8's rows: ``Linear8bitLt`` with ``has_fp16_weights=False``,
+    transformers' ``load_in_8bit``), or None: another kind of weight, one not
+    quantized yet (bitsandbytes quantizes it when it is moved to a device),
+    or one whose row statistics are nowhere to be found. ``q`` is its ``CB``,
+    the int8 (N, K) data itself (a plain tensor over the same bytes);
+    ``scale`` its ``SCB · (1/127)`` in fp32, a new (N,) tensor: Ŵ is then
+    the base of bitsandbytes' own fine-tuning matmul on CPU and XPU
+    (``MatMul8bitFp``: ``CB`` in x's dtype times that scale), bit for bit;
+    its ``int8_vectorwise_dequant`` rounds the same product in another order
+    (within an fp32 ulp). ``SCB`` is the weight's own until its
+    ``Linear8bitLt`` first
+    runs, which moves it to the layer's ``state``: ``module``, that layer,
+    is where it is read then. Read by its attributes (bitsandbytes is not
+    imported).
+
+    (bitsandbytes' own matmul on a GPU quantizes x too, to int8 per row, its
+    outlier columns above ``threshold`` in fp16; the fused layers compute
+    ``x · Ŵᵀ`` in x's dtype, the weight-only product, as bitsandbytes' CPU
+    path does.)"""
+    cls = type(weight)
+    if cls.__name__ != "Int8Params" or not cls.__module__.startswith("bitsandbytes"):
+        return None
+    data = weight.data if isinstance(weight.data, torch.Tensor) else None
+    if data is None or data.dtype != torch.int8 or data.dim() != 2 or not data.is_contiguous():
+        return None
+    scb = getattr(weight, "SCB", None)
+    if scb is None and module is not None and getattr(module, "weight", None) is weight:
+        scb = getattr(getattr(module, "state", None), "SCB", None)
+    if not (isinstance(scb, torch.Tensor) and scb.is_floating_point() and scb.numel() == data.shape[0]
+            and scb.device == data.device):
+        return None
+    return data, scb.detach().reshape(data.shape[0]).to(torch.float32) * (1.0 / QMAX)
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1691,7 +1691,7 @@ def test_weight_read_warning_spares_checks_of_a_weights_dtype_or_type():
 
 def _quantize(model, kind):
     """Quantize the model's q_proj layers as a quantization library leaves them: a
-    plain int8 parameter (bitsandbytes' Int8Params), a tensor subclass reporting
+    plain int8 parameter without scales, a tensor subclass reporting
     a float dtype (torch's TwoTensor), or torchao's int8 with dynamic activation
     quantization (another op than a weight-only int8 base, which the fused
     layers take: tests/test_quantized_layer.py)."""

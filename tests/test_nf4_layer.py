@@ -369,10 +369,10 @@ def test_inject_fuses_a_model_transformers_loaded_in_4_bits(tmp_path, quant_type
         fused_lora.inject(ran, "all-linear", r=4)
 
 
-@pytest.mark.parametrize("quantizer", ["bitsandbytes-nf4", "torchao-int8"])
+@pytest.mark.parametrize("quantizer", ["bitsandbytes-nf4", "bitsandbytes-int8", "torchao-int8"])
 def test_a_dequantized_merge_of_a_transformers_quantized_model_saves_a_float_checkpoint(tmp_path, quantizer):
     """``merge_and_unload(model, dequantize=...)`` on a model transformers
-    loaded quantized (bitsandbytes' 4 bits, torchao's int8), every quantized
+    loaded quantized (bitsandbytes' 4 and 8 bits, torchao's int8), every quantized
     layer fused: the model forgets its quantization as transformers' own
     ``dequantize()`` does, so ``save_pretrained`` writes the float model it
     now is and ``from_pretrained`` loads it back as one, the same logits.
@@ -385,8 +385,11 @@ def test_a_dequantized_merge_of_a_transformers_quantized_model_saves_a_float_che
     if DEVICE.type != "cpu":
         pytest.skip("transformers' quantized loading is checked on CPU here")
     transformers = pytest.importorskip("transformers")
-    if quantizer.startswith("bitsandbytes"):
+    if quantizer == "bitsandbytes-nf4":
         quantization = _in_4_bits()
+    elif quantizer == "bitsandbytes-int8":
+        pytest.importorskip("bitsandbytes")
+        quantization = transformers.BitsAndBytesConfig(load_in_8bit=True)
     else:
         torchao = pytest.importorskip("torchao")
         try:
@@ -410,7 +413,7 @@ def test_a_dequantized_merge_of_a_transformers_quantized_model_saves_a_float_che
     fused_lora.merge_and_unload(model, dequantize=F32)
     assert not model.is_quantized and getattr(model, "hf_quantizer", None) is None
     assert getattr(model.config, "quantization_config", None) is None
-    assert not getattr(model, "is_loaded_in_4bit", False)
+    assert not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False)
     model.save_pretrained(tmp_path / "merged")
     assert "quantization_config" not in (tmp_path / "merged" / "config.json").read_text()
     loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged")
@@ -444,7 +447,7 @@ def test_a_dequantized_merge_of_a_transformers_quantized_model_saves_a_float_che
         for n in ("model.layers.0.self_attn.k_proj", "model.layers.0.mlp.up_proj"):  # (the rest as quantized)
             was, now = partial.get_submodule(n), mixed.get_submodule(n)
             assert type(now) is type(was) and type(now.weight) is type(was.weight), n
-            assert type(was.weight) is not nn.Parameter, n  # (bitsandbytes' Params4bit, torchao's Int8Tensor)
+            assert type(was.weight) is not nn.Parameter, n  # (Params4bit, Int8Params, torchao's Int8Tensor)
         assert type(mixed.lm_head) is nn.Linear  # (the quantizer's own choice kept beside the merged layers)
         with torch.no_grad():
             assert torch.equal(mixed(input_ids=ids).logits, partial(input_ids=ids).logits)
@@ -481,15 +484,21 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids}
 
 
-def test_transformers_trainer_trains_an_injected_model_loaded_in_4_bits(tmp_path):
-    """QLoRA through inject under transformers' ``Trainer``: the Trainer
+@pytest.mark.parametrize("bits", [4, 8])
+def test_transformers_trainer_trains_an_injected_model_loaded_in_4_or_8_bits(tmp_path, bits):
+    """QLoRA through inject under transformers' ``Trainer`` (4 bits; and
+    bitsandbytes' LLM.int8, 8): the Trainer
     refuses a model loaded quantized with no adapters on it ("purely
     quantized"), which it tells by a ``PeftModel`` alone; once inject fused
     its layers the model reads ``is_quantized`` False, so the Trainer trains
     it, checkpoints it, and a run resumed from the first step's checkpoint
     ends with the uninterrupted run's adapters, bit for bit. unload gives
-    back the Linear4bit layers and ``is_quantized`` (True)."""
+    back the Linear4bit (Linear8bitLt) layers and ``is_quantized`` (True)."""
     quantization = _in_4_bits()
+    if bits == 8:
+        import transformers
+
+        quantization = transformers.BitsAndBytesConfig(load_in_8bit=True)
     import transformers
 
     _saved_llama(tmp_path / "base", 3, 1)
@@ -522,6 +531,6 @@ def test_transformers_trainer_trains_an_injected_model_loaded_in_4_bits(tmp_path
             assert torch.equal(p, adapters[n]), n
     fused_lora.unload(trained)
     assert trained.is_quantized is True and all(
-        type(trained.get_submodule(n)).__name__ == "Linear4bit" for n in names)
+        type(trained.get_submodule(n)).__name__ == ("Linear4bit" if bits == 4 else "Linear8bitLt") for n in names)
     with pytest.raises(ValueError, match="purely quantized"):
         transformers.Trainer(model=trained, args=args, train_dataset=_Tokens())
