@@ -433,6 +433,36 @@ def test_multi_lora_linear_on_an_int8_base_is_the_same_layer_on_its_dequantised_
         plain.load_state_dict(layer.state_dict(), strict=False)
 
 
+@pytest.mark.parametrize("how", ["int8", "nf4", "fp4"])
+def test_multi_around_takes_a_quantized_base_given_as_its_data_and_scales(how):
+    """``MultiLoRALinear.around(q, bias, ..., weight_scale=, weight_code=)``,
+    as ``LoRALinear.from_parameters`` takes a quantized base: the data and
+    scales held as they are (not copied), the layer ``from_linear(...,
+    quantize_base=)`` makes, bit for bit; a code book without scales, scales
+    of the wrong shape and scales beside a floating-point weight refused."""
+    torch.manual_seed(3)
+    linear = nn.Linear(64, 24, device=DEVICE)
+    made = MultiLoRALinear.from_linear(linear, [2, 3], quantize_base=how)
+    q, scale, code = made.weight.detach().clone(), made.weight_scale.clone(), made._buffers.get("weight_code")
+    weight = nn.Parameter(q, requires_grad=False)
+    layer = MultiLoRALinear.around(weight, linear.bias, [2, 3], weight_scale=scale, weight_code=code)
+    assert layer.quantized and layer.weight.data_ptr() == q.data_ptr() and layer.weight_scale is scale
+    assert (layer.in_features, layer.out_features) == (64, 24) and f"base={how}" in repr(layer)
+    with torch.no_grad():
+        for a, b, ma, mb in zip(layer.lora_A, layer.lora_B, made.lora_A, made.lora_B):
+            mb.normal_()
+            a.copy_(ma)
+            b.copy_(mb)
+    x, ids = torch.randn(5, 64, device=DEVICE), torch.tensor([0, 1, -1, 1, 0], device=DEVICE)
+    assert torch.equal(layer(x, ids), made(x, ids))
+    with pytest.raises(ValueError, match="weight_code is a 4-bit base's code book: it comes with its weight_scale"):
+        MultiLoRALinear.around(linear.weight, linear.bias, [2], weight_code=fused_lora.quant.fp4_code(DEVICE))
+    with pytest.raises(ValueError, match=r"weight_scale must have shape \(out_features=24"):
+        MultiLoRALinear.around(weight, linear.bias, [2], weight_scale=scale[:5], weight_code=code)
+    with pytest.raises(TypeError, match=r"weight must be a plain int8 Parameter .* with weight_scale"):
+        MultiLoRALinear.around(linear.weight, linear.bias, [2], weight_scale=scale)
+
+
 def test_inject_multi_quantize_base(tmp_path):
     model = tiny_llama(seed=4)
     float_model = copy.deepcopy(model)
