@@ -2947,6 +2947,61 @@ def download_adapter(repo_id: str, *, revision: str | None = None, subfolder: st
     return config.parent
 
 
+def push_adapter(model: nn.Module, repo_id: str, *, adapter=None, weights=None, subfolder: str | None = None,
+                 revision: str | None = None, commit_message: str | None = None, private: bool | None = None,
+                 create_pr: bool = False, token=None):
+    """Upload the model's fused adapters to the Hugging Face Hub in PEFT's
+    format: the files :func:`save_adapter` writes (``adapter``, ``weights``
+    as there), made in a temporary directory and uploaded as one commit to
+    the model repository ``repo_id`` (``"namespace/name"``; created where it
+    does not exist yet, ``private`` then as given), into ``subfolder`` (None:
+    its root; several adapters in one repository), on branch ``revision``
+    (None: its default), with ``commit_message`` (None: one naming the
+    adapter), as a pull request with ``create_pr``. ``token``: None, the one
+    ``hf auth login`` stored; a str; False, none. What
+    ``peft.PeftModel.from_pretrained(base, repo_id)``, :func:`load_adapter`
+    and :func:`download_adapter` read back (``subfolder=`` likewise).
+
+    Everything is checked, and the files written, before the Hub is
+    reached: a bad argument is a ``TypeError`` naming it, a model with
+    nothing to save :func:`save_adapter`'s ``ValueError``, and nothing is
+    created or uploaded. Under ``torch.distributed`` call it on every rank
+    (a sharded model's adapters are gathered as :func:`save_adapter` does);
+    rank 0 uploads, the others return None without waiting for it.
+
+    Returns huggingface_hub's ``CommitInfo`` (its ``commit_url``,
+    ``oid``...). Raises ``ImportError`` without ``huggingface_hub``
+    (installed with transformers and PEFT); the Hub's own errors (no such
+    namespace, no write access, offline) as huggingface_hub raises them."""
+    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
+        raise TypeError(f"push_adapter: repo_id must be a str, a Hugging Face Hub model id ('namespace/name' or "
+                        f"'name'), got {repo_id!r}")
+    for arg, value in (("subfolder", subfolder), ("revision", revision), ("commit_message", commit_message)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"push_adapter: {arg} must be None or a str, got {type(value).__name__}")
+    if private is not None:
+        private = check_bool("private", private)
+    create_pr = check_bool("create_pr", create_pr)
+    if token is not None and token is not False and not isinstance(token, str):
+        raise TypeError(f"push_adapter: token must be None, False or a str, got {type(token).__name__}")
+    try:
+        import huggingface_hub
+    except ImportError as err:
+        raise ImportError(f"push_adapter uploads to the Hugging Face Hub with huggingface_hub, which is not "
+                          f"installed ({err}): pip install huggingface_hub") from None
+    with tempfile.TemporaryDirectory(prefix="fused_lora_push_") as directory:
+        save_adapter(model, directory, adapter=adapter, weights=weights)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_rank() != 0:
+            return None
+        where = f" {subfolder}" if subfolder else ""
+        api = huggingface_hub.HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        return api.upload_folder(repo_id=repo_id, folder_path=directory, path_in_repo=subfolder or None,
+                                 revision=revision, create_pr=create_pr,
+                                 commit_message=commit_message or f"Upload LoRA adapter{where} (PEFT format)")
+
+
 def _adapter_directory(directory, what: str) -> Path:
     """The local directory of :func:`load_adapter`'s ``directory``: a path,
     or, where no such path exists and it is a Hub id (``"namespace/name"``),

@@ -253,6 +253,8 @@ def _save_and_load_sharded(model, target, directory, mode):
     else:
         fused_lora.save_adapter(target, directory)
     written = sorted(os.listdir(directory))  # (every rank: the files exist when save_adapter returns)
+    pushed = [None] * dist.get_world_size()  # (push_adapter on every rank: what each returned and uploaded)
+    dist.all_gather_object(pushed, _push_to_a_stand_in(target))
     before = _adapters(model, wrapped)
     with torch.no_grad():
         for layer in fused_lora.integration.fused_layers(model).values():
@@ -306,8 +308,35 @@ def _save_and_load_sharded(model, target, directory, mode):
     return {"written": written, "reloaded_equal": all(torch.equal(reloaded[n], before[n]) for n in before),
             "zeroed": all(t.abs().max() == 0 for t in zeroed.values()),
             "reloaded_nonzero": all(t.abs().max() > 0 for t in reloaded.values()), "refusals": refusals,
-            "summoned": summoned,
+            "summoned": summoned, "pushed": pushed,
             "still_fused": sorted(map(_plain_name, fused_lora.integration.fused_layers(model)))}
+
+
+def _push_to_a_stand_in(target) -> dict:
+    """push_adapter with huggingface_hub's HfApi replaced by a stand-in that
+    records the files of each upload (no network): what this rank returned
+    and uploaded."""
+    import huggingface_hub
+
+    uploads = []
+
+    class Api:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def upload_folder(self, *, repo_id, folder_path, **kwargs):
+            uploads.append({n: open(os.path.join(folder_path, n), "rb").read() for n in os.listdir(folder_path)})
+            return "commit"
+
+    real, huggingface_hub.HfApi = huggingface_hub.HfApi, Api
+    try:
+        returned = fused_lora.push_adapter(target, "org/sharded")
+    finally:
+        huggingface_hub.HfApi = real
+    return {"returned": returned, "uploads": uploads}
 
 
 #: The modes whose layers' bases are quantized, and how (inject's quantize_base).
@@ -349,6 +378,9 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
 
     saved = _check_saved(result, tmp_path, fused_lora.integration.fused_layers(model), lambda t: t)
     assert result["zeroed"] and result["reloaded_equal"] and result["reloaded_nonzero"]
+    # push_adapter on every rank: the shards gathered as save_adapter's, rank 0 uploads those files, rank 1 nothing
+    files = {f: (tmp_path / "adapter" / f).read_bytes() for f in ("adapter_config.json", "adapter_model.safetensors")}
+    assert result["pushed"] == [{"returned": "commit", "uploads": [files]}, {"returned": None, "uploads": []}]
     by = "FSDP1 (FullyShardedDataParallel)" if mode == "fsdp1" else "FSDP2 (fully_shard)"
     quantized = {"fsdp2-int8": "torch.int8", "fsdp2-nf4": "torch.uint8"}.get(mode)
     assert result["bases"] == [("DTensor", quantized)] if quantized else \

@@ -11,6 +11,8 @@ import math
 import pickle
 import re
 import warnings
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -1090,6 +1092,86 @@ def test_adapters_load_by_their_hugging_face_hub_id(tmp_path, monkeypatch):
         fused_lora.download_adapter(tmp_path)
     with pytest.raises(TypeError, match="revision must be None or a str, got int"):
         fused_lora.download_adapter("org/lora", revision=1)
+
+
+def test_push_adapter_uploads_what_save_adapter_writes_as_one_commit(tmp_path, monkeypatch):
+    """push_adapter: save_adapter's files, uploaded as one commit (here to a
+    stand-in for huggingface_hub's HfApi that records the calls and files
+    the commit in a Hub cache: the tests reach no network), read back by
+    load_adapter from the Hub id, the same logits; a subfolder, a branch, a
+    message, a pull request, privacy and the token handed on; one adapter
+    of several; bad arguments and a model with nothing to save refused
+    before the Hub is reached."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    cache = tmp_path / "cache"
+    calls, commits = [], {}
+
+    class Api:  # (HfApi's create_repo and upload_folder, as push_adapter calls them)
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo_id, *, private=None, exist_ok=False):
+            calls.append(("create_repo", repo_id, {"private": private, "exist_ok": exist_ok, "token": self.token}))
+            full = repo_id if "/" in repo_id else f"me/{repo_id}"  # (a bare name: the token's user's namespace)
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/{full}")
+
+        def upload_folder(self, *, repo_id, folder_path, path_in_repo=None, revision=None, create_pr=False,
+                          commit_message=None):
+            files = {p.relative_to(folder_path).as_posix(): p.read_bytes()
+                     for p in sorted(Path(folder_path).rglob("*")) if p.is_file()}
+            calls.append(("upload_folder", repo_id, {"path_in_repo": path_in_repo, "revision": revision,
+                                                     "create_pr": create_pr, "commit_message": commit_message,
+                                                     "files": sorted(files)}))
+            commit = f"{len(calls):040d}"
+            prefix = f"{path_in_repo}/" if path_in_repo else ""
+            commits.setdefault(repo_id, {})[commit] = {prefix + n: data for n, data in files.items()}
+            return SimpleNamespace(oid=commit, commit_url=f"https://huggingface.co/{repo_id}/commit/{commit}")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    model = _randomised_fused_llama(target_modules=["q_proj", "v_proj"], r=4, alpha=8)
+    info = fused_lora.push_adapter(model, "org/pushed")
+    assert calls[0] == ("create_repo", "org/pushed", {"private": None, "exist_ok": True, "token": None})
+    assert calls[1][:2] == ("upload_folder", "org/pushed") and calls[1][2] == {
+        "path_in_repo": None, "revision": None, "create_pr": False,
+        "commit_message": "Upload LoRA adapter (PEFT format)",
+        "files": ["adapter_config.json", "adapter_model.safetensors"]}
+    fused_lora.save_adapter(model, tmp_path / "saved")
+    assert commits["org/pushed"][info.oid] == {f.name: f.read_bytes() for f in (tmp_path / "saved").iterdir()}
+    # one adapter of several, into a subfolder, on a branch, as a pull request, private, with a token
+    multi = tiny_llama()
+    fused_lora.load_adapters(multi, [tmp_path / "saved", tmp_path / "saved"])
+    fused_lora.push_adapter(multi, "pushed-too", adapter=1, subfolder="v2", revision="dev", commit_message="v2",
+                            private=True, create_pr=True, token="hf_x")
+    assert calls[2] == ("create_repo", "pushed-too", {"private": True, "exist_ok": True, "token": "hf_x"})
+    assert calls[3][1] == "me/pushed-too" and calls[3][2] == {"path_in_repo": "v2", "revision": "dev", "create_pr": True, "commit_message": "v2",
+                           "files": ["adapter_config.json", "adapter_model.safetensors"]}
+    # read back from the Hub (its cache, offline): the same model
+    _hub_cache(cache, "org/pushed", commits["org/pushed"], {"main": info.oid})
+    _hub_cache(cache, "me/pushed-too", commits["me/pushed-too"], {"main": next(iter(commits["me/pushed-too"]))})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    ids = batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        for repo, subfolder in (("org/pushed", None), ("me/pushed-too", "v2")):
+            loaded = tiny_llama()
+            fused_lora.load_adapter(loaded, fused_lora.download_adapter(repo, subfolder=subfolder))
+            assert torch.equal(loaded(input_ids=ids).logits, expected), repo
+    # refused before the Hub is reached
+    made = len(calls)
+    for kwargs, words in (({"repo_id": 3}, "repo_id must be a str"), ({"repo_id": "a/b/c"}, "repo_id must be a str"),
+                          ({"subfolder": 1}, "subfolder must be None or a str"),
+                          ({"revision": b"main"}, "revision must be None or a str"),
+                          ({"private": "yes"}, "private must be a bool"),
+                          ({"create_pr": None}, "create_pr must be a bool"),
+                          ({"token": 1}, "token must be None, False or a str")):
+        with pytest.raises(TypeError, match=words):
+            fused_lora.push_adapter(model, **{"repo_id": "org/pushed", **kwargs})
+    with pytest.raises(ValueError, match="no fused LoRA layers to save"):
+        fused_lora.push_adapter(tiny_llama(), "org/pushed")
+    with pytest.raises(ValueError, match="adapter"):  # (several adapters: which one, as save_adapter asks)
+        fused_lora.push_adapter(multi, "org/pushed")
+    assert len(calls) == made
 
 
 def test_save_adapter_refuses_what_peft_cannot_hold(tmp_path):
