@@ -145,9 +145,11 @@ def test_inject_fuses_a_model_transformers_loaded_in_8_bits(tmp_path):
     """``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_8bit=True))``,
     run once (its layers' scales then in their state): inject fuses every
     Linear8bitLt over its bytes; with a fresh adapter it is the float model
-    on Ŵ, and the adapters train; ``merge_and_unload(dequantize=)`` and
-    ``to_peft`` (PEFT's 8-bit layers) compute what the fused model does;
-    ``unload`` gives the Linear8bitLt modules back; ``inject_multi`` too."""
+    on Ŵ, and the adapters train; ``merge_and_unload(dequantize=)``,
+    ``to_peft`` (PEFT's 8-bit layers), ``load_adapter`` into another such
+    model and PEFT's model of the saved files compute what the fused model
+    does; ``unload`` gives the Linear8bitLt modules back; ``inject_multi``
+    too."""
     transformers = pytest.importorskip("transformers")
     _saved_llama(tmp_path, 8)
     quantization = transformers.BitsAndBytesConfig(load_in_8bit=True)
@@ -193,6 +195,19 @@ def test_inject_fuses_a_model_transformers_loaded_in_8_bits(tmp_path):
     assert type(layer).__module__ == "peft.tuners.lora.bnb" and type(layer.base_layer).__name__ == "Linear8bitLt"
     with torch.no_grad():
         assert_close(peft_model(input_ids=ids).logits, fused.double(), F32, "PEFT's 8-bit LoRA model")
+    # the adapter's files: load_adapter fuses another model loaded in 8 bits, bit for bit this one; PEFT's
+    # from_pretrained on one computes as it does
+    fused_lora.save_adapter(model, tmp_path / "adapter")
+    other = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization,
+                                                          device_map="cpu", dtype=F32).train()
+    assert sorted(fused_lora.load_adapter(other, tmp_path / "adapter")) == sorted(names)
+    assert all(other.get_submodule(n).quantized for n in names)
+    peft = pytest.importorskip("peft")
+    from_files = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path, quantization_config=quantization, device_map="cpu", dtype=F32), tmp_path / "adapter").train()
+    with torch.no_grad():
+        assert torch.equal(other(input_ids=ids).logits, fused)
+        assert_close(from_files(input_ids=ids).logits, fused.double(), F32, "PEFT's model of the files")
     assert sorted(fused_lora.unload(model)) == sorted(names)
     assert all(model.get_submodule(n) is originals[n] for n in names)
     with torch.no_grad():
