@@ -43,7 +43,7 @@ def _deq(layer, dtype):
 
 
 @pytest.mark.parametrize("ran", [False, True], ids=["fresh", "ran"])
-@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
 def test_a_linear8bitlt_is_fused_as_it_is(ran, dtype):
     """Its int8 data shared, its scale ``SCB / 127`` (Ŵ within an fp32 ulp
     of bitsandbytes' ``int8_vectorwise_dequant``), wherever bitsandbytes
