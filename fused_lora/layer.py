@@ -16,7 +16,7 @@ from ._validate import check_backend, check_bool, check_code, check_combination,
 from .dropout import check_dropout_p
 from .ops import _autocast_enabled, _unreadable, dora_linear, dora_norm, lora_linear, multi_lora_linear
 from .quant import (NF4_GROUP, base_format, base_shape, bnb_4bit_of, bnb_int8_of, dequantize_base, fp4_code,
-                    int8_rows_of, quantize_fp4, quantize_int8, quantize_nf4)
+                    int8_rows_of, int8_tiled, quantize_fp4, quantize_int8, quantize_nf4)
 
 
 def check_adapter_dtype(dtype, name: str = "adapter_dtype") -> torch.dtype | None:
@@ -261,6 +261,10 @@ def unfusable_base(weight: torch.Tensor, bias: torch.Tensor | None = None,
             if t.dtype == torch.int8 and fan_in_fan_out:
                 return (f"its weight is a bitsandbytes int8 weight {tuple(t.shape)} held (in, out) "
                         "(fan_in_fan_out): the fused layers read int8 rows held (out, in)")
+            if t.dtype == torch.int8 and module is not None and int8_tiled(module):
+                return ("its weight is a bitsandbytes int8 weight in the tiled layout older bitsandbytes (before "
+                        "0.45) turns it into at its first forward on a GPU (state.CxB): its bytes are not rows; "
+                        "fuse the model before running it, or update bitsandbytes")
             if t.dtype == torch.int8:
                 return (f"its weight is a bitsandbytes int8 weight {tuple(t.shape)} whose row scales (SCB) are "
                         "neither its own nor its Linear8bitLt's (state.SCB) (a weight alone, once its layer has "

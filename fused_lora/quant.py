@@ -162,6 +162,8 @@ def bnb_int8_of(weight, module=None) -> tuple[torch.Tensor, torch.Tensor] | None
     data = weight.data if isinstance(weight.data, torch.Tensor) else None
     if data is None or data.dtype != torch.int8 or data.dim() != 2 or not data.is_contiguous():
         return None
+    if module is not None and int8_tiled(module):
+        return None
     scb = getattr(weight, "SCB", None)
     if scb is None and module is not None and getattr(module, "weight", None) is weight:
         scb = getattr(getattr(module, "state", None), "SCB", None)
@@ -349,6 +351,15 @@ def fp4_code(device: torch.device) -> torch.Tensor:
     """:data:`FP4_CODE` as a new fp32 (16,) tensor on ``device``: a
     ``weight_code`` of one's own (a layer's buffer, which may be written)."""
     return four_bit_code(device, FP4_CODE).clone()
+
+
+def int8_tiled(module) -> bool:
+    """Whether a bitsandbytes ``Linear8bitLt``'s weight is in the tiled
+    layout bitsandbytes before 0.45 turned it into at its first forward on
+    a GPU (``state.CxB``, "col_turing" or "col_ampere": its bytes are no
+    longer rows), which no version since makes."""
+    state = getattr(module, "state", None)
+    return getattr(state, "__dict__", {}).get("CxB") is not None  # (not getattr: 0.45+ warns it is deprecated)
 
 
 def nf4_of(weight) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -118,6 +118,12 @@ def test_what_a_linear8bitlt_base_refuses_and_what_it_is_not():
     with pytest.raises(TypeError, match=r"bitsandbytes int8 weight .*\(SCB\)"):
         MultiLoRALinear.around(l8.weight, l8.bias, [2])
     assert LoRALinear.from_linear(l8, r=2).quantized and MultiLoRALinear.from_linear(l8, [2]).quantized
+    # bitsandbytes before 0.45, at its first forward on a GPU, turned the weight into a tiled layout (state.CxB):
+    # marked so, as it left it, the bytes are refused as rows
+    l8.state.__dict__["CxB"] = l8.weight.data
+    with pytest.raises(TypeError, match=r"int8 weight in the tiled layout older bitsandbytes .* \(state.CxB\)"):
+        LoRALinear.from_linear(l8, r=2)
+    del l8.state.__dict__["CxB"]
     unmoved = _linear8bit(linear, move=False)
     assert unmoved.weight.dtype == F32
     model = nn.Sequential(unmoved)
