@@ -408,8 +408,8 @@ class Explanation:
             out.append(("backward: dx", f"the forward GEMM with roles swapped; {dx}"))
             out.append(("backward: dW", f"the same GEMM (dyᵀ, x), only when the base requires grad; "
                                         f"{tiles(p.dw_gemm)}"))
-        out.append(("backward: dA", "gᵀ·drop(x) from one read of x" + (", mask regenerated" if self.dropout_p else "")
-                    + f"; {skinny}"))
+        regenerated = ", mask regenerated" if self.dropout_p else ""
+        out.append(("backward: dA", f"gᵀ·drop(x) from one read of x{regenerated}; {skinny}"))
         if p.tma:
             out.append(("loads", "A and B tiles through TMA tensor descriptors where the operands allow"))
         if p.persistent:

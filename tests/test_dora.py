@@ -61,8 +61,9 @@ def test_the_norm_is_the_adapted_weights_in_fp32_block_by_block(chunk):
     for dtype in DTYPES:
         w, _, a, bb = make_params(123, 45, 17, dtype, False)
         a.requires_grad_()  # (the norm has no gradient all the same)
-        # rows 0-4: W and s·B·A nearly cancel (W's rows in A's row space, B = -those rows' coordinates / s, ν
-        # what is left: 1e-3 of ‖W‖ and the rounding to dtype), where ‖W‖² + 2s·B·(W Aᵀ) + s²·‖B A‖² would lose it
+        # rows 0-4: W and s·B·A nearly cancel (W's rows in A's row space, B = -those rows' coordinates / s,
+        # ν what is left: 1e-3 of ‖W‖ and the rounding to dtype), where ‖W‖² + 2s·B·(W Aᵀ) + s²·‖B A‖²
+        # would lose it
         coords = torch.randn(5, 17, device=DEVICE, dtype=torch.float64)
         w[:5] = (coords @ a.double() + 1e-3 * torch.randn(5, 123, device=DEVICE, dtype=torch.float64) / 123 ** 0.5
                  ).to(dtype)

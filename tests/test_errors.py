@@ -349,7 +349,8 @@ def test_a_layer_running_its_base_alone_refuses_bad_x_as_the_fused_path_does(mul
         layer.adapter_enabled = False
     else:
         layer.merge()
-    for x, err, words in [(torch.randn(5, 9, device=DEVICE), ValueError, ["x", "in_features=8", "weight (4, 8)", "(5, 9)"]),
+    for x, err, words in [(torch.randn(5, 9, device=DEVICE), ValueError,
+                           ["x", "in_features=8", "weight (4, 8)", "(5, 9)"]),
                           (torch.randn(5, 8, device=DEVICE, dtype=torch.float16), TypeError, ["float16", "float32"]),
                           (torch.randn(5, 8, device="meta"), ValueError, ["meta", "one device"]),
                           ([[1.0] * 8], TypeError, ["x", "Tensor", "list"])]:

@@ -1143,8 +1143,9 @@ def test_push_adapter_uploads_what_save_adapter_writes_as_one_commit(tmp_path, m
     fused_lora.push_adapter(multi, "pushed-too", adapter=1, subfolder="v2", revision="dev", commit_message="v2",
                             private=True, create_pr=True, token="hf_x")
     assert calls[2] == ("create_repo", "pushed-too", {"private": True, "exist_ok": True, "token": "hf_x"})
-    assert calls[3][1] == "me/pushed-too" and calls[3][2] == {"path_in_repo": "v2", "revision": "dev", "create_pr": True, "commit_message": "v2",
-                           "files": ["adapter_config.json", "adapter_model.safetensors"]}
+    assert calls[3][1] == "me/pushed-too" and calls[3][2] == {
+        "path_in_repo": "v2", "revision": "dev", "create_pr": True, "commit_message": "v2",
+        "files": ["adapter_config.json", "adapter_model.safetensors"]}
     # read back from the Hub (its cache, offline): the same model
     _hub_cache(cache, "org/pushed", commits["org/pushed"], {"main": info.oid})
     _hub_cache(cache, "me/pushed-too", commits["me/pushed-too"], {"main": next(iter(commits["me/pushed-too"]))})
