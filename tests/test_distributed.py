@@ -134,7 +134,7 @@ def _worker(rank, mode, init_file, out_file):
             fused_lora.from_peft(model)
         elif mode.endswith("-multi"):
             model = _multi_model(device, backend="triton")
-        else:  # (fsdp2-int8, fsdp2-nf4: the layers' bases quantized, sharded as the rest)
+        else:  # (fsdp2-int8, fsdp2-nf4, fsdp2-fp4: the layers' bases quantized, sharded as the rest)
             model = _model(device, backend="triton", quantize_base=QUANTIZED_MODES.get(mode, False))
         x, y = _data(device)
         shard = slice(rank * 6, (rank + 1) * 6)
@@ -182,6 +182,8 @@ def _worker(rank, mode, init_file, out_file):
                 result.update(_save_and_load_sharded(model, wrapped if mode == "fsdp1" else model, directory, mode))
                 result["bases"] = sorted({(type(layer.weight).__name__, str(layer.weight.dtype))
                                           for layer in fused_lora.integration.fused_layers(model).values()})
+                result["formats"] = sorted({fused_lora.quant.base_format(layer.weight, layer.weight_code)
+                                            for layer in fused_lora.integration.fused_layers(model).values()})
         if rank == 0:
             torch.save(result, out_file)
         del wrapped
@@ -340,10 +342,10 @@ def _push_to_a_stand_in(target) -> dict:
 
 
 #: The modes whose layers' bases are quantized, and how (inject's quantize_base).
-QUANTIZED_MODES = {"fsdp2-int8": True, "fsdp2-nf4": "nf4"}
+QUANTIZED_MODES = {"fsdp2-int8": True, "fsdp2-nf4": "nf4", "fsdp2-fp4": "fp4"}
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp1", "fsdp2", "fsdp2-int8", "fsdp2-nf4", "fsdp2-from_peft",
+@pytest.mark.parametrize("mode", ["ddp", "fsdp1", "fsdp2", "fsdp2-int8", "fsdp2-nf4", "fsdp2-fp4", "fsdp2-from_peft",
                                   "fsdp2-from_peft-dora",
                                   "ddp-multi", "fsdp1-multi", "fsdp2-multi"])
 def test_two_processes_match_one(tmp_path, monkeypatch, mode):
@@ -382,9 +384,10 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     files = {f: (tmp_path / "adapter" / f).read_bytes() for f in ("adapter_config.json", "adapter_model.safetensors")}
     assert result["pushed"] == [{"returned": "commit", "uploads": [files]}, {"returned": None, "uploads": []}]
     by = "FSDP1 (FullyShardedDataParallel)" if mode == "fsdp1" else "FSDP2 (fully_shard)"
-    quantized = {"fsdp2-int8": "torch.int8", "fsdp2-nf4": "torch.uint8"}.get(mode)
+    quantized = {"fsdp2-int8": "torch.int8", "fsdp2-nf4": "torch.uint8", "fsdp2-fp4": "torch.uint8"}.get(mode)
     assert result["bases"] == [("DTensor", quantized)] if quantized else \
         all(dtype == "torch.float32" for _, dtype in result["bases"]), result["bases"]
+    assert result["formats"] == [{"fsdp2-int8": "int8", "fsdp2-nf4": "nf4", "fsdp2-fp4": "fp4"}.get(mode, "")]
     refusals = result["refusals"]
     for what in ("merge_and_unload", "unload", "to_peft"):
         if quantized:  # (quantized bases, sharded: refused for that first)
