@@ -223,5 +223,17 @@ def test_inject_fuses_a_model_transformers_loaded_in_8_bits(tmp_path):
                is originals[n] for n in names)
     with torch.no_grad(), fused_lora.adapter_ids(model, torch.tensor([1, 0])):  # (fresh adapters: the base)
         assert_close(model(input_ids=ids).logits, base.double(), F32, "inject_multi's fresh adapters")
+        for name in names:
+            for b in model.get_submodule(name).lora_B:
+                nn.init.normal_(b, 0, 0.3)
+        mixed = model(input_ids=ids).logits
+    # PEFT's 8-bit layers with both adapters on the same Linear8bitLt: its mixed batch is adapter_ids'
+    peft_model = fused_lora.to_peft(copy.deepcopy(model), adapter_names=["first", "second"]).eval()
+    for module in peft_model.modules():  # (PEFT takes adapter_names in eval mode only; bitsandbytes' layers in
+        if type(module).__name__ == "Linear8bitLt" and type(module).__module__.startswith("bitsandbytes"):
+            module.train()  # training mode, where its CPU forward is the weight-only product, as above)
+    with torch.no_grad():
+        assert_close(peft_model(input_ids=ids, adapter_names=["second", "first"]).logits, mixed.double(), F32,
+                     "PEFT's mixed batch")
     fused_lora.unload(model)
     assert all(model.get_submodule(n) is originals[n] for n in names)
