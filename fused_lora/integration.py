@@ -1271,6 +1271,7 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
         if _residual_base_init(init):
             setattr(layer, _RESIDUAL_INIT, init)
         originals[name] = module
+        _let_go(layer, module)
         report.converted.append(name)
     object.__setattr__(peft_model, _ORIGINALS, originals)  # not a submodule: no duplicate parameters
     if report.converted:
@@ -1625,6 +1626,20 @@ def _share_back(layer: LoRALinear, original: nn.Module) -> None:
             setattr(owner, attr, tensor)
 
 
+def _let_go(layer: LoRALinear, original: nn.Module) -> None:
+    """PEFT's layer ``original``, kept aside while its fused ``layer`` is in
+    place, lets go of the floating-point base weight the two share
+    (:func:`_share_back` gives it the fused layer's again): kept, it would
+    keep that weight whole where FSDP2 (``fully_shard``) puts shards in the
+    fused layer's place, the base then taking its full memory on every
+    process. (The adapters stay shared: PEFT's ``enable_adapters`` freezes
+    and unfreezes them through it. A quantized base stays: it is PEFT's own
+    weight, which goes back as it is, :func:`_why_not_given_back`.)"""
+    base = original.get_base_layer()
+    if not layer.quantized and base.weight is layer.weight:
+        base.weight = None
+
+
 def _why_not_given_back(name: str, layer: nn.Module, base: nn.Module, since: str) -> str | None:
     """Why ``base``, the module whose quantized weight the fused ``layer``
     read as it is (PEFT's base layer for :func:`from_peft`, the module
@@ -1707,6 +1722,7 @@ def _peft_layers_back(peft_model: nn.Module, unmerge: bool = True):
     finally:
         for name, layer, merged in swapped:
             _replace_module(peft_model, name, layer)
+            _let_go(layer, originals[name])
             if merged:
                 layer.merge()
 

@@ -7,8 +7,10 @@ PeftModel converted by from_peft trains and saves under FSDP2 as PEFT's own;
 a model of several adapters a layer (inject_multi) trains under DDP, FSDP1
 and FSDP2, and saves one adapter and loads it back under both FSDPs."""
 
+import gc
 import os
 import sys
+import weakref
 
 import pytest
 import torch
@@ -156,9 +158,13 @@ def _worker(rank, mode, init_file, out_file):
 
             mesh = init_device_mesh("cpu", (WORLD,))
             if _fsdp2_averages(mesh, rank):
+                # (the base weights as they were before sharding: nothing may keep them whole after it)
+                whole = [weakref.ref(layer.weight) for layer in fused_lora.integration.all_fused_layers(model).values()]
                 for layer in fused_lora.integration.all_fused_layers(model).values():
                     fully_shard(layer, mesh=mesh)
                 wrapped = fully_shard(model, mesh=mesh)
+                gc.collect()
+                whole_bases_alive = sum(ref() is not None for ref in whole)
             else:  # (torch's own reduction is wrong: nothing of ours to check)
                 wrapped, result = None, {"torch_sums_fsdp2_gradients": True}
         if wrapped is not None and mode.endswith("-multi"):
@@ -184,6 +190,8 @@ def _worker(rank, mode, init_file, out_file):
                                           for layer in fused_lora.integration.fused_layers(model).values()})
                 result["formats"] = sorted({fused_lora.quant.base_format(layer.weight, layer.weight_code)
                                             for layer in fused_lora.integration.fused_layers(model).values()})
+        if wrapped is not None and mode.startswith("fsdp2"):
+            result["whole_bases_alive"] = whole_bases_alive
         if rank == 0:
             torch.save(result, out_file)
         del wrapped
@@ -360,6 +368,8 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
         pytest.skip(f"torch {torch.__version__}'s FSDP2 sums the ranks' gradients over gloo instead of averaging "
                     "them, a plain nn.Linear's too (pytorch/pytorch#162338)")
     distributed = result["grads"]
+    if mode.startswith("fsdp2"):  # (sharded in memory: no base weight kept whole, PEFT's layers kept aside included)
+        assert result["whole_bases_alive"] == 0, result["whole_bases_alive"]
     if mode.startswith("fsdp2-from_peft"):
         _check_from_peft(result, tmp_path, use_dora=mode.endswith("-dora"))
         return
