@@ -75,10 +75,10 @@ import torch
 from torch import nn
 
 from ._validate import check_bool, check_combination, check_int, version_tuple
-from .layer import (SUPPORTED_BASES, LoRALinear, MultiLoRALinear, _held_compute_dtype, _held_quantized,
-                    base_parameters, check_adapter_dtype, check_quantize_base, folded, held_module, lora_scaling,
-                    note_checked_adapter_ids, quantize_base_weight, quantized_from_fan_in_fan_out, take_from_module,
-                    unfusable_base)
+from .layer import (_LET_GO, SUPPORTED_BASES, LoRALinear, MultiLoRALinear, _held_compute_dtype, _held_quantized,
+                    base_parameters, bytes_let_go, check_adapter_dtype, check_quantize_base, folded, held_module,
+                    let_go_of_bytes, lora_scaling, note_checked_adapter_ids, quantize_base_weight,
+                    quantized_from_fan_in_fan_out, take_back_bytes, take_from_module, unfusable_base)
 from .quant import base_format, dequantize_base
 
 #: The fused layers: one adapter (:func:`inject`), or several (:func:`inject_multi`).
@@ -769,6 +769,7 @@ def inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropo
                                                        use_dora, quantize_base)
         _replace_module(model, name, fused_by_id[id(module)])
     guard_fast_paths(model)
+    _keep_aside(model)
     _tell_transformers(model)
     return chosen
 
@@ -879,6 +880,7 @@ def inject_multi(model: nn.Module, target_modules, ranks, alphas=None, dropout=0
                                                    quantize_base=quantize_base)
         _replace_module(model, name, fused_by_id[id(module)])
     guard_fast_paths(model)
+    _keep_aside(model)
     _tell_transformers(model)
     return chosen
 
@@ -1184,8 +1186,10 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     merged or disabled adapters, other quantized or non-linear bases) is left as it
     was and listed in the report. ``merge_adapter()`` refuses a quantized
     base (PEFT's requantizes it, a rounding error each time); :func:`to_peft`
-    gives PEFT's layers back their own weight (refused where the fused
-    layer's base was moved to another device, or holds other values, since). On a ``peft.PeftModel``, the methods that
+    gives PEFT's layers back their own weight (which, kept aside, let go of
+    the bytes or the Parameter the fused layer holds, so that FSDP2 can free
+    them: :func:`_let_go`; refused where the fused layer's base was moved to
+    another device, or its scales hold other values, since). On a ``peft.PeftModel``, the methods that
     visit PEFT's layers only (``save_pretrained``, ``disable_adapter``,
     ``merge_adapter``...: :func:`_patch_peft_model`) take the fused ones too,
     and the fused layers' ``load_state_dict`` takes PEFT's names for their
@@ -1617,7 +1621,9 @@ def _share_back(layer: LoRALinear, original: nn.Module) -> None:
     base = original.get_base_layer()
     pairs = [(base, "bias", layer.bias), (original.lora_A[adapter], "weight", layer.lora_A),
              (original.lora_B[adapter], "weight", layer.lora_B)]
-    if not layer.quantized:  # (a quantized base is PEFT's weight itself, which stays: _why_not_given_back)
+    if layer.quantized:  # (PEFT's weight itself, given the fused layer's bytes: _why_not_given_back)
+        take_back_bytes(base, layer.weight)
+    else:
         pairs.append((base, "weight", layer.weight))
     if layer.use_dora:
         pairs.append((original.lora_magnitude_vector[adapter], "weight", layer.lora_magnitude_vector))
@@ -1628,45 +1634,82 @@ def _share_back(layer: LoRALinear, original: nn.Module) -> None:
 
 def _let_go(layer: LoRALinear, original: nn.Module) -> None:
     """PEFT's layer ``original``, kept aside while its fused ``layer`` is in
-    place, lets go of the floating-point base weight the two share
-    (:func:`_share_back` gives it the fused layer's again): kept, it would
-    keep that weight whole where FSDP2 (``fully_shard``) puts shards in the
-    fused layer's place, the base then taking its full memory on every
-    process. (The adapters stay shared: PEFT's ``enable_adapters`` freezes
-    and unfreezes them through it. A quantized base stays: it is PEFT's own
-    weight, which goes back as it is, :func:`_why_not_given_back`.)"""
+    place, lets go of the base weight the two share (:func:`_share_back`
+    gives it the fused layer's again): kept, it would keep that weight whole
+    where FSDP2 (``fully_shard``) puts shards in the fused layer's place, the
+    base then taking its full memory on every process. A floating-point
+    base: PEFT's base layer's ``weight`` (the fused layer's Parameter); a
+    quantized one, which PEFT's own weight object holds: its bytes
+    (:func:`fused_lora.layer.let_go_of_bytes`). (The adapters stay shared:
+    PEFT's ``enable_adapters`` freezes and unfreezes them through it.)"""
     base = original.get_base_layer()
-    if not layer.quantized and base.weight is layer.weight:
+    if layer.quantized:
+        let_go_of_bytes(base, layer.weight)
+    elif base.weight is layer.weight:
         base.weight = None
+
+
+def _keep_aside(model: nn.Module) -> None:
+    """The modules that fused layers of ``model`` took their quantized weights
+    from as they are, kept aside for :func:`unload` and :func:`to_peft`
+    (:func:`fused_lora.layer.held_module`), let go of the bytes the fused
+    layers read (:func:`fused_lora.layer.let_go_of_bytes`): called once the
+    model's change stands (a load that fails puts those modules back whole)."""
+    for layer in all_fused_layers(model).values():
+        held = held_module(layer) if getattr(layer, "quantized", False) else None
+        if held is not None:
+            let_go_of_bytes(held, layer.weight)
 
 
 def _why_not_given_back(name: str, layer: nn.Module, base: nn.Module, since: str) -> str | None:
     """Why ``base``, the module whose quantized weight the fused ``layer``
     read as it is (PEFT's base layer for :func:`from_peft`, the module
-    :func:`inject` fused: bitsandbytes' ``Linear4bit``, torchao's int8
-    ``Linear``), kept aside, cannot take its place back (None where it can,
-    or where the base is not quantized). Its weight goes back as it is:
-    where the fused layer's base holds other values now (loaded since
-    ``since``), that weight cannot take them; where the model was moved to
-    another device, which the module kept aside did not follow, it goes back
-    once the model is moved back."""
+    :func:`inject` fused: bitsandbytes' ``Linear4bit`` or ``Linear8bitLt``,
+    torchao's int8 ``Linear``), kept aside, cannot take its place back (None
+    where it can, or where the base is not quantized). It goes back with the
+    fused layer's bytes (it let go of its own: :func:`fused_lora.layer.let_go_of_bytes`)
+    and its own scales (absmax, code book): where the fused layer's scales
+    are other values now (loaded since ``since``), that module cannot take
+    them; where the model was moved to another device, which the module kept
+    aside did not follow, it goes back once the model is moved back."""
     if not layer.quantized:
         return None
     code = layer._buffers.get("weight_code")
-    fmt, held, kind = base_format(layer.weight, code), _held_quantized(base.weight, base), type(base).__name__
+    fmt, kind = base_format(layer.weight, code), type(base).__name__
+    if _is_sharded(layer.weight) or _fsdp1_flattened(layer.weight):
+        return (f"{name}: its {fmt} base is sharded (FSDP), and the {kind} it came from takes its whole bytes "
+                "back: save the adapters, and load them into the model unsharded")
+    device = bytes_let_go(base)
+    if device is not None:  # (its bytes the fused layer's: given them for the comparison, then let go again)
+        if layer.weight.device != device:
+            return _moved_away(name, fmt, kind, layer.weight.device, device)
+        noted = base.__dict__[_LET_GO][1]
+        if layer.weight.numel() * layer.weight.element_size() != max(
+                (math.prod(shape) * dtype.itemsize for _, _, shape, dtype in noted), default=0):
+            return (f"{name}: its {fmt} base {tuple(layer.weight.shape)} is not the size of the {kind} it came "
+                    f"from (loaded since {since})")
+        take_back_bytes(base, layer.weight)
+        try:
+            return _why_not_given_back(name, layer, base, since)
+        finally:
+            let_go_of_bytes(base, layer.weight)
+    held = _held_quantized(base.weight, base)
     if held is None:
         return f"{name}: the {kind} its {fmt} base came from holds no such weight any more"
     q, scale, held_code = held
     if q.device != layer.weight.device:
-        return (f"{name}: its {fmt} base is on {layer.weight.device}, and the {kind} it came from, kept aside, "
-                f"holds that weight on {q.device}: move the model back (model.to({str(q.device)!r})) first, or do "
-                "this before moving it")
+        return _moved_away(name, fmt, kind, layer.weight.device, q.device)
     same_code = (code is None) == (held_code is None) and (code is None or torch.equal(code, held_code))
     if not (torch.equal(layer.weight, q) and layer.weight_scale.dtype == scale.dtype
             and torch.equal(layer.weight_scale, scale) and same_code):
         return (f"{name}: its {fmt} base holds other values than the {kind} it came from (loaded since {since}), "
                 f"which that {kind}'s weight cannot take")
     return None
+
+
+def _moved_away(name: str, fmt: str, kind: str, now: torch.device, kept: torch.device) -> str:
+    return (f"{name}: its {fmt} base is on {now}, and the {kind} it came from, kept aside, holds that weight on "
+            f"{kept}: move the model back (model.to({str(kept)!r})) first, or do this before moving it")
 
 
 def _check_given_back(peft_model: nn.Module, what: str) -> None:
@@ -2381,8 +2424,9 @@ def unload(model: nn.Module, *, dequantize: torch.dtype | None = None) -> list[s
     """Put plain layers back in place of the fused ones, their adapters
     dropped: the base model as it was before :func:`inject` (merged layers are
     unmerged first, restoring their weights bit for bit; a layer fused from
-    a bitsandbytes 4-bit ``Linear4bit`` or a torchao int8 ``Linear``, its
-    weight taken as it was, gets that module back, with its weight; with
+    a bitsandbytes ``Linear4bit`` or ``Linear8bitLt`` or a torchao int8
+    ``Linear``, its weight taken as it was, gets that module back, given the
+    bytes it let go of while fused (:func:`_keep_aside`); with
     ``dequantize``, a floating-point dtype, any quantized base becomes a
     plain layer holding Ŵ in that dtype instead). Otherwise as
     :func:`merge_and_unload` (which refuses a quantized base without
@@ -2399,6 +2443,7 @@ def _plain_linear(layer: LoRALinear | MultiLoRALinear) -> nn.Module:
     layer's bias, where it holds another now)."""
     held = held_module(layer) if layer.quantized else None
     if held is not None:
+        take_back_bytes(held, layer.weight)  # (its bytes, which it let go of while the fused layer read them)
         if held.bias is not layer.bias:
             held.bias = layer.bias
         return held
@@ -3110,6 +3155,7 @@ def _load_read(model: nn.Module, directory: Path, config: dict, tensors: dict, a
     with _fsdp1_full_params(model, "load_adapter"):  # (FSDP1: into the whole tensors)
         plan, loaded, untouched = _load_into(model, directory, config, tensors, backend, adapter)
     guard_fast_paths(model)
+    _keep_aside(model)
     _tell_transformers(model)
     _warn_weight_readers(model, [name for name, module, *_ in plan if not isinstance(module, FUSED_KINDS)],
                          "load_adapter", stacklevel=4)
@@ -3222,6 +3268,7 @@ def load_adapters(model: nn.Module, directories, *, backend: str = "auto") -> li
         _unguard_fast_paths(model)
         _tell_transformers(model)
         raise
+    _keep_aside(model)
     _warn_weight_readers(model, chosen, "load_adapters")
     return chosen
 

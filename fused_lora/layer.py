@@ -355,9 +355,11 @@ _HELD_MODULE = "_fused_lora_held_module"
 
 def held_module(layer: nn.Module) -> nn.Module | None:
     """The module a fused layer took its quantized weight from as it is
-    (bitsandbytes' ``Linear4bit``, torchao's int8 ``Linear``: what
-    :func:`fused_lora.unload` and :func:`fused_lora.to_peft` put back), or
-    None (a float base, or one quantized by ``quantize_base``)."""
+    (bitsandbytes' ``Linear4bit`` or ``Linear8bitLt``, torchao's int8
+    ``Linear``: what :func:`fused_lora.unload` and :func:`fused_lora.to_peft`
+    put back; in a model, it has let go of the bytes the layer reads:
+    :func:`let_go_of_bytes`), or None (a float base, or one quantized by
+    ``quantize_base``)."""
     return layer.__dict__.get(_HELD_MODULE)
 
 
@@ -374,6 +376,69 @@ def quantized_from_fan_in_fan_out(layer: nn.Module, value: bool | None = None) -
     if value is not None:
         layer.__dict__[_FROM_FAN_IN_FAN_OUT] = bool(value)
     return layer.__dict__.get(_FROM_FAN_IN_FAN_OUT, False)
+
+
+#: Where a quantized module kept aside (:func:`held_module`, or PEFT's base
+#: layer under :func:`fused_lora.from_peft`) notes the bytes it let go of
+#: (:func:`let_go_of_bytes`): ``(device, [(owner, attribute, shape, dtype)])``.
+_LET_GO = "_fused_lora_let_go"
+
+
+def _byte_holders(module: nn.Module) -> list[tuple[object, str]]:
+    """Where a quantized ``module`` (bitsandbytes' ``Linear4bit`` or
+    ``Linear8bitLt``, torchao's int8 ``Linear``) keeps its weight's bytes:
+    ``(owner, attribute)`` pairs (torchao's ``qdata``; bitsandbytes' data,
+    and the 8-bit layer's ``CB``, the weight's before it runs, its state's
+    after)."""
+    weight = module.weight
+    if type(weight).__name__ == "Int8Tensor":
+        return [(weight, "qdata")]
+    holders = [(weight, "data")]
+    if type(weight).__name__ == "Int8Params":
+        holders += [(owner, "CB") for owner in (weight, getattr(module, "state", None))
+                    if isinstance(getattr(owner, "CB", None), torch.Tensor)]
+    return holders
+
+
+def let_go_of_bytes(module: nn.Module, q: torch.Tensor) -> None:
+    """``module``, a quantized module kept aside while a fused layer reads
+    its weight's bytes ``q`` (the same storage), lets go of them: each of its
+    references to that storage becomes an empty tensor, noted, so that
+    nothing keeps the bytes but the fused layer (FSDP2's ``fully_shard``,
+    putting shards in the fused layer's place, then frees them).
+    :func:`take_back_bytes` puts the fused layer's bytes back. Idempotent."""
+    if _LET_GO in module.__dict__:
+        return
+    storage = q.untyped_storage().data_ptr()
+    kept = []
+    for owner, attr in _byte_holders(module):
+        t = getattr(owner, attr)
+        if t.numel() and t.untyped_storage().data_ptr() == storage:
+            kept.append((owner, attr, tuple(t.shape), t.dtype))
+            if attr == "data":
+                owner.data = t.new_empty(0)
+            else:
+                setattr(owner, attr, t.new_empty(0))
+    module.__dict__[_LET_GO] = (q.device, kept)
+
+
+def bytes_let_go(module: nn.Module) -> torch.device | None:
+    """The device of the bytes ``module`` let go of (:func:`let_go_of_bytes`), or None where it keeps its own."""
+    noted = module.__dict__.get(_LET_GO)
+    return None if noted is None else noted[0]
+
+
+def take_back_bytes(module: nn.Module, q: torch.Tensor) -> None:
+    """``module`` given the bytes ``q`` (a fused layer's quantized base now,
+    of its weight's size) where it let go of its own (:func:`let_go_of_bytes`),
+    in each holder's shape and dtype; nothing where it did not let go."""
+    noted = module.__dict__.pop(_LET_GO, None)
+    for owner, attr, shape, dtype in (noted[1] if noted is not None else ()):
+        value = q.detach().view(dtype).reshape(shape)
+        if attr == "data":
+            owner.data = value
+        else:
+            setattr(owner, attr, value)
 
 
 def take_from_module(layer: nn.Module, linear: nn.Module) -> nn.Module:

@@ -27,8 +27,16 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 
 def _model(device, backend="auto", quantize_base=False):
+    """A small network, fused (``quantize_base``: inject's; ``"torchao"``: its
+    linears quantized by torchao's int8 weight-only config first, fused as
+    they are, torchao's modules kept aside for unload)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 8)).to(device)
+    if quantize_base == "torchao":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model, Int8WeightOnlyConfig())
+        quantize_base = False
     fused_lora.inject(model, ["0", "2", "4"], r=4, alpha=8, backend=backend, quantize_base=quantize_base)
     with torch.no_grad():
         for layer in fused_lora.integration.fused_layers(model).values():
@@ -159,7 +167,8 @@ def _worker(rank, mode, init_file, out_file):
             mesh = init_device_mesh("cpu", (WORLD,))
             if _fsdp2_averages(mesh, rank):
                 # (the base weights as they were before sharding: nothing may keep them whole after it)
-                whole = [weakref.ref(layer.weight) for layer in fused_lora.integration.all_fused_layers(model).values()]
+                whole = [weakref.ref(layer.weight.untyped_storage())  # (the bytes, whoever holds them)
+                         for layer in fused_lora.integration.all_fused_layers(model).values()]
                 for layer in fused_lora.integration.all_fused_layers(model).values():
                     fully_shard(layer, mesh=mesh)
                 wrapped = fully_shard(model, mesh=mesh)
@@ -350,13 +359,16 @@ def _push_to_a_stand_in(target) -> dict:
 
 
 #: The modes whose layers' bases are quantized, and how (inject's quantize_base).
-QUANTIZED_MODES = {"fsdp2-int8": True, "fsdp2-nf4": "nf4", "fsdp2-fp4": "fp4"}
+QUANTIZED_MODES = {"fsdp2-int8": True, "fsdp2-nf4": "nf4", "fsdp2-fp4": "fp4", "fsdp2-torchao": "torchao"}
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp1", "fsdp2", "fsdp2-int8", "fsdp2-nf4", "fsdp2-fp4", "fsdp2-from_peft",
+@pytest.mark.parametrize("mode", ["ddp", "fsdp1", "fsdp2", "fsdp2-int8", "fsdp2-nf4", "fsdp2-fp4", "fsdp2-torchao",
+                                  "fsdp2-from_peft",
                                   "fsdp2-from_peft-dora",
                                   "ddp-multi", "fsdp1-multi", "fsdp2-multi"])
 def test_two_processes_match_one(tmp_path, monkeypatch, mode):
+    if mode == "fsdp2-torchao":
+        pytest.importorskip("torchao.quantization")
     out_file = tmp_path / "grads.pt"
     # gloo on CPU: the workers run the kernels on Triton's interpreter, which
     # must be chosen before they import Triton, so it is in their environment.
@@ -394,12 +406,18 @@ def test_two_processes_match_one(tmp_path, monkeypatch, mode):
     files = {f: (tmp_path / "adapter" / f).read_bytes() for f in ("adapter_config.json", "adapter_model.safetensors")}
     assert result["pushed"] == [{"returned": "commit", "uploads": [files]}, {"returned": None, "uploads": []}]
     by = "FSDP1 (FullyShardedDataParallel)" if mode == "fsdp1" else "FSDP2 (fully_shard)"
-    quantized = {"fsdp2-int8": "torch.int8", "fsdp2-nf4": "torch.uint8", "fsdp2-fp4": "torch.uint8"}.get(mode)
+    quantized = {"fsdp2-int8": "torch.int8", "fsdp2-nf4": "torch.uint8", "fsdp2-fp4": "torch.uint8",
+                 "fsdp2-torchao": "torch.int8"}.get(mode)
     assert result["bases"] == [("DTensor", quantized)] if quantized else \
         all(dtype == "torch.float32" for _, dtype in result["bases"]), result["bases"]
-    assert result["formats"] == [{"fsdp2-int8": "int8", "fsdp2-nf4": "nf4", "fsdp2-fp4": "fp4"}.get(mode, "")]
+    assert result["formats"] == [{"fsdp2-int8": "int8", "fsdp2-nf4": "nf4", "fsdp2-fp4": "fp4",
+                                  "fsdp2-torchao": "int8"}.get(mode, "")]
     refusals = result["refusals"]
     for what in ("merge_and_unload", "unload", "to_peft"):
+        if mode == "fsdp2-torchao" and what != "merge_and_unload":  # (torchao's modules, kept aside, want it whole)
+            assert refusals[what].startswith(f"{what}: 0: its int8 base is sharded (FSDP), and the Linear it came "
+                                             "from takes its whole bytes back"), refusals[what]
+            continue
         if quantized:  # (quantized bases, sharded: refused for that first)
             assert refusals[what].startswith(f"{what}: 0, 2, 4 hold a quantized base"), refusals[what]
             continue

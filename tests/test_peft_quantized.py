@@ -93,19 +93,21 @@ def test_from_peft_fuses_qlora_layers_over_their_own_weights(llama_dir, compute_
     originals = _lora_layers(model)
     assert len(originals) == 14 and all(type(m).__module__ == "peft.tuners.lora.bnb" for m in originals.values())
     bases = {n: m.get_base_layer().weight for n, m in originals.items()}
+    bytes_of = {n: w.data_ptr() for n, w in bases.items()}
+    deqs = {n: bnb.functional.dequantize_4bit(w.data, w.quant_state).to(compute_dtype) for n, w in bases.items()}
     report = fused_lora.from_peft(model)
     assert sorted(report.converted) == sorted(originals) and not report.skipped
     for name, original in originals.items():
         layer = model.get_submodule(name)
         assert isinstance(layer, LoRALinear) and layer.quantized and layer.use_dora == use_dora
-        assert layer.weight.data_ptr() == bases[name].data_ptr() and layer.weight.dtype == torch.uint8
+        assert layer.weight.data_ptr() == bytes_of[name] and layer.weight.dtype == torch.uint8
+        assert bases[name].numel() == 0  # (PEFT's weight let go of the bytes the fused layer reads)
         assert layer.compute_dtype == compute_dtype and layer.weight_scale.dtype == F32
         assert f"base={quant_type}" in repr(layer)
         assert layer.lora_A is original.lora_A["default"].weight and layer.lora_B is original.lora_B["default"].weight
         # (the absmax double quantization left in 8 bits, dequantised: bitsandbytes' own Ŵ)
-        deq = bnb.functional.dequantize_4bit(bases[name].data, bases[name].quant_state).to(compute_dtype)
         assert torch.equal(fused_lora.dequantize_4bit(layer.weight, layer.weight_scale, compute_dtype,
-                                                      layer.weight_code), deq)
+                                                      layer.weight_code), deqs[name])
 
     # one layer, fp32 x (the prepared model's activations) against PEFT's layer and the reference
     name = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -182,24 +184,28 @@ def test_qlora_merging_is_refused_and_to_peft_wants_peft_weights_back(llama_dir)
     name = "base_model.model.model.layers.1.mlp.down_proj"
     assert f"{name}.base_layer.weight" in result.unexpected_keys and f"{name}.weight_scale" in result.missing_keys
     assert torch.equal(model.get_submodule(name).lora_B, ref.get_submodule(name).lora_B["default"].weight)
-    # a base replaced since from_peft: by the same values (as a model moved away and back), given back as PEFT's
-    # weight; by others, refused, nothing changed
+    # PEFT's weight, kept aside, let go of its bytes (the fused layer's: nothing else keeps them whole, which
+    # FSDP2's fully_shard needs to free them); other scales than its absmax are refused, nothing changed; a base
+    # replaced since from_peft (other tensors, as a model moved away and back; other bytes) goes back as PEFT's
+    # weight, with those bytes
     layer = model.get_submodule(name)
-    bytes_before = layer.weight.detach().clone()
-    layer.weight = nn.Parameter(bytes_before.clone(), requires_grad=False)
-    with torch.no_grad():
-        layer.weight[0, 0] ^= 0x11
+    base = originals[name].get_base_layer().weight
+    assert base.numel() == 0
+    scale = layer.weight_scale
+    layer.weight_scale = scale * 2
     with pytest.raises(ValueError, match=rf"to_peft: {name}: its nf4 base holds other values than the Linear4bit"):
         fused_lora.to_peft(model)
-    assert fused_lora.integration.fused_layers(model).keys() == layers.keys()
+    assert fused_lora.integration.fused_layers(model).keys() == layers.keys() and base.numel() == 0
     with pytest.raises(ValueError, match=r"its nf4 base holds other values"):
         model.merge_and_unload()
     assert fused_lora.integration.fused_layers(model).keys() == layers.keys()
-    with torch.no_grad():
-        layer.weight.copy_(bytes_before)
-    base = originals[name].get_base_layer().weight
+    layer.weight_scale = scale
+    replaced = layer.weight.detach().clone()
+    replaced[0, 0] ^= 0x11
+    layer.weight = nn.Parameter(replaced, requires_grad=False)
     fused_lora.to_peft(model)
     assert _lora_layers(model) == originals and originals[name].get_base_layer().weight is base
+    assert torch.equal(base.data.view(torch.uint8).reshape(replaced.shape), replaced)
     other = _qlora(llama_dir, BF16)
     fused_lora.from_peft(other)
     with pytest.warns(UserWarning, match="rounding errors"):  # (to_peft, then PEFT's own: 4-bit layers requantized)
@@ -243,12 +249,14 @@ def test_from_peft_fuses_peft_s_8bit_layers_over_their_own_weights(llama_dir, us
                                         "peft.tuners.lora.bnb" for m in originals.values())
     bases = {n: m.get_base_layer() for n, m in originals.items()}
     assert all((b.weight.SCB is None) == ran for b in bases.values())
+    bytes_of = {n: b.weight.data_ptr() for n, b in bases.items()}
     report = fused_lora.from_peft(model)
     assert sorted(report.converted) == sorted(originals) and not report.skipped
     for name, base in bases.items():
         layer = model.get_submodule(name)
         assert isinstance(layer, LoRALinear) and layer.quantized and layer.use_dora == use_dora
-        assert layer.weight.data_ptr() == base.weight.data_ptr() and layer.weight.dtype == torch.int8
+        assert layer.weight.data_ptr() == bytes_of[name] and layer.weight.dtype == torch.int8
+        assert base.weight.numel() == 0 and (not ran or base.state.CB.numel() == 0)  # (let go of: the layer's now)
         scb = base.state.SCB if ran else base.weight.SCB
         assert torch.equal(layer.weight_scale, scb * (1 / 127)) and layer.compute_dtype is None
     out, ref_out = model(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids)
@@ -285,7 +293,8 @@ def test_from_peft_fuses_peft_s_8bit_layers_over_their_own_weights(llama_dir, us
     saved, ref_saved = (load_file(p / "adapter_model.safetensors") for p in (files, ref_files))
     assert saved.keys() == ref_saved.keys() and all(torch.equal(saved[k], ref_saved[k]) for k in saved)
     assert fused_lora.to_peft(model) is model and _lora_layers(model) == originals
-    assert all(originals[n].get_base_layer() is bases[n] for n in originals)
+    assert all(originals[n].get_base_layer() is bases[n] and bases[n].weight.data_ptr() == bytes_of[n]
+               for n in originals)  # (its bytes back)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
 
@@ -316,11 +325,12 @@ def test_from_peft_fuses_torchao_int8_weight_only_layers():
         pytest.skip(f"PEFT {peft.__version__} cannot put LoRA on this torchao's weights ({err})")
     ref = copy.deepcopy(peft_model)
     originals = _lora_layers(peft_model)
+    bytes_of = {n: w.qdata.data_ptr() for n, w in weights.items()}
     report = fused_lora.from_peft(peft_model)
     assert sorted(report.converted) == sorted(originals) and not report.skipped
     for name, weight in weights.items():
         layer = peft_model.get_submodule("base_model.model." + name)
-        assert layer.quantized and layer.weight.data_ptr() == weight.qdata.data_ptr()
+        assert layer.quantized and layer.weight.data_ptr() == bytes_of[name] and weight.qdata.numel() == 0
         assert layer.compute_dtype is None  # (torchao's int8 computes in x's dtype)
     ids = torch.randint(0, 61, (2, 9), device=DEVICE)
     with torch.no_grad():
