@@ -406,8 +406,9 @@ def let_go_of_bytes(module: nn.Module, q: torch.Tensor) -> None:
     references to that storage becomes an empty tensor, noted, so that
     nothing keeps the bytes but the fused layer (FSDP2's ``fully_shard``,
     putting shards in the fused layer's place, then frees them).
-    :func:`take_back_bytes` puts the fused layer's bytes back. Idempotent."""
-    if _LET_GO in module.__dict__:
+    :func:`take_back_bytes` puts the fused layer's bytes back. Idempotent;
+    nothing for a sharded ``q`` (FSDP's: let go of before it was sharded)."""
+    if _LET_GO in module.__dict__ or is_traceable_wrapper_subclass(q):
         return
     storage = q.untyped_storage().data_ptr()
     kept = []
@@ -431,7 +432,12 @@ def bytes_let_go(module: nn.Module) -> torch.device | None:
 def take_back_bytes(module: nn.Module, q: torch.Tensor) -> None:
     """``module`` given the bytes ``q`` (a fused layer's quantized base now,
     of its weight's size) where it let go of its own (:func:`let_go_of_bytes`),
-    in each holder's shape and dtype; nothing where it did not let go."""
+    in each holder's shape and dtype; nothing where it did not let go, or
+    for a sharded ``q`` (FSDP's: whole bytes only; giving the module back is
+    refused there, and PEFT's layer, put back for ``save_pretrained``, reads
+    its adapters alone)."""
+    if is_traceable_wrapper_subclass(q):
+        return
     noted = module.__dict__.pop(_LET_GO, None)
     for owner, attr, shape, dtype in (noted[1] if noted is not None else ()):
         value = q.detach().view(dtype).reshape(shape)
