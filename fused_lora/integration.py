@@ -1275,9 +1275,11 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
         if _residual_base_init(init):
             setattr(layer, _RESIDUAL_INIT, init)
         originals[name] = module
-        _let_go(layer, module)
         report.converted.append(name)
     object.__setattr__(peft_model, _ORIGINALS, originals)  # not a submodule: no duplicate parameters
+    in_use = _parameters_in_use(peft_model)
+    for name in report.converted:
+        _let_go(peft_model.get_submodule(name), originals[name], in_use)
     if report.converted:
         _patch_peft_model(peft_model)
     guard_fast_paths(peft_model)
@@ -1632,7 +1634,12 @@ def _share_back(layer: LoRALinear, original: nn.Module) -> None:
             setattr(owner, attr, tensor)
 
 
-def _let_go(layer: LoRALinear, original: nn.Module) -> None:
+def _parameters_in_use(model: nn.Module) -> set[int]:
+    """The ids of the parameters ``model``'s modules hold (tied ones under each name)."""
+    return {id(p) for _, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _let_go(layer: LoRALinear, original: nn.Module, in_use: set[int]) -> None:
     """PEFT's layer ``original``, kept aside while its fused ``layer`` is in
     place, lets go of the base weight the two share (:func:`_share_back`
     gives it the fused layer's again): kept, it would keep that weight whole
@@ -1641,10 +1648,13 @@ def _let_go(layer: LoRALinear, original: nn.Module) -> None:
     base: PEFT's base layer's ``weight`` (the fused layer's Parameter); a
     quantized one, which PEFT's own weight object holds: its bytes
     (:func:`fused_lora.layer.let_go_of_bytes`). (The adapters stay shared:
-    PEFT's ``enable_adapters`` freezes and unfreezes them through it.)"""
+    PEFT's ``enable_adapters`` freezes and unfreezes them through it.) A
+    quantized weight another module of the model holds too (``in_use``,
+    :func:`_parameters_in_use`: tied) stays whole."""
     base = original.get_base_layer()
     if layer.quantized:
-        let_go_of_bytes(base, layer.weight)
+        if id(base.weight) not in in_use:
+            let_go_of_bytes(base, layer.weight)
     elif base.weight is layer.weight:
         base.weight = None
 
@@ -1654,10 +1664,15 @@ def _keep_aside(model: nn.Module) -> None:
     from as they are, kept aside for :func:`unload` and :func:`to_peft`
     (:func:`fused_lora.layer.held_module`), let go of the bytes the fused
     layers read (:func:`fused_lora.layer.let_go_of_bytes`): called once the
-    model's change stands (a load that fails puts those modules back whole)."""
-    for layer in all_fused_layers(model).values():
+    model's change stands (a load that fails puts those modules back whole).
+    A weight another module of the model still holds (tied) stays whole."""
+    layers = all_fused_layers(model)
+    if not any(getattr(layer, "quantized", False) and held_module(layer) is not None for layer in layers.values()):
+        return
+    in_use = _parameters_in_use(model)
+    for layer in layers.values():
         held = held_module(layer) if getattr(layer, "quantized", False) else None
-        if held is not None:
+        if held is not None and id(held.weight) not in in_use:
             let_go_of_bytes(held, layer.weight)
 
 
@@ -1765,7 +1780,9 @@ def _peft_layers_back(peft_model: nn.Module, unmerge: bool = True):
     finally:
         for name, layer, merged in swapped:
             _replace_module(peft_model, name, layer)
-            _let_go(layer, originals[name])
+        in_use = _parameters_in_use(peft_model) if swapped else set()  # (the fused layers back in place)
+        for name, layer, merged in swapped:
+            _let_go(layer, originals[name], in_use)
             if merged:
                 layer.merge()
 

@@ -505,6 +505,37 @@ def test_inject_multi_quantize_base(tmp_path):
         assert torch.equal(fresh.get_submodule(name).lora_B, model.get_submodule(name).lora_B[1])
 
 
+def test_a_quantized_module_still_in_use_keeps_its_bytes():
+    """inject on a module whose quantized weight another module of the model
+    holds too (tied; or the module reachable under a name left unfused):
+    the module kept aside for unload lets go of nothing there, and the other
+    one computes as before; one no other module holds lets go of its bytes."""
+    torchao = pytest.importorskip("torchao")
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as err:
+        pytest.skip(f"torchao {torchao.__version__}: {err}")
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 8)).to(DEVICE)
+    quantize_(model, Int8WeightOnlyConfig())
+    if fused_lora.quant.int8_rows_of(model[0].weight) is None:
+        pytest.skip(f"torchao {torchao.__version__} holds int8 weights in a layout fused_lora does not read")
+    model[2].weight = model[0].weight  # (tied: the same quantized weight in two modules)
+    model.add_module("again", model[3])  # (one module under two names)
+    x = torch.randn(4, 16, device=DEVICE)
+    with torch.no_grad():
+        tied, again = model[2](x), model.again(x)
+    fused_lora.inject(model, ["0", "3"], r=2)
+    held = {n: fused_lora.layer.held_module(model.get_submodule(n)) for n in ("0", "3")}
+    assert held["0"].weight.qdata.numel() == 16 * 16 and held["3"].weight.qdata.numel() == 16 * 8  # (in use)
+    with torch.no_grad():
+        assert torch.equal(model[2](x), tied) and torch.equal(model.again(x), again)
+    other = nn.Sequential(nn.Linear(16, 16)).to(DEVICE)
+    quantize_(other, Int8WeightOnlyConfig())
+    fused_lora.inject(other, ["0"], r=2)
+    assert fused_lora.layer.held_module(other[0]).weight.qdata.numel() == 0  # (nothing else holds it: let go)
+
+
 def test_torchao_int8_weight_only_bases_are_taken_as_they_are(tmp_path):
     """A model quantized by torchao (Int8WeightOnlyConfig: per-row int8, its
     dequantize() the same Ŵ): inject fuses its layers over torchao's own
