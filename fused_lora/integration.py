@@ -75,7 +75,7 @@ import torch
 from torch import nn
 
 from ._validate import check_bool, check_combination, check_int, version_tuple
-from .layer import (_LET_GO, SUPPORTED_BASES, LoRALinear, MultiLoRALinear, _held_compute_dtype, _held_quantized,
+from .layer import (SUPPORTED_BASES, LoRALinear, MultiLoRALinear, _held_compute_dtype, _held_quantized,
                     base_parameters, bytes_let_go, check_adapter_dtype, check_quantize_base, folded, held_module,
                     let_go_of_bytes, lora_scaling, note_checked_adapter_ids, quantize_base_weight,
                     quantized_from_fan_in_fan_out, take_back_bytes, take_from_module, unfusable_base)
@@ -1694,13 +1694,12 @@ def _why_not_given_back(name: str, layer: nn.Module, base: nn.Module, since: str
     if _is_sharded(layer.weight) or _fsdp1_flattened(layer.weight):
         return (f"{name}: its {fmt} base is sharded (FSDP), and the {kind} it came from takes its whole bytes "
                 "back: save the adapters, and load them into the model unsharded")
-    device = bytes_let_go(base)
-    if device is not None:  # (its bytes the fused layer's: given them for the comparison, then let go again)
+    let_go = bytes_let_go(base)
+    if let_go is not None:  # (its bytes the fused layer's: given them for the comparison, then let go again)
+        device, size = let_go
         if layer.weight.device != device:
             return _moved_away(name, fmt, kind, layer.weight.device, device)
-        noted = base.__dict__[_LET_GO][1]
-        if layer.weight.numel() * layer.weight.element_size() != max(
-                (math.prod(shape) * dtype.itemsize for _, _, shape, dtype in noted), default=0):
+        if layer.weight.numel() * layer.weight.element_size() != size:
             return (f"{name}: its {fmt} base {tuple(layer.weight.shape)} is not the size of the {kind} it came "
                     f"from (loaded since {since})")
         take_back_bytes(base, layer.weight)

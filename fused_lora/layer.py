@@ -423,10 +423,14 @@ def let_go_of_bytes(module: nn.Module, q: torch.Tensor) -> None:
     module.__dict__[_LET_GO] = (q.device, kept)
 
 
-def bytes_let_go(module: nn.Module) -> torch.device | None:
-    """The device of the bytes ``module`` let go of (:func:`let_go_of_bytes`), or None where it keeps its own."""
+def bytes_let_go(module: nn.Module) -> tuple[torch.device, int] | None:
+    """``(device, size in bytes)`` of the bytes ``module`` let go of
+    (:func:`let_go_of_bytes`), or None where it keeps its own."""
     noted = module.__dict__.get(_LET_GO)
-    return None if noted is None else noted[0]
+    if noted is None:
+        return None
+    device, kept = noted
+    return device, max((math.prod(shape) * dtype.itemsize for _, _, shape, dtype in kept), default=0)
 
 
 def take_back_bytes(module: nn.Module, q: torch.Tensor) -> None:

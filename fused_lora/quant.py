@@ -23,7 +23,7 @@ torchao's int8 weight-only weights (``Int8WeightOnlyConfig``: an
 ``dequantize()`` is this Ŵ bit for bit) are this format already:
 :func:`int8_rows_of` reads them, and the fused layers take them as they are.
 So are bitsandbytes' LLM.int8 weights (``Linear8bitLt``, transformers'
-``load_in_8bit``): their rows ``CB`` and ``SCB / 127`` (:func:`bnb_int8_of`).
+``load_in_8bit``): their rows ``CB`` and ``SCB · (1/127)`` (:func:`bnb_int8_of`).
 
 NF4 (QLoRA's NormalFloat4, bitsandbytes' ``quant_type="nf4"`` layout)::
 
@@ -147,10 +147,9 @@ def bnb_int8_of(weight, module=None) -> tuple[torch.Tensor, torch.Tensor] | None
     (``MatMul8bitFp``: ``CB`` in x's dtype times that scale), bit for bit;
     its ``int8_vectorwise_dequant`` rounds the same product in another order
     (within an fp32 ulp). ``SCB`` is the weight's own until its
-    ``Linear8bitLt`` first
-    runs, which moves it to the layer's ``state``: ``module``, that layer,
-    is where it is read then. Read by its attributes (bitsandbytes is not
-    imported).
+    ``Linear8bitLt`` first runs, which moves it to the layer's ``state``:
+    ``module``, that layer, is where it is read then. Read by its attributes
+    (bitsandbytes is not imported).
 
     (bitsandbytes' own matmul on a GPU quantizes x too, to int8 per row, its
     outlier columns above ``threshold`` in fp16; the fused layers compute

@@ -171,6 +171,20 @@ def compiled_as_planned(report: dict) -> list:
 VOCAB = 61
 
 
+def trained_logits(model, names, input_ids):
+    """Each fused layer ``names`` of ``model`` given a trained adapter (its
+    lora_B drawn from N(0, 0.3²)), then ``(logits, logits with the adapters
+    off)`` for ``input_ids``, without gradient."""
+    import fused_lora
+
+    with torch.no_grad():
+        for name in names:
+            torch.nn.init.normal_(model.get_submodule(name).lora_B, 0, 0.3)
+        fused = model(input_ids=input_ids).logits
+        with fused_lora.disable_adapters(model):
+            return fused, model(input_ids=input_ids).logits
+
+
 def tiny_llama(seed=0, **overrides):
     """A two-layer transformers Llama built from a config (nothing downloaded), on DEVICE."""
     import transformers

@@ -16,7 +16,7 @@ from torch import nn
 
 import fused_lora
 from fused_lora import LoRALinear, MultiLoRALinear, reference
-from lora_testing import DEVICE, assert_close
+from lora_testing import DEVICE, assert_close, trained_logits
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -181,12 +181,7 @@ def test_inject_fuses_a_model_transformers_loaded_in_8_bits(tmp_path):
     # (in training mode: in eval mode bitsandbytes' CPU forward takes LLM.int8's own path, x quantized to int8
     # (through fp16) per row, its outliers apart: another product than x·Ŵᵀ)
     model.train()
-    with torch.no_grad():
-        for name in names:
-            nn.init.normal_(model.get_submodule(name).lora_B, 0, 0.3)
-        fused = model(input_ids=ids).logits
-        with fused_lora.disable_adapters(model):
-            base = model(input_ids=ids).logits
+    fused, base = trained_logits(model, names, ids)
     originals = {n: fused_lora.layer.held_module(model.get_submodule(n)) for n in names}
     # (kept aside for unload, having let go of the bytes the fused layer reads, the weight's and its state's CB)
     assert all(type(m).__name__ == "Linear8bitLt" and m.weight.numel() == 0 and m.state.CB.numel() == 0

@@ -18,7 +18,7 @@ from torch import nn
 
 import fused_lora
 from fused_lora import LoRALinear, MultiLoRALinear, reference
-from lora_testing import DEVICE, assert_close
+from lora_testing import DEVICE, assert_close, trained_logits
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -306,12 +306,7 @@ def test_inject_fuses_a_model_transformers_loaded_in_4_bits(tmp_path, quant_type
     # back: unload gives the Linear4bit modules back, their weights as they were; to_peft puts PEFT's 4-bit
     # layers (QLoRA's) on them, over the fused layers' adapters; merging would requantize: refused
     model.train()  # (in eval mode bitsandbytes' CPU forward repacks its weights for its own kernels)
-    with torch.no_grad():
-        for name in names:
-            nn.init.normal_(model.get_submodule(name).lora_B, 0, 0.3)
-        fused = model(input_ids=ids).logits
-        with fused_lora.disable_adapters(model):
-            base = model(input_ids=ids).logits
+    fused, base = trained_logits(model, names, ids)
     modules = {n: m for n, m in transformers.LlamaForCausalLM.from_pretrained(
         tmp_path, quantization_config=quantization, device_map="cpu").named_modules() if n in bytes_of}
     originals = {n: fused_lora.layer.held_module(model.get_submodule(n)) for n in names}
@@ -340,6 +335,10 @@ def test_inject_fuses_a_model_transformers_loaded_in_4_bits(tmp_path, quant_type
     assert fused_lora.integration.fused_layers(model).keys() == set(names) and originals[names[1]].weight.numel() == 0
     changed.weight_scale = scale
     kept = changed.weight
+    changed.weight = nn.Parameter(kept.detach()[:, :16].clone(), requires_grad=False)  # (bytes of another size)
+    with pytest.raises(ValueError, match=rf"unload: {names[1]}: its {quant_type} base \({kept.shape[0]}, 16\) is not the size of "
+                                         r"the Linear4bit it came from"):
+        fused_lora.unload(model)
     changed.weight = nn.Parameter(kept.detach().to("meta"), requires_grad=False)  # (as if moved to another device)
     with pytest.raises(ValueError, match=rf"unload: {names[1]}: its {quant_type} base is on meta, and the "
                                          r"Linear4bit it came from, kept aside, holds that weight on cpu: move the "
