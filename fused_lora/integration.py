@@ -322,11 +322,11 @@ def _peft_owned(model: nn.Module) -> str | None:
         return "converted from PEFT by from_peft"
     if getattr(model, "_hf_peft_config_loaded", False):
         return "holding transformers' PEFT adapters (model.add_adapter / model.load_adapter)"
-    kinds = _peft_adapter_kinds() + (LoRALinear,)
+    kinds = _peft_adapter_kinds() + (LoRALinear, MultiLoRALinear)
     owned = {"PEFT's layers": [], "layers from_peft converted": []}
     for n, m in model.named_modules():
         if isinstance(m, kinds):
-            if not isinstance(m, LoRALinear):
+            if not isinstance(m, (LoRALinear, MultiLoRALinear)):
                 owned["PEFT's layers"].append(n)
             elif getattr(m, _FROM_PEFT, False):
                 owned["layers from_peft converted"].append(n)
@@ -1049,6 +1049,9 @@ _FROM_PEFT = "_fused_lora_from_peft"
 #: out of the base weight (:func:`_residual_base_init`): that init, which
 #: save_adapter writes, so that PEFT makes the residual base again on load.
 _RESIDUAL_INIT = "_fused_lora_residual_init"
+#: On a :class:`MultiLoRALinear` from_peft made of a model holding several
+#: adapters: their names, adapter ``i`` the ``i``-th.
+_PEFT_ADAPTERS = "_fused_lora_peft_adapters"
 
 
 def _residual_base_init(init) -> bool:
@@ -1100,11 +1103,29 @@ def _peft_quantized_linears() -> tuple[type, ...]:
     return tuple(c for c in classes if isinstance(c, type))
 
 
-def _why_unsupported(module, PeftLinear) -> str | None:
-    """Why a PEFT LoRA layer cannot be reproduced exactly by LoRALinear (None
-    if it can): its plain ``Linear``, or its layers over a quantized base
-    whose weight the fused layers read as it is (bitsandbytes' nf4 and fp4,
-    torchao's int8 weight-only: :func:`_peft_quantized_linears`)."""
+def _peft_model_adapters(peft_model: nn.Module, configs: dict, LoraLayer: type) -> tuple[str, ...]:
+    """The names of the adapters the PEFT model holds, in PEFT's order (its
+    ``peft_config``'s, then any other its LoRA layers hold): where there are
+    several, adapter ``i`` of every layer :func:`from_peft` makes is the
+    ``i``-th (rank 0 where the layer does not hold it), so that one id names
+    one adapter in the whole model (:func:`adapter_ids`)."""
+    names = dict.fromkeys(configs)
+    for m in peft_model.modules():
+        if isinstance(m, LoraLayer):
+            names.update(dict.fromkeys(m.lora_A.keys()))
+            names.update(dict.fromkeys(getattr(m, "lora_embedding_A", {}).keys()))
+    return tuple(names)
+
+
+def _why_unsupported(module, PeftLinear, several: bool = False, configs: dict | None = None) -> str | None:
+    """Why a PEFT LoRA layer cannot be reproduced exactly by a fused layer
+    (None if it can): its plain ``Linear``, or its layers over a quantized
+    base whose weight the fused layers read as it is (bitsandbytes' nf4, fp4
+    and int8 rows, torchao's int8 weight-only:
+    :func:`_peft_quantized_linears`). A :class:`LoRALinear` of its one
+    adapter, or, in a model holding ``several`` adapters, a
+    :class:`MultiLoRALinear` of them all, which runs one active adapter (or
+    one a sample: PEFT's ``adapter_names``)."""
     if type(module) is not PeftLinear and type(module) not in _peft_quantized_linears():
         return (f"{type(module).__module__}.{type(module).__name__} is not a plain LoRA Linear layer (nor PEFT's "
                 "bitsandbytes or torchao one)")
@@ -1115,21 +1136,34 @@ def _why_unsupported(module, PeftLinear) -> str | None:
     if why:
         return f"base layer: {why}"
     adapters = list(module.lora_A.keys())
-    if len(adapters) != 1:
-        return (f"several adapters loaded ({adapters}); fused layers hold one (fused_lora.load_adapters(base_model, "
-                "[path, ...]) fuses several from their files)")
-    (name,) = adapters
     active = list(module.active_adapters)
-    if active != [name]:
-        return f"active adapters are {active}, not exactly [{name!r}]"
+    if several and len(active) > 1:
+        return (f"several adapters active ({active}), which PEFT sums: a fused layer runs one a sample "
+                "(set_adapter(one) first)")
+    if not several and active != adapters:
+        return f"active adapters are {active}, not exactly {adapters}"
     if module.disable_adapters:
         return "adapters are disabled"
     if module.merged:
         return f"adapter merged into the base ({module.merged_adapters}): unmerge first"
+    for name in adapters:
+        why = _why_adapter_unsupported(module, name, several, configs or {})
+        if why:
+            return f"adapter {name!r}: {why}" if several else why
+    if len({bool(getattr(module, "use_rslora", {}).get(name, False)) for name in adapters}) > 1:
+        return "its adapters mix rsLoRA and plain LoRA scales (a layer of several adapters holds one use_rslora)"
+    return None
+
+
+def _why_adapter_unsupported(module, name: str, several: bool, configs: dict) -> str | None:
+    """Why adapter ``name`` of PEFT's LoRA layer ``module`` cannot be fused as it is (None if it can)."""
     dora = bool(getattr(module, "use_dora", {}).get(name))
     variant = getattr(module, "lora_variant", {}).get(name)
     if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
         return f"the LoRA variant {type(variant).__name__} is not fused (DoRA is)"
+    if dora and several:
+        return ("DoRA in a model of several adapters is not fused (a layer of several adapters has no magnitude; "
+                "DoRA's is fused in a model of one)")
     if dora and _peft_magnitude(module, name) is None:
         return "DoRA without its lora_magnitude_vector of one value an output feature"
     if getattr(module, "lora_bias", {}).get(name) or module.lora_B[name].bias is not None:
@@ -1142,10 +1176,55 @@ def _why_unsupported(module, PeftLinear) -> str | None:
     if lora_scaling(r, alpha, rslora) != module.scaling[name]:
         return (f"scaling {module.scaling[name]} differs from lora_alpha/r{'**0.5' if rslora else ''} "
                 f"(changed with set_scale?)")
-    if base.weight.dtype != module.lora_A[name].weight.dtype and \
+    weight_dtype = module.get_base_layer().weight.dtype
+    if weight_dtype != module.lora_A[name].weight.dtype and \
             module.lora_A[name].weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"adapter dtype {module.lora_A[name].weight.dtype} is not supported"
+    init = getattr(configs.get(name), "init_lora_weights", True)
+    if several and _residual_base_init(init):
+        return (f"its init ({init!r}) took its start out of the base weight, a residual base the other adapters "
+                "do not share: convert a model of that adapter alone")
     return None
+
+
+def _peft_fused_layer(module, order: tuple[str, ...] | None, backend: str) -> nn.Module:
+    """The fused layer of PEFT's LoRA layer ``module``, holding its tensors
+    (shared): a :class:`LoRALinear` of its one adapter (``order`` None), or
+    a :class:`MultiLoRALinear` of the model's adapters ``order`` (rank 0
+    where ``module`` holds none; its :attr:`~MultiLoRALinear.active_adapter`
+    PEFT's, -1 where none is)."""
+    base = module.get_base_layer()
+    weight, scale, code = base_parameters(base)
+
+    def dropout_of(adapter: str) -> float:
+        drop = module.lora_dropout[adapter]
+        return drop.p if isinstance(drop, nn.Dropout) else 0.0
+
+    if order is None:
+        (adapter,) = module.lora_A.keys()
+        layer = LoRALinear.from_parameters(
+            weight, base.bias, module.lora_A[adapter].weight, module.lora_B[adapter].weight,
+            alpha=module.lora_alpha[adapter], dropout=dropout_of(adapter),
+            use_rslora=bool(getattr(module, "use_rslora", {}).get(adapter, False)),
+            fan_in_fan_out=bool(module.fan_in_fan_out), backend=backend,
+            lora_magnitude_vector=_peft_magnitude(module, adapter) if getattr(module, "use_dora", {}).get(adapter)
+            else None, weight_scale=scale, weight_code=code)
+    else:
+        held = [a for a in order if a in module.lora_A]
+        lora = [(module.lora_A[a].weight, module.lora_B[a].weight) if a in module.lora_A else None for a in order]
+        layer = MultiLoRALinear.around(
+            weight, base.bias, [module.r[a] if a in module.lora_A else 0 for a in order],
+            [module.lora_alpha[a] if a in module.lora_A else 0.0 for a in order],
+            [dropout_of(a) if a in module.lora_A else 0.0 for a in order],
+            use_rslora=bool(getattr(module, "use_rslora", {}).get(held[0], False)),
+            fan_in_fan_out=bool(module.fan_in_fan_out), backend=backend, weight_scale=scale, weight_code=code)
+        layer.lora_A = nn.ParameterList(ab[0] if ab else layer.lora_A[i] for i, ab in enumerate(lora))
+        layer.lora_B = nn.ParameterList(ab[1] if ab else layer.lora_B[i] for i, ab in enumerate(lora))
+        active = list(module.active_adapters)
+        layer.active_adapter = order.index(active[0]) if active and active[0] in order else -1
+        setattr(layer, _PEFT_ADAPTERS, order)
+    layer.compute_dtype = _held_compute_dtype(base)  # (bitsandbytes' 4-bit base: the dtype it computes in)
+    return layer
 
 
 def _peft_magnitude(module, adapter: str) -> nn.Parameter | None:
@@ -1231,7 +1310,7 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     report = ConversionReport()
     originals = getattr(peft_model, _ORIGINALS, None) or {}
     if not originals and not any(isinstance(m, LoraLayer) for m in peft_model.modules()):
-        fused = [m for m in peft_model.modules() if isinstance(m, LoRALinear)]
+        fused = [m for m in peft_model.modules() if isinstance(m, (LoRALinear, MultiLoRALinear))]
         if any(getattr(m, _FROM_PEFT, False) for m in fused):
             why = "its layers were converted already (from_peft on the PeftModel that holds this model)"
         elif fused:
@@ -1246,33 +1325,25 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     configs = configs if isinstance(configs, dict) else {}
     _check_not_sharded(peft_model, [n for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)],
                        "from_peft")
+    order = _peft_model_adapters(peft_model, configs, LoraLayer)
+    several = len(order) > 1
     for name, module in list(peft_model.named_modules()):
         if not isinstance(module, LoraLayer):
             continue
-        reason = _never_called(peft_model, name) or _why_unsupported(module, PeftLinear) or _why_not_movable(
-            peft_model, name, module)
+        reason = _never_called(peft_model, name) or _why_unsupported(module, PeftLinear, several, configs) or \
+            _why_not_movable(peft_model, name, module)
         if reason:
             report.skipped[name] = reason
             continue
-        (adapter,) = module.lora_A.keys()
-        base = module.get_base_layer()
-        drop = module.lora_dropout[adapter]
-        weight, scale, code = base_parameters(base)
-        layer = LoRALinear.from_parameters(
-            weight, base.bias, module.lora_A[adapter].weight, module.lora_B[adapter].weight,
-            alpha=module.lora_alpha[adapter], dropout=drop.p if isinstance(drop, nn.Dropout) else 0.0,
-            use_rslora=bool(getattr(module, "use_rslora", {}).get(adapter, False)),
-            fan_in_fan_out=bool(module.fan_in_fan_out), backend=backend,
-            lora_magnitude_vector=_peft_magnitude(module, adapter) if getattr(module, "use_dora", {}).get(adapter)
-            else None, weight_scale=scale, weight_code=code)
-        layer.compute_dtype = _held_compute_dtype(base)  # (bitsandbytes' 4-bit base: the dtype it computes in)
+        layer = _peft_fused_layer(module, order, backend) if several else _peft_fused_layer(module, None, backend)
         layer.train(module.training)
-        base_name = next(n for n, m in module.named_modules() if m is base)
-        layer.register_load_state_dict_pre_hook(functools.partial(_peft_names_in, adapter, base_name))
+        base_name = next(n for n, m in module.named_modules() if m is module.get_base_layer())
+        adapters = order if several else tuple(module.lora_A.keys())
+        layer.register_load_state_dict_pre_hook(functools.partial(_peft_names_in, adapters, base_name))
         _replace_module(peft_model, name, layer)
         setattr(layer, _FROM_PEFT, True)
-        init = getattr(configs.get(adapter), "init_lora_weights", True)
-        if _residual_base_init(init):
+        init = getattr(configs.get(adapters[0]), "init_lora_weights", True)
+        if not several and _residual_base_init(init):
             setattr(layer, _RESIDUAL_INIT, init)
         originals[name] = module
         report.converted.append(name)
@@ -1378,7 +1449,27 @@ def _converted(peft_model: nn.Module) -> dict[str, nn.Module]:
     """PEFT's layers that :func:`from_peft` converted whose fused layers are in
     place now (not put back by :func:`_peft_layers_back`), by name."""
     return {n: o for n, o in (getattr(peft_model, _ORIGINALS, None) or {}).items()
-            if isinstance(peft_model.get_submodule(n), LoRALinear)}
+            if isinstance(peft_model.get_submodule(n), (LoRALinear, MultiLoRALinear))}
+
+
+def _layer_adapters(layer: nn.Module, original: nn.Module) -> tuple[str, ...]:
+    """The names of the adapters of a fused layer :func:`from_peft` made of
+    PEFT's ``original``, adapter ``i`` the ``i``-th (a :class:`LoRALinear`:
+    its one)."""
+    return getattr(layer, _PEFT_ADAPTERS) if isinstance(layer, MultiLoRALinear) else tuple(original.lora_A.keys())
+
+
+def _shared_pairs(layer: nn.Module, original: nn.Module) -> list[tuple[str, nn.Module, nn.Module, str]]:
+    """The adapter tensors a fused layer :func:`from_peft` made shares with
+    PEFT's ``original``: ``(adapter, PEFT's holder, fused owner, attribute)``,
+    PEFT's tensor ``holder.weight``, the fused one ``getattr(owner, attribute)``."""
+    if isinstance(layer, MultiLoRALinear):
+        return [(adapter, getattr(original, which)[adapter], getattr(layer, which), str(i))
+                for i, adapter in enumerate(getattr(layer, _PEFT_ADAPTERS)) if adapter in original.lora_A
+                for which in ("lora_A", "lora_B")]
+    (adapter,) = original.lora_A.keys()
+    which = ("lora_A", "lora_B", "lora_magnitude_vector")[:3 if layer.use_dora else 2]
+    return [(adapter, getattr(original, w)[adapter], layer, w) for w in which]
 
 
 def _held(converted: dict[str, nn.Module]) -> set[str]:
@@ -1403,22 +1494,28 @@ def _peft_load_adapter(peft_model: nn.Module, model_id, adapter_name: str = "def
     converted = _converted(peft_model)
     held = _held(converted)
     if held and adapter_name not in held:
-        raise ValueError(f"load_adapter: the fused layers hold one adapter ({sorted(held)}), not {adapter_name!r} "
-                         "beside it: go back to PEFT first (fused_lora.to_peft(model)), then load it")
+        raise ValueError(f"load_adapter: the fused layers hold the adapters {sorted(held)}, not {adapter_name!r} "
+                         "beside them: go back to PEFT first (fused_lora.to_peft(model)), then load it")
     with _peft_layers_back(peft_model) as swapped:
         result = type(peft_model).load_adapter(peft_model, model_id, adapter_name, *args, **kwargs)
         for name, layer in swapped:  # (where PEFT put new tensors in, the fused layers' own take their values)
-            for which in ("lora_A", "lora_B", "lora_magnitude_vector")[:3 if layer.use_dora else 2]:
-                holder = getattr(converted[name], which)[adapter_name]
-                if holder.weight is not getattr(layer, which):
+            for adapter, holder, owner, attr in _shared_pairs(layer, converted[name]):
+                own = getattr(owner, attr)
+                if adapter == adapter_name and holder.weight is not own:
                     with torch.no_grad():
-                        getattr(layer, which).copy_(holder.weight)
-                    getattr(layer, which).requires_grad_(holder.weight.requires_grad)
-                    holder.weight = getattr(layer, which)
+                        own.copy_(holder.weight)
+                    own.requires_grad_(holder.weight.requires_grad)
+                    holder.weight = own
     return result
 
 
 def _peft_merge(peft_model: nn.Module, merging: bool, *args, **kwargs) -> None:
+    multi = [n for n in _converted(peft_model) if isinstance(peft_model.get_submodule(n), MultiLoRALinear)]
+    if merging and multi:
+        raise ValueError(f"merge_adapter: {', '.join(multi[:3])}{', ...' if len(multi) > 3 else ''} hold several "
+                         "adapters (from_peft of a model holding several), which run unmerged (one weight serves "
+                         "every adapter, and a batch that mixes them): nothing was merged. Go back to PEFT first "
+                         "(fused_lora.to_peft(model)) to merge as it does")
     quantized = [n for n, layer in fused_layers(peft_model).items() if layer.quantized and not layer.merged]
     if merging and quantized:
         first = peft_model.get_submodule(quantized[0])
@@ -1438,7 +1535,7 @@ def _peft_merge(peft_model: nn.Module, merging: bool, *args, **kwargs) -> None:
 
 def _peft_adapter_layers_on(peft_model: nn.Module, enabled: bool) -> None:
     originals = getattr(peft_model, _ORIGINALS, None) or {}
-    for name, layer in fused_layers(peft_model).items():
+    for name, layer in all_fused_layers(peft_model).items():
         if enabled:
             layer.__dict__.pop("adapter_enabled", None)  # (the class's True)
         else:
@@ -1457,9 +1554,9 @@ _ONE_ADAPTER = {"add_adapter": "it would freeze them", "delete_adapter": "it wou
 
 
 def _peft_one_adapter(peft_model: nn.Module, method: str, *args, **kwargs):
-    raise ValueError(f"{method}: the layers from_peft converted hold one adapter, which PEFT's {method} would not "
-                     f"see ({_ONE_ADAPTER[method]}): go back to PEFT first (fused_lora.to_peft(model)), {method} "
-                     "there, then from_peft again")
+    raise ValueError(f"{method}: the layers from_peft converted hold the adapters the model held then, which PEFT's "
+                     f"{method} would not see ({_ONE_ADAPTER[method]}): go back to PEFT first "
+                     f"(fused_lora.to_peft(model)), {method} there, then from_peft again")
 
 
 def _peft_set_adapter(peft_model: nn.Module, on_tuner: bool, adapter_name, *args, **kwargs):
@@ -1472,14 +1569,23 @@ def _peft_set_adapter(peft_model: nn.Module, on_tuner: bool, adapter_name, *args
     converted = _converted(peft_model)
     held = _held(converted)
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-    if held and set(names) != held:
+    multi = [peft_model.get_submodule(n) for n in converted]
+    multi = [layer for layer in multi if isinstance(layer, MultiLoRALinear)]
+    if multi and len(names) != 1:
+        raise ValueError(f"set_adapter: {adapter_name!r} names {len(names)} adapters, which PEFT's layers would run "
+                         "summed; the layers from_peft converted run one (or one a sample: adapter_names=[...]): "
+                         "name one, or go back to PEFT first (fused_lora.to_peft(model))")
+    if held and not multi and set(names) != held:
         raise ValueError(f"set_adapter: the layers from_peft converted hold adapter {sorted(held)} alone and would "
                          f"go on running it, not {adapter_name!r}: go back to PEFT first (fused_lora.to_peft(model)), "
                          "set_adapter there")
     owner = peft_model.base_model if on_tuner else peft_model
-    result = getattr(type(owner), "set_adapter")(owner, adapter_name, *args, **kwargs)
+    result = getattr(type(owner), "set_adapter")(owner, adapter_name, *args, **kwargs)  # (unknown names: its error)
     for original in converted.values():  # (the PeftModel's called the tuner's, which did this already: the same)
         original.set_adapter(names, *args, **kwargs)
+    for layer in multi:
+        order = getattr(layer, _PEFT_ADAPTERS)
+        layer.active_adapter = order.index(names[0]) if names[0] in order else -1
     return result
 
 
@@ -1528,8 +1634,8 @@ def _peft_forward_hooks(peft_model: nn.Module, *args, **kwargs):
         raise TypeError(f"adapter_names must be a list of adapter names (or {PEFT_BASE_NAME!r}), one a sample, "
                         f"got {names!r}")
     LoraLayer = _peft_lora_linear()[0]
-    held = {name: next(iter(original.lora_A.keys())) for name, original in converted.items()}
-    known = set(held.values())
+    held = {name: _layer_adapters(peft_model.get_submodule(name), original) for name, original in converted.items()}
+    known = {adapter for adapters in held.values() for adapter in adapters}
     for m in tuner.modules():
         if isinstance(m, LoraLayer):
             known |= set(m.lora_A.keys()) | set(getattr(m, "lora_embedding_A", {}).keys())
@@ -1539,14 +1645,16 @@ def _peft_forward_hooks(peft_model: nn.Module, *args, **kwargs):
                          f"{PEFT_BASE_NAME!r} for the base model)")
     beams = kwargs.get("num_beams")
     per_sample = [n for n in names for _ in range(beams)] if isinstance(beams, int) and beams > 1 else list(names)
-    fused = {id(peft_model.get_submodule(name)): adapter for name, adapter in held.items()}
+    fused = {id(peft_model.get_submodule(name)): adapters for name, adapters in held.items()}
     kinds = (LoraLayer, *(k for k in _peft_adapter_kinds() if not issubclass(LoraLayer, k)))  # (+ wrappers)
     handles = []
     try:
         def hook_all(module: nn.Module, names: list) -> None:
+            made = {}  # (the layers of one set of adapters share their ids: one check for them all)
             for m in module.modules():
                 if id(m) in fused:
-                    hook = functools.partial(_adapter_ids_pre_forward_hook, fused[id(m)], names, {})
+                    hook = functools.partial(_adapter_ids_pre_forward_hook, fused[id(m)], names,
+                                             made.setdefault(fused[id(m)], {}))
                 elif isinstance(m, kinds):
                     hook = functools.partial(_adapter_names_pre_forward_hook, names)
                 else:
@@ -1563,14 +1671,18 @@ def _peft_forward_hooks(peft_model: nn.Module, *args, **kwargs):
             handle.remove()
 
 
-def _adapter_ids_pre_forward_hook(adapter: str, names: list, on_device: dict, module, args, kwargs):
+def _adapter_ids_pre_forward_hook(adapters: tuple[str, ...], names: list, on_device: dict, module, args, kwargs):
     """A fused layer's forward pre-hook under :func:`_peft_forward_hooks`:
-    ``adapter_ids`` from the samples' adapter names (made once a device)."""
+    ``adapter_ids`` from the samples' adapter names (made once a device),
+    the index of a sample's adapter among the layer's ``adapters``, -1 for
+    the base alone (``"__base__"``, or an adapter the model holds in other
+    layers only: PEFT's layer runs its base alone for it too)."""
     x = args[0] if args else kwargs["x"]
     if x.device not in on_device:
-        ids = [0 if n == adapter else -1 for n in names]
+        ids = [adapters.index(n) if n in adapters else -1 for n in names]
         on_device[x.device] = torch.tensor(ids, device=x.device)
-        note_checked_adapter_ids(on_device[x.device], ids.count(0), ids.count(-1), own=True)  # (no sync)
+        if len(adapters) == 1:
+            note_checked_adapter_ids(on_device[x.device], ids.count(0), ids.count(-1), own=True)  # (no sync)
     kwargs["adapter_ids"] = on_device[x.device]
     return args, kwargs
 
@@ -1594,15 +1706,14 @@ def _peft_status(peft_model: nn.Module, method: str):
         try:
             for (name, layer), (original, _, _) in zip(swapped, states):
                 original._disable_adapters = not layer.adapter_enabled
-                original.merged_adapters = list(original.lora_A.keys()) if layer.merged else []
+                original.merged_adapters = list(original.lora_A.keys()) if getattr(layer, "merged", False) else []
             result = getattr(type(peft_model), method)(peft_model)
         finally:
             for original, disabled, merged in states:
                 original._disable_adapters, original.merged_adapters = disabled, merged
     if method == "get_layer_status":  # (names from the tuner, peft_model.base_model)
-        fused = {name.removeprefix("base_model.") for name, _ in swapped}
-        fused_type = f"fused_lora.{LoRALinear.__name__}"
-        result = [dataclasses.replace(status, module_type=fused_type) if status.name in fused else status
+        fused = {name.removeprefix("base_model."): f"fused_lora.{type(layer).__name__}" for name, layer in swapped}
+        result = [dataclasses.replace(status, module_type=fused[status.name]) if status.name in fused else status
                   for status in result]
     return result
 
@@ -1612,23 +1723,20 @@ def _peft_after_to_peft(peft_model: nn.Module, method: str, *args, **kwargs):
     return _peft_tuner_call(peft_model, method, *args, **kwargs)  # (PEFT's LoraModel's)
 
 
-def _share_back(layer: LoRALinear, original: nn.Module) -> None:
+def _share_back(layer: LoRALinear | MultiLoRALinear, original: nn.Module) -> None:
     """PEFT's layer ``original`` given the tensors its fused ``layer`` holds
     now, before it goes back in the model: :func:`from_peft` made them shared,
     but ``load_state_dict(..., assign=True)``, ``to_empty()`` or a parameter
     set by hand since has put new ones in the fused layer alone (PEFT's
     layer would have come back with the old values, its ``save_pretrained``
     written them)."""
-    (adapter,) = original.lora_A.keys()
     base = original.get_base_layer()
-    pairs = [(base, "bias", layer.bias), (original.lora_A[adapter], "weight", layer.lora_A),
-             (original.lora_B[adapter], "weight", layer.lora_B)]
+    pairs = [(base, "bias", layer.bias)]
+    pairs += [(holder, "weight", getattr(owner, attr)) for _, holder, owner, attr in _shared_pairs(layer, original)]
     if layer.quantized:  # (PEFT's weight itself, given the fused layer's bytes: _why_not_given_back)
         take_back_bytes(base, layer.weight)
     else:
         pairs.append((base, "weight", layer.weight))
-    if layer.use_dora:
-        pairs.append((original.lora_magnitude_vector[adapter], "weight", layer.lora_magnitude_vector))
     for owner, attr, tensor in pairs:
         if getattr(owner, attr) is not tensor:
             setattr(owner, attr, tensor)
@@ -1733,29 +1841,43 @@ def _check_given_back(peft_model: nn.Module, what: str) -> None:
     for name, original in originals.items():
         layer = peft_model.get_submodule(name)
         why = _why_not_given_back(name, layer, original.get_base_layer(), "from_peft") \
-            if isinstance(layer, LoRALinear) else None
+            if isinstance(layer, (LoRALinear, MultiLoRALinear)) else None
         if why:
             raise ValueError(f"{what}: {why}")
 
 
-def _peft_names_in(adapter: str, base: str, module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+def _peft_names_in(adapters: tuple[str, ...], base: str, module: nn.Module, state_dict: dict, prefix: str,
+                   *_) -> None:
     """A ``load_state_dict`` pre-hook of each fused layer :func:`from_peft`
     made: the names PEFT's layer gave its tensors (``lora_A.<adapter>.weight``,
     ``<base>.weight``...: a state dict saved before the conversion), and in
     PEFT's files (``lora_A.weight``: ``set_peft_model_state_dict``, which
-    PEFT 0.21 hands on so), read as the fused layer's own. A quantized base
-    keeps its names: bitsandbytes' and torchao's state is another layout than
-    the fused layer's ``weight`` and ``weight_scale`` (a strict load names
-    those keys missing, and PEFT's unexpected)."""
-    for peft_name, name in ((f"lora_A.{adapter}.weight", "lora_A"), ("lora_A.weight", "lora_A"),
-                            (f"lora_B.{adapter}.weight", "lora_B"), ("lora_B.weight", "lora_B"),
-                            (f"lora_magnitude_vector.{adapter}.weight", "lora_magnitude_vector"),
-                            ("lora_magnitude_vector.weight", "lora_magnitude_vector"),
-                            (f"{base}.weight", "weight"), (f"{base}.bias", "bias")):
+    PEFT 0.21 hands on so, for a layer of one adapter), read as the fused
+    layer's own (a :class:`MultiLoRALinear`'s ``lora_A.<i>``, ``adapters[i]``'s).
+    A quantized base keeps its names: bitsandbytes' and torchao's state is
+    another layout than the fused layer's ``weight`` and ``weight_scale`` (a
+    strict load names those keys missing, and PEFT's unexpected)."""
+    if isinstance(module, MultiLoRALinear):
+        pairs = [(f"{which}.{adapter}.weight", f"{which}.{i}") for i, adapter in enumerate(adapters)
+                 for which in ("lora_A", "lora_B")]
+    else:
+        (adapter,) = adapters
+        pairs = [(f"lora_A.{adapter}.weight", "lora_A"), ("lora_A.weight", "lora_A"),
+                 (f"lora_B.{adapter}.weight", "lora_B"), ("lora_B.weight", "lora_B"),
+                 (f"lora_magnitude_vector.{adapter}.weight", "lora_magnitude_vector"),
+                 ("lora_magnitude_vector.weight", "lora_magnitude_vector")]
+    found = False
+    for peft_name, name in pairs + [(f"{base}.weight", "weight"), (f"{base}.bias", "bias")]:
         if name == "weight" and module.quantized:
             continue
         if prefix + peft_name in state_dict and prefix + name not in state_dict:
             state_dict[prefix + name] = state_dict.pop(prefix + peft_name)
+            found = True
+    if found and isinstance(module, MultiLoRALinear):  # (PEFT's names: its layer has no adapter of rank 0)
+        for i, r in enumerate(module.ranks):
+            for which in ("lora_A", "lora_B"):
+                if r == 0 and prefix + f"{which}.{i}" not in state_dict:
+                    state_dict[prefix + f"{which}.{i}"] = getattr(module, which)[i].detach()
 
 
 @contextlib.contextmanager
@@ -1768,8 +1890,8 @@ def _peft_layers_back(peft_model: nn.Module, unmerge: bool = True):
     try:
         for name, original in originals.items():
             layer = peft_model.get_submodule(name)
-            if isinstance(layer, LoRALinear):
-                merged = layer.merged and unmerge
+            if isinstance(layer, (LoRALinear, MultiLoRALinear)):
+                merged = getattr(layer, "merged", False) and unmerge
                 if merged:
                     layer.unmerge()
                 _share_back(layer, original)
@@ -1790,15 +1912,24 @@ def _peft_state_dict_names(peft_model: nn.Module, state_dict: dict) -> dict:
     """A state dict of the model with fused layers, under the names it has
     with PEFT's layers (``q_proj.lora_A`` -> ``q_proj.lora_A.<adapter>.weight``,
     ``q_proj.weight`` -> ``q_proj.base_layer.weight``)."""
-    renamed = {}
+    renamed, rank_0 = {}, set()
     for name, original in (getattr(peft_model, _ORIGINALS, None) or {}).items():
-        (adapter,) = original.lora_A.keys()
+        layer = peft_model.get_submodule(name)
         base = next(n for n, m in original.named_modules() if m is original.get_base_layer())
+        renamed.update({f"{name}.weight": f"{name}.{base}.weight", f"{name}.bias": f"{name}.{base}.bias"})
+        if isinstance(layer, MultiLoRALinear):  # (its adapters of rank 0, which PEFT's layer has not, dropped)
+            for i, adapter in enumerate(getattr(layer, _PEFT_ADAPTERS)):
+                for which in ("lora_A", "lora_B"):
+                    if adapter in original.lora_A:
+                        renamed[f"{name}.{which}.{i}"] = f"{name}.{which}.{adapter}.weight"
+                    else:
+                        rank_0.add(f"{name}.{which}.{i}")
+            continue
+        (adapter,) = original.lora_A.keys()
         renamed.update({f"{name}.lora_A": f"{name}.lora_A.{adapter}.weight",
                         f"{name}.lora_B": f"{name}.lora_B.{adapter}.weight",
-                        f"{name}.lora_magnitude_vector": f"{name}.lora_magnitude_vector.{adapter}.weight",
-                        f"{name}.weight": f"{name}.{base}.weight", f"{name}.bias": f"{name}.{base}.bias"})
-    return {renamed.get(k, k): v for k, v in state_dict.items()}
+                        f"{name}.lora_magnitude_vector": f"{name}.lora_magnitude_vector.{adapter}.weight"})
+    return {renamed.get(k, k): v for k, v in state_dict.items() if k not in rank_0}
 
 
 def to_peft(model: nn.Module, *, adapter_name: str | None = None, adapter_names=None):
@@ -1841,7 +1972,7 @@ def to_peft(model: nn.Module, *, adapter_name: str | None = None, adapter_names=
     # (from_peft's layers over PEFT's quantized weights give them back: _check_given_back)
     _refuse_int8_bases({n: layer for n, layer in all_fused_layers(model).items() if n not in (originals or {})},
                        "to_peft", give_back=True)
-    multi = multi_fused_layers(model)
+    multi = {n: layer for n, layer in multi_fused_layers(model).items() if n not in (originals or {})}
     if multi:
         if adapter_name is not None:
             raise ValueError(f"to_peft: adapter_name={adapter_name!r} names the one adapter of inject's layers; this "
@@ -1863,14 +1994,14 @@ def to_peft(model: nn.Module, *, adapter_name: str | None = None, adapter_names=
     _peft_lora_linear()  # (PEFT, and a version it works with)
     if originals and not multi:
         _check_given_back(model, "to_peft")
-        for name, layer in layers.items():
+        for name, layer in all_fused_layers(model).items():
             if name in originals:
-                if layer.merged:
+                if getattr(layer, "merged", False):
                     layer.unmerge()
                 _share_back(layer, originals[name])
                 originals[name].train(layer.training)  # (model.eval() since from_peft reached the fused layer alone)
                 _replace_module(model, name, originals.pop(name))
-        if not fused_layers(model):
+        if not all_fused_layers(model):
             for method in _PEFT_METHODS:  # (PEFT's own again, on its tuner too)
                 model.__dict__.pop(method, None)
             if _is_peft_model(model):
@@ -2844,6 +2975,11 @@ def _check_peft_original(model: nn.Module, name: str, r, alpha, config: dict, di
     original = (getattr(model, _ORIGINALS, None) or {}).get(name)
     if original is None:
         return
+    if isinstance(model.get_submodule(name), MultiLoRALinear):
+        raise AdapterFileError(f"{directory}: {name} was converted from PEFT (from_peft) with the several adapters "
+                               "the model held, which PEFT's layer, given back by to_peft and save_pretrained, keeps "
+                               "by name: load the file with PEFT's load_adapter (model.load_adapter(path, name)) "
+                               "for one of those, or go back to PEFT first (fused_lora.to_peft(model))")
     (adapter,) = original.lora_A.keys()
     drop = original.lora_dropout[adapter]
     theirs = (original.scaling[adapter], drop.p if isinstance(drop, nn.Dropout) else 0.0,
@@ -3351,6 +3487,7 @@ def _load_into(model: nn.Module, directory: Path, config: dict, tensors: dict, b
                                    f"do not have rank r={r} from the config")
         if isinstance(module, MultiLoRALinear):
             in_f, out_f, cur_r = module.in_features, module.out_features, module.ranks[adapter]
+            _check_peft_original(model, name, r, alpha, config, directory)
             if use_dora:
                 raise AdapterFileError(f"{directory}: {path}: a DoRA adapter (use_dora) is not fused into a layer of "
                                        "several adapters (inject_multi's, load_adapters'): load it alone")

@@ -1173,6 +1173,24 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
     #: as inside :func:`fused_lora.disable_adapters`. Not saved.
     adapter_enabled: bool = True
 
+    @property
+    def active_adapter(self) -> int | None:
+        """The adapter that every row runs through when ``forward`` is given
+        no ``adapter_ids``: an index in ``[0, num_adapters)``, -1 for the base
+        alone, or None (the default: ids are needed). PEFT's active adapter,
+        on the layers :func:`fused_lora.from_peft` makes of a model holding
+        several (its ``set_adapter`` sets it). Not saved."""
+        return self.__dict__.get("_active_adapter")
+
+    @active_adapter.setter
+    def active_adapter(self, value: int | None) -> None:
+        if value is not None:
+            value = check_int("active_adapter", value, -1)
+            if value >= self.num_adapters:
+                raise ValueError(f"active_adapter must be -1 (the base alone), None or an adapter's index in [0, "
+                                 f"{self.num_adapters}), got {value}")
+        self.__dict__["_active_adapter"] = value
+
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``adapter_ids``: an integer tensor, the adapter of each row, of x's
         leading shape (a token each) or ``(x.shape[0],)`` (a sample each, x of
@@ -1180,8 +1198,10 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
         base alone (:func:`fused_lora.multi_lora_linear`, which checks them).
         Ids on another device than x are moved to it. In a model, whose
         forward does not take them, :func:`fused_lora.adapter_ids` hands them
-        to its layers; without ids a ValueError says so (there is no adapter
-        to run every row through by default)."""
+        to its layers. Without ids, every row runs through
+        :attr:`active_adapter` (one adapter's fused passes,
+        :func:`fused_lora.lora_linear`, as a :class:`LoRALinear` of it); where
+        that is None, a ValueError says so."""
         cast = self._compute_dtype  # (a quantized base's compute_dtype, where set: x cast to it and back)
         if cast is not None and isinstance(x, torch.Tensor) and x.dtype != cast and x.is_floating_point():
             return self.forward(x.to(cast), adapter_ids).to(x.dtype)
@@ -1189,9 +1209,7 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
         if not self.adapter_enabled:
             return _base_linear(self, x, self.base_weight())
         if adapter_ids is None:
-            raise ValueError(f"MultiLoRALinear ({self.num_adapters} adapters) needs adapter_ids, the adapter of each "
-                             f"row (-1: the base alone): pass them, or run the model inside "
-                             f"`with fused_lora.adapter_ids(model, ids):`")
+            return self._forward_active(x)
         if isinstance(adapter_ids, torch.Tensor) and isinstance(x, torch.Tensor) and adapter_ids.device != x.device:
             adapter_ids = adapter_ids.to(x.device)
         weight, scale = self.base_weight(), self._buffers.get("weight_scale")
@@ -1204,6 +1222,25 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
         return multi_lora_linear(x, weight, lora_A, lora_B, adapter_ids, bias, scaling=list(self.scalings),
                                  dropout_p=list(self._dropouts) if self.training else 0.0, weight_scale=scale,
                                  weight_code=self._buffers.get("weight_code"), backend=self.backend)
+
+    def _forward_active(self, x: torch.Tensor) -> torch.Tensor:
+        """Every row through :attr:`active_adapter` (-1, or a rank of 0: the base alone)."""
+        i = self.active_adapter
+        if i is None:
+            raise ValueError(f"MultiLoRALinear ({self.num_adapters} adapters) needs adapter_ids, the adapter of each "
+                             f"row (-1: the base alone): pass them, run the model inside "
+                             f"`with fused_lora.adapter_ids(model, ids):`, or set the layer's active_adapter")
+        weight, scale = self.base_weight(), self._buffers.get("weight_scale")
+        if i == -1 or self.ranks[i] == 0:
+            return _base_linear(self, x, weight)
+        lora_A, lora_B = self.lora_A[i], self.lora_B[i]
+        dtype = weight.dtype if scale is None else _compute_dtype(x, scale)  # (an int8 base's: x's)
+        if lora_A.dtype != dtype or lora_B.dtype != dtype:
+            lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
+        bias = self.bias if scale is None else _quantized_base_bias(self.bias, dtype)
+        return lora_linear(x, weight, lora_A, lora_B, bias, scaling=self.scalings[i],
+                           dropout_p=self._dropouts[i] if self.training else 0.0, weight_scale=scale,
+                           weight_code=self._buffers.get("weight_code"), backend=self.backend)
 
     def _check_index(self, i: int, name: str = "i") -> int:
         i = check_int(name, i, 0)
@@ -1258,7 +1295,8 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
                 + f", bias={self.bias is not None}, use_rslora={self.use_rslora}"
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
                 + (f", base={base_format(self.weight, self.weight_code)}" if self.quantized else "")
-                + (f", compute_dtype={self.compute_dtype}" if self.compute_dtype is not None else ""))
+                + (f", compute_dtype={self.compute_dtype}" if self.compute_dtype is not None else "")
+                + (f", active_adapter={self.active_adapter}" if self.active_adapter is not None else ""))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

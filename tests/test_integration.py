@@ -476,7 +476,7 @@ def test_from_peft_gpt2_fan_in_fan_out():
 @pytest.mark.parametrize("feature, reason", [
     ("alora", "variant"),
     ("lora_bias", "lora_bias"),
-    ("two_adapters", "several adapters"),
+    ("two_active", "several adapters active"),  # (PEFT sums them; one: tests/test_peft_multi.py)
     ("merged", "merged"),
 ])
 def test_unsupported_features_are_left_and_reported(feature, reason):
@@ -486,8 +486,9 @@ def test_unsupported_features_are_left_and_reported(feature, reason):
     if feature == "lora_bias":
         kwargs["lora_bias"] = True
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**kwargs))
-    if feature == "two_adapters":
+    if feature == "two_active":
         model.add_adapter("other", peft.LoraConfig(**kwargs))
+        model.base_model.set_adapter(["default", "other"])
     if feature == "merged":
         model.merge_adapter()
     ids = batch()
@@ -2278,7 +2279,7 @@ def test_peft_model_methods_take_the_fused_layers_after_from_peft(tmp_path):
     model.load_adapter(tmp_path / "fused", model.active_adapter, is_trainable=True)
     assert torch.equal(model(input_ids=ids).logits, saved)
     assert all(p is dict(model.named_parameters())[n] for n, p in adapters.items())  # (the optimizer's, still)
-    with pytest.raises(ValueError, match=r"the fused layers hold one adapter \(\['default'\]\), not 'other'"):
+    with pytest.raises(ValueError, match=r"the fused layers hold the adapters \['default'\], not 'other'"):
         model.load_adapter(tmp_path / "fused", "other")
     assert torch.equal(*(peft.PeftModel.from_pretrained(tiny_llama_classifier(), tmp_path / name)(input_ids=ids).logits
                          for name in ("fused", "reference")))  # (set_scale is not in PEFT's file: not `expected`)
@@ -2420,8 +2421,8 @@ def test_peft_adapter_layer_switches_and_adapter_changes_after_from_peft():
     assert_outputs_close(merged(input_ids=ids).logits, expected)
 
     before = sorted(trainable(model))
-    with pytest.raises(ValueError, match=r"^add_adapter: the layers from_peft converted hold one adapter.*"
-                                         r"fused_lora.to_peft\(model\)"):
+    with pytest.raises(ValueError, match=r"^add_adapter: the layers from_peft converted hold the adapters the model "
+                                         r"held then.*fused_lora.to_peft\(model\)"):
         model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["k_proj"]))
     with pytest.raises(ValueError, match=r"^delete_adapter: .*\(it would stay on\)"):
         model.delete_adapter("default")
@@ -2472,9 +2473,10 @@ def test_peft_set_adapter_and_set_requires_grad_take_the_fused_layers_after_from
         model.set_adapter("other")
     with pytest.raises(ValueError, match=r"^set_adapter: .* not \['default', 'other'\]"):
         model.base_model.set_adapter(["default", "other"])
-    with pytest.raises(ValueError, match=r"^add_weighted_adapter: the layers from_peft converted hold one adapter, "
-                                         r"which PEFT's add_weighted_adapter would not see \(it fails at the first of "
-                                         r"them\): go back to PEFT first \(fused_lora.to_peft\(model\)\)"):
+    with pytest.raises(ValueError, match=r"^add_weighted_adapter: the layers from_peft converted hold the adapters "
+                                         r"the model held then, which PEFT's add_weighted_adapter would not see "
+                                         r"\(it fails at the first of them\): go back to PEFT first "
+                                         r"\(fused_lora.to_peft\(model\)\)"):
         model.add_weighted_adapter(["default"], [1.0], "weighted")
     assert training() and model.active_adapter == "default" and list(model.peft_config) == ["default"]
     assert torch.equal(model(input_ids=ids).logits, expected)

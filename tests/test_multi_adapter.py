@@ -516,6 +516,61 @@ def test_layer_runs_each_row_through_its_adapter(training):
     assert layer.weight.grad is None and layer.bias.grad is None
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_layer_active_adapter_runs_every_row_through_it(training):
+    """Without ids, every row through ``active_adapter`` (as ids all of it:
+    the float64 oracle, its own dropout probability in train(), the other
+    adapters no gradient); -1 and an adapter of rank 0 give the base alone;
+    ids given win; None (the default) asks for ids; bad values are typed
+    errors."""
+    layer = fused_lora.MultiLoRALinear(40, 24, ranks=[3, 0, 5], alphas=[6, 1, 5], dropout=[0.1, 0.0, 0.3],
+                                       device=DEVICE, backend="triton").train(training)
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_()
+    x = make_x((2, 9, 40), F32).requires_grad_()
+    with pytest.raises(ValueError, match=r"needs adapter_ids.*or set the layer's active_adapter"):
+        layer(x)
+    layer.active_adapter = 2
+    assert "active_adapter=2" in repr(layer)
+    torch.manual_seed(5)
+    seed = draw_seed_tensor(DEVICE)
+    torch.manual_seed(5)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    params = [x, *layer.lora_A, *layer.lora_B]
+    grads = torch.autograd.grad(y, params, dy, allow_unused=True)
+    names = ["x", "lora_A[2]", "lora_B[2]"]
+    y64, g64 = _oracle(x, layer.weight, layer.bias, list(layer.lora_A), list(layer.lora_B),
+                       torch.full((2,), 2, device=DEVICE), layer.scalings, dy, 0.3 if training else 0.0, seed, names)
+    assert_close(y, y64, F32, "y")
+    for name, g in zip(names, (grads[0], grads[3], grads[6])):
+        assert_close(g, g64[name], F32, f"d{name}")
+    assert all(g is None for g in (grads[1], grads[2], grads[4], grads[5]))  # (the other adapters: not run)
+    layer.eval()
+    base = F.linear(x, layer.weight, layer.bias)
+    for i in (-1, 1):  # (the base alone; adapter 1 has rank 0 here)
+        layer.active_adapter = i
+        assert torch.equal(layer(x), base)
+    ids = torch.tensor([0, -1], device=DEVICE)
+    y_ids = layer(x, ids)
+    y64, _ = _oracle(x, layer.weight, layer.bias, list(layer.lora_A), list(layer.lora_B), ids, layer.scalings,
+                     dy, 0.0, 0, ["x"])
+    assert_close(y_ids, y64, F32, "ids over the active adapter")
+    layer.active_adapter = 0
+    layer.adapter_enabled = False
+    assert torch.equal(layer(x), base)
+    for bad, err in ((3, ValueError), (-2, ValueError), (1.0, TypeError), (True, TypeError)):
+        with pytest.raises(err, match="active_adapter"):
+            layer.active_adapter = bad
+    assert layer.active_adapter == 0
+    layer.active_adapter = None
+    layer.adapter_enabled = True
+    assert "active_adapter" not in repr(layer)
+    with pytest.raises(ValueError, match="needs adapter_ids"):
+        layer(x)
+
+
 def test_layer_from_linear_shares_the_base_and_keeps_adapters_in_their_dtype():
     """from_linear: the base *is* the linear's (frozen, no copy); fp32
     adapters on an fp16 base compute in fp16 and get fp32 gradients."""

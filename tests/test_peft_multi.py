@@ -1,0 +1,293 @@
+"""``from_peft`` over a PEFT model holding several adapters (``add_adapter``,
+``load_adapter``): each LoRA layer becomes one :class:`MultiLoRALinear` of
+every adapter of the model (adapter ``i`` the model's ``i``-th, rank 0 where
+the layer holds none), sharing PEFT's tensors; it runs PEFT's active adapter
+(``set_adapter``), or each sample's (``adapter_names``, one fused set of
+launches for the whole mix). Each is compared with the PEFT model it came
+from: logits, gradients, files, status; then what is refused, and the way
+back (``to_peft``, ``merge_and_unload``)."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import fused_lora
+from fused_lora import AdapterFileError, MultiLoRALinear
+from lora_testing import DEVICE, VOCAB, tiny_gpt2, tiny_llama
+
+peft = pytest.importorskip("peft", minversion=".".join(map(str, fused_lora.integration.MIN_PEFT)))
+transformers = pytest.importorskip("transformers")
+
+NAMES = ("first", "second", "third")
+
+
+def _batch(b=3, t=9, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (b, t), generator=g).to(DEVICE)
+
+
+def _several(make=tiny_llama, targets=(("q_proj", "v_proj"), ("q_proj", "k_proj"), ("o_proj",)), head=None):
+    """A PEFT model of three adapters of their own ranks, alphas and target
+    modules (``third`` rsLoRA), every lora_B drawn (trained adapters); and a
+    copy of it, the reference. ``head``: ``second`` and ``third`` train
+    their own copy of it (``modules_to_save``; PEFT's mixed batch fails on
+    a sample whose adapter has none, in PEFT 0.21 as in this test's
+    reference)."""
+    configs = [dict(r=4, lora_alpha=8), dict(r=3, lora_alpha=5), dict(r=2, lora_alpha=3, use_rslora=True)]
+    model = None
+    for name, config, target in zip(NAMES, configs, targets):
+        config = peft.LoraConfig(target_modules=list(target), init_lora_weights=False,
+                                 modules_to_save=[head] if head and name != "first" else None, **config)
+        if model is None:
+            model = peft.get_peft_model(make(), config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model, copy.deepcopy(model)
+
+
+def _lora_layers(model) -> dict:
+    return {n: m for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+
+def _peft_grads(model) -> dict:
+    """The adapters' gradients by PEFT's names (``...q_proj.lora_A.second.weight``), of PEFT's layers or of the
+    fused ones (adapter ``i``: the i-th of NAMES)."""
+    grads = {}
+    for n, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        for which in ("lora_A", "lora_B"):
+            for i, adapter in enumerate(NAMES):
+                n = n.replace(f".{which}.{i}", f".{which}.{adapter}.weight") if n.endswith(f".{which}.{i}") else n
+        grads[n] = p.grad
+    return grads
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-conv1d"])
+def test_a_model_of_several_adapters_converts_and_runs_as_peft(make, tmp_path):
+    """Every LoRA layer converts, sharing PEFT's tensors; each adapter made
+    active (set_adapter) gives PEFT's logits, adapter_names mixes them (a
+    head of its own for one: modules_to_save) in the forward and in a beam
+    search, disable_adapter gives the base; get_layer_status is PEFT's but
+    for the type; save_pretrained writes PEFT's files, bit for bit; to_peft
+    puts PEFT's layers back."""
+    targets = (("q_proj", "v_proj"), ("q_proj", "k_proj"), ("o_proj",)) if make is tiny_llama else \
+        (("c_attn",), ("c_attn", "c_fc"), ("c_proj",))
+    head = "lm_head"
+    model, reference = _several(make, targets, head)
+    model.eval()
+    reference.eval()
+    originals = _lora_layers(model)
+    report = fused_lora.from_peft(model)
+    assert sorted(report.converted) == sorted(originals) and not report.skipped
+    for name, original in originals.items():
+        layer = model.get_submodule(name)
+        assert isinstance(layer, MultiLoRALinear) and layer.active_adapter == 0
+        held = [a for a in NAMES if a in original.lora_A]
+        assert layer.ranks == tuple(original.r[a] if a in held else 0 for a in NAMES)
+        assert layer.scalings == tuple(original.scaling[a] if a in held else 0.0 for a in NAMES)
+        for i, adapter in enumerate(NAMES):
+            if adapter in held:
+                assert layer.lora_A[i] is original.lora_A[adapter].weight
+                assert layer.lora_B[i] is original.lora_B[adapter].weight
+        base = original.get_base_layer()
+        assert layer.weight is base.weight or base.weight is None  # (shared; PEFT's let go while kept aside)
+        assert layer.fan_in_fan_out == (make is tiny_gpt2)
+
+    ids = _batch()
+    for adapter in ("second", "third", "first"):
+        model.set_adapter(adapter)
+        reference.set_adapter(adapter)
+        _close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert all(model.get_submodule(n).active_adapter == 0 for n in originals)
+    names = ["second", "__base__", "third"]
+    expected = reference(input_ids=ids, adapter_names=names).logits
+    _close(model(input_ids=ids, adapter_names=names).logits, expected)
+    with reference.disable_adapter():
+        base = reference(input_ids=ids).logits
+    assert (expected[0] - base[0]).abs().max() > 1e-2 and torch.equal(expected[1], base[1])
+    with model.disable_adapter():
+        _close(model(input_ids=ids).logits, base)
+    generate = dict(max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0, adapter_names=names)
+    assert torch.equal(model.generate(input_ids=ids[:, :5], **generate),
+                       reference.generate(input_ids=ids[:, :5], **generate))
+
+    statuses = {s.name: s for s in model.get_layer_status()}
+    expected_statuses = {s.name: s for s in reference.get_layer_status()}
+    assert statuses.keys() == expected_statuses.keys()
+    converted = {n.removeprefix("base_model.") for n in originals}
+    assert converted < statuses.keys()  # (and the head's modules_to_save wrapper)
+    for name, status in statuses.items():
+        assert (status.module_type == "fused_lora.MultiLoRALinear") == (name in converted)
+        assert dataclasses.replace(status, module_type="") == dataclasses.replace(expected_statuses[name],
+                                                                                  module_type="")
+
+    model.save_pretrained(tmp_path / "fused")
+    reference.save_pretrained(tmp_path / "peft")
+    from safetensors.torch import load_file
+
+    for adapter in NAMES:
+        saved, expected_files = (load_file(tmp_path / who / adapter / "adapter_model.safetensors")
+                                 for who in ("fused", "peft"))
+        assert saved.keys() == expected_files.keys()
+        assert all(torch.equal(saved[k], expected_files[k]) for k in saved)
+
+    back = fused_lora.to_peft(model)
+    assert back is model and _lora_layers(model) == originals
+    assert all(originals[n].get_base_layer().weight is not None for n in originals)
+    back.set_adapter("second")
+    reference.set_adapter("second")
+    assert torch.equal(back(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_training_the_active_adapter_matches_peft():
+    """In train mode the active adapter alone runs, trains and gets PEFT's
+    gradients (PEFT's set_adapter freezes the others, on the tensors the
+    fused layers share); another made active trains in its turn; an
+    optimizer step on the shared tensors keeps the two models equal."""
+    model, reference = _several()
+    model.train()
+    reference.train()
+    fused_lora.from_peft(model)
+    ids = _batch()
+    for adapter in ("first", "second"):
+        model.set_adapter(adapter)
+        reference.set_adapter(adapter)
+        for m in (model, reference):
+            m.zero_grad(set_to_none=True)
+            m(input_ids=ids, labels=ids).loss.backward()
+        grads, expected = _peft_grads(model), _peft_grads(reference)
+        assert grads.keys() == expected.keys() and all(f".{adapter}." in n for n in grads)
+        for n, g in grads.items():
+            _close(g, expected[n])
+    optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (model, reference)]
+    for optimizer in optimizers:
+        optimizer.step()
+    model.eval()
+    reference.eval()
+    _close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_state_dicts_and_peft_s_load_adapter_reach_the_shared_tensors(tmp_path):
+    """A state dict of PEFT's names (saved before the conversion) loads,
+    strictly, into the fused layers (their adapters of rank 0 taken as they
+    are); one of the fused model loads back; PEFT's load_adapter of a held
+    adapter (a Trainer resuming) puts the file's values in the fused layers'
+    tensors; another adapter's name is refused."""
+    model, reference = _several()
+    model.eval()
+    reference.eval()
+    reference.save_pretrained(tmp_path)
+    peft_state = copy.deepcopy(reference.state_dict())
+    fused_lora.from_peft(model)
+    ids = _batch()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    model.load_state_dict(peft_state)
+    _close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    fused_state = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_" in n:
+                p.zero_()
+    model.load_state_dict(fused_state)
+    _close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B.1" in n:
+                p.zero_()
+    model.set_adapter("second")
+    reference.set_adapter("second")
+    model.load_adapter(tmp_path / "second", adapter_name="second")
+    _close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    layer = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    assert isinstance(layer, MultiLoRALinear)  # (still fused: PEFT's tensors are its own)
+    with pytest.raises(ValueError, match="load_adapter"):
+        model.load_adapter(tmp_path / "second", adapter_name="fourth")
+
+
+def test_what_a_model_of_several_adapters_refuses():
+    """Refused, nothing changed: several adapters active (PEFT sums them),
+    merge_adapter (one base serves them all), add_/delete_adapter, an
+    unknown name in adapter_names, fused_lora.load_adapter of a file (PEFT's
+    layers keep the adapters by name). Left PEFT's and reported: layers of
+    several active adapters, a DoRA adapter's, layers mixing rsLoRA and
+    LoRA scales; the others convert."""
+    model, reference = _several()
+    model.eval()
+    reference.eval()
+    fused_lora.from_peft(model)
+    ids = _batch()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
+    model.set_adapter("second")
+    with pytest.raises(ValueError, match=r"set_adapter: \['first', 'second'\] names 2 adapters, which PEFT"):
+        model.base_model.set_adapter(["first", "second"])
+    assert all(layer.active_adapter == 1 for layer in layers.values())
+    with pytest.raises(ValueError, match=r"merge_adapter: .* hold several adapters"):
+        model.merge_adapter()
+    for call in (lambda: model.add_adapter("fourth", peft.LoraConfig(target_modules=["q_proj"])),
+                 lambda: model.delete_adapter("first")):
+        with pytest.raises(ValueError, match="hold the adapters the model held then"):
+            call()
+    with pytest.raises(ValueError, match=r"no layer holds adapter\(s\) \['fourth'\]"):
+        model(input_ids=ids, adapter_names=["fourth", "first", "first"])
+    reference.set_adapter("second")
+    _close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+    # what is left PEFT's: several active adapters; DoRA; mixed rsLoRA
+    for case in ("two_active", "dora", "rslora_mix"):
+        peft_model, _ = _several()
+        if case == "two_active":
+            peft_model.base_model.set_adapter(["first", "second"])
+        else:
+            extra = dict(use_dora=True) if case == "dora" else dict(use_rslora=True)
+            peft_model.add_adapter("fourth", peft.LoraConfig(r=2, target_modules=["v_proj"], **extra))
+        before = peft_model.eval()(input_ids=ids).logits
+        report = fused_lora.from_peft(peft_model)
+        why = {"two_active": "several adapters active (['first', 'second']), which PEFT sums",
+               "dora": "adapter 'fourth': DoRA in a model of several adapters is not fused",
+               "rslora_mix": "mix rsLoRA and plain LoRA scales"}[case]
+        skipped = [n for n in report.skipped if why in report.skipped[n]]
+        assert skipped and len(skipped) == len(report.skipped), report.skipped
+        assert (report.converted == []) == (case == "two_active")
+        assert all("v_proj" in n for n in skipped) or case == "two_active"
+        _close(peft_model(input_ids=ids).logits, before)
+
+
+def test_fused_lora_s_own_functions_on_the_converted_model(tmp_path):
+    """adapter_ids (the fused layers' ids: the model's order of adapters)
+    gives PEFT's mixed batch; save_adapter(adapter=i) writes a file PEFT
+    loads as that adapter; fused_lora.load_adapter is refused (PEFT's layers,
+    which to_peft gives back, keep the adapters by name); merge_and_unload
+    (PEFT's, after to_peft) folds the active one in."""
+    model, reference = _several()
+    model.eval()
+    reference.eval()
+    fused_lora.from_peft(model)
+    ids = _batch()
+    names = ["third", "__base__", "first"]
+    with fused_lora.adapter_ids(model, torch.tensor([2, -1, 0], device=DEVICE)):
+        _close(model(input_ids=ids).logits, reference(input_ids=ids, adapter_names=names).logits)
+    fused_lora.save_adapter(model, tmp_path / "second", adapter=1)
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "second").eval()
+    reference.set_adapter("second")
+    _close(loaded(input_ids=ids).logits, reference(input_ids=ids).logits)
+    with pytest.raises(AdapterFileError, match="converted from PEFT .* several adapters"):
+        fused_lora.load_adapter(model, tmp_path / "second", adapter=1)
+    model.set_adapter("second")
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, MultiLoRALinear) for m in merged.modules())
+    _close(merged(input_ids=ids).logits, reference(input_ids=ids).logits)
