@@ -1260,10 +1260,20 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     fused layer shares the ``lora_magnitude_vector`` too) convert, and so do
     PEFT's layers over a quantized base the fused layers read (QLoRA's: a
     bitsandbytes nf4 or fp4 ``Linear4bit``, its bytes and absmax read as they are
-    and its ``compute_dtype`` kept; torchao's int8 weight-only); anything
-    that cannot be reproduced exactly (other variants, several adapters, lora_bias,
-    merged or disabled adapters, other quantized or non-linear bases) is left as it
-    was and listed in the report. ``merge_adapter()`` refuses a quantized
+    and its ``compute_dtype`` kept; bitsandbytes' int8 rows; torchao's int8
+    weight-only); anything that cannot be reproduced exactly (other variants,
+    several active adapters, lora_bias, merged or disabled adapters, other
+    quantized or non-linear bases) is left as it was and listed in the
+    report. A model holding several adapters (``add_adapter``,
+    ``load_adapter``: serving several from one base) gets a
+    :class:`MultiLoRALinear` a layer, of every adapter of the model in
+    PEFT's order (``peft_config``'s; rank 0 where the layer holds none: one
+    id names one adapter in every layer, :func:`adapter_ids`), sharing
+    PEFT's tensors: it runs PEFT's active adapter
+    (:attr:`MultiLoRALinear.active_adapter`, which ``set_adapter`` sets), or
+    each sample's (``adapter_names``) in one set of fused launches for the
+    whole batch (PEFT's runs a pass an adapter); DoRA adapters, and layers
+    whose adapters mix rsLoRA and plain scales, stay PEFT's there. ``merge_adapter()`` refuses a quantized
     base (PEFT's requantizes it, a rounding error each time); :func:`to_peft`
     gives PEFT's layers back their own weight (which, kept aside, let go of
     the bytes or the Parameter the fused layer holds, so that FSDP2 can free
@@ -1390,11 +1400,12 @@ def _patch_peft_model(peft_model: nn.Module) -> None:
       call (a ``state_dict`` passed in is renamed to match);
     * ``load_adapter(path, name, ...)`` (the ``Trainer`` resuming from a
       checkpoint): PEFT's likewise, into the fused layers' own parameters;
-      another adapter name than the converted one's is refused (fused layers
-      hold one);
+      another adapter name than those converted is refused (the fused
+      layers hold those);
     * ``merge_adapter()`` / ``unmerge_adapter()``: the fused layers' merge
       and unmerge, and PEFT's on the layers left PEFT's (refused, nothing
-      merged, where a fused layer holds a quantized base);
+      merged, where a fused layer holds a quantized base, or several
+      adapters: one base serves them all);
     * ``merge_and_unload(...)`` / ``unload(...)``: :func:`to_peft`, then PEFT's;
     * ``enable_adapter_layers()`` / ``disable_adapter_layers()`` (PEFT's
       LoraModel's, which the PeftModel hands on): the fused layers'
@@ -1406,12 +1417,14 @@ def _patch_peft_model(peft_model: nn.Module) -> None:
     * ``set_adapter(name, ...)``: the adapter the fused layers hold made
       active again as PEFT makes its own (trainable, or frozen with
       ``inference_mode=True``); another refused (the fused layers would go on
-      running theirs);
+      running theirs); layers of several adapters: the named one made their
+      :attr:`~MultiLoRALinear.active_adapter` (-1 where a layer has none of
+      it), several names refused (PEFT would sum them);
     * ``add_adapter(...)`` / ``delete_adapter(...)`` /
       ``add_weighted_adapter(...)``: refused (PEFT's ``add_adapter`` froze
       the fused adapters, its ``delete_adapter`` left them on, its
       ``add_weighted_adapter`` failed at the first fused layer): fused layers
-      hold one adapter, so go back with :func:`to_peft` first;
+      hold the adapters they were made of, so go back with :func:`to_peft` first;
     * ``get_layer_status()`` / ``get_model_status()`` (which found no adapter
       layers): PEFT's, the fused layers counted (:func:`_peft_status`);
     * a batch that mixes adapters (``model(..., adapter_names=[...])``,
@@ -1564,8 +1577,11 @@ def _peft_set_adapter(peft_model: nn.Module, on_tuner: bool, adapter_name, *args
     ``on_tuner``), which on a layer makes the named adapters active and
     trainable (frozen with ``inference_mode=True``) and freezes the others:
     on the PEFT layers :func:`from_peft` converted too (their tensors are the
-    fused layers'). Naming other adapters than the one the fused layers hold
-    is refused, nothing changed: they would go on running theirs."""
+    fused layers'), and, on layers of several adapters, the fused layer's
+    :attr:`~MultiLoRALinear.active_adapter`. Refused, nothing changed:
+    naming other adapters than the one the fused layers hold (they would
+    go on running theirs), or, on layers of several, more than one (PEFT
+    would sum them; a fused layer runs one a sample)."""
     converted = _converted(peft_model)
     held = _held(converted)
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -1615,7 +1631,8 @@ def _peft_forward_hooks(peft_model: nn.Module, *args, **kwargs):
     its adapter, -1 on the others: the base alone), and PEFT's layers and
     ``modules_to_save`` wrappers the names, as PEFT hands them (repeated for
     ``num_beams``, but not to an encoder's layers); merged fused layers take
-    them too. Names that no layer holds, or a model in training mode, are
+    them too. A layer of several adapters gets each sample's adapter's index
+    (-1 for ``"__base__"``). Names that no layer holds, or a model in training mode, are
     refused as PEFT refuses them (``ValueError``)."""
     names = kwargs.get("adapter_names")
     converted = _converted(peft_model)

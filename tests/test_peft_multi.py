@@ -119,6 +119,10 @@ def test_a_model_of_several_adapters_converts_and_runs_as_peft(make, tmp_path):
     assert (expected[0] - base[0]).abs().max() > 1e-2 and torch.equal(expected[1], base[1])
     with model.disable_adapter():
         _close(model(input_ids=ids).logits, base)
+    model.base_model.disable_adapter_layers()  # (PEFT's tuner's switch: the fused layers' too, until enabled)
+    _close(model(input_ids=ids).logits, base)
+    model.base_model.enable_adapter_layers()
+    _close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
     generate = dict(max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0, adapter_names=names)
     assert torch.equal(model.generate(input_ids=ids[:, :5], **generate),
                        reference.generate(input_ids=ids[:, :5], **generate))

@@ -342,3 +342,63 @@ def test_from_peft_fuses_torchao_int8_weight_only_layers():
     assert _lora_layers(peft_model) == originals
     with torch.no_grad():
         assert torch.equal(peft_model(input_ids=ids).logits, expected)
+
+
+def test_from_peft_serves_several_qlora_adapters_from_one_4bit_base(llama_dir, tmp_path):
+    """QLoRA's model holding two adapters (``add_adapter``): each layer one
+    :class:`fused_lora.MultiLoRALinear` over PEFT's 4-bit bytes (shared, its
+    compute dtype kept); each adapter made active gives PEFT's logits and
+    gradients (train mode: in eval mode bitsandbytes' CPU forward repacks its
+    weights for kernels that compute otherwise; dropout is 0); in eval mode a
+    batch that mixes them (``adapter_names``) gives each sample what its
+    adapter gave alone; ``save_pretrained`` writes PEFT's files; ``to_peft``
+    gives PEFT's weights their bytes back."""
+    ref, model = (_qlora(llama_dir, F32) for _ in range(2))
+    for m in (ref, model):
+        torch.manual_seed(7)  # (the same lora_A for both)
+        m.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj", "up_proj"]))
+        _trained(m, seed=4)
+    originals = _lora_layers(model)
+    bytes_of = {n: m.get_base_layer().weight.data_ptr() for n, m in originals.items()}
+    report = fused_lora.from_peft(model)
+    assert sorted(report.converted) == sorted(originals) and not report.skipped
+    for name, original in originals.items():
+        layer = model.get_submodule(name)
+        assert isinstance(layer, fused_lora.MultiLoRALinear) and layer.quantized and "base=nf4" in repr(layer)
+        assert layer.weight.data_ptr() == bytes_of[name] and layer.compute_dtype == F32
+        assert original.get_base_layer().weight.numel() == 0  # (kept aside, PEFT's weight let go of the bytes)
+        assert layer.ranks == (4, 2 if "second" in original.lora_A else 0)
+    ids = torch.randint(0, 61, (3, 9))
+    alone = {}
+    for adapter in ("second", "default"):
+        model.set_adapter(adapter)
+        ref.set_adapter(adapter)
+        for m in (model, ref):
+            m.zero_grad(set_to_none=True)
+        out, ref_out = model(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids)
+        out.loss.backward()
+        ref_out.loss.backward()
+        assert_close(out.logits, ref_out.logits.double(), F32, f"logits of {adapter}")
+        alone[adapter] = ref_out.logits.detach()
+        layer, peft_layer = (m.get_submodule("base_model.model.model.layers.1.self_attn.v_proj") for m in (model, ref))
+        i = 1 if adapter == "second" else 0
+        assert_close(layer.lora_B[i].grad, peft_layer.lora_B[adapter].weight.grad.double(), F32, f"dB of {adapter}")
+        assert layer.lora_B[1 - i].grad is None
+    with torch.no_grad(), ref.disable_adapter():
+        alone["__base__"] = ref(input_ids=ids).logits
+    names = ["second", "__base__", "default"]
+    with torch.no_grad():
+        mixed = model.eval()(input_ids=ids, adapter_names=names).logits
+    for row, adapter in enumerate(names):
+        assert_close(mixed[row], alone[adapter][row].double(), F32, f"sample {row} ({adapter})")
+
+    model.save_pretrained(tmp_path / "fused")
+    ref.save_pretrained(tmp_path / "peft")
+    from safetensors.torch import load_file
+
+    for sub in ("", "second"):
+        saved, expected = (load_file(tmp_path / who / sub / "adapter_model.safetensors") for who in ("fused", "peft"))
+        assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+    back = fused_lora.to_peft(model)
+    assert _lora_layers(back) == originals
+    assert all(m.get_base_layer().weight.data_ptr() == bytes_of[n] for n, m in originals.items())
