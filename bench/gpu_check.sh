@@ -103,13 +103,14 @@ rc_bench=$?
 [ $rc_bench -eq 124 ] && echo "benchmark: TIMED OUT after 200 s (partial results are in $OUT)"
 
 # pytest bench/'s several-adapter, DoRA and quantized-base (int8, NF4) benchmarks (fused against PEFT's mixed
-# batch, PEFT's DoRA layer, the 16-bit base), last and only in the time the box leaves: about 400 s in all
+# batch, PEFT's own model serving several adapters, PEFT's DoRA layer, the 16-bit base), last and only in the
+# time the box leaves: about 400 s in all
 # (their kernels are mostly the benchmark's, compiled already). Informational: their exit does not fail the check.
 echo "== more benchmarks, as time allows (pytest bench/: several adapters, DoRA, int8 and NF4 bases)"
 left=$(( 400 - SECONDS ))
 if [ $left -ge 30 ]; then
     timeout $left "$PY" -m pytest -q -p no:cacheprovider -o addopts="" bench/test_bench_lora.py \
-        -k "multi_adapter or dora or quantized_base" --benchmark-max-time=0.25 --benchmark-min-rounds=3 \
+        -k "multi_adapter or peft_serving or dora or quantized_base" --benchmark-max-time=0.25 --benchmark-min-rounds=3 \
         --benchmark-columns=median,iqr,rounds --benchmark-json "$OUT/bench_more.json"
     rc_more=$?
     [ $rc_more -eq 124 ] && echo "more benchmarks: stopped at the time box ($left s)"
