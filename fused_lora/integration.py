@@ -1136,6 +1136,8 @@ def _why_unsupported(module, PeftLinear, several: bool = False, configs: dict | 
     if why:
         return f"base layer: {why}"
     adapters = list(module.lora_A.keys())
+    if not adapters:
+        return "it holds no adapter (deleted)"
     active = list(module.active_adapters)
     if several and len(active) > 1:
         return (f"several adapters active ({active}), which PEFT sums: a fused layer runs one a sample "
@@ -1218,8 +1220,11 @@ def _peft_fused_layer(module, order: tuple[str, ...] | None, backend: str) -> nn
             [dropout_of(a) if a in module.lora_A else 0.0 for a in order],
             use_rslora=bool(getattr(module, "use_rslora", {}).get(held[0], False)),
             fan_in_fan_out=bool(module.fan_in_fan_out), backend=backend, weight_scale=scale, weight_code=code)
-        layer.lora_A = nn.ParameterList(ab[0] if ab else layer.lora_A[i] for i, ab in enumerate(lora))
-        layer.lora_B = nn.ParameterList(ab[1] if ab else layer.lora_B[i] for i, ab in enumerate(lora))
+        # (rank 0 where the layer holds none: empty, frozen, PEFT's layer has no such tensor)
+        layer.lora_A = nn.ParameterList(ab[0] if ab else layer.lora_A[i].requires_grad_(False)
+                                        for i, ab in enumerate(lora))
+        layer.lora_B = nn.ParameterList(ab[1] if ab else layer.lora_B[i].requires_grad_(False)
+                                        for i, ab in enumerate(lora))
         active = list(module.active_adapters)
         layer.active_adapter = order.index(active[0]) if active and active[0] in order else -1
         setattr(layer, _PEFT_ADAPTERS, order)
@@ -1398,10 +1403,9 @@ def _patch_peft_model(peft_model: nn.Module) -> None:
     * ``disable_adapter()``: :func:`disable_adapters`;
     * ``save_pretrained(...)``: PEFT's, with PEFT's layers put back for the
       call (a ``state_dict`` passed in is renamed to match);
-    * ``load_adapter(path, name, ...)`` (the ``Trainer`` resuming from a
-      checkpoint): PEFT's likewise, into the fused layers' own parameters;
-      another adapter name than those converted is refused (the fused
-      layers hold those);
+    * ``load_adapter(path, name, ...)`` of an adapter the fused layers hold
+      (the ``Trainer`` resuming from a checkpoint): PEFT's likewise, into the
+      fused layers' own parameters;
     * ``merge_adapter()`` / ``unmerge_adapter()``: the fused layers' merge
       and unmerge, and PEFT's on the layers left PEFT's (refused, nothing
       merged, where a fused layer holds a quantized base, or several
@@ -1421,10 +1425,12 @@ def _patch_peft_model(peft_model: nn.Module) -> None:
       :attr:`~MultiLoRALinear.active_adapter` (-1 where a layer has none of
       it), several names refused (PEFT would sum them);
     * ``add_adapter(...)`` / ``delete_adapter(...)`` /
-      ``add_weighted_adapter(...)``: refused (PEFT's ``add_adapter`` froze
-      the fused adapters, its ``delete_adapter`` left them on, its
-      ``add_weighted_adapter`` failed at the first fused layer): fused layers
-      hold the adapters they were made of, so go back with :func:`to_peft` first;
+      ``add_weighted_adapter(...)``, and ``load_adapter`` of a new name (PEFT's
+      ``add_adapter`` froze the fused adapters, its ``delete_adapter`` left
+      them on, its ``add_weighted_adapter`` failed at the first fused layer):
+      PEFT's, on its own layers put back, then the model converted again
+      (:func:`_peft_reconverted`: a customer's adapter loaded or unloaded
+      while serving);
     * ``get_layer_status()`` / ``get_model_status()`` (which found no adapter
       layers): PEFT's, the fused layers counted (:func:`_peft_status`);
     * a batch that mixes adapters (``model(..., adapter_names=[...])``,
@@ -1441,14 +1447,15 @@ def _patch_peft_model(peft_model: nn.Module) -> None:
                      "unload": (_peft_after_to_peft, "unload"),
                      "enable_adapter_layers": (_peft_adapter_layers_on, True),
                      "disable_adapter_layers": (_peft_adapter_layers_on, False),
-                     "add_adapter": (_peft_one_adapter, "add_adapter"),
-                     "delete_adapter": (_peft_one_adapter, "delete_adapter"),
+                     "add_adapter": (_peft_reconverted, "add_adapter", False),
+                     "delete_adapter": (_peft_reconverted, "delete_adapter", False),
                      "get_layer_status": (_peft_status, "get_layer_status"),
                      "get_model_status": (_peft_status, "get_model_status"),
                      "set_adapter": (_peft_set_adapter, False)}
     tuner_patches = {name: model_patches[name] for name in _TUNER_METHODS if name in model_patches}
     tuner_patches.update({"set_adapter": (_peft_set_adapter, True), "set_requires_grad": (_peft_set_requires_grad,),
-                          "add_weighted_adapter": (_peft_one_adapter, "add_weighted_adapter"),
+                          "delete_adapter": (_peft_reconverted, "delete_adapter", True),
+                          "add_weighted_adapter": (_peft_reconverted, "add_weighted_adapter", True),
                           "_enable_peft_forward_hooks": (_peft_forward_hooks,)})
     assert set(model_patches) == set(_PEFT_METHODS) and set(tuner_patches) == set(_TUNER_METHODS)
     tuner = peft_model.base_model
@@ -1506,9 +1513,8 @@ def _peft_save_pretrained(peft_model: nn.Module, *args, **kwargs):
 def _peft_load_adapter(peft_model: nn.Module, model_id, adapter_name: str = "default", *args, **kwargs):
     converted = _converted(peft_model)
     held = _held(converted)
-    if held and adapter_name not in held:
-        raise ValueError(f"load_adapter: the fused layers hold the adapters {sorted(held)}, not {adapter_name!r} "
-                         "beside them: go back to PEFT first (fused_lora.to_peft(model)), then load it")
+    if held and adapter_name not in held:  # (a new adapter: PEFT loads it, the model is converted again)
+        return _peft_reconverted(peft_model, "load_adapter", False, model_id, adapter_name, *args, **kwargs)
     with _peft_layers_back(peft_model) as swapped:
         result = type(peft_model).load_adapter(peft_model, model_id, adapter_name, *args, **kwargs)
         for name, layer in swapped:  # (where PEFT put new tensors in, the fused layers' own take their values)
@@ -1561,15 +1567,51 @@ def _peft_adapter_layers_on(peft_model: nn.Module, enabled: bool) -> None:
     _peft_tuner_call(peft_model, "enable_adapter_layers" if enabled else "disable_adapter_layers")
 
 
-#: What PEFT's methods that change the adapters did to the fused layers.
-_ONE_ADAPTER = {"add_adapter": "it would freeze them", "delete_adapter": "it would stay on",
-                "add_weighted_adapter": "it fails at the first of them"}
-
-
-def _peft_one_adapter(peft_model: nn.Module, method: str, *args, **kwargs):
-    raise ValueError(f"{method}: the layers from_peft converted hold the adapters the model held then, which PEFT's "
-                     f"{method} would not see ({_ONE_ADAPTER[method]}): go back to PEFT first "
-                     f"(fused_lora.to_peft(model)), {method} there, then from_peft again")
+def _peft_reconverted(peft_model: nn.Module, method: str, on_tuner: bool, *args, **kwargs):
+    """PEFT's ``method`` that changes which adapters the model holds
+    (``add_adapter``, ``load_adapter`` of a new name, ``delete_adapter``,
+    ``add_weighted_adapter``; the PeftModel's, or its tuner's with
+    ``on_tuner``), which would not see the fused layers (PEFT's
+    ``add_adapter`` froze their adapters, its ``delete_adapter`` left them
+    on, its ``add_weighted_adapter`` failed at them): PEFT's layers are put
+    back (:func:`to_peft`), PEFT's method runs on them, and :func:`from_peft`
+    converts the model again, with the fused layers' backend: a customer's
+    adapter loaded into a model serving several, or unloaded, without
+    leaving the fused layers. The adapters' tensors stay PEFT's (an
+    optimizer over them keeps working); the fused layers are new ones.
+    Refused, nothing changed, where a fused layer is merged, has its
+    adapters off (``disable_adapter_layers``, :func:`disable_adapters`) or
+    rescaled (:func:`rescale_adapters`): a state the new layers would not
+    have. A layer converted before that is left PEFT's now (a DoRA adapter
+    added to a model of one: a layer of several has no magnitude) is named
+    in a warning; where no layer converts any more (the last adapter
+    deleted), the model stays PEFT's."""
+    converted = _converted(peft_model)
+    layers = {n: peft_model.get_submodule(n) for n in converted}
+    held = [n for n, layer in layers.items() if getattr(layer, "merged", False) or not layer.adapter_enabled
+            or RESCALED in layer.__dict__]
+    if held:
+        layer = layers[held[0]]
+        state = "merged" if getattr(layer, "merged", False) else \
+            "rescaled (rescale_adapters)" if RESCALED in layer.__dict__ else "disabled"
+        raise ValueError(f"{method}: {', '.join(held[:3])}{', ...' if len(held) > 3 else ''} hold their adapters "
+                         f"{state}, which the layers from_peft makes again after PEFT's {method} would not be: undo "
+                         "that first (unmerge_adapter, enable_adapter_layers, or leave the block)")
+    backend = next((layer.backend for layer in layers.values()), "auto")
+    to_peft(peft_model)  # (refuses, nothing changed, where a quantized base cannot go back: _check_given_back)
+    owner = peft_model.base_model if on_tuner else peft_model
+    result = getattr(owner, method)(*args, **kwargs)  # (PEFT's own: to_peft dropped the patches)
+    try:
+        report = from_peft(peft_model, backend=backend)
+    except ValueError:  # (no PEFT LoRA layer left: the model is PEFT's)
+        return result
+    lost = {n: why for n, why in report.skipped.items()  # (not a layer left without adapters: the base alone)
+            if n in converted and len(peft_model.get_submodule(n).lora_A)}
+    if lost:
+        shown = "; ".join(f"{n}: {why}" for n, why in list(lost.items())[:3])
+        warnings.warn(f"{method}: {len(lost)} layer(s) from_peft had converted are PEFT's now ({shown}"
+                      f"{'; ...' if len(lost) > 3 else ''})", UserWarning, stacklevel=3)
+    return result
 
 
 def _peft_set_adapter(peft_model: nn.Module, on_tuner: bool, adapter_name, *args, **kwargs):
