@@ -402,3 +402,12 @@ def test_from_peft_serves_several_qlora_adapters_from_one_4bit_base(llama_dir, t
     back = fused_lora.to_peft(model)
     assert _lora_layers(back) == originals
     assert all(m.get_base_layer().weight.data_ptr() == bytes_of[n] for n, m in originals.items())
+    # a customer's adapter unloaded while serving: PEFT's delete_adapter, the model converted again, over the
+    # same bytes (layers of one adapter now)
+    fused_lora.from_peft(back)
+    back.delete_adapter("second")
+    layers = fused_lora.integration.fused_layers(back)
+    assert sorted(layers) == sorted(originals) and not _lora_layers(back)
+    assert all(layer.weight.data_ptr() == bytes_of[n] for n, layer in layers.items())
+    with torch.no_grad():
+        assert_close(back.train()(input_ids=ids).logits, alone["default"].double(), F32, "default, after")
