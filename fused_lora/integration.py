@@ -1278,8 +1278,9 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     (:attr:`MultiLoRALinear.active_adapter`, which ``set_adapter`` sets), or
     each sample's (``adapter_names``) in one set of fused launches for the
     whole batch (PEFT's runs a pass an adapter); DoRA adapters, and layers
-    whose adapters mix rsLoRA and plain scales, stay PEFT's there. ``merge_adapter()`` refuses a quantized
-    base (PEFT's requantizes it, a rounding error each time); :func:`to_peft`
+    whose adapters mix rsLoRA and plain scales, stay PEFT's there.
+    ``merge_adapter()`` refuses a quantized base (PEFT's requantizes it, a
+    rounding error each time); :func:`to_peft`
     gives PEFT's layers back their own weight (which, kept aside, let go of
     the bytes or the Parameter the fused layer holds, so that FSDP2 can free
     them: :func:`_let_go`; refused where the fused layer's base was moved to
@@ -1585,7 +1586,9 @@ def _peft_reconverted(peft_model: nn.Module, method: str, on_tuner: bool, *args,
     have. A layer converted before that is left PEFT's now (a DoRA adapter
     added to a model of one: a layer of several has no magnitude) is named
     in a warning; where no layer converts any more (the last adapter
-    deleted), the model stays PEFT's."""
+    deleted), the model stays PEFT's. Where PEFT's method raises (an
+    unknown name), the model is converted again as it was, and its error
+    goes on."""
     converted = _converted(peft_model)
     layers = {n: peft_model.get_submodule(n) for n in converted}
     held = [n for n, layer in layers.items() if getattr(layer, "merged", False) or not layer.adapter_enabled
@@ -1600,11 +1603,13 @@ def _peft_reconverted(peft_model: nn.Module, method: str, on_tuner: bool, *args,
     backend = next((layer.backend for layer in layers.values()), "auto")
     to_peft(peft_model)  # (refuses, nothing changed, where a quantized base cannot go back: _check_given_back)
     owner = peft_model.base_model if on_tuner else peft_model
-    result = getattr(owner, method)(*args, **kwargs)  # (PEFT's own: to_peft dropped the patches)
     try:
-        report = from_peft(peft_model, backend=backend)
-    except ValueError:  # (no PEFT LoRA layer left: the model is PEFT's)
-        return result
+        result = getattr(owner, method)(*args, **kwargs)  # (PEFT's own: to_peft dropped the patches)
+    finally:  # (converted again where PEFT's raised too: its error, the model as it was)
+        try:
+            report = from_peft(peft_model, backend=backend)
+        except ValueError:  # (no PEFT LoRA layer left: the model is PEFT's)
+            report = ConversionReport()
     lost = {n: why for n, why in report.skipped.items()  # (not a layer left without adapters: the base alone)
             if n in converted and len(peft_model.get_submodule(n).lora_A)}
     if lost:

@@ -223,10 +223,10 @@ def test_state_dicts_and_peft_s_load_adapter_reach_the_shared_tensors(tmp_path):
 
 def test_what_a_model_of_several_adapters_refuses():
     """Refused, nothing changed: several adapters active (PEFT sums them),
-    merge_adapter (one base serves them all), an unknown name in adapter_names, fused_lora.load_adapter of a file (PEFT's
-    layers keep the adapters by name). Left PEFT's and reported: layers of
-    several active adapters, a DoRA adapter's, layers mixing rsLoRA and
-    LoRA scales; the others convert."""
+    merge_adapter (one base serves them all), an unknown name in
+    adapter_names. Left PEFT's and reported: layers of several active
+    adapters, a DoRA adapter's, layers mixing rsLoRA and LoRA scales; the
+    others convert."""
     model, reference = _several()
     model.eval()
     reference.eval()
@@ -295,7 +295,8 @@ def test_a_customer_s_adapter_loads_and_unloads_while_serving(tmp_path):
     model: PEFT's, on its layers put back, then the model converted again
     (the fused backend kept): the new adapter is adapter 3 of every layer,
     served alone and in a mixed batch as PEFT's model serves it; deleted,
-    the others keep their ids' order and outputs. Refused, nothing changed,
+    the others keep their ids' order and outputs; PEFT's error (an unknown
+    name) leaves the model converted as it was. Refused, nothing changed,
     inside disable_adapter() (the new layers would not be off)."""
     model, reference = _several()
     new, _ = _several(tiny_llama, (("v_proj", "up_proj"),) * 3)
@@ -319,6 +320,10 @@ def test_a_customer_s_adapter_loads_and_unloads_while_serving(tmp_path):
     for m in (model, reference):
         m.set_adapter("fourth")
     _close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="fifth"):  # (PEFT's error; the model converted again, as it was)
+        model.delete_adapter("fifth")
+    assert list(model.peft_config) == [*NAMES, "fourth"] and not _lora_layers(model)
+    assert all(m.active_adapter == 3 for m in model.modules() if isinstance(m, MultiLoRALinear))
     for m in (model, reference):
         m.set_adapter("third")
         m.delete_adapter("second")
