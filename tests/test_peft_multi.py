@@ -15,7 +15,7 @@ import torch
 
 import fused_lora
 from fused_lora import AdapterFileError, MultiLoRALinear
-from lora_testing import DEVICE, VOCAB, tiny_gpt2, tiny_llama
+from lora_testing import DEVICE, VOCAB, skip_if_dynamo_cannot_trace_llama, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft", minversion=".".join(map(str, fused_lora.integration.MIN_PEFT)))
 transformers = pytest.importorskip("transformers")
@@ -333,3 +333,29 @@ def test_a_customer_s_adapter_loads_and_unloads_while_serving(tmp_path):
     _close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
     names = ["third", "fourth", "first"]
     _close(model(input_ids=ids, adapter_names=names).logits, reference(input_ids=ids, adapter_names=names).logits)
+
+
+def test_the_converted_model_compiles_in_one_graph_for_serving():
+    """torch.compile(fullgraph=True) of the model inside the PeftModel: a
+    mixed batch (PEFT's hooks, which hand each fused layer its ids) and each
+    active adapter (set_adapter: a guard, compiled again) give PEFT's
+    logits."""
+    model, reference = _several()
+    model.eval()
+    reference.eval()
+    fused_lora.from_peft(model)
+    ids = _batch()
+    torch._dynamo.reset()
+    compiled = torch.compile(model.base_model.model, backend="aot_eager", fullgraph=True)
+    names = ["second", "__base__", "third"]
+    try:
+        with model.base_model._enable_peft_forward_hooks(adapter_names=names):
+            mixed = compiled(input_ids=ids).logits
+    except torch._dynamo.exc.Unsupported:
+        skip_if_dynamo_cannot_trace_llama(ids)
+        raise
+    _close(mixed, reference(input_ids=ids, adapter_names=names).logits)
+    for adapter in ("second", "first"):
+        model.set_adapter(adapter)
+        reference.set_adapter(adapter)
+        _close(compiled(input_ids=ids).logits, reference(input_ids=ids).logits)
