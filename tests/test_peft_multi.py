@@ -155,14 +155,20 @@ def test_a_model_of_several_adapters_converts_and_runs_as_peft(make, tmp_path):
     assert torch.equal(back(input_ids=ids).logits, reference(input_ids=ids).logits)
 
 
-def test_training_the_active_adapter_matches_peft():
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
+def test_training_the_active_adapter_matches_peft(checkpointing):
     """In train mode the active adapter alone runs, trains and gets PEFT's
     gradients (PEFT's set_adapter freezes the others, on the tensors the
-    fused layers share); another made active trains in its turn; an
-    optimizer step on the shared tensors keeps the two models equal."""
+    fused layers share), with transformers' activation checkpointing too;
+    another made active trains in its turn; an optimizer step on the shared
+    tensors keeps the two models equal."""
     model, reference = _several()
     model.train()
     reference.train()
+    if checkpointing:
+        for m in (model, reference):
+            m.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.enable_input_require_grads()
     fused_lora.from_peft(model)
     ids = _batch()
     for adapter in ("first", "second"):
