@@ -980,7 +980,10 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
     kernels, gradients coming back in their own), as in :class:`LoRALinear`;
     so may ``fan_in_fan_out=True`` store ``weight`` as (in, out), GPT-2's
     ``Conv1D``. In a model, :func:`fused_lora.inject_multi` places these
-    layers and :func:`fused_lora.adapter_ids` hands them the ids.
+    layers and :func:`fused_lora.adapter_ids` hands them the ids; without
+    ids every row runs through :attr:`active_adapter`, where set (PEFT's
+    active adapter on the layers :func:`fused_lora.from_peft` makes of a
+    model holding several).
     ``quantize_base=True`` (``from_linear``, ``around``) makes the base
     int8, as :class:`LoRALinear`'s: many adapters served from one int8 base.
     """
