@@ -2001,7 +2001,8 @@ def to_peft(model: nn.Module, *, adapter_name: str | None = None, adapter_names=
 
     * A model converted by :func:`from_peft`: its original PEFT layers are put
       back (merged fused layers are unmerged first), its methods are PEFT's
-      again, and the model is returned.
+      again, and the model is returned (their adapters keep PEFT's names:
+      ``adapter_name(s)`` given is refused).
     * A model with :func:`inject`-ed layers: the fused layers become plain
       linears again (those fused from a bitsandbytes 4-bit ``Linear4bit`` or a
       torchao int8 ``Linear``, that module: PEFT puts its own layers for
@@ -2033,6 +2034,11 @@ def to_peft(model: nn.Module, *, adapter_name: str | None = None, adapter_names=
     """
     _check_model(model)
     originals = getattr(model, _ORIGINALS, None)
+    if originals and (adapter_name is not None or adapter_names is not None):
+        given = "adapter_name" if adapter_name is not None else "adapter_names"
+        raise ValueError(f"to_peft: {given} names the adapters of layers inject made; this model came from PEFT "
+                         "(from_peft), whose layers go back with the names PEFT gave their adapters: call "
+                         "to_peft(model) alone")
     # (from_peft's layers over PEFT's quantized weights give them back: _check_given_back)
     _refuse_int8_bases({n: layer for n, layer in all_fused_layers(model).items() if n not in (originals or {})},
                        "to_peft", give_back=True)

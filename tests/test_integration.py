@@ -508,6 +508,9 @@ def test_to_peft_restores_the_original_layers():
     expected = model(input_ids=ids).logits.detach()
     fused_lora.from_peft(model)
     model.get_submodule(next(iter(originals))).merge()  # merged fused layers are unmerged on the way back
+    for kwargs in (dict(adapter_name="other"), dict(adapter_names=["default"])):  # (PEFT's names stay)
+        with pytest.raises(ValueError, match=r"to_peft: adapter_names? names the adapters of layers inject made"):
+            fused_lora.to_peft(model, **kwargs)
     back = fused_lora.to_peft(model)
     assert back is model
     for name, module in originals.items():
