@@ -136,6 +136,7 @@ def test_a_model_of_several_adapters_converts_and_runs_as_peft(make, tmp_path):
         assert (status.module_type == "fused_lora.MultiLoRALinear") == (name in converted)
         assert dataclasses.replace(status, module_type="") == dataclasses.replace(expected_statuses[name],
                                                                                   module_type="")
+    assert model.get_model_status() == reference.get_model_status()
 
     model.save_pretrained(tmp_path / "fused")
     reference.save_pretrained(tmp_path / "peft")
