@@ -232,8 +232,9 @@ def test_what_a_model_of_several_adapters_refuses():
     """Refused, nothing changed: several adapters active (PEFT sums them),
     merge_adapter (one base serves them all), an unknown name in
     adapter_names. Left PEFT's and reported: layers of several active
-    adapters, a DoRA adapter's, layers mixing rsLoRA and LoRA scales; the
-    others convert."""
+    adapters, a DoRA adapter's, layers mixing rsLoRA and LoRA scales, a
+    PiSSA adapter's (its residual base is not the others'); the others
+    convert."""
     model, reference = _several()
     model.eval()
     reference.eval()
@@ -252,18 +253,20 @@ def test_what_a_model_of_several_adapters_refuses():
     _close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
 
     # what is left PEFT's: several active adapters; DoRA; mixed rsLoRA
-    for case in ("two_active", "dora", "rslora_mix"):
+    for case in ("two_active", "dora", "rslora_mix", "pissa"):
         peft_model, _ = _several()
         if case == "two_active":
             peft_model.base_model.set_adapter(["first", "second"])
         else:
-            extra = dict(use_dora=True) if case == "dora" else dict(use_rslora=True)
+            extra = {"dora": dict(use_dora=True), "rslora_mix": dict(use_rslora=True),
+                     "pissa": dict(init_lora_weights="pissa")}[case]
             peft_model.add_adapter("fourth", peft.LoraConfig(r=2, target_modules=["v_proj"], **extra))
         before = peft_model.eval()(input_ids=ids).logits
         report = fused_lora.from_peft(peft_model)
         why = {"two_active": "several adapters active (['first', 'second']), which PEFT sums",
                "dora": "adapter 'fourth': DoRA in a model of several adapters is not fused",
-               "rslora_mix": "mix rsLoRA and plain LoRA scales"}[case]
+               "rslora_mix": "mix rsLoRA and plain LoRA scales",
+               "pissa": "adapter 'fourth': its init ('pissa') took its start out of the base weight"}[case]
         skipped = [n for n in report.skipped if why in report.skipped[n]]
         assert skipped and len(skipped) == len(report.skipped), report.skipped
         assert (report.converted == []) == (case == "two_active")
