@@ -52,6 +52,16 @@ def _several(make=tiny_llama, targets=(("q_proj", "v_proj"), ("q_proj", "k_proj"
     return model, copy.deepcopy(model)
 
 
+def _serving(backend="auto"):
+    """``(model, reference, ids)``: :func:`_several`'s pair in eval mode, the
+    model converted by from_peft (with ``backend``), and a batch of ids."""
+    model, reference = _several()
+    model.eval()
+    reference.eval()
+    fused_lora.from_peft(model, backend=backend)
+    return model, reference, _batch()
+
+
 def _lora_layers(model) -> dict:
     return {n: m for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
 
@@ -235,11 +245,7 @@ def test_what_a_model_of_several_adapters_refuses():
     adapters, a DoRA adapter's, layers mixing rsLoRA and LoRA scales, a
     PiSSA adapter's (its residual base is not the others'); the others
     convert."""
-    model, reference = _several()
-    model.eval()
-    reference.eval()
-    fused_lora.from_peft(model)
-    ids = _batch()
+    model, reference, ids = _serving()
     layers = {n: m for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
     model.set_adapter("second")
     with pytest.raises(ValueError, match=r"set_adapter: \['first', 'second'\] names 2 adapters, which PEFT"):
@@ -280,11 +286,7 @@ def test_fused_lora_s_own_functions_on_the_converted_model(tmp_path):
     loads as that adapter; fused_lora.load_adapter is refused (PEFT's layers,
     which to_peft gives back, keep the adapters by name); merge_and_unload
     (PEFT's, after to_peft) folds the active one in."""
-    model, reference = _several()
-    model.eval()
-    reference.eval()
-    fused_lora.from_peft(model)
-    ids = _batch()
+    model, reference, ids = _serving()
     names = ["third", "__base__", "first"]
     with fused_lora.adapter_ids(model, torch.tensor([2, -1, 0], device=DEVICE)):
         _close(model(input_ids=ids).logits, reference(input_ids=ids, adapter_names=names).logits)
@@ -308,13 +310,9 @@ def test_a_customer_s_adapter_loads_and_unloads_while_serving(tmp_path):
     the others keep their ids' order and outputs; PEFT's error (an unknown
     name) leaves the model converted as it was. Refused, nothing changed,
     inside disable_adapter() (the new layers would not be off)."""
-    model, reference = _several()
+    model, reference, ids = _serving(backend="torch")
     new, _ = _several(tiny_llama, (("v_proj", "up_proj"),) * 3)
     new.save_pretrained(tmp_path, selected_adapters=["second"])
-    model.eval()
-    reference.eval()
-    fused_lora.from_peft(model, backend="torch")
-    ids = _batch()
     with model.disable_adapter():
         with pytest.raises(ValueError, match=r"load_adapter: .* hold their adapters disabled"):
             model.load_adapter(tmp_path / "second", adapter_name="fourth")
@@ -350,11 +348,7 @@ def test_the_converted_model_compiles_in_one_graph_for_serving():
     mixed batch (PEFT's hooks, which hand each fused layer its ids) and each
     active adapter (set_adapter: a guard, compiled again) give PEFT's
     logits."""
-    model, reference = _several()
-    model.eval()
-    reference.eval()
-    fused_lora.from_peft(model)
-    ids = _batch()
+    model, reference, ids = _serving()
     torch._dynamo.reset()
     compiled = torch.compile(model.base_model.model, backend="aot_eager", fullgraph=True)
     names = ["second", "__base__", "third"]
