@@ -149,14 +149,16 @@ def test_a_model_of_several_adapters_converts_and_runs_as_peft(make, tmp_path):
     assert model.get_model_status() == reference.get_model_status()
 
     model.save_pretrained(tmp_path / "fused")
+    model.save_pretrained(tmp_path / "passed", state_dict=model.state_dict())  # (renamed: rank-0 slots dropped)
     reference.save_pretrained(tmp_path / "peft")
     from safetensors.torch import load_file
 
     for adapter in NAMES:
-        saved, expected_files = (load_file(tmp_path / who / adapter / "adapter_model.safetensors")
-                                 for who in ("fused", "peft"))
-        assert saved.keys() == expected_files.keys()
-        assert all(torch.equal(saved[k], expected_files[k]) for k in saved)
+        expected_files = load_file(tmp_path / "peft" / adapter / "adapter_model.safetensors")
+        for who in ("fused", "passed"):
+            saved = load_file(tmp_path / who / adapter / "adapter_model.safetensors")
+            assert saved.keys() == expected_files.keys(), who
+            assert all(torch.equal(saved[k], expected_files[k]) for k in saved), who
 
     back = fused_lora.to_peft(model)
     assert back is model and _lora_layers(model) == originals
