@@ -957,6 +957,25 @@ class LoRALinear(_QuantizedBase, nn.Module):
                 + ("" if self.adapter_enabled else ", adapter_enabled=False"))
 
 
+def _dora_adapters(use_dora, ranks) -> list[int]:
+    """The DoRA adapters of :class:`MultiLoRALinear`'s ``use_dora``: a bool
+    (True: every adapter of rank above 0), or one bool an adapter (one of
+    rank 0, which leaves the layer alone, cannot be: a ValueError)."""
+    if isinstance(use_dora, (str, bytes)):
+        raise TypeError(f"use_dora must be a bool or a sequence of bools, one per adapter, got {use_dora!r}")
+    if not hasattr(use_dora, "__iter__"):
+        return [i for i, r in enumerate(ranks) if r and check_bool("use_dora", use_dora)]
+    flags = [check_bool(f"use_dora[{i}]", d) for i, d in enumerate(use_dora)]
+    if len(flags) != len(ranks):
+        raise ValueError(f"use_dora must be one bool for every adapter, or one an adapter ({len(ranks)}), got "
+                         f"{len(flags)}")
+    zero = [i for i, (d, r) in enumerate(zip(flags, ranks)) if d and not r]
+    if zero:
+        raise ValueError(f"use_dora[{zero[0]}] is True but adapter {zero[0]} has rank 0 (it leaves the layer alone): "
+                         "it has no DoRA magnitude")
+    return [i for i, d in enumerate(flags) if d]
+
+
 class MultiLoRALinear(_QuantizedBase, nn.Module):
     """A frozen ``nn.Linear`` base with several adapters, each row of a batch
     through its own: ``y[m] = x[m] Wᵀ + b + s_i · (dropout(x)[m] A_iᵀ) B_iᵀ``
@@ -986,11 +1005,18 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
     model holding several).
     ``quantize_base=True`` (``from_linear``, ``around``) makes the base
     int8, as :class:`LoRALinear`'s: many adapters served from one int8 base.
+    ``use_dora`` (True for every adapter, or one bool an adapter) makes
+    adapters DoRA (PEFT's ``use_dora``): adapter i's magnitude is
+    ``lora_magnitude_vector[str(i)]`` (out,), a
+    :class:`torch.nn.ParameterDict` of the DoRA adapters alone, starting
+    as the norms of the base's rows; its rows get :func:`fused_lora.dora_linear`'s
+    output of it (:func:`fused_lora.multi_lora_linear`'s ``magnitude``), a
+    batch mixing DoRA and LoRA adapters in one set of fused launches.
     """
 
     def __init__(self, in_features: int, out_features: int, ranks, alphas=None, dropout=0.0,
                  bias: bool = True, use_rslora: bool = False, device=None, dtype=None, *, backend: str = "auto",
-                 fan_in_fan_out: bool = False):
+                 fan_in_fan_out: bool = False, use_dora=False):
         super().__init__()
         self.in_features = check_int("in_features", in_features, 0)
         self.out_features = check_int("out_features", out_features, 0)
@@ -1025,9 +1051,27 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
             self.register_parameter("bias", None)
         self.lora_A = nn.ParameterList(nn.Parameter(torch.empty(r, in_features, **factory)) for r in ranks)
         self.lora_B = nn.ParameterList(nn.Parameter(torch.empty(out_features, r, **factory)) for r in ranks)
+        self.lora_magnitude_vector = nn.ParameterDict({
+            str(i): nn.Parameter(torch.empty(out_features, **factory)) for i in _dora_adapters(use_dora, ranks)})
         self.register_buffer("weight_scale", None)  # (an int8 base's: quantize_base=True)
         self.register_buffer("weight_code", None)  # (a 4-bit base's code book, other than NF4's: quantize_base="fp4")
         self.reset_parameters()
+
+    @property
+    def use_dora(self) -> tuple[bool, ...]:
+        """Whether each adapter is DoRA (it has a ``lora_magnitude_vector[str(i)]``)."""
+        held = self.lora_magnitude_vector
+        return tuple(str(i) in held for i in range(len(self.ranks)))
+
+    def magnitude(self, i: int) -> nn.Parameter | None:
+        """Adapter ``i``'s DoRA magnitude (out,), or None: not DoRA."""
+        return self.lora_magnitude_vector[str(i)] if str(i) in self.lora_magnitude_vector else None
+
+    def _float_base(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight (out, in): as it is, or, a quantized base, Ŵ in ``dtype``."""
+        if self.quantized:
+            return dequantize_base(self.weight.detach(), self.weight_scale, dtype, self.weight_code)
+        return self.base_weight()
 
     def reset_parameters(self) -> None:
         """Base as ``nn.Linear.reset_parameters``; each adapter as PEFT (not an int8
@@ -1040,15 +1084,22 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
+        """Each adapter as PEFT: A kaiming-uniform(a=√5), B zeros; a DoRA
+        adapter's magnitude the norms of the base's rows (as
+        :meth:`LoRALinear.reset_lora_parameters`)."""
         for a, b in zip(self.lora_A, self.lora_B):
             if a.numel():  # (an adapter of rank 0 has nothing to initialise)
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
                 nn.init.zeros_(b)
+        with torch.no_grad():
+            for key, m in self.lora_magnitude_vector.items():
+                i = int(key)
+                m.copy_(dora_norm(self._float_base(m.dtype), self.lora_A[i], self.lora_B[i], self.scalings[i]))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, ranks, alphas=None, dropout=0.0, use_rslora: bool = False, *,
                     backend: str = "auto", adapter_dtype: torch.dtype | None = None,
-                    quantize_base: bool | str = False) -> "MultiLoRALinear":
+                    quantize_base: bool | str = False, use_dora=False) -> "MultiLoRALinear":
         """Wrap ``linear``: the new layer's ``weight`` and ``bias`` *are*
         ``linear``'s parameters (no copy; frozen here), the adapters fresh,
         on the same device and in the same dtype (or ``adapter_dtype``);
@@ -1062,7 +1113,7 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
         adapter_dtype = check_adapter_dtype(adapter_dtype) or _adapter_dtype_of(linear.weight)
         layer = cls.around(weight, linear.bias, ranks, alphas, dropout, use_rslora, backend=backend,
                            adapter_dtype=adapter_dtype, quantize_base=quantize_base, weight_scale=scale,
-                           weight_code=code)
+                           weight_code=code, use_dora=use_dora)
         return take_from_module(layer, linear)
 
     @classmethod
@@ -1070,7 +1121,7 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
                use_rslora: bool = False, *, fan_in_fan_out: bool = False, backend: str = "auto",
                adapter_dtype: torch.dtype | None = None, quantize_base: bool | str = False,
                weight_scale: torch.Tensor | None = None,
-               weight_code: torch.Tensor | None = None) -> "MultiLoRALinear":
+               weight_code: torch.Tensor | None = None, use_dora=False) -> "MultiLoRALinear":
         """A layer around this base: its ``weight`` and ``bias`` *are* the
         given parameters (no copy; frozen here), ``weight`` (out, in), or
         (in, out) with ``fan_in_fan_out`` (transformers' ``Conv1D``); the
@@ -1106,7 +1157,7 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
             raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
         with torch.device("meta"):
             layer = cls(in_f, out_f, ranks, alphas, dropout=dropout, bias=bias is not None, use_rslora=use_rslora,
-                        backend=backend, fan_in_fan_out=fan_in_fan_out)
+                        backend=backend, fan_in_fan_out=fan_in_fan_out, use_dora=use_dora)
         layer.weight = weight
         layer.bias = bias
         if quantize_base or held is not None:
@@ -1120,6 +1171,8 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
         factory = dict(device=weight.device, dtype=adapter_dtype or _adapter_dtype_of(weight))
         layer.lora_A = nn.ParameterList(nn.Parameter(torch.empty(r, in_f, **factory)) for r in layer.ranks)
         layer.lora_B = nn.ParameterList(nn.Parameter(torch.empty(out_f, r, **factory)) for r in layer.ranks)
+        layer.lora_magnitude_vector = nn.ParameterDict({
+            key: nn.Parameter(torch.empty(out_f, **factory)) for key in layer.lora_magnitude_vector})
         layer.reset_lora_parameters()
         return layer
 
@@ -1222,9 +1275,13 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
             lora_A = [a.to(dtype) for a in lora_A]
             lora_B = [b.to(dtype) for b in lora_B]
         bias = self.bias if scale is None else _quantized_base_bias(self.bias, dtype)
+        magnitude = None
+        if self.lora_magnitude_vector:
+            magnitude = [None if m is None else m.to(dtype) for m in map(self.magnitude, range(len(self.ranks)))]
         return multi_lora_linear(x, weight, lora_A, lora_B, adapter_ids, bias, scaling=list(self.scalings),
                                  dropout_p=list(self._dropouts) if self.training else 0.0, weight_scale=scale,
-                                 weight_code=self._buffers.get("weight_code"), backend=self.backend)
+                                 weight_code=self._buffers.get("weight_code"), magnitude=magnitude,
+                                 backend=self.backend)
 
     def _forward_active(self, x: torch.Tensor) -> torch.Tensor:
         """Every row through :attr:`active_adapter` (-1, or a rank of 0: the base alone)."""
@@ -1241,8 +1298,11 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
         if lora_A.dtype != dtype or lora_B.dtype != dtype:
             lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
         bias = self.bias if scale is None else _quantized_base_bias(self.bias, dtype)
-        return lora_linear(x, weight, lora_A, lora_B, bias, scaling=self.scalings[i],
-                           dropout_p=self._dropouts[i] if self.training else 0.0, weight_scale=scale,
+        m, p = self.magnitude(i), self._dropouts[i] if self.training else 0.0
+        if m is not None:
+            return dora_linear(x, weight, lora_A, lora_B, m.to(dtype), bias, scaling=self.scalings[i], dropout_p=p,
+                               weight_scale=scale, weight_code=self._buffers.get("weight_code"), backend=self.backend)
+        return lora_linear(x, weight, lora_A, lora_B, bias, scaling=self.scalings[i], dropout_p=p, weight_scale=scale,
                            weight_code=self._buffers.get("weight_code"), backend=self.backend)
 
     def _check_index(self, i: int, name: str = "i") -> int:
@@ -1254,19 +1314,34 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
     def delta_weight(self, i, weights=None) -> torch.Tensor:
         """Adapter ``i``'s ``s_i · B_i · A_i`` (out, in), computed in fp32 and
         cast to the weight's dtype (to merge it into a copy of the base; an
-        int8 base's: fp32). ``i`` a sequence of indices: their weighted sum,
-        ``Σ_j weights[j] · s_{i_j} · B_{i_j} · A_{i_j}`` (``weights``: one
-        number each; None, 1 each), summed in fp32 in the order given and
-        rounded once: several adapters combined into one."""
+        int8 base's: fp32); a DoRA adapter's ``γ_i ⊙ (W + s_i·B_i A_i) - W``
+        (as :meth:`LoRALinear.delta_weight`). ``i`` a sequence of indices:
+        their weighted sum, ``Σ_j weights[j] · s_{i_j} · B_{i_j} · A_{i_j}``
+        (``weights``: one number each; None, 1 each), summed in fp32 in the
+        order given and rounded once: several adapters combined into one
+        (not DoRA adapters, whose magnitude rescales the whole weight: a
+        ValueError)."""
         delta = self._delta_fp32(check_combination("i", i, weights, self.num_adapters))
         return delta if self.quantized else delta.to(self.weight.dtype)
 
     def _delta_fp32(self, combination) -> torch.Tensor:
         """``Σ w · s_i · B_i A_i`` in fp32 over ``combination``'s ``(i, w)``
         (:func:`~fused_lora._validate.check_combination`), or adapter
-        ``combination``'s alone (an int)."""
+        ``combination``'s alone (an int); a DoRA adapter alone, unweighted:
+        ``γ_i ⊙ (W + s_i·B_i A_i) - W``."""
         if isinstance(combination, int):
             combination = ((combination, 1.0),)
+        dora = [i for i, _ in combination if self.magnitude(i) is not None]
+        if dora and (len(combination) > 1 or combination[0][1] != 1.0):
+            raise ValueError(f"adapter {dora[0]} is DoRA: its magnitude rescales the whole weight, so it is not "
+                             "combined with others or weighted; fold it in alone, unweighted")
+        if dora:
+            i, m = dora[0], self.magnitude(dora[0]).detach()
+            base = self._float_base(m.dtype)
+            w = base.detach().float()
+            delta = (self.lora_B[i].detach().float() @ self.lora_A[i].detach().float()) * self.scalings[i]
+            gamma = m.float() / dora_norm(base, self.lora_A[i], self.lora_B[i], self.scalings[i])
+            return (w + delta).mul_(gamma[:, None]).sub_(w)
         delta = None
         for i, w in combination:
             term = (self.lora_B[i].detach().float() @ self.lora_A[i].detach().float()) * (w * self.scalings[i])
@@ -1299,6 +1374,7 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
                 + (f", base={base_format(self.weight, self.weight_code)}" if self.quantized else "")
                 + (f", compute_dtype={self.compute_dtype}" if self.compute_dtype is not None else "")
+                + (f", use_dora={list(self.use_dora)}" if self.lora_magnitude_vector else "")
                 + (f", active_adapter={self.active_adapter}" if self.active_adapter is not None else ""))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

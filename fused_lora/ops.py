@@ -129,7 +129,7 @@ from ._validate import (check_adapter_ids, check_backend, check_lora_args, check
                         check_scaling, check_weight_code, check_weight_scale)
 from .dropout import check_dropout_p, check_seed, draw_seed_tensor
 from .quant import base_format, base_shape, dequantize_base, nf4_code
-from .reference import dora_dropped, dora_linear_checked, lora_linear_checked
+from .reference import dora_dropped, dora_linear_checked, lora_linear_checked, multi_dora_linear_checked
 
 Tensor = torch.Tensor
 
@@ -943,11 +943,7 @@ def dora_linear(
         if weight_scale is not None:
             weight = dequantize_base(weight, weight_scale, x.dtype, weight_code)
         return dora_linear_checked(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed)
-    with torch.no_grad():  # (the norm is detached: DoRA §4.3, PEFT)
-        norm = (_dora_norm_triton if direct_call(weight, lora_A, lora_B, weight_scale, weight_code)
-                else torch.ops.fused_lora.dora_norm)(weight.detach(), lora_A.detach(), lora_B.detach(), scaling,
-                                                     weight_scale, weight_code)
-    gamma = (magnitude.to(torch.float32) / norm).to(x.dtype)
+    gamma = _dora_gamma(weight, lora_A, lora_B, magnitude, scaling, weight_scale, weight_code, x.dtype)
     # (γ ⊙ z plus what is added, one pass over the output: addcmul)
     if dropout_p == 0.0:
         z = _lora_linear(x, weight, lora_A, lora_B, None, scaling, 0.0, None, None, (), "triton", weight_scale,
@@ -958,16 +954,31 @@ def dora_linear(
     dropped = dora_dropped(x, dropout_p, seed)
     z = _lora_linear(dropped, weight, lora_A, lora_B, None, scaling, 0.0, None, None, (), "triton", weight_scale,
                      weight_code)
+    return torch.addcmul(_dora_correction(x, dropped, weight, bias, weight_scale, weight_code), z, gamma)
+
+
+def _dora_gamma(weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float,
+                weight_scale: Tensor | None, weight_code: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """DoRA's ``γ = m / ‖W + s·B A‖`` (N,) in ``dtype``: the norm by the
+    Triton kernel (one read of W), detached (DoRA §4.3, PEFT); differentiable in m."""
+    with torch.no_grad():
+        norm = (_dora_norm_triton if direct_call(weight, lora_A, lora_B, weight_scale, weight_code)
+                else torch.ops.fused_lora.dora_norm)(weight.detach(), lora_A.detach(), lora_B.detach(), scaling,
+                                                     weight_scale, weight_code)
+    return (magnitude.to(torch.float32) / norm).to(dtype)
+
+
+def _dora_correction(x: Tensor, dropped: Tensor, weight: Tensor, bias: Tensor | None,
+                     weight_scale: Tensor | None, weight_code: Tensor | None) -> Tensor:
+    """DoRA's ``(x - drop(x)) Wᵀ + b`` (with dropout)."""
     if weight_scale is None:
-        correction = torch.nn.functional.linear(x - dropped, weight, bias)
-    else:
-        # The fused GEMMs read the quantized base as it is: no Ŵ of (N, K) kept for the backward, as F.linear
-        # on Ŵ keeps one. (Their low-rank term a zero one of rank 1, not none: the kernels the compile report
-        # checks, at r/BLOCK_N extra FLOPs, exactly 0 added; the zeros are not differentiated.)
-        n, k = base_shape(weight)
-        correction = _lora_linear(x - dropped, weight, x.new_zeros((1, k)), x.new_zeros((n, 1)), bias, 1.0, 0.0,
-                                  None, None, (), "triton", weight_scale, weight_code)
-    return torch.addcmul(correction, z, gamma)
+        return torch.nn.functional.linear(x - dropped, weight, bias)
+    # The fused GEMMs read the quantized base as it is: no Ŵ of (N, K) kept for the backward, as F.linear
+    # on Ŵ keeps one. (Their low-rank term a zero one of rank 1, not none: the kernels the compile report
+    # checks, at r/BLOCK_N extra FLOPs, exactly 0 added; the zeros are not differentiated.)
+    n, k = base_shape(weight)
+    return _lora_linear(x - dropped, weight, x.new_zeros((1, k)), x.new_zeros((n, 1)), bias, 1.0, 0.0,
+                        None, None, (), "triton", weight_scale, weight_code)
 
 
 #: Elements of ``W + s·B A`` made at once by :func:`dora_norm` (fp32: 64 MiB).
@@ -1013,6 +1024,7 @@ def multi_lora_linear(
     seed: int | None = None,
     weight_scale: Tensor | None = None,
     weight_code: Tensor | None = None,
+    magnitude: Sequence[Tensor | None] | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """Several adapters on one frozen base, each row of x through its own:
@@ -1048,6 +1060,18 @@ def multi_lora_linear(
             probability a row), ``drop(x)[m] = x[m] ⊙ keep[m] / (1 - p_i)``.
         weight_scale, weight_code, backend: as :func:`lora_linear`'s (an
             int8 or 4-bit base: many adapters served from one quantized base).
+        magnitude: None, or a sequence of n, each adapter's DoRA magnitude
+            ``m_i`` (out_features,) in x's dtype (PEFT's
+            ``lora_magnitude_vector``), or None for a plain LoRA adapter:
+            the rows of a DoRA adapter get :func:`dora_linear`'s output of
+            it, ``γ_i = m_i / ‖W + s_i·B_i A_i‖`` (math in
+            :mod:`fused_lora.ops`). The fused launches above run on drop(x)
+            (each row dropped with its adapter's probability, the mask drawn
+            as :func:`dora_linear`'s) and each row's output feature is
+            scaled by its adapter's γ (1 for LoRA adapters and rows of
+            none), one norm kernel a DoRA adapter (a read of W each), and,
+            with dropout, the correction ``(x - drop(x)) Wᵀ``. An adapter of
+            rank 0 has no magnitude (a ValueError).
 
     The sum of the ranks is the rank the kernels run, and picks the plan
     as a single adapter of that rank would (:func:`fused_lora.explain`).
@@ -1066,9 +1090,10 @@ def multi_lora_linear(
     n = len(lora_A)
     scalings = _adapter_scalings(scaling, n)
     dropouts = _adapter_dropouts(dropout_p, n)
+    magnitudes = _adapter_magnitudes(magnitude, n)
     if isinstance(x, Tensor) and _autocast_enabled(x.device.type):
-        x, weight, bias, *factors = _autocast(x.device.type, x, weight, bias, *lora_A, *lora_B)
-        lora_A, lora_B = factors[:n], factors[n:]
+        x, weight, bias, *factors = _autocast(x.device.type, x, weight, bias, *lora_A, *lora_B, *magnitudes)
+        lora_A, lora_B, magnitudes = factors[:n], factors[n:2 * n], factors[2 * n:]
     for i, (a, b) in enumerate(zip(lora_A, lora_B)):
         try:
             _, _, seed = check_lora_args(x, weight, a, b, bias, scalings[i], dropouts[i], seed, min_rank=0,
@@ -1080,6 +1105,18 @@ def multi_lora_linear(
     # (int32 once here, not in each pass: the values are checked, so none wraps)
     adapter_ids = _check_adapter_id_values(check_adapter_ids(x, adapter_ids), n, adapter_ids).to(torch.int32)
     ranks = tuple(a.shape[0] for a in lora_A)
+    for i, m in enumerate(magnitudes):
+        if m is not None:
+            if not ranks[i]:
+                raise ValueError(f"magnitude[{i}]: adapter {i} has rank 0 (it leaves the layer alone), so it has no "
+                                 "DoRA magnitude; pass None for it")
+            try:
+                check_magnitude(x, weight, m)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"adapter {i} (magnitude[{i}]): {error}") from None
+    if any(m is not None for m in magnitudes):
+        return _multi_dora(x, weight, lora_A, lora_B, magnitudes, adapter_ids, bias, scalings, dropouts, seed,
+                           backend, weight_scale, weight_code)
     if not any(ranks):  # (every adapter of rank 0 leaves the layer alone: its base, for every row)
         y = torch.nn.functional.linear(x, weight if weight_scale is None else dequantize_base(
             weight, weight_scale, x.dtype, weight_code), bias)
@@ -1100,6 +1137,56 @@ def multi_lora_linear(
     b = lora_B[0] if n == 1 else torch.cat(lora_B, 1)
     return _lora_linear(x, weight, a, b, bias, 1.0, dropout_p, seed, None, (adapter_ids, rank_ids, rank_scaling),
                         backend, weight_scale, weight_code, adapter_p)
+
+
+def _multi_dora(x, weight, lora_A, lora_B, magnitudes, adapter_ids, bias, scalings, dropouts, seed, backend,
+                weight_scale, weight_code) -> Tensor:
+    """:func:`multi_lora_linear` with DoRA adapters, on checked arguments
+    (``adapter_ids`` int32, of x's leading shape): ``y = γ_rows ⊙ z + b``,
+    or with dropout ``γ_rows ⊙ z + (x - drop(x)) Wᵀ + b``, z the fused
+    launches of the adapters side by side on drop(x) (no bias, no dropout
+    of their own) and row m's γ its adapter's, 1 for a LoRA adapter or none
+    (the math in this module)."""
+    n, dropout_p, row_p = len(lora_A), max(dropouts), None
+    if dropout_p > 0.0:  # (each row's adapter's probability, 0 on a row of none: x's leading shape)
+        adapter_p = torch.tensor(dropouts, dtype=torch.promote_types(x.dtype, torch.float32)).to(x.device)
+        row_p = torch.where(adapter_ids >= 0, adapter_p[adapter_ids.clamp(min=0)], 0.0)
+    if resolve_backend(backend, x) == "torch":
+        if weight_scale is not None:
+            weight = dequantize_base(weight, weight_scale, x.dtype, weight_code)
+        return multi_dora_linear_checked(x, weight, lora_A, lora_B, magnitudes, adapter_ids, bias, scalings,
+                                         dropout_p, seed, row_p)
+    ones = x.new_ones(base_shape(weight)[0])
+    table = torch.stack([ones] + [ones if m is None else _dora_gamma(
+        weight, a, b, m, s, weight_scale, weight_code, x.dtype) for a, b, m, s in zip(lora_A, lora_B, magnitudes,
+                                                                                          scalings)])
+    # Each row's γ, table row id + 1 (an id below -1, whose row the kernels make NaN: row 0). An embedding: its
+    # backward, each DoRA adapter's dγ summed over its rows, sorts the ids, no atomics (index_select's has them)
+    gamma = torch.nn.functional.embedding(adapter_ids.clamp(min=-1).to(torch.int64) + 1, table)
+    ranks = tuple(a.shape[0] for a in lora_A)
+    columns = _make_rank_columns if torch.compiler.is_compiling() else _rank_columns
+    adapters = (adapter_ids, *columns(x.device, ranks, scalings))
+    a = lora_A[0] if n == 1 else torch.cat(lora_A, 0)
+    b = lora_B[0] if n == 1 else torch.cat(lora_B, 1)
+    dropped = x if row_p is None else dora_dropped(x, dropout_p, seed, row_p)
+    z = _lora_linear(dropped, weight, a, b, None, 1.0, 0.0, None, None, adapters, "triton", weight_scale,
+                     weight_code)
+    if row_p is None:
+        return z * gamma if bias is None else torch.addcmul(bias, z, gamma)
+    return torch.addcmul(_dora_correction(x, dropped, weight, bias, weight_scale, weight_code), z, gamma)
+
+
+def _adapter_magnitudes(magnitude, n: int) -> list[Tensor | None]:
+    """``magnitude`` of :func:`multi_lora_linear`: None (n LoRA adapters), or
+    a list or tuple of n, each a tensor or None."""
+    if magnitude is None:
+        return [None] * n
+    if isinstance(magnitude, Tensor) or not isinstance(magnitude, (list, tuple)):
+        raise TypeError(f"magnitude must be None or a list or tuple of one tensor (or None) per adapter, got "
+                        f"{type(magnitude).__name__}")
+    if len(magnitude) != n:
+        raise ValueError(f"magnitude must hold one entry per adapter ({n}), a tensor or None, got {len(magnitude)}")
+    return list(magnitude)
 
 
 def _adapter_list(name: str, factors) -> list[Tensor]:

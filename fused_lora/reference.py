@@ -117,6 +117,36 @@ def dora_linear(
     return dora_linear_checked(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed)
 
 
+def multi_dora_linear_checked(x, weight, lora_A, lora_B, magnitudes, adapter_ids, bias, scalings,
+                              dropout_p: float, seed, row_p=None) -> torch.Tensor:
+    """Several adapters on one base, some DoRA, each row through its own
+    (:func:`fused_lora.multi_lora_linear` with ``magnitude``, on checked
+    arguments): row m of adapter ``i = adapter_ids[m]`` gets adapter i's
+    DoRA output (:func:`dora_linear_checked`'s form) where ``magnitudes[i]``
+    is a tensor, its LoRA output where it is None, the base where i is -1
+    (NaN where i is below -1). ``lora_A``, ``lora_B``: the n adapters'
+    own tensors; ``scalings`` their s_i; ``adapter_ids`` of x's leading
+    shape. ``row_p`` (x's leading shape): each row's dropout probability
+    (its adapter's; 0 on a row of none) where ``dropout_p > 0``, the mask
+    :func:`dora_dropped`'s. The base GEMMs run once; each adapter's term on
+    every row, kept on its own rows."""
+    dropped = dora_dropped(x, dropout_p, seed, row_p) if dropout_p > 0.0 else x
+    ids = adapter_ids.unsqueeze(-1)
+    delta = torch.where(ids < -1, torch.nan, 0.0).to(x.dtype)
+    base_dropped = None
+    for i, (a, b, m, s) in enumerate(zip(lora_A, lora_B, magnitudes, scalings)):
+        if a.shape[0] == 0:  # (an adapter of rank 0: its rows get the base)
+            continue
+        term = s * F.linear(F.linear(dropped, a), b)
+        if m is not None:
+            gamma = m / torch.linalg.vector_norm(weight + s * (b @ a), dim=1).detach()
+            if base_dropped is None:
+                base_dropped = F.linear(dropped, weight)
+            term = (gamma - 1) * base_dropped + gamma * term
+        delta = torch.where(ids == i, term, delta)
+    return F.linear(x, weight, bias) + delta
+
+
 def dora_linear_checked(x, weight, lora_A, lora_B, magnitude, bias, scaling: float, dropout_p: float,
                         seed) -> torch.Tensor:
     """:func:`dora_linear` on checked arguments."""
@@ -128,7 +158,7 @@ def dora_linear_checked(x, weight, lora_A, lora_B, magnitude, bias, scaling: flo
     return F.linear(x, weight, bias) + (gamma - 1) * F.linear(dropped, weight) + gamma * lora
 
 
-def dora_dropped(x: torch.Tensor, dropout_p: float, seed) -> torch.Tensor:
+def dora_dropped(x: torch.Tensor, dropout_p: float, seed, row_p: torch.Tensor | None = None) -> torch.Tensor:
     """``drop(x) = x ⊙ keep / (1 - p)`` for DoRA (p > 0), its mask of x's shape:
     for ``seed=None`` drawn by torch's Bernoulli sampler (on a bool tensor,
     whatever x's dtype) from the default generator of x's device, as PEFT's
@@ -137,24 +167,33 @@ def dora_dropped(x: torch.Tensor, dropout_p: float, seed) -> torch.Tensor:
     :func:`fused_lora.dropout_mask` of (seed, (M, K), p), which while
     torch.compile traces is an op (``fused_lora::dora_keep``: inductor,
     fusing the Philox rounds' integer arithmetic over (M, K), took minutes
-    and gigabytes to compile them)."""
+    and gigabytes to compile them). ``row_p``: a floating-point tensor of
+    x's leading shape, each row's own probability in place of ``dropout_p``
+    (several adapters: each row its adapter's, 0 on a row of none; with a
+    seed, the same random numbers, each row its own threshold)."""
     if seed is None:
-        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - dropout_p)
+        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+        keep = keep.bernoulli_(1.0 - dropout_p if row_p is None else (1.0 - row_p).unsqueeze(-1).expand(x.shape))
     else:
         seed_t = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64, device="cpu")
         keep = (torch.ops.fused_lora.dora_keep if torch.compiler.is_compiling() else dora_keep)(
-            x.detach(), seed_t, dropout_p)
-    return x * keep / (1.0 - dropout_p)
+            x.detach(), seed_t, dropout_p, row_p)
+    if row_p is None:
+        return x * keep / (1.0 - dropout_p)
+    return (x * keep / (1.0 - row_p).unsqueeze(-1)).to(x.dtype)  # (in row_p's precision, rounded once)
 
 
 @torch.library.custom_op("fused_lora::dora_keep", mutates_args=())
-def dora_keep(x: torch.Tensor, seed: torch.Tensor, dropout_p: float) -> torch.Tensor:
+def dora_keep(x: torch.Tensor, seed: torch.Tensor, dropout_p: float,
+              row_p: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`fused_lora.dropout_mask` of (seed, (M, K), p) for x (..., K),
-    of x's shape, on its device (``seed`` a 0-d integer tensor)."""
+    of x's shape, on its device (``seed`` a 0-d integer tensor; ``row_p``, of
+    x's leading shape, each row's own p in place of ``dropout_p``)."""
     rows = x.shape[:-1].numel()
-    return dropout_mask(seed, (rows, x.shape[-1]), dropout_p, device=x.device).view(x.shape)
+    p = dropout_p if row_p is None else row_p.reshape(rows)
+    return dropout_mask(seed, (rows, x.shape[-1]), p, device=x.device).view(x.shape)
 
 
 @dora_keep.register_fake
-def _(x, seed, dropout_p):
+def _(x, seed, dropout_p, row_p=None):
     return torch.empty(x.shape, dtype=torch.bool, device=x.device)

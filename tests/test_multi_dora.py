@@ -1,0 +1,364 @@
+"""DoRA among several adapters on one base (``multi_lora_linear``'s
+``magnitude``, ``MultiLoRALinear``'s ``use_dora``): each row through its own
+adapter, DoRA or LoRA, in one set of fused launches, against an oracle that
+runs each adapter alone (the reference's ``dora_linear`` or ``lora_linear``)
+on every row in float64 and keeps its own rows."""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_lora
+from fused_lora import ops, reference
+from lora_testing import DEVICE, assert_close, make_params, make_x
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def _adapters(k, n, ranks, dora, dtype):
+    """Each adapter's (A, B) random, and a DoRA one's magnitude (near the
+    adapted rows' norms, not equal: γ is exercised), requiring grad."""
+    lora_a, lora_b, mags = [], [], []
+    for r, d in zip(ranks, dora):
+        _, _, a, b = make_params(k, n, r, dtype, False)
+        lora_a.append(a.requires_grad_())
+        lora_b.append(b.requires_grad_())
+        mags.append((1.0 + torch.rand(n, dtype=dtype, device=DEVICE)).requires_grad_() if d else None)
+    return lora_a, lora_b, mags
+
+
+def _ids(shape, n):
+    """Random ids in [-1, n), every one present where there is room."""
+    flat = torch.randint(-1, n, (int(torch.Size(shape).numel()),), device=DEVICE)
+    flat[:min(n + 1, flat.numel())] = torch.arange(-1, n, device=DEVICE)[:flat.numel()]
+    return flat.view(shape)
+
+
+def _oracle(x, w, b, lora_a, lora_b, mags, ids, scalings, p, seed, dy, names):
+    """float64: each adapter alone on every row (its own dropout
+    probability, the same seed), kept on its rows; -1 rows the base. The
+    output and the gradients of the inputs ``names``."""
+    leaf = lambda t: None if t is None else t.detach().double().requires_grad_()  # noqa: E731
+    x64, w64, b64 = leaf(x), leaf(w), leaf(b)
+    a64, bb64, m64 = [leaf(a) for a in lora_a], [leaf(t) for t in lora_b], [leaf(m) for m in mags]
+    ids = ids.reshape(*ids.shape, *(1,) * (x.dim() - 1 - ids.dim())).expand(x.shape[:-1]).unsqueeze(-1)
+    y = F.linear(x64, w64, b64)
+    for i in range(len(lora_a)):
+        if not lora_a[i].shape[0]:  # (rank 0: its rows get the base)
+            continue
+        p_i = p[i] if isinstance(p, (list, tuple)) else p
+        kw = dict(scaling=scalings[i], dropout_p=p_i, seed=seed)
+        y_i = (reference.lora_linear(x64, w64, a64[i], bb64[i], b64, **kw) if m64[i] is None else
+               reference.dora_linear(x64, w64, a64[i], bb64[i], m64[i], b64, **kw))
+        y = torch.where(ids == i, y_i, y)
+    named = {"x": x64, "weight": w64, "bias": b64}
+    for i in range(len(lora_a)):
+        named.update({f"lora_A[{i}]": a64[i], f"lora_B[{i}]": bb64[i], f"magnitude[{i}]": m64[i]})
+    grads = torch.autograd.grad(y, [named[k] for k in names], dy.double()) if names else ()
+    return y.detach(), dict(zip(names, grads))
+
+
+def _inputs(x, w, b, lora_a, lora_b, mags):
+    named = {"x": x, "weight": w, "bias": b}
+    for i in range(len(lora_a)):
+        named.update({f"lora_A[{i}]": lora_a[i], f"lora_B[{i}]": lora_b[i], f"magnitude[{i}]": mags[i]})
+    return {k: t for k, t in named.items() if t is not None and t.requires_grad}
+
+
+def _run_and_check(x, w, b, lora_a, lora_b, mags, ids, scalings, p, dtype, backend="triton", seed=11, **kw):
+    y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=scalings, dropout_p=p, seed=seed,
+                                     magnitude=mags, backend=backend, **kw)
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], w.shape[0])
+    dy = torch.randn_like(y)
+    inputs = _inputs(x, w, b, lora_a, lora_b, mags)
+    grads = torch.autograd.grad(y, list(inputs.values()), dy)
+    if kw.get("weight_scale") is not None:  # (the oracle on Ŵ)
+        w = fused_lora.quant.dequantize_base(w, kw["weight_scale"], dtype)
+    y64, g64 = _oracle(x, w, b, lora_a, lora_b, mags, ids, scalings, p, seed, dy, list(inputs))
+    assert_close(y, y64, dtype, "y")
+    for (name, t), g in zip(inputs.items(), grads):
+        assert g.shape == t.shape and g.dtype == dtype, name
+        assert_close(g, g64[name], dtype, f"d{name}")
+    return y, dict(zip(inputs, grads))
+
+
+@pytest.mark.parametrize("strategy", [None, "in_loop", "split", "hybrid"])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
+@pytest.mark.parametrize("p", [0.0, [0.1, 0.0, 0.3]], ids=["p0", "p_each"])
+def test_each_row_runs_its_own_adapter_dora_or_not(strategy, dtype, p):
+    """Two DoRA adapters and a LoRA one, rows of each and of none (-1), a
+    2-D strided x: forward and every gradient (magnitudes, base and bias
+    included), on every strategy, with and without each adapter's own
+    dropout, as each adapter alone on its own rows in float64."""
+    k, n = 45, 37
+    x = make_x((57, k), dtype, "strided").requires_grad_()
+    w, b, _, _ = make_params(k, n, 1, dtype, True)
+    w.requires_grad_()
+    b.requires_grad_()
+    lora_a, lora_b, mags = _adapters(k, n, (4, 1, 8), (True, False, True), dtype)
+    forced = fused_lora.dispatch.force_strategy(strategy) if strategy else contextlib.nullcontext()
+    with forced:
+        _run_and_check(x, w, b, lora_a, lora_b, mags, _ids((57,), 3), [0.5, 2.0, 1.5], p, dtype)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_3d_x_an_id_per_sample_and_per_token(backend):
+    """A 3-D permuted x (leading dims that cannot merge), ranks 16 and 64
+    (a chunked rank), ids per sample and per token, no bias: as the oracle."""
+    k, n = 40, 24
+    x = make_x((3, 21, k), F32, "permuted").requires_grad_()
+    w, _, _, _ = make_params(k, n, 1, F32, False)
+    lora_a, lora_b, mags = _adapters(k, n, (16, 64), (True, True), F32)
+    for ids in (torch.tensor([1, -1, 0], device=DEVICE), _ids((3, 21), 2)):
+        _run_and_check(x, w, None, lora_a, lora_b, mags, ids, [1.0, 0.25], [0.2, 0.05], F32, backend)
+
+
+def test_an_int8_base():
+    """Many DoRA adapters over one int8 base: Ŵ throughout, the norms from
+    its dequantised tiles; with dropout, the correction on it too."""
+    k, n = 33, 20
+    x = make_x((19, k), F32).requires_grad_()
+    w, b, _, _ = make_params(k, n, 1, F32, True)
+    q, scale = fused_lora.quantize_int8(w)
+    lora_a, lora_b, mags = _adapters(k, n, (3, 5), (True, False), F32)
+    for p in (0.0, [0.25, 0.1]):
+        _run_and_check(x, q, b, lora_a, lora_b, mags, _ids((19,), 2), [1.0, 2.0], p, F32, weight_scale=scale)
+
+
+def test_the_torch_backend_in_float64_is_the_oracle():
+    """The CPU fallback (the reference's side-by-side form, its base GEMMs
+    once) agrees with each adapter alone in float64, to float64's noise."""
+    k, n = 30, 17
+    x = make_x((23, k), torch.float64, device="cpu").requires_grad_()
+    w, b, _, _ = make_params(k, n, 1, torch.float64, True, device="cpu")
+    torch.manual_seed(5)
+    lora_a, lora_b, mags = [], [], []
+    for r, d in ((2, True), (6, False), (3, True)):
+        lora_a.append(torch.randn(r, k, dtype=torch.float64, requires_grad=True))
+        lora_b.append(torch.randn(n, r, dtype=torch.float64, requires_grad=True))
+        mags.append((1 + torch.rand(n, dtype=torch.float64)).requires_grad_() if d else None)
+    ids = torch.randint(-1, 3, (23,))
+    ids[:4] = torch.arange(-1, 3)
+    for p in (0.0, [0.3, 0.2, 0.0]):
+        y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=[1.0, 0.5, 2.0], dropout_p=p,
+                                         seed=2, magnitude=mags, backend="torch")
+        dy = torch.randn_like(y)
+        inputs = _inputs(x, w, b, lora_a, lora_b, mags)
+        grads = torch.autograd.grad(y, list(inputs.values()), dy)
+        y64, g64 = _oracle(x, w, b, lora_a, lora_b, mags, ids, [1.0, 0.5, 2.0], p, 2, dy, list(inputs))
+        torch.testing.assert_close(y, y64, rtol=1e-12, atol=1e-12)
+        for name, g in zip(inputs, grads):
+            torch.testing.assert_close(g, g64[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_dora_rows_alone_give_dora_linear_and_a_dora_adapter_its_own_gradients():
+    """Every row of one DoRA adapter: :func:`fused_lora.dora_linear` of it;
+    the other adapters (DoRA and not) get zero gradients, their magnitude
+    included, and a row of none leaves every adapter's alone."""
+    k, n = 32, 16
+    x = make_x((9, k), F32)
+    w, b, _, _ = make_params(k, n, 1, F32, True)
+    lora_a, lora_b, mags = _adapters(k, n, (4, 2, 3), (True, False, True), F32)
+    ids = torch.full((9,), 2, device=DEVICE)
+    y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=[1.0, 1.0, 0.5], magnitude=mags,
+                                     backend="triton")
+    want = fused_lora.dora_linear(x, w, lora_a[2], lora_b[2], mags[2], b, scaling=0.5, backend="triton")
+    assert_close(y, want.double(), F32, "y")
+    grads = torch.autograd.grad(y.square().sum(), [mags[0], lora_a[1], lora_b[0], mags[2]])
+    assert not grads[0].any() and not grads[1].any() and not grads[2].any()
+    assert grads[3].abs().sum() > 0
+    ids[0] = -1
+    y = fused_lora.multi_lora_linear(x[:1], w, lora_a, lora_b, ids[:1], b, scaling=[1.0, 1.0, 0.5], magnitude=mags,
+                                     backend="triton")
+    assert_close(y, F.linear(x[:1], w, b).double(), F32, "base row")
+    for g in torch.autograd.grad(y.sum(), [mags[0], mags[2], lora_a[0]]):
+        assert not g.any()
+
+
+def test_bitwise_reproducible():
+    """The same inputs and seed: bitwise the same output and gradients
+    (the magnitudes' summed over their rows without atomics)."""
+    k, n = 40, 33
+    x = make_x((70, k), F32).requires_grad_()
+    w, b, _, _ = make_params(k, n, 1, F32, True)
+    lora_a, lora_b, mags = _adapters(k, n, (4, 8), (True, True), F32)
+    ids = _ids((70,), 2)
+    runs = []
+    for _ in range(2):
+        y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=[1.0, 2.0], dropout_p=[0.1, 0.2],
+                                         seed=9, magnitude=mags, backend="triton")
+        runs.append((y, *torch.autograd.grad(y.square().sum(), [x, *lora_a, *mags])))
+    for one, two in zip(*runs):
+        assert torch.equal(one, two)
+
+
+def test_unreadable_ids_give_nan_rows(monkeypatch):
+    """Where ids cannot be read back (torch.compile, a CUDA graph's
+    capture), an id outside [-1, n) gives its row NaN, the others as usual."""
+    x = make_x((8, 16), F32)
+    w, b, _, _ = make_params(16, 8, 1, F32, True)
+    lora_a, lora_b, mags = _adapters(16, 8, (2, 2), (True, False), F32)
+    ids = torch.tensor([0, 1, -1, 2, 0, -3, 1, 0], device=DEVICE)
+    good = torch.where((ids >= -1) & (ids < 2), ids, 0)
+    want = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, good, b, magnitude=mags, backend="triton")
+    monkeypatch.setattr(ops, "_unreadable", lambda t: True)
+    got = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, magnitude=mags, backend="triton")
+    bad = (ids < -1) | (ids >= 2)
+    assert torch.isnan(got[bad]).all()
+    assert torch.equal(got[~bad], want[~bad])
+
+
+def test_compile_fullgraph():
+    """torch.compile traces a call with DoRA adapters and their own dropout
+    (the mask's op of one probability a row) into one frame: eager's
+    output and gradients."""
+    import torch._dynamo.testing
+
+    x = make_x((2, 7, 24), F32).requires_grad_()
+    w, b, _, _ = make_params(24, 16, 1, F32, True)
+    lora_a, lora_b, mags = _adapters(24, 16, (3, 5), (True, False), F32)
+    ids = torch.tensor([1, 0], device=DEVICE)
+
+    def step(x, lora_a, lora_b, mags, ids):
+        y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=[0.5, 2.0], dropout_p=[0.2, 0.1],
+                                         seed=3, magnitude=mags, backend="triton")
+        return y.square().sum()
+
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    params = [x, *lora_a, *lora_b, mags[0]]
+    want = torch.autograd.grad(step(x, lora_a, lora_b, mags, ids), params)
+    got = torch.autograd.grad(compiled(x, lora_a, lora_b, mags, ids), params)
+    assert counter.frame_count == 1
+    for g, h in zip(got, want):
+        assert torch.equal(g, h)
+
+
+def test_the_row_mask_op_passes_opcheck():
+    """``fused_lora::dora_keep`` with one probability a row: its fake
+    implementation and schema agree with it (torch.library.opcheck)."""
+    x = torch.randn(5, 3, 19)
+    row_p = torch.rand(5, 3) * 0.5
+    torch.library.opcheck(torch.ops.fused_lora.dora_keep, (x, torch.tensor(4), 0.5, row_p))
+    keep = torch.ops.fused_lora.dora_keep(x, torch.tensor(4), 0.5, row_p)
+    want = fused_lora.dropout_mask(4, (15, 19), row_p.reshape(15))
+    assert torch.equal(keep, want.view(5, 3, 19))
+
+
+@pytest.mark.parametrize("change, err, words", [
+    (dict(magnitude=torch.ones(8)), TypeError, "list or tuple"),
+    (dict(magnitude=[torch.ones(8)]), ValueError, "one entry per adapter (2)"),
+    (dict(magnitude=[torch.ones(7), None]), ValueError, "magnitude[0]"),
+    (dict(magnitude=[None, torch.ones(8, dtype=torch.float64)]), TypeError, "magnitude[1]"),
+    (dict(magnitude=[torch.ones(8), torch.ones(8)], ranks=(2, 0)), ValueError, "adapter 1 has rank 0"),
+])
+def test_bad_magnitudes_are_rejected(change, err, words):
+    x = make_x((6, 8), F32)
+    w, b, _, _ = make_params(8, 8, 1, F32, True)
+    ranks = change.pop("ranks", (2, 3))
+    lora_a, lora_b, _ = _adapters(8, 8, ranks, (False, False), F32)
+    with pytest.raises(err, match=words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]")):
+        fused_lora.multi_lora_linear(x, w, lora_a, lora_b, torch.zeros(6, dtype=torch.long, device=DEVICE), b,
+                                     backend="triton", **change)
+
+
+# -- the layer ---------------------------------------------------------------
+
+def _trained(layer):
+    """The layer's adapters made random (B not 0) and its magnitudes moved off the norms."""
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_()
+        for m in layer.lora_magnitude_vector.values():
+            m.mul_(1 + 0.3 * torch.rand_like(m))
+    return layer
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_layer_of_dora_and_lora_adapters(training):
+    """``use_dora`` one flag an adapter: the magnitudes start as the rows'
+    norms (a fresh layer is its base), are saved under
+    ``lora_magnitude_vector.<i>``, and, trained, each row gets its adapter's
+    DoRA or LoRA output (the layer's dropout in train mode) and each
+    adapter alone (``active_adapter``) gives ``dora_linear``'s."""
+    torch.manual_seed(0)
+    layer = fused_lora.MultiLoRALinear(24, 20, ranks=[4, 0, 2, 3], alphas=[8, 1, 2, 6], dropout=[0.1, 0, 0.2, 0.0],
+                                       use_dora=[True, False, False, True], backend="triton").to(DEVICE)
+    assert layer.use_dora == (True, False, False, True)
+    assert sorted(layer.state_dict()) == ["bias", "lora_A.0", "lora_A.1", "lora_A.2", "lora_A.3", "lora_B.0",
+                                          "lora_B.1", "lora_B.2", "lora_B.3", "lora_magnitude_vector.0",
+                                          "lora_magnitude_vector.3", "weight"]
+    torch.testing.assert_close(layer.lora_magnitude_vector["3"], layer.weight.norm(dim=1))
+    x = make_x((2, 9, 24), F32)
+    ids = torch.tensor([3, 0], device=DEVICE)
+    torch.testing.assert_close(layer(x, ids), F.linear(x, layer.weight, layer.bias))
+    _trained(layer).train(training)
+    mags = [layer.magnitude(i) for i in range(4)]
+    assert mags[1] is None and mags[2] is None
+    ids = _ids((2, 9), 4)
+    torch.manual_seed(1)
+    got = layer(x, ids)
+    torch.manual_seed(1)
+    want = fused_lora.multi_lora_linear(x, layer.weight, list(layer.lora_A), list(layer.lora_B), ids, layer.bias,
+                                        scaling=list(layer.scalings), dropout_p=list(layer.dropouts) if training
+                                        else 0.0, magnitude=mags, backend="triton")
+    assert torch.equal(got, want)
+    if not training:
+        y64, _ = _oracle(x, layer.weight, layer.bias, list(layer.lora_A), list(layer.lora_B), mags, ids,
+                         layer.scalings, 0.0, 0, torch.zeros_like(got), [])
+        assert_close(got, y64, F32, "y")
+    for i in (0, 2):
+        layer.active_adapter = i
+        torch.manual_seed(2)
+        got = layer(x)
+        torch.manual_seed(2)
+        p = layer.dropouts[i] if training else 0.0
+        kw = dict(scaling=layer.scalings[i], dropout_p=p, backend="triton")
+        want = (fused_lora.dora_linear(x, layer.weight, layer.lora_A[i], layer.lora_B[i], mags[i], layer.bias, **kw)
+                if mags[i] is not None else
+                fused_lora.lora_linear(x, layer.weight, layer.lora_A[i], layer.lora_B[i], layer.bias, **kw))
+        assert torch.equal(got, want)
+
+
+def test_layer_delta_weight_of_a_dora_adapter_is_loralinears():
+    """A DoRA adapter's ``delta_weight`` (and ``merged_weight``) is
+    :class:`LoRALinear`'s of the same tensors; combining or weighting it is
+    refused."""
+    torch.manual_seed(0)
+    layer = _trained(fused_lora.MultiLoRALinear(12, 10, ranks=[3, 2], alphas=[6, 2], use_dora=[True, False]))
+    one = fused_lora.LoRALinear.from_parameters(layer.weight, layer.bias, layer.lora_A[0], layer.lora_B[0],
+                                                alpha=6, lora_magnitude_vector=layer.lora_magnitude_vector["0"])
+    assert torch.equal(layer.delta_weight(0), one.delta_weight())
+    assert torch.equal(layer.merged_weight(0), layer.weight + one.delta_weight())
+    for i, weights in ((0, 0.5), ([0, 1], None)):
+        with pytest.raises(ValueError, match="adapter 0 is DoRA"):
+            layer.delta_weight(i, weights)
+    layer.delta_weight([1], [0.5])  # (the LoRA adapter alone, weighted: as before)
+
+
+@pytest.mark.parametrize("use_dora, err, words", [
+    ([True], ValueError, "one bool for every adapter"),
+    ("yes", TypeError, "use_dora must be a bool"),
+    ([True, "no"], TypeError, "use_dora\\[1\\]"),
+    ([False, True], ValueError, "adapter 1 has rank 0"),
+])
+def test_layer_bad_use_dora(use_dora, err, words):
+    with pytest.raises(err, match=words):
+        fused_lora.MultiLoRALinear(8, 8, ranks=[2, 0], use_dora=use_dora)
+
+
+def test_layer_use_dora_true_skips_rank_0_and_quantized_base():
+    """``use_dora=True``: every adapter of rank above 0; on an int8 base the
+    magnitudes start as Ŵ's rows' norms, and the layer is its base."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 12).to(DEVICE)
+    layer = fused_lora.MultiLoRALinear.from_linear(linear, ranks=[2, 0, 3], use_dora=True, quantize_base=True,
+                                                   backend="triton")
+    assert layer.use_dora == (True, False, True) and layer.quantized
+    w_hat = fused_lora.dequantize_int8(layer.weight, layer.weight_scale, F32)
+    torch.testing.assert_close(layer.lora_magnitude_vector["2"], w_hat.norm(dim=1))
+    x = make_x((5, 16), F32)
+    torch.testing.assert_close(layer(x, torch.tensor([0, 1, 2, -1, 2], device=DEVICE)), F.linear(x, w_hat, linear.bias))
