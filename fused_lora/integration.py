@@ -1163,9 +1163,6 @@ def _why_adapter_unsupported(module, name: str, several: bool, configs: dict) ->
     variant = getattr(module, "lora_variant", {}).get(name)
     if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
         return f"the LoRA variant {type(variant).__name__} is not fused (DoRA is)"
-    if dora and several:
-        return ("DoRA in a model of several adapters is not fused (a layer of several adapters has no magnitude; "
-                "DoRA's is fused in a model of one)")
     if dora and _peft_magnitude(module, name) is None:
         return "DoRA without its lora_magnitude_vector of one value an output feature"
     if getattr(module, "lora_bias", {}).get(name) or module.lora_B[name].bias is not None:
@@ -1219,7 +1216,10 @@ def _peft_fused_layer(module, order: tuple[str, ...] | None, backend: str) -> nn
             [module.lora_alpha[a] if a in module.lora_A else 0.0 for a in order],
             [dropout_of(a) if a in module.lora_A else 0.0 for a in order],
             use_rslora=bool(getattr(module, "use_rslora", {}).get(held[0], False)),
-            fan_in_fan_out=bool(module.fan_in_fan_out), backend=backend, weight_scale=scale, weight_code=code)
+            fan_in_fan_out=bool(module.fan_in_fan_out), backend=backend, weight_scale=scale, weight_code=code,
+            use_dora=[bool(getattr(module, "use_dora", {}).get(a)) and a in module.lora_A for a in order])
+        layer.lora_magnitude_vector = nn.ParameterDict({
+            key: _peft_magnitude(module, order[int(key)]) for key in layer.lora_magnitude_vector})
         # (rank 0 where the layer holds none: empty, frozen, PEFT's layer has no such tensor)
         layer.lora_A = nn.ParameterList(ab[0] if ab else layer.lora_A[i].requires_grad_(False)
                                         for i, ab in enumerate(lora))
@@ -1487,7 +1487,8 @@ def _shared_pairs(layer: nn.Module, original: nn.Module) -> list[tuple[str, nn.M
     if isinstance(layer, MultiLoRALinear):
         return [(adapter, getattr(original, which)[adapter], getattr(layer, which), str(i))
                 for i, adapter in enumerate(getattr(layer, _PEFT_ADAPTERS)) if adapter in original.lora_A
-                for which in ("lora_A", "lora_B")]
+                for which in ("lora_A", "lora_B", "lora_magnitude_vector")
+                if which != "lora_magnitude_vector" or layer.use_dora[i]]
     (adapter,) = original.lora_A.keys()
     which = ("lora_A", "lora_B", "lora_magnitude_vector")[:3 if layer.use_dora else 2]
     return [(adapter, getattr(original, w)[adapter], layer, w) for w in which]
@@ -1583,9 +1584,9 @@ def _peft_reconverted(peft_model: nn.Module, method: str, on_tuner: bool, *args,
     Refused, nothing changed, where a fused layer is merged, has its
     adapters off (``disable_adapter_layers``, :func:`disable_adapters`) or
     rescaled (:func:`rescale_adapters`): a state the new layers would not
-    have. A layer converted before that is left PEFT's now (a DoRA adapter
-    added to a model of one: a layer of several has no magnitude) is named
-    in a warning; where no layer converts any more (the last adapter
+    have. A layer converted before that is left PEFT's now (an adapter of
+    rsLoRA scales added beside plain ones: a layer of several holds one
+    ``use_rslora``) is named in a warning; where no layer converts any more (the last adapter
     deleted), the model stays PEFT's. Where PEFT's method raises (an
     unknown name), the model is converted again as it was, and its error
     goes on."""
@@ -1923,7 +1924,7 @@ def _peft_names_in(adapters: tuple[str, ...], base: str, module: nn.Module, stat
     strict load names those keys missing, and PEFT's unexpected)."""
     if isinstance(module, MultiLoRALinear):
         pairs = [(f"{which}.{adapter}.weight", f"{which}.{i}") for i, adapter in enumerate(adapters)
-                 for which in ("lora_A", "lora_B")]
+                 for which in ("lora_A", "lora_B", "lora_magnitude_vector")]
     else:
         (adapter,) = adapters
         pairs = [(f"lora_A.{adapter}.weight", "lora_A"), ("lora_A.weight", "lora_A"),
@@ -1983,7 +1984,7 @@ def _peft_state_dict_names(peft_model: nn.Module, state_dict: dict) -> dict:
         renamed.update({f"{name}.weight": f"{name}.{base}.weight", f"{name}.bias": f"{name}.{base}.bias"})
         if isinstance(layer, MultiLoRALinear):  # (its adapters of rank 0, which PEFT's layer has not, dropped)
             for i, adapter in enumerate(getattr(layer, _PEFT_ADAPTERS)):
-                for which in ("lora_A", "lora_B"):
+                for which in ("lora_A", "lora_B", "lora_magnitude_vector"):
                     if adapter in original.lora_A:
                         renamed[f"{name}.{which}.{i}"] = f"{name}.{which}.{adapter}.weight"
                     else:

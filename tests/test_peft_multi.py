@@ -28,18 +28,21 @@ def _batch(b=3, t=9, seed=1):
     return torch.randint(0, VOCAB, (b, t), generator=g).to(DEVICE)
 
 
-def _several(make=tiny_llama, targets=(("q_proj", "v_proj"), ("q_proj", "k_proj"), ("o_proj",)), head=None):
+def _several(make=tiny_llama, targets=(("q_proj", "v_proj"), ("q_proj", "k_proj"), ("o_proj",)), head=None,
+             dora=()):
     """A PEFT model of three adapters of their own ranks, alphas and target
     modules (``third`` rsLoRA), every lora_B drawn (trained adapters); and a
     copy of it, the reference. ``head``: ``second`` and ``third`` train
     their own copy of it (``modules_to_save``; PEFT's mixed batch fails on
     a sample whose adapter has none, in PEFT 0.21 as in this test's
-    reference)."""
+    reference). ``dora``: the adapters that are DoRA (their magnitudes
+    drawn off the norms too)."""
     configs = [dict(r=4, lora_alpha=8), dict(r=3, lora_alpha=5), dict(r=2, lora_alpha=3, use_rslora=True)]
     model = None
     for name, config, target in zip(NAMES, configs, targets):
-        config = peft.LoraConfig(target_modules=list(target), init_lora_weights=False,
-                                 modules_to_save=[head] if head and name != "first" else None, **config)
+        config = peft.LoraConfig(target_modules=list(target), init_lora_weights=False, use_dora=name in dora,
+                                 modules_to_save=[head] if head and name != "first" else None,
+                                 **config)
         if model is None:
             model = peft.get_peft_model(make(), config, adapter_name=name)
         else:
@@ -49,6 +52,8 @@ def _several(make=tiny_llama, targets=(("q_proj", "v_proj"), ("q_proj", "k_proj"
         for n, p in model.named_parameters():
             if "lora_B" in n or "modules_to_save" in n:
                 p.add_(torch.randn_like(p) * 0.3)
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.2 * torch.rand_like(p))
     return model, copy.deepcopy(model)
 
 
@@ -73,7 +78,7 @@ def _peft_grads(model) -> dict:
     for n, p in model.named_parameters():
         if p.grad is None:
             continue
-        for which in ("lora_A", "lora_B"):
+        for which in ("lora_A", "lora_B", "lora_magnitude_vector"):
             for i, adapter in enumerate(NAMES):
                 n = n.replace(f".{which}.{i}", f".{which}.{adapter}.weight") if n.endswith(f".{which}.{i}") else n
         grads[n] = p.grad
@@ -202,6 +207,97 @@ def test_training_the_active_adapter_matches_peft(checkpointing):
     _close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-conv1d"])
+def test_dora_adapters_among_several_convert_and_run_as_peft(make, tmp_path):
+    """DoRA adapters (``first``, and ``third`` with rsLoRA) beside a LoRA one:
+    every layer converts, sharing PEFT's magnitudes too; each adapter
+    active and disable_adapter give PEFT's logits, and a mixed batch (which
+    PEFT refuses with DoRA) each sample's adapter's, in one set of fused
+    launches a layer;
+    save_pretrained writes PEFT's files bit for bit; state dicts of PEFT's
+    names load strictly into the fused layers; to_peft gives PEFT's layers
+    back."""
+    targets = (("q_proj", "v_proj"), ("q_proj", "k_proj"), ("o_proj",)) if make is tiny_llama else \
+        (("c_attn",), ("c_attn", "c_fc"), ("c_proj",))
+    model, reference = _several(make, targets, dora=("first", "third"))
+    model.eval()
+    reference.eval()
+    peft_state = copy.deepcopy(reference.state_dict())
+    originals = _lora_layers(model)
+    report = fused_lora.from_peft(model)
+    assert sorted(report.converted) == sorted(originals) and not report.skipped
+    for name, original in originals.items():
+        layer = model.get_submodule(name)
+        held = [a for a in NAMES if a in original.lora_A]
+        assert layer.use_dora == tuple(a in held and a in ("first", "third") for a in NAMES)
+        for i, adapter in enumerate(NAMES):
+            if layer.use_dora[i]:
+                assert layer.magnitude(i) is original.lora_magnitude_vector[adapter].weight
+    ids = _batch()
+    for adapter in ("third", "second", "first"):
+        model.set_adapter(adapter)
+        reference.set_adapter(adapter)
+        _close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    alone = {}  # (PEFT refuses adapter_names with DoRA: each sample as its adapter alone gives it)
+    for adapter in NAMES:
+        reference.set_adapter(adapter)
+        alone[adapter] = reference(input_ids=ids).logits
+    with model.disable_adapter(), reference.disable_adapter():
+        alone["__base__"] = reference(input_ids=ids).logits
+        _close(model(input_ids=ids).logits, alone["__base__"])
+    for names in (["third", "__base__", "first"], ["second", "first", "first"]):
+        want = torch.stack([alone[name][j] for j, name in enumerate(names)])
+        _close(model(input_ids=ids, adapter_names=names).logits, want)
+    model.set_adapter("first")
+    reference.set_adapter("first")
+    model.save_pretrained(tmp_path / "fused")
+    reference.save_pretrained(tmp_path / "peft")
+    files = sorted(p.relative_to(tmp_path / "peft") for p in (tmp_path / "peft").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "fused") for p in (tmp_path / "fused").rglob("*") if p.is_file())
+    for f in files:
+        assert (tmp_path / "fused" / f).read_bytes() == (tmp_path / "peft" / f).read_bytes(), f
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.zero_()
+    model.load_state_dict(peft_state, strict=True)
+    _close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    fused_lora.to_peft(model)
+    assert not any(isinstance(m, MultiLoRALinear) for m in model.modules())
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    for k, v in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_training_a_dora_adapter_among_several_matches_peft():
+    """The active DoRA adapter trains with PEFT's gradients (its magnitude's
+    included), then a LoRA one in its turn; an SGD step keeps the two
+    models equal. (Dropout draws its masks otherwise than PEFT's: each
+    row's, against the float64 oracle, in test_multi_dora.)"""
+    model, reference = _several(dora=("first",))
+    model.train()
+    reference.train()
+    fused_lora.from_peft(model)
+    ids = _batch()
+    for adapter in ("first", "second"):
+        model.set_adapter(adapter)
+        reference.set_adapter(adapter)
+        for m in (model, reference):
+            m.zero_grad(set_to_none=True)
+            m(input_ids=ids, labels=ids).loss.backward()
+        grads, expected = _peft_grads(model), _peft_grads(reference)
+        assert grads.keys() == expected.keys() and all(f".{adapter}." in n for n in grads)
+        assert any("lora_magnitude_vector" in n for n in grads) == (adapter == "first")
+        for n, g in grads.items():
+            _close(g, expected[n])
+    optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (model, reference)]
+    for optimizer in optimizers:
+        optimizer.step()
+    model.eval()
+    reference.eval()
+    _close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
 def test_state_dicts_and_peft_s_load_adapter_reach_the_shared_tensors(tmp_path):
     """A state dict of PEFT's names (saved before the conversion) loads,
     strictly, into the fused layers (their adapters of rank 0 taken as they
@@ -244,9 +340,8 @@ def test_what_a_model_of_several_adapters_refuses():
     """Refused, nothing changed: several adapters active (PEFT sums them),
     merge_adapter (one base serves them all), an unknown name in
     adapter_names. Left PEFT's and reported: layers of several active
-    adapters, a DoRA adapter's, layers mixing rsLoRA and LoRA scales, a
-    PiSSA adapter's (its residual base is not the others'); the others
-    convert."""
+    adapters, layers mixing rsLoRA and LoRA scales, a PiSSA adapter's (its
+    residual base is not the others'); the others convert."""
     model, reference, ids = _serving()
     layers = {n: m for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
     model.set_adapter("second")
@@ -260,19 +355,17 @@ def test_what_a_model_of_several_adapters_refuses():
     reference.set_adapter("second")
     _close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
 
-    # what is left PEFT's: several active adapters; DoRA; mixed rsLoRA
-    for case in ("two_active", "dora", "rslora_mix", "pissa"):
+    # what is left PEFT's: several active adapters; mixed rsLoRA; PiSSA
+    for case in ("two_active", "rslora_mix", "pissa"):
         peft_model, _ = _several()
         if case == "two_active":
             peft_model.base_model.set_adapter(["first", "second"])
         else:
-            extra = {"dora": dict(use_dora=True), "rslora_mix": dict(use_rslora=True),
-                     "pissa": dict(init_lora_weights="pissa")}[case]
+            extra = {"rslora_mix": dict(use_rslora=True), "pissa": dict(init_lora_weights="pissa")}[case]
             peft_model.add_adapter("fourth", peft.LoraConfig(r=2, target_modules=["v_proj"], **extra))
         before = peft_model.eval()(input_ids=ids).logits
         report = fused_lora.from_peft(peft_model)
         why = {"two_active": "several adapters active (['first', 'second']), which PEFT sums",
-               "dora": "adapter 'fourth': DoRA in a model of several adapters is not fused",
                "rslora_mix": "mix rsLoRA and plain LoRA scales",
                "pissa": "adapter 'fourth': its init ('pissa') took its start out of the base weight"}[case]
         skipped = [n for n in report.skipped if why in report.skipped[n]]
