@@ -824,7 +824,7 @@ def _select_layers(model: nn.Module, target_modules, exclude_modules, what: str)
 
 def inject_multi(model: nn.Module, target_modules, ranks, alphas=None, dropout=0.0,
                  use_rslora: bool = False, exclude_modules=None, *, adapter_dtype: torch.dtype | None = None,
-                 backend: str = "auto", quantize_base: bool | str = False) -> list[str]:
+                 backend: str = "auto", quantize_base: bool | str = False, use_dora=False) -> list[str]:
     """Replace the matching linear layers of ``model`` with
     :class:`~fused_lora.MultiLoRALinear`, several adapters on each shared
     base: adapter ``i`` of rank ``ranks[i]`` and alpha ``alphas[i]`` (default
@@ -850,7 +850,8 @@ def inject_multi(model: nn.Module, target_modules, ranks, alphas=None, dropout=0
     layers; :func:`to_peft` gives each adapter to PEFT, by name.
     ``quantize_base``: the bases int8 or NF4, as :func:`inject`'s (many
     adapters served from one quantized base; ``merge_and_unload``,
-    ``unload`` and ``to_peft`` refused).
+    ``unload`` and ``to_peft`` refused). ``use_dora``: DoRA adapters (True:
+    every one; or one bool an adapter), as :class:`MultiLoRALinear`'s.
 
     Returns the names of the replaced layers, in model order.
     """
@@ -859,7 +860,7 @@ def inject_multi(model: nn.Module, target_modules, ranks, alphas=None, dropout=0
     quantize_base = check_quantize_base(quantize_base)
     # (the layer's own checks, ahead of any change: ranks, alphas, dropout, backend)
     probe = MultiLoRALinear(1, 1, ranks, alphas, dropout, bias=False, use_rslora=use_rslora, device="meta",
-                            backend=backend)
+                            backend=backend, use_dora=use_dora)
     single = fused_layers(model)
     if single:
         raise ValueError(f"inject_multi: the model's fused layers hold one adapter each ({', '.join(list(single)[:3])}"
@@ -877,7 +878,7 @@ def inject_multi(model: nn.Module, target_modules, ranks, alphas=None, dropout=0
         if id(module) not in fused_by_id:  # a module reachable under two names gets one set of adapters
             fused_by_id[id(module)] = _multi_layer(module, probe.ranks, probe.alphas, probe.dropout, probe.use_rslora,
                                                    backend=backend, adapter_dtype=adapter_dtype,
-                                                   quantize_base=quantize_base)
+                                                   quantize_base=quantize_base, use_dora=probe.use_dora)
         _replace_module(model, name, fused_by_id[id(module)])
     guard_fast_paths(model)
     _keep_aside(model)
@@ -887,7 +888,8 @@ def inject_multi(model: nn.Module, target_modules, ranks, alphas=None, dropout=0
 
 def adapter_parameters(model: nn.Module, adapter: int) -> list[nn.Parameter]:
     """Adapter ``adapter``'s parameters in every :func:`inject_multi` layer of
-    ``model``: each layer's ``lora_A[adapter]`` then ``lora_B[adapter]``, in
+    ``model``: each layer's ``lora_A[adapter]`` then ``lora_B[adapter]`` (then
+    a DoRA adapter's magnitude, ``lora_magnitude_vector[str(adapter)]``), in
     model order (a layer reachable under two names once; none where the
     adapter has rank 0). For an optimizer
     of each adapter's own, or to freeze one (``requires_grad_(False)``)
@@ -902,7 +904,8 @@ def adapter_parameters(model: nn.Module, adapter: int) -> list[nn.Parameter]:
         raise ValueError("adapter_parameters: the model has no layers of several adapters (inject_multi places them)")
     adapter = _check_adapter_index("adapter_parameters", adapter, multi)
     layers = {id(layer): layer for layer in multi.values() if layer.ranks[adapter]}.values()
-    return [p for layer in layers for p in (layer.lora_A[adapter], layer.lora_B[adapter])]
+    return [p for layer in layers for p in (layer.lora_A[adapter], layer.lora_B[adapter], layer.magnitude(adapter))
+            if p is not None]
 
 
 #: On a fused layer inside :func:`adapter_ids`: ``[hook handle, [ids by device, ...]]``, the innermost block's last.
@@ -1277,8 +1280,10 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     PEFT's tensors: it runs PEFT's active adapter
     (:attr:`MultiLoRALinear.active_adapter`, which ``set_adapter`` sets), or
     each sample's (``adapter_names``) in one set of fused launches for the
-    whole batch (PEFT's runs a pass an adapter); DoRA adapters, and layers
-    whose adapters mix rsLoRA and plain scales, stay PEFT's there.
+    whole batch (PEFT's runs a pass an adapter), DoRA adapters among them
+    (their rows scaled by their own magnitudes; PEFT refuses
+    ``adapter_names`` with DoRA); layers whose adapters mix rsLoRA and
+    plain scales stay PEFT's there.
     ``merge_adapter()`` refuses a quantized base (PEFT's requantizes it, a
     rounding error each time); :func:`to_peft`
     gives PEFT's layers back their own weight (which, kept aside, let go of
@@ -2331,7 +2336,14 @@ def _check_adapters(what: str, adapter, weights, multi: dict):
     if adapter is None:
         raise ValueError(f"{what}: weights={weights!r} weigh the adapters adapter= names: name them, adapter=[i, ...]")
     counts = {layer.num_adapters for layer in multi.values()}
-    return check_combination("adapter", adapter, weights, min(counts), f"{what}: ")
+    combination = check_combination("adapter", adapter, weights, min(counts), f"{what}: ")
+    if len(combination) > 1 or combination[0][1] != 1.0:
+        dora = [(n, i) for n, layer in multi.items() for i, _ in combination if layer.use_dora[i]]
+        if dora:
+            raise ValueError(f"{what}: adapter {dora[0][1]} is DoRA ({dora[0][0]}...): its magnitude rescales the "
+                             "whole weight, so it is not combined with others or weighted: merge or save it alone, "
+                             "unweighted")
+    return combination
 
 
 def _single_weight(what: str, weights, layers: dict) -> float | None:
@@ -2730,7 +2742,8 @@ def _beside_adapters(model: nn.Module, layers: dict[str, LoRALinear]) \
     adapters = {id(p) for layer in layers.values()
                 for p in (layer.lora_A, layer.lora_B, getattr(layer, "lora_magnitude_vector", None))}
     # (inject_multi's other adapters: not this file's, nor trained beside it)
-    adapters |= {id(p) for m in model.modules() if isinstance(m, MultiLoRALinear) for p in (*m.lora_A, *m.lora_B)}
+    adapters |= {id(p) for m in model.modules() if isinstance(m, MultiLoRALinear)
+                 for p in (*m.lora_A, *m.lora_B, *m.lora_magnitude_vector.values())}
     peft_layers = [n for n, m in model.named_modules()
                    if hasattr(m, "base_layer") and isinstance(getattr(m, "lora_A", None), nn.ModuleDict)]
     if peft_layers:
@@ -2832,11 +2845,13 @@ class _OneAdapter:
     dropout: float
     use_rslora: bool
     fan_in_fan_out: bool
+    use_dora: bool = False
+    lora_magnitude_vector: nn.Parameter | None = None
 
     @classmethod
     def of(cls, layer: MultiLoRALinear, i: int) -> "_OneAdapter":
         return cls(layer.lora_A[i], layer.lora_B[i], layer.bias, layer.ranks[i], layer.alphas[i], layer.dropouts[i],
-                   layer.use_rslora, layer.fan_in_fan_out)
+                   layer.use_rslora, layer.fan_in_fan_out, layer.use_dora[i], layer.magnitude(i))
 
     @classmethod
     def combined(cls, layer: MultiLoRALinear, combination) -> "_OneAdapter | None":
@@ -3429,9 +3444,6 @@ def load_adapters(model: nn.Module, directories, *, backend: str = "auto") -> li
     dirs = [_adapter_directory(d, f"load_adapters: directories[{i}]") for i, d in enumerate(directories)]
     files = [_read_adapter(d) for d in dirs]
     for d, (config, _) in zip(dirs, files):
-        if config.get("use_dora"):
-            raise AdapterFileError(f"{d}: a DoRA adapter (use_dora) is not fused into layers of several adapters: "
-                                   "load it alone (fused_lora.load_adapter)")
         if config.get("modules_to_save") or config.get("bias", "none") != "none":
             raise AdapterFileError(f"{d}: modules_to_save={config.get('modules_to_save')!r}, "
                                    f"bias={config.get('bias', 'none')!r}: modules kept whole and trained biases are "
@@ -3446,12 +3458,14 @@ def load_adapters(model: nn.Module, directories, *, backend: str = "auto") -> li
     prefix = PEFT_PREFIX if PEFT_PREFIX[:-1] in names else ""
     ranks: dict[str, list[int]] = {}  # (the model's name of each layer a file names -> each file's rank there)
     dtypes: dict[str, torch.dtype] = {}
-    for i, (d, (_, tensors)) in enumerate(zip(dirs, files)):
+    for i, (d, (config, tensors)) in enumerate(zip(dirs, files)):
         for key, value in tensors.items():
             m = _KEY.match(key)
+            if m is None and config.get("use_dora") and _MAGNITUDE_KEY.match(key):
+                continue  # (a DoRA layer's magnitude: load_adapter checks it)
             if m is None:
-                raise AdapterFileError(f"{d}: unexpected tensor {key!r} (load_adapters takes lora_A/lora_B weights "
-                                       "alone)")
+                raise AdapterFileError(f"{d}: unexpected tensor {key!r} (load_adapters takes lora_A/lora_B weights, "
+                                       "and a DoRA adapter's lora_magnitude_vector, alone)")
             name = names.get(prefix + _strip(m["path"]))
             if name is None:
                 raise AdapterFileError(f"{d}: the model has no module {prefix + _strip(m['path'])!r}")
@@ -3478,7 +3492,9 @@ def load_adapters(model: nn.Module, directories, *, backend: str = "auto") -> li
             module = model.get_submodule(name)
             if id(module) not in made:  # (a module reachable under two names gets one layer)
                 made[id(module)] = _multi_layer(module, ranks[name], ranks[name], dropouts, use_rslora,
-                                                backend=backend, adapter_dtype=dtypes[name])
+                                                backend=backend, adapter_dtype=dtypes[name],
+                                                use_dora=[bool(config.get("use_dora")) and r > 0
+                                                          for (config, _), r in zip(files, ranks[name])])
             originals[name] = module
             _replace_module(model, name, made[id(module)])
         for i, (d, (config, tensors)) in enumerate(zip(dirs, files)):  # (each file read once, above)
@@ -3559,9 +3575,11 @@ def _load_into(model: nn.Module, directory: Path, config: dict, tensors: dict, b
         if isinstance(module, MultiLoRALinear):
             in_f, out_f, cur_r = module.in_features, module.out_features, module.ranks[adapter]
             _check_peft_original(model, name, r, alpha, config, directory)
-            if use_dora:
-                raise AdapterFileError(f"{directory}: {path}: a DoRA adapter (use_dora) is not fused into a layer of "
-                                       "several adapters (inject_multi's, load_adapters'): load it alone")
+            if module.ranks[adapter] and module.use_dora[adapter] != use_dora:
+                kind = "DoRA" if module.use_dora[adapter] else "not DoRA"
+                raise AdapterFileError(f"{directory}: {path}: adapter {adapter} of the model's fused layer is {kind}, "
+                                       f"the file's use_dora is {use_dora}: inject_multi layers of its kind first "
+                                       "(use_dora=[...], one flag an adapter)")
             if bool(config.get("use_rslora", False)) != module.use_rslora:
                 raise AdapterFileError(f"{directory}: {path}: use_rslora={bool(config.get('use_rslora', False))} in "
                                        f"the file, {module.use_rslora} in the model's layer, whose adapters share it")
@@ -3632,9 +3650,11 @@ def _load_into(model: nn.Module, directory: Path, config: dict, tensors: dict, b
             if isinstance(module, MultiLoRALinear):
                 module.alphas = (*module.alphas[:adapter], float(alpha), *module.alphas[adapter + 1:])
                 module.set_dropout(adapter, dropout)
-                for target, value in ((module.lora_A[adapter], a), (module.lora_B[adapter], b)):
-                    _copy_into(target, value)
-                    target.requires_grad_(True)
+                for target, value in ((module.lora_A[adapter], a), (module.lora_B[adapter], b),
+                                      (module.magnitude(adapter), magnitude)):
+                    if value is not None:
+                        _copy_into(target, value)
+                        target.requires_grad_(True)
                 if bias is not None:
                     _copy_into(module.bias, bias)
                 if bias_mode != "none" and module.bias is not None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fused_lora
 from fused_lora import ops, reference
-from lora_testing import DEVICE, assert_close, make_params, make_x
+from lora_testing import DEVICE, VOCAB, assert_close, make_params, make_x, tiny_llama
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -362,3 +362,114 @@ def test_layer_use_dora_true_skips_rank_0_and_quantized_base():
     torch.testing.assert_close(layer.lora_magnitude_vector["2"], w_hat.norm(dim=1))
     x = make_x((5, 16), F32)
     torch.testing.assert_close(layer(x, torch.tensor([0, 1, 2, -1, 2], device=DEVICE)), F.linear(x, w_hat, linear.bias))
+
+
+# -- in models ---------------------------------------------------------------
+
+def _peft_files(tmp_path):
+    """A DoRA adapter (its magnitudes off the norms) and a LoRA one of other
+    targets, saved by PEFT: the PeftModels and their directories."""
+
+    peft = pytest.importorskip("peft")
+    configs = [peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                               use_dora=True),
+               peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "down_proj"], init_lora_weights=False)]
+    models, dirs = [], []
+    for i, config in enumerate(configs):
+        torch.manual_seed(30 + i)
+        model = peft.get_peft_model(tiny_llama(), config).eval()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_magnitude_vector" in n:
+                    p.mul_(1 + 0.3 * torch.rand_like(p))
+        models.append(model)
+        dirs.append(tmp_path / f"peft{i}")
+        model.save_pretrained(dirs[-1])
+    return models, dirs
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_load_adapters_serves_a_dora_adapter_beside_a_lora_one(tmp_path):
+    """load_adapters of PEFT's DoRA file and a LoRA one: the DoRA adapter's
+    layers hold its magnitudes; each sample of a mixed batch gets its PEFT
+    model's logits; save_adapter(adapter=0) writes a DoRA file PEFT loads
+    as the original; merge_and_unload(adapter=0) folds DoRA's weight in
+    (PEFT's merge), and a combination with it is refused, nothing changed."""
+
+    peft = pytest.importorskip("peft")
+    (peft0, peft1), dirs = _peft_files(tmp_path)
+    model = tiny_llama()
+    names = fused_lora.load_adapters(model, dirs)
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert q.use_dora == (True, False) and q.ranks == (4, 2)
+    assert model.get_submodule("model.layers.0.mlp.down_proj").use_dora == (False, False)
+    peft_q = peft0.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    assert torch.equal(q.lora_magnitude_vector["0"], peft_q.lora_magnitude_vector["default"].weight)
+    assert q.lora_magnitude_vector["0"].requires_grad
+    model.eval()
+    x = torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ids = [0, -1, 1, 0]
+    with fused_lora.adapter_ids(model, torch.tensor(ids, device=DEVICE)):
+        logits = model(input_ids=x).logits
+    base = tiny_llama()(input_ids=x).logits
+    for k, i in enumerate(ids):
+        _close(logits[k], base[k] if i == -1 else (peft0, peft1)[i](input_ids=x[k:k + 1]).logits[0])
+    fused_lora.save_adapter(model, tmp_path / "back0", adapter=0)
+    again = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "back0").eval()
+    assert again.peft_config["default"].use_dora
+    _close(again(input_ids=x).logits, peft0(input_ids=x).logits)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for adapter, weights in (([0, 1], None), (0, 0.5)):
+        with pytest.raises(ValueError, match=r"adapter 0 is DoRA .*: its magnitude rescales the whole weight"):
+            fused_lora.merge_and_unload(model, adapter=adapter, weights=weights)
+        with pytest.raises(ValueError, match=r"adapter 0 is DoRA"):
+            fused_lora.save_adapter(model, tmp_path / "blend", adapter=adapter, weights=weights)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert len(fused_lora.integration.multi_fused_layers(model)) == len(names)
+    assert fused_lora.merge_and_unload(model, adapter=0) == names
+    assert not fused_lora.integration.multi_fused_layers(model)
+    _close(model(input_ids=x).logits, peft0.merge_and_unload()(input_ids=x).logits)
+
+
+def test_inject_multi_dora_adapters_train_and_go_to_peft(tmp_path):
+    """inject_multi(use_dora=[...]): a training step through mixed ids gives
+    each DoRA adapter's magnitude the gradient of its own samples alone;
+    to_peft hands PEFT each adapter by name, DoRA's with its magnitudes:
+    each active gives the fused model's logits for it; a file of the other
+    kind into an adapter is refused."""
+
+    peft = pytest.importorskip("peft")
+    model = tiny_llama()
+    fused_lora.inject_multi(model, ["q_proj", "v_proj"], ranks=[4, 2, 3], alphas=[8, 2, 3],
+                            use_dora=[True, False, True])
+    layers = fused_lora.integration.multi_fused_layers(model)
+    assert all(layer.use_dora == (True, False, True) for layer in layers.values())
+    torch.manual_seed(4)
+    for layer in layers.values():
+        for b in layer.lora_B:
+            torch.nn.init.normal_(b, std=0.2)
+    x = torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    with fused_lora.adapter_ids(model, torch.tensor([0, 1, 0], device=DEVICE)):
+        model(input_ids=x, labels=x).loss.backward()
+    assert len(fused_lora.adapter_parameters(model, 0)) == 3 * len(layers)  # (A, B and the magnitude)
+    assert len(fused_lora.adapter_parameters(model, 1)) == 2 * len(layers)
+    for layer in layers.values():
+        assert layer.lora_magnitude_vector["0"].grad.abs().sum() > 0
+        assert not layer.lora_magnitude_vector["2"].grad.any()  # (no sample of adapter 2)
+    model.eval()
+    want = {}
+    for i in range(3):
+        with torch.no_grad(), fused_lora.adapter_ids(model, torch.full((3,), i, device=DEVICE)):
+            want[i] = model(input_ids=x).logits
+    fused_lora.save_adapter(model, tmp_path / "lora1", adapter=1)
+    with pytest.raises(fused_lora.AdapterFileError, match="adapter 0 of the model's fused layer is DoRA"):
+        fused_lora.load_adapter(model, tmp_path / "lora1", adapter=0)
+    back = fused_lora.to_peft(model, adapter_names=["a", "b", "c"])
+    for i, name in enumerate("abc"):
+        assert back.peft_config[name].use_dora == (i != 1)
+        back.set_adapter(name)
+        with torch.no_grad():
+            _close(back(input_ids=x).logits, want[i])
