@@ -157,6 +157,9 @@ def check_cases(on_gpu: bool) -> list[dict]:
         # forward's and dx's masks, split along K; the skinny forward's and dA's)
         case(small_m, 16, dtype, "in_loop", 0.1, train_base=False, adapters="dropouts")
         case(shapes[1], 64, dtype, "split", 0.1, train_base=False, adapters="dropouts")
+        # a DoRA adapter beside a LoRA one: the side-by-side op on x, or on drop(x), each row's γ its adapter's
+        case(small_m, 16, dtype, "in_loop", 0.0, train_base=False, adapters="dora")
+        case(shapes[1], 64, dtype, "split", 0.1, train_base=True, adapters="dora")
         # DoRA (dora_linear): the fused op on x, or on drop(x) (its own dropout off), scaled by column
         case(small_m, 16, dtype, "in_loop", 0.0, train_base=False, dora=True)
         case(shapes[0], 16, dtype, "split", 0.1, train_base=True, dora=True)
@@ -232,6 +235,7 @@ def cmd_check(args) -> int:
                               f"{' +row-scale' if case['row_scaled'] else ''}"
                               f"{' +adapter-dropouts' if case['adapters'] == 'dropouts' else ''}"
                               f"{' +adapters' if case['adapters'] is True else ''}"
+                              f"{' +adapters +dora' if case['adapters'] == 'dora' else ''}"
                               f"{' +dora' if case['dora'] else ''}"
                               f"{quantized_label}"
                               f"{' +whole' if plan.dequantize_base else ''}"

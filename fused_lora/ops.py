@@ -59,7 +59,14 @@ taken over K and detached (DoRA §4.3, as PEFT)::
 fused op above on drop(x), without bias or dropout of its own; with p = 0,
 ``y = γ ⊙ z + b``.) Backward: ``dz = γ ⊙ dy`` (then the fused backward
 above), ``dm = Σ_m dy ⊙ z / ν``; the second GEMM's dx through
-``x - drop(x)``. The norm takes one read of W, ``s·BA`` added to each
+``x - drop(x)``. Several adapters, some DoRA (:func:`multi_lora_linear`'s
+``magnitude``): row m of adapter ``i = id_m`` takes ``γ_i = m_i / ν_i``
+(``ν_i = ‖W + s_i · B_i A_i‖``), 1 where adapter i is plain LoRA or the
+row has none; ``z`` is the side-by-side op above on drop(x) (row m dropped
+with ``p_i``, no ``1 / (1 - p_i)`` in ``w`` then) and
+``y[m] = γ_{id_m} ⊙ z[m] + (x - drop(x))[m] Wᵀ + b``: each row its own
+adapter's DoRA (or LoRA) output; ``dm_i = Σ_{m: id_m = i} dy ⊙ z / ν_i``.
+The norm takes one read of W (a read a DoRA adapter), ``s·BA`` added to each
 of its tiles in fp32 and never stored (:mod:`fused_lora.kernels.dora`;
 :func:`dora_norm`, for a layer's init and merge, makes ``W + s·BA`` in
 fp32 a block of rows at a time).

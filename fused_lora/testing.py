@@ -205,7 +205,10 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
     ``scaling`` and ``2·scaling``, through :func:`fused_lora.multi_lora_linear`
     with random ids in [-1, 2), each among them (dlora_A and dlora_B: the two adapters'
     gradients side by side); ``adapters="dropouts"`` likewise, the two
-    adapters of dropout probabilities ``dropout_p`` and ``dropout_p / 2``. ``dora``: :func:`fused_lora.dora_linear` with a
+    adapters of dropout probabilities ``dropout_p`` and ``dropout_p / 2``;
+    ``adapters="dora"``: the first adapter DoRA (a random magnitude, with
+    ``dmagnitude``), the second not, against
+    :func:`fused_lora.reference.multi_dora_linear_checked`. ``dora``: :func:`fused_lora.dora_linear` with a
     random magnitude (0.5 to 1.5), against the reference's DoRA (with
     ``dmagnitude``). ``quantized``: the base quantized, ``True`` or
     ``"int8"`` to int8 (:func:`fused_lora.quantize_int8`), ``"nf4"`` to NF4
@@ -242,7 +245,7 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
         row_scale.view(-1)[::3] = 0.0
     if adapters:
         return _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale, weight_code,
-                                     dropouts=adapters == "dropouts")
+                                     dropouts=adapters == "dropouts", dora=adapters == "dora")
     if dora:
         return _dora_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale, weight_code)
     y = fused_lora.lora_linear(x, w, a, bb, b, scaling=scaling, dropout_p=dropout_p, seed=seed, row_scale=row_scale,
@@ -257,9 +260,10 @@ def parity_case(lead, k, n, r, dtype, *, bias=True, dropout_p=0.0, train_base=Fa
 
 
 def _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weight_scale=None,
-                          weight_code=None, dropouts=False) -> dict[str, float]:
+                          weight_code=None, dropouts=False, dora=False) -> dict[str, float]:
     """:func:`parity_case` with ``adapters`` (and ``quantized``: a quantized ``w`` with its ``weight_scale``;
-    ``adapters="dropouts"``: each adapter its own dropout probability, ``dropout_p`` and ``dropout_p / 2``)."""
+    ``adapters="dropouts"``: each adapter its own dropout probability, ``dropout_p`` and ``dropout_p / 2``;
+    ``adapters="dora"``: the first adapter DoRA)."""
     import fused_lora
     from fused_lora import reference
 
@@ -275,6 +279,9 @@ def _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weig
     ps = [dropout_p, dropout_p / 2] if dropouts else [dropout_p] * 2
     inputs = {"x": x, "weight": w, "bias": b}
     leaves = [inputs[g] for g in wanted if g in inputs] + lora_a + lora_b
+    if dora:
+        return _multi_dora_parity_case(x, w, b, lora_a, lora_b, ids, [g for g in wanted if g in inputs], scalings,
+                                       ps, seed, weight_scale, weight_code)
     y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=scalings, dropout_p=ps, seed=seed,
                                      weight_scale=weight_scale, weight_code=weight_code, backend="triton")
     if weight_scale is not None:
@@ -301,6 +308,40 @@ def _adapters_parity_case(x, w, b, a, bb, wanted, scaling, dropout_p, seed, weig
     g64 = dict(zip(wanted, torch.autograd.grad(y64, [leaves64[k] for k in wanted], dy.double())))
     errors = {"y": normalized_error(y, y64.detach())}
     errors.update({f"d{name}": normalized_error(grads[name], g64[name]) for name in wanted})
+    return errors
+
+
+def _multi_dora_parity_case(x, w, b, lora_a, lora_b, ids, wanted, scalings, ps, seed, weight_scale,
+                            weight_code) -> dict[str, float]:
+    """:func:`_adapters_parity_case` with ``dora``: adapter 0 DoRA, adapter 1 not."""
+    import fused_lora
+
+    m = (torch.rand(w.shape[0], dtype=x.dtype, device=w.device) + 0.5).requires_grad_()
+    inputs = {"x": x, "weight": w, "bias": b, "a0": lora_a[0], "a1": lora_a[1], "b0": lora_b[0], "b1": lora_b[1],
+              "magnitude": m}
+    names = [*wanted, "a0", "a1", "b0", "b1", "magnitude"]
+    y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, scaling=scalings, dropout_p=ps, seed=seed,
+                                     weight_scale=weight_scale, weight_code=weight_code, magnitude=[m, None],
+                                     backend="triton")
+    dy = torch.randn_like(y)
+    grads = dict(zip(names, torch.autograd.grad(y, [inputs[k] for k in names], dy)))
+    leaves = {k: (v.detach().double().requires_grad_(k in names) if v is not None else None)
+              for k, v in inputs.items()}
+    if weight_scale is not None:  # (Ŵ in x's dtype, taken in float64)
+        leaves["weight"] = dequantize_base(w, weight_scale, x.dtype, weight_code).double()
+    row_p = None
+    if max(ps) > 0:
+        p = torch.tensor(ps, dtype=torch.float64, device=x.device)
+        row_p = torch.where(ids >= 0, p[ids.clamp(min=0)], 0.0)
+    y64 = reference.multi_dora_linear_checked(
+        leaves["x"], leaves["weight"], [leaves["a0"], leaves["a1"]], [leaves["b0"], leaves["b1"]],
+        [leaves["magnitude"], None], ids, leaves["bias"], scalings, max(ps), seed, row_p)
+    g64 = dict(zip(names, torch.autograd.grad(y64, [leaves[k] for k in names], dy.double())))
+    for g in (grads, g64):
+        g["lora_A"] = torch.cat([g.pop("a0"), g.pop("a1")])
+        g["lora_B"] = torch.cat([g.pop("b0"), g.pop("b1")], 1)
+    errors = {"y": normalized_error(y, y64.detach())}
+    errors.update({f"d{name}": normalized_error(g, g64[name]) for name, g in grads.items()})
     return errors
 
 
