@@ -95,13 +95,16 @@ def test_multi_adapter(benchmark, provider, dropout, mode):
 # fused_lora.from_peft (one MultiLoRALinear a layer: one fused set of launches for the whole mix, where
 # PEFT runs the base, then each adapter on its samples in turn). On a GPU: 16 samples of 256 tokens through
 # a 4096 -> 4096 bf16 layer, 4 adapters of rank 16 (one sample in eight the base's); without one, a tiny
-# smoke shape. The fused model's output is checked against PEFT's before it is timed.
+# smoke shape. The fused model's output is checked against PEFT's before it is timed. ``dora``: every adapter
+# DoRA (its magnitudes off the norms), which PEFT's mixed batch refuses: PEFT serves them a pass an adapter
+# (set_adapter, then its samples; the base's under disable_adapter), the fused model one batch as before.
 SERVING = dict(samples=16, tokens=256, k=4096, n=4096, ranks=(16, 16, 16, 16), dtype=torch.bfloat16) if ON_GPU \
     else dict(samples=5, tokens=3, k=48, n=40, ranks=(4, 8, 4), dtype=torch.float32)
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("provider", ["fused", "peft"])
-def test_peft_serving(benchmark, provider):
+def test_peft_serving(benchmark, provider, dora):
     import fused_lora
     from fused_lora.testing import TOLERANCE
 
@@ -110,26 +113,46 @@ def test_peft_serving(benchmark, provider):
     torch.manual_seed(0)
     model = None
     for i, r in enumerate(ranks):
-        config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], init_lora_weights=False)
+        config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], init_lora_weights=False,
+                                 use_dora=dora)
         if model is None:
             model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(k, n)), config, adapter_name="a0")
         else:
             model.add_adapter(f"a{i}", config)
     model = model.to(DEVICE, dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.rand_like(p))
     names = ["__base__" if s % 8 == 7 else f"a{s % len(ranks)}" for s in range(samples)]
     x = (torch.randn(samples, tokens, k, device=DEVICE) / 2).to(dtype)
+    groups = {a: torch.tensor([s for s, b in enumerate(names) if b == a], device=DEVICE) for a in dict.fromkeys(names)}
 
-    def forward():
+    def mixed():
         with torch.no_grad():
             return model(x, adapter_names=names)
 
+    def per_adapter():  # (PEFT's way with DoRA adapters)
+        out = torch.empty(samples, tokens, n, device=DEVICE, dtype=dtype)
+        with torch.no_grad():
+            for adapter, rows in groups.items():
+                if adapter == "__base__":
+                    with model.disable_adapter():
+                        out[rows] = model(x[rows])
+                else:
+                    model.set_adapter(adapter)
+                    out[rows] = model(x[rows])
+        return out
+
+    peft_forward = per_adapter if dora else mixed
     if provider == "fused":
-        expected = forward().double()
+        expected = peft_forward().double()
+        model.set_adapter("a0")
         report = fused_lora.from_peft(model)
         assert report.converted == ["base_model.model.0"], report
         tol = TOLERANCE[dtype]
-        torch.testing.assert_close(forward().double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
-    _time(benchmark, forward)
+        torch.testing.assert_close(mixed().double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    _time(benchmark, mixed if provider == "fused" else peft_forward)
 
 
 # DoRA (fused_lora.dora_linear) against PEFT's own DoRA layer (use_dora=True, every tensor in the base's

@@ -344,8 +344,10 @@ def test_from_peft_fuses_torchao_int8_weight_only_layers():
         assert torch.equal(peft_model(input_ids=ids).logits, expected)
 
 
-def test_from_peft_serves_several_qlora_adapters_from_one_4bit_base(llama_dir, tmp_path):
-    """QLoRA's model holding two adapters (``add_adapter``): each layer one
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "qdora-second"])
+def test_from_peft_serves_several_qlora_adapters_from_one_4bit_base(llama_dir, tmp_path, dora):
+    """QLoRA's model holding two adapters (``add_adapter``; ``dora``: the
+    second DoRA, its norms read off the NF4 bytes): each layer one
     :class:`fused_lora.MultiLoRALinear` over PEFT's 4-bit bytes (shared, its
     compute dtype kept); each adapter made active gives PEFT's logits and
     gradients (train mode: in eval mode bitsandbytes' CPU forward repacks its
@@ -356,7 +358,8 @@ def test_from_peft_serves_several_qlora_adapters_from_one_4bit_base(llama_dir, t
     ref, model = (_qlora(llama_dir, F32) for _ in range(2))
     for m in (ref, model):
         torch.manual_seed(7)  # (the same lora_A for both)
-        m.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj", "up_proj"]))
+        m.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                use_dora=dora))
         _trained(m, seed=4)
     originals = _lora_layers(model)
     bytes_of = {n: m.get_base_layer().weight.data_ptr() for n, m in originals.items()}
@@ -368,6 +371,7 @@ def test_from_peft_serves_several_qlora_adapters_from_one_4bit_base(llama_dir, t
         assert layer.weight.data_ptr() == bytes_of[name] and layer.compute_dtype == F32
         assert original.get_base_layer().weight.numel() == 0  # (kept aside, PEFT's weight let go of the bytes)
         assert layer.ranks == (4, 2 if "second" in original.lora_A else 0)
+        assert layer.use_dora == (False, dora and "second" in original.lora_A)
     ids = torch.randint(0, 61, (3, 9))
     alone = {}
     for adapter in ("second", "default"):
