@@ -1060,12 +1060,13 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
     @property
     def use_dora(self) -> tuple[bool, ...]:
         """Whether each adapter is DoRA (it has a ``lora_magnitude_vector[str(i)]``)."""
-        held = self.lora_magnitude_vector
+        held = self._modules["lora_magnitude_vector"]
         return tuple(str(i) in held for i in range(len(self.ranks)))
 
     def magnitude(self, i: int) -> nn.Parameter | None:
         """Adapter ``i``'s DoRA magnitude (out,), or None: not DoRA."""
-        return self.lora_magnitude_vector[str(i)] if str(i) in self.lora_magnitude_vector else None
+        held = self._modules["lora_magnitude_vector"]  # (without nn.Module's __getattr__: every forward asks)
+        return held[str(i)] if str(i) in held else None
 
     def _float_base(self, dtype: torch.dtype) -> torch.Tensor:
         """The base weight (out, in): as it is, or, a quantized base, Ŵ in ``dtype``."""
@@ -1276,7 +1277,7 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
             lora_B = [b.to(dtype) for b in lora_B]
         bias = self.bias if scale is None else _quantized_base_bias(self.bias, dtype)
         magnitude = None
-        if self.lora_magnitude_vector:
+        if self._modules["lora_magnitude_vector"]:
             magnitude = [None if m is None else m.to(dtype) for m in map(self.magnitude, range(len(self.ranks)))]
         return multi_lora_linear(x, weight, lora_A, lora_B, adapter_ids, bias, scaling=list(self.scalings),
                                  dropout_p=list(self._dropouts) if self.training else 0.0, weight_scale=scale,

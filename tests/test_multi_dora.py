@@ -473,3 +473,19 @@ def test_inject_multi_dora_adapters_train_and_go_to_peft(tmp_path):
         back.set_adapter(name)
         with torch.no_grad():
             _close(back(input_ids=x).logits, want[i])
+
+
+def test_autocast_computes_in_its_dtype():
+    """Under torch.autocast the adapters and magnitudes are cast with x:
+    the output in the autocast dtype, as the call on cast tensors."""
+    device_type = torch.device(DEVICE).type
+    x = make_x((7, 32), F32)
+    w, b, _, _ = make_params(32, 24, 1, F32, True)
+    lora_a, lora_b, mags = _adapters(32, 24, (4, 2), (True, False), F32)
+    ids = torch.tensor([0, 1, -1, 0, 1, 1, 0], device=DEVICE)
+    with torch.autocast(device_type, dtype=BF16):
+        y = fused_lora.multi_lora_linear(x, w, lora_a, lora_b, ids, b, magnitude=mags, backend="triton")
+    cast = lambda ts: [t if t is None else t.to(BF16) for t in ts]  # noqa: E731
+    want = fused_lora.multi_lora_linear(x.to(BF16), w.to(BF16), cast(lora_a), cast(lora_b), ids, b.to(BF16),
+                                        magnitude=cast(mags), backend="triton")
+    assert y.dtype == BF16 and torch.equal(y, want)
