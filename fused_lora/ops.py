@@ -1135,15 +1135,28 @@ def multi_lora_linear(
     dropout_p, adapter_p, per_adapter = max(dropouts), None, len(set(dropouts)) > 1
     if per_adapter:
         scalings = tuple(s / (1.0 - p) for s, p in zip(scalings, dropouts))
+    if per_adapter:
+        adapter_p = _kept_adapter_p(x.device, dropouts)
+    a, b, adapters = _side_by_side(x, lora_A, lora_B, adapter_ids, scalings)
+    return _lora_linear(x, weight, a, b, bias, 1.0, dropout_p, seed, None, adapters, backend, weight_scale,
+                        weight_code, adapter_p)
+
+
+def _side_by_side(x: Tensor, lora_A: list, lora_B: list, adapter_ids: Tensor, scalings: tuple[float, ...]):
+    """``(A, B, (adapter_ids, rank_ids, rank_scaling))``: the adapters
+    concatenated along the rank, and what the kernels select each row's
+    columns by (:func:`_rank_columns`)."""
     # (while torch.compile traces, the tensors are made in the graph: it would not keep the cache's)
     columns = _make_rank_columns if torch.compiler.is_compiling() else _rank_columns
-    rank_ids, rank_scaling = columns(x.device, ranks, scalings)
-    if per_adapter:
-        adapter_p = (_make_adapter_p if torch.compiler.is_compiling() else _adapter_p)(x.device, dropouts)
-    a = lora_A[0] if n == 1 else torch.cat(lora_A, 0)
-    b = lora_B[0] if n == 1 else torch.cat(lora_B, 1)
-    return _lora_linear(x, weight, a, b, bias, 1.0, dropout_p, seed, None, (adapter_ids, rank_ids, rank_scaling),
-                        backend, weight_scale, weight_code, adapter_p)
+    rank_ids, rank_scaling = columns(x.device, tuple(a.shape[0] for a in lora_A), scalings)
+    a = lora_A[0] if len(lora_A) == 1 else torch.cat(lora_A, 0)
+    b = lora_B[0] if len(lora_B) == 1 else torch.cat(lora_B, 1)
+    return a, b, (adapter_ids, rank_ids, rank_scaling)
+
+
+def _kept_adapter_p(device: torch.device, dropouts: tuple[float, ...]) -> Tensor:
+    """:func:`_adapter_p`'s tensor (made in the graph while torch.compile traces)."""
+    return (_make_adapter_p if torch.compiler.is_compiling() else _adapter_p)(device, dropouts)
 
 
 def _multi_dora(x, weight, lora_A, lora_B, magnitudes, adapter_ids, bias, scalings, dropouts, seed, backend,
@@ -1154,11 +1167,12 @@ def _multi_dora(x, weight, lora_A, lora_B, magnitudes, adapter_ids, bias, scalin
     launches of the adapters side by side on drop(x) (no bias, no dropout
     of their own) and row m's γ its adapter's, 1 for a LoRA adapter or none
     (the math in this module)."""
-    n, dropout_p, row_p = len(lora_A), max(dropouts), None
+    dropout_p, row_p, torch_backend = max(dropouts), None, resolve_backend(backend, x) == "torch"
     if dropout_p > 0.0:  # (each row's adapter's probability, 0 on a row of none: x's leading shape)
-        adapter_p = torch.tensor(dropouts, dtype=torch.promote_types(x.dtype, torch.float32)).to(x.device)
+        adapter_p = torch.tensor(dropouts, dtype=torch.float64, device=x.device) if torch_backend and \
+            x.dtype == torch.float64 else _kept_adapter_p(x.device, dropouts)  # (fp32, made on the device)
         row_p = torch.where(adapter_ids >= 0, adapter_p[adapter_ids.clamp(min=0)], 0.0)
-    if resolve_backend(backend, x) == "torch":
+    if torch_backend:
         if weight_scale is not None:
             weight = dequantize_base(weight, weight_scale, x.dtype, weight_code)
         return multi_dora_linear_checked(x, weight, lora_A, lora_B, magnitudes, adapter_ids, bias, scalings,
@@ -1170,11 +1184,7 @@ def _multi_dora(x, weight, lora_A, lora_B, magnitudes, adapter_ids, bias, scalin
     # Each row's γ, table row id + 1 (an id below -1, whose row the kernels make NaN: row 0). An embedding: its
     # backward, each DoRA adapter's dγ summed over its rows, sorts the ids, no atomics (index_select's has them)
     gamma = torch.nn.functional.embedding(adapter_ids.clamp(min=-1).to(torch.int64) + 1, table)
-    ranks = tuple(a.shape[0] for a in lora_A)
-    columns = _make_rank_columns if torch.compiler.is_compiling() else _rank_columns
-    adapters = (adapter_ids, *columns(x.device, ranks, scalings))
-    a = lora_A[0] if n == 1 else torch.cat(lora_A, 0)
-    b = lora_B[0] if n == 1 else torch.cat(lora_B, 1)
+    a, b, adapters = _side_by_side(x, lora_A, lora_B, adapter_ids, scalings)
     dropped = x if row_p is None else dora_dropped(x, dropout_p, seed, row_p)
     z = _lora_linear(dropped, weight, a, b, None, 1.0, 0.0, None, None, adapters, "triton", weight_scale,
                      weight_code)

@@ -398,7 +398,6 @@ def test_load_adapters_serves_a_dora_adapter_beside_a_lora_one(tmp_path):
     model's logits; save_adapter(adapter=0) writes a DoRA file PEFT loads
     as the original; merge_and_unload(adapter=0) folds DoRA's weight in
     (PEFT's merge), and a combination with it is refused, nothing changed."""
-
     peft = pytest.importorskip("peft")
     (peft0, peft1), dirs = _peft_files(tmp_path)
     model = tiny_llama()
@@ -440,8 +439,7 @@ def test_inject_multi_dora_adapters_train_and_go_to_peft(tmp_path):
     to_peft hands PEFT each adapter by name, DoRA's with its magnitudes:
     each active gives the fused model's logits for it; a file of the other
     kind into an adapter is refused."""
-
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     model = tiny_llama()
     fused_lora.inject_multi(model, ["q_proj", "v_proj"], ranks=[4, 2, 3], alphas=[8, 2, 3],
                             use_dora=[True, False, True])

@@ -173,14 +173,17 @@ def test_a_model_of_several_adapters_converts_and_runs_as_peft(make, tmp_path):
     assert torch.equal(back(input_ids=ids).logits, reference(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
-def test_training_the_active_adapter_matches_peft(checkpointing):
+@pytest.mark.parametrize("checkpointing, dora", [(False, ()), (True, ()), (False, ("first",))],
+                         ids=["plain", "activation-checkpointing", "dora-first"])
+def test_training_the_active_adapter_matches_peft(checkpointing, dora):
     """In train mode the active adapter alone runs, trains and gets PEFT's
     gradients (PEFT's set_adapter freezes the others, on the tensors the
-    fused layers share), with transformers' activation checkpointing too;
-    another made active trains in its turn; an optimizer step on the shared
-    tensors keeps the two models equal."""
-    model, reference = _several()
+    fused layers share), with transformers' activation checkpointing too,
+    and as a DoRA adapter (its magnitude's gradient too; dropout draws its
+    masks otherwise than PEFT's: against the float64 oracle in
+    test_multi_dora); another made active trains in its turn; an optimizer
+    step on the shared tensors keeps the two models equal."""
+    model, reference = _several(dora=dora)
     model.train()
     reference.train()
     if checkpointing:
@@ -197,6 +200,7 @@ def test_training_the_active_adapter_matches_peft(checkpointing):
             m(input_ids=ids, labels=ids).loss.backward()
         grads, expected = _peft_grads(model), _peft_grads(reference)
         assert grads.keys() == expected.keys() and all(f".{adapter}." in n for n in grads)
+        assert any("lora_magnitude_vector" in n for n in grads) == (adapter in dora)
         for n, g in grads.items():
             _close(g, expected[n])
     optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (model, reference)]
@@ -267,35 +271,6 @@ def test_dora_adapters_among_several_convert_and_run_as_peft(make, tmp_path):
     assert model.state_dict().keys() == reference.state_dict().keys()
     for k, v in reference.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
-
-
-def test_training_a_dora_adapter_among_several_matches_peft():
-    """The active DoRA adapter trains with PEFT's gradients (its magnitude's
-    included), then a LoRA one in its turn; an SGD step keeps the two
-    models equal. (Dropout draws its masks otherwise than PEFT's: each
-    row's, against the float64 oracle, in test_multi_dora.)"""
-    model, reference = _several(dora=("first",))
-    model.train()
-    reference.train()
-    fused_lora.from_peft(model)
-    ids = _batch()
-    for adapter in ("first", "second"):
-        model.set_adapter(adapter)
-        reference.set_adapter(adapter)
-        for m in (model, reference):
-            m.zero_grad(set_to_none=True)
-            m(input_ids=ids, labels=ids).loss.backward()
-        grads, expected = _peft_grads(model), _peft_grads(reference)
-        assert grads.keys() == expected.keys() and all(f".{adapter}." in n for n in grads)
-        assert any("lora_magnitude_vector" in n for n in grads) == (adapter == "first")
-        for n, g in grads.items():
-            _close(g, expected[n])
-    optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (model, reference)]
-    for optimizer in optimizers:
-        optimizer.step()
-    model.eval()
-    reference.eval()
-    _close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
 
 
 def test_state_dicts_and_peft_s_load_adapter_reach_the_shared_tensors(tmp_path):
