@@ -272,8 +272,9 @@ def _reduce_args(dtype: str, cfg, variant: str, block_r: int) -> dict:
 
 
 #: DoRA's norm: one rank tile (its B rows loaded once), or a rank of
-#: several chunks (walked inside the K loop).
-NORM_PASSES = ("norm", "norm_chunked")
+#: several chunks (walked inside the K loop); several adapters' norms in one
+#: read of W (``ADAPTERS``: three side by side, of a tile and a half each).
+NORM_PASSES = ("norm", "norm_chunked", "norm_adapters")
 
 
 def _norm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True, int8_base: bool = False,
@@ -285,6 +286,9 @@ def _norm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
     absmax in groups of 64 (the K tail: K = SHAPE - 64, a whole group)."""
     k = SHAPE if even_k else SHAPE - (64 if nf4_base else 8)
     r = block_r if variant == "norm" else 2 * block_r + block_r // 2
+    adapters = variant == "norm_adapters"
+    if adapters:
+        r = 3 * (block_r + block_r // 2)
     w_dtype = "*i8" if int8_base else "*u8" if nf4_base else f"*{dtype}"
     return dict(w_ptr=w_dtype, b_ptr=f"*{dtype}", a_ptr=f"*{dtype}", out_ptr="*fp32",
                 s_ptr="*fp32", code_ptr="*fp32", N=SHAPE,
@@ -293,7 +297,9 @@ def _norm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
                 stride_s=1 if int8_base else k // 64 if nf4_base else 0, stride_s2=1 if nf4_base else 0, scaling=2.0,
                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, EVEN_K=even_k,
                 ONE_R_TILE=variant == "norm", UPCAST=False, INPUT_PRECISION="ieee",
-                W_SCALE=2 if nf4_base else int(int8_base), W_GROUP=64 if nf4_base else 0)
+                W_SCALE=2 if nf4_base else int(int8_base), W_GROUP=64 if nf4_base else 0,
+                bounds_ptr="*i32" if adapters else None, scales_ptr="*fp32" if adapters else None,
+                n_adapters=3 if adapters else 1, ADAPTERS=4 if adapters else 0)
 
 
 def _ast_source(fn, values: dict):
@@ -666,13 +672,19 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                 jobs.append(Job("norm", "norm", dtype, asdict(cfg), arch, block_r))
             jobs.append(Job("norm", "norm", dtype, asdict(cfg), arch, 16, even_k=False))
             jobs.append(Job("norm", "norm_chunked", dtype, asdict(cfg), arch, cfg.max_block_r))
-            # an int8 W (QDoRA), its rows dequantised as loaded: one rank tile, a K tail, the chunked rank
-            for even_k, pass_name in ((True, "norm"), (False, "norm"), (True, "norm_chunked")):
+            # several DoRA adapters' norms in one read of W (multi_lora_linear's magnitude), with a K tail
+            for even_k in (True, False):
+                jobs.append(Job("norm", "norm_adapters", dtype, asdict(cfg), arch, cfg.max_block_r, even_k=even_k))
+            # an int8 W (QDoRA), its rows dequantised as loaded: one rank tile, a K tail, the chunked rank,
+            # several adapters
+            for even_k, pass_name in ((True, "norm"), (False, "norm"), (True, "norm_chunked"),
+                                      (True, "norm_adapters")):
                 jobs.append(Job("norm", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, even_k=even_k,
                                 int8_base=True))
         # an NF4 W (QDoRA on QLoRA's base), on its own tile (16-bit): likewise
         for cfg in shipped["norm_fp32" if elt == 4 else "norm_nf4_16bit"]:
-            for even_k, pass_name in ((True, "norm"), (False, "norm"), (True, "norm_chunked")):
+            for even_k, pass_name in ((True, "norm"), (False, "norm"), (True, "norm_chunked"),
+                                      (True, "norm_adapters")):
                 jobs.append(Job("norm", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, even_k=even_k,
                                 nf4_base=True))
         # the reductions: every combination of the kernel's meta-parameters, a second output in fp32

@@ -66,7 +66,8 @@ row has none; ``z`` is the side-by-side op above on drop(x) (row m dropped
 with ``p_i``, no ``1 / (1 - p_i)`` in ``w`` then) and
 ``y[m] = γ_{id_m} ⊙ z[m] + (x - drop(x))[m] Wᵀ + b``: each row its own
 adapter's DoRA (or LoRA) output; ``dm_i = Σ_{m: id_m = i} dy ⊙ z / ν_i``.
-The norm takes one read of W (a read a DoRA adapter), ``s·BA`` added to each
+The norm takes one read of W (one for every DoRA adapter of a call:
+each W tile takes each adapter's ``s_i·B_i A_i`` in turn), ``s·BA`` added to each
 of its tiles in fp32 and never stored (:mod:`fused_lora.kernels.dora`;
 :func:`dora_norm`, for a layer's init and merge, makes ``W + s·BA`` in
 fp32 a block of rows at a time).
@@ -513,6 +514,30 @@ def dora_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
 @dora_norm_op.register_fake
 def _(weight, lora_A, lora_B, scaling, weight_scale=None, weight_code=None):
     return lora_A.new_empty(weight.shape[:1], dtype=torch.float32)
+
+
+@_on_the_operands_device
+def _dora_norms_triton(weight: Tensor, lora_A: Tensor, lora_B: Tensor, bounds: Tensor, scales: Tensor,
+                       max_rank: int, weight_scale: Tensor | None = None,
+                       weight_code: Tensor | None = None) -> Tensor:
+    return _triton.get().dora_norms(weight, lora_A, lora_B, bounds, scales, max_rank, weight_scale,
+                                    _kernel_code(weight, weight_code) if weight_scale is not None else None)
+
+
+@torch.library.custom_op("fused_lora::dora_norms", mutates_args=())
+def dora_norms_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, bounds: Tensor, scales: Tensor, max_rank: int,
+                  weight_scale: Tensor | None = None, weight_code: Tensor | None = None) -> Tensor:
+    """Several adapters' ``ν_a = ‖W + s_a·B_a A_a‖``, fp32 (n, N), in one
+    read of W (:func:`fused_lora.kernels.dora.dora_norms`): A (R, K) and B
+    (N, R) the adapters side by side, adapter a's rank columns
+    ``[bounds[2a], bounds[2a + 1])`` (int32, (2n,)), its scale ``scales[a]``
+    (fp32, (n,)), none of rank above ``max_rank``."""
+    return _dora_norms_triton(weight, lora_A, lora_B, bounds, scales, max_rank, weight_scale, weight_code)
+
+
+@dora_norms_op.register_fake
+def _(weight, lora_A, lora_B, bounds, scales, max_rank, weight_scale=None, weight_code=None):
+    return lora_A.new_empty((scales.shape[0], weight.shape[0]), dtype=torch.float32)
 
 
 def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, strategy, row_scale,
@@ -1076,8 +1101,8 @@ def multi_lora_linear(
             (each row dropped with its adapter's probability, the mask drawn
             as :func:`dora_linear`'s) and each row's output feature is
             scaled by its adapter's γ (1 for LoRA adapters and rows of
-            none), one norm kernel a DoRA adapter (a read of W each), and,
-            with dropout, the correction ``(x - drop(x)) Wᵀ``. An adapter of
+            none), every DoRA adapter's norm in one launch (one read of W),
+            and, with dropout, the correction ``(x - drop(x)) Wᵀ``. An adapter of
             rank 0 has no magnitude (a ValueError).
 
     The sum of the ranks is the rank the kernels run, and picks the plan
@@ -1177,14 +1202,22 @@ def _multi_dora(x, weight, lora_A, lora_B, magnitudes, adapter_ids, bias, scalin
             weight = dequantize_base(weight, weight_scale, x.dtype, weight_code)
         return multi_dora_linear_checked(x, weight, lora_A, lora_B, magnitudes, adapter_ids, bias, scalings,
                                          dropout_p, seed, row_p)
-    ones = x.new_ones(base_shape(weight)[0])
-    table = torch.stack([ones] + [ones if m is None else _dora_gamma(
-        weight, a, b, m, s, weight_scale, weight_code, x.dtype) for a, b, m, s in zip(lora_A, lora_B, magnitudes,
-                                                                                          scalings)])
+    a, b, adapters = _side_by_side(x, lora_A, lora_B, adapter_ids, scalings)
+    # Every DoRA adapter's norm in one read of W (detached: DoRA §4.3, PEFT)
+    dora = tuple(m is not None for m in magnitudes)
+    bounds, scales = (_make_dora_columns if torch.compiler.is_compiling() else _dora_columns)(
+        x.device, tuple(t.shape[0] for t in lora_A), scalings, dora)
+    max_rank = max(t.shape[0] for t, d in zip(lora_A, dora) if d)
+    with torch.no_grad():
+        norms = (_dora_norms_triton if direct_call(weight, a, b, weight_scale, weight_code)
+                 else torch.ops.fused_lora.dora_norms)(weight.detach(), a.detach(), b.detach(), bounds, scales,
+                                                       max_rank, weight_scale, weight_code)
+    ones, norms = x.new_ones(norms.shape[1]), iter(norms)
+    table = torch.stack([ones] + [ones if m is None else (m.to(torch.float32) / next(norms)).to(x.dtype)
+                                  for m in magnitudes])
     # Each row's γ, table row id + 1 (an id below -1, whose row the kernels make NaN: row 0). An embedding: its
     # backward, each DoRA adapter's dγ summed over its rows, sorts the ids, no atomics (index_select's has them)
     gamma = torch.nn.functional.embedding(adapter_ids.clamp(min=-1).to(torch.int64) + 1, table)
-    a, b, adapters = _side_by_side(x, lora_A, lora_B, adapter_ids, scalings)
     dropped = x if row_p is None else dora_dropped(x, dropout_p, seed, row_p)
     z = _lora_linear(dropped, weight, a, b, None, 1.0, 0.0, None, None, adapters, "triton", weight_scale,
                      weight_code)
@@ -1227,17 +1260,7 @@ def _adapter_dropouts(dropout_p, n: int) -> tuple[float, ...]:
 def _adapter_p(device: torch.device, dropouts: tuple[float, ...]) -> Tensor:
     """The adapters' dropout probabilities, (n,) fp32 on ``device``, kept as
     :func:`_rank_columns`' pairs are (not while a CUDA graph captures)."""
-    key = (device, "p", dropouts)
-    p = _rank_columns_kept.get(key)
-    if p is not None:
-        _rank_columns_kept.move_to_end(key)
-        return p
-    p = _make_adapter_p(device, dropouts)
-    if not _capturing(device):
-        _rank_columns_kept[key] = p
-        while len(_rank_columns_kept) > _RANK_COLUMNS_KEPT:
-            _rank_columns_kept.popitem(last=False)
-    return p
+    return _kept((device, "p", dropouts), _make_adapter_p, device, dropouts)
 
 
 def _make_adapter_p(device: torch.device, dropouts: tuple[float, ...]) -> Tensor:
@@ -1317,17 +1340,42 @@ def _rank_columns(device: torch.device, ranks: tuple[int, ...], scalings: tuple[
     ``device``: a pair made then is written by the graph's replays alone,
     so it is made for that graph and not kept (a capture needs no warm-up
     call of the same ranks and scales for them)."""
-    key = (device, ranks, scalings)
-    pair = _rank_columns_kept.get(key)
-    if pair is not None:
+    return _kept((device, ranks, scalings), _make_rank_columns, device, ranks, scalings)
+
+
+def _kept(key: tuple, make, device: torch.device, *args):
+    """``make(device, *args)``, kept under ``key`` (the most recently used
+    :data:`_RANK_COLUMNS_KEPT`), but while a CUDA graph captures on ``device``."""
+    made = _rank_columns_kept.get(key)
+    if made is not None:
         _rank_columns_kept.move_to_end(key)
-        return pair
-    pair = _make_rank_columns(device, ranks, scalings)
+        return made
+    made = make(device, *args)
     if not _capturing(device):
-        _rank_columns_kept[key] = pair
+        _rank_columns_kept[key] = made
         while len(_rank_columns_kept) > _RANK_COLUMNS_KEPT:
             _rank_columns_kept.popitem(last=False)
-    return pair
+    return made
+
+
+def _dora_columns(device: torch.device, ranks: tuple[int, ...], scalings: tuple[float, ...],
+                  dora: tuple[bool, ...]):
+    """``(bounds, scales)`` of the DoRA adapters (``dora``) among adapters
+    of ``ranks`` side by side: each one's rank columns ``[start, stop)``,
+    (2 n_dora,) int32, and its scale, (n_dora,) fp32, on ``device``
+    (:func:`fused_lora.kernels.dora.dora_norms`' tables), kept as
+    :func:`_rank_columns`' pairs are."""
+    return _kept((device, "dora", ranks, scalings, dora), _make_dora_columns, device, ranks, scalings, dora)
+
+
+def _make_dora_columns(device: torch.device, ranks: tuple[int, ...], scalings: tuple[float, ...],
+                       dora: tuple[bool, ...]):
+    """:func:`_dora_columns`' pair, made on the device by fills."""
+    starts = [sum(ranks[:i]) for i in range(len(ranks))]
+    bounds = [v for i, d in enumerate(dora) if d for v in (starts[i], starts[i] + ranks[i])]
+    scales = [s for s, d in zip(scalings, dora) if d]
+    return (torch.cat([torch.full((1,), v, dtype=torch.int32, device=device) for v in bounds]),
+            torch.cat([torch.full((1,), s, dtype=torch.float32, device=device) for s in scales]))
 
 
 def _make_rank_columns(device: torch.device, ranks: tuple[int, ...], scalings: tuple[float, ...]):

@@ -47,7 +47,7 @@ else:
     from . import configs
     from .common import is_interpreted, poison_outputs
     from .dequant import dequantize_kernel, dequantize_weight
-    from .dora import dora_norm, dora_norm_kernel
+    from .dora import dora_norm, dora_norm_kernel, dora_norms
     from .gemm import lora_gemm, lora_gemm_kernel, tma_available
     from .skinny import lora_skinny_kernel, reduce_all, reduce_partials, reduce_partials_kernel, skinny_pass
 
@@ -61,6 +61,7 @@ else:
         "dequantize_weight",
         "dora_norm",
         "dora_norm_kernel",
+        "dora_norms",
         "lora_gemm",
         "lora_gemm_kernel",
         "lora_skinny_kernel",

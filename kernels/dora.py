@@ -18,6 +18,14 @@ loaded, each row times its scale, rounded once to A's dtype
 An NF4 W (``W_SCALE == 2``: (N, K/2) bytes, the absmax of each group of
 ``W_GROUP`` of a row) likewise, each value ``code[nibble] · absmax``
 (``common.nf4_codes``), a (BLOCK_N, BLOCK_K / 2) tile of bytes a step.
+
+Several adapters at once (``ADAPTERS``, :func:`dora_norms`: the DoRA
+adapters among several, side by side in A's and B's rank, each of its own
+columns ``[start, stop)`` and scale): each W tile, loaded and dequantised
+once, takes each adapter's ``s·B A`` in turn (the rank in ``BLOCK_R``
+chunks from its start), and each adapter's sum of squares goes in its own
+column of a (BLOCK_N, ADAPTERS) accumulator: one read of W for every
+adapter's norm, each sum in the one-adapter kernel's order.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from .common import alloc, dequantize, in_bounds, is_interpreted, load_operand, 
 from .configs import DORA_NORM_16BIT, DORA_NORM_FP32, DORA_NORM_NF4_16BIT, NormConfig, block_r_for, cdiv
 
 
-@triton.jit(do_not_specialize=["N", "K", "R"])
+@triton.jit(do_not_specialize=["N", "K", "R", "n_adapters"])
 def dora_norm_kernel(
     w_ptr,  # (N, K)  W, any strides (int8 with W_SCALE 1; (N, K/2) bytes of NF4 with W_SCALE 2)
     b_ptr,  # (N, R)  lora_B, W's dtype (with W_SCALE: A's, the compute dtype)
@@ -59,6 +67,10 @@ def dora_norm_kernel(
     INPUT_PRECISION: tl.constexpr,  # fp32 dots: "ieee"
     W_SCALE: tl.constexpr = 0,  # W quantized, dequantised as loaded: 1 int8, row n times s[n]; 2 NF4
     W_GROUP: tl.constexpr = 0,  # NF4: the absmax group along K
+    bounds_ptr=None,  # (2 n,) int32 with ADAPTERS: adapter a's rank columns [bounds[2a], bounds[2a + 1])
+    scales_ptr=None,  # (n,) fp32 with ADAPTERS: adapter a's scale (``scaling`` unused)
+    n_adapters=1,  # n, with ADAPTERS; out (n, N)
+    ADAPTERS: tl.constexpr = 0,  # 0: one adapter (R, scaling); else a power of two >= n, the accumulator's width
 ):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -67,13 +79,17 @@ def dora_norm_kernel(
     offs_kb = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn
-    if ONE_R_TILE:
+    if ONE_R_TILE and ADAPTERS == 0:
         b = load_operand(b_rows + offs_r[None, :] * stride_br, n_in[:, None] & (offs_r[None, :] < R), UPCAST)
     if W_SCALE == 1:
         row_scale = tl.load(s_ptr + offs_n.to(tl.int64) * stride_s, mask=n_in, other=0.0).to(tl.float32)
     if W_SCALE == 2:
         s_rows = s_ptr + offs_n.to(tl.int64)[:, None] * stride_s
-    squares = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if ADAPTERS == 0:
+        squares = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        offs_a = tl.arange(0, ADAPTERS)
+        squares = tl.zeros((BLOCK_N, ADAPTERS), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_kb
         k_in = in_bounds(offs_k, K, EVEN_K)
@@ -96,19 +112,41 @@ def dora_norm_kernel(
                              UPCAST and W_SCALE == 0)
         if W_SCALE == 1:
             w = dequantize(w, row_scale[:, None], a_ptr.dtype.element_ty, UPCAST)
-        ba = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        if ONE_R_TILE:
-            a = load_operand(a_cols + offs_r[:, None] * stride_ar, (offs_r[:, None] < R) & k_in[None, :], UPCAST)
-            ba = tl.dot(b, a, ba, input_precision=INPUT_PRECISION)
+        if ADAPTERS == 0:
+            ba = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            if ONE_R_TILE:
+                a = load_operand(a_cols + offs_r[:, None] * stride_ar, (offs_r[:, None] < R) & k_in[None, :], UPCAST)
+                ba = tl.dot(b, a, ba, input_precision=INPUT_PRECISION)
+            else:
+                ba = _rank_chunks(b_rows, a_cols, ba, 0, R, offs_r, n_in, k_in, stride_br, stride_ar, BLOCK_R, UPCAST,
+                                  INPUT_PRECISION)
+            adapted = w.to(tl.float32) + scaling * ba
+            squares += tl.sum(adapted * adapted, axis=1)
         else:
-            for r0 in range(0, R, BLOCK_R):
-                rr = r0 + offs_r
-                b_chunk = load_operand(b_rows + rr[None, :] * stride_br, n_in[:, None] & (rr[None, :] < R), UPCAST)
-                a = load_operand(a_cols + rr[:, None] * stride_ar, (rr[:, None] < R) & k_in[None, :], UPCAST)
-                ba = tl.dot(b_chunk, a, ba, input_precision=INPUT_PRECISION)
-        adapted = w.to(tl.float32) + scaling * ba
-        squares += tl.sum(adapted * adapted, axis=1)
-    tl.store(out_ptr + offs_n, tl.sqrt_rn(squares), mask=n_in)
+            for i in range(0, n_adapters):  # (the tile, loaded once, for each adapter in turn)
+                ba = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+                ba = _rank_chunks(b_rows, a_cols, ba, tl.load(bounds_ptr + 2 * i), tl.load(bounds_ptr + 2 * i + 1),
+                                  offs_r, n_in, k_in, stride_br, stride_ar, BLOCK_R, UPCAST, INPUT_PRECISION)
+                adapted = w.to(tl.float32) + tl.load(scales_ptr + i) * ba
+                squares += tl.where(offs_a[None, :] == i, tl.sum(adapted * adapted, axis=1)[:, None], 0.0)
+    if ADAPTERS == 0:
+        tl.store(out_ptr + offs_n, tl.sqrt_rn(squares), mask=n_in)
+    else:
+        tl.store(out_ptr + offs_a.to(tl.int64)[None, :] * N + offs_n[:, None], tl.sqrt_rn(squares),
+                 mask=n_in[:, None] & (offs_a[None, :] < n_adapters))
+
+
+@triton.jit
+def _rank_chunks(b_rows, a_cols, ba, start, stop, offs_r, n_in, k_in, stride_br, stride_ar, BLOCK_R: tl.constexpr,
+                 UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``ba + B[:, start:stop] A[start:stop, :]`` for the tile's rows and
+    columns, the rank in BLOCK_R chunks from ``start``."""
+    for r0 in range(start, stop, BLOCK_R):
+        rr = r0 + offs_r
+        b_chunk = load_operand(b_rows + rr[None, :] * stride_br, n_in[:, None] & (rr[None, :] < stop), UPCAST)
+        a = load_operand(a_cols + rr[:, None] * stride_ar, (rr[:, None] < stop) & k_in[None, :], UPCAST)
+        ba = tl.dot(b_chunk, a, ba, input_precision=INPUT_PRECISION)
+    return ba
 
 
 def norm_config(element_size: int, nf4: bool = False) -> NormConfig:
@@ -127,14 +165,9 @@ def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
     ``code`` (the fp32 (16,) NF4 code book), ``weight`` is NF4's (N, K/2)
     bytes and ``weight_scale`` its (N, K/group) absmax. The caller checks
     shapes and dtypes."""
-    nf4 = code is not None
+    nf4 = _check_base("dora_norm", weight, weight_scale, code)
     n, k = weight.shape[0], weight.shape[1] * (2 if nf4 else 1)
     r = lora_A.shape[0]
-    quantized = weight.dtype in (torch.int8, torch.uint8)
-    if (weight_scale is not None) != quantized or nf4 != (weight.dtype == torch.uint8):
-        raise ValueError(f"dora_norm: an int8 weight comes with its weight_scale, an NF4 (uint8) one with its "
-                         f"weight_scale and code, and only those; got {weight.dtype} and "
-                         f"{'a' if weight_scale is not None else 'no'} weight_scale, {'a' if nf4 else 'no'} code")
     group = k // weight_scale.shape[1] if nf4 else 0
     out = alloc((n,), torch.float32, weight.device)
     if n == 0:
@@ -148,5 +181,47 @@ def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
         weight_scale.stride(0) if weight_scale is not None else 0, weight_scale.stride(1) if nf4 else 0,
         float(scaling), BLOCK_R=block_r, EVEN_K=k % cfg.block_k == 0, ONE_R_TILE=r <= block_r, UPCAST=upcast,
         INPUT_PRECISION="ieee", W_SCALE=2 if nf4 else int(weight_scale is not None), W_GROUP=group,
+        **cfg.launch_kwargs())
+    return out
+
+
+def _check_base(what: str, weight: torch.Tensor, weight_scale: torch.Tensor | None,
+                code: torch.Tensor | None) -> bool:
+    """Whether ``weight`` is NF4, having refused a base and its scale and code that do not go together."""
+    nf4 = code is not None
+    quantized = weight.dtype in (torch.int8, torch.uint8)
+    if (weight_scale is not None) != quantized or nf4 != (weight.dtype == torch.uint8):
+        raise ValueError(f"{what}: an int8 weight comes with its weight_scale, an NF4 (uint8) one with its "
+                         f"weight_scale and code, and only those; got {weight.dtype} and "
+                         f"{'a' if weight_scale is not None else 'no'} weight_scale, {'a' if nf4 else 'no'} code")
+    return nf4
+
+
+def dora_norms(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, bounds: torch.Tensor,
+               scales: torch.Tensor, max_rank: int, weight_scale: torch.Tensor | None = None,
+               code: torch.Tensor | None = None) -> torch.Tensor:
+    """``ν_a = ‖W + s_a·B_a A_a‖`` per row of ``weight`` for each of n
+    adapters at once, fp32 (n, N): one read of W. ``lora_A`` (R, K) and
+    ``lora_B`` (N, R) hold the adapters side by side, adapter a's rank
+    columns ``[bounds[2a], bounds[2a + 1])`` (``bounds`` (2n,) int32, on W's
+    device), its scale ``scales[a]`` ((n,) fp32), its rank at most
+    ``max_rank``; ``weight_scale`` and ``code`` as :func:`dora_norm`'s.
+    The caller checks shapes and dtypes."""
+    nf4 = _check_base("dora_norms", weight, weight_scale, code)
+    n, k = weight.shape[0], weight.shape[1] * (2 if nf4 else 1)
+    adapters = scales.shape[0]
+    group = k // weight_scale.shape[1] if nf4 else 0
+    out = alloc((adapters, n), torch.float32, weight.device)
+    if n == 0 or adapters == 0:
+        return out
+    cfg = norm_config(lora_A.element_size(), nf4)
+    upcast = is_interpreted(dora_norm_kernel) and lora_A.dtype == torch.bfloat16
+    dora_norm_kernel[(cdiv(n, cfg.block_n),)](
+        weight, lora_B, lora_A, out, weight_scale if weight_scale is not None else out, code if nf4 else out,
+        n, k, lora_A.shape[0], *weight.stride(), *lora_B.stride(), *lora_A.stride(),
+        weight_scale.stride(0) if weight_scale is not None else 0, weight_scale.stride(1) if nf4 else 0,
+        1.0, BLOCK_R=block_r_for(max_rank, cfg.max_block_r), EVEN_K=k % cfg.block_k == 0, ONE_R_TILE=False,
+        UPCAST=upcast, INPUT_PRECISION="ieee", W_SCALE=2 if nf4 else int(weight_scale is not None), W_GROUP=group,
+        bounds_ptr=bounds, scales_ptr=scales, n_adapters=adapters, ADAPTERS=triton.next_power_of_2(adapters),
         **cfg.launch_kwargs())
     return out

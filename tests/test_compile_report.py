@@ -91,10 +91,12 @@ def test_the_report_covers_every_shipped_config():
     for dtype, cfg in (("bf16", configs.DORA_NORM_16BIT), ("fp16", configs.DORA_NORM_16BIT),
                        ("fp32", configs.DORA_NORM_FP32)):
         assert {("norm", dtype, block_r) for block_r in configs.rank_tiles(cfg.max_block_r)} | {
-            ("norm+k_tail", dtype, 16), ("norm_chunked", dtype, cfg.max_block_r)} <= norm_seen, dtype
-        # (an int8 W, QDoRA: one rank tile, a K tail, the chunked rank)
-        assert {(p + "+int8_base", dtype, cfg.max_block_r) for p in ("norm", "norm+k_tail", "norm_chunked")} <= \
-            norm_seen, dtype
+            ("norm+k_tail", dtype, 16), ("norm_chunked", dtype, cfg.max_block_r),
+            ("norm_adapters", dtype, cfg.max_block_r), ("norm_adapters+k_tail", dtype, cfg.max_block_r)} \
+            <= norm_seen, dtype
+        # (an int8 W, QDoRA: one rank tile, a K tail, the chunked rank, several adapters)
+        assert {(p + "+int8_base", dtype, cfg.max_block_r)
+                for p in ("norm", "norm+k_tail", "norm_chunked", "norm_adapters")} <= norm_seen, dtype
     # an int8 base: every GEMM pass that reads W (not dW), with a K tail, split-K's partials, TMA, and the
     # persistent grid where the pass runs on it
     int8 = {("gemm", p + v + "+int8_base") for p in gemm_passes[:-1] for v in ("", "+k_tail", "+split_k", "+tma")}
@@ -107,7 +109,7 @@ def test_the_report_covers_every_shipped_config():
     nf4 = {p for _, p in passes if p.endswith("+nf4_base")}
     assert {f"{p}{v}+nf4_base" for p in ("forward_split", "dx", "dx_dropout")
             for v in ("", "+k_tail", "+r_tail", "+split_k")} \
-        | {f"{p}+nf4_base" for p in ("norm", "norm+k_tail", "norm_chunked")} == nf4
+        | {f"{p}+nf4_base" for p in ("norm", "norm+k_tail", "norm_chunked", "norm_adapters")} == nf4
     # every pass with a low-rank term at every rank tile it runs with (the kernel's BLOCK_R), on every
     # tile that fits it (autotuning may pick any: the heuristics' picks are checked below)
     by_rank = {(r.pass_name, r.dtype, r.block_r, tuple(sorted(r.config.items()))) for r in planned}

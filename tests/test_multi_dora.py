@@ -247,6 +247,67 @@ def test_the_row_mask_op_passes_opcheck():
     assert torch.equal(keep, want.view(5, 3, 19))
 
 
+@pytest.mark.parametrize("base", ["float", "int8", "nf4"])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
+@pytest.mark.parametrize("n, k, ranks, dora", [
+    (37, 45, (4, 1, 70, 8), (True, False, True, True)),  # (a rank of two chunks, a K tail, a LoRA one skipped)
+    (20, 64, (16, 3), (True, True)),
+    (9, 128, (2,), (True,)),
+])
+def test_every_dora_adapter_s_norm_in_one_read_of_w(base, dtype, n, k, ranks, dora):
+    """``kernels.dora_norms``: the norms of the DoRA adapters among several
+    side by side, one launch, W's tiles (dequantised once, an int8 or NF4
+    base) shared: each the one-adapter kernel's, bitwise, into a poisoned
+    output; and the float64 norm of its adapted rows."""
+    if base == "nf4" and k % 64:
+        pytest.skip("NF4 in groups of 64: K a multiple")
+    kernels = fused_lora._triton.get()
+    w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k ** 0.5
+    scale = code = None
+    if base == "int8":
+        w, scale = fused_lora.quantize_int8(w)
+    elif base == "nf4":
+        w, scale = fused_lora.quantize_nf4(w)
+        code = fused_lora.quant.nf4_code(w.device)
+    a = torch.randn(sum(ranks), k, dtype=dtype, device=DEVICE) / k ** 0.5
+    bb = torch.randn(n, sum(ranks), dtype=dtype, device=DEVICE) / 4
+    scalings = tuple(0.5 + i for i in range(len(ranks)))
+    bounds, scales = ops._make_dora_columns(torch.device(DEVICE), ranks, scalings, dora)
+    with kernels.poison_outputs():
+        norms = kernels.dora_norms(w, a, bb, bounds, scales, max(r for r, d in zip(ranks, dora) if d), scale, code)
+    assert norms.shape == (sum(dora), n) and norms.dtype == F32
+    w_hat = w.double() if base == "float" else fused_lora.quant.dequantize_base(w, scale, dtype, code).double()
+    starts = [sum(ranks[:i]) for i in range(len(ranks))]
+    for j, i in enumerate(i for i in range(len(ranks)) if dora[i]):
+        cols = slice(starts[i], starts[i] + ranks[i])
+        one = kernels.dora_norm(w, a[cols], bb[:, cols], scalings[i], scale, code)
+        if ranks[i] > 64 or base == "float":  # (the same rank tile: the same sums)
+            assert torch.equal(norms[j], one), i
+        ba = scalings[i] * (bb[:, cols].double() @ a[cols].double())
+        expected = torch.linalg.vector_norm(w_hat + ba, dim=1)
+        size = torch.linalg.vector_norm(w_hat, dim=1) + torch.linalg.vector_norm(ba, dim=1)
+        assert ((norms[j].double() - expected).abs() <= 4e-6 * size).all(), i
+
+
+def test_one_norm_launch_for_every_dora_adapter_and_the_op_passes_opcheck(monkeypatch):
+    """multi_lora_linear with three DoRA adapters launches the norm kernel
+    once (every norm in one read of W); ``fused_lora::dora_norms`` passes
+    opcheck."""
+    from fused_lora.kernels import dora as dora_kernels
+    from lora_testing import count_launches
+
+    w, b, _, _ = make_params(40, 24, 1, F32, True)
+    lora_a, lora_b, mags = _adapters(40, 24, (4, 2, 8, 3), (True, True, False, True), F32)
+    launches = count_launches(monkeypatch, dora_kernels, "dora_norm_kernel")
+    fused_lora.multi_lora_linear(make_x((6, 40), F32), w, lora_a, lora_b, _ids((6,), 4), b, magnitude=mags,
+                                 backend="triton")
+    assert len(launches) == 1
+    bounds, scales = ops._make_dora_columns(torch.device(DEVICE), (4, 2, 8, 3), (1.0, 2.0, 1.0, 0.5),
+                                            (True, True, False, True))
+    a, bb = torch.cat([t.detach() for t in lora_a]), torch.cat([t.detach() for t in lora_b], 1)
+    torch.library.opcheck(torch.ops.fused_lora.dora_norms.default, (w, a, bb, bounds, scales, 8))
+
+
 @pytest.mark.parametrize("change, err, words", [
     (dict(magnitude=torch.ones(8)), TypeError, "list or tuple"),
     (dict(magnitude=[torch.ones(8)]), ValueError, "one entry per adapter (2)"),
