@@ -1142,9 +1142,10 @@ def _why_unsupported(module, PeftLinear, several: bool = False, configs: dict | 
     if not adapters:
         return "it holds no adapter (deleted)"
     active = list(module.active_adapters)
-    if several and len(active) > 1:
-        return (f"several adapters active ({active}), which PEFT sums: a fused layer runs one a sample "
-                "(set_adapter(one) first)")
+    dora = [a for a in active if a in module.lora_A and getattr(module, "use_dora", {}).get(a)]
+    if several and len(active) > 1 and dora:
+        return (f"several adapters active ({active}), which PEFT sums, {dora[0]!r} DoRA: its output (scaled by its "
+                "magnitude) is not a term a fused layer sums (set_adapter(one) first)")
     if not several and active != adapters:
         return f"active adapters are {active}, not exactly {adapters}"
     if module.disable_adapters:
@@ -1228,11 +1229,18 @@ def _peft_fused_layer(module, order: tuple[str, ...] | None, backend: str) -> nn
                                         for i, ab in enumerate(lora))
         layer.lora_B = nn.ParameterList(ab[1] if ab else layer.lora_B[i].requires_grad_(False)
                                         for i, ab in enumerate(lora))
-        active = list(module.active_adapters)
-        layer.active_adapter = order.index(active[0]) if active and active[0] in order else -1
+        layer.active_adapter = _active_indices(order, module.active_adapters)
         setattr(layer, _PEFT_ADAPTERS, order)
     layer.compute_dtype = _held_compute_dtype(base)  # (bitsandbytes' 4-bit base: the dtype it computes in)
     return layer
+
+
+def _active_indices(order: tuple[str, ...], active) -> int | tuple[int, ...]:
+    """:attr:`MultiLoRALinear.active_adapter` of PEFT's active adapter(s)
+    ``active`` among the model's ``order``: an index, several (summed), or
+    -1 where none is the model's."""
+    held = [order.index(a) for a in active if a in order]
+    return -1 if not held else held[0] if len(held) == 1 else tuple(held)
 
 
 def _peft_magnitude(module, adapter: str) -> nn.Parameter | None:
@@ -1270,15 +1278,17 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     bitsandbytes nf4 or fp4 ``Linear4bit``, its bytes and absmax read as they are
     and its ``compute_dtype`` kept; bitsandbytes' int8 rows; torchao's int8
     weight-only); anything that cannot be reproduced exactly (other variants,
-    several active adapters, lora_bias, merged or disabled adapters, other
-    quantized or non-linear bases) is left as it was and listed in the
-    report. A model holding several adapters (``add_adapter``,
+    several active adapters of which one is DoRA, lora_bias, merged or
+    disabled adapters, other quantized or non-linear bases) is left as it
+    was and listed in the report. A model holding several adapters (``add_adapter``,
     ``load_adapter``: serving several from one base) gets a
     :class:`MultiLoRALinear` a layer, of every adapter of the model in
     PEFT's order (``peft_config``'s; rank 0 where the layer holds none: one
     id names one adapter in every layer, :func:`adapter_ids`), sharing
     PEFT's tensors: it runs PEFT's active adapter
-    (:attr:`MultiLoRALinear.active_adapter`, which ``set_adapter`` sets), or
+    (:attr:`MultiLoRALinear.active_adapter`, which ``set_adapter`` sets;
+    several active, ``set_adapter([a, b])``: their terms summed on every
+    sample, as PEFT's, in one set of fused launches), or
     each sample's (``adapter_names``) in one set of fused launches for the
     whole batch (PEFT's runs a pass an adapter), DoRA adapters among them
     (their rows scaled by their own magnitudes; PEFT refuses
@@ -1631,19 +1641,23 @@ def _peft_set_adapter(peft_model: nn.Module, on_tuner: bool, adapter_name, *args
     trainable (frozen with ``inference_mode=True``) and freezes the others:
     on the PEFT layers :func:`from_peft` converted too (their tensors are the
     fused layers'), and, on layers of several adapters, the fused layer's
-    :attr:`~MultiLoRALinear.active_adapter`. Refused, nothing changed:
-    naming other adapters than the one the fused layers hold (they would
-    go on running theirs), or, on layers of several, more than one (PEFT
-    would sum them; a fused layer runs one a sample)."""
+    :attr:`~MultiLoRALinear.active_adapter` (several names: their terms
+    summed, as PEFT's layers sum them). Refused, nothing changed: naming
+    other adapters than the one the fused layers hold (they would go on
+    running theirs), or, on layers of several, more than one where one of
+    them is DoRA in a layer (PEFT sums its whole output)."""
     converted = _converted(peft_model)
     held = _held(converted)
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     multi = [peft_model.get_submodule(n) for n in converted]
     multi = [layer for layer in multi if isinstance(layer, MultiLoRALinear)]
-    if multi and len(names) != 1:
+    dora = sorted({a for layer in multi for i, a in enumerate(getattr(layer, _PEFT_ADAPTERS))
+                   if a in names and layer.use_dora[i]})
+    if len(names) > 1 and dora:
         raise ValueError(f"set_adapter: {adapter_name!r} names {len(names)} adapters, which PEFT's layers would run "
-                         "summed; the layers from_peft converted run one (or one a sample: adapter_names=[...]): "
-                         "name one, or go back to PEFT first (fused_lora.to_peft(model))")
+                         f"summed, and {dora[0]!r} is DoRA: its output (scaled by its magnitude) is not a term the "
+                         "layers from_peft converted sum: name one, or go back to PEFT first "
+                         "(fused_lora.to_peft(model))")
     if held and not multi and set(names) != held:
         raise ValueError(f"set_adapter: the layers from_peft converted hold adapter {sorted(held)} alone and would "
                          f"go on running it, not {adapter_name!r}: go back to PEFT first (fused_lora.to_peft(model)), "
@@ -1653,8 +1667,7 @@ def _peft_set_adapter(peft_model: nn.Module, on_tuner: bool, adapter_name, *args
     for original in converted.values():  # (the PeftModel's called the tuner's, which did this already: the same)
         original.set_adapter(names, *args, **kwargs)
     for layer in multi:
-        order = getattr(layer, _PEFT_ADAPTERS)
-        layer.active_adapter = order.index(names[0]) if names[0] in order else -1
+        layer.active_adapter = _active_indices(getattr(layer, _PEFT_ADAPTERS), names)
     return result
 
 

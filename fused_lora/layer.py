@@ -14,7 +14,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._validate import check_backend, check_bool, check_code, check_combination, check_int
 from .dropout import check_dropout_p
-from .ops import _autocast_enabled, _unreadable, dora_linear, dora_norm, lora_linear, multi_lora_linear
+from .ops import (_autocast_enabled, _unreadable, dora_linear, dora_norm, lora_linear, multi_lora_linear,
+                  summed_lora_linear)
 from .quant import (NF4_GROUP, base_format, base_shape, bnb_4bit_of, bnb_int8_of, dequantize_base, fp4_code,
                     int8_rows_of, int8_tiled, quantize_fp4, quantize_int8, quantize_nf4)
 
@@ -1231,21 +1232,28 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
     adapter_enabled: bool = True
 
     @property
-    def active_adapter(self) -> int | None:
+    def active_adapter(self) -> int | tuple[int, ...] | None:
         """The adapter that every row runs through when ``forward`` is given
         no ``adapter_ids``: an index in ``[0, num_adapters)``, -1 for the base
-        alone, or None (the default: ids are needed). PEFT's active adapter,
-        on the layers :func:`fused_lora.from_peft` makes of a model holding
+        alone, a tuple of several indices (their terms summed on every row,
+        PEFT's several active adapters: :func:`fused_lora.ops.summed_lora_linear`),
+        or None (the default: ids are needed). PEFT's active adapter(s), on
+        the layers :func:`fused_lora.from_peft` makes of a model holding
         several (its ``set_adapter`` sets it). Not saved."""
         return self.__dict__.get("_active_adapter")
 
     @active_adapter.setter
-    def active_adapter(self, value: int | None) -> None:
-        if value is not None:
+    def active_adapter(self, value) -> None:
+        if isinstance(value, (list, tuple)):
+            value = tuple(self._check_index(i, f"active_adapter[{k}]") for k, i in enumerate(value))
+            if not value or len(set(value)) != len(value):
+                raise ValueError(f"active_adapter must name distinct adapters, at least one, got {list(value)}")
+            value = value[0] if len(value) == 1 else value
+        elif value is not None:
             value = check_int("active_adapter", value, -1)
             if value >= self.num_adapters:
-                raise ValueError(f"active_adapter must be -1 (the base alone), None or an adapter's index in [0, "
-                                 f"{self.num_adapters}), got {value}")
+                raise ValueError(f"active_adapter must be -1 (the base alone), None, an adapter's index in [0, "
+                                 f"{self.num_adapters}) or a sequence of several, got {value}")
         self.__dict__["_active_adapter"] = value
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -1291,20 +1299,45 @@ class MultiLoRALinear(_QuantizedBase, nn.Module):
             raise ValueError(f"MultiLoRALinear ({self.num_adapters} adapters) needs adapter_ids, the adapter of each "
                              f"row (-1: the base alone): pass them, run the model inside "
                              f"`with fused_lora.adapter_ids(model, ids):`, or set the layer's active_adapter")
-        weight, scale = self.base_weight(), self._buffers.get("weight_scale")
-        if i == -1 or self.ranks[i] == 0:
+        weight, scale, code = self.base_weight(), self._buffers.get("weight_scale"), self._buffers.get("weight_code")
+        summed = [j for j in (i if isinstance(i, tuple) else (i,)) if j != -1 and self.ranks[j]]
+        if not summed:
             return _base_linear(self, x, weight)
-        lora_A, lora_B = self.lora_A[i], self.lora_B[i]
         dtype = weight.dtype if scale is None else _compute_dtype(x, scale)  # (an int8 base's: x's)
-        if lora_A.dtype != dtype or lora_B.dtype != dtype:
-            lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
+        lora_A = [a if a.dtype == dtype else a.to(dtype) for a in (self.lora_A[j] for j in summed)]
+        lora_B = [b if b.dtype == dtype else b.to(dtype) for b in (self.lora_B[j] for j in summed)]
         bias = self.bias if scale is None else _quantized_base_bias(self.bias, dtype)
-        m, p = self.magnitude(i), self._dropouts[i] if self.training else 0.0
+        if len(summed) > 1:
+            return self._forward_summed(x, summed, lora_A, lora_B, weight, bias)
+        i, m, p = summed[0], self.magnitude(summed[0]), self._dropouts[summed[0]] if self.training else 0.0
         if m is not None:
-            return dora_linear(x, weight, lora_A, lora_B, m.to(dtype), bias, scaling=self.scalings[i], dropout_p=p,
-                               weight_scale=scale, weight_code=self._buffers.get("weight_code"), backend=self.backend)
-        return lora_linear(x, weight, lora_A, lora_B, bias, scaling=self.scalings[i], dropout_p=p, weight_scale=scale,
-                           weight_code=self._buffers.get("weight_code"), backend=self.backend)
+            return dora_linear(x, weight, lora_A[0], lora_B[0], m.to(dtype), bias, scaling=self.scalings[i],
+                               dropout_p=p, weight_scale=scale, weight_code=code, backend=self.backend)
+        return lora_linear(x, weight, lora_A[0], lora_B[0], bias, scaling=self.scalings[i], dropout_p=p,
+                           weight_scale=scale, weight_code=code, backend=self.backend)
+
+    def _forward_summed(self, x, summed, lora_A, lora_B, weight, bias) -> torch.Tensor:
+        """Every row through the adapters ``summed`` (of ranks above 0), their
+        terms summed, as PEFT's layer runs several active adapters: one set of
+        fused launches (:func:`fused_lora.ops.summed_lora_linear`); in train
+        mode with dropout, PEFT's own computation (each adapter its own mask,
+        ``nn.Dropout``'s, drawn in PEFT's order: a mask shared by the adapters
+        would not be theirs). DoRA adapters, whose outputs PEFT sums whole,
+        are refused."""
+        dora = [j for j in summed if self.magnitude(j) is not None]
+        if dora:
+            raise ValueError(f"MultiLoRALinear: active adapters {list(summed)} include adapter {dora[0]}, which is "
+                             "DoRA: its output (magnitude-scaled) is not a term the fused layer sums with others; make "
+                             "one adapter active (or one a row: adapter_ids)")
+        scalings = [self.scalings[j] for j in summed]
+        if self.training and any(self._dropouts[j] for j in summed):
+            y = _base_linear(self, x, weight)
+            for j, a, b, s in zip(summed, lora_A, lora_B, scalings):
+                y = y + F.linear(F.linear(F.dropout(x, self._dropouts[j], True), a), b) * s
+            return y
+        return summed_lora_linear(x, weight, lora_A, lora_B, bias, scaling=scalings,
+                                  weight_scale=self._buffers.get("weight_scale"),
+                                  weight_code=self._buffers.get("weight_code"), backend=self.backend)
 
     def _check_index(self, i: int, name: str = "i") -> int:
         i = check_int(name, i, 0)

@@ -41,6 +41,9 @@ absent. It is one of two forms (never both):
   no adapter's), and its ``1 / (1 - p_i)`` moves into ``w``, ``w[m, j] =
   s_i / (1 - p_i)``, the ``1 / (1 - p)`` above then 1: ``xa``, ``g``, dA,
   dB and dx are the same products, each row's term its own adapter's.
+  Several adapters summed on every row (:func:`summed_lora_linear`, PEFT's
+  several active adapters) are that form with every row's id the same and
+  every column its: ``w[m, j] = s_i`` on adapter i's columns, every row.
 
 The kernels apply ``w`` to ``xa`` and ``g`` where they make them (the
 skinny pass's store, or after the K loop of a GEMM that accumulates them),
@@ -1226,6 +1229,42 @@ def _multi_dora(x, weight, lora_A, lora_B, magnitudes, adapter_ids, bias, scalin
     return torch.addcmul(_dora_correction(x, dropped, weight, bias, weight_scale, weight_code), z, gamma)
 
 
+def summed_lora_linear(x: Tensor, weight: Tensor, lora_A: Sequence[Tensor], lora_B: Sequence[Tensor],
+                       bias: Tensor | None = None, *, scaling: Sequence[float], weight_scale: Tensor | None = None,
+                       weight_code: Tensor | None = None, backend: str = "auto") -> Tensor:
+    """Several adapters summed on every row, ``y = x Wᵀ + b + Σ_i s_i ·
+    (x A_iᵀ) B_iᵀ`` (PEFT's several active adapters, ``set_adapter([a,
+    b])``), without dropout, in one set of fused launches: the side-by-side
+    form (math in this module) with every row of every adapter, ``w[m, j] =
+    s_i`` on adapter i's columns. ``lora_A``, ``lora_B``, ``scaling``: the
+    n >= 1 adapters' (ranks above 0), the rest as :func:`lora_linear`'s.
+    The adapters are concatenated for each call, as
+    :func:`multi_lora_linear`'s; gradients flow to each."""
+    lora_A, lora_B = _adapter_list("lora_A", lora_A), _adapter_list("lora_B", lora_B)
+    if len(lora_A) != len(lora_B):
+        raise ValueError(f"lora_A and lora_B must hold one tensor per adapter: got {len(lora_A)} A and "
+                         f"{len(lora_B)} B")
+    scalings = _adapter_scalings(list(scaling), len(lora_A))
+    if isinstance(x, Tensor) and _autocast_enabled(x.device.type):
+        x, weight, bias, *factors = _autocast(x.device.type, x, weight, bias, *lora_A, *lora_B)
+        lora_A, lora_B = factors[:len(lora_A)], factors[len(lora_A):]
+    for i, (a, b) in enumerate(zip(lora_A, lora_B)):
+        try:
+            check_lora_args(x, weight, a, b, bias, scalings[i], 0.0, None, weight_scale=weight_scale)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"adapter {i} (lora_A[{i}], lora_B[{i}]): {error}") from None
+    weight_scale = check_weight_scale(x, weight, weight_scale)
+    weight_code = check_weight_code(x, weight, weight_code)
+    ids = torch.zeros(x.shape[:-1], dtype=torch.int32, device=x.device)  # (every row adapter 0's: all columns)
+    ranks = tuple(a.shape[0] for a in lora_A)
+    rank_ids, rank_scaling = (_make_summed_columns if torch.compiler.is_compiling() else _summed_columns)(
+        x.device, ranks, scalings)
+    a = lora_A[0] if len(lora_A) == 1 else torch.cat(lora_A, 0)
+    b = lora_B[0] if len(lora_B) == 1 else torch.cat(lora_B, 1)
+    return _lora_linear(x, weight, a, b, bias, 1.0, 0.0, None, None, (ids, rank_ids, rank_scaling), backend,
+                        weight_scale, weight_code)
+
+
 def _adapter_magnitudes(magnitude, n: int) -> list[Tensor | None]:
     """``magnitude`` of :func:`multi_lora_linear`: None (n LoRA adapters), or
     a list or tuple of n, each a tensor or None."""
@@ -1376,6 +1415,19 @@ def _make_dora_columns(device: torch.device, ranks: tuple[int, ...], scalings: t
     scales = [s for s, d in zip(scalings, dora) if d]
     return (torch.cat([torch.full((1,), v, dtype=torch.int32, device=device) for v in bounds]),
             torch.cat([torch.full((1,), s, dtype=torch.float32, device=device) for s in scales]))
+
+
+def _summed_columns(device: torch.device, ranks: tuple[int, ...], scalings: tuple[float, ...]):
+    """:func:`summed_lora_linear`'s ``(rank_ids, rank_scaling)``: every
+    column adapter 0's, each its own adapter's scale; kept as
+    :func:`_rank_columns`' pairs are."""
+    return _kept((device, "sum", ranks, scalings), _make_summed_columns, device, ranks, scalings)
+
+
+def _make_summed_columns(device: torch.device, ranks: tuple[int, ...], scalings: tuple[float, ...]):
+    """:func:`_summed_columns`' pair, made on the device by fills."""
+    rank_ids, rank_scaling = _make_rank_columns(device, ranks, scalings)
+    return torch.zeros_like(rank_ids), rank_scaling
 
 
 def _make_rank_columns(device: torch.device, ranks: tuple[int, ...], scalings: tuple[float, ...]):

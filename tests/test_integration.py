@@ -476,7 +476,7 @@ def test_from_peft_gpt2_fan_in_fan_out():
 @pytest.mark.parametrize("feature, reason", [
     ("alora", "variant"),
     ("lora_bias", "lora_bias"),
-    ("two_active", "several adapters active"),  # (PEFT sums them; one: tests/test_peft_multi.py)
+    ("two_active", "several adapters active"),  # (PEFT sums them, DoRA's whole; LoRA's: tests/test_peft_multi.py)
     ("merged", "merged"),
 ])
 def test_unsupported_features_are_left_and_reported(feature, reason):
@@ -487,7 +487,7 @@ def test_unsupported_features_are_left_and_reported(feature, reason):
         kwargs["lora_bias"] = True
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**kwargs))
     if feature == "two_active":
-        model.add_adapter("other", peft.LoraConfig(**kwargs))
+        model.add_adapter("other", peft.LoraConfig(**kwargs, use_dora=True))
         model.base_model.set_adapter(["default", "other"])
     if feature == "merged":
         model.merge_adapter()

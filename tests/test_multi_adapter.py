@@ -571,6 +571,73 @@ def test_layer_active_adapter_runs_every_row_through_it(training):
         layer(x)
 
 
+@pytest.mark.parametrize("strategy", [None, "in_loop", "split", "hybrid"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_summed_adapters_run_every_row_through_each(strategy, dtype):
+    """``summed_lora_linear`` (PEFT's several active adapters): every row
+    gets every adapter's term, forward and every gradient on every
+    strategy, as the float64 sum of each adapter on every row."""
+    k, n = 45, 37
+    x = make_x((3, 19, k), dtype, "permuted").requires_grad_()
+    w, b, _, _ = make_params(k, n, 1, dtype, True)
+    lora_a, lora_b = _adapters(k, n, (4, 1, 8), dtype)
+    scalings = [2.0, 0.5, 1.0]
+    forced = fused_lora.dispatch.force_strategy(strategy) if strategy else contextlib.nullcontext()
+    with forced:
+        y = ops.summed_lora_linear(x, w, lora_a, lora_b, b, scaling=scalings, backend="triton")
+    dy = torch.randn_like(y)
+    names = ["x", *(f"lora_{ab}[{i}]" for ab in "AB" for i in range(3))]
+    grads = torch.autograd.grad(y, [x, *lora_a, *lora_b], dy)
+    y64, g64 = 0.0, {}
+    for i in range(3):  # (each adapter on every row, its terms summed: the oracle's rows of adapter i, all)
+        y_i, g_i = _oracle(x, w, b, lora_a, lora_b, torch.full((3,), i, device=DEVICE), scalings, dy, 0.0, 0, names)
+        y64 = y64 + y_i - (F.linear(x.double(), w.double(), b.double()) if i else 0.0)
+        for name, g in g_i.items():
+            g64[name] = g64.get(name, 0.0) + (g if name != "x" or i == 0 else
+                                              g - F.linear(dy.double(), w.double().t()))
+    assert_close(y, y64, dtype, "y")
+    for name, g in zip(names, grads):
+        assert_close(g, g64[name], dtype, f"d{name}")
+
+
+def test_layer_several_active_adapters_are_summed():
+    """``active_adapter`` of several: their terms summed on every row (one
+    of rank 0 skipped), ``summed_lora_linear``'s; in train mode with dropout
+    each adapter's own mask, ``nn.Dropout``'s drawn in the tuple's order
+    (PEFT's); a DoRA adapter among them, duplicates or bad indices refused."""
+    layer = fused_lora.MultiLoRALinear(40, 24, ranks=[3, 0, 5], alphas=[6, 1, 5], dropout=[0.1, 0.0, 0.3],
+                                       device=DEVICE, backend="triton").eval()
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_()
+    x = make_x((2, 9, 40), F32)
+    layer.active_adapter = [2, 1, 0]
+    assert layer.active_adapter == (2, 1, 0) and "active_adapter=(2, 1, 0)" in repr(layer)
+    want = ops.summed_lora_linear(x, layer.weight, [layer.lora_A[2], layer.lora_A[0]],
+                                  [layer.lora_B[2], layer.lora_B[0]], layer.bias,
+                                  scaling=[layer.scalings[2], layer.scalings[0]], backend="triton")
+    assert torch.equal(layer(x), want)
+    layer.train()
+    torch.manual_seed(3)
+    got = layer(x)
+    torch.manual_seed(3)
+    want = F.linear(x, layer.weight, layer.bias)
+    for i in (2, 0):
+        want = want + F.linear(F.linear(F.dropout(x, layer.dropouts[i]), layer.lora_A[i]), layer.lora_B[i]) \
+            * layer.scalings[i]
+    assert torch.equal(got, want)
+    layer.active_adapter = [1]
+    assert layer.active_adapter == 1
+    for bad, err, words in (([0, 0], ValueError, "distinct"), ([], ValueError, "at least one"),
+                            ([0, 3], ValueError, r"active_adapter\[1\]"), ([0, -1], ValueError, r"active_adapter\[1\]")):
+        with pytest.raises(err, match=words):
+            layer.active_adapter = bad
+    dora = fused_lora.MultiLoRALinear(40, 24, ranks=[3, 5], use_dora=[False, True], device=DEVICE)
+    dora.active_adapter = (0, 1)
+    with pytest.raises(ValueError, match="include adapter 1, which is DoRA"):
+        dora(x)
+
+
 def test_layer_from_linear_shares_the_base_and_keeps_adapters_in_their_dtype():
     """from_linear: the base *is* the linear's (frozen, no copy); fp32
     adapters on an fp16 base compute in fp16 and get fp32 gradients."""
