@@ -52,7 +52,7 @@ tests=(tests/test_parity.py tests/test_kernels.py tests/test_multi_adapter.py te
        tests/test_packaging.py tests/test_random_inputs.py tests/test_dora.py tests/test_dora_layer.py
        tests/test_dora_integration.py tests/test_quantized.py tests/test_quantized_layer.py
        tests/test_nf4.py tests/test_nf4_layer.py tests/test_peft_quantized.py tests/test_peft_multi.py
-       tests/test_multi_dora.py tests/test_bnb_int8.py tests/test_architectures.py)
+       tests/test_multi_dora.py tests/test_peft_alora.py tests/test_bnb_int8.py tests/test_architectures.py)
 ncpu=$(nproc 2>/dev/null || echo 2)
 COMPILERS=2  # processes compiling the benchmark's kernels, each every other case
 # (about 1220 specialisations in all by an interpreter count, keyed on kernel,

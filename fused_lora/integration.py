@@ -1165,8 +1165,13 @@ def _why_adapter_unsupported(module, name: str, several: bool, configs: dict) ->
     """Why adapter ``name`` of PEFT's LoRA layer ``module`` cannot be fused as it is (None if it can)."""
     dora = bool(getattr(module, "use_dora", {}).get(name))
     variant = getattr(module, "lora_variant", {}).get(name)
-    if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
-        return f"the LoRA variant {type(variant).__name__} is not fused (DoRA is)"
+    alora = type(variant).__name__ == "ALoraLinearVariant"
+    if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant") and not alora:
+        return f"the LoRA variant {type(variant).__name__} is not fused (DoRA and aLoRA are)"
+    if alora and several:
+        return "aLoRA in a model of several adapters is not fused (aLoRA's is in a model of one)"
+    if alora and dora:
+        return "aLoRA with DoRA is not fused"
     if dora and _peft_magnitude(module, name) is None:
         return "DoRA without its lora_magnitude_vector of one value an output feature"
     if getattr(module, "lora_bias", {}).get(name) or module.lora_B[name].bias is not None:
@@ -1212,6 +1217,8 @@ def _peft_fused_layer(module, order: tuple[str, ...] | None, backend: str) -> nn
             fan_in_fan_out=bool(module.fan_in_fan_out), backend=backend,
             lora_magnitude_vector=_peft_magnitude(module, adapter) if getattr(module, "use_dora", {}).get(adapter)
             else None, weight_scale=scale, weight_code=code)
+        if type(getattr(module, "lora_variant", {}).get(adapter)).__name__ == "ALoraLinearVariant":
+            layer.alora = True  # (PEFT's offsets reach it through _peft_forward_hooks)
     else:
         held = [a for a in order if a in module.lora_A]
         lora = [(module.lora_A[a].weight, module.lora_B[a].weight) if a in module.lora_A else None for a in order]
@@ -1295,7 +1302,11 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> ConversionRepo
     ``adapter_names`` with DoRA); layers whose adapters mix rsLoRA and
     plain scales stay PEFT's there.
     ``merge_adapter()`` refuses a quantized base (PEFT's requantizes it, a
-    rounding error each time); :func:`to_peft`
+    rounding error each time). An aLoRA adapter (``alora_invocation_tokens``,
+    a model of one adapter) converts to an aLoRA :class:`LoRALinear`
+    (:attr:`LoRALinear.alora`), which takes PEFT's offsets (one a sample:
+    the adapter on the tokens from the invocation on) through
+    :func:`_peft_forward_hooks`; :func:`to_peft`
     gives PEFT's layers back their own weight (which, kept aside, let go of
     the bytes or the Parameter the fused layer holds, so that FSDP2 can free
     them: :func:`_let_go`; refused where the fused layer's base was moved to
@@ -1702,6 +1713,20 @@ def _peft_forward_hooks(peft_model: nn.Module, *args, **kwargs):
     refused as PEFT refuses them (``ValueError``)."""
     names = kwargs.get("adapter_names")
     converted = _converted(peft_model)
+    offsets = kwargs.get("alora_offsets")
+    if names is None and offsets is not None and converted:
+        # aLoRA (PEFT's offsets, a sample each): the fused aLoRA layers take them as PEFT's take them, through a
+        # pre-hook while the block lasts (a recompute in the backward, after it: the layer's own forward's)
+        handles = [m.register_forward_pre_hook(functools.partial(_alora_offsets_pre_forward_hook, offsets),
+                                               with_kwargs=True)
+                   for m in peft_model.modules() if isinstance(m, LoRALinear) and m.alora]
+        try:
+            with _peft_tuner_call(peft_model, "_enable_peft_forward_hooks", *args, **kwargs):
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        return
     if names is None or not converted:
         with _peft_tuner_call(peft_model, "_enable_peft_forward_hooks", *args, **kwargs):
             yield
@@ -1767,6 +1792,12 @@ def _adapter_ids_pre_forward_hook(adapters: tuple[str, ...], names: list, on_dev
         if len(adapters) == 1:
             note_checked_adapter_ids(on_device[x.device], ids.count(0), ids.count(-1), own=True)  # (no sync)
     kwargs["adapter_ids"] = on_device[x.device]
+    return args, kwargs
+
+
+def _alora_offsets_pre_forward_hook(offsets: list, module, args, kwargs):
+    """A fused aLoRA layer's forward pre-hook under :func:`_peft_forward_hooks`: PEFT's offsets, a sample each."""
+    kwargs["alora_offsets"] = offsets
     return args, kwargs
 
 

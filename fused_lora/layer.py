@@ -774,8 +774,23 @@ class LoRALinear(_QuantizedBase, nn.Module):
     #: :func:`fused_lora.disable_adapters`. Not saved.
     adapter_enabled: bool = True
 
-    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """``adapter_ids`` (optional): an integer tensor of shape ``(x.shape[0],)``,
+    #: True: an aLoRA adapter (PEFT's ``alora_invocation_tokens``; set by
+    #: :func:`fused_lora.from_peft`), which runs on each sample's last
+    #: ``alora_offsets[b]`` tokens alone (:meth:`forward`). Not saved.
+    alora: bool = False
+
+    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None,
+                alora_offsets=None) -> torch.Tensor:
+        """``alora_offsets`` (an :attr:`alora` layer's, PEFT's aLoRA): one
+        offset a sample (an int, or None: the invocation not found), the
+        adapter's term on the sample's last ``offset`` tokens alone (a row
+        scale of 1 there, 0 before: one batch, the fused passes), as PEFT's
+        aLoRA layer; None (no offsets) runs the base alone, the adapter's
+        gradients 0. A forward that activation checkpointing recomputes in
+        the backward without them (PEFT hands them through hooks, gone by
+        then) takes the offsets of the layer's last forward of its mode.
+
+        ``adapter_ids`` (optional): an integer tensor of shape ``(x.shape[0],)``,
         an id for each row of a 2-D ``x`` (each sample of a batched one): 0
         runs the adapter on it, -1 the base alone (a batch that mixes adapters,
         as PEFT's ``adapter_names``, which :func:`fused_lora.from_peft`'s layers
@@ -798,9 +813,41 @@ class LoRALinear(_QuantizedBase, nn.Module):
         if cast is not None and isinstance(x, torch.Tensor) and x.dtype != cast and x.is_floating_point():
             return self.forward(x.to(cast), adapter_ids).to(x.dtype)
         _check_recompute(self, adapter_ids)
+        if self.alora or alora_offsets is not None:
+            if adapter_ids is not None:
+                raise ValueError("LoRALinear: adapter_ids with alora_offsets (aLoRA) are not fused together")
+            return self._forward_alora(x, alora_offsets)
         if adapter_ids is not None:
             return self._forward_mixed(x, adapter_ids)
         return self._forward(x, self.adapter_enabled)
+
+    def _forward_alora(self, x: torch.Tensor, offsets) -> torch.Tensor:
+        """:meth:`forward` of an aLoRA layer (PEFT's ``ALoraLinearVariant``:
+        a sample's last ``offsets[b]`` tokens, at most its T, through the
+        adapter; T is x's second dim for a 3-D x, else 1)."""
+        if not self.alora:
+            raise ValueError("LoRALinear: alora_offsets given to a layer that is not aLoRA's (its alora is False)")
+        if _graph_task_id is not None and not torch.compiler.is_compiling():
+            kept = self.__dict__.setdefault("_fused_lora_alora_offsets", [None, None])  # [eval, training]
+            if _graph_task_id() == -1:
+                kept[self.training] = offsets
+            elif offsets is None:  # (a recompute in the backward, PEFT's hooks gone: the forward's offsets)
+                offsets = kept[self.training]
+        if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+            raise ValueError(f"LoRALinear (aLoRA): x must be (batch, tokens, in) or (batch, in), got "
+                             f"{tuple(getattr(x, 'shape', ()))}")
+        if not self.adapter_enabled:
+            return self._forward(x, False)
+        batch, tokens = x.shape[0], x.shape[1] if x.dim() == 3 else 1
+        if offsets is None:
+            row_scale = x.new_zeros(x.shape[:-1], dtype=torch.float32)
+        else:
+            if len(offsets) != batch:
+                raise ValueError(f"alora_offsets must hold one offset a sample ({batch}), got {len(offsets)}")
+            last = torch.tensor([0 if o is None else min(int(o), tokens) for o in offsets], device=x.device)
+            on = torch.arange(tokens, device=x.device)[None, :] >= (tokens - last)[:, None]
+            row_scale = on.to(torch.float32).view(x.shape[:-1])
+        return self._forward(x, True, row_scale)
 
     def _forward_mixed(self, x: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
         if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dtype == torch.bool \
@@ -908,6 +955,9 @@ class LoRALinear(_QuantizedBase, nn.Module):
         :func:`fused_lora.merge_and_unload` refuses that)."""
         if self.merged:
             raise RuntimeError("LoRALinear.merge(): the adapter is already merged")
+        if self.alora:
+            raise ValueError("LoRALinear.merge(): an aLoRA adapter runs on the tokens after its invocation alone: "
+                             "folded into the weight it would run on every token (PEFT's aLoRA does not merge)")
         if self.__dict__.get("_fused_lora_rescaled"):  # (integration.RESCALED)
             raise ValueError("LoRALinear.merge(): inside fused_lora.rescale_adapters the adapter's scale is the "
                              "block's: merging would fold that in, and the weight would keep it after the block")
@@ -953,6 +1003,7 @@ class LoRALinear(_QuantizedBase, nn.Module):
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}, merged={self.merged}"
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
                 + (", use_dora=True" if self.use_dora else "")
+                + (", alora=True" if self.alora else "")
                 + (f", base={base_format(self.weight, self.weight_code)}" if self.quantized else "")
                 + (f", compute_dtype={self.compute_dtype}" if self.compute_dtype is not None else "")
                 + ("" if self.adapter_enabled else ", adapter_enabled=False"))

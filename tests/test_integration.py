@@ -474,15 +474,15 @@ def test_from_peft_gpt2_fan_in_fan_out():
 
 
 @pytest.mark.parametrize("feature, reason", [
-    ("alora", "variant"),
+    ("mica", "variant"),
     ("lora_bias", "lora_bias"),
     ("two_active", "several adapters active"),  # (PEFT sums them, DoRA's whole; LoRA's: tests/test_peft_multi.py)
     ("merged", "merged"),
 ])
 def test_unsupported_features_are_left_and_reported(feature, reason):
     kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    if feature == "alora":  # (aLoRA: a variant whose forward is not LoRA's; DoRA converts: test_from_peft_dora)
-        kwargs.update(alora_invocation_tokens=[3, 5], task_type="CAUSAL_LM")
+    if feature == "mica":  # (MiCA: a variant that freezes lora_B; DoRA and aLoRA convert: test_from_peft_dora,
+        kwargs.update(init_lora_weights="mica")  # tests/test_peft_alora.py)
     if feature == "lora_bias":
         kwargs["lora_bias"] = True
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**kwargs))
