@@ -2988,6 +2988,10 @@ def save_adapter(model: nn.Module, directory, *, adapter=None, weights=None) -> 
     its alphas times w (``lora_alpha``, ``alpha_pattern``), its tensors as
     they are (not DoRA's: refused)."""
     layers = _adapters_to_write(_check_model(model), adapter, "save_adapter", weights)
+    alora = [n for n, layer in layers.items() if getattr(layer, "alora", False)]
+    if alora:  # (the invocation tokens are PEFT's config's: a file without them would load as plain LoRA)
+        raise ValueError(f"save_adapter: {alora[0]}... holds an aLoRA adapter, whose invocation tokens are the PEFT "
+                         "model's config's: save with PEFT's save_pretrained (which the converted model takes)")
     if not layers:
         raise ValueError("the model has no fused LoRA layers to save")
     single = all(isinstance(layer, LoRALinear) for layer in layers.values())

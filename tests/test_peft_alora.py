@@ -49,11 +49,13 @@ def _close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
-def test_an_alora_model_converts_and_runs_as_peft():
+def test_an_alora_model_converts_and_runs_as_peft(tmp_path):
     """Every layer converts (an aLoRA LoRALinear); the logits are PEFT's:
     the base model's before each sample's invocation and on a sample
-    without one, the adapted model's from it on; merging is refused,
-    nothing changed; to_peft gives PEFT's layers back."""
+    without one, the adapted model's from it on; merging, and
+    fused_lora.save_adapter (whose file would lose the invocation), are
+    refused, nothing changed; save_pretrained writes PEFT's files; to_peft
+    gives PEFT's layers back."""
     model, reference = _alora()
     model.eval()
     reference.eval()
@@ -71,6 +73,13 @@ def test_an_alora_model_converts_and_runs_as_peft():
     assert not torch.allclose(logits[0, 4:], base[0, 4:], rtol=1e-3)
     with pytest.raises(ValueError, match="aLoRA adapter runs on the tokens after its invocation alone"):
         model.merge_adapter()
+    with pytest.raises(ValueError, match="save_adapter: .* aLoRA adapter, whose invocation tokens"):
+        fused_lora.save_adapter(model, tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
+    model.save_pretrained(tmp_path / "fused")
+    reference.save_pretrained(tmp_path / "peft")
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "fused" / f).read_bytes() == (tmp_path / "peft" / f).read_bytes(), f
     _close(model(input_ids=ids).logits, logits)
     # a layer called without PEFT's offsets (no invocation looked for): its base alone
     layer = model.get_submodule(originals[0])
