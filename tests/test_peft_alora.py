@@ -128,7 +128,8 @@ def test_generate_matches_peft():
     model, reference = _alora()
     model.eval()
     reference.eval()
-    fused_lora.from_peft(model)
+    report = fused_lora.from_peft(model)
+    assert len(report.converted) == 6 and not report.skipped
     ids = _batch()[:2]
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                   pad_token_id=0)
