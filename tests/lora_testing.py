@@ -171,6 +171,24 @@ def compiled_as_planned(report: dict) -> list:
 VOCAB = 61
 
 
+def assert_same_adapter_files(got, expected) -> None:
+    """Directories of PEFT adapter files (``save_pretrained``'s, an adapter a
+    subdirectory too) hold the same files: the tensors' files byte for byte,
+    the configs as JSON, ``target_modules`` as a set (PEFT keeps a set,
+    written in its iteration order, which a copied set may not share)."""
+    names = sorted(p.relative_to(expected) for p in expected.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(got) for p in got.rglob("*") if p.is_file())
+    for name in names:
+        if name.suffix == ".json":
+            configs = [json.loads((d / name).read_text()) for d in (got, expected)]
+            for config in configs:
+                if isinstance(config.get("target_modules"), list):
+                    config["target_modules"] = sorted(config["target_modules"])
+            assert configs[0] == configs[1], name
+        else:
+            assert (got / name).read_bytes() == (expected / name).read_bytes(), name
+
+
 def trained_logits(model, names, input_ids):
     """Each fused layer ``names`` of ``model`` given a trained adapter (its
     lora_B drawn from N(0, 0.3²)), then ``(logits, logits with the adapters

@@ -13,7 +13,7 @@ import torch
 
 import fused_lora
 from fused_lora import LoRALinear
-from lora_testing import DEVICE, VOCAB, tiny_llama
+from lora_testing import DEVICE, VOCAB, assert_same_adapter_files, tiny_llama
 
 peft = pytest.importorskip("peft", minversion=".".join(map(str, fused_lora.integration.MIN_PEFT)))
 transformers = pytest.importorskip("transformers")
@@ -78,8 +78,7 @@ def test_an_alora_model_converts_and_runs_as_peft(tmp_path):
     assert not (tmp_path / "plain").exists()
     model.save_pretrained(tmp_path / "fused")
     reference.save_pretrained(tmp_path / "peft")
-    for f in ("adapter_config.json", "adapter_model.safetensors"):
-        assert (tmp_path / "fused" / f).read_bytes() == (tmp_path / "peft" / f).read_bytes(), f
+    assert_same_adapter_files(tmp_path / "fused", tmp_path / "peft")
     _close(model(input_ids=ids).logits, logits)
     # a layer called without PEFT's offsets (no invocation looked for): its base alone
     layer = model.get_submodule(originals[0])

@@ -15,7 +15,8 @@ import torch
 
 import fused_lora
 from fused_lora import AdapterFileError, MultiLoRALinear
-from lora_testing import DEVICE, VOCAB, skip_if_dynamo_cannot_trace_llama, tiny_gpt2, tiny_llama
+from lora_testing import (DEVICE, VOCAB, assert_same_adapter_files, skip_if_dynamo_cannot_trace_llama, tiny_gpt2,
+                          tiny_llama)
 
 peft = pytest.importorskip("peft", minversion=".".join(map(str, fused_lora.integration.MIN_PEFT)))
 transformers = pytest.importorskip("transformers")
@@ -256,10 +257,7 @@ def test_dora_adapters_among_several_convert_and_run_as_peft(make, tmp_path):
     reference.set_adapter("first")
     model.save_pretrained(tmp_path / "fused")
     reference.save_pretrained(tmp_path / "peft")
-    files = sorted(p.relative_to(tmp_path / "peft") for p in (tmp_path / "peft").rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(tmp_path / "fused") for p in (tmp_path / "fused").rglob("*") if p.is_file())
-    for f in files:
-        assert (tmp_path / "fused" / f).read_bytes() == (tmp_path / "peft" / f).read_bytes(), f
+    assert_same_adapter_files(tmp_path / "fused", tmp_path / "peft")
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_magnitude_vector" in n:
