@@ -944,7 +944,8 @@ def performance_section(results_root: Path) -> str:
     for m in data["measurements"]:
         case = Case(**m.pop("case"))
         results.append(Measurement(case=case, **{k: v for k, v in m.items() if k in Measurement.__dataclass_fields__}))
-    folder = path.parent.as_posix()
+    # (linked from the README at the repository's root, wherever results_root was given from)
+    folder = f"bench/results/{Path(path).parent.relative_to(results_root).as_posix()}"
     lines = [f"Measured on **{env['gpu']}** ({env['date'][:10]}; torch {env['torch']}, Triton {env['triton']}), "
              f"from [`{folder}/`]({folder}) — median ms per call, ratios from the same run:", "",
              "| case | mode | fused | naive | base | ×naive | fused/base |", "|---|---|---|---|---|---|---|"]
