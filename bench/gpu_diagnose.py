@@ -2,7 +2,7 @@
 own (a CUDA error poisons its process, not the next case), with
 CUDA_LAUNCH_BLOCKING=1 so that the error is raised by the launch that made
 it. A case is lora_linear's forward, then its backward, on one plan
-(strategy forced, TMA and the persistent grid on or off), against the
+(strategy forced or the dispatch's, TMA and the persistent grid on or off), against the
 float64 reference. Prints one line a case: the plan's kernels' configs, and
 ``ok`` with the worst normalized error, ``WRONG``, or the CUDA error and the
 stage it came at. (For the GPU machine: the first gpu_check.sh run on an
@@ -32,7 +32,9 @@ dtype = getattr(torch, spec["dtype"])
 m, k, n, r, p = spec["m"], spec["k"], spec["n"], spec["r"], spec["p"]
 dev = torch.device("cuda")
 torch.manual_seed(0)
-with dispatch.force_strategy(spec["strategy"]), dispatch.use_tma(spec["tma"]), \
+import contextlib
+forced = dispatch.force_strategy(spec["strategy"]) if spec["strategy"] else contextlib.nullcontext()
+with forced, dispatch.use_tma(spec["tma"]), \
         dispatch.use_persistent(spec["persistent"]):
     plan = dispatch.device_plan(dev, m, n, k, r, dtype, p)
     print("PLAN", plan.strategy, "fwd", plan.fwd_gemm, "dx_in_loop", plan.dx_in_loop, flush=True)
@@ -47,7 +49,8 @@ with dispatch.force_strategy(spec["strategy"]), dispatch.use_tma(spec["tma"]), \
     torch.cuda.synchronize()
     print("STAGE backward done", flush=True)
     y64, g64 = reference64(x, w, b, a, bb, dy, scaling=2.0, dropout_p=p, seed=5, grads=("x", "lora_A", "lora_B"))
-    errs = [normalized_error(y, y64)] + [normalized_error(g, g64[nm]) for g, nm in zip(grads, ("x", "lora_A", "lora_B"))]
+    errs = [normalized_error(y, y64)]
+    errs += [normalized_error(g, g64[nm]) for g, nm in zip(grads, ("x", "lora_A", "lora_B"))]
     print("ERR", max(errs), flush=True)
 """
 
@@ -57,7 +60,8 @@ TOL = {"bfloat16": 2.5e-2, "float16": 4e-3, "float32": 2e-5}
 def cases(quick: bool):
     shapes = [(36, 64, 40, 16), (8192, 4096, 4096, 16)] if not quick else [(36, 64, 40, 16)]
     for (m, k, n, r), dtype, strategy, tma, persistent, p in itertools.product(
-            shapes, ("bfloat16", "float32"), ("in_loop", "split", "hybrid"), (False, True), (False, True), (0.0, 0.1)):
+            shapes, ("bfloat16", "float32"), ("in_loop", "split", "hybrid", None), (False, True), (False, True),
+            (0.0, 0.1)):
         if dtype == "float32" and tma:
             continue
         yield dict(m=m, k=k, n=n, r=r, dtype=dtype, strategy=strategy, tma=tma, persistent=persistent, p=p)
@@ -66,7 +70,8 @@ def cases(quick: bool):
 def run(spec: dict, timeout: float) -> str:
     env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
     env.pop("TRITON_INTERPRET", None)
-    name = (f"{spec['dtype']:8s} M={spec['m']:<5d} {spec['k']}->{spec['n']} r={spec['r']} {spec['strategy']:7s} "
+    strategy = spec["strategy"] or "default"
+    name = (f"{spec['dtype']:8s} M={spec['m']:<5d} {spec['k']}->{spec['n']} r={spec['r']} {strategy:7s} "
             f"tma={int(spec['tma'])} persistent={int(spec['persistent'])} p={spec['p']}")
     try:
         out = subprocess.run([sys.executable, "-c", CASE, json.dumps(spec)], env=env, capture_output=True, text=True,

@@ -205,8 +205,28 @@ def device_plan(device: torch.device, m: int, n: int, k: int, r: int, dtype: tor
     """:func:`plan` for a problem on ``device``, with that device's own
     compute capability, shared memory and SM count (:func:`device_target`)."""
     target = device_target(device)
-    return plan(m, n, k, r, dtype, dropout_p, target.arch, strategy=strategy, smem_limit=target.smem_limit,
-                num_sms=target.num_sms, quantized=quantized)
+    chosen = plan(m, n, k, r, dtype, dropout_p, target.arch, strategy=strategy, smem_limit=target.smem_limit,
+                  num_sms=target.num_sms, quantized=quantized)
+    if device.type == "cuda" and in_loop_faults(chosen, target.arch, dtype):
+        split = plan(m, n, k, r, dtype, dropout_p, target.arch, strategy="split", smem_limit=target.smem_limit,
+                     num_sms=target.num_sms, quantized=quantized)
+        return dataclasses.replace(split, reason=f"{IN_LOOP_FAULT}; planned: {chosen.reason}")
+    return chosen
+
+
+#: Why a CUDA device of compute capability 9.0 or more runs no in-loop
+#: shrink with pointer loads (16-bit): the first H200 run.
+IN_LOOP_FAULT = ("split: the 16-bit in-loop shrink with pointer loads (TMA off) faulted or computed wrong results on "
+                 "an H200 with Triton 3.6 (bench/results/2026-12-04-NVIDIA-H200/diagnose.log); TMA on "
+                 "(set_tma(True)) keeps it")
+
+
+def in_loop_faults(p: Plan, arch: int, dtype: torch.dtype) -> bool:
+    """Whether plan ``p`` (on a CUDA device of ``arch``) runs a 16-bit GEMM
+    with the in-loop shrink (the forward's, or dx's g) through pointer
+    loads on sm_90 or newer: the path the first H200 run found faulting
+    (:data:`IN_LOOP_FAULT`), which :func:`device_plan` replaces by split."""
+    return dtype.itemsize == 2 and arch >= 90 and not p.tma and (p.strategy == "in_loop" or p.dx_in_loop)
 
 
 def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, max_block_r: int,
