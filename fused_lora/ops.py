@@ -1170,12 +1170,16 @@ def multi_lora_linear(
                         weight_code, adapter_p)
 
 
-def _side_by_side(x: Tensor, lora_A: list, lora_B: list, adapter_ids: Tensor, scalings: tuple[float, ...]):
+def _side_by_side(x: Tensor, lora_A: list, lora_B: list, adapter_ids: Tensor, scalings: tuple[float, ...],
+                  summed: bool = False):
     """``(A, B, (adapter_ids, rank_ids, rank_scaling))``: the adapters
     concatenated along the rank, and what the kernels select each row's
-    columns by (:func:`_rank_columns`)."""
+    columns by (:func:`_rank_columns`; ``summed``: every column adapter
+    0's, :func:`_summed_columns`)."""
     # (while torch.compile traces, the tensors are made in the graph: it would not keep the cache's)
-    columns = _make_rank_columns if torch.compiler.is_compiling() else _rank_columns
+    compiling = torch.compiler.is_compiling()
+    columns = (_make_summed_columns if compiling else _summed_columns) if summed else \
+        (_make_rank_columns if compiling else _rank_columns)
     rank_ids, rank_scaling = columns(x.device, tuple(a.shape[0] for a in lora_A), scalings)
     a = lora_A[0] if len(lora_A) == 1 else torch.cat(lora_A, 0)
     b = lora_B[0] if len(lora_B) == 1 else torch.cat(lora_B, 1)
@@ -1256,13 +1260,8 @@ def summed_lora_linear(x: Tensor, weight: Tensor, lora_A: Sequence[Tensor], lora
     weight_scale = check_weight_scale(x, weight, weight_scale)
     weight_code = check_weight_code(x, weight, weight_code)
     ids = torch.zeros(x.shape[:-1], dtype=torch.int32, device=x.device)  # (every row adapter 0's: all columns)
-    ranks = tuple(a.shape[0] for a in lora_A)
-    rank_ids, rank_scaling = (_make_summed_columns if torch.compiler.is_compiling() else _summed_columns)(
-        x.device, ranks, scalings)
-    a = lora_A[0] if len(lora_A) == 1 else torch.cat(lora_A, 0)
-    b = lora_B[0] if len(lora_B) == 1 else torch.cat(lora_B, 1)
-    return _lora_linear(x, weight, a, b, bias, 1.0, 0.0, None, None, (ids, rank_ids, rank_scaling), backend,
-                        weight_scale, weight_code)
+    a, b, adapters = _side_by_side(x, lora_A, lora_B, ids, scalings, summed=True)
+    return _lora_linear(x, weight, a, b, bias, 1.0, 0.0, None, None, adapters, backend, weight_scale, weight_code)
 
 
 def _adapter_magnitudes(magnitude, n: int) -> list[Tensor | None]:
