@@ -50,13 +50,17 @@ Where the dy pass needs its reductions anyway, it computes ``g`` for free
 beside dB (it reads dy anyway, and pairs the sums two a launch), while the
 K loop would pay ``r/BLOCK_N`` more tensor-core work.
 
-TMA: with :func:`set_tma` (or ``FUSED_LORA_TMA=1``) the 16-bit Triton GEMMs
-read their A and B tiles through tensor descriptors (the copy engine
-zero-fills outside the operands) where both operands allow one. Persistent:
-with :func:`set_persistent` (or ``FUSED_LORA_PERSISTENT=1``) they run on a
-grid of about one program per SM, each walking output tiles (not with
-split-K, nor with an in-loop rank tile above 32, nor with the in-loop dx
-under dropout: they spill there). Both off by default until measured.
+TMA: the 16-bit Triton GEMMs read their A and B tiles through tensor
+descriptors (the copy engine zero-fills outside the operands) where both
+operands allow one. By default (``"auto"``) on a compiled sm_90 or newer
+target, where the second H200 run measured it (:data:`TMA_AUTO_REASON`);
+:func:`set_tma` (or ``FUSED_LORA_TMA=1`` / ``0``) forces it on or off
+(pointer loads; the interpreter runs pointers unless it is forced on).
+Persistent: with :func:`set_persistent` (or ``FUSED_LORA_PERSISTENT=1``)
+they run on a grid of about one program per SM, each walking output tiles
+(not with split-K, nor with an in-loop rank tile above 32, nor with the
+in-loop dx under dropout: they spill there); off by default: on that
+run, with TMA, it was ahead on two of six shapes, level on two, behind on two.
 
 :func:`explain` says what would run for a shape, and why.
 
@@ -92,20 +96,43 @@ SMALL_M = 256
 #: Process-wide dispatch state, not per thread, so that autograd's backward
 #: threads see it too, and torch.compile reads it while tracing (guarding on
 #: it: a change recompiles). Two switches for the 16-bit Triton GEMMs (Hopper
-#: and the interpreter), off until measured on an H200 (bench/gpu_check.sh
-#: times each: ``fused:tma``, ``fused:persistent``): TMA tensor descriptors
-#: for the A and B tiles (``FUSED_LORA_TMA=1`` or :func:`set_tma`), and a
-#: persistent grid, about one program per SM walking the output tiles
+#: and the interpreter), each timed by bench/gpu_check.sh (``fused:pointers``,
+#: ``fused:tma+persistent``): TMA tensor descriptors for the A and B tiles
+#: (None: "auto", on for a compiled sm_90 or newer target; True or False:
+#: forced, ``FUSED_LORA_TMA=1`` / ``0`` or :func:`set_tma`), and a persistent
+#: grid, about one program per SM walking the output tiles
 #: (``FUSED_LORA_PERSISTENT=1`` or :func:`set_persistent`). And the strategy
 #: forced by :func:`force_strategy` (None: chosen per shape).
-_switches = {"tma": os.environ.get("FUSED_LORA_TMA", "0") == "1",
+_switches = {"tma": {"1": True, "0": False}.get(os.environ.get("FUSED_LORA_TMA", "auto")),
              "persistent": os.environ.get("FUSED_LORA_PERSISTENT", "0") == "1",
              "strategy": None}
 
+#: Why TMA loads are the default on a compiled sm_90 or newer target.
+TMA_AUTO_REASON = ("TMA loads by default on sm_90+: on the second H200 run "
+                   "(bench/results/2026-12-04-NVIDIA-H200-2) forward+backward ran 2.1 to 6.2x faster with them than "
+                   "with pointer loads on every shape timed both ways (dx's GEMM through pointers took 88-90% of a "
+                   "step)")
 
-def set_tma(enabled: bool) -> None:
-    """Read the GEMM tiles through TMA tensor descriptors (True) or pointers."""
-    _switches["tma"] = check_bool("enabled", enabled)
+
+def _tma_setting(enabled) -> bool | None:
+    if isinstance(enabled, str) and enabled == "auto":
+        return None
+    try:
+        return check_bool("enabled", enabled)
+    except TypeError:
+        raise TypeError(f"enabled must be a bool or 'auto', got {enabled!r}") from None
+
+
+def set_tma(enabled: bool | str) -> None:
+    """Read the GEMM tiles through TMA tensor descriptors (True) or pointers
+    (False); ``"auto"`` (the default): TMA on a compiled sm_90 or newer
+    target (:data:`TMA_AUTO_REASON`), pointers elsewhere."""
+    _switches["tma"] = _tma_setting(enabled)
+
+
+def tma_setting() -> bool | str:
+    """The TMA switch: True, False, or ``"auto"``."""
+    return "auto" if _switches["tma"] is None else _switches["tma"]
 
 
 def set_persistent(enabled: bool) -> None:
@@ -123,9 +150,9 @@ def _switched(name: str, value):
         _switches[name] = previous
 
 
-def use_tma(enabled: bool = True):
+def use_tma(enabled: bool | str = True):
     """:func:`set_tma` inside a ``with`` block, restored after it."""
-    return _switched("tma", check_bool("enabled", enabled))
+    return _switched("tma", _tma_setting(enabled))
 
 
 def use_persistent(enabled: bool = True):
@@ -207,18 +234,27 @@ def device_plan(device: torch.device, m: int, n: int, k: int, r: int, dtype: tor
     target = device_target(device)
     chosen = plan(m, n, k, r, dtype, dropout_p, target.arch, strategy=strategy, smem_limit=target.smem_limit,
                   num_sms=target.num_sms, quantized=quantized)
-    if device.type == "cuda" and in_loop_faults(chosen, target.arch, dtype):
-        split = plan(m, n, k, r, dtype, dropout_p, target.arch, strategy="split", smem_limit=target.smem_limit,
-                     num_sms=target.num_sms, quantized=quantized)
-        return dataclasses.replace(split, reason=f"{IN_LOOP_FAULT}; planned: {chosen.reason}")
-    return chosen
+    if device.type != "cuda":
+        return chosen
+    return _without_faulting_in_loop(chosen, target.arch, dtype, lambda: plan(
+        m, n, k, r, dtype, dropout_p, target.arch, strategy="split", smem_limit=target.smem_limit,
+        num_sms=target.num_sms, quantized=quantized))
+
+
+def _without_faulting_in_loop(chosen: Plan, arch: int, dtype: torch.dtype, split) -> Plan:
+    """``chosen``, or ``split()`` where :func:`in_loop_faults` says it is
+    the faulting path (on compiled code: a CUDA device, or explain's
+    ``sm_XY`` target)."""
+    if not in_loop_faults(chosen, arch, dtype):
+        return chosen
+    return dataclasses.replace(split(), reason=f"{IN_LOOP_FAULT}; planned: {chosen.reason}")
 
 
 #: Why a CUDA device of compute capability 9.0 or more runs no in-loop
 #: shrink with pointer loads (16-bit): the first H200 run.
-IN_LOOP_FAULT = ("split: the 16-bit in-loop shrink with pointer loads (TMA off) faulted or computed wrong results on "
-                 "an H200 with Triton 3.6 (bench/results/2026-12-04-NVIDIA-H200/diagnose.log); TMA on "
-                 "(set_tma(True)) keeps it")
+IN_LOOP_FAULT = ("split: the 16-bit in-loop shrink with pointer loads (TMA forced off) faulted or computed wrong "
+                 "results on an H200 with Triton 3.6 (bench/results/2026-12-04-NVIDIA-H200/diagnose.log); TMA on "
+                 "(the default there) keeps it")
 
 
 def in_loop_faults(p: Plan, arch: int, dtype: torch.dtype) -> bool:
@@ -300,7 +336,10 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
     elif num_sms < 1:
         raise ValueError(f"num_sms must be >= 1, got {num_sms}")
     key = (m, n, k, r, dtype, dropout_p > 0.0, arch, interp)
-    switches = (input_precision(dtype), _switches["tma"], _switches["persistent"], smem_limit, num_sms)
+    tma = _switches["tma"]
+    if tma is None:  # auto
+        tma = not interp and arch >= 90
+    switches = (input_precision(dtype), tma, _switches["persistent"], smem_limit, num_sms)
     return _plan(*key, forced, *switches, quantized_kind(quantized))
 
 
@@ -431,7 +470,10 @@ class Explanation:
         regenerated = ", mask regenerated" if self.dropout_p else ""
         out.append(("backward: dA", f"gᵀ·drop(x) from one read of x{regenerated}; {skinny}"))
         if p.tma:
-            out.append(("loads", "A and B tiles through TMA tensor descriptors where the operands allow"))
+            why = f" ({TMA_AUTO_REASON})" if _switches["tma"] is None else " (set_tma(True))"
+            out.append(("loads", f"A and B tiles through TMA tensor descriptors where the operands allow{why}"))
+        elif _switches["tma"] is False and self.target != "interpreter" and not p.cublas_base:
+            out.append(("loads", "A and B tiles through pointers (set_tma(False))"))
         if p.persistent:
             out.append(("grid", "persistent: about one program per SM walks the output tiles (GEMMs without "
                                 "split-K)"))
@@ -484,9 +526,12 @@ def explain(x_shape, weight_shape, r: int, dtype: torch.dtype = torch.bfloat16, 
     n, k = weight_shape
     if num_sms is None and not interp:
         num_sms = _triton.configs().NUM_SMS_SM90
-    return Explanation(m, n, k, r, dtype, float(dropout_p), target,
-                       plan(m, n, k, r, dtype, dropout_p, arch=arch, interpreter=interp, num_sms=num_sms,
-                            quantized=quantized), num_sms)
+    chosen = plan(m, n, k, r, dtype, dropout_p, arch=arch, interpreter=interp, num_sms=num_sms, quantized=quantized)
+    if not interp:  # (what a CUDA device of that arch runs: device_plan)
+        chosen = _without_faulting_in_loop(chosen, arch, dtype, lambda: plan(
+            m, n, k, r, dtype, dropout_p, arch=arch, interpreter=False, strategy="split", num_sms=num_sms,
+            quantized=quantized))
+    return Explanation(m, n, k, r, dtype, float(dropout_p), target, chosen, num_sms)
 
 
 # ----------------------------------------------------------------------------

@@ -123,8 +123,9 @@ def test_dispatch_switches_take_bools_only(switch):
     """A switch given "no" or None is an error, not a truthy True."""
     d = fused_lora.dispatch
     before = (dict(d._switches), d._autotune)
-    for bad in ("no", None, 2):
-        with pytest.raises(TypeError, match="enabled must be a bool"):
+    # ("auto" is TMA's default, and no value of the others)
+    for bad in ("no", None, 2, "Auto") + (() if "tma" in switch else ("auto",)):
+        with pytest.raises(TypeError, match="enabled must be a bool" + (" or 'auto'" if "tma" in switch else ", got")):
             getattr(d, switch)(bad)
     assert (dict(d._switches), d._autotune) == before
 

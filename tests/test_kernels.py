@@ -1208,26 +1208,52 @@ def test_scaling_and_dropout_are_runtime_arguments():
 
 
 def test_switches_apply_where_they_can_and_are_restored():
-    """TMA loads and the persistent grid are off by default, for 16-bit
-    Triton GEMMs on Hopper (or the interpreter) only, and each ``use_*``
-    block restores the previous setting; explain says what is on."""
+    """TMA loads are on by default ("auto") for the 16-bit Triton GEMMs of a
+    compiled sm_90+ target only, the persistent grid off; each applies to
+    16-bit Triton GEMMs on Hopper (or the interpreter) only, and each
+    ``use_*`` block restores the previous setting; explain says what is on
+    and why."""
     d = fused_lora.dispatch
     x_shape, w_shape = (8192, 4096), (4096, 4096)
-    off = fused_lora.explain(x_shape, w_shape, 16).plan
-    assert not off.persistent and not off.tma
-    with d.use_persistent(True):
-        e = fused_lora.explain(x_shape, w_shape, 16)
-        assert e.plan.persistent and "persistent" in str(e)
-        assert not fused_lora.explain(x_shape, w_shape, 16, dtype=torch.float32).plan.persistent  # hybrid
-        assert not fused_lora.explain(x_shape, w_shape, 16, target="sm_80").plan.persistent
-        assert fused_lora.explain(x_shape, w_shape, 16, target="interpreter").plan.persistent
-        with d.use_persistent(False):
-            assert not fused_lora.explain(x_shape, w_shape, 16).plan.persistent
-        assert fused_lora.explain(x_shape, w_shape, 16).plan.persistent
-        with d.use_tma(True):
-            both = fused_lora.explain(x_shape, w_shape, 16).plan
-            assert both.persistent and both.tma == _triton.get().tma_available()
-    assert fused_lora.explain(x_shape, w_shape, 16).plan == off
+    assert d.tma_setting() == "auto"
+    default = fused_lora.explain(x_shape, w_shape, 16)
+    assert not default.plan.persistent and default.plan.tma == _triton.get().tma_available()
+    if default.plan.tma:
+        assert d.TMA_AUTO_REASON in str(default)
+    assert not fused_lora.explain(x_shape, w_shape, 16, target="sm_80").plan.tma
+    assert not fused_lora.explain(x_shape, w_shape, 16, target="interpreter").plan.tma
+    assert not fused_lora.explain(x_shape, w_shape, 16, dtype=torch.float32).plan.tma  # hybrid: no K loop
+    with d.use_tma(False):
+        assert d.tma_setting() is False
+        pointers = fused_lora.explain(x_shape, w_shape, 16)
+        assert not pointers.plan.tma and "through pointers (set_tma(False))" in str(pointers)
+        with d.use_tma("auto"):
+            assert fused_lora.explain(x_shape, w_shape, 16).plan == default.plan
+        off = pointers.plan
+    with d.use_tma(True):
+        assert fused_lora.explain(x_shape, w_shape, 16, target="interpreter").plan.tma == \
+            _triton.get().tma_available()
+    assert d.tma_setting() == "auto"
+    d.set_tma(False)
+    try:
+        assert fused_lora.explain(x_shape, w_shape, 16).plan == off
+    finally:
+        d.set_tma("auto")
+    assert fused_lora.explain(x_shape, w_shape, 16).plan == default.plan
+    with d.use_tma(False):
+        with d.use_persistent(True):
+            e = fused_lora.explain(x_shape, w_shape, 16)
+            assert e.plan.persistent and "persistent" in str(e)
+            assert not fused_lora.explain(x_shape, w_shape, 16, dtype=torch.float32).plan.persistent  # hybrid
+            assert not fused_lora.explain(x_shape, w_shape, 16, target="sm_80").plan.persistent
+            assert fused_lora.explain(x_shape, w_shape, 16, target="interpreter").plan.persistent
+            with d.use_persistent(False):
+                assert not fused_lora.explain(x_shape, w_shape, 16).plan.persistent
+            assert fused_lora.explain(x_shape, w_shape, 16).plan.persistent
+            with d.use_tma(True):
+                both = fused_lora.explain(x_shape, w_shape, 16).plan
+                assert both.persistent and both.tma == _triton.get().tma_available()
+        assert fused_lora.explain(x_shape, w_shape, 16).plan == off
 
 
 def test_persistent_programs_fill_every_sm_once():
