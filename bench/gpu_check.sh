@@ -8,12 +8,14 @@
 # Runs from a plain checkout (PYTHONPATH=., nothing installed). Writes into one
 # folder: gpu_check.log (everything printed), results.json (every raw number,
 # GPU name, torch/Triton versions), results.md (the table), speedup.png, and
-# bench_more.json (pytest-benchmark's: several adapters and DoRA, as time allows).
-# Time boxes keep it under 7 minutes on an H200: tests <= 200 s (in parallel
-# shards, while the benchmark's kernels compile), benchmark <= 200 s (cases not
-# started after 140 s are listed as skipped). SHARDS=n overrides the number of
-# test processes (default: the CPU cores less four, two of them for the
-# benchmark's compile processes; at most 12).
+# bench_more.json (pytest-benchmark's: several adapters and DoRA, as time allows),
+# probe.json (bench/gpu_probe.py: the fused GEMM's launches timed one by one).
+# Time boxes keep it under 7 minutes on an H200: tests <= 170 s (in parallel
+# shards, while the benchmark's and the probe's kernels compile; at the box a
+# shard is interrupted, and reports the failures it has so far), the probe
+# <= 45 s, the benchmark <= 180 s (cases not started after 125 s are listed
+# as skipped). SHARDS=n overrides the number of test processes (default: the
+# CPU cores less five, three of them for the compile processes; at most 12).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -59,21 +61,24 @@ COMPILERS=2  # processes compiling the benchmark's kernels, each every other cas
 # constexprs, pointer dtypes and alignment, ints ==1 / %16, warps and stages;
 # with the full `fused-lora check` test alone in shard 0 (marker own_shard), at
 # most ~210 in any of 12 shards: about half a second each to compile)
-free=$(( ncpu - COMPILERS - 2 ))
+free=$(( ncpu - COMPILERS - 3 ))
 SHARDS=${SHARDS:-$(( free > 12 ? 12 : (free < 1 ? 1 : free) ))}
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 compile_pids=()
 for j in $(seq 0 $((COMPILERS - 1))); do
-    timeout 200 "$PY" -m fused_lora.cli bench --preset gpu-check --compile-only --shard "$j/$COMPILERS" \
-        --time-budget 180 > "$logs/compile$j.log" 2>&1 &
+    timeout 170 "$PY" -m fused_lora.cli bench --preset gpu-check --compile-only --shard "$j/$COMPILERS" \
+        --time-budget 160 > "$logs/compile$j.log" 2>&1 &
     compile_pids+=($!)
 done
+timeout 170 "$PY" bench/gpu_probe.py --compile-only > "$logs/probe_compile.log" 2>&1 &
+probe_compile_pid=$!
 pids=()
 for i in $(seq 0 $((SHARDS - 1))); do
-    # (one inductor compile worker a shard: the shards are the parallelism, not 16 pools of 16)
-    TORCHINDUCTOR_COMPILE_THREADS=1 timeout 200 "$PY" -m pytest -q -p no:cacheprovider -o addopts="-ra" \
-        --shard "$i/$SHARDS" --basetemp "$logs/tmp$i" "${tests[@]}" > "$logs/shard$i.log" 2>&1 &
+    # (one inductor compile worker a shard: the shards are the parallelism, not 16 pools of 16; at the
+    # time box SIGINT, on which pytest stops and prints the failures so far with their tracebacks)
+    TORCHINDUCTOR_COMPILE_THREADS=1 timeout -s INT -k 15 170 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
+        -rfE --tb=short --shard "$i/$SHARDS" --basetemp "$logs/tmp$i" "${tests[@]}" > "$logs/shard$i.log" 2>&1 &
     pids+=($!)
 done
 rc_tests=0
@@ -83,10 +88,11 @@ for i in "${!pids[@]}"; do
     rc=$?
     echo "-- shard $i/$SHARDS (exit $rc)"
     cat "$logs/shard$i.log"
-    [ $rc -eq 124 ] && echo "shard $i/$SHARDS: TIMED OUT after 200 s"
+    [ $rc -eq 124 ] && echo "shard $i/$SHARDS: TIMED OUT after 170 s (interrupted: the failures above are those so far)"
     [ $rc -ne 0 ] && [ $rc_tests -eq 0 ] && rc_tests=$rc
     summary+=("shard $i/$SHARDS: exit $rc | $(grep -E '[0-9]+ (passed|failed|errors?)' "$logs/shard$i.log" | tail -1)")
 done
+failed_tests=$(cat "$logs"/shard*.log | grep -cE '^(FAILED|ERROR) ')
 rc_compile=0
 for j in "${!compile_pids[@]}"; do
     wait "${compile_pids[$j]}"
@@ -96,11 +102,22 @@ for j in "${!compile_pids[@]}"; do
     [ $rc -ne 0 ] && [ $rc_compile -eq 0 ] && rc_compile=$rc
     summary+=("benchmark kernels compiled ahead, part $j/$COMPILERS: exit $rc | $(grep -E 'benchmark steps once' "$logs/compile$j.log" | tail -1)")
 done
+wait $probe_compile_pid
+echo "-- the probe's kernels compiled ahead and checked (exit $?)"
+cat "$logs/probe_compile.log"
+
+# The fused GEMM's launches one by one beside cuBLAS (dx through pointers and TMA, B's layout, N and K
+# specialised, the low-rank epilogue alone): where the step's time goes. Informational, as the more
+# benchmarks below are.
+echo "== probe (bench/gpu_probe.py)"
+timeout 45 "$PY" bench/gpu_probe.py --json "$OUT/probe.json"
+rc_probe=$?
+[ $rc_probe -eq 124 ] && echo "probe: stopped at its 45 s time box"
 
 echo "== benchmark (preset gpu-check)"
-timeout 200 "$PY" -m fused_lora.cli bench --preset gpu-check --time-budget 140 --out "$OUT"
+timeout 180 "$PY" -m fused_lora.cli bench --preset gpu-check --time-budget 125 --out "$OUT"
 rc_bench=$?
-[ $rc_bench -eq 124 ] && echo "benchmark: TIMED OUT after 200 s (partial results are in $OUT)"
+[ $rc_bench -eq 124 ] && echo "benchmark: TIMED OUT after 180 s (partial results are in $OUT)"
 
 # pytest bench/'s several-adapter, DoRA and quantized-base (int8, NF4) benchmarks (fused against PEFT's mixed
 # batch, PEFT's own model serving several adapters, PEFT's DoRA layer, the 16-bit base), last and only in the
@@ -120,7 +137,7 @@ fi
 
 echo "== summary"
 printf '%s\n' "${summary[@]}"
-echo "tests: exit $rc_tests | benchmark: exit $rc_bench | more benchmarks: exit $rc_more | results in $OUT"
+echo "tests: exit $rc_tests ($failed_tests failed or errors, named in the shards' summaries above) | probe: exit $rc_probe | benchmark: exit $rc_bench | more benchmarks: exit $rc_more | results in $OUT"
 if [ -f "$OUT/results.md" ]; then
     grep -E '^\| (case \| mode|M=(8192|16) 4096->4096 r=16)' "$OUT/results.md" | head -13 || true
 fi

@@ -9,10 +9,10 @@ Providers (all compute ``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with W frozen
 ``base``            bare ``F.linear``: the floor, no adapter at all
 
 and, on a preset's ``variant_cases``, ``fused:in_loop``, ``fused:split`` and
-``fused:hybrid`` (``fused`` with that forward strategy forced), ``fused:tma``
-(``fused`` with TMA tile loads), ``fused:persistent`` (its GEMMs on a
-persistent grid) and ``fused:tma+persistent`` (both), forward and
-forward+backward: the data behind the dispatch rules and the switches.
+``fused:hybrid`` (``fused`` with that forward strategy forced), ``fused:pointers``
+(``fused`` with pointer tile loads: TMA off, as it is by default off Hopper) and
+``fused:tma+persistent`` (TMA loads, its GEMMs on a persistent grid), forward
+and forward+backward: the data behind the dispatch rules and the switches.
 
 Modes: ``forward``, ``backward`` (the backward of one recorded forward, timed
 alone), ``forward+backward``. On a GPU each number is the median of
@@ -37,6 +37,7 @@ beside, labelled as a model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -52,12 +53,16 @@ import torch.nn.functional as F
 
 PROVIDERS = ("fused", "naive", "unsloth_style", "naive_compiled", "base")
 #: ``fused`` with its forward strategy forced (see :mod:`fused_lora.dispatch`),
-#: and ``fused`` with the switches of :mod:`fused_lora.dispatch` on (TMA
-#: tensor-descriptor loads, the persistent grid, both): the data that tunes
-#: the dispatch rules and the switches' defaults. Run on a preset's
-#: ``variant_cases``.
+#: and ``fused`` with the switches of :mod:`fused_lora.dispatch` set
+#: (:data:`SWITCH_SETTINGS`): the data that tunes the dispatch rules and the
+#: switches' defaults. Run on a preset's ``variant_cases``.
 STRATEGY_PROVIDERS = ("fused:in_loop", "fused:split", "fused:hybrid")
-SWITCH_PROVIDERS = ("fused:tma", "fused:persistent", "fused:tma+persistent")
+#: Each switch provider's settings, every switch named (whatever the
+#: defaults): pointer loads (TMA off: the default off Hopper, the other side
+#: of Hopper's default), and TMA loads on the persistent grid.
+SWITCH_SETTINGS = {"fused:pointers": {"tma": False, "persistent": False},
+                   "fused:tma+persistent": {"tma": True, "persistent": True}}
+SWITCH_PROVIDERS = tuple(SWITCH_SETTINGS)
 VARIANT_PROVIDERS = STRATEGY_PROVIDERS + SWITCH_PROVIDERS
 VARIANT_MODES = ("forward", "forward+backward")
 MODES = ("forward", "backward", "forward+backward")
@@ -285,8 +290,8 @@ def make_forward(provider: str, inp: Inputs):
 
 def variant_context(provider: str):
     """What must hold while ``provider`` builds and runs its steps (forward and
-    backward alike, whatever thread autograd uses): for ``fused:tma``,
-    ``fused:persistent`` and ``fused:tma+persistent``, those switches on."""
+    backward alike, whatever thread autograd uses): for a switch provider,
+    its :data:`SWITCH_SETTINGS`."""
     import contextlib
 
     import fused_lora
@@ -294,8 +299,8 @@ def variant_context(provider: str):
     stack = contextlib.ExitStack()
     if provider in SWITCH_PROVIDERS:
         switches = {"tma": fused_lora.dispatch.use_tma, "persistent": fused_lora.dispatch.use_persistent}
-        for name in provider.split(":")[1].split("+"):
-            stack.enter_context(switches[name](True))
+        for name, value in SWITCH_SETTINGS[provider].items():
+            stack.enter_context(switches[name](value))
     return stack
 
 
@@ -322,23 +327,81 @@ def input_copies(case: Case, max_copies: int = 8) -> int:
     return max(1, min(max_copies, math.ceil(2 * l2 / per_copy)))
 
 
-def time_cuda(step, m: int, warmup_ms: int = 25, rep_ms: int = 100) -> tuple[list[float], str]:
-    """(p50, p20, p80) in ms and the timer used."""
+def time_cuda(step, m: int, warmup_ms: int = 25, rep_ms: int = 100, stream=None) -> tuple[list[float], str]:
+    """(p50, p20, p80) in ms and the timer used. Small M is timed through a
+    CUDA graph captured on ``stream`` (:func:`graph_stream`: where a
+    backward step's forward was recorded, so that autograd launches the
+    backward there, into the capture)."""
     import triton.testing
 
     step()  # compile, autotune, allocate
     torch.cuda.synchronize()
     if m <= CUDA_GRAPH_MAX_M:
         try:
-            q = triton.testing.do_bench_cudagraph(step, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-            return list(q), "cuda-graph"
+            return time_cuda_graph(step, stream or torch.cuda.Stream(), rep_ms), "cuda-graph"
         except Exception as err:  # fall back, and say so
             torch.cuda.synchronize()
-            note = f"do_bench (graph capture failed: {type(err).__name__})"
+            note = f"do_bench (graph capture failed: {type(err).__name__}: {str(err).splitlines()[0][:120]})"
     else:
         note = "do_bench"
     q = triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
     return list(q), note
+
+
+def graph_stream():
+    """A side stream that has waited for the current one: the stream on
+    which a small-M case's steps are built (a backward step records its
+    forward there) and captured (:func:`time_cuda_graph`)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    return stream
+
+
+def time_cuda_graph(step, stream, rep_ms: float = 100.0, target_replay_ms: float = 2.0) -> list[float]:
+    """(p50, p20, p80) ms per call of ``step``, captured into CUDA graphs on
+    ``stream`` and replayed: one capture of a single call estimates its time,
+    then one of as many calls as make about ``target_replay_ms`` is replayed
+    for about ``rep_ms`` (each replay timed by CUDA events on ``stream``).
+    Triton's ``do_bench_cudagraph`` captures on a stream of its own: a
+    backward step whose forward ran elsewhere then launches its kernels
+    outside the capture, which fails (and a failed capture leaves the CUDA
+    generator in capture mode, so that every later dropout fails with
+    "Offset increment outside graph capture")."""
+    def capture(calls: int):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(calls):
+                step()
+        return graph
+
+    def replay_ms(graph, replays: int) -> list[float]:
+        out = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            graph.replay()
+            end.record(stream)
+            end.synchronize()
+            out.append(start.elapsed_time(end))
+        return out
+
+    with torch.cuda.stream(stream):
+        step()  # (warm on this stream: the allocator's pools, autograd's)
+        stream.synchronize()
+        one = capture(1)
+        estimate = statistics.median(replay_ms(one, 5))
+        del one
+        calls = max(1, min(1000, round(target_replay_ms / max(estimate, 1e-3))))
+        graph = capture(calls)
+        replay_ms(graph, 2)  # (warm)
+        times = [t / calls for t in replay_ms(graph, max(5, round(rep_ms / max(estimate * calls, 1e-3))))]
+    torch.cuda.current_stream().wait_stream(stream)
+    times.sort()
+
+    def at(q: float) -> float:
+        return times[min(len(times) - 1, int(q * len(times)))]
+
+    return [statistics.median(times), at(0.2), at(0.8)]
 
 
 def time_eager(step, target_ms: float = 10.0, rounds: int = 5) -> float:
@@ -637,8 +700,12 @@ def run_preset(preset: Preset, device, progress=None, deadline: float | None = N
                 if not skip:
                     try:
                         # One step per input copy, run back to back and timed together: the copies
-                        # together exceed L2, so no step reads its weights from cache.
-                        with variant_context(provider):
+                        # together exceed L2, so no step reads its weights from cache. Small M: built
+                        # on the stream its CUDA graph captures on (a backward step's forward too).
+                        stream = graph_stream() if on_gpu and not compile_only and case.m <= CUDA_GRAPH_MAX_M \
+                            else None
+                        with variant_context(provider), \
+                                (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
                             steps = [make_step(mode, make_forward(provider, i), i.leaves(provider), dy)
                                      for i in inputs]
 
@@ -653,7 +720,7 @@ def run_preset(preset: Preset, device, progress=None, deadline: float | None = N
                                 torch.cuda.synchronize()
                             meas.note = "compiled"
                         else:
-                            q, timer = time_cuda(run_all, case.m) if on_gpu else time_cpu(run_all)
+                            q, timer = time_cuda(run_all, case.m, stream=stream) if on_gpu else time_cpu(run_all)
                             meas.median_ms, meas.p20_ms, meas.p80_ms = (None if t is None else t / copies
                                                                         for t in q)
                             meas.timer = timer + (f", {copies} rotated input copies" if copies > 1 else "")
@@ -808,9 +875,9 @@ def strategy_table(results: list[Measurement], target: str) -> list[str]:
     lines = ["", "### Forward strategies, forced, TMA loads and the persistent grid (the data behind the "
                  "dispatch rules)", "",
              "Median ms per call of `fused` with each strategy forced (forward and its backward), and of `fused` "
-             "(default strategy) with TMA tensor-descriptor loads (`tma`), with its GEMMs on a persistent grid "
-             "(`persistent`), and with both; `default` is what the dispatch chose. `best` names the fastest "
-             "measured.", "",
+             "(default strategy) with pointer tile loads (`pointers`: TMA off) and with TMA loads on a persistent "
+             "grid (`tma+persistent`); `default` is what the dispatch chose (TMA loads on sm_90 and newer). `best` "
+             "names the fastest measured.", "",
              "| case | mode | default | " + " | ".join(names) + " | best | default/best |",
              "|---|---|---|" + "---|" * len(names) + "---|---|"]
     for row in rows:

@@ -1,6 +1,7 @@
 """The ``fused-lora`` command's check and bench subcommands (smoke mode
 without a GPU), run in-process."""
 
+import contextlib
 import dataclasses
 import json
 import types
@@ -99,6 +100,26 @@ def test_cpu_timer_gives_quantiles_from_five_calls(monkeypatch):
     ticks = iter(v for t in times[:4] for v in (0.0, t / 1e3))
     q, _ = benchmark.time_cpu(lambda: None, reps=4)
     assert q[0] == 2.5 and q[1:] == [None, None]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_small_m_backward_steps_are_timed_in_a_cuda_graph_and_dropout_still_draws_after():
+    """A backward step (its forward recorded before timing) is captured on the
+    stream its forward ran on, so that autograd launches into the capture (the
+    second H200 run's backward captures failed on Triton's own stream, and the
+    failed captures left the CUDA generator unusable for every later dropout);
+    a forward+backward step with dropout is timed after it, in a graph too."""
+    case = benchmark.Case(m=16, k=256, n=128, r=8, dtype="bfloat16", dropout=0.1)
+    inp = benchmark.Inputs.make(case, torch.device("cuda"))
+    dy = torch.randn(case.m, case.n, device="cuda", dtype=case.torch_dtype)
+    for provider in ("fused", "naive"):
+        for mode in ("backward", "forward+backward"):
+            stream = benchmark.graph_stream()
+            with torch.cuda.stream(stream):
+                step = benchmark.make_step(mode, benchmark.make_forward(provider, inp), inp.leaves(provider), dy)
+            q, timer = benchmark.time_cuda(step, case.m, rep_ms=5, stream=stream)
+            assert timer == "cuda-graph" and 0 < q[1] <= q[0] <= q[2], (provider, mode, timer, q)
+    torch.nn.functional.dropout(dy, 0.5)  # (the generator is not left in capture mode)
 
 
 def test_bench_time_budget_skips_and_says_so(tmp_path):
@@ -419,14 +440,9 @@ def test_small_m_eager_times_get_a_table_of_their_own(tmp_path):
 def test_the_host_overhead_script_times_every_row_and_restores_the_kernels():
     """bench/host_overhead.py stubs the kernels out while it times the host's
     share of a call, and puts them back."""
-    import importlib.util
-
     from fused_lora.kernels import gemm, skinny
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "host_overhead.py"
-    spec = importlib.util.spec_from_file_location("host_overhead", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _bench_script("host_overhead")
     kernels = gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel
     threads = torch.get_num_threads()
     res = script.measure(reps=3)
@@ -435,6 +451,65 @@ def test_the_host_overhead_script_times_every_row_and_restores_the_kernels():
     assert all(0 < us < 1e6 for us in res.values())
     assert (gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel) == kernels
     assert torch.get_num_threads() == threads
+
+
+def _bench_script(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's run (on a GPU gpu_check.sh runs it in full)")
+def test_the_gpu_probe_checks_every_launch_and_flags_a_wrong_one(tmp_path, monkeypatch, capsys):
+    """bench/gpu_probe.py (gpu_check.sh's attribution of the GEMM's time):
+    every row is one launch checked against float64, each variant really
+    what it names (TMA descriptors made where asked, the specialising kernel
+    launched where named and the shipped one restored), and a wrong product
+    is flagged WRONG with a failing exit; --compile-only times nothing."""
+    from fused_lora.kernels import gemm
+
+    probe = _bench_script("gpu_probe")
+    shipped = gemm.lora_gemm_kernel
+    made, launched = [], []
+    real_descriptors = gemm.tma_descriptors
+    monkeypatch.setattr(gemm, "tma_descriptors", lambda *a: made.append(a[2]) or real_descriptors(*a))
+    real_kernel = probe.kernel
+
+    @contextlib.contextmanager
+    def watched(fn):
+        with real_kernel(fn):
+            launched.append(gemm.lora_gemm_kernel is not shipped)
+            yield
+
+    monkeypatch.setattr(probe, "kernel", watched)
+    assert probe.main(["--json", str(tmp_path / "p.json")]) == 0
+    result = json.loads((tmp_path / "p.json").read_text())
+    rows = result["shapes"][0]["rows"]
+    names = [row["name"] for row in rows]
+    assert names[:2] == ["cublas_fwd", "cublas_dx"] and len(set(names)) == len(names) == 14
+    assert all(row["ok"] and row["error"] < 4e-3 and row["ms"] > 0 for row in rows), rows
+    # (each row launched twice, checked then timed; the K=0 rows make no descriptor)
+    assert len(made) == 2 * sum(name.endswith("+tma") for name in names)
+    assert launched == [name.endswith("nk_specialised") for name in names]
+    assert gemm.lora_gemm_kernel is shipped
+    assert "| dx_base_b_colmajor |" in capsys.readouterr().out
+    # a launch that computes the wrong product fails the probe
+    real_rows = probe.rows_for
+
+    def one_wrong(*args):
+        rows, configs = real_rows(*args)
+        name, launch, want, *rest = rows[4]
+        return rows[:4] + [(name, lambda: launch()[:, torch.arange(launch().shape[1]).roll(1)], want, *rest)] \
+            + rows[5:], configs
+
+    monkeypatch.setattr(probe, "rows_for", one_wrong)
+    assert probe.main(["--compile-only"]) == 1
+    out = capsys.readouterr().out
+    assert "| dx_base |  |  |  | " in out and "WRONG" in out and "(compile only: no times)" in out
 
 
 def test_profile_steps_profiles_only_the_timed_fused_steps_of_profile_cases(monkeypatch):

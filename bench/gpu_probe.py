@@ -1,0 +1,212 @@
+"""Where the fused GEMM's time goes: its launches timed one by one, beside cuBLAS.
+
+The second H200 run (bench/results/2026-12-04-NVIDIA-H200-2) found the dx
+GEMM through pointer loads taking 88-90% of a fused step (6.5 ms where cuBLAS
+takes 0.4), the same kernel with TMA loads far faster, the forward GEMM
+(pointer loads too) near cuBLAS, and hybrid's low-rank-only launch (an empty
+K loop) apparently slow as well; its PTX, compiled here for sm_90 with
+Triton 3.6, shows the same 16-byte copies and wgmma in dx as in the forward.
+This probe splits the question on the GPU, each row one launch of
+``lora_gemm`` with the plan's own configuration, at a large and a small M:
+
+``cublas_fwd``, ``cublas_dx``      the floors: ``x @ Wᵀ``, ``dy @ W``
+``fwd_base``, ``dx_base``          the base GEMM alone (no low-rank term), pointers, then ``+tma``
+``dx_base_b_colmajor``             dx with W's values stored transposed (B laid out as the forward's)
+``dx_base_nk_specialised``         dx from a copy of the kernel that specialises N and K (``%16``)
+``fwd_lowrank``, ``dx_lowrank``    what the fused passes launch at large M (split: the precomputed
+                                   low-rank factor, ``+tma`` too)
+``fwd_epilogue``, ``dx_epilogue``  hybrid's launches: the low-rank term alone, an empty K loop
+
+Each row: the median ms (``triton.testing.do_bench``), TFLOP/s and GB/s of
+its ideal traffic, and its error against the same product in float64 (a
+wrong row says so). ``--compile-only`` runs each launch once (gpu_check.sh
+compiles them beside the tests); on a machine without a GPU it runs under
+the interpreter at a tiny size, its times labelled as no measurement.
+
+    python bench/gpu_probe.py [--json FILE] [--compile-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+
+import torch
+
+#: (M, in, out, r) of the probe: the headline shape at large and small M; the interpreter's stand-in.
+GPU_SHAPES = ((8192, 4096, 4096, 16), (16, 4096, 4096, 16))
+INTERPRETER_SHAPES = ((37, 64, 48, 4),)
+#: normalized error allowed, by dtype (a row above it is marked WRONG)
+TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-5}
+
+
+def specialised_kernel():
+    """A copy of ``lora_gemm_kernel`` that lets Triton specialise N and K
+    (divisibility by 16), all else as shipped."""
+    import triton
+
+    from fused_lora.kernels import gemm
+
+    keep = [a for a in gemm.NOT_SPECIALISED if a not in ("N", "K")]
+    return triton.jit(do_not_specialize=keep)(gemm.lora_gemm_kernel.fn)
+
+
+@contextlib.contextmanager
+def kernel(fn):
+    """``lora_gemm`` launching ``fn`` inside the block (None: as shipped)."""
+    from fused_lora.kernels import gemm
+
+    shipped = gemm.lora_gemm_kernel
+    gemm.lora_gemm_kernel = fn or shipped
+    try:
+        yield
+    finally:
+        gemm.lora_gemm_kernel = shipped
+
+
+def rows_for(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.device):
+    """[(name, launch, reference, flops, bytes)]: each launch a zero-argument
+    callable returning the product, its reference the same product in float64."""
+    from fused_lora import dispatch
+    from fused_lora.kernels import lora_gemm
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    x, dy = rand(m, k), rand(m, n)
+    w = rand(n, k, scale=k ** -0.5)
+    a, b = rand(r, k, scale=k ** -0.5), rand(n, r, scale=r ** -0.5)
+    bias = rand(n)
+    xa = (x.float() @ a.float().t()).contiguous()  # (the skinny passes' fp32 factors)
+    gg = (dy.float() @ b.float()).contiguous()
+    w_colmajor = w.t().contiguous().t()  # (W's values, stored as Wᵀ: dx's B laid out as the forward's)
+    # (split: the plans whose GEMMs read the precomputed low-rank factor, as the fused passes do at large M)
+    plan = dispatch.device_plan(device, m, n, k, r, dtype, 0.0, "split")
+    fwd_cfg, dx_cfg = plan.fwd_gemm, plan.dx_gemm
+    e = dtype.itemsize
+    f64 = torch.float64
+
+    def gemm(a_, b_, cfg, tma=False, **kw):
+        return lambda: lora_gemm(a_, b_, config=cfg, out_dtype=dtype, tma=tma, num_sms=plan.num_sms,
+                                 input_precision=plan.input_precision, **kw)[0]
+
+    fwd_ref = x.to(f64) @ w.to(f64).t()
+    dx_ref = dy.to(f64) @ w.to(f64)
+    fwd_lr = 2.0 * xa.to(f64) @ b.to(f64).t() + bias.to(f64)
+    dx_lr = gg.to(f64) @ a.to(f64)
+    base_fwd = (2 * m * n * k, e * (m * k + n * k + m * n))
+    base_dx = (2 * m * n * k, e * (m * n + n * k + m * k))
+    lr_fwd = (2 * m * n * r, 4 * m * r + e * (n * r + m * n + n))
+    lr_dx = (2 * m * k * r, 4 * m * r + e * (k * r + m * k))
+    fwd_lowrank = dict(u=xa, v=b.t(), lr_scale=2.0, bias=bias)
+    dx_lowrank = dict(u=gg, v=a)
+    rows = [
+        ("cublas_fwd", lambda: x @ w.t(), fwd_ref, *base_fwd),
+        ("cublas_dx", lambda: dy @ w, dx_ref, *base_dx),
+        ("fwd_base", gemm(x, w.t(), fwd_cfg), fwd_ref, *base_fwd),
+        ("fwd_base+tma", gemm(x, w.t(), fwd_cfg, True), fwd_ref, *base_fwd),
+        ("dx_base", gemm(dy, w, dx_cfg), dx_ref, *base_dx),
+        ("dx_base+tma", gemm(dy, w, dx_cfg, True), dx_ref, *base_dx),
+        ("dx_base_b_colmajor", gemm(dy, w_colmajor, dx_cfg), dx_ref, *base_dx),
+        ("dx_base_nk_specialised", gemm(dy, w, dx_cfg), dx_ref, *base_dx),
+        ("fwd_lowrank", gemm(x, w.t(), fwd_cfg, **fwd_lowrank), fwd_ref + fwd_lr, *base_fwd),
+        ("fwd_lowrank+tma", gemm(x, w.t(), fwd_cfg, True, **fwd_lowrank), fwd_ref + fwd_lr, *base_fwd),
+        ("dx_lowrank", gemm(dy, w, dx_cfg, **dx_lowrank), dx_ref + dx_lr, *base_dx),
+        ("dx_lowrank+tma", gemm(dy, w, dx_cfg, True, **dx_lowrank), dx_ref + dx_lr, *base_dx),
+        ("fwd_epilogue", gemm(x[:, :0], w.t()[:0], fwd_cfg, **fwd_lowrank), fwd_lr, *lr_fwd),
+        ("dx_epilogue", gemm(dy[:, :0], w[:0], dx_cfg, **dx_lowrank), dx_lr, *lr_dx),
+    ]
+    return rows, {"fwd": str(fwd_cfg), "dx": str(dx_cfg)}
+
+
+def normalized_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| over max(1, max |want|)."""
+    diff = (got.to(torch.float64) - want).abs().max().item()
+    return diff / max(1.0, want.abs().max().item())
+
+
+def run(dtype: torch.dtype = torch.bfloat16, compile_only: bool = False, shapes=None) -> dict:
+    from fused_lora import _triton
+
+    on_gpu = torch.cuda.is_available() and not _triton.interpreter()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    if not on_gpu and not _triton.interpreter():
+        raise SystemExit("gpu_probe: no CUDA GPU; set TRITON_INTERPRET=1 for the interpreter's smoke run")
+    if not on_gpu and dtype == torch.bfloat16:
+        dtype = torch.float16  # (the interpreter's bf16 is not what the GPU computes: KERNELS.md)
+    shapes = shapes or (GPU_SHAPES if on_gpu else INTERPRETER_SHAPES)
+    specialised = specialised_kernel()
+    out = {"device": torch.cuda.get_device_name() if on_gpu else "interpreter (times are no measurement)",
+           "dtype": str(dtype).replace("torch.", ""), "compile_only": compile_only, "shapes": []}
+    for m, k, n, r in shapes:
+        rows, configs = rows_for(m, k, n, r, dtype, device)
+        shape = {"m": m, "k": k, "n": n, "r": r, "configs": configs, "rows": []}
+        for name, launch, want, flops, nbytes in rows:
+            row = {"name": name}
+            try:
+                with kernel(specialised if name.endswith("nk_specialised") else None):
+                    got = launch()
+                    row["error"] = normalized_error(got, want)
+                    row["ok"] = row["error"] <= TOL[dtype]
+                    if not compile_only:
+                        ms = time_ms(launch, on_gpu)
+                        row.update(ms=ms, tflops=flops / ms / 1e9, gbps=nbytes / ms / 1e6)
+            except Exception as err:  # reported per row: the next rows still run
+                row.update(ok=False, failed=f"{type(err).__name__}: {str(err).strip()[:300]}")
+                if on_gpu:
+                    torch.cuda.synchronize()
+            shape["rows"].append(row)
+        out["shapes"].append(shape)
+    return out
+
+
+def time_ms(launch, on_gpu: bool) -> float:
+    if on_gpu:
+        import triton.testing
+
+        return float(triton.testing.do_bench(launch, warmup=10, rep=40, return_mode="median"))
+    t0 = time.perf_counter()
+    launch()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def table(result: dict) -> str:
+    lines = [f"gpu_probe — {result['device']}, {result['dtype']}"
+             + (" (compile only: no times)" if result["compile_only"] else "")]
+    for shape in result["shapes"]:
+        lines += ["", f"M={shape['m']} {shape['k']}->{shape['n']} r={shape['r']}; configs: fwd {shape['configs']['fwd']}"
+                      f", dx {shape['configs']['dx']}", "",
+                  "| launch | ms | TFLOP/s | GB/s | error |", "|---|---|---|---|---|"]
+        for row in shape["rows"]:
+            if "failed" in row:
+                lines.append(f"| {row['name']} | FAILED: {row['failed']} | | | |")
+                continue
+            timed = [f"{row[key]:.4g}" if key in row else "" for key in ("ms", "tflops", "gbps")]
+            verdict = f"{row['error']:.2e}" + ("" if row["ok"] else " WRONG")
+            lines.append(f"| {row['name']} | " + " | ".join(timed) + f" | {verdict} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="also write the result here")
+    parser.add_argument("--compile-only", action="store_true", help="run each launch once: compile, check, no timing")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    args = parser.parse_args(argv)
+    result = run(getattr(torch, args.dtype), args.compile_only)
+    print(table(result), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0 if all(row["ok"] for shape in result["shapes"] for row in shape["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main())
