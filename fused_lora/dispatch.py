@@ -228,9 +228,15 @@ def device_target(device: torch.device) -> _triton.CudaTarget:
 
 
 def device_plan(device: torch.device, m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float,
-                strategy: str | None = None, quantized: bool | str = False) -> Plan:
+                strategy: str | None = None, quantized: bool | str = False, tma_readable=None) -> Plan:
     """:func:`plan` for a problem on ``device``, with that device's own
-    compute capability, shared memory and SM count (:func:`device_target`)."""
+    compute capability, shared memory and SM count (:func:`device_target`).
+    On a CUDA device a plan of the faulting path (:func:`in_loop_faults`)
+    runs split instead; ``tma_readable``, a callable, says whether the
+    in-loop GEMM's operands can go through TMA at all (the launcher falls
+    back to pointer loads where they cannot: an unaligned base, no unit
+    stride, a row stride not a multiple of 16 bytes), asked only where that
+    decides it (None: they can)."""
     target = device_target(device)
     chosen = plan(m, n, k, r, dtype, dropout_p, target.arch, strategy=strategy, smem_limit=target.smem_limit,
                   num_sms=target.num_sms, quantized=quantized)
@@ -238,16 +244,22 @@ def device_plan(device: torch.device, m: int, n: int, k: int, r: int, dtype: tor
         return chosen
     return _without_faulting_in_loop(chosen, target.arch, dtype, lambda: plan(
         m, n, k, r, dtype, dropout_p, target.arch, strategy="split", smem_limit=target.smem_limit,
-        num_sms=target.num_sms, quantized=quantized))
+        num_sms=target.num_sms, quantized=quantized), tma_readable)
 
 
-def _without_faulting_in_loop(chosen: Plan, arch: int, dtype: torch.dtype, split) -> Plan:
+def _without_faulting_in_loop(chosen: Plan, arch: int, dtype: torch.dtype, split, tma_readable=None) -> Plan:
     """``chosen``, or ``split()`` where :func:`in_loop_faults` says it is
     the faulting path (on compiled code: a CUDA device, or explain's
-    ``sm_XY`` target)."""
-    if not in_loop_faults(chosen, arch, dtype):
+    ``sm_XY`` target), its TMA loads counted only where ``tma_readable()``
+    (if given) says the operands allow them."""
+    if in_loop_faults(chosen, arch, dtype):
+        why = IN_LOOP_FAULT
+    elif (chosen.tma and tma_readable is not None and in_loop_faults(dataclasses.replace(chosen, tma=False), arch,
+                                                                    dtype) and not tma_readable()):
+        why = f"{IN_LOOP_FAULT}; these operands cannot be read through TMA (pointer loads)"
+    else:
         return chosen
-    return dataclasses.replace(split(), reason=f"{IN_LOOP_FAULT}; planned: {chosen.reason}")
+    return dataclasses.replace(split(), reason=f"{why}; planned: {chosen.reason}")
 
 
 #: Why a CUDA device of compute capability 9.0 or more runs no in-loop

@@ -241,7 +241,8 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     x2 = _flatten(x, k)
     m = x2.shape[0]
     plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None,
-                                quantized=_base_kind(weight, weight_scale))
+                                quantized=_base_kind(weight, weight_scale),
+                                tma_readable=lambda: k_.tma_readable(x2, weight))
     weight, weight_scale, code = _base_operands(k_, plan, weight, weight_scale, x.dtype, weight_code)
     w = _row_vector(row_scale, m)
     adapters = _adapter_columns(adapter_ids, rank_ids, rank_scaling, m)
@@ -338,7 +339,8 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     x2, dy2, xa2 = _flatten(x, k), _flatten(dy, n), _flatten(xa, r)
     m = x2.shape[0]
     plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None,
-                                quantized=_base_kind(weight, weight_scale))
+                                quantized=_base_kind(weight, weight_scale),
+                                tma_readable=lambda: k_.tma_readable(dy2, weight))
     if need_x:  # (dx's GEMM reads the base; dW reads none: a quantized base is frozen)
         weight, weight_scale, code = _base_operands(k_, plan, weight, weight_scale, x.dtype, weight_code)
     w = _row_vector(row_scale, m)

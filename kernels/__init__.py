@@ -48,7 +48,7 @@ else:
     from .common import is_interpreted, poison_outputs
     from .dequant import dequantize_kernel, dequantize_weight
     from .dora import dora_norm, dora_norm_kernel, dora_norms
-    from .gemm import lora_gemm, lora_gemm_kernel, tma_available
+    from .gemm import lora_gemm, lora_gemm_kernel, tma_available, tma_readable
     from .skinny import lora_skinny_kernel, reduce_all, reduce_partials, reduce_partials_kernel, skinny_pass
 
     #: True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
@@ -71,4 +71,5 @@ else:
         "reduce_partials_kernel",
         "skinny_pass",
         "tma_available",
+        "tma_readable",
     ]

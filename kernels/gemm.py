@@ -647,22 +647,38 @@ def _launch_shape(M: int, N: int, K: int, r: int, low_rank: int, v_elt: int, has
                         cdiv(M, config.block_m) * cdiv(N, config.block_n), constexprs)
 
 
-def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int, stride_unit: int):
-    """``(descriptor, transposed)`` for the 2-D operand ``t`` read in
-    (block_rows, block_cols) tiles, or None where TMA cannot read it: the base
-    must be 16-byte aligned, one stride 1 and the other a multiple of 16 bytes
-    (and of ``stride_unit`` elements: see INTERPRETER_STRIDES_IN_ELEMENTS).
-    A column-major ``t`` is described through ``t.T`` (row-major)."""
+def _tma_view(t: torch.Tensor, stride_unit: int):
+    """``(view, transposed)``: ``t`` or ``t.T`` as TMA reads it (row-major),
+    or None where TMA cannot read ``t``: the base must be 16-byte aligned, one
+    stride 1 and the other a multiple of 16 bytes (and of ``stride_unit``
+    elements: see INTERPRETER_STRIDES_IN_ELEMENTS). A column-major ``t`` is
+    described through ``t.T``."""
     e = t.element_size()
     if t.data_ptr() % 16:
         return None
-    for view, block, trans in ((t, [block_rows, block_cols], False), (t.t(), [block_cols, block_rows], True)):
-        rows, cols = view.shape
+    for view, trans in ((t, False), (t.t(), True)):
+        cols = view.shape[1]
         if (view.stride(1) == 1 and (view.stride(0) * e) % 16 == 0 and view.stride(0) % stride_unit == 0
                 and view.stride(0) >= cols):
-            # (positional: the fields both Triton 3.6 and 3.9 have)
-            return TensorDescriptor(view, [rows, cols], [view.stride(0), 1], block), trans
+            return view, trans
     return None
+
+
+def _stride_unit() -> int:
+    return 16 if INTERPRETER_STRIDES_IN_ELEMENTS and is_interpreted(lora_gemm_kernel) else 1
+
+
+def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int, stride_unit: int):
+    """``(descriptor, transposed)`` for the 2-D operand ``t`` read in
+    (block_rows, block_cols) tiles, or None where TMA cannot read it
+    (:func:`_tma_view`)."""
+    found = _tma_view(t, stride_unit)
+    if found is None:
+        return None
+    view, trans = found
+    block = [block_cols, block_rows] if trans else [block_rows, block_cols]
+    # (positional: the fields both Triton 3.6 and 3.9 have)
+    return TensorDescriptor(view, list(view.shape), [view.stride(0), 1], block), trans
 
 
 def tma_descriptors(a: torch.Tensor, b: torch.Tensor, config: GemmConfig):
@@ -670,12 +686,19 @@ def tma_descriptors(a: torch.Tensor, b: torch.Tensor, config: GemmConfig):
     be read through TMA, else None (the kernel then uses pointers for both)."""
     if not tma_available():
         return None
-    unit = 16 if INTERPRETER_STRIDES_IN_ELEMENTS and is_interpreted(lora_gemm_kernel) else 1
+    unit = _stride_unit()
     da = _descriptor(a, config.block_m, config.block_k, unit)
     db = _descriptor(b, config.block_k, config.block_n, unit) if da is not None else None
     if da is None or db is None:
         return None
     return (*da, *db)
+
+
+def tma_readable(*operands: torch.Tensor) -> bool:
+    """Whether TMA can read every one of these 2-D GEMM operands (as
+    :func:`tma_descriptors` would, whatever the tiles), so that a launch with
+    TMA on reads them through descriptors, not pointers."""
+    return tma_available() and all(_tma_view(t, _stride_unit()) is not None for t in operands)
 
 
 def tma_available() -> bool:

@@ -1256,6 +1256,76 @@ def test_switches_apply_where_they_can_and_are_restored():
         assert fused_lora.explain(x_shape, w_shape, 16).plan == off
 
 
+def test_the_in_loop_shrink_through_pointers_runs_split_on_compiled_hopper():
+    """The first H200 run found the 16-bit in-loop shrink through pointer
+    loads faulting (Triton 3.6, sm_90): a CUDA device of sm_90+ (and
+    explain's sm_XY targets) runs such a plan split, its reason saying why;
+    TMA loads (the default there) keep in_loop, unless the operands cannot
+    be read through TMA (the launcher would fall back to pointers), which
+    is asked only where it decides the plan. fp32, sm_80 and the interpreter
+    keep their plans."""
+    d = fused_lora.dispatch
+    bf16 = torch.bfloat16
+
+    def planned(m=8192, dtype=bf16, arch=90, tma=False, strategy=None, p=0.0):
+        with d.use_tma(tma):
+            return d.plan(m, 4096, 4096, 16, dtype, p, arch=arch, interpreter=False, strategy=strategy)
+
+    in_loop, small = planned(), planned(m=16, p=0.1)  # (small M with dropout: a split forward, dx in-loop)
+    assert in_loop.strategy == "in_loop" and small.strategy == "split" and small.dx_in_loop
+    assert d.in_loop_faults(in_loop, 90, bf16) and d.in_loop_faults(small, 90, bf16)
+    assert d.in_loop_faults(planned(dtype=torch.float16, strategy="in_loop"), 100, torch.float16)
+    assert d.in_loop_faults(planned(tma=True), 90, bf16) == (not _triton.get().tma_available())
+    assert not d.in_loop_faults(planned(strategy="split"), 90, bf16)  # (dx reads g: no in-loop shrink)
+    assert not d.in_loop_faults(planned(arch=80), 80, bf16)
+    assert not d.in_loop_faults(planned(dtype=torch.float32, strategy="in_loop"), 90, torch.float32)
+
+    asked = []
+
+    def readable(answer):
+        return lambda: asked.append(answer) or answer
+
+    def split():
+        return planned(strategy="split")
+
+    guarded = d._without_faulting_in_loop(in_loop, 90, bf16, split, readable(True))
+    assert guarded.strategy == "split" and guarded.reason.startswith(d.IN_LOOP_FAULT) and asked == []
+    assert "planned: " + in_loop.reason in guarded.reason
+    if _triton.get().tma_available():
+        with_tma = planned(tma=True)
+        assert d._without_faulting_in_loop(with_tma, 90, bf16, split, readable(True)) is with_tma
+        fallen = d._without_faulting_in_loop(with_tma, 90, bf16, split, readable(False))
+        assert fallen.strategy == "split" and "cannot be read through TMA" in fallen.reason
+        assert asked == [True, False]
+        # not asked where the operands do not decide it
+        for plan_, arch, dtype in ((planned(tma=True, strategy="split"), 90, bf16), (with_tma, 80, bf16),
+                                   (planned(tma=True, dtype=torch.float32), 90, torch.float32)):
+            assert d._without_faulting_in_loop(plan_, arch, dtype, split, readable(False)) is plan_
+        assert asked == [True, False]
+    # explain says what a device runs
+    with d.use_tma(False):
+        e = fused_lora.explain((8192, 4096), (4096, 4096), 16)
+        assert e.plan.strategy == "split" and e.plan.reason.startswith(d.IN_LOOP_FAULT)
+        assert fused_lora.explain((8192, 4096), (4096, 4096), 16, target="interpreter").plan.strategy == "in_loop"
+        assert fused_lora.explain((8192, 4096), (4096, 4096), 16, target="sm_80").plan.strategy == "in_loop"
+
+
+@pytest.mark.skipif(not gemm.tma_available(), reason="host-side tensor descriptors need Triton 3.4+")
+def test_tma_readable_says_what_the_descriptors_take():
+    """tma_readable: a 16-byte aligned base, one unit stride, the other a
+    multiple of 16 bytes (column-major too, through its transpose); the
+    launcher then reads both operands through descriptors."""
+    t = torch.randn(40, 64, dtype=torch.float16)
+    cfg = configs.GemmConfig(16, 16, 16, 1, 4, 1)
+    assert gemm.tma_readable(t) and gemm.tma_readable(t.t()) and gemm.tma_readable(t, t.t())
+    assert gemm.tma_descriptors(t, t.t(), cfg) is not None
+    odd = torch.randn(40, 17, dtype=torch.float16)  # (a row of 34 bytes)
+    for bad in (odd, t[:, 1:], t[::2, ::2]):
+        assert not gemm.tma_readable(bad) and not gemm.tma_readable(t, bad)
+        assert gemm.tma_descriptors(t, bad, cfg) is None and gemm.tma_descriptors(bad, t, cfg) is None
+    assert gemm.tma_readable(torch.randn(40, 8, dtype=torch.float32))  # (32-byte rows)
+
+
 def test_persistent_programs_fill_every_sm_once():
     """One program per SM for the 8-warp tiles (registers), more where the
     shared memory and registers of several fit (narrow 4-warp tiles)."""
