@@ -106,8 +106,8 @@ wait $probe_compile_pid
 echo "-- the probe's kernels compiled ahead and checked (exit $?)"
 cat "$logs/probe_compile.log"
 
-# The fused GEMM's launches one by one beside cuBLAS (dx through pointers and TMA, B's layout, N and K
-# specialised, the low-rank epilogue alone): where the step's time goes. Informational, as the more
+# The fused GEMM's launches one by one beside cuBLAS (forward and dx through pointers and TMA, B stored
+# either way round, the low-rank epilogue alone): where the step's time goes. Informational, as the more
 # benchmarks below are.
 echo "== probe (bench/gpu_probe.py)"
 timeout 45 "$PY" bench/gpu_probe.py --json "$OUT/probe.json"

@@ -4,15 +4,18 @@ The second H200 run (bench/results/2026-12-04-NVIDIA-H200-2) found the dx
 GEMM through pointer loads taking 88-90% of a fused step (6.5 ms where cuBLAS
 takes 0.4), the same kernel with TMA loads far faster, the forward GEMM
 (pointer loads too) near cuBLAS, and hybrid's low-rank-only launch (an empty
-K loop) apparently slow as well; its PTX, compiled here for sm_90 with
-Triton 3.6, shows the same 16-byte copies and wgmma in dx as in the forward.
+K loop) apparently slow as well. Its PTX, compiled here for sm_90 with
+Triton 3.6, shows the same 16-byte copies and wgmma in dx as in the forward
+(and is the same, bit for bit, where N and K are specialised). The one
+difference left is B's layout: the forward reads Wᵀ (K contiguous), dx W
+(N contiguous), each through the same body.
 This probe splits the question on the GPU, each row one launch of
 ``lora_gemm`` with the plan's own configuration, at a large and a small M:
 
 ``cublas_fwd``, ``cublas_dx``      the floors: ``x @ Wᵀ``, ``dy @ W``
 ``fwd_base``, ``dx_base``          the base GEMM alone (no low-rank term), pointers, then ``+tma``
 ``dx_base_b_colmajor``             dx with W's values stored transposed (B laid out as the forward's)
-``dx_base_nk_specialised``         dx from a copy of the kernel that specialises N and K (``%16``)
+``fwd_base_b_rowmajor``            the forward with Wᵀ stored row-major (B laid out as dx's)
 ``fwd_lowrank``, ``dx_lowrank``    what the fused passes launch at large M (split: the precomputed
                                    low-rank factor, ``+tma`` too)
 ``fwd_epilogue``, ``dx_epilogue``  hybrid's launches: the low-rank term alone, an empty K loop
@@ -29,7 +32,6 @@ the interpreter at a tiny size, its times labelled as no measurement.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -42,30 +44,6 @@ GPU_SHAPES = ((8192, 4096, 4096, 16), (16, 4096, 4096, 16))
 INTERPRETER_SHAPES = ((37, 64, 48, 4),)
 #: normalized error allowed, by dtype (a row above it is marked WRONG)
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-5}
-
-
-def specialised_kernel():
-    """A copy of ``lora_gemm_kernel`` that lets Triton specialise N and K
-    (divisibility by 16), all else as shipped."""
-    import triton
-
-    from fused_lora.kernels import gemm
-
-    keep = [a for a in gemm.NOT_SPECIALISED if a not in ("N", "K")]
-    return triton.jit(do_not_specialize=keep)(gemm.lora_gemm_kernel.fn)
-
-
-@contextlib.contextmanager
-def kernel(fn):
-    """``lora_gemm`` launching ``fn`` inside the block (None: as shipped)."""
-    from fused_lora.kernels import gemm
-
-    shipped = gemm.lora_gemm_kernel
-    gemm.lora_gemm_kernel = fn or shipped
-    try:
-        yield
-    finally:
-        gemm.lora_gemm_kernel = shipped
 
 
 def rows_for(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.device):
@@ -86,6 +64,7 @@ def rows_for(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.d
     xa = (x.float() @ a.float().t()).contiguous()  # (the skinny passes' fp32 factors)
     gg = (dy.float() @ b.float()).contiguous()
     w_colmajor = w.t().contiguous().t()  # (W's values, stored as Wᵀ: dx's B laid out as the forward's)
+    wt_rowmajor = w.t().contiguous()  # (Wᵀ stored row-major: the forward's B laid out as dx's)
     # (split: the plans whose GEMMs read the precomputed low-rank factor, as the fused passes do at large M)
     plan = dispatch.device_plan(device, m, n, k, r, dtype, 0.0, "split")
     fwd_cfg, dx_cfg = plan.fwd_gemm, plan.dx_gemm
@@ -114,7 +93,7 @@ def rows_for(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.d
         ("dx_base", gemm(dy, w, dx_cfg), dx_ref, *base_dx),
         ("dx_base+tma", gemm(dy, w, dx_cfg, True), dx_ref, *base_dx),
         ("dx_base_b_colmajor", gemm(dy, w_colmajor, dx_cfg), dx_ref, *base_dx),
-        ("dx_base_nk_specialised", gemm(dy, w, dx_cfg), dx_ref, *base_dx),
+        ("fwd_base_b_rowmajor", gemm(x, wt_rowmajor, fwd_cfg), fwd_ref, *base_fwd),
         ("fwd_lowrank", gemm(x, w.t(), fwd_cfg, **fwd_lowrank), fwd_ref + fwd_lr, *base_fwd),
         ("fwd_lowrank+tma", gemm(x, w.t(), fwd_cfg, True, **fwd_lowrank), fwd_ref + fwd_lr, *base_fwd),
         ("dx_lowrank", gemm(dy, w, dx_cfg, **dx_lowrank), dx_ref + dx_lr, *base_dx),
@@ -141,7 +120,6 @@ def run(dtype: torch.dtype = torch.bfloat16, compile_only: bool = False, shapes=
     if not on_gpu and dtype == torch.bfloat16:
         dtype = torch.float16  # (the interpreter's bf16 is not what the GPU computes: KERNELS.md)
     shapes = shapes or (GPU_SHAPES if on_gpu else INTERPRETER_SHAPES)
-    specialised = specialised_kernel()
     out = {"device": torch.cuda.get_device_name() if on_gpu else "interpreter (times are no measurement)",
            "dtype": str(dtype).replace("torch.", ""), "compile_only": compile_only, "shapes": []}
     for m, k, n, r in shapes:
@@ -150,13 +128,12 @@ def run(dtype: torch.dtype = torch.bfloat16, compile_only: bool = False, shapes=
         for name, launch, want, flops, nbytes in rows:
             row = {"name": name}
             try:
-                with kernel(specialised if name.endswith("nk_specialised") else None):
-                    got = launch()
-                    row["error"] = normalized_error(got, want)
-                    row["ok"] = row["error"] <= TOL[dtype]
-                    if not compile_only:
-                        ms = time_ms(launch, on_gpu)
-                        row.update(ms=ms, tflops=flops / ms / 1e9, gbps=nbytes / ms / 1e6)
+                got = launch()
+                row["error"] = normalized_error(got, want)
+                row["ok"] = row["error"] <= TOL[dtype]
+                if not compile_only:
+                    ms = time_ms(launch, on_gpu)
+                    row.update(ms=ms, tflops=flops / ms / 1e9, gbps=nbytes / ms / 1e6)
             except Exception as err:  # reported per row: the next rows still run
                 row.update(ok=False, failed=f"{type(err).__name__}: {str(err).strip()[:300]}")
                 if on_gpu:

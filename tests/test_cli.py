@@ -1,7 +1,6 @@
 """The ``fused-lora`` command's check and bench subcommands (smoke mode
 without a GPU), run in-process."""
 
-import contextlib
 import dataclasses
 import json
 import types
@@ -466,26 +465,15 @@ def _bench_script(name: str):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's run (on a GPU gpu_check.sh runs it in full)")
 def test_the_gpu_probe_checks_every_launch_and_flags_a_wrong_one(tmp_path, monkeypatch, capsys):
     """bench/gpu_probe.py (gpu_check.sh's attribution of the GEMM's time):
-    every row is one launch checked against float64, each variant really
-    what it names (TMA descriptors made where asked, the specialising kernel
-    launched where named and the shipped one restored), and a wrong product
-    is flagged WRONG with a failing exit; --compile-only times nothing."""
+    every row is one launch checked against float64, the TMA rows really
+    through descriptors, and a wrong product is flagged WRONG with a failing
+    exit; --compile-only times nothing."""
     from fused_lora.kernels import gemm
 
     probe = _bench_script("gpu_probe")
-    shipped = gemm.lora_gemm_kernel
-    made, launched = [], []
+    made = []
     real_descriptors = gemm.tma_descriptors
     monkeypatch.setattr(gemm, "tma_descriptors", lambda *a: made.append(a[2]) or real_descriptors(*a))
-    real_kernel = probe.kernel
-
-    @contextlib.contextmanager
-    def watched(fn):
-        with real_kernel(fn):
-            launched.append(gemm.lora_gemm_kernel is not shipped)
-            yield
-
-    monkeypatch.setattr(probe, "kernel", watched)
     assert probe.main(["--json", str(tmp_path / "p.json")]) == 0
     result = json.loads((tmp_path / "p.json").read_text())
     rows = result["shapes"][0]["rows"]
@@ -494,9 +482,8 @@ def test_the_gpu_probe_checks_every_launch_and_flags_a_wrong_one(tmp_path, monke
     assert all(row["ok"] and row["error"] < 4e-3 and row["ms"] > 0 for row in rows), rows
     # (each row launched twice, checked then timed; the K=0 rows make no descriptor)
     assert len(made) == 2 * sum(name.endswith("+tma") for name in names)
-    assert launched == [name.endswith("nk_specialised") for name in names]
-    assert gemm.lora_gemm_kernel is shipped
-    assert "| dx_base_b_colmajor |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| dx_base_b_colmajor |" in out and "| fwd_base_b_rowmajor |" in out
     # a launch that computes the wrong product fails the probe
     real_rows = probe.rows_for
 
