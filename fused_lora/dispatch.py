@@ -253,10 +253,10 @@ def _without_faulting_in_loop(chosen: Plan, arch: int, dtype: torch.dtype, split
     ``sm_XY`` target), its TMA loads counted only where ``tma_readable()``
     (if given) says the operands allow them."""
     if in_loop_faults(chosen, arch, dtype):
-        why = IN_LOOP_FAULT
+        why = f"{IN_LOOP_FAULT}, but TMA is off here"
     elif (chosen.tma and tma_readable is not None and in_loop_faults(dataclasses.replace(chosen, tma=False), arch,
                                                                     dtype) and not tma_readable()):
-        why = f"{IN_LOOP_FAULT}; these operands cannot be read through TMA (pointer loads)"
+        why = f"{IN_LOOP_FAULT}, but TMA cannot read these operands (pointer loads)"
     else:
         return chosen
     return dataclasses.replace(split(), reason=f"{why}; planned: {chosen.reason}")
@@ -264,9 +264,9 @@ def _without_faulting_in_loop(chosen: Plan, arch: int, dtype: torch.dtype, split
 
 #: Why a CUDA device of compute capability 9.0 or more runs no in-loop
 #: shrink with pointer loads (16-bit): the first H200 run.
-IN_LOOP_FAULT = ("split: the 16-bit in-loop shrink with pointer loads (TMA forced off) faulted or computed wrong "
-                 "results on an H200 with Triton 3.6 (bench/results/2026-12-04-NVIDIA-H200/diagnose.log); TMA on "
-                 "(the default there) keeps it")
+IN_LOOP_FAULT = ("split: the 16-bit in-loop shrink with pointer loads faulted or computed wrong results on an H200 "
+                 "with Triton 3.6 (bench/results/2026-12-04-NVIDIA-H200/diagnose.log); TMA loads (the default there) "
+                 "keep in_loop")
 
 
 def in_loop_faults(p: Plan, arch: int, dtype: torch.dtype) -> bool:
