@@ -129,7 +129,7 @@ def check_cases(on_gpu: bool) -> list[dict]:
         nf4_decoded, nf4_whole = ((5,), 64, 45), ((600,), 48, 40)  # (M on either side of NF4_DECODE_MAX_M)
     cases = []
 
-    def case(shape, r, dtype, strategy, p, train_base, tma=False, persistent=False, row_scaled=False,
+    def case(shape, r, dtype, strategy, p, train_base, tma="auto", persistent=False, row_scaled=False,
              adapters=False, dora=False, quantized=False):
         lead, k, n = shape
         cases.append(dict(lead=lead, k=k, n=n, r=r, dtype=dtype, strategy=strategy, dropout_p=p,
@@ -181,10 +181,13 @@ def check_cases(on_gpu: bool) -> list[dict]:
         case(nf4_decoded, 16, dtype, "split", 0.1, train_base=False, quantized="fp4")
         case(nf4_whole, 16, dtype, "in_loop", 0.0, train_base=False, quantized="fp4")
         if dtype != torch.float32:
-            # TMA loads (16-bit): forward, dx (masked or not) and dW through descriptors
+            # TMA loads (16-bit; the default on sm_90, forced on here): forward, dx (masked or not) and dW
+            # through descriptors; and pointer loads (the default elsewhere, forced on sm_90, where the
+            # in-loop shrink through them runs split)
             for p, train_base in ((0.0, True), (0.1, False)):
                 case(aligned, 16, dtype, "split", p, train_base, tma=True)
-            # the persistent grid (16-bit): each GEMM pass, with pointers and with TMA loads
+            case(shapes[1], 16, dtype, "split", 0.1, train_base=True, tma=False)
+            # the persistent grid (16-bit): each GEMM pass, with the default loads and with TMA loads
             case(many_tiles, 8, dtype, "in_loop", 0.0, train_base=True, persistent=True)
             case(many_tiles, 16, dtype, "split", 0.1, train_base=False, persistent=True)
             case(many_tiles, 16, dtype, "split", 0.0, train_base=True, tma=True, persistent=True)
@@ -213,8 +216,13 @@ def cmd_check(args) -> int:
         with (dispatch.force_strategy(case["strategy"]), dispatch.use_tma(case["tma"]),
               dispatch.use_persistent(case["persistent"])):
             m = math.prod(case["lead"])
+            # (what the forward runs on parity_case's contiguous operands, whether TMA can read them too)
+            x_like = torch.empty(m, case["k"], dtype=case["dtype"], device="meta")
+            w_like = torch.empty(case["n"], case["k"], device="meta",
+                                 dtype=torch.int8 if case["quantized"] in (True, "int8") else case["dtype"])
             plan = dispatch.device_plan(device, m, case["n"], case["k"], case["r"], case["dtype"],
-                                        case["dropout_p"], quantized=case["quantized"])
+                                        case["dropout_p"], quantized=case["quantized"],
+                                        tma_readable=lambda: _triton.get().tma_readable(x_like, w_like))
             try:
                 errors = parity_case(case["lead"], case["k"], case["n"], case["r"], case["dtype"],
                                      dropout_p=case["dropout_p"], train_base=case["train_base"],
@@ -230,7 +238,8 @@ def cmd_check(args) -> int:
         # (the strategy that ran: a forced in_loop falls back to split above its rank tile, its dx maybe still
         # in loop)
         rows.append(dict(path=f"{plan.strategy}{' +dropout' if case['dropout_p'] else ''}"
-                              f"{' +train-base' if case['train_base'] else ''}{' +tma' if case['tma'] else ''}"
+                              f"{' +train-base' if case['train_base'] else ''}"
+                              f"{' +tma' if case['tma'] is True else ' +pointers' if case['tma'] is False else ''}"
                               f"{' +persistent' if case['persistent'] else ''}"
                               f"{' +row-scale' if case['row_scaled'] else ''}"
                               f"{' +adapter-dropouts' if case['adapters'] == 'dropouts' else ''}"

@@ -240,9 +240,7 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     r = lora_A.shape[0]
     x2 = _flatten(x, k)
     m = x2.shape[0]
-    plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None,
-                                quantized=_base_kind(weight, weight_scale),
-                                tma_readable=lambda: k_.tma_readable(x2, weight))
+    plan = plan_for(x2, weight, r, dropout_p, strategy, weight_scale)
     weight, weight_scale, code = _base_operands(k_, plan, weight, weight_scale, x.dtype, weight_code)
     w = _row_vector(row_scale, m)
     adapters = _adapter_columns(adapter_ids, rank_ids, rank_scaling, m)
@@ -317,6 +315,21 @@ def _kernel_code(weight: Tensor, weight_code: Tensor | None) -> Tensor | None:
         weight_code.to(torch.float32).contiguous()
 
 
+def plan_for(x2: Tensor, weight: Tensor, r: int, dropout_p: float, strategy: str = "",
+             weight_scale: Tensor | None = None, dy: Tensor | None = None) -> dispatch.Plan:
+    """The plan the Triton passes run for these operands: x2 (M, K), ``weight``
+    (a quantized one with its ``weight_scale``), and, for the backward, dy
+    (M, N). :func:`fused_lora.dispatch.device_plan` of their shapes, told
+    whether TMA can read the in-loop GEMM's operands (the forward's x and W,
+    dx's dy and W): on a CUDA device of sm_90+ the in-loop shrink through
+    pointer loads runs split instead."""
+    n, k = base_shape(weight)
+    a = x2 if dy is None else dy
+    return dispatch.device_plan(x2.device, x2.shape[0], n, k, r, x2.dtype, dropout_p, strategy or None,
+                                quantized=_base_kind(weight, weight_scale),
+                                tma_readable=lambda: _triton.get().tma_readable(a, weight))
+
+
 @_on_the_operands_device
 def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
                     scaling: float, dropout_p: float, seed: int | Tensor,
@@ -338,9 +351,7 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     r = lora_A.shape[0]
     x2, dy2, xa2 = _flatten(x, k), _flatten(dy, n), _flatten(xa, r)
     m = x2.shape[0]
-    plan = dispatch.device_plan(x.device, m, n, k, r, x.dtype, dropout_p, strategy or None,
-                                quantized=_base_kind(weight, weight_scale),
-                                tma_readable=lambda: k_.tma_readable(dy2, weight))
+    plan = plan_for(x2, weight, r, dropout_p, strategy, weight_scale, dy=dy2)
     if need_x:  # (dx's GEMM reads the base; dW reads none: a quantized base is frozen)
         weight, weight_scale, code = _base_operands(k_, plan, weight, weight_scale, x.dtype, weight_code)
     w = _row_vector(row_scale, m)

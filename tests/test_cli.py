@@ -26,7 +26,8 @@ def test_check_passes_and_reports_json(capsys):
             "in_loop +dropout +row-scale +split-k", "in_loop +dropout +adapters +split-k",
             "in_loop +dropout +adapter-dropouts +split-k"} <= paths
     assert {"in_loop", "split +train-base", "split +dropout", "hybrid +dropout +train-base",
-            "split +train-base +tma", "split +dropout +tma", "in_loop +train-base +persistent",
+            "split +train-base +tma", "split +dropout +tma", "split +dropout +train-base +pointers",
+            "in_loop +train-base +persistent",
             "split +dropout +persistent", "split +train-base +tma +persistent",
             "in_loop +dropout +row-scale", "split +train-base +row-scale", "in_loop +dropout +adapters",
             "split +train-base +adapters", "split +dropout +adapter-dropouts", "in_loop +dora",

@@ -1091,9 +1091,10 @@ def test_small_m_dx_gemm_accumulates_g_in_its_k_loop(monkeypatch, m, in_loop, dt
 
     monkeypatch.setattr(K_, "lora_gemm", gemm_spy)
     monkeypatch.setattr(K_, "skinny_pass", skinny_spy)
-    # (150 columns: more than one column tile of the skinny pass on CUDA's tiles as on the
-    # interpreter's, so that g's column splits need a sum on both)
-    k, n, r = 48, 150, 5
+    # (152 columns: more than one column tile of the skinny pass on CUDA's tiles as on the
+    # interpreter's, so that g's column splits need a sum on both; rows of 16-byte multiples, which
+    # TMA reads: on sm_90 the in-loop dx through pointer loads runs split, dispatch.in_loop_faults)
+    k, n, r = 48, 152, 5
     x = torch.randn(m, k, device=DEVICE, dtype=dtype, requires_grad=True)
     w, b, a, bb = make_params(k, n, r, dtype, True)
     for t in (w, b, a, bb):
@@ -1121,13 +1122,14 @@ def test_small_m_dx_gemm_accumulates_g_in_its_k_loop(monkeypatch, m, in_loop, dt
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_small_m_backward_on_the_cuda_plan_has_one_reduction(monkeypatch, reduce_launches, p):
     """The CUDA (sm_90) plan of a decode-sized step, run on the interpreter:
-    the dx GEMM splits its K (dy's 1100 columns) and sums dx and g in one
+    the dx GEMM splits its K (dy's 1104 columns: rows TMA reads, as the CUDA
+    plan's in-loop dx needs on sm_90) and sums dx and g in one
     reduction launch; one row split covers the 17 rows, so the dy pass (dB,
     db) and the dA pass store their sums directly. One reduction launch in
     the whole backward, with dropout too; every gradient against float64."""
     real_plan = fused_lora.dispatch.plan
     monkeypatch.setattr(fused_lora.dispatch, "plan", lambda *a, **kw: real_plan(*a, **dict(kw, interpreter=False)))
-    m, k, n, r, dtype = 17, 80, 1100, 5, torch.float16
+    m, k, n, r, dtype = 17, 80, 1104, 5, torch.float16
     plan = fused_lora.dispatch.plan(m, n, k, r, dtype, p)
     assert plan.dx_in_loop and plan.dx_gemm.split_k > 1
     gemm_grids = count_launches(monkeypatch, gemm, "lora_gemm_kernel")
