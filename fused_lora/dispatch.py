@@ -114,6 +114,12 @@ TMA_AUTO_REASON = ("TMA loads by default on sm_90+: on the second H200 run "
                    "step)")
 
 
+#: Why an int8 base keeps pointer loads by default, TMA or not elsewhere.
+INT8_POINTERS = ("an int8 base reads its tiles through pointers unless TMA is forced on: on the third H200 run "
+                 "(bench/results/2026-12-04-NVIDIA-H200-3) its backward at M=16 with TMA loads gave NaN "
+                 "(bench/test_bench_lora.py's quantized_base), where the second run's pointer path did not")
+
+
 def _tma_setting(enabled) -> bool | None:
     if isinstance(enabled, str) and enabled == "auto":
         return None
@@ -349,8 +355,8 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
         raise ValueError(f"num_sms must be >= 1, got {num_sms}")
     key = (m, n, k, r, dtype, dropout_p > 0.0, arch, interp)
     tma = _switches["tma"]
-    if tma is None:  # auto
-        tma = not interp and arch >= 90
+    if tma is None:  # auto (not for an int8 base: INT8_POINTERS)
+        tma = not interp and arch >= 90 and quantized_kind(quantized) != "int8"
     switches = (input_precision(dtype), tma, _switches["persistent"], smem_limit, num_sms)
     return _plan(*key, forced, *switches, quantized_kind(quantized))
 
@@ -435,6 +441,8 @@ class Explanation:
     plan: Plan
     #: The GPU's SM count the plan was made for (None on the interpreter).
     num_sms: int | None = None
+    #: The base's kind: ``""`` (16-bit or fp32), ``"int8"`` or ``"nf4"``.
+    quantized: str = ""
 
     def passes(self) -> list[tuple[str, str]]:
         p = self.plan
@@ -486,6 +494,8 @@ class Explanation:
             out.append(("loads", f"A and B tiles through TMA tensor descriptors where the operands allow{why}"))
         elif _switches["tma"] is False and self.target != "interpreter" and not p.cublas_base:
             out.append(("loads", "A and B tiles through pointers (set_tma(False))"))
+        elif self.quantized == "int8" and self.target != "interpreter" and not p.cublas_base:
+            out.append(("loads", f"A and B tiles through pointers ({INT8_POINTERS})"))
         if p.persistent:
             out.append(("grid", "persistent: about one program per SM walks the output tiles (GEMMs without "
                                 "split-K)"))
@@ -543,7 +553,7 @@ def explain(x_shape, weight_shape, r: int, dtype: torch.dtype = torch.bfloat16, 
         chosen = _without_faulting_in_loop(chosen, arch, dtype, lambda: plan(
             m, n, k, r, dtype, dropout_p, arch=arch, interpreter=False, strategy="split", num_sms=num_sms,
             quantized=quantized))
-    return Explanation(m, n, k, r, dtype, float(dropout_p), target, chosen, num_sms)
+    return Explanation(m, n, k, r, dtype, float(dropout_p), target, chosen, num_sms, quantized)
 
 
 # ----------------------------------------------------------------------------

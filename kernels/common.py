@@ -46,7 +46,8 @@ def seed_arg(seed, device: torch.device):
     int32 tensor on the operands' device, passed as a pointer (see
     :func:`load_seed`)."""
     if isinstance(seed, torch.Tensor):
-        if seed.dtype != torch.int32 or seed.numel() != 1 or seed.device != device:
+        if (seed.dtype != torch.int32 or seed.numel() != 1 or seed.device.type != device.type
+                or (device.index is not None and seed.device.index not in (device.index, None))):
             raise ValueError(f"a seed tensor must be one int32 on {device}, got {seed.dtype} "
                              f"{tuple(seed.shape)} on {seed.device}")
         return seed

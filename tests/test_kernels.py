@@ -1225,6 +1225,10 @@ def test_switches_apply_where_they_can_and_are_restored():
     assert not fused_lora.explain(x_shape, w_shape, 16, target="sm_80").plan.tma
     assert not fused_lora.explain(x_shape, w_shape, 16, target="interpreter").plan.tma
     assert not fused_lora.explain(x_shape, w_shape, 16, dtype=torch.float32).plan.tma  # hybrid: no K loop
+    int8 = fused_lora.explain(x_shape, w_shape, 16, quantized="int8")  # (pointers unless forced: INT8_POINTERS)
+    assert not int8.plan.tma and d.INT8_POINTERS in str(int8) and int8.plan.strategy == "split"
+    with d.use_tma(True):
+        assert fused_lora.explain(x_shape, w_shape, 16, quantized="int8").plan.tma == _triton.get().tma_available()
     with d.use_tma(False):
         assert d.tma_setting() is False
         pointers = fused_lora.explain(x_shape, w_shape, 16)
