@@ -338,7 +338,7 @@ def time_cuda(step, m: int, warmup_ms: int = 25, rep_ms: int = 100, stream=None)
     torch.cuda.synchronize()
     if m <= CUDA_GRAPH_MAX_M:
         try:
-            return time_cuda_graph(step, stream or torch.cuda.Stream(), rep_ms), "cuda-graph"
+            return time_cuda_graph(step, stream or graph_stream(), rep_ms), "cuda-graph"
         except Exception as err:  # fall back, and say so
             torch.cuda.synchronize()
             note = f"do_bench (graph capture failed: {type(err).__name__}: {str(err).splitlines()[0][:120]})"

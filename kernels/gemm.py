@@ -77,13 +77,9 @@ def load_tile(desc, i, j, TRANS: tl.constexpr, UPCAST: tl.constexpr):
     return tile
 
 
-#: The arguments Triton does not specialise: the sizes and the seed (no
-#: recompilation when the token count changes between batches); strides are,
-#: for vectorised loads.
-NOT_SPECIALISED = ("M", "N", "K", "R", "k_blocks_per_split", "stride_cs16", "stride_xas16", "seed")
-
-
-@triton.jit(do_not_specialize=NOT_SPECIALISED)
+# Sizes and the seed are not specialised (no recompilation when the token
+# count changes between batches); strides are, for vectorised loads.
+@triton.jit(do_not_specialize=["M", "N", "K", "R", "k_blocks_per_split", "stride_cs16", "stride_xas16", "seed"])
 def lora_gemm_kernel(
     # pointers
     a_ptr,  # (M, K)  left operand
