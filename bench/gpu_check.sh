@@ -9,11 +9,12 @@
 # folder: gpu_check.log (everything printed), results.json (every raw number,
 # GPU name, torch/Triton versions), results.md (the table), speedup.png, and
 # bench_more.json (pytest-benchmark's: several adapters and DoRA, as time allows),
-# probe.json (bench/gpu_probe.py: the fused GEMM's launches timed one by one).
+# probe.json (bench/gpu_probe.py: the fused GEMM's launches timed one by one); the host's time per
+# call (bench/host_overhead.py) is in the log.
 # Time boxes keep it under 7 minutes on an H200: tests <= 170 s (in parallel
 # shards, while the benchmark's and the probe's kernels compile; at the box a
 # shard is interrupted, and reports the failures it has so far), the probe
-# <= 45 s, the benchmark <= 180 s (cases not started after 125 s are listed
+# <= 45 s, the host-time check <= 80 s (about 20), the benchmark <= 180 s (cases not started after 125 s are listed
 # as skipped). SHARDS=n overrides the number of test processes (default: the
 # CPU cores less five, three of them for the compile processes; at most 12).
 set -uo pipefail
@@ -113,6 +114,13 @@ echo "== probe (bench/gpu_probe.py)"
 timeout 45 "$PY" bench/gpu_probe.py --json "$OUT/probe.json"
 rc_probe=$?
 [ $rc_probe -eq 124 ] && echo "probe: stopped at its 45 s time box"
+
+# Where an eager call's host time goes at small M (the benchmark's eager table, and any M where the GPU
+# finishes first): fused_lora's Python alone (launches stubbed), then with the launches, and cProfile's
+# most expensive functions of the latter (fused_lora's, Triton's launcher, PyTorch's). Informational.
+echo "== host time per call (bench/host_overhead.py, M=16 4096->4096 r=16: launches stubbed, then launched)"
+timeout 40 "$PY" bench/host_overhead.py --m 16 --k 4096 --n 4096 --r 16 --reps 200
+timeout 40 "$PY" bench/host_overhead.py --m 16 --k 4096 --n 4096 --r 16 --reps 200 --real --profile 30
 
 echo "== benchmark (preset gpu-check)"
 timeout 180 "$PY" -m fused_lora.cli bench --preset gpu-check --time-budget 125 --out "$OUT"

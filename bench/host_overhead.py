@@ -1,17 +1,22 @@
-"""Host time per call of the fused op, its kernel launches stubbed out.
+"""Host time per call of the fused op: what fused_lora's Python costs, and its launches.
 
-    python bench/host_overhead.py [--m 16] [--reps 2000]
+    python bench/host_overhead.py [--m 16] [--k 64] [--n 64] [--r 8] [--reps 2000]
+    python bench/host_overhead.py --real [--profile 25]     # on a GPU: with the launches
 
 At small M a GPU finishes a LoRA layer's kernels in a few microseconds each,
 so without CUDA graphs a training step is bound by the host: Python,
-PyTorch's dispatch and autograd, and the kernel launches. This script times
-what fused_lora's own Python adds, on any machine: the kernels are replaced
-by no-ops (the launchers still plan, allocate and bind every argument), so
-Triton's own launcher is left out. Naive LoRA is timed beside it at tiny
-sizes (on a CPU in float32, where its math is a small part of its time):
-read it as the floor of PyTorch's own dispatch and autograd for the same
-composition, not as a like-for-like comparison. These are host times of this
-machine, not GPU measurements.
+PyTorch's dispatch and autograd, and the kernel launches. By default this
+script times what fused_lora's own Python adds, on any machine: the kernels
+are replaced by no-ops (the launchers still plan, allocate and bind every
+argument), so Triton's own launcher is left out. ``--real`` launches them
+(on a GPU: the rounds end with a synchronisation, so a round is bound by the
+host or the GPU, whichever is slower); ``--real`` less the default is
+Triton's launcher. ``--profile N`` adds cProfile's N most expensive
+functions (own time) of the fused forward+backward at dropout 0: which of
+fused_lora's functions, Triton's launcher or PyTorch's take the host's time.
+Naive LoRA is timed beside it (on a CPU in float32, at tiny sizes, where its
+math is a small part of its time: read it as the floor of PyTorch's own
+dispatch and autograd for the same composition). Host times of this machine.
 """
 
 from __future__ import annotations
@@ -44,25 +49,37 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _time_us(fn, reps: int) -> float:
     for _ in range(max(10, reps // 20)):
         fn()
+    _sync()
     rounds = []
     for _ in range(5):
         t0 = time.perf_counter()
         for _ in range(reps):
             fn()
+        _sync()
         rounds.append((time.perf_counter() - t0) / reps * 1e6)
     return statistics.median(rounds)
 
 
-def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000) -> dict:
-    """``{(what, p): µs}`` for the fused op (launches stubbed) and naive LoRA,
-    forward (no grad) and forward+backward, at dropout 0 and 0.1."""
+def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000, real: bool = False,
+            profile: int = 0) -> dict:
+    """``{(what, p): µs}`` for the fused op (its launches stubbed, or
+    ``real``) and naive LoRA, forward (no grad) and forward+backward, at
+    dropout 0 and 0.1; ``profile``: also ``{"profile": text}``, cProfile's
+    ``profile`` most expensive functions of the fused forward+backward at
+    dropout 0."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     saved = gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel
-    gemm.lora_gemm_kernel = skinny.lora_skinny_kernel = skinny.reduce_partials_kernel = _NoLaunch()
+    if not real:
+        gemm.lora_gemm_kernel = skinny.lora_skinny_kernel = skinny.reduce_partials_kernel = _NoLaunch()
     try:
         dev, dt = DEVICE, DTYPE
         # (the weights as a layer holds them: nn.Parameters, the base frozen)
@@ -88,23 +105,53 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000)
                 out[(f"{name} forward", p)] = _time_us(forward_only, reps)
                 out[(f"{name} forward+backward", p)] = _time_us(
                     lambda fwd=fwd: torch.autograd.grad(fwd(), (x, a, bb), dy), reps)
+                if profile and name == "fused" and p == 0.0:
+                    out["profile"] = _profile(lambda fwd=fwd: torch.autograd.grad(fwd(), (x, a, bb), dy),
+                                              reps, profile)
         return out
     finally:
         gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel = saved
         torch.set_num_threads(threads)
 
 
+def _profile(fn, reps: int, top: int) -> str:
+    """cProfile's ``top`` functions by own time over ``reps`` calls of ``fn``."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        fn()
+    _sync()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, default=16, help="tokens (default 16)")
+    ap.add_argument("--k", type=int, default=64, help="in features (default 64)")
+    ap.add_argument("--n", type=int, default=64, help="out features (default 64)")
+    ap.add_argument("--r", type=int, default=8, help="rank (default 8)")
     ap.add_argument("--reps", type=int, default=2000, help="calls per timed round (default 2000)")
+    ap.add_argument("--real", action="store_true", help="launch the kernels (default: stubbed out)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also print cProfile's N most expensive functions of the fused forward+backward")
     args = ap.parse_args(argv)
-    res = measure(m=args.m, reps=args.reps)
-    print(f"host µs per call, M={args.m}, 64 -> 64, r=8, {DTYPE} on {DEVICE.type}; fused: kernel launches "
-          "stubbed out (not a GPU measurement)")
+    res = measure(m=args.m, k=args.k, n=args.n, r=args.r, reps=args.reps, real=args.real, profile=args.profile)
+    launches = "its kernels launched" if args.real else "its kernel launches stubbed out"
+    print(f"host µs per call, M={args.m}, {args.k} -> {args.n}, r={args.r}, {DTYPE} on {DEVICE.type}; fused: "
+          f"{launches}" + ("" if DEVICE.type == "cuda" and args.real else " (not a GPU measurement)"))
     print(f"{'':28} {'p=0':>8} {'p=0.1':>8}")
-    for what in dict.fromkeys(w for w, _ in res):
+    for what in dict.fromkeys(key[0] for key in res if key != "profile"):
         print(f"{what:28} {res[(what, 0.0)]:8.1f} {res[(what, 0.1)]:8.1f}")
+    if "profile" in res:
+        print(f"\ncProfile of {args.reps} fused forward+backward calls at dropout 0 (own time):")
+        print(res["profile"])
     return 0
 
 
