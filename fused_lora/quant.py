@@ -100,7 +100,9 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"weight {tuple(weight.shape)} holds NaN or Inf, which int8 cannot hold")
         absmax = w.abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])
-        scale = absmax / QMAX
+        # (divided by a tensor on the weight's device: by a Python number, a CUDA division multiplies by
+        # the rounded reciprocal, one ulp off max|W| / 127 at times)
+        scale = absmax / torch.full((), QMAX, dtype=absmax.dtype, device=absmax.device)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.round(w / safe[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
         return q, scale.to(torch.float32)

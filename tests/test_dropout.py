@@ -96,7 +96,7 @@ def test_kernel_threshold_at_the_boundary(offset, kept):
     float32, exactly where a number of the stream sits on the threshold."""
     seed, bm, bc = 5, 16, 64
     rows = torch.arange(bm, device=DEVICE)
-    halves = halves16(philox_randint4x(seed, rows[:, None] * (bc // 8) + torch.arange(bc // 8)[None, :]))
+    halves = halves16(philox_randint4x(seed, rows[:, None] * (bc // 8) + torch.arange(bc // 8, device=DEVICE)[None, :]))
     halves = halves.view(bm, bc)
     h0 = int(halves[3, 11])
     p = h0 / 2**16 + offset
@@ -158,7 +158,7 @@ def test_a_seed_held_in_a_tensor_gives_the_same_mask():
         for dtype in dtypes:
             held = torch.tensor(seed, dtype=dtype, device=DEVICE)
             got = fused_lora.dropout_mask(held, (7, 45), 0.3)
-            assert got.device == DEVICE and torch.equal(got, expected), (seed, dtype)
+            assert got.device == held.device and torch.equal(got, expected), (seed, dtype)
             # (a CPU seed for a mask elsewhere: a scalar operand)
             assert torch.equal(fused_lora.dropout_mask(held.cpu(), (7, 45), 0.3, device=DEVICE), expected)
     meta = fused_lora.dropout_mask(torch.tensor(3, device="meta"), (7, 45), 0.3)

@@ -2646,7 +2646,10 @@ def test_a_batch_that_mixes_adapters_runs_as_peft_runs_it_after_from_peft():
     expected = reference(input_ids=ids, adapter_names=names).logits
     with reference.disable_adapter():
         base = reference(input_ids=ids).logits
-    assert torch.equal(expected[1], base[1]) and (expected[0] - base[0]).abs().max() > 1e-2
+    # (PEFT's own: its "__base__" sample is the base model's; on a GPU equal to rounding only, its head then
+    # running on that sample alone, a product of another shape)
+    assert_outputs_close(expected[1], base[1])
+    assert (expected[0] - base[0]).abs().max() > 1e-2
     checks = []  # (the ids the hooks make are noted as checked: no layer reads them back)
     with pytest.MonkeyPatch.context() as patch:
         real = fused_lora.layer.note_checked_adapter_ids

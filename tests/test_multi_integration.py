@@ -414,8 +414,8 @@ def test_save_adapter_writes_one_adapter_and_nothing_of_the_others(tmp_path):
         f"base_model.model.{n}.lora_{ab}.weight" for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)
         for ab in "AB")
     layer = model.model.layers[1].mlp.down_proj
-    assert torch.equal(saved["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"], layer.lora_B[0])
-    assert torch.equal(saved["base_model.model.lm_head.weight"], head)
+    assert torch.equal(saved["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"], layer.lora_B[0].cpu())
+    assert torch.equal(saved["base_model.model.lm_head.weight"], head.cpu())
     with pytest.raises(ValueError, match=r"save_adapter: the model's fused layers hold 3 adapters each"):
         fused_lora.save_adapter(model, tmp_path / "none")
     with pytest.raises(TypeError, match="adapter"):
