@@ -558,8 +558,10 @@ def _(weight, lora_A, lora_B, bounds, scales, max_rank, weight_scale=None, weigh
 
 def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, xa, scaling, dropout_p, seed, strategy, row_scale,
                        adapters, weight_scale, weight_code=None, adapter_p=None):
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, row_scale, weight_scale, weight_code, adapter_p, seed,
-                          *adapters)
+    # (no seed without dropout: a compiled forward would hand its backward the CPU constant it ran with, which
+    # CUDA graphs refuse, expecting whatever a forward graph hands on in their memory pool)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, row_scale, weight_scale, weight_code, adapter_p,
+                          seed if dropout_p > 0.0 else None, *adapters)
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
     ctx.has_bias = bias is not None
@@ -573,6 +575,8 @@ def _gradients(ctx, dy):
     which are (x, weight, bias, lora_A, lora_B) in both entry points."""
     x, weight, lora_A, lora_B, xa, row_scale, weight_scale, weight_code, adapter_p, seed, *adapters = \
         ctx.saved_tensors
+    if seed is None:  # no dropout (_save_for_backward): any seed, made in the graph where one is traced
+        seed = _NO_DROPOUT_SEED if direct_call(x) else torch.zeros((), dtype=torch.int32, device=x.device)
     need = list(ctx.needs_input_grad[:5])
     need[2] = need[2] and ctx.has_bias
     if not any(need):
@@ -919,9 +923,15 @@ def _lora_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
                               dispatch.forced_strategy() or "", row_scale, *adapters, weight_scale, weight_code,
                               adapter_p)[0]
     # (on the CPU whatever the default device: a value the kernels take as an argument, never read back
-    # from a GPU, which would sync the host and break a CUDA graph's capture)
-    seed_t = seed if isinstance(seed, Tensor) else _NO_DROPOUT_SEED if seed == 0 else torch.tensor(
-        seed, dtype=torch.int64, device="cpu")
+    # from a GPU, which would sync the host and break a CUDA graph's capture. Where the call is traced
+    # (torch.compile), a seed for a mask is made on x's device instead, int32 as a drawn one is, where it
+    # fits: the backward gets it from the forward graph, and CUDA graphs expect all that in their pool)
+    if isinstance(seed, Tensor):
+        seed_t = seed
+    elif dropout_p > 0.0 and seed < 2**31 and not direct_call(x):
+        seed_t = torch.full((), seed, dtype=torch.int32, device=x.device)
+    else:
+        seed_t = _NO_DROPOUT_SEED if seed == 0 else torch.tensor(seed, dtype=torch.int64, device="cpu")
     return _LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t, row_scale, *adapters,
                                      weight_scale, weight_code, adapter_p)
 

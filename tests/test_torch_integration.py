@@ -261,6 +261,51 @@ def test_compile_reduce_overhead_draws_a_new_mask_each_step():
     assert len({float(loss) for loss in free_running}) == 3, free_running
 
 
+def test_a_compiled_forward_hands_its_backward_only_the_seeds_of_its_masks():
+    """What a compiled forward graph hands its backward (its outputs beyond
+    the loss) holds one seed per layer with dropout and none for a layer
+    without: CUDA graphs (``mode="reduce-overhead"``) expect every such
+    output in their memory pool, and a layer without dropout handed on the
+    CPU constant it launches with (the H200 runs: "These storage data ptrs
+    are not allocated in pool")."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    handed = []
+
+    def forward_compiler(gm, example_inputs):
+        handed.extend(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm.forward))
+    model = TwoLayer(dropout=0.3)  # (l1 with dropout, its seed drawn on the device; l2 without)
+    x = torch.randn(4, 6, 24, device=DEVICE, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: model(x).square().sum(), backend=backend, fullgraph=True)
+    compiled(x).backward()
+    assert _handed_seeds(handed) == [torch.int32] and x.grad is not None and torch.isfinite(x.grad).all()
+    # a seed given as an int: made on x's device, where it fits int32 (as a drawn one is), for the same mask
+    w, b, a, bb = make_params(24, 8, 3, torch.float32, True)
+    for t in (a, bb):
+        t.requires_grad_()
+    handed.clear()
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: fused_lora.lora_linear(x, w, a, bb, b, dropout_p=0.3, seed=12345).square().sum(),
+                       backend=backend, fullgraph=True)
+    got = torch.autograd.grad(fn(x), (x, a, bb))
+    assert _handed_seeds(handed) == [torch.int32]
+    want = torch.autograd.grad(fused_lora.lora_linear(x, w, a, bb, b, dropout_p=0.3, seed=12345).square().sum(),
+                               (x, a, bb))
+    for g, e in zip(got, want):
+        assert_close(g, e.double(), torch.float32, "compiled with an int seed")
+
+
+def _handed_seeds(handed: list) -> list:
+    """The dtypes of the 0-d integer tensors among a forward graph's outputs."""
+    vals = [n.meta.get("val") for n in handed if isinstance(n, torch.fx.Node)]
+    return [v.dtype for v in vals if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point()]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16] + ([torch.float16] if torch.cuda.is_available() else []))
 def test_autocast(dtype):
     layer = LoRALinear(40, 24, r=4, alpha=8, device=DEVICE)
