@@ -644,19 +644,21 @@ def _launch_shape(M: int, N: int, K: int, r: int, low_rank: int, v_elt: int, has
 
 
 def _tma_view(t: torch.Tensor, stride_unit: int):
-    """``(view, transposed)``: ``t`` or ``t.T`` as TMA reads it (row-major),
-    or None where TMA cannot read ``t``: the base must be 16-byte aligned, one
-    stride 1 and the other a multiple of 16 bytes (and of ``stride_unit``
-    elements: see INTERPRETER_STRIDES_IN_ELEMENTS). A column-major ``t`` is
-    described through ``t.T``."""
-    e = t.element_size()
+    """``(rows, cols, row_stride, transposed)``: ``t`` or ``t.T`` as TMA reads
+    it (row-major, unit column stride), or None where TMA cannot read ``t``:
+    the base must be 16-byte aligned, one stride 1 and the other a multiple
+    of 16 bytes (and of ``stride_unit`` elements: see
+    INTERPRETER_STRIDES_IN_ELEMENTS). A column-major ``t`` is described
+    through ``t.T``. (Plain integers, no views made: the host's time per
+    launch.)"""
     if t.data_ptr() % 16:
         return None
-    for view, trans in ((t, False), (t.t(), True)):
-        cols = view.shape[1]
-        if (view.stride(1) == 1 and (view.stride(0) * e) % 16 == 0 and view.stride(0) % stride_unit == 0
-                and view.stride(0) >= cols):
-            return view, trans
+    e = t.element_size()
+    (rows, cols), (s0, s1) = t.shape, t.stride()
+    if s1 == 1 and (s0 * e) % 16 == 0 and s0 % stride_unit == 0 and s0 >= cols:
+        return rows, cols, s0, False
+    if s0 == 1 and (s1 * e) % 16 == 0 and s1 % stride_unit == 0 and s1 >= rows:
+        return cols, rows, s1, True
     return None
 
 
@@ -667,14 +669,16 @@ def _stride_unit() -> int:
 def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int, stride_unit: int):
     """``(descriptor, transposed)`` for the 2-D operand ``t`` read in
     (block_rows, block_cols) tiles, or None where TMA cannot read it
-    (:func:`_tma_view`)."""
+    (:func:`_tma_view`). The descriptor's base is ``t`` itself, its shape
+    and strides those of the view TMA reads (a descriptor takes only the
+    base's address and dtype)."""
     found = _tma_view(t, stride_unit)
     if found is None:
         return None
-    view, trans = found
+    rows, cols, row_stride, trans = found
     block = [block_cols, block_rows] if trans else [block_rows, block_cols]
     # (positional: the fields both Triton 3.6 and 3.9 have)
-    return TensorDescriptor(view, list(view.shape), [view.stride(0), 1], block), trans
+    return TensorDescriptor(t, [rows, cols], [row_stride, 1], block), trans
 
 
 def tma_descriptors(a: torch.Tensor, b: torch.Tensor, config: GemmConfig):

@@ -578,7 +578,9 @@ def test_tma_descriptors_only_where_the_copy_engine_can_read():
     a = torch.randn(40, 64, device=DEVICE, dtype=torch.float16)
     w = torch.randn(48, 64, device=DEVICE, dtype=torch.float16)
     a_desc, a_t, b_desc, b_t = gemm.tma_descriptors(a, w.t(), cfg)
-    assert not a_t and b_t and b_desc.base.shape == (48, 64) and b_desc.block_shape == [32, 32]
+    assert not a_t and b_t and b_desc.block_shape == [32, 32]
+    assert list(b_desc.shape) == [48, 64] and list(b_desc.strides) == [64, 1]  # (W's rows: Wᵀ read transposed)
+    assert b_desc.base.data_ptr() == w.data_ptr() and list(a_desc.shape) == [40, 64]
     assert gemm.tma_descriptors(a[:, 1:], w.t()[1:], cfg) is None  # base not 16-byte aligned
     odd = torch.randn(40, 63, device=DEVICE, dtype=torch.float16)
     assert gemm.tma_descriptors(odd, torch.randn(63, 48, device=DEVICE, dtype=torch.float16), cfg) is None  # stride
