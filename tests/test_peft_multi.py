@@ -132,7 +132,10 @@ def test_a_model_of_several_adapters_converts_and_runs_as_peft(make, tmp_path):
     _close(model(input_ids=ids, adapter_names=names).logits, expected)
     with reference.disable_adapter():
         base = reference(input_ids=ids).logits
-    assert (expected[0] - base[0]).abs().max() > 1e-2 and torch.equal(expected[1], base[1])
+    # (PEFT's own: its "__base__" sample is the base model's, equal to rounding: PEFT 0.21 runs that
+    # sample's layers apart, products of another shape)
+    assert (expected[0] - base[0]).abs().max() > 1e-2
+    _close(expected[1], base[1])
     with model.disable_adapter():
         _close(model(input_ids=ids).logits, base)
     model.base_model.disable_adapter_layers()  # (PEFT's tuner's switch: the fused layers' too, until enabled)
