@@ -14,7 +14,7 @@
 # Time boxes keep it under 7 minutes on an H200: tests <= 170 s (in parallel
 # shards, while the benchmark's and the probe's kernels compile; at the box a
 # shard is interrupted, and reports the failures it has so far), the probe
-# <= 45 s, the host-time check <= 80 s (about 20), the benchmark <= 180 s (cases not started after 125 s are listed
+# <= 45 s, the host-time check <= 120 s (about 30), the benchmark <= 180 s (cases not started after 125 s are listed
 # as skipped). SHARDS=n overrides the number of test processes (default: the
 # CPU cores less five, three of them for the compile processes; at most 12).
 set -uo pipefail
@@ -119,8 +119,11 @@ rc_probe=$?
 # finishes first): fused_lora's Python alone (launches stubbed), then with the launches, and cProfile's
 # most expensive functions of the latter (fused_lora's, Triton's launcher, PyTorch's). Informational.
 echo "== host time per call (bench/host_overhead.py, M=16 4096->4096 r=16: launches stubbed, then launched)"
-timeout 40 "$PY" bench/host_overhead.py --m 16 --k 4096 --n 4096 --r 16 --reps 200
-timeout 40 "$PY" bench/host_overhead.py --m 16 --k 4096 --n 4096 --r 16 --reps 200 --real --profile 30
+timeout 40 "$PY" bench/host_overhead.py --m 16 --k 4096 --n 4096 --r 16 --reps 100
+timeout 40 "$PY" bench/host_overhead.py --m 16 --k 4096 --n 4096 --r 16 --reps 100 --real --profile 30
+echo "-- the same, launched, TMA's descriptors made by the kernels (FUSED_LORA_TMA_DESCRIPTORS=device)"
+FUSED_LORA_TMA_DESCRIPTORS=device timeout 40 "$PY" bench/host_overhead.py --m 16 --k 4096 --n 4096 --r 16 --reps 100 \
+    --real
 
 echo "== benchmark (preset gpu-check)"
 timeout 180 "$PY" -m fused_lora.cli bench --preset gpu-check --time-budget 125 --out "$OUT"

@@ -14,14 +14,16 @@ This probe splits the question on the GPU, each row one launch of
 
 ``cublas_fwd``, ``cublas_dx``      the floors: ``x @ Wᵀ``, ``dy @ W``
 ``fwd_base``, ``dx_base``          the base GEMM alone (no low-rank term), pointers, then ``+tma``
+                                   (descriptors made on the host), ``+tma_device`` (by the kernel)
 ``dx_base_b_colmajor``             dx with W's values stored transposed (B laid out as the forward's)
 ``fwd_base_b_rowmajor``            the forward with Wᵀ stored row-major (B laid out as dx's)
 ``fwd_lowrank``, ``dx_lowrank``    what the fused passes launch at large M (split: the precomputed
                                    low-rank factor, ``+tma`` too)
 ``fwd_epilogue``, ``dx_epilogue``  hybrid's launches: the low-rank term alone, an empty K loop
 
-Each row: the median ms (``triton.testing.do_bench``), TFLOP/s and GB/s of
-its ideal traffic, and its error against the same product in float64 (a
+Each row: the median ms (``triton.testing.do_bench``, whose time includes
+the host's launch where that is longer than the kernel: at M=16, where the
+rows differ in host time per launch), TFLOP/s and GB/s of its ideal traffic, and its error against the same product in float64 (a
 wrong row says so). ``--compile-only`` runs each launch once (gpu_check.sh
 compiles them beside the tests); on a machine without a GPU it runs under
 the interpreter at a tiny size, its times labelled as no measurement.
@@ -92,6 +94,8 @@ def rows_for(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.d
         ("fwd_base+tma", gemm(x, w.t(), fwd_cfg, True), fwd_ref, *base_fwd),
         ("dx_base", gemm(dy, w, dx_cfg), dx_ref, *base_dx),
         ("dx_base+tma", gemm(dy, w, dx_cfg, True), dx_ref, *base_dx),
+        ("fwd_base+tma_device", gemm(x, w.t(), fwd_cfg, True, tma_device=True), fwd_ref, *base_fwd),
+        ("dx_base+tma_device", gemm(dy, w, dx_cfg, True, tma_device=True), dx_ref, *base_dx),
         ("dx_base_b_colmajor", gemm(dy, w_colmajor, dx_cfg), dx_ref, *base_dx),
         ("fwd_base_b_rowmajor", gemm(x, wt_rowmajor, fwd_cfg), fwd_ref, *base_fwd),
         ("fwd_lowrank", gemm(x, w.t(), fwd_cfg, **fwd_lowrank), fwd_ref + fwd_lr, *base_fwd),

@@ -11,7 +11,8 @@ Providers (all compute ``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with W frozen
 and, on a preset's ``variant_cases``, ``fused:in_loop``, ``fused:split`` and
 ``fused:hybrid`` (``fused`` with that forward strategy forced), ``fused:pointers``
 (``fused`` with pointer tile loads: TMA off, as it is by default off Hopper) and
-``fused:tma+persistent`` (TMA loads, its GEMMs on a persistent grid), forward
+``fused:tma+persistent`` (TMA loads, its GEMMs on a persistent grid) and
+``fused:tma_device`` (TMA loads through descriptors its kernels make), forward
 and forward+backward: the data behind the dispatch rules and the switches.
 
 Modes: ``forward``, ``backward`` (the backward of one recorded forward, timed
@@ -59,9 +60,12 @@ PROVIDERS = ("fused", "naive", "unsloth_style", "naive_compiled", "base")
 STRATEGY_PROVIDERS = ("fused:in_loop", "fused:split", "fused:hybrid")
 #: Each switch provider's settings, every switch named (whatever the
 #: defaults): pointer loads (TMA off: the default off Hopper, the other side
-#: of Hopper's default), and TMA loads on the persistent grid.
-SWITCH_SETTINGS = {"fused:pointers": {"tma": False, "persistent": False},
-                   "fused:tma+persistent": {"tma": True, "persistent": True}}
+#: of Hopper's default), TMA loads on the persistent grid, and TMA loads
+#: through descriptors the kernels make (no host-side descriptor a launch:
+#: host time, which the steps timed without CUDA graphs include).
+SWITCH_SETTINGS = {"fused:pointers": {"tma": False, "tma_descriptors": "host", "persistent": False},
+                   "fused:tma+persistent": {"tma": True, "tma_descriptors": "host", "persistent": True},
+                   "fused:tma_device": {"tma": True, "tma_descriptors": "device", "persistent": False}}
 SWITCH_PROVIDERS = tuple(SWITCH_SETTINGS)
 VARIANT_PROVIDERS = STRATEGY_PROVIDERS + SWITCH_PROVIDERS
 VARIANT_MODES = ("forward", "forward+backward")
@@ -301,7 +305,8 @@ def variant_context(provider: str):
 
     stack = contextlib.ExitStack()
     if provider in SWITCH_PROVIDERS:
-        switches = {"tma": fused_lora.dispatch.use_tma, "persistent": fused_lora.dispatch.use_persistent}
+        switches = {"tma": fused_lora.dispatch.use_tma, "persistent": fused_lora.dispatch.use_persistent,
+                    "tma_descriptors": fused_lora.dispatch.use_tma_descriptors}
         for name, value in SWITCH_SETTINGS[provider].items():
             stack.enter_context(switches[name](value))
     return stack
@@ -878,9 +883,11 @@ def strategy_table(results: list[Measurement], target: str) -> list[str]:
     lines = ["", "### Forward strategies, forced, TMA loads and the persistent grid (the data behind the "
                  "dispatch rules)", "",
              "Median ms per call of `fused` with each strategy forced (forward and its backward), and of `fused` "
-             "(default strategy) with pointer tile loads (`pointers`: TMA off) and with TMA loads on a persistent "
-             "grid (`tma+persistent`); `default` is what the dispatch chose (TMA loads on sm_90 and newer). `best` "
-             "names the fastest measured.", "",
+             "(default strategy) with pointer tile loads (`pointers`: TMA off), with TMA loads on a persistent "
+             "grid (`tma+persistent`) and with TMA loads through descriptors the kernels make (`tma_device`: no "
+             "descriptor made on the host for each launch; host time counts where the timing has no CUDA graph, "
+             "M > 256); `default` is what the dispatch chose (TMA loads on sm_90 and newer, descriptors made on "
+             "the host). `best` names the fastest measured.", "",
              "| case | mode | default | " + " | ".join(names) + " | best | default/best |",
              "|---|---|---|" + "---|" * len(names) + "---|---|"]
     for row in rows:

@@ -130,11 +130,11 @@ def check_cases(on_gpu: bool) -> list[dict]:
     cases = []
 
     def case(shape, r, dtype, strategy, p, train_base, tma="auto", persistent=False, row_scaled=False,
-             adapters=False, dora=False, quantized=False):
+             adapters=False, dora=False, quantized=False, tma_descriptors="host"):
         lead, k, n = shape
         cases.append(dict(lead=lead, k=k, n=n, r=r, dtype=dtype, strategy=strategy, dropout_p=p,
                           train_base=train_base, tma=tma, persistent=persistent, row_scaled=row_scaled,
-                          adapters=adapters, dora=dora, quantized=quantized))
+                          adapters=adapters, dora=dora, quantized=quantized, tma_descriptors=tma_descriptors))
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for shape in shapes:
@@ -186,6 +186,10 @@ def check_cases(on_gpu: bool) -> list[dict]:
             # in-loop shrink through them runs split)
             for p, train_base in ((0.0, True), (0.1, False)):
                 case(aligned, 16, dtype, "split", p, train_base, tma=True)
+            # TMA's descriptors made by the kernels (set_tma_descriptors("device")): the split forward, dx
+            # (masked) and dW; the in-loop forward and dx
+            case(aligned, 16, dtype, "split", 0.1, train_base=True, tma=True, tma_descriptors="device")
+            case(aligned, 8, dtype, "in_loop", 0.0, train_base=True, tma=True, tma_descriptors="device")
             case(shapes[1], 16, dtype, "split", 0.1, train_base=True, tma=False)
             # the persistent grid (16-bit): each GEMM pass, with the default loads and with TMA loads
             case(many_tiles, 8, dtype, "in_loop", 0.0, train_base=True, persistent=True)
@@ -214,7 +218,7 @@ def cmd_check(args) -> int:
     for case in check_cases(device.type == "cuda"):
         torch.manual_seed(len(rows))
         with (dispatch.force_strategy(case["strategy"]), dispatch.use_tma(case["tma"]),
-              dispatch.use_persistent(case["persistent"])):
+              dispatch.use_persistent(case["persistent"]), dispatch.use_tma_descriptors(case["tma_descriptors"])):
             m = math.prod(case["lead"])
             # (what the forward runs on parity_case's contiguous operands, whether TMA can read them too)
             x_like = torch.empty(m, case["k"], dtype=case["dtype"], device="meta")
@@ -240,6 +244,7 @@ def cmd_check(args) -> int:
         rows.append(dict(path=f"{plan.strategy}{' +dropout' if case['dropout_p'] else ''}"
                               f"{' +train-base' if case['train_base'] else ''}"
                               f"{' +tma' if case['tma'] is True else ' +pointers' if case['tma'] is False else ''}"
+                              f"{' +tma-device' if case['tma_descriptors'] == 'device' else ''}"
                               f"{' +persistent' if case['persistent'] else ''}"
                               f"{' +row-scale' if case['row_scaled'] else ''}"
                               f"{' +adapter-dropouts' if case['adapters'] == 'dropouts' else ''}"
@@ -264,7 +269,8 @@ def cmd_check(args) -> int:
     else:
         print(f"fused-lora check — {where}; torch {versions['torch']}, Triton {versions['triton']}")
         print("max |fused - reference| / max |reference| per output; reference = float64 PyTorch\n")
-        head = f"{'path':<48}{'shape':<20}{'r':>4}  {'dtype':<9}{'y':>9}{'dx':>9}{'dA':>9}{'dB':>9}{'dW':>9}" \
+        width = max([48] + [len(r["path"]) + 2 for r in rows])
+        head = f"{'path':<{width}}{'shape':<20}{'r':>4}  {'dtype':<9}{'y':>9}{'dx':>9}{'dA':>9}{'dB':>9}{'dW':>9}" \
                f"{'db':>9}{'dm':>9}{'tol':>9}  result"
         print(head)
         print("-" * len(head))
@@ -272,7 +278,7 @@ def cmd_check(args) -> int:
             e = r["errors"]
             keys = ("y", "dx", "dlora_A", "dlora_B", "dweight", "dbias", "dmagnitude")
             cells = "".join(f"{e[k]:9.1e}" if k in e else f"{'—':>9}" for k in keys)
-            print(f"{r['path']:<48}{r['shape']:<20}{r['r']:>4}  {r['dtype']:<9}{cells}{r['tolerance']:9.1e}  "
+            print(f"{r['path']:<{width}}{r['shape']:<20}{r['r']:>4}  {r['dtype']:<9}{cells}{r['tolerance']:9.1e}  "
                   f"{'PASS' if r['passed'] else 'FAIL ' + r['failure']}")
         print(f"\n{sum(r['passed'] for r in rows)}/{len(rows)} passed")
     return 0 if ok else 1

@@ -93,6 +93,9 @@ class Job:
     # tiles loaded as bytes, each nibble's code times its group's absmax
     # (int8's tiles; never through TMA)
     nf4_base: bool = False
+    # With TMA: the kernel makes the tensor descriptors itself (global scratch), none passed
+    # (dispatch.set_tma_descriptors("device"))
+    tma_device: bool = False
 
 
 @dataclass
@@ -124,12 +127,13 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
                tma: bool = False, even_r: bool = True, persistent: bool = False, seed_value: bool = False,
                precision: str = "ieee", bias: bool = True, offset_int64: bool = False,
                row_scale: bool = False, adapters: bool = False, int8_base: bool = False,
-               nf4_base: bool = False, row_p: bool = False) -> dict:
+               nf4_base: bool = False, row_p: bool = False, tma_device: bool = False) -> dict:
     """Argument values of lora_gemm_kernel for one pass, as the launcher passes them
     (``even_r=False``: a rank of half the rank tile, e.g. r = 8 in a 16 tile;
     ``int8_base``: B, the forward's Wᵀ or dx's W, int8 with its fp32 scales;
     ``nf4_base``: NF4 with its fp32 absmax in groups of 64, W's (SHAPE,
-    SHAPE / 2) bytes)."""
+    SHAPE / 2) bytes; ``tma_device``: with ``tma``, the descriptors made by
+    the kernel, none passed)."""
     s = SHAPE
     r = block_r if even_r else block_r // 2
     low_rank = {"forward_in_loop": 2, "forward_in_loop_dropout": 2, "forward_split": 1, "dx_in_loop": 2,
@@ -148,15 +152,17 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
     stride_bk, stride_bn = ((1, s // 2) if fwd else (s // 2, 1)) if nf4_base else ((1, s) if fwd else (s, 1))
     return dict(
         a_ptr=f"*{dtype}", b_ptr=f"*{b_dtype}",
-        a_desc=f"tensordesc<{dtype}[{', '.join(map(str, [bk, bm] if a_t else [bm, bk]))}]>" if tma else None,
-        b_desc=f"tensordesc<{b_dtype}[{', '.join(map(str, [bn, bk] if b_t else [bk, bn]))}]>" if tma else None,
+        a_desc=f"tensordesc<{dtype}[{', '.join(map(str, [bk, bm] if a_t else [bm, bk]))}]>"
+        if tma and not tma_device else None,
+        b_desc=f"tensordesc<{b_dtype}[{', '.join(map(str, [bn, bk] if b_t else [bk, bn]))}]>"
+        if tma and not tma_device else None,
         bias_ptr=f"*{dtype}", u_ptr="*fp32", s_ptr=f"*{dtype}",
         v_ptr=f"*{dtype}", c_ptr="*fp32" if split_k else f"*{dtype}", xa_ptr="*fp32", w_ptr="*fp32",
         ids_ptr="*i32", cid_ptr="*i32", csc_ptr="*fp32", drp_ptr="*fp32", bsc_ptr="*fp32", bcode_ptr="*fp32",
         M=s, N=s, K=s, R=r, k_blocks_per_split=s // 4 // cfg.block_k if split_k else s // cfg.block_k,
         # forward: x (M,K) row-major; b = Wᵀ (strides 1, K); s = Aᵀ (strides 1, K); v = Bᵀ (strides 1, r)
         # dx: dy; b = W (strides K, 1); s = B (strides r, 1); v = A (strides K, 1)
-        stride_am=s, stride_ak=1,
+        stride_am=1 if a_t else s, stride_ak=s if a_t else 1,  # (dW through TMA: A = dyᵀ, dy row-major)
         stride_bk=stride_bk, stride_bn=stride_bn,
         stride_bias=1, stride_um=r, stride_ur=1, stride_sk=1 if fwd else r, stride_sr=s if fwd else 1,
         stride_vr=1 if fwd else s, stride_vn=r if fwd else 1,
@@ -170,7 +176,7 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         B_SCALE=(1 if fwd else 2) if int8_base else (3 if fwd else 4) if nf4_base else 0, B_GROUP=64 if nf4_base else 0,
         OFFSET_INT64=offset_int64, UPCAST=False, INPUT_PRECISION=precision, EVEN_K=even_k,
         EVEN_R=even_r and low_rank != 2,
-        TMA=tma,
+        TMA=tma, TMA_DEVICE=tma and tma_device,
         A_T=a_t, B_T=b_t, PERSISTENT=persistent,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m,
     )
@@ -385,7 +391,7 @@ def result_of(job: Job) -> Result:
                   + ("+offset_int64" if job.offset_int64 else "") + ("+row_scale" if job.row_scale else "")
                   + ("+adapters" if job.adapters else "") + ("+row_p" if job.row_p else "")
                   + ("+int8_base" if job.int8_base else "")
-                  + ("+nf4_base" if job.nf4_base else ""),
+                  + ("+nf4_base" if job.nf4_base else "") + ("+tma_device" if job.tma_device else ""),
                   job.dtype, job.arch, job.config, job.block_r)
 
 
@@ -401,7 +407,7 @@ def compile_job(job: Job) -> Result:
                                                            job.split_k, job.tma, job.even_r, job.persistent,
                                                            job.seed_value, precision, job.bias, job.offset_int64,
                                                            job.row_scale, job.adapters, job.int8_base,
-                                                           job.nf4_base, job.row_p)
+                                                           job.nf4_base, job.row_p, job.tma_device)
         elif job.kernel == "skinny":
             cfg = configs.SkinnyConfig(**job.config)
             fn, values = skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r,
@@ -624,6 +630,9 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                     jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=True))
                     if cfg is fitting[0]:
                         jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, even_k=False, tma=True))
+                        # the descriptors made by the kernel (set_tma_descriptors("device")), with a K tail
+                        jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, even_k=False, tma=True,
+                                        tma_device=True))
                 # the persistent grid (16-bit, Hopper's shared memory; its own, narrower tiles), with
                 # pointers and with TMA
                 persistent = configs.gemm_candidates(elt, block_r, in_loop, arch=arch, persistent=True,
@@ -633,6 +642,9 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                     for tma in (False, True):
                         jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=tma,
                                         persistent=True))
+                    if cfg is persistent[0]:  # (made once a program, before its tile loop)
+                        jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=True,
+                                        persistent=True, tma_device=True))
                 if persistent and in_loop:  # each row factor on the largest persistent tile, with TMA
                     for factor in ROW_FACTORS:
                         jobs.append(Job("gemm", pass_name, dtype, asdict(persistent[0]), arch, block_r, tma=True,

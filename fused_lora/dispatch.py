@@ -101,11 +101,18 @@ SMALL_M = 256
 #: (None: "auto", on for a compiled sm_90 or newer target; True or False:
 #: forced, ``FUSED_LORA_TMA=1`` / ``0`` or :func:`set_tma`), and a persistent
 #: grid, about one program per SM walking the output tiles
-#: (``FUSED_LORA_PERSISTENT=1`` or :func:`set_persistent`). And the strategy
-#: forced by :func:`force_strategy` (None: chosen per shape).
+#: (``FUSED_LORA_PERSISTENT=1`` or :func:`set_persistent`). Where TMA loads
+#: run, who makes their descriptors: the host, for each launch ("host", the
+#: default), or the kernel, in global scratch ("device":
+#: ``FUSED_LORA_TMA_DESCRIPTORS=device`` or :func:`set_tma_descriptors`;
+#: timed by gpu_check.sh as ``fused:tma_device``). And the strategy forced by
+#: :func:`force_strategy` (None: chosen per shape).
 _switches = {"tma": {"1": True, "0": False}.get(os.environ.get("FUSED_LORA_TMA", "auto")),
+             "tma_descriptors": os.environ.get("FUSED_LORA_TMA_DESCRIPTORS", "host"),
              "persistent": os.environ.get("FUSED_LORA_PERSISTENT", "0") == "1",
              "strategy": None}
+if _switches["tma_descriptors"] not in ("host", "device"):
+    raise ValueError(f"FUSED_LORA_TMA_DESCRIPTORS must be 'host' or 'device', got {_switches['tma_descriptors']!r}")
 
 #: Why TMA loads are the default on a compiled sm_90 or newer target.
 TMA_AUTO_REASON = ("TMA loads by default on sm_90+: on the second H200 run "
@@ -139,6 +146,38 @@ def set_tma(enabled: bool | str) -> None:
 def tma_setting() -> bool | str:
     """The TMA switch: True, False, or ``"auto"``."""
     return "auto" if _switches["tma"] is None else _switches["tma"]
+
+
+#: Why TMA descriptors are made on the host by default.
+TMA_DESCRIPTORS_HOST = ("descriptors made on the host for each launch (the default; set_tma_descriptors('device'): "
+                        "by the kernel, which spares the launch their encoding, not yet timed on a GPU)")
+
+
+def _tma_descriptors_setting(where) -> str:
+    if not isinstance(where, str):
+        raise TypeError(f"where must be 'host' or 'device', got {where!r}")
+    if where not in ("host", "device"):
+        raise ValueError(f"where must be 'host' or 'device', got {where!r}")
+    return where
+
+
+def set_tma_descriptors(where: str) -> None:
+    """Where TMA loads run, who makes their tensor descriptors: ``"host"``
+    (the default: Triton encodes them at each launch) or ``"device"`` (each
+    program makes them in global scratch from the pointers and strides the
+    kernel has anyway; the launch then allocates that scratch through
+    Triton's allocator, torch's caching allocator unless one was set)."""
+    _switches["tma_descriptors"] = _tma_descriptors_setting(where)
+
+
+def tma_descriptors_setting() -> str:
+    """The TMA descriptors switch: ``"host"`` or ``"device"``."""
+    return _switches["tma_descriptors"]
+
+
+def use_tma_descriptors(where: str):
+    """:func:`set_tma_descriptors` inside a ``with`` block, restored after it."""
+    return _switched("tma_descriptors", _tma_descriptors_setting(where))
 
 
 def set_persistent(enabled: bool) -> None:
@@ -199,6 +238,8 @@ class Plan:
     #: The Triton GEMMs read their A and B tiles through TMA tensor
     #: descriptors (where the operands allow).
     tma: bool = False
+    #: With ``tma``: the kernels make the descriptors (:func:`set_tma_descriptors`).
+    tma_device: bool = False
     #: The Triton GEMMs without split-K run on a persistent grid.
     persistent: bool = False
     #: The dx GEMM computes g = dy·B in its K loop (the in-loop forward with
@@ -358,7 +399,7 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
     if tma is None:  # auto (not for an int8 base: INT8_POINTERS)
         tma = not interp and arch >= 90 and quantized_kind(quantized) != "int8"
     switches = (input_precision(dtype), tma, _switches["persistent"], smem_limit, num_sms)
-    return _plan(*key, forced, *switches, quantized_kind(quantized))
+    return _plan(*key, forced, *switches, quantized_kind(quantized), _switches["tma_descriptors"] == "device")
 
 
 def quantized_kind(quantized) -> str:
@@ -374,11 +415,11 @@ def quantized_kind(quantized) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, persistent, smem_limit,
-          num_sms, quantized="") -> Plan:
+          num_sms, quantized="", tma_device=False) -> Plan:
     cfg = _triton.configs()
     if quantized == "nf4" and m > cfg.NF4_DECODE_MAX_M:
         whole = _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, persistent, smem_limit,
-                      num_sms)
+                      num_sms, "", tma_device)
         return dataclasses.replace(whole, dequantize_base=True, reason=(
             f"an NF4 base at M={m} > {cfg.NF4_DECODE_MAX_M}: made whole once a pass (decoding it in every M "
             f"tile's K loop would cost more than a write and a read of it), then as a float base: {whole.reason}"))
@@ -421,6 +462,7 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
         skinny_programs=skinny_programs,
         input_precision=precision,
         tma=tma and hopper_16bit and _triton.get().tma_available(),
+        tma_device=tma_device and tma and hopper_16bit and _triton.get().tma_available(),
         persistent=persistent,
         dx_in_loop=dx_in_loop,
         num_sms=num_sms,
@@ -491,7 +533,9 @@ class Explanation:
         out.append(("backward: dA", f"gᵀ·drop(x) from one read of x{regenerated}; {skinny}"))
         if p.tma:
             why = f" ({TMA_AUTO_REASON})" if _switches["tma"] is None else " (set_tma(True))"
-            out.append(("loads", f"A and B tiles through TMA tensor descriptors where the operands allow{why}"))
+            made = ("; descriptors made by the kernel, in global scratch (set_tma_descriptors('device'))"
+                    if p.tma_device else f"; {TMA_DESCRIPTORS_HOST}")
+            out.append(("loads", f"A and B tiles through TMA tensor descriptors where the operands allow{why}{made}"))
         elif _switches["tma"] is False and self.target != "interpreter" and not p.cublas_base:
             out.append(("loads", "A and B tiles through pointers (set_tma(False))"))
         elif self.quantized == "int8" and self.target != "interpreter" and not p.cublas_base:

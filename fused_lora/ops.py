@@ -253,9 +253,8 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
             return k_.lora_gemm(x2, weight.t(), bias=bias, shrink=lora_A.t(), v=lora_B.t(), lr_scale=scaling,
                                 dropout_p=dropout_p, seed=seed, shrink_dropout=True, row_scale=w,
                                 adapters=adapters, dropout_rows=rows_p, b_scale=weight_scale, b_code=code, config=config,
-                                out_dtype=x.dtype,
-                                input_precision=plan.input_precision, tma=plan.tma, persistent=plan.persistent,
-                                num_sms=plan.num_sms)
+                                out_dtype=x.dtype, input_precision=plan.input_precision, tma=plan.tma,
+                                tma_device=plan.tma_device, persistent=plan.persistent, num_sms=plan.num_sms)
 
         y2, xa = launch(dispatch.gemm_config_for("forward", plan.fwd_gemm, launch, k=k, shrink_in_loop=True,
                                                  shrink_mask=dropout_p > 0.0, **tune))
@@ -270,7 +269,8 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
         def launch(config):
             return k_.lora_gemm(a, b, bias=bias, u=xa, v=lora_B.t(), lr_scale=scaling, b_scale=weight_scale,
                                 b_code=code, config=config, out_dtype=x.dtype, input_precision=plan.input_precision,
-                                tma=plan.tma, persistent=plan.persistent, num_sms=plan.num_sms)
+                                tma=plan.tma, tma_device=plan.tma_device, persistent=plan.persistent,
+                                num_sms=plan.num_sms)
 
         y2, _ = launch(dispatch.gemm_config_for("forward", plan.fwd_gemm, launch, k=a.shape[1],
                                                 shrink_in_loop=False, **tune))
@@ -383,8 +383,8 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
             return k_.lora_gemm(a, b, **low_rank, dropout_p=dropout_p, seed=seed, dropout_rows=rows_p,
                                 b_scale=weight_scale,
                                 b_scale_dim=0, b_code=code, config=config, out_dtype=x.dtype,
-                                input_precision=plan.input_precision, tma=plan.tma, persistent=plan.persistent,
-                                num_sms=plan.num_sms)
+                                input_precision=plan.input_precision, tma=plan.tma, tma_device=plan.tma_device,
+                                persistent=plan.persistent, num_sms=plan.num_sms)
 
         dx2, dy_b = launch_dx(dispatch.gemm_config_for(
             "dx", plan.dx_gemm, launch_dx, m=m, n=k, k=a.shape[1], r=r, dtype=x.dtype, shrink_in_loop=g_in_dx,
@@ -405,7 +405,7 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
         else:
             def launch_dw(config):
                 return k_.lora_gemm(dy2.t(), x2, config=config, out_dtype=weight.dtype,
-                                    input_precision=plan.input_precision, tma=plan.tma,
+                                    input_precision=plan.input_precision, tma=plan.tma, tma_device=plan.tma_device,
                                     persistent=plan.persistent, num_sms=plan.num_sms)
 
             d_w, _ = launch_dw(dispatch.gemm_config_for(

@@ -84,8 +84,8 @@ def lora_gemm_kernel(
     # pointers
     a_ptr,  # (M, K)  left operand
     b_ptr,  # (K, N)  right operand (the frozen weight, or x for dW)
-    a_desc,  # TMA descriptor of A (or of Aᵀ when A_T) when TMA, else None
-    b_desc,  # TMA descriptor of B (or of Bᵀ when B_T) when TMA, else None
+    a_desc,  # TMA descriptor of A (or of Aᵀ when A_T) when TMA (made here instead with TMA_DEVICE), else None
+    b_desc,  # TMA descriptor of B (or of Bᵀ when B_T) when TMA (made here instead with TMA_DEVICE), else None
     bias_ptr,  # (N,)    added to every row when HAS_BIAS
     u_ptr,  # (M, R)  fp32 low-rank left factor when LOW_RANK == 1
     s_ptr,  # (K, R)  shrink factor when LOW_RANK == 2 (forward: Aᵀ)
@@ -139,6 +139,7 @@ def lora_gemm_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masked tail in the K loop
     EVEN_R: tl.constexpr,  # R % BLOCK_R == 0: no rank mask (vector loads of the low-rank factors)
     TMA: tl.constexpr,  # A and B tiles through tensor descriptors (Hopper TMA; zero fill outside)
+    TMA_DEVICE: tl.constexpr,  # with TMA: the descriptors made by the kernel (global scratch), not passed
     A_T: tl.constexpr, B_T: tl.constexpr,  # the descriptor describes the transposed operand
     PERSISTENT: tl.constexpr,  # about one program per SM, each walking output tiles in a loop (no split-K)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -190,10 +191,26 @@ def lora_gemm_kernel(
     ``TMA``: the A and B tiles of the K loop come through tensor descriptors
     (Hopper's copy engine, which zero-fills outside the operand, so no masks);
     a column-major operand is described through its transpose (``A_T``,
-    ``B_T``). Everything else is unchanged.
+    ``B_T``). Everything else is unchanged. ``TMA_DEVICE``: each program makes
+    the two descriptors itself, from the pointers and strides, in the global
+    scratch the launch allocates (no host-side descriptor to encode and pass
+    at each launch: host time).
     """
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
+    if TMA_DEVICE:  # (the views host-side descriptors describe: gemm._tma_view)
+        if A_T:
+            a_desc = tl.make_tensor_descriptor(a_ptr, shape=[K, M], strides=[stride_ak, 1],
+                                               block_shape=[BLOCK_K, BLOCK_M])
+        else:
+            a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                               block_shape=[BLOCK_M, BLOCK_K])
+        if B_T:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
     num_tiles = num_pid_m * num_pid_n
     if PERSISTENT:
         num_my_tiles = tl.cdiv(num_tiles - tl.program_id(0), tl.num_programs(0))
@@ -422,6 +439,7 @@ def lora_gemm(
     b_code: torch.Tensor | None = None,
     input_precision: str = "ieee",
     tma: bool = False,
+    tma_device: bool = False,
     persistent: bool = False,
     num_sms: int = NUM_SMS_SM90,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -452,8 +470,10 @@ def lora_gemm(
     when ``shrink`` is given, else None. ``config.split_k > 1`` splits K over
     that many programs per tile (fp32 partials of C, and of xa, then one
     ordered reduction launch for both). ``tma``: load the a and b tiles
-    through tensor descriptors where both operands allow one (else pointers).
-    ``persistent``: without split-K, and with more output tiles than the GPU
+    through tensor descriptors where both operands allow one (else pointers);
+    ``tma_device``: those descriptors made by the kernel (in the global
+    scratch Triton's allocator gives the launch: :func:`ensure_allocator`)
+    instead of on the host for each launch. ``persistent``: without split-K, and with more output tiles than the GPU
     runs programs at once, a persistent grid of that many programs walks the
     tiles (else one program per tile and split; the results are the same bit
     for bit); ``num_sms``: the GPU's SMs, which size that grid (the dispatch's
@@ -525,7 +545,9 @@ def lora_gemm(
                                    num_sms) if persistent and split_k == 1 else 0
     persistent = 0 < programs < shape.tiles
     grid = (programs,) if persistent else (shape.tiles, split_k)
-    descs = tma_descriptors(a, b, config) if tma and K and b_scale_mode < 3 else None
+    descs = None
+    if tma and K and b_scale_mode < 3:
+        descs = _device_descriptors(a, b) if tma_device else tma_descriptors(a, b, config)
     a_desc, a_t, b_desc, b_t = descs if descs is not None else (None, False, None, False)
     lora_gemm_kernel[grid](
         a, b, a_desc, b_desc, bias if bias is not None else dummy, u_, s_, v_, target, xa_,
@@ -548,7 +570,7 @@ def lora_gemm(
         float(lr_scale), 1.0 / (1.0 - dropout_p) if shrink_dropout and not row_p else 1.0, float(dropout_p),
         seed_arg(seed, a.device),
         OFFSET_INT64=mask_counters_int64(M, K if shrink_dropout else N),
-        TMA=descs is not None, A_T=a_t, B_T=b_t,
+        TMA=descs is not None, TMA_DEVICE=descs is not None and tma_device, A_T=a_t, B_T=b_t,
         PERSISTENT=persistent,
         **shape.constexprs,
     )
@@ -692,6 +714,44 @@ def tma_descriptors(a: torch.Tensor, b: torch.Tensor, config: GemmConfig):
     if da is None or db is None:
         return None
     return (*da, *db)
+
+
+def _device_descriptors(a: torch.Tensor, b: torch.Tensor):
+    """``(None, a_transposed, None, b_transposed)`` where the kernel can make
+    both operands' descriptors itself (where :func:`tma_descriptors` would
+    make them on the host), else None; on a GPU, Triton's allocator set."""
+    if not tma_available():
+        return None
+    unit = _stride_unit()
+    va = _tma_view(a, unit)
+    vb = _tma_view(b, unit) if va is not None else None
+    if va is None or vb is None:
+        return None
+    if a.is_cuda:
+        ensure_allocator()
+    return None, va[3], None, vb[3]
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    """A launch's global scratch from torch's caching allocator, on the
+    current device and stream (the launch's; inside a CUDA graph's capture,
+    from the graph's pool). Its blocks are 512-byte aligned."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_allocator() -> None:
+    """Triton's allocator (the global scratch of kernels that make tensor
+    descriptors, ``TMA_DEVICE``) set to torch's caching allocator where this
+    context has none: Triton keeps it in a ContextVar, which a thread starts
+    without (autograd's device threads run the backward). One the user set is
+    kept."""
+    try:
+        current = triton.runtime._allocation._allocator.get()
+        unset = isinstance(current, triton.runtime._allocation.NullAllocator)
+    except AttributeError:  # (another Triton's internals: set it)
+        unset = True
+    if unset:
+        triton.set_allocator(_torch_scratch)
 
 
 def tma_readable(*operands: torch.Tensor) -> bool:

@@ -27,6 +27,7 @@ def test_check_passes_and_reports_json(capsys):
             "in_loop +dropout +adapter-dropouts +split-k"} <= paths
     assert {"in_loop", "split +train-base", "split +dropout", "hybrid +dropout +train-base",
             "split +train-base +tma", "split +dropout +tma", "split +dropout +train-base +pointers",
+            "split +dropout +train-base +tma +tma-device", "in_loop +train-base +tma +tma-device",
             "in_loop +train-base +persistent",
             "split +dropout +persistent", "split +train-base +tma +persistent",
             "in_loop +dropout +row-scale", "split +train-base +row-scale", "in_loop +dropout +adapters",
@@ -474,17 +475,21 @@ def test_the_gpu_probe_checks_every_launch_and_flags_a_wrong_one(tmp_path, monke
     from fused_lora.kernels import gemm
 
     probe = _bench_script("gpu_probe")
-    made = []
-    real_descriptors = gemm.tma_descriptors
+    made, made_by_kernel = [], []
+    real_descriptors, real_device = gemm.tma_descriptors, gemm._device_descriptors
     monkeypatch.setattr(gemm, "tma_descriptors", lambda *a: made.append(a[2]) or real_descriptors(*a))
+    monkeypatch.setattr(gemm, "_device_descriptors", lambda *a: made_by_kernel.append(real_device(*a))
+                        or made_by_kernel[-1])
     assert probe.main(["--json", str(tmp_path / "p.json")]) == 0
     result = json.loads((tmp_path / "p.json").read_text())
     rows = result["shapes"][0]["rows"]
     names = [row["name"] for row in rows]
-    assert names[:2] == ["cublas_fwd", "cublas_dx"] and len(set(names)) == len(names) == 14
+    assert names[:2] == ["cublas_fwd", "cublas_dx"] and len(set(names)) == len(names) == 16
     assert all(row["ok"] and row["error"] < 4e-3 and row["ms"] > 0 for row in rows), rows
     # (each row launched twice, checked then timed; the K=0 rows make no descriptor)
     assert len(made) == 2 * sum(name.endswith("+tma") for name in names)
+    assert len(made_by_kernel) == 2 * sum(name.endswith("+tma_device") for name in names) == 4
+    assert all(d is not None for d in made_by_kernel)  # (TMA through the kernel's descriptors, not pointers)
     out = capsys.readouterr().out
     assert "| dx_base_b_colmajor |" in out and "| fwd_base_b_rowmajor |" in out
     # a launch that computes the wrong product fails the probe

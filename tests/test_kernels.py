@@ -441,20 +441,25 @@ def tma_on():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 # (in_loop with dropout: the forward masks x's tiles for its shrink; dx, g in its K loop, its term in its epilogue)
 @pytest.mark.parametrize("strategy, p", [("in_loop", 0.0), ("in_loop", 0.2), ("split", 0.0), ("split", 0.2)])
-def test_tma_loads_match_the_reference(tma_on, monkeypatch, dtype, strategy, p):
+@pytest.mark.parametrize("where", ["host", "device"])
+def test_tma_loads_match_the_reference(tma_on, monkeypatch, dtype, strategy, p, where):
     """With TMA on, every GEMM pass whose operands allow it reads its tiles
     through tensor descriptors (forward: Wᵀ through W's, transposed; dx: W;
     dW: dyᵀ through dy's, transposed), the copy engine's zero fill replacing
-    the masks at ragged M, N and K edges, and split-K too."""
-    used = []
-    real = gemm.tma_descriptors
-    monkeypatch.setattr(gemm, "tma_descriptors", lambda *a: used.append(real(*a)) or used[-1])
+    the masks at ragged M, N and K edges, and split-K too; the descriptors
+    made on the host for each launch, or (``set_tma_descriptors("device")``)
+    by the kernel, from the same views."""
+    used, other = [], []
+    made, not_made = ("tma_descriptors", "_device_descriptors")[::1 if where == "host" else -1]
+    real, real_other = getattr(gemm, made), getattr(gemm, not_made)
+    monkeypatch.setattr(gemm, made, lambda *a: used.append(real(*a)) or used[-1])
+    monkeypatch.setattr(gemm, not_made, lambda *a: other.append(a) or real_other(*a))
     k, n = interpreted_tma_k_n()
     x = torch.randn(2, 13, k, device=DEVICE, dtype=dtype).requires_grad_()  # M = 26, K ragged
     w, b, a, bb = make_params(k, n, 5, dtype, True)
     for t in (w, b, a, bb):
         t.requires_grad_()
-    with fused_lora.dispatch.force_strategy(strategy):
+    with fused_lora.dispatch.force_strategy(strategy), fused_lora.dispatch.use_tma_descriptors(where):
         plan = fused_lora.dispatch.plan(26, n, k, 5, dtype, p, fused_lora.dispatch.device_target(x.device).arch)
         if not plan.tma:
             pytest.skip("TMA needs Hopper (sm_90) or the interpreter")
@@ -465,7 +470,10 @@ def test_tma_loads_match_the_reference(tma_on, monkeypatch, dtype, strategy, p):
         dy = torch.randn_like(y)
         grads = torch.autograd.grad(y, (x, w, b, a, bb), dy)
     # forward, dx (under the dropout mask too) and dW, each through descriptors
-    assert len(used) == 3 and all(d is not None for d in used)
+    assert len(used) == 3 and all(d is not None for d in used) and other == []
+    assert plan.tma_device == (where == "device")
+    if where == "device":  # (none passed: the kernel makes them)
+        assert all(d[0] is None and d[2] is None for d in used)
     assert [d[1] for d in used] == [False, False, True]  # A transposed: dW only
     assert [d[3] for d in used] == [True, False, False]  # B transposed: forward
     names = ("x", "weight", "bias", "lora_A", "lora_B")
@@ -1267,6 +1275,76 @@ def test_switches_apply_where_they_can_and_are_restored():
                 both = fused_lora.explain(x_shape, w_shape, 16).plan
                 assert both.persistent and both.tma == _triton.get().tma_available()
         assert fused_lora.explain(x_shape, w_shape, 16).plan == off
+
+
+def test_the_descriptors_switch_applies_with_tma_loads_and_is_restored():
+    """Who makes TMA's descriptors: the host by default; with
+    ``set_tma_descriptors("device")`` the kernels, wherever TMA loads run
+    (never without them), explain saying which; a bad value is refused,
+    naming the argument; each ``use_`` block restores the setting."""
+    d = fused_lora.dispatch
+    x_shape, w_shape = (8192, 4096), (4096, 4096)
+    assert d.tma_descriptors_setting() == "host"
+    host = fused_lora.explain(x_shape, w_shape, 16)
+    assert not host.plan.tma_device
+    if host.plan.tma:
+        assert d.TMA_DESCRIPTORS_HOST in str(host)
+    with d.use_tma_descriptors("device"):
+        assert d.tma_descriptors_setting() == "device"
+        device = fused_lora.explain(x_shape, w_shape, 16)
+        assert device.plan.tma_device == device.plan.tma == host.plan.tma
+        assert dataclasses.replace(device.plan, tma_device=False) == host.plan
+        if device.plan.tma:
+            assert "descriptors made by the kernel" in str(device)
+        assert not fused_lora.explain(x_shape, w_shape, 16, target="sm_80").plan.tma_device
+        with d.use_tma(False):
+            assert not fused_lora.explain(x_shape, w_shape, 16).plan.tma_device
+        with d.use_tma_descriptors("host"):
+            assert fused_lora.explain(x_shape, w_shape, 16).plan == host.plan
+    assert d.tma_descriptors_setting() == "host" and fused_lora.explain(x_shape, w_shape, 16).plan == host.plan
+    d.set_tma_descriptors("device")
+    try:
+        assert d.tma_descriptors_setting() == "device"
+    finally:
+        d.set_tma_descriptors("host")
+    with pytest.raises(ValueError, match=r"where must be 'host' or 'device', got 'gpu'"):
+        d.set_tma_descriptors("gpu")
+    with pytest.raises(TypeError, match=r"where must be 'host' or 'device', got True"):
+        d.use_tma_descriptors(True)
+    assert d.tma_descriptors_setting() == "host"
+
+
+def test_ensure_allocator_sets_torchs_where_none_is_and_keeps_the_users():
+    """Kernels that make their descriptors need Triton's allocator for their
+    global scratch; Triton keeps it in a ContextVar, which a new thread
+    (autograd's backward threads) starts without: ensure_allocator sets
+    torch's there, and leaves one the user set."""
+    import threading
+
+    from triton.runtime import _allocation
+
+    def fresh_thread(fn):
+        out = []
+        t = threading.Thread(target=lambda: out.append(fn()))
+        t.start()
+        t.join()
+        return out[0]
+
+    def unset_then_ensured():
+        before = _allocation._allocator.get()
+        gemm.ensure_allocator()
+        return before, _allocation._allocator.get()
+
+    before, after = fresh_thread(unset_then_ensured)
+    assert isinstance(before, _allocation.NullAllocator) and after is gemm._torch_scratch
+
+    def users():
+        mine = lambda size, alignment, stream: torch.empty(size, dtype=torch.int8)  # noqa: E731
+        triton.set_allocator(mine)
+        gemm.ensure_allocator()
+        return _allocation._allocator.get() is mine
+
+    assert fresh_thread(users)
 
 
 def test_the_in_loop_shrink_through_pointers_runs_split_on_compiled_hopper():

@@ -300,8 +300,8 @@ def _bad_call(change):
     x = make_x((6, 8), F32)
     w, b, _, _ = make_params(8, 5, 1, F32, True)
     lora_a, lora_b = _adapters(8, 5, (2, 3), F32)
-    kw = dict(x=x, weight=w, lora_A=lora_a, lora_B=lora_b, adapter_ids=torch.tensor([0, 1, -1, 0, 1, 1], device=DEVICE), bias=b,
-              scaling=[1.0, 2.0])
+    kw = dict(x=x, weight=w, lora_A=lora_a, lora_B=lora_b, adapter_ids=torch.tensor([0, 1, -1, 0, 1, 1], device=DEVICE),
+              bias=b, scaling=[1.0, 2.0])
     change(kw)
     return lambda: fused_lora.multi_lora_linear(**kw, backend="triton")
 
@@ -330,7 +330,8 @@ def _bad_call(change):
      r"adapter_ids must have x's leading shape \(6,\) .*got \(5,\)"),
     (lambda kw: kw.update(adapter_ids=torch.tensor([0, 1, -1, 2, 1, 1], device=DEVICE)), ValueError,
      r"adapter_ids must be -1 .* \[0, 2\), got ids from -1 to 2"),
-    (lambda kw: kw.update(adapter_ids=torch.tensor([0, 1, -2, 0, 1, 1], device=DEVICE)), ValueError, "got ids from -2 to 1"),
+    (lambda kw: kw.update(adapter_ids=torch.tensor([0, 1, -2, 0, 1, 1], device=DEVICE)), ValueError,
+     "got ids from -2 to 1"),
 ])
 def test_bad_input_is_rejected(change, err, words):
     with pytest.raises(err, match=words):
