@@ -20,11 +20,13 @@ This probe splits the question on the GPU, each row one launch of
 ``fwd_lowrank``, ``dx_lowrank``    what the fused passes launch at large M (split: the precomputed
                                    low-rank factor, ``+tma`` too)
 ``fwd_epilogue``, ``dx_epilogue``  hybrid's launches: the low-rank term alone, an empty K loop
+``..+tma@<tile>``                  at large M, the base GEMMs through TMA on other tiles (:data:`SWEEP`)
 
 Each row: the median ms (``triton.testing.do_bench``, whose time includes
 the host's launch where that is longer than the kernel: at M=16, where the
-rows differ in host time per launch), TFLOP/s and GB/s of its ideal traffic, and its error against the same product in float64 (a
-wrong row says so). ``--compile-only`` runs each launch once (gpu_check.sh
+rows differ in host time per launch), TFLOP/s and GB/s of its ideal
+traffic, and its error against the same product in float64 (a wrong row
+says so). ``--compile-only`` runs each launch once (gpu_check.sh
 compiles them beside the tests); on a machine without a GPU it runs under
 the interpreter at a tiny size, its times labelled as no measurement.
 
@@ -44,6 +46,14 @@ import torch
 #: (M, in, out, r) of the probe: the headline shape at large and small M; the interpreter's stand-in.
 GPU_SHAPES = ((8192, 4096, 4096, 16), (16, 4096, 4096, 16))
 INTERPRETER_SHAPES = ((37, 64, 48, 4),)
+#: At large M, the base GEMM through TMA on other shipped tiles too (label, config kwargs), beside the plan's
+#: 128x256x64, 3 stages: the fourth run measured it at 62% of cuBLAS forward and 73% in dx, 18% apart with the
+#: same PTX but B's transpose bit. (A tile that does not fit fails its row, not the probe.)
+SWEEP_MIN_M = 4096
+SWEEP = (("128x256x64s4", dict(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=4)),
+         ("128x128x64s4", dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)),
+         ("128x128x64s5", dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=5)),
+         ("256x128x64s3", dict(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3)))
 #: normalized error allowed, by dtype (a row above it is marked WRONG)
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-5}
 
@@ -105,6 +115,13 @@ def rows_for(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.d
         ("fwd_epilogue", gemm(x[:, :0], w.t()[:0], fwd_cfg, **fwd_lowrank), fwd_lr, *lr_fwd),
         ("dx_epilogue", gemm(dy[:, :0], w[:0], dx_cfg, **dx_lowrank), dx_lr, *lr_dx),
     ]
+    if m >= SWEEP_MIN_M:
+        import dataclasses
+
+        for label, tile in SWEEP:
+            fwd_t, dx_t = (dataclasses.replace(c, **tile) for c in (fwd_cfg, dx_cfg))
+            rows += [(f"fwd_base+tma@{label}", gemm(x, w.t(), fwd_t, True), fwd_ref, *base_fwd),
+                     (f"dx_base+tma@{label}", gemm(dy, w, dx_t, True), dx_ref, *base_dx)]
     return rows, {"fwd": str(fwd_cfg), "dx": str(dx_cfg)}
 
 
@@ -114,7 +131,9 @@ def normalized_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return diff / max(1.0, want.abs().max().item())
 
 
-def run(dtype: torch.dtype = torch.bfloat16, compile_only: bool = False, shapes=None) -> dict:
+def run(dtype: torch.dtype = torch.bfloat16, compile_only: bool = False, shapes=None, on_shape_done=None) -> dict:
+    """Every row of every shape; ``on_shape_done(result)`` after each shape
+    (the partial result: what a time box that stops the probe leaves)."""
     from fused_lora import _triton
 
     on_gpu = torch.cuda.is_available() and not _triton.interpreter()
@@ -144,6 +163,8 @@ def run(dtype: torch.dtype = torch.bfloat16, compile_only: bool = False, shapes=
                     torch.cuda.synchronize()
             shape["rows"].append(row)
         out["shapes"].append(shape)
+        if on_shape_done is not None:
+            on_shape_done(out)
     return out
 
 
@@ -180,11 +201,13 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-only", action="store_true", help="run each launch once: compile, check, no timing")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     args = parser.parse_args(argv)
-    result = run(getattr(torch, args.dtype), args.compile_only)
+    def write(result):
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+
+    result = run(getattr(torch, args.dtype), args.compile_only, on_shape_done=write)
     print(table(result), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
     return 0 if all(row["ok"] for shape in result["shapes"] for row in shape["rows"]) else 1
 
 
