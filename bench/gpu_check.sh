@@ -77,8 +77,10 @@ probe_compile_pid=$!
 pids=()
 for i in $(seq 0 $((SHARDS - 1))); do
     # (one inductor compile worker a shard: the shards are the parallelism, not 16 pools of 16; at the
-    # time box SIGINT, on which pytest stops and prints the failures so far with their tracebacks)
-    TORCHINDUCTOR_COMPILE_THREADS=1 timeout -s INT -k 15 170 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
+    # time box SIGINT, on which pytest stops and prints the failures so far with their tracebacks. -v: a
+    # line a test, named as it starts, so that a shard stopped in a test, or hung in one, says which: on
+    # the fourth run two shards printed nothing)
+    TORCHINDUCTOR_COMPILE_THREADS=1 timeout -s INT -k 15 170 "$PY" -m pytest -v -p no:cacheprovider -o addopts="" \
         -rfE --tb=short --shard "$i/$SHARDS" --basetemp "$logs/tmp$i" "${tests[@]}" > "$logs/shard$i.log" 2>&1 &
     pids+=($!)
 done
