@@ -21,6 +21,7 @@ This probe splits the question on the GPU, each row one launch of
                                    low-rank factor, ``+tma`` too)
 ``fwd_epilogue``, ``dx_epilogue``  hybrid's launches: the low-rank term alone, an empty K loop
 ``..+tma@<tile>``                  at large M, the base GEMMs through TMA on other tiles (:data:`SWEEP`)
+``fwd_epilogue@<tile>``            at large M, hybrid's low-rank-only launch on other tiles (:data:`EPILOGUE_SWEEP`)
 
 Each row: the median ms (``triton.testing.do_bench``, whose time includes
 the host's launch where that is longer than the kernel: at M=16, where the
@@ -54,6 +55,11 @@ SWEEP = (("128x256x64s4", dict(block_m=128, block_n=256, block_k=64, num_warps=8
          ("128x128x64s4", dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)),
          ("128x128x64s5", dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=5)),
          ("256x128x64s3", dict(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3)))
+#: At large M, hybrid's low-rank-only launch (an empty K loop: it writes s·xa·Bᵀ + b, M×N) on smaller tiles
+#: too: on the plan's 128x256 it moved ~410 GB/s on the fourth run, a tenth of the H200's bandwidth.
+EPILOGUE_SWEEP = (("64x128w4", dict(block_m=64, block_n=128, num_warps=4, num_stages=1)),
+                  ("128x128w8", dict(block_m=128, block_n=128, num_warps=8, num_stages=1)),
+                  ("64x256w8", dict(block_m=64, block_n=256, num_warps=8, num_stages=1)))
 #: normalized error allowed, by dtype (a row above it is marked WRONG)
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-5}
 
@@ -122,6 +128,9 @@ def rows_for(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.d
             fwd_t, dx_t = (dataclasses.replace(c, **tile) for c in (fwd_cfg, dx_cfg))
             rows += [(f"fwd_base+tma@{label}", gemm(x, w.t(), fwd_t, True), fwd_ref, *base_fwd),
                      (f"dx_base+tma@{label}", gemm(dy, w, dx_t, True), dx_ref, *base_dx)]
+        for label, tile in EPILOGUE_SWEEP:
+            rows.append((f"fwd_epilogue@{label}", gemm(x[:, :0], w.t()[:0], dataclasses.replace(fwd_cfg, **tile),
+                                                       **fwd_lowrank), fwd_lr, *lr_fwd))
     return rows, {"fwd": str(fwd_cfg), "dx": str(dx_cfg)}
 
 
