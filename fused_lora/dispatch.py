@@ -92,6 +92,13 @@ IN_LOOP_MAX_R = 16
 #: At or below this many tokens the problem is memory bound (KERNELS.md):
 #: fewest launches first.
 SMALL_M = 256
+#: At or below this many tokens the forward runs in_loop with dropout too,
+#: each N tile drawing the mask of its x tiles again (M·K numbers a tile, few
+#: here) instead of a skinny pass and its launch drawing it once: on the
+#: fourth H200 run (bench/results/2026-12-04-NVIDIA-H200-4) at M=16, p=0.1,
+#: forward+backward 0.064 ms in_loop against 0.068 split through CUDA graphs,
+#: and a launch fewer for the host without them (measured at M=16 only).
+IN_LOOP_DROPOUT_MAX_M = 32
 
 #: Process-wide dispatch state, not per thread, so that autograd's backward
 #: threads see it too, and torch.compile reads it while tracing (guarding on
@@ -349,6 +356,9 @@ def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, 
     if dtype == torch.float32 and not interp and not quantized:
         return "hybrid", ("float32 on CUDA: exact fp32 dots run on FMA units, where cuBLAS is far ahead; "
                           "the fused low-rank term is cuBLAS's C operand")
+    if dropout_p > 0.0 and m <= IN_LOOP_DROPOUT_MAX_M and r <= max_block_r:
+        return "in_loop", (f"dropout at M={m} <= {IN_LOOP_DROPOUT_MAX_M}: one GEMM, each N tile drawing its x "
+                           "tiles' mask again (few numbers at this M), against a skinny pass and a launch more")
     if not in_loop_ok:
         if dropout_p > 0.0:
             return "split", "dropout > 0: the skinny pass draws the mask once instead of once per N tile"

@@ -747,7 +747,8 @@ def test_the_masked_in_loop_shrink_runs_only_on_tiles_that_hold_its_mask():
     tile: the configurations drop the two 4-warp tiles with 64 masked
     elements a thread (they spill, compile report), and fp32 runs it up to a
     16-wide rank tile; beyond, a forced ``in_loop`` runs split. Without the
-    force, dropout runs split."""
+    force, dropout runs split above ``IN_LOOP_DROPOUT_MAX_M`` tokens, in_loop
+    at or below (fp32 on CUDA: hybrid)."""
     d = fused_lora.dispatch
     spilled = (configs.GemmConfig(128, 64, 64, 8, 4, 4), configs.GemmConfig(64, 64, 128, 8, 4, 3))
     for block_r in (16, 32, 64):
@@ -767,8 +768,15 @@ def test_the_masked_in_loop_shrink_runs_only_on_tiles_that_hold_its_mask():
         assert dataclasses.replace(cfg, split_k=1) in configs.gemm_candidates(2, 64, True, shrink_mask=True)
     for dtype, fits, too_big in ((torch.float32, 16, 17), (torch.bfloat16, 128, 129)):
         for target in ("sm_90", "interpreter"):
-            auto = fused_lora.explain((16, 256), (256, 256), fits, dtype, dropout_p=0.1, target=target).plan
+            above = d.IN_LOOP_DROPOUT_MAX_M + 1
+            auto = fused_lora.explain((above, 256), (256, 256), fits, dtype, dropout_p=0.1, target=target).plan
             assert auto.strategy in ("split", "hybrid")
+            small = fused_lora.explain((16, 256), (256, 256), fits, dtype, dropout_p=0.1, target=target).plan
+            hybrid = dtype == torch.float32 and target == "sm_90"
+            assert small.strategy == ("hybrid" if hybrid else "in_loop"), small
+            assert hybrid or f"dropout at M=16 <= {d.IN_LOOP_DROPOUT_MAX_M}" in small.reason
+            too_big_auto = fused_lora.explain((16, 256), (256, 256), too_big, dtype, dropout_p=0.1, target=target)
+            assert too_big_auto.plan.strategy in ("split", "hybrid")
             with d.force_strategy("in_loop"):
                 forced = fused_lora.explain((16, 256), (256, 256), fits, dtype, dropout_p=0.1, target=target)
                 big = fused_lora.explain((16, 256), (256, 256), too_big, dtype, dropout_p=0.1, target=target).plan
@@ -1088,7 +1096,7 @@ def test_every_set_of_gradients_matches_the_reference(m, p):
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_small_m_dx_gemm_accumulates_g_in_its_k_loop(monkeypatch, m, in_loop, dtype, p):
     """At small M the dx GEMM runs as the in-loop forward with roles swapped
-    (with dropout too, where the forward runs split): g = dy·B comes from its
+    (with dropout too, whatever the forward runs): g = dy·B comes from its
     K loop, the dy pass computes only dB and db, and dA is computed from that
     g. Where the dy pass needs its reductions anyway (256 rows: several row
     splits, on the interpreter's tiles as on CUDA's), and above SMALL_M, the
@@ -1115,7 +1123,8 @@ def test_small_m_dx_gemm_accumulates_g_in_its_k_loop(monkeypatch, m, in_loop, dt
     for t in (w, b, a, bb):
         t.requires_grad_()
     plan = fused_lora.dispatch.plan(m, n, k, r, dtype, p)
-    assert plan.strategy == ("split" if p else "in_loop") and plan.dx_in_loop == in_loop
+    forward_in_loop = not p or m <= fused_lora.dispatch.IN_LOOP_DROPOUT_MAX_M
+    assert plan.strategy == ("in_loop" if forward_in_loop else "split") and plan.dx_in_loop == in_loop
     for interpreter in (True, False):  # (the same choice on both: this test runs on a GPU too)
         assert fused_lora.dispatch.plan(m, n, k, r, dtype, p, interpreter=interpreter).dx_in_loop == in_loop
     # the rule, on CUDA's tiles: in loop exactly where the dy pass then stores its sums directly (one
@@ -1362,7 +1371,8 @@ def test_the_in_loop_shrink_through_pointers_runs_split_on_compiled_hopper():
         with d.use_tma(tma):
             return d.plan(m, 4096, 4096, 16, dtype, p, arch=arch, interpreter=False, strategy=strategy)
 
-    in_loop, small = planned(), planned(m=16, p=0.1)  # (small M with dropout: a split forward, dx in-loop)
+    # (48 rows with dropout: a split forward, above IN_LOOP_DROPOUT_MAX_M; dx in-loop, up to 64 rows)
+    in_loop, small = planned(), planned(m=48, p=0.1)
     assert in_loop.strategy == "in_loop" and small.strategy == "split" and small.dx_in_loop
     assert d.in_loop_faults(in_loop, 90, bf16) and d.in_loop_faults(small, 90, bf16)
     assert d.in_loop_faults(planned(dtype=torch.float16, strategy="in_loop"), 100, torch.float16)
