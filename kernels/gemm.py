@@ -473,10 +473,11 @@ def lora_gemm(
     through tensor descriptors where both operands allow one (else pointers);
     ``tma_device``: those descriptors made by the kernel (in the global
     scratch Triton's allocator gives the launch: :func:`ensure_allocator`)
-    instead of on the host for each launch. ``persistent``: without split-K, and with more output tiles than the GPU
-    runs programs at once, a persistent grid of that many programs walks the
-    tiles (else one program per tile and split; the results are the same bit
-    for bit); ``num_sms``: the GPU's SMs, which size that grid (the dispatch's
+    instead of on the host for each launch. ``persistent``: without split-K,
+    and with more output tiles than the GPU runs programs at once, a
+    persistent grid of that many programs walks the tiles (else one program
+    per tile and split; the results are the same bit for bit); ``num_sms``:
+    the GPU's SMs, which size that grid (the dispatch's
     :func:`fused_lora.dispatch.device_target`).
     """
     # 1. constraints (the public API validated the user's arguments; these
