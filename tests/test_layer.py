@@ -334,11 +334,12 @@ def test_a_mixed_batch_runs_as_one_batch(monkeypatch, training):
         monkeypatch.setattr(k_, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
     layer = LoRALinear(24, 17, r=4, alpha=8, dropout=0.3, device=DEVICE).train(training)
     _randomise_adapter(layer)
-    x = make_x((5, 3, 24), torch.float32).requires_grad_()
+    # (35 rows: above IN_LOOP_DROPOUT_MAX_M, so that in training the forward runs split)
+    x = make_x((5, 7, 24), torch.float32).requires_grad_()
     ids = torch.tensor([0, -1, 0, 0, -1], device=DEVICE)
     torch.manual_seed(5)
     y = layer(x, adapter_ids=ids)
-    strategy = fused_lora.dispatch.device_plan(x.device, 15, 17, 24, 4, x.dtype, layer.dropout * training).strategy
+    strategy = fused_lora.dispatch.device_plan(x.device, 35, 17, 24, 4, x.dtype, layer.dropout * training).strategy
     assert strategy == ("split" if training else "in_loop") or x.is_cuda  # (fp32 on CUDA: hybrid)
     assert calls == (["lora_gemm"] if strategy == "in_loop" else ["skinny_pass", "lora_gemm"])
     calls[:] = ["forward"]
