@@ -77,6 +77,21 @@ def load_tile(desc, i, j, TRANS: tl.constexpr, UPCAST: tl.constexpr):
     return tile
 
 
+@triton.jit
+def make_descriptor(ptr, rows, cols, stride_row, stride_col, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                    TRANS: tl.constexpr):
+    """The tensor descriptor of a (rows, cols) operand read in (BLOCK_ROWS,
+    BLOCK_COLS) tiles, made by the kernel, as :func:`load_tile` reads it:
+    with ``TRANS`` (the operand column-major) that of its transpose. The
+    views host-side descriptors describe (``gemm._tma_view``)."""
+    if TRANS:
+        return tl.make_tensor_descriptor(ptr, shape=[cols, rows], strides=[stride_col, 1],
+                                         block_shape=[BLOCK_COLS, BLOCK_ROWS])
+    else:
+        return tl.make_tensor_descriptor(ptr, shape=[rows, cols], strides=[stride_row, 1],
+                                         block_shape=[BLOCK_ROWS, BLOCK_COLS])
+
+
 # Sizes and the seed are not specialised (no recompilation when the token
 # count changes between batches); strides are, for vectorised loads.
 @triton.jit(do_not_specialize=["M", "N", "K", "R", "k_blocks_per_split", "stride_cs16", "stride_xas16", "seed"])
@@ -198,19 +213,9 @@ def lora_gemm_kernel(
     """
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    if TMA_DEVICE:  # (the views host-side descriptors describe: gemm._tma_view)
-        if A_T:
-            a_desc = tl.make_tensor_descriptor(a_ptr, shape=[K, M], strides=[stride_ak, 1],
-                                               block_shape=[BLOCK_K, BLOCK_M])
-        else:
-            a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
-                                               block_shape=[BLOCK_M, BLOCK_K])
-        if B_T:
-            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1],
-                                               block_shape=[BLOCK_N, BLOCK_K])
-        else:
-            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
-                                               block_shape=[BLOCK_K, BLOCK_N])
+    if TMA_DEVICE:
+        a_desc = make_descriptor(a_ptr, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, A_T)
+        b_desc = make_descriptor(b_ptr, K, N, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_T)
     num_tiles = num_pid_m * num_pid_n
     if PERSISTENT:
         num_my_tiles = tl.cdiv(num_tiles - tl.program_id(0), tl.num_programs(0))
