@@ -37,6 +37,7 @@ the interpreter at a tiny size, its times labelled as no measurement.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -122,8 +123,6 @@ def rows_for(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.d
         ("dx_epilogue", gemm(dy[:, :0], w[:0], dx_cfg, **dx_lowrank), dx_lr, *lr_dx),
     ]
     if m >= SWEEP_MIN_M:
-        import dataclasses
-
         for label, tile in SWEEP:
             fwd_t, dx_t = (dataclasses.replace(c, **tile) for c in (fwd_cfg, dx_cfg))
             rows += [(f"fwd_base+tma@{label}", gemm(x, w.t(), fwd_t, True), fwd_ref, *base_fwd),

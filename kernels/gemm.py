@@ -697,45 +697,53 @@ def _stride_unit() -> int:
 def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int, stride_unit: int):
     """``(descriptor, transposed)`` for the 2-D operand ``t`` read in
     (block_rows, block_cols) tiles, or None where TMA cannot read it
-    (:func:`_tma_view`). The descriptor's base is ``t`` itself, its shape
-    and strides those of the view TMA reads (a descriptor takes only the
-    base's address and dtype)."""
+    (:func:`_tma_view`)."""
     found = _tma_view(t, stride_unit)
-    if found is None:
-        return None
-    rows, cols, row_stride, trans = found
+    return None if found is None else _described(t, found, block_rows, block_cols)
+
+
+def _described(t: torch.Tensor, view, block_rows: int, block_cols: int):
+    """``(descriptor, transposed)`` of ``t`` through its :func:`_tma_view`
+    ``view``. The descriptor's base is ``t`` itself, its shape and strides
+    those of the view TMA reads (a descriptor takes only the base's address
+    and dtype)."""
+    rows, cols, row_stride, trans = view
     block = [block_cols, block_rows] if trans else [block_rows, block_cols]
     # (positional: the fields both Triton 3.6 and 3.9 have)
     return TensorDescriptor(t, [rows, cols], [row_stride, 1], block), trans
 
 
-def tma_descriptors(a: torch.Tensor, b: torch.Tensor, config: GemmConfig):
-    """``(a_desc, a_transposed, b_desc, b_transposed)`` when both operands can
-    be read through TMA, else None (the kernel then uses pointers for both)."""
+def _operand_views(a: torch.Tensor, b: torch.Tensor):
+    """``(a's, b's)`` :func:`_tma_view`, or None unless TMA can read both
+    (the kernel then uses pointers for both)."""
     if not tma_available():
         return None
     unit = _stride_unit()
-    da = _descriptor(a, config.block_m, config.block_k, unit)
-    db = _descriptor(b, config.block_k, config.block_n, unit) if da is not None else None
-    if da is None or db is None:
+    va = _tma_view(a, unit)
+    vb = _tma_view(b, unit) if va is not None else None
+    return None if vb is None else (va, vb)
+
+
+def tma_descriptors(a: torch.Tensor, b: torch.Tensor, config: GemmConfig):
+    """``(a_desc, a_transposed, b_desc, b_transposed)`` when both operands can
+    be read through TMA, else None."""
+    views = _operand_views(a, b)
+    if views is None:
         return None
-    return (*da, *db)
+    return (*_described(a, views[0], config.block_m, config.block_k),
+            *_described(b, views[1], config.block_k, config.block_n))
 
 
 def _device_descriptors(a: torch.Tensor, b: torch.Tensor):
     """``(None, a_transposed, None, b_transposed)`` where the kernel can make
     both operands' descriptors itself (where :func:`tma_descriptors` would
     make them on the host), else None; on a GPU, Triton's allocator set."""
-    if not tma_available():
-        return None
-    unit = _stride_unit()
-    va = _tma_view(a, unit)
-    vb = _tma_view(b, unit) if va is not None else None
-    if va is None or vb is None:
+    views = _operand_views(a, b)
+    if views is None:
         return None
     if a.is_cuda:
         ensure_allocator()
-    return None, va[3], None, vb[3]
+    return None, views[0][3], None, views[1][3]
 
 
 def _torch_scratch(size: int, alignment: int, stream):
