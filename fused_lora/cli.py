@@ -202,11 +202,26 @@ def check_cases(on_gpu: bool) -> list[dict]:
     return cases
 
 
+def _check_operands(case: dict, device):
+    """``(x2, weight)`` of a check case's shapes, dtypes and base format, uninitialised on ``device``, and the
+    base's scale (whose presence alone the plan reads), or None: what :func:`fused_lora.ops.plan_for` plans
+    from."""
+    import torch
+
+    m, n, k, dtype, quantized = math.prod(case["lead"]), case["n"], case["k"], case["dtype"], case["quantized"]
+    x2 = torch.empty(m, k, dtype=dtype, device=device)
+    if not quantized:
+        return x2, torch.empty(n, k, dtype=dtype, device=device), None
+    four_bit = quantized in ("nf4", "fp4")  # (packed: two values a byte)
+    weight = torch.empty(n, k // 2 if four_bit else k, dtype=torch.uint8 if four_bit else torch.int8, device=device)
+    return x2, weight, torch.empty(n, dtype=torch.float32, device=device)
+
+
 def cmd_check(args) -> int:
     where = _where()
     import torch
 
-    from . import _triton, dispatch
+    from . import _triton, dispatch, ops
     from .testing import TOLERANCE, parity_case
 
     if not _triton.available() or not (torch.cuda.is_available() or _triton.interpreter()):
@@ -219,14 +234,9 @@ def cmd_check(args) -> int:
         torch.manual_seed(len(rows))
         with (dispatch.force_strategy(case["strategy"]), dispatch.use_tma(case["tma"]),
               dispatch.use_persistent(case["persistent"]), dispatch.use_tma_descriptors(case["tma_descriptors"])):
-            m = math.prod(case["lead"])
-            # (what the forward runs on parity_case's contiguous operands, whether TMA can read them too)
-            x_like = torch.empty(m, case["k"], dtype=case["dtype"], device="meta")
-            w_like = torch.empty(case["n"], case["k"], device="meta",
-                                 dtype=torch.int8 if case["quantized"] in (True, "int8") else case["dtype"])
-            plan = dispatch.device_plan(device, m, case["n"], case["k"], case["r"], case["dtype"],
-                                        case["dropout_p"], quantized=case["quantized"],
-                                        tma_readable=lambda: _triton.get().tma_readable(x_like, w_like))
+            # (the plan the forward runs on parity_case's operands: contiguous, its base in the case's format)
+            x2, weight, weight_scale = _check_operands(case, device)
+            plan = ops.plan_for(x2, weight, case["r"], case["dropout_p"], weight_scale=weight_scale)
             try:
                 errors = parity_case(case["lead"], case["k"], case["n"], case["r"], case["dtype"],
                                      dropout_p=case["dropout_p"], train_base=case["train_base"],

@@ -449,9 +449,11 @@ def direct_call(*tensors) -> bool:
 def _kernel_seed(seed: Tensor):
     """The kernels' seed from the ops' ``seed`` tensor: a 0-d int64 CPU tensor
     holds the value (passed to the kernels as an argument); a 0-d int32 tensor
-    on x's device, drawn there, is read by the kernels (so that a captured CUDA
-    graph draws a new seed at each replay; see ``kernels.common.load_seed``)."""
-    return seed if seed.dtype == torch.int32 else int(seed)
+    on x's device (drawn there, or a traced call's int seed), or an int64 one
+    on a GPU (a traced call's int seed of 2**31 or more), is read by the
+    kernels (so that a captured CUDA graph draws a new seed at each replay;
+    see ``kernels.common.load_seed``)."""
+    return seed if seed.dtype == torch.int32 or seed.device.type != "cpu" else int(seed)
 
 
 @torch.library.custom_op("fused_lora::lora_linear_fwd", mutates_args=())
@@ -924,12 +926,13 @@ def _lora_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
                               adapter_p)[0]
     # (on the CPU whatever the default device: a value the kernels take as an argument, never read back
     # from a GPU, which would sync the host and break a CUDA graph's capture. Where the call is traced
-    # (torch.compile), a seed for a mask is made on x's device instead, int32 as a drawn one is, where it
-    # fits: the backward gets it from the forward graph, and CUDA graphs expect all that in their pool)
+    # (torch.compile), a seed for a mask is made on x's device instead, int32 as a drawn one is where it
+    # fits, else int64: the backward gets it from the forward graph, and CUDA graphs expect all that in
+    # their pool)
     if isinstance(seed, Tensor):
         seed_t = seed
-    elif dropout_p > 0.0 and seed < 2**31 and not direct_call(x):
-        seed_t = torch.full((), seed, dtype=torch.int32, device=x.device)
+    elif dropout_p > 0.0 and not direct_call(x):
+        seed_t = torch.full((), seed, dtype=torch.int32 if seed < 2**31 else torch.int64, device=x.device)
     else:
         seed_t = _NO_DROPOUT_SEED if seed == 0 else torch.tensor(seed, dtype=torch.int64, device="cpu")
     return _LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t, row_scale, *adapters,

@@ -43,12 +43,12 @@ def alloc(shape, dtype: torch.dtype, device, strides=None) -> torch.Tensor:
 
 def seed_arg(seed, device: torch.device):
     """A launcher's ``seed`` as the kernel takes it: an int, or a one-element
-    int32 tensor on the operands' device, passed as a pointer (see
-    :func:`load_seed`)."""
+    int32 (or, for a seed of 2**31 or more, int64) tensor on the operands'
+    device, passed as a pointer (see :func:`load_seed`)."""
     if isinstance(seed, torch.Tensor):
-        if (seed.dtype != torch.int32 or seed.numel() != 1 or seed.device.type != device.type
+        if (seed.dtype not in (torch.int32, torch.int64) or seed.numel() != 1 or seed.device.type != device.type
                 or (device.index is not None and seed.device.index not in (device.index, None))):
-            raise ValueError(f"a seed tensor must be one int32 on {device}, got {seed.dtype} "
+            raise ValueError(f"a seed tensor must be one int32 or int64 on {device}, got {seed.dtype} "
                              f"{tuple(seed.shape)} on {seed.device}")
         return seed
     return int(seed)

@@ -13,6 +13,7 @@ import fused_lora
 from fused_lora.dropout import halves16, keep_threshold, philox4x32, philox_randint4x
 from fused_lora.kernels import gemm, skinny
 from fused_lora.kernels.common import keep_mask, rows_dropout_p, seed_arg
+from fused_lora.kernels.configs import GemmConfig
 from lora_testing import DEVICE, assert_close, make_params, make_x
 
 
@@ -317,14 +318,42 @@ def test_a_drawn_seed_stays_on_the_device_and_drops_what_its_value_drops(strateg
     assert not torch.equal(outs[2], other[2])  # (dA sees the mask)
 
 
-def test_a_seed_tensor_must_be_one_int32_on_the_operands_device():
-    for bad in (torch.tensor(5), torch.tensor([5, 6], dtype=torch.int32),
+def test_a_seed_tensor_must_be_one_int32_or_int64_on_the_operands_device():
+    for bad in (torch.tensor(5.0), torch.tensor(5, dtype=torch.int16), torch.tensor([5, 6], dtype=torch.int32),
                 torch.tensor(5, dtype=torch.int32, device="meta")):
-        with pytest.raises(ValueError, match="a seed tensor must be one int32 on"):
+        with pytest.raises(ValueError, match="a seed tensor must be one int32 or int64 on"):
             seed_arg(bad, DEVICE)
     assert seed_arg(7, DEVICE) == 7
-    good = torch.tensor(5, dtype=torch.int32, device=DEVICE)
-    assert seed_arg(good, DEVICE) is good
+    for dtype in (torch.int32, torch.int64):
+        good = torch.tensor(5, dtype=dtype, device=DEVICE)
+        assert seed_arg(good, DEVICE) is good
+
+
+@pytest.mark.parametrize("seed", [2**31 - 1, 2**31 + 5, 2**62 + 12345])
+def test_the_kernels_read_a_seed_from_an_int64_tensor_as_the_value_itself(seed):
+    """A seed passed as a one-element tensor (int64 for one of 2**31 or more:
+    a traced call's int seed) draws the mask of the same value passed as an
+    int, bit for bit, in the skinny pass and in the GEMM's masked epilogue
+    and in-loop shrink."""
+    cfg = fused_lora.dispatch.plan(13, 24, 40, 4, torch.float32, 0.3).skinny
+    x = torch.randn(13, 40, device=DEVICE)
+    shrink = torch.randn(40, 4, device=DEVICE)
+    w = torch.randn(40, 24, device=DEVICE)
+    u = torch.randn(13, 4, device=DEVICE)
+    v = torch.randn(4, 24, device=DEVICE)
+    gemm_cfg = GemmConfig(16, 16, 16, 1, 4, 2)
+    as_tensor = torch.tensor(seed, dtype=torch.int32 if seed < 2**31 else torch.int64, device=DEVICE)
+    outs = []
+    for s in (seed, as_tensor):
+        sh, _, _ = skinny.skinny_pass(x, shrink=shrink, dropout_p=0.3, seed=s, config=cfg, target_programs=4)
+        c, _ = gemm.lora_gemm(x, w, u=u, v=v, dropout_p=0.3, seed=s, config=gemm_cfg, out_dtype=torch.float32)
+        c2, xa = gemm.lora_gemm(x, w, shrink=shrink, v=v, dropout_p=0.3, seed=s, shrink_dropout=True,
+                                config=gemm_cfg, out_dtype=torch.float32)
+        outs.append((sh, c, c2, xa))
+    for name, got, want in zip(("shrink", "masked epilogue", "in-loop forward", "in-loop xa"), outs[1], outs[0]):
+        assert torch.equal(got, want), name
+    mask = fused_lora.dropout_mask(seed, (13, 40), 0.3, device=DEVICE)
+    assert_close(outs[0][0], (x.double() * mask) @ shrink.double(), torch.float32, "the value's mask (unscaled)")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")

@@ -261,6 +261,31 @@ def test_compile_reduce_overhead_draws_a_new_mask_each_step():
     assert len({float(loss) for loss in free_running}) == 3, free_running
 
 
+@pytest.mark.parametrize("seed", [12345, 2**40 + 7])
+def test_compile_reduce_overhead_with_an_int_seed(seed):
+    """``torch.compile(mode="reduce-overhead")`` of a step whose dropout has
+    an int seed, one that fits int32 and one that does not: the seed is made
+    on x's device in the forward graph (on a GPU, in the CUDA graphs' pool,
+    which the backward's graph expects), and every step's gradients are
+    eager's with that seed."""
+    w, b, a, bb = make_params(24, 8, 3, torch.float32, True)
+    for t in (a, bb):
+        t.requires_grad_()
+    x = torch.randn(4, 6, 24, device=DEVICE, requires_grad=True)
+
+    def step(x):
+        return fused_lora.lora_linear(x, w, a, bb, b, dropout_p=0.3, seed=seed).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    want = torch.autograd.grad(step(x), (x, a, bb))
+    for i in range(3):  # (on a GPU: warm-up, capture, replay)
+        torch.compiler.cudagraph_mark_step_begin()
+        got = [g.clone() for g in torch.autograd.grad(compiled(x), (x, a, bb))]
+        for g, e in zip(got, want):
+            assert_close(g, e.double(), torch.float32, f"step {i}, compiled vs eager")
+
+
 def test_a_compiled_forward_hands_its_backward_only_the_seeds_of_its_masks():
     """What a compiled forward graph hands its backward (its outputs beyond
     the loss) holds one seed per layer with dropout and none for a layer
@@ -284,20 +309,22 @@ def test_a_compiled_forward_hands_its_backward_only_the_seeds_of_its_masks():
     compiled = torch.compile(lambda x: model(x).square().sum(), backend=backend, fullgraph=True)
     compiled(x).backward()
     assert _handed_seeds(handed) == [torch.int32] and x.grad is not None and torch.isfinite(x.grad).all()
-    # a seed given as an int: made on x's device, where it fits int32 (as a drawn one is), for the same mask
+    # a seed given as an int: made on x's device, int32 where it fits (as a drawn one is), else int64, for the
+    # same mask
     w, b, a, bb = make_params(24, 8, 3, torch.float32, True)
     for t in (a, bb):
         t.requires_grad_()
-    handed.clear()
-    torch._dynamo.reset()
-    fn = torch.compile(lambda x: fused_lora.lora_linear(x, w, a, bb, b, dropout_p=0.3, seed=12345).square().sum(),
-                       backend=backend, fullgraph=True)
-    got = torch.autograd.grad(fn(x), (x, a, bb))
-    assert _handed_seeds(handed) == [torch.int32]
-    want = torch.autograd.grad(fused_lora.lora_linear(x, w, a, bb, b, dropout_p=0.3, seed=12345).square().sum(),
-                               (x, a, bb))
-    for g, e in zip(got, want):
-        assert_close(g, e.double(), torch.float32, "compiled with an int seed")
+    for seed, dtype in ((12345, torch.int32), (2**40 + 7, torch.int64)):
+        handed.clear()
+        torch._dynamo.reset()
+        fn = torch.compile(lambda x: fused_lora.lora_linear(x, w, a, bb, b, dropout_p=0.3, seed=seed).square().sum(),
+                           backend=backend, fullgraph=True)
+        got = torch.autograd.grad(fn(x), (x, a, bb))
+        assert _handed_seeds(handed) == [dtype]
+        want = torch.autograd.grad(fused_lora.lora_linear(x, w, a, bb, b, dropout_p=0.3, seed=seed).square().sum(),
+                                   (x, a, bb))
+        for g, e in zip(got, want):
+            assert_close(g, e.double(), torch.float32, f"compiled with the int seed {seed}")
 
 
 def _handed_seeds(handed: list) -> list:
