@@ -45,7 +45,9 @@ echo "== tests on CUDA"
 # Most of the suite's time on a GPU is Triton compiling kernel variants
 # (hundreds of them), one core per process. So the suite runs as SHARDS interleaved
 # shards at once (tests/conftest.py --shard i/n), sharing the on-disk kernel
-# cache, and beside them COMPILERS more processes compile every kernel of the
+# cache, each starting its share at its own point of the suite (the fourth run's
+# box stopped every shard at about 80%, leaving the suite's last files unrun on
+# the GPU; now the unrun tests are spread over all of them), and beside them COMPILERS more processes compile every kernel of the
 # benchmark (bench --compile-only --shard j/COMPILERS), so that the benchmark's
 # time budget goes to timing. The compile checks (sm_90 code built on CPUs,
 # test_compile_report/test_gpu_triton) are CI's: the GPU's time is for GPU tests.

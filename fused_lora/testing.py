@@ -382,15 +382,25 @@ def parse_shard(spec: str) -> tuple[int, int]:
 
 
 def shard(items: list, i: int, n: int, alone=lambda item: False) -> list:
-    """Shard ``i`` of ``n`` of ``items`` (pytest's ``--shard i/n``), in their
-    order: with ``n > 1`` the items ``alone`` marks (the heaviest) make up
-    shard 0 by themselves and the rest are interleaved over the other
-    shards, not cut in blocks, so that each shard gets its share of every
-    file; otherwise every n-th item, from the i-th. The shards of ``0..n-1``
-    hold each item exactly once."""
+    """Shard ``i`` of ``n`` of ``items`` (pytest's ``--shard i/n``): with
+    ``n > 1`` the items ``alone`` marks (the heaviest) make up shard 0 by
+    themselves and the rest are interleaved over the other shards, not cut
+    in blocks, so that each shard gets its share of every file; otherwise
+    every n-th item, from the i-th. Each interleaved shard (the j-th of k)
+    keeps the items' order but starts ``j/k`` of the way through its share
+    and wraps around: where a time box stops all the shards at about the same
+    point (bench/gpu_check.sh), the tests left unrun are spread over the
+    whole suite, not all its last files, and at any one time the shards
+    compile the kernels of different files, finding more of them in the
+    on-disk cache that they share. The shards of ``0..n-1`` hold each item
+    exactly once."""
     heavy = [item for item in items if alone(item)] if n > 1 else []
     if not heavy:
-        return items[i::n]
-    if i == 0:
+        group, j, k = items, i, n
+    elif i == 0:
         return heavy
-    return [item for item in items if not alone(item)][i - 1::n - 1]
+    else:
+        group, j, k = [item for item in items if not alone(item)], i - 1, n - 1
+    mine = group[j::k]
+    start = j * len(mine) // k
+    return mine[start:] + mine[:start]

@@ -292,29 +292,37 @@ def test_gpu_check_runs_the_suite_as_interleaved_shards():
     """On a GPU most of the suite's time is Triton compiling kernels, one core
     per process: bench/gpu_check.sh runs ``--shard i/n`` for every i at once.
     Together the shards are the whole suite, each test exactly once,
-    interleaved (each shard gets its share of every file); the heaviest
-    tests (marked own_shard) have shard 0 to themselves; a bad spec is a
-    usage error, not a silently empty run. The split is
-    :func:`fused_lora.testing.shard`'s, checked here on lists; pytest's
-    ``--shard`` (conftest) is checked to be that split of what it collects."""
+    interleaved (each shard gets its share of every file), the j-th of k
+    interleaved shards starting j/k of the way through its share (so that
+    a time box stopping them all leaves unrun tests all over the suite, not
+    only its last files); the heaviest tests (marked own_shard) have shard 0
+    to themselves; a bad spec is a usage error, not a silently empty run.
+    The split is :func:`fused_lora.testing.shard`'s, checked here on lists;
+    pytest's ``--shard`` (conftest) is checked to be that split of what it
+    collects."""
     import subprocess
     import sys
 
     from lora_testing import shard
 
+    def rotated(share, j, k):
+        start = j * len(share) // k
+        return share[start:] + share[:start]
+
+    assert shard(list(range(12)), 1, 2) == [7, 9, 11, 1, 3, 5]  # (the second half of its share first)
+    assert shard(list(range(9)), 2, 3) == [8, 2, 5]
     for size in (0, 1, 2, 7, 31):
         items = list(range(size))
         for heavy in (set(), {0}, {3, 5}, set(items)):
             for n in (1, 2, 3, 5):
                 shards = [shard(items, i, n, alone=heavy.__contains__) for i in range(n)]
                 assert sorted(sum(shards, [])) == items  # (each exactly once)
-                assert all(s == sorted(s) for s in shards)  # (in the suite's order)
                 heavy_here = heavy & set(items)
                 if n > 1 and heavy_here:
                     rest = [t for t in items if t not in heavy_here]
-                    assert shards == [sorted(heavy_here)] + [rest[i::n - 1] for i in range(n - 1)]
+                    assert shards == [sorted(heavy_here)] + [rotated(rest[i::n - 1], i, n - 1) for i in range(n - 1)]
                 else:
-                    assert shards == [items[i::n] for i in range(n)]
+                    assert shards == [rotated(items[i::n], i, n) for i in range(n)]
 
     root = Path(__file__).resolve().parents[1]
 
@@ -328,7 +336,8 @@ def test_gpu_check_runs_the_suite_as_interleaved_shards():
     proc, whole = collect()
     assert proc.returncode == 0 and heavy in whole and len(whole) > 10, proc.stdout + proc.stderr
     rest = [t for t in whole if t != heavy]
-    for spec, want in (("0/3", [heavy]), ("2/3", rest[1::2])):
+    second = rest[1::2]  # (shard 2/3: the second of the two interleaved shards, from half-way through its share)
+    for spec, want in (("0/3", [heavy]), ("2/3", second[len(second) // 2:] + second[:len(second) // 2])):
         proc, got = collect("--shard", spec)
         assert proc.returncode == 0 and got == want, (spec, proc.stdout + proc.stderr)
     proc, _ = collect("--shard", "3/3")
