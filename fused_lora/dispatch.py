@@ -212,6 +212,37 @@ def use_persistent(enabled: bool = True):
     return _switched("persistent", check_bool("enabled", enabled))
 
 
+def set_launch_cache(enabled: bool) -> None:
+    """Launch the kernels through the launch cache (True) or Triton's
+    ``kernel[grid](...)`` at every launch (False, the default;
+    ``FUSED_LORA_LAUNCH_CACHE=1`` turns it on at import): a launch whose
+    specialisation an earlier one compiled calls that compiled kernel
+    directly, sparing the host Triton's argument binding and key lookup
+    (:mod:`fused_lora.kernels.launch`). Not yet timed on a GPU. Without the
+    Triton kernels there is nothing to launch, and nothing changes."""
+    enabled = check_bool("enabled", enabled)
+    kernels = _triton.get()
+    if kernels is not None:
+        kernels.launch.set_enabled(enabled)
+
+
+def launch_cache_setting() -> bool:
+    """Whether the kernels launch through the launch cache (:func:`set_launch_cache`)."""
+    kernels = _triton.get()
+    return kernels is not None and kernels.launch.enabled()
+
+
+@contextlib.contextmanager
+def use_launch_cache(enabled: bool = True):
+    """:func:`set_launch_cache` inside a ``with`` block, restored after it."""
+    previous = launch_cache_setting()
+    set_launch_cache(enabled)
+    try:
+        yield
+    finally:
+        set_launch_cache(previous)
+
+
 def force_strategy(strategy: str):
     """Run the forward with ``strategy`` inside the ``with`` block (tests and
     benchmarks use it to cover every path), and its backward too, wherever

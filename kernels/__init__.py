@@ -6,6 +6,7 @@
 * :mod:`.dora` — DoRA's weight norm ``‖W + s·B A‖`` in one read of W;
 * :mod:`.dequant` — a quantized base (int8, NF4) made whole, for large M;
 * :mod:`.configs` — every launch configuration;
+* :mod:`.launch` — the launch cache (less host time a launch; opt-in);
 * :mod:`.common` — the dropout keep-mask and the interpreter switches.
 
 The math is written once, in :mod:`fused_lora.ops`. The launchers launch on
@@ -44,7 +45,7 @@ if __name__ == "kernels":
     __all__ = []
     _hand_over_to_the_installed_kernels()
 else:
-    from . import configs
+    from . import configs, launch
     from .common import is_interpreted, poison_outputs
     from .dequant import dequantize_kernel, dequantize_weight
     from .dora import dora_norm, dora_norm_kernel, dora_norms
@@ -62,6 +63,7 @@ else:
         "dora_norm",
         "dora_norm_kernel",
         "dora_norms",
+        "launch",
         "lora_gemm",
         "lora_gemm_kernel",
         "lora_skinny_kernel",

@@ -44,6 +44,7 @@ from .common import (AdapterColumns, DropoutRows, adapter_columns, alloc, check_
                      check_row_scale, dequantize, in_bounds, is_interpreted, keep_mask, load_operand, load_seed,
                      mask_counters_int64, nf4_codes, repeat_groups, rows_dropout_p, seed_arg)
 from .configs import GEMM_LR_MAX_BLOCK_R, NUM_SMS_SM90, GemmConfig, block_r_for, cdiv, persistent_programs
+from .launch import launch
 from .skinny import launch_reductions
 
 try:  # host-side tensor descriptors (TMA): Triton 3.4 and later
@@ -555,7 +556,7 @@ def lora_gemm(
     if tma and K and b_scale_mode < 3:
         descs = _device_descriptors(a, b) if tma_device else tma_descriptors(a, b, config)
     a_desc, a_t, b_desc, b_t = descs if descs is not None else (None, False, None, False)
-    lora_gemm_kernel[grid](
+    launch(lora_gemm_kernel, grid, (
         a, b, a_desc, b_desc, bias if bias is not None else dummy, u_, s_, v_, target, xa_,
         row_scale if row_scale is not None else xa_,
         *(adapters if adapters is not None else (dropout_rows.row_ids if row_p else xa_, xa_, xa_)),
@@ -575,11 +576,12 @@ def lora_gemm(
         b_scale.stride(0) if b_scale is not None else 0, b_scale.stride(1) if b_group else 0,
         float(lr_scale), 1.0 / (1.0 - dropout_p) if shrink_dropout and not row_p else 1.0, float(dropout_p),
         seed_arg(seed, a.device),
+    ), dict(
         OFFSET_INT64=mask_counters_int64(M, K if shrink_dropout else N),
         TMA=descs is not None, TMA_DEVICE=descs is not None and tma_device, A_T=a_t, B_T=b_t,
         PERSISTENT=persistent,
         **shape.constexprs,
-    )
+    ))
     if split_k > 1:
         launch_reductions([(target, c, None)] + ([(xa_target, xa, None)] if xa is not None else []))
     return c, xa

@@ -40,6 +40,7 @@ import triton.language as tl
 from .common import (AdapterColumns, DropoutRows, adapter_columns, alloc, check_adapter_columns, check_dropout_rows,
                      check_row_scale, in_bounds, is_interpreted, keep_mask, load_operand, load_seed,
                      mask_counters_int64, rows_dropout_p, seed_arg)
+from .launch import launch
 from .configs import (
     REDUCE_BLOCK,
     REDUCE_LAUNCH,
@@ -250,10 +251,10 @@ def launch_reductions(jobs) -> None:
         numel, numel2 = out.numel(), (out2.numel() if second is not None else 0)
         grid, blocks, constexprs = _reduction_shape(numel, numel2, acc is not None, acc2 is not None,
                                                     second is not None)
-        reduce_partials_kernel[grid](
+        launch(reduce_partials_kernel, grid, (
             parts, acc if acc is not None else parts, out, parts.shape[0], numel, parts.stride(0),
             parts2, acc2 if acc2 is not None else parts2, out2, parts2.shape[0], numel2, parts2.stride(0),
-            blocks, **constexprs)
+            blocks), constexprs)
 
 
 @functools.lru_cache(maxsize=4096)  # (host time per call: the same shapes come back every step)
@@ -273,7 +274,7 @@ def _launch(t, s, l, sh, tn, cs, w, adapters, m_start, m_end, rows_per_prog, col
     r = s.shape[1] if s is not None else l.shape[1] if l is not None else 0  # (0: a column sum alone)
     dummy = t
     row_p = dropout_rows is not None and dropout_p > 0.0
-    lora_skinny_kernel[grid](
+    launch(lora_skinny_kernel, grid, (
         t, s if s is not None else dummy, l if l is not None else dummy,
         sh if sh is not None else dummy, tn if tn is not None else dummy, cs if cs is not None else dummy,
         w if w is not None else dummy,
@@ -289,12 +290,13 @@ def _launch(t, s, l, sh, tn, cs, w, adapters, m_start, m_end, rows_per_prog, col
         w.stride(0) if w is not None else 0,
         adapters.row_ids.stride(0) if adapters is not None else dropout_rows.row_ids.stride(0) if row_p else 0,
         float(sh_scale), float(tn_scale), float(dropout_p), seed_arg(seed, t.device),
+    ), dict(
         OFFSET_INT64=mask_counters_int64(M, C),
         **_launch_constexprs(C, r, s is not None, l is not None, cs is not None, w is not None,
                              adapters is not None, dropout_p > 0.0, row_p,
                              is_interpreted(lora_skinny_kernel) and t.dtype == torch.bfloat16, input_precision,
                              config),
-    )
+    ))
 
 
 @functools.lru_cache(maxsize=4096)  # (host time per call: the same shapes come back every step)
