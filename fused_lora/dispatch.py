@@ -584,6 +584,9 @@ class Explanation:
         if p.persistent:
             out.append(("grid", "persistent: about one program per SM walks the output tiles (GEMMs without "
                                 "split-K)"))
+        if self.target != "interpreter" and launch_cache_setting():
+            out.append(("launches", "through the launch cache: a specialisation compiled before is launched "
+                                    "directly, without Triton's argument binding (set_launch_cache(True))"))
         return out
 
     def __str__(self) -> str:

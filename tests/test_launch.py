@@ -200,8 +200,11 @@ def test_the_switch(monkeypatch):
     the argument."""
     monkeypatch.setattr(launch_mod, "_enabled", False)
     assert not dispatch.launch_cache_setting()
+    assert "launch cache" not in str(fused_lora.explain((64, 32), (48, 32), 8))
     with dispatch.use_launch_cache(True):
         assert dispatch.launch_cache_setting() and launch_mod.enabled()
+        assert "launches           through the launch cache" in str(fused_lora.explain((64, 32), (48, 32), 8))
+        assert "launch cache" not in str(fused_lora.explain((64, 32), (48, 32), 8, target="interpreter"))
         with dispatch.use_launch_cache(False):
             assert not launch_mod.enabled()
         assert launch_mod.enabled()
