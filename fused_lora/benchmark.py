@@ -12,8 +12,10 @@ and, on a preset's ``variant_cases``, ``fused:in_loop``, ``fused:split`` and
 ``fused:hybrid`` (``fused`` with that forward strategy forced), ``fused:pointers``
 (``fused`` with pointer tile loads: TMA off, as it is by default off Hopper) and
 ``fused:tma+persistent`` (TMA loads, its GEMMs on a persistent grid) and
-``fused:tma_device`` (TMA loads through descriptors its kernels make), forward
-and forward+backward: the data behind the dispatch rules and the switches.
+``fused:tma_device`` (TMA loads through descriptors its kernels make) and
+``fused:launch_cache`` (the defaults, launched through the launch cache:
+``fused_lora.dispatch.set_launch_cache``), forward and forward+backward: the
+data behind the dispatch rules and the switches.
 
 Modes: ``forward``, ``backward`` (the backward of one recorded forward, timed
 alone), ``forward+backward``. On a GPU each number is the median of
@@ -60,12 +62,18 @@ PROVIDERS = ("fused", "naive", "unsloth_style", "naive_compiled", "base")
 STRATEGY_PROVIDERS = ("fused:in_loop", "fused:split", "fused:hybrid")
 #: Each switch provider's settings, every switch named (whatever the
 #: defaults): pointer loads (TMA off: the default off Hopper, the other side
-#: of Hopper's default), TMA loads on the persistent grid, and TMA loads
+#: of Hopper's default), TMA loads on the persistent grid, TMA loads
 #: through descriptors the kernels make (no host-side descriptor a launch:
-#: host time, which the steps timed without CUDA graphs include).
-SWITCH_SETTINGS = {"fused:pointers": {"tma": False, "tma_descriptors": "host", "persistent": False},
-                   "fused:tma+persistent": {"tma": True, "tma_descriptors": "host", "persistent": True},
-                   "fused:tma_device": {"tma": True, "tma_descriptors": "device", "persistent": False}}
+#: host time, which the steps timed without CUDA graphs include), and the
+#: default loads launched through the launch cache (host time too; timed
+#: in eager mode at small M as well).
+SWITCH_SETTINGS = {
+    "fused:pointers": {"tma": False, "tma_descriptors": "host", "persistent": False, "launch_cache": False},
+    "fused:tma+persistent": {"tma": True, "tma_descriptors": "host", "persistent": True, "launch_cache": False},
+    "fused:tma_device": {"tma": True, "tma_descriptors": "device", "persistent": False, "launch_cache": False},
+    "fused:launch_cache": {"tma": "auto", "tma_descriptors": "host", "persistent": False, "launch_cache": True}}
+#: The providers also timed in eager mode at small M (the eager table).
+EAGER_PROVIDERS = PROVIDERS + ("fused:launch_cache",)
 SWITCH_PROVIDERS = tuple(SWITCH_SETTINGS)
 VARIANT_PROVIDERS = STRATEGY_PROVIDERS + SWITCH_PROVIDERS
 VARIANT_MODES = ("forward", "forward+backward")
@@ -306,7 +314,8 @@ def variant_context(provider: str):
     stack = contextlib.ExitStack()
     if provider in SWITCH_PROVIDERS:
         switches = {"tma": fused_lora.dispatch.use_tma, "persistent": fused_lora.dispatch.use_persistent,
-                    "tma_descriptors": fused_lora.dispatch.use_tma_descriptors}
+                    "tma_descriptors": fused_lora.dispatch.use_tma_descriptors,
+                    "launch_cache": fused_lora.dispatch.use_launch_cache}
         for name, value in SWITCH_SETTINGS[provider].items():
             stack.enter_context(switches[name](value))
     return stack
@@ -732,7 +741,7 @@ def run_preset(preset: Preset, device, progress=None, deadline: float | None = N
                             meas.median_ms, meas.p20_ms, meas.p80_ms = (None if t is None else t / copies
                                                                         for t in q)
                             meas.timer = timer + (f", {copies} rotated input copies" if copies > 1 else "")
-                            if on_gpu and case.m <= CUDA_GRAPH_MAX_M and provider in PROVIDERS:
+                            if on_gpu and case.m <= CUDA_GRAPH_MAX_M and provider in EAGER_PROVIDERS:
                                 try:  # (the graph time stands if this fails)
                                     meas.eager_ms = time_eager(run_all) / copies
                                 except Exception as exc:
@@ -852,14 +861,17 @@ def eager_table(results: list[Measurement]) -> list[str]:
             rows.setdefault((m.case, m.mode), {})[m.provider] = (m.eager_ms, m.median_ms)
     if not rows:
         return []
+    # (the launch cache's column where it was timed)
+    shown = ["fused"] + [p for p in EAGER_PROVIDERS[len(PROVIDERS):] if any(p in by for by in rows.values())] \
+        + ["naive", "unsloth_style", "base"]
     lines = ["", "### Small M without CUDA graphs (eager: host time included)", "",
              "ms per step run back to back in eager mode, one synchronisation per round: what a training "
              "loop without CUDA graphs sees, bound by the host (Python, dispatch, launches) or the GPU, "
-             "whichever is slower. In brackets: the CUDA-graph time of the main table.", "",
-             "| case | mode | fused | naive | unsloth_style | base | ×naive |", "|---|---|---|---|---|---|---|"]
+             "whichever is slower. In brackets: the CUDA-graph time of the main table."
+             + (" `fused:launch_cache`: `fused` launched through the launch cache." if len(shown) > 4 else ""), "",
+             "| case | mode | " + " | ".join(shown) + " | ×naive |", "|---|---|" + "---|" * len(shown) + "---|"]
     for (case, mode), by in rows.items():
-        cells = [f"{_fmt(by[p][0])} ({_fmt(by[p][1])})" if p in by else "—"
-                 for p in ("fused", "naive", "unsloth_style", "base")]
+        cells = [f"{_fmt(by[p][0])} ({_fmt(by[p][1])})" if p in by else "—" for p in shown]
         speedup = _ratio(by.get("naive", (None,))[0], by.get("fused", (None,))[0])
         lines.append(f"| {case.label()} | {mode} | " + " | ".join(cells) + f" | {_fmt(speedup, '.2f')} |")
     return lines
@@ -879,23 +891,27 @@ def strategy_table(results: list[Measurement], target: str) -> list[str]:
     rows = [r for r in summarize(results) if any(r.get(p) is not None for p in VARIANT_PROVIDERS)]
     if not rows:
         return []
-    names = [p.split(":")[1] for p in VARIANT_PROVIDERS]
+    # (the variants timed: a result file from before a variant existed has no column of it)
+    variants = [p for p in VARIANT_PROVIDERS if any(r.get(p) is not None for r in rows)]
+    names = [p.split(":")[1] for p in variants]
     lines = ["", "### Forward strategies, forced, TMA loads and the persistent grid (the data behind the "
                  "dispatch rules)", "",
              "Median ms per call of `fused` with each strategy forced (forward and its backward), and of `fused` "
              "(default strategy) with pointer tile loads (`pointers`: TMA off), with TMA loads on a persistent "
-             "grid (`tma+persistent`) and with TMA loads through descriptors the kernels make (`tma_device`: no "
+             "grid (`tma+persistent`), with TMA loads through descriptors the kernels make (`tma_device`: no "
              "descriptor made on the host for each launch; host time counts where the timing has no CUDA graph, "
-             "M > 256); `default` is what the dispatch chose (TMA loads on sm_90 and newer, descriptors made on "
+             "M > 256)" + (" and launched through the launch cache (`launch_cache`: host time too)"
+                           if "fused:launch_cache" in variants else "")
+             + "; `default` is what the dispatch chose (TMA loads on sm_90 and newer, descriptors made on "
              "the host). `best` names the fastest measured.", "",
              "| case | mode | default | " + " | ".join(names) + " | best | default/best |",
              "|---|---|---|" + "---|" * len(names) + "---|---|"]
     for row in rows:
-        timed = {n: row.get(p) for n, p in zip(names, VARIANT_PROVIDERS) if row.get(p) is not None}
+        timed = {n: row.get(p) for n, p in zip(names, variants) if row.get(p) is not None}
         best = min(timed, key=timed.get) if timed else None
         default = default_strategy(row["case"], target)
         lines.append(f"| {row['case'].label()} | {row['mode']} | {default} ({_fmt(row.get('fused'))}) | "
-                     + " | ".join(_fmt(row.get(p)) for p in VARIANT_PROVIDERS)
+                     + " | ".join(_fmt(row.get(p)) for p in variants)
                      + f" | {best or '—'} | {_fmt(_ratio(row.get('fused'), timed.get(best)), '.2f')} |")
     return lines
 
