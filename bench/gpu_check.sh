@@ -14,8 +14,8 @@
 # Time boxes keep it under 7 minutes on an H200: tests <= 170 s (in parallel
 # shards, while the benchmark's and the probe's kernels compile; at the box a
 # shard is interrupted, and reports the failures it has so far), the probe
-# <= 60 s, the host-time checks <= 60 s (then 25 s at most), the benchmark <= 180 s (cases not started after 125 s are listed
-# as skipped). SHARDS=n overrides the number of test processes (default: the
+# <= 60 s, the host-time checks <= 60 s (then 25 s at most), the benchmark
+# <= 180 s (cases not started after 125 s are listed as skipped). SHARDS=n overrides the number of test processes (default: the
 # CPU cores less five, three of them for the compile processes; at most 12).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,8 +47,8 @@ echo "== tests on CUDA"
 # shards at once (tests/conftest.py --shard i/n), sharing the on-disk kernel
 # cache, each starting its share at its own point of the suite (the fourth run's
 # box stopped every shard at about 80%, leaving the suite's last files unrun on
-# the GPU; now the unrun tests are spread over all of them), and beside them COMPILERS more processes compile every kernel of the
-# benchmark (bench --compile-only --shard j/COMPILERS), so that the benchmark's
+# the GPU; now the unrun tests are spread over all of them), and beside them
+# COMPILERS more processes compile every kernel of the benchmark (bench --compile-only --shard j/COMPILERS), so that the benchmark's
 # time budget goes to timing. The compile checks (sm_90 code built on CPUs,
 # test_compile_report/test_gpu_triton) are CI's: the GPU's time is for GPU tests.
 tests=(tests/test_parity.py tests/test_kernels.py tests/test_multi_adapter.py tests/test_dropout.py tests/test_layer.py

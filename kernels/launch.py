@@ -6,7 +6,7 @@ pointer's dtype and 16-byte alignment, an int equal to 1 or a multiple of
 16), makes a cache key of them and looks the compiled kernel up, and only
 then calls the launcher. Where the GPU finishes first (small M, and any M
 without CUDA graphs once the kernels are fast) that host time is the step's
-time: on this project's CPU about 20 µs a GEMM launch, more on the H200
+time: on our CI machine's CPU about 20 µs a GEMM launch, more on the H200
 runs' host (``bench/host_overhead.py`` times both).
 
 :func:`launch` keeps, for each kernel, the compiled kernels that earlier
@@ -52,14 +52,18 @@ try:  # (host-side TMA descriptors: Triton 3.3 on)
 except ImportError:  # pragma: no cover - older Triton
     TensorDescriptor = ()
 
-_enabled = os.environ.get("FUSED_LORA_LAUNCH_CACHE", "0") == "1"
+_enabled = os.environ.get("FUSED_LORA_LAUNCH_CACHE", "0")
+if _enabled not in ("0", "1"):
+    raise ValueError(f"FUSED_LORA_LAUNCH_CACHE must be '0' or '1', got {_enabled!r}")
+_enabled = _enabled == "1"
 
 #: Compiled kernels kept per kernel; past this many keys (shapes keep
 #: changing) the kernel's entries are dropped and kept again as they come.
 MAX_KEYS = 1024
 
-#: id(kernel) -> (kernel, {key: (compiled kernel, the values of the parameters after args)}) (by id: hashing a JITFunction hashes its source's key
-#: under a lock; the kernel is kept, so its id is not reused)
+#: id(kernel) -> (kernel, {key: (compiled kernel, the values of the parameters after the positional
+#: arguments)}); by id: hashing a JITFunction hashes its source's key under a lock (the kernel is kept, so
+#: its id is not reused)
 _compiled: dict = {}
 
 _FLOAT = ("fp32",)

@@ -212,3 +212,22 @@ def test_the_switch(monkeypatch):
     with pytest.raises(TypeError, match="enabled"):
         dispatch.set_launch_cache("yes")
     assert not dispatch.launch_cache_setting()
+
+
+def test_the_environment_switch():
+    """``FUSED_LORA_LAUNCH_CACHE=1`` turns the cache on at import, ``0`` (or
+    unset) leaves it off; anything else is a ValueError naming the variable."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import fused_lora; print(fused_lora.dispatch.launch_cache_setting())"
+    for value, out in (("1", "True"), ("0", "False")):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, FUSED_LORA_LAUNCH_CACHE=value))
+        assert proc.returncode == 0 and proc.stdout.strip() == out, proc.stderr
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, FUSED_LORA_LAUNCH_CACHE="yes"))
+    assert proc.returncode != 0 and "FUSED_LORA_LAUNCH_CACHE must be '0' or '1', got 'yes'" in proc.stderr
