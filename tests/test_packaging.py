@@ -116,7 +116,7 @@ def test_wheel_layout(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {n.split("/")[0] for n in names}
     assert top_level == {"fused_lora", f"fused_lora-{fused_lora.__version__}.dist-info"}, top_level
-    for module in ("__init__", "common", "configs", "gemm", "skinny"):
+    for module in ("__init__", "common", "configs", "gemm", "skinny", "launch", "dora", "dequant"):
         assert f"fused_lora/kernels/{module}.py" in names
     entry_points = zipfile.ZipFile(wheel).read(f"fused_lora-{fused_lora.__version__}.dist-info/entry_points.txt")
     assert b"fused-lora = fused_lora.cli:main" in entry_points
