@@ -74,9 +74,10 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
             profile: int = 0) -> dict:
     """``{(what, p): µs}`` for the fused op (its launches stubbed, or
     ``real``) and naive LoRA, forward (no grad) and forward+backward, at
-    dropout 0 and 0.1; ``profile``: also ``{"profile": text}``, cProfile's
-    ``profile`` most expensive functions of the fused forward+backward at
-    dropout 0."""
+    dropout 0 and 0.1, and ``{"launches": {(what, p): n}}``, the fused op's
+    kernel launches a call; ``profile``: also ``{"profile": text}``,
+    cProfile's ``profile`` most expensive functions of the fused
+    forward+backward at dropout 0."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     saved = gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel
@@ -91,7 +92,7 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
         a = nn.Parameter(torch.randn(r, k, device=dev, dtype=dt))
         bb = nn.Parameter(torch.randn(n, r, device=dev, dtype=dt))
         dy = torch.randn(m, n, device=dev, dtype=dt)
-        out = {}
+        out = {"launches": {}}
         for p in (0.0, 0.1):
             def fused():
                 return fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, dropout_p=p, backend="triton")
@@ -107,6 +108,10 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
                 out[(f"{name} forward", p)] = _time_us(forward_only, reps)
                 out[(f"{name} forward+backward", p)] = _time_us(
                     lambda fwd=fwd: torch.autograd.grad(fwd(), (x, a, bb), dy), reps)
+                if name == "fused":
+                    out["launches"][(f"{name} forward", p)] = _launches(forward_only)
+                    out["launches"][(f"{name} forward+backward", p)] = _launches(
+                        lambda fwd=fwd: torch.autograd.grad(fwd(), (x, a, bb), dy))
                 if profile and name == "fused" and p == 0.0:
                     out["profile"] = _profile(lambda fwd=fwd: torch.autograd.grad(fwd(), (x, a, bb), dy),
                                               reps, profile)
@@ -114,6 +119,24 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
     finally:
         gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel = saved
         torch.set_num_threads(threads)
+
+
+def _launches(fn) -> int:
+    """The kernel launches of one call of ``fn`` (through the launchers' ``launch``)."""
+    saved = gemm.launch, skinny.launch
+    seen = []
+
+    def counted(kernel, grid, args, kwargs):
+        seen.append(kernel)
+        return saved[0](kernel, grid, args, kwargs)
+
+    gemm.launch = skinny.launch = counted
+    try:
+        fn()
+        _sync()
+    finally:
+        gemm.launch, skinny.launch = saved
+    return len(seen)
 
 
 def _profile(fn, reps: int, top: int) -> str:
@@ -152,9 +175,11 @@ def main(argv=None) -> int:
                      f"on the {switches.tma_descriptors_setting()})")
     print(f"host µs per call, M={args.m}, {args.k} -> {args.n}, r={args.r}, {DTYPE} on {DEVICE.type}; fused: "
           f"{launches}" + ("" if DEVICE.type == "cuda" and args.real else " (not a GPU measurement)"))
-    print(f"{'':28} {'p=0':>8} {'p=0.1':>8}")
+    print(f"{'':28} {'p=0':>8} {'p=0.1':>8}   launches a call (p=0, p=0.1)")
+    launches = res.pop("launches")
     for what in dict.fromkeys(key[0] for key in res if key != "profile"):
-        print(f"{what:28} {res[(what, 0.0)]:8.1f} {res[(what, 0.1)]:8.1f}")
+        counts = f"   {launches[(what, 0.0)]}, {launches[(what, 0.1)]}" if (what, 0.0) in launches else ""
+        print(f"{what:28} {res[(what, 0.0)]:8.1f} {res[(what, 0.1)]:8.1f}{counts}")
     if "profile" in res:
         print(f"\ncProfile of {args.reps} fused forward+backward calls at dropout 0 (own time):")
         print(res["profile"])

@@ -462,10 +462,15 @@ def test_the_host_overhead_script_times_every_row_and_restores_the_kernels():
     kernels = gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel
     threads = torch.get_num_threads()
     res = script.measure(reps=3, profile=40)
-    profile = res.pop("profile")
+    profile, launches = res.pop("profile"), res.pop("launches")
     assert sorted(res) == sorted((f"{who} {mode}", p) for who in ("fused", "naive")
                                  for mode in ("forward", "forward+backward") for p in (0.0, 0.1))
     assert all(0 < us < 1e6 for us in res.values())
+    # the fused op's launches a call: the forward's, and more for the backward (the counts of the plan here)
+    assert sorted(launches) == sorted(k for k in res if k[0].startswith("fused"))
+    for p in (0.0, 0.1):
+        assert 1 <= launches[("fused forward", p)] < launches[("fused forward+backward", p)] <= 12, launches
+    assert script.gemm.launch is script.skinny.launch  # (restored)
     assert "lora_gemm" in profile and "backward_triton" in profile  # (fused_lora's own functions, by own time)
     assert (gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel) == kernels
     assert torch.get_num_threads() == threads
