@@ -16,9 +16,10 @@ functions (own time) of the fused forward+backward at dropout 0: which of
 fused_lora's functions, Triton's launcher or PyTorch's take the host's time.
 ``FUSED_LORA_LAUNCH_CACHE=1`` launches through the launch cache
 (:mod:`fused_lora.kernels.launch`), ``FUSED_LORA_TMA_DESCRIPTORS=device``
-with kernel-made TMA descriptors. Naive LoRA is timed beside it (on a CPU in float32, at tiny sizes, where its
-math is a small part of its time: read it as the floor of PyTorch's own
-dispatch and autograd for the same composition). Host times of this machine.
+with kernel-made TMA descriptors. Naive LoRA is timed beside it (on a CPU
+in float32, at tiny sizes, where its math is a small part of its time: read
+it as the floor of PyTorch's own dispatch and autograd for the same
+composition). Host times of this machine.
 """
 
 from __future__ import annotations
@@ -168,13 +169,13 @@ def main(argv=None) -> int:
                     help="also print cProfile's N most expensive functions of the fused forward+backward")
     args = ap.parse_args(argv)
     res = measure(m=args.m, k=args.k, n=args.n, r=args.r, reps=args.reps, real=args.real, profile=args.profile)
-    launches = "its kernels launched" if args.real else "its kernel launches stubbed out"
+    how = "its kernels launched" if args.real else "its kernel launches stubbed out"
     if args.real:
         switches = fused_lora.dispatch
-        launches += (f" (launch cache {'on' if switches.launch_cache_setting() else 'off'}, TMA descriptors made "
-                     f"on the {switches.tma_descriptors_setting()})")
+        how += (f" (launch cache {'on' if switches.launch_cache_setting() else 'off'}, TMA descriptors made "
+                f"on the {switches.tma_descriptors_setting()})")
     print(f"host µs per call, M={args.m}, {args.k} -> {args.n}, r={args.r}, {DTYPE} on {DEVICE.type}; fused: "
-          f"{launches}" + ("" if DEVICE.type == "cuda" and args.real else " (not a GPU measurement)"))
+          f"{how}" + ("" if DEVICE.type == "cuda" and args.real else " (not a GPU measurement)"))
     print(f"{'':28} {'p=0':>8} {'p=0.1':>8}   launches a call (p=0, p=0.1)")
     launches = res.pop("launches")
     for what in dict.fromkeys(key[0] for key in res if key != "profile"):

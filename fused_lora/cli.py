@@ -203,9 +203,9 @@ def check_cases(on_gpu: bool) -> list[dict]:
 
 
 def _check_operands(case: dict, device):
-    """``(x2, weight)`` of a check case's shapes, dtypes and base format, uninitialised on ``device``, and the
-    base's scale (whose presence alone the plan reads), or None: what :func:`fused_lora.ops.plan_for` plans
-    from."""
+    """``(x2, weight, weight_scale)`` of a check case's shapes, dtypes and base format, uninitialised on
+    ``device`` (the scale None for a float base; the plan reads only its presence): what
+    :func:`fused_lora.ops.plan_for` plans from."""
     import torch
 
     m, n, k, dtype, quantized = math.prod(case["lead"]), case["n"], case["k"], case["dtype"], case["quantized"]

@@ -696,14 +696,6 @@ def _stride_unit() -> int:
     return 16 if INTERPRETER_STRIDES_IN_ELEMENTS and is_interpreted(lora_gemm_kernel) else 1
 
 
-def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int, stride_unit: int):
-    """``(descriptor, transposed)`` for the 2-D operand ``t`` read in
-    (block_rows, block_cols) tiles, or None where TMA cannot read it
-    (:func:`_tma_view`)."""
-    found = _tma_view(t, stride_unit)
-    return None if found is None else _described(t, found, block_rows, block_cols)
-
-
 def _described(t: torch.Tensor, view, block_rows: int, block_cols: int):
     """``(descriptor, transposed)`` of ``t`` through its :func:`_tma_view`
     ``view``. The descriptor's base is ``t`` itself, its shape and strides

@@ -354,6 +354,12 @@ def test_the_kernels_read_a_seed_from_an_int64_tensor_as_the_value_itself(seed):
         assert torch.equal(got, want), name
     mask = fused_lora.dropout_mask(seed, (13, 40), 0.3, device=DEVICE)
     assert_close(outs[0][0], (x.double() * mask) @ shrink.double(), torch.float32, "the value's mask (unscaled)")
+    c_mask = fused_lora.dropout_mask(seed, (13, 24), 0.3, device=DEVICE)
+    x64, w64 = x.double(), w.double()
+    assert_close(outs[0][1], x64 @ w64 + (u.double() @ v.double()) * c_mask, torch.float32, "the output's mask")
+    xa64 = (x64 * mask / 0.7) @ shrink.double()
+    assert_close(outs[0][3], xa64, torch.float32, "the in-loop shrink's mask")
+    assert_close(outs[0][2], x64 @ w64 + xa64 @ v.double(), torch.float32, "the in-loop forward")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")

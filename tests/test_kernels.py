@@ -596,8 +596,8 @@ def test_tma_descriptors_only_where_the_copy_engine_can_read():
     assert gemm.tma_descriptors(strided, w.t(), cfg) is None  # no unit stride
     # rows of 144 bytes (72 fp16): TMA reads them; Triton 3.4/3.5's interpreters only rows of 16 elements
     rows72 = torch.randn(40, 72, device=DEVICE, dtype=torch.float16)
-    assert gemm._descriptor(rows72, 32, 32, 1) is not None and gemm._descriptor(rows72, 32, 32, 16) is None
-    assert gemm._descriptor(torch.randn(40, 80, device=DEVICE, dtype=torch.float16), 32, 32, 16) is not None
+    assert gemm._tma_view(rows72, 1) == (40, 72, 72, False) and gemm._tma_view(rows72, 16) is None
+    assert gemm._tma_view(torch.randn(40, 80, device=DEVICE, dtype=torch.float16), 16) is not None
     # where it cannot, the pointer path runs
     w_odd = torch.randn(40, 63, device=DEVICE, dtype=torch.float16)
     c, _ = gemm.lora_gemm(odd, w_odd.t(), config=cfg, out_dtype=torch.float32, tma=True)
