@@ -246,6 +246,7 @@ def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = Tru
         ROW_P=row_p and dropout,
         OFFSET_INT64=offset_int64, UPCAST=False, EVEN_C=even_c, EVEN_R=even_r, INPUT_PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_R=block_r,
+        SHRINK_STAGES=cfg.stages_for(4 if dtype == "fp32" else 2, block_r),
     )
 
 
@@ -272,7 +273,8 @@ def _reduce_args(dtype: str, cfg, variant: str, block_r: int) -> dict:
     return dict(part_ptr="*fp32", acc_ptr="*fp32", out_ptr=f"*{dtype}", P=64,
                 numel=SHAPE * 16 if even else SHAPE * 15, stride_p=SHAPE * 16,
                 part2_ptr="*fp32", acc2_ptr="*fp32", out2_ptr=f"*{out2 or 'fp32'}", P2=64,
-                numel2=SHAPE * 16 if even else SHAPE * 15, stride_p2=SHAPE * 16, blocks=SHAPE * 16 // 1024,
+                numel2=SHAPE * 16 if even else SHAPE * 15, stride_p2=SHAPE * 16,
+                blocks=SHAPE * 16 // configs.REDUCE_BLOCK,
                 HAS_ACC=acc == "accumulate", EVEN=even, HAS_ACC2=acc2 is not None, SECOND=second is not None,
                 BLOCK=configs.REDUCE_BLOCK)
 
@@ -311,7 +313,10 @@ def _norm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
 def _ast_source(fn, values: dict):
     """An ASTSource with the runtime's specialisation: pointers and ints that
     are multiples of 16 carry ``tt.divisibility=16``; ints equal to 1 and every
-    meta-parameter are constants; ``do_not_specialize`` ints are plain i32."""
+    meta-parameter are constants; ``do_not_specialize`` ints are plain i32.
+    (Known defect, not yet fixed: an upper-case name is taken for a
+    meta-parameter, so the sizes M, N, K, C, R, P, which the runtime passes
+    as plain i32, are compiled as constants: README, "compile report".)"""
     from triton.compiler import ASTSource
 
     plain = {fn.arg_names[i] if isinstance(i, int) else i for i in getattr(fn, "do_not_specialize", ())}
@@ -395,32 +400,37 @@ def result_of(job: Job) -> Result:
                   job.dtype, job.arch, job.config, job.block_r)
 
 
-def compile_job(job: Job) -> Result:
+def kernel_args(job: Job):
+    """``(kernel, argument values)`` of ``job``: the kernel it compiles and
+    the values its launcher passes (:func:`_ast_source` specialises them)."""
     from fused_lora.kernels import configs, dora, gemm, skinny
 
-    res = result_of(job)
     precision = "tf32" if job.tf32 else "ieee"
+    if job.kernel == "gemm":
+        cfg = configs.GemmConfig(**job.config)
+        return gemm.lora_gemm_kernel, _gemm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
+                                                 job.split_k, job.tma, job.even_r, job.persistent,
+                                                 job.seed_value, precision, job.bias, job.offset_int64,
+                                                 job.row_scale, job.adapters, job.int8_base,
+                                                 job.nf4_base, job.row_p, job.tma_device)
+    if job.kernel == "skinny":
+        cfg = configs.SkinnyConfig(**job.config)
+        return skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
+                                                       job.even_r, job.seed_value, precision, job.offset_int64,
+                                                       job.row_scale, job.adapters, job.row_p)
+    if job.kernel == "norm":
+        cfg = configs.NormConfig(**job.config)
+        return dora.dora_norm_kernel, _norm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
+                                                 job.int8_base, job.nf4_base)
+    return skinny.reduce_partials_kernel, _reduce_args(job.dtype, None, job.pass_name, job.block_r)
+
+
+def compile_job(job: Job) -> Result:
+    from fused_lora.kernels import configs
+
+    res = result_of(job)
     try:
-        if job.kernel == "gemm":
-            cfg = configs.GemmConfig(**job.config)
-            fn, values = gemm.lora_gemm_kernel, _gemm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
-                                                           job.split_k, job.tma, job.even_r, job.persistent,
-                                                           job.seed_value, precision, job.bias, job.offset_int64,
-                                                           job.row_scale, job.adapters, job.int8_base,
-                                                           job.nf4_base, job.row_p, job.tma_device)
-        elif job.kernel == "skinny":
-            cfg = configs.SkinnyConfig(**job.config)
-            fn, values = skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r,
-                                                                 job.even_k, job.even_r, job.seed_value, precision,
-                                                                 job.offset_int64, job.row_scale, job.adapters,
-                                                                 job.row_p)
-        elif job.kernel == "norm":
-            cfg = configs.NormConfig(**job.config)
-            fn, values = dora.dora_norm_kernel, _norm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
-                                                           job.int8_base, job.nf4_base)
-        else:
-            cfg = None
-            fn, values = skinny.reduce_partials_kernel, _reduce_args(job.dtype, cfg, job.pass_name, job.block_r)
+        fn, values = kernel_args(job)
         options = {"num_warps": job.config.get("num_warps", 4), "num_stages": job.config.get("num_stages", 2),
                    "enable_fp_fusion": configs.FP_FUSION}
         src = _ast_source(fn, values)
@@ -659,24 +669,26 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                         jobs.append(Job("gemm", pass_name, dtype, asdict(persistent8[0]), arch, block_r, tma=True,
                                         persistent=True, int8_base=True))
         for cfg in shipped["skinny_fp32" if elt == 4 else "skinny_16bit"]:
+            # (as the dispatch runs it on this arch: SHRINK's stages fitted to its shared memory at each rank tile)
+            tiles = asdict(dataclasses.replace(cfg, smem_limit=configs.smem_limit_for(arch)))
+            top = cfg.max_block_r
             for pass_name, (shrink, tn, colsum, dropout) in SKINNY_PASSES.items():
-                for block_r in configs.rank_tiles(cfg.max_block_r):
+                for block_r in configs.rank_tiles(top):
                     for tf32 in (False, True) if elt == 4 else (False,):
-                        jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, block_r, tf32=tf32))
+                        jobs.append(Job("skinny", pass_name, dtype, tiles, arch, block_r, tf32=tf32))
                 # the masked column tail (C not a multiple of BLOCK_C), a rank below its tile
-                jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, 16, even_k=False))
-                jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, even_r=False))
+                jobs.append(Job("skinny", pass_name, dtype, tiles, arch, 16, even_k=False))
+                jobs.append(Job("skinny", pass_name, dtype, tiles, arch, top, even_r=False))
                 if (tn or colsum) and dtype != "fp32":  # (fp32: the same stores as the partials')
-                    jobs.append(Job("skinny", pass_name + "+direct", dtype, asdict(cfg), arch, 16))
+                    jobs.append(Job("skinny", pass_name + "+direct", dtype, tiles, arch, 16))
                 if dropout:  # an explicit seed: passed as a value; a mask over 2**31 elements or more
-                    jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, seed_value=True))
-                    jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r,
-                                    offset_int64=True))
+                    jobs.append(Job("skinny", pass_name, dtype, tiles, arch, top, seed_value=True))
+                    jobs.append(Job("skinny", pass_name, dtype, tiles, arch, top, offset_int64=True))
                 if shrink:  # each row factor on the SHRINK product (xa, g)
                     for factor in ROW_FACTORS:
-                        jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, **factor))
+                        jobs.append(Job("skinny", pass_name, dtype, tiles, arch, top, **factor))
                 if dropout:  # several adapters' dropout probabilities (the forward's with their columns)
-                    jobs.append(Job("skinny", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r,
+                    jobs.append(Job("skinny", pass_name, dtype, tiles, arch, top,
                                     **(ROW_P if shrink else ROW_P_IDS_ONLY)))
         # DoRA's norm: every rank tile, a K tail, a rank of several chunks
         for cfg in shipped["norm_fp32" if elt == 4 else "norm_16bit"]:
@@ -834,7 +846,9 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
     the kernel could not launch) or a GEMM's over the estimate that prunes its
     tiles (:meth:`~fused_lora.kernels.configs.GemmConfig.smem_bytes`: the
     dispatch could pick one that does not fit; the persistent grid, which
-    buffers more, runs only with Hopper's), on any arch; on sm_90, the
+    buffers more, runs only with Hopper's), or a skinny pass's over the one
+    that fits its stages (:meth:`~fused_lora.kernels.configs.SkinnyConfig.smem_bytes`),
+    on any arch; on sm_90, the
     target, also a spill, a 16-bit GEMM without wgmma, a TMA variant without
     TMA copies, a skinny pass or reduction (no column tail) with loads
     narrower than 16-byte vectors, or a DoRA norm (no K tail) whose widest
@@ -856,6 +870,10 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
                                                                  "_in_loop" in r.pass_name)
             if r.shared > estimate:
                 out.append(f"{tag}: shared memory {r.shared} > the estimate {estimate} that prunes the tiles")
+        if r.kernel == "skinny":  # (SkinnyConfig.stages_for)
+            estimate = configs.SkinnyConfig(**r.config).smem_bytes(4 if r.dtype == "fp32" else 2, r.block_r)
+            if r.shared > estimate:
+                out.append(f"{tag}: shared memory {r.shared} > the estimate {estimate} that fits its stages")
         if r.arch != 90:
             continue
         if r.spill_bytes:

@@ -469,7 +469,7 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
     strategy, reason = _choose(m, r, dtype, dropout_p, interp, cfg.in_loop_max_block_r(elt), forced, quantized)
     # (under hybrid the Triton GEMMs have no K loop: neither switch applies)
     hopper_16bit = elt == 2 and (interp or arch >= 90) and strategy != "hybrid"
-    skinny = cfg.skinny_config(elt, interp, m)
+    skinny = cfg.skinny_config(elt, interp, m, smem_limit)
     skinny_programs = cfg.skinny_target_programs(interp, num_sms)
     # dx computes g in its K loop at small M where that spares the dy pass a launch (or where in_loop
     # is forced, even if the forward fell back to split): dropout or not, its mask is drawn in the
@@ -536,8 +536,11 @@ class Explanation:
             return (f"BLOCK_M={c.block_m} BLOCK_N={c.block_n} BLOCK_K={c.block_k} GROUP_M={c.group_m} "
                     f"warps={c.num_warps} stages={c.num_stages}{split}")
 
+        block_r = _triton.configs().block_r_for(self.r, p.skinny.max_block_r)
         skinny = (f"skinny pass BLOCK_M={p.skinny.block_m} BLOCK_C={p.skinny.block_c} warps={p.skinny.num_warps} "
-                  f"stages={p.skinny.num_stages}, ~{p.skinny_programs} programs")
+                  f"stages={p.skinny.num_stages} over row tiles, {p.skinny.stages_for(self.dtype.itemsize, block_r)} "
+                  f"over a row tile's columns, "
+                  f"~{p.skinny_programs} programs")
         out = []
         if p.dequantize_base:
             out.append(("base", "Ŵ made whole in x's dtype by the dequantisation kernel, once for the forward "

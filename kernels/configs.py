@@ -124,12 +124,44 @@ class SkinnyConfig:
     block_m: int
     block_c: int
     num_warps: int = 4
+    #: Software-pipeline stages of the loop over a program's row tiles (the
+    #: passes without SHRINK; the launch's ``num_stages``).
     num_stages: int = 2
     #: Ranks above this run as several launches of this many columns each.
     max_block_r: int = 64
+    #: Stages of SHRINK's loop over its row tile's column tiles. (With 2,
+    #: Triton's pipeliner waits for every copy at the top of each trip, the
+    #: next tile's copies issued after the trip's compute: nothing overlaps
+    #: them within a program. With 3 one tile is in flight while the next
+    #: computes. TTGIR on sm_90, Triton 3.6 and 3.9: ``async_wait`` num 0
+    #: against 2.) Fewer where :attr:`smem_limit` would not hold them: :meth:`stages_for`.
+    shrink_stages: int = 3
+    #: Shared memory a program may use on the target (the dispatch sets its GPU's).
+    smem_limit: int = SMEM_LIMIT_SM90
 
-    def launch_kwargs(self) -> dict:
-        return dict(BLOCK_M=self.block_m, BLOCK_C=self.block_c,
+    def smem_bytes(self, elt: int, block_r: int, stages: int | None = None) -> int:
+        """Estimated shared memory of a SHRINK pass with ``stages`` (default
+        :meth:`stages_for`'s), the largest of the kernel's: the pipelined T
+        and S tiles, Lᵀ's tile and TN's fp32 tile staged for its store (inside
+        the pipelined loop, so not sharing the buffers). An upper bound of the
+        compiled kernels' (the compile report checks it); equal to it for a dy
+        pass with dB and a 64-column rank tile on sm_90."""
+        stages = self.stages_for(elt, block_r) if stages is None else stages
+        return (stages * (self.block_m * self.block_c + self.block_c * block_r) * elt
+                + block_r * self.block_m * elt + block_r * self.block_c * 4)
+
+    def stages_for(self, elt: int, block_r: int) -> int:
+        """SHRINK's stages at rank tile ``block_r``: :attr:`shrink_stages`,
+        lowered (to 1 at least) until the estimate fits :attr:`smem_limit`
+        (a 64-column rank tile needs 139 KB with three stages, 106 KB with
+        two: more than the 99 KB of sm_86/sm_89 parts)."""
+        stages = self.shrink_stages
+        while stages > 1 and self.smem_bytes(elt, block_r, stages) > self.smem_limit:
+            stages -= 1
+        return stages
+
+    def launch_kwargs(self, elt: int, block_r: int) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_C=self.block_c, SHRINK_STAGES=self.stages_for(elt, block_r),
                     num_warps=self.num_warps, num_stages=self.num_stages, enable_fp_fusion=FP_FUSION)
 
 
@@ -145,8 +177,13 @@ SPLIT_K_MAX_WORKSPACE_BYTES = 128 * 2**20
 INTERPRETER_TARGET_PROGRAMS = 4
 
 #: Reduction of split partials: one program sums this many elements over all
-#: splits, in split order (deterministic).
-REDUCE_BLOCK = 1024
+#: splits, in split order (deterministic). A program's loop over the partials
+#: keeps four 16-byte loads a thread in flight (ptxas unrolls it: sm_90 SASS),
+#: so it is the number of threads, numel / 4 at one vector each, that sets how
+#: many bytes are in flight; 1024 (two vectors a thread, the same four loads)
+#: gave a dy pass's dB at M=8192 (65,536 floats) 64 programs on 132 SMs, 33.6
+#: µs on an H200 for 32 MB, four times its bytes' time.
+REDUCE_BLOCK = 512
 #: Its launch: Triton's CUDA defaults, which it ran with before they were
 #: written here. (Its loop over the splits is not software-pipelined: 1 and 3
 #: stages give the same PTX on Triton 3.6 and 3.9.)
@@ -160,8 +197,8 @@ REDUCE_LAUNCH = dict(num_warps=4, num_stages=3)
 # shape) the row tile grows to 128: 4x fewer programs, same code paths.
 INTERPRETER_GEMM = GemmConfig(block_m=32, block_n=32, block_k=32, group_m=4, num_warps=4, num_stages=1)
 INTERPRETER_GEMM_WIDE = GemmConfig(block_m=128, block_n=64, block_k=64, group_m=4, num_warps=4, num_stages=1)
-INTERPRETER_SKINNY = SkinnyConfig(block_m=32, block_c=32, num_warps=4, num_stages=1)
-INTERPRETER_SKINNY_WIDE = SkinnyConfig(block_m=128, block_c=64, num_warps=4, num_stages=1)
+INTERPRETER_SKINNY = SkinnyConfig(block_m=32, block_c=32, num_warps=4, num_stages=1, shrink_stages=1)
+INTERPRETER_SKINNY_WIDE = SkinnyConfig(block_m=128, block_c=64, num_warps=4, num_stages=1, shrink_stages=1)
 INTERPRETER_WIDE_FROM_M = 256
 
 # --- CUDA --------------------------------------------------------------------
@@ -584,10 +621,13 @@ def persistent_programs(config: GemmConfig, elt: int, block_r: int, shrink_in_lo
     return num_sms * max(1, min(by_smem, by_registers))
 
 
-def skinny_config(elt: int, interpreter: bool, m: int = 0) -> SkinnyConfig:
+def skinny_config(elt: int, interpreter: bool, m: int = 0, smem_limit: int = SMEM_LIMIT_SM90) -> SkinnyConfig:
+    """The skinny passes' tiles for M=``m`` rows on a GPU with ``smem_limit``
+    bytes of shared memory a program (:meth:`SkinnyConfig.stages_for`)."""
     if interpreter:
         return INTERPRETER_SKINNY_WIDE if m >= INTERPRETER_WIDE_FROM_M else INTERPRETER_SKINNY
-    return SKINNY_FP32 if elt == 4 else SKINNY_16BIT
+    config = SKINNY_FP32 if elt == 4 else SKINNY_16BIT
+    return config if config.smem_limit == smem_limit else replace(config, smem_limit=smem_limit)
 
 
 def skinny_target_programs(interpreter: bool, num_sms: int = NUM_SMS_SM90) -> int:

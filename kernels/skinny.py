@@ -94,6 +94,7 @@ def lora_skinny_kernel(
     EVEN_R: tl.constexpr,  # R % BLOCK_R == 0: no rank mask (vector loads of S and L)
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    SHRINK_STAGES: tl.constexpr,  # pipeline stages of SHRINK's column loop (the launch's num_stages: the rows')
 ):
     """Partials of [w ⊙] T·S, Lᵀ·T and Σ_m T over this program's rows and columns,
     with T = T ⊙ keep when DROPOUT (the 1/(1-p) is folded into the scales)."""
@@ -113,49 +114,36 @@ def lora_skinny_kernel(
     r_in = in_bounds(offs_r, R, EVEN_R)
 
     if SHRINK:
-        # One row tile per program (the launcher guarantees rows_per_prog == BLOCK_M).
-        sh_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for c0 in range(c_lo, c_hi, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        c_in = in_bounds(offs_c, c_hi, EVEN_C)
-        if TN:
-            tn_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-        if COLSUM:
-            cs_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        if SHRINK:
-            s = load_operand(s_ptr + offs_c[:, None].to(tl.int64) * stride_sc + offs_r[None, :] * stride_sr,
-                             c_in[:, None] & r_in[None, :], UPCAST)
-        for m0 in range(m_lo, m_hi, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_in = offs_m < m_hi
-            t = load_operand(t_ptr + offs_m[:, None].to(tl.int64) * stride_tm
-                             + offs_c[None, :].to(tl.int64) * stride_tc,
-                             m_in[:, None] & c_in[None, :], UPCAST)
-            if DROPOUT:
-                # Multiply (not select) so that NaN/Inf propagate as in x * mask.
-                t = t * keep_mask(seed, offs_m, c0, C,
-                                  rows_dropout_p(p, drp_ptr, ids_ptr, offs_m, m_in, stride_ids, ROW_P), BLOCK_C,
-                                  OFFSET_INT64).to(t.dtype)
-            if SHRINK:
-                sh_acc = tl.dot(t, s, sh_acc, input_precision=INPUT_PRECISION)
-            if TN:
-                # Lᵀ's tile loaded as (BLOCK_R, BLOCK_M) through transposed pointers: staged that way, the
-                # copies are 16 bytes (loading L's tile and transposing it in registers made them 4).
-                lt = tl.load(l_ptr + offs_m[None, :].to(tl.int64) * stride_lm + offs_r[:, None] * stride_lr,
-                             mask=r_in[:, None] & m_in[None, :], other=0.0)
-                tn_acc = tl.dot(lt.to(t.dtype), t, tn_acc, input_precision=INPUT_PRECISION)
-            if COLSUM:
-                cs_acc += tl.sum(t.to(tl.float32), axis=0)
-        if TN:
-            tn_ptrs = (tn_ptr + pid_m.to(tl.int64) * stride_tnp + offs_c[None, :].to(tl.int64) * stride_tnc
-                       + offs_r[:, None] * stride_tnr)
-            tl.store(tn_ptrs, (tn_acc * tn_scale).to(tn_ptr.dtype.element_ty), mask=r_in[:, None] & c_in[None, :])
-        if COLSUM:
-            tl.store(cs_ptr + pid_m.to(tl.int64) * stride_csp + offs_c, cs_acc.to(cs_ptr.dtype.element_ty),
-                     mask=c_in)
-    if SHRINK:
+        # One row tile (the launcher guarantees rows_per_prog == BLOCK_M), walked along its
+        # columns in one loop: the loop Triton software-pipelines (the T and S tiles of the next
+        # column tiles load while this one computes) is this one. (In the nest below, with a
+        # single row tile its inner loop made one trip: nothing overlapped the loads.)
         offs_m = m_lo + tl.arange(0, BLOCK_M)
         m_in = offs_m < m_hi
+        p_rows = rows_dropout_p(p, drp_ptr, ids_ptr, offs_m, m_in, stride_ids, ROW_P)
+        if TN:
+            # Lᵀ's tile loaded as (BLOCK_R, BLOCK_M) through transposed pointers: staged that way, the
+            # copies are 16 bytes (loading L's tile and transposing it in registers made them 4).
+            lt = tl.load(l_ptr + offs_m[None, :].to(tl.int64) * stride_lm + offs_r[:, None] * stride_lr,
+                         mask=r_in[:, None] & m_in[None, :], other=0.0)
+        sh_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for c0 in tl.range(c_lo, c_hi, BLOCK_C, num_stages=SHRINK_STAGES):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            c_in = in_bounds(offs_c, c_hi, EVEN_C)
+            s = load_operand(s_ptr + offs_c[:, None].to(tl.int64) * stride_sc + offs_r[None, :] * stride_sr,
+                             c_in[:, None] & r_in[None, :], UPCAST)
+            t = dropped_tile(t_ptr, offs_m, m_in, offs_c, c_in, stride_tm, stride_tc, c0, C, p_rows, seed,
+                             DROPOUT, OFFSET_INT64, UPCAST, BLOCK_C)
+            sh_acc = tl.dot(t, s, sh_acc, input_precision=INPUT_PRECISION)
+            if TN:
+                tn = tl.dot(lt.to(t.dtype), t, tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32),
+                            input_precision=INPUT_PRECISION)
+                store_tn(tn_ptr, tn * tn_scale, pid_m, offs_c, c_in, offs_r, r_in, stride_tnp, stride_tnc,
+                         stride_tnr)
+            if COLSUM:
+                cs = tl.zeros((BLOCK_C,), dtype=tl.float32) + tl.sum(t.to(tl.float32), axis=0)
+                tl.store(cs_ptr + pid_m.to(tl.int64) * stride_csp + offs_c, cs.to(cs_ptr.dtype.element_ty),
+                         mask=c_in)
         sh_acc = sh_acc * sh_scale
         if ADAPTERS:
             sh_acc = adapter_columns(sh_acc, ids_ptr, cid_ptr, csc_ptr, offs_m, m_in, offs_r, r_in, stride_ids)
@@ -165,6 +153,55 @@ def lora_skinny_kernel(
         sh_ptrs = (sh_ptr + pid_c.to(tl.int64) * stride_shp + offs_m[:, None].to(tl.int64) * stride_shm
                    + offs_r[None, :] * stride_shr)
         tl.store(sh_ptrs, sh_acc, mask=m_in[:, None] & r_in[None, :])
+    else:
+        # Column tiles outermost, the program's row tiles innermost (the pipelined loop), so that the
+        # TN and COLSUM partials of a column tile stay in registers.
+        for c0 in range(c_lo, c_hi, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            c_in = in_bounds(offs_c, c_hi, EVEN_C)
+            if TN:
+                tn_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+            if COLSUM:
+                cs_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+            for m0 in range(m_lo, m_hi, BLOCK_M):
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                m_in = offs_m < m_hi
+                t = dropped_tile(t_ptr, offs_m, m_in, offs_c, c_in, stride_tm, stride_tc, c0, C,
+                                 rows_dropout_p(p, drp_ptr, ids_ptr, offs_m, m_in, stride_ids, ROW_P), seed,
+                                 DROPOUT, OFFSET_INT64, UPCAST, BLOCK_C)
+                if TN:
+                    lt = tl.load(l_ptr + offs_m[None, :].to(tl.int64) * stride_lm + offs_r[:, None] * stride_lr,
+                                 mask=r_in[:, None] & m_in[None, :], other=0.0)  # (as above)
+                    tn_acc = tl.dot(lt.to(t.dtype), t, tn_acc, input_precision=INPUT_PRECISION)
+                if COLSUM:
+                    cs_acc += tl.sum(t.to(tl.float32), axis=0)
+            if TN:
+                store_tn(tn_ptr, tn_acc * tn_scale, pid_m, offs_c, c_in, offs_r, r_in, stride_tnp, stride_tnc,
+                         stride_tnr)
+            if COLSUM:
+                tl.store(cs_ptr + pid_m.to(tl.int64) * stride_csp + offs_c, cs_acc.to(cs_ptr.dtype.element_ty),
+                         mask=c_in)
+
+
+@triton.jit
+def dropped_tile(t_ptr, offs_m, m_in, offs_c, c_in, stride_tm, stride_tc, c0, C, p_rows, seed,
+                 DROPOUT: tl.constexpr, OFFSET_INT64: tl.constexpr, UPCAST: tl.constexpr, BLOCK_C: tl.constexpr):
+    """T's tile (offs_m, offs_c), times its keep-mask when DROPOUT (``p_rows``:
+    :func:`~fused_lora.kernels.common.rows_dropout_p` of its rows)."""
+    t = load_operand(t_ptr + offs_m[:, None].to(tl.int64) * stride_tm + offs_c[None, :].to(tl.int64) * stride_tc,
+                     m_in[:, None] & c_in[None, :], UPCAST)
+    if DROPOUT:
+        # Multiply (not select) so that NaN/Inf propagate as in x * mask.
+        t = t * keep_mask(seed, offs_m, c0, C, p_rows, BLOCK_C, OFFSET_INT64).to(t.dtype)
+    return t
+
+
+@triton.jit
+def store_tn(tn_ptr, tn, pid_m, offs_c, c_in, offs_r, r_in, stride_tnp, stride_tnc, stride_tnr):
+    """Store a (BLOCK_R, BLOCK_C) TN partial of row split ``pid_m``."""
+    tn_ptrs = (tn_ptr + pid_m.to(tl.int64) * stride_tnp + offs_c[None, :].to(tl.int64) * stride_tnc
+               + offs_r[:, None] * stride_tnr)
+    tl.store(tn_ptrs, tn.to(tn_ptr.dtype.element_ty), mask=r_in[:, None] & c_in[None, :])
 
 
 @triton.jit
@@ -295,13 +332,14 @@ def _launch(t, s, l, sh, tn, cs, w, adapters, m_start, m_end, rows_per_prog, col
         **_launch_constexprs(C, r, s is not None, l is not None, cs is not None, w is not None,
                              adapters is not None, dropout_p > 0.0, row_p,
                              is_interpreted(lora_skinny_kernel) and t.dtype == torch.bfloat16, input_precision,
-                             config),
+                             config, t.element_size()),
     ))
 
 
 @functools.lru_cache(maxsize=4096)  # (host time per call: the same shapes come back every step)
 def _launch_constexprs(C: int, r: int, shrink: bool, tn: bool, colsum: bool, row_scale: bool, adapters: bool,
-                       dropout: bool, row_p: bool, upcast: bool, input_precision: str, config: SkinnyConfig):
+                       dropout: bool, row_p: bool, upcast: bool, input_precision: str, config: SkinnyConfig,
+                       elt: int):
     block_r = block_r_for(r, config.max_block_r)
     return types.MappingProxyType(dict(
         SHRINK=shrink, TN=tn, COLSUM=colsum, ROW_SCALE=row_scale, ADAPTERS=adapters,
@@ -312,7 +350,7 @@ def _launch_constexprs(C: int, r: int, shrink: bool, tn: bool, colsum: bool, row
         EVEN_R=r % block_r == 0,
         INPUT_PRECISION=input_precision,
         BLOCK_R=block_r,
-        **config.launch_kwargs(),
+        **config.launch_kwargs(elt, block_r),
     ))
 
 

@@ -291,9 +291,17 @@ def test_problems_catches_what_it_should():
                                    spill_bytes=0, wgmma=True, tma=False)
     assert any("TMA" in p for p in compile_report.problems([no_tma]))
     assert compile_report.problems([compile_report.Result("gemm", "dx", "bf16", 90, {}, 16, error="boom")])
-    narrow = compile_report.Result("skinny", "dA_pass", "bf16", 90, {}, 16, shared=1000, registers=100,
+    skinny = dataclasses.asdict(configs.SKINNY_16BIT)
+    narrow = compile_report.Result("skinny", "dA_pass", "bf16", 90, skinny, 16, shared=1000, registers=100,
                                    spill_bytes=0, load_widths=[4, 16])  # one operand's loads not vectors
     assert any("16-byte" in p for p in compile_report.problems([narrow]))
+    # a skinny pass over the estimate that fits its stages to a GPU's shared memory (SkinnyConfig.stages_for)
+    estimate = configs.SKINNY_16BIT.smem_bytes(2, 64)
+    fits = dataclasses.replace(narrow, block_r=64, shared=estimate, load_widths=[16])
+    assert compile_report.problems([fits]) == []
+    assert compile_report.problems([dataclasses.replace(fits, shared=estimate + 1)]) == [
+        f"skinny/dA_pass/bf16/sm_90/{skinny}/r64: shared memory {estimate + 1} > the estimate {estimate} that fits "
+        "its stages"]
     rank_tail = dataclasses.replace(narrow, pass_name="dA_pass+r_tail")  # a rank tail keeps x in vectors
     assert any("16-byte" in p for p in compile_report.problems([rank_tail]))
     tail = dataclasses.replace(narrow, pass_name="dA_pass+c_tail", load_widths=[2])
@@ -558,7 +566,7 @@ def _launch_key(kind: str, pass_family: str, grid, args: dict, meta: dict) -> tu
             variants.add((kind, name + "+row_scale", dtype))
         if meta["ADAPTERS"]:
             variants.add((kind, name + "+adapters", dtype))
-        tiles = (meta["BLOCK_M"], meta["BLOCK_C"]) + launch
+        tiles = (meta["BLOCK_M"], meta["BLOCK_C"], meta["SHRINK_STAGES"]) + launch  # (as the arch fits them)
         return (kind, name, dtype, tiles, meta["BLOCK_R"], False, False, precision), variants
     name = compile_report.reduce_name(meta["HAS_ACC"], meta["EVEN"], meta["SECOND"], meta["HAS_ACC2"],
                                       _DTYPE_NAMES[args["out2_ptr"].dtype] if meta["SECOND"] else "")
@@ -579,7 +587,8 @@ def _job_keys(job: compile_report.Job) -> tuple:
     if job.kernel == "gemm":
         tiles = (c["block_m"], c["block_n"], c["block_k"], c["group_m"]) + launch
     elif job.kernel == "skinny":
-        tiles = (c["block_m"], c["block_c"]) + launch
+        tiles = (c["block_m"], c["block_c"],
+                 configs.SkinnyConfig(**c).stages_for(4 if job.dtype == "fp32" else 2, job.block_r)) + launch
     else:
         return (job.kernel, name, job.dtype, launch, 0, False, False, "ieee"), variant
     return (job.kernel, name, job.dtype, tiles, job.block_r, job.tma, job.persistent,

@@ -823,6 +823,23 @@ def test_every_gpu_gets_tiles_that_fit_its_shared_memory():
                 block_r = configs.block_r_for(1 if cfg is plan.dw_gemm else r,
                                               configs.MAX_BLOCK_R if in_loop else configs.GEMM_LR_MAX_BLOCK_R[elt])
                 assert cfg.smem_bytes(elt, block_r, in_loop) <= limit, (arch, limit, dtype, p, strategy, m, r, cfg)
+            # the skinny passes likewise, at every rank tile (SHRINK's column loop: as many stages as fit,
+            # at most the shipped count, at least 1)
+            skinny = plan.skinny
+            shipped_skinny = configs.SKINNY_FP32 if elt == 4 else configs.SKINNY_16BIT
+            assert skinny == dataclasses.replace(shipped_skinny, smem_limit=limit)
+            for block_r in configs.rank_tiles(skinny.max_block_r):
+                stages = skinny.stages_for(elt, block_r)
+                assert 1 <= stages <= shipped_skinny.shrink_stages
+                assert skinny.smem_bytes(elt, block_r) == skinny.smem_bytes(elt, block_r, stages) <= limit
+                assert stages == shipped_skinny.shrink_stages or skinny.smem_bytes(elt, block_r, stages + 1) > limit
+    # Hopper runs three stages at every rank tile; the 99 KB parts fewer at the 64-column one
+    sk = configs.SKINNY_16BIT
+    assert configs.skinny_config(2, False, 4096, configs.SMEM_LIMIT_SM90) is sk
+    assert [sk.stages_for(2, block_r) for block_r in (16, 32, 64)] == [3, 3, 3]
+    small = configs.skinny_config(2, False, 4096, 101_376)
+    assert [small.stages_for(2, block_r) for block_r in (16, 32, 64)] == [3, 3, 1]
+    assert sk.smem_bytes(2, 64) == 139_264  # (the compiled dy pass's with dB: the report checks the bound)
     with pytest.raises(ValueError, match="sm_80 or newer"):
         fused_lora.explain((16, 64), (64, 64), 8, target="sm_75")
     # the persistent grid buffers more than the estimate counts: with Hopper's shared memory only
