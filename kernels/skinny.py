@@ -20,7 +20,9 @@ A program covers ``rows_per_prog`` rows and ``c_tiles_per_prog`` column tiles
 of T (whole ``BLOCK_C`` tiles, so that the loads stay 16-byte vectors), walking
 column tiles outermost and row tiles innermost, so that the TN and
 COLSUM partials of its column tile stay in registers. The SHRINK product needs
-all columns of a row, so with SHRINK on a program covers exactly one row tile.
+all columns of a row, so with SHRINK on a program covers exactly one row tile,
+walked along its columns in one software-pipelined loop (``SHRINK_STAGES``),
+each column tile's TN and COLSUM partials stored as it is done.
 Partials are written per program (never accumulated with atomics) and summed
 in a fixed order by :func:`reduce_partials_kernel`, two sums a launch: results
 are bitwise reproducible. Where one row split covers all rows (small M), its
@@ -122,10 +124,7 @@ def lora_skinny_kernel(
         m_in = offs_m < m_hi
         p_rows = rows_dropout_p(p, drp_ptr, ids_ptr, offs_m, m_in, stride_ids, ROW_P)
         if TN:
-            # Lᵀ's tile loaded as (BLOCK_R, BLOCK_M) through transposed pointers: staged that way, the
-            # copies are 16 bytes (loading L's tile and transposing it in registers made them 4).
-            lt = tl.load(l_ptr + offs_m[None, :].to(tl.int64) * stride_lm + offs_r[:, None] * stride_lr,
-                         mask=r_in[:, None] & m_in[None, :], other=0.0)
+            lt = left_tile_t(l_ptr, offs_m, m_in, offs_r, r_in, stride_lm, stride_lr)
         sh_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for c0 in tl.range(c_lo, c_hi, BLOCK_C, num_stages=SHRINK_STAGES):
             offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -141,9 +140,9 @@ def lora_skinny_kernel(
                 store_tn(tn_ptr, tn * tn_scale, pid_m, offs_c, c_in, offs_r, r_in, stride_tnp, stride_tnc,
                          stride_tnr)
             if COLSUM:
-                cs = tl.zeros((BLOCK_C,), dtype=tl.float32) + tl.sum(t.to(tl.float32), axis=0)
-                tl.store(cs_ptr + pid_m.to(tl.int64) * stride_csp + offs_c, cs.to(cs_ptr.dtype.element_ty),
-                         mask=c_in)
+                # (added to zeros as in the nest: a column of -0.0 sums to +0.0 on either path)
+                store_colsum(cs_ptr, tl.zeros((BLOCK_C,), dtype=tl.float32) + tl.sum(t.to(tl.float32), axis=0),
+                             pid_m, offs_c, c_in, stride_csp)
         sh_acc = sh_acc * sh_scale
         if ADAPTERS:
             sh_acc = adapter_columns(sh_acc, ids_ptr, cid_ptr, csc_ptr, offs_m, m_in, offs_r, r_in, stride_ids)
@@ -170,8 +169,7 @@ def lora_skinny_kernel(
                                  rows_dropout_p(p, drp_ptr, ids_ptr, offs_m, m_in, stride_ids, ROW_P), seed,
                                  DROPOUT, OFFSET_INT64, UPCAST, BLOCK_C)
                 if TN:
-                    lt = tl.load(l_ptr + offs_m[None, :].to(tl.int64) * stride_lm + offs_r[:, None] * stride_lr,
-                                 mask=r_in[:, None] & m_in[None, :], other=0.0)  # (as above)
+                    lt = left_tile_t(l_ptr, offs_m, m_in, offs_r, r_in, stride_lm, stride_lr)
                     tn_acc = tl.dot(lt.to(t.dtype), t, tn_acc, input_precision=INPUT_PRECISION)
                 if COLSUM:
                     cs_acc += tl.sum(t.to(tl.float32), axis=0)
@@ -179,8 +177,7 @@ def lora_skinny_kernel(
                 store_tn(tn_ptr, tn_acc * tn_scale, pid_m, offs_c, c_in, offs_r, r_in, stride_tnp, stride_tnc,
                          stride_tnr)
             if COLSUM:
-                tl.store(cs_ptr + pid_m.to(tl.int64) * stride_csp + offs_c, cs_acc.to(cs_ptr.dtype.element_ty),
-                         mask=c_in)
+                store_colsum(cs_ptr, cs_acc, pid_m, offs_c, c_in, stride_csp)
 
 
 @triton.jit
@@ -194,6 +191,21 @@ def dropped_tile(t_ptr, offs_m, m_in, offs_c, c_in, stride_tm, stride_tc, c0, C,
         # Multiply (not select) so that NaN/Inf propagate as in x * mask.
         t = t * keep_mask(seed, offs_m, c0, C, p_rows, BLOCK_C, OFFSET_INT64).to(t.dtype)
     return t
+
+
+@triton.jit
+def left_tile_t(l_ptr, offs_m, m_in, offs_r, r_in, stride_lm, stride_lr):
+    """Lᵀ's (BLOCK_R, BLOCK_M) tile, loaded through transposed pointers: staged
+    that way, the copies are 16 bytes (loading L's tile and transposing it in
+    registers made them 4)."""
+    return tl.load(l_ptr + offs_m[None, :].to(tl.int64) * stride_lm + offs_r[:, None] * stride_lr,
+                   mask=r_in[:, None] & m_in[None, :], other=0.0)
+
+
+@triton.jit
+def store_colsum(cs_ptr, cs, pid_m, offs_c, c_in, stride_csp):
+    """Store a (BLOCK_C,) COLSUM partial of row split ``pid_m``."""
+    tl.store(cs_ptr + pid_m.to(tl.int64) * stride_csp + offs_c, cs.to(cs_ptr.dtype.element_ty), mask=c_in)
 
 
 @triton.jit
