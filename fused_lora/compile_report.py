@@ -96,6 +96,9 @@ class Job:
     # With TMA: the kernel makes the tensor descriptors itself (global scratch), none passed
     # (dispatch.set_tma_descriptors("device"))
     tma_device: bool = False
+    # The precomputed low-rank term's rank in two tiles (a loop over R: a rank above
+    # GEMM_LR_MAX_BLOCK_R), not one
+    rank_loop: bool = False
 
 
 @dataclass
@@ -127,15 +130,19 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
                tma: bool = False, even_r: bool = True, persistent: bool = False, seed_value: bool = False,
                precision: str = "ieee", bias: bool = True, offset_int64: bool = False,
                row_scale: bool = False, adapters: bool = False, int8_base: bool = False,
-               nf4_base: bool = False, row_p: bool = False, tma_device: bool = False) -> dict:
+               nf4_base: bool = False, row_p: bool = False, tma_device: bool = False,
+               rank_loop: bool = False) -> dict:
     """Argument values of lora_gemm_kernel for one pass, as the launcher passes them
     (``even_r=False``: a rank of half the rank tile, e.g. r = 8 in a 16 tile;
     ``int8_base``: B, the forward's Wᵀ or dx's W, int8 with its fp32 scales;
     ``nf4_base``: NF4 with its fp32 absmax in groups of 64, W's (SHAPE,
     SHAPE / 2) bytes; ``tma_device``: with ``tma``, the descriptors made by
-    the kernel, none passed)."""
+    the kernel, none passed; ``rank_loop``: the precomputed term's rank in two
+    rank tiles, r = 2 tiles, or 1.5 with ``even_r=False``)."""
     s = SHAPE
     r = block_r if even_r else block_r // 2
+    if rank_loop:
+        r += block_r
     low_rank = {"forward_in_loop": 2, "forward_in_loop_dropout": 2, "forward_split": 1, "dx_in_loop": 2,
                 "dx_in_loop_dropout": 2, "dx": 1, "dx_dropout": 1, "dw": 0}[variant]
     fwd = variant.startswith("forward")
@@ -175,7 +182,7 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         ROW_SCALE=row_scale, ADAPTERS=adapters, ROW_P=row_p and dropout,
         B_SCALE=(1 if fwd else 2) if int8_base else (3 if fwd else 4) if nf4_base else 0, B_GROUP=64 if nf4_base else 0,
         OFFSET_INT64=offset_int64, UPCAST=False, INPUT_PRECISION=precision, EVEN_K=even_k,
-        EVEN_R=even_r and low_rank != 2,
+        EVEN_R=even_r and low_rank != 2, ONE_R_TILE=r <= block_r,
         TMA=tma, TMA_DEVICE=tma and tma_device,
         A_T=a_t, B_T=b_t, PERSISTENT=persistent,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m,
@@ -313,13 +320,12 @@ def _norm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
 def _ast_source(fn, values: dict):
     """An ASTSource with the runtime's specialisation: pointers and ints that
     are multiples of 16 carry ``tt.divisibility=16``; ints equal to 1 and every
-    meta-parameter are constants; ``do_not_specialize`` ints are plain i32.
-    (Known defect, not yet fixed: an upper-case name is taken for a
-    meta-parameter, so the sizes M, N, K, C, R, P, which the runtime passes
-    as plain i32, are compiled as constants: README, "compile report".)"""
+    meta-parameter (a ``tl.constexpr`` parameter) are constants;
+    ``do_not_specialize`` ints are plain i32, as the runtime passes them."""
     from triton.compiler import ASTSource
 
     plain = {fn.arg_names[i] if isinstance(i, int) else i for i in getattr(fn, "do_not_specialize", ())}
+    meta = {p.name for p in fn.params if p.is_constexpr}
     signature, constants, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         value = values[name]
@@ -332,7 +338,7 @@ def _ast_source(fn, values: dict):
         elif value is None:  # an unused optional argument: a None constant
             signature[name] = "constexpr"
             constants[name] = None
-        elif name.isupper() or isinstance(value, bool):
+        elif name in meta:
             signature[name] = "constexpr"
             constants[name] = value
         elif isinstance(value, int) and (name in plain or i in plain):
@@ -396,7 +402,8 @@ def result_of(job: Job) -> Result:
                   + ("+offset_int64" if job.offset_int64 else "") + ("+row_scale" if job.row_scale else "")
                   + ("+adapters" if job.adapters else "") + ("+row_p" if job.row_p else "")
                   + ("+int8_base" if job.int8_base else "")
-                  + ("+nf4_base" if job.nf4_base else "") + ("+tma_device" if job.tma_device else ""),
+                  + ("+nf4_base" if job.nf4_base else "") + ("+tma_device" if job.tma_device else "")
+                  + ("+rank_loop" if job.rank_loop else ""),
                   job.dtype, job.arch, job.config, job.block_r)
 
 
@@ -412,7 +419,7 @@ def kernel_args(job: Job):
                                                  job.split_k, job.tma, job.even_r, job.persistent,
                                                  job.seed_value, precision, job.bias, job.offset_int64,
                                                  job.row_scale, job.adapters, job.int8_base,
-                                                 job.nf4_base, job.row_p, job.tma_device)
+                                                 job.nf4_base, job.row_p, job.tma_device, job.rank_loop)
     if job.kernel == "skinny":
         cfg = configs.SkinnyConfig(**job.config)
         return skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
@@ -573,6 +580,18 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
             # (r = 8 in a 16 tile), on the largest tile of each pass
             jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, even_k=False))
             jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, even_r=False))
+            if not in_loop and pass_name != "dw" and block_r == configs.GEMM_LR_MAX_BLOCK_R[elt]:
+                # a rank over the largest tile: the precomputed term walked in rank tiles (r = 2 and 1.5
+                # tiles), on the largest tile that holds that loop's shared memory
+                looping = configs.gemm_candidates(elt, block_r, in_loop, arch=arch, smem_limit=smem, rank_loop=True,
+                                                  **_gemm_pruning(pass_name))
+                for cfg in looping if every_tile else looping[:1]:
+                    for even_r in (True, False) if cfg is looping[0] else (True,):
+                        jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, even_r=even_r,
+                                        rank_loop=True))
+                    if elt == 2 and arch >= 90:  # (and through TMA, where the GEMMs read their tiles so)
+                        jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=True,
+                                        rank_loop=True))
             if pass_name.startswith("forward"):  # a layer without a bias
                 jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, bias=False))
             if mask:  # an explicit seed: passed as a value; a mask over 2**31 elements or more
@@ -699,18 +718,14 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
             # several DoRA adapters' norms in one read of W (multi_lora_linear's magnitude), with a K tail
             for even_k in (True, False):
                 jobs.append(Job("norm", "norm_adapters", dtype, asdict(cfg), arch, cfg.max_block_r, even_k=even_k))
-            # an int8 W (QDoRA), its rows dequantised as loaded: one rank tile, a K tail, the chunked rank,
-            # several adapters
-            for even_k, pass_name in ((True, "norm"), (False, "norm"), (True, "norm_chunked"),
-                                      (True, "norm_adapters")):
-                jobs.append(Job("norm", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, even_k=even_k,
-                                int8_base=True))
-        # an NF4 W (QDoRA on QLoRA's base), on its own tile (16-bit): likewise
-        for cfg in shipped["norm_fp32" if elt == 4 else "norm_nf4_16bit"]:
-            for even_k, pass_name in ((True, "norm"), (False, "norm"), (True, "norm_chunked"),
-                                      (True, "norm_adapters")):
-                jobs.append(Job("norm", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, even_k=even_k,
-                                nf4_base=True))
+        # an int8 W (QDoRA) or an NF4 one (QDoRA on QLoRA's base), its rows dequantised as loaded, on
+        # their own tile: one rank tile, a K tail, the chunked rank, several adapters
+        for cfg in shipped["norm_quantized_fp32" if elt == 4 else "norm_quantized_16bit"]:
+            for base in ("int8_base", "nf4_base"):
+                for even_k, pass_name in ((True, "norm"), (False, "norm"), (True, "norm_chunked"),
+                                          (True, "norm_adapters")):
+                    jobs.append(Job("norm", pass_name, dtype, asdict(cfg), arch, cfg.max_block_r, even_k=even_k,
+                                    **{base: True}))
         # the reductions: every combination of the kernel's meta-parameters, a second output in fp32
         # or in the operands' dtype (the first being either)
         seconds = ("fp32", dtype) if elt == 2 else ("fp32", "bf16", "fp16")
@@ -867,7 +882,8 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
             out.append(f"{tag}: shared memory {r.shared} > {limit}")
         if r.kernel == "gemm" and "+persistent" not in r.pass_name:  # (configs.persistent_grid_fits)
             estimate = configs.GemmConfig(**r.config).smem_bytes(4 if r.dtype == "fp32" else 2, r.block_r,
-                                                                 "_in_loop" in r.pass_name)
+                                                                 "_in_loop" in r.pass_name,
+                                                                 "+rank_loop" in r.pass_name)
             if r.shared > estimate:
                 out.append(f"{tag}: shared memory {r.shared} > the estimate {estimate} that prunes the tiles")
         if r.kernel == "skinny":  # (SkinnyConfig.stages_for)

@@ -14,6 +14,13 @@ under the device's limit (:data:`SMEM_LIMIT_SM90` on Hopper, the tuning
 target; :data:`SMEM_LIMIT_BY_ARCH` elsewhere); ``python -m
 fused_lora.compile_report`` compiles every shipped configuration for a target
 and reports the real figure (never above the estimate).
+
+The compile report's registers and spills quoted below: until 2026-12-05 the
+report compiled the kernels' sizes (M, N, K, R...) as constants, unlike the
+runtime, and most figures below were measured that way. Since then it
+compiles them as the runtime specialises them, and every rule below was
+checked again that way (the report checks every shipped configuration); the
+comments that say "as the runtime specialises" were measured so.
 """
 
 from __future__ import annotations
@@ -98,14 +105,17 @@ class GemmConfig:
     #: meta-parameter: the launcher sizes the grid and the fp32 workspace.
     split_k: int = 1
 
-    def smem_bytes(self, elt: int, block_r: int, shrink_in_loop: bool) -> int:
+    def smem_bytes(self, elt: int, block_r: int, shrink_in_loop: bool, rank_loop: bool = False) -> int:
         """Estimated shared memory: the pipelined operand tiles (plus the
         shrink factor's tile when the shrink runs in the K loop) and the
-        low-rank epilogue's two operand tiles."""
+        low-rank term's two operand tiles; ``rank_loop`` (a precomputed
+        term over several rank tiles): its left one (u) in fp32, as that
+        loop stages it beside the K loop's stages (compile report, sm_90:
+        128x128x64 on 4 stages at a 64 rank tile, 180,224 bytes)."""
         per_stage = (self.block_m * self.block_k + self.block_k * self.block_n) * elt
         if shrink_in_loop:
             per_stage += self.block_k * block_r * elt
-        epilogue = (self.block_m * block_r + block_r * self.block_n) * elt
+        epilogue = self.block_m * block_r * (4 if rank_loop else elt) + block_r * self.block_n * elt
         return self.num_stages * per_stage + epilogue
 
     def elems_per_thread(self) -> int:
@@ -231,6 +241,16 @@ _GEMM_CANDIDATES_FP32 = (
     GemmConfig(32, 64, 32, 8, 4, 3),
     GemmConfig(16, 64, 32, 8, 4, 3),
 )
+#: fp32's in-loop shrink (forced, or under an int8 base at small M) runs on a
+#: tile of its own: compiled as the runtime specialises (sm_90,
+#: Triton 3.6 and 3.9: the forward and dx, plain, masked, with a K tail,
+#: split-K, a row factor, an int8 B), 32x64 spilled 8-36 B (the K tail, with
+#: and without an int8 B) and 16x64 8-40 B (split-K with a row factor or a
+#: mask) at 2 or 3 stages, 32x32 16-32 B on 3.6; 16x32 on 4 warps did not
+#: (at most 194 registers).
+_GEMM_CANDIDATES_FP32_IN_LOOP = (
+    GemmConfig(16, 32, 32, 8, 4, 3),
+)
 
 # Measured with the compile report on sm_90, with Triton 3.6 and 3.9: no
 # spills at every pass, rank tile and column or rank tail (8 warps so that
@@ -323,6 +343,13 @@ PERSISTENT_EPILOGUE_MASK_WIDE_RANK_MAX_ELEMS_PER_THREAD = 32
 #:   20) stay at or under 168 registers.
 IN_LOOP_MAX_BLOCK_R = {2: 128, 4: 16}
 PERSISTENT_IN_LOOP_MAX_BLOCK_R = 32
+#: And there, with its input masked (the forward with dropout) or an int8 B
+#: dequantised beside it, compiled as the runtime specialises, the tiles of
+#: 128 rows spilled 280-1,812 B (128x128 on 8 warps, 128x64 on 4; Triton
+#: 3.9, pointers and TMA, a 32 rank tile) and 64x64x128 56 B (int8, TMA); the
+#: tiles of at most 64 rows and a 64-wide K step did not: those only.
+PERSISTENT_IN_LOOP_MASK_OR_INT8_MAX_BLOCK_M = 64
+PERSISTENT_IN_LOOP_MASK_OR_INT8_MAX_BLOCK_K = 64
 IN_LOOP_MAX_ELEMS_PER_THREAD = {2: 160, 4: 64}
 
 #: The in-loop forward with dropout (forced ``in_loop``) masks each A tile
@@ -488,7 +515,8 @@ def _stages_that_fit(pool, fits) -> list[GemmConfig]:
 
 def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask: bool = False,
                     smem_limit: int = SMEM_LIMIT_SM90, arch: int = 90, persistent: bool = False,
-                    shrink_mask: bool = False, int8_b: bool = False, nf4_b: bool = False) -> list[GemmConfig]:
+                    shrink_mask: bool = False, int8_b: bool = False, nf4_b: bool = False,
+                    rank_loop: bool = False) -> list[GemmConfig]:
     """The shipped GEMM configurations for an element size, pruned to those
     whose shared memory fits ``smem_limit`` (below Hopper's, with fewer
     stages where theirs do not fit; and, with an epilogue mask, on the
@@ -498,14 +526,20 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
     whose accumulator does; with its input masked, whose A tile does; with
     dx's epilogue mask, whose accumulator and xa do, on at most 64 rows a
     warpgroup; with an int8 B, :func:`int8_b_fits`; with an NF4 B,
-    :func:`nf4_b_fits`). None where the in-loop
-    shrink cannot hold the rank tile."""
+    :func:`nf4_b_fits`; on the persistent grid, with the in-loop shrink's
+    input masked or an int8 B, whose rows and K step are few enough).
+    fp32's in-loop shrink has a tile of its own. ``rank_loop``: a
+    precomputed term over several rank tiles (:meth:`GemmConfig.smem_bytes`).
+    None where the in-loop shrink cannot hold the rank tile."""
     if shrink_in_loop and block_r > in_loop_max_block_r(elt, persistent, epilogue_mask):
         return []
-    pool = _GEMM_CANDIDATES_FP32 if elt == 4 else _GEMM_CANDIDATES_16BIT
+    if elt == 4:
+        pool = _GEMM_CANDIDATES_FP32_IN_LOOP if shrink_in_loop else _GEMM_CANDIDATES_FP32
+    else:
+        pool = _GEMM_CANDIDATES_16BIT
 
     def fits(c: GemmConfig) -> bool:
-        return c.smem_bytes(elt, block_r, shrink_in_loop) <= smem_limit
+        return c.smem_bytes(elt, block_r, shrink_in_loop, rank_loop) <= smem_limit
 
     if smem_limit < SMEM_LIMIT_SM90:
         pool = _stages_that_fit(pool, fits)
@@ -528,6 +562,9 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
                  or c.block_m * (c.block_n + block_r) // (32 * c.num_warps) <= IN_LOOP_MAX_ELEMS_PER_THREAD[elt])
             and (not (shrink_in_loop and shrink_mask)
                  or c.block_m * c.block_k // (32 * c.num_warps) <= SHRINK_MASK_MAX_ELEMS_PER_THREAD)
+            and (not (persistent and shrink_in_loop and (shrink_mask or int8_b))
+                 or (c.block_m <= PERSISTENT_IN_LOOP_MASK_OR_INT8_MAX_BLOCK_M
+                     and c.block_k <= PERSISTENT_IN_LOOP_MASK_OR_INT8_MAX_BLOCK_K))
             and (not (shrink_in_loop and epilogue_mask)
                  or (c.block_m * (c.block_n + block_r) // (32 * c.num_warps)
                      <= IN_LOOP_EPILOGUE_MASK_MAX_ELEMS_PER_THREAD[elt]
@@ -581,7 +618,8 @@ def _gemm_tiles(m: int, n: int, r: int, elt: int, shrink_in_loop: bool, interpre
         return INTERPRETER_GEMM_WIDE if m >= INTERPRETER_WIDE_FROM_M else INTERPRETER_GEMM
     block_r = block_r_for(r) if shrink_in_loop else block_r_for(r, GEMM_LR_MAX_BLOCK_R[elt])
     cands = gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, smem_limit=smem_limit, arch=arch,
-                            persistent=persistent, shrink_mask=shrink_mask, int8_b=int8_b, nf4_b=nf4_b)
+                            persistent=persistent, shrink_mask=shrink_mask, int8_b=int8_b, nf4_b=nf4_b,
+                            rank_loop=not shrink_in_loop and r > block_r)
     if not cands:
         raise ValueError(f"no GEMM configuration holds the {'in-loop shrink' if shrink_in_loop else 'low-rank term'}"
                          f"'s rank tile {block_r} ({elt}-byte elements, sm_{arch}, {smem_limit} bytes of shared "
@@ -658,23 +696,30 @@ class NormConfig:
 #: DoRA's norm, by W's element size: a (32, 128) 16-bit tile is 8 KiB a
 #: stage, the (32, block_r) rows of B beside it; 32 rows a program makes 128
 #: programs for a 4096-row weight, about one per SM. fp32's exact dots are FMA
-#: loops: rank chunks of 32 (at 64 sm_80 spilled 8.8 KB, compile report).
+#: loops: rank chunks of 32 (at 64 sm_80 spilled 8.8 KB, compile report), two
+#: stages (with three, compiled as the runtime specialises, the adapters' K
+#: tail spilled 48 B on Triton 3.9).
 DORA_NORM_16BIT = NormConfig(block_n=32, block_k=128)
-DORA_NORM_FP32 = NormConfig(block_n=32, block_k=64, max_block_r=32)
-#: An NF4 W (16-bit A and B): half the K step, the decoding's registers
-#: beside the rank's (at 128 the chunked rank spilled 80 bytes on sm_90,
-#: Triton 3.9, compile report); fp32's tile is that narrow already.
-DORA_NORM_NF4_16BIT = NormConfig(block_n=32, block_k=64)
+DORA_NORM_FP32 = NormConfig(block_n=32, block_k=64, num_stages=2, max_block_r=32)
+#: A quantized W (int8 or NF4; A and B in the compute dtype): half the K
+#: step, the dequantisation's registers beside the rank's (compile report,
+#: sm_90: NF4's chunked rank at 128 spilled 80 B on Triton 3.9; as the
+#: runtime specialises, int8's K tail 136 B with the (32, 128) tile); fp32's
+#: tile is that narrow already, with three stages (with two, int8's one rank
+#: tile spilled 8 B on 3.9).
+DORA_NORM_QUANTIZED_16BIT = NormConfig(block_n=32, block_k=64)
+DORA_NORM_QUANTIZED_FP32 = NormConfig(block_n=32, block_k=64, max_block_r=32)
 
 
 def shipped_configs() -> dict[str, list]:
     """Every configuration a launcher can choose on CUDA, for the compile report."""
     return {
         "gemm_16bit": list(_GEMM_CANDIDATES_16BIT),
-        "gemm_fp32": list(_GEMM_CANDIDATES_FP32),
+        "gemm_fp32": list(_GEMM_CANDIDATES_FP32) + list(_GEMM_CANDIDATES_FP32_IN_LOOP),
         "skinny_16bit": [SKINNY_16BIT],
         "skinny_fp32": [SKINNY_FP32],
         "norm_16bit": [DORA_NORM_16BIT],
         "norm_fp32": [DORA_NORM_FP32],
-        "norm_nf4_16bit": [DORA_NORM_NF4_16BIT],
+        "norm_quantized_16bit": [DORA_NORM_QUANTIZED_16BIT],
+        "norm_quantized_fp32": [DORA_NORM_QUANTIZED_FP32],
     }

@@ -21,7 +21,7 @@ from .common import alloc, dequantize, in_bounds, is_interpreted, nf4_codes, rep
 from .configs import DEQUANT_BLOCK_K, DEQUANT_BLOCK_N, DEQUANT_NUM_WARPS, cdiv
 
 
-@triton.jit(do_not_specialize=["N", "K"])
+@triton.jit  # (W's sizes specialised as Triton does by default: the K tail's mask in runs of 16)
 def dequantize_kernel(
     q_ptr,  # (N, K) int8, or (N, K/2) bytes of NF4 (NF4)
     s_ptr,  # (N,) the rows' scales, or (N, K/GROUP) absmax (NF4)

@@ -35,10 +35,14 @@ import triton
 import triton.language as tl
 
 from .common import alloc, dequantize, in_bounds, is_interpreted, load_operand, nf4_codes, repeat_groups
-from .configs import DORA_NORM_16BIT, DORA_NORM_FP32, DORA_NORM_NF4_16BIT, NormConfig, block_r_for, cdiv
+from .configs import (DORA_NORM_16BIT, DORA_NORM_FP32, DORA_NORM_QUANTIZED_16BIT, DORA_NORM_QUANTIZED_FP32, NormConfig,
+                      block_r_for, cdiv)
 
 
-@triton.jit(do_not_specialize=["N", "K", "R", "n_adapters"])
+# W's sizes and the rank are specialised as Triton does by default (a K tail's
+# mask of unknown granularity made W's loads narrower and the int8 K tail
+# spill, compile report); the adapters' count is not.
+@triton.jit(do_not_specialize=["n_adapters"])
 def dora_norm_kernel(
     w_ptr,  # (N, K)  W, any strides (int8 with W_SCALE 1; (N, K/2) bytes of NF4 with W_SCALE 2)
     b_ptr,  # (N, R)  lora_B, W's dtype (with W_SCALE: A's, the compute dtype)
@@ -149,11 +153,12 @@ def _rank_chunks(b_rows, a_cols, ba, start, stop, offs_r, n_in, k_in, stride_br,
     return ba
 
 
-def norm_config(element_size: int, nf4: bool = False) -> NormConfig:
-    """The shipped tile for A and B of this element size (``nf4``: W NF4)."""
+def norm_config(element_size: int, quantized: bool = False) -> NormConfig:
+    """The shipped tile for A and B of this element size (``quantized``: W
+    int8 or NF4)."""
     if element_size == 4:
-        return DORA_NORM_FP32
-    return DORA_NORM_NF4_16BIT if nf4 else DORA_NORM_16BIT
+        return DORA_NORM_QUANTIZED_FP32 if quantized else DORA_NORM_FP32
+    return DORA_NORM_QUANTIZED_16BIT if quantized else DORA_NORM_16BIT
 
 
 def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
@@ -172,7 +177,7 @@ def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
     out = alloc((n,), torch.float32, weight.device)
     if n == 0:
         return out
-    cfg = norm_config(lora_A.element_size(), nf4)
+    cfg = norm_config(lora_A.element_size(), weight_scale is not None)
     block_r = block_r_for(r, cfg.max_block_r)
     upcast = is_interpreted(dora_norm_kernel) and lora_A.dtype == torch.bfloat16
     dora_norm_kernel[(cdiv(n, cfg.block_n),)](
@@ -214,7 +219,7 @@ def dora_norms(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     out = alloc((adapters, n), torch.float32, weight.device)
     if n == 0 or adapters == 0:
         return out
-    cfg = norm_config(lora_A.element_size(), nf4)
+    cfg = norm_config(lora_A.element_size(), weight_scale is not None)
     upcast = is_interpreted(dora_norm_kernel) and lora_A.dtype == torch.bfloat16
     dora_norm_kernel[(cdiv(n, cfg.block_n),)](
         weight, lora_B, lora_A, out, weight_scale if weight_scale is not None else out, code if nf4 else out,

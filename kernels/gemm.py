@@ -93,9 +93,15 @@ def make_descriptor(ptr, rows, cols, stride_row, stride_col, BLOCK_ROWS: tl.cons
                                          block_shape=[BLOCK_ROWS, BLOCK_COLS])
 
 
-# Sizes and the seed are not specialised (no recompilation when the token
-# count changes between batches); strides are, for vectorised loads.
-@triton.jit(do_not_specialize=["M", "N", "K", "R", "k_blocks_per_split", "stride_cs16", "stride_xas16", "seed"])
+# Sizes are specialised as Triton does by default (1, a multiple of 16, or
+# neither), strides too: the wrapped row and column offsets (``offs % N``),
+# and the store's mask along N, keep runs of 16 only where N's divisibility
+# is known; unspecialised, every B and V load and C store was its own 2-byte
+# access and the 128x256 dx spilled 1.5 KB (compile report, sm_90). A new
+# token count recompiles only where it changes kind (at most three kernels a
+# configuration). Split-K's block count, the slab strides (passed in units of
+# 16 elements) and the seed are not specialised.
+@triton.jit(do_not_specialize=["k_blocks_per_split", "stride_cs16", "stride_xas16", "seed"])
 def lora_gemm_kernel(
     # pointers
     a_ptr,  # (M, K)  left operand
@@ -154,6 +160,7 @@ def lora_gemm_kernel(
     INPUT_PRECISION: tl.constexpr,  # fp32 dots: "ieee" or "tf32"
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masked tail in the K loop
     EVEN_R: tl.constexpr,  # R % BLOCK_R == 0: no rank mask (vector loads of the low-rank factors)
+    ONE_R_TILE: tl.constexpr,  # LOW_RANK == 1: R <= BLOCK_R, the term in one rank tile (no loop over R)
     TMA: tl.constexpr,  # A and B tiles through tensor descriptors (Hopper TMA; zero fill outside)
     TMA_DEVICE: tl.constexpr,  # with TMA: the descriptors made by the kernel (global scratch), not passed
     A_T: tl.constexpr, B_T: tl.constexpr,  # the descriptor describes the transposed operand
@@ -266,7 +273,10 @@ def lora_gemm_kernel(
                                  rows_dropout_p(p, drp_ptr, ids_ptr, offs_m, mask_m, stride_ids, ROW_P), BLOCK_N,
                                  OFFSET_INT64)
             if pid_k == 0:
-                for r0 in range(0, R, BLOCK_R):
+                # (One rank tile: a loop of one constant trip, which compiles to none. A loop over R,
+                # even of one trip, kept u's fp32 tile and v's in shared memory beside the K loop's
+                # stages and took some 60 registers more: compile report, 128x128 dx at a 64 tile.)
+                for r0 in range(0, BLOCK_R if ONE_R_TILE else R, BLOCK_R):
                     r_in = in_bounds(offs_r, R - r0, EVEN_R)
                     u = tl.load(u_ptr + rows[:, None] * stride_um + (r0 + offs_r)[None, :] * stride_ur,
                                 mask=r_in[None, :], other=0.0)
@@ -666,6 +676,7 @@ def _launch_shape(M: int, N: int, K: int, r: int, low_rank: int, v_elt: int, has
         # mask costs no vector width; Triton 3.9 spilled 8 B on the 16x64 fp32
         # tile with the flag on: compile report.)
         EVEN_R=r % block_r == 0 and low_rank != LOW_RANK_IN_LOOP,
+        ONE_R_TILE=r <= block_r,
         BLOCK_R=block_r,
         **config.launch_kwargs(),
     ))

@@ -53,7 +53,12 @@ from .configs import (
 )
 
 
-@triton.jit(do_not_specialize=["M", "C", "R", "m_start", "m_end", "rows_per_prog", "c_tiles_per_prog", "seed"])
+# The row and column counts and ranges are not specialised (the token count
+# changes between batches; the column loop's bounds are whole tiles: c_lo
+# below); the rank R is, as Triton does by default: a rank mask of unknown
+# granularity made the rank tail's S and L loads 2- and 4-byte accesses
+# (compile report, sm_90, r = 32 in a 64 tile).
+@triton.jit(do_not_specialize=["M", "C", "m_start", "m_end", "rows_per_prog", "c_tiles_per_prog", "seed"])
 def lora_skinny_kernel(
     # pointers
     t_ptr,  # (M, C)  the wide operand, read once

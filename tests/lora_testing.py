@@ -68,7 +68,8 @@ class BackgroundCompileReports:
     either Triton every code path once, on the tile it runs with at large M
     and the largest rank tile it runs with, fp16's GEMMs and skinny passes
     as bf16's twins where those come near the register limit (``paths``:
-    359 kernels and about 20 twins; with every fp16 kernel, 517, the two
+    511 kernels and about 60 twins now; the timings below were measured at
+    359 and about 20; with every fp16 kernel, 517, the two
     reports took about 1,700 of CI's 3,600 CPU-seconds). Every
     tile of both (``tiles``: 1,464 each; ``make compile-report``) took 31
     minutes of CI's 43 on its two cores (AMD EPYC, Triton 3.9: 20 minutes
@@ -128,13 +129,15 @@ class BackgroundCompileReports:
         nice = shutil.which("nice")  # (below the suite: it takes a core whenever it runs, they the rest)
         cmd = ([nice, "-n", str(self.NICENESS)] if nice else []) + [sys.executable, *self.COMMAND, "--scope",
                                                                      self.SCOPES[name]]
+        # (its own process group: killed, the report's compile workers go with it, and with them the
+        # ends of its pipes they hold, else communicate() waited on them for ever)
         with subprocess.Popen(cmd, env=self.environment(name), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) as proc:
+                              text=True, start_new_session=True) as proc:
             self._running.append(proc)
             try:
                 out, err = proc.communicate(timeout=self.TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                self._kill(proc)
                 out, err = proc.communicate()
                 err += f"\n(killed after {self.TIMEOUT_S} s)"
             finally:
@@ -146,8 +149,19 @@ class BackgroundCompileReports:
         for future in self._futures.values():
             future.cancel()
         for proc in list(self._running):
-            proc.kill()
+            self._kill(proc)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @staticmethod
+    def _kill(proc) -> None:
+        """Kill ``proc`` and its process group (the report's workers)."""
+        import os
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # (gone already)
+            pass
 
 
 def compiled_as_planned(report: dict) -> list:

@@ -193,10 +193,12 @@ def test_the_narrower_scopes_compile_each_kernel_and_each_code_path_once():
                 fitting = configs.gemm_candidates(2 if job.dtype != "fp32" else 4, job.block_r,
                                                   "_in_loop" in job.pass_name, arch=arch, smem_limit=smem,
                                                   persistent=job.persistent, int8_b=job.int8_base,
-                                                  nf4_b=job.nf4_base, **compile_report._gemm_pruning(job.pass_name))
+                                                  nf4_b=job.nf4_base, rank_loop=job.rank_loop,
+                                                  **compile_report._gemm_pruning(job.pass_name))
                 assert job.config == dataclasses.asdict(fitting[0]), job
                 cfg = configs.GemmConfig(**job.config)
-                assert configs.gemm_config(65536, 4096, 4096, job.block_r, 2 if job.dtype != "fp32" else 4,
+                r = job.block_r * (2 if job.rank_loop else 1)  # (a rank over the largest tile: a loop over R)
+                assert configs.gemm_config(65536, 4096, 4096, r, 2 if job.dtype != "fp32" else 4,
                                            "_in_loop" in job.pass_name, False, arch=arch, smem_limit=smem,
                                            persistent=job.persistent, int8_b=job.int8_base, nf4_b=job.nf4_base,
                                            **compile_report._gemm_pruning(job.pass_name)) == cfg, job
@@ -368,6 +370,59 @@ def test_the_report_refuses_a_triton_that_prints_no_ptxas_log(capsys, monkeypatc
     assert f"Triton {triton.__version__} does not print the log of the ptxas it runs" in capsys.readouterr().err
 
 
+def _jit_function(kernel):
+    """``kernel`` as a JITFunction: under the interpreter one is made from the
+    interpreted kernel's function and decorator arguments (nothing compiles)."""
+    if isinstance(kernel, triton.runtime.JITFunction):
+        return kernel
+    return triton.runtime.JITFunction(kernel.fn, **kernel.kwargs)
+
+
+@pytest.mark.parametrize("kind", ["gemm", "skinny", "reduce", "norm"])
+def test_the_report_specialises_the_arguments_as_the_runtime_does(kind):
+    """Each kernel is compiled with the signature the runtime's launch gives
+    it: its constexprs, unused (None) arguments and ints equal to 1 (unless
+    not specialised) are constants; ``do_not_specialize`` ints plain i32;
+    other ints i32 with ``tt.divisibility`` 16 exactly when they are
+    multiples of 16; pointers 16-byte aligned. (An upper-case size taken
+    for a constexpr once compiled loops of a known trip count, unlike the
+    kernels that run.)"""
+    from fused_lora.kernels import dora, gemm, skinny
+
+    kernel = {"gemm": gemm.lora_gemm_kernel, "skinny": skinny.lora_skinny_kernel,
+              "reduce": skinny.reduce_partials_kernel, "norm": dora.dora_norm_kernel}[kind]
+    jit = _jit_function(kernel)
+    plain = {jit.arg_names[i] if isinstance(i, int) else i for i in jit.do_not_specialize}
+    meta = {p.name for p in jit.params if p.is_constexpr}
+    jobs = [j for j in compile_report.jobs_for(90, scope="kernels", every_variant=True) if j.kernel == kind]
+    assert jobs
+    seen_plain = seen_divisible = seen_indivisible = 0
+    for job in jobs:
+        _, values = compile_report.kernel_args(job)
+        src = compile_report._ast_source(jit, values)
+        where = compile_report.result_of(job).pass_name
+        expected = {name for name, value in values.items()
+                    if name in meta or value is None
+                    or (type(value) is int and value == 1 and name not in plain)}
+        # (ASTSource keys the constants by their arguments' index paths)
+        assert set(src.constants) == {(jit.arg_names.index(name),) for name in expected}, where
+        for i, name in enumerate(jit.arg_names):
+            value, kind_ = values[name], src.signature[name]
+            if name in expected:
+                assert kind_ == "constexpr" and src.constants[(i,)] == value, (where, name)
+            elif type(value) is int:
+                assert kind_ == "i32", (where, name)
+                divisible = name not in plain and value % 16 == 0
+                assert src.attrs.get((i,)) == ([["tt.divisibility", 16]] if divisible else None), (where, name)
+                seen_plain += name in plain
+                seen_divisible += divisible
+                seen_indivisible += name not in plain and not divisible
+            elif isinstance(value, str) and value.startswith("*"):
+                aligned = [["tt.divisibility", 16]] if name not in plain else None
+                assert kind_ == value and src.attrs.get((i,)) == aligned, (where, name)
+    assert seen_plain and seen_divisible and (seen_indivisible or kind in ("reduce", "skinny"))
+
+
 def test_ptxas_stats_read_the_log_of_one_kernel():
     log = """ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function 'lora_gemm_kernel' for 'sm_90a'
@@ -518,7 +573,8 @@ def _launch_key(kind: str, pass_family: str, grid, args: dict, meta: dict) -> tu
     less the specialisations of its loads and stores that the report compiles
     on one tile of each pass (masked tails, a forward without a bias, an
     explicit seed, a mask's 64-bit counters, a row scale, split-K's fp32
-    partials, sums stored directly), and those of the last six it has: ``{(kernel, pass, dtype)}`` with the
+    partials, sums stored directly, a precomputed term over several rank
+    tiles), and those of the last seven it has: ``{(kernel, pass, dtype)}`` with the
     report's names."""
     launch = (meta.get("num_warps", 4), meta.get("num_stages", 3))  # (Triton's defaults on CUDA)
     precision = meta.get("INPUT_PRECISION", "ieee")
@@ -546,6 +602,8 @@ def _launch_key(kind: str, pass_family: str, grid, args: dict, meta: dict) -> tu
             variants.add((kind, name + "+row_scale", dtype))
         if meta["ADAPTERS"]:
             variants.add((kind, name + "+adapters", dtype))
+        if low_rank == 1 and not meta["ONE_R_TILE"]:
+            variants.add((kind, name + "+rank_loop", dtype))
         return (kind, name, dtype, tiles, meta["BLOCK_R"], meta["TMA"], meta["PERSISTENT"], precision), variants
     if kind == "skinny":
         if pass_family == "dy_pass":
@@ -583,7 +641,8 @@ def _job_keys(job: compile_report.Job) -> tuple:
     variant = (job.kernel, job.pass_name + ("+split_k" if job.split_k else "") + ("+tma" if job.tma else "")
                + ("+tf32" if job.tf32 else "") + ("+seed_value" if job.seed_value else "")
                + ("" if job.bias else "+no_bias") + ("+offset_int64" if job.offset_int64 else "")
-               + ("+row_scale" if job.row_scale else "") + ("+adapters" if job.adapters else ""), job.dtype)
+               + ("+row_scale" if job.row_scale else "") + ("+adapters" if job.adapters else "")
+               + ("+rank_loop" if job.rank_loop else ""), job.dtype)
     if job.kernel == "gemm":
         tiles = (c["block_m"], c["block_n"], c["block_k"], c["group_m"]) + launch
     elif job.kernel == "skinny":

@@ -392,7 +392,7 @@ def test_the_dora_norm_of_an_nf4_base_is_the_norm_of_its_dequantised_weight(monk
     K step; a K tail; the rank in chunks): the bits of the same kernel on Ŵ
     (on NF4's tile: its K step sets the order of the sums), and ‖Ŵ + s·B A‖
     in float64."""
-    monkeypatch.setattr(dora_kernels, "DORA_NORM_16BIT", configs.DORA_NORM_NF4_16BIT)
+    monkeypatch.setattr(dora_kernels, "DORA_NORM_16BIT", configs.DORA_NORM_QUANTIZED_16BIT)
     packed, absmax, _ = _nf4(n, k, group, scale=0.1)
     lora_A = (torch.randn(r, k, device=DEVICE) / k ** 0.5).to(dtype)
     lora_B = (torch.randn(n, r, device=DEVICE) / r ** 0.5).to(dtype)

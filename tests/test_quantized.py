@@ -16,6 +16,7 @@ import torch._dynamo.testing
 import fused_lora
 from fused_lora import dispatch, ops, quant, reference
 from fused_lora.kernels import configs, gemm
+from fused_lora.kernels import dora as dora_kernels
 from fused_lora.kernels.common import poison_outputs
 from fused_lora.testing import parity_case
 from lora_testing import DEVICE, DTYPES, TOLERANCE, assert_close, make_params, make_x, opcheck_lora_ops
@@ -325,9 +326,11 @@ def test_the_ops_pass_opcheck_and_compile_with_a_quantized_base(fmt):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n, k, r", [(1, 17, 1), (33, 130, 8), (70, 45, 129)])  # (r = 129: the rank in chunks)
-def test_the_dora_norm_of_an_int8_base_is_the_norm_of_its_dequantised_weight(dtype, n, k, r):
+def test_the_dora_norm_of_an_int8_base_is_the_norm_of_its_dequantised_weight(monkeypatch, dtype, n, k, r):
     """The norm kernel reading q and its row scales: the bits of the same
-    kernel on Ŵ (rounded to A's dtype), and ‖Ŵ + s·B A‖ in float64."""
+    kernel on Ŵ (rounded to A's dtype; on a quantized W's tile: its K step
+    sets the order of the sums), and ‖Ŵ + s·B A‖ in float64."""
+    monkeypatch.setattr(dora_kernels, "DORA_NORM_16BIT", configs.DORA_NORM_QUANTIZED_16BIT)
     q, scale = _quantized(n, k)
     lora_A = (torch.randn(r, k, device=DEVICE) / k ** 0.5).to(dtype)
     lora_B = (torch.randn(n, r, device=DEVICE) / r ** 0.5).to(dtype)
