@@ -32,6 +32,10 @@ runs on that arch, pruned to its shared memory
 (:func:`fused_lora.kernels.configs.smem_limit_for`: ``--arch 86`` compiles
 what a 99 KiB GeForce/RTX/L4 part runs); on every arch a kernel over that
 limit, or a GEMM over the estimate that prunes its tiles, is a problem.
+Sizes of 1, which Triton compiles as constants, are compiled too: one token
+(decoding: ``+one_token``) and a rank of 1 (``+rank_one``). A problem
+understood and left is listed in :data:`KNOWN_PROBLEMS` with why, and
+reported apart (the exit status is 1 only for the others).
 ``--scope kernels`` compiles each kernel on one tile, ``--scope paths`` at
 one rank tile too, and fp16's sm_90 GEMMs and skinny passes only as twins
 (:data:`SCOPES`). DoRA's norm (:mod:`fused_lora.kernels.dora`) is compiled
@@ -99,6 +103,14 @@ class Job:
     # The precomputed low-rank term's rank in two tiles (a loop over R: a rank above
     # GEMM_LR_MAX_BLOCK_R), not one
     rank_loop: bool = False
+    # A size of 1, which the runtime compiles as the constant 1 (Triton specialises an int
+    # equal to 1): UNITS, "tokens" (one token, as in decoding: the GEMMs' M, dW's K) or
+    # "rank" (r = 1: R, and the strides equal to it)
+    unit: str = ""
+
+
+#: The sizes :class:`Job` may set to 1, and the report's name of each.
+UNITS = {"tokens": "+one_token", "rank": "+rank_one"}
 
 
 @dataclass
@@ -131,16 +143,17 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
                precision: str = "ieee", bias: bool = True, offset_int64: bool = False,
                row_scale: bool = False, adapters: bool = False, int8_base: bool = False,
                nf4_base: bool = False, row_p: bool = False, tma_device: bool = False,
-               rank_loop: bool = False) -> dict:
+               rank_loop: bool = False, unit: str = "") -> dict:
     """Argument values of lora_gemm_kernel for one pass, as the launcher passes them
     (``even_r=False``: a rank of half the rank tile, e.g. r = 8 in a 16 tile;
     ``int8_base``: B, the forward's Wᵀ or dx's W, int8 with its fp32 scales;
     ``nf4_base``: NF4 with its fp32 absmax in groups of 64, W's (SHAPE,
     SHAPE / 2) bytes; ``tma_device``: with ``tma``, the descriptors made by
     the kernel, none passed; ``rank_loop``: the precomputed term's rank in two
-    rank tiles, r = 2 tiles, or 1.5 with ``even_r=False``)."""
+    rank tiles, r = 2 tiles, or 1.5 with ``even_r=False``; ``unit``: a size
+    of 1, :data:`UNITS`)."""
     s = SHAPE
-    r = block_r if even_r else block_r // 2
+    r = 1 if unit == "rank" else block_r if even_r else block_r // 2
     if rank_loop:
         r += block_r
     low_rank = {"forward_in_loop": 2, "forward_in_loop_dropout": 2, "forward_split": 1, "dx_in_loop": 2,
@@ -155,6 +168,9 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
     if nf4_base and tma:
         raise ValueError("an NF4 base is never read through TMA")
     b_dtype = "i8" if int8_base else "u8" if nf4_base else dtype
+    # one token: M, or dW's K (its reduction runs over the tokens), a K tail of one element
+    m = 1 if unit == "tokens" and variant != "dw" else s
+    k = 1 if unit == "tokens" and variant == "dw" else s
     # (NF4: b is W's bytes, (K/2, N) forward, (N, K/2) dx; the absmax (N, K/64) in W's orientation)
     stride_bk, stride_bn = ((1, s // 2) if fwd else (s // 2, 1)) if nf4_base else ((1, s) if fwd else (s, 1))
     return dict(
@@ -166,7 +182,7 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         bias_ptr=f"*{dtype}", u_ptr="*fp32", s_ptr=f"*{dtype}",
         v_ptr=f"*{dtype}", c_ptr="*fp32" if split_k else f"*{dtype}", xa_ptr="*fp32", w_ptr="*fp32",
         ids_ptr="*i32", cid_ptr="*i32", csc_ptr="*fp32", drp_ptr="*fp32", bsc_ptr="*fp32", bcode_ptr="*fp32",
-        M=s, N=s, K=s, R=r, k_blocks_per_split=s // 4 // cfg.block_k if split_k else s // cfg.block_k,
+        M=m, N=s, K=k, R=r, k_blocks_per_split=max(1, k // 4 // cfg.block_k if split_k else k // cfg.block_k),
         # forward: x (M,K) row-major; b = Wᵀ (strides 1, K); s = Aᵀ (strides 1, K); v = Bᵀ (strides 1, r)
         # dx: dy; b = W (strides K, 1); s = B (strides r, 1); v = A (strides K, 1)
         stride_am=1 if a_t else s, stride_ak=s if a_t else 1,  # (dW through TMA: A = dyᵀ, dy row-major)
@@ -181,8 +197,8 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         HAS_BIAS=fwd and bias, LOW_RANK=low_rank, LR_DROPOUT=dropout and not fwd, SHRINK_DROPOUT=dropout and fwd,
         ROW_SCALE=row_scale, ADAPTERS=adapters, ROW_P=row_p and dropout,
         B_SCALE=(1 if fwd else 2) if int8_base else (3 if fwd else 4) if nf4_base else 0, B_GROUP=64 if nf4_base else 0,
-        OFFSET_INT64=offset_int64, UPCAST=False, INPUT_PRECISION=precision, EVEN_K=even_k,
-        EVEN_R=even_r and low_rank != 2, ONE_R_TILE=r <= block_r,
+        OFFSET_INT64=offset_int64, UPCAST=False, INPUT_PRECISION=precision, EVEN_K=even_k and k % cfg.block_k == 0,
+        EVEN_R=r % block_r == 0 and low_rank != 2, ONE_R_TILE=r <= block_r,
         TMA=tma, TMA_DEVICE=tma and tma_device,
         A_T=a_t, B_T=b_t, PERSISTENT=persistent,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m,
@@ -226,12 +242,14 @@ SKINNY_PASSES = {
 
 def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = True, even_r: bool = True,
                  seed_value: bool = False, precision: str = "ieee", offset_int64: bool = False,
-                 row_scale: bool = False, adapters: bool = False, row_p: bool = False) -> dict:
+                 row_scale: bool = False, adapters: bool = False, row_p: bool = False, unit: str = "") -> dict:
     """Argument values of lora_skinny_kernel for one pass of :data:`SKINNY_PASSES`, as the launcher
     passes them (``+direct``: one row split, whose TN and COLSUM sums are stored as the outputs, in
-    their dtype)."""
+    their dtype; ``unit="rank"``: r = 1. Its token count is never specialised: ``do_not_specialize``)."""
+    if unit not in ("", "rank"):
+        raise ValueError(f"the skinny kernel's only size compiled as a constant is its rank, not {unit!r}")
     s = SHAPE
-    r = block_r if even_r else block_r // 2
+    r = 1 if unit == "rank" else block_r if even_r else block_r // 2
     direct = variant.endswith("+direct")
     variant = variant.removesuffix("+direct")
     shrink, tn, colsum, dropout = SKINNY_PASSES[variant]
@@ -251,7 +269,7 @@ def _skinny_args(dtype: str, cfg, variant: str, block_r: int, even_c: bool = Tru
         sh_scale=1.0, tn_scale=1.0, p=0.1, seed=_seed(dropout, seed_value),
         SHRINK=shrink, TN=tn, COLSUM=colsum, ROW_SCALE=row_scale, ADAPTERS=adapters, DROPOUT=dropout,
         ROW_P=row_p and dropout,
-        OFFSET_INT64=offset_int64, UPCAST=False, EVEN_C=even_c, EVEN_R=even_r, INPUT_PRECISION=precision,
+        OFFSET_INT64=offset_int64, UPCAST=False, EVEN_C=even_c, EVEN_R=r % block_r == 0, INPUT_PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_R=block_r,
         SHRINK_STAGES=cfg.stages_for(4 if dtype == "fp32" else 2, block_r),
     )
@@ -293,14 +311,17 @@ NORM_PASSES = ("norm", "norm_chunked", "norm_adapters")
 
 
 def _norm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True, int8_base: bool = False,
-               nf4_base: bool = False) -> dict:
+               nf4_base: bool = False, unit: str = "") -> dict:
     """Argument values of dora_norm_kernel as the launcher passes them, for a
     contiguous (SHAPE, SHAPE) weight and a rank of one tile (``norm``) or of
     two and a half (``norm_chunked``); ``int8_base``: W int8 with its fp32
     row scales (QDoRA); ``nf4_base``: W NF4, (SHAPE, K/2) bytes, its fp32
-    absmax in groups of 64 (the K tail: K = SHAPE - 64, a whole group)."""
+    absmax in groups of 64 (the K tail: K = SHAPE - 64, a whole group);
+    ``unit="rank"``: r = 1, on one rank tile."""
+    if unit not in ("", "rank") or (unit and variant != "norm"):
+        raise ValueError(f"the norm's only size compiled as a constant is its rank, on one tile: {unit!r}, {variant!r}")
     k = SHAPE if even_k else SHAPE - (64 if nf4_base else 8)
-    r = block_r if variant == "norm" else 2 * block_r + block_r // 2
+    r = 1 if unit else block_r if variant == "norm" else 2 * block_r + block_r // 2
     adapters = variant == "norm_adapters"
     if adapters:
         r = 3 * (block_r + block_r // 2)
@@ -403,7 +424,7 @@ def result_of(job: Job) -> Result:
                   + ("+adapters" if job.adapters else "") + ("+row_p" if job.row_p else "")
                   + ("+int8_base" if job.int8_base else "")
                   + ("+nf4_base" if job.nf4_base else "") + ("+tma_device" if job.tma_device else "")
-                  + ("+rank_loop" if job.rank_loop else ""),
+                  + ("+rank_loop" if job.rank_loop else "") + UNITS.get(job.unit, ""),
                   job.dtype, job.arch, job.config, job.block_r)
 
 
@@ -419,16 +440,17 @@ def kernel_args(job: Job):
                                                  job.split_k, job.tma, job.even_r, job.persistent,
                                                  job.seed_value, precision, job.bias, job.offset_int64,
                                                  job.row_scale, job.adapters, job.int8_base,
-                                                 job.nf4_base, job.row_p, job.tma_device, job.rank_loop)
+                                                 job.nf4_base, job.row_p, job.tma_device, job.rank_loop,
+                                                 job.unit)
     if job.kernel == "skinny":
         cfg = configs.SkinnyConfig(**job.config)
         return skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
                                                        job.even_r, job.seed_value, precision, job.offset_int64,
-                                                       job.row_scale, job.adapters, job.row_p)
+                                                       job.row_scale, job.adapters, job.row_p, job.unit)
     if job.kernel == "norm":
         cfg = configs.NormConfig(**job.config)
         return dora.dora_norm_kernel, _norm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
-                                                 job.int8_base, job.nf4_base)
+                                                 job.int8_base, job.nf4_base, job.unit)
     return skinny.reduce_partials_kernel, _reduce_args(job.dtype, None, job.pass_name, job.block_r)
 
 
@@ -592,6 +614,9 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                     if elt == 2 and arch >= 90:  # (and through TMA, where the GEMMs read their tiles so)
                         jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, tma=True,
                                         rank_loop=True))
+                if mask:  # (its mask drawn after that loop: several adapters' dropout probabilities)
+                    jobs.append(Job("gemm", pass_name, dtype, asdict(looping[0]), arch, block_r, rank_loop=True,
+                                    **ROW_P_IDS_ONLY))
             if pass_name.startswith("forward"):  # a layer without a bias
                 jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, bias=False))
             if mask:  # an explicit seed: passed as a value; a mask over 2**31 elements or more
@@ -621,6 +646,12 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                 if block_r == configs.block_r_for(1):  # a rank below its tile (in-loop passes mask theirs always)
                     jobs.append(Job("gemm", pass_name, dtype, asdict(nf4_tiles[0]), arch, block_r, even_r=False,
                                     nf4_base=True))
+                if block_r == configs.GEMM_LR_MAX_BLOCK_R[elt]:  # a rank over the largest tile (QLoRA at r = 128)
+                    nf4_looping = configs.gemm_candidates(elt, block_r, in_loop, arch=arch, smem_limit=smem,
+                                                          nf4_b=True, rank_loop=True, **_gemm_pruning(pass_name))
+                    for cfg in nf4_looping if every_tile else nf4_looping[:1]:
+                        jobs.append(Job("gemm", pass_name, dtype, asdict(cfg), arch, block_r, even_r=False,
+                                        nf4_base=True, rank_loop=True))
         # Split-K partials (fp32 stores into the workspace), on the tiles the
         # heuristic picks where it splits: every pass at small M; dW (whose K is
         # the tokens) where its output is small: a 256x256 layer over 64 K tokens.
@@ -649,6 +680,23 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                 assert cfg4.split_k > 1, (pass_name, cfg4)
                 jobs.append(Job("gemm", pass_name, dtype, asdict(dataclasses.replace(cfg4, split_k=1)), arch, block_r,
                                 split_k=True, nf4_base=True))
+        # Sizes of 1, which the runtime compiles as constants: one token (decoding), on the tile and
+        # split-K the dispatch picks there (and each row factor on the in-loop shrink: several adapters
+        # serving one token), dW's K over one token on its largest tile; r = 1, on the largest tile
+        for pass_name, block_r, in_loop, mask in passes:
+            if pass_name == "dw":
+                cfg = configs.gemm_candidates(elt, block_r, in_loop, arch=arch, smem_limit=smem)[0]
+            else:
+                cfg = configs.gemm_config(1, SHAPE, SHAPE, block_r, elt, in_loop, False, arch=arch,
+                                          smem_limit=smem, **_gemm_pruning(pass_name))
+            one = dataclasses.replace(cfg, split_k=1)
+            for factor in ({},) + (ROW_FACTORS if in_loop else ()):
+                jobs.append(Job("gemm", pass_name, dtype, asdict(one), arch, block_r, split_k=cfg.split_k > 1,
+                                unit="tokens", **factor))
+            if pass_name != "dw" and block_r == configs.block_r_for(1):
+                fitting = configs.gemm_candidates(elt, block_r, in_loop, arch=arch, smem_limit=smem,
+                                                  **_gemm_pruning(pass_name))
+                jobs.append(Job("gemm", pass_name, dtype, asdict(fitting[0]), arch, block_r, unit="rank"))
         # TMA (16-bit, Hopper): every pass on every shipped tile it may run on, with a K tail
         # on the largest tile of each pass; the persistent grid likewise.
         if elt == 2 and arch >= 90:
@@ -698,6 +746,7 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                 # the masked column tail (C not a multiple of BLOCK_C), a rank below its tile
                 jobs.append(Job("skinny", pass_name, dtype, tiles, arch, 16, even_k=False))
                 jobs.append(Job("skinny", pass_name, dtype, tiles, arch, top, even_r=False))
+                jobs.append(Job("skinny", pass_name, dtype, tiles, arch, 16, unit="rank"))  # (r = 1: a constant)
                 if (tn or colsum) and dtype != "fp32":  # (fp32: the same stores as the partials')
                     jobs.append(Job("skinny", pass_name + "+direct", dtype, tiles, arch, 16))
                 if dropout:  # an explicit seed: passed as a value; a mask over 2**31 elements or more
@@ -714,6 +763,7 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
             for block_r in configs.rank_tiles(cfg.max_block_r):
                 jobs.append(Job("norm", "norm", dtype, asdict(cfg), arch, block_r))
             jobs.append(Job("norm", "norm", dtype, asdict(cfg), arch, 16, even_k=False))
+            jobs.append(Job("norm", "norm", dtype, asdict(cfg), arch, 16, unit="rank"))  # (r = 1: a constant)
             jobs.append(Job("norm", "norm_chunked", dtype, asdict(cfg), arch, cfg.max_block_r))
             # several DoRA adapters' norms in one read of W (multi_lora_linear's magnitude), with a K tail
             for even_k in (True, False):
@@ -855,6 +905,43 @@ def run(archs=(90, 80), jobs: int = 1, progress=None, every_fp16_tile: bool = Fa
             os.environ["TRITON_INTERPRET"] = saved
 
 
+@dataclass(frozen=True)
+class KnownProblem:
+    """A problem the report finds on one Triton (major.minor), understood and
+    left, with why: :func:`split_known` sets it apart, and the CI tests check
+    that it is still found there (a problem that goes away leaves the list)."""
+
+    triton: str
+    kernel: str
+    pass_name: str
+    dtypes: tuple
+    arch: int
+    problem: str  # the text after the kernel's tag
+    why: str
+
+    def matches(self, line: str, version: str) -> bool:
+        return (version.startswith(self.triton + ".") and line.endswith(": " + self.problem)
+                and any(line.startswith(f"{self.kernel}/{self.pass_name}/{d}/sm_{self.arch}/") for d in self.dtypes))
+
+
+KNOWN_PROBLEMS = (
+    KnownProblem("3.6", "skinny", "dA_pass+rank_one", ("bf16", "fp16"), 90, "spills 24 bytes",
+                 "at r = 1 (the rank a constant) the ptxas that Triton 3.6 bundles (CUDA 12.8's) holds the dA "
+                 "pass with dropout at 80 registers, three programs a SM, and spills 12 bytes for it, where 3.9's "
+                 "takes 112 registers and none: its choice of occupancy at a third of the register limit, not a "
+                 "want of registers. Moving the pass's loads about, or a stride other than 1, gave 80 to 105 "
+                 "registers with and without it: no change that holds, in a memory-bound pass at a rank of 1."),
+)
+
+
+def split_known(found: list[str], version: str) -> tuple[list[str], list[str]]:
+    """``found`` (:func:`problems`' lines, from Triton ``version``) as
+    ``(new, known)``: known, those a :data:`KNOWN_PROBLEMS` entry for that
+    Triton matches; the CI check rejects the new ones."""
+    known = [line for line in found if any(k.matches(line, version) for k in KNOWN_PROBLEMS)]
+    return [line for line in found if line not in known], known
+
+
 def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
     """What a CI check rejects: a compile error, shared memory over the
     arch's limit (``smem_limit``, default :func:`~fused_lora.kernels.configs.smem_limit_for`:
@@ -883,7 +970,8 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
         if r.kernel == "gemm" and "+persistent" not in r.pass_name:  # (configs.persistent_grid_fits)
             estimate = configs.GemmConfig(**r.config).smem_bytes(4 if r.dtype == "fp32" else 2, r.block_r,
                                                                  "_in_loop" in r.pass_name,
-                                                                 "+rank_loop" in r.pass_name)
+                                                                 "+rank_loop" in r.pass_name,
+                                                                 "+nf4_base" in r.pass_name)
             if r.shared > estimate:
                 out.append(f"{tag}: shared memory {r.shared} > the estimate {estimate} that prunes the tiles")
         if r.kernel == "skinny":  # (SkinnyConfig.stages_for)
@@ -905,10 +993,12 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
             # second (smaller, masked) sum is read narrower, its first still in vectors;
             # a row factor (a row scale or an adapter id, one fp32 or int32 a row, masked
             # along M) is read 4 bytes at a time, the wide operand in vectors as the same
-            # pass without it is (in the report too).
+            # pass without it is (in the report too); at r = 1 the rank factors' rows are
+            # one element each, so read one at a time (2 or 4 bytes), the wide operand in vectors.
             widths = r.load_widths or [0]
             some = (r.kernel == "skinny" and (r.dtype == "fp32" or "+row_scale" in r.pass_name
-                                              or "+adapters" in r.pass_name or "+row_p" in r.pass_name)
+                                              or "+adapters" in r.pass_name or "+row_p" in r.pass_name
+                                              or "+rank_one" in r.pass_name)
                     or "+second" in r.pass_name)
             narrow = widths[-1] < 16 if some else widths[0] < 16
             if narrow:
@@ -973,16 +1063,18 @@ def main(argv=None) -> int:
 
     results = run(tuple(args.arch or (90, 80)), jobs=args.jobs, progress=progress,
                   every_fp16_tile=args.every_fp16_tile, every_variant=args.every_variant, scope=args.scope)
-    bad = problems(results)
+    bad, known = split_known(problems(results), triton.__version__)
     if args.json:
         print(json.dumps({"triton": triton.__version__, "scope": args.scope, "results": [asdict(r) for r in results],
-                          "problems": bad}, indent=1))
+                          "problems": bad, "known_problems": known}, indent=1))
     else:
         print(_table(results))
         print(f"\n{len(results)} kernels compiled with Triton {triton.__version__} (--scope {args.scope}), "
-              f"{len(bad)} problem(s)")
+              f"{len(bad)} problem(s), {len(known)} known and left (KNOWN_PROBLEMS)")
         for line in bad:
             print("  PROBLEM", line)
+        for line in known:
+            print("  KNOWN  ", line)
     return 1 if bad else 0
 
 

@@ -105,18 +105,31 @@ class GemmConfig:
     #: meta-parameter: the launcher sizes the grid and the fp32 workspace.
     split_k: int = 1
 
-    def smem_bytes(self, elt: int, block_r: int, shrink_in_loop: bool, rank_loop: bool = False) -> int:
+    def smem_bytes(self, elt: int, block_r: int, shrink_in_loop: bool, rank_loop: bool = False,
+                   nf4_b: bool = False) -> int:
         """Estimated shared memory: the pipelined operand tiles (plus the
         shrink factor's tile when the shrink runs in the K loop) and the
         low-rank term's two operand tiles; ``rank_loop`` (a precomputed
         term over several rank tiles): its left one (u) in fp32, as that
         loop stages it beside the K loop's stages (compile report, sm_90:
-        128x128x64 on 4 stages at a 64 rank tile, 180,224 bytes)."""
-        per_stage = (self.block_m * self.block_k + self.block_k * self.block_n) * elt
+        128x128x64 on 4 stages at a 64 rank tile, 180,224 bytes).
+
+        ``nf4_b`` (B decoded from NF4 bytes in the K loop): B's stages hold
+        its bytes (half a byte an element), and beside them three whole fp32
+        (BLOCK_K, BLOCK_N) tiles: the looked-up codes (the pipeliner stages
+        that gather's results in shared memory), a layout conversion's scratch
+        and the decoded tile the dot reads. Its real figure hardly follows the
+        stages (compile report, sm_90 and sm_80, Triton 3.6 and 3.9, forward
+        and dx, 2 to 4 stages, every NF4 tile and rank tile: 128x128x64 from
+        82,432 to 135,680 bytes at 2, 3 or 4 alike), so the pipelined model
+        alone was 30 KB under it on 3 stages; this one is above all 168 of them."""
+        b_tile = self.block_k * self.block_n // 2 if nf4_b else self.block_k * self.block_n * elt
+        per_stage = self.block_m * self.block_k * elt + b_tile
         if shrink_in_loop:
             per_stage += self.block_k * block_r * elt
+        decoded = 3 * self.block_k * self.block_n * 4 if nf4_b else 0
         epilogue = self.block_m * block_r * (4 if rank_loop else elt) + block_r * self.block_n * elt
-        return self.num_stages * per_stage + epilogue
+        return self.num_stages * per_stage + decoded + epilogue
 
     def elems_per_thread(self) -> int:
         return self.block_m * self.block_n // (32 * self.num_warps)
@@ -235,9 +248,12 @@ _GEMM_CANDIDATES_16BIT = (
 # 13 and 19 forward kernels, 8-68 B at 72-168 registers (64x128: a K tail
 # without a bias). All but the hybrid's rank tail (8 B, 3.6) run only under
 # a forced strategy. Left: fp32 is rare on a GPU, where it runs hybrid.)
+# 64x128x32 on 4 warps (64 accumulator elements a thread on one warpgroup)
+# is no longer one: compiled as the runtime specialises, it reached 254
+# registers and spilled 8-52 B (dx at a 16 rank tile and its rank loop, dW;
+# Triton 3.9, and 3.6's rank loop), where 128x128x32 on 8 warps did not.
 _GEMM_CANDIDATES_FP32 = (
     GemmConfig(128, 128, 32, 8, 8, 3),
-    GemmConfig(64, 128, 32, 8, 4, 3),
     GemmConfig(32, 64, 32, 8, 4, 3),
     GemmConfig(16, 64, 32, 8, 4, 3),
 )
@@ -350,6 +366,11 @@ PERSISTENT_IN_LOOP_MAX_BLOCK_R = 32
 #: tiles of at most 64 rows and a 64-wide K step did not: those only.
 PERSISTENT_IN_LOOP_MASK_OR_INT8_MAX_BLOCK_M = 64
 PERSISTENT_IN_LOOP_MASK_OR_INT8_MAX_BLOCK_K = 64
+#: And without either, as the runtime specialises: 128x64x64 on 4 warps (128
+#: rows a warpgroup) spilled 260-264 B with pointers at a 32 rank tile
+#: (Triton 3.9; 255 registers on 3.6, and dx 252-254 on both), where the
+#: tiles of at most 64 rows a warpgroup stayed at or under 246.
+PERSISTENT_IN_LOOP_MAX_ROWS_PER_WARPGROUP = 64
 IN_LOOP_MAX_ELEMS_PER_THREAD = {2: 160, 4: 64}
 
 #: The in-loop forward with dropout (forced ``in_loop``) masks each A tile
@@ -385,6 +406,14 @@ SHRINK_MASK_MAX_ELEMS_PER_THREAD = 32
 #: (about 1,870 more kernels than the default report, on either version).
 IN_LOOP_EPILOGUE_MASK_MAX_ELEMS_PER_THREAD = {2: 96, 4: 64}
 IN_LOOP_EPILOGUE_MASK_MAX_ROWS_PER_WARPGROUP = 64
+#: Compiled as the runtime specialises, from a 64 rank tile on the tiles with
+#: 64 accumulator elements a thread (128x128 on 8 warps, 64x128 on 4: 96 with
+#: xa) reached 253-255 registers, and with several adapters' dropout
+#: probabilities spilled 24 B (128x128, Triton 3.6) and 40 B (64x128, 3.9);
+#: 64x64 (32) stayed at or under 232 up to a 128 rank tile: from that rank
+#: tile on, at most this many accumulator elements a thread.
+IN_LOOP_EPILOGUE_MASK_WIDE_RANK_BLOCK_R = 64
+IN_LOOP_EPILOGUE_MASK_WIDE_RANK_MAX_ELEMS_PER_THREAD = 32
 
 
 #: An int8 base (``lora_gemm``'s ``b_scale``): each B tile is dequantised in
@@ -400,20 +429,23 @@ IN_LOOP_EPILOGUE_MASK_MAX_ROWS_PER_WARPGROUP = 64
 #: fp32 (FMA dots, their operands in registers): 128x128x32 on 8 warps (64
 #: accumulator elements a thread) spilled 31-33 KB with the precomputed term
 #: (forward and dx, Triton 3.9), where the 32x64 and 16x64 tiles (16 and 8)
-#: did not.
+#: did not. With the shrink's input masked too (the in-loop forward with
+#: dropout), compiled as the runtime specialises, the narrow rank tiles' 64
+#: were too many: 128x256x64 reached 250-255 registers at 16 and 32 and
+#: spilled 16 B through TMA at 32 (Triton 3.9): there 32 at every rank tile.
 INT8_B_IN_LOOP_MAX_DEQUANT_ELEMS_PER_THREAD = 32
 INT8_B_IN_LOOP_NARROW_BLOCK_R = 32
 INT8_B_IN_LOOP_NARROW_MAX_DEQUANT_ELEMS_PER_THREAD = 64
 INT8_B_FP32_MAX_ELEMS_PER_THREAD = 32
 
 
-def int8_b_fits(c: "GemmConfig", elt: int, shrink_in_loop: bool, block_r: int) -> bool:
+def int8_b_fits(c: "GemmConfig", elt: int, shrink_in_loop: bool, block_r: int, shrink_mask: bool = False) -> bool:
     """Whether tile ``c`` may dequantise an int8 B (above), with the in-loop
-    shrink at rank tile ``block_r``."""
+    shrink at rank tile ``block_r`` (``shrink_mask``: its input masked)."""
     if elt == 4:
         return c.elems_per_thread() <= INT8_B_FP32_MAX_ELEMS_PER_THREAD
-    cap = (INT8_B_IN_LOOP_NARROW_MAX_DEQUANT_ELEMS_PER_THREAD if block_r <= INT8_B_IN_LOOP_NARROW_BLOCK_R
-           else INT8_B_IN_LOOP_MAX_DEQUANT_ELEMS_PER_THREAD)
+    narrow = block_r <= INT8_B_IN_LOOP_NARROW_BLOCK_R and not shrink_mask
+    cap = INT8_B_IN_LOOP_NARROW_MAX_DEQUANT_ELEMS_PER_THREAD if narrow else INT8_B_IN_LOOP_MAX_DEQUANT_ELEMS_PER_THREAD
     return not shrink_in_loop or c.block_k * c.block_n // (32 * c.num_warps) <= cap
 
 
@@ -525,9 +557,11 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
     accumulator and xa do, and with mma.sync, above its narrow rank tiles,
     whose accumulator does; with its input masked, whose A tile does; with
     dx's epilogue mask, whose accumulator and xa do, on at most 64 rows a
-    warpgroup; with an int8 B, :func:`int8_b_fits`; with an NF4 B,
-    :func:`nf4_b_fits`; on the persistent grid, with the in-loop shrink's
-    input masked or an int8 B, whose rows and K step are few enough).
+    warpgroup, and from a 64 rank tile whose accumulator does; with an int8
+    B, :func:`int8_b_fits`; with an NF4 B, :func:`nf4_b_fits`; on the
+    persistent grid, with the in-loop shrink, on at most 64 rows a
+    warpgroup, and with its input masked or an int8 B, whose rows and K step
+    are few enough).
     fp32's in-loop shrink has a tile of its own. ``rank_loop``: a
     precomputed term over several rank tiles (:meth:`GemmConfig.smem_bytes`).
     None where the in-loop shrink cannot hold the rank tile."""
@@ -539,7 +573,7 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
         pool = _GEMM_CANDIDATES_16BIT
 
     def fits(c: GemmConfig) -> bool:
-        return c.smem_bytes(elt, block_r, shrink_in_loop, rank_loop) <= smem_limit
+        return c.smem_bytes(elt, block_r, shrink_in_loop, rank_loop, nf4_b) <= smem_limit
 
     if smem_limit < SMEM_LIMIT_SM90:
         pool = _stages_that_fit(pool, fits)
@@ -553,15 +587,19 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
         cap = min(cap or 1 << 30, PERSISTENT_MAX_ELEMS_PER_THREAD)
     if persistent and epilogue_mask and block_r > PERSISTENT_EPILOGUE_MASK_MAX_BLOCK_R:
         cap = min(cap, PERSISTENT_EPILOGUE_MASK_WIDE_RANK_MAX_ELEMS_PER_THREAD)
+    if shrink_in_loop and epilogue_mask and block_r >= IN_LOOP_EPILOGUE_MASK_WIDE_RANK_BLOCK_R:
+        cap = min(cap, IN_LOOP_EPILOGUE_MASK_WIDE_RANK_MAX_ELEMS_PER_THREAD)
     return [c for c in pool
             if fits(c)
             and (cap is None or c.elems_per_thread() <= cap)
-            and (not int8_b or int8_b_fits(c, elt, shrink_in_loop, block_r))
+            and (not int8_b or int8_b_fits(c, elt, shrink_in_loop, block_r, shrink_mask))
             and (not nf4_b or nf4_b_fits(c, elt, persistent, arch))
             and (not shrink_in_loop
                  or c.block_m * (c.block_n + block_r) // (32 * c.num_warps) <= IN_LOOP_MAX_ELEMS_PER_THREAD[elt])
             and (not (shrink_in_loop and shrink_mask)
                  or c.block_m * c.block_k // (32 * c.num_warps) <= SHRINK_MASK_MAX_ELEMS_PER_THREAD)
+            and (not (persistent and shrink_in_loop)
+                 or c.block_m * 4 <= PERSISTENT_IN_LOOP_MAX_ROWS_PER_WARPGROUP * c.num_warps)
             and (not (persistent and shrink_in_loop and (shrink_mask or int8_b))
                  or (c.block_m <= PERSISTENT_IN_LOOP_MASK_OR_INT8_MAX_BLOCK_M
                      and c.block_k <= PERSISTENT_IN_LOOP_MASK_OR_INT8_MAX_BLOCK_K))
