@@ -9,8 +9,8 @@
 #   make compile-report
 #                compile every kernel for sm_90 on every tile it may run with, with the newest
 #                Triton and with the GPU machine's (the tests compile each code path once, at
-#                its largest rank tile: less); 33 to 37 minutes on two cores: run it when
-#                kernels/ changes
+#                its largest rank tile: less), then --check-known with each; 33 to 37
+#                minutes on two cores: run it when kernels/ changes
 #   make test-gpu-stack
 #                the suite (less the compile checks) under the interpreter with our GPU
 #                machine's Python, torch and Triton (3.12, 2.11, 3.6): what bench/gpu_check.sh
@@ -63,6 +63,8 @@ demo: $(STAMP)
 compile-report: $(STAMP) $(GPU_STAMP)
 	$(BIN)/python -m fused_lora.compile_report --arch 90 --scope tiles
 	PYTHONPATH=$(abspath $(GPU_TRITON_DIR)) $(BIN)/python -m fused_lora.compile_report --arch 90 --scope tiles
+	$(BIN)/python -m fused_lora.compile_report --check-known
+	PYTHONPATH=$(abspath $(GPU_TRITON_DIR)) $(BIN)/python -m fused_lora.compile_report --check-known
 
 # Our H200 machine's versions (../shared/design/GPU.md): Python 3.12 where a working python3.12
 # is on the PATH (else $(PYTHON); GPU_STACK_PYTHON=... to choose), torch 2.11, Triton 3.6.

@@ -35,7 +35,10 @@ limit, or a GEMM over the estimate that prunes its tiles, is a problem.
 Sizes of 1, which Triton compiles as constants, are compiled too: one token
 (decoding: ``+one_token``) and a rank of 1 (``+rank_one``). A problem
 understood and left is listed in :data:`KNOWN_PROBLEMS` with why, and
-reported apart (the exit status is 1 only for the others).
+reported apart (the exit status is 1 only for the others): each is a spill
+that ptxas takes to fit more programs on a SM, and ``--check-known``
+compiles those kernels again to show it, still found as the report compiles
+them and gone under a ceiling of 255 registers a thread.
 ``--scope kernels`` compiles each kernel on one tile, ``--scope paths`` at
 one rank tile too, and fp16's sm_90 GEMMs and skinny passes only as twins
 (:data:`SCOPES`). DoRA's norm (:mod:`fused_lora.kernels.dora`) is compiled
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -397,7 +401,6 @@ def _compile(src, arch: int, options: dict):
     own ptxas (Triton 3.6 bundles CUDA 12.8's for sm_90, 3.9 its newest) with
     its own flags (3.9 adds ``--regAllocOptLevel=2``), so the registers and
     spills are those of the kernel the runtime loads."""
-    import contextlib
     import io
 
     import triton
@@ -454,7 +457,9 @@ def kernel_args(job: Job):
     return skinny.reduce_partials_kernel, _reduce_args(job.dtype, None, job.pass_name, job.block_r)
 
 
-def compile_job(job: Job) -> Result:
+def compile_job(job: Job, maxnreg: int | None = None) -> Result:
+    """``job`` compiled, with ``maxnreg`` (a ceiling on registers a thread,
+    PTX's ``.maxnreg``; the runtime sets none) if given."""
     from fused_lora.kernels import configs
 
     res = result_of(job)
@@ -462,6 +467,8 @@ def compile_job(job: Job) -> Result:
         fn, values = kernel_args(job)
         options = {"num_warps": job.config.get("num_warps", 4), "num_stages": job.config.get("num_stages", 2),
                    "enable_fp_fusion": configs.FP_FUSION}
+        if maxnreg is not None:
+            options["maxnreg"] = maxnreg
         src = _ast_source(fn, values)
         compiled, ptxas_log = _compile(src, job.arch, options)
         ptx = compiled.asm["ptx"]
@@ -871,20 +878,31 @@ def fp16_twins(jobs: list[Job], results: list[Result]) -> list[Job]:
     return out
 
 
-def run(archs=(90, 80), jobs: int = 1, progress=None, every_fp16_tile: bool = False,
-        every_variant: bool = False, scope: str = "tiles") -> list[Result]:
-    """Compile every job (and then :func:`fp16_twins`), in fresh worker
-    processes. Compiling needs the real (JIT) kernels whatever the caller runs
-    on, so the workers start without TRITON_INTERPRET; the caller's own
-    kernels are left as they are."""
+@contextlib.contextmanager
+def _compile_pool(jobs: int):
+    """Worker processes that compile. Compiling needs the real (JIT) kernels
+    whatever the caller runs on, so the workers start without
+    TRITON_INTERPRET; the caller's own kernels are left as they are."""
     import multiprocessing
 
-    work = [j for a in archs for j in jobs_for(a, every_fp16_tile, every_variant, scope)]
-    bar = progress(total=len(work), desc="compile", unit="kernel") if progress else None
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
         with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, jobs),
                                                     mp_context=multiprocessing.get_context("spawn")) as pool:
+            yield pool
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def run(archs=(90, 80), jobs: int = 1, progress=None, every_fp16_tile: bool = False,
+        every_variant: bool = False, scope: str = "tiles") -> list[Result]:
+    """Compile every job (and then :func:`fp16_twins`) in ``jobs`` fresh
+    worker processes (:func:`_compile_pool`)."""
+    work = [j for a in archs for j in jobs_for(a, every_fp16_tile, every_variant, scope)]
+    bar = progress(total=len(work), desc="compile", unit="kernel") if progress else None
+    try:
+        with _compile_pool(jobs) as pool:
             def compile_all(batch: list[Job]) -> list[Result]:
                 out = []
                 for result in pool.map(compile_job, batch):
@@ -901,36 +919,70 @@ def run(archs=(90, 80), jobs: int = 1, progress=None, every_fp16_tile: bool = Fa
     finally:
         if bar:
             bar.close()
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
 
 
 @dataclass(frozen=True)
 class KnownProblem:
-    """A problem the report finds on one Triton (major.minor), understood and
-    left, with why: :func:`split_known` sets it apart, and the CI tests check
-    that it is still found there (a problem that goes away leaves the list)."""
+    """A spill that the ptxas of one Triton (major.minor) takes for occupancy,
+    understood and left: :func:`split_known` sets it apart, and
+    :func:`check_known` (the CI tests run it with each Triton) compiles the
+    kernel again to confirm both that it is still found (a problem that goes
+    away leaves the list) and that it is ptxas's trade, not a want of
+    registers: with a ceiling of the most registers a thread may have
+    (``maxnreg``, configs.MAX_REGISTERS_PER_THREAD; the runtime sets none, and
+    ptxas then aims for more programs a SM than the kernel's registers allow
+    and spills to reach them), the same kernel spills nothing. An entry names
+    one kernel: pass, dtypes, arch, tile, rank tile and the problem's text."""
 
     triton: str
     kernel: str
     pass_name: str
     dtypes: tuple
     arch: int
+    config: dict  # the tile, as the report names it (its fields in the order of the config's dataclass)
+    block_r: int
     problem: str  # the text after the kernel's tag
     why: str
 
+    def lines(self) -> list[str]:
+        """The problems' lines (:func:`problems`) this entry sets apart."""
+        return [f"{self.kernel}/{self.pass_name}/{d}/sm_{self.arch}/{self.config}/r{self.block_r}: {self.problem}"
+                for d in self.dtypes]
+
     def matches(self, line: str, version: str) -> bool:
-        return (version.startswith(self.triton + ".") and line.endswith(": " + self.problem)
-                and any(line.startswith(f"{self.kernel}/{self.pass_name}/{d}/sm_{self.arch}/") for d in self.dtypes))
+        return version.startswith(self.triton + ".") and line in self.lines()
+
+    def jobs(self) -> list[Job]:
+        """The report's jobs (``--scope tiles``) that compile this entry's kernels, one a dtype."""
+        return [job for job in jobs_for(self.arch, scope="tiles")
+                if job.kernel == self.kernel and job.dtype in self.dtypes and job.config == self.config
+                and job.block_r == self.block_r and result_of(job).pass_name == self.pass_name]
 
 
 KNOWN_PROBLEMS = (
-    KnownProblem("3.6", "skinny", "dA_pass+rank_one", ("bf16", "fp16"), 90, "spills 24 bytes",
+    KnownProblem("3.6", "skinny", "dA_pass+rank_one", ("bf16", "fp16"), 90,
+                 {"block_m": 64, "block_c": 128, "num_warps": 8, "num_stages": 2, "max_block_r": 64,
+                  "shrink_stages": 3, "smem_limit": 232448}, 16, "spills 24 bytes",
                  "at r = 1 (the rank a constant) the ptxas that Triton 3.6 bundles (CUDA 12.8's) holds the dA "
-                 "pass with dropout at 80 registers, three programs a SM, and spills 12 bytes for it, where 3.9's "
-                 "takes 112 registers and none: its choice of occupancy at a third of the register limit, not a "
-                 "want of registers. Moving the pass's loads about, or a stride other than 1, gave 80 to 105 "
-                 "registers with and without it: no change that holds, in a memory-bound pass at a rank of 1."),
+                 "pass with dropout at 80 registers, three programs of 8 warps a SM, and spills 12 bytes for it; "
+                 "with a ceiling of 255 it takes 144 and spills nothing, and 3.9's takes 112 and none. Moving the "
+                 "pass's loads about, or a stride other than 1, gave 80 to 105 registers with and without it: no "
+                 "change that holds, in a memory-bound pass at a rank of 1."),
+    KnownProblem("3.9", "skinny", "dy_pass-g+rank_one", ("fp16",), 90,
+                 {"block_m": 64, "block_c": 128, "num_warps": 8, "num_stages": 2, "max_block_r": 64,
+                  "shrink_stages": 3, "smem_limit": 232448}, 16, "spills 16 bytes",
+                 "at r = 1 the dy pass for dB alone (TN and the column sums, no g) in fp16: Triton 3.9's ptxas "
+                 "holds it at 80 registers, three programs of 8 warps a SM, and spills 8 bytes for it; with a "
+                 "ceiling of 255 it takes 138 and spills nothing (96 at a ceiling of 96: two programs), bf16's "
+                 "takes 80 and none. ptxas's choice of occupancy in a memory-bound pass, not a want of registers."),
+    KnownProblem("3.9", "gemm", "dx+r_tail+nf4_base+rank_loop", ("fp32",), 90,
+                 {"block_m": 16, "block_n": 64, "block_k": 32, "group_m": 8, "num_warps": 4, "num_stages": 3,
+                  "split_k": 1}, 32, "spills 16 bytes",
+                 "fp32's dx over an NF4 base with a rank loop and a rank tail on the 16-row tile: Triton 3.9's "
+                 "ptxas holds it at 168 registers, three programs of 4 warps a SM, and spills 8 bytes for it; with "
+                 "a ceiling of 255 it takes 184 and spills nothing, and the same pass with a dropout mask, or on "
+                 "the 32-row tile, takes 170 to 198 and none. fp32's exact dots are FMA loops that ptxas unrolls "
+                 "as far as the registers go: its choice of occupancy, not a want of registers."),
 )
 
 
@@ -940,6 +992,37 @@ def split_known(found: list[str], version: str) -> tuple[list[str], list[str]]:
     Triton matches; the CI check rejects the new ones."""
     known = [line for line in found if any(k.matches(line, version) for k in KNOWN_PROBLEMS)]
     return [line for line in found if line not in known], known
+
+
+def check_known(version: str, jobs: int = 1, ceiling: int | None = None) -> tuple[list[str], list[Result]]:
+    """Each :data:`KNOWN_PROBLEMS` entry of Triton ``version`` (the one
+    imported) compiled again, as the report and with a ceiling of ``ceiling``
+    registers a thread (default :class:`KnownProblem`'s, the most a thread may
+    have): ``(failures, results)``, a failure where an entry names no job, its
+    problem is no longer (or not alone) found, or under the ceiling the kernel
+    still spills."""
+    from fused_lora.kernels import configs
+
+    entries = [k for k in KNOWN_PROBLEMS if version.startswith(k.triton + ".")]
+    failures, work = [], []
+    for entry in entries:
+        found = entry.jobs()
+        if len(found) != len(entry.dtypes):
+            failures.append(f"{entry.lines()}: {len(found)} job(s) in the report, expected one a dtype")
+        work += [(entry, job) for job in found]
+    ceiling = ceiling or configs.MAX_REGISTERS_PER_THREAD
+    with _compile_pool(jobs) as pool:
+        plain = list(pool.map(compile_job, [job for _, job in work]))
+        capped = list(pool.map(compile_job, [job for _, job in work], [ceiling] * len(work)))
+    capped = [dataclasses.replace(r, pass_name=f"{r.pass_name}+maxnreg_{ceiling}") for r in capped]
+    for (entry, _), res, cap in zip(work, plain, capped):
+        seen = problems([res])
+        if not (len(seen) == 1 and entry.matches(seen[0], version)):
+            failures.append(f"{entry.lines()}: compiled, found {seen or 'no problem'}")
+        if cap.error or cap.spill_bytes:
+            failures.append(f"{entry.lines()}: with maxnreg={ceiling} still "
+                            f"{cap.error or f'spills {cap.spill_bytes} bytes at {cap.registers} registers'}")
+    return failures, plain + capped
 
 
 def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
@@ -1042,7 +1125,14 @@ def main(argv=None) -> int:
                         help="tiles: every kernel on every tile the dispatch may run it with (the default); "
                              "kernels: every kernel specialisation (pass, rank tile, variant, dtype) once, on the "
                              "tile it runs with at large M; paths: that at the largest rank tile of each only")
+    parser.add_argument("--check-known", action="store_true",
+                        help="compile only the KNOWN_PROBLEMS of this Triton, as the report and with a ceiling of "
+                             "255 registers a thread: each must still be found, and vanish under the ceiling "
+                             "(ptxas's trade of a spill for occupancy)")
     args = parser.parse_args(argv)
+    if args.check_known and (args.arch or args.every_fp16_tile or args.every_variant):
+        parser.error("--check-known compiles the kernels KNOWN_PROBLEMS names: no --arch, --every-fp16-tile "
+                     "or --every-variant")
     if args.every_fp16_tile and args.scope != "tiles":
         parser.error(f"--every-fp16-tile compiles fp16's GEMMs on every tile: it needs --scope tiles, "
                      f"not --scope {args.scope}")
@@ -1059,6 +1149,18 @@ def main(argv=None) -> int:
     if not hasattr(knobs.nvidia, "dump_ptxas_log"):  # (else every kernel would fail for want of the log)
         parser.error(f"Triton {triton.__version__} does not print the log of the ptxas it runs, from which the report "
                      "reads registers and spills: run it with Triton 3.5 or newer")
+    if args.check_known:
+        failures, results = check_known(triton.__version__, jobs=args.jobs)
+        if args.json:
+            print(json.dumps({"triton": triton.__version__, "results": [asdict(r) for r in results],
+                              "failures": failures}, indent=1))
+        else:
+            print(_table(results))
+            print(f"\n{len(results) // 2} known problem kernel(s) of Triton {triton.__version__} compiled, "
+                  f"as the report and with maxnreg={configs.MAX_REGISTERS_PER_THREAD}: {len(failures)} failure(s)")
+            for line in failures:
+                print("  FAILURE", line)
+        return 1 if failures else 0
     from .cli import progress
 
     results = run(tuple(args.arch or (90, 80)), jobs=args.jobs, progress=progress,

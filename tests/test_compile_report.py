@@ -8,6 +8,8 @@ import itertools
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -36,13 +38,48 @@ def sm90(sm90_report):
 
 
 def test_every_config_compiles_for_sm90_cleanly(sm90):
-    """No problem but those KNOWN_PROBLEMS lists for this Triton, and each of
-    those still found (one that went away must leave the list)."""
+    """No problem but those KNOWN_PROBLEMS lists for this Triton (each checked
+    on its own kernel: the next test)."""
     new, known = compile_report.split_known(compile_report.problems(sm90), triton.__version__)
     assert new == []
-    for entry in compile_report.KNOWN_PROBLEMS:
-        if triton.__version__.startswith(entry.triton + "."):
-            assert any(entry.matches(line, triton.__version__) for line in known), entry
+
+
+def test_each_known_problem_is_still_found_and_is_ptxas_trading_a_spill_for_occupancy():
+    """``compile_report --check-known`` with this Triton: each entry's kernels
+    compiled as the report compiles them show its problem and no other (one
+    that went away must leave the list), and compiled with a ceiling of 255
+    registers a thread spill nothing."""
+    proc = subprocess.run([sys.executable, "-m", "fused_lora.compile_report", "--check-known", "--json", "--jobs", "2"],
+                          env=BackgroundCompileReports.environment("newest"), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.stdout.strip(), proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["triton"] == triton.__version__
+    assert report["failures"] == [] and proc.returncode == 0, report["failures"]
+    entries = [k for k in compile_report.KNOWN_PROBLEMS if triton.__version__.startswith(k.triton + ".")]
+    assert len(report["results"]) == 2 * sum(len(k.dtypes) for k in entries)
+
+
+def test_check_known_fails_an_entry_not_found_naming_no_kernel_or_spilling_under_the_ceiling(monkeypatch):
+    """An entry whose kernel compiles cleanly, that names no kernel of the
+    report, or whose kernel spills under the ceiling too, is a failure."""
+    skinny = dataclasses.asdict(configs.SKINNY_16BIT)
+    version = ".".join(triton.__version__.split(".")[:2])
+    clean = compile_report.KnownProblem(version, "skinny", "dy_pass-g-dB", ("bf16",), 90, skinny, 16,
+                                        "spills 16 bytes", "made up: this kernel spills nothing")
+    missing = dataclasses.replace(clean, pass_name="no_such_pass")
+    monkeypatch.setattr(compile_report, "KNOWN_PROBLEMS", (clean, missing))
+    failures, results = compile_report.check_known(triton.__version__)
+    assert len(results) == 2 and results[0].error == "" and results[0].spill_bytes == 0
+    assert failures == [f"{missing.lines()}: 0 job(s) in the report, expected one a dtype",
+                        f"{clean.lines()}: compiled, found no problem"]
+    # a ceiling the kernel does not fit under: it spills there too
+    failures, results = compile_report.check_known(triton.__version__, ceiling=32)
+    capped = results[1]
+    assert capped.pass_name == "dy_pass-g-dB+maxnreg_32" and capped.registers <= 32 and capped.spill_bytes > 0
+    assert failures[1:] == [f"{clean.lines()}: compiled, found no problem",
+                            f"{clean.lines()}: with maxnreg=32 still spills {capped.spill_bytes} bytes at "
+                            f"{capped.registers} registers"]
 
 
 def test_the_compiled_kernels_are_what_was_asked_for(sm90):
@@ -302,19 +339,19 @@ def test_problems_catches_what_it_should():
     assert compile_report.problems([compile_report.Result("gemm", "dx", "bf16", 90, {}, 16, error="boom")])
     # a known problem is set apart on its own Triton only, and only that problem of that kernel
     entry = compile_report.KNOWN_PROBLEMS[0]
-    skinny = dataclasses.asdict(configs.SKINNY_16BIT)
-    spilling = compile_report.Result(entry.kernel, entry.pass_name, entry.dtypes[0], entry.arch, skinny, 16,
-                                     shared=1000, registers=80, spill_bytes=int(entry.problem.split()[1]),
-                                     load_widths=[4, 16])
+    assert entry.config == dataclasses.asdict(configs.SKINNY_16BIT)  # (the shipped tile, as the report names it)
+    spilling = compile_report.Result(entry.kernel, entry.pass_name, entry.dtypes[0], entry.arch, entry.config,
+                                     entry.block_r, shared=1000, registers=80,
+                                     spill_bytes=int(entry.problem.split()[1]), load_widths=[4, 16])
     assert compile_report.problems([spilling]) == [f"{entry.kernel}/{entry.pass_name}/{entry.dtypes[0]}/sm_90/"
-                                                   f"{skinny}/r16: {entry.problem}"]
+                                                   f"{entry.config}/r{entry.block_r}: {entry.problem}"]
     found = compile_report.problems([spilling])
     assert compile_report.split_known(found, entry.triton + ".0") == ([], found)
     assert compile_report.split_known(found, "9.9.0") == (found, [])
-    more = compile_report.problems([dataclasses.replace(spilling, spill_bytes=32)])
-    assert compile_report.split_known(more, entry.triton + ".0") == (more, [])
-    other = compile_report.problems([dataclasses.replace(spilling, pass_name="dA_pass")])
-    assert compile_report.split_known(other, entry.triton + ".0") == (other, [])
+    for other in (dict(spill_bytes=32), dict(pass_name="dA_pass"), dict(block_r=32),
+                  dict(config={**entry.config, "num_stages": 3})):
+        more = compile_report.problems([dataclasses.replace(spilling, **other)])
+        assert compile_report.split_known(more, entry.triton + ".0") == (more, []), other
     skinny = dataclasses.asdict(configs.SKINNY_16BIT)
     narrow = compile_report.Result("skinny", "dA_pass", "bf16", 90, skinny, 16, shared=1000, registers=100,
                                    spill_bytes=0, load_widths=[4, 16])  # one operand's loads not vectors
