@@ -506,7 +506,11 @@ def model(case: Case) -> dict:
     the seed on the GPU before it); backward, the dy pass (g
     and dB, or dB alone where the dx GEMM computes g in its K loop), the dx
     GEMM and the dA pass; each GEMM split along K with its fp32 partials
-    and the launch that sums them, each skinny pass with its reductions.
+    and the launch that sums them, each skinny pass with its reductions
+    and the fp32 partials they sum (:meth:`~fused_lora.kernels.skinny.SkinnyGrid.small_bytes`:
+    the dy pass with g makes one dB partial a 64-row tile, 32 MB at M = 8192,
+    N = 4096, r = 16, written and read again; all of it DRAM traffic here,
+    though some may stay in L2).
 
     Drawing a dropout mask costs integer instructions (a third roofline, at
     :data:`PEAK_INT_OPS_PER_S`; :data:`NAIVE_MASK_INT_OPS_PER_ELEMENT` and
@@ -553,11 +557,13 @@ def model(case: Case) -> dict:
         return [(flops, nbytes - e * out_elems + partials, *ints), (0, partials + e * out_elems)]
 
     def skinny_pass(flops, rows, cols, shrink, tn, *ints):
+        # a launch a chunk of rows, each a share of the work, with the partials it writes; then the reductions
         grid = skinny.skinny_grid(rows, cols, r, plan.skinny, plan.skinny_programs, shrink=shrink, tn=tn,
                                   colsum=False)
-        passes = cdiv(rows, grid.chunk_rows)  # (a launch a chunk of rows, each a share of the work)
-        share = [v / passes for v in (flops, e * rows * cols, *ints)]
-        return [tuple(share)] * passes + [(0, 0)] * (grid.launches() - passes)
+        launches, reductions = grid.small_bytes(cols, r, e if tn else None)
+        share = [v / len(launches) for v in (flops, e * rows * cols, *ints)]
+        return ([(share[0], share[1] + small, *share[2:]) for small in launches]
+                + [(0, moved) for moved in reductions])
 
     # with dropout, the forward's first kernel draws the seed on the GPU (seed=None: a kernel of its own)
     draw_seed = [(0, 4)] if drop else []

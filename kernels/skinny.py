@@ -400,6 +400,38 @@ class SkinnyGrid:
         last = row_sums + (self.shrink and self.split_c > 1)
         return chunks + (chunks - 1) * cdiv(row_sums, 2) + cdiv(last, 2)
 
+    def small_bytes(self, C: int, r: int, tn_elt: int | None, cs_elt: int | None = None
+                    ) -> tuple[list[int], list[int]]:
+        """Bytes that the pass's small results move beside its read of the
+        wide operand, as :func:`skinny_pass` launches them (``tn_elt``,
+        ``cs_elt``: TN's and COLSUM's output element sizes, None where the
+        pass has none; :attr:`row_sums` must count them): ``(written by each
+        launch over a chunk of rows, read and written by each reduction
+        launch)``, in launch order. SHRINK's fp32 (M, r) partials, one a
+        column split; TN's fp32 (C, r) and COLSUM's (C,) partials, one a row
+        split (or, with one row split, the outputs themselves); a chunk's
+        running sums in fp32 for the next. (The rank factors' reads, small
+        and shared by the programs, are not counted.)"""
+        if (tn_elt is not None) + (cs_elt is not None) != self.row_sums:
+            raise ValueError(f"row_sums={self.row_sums} but tn_elt={tn_elt}, cs_elt={cs_elt}")
+        sums = [(C * r, tn_elt) for elt in [tn_elt] if elt is not None] + [(C, cs_elt) for elt in [cs_elt]
+                                                                          if elt is not None]
+        launches, reductions = [], []
+        for m0 in range(0, self.M, self.chunk_rows):
+            rows = min(self.M, m0 + self.chunk_rows) - m0
+            splits = cdiv(rows, self.rows_per_prog)
+            last = m0 + rows == self.M
+            written = 4 * self.split_c * rows * r if self.shrink else 0
+            written += sum(n * (elt if self.direct else 4 * splits) for n, elt in sums)
+            launches.append(written)
+            jobs = [] if self.direct else [  # (parts, moved): as launch_reductions pairs them, largest first
+                (splits * n, 4 * splits * n + (4 * n if m0 else 0) + n * (elt if last else 4)) for n, elt in sums]
+            if last and self.shrink and self.split_c > 1:
+                jobs.append((self.split_c * self.M * r, 4 * (self.split_c + 1) * self.M * r))
+            jobs.sort(key=lambda job: -job[0])
+            reductions += [sum(moved for _, moved in jobs[i:i + 2]) for i in range(0, len(jobs), 2)]
+        return launches, reductions
+
 
 def skinny_grid(M: int, C: int, r: int, config: SkinnyConfig, target_programs: int, *, shrink: bool, tn: bool,
                 colsum: bool) -> SkinnyGrid:

@@ -245,6 +245,53 @@ def test_roofline_model_counts_the_kernels_the_fused_step_launches(monkeypatch, 
     assert len(launches[0][0]) == 2 and launches[0][0][1] > 1  # the forward GEMM split along K
 
 
+@pytest.mark.parametrize("shrink, tn, colsum, partial_bytes", [
+    (True, True, False, None), (True, True, False, 3000), (False, True, False, 3000), (False, True, True, None),
+    (False, False, True, 500), (True, False, False, None), (True, True, True, 2000)])
+def test_skinny_small_bytes_are_what_the_pass_writes_and_sums(monkeypatch, shrink, tn, colsum, partial_bytes):
+    """``SkinnyGrid.small_bytes`` (the model's bytes of a skinny pass's
+    partials, beside its read of the wide operand) against the tensors that
+    ``skinny_pass`` hands its launches: each chunk's partials (or outputs),
+    and each reduction's partials, running sums and outputs; with the row
+    splits in chunks where ``partial_bytes`` bounds them."""
+    from fused_lora import _triton
+    from fused_lora.kernels import configs, skinny
+
+    if not _triton.interpreter():
+        pytest.skip("runs the skinny pass on the interpreter")
+    if partial_bytes is not None:
+        monkeypatch.setattr(skinny, "SKINNY_PARTIAL_BYTES", partial_bytes)
+    m, c, r, programs = 150, 70, 5, 12
+    written, moved = [], []
+    real_launch, real_chunk = skinny.launch, skinny._launch
+
+    def chunk(t, s, l, sh, tn, cs, *args, **kwargs):
+        m_start, m_end = args[2], args[3]
+        written.append((4 * sh.shape[0] * (m_end - m_start) * sh.shape[2] if sh is not None else 0)
+                       + sum(o.numel() * o.element_size() for o in (tn, cs) if o is not None))
+        return real_chunk(t, s, l, sh, tn, cs, *args, **kwargs)
+
+    def launch(kernel, grid, args, constexprs):
+        if kernel is skinny.reduce_partials_kernel:
+            parts, acc, out, parts2, acc2, out2 = args[0], args[1], args[2], args[6], args[7], args[8]
+            moved.append(parts.nbytes + out.nbytes + (acc.nbytes if constexprs["HAS_ACC"] else 0)
+                         + ((parts2.nbytes + out2.nbytes + (acc2.nbytes if constexprs["HAS_ACC2"] else 0))
+                            if constexprs["SECOND"] else 0))
+        return real_launch(kernel, grid, args, constexprs)
+
+    monkeypatch.setattr(skinny, "_launch", chunk)
+    monkeypatch.setattr(skinny, "launch", launch)
+    t = torch.randn(m, c, device=DEVICE)
+    skinny.skinny_pass(t, config=configs.SKINNY_FP32, target_programs=programs,
+                       shrink=torch.randn(c, r, device=DEVICE) if shrink else None,
+                       tn_left=torch.randn(m, r, device=DEVICE) if tn else None, colsum=colsum,
+                       tn_dtype=torch.float16, colsum_dtype=torch.float64)
+    grid = skinny.skinny_grid(m, c, r, configs.SKINNY_FP32, programs, shrink=shrink, tn=tn, colsum=colsum)
+    assert grid.small_bytes(c, r, 2 if tn else None, 8 if colsum else None) == (written, moved)
+    assert len(written) + len(moved) == grid.launches()
+    assert moved and (len(written) > 1) == (partial_bytes is not None)  # (every case sums partials)
+
+
 def test_readme_performance_section_is_generated_from_committed_results():
     from pathlib import Path
 
