@@ -19,7 +19,9 @@ This probe splits the question on the GPU, each row one launch of
 ``fwd_base_b_rowmajor``            the forward with Wᵀ stored row-major (B laid out as dx's)
 ``fwd_lowrank``, ``dx_lowrank``    what the fused passes launch at large M (split: the precomputed
                                    low-rank factor, ``+tma`` too)
-``fwd_epilogue``, ``dx_epilogue``  hybrid's launches: the low-rank term alone, an empty K loop
+``fwd_epilogue``, ``dx_epilogue``  hybrid's launches: the low-rank term alone, an empty K loop, on the
+                                   hybrid plan's own tile (configs.LOW_RANK_ONLY_GEMM)
+``fwd_epilogue@gemm_tile``         the same on the split plan's GEMM tile, as hybrid ran until then
 ``..+tma@<tile>``                  at large M, the base GEMMs through TMA on other tiles (:data:`SWEEP`)
 ``fwd_epilogue@<tile>``            at large M, hybrid's low-rank-only launch on other tiles (:data:`EPILOGUE_SWEEP`)
 
@@ -87,6 +89,7 @@ def rows_for(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.d
     # (split: the plans whose GEMMs read the precomputed low-rank factor, as the fused passes do at large M)
     plan = dispatch.device_plan(device, m, n, k, r, dtype, 0.0, "split")
     fwd_cfg, dx_cfg = plan.fwd_gemm, plan.dx_gemm
+    hybrid = dispatch.device_plan(device, m, n, k, r, dtype, 0.0, "hybrid")  # (its launches' own tile)
     e = dtype.itemsize
     f64 = torch.float64
 
@@ -119,8 +122,9 @@ def rows_for(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.d
         ("fwd_lowrank+tma", gemm(x, w.t(), fwd_cfg, True, **fwd_lowrank), fwd_ref + fwd_lr, *base_fwd),
         ("dx_lowrank", gemm(dy, w, dx_cfg, **dx_lowrank), dx_ref + dx_lr, *base_dx),
         ("dx_lowrank+tma", gemm(dy, w, dx_cfg, True, **dx_lowrank), dx_ref + dx_lr, *base_dx),
-        ("fwd_epilogue", gemm(x[:, :0], w.t()[:0], fwd_cfg, **fwd_lowrank), fwd_lr, *lr_fwd),
-        ("dx_epilogue", gemm(dy[:, :0], w[:0], dx_cfg, **dx_lowrank), dx_lr, *lr_dx),
+        ("fwd_epilogue", gemm(x[:, :0], w.t()[:0], hybrid.fwd_gemm, **fwd_lowrank), fwd_lr, *lr_fwd),
+        ("dx_epilogue", gemm(dy[:, :0], w[:0], hybrid.dx_gemm, **dx_lowrank), dx_lr, *lr_dx),
+        ("fwd_epilogue@gemm_tile", gemm(x[:, :0], w.t()[:0], fwd_cfg, **fwd_lowrank), fwd_lr, *lr_fwd),
     ]
     if m >= SWEEP_MIN_M:
         for label, tile in SWEEP:
@@ -130,7 +134,7 @@ def rows_for(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.d
         for label, tile in EPILOGUE_SWEEP:
             rows.append((f"fwd_epilogue@{label}", gemm(x[:, :0], w.t()[:0], dataclasses.replace(fwd_cfg, **tile),
                                                        **fwd_lowrank), fwd_lr, *lr_fwd))
-    return rows, {"fwd": str(fwd_cfg), "dx": str(dx_cfg)}
+    return rows, {"fwd": str(fwd_cfg), "dx": str(dx_cfg), "hybrid": str(hybrid.fwd_gemm)}
 
 
 def normalized_error(got: torch.Tensor, want: torch.Tensor) -> float:

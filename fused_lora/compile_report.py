@@ -742,6 +742,40 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
                     if persistent8:
                         jobs.append(Job("gemm", pass_name, dtype, asdict(persistent8[0]), arch, block_r, tma=True,
                                         persistent=True, int8_base=True))
+        # hybrid's launches (an empty K loop: the low-rank term alone, cuBLAS adds the base in place) on
+        # their own tile: each pass with a precomputed term at every rank tile, a rank below its tile and a
+        # rank over the largest (its loop), a forward without a bias, dx's mask with a seed value, 64-bit
+        # counters and several adapters' probabilities, one token and a rank of 1 (never split along K,
+        # never through TMA, on the persistent grid or over a quantized base: the plan's hybrid). With
+        # the narrower scopes, only the kernels not compiled above on another tile (one token unsplit).
+        low_rank_only = asdict(configs.LOW_RANK_ONLY_GEMM[elt])
+        first_hybrid = len(jobs)
+        for pass_name, block_r, in_loop, mask in passes:
+            if in_loop or pass_name == "dw":
+                continue
+            for tf32 in (False, True) if elt == 4 else (False,):
+                jobs.append(Job("gemm", pass_name, dtype, low_rank_only, arch, block_r, tf32=tf32))
+            jobs.append(Job("gemm", pass_name, dtype, low_rank_only, arch, block_r, even_r=False))
+            if block_r == configs.GEMM_LR_MAX_BLOCK_R[elt]:
+                for even_r in (True, False):
+                    jobs.append(Job("gemm", pass_name, dtype, low_rank_only, arch, block_r, even_r=even_r,
+                                    rank_loop=True))
+                if mask:
+                    jobs.append(Job("gemm", pass_name, dtype, low_rank_only, arch, block_r, rank_loop=True,
+                                    **ROW_P_IDS_ONLY))
+            if pass_name.startswith("forward"):
+                jobs.append(Job("gemm", pass_name, dtype, low_rank_only, arch, block_r, bias=False))
+            if mask:
+                jobs.append(Job("gemm", pass_name, dtype, low_rank_only, arch, block_r, seed_value=True))
+                jobs.append(Job("gemm", pass_name, dtype, low_rank_only, arch, block_r, offset_int64=True))
+                jobs.append(Job("gemm", pass_name, dtype, low_rank_only, arch, block_r, **ROW_P_IDS_ONLY))
+            jobs.append(Job("gemm", pass_name, dtype, low_rank_only, arch, block_r, unit="tokens"))
+            if block_r == configs.block_r_for(1):
+                jobs.append(Job("gemm", pass_name, dtype, low_rank_only, arch, block_r, unit="rank"))
+        if scope != "tiles":
+            compiled = {_job_id(dataclasses.replace(j, config={})) for j in jobs[:first_hybrid]}
+            jobs[first_hybrid:] = [j for j in jobs[first_hybrid:]
+                                   if _job_id(dataclasses.replace(j, config={})) not in compiled]
         for cfg in shipped["skinny_fp32" if elt == 4 else "skinny_16bit"]:
             # (as the dispatch runs it on this arch: SHRINK's stages fitted to its shared memory at each rank tile)
             tiles = asdict(dataclasses.replace(cfg, smem_limit=configs.smem_limit_for(arch)))
@@ -1051,10 +1085,13 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
         if r.shared > limit:
             out.append(f"{tag}: shared memory {r.shared} > {limit}")
         if r.kernel == "gemm" and "+persistent" not in r.pass_name:  # (configs.persistent_grid_fits)
+            base_pass = r.pass_name.split("+")[0]
             estimate = configs.GemmConfig(**r.config).smem_bytes(4 if r.dtype == "fp32" else 2, r.block_r,
                                                                  "_in_loop" in r.pass_name,
                                                                  "+rank_loop" in r.pass_name,
-                                                                 "+nf4_base" in r.pass_name)
+                                                                 "+nf4_base" in r.pass_name,
+                                                                 base_pass.startswith("dx") and base_pass.endswith(
+                                                                     "_dropout"))
             if r.shared > estimate:
                 out.append(f"{tag}: shared memory {r.shared} > the estimate {estimate} that prunes the tiles")
         if r.kernel == "skinny":  # (SkinnyConfig.stages_for)
@@ -1151,34 +1188,36 @@ def main(argv=None) -> int:
                      "reads registers and spills: run it with Triton 3.5 or newer")
     if args.check_known:
         failures, results = check_known(triton.__version__, jobs=args.jobs)
-        if args.json:
-            print(json.dumps({"triton": triton.__version__, "results": [asdict(r) for r in results],
-                              "failures": failures}, indent=1))
-        else:
-            print(_table(results))
-            print(f"\n{len(results) // 2} known problem kernel(s) of Triton {triton.__version__} compiled, "
-                  f"as the report and with maxnreg={configs.MAX_REGISTERS_PER_THREAD}: {len(failures)} failure(s)")
-            for line in failures:
-                print("  FAILURE", line)
+        _print_report(args.json, results, {"failures": failures},
+                      f"{len(results) // 2} known problem kernel(s) of Triton {triton.__version__} compiled, as the "
+                      f"report and with maxnreg={configs.MAX_REGISTERS_PER_THREAD}: {len(failures)} failure(s)",
+                      [("FAILURE", line) for line in failures])
         return 1 if failures else 0
     from .cli import progress
 
     results = run(tuple(args.arch or (90, 80)), jobs=args.jobs, progress=progress,
                   every_fp16_tile=args.every_fp16_tile, every_variant=args.every_variant, scope=args.scope)
     bad, known = split_known(problems(results), triton.__version__)
-    if args.json:
-        print(json.dumps({"triton": triton.__version__, "scope": args.scope, "results": [asdict(r) for r in results],
-                          "problems": bad, "known_problems": known}, indent=1))
-    else:
-        print(_table(results))
-        print(f"\n{len(results)} kernels compiled with Triton {triton.__version__} (--scope {args.scope}), "
-              f"{len(bad)} problem(s), {len(known)} known and left (KNOWN_PROBLEMS)")
-        for line in bad:
-            print("  PROBLEM", line)
-        for line in known:
-            print("  KNOWN  ", line)
+    _print_report(args.json, results, {"scope": args.scope, "problems": bad, "known_problems": known},
+                  f"{len(results)} kernels compiled with Triton {triton.__version__} (--scope {args.scope}), "
+                  f"{len(bad)} problem(s), {len(known)} known and left (KNOWN_PROBLEMS)",
+                  [("PROBLEM", line) for line in bad] + [("KNOWN", line) for line in known])
     return 1 if bad else 0
 
+
+def _print_report(as_json: bool, results: list[Result], fields: dict, summary: str, flagged: list) -> None:
+    """The report: JSON (this Triton's version, every result and ``fields``),
+    or the table, then ``summary`` and the ``flagged`` ``(label, line)``s."""
+    import triton
+
+    if as_json:
+        print(json.dumps({"triton": triton.__version__, "results": [asdict(r) for r in results], **fields},
+                         indent=1))
+        return
+    print(_table(results))
+    print(f"\n{summary}")
+    for label, line in flagged:
+        print(f"  {label:<7}", line)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,8 @@ Forward strategies (the math is in :mod:`fused_lora.ops`):
     from ``s·xa·Bᵀ`` (+ bias) and runs the base K loop.
 ``hybrid``
     The skinny pass, then the same GEMM kernel with an empty K loop writes
-    ``C = s·xa·Bᵀ + b``, and cuBLAS adds the base in place
+    ``C = s·xa·Bᵀ + b`` (a store-bound launch, on a tile of its own:
+    ``configs.LOW_RANK_ONLY_GEMM``), and cuBLAS adds the base in place
     (``C.addmm_(x, Wᵀ)``). The safety net where Triton's GEMM loses to cuBLAS:
     the default for float32 on CUDA (exact fp32 dots run on FMA units, where
     cuBLAS is far ahead); forced elsewhere with :func:`force_strategy`.
@@ -488,15 +489,20 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
     persistent = persistent and hopper_16bit and cfg.persistent_grid_fits(smem_limit) and quantized != "nf4" and not (
         (strategy == "in_loop" and block_r > cfg.in_loop_max_block_r(elt, persistent=True))
         or (dx_in_loop and block_r > cfg.in_loop_max_block_r(elt, persistent=True, epilogue_mask=dropout)))
+    if strategy == "hybrid":  # (the Triton launches only write the low-rank term: an empty K loop)
+        fwd_gemm = dx_gemm = cfg.LOW_RANK_ONLY_GEMM[elt]
+    else:
+        fwd_gemm = cfg.gemm_config(m, n, k, r, elt, strategy == "in_loop", interp, arch=arch, persistent=persistent,
+                                   shrink_mask=dropout and strategy == "in_loop", smem_limit=smem_limit,
+                                   num_sms=num_sms, int8_b=quantized == "int8", nf4_b=quantized == "nf4")
+        dx_gemm = cfg.gemm_config(m, k, n, r, elt, dx_in_loop, interp, epilogue_mask=dropout_p > 0.0, arch=arch,
+                                  persistent=persistent, smem_limit=smem_limit, num_sms=num_sms,
+                                  int8_b=quantized == "int8", nf4_b=quantized == "nf4")
     return Plan(
         strategy=strategy,
         reason=reason,
-        fwd_gemm=cfg.gemm_config(m, n, k, r, elt, strategy == "in_loop", interp, arch=arch, persistent=persistent,
-                                 shrink_mask=dropout and strategy == "in_loop", smem_limit=smem_limit,
-                                 num_sms=num_sms, int8_b=quantized == "int8", nf4_b=quantized == "nf4"),
-        dx_gemm=cfg.gemm_config(m, k, n, r, elt, dx_in_loop, interp, epilogue_mask=dropout_p > 0.0, arch=arch,
-                                persistent=persistent, smem_limit=smem_limit, num_sms=num_sms,
-                                int8_b=quantized == "int8", nf4_b=quantized == "nf4"),
+        fwd_gemm=fwd_gemm,
+        dx_gemm=dx_gemm,
         dw_gemm=cfg.gemm_config(n, k, m, 1, elt, False, interp, arch=arch, persistent=persistent,
                                 smem_limit=smem_limit, num_sms=num_sms),
         skinny=skinny,
@@ -553,8 +559,8 @@ class Explanation:
             if p.strategy == "split":
                 out.append(("forward: GEMM", f"accumulator starts from s·xa·Bᵀ + b; {tiles(p.fwd_gemm)}"))
             else:
-                out.append(("forward: GEMM", f"low-rank term + bias as C ({tiles(p.fwd_gemm)}, empty K loop), "
-                                             "then cuBLAS C.addmm_(x, Wᵀ)"))
+                out.append(("forward: GEMM", f"low-rank term + bias as C ({tiles(p.fwd_gemm)}, empty K loop: "
+                                             "the store-bound tile), then cuBLAS C.addmm_(x, Wᵀ)"))
         if p.dx_in_loop:
             out.append(("backward: dy pass", f"dB = s·dyᵀ·xa (and db) from one read of dy; {skinny}"))
         else:
@@ -690,7 +696,9 @@ def gemm_config_for(pass_name: str, default, launch, *, m: int, n: int, k: int, 
     if key not in _tuned:
         candidates = cfg.gemm_candidates(elt, block_r, shrink_in_loop, epilogue_mask, smem_limit=smem_limit,
                                          arch=arch, persistent=persistent, shrink_mask=shrink_mask,
-                                         int8_b=int8_b, nf4_b=nf4_b) or [default]
+                                         int8_b=int8_b, nf4_b=nf4_b)
+        if dataclasses.replace(default, split_k=1) not in candidates:  # (the heuristic's tile is timed too)
+            candidates = [default, *candidates]
         # each tile shape with its own split-K
         candidates = [dataclasses.replace(c, split_k=cfg.split_k_for(c, m, n, k, False, num_sms))
                       for c in candidates]

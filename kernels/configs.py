@@ -106,7 +106,7 @@ class GemmConfig:
     split_k: int = 1
 
     def smem_bytes(self, elt: int, block_r: int, shrink_in_loop: bool, rank_loop: bool = False,
-                   nf4_b: bool = False) -> int:
+                   nf4_b: bool = False, epilogue_mask: bool = False) -> int:
         """Estimated shared memory: the pipelined operand tiles (plus the
         shrink factor's tile when the shrink runs in the K loop) and the
         low-rank term's two operand tiles; ``rank_loop`` (a precomputed
@@ -122,14 +122,21 @@ class GemmConfig:
         stages (compile report, sm_90 and sm_80, Triton 3.6 and 3.9, forward
         and dx, 2 to 4 stages, every NF4 tile and rank tile: 128x128x64 from
         82,432 to 135,680 bytes at 2, 3 or 4 alike), so the pipelined model
-        alone was 30 KB under it on 3 stages; this one is above all 168 of them."""
+        alone was 30 KB under it on 3 stages; this one is above all 168 of them.
+
+        ``epilogue_mask`` (dx's dropout mask on its low-rank term): the mask is
+        drawn in a layout of its own and the fp32 accumulator converted
+        through a scratch of its size, which reuses the stages' buffers, so
+        it counts only where it is the larger (compile report, sm_90 and
+        sm_80: hybrid's 64x64 on one stage, 16,384 bytes against 12,288)."""
         b_tile = self.block_k * self.block_n // 2 if nf4_b else self.block_k * self.block_n * elt
         per_stage = self.block_m * self.block_k * elt + b_tile
         if shrink_in_loop:
             per_stage += self.block_k * block_r * elt
         decoded = 3 * self.block_k * self.block_n * 4 if nf4_b else 0
         epilogue = self.block_m * block_r * (4 if rank_loop else elt) + block_r * self.block_n * elt
-        return self.num_stages * per_stage + decoded + epilogue
+        total = self.num_stages * per_stage + decoded + epilogue
+        return max(total, self.block_m * self.block_n * 4) if epilogue_mask else total
 
     def elems_per_thread(self) -> int:
         return self.block_m * self.block_n // (32 * self.num_warps)
@@ -257,6 +264,26 @@ _GEMM_CANDIDATES_FP32 = (
     GemmConfig(32, 64, 32, 8, 4, 3),
     GemmConfig(16, 64, 32, 8, 4, 3),
 )
+#: hybrid's Triton launches (the forward's C = s·xa·Bᵀ + b, dx's masked
+#: (g·A)/(1-p); cuBLAS then adds the base GEMM in place) have an empty K loop:
+#: all they do is write the (M, N) output, a store-bound kernel. On the tile of
+#: a full GEMM (128x256x64, three stages: 147 KB of shared memory for stages
+#: that hold nothing, so one program of 8 warps a SM) the fourth H200 run
+#: measured that launch at about 410 GB/s, a tenth of the bandwidth
+#: (bench/results/2026-12-04-NVIDIA-H200-4/probe.json, fwd_epilogue and
+#: dx_epilogue), and it was split along K at small M (an empty K split three
+#: ways, with a reduction launch). Its own tile, by element size, one stage,
+#: never split: compiled for sm_90 (Triton 3.6 and 3.9; every rank tile, the
+#: rank loop, dx's mask, one token, a rank of 1), 16 bits on 64x64 and 4
+#: warps take 8-16 KB and 66-120 registers, four to seven programs a SM, no
+#: spill (64x128 holds two to four, 128x128 one or two); fp32's exact dots
+#: on 32x32 take 46-76 registers, no spill (64x64 spilled 12-48 B on 3.9,
+#: 64x128 28 KB at a 16 rank tile). Chosen from those figures; not yet timed
+#: on a GPU (bench/gpu_probe.py times it: fwd_epilogue and dx_epilogue,
+#: beside the full GEMM's tile).
+LOW_RANK_ONLY_GEMM = {2: GemmConfig(block_m=64, block_n=64, block_k=32, group_m=8, num_warps=4, num_stages=1),
+                      4: GemmConfig(block_m=32, block_n=32, block_k=32, group_m=8, num_warps=4, num_stages=1)}
+
 #: fp32's in-loop shrink (forced, or under an int8 base at small M) runs on a
 #: tile of its own: compiled as the runtime specialises (sm_90,
 #: Triton 3.6 and 3.9: the forward and dx, plain, masked, with a K tail,
@@ -573,7 +600,7 @@ def gemm_candidates(elt: int, block_r: int, shrink_in_loop: bool, epilogue_mask:
         pool = _GEMM_CANDIDATES_16BIT
 
     def fits(c: GemmConfig) -> bool:
-        return c.smem_bytes(elt, block_r, shrink_in_loop, rank_loop, nf4_b) <= smem_limit
+        return c.smem_bytes(elt, block_r, shrink_in_loop, rank_loop, nf4_b, epilogue_mask) <= smem_limit
 
     if smem_limit < SMEM_LIMIT_SM90:
         pool = _stages_that_fit(pool, fits)
@@ -754,6 +781,7 @@ def shipped_configs() -> dict[str, list]:
     return {
         "gemm_16bit": list(_GEMM_CANDIDATES_16BIT),
         "gemm_fp32": list(_GEMM_CANDIDATES_FP32) + list(_GEMM_CANDIDATES_FP32_IN_LOOP),
+        "gemm_low_rank_only": list(LOW_RANK_ONLY_GEMM.values()),
         "skinny_16bit": [SKINNY_16BIT],
         "skinny_fp32": [SKINNY_FP32],
         "norm_16bit": [DORA_NORM_16BIT],

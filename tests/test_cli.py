@@ -551,8 +551,12 @@ def test_the_gpu_probe_checks_every_launch_and_flags_a_wrong_one(tmp_path, monke
     result = json.loads((tmp_path / "p.json").read_text())
     rows = result["shapes"][0]["rows"]
     names = [row["name"] for row in rows]
-    assert names[:2] == ["cublas_fwd", "cublas_dx"] and len(set(names)) == len(names) == 16
+    assert names[:2] == ["cublas_fwd", "cublas_dx"] and len(set(names)) == len(names) == 17
     assert all(row["ok"] and row["error"] < 4e-3 and row["ms"] > 0 for row in rows), rows
+    # hybrid's low-rank-only launches on its own tile, and on the GEMM's beside it
+    from fused_lora.kernels import configs
+    assert result["shapes"][0]["configs"]["hybrid"] == str(configs.LOW_RANK_ONLY_GEMM[2])  # (fp16 here)
+    assert {"fwd_epilogue", "dx_epilogue", "fwd_epilogue@gemm_tile"} <= set(names)
     # (each row launched twice, checked then timed; the K=0 rows make no descriptor)
     assert len(made) == 2 * sum(name.endswith("+tma") for name in names)
     assert len(made_by_kernel) == 2 * sum(name.endswith("+tma_device") for name in names) == 4

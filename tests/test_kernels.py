@@ -1482,6 +1482,14 @@ def test_explain_says_what_runs_and_why():
     assert "split_k=" in str(fused_lora.explain((16, 4096), (4096, 4096), 16, dropout_p=0.1))
     fp32 = fused_lora.explain((4096, 1024), (1024, 1024), 16, dtype=torch.float32)
     assert fp32.plan.strategy == "hybrid" and "cuBLAS" in str(fp32)
+    # hybrid's launches write the low-rank term alone (an empty K loop): the store-bound tile, at every M
+    # and element size, never split along K (at M=16 the GEMM's tile splits three ways)
+    with fused_lora.dispatch.force_strategy("hybrid"):
+        for m, dtype in itertools.product((1, 16, 8192), (torch.bfloat16, torch.float16, torch.float32)):
+            plan = fused_lora.explain((m, 4096), (4096, 4096), 16, dtype=dtype).plan
+            assert plan.fwd_gemm == plan.dx_gemm == configs.LOW_RANK_ONLY_GEMM[dtype.itemsize], (m, dtype)
+            assert plan.fwd_gemm.split_k == 1 and plan.fwd_gemm.num_stages == 1
+        assert "empty K loop: the store-bound tile" in str(fused_lora.explain((16, 4096), (4096, 4096), 16))
     assert fused_lora.explain((4096, 1024), (1024, 1024), 16, dtype=torch.float32,
                               target="interpreter").plan.strategy == "in_loop"
     with fused_lora.dispatch.force_strategy("in_loop"):
