@@ -508,7 +508,7 @@ def model(case: Case) -> dict:
     GEMM and the dA pass; each GEMM split along K with its fp32 partials
     and the launch that sums them, each skinny pass with its reductions
     and the fp32 partials they sum (:meth:`~fused_lora.kernels.skinny.SkinnyGrid.small_bytes`:
-    the dy pass with g makes one dB partial a 64-row tile, 32 MB at M = 8192,
+    the dy pass with g makes one dB partial a 64-row tile, 35 MB at M = 8192,
     N = 4096, r = 16, written and read again; all of it DRAM traffic here,
     though some may stay in L2).
 

@@ -1086,12 +1086,11 @@ def problems(results: list[Result], smem_limit: int | None = None) -> list[str]:
             out.append(f"{tag}: shared memory {r.shared} > {limit}")
         if r.kernel == "gemm" and "+persistent" not in r.pass_name:  # (configs.persistent_grid_fits)
             base_pass = r.pass_name.split("+")[0]
+            epilogue_mask = base_pass.startswith("dx") and base_pass.endswith("_dropout")  # (dx's mask)
             estimate = configs.GemmConfig(**r.config).smem_bytes(4 if r.dtype == "fp32" else 2, r.block_r,
                                                                  "_in_loop" in r.pass_name,
                                                                  "+rank_loop" in r.pass_name,
-                                                                 "+nf4_base" in r.pass_name,
-                                                                 base_pass.startswith("dx") and base_pass.endswith(
-                                                                     "_dropout"))
+                                                                 "+nf4_base" in r.pass_name, epilogue_mask)
             if r.shared > estimate:
                 out.append(f"{tag}: shared memory {r.shared} > the estimate {estimate} that prunes the tiles")
         if r.kernel == "skinny":  # (SkinnyConfig.stages_for)
@@ -1167,9 +1166,9 @@ def main(argv=None) -> int:
                              "255 registers a thread: each must still be found, and vanish under the ceiling "
                              "(ptxas's trade of a spill for occupancy)")
     args = parser.parse_args(argv)
-    if args.check_known and (args.arch or args.every_fp16_tile or args.every_variant):
-        parser.error("--check-known compiles the kernels KNOWN_PROBLEMS names: no --arch, --every-fp16-tile "
-                     "or --every-variant")
+    if args.check_known and (args.arch or args.every_fp16_tile or args.every_variant or args.scope != "tiles"):
+        parser.error("--check-known compiles the kernels KNOWN_PROBLEMS names: no --arch, --scope, "
+                     "--every-fp16-tile or --every-variant")
     if args.every_fp16_tile and args.scope != "tiles":
         parser.error(f"--every-fp16-tile compiles fp16's GEMMs on every tile: it needs --scope tiles, "
                      f"not --scope {args.scope}")
@@ -1218,6 +1217,7 @@ def _print_report(as_json: bool, results: list[Result], fields: dict, summary: s
     print(f"\n{summary}")
     for label, line in flagged:
         print(f"  {label:<7}", line)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -414,8 +414,7 @@ class SkinnyGrid:
         and shared by the programs, are not counted.)"""
         if (tn_elt is not None) + (cs_elt is not None) != self.row_sums:
             raise ValueError(f"row_sums={self.row_sums} but tn_elt={tn_elt}, cs_elt={cs_elt}")
-        sums = [(C * r, tn_elt) for elt in [tn_elt] if elt is not None] + [(C, cs_elt) for elt in [cs_elt]
-                                                                          if elt is not None]
+        sums = [(n, elt) for n, elt in ((C * r, tn_elt), (C, cs_elt)) if elt is not None]  # (elements, out size)
         launches, reductions = [], []
         for m0 in range(0, self.M, self.chunk_rows):
             rows = min(self.M, m0 + self.chunk_rows) - m0

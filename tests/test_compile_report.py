@@ -393,6 +393,16 @@ def test_problems_catches_what_it_should():
     assert in_loop > estimate
     assert compile_report.problems([dataclasses.replace(sm86, arch=80, pass_name="dx_in_loop+k_tail",
                                                         shared=in_loop)]) == []
+    # dx's masked epilogue converts its fp32 accumulator through a scratch of its size: counted where that is
+    # the larger (hybrid's one-stage tile), in dx's masked passes only
+    low = configs.LOW_RANK_ONLY_GEMM[2]
+    assert low.smem_bytes(2, 16, False) < low.smem_bytes(2, 16, False, epilogue_mask=True) == 64 * 64 * 4
+    assert cfg.smem_bytes(2, 16, False, epilogue_mask=True) == estimate  # (the stages are the larger)
+    masked = dataclasses.replace(sm86, arch=80, config=dataclasses.asdict(low), shared=64 * 64 * 4)
+    for name, flagged in (("dx_dropout+seed_value", False), ("dx_in_loop_dropout", False), ("dx", True),
+                          ("forward_split", True), ("forward_in_loop_dropout", True)):
+        found = compile_report.problems([dataclasses.replace(masked, pass_name=name)])
+        assert bool(found) == flagged and all("the estimate" in p for p in found), name
     # (the persistent grid buffers more than the estimate: it runs only with Hopper's shared memory, whose
     # limit the report checks on the real figure)
     persistent = dataclasses.replace(sm86, arch=90, pass_name="dx+persistent", shared=estimate + 32_768, spill_bytes=0,
