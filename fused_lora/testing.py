@@ -144,6 +144,33 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
                                equal_nan=True, msg=lambda m: f"{what} ({dtype}): {m}")
 
 
+def assert_same_sums(actual: torch.Tensor, expected: torch.Tensor, k: int, what: str = "") -> None:
+    """``actual`` and ``expected``: the same sums of ``k`` products each,
+    computed by two code paths (a quantized base decoded in the K loop and
+    the same GEMM reading its dequantised copy; a layer on an int8 base and
+    on its dequantised weight), in their common dtype. On the CPU (the
+    interpreter: numpy adds a tile's products in one order, whatever their
+    source) the bits must be equal. On a GPU they may differ in the last
+    place only: a tile decoded in registers feeds ``mma`` with another
+    operand layout, in which the tensor cores add a dot's products in
+    another order (the fifth GPU run: 1 ulp in some fp16 elements, fp32
+    with FMA dots bitwise), and a float base may take cuBLAS where a
+    quantized one cannot. So there: within one unit in the last place of
+    the dtype (``rtol``), plus the fp32 accumulator's reordering of ``k``
+    terms, 4·√k·ε₃₂ of the largest value (``atol``); a wrong index, scale or
+    group is off by far more."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, \
+        f"{what}: {actual.dtype} {tuple(actual.shape)} vs {expected.dtype} {tuple(expected.shape)}"
+    if actual.device.type == "cpu":
+        assert torch.equal(actual, expected), f"{what}: not the same bits"
+        return
+    finite = expected[torch.isfinite(expected)]
+    scale = finite.abs().max().item() if finite.numel() else 1.0
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=torch.finfo(actual.dtype).eps,
+                               atol=4 * max(k, 1) ** 0.5 * torch.finfo(torch.float32).eps * max(scale, 1e-30),
+                               equal_nan=True, msg=lambda m: f"{what} ({actual.dtype}, k={k}): {m}")
+
+
 def make_x(shape, dtype, layout: str = "contiguous", device=DEVICE) -> torch.Tensor:
     """x of logical ``shape`` (..., K) in a given memory layout:
 

@@ -12,6 +12,7 @@ from fused_lora.testing import (  # noqa: F401
     DTYPES,
     TOLERANCE,
     assert_close,
+    assert_same_sums,
     interpreted_tma_k_n,
     make_params,
     make_x,

@@ -17,7 +17,8 @@ pytest.importorskip("transformers")
 def test_demo_runs_and_curves_match(tmp_path, use_dora):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = demo.run(4, tmp_path, device, pretrain_steps=5, sample_chars=8, where="test", use_dora=use_dora)
-    assert result.converted == 14 and not result.skipped and result.use_dora == use_dora
+    layers = 7 * (4 if device.type == "cuda" else 2)  # (seven linear layers a block: 4 blocks on a GPU, 2 on a CPU)
+    assert result.converted == layers and not result.skipped and result.use_dora == use_dora
     assert len(result.naive_losses) == len(result.fused_losses) == 4
     assert result.max_loss_diff < 1e-4
     assert result.reload_max_logit_diff < 1e-4
@@ -28,7 +29,7 @@ def test_demo_runs_and_curves_match(tmp_path, use_dora):
     assert json.loads((tmp_path / "demo.json").read_text())["steps"] == 4
     assert result.sample.startswith("Four score and ")
     assert "max |loss difference|" in demo.report(result)
-    assert f"14 PEFT {'DoRA' if use_dora else 'LoRA'} layers converted" in demo.report(result)
+    assert f"{layers} PEFT {'DoRA' if use_dora else 'LoRA'} layers converted" in demo.report(result)
 
 
 def test_the_shipped_text():

@@ -119,7 +119,7 @@ def test_merge_is_peft_merge():
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     model = peft.get_peft_model(nn.Sequential(nn.Linear(30, 20)),
-                                peft.LoraConfig(r=4, lora_alpha=6, target_modules=["0"], use_dora=True))
+                                peft.LoraConfig(r=4, lora_alpha=6, target_modules=["0"], use_dora=True)).to(DEVICE)
     pl = model.base_model.model[0]
     with torch.no_grad():
         pl.lora_B["default"].weight.normal_()

@@ -540,8 +540,10 @@ def test_persistent_grid_computes_every_tile_as_one_program_per_tile(three_progr
         keep = fused_lora.dropout_mask(seed, (m, n), p, device=DEVICE).double() if p else 1.0
         want = want + scale * (lr["u"].double() @ v.double()) * keep
     assert_close(c1, want, dtype, "persistent")
-    # split-K keeps one program per (tile, split): the switch does not apply
-    split = dataclasses.replace(cfg, split_k=2)
+    # split-K keeps one program per (tile, split): the switch does not apply (a K step of at most 32, so that
+    # K = 72 has the two K blocks a split needs on a GPU's tile too: a single block would run as one split)
+    split = dataclasses.replace(cfg, split_k=2, block_k=min(cfg.block_k, 32))
+    assert triton.cdiv(k, split.block_k) >= 2
     c2, xa2 = gemm.lora_gemm(a, b, bias=bias, lr_scale=scale, dropout_p=p, seed=seed, config=split,
                              out_dtype=dtype, tma=tma, persistent=True, **lr)
     assert len(three_programs) == 1

@@ -22,7 +22,7 @@ from fused_lora.kernels import configs, dequantize_weight, gemm
 from fused_lora.kernels import dora as dora_kernels
 from fused_lora.kernels.common import poison_outputs
 from fused_lora.testing import parity_case
-from lora_testing import DEVICE, DTYPES, TOLERANCE, assert_close, make_params, make_x
+from lora_testing import DEVICE, DTYPES, TOLERANCE, assert_close, assert_same_sums, make_params, make_x
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 CODE = torch.tensor(quant.NF4_CODE, dtype=torch.float64)
@@ -184,7 +184,7 @@ def test_the_gemm_on_an_nf4_b_is_the_gemm_on_its_dequantised_values(dtype, low_r
                                                                     split_k):
     """Forward (b = W's bytes transposed, two of B's rows a byte) and dx (b =
     W's bytes, two of its columns a byte), each against the GEMM reading Ŵ:
-    the same bits, with K tails, split-K, groups narrower and wider than a K
+    the same sums (``assert_same_sums``: the same bits on the CPU), with K tails, split-K, groups narrower and wider than a K
     step or an N tile, each low-rank form; every output written."""
     r = 5
     cfg = configs.gemm_config(m, n, k, r, torch.tensor([], dtype=dtype).element_size(), low_rank == "in_loop", True)
@@ -203,7 +203,7 @@ def test_the_gemm_on_an_nf4_b_is_the_gemm_on_its_dequantised_values(dtype, low_r
                 c_q, xa_q = gemm.lora_gemm(a, b_q, b_scale=absmax, b_scale_dim=dim, b_code=_code(), lr_scale=0.5,
                                            config=c, out_dtype=dtype, **lr)
                 c_f, xa_f = gemm.lora_gemm(a, b_f, lr_scale=0.5, config=c, out_dtype=dtype, **lr)
-            assert torch.equal(c_q, c_f), (dim, block_n)
+            assert_same_sums(c_q, c_f, kk + r, f"dim={dim}, block_n={block_n}")
             if low_rank == "in_loop":
                 assert torch.equal(xa_q, xa_f)
             want = a.double() @ b_f.double()
@@ -389,8 +389,9 @@ def test_several_adapters_on_one_nf4_base():
 @pytest.mark.parametrize("n, k, r, group", [(1, 16, 1, 16), (33, 160, 8, 32), (70, 48, 129, 16), (9, 256, 4, 128)])
 def test_the_dora_norm_of_an_nf4_base_is_the_norm_of_its_dequantised_weight(monkeypatch, dtype, n, k, r, group):
     """The norm kernel decoding W's rows (groups narrower and wider than its
-    K step; a K tail; the rank in chunks): the bits of the same kernel on Ŵ
-    (on NF4's tile: its K step sets the order of the sums), and ‖Ŵ + s·B A‖
+    K step; a K tail; the rank in chunks): the sums of the same kernel on Ŵ
+    (on NF4's tile: its K step sets the order of the sums; ``assert_same_sums``:
+    the same bits on the CPU), and ‖Ŵ + s·B A‖
     in float64."""
     monkeypatch.setattr(dora_kernels, "DORA_NORM_16BIT", configs.DORA_NORM_QUANTIZED_16BIT)
     packed, absmax, _ = _nf4(n, k, group, scale=0.1)
@@ -400,7 +401,7 @@ def test_the_dora_norm_of_an_nf4_base_is_the_norm_of_its_dequantised_weight(monk
     norm = ops._triton.get().dora_norm
     with poison_outputs():
         got, plain = norm(packed, lora_A, lora_B, 1.5, absmax, _code()), norm(deq, lora_A, lora_B, 1.5)
-    assert torch.equal(got, plain)
+    assert_same_sums(got, plain, k + r, "ν")
     want = torch.linalg.vector_norm(deq.double() + 1.5 * lora_B.double() @ lora_A.double(), dim=1)
     assert_close(got, want, F32, "ν")
     with pytest.raises(ValueError, match="an NF4 \\(uint8\\) one with its weight_scale and code"):

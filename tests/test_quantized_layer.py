@@ -15,7 +15,7 @@ from torch import nn
 import fused_lora
 from fused_lora import LoRALinear, MultiLoRALinear, reference
 from fused_lora.quant import dequantize_base
-from lora_testing import DEVICE, assert_close, tiny_gpt2, tiny_llama
+from lora_testing import DEVICE, assert_close, assert_same_sums, tiny_gpt2, tiny_llama
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -397,8 +397,9 @@ def test_inject_qdora_is_the_float_model_on_the_dequantised_weights(tmp_path):
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
 def test_multi_lora_linear_on_an_int8_base_is_the_same_layer_on_its_dequantised_weight(dtype):
-    """Several adapters (one of rank 0) served from one int8 base: the bits
-    of the same layer on Ŵ, output and every adapter's gradients; the base
+    """Several adapters (one of rank 0) served from one int8 base: the sums
+    of the same layer on Ŵ, output and every adapter's gradients (the same
+    bits on the CPU; on a GPU the float base in fp32 runs cuBLAS); the base
     alone with the adapters off; what it refuses."""
     torch.manual_seed(1)
     linear = nn.Linear(40, 24, device=DEVICE, dtype=dtype)
@@ -416,12 +417,14 @@ def test_multi_lora_linear_on_an_int8_base_is_the_same_layer_on_its_dequantised_
     x = torch.randn(3, 7, 40, device=DEVICE, dtype=dtype)
     ids = torch.tensor([0, 2, -1], device=DEVICE)
     y, y_plain = layer(x, ids), plain(x, ids)
-    assert torch.equal(y, y_plain)
+    assert_same_sums(y, y_plain, 40 + 12, "y")
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [*layer.lora_A, *layer.lora_B], dy, allow_unused=True)
     plain_grads = torch.autograd.grad(y_plain, [*plain.lora_A, *plain.lora_B], dy, allow_unused=True)
     for g, pg in zip(grads, plain_grads):
-        assert (g is None and pg is None) or torch.equal(g, pg)
+        assert (g is None and pg is None) or (g is not None and pg is not None)
+        if g is not None:  # (sums over the 21 tokens of dy·B's, each over N = 24)
+            assert_same_sums(g, pg, 21 * 24, "an adapter's gradient")
     with fused_lora.disable_adapters(layer):
         assert torch.equal(layer(x, ids), F.linear(x, deq, linear.bias))
     with pytest.raises(ValueError, match="the base is int8"):
