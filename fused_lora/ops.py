@@ -926,12 +926,14 @@ def _lora_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
                               adapter_p)[0]
     # (on the CPU whatever the default device: a value the kernels take as an argument, never read back
     # from a GPU, which would sync the host and break a CUDA graph's capture. Where the call is traced
-    # (torch.compile), a seed for a mask is made on x's device instead, int32 as a drawn one is where it
-    # fits, else int64: the backward gets it from the forward graph, and CUDA graphs expect all that in
-    # their pool)
+    # (torch.compile), the seed is made on x's device instead, int32 as a drawn one is where it fits, else
+    # int64, without dropout too: a CPU tensor, even 0-d, became an input of the compiled graph's CUDA-graph
+    # partition, which CUDA graphs refuse ("not allocated in pool": the fifth GPU run, whose layer without
+    # dropout still handed its op the CPU constant), and a mask's seed goes on to the backward, which they
+    # expect in their pool too)
     if isinstance(seed, Tensor):
         seed_t = seed
-    elif dropout_p > 0.0 and not direct_call(x):
+    elif not direct_call(x):
         seed_t = torch.full((), seed, dtype=torch.int32 if seed < 2**31 else torch.int64, device=x.device)
     else:
         seed_t = _NO_DROPOUT_SEED if seed == 0 else torch.tensor(seed, dtype=torch.int64, device="cpu")

@@ -175,9 +175,11 @@ def dora_dropped(x: torch.Tensor, dropout_p: float, seed, row_p: torch.Tensor | 
         keep = torch.empty(x.shape, dtype=torch.bool, device=x.device)
         keep = keep.bernoulli_(1.0 - dropout_p if row_p is None else (1.0 - row_p).unsqueeze(-1).expand(x.shape))
     else:
-        seed_t = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64, device="cpu")
-        keep = (torch.ops.fused_lora.dora_keep if torch.compiler.is_compiling() else dora_keep)(
-            x.detach(), seed_t, dropout_p, row_p)
+        compiling = torch.compiler.is_compiling()
+        # (traced: the seed made on x's device, as the fused op's: CUDA graphs take no CPU tensor into their graph)
+        seed_t = seed if isinstance(seed, torch.Tensor) else torch.tensor(
+            seed, dtype=torch.int64, device=x.device if compiling else "cpu")
+        keep = (torch.ops.fused_lora.dora_keep if compiling else dora_keep)(x.detach(), seed_t, dropout_p, row_p)
     if row_p is None:
         return x * keep / (1.0 - dropout_p)
     return (x * keep / (1.0 - row_p).unsqueeze(-1)).to(x.dtype)  # (in row_p's precision, rounded once)

@@ -292,14 +292,19 @@ def test_a_compiled_forward_hands_its_backward_only_the_seeds_of_its_masks():
     without: CUDA graphs (``mode="reduce-overhead"``) expect every such
     output in their memory pool, and a layer without dropout handed on the
     CPU constant it launches with (the H200 runs: "These storage data ptrs
-    are not allocated in pool")."""
+    are not allocated in pool"). Nor does the graph take a seed as an input:
+    the layer without dropout handed its op a CPU constant, which became an
+    input of the forward graph's CUDA-graph partition, refused alike (the
+    fifth GPU run); the seeds are made in the graph."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
-    handed = []
+    handed, taken = [], []
 
     def forward_compiler(gm, example_inputs):
         handed.extend(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+        taken.extend(t for t in example_inputs
+                     if isinstance(t, torch.Tensor) and t.dim() == 0 and not t.is_floating_point())
         return make_boxed_func(gm.forward)
 
     backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm.forward))
@@ -309,6 +314,7 @@ def test_a_compiled_forward_hands_its_backward_only_the_seeds_of_its_masks():
     compiled = torch.compile(lambda x: model(x).square().sum(), backend=backend, fullgraph=True)
     compiled(x).backward()
     assert _handed_seeds(handed) == [torch.int32] and x.grad is not None and torch.isfinite(x.grad).all()
+    assert taken == [], [(t.dtype, t.device) for t in taken]
     # a seed given as an int: made on x's device, int32 where it fits (as a drawn one is), else int64, for the
     # same mask
     w, b, a, bb = make_params(24, 8, 3, torch.float32, True)
@@ -320,7 +326,7 @@ def test_a_compiled_forward_hands_its_backward_only_the_seeds_of_its_masks():
         fn = torch.compile(lambda x: fused_lora.lora_linear(x, w, a, bb, b, dropout_p=0.3, seed=seed).square().sum(),
                            backend=backend, fullgraph=True)
         got = torch.autograd.grad(fn(x), (x, a, bb))
-        assert _handed_seeds(handed) == [dtype]
+        assert _handed_seeds(handed) == [dtype] and taken == []
         want = torch.autograd.grad(fused_lora.lora_linear(x, w, a, bb, b, dropout_p=0.3, seed=seed).square().sum(),
                                    (x, a, bb))
         for g, e in zip(got, want):
