@@ -129,11 +129,11 @@ rc_bench=$?
 # Where an eager call's host time goes at small M (the benchmark's eager table, and any M where the GPU
 # finishes first): fused_lora's Python alone (launches stubbed), then with the launches, and cProfile's
 # most expensive functions of the latter (fused_lora's, Triton's launcher, PyTorch's). Informational.
-# Then the same launched through the launch cache (FUSED_LORA_LAUNCH_CACHE=1: a specialisation compiled before goes
-# to its compiled kernel, without Triton's binding and key), alone and with kernel-made TMA descriptors; and at
-# M=4096 (the benchmark's M=4096 rows took longer than M=8192's) without and with the cache. After the
-# benchmark, whose table comes first: the runs share a 60 s deadline (each about 10 s, most of it imports), and
-# none starts after 435 s, so that the script ends within the device call's 480 s; a run not started says so.
+# The launches go through the launch cache (the default: a specialisation compiled before goes to its compiled
+# kernel, without Triton's binding and key); then the same without it (FUSED_LORA_LAUNCH_CACHE=0), and with
+# kernel-made TMA descriptors; and at M=4096 with and without the cache. After the benchmark, whose table comes
+# first: the runs share a 60 s deadline (each about 10 s, most of it imports), and none starts after 435 s, so
+# that the script ends within the device call's 480 s; a run not started says so.
 echo "== host time per call (bench/host_overhead.py, M=16 4096->4096 r=16: launches stubbed, then launched)"
 host=(bench/host_overhead.py --k 4096 --n 4096 --r 16 --reps 100)
 host_deadline=$(( SECONDS + 60 < 435 ? SECONDS + 60 : 435 ))
@@ -146,13 +146,13 @@ host_run() {
 }
 host_run --m 16
 host_run --m 16 --real --profile 30
-echo "-- the same, launched through the launch cache (FUSED_LORA_LAUNCH_CACHE=1)"
-FUSED_LORA_LAUNCH_CACHE=1 host_run --m 16 --real --profile 30
-echo "-- the same, launch cache and TMA's descriptors made by the kernels (FUSED_LORA_TMA_DESCRIPTORS=device)"
-FUSED_LORA_LAUNCH_CACHE=1 FUSED_LORA_TMA_DESCRIPTORS=device host_run --m 16 --real
-echo "-- M=4096, launched, without and with the launch cache"
+echo "-- the same, launched without the launch cache (FUSED_LORA_LAUNCH_CACHE=0: Triton's kernel[grid] each launch)"
+FUSED_LORA_LAUNCH_CACHE=0 host_run --m 16 --real --profile 30
+echo "-- launch cache and TMA's descriptors made by the kernels (FUSED_LORA_TMA_DESCRIPTORS=device)"
+FUSED_LORA_TMA_DESCRIPTORS=device host_run --m 16 --real
+echo "-- M=4096, launched, with and without the launch cache"
 host_run --m 4096 --real --reps 20
-FUSED_LORA_LAUNCH_CACHE=1 host_run --m 4096 --real --reps 20
+FUSED_LORA_LAUNCH_CACHE=0 host_run --m 4096 --real --reps 20
 
 # pytest bench/'s several-adapter, DoRA and quantized-base (int8, NF4) benchmarks (fused against PEFT's mixed
 # batch, PEFT's own model serving several adapters, PEFT's DoRA layer, the 16-bit base), last and only in the

@@ -14,8 +14,9 @@ host or the GPU, whichever is slower); ``--real`` less the default is
 Triton's launcher. ``--profile N`` adds cProfile's N most expensive
 functions (own time) of the fused forward+backward at dropout 0: which of
 fused_lora's functions, Triton's launcher or PyTorch's take the host's time.
-``FUSED_LORA_LAUNCH_CACHE=1`` launches through the launch cache
-(:mod:`fused_lora.kernels.launch`), ``FUSED_LORA_TMA_DESCRIPTORS=device``
+The kernels launch through the launch cache (the default,
+:mod:`fused_lora.kernels.launch`); ``FUSED_LORA_LAUNCH_CACHE=0`` through
+Triton's ``kernel[grid](...)``, ``FUSED_LORA_TMA_DESCRIPTORS=device``
 with kernel-made TMA descriptors. Naive LoRA is timed beside it (on a CPU
 in float32, at tiny sizes, where its math is a small part of its time: read
 it as the floor of PyTorch's own dispatch and autograd for the same

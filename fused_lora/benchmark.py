@@ -13,8 +13,8 @@ and, on a preset's ``variant_cases``, ``fused:in_loop``, ``fused:split`` and
 (``fused`` with pointer tile loads: TMA off, as it is by default off Hopper) and
 ``fused:tma+persistent`` (TMA loads, its GEMMs on a persistent grid) and
 ``fused:tma_device`` (TMA loads through descriptors its kernels make) and
-``fused:launch_cache`` (the defaults, launched through the launch cache:
-``fused_lora.dispatch.set_launch_cache``), forward and forward+backward: the
+``fused:no_launch_cache`` (the defaults, launched without the launch cache:
+``fused_lora.dispatch.set_launch_cache(False)``), forward and forward+backward: the
 data behind the dispatch rules and the switches.
 
 Modes: ``forward``, ``backward`` (the backward of one recorded forward, timed
@@ -65,15 +65,16 @@ STRATEGY_PROVIDERS = ("fused:in_loop", "fused:split", "fused:hybrid")
 #: of Hopper's default), TMA loads on the persistent grid, TMA loads
 #: through descriptors the kernels make (no host-side descriptor a launch:
 #: host time, which the steps timed without CUDA graphs include), and the
-#: default loads launched through the launch cache (host time too; timed
-#: in eager mode at small M as well).
+#: default loads launched without the launch cache, which the others go
+#: through as the default does (host time too; timed in eager mode at small M
+#: as well).
 SWITCH_SETTINGS = {
-    "fused:pointers": {"tma": False, "tma_descriptors": "host", "persistent": False, "launch_cache": False},
-    "fused:tma+persistent": {"tma": True, "tma_descriptors": "host", "persistent": True, "launch_cache": False},
-    "fused:tma_device": {"tma": True, "tma_descriptors": "device", "persistent": False, "launch_cache": False},
-    "fused:launch_cache": {"tma": "auto", "tma_descriptors": "host", "persistent": False, "launch_cache": True}}
+    "fused:pointers": {"tma": False, "tma_descriptors": "host", "persistent": False, "launch_cache": True},
+    "fused:tma+persistent": {"tma": True, "tma_descriptors": "host", "persistent": True, "launch_cache": True},
+    "fused:tma_device": {"tma": True, "tma_descriptors": "device", "persistent": False, "launch_cache": True},
+    "fused:no_launch_cache": {"tma": "auto", "tma_descriptors": "host", "persistent": False, "launch_cache": False}}
 #: The providers also timed in eager mode at small M (the eager table).
-EAGER_PROVIDERS = PROVIDERS + ("fused:launch_cache",)
+EAGER_PROVIDERS = PROVIDERS + ("fused:no_launch_cache",)
 SWITCH_PROVIDERS = tuple(SWITCH_SETTINGS)
 VARIANT_PROVIDERS = STRATEGY_PROVIDERS + SWITCH_PROVIDERS
 VARIANT_MODES = ("forward", "forward+backward")
@@ -874,7 +875,8 @@ def eager_table(results: list[Measurement]) -> list[str]:
              "ms per step run back to back in eager mode, one synchronisation per round: what a training "
              "loop without CUDA graphs sees, bound by the host (Python, dispatch, launches) or the GPU, "
              "whichever is slower. In brackets: the CUDA-graph time of the main table."
-             + (" `fused:launch_cache`: `fused` launched through the launch cache." if len(shown) > 4 else ""), "",
+             + (" `fused:no_launch_cache`: `fused` launched without the launch cache (Triton's "
+                "`kernel[grid](...)` at every launch)." if len(shown) > 4 else ""), "",
              "| case | mode | " + " | ".join(shown) + " | ×naive |", "|---|---|" + "---|" * len(shown) + "---|"]
     for (case, mode), by in rows.items():
         cells = [f"{_fmt(by[p][0])} ({_fmt(by[p][1])})" if p in by else "—" for p in shown]
@@ -906,8 +908,8 @@ def strategy_table(results: list[Measurement], target: str) -> list[str]:
              "(default strategy) with pointer tile loads (`pointers`: TMA off), with TMA loads on a persistent "
              "grid (`tma+persistent`), with TMA loads through descriptors the kernels make (`tma_device`: no "
              "descriptor made on the host for each launch; host time counts where the timing has no CUDA graph, "
-             "M > 256)" + (" and launched through the launch cache (`launch_cache`: host time too)"
-                           if "fused:launch_cache" in variants else "")
+             "M > 256)" + (" and launched without the launch cache (`no_launch_cache`: host time too)"
+                           if "fused:no_launch_cache" in variants else "")
              + "; `default` is what the dispatch chose (TMA loads on sm_90 and newer, descriptors made on "
              "the host). `best` names the fastest measured.", "",
              "| case | mode | default | " + " | ".join(names) + " | best | default/best |",

@@ -214,13 +214,14 @@ def use_persistent(enabled: bool = True):
 
 
 def set_launch_cache(enabled: bool) -> None:
-    """Launch the kernels through the launch cache (True) or Triton's
-    ``kernel[grid](...)`` at every launch (False, the default;
-    ``FUSED_LORA_LAUNCH_CACHE=1`` turns it on at import): a launch whose
+    """Launch the kernels through the launch cache (True, the default) or
+    Triton's ``kernel[grid](...)`` at every launch (False;
+    ``FUSED_LORA_LAUNCH_CACHE=0`` turns it off at import): a launch whose
     specialisation an earlier one compiled calls that compiled kernel
     directly, sparing the host Triton's argument binding and key lookup
-    (:mod:`fused_lora.kernels.launch`). Not yet timed on a GPU. Without the
-    Triton kernels there is nothing to launch, and nothing changes."""
+    (:mod:`fused_lora.kernels.launch`, where the fifth GPU run's timings
+    are). Without the Triton kernels there is nothing to launch, and
+    nothing changes."""
     enabled = check_bool("enabled", enabled)
     kernels = _triton.get()
     if kernels is not None:
@@ -595,7 +596,8 @@ class Explanation:
                                 "split-K)"))
         if self.target != "interpreter" and launch_cache_setting():
             out.append(("launches", "through the launch cache: a specialisation compiled before is launched "
-                                    "directly, without Triton's argument binding (set_launch_cache(True))"))
+                                    "directly, without Triton's argument binding (the default; "
+                                    "set_launch_cache(False) turns it off)"))
         return out
 
     def __str__(self) -> str:

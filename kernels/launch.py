@@ -33,8 +33,11 @@ caches) and keeps what it returns. Triton's process-wide debug and
 instrumentation knobs enter only that first launch of a key: set them
 before launching.
 
-Off by default until timed on a GPU: :func:`fused_lora.dispatch.set_launch_cache`
-or ``FUSED_LORA_LAUNCH_CACHE=1`` turns it on. The interpreter's kernels,
+On by default since the fifth GPU run timed it (H100, M=8192 4096² r=16 bf16,
+forward+backward without CUDA graphs: 1.001 ms through the cache, 1.257 ms
+without, where the kernels' own time is 0.91 ms; M=16 eager steps 0.92 ms
+against 1.16): :func:`fused_lora.dispatch.set_launch_cache` ``(False)`` or
+``FUSED_LORA_LAUNCH_CACHE=0`` turns it off. The interpreter's kernels,
 and anything else that is not a plain ``JITFunction`` (a test's stand-in),
 are always launched as ``kernel[grid](...)``.
 """
@@ -52,7 +55,7 @@ try:  # (host-side TMA descriptors: Triton 3.3 on)
 except ImportError:  # pragma: no cover - older Triton
     TensorDescriptor = ()
 
-_enabled = os.environ.get("FUSED_LORA_LAUNCH_CACHE", "0")
+_enabled = os.environ.get("FUSED_LORA_LAUNCH_CACHE", "1")
 if _enabled not in ("0", "1"):
     raise ValueError(f"FUSED_LORA_LAUNCH_CACHE must be '0' or '1', got {_enabled!r}")
 _enabled = _enabled == "1"

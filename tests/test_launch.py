@@ -184,9 +184,9 @@ def test_the_key_is_tritons_own_specialisation():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels need a CUDA GPU")
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_the_fused_op_with_the_launch_cache_is_the_fused_op(dropout_p, monkeypatch):
-    """On a GPU, forward and backward with the cache on give the same bits
-    as with it off, and once warm a step goes through Triton's
-    JITFunction.run not once."""
+    """On a GPU, forward and backward with the cache on (the default) give
+    the same bits as with it off, and once warm a step goes through Triton's
+    JITFunction.run not once; the setting is restored after the blocks."""
     torch.manual_seed(0)
     w, b, a, bb = make_params(96, 80, 8, torch.bfloat16, True)
     a.requires_grad_()
@@ -197,7 +197,9 @@ def test_the_fused_op_with_the_launch_cache_is_the_fused_op(dropout_p, monkeypat
         return (y, *torch.autograd.grad(y, (x, a, bb), torch.ones_like(y)))
 
     xs = [torch.randn(m, 96, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for m in (37, 256)]
-    want = [step(x) for x in xs]
+    assert dispatch.launch_cache_setting()  # (the default)
+    with dispatch.use_launch_cache(False):
+        want = [step(x) for x in xs]
     runs = []
     real_run = JITFunction.run
 
@@ -216,7 +218,7 @@ def test_the_fused_op_with_the_launch_cache_is_the_fused_op(dropout_p, monkeypat
         for x in xs:
             step(x)
     assert runs == []
-    assert not dispatch.launch_cache_setting()
+    assert dispatch.launch_cache_setting()
 
 
 def test_the_switch(monkeypatch):
@@ -240,8 +242,9 @@ def test_the_switch(monkeypatch):
 
 
 def test_the_environment_switch():
-    """``FUSED_LORA_LAUNCH_CACHE=1`` turns the cache on at import, ``0`` (or
-    unset) leaves it off; anything else is a ValueError naming the variable."""
+    """``FUSED_LORA_LAUNCH_CACHE=0`` turns the cache off at import, ``1`` (or
+    unset: the default) leaves it on; anything else is a ValueError naming
+    the variable."""
     import os
     import subprocess
     import sys
@@ -249,10 +252,12 @@ def test_the_environment_switch():
 
     root = Path(__file__).resolve().parents[1]
     code = "import fused_lora; print(fused_lora.dispatch.launch_cache_setting())"
-    for value, out in (("1", "True"), ("0", "False")):
+    unset = {k: v for k, v in os.environ.items() if k != "FUSED_LORA_LAUNCH_CACHE"}
+    for value, out in (("1", "True"), ("0", "False"), (None, "True")):
+        env = unset if value is None else dict(unset, FUSED_LORA_LAUNCH_CACHE=value)
         proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
-                              env=dict(os.environ, FUSED_LORA_LAUNCH_CACHE=value))
-        assert proc.returncode == 0 and proc.stdout.strip() == out, proc.stderr
+                              env=env)
+        assert proc.returncode == 0 and proc.stdout.strip() == out, (value, proc.stderr)
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, FUSED_LORA_LAUNCH_CACHE="yes"))
     assert proc.returncode != 0 and "FUSED_LORA_LAUNCH_CACHE must be '0' or '1', got 'yes'" in proc.stderr
