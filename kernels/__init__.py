@@ -6,7 +6,7 @@
 * :mod:`.dora` — DoRA's weight norm ``‖W + s·B A‖`` in one read of W;
 * :mod:`.dequant` — a quantized base (int8, NF4) made whole, for large M;
 * :mod:`.configs` — every launch configuration;
-* :mod:`.launch` — the launch cache (less host time a launch; opt-in);
+* :mod:`.launch` — the launch cache (less host time a launch; the default since run 5 timed it);
 * :mod:`.common` — the dropout keep-mask and the interpreter switches.
 
 The math is written once, in :mod:`fused_lora.ops`. The launchers launch on

@@ -278,9 +278,11 @@ _GEMM_CANDIDATES_FP32 = (
 #: warps take 8-16 KB and 66-120 registers, four to seven programs a SM, no
 #: spill (64x128 holds two to four, 128x128 one or two); fp32's exact dots
 #: on 32x32 take 46-76 registers, no spill (64x64 spilled 12-48 B on 3.9,
-#: 64x128 28 KB at a 16 rank tile). Chosen from those figures; not yet timed
-#: on a GPU (bench/gpu_probe.py times it: fwd_epilogue and dx_epilogue,
-#: beside the full GEMM's tile).
+#: 64x128 28 KB at a 16 rank tile). Chosen from those figures. Run 5 (H100,
+#: bench/gpu_probe.py at M=8192, 4096², bf16): the forward's launch 0.034 ms
+#: (1.96 TB/s) against 0.043 on the full GEMM's tile, dx's 0.030. (The
+#: fourth run, on an H200, had timed the full GEMM's tile at 0.163 ms: the
+#: runs differ by far more than the tiles do.)
 LOW_RANK_ONLY_GEMM = {2: GemmConfig(block_m=64, block_n=64, block_k=32, group_m=8, num_warps=4, num_stages=1),
                       4: GemmConfig(block_m=32, block_n=32, block_k=32, group_m=8, num_warps=4, num_stages=1)}
 
