@@ -19,11 +19,18 @@ This probe splits the question on the GPU, each row one launch of
 ``fwd_base_b_rowmajor``            the forward with Wᵀ stored row-major (B laid out as dx's)
 ``fwd_lowrank``, ``dx_lowrank``    what the fused passes launch at large M (split: the precomputed
                                    low-rank factor, ``+tma`` too)
+``fwd_in_loop+tma``                the forward of the default plan at p=0 (in_loop: the shrink x·Aᵀ in
+                                   the K loop), on the in_loop plan's tile; through TMA only (the
+                                   16-bit in-loop shrink through pointers faulted on Triton 3.6, sm_90)
 ``fwd_epilogue``, ``dx_epilogue``  hybrid's launches: the low-rank term alone, an empty K loop, on the
                                    hybrid plan's own tile (configs.LOW_RANK_ONLY_GEMM)
 ``fwd_epilogue@gemm_tile``         the same on the split plan's GEMM tile, as hybrid ran until then
-``..+tma@<tile>``                  at large M, the base GEMMs through TMA on other tiles (:data:`SWEEP`)
+``..+tma@<tile>``                  at large M, the base GEMMs, the in-loop forward and dx with its term
+                                   through TMA on other tiles (:data:`SWEEP`)
 ``fwd_epilogue@<tile>``            at large M, hybrid's low-rank-only launch on other tiles (:data:`EPILOGUE_SWEEP`)
+``cublas_fwd (again)``,            the first rows' launches timed again after all the others: how far
+``fwd_base+tma (again)``           one launch's time drifts within the run (run 5's in-loop forward,
+                                   more work, timed faster than the base product alone)
 
 Each row: the median ms (``triton.testing.do_bench``, whose time includes
 the host's launch where that is longer than the kernel: at M=16, where the
@@ -90,6 +97,7 @@ def rows_for(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.d
     plan = dispatch.device_plan(device, m, n, k, r, dtype, 0.0, "split")
     fwd_cfg, dx_cfg = plan.fwd_gemm, plan.dx_gemm
     hybrid = dispatch.device_plan(device, m, n, k, r, dtype, 0.0, "hybrid")  # (its launches' own tile)
+    in_loop_cfg = dispatch.device_plan(device, m, n, k, r, dtype, 0.0, "in_loop").fwd_gemm
     e = dtype.itemsize
     f64 = torch.float64
 
@@ -106,6 +114,7 @@ def rows_for(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.d
     lr_fwd = (2 * m * n * r, 4 * m * r + e * (n * r + m * n + n))
     lr_dx = (2 * m * k * r, 4 * m * r + e * (k * r + m * k))
     fwd_lowrank = dict(u=xa, v=b.t(), lr_scale=2.0, bias=bias)
+    fwd_in_loop = dict(shrink=a.t(), v=b.t(), lr_scale=2.0, bias=bias)
     dx_lowrank = dict(u=gg, v=a)
     rows = [
         ("cublas_fwd", lambda: x @ w.t(), fwd_ref, *base_fwd),
@@ -122,6 +131,7 @@ def rows_for(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.d
         ("fwd_lowrank+tma", gemm(x, w.t(), fwd_cfg, True, **fwd_lowrank), fwd_ref + fwd_lr, *base_fwd),
         ("dx_lowrank", gemm(dy, w, dx_cfg, **dx_lowrank), dx_ref + dx_lr, *base_dx),
         ("dx_lowrank+tma", gemm(dy, w, dx_cfg, True, **dx_lowrank), dx_ref + dx_lr, *base_dx),
+        ("fwd_in_loop+tma", gemm(x, w.t(), in_loop_cfg, True, **fwd_in_loop), fwd_ref + fwd_lr, *base_fwd),
         ("fwd_epilogue", gemm(x[:, :0], w.t()[:0], hybrid.fwd_gemm, **fwd_lowrank), fwd_lr, *lr_fwd),
         ("dx_epilogue", gemm(dy[:, :0], w[:0], hybrid.dx_gemm, **dx_lowrank), dx_lr, *lr_dx),
         ("fwd_epilogue@gemm_tile", gemm(x[:, :0], w.t()[:0], fwd_cfg, **fwd_lowrank), fwd_lr, *lr_fwd),
@@ -129,12 +139,18 @@ def rows_for(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.d
     if m >= SWEEP_MIN_M:
         for label, tile in SWEEP:
             fwd_t, dx_t = (dataclasses.replace(c, **tile) for c in (fwd_cfg, dx_cfg))
+            in_loop_t = dataclasses.replace(in_loop_cfg, **tile)
             rows += [(f"fwd_base+tma@{label}", gemm(x, w.t(), fwd_t, True), fwd_ref, *base_fwd),
-                     (f"dx_base+tma@{label}", gemm(dy, w, dx_t, True), dx_ref, *base_dx)]
+                     (f"dx_base+tma@{label}", gemm(dy, w, dx_t, True), dx_ref, *base_dx),
+                     (f"fwd_in_loop+tma@{label}", gemm(x, w.t(), in_loop_t, True, **fwd_in_loop), fwd_ref + fwd_lr,
+                      *base_fwd),
+                     (f"dx_lowrank+tma@{label}", gemm(dy, w, dx_t, True, **dx_lowrank), dx_ref + dx_lr, *base_dx)]
         for label, tile in EPILOGUE_SWEEP:
             rows.append((f"fwd_epilogue@{label}", gemm(x[:, :0], w.t()[:0], dataclasses.replace(fwd_cfg, **tile),
                                                        **fwd_lowrank), fwd_lr, *lr_fwd))
-    return rows, {"fwd": str(fwd_cfg), "dx": str(dx_cfg), "hybrid": str(hybrid.fwd_gemm)}
+    rows += [(f"{name} (again)", *rest) for name, *rest in rows[:1] + rows[3:4]]  # (cublas_fwd, fwd_base+tma)
+    return rows, {"fwd": str(fwd_cfg), "dx": str(dx_cfg), "hybrid": str(hybrid.fwd_gemm),
+                  "in_loop": str(in_loop_cfg)}
 
 
 def normalized_error(got: torch.Tensor, want: torch.Tensor) -> float:
