@@ -158,8 +158,8 @@ def tma_setting() -> bool | str:
 
 #: Why TMA descriptors are made on the host by default.
 TMA_DESCRIPTORS_HOST = ("descriptors made on the host for each launch (the default; set_tma_descriptors('device'): "
-                        "by the kernel, which spares the launch their encoding: on run 5's H100 as much host time as the "
-                        "launch cache, its kernels a little slower)")
+                        "by the kernel, which spares the launch their encoding: on run 5's H100 as much host time as "
+                        "skipping Triton's argument binding saved, its kernels a little slower)")
 
 
 def _tma_descriptors_setting(where) -> str:
