@@ -151,11 +151,13 @@ def assert_same_sums(actual: torch.Tensor, expected: torch.Tensor, k: int, what:
     on its dequantised weight), in their common dtype. On the CPU (the
     interpreter: numpy adds a tile's products in one order, whatever their
     source) the bits must be equal. On a GPU they may differ in the last
-    place only: a tile decoded in registers feeds ``mma`` with another
-    operand layout, in which the tensor cores add a dot's products in
-    another order (the fifth GPU run: 1 ulp in some fp16 elements, fp32
-    with FMA dots bitwise), and a float base may take cuBLAS where a
-    quantized one cannot. So there: within one unit in the last place of
+    place only. The fifth GPU run found 16-bit results of the two paths
+    unequal in bits though equal to the digits printed, fp32's (FMA dots)
+    bitwise; both paths compile to ``mma.sync`` there (sm_90, Triton 3.6),
+    so the likely cause is the operand layout a tile decoded in registers
+    feeds it with, in which the tensor cores add a dot's products in
+    another order. And a float base may take cuBLAS where a quantized one
+    cannot. So there: within one unit in the last place of
     the dtype (``rtol``), plus the fp32 accumulator's reordering of ``k``
     terms, 4·√k·ε₃₂ of the largest value (``atol``); a wrong index, scale or
     group is off by far more."""
