@@ -148,7 +148,7 @@ def rows_for(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.d
         for label, tile in EPILOGUE_SWEEP:
             rows.append((f"fwd_epilogue@{label}", gemm(x[:, :0], w.t()[:0], dataclasses.replace(fwd_cfg, **tile),
                                                        **fwd_lowrank), fwd_lr, *lr_fwd))
-    rows += [(f"{name} (again)", *rest) for name, *rest in rows[:1] + rows[3:4]]  # (cublas_fwd, fwd_base+tma)
+    rows += [(f"{name} (again)", *rest) for name, *rest in rows if name in ("cublas_fwd", "fwd_base+tma")]
     return rows, {"fwd": str(fwd_cfg), "dx": str(dx_cfg), "hybrid": str(hybrid.fwd_gemm),
                   "in_loop": str(in_loop_cfg)}
 

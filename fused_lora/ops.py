@@ -927,13 +927,14 @@ def _lora_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
     # (on the CPU whatever the default device: a value the kernels take as an argument, never read back
     # from a GPU, which would sync the host and break a CUDA graph's capture. Where the call is traced
     # (torch.compile), the seed is made on x's device instead, int32 as a drawn one is where it fits, else
-    # int64, without dropout too: a CPU tensor, even 0-d, became an input of the compiled graph's CUDA-graph
-    # partition, which CUDA graphs refuse ("not allocated in pool": the fifth GPU run, whose layer without
-    # dropout still handed its op the CPU constant), and a mask's seed goes on to the backward, which they
-    # expect in their pool too)
+    # int64: a mask's seed goes on to the backward, which CUDA graphs expect in their pool; and under
+    # torch.compile without dropout too, where a CPU tensor, even 0-d, became an input of the compiled graph's
+    # CUDA-graph partition, which they refuse ("not allocated in pool": the fifth GPU run, whose layer without
+    # dropout still handed its op the CPU constant). Not in eager calls that are not direct (the profiler,
+    # a dispatch mode): there it would be a fill launch a call for a seed no kernel reads)
     if isinstance(seed, Tensor):
         seed_t = seed
-    elif not direct_call(x):
+    elif not direct_call(x) and (dropout_p > 0.0 or torch.compiler.is_compiling()):
         seed_t = torch.full((), seed, dtype=torch.int32 if seed < 2**31 else torch.int64, device=x.device)
     else:
         seed_t = _NO_DROPOUT_SEED if seed == 0 else torch.tensor(seed, dtype=torch.int64, device="cpu")
