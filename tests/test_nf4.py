@@ -184,8 +184,9 @@ def test_the_gemm_on_an_nf4_b_is_the_gemm_on_its_dequantised_values(dtype, low_r
                                                                     split_k):
     """Forward (b = W's bytes transposed, two of B's rows a byte) and dx (b =
     W's bytes, two of its columns a byte), each against the GEMM reading Ŵ:
-    the same sums (``assert_same_sums``: the same bits on the CPU), with K tails, split-K, groups narrower and wider than a K
-    step or an N tile, each low-rank form; every output written."""
+    the same sums (``assert_same_sums``: the same bits on the CPU), with K
+    tails, split-K, groups narrower and wider than a K step or an N tile,
+    each low-rank form; every output written."""
     r = 5
     cfg = configs.gemm_config(m, n, k, r, torch.tensor([], dtype=dtype).element_size(), low_rank == "in_loop", True)
     packed, absmax, _ = _nf4(n, k, group)
