@@ -7,8 +7,9 @@ At small M a GPU finishes a LoRA layer's kernels in a few microseconds each,
 so without CUDA graphs a training step is bound by the host: Python,
 PyTorch's dispatch and autograd, and the kernel launches. By default this
 script times what fused_lora's own Python adds, on any machine: the kernels
-are replaced by no-ops (the launchers still plan, allocate and bind every
-argument), so Triton's own launcher is left out. ``--real`` launches them
+are replaced by stand-ins whose compiled kernels do nothing (the launchers
+still plan, allocate and bind every argument, and the launch cache keys and
+looks up each launch), so Triton's own launcher is left out. ``--real`` launches them
 (on a GPU: the rounds end with a synchronisation, so a round is bound by the
 host or the GPU, whichever is slower); ``--real`` less the default is
 Triton's launcher. ``--profile N`` adds cProfile's N most expensive
@@ -41,8 +42,11 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from triton.runtime.jit import JITFunction  # noqa: E402
+
 import fused_lora  # noqa: E402
 from fused_lora.kernels import gemm, skinny  # noqa: E402
+from fused_lora.kernels import launch as launch_cache  # noqa: E402
 
 
 #: On a GPU, CUDA tensors in bf16 (real allocations; naive's kernels run); else
@@ -51,11 +55,25 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 
 
-class _NoLaunch:
-    """Stands in for a kernel: ``kernel[grid](*args)`` does nothing."""
+class _NoKernel:
+    """Stands in for a compiled kernel: ``compiled[grid](*args)`` does nothing."""
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        return _no_op
+
+
+def _no_op(*args, **kwargs):
+    return None
+
+
+def _stub(kernel) -> JITFunction:
+    """A stand-in for ``kernel``: a JITFunction of the same Python function
+    (the launch cache keys and launches it as the kernel itself: its
+    signature, its lookup, the call of the compiled kernel) whose launches
+    compile nothing and run nothing."""
+    stub = JITFunction(getattr(kernel, "fn", kernel))
+    stub.run = lambda *args, **kwargs: _NoKernel()
+    return stub
 
 
 def _sync():
@@ -87,9 +105,11 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
     forward+backward at dropout 0."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    saved = gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel
+    saved = gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel, launch_cache.current_device
     if not real:
-        gemm.lora_gemm_kernel = skinny.lora_skinny_kernel = skinny.reduce_partials_kernel = _NoLaunch()
+        gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel = map(_stub, saved[:3])
+        if DEVICE.type != "cuda":
+            launch_cache.current_device = lambda: -1  # (no CUDA device: the launch cache's key has none)
     try:
         dev, dt = DEVICE, DTYPE
         # (the weights as a layer holds them: nn.Parameters, the base frozen)
@@ -124,7 +144,8 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
                                               reps, profile)
         return out
     finally:
-        gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel = saved
+        gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel, launch_cache.current_device = saved
+        launch_cache.clear()  # (the stand-ins kept)
         torch.set_num_threads(threads)
 
 

@@ -75,6 +75,12 @@ _EMPTY = inspect.Parameter.empty
 _int_keys: dict = {}
 
 
+def current_device() -> int:
+    """The CUDA device Triton launches on (a launch's key holds it;
+    ``bench/host_overhead.py`` replaces this on a machine without one)."""
+    return torch.cuda.current_device()
+
+
 def set_enabled(enabled: bool) -> None:
     """Turn the launch cache on or off (:func:`fused_lora.dispatch.set_launch_cache`)."""
     global _enabled
@@ -147,7 +153,7 @@ def launch(kernel, grid, args: tuple, kwargs) -> None:
     if entry is None:
         entry = _compiled[id(kernel)] = (kernel, {})
     kept = entry[1]
-    key = (torch.cuda.current_device(), signature(args), tuple(kwargs.items()))
+    key = (current_device(), signature(args), tuple(kwargs.items()))
     try:
         hit = kept.get(key)
     except TypeError:  # (an unhashable argument: no key)

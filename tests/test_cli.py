@@ -505,6 +505,7 @@ def test_the_host_overhead_script_times_every_row_and_restores_the_kernels():
     """bench/host_overhead.py stubs the kernels out while it times the host's
     share of a call, and puts them back."""
     from fused_lora.kernels import gemm, skinny
+    from fused_lora.kernels.launch import current_device
 
     script = _bench_script("host_overhead")
     kernels = gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel
@@ -521,6 +522,7 @@ def test_the_host_overhead_script_times_every_row_and_restores_the_kernels():
     assert script.gemm.launch is script.skinny.launch  # (restored)
     assert "lora_gemm" in profile and "backward_triton" in profile  # (fused_lora's own functions, by own time)
     assert (gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel) == kernels
+    assert script.launch_cache.current_device is current_device  # (its stand-in on a machine without CUDA: restored)
     assert torch.get_num_threads() == threads
 
 
