@@ -15,7 +15,7 @@
 # shards, while the benchmark's and the probe's kernels compile; at the box a
 # shard is interrupted, and reports the failures it has so far), the probe
 # <= 60 s, the benchmark <= 180 s (cases not started after 125 s are listed as
-# skipped), the host-time checks <= 60 s (none started after 435 s; each 25 s
+# skipped), the host-time checks <= 80 s (none started after 435 s; each 25 s
 # at most), then more benchmarks until 400 s, if any time is left. SHARDS=n overrides the number of test processes (default: the
 # CPU cores less five, three of them for the compile processes; at most 12).
 set -uo pipefail
@@ -59,7 +59,7 @@ tests=(tests/test_parity.py tests/test_kernels.py tests/test_multi_adapter.py te
        tests/test_dora_integration.py tests/test_quantized.py tests/test_quantized_layer.py
        tests/test_nf4.py tests/test_nf4_layer.py tests/test_peft_quantized.py tests/test_peft_multi.py
        tests/test_multi_dora.py tests/test_peft_alora.py tests/test_bnb_int8.py tests/test_architectures.py
-       tests/test_launch.py)
+       tests/test_launch.py tests/test_eager_cublas.py)
 ncpu=$(nproc 2>/dev/null || echo 2)
 COMPILERS=2  # processes compiling the benchmark's kernels, each every other case
 # (about 1220 specialisations in all by an interpreter count, keyed on kernel,
@@ -129,14 +129,16 @@ rc_bench=$?
 # Where an eager call's host time goes at small M (the benchmark's eager table, and any M where the GPU
 # finishes first): fused_lora's Python alone (launches stubbed), then with the launches, and cProfile's
 # most expensive functions of the latter (fused_lora's, Triton's launcher, PyTorch's). Informational.
-# The launches go through the launch cache (the default: a specialisation compiled before goes to its compiled
+# The Triton plan's (FUSED_LORA_EAGER_CUBLAS=0: eager calls at dropout 0 would run cuBLAS alone by default): its
+# launches through the launch cache (the default: a specialisation compiled before goes to its compiled
 # kernel, without Triton's binding and key); then the same without it (FUSED_LORA_LAUNCH_CACHE=0), and with
-# kernel-made TMA descriptors; and at M=4096 with and without the cache. After the benchmark, whose table comes
-# first: the runs share a 60 s deadline (each about 10 s, most of it imports), and none starts after 435 s, so
+# kernel-made TMA descriptors; and at M=4096 with and without the cache; then the default (p=0: cuBLAS alone)
+# at M=16 and M=4096. After the benchmark, whose table comes
+# first: the runs share an 80 s deadline (each about 10 s, most of it imports), and none starts after 435 s, so
 # that the script ends within the device call's 480 s; a run not started says so.
 echo "== host time per call (bench/host_overhead.py, M=16 4096->4096 r=16: launches stubbed, then launched)"
 host=(bench/host_overhead.py --k 4096 --n 4096 --r 16 --reps 100)
-host_deadline=$(( SECONDS + 60 < 435 ? SECONDS + 60 : 435 ))
+host_deadline=$(( SECONDS + 80 < 435 ? SECONDS + 80 : 435 ))
 host_run() {
     if [ $SECONDS -ge $host_deadline ]; then
         echo "(not run: the host-time checks' time is spent)"
@@ -144,15 +146,18 @@ host_run() {
     fi
     timeout 25 "$PY" "${host[@]}" "$@"
 }
-host_run --m 16
-host_run --m 16 --real --profile 30
+FUSED_LORA_EAGER_CUBLAS=0 host_run --m 16
+FUSED_LORA_EAGER_CUBLAS=0 host_run --m 16 --real --profile 30
 echo "-- the same, launched without the launch cache (FUSED_LORA_LAUNCH_CACHE=0: Triton's kernel[grid] each launch)"
-FUSED_LORA_LAUNCH_CACHE=0 host_run --m 16 --real --profile 30
+FUSED_LORA_EAGER_CUBLAS=0 FUSED_LORA_LAUNCH_CACHE=0 host_run --m 16 --real --profile 30
 echo "-- launch cache and TMA's descriptors made by the kernels (FUSED_LORA_TMA_DESCRIPTORS=device)"
-FUSED_LORA_TMA_DESCRIPTORS=device host_run --m 16 --real
+FUSED_LORA_EAGER_CUBLAS=0 FUSED_LORA_TMA_DESCRIPTORS=device host_run --m 16 --real
 echo "-- M=4096, launched, with and without the launch cache"
+FUSED_LORA_EAGER_CUBLAS=0 host_run --m 4096 --real --reps 20
+FUSED_LORA_EAGER_CUBLAS=0 FUSED_LORA_LAUNCH_CACHE=0 host_run --m 4096 --real --reps 20
+echo "-- the default dispatch (eager calls at dropout 0: cuBLAS alone), M=16 and M=4096"
+host_run --m 16 --real --profile 15
 host_run --m 4096 --real --reps 20
-FUSED_LORA_LAUNCH_CACHE=0 host_run --m 4096 --real --reps 20
 
 # pytest bench/'s several-adapter, DoRA and quantized-base (int8, NF4) benchmarks (fused against PEFT's mixed
 # batch, PEFT's own model serving several adapters, PEFT's DoRA layer, the 16-bit base), last and only in the

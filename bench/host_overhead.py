@@ -18,7 +18,9 @@ fused_lora's functions, Triton's launcher or PyTorch's take the host's time.
 The kernels launch through the launch cache (the default,
 :mod:`fused_lora.kernels.launch`); ``FUSED_LORA_LAUNCH_CACHE=0`` through
 Triton's ``kernel[grid](...)``, ``FUSED_LORA_TMA_DESCRIPTORS=device``
-with kernel-made TMA descriptors. Naive LoRA is timed beside it (on a CPU
+with kernel-made TMA descriptors. On a GPU, eager calls at dropout 0 run
+cuBLAS alone by default (:func:`fused_lora.dispatch.eager_cublas_reason`):
+``FUSED_LORA_EAGER_CUBLAS=0`` times the Triton plan there. Naive LoRA is timed beside it (on a CPU
 in float32, at tiny sizes, where its math is a small part of its time: read
 it as the floor of PyTorch's own dispatch and autograd for the same
 composition). Host times of this machine.
@@ -144,7 +146,8 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
                                               reps, profile)
         return out
     finally:
-        gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel, launch_cache.current_device = saved
+        (gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel,
+         launch_cache.current_device) = saved
         launch_cache.clear()  # (the stand-ins kept)
         torch.set_num_threads(threads)
 
@@ -200,7 +203,8 @@ def main(argv=None) -> int:
     if args.real:
         switches = fused_lora.dispatch
         how += (f" (launch cache {'on' if switches.launch_cache_setting() else 'off'}, TMA descriptors made "
-                f"on the {switches.tma_descriptors_setting()})")
+                f"on the {switches.tma_descriptors_setting()}, eager cuBLAS at dropout 0 "
+                f"{'on' if switches.eager_cublas_setting() else 'off'})")
     print(f"host µs per call, M={args.m}, {args.k} -> {args.n}, r={args.r}, {DTYPE} on {DEVICE.type}; fused: "
           f"{how}" + ("" if DEVICE.type == "cuda" and args.real else " (not a GPU measurement)"))
     print(f"{'':28} {'p=0':>8} {'p=0.1':>8}   launches a call (p=0, p=0.1)")

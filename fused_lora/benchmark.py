@@ -59,22 +59,30 @@ PROVIDERS = ("fused", "naive", "unsloth_style", "naive_compiled", "base")
 #: and ``fused`` with the switches of :mod:`fused_lora.dispatch` set
 #: (:data:`SWITCH_SETTINGS`): the data that tunes the dispatch rules and the
 #: switches' defaults. Run on a preset's ``variant_cases``.
-STRATEGY_PROVIDERS = ("fused:in_loop", "fused:split", "fused:hybrid")
+STRATEGY_PROVIDERS = ("fused:in_loop", "fused:split", "fused:hybrid", "fused:cublas")
 #: Each switch provider's settings, every switch named (whatever the
 #: defaults): pointer loads (TMA off: the default off Hopper, the other side
 #: of Hopper's default), TMA loads on the persistent grid, TMA loads
 #: through descriptors the kernels make (no host-side descriptor a launch:
-#: host time, which the steps timed without CUDA graphs include), and the
+#: host time, which the steps timed without CUDA graphs include), the
 #: default loads launched without the launch cache, which the others go
 #: through as the default does (host time too; timed in eager mode at small M
-#: as well).
+#: as well), and the default Triton plan where an eager call would run
+#: cuBLAS alone (``no_eager_cublas``: the dispatch's eager rule off, as it is
+#: for the other switch providers, which time the Triton plan's switches).
 SWITCH_SETTINGS = {
-    "fused:pointers": {"tma": False, "tma_descriptors": "host", "persistent": False, "launch_cache": True},
-    "fused:tma+persistent": {"tma": True, "tma_descriptors": "host", "persistent": True, "launch_cache": True},
-    "fused:tma_device": {"tma": True, "tma_descriptors": "device", "persistent": False, "launch_cache": True},
-    "fused:no_launch_cache": {"tma": "auto", "tma_descriptors": "host", "persistent": False, "launch_cache": False}}
+    "fused:pointers": {"tma": False, "tma_descriptors": "host", "persistent": False, "launch_cache": True,
+                       "eager_cublas": False},
+    "fused:tma+persistent": {"tma": True, "tma_descriptors": "host", "persistent": True, "launch_cache": True,
+                             "eager_cublas": False},
+    "fused:tma_device": {"tma": True, "tma_descriptors": "device", "persistent": False, "launch_cache": True,
+                         "eager_cublas": False},
+    "fused:no_launch_cache": {"tma": "auto", "tma_descriptors": "host", "persistent": False, "launch_cache": False,
+                              "eager_cublas": False},
+    "fused:no_eager_cublas": {"tma": "auto", "tma_descriptors": "host", "persistent": False, "launch_cache": True,
+                              "eager_cublas": False}}
 #: The providers also timed in eager mode at small M (the eager table).
-EAGER_PROVIDERS = PROVIDERS + ("fused:no_launch_cache",)
+EAGER_PROVIDERS = PROVIDERS + ("fused:no_launch_cache", "fused:no_eager_cublas")
 SWITCH_PROVIDERS = tuple(SWITCH_SETTINGS)
 VARIANT_PROVIDERS = STRATEGY_PROVIDERS + SWITCH_PROVIDERS
 VARIANT_MODES = ("forward", "forward+backward")
@@ -263,7 +271,7 @@ def not_applicable(provider: str, dropout: float) -> str:
     """Why ``provider`` has no step at this dropout probability (``""`` where
     it has one): the one rule behind the harness's N/A cells, ``make_forward``'s
     None and the cases the pytest-benchmark suite collects."""
-    if provider == "unsloth_style" and dropout > 0:
+    if provider in ("unsloth_style", "fused:cublas") and dropout > 0:
         return "N/A: no dropout in this composition"
     return ""
 
@@ -316,7 +324,8 @@ def variant_context(provider: str):
     if provider in SWITCH_PROVIDERS:
         switches = {"tma": fused_lora.dispatch.use_tma, "persistent": fused_lora.dispatch.use_persistent,
                     "tma_descriptors": fused_lora.dispatch.use_tma_descriptors,
-                    "launch_cache": fused_lora.dispatch.use_launch_cache}
+                    "launch_cache": fused_lora.dispatch.use_launch_cache,
+                    "eager_cublas": fused_lora.dispatch.use_eager_cublas}
         for name, value in SWITCH_SETTINGS[provider].items():
             stack.enter_context(switches[name](value))
     return stack
@@ -647,12 +656,15 @@ def environment() -> dict:
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
            "platform": platform.platform(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    import fused_lora
+
+    # (the dispatch's switches as this run left them: the default strategy of each case follows them)
+    env["eager_cublas"] = fused_lora.dispatch.eager_cublas_setting()
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         env.update(gpu=p.name, gpu_sms=p.multi_processor_count, gpu_memory_gib=round(p.total_memory / 2**30, 1),
                    cuda=torch.version.cuda, gpu_arch=f"sm_{p.major}{p.minor}")
     else:
-        import fused_lora
         env.update(gpu=None, kernels="triton-interpreter" if fused_lora._triton.interpreter() else "unavailable")
     return env
 
@@ -885,12 +897,14 @@ def eager_table(results: list[Measurement]) -> list[str]:
     return lines
 
 
-def default_strategy(case: Case, target: str) -> str:
-    """The strategy ``fused`` runs for ``case`` on ``target`` (what explain says)."""
+def default_strategy(case: Case, target: str, eager: bool | None = None) -> str:
+    """The strategy ``fused`` runs for ``case`` on ``target`` (what explain
+    says): in an eager call (``eager``; None: as the GPU timer times the
+    case, eager above :data:`CUDA_GRAPH_MAX_M` tokens) or a captured one."""
     import fused_lora
 
-    return fused_lora.explain((case.m, case.k), (case.n, case.k), case.r, case.torch_dtype, case.dropout,
-                              target=target).plan.strategy
+    e = fused_lora.explain((case.m, case.k), (case.n, case.k), case.r, case.torch_dtype, case.dropout, target=target)
+    return e.eager_strategy if (case.m > CUDA_GRAPH_MAX_M if eager is None else eager) else e.plan.strategy
 
 
 def strategy_table(results: list[Measurement], target: str) -> list[str]:
@@ -936,7 +950,8 @@ def kernel_table(results: list[Measurement], target: str) -> list[str]:
              "the GPU spends idle."]
     for m in profiled:
         total = sum(us for _, us in m.kernels)
-        lines += ["", f"**{m.case.label()}** — strategy `{default_strategy(m.case, target)}`; kernel total "
+        strategy = default_strategy(m.case, target, eager=True)  # (the profiled step: eager)
+        lines += ["", f"**{m.case.label()}** — strategy `{strategy}`; kernel total "
                       f"{total / 1e3:.3f} ms, step median {_fmt(m.median_ms)} ms", "",
                   "| # | kernel | µs | share |", "|---|---|---|---|"]
         lines += [f"| {i} | `{name}` | {us:.1f} | {_fmt(_ratio(us, total), '.0%')} |"

@@ -102,7 +102,7 @@ def progress(**kwargs):
 # ----------------------------------------------------------------------------
 
 def check_cases(on_gpu: bool) -> list[dict]:
-    """Every kernel path (each strategy, TMA loads and the persistent grid for
+    """Every path (each strategy, TMA loads and the persistent grid for
     16-bit, split-K at small M, a row scale), each dtype, dropout on and off, frozen and
     trainable base, awkward sizes. GPU shapes are larger (several tiles of the
     real configs)."""
@@ -141,6 +141,8 @@ def check_cases(on_gpu: bool) -> list[dict]:
             for strategy, p, r in (("in_loop", 0.0, 8), ("split", 0.0, 64), ("split", 0.1, 16)):
                 case(shape, r, dtype, strategy, p, train_base=strategy == "split" and p == 0.0)
         case(shapes[0], 16, dtype, "hybrid", 0.1, train_base=True)
+        # cuBLAS alone (eager calls on a GPU at dropout 0 below a size: dispatch.eager_cublas_reason)
+        case(shapes[1], 16, dtype, "cublas", 0.0, train_base=True)
         # small M: the in-loop shrink split along K (xa's and g's partials summed too); the split
         # forward and dx; with dropout, forced in_loop: x's tiles masked in the forward's K loop
         case(small_m, 16, dtype, "in_loop", 0.0, train_base=False)

@@ -23,6 +23,15 @@ Forward strategies (the math is in :mod:`fused_lora.ops`):
     (``C.addmm_(x, Wᵀ)``). The safety net where Triton's GEMM loses to cuBLAS:
     the default for float32 on CUDA (exact fp32 dots run on FMA units, where
     cuBLAS is far ahead); forced elsewhere with :func:`force_strategy`.
+``cublas``
+    No Triton launch: every product on cuBLAS (``torch.mm``/``addmm``), the
+    rank-r factors as well, without dropout only (its mask is the kernels'
+    to draw). What an eager call on a CUDA device runs by default at dropout
+    0 below :data:`EAGER_CUBLAS_MAX_MNK` (:func:`eager_cublas_reason`): there
+    the host's time launching the Triton passes, not the GPU's, decided the
+    step on the fifth GPU run. Under CUDA graph capture (``torch.cuda.graph``,
+    ``torch.compile(mode="reduce-overhead")``), where the host's time is gone,
+    the Triton plan runs.
 
 Small M (at most :data:`SMALL_M` tokens: decode, small batches) is memory
 bound: the extra FLOPs of the in-loop shrink are free there, so without
@@ -85,7 +94,22 @@ from . import _triton
 from ._validate import check_bool, check_int, check_shape
 from .dropout import check_dropout_p
 
-STRATEGIES = ("in_loop", "split", "hybrid")
+STRATEGIES = ("in_loop", "split", "hybrid", "cublas")
+#: Eager calls (no CUDA graph being captured) at dropout 0 run ``cublas``
+#: below this many M·N·K (16-bit; float32 at any size, whose Triton plan runs
+#: its base products on cuBLAS already): there the host's time, not the
+#: GPU's, decided a Triton step on the fifth GPU run (H100, Triton 3.6,
+#: bench/results/2026-12-05-NVIDIA-H100-80GB-HBM3; forward+backward, bf16,
+#: r=16, ms without CUDA graphs): at M=4096 4096->4096 the Triton passes took
+#: 0.465 on the GPU but 1.185 a step (0.814 at r=64 through the launch cache),
+#: where cuBLAS alone (the benchmark's ``unsloth_style``) took 0.522 and naive
+#: LoRA 0.573; at M=16 and 256 in eager steps, 0.92-1.21 against 0.21-0.22
+#: (naive 0.23-0.24). From M=8192 (this bound) the GPU's time decides, and the
+#: Triton passes were level with cuBLAS alone (1.001 through the cache against
+#: 1.018; M=16384 1.992 against 2.012, M=4096 4096->14336 1.656 against 1.638).
+#: Through CUDA graphs the Triton passes were ahead at small M (M=16: 0.049
+#: against 0.058; M=256: 0.065 against 0.072), so captured calls keep them.
+EAGER_CUBLAS_MAX_MNK = 8192 * 4096 * 4096
 #: Ranks up to this use the in-loop shrink when there is no dropout
 #: (KERNELS.md: its extra FLOPs are r/BLOCK_N, +6% at r=16, BN=256; the split
 #: costs one more read of x, ~5% at N=4096: expected crossover near r=32).
@@ -113,12 +137,19 @@ IN_LOOP_DROPOUT_MAX_M = 32
 #: run, who makes their descriptors: the host, for each launch ("host", the
 #: default), or the kernel, in global scratch ("device":
 #: ``FUSED_LORA_TMA_DESCRIPTORS=device`` or :func:`set_tma_descriptors`;
-#: timed by gpu_check.sh as ``fused:tma_device``). And the strategy forced by
-#: :func:`force_strategy` (None: chosen per shape).
+#: timed by gpu_check.sh as ``fused:tma_device``). The strategy forced by
+#: :func:`force_strategy` (None: chosen per shape). And whether eager calls
+#: at dropout 0 run ``cublas`` where :func:`eager_cublas_reason` says so
+#: (``FUSED_LORA_EAGER_CUBLAS=0`` or :func:`set_eager_cublas` turns it off;
+#: timed by gpu_check.sh as ``fused:no_eager_cublas``).
 _switches = {"tma": {"1": True, "0": False}.get(os.environ.get("FUSED_LORA_TMA", "auto")),
              "tma_descriptors": os.environ.get("FUSED_LORA_TMA_DESCRIPTORS", "host"),
              "persistent": os.environ.get("FUSED_LORA_PERSISTENT", "0") == "1",
-             "strategy": None}
+             "strategy": None,
+             "eager_cublas": os.environ.get("FUSED_LORA_EAGER_CUBLAS", "1")}
+if _switches["eager_cublas"] not in ("0", "1"):
+    raise ValueError(f"FUSED_LORA_EAGER_CUBLAS must be '0' or '1', got {_switches['eager_cublas']!r}")
+_switches["eager_cublas"] = _switches["eager_cublas"] == "1"
 if _switches["tma_descriptors"] not in ("host", "device"):
     raise ValueError(f"FUSED_LORA_TMA_DESCRIPTORS must be 'host' or 'device', got {_switches['tma_descriptors']!r}")
 
@@ -246,12 +277,52 @@ def use_launch_cache(enabled: bool = True):
         set_launch_cache(previous)
 
 
+def set_eager_cublas(enabled: bool) -> None:
+    """Let eager calls run cuBLAS alone where :func:`eager_cublas_reason`
+    says so (True, the default), or the Triton plan always (False;
+    ``FUSED_LORA_EAGER_CUBLAS=0`` at import)."""
+    _switches["eager_cublas"] = check_bool("enabled", enabled)
+
+
+def eager_cublas_setting() -> bool:
+    """The eager-cuBLAS switch (:func:`set_eager_cublas`)."""
+    return _switches["eager_cublas"]
+
+
+def use_eager_cublas(enabled: bool = True):
+    """:func:`set_eager_cublas` inside a ``with`` block, restored after it."""
+    return _switched("eager_cublas", check_bool("enabled", enabled))
+
+
+def eager_cublas_reason(m: int, n: int, k: int, dtype: torch.dtype, dropout_p: float,
+                        quantized: bool | str = False) -> str:
+    """Why an eager call (on a CUDA device, no CUDA graph being captured, no
+    strategy forced, plain LoRA: no row scale, no adapters side by side) of
+    this problem runs ``cublas`` instead of its Triton plan; ``""`` where it
+    does not: with dropout (the mask is the kernels'), a quantized base (the
+    Triton GEMMs decode it), 16-bit at or above :data:`EAGER_CUBLAS_MAX_MNK`,
+    or the switch off (:func:`set_eager_cublas`)."""
+    if not _switches["eager_cublas"] or dropout_p > 0.0 or quantized_kind(quantized):
+        return ""
+    if dtype == torch.float32:
+        return ("dropout 0 in float32: the Triton plan (hybrid) runs its base products on cuBLAS anyway, and "
+                "cuBLAS's rank-r products spare its launches (set_eager_cublas(False): the Triton plan)")
+    if m * n * k >= EAGER_CUBLAS_MAX_MNK:
+        return ""
+    return (f"dropout 0 and M·N·K below {EAGER_CUBLAS_MAX_MNK:.3g}: there the host's time launching "
+            "the Triton passes, not the GPU's, decided the step on the fifth GPU run (H100: M=4096 4096->4096 "
+            "r=16, 1.185 ms a step for 0.465 ms of kernels, cuBLAS alone 0.522, naive 0.573); a captured CUDA "
+            "graph runs the Triton plan (set_eager_cublas(False): always)")
+
+
 def force_strategy(strategy: str):
     """Run the forward with ``strategy`` inside the ``with`` block (tests and
     benchmarks use it to cover every path), and its backward too, wherever
     and whenever autograd runs it. ``in_loop`` still falls back to ``split``
     where it cannot run (r above its rank tile, which is narrower with
-    dropout in fp32). Process-wide."""
+    dropout in fp32), and ``cublas`` to the plan of no force where it
+    cannot (dropout, a quantized base, a row scale or adapters side by
+    side). Process-wide."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     return _switched("strategy", strategy)
@@ -316,7 +387,8 @@ def device_target(device: torch.device) -> _triton.CudaTarget:
 
 
 def device_plan(device: torch.device, m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float,
-                strategy: str | None = None, quantized: bool | str = False, tma_readable=None) -> Plan:
+                strategy: str | None = None, quantized: bool | str = False, tma_readable=None,
+                eager: bool = False, plain: bool = True) -> Plan:
     """:func:`plan` for a problem on ``device``, with that device's own
     compute capability, shared memory and SM count (:func:`device_target`).
     On a CUDA device a plan of the faulting path (:func:`in_loop_faults`)
@@ -324,15 +396,44 @@ def device_plan(device: torch.device, m: int, n: int, k: int, r: int, dtype: tor
     in-loop GEMM's operands can go through TMA at all (the launcher falls
     back to pointer loads where they cannot: an unaligned base, no unit
     stride, a row stride not a multiple of 16 bytes), asked only where that
-    decides it (None: they can)."""
+    decides it (None: they can). ``eager``: the call is not being captured
+    into a CUDA graph (the caller says so for a CUDA device); with no
+    strategy forced and ``plain`` (no row scale, no adapters side by side)
+    it runs ``cublas`` where :func:`eager_cublas_reason` says so."""
     target = device_target(device)
     chosen = plan(m, n, k, r, dtype, dropout_p, target.arch, strategy=strategy, smem_limit=target.smem_limit,
-                  num_sms=target.num_sms, quantized=quantized)
+                  num_sms=target.num_sms, quantized=quantized, plain=plain)
+    if eager and plain and chosen.strategy != "cublas" and (strategy or _switches["strategy"]) is None:
+        why = _eager_cublas_reason(m, n, k, dtype, dropout_p > 0.0, quantized_kind(quantized),
+                                   _switches["eager_cublas"])
+        if why:
+            return _eager_cublas_plan(chosen, why)
     if device.type != "cuda":
         return chosen
     return _without_faulting_in_loop(chosen, target.arch, dtype, lambda: plan(
         m, n, k, r, dtype, dropout_p, target.arch, strategy="split", smem_limit=target.smem_limit,
-        num_sms=target.num_sms, quantized=quantized), tma_readable)
+        num_sms=target.num_sms, quantized=quantized, plain=plain), tma_readable)
+
+
+@functools.lru_cache(maxsize=4096)
+def _eager_cublas_reason(m, n, k, dtype, dropout, quantized, enabled) -> str:
+    # (cached: eager calls ask at every step)
+    return eager_cublas_reason(m, n, k, dtype, 0.5 if dropout else 0.0, quantized) if enabled else ""
+
+
+#: id(Triton plan) -> (that plan, its eager ``cublas`` plan); the plans are
+#: :func:`plan`'s cached ones (kept here, so that no id is reused), bounded.
+_eager_plans: dict = {}
+
+
+def _eager_cublas_plan(chosen: Plan, why: str) -> Plan:
+    """``chosen`` with strategy ``cublas`` for an eager call (kept: made once a plan)."""
+    kept = _eager_plans.get(id(chosen))
+    if kept is None or kept[0] is not chosen:
+        if len(_eager_plans) >= 4096:
+            _eager_plans.clear()
+        kept = _eager_plans[id(chosen)] = (chosen, dataclasses.replace(chosen, strategy="cublas", reason=why))
+    return kept[1]
 
 
 def _without_faulting_in_loop(chosen: Plan, arch: int, dtype: torch.dtype, split, tma_readable=None) -> Plan:
@@ -371,6 +472,8 @@ def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, 
     tile (with this dropout: a masked shrink input holds a narrower one in fp32);
     ``quantized``: ``"int8"`` or ``"nf4"``, a base which only the Triton GEMMs
     read (no hybrid); NF4's decoding leaves no room for the in-loop shrink."""
+    if forced == "cublas":  # (where it can: _plan)
+        return "cublas", "forced 'cublas': every product on cuBLAS, no Triton launch"
     if quantized and forced == "hybrid":
         strategy, reason = _choose(m, r, dtype, dropout_p, interp, max_block_r, None, quantized)
         return strategy, f"forced 'hybrid', whose cuBLAS GEMMs cannot read an {quantized} base: {reason}"
@@ -407,7 +510,7 @@ def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, 
 
 def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, arch: int = 90,
          interpreter: bool | None = None, strategy: str | None = None, smem_limit: int | None = None,
-         num_sms: int | None = None, quantized: bool | str = False) -> Plan:
+         num_sms: int | None = None, quantized: bool | str = False, plain: bool = True) -> Plan:
     """The strategy and configurations for ``x (m, k) · Wᵀ (k, n)`` with rank ``r``
     on a GPU of compute capability ``arch`` (x10) with ``smem_limit`` bytes of
     shared memory per program (default: the arch's, from
@@ -426,6 +529,9 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
     always ``split``, and from M above
     :data:`~fused_lora.kernels.configs.NF4_DECODE_MAX_M` on made whole once a
     pass instead (``Plan.dequantize_base``), the float base's plan then.
+    ``plain``: no row scale and no adapters side by side (where they are, a
+    forced ``cublas`` falls back). The plan of a call under CUDA graph
+    capture; an eager one may run ``cublas`` instead (:func:`device_plan`).
     Cached per problem: at small M the host's time per call matters."""
     interp = _triton.interpreter() if interpreter is None else interpreter
     if strategy is not None and strategy not in STRATEGIES:
@@ -443,7 +549,8 @@ def plan(m: int, n: int, k: int, r: int, dtype: torch.dtype, dropout_p: float, a
     if tma is None:  # auto (not for an int8 base: INT8_POINTERS)
         tma = not interp and arch >= 90 and quantized_kind(quantized) != "int8"
     switches = (input_precision(dtype), tma, _switches["persistent"], smem_limit, num_sms)
-    return _plan(*key, forced, *switches, quantized_kind(quantized), _switches["tma_descriptors"] == "device")
+    return _plan(*key, forced, *switches, quantized_kind(quantized), _switches["tma_descriptors"] == "device",
+                 bool(plain))
 
 
 def quantized_kind(quantized) -> str:
@@ -459,11 +566,19 @@ def quantized_kind(quantized) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, persistent, smem_limit,
-          num_sms, quantized="", tma_device=False) -> Plan:
+          num_sms, quantized="", tma_device=False, plain=True) -> Plan:
     cfg = _triton.configs()
+    if forced == "cublas":
+        why = ("dropout: the mask is the kernels' to draw" if dropout
+               else f"an {quantized} base, which only the Triton GEMMs decode" if quantized
+               else "a row scale or adapters side by side, which only the kernels apply" if not plain else "")
+        if why:
+            auto = _plan(m, n, k, r, dtype, dropout, arch, interp, None, precision, tma, persistent, smem_limit,
+                         num_sms, quantized, tma_device, plain)
+            return dataclasses.replace(auto, reason=f"forced 'cublas', which cannot run here ({why}): {auto.reason}")
     if quantized == "nf4" and m > cfg.NF4_DECODE_MAX_M:
         whole = _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, persistent, smem_limit,
-                      num_sms, "", tma_device)
+                      num_sms, "", tma_device, plain)
         return dataclasses.replace(whole, dequantize_base=True, reason=(
             f"an NF4 base at M={m} > {cfg.NF4_DECODE_MAX_M}: made whole once a pass (decoding it in every M "
             f"tile's K loop would cost more than a write and a read of it), then as a float base: {whole.reason}"))
@@ -534,9 +649,24 @@ class Explanation:
     num_sms: int | None = None
     #: The base's kind: ``""`` (16-bit or fp32), ``"int8"`` or ``"nf4"``.
     quantized: str = ""
+    #: Why an eager call (on a CUDA device of the target, no CUDA graph being
+    #: captured; plain LoRA) runs ``cublas`` instead of :attr:`plan`, the plan
+    #: of a captured call (:func:`eager_cublas_reason`); ``""`` where eager
+    #: calls run :attr:`plan` too.
+    eager: str = ""
+
+    @property
+    def eager_strategy(self) -> str:
+        """The strategy an eager call runs: ``"cublas"`` or the plan's."""
+        return "cublas" if self.eager else self.plan.strategy
 
     def passes(self) -> list[tuple[str, str]]:
         p = self.plan
+        if p.strategy == "cublas":
+            return [("forward", "cuBLAS: xa = x·Aᵀ, y = b + x·Wᵀ, then y += s·xa·Bᵀ in place "
+                                "(no Triton launch)"),
+                    ("backward", "cuBLAS: g = dy·B, dx = dy·W + s·g·A, dA = s·gᵀ·x, dB = s·dyᵀ·xa, "
+                                 "db = Σ dy, dW = dyᵀ·x (each only where needed)")]
 
         def tiles(c):
             split = (f" split_k={c.split_k} (fp32 partials, summed in split order by one more launch)"
@@ -604,7 +734,11 @@ class Explanation:
     def __str__(self) -> str:
         head = (f"x ({self.m}, {self.k}) -> ({self.m}, {self.n}), r={self.r}, {str(self.dtype).replace('torch.', '')},"
                 f" dropout={self.dropout_p:g} on {self.target}" + (f" ({self.num_sms} SMs)" if self.num_sms else ""))
-        lines = [head, f"strategy: {self.plan.strategy} — {self.plan.reason}"]
+        lines = [head]
+        if self.eager:
+            lines.append(f"eager calls: cublas (every product on cuBLAS, no Triton launch) — {self.eager}")
+        lines.append(f"{'captured in a CUDA graph' if self.eager else 'strategy'}: {self.plan.strategy} — "
+                     f"{self.plan.reason}")
         lines += [f"  {name:<18} {what}" for name, what in self.passes()]
         return "\n".join(lines)
 
@@ -621,6 +755,10 @@ def explain(x_shape, weight_shape, r: int, dtype: torch.dtype = torch.bfloat16, 
     ``"sm_80"``, another ``"sm_XY"``, or ``"interpreter"``; ``num_sms``: the
     GPU's SM count (default: an H200's 132; the grids aim to cover every SM,
     so it moves the tiles at small M and split-K). ``print()`` it.
+
+    On a CUDA target, ``.plan`` is what a call captured in a CUDA graph runs;
+    ``.eager`` says why an eager call runs ``cublas`` instead, where it does
+    (``.eager_strategy``: what an eager call runs).
     """
     x_shape = check_shape("x_shape", x_shape, "pass x.shape")
     weight_shape = check_shape("weight_shape", weight_shape, "pass weight.shape")
@@ -653,7 +791,9 @@ def explain(x_shape, weight_shape, r: int, dtype: torch.dtype = torch.bfloat16, 
         chosen = _without_faulting_in_loop(chosen, arch, dtype, lambda: plan(
             m, n, k, r, dtype, dropout_p, arch=arch, interpreter=False, strategy="split", num_sms=num_sms,
             quantized=quantized))
-    return Explanation(m, n, k, r, dtype, float(dropout_p), target, chosen, num_sms, quantized)
+    eager = eager_cublas_reason(m, n, k, dtype, dropout_p, quantized) if not interp and _switches[
+        "strategy"] is None else ""
+    return Explanation(m, n, k, r, dtype, float(dropout_p), target, chosen, num_sms, quantized, eager)
 
 
 # ----------------------------------------------------------------------------

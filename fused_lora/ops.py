@@ -240,7 +240,11 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     r = lora_A.shape[0]
     x2 = _flatten(x, k)
     m = x2.shape[0]
-    plan = plan_for(x2, weight, r, dropout_p, strategy, weight_scale)
+    plain = row_scale is None and adapter_ids is None and adapter_p is None
+    plan = plan_for(x2, weight, r, dropout_p, strategy, weight_scale, plain=plain)
+    if plan.strategy == "cublas":
+        y2, xa = forward_cublas(x2, weight, bias, lora_A, lora_B, scaling)
+        return _unflatten_output(y2, x), xa.view(*x.shape[:-1], r)
     weight, weight_scale, code = _base_operands(k_, plan, weight, weight_scale, x.dtype, weight_code)
     w = _row_vector(row_scale, m)
     adapters = _adapter_columns(adapter_ids, rank_ids, rank_scaling, m)
@@ -277,6 +281,42 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
         if plan.cublas_base:
             y2.addmm_(x2, weight.t())
     return _unflatten_output(y2, x), xa.view(*x.shape[:-1], r)
+
+
+def forward_cublas(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                   scaling: float) -> tuple[Tensor, Tensor]:
+    """``(y2, xa)`` of the math above at dropout 0 (no row scale, no
+    adapters) on cuBLAS alone, strategy ``cublas``: ``xa = x·Aᵀ`` in x's
+    dtype, ``y = b + x·Wᵀ``, then ``y += s·xa·Bᵀ`` in place (three
+    products, no Triton launch; :func:`fused_lora.dispatch.eager_cublas_reason`
+    says where eager calls run it). xa is returned in fp32, as the kernels'
+    (its values the rounded product's). x2 (M, K), all in one float dtype."""
+    xa = torch.mm(x2, lora_A.t())
+    y2 = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+    y2.addmm_(xa, lora_B.t(), alpha=scaling)
+    return y2, xa.float()
+
+
+def backward_cublas(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa2: Tensor,
+                    scaling: float, need_x: bool, need_weight: bool, need_bias: bool, need_A: bool, need_B: bool):
+    """``(dx2, dW, db, dA, dB)`` of :func:`forward_cublas` on cuBLAS alone
+    (None where not needed): ``g = dy·B``; ``dx = dy·W + s·g·A`` (one
+    product, then one in place), ``dA = s·gᵀ·x``, ``dB = s·dyᵀ·xa`` (xa in
+    dy's dtype), ``db = Σ dy``, ``dW = dyᵀ·x``. dy2 (M, N), x2 (M, K), xa2
+    (M, r) fp32."""
+    g = torch.mm(dy2, lora_B) if need_x or need_A else None
+    dx2 = d_w = d_bias = d_a = d_b = None
+    if need_x:
+        dx2 = torch.mm(dy2, weight).addmm_(g, lora_A, alpha=scaling)
+    if need_A:
+        d_a = torch.mm(g.t(), x2).mul_(scaling)
+    if need_B:
+        d_b = torch.mm(dy2.t(), xa2.to(dy2.dtype)).mul_(scaling)
+    if need_bias:
+        d_bias = dy2.sum(0)
+    if need_weight:
+        d_w = torch.mm(dy2.t(), x2)
+    return dx2, d_w, d_bias, d_a, d_b
 
 
 def _base_kind(weight: Tensor, weight_scale: Tensor | None) -> str:
@@ -316,18 +356,23 @@ def _kernel_code(weight: Tensor, weight_code: Tensor | None) -> Tensor | None:
 
 
 def plan_for(x2: Tensor, weight: Tensor, r: int, dropout_p: float, strategy: str = "",
-             weight_scale: Tensor | None = None, dy: Tensor | None = None) -> dispatch.Plan:
-    """The plan the Triton passes run for these operands: x2 (M, K), ``weight``
+             weight_scale: Tensor | None = None, dy: Tensor | None = None, plain: bool = False) -> dispatch.Plan:
+    """The plan the passes run for these operands: x2 (M, K), ``weight``
     (a quantized one with its ``weight_scale``), and, for the backward, dy
     (M, N). :func:`fused_lora.dispatch.device_plan` of their shapes, told
     whether TMA can read the in-loop GEMM's operands (the forward's x and W,
     dx's dy and W): on a CUDA device of sm_90+ the in-loop shrink through
-    pointer loads runs split instead."""
+    pointer loads runs split instead; and, on a CUDA device, whether the
+    call is eager (no CUDA graph being captured on the current stream):
+    ``plain`` (no row scale, no adapters side by side) eager calls may run
+    ``cublas``."""
     n, k = base_shape(weight)
     a = x2 if dy is None else dy
     return dispatch.device_plan(x2.device, x2.shape[0], n, k, r, x2.dtype, dropout_p, strategy or None,
                                 quantized=_base_kind(weight, weight_scale),
-                                tma_readable=lambda: _triton.get().tma_readable(a, weight))
+                                tma_readable=lambda: _triton.get().tma_readable(a, weight),
+                                eager=x2.device.type == "cuda" and not torch.cuda.is_current_stream_capturing(),
+                                plain=plain)
 
 
 @_on_the_operands_device
@@ -351,7 +396,12 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     r = lora_A.shape[0]
     x2, dy2, xa2 = _flatten(x, k), _flatten(dy, n), _flatten(xa, r)
     m = x2.shape[0]
-    plan = plan_for(x2, weight, r, dropout_p, strategy, weight_scale, dy=dy2)
+    plain = row_scale is None and adapter_ids is None and adapter_p is None
+    plan = plan_for(x2, weight, r, dropout_p, strategy, weight_scale, dy=dy2, plain=plain)
+    if plan.strategy == "cublas":
+        dx2, d_w, d_bias, d_a, d_b = backward_cublas(dy2, x2, weight, lora_A, lora_B, xa2, scaling, need_x,
+                                                     need_weight, need_bias, need_A, need_B)
+        return dx2.view(x.shape) if dx2 is not None else None, d_w, d_bias, d_a, d_b
     if need_x:  # (dx's GEMM reads the base; dW reads none: a quantized base is frozen)
         weight, weight_scale, code = _base_operands(k_, plan, weight, weight_scale, x.dtype, weight_code)
     w = _row_vector(row_scale, m)

@@ -119,6 +119,17 @@ def _fewer_interpreter_patches():
 
 
 @pytest.fixture(autouse=True)
+def _triton_plan_in_eager_calls():
+    """The suite tests the kernels: an eager call on a GPU runs its Triton
+    plan, not cuBLAS alone (the dispatch's default at dropout 0 below a size,
+    ``fused_lora.dispatch.eager_cublas_reason``; ``tests/test_eager_cublas.py``
+    tests that path, and the rule, with it on). Nothing changes on the
+    interpreter, where the rule never applies."""
+    with fused_lora.dispatch.use_eager_cublas(False):
+        yield
+
+
+@pytest.fixture(autouse=True)
 def _poison_kernel_outputs():
     """Every buffer a kernel is meant to write starts as NaN."""
     if fused_lora._triton.available():
