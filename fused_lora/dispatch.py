@@ -297,7 +297,9 @@ def use_eager_cublas(enabled: bool = True):
 def eager_cublas_reason(m: int, n: int, k: int, dtype: torch.dtype, dropout_p: float,
                         quantized: bool | str = False) -> str:
     """Why an eager call (on a CUDA device, no CUDA graph being captured, no
-    strategy forced, plain LoRA: no row scale, no adapters side by side) of
+    strategy forced, plain LoRA: no row scale, no adapters side by side; and
+    cuBLAS not refused by torch's deterministic mode,
+    :func:`fused_lora.ops.cublas_deterministic`) of
     this problem runs ``cublas`` instead of its Triton plan; ``""`` where it
     does not: with dropout (the mask is the kernels'), a quantized base (the
     Triton GEMMs decode it), 16-bit at or above :data:`EAGER_CUBLAS_MAX_MNK`,

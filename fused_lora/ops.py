@@ -130,6 +130,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import os
 from collections.abc import Sequence
 
 import torch
@@ -371,8 +372,23 @@ def plan_for(x2: Tensor, weight: Tensor, r: int, dropout_p: float, strategy: str
     return dispatch.device_plan(x2.device, x2.shape[0], n, k, r, x2.dtype, dropout_p, strategy or None,
                                 quantized=_base_kind(weight, weight_scale),
                                 tma_readable=lambda: _triton.get().tma_readable(a, weight),
-                                eager=x2.device.type == "cuda" and not torch.cuda.is_current_stream_capturing(),
-                                plain=plain)
+                                eager=x2.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+                                and cublas_deterministic(), plain=plain)
+
+
+#: The ``CUBLAS_WORKSPACE_CONFIG`` values with which torch lets cuBLAS run
+#: under ``torch.use_deterministic_algorithms(True)``.
+_DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")
+
+
+def cublas_deterministic() -> bool:
+    """Whether cuBLAS may run here as far as determinism goes: unless torch's
+    deterministic algorithms are on without a deterministic cuBLAS workspace
+    (``CUBLAS_WORKSPACE_CONFIG``), where torch refuses every cuBLAS product.
+    The Triton plan, deterministic by construction, runs there instead of
+    the eager calls' ``cublas``."""
+    return (not torch.are_deterministic_algorithms_enabled()
+            or os.environ.get("CUBLAS_WORKSPACE_CONFIG") in _DETERMINISTIC_CUBLAS)
 
 
 @_on_the_operands_device

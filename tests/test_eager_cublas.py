@@ -203,6 +203,23 @@ def test_forced_cublas_with_a_row_scale_or_adapters_runs_the_kernels(monkeypatch
         assert_close(g, g64[name], dtype, f"d{name}")
 
 
+def test_cublas_steps_aside_where_torch_would_refuse_it(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) torch refuses cuBLAS
+    products unless CUBLAS_WORKSPACE_CONFIG makes them deterministic: eager
+    calls then run the (deterministic) Triton plan."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert ops.cublas_deterministic()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not ops.cublas_deterministic()
+        for value, allowed in ((":4096:8", True), (":16:8", True), (":0:0", False)):
+            monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", value)
+            assert ops.cublas_deterministic() == allowed
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def test_the_switch_from_the_environment():
     """``FUSED_LORA_EAGER_CUBLAS=0`` turns the rule off at import, ``1`` (or
     unset) leaves it on; anything else is refused, naming the variable."""
