@@ -31,7 +31,9 @@ Forward strategies (the math is in :mod:`fused_lora.ops`):
     the host's time launching the Triton passes, not the GPU's, decided the
     step on the fifth GPU run. Under CUDA graph capture (``torch.cuda.graph``,
     ``torch.compile(mode="reduce-overhead")``), where the host's time is gone,
-    the Triton plan runs.
+    the Triton plan runs, its kernels compiled and loaded by the eager
+    warm-up calls before the capture (CUDA refuses to load a module
+    mid-capture: without such a warm-up the graph holds cuBLAS's products).
 
 Small M (at most :data:`SMALL_M` tokens: decode, small batches) is memory
 bound: the extra FLOPs of the in-loop shrink are free there, so without
@@ -313,8 +315,9 @@ def eager_cublas_reason(m: int, n: int, k: int, dtype: torch.dtype, dropout_p: f
         return ""
     return (f"dropout 0 and M·N·K below {EAGER_CUBLAS_MAX_MNK:.3g}: there the host's time launching "
             "the Triton passes, not the GPU's, decided the step on the fifth GPU run (H100: M=4096 4096->4096 "
-            "r=16, 1.185 ms a step for 0.465 ms of kernels, cuBLAS alone 0.522, naive 0.573); a captured CUDA "
-            "graph runs the Triton plan (set_eager_cublas(False): always)")
+            "r=16, 1.185 ms a step for 0.465 ms of kernels, cuBLAS alone 0.522, naive 0.573); a call captured "
+            "in a CUDA graph runs the Triton plan, which the eager calls before it primed (set_eager_cublas(False): "
+            "always)")
 
 
 def force_strategy(strategy: str):
@@ -363,6 +366,11 @@ class Plan:
     #: float path runs on it, instead of the GEMMs decoding its tiles in
     #: their K loops (an NF4 base at large M).
     dequantize_base: bool = False
+    #: An eager call's ``cublas`` plan (:func:`eager_cublas_reason`): the
+    #: Triton plan of the same problem, which a call captured in a CUDA graph
+    #: runs once an eager call primed its kernels (:mod:`fused_lora.ops`);
+    #: None on every other plan.
+    captured: Plan | None = None
 
     @property
     def cublas_base(self) -> bool:
@@ -398,23 +406,26 @@ def device_plan(device: torch.device, m: int, n: int, k: int, r: int, dtype: tor
     in-loop GEMM's operands can go through TMA at all (the launcher falls
     back to pointer loads where they cannot: an unaligned base, no unit
     stride, a row stride not a multiple of 16 bytes), asked only where that
-    decides it (None: they can). ``eager``: the call is not being captured
-    into a CUDA graph (the caller says so for a CUDA device); with no
-    strategy forced and ``plain`` (no row scale, no adapters side by side)
-    it runs ``cublas`` where :func:`eager_cublas_reason` says so."""
+    decides it (None: they can). ``eager``: the eager-cuBLAS rule may
+    apply (the caller says so for a CUDA device where torch lets cuBLAS
+    run); with no strategy forced and ``plain`` (no row scale, no adapters
+    side by side) the plan is then ``cublas`` where
+    :func:`eager_cublas_reason` says so, its ``captured`` the Triton plan
+    (which :mod:`fused_lora.ops` runs in a call captured in a CUDA graph once
+    an eager call primed its kernels)."""
     target = device_target(device)
     chosen = plan(m, n, k, r, dtype, dropout_p, target.arch, strategy=strategy, smem_limit=target.smem_limit,
                   num_sms=target.num_sms, quantized=quantized, plain=plain)
+    if device.type == "cuda":
+        chosen = _without_faulting_in_loop(chosen, target.arch, dtype, lambda: plan(
+            m, n, k, r, dtype, dropout_p, target.arch, strategy="split", smem_limit=target.smem_limit,
+            num_sms=target.num_sms, quantized=quantized, plain=plain), tma_readable)
     if eager and plain and chosen.strategy != "cublas" and (strategy or _switches["strategy"]) is None:
         why = _eager_cublas_reason(m, n, k, dtype, dropout_p > 0.0, quantized_kind(quantized),
                                    _switches["eager_cublas"])
         if why:
             return _eager_cublas_plan(chosen, why)
-    if device.type != "cuda":
-        return chosen
-    return _without_faulting_in_loop(chosen, target.arch, dtype, lambda: plan(
-        m, n, k, r, dtype, dropout_p, target.arch, strategy="split", smem_limit=target.smem_limit,
-        num_sms=target.num_sms, quantized=quantized, plain=plain), tma_readable)
+    return chosen
 
 
 @functools.lru_cache(maxsize=4096)
@@ -423,18 +434,27 @@ def _eager_cublas_reason(m, n, k, dtype, dropout, quantized, enabled) -> str:
     return eager_cublas_reason(m, n, k, dtype, 0.5 if dropout else 0.0, quantized) if enabled else ""
 
 
-#: id(Triton plan) -> (that plan, its eager ``cublas`` plan); the plans are
-#: :func:`plan`'s cached ones (kept here, so that no id is reused), bounded.
+#: id(Triton plan) -> (that plan, its eager ``cublas`` plan), kept (so that
+#: no id is reused); and Triton plan -> its ``cublas`` plan, by value (a plan
+#: made anew at each call, as the faulting path's split is, finds the same
+#: one: its ``captured`` keys the priming of its kernels). Bounded.
 _eager_plans: dict = {}
+_eager_plans_by_value: dict = {}
 
 
 def _eager_cublas_plan(chosen: Plan, why: str) -> Plan:
-    """``chosen`` with strategy ``cublas`` for an eager call (kept: made once a plan)."""
+    """``chosen`` with strategy ``cublas`` for an eager call, ``captured``
+    ``chosen`` (one for equal plans, made once)."""
     kept = _eager_plans.get(id(chosen))
     if kept is None or kept[0] is not chosen:
         if len(_eager_plans) >= 4096:
             _eager_plans.clear()
-        kept = _eager_plans[id(chosen)] = (chosen, dataclasses.replace(chosen, strategy="cublas", reason=why))
+            _eager_plans_by_value.clear()
+        cublas = _eager_plans_by_value.get(chosen)
+        if cublas is None:
+            cublas = _eager_plans_by_value[chosen] = dataclasses.replace(chosen, strategy="cublas", reason=why,
+                                                                         captured=chosen)
+        kept = _eager_plans[id(chosen)] = (chosen, cublas)
     return kept[1]
 
 
@@ -830,8 +850,8 @@ def gemm_config_for(pass_name: str, default, launch, *, m: int, n: int, k: int, 
     """The configuration for one GEMM launch: ``default`` (the heuristic),
     unless autotuning is on, on a GPU, in which case the fastest candidate for
     this size bucket, timed once with ``launch(config)``."""
-    if not _autotune or device.type != "cuda":
-        return default
+    if not _autotune or device.type != "cuda" or _triton.get().launch.priming_active():
+        return default  # (priming launches nothing: nothing to time)
     cfg = _triton.configs()
     arch, smem_limit, num_sms = device_target(device)
     elt = dtype.itemsize

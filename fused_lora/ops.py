@@ -131,6 +131,7 @@ import collections
 import contextlib
 import functools
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -226,7 +227,7 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
                    strategy: str = "", row_scale: Tensor | None = None, adapter_ids: Tensor | None = None,
                    rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None,
                    weight_scale: Tensor | None = None, weight_code: Tensor | None = None,
-                   adapter_p: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   adapter_p: Tensor | None = None, _plan: dispatch.Plan | None = None) -> tuple[Tensor, Tensor]:
     """``(y, xa)`` of the math above, with the Triton kernels. ``strategy``:
     a forced one (:func:`fused_lora.dispatch.force_strategy`), ``""``: none.
     ``row_scale``: of x's leading shape, or None; ``adapter_ids`` (x's
@@ -235,14 +236,19 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     4-bit weight's (N, K / group) (the GEMM dequantises its tiles), or None;
     ``weight_code``: a 4-bit weight's code book, None for NF4; ``adapter_p``
     (n,) fp32: each adapter's dropout probability (``dropout_p`` then the
-    largest, ``rank_scaling`` holding each ``1 / (1 - p_i)``), or None."""
+    largest, ``rank_scaling`` holding each ``1 / (1 - p_i)``), or None.
+    (``_plan``: the plan to run, :func:`_eager_plan`'s priming.)"""
     k_ = _triton.get()
     n, k = base_shape(weight)
     r = lora_A.shape[0]
     x2 = _flatten(x, k)
     m = x2.shape[0]
-    plain = row_scale is None and adapter_ids is None and adapter_p is None
-    plan = plan_for(x2, weight, r, dropout_p, strategy, weight_scale, plain=plain)
+    plan = _plan
+    if plan is None:
+        plain = row_scale is None and adapter_ids is None and adapter_p is None
+        plan = _eager_plan(plan_for(x2, weight, r, dropout_p, strategy, weight_scale, plain=plain),
+                           ("forward", x2, weight, bias, lora_A, lora_B), lambda triton: forward_triton(
+                               x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, _plan=triton))
     if plan.strategy == "cublas":
         y2, xa = forward_cublas(x2, weight, bias, lora_A, lora_B, scaling)
         return _unflatten_output(y2, x), xa.view(*x.shape[:-1], r)
@@ -363,17 +369,64 @@ def plan_for(x2: Tensor, weight: Tensor, r: int, dropout_p: float, strategy: str
     (M, N). :func:`fused_lora.dispatch.device_plan` of their shapes, told
     whether TMA can read the in-loop GEMM's operands (the forward's x and W,
     dx's dy and W): on a CUDA device of sm_90+ the in-loop shrink through
-    pointer loads runs split instead; and, on a CUDA device, whether the
-    call is eager (no CUDA graph being captured on the current stream):
-    ``plain`` (no row scale, no adapters side by side) eager calls may run
-    ``cublas``."""
+    pointer loads runs split instead; and, on a CUDA device where torch
+    lets cuBLAS run (:func:`cublas_deterministic`), that ``plain`` calls (no
+    row scale, no adapters side by side) may run ``cublas``: eager ones do,
+    captured ones where their Triton plan is not primed (:func:`_eager_plan`)."""
     n, k = base_shape(weight)
     a = x2 if dy is None else dy
     return dispatch.device_plan(x2.device, x2.shape[0], n, k, r, x2.dtype, dropout_p, strategy or None,
                                 quantized=_base_kind(weight, weight_scale),
                                 tma_readable=lambda: _triton.get().tma_readable(a, weight),
-                                eager=x2.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
-                                and cublas_deterministic(), plain=plain)
+                                eager=eager_rule_applies(x2.device), plain=plain)
+
+
+def eager_rule_applies(device: torch.device) -> bool:
+    """Whether plain calls on ``device`` may run ``cublas`` by the dispatch's
+    eager rule (:func:`fused_lora.dispatch.eager_cublas_reason`): on a CUDA
+    device, where torch lets cuBLAS run (:func:`cublas_deterministic`)."""
+    return device.type == "cuda" and cublas_deterministic()
+
+
+#: priming key (:func:`_eager_plan`) -> the Triton plan its eager call primed
+#: (None: priming failed, not tried again), bounded.
+_primed: dict = {}
+
+
+def _eager_plan(plan: dispatch.Plan, operands: tuple, prime) -> dispatch.Plan:
+    """The plan a pass runs, from ``plan_for``'s: where that is an eager
+    call's ``cublas`` (``plan.captured``, the Triton plan, set), an eager
+    call runs it, having primed the Triton plan's kernels once for these
+    operands (``prime(triton_plan)`` runs the pass on that plan inside
+    :func:`fused_lora.kernels.launch.priming`: every kernel compiled and
+    loaded, none run); a call being captured into a CUDA graph runs the
+    Triton plan where an eager call primed it, else ``cublas`` as well (CUDA
+    refuses to load a module mid-capture: "operation not permitted when
+    stream is capturing"). ``operands``: the pass's name, its tensors (None
+    for none) and anything else its kernels depend on; their dtypes,
+    shapes, strides and 16-byte alignment key the priming (what Triton
+    specialises a launch on follows from them)."""
+    triton = plan.captured
+    if triton is None:
+        return plan
+    key = (id(triton), tuple((t.dtype, t.shape, t.stride(), t.data_ptr() & 15) if isinstance(t, Tensor) else t
+                             for t in operands))
+    if torch.cuda.is_current_stream_capturing():
+        return triton if _primed.get(key) is triton else plan
+    if key not in _primed:
+        if len(_primed) >= 4096:
+            _primed.clear()
+        _primed[key] = None
+        try:
+            with _triton.get().launch.priming():
+                prime(triton)
+        except Exception as exc:  # (the eager call runs cuBLAS all the same; a captured one will too)
+            warnings.warn(f"fused_lora: priming the Triton kernels of the {operands[0]} for CUDA graphs failed "
+                          f"({type(exc).__name__}: {exc}); calls captured in a graph run cuBLAS's products there",
+                          RuntimeWarning, stacklevel=2)
+        else:
+            _primed[key] = triton
+    return plan
 
 
 #: The ``CUBLAS_WORKSPACE_CONFIG`` values with which torch lets cuBLAS run
@@ -398,7 +451,7 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
                     strategy: str = "", row_scale: Tensor | None = None, adapter_ids: Tensor | None = None,
                     rank_ids: Tensor | None = None, rank_scaling: Tensor | None = None,
                     weight_scale: Tensor | None = None, weight_code: Tensor | None = None,
-                    adapter_p: Tensor | None = None):
+                    adapter_p: Tensor | None = None, _plan: dispatch.Plan | None = None):
     """``(dx, dW, db, dA, dB)`` of the math above; None where not needed.
     ``strategy``: the one the forward was forced to run (``""``: none), so
     that the backward follows it whatever thread autograd runs it on.
@@ -412,8 +465,13 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     r = lora_A.shape[0]
     x2, dy2, xa2 = _flatten(x, k), _flatten(dy, n), _flatten(xa, r)
     m = x2.shape[0]
-    plain = row_scale is None and adapter_ids is None and adapter_p is None
-    plan = plan_for(x2, weight, r, dropout_p, strategy, weight_scale, dy=dy2, plain=plain)
+    plan = _plan
+    if plan is None:
+        plain = row_scale is None and adapter_ids is None and adapter_p is None
+        needs = (need_x, need_weight, need_bias, need_A, need_B)
+        plan = _eager_plan(plan_for(x2, weight, r, dropout_p, strategy, weight_scale, dy=dy2, plain=plain),
+                           ("backward", dy2, x2, weight, lora_A, lora_B, xa2, needs), lambda triton: backward_triton(
+                               dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, *needs, _plan=triton))
     if plan.strategy == "cublas":
         dx2, d_w, d_bias, d_a, d_b = backward_cublas(dy2, x2, weight, lora_A, lora_B, xa2, scaling, need_x,
                                                      need_weight, need_bias, need_A, need_B)

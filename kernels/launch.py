@@ -40,12 +40,21 @@ against 1.16): :func:`fused_lora.dispatch.set_launch_cache` ``(False)`` or
 ``FUSED_LORA_LAUNCH_CACHE=0`` turns it off. The interpreter's kernels,
 and anything else that is not a plain ``JITFunction`` (a test's stand-in),
 are always launched as ``kernel[grid](...)``.
+
+Inside :func:`priming` (this thread only) a launch runs nothing: it
+compiles the kernel (or finds it), loads its module and keeps it as a first
+launch would. The eager calls that run cuBLAS alone prime their Triton plan
+that way (``fused_lora.ops``), so that a CUDA graph captured after such
+warm-up calls finds its kernels loaded: a module loaded mid-capture is
+what CUDA refuses ("operation not permitted when stream is capturing").
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
+import threading
 
 import torch
 from triton.runtime.jit import JITFunction
@@ -73,6 +82,27 @@ _FLOAT = ("fp32",)
 _EMPTY = inspect.Parameter.empty
 #: int_key of each int seen (sizes and strides come back every step), bounded.
 _int_keys: dict = {}
+
+
+#: Per thread: whether launches prime instead of running (:func:`priming`).
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def priming():
+    """Inside the block, on this thread, :func:`launch` compiles and loads
+    each kernel without running it (the interpreter's kernels: nothing)."""
+    previous = getattr(_state, "priming", False)
+    _state.priming = True
+    try:
+        yield
+    finally:
+        _state.priming = previous
+
+
+def priming_active() -> bool:
+    """Whether this thread's launches prime (:func:`priming`)."""
+    return getattr(_state, "priming", False)
 
 
 def current_device() -> int:
@@ -146,6 +176,9 @@ def launch(kernel, grid, args: tuple, kwargs) -> None:
     specialisation compiled before goes to the compiled kernel directly.
     ``args``: the runtime arguments, in order (and any leading constexprs);
     ``kwargs``: constexprs and launch options only."""
+    if getattr(_state, "priming", False):
+        _prime(kernel, grid, args, kwargs)
+        return
     if not _enabled or type(kernel) is not JITFunction or callable(grid):
         kernel[grid](*args, **kwargs)
         return
@@ -169,3 +202,24 @@ def launch(kernel, grid, args: tuple, kwargs) -> None:
         return
     compiled, rest = hit
     compiled[(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)](*args, *rest)
+
+
+def _prime(kernel, grid, args: tuple, kwargs) -> None:
+    """:func:`launch` inside :func:`priming`: Triton's warm-up (the kernel
+    compiled or found, not run), then its module loaded; kept by the cache
+    as a first launch's would be."""
+    if type(kernel) is not JITFunction or callable(grid):
+        return  # (the interpreter's kernels: nothing to load)
+    compiled = kernel.warmup(*args, grid=grid, **kwargs)
+    load = getattr(compiled, "_init_handles", None)
+    if load is not None:
+        load()
+    rest = _rest(kernel, len(args), kwargs)
+    if _enabled and compiled is not None and rest is not None:
+        kept = _compiled.setdefault(id(kernel), (kernel, {}))[1]
+        if len(kept) >= MAX_KEYS:
+            kept.clear()
+        try:
+            kept[(current_device(), signature(args), tuple(kwargs.items()))] = (compiled, rest)
+        except TypeError:  # (an unhashable argument: no key, as in launch)
+            pass

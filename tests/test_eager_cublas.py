@@ -14,9 +14,12 @@ import dataclasses
 import os
 import subprocess
 import sys
+import threading
+import warnings
 
 import pytest
 import torch
+import triton.language as tl
 
 import fused_lora
 from fused_lora import dispatch, ops
@@ -234,11 +237,134 @@ def test_the_switch_from_the_environment():
     assert bad.returncode != 0 and "FUSED_LORA_EAGER_CUBLAS must be '0' or '1'" in bad.stderr
 
 
+def test_eager_calls_prime_the_triton_plan_that_captured_calls_run(monkeypatch, rule_on):
+    """An eager call runs cuBLAS alone and primes its Triton plan (every
+    kernel compiled and loaded, none run: once per pass and operand
+    layout); a call being captured into a CUDA graph runs that Triton plan
+    where it was primed, cuBLAS where not (CUDA refuses to load a module
+    mid-capture). On the CPU, standing in: the rule applying, and a capture
+    in progress."""
+    capturing = [False]
+    monkeypatch.setattr(ops, "eager_rule_applies", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(ops, "_primed", {})
+    primed = []
+    for name in ("forward_triton", "backward_triton"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **kw: (
+            kw.get("_plan") is not None and primed.append((_name, kw["_plan"].strategy)), _real(*a, **kw))[1])
+    launches = _launches(monkeypatch)
+    dtype = torch.float32
+    x = make_x((23, 40), dtype).requires_grad_()
+    w, b, a, bb = make_params(40, 24, 5, dtype, True)
+    a.requires_grad_()
+    bb.requires_grad_()
+
+    def step(x):
+        y = fused_lora.lora_linear(x, w, a, bb, b, scaling=1.5, backend="triton")
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, a, bb), dy)
+        y64, g64 = reference64(x, w, b, a, bb, dy, scaling=1.5, dropout_p=0.0, seed=0,
+                               grads=("x", "lora_A", "lora_B"))
+        assert_close(y, y64, dtype, "y")
+        for name, g in zip(("x", "lora_A", "lora_B"), grads):
+            assert_close(g, g64[name], dtype, f"d{name}")
+        ran = [len(grids) for grids in launches]
+        for grids in launches:
+            grids.clear()
+        return ran
+
+    triton = ops.plan_for(x.detach(), w, 5, 0.0, plain=True).captured
+    assert triton is not None and triton.strategy == "in_loop"
+    assert step(x) == [0, 0, 0]  # (eager: cuBLAS; the Triton plan primed, launching nothing)
+    assert primed == [("forward_triton", "in_loop"), ("backward_triton", "in_loop")]
+    assert sorted(key[1][0] for key in ops._primed) == ["backward", "forward"]
+    assert all(plan is triton for plan in ops._primed.values())
+    assert step(x) == [0, 0, 0] and len(primed) == 2  # (primed once)
+    capturing[0] = True
+    assert step(x)[0] > 0  # (captured: the Triton plan, primed)
+    other = make_x((23, 40), dtype, "strided").requires_grad_()
+    assert step(other) == [0, 0, 0] and len(primed) == 2  # (captured, not primed: cuBLAS)
+    capturing[0] = False
+    assert step(other) == [0, 0, 0] and len(primed) == 4  # (eager: primed for this layout too)
+    capturing[0] = True
+    assert step(other)[0] > 0
+
+
+def test_a_failed_priming_warns_once_and_leaves_captured_calls_on_cublas(monkeypatch, rule_on):
+    capturing = [False]
+    monkeypatch.setattr(ops, "eager_rule_applies", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(ops, "_primed", {})
+    kernels = fused_lora._triton.get()
+
+    def broken(*args, **kwargs):
+        if kernels.launch.priming_active():
+            raise RuntimeError("no such kernel")
+        return real(*args, **kwargs)
+
+    real = kernels.lora_gemm
+    monkeypatch.setattr(kernels, "lora_gemm", broken)
+    launches = _launches(monkeypatch)
+    x = make_x((9, 32), torch.float32)
+    w, b, a, bb = make_params(32, 16, 4, torch.float32, True)
+    with pytest.warns(RuntimeWarning, match="priming the Triton kernels of the forward for CUDA graphs failed"):
+        eager = fused_lora.lora_linear(x, w, a, bb, b, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_lora.lora_linear(x, w, a, bb, b, backend="triton")  # (not tried again)
+        capturing[0] = True
+        captured = fused_lora.lora_linear(x, w, a, bb, b, backend="triton")
+    assert launches == [[], [], []] and torch.equal(eager, captured)
+
+
+def test_priming_launches_nothing_and_keeps_the_compiled_kernel(monkeypatch):
+    """kernels.launch.priming: a JITFunction is warmed up (compiled, not
+    run), its module loaded, and kept by the launch cache (a later launch of
+    that specialisation goes to it); the interpreter's kernels are left
+    alone; other threads launch as ever."""
+    from fused_lora.kernels import launch as launch_mod
+    from triton.runtime.jit import JITFunction
+
+    calls = []
+
+    class Compiled:
+        def _init_handles(self):
+            calls.append("loaded")
+
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("launched", grid, args))
+
+    def _kernel(x_ptr, n, BLOCK: tl.constexpr):
+        pass
+
+    kernel = JITFunction(_kernel)
+    kernel.run = lambda *args, grid, warmup, **kwargs: calls.append(("run", grid, warmup)) or Compiled()
+    monkeypatch.setattr(launch_mod, "_enabled", True)
+    monkeypatch.setattr(launch_mod, "_compiled", {})
+    monkeypatch.setattr(launch_mod, "current_device", lambda: 0)
+    x = torch.randn(8)
+    with launch_mod.priming():
+        assert launch_mod.priming_active()
+        launch_mod.launch(kernel, (2,), (x, 8), dict(BLOCK=16))
+        other = threading.Thread(target=lambda: calls.append(("other thread", launch_mod.priming_active())))
+        other.start()
+        other.join()
+    assert not launch_mod.priming_active()
+    assert calls == [("run", (2,), True), "loaded", ("other thread", False)]
+    launch_mod.launch(kernel, (3,), (torch.randn(8), 24), dict(BLOCK=16))  # (the same specialisation: kept)
+    assert calls[-1][0] == "launched" and calls[-1][1] == (3, 1, 1)
+    grids = count_launches(monkeypatch, gemm, "lora_gemm_kernel")  # (the interpreter's: nothing to load)
+    with launch_mod.priming():
+        launch_mod.launch(gemm.lora_gemm_kernel, (1,), (), {})
+    assert grids == []
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="eager and captured calls on a CUDA device")
 def test_eager_calls_run_cublas_and_captured_ones_the_kernels(monkeypatch, rule_on):
-    """On a GPU at dropout 0: an eager call launches no Triton kernel, a
-    call captured in a CUDA graph runs the Triton plan; both match the
-    reference."""
+    """On a GPU at dropout 0: an eager call launches no Triton kernel (and
+    primes the Triton plan), a call captured in a CUDA graph after such
+    warm-up runs that plan; both match the reference."""
     x = make_x((64, 256), BF16).requires_grad_()
     w, b, a, bb = make_params(256, 128, 16, BF16, True)
     a.requires_grad_()
@@ -254,11 +380,10 @@ def test_eager_calls_run_cublas_and_captured_ones_the_kernels(monkeypatch, rule_
     assert launches == [[], [], []]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), dispatch.use_eager_cublas(False):
-        step()  # (warm-up before the capture: the Triton kernels compiled and loaded)
+    with torch.cuda.stream(stream):
+        step()  # (the usual warm-up on a side stream: eager, so cuBLAS, the Triton plan primed)
     torch.cuda.current_stream().wait_stream(stream)
-    for grids in launches:
-        grids.clear()
+    assert launches == [[], [], []]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = step()
