@@ -247,7 +247,7 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     if plan is None:
         plain = row_scale is None and adapter_ids is None and adapter_p is None
         plan = _eager_plan(plan_for(x2, weight, r, dropout_p, strategy, weight_scale, plain=plain),
-                           ("forward", x2, weight, bias, lora_A, lora_B), lambda triton: forward_triton(
+                           ("forward", x2.device, x2, weight, bias, lora_A, lora_B), lambda triton: forward_triton(
                                x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, _plan=triton))
     if plan.strategy == "cublas":
         y2, xa = forward_cublas(x2, weight, bias, lora_A, lora_B, scaling)
@@ -402,10 +402,11 @@ def _eager_plan(plan: dispatch.Plan, operands: tuple, prime) -> dispatch.Plan:
     loaded, none run); a call being captured into a CUDA graph runs the
     Triton plan where an eager call primed it, else ``cublas`` as well (CUDA
     refuses to load a module mid-capture: "operation not permitted when
-    stream is capturing"). ``operands``: the pass's name, its tensors (None
-    for none) and anything else its kernels depend on; their dtypes,
-    shapes, strides and 16-byte alignment key the priming (what Triton
-    specialises a launch on follows from them)."""
+    stream is capturing"). ``operands``: the pass's name, its device (a
+    module is loaded per GPU), its tensors (None for none) and anything else
+    its kernels depend on; their dtypes, shapes, strides and 16-byte
+    alignment key the priming (what Triton specialises a launch on follows
+    from them)."""
     triton = plan.captured
     if triton is None:
         return plan
@@ -470,7 +471,8 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
         plain = row_scale is None and adapter_ids is None and adapter_p is None
         needs = (need_x, need_weight, need_bias, need_A, need_B)
         plan = _eager_plan(plan_for(x2, weight, r, dropout_p, strategy, weight_scale, dy=dy2, plain=plain),
-                           ("backward", dy2, x2, weight, lora_A, lora_B, xa2, needs), lambda triton: backward_triton(
+                           ("backward", x2.device, dy2, x2, weight, lora_A, lora_B, xa2, needs),
+                           lambda triton: backward_triton(
                                dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, *needs, _plan=triton))
     if plan.strategy == "cublas":
         dx2, d_w, d_bias, d_a, d_b = backward_cublas(dy2, x2, weight, lora_A, lora_B, xa2, scaling, need_x,
