@@ -238,7 +238,8 @@ def cmd_check(args) -> int:
               dispatch.use_persistent(case["persistent"]), dispatch.use_tma_descriptors(case["tma_descriptors"])):
             # (the plan the forward runs on parity_case's operands: contiguous, its base in the case's format)
             x2, weight, weight_scale = _check_operands(case, device)
-            plan = ops.plan_for(x2, weight, case["r"], case["dropout_p"], weight_scale=weight_scale)
+            plan = ops.plan_for(x2, weight, case["r"], case["dropout_p"], weight_scale=weight_scale,
+                                plain=not (case["row_scaled"] or case["adapters"]))
             try:
                 errors = parity_case(case["lead"], case["k"], case["n"], case["r"], case["dtype"],
                                      dropout_p=case["dropout_p"], train_base=case["train_base"],

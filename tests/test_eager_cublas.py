@@ -1,13 +1,15 @@
 """Strategy ``cublas``, and the rule that eager calls run it.
 
-At dropout 0 an eager call on a CUDA device (no CUDA graph being captured)
-runs every product on cuBLAS below ``dispatch.EAGER_CUBLAS_MAX_MNK``
-(``dispatch.eager_cublas_reason``): the fifth GPU run found the Triton
-passes' steps bound by the host's launches there. Its numbers against the
-float64 reference are in ``test_parity.py`` (forced, every dtype, layout
-and rank); here: the rule, its switch, its fallbacks, explain, and on a GPU
-the eager and captured calls themselves. The suite runs with the rule off
-(``conftest.py``); these tests turn it on.
+At dropout 0 an eager call on a CUDA device runs every product on cuBLAS
+below ``dispatch.EAGER_CUBLAS_MAX_MNK`` (``dispatch.eager_cublas_reason``):
+the fifth GPU run found the Triton passes' steps bound by the host's
+launches there. It primes the Triton plan it stands in for (kernels
+compiled and loaded, none run), which a call captured into a CUDA graph
+then runs (cuBLAS where not primed: CUDA loads no module mid-capture). Its
+numbers against the float64 reference are in ``test_parity.py`` (forced,
+every dtype, layout and rank); here: the rule, its switch, its fallbacks,
+explain, priming, and on a GPU the eager and captured calls themselves. The
+suite runs with the rule off (``conftest.py``); these tests turn it on.
 """
 
 import dataclasses
@@ -69,6 +71,7 @@ def test_the_rule(rule_on):
     assert eager.strategy == "cublas" and "host" in eager.reason
     triton = dispatch.device_plan(CPU, *small, 16, BF16, 0.0)  # (not eager: the plan of a captured call)
     assert triton.strategy == "in_loop" and eager.fwd_gemm == triton.fwd_gemm
+    assert eager.captured is triton and triton.captured is None  # (what a primed capture runs)
     assert strategy() is eager  # (made once a plan)
     assert strategy(mnk=(1, 64, 64)).strategy == "cublas"
     assert strategy(mnk=big).strategy == "in_loop"
