@@ -193,12 +193,7 @@ def launch(kernel, grid, args: tuple, kwargs) -> None:
         kernel[grid](*args, **kwargs)
         return
     if hit is None:
-        rest = _rest(kernel, len(args), kwargs)  # (the keywords fix the rest: they are in the key)
-        compiled = kernel[grid](*args, **kwargs)
-        if compiled is not None and rest is not None:
-            if len(kept) >= MAX_KEYS:
-                kept.clear()
-            kept[key] = (compiled, rest)
+        _keep(kernel, kept, key, kernel[grid](*args, **kwargs), len(args), kwargs)
         return
     compiled, rest = hit
     compiled[(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)](*args, *rest)
@@ -214,12 +209,21 @@ def _prime(kernel, grid, args: tuple, kwargs) -> None:
     load = getattr(compiled, "_init_handles", None)
     if load is not None:
         load()
-    rest = _rest(kernel, len(args), kwargs)
-    if _enabled and compiled is not None and rest is not None:
-        kept = _compiled.setdefault(id(kernel), (kernel, {}))[1]
+    if _enabled:
+        key = (current_device(), signature(args), tuple(kwargs.items()))
+        try:
+            hash(key)
+        except TypeError:  # (an unhashable argument: no key, as in launch)
+            return
+        _keep(kernel, _compiled.setdefault(id(kernel), (kernel, {}))[1], key, compiled, len(args), kwargs)
+
+
+def _keep(kernel, kept: dict, key, compiled, positional: int, kwargs) -> None:
+    """Keep what a first launch (or priming) of ``key`` returned, with the
+    values of the parameters after the ``positional`` ones (the keywords fix
+    them: they are in the key), within :data:`MAX_KEYS`."""
+    rest = _rest(kernel, positional, kwargs)
+    if compiled is not None and rest is not None:
         if len(kept) >= MAX_KEYS:
             kept.clear()
-        try:
-            kept[(current_device(), signature(args), tuple(kwargs.items()))] = (compiled, rest)
-        except TypeError:  # (an unhashable argument: no key, as in launch)
-            pass
+        kept[key] = (compiled, rest)
