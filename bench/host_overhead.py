@@ -20,7 +20,11 @@ The kernels launch through the launch cache (the default,
 Triton's ``kernel[grid](...)``, ``FUSED_LORA_TMA_DESCRIPTORS=device``
 with kernel-made TMA descriptors. On a GPU, eager calls at dropout 0 run
 cuBLAS alone by default (:func:`fused_lora.dispatch.eager_cublas_reason`):
-``FUSED_LORA_EAGER_CUBLAS=0`` times the Triton plan there. Naive LoRA is timed beside it (on a CPU
+``FUSED_LORA_EAGER_CUBLAS=0`` times the Triton plan there. The rows
+``fused eager cuBLAS`` time that rule's path, at dropout 0 (on a machine
+without CUDA standing in, as if x were on a GPU: cuBLAS's three products,
+which autograd differentiates itself; the Triton plan primed once, before
+the timing). Naive LoRA is timed beside it (on a CPU
 in float32, at tiny sizes, where its math is a small part of its time: read
 it as the floor of PyTorch's own dispatch and autograd for the same
 composition). Host times of this machine.
@@ -29,6 +33,7 @@ composition). Host times of this machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -129,18 +134,22 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
             def naive():
                 return F.linear(x, w, b) + F.linear(F.linear(F.dropout(x, p), a), bb) * 2.0
 
-            for name, fwd in (("fused", fused), ("naive", naive)):
+            timed = [("fused", fused), ("naive", naive)]
+            if p == 0.0:  # (the eager rule's cuBLAS products: dropout 0 only)
+                timed.insert(1, ("fused eager cuBLAS", fused))
+            for name, fwd in timed:
                 def forward_only(fwd=fwd):
                     with torch.no_grad():
                         fwd()
 
-                out[(f"{name} forward", p)] = _time_us(forward_only, reps)
-                out[(f"{name} forward+backward", p)] = _time_us(
-                    lambda fwd=fwd: torch.autograd.grad(fwd(), (x, a, bb), dy), reps)
-                if name == "fused":
-                    out["launches"][(f"{name} forward", p)] = _launches(forward_only)
-                    out["launches"][(f"{name} forward+backward", p)] = _launches(
-                        lambda fwd=fwd: torch.autograd.grad(fwd(), (x, a, bb), dy))
+                with _eager_cublas() if name == "fused eager cuBLAS" else contextlib.nullcontext():
+                    out[(f"{name} forward", p)] = _time_us(forward_only, reps)
+                    out[(f"{name} forward+backward", p)] = _time_us(
+                        lambda fwd=fwd: torch.autograd.grad(fwd(), (x, a, bb), dy), reps)
+                    if name != "naive":
+                        out["launches"][(f"{name} forward", p)] = _launches(forward_only)
+                        out["launches"][(f"{name} forward+backward", p)] = _launches(
+                            lambda fwd=fwd: torch.autograd.grad(fwd(), (x, a, bb), dy))
                 if profile and name == "fused" and p == 0.0:
                     out["profile"] = _profile(lambda fwd=fwd: torch.autograd.grad(fwd(), (x, a, bb), dy),
                                               reps, profile)
@@ -150,6 +159,23 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
          launch_cache.current_device) = saved
         launch_cache.clear()  # (the stand-ins kept)
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _eager_cublas():
+    """Calls inside run by the eager rule (:func:`fused_lora.dispatch.eager_cublas_reason`:
+    cuBLAS's products that autograd differentiates, no Triton launch); on a
+    machine without CUDA as if x were on a GPU with no CUDA graph being
+    captured."""
+    ops = fused_lora.ops
+    saved = ops.eager_rule_applies, torch.cuda.is_current_stream_capturing
+    if DEVICE.type != "cuda":
+        ops.eager_rule_applies, torch.cuda.is_current_stream_capturing = (lambda device: True), (lambda: False)
+    try:
+        with fused_lora.dispatch.use_eager_cublas(True):
+            yield
+    finally:
+        ops.eager_rule_applies, torch.cuda.is_current_stream_capturing = saved
 
 
 def _launches(fn) -> int:
@@ -207,11 +233,13 @@ def main(argv=None) -> int:
                 f"{'on' if switches.eager_cublas_setting() else 'off'})")
     print(f"host µs per call, M={args.m}, {args.k} -> {args.n}, r={args.r}, {DTYPE} on {DEVICE.type}; fused: "
           f"{how}" + ("" if DEVICE.type == "cuda" and args.real else " (not a GPU measurement)"))
-    print(f"{'':28} {'p=0':>8} {'p=0.1':>8}   launches a call (p=0, p=0.1)")
+    print(f"{'':34} {'p=0':>8} {'p=0.1':>8}   launches a call (p=0, p=0.1)")
     launches = res.pop("launches")
     for what in dict.fromkeys(key[0] for key in res if key != "profile"):
-        counts = f"   {launches[(what, 0.0)]}, {launches[(what, 0.1)]}" if (what, 0.0) in launches else ""
-        print(f"{what:28} {res[(what, 0.0)]:8.1f} {res[(what, 0.1)]:8.1f}{counts}")
+        counts = ("   " + ", ".join(str(launches.get((what, p), "—")) for p in (0.0, 0.1))
+                  if (what, 0.0) in launches else "")
+        cells = " ".join(f"{res[(what, p)]:8.1f}" if (what, p) in res else f"{'—':>8}" for p in (0.0, 0.1))
+        print(f"{what:34} {cells}{counts}")
     if "profile" in res:
         print(f"\ncProfile of {args.reps} fused forward+backward calls at dropout 0 (own time):")
         print(res["profile"])

@@ -34,6 +34,11 @@ Forward strategies (the math is in :mod:`fused_lora.ops`):
     the Triton plan runs, its kernels compiled and loaded by the eager
     warm-up calls before the capture (CUDA refuses to load a module
     mid-capture: without such a warm-up the graph holds cuBLAS's products).
+    An eager call records its three forward products for autograd, which
+    differentiates them itself: no Python of fused_lora's in its backward
+    (:func:`fused_lora.ops._eager_cublas`); a forced one, or one autograd
+    Function's (a profiled call, a tensor subclass...), runs the same
+    products in the Function's two passes.
 
 Small M (at most :data:`SMALL_M` tokens: decode, small batches) is memory
 bound: the extra FLOPs of the in-loop shrink are free there, so without
@@ -284,6 +289,12 @@ def set_eager_cublas(enabled: bool) -> None:
     says so (True, the default), or the Triton plan always (False;
     ``FUSED_LORA_EAGER_CUBLAS=0`` at import)."""
     _switches["eager_cublas"] = check_bool("enabled", enabled)
+
+
+def switches_state() -> tuple:
+    """Every switch's value (strategy forced, TMA, persistent grids, TMA
+    descriptors, eager cuBLAS) as one tuple: what a cache of plans keys on."""
+    return tuple(_switches.values())
 
 
 def eager_cublas_setting() -> bool:
@@ -758,7 +769,8 @@ class Explanation:
                 f" dropout={self.dropout_p:g} on {self.target}" + (f" ({self.num_sms} SMs)" if self.num_sms else ""))
         lines = [head]
         if self.eager:
-            lines.append(f"eager calls: cublas (every product on cuBLAS, no Triton launch) — {self.eager}")
+            lines.append(f"eager calls: cublas (cuBLAS's products, autograd's backward, no Triton launch) — "
+                         f"{self.eager}")
         lines.append(f"{'captured in a CUDA graph' if self.eager else 'strategy'}: {self.plan.strategy} — "
                      f"{self.plan.reason}")
         lines += [f"  {name:<18} {what}" for name, what in self.passes()]

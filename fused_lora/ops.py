@@ -107,6 +107,13 @@ How it runs (Triton backend)
   :data:`~fused_lora.kernels.configs.NF4_DECODE_MAX_M` rows, ``split``);
   above that an NF4 base is made whole once a pass by the dequantisation
   kernel and the float base's plan runs on Ŵ (the same values either way).
+* an eager call at dropout 0 on a CUDA device, below a size
+  (:func:`fused_lora.dispatch.eager_cublas_reason`; plain LoRA on a float
+  base): ``xa = x·Aᵀ``, ``y = b + x·Wᵀ``, ``y += s·xa·Bᵀ`` on cuBLAS,
+  recorded for autograd, which differentiates them itself
+  (:func:`_eager_cublas`): the host's time decides such steps, and this
+  spends the least of it. It primes the Triton plan that a call captured
+  in a CUDA graph runs instead.
 * ``create_graph=True`` (gradients to differentiate again): autograd's
   backward of the reference (:mod:`fused_lora.reference`) instead of the
   kernels, so that the gradients can be differentiated with respect to dy
@@ -247,11 +254,11 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     if plan is None:
         plain = row_scale is None and adapter_ids is None and adapter_p is None
         plan = _eager_plan(plan_for(x2, weight, r, dropout_p, strategy, weight_scale, plain=plain),
-                           ("forward", x2.device, x2, weight, bias, lora_A, lora_B), lambda triton: forward_triton(
+                           _forward_operands(x2, weight, bias, lora_A, lora_B), lambda triton: forward_triton(
                                x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, _plan=triton))
     if plan.strategy == "cublas":
         y2, xa = forward_cublas(x2, weight, bias, lora_A, lora_B, scaling)
-        return _unflatten_output(y2, x), xa.view(*x.shape[:-1], r)
+        return _unflatten_output(y2, x), xa.float().view(*x.shape[:-1], r)
     weight, weight_scale, code = _base_operands(k_, plan, weight, weight_scale, x.dtype, weight_code)
     w = _row_vector(row_scale, m)
     adapters = _adapter_columns(adapter_ids, rank_ids, rank_scaling, m)
@@ -296,12 +303,13 @@ def forward_cublas(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tens
     adapters) on cuBLAS alone, strategy ``cublas``: ``xa = x·Aᵀ`` in x's
     dtype, ``y = b + x·Wᵀ``, then ``y += s·xa·Bᵀ`` in place (three
     products, no Triton launch; :func:`fused_lora.dispatch.eager_cublas_reason`
-    says where eager calls run it). xa is returned in fp32, as the kernels'
-    (its values the rounded product's). x2 (M, K), all in one float dtype."""
+    says where eager calls run it). x2 (M, K), all in one float dtype. (The
+    passes hand xa on in fp32, as the kernels' (its values the rounded
+    product's); :func:`_eager_cublas` records these products for autograd.)"""
     xa = torch.mm(x2, lora_A.t())
     y2 = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
     y2.addmm_(xa, lora_B.t(), alpha=scaling)
-    return y2, xa.float()
+    return y2, xa
 
 
 def backward_cublas(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa2: Tensor,
@@ -388,9 +396,32 @@ def eager_rule_applies(device: torch.device) -> bool:
     return device.type == "cuda" and cublas_deterministic()
 
 
-#: priming key (:func:`_eager_plan`) -> the Triton plan its eager call primed
-#: (None: priming failed, not tried again), bounded.
+#: priming key (:func:`_priming_key`) -> the Triton plan its eager call
+#: primed (None: priming failed, not tried again). Bounded.
 _primed: dict = {}
+
+
+def _forward_operands(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor) -> tuple:
+    """What keys the priming of a forward pass (:func:`_eager_plan`)."""
+    return "forward", x2.device, x2, weight, bias, lora_A, lora_B
+
+
+def _backward_operands(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa2: Tensor,
+                       needs: tuple) -> tuple:
+    """What keys the priming of a backward pass (:func:`_eager_plan`)."""
+    return "backward", x2.device, dy2, x2, weight, lora_A, lora_B, xa2, needs
+
+
+def _layout(t):
+    """A tensor operand's part of a priming key: dtype, shape, strides, 16-byte
+    alignment (anything else as it is)."""
+    return (t.dtype, t.shape, t.stride(), t.data_ptr() & 15) if isinstance(t, Tensor) else t
+
+
+def _priming_key(triton: dispatch.Plan, operands: tuple) -> tuple:
+    """The priming key of a pass of ``operands`` on the Triton plan ``triton``
+    (an operand given as its :func:`_layout` already counts the same)."""
+    return id(triton), tuple(map(_layout, operands))
 
 
 def _eager_plan(plan: dispatch.Plan, operands: tuple, prime) -> dispatch.Plan:
@@ -402,32 +433,118 @@ def _eager_plan(plan: dispatch.Plan, operands: tuple, prime) -> dispatch.Plan:
     loaded, none run); a call being captured into a CUDA graph runs the
     Triton plan where an eager call primed it, else ``cublas`` as well (CUDA
     refuses to load a module mid-capture: "operation not permitted when
-    stream is capturing"). ``operands``: the pass's name, its device (a
-    module is loaded per GPU), its tensors (None for none) and anything else
-    its kernels depend on; their dtypes, shapes, strides and 16-byte
-    alignment key the priming (what Triton specialises a launch on follows
-    from them)."""
+    stream is capturing"). ``operands``: :func:`_forward_operands` or
+    :func:`_backward_operands`: the pass's name, its device (a module is
+    loaded per GPU), its tensors (None for none) and anything else its
+    kernels depend on; their dtypes, shapes, strides and 16-byte alignment
+    key the priming (what Triton specialises a launch on follows from
+    them)."""
     triton = plan.captured
     if triton is None:
         return plan
-    key = (id(triton), tuple((t.dtype, t.shape, t.stride(), t.data_ptr() & 15) if isinstance(t, Tensor) else t
-                             for t in operands))
+    key = _priming_key(triton, operands)
     if torch.cuda.is_current_stream_capturing():
         return triton if _primed.get(key) is triton else plan
-    if key not in _primed:
-        if len(_primed) >= 4096:
-            _primed.clear()
-        _primed[key] = None
-        try:
-            with _triton.get().launch.priming():
-                prime(triton)
-        except Exception as exc:  # (the eager call runs cuBLAS all the same; a captured one will too)
-            warnings.warn(f"fused_lora: priming the Triton kernels of the {operands[0]} for CUDA graphs failed "
-                          f"({type(exc).__name__}: {exc}); calls captured in a graph run cuBLAS's products there",
-                          RuntimeWarning, stacklevel=2)
-        else:
-            _primed[key] = triton
+    _prime(key, triton, operands[0], prime)
     return plan
+
+
+def _prime(key: tuple, triton: dispatch.Plan, what: str, prime) -> None:
+    """``prime(triton)`` inside :func:`fused_lora.kernels.launch.priming`,
+    once for ``key`` (:func:`_eager_plan`); a failure warns, once."""
+    if key in _primed:
+        return
+    if len(_primed) >= 4096:
+        _primed.clear()
+        _eager_calls.clear()  # (which remember what they primed)
+    _primed[key] = None
+    try:
+        with _triton.get().launch.priming():
+            prime(triton)
+    except Exception as exc:  # (the eager call runs cuBLAS all the same; a captured one will too)
+        warnings.warn(f"fused_lora: priming the Triton kernels of the {what} for CUDA graphs failed "
+                      f"({type(exc).__name__}: {exc}); calls captured in a graph run cuBLAS's products there",
+                      RuntimeWarning, stacklevel=3)
+    else:
+        _primed[key] = triton
+
+
+#: (:func:`_forward_operands`' layouts, :func:`fused_lora.dispatch.switches_state`)
+#: -> the ``needs`` (the gradients asked for) whose backward an eager call of
+#: that layout primed (:func:`_eager_cublas`, its forward primed), or None
+#: where such a call runs its plan. Bounded.
+_eager_calls: dict = {}
+
+
+def _eager_cublas(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None,
+                  scaling: float) -> Tensor | None:
+    """y of a plain call at dropout 0 (a float base, no row scale, no
+    adapters) that runs ``cublas`` by the eager rule
+    (:func:`fused_lora.dispatch.eager_cublas_reason`), or None where that
+    rule does not decide the call (then the autograd Function runs its
+    plan): :func:`forward_cublas`'s three products recorded by autograd,
+    which differentiates them with its own backward (:func:`backward_cublas`'s
+    products less one in place), with no Python of fused_lora's in it. Where
+    the rule applies, the host's time decides a step, and there the
+    Function's Python, forward and backward, cost more than the products'
+    launches.
+
+    Applies to an eager call (:func:`direct_call`, no CUDA graph being
+    captured, no strategy forced) whose x flattens without a copy (autograd
+    would keep the copy for the backward). Like the Function's ``cublas``
+    passes it primes the Triton plan that a call captured in a CUDA graph
+    runs (:func:`_eager_plan`): the forward's at the first call of a layout;
+    the backward's in a hook on y that the calls register until a backward
+    has run it (dy's layout is part of that pass's key), for the gradients
+    the Function's backward would be asked for."""
+    if not (eager_rule_applies(x.device) and dispatch.forced_strategy() is None
+            and not torch.cuda.is_current_stream_capturing() and direct_call(x, weight, bias, lora_A, lora_B)):
+        return None
+    n, k = weight.shape
+    if x.dim() == 2:
+        x2 = x
+    elif x.is_contiguous():
+        x2 = x.view(-1, k)
+    else:
+        return None
+    operands = tuple(map(_layout, _forward_operands(x2, weight, bias, lora_A, lora_B)))
+    layout = (operands, dispatch.switches_state())
+    primed = _eager_calls.get(layout, False)
+    if primed is False:  # (the plan and the forward's priming, once a layout: plan_for costs the host µs)
+        plan = plan_for(x2, weight, lora_A.shape[0], 0.0, plain=True)
+        primed = None
+        if plan.strategy == "cublas" and plan.captured is not None:
+            primed = set()
+            _prime(_priming_key(plan.captured, operands), plan.captured, "forward", lambda triton: forward_triton(
+                x, weight, bias, lora_A, lora_B, scaling, 0.0, 0, _plan=triton))
+        if len(_eager_calls) >= 4096:
+            _eager_calls.clear()
+        _eager_calls[layout] = primed
+    if primed is None:
+        return None
+    y2, _ = forward_cublas(x2, weight, bias, lora_A, lora_B, scaling)
+    if y2.requires_grad:
+        needs = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad,
+                 lora_A.requires_grad, lora_B.requires_grad)
+        if needs not in primed:
+            y2.register_hook(functools.partial(_prime_backward, primed, needs, x2, weight, lora_A, lora_B, scaling))
+    return y2 if x.dim() == 2 else y2.view(*x.shape[:-1], n)
+
+
+def _prime_backward(primed: set, needs: tuple, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                    scaling: float, dy2: Tensor) -> None:
+    """:func:`_eager_cublas`'s hook on y2: primes the backward's Triton plan
+    for this dy2 (M, N) as :func:`backward_triton` does (xa an fp32 (M, r),
+    as the forward's kernels make it), once for ``needs`` (then in
+    ``primed``)."""
+    if needs in primed or torch.cuda.is_current_stream_capturing():  # (no module loads there)
+        return
+    primed.add(needs)
+    xa2 = torch.empty((x2.shape[0], lora_A.shape[0]), dtype=torch.float32, device=x2.device)
+    _eager_plan(plan_for(x2, weight, lora_A.shape[0], 0.0, dy=dy2, plain=True),
+                _backward_operands(dy2, x2, weight, lora_A, lora_B, xa2, needs),
+                lambda triton: backward_triton(dy2, x2, weight, lora_A, lora_B, xa2, scaling, 0.0, 0, *needs,
+                                               _plan=triton))
 
 
 #: The ``CUBLAS_WORKSPACE_CONFIG`` values with which torch lets cuBLAS run
@@ -471,7 +588,7 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
         plain = row_scale is None and adapter_ids is None and adapter_p is None
         needs = (need_x, need_weight, need_bias, need_A, need_B)
         plan = _eager_plan(plan_for(x2, weight, r, dropout_p, strategy, weight_scale, dy=dy2, plain=plain),
-                           ("backward", x2.device, dy2, x2, weight, lora_A, lora_B, xa2, needs),
+                           _backward_operands(dy2, x2, weight, lora_A, lora_B, xa2, needs),
                            lambda triton: backward_triton(
                                dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, *needs, _plan=triton))
     if plan.strategy == "cublas":
@@ -1033,6 +1150,10 @@ def _lora_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
         return lora_linear_checked(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, row_scale,
                                    adapters or None, weight_scale, weight_code, adapter_p)
     if dropout_p == 0.0:
+        if row_scale is None and not adapters and weight_scale is None:
+            y = _eager_cublas(x, weight, lora_A, lora_B, bias, scaling)
+            if y is not None:
+                return y
         seed = 0
     elif seed is None:
         # Drawn on x's device by its generator, and read there by the kernels:

@@ -38,6 +38,33 @@ def rule_on():
         yield
 
 
+@pytest.fixture
+def eager_here(monkeypatch, rule_on):
+    """The rule applying on the CPU, standing in for a CUDA device, with
+    nothing primed yet; the list it yields says whether a CUDA graph is
+    being captured (``capturing[0] = True``)."""
+    capturing = [False]
+    monkeypatch.setattr(ops, "eager_rule_applies", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(ops, "_primed", {})
+    monkeypatch.setattr(ops, "_eager_calls", {})
+    yield capturing
+
+
+def _passes(monkeypatch):
+    """The passes that run, not priming: ``[(name, strategy)]`` of each
+    forward_triton / backward_triton call (the Function's), and
+    ``("backward_cublas", None)`` within them."""
+    ran = []
+    for name in ("forward_triton", "backward_triton"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **kw: (
+            kw.get("_plan") is None and ran.append((_name, dispatch.forced_strategy())), _real(*a, **kw))[1])
+    real_bwd = ops.backward_cublas
+    monkeypatch.setattr(ops, "backward_cublas", lambda *a: ran.append(("backward_cublas", None)) or real_bwd(*a))
+    return ran
+
+
 def _launches(monkeypatch):
     """Every Triton launch from now on, not priming (GEMM, skinny pass,
     reduction): their grids, seen where the launchers call
@@ -245,31 +272,114 @@ def test_the_switch_from_the_environment():
     assert bad.returncode != 0 and "FUSED_LORA_EAGER_CUBLAS must be '0' or '1'" in bad.stderr
 
 
-def test_eager_calls_prime_the_triton_plan_that_captured_calls_run(monkeypatch, rule_on):
+@pytest.mark.parametrize("shape, layout, r, need", [
+    ((1, 40), "contiguous", 1, ("x", "lora_A", "lora_B")),
+    ((3, 17, 40), "contiguous", 8, ("x", "lora_A", "lora_B")),
+    ((23, 40), "strided", 5, ("x", "weight", "bias", "lora_B")),
+    ((23, 40), "transposed", 16, ("lora_A",)),
+])
+def test_eager_calls_are_torch_products_that_autograd_differentiates(monkeypatch, eager_here, shape, layout, r,
+                                                                      need):
+    """Where the rule applies, an eager call records cuBLAS's three products
+    for autograd: no Triton launch, no autograd Function (no pass of
+    fused_lora's forward or backward runs: autograd's own backward of the
+    products), the values and each gradient asked for the float64
+    reference's; x of any strides that flattens without a copy."""
+    dtype = torch.float32
+    x = make_x(shape, dtype, layout).requires_grad_("x" in need)
+    w, b, a, bb = make_params(40, 24, r, dtype, True)
+    inputs = {"x": x, "weight": w, "bias": b, "lora_A": a, "lora_B": bb}
+    for name in need:
+        inputs[name].requires_grad_()
+    launches, ran = _launches(monkeypatch), _passes(monkeypatch)
+    y = fused_lora.lora_linear(x, w, a, bb, b, scaling=0.75, backend="triton")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [inputs[n] for n in need], dy)
+    assert launches == [[], [], []] and ran == []
+    assert y.shape == (*shape[:-1], 24) and "LoRALinear" not in type(y.grad_fn).__name__
+    y64, g64 = reference64(x, w, b, a, bb, dy, scaling=0.75, dropout_p=0.0, seed=0, grads=need)
+    assert_close(y, y64, dtype, "y")
+    for name, g in zip(need, grads):
+        assert_close(g, g64[name], dtype, f"d{name}")
+    with torch.no_grad():
+        assert torch.equal(fused_lora.lora_linear(x, w, a, bb, b, scaling=0.75, backend="triton"), y)
+    assert launches == [[], [], []] and ran == []
+
+
+def test_eager_calls_whose_x_would_be_copied_run_the_function(monkeypatch, eager_here):
+    """x whose leading dims cannot merge (a permuted 3-D x): the autograd
+    Function's cublas passes, which keep x itself for the backward rather
+    than its copy; the same values."""
+    dtype = torch.float32
+    x = make_x((3, 11, 40), dtype, "permuted").requires_grad_()
+    w, b, a, bb = make_params(40, 24, 6, dtype, True)
+    a.requires_grad_()
+    bb.requires_grad_()
+    ran = _passes(monkeypatch)
+    y = fused_lora.lora_linear(x, w, a, bb, b, scaling=1.5, backend="triton")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, bb), dy)
+    assert ran == [("forward_triton", None), ("backward_triton", None), ("backward_cublas", None)]
+    y64, g64 = reference64(x, w, b, a, bb, dy, scaling=1.5, dropout_p=0.0, seed=0, grads=("x", "lora_A", "lora_B"))
+    assert_close(y, y64, dtype, "y")
+    for name, g in zip(("x", "lora_A", "lora_B"), grads):
+        assert_close(g, g64[name], dtype, f"d{name}")
+
+
+def test_eager_calls_are_deterministic_and_differentiate_twice(eager_here):
+    """Bitwise the same output and gradients run after run; and, autograd's
+    own products, gradients that differentiate again (create_graph=True)
+    to the float64 reference's second derivatives."""
+    dtype = torch.float32
+    x = make_x((2, 9, 32), dtype).requires_grad_()
+    w, b, a, bb = make_params(32, 16, 4, dtype, True)
+    a.requires_grad_()
+    bb.requires_grad_()
+    dy = torch.randn(2, 9, 16)
+    runs = []
+    for _ in range(2):
+        y = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, backend="triton")
+        runs.append((y, *torch.autograd.grad(y, (x, a, bb), dy)))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+    v = torch.randn(2, 9, 32)
+
+    def second_derivatives(x, a, bb, dy):
+        y = fused_lora.lora_linear(x, w.to(x.dtype), a, bb, b.to(x.dtype), scaling=2.0,
+                                   backend="triton" if x.dtype == dtype else "torch")
+        dx, = torch.autograd.grad(y, x, dy, create_graph=True)
+        return torch.autograd.grad((dx * v.to(x.dtype)).sum(), (a, bb))
+
+    got = second_derivatives(x, a, bb, dy)
+    want = second_derivatives(*(t.detach().double().requires_grad_() for t in (x, a, bb)), dy.double())
+    for name, g, g64 in zip(("d²/dx dA", "d²/dx dB"), got, want):
+        assert_close(g, g64, dtype, name)
+
+
+def test_eager_calls_prime_the_triton_plan_that_captured_calls_run(monkeypatch, eager_here):
     """An eager call runs cuBLAS alone and primes its Triton plan (every
     kernel compiled and loaded, none run: once per pass and operand
-    layout); a call being captured into a CUDA graph runs that Triton plan
-    where it was primed, cuBLAS where not (CUDA refuses to load a module
-    mid-capture). On the CPU, standing in: the rule applying, and a capture
-    in progress."""
-    capturing = [False]
-    monkeypatch.setattr(ops, "eager_rule_applies", lambda device: True)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
-    monkeypatch.setattr(ops, "_primed", {})
+    layout; the backward's in a hook on y, which calls register until a
+    backward has primed it, for the gradients asked for); a call being
+    captured into a CUDA graph runs that Triton plan where it was primed,
+    cuBLAS where not (CUDA refuses to load a module mid-capture). On the
+    CPU, standing in: the rule applying, and a capture in progress."""
+    capturing = eager_here
     primed = []
     for name in ("forward_triton", "backward_triton"):
         real = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **kw: (
             kw.get("_plan") is not None and primed.append((_name, kw["_plan"].strategy)), _real(*a, **kw))[1])
-    launches = _launches(monkeypatch)
+    launches, ran = _launches(monkeypatch), _passes(monkeypatch)
     dtype = torch.float32
     x = make_x((23, 40), dtype).requires_grad_()
     w, b, a, bb = make_params(40, 24, 5, dtype, True)
     a.requires_grad_()
     bb.requires_grad_()
 
-    def step(x):
+    def step(x, hooked=False):
         y = fused_lora.lora_linear(x, w, a, bb, b, scaling=1.5, backend="triton")
+        assert bool(y._backward_hooks) == hooked  # (the backward's priming, until it ran)
         dy = torch.randn_like(y)
         grads = torch.autograd.grad(y, (x, a, bb), dy)
         y64, g64 = reference64(x, w, b, a, bb, dy, scaling=1.5, dropout_p=0.0, seed=0,
@@ -277,33 +387,81 @@ def test_eager_calls_prime_the_triton_plan_that_captured_calls_run(monkeypatch, 
         assert_close(y, y64, dtype, "y")
         for name, g in zip(("x", "lora_A", "lora_B"), grads):
             assert_close(g, g64[name], dtype, f"d{name}")
-        ran = [len(grids) for grids in launches]
-        for grids in launches:
-            grids.clear()
-        return ran
+        launched = [len(grids) for grids in launches]
+        passes = list(ran)
+        for seen in (*launches, ran):
+            seen.clear()
+        return launched, passes
 
+    function = [("forward_triton", None), ("backward_triton", None)]  # (the Function's passes, each on its plan)
     triton = ops.plan_for(x.detach(), w, 5, 0.0, plain=True).captured
     assert triton is not None and triton.strategy != "cublas"  # (in_loop here; hybrid for fp32 on a GPU)
-    assert step(x) == [0, 0, 0]  # (eager: cuBLAS; the Triton plan primed, launching nothing)
+    assert step(x, hooked=True) == ([0, 0, 0], [])  # (eager: cuBLAS's products; the Triton plan primed)
     assert primed == [("forward_triton", triton.strategy), ("backward_triton", triton.strategy)]
     assert sorted(key[1][0] for key in ops._primed) == ["backward", "forward"]
     assert all(plan is triton for plan in ops._primed.values())
-    assert step(x) == [0, 0, 0] and len(primed) == 2  # (primed once)
+    assert step(x) == ([0, 0, 0], []) and len(primed) == 2  # (primed once)
     capturing[0] = True
-    assert step(x)[0] > 0  # (captured: the Triton plan, primed)
+    launched, passes = step(x)
+    assert launched[0] > 0 and passes == function  # (captured: the Triton plan, primed, both passes)
     other = make_x((23, 40), dtype, "strided").requires_grad_()
-    assert step(other) == [0, 0, 0] and len(primed) == 2  # (captured, not primed: cuBLAS)
+    assert step(other) == ([0, 0, 0], function + [("backward_cublas", None)])  # (captured, not primed: cuBLAS)
+    assert len(primed) == 2
     capturing[0] = False
-    assert step(other) == [0, 0, 0] and len(primed) == 4  # (eager: primed for this layout too)
+    assert step(other, hooked=True) == ([0, 0, 0], []) and len(primed) == 4  # (eager: primed for it too)
     capturing[0] = True
-    assert step(other)[0] > 0
+    launched, passes = step(other)
+    assert launched[0] > 0 and passes == function
+    # the forward primed where nothing was to be differentiated, the backward at the first step that was
+    capturing[0] = False
+    fresh = make_x((7, 40), dtype)
+    with torch.no_grad():
+        fused_lora.lora_linear(fresh, w, a, bb, b, scaling=1.5, backend="triton")
+    assert len(primed) == 5 and primed[-1][0] == "forward_triton"
+    assert step(fresh.requires_grad_(), hooked=True)[1] == [] and primed[-1][0] == "backward_triton"
+    capturing[0] = True
+    launched, passes = step(fresh)
+    assert launched[0] > 0 and passes == function
 
 
-def test_a_failed_priming_warns_once_and_leaves_captured_calls_on_cublas(monkeypatch, rule_on):
-    capturing = [False]
-    monkeypatch.setattr(ops, "eager_rule_applies", lambda device: True)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
-    monkeypatch.setattr(ops, "_primed", {})
+def test_captured_calls_find_both_passes_primed_in_16_bits(monkeypatch, eager_here):
+    """bf16 (x, W, A, B bf16; the forward's xa fp32, as the backward's
+    priming makes it): after an eager step, a captured step finds the Triton
+    plan primed for its forward and its backward, every gradient asked or
+    some, and launches it. (Its kernels are not run: the interpreter's bf16
+    is not trusted; the launches are counted where the launchers make them.)"""
+    from fused_lora.kernels import launch as launch_mod
+
+    capturing = eager_here
+    launched = []
+
+    def counted(kernel, grid, args, kwargs):
+        if not launch_mod.priming_active():
+            launched.append(kernel)
+
+    monkeypatch.setattr(gemm, "launch", counted)
+    monkeypatch.setattr(skinny, "launch", counted)
+    ran = _passes(monkeypatch)
+    x = make_x((4, 6, 64), BF16)
+    w, b, a, bb = make_params(64, 32, 8, BF16, True)
+    bb.requires_grad_()
+    for asked in ((x, a, bb), (bb,)):
+        for t in asked:
+            t.requires_grad_()
+        for capture in (False, True):
+            capturing[0] = capture
+            y = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, backend="triton")
+            torch.autograd.grad(y, asked, torch.randn_like(y))
+            expected = [("forward_triton", None), ("backward_triton", None)] if capture else []
+            assert ran == expected and bool(launched) == capture, (len(asked), capture)
+            ran.clear()
+            launched.clear()
+        for t in asked:
+            t.requires_grad_(t is bb)
+
+
+def test_a_failed_priming_warns_once_and_leaves_captured_calls_on_cublas(monkeypatch, eager_here):
+    capturing = eager_here
     kernels = fused_lora._triton.get()
 
     def broken(*args, **kwargs):
@@ -409,26 +567,27 @@ def test_eager_calls_run_cublas_and_captured_ones_the_kernels(monkeypatch, rule_
     a.requires_grad_()
     bb.requires_grad_()
     dy = torch.randn(64, 128, device=DEVICE, dtype=BF16)
-    launches = _launches(monkeypatch)
+    launches, ran = _launches(monkeypatch), _passes(monkeypatch)
 
     def step():
         y = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, backend="triton")
         return (y, *torch.autograd.grad(y, (x, a, bb), dy))
 
     eager = step()
-    assert launches == [[], [], []]
+    assert launches == [[], [], []] and ran == []  # (cuBLAS's products, autograd's backward)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         step()  # (the usual warm-up on a side stream: eager, so cuBLAS, the Triton plan primed)
     torch.cuda.current_stream().wait_stream(stream)
-    assert launches == [[], [], []]
+    assert launches == [[], [], []] and ran == []
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = step()
     graph.replay()
     torch.cuda.synchronize()
     assert launches[0]  # (the Triton GEMMs, captured)
+    assert ran == [("forward_triton", None), ("backward_triton", None)]  # (both passes on the primed plan)
     y64, g64 = reference64(x, w, b, a, bb, dy, scaling=2.0, dropout_p=0.0, seed=0, grads=("x", "lora_A", "lora_B"))
     for got in (eager, captured):
         assert_close(got[0], y64, BF16, "y")
