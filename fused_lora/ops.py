@@ -497,8 +497,9 @@ def _eager_cublas(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bia
     the backward's in a hook on y that the calls register until a backward
     has run it (dy's layout is part of that pass's key), for the gradients
     the Function's backward would be asked for."""
-    if not (eager_rule_applies(x.device) and dispatch.forced_strategy() is None
-            and not torch.cuda.is_current_stream_capturing() and direct_call(x, weight, bias, lora_A, lora_B)):
+    # (direct_call first: while torch.compile traces, nothing else here is asked)
+    if not (direct_call(x, weight, bias, lora_A, lora_B) and eager_rule_applies(x.device)
+            and dispatch.forced_strategy() is None and not torch.cuda.is_current_stream_capturing()):
         return None
     n, k = weight.shape
     if x.dim() == 2:

@@ -21,6 +21,7 @@ import warnings
 
 import pytest
 import torch
+import torch._dynamo.testing
 import triton.language as tl
 
 import fused_lora
@@ -354,6 +355,34 @@ def test_eager_calls_are_deterministic_and_differentiate_twice(eager_here):
     want = second_derivatives(*(t.detach().double().requires_grad_() for t in (x, a, bb)), dy.double())
     for name, g, g64 in zip(("d²/dx dA", "d²/dx dB"), got, want):
         assert_close(g, g64, dtype, name)
+
+
+def test_a_compiled_call_traces_the_op_in_one_graph(monkeypatch, eager_here):
+    """While torch.compile traces, the eager path is not taken (nor asked
+    about: no graph break, fullgraph=True), the op is; compiled and eager
+    steps match."""
+    dtype = torch.float32
+    x = make_x((2, 7, 32), dtype).requires_grad_()
+    w, b, a, bb = make_params(32, 16, 4, dtype, True)
+    a.requires_grad_()
+    bb.requires_grad_()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+
+    def step(fn):
+        y = fn(x)
+        return (y, *torch.autograd.grad(y.square().sum(), (x, a, bb)))
+
+    def call(x):
+        return fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, backend="triton")
+
+    ran = _passes(monkeypatch)
+    compiled = step(torch.compile(call, backend=counter, fullgraph=True))
+    assert counter.frame_count == 1 and ran[:2] == [("forward_triton", None), ("backward_triton", None)]
+    ran.clear()
+    eager = step(call)
+    assert ran == []
+    for got, want in zip(compiled, eager):
+        assert_close(got, want.double(), dtype, "compiled vs eager")
 
 
 def test_eager_calls_prime_the_triton_plan_that_captured_calls_run(monkeypatch, eager_here):
