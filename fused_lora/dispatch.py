@@ -34,11 +34,12 @@ Forward strategies (the math is in :mod:`fused_lora.ops`):
     the Triton plan runs, its kernels compiled and loaded by the eager
     warm-up calls before the capture (CUDA refuses to load a module
     mid-capture: without such a warm-up the graph holds cuBLAS's products).
-    An eager call records its three forward products for autograd, which
-    differentiates them itself: no Python of fused_lora's in its backward
-    (:func:`fused_lora.ops._eager_cublas`); a forced one, or one autograd
-    Function's (a profiled call, a tensor subclass...), runs the same
-    products in the Function's two passes.
+    An eager call, by that rule or forced, records its three forward
+    products for autograd, which differentiates them itself: no Python of
+    fused_lora's in its backward (:func:`fused_lora.ops._eager_cublas`); a
+    call through the autograd Function (captured, traced by torch.compile,
+    profiled, a tensor subclass...) runs the same products in the
+    Function's two passes.
 
 Small M (at most :data:`SMALL_M` tokens: decode, small batches) is memory
 bound: the extra FLOPs of the in-loop shrink are free there, so without

@@ -471,35 +471,42 @@ def _prime(key: tuple, triton: dispatch.Plan, what: str, prime) -> None:
 
 #: (:func:`_forward_operands`' layouts, :func:`fused_lora.dispatch.switches_state`)
 #: -> the ``needs`` (the gradients asked for) whose backward an eager call of
-#: that layout primed (:func:`_eager_cublas`, its forward primed), or None
-#: where such a call runs its plan. Bounded.
+#: that layout primed (:func:`_eager_cublas`, by the rule: its forward
+#: primed), True (forced: nothing to prime), or None where such a call runs
+#: its plan. Bounded.
 _eager_calls: dict = {}
 
 
 def _eager_cublas(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None,
                   scaling: float) -> Tensor | None:
     """y of a plain call at dropout 0 (a float base, no row scale, no
-    adapters) that runs ``cublas`` by the eager rule
-    (:func:`fused_lora.dispatch.eager_cublas_reason`), or None where that
-    rule does not decide the call (then the autograd Function runs its
-    plan): :func:`forward_cublas`'s three products recorded by autograd,
-    which differentiates them with its own backward (:func:`backward_cublas`'s
-    products less one in place), with no Python of fused_lora's in it. Where
-    the rule applies, the host's time decides a step, and there the
-    Function's Python, forward and backward, cost more than the products'
-    launches.
+    adapters) that runs ``cublas``, by the eager rule
+    (:func:`fused_lora.dispatch.eager_cublas_reason`) or forced
+    (:func:`fused_lora.dispatch.force_strategy`), or None where it does not
+    (then the autograd Function runs its plan): :func:`forward_cublas`'s
+    three products recorded by autograd, which differentiates them with its
+    own backward (:func:`backward_cublas`'s products less one in place), with
+    no Python of fused_lora's in it. Where the rule applies, the host's time
+    decides a step, and there the Function's Python, forward and backward,
+    cost more than the products' launches.
 
     Applies to an eager call (:func:`direct_call`, no CUDA graph being
-    captured, no strategy forced) whose x flattens without a copy (autograd
-    would keep the copy for the backward). Like the Function's ``cublas``
-    passes it primes the Triton plan that a call captured in a CUDA graph
-    runs (:func:`_eager_plan`): the forward's at the first call of a layout;
-    the backward's in a hook on y that the calls register until a backward
-    has run it (dy's layout is part of that pass's key), for the gradients
-    the Function's backward would be asked for."""
+    captured) whose x flattens without a copy (autograd would keep the copy
+    for the backward). By the rule, like the Function's ``cublas`` passes,
+    it primes the Triton plan that a call captured in a CUDA graph runs
+    (:func:`_eager_plan`): the forward's at the first call of a layout; the
+    backward's in a hook on y that the calls register until a backward has
+    run it (dy's layout is part of that pass's key), for the gradients the
+    Function's backward would be asked for. (Forced, a captured call runs
+    ``cublas`` too: nothing to prime.)"""
     # (direct_call first: while torch.compile traces, nothing else here is asked)
-    if not (direct_call(x, weight, bias, lora_A, lora_B) and eager_rule_applies(x.device)
-            and dispatch.forced_strategy() is None and not torch.cuda.is_current_stream_capturing()):
+    if not direct_call(x, weight, bias, lora_A, lora_B):
+        return None
+    forced = dispatch.forced_strategy()
+    if forced is None:
+        if not eager_rule_applies(x.device) or torch.cuda.is_current_stream_capturing():
+            return None
+    elif forced != "cublas" or _capturing(x.device):
         return None
     n, k = weight.shape
     if x.dim() == 2:
@@ -513,9 +520,8 @@ def _eager_cublas(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bia
     primed = _eager_calls.get(layout, False)
     if primed is False:  # (the plan and the forward's priming, once a layout: plan_for costs the host µs)
         plan = plan_for(x2, weight, lora_A.shape[0], 0.0, plain=True)
-        primed = None
-        if plan.strategy == "cublas" and plan.captured is not None:
-            primed = set()
+        primed = None if plan.strategy != "cublas" else True if plan.captured is None else set()
+        if primed is not None and primed is not True:
             _prime(_priming_key(plan.captured, operands), plan.captured, "forward", lambda triton: forward_triton(
                 x, weight, bias, lora_A, lora_B, scaling, 0.0, 0, _plan=triton))
         if len(_eager_calls) >= 4096:
@@ -524,7 +530,7 @@ def _eager_cublas(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bia
     if primed is None:
         return None
     y2, _ = forward_cublas(x2, weight, bias, lora_A, lora_B, scaling)
-    if y2.requires_grad:
+    if primed is not True and y2.requires_grad:
         needs = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad,
                  lora_A.requires_grad, lora_B.requires_grad)
         if needs not in primed:

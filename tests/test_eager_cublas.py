@@ -52,6 +52,16 @@ def eager_here(monkeypatch, rule_on):
     yield capturing
 
 
+@pytest.fixture
+def forced_cublas(monkeypatch):
+    """cublas forced, on the CPU as it is (the rule off: conftest.py), with
+    nothing primed yet."""
+    monkeypatch.setattr(ops, "_primed", {})
+    monkeypatch.setattr(ops, "_eager_calls", {})
+    with dispatch.force_strategy("cublas"):
+        yield
+
+
 def _passes(monkeypatch):
     """The passes that run, not priming: ``[(name, strategy)]`` of each
     forward_triton / backward_triton call (the Function's), and
@@ -166,8 +176,10 @@ def test_explain_says_what_eager_calls_run(rule_on):
 
 @pytest.mark.parametrize("need", [("x", "lora_A", "lora_B"), ("lora_B",), ("x",), ("lora_A", "weight", "bias")])
 def test_forced_cublas_launches_nothing_and_computes_what_is_asked(monkeypatch, need):
-    """No Triton launch, forward or backward; each gradient asked for
-    matches the float64 reference, and only those are computed."""
+    """Through the autograd Function's cublas passes (x permuted: an eager
+    call would keep its copy): no Triton launch, forward or backward; each
+    gradient asked for matches the float64 reference, and only those are
+    computed."""
     dtype = torch.float32
     x = make_x((3, 11, 40), dtype, "permuted").requires_grad_("x" in need)
     w, b, a, bb = make_params(40, 24, 5, dtype, True)
@@ -273,19 +285,22 @@ def test_the_switch_from_the_environment():
     assert bad.returncode != 0 and "FUSED_LORA_EAGER_CUBLAS must be '0' or '1'" in bad.stderr
 
 
+@pytest.mark.parametrize("how", ["rule", "forced"])
 @pytest.mark.parametrize("shape, layout, r, need", [
     ((1, 40), "contiguous", 1, ("x", "lora_A", "lora_B")),
     ((3, 17, 40), "contiguous", 8, ("x", "lora_A", "lora_B")),
     ((23, 40), "strided", 5, ("x", "weight", "bias", "lora_B")),
     ((23, 40), "transposed", 16, ("lora_A",)),
 ])
-def test_eager_calls_are_torch_products_that_autograd_differentiates(monkeypatch, eager_here, shape, layout, r,
+def test_eager_calls_are_torch_products_that_autograd_differentiates(monkeypatch, request, how, shape, layout, r,
                                                                       need):
-    """Where the rule applies, an eager call records cuBLAS's three products
-    for autograd: no Triton launch, no autograd Function (no pass of
-    fused_lora's forward or backward runs: autograd's own backward of the
-    products), the values and each gradient asked for the float64
-    reference's; x of any strides that flattens without a copy."""
+    """Where the rule applies, or cublas is forced, an eager call records
+    cuBLAS's three products for autograd: no Triton launch, no autograd
+    Function (no pass of fused_lora's forward or backward runs: autograd's
+    own backward of the products), the values and each gradient asked for
+    the float64 reference's; x of any strides that flattens without a copy.
+    (Forced: on the CPU as it is, the rule off, nothing primed.)"""
+    request.getfixturevalue("eager_here" if how == "rule" else "forced_cublas")
     dtype = torch.float32
     x = make_x(shape, dtype, layout).requires_grad_("x" in need)
     w, b, a, bb = make_params(40, 24, r, dtype, True)
@@ -305,6 +320,7 @@ def test_eager_calls_are_torch_products_that_autograd_differentiates(monkeypatch
     with torch.no_grad():
         assert torch.equal(fused_lora.lora_linear(x, w, a, bb, b, scaling=0.75, backend="triton"), y)
     assert launches == [[], [], []] and ran == []
+    assert bool(ops._primed) == (how == "rule")
 
 
 def test_eager_calls_whose_x_would_be_copied_run_the_function(monkeypatch, eager_here):
