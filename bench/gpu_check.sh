@@ -129,7 +129,8 @@ rc_bench=$?
 # Where an eager call's host time goes at small M (the benchmark's eager table, and any M where the GPU
 # finishes first): fused_lora's Python alone (launches stubbed), then with the launches, and cProfile's
 # most expensive functions of the latter (fused_lora's, Triton's launcher, PyTorch's). Informational.
-# The Triton plan's (FUSED_LORA_EAGER_CUBLAS=0: eager calls at dropout 0 would run cuBLAS alone by default): its
+# The Triton plan's (FUSED_LORA_EAGER_CUBLAS=0: eager calls at dropout 0 would run cuBLAS alone by default;
+# profiled at dropout 0.1, what eager calls with dropout run whatever the rule): its
 # launches through the launch cache (the default: a specialisation compiled before goes to its compiled
 # kernel, without Triton's binding and key); then the same without it (FUSED_LORA_LAUNCH_CACHE=0), and with
 # kernel-made TMA descriptors; and at M=4096 with and without the cache; then the default (p=0: cuBLAS alone)
@@ -147,9 +148,9 @@ host_run() {
     timeout 25 "$PY" "${host[@]}" "$@"
 }
 FUSED_LORA_EAGER_CUBLAS=0 host_run --m 16
-FUSED_LORA_EAGER_CUBLAS=0 host_run --m 16 --real --profile 30
+FUSED_LORA_EAGER_CUBLAS=0 host_run --m 16 --real --profile 30 --profile-dropout 0.1
 echo "-- the same, launched without the launch cache (FUSED_LORA_LAUNCH_CACHE=0: Triton's kernel[grid] each launch)"
-FUSED_LORA_EAGER_CUBLAS=0 FUSED_LORA_LAUNCH_CACHE=0 host_run --m 16 --real --profile 30
+FUSED_LORA_EAGER_CUBLAS=0 FUSED_LORA_LAUNCH_CACHE=0 host_run --m 16 --real --profile 30 --profile-dropout 0.1
 echo "-- launch cache and TMA's descriptors made by the kernels (FUSED_LORA_TMA_DESCRIPTORS=device)"
 FUSED_LORA_EAGER_CUBLAS=0 FUSED_LORA_TMA_DESCRIPTORS=device host_run --m 16 --real
 echo "-- M=4096, launched, with and without the launch cache"

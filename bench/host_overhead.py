@@ -1,7 +1,7 @@
 """Host time per call of the fused op: what fused_lora's Python costs, and its launches.
 
     python bench/host_overhead.py [--m 16] [--k 64] [--n 64] [--r 8] [--reps 2000]
-    python bench/host_overhead.py --real [--profile 25]     # on a GPU: with the launches
+    python bench/host_overhead.py --real [--profile 25] [--profile-dropout 0.1]   # on a GPU: with the launches
 
 At small M a GPU finishes a LoRA layer's kernels in a few microseconds each,
 so without CUDA graphs a training step is bound by the host: Python,
@@ -13,8 +13,10 @@ looks up each launch), so Triton's own launcher is left out. ``--real`` launches
 (on a GPU: the rounds end with a synchronisation, so a round is bound by the
 host or the GPU, whichever is slower); ``--real`` less the default is
 Triton's launcher. ``--profile N`` adds cProfile's N most expensive
-functions (own time) of the fused forward+backward at dropout 0: which of
-fused_lora's functions, Triton's launcher or PyTorch's take the host's time.
+functions (own time) of the fused forward+backward at dropout 0 (or
+``--profile-dropout 0.1``: the plan eager calls with dropout run, Triton's
+whatever the eager rule): which of fused_lora's functions, Triton's launcher
+or PyTorch's take the host's time.
 The kernels launch through the launch cache (the default,
 :mod:`fused_lora.kernels.launch`); ``FUSED_LORA_LAUNCH_CACHE=0`` through
 Triton's ``kernel[grid](...)``, ``FUSED_LORA_TMA_DESCRIPTORS=device``
@@ -103,13 +105,15 @@ def _time_us(fn, reps: int) -> float:
 
 
 def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000, real: bool = False,
-            profile: int = 0) -> dict:
+            profile: int = 0, profile_dropout: float = 0.0) -> dict:
     """``{(what, p): µs}`` for the fused op (its launches stubbed, or
     ``real``) and naive LoRA, forward (no grad) and forward+backward, at
     dropout 0 and 0.1, and ``{"launches": {(what, p): n}}``, the fused op's
     kernel launches a call; ``profile``: also ``{"profile": text}``,
     cProfile's ``profile`` most expensive functions of the fused
-    forward+backward at dropout 0."""
+    forward+backward at dropout ``profile_dropout`` (0 or 0.1)."""
+    if profile_dropout not in (0.0, 0.1):
+        raise ValueError(f"profile_dropout must be 0 or 0.1 (the dropouts timed), got {profile_dropout}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     saved = gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel, launch_cache.current_device
@@ -150,7 +154,7 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
                         out["launches"][(f"{name} forward", p)] = _launches(forward_only)
                         out["launches"][(f"{name} forward+backward", p)] = _launches(
                             lambda fwd=fwd: torch.autograd.grad(fwd(), (x, a, bb), dy))
-                if profile and name == "fused" and p == 0.0:
+                if profile and name == "fused" and p == profile_dropout:
                     out["profile"] = _profile(lambda fwd=fwd: torch.autograd.grad(fwd(), (x, a, bb), dy),
                                               reps, profile)
         return out
@@ -223,8 +227,11 @@ def main(argv=None) -> int:
     ap.add_argument("--real", action="store_true", help="launch the kernels (default: stubbed out)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also print cProfile's N most expensive functions of the fused forward+backward")
+    ap.add_argument("--profile-dropout", type=float, default=0.0, choices=(0.0, 0.1), metavar="P",
+                    help="the dropout of the profiled calls: 0 (default) or 0.1")
     args = ap.parse_args(argv)
-    res = measure(m=args.m, k=args.k, n=args.n, r=args.r, reps=args.reps, real=args.real, profile=args.profile)
+    res = measure(m=args.m, k=args.k, n=args.n, r=args.r, reps=args.reps, real=args.real, profile=args.profile,
+                  profile_dropout=args.profile_dropout)
     how = "its kernels launched" if args.real else "its kernel launches stubbed out"
     if args.real:
         switches = fused_lora.dispatch
@@ -241,7 +248,7 @@ def main(argv=None) -> int:
         cells = " ".join(f"{res[(what, p)]:8.1f}" if (what, p) in res else f"{'—':>8}" for p in (0.0, 0.1))
         print(f"{what:34} {cells}{counts}")
     if "profile" in res:
-        print(f"\ncProfile of {args.reps} fused forward+backward calls at dropout 0 (own time):")
+        print(f"\ncProfile of {args.reps} fused forward+backward calls at dropout {args.profile_dropout:g} (own time):")
         print(res["profile"])
     return 0
 

@@ -527,6 +527,9 @@ def test_the_host_overhead_script_times_every_row_and_restores_the_kernels():
     assert launches[("fused eager cuBLAS forward", 0.0)] == launches[("fused eager cuBLAS forward+backward", 0.0)] == 0
     assert script.gemm.launch is script.skinny.launch  # (restored)
     assert "lora_gemm" in profile and "backward_triton" in profile  # (fused_lora's own functions, by own time)
+    assert "backward_triton" in script.measure(reps=1, profile=40, profile_dropout=0.1)["profile"]
+    with pytest.raises(ValueError, match="profile_dropout must be 0 or 0.1"):
+        script.measure(reps=1, profile=1, profile_dropout=0.2)
     assert (gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel) == kernels
     assert script.launch_cache.current_device is current_device  # (its stand-in on a machine without CUDA: restored)
     assert script.fused_lora.ops.eager_rule_applies is eager_rule_applies  # (likewise the eager rule's)
