@@ -8,13 +8,17 @@ Providers (all compute ``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with W frozen
 ``naive_compiled``  ``torch.compile`` of ``naive``
 ``base``            bare ``F.linear``: the floor, no adapter at all
 
-and, on a preset's ``variant_cases``, ``fused:in_loop``, ``fused:split`` and
-``fused:hybrid`` (``fused`` with that forward strategy forced), ``fused:pointers``
+and, on a preset's ``variant_cases``, ``fused:in_loop``, ``fused:split``,
+``fused:hybrid`` and ``fused:cublas`` (``fused`` with that forward strategy
+forced; ``cublas``, at dropout 0 only, is cuBLAS's products, which autograd
+differentiates in eager calls: what the eager rule runs below its size), ``fused:pointers``
 (``fused`` with pointer tile loads: TMA off, as it is by default off Hopper) and
 ``fused:tma+persistent`` (TMA loads, its GEMMs on a persistent grid) and
 ``fused:tma_device`` (TMA loads through descriptors its kernels make) and
 ``fused:no_launch_cache`` (the defaults, launched without the launch cache:
-``fused_lora.dispatch.set_launch_cache(False)``), forward and forward+backward: the
+``fused_lora.dispatch.set_launch_cache(False)``) and ``fused:no_eager_cublas``
+(the Triton plan where an eager call would run ``cublas``:
+``fused_lora.dispatch.set_eager_cublas(False)``), forward and forward+backward: the
 data behind the dispatch rules and the switches.
 
 Modes: ``forward``, ``backward`` (the backward of one recorded forward, timed
