@@ -63,7 +63,7 @@ def forced_cublas(monkeypatch):
 
 
 def _passes(monkeypatch):
-    """The passes that run, not priming: ``[(name, strategy)]`` of each
+    """The passes that run, not priming: ``[(name, strategy forced)]`` of each
     forward_triton / backward_triton call (the Function's), and
     ``("backward_cublas", None)`` within them."""
     ran = []
