@@ -520,8 +520,12 @@ def _eager_cublas(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bia
     primed = _eager_calls.get(layout, False)
     if primed is False:  # (the plan and the forward's priming, once a layout: plan_for costs the host µs)
         plan = plan_for(x2, weight, lora_A.shape[0], 0.0, plain=True)
-        primed = None if plan.strategy != "cublas" else True if plan.captured is None else set()
-        if primed is not None and primed is not True:
+        if plan.strategy != "cublas":
+            primed = None
+        elif plan.captured is None:  # (forced)
+            primed = True
+        else:
+            primed = set()
             _prime(_priming_key(plan.captured, operands), plan.captured, "forward", lambda triton: forward_triton(
                 x, weight, bias, lora_A, lora_B, scaling, 0.0, 0, _plan=triton))
         if len(_eager_calls) >= 4096:

@@ -7,8 +7,11 @@ launches there. It primes the Triton plan it stands in for (kernels
 compiled and loaded, none run), which a call captured into a CUDA graph
 then runs (cuBLAS where not primed: CUDA loads no module mid-capture). Its
 numbers against the float64 reference are in ``test_parity.py`` (forced,
-every dtype, layout and rank); here: the rule, its switch, its fallbacks,
-explain, priming, and on a GPU the eager and captured calls themselves. The
+every dtype, layout and rank: eager calls but a permuted x's record the
+products for autograd's own backward, the rest run the autograd Function's
+passes); here: the rule, its switch, its fallbacks, explain, the eager path
+and where it steps aside, priming, and on a GPU the eager and captured
+calls themselves. The
 suite runs with the rule off (``conftest.py``); these tests turn it on.
 """
 
