@@ -24,12 +24,16 @@ Forward strategies (the math is in :mod:`fused_lora.ops`):
     the default for float32 on CUDA (exact fp32 dots run on FMA units, where
     cuBLAS is far ahead); forced elsewhere with :func:`force_strategy`.
 ``cublas``
-    No Triton launch: every product on cuBLAS (``torch.mm``/``addmm``), the
-    rank-r factors as well, without dropout only (its mask is the kernels'
-    to draw). What an eager call on a CUDA device runs by default at dropout
-    0 below :data:`EAGER_CUBLAS_MAX_MNK` (:func:`eager_cublas_reason`): there
-    the host's time launching the Triton passes, not the GPU's, decided the
-    step on the fifth GPU run. Under CUDA graph capture (``torch.cuda.graph``,
+    Every product on cuBLAS (``torch.mm``/``addmm``), the rank-r factors as
+    well: no Triton launch without dropout; with dropout one, the keep-mask
+    pass (:mod:`fused_lora.kernels.mask`), whose (M, K) mask of bytes
+    PyTorch multiplies x by (``x ⊙ keep``; the ``1 / (1 - p)`` goes into
+    the low-rank term's scale), the one mask every strategy draws. What an
+    eager call on a CUDA device runs by default at dropout 0 below
+    :data:`EAGER_CUBLAS_MAX_MNK`, and with dropout up to
+    :data:`EAGER_CUBLAS_DROPOUT_MAX_M` tokens (:func:`eager_cublas_reason`):
+    there the host's time launching the Triton passes, not the GPU's,
+    decided the step on the fifth GPU run. Under CUDA graph capture (``torch.cuda.graph``,
     ``torch.compile(mode="reduce-overhead")``), where the host's time is gone,
     the Triton plan runs, its kernels compiled and loaded by the eager
     warm-up calls before the capture (CUDA refuses to load a module
@@ -118,6 +122,18 @@ STRATEGIES = ("in_loop", "split", "hybrid", "cublas")
 #: Through CUDA graphs the Triton passes were ahead at small M (M=16: 0.049
 #: against 0.058; M=256: 0.065 against 0.072), so captured calls keep them.
 EAGER_CUBLAS_MAX_MNK = 8192 * 4096 * 4096
+#: Eager calls with dropout run ``cublas`` up to this many tokens (M), any
+#: dtype: on the fifth GPU run (the same run and timing as above, p = 0.1)
+#: the eager Triton steps took 1.02-1.32 ms at M=16 and 256, where naive
+#: LoRA took 0.28-0.30 and the kernels themselves 0.06-0.08 (through CUDA
+#: graphs). Unlike the Triton plan, that path keeps a mask for the backward,
+#: as PyTorch's dropout does: the (M, K) keep-mask (a byte an element) and
+#: x ⊙ keep (autograd's, for dA), at most 3 bytes an element of x in 16 bits
+#: here (3 MiB a 4096-wide layer at M=256); from M=4096 on (1.39 ms a step
+#: against naive LoRA's 0.64 on that run) the Triton plan runs instead,
+#: keeping nothing of x's size (the memory target). :func:`set_eager_cublas`
+#: ``(False)``: the Triton plan at every M.
+EAGER_CUBLAS_DROPOUT_MAX_M = 256
 #: Ranks up to this use the in-loop shrink when there is no dropout
 #: (KERNELS.md: its extra FLOPs are r/BLOCK_N, +6% at r=16, BN=256; the split
 #: costs one more read of x, ~5% at N=4096: expected crossover near r=32).
@@ -315,11 +331,21 @@ def eager_cublas_reason(m: int, n: int, k: int, dtype: torch.dtype, dropout_p: f
     cuBLAS not refused by torch's deterministic mode,
     :func:`fused_lora.ops.cublas_deterministic`) of
     this problem runs ``cublas`` instead of its Triton plan; ``""`` where it
-    does not: with dropout (the mask is the kernels'), a quantized base (the
-    Triton GEMMs decode it), 16-bit at or above :data:`EAGER_CUBLAS_MAX_MNK`,
-    or the switch off (:func:`set_eager_cublas`)."""
-    if not _switches["eager_cublas"] or dropout_p > 0.0 or quantized_kind(quantized):
+    does not: a quantized base (the Triton GEMMs decode it), dropout above
+    :data:`EAGER_CUBLAS_DROPOUT_MAX_M` tokens, 16-bit without dropout at or
+    above :data:`EAGER_CUBLAS_MAX_MNK`, or the switch off
+    (:func:`set_eager_cublas`)."""
+    if not _switches["eager_cublas"] or quantized_kind(quantized):
         return ""
+    if dropout_p > 0.0:
+        if m > EAGER_CUBLAS_DROPOUT_MAX_M:
+            return ""
+        return (f"dropout at M={m} <= {EAGER_CUBLAS_DROPOUT_MAX_M}: there the host's time launching the Triton "
+                "passes, not the GPU's, decided the step on the fifth GPU run (H100, p=0.1: 1.02-1.32 ms a step "
+                "at M=16 and 256, naive LoRA 0.28-0.30); the keep-mask pass draws the mask, which is kept for "
+                "the backward with x ⊙ keep (3 bytes an element of x in 16 bits, as PyTorch's dropout); a call "
+                "captured in a CUDA graph runs the Triton plan, which the eager calls before it primed "
+                "(set_eager_cublas(False): always)")
     if dtype == torch.float32:
         return ("dropout 0 in float32: the Triton plan (hybrid) runs its base products on cuBLAS anyway, and "
                 "cuBLAS's rank-r products spare its launches (set_eager_cublas(False): the Triton plan)")
@@ -338,8 +364,8 @@ def force_strategy(strategy: str):
     and whenever autograd runs it. ``in_loop`` still falls back to ``split``
     where it cannot run (r above its rank tile, which is narrower with
     dropout in fp32), and ``cublas`` to the plan of no force where it
-    cannot (dropout, a quantized base, a row scale or adapters side by
-    side). Process-wide."""
+    cannot (a quantized base, a row scale or adapters side by side).
+    Process-wide."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     return _switched("strategy", strategy)
@@ -507,7 +533,8 @@ def _choose(m: int, r: int, dtype: torch.dtype, dropout_p: float, interp: bool, 
     ``quantized``: ``"int8"`` or ``"nf4"``, a base which only the Triton GEMMs
     read (no hybrid); NF4's decoding leaves no room for the in-loop shrink."""
     if forced == "cublas":  # (where it can: _plan)
-        return "cublas", "forced 'cublas': every product on cuBLAS, no Triton launch"
+        return "cublas", ("forced 'cublas': every product on cuBLAS, the keep-mask pass drawing the mask"
+                          if dropout_p else "forced 'cublas': every product on cuBLAS, no Triton launch")
     if quantized and forced == "hybrid":
         strategy, reason = _choose(m, r, dtype, dropout_p, interp, max_block_r, None, quantized)
         return strategy, f"forced 'hybrid', whose cuBLAS GEMMs cannot read an {quantized} base: {reason}"
@@ -603,8 +630,7 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
           num_sms, quantized="", tma_device=False, plain=True) -> Plan:
     cfg = _triton.configs()
     if forced == "cublas":
-        why = ("dropout: the mask is the kernels' to draw" if dropout
-               else f"an {quantized} base, which only the Triton GEMMs decode" if quantized
+        why = (f"an {quantized} base, which only the Triton GEMMs decode" if quantized
                else "a row scale or adapters side by side, which only the kernels apply" if not plain else "")
         if why:
             auto = _plan(m, n, k, r, dtype, dropout, arch, interp, None, precision, tma, persistent, smem_limit,
@@ -667,6 +693,19 @@ def _plan(m, n, k, r, dtype, dropout, arch, interp, forced, precision, tma, pers
     )
 
 
+def _cublas_passes(dropout_p: float) -> list[tuple[str, str]]:
+    """:meth:`Explanation.passes` of a ``cublas`` plan."""
+    if not dropout_p:
+        return [("forward", "cuBLAS: xa = x·Aᵀ, y = b + x·Wᵀ, then y += s·xa·Bᵀ in place (no Triton launch)"),
+                ("backward", "cuBLAS: g = dy·B, dx = dy·W + s·g·A, dA = s·gᵀ·x, dB = s·dyᵀ·xa, "
+                             "db = Σ dy, dW = dyᵀ·x (each only where needed)")]
+    return [("forward", "the keep-mask pass writes keep (M, K) bytes (one launch); cuBLAS: xa = (x ⊙ keep)·Aᵀ, "
+                        "y = b + x·Wᵀ, then y += s/(1-p)·xa·Bᵀ in place"),
+            ("backward", "cuBLAS: g = dy·B, dx = dy·W + s/(1-p)·(g·A) ⊙ keep, dA = s/(1-p)·gᵀ·(x ⊙ keep), "
+                         "dB = s·dyᵀ·xa, db = Σ dy, dW = dyᵀ·x (each only where needed; keep kept by an eager "
+                         "call's autograd, drawn again by the autograd Function's)")]
+
+
 @dataclass(frozen=True)
 class Explanation:
     """What :func:`explain` returns: the plan and a readable account of it."""
@@ -697,10 +736,7 @@ class Explanation:
     def passes(self) -> list[tuple[str, str]]:
         p = self.plan
         if p.strategy == "cublas":
-            return [("forward", "cuBLAS: xa = x·Aᵀ, y = b + x·Wᵀ, then y += s·xa·Bᵀ in place "
-                                "(no Triton launch)"),
-                    ("backward", "cuBLAS: g = dy·B, dx = dy·W + s·g·A, dA = s·gᵀ·x, dB = s·dyᵀ·xa, "
-                                 "db = Σ dy, dW = dyᵀ·x (each only where needed)")]
+            return _cublas_passes(self.dropout_p)
 
         def tiles(c):
             split = (f" split_k={c.split_k} (fp32 partials, summed in split order by one more launch)"
@@ -766,12 +802,13 @@ class Explanation:
         return out
 
     def __str__(self) -> str:
+        eager = ("cuBLAS's products, the keep-mask pass, autograd's backward; the mask kept for it" if self.dropout_p
+                 else "cuBLAS's products, autograd's backward, no Triton launch")
         head = (f"x ({self.m}, {self.k}) -> ({self.m}, {self.n}), r={self.r}, {str(self.dtype).replace('torch.', '')},"
                 f" dropout={self.dropout_p:g} on {self.target}" + (f" ({self.num_sms} SMs)" if self.num_sms else ""))
         lines = [head]
         if self.eager:
-            lines.append(f"eager calls: cublas (cuBLAS's products, autograd's backward, no Triton launch) — "
-                         f"{self.eager}")
+            lines.append(f"eager calls: cublas ({eager}) — {self.eager}")
         lines.append(f"{'captured in a CUDA graph' if self.eager else 'strategy'}: {self.plan.strategy} — "
                      f"{self.plan.reason}")
         lines += [f"  {name:<18} {what}" for name, what in self.passes()]

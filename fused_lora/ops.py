@@ -100,20 +100,24 @@ How it runs (Triton backend)
   forward: ``dy·B`` accumulated in its K loop, and the dy pass keeps only dB
   and db); the *dA pass* reads x once,
   regenerating the mask. ``drop(x)`` and the mask are never stored; nothing of
-  size (M, K) or (M, N) is saved beyond x itself. Reductions over M use split
+  size (M, K) or (M, N) is saved beyond x itself (but by the eager ``cublas``
+  calls below). Reductions over M use split
   partials summed in a fixed order: no atomics, bitwise reproducible.
 * a quantized base: the forward's and dx's GEMMs dequantise its tiles in
   their K loops (int8 always; NF4 up to
   :data:`~fused_lora.kernels.configs.NF4_DECODE_MAX_M` rows, ``split``);
   above that an NF4 base is made whole once a pass by the dequantisation
   kernel and the float base's plan runs on Ŵ (the same values either way).
-* an eager call at dropout 0 on a CUDA device, below a size
-  (:func:`fused_lora.dispatch.eager_cublas_reason`; plain LoRA on a float
-  base): ``xa = x·Aᵀ``, ``y = b + x·Wᵀ``, ``y += s·xa·Bᵀ`` on cuBLAS,
-  recorded for autograd, which differentiates them itself
-  (:func:`_eager_cublas`): the host's time decides such steps, and this
-  spends the least of it. It primes the Triton plan that a call captured
-  in a CUDA graph runs instead.
+* an eager call on a CUDA device, at dropout 0 below a size, with dropout
+  up to 256 tokens (:func:`fused_lora.dispatch.eager_cublas_reason`; plain
+  LoRA on a float base): ``xa = x·Aᵀ``, ``y = b + x·Wᵀ``, ``y += s·xa·Bᵀ``
+  on cuBLAS (with dropout ``xa = (x ⊙ keep)·Aᵀ`` and ``s/(1-p)``, the mask
+  ``keep`` written by the keep-mask pass), recorded for autograd, which
+  differentiates them itself (:func:`_eager_cublas`): the host's time
+  decides such steps, and this spends the least of it. With dropout
+  autograd keeps ``keep`` and ``x ⊙ keep`` for its backward, as PyTorch's
+  dropout does (small at that M). It primes the Triton plan that a call
+  captured in a CUDA graph runs instead.
 * ``create_graph=True`` (gradients to differentiate again): autograd's
   backward of the reference (:mod:`fused_lora.reference`) instead of the
   kernels, so that the gradients can be differentiated with respect to dy
@@ -254,11 +258,13 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     if plan is None:
         plain = row_scale is None and adapter_ids is None and adapter_p is None
         plan = _eager_plan(plan_for(x2, weight, r, dropout_p, strategy, weight_scale, plain=plain),
-                           _forward_operands(x2, weight, bias, lora_A, lora_B), lambda triton: forward_triton(
-                               x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, _plan=triton))
+                           _forward_operands(x2, weight, bias, lora_A, lora_B, _seed_kind(seed, dropout_p)),
+                           lambda triton: forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
+                                                         _plan=triton))
     if plan.strategy == "cublas":
-        y2, xa = forward_cublas(x2, weight, bias, lora_A, lora_B, scaling)
-        return _unflatten_output(y2, x), xa.float().view(*x.shape[:-1], r)
+        y2, xa = forward_cublas(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        xa = xa.float() if dropout_p == 0.0 else xa.float().mul_(1.0 / (1.0 - dropout_p))  # (drop(x)·Aᵀ)
+        return _unflatten_output(y2, x), xa.view(*x.shape[:-1], r)
     weight, weight_scale, code = _base_operands(k_, plan, weight, weight_scale, x.dtype, weight_code)
     w = _row_vector(row_scale, m)
     adapters = _adapter_columns(adapter_ids, rank_ids, rank_scaling, m)
@@ -298,33 +304,52 @@ def forward_triton(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
 
 
 def forward_cublas(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                   scaling: float) -> tuple[Tensor, Tensor]:
-    """``(y2, xa)`` of the math above at dropout 0 (no row scale, no
-    adapters) on cuBLAS alone, strategy ``cublas``: ``xa = x·Aᵀ`` in x's
-    dtype, ``y = b + x·Wᵀ``, then ``y += s·xa·Bᵀ`` in place (three
-    products, no Triton launch; :func:`fused_lora.dispatch.eager_cublas_reason`
-    says where eager calls run it). x2 (M, K), all in one float dtype. (The
-    passes hand xa on in fp32, as the kernels' (its values the rounded
-    product's); :func:`_eager_cublas` records these products for autograd.)"""
-    xa = torch.mm(x2, lora_A.t())
+                   scaling: float, dropout_p: float = 0.0, seed: int | Tensor = 0) -> tuple[Tensor, Tensor]:
+    """``(y2, xa)`` of the math above (no row scale, no adapters) on cuBLAS,
+    strategy ``cublas``: ``xa = x·Aᵀ`` in x's dtype, ``y = b + x·Wᵀ``, then
+    ``y += s·xa·Bᵀ`` in place (three products, no Triton launch;
+    :func:`fused_lora.dispatch.eager_cublas_reason` says where eager calls
+    run it). With dropout, the keep-mask pass draws the mask ``keep`` (M, K)
+    (:func:`_keep`, one launch), and ``xa = (x ⊙ keep)·Aᵀ``, ``y +=
+    s/(1-p)·xa·Bᵀ``: this xa is ``(1 - p)·drop(x)·Aᵀ``. x2 (M, K), all in
+    one float dtype. (The passes hand xa on in fp32, as the kernels' (its
+    values the rounded product's); :func:`_eager_cublas` records these
+    products for autograd, which keeps ``keep`` and ``x ⊙ keep`` for its
+    backward.)"""
+    xa = torch.mm(x2 if dropout_p == 0.0 else x2 * _keep(x2, dropout_p, seed), lora_A.t())
     y2 = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
-    y2.addmm_(xa, lora_B.t(), alpha=scaling)
+    y2.addmm_(xa, lora_B.t(), alpha=scaling if dropout_p == 0.0 else scaling / (1.0 - dropout_p))
     return y2, xa
 
 
+def _keep(x2: Tensor, dropout_p: float, seed: int | Tensor) -> Tensor:
+    """The keep-mask of x2 (M, K), bool: :func:`fused_lora.dropout_mask`'s,
+    which every pass draws, from the keep-mask pass (one launch)."""
+    return _triton.get().keep_mask_tensor(x2.shape[0], x2.shape[1], dropout_p, seed, x2.device)
+
+
 def backward_cublas(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa2: Tensor,
-                    scaling: float, need_x: bool, need_weight: bool, need_bias: bool, need_A: bool, need_B: bool):
-    """``(dx2, dW, db, dA, dB)`` of :func:`forward_cublas` on cuBLAS alone
-    (None where not needed): ``g = dy·B``; ``dx = dy·W + s·g·A`` (one
-    product, then one in place), ``dA = s·gᵀ·x``, ``dB = s·dyᵀ·xa`` (xa in
-    dy's dtype), ``db = Σ dy``, ``dW = dyᵀ·x``. dy2 (M, N), x2 (M, K), xa2
-    (M, r) fp32."""
+                    scaling: float, need_x: bool, need_weight: bool, need_bias: bool, need_A: bool, need_B: bool,
+                    dropout_p: float = 0.0, seed: int | Tensor = 0):
+    """``(dx2, dW, db, dA, dB)`` of :func:`forward_cublas` on cuBLAS (None
+    where not needed): ``g = dy·B``; ``dx = dy·W + s·g·A`` (one product, then
+    one in place), ``dA = s·gᵀ·x``, ``dB = s·dyᵀ·xa`` (xa in dy's dtype),
+    ``db = Σ dy``, ``dW = dyᵀ·x``. With dropout, the keep-mask pass draws
+    ``keep`` again and ``dx = dy·W + s/(1-p)·(g·A) ⊙ keep``, ``dA =
+    s/(1-p)·gᵀ·(x ⊙ keep)``. dy2 (M, N), x2 (M, K), xa2 (M, r) fp32, the
+    forward pass's (``drop(x)·Aᵀ``)."""
     g = torch.mm(dy2, lora_B) if need_x or need_A else None
+    keep = _keep(x2, dropout_p, seed) if dropout_p > 0.0 and g is not None else None
+    lr_scale = scaling if keep is None else scaling / (1.0 - dropout_p)
     dx2 = d_w = d_bias = d_a = d_b = None
     if need_x:
-        dx2 = torch.mm(dy2, weight).addmm_(g, lora_A, alpha=scaling)
+        dx2 = torch.mm(dy2, weight)
+        if keep is None:
+            dx2.addmm_(g, lora_A, alpha=scaling)
+        else:
+            dx2.add_(torch.mm(g, lora_A).mul_(keep), alpha=lr_scale)
     if need_A:
-        d_a = torch.mm(g.t(), x2).mul_(scaling)
+        d_a = torch.mm(g.t(), x2 if keep is None else x2 * keep).mul_(lr_scale)
     if need_B:
         d_b = torch.mm(dy2.t(), xa2.to(dy2.dtype)).mul_(scaling)
     if need_bias:
@@ -401,15 +426,28 @@ def eager_rule_applies(device: torch.device) -> bool:
 _primed: dict = {}
 
 
-def _forward_operands(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor) -> tuple:
-    """What keys the priming of a forward pass (:func:`_eager_plan`)."""
-    return "forward", x2.device, x2, weight, bias, lora_A, lora_B
+def _forward_operands(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                      seed_kind) -> tuple:
+    """What keys the priming of a forward pass (:func:`_eager_plan`);
+    ``seed_kind``: :func:`_seed_kind`'s."""
+    return "forward", x2.device, x2, weight, bias, lora_A, lora_B, seed_kind
 
 
 def _backward_operands(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa2: Tensor,
-                       needs: tuple) -> tuple:
+                       needs: tuple, seed_kind) -> tuple:
     """What keys the priming of a backward pass (:func:`_eager_plan`)."""
-    return "backward", x2.device, dy2, x2, weight, lora_A, lora_B, xa2, needs
+    return "backward", x2.device, dy2, x2, weight, lora_A, lora_B, xa2, needs, seed_kind
+
+
+def _seed_kind(seed, dropout_p: float):
+    """What a pass's kernels are specialised on of its seed (never its
+    value): nothing without dropout; else a seed tensor's dtype (the kernels
+    read it through a pointer: a drawn seed's int32), or an int's width."""
+    if dropout_p == 0.0:
+        return None
+    if isinstance(seed, Tensor):
+        return seed.dtype
+    return "i32" if seed < 2**31 else "i64"
 
 
 def _layout(t):
@@ -478,17 +516,20 @@ _eager_calls: dict = {}
 
 
 def _eager_cublas(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None,
-                  scaling: float) -> Tensor | None:
-    """y of a plain call at dropout 0 (a float base, no row scale, no
-    adapters) that runs ``cublas``, by the eager rule
+                  scaling: float, dropout_p: float, seed: int | Tensor) -> Tensor | None:
+    """y of a plain call (a float base, no row scale, no adapters) that runs
+    ``cublas``, by the eager rule
     (:func:`fused_lora.dispatch.eager_cublas_reason`) or forced
     (:func:`fused_lora.dispatch.force_strategy`), or None where it does not
     (then the autograd Function runs its plan): :func:`forward_cublas`'s
-    three products recorded by autograd, which differentiates them with its
-    own backward (:func:`backward_cublas`'s products less one in place), with
-    no Python of fused_lora's in it. Where the rule applies, the host's time
-    decides a step, and there the Function's Python, forward and backward,
-    cost more than the products' launches.
+    three products (with dropout, after the keep-mask pass and ``x ⊙
+    keep``) recorded by autograd, which differentiates them with its own
+    backward (:func:`backward_cublas`'s products), with no Python of
+    fused_lora's in it; with dropout it keeps the mask and ``x ⊙ keep`` for
+    that backward, as PyTorch's dropout does. Where the rule applies, the
+    host's time decides a step, and there the Function's Python, forward
+    and backward, cost more than the products' launches. ``seed``: the
+    call's (drawn already where it was None), any value without dropout.
 
     Applies to an eager call (:func:`direct_call`, no CUDA graph being
     captured) whose x flattens without a copy (autograd would keep the copy
@@ -515,11 +556,12 @@ def _eager_cublas(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bia
         x2 = x.view(-1, k)
     else:
         return None
-    operands = tuple(map(_layout, _forward_operands(x2, weight, bias, lora_A, lora_B)))
+    seed_kind = _seed_kind(seed, dropout_p)
+    operands = tuple(map(_layout, _forward_operands(x2, weight, bias, lora_A, lora_B, seed_kind)))
     layout = (operands, dispatch.switches_state())
     primed = _eager_calls.get(layout, False)
     if primed is False:  # (the plan and the forward's priming, once a layout: plan_for costs the host µs)
-        plan = plan_for(x2, weight, lora_A.shape[0], 0.0, plain=True)
+        plan = plan_for(x2, weight, lora_A.shape[0], dropout_p, plain=True)
         if plan.strategy != "cublas":
             primed = None
         elif plan.captured is None:  # (forced)
@@ -527,23 +569,24 @@ def _eager_cublas(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bia
         else:
             primed = set()
             _prime(_priming_key(plan.captured, operands), plan.captured, "forward", lambda triton: forward_triton(
-                x, weight, bias, lora_A, lora_B, scaling, 0.0, 0, _plan=triton))
+                x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, _plan=triton))
         if len(_eager_calls) >= 4096:
             _eager_calls.clear()
         _eager_calls[layout] = primed
     if primed is None:
         return None
-    y2, _ = forward_cublas(x2, weight, bias, lora_A, lora_B, scaling)
+    y2, _ = forward_cublas(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     if primed is not True and y2.requires_grad:
         needs = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad,
                  lora_A.requires_grad, lora_B.requires_grad)
         if needs not in primed:
-            y2.register_hook(functools.partial(_prime_backward, primed, needs, x2, weight, lora_A, lora_B, scaling))
+            y2.register_hook(functools.partial(_prime_backward, primed, needs, x2, weight, lora_A, lora_B, scaling,
+                                               dropout_p, seed))
     return y2 if x.dim() == 2 else y2.view(*x.shape[:-1], n)
 
 
 def _prime_backward(primed: set, needs: tuple, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                    scaling: float, dy2: Tensor) -> None:
+                    scaling: float, dropout_p: float, seed: int | Tensor, dy2: Tensor) -> None:
     """:func:`_eager_cublas`'s hook on y2: primes the backward's Triton plan
     for this dy2 (M, N) as :func:`backward_triton` does (xa an fp32 (M, r),
     as the forward's kernels make it), once for ``needs`` (then in
@@ -552,9 +595,9 @@ def _prime_backward(primed: set, needs: tuple, x2: Tensor, weight: Tensor, lora_
         return
     primed.add(needs)
     xa2 = torch.empty((x2.shape[0], lora_A.shape[0]), dtype=torch.float32, device=x2.device)
-    _eager_plan(plan_for(x2, weight, lora_A.shape[0], 0.0, dy=dy2, plain=True),
-                _backward_operands(dy2, x2, weight, lora_A, lora_B, xa2, needs),
-                lambda triton: backward_triton(dy2, x2, weight, lora_A, lora_B, xa2, scaling, 0.0, 0, *needs,
+    _eager_plan(plan_for(x2, weight, lora_A.shape[0], dropout_p, dy=dy2, plain=True),
+                _backward_operands(dy2, x2, weight, lora_A, lora_B, xa2, needs, _seed_kind(seed, dropout_p)),
+                lambda triton: backward_triton(dy2, x2, weight, lora_A, lora_B, xa2, scaling, dropout_p, seed, *needs,
                                                _plan=triton))
 
 
@@ -599,12 +642,13 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
         plain = row_scale is None and adapter_ids is None and adapter_p is None
         needs = (need_x, need_weight, need_bias, need_A, need_B)
         plan = _eager_plan(plan_for(x2, weight, r, dropout_p, strategy, weight_scale, dy=dy2, plain=plain),
-                           _backward_operands(dy2, x2, weight, lora_A, lora_B, xa2, needs),
+                           _backward_operands(dy2, x2, weight, lora_A, lora_B, xa2, needs,
+                                              _seed_kind(seed, dropout_p)),
                            lambda triton: backward_triton(
                                dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, *needs, _plan=triton))
     if plan.strategy == "cublas":
         dx2, d_w, d_bias, d_a, d_b = backward_cublas(dy2, x2, weight, lora_A, lora_B, xa2, scaling, need_x,
-                                                     need_weight, need_bias, need_A, need_B)
+                                                     need_weight, need_bias, need_A, need_B, dropout_p, seed)
         return dx2.view(x.shape) if dx2 is not None else None, d_w, d_bias, d_a, d_b
     if need_x:  # (dx's GEMM reads the base; dW reads none: a quantized base is frozen)
         weight, weight_scale, code = _base_operands(k_, plan, weight, weight_scale, x.dtype, weight_code)
@@ -1161,10 +1205,6 @@ def _lora_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
         return lora_linear_checked(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, row_scale,
                                    adapters or None, weight_scale, weight_code, adapter_p)
     if dropout_p == 0.0:
-        if row_scale is None and not adapters and weight_scale is None:
-            y = _eager_cublas(x, weight, lora_A, lora_B, bias, scaling)
-            if y is not None:
-                return y
         seed = 0
     elif seed is None:
         # Drawn on x's device by its generator, and read there by the kernels:
@@ -1172,6 +1212,10 @@ def _lora_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
         # value drawn on the host would be frozen into the graph: one mask for
         # every replay). torch.manual_seed seeds it; checkpointing restores it.
         seed = draw_seed_tensor(x.device)
+    if row_scale is None and not adapters and weight_scale is None:
+        y = _eager_cublas(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+        if y is not None:
+            return y
     differentiated = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
     adapters = adapters or (None,) * 3

@@ -5,6 +5,7 @@
   pass of the backward, dA) and the deterministic reduction of its partials;
 * :mod:`.dora` — DoRA's weight norm ``‖W + s·B A‖`` in one read of W;
 * :mod:`.dequant` — a quantized base (int8, NF4) made whole, for large M;
+* :mod:`.mask` — the dropout keep-mask written out (the ``cublas`` strategy's, with dropout);
 * :mod:`.configs` — every launch configuration;
 * :mod:`.launch` — the launch cache (less host time a launch; the default since run 5 timed it);
 * :mod:`.common` — the dropout keep-mask and the interpreter switches.
@@ -50,6 +51,7 @@ else:
     from .dequant import dequantize_kernel, dequantize_weight
     from .dora import dora_norm, dora_norm_kernel, dora_norms
     from .gemm import lora_gemm, lora_gemm_kernel, tma_available, tma_readable
+    from .mask import keep_mask_kernel, keep_mask_tensor
     from .skinny import lora_skinny_kernel, reduce_all, reduce_partials, reduce_partials_kernel, skinny_pass
 
     #: True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
@@ -63,6 +65,8 @@ else:
         "dora_norm",
         "dora_norm_kernel",
         "dora_norms",
+        "keep_mask_kernel",
+        "keep_mask_tensor",
         "launch",
         "lora_gemm",
         "lora_gemm_kernel",

@@ -31,13 +31,14 @@ def poison_outputs():
 
 def alloc(shape, dtype: torch.dtype, device, strides=None) -> torch.Tensor:
     """``torch.empty`` (``torch.empty_strided`` with ``strides``) for kernel
-    outputs (NaN-filled under :func:`poison_outputs`)."""
+    outputs (under :func:`poison_outputs` NaN-filled, or an integer output
+    filled with its dtype's largest value)."""
     if strides is None:
         out = torch.empty(shape, dtype=dtype, device=device)
     else:
         out = torch.empty_strided(shape, strides, dtype=dtype, device=device)
-    if _poison and out.is_floating_point():
-        out.fill_(float("nan"))
+    if _poison:  # (an integer output: its largest value, which no kernel writes)
+        out.fill_(float("nan") if out.is_floating_point() else torch.iinfo(dtype).max)
     return out
 
 

@@ -513,6 +513,13 @@ DEQUANT_BLOCK_N = 32
 DEQUANT_BLOCK_K = 128
 DEQUANT_NUM_WARPS = 4
 
+#: The keep-mask pass's tile (``mask``: :mod:`fused_lora.kernels.mask`): 16
+#: rows of 256 columns on 4 warps, 32 elements (four Philox calls) a thread,
+#: a tile of 4 KiB of bytes.
+MASK_BLOCK_M = 16
+MASK_BLOCK_K = 256
+MASK_NUM_WARPS = 4
+
 
 def nf4_b_fits(c: "GemmConfig", elt: int, persistent: bool, arch: int = 90) -> bool:
     """Whether tile ``c`` may decode an NF4 B on compute capability ``arch``

@@ -1,9 +1,10 @@
 """Strategy ``cublas``, and the rule that eager calls run it.
 
 At dropout 0 an eager call on a CUDA device runs every product on cuBLAS
-below ``dispatch.EAGER_CUBLAS_MAX_MNK`` (``dispatch.eager_cublas_reason``):
-the fifth GPU run found the Triton passes' steps bound by the host's
-launches there. It primes the Triton plan it stands in for (kernels
+below ``dispatch.EAGER_CUBLAS_MAX_MNK``, and with dropout up to
+``dispatch.EAGER_CUBLAS_DROPOUT_MAX_M`` tokens, its mask drawn by the
+keep-mask pass (``dispatch.eager_cublas_reason``): the fifth GPU run found
+the Triton passes' steps bound by the host's launches there. It primes the Triton plan it stands in for (kernels
 compiled and loaded, none run), which a call captured into a CUDA graph
 then runs (cuBLAS where not primed: CUDA loads no module mid-capture). Its
 numbers against the float64 reference are in ``test_parity.py`` (forced,
@@ -29,7 +30,7 @@ import triton.language as tl
 
 import fused_lora
 from fused_lora import dispatch, ops
-from fused_lora.kernels import gemm, skinny
+from fused_lora.kernels import gemm, mask, skinny
 from lora_testing import DEVICE, assert_close, count_launches, make_params, make_x, reference64
 
 BF16 = torch.bfloat16
@@ -98,6 +99,14 @@ def _launches(monkeypatch):
     return list(grids.values())
 
 
+def _mask_launches(monkeypatch) -> list:
+    """The grids of the keep-mask pass's launches from now on."""
+    grids = []
+    real = mask.launch
+    monkeypatch.setattr(mask, "launch", lambda kernel, grid, *rest: grids.append(grid) or real(kernel, grid, *rest))
+    return grids
+
+
 def test_the_rule(rule_on):
     """cublas for an eager plain call at dropout 0 below the size (16-bit),
     at any size in float32; the Triton plan otherwise, and always where a
@@ -118,7 +127,13 @@ def test_the_rule(rule_on):
     assert strategy(mnk=big).strategy == "in_loop"
     assert strategy(mnk=big, dtype=torch.float32).strategy == "cublas"
     assert strategy(dtype=torch.float16).strategy == "cublas"
-    assert strategy(p=0.1).strategy == "split"
+    assert strategy(p=0.1).strategy == "split"  # (M=4096 with dropout: the Triton plan, which keeps no mask)
+    most = dispatch.EAGER_CUBLAS_DROPOUT_MAX_M
+    for dtype in (BF16, torch.float16, torch.float32):
+        dropped = strategy(mnk=(most, 4096, 4096), dtype=dtype, p=0.1)
+        assert dropped.strategy == "cublas" and "keep-mask pass" in dropped.reason
+        assert dropped.captured == dispatch.device_plan(CPU, most, 4096, 4096, 16, dtype, 0.1)
+        assert strategy(mnk=(most + 1, 4096, 4096), dtype=dtype, p=0.1).strategy != "cublas"
     assert strategy(quantized="int8").strategy != "cublas"
     assert strategy(quantized="nf4").strategy != "cublas"
     assert strategy(plain=False).strategy == "in_loop"  # (a row scale or adapters: the kernels apply them)
@@ -134,19 +149,25 @@ def test_the_rule(rule_on):
     assert dispatch.eager_cublas_reason(*small, BF16, 0.0) == eager.reason
     assert dispatch.eager_cublas_reason(*big, BF16, 0.0) == ""
     assert dispatch.eager_cublas_reason(*small, BF16, 0.1) == ""
+    assert "3 bytes an element of x" in dispatch.eager_cublas_reason(1, 64, 64, BF16, 0.5)
+    with dispatch.use_eager_cublas(False):
+        assert dispatch.eager_cublas_reason(1, 64, 64, BF16, 0.5) == ""
     with pytest.raises(TypeError, match="enabled"):
         dispatch.set_eager_cublas("yes")
 
 
 def test_forced_cublas_falls_back_to_the_unforced_plan():
-    """Forced, cublas runs at dropout 0 on a float base; with dropout, a
-    quantized base, a row scale or adapters it is exactly what no force
-    plans (strategy, tiles; an NF4 base above its decoding size made
-    whole), its reason saying why first."""
+    """Forced, cublas runs on a float base, with dropout too (the keep-mask
+    pass draws the mask), at any M; with a quantized base, a row scale or
+    adapters it is exactly what no force plans (strategy, tiles; an NF4
+    base above its decoding size made whole), its reason saying why first."""
     args = dict(m=2000, n=512, k=256, r=8, dtype=BF16, dropout_p=0.0, interpreter=True)
     with dispatch.force_strategy("cublas"):
         assert dispatch.plan(**args).strategy == "cublas"
-    for kw, why in (({"dropout_p": 0.1}, "dropout"), ({"quantized": "int8"}, "int8 base"),
+        assert "no Triton launch" in dispatch.plan(**args).reason
+        dropped = dispatch.plan(**{**args, "dropout_p": 0.1})
+        assert dropped.strategy == "cublas" and "keep-mask pass" in dropped.reason
+    for kw, why in (({"quantized": "int8"}, "int8 base"),
                     ({"quantized": "nf4"}, "nf4 base"), ({"plain": False}, "row scale or adapters")):
         unforced = dispatch.plan(**{**args, **kw})
         with dispatch.force_strategy("cublas"):
@@ -163,8 +184,12 @@ def test_explain_says_what_eager_calls_run(rule_on):
     assert e.eager_strategy == "cublas" and e.plan.strategy == "in_loop"
     text = str(e)
     assert "eager calls: cublas" in text and "captured in a CUDA graph: in_loop" in text
+    dropped = fused_lora.explain((16, 4096), (4096, 4096), 16, dropout_p=0.1)
+    assert dropped.eager_strategy == "cublas" and dropped.plan.strategy == "in_loop"
+    assert "eager calls: cublas (cuBLAS's products, the keep-mask pass, autograd's backward; the mask kept" in str(
+        dropped)
     for other in (fused_lora.explain((8192, 4096), (4096, 4096), 16),
-                  fused_lora.explain((16, 4096), (4096, 4096), 16, dropout_p=0.1),
+                  fused_lora.explain((257, 4096), (4096, 4096), 16, dropout_p=0.1),
                   fused_lora.explain((16, 4096), (4096, 4096), 16, target="interpreter"),
                   fused_lora.explain((16, 4096), (4096, 4096), 16, quantized="int8")):
         assert other.eager == "" and other.eager_strategy == other.plan.strategy
@@ -173,15 +198,21 @@ def test_explain_says_what_eager_calls_run(rule_on):
         assert fused_lora.explain((16, 4096), (4096, 4096), 16).eager == ""
     with dispatch.force_strategy("cublas"):
         forced = fused_lora.explain((16, 4096), (4096, 4096), 16)
+        forced_dropped = fused_lora.explain((16, 4096), (4096, 4096), 16, dropout_p=0.1)
     assert forced.plan.strategy == "cublas" and "no Triton launch" in str(forced)
     assert [name for name, _ in forced.passes()] == ["forward", "backward"]
+    assert forced_dropped.plan.strategy == "cublas" and "no Triton launch" not in str(forced_dropped)
+    assert "keep-mask pass writes keep" in str(forced_dropped) and "(g·A) ⊙ keep" in str(forced_dropped)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("need", [("x", "lora_A", "lora_B"), ("lora_B",), ("x",), ("lora_A", "weight", "bias")])
-def test_forced_cublas_launches_nothing_and_computes_what_is_asked(monkeypatch, need):
+def test_forced_cublas_launches_nothing_and_computes_what_is_asked(monkeypatch, need, p):
     """Through the autograd Function's cublas passes (x permuted: an eager
-    call would keep its copy): no Triton launch, forward or backward; each
-    gradient asked for matches the float64 reference, and only those are
+    call would keep its copy): no Triton launch, forward or backward, but
+    the keep-mask pass's with dropout (once a pass that needs the mask: the
+    backward only for dx or dA); each gradient asked for matches the
+    float64 reference (the mask its, of the seed), and only those are
     computed."""
     dtype = torch.float32
     x = make_x((3, 11, 40), dtype, "permuted").requires_grad_("x" in need)
@@ -189,50 +220,60 @@ def test_forced_cublas_launches_nothing_and_computes_what_is_asked(monkeypatch, 
     inputs = {"x": x, "weight": w, "bias": b, "lora_A": a, "lora_B": bb}
     for name in need:
         inputs[name].requires_grad_()
-    launches = _launches(monkeypatch)
+    launches, masks = _launches(monkeypatch), _mask_launches(monkeypatch)
     calls = []
     real = ops.backward_cublas
-    monkeypatch.setattr(ops, "backward_cublas", lambda *args: calls.append(args[-5:]) or real(*args))
+    monkeypatch.setattr(ops, "backward_cublas", lambda *args: calls.append(args[7:12]) or real(*args))
     with dispatch.force_strategy("cublas"):
-        y = fused_lora.lora_linear(x, w, a, bb, b, scaling=0.75, backend="triton")
+        y = fused_lora.lora_linear(x, w, a, bb, b, scaling=0.75, dropout_p=p, seed=1234, backend="triton")
         dy = torch.randn_like(y)
         grads = torch.autograd.grad(y, [inputs[n] for n in need], dy)
     assert launches == [[], [], []]
+    assert len(masks) == (0 if p == 0.0 else 1 + ("x" in need or "lora_A" in need))
     assert calls == [tuple(name in need for name in ("x", "weight", "bias", "lora_A", "lora_B"))]
-    y64, g64 = reference64(x, w, b, a, bb, dy, scaling=0.75, dropout_p=0.0, seed=0, grads=need)
+    y64, g64 = reference64(x, w, b, a, bb, dy, scaling=0.75, dropout_p=p, seed=1234, grads=need)
     assert_close(y, y64, dtype, "y")
     for name, g in zip(need, grads):
         assert_close(g, g64[name], dtype, f"d{name}")
 
 
-def test_backward_cublas_computes_only_what_is_asked():
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_backward_cublas_computes_only_what_is_asked(p):
     """Each gradient alone where only it is asked (its values against the
     float64 reference: the test above and test_parity.py), bitwise what all
     of them together give, None elsewhere."""
     x2, dy2 = torch.randn(9, 12), torch.randn(9, 7)
     w, _, a, bb = make_params(12, 7, 3, torch.float32, False, device="cpu")
     xa = x2 @ a.t()
-    assert ops.backward_cublas(dy2, x2, w, a, bb, xa, 2.0, False, False, False, False, False) == (None,) * 5
-    every = ops.backward_cublas(dy2, x2, w, a, bb, xa, 2.0, True, True, True, True, True)
+    assert ops.backward_cublas(dy2, x2, w, a, bb, xa, 2.0, False, False, False, False, False, p, 5) == (None,) * 5
+    every = ops.backward_cublas(dy2, x2, w, a, bb, xa, 2.0, True, True, True, True, True, p, 5)
     for i in range(5):
-        alone = ops.backward_cublas(dy2, x2, w, a, bb, xa, 2.0, *(j == i for j in range(5)))
+        alone = ops.backward_cublas(dy2, x2, w, a, bb, xa, 2.0, *(j == i for j in range(5)), p, 5)
         assert all((g is None) == (j != i) for j, g in enumerate(alone)), i
         assert torch.equal(alone[i], every[i]), i
 
 
-def test_forced_cublas_is_deterministic():
-    x = make_x((37, 64), torch.float32).requires_grad_()
+@pytest.mark.parametrize("layout", ["contiguous", "permuted"])  # (autograd's backward; the Function's passes)
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_forced_cublas_is_deterministic(p, layout):
+    """Bitwise the same output and gradients run after run: of the same
+    seed, or of the same torch.manual_seed (seed=None: drawn)."""
+    x = make_x((3, 13, 64), torch.float32, layout).requires_grad_()
     w, b, a, bb = make_params(64, 48, 8, torch.float32, True)
     a.requires_grad_()
     bb.requires_grad_()
-    dy = torch.randn(37, 48, device=x.device)
+    dy = torch.randn(3, 13, 48, device=x.device)
     runs = []
     with dispatch.force_strategy("cublas"):
-        for _ in range(2):
-            y = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, backend="triton")
+        for i in range(4):
+            if i >= 2:
+                torch.manual_seed(77)
+            y = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, dropout_p=p, seed=5 if i < 2 else None,
+                                       backend="triton")
             runs.append((y, *torch.autograd.grad(y, (x, a, bb), dy)))
-    for first, second in zip(*runs):
-        assert torch.equal(first, second)
+    for one, other in ((runs[0], runs[1]), (runs[2], runs[3])):
+        for first, second in zip(one, other):
+            assert torch.equal(first, second)
 
 
 def test_forced_cublas_with_a_row_scale_or_adapters_runs_the_kernels(monkeypatch):
@@ -289,20 +330,26 @@ def test_the_switch_from_the_environment():
 
 
 @pytest.mark.parametrize("how", ["rule", "forced"])
-@pytest.mark.parametrize("shape, layout, r, need", [
-    ((1, 40), "contiguous", 1, ("x", "lora_A", "lora_B")),
-    ((3, 17, 40), "contiguous", 8, ("x", "lora_A", "lora_B")),
-    ((23, 40), "strided", 5, ("x", "weight", "bias", "lora_B")),
-    ((23, 40), "transposed", 16, ("lora_A",)),
+@pytest.mark.parametrize("shape, layout, r, need, p", [
+    ((1, 40), "contiguous", 1, ("x", "lora_A", "lora_B"), 0.0),
+    ((3, 17, 40), "contiguous", 8, ("x", "lora_A", "lora_B"), 0.0),
+    ((23, 40), "strided", 5, ("x", "weight", "bias", "lora_B"), 0.0),
+    ((23, 40), "transposed", 16, ("lora_A",), 0.0),
+    ((1, 40), "contiguous", 1, ("x", "lora_A", "lora_B"), 0.5),
+    ((3, 17, 40), "contiguous", 8, ("x", "lora_A", "lora_B"), 0.1),
+    ((23, 40), "strided", 5, ("x", "weight", "bias", "lora_B"), 0.25),
+    ((23, 40), "transposed", 16, ("lora_A",), 0.9),
 ])
 def test_eager_calls_are_torch_products_that_autograd_differentiates(monkeypatch, request, how, shape, layout, r,
-                                                                      need):
+                                                                      need, p):
     """Where the rule applies, or cublas is forced, an eager call records
-    cuBLAS's three products for autograd: no Triton launch, no autograd
+    cuBLAS's three products for autograd (with dropout, after the keep-mask
+    pass's one launch and ``x ⊙ keep``): no other Triton launch, no autograd
     Function (no pass of fused_lora's forward or backward runs: autograd's
     own backward of the products), the values and each gradient asked for
-    the float64 reference's; x of any strides that flattens without a copy.
-    (Forced: on the CPU as it is, the rule off, nothing primed.)"""
+    the float64 reference's (the mask the seed's); x of any strides that
+    flattens without a copy. (Forced: on the CPU as it is, the rule off,
+    nothing primed.)"""
     request.getfixturevalue("eager_here" if how == "rule" else "forced_cublas")
     dtype = torch.float32
     x = make_x(shape, dtype, layout).requires_grad_("x" in need)
@@ -310,20 +357,43 @@ def test_eager_calls_are_torch_products_that_autograd_differentiates(monkeypatch
     inputs = {"x": x, "weight": w, "bias": b, "lora_A": a, "lora_B": bb}
     for name in need:
         inputs[name].requires_grad_()
-    launches, ran = _launches(monkeypatch), _passes(monkeypatch)
-    y = fused_lora.lora_linear(x, w, a, bb, b, scaling=0.75, backend="triton")
+    launches, ran, masks = _launches(monkeypatch), _passes(monkeypatch), _mask_launches(monkeypatch)
+    y = fused_lora.lora_linear(x, w, a, bb, b, scaling=0.75, dropout_p=p, seed=2024, backend="triton")
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [inputs[n] for n in need], dy)
-    assert launches == [[], [], []] and ran == []
+    assert launches == [[], [], []] and ran == [] and len(masks) == (p > 0)  # (autograd keeps the mask)
     assert y.shape == (*shape[:-1], 24) and "LoRALinear" not in type(y.grad_fn).__name__
-    y64, g64 = reference64(x, w, b, a, bb, dy, scaling=0.75, dropout_p=0.0, seed=0, grads=need)
+    y64, g64 = reference64(x, w, b, a, bb, dy, scaling=0.75, dropout_p=p, seed=2024, grads=need)
     assert_close(y, y64, dtype, "y")
     for name, g in zip(need, grads):
         assert_close(g, g64[name], dtype, f"d{name}")
     with torch.no_grad():
-        assert torch.equal(fused_lora.lora_linear(x, w, a, bb, b, scaling=0.75, backend="triton"), y)
+        again = fused_lora.lora_linear(x, w, a, bb, b, scaling=0.75, dropout_p=p, seed=2024, backend="triton")
+        assert torch.equal(again, y)
     assert launches == [[], [], []] and ran == []
     assert bool(ops._primed) == (how == "rule")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_what_an_eager_call_keeps_for_its_backward(eager_here, p):
+    """What autograd saves for an eager call's backward, beyond the
+    caller's own tensors: the (M, r) xa; with dropout also the (M, K) mask,
+    a byte an element, and x ⊙ keep, in x's dtype (as PyTorch's dropout
+    keeps: EAGER_CUBLAS_DROPOUT_MAX_M bounds M). Nothing else of x's or
+    y's size."""
+    x = make_x((2, 9, 40), torch.float32).requires_grad_()
+    w, b, a, bb = make_params(40, 24, 4, torch.float32, True)
+    a.requires_grad_()
+    bb.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fused_lora.lora_linear(x, w, a, bb, b, scaling=0.5, dropout_p=p, seed=3, backend="triton")
+    own = {t.data_ptr() for t in (x, w, b, a, bb)}
+    kept = sorted((str(t.dtype), tuple(t.shape)) for t in saved if t.data_ptr() not in own)
+    expected = [("torch.float32", (18, 4))]
+    if p:
+        expected = sorted(expected + [("torch.bool", (18, 40)), ("torch.float32", (18, 40))])
+    assert kept == expected
 
 
 def test_eager_calls_whose_x_would_be_copied_run_the_function(monkeypatch, eager_here):
@@ -404,14 +474,16 @@ def test_a_compiled_call_traces_the_op_in_one_graph(monkeypatch, eager_here):
         assert_close(got, want.double(), dtype, "compiled vs eager")
 
 
-def test_eager_calls_prime_the_triton_plan_that_captured_calls_run(monkeypatch, eager_here):
-    """An eager call runs cuBLAS alone and primes its Triton plan (every
-    kernel compiled and loaded, none run: once per pass and operand
-    layout; the backward's in a hook on y, which calls register until a
-    backward has primed it, for the gradients asked for); a call being
-    captured into a CUDA graph runs that Triton plan where it was primed,
-    cuBLAS where not (CUDA refuses to load a module mid-capture). On the
-    CPU, standing in: the rule applying, and a capture in progress."""
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_eager_calls_prime_the_triton_plan_that_captured_calls_run(monkeypatch, eager_here, p):
+    """An eager call runs cuBLAS alone (with dropout, and the keep-mask
+    pass) and primes its Triton plan (every kernel compiled and loaded,
+    none run: once per pass and operand layout; the backward's in a hook on
+    y, which calls register until a backward has primed it, for the
+    gradients asked for); a call being captured into a CUDA graph runs that
+    Triton plan where it was primed, cuBLAS where not (CUDA refuses to load
+    a module mid-capture). On the CPU, standing in: the rule applying, and
+    a capture in progress."""
     capturing = eager_here
     primed = []
     for name in ("forward_triton", "backward_triton"):
@@ -426,11 +498,11 @@ def test_eager_calls_prime_the_triton_plan_that_captured_calls_run(monkeypatch, 
     bb.requires_grad_()
 
     def step(x, hooked=False):
-        y = fused_lora.lora_linear(x, w, a, bb, b, scaling=1.5, backend="triton")
+        y = fused_lora.lora_linear(x, w, a, bb, b, scaling=1.5, dropout_p=p, seed=99, backend="triton")
         assert bool(y._backward_hooks) == hooked  # (the backward's priming, until it ran)
         dy = torch.randn_like(y)
         grads = torch.autograd.grad(y, (x, a, bb), dy)
-        y64, g64 = reference64(x, w, b, a, bb, dy, scaling=1.5, dropout_p=0.0, seed=0,
+        y64, g64 = reference64(x, w, b, a, bb, dy, scaling=1.5, dropout_p=p, seed=99,
                                grads=("x", "lora_A", "lora_B"))
         assert_close(y, y64, dtype, "y")
         for name, g in zip(("x", "lora_A", "lora_B"), grads):
@@ -442,7 +514,7 @@ def test_eager_calls_prime_the_triton_plan_that_captured_calls_run(monkeypatch, 
         return launched, passes
 
     function = [("forward_triton", None), ("backward_triton", None)]  # (the Function's passes, each on its plan)
-    triton = ops.plan_for(x.detach(), w, 5, 0.0, plain=True).captured
+    triton = ops.plan_for(x.detach(), w, 5, p, plain=True).captured
     assert triton is not None and triton.strategy != "cublas"  # (in_loop here; hybrid for fp32 on a GPU)
     assert step(x, hooked=True) == ([0, 0, 0], [])  # (eager: cuBLAS's products; the Triton plan primed)
     assert primed == [("forward_triton", triton.strategy), ("backward_triton", triton.strategy)]
@@ -464,20 +536,29 @@ def test_eager_calls_prime_the_triton_plan_that_captured_calls_run(monkeypatch, 
     capturing[0] = False
     fresh = make_x((7, 40), dtype)
     with torch.no_grad():
-        fused_lora.lora_linear(fresh, w, a, bb, b, scaling=1.5, backend="triton")
+        fused_lora.lora_linear(fresh, w, a, bb, b, scaling=1.5, dropout_p=p, seed=99, backend="triton")
     assert len(primed) == 5 and primed[-1][0] == "forward_triton"
     assert step(fresh.requires_grad_(), hooked=True)[1] == [] and primed[-1][0] == "backward_triton"
     capturing[0] = True
     launched, passes = step(fresh)
     assert launched[0] > 0 and passes == function
+    if p:  # (a seed of another kind, drawn for the call: read through a pointer, another kernel; not primed)
+        y = fused_lora.lora_linear(fresh, w, a, bb, b, scaling=1.5, dropout_p=p, backend="triton")
+        torch.autograd.grad(y, (fresh, a, bb), torch.randn_like(y))
+        assert [len(grids) for grids in launches] == [0, 0, 0]
+        assert ran == function + [("backward_cublas", None)]
 
 
-def test_captured_calls_find_both_passes_primed_in_16_bits(monkeypatch, eager_here):
+@pytest.mark.parametrize("p, seed", [(0.0, None), (0.2, None), (0.2, 7), (0.2, 2**40)])
+def test_captured_calls_find_both_passes_primed_in_16_bits(monkeypatch, eager_here, p, seed):
     """bf16 (x, W, A, B bf16; the forward's xa fp32, as the backward's
     priming makes it): after an eager step, a captured step finds the Triton
     plan primed for its forward and its backward, every gradient asked or
-    some, and launches it. (Its kernels are not run: the interpreter's bf16
-    is not trusted; the launches are counted where the launchers make them.)"""
+    some, and launches it; with dropout, for each kind of seed the kernels
+    take (drawn for the call, read through a pointer; an int of 32 or 64
+    bits), which the priming key holds. (Its kernels are not run: the
+    interpreter's bf16 is not trusted; the launches are counted where the
+    launchers make them.)"""
     from fused_lora.kernels import launch as launch_mod
 
     capturing = eager_here
@@ -498,7 +579,7 @@ def test_captured_calls_find_both_passes_primed_in_16_bits(monkeypatch, eager_he
             t.requires_grad_()
         for capture in (False, True):
             capturing[0] = capture
-            y = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, backend="triton")
+            y = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, dropout_p=p, seed=seed, backend="triton")
             torch.autograd.grad(y, asked, torch.randn_like(y))
             expected = [("forward_triton", None), ("backward_triton", None)] if capture else []
             assert ran == expected and bool(launched) == capture, (len(asked), capture)

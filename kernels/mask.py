@@ -1,0 +1,61 @@
+"""The keep-mask pass: the dropout keep-mask of an (M, K) matrix, written
+out as bytes (one a element, 1 kept, 0 dropped), the very mask every other
+pass regenerates from the seed in registers
+(:func:`fused_lora.kernels.common.keep_mask`).
+
+Only the ``cublas`` strategy stores a mask: its products are cuBLAS's,
+which cannot draw one, so this pass draws it once and PyTorch multiplies x
+by it (``x ⊙ keep``, what ``drop(x)`` is less its ``1 / (1 - p)``, which
+moves into the scale of the low-rank term). Eager calls run that strategy
+with dropout only at small M (:func:`fused_lora.dispatch.eager_cublas_reason`),
+where the mask is small and the host's time decides a step.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import alloc, keep_mask, load_seed, mask_counters_int64, seed_arg
+from .configs import MASK_BLOCK_K, MASK_BLOCK_M, MASK_NUM_WARPS, cdiv
+from .launch import launch
+
+
+# (M and the seed not specialised: the token count changes between batches, and a seed's value is no
+# constant; K is, as Triton does by default: the mask's column tail)
+@triton.jit(do_not_specialize=["M", "seed"])
+def keep_mask_kernel(
+    out_ptr,  # (M, K) uint8: 1 where kept
+    M, K,
+    stride_om,  # (the column stride is 1)
+    p, seed,  # keep(seed, m, k, K, p), see common.keep_mask (seed: a value, or a one-element tensor holding it)
+    OFFSET_INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Tile (program_id(0), program_id(1)) of the keep-mask, ``BLOCK_M x BLOCK_K``."""
+    seed = load_seed(seed)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    keep = keep_mask(seed, offs_m, k0, K, p, BLOCK_K, OFFSET_INT64)
+    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_k[None, :], keep.to(tl.uint8),
+             mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
+
+
+_CONSTEXPRS = {False: dict(OFFSET_INT64=False, BLOCK_M=MASK_BLOCK_M, BLOCK_K=MASK_BLOCK_K, num_warps=MASK_NUM_WARPS),
+               True: dict(OFFSET_INT64=True, BLOCK_M=MASK_BLOCK_M, BLOCK_K=MASK_BLOCK_K, num_warps=MASK_NUM_WARPS)}
+
+
+def keep_mask_tensor(m: int, k: int, dropout_p: float, seed, device: torch.device) -> torch.Tensor:
+    """The (m, k) bool keep-mask of ``(seed, p)``, contiguous, on ``device``:
+    :func:`fused_lora.dropout_mask` ``(seed, (m, k), dropout_p)`` bit for bit.
+    ``seed``: an int, or a one-element int32/int64 tensor on ``device``
+    holding it (read by the kernel: a CUDA graph's replay draws anew);
+    ``dropout_p`` in (0, 1). The caller checks both."""
+    out = alloc((m, k), torch.uint8, device)
+    if m and k:
+        launch(keep_mask_kernel, (cdiv(m, MASK_BLOCK_M), cdiv(k, MASK_BLOCK_K)),
+               (out, m, k, out.stride(0), dropout_p, seed_arg(seed, out.device)),
+               _CONSTEXPRS[mask_counters_int64(m, k)])
+    return out.view(torch.bool)
