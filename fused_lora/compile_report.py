@@ -42,7 +42,10 @@ them and gone under a ceiling of 255 registers a thread.
 ``--scope kernels`` compiles each kernel on one tile, ``--scope paths`` at
 one rank tile too, and fp16's sm_90 GEMMs and skinny passes only as twins
 (:data:`SCOPES`). DoRA's norm (:mod:`fused_lora.kernels.dora`) is compiled
-at every rank tile, with a K tail, and with a rank of several chunks.
+at every rank tile, with a K tail, and with a rank of several chunks; the
+keep-mask pass (:mod:`fused_lora.kernels.mask`, strategy ``cublas`` with
+dropout: a byte an element, whatever x's dtype, reported as ``u8``) with a
+K tail, an explicit seed and 64-bit counters.
 """
 
 from __future__ import annotations
@@ -63,9 +66,9 @@ SHAPE = 4096  # M = N = K of the representative problem
 
 @dataclass(frozen=True)
 class Job:
-    kernel: str  # "gemm" | "skinny" | "reduce" | "norm"
+    kernel: str  # "gemm" | "skinny" | "reduce" | "norm" | "mask"
     pass_name: str  # which pass this variant serves
-    dtype: str  # "bf16" | "fp16" | "fp32"
+    dtype: str  # "bf16" | "fp16" | "fp32" ("u8": the keep-mask pass's output, whatever x's dtype)
     config: dict
     arch: int
     block_r: int = 16
@@ -342,6 +345,15 @@ def _norm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
                 n_adapters=3 if adapters else 1, ADAPTERS=4 if adapters else 0)
 
 
+def _mask_args(cfg, even_k: bool = True, seed_value: bool = False, offset_int64: bool = False) -> dict:
+    """Argument values of keep_mask_kernel as the launcher passes them, for
+    a contiguous (SHAPE, SHAPE) mask (the K tail: SHAPE - 8 columns), its
+    seed drawn on the device (read through a pointer) or a value."""
+    k = SHAPE if even_k else SHAPE - 8
+    return dict(out_ptr="*u8", M=SHAPE, K=k, stride_om=k, p=0.1, seed=_seed(True, seed_value),
+                OFFSET_INT64=offset_int64, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k)
+
+
 def _ast_source(fn, values: dict):
     """An ASTSource with the runtime's specialisation: pointers and ints that
     are multiples of 16 carry ``tt.divisibility=16``; ints equal to 1 and every
@@ -418,7 +430,7 @@ def _compile(src, arch: int, options: dict):
 def result_of(job: Job) -> Result:
     """The (empty) result of ``job``, named as the report names it: its pass
     and each variant (``+k_tail``, ``+tma``...)."""
-    tail = "+k_tail" if job.kernel in ("gemm", "norm") else "+c_tail"
+    tail = "+k_tail" if job.kernel in ("gemm", "norm", "mask") else "+c_tail"
     return Result(job.kernel, job.pass_name + ("" if job.even_k else tail) + ("" if job.even_r else "+r_tail")
                   + ("+split_k" if job.split_k else "") + ("+tma" if job.tma else "")
                   + ("+persistent" if job.persistent else "") + ("+seed_value" if job.seed_value else "")
@@ -434,7 +446,7 @@ def result_of(job: Job) -> Result:
 def kernel_args(job: Job):
     """``(kernel, argument values)`` of ``job``: the kernel it compiles and
     the values its launcher passes (:func:`_ast_source` specialises them)."""
-    from fused_lora.kernels import configs, dora, gemm, skinny
+    from fused_lora.kernels import configs, dora, gemm, mask, skinny
 
     precision = "tf32" if job.tf32 else "ieee"
     if job.kernel == "gemm":
@@ -454,6 +466,9 @@ def kernel_args(job: Job):
         cfg = configs.NormConfig(**job.config)
         return dora.dora_norm_kernel, _norm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
                                                  job.int8_base, job.nf4_base, job.unit)
+    if job.kernel == "mask":
+        return mask.keep_mask_kernel, _mask_args(configs.MaskConfig(**job.config), job.even_k, job.seed_value,
+                                                 job.offset_int64)
     return skinny.reduce_partials_kernel, _reduce_args(job.dtype, None, job.pass_name, job.block_r)
 
 
@@ -824,6 +839,11 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
             for has_acc2, out2 in itertools.product((False, True), seconds) if second else [(False, "fp32")]:
                 jobs.append(Job("reduce", reduce_name(has_acc, even, second, has_acc2, out2), dtype,
                                 dict(configs.REDUCE_LAUNCH), arch))
+    # the keep-mask pass (one kernel whatever x's dtype): its seed drawn on the device, a K tail, an explicit
+    # seed, a mask of 2**31 elements or more
+    for cfg in shipped["mask"]:
+        for variant in ({}, dict(even_k=False), dict(seed_value=True), dict(offset_int64=True)):
+            jobs.append(Job("mask", "keep_mask", "u8", asdict(cfg), arch, **variant))
     jobs = with_every_variant(jobs) if every_variant else jobs
     if scope != "paths":
         return jobs

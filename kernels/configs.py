@@ -513,12 +513,6 @@ DEQUANT_BLOCK_N = 32
 DEQUANT_BLOCK_K = 128
 DEQUANT_NUM_WARPS = 4
 
-#: The keep-mask pass's tile (``mask``: :mod:`fused_lora.kernels.mask`): 16
-#: rows of 256 columns on 4 warps, 32 elements (four Philox calls) a thread,
-#: a tile of 4 KiB of bytes.
-MASK_BLOCK_M = 16
-MASK_BLOCK_K = 256
-MASK_NUM_WARPS = 4
 
 
 def nf4_b_fits(c: "GemmConfig", elt: int, persistent: bool, arch: int = 90) -> bool:
@@ -785,6 +779,27 @@ DORA_NORM_QUANTIZED_16BIT = NormConfig(block_n=32, block_k=64)
 DORA_NORM_QUANTIZED_FP32 = NormConfig(block_n=32, block_k=64, max_block_r=32)
 
 
+@dataclass(frozen=True)
+class MaskConfig:
+    """Tiles of :func:`fused_lora.kernels.mask.keep_mask_kernel`: a program
+    per ``block_m`` rows and ``block_k`` columns of the mask (no loop)."""
+
+    block_m: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def launch_kwargs(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_K=self.block_k, num_warps=self.num_warps,
+                    num_stages=self.num_stages, enable_fp_fusion=FP_FUSION)
+
+
+#: The keep-mask pass (the ``cublas`` strategy with dropout): 16 rows of 256
+#: columns on 4 warps, 32 elements (four Philox calls) a thread, a 4 KiB tile
+#: of bytes; bound by Philox's integer work, not by its stores.
+KEEP_MASK = MaskConfig(block_m=16, block_k=256)
+
+
 def shipped_configs() -> dict[str, list]:
     """Every configuration a launcher can choose on CUDA, for the compile report."""
     return {
@@ -797,4 +812,5 @@ def shipped_configs() -> dict[str, list]:
         "norm_fp32": [DORA_NORM_FP32],
         "norm_quantized_16bit": [DORA_NORM_QUANTIZED_16BIT],
         "norm_quantized_fp32": [DORA_NORM_QUANTIZED_FP32],
+        "mask": [KEEP_MASK],
     }

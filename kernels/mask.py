@@ -13,12 +13,14 @@ where the mask is small and the host's time decides a step.
 
 from __future__ import annotations
 
+import types
+
 import torch
 import triton
 import triton.language as tl
 
 from .common import alloc, keep_mask, load_seed, mask_counters_int64, seed_arg
-from .configs import MASK_BLOCK_K, MASK_BLOCK_M, MASK_NUM_WARPS, cdiv
+from .configs import KEEP_MASK, cdiv
 from .launch import launch
 
 
@@ -43,8 +45,9 @@ def keep_mask_kernel(
              mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
 
 
-_CONSTEXPRS = {False: dict(OFFSET_INT64=False, BLOCK_M=MASK_BLOCK_M, BLOCK_K=MASK_BLOCK_K, num_warps=MASK_NUM_WARPS),
-               True: dict(OFFSET_INT64=True, BLOCK_M=MASK_BLOCK_M, BLOCK_K=MASK_BLOCK_K, num_warps=MASK_NUM_WARPS)}
+#: The launch's constexprs and options, by OFFSET_INT64.
+_CONSTEXPRS = {wide: types.MappingProxyType(dict(OFFSET_INT64=wide, **KEEP_MASK.launch_kwargs()))
+               for wide in (False, True)}
 
 
 def keep_mask_tensor(m: int, k: int, dropout_p: float, seed, device: torch.device) -> torch.Tensor:
@@ -55,7 +58,7 @@ def keep_mask_tensor(m: int, k: int, dropout_p: float, seed, device: torch.devic
     ``dropout_p`` in (0, 1). The caller checks both."""
     out = alloc((m, k), torch.uint8, device)
     if m and k:
-        launch(keep_mask_kernel, (cdiv(m, MASK_BLOCK_M), cdiv(k, MASK_BLOCK_K)),
+        launch(keep_mask_kernel, (cdiv(m, KEEP_MASK.block_m), cdiv(k, KEEP_MASK.block_k)),
                (out, m, k, out.stride(0), dropout_p, seed_arg(seed, out.device)),
                _CONSTEXPRS[mask_counters_int64(m, k)])
     return out.view(torch.bool)

@@ -141,6 +141,11 @@ def test_the_report_covers_every_shipped_config():
         # (an int8 W, QDoRA: one rank tile, a K tail, the chunked rank, several adapters)
         assert {(p + "+int8_base", dtype, cfg.max_block_r)
                 for p in ("norm", "norm+k_tail", "norm_chunked", "norm_adapters")} <= norm_seen, dtype
+    # the keep-mask pass (strategy cublas with dropout), once whatever the dtype: its tile, a K tail, an
+    # explicit seed, 64-bit counters
+    masks = {(r.pass_name, r.dtype, tuple(sorted(r.config.items()))) for r in planned if r.kernel == "mask"}
+    assert masks == {(p, "u8", tuple(sorted(vars(cfg).items()))) for cfg in shipped["mask"]
+                     for p in ("keep_mask", "keep_mask+k_tail", "keep_mask+seed_value", "keep_mask+offset_int64")}
     # an int8 base: every GEMM pass that reads W (not dW), with a K tail, split-K's partials, TMA, and the
     # persistent grid where the pass runs on it
     int8 = {("gemm", p + v + "+int8_base") for p in gemm_passes[:-1] for v in ("", "+k_tail", "+split_k", "+tma")}
@@ -447,7 +452,7 @@ def _jit_function(kernel):
     return triton.runtime.JITFunction(kernel.fn, **kernel.kwargs)
 
 
-@pytest.mark.parametrize("kind", ["gemm", "skinny", "reduce", "norm"])
+@pytest.mark.parametrize("kind", ["gemm", "skinny", "reduce", "norm", "mask"])
 def test_the_report_specialises_the_arguments_as_the_runtime_does(kind):
     """Each kernel is compiled with the signature the runtime's launch gives
     it: its constexprs, unused (None) arguments and ints equal to 1 (unless
@@ -456,10 +461,11 @@ def test_the_report_specialises_the_arguments_as_the_runtime_does(kind):
     multiples of 16; pointers 16-byte aligned. (An upper-case size taken
     for a constexpr once compiled loops of a known trip count, unlike the
     kernels that run.)"""
-    from fused_lora.kernels import dora, gemm, skinny
+    from fused_lora.kernels import dora, gemm, mask, skinny
 
     kernel = {"gemm": gemm.lora_gemm_kernel, "skinny": skinny.lora_skinny_kernel,
-              "reduce": skinny.reduce_partials_kernel, "norm": dora.dora_norm_kernel}[kind]
+              "reduce": skinny.reduce_partials_kernel, "norm": dora.dora_norm_kernel,
+              "mask": mask.keep_mask_kernel}[kind]
     jit = _jit_function(kernel)
     plain = {jit.arg_names[i] if isinstance(i, int) else i for i in jit.do_not_specialize}
     meta = {p.name for p in jit.params if p.is_constexpr}
@@ -571,12 +577,12 @@ def _dispatched_kernels(monkeypatch, cases) -> dict:
     rather than the interpreter, every kernel replaced by a recorder of its
     launches. ``needs``: the gradients asked for (x, W, b, A, B)."""
     from fused_lora import _triton, dispatch, ops
-    from fused_lora.kernels import gemm, skinny
+    from fused_lora.kernels import gemm, mask, skinny
 
     k_ = _triton.get()
     names = {kind: kernel.arg_names for kind, kernel in (
         ("gemm", gemm.lora_gemm_kernel), ("skinny", skinny.lora_skinny_kernel),
-        ("reduce", skinny.reduce_partials_kernel))}
+        ("reduce", skinny.reduce_partials_kernel), ("mask", mask.keep_mask_kernel))}
     state = {}
     found = {}
 
@@ -599,7 +605,7 @@ def _dispatched_kernels(monkeypatch, cases) -> dict:
 
     monkeypatch.setattr(_triton, "interpreter", lambda: False)
     for kind, module, attr in (("gemm", gemm, "lora_gemm_kernel"), ("skinny", skinny, "lora_skinny_kernel"),
-                               ("reduce", skinny, "reduce_partials_kernel")):
+                               ("reduce", skinny, "reduce_partials_kernel"), ("mask", mask, "keep_mask_kernel")):
         monkeypatch.setattr(module, attr, Recorder(kind))
     monkeypatch.setattr(k_, "lora_gemm", marked(k_.lora_gemm, lambda kw: state["phase"]))
     monkeypatch.setattr(k_, "skinny_pass", marked(k_.skinny_pass, lambda kw: (
@@ -703,6 +709,16 @@ def _launch_key(kind: str, pass_family: str, grid, args: dict, meta: dict) -> tu
             variants.add((kind, name + "+rank_one", dtype))
         tiles = (meta["BLOCK_M"], meta["BLOCK_C"], meta["SHRINK_STAGES"]) + launch  # (as the arch fits them)
         return (kind, name, dtype, tiles, meta["BLOCK_R"], False, False, precision), variants
+    if kind == "mask":  # (one kernel whatever x's dtype: a byte an element)
+        variants = set()
+        if not isinstance(args["seed"], torch.Tensor):
+            variants.add((kind, "keep_mask+seed_value", "u8"))
+        if meta["OFFSET_INT64"]:
+            variants.add((kind, "keep_mask+offset_int64", "u8"))
+        if args["K"] % meta["BLOCK_K"]:
+            variants.add((kind, "keep_mask+k_tail", "u8"))
+        return (kind, "keep_mask", "u8", (meta["BLOCK_M"], meta["BLOCK_K"]) + launch, 0, False, False, "ieee"), \
+            variants
     name = compile_report.reduce_name(meta["HAS_ACC"], meta["EVEN"], meta["SECOND"], meta["HAS_ACC2"],
                                       _DTYPE_NAMES[args["out2_ptr"].dtype] if meta["SECOND"] else "")
     return (kind, name, _DTYPE_NAMES[args["out_ptr"].dtype], launch, 0, False, False, "ieee"), set()
@@ -724,6 +740,9 @@ def _job_keys(job: compile_report.Job) -> tuple:
         variant = (job.kernel, job.pass_name + compile_report.UNITS[job.unit], job.dtype)
     if job.kernel == "gemm":
         tiles = (c["block_m"], c["block_n"], c["block_k"], c["group_m"]) + launch
+    elif job.kernel == "mask":
+        variant = (job.kernel, compile_report.result_of(job).pass_name, job.dtype)
+        return (job.kernel, name, job.dtype, (c["block_m"], c["block_k"]) + launch, 0, False, False, "ieee"), variant
     elif job.kernel == "skinny":
         tiles = (c["block_m"], c["block_c"],
                  configs.SkinnyConfig(**c).stages_for(4 if job.dtype == "fp32" else 2, job.block_r)) + launch
@@ -799,6 +818,10 @@ def test_the_report_compiles_every_kernel_the_dispatch_launches(monkeypatch):
         # an explicit seed (a value, not a pointer) in the forced in-loop forward with dropout
         for r in ranks:
             cases.append((16, 4096, 4096, r, dtype, 0.1, every, False, False, "in_loop", False, 1234, True))
+        # cublas (what eager calls run at small M) with dropout: the keep-mask pass, its seed drawn or
+        # given, a K tail (K not a multiple of its tile), a mask of 2**31 elements or more
+        for m, k, seed in ((16, 4096, None), (256, 4000, 1234), (1 << 19, 4096, None)):
+            cases.append((m, 4096, k, 16, dtype, 0.1, every, False, False, "cublas", False, seed, True))
         # the gradients asked for shape the skinny passes: every combination, at small and large M,
         # with the seed drawn on the device or given, and layers without a bias
         for needs in itertools.product((False, True), repeat=5):
@@ -822,6 +845,8 @@ def test_the_report_compiles_every_kernel_the_dispatch_launches(monkeypatch):
         ("skinny", ("forward_shrink", "forward_shrink+no_dropout", "dy_pass", "dy_pass-db")))
         for name in names for dtype in ("bf16", "fp16", "fp32") for factor in ("+row_scale", "+adapters")
     } <= set(launched)
+    assert {("mask", "keep_mask" + variant, "u8") for variant in ("+seed_value", "+offset_int64", "+k_tail")} \
+        <= set(launched)
     # the forced in-loop forward with dropout, and its variants
     assert {("gemm", "forward_in_loop_dropout" + variant, dtype) for variant in ("+split_k", "+seed_value",
                                                                                 "+offset_int64")

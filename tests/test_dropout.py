@@ -398,3 +398,37 @@ def test_a_captured_cuda_graph_draws_a_new_mask_at_each_replay():
         _, *eager = step(seed)
         for name, o, e in zip(("y", "dx", "dA", "dB"), outs, eager):
             assert torch.equal(o, e), (name, seed)
+
+
+@pytest.mark.parametrize("m, k", [(1, 1), (1, 8), (17, 123), (33, 256), (40, 300), (3, 1000)])
+@pytest.mark.parametrize("p", [0.1, 0.5, 1 - 2**-17])
+def test_the_keep_mask_pass_writes_the_mask(m, k, p):
+    """The keep-mask pass (strategy cublas's, with dropout): every byte
+    written (the output poisoned first), 0 or 1, and the mask bit for bit
+    fused_lora.dropout_mask's, at sizes off its tile (16 x 256) and for each
+    kind of seed the kernels take: an int of 32 or 64 bits, or one held in
+    an int32 / int64 tensor (read through a pointer)."""
+    from fused_lora.kernels import mask
+
+    for seed in (12345, 2**40 + 3, torch.tensor(777, dtype=torch.int32, device=DEVICE),
+                 torch.tensor(2**33 + 1, dtype=torch.int64, device=DEVICE)):
+        with fused_lora.kernels.poison_outputs():
+            got = mask.keep_mask_tensor(m, k, p, seed, torch.device(DEVICE))
+        assert got.dtype == torch.bool and got.shape == (m, k) and got.is_contiguous()
+        assert got.view(torch.uint8).max().item() <= 1  # (poisoned with 255: every byte written)
+        assert torch.equal(got, fused_lora.dropout_mask(seed, (m, k), p, device=DEVICE))
+
+
+def test_the_keep_mask_pass_in_64_bit_counters_draws_the_same_mask(monkeypatch):
+    """Its 64-bit counters (a mask of 2**31 elements or more: here forced
+    on a small one) draw the same mask; and an empty mask launches nothing."""
+    from fused_lora.kernels import mask
+
+    grids = []
+    real = mask.launch
+    monkeypatch.setattr(mask, "launch", lambda kernel, grid, args, kwargs: (
+        grids.append(kwargs["OFFSET_INT64"]), real(kernel, grid, args, kwargs)))
+    monkeypatch.setattr(mask, "mask_counters_int64", lambda rows, cols: True)
+    got = mask.keep_mask_tensor(19, 77, 0.3, 42, torch.device(DEVICE))
+    assert grids == [True] and torch.equal(got, fused_lora.dropout_mask(42, (19, 77), 0.3, device=DEVICE))
+    assert mask.keep_mask_tensor(0, 77, 0.3, 42, torch.device(DEVICE)).shape == (0, 77) and grids == [True]
