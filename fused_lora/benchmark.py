@@ -10,8 +10,9 @@ Providers (all compute ``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with W frozen
 
 and, on a preset's ``variant_cases``, ``fused:in_loop``, ``fused:split``,
 ``fused:hybrid`` and ``fused:cublas`` (``fused`` with that forward strategy
-forced; ``cublas``, at dropout 0 only, is cuBLAS's products, which autograd
-differentiates in eager calls: what the eager rule runs below its size), ``fused:pointers``
+forced; ``cublas`` is cuBLAS's products, with dropout on x ⊙ keep, the mask
+drawn by the keep-mask pass, which autograd differentiates in eager calls:
+what the eager rule runs below its size), ``fused:pointers``
 (``fused`` with pointer tile loads: TMA off, as it is by default off Hopper) and
 ``fused:tma+persistent`` (TMA loads, its GEMMs on a persistent grid) and
 ``fused:tma_device`` (TMA loads through descriptors its kernels make) and
@@ -275,7 +276,7 @@ def not_applicable(provider: str, dropout: float) -> str:
     """Why ``provider`` has no step at this dropout probability (``""`` where
     it has one): the one rule behind the harness's N/A cells, ``make_forward``'s
     None and the cases the pytest-benchmark suite collects."""
-    if provider in ("unsloth_style", "fused:cublas") and dropout > 0:
+    if provider == "unsloth_style" and dropout > 0:
         return "N/A: no dropout in this composition"
     return ""
 

@@ -141,8 +141,10 @@ def check_cases(on_gpu: bool) -> list[dict]:
             for strategy, p, r in (("in_loop", 0.0, 8), ("split", 0.0, 64), ("split", 0.1, 16)):
                 case(shape, r, dtype, strategy, p, train_base=strategy == "split" and p == 0.0)
         case(shapes[0], 16, dtype, "hybrid", 0.1, train_base=True)
-        # cuBLAS alone (eager calls on a GPU at dropout 0 below a size: dispatch.eager_cublas_reason)
+        # cuBLAS alone (eager calls on a GPU at dropout 0 below a size, and with dropout at small M, its mask
+        # drawn by the keep-mask pass: dispatch.eager_cublas_reason)
         case(shapes[1], 16, dtype, "cublas", 0.0, train_base=True)
+        case(small_m, 16, dtype, "cublas", 0.1, train_base=False)
         # small M: the in-loop shrink split along K (xa's and g's partials summed too); the split
         # forward and dx; with dropout, forced in_loop: x's tiles masked in the forward's K loop
         case(small_m, 16, dtype, "in_loop", 0.0, train_base=False)
@@ -267,7 +269,7 @@ def cmd_check(args) -> int:
                               f"{quantized_label}"
                               f"{' +whole' if plan.dequantize_base else ''}"
                               f"{' +dx-in-loop' if plan.dx_in_loop and plan.strategy != 'in_loop' else ''}"
-                              f"{' +split-k' if plan.fwd_gemm.split_k > 1 else ''}",
+                              f"{' +split-k' if plan.fwd_gemm.split_k > 1 and plan.strategy != 'cublas' else ''}",
                          shape=f"{'x'.join(map(str, case['lead']))}x{case['k']}->{case['n']}", r=case["r"],
                          dtype=str(case["dtype"]).replace("torch.", ""), tolerance=tol, errors=errors,
                          worst=worst, passed=bool(errors) and worst <= tol, failure=failure))

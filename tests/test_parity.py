@@ -52,14 +52,16 @@ CASES = [
     ((17,),       45,  77,  8,   F32,  True,  0.25, "hybrid",  "strided",    True),
     ((3, 11),     64,  48,  64,  F16,  False, 0.0,  "hybrid",  "permuted",   True),
     ((123,),      33,  50,  3,   BF16, True,  0.1,  "hybrid",  "transposed", False),
-    # cublas: no Triton launch (what eager calls on a GPU run at dropout 0 below a size); with dropout, forced,
-    # it falls back to the kernels' plan
+    # cublas: no Triton launch (what eager calls on a GPU run at dropout 0 below a size); with dropout, the
+    # keep-mask pass and x ⊙ keep (eager calls at small M; a permuted x through the Function's passes)
     ((1,),        17,  33,  1,   F32,  True,  0.0,  "cublas",  "contiguous", False),
     ((7, 3),      33,  50,  20,  F32,  False, 0.0,  "cublas",  "permuted",   True),
     ((123,),      45,  77,  8,   F16,  True,  0.0,  "cublas",  "strided",    True),
     ((33,),       50,  70,  128, BF16, True,  0.0,  "cublas",  "transposed", False),
     ((4, 9),      64,  40,  16,  BF16, False, 0.0,  "cublas",  "strided",    True),
     ((17,),       45,  77,  8,   F32,  True,  0.25, "cublas",  "strided",    False),
+    ((3, 11),     64,  48,  16,  F16,  True,  0.1,  "cublas",  "permuted",   True),
+    ((2, 9),      40,  30,  5,   BF16, False, 0.3,  "cublas",  "contiguous", True),
     # M >= 256: the interpreter's wide tiles (what training batches use)
     ((2, 150),    96,  80,  16,  F32,  True,  0.2,  "split",   "contiguous", True),
     ((300,),      70,  130, 8,   F16,  False, 0.0,  "in_loop", "strided",    False),
@@ -108,7 +110,7 @@ def test_functional_matches_reference(case):
 @pytest.mark.parametrize("r", [1, 3, 8, 16, 64, 128])
 @pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
 @pytest.mark.parametrize("strategy, p", [("in_loop", 0.0), ("in_loop", 0.15), ("split", 0.0), ("split", 0.15),
-                                         ("hybrid", 0.15), ("cublas", 0.0)])
+                                         ("hybrid", 0.15), ("cublas", 0.0), ("cublas", 0.15)])
 def test_rank_sweep(r, dtype, strategy, p):
     """Every rank class in every dtype and path, at an awkward shape (3-D x,
     no dimension a multiple of a block)."""
