@@ -22,11 +22,13 @@ The kernels launch through the launch cache (the default,
 Triton's ``kernel[grid](...)``, ``FUSED_LORA_TMA_DESCRIPTORS=device``
 with kernel-made TMA descriptors. On a GPU, eager calls at dropout 0 run
 cuBLAS alone by default (:func:`fused_lora.dispatch.eager_cublas_reason`):
-``FUSED_LORA_EAGER_CUBLAS=0`` times the Triton plan there. The rows
-``fused eager cuBLAS`` time that rule's path, at dropout 0 (on a machine
+``FUSED_LORA_EAGER_CUBLAS=0`` times the Triton plan there (and with
+dropout, whose eager calls run cuBLAS up to 256 tokens). The rows
+``fused eager cuBLAS`` time that rule's path, at both dropouts (on a machine
 without CUDA standing in, as if x were on a GPU: cuBLAS's three products,
-which autograd differentiates itself; the Triton plan primed once, before
-the timing). Naive LoRA is timed beside it (on a CPU
+with dropout on x ⊙ keep after the keep-mask pass's one launch, which
+autograd differentiates itself; the Triton plan primed once, before the
+timing). Naive LoRA is timed beside it (on a CPU
 in float32, at tiny sizes, where its math is a small part of its time: read
 it as the floor of PyTorch's own dispatch and autograd for the same
 composition). Host times of this machine.
@@ -54,7 +56,7 @@ from torch import nn  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import fused_lora  # noqa: E402
-from fused_lora.kernels import gemm, skinny  # noqa: E402
+from fused_lora.kernels import gemm, mask, skinny  # noqa: E402
 from fused_lora.kernels import launch as launch_cache  # noqa: E402
 
 
@@ -116,9 +118,11 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
         raise ValueError(f"profile_dropout must be 0 or 0.1 (the dropouts timed), got {profile_dropout}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    saved = gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel, launch_cache.current_device
+    saved = (gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel, mask.keep_mask_kernel,
+             launch_cache.current_device)
     if not real:
-        gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel = map(_stub, saved[:3])
+        (gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel,
+         mask.keep_mask_kernel) = map(_stub, saved[:4])
         if DEVICE.type != "cuda":
             launch_cache.current_device = lambda: -1  # (no CUDA device: the launch cache's key has none)
     try:
@@ -138,10 +142,7 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
             def naive():
                 return F.linear(x, w, b) + F.linear(F.linear(F.dropout(x, p), a), bb) * 2.0
 
-            timed = [("fused", fused), ("naive", naive)]
-            if p == 0.0:  # (the eager rule's cuBLAS products: dropout 0 only)
-                timed.insert(1, ("fused eager cuBLAS", fused))
-            for name, fwd in timed:
+            for name, fwd in (("fused", fused), ("fused eager cuBLAS", fused), ("naive", naive)):
                 def forward_only(fwd=fwd):
                     with torch.no_grad():
                         fwd()
@@ -159,7 +160,7 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
                                               reps, profile)
         return out
     finally:
-        (gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel,
+        (gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel, mask.keep_mask_kernel,
          launch_cache.current_device) = saved
         launch_cache.clear()  # (the stand-ins kept)
         torch.set_num_threads(threads)
@@ -168,9 +169,9 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
 @contextlib.contextmanager
 def _eager_cublas():
     """Calls inside run by the eager rule (:func:`fused_lora.dispatch.eager_cublas_reason`:
-    cuBLAS's products that autograd differentiates, no Triton launch); on a
-    machine without CUDA as if x were on a GPU with no CUDA graph being
-    captured."""
+    cuBLAS's products that autograd differentiates, no Triton launch but the
+    keep-mask pass's with dropout); on a machine without CUDA as if x were
+    on a GPU with no CUDA graph being captured."""
     ops = fused_lora.ops
     saved = ops.eager_rule_applies, torch.cuda.is_current_stream_capturing
     if DEVICE.type != "cuda":
@@ -184,19 +185,19 @@ def _eager_cublas():
 
 def _launches(fn) -> int:
     """The kernel launches of one call of ``fn`` (through the launchers' ``launch``)."""
-    saved = gemm.launch, skinny.launch
+    saved = gemm.launch, skinny.launch, mask.launch
     seen = []
 
     def counted(kernel, grid, args, kwargs):
         seen.append(kernel)
         return saved[0](kernel, grid, args, kwargs)
 
-    gemm.launch = skinny.launch = counted
+    gemm.launch = skinny.launch = mask.launch = counted
     try:
         fn()
         _sync()
     finally:
-        gemm.launch, skinny.launch = saved
+        gemm.launch, skinny.launch, mask.launch = saved
     return len(seen)
 
 
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
     if args.real:
         switches = fused_lora.dispatch
         how += (f" (launch cache {'on' if switches.launch_cache_setting() else 'off'}, TMA descriptors made "
-                f"on the {switches.tma_descriptors_setting()}, eager cuBLAS at dropout 0 "
+                f"on the {switches.tma_descriptors_setting()}, eager cuBLAS "
                 f"{'on' if switches.eager_cublas_setting() else 'off'})")
     print(f"host µs per call, M={args.m}, {args.k} -> {args.n}, r={args.r}, {DTYPE} on {DEVICE.type}; fused: "
           f"{how}" + ("" if DEVICE.type == "cuda" and args.real else " (not a GPU measurement)"))

@@ -507,30 +507,32 @@ def test_small_m_eager_times_get_a_table_of_their_own(tmp_path):
 def test_the_host_overhead_script_times_every_row_and_restores_the_kernels():
     """bench/host_overhead.py stubs the kernels out while it times the host's
     share of a call, and puts them back."""
-    from fused_lora.kernels import gemm, skinny
+    from fused_lora.kernels import gemm, mask, skinny
     from fused_lora.kernels.launch import current_device
     from fused_lora.ops import eager_rule_applies
 
     script = _bench_script("host_overhead")
-    kernels = gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel
+    kernels = gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel, mask.keep_mask_kernel
     threads = torch.get_num_threads()
     res = script.measure(reps=3, profile=40)
     profile, launches = res.pop("profile"), res.pop("launches")
-    assert sorted(res) == sorted([(f"{who} {mode}", p) for who in ("fused", "naive")
-                                  for mode in ("forward", "forward+backward") for p in (0.0, 0.1)]
-                                 + [(f"fused eager cuBLAS {mode}", 0.0) for mode in ("forward", "forward+backward")])
+    assert sorted(res) == sorted([(f"{who} {mode}", p) for who in ("fused", "fused eager cuBLAS", "naive")
+                                  for mode in ("forward", "forward+backward") for p in (0.0, 0.1)])
     assert all(0 < us < 1e6 for us in res.values())
     # the fused op's launches a call: the forward's, and more for the backward (the counts of the plan here)
     assert sorted(launches) == sorted(k for k in res if k[0].startswith("fused"))
     for p in (0.0, 0.1):
         assert 1 <= launches[("fused forward", p)] < launches[("fused forward+backward", p)] <= 12, launches
     assert launches[("fused eager cuBLAS forward", 0.0)] == launches[("fused eager cuBLAS forward+backward", 0.0)] == 0
-    assert script.gemm.launch is script.skinny.launch  # (restored)
+    # (with dropout the keep-mask pass, once: autograd keeps the mask for the backward)
+    assert launches[("fused eager cuBLAS forward", 0.1)] == launches[("fused eager cuBLAS forward+backward", 0.1)] == 1
+    assert script.gemm.launch is script.skinny.launch is script.mask.launch  # (restored)
     assert "lora_gemm" in profile and "backward_triton" in profile  # (fused_lora's own functions, by own time)
     assert "backward_triton" in script.measure(reps=1, profile=40, profile_dropout=0.1)["profile"]
     with pytest.raises(ValueError, match="profile_dropout must be 0 or 0.1"):
         script.measure(reps=1, profile=1, profile_dropout=0.2)
-    assert (gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel) == kernels
+    assert (gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel,
+            mask.keep_mask_kernel) == kernels
     assert script.launch_cache.current_device is current_device  # (its stand-in on a machine without CUDA: restored)
     assert script.fused_lora.ops.eager_rule_applies is eager_rule_applies  # (likewise the eager rule's)
     assert not script.fused_lora.dispatch.eager_cublas_setting()  # (the suite's setting: conftest.py)

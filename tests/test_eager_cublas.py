@@ -687,23 +687,27 @@ def test_reduce_overhead_runs_the_primed_kernels_in_its_graphs(monkeypatch, rule
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="eager and captured calls on a CUDA device")
-def test_eager_calls_run_cublas_and_captured_ones_the_kernels(monkeypatch, rule_on):
-    """On a GPU at dropout 0: an eager call launches no Triton kernel (and
-    primes the Triton plan), a call captured in a CUDA graph after such
-    warm-up runs that plan; both match the reference."""
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_eager_calls_run_cublas_and_captured_ones_the_kernels(monkeypatch, rule_on, p):
+    """On a GPU, at dropout 0 and with dropout at small M: an eager call
+    launches no Triton kernel of the plan (with dropout, the keep-mask pass
+    only) and primes the Triton plan; a call captured in a CUDA graph after
+    such warm-up runs that plan; both match the reference (the mask the
+    seed's)."""
     x = make_x((64, 256), BF16).requires_grad_()
     w, b, a, bb = make_params(256, 128, 16, BF16, True)
     a.requires_grad_()
     bb.requires_grad_()
     dy = torch.randn(64, 128, device=DEVICE, dtype=BF16)
-    launches, ran = _launches(monkeypatch), _passes(monkeypatch)
+    launches, ran, masks = _launches(monkeypatch), _passes(monkeypatch), _mask_launches(monkeypatch)
 
     def step():
-        y = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, backend="triton")
+        y = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, dropout_p=p, seed=4321, backend="triton")
         return (y, *torch.autograd.grad(y, (x, a, bb), dy))
 
     eager = step()
     assert launches == [[], [], []] and ran == []  # (cuBLAS's products, autograd's backward)
+    assert len(masks) == (p > 0)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -717,7 +721,7 @@ def test_eager_calls_run_cublas_and_captured_ones_the_kernels(monkeypatch, rule_
     torch.cuda.synchronize()
     assert launches[0]  # (the Triton GEMMs, captured)
     assert ran == [("forward_triton", None), ("backward_triton", None)]  # (both passes on the primed plan)
-    y64, g64 = reference64(x, w, b, a, bb, dy, scaling=2.0, dropout_p=0.0, seed=0, grads=("x", "lora_A", "lora_B"))
+    y64, g64 = reference64(x, w, b, a, bb, dy, scaling=2.0, dropout_p=p, seed=4321, grads=("x", "lora_A", "lora_B"))
     for got in (eager, captured):
         assert_close(got[0], y64, BF16, "y")
         for name, g in zip(("x", "lora_A", "lora_B"), got[1:]):
