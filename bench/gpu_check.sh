@@ -129,12 +129,13 @@ rc_bench=$?
 # Where an eager call's host time goes at small M (the benchmark's eager table, and any M where the GPU
 # finishes first): fused_lora's Python alone (launches stubbed), then with the launches, and cProfile's
 # most expensive functions of the latter (fused_lora's, Triton's launcher, PyTorch's). Informational.
-# The Triton plan's (FUSED_LORA_EAGER_CUBLAS=0: eager calls at dropout 0 would run cuBLAS alone by default;
-# profiled at dropout 0.1, what eager calls with dropout run whatever the rule): its
+# The Triton plan's (FUSED_LORA_EAGER_CUBLAS=0: eager calls at M=16 would run cuBLAS by default, with
+# dropout too, after the keep-mask pass; profiled at dropout 0.1, what eager calls with dropout run above
+# 256 tokens): its
 # launches through the launch cache (the default: a specialisation compiled before goes to its compiled
 # kernel, without Triton's binding and key); then the same without it (FUSED_LORA_LAUNCH_CACHE=0), and with
-# kernel-made TMA descriptors; and at M=4096 with and without the cache; then the default (p=0: cuBLAS alone)
-# at M=16 and M=4096. After the benchmark, whose table comes
+# kernel-made TMA descriptors; and at M=4096 with and without the cache; then the default (M=16: cuBLAS, the
+# keep-mask pass at p=0.1; M=4096: cuBLAS alone at p=0, the Triton plan at p=0.1) at M=16 and M=4096. After the benchmark, whose table comes
 # first: the runs share an 80 s deadline (each about 10 s, most of it imports), and none starts after 435 s, so
 # that the script ends within the device call's 480 s; a run not started says so.
 echo "== host time per call (bench/host_overhead.py, M=16 4096->4096 r=16: launches stubbed, then launched)"
@@ -156,8 +157,8 @@ FUSED_LORA_EAGER_CUBLAS=0 FUSED_LORA_TMA_DESCRIPTORS=device host_run --m 16 --re
 echo "-- M=4096, launched, with and without the launch cache"
 FUSED_LORA_EAGER_CUBLAS=0 host_run --m 4096 --real --reps 20
 FUSED_LORA_EAGER_CUBLAS=0 FUSED_LORA_LAUNCH_CACHE=0 host_run --m 4096 --real --reps 20
-echo "-- the default dispatch (eager calls at dropout 0: cuBLAS alone), M=16 and M=4096"
-host_run --m 16 --real --profile 15
+echo "-- the default dispatch (eager calls: cuBLAS; at M=16 with dropout too, after the keep-mask pass)"
+host_run --m 16 --real --profile 15 --profile-dropout 0.1
 host_run --m 4096 --real --reps 20
 
 # pytest bench/'s several-adapter, DoRA and quantized-base (int8, NF4) benchmarks (fused against PEFT's mixed

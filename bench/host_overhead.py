@@ -14,14 +14,15 @@ looks up each launch), so Triton's own launcher is left out. ``--real`` launches
 host or the GPU, whichever is slower); ``--real`` less the default is
 Triton's launcher. ``--profile N`` adds cProfile's N most expensive
 functions (own time) of the fused forward+backward at dropout 0 (or
-``--profile-dropout 0.1``: the plan eager calls with dropout run, Triton's
-whatever the eager rule): which of fused_lora's functions, Triton's launcher
-or PyTorch's take the host's time.
+``--profile-dropout 0.1``: with dropout, where eager calls of up to 256
+tokens run the keep-mask pass and cuBLAS by the eager rule, and Triton's
+plan with ``FUSED_LORA_EAGER_CUBLAS=0``): which of fused_lora's functions,
+Triton's launcher or PyTorch's take the host's time.
 The kernels launch through the launch cache (the default,
 :mod:`fused_lora.kernels.launch`); ``FUSED_LORA_LAUNCH_CACHE=0`` through
 Triton's ``kernel[grid](...)``, ``FUSED_LORA_TMA_DESCRIPTORS=device``
-with kernel-made TMA descriptors. On a GPU, eager calls at dropout 0 run
-cuBLAS alone by default (:func:`fused_lora.dispatch.eager_cublas_reason`):
+with kernel-made TMA descriptors. On a GPU, eager calls at small M run
+cuBLAS by default (:func:`fused_lora.dispatch.eager_cublas_reason`):
 ``FUSED_LORA_EAGER_CUBLAS=0`` times the Triton plan there (and with
 dropout, whose eager calls run cuBLAS up to 256 tokens). The rows
 ``fused eager cuBLAS`` time that rule's path, at both dropouts (on a machine

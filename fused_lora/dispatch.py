@@ -163,7 +163,7 @@ IN_LOOP_DROPOUT_MAX_M = 32
 #: ``FUSED_LORA_TMA_DESCRIPTORS=device`` or :func:`set_tma_descriptors`;
 #: timed by gpu_check.sh as ``fused:tma_device``). The strategy forced by
 #: :func:`force_strategy` (None: chosen per shape). And whether eager calls
-#: at dropout 0 run ``cublas`` where :func:`eager_cublas_reason` says so
+#: run ``cublas`` where :func:`eager_cublas_reason` says so
 #: (``FUSED_LORA_EAGER_CUBLAS=0`` or :func:`set_eager_cublas` turns it off;
 #: timed by gpu_check.sh as ``fused:no_eager_cublas``).
 _switches = {"tma": {"1": True, "0": False}.get(os.environ.get("FUSED_LORA_TMA", "auto")),
