@@ -45,7 +45,9 @@ one rank tile too, and fp16's sm_90 GEMMs and skinny passes only as twins
 at every rank tile, with a K tail, and with a rank of several chunks; the
 keep-mask pass (:mod:`fused_lora.kernels.mask`, strategy ``cublas`` with
 dropout: a byte an element, whatever x's dtype, reported as ``u8``) with a
-K tail, an explicit seed and 64-bit counters.
+K tail, an explicit seed and 64-bit counters; the dequantisation kernel
+(:mod:`fused_lora.kernels.dequant`: an NF4 base made whole at large M, or
+an int8 one) into each dtype, with a K tail, NF4 in groups of 64 and 256.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ SHAPE = 4096  # M = N = K of the representative problem
 
 @dataclass(frozen=True)
 class Job:
-    kernel: str  # "gemm" | "skinny" | "reduce" | "norm" | "mask"
+    kernel: str  # "gemm" | "skinny" | "reduce" | "norm" | "mask" | "dequant"
     pass_name: str  # which pass this variant serves
     dtype: str  # "bf16" | "fp16" | "fp32" ("u8": the keep-mask pass's output, whatever x's dtype)
     config: dict
@@ -102,7 +104,9 @@ class Job:
     int8_base: bool = False
     # An NF4 base (a uint8 weight with its absmax): the forward's and dx's B
     # tiles loaded as bytes, each nibble's code times its group's absmax
-    # (int8's tiles; never through TMA)
+    # (int8's tiles; never through TMA); the dequantisation kernel's NF4 in
+    # groups of 64 (pass "dequantize") or 256 ("dequantize_wide_groups": a
+    # group spanning the tile)
     nf4_base: bool = False
     # With TMA: the kernel makes the tensor descriptors itself (global scratch), none passed
     # (dispatch.set_tma_descriptors("device"))
@@ -345,6 +349,23 @@ def _norm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
                 n_adapters=3 if adapters else 1, ADAPTERS=4 if adapters else 0)
 
 
+#: The NF4 absmax group the dequantisation kernel is compiled with, by pass:
+#: 64 (QLoRA's, within the kernel's 128-column tile) and 256 (spanning it).
+DEQUANT_GROUPS = {"dequantize": 64, "dequantize_wide_groups": 256}
+
+
+def _dequant_args(dtype: str, cfg, even_k: bool = True, nf4: bool = False, group: int = 64) -> dict:
+    """Argument values of dequantize_kernel as the launcher passes them, for
+    a contiguous (SHAPE, SHAPE) Ŵ in ``dtype`` (the K tail: SHAPE - 8
+    columns, SHAPE - ``group`` with NF4) from an int8 weight and its fp32
+    row scales, or an NF4 one's bytes and fp32 absmax in groups of ``group``."""
+    k = SHAPE if even_k else SHAPE - (group if nf4 else 8)
+    return dict(q_ptr="*u8" if nf4 else "*i8", s_ptr="*fp32", code_ptr="*fp32", out_ptr=f"*{dtype}", N=SHAPE, K=k,
+                stride_qn=k // 2 if nf4 else k, stride_qk=1, stride_sn=k // group if nf4 else 1,
+                stride_sg=1 if nf4 else 0, stride_on=k, stride_ok=1, NF4=nf4, GROUP=group if nf4 else 0,
+                EVEN_K=even_k, UPCAST=False, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+
+
 def _mask_args(cfg, even_k: bool = True, seed_value: bool = False, offset_int64: bool = False) -> dict:
     """Argument values of keep_mask_kernel as the launcher passes them, for
     a contiguous (SHAPE, SHAPE) mask (the K tail: SHAPE - 8 columns), its
@@ -430,7 +451,7 @@ def _compile(src, arch: int, options: dict):
 def result_of(job: Job) -> Result:
     """The (empty) result of ``job``, named as the report names it: its pass
     and each variant (``+k_tail``, ``+tma``...)."""
-    tail = "+k_tail" if job.kernel in ("gemm", "norm", "mask") else "+c_tail"
+    tail = "+k_tail" if job.kernel in ("gemm", "norm", "mask", "dequant") else "+c_tail"
     return Result(job.kernel, job.pass_name + ("" if job.even_k else tail) + ("" if job.even_r else "+r_tail")
                   + ("+split_k" if job.split_k else "") + ("+tma" if job.tma else "")
                   + ("+persistent" if job.persistent else "") + ("+seed_value" if job.seed_value else "")
@@ -446,7 +467,7 @@ def result_of(job: Job) -> Result:
 def kernel_args(job: Job):
     """``(kernel, argument values)`` of ``job``: the kernel it compiles and
     the values its launcher passes (:func:`_ast_source` specialises them)."""
-    from fused_lora.kernels import configs, dora, gemm, mask, skinny
+    from fused_lora.kernels import configs, dequant, dora, gemm, mask, skinny
 
     precision = "tf32" if job.tf32 else "ieee"
     if job.kernel == "gemm":
@@ -466,6 +487,9 @@ def kernel_args(job: Job):
         cfg = configs.NormConfig(**job.config)
         return dora.dora_norm_kernel, _norm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
                                                  job.int8_base, job.nf4_base, job.unit)
+    if job.kernel == "dequant":
+        return dequant.dequantize_kernel, _dequant_args(job.dtype, configs.DequantConfig(**job.config), job.even_k,
+                                                        job.nf4_base, DEQUANT_GROUPS[job.pass_name])
     if job.kernel == "mask":
         return mask.keep_mask_kernel, _mask_args(configs.MaskConfig(**job.config), job.even_k, job.seed_value,
                                                  job.offset_int64)
@@ -839,6 +863,13 @@ def jobs_for(arch: int, every_fp16_tile: bool = False, every_variant: bool = Fal
             for has_acc2, out2 in itertools.product((False, True), seconds) if second else [(False, "fp32")]:
                 jobs.append(Job("reduce", reduce_name(has_acc, even, second, has_acc2, out2), dtype,
                                 dict(configs.REDUCE_LAUNCH), arch))
+        # the dequantisation kernel into this dtype: an int8 base, an NF4 one in groups of 64 (within a
+        # tile) and of 256 (a group spanning the tile), each with a K tail
+        for cfg in shipped["dequant"]:
+            for pass_name, base in (("dequantize", "int8_base"), ("dequantize", "nf4_base"),
+                                    ("dequantize_wide_groups", "nf4_base")):
+                for even_k in (True, False):
+                    jobs.append(Job("dequant", pass_name, dtype, asdict(cfg), arch, even_k=even_k, **{base: True}))
     # the keep-mask pass (one kernel whatever x's dtype): its seed drawn on the device, a K tail, an explicit
     # seed, a mask of 2**31 elements or more
     for cfg in shipped["mask"]:

@@ -508,10 +508,6 @@ NF4_B_MAX_DECODED_ELEMS_PER_THREAD = 32
 NF4_B_MAX_ROWS_PER_WARPGROUP = 64
 NF4_B_MMA_SYNC_MAX_BLOCK_M = 64
 
-#: The dequantisation kernel's tile (``dequant``): 32 elements a thread.
-DEQUANT_BLOCK_N = 32
-DEQUANT_BLOCK_K = 128
-DEQUANT_NUM_WARPS = 4
 
 
 
@@ -780,6 +776,27 @@ DORA_NORM_QUANTIZED_FP32 = NormConfig(block_n=32, block_k=64, max_block_r=32)
 
 
 @dataclass(frozen=True)
+class DequantConfig:
+    """Tiles of :func:`fused_lora.kernels.dequant.dequantize_kernel`: a
+    program per ``block_n`` rows and ``block_k`` columns of Ŵ (no loop)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def launch_kwargs(self) -> dict:
+        return dict(BLOCK_N=self.block_n, BLOCK_K=self.block_k, num_warps=self.num_warps,
+                    num_stages=self.num_stages, enable_fp_fusion=FP_FUSION)
+
+
+#: The dequantisation kernel (``Plan.dequantize_base``: an NF4 base at large
+#: M, made whole once a pass): 32 rows of 128 columns on 4 warps, 32
+#: elements a thread.
+DEQUANT = DequantConfig(block_n=32, block_k=128)
+
+
+@dataclass(frozen=True)
 class MaskConfig:
     """Tiles of :func:`fused_lora.kernels.mask.keep_mask_kernel`: a program
     per ``block_m`` rows and ``block_k`` columns of the mask (no loop)."""
@@ -812,5 +829,6 @@ def shipped_configs() -> dict[str, list]:
         "norm_fp32": [DORA_NORM_FP32],
         "norm_quantized_16bit": [DORA_NORM_QUANTIZED_16BIT],
         "norm_quantized_fp32": [DORA_NORM_QUANTIZED_FP32],
+        "dequant": [DEQUANT],
         "mask": [KEEP_MASK],
     }

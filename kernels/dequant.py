@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import alloc, dequantize, in_bounds, is_interpreted, nf4_codes, repeat_groups
-from .configs import DEQUANT_BLOCK_K, DEQUANT_BLOCK_N, DEQUANT_NUM_WARPS, cdiv
+from .configs import DEQUANT, cdiv
 
 
 @triton.jit  # (W's sizes specialised as Triton does by default: the K tail's mask in runs of 16)
@@ -80,9 +80,8 @@ def dequantize_weight(weight: torch.Tensor, weight_scale: torch.Tensor, dtype: t
     if n == 0 or k == 0:
         return out
     upcast = is_interpreted(dequantize_kernel) and dtype == torch.bfloat16
-    dequantize_kernel[(cdiv(n, DEQUANT_BLOCK_N), cdiv(k, DEQUANT_BLOCK_K))](
+    dequantize_kernel[(cdiv(n, DEQUANT.block_n), cdiv(k, DEQUANT.block_k))](
         weight, weight_scale, code if nf4 else weight_scale, out, n, k, *weight.stride(),
         weight_scale.stride(0), weight_scale.stride(1) if nf4 else 0, *out.stride(),
-        NF4=nf4, GROUP=group, EVEN_K=k % DEQUANT_BLOCK_K == 0, UPCAST=upcast,
-        BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=DEQUANT_BLOCK_K, num_warps=DEQUANT_NUM_WARPS)
+        NF4=nf4, GROUP=group, EVEN_K=k % DEQUANT.block_k == 0, UPCAST=upcast, **DEQUANT.launch_kwargs())
     return out

@@ -146,6 +146,12 @@ def test_the_report_covers_every_shipped_config():
     masks = {(r.pass_name, r.dtype, tuple(sorted(r.config.items()))) for r in planned if r.kernel == "mask"}
     assert masks == {(p, "u8", tuple(sorted(vars(cfg).items()))) for cfg in shipped["mask"]
                      for p in ("keep_mask", "keep_mask+k_tail", "keep_mask+seed_value", "keep_mask+offset_int64")}
+    # the dequantisation kernel into each dtype: an int8 base, NF4 in groups of 64 and 256, each with a K tail
+    dequants = {(r.pass_name, r.dtype, tuple(sorted(r.config.items()))) for r in planned if r.kernel == "dequant"}
+    assert dequants == {(p + tail + base, dtype, tuple(sorted(vars(cfg).items()))) for cfg in shipped["dequant"]
+                        for dtype in ("bf16", "fp16", "fp32") for tail in ("", "+k_tail")
+                        for p, base in (("dequantize", "+int8_base"), ("dequantize", "+nf4_base"),
+                                        ("dequantize_wide_groups", "+nf4_base"))}
     # an int8 base: every GEMM pass that reads W (not dW), with a K tail, split-K's partials, TMA, and the
     # persistent grid where the pass runs on it
     int8 = {("gemm", p + v + "+int8_base") for p in gemm_passes[:-1] for v in ("", "+k_tail", "+split_k", "+tma")}
@@ -155,7 +161,7 @@ def test_the_report_covers_every_shipped_config():
     assert {("gemm", p + "+r_tail+int8_base") for p in ("forward_split", "dx", "dx_dropout")} <= passes
     # an NF4 base: the passes that decode it (the split forward, dx with and without its mask; never in loop,
     # TMA or persistent: the dispatch keeps it off them), a K tail and split-K; its norm (own tile)
-    nf4 = {p for _, p in passes if p.endswith("+nf4_base")}
+    nf4 = {p for kernel, p in passes if p.endswith("+nf4_base") and kernel != "dequant"}
     assert {f"{p}{v}+nf4_base" for p in ("forward_split", "dx", "dx_dropout")
             for v in ("", "+k_tail", "+r_tail", "+split_k")} \
         | {f"{p}+nf4_base" for p in ("norm", "norm+k_tail", "norm_chunked", "norm_adapters")} == nf4
@@ -452,7 +458,7 @@ def _jit_function(kernel):
     return triton.runtime.JITFunction(kernel.fn, **kernel.kwargs)
 
 
-@pytest.mark.parametrize("kind", ["gemm", "skinny", "reduce", "norm", "mask"])
+@pytest.mark.parametrize("kind", ["gemm", "skinny", "reduce", "norm", "mask", "dequant"])
 def test_the_report_specialises_the_arguments_as_the_runtime_does(kind):
     """Each kernel is compiled with the signature the runtime's launch gives
     it: its constexprs, unused (None) arguments and ints equal to 1 (unless
@@ -461,11 +467,11 @@ def test_the_report_specialises_the_arguments_as_the_runtime_does(kind):
     multiples of 16; pointers 16-byte aligned. (An upper-case size taken
     for a constexpr once compiled loops of a known trip count, unlike the
     kernels that run.)"""
-    from fused_lora.kernels import dora, gemm, mask, skinny
+    from fused_lora.kernels import dequant, dora, gemm, mask, skinny
 
     kernel = {"gemm": gemm.lora_gemm_kernel, "skinny": skinny.lora_skinny_kernel,
               "reduce": skinny.reduce_partials_kernel, "norm": dora.dora_norm_kernel,
-              "mask": mask.keep_mask_kernel}[kind]
+              "mask": mask.keep_mask_kernel, "dequant": dequant.dequantize_kernel}[kind]
     jit = _jit_function(kernel)
     plain = {jit.arg_names[i] if isinstance(i, int) else i for i in jit.do_not_specialize}
     meta = {p.name for p in jit.params if p.is_constexpr}
@@ -495,8 +501,10 @@ def test_the_report_specialises_the_arguments_as_the_runtime_does(kind):
             elif isinstance(value, str) and value.startswith("*"):
                 aligned = [["tt.divisibility", 16]] if name not in plain else None
                 assert kind_ == value and src.attrs.get((i,)) == aligned, (where, name)
-    # (the reduction's one specialised int, its partials' stride, is a multiple of 16 in every job)
-    assert seen_plain and seen_divisible and (seen_indivisible or kind == "reduce")
+    # (the reduction's one specialised int, its partials' stride, is a multiple of 16 in every job; the
+    # dequantisation kernel specialises every int)
+    assert (seen_plain or not plain) and seen_divisible and (seen_indivisible or kind == "reduce")
+    assert plain or kind == "dequant"
 
 
 def test_ptxas_stats_read_the_log_of_one_kernel():
