@@ -363,7 +363,7 @@ def _dequant_args(dtype: str, cfg, even_k: bool = True, nf4: bool = False, group
     return dict(q_ptr="*u8" if nf4 else "*i8", s_ptr="*fp32", code_ptr="*fp32", out_ptr=f"*{dtype}", N=SHAPE, K=k,
                 stride_qn=k // 2 if nf4 else k, stride_qk=1, stride_sn=k // group if nf4 else 1,
                 stride_sg=1 if nf4 else 0, stride_on=k, stride_ok=1, NF4=nf4, GROUP=group if nf4 else 0,
-                EVEN_K=even_k, UPCAST=False, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+                EVEN_K=even_k, UPCAST=False, BLOCK_ROWS=cfg.block_rows, BLOCK_COLS=cfg.block_cols)
 
 
 def _mask_args(cfg, even_k: bool = True, seed_value: bool = False, offset_int64: bool = False) -> dict:
@@ -372,7 +372,7 @@ def _mask_args(cfg, even_k: bool = True, seed_value: bool = False, offset_int64:
     seed drawn on the device (read through a pointer) or a value."""
     k = SHAPE if even_k else SHAPE - 8
     return dict(out_ptr="*u8", M=SHAPE, K=k, stride_om=k, p=0.1, seed=_seed(True, seed_value),
-                OFFSET_INT64=offset_int64, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k)
+                OFFSET_INT64=offset_int64, BLOCK_ROWS=cfg.block_rows, BLOCK_COLS=cfg.block_cols)
 
 
 def _ast_source(fn, values: dict):
@@ -488,10 +488,10 @@ def kernel_args(job: Job):
         return dora.dora_norm_kernel, _norm_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
                                                  job.int8_base, job.nf4_base, job.unit)
     if job.kernel == "dequant":
-        return dequant.dequantize_kernel, _dequant_args(job.dtype, configs.DequantConfig(**job.config), job.even_k,
+        return dequant.dequantize_kernel, _dequant_args(job.dtype, configs.TileConfig(**job.config), job.even_k,
                                                         job.nf4_base, DEQUANT_GROUPS[job.pass_name])
     if job.kernel == "mask":
-        return mask.keep_mask_kernel, _mask_args(configs.MaskConfig(**job.config), job.even_k, job.seed_value,
+        return mask.keep_mask_kernel, _mask_args(configs.TileConfig(**job.config), job.even_k, job.seed_value,
                                                  job.offset_int64)
     return skinny.reduce_partials_kernel, _reduce_args(job.dtype, None, job.pass_name, job.block_r)
 
@@ -1185,7 +1185,8 @@ def _table(results: list[Result]) -> str:
     lines = [head, "|" + "---|" * 11]
     for r in results:
         c = r.config
-        tiles = "/".join(str(c[k]) for k in ("block_m", "block_n", "block_c", "block_k") if k in c)
+        tiles = "/".join(str(c[k]) for k in ("block_m", "block_n", "block_c", "block_k", "block_rows", "block_cols")
+                         if k in c)
         ws = f"{c.get('num_warps', '')}/{c.get('num_stages', '')}"
         if r.error:
             lines.append(f"| sm_{r.arch} | {r.kernel} | {r.pass_name} | {r.dtype} | {tiles} {ws} | {r.block_r} | "

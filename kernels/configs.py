@@ -776,45 +776,30 @@ DORA_NORM_QUANTIZED_FP32 = NormConfig(block_n=32, block_k=64, max_block_r=32)
 
 
 @dataclass(frozen=True)
-class DequantConfig:
-    """Tiles of :func:`fused_lora.kernels.dequant.dequantize_kernel`: a
-    program per ``block_n`` rows and ``block_k`` columns of Ŵ (no loop)."""
+class TileConfig:
+    """Tiles of a kernel without a loop that writes a (rows, columns)
+    matrix, a program per ``block_rows`` x ``block_cols`` tile (its
+    ``BLOCK_ROWS`` and ``BLOCK_COLS``): the dequantisation kernel's Ŵ, the
+    keep-mask pass's mask."""
 
-    block_n: int
-    block_k: int
+    block_rows: int
+    block_cols: int
     num_warps: int = 4
     num_stages: int = 1
 
     def launch_kwargs(self) -> dict:
-        return dict(BLOCK_N=self.block_n, BLOCK_K=self.block_k, num_warps=self.num_warps,
+        return dict(BLOCK_ROWS=self.block_rows, BLOCK_COLS=self.block_cols, num_warps=self.num_warps,
                     num_stages=self.num_stages, enable_fp_fusion=FP_FUSION)
 
 
 #: The dequantisation kernel (``Plan.dequantize_base``: an NF4 base at large
 #: M, made whole once a pass): 32 rows of 128 columns on 4 warps, 32
 #: elements a thread.
-DEQUANT = DequantConfig(block_n=32, block_k=128)
-
-
-@dataclass(frozen=True)
-class MaskConfig:
-    """Tiles of :func:`fused_lora.kernels.mask.keep_mask_kernel`: a program
-    per ``block_m`` rows and ``block_k`` columns of the mask (no loop)."""
-
-    block_m: int
-    block_k: int
-    num_warps: int = 4
-    num_stages: int = 1
-
-    def launch_kwargs(self) -> dict:
-        return dict(BLOCK_M=self.block_m, BLOCK_K=self.block_k, num_warps=self.num_warps,
-                    num_stages=self.num_stages, enable_fp_fusion=FP_FUSION)
-
-
+DEQUANT = TileConfig(block_rows=32, block_cols=128)
 #: The keep-mask pass (the ``cublas`` strategy with dropout): 16 rows of 256
 #: columns on 4 warps, 32 elements (four Philox calls) a thread, a 4 KiB tile
 #: of bytes; bound by Philox's integer work, not by its stores.
-KEEP_MASK = MaskConfig(block_m=16, block_k=256)
+KEEP_MASK = TileConfig(block_rows=16, block_cols=256)
 
 
 def shipped_configs() -> dict[str, list]:

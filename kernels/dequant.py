@@ -33,26 +33,26 @@ def dequantize_kernel(
     stride_on, stride_ok,
     NF4: tl.constexpr,
     GROUP: tl.constexpr,  # NF4: the absmax group along K
-    EVEN_K: tl.constexpr,  # K a multiple of BLOCK_K
+    EVEN_K: tl.constexpr,  # K a multiple of BLOCK_COLS
     UPCAST: tl.constexpr,  # bf16 under the interpreter (common.dequantize)
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,  # (of W's N rows, K columns)
 ):
     """``out = round(q · scale[n])``, or NF4 ``round(code[q] · absmax[n, k // GROUP])``,
-    in out's dtype; program (i, j) makes tile (i, j) of (BLOCK_N, BLOCK_K)."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
-    offs_k = k0 + tl.arange(0, BLOCK_K)
+    in out's dtype; program (i, j) makes tile (i, j) of (BLOCK_ROWS, BLOCK_COLS)."""
+    offs_n = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    k0 = tl.program_id(1) * BLOCK_COLS
+    offs_k = k0 + tl.arange(0, BLOCK_COLS)
     n_in = offs_n < N
     rows = offs_n.to(tl.int64)
     if NF4:  # (two values of a row a byte; 0x77, two zeros, outside)
-        offs_k2 = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        offs_k2 = k0 // 2 + tl.arange(0, BLOCK_COLS // 2)
         packed = tl.load(q_ptr + rows[:, None] * stride_qn + offs_k2[None, :] * stride_qk,
                          mask=n_in[:, None] & in_bounds(offs_k2, K // 2, EVEN_K)[None, :], other=0x77)
-        if BLOCK_K <= GROUP:
+        if BLOCK_COLS <= GROUP:
             absmax = tl.load(s_ptr + rows[:, None] * stride_sn + (k0 // GROUP) * stride_sg, mask=n_in[:, None],
                              other=0.0)
         else:
-            offs_g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+            offs_g = k0 // GROUP + tl.arange(0, BLOCK_COLS // GROUP)
             absmax = tl.load(s_ptr + rows[:, None] * stride_sn + offs_g[None, :] * stride_sg,
                              mask=n_in[:, None] & in_bounds(offs_g, K // GROUP, EVEN_K)[None, :], other=0.0)
             absmax = repeat_groups(absmax, GROUP, False)
@@ -80,8 +80,8 @@ def dequantize_weight(weight: torch.Tensor, weight_scale: torch.Tensor, dtype: t
     if n == 0 or k == 0:
         return out
     upcast = is_interpreted(dequantize_kernel) and dtype == torch.bfloat16
-    dequantize_kernel[(cdiv(n, DEQUANT.block_n), cdiv(k, DEQUANT.block_k))](
+    dequantize_kernel[(cdiv(n, DEQUANT.block_rows), cdiv(k, DEQUANT.block_cols))](
         weight, weight_scale, code if nf4 else weight_scale, out, n, k, *weight.stride(),
         weight_scale.stride(0), weight_scale.stride(1) if nf4 else 0, *out.stride(),
-        NF4=nf4, GROUP=group, EVEN_K=k % DEQUANT.block_k == 0, UPCAST=upcast, **DEQUANT.launch_kwargs())
+        NF4=nf4, GROUP=group, EVEN_K=k % DEQUANT.block_cols == 0, UPCAST=upcast, **DEQUANT.launch_kwargs())
     return out

@@ -33,14 +33,14 @@ def keep_mask_kernel(
     stride_om,  # (the column stride is 1)
     p, seed,  # keep(seed, m, k, K, p), see common.keep_mask (seed: a value, or a one-element tensor holding it)
     OFFSET_INT64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
-    """Tile (program_id(0), program_id(1)) of the keep-mask, ``BLOCK_M x BLOCK_K``."""
+    """Tile (program_id(0), program_id(1)) of the keep-mask, ``BLOCK_ROWS x BLOCK_COLS``."""
     seed = load_seed(seed)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    k0 = tl.program_id(1) * BLOCK_K
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    keep = keep_mask(seed, offs_m, k0, K, p, BLOCK_K, OFFSET_INT64)
+    offs_m = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    k0 = tl.program_id(1) * BLOCK_COLS
+    offs_k = k0 + tl.arange(0, BLOCK_COLS)
+    keep = keep_mask(seed, offs_m, k0, K, p, BLOCK_COLS, OFFSET_INT64)
     tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_k[None, :], keep.to(tl.uint8),
              mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
 
@@ -58,7 +58,7 @@ def keep_mask_tensor(m: int, k: int, dropout_p: float, seed, device: torch.devic
     ``dropout_p`` in (0, 1). The caller checks both."""
     out = alloc((m, k), torch.uint8, device)
     if m and k:
-        launch(keep_mask_kernel, (cdiv(m, KEEP_MASK.block_m), cdiv(k, KEEP_MASK.block_k)),
+        launch(keep_mask_kernel, (cdiv(m, KEEP_MASK.block_rows), cdiv(k, KEEP_MASK.block_cols)),
                (out, m, k, out.stride(0), dropout_p, seed_arg(seed, out.device)),
                _CONSTEXPRS[mask_counters_int64(m, k)])
     return out.view(torch.bool)

@@ -723,10 +723,10 @@ def _launch_key(kind: str, pass_family: str, grid, args: dict, meta: dict) -> tu
             variants.add((kind, "keep_mask+seed_value", "u8"))
         if meta["OFFSET_INT64"]:
             variants.add((kind, "keep_mask+offset_int64", "u8"))
-        if args["K"] % meta["BLOCK_K"]:
+        if args["K"] % meta["BLOCK_COLS"]:
             variants.add((kind, "keep_mask+k_tail", "u8"))
-        return (kind, "keep_mask", "u8", (meta["BLOCK_M"], meta["BLOCK_K"]) + launch, 0, False, False, "ieee"), \
-            variants
+        tiles = (meta["BLOCK_ROWS"], meta["BLOCK_COLS"]) + launch
+        return (kind, "keep_mask", "u8", tiles, 0, False, False, "ieee"), variants
     name = compile_report.reduce_name(meta["HAS_ACC"], meta["EVEN"], meta["SECOND"], meta["HAS_ACC2"],
                                       _DTYPE_NAMES[args["out2_ptr"].dtype] if meta["SECOND"] else "")
     return (kind, name, _DTYPE_NAMES[args["out_ptr"].dtype], launch, 0, False, False, "ieee"), set()
@@ -750,7 +750,8 @@ def _job_keys(job: compile_report.Job) -> tuple:
         tiles = (c["block_m"], c["block_n"], c["block_k"], c["group_m"]) + launch
     elif job.kernel == "mask":
         variant = (job.kernel, compile_report.result_of(job).pass_name, job.dtype)
-        return (job.kernel, name, job.dtype, (c["block_m"], c["block_k"]) + launch, 0, False, False, "ieee"), variant
+        return (job.kernel, name, job.dtype, (c["block_rows"], c["block_cols"]) + launch, 0, False, False, "ieee"), \
+            variant
     elif job.kernel == "skinny":
         tiles = (c["block_m"], c["block_c"],
                  configs.SkinnyConfig(**c).stages_for(4 if job.dtype == "fp32" else 2, job.block_r)) + launch
