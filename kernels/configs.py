@@ -509,8 +509,6 @@ NF4_B_MAX_ROWS_PER_WARPGROUP = 64
 NF4_B_MMA_SYNC_MAX_BLOCK_M = 64
 
 
-
-
 def nf4_b_fits(c: "GemmConfig", elt: int, persistent: bool, arch: int = 90) -> bool:
     """Whether tile ``c`` may decode an NF4 B on compute capability ``arch``
     (above; never with the in-loop shrink, which the dispatch does not run

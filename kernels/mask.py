@@ -55,7 +55,8 @@ def keep_mask_tensor(m: int, k: int, dropout_p: float, seed, device: torch.devic
     :func:`fused_lora.dropout_mask` ``(seed, (m, k), dropout_p)`` bit for bit.
     ``seed``: an int, or a one-element int32/int64 tensor on ``device``
     holding it (read by the kernel: a CUDA graph's replay draws anew);
-    ``dropout_p`` in (0, 1). The caller checks both."""
+    ``dropout_p`` in (0, 1), checked by the caller (the seed by
+    :func:`~fused_lora.kernels.common.seed_arg`)."""
     out = alloc((m, k), torch.uint8, device)
     if m and k:
         launch(keep_mask_kernel, (cdiv(m, KEEP_MASK.block_rows), cdiv(k, KEEP_MASK.block_cols)),
