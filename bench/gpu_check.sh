@@ -130,12 +130,13 @@ rc_bench=$?
 # finishes first): fused_lora's Python alone (launches stubbed), then with the launches, and cProfile's
 # most expensive functions of the latter (fused_lora's, Triton's launcher, PyTorch's). Informational.
 # The Triton plan's (FUSED_LORA_EAGER_CUBLAS=0: eager calls at M=16 would run cuBLAS by default, with
-# dropout too, after the keep-mask pass; profiled at dropout 0.1, what eager calls with dropout run above
-# 256 tokens): its
+# dropout too, after the keep-mask pass; profiled at dropout 0.1; what eager calls run from M·N·K =
+# 8192·4096·4096 on): its
 # launches through the launch cache (the default: a specialisation compiled before goes to its compiled
 # kernel, without Triton's binding and key); then the same without it (FUSED_LORA_LAUNCH_CACHE=0), and with
-# kernel-made TMA descriptors; and at M=4096 with and without the cache; then the default (M=16: cuBLAS, the
-# keep-mask pass at p=0.1; M=4096: cuBLAS alone at p=0, the Triton plan at p=0.1) at M=16 and M=4096. After the benchmark, whose table comes
+# kernel-made TMA descriptors; and at M=4096 with and without the cache; then the default (cuBLAS; with
+# dropout after the keep-mask pass, recorded for autograd at M=16, through the autograd Function's passes at
+# M=4096, which the row "fused Function cuBLAS" times at both M) at M=16 and M=4096. After the benchmark, whose table comes
 # first: the runs share an 80 s deadline (each about 10 s, most of it imports), and none starts after 435 s, so
 # that the script ends within the device call's 480 s; a run not started says so.
 echo "== host time per call (bench/host_overhead.py, M=16 4096->4096 r=16: launches stubbed, then launched)"
@@ -157,7 +158,7 @@ FUSED_LORA_EAGER_CUBLAS=0 FUSED_LORA_TMA_DESCRIPTORS=device host_run --m 16 --re
 echo "-- M=4096, launched, with and without the launch cache"
 FUSED_LORA_EAGER_CUBLAS=0 host_run --m 4096 --real --reps 20
 FUSED_LORA_EAGER_CUBLAS=0 FUSED_LORA_LAUNCH_CACHE=0 host_run --m 4096 --real --reps 20
-echo "-- the default dispatch (eager calls: cuBLAS; at M=16 with dropout too, after the keep-mask pass)"
+echo "-- the default dispatch (eager calls: cuBLAS; with dropout too, after the keep-mask pass)"
 host_run --m 16 --real --profile 15 --profile-dropout 0.1
 host_run --m 4096 --real --reps 20
 

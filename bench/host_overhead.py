@@ -23,13 +23,15 @@ The kernels launch through the launch cache (the default,
 Triton's ``kernel[grid](...)``, ``FUSED_LORA_TMA_DESCRIPTORS=device``
 with kernel-made TMA descriptors. On a GPU, eager calls at small M run
 cuBLAS by default (:func:`fused_lora.dispatch.eager_cublas_reason`):
-``FUSED_LORA_EAGER_CUBLAS=0`` times the Triton plan there (and with
-dropout, whose eager calls run cuBLAS up to 256 tokens). The rows
+``FUSED_LORA_EAGER_CUBLAS=0`` times the Triton plan there. The rows
 ``fused eager cuBLAS`` time that rule's path, at both dropouts (on a machine
 without CUDA standing in, as if x were on a GPU: cuBLAS's three products,
 with dropout on x ⊙ keep after the keep-mask pass's one launch, which
 autograd differentiates itself; the Triton plan primed once, before the
-timing). Naive LoRA is timed beside it (on a CPU
+timing); the row ``fused Function cuBLAS`` the rule's path with dropout
+above ``dispatch.EAGER_KEPT_MASK_MAX_M`` tokens, whatever M is timed: the
+autograd Function's cublas passes, the keep-mask pass in each, nothing of
+x's size kept. Naive LoRA is timed beside it (on a CPU
 in float32, at tiny sizes, where its math is a small part of its time: read
 it as the floor of PyTorch's own dispatch and autograd for the same
 composition). Host times of this machine.
@@ -143,12 +145,17 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
             def naive():
                 return F.linear(x, w, b) + F.linear(F.linear(F.dropout(x, p), a), bb) * 2.0
 
-            for name, fwd in (("fused", fused), ("fused eager cuBLAS", fused), ("naive", naive)):
+            for name, fwd in (("fused", fused), ("fused eager cuBLAS", fused), (_FUNCTION_ROW, fused),
+                              ("naive", naive)):
+                if name == _FUNCTION_ROW and p == 0.0:
+                    continue  # (without dropout eager calls record the products at every M)
+
                 def forward_only(fwd=fwd):
                     with torch.no_grad():
                         fwd()
 
-                with _eager_cublas() if name == "fused eager cuBLAS" else contextlib.nullcontext():
+                by_rule = name in ("fused eager cuBLAS", _FUNCTION_ROW)
+                with _eager_cublas(name == _FUNCTION_ROW) if by_rule else contextlib.nullcontext():
                     out[(f"{name} forward", p)] = _time_us(forward_only, reps)
                     out[(f"{name} forward+backward", p)] = _time_us(
                         lambda fwd=fwd: torch.autograd.grad(fwd(), (x, a, bb), dy), reps)
@@ -167,21 +174,31 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
         torch.set_num_threads(threads)
 
 
+#: The row of eager calls with dropout above ``dispatch.EAGER_KEPT_MASK_MAX_M`` tokens.
+_FUNCTION_ROW = "fused Function cuBLAS"
+
+
 @contextlib.contextmanager
-def _eager_cublas():
+def _eager_cublas(function: bool = False):
     """Calls inside run by the eager rule (:func:`fused_lora.dispatch.eager_cublas_reason`:
     cuBLAS's products that autograd differentiates, no Triton launch but the
     keep-mask pass's with dropout); on a machine without CUDA as if x were
-    on a GPU with no CUDA graph being captured."""
-    ops = fused_lora.ops
-    saved = ops.eager_rule_applies, torch.cuda.is_current_stream_capturing
+    on a GPU with no CUDA graph being captured. ``function``: with dropout,
+    as if M were above ``dispatch.EAGER_KEPT_MASK_MAX_M`` (whatever it is):
+    the autograd Function's cublas passes, the keep-mask pass in each."""
+    ops, dispatch = fused_lora.ops, fused_lora.dispatch
+    saved = ops.eager_rule_applies, torch.cuda.is_current_stream_capturing, dispatch.eager_records
     if DEVICE.type != "cuda":
         ops.eager_rule_applies, torch.cuda.is_current_stream_capturing = (lambda device: True), (lambda: False)
+    if function:
+        dispatch.eager_records = lambda m, dropout_p: dropout_p == 0.0
+        ops._eager_calls.clear()  # (which remember whether a layout records)
     try:
-        with fused_lora.dispatch.use_eager_cublas(True):
+        with dispatch.use_eager_cublas(True):
             yield
     finally:
-        ops.eager_rule_applies, torch.cuda.is_current_stream_capturing = saved
+        ops.eager_rule_applies, torch.cuda.is_current_stream_capturing, dispatch.eager_records = saved
+        ops._eager_calls.clear()
 
 
 def _launches(fn) -> int:
@@ -242,13 +259,14 @@ def main(argv=None) -> int:
                 f"{'on' if switches.eager_cublas_setting() else 'off'})")
     print(f"host µs per call, M={args.m}, {args.k} -> {args.n}, r={args.r}, {DTYPE} on {DEVICE.type}; fused: "
           f"{how}" + ("" if DEVICE.type == "cuda" and args.real else " (not a GPU measurement)"))
-    print(f"{'':34} {'p=0':>8} {'p=0.1':>8}   launches a call (p=0, p=0.1)")
+    print(f"{'':38} {'p=0':>8} {'p=0.1':>8}   launches a call (p=0, p=0.1)")
     launches = res.pop("launches")
-    for what in dict.fromkeys(key[0] for key in res if key != "profile"):
+    rows = list(dict.fromkeys(key[0] for key in res if key != "profile"))
+    for what in [row for row in rows if not row.startswith("naive")] + [row for row in rows if row.startswith("naive")]:
         counts = ("   " + ", ".join(str(launches.get((what, p), "—")) for p in (0.0, 0.1))
-                  if (what, 0.0) in launches else "")
+                  if any((what, p) in launches for p in (0.0, 0.1)) else "")
         cells = " ".join(f"{res[(what, p)]:8.1f}" if (what, p) in res else f"{'—':>8}" for p in (0.0, 0.1))
-        print(f"{what:34} {cells}{counts}")
+        print(f"{what:38} {cells}{counts}")
     if "profile" in res:
         print(f"\ncProfile of {args.reps} fused forward+backward calls at dropout {args.profile_dropout:g} (own time):")
         print(res["profile"])

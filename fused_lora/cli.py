@@ -116,6 +116,7 @@ def check_cases(on_gpu: bool) -> list[dict]:
         aligned_int8 = ((4, 257), 1024, 784)  # TMA of an int8 W: its rows (in_features) 16 bytes
         many_tiles_int8 = many_tiles  # (in_features 2048: 16-byte int8 rows too)
         nf4_decoded, nf4_whole = small_m, shapes[1]  # (NF4 in groups of 16: in_features a multiple of 16)
+        wide_m = shapes[0]  # cublas with dropout above dispatch.EAGER_KEPT_MASK_MAX_M tokens: the Function's passes
     else:
         shapes = [((3, 19), 53, 41), ((123,), 70, 45)]
         from .testing import interpreted_tma_k_n
@@ -127,6 +128,7 @@ def check_cases(on_gpu: bool) -> list[dict]:
         aligned_int8 = ((2, 40), 80, 48)  # TMA of an int8 W: rows of 16 bytes and 16 elements (every interpreter)
         many_tiles_int8 = aligned_int8  # (more tiles than the interpreter's 3 persistent programs too)
         nf4_decoded, nf4_whole = ((5,), 64, 45), ((600,), 48, 40)  # (M on either side of NF4_DECODE_MAX_M)
+        wide_m = ((2, 150), 53, 41)  # (above EAGER_KEPT_MASK_MAX_M tokens)
     cases = []
 
     def case(shape, r, dtype, strategy, p, train_base, tma="auto", persistent=False, row_scaled=False,
@@ -141,10 +143,12 @@ def check_cases(on_gpu: bool) -> list[dict]:
             for strategy, p, r in (("in_loop", 0.0, 8), ("split", 0.0, 64), ("split", 0.1, 16)):
                 case(shape, r, dtype, strategy, p, train_base=strategy == "split" and p == 0.0)
         case(shapes[0], 16, dtype, "hybrid", 0.1, train_base=True)
-        # cuBLAS alone (eager calls on a GPU at dropout 0 below a size, and with dropout at small M, its mask
-        # drawn by the keep-mask pass: dispatch.eager_cublas_reason)
+        # cuBLAS alone (eager calls on a GPU below a size, with dropout its mask drawn by the keep-mask pass:
+        # dispatch.eager_cublas_reason), with dropout the mask kept by autograd at small M, drawn again by the
+        # autograd Function's backward above EAGER_KEPT_MASK_MAX_M tokens (dispatch.eager_records)
         case(shapes[1], 16, dtype, "cublas", 0.0, train_base=True)
         case(small_m, 16, dtype, "cublas", 0.1, train_base=False)
+        case(wide_m, 16, dtype, "cublas", 0.1, train_base=True)
         # small M: the in-loop shrink split along K (xa's and g's partials summed too); the split
         # forward and dx; with dropout, forced in_loop: x's tiles masked in the forward's K loop
         case(small_m, 16, dtype, "in_loop", 0.0, train_base=False)
@@ -240,6 +244,7 @@ def cmd_check(args) -> int:
               dispatch.use_persistent(case["persistent"]), dispatch.use_tma_descriptors(case["tma_descriptors"])):
             # (the plan the forward runs on parity_case's operands: contiguous, its base in the case's format)
             x2, weight, weight_scale = _check_operands(case, device)
+            redrawn = not dispatch.eager_records(x2.shape[0], case["dropout_p"])  # (cublas: the Function's passes)
             plan = ops.plan_for(x2, weight, case["r"], case["dropout_p"], weight_scale=weight_scale,
                                 plain=not (case["row_scaled"] or case["adapters"]))
             try:
@@ -269,6 +274,7 @@ def cmd_check(args) -> int:
                               f"{quantized_label}"
                               f"{' +whole' if plan.dequantize_base else ''}"
                               f"{' +dx-in-loop' if plan.dx_in_loop and plan.strategy != 'in_loop' else ''}"
+                              f"{' +mask-redrawn' if plan.strategy == 'cublas' and redrawn else ''}"
                               f"{' +split-k' if plan.fwd_gemm.split_k > 1 and plan.strategy != 'cublas' else ''}",
                          shape=f"{'x'.join(map(str, case['lead']))}x{case['k']}->{case['n']}", r=case["r"],
                          dtype=str(case["dtype"]).replace("torch.", ""), tolerance=tol, errors=errors,

@@ -30,20 +30,22 @@ Forward strategies (the math is in :mod:`fused_lora.ops`):
     PyTorch multiplies x by (``x ⊙ keep``; the ``1 / (1 - p)`` goes into
     the low-rank term's scale), the one mask every strategy draws. What an
     eager call on a CUDA device runs by default at dropout 0 below
-    :data:`EAGER_CUBLAS_MAX_MNK`, and with dropout up to
-    :data:`EAGER_CUBLAS_DROPOUT_MAX_M` tokens (:func:`eager_cublas_reason`):
-    there the host's time launching the Triton passes, not the GPU's,
-    decided the step on the fifth GPU run. Under CUDA graph capture (``torch.cuda.graph``,
+    :data:`EAGER_CUBLAS_MAX_MNK` (16-bit; float32 at any size), with dropout
+    or without (:func:`eager_cublas_reason`): there the host's time
+    launching the Triton passes, not the GPU's, decided the step on the
+    fifth GPU run. Under CUDA graph capture (``torch.cuda.graph``,
     ``torch.compile(mode="reduce-overhead")``), where the host's time is gone,
     the Triton plan runs, its kernels compiled and loaded by the eager
     warm-up calls before the capture (CUDA refuses to load a module
     mid-capture: without such a warm-up the graph holds cuBLAS's products).
     An eager call, by that rule or forced, records its three forward
     products for autograd, which differentiates them itself: no Python of
-    fused_lora's in its backward (:func:`fused_lora.ops._eager_cublas`); a
-    call through the autograd Function (captured, traced by torch.compile,
-    profiled, a tensor subclass...) runs the same products in the
-    Function's two passes.
+    fused_lora's in its backward (:func:`fused_lora.ops._eager_cublas`),
+    without dropout, and with dropout up to :data:`EAGER_KEPT_MASK_MAX_M`
+    tokens (autograd keeps the mask: :func:`eager_records`); a call through
+    the autograd Function (with dropout above that M, captured, traced by
+    torch.compile, profiled, a tensor subclass...) runs the same products in
+    the Function's two passes, the mask drawn again in the backward.
 
 Small M (at most :data:`SMALL_M` tokens: decode, small batches) is memory
 bound: the extra FLOPs of the in-loop shrink are free there, so without
@@ -122,18 +124,24 @@ STRATEGIES = ("in_loop", "split", "hybrid", "cublas")
 #: Through CUDA graphs the Triton passes were ahead at small M (M=16: 0.049
 #: against 0.058; M=256: 0.065 against 0.072), so captured calls keep them.
 EAGER_CUBLAS_MAX_MNK = 8192 * 4096 * 4096
-#: Eager calls with dropout run ``cublas`` up to this many tokens (M), any
-#: dtype: on the fifth GPU run (the same run and timing as above, p = 0.1)
-#: the eager Triton steps took 1.02-1.32 ms at M=16 and 256, where naive
-#: LoRA took 0.28-0.30 and the kernels themselves 0.06-0.08 (through CUDA
-#: graphs). Unlike the Triton plan, that path keeps a mask for the backward,
-#: as PyTorch's dropout does: the (M, K) keep-mask (a byte an element) and
-#: x ⊙ keep (autograd's, for dA), at most 3 bytes an element of x in 16 bits
-#: here (3 MiB a 4096-wide layer at M=256); from M=4096 on (1.39 ms a step
-#: against naive LoRA's 0.64 on that run) the Triton plan runs instead,
-#: keeping nothing of x's size (the memory target). :func:`set_eager_cublas`
-#: ``(False)``: the Triton plan at every M.
-EAGER_CUBLAS_DROPOUT_MAX_M = 256
+#: Eager calls with dropout run ``cublas`` at any M below
+#: :data:`EAGER_CUBLAS_MAX_MNK` (16-bit; float32 at any size), and up to this
+#: many tokens (M) they record cuBLAS's products for autograd, which keeps
+#: the mask for its backward (:func:`eager_records`): on the fifth GPU run
+#: (the same run and timing as above, p = 0.1) the eager Triton steps took
+#: 1.02-1.32 ms at M=16 and 256, where naive LoRA took 0.28-0.30 and the
+#: kernels themselves 0.06-0.08 (through CUDA graphs), and 1.39 ms at
+#: M=4096 against naive's 0.64: the host's time again. Recorded, the step
+#: runs no Python of fused_lora's in its backward, but autograd keeps, as
+#: PyTorch's dropout does, the (M, K) keep-mask (a byte an element) and
+#: x ⊙ keep (for dA): 3 bytes an element of x in 16 bits, 3 MiB a 4096-wide
+#: layer at M=256. Above this M the autograd Function runs the same
+#: products in its two passes instead, the keep-mask pass drawing the mask
+#: in each: nothing of x's size kept (the memory target). Not yet timed on
+#: a GPU (on this project's CPU, its launches stubbed, bench/host_overhead.py
+#: puts its host time a step between the recorded path's and the Triton
+#: plan's). :func:`set_eager_cublas` ``(False)``: the Triton plan at every M.
+EAGER_KEPT_MASK_MAX_M = 256
 #: Ranks up to this use the in-loop shrink when there is no dropout
 #: (KERNELS.md: its extra FLOPs are r/BLOCK_N, +6% at r=16, BN=256; the split
 #: costs one more read of x, ~5% at N=4096: expected crossover near r=32).
@@ -331,21 +339,29 @@ def eager_cublas_reason(m: int, n: int, k: int, dtype: torch.dtype, dropout_p: f
     cuBLAS not refused by torch's deterministic mode,
     :func:`fused_lora.ops.cublas_deterministic`) of
     this problem runs ``cublas`` instead of its Triton plan; ``""`` where it
-    does not: a quantized base (the Triton GEMMs decode it), dropout above
-    :data:`EAGER_CUBLAS_DROPOUT_MAX_M` tokens, 16-bit without dropout at or
+    does not: a quantized base (the Triton GEMMs decode it), 16-bit at or
     above :data:`EAGER_CUBLAS_MAX_MNK`, or the switch off
-    (:func:`set_eager_cublas`)."""
+    (:func:`set_eager_cublas`). (How an eager call runs it:
+    :func:`eager_records`.)"""
     if not _switches["eager_cublas"] or quantized_kind(quantized):
         return ""
-    if dropout_p > 0.0:
-        if m > EAGER_CUBLAS_DROPOUT_MAX_M:
-            return ""
-        return (f"dropout at M={m} <= {EAGER_CUBLAS_DROPOUT_MAX_M}: there the host's time launching the Triton "
+    if dropout_p > 0.0 and m <= EAGER_KEPT_MASK_MAX_M:
+        return (f"dropout at M={m} <= {EAGER_KEPT_MASK_MAX_M}: there the host's time launching the Triton "
                 "passes, not the GPU's, decided the step on the fifth GPU run (H100, p=0.1: 1.02-1.32 ms a step "
                 "at M=16 and 256, naive LoRA 0.28-0.30); the keep-mask pass draws the mask, which is kept for "
                 "the backward with x ⊙ keep (3 bytes an element of x in 16 bits, as PyTorch's dropout); a call "
                 "captured in a CUDA graph runs the Triton plan, which the eager calls before it primed "
                 "(set_eager_cublas(False): always)")
+    if dropout_p > 0.0:
+        if dtype != torch.float32 and m * n * k >= EAGER_CUBLAS_MAX_MNK:
+            return ""
+        where = "in float32" if dtype == torch.float32 else f"and M·N·K below {EAGER_CUBLAS_MAX_MNK:.3g}"
+        return (f"dropout at M={m} > {EAGER_KEPT_MASK_MAX_M} {where}: there the host's time launching the "
+                "Triton passes, not the GPU's, decided the step on the fifth GPU run (H100, p=0.1, M=4096 "
+                "4096->4096 r=16: 1.39 ms a step, naive LoRA 0.64); the autograd Function runs cuBLAS's "
+                "products, the keep-mask pass drawing the mask in its forward and again in its backward, "
+                "nothing of x's size kept (not yet timed on a GPU); a call captured in a CUDA graph runs the "
+                "Triton plan, which the eager calls before it primed (set_eager_cublas(False): always)")
     if dtype == torch.float32:
         return ("dropout 0 in float32: the Triton plan (hybrid) runs its base products on cuBLAS anyway, and "
                 "cuBLAS's rank-r products spare its launches (set_eager_cublas(False): the Triton plan)")
@@ -356,6 +372,18 @@ def eager_cublas_reason(m: int, n: int, k: int, dtype: torch.dtype, dropout_p: f
             "r=16, 1.185 ms a step for 0.465 ms of kernels, cuBLAS alone 0.522, naive 0.573); a call captured "
             "in a CUDA graph runs the Triton plan, which the eager calls before it primed (set_eager_cublas(False): "
             "always)")
+
+
+def eager_records(m: int, dropout_p: float) -> bool:
+    """Whether an eager call of M tokens that runs ``cublas`` (by
+    :func:`eager_cublas_reason`, or forced) records cuBLAS's products for
+    autograd, which differentiates them itself (no Python of fused_lora's
+    in the backward: :func:`fused_lora.ops._eager_cublas`): without dropout
+    (autograd keeps x and xa, as the autograd Function does), and with
+    dropout up to :data:`EAGER_KEPT_MASK_MAX_M` tokens (autograd keeps the
+    keep-mask and x ⊙ keep too). Else the autograd Function runs the same
+    products in its passes, drawing the mask again in the backward."""
+    return dropout_p == 0.0 or m <= EAGER_KEPT_MASK_MAX_M
 
 
 def force_strategy(strategy: str):
@@ -472,27 +500,30 @@ def _eager_cublas_reason(m, n, k, dtype, dropout, quantized, enabled) -> str:
     return eager_cublas_reason(m, n, k, dtype, 0.5 if dropout else 0.0, quantized) if enabled else ""
 
 
-#: id(Triton plan) -> (that plan, its eager ``cublas`` plan), kept (so that
-#: no id is reused); and Triton plan -> its ``cublas`` plan, by value (a plan
-#: made anew at each call, as the faulting path's split is, finds the same
-#: one: its ``captured`` keys the priming of its kernels). Bounded.
+#: (id(Triton plan), why) -> (that plan, its eager ``cublas`` plan), kept
+#: (so that no id is reused); and (Triton plan, why) -> its ``cublas`` plan,
+#: by value (a plan made anew at each call, as the faulting path's split is,
+#: finds the same one: its ``captured`` keys the priming of its kernels).
+#: The reason is part of both keys: equal Triton plans serve several M, whose
+#: reasons differ. Bounded.
 _eager_plans: dict = {}
 _eager_plans_by_value: dict = {}
 
 
 def _eager_cublas_plan(chosen: Plan, why: str) -> Plan:
     """``chosen`` with strategy ``cublas`` for an eager call, ``captured``
-    ``chosen`` (one for equal plans, made once)."""
-    kept = _eager_plans.get(id(chosen))
+    ``chosen``, ``reason`` ``why`` (one for equal plans and reasons, made
+    once)."""
+    kept = _eager_plans.get((id(chosen), why))
     if kept is None or kept[0] is not chosen:
         if len(_eager_plans) >= 4096:
             _eager_plans.clear()
             _eager_plans_by_value.clear()
-        cublas = _eager_plans_by_value.get(chosen)
+        cublas = _eager_plans_by_value.get((chosen, why))
         if cublas is None:
-            cublas = _eager_plans_by_value[chosen] = dataclasses.replace(chosen, strategy="cublas", reason=why,
-                                                                         captured=chosen)
-        kept = _eager_plans[id(chosen)] = (chosen, cublas)
+            cublas = _eager_plans_by_value[chosen, why] = dataclasses.replace(chosen, strategy="cublas", reason=why,
+                                                                              captured=chosen)
+        kept = _eager_plans[id(chosen), why] = (chosen, cublas)
     return kept[1]
 
 
@@ -802,8 +833,13 @@ class Explanation:
         return out
 
     def __str__(self) -> str:
-        eager = ("cuBLAS's products, the keep-mask pass, autograd's backward; the mask kept for it" if self.dropout_p
-                 else "cuBLAS's products, autograd's backward, no Triton launch")
+        if not self.dropout_p:
+            eager = "cuBLAS's products, autograd's backward, no Triton launch"
+        elif eager_records(self.m, self.dropout_p):
+            eager = "cuBLAS's products, the keep-mask pass, autograd's backward; the mask kept for it"
+        else:
+            eager = ("the autograd Function's cuBLAS passes, the keep-mask pass in each; nothing of x's size "
+                     "kept")
         head = (f"x ({self.m}, {self.k}) -> ({self.m}, {self.n}), r={self.r}, {str(self.dtype).replace('torch.', '')},"
                 f" dropout={self.dropout_p:g} on {self.target}" + (f" ({self.num_sms} SMs)" if self.num_sms else ""))
         lines = [head]

@@ -108,16 +108,18 @@ How it runs (Triton backend)
   :data:`~fused_lora.kernels.configs.NF4_DECODE_MAX_M` rows, ``split``);
   above that an NF4 base is made whole once a pass by the dequantisation
   kernel and the float base's plan runs on Ŵ (the same values either way).
-* an eager call on a CUDA device, at dropout 0 below a size, with dropout
-  up to 256 tokens (:func:`fused_lora.dispatch.eager_cublas_reason`; plain
-  LoRA on a float base): ``xa = x·Aᵀ``, ``y = b + x·Wᵀ``, ``y += s·xa·Bᵀ``
-  on cuBLAS (with dropout ``xa = (x ⊙ keep)·Aᵀ`` and ``s/(1-p)``, the mask
-  ``keep`` written by the keep-mask pass), recorded for autograd, which
-  differentiates them itself (:func:`_eager_cublas`): the host's time
-  decides such steps, and this spends the least of it. With dropout
-  autograd keeps ``keep`` and ``x ⊙ keep`` for its backward, as PyTorch's
-  dropout does (small at that M). It primes the Triton plan that a call
-  captured in a CUDA graph runs instead.
+* an eager call on a CUDA device below a size (16-bit; float32 at any size:
+  :func:`fused_lora.dispatch.eager_cublas_reason`; plain LoRA on a float
+  base): ``xa = x·Aᵀ``, ``y = b + x·Wᵀ``, ``y += s·xa·Bᵀ`` on cuBLAS (with
+  dropout ``xa = (x ⊙ keep)·Aᵀ`` and ``s/(1-p)``, the mask ``keep`` written
+  by the keep-mask pass), recorded for autograd, which differentiates them
+  itself (:func:`_eager_cublas`): the host's time decides such steps, and
+  this spends the least of it. With dropout autograd keeps ``keep`` and
+  ``x ⊙ keep`` for its backward, as PyTorch's dropout does, so only up to
+  :data:`fused_lora.dispatch.EAGER_KEPT_MASK_MAX_M` tokens (small there);
+  above, the Function's ``cublas`` passes run the same products, the
+  backward drawing the mask again. Either primes the Triton plan that a
+  call captured in a CUDA graph runs instead.
 * ``create_graph=True`` (gradients to differentiate again): autograd's
   backward of the reference (:mod:`fused_lora.reference`) instead of the
   kernels, so that the gradients can be differentiated with respect to dy
@@ -526,10 +528,14 @@ def _eager_cublas(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bia
     keep``) recorded by autograd, which differentiates them with its own
     backward (:func:`backward_cublas`'s products), with no Python of
     fused_lora's in it; with dropout it keeps the mask and ``x ⊙ keep`` for
-    that backward, as PyTorch's dropout does. Where the rule applies, the
-    host's time decides a step, and there the Function's Python, forward
-    and backward, cost more than the products' launches. ``seed``: the
-    call's (drawn already where it was None), any value without dropout.
+    that backward, as PyTorch's dropout does, so only up to
+    :data:`fused_lora.dispatch.EAGER_KEPT_MASK_MAX_M` tokens
+    (:func:`fused_lora.dispatch.eager_records`; above, None: the Function
+    runs its ``cublas`` passes, the mask drawn again in the backward). Where
+    the rule applies, the host's time decides a step, and there the
+    Function's Python, forward and backward, cost more than the products'
+    launches. ``seed``: the call's (drawn already where it was None), any
+    value without dropout.
 
     Applies to an eager call (:func:`direct_call`, no CUDA graph being
     captured) whose x flattens without a copy (autograd would keep the copy
@@ -562,8 +568,8 @@ def _eager_cublas(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bia
     primed = _eager_calls.get(layout, False)
     if primed is False:  # (the plan and the forward's priming, once a layout: plan_for costs the host µs)
         plan = plan_for(x2, weight, lora_A.shape[0], dropout_p, plain=True)
-        if plan.strategy != "cublas":
-            primed = None
+        if plan.strategy != "cublas" or not dispatch.eager_records(x2.shape[0], dropout_p):
+            primed = None  # (the Function runs its plan: with dropout above the bound, its cublas passes)
         elif plan.captured is None:  # (forced)
             primed = True
         else:

@@ -7,8 +7,10 @@ Only the ``cublas`` strategy stores a mask: its products are cuBLAS's,
 which cannot draw one, so this pass draws it once and PyTorch multiplies x
 by it (``x ⊙ keep``, what ``drop(x)`` is less its ``1 / (1 - p)``, which
 moves into the scale of the low-rank term). Eager calls run that strategy
-with dropout only at small M (:func:`fused_lora.dispatch.eager_cublas_reason`),
-where the mask is small and the host's time decides a step.
+where the host's time decides a step
+(:func:`fused_lora.dispatch.eager_cublas_reason`): at small M autograd keeps
+the mask for its backward, above that the autograd Function's backward
+draws it again (:func:`fused_lora.dispatch.eager_records`).
 """
 
 from __future__ import annotations

@@ -34,7 +34,9 @@ def test_check_passes_and_reports_json(capsys):
             "split +train-base +adapters", "split +dropout +adapter-dropouts", "in_loop +dora",
             "split +dropout +train-base +dora"} <= {
                 path.removesuffix(" +split-k") for path in paths}
-    assert {"cublas +train-base", "cublas +dropout"} <= paths  # (no Triton GEMM to split: none labelled so)
+    # (no Triton GEMM to split: none labelled so; with dropout above EAGER_KEPT_MASK_MAX_M tokens, the Function's
+    # cublas passes, the mask drawn again in the backward)
+    assert {"cublas +train-base", "cublas +dropout", "cublas +dropout +train-base +mask-redrawn"} <= paths
     for row in report["rows"]:
         assert row["passed"] and 0 <= row["worst"] <= row["tolerance"]
         assert {"y", "dx", "dlora_A", "dlora_B"} <= set(row["errors"])
@@ -509,6 +511,7 @@ def test_the_host_overhead_script_times_every_row_and_restores_the_kernels():
     share of a call, and puts them back."""
     from fused_lora.kernels import gemm, mask, skinny
     from fused_lora.kernels.launch import current_device
+    from fused_lora.dispatch import eager_records
     from fused_lora.ops import eager_rule_applies
 
     script = _bench_script("host_overhead")
@@ -517,7 +520,8 @@ def test_the_host_overhead_script_times_every_row_and_restores_the_kernels():
     res = script.measure(reps=3, profile=40)
     profile, launches = res.pop("profile"), res.pop("launches")
     assert sorted(res) == sorted([(f"{who} {mode}", p) for who in ("fused", "fused eager cuBLAS", "naive")
-                                  for mode in ("forward", "forward+backward") for p in (0.0, 0.1)])
+                                  for mode in ("forward", "forward+backward") for p in (0.0, 0.1)]
+                                 + [(f"fused Function cuBLAS {mode}", 0.1) for mode in ("forward", "forward+backward")])
     assert all(0 < us < 1e6 for us in res.values())
     # the fused op's launches a call: the forward's, and more for the backward (the counts of the plan here)
     assert sorted(launches) == sorted(k for k in res if k[0].startswith("fused"))
@@ -526,6 +530,9 @@ def test_the_host_overhead_script_times_every_row_and_restores_the_kernels():
     assert launches[("fused eager cuBLAS forward", 0.0)] == launches[("fused eager cuBLAS forward+backward", 0.0)] == 0
     # (with dropout the keep-mask pass, once: autograd keeps the mask for the backward)
     assert launches[("fused eager cuBLAS forward", 0.1)] == launches[("fused eager cuBLAS forward+backward", 0.1)] == 1
+    # (the Function's cublas passes, as above EAGER_KEPT_MASK_MAX_M tokens: the keep-mask pass in each)
+    assert launches[("fused Function cuBLAS forward", 0.1)] == 1
+    assert launches[("fused Function cuBLAS forward+backward", 0.1)] == 2
     assert script.gemm.launch is script.skinny.launch is script.mask.launch  # (restored)
     assert "lora_gemm" in profile and "backward_triton" in profile  # (fused_lora's own functions, by own time)
     assert "backward_triton" in script.measure(reps=1, profile=40, profile_dropout=0.1)["profile"]
@@ -535,6 +542,7 @@ def test_the_host_overhead_script_times_every_row_and_restores_the_kernels():
             mask.keep_mask_kernel) == kernels
     assert script.launch_cache.current_device is current_device  # (its stand-in on a machine without CUDA: restored)
     assert script.fused_lora.ops.eager_rule_applies is eager_rule_applies  # (likewise the eager rule's)
+    assert script.fused_lora.dispatch.eager_records is eager_records
     assert not script.fused_lora.dispatch.eager_cublas_setting()  # (the suite's setting: conftest.py)
     assert torch.get_num_threads() == threads
 

@@ -1,10 +1,13 @@
 """Strategy ``cublas``, and the rule that eager calls run it.
 
-At dropout 0 an eager call on a CUDA device runs every product on cuBLAS
-below ``dispatch.EAGER_CUBLAS_MAX_MNK``, and with dropout up to
-``dispatch.EAGER_CUBLAS_DROPOUT_MAX_M`` tokens, its mask drawn by the
-keep-mask pass (``dispatch.eager_cublas_reason``): the fifth GPU run found
-the Triton passes' steps bound by the host's launches there. It primes the Triton plan it stands in for (kernels
+An eager call on a CUDA device runs every product on cuBLAS below
+``dispatch.EAGER_CUBLAS_MAX_MNK`` (16-bit; float32 at any size), with
+dropout its mask drawn by the keep-mask pass
+(``dispatch.eager_cublas_reason``): the fifth GPU run found the Triton
+passes' steps bound by the host's launches there. It records the products
+for autograd's own backward, but with dropout above
+``dispatch.EAGER_KEPT_MASK_MAX_M`` tokens, where the autograd Function
+runs them and draws the mask again rather than keep it. It primes the Triton plan it stands in for (kernels
 compiled and loaded, none run), which a call captured into a CUDA graph
 then runs (cuBLAS where not primed: CUDA loads no module mid-capture). Its
 numbers against the float64 reference are in ``test_parity.py`` (forced,
@@ -127,13 +130,26 @@ def test_the_rule(rule_on):
     assert strategy(mnk=big).strategy == "in_loop"
     assert strategy(mnk=big, dtype=torch.float32).strategy == "cublas"
     assert strategy(dtype=torch.float16).strategy == "cublas"
-    assert strategy(p=0.1).strategy == "split"  # (M=4096 with dropout: the Triton plan, which keeps no mask)
-    most = dispatch.EAGER_CUBLAS_DROPOUT_MAX_M
+    most = dispatch.EAGER_KEPT_MASK_MAX_M
     for dtype in (BF16, torch.float16, torch.float32):
-        dropped = strategy(mnk=(most, 4096, 4096), dtype=dtype, p=0.1)
-        assert dropped.strategy == "cublas" and "keep-mask pass" in dropped.reason
-        assert dropped.captured == dispatch.device_plan(CPU, most, 4096, 4096, 16, dtype, 0.1)
-        assert strategy(mnk=(most + 1, 4096, 4096), dtype=dtype, p=0.1).strategy != "cublas"
+        # with dropout: cublas at any M below the size, the mask kept by autograd up to `most` tokens only
+        # (dispatch.eager_records: above, the Function's passes draw it again)
+        kept = strategy(mnk=(most, 4096, 4096), dtype=dtype, p=0.1)
+        assert kept.strategy == "cublas" and "kept for the backward with x ⊙ keep" in kept.reason
+        assert kept.captured == dispatch.device_plan(CPU, most, 4096, 4096, 16, dtype, 0.1)
+        assert dispatch.eager_records(most, 0.1) and dispatch.eager_records(most + 1, 0.0)
+        for mnk in ((most + 1, 4096, 4096), small):
+            redrawn = strategy(mnk=mnk, dtype=dtype, p=0.1)
+            assert redrawn.strategy == "cublas" and "nothing of x's size kept" in redrawn.reason
+            assert f"M={mnk[0]} > {most}" in redrawn.reason and "not yet timed on a GPU" in redrawn.reason
+            assert redrawn.captured == dispatch.device_plan(CPU, *mnk, 16, dtype, 0.1)
+            assert not dispatch.eager_records(mnk[0], 0.1)
+        assert strategy(mnk=big, dtype=dtype, p=0.1).strategy == ("cublas" if dtype == torch.float32 else "split")
+    # (equal Triton plans of several M: each its own reason)
+    assert dispatch.device_plan(CPU, 300, 4096, 4096, 16, BF16, 0.1) == dispatch.device_plan(
+        CPU, 301, 4096, 4096, 16, BF16, 0.1)
+    assert "M=300" in strategy(mnk=(300, 4096, 4096), p=0.1).reason
+    assert "M=301" in strategy(mnk=(301, 4096, 4096), p=0.1).reason
     assert strategy(quantized="int8").strategy != "cublas"
     assert strategy(quantized="nf4").strategy != "cublas"
     assert strategy(plain=False).strategy == "in_loop"  # (a row scale or adapters: the kernels apply them)
@@ -148,7 +164,7 @@ def test_the_rule(rule_on):
     assert dispatch.eager_cublas_setting()
     assert dispatch.eager_cublas_reason(*small, BF16, 0.0) == eager.reason
     assert dispatch.eager_cublas_reason(*big, BF16, 0.0) == ""
-    assert dispatch.eager_cublas_reason(*small, BF16, 0.1) == ""
+    assert dispatch.eager_cublas_reason(*big, BF16, 0.1) == ""
     assert "3 bytes an element of x" in dispatch.eager_cublas_reason(1, 64, 64, BF16, 0.5)
     with dispatch.use_eager_cublas(False):
         assert dispatch.eager_cublas_reason(1, 64, 64, BF16, 0.5) == ""
@@ -188,8 +204,12 @@ def test_explain_says_what_eager_calls_run(rule_on):
     assert dropped.eager_strategy == "cublas" and dropped.plan.strategy == "in_loop"
     assert "eager calls: cublas (cuBLAS's products, the keep-mask pass, autograd's backward; the mask kept" in str(
         dropped)
+    redrawn = fused_lora.explain((257, 4096), (4096, 4096), 16, dropout_p=0.1)
+    assert redrawn.eager_strategy == "cublas" and redrawn.plan.strategy == "split"
+    assert ("eager calls: cublas (the autograd Function's cuBLAS passes, the keep-mask pass in each; nothing of "
+            "x's size kept)") in str(redrawn)
     for other in (fused_lora.explain((8192, 4096), (4096, 4096), 16),
-                  fused_lora.explain((257, 4096), (4096, 4096), 16, dropout_p=0.1),
+                  fused_lora.explain((8192, 4096), (4096, 4096), 16, dropout_p=0.1),
                   fused_lora.explain((16, 4096), (4096, 4096), 16, target="interpreter"),
                   fused_lora.explain((16, 4096), (4096, 4096), 16, quantized="int8")):
         assert other.eager == "" and other.eager_strategy == other.plan.strategy
@@ -379,7 +399,7 @@ def test_what_an_eager_call_keeps_for_its_backward(eager_here, p):
     """What autograd saves for an eager call's backward, beyond the
     caller's own tensors: the (M, r) xa; with dropout also the (M, K) mask,
     a byte an element, and x ⊙ keep, in x's dtype (as PyTorch's dropout
-    keeps: EAGER_CUBLAS_DROPOUT_MAX_M bounds M). Nothing else of x's or
+    keeps: EAGER_KEPT_MASK_MAX_M bounds M). Nothing else of x's or
     y's size."""
     x = make_x((2, 9, 40), torch.float32).requires_grad_()
     w, b, a, bb = make_params(40, 24, 4, torch.float32, True)
@@ -394,6 +414,57 @@ def test_what_an_eager_call_keeps_for_its_backward(eager_here, p):
     if p:
         expected = sorted(expected + [("torch.bool", (18, 40)), ("torch.float32", (18, 40))])
     assert kept == expected
+
+
+@pytest.mark.parametrize("how", ["rule", "forced"])
+@pytest.mark.parametrize("shape, need, p", [
+    ((300, 40), ("x", "lora_A", "lora_B"), 0.1),
+    ((2, 129, 40), ("x", "weight", "bias", "lora_B"), 0.5),
+    ((257, 40), ("lora_A",), 0.25),
+    ((263, 40), ("lora_B",), 0.3),
+])
+def test_eager_calls_with_dropout_above_the_bound_run_the_functions_passes(monkeypatch, request, how, shape, need,
+                                                                            p):
+    """With dropout above EAGER_KEPT_MASK_MAX_M tokens an eager call that
+    runs cublas (by the rule or forced) goes through the autograd Function,
+    whose cublas passes draw the mask in the forward and again in the
+    backward (only where dx or dA needs it): no other Triton launch, the
+    values and each gradient asked for the float64 reference's, and nothing
+    of x's size kept for the backward: beyond the caller's tensors only the
+    (M, r) fp32 xa and the seed."""
+    request.getfixturevalue("eager_here" if how == "rule" else "forced_cublas")
+    m = 1
+    for d in shape[:-1]:
+        m *= d
+    assert m > dispatch.EAGER_KEPT_MASK_MAX_M and not dispatch.eager_records(m, p)
+    dtype = torch.float32
+    x = make_x(shape, dtype).requires_grad_("x" in need)
+    w, b, a, bb = make_params(40, 24, 6, dtype, True)
+    inputs = {"x": x, "weight": w, "bias": b, "lora_A": a, "lora_B": bb}
+    for name in need:
+        inputs[name].requires_grad_()
+    launches, ran, masks = _launches(monkeypatch), _passes(monkeypatch), _mask_launches(monkeypatch)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fused_lora.lora_linear(x, w, a, bb, b, scaling=0.75, dropout_p=p, seed=99, backend="triton")
+    assert "LoRALinear" in type(y.grad_fn).__name__ and len(masks) == 1
+    own = {t.data_ptr() for t in (x, w, b, a, bb)}
+    kept = sorted((str(t.dtype), tuple(t.shape)) for t in saved if t.data_ptr() not in own)
+    assert kept == [("torch.float32", (*shape[:-1], 6)), ("torch.int64", ())]  # (xa, and the seed)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [inputs[n] for n in need], dy)
+    forced = "cublas" if how == "forced" else None
+    assert ran == [("forward_triton", forced), ("backward_triton", forced), ("backward_cublas", None)]
+    assert launches == [[], [], []] and len(masks) == 1 + ("x" in need or "lora_A" in need)
+    y64, g64 = reference64(x, w, b, a, bb, dy, scaling=0.75, dropout_p=p, seed=99, grads=need)
+    assert_close(y, y64, dtype, "y")
+    for name, g in zip(need, grads):
+        assert_close(g, g64[name], dtype, f"d{name}")
+    with torch.no_grad():
+        assert torch.equal(fused_lora.lora_linear(x, w, a, bb, b, scaling=0.75, dropout_p=p, seed=99,
+                                                  backend="triton"), y)
+    assert launches == [[], [], []]
+    assert bool(ops._primed) == (how == "rule")  # (the Triton plan a captured call runs)
 
 
 def test_eager_calls_whose_x_would_be_copied_run_the_function(monkeypatch, eager_here):
@@ -549,6 +620,44 @@ def test_eager_calls_prime_the_triton_plan_that_captured_calls_run(monkeypatch, 
         assert ran == function + [("backward_cublas", None)]
 
 
+def test_eager_calls_through_the_function_prime_what_captured_calls_run(monkeypatch, eager_here):
+    """With dropout above EAGER_KEPT_MASK_MAX_M tokens, the eager call's
+    Function passes (cuBLAS's products, the keep-mask pass in each) prime
+    its Triton plan, forward and backward, once; a call captured after it
+    runs that plan. Both the float64 reference's values."""
+    capturing = eager_here
+    launches, ran, masks = _launches(monkeypatch), _passes(monkeypatch), _mask_launches(monkeypatch)
+    dtype = torch.float32
+    x = make_x((2, 150, 40), dtype).requires_grad_()
+    w, b, a, bb = make_params(40, 24, 5, dtype, True)
+    a.requires_grad_()
+    bb.requires_grad_()
+
+    def step():
+        y = fused_lora.lora_linear(x, w, a, bb, b, scaling=1.5, dropout_p=0.2, seed=7, backend="triton")
+        assert not y._backward_hooks  # (the Function primes its backward in its backward)
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, a, bb), dy)
+        y64, g64 = reference64(x, w, b, a, bb, dy, scaling=1.5, dropout_p=0.2, seed=7,
+                               grads=("x", "lora_A", "lora_B"))
+        assert_close(y, y64, dtype, "y")
+        for name, g in zip(("x", "lora_A", "lora_B"), grads):
+            assert_close(g, g64[name], dtype, f"d{name}")
+        out = [len(grids) for grids in launches], list(ran), len(masks)
+        for seen in (*launches, ran, masks):
+            seen.clear()
+        return out
+
+    function = [("forward_triton", None), ("backward_triton", None)]
+    for _ in range(2):
+        assert step() == ([0, 0, 0], function + [("backward_cublas", None)], 2)
+        assert sorted(key[1][0] for key in ops._primed) == ["backward", "forward"]  # (once each)
+        assert all(plan is not None and plan.strategy != "cublas" for plan in ops._primed.values())
+    capturing[0] = True
+    launched, passes, mask_launches = step()
+    assert launched[0] > 0 and passes == function and mask_launches == 0  # (the primed Triton plan)
+
+
 @pytest.mark.parametrize("p, seed", [(0.0, None), (0.2, None), (0.2, 7), (0.2, 2**40)])
 def test_captured_calls_find_both_passes_primed_in_16_bits(monkeypatch, eager_here, p, seed):
     """bf16 (x, W, A, B bf16; the forward's xa fp32, as the backward's
@@ -687,33 +796,39 @@ def test_reduce_overhead_runs_the_primed_kernels_in_its_graphs(monkeypatch, rule
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="eager and captured calls on a CUDA device")
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_eager_calls_run_cublas_and_captured_ones_the_kernels(monkeypatch, rule_on, p):
-    """On a GPU, at dropout 0 and with dropout at small M: an eager call
-    launches no Triton kernel of the plan (with dropout, the keep-mask pass
-    only) and primes the Triton plan; a call captured in a CUDA graph after
+@pytest.mark.parametrize("m, p", [(64, 0.0), (64, 0.1), (320, 0.1)])
+def test_eager_calls_run_cublas_and_captured_ones_the_kernels(monkeypatch, rule_on, m, p):
+    """On a GPU, at dropout 0 and with dropout: an eager call launches no
+    Triton kernel of the plan (with dropout, the keep-mask pass only: once
+    at small M, where autograd keeps the mask; above
+    EAGER_KEPT_MASK_MAX_M tokens through the Function's cublas passes, once
+    a pass) and primes the Triton plan; a call captured in a CUDA graph after
     such warm-up runs that plan; both match the reference (the mask the
     seed's)."""
-    x = make_x((64, 256), BF16).requires_grad_()
+    x = make_x((m, 256), BF16).requires_grad_()
     w, b, a, bb = make_params(256, 128, 16, BF16, True)
     a.requires_grad_()
     bb.requires_grad_()
-    dy = torch.randn(64, 128, device=DEVICE, dtype=BF16)
+    dy = torch.randn(m, 128, device=DEVICE, dtype=BF16)
     launches, ran, masks = _launches(monkeypatch), _passes(monkeypatch), _mask_launches(monkeypatch)
+    records = dispatch.eager_records(m, p)
+    function = [] if records else [("forward_triton", None), ("backward_triton", None), ("backward_cublas", None)]
 
     def step():
         y = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, dropout_p=p, seed=4321, backend="triton")
         return (y, *torch.autograd.grad(y, (x, a, bb), dy))
 
     eager = step()
-    assert launches == [[], [], []] and ran == []  # (cuBLAS's products, autograd's backward)
-    assert len(masks) == (p > 0)
+    assert launches == [[], [], []] and ran == function  # (cuBLAS's products: autograd's backward, or the Function's)
+    assert len(masks) == (0 if p == 0 else 1 if records else 2)
+    ran.clear()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         step()  # (the usual warm-up on a side stream: eager, so cuBLAS, the Triton plan primed)
     torch.cuda.current_stream().wait_stream(stream)
-    assert launches == [[], [], []] and ran == []
+    assert launches == [[], [], []] and ran == function
+    ran.clear()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = step()
