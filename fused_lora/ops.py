@@ -562,14 +562,16 @@ def _eager_cublas(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bia
         x2 = x.view(-1, k)
     else:
         return None
+    if not dispatch.eager_records(x2.shape[0], dropout_p):
+        return None  # (the Function runs its plan: with dropout above the bound, its cublas passes)
     seed_kind = _seed_kind(seed, dropout_p)
     operands = tuple(map(_layout, _forward_operands(x2, weight, bias, lora_A, lora_B, seed_kind)))
     layout = (operands, dispatch.switches_state())
     primed = _eager_calls.get(layout, False)
     if primed is False:  # (the plan and the forward's priming, once a layout: plan_for costs the host µs)
         plan = plan_for(x2, weight, lora_A.shape[0], dropout_p, plain=True)
-        if plan.strategy != "cublas" or not dispatch.eager_records(x2.shape[0], dropout_p):
-            primed = None  # (the Function runs its plan: with dropout above the bound, its cublas passes)
+        if plan.strategy != "cublas":
+            primed = None
         elif plan.captured is None:  # (forced)
             primed = True
         else:

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .common import alloc, dequantize, in_bounds, is_interpreted, nf4_codes, repeat_groups
 from .configs import DEQUANT, cdiv
+from .launch import launch
 
 
 @triton.jit  # (W's sizes specialised as Triton does by default: the K tail's mask in runs of 16)
@@ -80,8 +81,8 @@ def dequantize_weight(weight: torch.Tensor, weight_scale: torch.Tensor, dtype: t
     if n == 0 or k == 0:
         return out
     upcast = is_interpreted(dequantize_kernel) and dtype == torch.bfloat16
-    dequantize_kernel[(cdiv(n, DEQUANT.block_rows), cdiv(k, DEQUANT.block_cols))](
+    launch(dequantize_kernel, (cdiv(n, DEQUANT.block_rows), cdiv(k, DEQUANT.block_cols)), (
         weight, weight_scale, code if nf4 else weight_scale, out, n, k, *weight.stride(),
         weight_scale.stride(0), weight_scale.stride(1) if nf4 else 0, *out.stride(),
-        NF4=nf4, GROUP=group, EVEN_K=k % DEQUANT.block_cols == 0, UPCAST=upcast, **DEQUANT.launch_kwargs())
+    ), dict(NF4=nf4, GROUP=group, EVEN_K=k % DEQUANT.block_cols == 0, UPCAST=upcast, **DEQUANT.launch_kwargs()))
     return out
