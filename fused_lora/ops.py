@@ -337,21 +337,25 @@ def backward_cublas(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lor
     where not needed): ``g = dy·B``; ``dx = dy·W + s·g·A`` (one product, then
     one in place), ``dA = s·gᵀ·x``, ``dB = s·dyᵀ·xa`` (xa in dy's dtype),
     ``db = Σ dy``, ``dW = dyᵀ·x``. With dropout, the keep-mask pass draws
-    ``keep`` again and ``dx = dy·W + s/(1-p)·(g·A) ⊙ keep``, ``dA =
-    s/(1-p)·gᵀ·(x ⊙ keep)``. dy2 (M, N), x2 (M, K), xa2 (M, r) fp32, the
-    forward pass's (``drop(x)·Aᵀ``)."""
+    ``keep`` again, ``dA = s/(1-p)·gᵀ·(x ⊙ keep)`` and ``dx = dy·W +
+    s/(1-p)·(g·A) ⊙ keep``: ``(g·A) ⊙ keep``, then ``dy·W`` added to it in
+    place (cuBLAS's C, scaled by ``s/(1-p)``), dA first, so that at most two
+    buffers of x's size are live at once (the mask, a byte an element, and
+    one of x's dtype: ``x ⊙ keep``, then dx). dy2 (M, N), x2 (M, K), xa2
+    (M, r) fp32, the forward pass's (``drop(x)·Aᵀ``)."""
     g = torch.mm(dy2, lora_B) if need_x or need_A else None
     keep = _keep(x2, dropout_p, seed) if dropout_p > 0.0 and g is not None else None
     lr_scale = scaling if keep is None else scaling / (1.0 - dropout_p)
     dx2 = d_w = d_bias = d_a = d_b = None
-    if need_x:
-        dx2 = torch.mm(dy2, weight)
-        if keep is None:
-            dx2.addmm_(g, lora_A, alpha=scaling)
-        else:
-            dx2.add_(torch.mm(g, lora_A).mul_(keep), alpha=lr_scale)
     if need_A:
         d_a = torch.mm(g.t(), x2 if keep is None else x2 * keep).mul_(lr_scale)
+    if need_x:
+        if keep is None:
+            dx2 = torch.mm(dy2, weight)
+            dx2.addmm_(g, lora_A, alpha=scaling)
+        else:
+            dx2 = torch.mm(g, lora_A).mul_(keep).addmm_(dy2, weight, beta=lr_scale)
+    keep = None  # (the mask's bytes freed before dW's product)
     if need_B:
         d_b = torch.mm(dy2.t(), xa2.to(dy2.dtype)).mul_(scaling)
     if need_bias:

@@ -25,10 +25,13 @@ import subprocess
 import sys
 import threading
 import warnings
+import weakref
 
 import pytest
 import torch
 import torch._dynamo.testing
+import torch.utils._python_dispatch
+import torch.utils._pytree
 import triton.language as tl
 
 import fused_lora
@@ -271,6 +274,58 @@ def test_backward_cublas_computes_only_what_is_asked(p):
         alone = ops.backward_cublas(dy2, x2, w, a, bb, xa, 2.0, *(j == i for j in range(5)), p, 5)
         assert all((g is None) == (j != i) for j, g in enumerate(alone)), i
         assert torch.equal(alone[i], every[i]), i
+
+
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The bytes of the storages that ops inside the block make, live at
+    once at most (``peak``): a storage counts until the last tensor seen on
+    it dies; those of ``given`` (the caller's: their views too) not at all."""
+
+    def __init__(self, *given):
+        super().__init__()
+        self.live = self.peak = 0
+        self.refs = {t.untyped_storage().data_ptr(): [1, 0] for t in given}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr():
+                key = t.untyped_storage().data_ptr()
+                if key not in self.refs:
+                    self.refs[key] = [0, t.untyped_storage().nbytes()]
+                    self.live += self.refs[key][1]
+                    self.peak = max(self.peak, self.live)
+                self.refs[key][0] += 1
+                weakref.finalize(t, self._drop, key)
+        return out
+
+    def _drop(self, key):
+        self.refs[key][0] -= 1
+        if not self.refs[key][0]:
+            self.live -= self.refs.pop(key)[1]
+
+
+@pytest.mark.parametrize("need_x, need_A", [(True, True), (True, False), (False, True)])
+def test_the_cublas_backward_with_dropout_holds_two_buffers_of_xs_size_at_most(monkeypatch, need_x, need_A):
+    """The Function's cublas backward with dropout (what eager calls above
+    EAGER_KEPT_MASK_MAX_M tokens run): the mask drawn again (a byte an
+    element of x) and one buffer of x's dtype at a time (x ⊙ keep for dA,
+    then dx, dy·W added to the masked term in place), beside the small
+    (M, r) and (r, K) ones; nothing else of x's size. (The keep-mask pass
+    stands in as a copy of its mask: the interpreter's own copies of a
+    kernel's arguments are no GPU's.)"""
+    m, k, n, r = 96, 80, 48, 4
+    x2, dy2 = torch.randn(m, k), torch.randn(m, n)
+    w, _, a, bb = make_params(k, n, r, torch.float32, False, device="cpu")
+    xa = x2 @ a.t()
+    keep = ops._keep(x2, 0.25, 11)
+    monkeypatch.setattr(ops, "_keep", lambda x2_, p, seed: keep.clone())
+    tracked = _LiveBytes(x2, dy2, w, a, bb, xa)
+    with tracked:
+        grads = ops.backward_cublas(dy2, x2, w, a, bb, xa, 2.0, need_x, False, False, need_A, True, 0.25, 11)
+    assert [g is not None for g in grads] == [need_x, False, False, need_A, True]
+    small = 4 * (2 * m * r + 2 * r * k + n * r)  # (g, dA, dB: every (M, r), (r, K) and (N, r) buffer, twice)
+    assert m * k * (1 + 4) <= tracked.peak <= m * k * (1 + 4) + small, tracked.peak
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "permuted"])  # (autograd's backward; the Function's passes)
