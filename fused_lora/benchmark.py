@@ -11,7 +11,9 @@ Providers (all compute ``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with W frozen
 and, on a preset's ``variant_cases``, ``fused:in_loop``, ``fused:split``,
 ``fused:hybrid`` and ``fused:cublas`` (``fused`` with that forward strategy
 forced; ``cublas`` is cuBLAS's products, with dropout on x ⊙ keep, the mask
-drawn by the keep-mask pass, which autograd differentiates in eager calls:
+drawn by the keep-mask pass, which autograd differentiates in eager calls
+but with dropout above ``dispatch.EAGER_KEPT_MASK_MAX_M`` tokens, where the
+autograd Function's passes run them, the mask drawn again in the backward:
 what the eager rule runs below its size), ``fused:pointers``
 (``fused`` with pointer tile loads: TMA off, as it is by default off Hopper) and
 ``fused:tma+persistent`` (TMA loads, its GEMMs on a persistent grid) and

@@ -1,15 +1,19 @@
 """Parity-testing helpers shared by the test suite and ``fused-lora check``:
-the tolerance table, input factories and the float64 oracle; and
+the tolerance table, input factories and the float64 oracle;
 :func:`fewer_interpreter_patches`, which both run Triton's CPU interpreter
-under."""
+under; and :class:`LiveBytes`, which the tests and ``bench/live_bytes.py``
+count the memory a computation holds with."""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
 import math
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from . import reference
 from .quant import dequantize_base, fp4_code
@@ -433,3 +437,40 @@ def shard(items: list, i: int, n: int, alone=lambda item: False) -> list:
     mine = group[j::k]
     start = j * len(mine) // k
     return mine[start:] + mine[:start]
+
+
+class LiveBytes(TorchDispatchMode):
+    """Inside the block, the bytes of the tensor storages that operators
+    make, live at once at most (``peak``; ``live``: now): a storage counts
+    from the operator that made it until the last tensor seen on it dies.
+    The storages of ``given`` (the caller's tensors) and of their views do
+    not count. What it sees are PyTorch's operators (a Triton kernel's
+    output too: its launcher allocates it with one), not an allocator's
+    caching or rounding. A fused_lora op called inside runs as one
+    ``torch.library`` operator (what a mode sees of it: its outputs), not
+    its passes: see ``bench/live_bytes.py``."""
+
+    def __init__(self, *given: torch.Tensor):
+        super().__init__()
+        self.live = self.peak = 0
+        self._refs = {t.untyped_storage().data_ptr(): [1, 0] for t in given}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr():
+                key = t.untyped_storage().data_ptr()
+                ref = self._refs.get(key)
+                if ref is None:
+                    ref = self._refs[key] = [0, t.untyped_storage().nbytes()]
+                    self.live += ref[1]
+                    self.peak = max(self.peak, self.live)
+                ref[0] += 1
+                weakref.finalize(t, self._drop, key)
+        return out
+
+    def _drop(self, key: int) -> None:
+        ref = self._refs[key]
+        ref[0] -= 1
+        if not ref[0]:
+            self.live -= self._refs.pop(key)[1]

@@ -547,6 +547,38 @@ def test_the_host_overhead_script_times_every_row_and_restores_the_kernels():
     assert torch.get_num_threads() == threads
 
 
+def test_the_live_bytes_script_sees_what_each_path_keeps(capsys):
+    """bench/live_bytes.py: what each path keeps for its backward (x's size
+    in fp32: 4 bytes an element, the mask 1): naive its dropped x and mask
+    with dropout; the fused kernels and the Function's cublas passes only
+    the (M, r) xa; the recorded cuBLAS products the mask and x ⊙ keep with
+    dropout, nothing of x's size without. The switches it stands in for
+    come back."""
+    from fused_lora import dispatch, ops
+
+    script = _bench_script("live_bytes")
+    saved = ops.direct_call, ops.eager_rule_applies, dispatch.eager_records
+    m, k, r = 40, 24, 4
+    res = script.measure(m=m, k=k, n=16, r=r, dtype=torch.float32)
+    unit = m * k
+    small = 4 * m * r + 64  # (xa, fp32, and the seed's few bytes)
+    assert sorted(res) == sorted([(name, p) for name, _ in script.PATHS for p in (0.0, 0.1)
+                                  if not (name == "fused Function cuBLAS" and p == 0.0)])
+    assert res[("naive", 0.1)][0] >= 4 * unit + unit  # (F.dropout's output and mask)
+    for name in ("fused Triton plan", "fused Function cuBLAS"):
+        assert res[(name, 0.1)][0] <= small, name
+    assert 5 * unit <= res[("fused eager cuBLAS, recorded", 0.1)][0] <= 5 * unit + small
+    for name in ("naive", "fused Triton plan", "fused eager cuBLAS, recorded"):
+        assert res[(name, 0.0)][0] <= small, name
+    for (name, p), (kept, peak) in res.items():
+        assert kept < peak, (name, p)  # (the peak holds y and the gradients besides)
+    assert (ops.direct_call, ops.eager_rule_applies, dispatch.eager_records) == saved
+    assert not dispatch.eager_cublas_setting()  # (the suite's setting: conftest.py)
+    assert script.main(["--m", "8", "--k", "16", "--n", "8", "--r", "2", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "kept p=0.1" in out and "fused Function cuBLAS" in out
+
+
 def _bench_script(name: str):
     import importlib.util
 

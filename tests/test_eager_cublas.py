@@ -25,18 +25,16 @@ import subprocess
 import sys
 import threading
 import warnings
-import weakref
 
 import pytest
 import torch
 import torch._dynamo.testing
-import torch.utils._python_dispatch
-import torch.utils._pytree
 import triton.language as tl
 
 import fused_lora
 from fused_lora import dispatch, ops
 from fused_lora.kernels import gemm, mask, skinny
+from fused_lora.testing import LiveBytes
 from lora_testing import DEVICE, assert_close, count_launches, make_params, make_x, reference64
 
 BF16 = torch.bfloat16
@@ -276,35 +274,6 @@ def test_backward_cublas_computes_only_what_is_asked(p):
         assert torch.equal(alone[i], every[i]), i
 
 
-class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """The bytes of the storages that ops inside the block make, live at
-    once at most (``peak``): a storage counts until the last tensor seen on
-    it dies; those of ``given`` (the caller's: their views too) not at all."""
-
-    def __init__(self, *given):
-        super().__init__()
-        self.live = self.peak = 0
-        self.refs = {t.untyped_storage().data_ptr(): [1, 0] for t in given}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr():
-                key = t.untyped_storage().data_ptr()
-                if key not in self.refs:
-                    self.refs[key] = [0, t.untyped_storage().nbytes()]
-                    self.live += self.refs[key][1]
-                    self.peak = max(self.peak, self.live)
-                self.refs[key][0] += 1
-                weakref.finalize(t, self._drop, key)
-        return out
-
-    def _drop(self, key):
-        self.refs[key][0] -= 1
-        if not self.refs[key][0]:
-            self.live -= self.refs.pop(key)[1]
-
-
 @pytest.mark.parametrize("need_x, need_A", [(True, True), (True, False), (False, True)])
 def test_the_cublas_backward_with_dropout_holds_two_buffers_of_xs_size_at_most(monkeypatch, need_x, need_A):
     """The Function's cublas backward with dropout (what eager calls above
@@ -320,7 +289,7 @@ def test_the_cublas_backward_with_dropout_holds_two_buffers_of_xs_size_at_most(m
     xa = x2 @ a.t()
     keep = ops._keep(x2, 0.25, 11)
     monkeypatch.setattr(ops, "_keep", lambda x2_, p, seed: keep.clone())
-    tracked = _LiveBytes(x2, dy2, w, a, bb, xa)
+    tracked = LiveBytes(x2, dy2, w, a, bb, xa)
     with tracked:
         grads = ops.backward_cublas(dy2, x2, w, a, bb, xa, 2.0, need_x, False, False, need_A, True, 0.25, 11)
     assert [g is not None for g in grads] == [need_x, False, False, need_A, True]
