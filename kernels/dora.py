@@ -37,6 +37,7 @@ import triton.language as tl
 from .common import alloc, dequantize, in_bounds, is_interpreted, load_operand, nf4_codes, repeat_groups
 from .configs import (DORA_NORM_16BIT, DORA_NORM_FP32, DORA_NORM_QUANTIZED_16BIT, DORA_NORM_QUANTIZED_FP32, NormConfig,
                       block_r_for, cdiv)
+from .launch import launch
 
 
 # W's sizes and the rank are specialised as Triton does by default (a K tail's
@@ -62,6 +63,9 @@ def dora_norm_kernel(
     stride_s,
     stride_s2,
     scaling,
+    bounds_ptr,  # (2 n,) int32 with ADAPTERS: adapter a's rank columns [bounds[2a], bounds[2a + 1]); else None
+    scales_ptr,  # (n,) fp32 with ADAPTERS: adapter a's scale (``scaling`` unused); else None
+    n_adapters,  # n, with ADAPTERS (out (n, N)); else 1
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -71,9 +75,6 @@ def dora_norm_kernel(
     INPUT_PRECISION: tl.constexpr,  # fp32 dots: "ieee"
     W_SCALE: tl.constexpr = 0,  # W quantized, dequantised as loaded: 1 int8, row n times s[n]; 2 NF4
     W_GROUP: tl.constexpr = 0,  # NF4: the absmax group along K
-    bounds_ptr=None,  # (2 n,) int32 with ADAPTERS: adapter a's rank columns [bounds[2a], bounds[2a + 1])
-    scales_ptr=None,  # (n,) fp32 with ADAPTERS: adapter a's scale (``scaling`` unused)
-    n_adapters=1,  # n, with ADAPTERS; out (n, N)
     ADAPTERS: tl.constexpr = 0,  # 0: one adapter (R, scaling); else a power of two >= n, the accumulator's width
 ):
     pid = tl.program_id(0)
@@ -180,13 +181,14 @@ def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
     cfg = norm_config(lora_A.element_size(), weight_scale is not None)
     block_r = block_r_for(r, cfg.max_block_r)
     upcast = is_interpreted(dora_norm_kernel) and lora_A.dtype == torch.bfloat16
-    dora_norm_kernel[(cdiv(n, cfg.block_n),)](
+    launch(dora_norm_kernel, (cdiv(n, cfg.block_n),), (
         weight, lora_B, lora_A, out, weight_scale if weight_scale is not None else out, code if nf4 else out,
         n, k, r, *weight.stride(), *lora_B.stride(), *lora_A.stride(),
         weight_scale.stride(0) if weight_scale is not None else 0, weight_scale.stride(1) if nf4 else 0,
-        float(scaling), BLOCK_R=block_r, EVEN_K=k % cfg.block_k == 0, ONE_R_TILE=r <= block_r, UPCAST=upcast,
-        INPUT_PRECISION="ieee", W_SCALE=2 if nf4 else int(weight_scale is not None), W_GROUP=group,
-        **cfg.launch_kwargs())
+        float(scaling), None, None, 1,
+    ), dict(BLOCK_R=block_r, EVEN_K=k % cfg.block_k == 0, ONE_R_TILE=r <= block_r, UPCAST=upcast,
+            INPUT_PRECISION="ieee", W_SCALE=2 if nf4 else int(weight_scale is not None), W_GROUP=group,
+            **cfg.launch_kwargs()))
     return out
 
 
@@ -221,12 +223,12 @@ def dora_norms(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
         return out
     cfg = norm_config(lora_A.element_size(), weight_scale is not None)
     upcast = is_interpreted(dora_norm_kernel) and lora_A.dtype == torch.bfloat16
-    dora_norm_kernel[(cdiv(n, cfg.block_n),)](
+    launch(dora_norm_kernel, (cdiv(n, cfg.block_n),), (
         weight, lora_B, lora_A, out, weight_scale if weight_scale is not None else out, code if nf4 else out,
         n, k, lora_A.shape[0], *weight.stride(), *lora_B.stride(), *lora_A.stride(),
         weight_scale.stride(0) if weight_scale is not None else 0, weight_scale.stride(1) if nf4 else 0,
-        1.0, BLOCK_R=block_r_for(max_rank, cfg.max_block_r), EVEN_K=k % cfg.block_k == 0, ONE_R_TILE=False,
-        UPCAST=upcast, INPUT_PRECISION="ieee", W_SCALE=2 if nf4 else int(weight_scale is not None), W_GROUP=group,
-        bounds_ptr=bounds, scales_ptr=scales, n_adapters=adapters, ADAPTERS=triton.next_power_of_2(adapters),
-        **cfg.launch_kwargs())
+        1.0, bounds, scales, adapters,
+    ), dict(BLOCK_R=block_r_for(max_rank, cfg.max_block_r), EVEN_K=k % cfg.block_k == 0, ONE_R_TILE=False,
+            UPCAST=upcast, INPUT_PRECISION="ieee", W_SCALE=2 if nf4 else int(weight_scale is not None),
+            W_GROUP=group, ADAPTERS=triton.next_power_of_2(adapters), **cfg.launch_kwargs()))
     return out
