@@ -61,6 +61,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 import fused_lora  # noqa: E402
 from fused_lora.kernels import gemm, mask, skinny  # noqa: E402
 from fused_lora.kernels import launch as launch_cache  # noqa: E402
+from fused_lora.testing import eager_cublas_here  # noqa: E402
 
 
 #: On a GPU, CUDA tensors in bf16 (real allocations; naive's kernels run); else
@@ -155,7 +156,8 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
                         fwd()
 
                 by_rule = name in ("fused eager cuBLAS", _FUNCTION_ROW)
-                with _eager_cublas(name == _FUNCTION_ROW) if by_rule else contextlib.nullcontext():
+                with (eager_cublas_here(records=False if name == _FUNCTION_ROW else None) if by_rule
+                      else contextlib.nullcontext()):
                     out[(f"{name} forward", p)] = _time_us(forward_only, reps)
                     out[(f"{name} forward+backward", p)] = _time_us(
                         lambda fwd=fwd: torch.autograd.grad(fwd(), (x, a, bb), dy), reps)
@@ -176,29 +178,6 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
 
 #: The row of eager calls with dropout above ``dispatch.EAGER_KEPT_MASK_MAX_M`` tokens.
 _FUNCTION_ROW = "fused Function cuBLAS"
-
-
-@contextlib.contextmanager
-def _eager_cublas(function: bool = False):
-    """Calls inside run by the eager rule (:func:`fused_lora.dispatch.eager_cublas_reason`:
-    cuBLAS's products that autograd differentiates, no Triton launch but the
-    keep-mask pass's with dropout); on a machine without CUDA as if x were
-    on a GPU with no CUDA graph being captured. ``function``: with dropout,
-    as if M were above ``dispatch.EAGER_KEPT_MASK_MAX_M`` (whatever it is):
-    the autograd Function's cublas passes, the keep-mask pass in each."""
-    ops, dispatch = fused_lora.ops, fused_lora.dispatch
-    saved = ops.eager_rule_applies, torch.cuda.is_current_stream_capturing, dispatch.eager_records
-    if DEVICE.type != "cuda":
-        ops.eager_rule_applies, torch.cuda.is_current_stream_capturing = (lambda device: True), (lambda: False)
-    if function:
-        dispatch.eager_records = lambda m, dropout_p: dropout_p == 0.0
-        ops._eager_calls.clear()  # (which remember whether a layout records)
-    try:
-        with dispatch.use_eager_cublas(True):
-            yield
-    finally:
-        ops.eager_rule_applies, torch.cuda.is_current_stream_capturing, dispatch.eager_records = saved
-        ops._eager_calls.clear()
 
 
 def _launches(fn) -> int:

@@ -50,7 +50,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import fused_lora  # noqa: E402
 from fused_lora import dispatch, ops  # noqa: E402
-from fused_lora.testing import LiveBytes  # noqa: E402
+from fused_lora.testing import LiveBytes, eager_cublas_here  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -63,20 +63,17 @@ PATHS = (("naive", None), ("fused Triton plan", "triton"), ("fused eager cuBLAS,
 def _path(how: str):
     """Calls inside run fused_lora's ``how`` path, as a plain eager call
     would (not as one operator of the mode)."""
-    saved = ops.direct_call, ops.eager_rule_applies, torch.cuda.is_current_stream_capturing, dispatch.eager_records
+    saved = ops.direct_call
     ops.direct_call = lambda *tensors: True
-    if how != "triton":
-        ops.eager_rule_applies = lambda device: True
-        if DEVICE.type != "cuda":
-            torch.cuda.is_current_stream_capturing = lambda: False
-        dispatch.eager_records = (lambda m, p: True) if how == "recorded" else (lambda m, p: p == 0.0)
-    ops._eager_calls.clear()  # (which remember how a layout runs)
     try:
-        with dispatch.use_eager_cublas(how != "triton"):
-            yield
+        if how == "triton":
+            with dispatch.use_eager_cublas(False):
+                yield
+        else:
+            with eager_cublas_here(records=how == "recorded"):
+                yield
     finally:
-        ops.direct_call, ops.eager_rule_applies, torch.cuda.is_current_stream_capturing, dispatch.eager_records = saved
-        ops._eager_calls.clear()
+        ops.direct_call = saved
 
 
 def measure(m: int = 512, k: int = 512, n: int = 512, r: int = 16, dtype: torch.dtype = torch.bfloat16) -> dict:

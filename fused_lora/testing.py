@@ -1,8 +1,9 @@
 """Parity-testing helpers shared by the test suite and ``fused-lora check``:
 the tolerance table, input factories and the float64 oracle;
 :func:`fewer_interpreter_patches`, which both run Triton's CPU interpreter
-under; and :class:`LiveBytes`, which the tests and ``bench/live_bytes.py``
-count the memory a computation holds with."""
+under; :class:`LiveBytes`, which the tests and ``bench/live_bytes.py``
+count the memory a computation holds with; and :func:`eager_cublas_here`,
+the eager rule's paths for the bench scripts on any machine."""
 
 from __future__ import annotations
 
@@ -474,3 +475,30 @@ class LiveBytes(TorchDispatchMode):
         ref[0] -= 1
         if not ref[0]:
             self.live -= self._refs.pop(key)[1]
+
+
+@contextlib.contextmanager
+def eager_cublas_here(records: bool | None = None):
+    """Inside the block, plain calls run as eager calls on a GPU do by the
+    eager rule (:func:`fused_lora.dispatch.eager_cublas_reason`, switched
+    on): on a machine without CUDA as if x were on one, no CUDA graph being
+    captured. ``records``: with dropout, whatever M is, cuBLAS's products
+    recorded for autograd (True: as up to
+    :data:`fused_lora.dispatch.EAGER_KEPT_MASK_MAX_M` tokens) or run by the
+    autograd Function's passes (False: as above it); None: as M says
+    (:func:`fused_lora.dispatch.eager_records`). Process-wide; everything
+    is put back after the block."""
+    from . import dispatch, ops
+
+    saved = ops.eager_rule_applies, torch.cuda.is_current_stream_capturing, dispatch.eager_records
+    if not torch.cuda.is_available():
+        ops.eager_rule_applies, torch.cuda.is_current_stream_capturing = (lambda device: True), (lambda: False)
+    if records is not None:
+        dispatch.eager_records = lambda m, dropout_p: dropout_p == 0.0 or records
+    ops._eager_calls.clear()  # (which remember how a layout runs)
+    try:
+        with dispatch.use_eager_cublas(True):
+            yield
+    finally:
+        ops.eager_rule_applies, torch.cuda.is_current_stream_capturing, dispatch.eager_records = saved
+        ops._eager_calls.clear()
