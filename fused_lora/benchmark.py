@@ -511,14 +511,18 @@ def peak_memory(step) -> int | None:
 # The roofline model (not a measurement)
 # ----------------------------------------------------------------------------
 
-def model(case: Case) -> dict:
+def model(case: Case, eager: bool | None = None) -> dict:
     """Ideal bytes, FLOPs and time of naive vs fused, forward and backward, at
     the H200 roofline (each kernel costs max(FLOPs/peak, bytes/bandwidth) + a launch).
 
     Naive forward kernels: base GEMM; [dropout: read x, write x' and mask];
     shrink; expand; scale; add. Naive backward: dB, g, dA, d(dropout), dx
-    (base), dx (lora) and their adds. Fused: the kernels that the dispatch
-    runs for the shape on sm_90 (``fused_lora.explain``): the forward GEMM
+    (base), dx (lora) and their adds. Fused: the kernels that ``fused`` runs
+    for the shape on sm_90 (``fused_lora.explain``) in an eager call
+    (``eager``; None: as the GPU timer times the case, eager above
+    :data:`CUDA_GRAPH_MAX_M` tokens) or a captured one: :func:`model_path`.
+    Where that is ``cublas`` (the eager rule's, or forced), cuBLAS's
+    products (:func:`_cublas_kernels`). Else the Triton plan: the forward GEMM
     (after the skinny pass over x, for ``split``, and with dropout the draw of
     the seed on the GPU before it); backward, the dy pass (g
     and dB, or dB alone where the dx GEMM computes g in its K loop), the dx
@@ -535,7 +539,9 @@ def model(case: Case) -> dict:
     it; fused draws it three times (the forward shrink, the dx epilogue, the
     dA pass; a forced ``in_loop`` forward draws it once per N tile, in its K
     loop). The dx GEMM draws its mask before its K loop, so there it adds
-    to the GEMM's time rather than hiding under it.
+    to the GEMM's time rather than hiding under it. The ``cublas`` path
+    draws it in the keep-mask pass (at the skinny passes' count: the same
+    draw), once, or, on the autograd Function's passes, twice.
     """
     m, k, n, r = case.m, case.k, case.n, case.r
     e = case.torch_dtype.itemsize
@@ -561,9 +567,91 @@ def model(case: Case) -> dict:
                  (m * k, 3 * e * m * k)]  # dx add
     if drop:
         naive_bwd.append((m * k, 2 * e * m * k + m * k))  # grad of the dropout
+    path = model_path(case, eager)
+    if path.startswith("cublas"):
+        fused_fwd, fused_bwd = _cublas_kernels(m, n, k, r, e, drop, path == CUBLAS_RECORDED, skinny_mask)
+    else:
+        fused_fwd, fused_bwd = _triton_plan_kernels(case, skinny_mask, dx_mask)
+    out = {"fused_path": path}
+    for name, kernels in (("naive_forward", naive_fwd), ("naive_backward", naive_bwd),
+                          ("fused_forward", fused_fwd), ("fused_backward", fused_bwd)):
+        out[f"{name}_s"] = _seconds(kernels)
+        out[f"{name}_flops"] = sum(kern[0] for kern in kernels)
+        out[f"{name}_bytes"] = sum(kern[1] for kern in kernels)
+        out[f"{name}_kernels"] = len(kernels)
+    out["speedup_forward"] = out["naive_forward_s"] / out["fused_forward_s"]
+    out["speedup_backward"] = out["naive_backward_s"] / out["fused_backward_s"]
+    out["speedup_forward+backward"] = ((out["naive_forward_s"] + out["naive_backward_s"])
+                                       / (out["fused_forward_s"] + out["fused_backward_s"]))
+    return out
+
+
+#: :func:`model_path`'s names of the ``cublas`` paths: cuBLAS's products
+#: recorded for autograd, or run by the autograd Function's passes
+#: (:func:`fused_lora.dispatch.eager_records`).
+CUBLAS_RECORDED, CUBLAS_FUNCTION = "cublas, recorded", "cublas, Function"
+
+
+def model_path(case: Case, eager: bool | None = None) -> str:
+    """The path of ``fused`` that :func:`model` prices for ``case`` on sm_90:
+    the Triton plan's strategy, or, where an eager call (``eager``; None: as
+    the GPU timer times the case) runs ``cublas`` by the eager rule or a
+    forced ``cublas`` runs, :data:`CUBLAS_RECORDED` or :data:`CUBLAS_FUNCTION`."""
+    from . import dispatch
+
+    eager = case.m > CUDA_GRAPH_MAX_M if eager is None else eager
+    strategy = default_strategy(case, "sm_90", eager)
+    if strategy != "cublas":
+        return strategy
+    # (a captured call runs a forced cublas on the Function's passes: autograd records nothing in a graph)
+    return CUBLAS_RECORDED if eager and dispatch.eager_records(case.m, case.dropout) else CUBLAS_FUNCTION
+
+
+def _cublas_kernels(m, n, k, r, e, drop, records, mask_ops) -> tuple[list, list]:
+    """The forward's and the backward's kernels of the ``cublas`` path
+    (:func:`fused_lora.ops.forward_cublas`; ``records``: autograd's backward
+    of its products, else :func:`fused_lora.ops.backward_cublas`), as
+    :func:`model` prices them; ``mask_ops``: the integer ops of drawing the
+    (m, k) mask once (0 without dropout). x requires its gradient, A and B
+    train, W and the bias are frozen (the benchmark's step)."""
+    keep = [(0, m * k, mask_ops)]  # the keep-mask pass: a byte an element
+    masked_x = [(m * k, 2 * e * m * k + m * k)]  # x ⊙ keep (or a gradient ⊙ keep)
+    fwd = ([(0, 4)] + keep + masked_x if drop else []) + [  # (the seed drawn on the GPU first)
+        (2 * m * k * r, e * (m * k + r * k + m * r)),  # xa = x·Aᵀ
+        (2 * m * n * k, e * (m * k + n * k + m * n)),  # y = b + x·Wᵀ
+        (2 * m * n * r, e * (m * r + n * r + 2 * m * n))]  # y += s·xa·Bᵀ, in place
+    if records:  # autograd's backward of the products
+        bwd = [(2 * m * n * r, e * (m * n + n * r + m * r)), (m * r, 2 * e * m * r),  # d(xa) = dy·B, times s
+               (2 * m * n * r, e * (m * n + m * r + n * r)), (n * r, 2 * e * n * r),  # dB, times s
+               (2 * m * n * k, e * (m * n + n * k + m * k)),  # dy·W
+               (2 * m * k * r, e * (m * r + r * k + m * k)),  # d(xa)·A
+               (2 * m * k * r, e * (m * r + m * k + r * k))]  # dA
+        return fwd, bwd + (masked_x if drop else []) + [(m * k, 3 * e * m * k)]  # [⊙ keep], the sum of dx's two
+    # the autograd Function's passes hand xa on in fp32 (with dropout (1 - p)·drop(x)·Aᵀ, scaled back)
+    fwd += [(0, e * m * r + 4 * m * r)] + ([(m * r, 8 * m * r)] if drop else [])
+    bwd = [(2 * m * n * r, e * (m * n + n * r + m * r))]  # g = dy·B
+    bwd += (keep + masked_x) if drop else []  # the mask drawn again, x ⊙ keep
+    bwd += [(2 * m * k * r, e * (m * r + m * k + r * k)), (r * k, 2 * e * r * k)]  # dA, times s[/(1-p)]
+    if drop:  # dx = (g·A) ⊙ keep, then dy·W added in place (cuBLAS's C)
+        bwd += [(2 * m * k * r, e * (m * r + r * k + m * k))] + masked_x
+        bwd += [(2 * m * n * k, e * (m * n + n * k + 2 * m * k))]
+    else:  # dx = dy·W, then s·g·A added in place
+        bwd += [(2 * m * n * k, e * (m * n + n * k + m * k)), (2 * m * k * r, e * (m * r + r * k + 2 * m * k))]
+    bwd += [(0, 4 * m * r + e * m * r),  # xa in dy's dtype
+            (2 * m * n * r, e * (m * n + m * r + n * r)), (n * r, 2 * e * n * r)]  # dB, times s
+    return fwd, bwd
+
+
+def _triton_plan_kernels(case: Case, skinny_mask: float, dx_mask: float) -> tuple[list, list]:
+    """The forward's and the backward's kernels of the Triton plan for
+    ``case`` on sm_90, as :func:`model` prices them."""
     from . import dispatch
     from .kernels import skinny
     from .kernels.configs import cdiv
+
+    m, k, n, r = case.m, case.k, case.n, case.r
+    e = case.torch_dtype.itemsize
+    drop = case.dropout > 0
 
     plan = dispatch.plan(m, n, k, r, case.torch_dtype, case.dropout, arch=90, interpreter=False)
 
@@ -607,28 +695,18 @@ def model(case: Case) -> dict:
             fused_bwd += gemm(2 * m * n * k + 2 * m * k * r, e * (m * n + n * k + m * k), m * k,
                               plan.dx_gemm.split_k, 0, dx_mask)
     fused_bwd += skinny_pass(2 * m * k * r, m, k, False, True, skinny_mask)  # the dA pass
+    return fused_fwd, fused_bwd
 
-    def seconds(kernels):
-        # (FLOPs, bytes[, integer ops overlapping them[, integer ops before them]])
-        total = 0.0
-        for flops, nbytes, *ints in kernels:
-            overlapped, serial = (list(ints) + [0, 0])[:2]
-            total += max(flops / PEAK_FLOPS, nbytes / PEAK_BYTES_PER_S, overlapped / PEAK_INT_OPS_PER_S)
-            total += serial / PEAK_INT_OPS_PER_S + LAUNCH_S
-        return total
 
-    out = {}
-    for name, kernels in (("naive_forward", naive_fwd), ("naive_backward", naive_bwd),
-                          ("fused_forward", fused_fwd), ("fused_backward", fused_bwd)):
-        out[f"{name}_s"] = seconds(kernels)
-        out[f"{name}_flops"] = sum(kern[0] for kern in kernels)
-        out[f"{name}_bytes"] = sum(kern[1] for kern in kernels)
-        out[f"{name}_kernels"] = len(kernels)
-    out["speedup_forward"] = out["naive_forward_s"] / out["fused_forward_s"]
-    out["speedup_backward"] = out["naive_backward_s"] / out["fused_backward_s"]
-    out["speedup_forward+backward"] = ((out["naive_forward_s"] + out["naive_backward_s"])
-                                       / (out["fused_forward_s"] + out["fused_backward_s"]))
-    return out
+def _seconds(kernels) -> float:
+    """:func:`model`'s time of ``kernels``: each (FLOPs, bytes[, integer ops
+    overlapping them[, integer ops before them]])."""
+    total = 0.0
+    for flops, nbytes, *ints in kernels:
+        overlapped, serial = (list(ints) + [0, 0])[:2]
+        total += max(flops / PEAK_FLOPS, nbytes / PEAK_BYTES_PER_S, overlapped / PEAK_INT_OPS_PER_S)
+        total += serial / PEAK_INT_OPS_PER_S + LAUNCH_S
+    return total
 
 
 def model_table(cases) -> str:
@@ -636,16 +714,20 @@ def model_table(cases) -> str:
              f"H200 at {PEAK_FLOPS / 1e12:.0f} TFLOP/s and {PEAK_BYTES_PER_S / 1e12:.1f} TB/s; each kernel costs "
              f"max(FLOPs/peak, bytes/bandwidth, mask integer ops/{PEAK_INT_OPS_PER_S / 1e12:.1f} T/s) "
              f"+ {LAUNCH_S * 1e6:.0f} µs launch (integer ops per element of a drawn dropout mask: "
-             f"{NAIVE_MASK_INT_OPS_PER_ELEMENT} in PyTorch's dropout, which naive runs once; fused draws it three "
-             f"times, {FUSED_MASK_INT_OPS_PER_ELEMENT['skinny']} in each skinny pass and "
+             f"{NAIVE_MASK_INT_OPS_PER_ELEMENT} in PyTorch's dropout, which naive runs once; fused's Triton plan "
+             f"draws it three times, {FUSED_MASK_INT_OPS_PER_ELEMENT['skinny']} in each skinny pass and "
              f"{FUSED_MASK_INT_OPS_PER_ELEMENT['dx']} in the dx GEMM, which draws it before its K loop, so there it "
-             "adds to the GEMM's time).", "",
-             "| case | naive fwd GB | fused fwd GB | naive fwd µs | fused fwd µs | naive bwd GB | fused bwd GB "
-             "| model ×fwd | model ×bwd | model ×fwd+bwd |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "adds to the GEMM's time; its `cublas` path in the keep-mask pass, at the skinny passes' count, once "
+             f"where autograd records cuBLAS's products (`{CUBLAS_RECORDED}`), twice on the autograd Function's "
+             f"passes (`{CUBLAS_FUNCTION}`)). `fused path`: what `fused` runs as the GPU timer times the case "
+             f"(eager above {CUDA_GRAPH_MAX_M} tokens, where the dispatch's eager rule may run `cublas`; in a CUDA "
+             "graph at or below, the Triton plan).", "",
+             "| case | fused path | naive fwd GB | fused fwd GB | naive fwd µs | fused fwd µs | naive bwd GB "
+             "| fused bwd GB | model ×fwd | model ×bwd | model ×fwd+bwd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for case in cases:
         mo = model(case)
-        lines.append(f"| {case.label()} | {mo['naive_forward_bytes'] / 1e9:.3f} "
+        lines.append(f"| {case.label()} | {mo['fused_path']} | {mo['naive_forward_bytes'] / 1e9:.3f} "
                      f"| {mo['fused_forward_bytes'] / 1e9:.3f} "
                      f"| {mo['naive_forward_s'] * 1e6:.1f} | {mo['fused_forward_s'] * 1e6:.1f} "
                      f"| {mo['naive_backward_bytes'] / 1e9:.3f} | {mo['fused_backward_bytes'] / 1e9:.3f} "

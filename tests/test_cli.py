@@ -250,6 +250,66 @@ def test_roofline_model_counts_the_kernels_the_fused_step_launches(monkeypatch, 
     assert len(launches[0][0]) == 2 and launches[0][0][1] > 1  # the forward GEMM split along K
 
 
+@pytest.mark.parametrize("p, records", [(0.0, True), (0.1, True), (0.0, False), (0.1, False)])
+def test_roofline_model_counts_the_kernels_the_cublas_path_launches(monkeypatch, p, records):
+    """Where ``fused`` runs ``cublas`` (an eager call by the dispatch's rule),
+    the model prices cuBLAS's products, recorded for autograd or run by the
+    autograd Function's passes: counted here by the operators a step
+    dispatches that compute (each a kernel on a GPU: no view, no bare
+    allocation) and the keep-mask pass's launches, x requiring its gradient,
+    A and B trained, as the benchmark's step."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    from fused_lora import dispatch, ops
+    from fused_lora.kernels import common, mask
+    from fused_lora.testing import eager_cublas_here
+
+    kernels = []
+    real = mask.keep_mask_kernel
+
+    class Launching(type(real)):  # (the interpreter's own operators are not the GPU's kernels)
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                kernels.append("keep_mask_kernel")
+                with _disable_current_modes():
+                    return real[grid](*args, **kwargs)
+            return run
+
+    launching = object.__new__(Launching)
+    launching.__dict__.update(vars(real))
+    monkeypatch.setattr(mask, "keep_mask_kernel", launching)
+
+    class Computing(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # (not a view, an allocation, or reading a number: the int seed's CPU tensor read by the host)
+            if not func.is_view and func.overloadpacket.__name__ not in ("empty", "empty_strided",
+                                                                          "_local_scalar_dense"):
+                kernels.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(common, "_poison", False)  # (no fill of the mask's bytes: the GPU's alloc has none)
+    monkeypatch.setattr(ops, "direct_call", lambda *tensors: True)  # (the passes, not one operator of the mode)
+    m, k, n, r = 300, 64, 48, 8
+    case = benchmark.Case(m, k, n, r, "float16", p)
+    inp = benchmark.Inputs.make(case, "cpu")
+    dy = torch.randn(m, n, dtype=torch.float16)
+    counts = []
+    with eager_cublas_here():
+        monkeypatch.setattr(dispatch, "eager_records", lambda m, dropout_p: records)
+        mo = benchmark.model(case, eager=True)
+        for _ in range(2):  # (the first call primes the Triton plan, which the model does not price)
+            kernels.clear()
+            with Computing():
+                y = benchmark.make_forward("fused", inp)()
+                forward = len(kernels)
+                torch.autograd.grad(y, inp.leaves("fused"), dy)
+            counts.append((forward, len(kernels) - forward))
+    assert mo["fused_path"] == (benchmark.CUBLAS_RECORDED if records else benchmark.CUBLAS_FUNCTION)
+    assert kernels.count("keep_mask_kernel") == (0 if not p else 1 if records else 2)
+    assert "mm" in kernels and "addmm" in kernels  # (cuBLAS's products ran: the path is the model's)
+    assert (mo["fused_forward_kernels"], mo["fused_backward_kernels"]) == counts[1], kernels
+
+
 @pytest.mark.parametrize("shrink, tn, colsum, partial_bytes", [
     (True, True, False, None), (True, True, False, 3000), (False, True, False, 3000), (False, True, True, None),
     (False, False, True, 500), (True, False, False, None), (True, True, True, 2000)])
