@@ -38,18 +38,28 @@ def opcheck_lora_ops(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, 
     return y, xa, dy
 
 
-def count_launches(monkeypatch, module, kernel: str) -> list:
+def count_launches(monkeypatch, module, kernel: str, outside_modes: bool = False) -> list:
     """The grids of ``module.kernel``'s launches from now on, in order. The
     counter is of the kernel's own type, with its state: a launcher that asks
     what it is (``kernels.common.is_interpreted``: the interpreter's bf16
-    upcast) gets the answer it would without the counter."""
+    upcast) gets the answer it would without the counter. ``outside_modes``:
+    each launch runs with the dispatch modes of the moment off (a mode that
+    counts operators then sees none of the interpreter's own)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
     grids = []
     real = getattr(module, kernel)
 
     class Counting(type(real)):
         def __getitem__(self, grid):
             grids.append(grid)
-            return real[grid]
+            if not outside_modes:
+                return real[grid]
+
+            def run(*args, **kwargs):
+                with _disable_current_modes():
+                    return real[grid](*args, **kwargs)
+            return run
 
     counting = object.__new__(Counting)
     counting.__dict__.update(vars(real))
