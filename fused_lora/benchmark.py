@@ -12,8 +12,8 @@ and, on a preset's ``variant_cases``, ``fused:in_loop``, ``fused:split``,
 ``fused:hybrid`` and ``fused:cublas`` (``fused`` with that forward strategy
 forced; ``cublas`` is cuBLAS's products, with dropout on x ⊙ keep, the mask
 drawn by the keep-mask pass, which autograd differentiates in eager calls
-but with dropout above ``dispatch.EAGER_KEPT_MASK_MAX_M`` tokens, where the
-autograd Function's passes run them, the mask drawn again in the backward:
+but with dropout above ``dispatch.EAGER_KEPT_MASK_MAX_M`` tokens, where
+an autograd Function of its own runs them, the mask drawn again in the backward:
 what the eager rule runs below its size), ``fused:pointers``
 (``fused`` with pointer tile loads: TMA off, as it is by default off Hopper) and
 ``fused:tma+persistent`` (TMA loads, its GEMMs on a persistent grid) and
@@ -541,7 +541,7 @@ def model(case: Case, eager: bool | None = None) -> dict:
     loop). The dx GEMM draws its mask before its K loop, so there it adds
     to the GEMM's time rather than hiding under it. The ``cublas`` path
     draws it in the keep-mask pass (at the skinny passes' count: the same
-    draw), once, or, on the autograd Function's passes, twice.
+    draw), once, or, where its autograd Function runs the products, twice.
     """
     m, k, n, r = case.m, case.k, case.n, case.r
     e = case.torch_dtype.itemsize
@@ -587,8 +587,8 @@ def model(case: Case, eager: bool | None = None) -> dict:
 
 
 #: :func:`model_path`'s names of the ``cublas`` paths: cuBLAS's products
-#: recorded for autograd, or run by the autograd Function's passes
-#: (:func:`fused_lora.dispatch.eager_records`).
+#: recorded for autograd, or run by its autograd Function
+#: (``ops._LoRALinearCublasFunction``; :func:`fused_lora.dispatch.eager_records`).
 CUBLAS_RECORDED, CUBLAS_FUNCTION = "cublas, recorded", "cublas, Function"
 
 
@@ -603,7 +603,9 @@ def model_path(case: Case, eager: bool | None = None) -> str:
     strategy = default_strategy(case, "sm_90", eager)
     if strategy != "cublas":
         return strategy
-    # (a captured call runs a forced cublas on the Function's passes: autograd records nothing in a graph)
+    # (eager: autograd records cuBLAS's products, or, with dropout above EAGER_KEPT_MASK_MAX_M tokens, the
+    # cublas Function runs them; a captured call runs a forced cublas on the generic Function's passes, which
+    # also cast xa to fp32 and back: three small kernels more than priced)
     return CUBLAS_RECORDED if eager and dispatch.eager_records(case.m, case.dropout) else CUBLAS_FUNCTION
 
 
@@ -627,8 +629,7 @@ def _cublas_kernels(m, n, k, r, e, drop, records, mask_ops) -> tuple[list, list]
                (2 * m * k * r, e * (m * r + r * k + m * k)),  # d(xa)·A
                (2 * m * k * r, e * (m * r + m * k + r * k))]  # dA
         return fwd, bwd + (masked_x if drop else []) + [(m * k, 3 * e * m * k)]  # [⊙ keep], the sum of dx's two
-    # the autograd Function's passes hand xa on in fp32 (with dropout (1 - p)·drop(x)·Aᵀ, scaled back)
-    fwd += [(0, e * m * r + 4 * m * r)] + ([(m * r, 8 * m * r)] if drop else [])
+    # the eager call's cublas Function (ops._LoRALinearCublasFunction) keeps xa as the forward made it
     bwd = [(2 * m * n * r, e * (m * n + n * r + m * r))]  # g = dy·B
     bwd += (keep + masked_x) if drop else []  # the mask drawn again, x ⊙ keep
     bwd += [(2 * m * k * r, e * (m * r + m * k + r * k)), (r * k, 2 * e * r * k)]  # dA, times s[/(1-p)]
@@ -637,8 +638,7 @@ def _cublas_kernels(m, n, k, r, e, drop, records, mask_ops) -> tuple[list, list]
         bwd += [(2 * m * n * k, e * (m * n + n * k + 2 * m * k))]
     else:  # dx = dy·W, then s·g·A added in place
         bwd += [(2 * m * n * k, e * (m * n + n * k + m * k)), (2 * m * k * r, e * (m * r + r * k + 2 * m * k))]
-    bwd += [(0, 4 * m * r + e * m * r),  # xa in dy's dtype
-            (2 * m * n * r, e * (m * n + m * r + n * r)), (n * r, 2 * e * n * r)]  # dB, times s
+    bwd += [(2 * m * n * r, e * (m * n + m * r + n * r)), (n * r, 2 * e * n * r)]  # dB, times s[/(1-p)]
     return fwd, bwd
 
 
@@ -718,8 +718,8 @@ def model_table(cases) -> str:
              f"draws it three times, {FUSED_MASK_INT_OPS_PER_ELEMENT['skinny']} in each skinny pass and "
              f"{FUSED_MASK_INT_OPS_PER_ELEMENT['dx']} in the dx GEMM, which draws it before its K loop, so there it "
              "adds to the GEMM's time; its `cublas` path in the keep-mask pass, at the skinny passes' count, once "
-             f"where autograd records cuBLAS's products (`{CUBLAS_RECORDED}`), twice on the autograd Function's "
-             f"passes (`{CUBLAS_FUNCTION}`)). `fused path`: what `fused` runs as the GPU timer times the case "
+             f"where autograd records cuBLAS's products (`{CUBLAS_RECORDED}`), twice where its autograd Function "
+             f"runs them (`{CUBLAS_FUNCTION}`)). `fused path`: what `fused` runs as the GPU timer times the case "
              f"(eager above {CUDA_GRAPH_MAX_M} tokens, where the dispatch's eager rule may run `cublas`; in a CUDA "
              "graph at or below, the Triton plan).", "",
              "| case | fused path | naive fwd GB | fused fwd GB | naive fwd µs | fused fwd µs | naive bwd GB "

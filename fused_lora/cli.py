@@ -116,7 +116,7 @@ def check_cases(on_gpu: bool) -> list[dict]:
         aligned_int8 = ((4, 257), 1024, 784)  # TMA of an int8 W: its rows (in_features) 16 bytes
         many_tiles_int8 = many_tiles  # (in_features 2048: 16-byte int8 rows too)
         nf4_decoded, nf4_whole = small_m, shapes[1]  # (NF4 in groups of 16: in_features a multiple of 16)
-        wide_m = shapes[0]  # cublas with dropout above dispatch.EAGER_KEPT_MASK_MAX_M tokens: the Function's passes
+        wide_m = shapes[0]  # cublas with dropout above dispatch.EAGER_KEPT_MASK_MAX_M tokens: the cublas Function
     else:
         shapes = [((3, 19), 53, 41), ((123,), 70, 45)]
         from .testing import interpreted_tma_k_n
@@ -244,7 +244,7 @@ def cmd_check(args) -> int:
               dispatch.use_persistent(case["persistent"]), dispatch.use_tma_descriptors(case["tma_descriptors"])):
             # (the plan the forward runs on parity_case's operands: contiguous, its base in the case's format)
             x2, weight, weight_scale = _check_operands(case, device)
-            redrawn = not dispatch.eager_records(x2.shape[0], case["dropout_p"])  # (cublas: the Function's passes)
+            redrawn = not dispatch.eager_records(x2.shape[0], case["dropout_p"])  # (cublas: its Function, mask redrawn)
             plan = ops.plan_for(x2, weight, case["r"], case["dropout_p"], weight_scale=weight_scale,
                                 plain=not (case["row_scaled"] or case["adapters"]))
             try:

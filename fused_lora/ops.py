@@ -324,6 +324,7 @@ def forward_cublas(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tens
     return y2, xa
 
 
+@_on_the_operands_device
 def _keep(x2: Tensor, dropout_p: float, seed: int | Tensor) -> Tensor:
     """The keep-mask of x2 (M, K), bool: :func:`fused_lora.dropout_mask`'s,
     which every pass draws, from the keep-mask pass (one launch)."""
@@ -332,7 +333,7 @@ def _keep(x2: Tensor, dropout_p: float, seed: int | Tensor) -> Tensor:
 
 def backward_cublas(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa2: Tensor,
                     scaling: float, need_x: bool, need_weight: bool, need_bias: bool, need_A: bool, need_B: bool,
-                    dropout_p: float = 0.0, seed: int | Tensor = 0):
+                    dropout_p: float = 0.0, seed: int | Tensor = 0, xa_factor: float = 1.0):
     """``(dx2, dW, db, dA, dB)`` of :func:`forward_cublas` on cuBLAS (None
     where not needed): ``g = dy·B``; ``dx = dy·W + s·g·A`` (one product, then
     one in place), ``dA = s·gᵀ·x``, ``dB = s·dyᵀ·xa`` (xa in dy's dtype),
@@ -342,7 +343,10 @@ def backward_cublas(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lor
     place (cuBLAS's C, scaled by ``s/(1-p)``), dA first, so that at most two
     buffers of x's size are live at once (the mask, a byte an element, and
     one of x's dtype: ``x ⊙ keep``, then dx). dy2 (M, N), x2 (M, K), xa2
-    (M, r) fp32, the forward pass's (``drop(x)·Aᵀ``)."""
+    (M, r): ``drop(x)·Aᵀ / xa_factor``, the forward pass's (the Triton
+    plan's and the generic Function's: drop(x)·Aᵀ in fp32, ``xa_factor``
+    1; :class:`_LoRALinearCublasFunction`'s: :func:`forward_cublas`'s xa as
+    it made it, ``(x ⊙ keep)·Aᵀ`` in x's dtype, ``xa_factor`` 1/(1-p))."""
     g = torch.mm(dy2, lora_B) if need_x or need_A else None
     keep = _keep(x2, dropout_p, seed) if dropout_p > 0.0 and g is not None else None
     lr_scale = scaling if keep is None else scaling / (1.0 - dropout_p)
@@ -357,7 +361,7 @@ def backward_cublas(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lor
             dx2 = torch.mm(g, lora_A).mul_(keep).addmm_(dy2, weight, beta=lr_scale)
     keep = None  # (the mask's bytes freed before dW's product)
     if need_B:
-        d_b = torch.mm(dy2.t(), xa2.to(dy2.dtype)).mul_(scaling)
+        d_b = torch.mm(dy2.t(), xa2.to(dy2.dtype)).mul_(scaling * xa_factor)
     if need_bias:
         d_bias = dy2.sum(0)
     if need_weight:
@@ -534,12 +538,14 @@ def _eager_cublas(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bia
     fused_lora's in it; with dropout it keeps the mask and ``x ⊙ keep`` for
     that backward, as PyTorch's dropout does, so only up to
     :data:`fused_lora.dispatch.EAGER_KEPT_MASK_MAX_M` tokens
-    (:func:`fused_lora.dispatch.eager_records`; above, None: the Function
-    runs its ``cublas`` passes, the mask drawn again in the backward). Where
-    the rule applies, the host's time decides a step, and there the
-    Function's Python, forward and backward, cost more than the products'
-    launches. ``seed``: the call's (drawn already where it was None), any
-    value without dropout.
+    (:func:`fused_lora.dispatch.eager_records`; above,
+    :class:`_LoRALinearCublasFunction` runs :func:`forward_cublas` and
+    :func:`backward_cublas`, the mask drawn again in the backward, nothing
+    of x's size kept). Where the rule applies, the host's time decides a
+    step, and there the generic Function's Python, forward and backward
+    (its plan and priming key asked at each pass, its checks of a dozen
+    operands), cost more than the products' launches. ``seed``: the
+    call's (drawn already where it was None), any value without dropout.
 
     Applies to an eager call (:func:`direct_call`, no CUDA graph being
     captured) whose x flattens without a copy (autograd would keep the copy
@@ -566,8 +572,7 @@ def _eager_cublas(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bia
         x2 = x.view(-1, k)
     else:
         return None
-    if not dispatch.eager_records(x2.shape[0], dropout_p):
-        return None  # (the Function runs its plan: with dropout above the bound, its cublas passes)
+    records = dispatch.eager_records(x2.shape[0], dropout_p)
     seed_kind = _seed_kind(seed, dropout_p)
     operands = tuple(map(_layout, _forward_operands(x2, weight, bias, lora_A, lora_B, seed_kind)))
     layout = (operands, dispatch.switches_state())
@@ -587,7 +592,11 @@ def _eager_cublas(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bia
         _eager_calls[layout] = primed
     if primed is None:
         return None
-    y2, _ = forward_cublas(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    if records or not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))):
+        y2, _ = forward_cublas(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    else:
+        y2 = _LoRALinearCublasFunction.apply(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     if primed is not True and y2.requires_grad:
         needs = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad,
                  lora_A.requires_grad, lora_B.requires_grad)
@@ -595,6 +604,38 @@ def _eager_cublas(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bia
             y2.register_hook(functools.partial(_prime_backward, primed, needs, x2, weight, lora_A, lora_B, scaling,
                                                dropout_p, seed))
     return y2 if x.dim() == 2 else y2.view(*x.shape[:-1], n)
+
+
+class _LoRALinearCublasFunction(torch.autograd.Function):
+    """An eager ``cublas`` call with dropout above
+    :data:`fused_lora.dispatch.EAGER_KEPT_MASK_MAX_M` tokens
+    (:func:`_eager_cublas`): :func:`forward_cublas`, then
+    :func:`backward_cublas` with the mask drawn again from the seed; keeps
+    x2, the weights, the (M, r) ``(x ⊙ keep)·Aᵀ`` in x's dtype and a seed
+    tensor. No plan asked, no priming key made (the caller primed): what the
+    generic Function's passes cost the host at every step."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        y2, xa = forward_cublas(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        seed_t = seed if isinstance(seed, Tensor) else None
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, xa, seed_t)
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.has_bias = scaling, dropout_p, seed, bias is not None
+        return y2
+
+    @staticmethod
+    def backward(ctx, dy2):
+        x2, weight, lora_A, lora_B, xa, seed_t = ctx.saved_tensors
+        seed = ctx.seed if seed_t is None else seed_t
+        need = list(ctx.needs_input_grad[:5])
+        need[2] = need[2] and ctx.has_bias
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = _differentiable_gradients(dy2, x2, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed,
+                                              need, None, (), None)
+        else:
+            grads = backward_cublas(dy2, x2, weight, lora_A, lora_B, xa, ctx.scaling, *need, ctx.dropout_p, seed,
+                                    xa_factor=1.0 / (1.0 - ctx.dropout_p))
+        return (*grads, None, None, None)
 
 
 def _prime_backward(primed: set, needs: tuple, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,

@@ -521,8 +521,8 @@ def eager_cublas_here(records: bool | None = None):
     on): on a machine without CUDA as if x were on one, no CUDA graph being
     captured. ``records``: with dropout, whatever M is, cuBLAS's products
     recorded for autograd (True: as up to
-    :data:`fused_lora.dispatch.EAGER_KEPT_MASK_MAX_M` tokens) or run by the
-    autograd Function's passes (False: as above it); None: as M says
+    :data:`fused_lora.dispatch.EAGER_KEPT_MASK_MAX_M` tokens) or run by
+    their autograd Function (False: as above it); None: as M says
     (:func:`fused_lora.dispatch.eager_records`). Process-wide; everything
     is put back after the block."""
     from . import dispatch, ops

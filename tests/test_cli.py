@@ -253,8 +253,8 @@ def test_roofline_model_counts_the_kernels_the_fused_step_launches(monkeypatch, 
 @pytest.mark.parametrize("p, records", [(0.0, True), (0.1, True), (0.0, False), (0.1, False)])
 def test_roofline_model_counts_the_kernels_the_cublas_path_launches(monkeypatch, p, records):
     """Where ``fused`` runs ``cublas`` (an eager call by the dispatch's rule),
-    the model prices cuBLAS's products, recorded for autograd or run by the
-    autograd Function's passes: counted here by the operators a step
+    the model prices cuBLAS's products, recorded for autograd or run by
+    their autograd Function: counted here by the operators a step
     dispatches that compute (each a kernel on a GPU: no view, no bare
     allocation) and the keep-mask pass's launches, x requiring its gradient,
     A and B trained, as the benchmark's step."""
@@ -581,7 +581,7 @@ def test_the_host_overhead_script_times_every_row_and_restores_the_kernels():
     assert launches[("fused eager cuBLAS forward", 0.0)] == launches[("fused eager cuBLAS forward+backward", 0.0)] == 0
     # (with dropout the keep-mask pass, once: autograd keeps the mask for the backward)
     assert launches[("fused eager cuBLAS forward", 0.1)] == launches[("fused eager cuBLAS forward+backward", 0.1)] == 1
-    # (the Function's cublas passes, as above EAGER_KEPT_MASK_MAX_M tokens: the keep-mask pass in each)
+    # (the cublas Function, as above EAGER_KEPT_MASK_MAX_M tokens: the keep-mask pass in each pass)
     assert launches[("fused Function cuBLAS forward", 0.1)] == 1
     assert launches[("fused Function cuBLAS forward+backward", 0.1)] == 2
     assert script.gemm.launch is script.skinny.launch is script.mask.launch  # (restored)
@@ -624,7 +624,7 @@ def test_live_bytes_counts_the_engines_sum_of_two_gradients_in_its_first_buffer(
 def test_the_live_bytes_script_sees_what_each_path_keeps(capsys):
     """bench/live_bytes.py: what each path keeps for its backward (x's size
     in fp32: 4 bytes an element, the mask 1): naive its dropped x and mask
-    with dropout; the fused kernels and the Function's cublas passes only
+    with dropout; the fused kernels and the cublas Function only
     the (M, r) xa; the recorded cuBLAS products the mask and x ⊙ keep with
     dropout, nothing of x's size without. The switches it stands in for
     come back."""

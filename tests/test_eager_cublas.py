@@ -6,14 +6,15 @@ dropout its mask drawn by the keep-mask pass
 (``dispatch.eager_cublas_reason``): the fifth GPU run found the Triton
 passes' steps bound by the host's launches there. It records the products
 for autograd's own backward, but with dropout above
-``dispatch.EAGER_KEPT_MASK_MAX_M`` tokens, where the autograd Function
-runs them and draws the mask again rather than keep it. It primes the Triton plan it stands in for (kernels
+``dispatch.EAGER_KEPT_MASK_MAX_M`` tokens, where an autograd Function of
+its own (``ops._LoRALinearCublasFunction``) runs them and draws the mask
+again rather than keep it. It primes the Triton plan it stands in for (kernels
 compiled and loaded, none run), which a call captured into a CUDA graph
 then runs (cuBLAS where not primed: CUDA loads no module mid-capture). Its
 numbers against the float64 reference are in ``test_parity.py`` (forced,
 every dtype, layout and rank: eager calls but a permuted x's record the
-products for autograd's own backward, the rest run the autograd Function's
-passes); here: the rule, its switch, its fallbacks, explain, the eager path
+products for autograd's own backward or run the cublas Function, a permuted
+x's the generic autograd Function's passes); here: the rule, its switch, its fallbacks, explain, the eager path
 and where it steps aside, priming, and on a GPU the eager and captured
 calls themselves. The
 suite runs with the rule off (``conftest.py``); these tests turn it on.
@@ -80,7 +81,8 @@ def _passes(monkeypatch):
         monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **kw: (
             kw.get("_plan") is None and ran.append((_name, dispatch.forced_strategy())), _real(*a, **kw))[1])
     real_bwd = ops.backward_cublas
-    monkeypatch.setattr(ops, "backward_cublas", lambda *a: ran.append(("backward_cublas", None)) or real_bwd(*a))
+    monkeypatch.setattr(ops, "backward_cublas",
+                        lambda *a, **kw: ran.append(("backward_cublas", None)) or real_bwd(*a, **kw))
     return ran
 
 
@@ -134,7 +136,7 @@ def test_the_rule(rule_on):
     most = dispatch.EAGER_KEPT_MASK_MAX_M
     for dtype in (BF16, torch.float16, torch.float32):
         # with dropout: cublas at any M below the size, the mask kept by autograd up to `most` tokens only
-        # (dispatch.eager_records: above, the Function's passes draw it again)
+        # (dispatch.eager_records: above, the cublas Function draws it again)
         kept = strategy(mnk=(most, 4096, 4096), dtype=dtype, p=0.1)
         assert kept.strategy == "cublas" and "kept for the backward with x ⊙ keep" in kept.reason
         assert kept.captured == dispatch.device_plan(CPU, most, 4096, 4096, 16, dtype, 0.1)
@@ -297,25 +299,28 @@ def test_the_cublas_backward_with_dropout_holds_two_buffers_of_xs_size_at_most(m
     assert m * k * (1 + 4) <= tracked.peak <= m * k * (1 + 4) + small, tracked.peak
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "permuted"])  # (autograd's backward; the Function's passes)
+# (13 tokens: autograd's backward; 100 with dropout: the cublas Function's; permuted: the generic Function's passes)
+@pytest.mark.parametrize("tokens, layout", [(13, "contiguous"), (100, "contiguous"), (13, "permuted")])
 @pytest.mark.parametrize("p", [0.0, 0.2])
-def test_forced_cublas_is_deterministic(p, layout):
+def test_forced_cublas_is_deterministic(p, tokens, layout):
     """Bitwise the same output and gradients run after run: of the same
-    seed, or of the same torch.manual_seed (seed=None: drawn)."""
-    x = make_x((3, 13, 64), torch.float32, layout).requires_grad_()
+    seed, or of the same torch.manual_seed (seed=None: drawn, and read by
+    the keep-mask pass from its tensor: the int seed of its value gives the
+    same bits)."""
+    x = make_x((3, tokens, 64), torch.float32, layout).requires_grad_()
     w, b, a, bb = make_params(64, 48, 8, torch.float32, True)
     a.requires_grad_()
     bb.requires_grad_()
-    dy = torch.randn(3, 13, 48, device=x.device)
+    dy = torch.randn(3, tokens, 48, device=x.device)
     runs = []
     with dispatch.force_strategy("cublas"):
-        for i in range(4):
+        for i in range(5):
             if i >= 2:
                 torch.manual_seed(77)
-            y = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, dropout_p=p, seed=5 if i < 2 else None,
-                                       backend="triton")
+            seed = 5 if i < 2 else None if i < 4 else fused_lora.dropout.draw_seed(x.device)
+            y = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, dropout_p=p, seed=seed, backend="triton")
             runs.append((y, *torch.autograd.grad(y, (x, a, bb), dy)))
-    for one, other in ((runs[0], runs[1]), (runs[2], runs[3])):
+    for one, other in ((runs[0], runs[1]), (runs[2], runs[3]), (runs[2], runs[4])):
         for first, second in zip(one, other):
             assert torch.equal(first, second)
 
@@ -447,15 +452,16 @@ def test_what_an_eager_call_keeps_for_its_backward(eager_here, p):
     ((257, 40), ("lora_A",), 0.25),
     ((263, 40), ("lora_B",), 0.3),
 ])
-def test_eager_calls_with_dropout_above_the_bound_run_the_functions_passes(monkeypatch, request, how, shape, need,
-                                                                            p):
+def test_eager_calls_with_dropout_above_the_bound_run_the_cublas_function(monkeypatch, request, how, shape, need,
+                                                                          p):
     """With dropout above EAGER_KEPT_MASK_MAX_M tokens an eager call that
-    runs cublas (by the rule or forced) goes through the autograd Function,
-    whose cublas passes draw the mask in the forward and again in the
-    backward (only where dx or dA needs it): no other Triton launch, the
-    values and each gradient asked for the float64 reference's, and nothing
-    of x's size kept for the backward: beyond the caller's tensors only the
-    (M, r) fp32 xa and the seed."""
+    runs cublas (by the rule or forced) goes through the cublas autograd
+    Function (no pass of the generic one), which draws the mask in the
+    forward and again in the backward (only where dx or dA needs it): no
+    other Triton launch, the values and each gradient asked for the float64
+    reference's, and nothing of x's size kept for the backward: beyond the
+    caller's tensors only the (M, r) xa, in x's dtype (an int seed stays on
+    the Function)."""
     request.getfixturevalue("eager_here" if how == "rule" else "forced_cublas")
     m = 1
     for d in shape[:-1]:
@@ -471,14 +477,14 @@ def test_eager_calls_with_dropout_above_the_bound_run_the_functions_passes(monke
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = fused_lora.lora_linear(x, w, a, bb, b, scaling=0.75, dropout_p=p, seed=99, backend="triton")
-    assert "LoRALinear" in type(y.grad_fn).__name__ and len(masks) == 1
+    node = y.grad_fn if len(shape) == 2 else y.grad_fn.next_functions[0][0]  # (3-D: a view of its output)
+    assert type(node).__name__ == "_LoRALinearCublasFunctionBackward" and len(masks) == 1
     own = {t.data_ptr() for t in (x, w, b, a, bb)}
     kept = sorted((str(t.dtype), tuple(t.shape)) for t in saved if t.data_ptr() not in own)
-    assert kept == [("torch.float32", (*shape[:-1], 6)), ("torch.int64", ())]  # (xa, and the seed)
+    assert kept == [("torch.float32", (m, 6))]  # (xa)
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [inputs[n] for n in need], dy)
-    forced = "cublas" if how == "forced" else None
-    assert ran == [("forward_triton", forced), ("backward_triton", forced), ("backward_cublas", None)]
+    assert ran == [("backward_cublas", None)]
     assert launches == [[], [], []] and len(masks) == 1 + ("x" in need or "lora_A" in need)
     y64, g64 = reference64(x, w, b, a, bb, dy, scaling=0.75, dropout_p=p, seed=99, grads=need)
     assert_close(y, y64, dtype, "y")
@@ -511,26 +517,30 @@ def test_eager_calls_whose_x_would_be_copied_run_the_function(monkeypatch, eager
         assert_close(g, g64[name], dtype, f"d{name}")
 
 
-def test_eager_calls_are_deterministic_and_differentiate_twice(eager_here):
-    """Bitwise the same output and gradients run after run; and, autograd's
-    own products, gradients that differentiate again (create_graph=True)
-    to the float64 reference's second derivatives."""
+@pytest.mark.parametrize("tokens, p", [(9, 0.0), (9, 0.3), (150, 0.3)])  # (150 with dropout: the cublas Function)
+def test_eager_calls_are_deterministic_and_differentiate_twice(eager_here, tokens, p):
+    """Bitwise the same output and gradients run after run; and gradients
+    that differentiate again (create_graph=True) to the float64 reference's
+    second derivatives: autograd's own of the products, or, from the cublas
+    Function, the reference's in PyTorch ops, the mask the seed's."""
     dtype = torch.float32
-    x = make_x((2, 9, 32), dtype).requires_grad_()
+    x = make_x((2, tokens, 32), dtype).requires_grad_()
     w, b, a, bb = make_params(32, 16, 4, dtype, True)
     a.requires_grad_()
     bb.requires_grad_()
-    dy = torch.randn(2, 9, 16)
+    dy = torch.randn(2, tokens, 16)
     runs = []
     for _ in range(2):
-        y = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, backend="triton")
+        y = fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, dropout_p=p, seed=11, backend="triton")
         runs.append((y, *torch.autograd.grad(y, (x, a, bb), dy)))
+    node = type(y.grad_fn.next_functions[0][0]).__name__
+    assert (node == "_LoRALinearCublasFunctionBackward") == (not dispatch.eager_records(2 * tokens, p)), node
     for first, second in zip(*runs):
         assert torch.equal(first, second)
-    v = torch.randn(2, 9, 32)
+    v = torch.randn(2, tokens, 32)
 
     def second_derivatives(x, a, bb, dy):
-        y = fused_lora.lora_linear(x, w.to(x.dtype), a, bb, b.to(x.dtype), scaling=2.0,
+        y = fused_lora.lora_linear(x, w.to(x.dtype), a, bb, b.to(x.dtype), scaling=2.0, dropout_p=p, seed=11,
                                    backend="triton" if x.dtype == dtype else "torch")
         dx, = torch.autograd.grad(y, x, dy, create_graph=True)
         return torch.autograd.grad((dx * v.to(x.dtype)).sum(), (a, bb))
@@ -645,10 +655,12 @@ def test_eager_calls_prime_the_triton_plan_that_captured_calls_run(monkeypatch, 
 
 
 def test_eager_calls_through_the_function_prime_what_captured_calls_run(monkeypatch, eager_here):
-    """With dropout above EAGER_KEPT_MASK_MAX_M tokens, the eager call's
-    Function passes (cuBLAS's products, the keep-mask pass in each) prime
-    its Triton plan, forward and backward, once; a call captured after it
-    runs that plan. Both the float64 reference's values."""
+    """With dropout above EAGER_KEPT_MASK_MAX_M tokens, the eager calls'
+    cublas Function (cuBLAS's products, the keep-mask pass in each pass)
+    primes their Triton plan once, the forward's in the first call, the
+    backward's in the first backward; a call captured after them runs that
+    plan on the generic Function's passes. Both the float64 reference's
+    values."""
     capturing = eager_here
     launches, ran, masks = _launches(monkeypatch), _passes(monkeypatch), _mask_launches(monkeypatch)
     dtype = torch.float32
@@ -659,7 +671,6 @@ def test_eager_calls_through_the_function_prime_what_captured_calls_run(monkeypa
 
     def step():
         y = fused_lora.lora_linear(x, w, a, bb, b, scaling=1.5, dropout_p=0.2, seed=7, backend="triton")
-        assert not y._backward_hooks  # (the Function primes its backward in its backward)
         dy = torch.randn_like(y)
         grads = torch.autograd.grad(y, (x, a, bb), dy)
         y64, g64 = reference64(x, w, b, a, bb, dy, scaling=1.5, dropout_p=0.2, seed=7,
@@ -674,7 +685,7 @@ def test_eager_calls_through_the_function_prime_what_captured_calls_run(monkeypa
 
     function = [("forward_triton", None), ("backward_triton", None)]
     for _ in range(2):
-        assert step() == ([0, 0, 0], function + [("backward_cublas", None)], 2)
+        assert step() == ([0, 0, 0], [("backward_cublas", None)], 2)
         assert sorted(key[1][0] for key in ops._primed) == ["backward", "forward"]  # (once each)
         assert all(plan is not None and plan.strategy != "cublas" for plan in ops._primed.values())
     capturing[0] = True
@@ -825,7 +836,7 @@ def test_eager_calls_run_cublas_and_captured_ones_the_kernels(monkeypatch, rule_
     """On a GPU, at dropout 0 and with dropout: an eager call launches no
     Triton kernel of the plan (with dropout, the keep-mask pass only: once
     at small M, where autograd keeps the mask; above
-    EAGER_KEPT_MASK_MAX_M tokens through the Function's cublas passes, once
+    EAGER_KEPT_MASK_MAX_M tokens through the cublas Function, once
     a pass) and primes the Triton plan; a call captured in a CUDA graph after
     such warm-up runs that plan; both match the reference (the mask the
     seed's)."""

@@ -707,13 +707,13 @@ def test_the_passes_make_their_operands_gpu_current(monkeypatch):
         operand = Operand(device)
         assert probe(operand, 2, three=3) is operand
         assert ran_on.pop() == (expected, (2,), {"three": 3}) and current == [0], device
-    # (both passes are wrapped so, kernels and all: the wrapper's code, around the pass)
-    for pass_fn in (ops.forward_triton, ops.backward_triton):
+    # (both passes are wrapped so, kernels and all, and the cublas passes' keep-mask launch: the wrapper's code)
+    for pass_fn in (ops.forward_triton, ops.backward_triton, ops._keep):
         assert pass_fn.__code__ is probe.__code__ and pass_fn.__wrapped__.__name__ == pass_fn.__name__
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-@pytest.mark.parametrize("strategy", ["in_loop", "split", "hybrid"])
+@pytest.mark.parametrize("strategy", ["in_loop", "split", "hybrid", "cublas"])  # (cublas: the keep-mask pass)
 def test_a_layer_on_another_gpu_than_the_current_one(strategy):
     """x and the weights on cuda:1 while cuda:0 is current: every kernel runs
     on cuda:1 (else Triton refuses the pointers, or reads them across GPUs),
