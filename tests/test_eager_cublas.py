@@ -551,6 +551,36 @@ def test_eager_calls_are_deterministic_and_differentiate_twice(eager_here, token
         assert_close(g, g64, dtype, name)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("tokens", [9, 150])  # (2 × 150 with dropout: the cublas Function)
+def test_eager_calls_under_activation_checkpointing_draw_the_same_mask_again(eager_here, tokens, reentrant):
+    """torch.utils.checkpoint around eager calls that draw their seed
+    (seed=None): the recomputed forward draws the same seed, so the same
+    mask, and the gradients are bitwise those without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = make_x((2, tokens, 32), torch.float32).requires_grad_()
+    w, b, a, bb = make_params(32, 16, 4, torch.float32, True)
+    a.requires_grad_()
+    bb.requires_grad_()
+
+    def block(x):
+        return fused_lora.lora_linear(x, w, a, bb, b, scaling=2.0, dropout_p=0.3, backend="triton").square()
+
+    def gradients(seed, run):
+        torch.manual_seed(seed)
+        for t in (x, a, bb):
+            t.grad = None
+        run(x).sum().backward()  # (the reentrant checkpoint takes no autograd.grad)
+        return x.grad, a.grad, bb.grad
+
+    plain = gradients(5, block)
+    again = gradients(5, lambda x: checkpoint(block, x, use_reentrant=reentrant))
+    for first, second in zip(plain, again):
+        assert torch.equal(first, second)
+    assert not torch.equal(gradients(6, block)[1], plain[1])  # (another seed: another mask)
+
+
 def test_a_compiled_call_traces_the_op_in_one_graph(monkeypatch, eager_here):
     """While torch.compile traces, the eager path is not taken (nor asked
     about: no graph break, fullgraph=True), the op is; compiled and eager
