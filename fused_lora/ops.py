@@ -618,9 +618,10 @@ class _LoRALinearCublasFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         y2, xa = forward_cublas(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        seed_t = seed if isinstance(seed, Tensor) else None
+        seed_t = seed if isinstance(seed, Tensor) else None  # (a tensor saved as such, an int on ctx)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, xa, seed_t)
-        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.has_bias = scaling, dropout_p, seed, bias is not None
+        ctx.scaling, ctx.dropout_p, ctx.has_bias = scaling, dropout_p, bias is not None
+        ctx.seed = seed if seed_t is None else None
         return y2
 
     @staticmethod
