@@ -135,7 +135,7 @@ rc_bench=$?
 # launches through the launch cache (the default: a specialisation compiled before goes to its compiled
 # kernel, without Triton's binding and key); then the same without it (FUSED_LORA_LAUNCH_CACHE=0), and with
 # kernel-made TMA descriptors; and at M=4096 with and without the cache; then the default (cuBLAS; with
-# dropout after the keep-mask pass, recorded for autograd at M=16, through the autograd Function's passes at
+# dropout after the keep-mask pass, recorded for autograd at M=16, through their autograd Function at
 # M=4096, which the row "fused Function cuBLAS" times at both M) at M=16 and M=4096. After the benchmark, whose table comes
 # first: the runs share an 80 s deadline (each about 10 s, most of it imports), and none starts after 435 s, so
 # that the script ends within the device call's 480 s; a run not started says so.

@@ -29,9 +29,9 @@ without CUDA standing in, as if x were on a GPU: cuBLAS's three products,
 with dropout on x ⊙ keep after the keep-mask pass's one launch, which
 autograd differentiates itself; the Triton plan primed once, before the
 timing); the row ``fused Function cuBLAS`` the rule's path with dropout
-above ``dispatch.EAGER_KEPT_MASK_MAX_M`` tokens, whatever M is timed: the
-autograd Function's cublas passes, the keep-mask pass in each, nothing of
-x's size kept. Naive LoRA is timed beside it (on a CPU
+above ``dispatch.EAGER_KEPT_MASK_MAX_M`` tokens, whatever M is timed: its
+autograd Function (``ops._LoRALinearCublasFunction``), the keep-mask pass
+in each pass, nothing of x's size kept. Naive LoRA is timed beside it (on a CPU
 in float32, at tiny sizes, where its math is a small part of its time: read
 it as the floor of PyTorch's own dispatch and autograd for the same
 composition). Host times of this machine.

@@ -21,8 +21,8 @@ K input features), at dropout 0 and 0.1, for:
   ``dispatch.EAGER_KEPT_MASK_MAX_M`` tokens (cuBLAS's products recorded for
   autograd, which keeps the mask and x ⊙ keep with dropout);
 * ``fused Function cuBLAS``: what it runs above that many tokens with
-  dropout (the autograd Function's cublas passes, the mask drawn again in
-  the backward).
+  dropout (its autograd Function, ``ops._LoRALinearCublasFunction``, the
+  mask drawn again in the backward).
 
 Each path is run as the dispatch would run it on a GPU whatever M is
 given (the rule stood in for on a machine without CUDA). A mode sees a
