@@ -526,7 +526,7 @@ _eager_calls: dict = {}
 
 
 def _eager_cublas(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None,
-                  scaling: float, dropout_p: float, seed: int | Tensor) -> Tensor | None:
+                  scaling: float, dropout_p: float, seed: int | Tensor, differentiated: bool) -> Tensor | None:
     """y of a plain call (a float base, no row scale, no adapters) that runs
     ``cublas``, by the eager rule
     (:func:`fused_lora.dispatch.eager_cublas_reason`) or forced
@@ -545,7 +545,9 @@ def _eager_cublas(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bia
     step, and there the generic Function's Python, forward and backward
     (its plan and priming key asked at each pass, its checks of a dozen
     operands), cost more than the products' launches. ``seed``: the
-    call's (drawn already where it was None), any value without dropout.
+    call's (drawn already where it was None), any value without dropout;
+    ``differentiated``: grad mode on and an operand requiring its gradient
+    (else the products run alone, nothing recorded).
 
     Applies to an eager call (:func:`direct_call`, no CUDA graph being
     captured) whose x flattens without a copy (autograd would keep the copy
@@ -592,8 +594,7 @@ def _eager_cublas(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bia
         _eager_calls[layout] = primed
     if primed is None:
         return None
-    if records or not (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))):
+    if records or not differentiated:
         y2, _ = forward_cublas(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     else:
         y2 = _LoRALinearCublasFunction.apply(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
@@ -1266,12 +1267,12 @@ def _lora_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
         # value drawn on the host would be frozen into the graph: one mask for
         # every replay). torch.manual_seed seeds it; checkpointing restores it.
         seed = draw_seed_tensor(x.device)
-    if row_scale is None and not adapters and weight_scale is None:
-        y = _eager_cublas(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
-        if y is not None:
-            return y
     differentiated = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
+    if row_scale is None and not adapters and weight_scale is None:
+        y = _eager_cublas(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, differentiated)
+        if y is not None:
+            return y
     adapters = adapters or (None,) * 3
     if not differentiated and direct_call(x, weight, bias, lora_A, lora_B, row_scale, weight_scale, weight_code,
                                           adapter_p, *adapters):

@@ -149,6 +149,8 @@ def _fsdp2_refuses_integer_parameters(mesh) -> str:
     try:
         fully_shard(module, mesh=mesh)
     except RuntimeError as exc:
+        if "can require gradients" not in str(exc):  # (only that bug skips; anything else fails the test)
+            raise
         return str(exc)
     return ""
 

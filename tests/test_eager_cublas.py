@@ -446,14 +446,15 @@ def test_what_an_eager_call_keeps_for_its_backward(eager_here, p):
 
 
 @pytest.mark.parametrize("how", ["rule", "forced"])
-@pytest.mark.parametrize("shape, need, p", [
-    ((300, 40), ("x", "lora_A", "lora_B"), 0.1),
-    ((2, 129, 40), ("x", "weight", "bias", "lora_B"), 0.5),
-    ((257, 40), ("lora_A",), 0.25),
-    ((263, 40), ("lora_B",), 0.3),
+@pytest.mark.parametrize("shape, need, p, dtype", [  # (bf16: cuBLAS's products and the keep-mask pass's bytes only)
+    ((300, 40), ("x", "lora_A", "lora_B"), 0.1, torch.float32),
+    ((2, 129, 40), ("x", "weight", "bias", "lora_B"), 0.5, torch.float32),
+    ((257, 40), ("lora_A",), 0.25, torch.float32),
+    ((263, 40), ("lora_B",), 0.3, torch.float32),
+    ((270, 40), ("x", "lora_A", "lora_B"), 0.2, BF16),
 ])
 def test_eager_calls_with_dropout_above_the_bound_run_the_cublas_function(monkeypatch, request, how, shape, need,
-                                                                          p):
+                                                                          p, dtype):
     """With dropout above EAGER_KEPT_MASK_MAX_M tokens an eager call that
     runs cublas (by the rule or forced) goes through the cublas autograd
     Function (no pass of the generic one), which draws the mask in the
@@ -467,7 +468,6 @@ def test_eager_calls_with_dropout_above_the_bound_run_the_cublas_function(monkey
     for d in shape[:-1]:
         m *= d
     assert m > dispatch.EAGER_KEPT_MASK_MAX_M and not dispatch.eager_records(m, p)
-    dtype = torch.float32
     x = make_x(shape, dtype).requires_grad_("x" in need)
     w, b, a, bb = make_params(40, 24, 6, dtype, True)
     inputs = {"x": x, "weight": w, "bias": b, "lora_A": a, "lora_B": bb}
@@ -481,7 +481,7 @@ def test_eager_calls_with_dropout_above_the_bound_run_the_cublas_function(monkey
     assert type(node).__name__ == "_LoRALinearCublasFunctionBackward" and len(masks) == 1
     own = {t.data_ptr() for t in (x, w, b, a, bb)}
     kept = sorted((str(t.dtype), tuple(t.shape)) for t in saved if t.data_ptr() not in own)
-    assert kept == [("torch.float32", (m, 6))]  # (xa)
+    assert kept == [(str(dtype), (m, 6))]  # (xa, as cuBLAS's product made it)
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [inputs[n] for n in need], dy)
     assert ran == [("backward_cublas", None)]
