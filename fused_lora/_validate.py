@@ -108,6 +108,8 @@ def check_combination(name: str, adapters, weights, count: int, where: str = "")
 
 
 def check_scaling(scaling) -> float:
+    if type(scaling) is float and -math.inf < scaling < math.inf:  # (the usual case, without the ABC checks)
+        return scaling
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
     scaling = float(scaling)

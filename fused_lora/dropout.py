@@ -78,6 +78,8 @@ def halves16(words) -> torch.Tensor:
 
 
 def check_seed(seed, name: str = "seed") -> int:
+    if type(seed) is int and 0 <= seed < 2**63:  # (the usual case, without the ABC checks' host time)
+        return seed
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(seed).__name__}")
     seed = int(seed)
@@ -87,6 +89,8 @@ def check_seed(seed, name: str = "seed") -> int:
 
 
 def check_dropout_p(p, name: str = "dropout_p") -> float:
+    if type(p) is float and 0.0 <= p < 1.0:  # (the usual case, without the ABC checks' host time)
+        return p
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"{name} must be a float in [0, 1), got {type(p).__name__}")
     p = float(p)

@@ -1707,7 +1707,6 @@ def _peft_set_requires_grad(peft_model: nn.Module, *args, **kwargs):
 PEFT_BASE_NAME = "__base__"
 
 
-@contextlib.contextmanager
 def _peft_forward_hooks(peft_model: nn.Module, *args, **kwargs):
     """PEFT's tuner's ``_enable_peft_forward_hooks``, which the PeftModel's
     ``forward`` and ``generate`` enter: given ``adapter_names`` (a batch that
@@ -1721,13 +1720,19 @@ def _peft_forward_hooks(peft_model: nn.Module, *args, **kwargs):
     ``num_beams``, but not to an encoder's layers); merged fused layers take
     them too. A layer of several adapters gets each sample's adapter's index
     (-1 for ``"__base__"``). Names that no layer holds, or a model in training mode, are
-    refused as PEFT refuses them (``ValueError``)."""
+    refused as PEFT refuses them (``ValueError``). Without either (every
+    training step): PEFT's own context manager, nothing looked up or
+    wrapped around it."""
+    if kwargs.get("adapter_names") is None and kwargs.get("alora_offsets") is None:
+        return _peft_tuner_call(peft_model, "_enable_peft_forward_hooks", *args, **kwargs)
+    return _peft_forward_hooks_given(peft_model, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _peft_forward_hooks_given(peft_model: nn.Module, *args, **kwargs):
+    """:func:`_peft_forward_hooks` given ``adapter_names`` or ``alora_offsets``."""
     names = kwargs.get("adapter_names")
     offsets = kwargs.get("alora_offsets")
-    if names is None and offsets is None:  # (every training step: no look-up of the converted layers)
-        with _peft_tuner_call(peft_model, "_enable_peft_forward_hooks", *args, **kwargs):
-            yield
-        return
     layers = _converted_layers(peft_model)
     converted = {n: original for n, (_, original) in layers.items()}
     if names is None and converted:

@@ -905,12 +905,14 @@ class LoRALinear(_QuantizedBase, nn.Module):
         (which a merged forward does not draw): one batch, in any mode."""
         weight = self.base_weight()
         scale = self._buffers.get("weight_scale")  # (an int8 base's; as use_dora, without __getattr__'s cost)
-        if self.merged and (not with_adapter or row_scale is not None):
-            weight = self._unmerged_weight.t() if self.fan_in_fan_out else self._unmerged_weight
-        if not with_adapter or (self.merged and row_scale is None):
+        unmerged = self._buffers.get("_unmerged_weight")  # (merged: not None; read once, likewise)
+        merged = unmerged is not None
+        if merged and (not with_adapter or row_scale is not None):
+            weight = unmerged.t() if self.fan_in_fan_out else unmerged
+        if not with_adapter or (merged and row_scale is None):
             return _base_linear(self, x, weight)
         lora_A, lora_B = self.lora_A, self.lora_B
-        if self.merged:
+        if merged:
             lora_A, lora_B = lora_A.detach(), lora_B.detach()
         # (e.g. fp32 adapters on a bf16 base: compute in the base's dtype; an int8 base's: x's)
         dtype = weight.dtype if scale is None else _compute_dtype(x, scale)
@@ -923,7 +925,7 @@ class LoRALinear(_QuantizedBase, nn.Module):
                                scaling=self.scaling, dropout_p=self.dropout if self.training else 0.0,
                                weight_scale=scale, weight_code=code, backend=self.backend)
         return lora_linear(x, weight, lora_A, lora_B, bias, scaling=self.scaling,
-                           dropout_p=self.dropout if self.training and not self.merged else 0.0,
+                           dropout_p=self.dropout if self.training and not merged else 0.0,
                            row_scale=row_scale, weight_scale=scale, weight_code=code, backend=self.backend)
 
     # -- merging ----------------------------------------------------------------
