@@ -162,15 +162,17 @@ echo "-- the default dispatch (eager calls: cuBLAS; with dropout too, after the 
 host_run --m 16 --real --profile 15 --profile-dropout 0.1
 host_run --m 4096 --real --reps 20
 
-# pytest bench/'s several-adapter, DoRA and quantized-base (int8, NF4) benchmarks (fused against PEFT's mixed
-# batch, PEFT's own model serving several adapters, PEFT's DoRA layer, the 16-bit base), last and only in the
+# pytest bench/'s PEFT-layer, several-adapter, DoRA and quantized-base (int8, NF4) benchmarks (fused against
+# PEFT's LoRA layer as a user swaps it (from_peft), PEFT's mixed batch, PEFT's own model serving several
+# adapters, PEFT's DoRA layer, the 16-bit base), last and only in the
 # time the box leaves: about 400 s in all
 # (their kernels are mostly the benchmark's, compiled already). Informational: their exit does not fail the check.
-echo "== more benchmarks, as time allows (pytest bench/: several adapters, DoRA, int8 and NF4 bases)"
+echo "== more benchmarks, as time allows (pytest bench/: PEFT's layer, several adapters, DoRA, int8 and NF4 bases)"
 left=$(( 400 - SECONDS ))
 if [ $left -ge 30 ]; then
     timeout $left "$PY" -m pytest -q -p no:cacheprovider -o addopts="" bench/test_bench_lora.py \
-        -k "multi_adapter or peft_serving or dora or quantized_base" --benchmark-max-time=0.25 --benchmark-min-rounds=3 \
+        -k "peft_lora_layer or multi_adapter or peft_serving or dora or quantized_base" \
+        --benchmark-max-time=0.25 --benchmark-min-rounds=3 \
         --benchmark-columns=median,iqr,rounds --benchmark-json "$OUT/bench_more.json"
     rc_more=$?
     [ $rc_more -eq 124 ] && echo "more benchmarks: stopped at the time box ($left s)"

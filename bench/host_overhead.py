@@ -31,7 +31,12 @@ autograd differentiates itself; the Triton plan primed once, before the
 timing); the row ``fused Function cuBLAS`` the rule's path with dropout
 above ``dispatch.EAGER_KEPT_MASK_MAX_M`` tokens, whatever M is timed: its
 autograd Function (``ops._LoRALinearCublasFunction``), the keep-mask pass
-in each pass, nothing of x's size kept. Naive LoRA is timed beside it (on a CPU
+in each pass, nothing of x's size kept. The rows ``fused layer (from_peft)``
+and ``PEFT layer`` time whole layers as a user swaps them (where PEFT is
+installed): a PEFT model of one ``Linear`` (training mode, its module call
+and PEFT's forward hooks included) as it is, and the same converted by
+``fused_lora.from_peft`` (a ``LoRALinear`` sharing PEFT's tensors, by the
+eager rule as above). Naive LoRA is timed beside it (on a CPU
 in float32, at tiny sizes, where its math is a small part of its time: read
 it as the floor of PyTorch's own dispatch and autograd for the same
 composition). Host times of this machine.
@@ -168,6 +173,20 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
                 if profile and name == "fused" and p == profile_dropout:
                     out["profile"] = _profile(lambda fwd=fwd: torch.autograd.grad(fwd(), (x, a, bb), dy),
                                               reps, profile)
+            for name, (model, leaves) in _layers(m, k, n, r, p).items():
+                def forward_only(model=model):
+                    with torch.no_grad():
+                        model(x)
+
+                def step(model=model, leaves=leaves):
+                    torch.autograd.grad(model(x), (x, *leaves), dy)
+
+                with eager_cublas_here() if name == _FUSED_LAYER_ROW else contextlib.nullcontext():
+                    out[(f"{name} forward", p)] = _time_us(forward_only, reps)
+                    out[(f"{name} forward+backward", p)] = _time_us(step, reps)
+                    if name == _FUSED_LAYER_ROW:
+                        out["launches"][(f"{name} forward", p)] = _launches(forward_only)
+                        out["launches"][(f"{name} forward+backward", p)] = _launches(step)
         return out
     finally:
         (gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel, mask.keep_mask_kernel,
@@ -178,6 +197,35 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
 
 #: The row of eager calls with dropout above ``dispatch.EAGER_KEPT_MASK_MAX_M`` tokens.
 _FUNCTION_ROW = "fused Function cuBLAS"
+#: The rows of whole layers, as a user swaps them: PEFT's LoRA Linear, and the same after ``from_peft``.
+_FUSED_LAYER_ROW, _PEFT_LAYER_ROW = "fused layer (from_peft)", "PEFT layer"
+
+
+def _layers(m: int, k: int, n: int, r: int, p: float) -> dict:
+    """``{row: (model, trained leaves)}``: a PEFT model of one ``Linear(k, n)``
+    (LoRA of rank r, alpha 2r, dropout p, training mode) as it is, and
+    another made the same way then converted by ``fused_lora.from_peft`` (a
+    ``LoRALinear`` sharing PEFT's tensors); each model's module call is
+    what a training loop pays a layer. ``{}`` without PEFT."""
+    try:
+        import peft
+    except ImportError:
+        return {}
+    models = {}
+    for name in (_FUSED_LAYER_ROW, _PEFT_LAYER_ROW):
+        torch.manual_seed(0)
+        model = peft.get_peft_model(nn.Sequential(nn.Linear(k, n)),
+                                    peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], lora_dropout=p,
+                                                    init_lora_weights=False),
+                                    autocast_adapter_dtype=False).to(DEVICE, DTYPE)
+        layer = model.base_model.model[0]
+        leaves = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+        if name == _FUSED_LAYER_ROW:
+            report = fused_lora.from_peft(model)
+            if report.converted != ["base_model.model.0"]:
+                raise RuntimeError(f"from_peft left the layer as PEFT's: {report}")
+        models[name] = (model.train(), leaves)
+    return models
 
 
 def _launches(fn) -> int:
@@ -238,14 +286,15 @@ def main(argv=None) -> int:
                 f"{'on' if switches.eager_cublas_setting() else 'off'})")
     print(f"host µs per call, M={args.m}, {args.k} -> {args.n}, r={args.r}, {DTYPE} on {DEVICE.type}; fused: "
           f"{how}" + ("" if DEVICE.type == "cuda" and args.real else " (not a GPU measurement)"))
-    print(f"{'':38} {'p=0':>8} {'p=0.1':>8}   launches a call (p=0, p=0.1)")
+    print(f"{'':42} {'p=0':>8} {'p=0.1':>8}   launches a call (p=0, p=0.1)")
     launches = res.pop("launches")
     rows = list(dict.fromkeys(key[0] for key in res if key != "profile"))
-    for what in [row for row in rows if not row.startswith("naive")] + [row for row in rows if row.startswith("naive")]:
+    baselines = [row for row in rows if row.startswith(("naive", _PEFT_LAYER_ROW))]
+    for what in [row for row in rows if row not in baselines] + baselines:
         counts = ("   " + ", ".join(str(launches.get((what, p), "—")) for p in (0.0, 0.1))
                   if any((what, p) in launches for p in (0.0, 0.1)) else "")
         cells = " ".join(f"{res[(what, p)]:8.1f}" if (what, p) in res else f"{'—':>8}" for p in (0.0, 0.1))
-        print(f"{what:38} {cells}{counts}")
+        print(f"{what:42} {cells}{counts}")
     if "profile" in res:
         print(f"\ncProfile of {args.reps} fused forward+backward calls at dropout {args.profile_dropout:g} (own time):")
         print(res["profile"])

@@ -53,6 +53,48 @@ def _time(benchmark, step):
     assert torch.isfinite(first).all()
 
 
+# Layer against layer, as a user swaps them: PEFT's LoRA Linear (get_peft_model, training mode) as it is,
+# and the same model after fused_lora.from_peft (a LoRALinear sharing PEFT's tensors), each step run eagerly
+# and synchronised (pytest-benchmark): at small M the host's time (PEFT's module Python against
+# fused_lora's), at large M the GPU's. On a GPU: 16 and 4096 tokens of a 4096 -> 4096 bf16 layer, rank 16;
+# without one, a tiny smoke shape. The fused model's output is checked against PEFT's (dropout off) first.
+LAYER = dict(k=4096, n=4096, r=16, dtype=torch.bfloat16, tokens=(16, 4096)) if ON_GPU else dict(
+    k=48, n=40, r=8, dtype=torch.float32, tokens=(37,))
+
+
+@pytest.mark.parametrize("mode", harness.MODES)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("m", LAYER["tokens"])
+@pytest.mark.parametrize("provider", ["fused", "peft"])
+def test_peft_lora_layer(benchmark, provider, m, dropout, mode):
+    import fused_lora
+    from fused_lora.testing import TOLERANCE
+
+    peft = pytest.importorskip("peft")
+    k, n, r, dtype = LAYER["k"], LAYER["n"], LAYER["r"], LAYER["dtype"]
+    torch.manual_seed(0)
+    model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(k, n)),
+                                peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], lora_dropout=dropout,
+                                                init_lora_weights=False),
+                                autocast_adapter_dtype=False).to(DEVICE, dtype)
+    layer = model.base_model.model[0]
+    x = (torch.randn(m, k, device=DEVICE) / 2).to(dtype).requires_grad_()
+    if provider == "fused":
+        with torch.no_grad():
+            expected = model.eval()(x).double()
+        report = fused_lora.from_peft(model)
+        assert report.converted == ["base_model.model.0"], report
+        with torch.no_grad():
+            got = model(x).double()
+        tol = TOLERANCE[dtype]
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol * expected.abs().max().item())
+        assert isinstance(model.base_model.model[0], fused_lora.LoRALinear)
+    model.train()
+    leaves = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    dy = torch.randn(m, n, device=DEVICE, dtype=dtype)
+    _time(benchmark, harness.make_step(mode, lambda: model(x), leaves, dy))
+
+
 # Several adapters on one base, each row through its own (fused_lora.multi_lora_linear), against PEFT's
 # mixed batch (the base over every row, then each adapter over its own rows in turn). On a GPU: 4096
 # tokens of a 4096 -> 4096 bf16 layer, 4 adapters of rank 16, a quarter of the rows each (one in eight of

@@ -2,6 +2,7 @@
 without a GPU), run in-process."""
 
 import dataclasses
+import importlib.util
 import json
 import types
 from pathlib import Path
@@ -570,12 +571,16 @@ def test_the_host_overhead_script_times_every_row_and_restores_the_kernels():
     threads = torch.get_num_threads()
     res = script.measure(reps=3, profile=40)
     profile, launches = res.pop("profile"), res.pop("launches")
-    assert sorted(res) == sorted([(f"{who} {mode}", p) for who in ("fused", "fused eager cuBLAS", "naive")
+    layers = ("fused layer (from_peft)", "PEFT layer") if importlib.util.find_spec("peft") else ()
+    assert sorted(res) == sorted([(f"{who} {mode}", p) for who in ("fused", "fused eager cuBLAS", "naive", *layers)
                                   for mode in ("forward", "forward+backward") for p in (0.0, 0.1)]
                                  + [(f"fused Function cuBLAS {mode}", 0.1) for mode in ("forward", "forward+backward")])
     assert all(0 < us < 1e6 for us in res.values())
     # the fused op's launches a call: the forward's, and more for the backward (the counts of the plan here)
     assert sorted(launches) == sorted(k for k in res if k[0].startswith("fused"))
+    if layers:  # (the converted layer runs the eager rule's path: cuBLAS, the keep-mask pass with dropout)
+        assert [launches[(f"fused layer (from_peft) {mode}", p)] for p in (0.0, 0.1)
+                for mode in ("forward", "forward+backward")] == [0, 0, 1, 1]
     for p in (0.0, 0.1):
         assert 1 <= launches[("fused forward", p)] < launches[("fused forward+backward", p)] <= 12, launches
     assert launches[("fused eager cuBLAS forward", 0.0)] == launches[("fused eager cuBLAS forward+backward", 0.0)] == 0
