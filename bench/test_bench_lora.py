@@ -57,12 +57,13 @@ def _time(benchmark, step):
 # and the same model after fused_lora.from_peft (a LoRALinear sharing PEFT's tensors), each step run eagerly
 # and synchronised (pytest-benchmark): at small M the host's time (PEFT's module Python against
 # fused_lora's), at large M the GPU's. On a GPU: 16 and 4096 tokens of a 4096 -> 4096 bf16 layer, rank 16;
-# without one, a tiny smoke shape. The fused model's output is checked against PEFT's (dropout off) first.
-LAYER = dict(k=4096, n=4096, r=16, dtype=torch.bfloat16, tokens=(16, 4096)) if ON_GPU else dict(
-    k=48, n=40, r=8, dtype=torch.float32, tokens=(37,))
+# without one, a tiny smoke shape, forward+backward alone. The fused model's output is checked against PEFT's
+# (dropout off) first.
+LAYER = dict(k=4096, n=4096, r=16, dtype=torch.bfloat16, tokens=(16, 4096), modes=harness.MODES) if ON_GPU else dict(
+    k=48, n=40, r=8, dtype=torch.float32, tokens=(37,), modes=("forward+backward",))
 
 
-@pytest.mark.parametrize("mode", harness.MODES)
+@pytest.mark.parametrize("mode", LAYER["modes"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("m", LAYER["tokens"])
 @pytest.mark.parametrize("provider", ["fused", "peft"])
