@@ -2,6 +2,7 @@
 
     python bench/host_overhead.py [--m 16] [--k 64] [--n 64] [--r 8] [--reps 2000]
     python bench/host_overhead.py --real [--profile 25] [--profile-dropout 0.1]   # on a GPU: with the launches
+    python bench/host_overhead.py --layers [--blocks 8]   # also PEFT's layer (and a Llama) against from_peft's
 
 At small M a GPU finishes a LoRA layer's kernels in a few microseconds each,
 so without CUDA graphs a training step is bound by the host: Python,
@@ -31,12 +32,17 @@ autograd differentiates itself; the Triton plan primed once, before the
 timing); the row ``fused Function cuBLAS`` the rule's path with dropout
 above ``dispatch.EAGER_KEPT_MASK_MAX_M`` tokens, whatever M is timed: its
 autograd Function (``ops._LoRALinearCublasFunction``), the keep-mask pass
-in each pass, nothing of x's size kept. The rows ``fused layer (from_peft)``
-and ``PEFT layer`` time whole layers as a user swaps them (where PEFT is
-installed): a PEFT model of one ``Linear`` (training mode, its module call
-and PEFT's forward hooks included) as it is, and the same converted by
-``fused_lora.from_peft`` (a ``LoRALinear`` sharing PEFT's tensors, by the
-eager rule as above). Naive LoRA is timed beside it (on a CPU
+in each pass, nothing of x's size kept. With ``--layers`` the rows
+``fused layer (from_peft)`` and ``PEFT layer`` time whole layers as a user
+swaps them (where PEFT is installed): a PEFT model of one ``Linear``
+(training mode, its module call and PEFT's forward hooks included) as it
+is, and the same converted by ``fused_lora.from_peft`` (a ``LoRALinear``
+sharing PEFT's tensors, by the eager rule as above); with ``--blocks N``
+the rows ``fused model (from_peft, N blocks)`` and ``PEFT model (N
+blocks)`` time a training step of a transformers Llama of N blocks (hidden
+k, MLP n, LoRA on its seven linears a block; where transformers is
+installed too), M tokens: a converted model's per-layer costs added up,
+its forward hooks' too. Naive LoRA is timed beside it (on a CPU
 in float32, at tiny sizes, where its math is a small part of its time: read
 it as the floor of PyTorch's own dispatch and autograd for the same
 composition). Host times of this machine.
@@ -116,13 +122,15 @@ def _time_us(fn, reps: int) -> float:
 
 
 def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000, real: bool = False,
-            profile: int = 0, profile_dropout: float = 0.0) -> dict:
+            profile: int = 0, profile_dropout: float = 0.0, layers: bool = False, blocks: int = 0) -> dict:
     """``{(what, p): µs}`` for the fused op (its launches stubbed, or
     ``real``) and naive LoRA, forward (no grad) and forward+backward, at
     dropout 0 and 0.1, and ``{"launches": {(what, p): n}}``, the fused op's
     kernel launches a call; ``profile``: also ``{"profile": text}``,
     cProfile's ``profile`` most expensive functions of the fused
-    forward+backward at dropout ``profile_dropout`` (0 or 0.1)."""
+    forward+backward at dropout ``profile_dropout`` (0 or 0.1); ``layers``:
+    also the rows of whole layers (:func:`_layers`); ``blocks``: also the
+    rows of whole models (:func:`_models`), that many blocks."""
     if profile_dropout not in (0.0, 0.1):
         raise ValueError(f"profile_dropout must be 0 or 0.1 (the dropouts timed), got {profile_dropout}")
     threads = torch.get_num_threads()
@@ -173,7 +181,7 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
                 if profile and name == "fused" and p == profile_dropout:
                     out["profile"] = _profile(lambda fwd=fwd: torch.autograd.grad(fwd(), (x, a, bb), dy),
                                               reps, profile)
-            for name, (model, leaves) in _layers(m, k, n, r, p).items():
+            for name, (model, leaves) in (_layers(m, k, n, r, p) if layers else {}).items():
                 def forward_only(model=model):
                     with torch.no_grad():
                         model(x)
@@ -185,6 +193,22 @@ def measure(m: int = 16, k: int = 64, n: int = 64, r: int = 8, reps: int = 2000,
                     out[(f"{name} forward", p)] = _time_us(forward_only, reps)
                     out[(f"{name} forward+backward", p)] = _time_us(step, reps)
                     if name == _FUSED_LAYER_ROW:
+                        out["launches"][(f"{name} forward", p)] = _launches(forward_only)
+                        out["launches"][(f"{name} forward+backward", p)] = _launches(step)
+            for name, model in _models(blocks, m, k, n, r, p).items():
+                ids = torch.randint(0, _VOCAB, (1, m), device=dev)
+
+                def forward_only(model=model):
+                    with torch.no_grad():
+                        model(input_ids=ids)
+
+                def step(model=model):
+                    model(input_ids=ids, labels=ids).loss.backward()
+
+                with eager_cublas_here() if name.startswith("fused") else contextlib.nullcontext():
+                    out[(f"{name} forward", p)] = _time_us(forward_only, max(3, reps // 20))
+                    out[(f"{name} forward+backward", p)] = _time_us(step, max(3, reps // 20))
+                    if name.startswith("fused"):
                         out["launches"][(f"{name} forward", p)] = _launches(forward_only)
                         out["launches"][(f"{name} forward+backward", p)] = _launches(step)
         return out
@@ -225,6 +249,48 @@ def _layers(m: int, k: int, n: int, r: int, p: float) -> dict:
             if report.converted != ["base_model.model.0"]:
                 raise RuntimeError(f"from_peft left the layer as PEFT's: {report}")
         models[name] = (model.train(), leaves)
+    return models
+
+
+#: The vocabulary of :func:`_models`' Llamas (their embedding and head: small beside the blocks).
+_VOCAB = 256
+
+
+def _models(blocks: int, m: int, k: int, n: int, r: int, p: float) -> dict:
+    """``{row: model}``: where ``blocks`` > 0 and transformers and PEFT are
+    installed, a transformers Llama of ``blocks`` blocks built from a
+    config (hidden size k, MLP width n, heads of 128 where k allows, else
+    4), for steps of m tokens, LoRA of rank r, alpha 2r,
+    dropout p on its seven linears a block (PEFT's ``all-linear``), in
+    training mode: ``PEFT model``, and the same converted by ``from_peft``,
+    ``fused model (from_peft)``. A step's host time grows with the layers:
+    what a per-call cost of a converted model's (its forward hooks' too)
+    adds up to. ``{}`` otherwise."""
+    if blocks <= 0:
+        return {}
+    try:
+        import peft
+        import transformers
+    except ImportError:
+        return {}
+    heads = k // 128 if k % 128 == 0 else 4  # (heads of 128, as Llama's, where k allows)
+    config = transformers.LlamaConfig(vocab_size=_VOCAB, hidden_size=k, intermediate_size=n, num_hidden_layers=blocks,
+                                      num_attention_heads=heads, num_key_value_heads=heads,
+                                      max_position_embeddings=max(4096, m))
+    models = {}
+    for name in (f"fused model (from_peft, {blocks} blocks)", f"PEFT model ({blocks} blocks)"):
+        torch.manual_seed(0)
+        with torch.device(DEVICE):  # (made there: a 4096-wide model's CPU initialisation takes seconds)
+            base = transformers.LlamaForCausalLM(config).to(DTYPE)
+        model = peft.get_peft_model(base,
+                                    peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=p,
+                                                    init_lora_weights=False),
+                                    autocast_adapter_dtype=False)
+        if name.startswith("fused"):
+            report = fused_lora.from_peft(model)
+            if len(report.converted) != 7 * blocks:
+                raise RuntimeError(f"from_peft left layers as PEFT's: {report}")
+        models[name] = model.train()
     return models
 
 
@@ -275,9 +341,14 @@ def main(argv=None) -> int:
                     help="also print cProfile's N most expensive functions of the fused forward+backward")
     ap.add_argument("--profile-dropout", type=float, default=0.0, choices=(0.0, 0.1), metavar="P",
                     help="the dropout of the profiled calls: 0 (default) or 0.1")
+    ap.add_argument("--layers", action="store_true",
+                    help="also time PEFT's LoRA layer and the same after from_peft")
+    ap.add_argument("--blocks", type=int, default=0, metavar="N",
+                    help="also time a Llama of N blocks (hidden k, MLP n) under PEFT and after from_peft "
+                         "(a step of M tokens; reps/20 calls a round)")
     args = ap.parse_args(argv)
     res = measure(m=args.m, k=args.k, n=args.n, r=args.r, reps=args.reps, real=args.real, profile=args.profile,
-                  profile_dropout=args.profile_dropout)
+                  profile_dropout=args.profile_dropout, layers=args.layers, blocks=args.blocks)
     how = "its kernels launched" if args.real else "its kernel launches stubbed out"
     if args.real:
         switches = fused_lora.dispatch
@@ -286,15 +357,15 @@ def main(argv=None) -> int:
                 f"{'on' if switches.eager_cublas_setting() else 'off'})")
     print(f"host µs per call, M={args.m}, {args.k} -> {args.n}, r={args.r}, {DTYPE} on {DEVICE.type}; fused: "
           f"{how}" + ("" if DEVICE.type == "cuda" and args.real else " (not a GPU measurement)"))
-    print(f"{'':42} {'p=0':>8} {'p=0.1':>8}   launches a call (p=0, p=0.1)")
+    print(f"{'':52} {'p=0':>8} {'p=0.1':>8}   launches a call (p=0, p=0.1)")
     launches = res.pop("launches")
     rows = list(dict.fromkeys(key[0] for key in res if key != "profile"))
-    baselines = [row for row in rows if row.startswith(("naive", _PEFT_LAYER_ROW))]
+    baselines = [row for row in rows if row.startswith(("naive", _PEFT_LAYER_ROW, "PEFT model"))]
     for what in [row for row in rows if row not in baselines] + baselines:
         counts = ("   " + ", ".join(str(launches.get((what, p), "—")) for p in (0.0, 0.1))
                   if any((what, p) in launches for p in (0.0, 0.1)) else "")
         cells = " ".join(f"{res[(what, p)]:8.1f}" if (what, p) in res else f"{'—':>8}" for p in (0.0, 0.1))
-        print(f"{what:42} {cells}{counts}")
+        print(f"{what:52} {cells}{counts}")
     if "profile" in res:
         print(f"\ncProfile of {args.reps} fused forward+backward calls at dropout {args.profile_dropout:g} (own time):")
         print(res["profile"])

@@ -569,9 +569,11 @@ def test_the_host_overhead_script_times_every_row_and_restores_the_kernels():
     script = _bench_script("host_overhead")
     kernels = gemm.lora_gemm_kernel, skinny.lora_skinny_kernel, skinny.reduce_partials_kernel, mask.keep_mask_kernel
     threads = torch.get_num_threads()
-    res = script.measure(reps=3, profile=40)
+    res = script.measure(reps=3, profile=40, layers=True, blocks=1)
     profile, launches = res.pop("profile"), res.pop("launches")
     layers = ("fused layer (from_peft)", "PEFT layer") if importlib.util.find_spec("peft") else ()
+    if layers and importlib.util.find_spec("transformers"):  # (a Llama of one block, under PEFT and converted)
+        layers += ("fused model (from_peft, 1 blocks)", "PEFT model (1 blocks)")
     assert sorted(res) == sorted([(f"{who} {mode}", p) for who in ("fused", "fused eager cuBLAS", "naive", *layers)
                                   for mode in ("forward", "forward+backward") for p in (0.0, 0.1)]
                                  + [(f"fused Function cuBLAS {mode}", 0.1) for mode in ("forward", "forward+backward")])
@@ -581,6 +583,9 @@ def test_the_host_overhead_script_times_every_row_and_restores_the_kernels():
     if layers:  # (the converted layer runs the eager rule's path: cuBLAS, the keep-mask pass with dropout)
         assert [launches[(f"fused layer (from_peft) {mode}", p)] for p in (0.0, 0.1)
                 for mode in ("forward", "forward+backward")] == [0, 0, 1, 1]
+    if len(layers) > 2:  # (the model's seven layers, each as the layer above)
+        assert [launches[(f"fused model (from_peft, 1 blocks) {mode}", p)] for p in (0.0, 0.1)
+                for mode in ("forward", "forward+backward")] == [0, 0, 7, 7]
     for p in (0.0, 0.1):
         assert 1 <= launches[("fused forward", p)] < launches[("fused forward+backward", p)] <= 12, launches
     assert launches[("fused eager cuBLAS forward", 0.0)] == launches[("fused eager cuBLAS forward+backward", 0.0)] == 0
