@@ -118,6 +118,41 @@ def check_scaling(scaling) -> float:
     return scaling
 
 
+#: The exact types :func:`_plainly_valid` takes (a layer's weights are Parameters).
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+
+
+def _plainly_valid(x, weight, lora_A, lora_B, bias, min_rank: int) -> bool:
+    """The usual arguments of a float base, tested at the host's least cost
+    (every layer's every call checks them): plain dense tensors of one float
+    dtype and one device, of matching shapes. True only where
+    :func:`check_lora_args`' own checks of them pass too; False sends a call
+    through those checks, which raise the typed errors (or take what is
+    unusual but valid)."""
+    plain = _PLAIN_TENSORS
+    if type(x) not in plain or type(weight) not in plain or type(lora_A) not in plain or type(lora_B) not in plain \
+            or (bias is not None and type(bias) not in plain):
+        return False
+    dtype, device = x.dtype, x.device
+    if dtype not in _FLOAT_DTYPES or weight.dtype is not dtype or lora_A.dtype is not dtype \
+            or lora_B.dtype is not dtype or (bias is not None and bias.dtype is not dtype):
+        return False
+    for t in (x, weight, lora_A, lora_B) if bias is None else (x, weight, lora_A, lora_B, bias):
+        if t.layout is not torch.strided or t.is_nested:
+            return False
+    if weight.device != device or lora_A.device != device or lora_B.device != device \
+            or (bias is not None and bias.device != device):
+        return False
+    w_shape, x_shape, a_shape = weight.shape, x.shape, lora_A.shape
+    if len(w_shape) != 2 or len(x_shape) < 1 or len(a_shape) != 2:
+        return False
+    n, k = w_shape
+    r = a_shape[0]
+    return (x_shape[-1] == k and r >= min_rank and a_shape[1] == k and lora_B.shape == (n, r)
+            and (bias is None or bias.shape == (n,)))
+
+
 def check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, min_rank: int = 1,
                     weight_scale=None):
     """Validate the arguments of ``lora_linear``; returns
@@ -125,6 +160,8 @@ def check_lora_args(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, m
     (``min_rank=0``: an adapter of rank 0 too, one of ``multi_lora_linear``'s
     that leaves the layer alone. ``weight_scale``: an int8 weight's, which
     :func:`check_weight_scale` checks then.)"""
+    if weight_scale is None and _plainly_valid(x, weight, lora_A, lora_B, bias, min_rank):
+        return check_scaling(scaling), check_dropout_p(dropout_p), None if seed is None else check_seed(seed)
     _is_tensor("x", x)
     if weight_scale is None and isinstance(weight, torch.Tensor) and weight.dtype == torch.int8:
         raise TypeError(f"weight is int8 {tuple(weight.shape)}, a quantized base: pass its weight_scale, one "

@@ -146,6 +146,75 @@ def test_lora_linear_returns_the_torch_backends_result_or_raises_a_typed_error(s
     assert outcomes["ran"] >= CASES // 20 and outcomes["refused"] >= CASES // 2, outcomes  # (both exercised)
 
 
+def test_the_argument_checks_fast_path_takes_only_what_the_full_checks_take(monkeypatch):
+    """``check_lora_args`` first asks ``_plainly_valid`` (the usual arguments
+    at the host's least cost): wherever it says yes, the full checks pass
+    too, with the same result, over the random cases above and the valid
+    ones they start from (where it says yes, both ran; where the full checks
+    raise, it said no)."""
+    from fused_lora import _validate
+
+    rng = random.Random(7)
+    fast_path = _validate._plainly_valid
+    taken = refused = 0
+    for i in range(2 * CASES):
+        args, kwargs, changes, _ = _functional_case(rng)
+        if i % 4 in (0, 1):  # (a valid case, its weights Parameters or not: the fast path's own; or one check off)
+            k, n, r = rng.choice([3, 8, 17]), rng.choice([4, 9]), rng.choice([1, 2, 5])
+            dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16, torch.float64])
+            args = {"x": torch.randn(*rng.choice([(5,), (2, 3), ()]), k, device=DEVICE, dtype=dtype),
+                    "weight": torch.randn(n, k, device=DEVICE, dtype=dtype),
+                    "lora_A": torch.randn(r, k, device=DEVICE, dtype=dtype),
+                    "lora_B": torch.randn(n, r, device=DEVICE, dtype=dtype),
+                    "bias": torch.randn(n, device=DEVICE, dtype=dtype) if rng.random() < 0.5 else None}
+            args.update({name: torch.nn.Parameter(t, requires_grad=name.startswith("lora"))
+                         for name, t in args.items() if name != "x" and t is not None and rng.random() < 0.5})
+            changes, kwargs = [], {"scaling": 1.5, "dropout_p": 0.2, "seed": rng.choice([None, 7])}
+            if i % 4 == 1:  # (one property off, each of those the fast path tests)
+                name, off = rng.choice([
+                    ("lora_A", lambda t: torch.randn(t.shape[0], t.shape[1] + 1, dtype=t.dtype)),
+                    ("x", lambda t: torch.randn(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype)),
+                    ("lora_B", lambda t: torch.randn(t.shape[0], t.shape[1] + 1, dtype=t.dtype)),
+                    ("lora_B", lambda t: torch.randn(t.shape[0] + 1, t.shape[1], dtype=t.dtype)),
+                    ("weight", lambda t: torch.randn(t.shape[0] + 1, t.shape[1], dtype=t.dtype)),
+                    ("bias", lambda t: torch.randn(t.shape[0] + 1, dtype=t.dtype)),
+                    ("lora_A", lambda t: t.detach()[:0]),  # (rank 0)
+                    ("lora_A", lambda t: t.detach().to(torch.float64 if t.dtype != torch.float64 else torch.float32)),
+                    ("weight", lambda t: t.detach().to("meta")),
+                    ("bias", lambda t: t.detach().to_sparse()),
+                    ("x", lambda t: t.detach().to(torch.int32)),
+                    ("weight", lambda t: t.detach().unsqueeze(0)),
+                    ("bias", lambda t: t.detach().to("meta")),
+                    ("rank 0", None), ("all complex", None)])
+                if name == "rank 0":  # (A and B agreeing, of rank 0: refused by lora_linear, min_rank 1)
+                    args["lora_A"], args["lora_B"] = args["lora_A"].detach()[:0], args["lora_B"].detach()[:, :0]
+                elif name == "all complex":  # (one dtype, not a floating-point one)
+                    args = {key: t if t is None else t.detach().to(torch.complex64) for key, t in args.items()}
+                elif args[name] is not None:
+                    args[name] = off(args[name])
+                changes.append(f"{name} off")
+        call = (args["x"], args["weight"], args["lora_A"], args["lora_B"], args["bias"], kwargs["scaling"],
+                kwargs["dropout_p"], kwargs["seed"])
+        fast = fast_path(*call[:5], 1)
+        monkeypatch.setattr(_validate, "_plainly_valid", lambda *a: False)
+        try:
+            full, error = _validate.check_lora_args(*call), None
+        except (TypeError, ValueError) as exc:
+            full, error = None, exc
+        finally:
+            monkeypatch.setattr(_validate, "_plainly_valid", fast_path)
+        what = f"case {i}: {'; '.join(changes)}"
+        if fast:
+            taken += 1
+            assert error is None or "scaling" in str(error) or "dropout" in str(error) or "seed" in str(error), \
+                (what, error)  # (a scalar's error: the fast path checks the scalars as the full checks do)
+            if error is None:
+                assert _validate.check_lora_args(*call) == full, what
+        elif error is not None:
+            refused += 1
+    assert taken >= CASES // 4 and refused >= CASES // 2, (taken, refused)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_multi_lora_linear_returns_the_torch_backends_result_or_raises_a_typed_error(seed):
     rng = random.Random(100 + seed)
