@@ -1753,7 +1753,7 @@ def _peft_forward_hooks_given(peft_model: nn.Module, *args, **kwargs):
             yield
         return
     tuner = peft_model.base_model
-    if kwargs.get("alora_offsets") is not None:
+    if offsets is not None:
         raise ValueError("adapter_names with alora_offsets (aLoRA) on a model from_peft converted: go back to PEFT "
                          "first (fused_lora.to_peft(model))")
     if tuner.training:
