@@ -237,6 +237,17 @@ INTERPRETER_WIDE_FROM_M = 256
 # BM wastes nothing and more programs cover the SMs.
 # BLOCK_M >= 64: one warpgroup's wgmma covers 64 rows, narrower tiles fall
 # back to mma.sync (the compile report checks this).
+# Warp specialisation (the leads' 7th, ``tl.range(..., warp_specialize=True)``
+# on the K loop) is not used: compiled for sm_90 with Triton 3.6 and 3.9 on
+# 128x128x64, 4 warps, 3 stages, bf16, it engages (setmaxnreg in the PTX, 115
+# KB of shared memory against 98) only where the K loop's is the kernel's one
+# dot: dW's pass, or the forward and dx with their low-rank term taken out
+# (through TMA; with descriptors made on the host, 3.9's NVGPUWarpSpecialization
+# pass fails, 3.6's engages). With the term's dot before the loop (as shipped)
+# or after it, both leave the loop as it is; with the in-loop shrink's second
+# dot, the pass fails on both ("PassManager::run failed"). The fused passes
+# always hold a second dot, and dW, the one pass without, runs only where the
+# frozen base is trained.
 _GEMM_CANDIDATES_16BIT = (
     GemmConfig(128, 256, 64, 8, 8, 3),
     GemmConfig(128, 128, 64, 8, 8, 4),
