@@ -242,10 +242,11 @@ INTERPRETER_WIDE_FROM_M = 256
 # 128x128x64, 4 warps, 3 stages, bf16, it engages (setmaxnreg in the PTX, 115
 # KB of shared memory against 98) only where the K loop's is the kernel's one
 # dot: dW's pass, or the forward and dx with their low-rank term taken out
-# (through TMA; with descriptors made on the host, 3.9's NVGPUWarpSpecialization
-# pass fails, 3.6's engages). With the term's dot before the loop (as shipped)
-# or after it, both leave the loop as it is; with the in-loop shrink's second
-# dot, the pass fails on both ("PassManager::run failed"). The fused passes
+# (with TMA loads through descriptors the kernel makes; with pointer loads
+# the NVGPUWarpSpecialization pass fails on both, "PassManager::run failed",
+# and with descriptors made on the host on 3.9). With the term's dot before
+# the loop (as shipped) or after it, both leave the loop as it is; with the
+# in-loop shrink's second dot, the pass fails on both. The fused passes
 # always hold a second dot, and dW, the one pass without, runs only where the
 # frozen base is trained.
 _GEMM_CANDIDATES_16BIT = (
