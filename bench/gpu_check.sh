@@ -114,8 +114,8 @@ echo "-- the probe's kernels compiled ahead and checked (exit $?)"
 cat "$logs/probe_compile.log"
 
 # The fused GEMM's launches one by one beside cuBLAS (forward and dx through pointers and TMA, B stored
-# either way round, the low-rank epilogue alone): where the step's time goes. Informational, as the more
-# benchmarks below are.
+# either way round, the low-rank epilogue alone; last, warp-specialised beside the same tile without):
+# where the step's time goes. Informational, as the more benchmarks below are.
 echo "== probe (bench/gpu_probe.py)"
 timeout 60 "$PY" bench/gpu_probe.py --json "$OUT/probe.json"
 rc_probe=$?

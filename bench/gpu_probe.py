@@ -28,9 +28,15 @@ This probe splits the question on the GPU, each row one launch of
 ``..+tma@<tile>``                  at large M, the base GEMMs, the in-loop forward and dx with its term
                                    through TMA on other tiles (:data:`SWEEP`)
 ``fwd_epilogue@<tile>``            at large M, hybrid's low-rank-only launch on other tiles (:data:`EPILOGUE_SWEEP`)
-``cublas_fwd (again)``,            the first rows' launches timed again after all the others: how far
+``cublas_fwd (again)``,            the first rows' launches timed again after the others (but ..+ws): how far
 ``fwd_base+tma (again)``           one launch's time drifts within the run (run 5's in-loop forward,
                                    more work, timed faster than the base product alone)
+``..+ws@<tile>``                   last (a fault of the new kernel would lose only these rows), at large M:
+                                   the base GEMMs and the forward and dx with their precomputed term
+                                   warp-specialised (``lora_gemm(warp_specialize=True)``: the term as rank-one
+                                   updates after the K loop; no plan runs it yet) on
+                                   ``configs.WARP_SPECIALIZED_GEMM``, each beside the same launch without
+                                   (``..+tma_device@<tile>``): whether Triton's warp specialisation pays on sm_90
 
 Each row: the median ms (``triton.testing.do_bench``, whose time includes
 the host's launch where that is longer than the kernel: at M=16, where the
@@ -78,7 +84,7 @@ def rows_for(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.d
     """[(name, launch, reference, flops, bytes)]: each launch a zero-argument
     callable returning the product, its reference the same product in float64."""
     from fused_lora import dispatch
-    from fused_lora.kernels import lora_gemm
+    from fused_lora.kernels import configs, lora_gemm
 
     g = torch.Generator(device="cpu").manual_seed(0)
 
@@ -149,6 +155,18 @@ def rows_for(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.d
             rows.append((f"fwd_epilogue@{label}", gemm(x[:, :0], w.t()[:0], dataclasses.replace(fwd_cfg, **tile),
                                                        **fwd_lowrank), fwd_lr, *lr_fwd))
     rows += [(f"{name} (again)", *rest) for name, *rest in rows if name in ("cublas_fwd", "fwd_base+tma")]
+    if m >= SWEEP_MIN_M or device.type == "cpu":  # (last: a fault of the new kernel loses no other row; the
+        # interpreter's smoke run checks their results)
+        ws = configs.WARP_SPECIALIZED_GEMM
+        tile = f"@{ws.block_m}x{ws.block_n}x{ws.block_k}w{ws.num_warps}s{ws.num_stages}"
+        for name, a_, b_, want, cost, term in (
+                ("fwd_base", x, w.t(), fwd_ref, base_fwd, {}),
+                ("fwd_lowrank", x, w.t(), fwd_ref + fwd_lr, base_fwd, fwd_lowrank),
+                ("dx_base", dy, w, dx_ref, base_dx, {}),
+                ("dx_lowrank", dy, w, dx_ref + dx_lr, base_dx, dx_lowrank)):
+            rows += [(f"{name}+tma_device{tile}", gemm(a_, b_, ws, True, tma_device=True, **term), want, *cost),
+                     (f"{name}+ws{tile}", gemm(a_, b_, ws, True, tma_device=True, warp_specialize=True, **term), want,
+                      *cost)]
     return rows, {"fwd": str(fwd_cfg), "dx": str(dx_cfg), "hybrid": str(hybrid.fwd_gemm),
                   "in_loop": str(in_loop_cfg)}
 
@@ -210,8 +228,8 @@ def table(result: dict) -> str:
     lines = [f"gpu_probe — {result['device']}, {result['dtype']}"
              + (" (compile only: no times)" if result["compile_only"] else "")]
     for shape in result["shapes"]:
-        lines += ["", f"M={shape['m']} {shape['k']}->{shape['n']} r={shape['r']}; configs: fwd {shape['configs']['fwd']}"
-                      f", dx {shape['configs']['dx']}", "",
+        lines += ["", f"M={shape['m']} {shape['k']}->{shape['n']} r={shape['r']}; "
+                      f"configs: fwd {shape['configs']['fwd']}, dx {shape['configs']['dx']}", "",
                   "| launch | ms | TFLOP/s | GB/s | error |", "|---|---|---|---|---|"]
         for row in shape["rows"]:
             if "failed" in row:

@@ -118,6 +118,9 @@ class Job:
     # equal to 1): UNITS, "tokens" (one token, as in decoding: the GEMMs' M, dW's K) or
     # "rank" (r = 1: R, and the strides equal to it)
     unit: str = ""
+    # The K loop warp-specialised, the precomputed term as rank-one updates after it: what
+    # bench/gpu_probe.py's "+ws" rows launch (no plan runs it; --warp-specialized compiles it)
+    warp_specialize: bool = False
 
 
 #: The sizes :class:`Job` may set to 1, and the report's name of each.
@@ -139,6 +142,7 @@ class Result:
     mma_sync: bool | None = None
     tma: bool | None = None  # the PTX issues TMA copies (cp.async.bulk.tensor)
     load_widths: list | None = None  # the widths of the global loads (ld.global, cp.async) in the PTX, bytes
+    warp_specialized: bool | None = None  # the PTX sets the warps' registers apart (setmaxnreg): Triton's pass took it
     error: str = ""
 
     @property
@@ -154,7 +158,7 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
                precision: str = "ieee", bias: bool = True, offset_int64: bool = False,
                row_scale: bool = False, adapters: bool = False, int8_base: bool = False,
                nf4_base: bool = False, row_p: bool = False, tma_device: bool = False,
-               rank_loop: bool = False, unit: str = "") -> dict:
+               rank_loop: bool = False, unit: str = "", warp_specialize: bool = False) -> dict:
     """Argument values of lora_gemm_kernel for one pass, as the launcher passes them
     (``even_r=False``: a rank of half the rank tile, e.g. r = 8 in a 16 tile;
     ``int8_base``: B, the forward's Wᵀ or dx's W, int8 with its fp32 scales;
@@ -162,7 +166,8 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
     SHAPE / 2) bytes; ``tma_device``: with ``tma``, the descriptors made by
     the kernel, none passed; ``rank_loop``: the precomputed term's rank in two
     rank tiles, r = 2 tiles, or 1.5 with ``even_r=False``; ``unit``: a size
-    of 1, :data:`UNITS`)."""
+    of 1, :data:`UNITS`; ``warp_specialize``: as :func:`fused_lora.kernels.gemm.lora_gemm`
+    launches it, its tiles through descriptors the kernel makes)."""
     s = SHAPE
     r = 1 if unit == "rank" else block_r if even_r else block_r // 2
     if rank_loop:
@@ -171,6 +176,10 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
                 "dx_in_loop_dropout": 2, "dx": 1, "dx_dropout": 1, "dw": 0}[variant]
     fwd = variant.startswith("forward")
     dropout = variant.endswith("_dropout")  # (the forward's mask is on the in-loop shrink's input, dx's on its term)
+    if warp_specialize and (low_rank == 2 or dropout or int8_base or nf4_base or split_k or persistent
+                            or cfg.num_warps != 4 or not (tma and tma_device)):
+        raise ValueError(f"{variant}: lora_gemm runs no such warp-specialised kernel "
+                         "(gemm._why_not_warp_specialized)")
     # With TMA: forward reads Wᵀ through W's descriptor (B_T), dW reads dyᵀ through dy's (A_T).
     a_t, b_t = tma and variant == "dw", tma and fwd
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
@@ -211,7 +220,7 @@ def _gemm_args(dtype: str, cfg, variant: str, block_r: int, even_k: bool = True,
         OFFSET_INT64=offset_int64, UPCAST=False, INPUT_PRECISION=precision, EVEN_K=even_k and k % cfg.block_k == 0,
         EVEN_R=r % block_r == 0 and low_rank != 2, ONE_R_TILE=r <= block_r,
         TMA=tma, TMA_DEVICE=tma and tma_device,
-        A_T=a_t, B_T=b_t, PERSISTENT=persistent,
+        A_T=a_t, B_T=b_t, PERSISTENT=persistent, WARP_SPECIALIZE=warp_specialize,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m,
     )
 
@@ -460,7 +469,8 @@ def result_of(job: Job) -> Result:
                   + ("+adapters" if job.adapters else "") + ("+row_p" if job.row_p else "")
                   + ("+int8_base" if job.int8_base else "")
                   + ("+nf4_base" if job.nf4_base else "") + ("+tma_device" if job.tma_device else "")
-                  + ("+rank_loop" if job.rank_loop else "") + UNITS.get(job.unit, ""),
+                  + ("+rank_loop" if job.rank_loop else "") + UNITS.get(job.unit, "")
+                  + ("+warp_specialized" if job.warp_specialize else ""),
                   job.dtype, job.arch, job.config, job.block_r)
 
 
@@ -477,7 +487,7 @@ def kernel_args(job: Job):
                                                  job.seed_value, precision, job.bias, job.offset_int64,
                                                  job.row_scale, job.adapters, job.int8_base,
                                                  job.nf4_base, job.row_p, job.tma_device, job.rank_loop,
-                                                 job.unit)
+                                                 job.unit, job.warp_specialize)
     if job.kernel == "skinny":
         cfg = configs.SkinnyConfig(**job.config)
         return skinny.lora_skinny_kernel, _skinny_args(job.dtype, cfg, job.pass_name, job.block_r, job.even_k,
@@ -515,6 +525,7 @@ def compile_job(job: Job, maxnreg: int | None = None) -> Result:
         res.wgmma = "wgmma" in ptx
         res.mma_sync = "mma.sync" in ptx
         res.tma = "cp.async.bulk.tensor" in ptx
+        res.warp_specialized = "setmaxnreg" in ptx
         if job.kernel == "skinny" and values.get("seed") == "*i32":
             # (the seed's one 4-byte load is not a load of the wide operand, which the widths are about)
             params = [name for name, kind in src.signature.items() if kind != "constexpr"]  # (the PTX's, in order)
@@ -893,6 +904,29 @@ def _quantized_tiles(elt: int, block_r: int, in_loop: bool, arch: int, smem: int
                                    int8_b=not nf4, nf4_b=nf4, **_gemm_pruning(pass_name))
 
 
+def warp_specialized_jobs(arch: int = 90) -> list[Job]:
+    """The warp-specialised GEMMs ``bench/gpu_probe.py`` launches (no plan
+    runs them): the forward and dx with their precomputed term, 16-bit, on
+    :data:`fused_lora.kernels.configs.WARP_SPECIALIZED_GEMM`, through TMA with
+    the descriptors the kernel makes; with a bias (the forward's) and
+    without, and at a rank of 1 (``--warp-specialized``)."""
+    from fused_lora.kernels import configs
+
+    config = dataclasses.asdict(configs.WARP_SPECIALIZED_GEMM)
+    return [Job("gemm", pass_name, dtype, config, arch, tma=True, tma_device=True, warp_specialize=True, **variant)
+            for dtype in ("bf16", "fp16") for pass_name in ("forward_split", "dx")
+            for variant in ({}, {"unit": "rank"}) + (({"bias": False},) if pass_name == "forward_split" else ())]
+
+
+def warp_specialization_problems(results: list[Result]) -> list[str]:
+    """What ``--warp-specialized`` fails on: a kernel that did not compile, or
+    that Triton's pass left as it was (its spills are reported, not failed:
+    no plan runs these kernels)."""
+    return [f"{r.pass_name} {r.dtype}: {r.error}" if r.error else
+            f"{r.pass_name} {r.dtype}: Triton's pass left the K loop as it was (no setmaxnreg in the PTX)"
+            for r in results if r.error or not r.warp_specialized]
+
+
 def largest_rank_tiles(jobs: list[Job]) -> list[Job]:
     """``jobs`` less those whose kernel (pass, variant, dtype, loads, grid)
     is among them at a larger rank tile."""
@@ -1217,7 +1251,15 @@ def main(argv=None) -> int:
                         help="compile only the KNOWN_PROBLEMS of this Triton, as the report and with a ceiling of "
                              "255 registers a thread: each must still be found, and vanish under the ceiling "
                              "(ptxas's trade of a spill for occupancy)")
+    parser.add_argument("--warp-specialized", action="store_true",
+                        help="compile only the warp-specialised GEMMs bench/gpu_probe.py times (no plan runs them) "
+                             "for sm_90: each must compile and Triton's pass take it (setmaxnreg in the PTX); "
+                             "their spills are reported")
     args = parser.parse_args(argv)
+    if args.warp_specialized and (args.check_known or args.arch or args.every_fp16_tile or args.every_variant
+                                  or args.scope != "tiles"):
+        parser.error("--warp-specialized compiles its own kernels for sm_90: no --check-known, --arch, --scope, "
+                     "--every-fp16-tile or --every-variant")
     if args.check_known and (args.arch or args.every_fp16_tile or args.every_variant or args.scope != "tiles"):
         parser.error("--check-known compiles the kernels KNOWN_PROBLEMS names: no --arch, --scope, "
                      "--every-fp16-tile or --every-variant")
@@ -1243,6 +1285,14 @@ def main(argv=None) -> int:
                       f"{len(results) // 2} known problem kernel(s) of Triton {triton.__version__} compiled, as the "
                       f"report and with maxnreg={configs.MAX_REGISTERS_PER_THREAD}: {len(failures)} failure(s)",
                       [("FAILURE", line) for line in failures])
+        return 1 if failures else 0
+    if args.warp_specialized:
+        with _compile_pool(args.jobs) as pool:
+            results = list(pool.map(compile_job, warp_specialized_jobs()))
+        failures = warp_specialization_problems(results)
+        _print_report(args.json, results, {"failures": failures},
+                      f"{len(results)} warp-specialised GEMM(s) compiled with Triton {triton.__version__}: "
+                      f"{len(failures)} failure(s)", [("FAILURE", line) for line in failures])
         return 1 if failures else 0
     from .cli import progress
 

@@ -238,17 +238,25 @@ INTERPRETER_WIDE_FROM_M = 256
 # BLOCK_M >= 64: one warpgroup's wgmma covers 64 rows, narrower tiles fall
 # back to mma.sync (the compile report checks this).
 # Warp specialisation (the leads' 7th, ``tl.range(..., warp_specialize=True)``
-# on the K loop) is not used: compiled for sm_90 with Triton 3.6 and 3.9 on
-# 128x128x64, 4 warps, 3 stages, bf16, it engages (setmaxnreg in the PTX, 115
-# KB of shared memory against 98) only where the K loop's is the kernel's one
-# dot: dW's pass, or the forward and dx with their low-rank term taken out
-# (with TMA loads through descriptors the kernel makes; with pointer loads
-# the NVGPUWarpSpecialization pass fails on both, "PassManager::run failed",
-# and with descriptors made on the host on 3.9). With the term's dot before
-# the loop (as shipped) or after it, both leave the loop as it is; with the
-# in-loop shrink's second dot, the pass fails on both. The fused passes
-# always hold a second dot, and dW, the one pass without, runs only where the
-# frozen base is trained.
+# on the K loop), compiled for sm_90 with Triton 3.6 and 3.9 on 128x128x64, 4
+# warps, 3 stages, 16-bit: Triton's pass takes the loop (setmaxnreg in the
+# PTX, 115 KB of shared memory against 98) only in a kernel whose one dot is
+# the K loop's, with no loop or branch after it, its tiles loaded through TMA
+# with descriptors the kernel makes, on 4 warps (8 leave the loop as it is,
+# as the leads say). With pointer loads, descriptors made on
+# the host (3.9), a second dot after the loop outside a branch, a loop after
+# it, or the in-loop shrink's second dot, the pass fails ("PassManager::run
+# failed"); with the term's dot before the loop (as the GEMMs run it) or in a
+# branch after it, the loop is left as it is. So as shipped no GEMM is
+# warp-specialised. ``lora_gemm(warp_specialize=True)`` compiles what the pass
+# takes: the base GEMM, or the precomputed term as fp32 rank-one updates after
+# the K loop (a static loop over one rank tile, no split-K, no mask on the
+# term). Compiled (``compile_report --warp-specialized``): Triton 3.6, the GPU
+# machine's, spills 16-32 B in the forward with a bias and nothing in the
+# others; 3.9 5-8 KB at a 16 rank tile, nothing at a rank of 1. No plan runs
+# it: bench/gpu_probe.py times it on this tile beside the same tile without,
+# for a GPU run to say whether it pays.
+WARP_SPECIALIZED_GEMM = GemmConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3)
 _GEMM_CANDIDATES_16BIT = (
     GemmConfig(128, 256, 64, 8, 8, 3),
     GemmConfig(128, 128, 64, 8, 8, 4),

@@ -165,6 +165,8 @@ def lora_gemm_kernel(
     TMA_DEVICE: tl.constexpr,  # with TMA: the descriptors made by the kernel (global scratch), not passed
     A_T: tl.constexpr, B_T: tl.constexpr,  # the descriptor describes the transposed operand
     PERSISTENT: tl.constexpr,  # about one program per SM, each walking output tiles in a loop (no split-K)
+    WARP_SPECIALIZE: tl.constexpr,  # the K loop warp-specialised (gpu_probe's rows only; configs says where
+    #                                Triton's pass takes it): LOW_RANK 0, or 1 as FMAs after the loop
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -218,6 +220,14 @@ def lora_gemm_kernel(
     the two descriptors itself, from the pointers and strides, in the global
     scratch the launch allocates (no host-side descriptor to encode and pass
     at each launch: host time).
+
+    ``WARP_SPECIALIZE`` (``LOW_RANK`` 0 or 1, through TMA with ``TMA_DEVICE``,
+    one rank tile, no mask on the term, no split-K, not persistent: the
+    launcher's contract): the K loop marked for Triton's warp
+    specialisation, and the precomputed term added after it as ``BLOCK_R``
+    rank-one updates in fp32 (a dot there, or anything looping or branching,
+    and Triton's pass leaves the loop or fails: ``configs``). No plan runs
+    it; ``bench/gpu_probe.py`` times it.
     """
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -257,7 +267,7 @@ def lora_gemm_kernel(
         cols = (offs_n % N).to(tl.int64)
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if LOW_RANK == 1:
+        if LOW_RANK == 1 and not WARP_SPECIALIZE:
             # Precomputed U: the low-rank term (masked) initialises the
             # accumulator, so no second (BLOCK_M, BLOCK_N) fp32 tile is ever live.
             # Under split-K only split 0 carries it (the other splits' zeros go
@@ -321,7 +331,7 @@ def lora_gemm_kernel(
                 shrink_p = rows_dropout_p(p, drp_ptr, ids_ptr, offs_m, mask_m, stride_ids, ROW_P)
         if B_SCALE == 1:  # (B's columns are C's: one scale per column of the tile, for the whole K loop)
             b_col_scale = tl.load(bsc_ptr + cols * stride_bsc).to(tl.float32)
-        for k0 in range(0, k_len, BLOCK_K):
+        for k0 in tl.range(0, k_len, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
             if not EVEN_K:
                 k_in = offs_k < k_len - k0
             # (an int8 B is widened by its dequantisation, not by UPCAST)
@@ -403,6 +413,19 @@ def lora_gemm_kernel(
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += (BLOCK_K // 2 if B_SCALE == 3 else BLOCK_K) * stride_bk
 
+        if LOW_RANK == 1 and WARP_SPECIALIZE:
+            # The precomputed term (never masked here; one rank tile, no split-K: the launcher's
+            # contract) as BLOCK_R rank-one updates of the accumulator in fp32, unrolled, after the K loop
+            # and in no branch: Triton's warp specialisation takes a kernel whose one dot is the K loop's,
+            # with no loop or branch after it (configs, above _GEMM_CANDIDATES_16BIT). u·s is not rounded
+            # to v's dtype here, as it is for the dot.
+            for j in tl.static_range(BLOCK_R):
+                # (j < R as vectors: Triton 3.9's interpreter takes no scalar condition in a mask)
+                u_j = tl.load(u_ptr + rows * stride_um + j * stride_ur, mask=tl.full([BLOCK_M], j, tl.int32) < R,
+                              other=0.0)
+                v_j = tl.load(v_ptr + j * stride_vr + cols * stride_vn, mask=tl.full([BLOCK_N], j, tl.int32) < R,
+                              other=0.0).to(tl.float32)
+                acc += (u_j * lr_scale)[:, None] * v_j[None, :]
         if LOW_RANK == 2:
             if SHRINK_DROPOUT:
                 xa = xa * sh_scale  # drop(A) = A ⊙ keep / (1 - p)
@@ -467,6 +490,7 @@ def lora_gemm(
     tma_device: bool = False,
     persistent: bool = False,
     num_sms: int = NUM_SMS_SM90,
+    warp_specialize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``C = a @ b + bias + lr_scale * (U @ v)``, ``U = u`` or ``a @ shrink``.
 
@@ -503,7 +527,11 @@ def lora_gemm(
     persistent grid of that many programs walks the tiles (else one program
     per tile and split; the results are the same bit for bit); ``num_sms``:
     the GPU's SMs, which size that grid (the dispatch's
-    :func:`fused_lora.dispatch.device_target`).
+    :func:`fused_lora.dispatch.device_target`). ``warp_specialize``: the K
+    loop marked for Triton's warp specialisation, the precomputed term (if
+    any) added as fp32 rank-one updates after it (:func:`_why_not_warp_specialized`
+    says where it runs; ``bench/gpu_probe.py``'s rows time it, no plan runs
+    it: ``kernels/configs.py`` says where Triton's pass engages).
     """
     # 1. constraints (the public API validated the user's arguments; these
     #    guard the launcher's own contract)
@@ -548,6 +576,11 @@ def lora_gemm(
     block_r, split_k = shape.block_r, shape.split_k
     if low_rank == LOW_RANK_IN_LOOP and r > block_r:
         raise ValueError(f"lora_gemm: the in-loop shrink holds the whole rank in one tile (r <= {block_r})")
+    if warp_specialize:
+        why = _why_not_warp_specialized(a, b, config, low_rank, dropout_p, b_scale_mode, split_k, persistent,
+                                        r, block_r, tma, tma_device)
+        if why:
+            raise ValueError(f"lora_gemm: warp_specialize does not run {why}")
     if shrink is not None and K * abs(shrink.stride(0)) >= 2**31:
         shrink = shrink.contiguous()  # (the kernel indexes its rows in 32 bits: k · stride)
 
@@ -598,12 +631,39 @@ def lora_gemm(
     ), dict(
         OFFSET_INT64=mask_counters_int64(M, K if shrink_dropout else N),
         TMA=descs is not None, TMA_DEVICE=descs is not None and tma_device, A_T=a_t, B_T=b_t,
-        PERSISTENT=persistent,
+        PERSISTENT=persistent, WARP_SPECIALIZE=warp_specialize,
         **shape.constexprs,
     ))
     if split_k > 1:
         launch_reductions([(target, c, None)] + ([(xa_target, xa, None)] if xa is not None else []))
     return c, xa
+
+
+def _why_not_warp_specialized(a: torch.Tensor, b: torch.Tensor, config: GemmConfig, low_rank: int, dropout_p: float,
+                              b_scale_mode: int, split_k: int, persistent: bool, r: int, block_r: int, tma: bool,
+                              tma_device: bool) -> str:
+    """Why :func:`lora_gemm` cannot run these arguments with
+    ``warp_specialize`` ('' where it can): the kernel compiled where Triton's
+    pass takes it (one dot, the K loop's, its tiles through descriptors the
+    kernel makes, four warps) and the term as one rank tile of updates."""
+    if low_rank == LOW_RANK_IN_LOOP:
+        return "with the in-loop shrink (its second dot fails Triton's pass)"
+    if low_rank == LOW_RANK_PRECOMPUTED and dropout_p > 0.0:
+        return "with the low-rank term's dropout mask"
+    if b_scale_mode:
+        return "with a quantized b"
+    if config.num_warps != 4:
+        return f"on {config.num_warps} warps (Triton's pass takes 4)"
+    if split_k > 1:
+        return f"under split-K ({split_k} splits)"
+    if persistent:
+        return "on the persistent grid"
+    if r > block_r:
+        return f"with a rank of {r} in tiles of {block_r} (the term in one rank tile)"
+    if not (tma and tma_device and a.shape[1] and _operand_views(a, b) is not None):
+        return ("without TMA loads through descriptors the kernel makes (tma=True, tma_device=True, operands "
+                "that TMA reads)")
+    return ""
 
 
 def _check_b_scale(b: torch.Tensor, b_scale, dim: int, code) -> tuple[int, int]:

@@ -3,6 +3,7 @@ table for the suite and for ``fused-lora check``), a launch counter, the
 sm_90 compile reports run in the background (:class:`BackgroundCompileReports`),
 and the small transformers models the integration tests build from configs."""
 
+import dataclasses
 import json
 
 import torch
@@ -189,6 +190,29 @@ def compiled_as_planned(report: dict) -> list:
     jobs = compile_report.jobs_for(90, scope=report["scope"])
     planned = jobs + compile_report.fp16_twins(jobs, results[:len(jobs)])
     assert [identity(r) for r in results] == [identity(compile_report.result_of(j)) for j in planned]
+    return results
+
+
+def warp_specialized_report(proc) -> list:
+    """The results of ``compile_report --warp-specialized --json``, checked:
+    every kernel gpu_probe's ``+ws`` rows launch, in order, compiled for
+    sm_90 through TMA on wgmma within the shared memory, and each taken by
+    Triton's warp specialisation (its warps' registers set apart with
+    setmaxnreg), the exit status 0."""
+    from fused_lora import compile_report
+    from fused_lora.kernels import configs
+
+    assert proc.stdout.strip(), proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    results = [compile_report.Result(**r) for r in report["results"]]
+    assert report["failures"] == [] and proc.returncode == 0, report["failures"]
+    jobs = compile_report.warp_specialized_jobs()
+    assert [r.pass_name for r in results] == [compile_report.result_of(j).pass_name for j in jobs]
+    assert {(r.pass_name.split("+")[0], r.dtype) for r in results} == {
+        (p, d) for p in ("forward_split", "dx") for d in ("bf16", "fp16")}
+    assert all(r.arch == 90 and r.config == dataclasses.asdict(configs.WARP_SPECIALIZED_GEMM) for r in results)
+    assert all(r.warp_specialized and r.wgmma and r.tma and r.shared <= configs.SMEM_LIMIT_SM90 for r in results), \
+        results
     return results
 
 

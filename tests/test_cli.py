@@ -677,9 +677,10 @@ def _bench_script(name: str):
 def test_the_gpu_probe_checks_every_launch_and_flags_a_wrong_one(tmp_path, monkeypatch, capsys):
     """bench/gpu_probe.py (gpu_check.sh's attribution of the GEMM's time):
     every row is one launch checked against float64, the TMA rows really
-    through descriptors, and a wrong product is flagged WRONG with a failing
-    exit; --compile-only times nothing."""
-    from fused_lora.kernels import gemm
+    through descriptors, the warp-specialised rows (last) launched so, and a
+    wrong product is flagged WRONG with a failing exit; --compile-only times
+    nothing."""
+    from fused_lora.kernels import configs, gemm
 
     probe = _bench_script("gpu_probe")
     made, made_by_kernel = [], []
@@ -687,23 +688,32 @@ def test_the_gpu_probe_checks_every_launch_and_flags_a_wrong_one(tmp_path, monke
     monkeypatch.setattr(gemm, "tma_descriptors", lambda *a: made.append(a[2]) or real_descriptors(*a))
     monkeypatch.setattr(gemm, "_device_descriptors", lambda *a: made_by_kernel.append(real_device(*a))
                         or made_by_kernel[-1])
+    warp_specialized, real_launch = [], gemm.launch
+    monkeypatch.setattr(gemm, "launch", lambda kernel, grid, args, kwargs: warp_specialized.append(
+        kwargs["WARP_SPECIALIZE"]) or real_launch(kernel, grid, args, kwargs))
     assert probe.main(["--json", str(tmp_path / "p.json")]) == 0
     result = json.loads((tmp_path / "p.json").read_text())
     rows = result["shapes"][0]["rows"]
     names = [row["name"] for row in rows]
-    assert names[:2] == ["cublas_fwd", "cublas_dx"] and len(set(names)) == len(names) == 20
+    assert names[:2] == ["cublas_fwd", "cublas_dx"] and len(set(names)) == len(names) == 28
     # the default plan's in-loop forward, on its own tile; the first rows timed again at the end (the drift)
     assert result["shapes"][0]["configs"]["in_loop"] == str(
         fused_lora.dispatch.plan(37, 48, 64, 4, torch.float16, 0.0, interpreter=True, strategy="in_loop").fwd_gemm)
-    assert "fwd_in_loop+tma" in names and names[-2:] == ["cublas_fwd (again)", "fwd_base+tma (again)"]
+    assert "fwd_in_loop+tma" in names and names[-10:-8] == ["cublas_fwd (again)", "fwd_base+tma (again)"]
+    # last, the base GEMMs and the fused passes with their precomputed term on the warp-specialised tile, each
+    # without and with the flag
+    ws = configs.WARP_SPECIALIZED_GEMM
+    tile = f"@{ws.block_m}x{ws.block_n}x{ws.block_k}w{ws.num_warps}s{ws.num_stages}"
+    assert names[-8:] == [f"{name}{variant}{tile}" for name in ("fwd_base", "fwd_lowrank", "dx_base", "dx_lowrank")
+                          for variant in ("+tma_device", "+ws")]
+    assert warp_specialized.count(True) == 2 * 4 and warp_specialized[-2:] == [True, True]
     assert all(row["ok"] and row["error"] < 4e-3 and row["ms"] > 0 for row in rows), rows
     # hybrid's low-rank-only launches on its own tile, and on the GEMM's beside it
-    from fused_lora.kernels import configs
     assert result["shapes"][0]["configs"]["hybrid"] == str(configs.LOW_RANK_ONLY_GEMM[2])  # (fp16 here)
     assert {"fwd_epilogue", "dx_epilogue", "fwd_epilogue@gemm_tile"} <= set(names)
     # (each row launched twice, checked then timed; the K=0 rows make no descriptor)
     assert len(made) == 2 * sum("+tma" in name and "+tma_device" not in name for name in names) == 12
-    assert len(made_by_kernel) == 2 * sum(name.endswith("+tma_device") for name in names) == 4
+    assert len(made_by_kernel) == 2 * sum(name.endswith("+tma_device") or tile in name for name in names) == 20
     assert all(d is not None for d in made_by_kernel)  # (TMA through the kernel's descriptors, not pointers)
     out = capsys.readouterr().out
     assert "| dx_base_b_colmajor |" in out and "| fwd_base_b_rowmajor |" in out

@@ -17,7 +17,7 @@ import triton
 
 from fused_lora import compile_report
 from fused_lora.kernels import configs
-from lora_testing import BackgroundCompileReports, compiled_as_planned
+from lora_testing import BackgroundCompileReports, compiled_as_planned, warp_specialized_report
 
 
 @pytest.fixture(scope="module")
@@ -334,6 +334,32 @@ def test_every_variant_compiles_each_variant_on_every_gemm():
         defaults = {compile_report._job_id(j) for j in default}
         assert all(sum(getattr(j, f) != flags[f] for f in variants) - (j.adapters and j.row_p) == 1
                    for j in every if compile_report._job_id(j) not in defaults)
+
+
+def test_the_warp_specialised_gemms_compile_and_triton_takes_them():
+    """``compile_report --warp-specialized`` with this Triton (the kernels
+    bench/gpu_probe.py times warp-specialised; no plan runs them): see
+    :func:`warp_specialized_report`. The same kernel without the flag is not
+    warp-specialised (what the report's field reads is the flag's doing),
+    and the report fails a kernel Triton's pass left as it was, or one that
+    did not compile."""
+    proc = subprocess.run([sys.executable, "-m", "fused_lora.compile_report", "--warp-specialized", "--json",
+                           "--jobs", "2"], env=BackgroundCompileReports.environment("newest"), capture_output=True,
+                          text=True, timeout=900)
+    results = warp_specialized_report(proc)
+    assert json.loads(proc.stdout)["triton"] == triton.__version__
+    job = compile_report.warp_specialized_jobs()[0]
+    with compile_report._compile_pool(1) as pool:
+        plain = next(pool.map(compile_report.compile_job, [dataclasses.replace(job, warp_specialize=False)]))
+    assert plain.ok and plain.warp_specialized is False and plain.pass_name + "+warp_specialized" == \
+        results[0].pass_name
+    left = dataclasses.replace(results[0], warp_specialized=False)
+    broken = dataclasses.replace(results[1], error="RuntimeError: PassManager::run failed")
+    assert compile_report.warp_specialization_problems([results[2], left, broken]) == [
+        f"{left.pass_name} {left.dtype}: Triton's pass left the K loop as it was (no setmaxnreg in the PTX)",
+        f"{broken.pass_name} {broken.dtype}: RuntimeError: PassManager::run failed"]
+    with pytest.raises(ValueError, match="lora_gemm runs no such warp-specialised kernel"):
+        compile_report.kernel_args(dataclasses.replace(job, pass_name="forward_in_loop"))
 
 
 def test_problems_catches_what_it_should():

@@ -21,7 +21,7 @@ import sys
 
 import pytest
 from fused_lora import compile_report
-from lora_testing import BackgroundCompileReports, compiled_as_planned
+from lora_testing import BackgroundCompileReports, compiled_as_planned, warp_specialized_report
 
 GPU_MACHINE_TRITON = "3.6"
 TRITON_DIR = os.environ.get("FUSED_LORA_GPU_TRITON")
@@ -72,6 +72,15 @@ def test_each_known_problem_is_still_found_and_is_ptxas_trading_a_spill_for_occu
     assert report["failures"] == [] and proc.returncode == 0, report["failures"]
     entries = [k for k in compile_report.KNOWN_PROBLEMS if k.triton == GPU_MACHINE_TRITON]
     assert entries and len(report["results"]) == 2 * sum(len(k.dtypes) for k in entries)
+
+
+def test_the_warp_specialised_gemms_compile_and_triton_takes_them_on_3_6():
+    """``compile_report --warp-specialized`` with the GPU machine's Triton,
+    which bench/gpu_probe.py's ``+ws`` rows run on (see test_compile_report's
+    test of the same name)."""
+    proc = _python(["-m", "fused_lora.compile_report", "--warp-specialized", "--json", "--jobs", "2"], False, 900)
+    warp_specialized_report(proc)
+    assert json.loads(proc.stdout)["triton"].startswith(GPU_MACHINE_TRITON + ".")
 
 
 def test_every_kernel_path_passes_parity_on_the_gpu_machines_triton():

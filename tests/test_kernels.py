@@ -357,6 +357,92 @@ def test_gemm_contract():
     assert_close(c, a.double() @ b.double(), torch.float32, "plain gemm")
 
 
+def _warp_specialized_operands(pass_name, m, k, n, r, dtype):
+    """``(a, b, bias, u, v)`` of the forward (x, Wᵀ, a bias, xa, Bᵀ) or dx
+    (dy, W, no bias, g, A) of a layer k -> n at rank r (0: no term)."""
+    w = torch.randn(n, k, device=DEVICE, dtype=dtype) / k ** 0.5
+    fwd = pass_name == "forward"
+    a = torch.randn(m, k if fwd else n, device=DEVICE, dtype=dtype)
+    b = w.t() if fwd else w
+    bias = torch.randn(n, device=DEVICE, dtype=dtype) if fwd else None
+    u = torch.randn(m, r, device=DEVICE) if r else None
+    v = (torch.randn(n, r, device=DEVICE, dtype=dtype).t() if fwd else torch.randn(r, k, device=DEVICE, dtype=dtype)
+         ) if r else None
+    return a, b, bias, u, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("pass_name", ["forward", "dx"])
+@pytest.mark.parametrize("r", [0, 1, 5, 16, 32])  # (0: the base GEMM alone; 5: below its rank tile)
+def test_the_warp_specialised_gemm_matches_the_reference(monkeypatch, dtype, pass_name, r):
+    """``lora_gemm(warp_specialize=True)`` (bench/gpu_probe.py's ``+ws``
+    rows: the K loop marked for Triton's warp specialisation, the
+    precomputed term added as rank-one updates after it): the forward (Wᵀ
+    through W's descriptor, a bias) and dx match their products in float64
+    at ragged M, N and K over several tiles, every element written (the
+    output starts as NaN), the kernel launched with the flag; the same
+    launch without it agrees to rounding (its term goes through a dot, u·s
+    rounded to v's dtype first)."""
+    k, n = interpreted_tma_k_n()
+    m, scale = 123, 1.5
+    a, b, bias, u, v = _warp_specialized_operands(pass_name, m, k, n, r, dtype)
+    # (the probe's tile, narrowed to several tiles and K steps at these sizes: the interpreter runs any)
+    cfg = dataclasses.replace(configs.WARP_SPECIALIZED_GEMM, block_m=32, block_n=32, block_k=32)
+    flags = []
+    real_launch = gemm.launch
+    monkeypatch.setattr(gemm, "launch", lambda kernel, grid, args, kwargs: flags.append(kwargs["WARP_SPECIALIZE"])
+                        or real_launch(kernel, grid, args, kwargs))
+
+    def run(ws):
+        with poison_outputs():
+            return gemm.lora_gemm(a, b, config=cfg, out_dtype=dtype, bias=bias, u=u, v=v, lr_scale=scale, tma=True,
+                                  tma_device=True, warp_specialize=ws)
+
+    c, xa = run(True)
+    assert flags == [True] and xa is None
+    want = a.double() @ b.double()
+    if bias is not None:
+        want = want + bias.double()
+    if r:
+        want = want + scale * (u.double() @ v.double())
+    assert_close(c, want, dtype, f"{pass_name} warp-specialised")
+    plain, _ = run(False)
+    assert flags == [True, False]
+    assert_close(c, plain.double(), dtype, "against the same launch without warp_specialize")
+    if not r:  # (no term: the same K loop in the same order, bit for bit)
+        assert torch.equal(c, plain)
+
+
+def test_the_warp_specialised_gemm_runs_only_what_it_was_compiled_for():
+    """What ``warp_specialize`` cannot run is a ValueError naming why (the
+    kernel Triton's pass takes: one dot, the K loop's, through descriptors
+    the kernel makes, on four warps, the term in one rank tile), never a
+    silent fallback: the probe's rows time what they say."""
+    k, n = interpreted_tma_k_n()
+    a, b, bias, u, v = _warp_specialized_operands("forward", 40, k, n, 4, torch.float32)
+    cfg = configs.WARP_SPECIALIZED_GEMM
+    ok = dict(config=cfg, out_dtype=torch.float32, u=u, v=v, tma=True, tma_device=True, warp_specialize=True)
+    gemm.lora_gemm(a, b, **ok)  # (the launch the cases below each change one thing of)
+    wide = torch.randn(40, configs.GEMM_LR_MAX_BLOCK_R[4] + 1, device=DEVICE)
+    cases = {
+        "with the in-loop shrink": dict(u=None, shrink=torch.randn(k, 4, device=DEVICE)),
+        "with the low-rank term's dropout mask": dict(dropout_p=0.1),
+        "on 8 warps": dict(config=dataclasses.replace(cfg, num_warps=8)),
+        "under split-K": dict(config=dataclasses.replace(cfg, block_k=16, split_k=2)),
+        "on the persistent grid": dict(persistent=True),
+        "with a rank of 33 in tiles of 32": dict(u=wide, v=torch.randn(wide.shape[1], n, device=DEVICE)),
+        "without TMA loads through descriptors the kernel makes": dict(tma_device=False),
+    }
+    for why, change in cases.items():
+        with pytest.raises(ValueError, match=f"lora_gemm: warp_specialize does not run {why}"):
+            gemm.lora_gemm(a, b, **{**ok, **change})
+    with pytest.raises(ValueError, match="warp_specialize does not run without TMA loads"):
+        gemm.lora_gemm(a, b, **{**ok, "tma": False})
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEVICE)
+    with pytest.raises(ValueError, match="warp_specialize does not run with a quantized b"):
+        gemm.lora_gemm(a, q.t(), b_scale=torch.rand(n, device=DEVICE), b_scale_dim=1, **ok)
+
+
 @pytest.mark.parametrize("split_k", [2, 3, 7])
 @pytest.mark.parametrize("k", [96, 75])  # whole K blocks, and a ragged K tail in the last split
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
