@@ -10,7 +10,7 @@ Triton 3.6, shows the same 16-byte copies and wgmma in dx as in the forward
 difference left is B's layout: the forward reads Wᵀ (K contiguous), dx W
 (N contiguous), each through the same body.
 This probe splits the question on the GPU, each row one launch of
-``lora_gemm`` with the plan's own configuration, at a large and a small M:
+``lora_gemm`` with the plan's own configuration, at a small and a large M:
 
 ``cublas_fwd``, ``cublas_dx``      the floors: ``x @ Wᵀ``, ``dy @ W``
 ``fwd_base``, ``dx_base``          the base GEMM alone (no low-rank term), pointers, then ``+tma``
@@ -31,7 +31,7 @@ This probe splits the question on the GPU, each row one launch of
 ``cublas_fwd (again)``,            the first rows' launches timed again after the others (but ..+ws): how far
 ``fwd_base+tma (again)``           one launch's time drifts within the run (run 5's in-loop forward,
                                    more work, timed faster than the base product alone)
-``..+ws@<tile>``                   last (a fault of the new kernel would lose only these rows), at large M:
+``..+ws@<tile>``                   last of all (a fault of the new kernel loses only these rows), at large M:
                                    the base GEMMs and the forward and dx with their precomputed term
                                    warp-specialised (``lora_gemm(warp_specialize=True)``: the term as rank-one
                                    updates after the K loop; no plan runs it yet) on
@@ -60,8 +60,10 @@ import time
 
 import torch
 
-#: (M, in, out, r) of the probe: the headline shape at large and small M; the interpreter's stand-in.
-GPU_SHAPES = ((8192, 4096, 4096, 16), (16, 4096, 4096, 16))
+#: (M, in, out, r) of the probe: the headline shape at small and large M (small first: large M's rows end
+#: with the warp-specialised launches, new kernels, so that a fault of theirs loses nothing else); the
+#: interpreter's stand-in.
+GPU_SHAPES = ((16, 4096, 4096, 16), (8192, 4096, 4096, 16))
 INTERPRETER_SHAPES = ((37, 64, 48, 4),)
 #: At large M, the base GEMM through TMA on other shipped tiles too (label, config kwargs), beside the plan's
 #: 128x256x64, 3 stages: the fourth run measured it at 62% of cuBLAS forward and 73% in dx, 18% apart with the
@@ -155,8 +157,8 @@ def rows_for(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.d
             rows.append((f"fwd_epilogue@{label}", gemm(x[:, :0], w.t()[:0], dataclasses.replace(fwd_cfg, **tile),
                                                        **fwd_lowrank), fwd_lr, *lr_fwd))
     rows += [(f"{name} (again)", *rest) for name, *rest in rows if name in ("cublas_fwd", "fwd_base+tma")]
-    if m >= SWEEP_MIN_M or device.type == "cpu":  # (last: a fault of the new kernel loses no other row; the
-        # interpreter's smoke run checks their results)
+    if m >= SWEEP_MIN_M or device.type == "cpu":  # (last of all, GPU_SHAPES: a fault of the new kernel
+        # loses no other row; the interpreter's smoke run checks their results)
         ws = configs.WARP_SPECIALIZED_GEMM
         tile = f"@{ws.block_m}x{ws.block_n}x{ws.block_k}w{ws.num_warps}s{ws.num_stages}"
         for name, a_, b_, want, cost, term in (
@@ -177,9 +179,9 @@ def normalized_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return diff / max(1.0, want.abs().max().item())
 
 
-def run(dtype: torch.dtype = torch.bfloat16, compile_only: bool = False, shapes=None, on_shape_done=None) -> dict:
-    """Every row of every shape; ``on_shape_done(result)`` after each shape
-    (the partial result: what a time box that stops the probe leaves)."""
+def run(dtype: torch.dtype = torch.bfloat16, compile_only: bool = False, shapes=None, on_row_done=None) -> dict:
+    """Every row of every shape; ``on_row_done(result)`` after each row (the
+    partial result: what a time box that stops the probe leaves)."""
     from fused_lora import _triton
 
     on_gpu = torch.cuda.is_available() and not _triton.interpreter()
@@ -194,6 +196,7 @@ def run(dtype: torch.dtype = torch.bfloat16, compile_only: bool = False, shapes=
     for m, k, n, r in shapes:
         rows, configs = rows_for(m, k, n, r, dtype, device)
         shape = {"m": m, "k": k, "n": n, "r": r, "configs": configs, "rows": []}
+        out["shapes"].append(shape)
         for name, launch, want, flops, nbytes in rows:
             row = {"name": name}
             try:
@@ -208,9 +211,8 @@ def run(dtype: torch.dtype = torch.bfloat16, compile_only: bool = False, shapes=
                 if on_gpu:
                     torch.cuda.synchronize()
             shape["rows"].append(row)
-        out["shapes"].append(shape)
-        if on_shape_done is not None:
-            on_shape_done(out)
+            if on_row_done is not None:
+                on_row_done(out)
     return out
 
 
@@ -252,7 +254,7 @@ def main(argv=None) -> int:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
 
-    result = run(getattr(torch, args.dtype), args.compile_only, on_shape_done=write)
+    result = run(getattr(torch, args.dtype), args.compile_only, on_row_done=write)
     print(table(result), flush=True)
     return 0 if all(row["ok"] for shape in result["shapes"] for row in shape["rows"]) else 1
 
