@@ -908,14 +908,13 @@ def warp_specialized_jobs(arch: int = 90) -> list[Job]:
     """The warp-specialised GEMMs ``bench/gpu_probe.py`` launches (no plan
     runs them): the forward and dx with their precomputed term, 16-bit, on
     :data:`fused_lora.kernels.configs.WARP_SPECIALIZED_GEMM`, through TMA with
-    the descriptors the kernel makes; with a bias (the forward's) and
-    without, and at a rank of 1 (``--warp-specialized``)."""
+    the descriptors the kernel makes, at the probe's rank tile of 16 (the
+    forward with its bias) (``--warp-specialized``)."""
     from fused_lora.kernels import configs
 
     config = dataclasses.asdict(configs.WARP_SPECIALIZED_GEMM)
-    return [Job("gemm", pass_name, dtype, config, arch, tma=True, tma_device=True, warp_specialize=True, **variant)
-            for dtype in ("bf16", "fp16") for pass_name in ("forward_split", "dx")
-            for variant in ({}, {"unit": "rank"}) + (({"bias": False},) if pass_name == "forward_split" else ())]
+    return [Job("gemm", pass_name, dtype, config, arch, tma=True, tma_device=True, warp_specialize=True)
+            for dtype in ("bf16", "fp16") for pass_name in ("forward_split", "dx")]
 
 
 def warp_specialization_problems(results: list[Result]) -> list[str]:

@@ -251,9 +251,10 @@ INTERPRETER_WIDE_FROM_M = 256
 # warp-specialised. ``lora_gemm(warp_specialize=True)`` compiles what the pass
 # takes: the base GEMM, or the precomputed term as fp32 rank-one updates after
 # the K loop (a static loop over one rank tile, no split-K, no mask on the
-# term). Compiled (``compile_report --warp-specialized``): Triton 3.6, the GPU
-# machine's, spills 16-32 B in the forward with a bias and nothing in the
-# others; 3.9 5-8 KB at a 16 rank tile, nothing at a rank of 1. No plan runs
+# term). Compiled (``compile_report --warp-specialized``: the probe's kernels,
+# a 16 rank tile): Triton 3.6, the GPU machine's, spills 16-32 B in the
+# forward with its bias and nothing in dx (nor in the forward without a bias,
+# nor at a rank of 1); 3.9 5-8 KB in both (nothing at a rank of 1). No plan runs
 # it: bench/gpu_probe.py times it on this tile beside the same tile without,
 # for a GPU run to say whether it pays.
 WARP_SPECIALIZED_GEMM = GemmConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3)
