@@ -457,6 +457,7 @@ def test_the_report_refuses_a_gpu_the_kernels_do_not_run_on(capsys):
     (["--scope", "every"], "argument --scope: invalid choice: 'every'"),
     (["--scope", "paths", "--every-fp16-tile"], "--every-fp16-tile compiles fp16's GEMMs on every tile: it needs "
                                                 "--scope tiles, not --scope paths"),
+    (["--warp-specialized"], "--warp-specialized compiles its own kernels for sm_90: no --check-known, --arch"),
 ])
 def test_the_report_refuses_a_scope_it_cannot_compile(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
